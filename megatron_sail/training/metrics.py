@@ -1,0 +1,344 @@
+"""What users see while training: console lines, a progress bar, TensorBoard and metrics.jsonl.
+
+The trainer hands one ``StepStats`` per optimizer step to ``MetricsWriter.log_step``; the writer
+derives throughput (tokens/s, TFLOP/s per GPU, MFU), keeps running totals (skipped steps,
+decode failures) and writes, on rank 0 only:
+
+* ``metrics.jsonl`` in the run directory, one JSON object per step (NaN/inf become null),
+* TensorBoard scalars under ``tensorboard_dir``,
+* a console line every ``log_interval`` steps (or a tqdm progress bar plus those lines).
+
+Other ranks build the same records (cheap) but write nothing, so callers never branch on rank.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from megatron_sail.training.flops import mfu as _mfu
+
+METRICS_FILE = "metrics.jsonl"
+VALID_METRICS_FILE = "valid_metrics.jsonl"
+
+
+@dataclass
+class StepStats:
+    """Numbers the trainer measured for one optimizer step (global over data-parallel ranks)."""
+
+    iteration: int
+    """Optimizer step just finished, counting from 1."""
+    lm_loss: float
+    """Loss of the step, averaged over its loss tokens (NaN when the step was skipped for NaN)."""
+    lr: dict[str, float]
+    """Learning rate per parameter group name (e.g. {'vit': 1e-5, 'projector': 1e-4, 'lm': 1e-5})."""
+    grad_norm: float | None
+    """Gradient norm before clipping; None when not computed."""
+    step_time_s: float
+    """Wall time of the whole step, data wait included."""
+    tokens: int
+    """Real tokens trained on in this step, all data-parallel ranks together."""
+    samples: int
+    """Packed rows trained on in this step, all data-parallel ranks together."""
+    images: int = 0
+    """Images in this step's rows."""
+    tiles: int = 0
+    """Image tiles (thumbnails included) in this step's rows."""
+    flops: float = 0.0
+    """Model FLOPs of the step on all devices together (training/flops.py step_flops)."""
+    data_wait_s: float = 0.0
+    """Time spent waiting for the next batch (data loading + image decoding not hidden)."""
+    skipped: bool = False
+    """The update was skipped (NaN/Inf in loss or gradients)."""
+    decode_failures: int = 0
+    """Images that failed to decode in this step (replaced by the pipeline's fallback)."""
+    consumed_samples: int = 0
+    """Rows consumed since the start of training (from the train state, so resumes continue)."""
+    consumed_tokens: int = 0
+    """Tokens consumed since the start of training."""
+
+
+@dataclass
+class MetricsConfig:
+    """How metrics are reported (the writer's optional settings)."""
+
+    total_iters: int | None = None
+    """Steps the run will make, for step/total and ETA; None shows no total."""
+    world_size: int = 1
+    """Devices the step's FLOPs are spread over, for TFLOP/s per GPU."""
+    peak_flops: float | None = None
+    """Dense bf16 peak of one device (flops.device_peak_flops); None -> MFU is NaN/null."""
+    progress_bar: bool = False
+    """Show a tqdm progress bar (the quickstart) in addition to the interval lines."""
+    start_iteration: int = 0
+    """Iteration the run resumes from; metrics.jsonl lines after it (from a crashed run) are dropped."""
+
+
+def peak_memory_bytes() -> int:
+    """Peak memory of this process: CUDA allocator peak on a GPU, else the peak resident set size."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _json_safe(value):
+    """NaN and inf are not JSON: write them as null so every reader can parse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def _format_eta(seconds: float) -> str:
+    """h:mm:ss, or '?' before the first measurement."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    return str(_dt.timedelta(seconds=int(round(seconds))))
+
+
+def _truncate_after(path: Path, iteration: int) -> None:
+    """Drop jsonl records with iteration > ``iteration`` (a resumed run repeats those steps)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("iteration", 0) <= iteration:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """Console, progress bar, TensorBoard and metrics.jsonl output of the training loop."""
+
+    def __init__(self, run_dir: str | os.PathLike, tensorboard_dir: str | os.PathLike | None,
+                 log_interval: int, rank: int, config: MetricsConfig | None = None, stream=None):
+        if log_interval < 1:
+            raise ValueError(f"log_interval must be >= 1, got {log_interval}")
+        self.cfg = config or MetricsConfig()
+        self.log_interval = log_interval
+        self.active = rank == 0
+        self.stream = stream or sys.stdout
+        self.skipped_steps = 0
+        self.decode_failures = 0
+        self._window: list[dict] = []
+        self._tb = None
+        self._bar = None
+        self._jsonl = None
+        self.run_dir = Path(run_dir)
+        if not self.active:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / METRICS_FILE
+        _truncate_after(path, self.cfg.start_iteration)
+        self._jsonl = open(path, "a", buffering=1)
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
+        if self.cfg.progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.cfg.total_iters, initial=self.cfg.start_iteration,
+                             unit="step", file=self.stream, dynamic_ncols=True)
+
+    def record(self, s: StepStats) -> dict:
+        """The JSON record of one step: the measured numbers plus the derived throughput."""
+        self.skipped_steps += int(s.skipped)
+        self.decode_failures += s.decode_failures
+        t = max(s.step_time_s, 1e-12)
+        flops_per_gpu = s.flops / t / max(self.cfg.world_size, 1)
+        lr_first = next(iter(s.lr.values())) if s.lr else float("nan")
+        return {
+            "iteration": s.iteration,
+            "lm_loss": float(s.lm_loss),
+            "lr": float(lr_first),
+            "lr_groups": {k: float(v) for k, v in s.lr.items()},
+            "grad_norm": None if s.grad_norm is None else float(s.grad_norm),
+            "tokens_per_s": s.tokens / t,
+            "tflops_per_gpu": flops_per_gpu / 1e12,
+            "mfu": _mfu(flops_per_gpu, self.cfg.peak_flops),
+            "step_time_s": s.step_time_s,
+            "data_wait_s": s.data_wait_s,
+            "tokens": s.tokens,
+            "samples": s.samples,
+            "images": s.images,
+            "tiles": s.tiles,
+            "consumed_samples": s.consumed_samples,
+            "consumed_tokens": s.consumed_tokens,
+            "skipped": bool(s.skipped),
+            "skipped_steps": self.skipped_steps,
+            "decode_failures": self.decode_failures,
+            "memory_gib": peak_memory_bytes() / 2**30,
+            "time": time.time(),
+        }
+
+    def log_step(self, s: StepStats) -> dict:
+        """Record one step everywhere it goes; returns the record (also on ranks that write nothing)."""
+        rec = self.record(s)
+        self._window.append(rec)
+        if not self.active:
+            return rec
+        self._jsonl.write(json.dumps(_json_safe(rec)) + "\n")
+        self._write_tensorboard(rec)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{rec['lm_loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        if s.iteration % self.log_interval == 0 or s.iteration == self.cfg.total_iters:
+            self._print(self._console_line(self._window))
+            self._window = []
+            if self._tb is not None:
+                self._tb.flush()
+        return rec
+
+    def log_eval(self, iteration: int, lm_loss: float, split: str = "validation") -> None:
+        """Validation loss: a console line, a TensorBoard scalar and a line in valid_metrics.jsonl."""
+        if not self.active:
+            return
+        if self._tb is not None:
+            self._tb.add_scalar(f"lm loss {split}", lm_loss, iteration)
+            self._tb.flush()
+        with open(self.run_dir / VALID_METRICS_FILE, "a") as f:
+            f.write(json.dumps(_json_safe({"iteration": iteration, "split": split,
+                                           "lm_loss": float(lm_loss)})) + "\n")
+        ppl = math.exp(lm_loss) if lm_loss < 50 else float("inf")
+        self._print(f"[eval] step {iteration} | {split} lm loss {lm_loss:.4f} | ppl {ppl:.2f}")
+
+    def _write_tensorboard(self, rec: dict) -> None:
+        """One scalar per reported quantity, keyed by iteration (NaN/inf left out of the plots)."""
+        if self._tb is None:
+            return
+        rec = _json_safe(rec)
+        it = rec["iteration"]
+        scalars = {
+            "lm loss": rec["lm_loss"],
+            "grad-norm": rec["grad_norm"],
+            "throughput/tokens-per-s": rec["tokens_per_s"],
+            "throughput/tflops-per-gpu": rec["tflops_per_gpu"],
+            "throughput/mfu": rec["mfu"],
+            "consumed/samples": rec["consumed_samples"],
+            "consumed/tokens": rec["consumed_tokens"],
+            "batch/images": rec["images"],
+            "batch/tiles": rec["tiles"],
+            "skipped-steps": rec["skipped_steps"],
+            "decode-failures": rec["decode_failures"],
+            "time/data-wait-s": rec["data_wait_s"],
+            "time/step-s": rec["step_time_s"],
+            "memory/peak-gib": rec["memory_gib"],
+        }
+        for group, lr in rec["lr_groups"].items():
+            scalars[f"learning-rate/{group}"] = lr
+        for tag, value in scalars.items():
+            if value is not None:
+                self._tb.add_scalar(tag, value, it)
+
+    def _console_line(self, window: list[dict]) -> str:
+        """One line summarizing the steps since the last line (loss averaged, throughput of the last)."""
+        last = window[-1]
+        losses = [r["lm_loss"] for r in window if not r["skipped"] and math.isfinite(r["lm_loss"])]
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        step_time = sum(r["step_time_s"] for r in window) / len(window)
+        total = self.cfg.total_iters
+        eta = (total - last["iteration"]) * step_time if total else float("nan")
+        wait = sum(r["data_wait_s"] for r in window) / len(window)
+        gn = last["grad_norm"]
+        parts = [
+            f"step {last['iteration']}/{total if total else '?'}",
+            f"eta {_format_eta(eta)}",
+            f"loss {loss:.4f}",
+            f"lr {last['lr']:.3e}",
+            f"grad norm {gn:.3f}" if gn is not None else "grad norm -",
+            f"tokens/s {last['tokens_per_s']:.0f}",
+            f"TFLOP/s/GPU {last['tflops_per_gpu']:.2f}",
+            f"MFU {last['mfu']:.3f}" if math.isfinite(last["mfu"]) else "MFU n/a",
+            f"data wait {wait * 1000:.1f} ms",
+            f"mem {last['memory_gib']:.2f} GiB",
+        ]
+        if last["skipped_steps"]:
+            parts.append(f"skipped {last['skipped_steps']}")
+        if last["decode_failures"]:
+            parts.append(f"decode failures {last['decode_failures']}")
+        stamp = _dt.datetime.now().strftime("%H:%M:%S")
+        return f"[{stamp}] " + " | ".join(parts)
+
+    def _print(self, line: str) -> None:
+        """Print without breaking the progress bar."""
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Flush and close every output (safe to call twice)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class Stopwatch:
+    """Named wall-clock sections, summed until ``reset``; for the step-time split.
+
+    ``sync`` is called before each reading (pass torch.cuda.synchronize on a GPU so the time
+    of queued kernels lands in the section that queued them).
+    """
+
+    sync: Callable[[], None] | None = None
+    """Called before reading the clock; None for host-synchronous devices (CPU)."""
+    totals: dict[str, float] = field(default_factory=dict)
+    """Seconds per section name."""
+
+    def now(self) -> float:
+        """The clock after draining queued device work."""
+        if self.sync is not None:
+            self.sync()
+        return time.perf_counter()
+
+    def add(self, name: str, seconds: float) -> None:
+        """Add time measured elsewhere (e.g. between hooks) to a section."""
+        self.totals[name] = self.totals.get(name, 0.0) + seconds
+
+    @contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        """Time the body of a ``with`` block into section ``name``."""
+        start = self.now()
+        try:
+            yield
+        finally:
+            self.add(name, self.now() - start)
+
+    def reset(self) -> dict[str, float]:
+        """Return the totals so far and start again from zero."""
+        out, self.totals = self.totals, {}
+        return out
+
+
+__all__ = ["MetricsConfig", "MetricsWriter", "StepStats", "Stopwatch", "peak_memory_bytes",
+           "METRICS_FILE", "VALID_METRICS_FILE"]
