@@ -58,6 +58,24 @@ class FlopsShape:
     """SwiGLU (three matrices) rather than a plain two-matrix MLP."""
 
 
+def shape_from_model_config(model, tile_size: int | None = None) -> FlopsShape:
+    """The FLOPs shape of a ``config.model.ModelConfig`` (tiles of ``tile_size`` px, default trained size).
+
+    Only the ViT layers that run count (layers after ``select_layer`` are never computed).
+    """
+    v, lm = model.vision, model.language
+    side = (tile_size or v.image_size) // v.patch_size
+    merge = model.projector.merge
+    return FlopsShape(
+        vit_hidden=v.hidden_size, vit_layers=v.layers_used, vit_ffn=v.ffn_hidden_size,
+        vit_tokens_per_tile=side * side + 1, patch_dim=3 * v.patch_size * v.patch_size,
+        tokens_per_tile=model.tokens_per_tile(tile_size), projector_in=v.hidden_size * merge * merge,
+        lm_hidden=lm.hidden_size, lm_layers=lm.num_layers, lm_heads=lm.num_heads,
+        lm_kv_heads=lm.num_kv_heads, lm_head_dim=lm.head_dim, lm_ffn=lm.ffn_hidden_size,
+        vocab_size=lm.vocab_size,
+    )
+
+
 def vit_forward_flops(s: FlopsShape, tiles: int) -> float:
     """Forward FLOPs of the ViT over ``tiles`` tiles: patch conv, layers, in-tile attention."""
     n = s.vit_tokens_per_tile

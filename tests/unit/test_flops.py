@@ -88,3 +88,12 @@ def test_cpu_has_no_peak():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
     assert F.device_peak_flops() is None
+
+
+def test_shape_from_model_config():
+    model_cfg = pytest.importorskip("megatron_sail.config.model")
+    s = F.shape_from_model_config(model_cfg.sail_2b())
+    assert s == SAIL_2B
+    tiny = F.shape_from_model_config(model_cfg.tiny())
+    assert tiny.vit_tokens_per_tile == (32 // 8) ** 2 + 1 and tiny.tokens_per_tile == 4
+    assert tiny.projector_in == 4 * 64
