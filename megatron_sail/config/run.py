@@ -1,0 +1,241 @@
+"""RunConfig: one run's full configuration, and how it is resolved.
+
+Resolution order (later wins): recipe(stage) -> YAML file (--config) -> command-line flags ->
+derived fields (warmup from the stage's fraction, parallel sizes checked). The resolved config is
+written to ``<run_dir>/config.yaml`` so a run can be reproduced from its directory alone.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import yaml
+
+from megatron_sail.config.stage import StageConfig
+from megatron_sail.config.train import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; each part belongs to one component."""
+
+    recipe: str
+    """Recipe name this run started from (tiny, sail_2b, sail_8b)."""
+    stage: StageConfig
+    """Training stage: trainable modules and schedule defaults."""
+    model: Any
+    """config.model.ModelConfig: ViT, projector and LM shapes."""
+    parallel: Any
+    """config.parallel.ParallelConfig: TP / PP / VPP / SP sizes."""
+    images: Any
+    """config.images image-pipeline config (tiling, decoder)."""
+    data: DataConfig
+    """Dataset prefixes and row length."""
+    optim: OptimConfig
+    """Optimizer and LR schedule."""
+    train: TrainConfig
+    """Loop settings."""
+    checkpoint: CheckpointConfig
+    """Save / load / init-from."""
+
+
+# Command-line flags: (flag, section, field, kind). Names follow Megatron-LM where one exists.
+FLAGS: list[tuple[str, str, str, str]] = [
+    ("--data-path", "data", "data_path", "list"),
+    ("--valid-data-path", "data", "valid_data_path", "list"),
+    ("--seq-length", "data", "seq_length", "int"),
+    ("--num-workers", "data", "num_workers", "int"),
+    ("--train-iters", "train", "train_iters", "int"),
+    ("--global-batch-size", "train", "global_batch_size", "int"),
+    ("--micro-batch-size", "train", "micro_batch_size", "int"),
+    ("--seed", "train", "seed", "int"),
+    ("--log-interval", "train", "log_interval", "int"),
+    ("--eval-interval", "train", "eval_interval", "int"),
+    ("--eval-iters", "train", "eval_iters", "int"),
+    ("--run-dir", "train", "run_dir", "str"),
+    ("--tensorboard-dir", "train", "tensorboard_dir", "str"),
+    ("--exit-duration-in-mins", "train", "exit_duration_in_mins", "float"),
+    ("--max-skipped-steps", "train", "max_skipped_steps", "int"),
+    ("--bf16", "train", "bf16", "flag"),
+    ("--fp8-format", "train", "fp8_format", "str"),
+    ("--fp8-recipe", "train", "fp8_recipe", "str"),
+    ("--fp8-vit", "train", "fp8_vit", "flag"),
+    ("--recompute-granularity", "train", "recompute_granularity", "str"),
+    ("--recompute-vit", "train", "recompute_vit", "flag"),
+    ("--progress-bar", "train", "progress_bar", "flag"),
+    ("--tensor-model-parallel-size", "parallel", "tensor_model_parallel_size", "int"),
+    ("--pipeline-model-parallel-size", "parallel", "pipeline_model_parallel_size", "int"),
+    ("--num-layers-per-virtual-pipeline-stage", "parallel",
+     "num_layers_per_virtual_pipeline_stage", "int"),
+    ("--sequence-parallel", "parallel", "sequence_parallel", "flag"),
+    ("--lr", "optim", "lr", "float"),
+    ("--min-lr", "optim", "min_lr", "float"),
+    ("--lr-warmup-iters", "optim", "lr_warmup_iters", "int"),
+    ("--lr-decay-style", "optim", "lr_decay_style", "str"),
+    ("--lr-decay-iters", "optim", "lr_decay_iters", "int"),
+    ("--lr-wsd-decay-iters", "optim", "lr_wsd_decay_iters", "int"),
+    ("--lr-wsd-decay-style", "optim", "lr_wsd_decay_style", "str"),
+    ("--weight-decay", "optim", "weight_decay", "float"),
+    ("--clip-grad", "optim", "clip_grad", "float"),
+    ("--adam-beta1", "optim", "adam_beta1", "float"),
+    ("--adam-beta2", "optim", "adam_beta2", "float"),
+    ("--adam-eps", "optim", "adam_eps", "float"),
+    ("--vit-lr-mult", "optim", "vit_lr_mult", "float"),
+    ("--projector-lr-mult", "optim", "projector_lr_mult", "float"),
+    ("--use-distributed-optimizer", "optim", "use_distributed_optimizer", "flag"),
+    ("--no-use-distributed-optimizer", "optim", "use_distributed_optimizer", "noflag"),
+    ("--save", "checkpoint", "save", "str"),
+    ("--load", "checkpoint", "load", "str"),
+    ("--init-from", "checkpoint", "init_from", "str"),
+    ("--save-interval", "checkpoint", "save_interval", "int"),
+    ("--keep-last", "checkpoint", "keep_last", "int"),
+    ("--async-save", "checkpoint", "async_save", "flag"),
+    ("--train-vision", "stage", "train_vision", "bool"),
+    ("--train-projector", "stage", "train_projector", "bool"),
+    ("--train-language", "stage", "train_language", "bool"),
+]
+
+_KINDS = {"int": int, "float": float, "str": str}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m megatron_sail.train``; every override defaults to None
+    so that only flags actually given change the config."""
+    p = argparse.ArgumentParser(prog="megatron_sail.train", description=__doc__)
+    p.add_argument("--recipe", default="tiny", help="tiny, sail_2b or sail_8b")
+    p.add_argument("--stage", default="pretrain-alignment", help="training stage name")
+    p.add_argument("--config", default=None, help="YAML file overriding recipe fields")
+    for flag, section, name, kind in FLAGS:
+        dest = f"{section}.{name}"
+        if kind == "flag":
+            p.add_argument(flag, dest=dest, action="store_const", const=True, default=None)
+        elif kind == "noflag":
+            p.add_argument(flag, dest=dest, action="store_const", const=False, default=None)
+        elif kind == "bool":
+            p.add_argument(flag, dest=dest, type=_parse_bool, default=None, metavar="true|false")
+        elif kind == "list":
+            p.add_argument(flag, dest=dest, nargs="+", default=None)
+        else:
+            p.add_argument(flag, dest=dest, type=_KINDS[kind], default=None)
+    return p
+
+
+def _parse_bool(text: str) -> bool:
+    """Parse true/false style values of boolean flags."""
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def apply_overrides(obj: Any, overrides: dict, origin: str) -> None:
+    """Set nested dataclass fields from a nested dict, refusing unknown keys and wrong types
+    (``origin`` names the file or flag source in the error)."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ValueError(f"{origin}: unknown key {key!r} in {type(obj).__name__}; "
+                             f"known: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            apply_overrides(current, value, f"{origin}:{key}")
+            continue
+        setattr(obj, key, _checked(current, value, f"{origin}:{key}"))
+
+
+def _checked(current: Any, value: Any, where: str) -> Any:
+    """Return value converted to the type of the current value, or raise naming the key."""
+    if value is None or current is None:
+        return value
+    if isinstance(current, bool) or isinstance(value, bool):
+        if isinstance(current, bool) and isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected {type(current).__name__}, got {value!r}")
+    if isinstance(current, float) and isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(current)(value)
+    if isinstance(current, dict) and isinstance(value, dict):
+        return value
+    if not isinstance(value, type(current)):
+        raise ValueError(f"{where}: expected {type(current).__name__}, got {value!r}")
+    return value
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML override file; it must hold a mapping of section -> fields."""
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def flag_overrides(args: argparse.Namespace) -> dict:
+    """Collect the flags that were given into a nested {section: {field: value}} dict."""
+    out: dict = {}
+    for dest, value in vars(args).items():
+        if "." in dest and value is not None:
+            section, name = dest.split(".", 1)
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def finalize(cfg: RunConfig) -> RunConfig:
+    """Fill derived fields and check combinations that would fail later with a worse message."""
+    t, o = cfg.train, cfg.optim
+    if o.lr_warmup_iters is None:
+        o.lr_warmup_iters = int(round(cfg.stage.warmup_fraction * t.train_iters))
+    if o.lr_decay_iters is None:
+        o.lr_decay_iters = t.train_iters
+    if o.lr_warmup_iters >= o.lr_decay_iters:
+        o.lr_warmup_iters = max(0, o.lr_decay_iters - 1)
+    if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
+        o.lr_wsd_decay_iters = max(1, o.lr_decay_iters // 10)
+    if o.lr_decay_style not in ("cosine", "WSD", "linear", "constant"):
+        raise ValueError(f"--lr-decay-style {o.lr_decay_style!r}: expected cosine, WSD, linear "
+                         "or constant")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ValueError(f"--global-batch-size {t.global_batch_size} is not a multiple of "
+                         f"--micro-batch-size {t.micro_batch_size}")
+    if t.fp8_format not in (None, "hybrid", "e4m3"):
+        raise ValueError(f"--fp8-format {t.fp8_format!r}: expected hybrid or e4m3")
+    if t.recompute_granularity not in (None, "selective", "full"):
+        raise ValueError(f"--recompute-granularity {t.recompute_granularity!r}: expected "
+                         "selective or full")
+    if t.tensorboard_dir is None:
+        t.tensorboard_dir = os.path.join(t.run_dir, "tensorboard")
+    return cfg
+
+
+def resolve(argv: Optional[list[str]] = None) -> RunConfig:
+    """Build the RunConfig of a command line: recipe(stage), then YAML, then flags."""
+    from megatron_sail.config import recipes
+
+    args = build_parser().parse_args(argv)
+    cfg = recipes.get_recipe(args.recipe)(args.stage)
+    if args.config:
+        apply_overrides(cfg, load_yaml(args.config), args.config)
+    apply_overrides(cfg, flag_overrides(args), "command line")
+    return finalize(cfg)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain nested dict of the config (for YAML and checkpoint metadata)."""
+    return dataclasses.asdict(cfg)
+
+
+def write_resolved(cfg: RunConfig, run_dir: str) -> str:
+    """Write the resolved config to <run_dir>/config.yaml (temporary name, then rename)."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "config.yaml")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+    return path
