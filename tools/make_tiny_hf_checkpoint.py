@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Write a small random SAIL-VL-shaped checkpoint in transformers' or InternVL-chat's layout.
+
+Used by the conversion tests and the README demo: real SAIL-VL weights are gigabytes, but the
+conversion and logit-comparison code paths are the same for a model of a few hundred kilobytes.
+Every tensor gets distinct random values (norm weights and layer scales included) so that a
+swapped or dropped tensor in a conversion shows up as a mismatch.
+
+    python tools/make_tiny_hf_checkpoint.py --out /tmp/tiny_hf --layout chat
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_sail.convert import hf_io, internvl_chat
+
+
+@dataclass
+class TinyCheckpointConfig:
+    """Shape and format of the generated checkpoint."""
+
+    layout: str = "hf"
+    """'hf' (transformers InternVLForConditionalGeneration) or 'chat' (internvl_chat, SAIL-VL hub)."""
+    seed: int = 0
+    """Seed of the random weights."""
+    tile_size: int = 56
+    """ViT input size in pixels (patch 14: 4x4 patches, 4 visual tokens per tile)."""
+    vision_layers: int = 2
+    """InternViT layers."""
+    text_layers: int = 2
+    """Qwen2 layers."""
+    heads: int = 4
+    """Qwen2 attention heads (hidden 64, head dim 16)."""
+    kv_heads: int = 2
+    """Qwen2 key/value heads (GQA)."""
+    vocab_size: int = 256
+    """Qwen2 vocabulary; the image-context token is its last id."""
+    tied: bool = False
+    """Tie the LM head to the input embeddings."""
+    dtype: str = "float32"
+    """Stored dtype: float32 or bfloat16."""
+    max_shard_bytes: int = 5 * 1024**3
+    """Split the safetensors into shards above this size (small values force a sharded folder)."""
+
+
+def build_hf_config(cfg: TinyCheckpointConfig) -> dict:
+    """transformers InternVLConfig dict of the tiny model (SAIL-VL's structure, tiny widths)."""
+    tokens_per_side = cfg.tile_size // 14 // 2
+    return {
+        "model_type": "internvl",
+        "architectures": ["InternVLForConditionalGeneration"],
+        "vision_config": {
+            "model_type": "internvl_vision", "hidden_size": 32, "num_hidden_layers": cfg.vision_layers,
+            "num_attention_heads": 2, "intermediate_size": 64, "image_size": [cfg.tile_size] * 2,
+            "patch_size": [14, 14], "attention_bias": True, "norm_type": "layer_norm",
+            "layer_norm_eps": 1e-6, "use_mean_pooling": True, "hidden_act": "gelu",
+        },
+        "text_config": {
+            "model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": cfg.text_layers,
+            "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads,
+            "intermediate_size": 128, "vocab_size": cfg.vocab_size, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 4096, "tie_word_embeddings": cfg.tied,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+        "image_token_id": cfg.vocab_size - 1,
+        "image_seq_length": tokens_per_side**2,
+        "downsample_ratio": 0.5,
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default",
+        "projector_hidden_act": "gelu",
+        "tie_word_embeddings": cfg.tied,
+        "dtype": cfg.dtype,
+    }
+
+
+def random_state_dict(hf_config: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Module-keyed weights of InternVLForConditionalGeneration, every tensor distinct and random."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    model = InternVLForConditionalGeneration(InternVLConfig(**hf_config))
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and hf_config["tie_word_embeddings"]:
+            continue  # tied: transformers stores only the embedding
+        noise = torch.randn(tensor.shape, generator=gen)
+        if name.endswith("norm.weight") or "layernorm" in name and name.endswith("weight"):
+            value = 1.0 + 0.1 * noise
+        elif "lambda_" in name:
+            value = 0.1 + 0.02 * noise
+        else:
+            value = 0.05 * noise
+        state[name] = value.to(dtype)
+    return state
+
+
+def make_tiny_checkpoint(out: str | Path, cfg: TinyCheckpointConfig = TinyCheckpointConfig()) -> Path:
+    """Write the tiny checkpoint folder (config.json + safetensors) atomically; return its path."""
+    if cfg.layout not in ("hf", "chat"):
+        raise ValueError(f"layout must be 'hf' or 'chat', got {cfg.layout!r}")
+    hf_config = build_hf_config(cfg)
+    state = random_state_dict(hf_config, cfg.seed, getattr(torch, cfg.dtype))
+    if cfg.layout == "chat":
+        config = internvl_chat.hf_config_to_chat(hf_config)
+        config["torch_dtype"] = cfg.dtype
+        state = internvl_chat.hf_to_chat_state_dict(state)
+    else:
+        config, state = hf_config, hf_io.to_disk_keys(state)
+    write = hf_io.HFWriteConfig(max_shard_bytes=cfg.max_shard_bytes)
+    return hf_io.write_checkpoint(out, config, state, cfg=write)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: every TinyCheckpointConfig field is a flag."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="destination folder (must not exist or be empty)")
+    p.add_argument("--layout", choices=("hf", "chat"), default="hf")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile-size", type=int, default=56, help="multiple of 28")
+    p.add_argument("--vision-layers", type=int, default=2)
+    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=256)
+    p.add_argument("--tied", action="store_true")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--max-shard-bytes", type=int, default=5 * 1024**3)
+    a = p.parse_args(argv)
+    if a.tile_size % 28:
+        p.error("--tile-size must be a multiple of 28 (patch 14, pixel shuffle 0.5)")
+    cfg = TinyCheckpointConfig(
+        layout=a.layout, seed=a.seed, tile_size=a.tile_size, vision_layers=a.vision_layers,
+        text_layers=a.text_layers, heads=a.heads, kv_heads=a.kv_heads, vocab_size=a.vocab_size,
+        tied=a.tied, dtype=a.dtype, max_shard_bytes=a.max_shard_bytes)
+    print(make_tiny_checkpoint(a.out, cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
