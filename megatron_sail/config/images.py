@@ -1,0 +1,43 @@
+"""Configuration of the image pipeline (decoding, tiling, normalization, prefetch)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BACKENDS = ("auto", "pil", "dali-cpu", "dali")
+"""Accepted values of ImageConfig.backend."""
+
+
+@dataclass
+class ImageConfig:
+    """How stored image bytes become the normalized tiles the vision encoder reads."""
+
+    backend: str = "auto"
+    """'dali' (GPU decode + resize), 'dali-cpu', 'pil' (InternVL reference), or 'auto': 'dali'
+    with CUDA, 'dali-cpu' without, 'pil' when DALI is not importable."""
+    tile_size: int = 448
+    """Side of one square tile in pixels; must equal the tile size used at preprocessing."""
+    threads: int = 2
+    """CPU worker threads for decoding and resizing (PIL pool size or DALI num_threads)."""
+    max_batch_images: int = 32
+    """Most images one DALI pipeline run takes; larger requests run in several chunks."""
+    device_id: int | None = None
+    """CUDA device for the 'dali' backend; None means torch.cuda.current_device()."""
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """Per-channel mean subtracted after scaling pixels to [0, 1] (ImageNet, as InternVL)."""
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """Per-channel standard deviation divided out after the mean (ImageNet, as InternVL)."""
+    prefetch_depth: int = 2
+    """Micro-batches the background loader keeps ready ahead of the training step."""
+    pin_memory: bool = False
+    """Pin CPU tile tensors so the trainer can copy them to the GPU asynchronously."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"ImageConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.tile_size <= 0 or self.threads <= 0 or self.max_batch_images <= 0:
+            raise ValueError(
+                "ImageConfig.tile_size, threads and max_batch_images must be positive, got "
+                f"{self.tile_size}, {self.threads}, {self.max_batch_images}"
+            )
+        if self.prefetch_depth < 1:
+            raise ValueError(f"ImageConfig.prefetch_depth must be >= 1, got {self.prefetch_depth}")
