@@ -66,11 +66,10 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--recompute-granularity", "train", "recompute_granularity", "str"),
     ("--recompute-vit", "train", "recompute_vit", "flag"),
     ("--progress-bar", "train", "progress_bar", "flag"),
-    ("--tensor-model-parallel-size", "parallel", "tensor_model_parallel_size", "int"),
-    ("--pipeline-model-parallel-size", "parallel", "pipeline_model_parallel_size", "int"),
-    ("--num-layers-per-virtual-pipeline-stage", "parallel",
-     "num_layers_per_virtual_pipeline_stage", "int"),
-    ("--sequence-parallel", "parallel", "sequence_parallel", "flag"),
+    ("--tensor-model-parallel-size", "parallel", "tp", "int"),
+    ("--pipeline-model-parallel-size", "parallel", "pp", "int"),
+    ("--num-layers-per-virtual-pipeline-stage", "derived", "layers_per_virtual_stage", "int"),
+    ("--sequence-parallel", "parallel", "sp", "flag"),
     ("--lr", "optim", "lr", "float"),
     ("--min-lr", "optim", "min_lr", "float"),
     ("--lr-warmup-iters", "optim", "lr_warmup_iters", "int"),
@@ -106,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     so that only flags actually given change the config."""
     p = argparse.ArgumentParser(prog="megatron_sail.train", description=__doc__)
     p.add_argument("--recipe", default="tiny", help="tiny, sail_2b or sail_8b")
-    p.add_argument("--stage", default="pretrain-alignment", help="training stage name")
+    p.add_argument("--stage", default=None, help="training stage name (default: the recipe's)")
     p.add_argument("--config", default=None, help="YAML file overriding recipe fields")
     for flag, section, name, kind in FLAGS:
         dest = f"{section}.{name}"
@@ -218,11 +217,27 @@ def resolve(argv: Optional[list[str]] = None) -> RunConfig:
     from megatron_sail.config import recipes
 
     args = build_parser().parse_args(argv)
-    cfg = recipes.get_recipe(args.recipe)(args.stage)
+    recipe = recipes.get_recipe(args.recipe)
+    cfg = recipe(args.stage) if args.stage else recipe()
     if args.config:
         apply_overrides(cfg, load_yaml(args.config), args.config)
-    apply_overrides(cfg, flag_overrides(args), "command line")
+    flags = flag_overrides(args)
+    derived = flags.pop("derived", {})
+    apply_overrides(cfg, flags, "command line")
+    if "layers_per_virtual_stage" in derived:
+        set_layers_per_virtual_stage(cfg, derived["layers_per_virtual_stage"])
     return finalize(cfg)
+
+
+def set_layers_per_virtual_stage(cfg: RunConfig, layers: int) -> None:
+    """Megatron-LM's --num-layers-per-virtual-pipeline-stage, turned into our chunk count
+    (ParallelConfig.vpp = LM layers / (pp * layers per virtual stage))."""
+    total, pp = cfg.model.language.num_layers, cfg.parallel.pp
+    if layers < 1 or total % (pp * layers):
+        raise ValueError(f"--num-layers-per-virtual-pipeline-stage {layers}: {total} LM layers "
+                         f"do not split into pp={pp} x chunks of {layers}")
+    cfg.parallel.vpp = total // (pp * layers)
+    cfg.parallel.__post_init__()
 
 
 def to_dict(cfg: RunConfig) -> dict:
