@@ -1,0 +1,203 @@
+"""Checkpoints: Megatron-Core distributed checkpoints plus the TrainState stored next to them.
+
+Layout of ``--save DIR``::
+
+    DIR/iter_0000020/      dist checkpoint (model chunks + optimizer, resharding-safe)
+    DIR/iter_0000020/train_state.pt   TrainState (rank 0)
+    DIR/latest             "20" - written last, by rename, so it never names a partial save
+
+A save goes to ``iter_XXXXXXX.tmp`` first and is renamed only when every rank is done; then
+``latest`` is replaced and all but the newest ``keep_last`` checkpoints are deleted. Sharded
+tensors carry global keys and the distributed optimizer uses the fully reshardable format, so a
+checkpoint saved at one TP/PP/DP loads at another.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+from megatron_sail.training import dist_ckpt
+from megatron_sail.training.optimizer import unwrap
+
+LATEST = "latest"
+STATE_FILE = "train_state.pt"
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer moments that a resumed run needs."""
+
+    iteration: int = 0
+    """Optimizer steps completed."""
+    consumed_samples: int = 0
+    """Rows consumed by training so far (all DP ranks)."""
+    skipped_steps: int = 0
+    """NaN/Inf steps skipped so far."""
+    data: dict = field(default_factory=dict)
+    """Dataset / loader position (its own state_dict)."""
+    scheduler: dict = field(default_factory=dict)
+    """OptimizerParamScheduler.state_dict()."""
+    rng: dict = field(default_factory=dict)
+    """Per global rank RNG states (python, numpy, torch, Megatron tracker)."""
+    world: dict = field(default_factory=dict)
+    """tp / pp / dp sizes at save time: RNG states are restored only when they match."""
+
+
+def iter_dir(root: str, iteration: int) -> str:
+    """Directory name of one checkpoint."""
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def world_sizes() -> dict:
+    """The current parallel layout, to compare with a checkpoint's."""
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size()}
+
+
+def rng_state() -> dict:
+    """This rank's RNG states."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() captured."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_checkpoint(root: str, chunks: list, optimizer, state: TrainState, keep_last: int,
+                    config: Optional[dict] = None) -> str:
+    """Save model + optimizer + TrainState as iteration ``state.iteration``; returns its dir."""
+    final = iter_dir(root, state.iteration)
+    tmp = final + ".tmp"
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    torch.distributed.barrier()
+    sd = dist_ckpt.model_sharded_state_dict(chunks)
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, metadata=OPTIM_METADATA)
+    dist_ckpt.save_sharded(sd, tmp)
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, rng_state())
+    if rank0:
+        state.rng = dict(enumerate(states))
+        state.world = world_sizes()
+        payload = {"train_state": asdict(state), "config": config}
+        torch.save(payload, os.path.join(tmp, STATE_FILE + ".tmp"))
+        os.replace(os.path.join(tmp, STATE_FILE + ".tmp"), os.path.join(tmp, STATE_FILE))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_latest(root, state.iteration)
+        _prune(root, keep_last)
+    torch.distributed.barrier()
+    return final
+
+
+def _write_latest(root: str, iteration: int) -> None:
+    """Point `latest` at a complete checkpoint (write a temporary file, then rename)."""
+    tmp = os.path.join(root, LATEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+    os.replace(tmp, os.path.join(root, LATEST))
+
+
+def list_checkpoints(root: str) -> list[int]:
+    """Iterations of the complete checkpoints under root, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    its = [int(m.group(1)) for n in os.listdir(root) if (m := re.fullmatch(r"iter_(\d{7})", n))]
+    return sorted(its)
+
+
+def _prune(root: str, keep_last: int) -> None:
+    """Delete all but the newest keep_last checkpoints (0 keeps everything)."""
+    if keep_last <= 0:
+        return
+    for it in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(iter_dir(root, it), ignore_errors=True)
+
+
+def resolve_checkpoint(path: str) -> Optional[str]:
+    """The checkpoint directory that `path` names: a root with `latest`, or one checkpoint
+    (ours or a model-only HF conversion). None when `path` holds no checkpoint yet."""
+    latest = os.path.join(path, LATEST)
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            text = f.read().strip()
+        if not text.isdigit():
+            raise ValueError(f"{latest}: expected an iteration number, got {text!r}")
+        ckpt = iter_dir(path, int(text))
+        if not os.path.isdir(ckpt):
+            raise FileNotFoundError(f"{latest} names iteration {text} but {ckpt} is missing")
+        return ckpt
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return path
+    return None
+
+
+def load_checkpoint(path: str, chunks: list, optimizer=None) -> Optional[TrainState]:
+    """Load weights (and optimizer + TrainState when ``optimizer`` is given) from ``path``.
+
+    With ``optimizer=None`` this is ``--init-from``: weights only, step counters start at 0.
+    Returns the TrainState (None for weights-only or a missing checkpoint)."""
+    ckpt = resolve_checkpoint(path)
+    if ckpt is None:
+        if optimizer is None:
+            raise FileNotFoundError(f"--init-from {path}: no checkpoint there (no `latest`, "
+                                    "no metadata.json)")
+        return None
+    if optimizer is None:
+        dist_ckpt.load_model(chunks, ckpt)
+        return None
+    sd = dist_ckpt.model_sharded_state_dict(chunks)
+    sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIM_METADATA)
+    loaded = dist_ckpt.load_sharded(sd, ckpt)
+    for key, chunk in zip(_model_keys(len(chunks)), chunks):
+        unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    optimizer.load_state_dict(loaded["optimizer"])
+    return _read_train_state(ckpt)
+
+
+def _model_keys(n: int) -> list[str]:
+    """Top-level keys of the model chunks in a checkpoint dict (dist_ckpt's convention)."""
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
+def _read_train_state(ckpt: str) -> TrainState:
+    """Read train_state.pt and restore this rank's RNG when the layout is unchanged."""
+    path = os.path.join(ckpt, STATE_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} missing: {ckpt} holds weights only; use --init-from")
+    payload = torch.load(path, weights_only=False)
+    state = TrainState(**payload["train_state"])
+    if state.world == world_sizes():
+        set_rng_state(state.rng[torch.distributed.get_rank()])
+    return state
+
+
+def read_saved_config(ckpt_root: str) -> Optional[dict[str, Any]]:
+    """The resolved run config stored with the newest checkpoint (for tools and tests)."""
+    ckpt = resolve_checkpoint(ckpt_root)
+    if ckpt is None:
+        return None
+    return torch.load(os.path.join(ckpt, STATE_FILE), weights_only=False)["config"]
