@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import torch
+
 from megatron_sail.training.flops import mfu as _mfu
 
 METRICS_FILE = "metrics.jsonl"
@@ -84,8 +86,6 @@ class MetricsConfig:
 
 def peak_memory_bytes() -> int:
     """Peak memory of this process: CUDA allocator peak on a GPU, else the peak resident set size."""
-    import torch
-
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated())
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
@@ -340,5 +340,73 @@ class Stopwatch:
         return out
 
 
-__all__ = ["MetricsConfig", "MetricsWriter", "StepStats", "Stopwatch", "peak_memory_bytes",
+class _BackwardMark(torch.autograd.Function):
+    """Identity whose backward runs last in the vision backward: it timestamps the end of it."""
+
+    @staticmethod
+    def forward(ctx, x, dummy, timing):
+        ctx.timing = timing
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.timing._backward_done()
+        return grad, torch.zeros((), device=grad.device), None
+
+
+class VisionTiming:
+    """Times the vision encoder + projector inside a training step, forward and backward.
+
+    Forward: from the encoder's pre-hook to the projector's hook. Backward: from the moment the
+    projector output's gradient is ready to the moment the gradient reaches the encoder input
+    (a marker on the pixel tensor, so it works inside any pipeline schedule). The rest of the
+    forward/backward time is the LM's. Readings go to ``stopwatch`` as 'vit_fwd' and 'vit_bwd';
+    with a ``sync`` stopwatch every reading drains the device queue, which costs a little speed,
+    so benchmarks time a separate, unhooked run for the headline numbers.
+    """
+
+    def __init__(self, encoder: "torch.nn.Module", projector: "torch.nn.Module", stopwatch: Stopwatch):
+        self.sw = stopwatch
+        self._t0 = self._tgrad = 0.0
+        self._mark = any(p.requires_grad for p in encoder.parameters())
+        self._dummy = None
+        self._handles = [encoder.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         projector.register_forward_hook(self._post)]
+
+    def _pre(self, module, args, kwargs):
+        """Start the forward clock; route the pixel tensor through the backward marker."""
+        self._t0 = self.sw.now()
+        if not (self._mark and torch.is_grad_enabled()):
+            return None
+        args = list(args)
+        for container, key in [(args, i) for i in range(len(args))] + [(kwargs, k) for k in kwargs]:
+            x = container[key]
+            if torch.is_tensor(x) and x.dim() == 4:
+                if self._dummy is None or self._dummy.device != x.device:
+                    self._dummy = torch.zeros((), device=x.device, requires_grad=True)
+                container[key] = _BackwardMark.apply(x, self._dummy, self)
+                break
+        return tuple(args), kwargs
+
+    def _post(self, module, args, output):
+        """Stop the forward clock; start the backward one when the output's gradient arrives."""
+        self.sw.add("vit_fwd", self.sw.now() - self._t0)
+        out = output if torch.is_tensor(output) else output[0]
+        if torch.is_tensor(out) and out.requires_grad:
+            out.register_hook(self._grad_ready)
+
+    def _grad_ready(self, grad):
+        self._tgrad = self.sw.now()
+
+    def _backward_done(self):
+        self.sw.add("vit_bwd", self.sw.now() - self._tgrad)
+
+    def remove(self) -> None:
+        """Detach the hooks (the model runs exactly as before)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+__all__ = ["MetricsConfig", "MetricsWriter", "StepStats", "Stopwatch", "VisionTiming", "peak_memory_bytes",
            "METRICS_FILE", "VALID_METRICS_FILE"]

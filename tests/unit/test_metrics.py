@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from megatron_sail.training.metrics import MetricsConfig, MetricsWriter, StepStats, Stopwatch
+from megatron_sail.training.metrics import MetricsConfig, MetricsWriter, StepStats, Stopwatch, VisionTiming
 
 
 def _stats(i, loss, skipped=False, decode_failures=0):
@@ -118,3 +118,50 @@ def test_stopwatch():
     totals = sw.reset()
     assert totals["a"] >= 1.0 and totals["b"] == 0.5 and len(calls) == 2
     assert sw.reset() == {}
+
+
+def test_vision_timing_hooks():
+    """Forward and backward of the vision part are timed; the model's gradients are unchanged."""
+    import time
+
+    import torch
+
+    class SleepGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            time.sleep(0.05)
+            return g
+
+    class Slow(torch.nn.Module):
+        def __init__(self, delay):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.delay = delay
+
+        def forward(self, pixels):
+            time.sleep(self.delay)
+            return SleepGrad.apply(self.lin(pixels.flatten(1)))  # backward sleeps 50 ms
+
+    torch.manual_seed(0)
+    enc, proj, lm = Slow(0.03), torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+
+    def step(pixels):
+        lm(proj(enc(pixels=pixels))).sum().backward()
+        return [p.grad.clone() for p in enc.parameters()]
+
+    pixels = torch.randn(2, 1, 2, 2)
+    ref = step(pixels)
+    for m in (enc, proj, lm):
+        m.zero_grad()
+    sw = Stopwatch()
+    timing = VisionTiming(enc, proj, sw)
+    got = step(pixels)
+    timing.remove()
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    t = sw.reset()
+    assert 0.03 <= t["vit_fwd"] < 0.5
+    assert 0.05 <= t["vit_bwd"] < 0.5
