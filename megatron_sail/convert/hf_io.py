@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -113,7 +113,7 @@ def read_state_dict(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
                     if name in state:
                         raise ValueError(f"{path}: tensor {name!r} appears in more than one shard")
                     state[name] = f.get_tensor(name)
-        except (OSError, RuntimeError) as e:  # safetensors raises these for truncated/corrupt files
+        except (OSError, RuntimeError, SafetensorError) as e:  # truncated or corrupt file
             raise ValueError(f"{path}: cannot read safetensors file ({e})") from e
     return state
 

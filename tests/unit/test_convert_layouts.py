@@ -1,0 +1,149 @@
+"""HF checkpoint I/O and the InternVL-chat <-> transformers InternVL mapping (no Megatron needed)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_sail.convert import hf_io, internvl_chat
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tool(name: str):
+    """Import a tools/ script as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up here
+    spec.loader.exec_module(mod)
+    return mod
+
+
+tiny = _tool("make_tiny_hf_checkpoint")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return tiny.make_tiny_checkpoint(tmp_path_factory.mktemp("c") / "hf", tiny.TinyCheckpointConfig(layout="hf"))
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    cfg = tiny.TinyCheckpointConfig(layout="chat", max_shard_bytes=100_000)
+    return tiny.make_tiny_checkpoint(tmp_path_factory.mktemp("c") / "chat", cfg)
+
+
+def test_tiny_hf_checkpoint_loads_in_transformers_with_every_tensor(hf_dir):
+    from transformers import InternVLForConditionalGeneration
+
+    model = InternVLForConditionalGeneration.from_pretrained(str(hf_dir))
+    ours = hf_io.to_module_keys(hf_io.read_state_dict(hf_dir))
+    theirs = model.state_dict()
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    # distinct random values: no two norm weights are equal (a swapped mapping would go unnoticed)
+    norms = [v for k, v in ours.items() if "layernorm" in k and k.endswith("weight")]
+    assert len(norms) >= 4 and all(not torch.equal(a, b) for a, b in zip(norms, norms[1:]))
+
+
+def test_sharded_chat_checkpoint_reads_all_shards(chat_dir):
+    index = json.loads((chat_dir / hf_io.SAFETENSORS_INDEX).read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    state = hf_io.read_state_dict(chat_dir)
+    assert set(state) == set(index["weight_map"])
+    assert any(k.endswith("attn.qkv.weight") for k in state) and "mlp1.0.weight" in state
+
+
+def test_chat_layout_maps_to_transformers_bit_for_bit(hf_dir, chat_dir):
+    hf = hf_io.to_module_keys(hf_io.read_state_dict(hf_dir))
+    chat = hf_io.read_state_dict(chat_dir)
+    mapped = internvl_chat.chat_to_hf_state_dict(chat)
+    assert set(mapped) == set(hf)
+    for k in hf:
+        assert torch.equal(mapped[k], hf[k]), k
+    back = internvl_chat.hf_to_chat_state_dict(mapped)
+    assert set(back) == set(chat)
+    for k in chat:
+        assert torch.equal(back[k], chat[k]), k
+
+
+def test_qkv_split_order_is_q_then_k_then_v():
+    d = 4
+    qkv = torch.arange(3 * d * d, dtype=torch.float32).reshape(3 * d, d)
+    out = internvl_chat.chat_to_hf_state_dict({"vision_model.encoder.layers.0.attn.qkv.weight": qkv})
+    pre = "model.vision_tower.encoder.layer.0.attention."
+    assert torch.equal(out[pre + "q_proj.weight"], qkv[:d])
+    assert torch.equal(out[pre + "k_proj.weight"], qkv[d:2 * d])
+    assert torch.equal(out[pre + "v_proj.weight"], qkv[2 * d:])
+
+
+def test_chat_config_translates_to_a_loadable_transformers_config(hf_dir, chat_dir):
+    from transformers import InternVLConfig
+
+    chat = hf_io.read_config(chat_dir)
+    tid = internvl_chat.resolve_image_token_id(chat, lambda t: hf_io.find_added_token_id(chat_dir, t))
+    got = InternVLConfig(**internvl_chat.chat_config_to_hf(chat, tid))
+    want = InternVLConfig(**hf_io.read_config(hf_dir))
+    assert got.image_token_id == want.image_token_id == 255
+    assert got.image_seq_length == want.image_seq_length == 4
+    assert got.vision_config.to_dict() == want.vision_config.to_dict()
+    for key in ("hidden_size", "num_hidden_layers", "num_key_value_heads", "vocab_size", "rope_parameters",
+                "tie_word_embeddings", "rms_norm_eps"):
+        assert getattr(got.text_config, key) == getattr(want.text_config, key), key
+
+
+def test_chat_checkpoint_gives_the_same_logits_as_the_transformers_one(hf_dir, chat_dir):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    chat = hf_io.read_config(chat_dir)
+    model = InternVLForConditionalGeneration(InternVLConfig(**internvl_chat.chat_config_to_hf(chat, 255)))
+    model.load_state_dict(internvl_chat.chat_to_hf_state_dict(hf_io.read_state_dict(chat_dir)), strict=True)
+    ref = InternVLForConditionalGeneration.from_pretrained(str(hf_dir))
+    ids = torch.tensor([[1, 2, 255, 255, 255, 255, 3, 4]])
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, pixel_values=pixels).logits,
+                           ref(input_ids=ids, pixel_values=pixels).logits)
+
+
+def test_image_token_id_comes_from_the_tokenizer_files(tmp_path):
+    (tmp_path / "tokenizer.json").write_text(json.dumps(
+        {"added_tokens": [{"id": 7, "content": "<img>"}, {"id": 9, "content": internvl_chat.IMG_CONTEXT}]}))
+    lookup = lambda t: hf_io.find_added_token_id(tmp_path, t)  # noqa: E731
+    assert internvl_chat.resolve_image_token_id({"img_context_token_id": 3}, lookup) == 9
+    with pytest.raises(ValueError, match="IMG_CONTEXT"):
+        internvl_chat.resolve_image_token_id({}, lambda t: None)
+
+
+def test_bad_inputs_are_named(tmp_path, chat_dir):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        hf_io.read_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        hf_io.read_state_dict(tmp_path)
+    with pytest.raises(ValueError, match="no known mapping.*vision_model.bogus"):
+        internvl_chat.chat_to_hf_state_dict({"vision_model.bogus": torch.zeros(1)})
+    cfg = hf_io.read_config(chat_dir)
+    with pytest.raises(ValueError, match="ps_version"):
+        internvl_chat.chat_config_to_hf({**cfg, "ps_version": "v1"}, 1)
+    # a truncated shard is reported with its path
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(ValueError, match="broken/model.safetensors"):
+        hf_io.read_state_dict(broken)
+
+
+def test_write_checkpoint_is_atomic_and_shards(tmp_path):
+    state = {f"t{i}": torch.full((64,), float(i)) for i in range(4)}
+    out = hf_io.write_checkpoint(tmp_path / "out", {"a": 1}, state, cfg=hf_io.HFWriteConfig(max_shard_bytes=600))
+    assert (out / hf_io.SAFETENSORS_INDEX).is_file()
+    back = hf_io.read_state_dict(out)
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+    with pytest.raises(FileExistsError):
+        hf_io.write_checkpoint(out, {}, state)
+    with pytest.raises(TypeError):  # a failing write leaves nothing behind
+        hf_io.write_checkpoint(tmp_path / "bad", {"x": object()}, state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
