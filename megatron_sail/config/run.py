@@ -58,6 +58,7 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--run-dir", "train", "run_dir", "str"),
     ("--tensorboard-dir", "train", "tensorboard_dir", "str"),
     ("--exit-duration-in-mins", "train", "exit_duration_in_mins", "float"),
+    ("--exit-interval", "train", "exit_interval", "int"),
     ("--max-skipped-steps", "train", "max_skipped_steps", "int"),
     ("--bf16", "train", "bf16", "flag"),
     ("--fp8-format", "train", "fp8_format", "str"),

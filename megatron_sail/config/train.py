@@ -103,6 +103,8 @@ class TrainConfig:
     """TensorBoard event directory (None: <run_dir>/tensorboard)."""
     exit_duration_in_mins: Optional[float] = None
     """Save and exit 0 once this much wall time has passed."""
+    exit_interval: int = 0
+    """Save and exit 0 after a step divisible by this (0: off); Megatron-LM's --exit-interval."""
     max_skipped_steps: int = 5
     """Stop (after saving the last good state) after this many consecutive NaN/Inf steps."""
     bf16: bool = False

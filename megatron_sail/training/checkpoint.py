@@ -41,6 +41,8 @@ class TrainState:
     """Optimizer steps completed."""
     consumed_samples: int = 0
     """Rows consumed by training so far (all DP ranks)."""
+    consumed_tokens: int = 0
+    """Real tokens consumed by training so far."""
     skipped_steps: int = 0
     """NaN/Inf steps skipped so far."""
     data: dict = field(default_factory=dict)

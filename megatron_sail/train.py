@@ -1,0 +1,169 @@
+"""Entry point: ``torchrun ... -m megatron_sail.train --recipe R --stage S [--config F] [flags]``.
+
+One straight-line ``train()``: resolve the config, start the platform, build this rank's model
+chunks, wrap them in Megatron-Core DDP, build optimizer + scheduler, load a checkpoint, then
+hand over to the loop (training/loop.py), which validates, saves and exits.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.utils import get_model_config
+
+from megatron_sail.config.run import RunConfig, resolve, to_dict, write_resolved
+from megatron_sail.data.dataset import build_blended
+from megatron_sail.data.images.pipeline import build_image_pipeline
+from megatron_sail.models.sail_vl import SailVLModel
+from megatron_sail.platform import distributed as platform
+from megatron_sail.training import checkpoint as ckpt
+from megatron_sail.training.flops import shape_from_model_config, device_peak_flops
+from megatron_sail.training.loop import LoopContext, StepFeeder, dp_plan, run
+from megatron_sail.training.metrics import MetricsConfig, MetricsWriter
+from megatron_sail.training.optimizer import build_optimizer, build_scheduler
+from megatron_sail.training.signals import ExitWatcher
+
+
+def check_precision(cfg: RunConfig) -> torch.dtype:
+    """Parameter dtype of the run. On CPU, --bf16 is ignored with a warning (fp32 is used) and
+    --fp8-format is rejected: FP8 needs Transformer Engine on a GPU."""
+    t = cfg.train
+    if platform.has_cuda():
+        return torch.bfloat16 if t.bf16 else torch.float32
+    if t.fp8_format:
+        raise SystemExit(f"--fp8-format {t.fp8_format}: FP8 needs Transformer Engine on a GPU; "
+                         "this machine has no CUDA device. Drop the flag to train in fp32 on CPU.")
+    if t.bf16:
+        warnings.warn("--bf16 ignored on CPU: training in fp32", stacklevel=2)
+    return torch.float32
+
+
+def match_data(cfg: RunConfig, dataset) -> None:
+    """Take token ids and tile geometry from the preprocessed data (the source of truth)."""
+    meta, lm = dataset.tokenizer_meta, cfg.model.language
+    cfg.model.img_context_token_id = meta.img_context_id
+    cfg.images.tile_size = meta.tile_size
+    if dataset.seq_length != cfg.data.seq_length:
+        raise ValueError(f"--seq-length {cfg.data.seq_length} but the data rows hold "
+                         f"{dataset.seq_length} tokens ({cfg.data.data_path})")
+    if meta.tokens_per_tile != cfg.model.tokens_per_tile(meta.tile_size):
+        raise ValueError(f"data has {meta.tokens_per_tile} tokens per tile, the model makes "
+                         f"{cfg.model.tokens_per_tile(meta.tile_size)} ({cfg.data.data_path})")
+    if lm.vocab_size < meta.vocab_size:
+        multiple = 128 * cfg.parallel.tp
+        lm.vocab_size = -(-meta.vocab_size // multiple) * multiple
+        warnings.warn(f"model vocab raised to {lm.vocab_size} to cover the data's "
+                      f"{meta.vocab_size} token ids", stacklevel=2)
+
+
+def build_chunks(cfg: RunConfig, dtype: torch.dtype) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), frozen per the stage."""
+    chunks = []
+    for vp in range(cfg.parallel.vpp or 1):
+        vp_stage = vp if cfg.parallel.vpp else None
+        model = SailVLModel(
+            cfg.model, cfg.parallel, dtype=dtype, vp_stage=vp_stage,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                               vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                               vp_stage=vp_stage))
+        s = cfg.stage
+        model.freeze(vision=not s.train_vision, projector=not s.train_projector,
+                     language=not s.train_language)
+        chunks.append(model.to(platform.device()))
+    return chunks
+
+
+def wrap_ddp(cfg: RunConfig, chunks: list) -> list:
+    """Megatron-Core DDP around each chunk; overlap of grad reduce / param gather on GPU."""
+    overlap = platform.has_cuda()
+    ddp = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
+        overlap_param_gather=overlap and cfg.optim.use_distributed_optimizer,
+        use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+        check_for_nan_in_grad=False, bucket_size=None if not overlap else 40_000_000)
+    for chunk in chunks:
+        get_model_config(chunk).calculate_per_token_loss = True
+    return [DistributedDataParallel(config=get_model_config(c), ddp_config=ddp, module=c,
+                                    disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+
+
+def hook_model_config(chunks: list, optimizer) -> None:
+    """Tell the pipeline schedules how to scale, sync and finalize gradients."""
+    config = get_model_config(chunks[0])
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    no_sync = [c.no_sync for c in chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if platform.has_cuda() and len(chunks) > 1:
+        config.grad_sync_func = [c.start_grad_sync for c in chunks]
+
+
+def load_state(cfg: RunConfig, chunks: list, optimizer, scheduler) -> ckpt.TrainState:
+    """--load resumes everything when it holds a checkpoint; otherwise --init-from loads
+    weights only; otherwise training starts from the random init."""
+    c = cfg.checkpoint
+    state = ckpt.load_checkpoint(c.load, chunks, optimizer) if c.load else None
+    if state is not None:
+        scheduler.load_state_dict(state.scheduler)
+        return state
+    if c.init_from:
+        ckpt.load_checkpoint(c.init_from, chunks, optimizer=None)
+    return ckpt.TrainState()
+
+
+def train(cfg: RunConfig) -> int:
+    """Run one training stage; returns the process exit code."""
+    dtype = check_precision(cfg)
+    platform.initialize(cfg.parallel, cfg.train.seed)
+    watcher = ExitWatcher(cfg.train.exit_duration_in_mins).install()
+    train_data = build_blended(cfg.data.data_path, cfg.train.seed)
+    match_data(cfg, train_data)
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        write_resolved(cfg, cfg.train.run_dir)
+    chunks = wrap_ddp(cfg, build_chunks(cfg, dtype))
+    optimizer = build_optimizer(cfg.optim, chunks, bf16=dtype == torch.bfloat16)
+    scheduler = build_scheduler(cfg.optim, optimizer)
+    hook_model_config(chunks, optimizer)
+    state = load_state(cfg, chunks, optimizer, scheduler)
+    state.scheduler = scheduler.state_dict()
+    pipeline = build_image_pipeline(cfg.images)
+    shape = shape_from_model_config(cfg.model, cfg.images.tile_size)
+    plan = dp_plan(cfg)
+    feeder = StepFeeder(train_data, plan, pipeline, state.consumed_samples //
+                        cfg.train.global_batch_size, shape, depth=2)
+    valid = None
+    if cfg.data.valid_data_path:
+        valid_data = build_blended(cfg.data.valid_data_path, cfg.train.seed)
+        valid = lambda: StepFeeder(valid_data, plan, pipeline, 0, None, depth=1)  # noqa: E731
+    metrics = MetricsWriter(cfg.train.run_dir, cfg.train.tensorboard_dir, cfg.train.log_interval,
+                            torch.distributed.get_rank(), MetricsConfig(
+                                total_iters=cfg.train.train_iters,
+                                world_size=torch.distributed.get_world_size(),
+                                peak_flops=device_peak_flops(), progress_bar=cfg.train.progress_bar,
+                                start_iteration=state.iteration))
+    ctx = LoopContext(cfg, chunks, optimizer, scheduler, state, feeder, metrics, watcher,
+                      valid, to_dict(cfg))
+    try:
+        return run(ctx)
+    finally:
+        feeder.close()
+        metrics.close()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Command-line entry: resolve flags, train, tear down, exit with the loop's code."""
+    cfg = resolve(argv)
+    code = train(cfg)
+    platform.shutdown()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The training loop: feed global batches, step, log, validate, save, and stop cleanly.
+
+Data order is a pure function of ``consumed_samples``: global batch k holds dataset rows
+[k*G, (k+1)*G) (wrapping around the dataset), data-parallel rank r takes the r-th contiguous
+slice, cut into micro-batches. A resumed run therefore continues with exactly the rows the
+uninterrupted run would have used, at any DP size, and the loader's position is derived from
+the TrainState rather than stored separately.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+from megatron.core import parallel_state
+
+from megatron_sail.data.images.prefetch import PrefetchLoader
+from megatron_sail.training import checkpoint as ckpt
+from megatron_sail.training.flops import real_seqlens, step_flops
+from megatron_sail.training.metrics import StepStats
+from megatron_sail.training.optimizer import group_lrs
+from megatron_sail.training.step import eval_step, train_step
+
+
+@dataclass
+class BatchPlan:
+    """How a global batch splits over data-parallel ranks and micro-batches."""
+
+    global_batch_size: int
+    """Rows per optimizer step."""
+    micro_batch_size: int
+    """Rows per forward pass."""
+    dp_size: int
+    """Data-parallel ranks."""
+    dp_rank: int
+    """This rank's data-parallel index."""
+
+    def __post_init__(self):
+        if self.global_batch_size % (self.micro_batch_size * self.dp_size):
+            raise ValueError(f"--global-batch-size {self.global_batch_size} must be a multiple of "
+                             f"micro-batch size x DP size = {self.micro_batch_size * self.dp_size}")
+
+    @property
+    def num_microbatches(self) -> int:
+        """Micro-batches each rank runs per step."""
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def microbatch_indices(self, step: int) -> list[list[int]]:
+        """Global row indices of this rank's micro-batches in global batch ``step``."""
+        per_rank = self.global_batch_size // self.dp_size
+        start = step * self.global_batch_size + self.dp_rank * per_rank
+        return [list(range(start + m * self.micro_batch_size,
+                           start + (m + 1) * self.micro_batch_size))
+                for m in range(self.num_microbatches)]
+
+
+class StepFeeder:
+    """Micro-batches of consecutive steps, decoded ahead by the image PrefetchLoader, plus the
+    per-micro-batch row statistics (real tokens, FLOPs) that collation does not keep."""
+
+    def __init__(self, dataset, plan: BatchPlan, pipeline, first_step: int,
+                 flops_shape, depth: int = 2):
+        self.dataset, self.plan, self.flops_shape = dataset, plan, flops_shape
+        self._stats: queue.Queue = queue.Queue()
+        first_mb = first_step * plan.num_microbatches
+        self.loader = PrefetchLoader(self._rows_from, pipeline, depth=depth, position=first_mb)
+
+    def _rows_from(self, position: int):
+        """Row lists from micro-batch ``position`` on (runs in the loader's thread)."""
+        n = self.plan.num_microbatches
+        for mb in itertools.count(position):
+            idx = self.plan.microbatch_indices(mb // n)[mb % n]
+            rows = [self.dataset[i % len(self.dataset)] for i in idx]
+            self._stats.put(self._row_stats(rows))
+            yield rows
+
+    def _row_stats(self, rows) -> tuple[float, float]:
+        """Real (non-padding) tokens and model FLOPs of some rows."""
+        lens = [n for r in rows for n in real_seqlens(r.cu_seqlens, r.num_samples)]
+        tiles = sum(img.num_tiles for r in rows for img in r.images)
+        flops = step_flops(self.flops_shape, lens, tiles) if self.flops_shape else 0.0
+        return float(sum(lens)), flops
+
+    def next_step(self) -> tuple[list, tuple[float, float]]:
+        """This rank's micro-batches of the next step and their summed row stats."""
+        batches = [next(self.loader) for _ in range(self.plan.num_microbatches)]
+        stats = [self._stats.get() for _ in batches]
+        return batches, (sum(s[0] for s in stats), sum(s[1] for s in stats))
+
+    def close(self) -> None:
+        """Stop the prefetch thread."""
+        self.loader.close()
+
+
+def validate(chunks, valid_feeder_factory: Callable, eval_iters: int, seq_length: int) -> float:
+    """Loss over the first ``eval_iters`` global batches of the held-out set (same rows each
+    time, so validation losses are comparable across the run)."""
+    feeder = valid_feeder_factory()
+    try:
+        sums = np.zeros(2)
+        for _ in range(eval_iters):
+            batches, _ = feeder.next_step()
+            res = eval_step(chunks, batches, seq_length)
+            sums += (res.counters["loss_sum"], res.counters["loss_tokens"])
+        return float(sums[0] / max(sums[1], 1.0))
+    finally:
+        feeder.close()
+
+
+@dataclass
+class LoopContext:
+    """What the loop needs, built by train.py."""
+
+    cfg: object
+    """The resolved RunConfig."""
+    chunks: list
+    """DDP-wrapped model chunks of this rank."""
+    optimizer: object
+    """Megatron optimizer."""
+    scheduler: object
+    """OptimizerParamScheduler."""
+    state: ckpt.TrainState
+    """Step counters, restored on resume."""
+    feeder: StepFeeder
+    """Training micro-batches."""
+    metrics: object
+    """MetricsWriter."""
+    watcher: object
+    """ExitWatcher (signals and time limit)."""
+    valid_feeder_factory: Optional[Callable] = None
+    """Builds a fresh feeder over the held-out set (None: no validation)."""
+    config_dict: Optional[dict] = None
+    """Resolved config stored with each checkpoint."""
+
+
+def save(ctx: LoopContext) -> None:
+    """Save a checkpoint of the current state when --save is set."""
+    c = ctx.cfg.checkpoint
+    ctx.state.scheduler = ctx.scheduler.state_dict()
+    ctx.state.data = {"consumed_samples": ctx.state.consumed_samples,
+                      "loader_position": ctx.feeder.loader.position}
+    if c.save:
+        ckpt.save_checkpoint(c.save, ctx.chunks, ctx.optimizer, ctx.state, c.keep_last,
+                             ctx.config_dict)
+
+
+def _maybe_validate(ctx: LoopContext, final: bool) -> None:
+    """Validation every --eval-interval steps and at the end."""
+    t = ctx.cfg.train
+    due = t.eval_interval and ctx.state.iteration % t.eval_interval == 0
+    if ctx.valid_feeder_factory is None or not (due or final):
+        return
+    loss = validate(ctx.chunks, ctx.valid_feeder_factory, t.eval_iters, ctx.cfg.data.seq_length)
+    ctx.metrics.log_eval(ctx.state.iteration, loss)
+
+
+def _one_step(ctx: LoopContext) -> StepStats:
+    """Load, step, update the TrainState; returns the step's stats for the metrics."""
+    t0 = time.perf_counter()
+    batches, row_stats = ctx.feeder.next_step()
+    wait = time.perf_counter() - t0
+    res = train_step(ctx.chunks, ctx.optimizer, ctx.scheduler, batches,
+                     ctx.cfg.data.seq_length, row_stats)
+    s, n = ctx.state, res.counters
+    s.iteration += 1
+    s.consumed_samples += ctx.cfg.train.global_batch_size
+    s.skipped_steps += int(res.skipped)
+    s.consumed_tokens += int(n["tokens"])
+    return StepStats(iteration=s.iteration, lm_loss=res.loss, lr=group_lrs(ctx.optimizer),
+                     grad_norm=None if res.skipped else res.grad_norm,
+                     step_time_s=time.perf_counter() - t0, tokens=int(n["tokens"]),
+                     samples=int(n["samples"]), images=int(n["images"]), tiles=int(n["tiles"]),
+                     flops=n["flops"], data_wait_s=wait, skipped=res.skipped,
+                     decode_failures=int(n["decode_failures"]),
+                     consumed_samples=s.consumed_samples, consumed_tokens=s.consumed_tokens)
+
+
+def run(ctx: LoopContext) -> int:
+    """Train until --train-iters, an exit request or too many NaN steps; returns the exit code
+    (0 for a normal end or a requested exit, 1 after K consecutive NaN/Inf steps)."""
+    t, c = ctx.cfg.train, ctx.cfg.checkpoint
+    consecutive = 0
+    while ctx.state.iteration < t.train_iters:
+        reason = ctx.watcher.should_exit()
+        if reason:
+            print(f"[train] {reason}: saving at step {ctx.state.iteration} and exiting", flush=True)
+            save(ctx)
+            return 0
+        stats = _one_step(ctx)
+        ctx.metrics.log_step(stats)
+        consecutive = consecutive + 1 if stats.skipped else 0
+        if consecutive >= t.max_skipped_steps:
+            print(f"[train] {consecutive} consecutive steps with NaN/Inf loss or gradients: "
+                  f"saving the last good weights at step {ctx.state.iteration} and stopping",
+                  flush=True)
+            save(ctx)
+            return 1
+        it = ctx.state.iteration
+        if c.save_interval and it % c.save_interval == 0 and it < t.train_iters:
+            save(ctx)
+        _maybe_validate(ctx, final=False)
+        if t.exit_interval and it % t.exit_interval == 0 and it < t.train_iters:
+            print(f"[train] --exit-interval {t.exit_interval} reached: saving and exiting",
+                  flush=True)
+            save(ctx)
+            return 0
+    save(ctx)
+    if not (t.eval_interval and ctx.state.iteration % t.eval_interval == 0):
+        _maybe_validate(ctx, final=True)
+    return 0
+
+
+def dp_plan(cfg) -> BatchPlan:
+    """The BatchPlan of this rank."""
+    return BatchPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                     parallel_state.get_data_parallel_world_size(),
+                     parallel_state.get_data_parallel_rank())
