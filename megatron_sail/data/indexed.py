@@ -1,0 +1,210 @@
+"""The on-disk packed multimodal format: writer (atomic) and low-level reader.
+
+For an output prefix P (all streams use Megatron-Core's IndexedDataset, one *sequence* per
+sample or image and one *document* per packed row, so row i is documents[i]..documents[i+1]):
+
+- ``P.tokens.{bin,idx}``     int32 token ids of each sample;
+- ``P.loss_mask.{bin,idx}``  uint8 shifted loss mask of each sample (labels are the next token);
+- ``P.images.{bin,idx}``     uint8 encoded bytes of each image (a row's images = its document);
+- ``P.images_meta.npy``      int32 [images, 6]: cols, rows, thumbnail, width, height, sample;
+- ``P.meta.json``            tokenizer ids, tiling, packing, stats, reject counts, block table;
+- ``P.rejects.jsonl``        one line per rejected input record (source, key, reason, detail).
+
+Everything is written under temporary names and renamed once complete, ``meta.json`` last: a
+prefix whose meta.json exists is complete; an interrupted run leaves no file under a final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+from megatron_sail.data.packing import Sample
+
+STREAMS = ("tokens", "loss_mask", "images")
+FORMAT_NAME = "megatron_sail.packed"
+FORMAT_VERSION = 1
+META_COLUMNS = ("cols", "rows", "thumbnail", "width", "height", "sample")
+
+
+def final_paths(prefix: str) -> list[str]:
+    """Every file a complete dataset has, meta.json last."""
+    paths = [f"{prefix}.{s}.{ext}" for s in STREAMS for ext in ("bin", "idx")]
+    return paths + [f"{prefix}.images_meta.npy", f"{prefix}.rejects.jsonl", f"{prefix}.meta.json"]
+
+
+def _builder(bin_path: str, dtype):
+    """Megatron-Core's IndexedDatasetBuilder (imported lazily: megatron.core is slow to import)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    return IndexedDatasetBuilder(bin_path, dtype=dtype)
+
+
+class PackedWriter:
+    """Writes rows block by block; ``commit(meta)`` publishes, ``abort()`` removes everything.
+
+    Use as a context manager: an exception inside the block aborts, so no partial dataset
+    ever appears under the final names.
+    """
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.tmp = f".tmp{os.getpid()}"
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        self._builders = {
+            "tokens": _builder(self._path("tokens.bin"), np.int32),
+            "loss_mask": _builder(self._path("loss_mask.bin"), np.uint8),
+            "images": _builder(self._path("images.bin"), np.uint8),
+        }
+        self._rejects = open(self._path("rejects.jsonl"), "w", encoding="utf-8")
+        self._image_meta: list[tuple[int, ...]] = []
+        self.samples = 0
+        self.rows = 0
+        self.stats = {"tiles": 0, "text_tokens": 0, "image_tokens": 0, "loss_tokens": 0, "tokens": 0}
+        self.blocks: list[list[int]] = []  # [block id, rows, rejects]
+        self._block_rows = 0
+        self._block_rejects = 0
+        self._closed = False
+
+    def _path(self, name: str) -> str:
+        return f"{self.prefix}.{name}{self.tmp}"
+
+    def add_row(self, samples: list[Sample], img_context_id: int) -> None:
+        """Append one packed row (its samples in order)."""
+        lengths = [len(s) for s in samples]
+        tokens = np.concatenate([s.tokens for s in samples])
+        self._builders["tokens"].add_document(tokens, lengths)
+        self._builders["loss_mask"].add_document(np.concatenate([s.loss_mask for s in samples]), lengths)
+        blobs = [np.frombuffer(im.data, dtype=np.uint8) for s in samples for im in s.images]
+        self._builders["images"].add_document(
+            np.concatenate(blobs) if blobs else np.zeros(0, np.uint8), [b.size for b in blobs])
+        for k, s in enumerate(samples):
+            for im in s.images:
+                thumb = im.thumbnail and im.grid[0] * im.grid[1] > 1
+                self._image_meta.append((im.grid[0], im.grid[1], int(thumb), im.size[0], im.size[1],
+                                         self.samples + k))
+                self.stats["tiles"] += im.grid[0] * im.grid[1] + int(thumb)
+        n_img = int(np.count_nonzero(tokens == img_context_id))
+        self.stats["image_tokens"] += n_img
+        self.stats["text_tokens"] += len(tokens) - n_img
+        self.stats["tokens"] += len(tokens)
+        self.stats["loss_tokens"] += int(sum(int(s.loss_mask.sum()) for s in samples))
+        self.samples += len(samples)
+        self.rows += 1
+        self._block_rows += 1
+
+    def add_reject(self, source: str, key: str, reason: str, detail: str) -> None:
+        """Record one rejected input record."""
+        line = {"source": source, "key": key, "reason": reason, "detail": detail}
+        self._rejects.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self._block_rejects += 1
+
+    def end_block(self, block: int) -> None:
+        """Close one packing block (the unit that merge_datasets interleaves)."""
+        self.blocks.append([block, self._block_rows, self._block_rejects])
+        self._block_rows = self._block_rejects = 0
+
+    def _finalize_files(self) -> None:
+        for name, b in self._builders.items():
+            b.finalize(self._path(f"{name}.idx"))
+        self._rejects.close()
+        meta = np.asarray(self._image_meta, dtype=np.int32).reshape(-1, len(META_COLUMNS))
+        with open(self._path("images_meta.npy"), "wb") as f:
+            np.save(f, meta)
+
+    def commit(self, meta: dict) -> None:
+        """Finish all files and rename them into place, meta.json last."""
+        self._finalize_files()
+        with open(self._path("meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+            f.write("\n")
+        for path in final_paths(self.prefix):
+            os.replace(path + self.tmp, path)
+        self._closed = True
+
+    def abort(self, keep_rejects: bool = False) -> None:
+        """Delete the temporary files (optionally publishing only the reject report)."""
+        if self._closed:
+            return
+        for b in self._builders.values():
+            b.data_file.close()
+        self._rejects.close()
+        for path in final_paths(self.prefix):
+            if keep_rejects and path.endswith(".rejects.jsonl"):
+                os.replace(path + self.tmp, path)
+            elif os.path.exists(path + self.tmp):
+                os.remove(path + self.tmp)
+        self._closed = True
+
+    def __enter__(self) -> "PackedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self._closed:
+            self.abort()
+
+
+class PackedReader:
+    """Memory-mapped access to one prefix's rows as raw arrays (dataset.py builds PackedRows)."""
+
+    def __init__(self, prefix: str):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        meta_path = f"{prefix}.meta.json"
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{prefix}: no complete dataset (missing {meta_path})")
+        with open(meta_path, "r", encoding="utf-8") as f:
+            self.meta = json.load(f)
+        if self.meta.get("format") != FORMAT_NAME or self.meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: not a {FORMAT_NAME} v{FORMAT_VERSION} dataset")
+        self.prefix = prefix
+        self.tokens = IndexedDataset(f"{prefix}.tokens")
+        self.loss_mask = IndexedDataset(f"{prefix}.loss_mask")
+        self.images = IndexedDataset(f"{prefix}.images")
+        self.image_meta = np.load(f"{prefix}.images_meta.npy")
+        self.row_index = self.tokens.document_indices
+        self.image_row_index = self.images.document_indices
+        if len(self.row_index) != len(self.image_row_index) or len(self.image_meta) != len(self.images):
+            raise ValueError(f"{prefix}: token, image and image-meta files disagree (mixed outputs?)")
+
+    def __len__(self) -> int:
+        return len(self.row_index) - 1
+
+    @staticmethod
+    def _slice(ds, a: int, b: int) -> list[np.ndarray]:
+        return ds[int(a):int(b)] if b > a else []
+
+    def row(self, i: int) -> tuple[int, list[np.ndarray], list[np.ndarray], list[int]]:
+        """(first sample id, token arrays, loss-mask arrays, image ids) of row i."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self.prefix}: row {i} out of range [0, {len(self)})")
+        a, b = self.row_index[i], self.row_index[i + 1]
+        ia, ib = self.image_row_index[i], self.image_row_index[i + 1]
+        return (int(a), self._slice(self.tokens, a, b), self._slice(self.loss_mask, a, b),
+                list(range(int(ia), int(ib))))
+
+    def image_bytes(self, j: int) -> bytes:
+        """Encoded bytes of image j."""
+        return self.images[int(j)].tobytes()
+
+    def sample_index(self) -> np.ndarray:
+        """Row of every sample (for --show K)."""
+        counts = np.diff(self.row_index)
+        return np.repeat(np.arange(len(counts)), counts)
+
+
+def read_rejects(prefix: str) -> list[str]:
+    """Reject report lines of a prefix."""
+    with open(f"{prefix}.rejects.jsonl", "r", encoding="utf-8") as f:
+        return f.readlines()
+
+
+def load_meta(prefix: str) -> Optional[dict]:
+    """meta.json of a prefix, or None when there is no complete dataset."""
+    path = f"{prefix}.meta.json"
+    if not os.path.exists(path):
+        return None
+    with open(path, "r", encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,211 @@
+"""The preprocessing run behind tools/preprocess_data.py: records -> samples -> packed rows.
+
+Flow: the main process enumerates raw records in input order and cuts them into blocks of
+``packing_buffer`` records; a shard keeps the blocks with ``block % num_shards == shard_index``.
+Workers turn a block into packed rows (parse, read image headers, tile, tokenize, pack); the
+main process writes the results in block order, so the output depends only on the inputs, the
+flags and the seed, never on the worker count or timing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import multiprocessing as mp
+import os
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Iterator, Optional
+
+from megatron_sail.config.data import PreprocessConfig
+from megatron_sail.data import indexed
+from megatron_sail.data.formats import FORMATS, RawRecord, detect_format, expand_inputs, iter_records, to_conversation
+from megatron_sail.data.imageinfo import image_info
+from megatron_sail.data.packing import ImageEntry, Sample, pack_block
+from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
+from megatron_sail.data.tiling import TilingConfig, find_grid, num_tiles
+from megatron_sail.data.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class BlockResult:
+    """What a worker returns for one block."""
+
+    block: int
+    """Block id (position in the input stream / packing_buffer)."""
+    rows: list[list[Sample]] = field(default_factory=list)
+    """Packed rows in order."""
+    rejects: list[tuple[str, str, str, str]] = field(default_factory=list)
+    """(source, key, reason, detail) per rejected record, in input order."""
+    records: int = 0
+    """Input records in the block."""
+
+
+class SampleBuilder:
+    """Turns raw records into tokenized samples (one per worker process)."""
+
+    def __init__(self, cfg: PreprocessConfig, fmt: str, tokenizer: Optional[Tokenizer] = None):
+        self.cfg = cfg
+        self.fmt = fmt
+        self.tok = tokenizer or load_tokenizer(cfg.tokenizer)
+        self.template = ChatTemplate(self.tok, cfg.template)
+        self.grid = lru_cache(maxsize=65536)(self._grid)
+
+    def _grid(self, w: int, h: int, max_tiles: int) -> tuple[tuple[int, int], int]:
+        """(grid, <IMG_CONTEXT> count) of an image under a lowered max-tiles bound."""
+        t = self.cfg.tiling
+        cfg = TilingConfig(t.tile_size, min(t.min_tiles, max_tiles), max_tiles, t.thumbnail, t.tokens_per_tile)
+        grid = find_grid(w, h, cfg)
+        return grid, num_tiles(grid, t.thumbnail) * t.tokens_per_tile
+
+    def build(self, rec: RawRecord, index: int) -> Sample:
+        """One sample; too long -> fewer tiles step by step -> 'too_long' reject."""
+        seq = self.cfg.packing.seq_length
+        raw_turns, blobs = to_conversation(rec, self.fmt, index, self.cfg.template, self.cfg.packing.seed)
+        turns = normalize_turns(raw_turns, len(blobs), self.cfg.template)
+        infos = [image_info(b) for b in blobs]
+        max_tiles = self.cfg.tiling.max_tiles
+        grids = [self.grid(w, h, max_tiles) for _, w, h in infos]
+        tokens, mask = self.template.render(turns, [n for _, n in grids])
+        if len(tokens) > seq:
+            text_len = len(tokens) - sum(n for _, n in grids)
+            while len(tokens) > seq and max_tiles > self.cfg.tiling.min_tiles and infos:
+                max_tiles -= 1
+                grids = [self.grid(w, h, max_tiles) for _, w, h in infos]
+                if text_len + sum(n for _, n in grids) <= seq:
+                    tokens, mask = self.template.render(turns, [n for _, n in grids])
+            if len(tokens) > seq:
+                raise SampleError("too_long", f"{len(tokens)} tokens > seq_length {seq} at the fewest tiles")
+        images = [ImageEntry(data, g, self.cfg.tiling.thumbnail, (w, h))
+                  for (data, w, h), (g, _) in zip(infos, grids)]
+        return Sample(tokens, mask, images)
+
+    def process_block(self, block: int, records: list[tuple[int, RawRecord]]) -> BlockResult:
+        """Build every sample of a block, collect rejects, and pack the samples into rows."""
+        out = BlockResult(block, records=len(records))
+        samples = []
+        for index, rec in records:
+            try:
+                samples.append(self.build(rec, index))
+            except SampleError as e:
+                out.rejects.append((rec.source, rec.key, e.reason, e.detail))
+        out.rows = pack_block(samples, self.cfg.packing.seq_length, self.cfg.packing.seed, block)
+        return out
+
+
+_WORKER: Optional[SampleBuilder] = None
+
+
+def _init_worker(cfg: PreprocessConfig, fmt: str) -> None:
+    global _WORKER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER = SampleBuilder(cfg, fmt)
+
+
+def _run_block(block: int, records: list[tuple[int, RawRecord]]) -> BlockResult:
+    return _WORKER.process_block(block, records)
+
+
+def iter_blocks(cfg: PreprocessConfig, files: list[str], fmt: str) -> Iterator[tuple[int, list]]:
+    """(block id, [(record index, record)]) of this shard's blocks, in input order."""
+    records = iter_records(files, fmt, cfg.image_root)
+    size = cfg.packing.packing_buffer
+    for block in itertools.count():
+        chunk = list(itertools.islice(records, size))
+        if not chunk:
+            return
+        if block % cfg.num_shards == cfg.shard_index:
+            yield block, [(block * size + k, r) for k, r in enumerate(chunk)]
+
+
+def map_blocks(cfg: PreprocessConfig, fmt: str, blocks: Iterator, builder: SampleBuilder) -> Iterator[BlockResult]:
+    """Results in block order; at most 2 x workers blocks in flight (bounded memory)."""
+    if cfg.workers <= 1:
+        for block, recs in blocks:
+            yield builder.process_block(block, recs)
+        return
+    ctx = mp.get_context("fork")
+    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, fmt)) as pool:
+        pending: deque = deque()
+        for block, recs in blocks:
+            pending.append(pool.apply_async(_run_block, (block, recs)))
+            if len(pending) >= 2 * cfg.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def build_meta(cfg: PreprocessConfig, fmt: str, tok: Tokenizer, writer: indexed.PackedWriter,
+               records: int, rejects: Counter, shard: tuple[int, int]) -> dict:
+    """meta.json content: everything the trainer and inspect need, nothing run-specific."""
+    sp = tok.special
+    seq = cfg.packing.seq_length
+    st = writer.stats
+    return {
+        "format": indexed.FORMAT_NAME,
+        "version": indexed.FORMAT_VERSION,
+        "seq_length": seq,
+        "input_format": fmt,
+        "tokenizer": {
+            "path": cfg.tokenizer, "vocab_size": tok.vocab_size, "added": list(tok.added),
+            "img_context_id": sp.img_context, "img_start_id": sp.img_start, "img_end_id": sp.img_end,
+            "im_start_id": sp.im_start, "im_end_id": sp.im_end, "pad_id": sp.pad,
+            "tokens_per_tile": cfg.tiling.tokens_per_tile, "tile_size": cfg.tiling.tile_size,
+        },
+        "tiling": dataclasses.asdict(cfg.tiling),
+        "template": dataclasses.asdict(cfg.template),
+        "packing": dataclasses.asdict(cfg.packing),
+        "shard": {"index": shard[0], "num_shards": shard[1]},
+        "stats": stats_dict(records, writer.samples, writer.rows, len(writer._image_meta), st["tiles"],
+                            st["text_tokens"], st["image_tokens"], st["loss_tokens"], seq),
+        "rejects": dict(sorted(rejects.items())),
+        "blocks": writer.blocks,
+    }
+
+
+def stats_dict(records: int, samples: int, rows: int, images: int, tiles: int, text_tokens: int,
+               image_tokens: int, loss_tokens: int, seq_length: int) -> dict:
+    """The stats block of meta.json (also rebuilt by merge_datasets from summed counts)."""
+    used = text_tokens + image_tokens
+    return {"records": records, "samples": samples, "rows": rows, "images": images, "tiles": tiles,
+            "text_tokens": text_tokens, "image_tokens": image_tokens, "loss_tokens": loss_tokens,
+            "fill_ratio": round(used / (rows * seq_length), 6) if rows else 0.0}
+
+
+def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int, dict]:
+    """Run preprocessing; returns (exit code, summary). Publishes the dataset only on success."""
+    if not 0 <= cfg.shard_index < cfg.num_shards:
+        raise ValueError(f"--shard-index {cfg.shard_index} not in [0, {cfg.num_shards})")
+    files = expand_inputs(cfg.inputs)
+    fmt = cfg.format or detect_format(files[0])
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    tok = load_tokenizer(cfg.tokenizer, log=log)
+    builder = SampleBuilder(cfg, fmt, tok)
+    start = time.perf_counter()
+    records, rejects = 0, Counter()
+    with indexed.PackedWriter(cfg.output_prefix) as writer:
+        for res in map_blocks(cfg, fmt, iter_blocks(cfg, files, fmt), builder):
+            for row in res.rows:
+                writer.add_row(row, tok.special.img_context)
+            for rej in res.rejects:
+                writer.add_reject(*rej)
+                rejects[rej[2]] += 1
+            records += res.records
+            writer.end_block(res.block)
+        meta = build_meta(cfg, fmt, tok, writer, records, rejects, (cfg.shard_index, cfg.num_shards))
+        n_rej = sum(rejects.values())
+        rate = n_rej / records if records else 0.0
+        summary = {"output_prefix": cfg.output_prefix, **meta["stats"], "rejects": meta["rejects"],
+                   "reject_rate": round(rate, 6), "seconds": round(time.perf_counter() - start, 3)}
+        failed = (cfg.strict and n_rej > 0) or rate > cfg.max_reject_rate or records == 0
+        if failed:
+            writer.abort(keep_rejects=True)
+            why = ("no input records" if records == 0 else
+                   f"{n_rej} rejected with --strict" if cfg.strict and n_rej else
+                   f"reject rate {rate:.4f} > --max-reject-rate {cfg.max_reject_rate}")
+            summary["error"] = f"{why}; dataset not written, see {cfg.output_prefix}.rejects.jsonl"
+            return 1, summary
+        writer.commit(meta)
+    return 0, summary

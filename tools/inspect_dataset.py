@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Print the statistics of a preprocessed prefix as one JSON object; --show K renders sample K.
+
+  python tools/inspect_dataset.py data/demo_train
+  python tools/inspect_dataset.py data/demo_train --show 3
+Counts are recomputed from the files (not copied from meta.json), so a damaged or mismatched
+prefix shows up as an error or as a difference from the numbers preprocess_data printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_sail.data.dataset import TokenizerMeta  # noqa: E402
+from megatron_sail.data.indexed import PackedReader  # noqa: E402
+
+
+def stats(reader: PackedReader) -> dict:
+    """Counts over the whole prefix, reading the token and mask streams once."""
+    meta = reader.meta
+    tm = TokenizerMeta.from_meta(meta)
+    rows, seq = len(reader), int(meta["seq_length"])
+    tokens = reader.tokens[0:len(reader.tokens)] if len(reader.tokens) else []
+    masks = reader.loss_mask[0:len(reader.loss_mask)] if len(reader.loss_mask) else []
+    flat = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
+    image_tokens = int(np.count_nonzero(flat == tm.img_context_id))
+    im = reader.image_meta
+    grid_tiles = im[:, 0] * im[:, 1]
+    tiles = int((grid_tiles + ((im[:, 2] == 1) & (grid_tiles > 1))).sum())
+    return {
+        "prefix": reader.prefix, "seq_length": seq, "samples": int(len(reader.tokens)), "rows": rows,
+        "images": int(len(im)), "tiles": tiles, "text_tokens": int(flat.size) - image_tokens,
+        "image_tokens": image_tokens, "loss_tokens": int(sum(int(m.sum()) for m in masks)),
+        "fill_ratio": round(flat.size / (rows * seq), 6) if rows else 0.0,
+        "rejects": meta.get("rejects", {}), "records": meta["stats"].get("records"),
+        "tokenizer": meta["tokenizer"],
+    }
+
+
+def collapse(text: str, context: str = "<IMG_CONTEXT>") -> str:
+    """'<IMG_CONTEXT>' x n written as '<IMG_CONTEXT>x{n}'."""
+    out, i = [], 0
+    while True:
+        j = text.find(context, i)
+        if j < 0:
+            return "".join(out) + text[i:]
+        n = 0
+        while text.startswith(context, j + n * len(context)):
+            n += 1
+        out.append(text[i:j] + f"{context}x{n}")
+        i = j + n * len(context)
+
+
+def show(reader: PackedReader, k: int, tokenizer_path: str) -> dict:
+    """Sample k rendered back to text, plus the text of its trained (loss) tokens."""
+    from megatron_sail.data.tokenizer import load_tokenizer
+
+    n = len(reader.tokens)
+    if not 0 <= k < n:
+        raise SystemExit(f"error: sample {k} out of range [0, {n})")
+    tok = load_tokenizer(tokenizer_path)
+    ids, mask = reader.tokens[k], reader.loss_mask[k]
+    trained = ids[1:][mask[:-1] == 1]
+    row = int(np.searchsorted(reader.row_index, k, side="right") - 1)
+    imgs = reader.image_meta[reader.image_meta[:, 5] == k]
+    return {"sample": k, "row": row, "tokens": int(len(ids)), "loss_tokens": int(mask.sum()),
+            "images": [{"grid": [int(r[0]), int(r[1])], "thumbnail": bool(r[2]), "size": [int(r[3]), int(r[4])]}
+                       for r in imgs],
+            "text": collapse(tok.decode(ids)), "trained": tok.decode(trained)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prefix")
+    p.add_argument("--show", type=int, default=None, metavar="K", help="render sample K")
+    p.add_argument("--tokenizer", default=None, help="override the tokenizer path stored in meta.json")
+    a = p.parse_args(argv)
+    reader = PackedReader(a.prefix)
+    if a.show is not None:
+        out = show(reader, a.show, a.tokenizer or reader.meta["tokenizer"]["path"])
+    else:
+        out = stats(reader)
+    print(json.dumps(out, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Generate the demo set (images, LLaVA conversations, captions, held-out split, tokenizer).
+
+  python tools/make_demo_data.py --out demo --samples 2000
+Then preprocess it (the tiny recipe's geometry: 32 px tiles, 4 tokens per tile, up to 4 tiles):
+  python tools/preprocess_data.py --input demo/train.jsonl --tokenizer demo/tokenizer.json \
+      --output-prefix demo/packed/train --seq-length 512 --tile-size 32 --tokens-per-tile 4 --max-tiles 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_sail.data.demo import DemoConfig, make_demo  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--samples", type=int, default=2000)
+    p.add_argument("--val-samples", type=int, default=None, help="default: samples // 10 (at least 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--word-fraction", type=float, default=0.1)
+    p.add_argument("--vocab-size", type=int, default=512)
+    a = p.parse_args(argv)
+    if a.samples <= 0:
+        p.error("--samples must be positive")
+    val = a.val_samples if a.val_samples is not None else max(1, a.samples // 10)
+    info = make_demo(a.out, DemoConfig(samples=a.samples, val_samples=val, seed=a.seed,
+                                       word_fraction=a.word_fraction, vocab_size=a.vocab_size))
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

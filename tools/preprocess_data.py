@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Raw image-text data -> tokenized, tiled, packed Megatron indexed dataset (see docs/data.md).
+
+Example (demo data, tiny recipe):
+  python tools/preprocess_data.py --input demo/train.jsonl --tokenizer demo/tokenizer.json \
+      --output-prefix data/demo_train --seq-length 1024 --tile-size 32 --tokens-per-tile 4 --max-tiles 4
+Prints one JSON summary line; exits 1 on --strict rejects or a reject rate above --max-reject-rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_sail.config.data import PackingConfig, PreprocessConfig, TemplateConfig  # noqa: E402
+from megatron_sail.data.preprocess import run  # noqa: E402
+from megatron_sail.data.tiling import TilingConfig  # noqa: E402
+
+
+def parse_args(argv=None) -> PreprocessConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
+    p.add_argument("--format", choices=["llava", "caption", "webdataset"], default=None)
+    p.add_argument("--image-root", default=None, help="base directory of relative image paths")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json, HF tokenizer dir, or sentencepiece .model")
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--seq-length", type=int, required=True)
+    p.add_argument("--tile-size", type=int, default=448)
+    p.add_argument("--tokens-per-tile", type=int, default=256)
+    p.add_argument("--min-tiles", type=int, default=1)
+    p.add_argument("--max-tiles", type=int, default=12)
+    p.add_argument("--no-thumbnail", action="store_true")
+    p.add_argument("--system-prompt", default="", help="system message for samples without one")
+    p.add_argument("--caption-prompts", default=None, help="file with one caption prompt per line")
+    p.add_argument("--packing-buffer", type=int, default=4096, help="records per shuffle/packing block")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--shard-index", type=int, default=0)
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--strict", action="store_true", help="exit 1 on any rejected sample")
+    p.add_argument("--max-reject-rate", type=float, default=0.05)
+    a = p.parse_args(argv)
+    if a.seq_length <= 0 or a.packing_buffer <= 0 or a.workers <= 0:
+        p.error("--seq-length, --packing-buffer and --workers must be positive")
+    if not 1 <= a.min_tiles <= a.max_tiles:
+        p.error("need 1 <= --min-tiles <= --max-tiles")
+    template = TemplateConfig(system_prompt=a.system_prompt)
+    if a.caption_prompts:
+        with open(a.caption_prompts, encoding="utf-8") as f:
+            prompts = tuple(line.strip() for line in f if line.strip())
+        if not prompts:
+            p.error(f"{a.caption_prompts}: no prompts")
+        template = TemplateConfig(system_prompt=a.system_prompt, caption_prompts=prompts)
+    return PreprocessConfig(
+        inputs=a.input, output_prefix=a.output_prefix, tokenizer=a.tokenizer, format=a.format,
+        image_root=a.image_root,
+        tiling=TilingConfig(a.tile_size, a.min_tiles, a.max_tiles, not a.no_thumbnail, a.tokens_per_tile),
+        template=template, packing=PackingConfig(a.seq_length, a.packing_buffer, a.seed),
+        workers=a.workers, shard_index=a.shard_index, num_shards=a.num_shards, strict=a.strict,
+        max_reject_rate=a.max_reject_rate)
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    code, summary = run(cfg, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(summary))
+    if "error" in summary:
+        print(f"error: {summary['error']}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
