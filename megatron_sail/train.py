@@ -14,6 +14,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
+from megatron.core.enums import ModelType
 from megatron.core.utils import get_model_config
 
 from megatron_sail.config.run import RunConfig, resolve, to_dict, write_resolved
@@ -72,6 +73,7 @@ def build_chunks(cfg: RunConfig, dtype: torch.dtype) -> list[torch.nn.Module]:
                                                                vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                                vp_stage=vp_stage))
+        model.model_type = ModelType.encoder_or_decoder  # read by the pipeline schedules
         s = cfg.stage
         model.freeze(vision=not s.train_vision, projector=not s.train_projector,
                      language=not s.train_language)
