@@ -1,0 +1,215 @@
+"""Drivers: Hugging Face checkpoint folder <-> Megatron-Core distributed checkpoint.
+
+hf -> mcore: read either HF layout (transformers "internvl" or InternVL-chat "internvl_chat"),
+bring it to transformers' module keys, map to our parameter names (hf_internvl), load the
+tensors into a SailVLModel built at TP=1/PP=1 and save it with dist_ckpt. Megatron's sharded
+state dict stores every tensor under a global key with its full shape, so the result loads at
+any TP/PP. Next to it go ``model_config.yaml`` (our ModelConfig), ``hf_config.json`` (the
+transformers config, so the way back restores fields our config does not model) and the
+tokenizer files under ``tokenizer/``.
+
+mcore -> hf: build the model at TP=1/PP=1, load the dist checkpoint, map back and write
+transformers' layout (atomic). Each tensor gets back its source dtype, so a round trip is
+bit-exact (fp32 holds every bf16/fp16 value exactly).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from megatron_sail.config.model import ModelConfig
+from megatron_sail.config.parallel import ParallelConfig
+from megatron_sail.convert import hf_internvl, hf_io, internvl_chat
+
+MODEL_CONFIG_FILE = "model_config.yaml"
+HF_CONFIG_FILE = "hf_config.json"
+CONVERSION_FILE = "conversion.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class ConvertConfig:
+    """Options of both conversion directions."""
+
+    overwrite: bool = False
+    """Replace a non-empty output folder instead of refusing."""
+    max_shard_bytes: int = 5 * 1024**3
+    """Largest safetensors file written by mcore -> hf."""
+
+
+@dataclass
+class HFCheckpoint:
+    """A Hugging Face checkpoint brought to transformers' InternVL form, whatever its layout."""
+
+    config: dict
+    """transformers InternVLConfig as a dict."""
+    state: dict
+    """Tensors under InternVLForConditionalGeneration's module keys (model.*, lm_head.*)."""
+    layout: str
+    """'hf' or 'chat': the layout it was read from."""
+    path: Path
+    """Folder it was read from (tokenizer files are copied from here)."""
+
+
+def read_hf_checkpoint(hf_dir: str | os.PathLike) -> HFCheckpoint:
+    """Read config + all safetensors of either layout into transformers' form."""
+    hf_dir = Path(hf_dir)
+    config = hf_io.read_config(hf_dir)
+    raw = hf_io.read_state_dict(hf_dir)
+    if internvl_chat.is_chat_config(config):
+        tid = internvl_chat.resolve_image_token_id(
+            config, lambda tok: hf_io.find_added_token_id(hf_dir, tok))
+        return HFCheckpoint(internvl_chat.chat_config_to_hf(config, tid),
+                            internvl_chat.chat_to_hf_state_dict(raw), "chat", hf_dir)
+    if config.get("model_type") != "internvl":
+        raise ValueError(f"{hf_dir}/config.json: model_type {config.get('model_type')!r} is neither "
+                         f"'internvl' (transformers) nor '{internvl_chat.CHAT_MODEL_TYPE}' (InternVL-chat)")
+    return HFCheckpoint(config, hf_io.to_module_keys(raw), "hf", hf_dir)
+
+
+def transformers_config(config: dict):
+    """transformers InternVLConfig object from its dict form."""
+    from transformers import InternVLConfig
+
+    return InternVLConfig(**{k: v for k, v in config.items() if k not in ("architectures",)})
+
+
+# ------------------------------------------------------------------ our side of the mapping
+def build_model_chunks(model_config: ModelConfig, parallel: ParallelConfig,
+                       dtype: torch.dtype = torch.float32, use_te: bool | None = None) -> list[torch.nn.Module]:
+    """This rank's SailVLModel stage (one chunk; no virtual pipeline) for the current groups.
+
+    Conversion builds with the local spec (``use_te=False``): its parameter names are the ones
+    hf_internvl maps, and the sharded keys it saves are the same for the TE spec.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_sail.models.sail_vl import SailVLModel
+
+    return [SailVLModel(model_config, parallel,
+                        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+                        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+                        dtype=dtype, use_te=use_te)]
+
+
+def write_model_config(folder: Path, model_config: ModelConfig) -> None:
+    """Store our ModelConfig as YAML next to the weights."""
+    (folder / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(asdict(model_config), sort_keys=False))
+
+
+def read_model_config(mcore_dir: str | os.PathLike) -> ModelConfig:
+    """ModelConfig stored by hf_to_mcore (unknown keys or wrong types are errors)."""
+    from megatron_sail.config.run import apply_overrides
+
+    path = Path(mcore_dir) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{mcore_dir}: no {MODEL_CONFIG_FILE} (not written by convert_checkpoint.py)")
+    cfg = ModelConfig()
+    apply_overrides(cfg, yaml.safe_load(path.read_text()), str(path))
+    return cfg
+
+
+# ------------------------------------------------------------------ drivers
+def _single_rank() -> None:
+    """Start torch.distributed and Megatron groups at TP=PP=1 (conversion runs in one process)."""
+    import torch.distributed as dist
+
+    from megatron_sail.platform import distributed
+
+    if dist.is_initialized() and dist.get_world_size() != 1:
+        raise RuntimeError("checkpoint conversion runs in a single process (no torchrun)")
+    distributed.initialize(ParallelConfig())
+
+
+def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                cfg: ConvertConfig = ConvertConfig()) -> Path:
+    """Convert an HF checkpoint folder (either layout) into a Megatron dist checkpoint folder."""
+    from megatron_sail.training import dist_ckpt
+
+    hf = read_hf_checkpoint(hf_dir)
+    tcfg = transformers_config(hf.config)
+    model_config = hf_internvl.from_hf_config(tcfg)
+    ours = hf_internvl.hf_to_ours(hf.state, model_config)
+    dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in hf.state.items()}
+    del hf.state
+    _single_rank()
+    [model] = build_model_chunks(model_config, ParallelConfig(), use_te=False)
+    _load_full_state(model, ours)
+    with hf_io.atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
+        dist_ckpt.save_sharded(dist_ckpt.model_sharded_state_dict([model]), tmp)
+        write_model_config(tmp, model_config)
+        (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf.config, indent=2, sort_keys=True) + "\n")
+        (tmp / CONVERSION_FILE).write_text(json.dumps(
+            {"source": str(hf.path), "source_layout": hf.layout, "hf_dtypes": dtypes}, indent=2) + "\n")
+        tok = tmp / TOKENIZER_DIR
+        tok.mkdir()
+        if not hf_io.copy_tokenizer_files(hf.path, tok):
+            tok.rmdir()
+    return Path(out_dir)
+
+
+def _load_full_state(model: torch.nn.Module, ours: dict[str, torch.Tensor]) -> None:
+    """Copy an unsharded state dict into a TP=1/PP=1 model, refusing missing or extra tensors."""
+    expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}
+    missing, extra = sorted(expected - set(ours)), sorted(set(ours) - expected)
+    if missing or extra:
+        raise ValueError(f"converted state dict does not match the model: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    with torch.no_grad():
+        params = dict(model.state_dict(keep_vars=True))
+        for key, value in ours.items():
+            target = params[key]
+            if tuple(target.shape) != tuple(value.shape):
+                raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape {tuple(target.shape)}")
+            target.copy_(value)
+
+
+def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                cfg: ConvertConfig = ConvertConfig()) -> Path:
+    """Convert a Megatron dist checkpoint (ours) into transformers' InternVL folder."""
+    from megatron_sail.training import dist_ckpt
+
+    mcore_dir = Path(mcore_dir)
+    model_config = read_model_config(mcore_dir)
+    _single_rank()
+    [model] = build_model_chunks(model_config, ParallelConfig(), use_te=False)
+    dist_ckpt.load_model([model], mcore_dir)
+    ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    hf_config = _hf_config_for(mcore_dir, model_config)
+    state = hf_internvl.ours_to_hf(ours, model_config)
+    if model_config.language.tie_embeddings:
+        state.pop("lm_head.weight", None)  # transformers stores tied weights once, as it saves them
+    dtypes = _source_dtypes(mcore_dir)
+    state = {k: v.to(getattr(torch, dtypes.get(k, str(v.dtype).removeprefix("torch.")))) for k, v in state.items()}
+    tok = mcore_dir / TOKENIZER_DIR
+    return hf_io.write_checkpoint(out_dir, hf_config, hf_io.to_disk_keys(state),
+                                  tokenizer_from=tok if tok.is_dir() else None,
+                                  cfg=hf_io.HFWriteConfig(cfg.max_shard_bytes, cfg.overwrite))
+
+
+def _hf_config_for(mcore_dir: Path, model_config: ModelConfig) -> dict:
+    """The transformers config to write: the stored source config when present (it keeps fields
+    we do not model, e.g. token ids of the tokenizer), unless the architecture has changed."""
+    fresh = hf_internvl.to_hf_config(model_config).to_dict()
+    fresh["architectures"] = ["InternVLForConditionalGeneration"]
+    path = mcore_dir / HF_CONFIG_FILE
+    if not path.is_file():
+        return fresh
+    stored = json.loads(path.read_text())
+    same = hf_internvl.to_hf_config(hf_internvl.from_hf_config(transformers_config(stored))).to_dict()
+    if same != hf_internvl.to_hf_config(model_config).to_dict():
+        return fresh  # e.g. vocabulary resized after conversion: trust the checkpoint's own config
+    stored.setdefault("architectures", ["InternVLForConditionalGeneration"])
+    return stored
+
+
+def _source_dtypes(mcore_dir: Path) -> dict[str, str]:
+    """Per-tensor dtypes of the HF checkpoint this one came from (empty if unknown)."""
+    path = mcore_dir / CONVERSION_FILE
+    return json.loads(path.read_text()).get("hf_dtypes", {}) if path.is_file() else {}
+

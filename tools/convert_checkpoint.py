@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Convert SAIL-VL / InternVL checkpoints between Hugging Face folders and Megatron-Core.
+
+    python tools/convert_checkpoint.py hf-to-mcore --hf-dir HF --out MC
+    python tools/convert_checkpoint.py mcore-to-hf --mcore-dir MC --out HF2
+
+hf-to-mcore reads transformers' InternVL layout (model_type "internvl") or the InternVL-chat
+layout SAIL-VL publishes (model_type "internvl_chat"), safetensors sharded or not, and writes a
+Megatron-Core distributed checkpoint that loads at any TP/PP (plus model_config.yaml and the
+tokenizer files). mcore-to-hf writes transformers' layout, loadable with from_pretrained.
+Runs in one process on CPU or one GPU; no torchrun needed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from megatron_sail.convert.checkpoint import ConvertConfig, hf_to_mcore, mcore_to_hf
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the sub-command and run the conversion."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("hf-to-mcore", help="Hugging Face folder -> Megatron dist checkpoint")
+    a.add_argument("--hf-dir", required=True)
+    a.add_argument("--out", required=True)
+    b = sub.add_parser("mcore-to-hf", help="Megatron dist checkpoint -> transformers InternVL folder")
+    b.add_argument("--mcore-dir", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file")
+    for s in (a, b):
+        s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = p.parse_args(argv)
+    start = time.time()
+    if args.cmd == "hf-to-mcore":
+        out = hf_to_mcore(args.hf_dir, args.out, ConvertConfig(overwrite=args.overwrite))
+    else:
+        cfg = ConvertConfig(overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+        out = mcore_to_hf(args.mcore_dir, args.out, cfg)
+    print(f"wrote {out} in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
