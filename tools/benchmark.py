@@ -250,3 +250,77 @@ def report(r: Result, json_path: str | None) -> None:
             json.dump(asdict(r), f, indent=2)
         os.replace(tmp, json_path)
     sys.stdout.flush()
+
+
+class OurRunner:
+    """Our model, DDP, optimizer and scheduler, built by megatron_sail.train's own functions."""
+
+    def __init__(self, run):
+        from megatron_sail import train as trainer
+        from megatron_sail.platform import distributed as platform
+        from megatron_sail.training.optimizer import build_optimizer, build_scheduler, unwrap
+
+        dtype = trainer.check_precision(run)
+        platform.initialize(run.parallel, run.train.seed)
+        self.run = run
+        self.device = platform.device()
+        self.chunks = trainer.wrap_ddp(run, trainer.build_chunks(run, dtype))
+        self.optimizer = build_optimizer(run.optim, self.chunks, bf16=dtype == torch.bfloat16)
+        self.scheduler = build_scheduler(run.optim, self.optimizer)
+        trainer.hook_model_config(self.chunks, self.optimizer)
+        model = unwrap(self.chunks[0])
+        self.vision, self.projector = model.vision_model, model.projector
+        self.row_stats = (0.0, 0.0)
+
+    def inputs(self, batch):
+        """The micro-batch on the model's device (the trainer's own copy then does nothing)."""
+        return batch.to(self.device, non_blocking=True)
+
+    def train_step(self, batches: list, sw: Stopwatch) -> float:
+        """training.step.train_step; 'fwd_bwd' ends where the optimizer starts preparing grads."""
+        from megatron_sail.training.step import train_step
+
+        marks = {}
+        prepare = self.optimizer.prepare_grads
+
+        def timed_prepare():
+            marks["opt"] = sw.now()
+            return prepare()
+
+        start = sw.now()
+        self.optimizer.prepare_grads = timed_prepare
+        try:
+            res = train_step(self.chunks, self.optimizer, self.scheduler, batches,
+                             self.run.data.seq_length, self.row_stats)
+        finally:
+            del self.optimizer.prepare_grads
+        end = sw.now()
+        sw.add("fwd_bwd", marks["opt"] - start)
+        sw.add("optimizer", end - marks["opt"])
+        return res.loss
+
+    def peak_memory(self) -> int:
+        """Peak memory of the run so far."""
+        return peak_memory_bytes()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run = resolve_run(args)
+    runner = OurRunner(run)
+    shape = shape_from_model_config(run.model)
+    gen = torch.Generator().manual_seed(args.seed)
+    probe = synthetic_micro_batch(run.model, args.seq_length, args.micro_batch_size,
+                                  args.tiles_per_row, args.samples_per_row, gen)
+    runner.row_stats = (float(args.seq_length * args.micro_batch_size * args.num_micro_batches),
+                        batch_flops(shape, probe, args.samples_per_row) * args.num_micro_batches)
+    result = measure(runner, run, args, name="megatron_sail")
+    report(result, args.json)
+    from megatron_sail.platform import distributed as platform
+
+    platform.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
