@@ -1,0 +1,58 @@
+"""tools/render_tiles.py and tools/bench_images.py, run in-process on small images."""
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from megatron_sail.config.images import ImageConfig
+from megatron_sail.data.images import build_image_pipeline
+from megatron_sail.data.images.synthetic import synthetic_jpeg
+
+TOOLS = os.path.join(os.path.dirname(__file__), "..", "..", "tools")
+
+
+def load_tool(name: str):
+    sys.path.insert(0, TOOLS)
+    try:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(TOOLS)
+
+
+def test_render_tiles_writes_the_pipeline_tiles(tmp_path):
+    image = tmp_path / "wide.jpg"
+    image.write_bytes(synthetic_jpeg(150, 50, 1))
+    out = tmp_path / "tiles.npy"
+    render = load_tool("render_tiles")
+    assert render.main(["--backend", "pil", "--image", str(image), "--max-tiles", "4", "--tile-size", "32",
+                        "--out", str(out)]) == 0
+    tiles = np.load(out)
+    rec = render.load_record(str(image), render.TilingConfig(tile_size=32, max_tiles=4))
+    assert rec.grid == (3, 1) and tiles.shape == (4, 3, 32, 32) and tiles.dtype == np.float32
+    want, _ = build_image_pipeline(ImageConfig(backend="pil", tile_size=32)).tiles([rec])
+    np.testing.assert_array_equal(tiles, want.numpy())
+    assert not os.path.exists(f"{out}.tmp")
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    with pytest.raises(SystemExit, match="bad.jpg"):
+        render.main(["--backend", "pil", "--image", str(tmp_path / "bad.jpg"), "--out", str(out)])
+
+
+def test_bench_prints_rates_last(tmp_path, capsys):
+    bench = load_tool("bench_images")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, (w, h) in enumerate([(96, 64), (40, 80), (64, 64)]):
+        (folder / f"{i}.jpg").write_bytes(synthetic_jpeg(w, h, i))
+    assert bench.main(["--images", str(folder), "--backend", "pil", "--threads", "1", "--tile-size", "32",
+                       "--max-tiles", "6", "--seconds", "0", "--batch", "2"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    fields = dict(kv.split("=") for kv in last.split())
+    assert list(fields) == ["images_per_s", "tiles_per_s"]
+    assert float(fields["tiles_per_s"]) > float(fields["images_per_s"]) > 0
+    with pytest.raises(SystemExit, match="no .jpg"):
+        bench.main(["--images", str(tmp_path / "empty"), "--backend", "pil"])
