@@ -8,6 +8,7 @@ caller can report it: the model's vocabulary must cover the new ids.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -19,6 +20,7 @@ IMG_CONTEXT = "<IMG_CONTEXT>"
 PAD = "<|endoftext|>"
 SPECIAL_TOKENS = (IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, PAD)
 """Tokens the template needs, in the order they are added when missing."""
+_SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,23 @@ class Tokenizer:
         """Special tokens that were missing from the tokenizer and got new ids."""
 
     def encode(self, text: str) -> list[int]:
-        """Plain-text ids, no BOS/EOS and no special-token parsing."""
-        return self._encode(text) if text else []
+        """Plain-text ids, no BOS/EOS and no special-token parsing.
+
+        Hugging Face tokenizers match added tokens inside any text; a literal special-token
+        string in user text is therefore encoded in two pieces ('<' + rest), which keeps it
+        plain text instead of becoming e.g. an <IMG_CONTEXT> id.
+        """
+        if not text:
+            return []
+        if "<" not in text or not _SPECIAL_RE.search(text):
+            return self._encode(text)
+        ids: list[int] = []
+        for k, part in enumerate(_SPECIAL_RE.split(text)):
+            if k % 2:
+                ids += self._encode(part[:1]) + self._encode(part[1:])
+            elif part:
+                ids += self._encode(part)
+        return ids
 
     def decode(self, ids) -> str:
         """Text of ids, special tokens written out."""
