@@ -1,0 +1,229 @@
+"""End to end: preprocess -> files -> PackedDataset rows; bad input, atomicity, sharding, tools."""
+import filecmp
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megatron_sail.config.data import PackingConfig, PreprocessConfig
+from megatron_sail.data import indexed
+from megatron_sail.data.dataset import PackedDataset
+from megatron_sail.data.demo import DemoConfig, make_demo
+from megatron_sail.data.preprocess import run
+from megatron_sail.data.tiling import TilingConfig, find_grid, num_tiles
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TILING = TilingConfig(tile_size=32, min_tiles=1, max_tiles=4, thumbnail=True, tokens_per_tile=4)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo(str(tmp_path_factory.mktemp("demo")), DemoConfig(samples=80, val_samples=5, seed=3))
+
+
+def config(demo, prefix, inputs=None, **kw):
+    packing = kw.pop("packing", PackingConfig(seq_length=256, packing_buffer=30, seed=7))
+    return PreprocessConfig(inputs=inputs or [demo["train"]], output_prefix=str(prefix),
+                            tokenizer=demo["tokenizer"], tiling=kw.pop("tiling", TILING), packing=packing, **kw)
+
+
+def files_of(prefix):
+    return [p for p in indexed.final_paths(str(prefix))]
+
+
+@pytest.fixture(scope="module")
+def single(demo, tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("single") / "train"
+    code, summary = run(config(demo, prefix), log=lambda m: None)
+    assert code == 0, summary
+    return prefix, summary
+
+
+def test_rows_round_trip_against_the_source(demo, single):
+    prefix, summary = single
+    ds = PackedDataset(str(prefix))
+    tm = ds.tokenizer_meta
+    assert len(ds) == summary["rows"] and ds.seq_length == 256 and tm.tokens_per_tile == 4 and tm.tile_size == 32
+    with open(demo["train"]) as f:
+        source = [json.loads(line) for line in f]
+    src_images = {open(os.path.join(os.path.dirname(demo["train"]), s["image"]), "rb").read()
+                  for s in source if "image" in s}
+    n_samples = n_images = 0
+    for i in range(len(ds)):
+        row = ds[i]
+        n = len(row.tokens)
+        assert n == 256 and row.labels.shape == row.loss_mask.shape == row.position_ids.shape == (256,)
+        cu = row.cu_seqlens
+        assert cu[0] == 0 and cu[-1] == 256 and np.all(np.diff(cu) > 0)
+        real_end = cu[row.num_samples]
+        assert np.all(row.tokens[real_end:] == tm.pad_id) and not row.loss_mask[real_end:].any()
+        assert len(cu) - 1 in (row.num_samples, row.num_samples + 1)
+        for s in range(row.num_samples):
+            a, b = cu[s], cu[s + 1]
+            assert row.tokens[a] == tm.im_start_id and row.tokens[b - 2] == tm.im_end_id  # whole sample
+            assert np.array_equal(row.labels[a:b - 1], row.tokens[a + 1:b]) and row.labels[b - 1] == 0
+            assert row.loss_mask[b - 1] == 0 and row.loss_mask[a:b].sum() > 0
+            assert np.array_equal(row.position_ids[a:b], np.arange(b - a))
+        # the image tokens of each sample match its images' tiles, in order
+        for s in range(row.num_samples):
+            imgs = [im for im in row.images if im.sample == s]
+            a, b = cu[s], cu[s + 1]
+            ctx = int((row.tokens[a:b] == tm.img_context_id).sum())
+            assert ctx == sum(im.num_tiles * tm.tokens_per_tile for im in imgs)
+        for im in row.images:
+            assert im.data in src_images
+            assert im.grid == find_grid(*im.size, TILING)
+            assert Image.open(io.BytesIO(im.data)).size == im.size
+        n_samples += row.num_samples
+        n_images += len(row.images)
+    assert n_samples == len(source) == summary["samples"]
+    assert n_images == sum("image" in s for s in source) == summary["images"]
+    used = sum(int(ds.reader.tokens.sequence_lengths.sum()) for _ in [0])
+    assert summary["fill_ratio"] == round(used / (256 * len(ds)), 6) > 0.8  # tiny 30-record blocks
+
+
+def test_same_input_and_seed_give_identical_files_any_worker_count(demo, single, tmp_path):
+    code, _ = run(config(demo, tmp_path / "w2", workers=2), log=lambda m: None)
+    assert code == 0
+    for a, b in zip(files_of(single[0]), files_of(tmp_path / "w2")):
+        assert filecmp.cmp(a, b, shallow=False), a
+    code, _ = run(config(demo, tmp_path / "s9", packing=PackingConfig(256, 30, seed=9)), log=lambda m: None)
+    assert not filecmp.cmp(f"{single[0]}.tokens.bin", f"{tmp_path}/s9.tokens.bin", shallow=False)
+
+
+def test_shards_merged_equal_a_single_run(demo, single, tmp_path):
+    shards = []
+    for i in (1, 0, 2):
+        code, _ = run(config(demo, tmp_path / f"part{i}", shard_index=i, num_shards=3), log=lambda m: None)
+        assert code == 0
+        shards.append(str(tmp_path / f"part{i}"))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools/merge_datasets.py"), "--inputs", *shards,
+                          "--output-prefix", str(tmp_path / "merged")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for a, b in zip(files_of(single[0]), files_of(tmp_path / "merged")):
+        assert filecmp.cmp(a, b, shallow=False), a
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools/merge_datasets.py"), "--inputs", *shards[:2],
+                          "--output-prefix", str(tmp_path / "partial")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "shard index" in bad.stderr
+    assert not os.path.exists(tmp_path / "partial.meta.json")
+
+
+def _img(tmp_path, name, size=(64, 64), fmt="PNG", cut=0):
+    buf = io.BytesIO()
+    Image.new("RGB", size, (1, 2, 3)).save(buf, format=fmt)
+    data = buf.getvalue()
+    (tmp_path / name).write_bytes(data[:len(data) - cut])
+    return name
+
+
+def _conv(q="<image>\nWhat?", a="red"):
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+@pytest.fixture
+def bad_input(tmp_path):
+    good = _img(tmp_path, "good.png")
+    lines = [
+        {"id": "ok1", "image": good, "conversations": _conv()},
+        {"id": "missing", "image": "nope.png", "conversations": _conv()},
+        {"id": "trunc", "image": _img(tmp_path, "t.jpg", fmt="JPEG", cut=40), "conversations": _conv()},
+        {"id": "garbage", "image": "g.png", "conversations": _conv()},
+        "{not json",
+        {"id": "role", "image": good, "conversations": [{"from": "robot", "value": "x"}] + _conv()},
+        {"id": "noassist", "image": good, "conversations": _conv()[:1]},
+        {"id": "mismatch", "image": good, "conversations": _conv(q="<image><image> two?")},
+        {"id": "toolong", "conversations": _conv(q="Hi", a="red blue " * 300)},
+        {"id": "ok2", "conversations": _conv(q="Hi")},
+    ]
+    (tmp_path / "g.png").write_bytes(b"\x00garbage bytes")
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+REASONS = {"missing_image": 1, "truncated_image": 1, "undecodable_image": 1, "invalid_json": 1,
+           "unknown_role": 1, "no_assistant_turn": 1, "placeholder_mismatch": 1, "too_long": 1}
+
+
+def test_every_bad_input_reason_is_counted_and_reported(demo, bad_input, tmp_path):
+    prefix = tmp_path / "out"
+    code, summary = run(config(demo, prefix, inputs=[str(bad_input)], max_reject_rate=1.0), log=lambda m: None)
+    assert code == 0 and summary["rejects"] == REASONS and summary["samples"] == 2
+    lines = [json.loads(x) for x in indexed.read_rejects(str(prefix))]
+    assert [(x["key"], x["reason"]) for x in lines] == [
+        ("line 2", "missing_image"), ("line 3", "truncated_image"), ("line 4", "undecodable_image"),
+        ("line 5", "invalid_json"), ("line 6", "unknown_role"), ("line 7", "no_assistant_turn"),
+        ("line 8", "placeholder_mismatch"), ("line 9", "too_long")]
+    assert all(x["source"] == str(bad_input) for x in lines)
+    assert indexed.load_meta(str(prefix))["rejects"] == REASONS
+
+
+@pytest.mark.parametrize("kw", [{"strict": True}, {"max_reject_rate": 0.5}])
+def test_strict_or_high_reject_rate_exits_1_without_a_dataset(demo, bad_input, tmp_path, kw):
+    prefix = tmp_path / "out"
+    code, summary = run(config(demo, prefix, inputs=[str(bad_input)], **kw), log=lambda m: None)
+    assert code == 1 and "error" in summary
+    assert os.path.exists(f"{prefix}.rejects.jsonl")
+    assert [p for p in os.listdir(tmp_path) if p.startswith("out.")] == ["out.rejects.jsonl"]
+
+
+def test_too_long_sample_gets_fewer_tiles_first(demo, tmp_path):
+    _img(tmp_path, "wide.png", size=(128, 64))  # 2:1 -> (4, 2)? no: max 4 tiles -> (2, 1) + thumbnail
+    big = TilingConfig(tile_size=32, min_tiles=1, max_tiles=8, thumbnail=True, tokens_per_tile=16)
+    full = num_tiles(find_grid(128, 64, big), True) * 16  # (4, 2) grid + thumbnail = 9 tiles = 144 tokens
+    assert find_grid(128, 64, big) == (4, 2)
+    (tmp_path / "w.jsonl").write_text(json.dumps({"image": "wide.png", "conversations": _conv()}) + "\n")
+    code, _ = run(config(demo, tmp_path / "o", inputs=[str(tmp_path / "w.jsonl")], tiling=big,
+                         packing=PackingConfig(seq_length=full, packing_buffer=8)), log=lambda m: None)
+    assert code == 0
+    row = PackedDataset(str(tmp_path / "o"))[0]
+    # the text does not fit next to 9 tiles; lowering max tiles 8 -> 7 ... -> 3 gives (2, 1) + thumbnail
+    assert row.images[0].grid == (2, 1) and row.images[0].num_tiles == 3
+
+
+def test_interrupted_run_leaves_no_files(demo, tmp_path, monkeypatch):
+    calls = []
+
+    def boom(self, samples, img_context_id):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, samples, img_context_id)
+
+    original = indexed.PackedWriter.add_row
+    monkeypatch.setattr(indexed.PackedWriter, "add_row", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(demo, tmp_path / "x"), log=lambda m: None)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="no complete dataset"):
+        PackedDataset(str(tmp_path / "x"))
+
+
+def test_cli_tools_preprocess_and_inspect(demo, tmp_path):
+    prefix = str(tmp_path / "cli")
+    cmd = [sys.executable, os.path.join(ROOT, "tools/preprocess_data.py"), "--input", demo["val"],
+           "--tokenizer", demo["tokenizer"], "--output-prefix", prefix, "--seq-length", "200",
+           "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "2", "--no-thumbnail"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    ins = subprocess.run([sys.executable, os.path.join(ROOT, "tools/inspect_dataset.py"), prefix],
+                         capture_output=True, text=True)
+    assert ins.returncode == 0, ins.stderr
+    stats = json.loads(ins.stdout)
+    for key in ("samples", "rows", "images", "tiles", "text_tokens", "image_tokens", "loss_tokens",
+                "fill_ratio", "rejects"):
+        assert stats[key] == summary[key], key
+    assert stats["samples"] == 5 and stats["image_tokens"] == stats["tiles"] * 4
+    assert stats["tiles"] <= 2 * stats["images"]  # --max-tiles 2, no thumbnail
+    show = subprocess.run([sys.executable, os.path.join(ROOT, "tools/inspect_dataset.py"), prefix, "--show", "0"],
+                          capture_output=True, text=True)
+    shown = json.loads(show.stdout)
+    assert shown["text"].startswith("<|im_start|>user\n") and shown["trained"].endswith("<|im_end|>")
+    if shown["images"]:
+        assert "<img><IMG_CONTEXT>x" in shown["text"]
