@@ -84,3 +84,18 @@ def test_dali_cpu_ignores_exif_orientation_like_pil():
     got, ok = dali.tiles([rec])
     assert ok == [True] and got.shape == ref.shape
     assert (got - ref).abs().mean() < MEAN_TOL
+
+
+def test_dali_errors_other_than_decoding_are_raised(monkeypatch):
+    _, dali = pipelines(32)
+    rec = record(synthetic_jpeg(64, 32, 0), "g:0", 32)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Critical error in pipeline: Error in CPU operator `nvidia.dali.fn.resize`")
+
+    monkeypatch.setattr(dali._pipe, "run", broken)
+    with pytest.raises(RuntimeError, match="fn.resize"):
+        dali.tiles([rec])
+    assert dali.failures == 0
+    tiles, ok = dali.tiles([rec])  # rebuilt pipeline works again
+    assert ok == [True] and tiles.shape == (rec.num_tiles, 3, 32, 32)

@@ -86,21 +86,23 @@ class DaliPipeline(ImagePipeline):
         S = self.cfg.tile_size
         self._pipe.feed_input("encoded", [np.frombuffer(r.data, dtype=np.uint8) for r in records])
         self._pipe.feed_input("size", [np.array([r.grid[1] * S, r.grid[0] * S], np.float32) for r in records])
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         try:
-            grids, thumbs = self._pipe.run()
+            grids, thumbs = self._pipe.run(stream)  # outputs ordered before our stream
         except RuntimeError as e:
             self._pipe = self._build()
+            if "decoders.image" not in str(e):
+                raise  # not a data error: a broken pipeline must not silently blank every image
             return _reason(e)
         for i, (rec, out) in enumerate(zip(records, outs)):
-            grid = self._to_torch(grids[i])
-            thumb = self._to_torch(thumbs[i]) if self.needs_thumbnail(rec) else None
+            grid = self._to_torch(grids[i], stream)
+            thumb = self._to_torch(thumbs[i], stream) if self.needs_thumbnail(rec) else None
             self.write_tiles(out, grid, thumb, rec)
         return None
 
-    def _to_torch(self, tensor) -> torch.Tensor:
+    def _to_torch(self, tensor, stream) -> torch.Tensor:
         """Copy one DALI sample (CPU or GPU) into a uint8 torch tensor on our device."""
         dst = torch.empty(tuple(tensor.shape()), dtype=torch.uint8, device=self.device)
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         feed_ndarray(tensor, dst, cuda_stream=stream)
         return dst
 
