@@ -1,0 +1,173 @@
+"""Model configs: InternViT, pixel-shuffle projector, Qwen2-style LM, and the composed ModelConfig.
+
+Recipes ``tiny()``, ``sail_2b()`` and ``sail_8b()`` return the shapes of SAIL-VL.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class VisionConfig:
+    """InternViT encoder."""
+
+    hidden_size: int = 1024
+    """Width of the ViT."""
+    num_layers: int = 24
+    """Transformer layers."""
+    num_heads: int = 16
+    """Attention heads (no GQA in the ViT)."""
+    ffn_hidden_size: int = 4096
+    """MLP width (GELU)."""
+    patch_size: int = 14
+    """Square patch side in pixels (conv kernel = stride)."""
+    image_size: int = 448
+    """Tile side the position embeddings were trained at; other tile sizes interpolate them."""
+    norm_type: str = "layer_norm"
+    """'layer_norm' or 'rms_norm'."""
+    norm_eps: float = 1e-6
+    """Epsilon of the block norms (and of QK-norm)."""
+    qkv_bias: bool = True
+    """Bias on the q/k/v projections."""
+    qk_norm: bool = False
+    """RMSNorm over the full q and k width before attention (InternViT-6B style)."""
+    layer_scale_init: float = 0.1
+    """Initial value of the per-channel layer scales ls1/ls2."""
+    drop_path_rate: float = 0.0
+    """Max stochastic-depth rate (linearly increasing over layers), only while training."""
+    select_layer: int = -1
+    """Layer whose output feeds the projector (-1 = last, -2 = second to last, ...)."""
+
+    def __post_init__(self):
+        if self.norm_type not in ("layer_norm", "rms_norm"):
+            raise ValueError(f"VisionConfig.norm_type must be layer_norm or rms_norm, got {self.norm_type!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("VisionConfig.hidden_size must be divisible by num_heads")
+        if self.image_size % self.patch_size:
+            raise ValueError("VisionConfig.image_size must be a multiple of patch_size")
+        if not (-self.num_layers <= self.select_layer < self.num_layers) or self.select_layer == 0:
+            raise ValueError(f"VisionConfig.select_layer={self.select_layer} out of range for "
+                             f"{self.num_layers} layers (use -1.. -N or 1..N-1)")
+
+    @property
+    def layers_used(self) -> int:
+        """How many ViT layers run: layers after select_layer are never computed."""
+        return self.num_layers + 1 + self.select_layer if self.select_layer < 0 else self.select_layer
+
+
+@dataclass
+class ProjectorConfig:
+    """Pixel shuffle + MLP ("mlp1"): LayerNorm -> Linear -> GELU -> Linear."""
+
+    downsample_ratio: float = 0.5
+    """Pixel-shuffle ratio; 0.5 merges 2x2 patches into one token (InternVL "v2" order)."""
+    norm_eps: float = 1e-5
+    """LayerNorm epsilon (torch default, as in InternVL's mlp1)."""
+
+    @property
+    def merge(self) -> int:
+        """Patches merged per side (2 for ratio 0.5)."""
+        m = round(1 / self.downsample_ratio)
+        if abs(m * self.downsample_ratio - 1) > 1e-6:
+            raise ValueError(f"downsample_ratio {self.downsample_ratio} must be 1/integer")
+        return m
+
+
+@dataclass
+class LanguageConfig:
+    """Qwen2/Qwen2.5 decoder."""
+
+    hidden_size: int = 1536
+    """Model width."""
+    num_layers: int = 28
+    """Decoder layers."""
+    num_heads: int = 12
+    """Query heads."""
+    num_kv_heads: int = 2
+    """Key/value heads (GQA groups)."""
+    ffn_hidden_size: int = 8960
+    """SwiGLU width."""
+    vocab_size: int = 151936
+    """Embedding rows; the trainer sets it from the tokenizer (must be divisible by TP)."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    rope_theta: float = 1_000_000.0
+    """RoPE base."""
+    tie_embeddings: bool = True
+    """Share input embedding and output layer weights."""
+    max_position_embeddings: int = 32768
+    """Longest sequence RoPE is prepared for."""
+    qkv_bias: bool = True
+    """Bias on q/k/v (Qwen2: yes; no other linear has a bias)."""
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("LanguageConfig: hidden_size % num_heads and num_heads % num_kv_heads must be 0")
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width."""
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class ModelConfig:
+    """The whole VLM."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """Image encoder."""
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    """Vision-to-language adapter."""
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    """Decoder LM."""
+    img_context_token_id: int = 151667
+    """Token id of <IMG_CONTEXT>; its embeddings are replaced by visual tokens."""
+
+    def tokens_per_tile(self, tile_size: int | None = None) -> int:
+        """Visual tokens one tile of side ``tile_size`` (default: trained size) turns into."""
+        side = (tile_size or self.vision.image_size) // self.vision.patch_size
+        if side % self.projector.merge:
+            raise ValueError(f"tile of {side}x{side} patches not divisible by merge {self.projector.merge}")
+        return (side // self.projector.merge) ** 2
+
+
+def tiny(vocab_size: int = 512) -> ModelConfig:
+    """A few-MB model for tests and the quickstart: same structure, tiny shapes."""
+    return ModelConfig(
+        vision=VisionConfig(hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=128,
+                            patch_size=8, image_size=32, drop_path_rate=0.0),
+        language=LanguageConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                                ffn_hidden_size=256, vocab_size=vocab_size, rope_theta=10000.0,
+                                tie_embeddings=True, max_position_embeddings=4096),
+        img_context_token_id=vocab_size - 1,
+    )
+
+
+def _internvit_300m() -> VisionConfig:
+    """InternViT-300M-448px (SAIL-VL.md)."""
+    return VisionConfig(hidden_size=1024, num_layers=24, num_heads=16, ffn_hidden_size=4096,
+                        patch_size=14, image_size=448, norm_type="layer_norm", norm_eps=1e-6,
+                        qkv_bias=True, qk_norm=False, layer_scale_init=0.1, drop_path_rate=0.1,
+                        select_layer=-1)
+
+
+def sail_2b() -> ModelConfig:
+    """SAIL-VL-2B: InternViT-300M + Qwen2.5-1.5B (tied embeddings)."""
+    return ModelConfig(
+        vision=_internvit_300m(),
+        language=LanguageConfig(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+                                ffn_hidden_size=8960, vocab_size=151936, tie_embeddings=True),
+    )
+
+
+def sail_8b() -> ModelConfig:
+    """SAIL-VL-8B: InternViT-300M + Qwen2.5-7B (untied embeddings)."""
+    return ModelConfig(
+        vision=_internvit_300m(),
+        language=LanguageConfig(hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+                                ffn_hidden_size=18944, vocab_size=152064, tie_embeddings=False),
+    )
+
+
+RECIPES = {"tiny": tiny, "sail_2b": sail_2b, "sail_8b": sail_8b}
+"""Named model recipes."""

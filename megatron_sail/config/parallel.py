@@ -1,0 +1,42 @@
+"""Parallel layout of one run: tensor, sequence, pipeline (incl. virtual) parallelism.
+
+Data parallelism is whatever is left of the world size after TP x PP.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over ranks."""
+
+    tp: int = 1
+    """Tensor-parallel size (ViT and LM both)."""
+    pp: int = 1
+    """Pipeline-parallel size; the ViT and projector live on the first stage."""
+    sp: bool = False
+    """Sequence parallelism inside the TP group (needs tp > 1 to have an effect)."""
+    vpp: int | None = None
+    """Virtual pipeline stages (model chunks) per pipeline rank; None = no interleaving."""
+    first_stage_layers: int | None = None
+    """LM layers on the first pipeline stage (lighter, since it also runs the ViT); None = even."""
+    last_stage_layers: int | None = None
+    """LM layers on the last pipeline stage (it also runs the output layer and loss); None = even."""
+
+    def __post_init__(self):
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"ParallelConfig: tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
+        if self.vpp is not None and (self.vpp < 1 or self.pp < 2):
+            raise ValueError(f"ParallelConfig: vpp={self.vpp} needs pp >= 2 and vpp >= 1")
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """SP is only meaningful with TP > 1; Megatron rejects it otherwise."""
+        return self.sp and self.tp > 1
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Ranks left for data parallelism; errors when TP x PP does not divide the world."""
+        if world_size % (self.tp * self.pp):
+            raise ValueError(f"world size {world_size} is not divisible by tp*pp={self.tp * self.pp}")
+        return world_size // (self.tp * self.pp)

@@ -1,0 +1,183 @@
+"""Layer specs: the ONE place that chooses Transformer Engine vs local (torch) modules.
+
+* ``language_layer_spec(use_te)``: Qwen2 decoder layer (causal, GQA, SwiGLU, RMSNorm).
+* ``vision_layer_spec(use_te, qk_norm)``: InternViT layer (bidirectional, GELU MLP, layer scale).
+
+The local spec runs everywhere (CPU included): SDPA core attention with packed sequences
+(attention.py) and norms that support sequence parallelism. The TE spec needs CUDA and
+transformer-engine; it is imported only when asked for and tested only in tests/gpu/.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from megatron_sail.models.attention import SDPAttention
+
+
+def te_available() -> bool:
+    """Whether Transformer Engine imports (it needs CUDA)."""
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a CUDA load failure on CPU machines
+        return False
+    return torch.cuda.is_available()
+
+
+class SPNorm(torch.nn.Module):
+    """LayerNorm or RMSNorm (from ``config.normalization``) that works under sequence parallelism.
+
+    torch's norms refuse SP in Megatron's local spec. The math is per token, so SP only needs
+    the weights' gradients summed over the TP group: ``sequence_parallel = True`` on each
+    parameter asks Megatron's grad finalization to do exactly that.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.rms = config.normalization == "RMSNorm"
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.bias = None if self.rms else torch.nn.Parameter(
+            torch.zeros(hidden_size, dtype=config.params_dtype))
+        for p in self.parameters():
+            p.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x):
+        """Normalize in fp32 (as transformers' Qwen2RMSNorm / nn.LayerNorm), return input dtype."""
+        if self.rms:
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * h.to(x.dtype)
+        return torch.nn.functional.layer_norm(x, (x.size(-1),), self.weight, self.bias, self.eps)
+
+
+class FullWidthQKNorm(torch.nn.Module):
+    """InternViT's QK-norm: RMSNorm over all heads of q (or k) together, not per head.
+
+    Heads are split over the TP group, so the mean square is summed across TP ranks with an
+    autograd-aware all-reduce; each rank keeps only its heads' slice of the weight (saved with
+    TP sharding metadata). The eps is fixed at 1e-6 as in InternVL.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        from megatron.core import parallel_state
+
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.full = config.num_attention_heads * config.kv_channels
+        self.eps = 1e-6
+        self.weight = torch.nn.Parameter(torch.ones(self.full // self.tp, dtype=config.params_dtype))
+        self.weight.tensor_model_parallel = True
+        self.weight.partition_dim = 0
+        self.weight.partition_stride = 1
+
+    def forward(self, x):
+        """x: [s, b, heads_local, head_dim] -> same shape, normalized over the full width."""
+        shape = x.shape
+        h = x.reshape(*shape[:-2], -1).float()
+        sq = h.pow(2).sum(-1, keepdim=True)
+        if self.tp > 1:
+            import torch.distributed.nn.functional as dnn
+
+            sq = dnn.all_reduce(sq, group=self.tp_group)
+        h = h * torch.rsqrt(sq / self.full + self.eps)
+        return (self.weight * h.to(x.dtype)).reshape(shape)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Weight sharded along dim 0 across TP, like the q/k heads it scales."""
+        sd = {"weight": self.weight}
+        return make_sharded_tensors_for_checkpoint(sd, prefix, {"weight": 0}, sharded_offsets)
+
+
+def _local_attention(mask_type, qk_norm: bool) -> ModuleSpec:
+    """SelfAttention with torch linears, SDPA core attention and optional full-width QK-norm."""
+    qk = FullWidthQKNorm if qk_norm else IdentityOp
+    return ModuleSpec(module=SelfAttention, params={"attn_mask_type": mask_type},
+                      submodules=SelfAttentionSubmodules(
+                          linear_qkv=ColumnParallelLinear, core_attention=SDPAttention,
+                          linear_proj=RowParallelLinear, q_layernorm=qk, k_layernorm=qk))
+
+
+def _local_mlp() -> ModuleSpec:
+    """Two TP linears (the activation, GELU or SwiGLU, comes from the TransformerConfig)."""
+    return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                           linear_fc2=RowParallelLinear))
+
+
+def _local_layer(layer_cls, mask_type, qk_norm: bool) -> ModuleSpec:
+    """Pre-norm transformer layer built only from modules that run on any device."""
+    return ModuleSpec(module=layer_cls, submodules=TransformerLayerSubmodules(
+        input_layernorm=SPNorm, self_attention=_local_attention(mask_type, qk_norm),
+        self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=SPNorm, mlp=_local_mlp(),
+        mlp_bda=get_bias_dropout_add))
+
+
+def _te_layer(layer_cls, mask_type, qk_norm: bool, core_attention) -> ModuleSpec:
+    """Same layer with TE fused norm+linear modules (norm weights live inside the linears)."""
+    from megatron.core.extensions.transformer_engine import (
+        TELayerNormColumnParallelLinear, TERowParallelLinear)
+
+    qk = FullWidthQKNorm if qk_norm else IdentityOp
+    attn = ModuleSpec(module=SelfAttention, params={"attn_mask_type": mask_type},
+                      submodules=SelfAttentionSubmodules(
+                          linear_qkv=TELayerNormColumnParallelLinear, core_attention=core_attention,
+                          linear_proj=TERowParallelLinear, q_layernorm=qk, k_layernorm=qk))
+    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(
+        linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear))
+    return ModuleSpec(module=layer_cls, submodules=TransformerLayerSubmodules(
+        self_attention=attn, self_attn_bda=get_bias_dropout_add, mlp=mlp,
+        mlp_bda=get_bias_dropout_add,
+        sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                                     "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}))
+
+
+def language_layer_spec(use_te: bool) -> ModuleSpec:
+    """Qwen2 decoder layer: causal attention (TE: fused THD kernels; local: SDPA)."""
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        return _te_layer(TransformerLayer, AttnMaskType.causal, False, TEDotProductAttention)
+    return _local_layer(TransformerLayer, AttnMaskType.causal, False)
+
+
+def vision_layer_spec(use_te: bool, vision) -> ModuleSpec:
+    """InternViT layer: bidirectional attention with key padding, layer scale, drop path.
+
+    Both specs use SDPA for the ViT's core attention (short, uniform sequences where SDPA's
+    flash kernel is already the fast path), so the padding mask works the same everywhere.
+    ``vision`` is the VisionConfig (layer scale, drop path, qkv bias, QK-norm).
+    """
+    from megatron_sail.models.vit import ViTLayer
+
+    if use_te:
+        spec = _te_layer(ViTLayer, AttnMaskType.no_mask, vision.qk_norm, SDPAttention)
+    else:
+        spec = _local_layer(ViTLayer, AttnMaskType.no_mask, vision.qk_norm)
+    spec.params = {"layer_scale_init": vision.layer_scale_init,
+                   "drop_path_rate": vision.drop_path_rate,
+                   "total_layers": vision.num_layers, "qkv_bias": vision.qkv_bias}
+    return spec
+
+
+def language_block_spec(config, use_te: bool, vp_stage=None) -> TransformerBlockSubmodules:
+    """The LM's layers on this pipeline stage plus its final norm (SP-capable when local)."""
+    from megatron.core import parallel_state
+
+    n = get_num_layers_to_build(config, vp_stage=vp_stage,
+                                pp_rank=parallel_state.get_pipeline_model_parallel_rank())
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        final_norm = SPNorm
+    return TransformerBlockSubmodules(layer_specs=[language_layer_spec(use_te)] * n,
+                                      layer_norm=final_norm)

@@ -1,0 +1,149 @@
+"""InternViT on Megatron-Core: patch embedding, class token, interpolated absolute positions,
+a TransformerBlock of layer-scaled pre-norm layers, features from a chosen layer.
+
+Tiles run as a batch in Megatron's [s, b, h] layout. With sequence parallelism the token axis
+(class token + patches) is padded to a multiple of the TP size and split across TP ranks; padded
+keys are masked out of attention, so padding never changes the result.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_sail.config.model import VisionConfig
+from megatron_sail.config.parallel import ParallelConfig
+from megatron_sail.models import layer_specs
+
+
+def vision_transformer_config(v: VisionConfig, parallel: ParallelConfig,
+                              dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """Megatron TransformerConfig of the ViT (the whole ViT lives on pipeline stage 0)."""
+    return TransformerConfig(
+        num_layers=v.layers_used, hidden_size=v.hidden_size, num_attention_heads=v.num_heads,
+        ffn_hidden_size=v.ffn_hidden_size, kv_channels=v.hidden_size // v.num_heads,
+        normalization="RMSNorm" if v.norm_type == "rms_norm" else "LayerNorm",
+        layernorm_epsilon=v.norm_eps, add_bias_linear=True, add_qkv_bias=v.qkv_bias,
+        gated_linear_unit=False, activation_func=F.gelu, qk_layernorm=v.qk_norm,
+        hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=1,
+        sequence_parallel=parallel.sequence_parallel, params_dtype=dtype,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, pipeline_dtype=dtype,
+        bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+    )
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole tiles (batch dim 1 of [s, b, h]) with probability p."""
+    if not training or p == 0.0:
+        return x
+    keep = x.new_empty(1, x.size(1), 1).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+class ViTLayer(TransformerLayer):
+    """TransformerLayer with InternViT's layer scale (ls1, ls2) and drop path on both branches.
+
+    Both live in the layer's bias-dropout-add step: residual + drop_path(ls * (out + bias)).
+    """
+
+    def __init__(self, config, submodules, layer_number=1, hidden_dropout=None,
+                 pg_collection=None, vp_stage=None, layer_scale_init=0.1, drop_path_rate=0.0,
+                 total_layers=1, qkv_bias=True):
+        super().__init__(config, submodules, layer_number=layer_number,
+                         hidden_dropout=hidden_dropout, pg_collection=pg_collection,
+                         vp_stage=vp_stage)
+        def scale():
+            p = torch.nn.Parameter(torch.full((config.hidden_size,), float(layer_scale_init),
+                                              dtype=config.params_dtype))
+            p.sequence_parallel = config.sequence_parallel  # per-token op: sum grads over TP
+            return p
+        self.ls1, self.ls2 = scale(), scale()
+        steps = max(total_layers - 1, 1)
+        self.drop_path_rate = drop_path_rate * (self.layer_number - 1) / steps
+        self.self_attn_bda = self._scaled_add(lambda: self.ls1)
+        self.mlp_bda = self._scaled_add(lambda: self.ls2)
+        if not qkv_bias:  # Megatron gives qkv a bias whenever other linears have one
+            self.self_attention.linear_qkv.register_parameter("bias", None)
+            if hasattr(self.self_attention.linear_qkv, "use_bias"):
+                self.self_attention.linear_qkv.use_bias = False
+
+    def _scaled_add(self, get_scale):
+        """A bias-dropout-add replacement with the call contract TransformerLayer expects."""
+        def factory(training, _fused):
+            def add(out_with_bias, residual, _prob):
+                out, bias = out_with_bias
+                if bias is not None:
+                    out = out + bias
+                return residual + drop_path(get_scale() * out, self.drop_path_rate, training)
+            return add
+        return factory
+
+
+class InternViT(MegatronModule):
+    """Tiles [T, 3, H, W] -> patch features [T, (H/p)*(W/p), hidden] (class token dropped)."""
+
+    def __init__(self, vision: VisionConfig, parallel: ParallelConfig,
+                 dtype: torch.dtype = torch.float32, use_te: bool = False):
+        config = vision_transformer_config(vision, parallel, dtype)
+        super().__init__(config=config)
+        self.vision = vision
+        d, grid = vision.hidden_size, vision.image_size // vision.patch_size
+        self.patch_embedding = torch.nn.Conv2d(3, d, vision.patch_size, vision.patch_size, dtype=dtype)
+        self.class_embedding = torch.nn.Parameter(torch.zeros(1, 1, d, dtype=dtype))
+        self.position_embedding = torch.nn.Parameter(torch.zeros(1, grid * grid + 1, d, dtype=dtype))
+        spec = layer_specs.vision_layer_spec(use_te, vision)
+        self.encoder = TransformerBlock(
+            config, TransformerBlockSubmodules(layer_specs=[spec] * vision.layers_used,
+                                               layer_norm=None),
+            post_layer_norm=False, pre_process=True, post_process=True)
+
+    def positions(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """Position embeddings for a grid_h x grid_w patch grid (bicubic resize when it differs)."""
+        pos = self.position_embedding
+        n = round((pos.size(1) - 1) ** 0.5)
+        if (grid_h, grid_w) == (n, n):
+            return pos
+        patch = pos[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
+        patch = F.interpolate(patch.float(), size=(grid_h, grid_w), mode="bicubic",
+                              align_corners=False).to(pos.dtype)
+        return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)], 1)
+
+    def embed(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Class token + patch embeddings + positions: [T, 1 + N, hidden]."""
+        x = self.patch_embedding(tiles.to(self.patch_embedding.weight.dtype))
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_embedding.expand(x.size(0), -1, -1), x], dim=1)
+        return x + self.positions(gh, gw)
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Features of the selected layer, class token dropped: [T, N, hidden]."""
+        if tiles.dim() != 4 or tiles.size(1) != 3:
+            raise ValueError(f"tiles must be [T, 3, H, W], got {tuple(tiles.shape)}")
+        p = self.vision.patch_size
+        if tiles.size(2) % p or tiles.size(3) % p:
+            raise ValueError(f"tile size {tuple(tiles.shape[2:])} is not a multiple of patch {p}")
+        x = self.embed(tiles).transpose(0, 1).contiguous()  # [s, T, h]
+        s, mask = x.size(0), None
+        if self.config.sequence_parallel:
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            pad = (-s) % tp
+            if pad:
+                x = F.pad(x, (0, 0, 0, 0, 0, pad))
+                mask = torch.zeros(1, 1, 1, s + pad, dtype=torch.bool, device=x.device)
+                mask[..., s:] = True
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+        x = self.encoder(x, attention_mask=mask)
+        if self.config.sequence_parallel:
+            x = tensor_parallel.gather_from_sequence_parallel_region(
+                x, tensor_parallel_output_grad=False)
+        return x[1:s].transpose(0, 1)
+
+    def set_input_tensor(self, tensor):
+        """The ViT always starts from tiles on the first stage; nothing comes from a pipeline."""

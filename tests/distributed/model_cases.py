@@ -1,0 +1,96 @@
+"""Shared builders for the model tests: tiny configs, random HF models, packed inputs.
+
+Everything runs inside ranks spawned by ``launcher.launch`` (the CPU backend patches torch
+process-wide, so model code never runs in the pytest process itself).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from megatron_sail.config.model import LanguageConfig, ModelConfig, VisionConfig, tiny
+
+
+def variant(name: str) -> ModelConfig:
+    """Named tiny configs covering the shapes the parity tests need."""
+    cfg = tiny(vocab_size=256)
+    if name == "base":  # GQA 4/2, tied, LayerNorm ViT
+        return cfg
+    if name == "mha_untied_rms":  # no GQA, untied, RMSNorm ViT with QK-norm, feature layer -2
+        return dataclasses.replace(
+            cfg,
+            vision=dataclasses.replace(cfg.vision, norm_type="rms_norm", qk_norm=True,
+                                       num_layers=3, select_layer=-2),
+            language=dataclasses.replace(cfg.language, num_kv_heads=4, tie_embeddings=False))
+    if name == "mqa":  # 4 heads / 1 KV head, untied, no qkv bias in the ViT
+        return dataclasses.replace(
+            cfg, vision=dataclasses.replace(cfg.vision, qkv_bias=False),
+            language=dataclasses.replace(cfg.language, num_kv_heads=1, tie_embeddings=False))
+    raise KeyError(name)
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> None:
+    """Fill every parameter with N(0, 0.2) noise (HF's init zeroes cls/pos embeddings)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(module.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def hf_model(cfg: ModelConfig, seed: int = 0):
+    """transformers InternVLForConditionalGeneration with random weights, fp32, eval mode."""
+    from transformers import InternVLForConditionalGeneration
+
+    from megatron_sail.convert.hf_internvl import to_hf_config
+
+    hf_cfg = to_hf_config(cfg)
+    hf_cfg._attn_implementation = "eager"
+    hf_cfg.text_config._attn_implementation = "eager"
+    hf_cfg.vision_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(hf_cfg).float().eval()
+    randomize_(model, seed)
+    if cfg.language.tie_embeddings:
+        assert model.lm_head.weight.data_ptr() == \
+            model.model.language_model.embed_tokens.weight.data_ptr()
+    return model
+
+
+def sample(cfg: ModelConfig, text_lens: list[int], tiles_per_image: list[int], tile: int,
+           seed: int):
+    """One sample: text runs with image blocks between them. Returns (ids [L], tiles [T,3,t,t])."""
+    g = torch.Generator().manual_seed(seed)
+    per_tile = cfg.tokens_per_tile(tile)
+    parts = []
+    for i, n in enumerate(text_lens):
+        parts.append(torch.randint(0, cfg.img_context_token_id, (n,), generator=g))
+        if i < len(tiles_per_image):
+            parts.append(torch.full((per_tile * tiles_per_image[i],), cfg.img_context_token_id))
+    tiles = torch.randn(sum(tiles_per_image), 3, tile, tile, generator=g)
+    return torch.cat(parts), tiles
+
+
+def pack(samples, length: int | None = None):
+    """Pack samples into one row: ids/positions [1, S], tiles [T,...], cu_seqlens (pad = own segment)."""
+    ids = torch.cat([s[0] for s in samples])
+    pos = torch.cat([torch.arange(len(s[0])) for s in samples])
+    cu = [0]
+    for s in samples:
+        cu.append(cu[-1] + len(s[0]))
+    if length is not None and length > len(ids):
+        pad = length - len(ids)
+        ids = torch.cat([ids, torch.zeros(pad, dtype=ids.dtype)])
+        pos = torch.cat([pos, torch.arange(pad)])
+        cu.append(length)
+    tiles = torch.cat([s[1] for s in samples]) if samples else torch.zeros(0, 3, 1, 1)
+    return ids[None], pos[None], tiles, torch.tensor(cu, dtype=torch.int32)
+
+
+def build_ours(cfg: ModelConfig, parallel=None, pre_process=True, post_process=True,
+               vp_stage=None):
+    """Our model for the current rank, on the CPU, fp32 local spec."""
+    from megatron_sail.models.sail_vl import SailVLModel
+
+    return SailVLModel(cfg, parallel, pre_process=pre_process, post_process=post_process,
+                       vp_stage=vp_stage, use_te=False)
