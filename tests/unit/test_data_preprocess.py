@@ -32,6 +32,16 @@ def config(demo, prefix, inputs=None, **kw):
                             tokenizer=demo["tokenizer"], tiling=kw.pop("tiling", TILING), packing=packing, **kw)
 
 
+def tool(name):
+    """A tools/ script as a module, so its main(argv) runs in-process (no interpreter start-up)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def files_of(prefix):
     return [p for p in indexed.final_paths(str(prefix))]
 
@@ -96,20 +106,19 @@ def test_same_input_and_seed_give_identical_files_any_worker_count(demo, single,
     assert not filecmp.cmp(f"{single[0]}.tokens.bin", f"{tmp_path}/s9.tokens.bin", shallow=False)
 
 
-def test_shards_merged_equal_a_single_run(demo, single, tmp_path):
+def test_shards_merged_equal_a_single_run(demo, single, tmp_path, capsys):
     shards = []
     for i in (1, 0, 2):
         code, _ = run(config(demo, tmp_path / f"part{i}", shard_index=i, num_shards=3), log=lambda m: None)
         assert code == 0
         shards.append(str(tmp_path / f"part{i}"))
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools/merge_datasets.py"), "--inputs", *shards,
-                          "--output-prefix", str(tmp_path / "merged")], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    merge = tool("merge_datasets")
+    assert merge.main(["--inputs", *shards, "--output-prefix", str(tmp_path / "merged")]) == 0
     for a, b in zip(files_of(single[0]), files_of(tmp_path / "merged")):
         assert filecmp.cmp(a, b, shallow=False), a
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools/merge_datasets.py"), "--inputs", *shards[:2],
-                          "--output-prefix", str(tmp_path / "partial")], capture_output=True, text=True)
-    assert bad.returncode == 1 and "shard index" in bad.stderr
+    capsys.readouterr()
+    assert merge.main(["--inputs", *shards[:2], "--output-prefix", str(tmp_path / "partial")]) == 1
+    assert "shard index" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "partial.meta.json")
 
 
@@ -204,7 +213,7 @@ def test_interrupted_run_leaves_no_files(demo, tmp_path, monkeypatch):
         PackedDataset(str(tmp_path / "x"))
 
 
-def test_cli_tools_preprocess_and_inspect(demo, tmp_path):
+def test_cli_tools_preprocess_and_inspect(demo, tmp_path, capsys):
     prefix = str(tmp_path / "cli")
     cmd = [sys.executable, os.path.join(ROOT, "tools/preprocess_data.py"), "--input", demo["val"],
            "--tokenizer", demo["tokenizer"], "--output-prefix", prefix, "--seq-length", "200",
@@ -212,18 +221,16 @@ def test_cli_tools_preprocess_and_inspect(demo, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    ins = subprocess.run([sys.executable, os.path.join(ROOT, "tools/inspect_dataset.py"), prefix],
-                         capture_output=True, text=True)
-    assert ins.returncode == 0, ins.stderr
-    stats = json.loads(ins.stdout)
+    inspect = tool("inspect_dataset")
+    assert inspect.main([prefix]) == 0
+    stats = json.loads(capsys.readouterr().out)
     for key in ("samples", "rows", "images", "tiles", "text_tokens", "image_tokens", "loss_tokens",
                 "fill_ratio", "rejects"):
         assert stats[key] == summary[key], key
     assert stats["samples"] == 5 and stats["image_tokens"] == stats["tiles"] * 4
     assert stats["tiles"] <= 2 * stats["images"]  # --max-tiles 2, no thumbnail
-    show = subprocess.run([sys.executable, os.path.join(ROOT, "tools/inspect_dataset.py"), prefix, "--show", "0"],
-                          capture_output=True, text=True)
-    shown = json.loads(show.stdout)
+    assert inspect.main([prefix, "--show", "0"]) == 0
+    shown = json.loads(capsys.readouterr().out)
     assert shown["text"].startswith("<|im_start|>user\n") and shown["trained"].endswith("<|im_end|>")
     if shown["images"]:
         assert "<img><IMG_CONTEXT>x" in shown["text"]
