@@ -104,7 +104,8 @@ def save_checkpoint(root: str, chunks: list, optimizer, state: TrainState, keep_
     if rank0:
         state.rng = dict(enumerate(states))
         state.world = world_sizes()
-        payload = {"train_state": asdict(state), "config": config}
+        payload = {"train_state": asdict(state), "config": config,
+                   "has_optimizer": optimizer is not None}
         torch.save(payload, os.path.join(tmp, STATE_FILE + ".tmp"))
         os.replace(os.path.join(tmp, STATE_FILE + ".tmp"), os.path.join(tmp, STATE_FILE))
         shutil.rmtree(final, ignore_errors=True)
@@ -168,16 +169,64 @@ def load_checkpoint(path: str, chunks: list, optimizer=None) -> Optional[TrainSt
             raise FileNotFoundError(f"--init-from {path}: no checkpoint there (no `latest`, "
                                     "no metadata.json)")
         return None
-    if optimizer is None:
+    if optimizer is None or not _has_optimizer(ckpt):
         dist_ckpt.load_model(chunks, ckpt)
-        return None
+        return None if optimizer is None else _read_train_state(ckpt)
+    _materialize_optimizer_state(optimizer)
     sd = dist_ckpt.model_sharded_state_dict(chunks)
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIM_METADATA)
     loaded = dist_ckpt.load_sharded(sd, ckpt)
     for key, chunk in zip(_model_keys(len(chunks)), chunks):
         unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        _keep_torch_adam_step(opt)
     optimizer.load_state_dict(loaded["optimizer"])
     return _read_train_state(ckpt)
+
+
+def _keep_torch_adam_step(opt) -> None:
+    """Work around megatron-core 0.16.1 loading a fully reshardable checkpoint into torch's
+    Adam (the CPU fallback without TE/Apex): it sets Adam's per-param "step" from the checkpoint,
+    then copies per-param state whose source lacks "step" and fails with KeyError. Supply the
+    already-set step as its own source, on this optimizer instance only."""
+    original = getattr(opt, "_set_main_param_and_optimizer_states", None)
+    if original is None or getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8",
+                                   False):
+        return
+
+    def set_states(model_param, tensors):
+        gi, go = opt.model_param_group_index_map[model_param]
+        state = opt.optimizer.state[opt.optimizer.param_groups[gi]["params"][go]]
+        if "step" in state and "step" not in tensors:
+            tensors = {**tensors, "step": state["step"]}
+        original(model_param, tensors)
+
+    opt._set_main_param_and_optimizer_states = set_states
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Create Adam's state tensors before loading into them: a fresh optimizer has none, and
+    Megatron's distributed optimizer cannot describe (or receive) state it does not hold.
+    One zero-gradient step at lr 0 and weight decay 0 creates them without moving weights."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or len(inner.state) > 0 or \
+                not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            continue
+        saved = [(g["lr"], g["weight_decay"]) for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+        opt._init_optimizer_states_with_dummy_values()
+        for g, (lr, wd) in zip(inner.param_groups, saved):
+            g["lr"], g["weight_decay"] = lr, wd
+
+
+def _has_optimizer(ckpt: str) -> bool:
+    """Whether a checkpoint of ours holds optimizer state (not before the first update)."""
+    path = os.path.join(ckpt, STATE_FILE)
+    if not os.path.isfile(path):
+        return False
+    return bool(torch.load(path, weights_only=False).get("has_optimizer", True))
 
 
 def _model_keys(n: int) -> list[str]:

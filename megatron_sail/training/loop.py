@@ -143,7 +143,10 @@ def save(ctx: LoopContext) -> None:
     ctx.state.data = {"consumed_samples": ctx.state.consumed_samples,
                       "loader_position": ctx.feeder.loader.position}
     if c.save:
-        ckpt.save_checkpoint(c.save, ctx.chunks, ctx.optimizer, ctx.state, c.keep_last,
+        # Before the first update the optimizer holds no state to save (Megatron's distributed
+        # optimizer refuses); such a checkpoint holds weights and the TrainState only.
+        optimizer = ctx.optimizer if ctx.scheduler.num_steps > 0 else None
+        ckpt.save_checkpoint(c.save, ctx.chunks, optimizer, ctx.state, c.keep_last,
                              ctx.config_dict)
 
 

@@ -45,11 +45,13 @@ def _env() -> dict:
 
 
 def train(data, run_dir, nproc=1, extra=(), expect_rc=0):
-    """Run the trainer; returns {iteration: loss} from its metrics.jsonl."""
-    args = COMMON + ["--data-path", data["train"], "--run-dir", str(run_dir)] + list(extra)
+    """Run the trainer from the shared initial weights; returns {iteration: loss}."""
+    args = COMMON + ["--data-path", data["train"], "--run-dir", str(run_dir),
+                     "--init-from", data["init"]] + list(extra)
     proc = subprocess.run(_cmd(nproc, args), cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == expect_rc, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = [l for l in (proc.stdout + proc.stderr).splitlines() if "RNG state" not in l]
+    assert proc.returncode == expect_rc, "\n".join(log[-60:])
     return losses(run_dir)
 
 
@@ -80,7 +82,13 @@ def data(tmp_path_factory):
                              "--output-prefix", str(d / split), "--seq-length", "256",
                              "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "4"],
                        cwd=ROOT, env=_env(), check=True, capture_output=True)
-    return {"train": str(d / "train"), "val": str(d / "val")}
+    out = {"train": str(d / "train"), "val": str(d / "val"), "init": str(d / "init")}
+    # Initial weights shared by every run: Megatron draws TP/PP-sharded weights from
+    # rank-specific RNG streams, so runs at different layouts would otherwise start apart.
+    args = COMMON + ["--data-path", out["train"], "--run-dir", str(d / "init_run"),
+                     "--train-iters", "0", "--save", out["init"]]
+    subprocess.run(_cmd(1, args), cwd=ROOT, env=_env(), check=True, capture_output=True)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +136,7 @@ def test_parallel_layout_tracks_single_rank(data, reference, tmp_path, layout):
         # Save at TP=2, resume at PP=2: steps 11-20 still track the reference.
         resumed = tmp_path / "pp2"
         curve = train(data, resumed, 2, ["--pipeline-model-parallel-size", "2",
-                                         "--load", str(tmp_path / "ckpt")])
+                                         "--load", str(tmp_path / "ckpt" / "iter_0000010")])
         assert sorted(curve) == list(range(11, STEPS + 1))
         _assert_tracks(curve, reference["losses"], range(11, STEPS + 1), PARALLEL_RTOL)
 
@@ -147,9 +155,10 @@ def test_alignment_stage_from_init_keeps_frozen_modules(data, reference, tmp_pat
     """--init-from loads weights only (iterations restart at 0), and in pretrain-alignment only
     the projector changes."""
     ckpt = tmp_path / "ckpt"
-    train(data, tmp_path, 1, ["--stage", "pretrain-alignment", "--train-iters", "3",
-                              "--lr-decay-iters", "3", "--init-from",
-                              str(reference["dir"] / "ckpt"), "--save", str(ckpt)])
+    args = COMMON + ["--data-path", data["train"], "--run-dir", str(tmp_path), "--stage",
+                     "pretrain-alignment", "--train-iters", "3", "--lr-decay-iters", "3",
+                     "--init-from", str(reference["dir"] / "ckpt"), "--save", str(ckpt)]
+    subprocess.run(_cmd(1, args), cwd=ROOT, env=_env(), check=True, capture_output=True)
     assert (ckpt / "latest").read_text().strip() == "3"
     before = weights(reference["dir"] / "ckpt" / "iter_0000020", tmp_path)
     after = weights(ckpt / "iter_0000003", tmp_path)
