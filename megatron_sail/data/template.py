@@ -69,38 +69,50 @@ class ChatTemplate:
         self.tok = tokenizer
         self.cfg = cfg
         sp = tokenizer.special
-        self._header = {r: [sp.im_start] + tokenizer.encode(r + "\n") for r in ("system", "user", "assistant")}
-        self._close = [sp.im_end] + tokenizer.encode(cfg.turn_separator)
+        self._header = {r: np.asarray([sp.im_start] + tokenizer.encode(r + "\n"), dtype=np.int32)
+                        for r in ("system", "user", "assistant")}
+        self._close = np.asarray([sp.im_end] + tokenizer.encode(cfg.turn_separator), dtype=np.int32)
 
-    def _content(self, text: str, image_tokens: list[int], next_image: int) -> tuple[list[int], int]:
-        """Ids of one turn's text with its images expanded; returns the next image index."""
+    def _content(self, text: str, image_tokens: list[int], next_image: int) -> tuple[list[np.ndarray], int]:
+        """Id segments of one turn's text with its images expanded; returns the next image index.
+
+        Image runs are built as numpy arrays: a 13-tile image is 3,328 ids, and building those
+        as Python lists dominated the cost of long samples.
+        """
         sp = self.tok.special
         parts = text.split(IMAGE_PLACEHOLDER)
-        ids = self.tok.encode(parts[0])
+        segs = [np.asarray(self.tok.encode(parts[0]), dtype=np.int32)]
         for part in parts[1:]:
-            ids += [sp.img_start] + [sp.img_context] * image_tokens[next_image] + [sp.img_end]
+            run = np.full(image_tokens[next_image] + 2, sp.img_context, dtype=np.int32)
+            run[0], run[-1] = sp.img_start, sp.img_end
+            segs.append(run)
             next_image += 1
-            ids += self.tok.encode(part)
-        return ids, next_image
+            segs.append(np.asarray(self.tok.encode(part), dtype=np.int32))
+        return segs, next_image
 
     def render(self, turns: list[tuple[str, str]], image_tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids (int32) and shifted loss mask (uint8) of one normalized conversation.
 
         ``image_tokens[k]`` is the <IMG_CONTEXT> count of the k-th image (tiles x tokens per tile).
         """
-        ids: list[int] = []
-        trained: list[int] = []
+        ids: list[np.ndarray] = []
+        trained: list[np.ndarray] = []
         img = 0
         for role, text in turns:
             body, img = self._content(text, image_tokens, img)
-            header = self._header[role]
-            ids += header
-            trained += [0] * len(header)
-            ids += body
-            ids += self._close
             flag = 1 if role == "assistant" else 0
-            trained += [flag] * (len(body) + 1) + [0] * (len(self._close) - 1)
-        tokens = np.asarray(ids, dtype=np.int32)
-        mask = np.zeros(len(ids), dtype=np.uint8)
-        mask[:-1] = trained[1:]
+            header = self._header[role]
+            ids.append(header)
+            trained.append(np.zeros(len(header), np.uint8))
+            for seg in body:
+                ids.append(seg)
+                trained.append(np.full(len(seg), flag, np.uint8))
+            ids.append(self._close)
+            close = np.zeros(len(self._close), np.uint8)
+            close[0] = flag  # <|im_end|> of an assistant turn is trained; the separator is not
+            trained.append(close)
+        tokens = np.concatenate(ids)
+        flags = np.concatenate(trained)
+        mask = np.zeros(len(tokens), dtype=np.uint8)
+        mask[:-1] = flags[1:]
         return tokens, mask
