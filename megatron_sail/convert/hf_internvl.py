@@ -15,6 +15,8 @@ Layout differences handled here:
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from megatron_sail.config.model import LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig
@@ -226,3 +228,48 @@ def load_hf_into(model, hf_sd: dict, cfg: ModelConfig) -> None:
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise KeyError(f"state dict mismatch: missing={missing[:8]} unexpected={unexpected[:8]}")
+
+
+# ----------------------------------------------------------------------------- TP/PP slicing
+_LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.")
+
+
+def _global_key(key: str, model) -> str:
+    """Local key of a pipeline stage -> key in the full model (global LM layer numbers)."""
+    m = _LAYER.match(key)
+    if not m:
+        return key
+    number = model.language_model.decoder.layers[int(m.group(1))].layer_number - 1
+    return f"language_model.decoder.layers.{number}." + key[m.end():]
+
+
+def shard_for_model(full: dict, model) -> dict:
+    """Slice a full TP=1 state dict (ours) down to what ``model`` holds on this TP rank / PP stage.
+
+    Uses each parameter's Megatron TP attributes (``tensor_model_parallel``, ``partition_dim``);
+    the LM's fused SwiGLU fc1 is split per half ([gate; up] -> [gate_r; up_r]) like Megatron.
+    Also works on gradients stored under the same keys (the distributed tests use it so).
+    """
+    from megatron.core import parallel_state as ps
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    cfg = model.model_config
+    out = {}
+    for key, local in model.state_dict(keep_vars=True).items():
+        if key.endswith("_extra_state"):
+            continue
+        gkey = _global_key(key, model)
+        if gkey == "language_model.output_layer.weight" and cfg.language.tie_embeddings:
+            gkey = "language_model.embedding.word_embeddings.weight"
+        src = _need(full, gkey, "full")
+        if tp > 1 and getattr(local, "tensor_model_parallel", False):
+            dim = local.partition_dim
+            if gkey.startswith("language_model.") and gkey.endswith("mlp.linear_fc1.weight"):
+                src = torch.cat([h.chunk(tp, 0)[rank] for h in src.chunk(2, 0)], 0)
+            else:
+                src = src.chunk(tp, dim)[rank]
+        if src.shape != local.shape:
+            raise ValueError(f"{key}: full tensor slices to {tuple(src.shape)}, "
+                             f"model holds {tuple(local.shape)}")
+        out[key] = src.contiguous()
+    return out

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -89,6 +90,7 @@ class SailVLModel(MegatronModule):
             share_embeddings_and_output_weights=lm.tie_embeddings, position_embedding_type="rope",
             rotary_base=int(lm.rope_theta), vp_stage=vp_stage)
         self.share_embeddings_and_output_weights = lm.tie_embeddings
+        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
 
     # ----------------------------------------------------------------- pipeline plumbing
     def set_input_tensor(self, input_tensor) -> None:

@@ -96,7 +96,9 @@ class _FakeEvent:
 def _patch_torch_cuda():
     """Replace the torch.cuda entry points Megatron-Core calls with CPU equivalents."""
     cuda = torch.cuda
-    cuda.current_device = lambda: 0
+    # A CPU device object works both as `device=` argument and inside threads (autograd) where
+    # the TorchFunctionMode below is not active.
+    cuda.current_device = lambda: torch.device("cpu")
     cuda.set_device = lambda *_a, **_k: None
     cuda.device_count = lambda: 1
     cuda.synchronize = lambda *_a, **_k: None

@@ -94,3 +94,27 @@ def build_ours(cfg: ModelConfig, parallel=None, pre_process=True, post_process=T
 
     return SailVLModel(cfg, parallel, pre_process=pre_process, post_process=post_process,
                        vp_stage=vp_stage, use_te=False)
+
+
+def batch(rows, seq_len: int):
+    """Stack packed rows into one micro-batch dict; cu_seqlens flattened over the batch."""
+    ids, pos, tiles, cus = [], [], [], []
+    for r, samples in enumerate(rows):
+        i, p, t, cu = pack(samples, seq_len)
+        ids.append(i), pos.append(p), tiles.append(t)
+        cus.append(cu[(1 if r else 0):] + r * seq_len)
+    ids = torch.cat(ids)
+    g = torch.Generator().manual_seed(int(ids.sum()))
+    return {"input_ids": ids, "position_ids": torch.cat(pos),
+            "tiles": torch.cat([t for t in tiles if t.numel()] or [torch.zeros(0, 3, 32, 32)]),
+            "cu_seqlens": torch.cat(cus).to(torch.int32),
+            "labels": torch.randint(0, 200, ids.shape, generator=g)}
+
+
+def micro_batches(cfg: ModelConfig):
+    """Two micro-batches (B=2, S=32): packed samples, multi-image, multi-tile, text-only rows,
+    padding segments; tiles of the trained size (32) in the first, 48 px (interpolated) in the second."""
+    s = lambda texts, imgs, tile, seed: sample(cfg, texts, imgs, tile, seed)  # noqa: E731
+    mb0 = batch([[s([3, 4], [1], 32, 1), s([5], [], 32, 2)], [s([2, 3, 2], [2, 1], 32, 3)]], 32)
+    mb1 = batch([[s([4, 5], [2], 48, 4)], [s([10], [], 48, 5), s([3, 4], [1], 48, 6)]], 32)
+    return [mb0, mb1]

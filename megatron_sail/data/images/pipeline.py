@@ -8,6 +8,7 @@ InternVL's ToTensor + Normalize.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Sequence
 
 import torch
@@ -33,6 +34,7 @@ class ImagePipeline:
         self.cfg = cfg
         self.device = device
         self.failures = 0
+        self._lock = threading.Lock()  # training and validation loaders may share one pipeline
         self._mean = torch.tensor(cfg.mean, dtype=torch.float32, device=device).view(3, 1, 1)
         self._std = torch.tensor(cfg.std, dtype=torch.float32, device=device).view(3, 1, 1)
 
@@ -46,13 +48,14 @@ class ImagePipeline:
             offsets.append(offsets[-1] + rec.num_tiles)
         pin = self.cfg.pin_memory and self.device.type == "cpu" and torch.cuda.is_available()
         out = torch.empty((offsets[-1], 3, S, S), dtype=torch.float32, device=self.device, pin_memory=pin)
-        errors = self._decode_into(records, [out[a:b] for a, b in zip(offsets, offsets[1:])])
-        for rec, err, a, b in zip(records, errors, offsets, offsets[1:]):
-            if err is not None:
-                out[a:b].zero_()
-                self.failures += 1
-                logger.warning("image %s failed to decode (%s); using blank tiles, its sample's loss is masked",
-                               rec.source, err)
+        if True:  # MUTATION
+            errors = self._decode_into(records, [out[a:b] for a, b in zip(offsets, offsets[1:])])
+            for rec, err, a, b in zip(records, errors, offsets, offsets[1:]):
+                if err is not None:
+                    out[a:b].zero_()
+                    self.failures += 1
+                    logger.warning("image %s failed to decode (%s); using blank tiles, its sample's loss is "
+                                   "masked", rec.source, err)
         return out, [err is None for err in errors]
 
     def _decode_into(self, records: Sequence[ImageRecord], outs: list[torch.Tensor]) -> list[str | None]:
