@@ -45,8 +45,10 @@ $PY -m megatron_sail.train "${TRAIN[@]}" --train-iters "${ITERS}" --eval-interva
   --log-interval 50 --run-dir "${OUT}" --save "${OUT}/checkpoints" --progress-bar
 
 step "5/6 evaluate the saved checkpoint on the held-out split"
-$PY -m megatron_sail.train "${TRAIN[@]}" --train-iters 0 --lr-decay-iters 1 --eval-interval 0 \
-  --init-from "${OUT}/checkpoints" --run-dir "${OUT}/eval"
+# Loading the checkpoint with --train-iters equal to its step runs no step and no save, then the
+# final validation pass over the held-out rows.
+$PY -m megatron_sail.train "${TRAIN[@]}" --train-iters "${ITERS}" --eval-interval 0 \
+  --load "${OUT}/checkpoints" --run-dir "${OUT}/eval"
 
 step "6/6 summary"
 $PY - "${OUT}" <<'EOF'
