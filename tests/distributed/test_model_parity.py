@@ -1,0 +1,155 @@
+"""Single-rank model behaviour: parity with transformers' InternVL, packing, text-only, freeze.
+
+All checks run in one spawned process (the CPU backend patches torch process-wide) and report
+numbers that the tests below assert on.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model_cases as mc
+from launcher import launch
+
+VARIANTS = ("base", "mha_untied_rms", "mqa")
+
+
+def _hf_parity(cfg, hf, ours):
+    """Max |logit diff| vs transformers for single samples: 1 tile at the trained size, several
+    images with multi-tile grids, and a 48 px tile (interpolated position embeddings)."""
+    errs = {}
+    cases = {"one_tile": ([5, 6], [1], 32), "multi_image": ([3, 4, 2], [3, 1], 32),
+             "tile48": ([4, 3], [2], 48), "text_only": ([9], [], 32)}
+    for name, (texts, imgs, tile) in cases.items():
+        ids, tiles = mc.sample(cfg, texts, imgs, tile, seed=len(name))
+        with torch.no_grad():
+            ref = hf(input_ids=ids[None], pixel_values=tiles if imgs else None).logits
+            got = ours(ids[None], torch.arange(len(ids))[None], tiles)
+        errs[name] = (ref - got).abs().max().item()
+    return errs
+
+
+def _packing(cfg, ours):
+    """Packed row vs each sample alone: max |logit diff| over the real tokens."""
+    samples = [mc.sample(cfg, [3, 4], [2], 32, 11), mc.sample(cfg, [6], [], 32, 12),
+               mc.sample(cfg, [2, 2], [1], 32, 13)]
+    ids, pos, tiles, cu = mc.pack(samples, length=40)
+    with torch.no_grad():
+        packed = ours(ids, pos, tiles, cu_seqlens=cu)[0]
+        err, start = 0.0, 0
+        for s_ids, s_tiles in samples:
+            alone = ours(s_ids[None], None, s_tiles)[0]
+            err = max(err, (packed[start:start + len(s_ids)] - alone).abs().max().item())
+            start += len(s_ids)
+    return err
+
+
+def _text_only_grads(cfg, ours):
+    """Text-only batch: loss backward must give every trainable parameter a gradient."""
+    ours.zero_grad(set_to_none=True)
+    ids = torch.randint(0, cfg.img_context_token_id, (2, 12))
+    loss = ours(ids, None, torch.zeros(0, 3, 32, 32), labels=ids)
+    loss.sum().backward()
+    missing = [n for n, p in ours.named_parameters() if p.requires_grad and p.grad is None]
+    vit_zero = all(p.grad.abs().sum() == 0 for p in ours.vision_model.parameters())
+    return {"missing": missing, "vit_grads_zero": bool(vit_zero), "loss_shape": tuple(loss.shape)}
+
+
+def _freeze_step(cfg, ours):
+    """Freeze ViT + LM, take an Adam step on an image batch: frozen weights must not move."""
+    ours.train()
+    ours.freeze(vision=True, projector=False, language=True)
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    trainable = [p for p in ours.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
+    ids, tiles = mc.sample(cfg, [4, 4], [2], 32, 21)
+    ours(ids[None], None, tiles, labels=ids[None]).sum().backward()
+    opt.step()
+    moved = {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])}
+    ours.freeze()  # unfreeze all again
+    return {"moved": sorted(moved), "n_trainable": len(trainable)}
+
+
+def _mismatch_error(cfg, ours):
+    """The error raised when <IMG_CONTEXT> count and tiles disagree."""
+    ids, tiles = mc.sample(cfg, [4, 4], [2], 32, 31)
+    try:
+        ours(ids[None], None, tiles[:1])
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _all_checks(rank):
+    """Every single-rank check, for every variant."""
+    from megatron_sail.config.parallel import ParallelConfig
+    from megatron_sail.convert.hf_internvl import load_hf_into, ours_to_hf
+    from megatron_sail.platform import distributed as D
+
+    D.initialize(ParallelConfig())
+    out = {}
+    for name in VARIANTS:
+        cfg = mc.variant(name)
+        hf = mc.hf_model(cfg, seed=3)
+        ours = mc.build_ours(cfg).eval()
+        load_hf_into(ours, hf.state_dict(), cfg)
+        back = ours_to_hf(ours.state_dict(), cfg)
+        hf_sd = hf.state_dict()
+        res = {"hf": _hf_parity(cfg, hf, ours), "packing": _packing(cfg, ours),
+               "roundtrip_missing": sorted(set(hf_sd) - set(back)),
+               "roundtrip_equal": all(torch.equal(back[k], v) for k, v in hf_sd.items() if k in back),
+               "mismatch": _mismatch_error(cfg, ours)}
+        if name == "base":
+            res["text_only"] = _text_only_grads(cfg, ours)
+            res["freeze"] = _freeze_step(cfg, ours)
+        out[name] = res
+    return out
+
+
+@pytest.fixture(scope="module")
+def checks():
+    """Results of all single-rank checks (one spawned process)."""
+    return launch(_all_checks, 1, timeout=600)[0]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_transformers(checks, variant):
+    errs = checks[variant]["hf"]
+    assert set(errs) == {"one_tile", "multi_image", "tile48", "text_only"}
+    for case, err in errs.items():
+        assert err < 1e-4, f"{variant}/{case}: max |logit diff| {err}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_packed_equals_unpacked(checks, variant):
+    assert checks[variant]["packing"] < 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_state_dict_round_trip_is_exact(checks, variant):
+    cfg = mc.variant(variant)
+    # only ViT layers after select_layer (never computed, so never built) may be absent
+    unused = [f"encoder.layer.{i}." for i in range(cfg.vision.layers_used, cfg.vision.num_layers)]
+    missing = checks[variant]["roundtrip_missing"]
+    assert all(any(u in k for u in unused) for k in missing), missing
+    assert bool(missing) == bool(unused)
+    assert checks[variant]["roundtrip_equal"]
+
+
+def test_image_token_mismatch_is_a_clear_error(checks):
+    msg = checks["base"]["mismatch"]
+    assert msg is not None and "image token count mismatch" in msg and "8" in msg and "4" in msg
+
+
+def test_text_only_batch_gives_every_param_a_grad(checks):
+    t = checks["base"]["text_only"]
+    assert t["loss_shape"] == (2, 12)
+    assert t["missing"] == []
+    assert t["vit_grads_zero"]  # the anchor only makes grads exist; it does not change them
+
+
+def test_freeze_keeps_frozen_params_bit_identical(checks):
+    f = checks["base"]["freeze"]
+    assert f["moved"], "nothing trained"
+    assert all(n.startswith("projector.") for n in f["moved"]), f["moved"]
+    assert {"projector.linear_1.weight", "projector.linear_2.weight"} <= set(f["moved"])
