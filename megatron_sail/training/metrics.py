@@ -191,9 +191,9 @@ class MetricsWriter:
     def log_step(self, s: StepStats) -> dict:
         """Record one step everywhere it goes; returns the record (also on ranks that write nothing)."""
         rec = self.record(s)
-        self._window.append(rec)
         if not self.active:
             return rec
+        self._window.append(rec)
         self._jsonl.write(json.dumps(_json_safe(rec)) + "\n")
         self._write_tensorboard(rec)
         if self._bar is not None:
