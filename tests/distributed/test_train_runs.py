@@ -101,6 +101,7 @@ def reference(data, tmp_path_factory):
 
 
 def _assert_tracks(curve, ref, steps, rtol):
+    print({it: round(curve[it] / ref[it] - 1, 6) for it in steps})
     for it in steps:
         assert curve[it] == pytest.approx(ref[it], rel=rtol), (it, curve[it], ref[it])
 
