@@ -21,23 +21,26 @@ from megatron_sail.data.dataset import TokenizerMeta  # noqa: E402
 from megatron_sail.data.indexed import PackedReader  # noqa: E402
 
 
-def stats(reader: PackedReader) -> dict:
-    """Counts over the whole prefix, reading the token and mask streams once."""
+def stats(reader: PackedReader, chunk: int = 65536) -> dict:
+    """Counts over the whole prefix, reading the token and mask streams in chunks of samples."""
     meta = reader.meta
     tm = TokenizerMeta.from_meta(meta)
-    rows, seq = len(reader), int(meta["seq_length"])
-    tokens = reader.tokens[0:len(reader.tokens)] if len(reader.tokens) else []
-    masks = reader.loss_mask[0:len(reader.loss_mask)] if len(reader.loss_mask) else []
-    flat = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
-    image_tokens = int(np.count_nonzero(flat == tm.img_context_id))
+    rows, seq, n = len(reader), int(meta["seq_length"]), len(reader.tokens)
+    total = image_tokens = loss_tokens = 0
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        toks = np.concatenate(reader.tokens[a:b])
+        image_tokens += int(np.count_nonzero(toks == tm.img_context_id))
+        total += toks.size
+        loss_tokens += int(sum(int(m.sum()) for m in reader.loss_mask[a:b]))
     im = reader.image_meta
     grid_tiles = im[:, 0] * im[:, 1]
     tiles = int((grid_tiles + ((im[:, 2] == 1) & (grid_tiles > 1))).sum())
     return {
-        "prefix": reader.prefix, "seq_length": seq, "samples": int(len(reader.tokens)), "rows": rows,
-        "images": int(len(im)), "tiles": tiles, "text_tokens": int(flat.size) - image_tokens,
-        "image_tokens": image_tokens, "loss_tokens": int(sum(int(m.sum()) for m in masks)),
-        "fill_ratio": round(flat.size / (rows * seq), 6) if rows else 0.0,
+        "prefix": reader.prefix, "seq_length": seq, "samples": n, "rows": rows,
+        "images": int(len(im)), "tiles": tiles, "text_tokens": total - image_tokens,
+        "image_tokens": image_tokens, "loss_tokens": loss_tokens,
+        "fill_ratio": round(total / (rows * seq), 6) if rows else 0.0,
         "rejects": meta.get("rejects", {}), "records": meta["stats"].get("records"),
         "tokenizer": meta["tokenizer"],
     }

@@ -160,9 +160,15 @@ class PackedReader:
         if self.meta.get("format") != FORMAT_NAME or self.meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{meta_path}: not a {FORMAT_NAME} v{FORMAT_VERSION} dataset")
         self.prefix = prefix
-        self.tokens = IndexedDataset(f"{prefix}.tokens")
-        self.loss_mask = IndexedDataset(f"{prefix}.loss_mask")
-        self.images = IndexedDataset(f"{prefix}.images")
+
+        def open_stream(name: str) -> IndexedDataset:
+            # an empty .bin (e.g. text-only data has no image bytes) cannot be memory-mapped
+            empty = os.path.getsize(f"{prefix}.{name}.bin") == 0
+            return IndexedDataset(f"{prefix}.{name}", mmap=not empty)
+
+        self.tokens = open_stream("tokens")
+        self.loss_mask = open_stream("loss_mask")
+        self.images = open_stream("images")
         self.image_meta = np.load(f"{prefix}.images_meta.npy")
         self.row_index = self.tokens.document_indices
         self.image_row_index = self.images.document_indices

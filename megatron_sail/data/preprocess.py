@@ -183,9 +183,9 @@ def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int,
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     tok = load_tokenizer(cfg.tokenizer, log=log)
     builder = SampleBuilder(cfg, fmt, tok)
-    start = time.perf_counter()
     records, rejects = 0, Counter()
     with indexed.PackedWriter(cfg.output_prefix) as writer:
+        start = time.perf_counter()  # after the writer's one-off megatron.core import
         for res in map_blocks(cfg, fmt, iter_blocks(cfg, files, fmt), builder):
             for row in res.rows:
                 writer.add_row(row, tok.special.img_context)
@@ -199,10 +199,12 @@ def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int,
         rate = n_rej / records if records else 0.0
         summary = {"output_prefix": cfg.output_prefix, **meta["stats"], "rejects": meta["rejects"],
                    "reject_rate": round(rate, 6), "seconds": round(time.perf_counter() - start, 3)}
-        failed = (cfg.strict and n_rej > 0) or rate > cfg.max_reject_rate or records == 0
+        # an empty shard is fine (its blocks may all belong to other shards); an empty run is not
+        empty = records == 0 and cfg.num_shards == 1
+        failed = (cfg.strict and n_rej > 0) or rate > cfg.max_reject_rate or empty
         if failed:
             writer.abort(keep_rejects=True)
-            why = ("no input records" if records == 0 else
+            why = ("no input records" if empty else
                    f"{n_rej} rejected with --strict" if cfg.strict and n_rej else
                    f"reject rate {rate:.4f} > --max-reject-rate {cfg.max_reject_rate}")
             summary["error"] = f"{why}; dataset not written, see {cfg.output_prefix}.rejects.jsonl"

@@ -234,3 +234,23 @@ def test_cli_tools_preprocess_and_inspect(demo, tmp_path, capsys):
     assert shown["text"].startswith("<|im_start|>user\n") and shown["trained"].endswith("<|im_end|>")
     if shown["images"]:
         assert "<img><IMG_CONTEXT>x" in shown["text"]
+
+
+def test_text_only_data_and_an_empty_shard(demo, tmp_path, capsys):
+    (tmp_path / "t.jsonl").write_text(json.dumps({"conversations": _conv(q="Hi")}) + "\n")
+    cfg = dict(inputs=[str(tmp_path / "t.jsonl")], packing=PackingConfig(seq_length=64, packing_buffer=4))
+    assert run(config(demo, tmp_path / "one", **cfg), log=lambda m: None)[0] == 0
+    row = PackedDataset(str(tmp_path / "one"))[0]  # an empty image stream still opens
+    assert row.images == [] and row.num_samples == 1
+    # 1 record = 1 block: shard 1 of 2 is empty, which is fine for a shard (not for a whole run)
+    for i in (0, 1):
+        assert run(config(demo, tmp_path / f"p{i}", shard_index=i, num_shards=2, **cfg), log=lambda m: None)[0] == 0
+    assert len(PackedDataset(str(tmp_path / "p1"))) == 0
+    assert tool("merge_datasets").main(["--inputs", str(tmp_path / "p0"), str(tmp_path / "p1"),
+                                        "--output-prefix", str(tmp_path / "m")]) == 0
+    for a, b in zip(files_of(tmp_path / "one"), files_of(tmp_path / "m")):
+        assert filecmp.cmp(a, b, shallow=False), a
+    (tmp_path / "empty.jsonl").write_text("\n")
+    code, summary = run(config(demo, tmp_path / "e", inputs=[str(tmp_path / "empty.jsonl")], format="llava"),
+                        log=lambda m: None)
+    assert code == 1 and "no input records" in summary["error"]
