@@ -25,6 +25,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _to_bytes(value) -> bytes:
+    """Serialize a result by value: tensors sent through a Queue as shared-memory handles
+    vanish when the sending process exits before the receiver opens them."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes):
+    """Inverse of ``_to_bytes``."""
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
 def _worker(rank, world_size, port, fn, args, results):
     """Child process body: set the rendezvous env, run fn, report (rank, ok, value)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -33,7 +54,7 @@ def _worker(rank, world_size, port, fn, args, results):
         import torch
 
         torch.set_num_threads(1)
-        results.put((rank, True, fn(rank, *args)))
+        results.put((rank, True, _to_bytes(fn(rank, *args))))
     except BaseException:  # report everything, including assertion failures
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -59,7 +80,7 @@ def _collect(procs, results, world_size, timeout):
                 errors.append(f"timed out after {timeout}s (reported: {sorted(out)})")
             continue
         if ok:
-            out[rank] = value
+            out[rank] = _from_bytes(value)
         else:
             errors.append(f"rank {rank} failed:\n{value}")
     return out, errors
