@@ -99,6 +99,9 @@ def _all_checks(rank):
                "roundtrip_missing": sorted(set(hf_sd) - set(back)),
                "roundtrip_equal": all(torch.equal(back[k], v) for k, v in hf_sd.items() if k in back),
                "mismatch": _mismatch_error(cfg, ours)}
+        sharded = ours.sharded_state_dict()
+        res["sharded"] = {k: (tuple(v.global_shape), v.replica_id) for k, v in sharded.items()
+                          if hasattr(v, "global_shape")}
         if name == "base":
             res["text_only"] = _text_only_grads(cfg, ours)
             res["freeze"] = _freeze_step(cfg, ours)
@@ -153,3 +156,15 @@ def test_freeze_keeps_frozen_params_bit_identical(checks):
     assert f["moved"], "nothing trained"
     assert all(n.startswith("projector.") for n in f["moved"]), f["moved"]
     assert {"projector.linear_1.weight", "projector.linear_2.weight"} <= set(f["moved"])
+
+
+def test_sharded_state_dict_covers_every_weight(checks):
+    sharded = checks["mha_untied_rms"]["sharded"]
+    cfg = mc.variant("mha_untied_rms")
+    assert sharded["vision_model.position_embedding"][0] == (1, 17, cfg.vision.hidden_size)
+    assert sharded["vision_model.encoder.layers.0.self_attention.q_layernorm.weight"][0] == (
+        cfg.vision.layers_used, cfg.vision.hidden_size)
+    assert "projector.linear_1.weight" in sharded
+    assert "language_model.output_layer.weight" in sharded  # untied
+    assert sharded["language_model.embedding.word_embeddings.weight"][0] == (
+        cfg.language.vocab_size, cfg.language.hidden_size)
