@@ -181,7 +181,24 @@ def load_checkpoint(path: str, chunks: list, optimizer=None) -> Optional[TrainSt
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         _keep_torch_adam_step(opt)
     optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(optimizer)
     return _read_train_state(ckpt)
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Give every parameter its own Adam "step" tensor again. Without TE/Apex, megatron-core
+    0.16.1 restores torch Adam's per-param step by putting ONE tensor into every param's state;
+    torch's Adam increments it in place once per param, so after a resume the bias correction
+    ran ahead by the number of params each step and the losses drifted from step 12 on."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        seen: set[int] = set()
+        for state in getattr(inner, "state", {}).values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                if id(step) in seen:
+                    state["step"] = step.clone()
+                seen.add(id(state["step"]))
 
 
 def _keep_torch_adam_step(opt) -> None:
