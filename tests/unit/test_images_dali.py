@@ -1,6 +1,7 @@
 """dali-cpu against the PIL reference: same grid and tile layout, pixels within a stated tolerance."""
 import io
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -99,3 +100,24 @@ def test_dali_errors_other_than_decoding_are_raised(monkeypatch):
     assert dali.failures == 0
     tiles, ok = dali.tiles([rec])  # rebuilt pipeline works again
     assert ok == [True] and tiles.shape == (rec.num_tiles, 3, 32, 32)
+
+
+def test_dali_pipeline_shared_by_two_threads():
+    """A training and a validation loader may call one pipeline from two threads at once."""
+    recs = [record(synthetic_jpeg(40 + 24 * i, 48, i), f"t:{i}", 32) for i in range(4)]
+    _, dali = pipelines(32, max_batch=2)
+    want = [dali.tiles(recs[i:i + 2])[0] for i in (0, 2)]
+    results: list = [[], []]
+
+    def work(k: int) -> None:
+        for _ in range(6):
+            results[k].append(dali.tiles(recs[2 * k:2 * k + 2])[0])
+
+    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "concurrent calls deadlocked DALI"
+    assert all(torch.equal(got, want[k]) for k in (0, 1) for got in results[k])
+    assert len(results[0]) == len(results[1]) == 6

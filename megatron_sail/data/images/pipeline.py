@@ -48,7 +48,7 @@ class ImagePipeline:
             offsets.append(offsets[-1] + rec.num_tiles)
         pin = self.cfg.pin_memory and self.device.type == "cpu" and torch.cuda.is_available()
         out = torch.empty((offsets[-1], 3, S, S), dtype=torch.float32, device=self.device, pin_memory=pin)
-        if True:  # MUTATION
+        with self._lock:
             errors = self._decode_into(records, [out[a:b] for a, b in zip(offsets, offsets[1:])])
             for rec, err, a, b in zip(records, errors, offsets, offsets[1:]):
                 if err is not None:
