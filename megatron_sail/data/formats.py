@@ -39,6 +39,22 @@ class RawRecord:
     members: dict = field(default_factory=dict)
 
 
+class ImageBlob(bytes):
+    """Image bytes that remember where they came from: ("file", path) or ("member", extension).
+
+    With several workers, a worker returns only this origin for images stored unchanged, and
+    the writer process re-reads them, instead of sending every image's bytes through a pipe.
+    """
+
+    origin: tuple[str, str]
+
+    @classmethod
+    def make(cls, data: bytes, origin: tuple[str, str]) -> "ImageBlob":
+        blob = cls(data)
+        blob.origin = origin
+        return blob
+
+
 def expand_inputs(inputs: list[str]) -> list[str]:
     """Files named by paths, directories (their data files, sorted) or globs, in a stable order."""
     files: list[str] = []
@@ -140,14 +156,14 @@ def iter_records(files: list[str], fmt: str, image_root: Optional[str]) -> Itera
             yield from _iter_json_file(path, base)
 
 
-def _read_image(rel: str, base_dir: str) -> bytes:
+def _read_image(rel: str, base_dir: str) -> "ImageBlob":
     """Bytes of an image file; a missing file is a 'missing_image' reject."""
     if not isinstance(rel, str) or not rel:
         raise SampleError("bad_sample", f"image path {rel!r}")
     path = rel if os.path.isabs(rel) else os.path.join(base_dir, rel)
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return ImageBlob.make(f.read(), ("file", path))
     except FileNotFoundError as e:
         raise SampleError("missing_image", path) from e
     except OSError as e:
@@ -193,7 +209,7 @@ def to_conversation(rec: RawRecord, fmt: str, index: int, cfg: TemplateConfig,
             text = meta.get("caption", meta.get("text"))
         else:
             raise SampleError("bad_sample", "no .txt or .json caption member")
-        return caption_turns(text, index, cfg, seed), [m[ext]]
+        return caption_turns(text, index, cfg, seed), [ImageBlob.make(m[ext], ("member", ext))]
     obj = _parse_json(rec.payload)
     image = obj.get("image")
     paths = [] if image is None else ([image] if isinstance(image, str) else image)
@@ -206,3 +222,12 @@ def to_conversation(rec: RawRecord, fmt: str, index: int, cfg: TemplateConfig,
         if not isinstance(turns, list) or not turns:
             raise SampleError("bad_sample", "no 'conversations' list")
     return turns, [_read_image(p, rec.base_dir) for p in paths]
+
+
+def reread_image(origin: tuple[str, str], rec: RawRecord) -> bytes:
+    """The bytes of an image a worker left behind (see ImageBlob)."""
+    kind, value = origin
+    if kind == "member":
+        return rec.payload[value]
+    with open(value, "rb") as f:
+        return f.read()

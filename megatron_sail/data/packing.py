@@ -8,6 +8,7 @@ stays bounded, and a sharded run packs every block exactly as a single run would
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -16,14 +17,17 @@ import numpy as np
 class ImageEntry:
     """One image of a sample as it will be stored."""
 
-    data: bytes
-    """Encoded bytes (JPEG/PNG as given, other formats re-encoded to PNG)."""
+    data: Optional[bytes]
+    """Encoded bytes (JPEG/PNG as given, other formats re-encoded to PNG); None while only
+    ``origin`` travels back from a worker."""
     grid: tuple[int, int]
     """(cols, rows) tile grid."""
     thumbnail: bool
     """Thumbnail tile appended (only when cols*rows > 1)."""
     size: tuple[int, int]
     """Original (width, height)."""
+    origin: Optional[tuple[str, str]] = None
+    """Where unchanged bytes can be read again (formats.ImageBlob); None for re-encoded ones."""
 
 
 @dataclass
@@ -36,6 +40,8 @@ class Sample:
     """uint8 shifted loss mask (loss_mask[t] = 1 iff token t+1 is trained)."""
     images: list[ImageEntry] = field(default_factory=list)
     """Images in <IMG_CONTEXT> order."""
+    record: int = -1
+    """Position of the source record within its block (to re-read detached image bytes)."""
 
     def __len__(self) -> int:
         return len(self.tokens)

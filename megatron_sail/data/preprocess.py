@@ -20,7 +20,8 @@ from typing import Callable, Iterator, Optional
 
 from megatron_sail.config.data import PreprocessConfig
 from megatron_sail.data import indexed
-from megatron_sail.data.formats import FORMATS, RawRecord, detect_format, expand_inputs, iter_records, to_conversation
+from megatron_sail.data.formats import (FORMATS, RawRecord, detect_format, expand_inputs, iter_records,
+                                       reread_image, to_conversation)
 from megatron_sail.data.imageinfo import image_info
 from megatron_sail.data.packing import ImageEntry, Sample, pack_block
 from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
@@ -77,19 +78,31 @@ class SampleBuilder:
                     tokens, mask = self.template.render(turns, [n for _, n in grids])
             if len(tokens) > seq:
                 raise SampleError("too_long", f"{len(tokens)} tokens > seq_length {seq} at the fewest tiles")
-        images = [ImageEntry(data, g, self.cfg.tiling.thumbnail, (w, h))
-                  for (data, w, h), (g, _) in zip(infos, grids)]
+        images = [ImageEntry(data, g, self.cfg.tiling.thumbnail, (w, h),
+                             getattr(blob, "origin", None) if data is blob else None)
+                  for blob, (data, w, h), (g, _) in zip(blobs, infos, grids)]
         return Sample(tokens, mask, images)
 
-    def process_block(self, block: int, records: list[tuple[int, RawRecord]]) -> BlockResult:
-        """Build every sample of a block, collect rejects, and pack the samples into rows."""
+    def process_block(self, block: int, records: list[tuple[int, RawRecord]], detach: bool = False) -> BlockResult:
+        """Build every sample of a block, collect rejects, and pack the samples into rows.
+
+        ``detach``: drop the bytes of images stored unchanged (the writer re-reads them from
+        their origin), so a worker does not pipe every image back to the main process.
+        """
         out = BlockResult(block, records=len(records))
         samples = []
-        for index, rec in records:
+        for k, (index, rec) in enumerate(records):
             try:
-                samples.append(self.build(rec, index))
+                sample = self.build(rec, index)
             except SampleError as e:
                 out.rejects.append((rec.source, rec.key, e.reason, e.detail))
+                continue
+            sample.record = k
+            if detach:
+                for im in sample.images:
+                    if im.origin is not None:
+                        im.data = None
+            samples.append(sample)
         out.rows = pack_block(samples, self.cfg.packing.seq_length, self.cfg.packing.seed, block)
         return out
 
@@ -104,7 +117,22 @@ def _init_worker(cfg: PreprocessConfig, fmt: str) -> None:
 
 
 def _run_block(block: int, records: list[tuple[int, RawRecord]]) -> BlockResult:
-    return _WORKER.process_block(block, records)
+    return _WORKER.process_block(block, records, detach=True)
+
+
+def attach_images(res: BlockResult, records: list[tuple[int, RawRecord]]) -> BlockResult:
+    """Re-read the bytes a worker detached (same bytes: the files are inputs, not changed)."""
+    for row in res.rows:
+        for sample in row:
+            for im in sample.images:
+                if im.data is None:
+                    rec = records[sample.record][1]
+                    try:
+                        im.data = reread_image(im.origin, rec)
+                    except OSError as e:
+                        raise RuntimeError(f"{rec.source} {rec.key}: image {im.origin[1]} vanished during "
+                                           f"preprocessing ({e})") from e
+    return res
 
 
 def iter_blocks(cfg: PreprocessConfig, files: list[str], fmt: str) -> Iterator[tuple[int, list]]:
@@ -129,11 +157,13 @@ def map_blocks(cfg: PreprocessConfig, fmt: str, blocks: Iterator, builder: Sampl
     with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, fmt)) as pool:
         pending: deque = deque()
         for block, recs in blocks:
-            pending.append(pool.apply_async(_run_block, (block, recs)))
+            pending.append((pool.apply_async(_run_block, (block, recs)), recs))
             if len(pending) >= 2 * cfg.workers:
-                yield pending.popleft().get()
+                job, done = pending.popleft()
+                yield attach_images(job.get(), done)
         while pending:
-            yield pending.popleft().get()
+            job, done = pending.popleft()
+            yield attach_images(job.get(), done)
 
 
 def build_meta(cfg: PreprocessConfig, fmt: str, tok: Tokenizer, writer: indexed.PackedWriter,

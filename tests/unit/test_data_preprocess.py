@@ -254,3 +254,30 @@ def test_text_only_data_and_an_empty_shard(demo, tmp_path, capsys):
     code, summary = run(config(demo, tmp_path / "e", inputs=[str(tmp_path / "empty.jsonl")], format="llava"),
                         log=lambda m: None)
     assert code == 1 and "no input records" in summary["error"]
+
+
+def test_webdataset_end_to_end_with_workers(demo, tmp_path):
+    import tarfile
+
+    root = os.path.dirname(demo["train"])
+    with open(demo["train_captions"]) as f:
+        caps = [json.loads(line) for line in f][:12]
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for i, c in enumerate(caps):
+            tar.add(os.path.join(root, c["image"]), arcname=f"{i:05d}.png")
+            info = tarfile.TarInfo(f"{i:05d}.txt")
+            data = c["caption"].encode()
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    outs = []
+    for w in (1, 2):
+        cfg = config(demo, tmp_path / f"w{w}", inputs=[str(tmp_path / "shard.tar")], workers=w,
+                     packing=PackingConfig(seq_length=256, packing_buffer=5))
+        code, summary = run(cfg, log=lambda m: None)
+        assert code == 0 and summary["samples"] == summary["images"] == len(caps)
+        outs.append(tmp_path / f"w{w}")
+    for a, b in zip(files_of(outs[0]), files_of(outs[1])):
+        assert filecmp.cmp(a, b, shallow=False), a
+    ds = PackedDataset(str(outs[1]))
+    stored = {im.data for i in range(len(ds)) for im in ds[i].images}
+    assert stored == {open(os.path.join(root, c["image"]), "rb").read() for c in caps}
