@@ -170,7 +170,7 @@ def load_checkpoint(path: str, chunks: list, optimizer=None) -> Optional[TrainSt
                                     "no metadata.json)")
         return None
     if optimizer is None or not _has_optimizer(ckpt):
-        dist_ckpt.load_model(chunks, ckpt)
+        _load_weights(chunks, ckpt)
         return None if optimizer is None else _read_train_state(ckpt)
     _materialize_optimizer_state(optimizer)
     sd = dist_ckpt.model_sharded_state_dict(chunks)
@@ -183,6 +183,17 @@ def load_checkpoint(path: str, chunks: list, optimizer=None) -> Optional[TrainSt
     optimizer.load_state_dict(loaded["optimizer"])
     _unshare_adam_steps(optimizer)
     return _read_train_state(ckpt)
+
+
+def _load_weights(chunks: list, ckpt: str) -> None:
+    """Load only the model tensors of a checkpoint (its optimizer state, if any, is ignored;
+    a model tensor the checkpoint lacks is an error naming the key)."""
+    if not os.path.isfile(os.path.join(ckpt, "metadata.json")):
+        raise FileNotFoundError(f"{ckpt}: not a Megatron distributed checkpoint (no metadata.json)")
+    sd = dist_ckpt.model_sharded_state_dict(chunks)
+    loaded = dist_checkpointing.load(sd, ckpt, strict="raise_unexpected")
+    for key, chunk in zip(_model_keys(len(chunks)), chunks):
+        unwrap(chunk).load_state_dict(loaded[key], strict=True)
 
 
 def _unshare_adam_steps(optimizer) -> None:
