@@ -52,7 +52,12 @@ class MicroBatch:
         return MicroBatch(**moved)
 
     def pin_memory(self) -> "MicroBatch":
-        """A copy with CPU tensors in pinned memory (for asynchronous host-to-GPU copies)."""
+        """A copy with CPU tensors in pinned memory (for asynchronous host-to-GPU copies).
+
+        Without CUDA there is nothing to pin for, and the batch is returned as it is.
+        """
+        if not torch.cuda.is_available():
+            return self
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for k, v in moved.items():
             if isinstance(v, torch.Tensor) and v.device.type == "cpu" and not v.is_pinned():

@@ -121,7 +121,7 @@ def test_prefetch_is_deterministic_and_resumable(pipe):
         first = [next(loader) for _ in range(3)]
         state = loader.state_dict()
     assert state == {"position": 3} and all(same(a, b) for a, b in zip(first, full))
-    with PrefetchLoader(source, pipe, depth=2, position=state["position"]) as resumed:
+    with PrefetchLoader(source, pipe, depth=2, position=state["position"], pin_memory=True) as resumed:
         rest = list(resumed)
     assert len(rest) == 5 and all(same(a, b) for a, b in zip(rest, full[3:]))
 
