@@ -12,6 +12,14 @@ def test_first_fit_decreasing_hand_worked():
     assert first_fit_decreasing([1, 5, 3], 8) == [[1, 2], [0]]
 
 
+def test_pair_swap_fixes_the_classic_ffd_miss():
+    # plain FFD: [4, 4] (room 2), [3, 3, 3], [3] = 3 rows; swapping the second 4 for two 3s
+    # fills the first row exactly, and 2 rows suffice
+    assert first_fit_decreasing([4, 4, 3, 3, 3, 3], 10) == [[0, 2, 3], [1, 4, 5]]
+    # a single item of the pair's length is not used twice
+    assert first_fit_decreasing([4, 4, 3], 10) == [[0, 1], [2]]
+
+
 def test_item_longer_than_capacity_is_refused():
     with pytest.raises(ValueError, match="exceeds"):
         first_fit_decreasing([3, 9], 8)
