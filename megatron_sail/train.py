@@ -14,7 +14,6 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
-from megatron.core.enums import ModelType
 from megatron.core.utils import get_model_config
 
 from megatron_sail.config.run import RunConfig, resolve, to_dict, write_resolved
@@ -27,6 +26,7 @@ from megatron_sail.training.flops import shape_from_model_config, device_peak_fl
 from megatron_sail.training.loop import LoopContext, StepFeeder, dp_plan, run
 from megatron_sail.training.metrics import MetricsConfig, MetricsWriter
 from megatron_sail.training.optimizer import build_optimizer, build_scheduler
+from megatron_sail.training.recompute import RecomputeConfig, apply_recompute
 from megatron_sail.training.signals import ExitWatcher
 
 
@@ -63,7 +63,8 @@ def match_data(cfg: RunConfig, dataset) -> None:
 
 
 def build_chunks(cfg: RunConfig, dtype: torch.dtype) -> list[torch.nn.Module]:
-    """This rank's model chunks (one per virtual pipeline stage), frozen per the stage."""
+    """This rank's model chunks (one per virtual pipeline stage), frozen per the stage, with
+    activation recompute as configured."""
     chunks = []
     for vp in range(cfg.parallel.vpp or 1):
         vp_stage = vp if cfg.parallel.vpp else None
@@ -73,7 +74,8 @@ def build_chunks(cfg: RunConfig, dtype: torch.dtype) -> list[torch.nn.Module]:
                                                                vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                                vp_stage=vp_stage))
-        model.model_type = ModelType.encoder_or_decoder  # read by the pipeline schedules
+        apply_recompute(model, RecomputeConfig(cfg.train.recompute_granularity,
+                                               cfg.train.recompute_vit))
         s = cfg.stage
         model.freeze(vision=not s.train_vision, projector=not s.train_projector,
                      language=not s.train_language)
