@@ -2,12 +2,13 @@
 
 A block is ``packing_buffer`` consecutive input records. Its samples are shuffled with a
 seed derived from (seed, block id) and packed first-fit-decreasing (longest first, each into
-the first row with room; plus a pair-swap refinement, see ``first_fit_decreasing``), so a
-sample is never split. Blocks are packed independently: memory
+the first row with room), with a small bounded search that refills the end of each row (see
+``first_fit_decreasing``); a sample is never split. Blocks are packed independently: memory
 stays bounded, and a sharded run packs every block exactly as a single run would.
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
@@ -55,65 +56,53 @@ def block_rng(seed: int, block: int) -> np.random.Generator:
 
 
 class _Pool:
-    """Unplaced items by length: the largest that fits, and the best pair under a bound."""
+    """Unplaced items grouped by length, longest length first, for first-fit lookups."""
 
     def __init__(self, lengths: list[int]):
         self.by_len: dict[int, deque] = {}
         for i, n in enumerate(lengths):
             self.by_len.setdefault(n, deque()).append(i)
-        self.sizes = np.array(sorted(self.by_len), dtype=np.int64)
+        self.desc = sorted(self.by_len, reverse=True)
+        self._neg = [-n for n in self.desc]  # ascending, for bisect
 
     def __bool__(self) -> bool:
         return bool(self.by_len)
+
+    def count(self, n: int) -> int:
+        return len(self.by_len.get(n, ()))
+
+    def first_fitting(self, room: int, start: int = 0) -> int:
+        """Position in ``desc`` of the longest length <= room (len(desc) if none)."""
+        return max(start, bisect.bisect_left(self._neg, -room))
 
     def take(self, n: int) -> int:
         q = self.by_len[n]
         i = q.popleft()
         if not q:
             del self.by_len[n]
-            self.sizes = self.sizes[self.sizes != n]
+            k = bisect.bisect_left(self._neg, -n)
+            del self._neg[k], self.desc[k]
         return i
 
     def put_back(self, n: int, i: int) -> None:
         if n not in self.by_len:
             self.by_len[n] = deque()
-            self.sizes = np.sort(np.append(self.sizes, n))
+            k = bisect.bisect_left(self._neg, -n)
+            self._neg.insert(k, -n)
+            self.desc.insert(k, n)
         self.by_len[n].appendleft(i)
 
-    def largest_fitting(self, room: int) -> int:
-        """Largest unplaced length <= room, or 0."""
-        k = int(np.searchsorted(self.sizes, room, side="right")) - 1
-        return int(self.sizes[k]) if k >= 0 else 0
 
-    def best_pair(self, low: int, high: int) -> tuple[int, int]:
-        """Two unplaced lengths (a, b) with low < a + b <= high and the largest sum, or (0, 0)."""
-        s = self.sizes
-        if s.size == 0:
-            return 0, 0
-        k = np.searchsorted(s, high - s, side="right") - 1
-        ok = k >= 0
-        sums = np.where(ok, s + s[np.maximum(k, 0)], -1)
-        for j in np.argsort(-sums, kind="stable"):
-            total = int(sums[j])
-            if total <= low:
-                break
-            a, b = int(s[j]), int(s[k[j]])
-            if a != b or len(self.by_len[a]) >= 2:
-                return a, b
-            if k[j] > 0 and a + int(s[k[j] - 1]) > low:  # same length but only one item: next smaller
-                return a, int(s[k[j] - 1])
-        return 0, 0
+def first_fit_decreasing(lengths: list[int], capacity: int, tail: int = 3, budget: int = 400) -> list[list[int]]:
+    """Bins (lists of item indices): first-fit-decreasing, with a bounded search at each row's end.
 
-
-def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Bins (lists of item indices), first-fit-decreasing with a pair-swap refinement.
-
-    Rows are filled one at a time with the largest item that still fits, which is exactly
-    first-fit-decreasing. Before a row is closed, one of its items may be swapped for two
-    unplaced items that fill the row better (then it is topped up again): with many similar
-    lengths (e.g. 31-57 tokens in 256-token rows) plain FFD leaves a gap in most rows that no
-    remaining item fits. Items of equal length are taken in input order, so the result is
-    deterministic. Every length must fit the capacity.
+    Rows are filled one at a time with the longest item that still fits, which is exactly
+    first-fit-decreasing. When a row is left with room, its last ``tail`` items are put back
+    and a small search (depth tail + 2, at most ``budget`` steps) picks the unplaced items that
+    fill the freed space best; its first candidate is the greedy choice, so a row never gets
+    worse. This matters when many lengths are similar (e.g. 31-57 tokens in 256-token rows),
+    where plain FFD leaves a gap in most rows. Items of equal length are taken in input order,
+    so the result is deterministic. Every length must fit the capacity.
     """
     for n in lengths:
         if n > capacity:
@@ -121,37 +110,63 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     pool = _Pool(lengths)
     bins: list[list[int]] = []
     while pool:
-        items: list[int] = []
-        room = capacity
-        while True:
-            n = pool.largest_fitting(room)
-            while n:
-                items.append(pool.take(n))
-                room -= n
-                n = pool.largest_fitting(room)
-            if not room or not pool or not _swap_in_pair(items, room, lengths, pool):
-                break
-            room = capacity - sum(lengths[i] for i in items)
-        bins.append(items)
+        row, room = [], capacity
+        j = pool.first_fitting(room)
+        while j < len(pool.desc):
+            n = pool.desc[j]
+            row.append(pool.take(n))
+            room -= n
+            j = pool.first_fitting(room)
+        if tail > 0 and room and pool and len(row) > 1:
+            room = _refill_tail(row, room, min(tail, len(row) - 1), lengths, pool, budget)
+        bins.append(row)
     return bins
 
 
-def _swap_in_pair(items: list[int], room: int, lengths: list[int], pool: _Pool) -> bool:
-    """Replace one item of the row by two unplaced ones with a larger total; True if done."""
-    best = None
-    for x in sorted({lengths[i] for i in items}):
-        a, b = pool.best_pair(x, x + room)
-        if a and (best is None or a + b - x > best[0]):
-            best = (a + b - x, x, a, b)
-    if best is None:
+def _refill_tail(row: list[int], room: int, k: int, lengths: list[int], pool: _Pool, budget: int) -> int:
+    """Put the row's last k items back and refill the space with the best subset found.
+
+    Depth-first over lengths, longest first (the first path is the greedy refill, i.e. the
+    items just put back); stops at an exact fit or after ``budget`` steps. Returns the new room.
+    """
+    freed = row[-k:]
+    del row[-k:]
+    target = room + sum(lengths[i] for i in freed)
+    for i in reversed(freed):
+        pool.put_back(lengths[i], i)
+    best_room, best = target, []
+    chosen: list[int] = []
+    used: dict[int, int] = {}
+    steps = 0
+
+    def search(start: int, left: int, depth: int) -> bool:
+        """True when the search should stop (exact fit, or the budget is spent)."""
+        nonlocal best_room, best, steps
+        if left < best_room:
+            best_room, best = left, list(chosen)
+        if left == 0:
+            return True
+        if depth == 0:
+            return False
+        j = pool.first_fitting(left, start)
+        while j < len(pool.desc):
+            steps += 1
+            if steps > budget:
+                return True
+            n = pool.desc[j]
+            if used.get(n, 0) < pool.count(n):
+                used[n] = used.get(n, 0) + 1
+                chosen.append(n)
+                if search(j, left - n, depth - 1):
+                    return True
+                chosen.pop()
+                used[n] -= 1
+            j += 1
         return False
-    _, x, a, b = best
-    out = next(i for i in reversed(items) if lengths[i] == x)
-    items.remove(out)
-    items.append(pool.take(a))
-    items.append(pool.take(b))
-    pool.put_back(x, out)
-    return True
+
+    search(0, target, k + 2)
+    row.extend(pool.take(n) for n in best)
+    return best_room
 
 
 def pack_block(samples: list[Sample], seq_length: int, seed: int, block: int) -> list[list[Sample]]:
