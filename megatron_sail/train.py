@@ -23,7 +23,7 @@ from megatron_sail.models.sail_vl import SailVLModel
 from megatron_sail.platform import distributed as platform
 from megatron_sail.training import checkpoint as ckpt
 from megatron_sail.training.flops import shape_from_model_config, device_peak_flops
-from megatron_sail.training.loop import LoopContext, StepFeeder, dp_plan, run
+from megatron_sail.training.loop import LoopContext, StepFeeder, decodes_images, dp_plan, run
 from megatron_sail.training.metrics import MetricsConfig, MetricsWriter
 from megatron_sail.training.optimizer import build_optimizer, build_scheduler
 from megatron_sail.training.recompute import RecomputeConfig, apply_recompute
@@ -140,12 +140,14 @@ def train(cfg: RunConfig) -> int:
     pipeline = build_image_pipeline(cfg.images)
     shape = shape_from_model_config(cfg.model, cfg.images.tile_size)
     plan = dp_plan(cfg)
+    decode = decodes_images()
     feeder = StepFeeder(train_data, plan, pipeline, state.consumed_samples //
-                        cfg.train.global_batch_size, shape, depth=2)
+                        cfg.train.global_batch_size, shape, depth=2, decode=decode)
     valid = None
     if cfg.data.valid_data_path:
         valid_data = build_blended(cfg.data.valid_data_path, cfg.train.seed)
-        valid = lambda: StepFeeder(valid_data, plan, pipeline, 0, None, depth=1)  # noqa: E731
+        valid = lambda: StepFeeder(valid_data, plan, pipeline, 0, None, depth=1,  # noqa: E731
+                                   decode=decode)
     metrics = MetricsWriter(cfg.train.run_dir, cfg.train.tensorboard_dir, cfg.train.log_interval,
                             torch.distributed.get_rank(), MetricsConfig(
                                 total_iters=cfg.train.train_iters,

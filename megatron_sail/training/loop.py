@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 from megatron.core import parallel_state
 
 from megatron_sail.data.images.prefetch import PrefetchLoader
@@ -57,16 +58,28 @@ class BatchPlan:
                 for m in range(self.num_microbatches)]
 
 
+class SkipDecode:
+    """Stands in for the image pipeline on pipeline stages after the first: only the first
+    stage runs the ViT, so later stages collate tokens without decoding (empty tiles, every
+    image "ok"); step.share_first_stage_images then hands them the first stage's loss mask and
+    image counts."""
+
+    def tiles(self, records) -> tuple[torch.Tensor, list[bool]]:
+        """No tiles, no failures."""
+        return torch.zeros(0, 3, 1, 1), [True] * len(records)
+
+
 class StepFeeder:
     """Micro-batches of consecutive steps, decoded ahead by the image PrefetchLoader, plus the
     per-micro-batch row statistics (real tokens, FLOPs) that collation does not keep."""
 
     def __init__(self, dataset, plan: BatchPlan, pipeline, first_step: int,
-                 flops_shape, depth: int = 2):
+                 flops_shape, depth: int = 2, decode: bool = True):
         self.dataset, self.plan, self.flops_shape = dataset, plan, flops_shape
         self._stats: queue.Queue = queue.Queue()
         first_mb = first_step * plan.num_microbatches
-        self.loader = PrefetchLoader(self._rows_from, pipeline, depth=depth, position=first_mb)
+        self.loader = PrefetchLoader(self._rows_from, pipeline if decode else SkipDecode(),
+                                     depth=depth, position=first_mb)
 
     def _rows_from(self, position: int):
         """Row lists from micro-batch ``position`` on (runs in the loader's thread)."""
@@ -214,6 +227,11 @@ def run(ctx: LoopContext) -> int:
     if not (t.eval_interval and ctx.state.iteration % t.eval_interval == 0):
         _maybe_validate(ctx, final=True)
     return 0
+
+
+def decodes_images() -> bool:
+    """Whether this rank decodes images: only the first pipeline stage feeds the ViT."""
+    return parallel_state.is_pipeline_first_stage(ignore_virtual=True)
 
 
 def dp_plan(cfg) -> BatchPlan:

@@ -12,6 +12,7 @@ norm is not finite on any rank, the update and the scheduler step are skipped on
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -101,6 +102,30 @@ def _loss_parts(losses: list) -> torch.Tensor:
     return torch.stack([d["lm loss"].float().cpu() for d in losses]).sum(0)
 
 
+def share_first_stage_images(batches: list) -> list:
+    """Give later pipeline stages what image decoding decided on the first stage.
+
+    Only the first stage decodes (its ViT is the only consumer of tiles), but the last stage
+    computes the loss and the step counters: it needs the loss mask (a sample whose image
+    failed to decode gets no loss) and the image / tile / failure counts. One broadcast of the
+    stacked masks and counts per step, from the first stage over the pipeline group."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return batches
+    masks = torch.stack([b.loss_mask for b in batches]).to(device())
+    counts = torch.tensor([[b.num_images, b.num_tiles, b.decode_failures] for b in batches],
+                          dtype=torch.float64, device=device())
+    group = parallel_state.get_pipeline_model_parallel_group()
+    src = parallel_state.get_pipeline_model_parallel_first_rank()
+    torch.distributed.broadcast(masks, src, group=group)
+    torch.distributed.broadcast(counts, src, group=group)
+    if parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+        return batches
+    counts = counts.cpu().long().tolist()
+    return [dataclasses.replace(b, loss_mask=m.cpu(), num_images=c[0], num_tiles=c[1],
+                                decode_failures=c[2])
+            for b, m, c in zip(batches, masks, counts)]
+
+
 def _run_schedule(chunks: list, batches: list, seq_length: int, forward_only: bool) -> list:
     """Run the pipeline schedule (1F1B / interleaved / none) over this rank's micro-batches."""
     iters = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
@@ -139,6 +164,7 @@ def train_step(chunks: list, optimizer, scheduler, batches: list, seq_length: in
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    batches = share_first_stage_images(batches)
     losses = _run_schedule(chunks, batches, seq_length, forward_only=False)
     totals = _reduce(_counters(batches, _loss_parts(losses), row_stats))
     loss = totals["loss_sum"] / max(totals["loss_tokens"], 1.0)
@@ -154,6 +180,7 @@ def train_step(chunks: list, optimizer, scheduler, batches: list, seq_length: in
 @torch.no_grad()
 def eval_step(chunks: list, batches: list, seq_length: int) -> StepResult:
     """Forward only; returns the loss over the batches' loss tokens (all DP ranks)."""
+    batches = share_first_stage_images(batches)
     for chunk in chunks:
         chunk.eval()
     try:

@@ -55,9 +55,14 @@ def train(data, run_dir, nproc=1, extra=(), expect_rc=0):
     return losses(run_dir)
 
 
-def losses(run_dir) -> dict:
+def records(run_dir) -> dict:
+    """metrics.jsonl lines by iteration."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return {r["iteration"]: r["lm_loss"] for r in map(json.loads, f)}
+        return {r["iteration"]: r for r in map(json.loads, f)}
+
+
+def losses(run_dir) -> dict:
+    return {it: r["lm_loss"] for it, r in records(run_dir).items()}
 
 
 def weights(ckpt_dir, tmp_path) -> dict:
@@ -101,7 +106,7 @@ def reference(data, tmp_path_factory):
 
 
 def _assert_tracks(curve, ref, steps, rtol):
-    print({it: round(curve[it] / ref[it] - 1, 6) for it in steps})
+    print(f"max relative loss gap {max(abs(curve[it] / ref[it] - 1) for it in steps):.2e}")
     for it in steps:
         assert curve[it] == pytest.approx(ref[it], rel=rtol), (it, curve[it], ref[it])
 
@@ -133,6 +138,12 @@ def test_parallel_layout_tracks_single_rank(data, reference, tmp_path, layout):
         extra += ["--save", str(tmp_path / "ckpt"), "--save-interval", "10"]
     curve = train(data, tmp_path, 2, extra)
     _assert_tracks(curve, reference["losses"], range(1, STEPS + 1), PARALLEL_RTOL)
+    # Counters of the global batch (under PP, images are decoded on the first stage only and
+    # their counts reach the last stage by broadcast) equal the single-rank run's.
+    mine, ref = records(tmp_path), records(reference["dir"])
+    for it in range(1, STEPS + 1):
+        for key in ("tokens", "samples", "images", "tiles"):
+            assert mine[it][key] == ref[it][key], (it, key, mine[it][key], ref[it][key])
     if "--tensor-model-parallel-size" in layout:
         # Save at TP=2, resume at PP=2: steps 11-20 still track the reference.
         resumed = tmp_path / "pp2"
@@ -187,3 +198,41 @@ def test_sigterm_saves_and_exits_zero(data, tmp_path):
     saved = int((ckpt / "latest").read_text())
     assert saved >= 3 and saved == max(losses(tmp_path))
     assert (ckpt / f"iter_{saved:07d}" / "train_state.pt").exists()
+
+
+# Runs the trainer with the loss of chosen steps turned into NaN (4 micro-batches per step).
+POISON = """
+import sys
+import megatron_sail.training.step as st
+from megatron_sail.train import main
+BAD, calls, original = {2, 4, 5, 6, 7, 8, 9, 10}, [0], st.loss_func
+def poisoned(mask, out):
+    calls[0] += 1
+    return original(mask, out * float("nan") if (calls[0] - 1) // 4 + 1 in BAD else out)
+st.loss_func = poisoned
+main(sys.argv[1:])
+"""
+
+
+def test_nan_steps_are_skipped_and_k_in_a_row_stop(data, tmp_path):
+    """A NaN step changes nothing and is counted; after --max-skipped-steps consecutive ones the
+    run saves the last good weights and exits 1."""
+    ckpt = tmp_path / "ckpt"
+    args = COMMON + ["--data-path", data["train"], "--run-dir", str(tmp_path), "--init-from",
+                     data["init"], "--save", str(ckpt), "--save-interval", "3", "--train-iters",
+                     "10", "--lr-decay-iters", "10", "--max-skipped-steps", "2"]
+    proc = subprocess.run([sys.executable, "-c", POISON] + args, cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
+    assert "2 consecutive steps with NaN/Inf" in proc.stdout
+    rec = records(tmp_path)
+    assert sorted(rec) == [1, 2, 3, 4, 5]
+    assert [it for it in rec if rec[it]["skipped"]] == [2, 4, 5]
+    assert all(rec[it]["grad_norm"] is None for it in (2, 4, 5))
+    assert all(rec[it]["grad_norm"] > 0 for it in (1, 3)) and rec[5]["skipped_steps"] == 3
+    assert (ckpt / "latest").read_text().strip() == "5"
+    good, last = weights(ckpt / "iter_0000003", tmp_path), weights(ckpt / "iter_0000005", tmp_path)
+    assert good.keys() == last.keys() and all(torch.equal(good[k], last[k]) for k in good)
+    state = torch.load(ckpt / "iter_0000005" / "train_state.pt", weights_only=False)
+    assert state["train_state"]["skipped_steps"] == 3
+    assert state["train_state"]["scheduler"]["num_steps"] == 2  # two real updates

@@ -1,5 +1,6 @@
 """RunConfig resolution: recipe(stage) -> YAML -> flags -> derived fields; resolved config file."""
 import pytest
+import torch
 import yaml
 
 from megatron_sail.config.run import resolve, write_resolved
@@ -62,3 +63,26 @@ def test_resolved_config_written(tmp_path):
     assert data["train"]["train_iters"] == 3 and data["recipe"] == "tiny"
     assert data["stage"]["name"] == "sft-knowledge"
     assert not (tmp_path / "run" / "config.yaml.tmp").exists()
+
+
+def test_precision_flags_on_cpu(monkeypatch):
+    """Without CUDA: --bf16 falls back to fp32 with a warning, --fp8-format stops with a reason;
+    with CUDA, --bf16 gives bf16 parameters."""
+    from megatron_sail.platform import distributed as platform
+    from megatron_sail.train import check_precision
+
+    monkeypatch.setattr(platform, "has_cuda", lambda: False)
+    assert check_precision(resolve(["--recipe", "tiny"])) == torch.float32
+    with pytest.warns(UserWarning, match="--bf16 ignored on CPU"):
+        assert check_precision(resolve(["--recipe", "tiny", "--bf16"])) == torch.float32
+    with pytest.raises(SystemExit, match="--fp8-format hybrid: FP8 needs Transformer Engine"):
+        check_precision(resolve(["--recipe", "tiny", "--fp8-format", "hybrid"]))
+    monkeypatch.setattr(platform, "has_cuda", lambda: True)
+    assert check_precision(resolve(["--recipe", "tiny", "--bf16"])) == torch.bfloat16
+
+
+def test_recompute_flags_resolve():
+    cfg = resolve(["--recompute-granularity", "selective", "--recompute-vit"])
+    assert cfg.train.recompute_granularity == "selective" and cfg.train.recompute_vit
+    with pytest.raises(ValueError, match="recompute-granularity"):
+        resolve(["--recompute-granularity", "block"])

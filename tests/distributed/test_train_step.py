@@ -1,0 +1,40 @@
+"""Pieces of the train step that need a pipeline group: first-stage image results shared."""
+import torch
+
+from launcher import launch
+
+
+def _share(rank):
+    from megatron_sail.config.parallel import ParallelConfig
+    from megatron_sail.data.collate import MicroBatch
+    from megatron_sail.platform import distributed as D
+    from megatron_sail.training.step import share_first_stage_images
+
+    D.initialize(ParallelConfig(pp=2))
+
+    def mb(i):
+        mask = torch.ones(2, 8)
+        tiles = torch.zeros(0, 3, 1, 1)
+        counts = (0, 0, 0)
+        if rank == 0:  # the first stage decoded: image i of row 1 failed, its sample is masked
+            mask[1, 2 + i:6] = 0.0
+            tiles = torch.randn(3 + i, 3, 4, 4)
+            counts = (2 + i, 3 + i, 1)
+        return MicroBatch(tokens=torch.full((2, 8), rank), labels=torch.zeros(2, 8, dtype=torch.long),
+                          loss_mask=mask, position_ids=torch.zeros(2, 8, dtype=torch.long),
+                          cu_seqlens=torch.tensor([0, 8, 16], dtype=torch.int32), max_seqlen=8,
+                          tiles=tiles, num_images=counts[0], num_tiles=counts[1],
+                          decode_failures=counts[2], failed_sources=[])
+
+    out = share_first_stage_images([mb(0), mb(1)])
+    return [(b.loss_mask, b.num_images, b.num_tiles, b.decode_failures, b.tokens[0, 0].item(),
+             b.tiles.shape[0]) for b in out]
+
+
+def test_later_stages_get_first_stage_masks_and_counts():
+    first, last = launch(_share, 2, timeout=120)
+    for i, (a, b) in enumerate(zip(first, last)):
+        assert torch.equal(a[0], b[0]) and a[0][1].sum() < 8  # mask with the failed sample
+        assert a[1:4] == b[1:4] == (2 + i, 3 + i, 1)
+        assert (a[4], b[4]) == (0, 1)                     # tokens stay each rank's own
+        assert (a[5], b[5]) == (3 + i, 0)                 # later stages hold no tiles
