@@ -117,6 +117,10 @@ def main(argv=None) -> int:
         secs, s = timed(cfg)
         results[f"{name}_samples_per_s_per_worker"] = round(s["samples"] / secs, 1)
         results[f"{name}_fill_ratio"] = s["fill_ratio"]
+    # the quickstart's geometry: 256-token rows (similar lengths, the hardest case for packing)
+    cfg = PreprocessConfig(inputs=[demo["train"]], output_prefix=os.path.join(out, "quickstart"), tokenizer=tok,
+                           tiling=DEMO_TILING, packing=PackingConfig(seq_length=256), workers=1)
+    results["conversation_256_fill_ratio"] = timed(cfg, repeats=1)[1]["fill_ratio"]
     photos = photo_caption_set(os.path.join(a.workdir, "photo"), a.samples, a.seed)
     cfg = PreprocessConfig(inputs=[photos], output_prefix=os.path.join(out, "photo"), tokenizer=tok,
                            tiling=TilingConfig(), packing=PackingConfig(seq_length=4096), workers=1)
