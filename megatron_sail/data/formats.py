@@ -12,7 +12,7 @@ import json
 import os
 import tarfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from megatron_sail.config.data import TemplateConfig
@@ -36,7 +36,6 @@ class RawRecord:
     """Directory relative image paths resolve against."""
     error: Optional[str] = None
     """Set when the reader itself already found the record broken (e.g. a truncated tar)."""
-    members: dict = field(default_factory=dict)
 
 
 class ImageBlob(bytes):

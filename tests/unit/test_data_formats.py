@@ -1,7 +1,6 @@
 """Input readers (LLaVA JSONL/JSON, caption pairs, WebDataset tars) and image header parsing."""
 import io
 import json
-import os
 import tarfile
 
 import pytest
