@@ -131,6 +131,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
     """Convert an HF checkpoint folder (either layout) into a Megatron dist checkpoint folder."""
     from megatron_sail.training import dist_ckpt
 
+    _check_empty(out_dir, cfg.overwrite)
     hf = read_hf_checkpoint(hf_dir)
     tcfg = transformers_config(hf.config)
     model_config = hf_internvl.from_hf_config(tcfg)
@@ -151,6 +152,13 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
         if not hf_io.copy_tokenizer_files(hf.path, tok):
             tok.rmdir()
     return Path(out_dir)
+
+
+def _check_empty(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse a non-empty output before any work (the final rename checks again)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: output exists and is not empty (use --overwrite)")
 
 
 def _load_full_state(model: torch.nn.Module, ours: dict[str, torch.Tensor]) -> None:
@@ -175,6 +183,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
     from megatron_sail.training import dist_ckpt
 
     mcore_dir = Path(mcore_dir)
+    _check_empty(out_dir, cfg.overwrite)
     model_config = read_model_config(mcore_dir)
     _single_rank()
     [model] = build_model_chunks(model_config, ParallelConfig(), use_te=False)
