@@ -19,6 +19,7 @@ from megatron_sail.data.tiling import TilingConfig, find_grid, num_tiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TILING = TilingConfig(tile_size=32, min_tiles=1, max_tiles=4, thumbnail=True, tokens_per_tile=4)
+HAND_GRIDS = {(64, 64): (2, 2), (96, 64): (2, 2), (64, 96): (1, 2)}
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +89,10 @@ def test_rows_round_trip_against_the_source(demo, single):
         for im in row.images:
             assert im.data in src_images
             assert im.grid == find_grid(*im.size, TILING)
+            # hand-worked (32 px tiles, max 4): 64x64 ties (1,1) with (2,2) and its area 4096 exceeds
+            # half of 2x2's 4096, so (2,2); 96x64 (aspect 1.5) ties (1,1), (2,1), (2,2) at distance 0.5
+            # and each tie goes to the larger grid, so (2,2); 64x96 (aspect 0.667) is nearest 1:2 -> (1,2)
+            assert im.grid == HAND_GRIDS[im.size] and im.num_tiles == HAND_GRIDS[im.size][0] * HAND_GRIDS[im.size][1] + 1
             assert Image.open(io.BytesIO(im.data)).size == im.size
         n_samples += row.num_samples
         n_images += len(row.images)
