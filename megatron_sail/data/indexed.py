@@ -68,6 +68,11 @@ class PackedWriter:
         self._block_rejects = 0
         self._closed = False
 
+    @property
+    def num_images(self) -> int:
+        """Images written so far."""
+        return len(self._image_meta)
+
     def _path(self, name: str) -> str:
         return f"{self.prefix}.{name}{self.tmp}"
 

@@ -71,7 +71,7 @@ def merge_shards(prefixes: list[str], output_prefix: str) -> dict:
         meta = dict(metas[0])
         st = writer.stats
         meta["stats"] = stats_dict(sum(m["stats"]["records"] for m in metas), writer.samples, writer.rows,
-                                   len(writer._image_meta), st["tiles"], st["text_tokens"], st["image_tokens"],
+                                   writer.num_images, st["tiles"], st["text_tokens"], st["image_tokens"],
                                    st["loss_tokens"], int(meta["seq_length"]))
         meta["rejects"] = dict(sorted(rejects.items()))
         meta["shard"] = {"index": 0, "num_shards": 1}

@@ -187,7 +187,7 @@ def build_meta(cfg: PreprocessConfig, fmt: str, tok: Tokenizer, writer: indexed.
         "template": dataclasses.asdict(cfg.template),
         "packing": dataclasses.asdict(cfg.packing),
         "shard": {"index": shard[0], "num_shards": shard[1]},
-        "stats": stats_dict(records, writer.samples, writer.rows, len(writer._image_meta), st["tiles"],
+        "stats": stats_dict(records, writer.samples, writer.rows, writer.num_images, st["tiles"],
                             st["text_tokens"], st["image_tokens"], st["loss_tokens"], seq),
         "rejects": dict(sorted(rejects.items())),
         "blocks": writer.blocks,
