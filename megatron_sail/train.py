@@ -26,22 +26,9 @@ from megatron_sail.training.flops import shape_from_model_config, device_peak_fl
 from megatron_sail.training.loop import LoopContext, StepFeeder, decodes_images, dp_plan, run
 from megatron_sail.training.metrics import MetricsConfig, MetricsWriter
 from megatron_sail.training.optimizer import build_optimizer, build_scheduler
+from megatron_sail.training.precision import apply_fp8, check_precision
 from megatron_sail.training.recompute import RecomputeConfig, apply_recompute
 from megatron_sail.training.signals import ExitWatcher
-
-
-def check_precision(cfg: RunConfig) -> torch.dtype:
-    """Parameter dtype of the run. On CPU, --bf16 is ignored with a warning (fp32 is used) and
-    --fp8-format is rejected: FP8 needs Transformer Engine on a GPU."""
-    t = cfg.train
-    if platform.has_cuda():
-        return torch.bfloat16 if t.bf16 else torch.float32
-    if t.fp8_format:
-        raise SystemExit(f"--fp8-format {t.fp8_format}: FP8 needs Transformer Engine on a GPU; "
-                         "this machine has no CUDA device. Drop the flag to train in fp32 on CPU.")
-    if t.bf16:
-        warnings.warn("--bf16 ignored on CPU: training in fp32", stacklevel=2)
-    return torch.float32
 
 
 def match_data(cfg: RunConfig, dataset) -> None:
@@ -64,7 +51,7 @@ def match_data(cfg: RunConfig, dataset) -> None:
 
 def build_chunks(cfg: RunConfig, dtype: torch.dtype) -> list[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage), frozen per the stage, with
-    activation recompute as configured."""
+    activation recompute and FP8 as configured."""
     chunks = []
     for vp in range(cfg.parallel.vpp or 1):
         vp_stage = vp if cfg.parallel.vpp else None
@@ -76,6 +63,7 @@ def build_chunks(cfg: RunConfig, dtype: torch.dtype) -> list[torch.nn.Module]:
                                                                vp_stage=vp_stage))
         apply_recompute(model, RecomputeConfig(cfg.train.recompute_granularity,
                                                cfg.train.recompute_vit))
+        apply_fp8(model, cfg.train.fp8_format, cfg.train.fp8_recipe, cfg.train.fp8_vit)
         s = cfg.stage
         model.freeze(vision=not s.train_vision, projector=not s.train_projector,
                      language=not s.train_language)

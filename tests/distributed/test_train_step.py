@@ -38,3 +38,28 @@ def test_later_stages_get_first_stage_masks_and_counts():
         assert a[1:4] == b[1:4] == (2 + i, 3 + i, 1)
         assert (a[4], b[4]) == (0, 1)                     # tokens stay each rank's own
         assert (a[5], b[5]) == (3 + i, 0)                 # later stages hold no tiles
+
+
+def _fp8_configs(rank):
+    import model_cases as mc
+
+    from megatron_sail.config.parallel import ParallelConfig
+    from megatron_sail.platform import distributed as D
+    from megatron_sail.training.precision import apply_fp8
+
+    D.initialize(ParallelConfig())
+    out = []
+    for vit in (False, True):
+        model = mc.build_ours(mc.variant("base"))
+        apply_fp8(model, "hybrid", "tensorwise", vit)
+        layer = model.language_model.decoder.layers[0]
+        out.append((model.language_model.config.fp8, layer.config.fp8,
+                    model.language_model.config.fp8_recipe, model.vision_model.config.fp8))
+    return out
+
+
+def test_fp8_reaches_the_lm_and_optionally_the_vit():
+    """--fp8-format lands in the TransformerConfig every LM layer reads; the ViT only with --fp8-vit."""
+    lm_only, both = launch(_fp8_configs, 1, timeout=120)[0]
+    assert lm_only == ("hybrid", "hybrid", "tensorwise", None)
+    assert both == ("hybrid", "hybrid", "tensorwise", "hybrid")

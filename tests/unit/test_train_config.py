@@ -69,7 +69,7 @@ def test_precision_flags_on_cpu(monkeypatch):
     """Without CUDA: --bf16 falls back to fp32 with a warning, --fp8-format stops with a reason;
     with CUDA, --bf16 gives bf16 parameters."""
     from megatron_sail.platform import distributed as platform
-    from megatron_sail.train import check_precision
+    from megatron_sail.training.precision import check_precision
 
     monkeypatch.setattr(platform, "has_cuda", lambda: False)
     assert check_precision(resolve(["--recipe", "tiny"])) == torch.float32
@@ -79,6 +79,27 @@ def test_precision_flags_on_cpu(monkeypatch):
         check_precision(resolve(["--recipe", "tiny", "--fp8-format", "hybrid"]))
     monkeypatch.setattr(platform, "has_cuda", lambda: True)
     assert check_precision(resolve(["--recipe", "tiny", "--bf16"])) == torch.bfloat16
+
+
+def test_fp8_checks_on_gpu(monkeypatch):
+    """With CUDA: FP8 needs TE, --bf16 and 16-aligned LM tokens per rank and micro-batch."""
+    from megatron_sail.models import layer_specs
+    from megatron_sail.platform import distributed as platform
+    from megatron_sail.training.precision import check_precision
+
+    monkeypatch.setattr(platform, "has_cuda", lambda: True)
+    fp8 = ["--recipe", "tiny", "--fp8-format", "hybrid", "--seq-length", "256"]
+    monkeypatch.setattr(layer_specs, "te_available", lambda: False)
+    with pytest.raises(SystemExit, match="Transformer Engine is not importable"):
+        check_precision(resolve(fp8 + ["--bf16"]))
+    monkeypatch.setattr(layer_specs, "te_available", lambda: True)
+    with pytest.raises(SystemExit, match="needs --bf16"):
+        check_precision(resolve(fp8))
+    assert check_precision(resolve(fp8 + ["--bf16"])) == torch.bfloat16
+    with pytest.raises(SystemExit, match="72 LM tokens per rank"):  # 1 x 72
+        check_precision(resolve(fp8 + ["--bf16", "--seq-length", "72", "--micro-batch-size", "1"]))
+    with pytest.raises(SystemExit, match="fp8-recipe"):
+        check_precision(resolve(fp8 + ["--bf16", "--fp8-recipe", "linear"]))
 
 
 def test_recompute_flags_resolve():
