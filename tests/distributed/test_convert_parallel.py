@@ -1,0 +1,119 @@
+"""A converted checkpoint loads at TP=2 and at PP=2 (gloo, 2 ranks) and gives the TP=1 logits;
+tools/compare_logits.py end to end under torchrun, including a corrupted checkpoint."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher import launch
+
+ROOT = Path(__file__).resolve().parents[2]
+LAST_LINE = re.compile(r"^max_abs_logit_diff=(\S+) max_rel_logit_diff=(\S+)$")
+
+
+def _tool(name: str):
+    """Import a tools/ script as a module (registered so dataclasses and pickling find it)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _our_logits_on_ranks(rank: int, mcore_dir: str, hf_dir: str, layout: dict):
+    """Rank body: build at ``layout`` (ParallelConfig fields), load the converted checkpoint,
+    return the logits on rank 0."""
+    import argparse
+
+    from megatron_sail.config.parallel import ParallelConfig
+    from megatron_sail.convert.checkpoint import build_model_chunks, read_model_config
+    from megatron_sail.platform import distributed
+    from megatron_sail.training import dist_ckpt
+
+    cl = _tool("compare_logits")
+    parallel = ParallelConfig(**layout)
+    distributed.initialize(parallel)
+    cfg = read_model_config(mcore_dir)
+    args = argparse.Namespace(image=[], max_tiles=4, prompt="What is in the picture?")
+    inputs = cl.build_inputs(args, cfg, Path(hf_dir), Path(mcore_dir))
+    chunks = build_model_chunks(cfg, parallel)
+    dist_ckpt.load_model(chunks, mcore_dir)
+    for c in chunks:
+        c.eval()
+    device = distributed.device()
+    logits = cl.gather_to_rank0(cl.our_logits(chunks, inputs, device),
+                                (inputs.input_ids.numel(), cfg.language.vocab_size), device)
+    distributed.shutdown()
+    return logits
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny chat-layout checkpoint (3 LM layers so PP=2 splits unevenly) and its conversion."""
+    root = tmp_path_factory.mktemp("conv")
+    tiny = _tool("make_tiny_hf_checkpoint")
+    hf = tiny.make_tiny_checkpoint(root / "hf", tiny.TinyCheckpointConfig(layout="chat", text_layers=3, seed=5))
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "hf-to-mcore",
+                           "--hf-dir", str(hf), "--out", str(root / "mc")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return hf, root / "mc"
+
+
+@pytest.fixture(scope="module")
+def reference(converted):
+    hf, mc = converted
+    [logits] = launch(_our_logits_on_ranks, 1, str(mc), str(hf), {})
+    assert logits.shape[0] > 20 and torch.isfinite(logits).all()
+    return logits
+
+
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2, first_stage_layers=1, last_stage_layers=2)],
+                         ids=["tp2", "pp2_uneven"])
+def test_converted_checkpoint_loads_at_other_parallel_layouts(converted, reference, layout):
+    hf, mc = converted
+    logits = launch(_our_logits_on_ranks, 2, str(mc), str(hf), layout)[0]
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
+
+
+def _compare(hf: Path, mc: Path) -> tuple[int, str]:
+    """Run compare_logits under torchrun with one rank; return (exit code, output)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+           str(ROOT / "tools" / "compare_logits.py"), "--hf-dir", str(hf), "--mcore-dir", str(mc),
+           "--max-tiles", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout
+
+
+def test_compare_logits_passes_and_a_corrupted_checkpoint_fails(converted, tmp_path):
+    hf, mc = converted
+    code, out = _compare(hf, mc)
+    last = out.strip().splitlines()[-1]
+    m = LAST_LINE.match(last)
+    assert m and code == 0, out[-2000:]
+    assert float(m.group(1)) < 1e-3
+
+    # corrupt one projector weight of the HF side: the conversion no longer matches it
+    from megatron_sail.convert import hf_io
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in hf.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    state = hf_io.read_state_dict(bad)
+    state["mlp1.1.weight"] = state["mlp1.1.weight"] * 1.5
+    for f in bad.glob("*.safetensors*"):
+        f.unlink()
+    hf_io.write_safetensors(bad, state, max_shard_bytes=1 << 30)
+    code, out = _compare(bad, mc)
+    m = LAST_LINE.match(out.strip().splitlines()[-1])
+    assert m and code == 1, out[-2000:]
+    assert float(m.group(1)) > 1e-3
