@@ -103,14 +103,23 @@ def write_model_config(folder: Path, model_config: ModelConfig) -> None:
 
 
 def read_model_config(mcore_dir: str | os.PathLike) -> ModelConfig:
-    """ModelConfig stored by hf_to_mcore (unknown keys or wrong types are errors)."""
+    """ModelConfig of a checkpoint: ``model_config.yaml`` written by hf_to_mcore, else the
+    ``model`` section of the run config the trainer stores in ``train_state.pt``."""
     from megatron_sail.config.run import apply_overrides
 
     path = Path(mcore_dir) / MODEL_CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{mcore_dir}: no {MODEL_CONFIG_FILE} (not written by convert_checkpoint.py)")
+    state = Path(mcore_dir) / "train_state.pt"
+    if path.is_file():
+        values, origin = yaml.safe_load(path.read_text()), str(path)
+    elif state.is_file():
+        values, origin = (torch.load(state, weights_only=False).get("config") or {}).get("model"), str(state)
+        if values is None:
+            raise ValueError(f"{state}: holds no run config with a 'model' section")
+    else:
+        raise FileNotFoundError(f"{mcore_dir}: no {MODEL_CONFIG_FILE} (hf-to-mcore output) and no "
+                                "train_state.pt (trainer checkpoint)")
     cfg = ModelConfig()
-    apply_overrides(cfg, yaml.safe_load(path.read_text()), str(path))
+    apply_overrides(cfg, values, origin)
     return cfg
 
 

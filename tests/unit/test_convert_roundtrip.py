@@ -84,3 +84,14 @@ def test_converter_refuses_an_existing_output_and_names_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_config.yaml"):
         checkpoint.mcore_to_hf(src, tmp_path / "back")
     assert not (tmp_path / "mc").exists() and not (tmp_path / "back").exists()
+
+
+def test_model_config_is_read_from_a_trainer_checkpoint(tmp_path):
+    from dataclasses import asdict
+
+    from megatron_sail.config.model import tiny as tiny_model
+    from megatron_sail.convert import checkpoint
+
+    want = tiny_model(vocab_size=300)
+    torch.save({"train_state": {}, "config": {"model": asdict(want)}}, tmp_path / "train_state.pt")
+    assert checkpoint.read_model_config(tmp_path) == want
