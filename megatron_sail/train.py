@@ -130,7 +130,8 @@ def train(cfg: RunConfig) -> int:
     plan = dp_plan(cfg)
     decode = decodes_images()
     feeder = StepFeeder(train_data, plan, pipeline, state.consumed_samples //
-                        cfg.train.global_batch_size, shape, depth=2, decode=decode)
+                        cfg.train.global_batch_size, shape, depth=cfg.images.prefetch_depth,
+                        decode=decode, pin_memory=cfg.images.pin_memory)
     valid = None
     if cfg.data.valid_data_path:
         valid_data = build_blended(cfg.data.valid_data_path, cfg.train.seed)

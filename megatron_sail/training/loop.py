@@ -74,19 +74,22 @@ class StepFeeder:
     per-micro-batch row statistics (real tokens, FLOPs) that collation does not keep."""
 
     def __init__(self, dataset, plan: BatchPlan, pipeline, first_step: int,
-                 flops_shape, depth: int = 2, decode: bool = True):
+                 flops_shape, depth: int = 2, decode: bool = True, pin_memory: bool = False):
         self.dataset, self.plan, self.flops_shape = dataset, plan, flops_shape
         self._stats: queue.Queue = queue.Queue()
         first_mb = first_step * plan.num_microbatches
+        meta = dataset.tokenizer_meta  # checks that every row's tiles match its <IMG_CONTEXT> runs
         self.loader = PrefetchLoader(self._rows_from, pipeline if decode else SkipDecode(),
-                                     depth=depth, position=first_mb)
+                                     depth=depth, position=first_mb, pin_memory=pin_memory,
+                                     image_token_id=meta.img_context_id,
+                                     tokens_per_tile=meta.tokens_per_tile)
 
     def _rows_from(self, position: int):
         """Row lists from micro-batch ``position`` on (runs in the loader's thread)."""
         n = self.plan.num_microbatches
         for mb in itertools.count(position):
             idx = self.plan.microbatch_indices(mb // n)[mb % n]
-            rows = [self.dataset[i % len(self.dataset)] for i in idx]
+            rows = [self.dataset[i] for i in idx]  # the blended stream is endless: any index
             self._stats.put(self._row_stats(rows))
             yield rows
 

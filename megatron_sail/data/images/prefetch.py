@@ -34,7 +34,7 @@ class PrefetchLoader:
 
     def __init__(self, source: Callable[[int], Iterable[list[PackedRow]]], pipeline: ImagePipeline,
                  depth: int = 2, position: int = 0, pin_memory: bool = False,
-                 image_token_id: int | None = None) -> None:
+                 image_token_id: int | None = None, tokens_per_tile: int = 256) -> None:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self.position = position
@@ -42,6 +42,7 @@ class PrefetchLoader:
         self._pipeline = pipeline
         self._pin = pin_memory
         self._image_token_id = image_token_id
+        self._tokens_per_tile = tokens_per_tile
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._done = False
@@ -53,7 +54,8 @@ class PrefetchLoader:
         """Collate row lists in order and queue them; forward any exception to the consumer."""
         try:
             for rows in rows_iter:
-                mb = collate_rows(rows, self._pipeline, image_token_id=self._image_token_id)
+                mb = collate_rows(rows, self._pipeline, image_token_id=self._image_token_id,
+                                  tokens_per_tile=self._tokens_per_tile)
                 if self._pin:
                     mb = mb.pin_memory()
                 if not self._put(mb):
