@@ -53,7 +53,8 @@ class PreprocessConfig:
     inputs: list[str] = field(default_factory=list)
     """Input files, directories or globs."""
     output_prefix: str = ""
-    """Output prefix P: writes P.tokens.*, P.loss_mask.*, P.images.*, P.samples.npy, P.meta.json."""
+    """Output prefix P: writes P.tokens.*, P.loss_mask.*, P.images.*, P.images_meta.npy,
+    P.rejects.jsonl and P.meta.json (data/indexed.py)."""
     tokenizer: str = ""
     """tokenizer.json, a Hugging Face tokenizer directory, or a sentencepiece .model."""
     format: Optional[str] = None
