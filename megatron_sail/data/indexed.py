@@ -10,8 +10,9 @@ sample or image and one *document* per packed row, so row i is documents[i]..doc
 - ``P.meta.json``            tokenizer ids, tiling, packing, stats, reject counts, block table;
 - ``P.rejects.jsonl``        one line per rejected input record (source, key, reason, detail).
 
-Everything is written under temporary names and renamed once complete, ``meta.json`` last: a
-prefix whose meta.json exists is complete; an interrupted run leaves no file under a final name.
+Everything is written under temporary names and renamed once complete, ``meta.json`` last (an
+older meta.json under the prefix is removed first): a prefix whose meta.json exists is complete;
+an interrupted run leaves no complete-looking dataset under the final name.
 """
 from __future__ import annotations
 
@@ -125,6 +126,11 @@ class PackedWriter:
         with open(self._path("meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
             f.write("\n")
+        # an older dataset under this prefix stops being "complete" before any of its files is
+        # replaced, so a crash between the renames never leaves an old meta.json over new files
+        stale = f"{self.prefix}.meta.json"
+        if os.path.exists(stale):
+            os.remove(stale)
         for path in final_paths(self.prefix):
             os.replace(path + self.tmp, path)
         self._closed = True

@@ -218,6 +218,31 @@ def test_interrupted_run_leaves_no_files(demo, tmp_path, monkeypatch):
         PackedDataset(str(tmp_path / "x"))
 
 
+def test_crash_while_renaming_over_an_old_dataset_leaves_it_incomplete(demo, single, tmp_path, monkeypatch):
+    """A rerun into a prefix that holds a complete dataset dies between its renames: the prefix
+    must not look complete (an old meta.json over a mix of new and old files)."""
+    prefix = tmp_path / "again"
+    for src, dst in zip(files_of(single[0]), files_of(prefix)):
+        with open(src, "rb") as f, open(dst, "wb") as g:
+            g.write(f.read())
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renames.append(dst)
+        if len(renames) == 3:
+            raise OSError("disk went away")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk went away"):
+        run(config(demo, prefix, packing=PackingConfig(256, 30, seed=11)), log=lambda m: None)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not os.path.exists(f"{prefix}.meta.json")
+    with pytest.raises(FileNotFoundError, match="no complete dataset"):
+        PackedDataset(str(prefix))
+
+
 def test_cli_tools_preprocess_and_inspect(demo, tmp_path, capsys):
     prefix = str(tmp_path / "cli")
     cmd = [sys.executable, os.path.join(ROOT, "tools/preprocess_data.py"), "--input", demo["val"],
