@@ -11,6 +11,8 @@
 #   srun --nodes=4 --ntasks-per-node=1 --gpus-per-node=8 bash examples/pretrain_sail_8b.sh
 # Example, 2 nodes by hand (run on each node, NODE_RANK 0 and 1):
 #   MASTER_ADDR=node0 NNODES=2 NODE_RANK=0 bash examples/pretrain_sail_8b.sh
+# DRY_RUN=1 prints each stage's resolved trainer config (YAML) instead of launching
+# (PYTHON picks the interpreter, default `python`); tests/unit/test_train_examples.py uses it.
 
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${MASTER_ADDR:-}" ] && command -v scontrol >/dev/null; then
   MASTER_ADDR="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"
@@ -29,6 +31,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 # DALI decodes images on the GPU in these runs (the image pipeline's 'dali' backend).
 DALI_CONFIG="$(mktemp -t megatron_sail_dali.XXXXXX.yaml)"
 printf 'images:\n  backend: dali\n' > "${DALI_CONFIG}"
+trap 'rm -f "${DALI_CONFIG}"' EXIT
 
 # require VAR: stop with a clear message when a required variable is unset.
 require() {
@@ -49,10 +52,18 @@ run_stage() {
   if [ ! -e "${ckpt}/latest" ] && [ -n "${init_from}" ]; then
     init=(--init-from "${init_from}")
   fi
+  local args=(--recipe "${recipe}" --stage "${stage}" --config "${DALI_CONFIG}"
+              --run-dir "${run_dir}" --save "${ckpt}" --load "${ckpt}"
+              --tensorboard-dir "${run_dir}/tensorboard" "${init[@]}" "$@")
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    # Resolve the config exactly as the trainer would (same flags, same checks) and print it
+    # as one YAML document per stage, without starting anything.
+    echo "---"
+    "${PYTHON:-python}" -m megatron_sail.config.run "${args[@]}"
+    return
+  fi
   echo "[launcher] node ${NODE_RANK}/${NNODES} -> ${MASTER_ADDR}:${MASTER_PORT}: ${recipe} ${stage} in ${run_dir}"
   torchrun --nnodes "${NNODES}" --node_rank "${NODE_RANK}" --nproc_per_node "${GPUS_PER_NODE}" \
     --master_addr "${MASTER_ADDR}" --master_port "${MASTER_PORT}" \
-    -m megatron_sail.train --recipe "${recipe}" --stage "${stage}" --config "${DALI_CONFIG}" \
-    --run-dir "${run_dir}" --save "${ckpt}" --load "${ckpt}" \
-    --tensorboard-dir "${run_dir}/tensorboard" "${init[@]}" "$@"
+    -m megatron_sail.train "${args[@]}"
 }

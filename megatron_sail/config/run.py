@@ -255,3 +255,13 @@ def write_resolved(cfg: RunConfig, run_dir: str) -> str:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     os.replace(tmp, path)
     return path
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """``python -m megatron_sail.config.run [trainer flags]``: print the resolved config as YAML
+    and exit without training (the launchers' DRY_RUN=1 uses it to check their flags)."""
+    print(yaml.safe_dump(to_dict(resolve(argv)), sort_keys=False), end="", flush=True)
+
+
+if __name__ == "__main__":
+    main()
