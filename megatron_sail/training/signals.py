@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from megatron_sail.platform.distributed import device
+
 
 @dataclass
 class ExitWatcher:
@@ -49,7 +51,8 @@ class ExitWatcher:
         reason = self.local_reason()
         if not torch.distributed.is_initialized():
             return reason
-        flag = torch.tensor([1 if reason else 0], dtype=torch.int32)
+        # On the model's device: under NCCL (GPU) a CPU tensor cannot be all-reduced.
+        flag = torch.tensor([1 if reason else 0], dtype=torch.int32, device=device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() == 0:
             return None
