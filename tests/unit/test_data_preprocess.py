@@ -259,11 +259,30 @@ def test_cli_tools_preprocess_and_inspect(demo, tmp_path, capsys):
         assert stats[key] == summary[key], key
     assert stats["samples"] == 5 and stats["image_tokens"] == stats["tiles"] * 4
     assert stats["tiles"] <= 2 * stats["images"]  # --max-tiles 2, no thumbnail
-    assert inspect.main([prefix, "--show", "0"]) == 0
+    k = int(indexed.PackedReader(prefix).image_meta[0, 5])  # a sample that holds an image
+    assert inspect.main([prefix, "--show", str(k)]) == 0
     shown = json.loads(capsys.readouterr().out)
+    assert shown["sample"] == k and shown["images"]
     assert shown["text"].startswith("<|im_start|>user\n") and shown["trained"].endswith("<|im_end|>")
-    if shown["images"]:
-        assert "<img><IMG_CONTEXT>x" in shown["text"]
+    runs = [f"<img><IMG_CONTEXT>x{im['grid'][0] * im['grid'][1] * 4}</img>" for im in shown["images"]]
+    assert all(r in shown["text"] for r in runs) and "<IMG_CONTEXT><IMG_CONTEXT>" not in shown["text"]
+    first_answer = shown["trained"].split("<|im_end|>")[0]  # trained text: each answer + <|im_end|>
+    assert first_answer and f"<|im_start|>assistant\n{first_answer}<|im_end|>" in shown["text"]
+    with pytest.raises(SystemExit, match="out of range"):
+        inspect.main([prefix, "--show", str(stats["samples"])])
+
+
+def test_cli_exits_1_after_writing_the_report(demo, bad_input, tmp_path, capsys):
+    cli = tool("preprocess_data")
+    args = ["--input", str(bad_input), "--tokenizer", demo["tokenizer"], "--seq-length", "256",
+            "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "4"]
+    assert cli.main(args + ["--output-prefix", str(tmp_path / "a")]) == 1  # 8 of 10 > default 0.05
+    out = capsys.readouterr()
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    assert summary["rejects"] == REASONS and summary["reject_rate"] == 0.8 and "--max-reject-rate" in out.err
+    assert len(indexed.read_rejects(str(tmp_path / "a"))) == 8 and indexed.load_meta(str(tmp_path / "a")) is None
+    assert cli.main(args + ["--output-prefix", str(tmp_path / "b"), "--max-reject-rate", "0.8"]) == 0
+    assert indexed.load_meta(str(tmp_path / "b"))["stats"]["samples"] == 2
 
 
 def test_text_only_data_and_an_empty_shard(demo, tmp_path, capsys):
