@@ -84,16 +84,27 @@ def detect_format(path: str) -> str:
         with open(path, "r", encoding="utf-8") as f:
             first = (json.load(f) or [{}])[0]
     else:
-        try:
-            first = json.loads(head.splitlines()[0]) if head else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: cannot detect the format, first line is not JSON ({e})") from e
+        first = _first_json_line(path, head)
     if isinstance(first, dict) and "conversations" in first:
         return "llava"
     if isinstance(first, dict) and ("caption" in first or "text" in first):
         return "caption"
     raise ValueError(f"{path}: cannot detect the format (no 'conversations', 'caption' or 'text' key); "
                      f"pass --format")
+
+
+def _first_json_line(path: str, head: str) -> dict:
+    """The first line of a JSONL head that parses: a broken first line is a reject, not a reason
+    to refuse the whole file."""
+    lines = [ln for ln in head.splitlines() if ln.strip()]
+    for line in lines[:100]:
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    if not lines:
+        return {}
+    raise ValueError(f"{path}: cannot detect the format, none of its first lines is JSON; pass --format")
 
 
 def _iter_json_file(path: str, base_dir: str) -> Iterator[RawRecord]:

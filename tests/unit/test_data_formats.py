@@ -152,3 +152,9 @@ def test_inputs_directories_and_bad_names(tmp_path):
     write_jsonl(tmp_path / "odd.jsonl", [{"foo": 1}])
     with pytest.raises(ValueError, match="--format"):
         detect_format(str(tmp_path / "odd.jsonl"))
+    write_jsonl(tmp_path / "junk.jsonl", ["{broken", "not json either"])
+    with pytest.raises(ValueError, match="--format"):
+        detect_format(str(tmp_path / "junk.jsonl"))
+    # a broken first line does not hide the format of the rest (it becomes an invalid_json reject)
+    write_jsonl(tmp_path / "c.jsonl", ["{broken", {"image": "x.jpg", "caption": "c"}])
+    assert detect_format(str(tmp_path / "c.jsonl")) == "caption"
