@@ -146,3 +146,35 @@ def test_prefetch_runs_ahead_and_closes_while_full(pipe):
     assert loader._queue.qsize() == 2 and loader.position == 0  # ready ahead of any request
     loader.close()
     assert not loader._thread.is_alive()
+
+
+class _TimedPipe:
+    """Wraps a pipeline; each call sleeps like a slow decoder and records when it ran."""
+
+    def __init__(self, inner, delay: float) -> None:
+        self.inner, self.delay, self.calls = inner, delay, []
+
+    def tiles(self, records):
+        t0 = time.monotonic()
+        time.sleep(self.delay)
+        out = self.inner.tiles(records)
+        self.calls.append((t0, time.monotonic()))
+        return out
+
+
+def test_prefetch_decodes_while_the_step_computes(pipe):
+    """Decoding of micro-batch k+1 runs during the (simulated) training step on micro-batch k."""
+    data, delay = batches()[:6], 0.1
+    timed = _TimedPipe(pipe, delay)
+    steps = []
+    start = time.monotonic()
+    with PrefetchLoader(lambda p: iter(data[p:]), timed, depth=2) as loader:
+        for _ in loader:
+            t0 = time.monotonic()
+            time.sleep(delay)  # the training step
+            steps.append((t0, time.monotonic()))
+    elapsed = time.monotonic() - start
+    overlapped = sum(1 for (d0, d1) in timed.calls[1:] for (s0, s1) in steps if d0 < s1 and s0 < d1)
+    assert len(steps) == len(timed.calls) == 6
+    assert overlapped >= 4, (timed.calls, steps)
+    assert elapsed < 0.9 * 2 * 6 * delay  # serial decode + step would take 1.2 s
