@@ -55,12 +55,18 @@ class ImageBlob(bytes):
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files named by paths, directories (their data files, sorted) or globs, in a stable order."""
+    """Files named by paths, directories (their data files, sorted) or globs, in a stable order.
+
+    A directory holding .tar files is read as WebDataset shards only: img2dataset writes a
+    ``*_stats.json`` next to every shard, which is not data.
+    """
     files: list[str] = []
     for item in inputs:
         if os.path.isdir(item):
             found = sorted(p for p in glob.glob(os.path.join(item, "*"))
                            if p.endswith((".jsonl", ".json", ".tar")))
+            if any(p.endswith(".tar") for p in found):
+                found = [p for p in found if p.endswith(".tar")]
         elif any(c in item for c in "*?["):
             found = sorted(glob.glob(item))
         else:

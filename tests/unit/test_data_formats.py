@@ -122,6 +122,9 @@ def test_webdataset_tar_groups_members_by_key(tmp_path):
                                    ("002.txt", b"no image")])
     files = expand_inputs([str(tmp_path / "*.tar")])
     assert detect_format(files[0]) == "webdataset"
+    # a directory as img2dataset leaves it: shards plus a stats file per shard (not data)
+    (tmp_path / "s0_stats.json").write_text(json.dumps({"count": 3, "successes": 2}))
+    assert expand_inputs([str(tmp_path)]) == files == [str(tmp_path / "s0.tar")]
     recs = list(iter_records(files, "webdataset", None))
     assert [r.key for r in recs] == ["000", "001", "002"]
     t, imgs = to_conversation(recs[0], "webdataset", 0, TemplateConfig(), 0)
