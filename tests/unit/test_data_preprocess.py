@@ -330,3 +330,23 @@ def test_webdataset_end_to_end_with_workers(demo, tmp_path):
     ds = PackedDataset(str(outs[1]))
     stored = {im.data for i in range(len(ds)) for im in ds[i].images}
     assert stored == {open(os.path.join(root, c["image"]), "rb").read() for c in caps}
+
+
+def test_truncated_webdataset_shard_is_a_reported_reject(demo, tmp_path):
+    import tarfile
+
+    good = _img(tmp_path, "a.png")
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for key in ("k0", "k1"):
+            tar.add(tmp_path / good, arcname=f"{key}.png")
+            info = tarfile.TarInfo(f"{key}.txt")
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"red"))
+    data = (tmp_path / "s.tar").read_bytes()
+    cut = data.index(b"k1.png") + 512 + 40  # inside k1's image member
+    (tmp_path / "cut.tar").write_bytes(data[:cut])
+    code, summary = run(config(demo, tmp_path / "o", inputs=[str(tmp_path / "cut.tar")], max_reject_rate=0.5,
+                               packing=PackingConfig(seq_length=256, packing_buffer=4)), log=lambda m: None)
+    assert code == 0 and summary["samples"] == 1 and summary["rejects"] == {"truncated_shard": 1}
+    (line,) = [json.loads(x) for x in indexed.read_rejects(str(tmp_path / "o"))]
+    assert (line["source"], line["key"], line["reason"]) == (str(tmp_path / "cut.tar"), "k1", "truncated_shard")
