@@ -22,6 +22,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megatron_sail.models.attention import SDPAttention
+from megatron_sail.platform.distributed import has_cuda
 
 
 def te_available() -> bool:
@@ -30,7 +31,7 @@ def te_available() -> bool:
         import transformer_engine  # noqa: F401
     except Exception:  # ImportError, or a CUDA load failure on CPU machines
         return False
-    return torch.cuda.is_available()
+    return has_cuda()
 
 
 class SPNorm(torch.nn.Module):
@@ -114,12 +115,19 @@ def _local_mlp() -> ModuleSpec:
                                                            linear_fc2=RowParallelLinear))
 
 
+# Checkpoint keys of the local norms renamed to where the TE spec keeps the same weights (inside
+# the fused linears), as Megatron's own local GPT spec does: a checkpoint saved with either spec
+# loads into the other.
+_TE_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                 "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
+
 def _local_layer(layer_cls, mask_type, qk_norm: bool) -> ModuleSpec:
     """Pre-norm transformer layer built only from modules that run on any device."""
     return ModuleSpec(module=layer_cls, submodules=TransformerLayerSubmodules(
         input_layernorm=SPNorm, self_attention=_local_attention(mask_type, qk_norm),
         self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=SPNorm, mlp=_local_mlp(),
-        mlp_bda=get_bias_dropout_add))
+        mlp_bda=get_bias_dropout_add, sharded_state_dict_keys_map=dict(_TE_NORM_KEYS)))
 
 
 def _te_layer(layer_cls, mask_type, qk_norm: bool, core_attention) -> ModuleSpec:
@@ -136,9 +144,7 @@ def _te_layer(layer_cls, mask_type, qk_norm: bool, core_attention) -> ModuleSpec
         linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear))
     return ModuleSpec(module=layer_cls, submodules=TransformerLayerSubmodules(
         self_attention=attn, self_attn_bda=get_bias_dropout_add, mlp=mlp,
-        mlp_bda=get_bias_dropout_add,
-        sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                                     "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}))
+        mlp_bda=get_bias_dropout_add))
 
 
 def language_layer_spec(use_te: bool) -> ModuleSpec:

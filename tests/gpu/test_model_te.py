@@ -52,3 +52,19 @@ def test_te_spec_matches_local_spec(setup):
         want = local(ids, pos, tiles, cu_seqlens=cu)
         got = te(ids, pos, tiles, cu_seqlens=cu)
     assert (want - got).abs().max().item() < 2e-2 * max(1.0, want.abs().max().item())
+
+
+def test_checkpoint_saved_with_local_spec_loads_into_te_spec(setup, tmp_path):
+    """What conversion writes (local spec, on the CPU) is what GPU training loads (TE spec)."""
+    pytest.importorskip("transformer_engine")
+    from megatron_sail.models.sail_vl import SailVLModel
+    from megatron_sail.training import dist_ckpt
+
+    mc, cfg, hf, local, samples, (ids, pos, tiles, cu) = setup
+    dist_ckpt.save_model([local], tmp_path / "ck")
+    te = SailVLModel(cfg, use_te=True).cuda().eval()
+    dist_ckpt.load_model([te], tmp_path / "ck")
+    with torch.no_grad():
+        want = local(ids, pos, tiles, cu_seqlens=cu)
+        got = te(ids, pos, tiles, cu_seqlens=cu)
+    assert (want - got).abs().max().item() < 2e-2 * max(1.0, want.abs().max().item())

@@ -42,6 +42,19 @@ def _assert_bitwise(expected: dict, got: dict) -> None:
         assert torch.equal(got[key], value), key
 
 
+def _assert_te_norm_keys(mc: Path) -> None:
+    """The dist checkpoint stores layer norms under Transformer Engine's names (norm fused into
+    the following linear), which a TE-spec model asks for on GPUs; the local spec saved it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = set(FileSystemReader(str(mc)).read_metadata().state_dict_metadata)
+    for part in ("language_model.decoder", "vision_model.encoder"):
+        assert f"{part}.layers.self_attention.linear_qkv.layer_norm_weight" in keys, sorted(keys)
+        assert f"{part}.layers.mlp.linear_fc1.layer_norm_weight" in keys
+    assert not [k for k in keys if "input_layernorm" in k or "pre_mlp_layernorm" in k]
+    assert "language_model.decoder.final_layernorm.weight" in keys
+
+
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_transformers_layout_round_trip_is_bitwise(tmp_path, tied):
     src, mc, back = _round_trip(tmp_path, tiny.TinyCheckpointConfig(layout="hf", tied=tied))
@@ -50,6 +63,7 @@ def test_transformers_layout_round_trip_is_bitwise(tmp_path, tied):
     assert (mc / "metadata.json").is_file() and (mc / "model_config.yaml").is_file()
     assert (mc / "tokenizer" / "special_tokens_map.json").is_file()
     assert (back / "special_tokens_map.json").is_file()
+    _assert_te_norm_keys(mc)
     from transformers import InternVLForConditionalGeneration
 
     InternVLForConditionalGeneration.from_pretrained(str(back))  # loads without complaint
