@@ -84,7 +84,11 @@ def main(argv=None) -> int:
     p.add_argument("--show", type=int, default=None, metavar="K", help="render sample K")
     p.add_argument("--tokenizer", default=None, help="override the tokenizer path stored in meta.json")
     a = p.parse_args(argv)
-    reader = PackedReader(a.prefix)
+    try:
+        reader = PackedReader(a.prefix)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if a.show is not None:
         out = show(reader, a.show, a.tokenizer or reader.meta["tokenizer"]["path"])
     else:

@@ -4,7 +4,8 @@
 Example (demo data, tiny recipe):
   python tools/preprocess_data.py --input demo/train.jsonl --tokenizer demo/tokenizer.json \
       --output-prefix data/demo_train --seq-length 1024 --tile-size 32 --tokens-per-tile 4 --max-tiles 4
-Prints one JSON summary line; exits 1 on --strict rejects or a reject rate above --max-reject-rate.
+Prints one JSON summary line; exits 1 on --strict rejects or a reject rate above --max-reject-rate,
+2 (with a one-line error) on missing inputs or bad flags.
 """
 from __future__ import annotations
 
@@ -65,7 +66,11 @@ def parse_args(argv=None) -> PreprocessConfig:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    code, summary = run(cfg, log=lambda m: print(m, file=sys.stderr))
+    try:
+        code, summary = run(cfg, log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, FileNotFoundError) as e:  # bad inputs or flags: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary))
     if "error" in summary:
         print(f"error: {summary['error']}", file=sys.stderr)

@@ -283,6 +283,12 @@ def test_cli_exits_1_after_writing_the_report(demo, bad_input, tmp_path, capsys)
     assert len(indexed.read_rejects(str(tmp_path / "a"))) == 8 and indexed.load_meta(str(tmp_path / "a")) is None
     assert cli.main(args + ["--output-prefix", str(tmp_path / "b"), "--max-reject-rate", "0.8"]) == 0
     assert indexed.load_meta(str(tmp_path / "b"))["stats"]["samples"] == 2
+    capsys.readouterr()
+    args[1] = str(tmp_path / "nope.jsonl")
+    assert cli.main(args + ["--output-prefix", str(tmp_path / "c")]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+    assert tool("inspect_dataset").main([str(tmp_path / "a")]) == 1  # rejects only, no dataset
+    assert "no complete dataset" in capsys.readouterr().err
 
 
 def test_text_only_data_and_an_empty_shard(demo, tmp_path, capsys):
