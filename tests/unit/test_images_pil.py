@@ -117,6 +117,21 @@ def test_auto_falls_back_to_pil_without_dali(monkeypatch):
     assert ok == [True] and rec.grid == (1, 1) and tiles.shape == (1, 3, S, S)
 
 
+def test_a_dali_that_fails_to_load_counts_as_absent(monkeypatch):
+    class BrokenDali:
+        """An import hook standing in for a DALI wheel whose shared library cannot be loaded."""
+
+        def find_spec(self, name, path=None, target=None):
+            if name == "nvidia.dali" or name.startswith("nvidia.dali."):
+                raise OSError("libdali.so: cannot open shared object file")
+            return None
+
+    for name in [m for m in sys.modules if m == "nvidia.dali" or m.startswith("nvidia.dali.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [BrokenDali()] + sys.meta_path)
+    assert not dali_available() and resolve_backend("auto") == "pil"
+
+
 def test_auto_picks_dali_cpu_without_cuda():
     if not dali_available() or torch.cuda.is_available():
         pytest.skip("needs DALI installed on a machine without CUDA")

@@ -98,7 +98,7 @@ def dali_available() -> bool:
     """Whether NVIDIA DALI can be imported here (an installed but broken DALI counts as absent)."""
     try:
         import nvidia.dali  # noqa: F401
-    except ImportError:
+    except (ImportError, OSError):  # OSError: a shared library of the wheel fails to load
         return False
     return True
 
