@@ -86,13 +86,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         reader = PackedReader(a.prefix)
+        if a.show is not None:  # the stored tokenizer path may be relative to another directory
+            out = show(reader, a.show, a.tokenizer or reader.meta["tokenizer"]["path"])
+        else:
+            out = stats(reader)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}" + (" (pass --tokenizer)" if "tokenizer" in str(e) else ""), file=sys.stderr)
         return 1
-    if a.show is not None:
-        out = show(reader, a.show, a.tokenizer or reader.meta["tokenizer"]["path"])
-    else:
-        out = stats(reader)
     print(json.dumps(out, ensure_ascii=False))
     return 0
 

@@ -270,6 +270,8 @@ def test_cli_tools_preprocess_and_inspect(demo, tmp_path, capsys):
     assert first_answer and f"<|im_start|>assistant\n{first_answer}<|im_end|>" in shown["text"]
     with pytest.raises(SystemExit, match="out of range"):
         inspect.main([prefix, "--show", str(stats["samples"])])
+    assert inspect.main([prefix, "--show", str(k), "--tokenizer", str(tmp_path / "gone.json")]) == 1
+    assert "gone.json" in capsys.readouterr().err
 
 
 def test_cli_exits_1_after_writing_the_report(demo, bad_input, tmp_path, capsys):
