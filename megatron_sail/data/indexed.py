@@ -206,11 +206,6 @@ class PackedReader:
         """Encoded bytes of image j."""
         return self.images[int(j)].tobytes()
 
-    def sample_index(self) -> np.ndarray:
-        """Row of every sample (for --show K)."""
-        counts = np.diff(self.row_index)
-        return np.repeat(np.arange(len(counts)), counts)
-
 
 def read_rejects(prefix: str) -> list[str]:
     """Reject report lines of a prefix."""
