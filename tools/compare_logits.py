@@ -108,6 +108,8 @@ def prompt_ids(tokenizer, prompt: str, image_runs: list[int], img_ctx_id: int, v
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if sum(i == img_ctx_id for i in ids) != sum(image_runs):
             raise ValueError(f"tokenizer does not map {IMG_CONTEXT} to the config's id {img_ctx_id}")
+        if max(ids) >= vocab:
+            raise ValueError(f"tokenizer gives id {max(ids)} but the model's vocabulary has {vocab} rows")
         return ids
     text = [b for b in prompt.encode()]
 

@@ -46,6 +46,9 @@ class TinyCheckpointConfig:
     """Stored dtype: float32 or bfloat16."""
     max_shard_bytes: int = 5 * 1024**3
     """Split the safetensors into shards above this size (small values force a sharded folder)."""
+    tokenizer: bool = False
+    """Also write a byte-level BPE ``tokenizer.json`` with the ChatML/image special tokens (needs
+    vocab_size >= 262); the image-context id then comes from it instead of being the last id."""
 
 
 def build_hf_config(cfg: TinyCheckpointConfig) -> dict:
@@ -99,11 +102,38 @@ def random_state_dict(hf_config: dict, seed: int, dtype: torch.dtype) -> dict[st
     return state
 
 
+def write_tokenizer(folder: Path, vocab_size: int) -> int:
+    """Train a tiny byte-level BPE with the template's special tokens into ``folder``/tokenizer.json
+    (so tools see real ChatML tokenization); return the id of <IMG_CONTEXT>."""
+    from tokenizers import Tokenizer
+
+    from megatron_sail.data.demo import train_tokenizer
+
+    texts = ["Describe this image in detail.", "What is in the picture?", "a red circle on blue"]
+    path = folder / "tokenizer.json"
+    train_tokenizer(texts, str(path), vocab_size=vocab_size)
+    tok = Tokenizer.from_file(str(path))
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"tokenizer needs {tok.get_vocab_size()} ids but vocab_size is {vocab_size}")
+    return tok.token_to_id(internvl_chat.IMG_CONTEXT)
+
+
 def make_tiny_checkpoint(out: str | Path, cfg: TinyCheckpointConfig = TinyCheckpointConfig()) -> Path:
-    """Write the tiny checkpoint folder (config.json + safetensors) atomically; return its path."""
+    """Write the tiny checkpoint folder (config.json + safetensors [+ tokenizer]) atomically."""
+    import tempfile
+
     if cfg.layout not in ("hf", "chat"):
         raise ValueError(f"layout must be 'hf' or 'chat', got {cfg.layout!r}")
+    with tempfile.TemporaryDirectory() as tok_dir:
+        image_token = write_tokenizer(Path(tok_dir), cfg.vocab_size) if cfg.tokenizer else None
+        return _write(out, cfg, image_token, Path(tok_dir) if cfg.tokenizer else None)
+
+
+def _write(out, cfg: TinyCheckpointConfig, image_token: int | None, tokenizer_from: Path | None) -> Path:
+    """Random weights in the chosen layout, written with the tokenizer files (if any)."""
     hf_config = build_hf_config(cfg)
+    if image_token is not None:
+        hf_config["image_token_id"] = image_token
     state = random_state_dict(hf_config, cfg.seed, getattr(torch, cfg.dtype))
     if cfg.layout == "chat":
         config = internvl_chat.hf_config_to_chat(hf_config)
@@ -112,7 +142,7 @@ def make_tiny_checkpoint(out: str | Path, cfg: TinyCheckpointConfig = TinyCheckp
     else:
         config, state = hf_config, hf_io.to_disk_keys(state)
     write = hf_io.HFWriteConfig(max_shard_bytes=cfg.max_shard_bytes)
-    return hf_io.write_checkpoint(out, config, state, cfg=write)
+    return hf_io.write_checkpoint(out, config, state, tokenizer_from=tokenizer_from, cfg=write)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,13 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tied", action="store_true")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--max-shard-bytes", type=int, default=5 * 1024**3)
+    p.add_argument("--tokenizer", action="store_true",
+                   help="also write a tiny BPE tokenizer.json (needs --vocab-size >= 262)")
     a = p.parse_args(argv)
     if a.tile_size % 28:
         p.error("--tile-size must be a multiple of 28 (patch 14, pixel shuffle 0.5)")
     cfg = TinyCheckpointConfig(
         layout=a.layout, seed=a.seed, tile_size=a.tile_size, vision_layers=a.vision_layers,
         text_layers=a.text_layers, heads=a.heads, kv_heads=a.kv_heads, vocab_size=a.vocab_size,
-        tied=a.tied, dtype=a.dtype, max_shard_bytes=a.max_shard_bytes)
+        tied=a.tied, dtype=a.dtype, max_shard_bytes=a.max_shard_bytes, tokenizer=a.tokenizer)
     print(make_tiny_checkpoint(a.out, cfg))
     return 0
 

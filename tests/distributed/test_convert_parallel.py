@@ -57,10 +57,12 @@ def _our_logits_on_ranks(rank: int, mcore_dir: str, hf_dir: str, layout: dict):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """A tiny chat-layout checkpoint (3 LM layers so PP=2 splits unevenly) and its conversion."""
+    """A tiny chat-layout checkpoint (3 LM layers so PP=2 splits unevenly) with a tokenizer (the
+    prompt is real ChatML tokenization, <IMG_CONTEXT> id from tokenizer.json) and its conversion."""
     root = tmp_path_factory.mktemp("conv")
     tiny = _tool("make_tiny_hf_checkpoint")
-    hf = tiny.make_tiny_checkpoint(root / "hf", tiny.TinyCheckpointConfig(layout="chat", text_layers=3, seed=5))
+    hf = tiny.make_tiny_checkpoint(root / "hf", tiny.TinyCheckpointConfig(
+        layout="chat", text_layers=3, seed=5, vocab_size=320, tokenizer=True))
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "hf-to-mcore",
                            "--hf-dir", str(hf), "--out", str(root / "mc")],
                           capture_output=True, text=True, timeout=300)
@@ -99,6 +101,7 @@ def test_compare_logits_passes_and_a_corrupted_checkpoint_fails(converted, tmp_p
     last = out.strip().splitlines()[-1]
     m = LAST_LINE.match(last)
     assert m and code == 0, out[-2000:]
+    assert ", tokenizer;" in out  # the ChatML prompt went through the checkpoint's tokenizer
     assert float(m.group(1)) < 1e-3
 
     # corrupt one projector weight of the HF side: the conversion no longer matches it

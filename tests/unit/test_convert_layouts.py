@@ -147,3 +147,33 @@ def test_write_checkpoint_is_atomic_and_shards(tmp_path):
     with pytest.raises(TypeError):  # a failing write leaves nothing behind
         hf_io.write_checkpoint(tmp_path / "bad", {"x": object()}, state)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_compare_logits_prompt_is_chatml_through_the_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    cl = _tool("compare_logits")
+    hf = tiny.make_tiny_checkpoint(tmp_path / "hf", tiny.TinyCheckpointConfig(vocab_size=320, tokenizer=True))
+    ctx = hf_io.read_config(hf)["image_token_id"]
+    tok = cl.load_tokenizer(tmp_path / "missing", hf)
+    assert ctx == tok.convert_tokens_to_ids(internvl_chat.IMG_CONTEXT) != 319
+    ids = cl.prompt_ids(tok, "What is it?", [3, 2], ctx, 320)
+    want = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            f"<img>{internvl_chat.IMG_CONTEXT * 3}</img>\n<img>{internvl_chat.IMG_CONTEXT * 2}</img>\n"
+            "What is it?<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(ids) == want
+    assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3 and ids.count(ctx) == 5
+    with pytest.raises(ValueError, match="IMG_CONTEXT"):
+        cl.prompt_ids(tok, "x", [3], ctx + 1, 320)
+    with pytest.raises(ValueError, match="vocabulary"):
+        cl.prompt_ids(tok, "What is it?", [1], ctx, 200)
+    assert cl.load_tokenizer(tmp_path / "missing") is None
+
+
+def test_compare_logits_synthetic_prompt_without_tokenizer():
+    cl = _tool("compare_logits")
+    ids = cl.prompt_ids(None, "hi there", [4, 8], 255, 256)
+    assert ids == cl.prompt_ids(None, "hi there", [4, 8], 255, 256)
+    assert ids.count(255) == 12 and max(ids) < 256 and min(ids) >= 0
+    runs = "".join("x" if i == 255 else "." for i in ids).split(".")
+    assert sorted(len(r) for r in runs if r) == [4, 8]
