@@ -32,6 +32,8 @@ class TinyCheckpointConfig:
     """ViT input size in pixels (patch 14: 4x4 patches, 4 visual tokens per tile)."""
     vision_layers: int = 2
     """InternViT layers."""
+    select_layer: int = -1
+    """ViT layer feeding the projector (-2: the last layer is unused, as some InternVL models)."""
     text_layers: int = 2
     """Qwen2 layers."""
     heads: int = 4
@@ -73,7 +75,7 @@ def build_hf_config(cfg: TinyCheckpointConfig) -> dict:
         "image_token_id": cfg.vocab_size - 1,
         "image_seq_length": tokens_per_side**2,
         "downsample_ratio": 0.5,
-        "vision_feature_layer": -1,
+        "vision_feature_layer": cfg.select_layer,
         "vision_feature_select_strategy": "default",
         "projector_hidden_act": "gelu",
         "tie_word_embeddings": cfg.tied,
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile-size", type=int, default=56, help="multiple of 28")
     p.add_argument("--vision-layers", type=int, default=2)
+    p.add_argument("--select-layer", type=int, default=-1)
     p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--tile-size must be a multiple of 28 (patch 14, pixel shuffle 0.5)")
     cfg = TinyCheckpointConfig(
         layout=a.layout, seed=a.seed, tile_size=a.tile_size, vision_layers=a.vision_layers,
+        select_layer=a.select_layer,
         text_layers=a.text_layers, heads=a.heads, kv_heads=a.kv_heads, vocab_size=a.vocab_size,
         tied=a.tied, dtype=a.dtype, max_shard_bytes=a.max_shard_bytes, tokenizer=a.tokenizer)
     print(make_tiny_checkpoint(a.out, cfg))

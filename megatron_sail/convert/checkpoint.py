@@ -6,7 +6,8 @@ tensors into a SailVLModel built at TP=1/PP=1 and save it with dist_ckpt. Megatr
 state dict stores every tensor under a global key with its full shape, so the result loads at
 any TP/PP. Next to it go ``model_config.yaml`` (our ModelConfig), ``hf_config.json`` (the
 transformers config, so the way back restores fields our config does not model) and the
-tokenizer files under ``tokenizer/``.
+tokenizer files under ``tokenizer/``. ViT layers after ``select_layer`` have no parameter in our
+model; their HF tensors go to ``unused_hf_tensors.safetensors`` and come back on export.
 
 mcore -> hf: build the model at TP=1/PP=1, load the dist checkpoint, map back and write
 transformers' layout (atomic). Each tensor gets back its source dtype, so a round trip is
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from megatron_sail.config.model import ModelConfig
 from megatron_sail.config.parallel import ParallelConfig
@@ -30,6 +32,7 @@ MODEL_CONFIG_FILE = "model_config.yaml"
 HF_CONFIG_FILE = "hf_config.json"
 CONVERSION_FILE = "conversion.json"
 TOKENIZER_DIR = "tokenizer"
+UNUSED_FILE = "unused_hf_tensors.safetensors"
 
 
 @dataclass
@@ -145,6 +148,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
     tcfg = transformers_config(hf.config)
     model_config = hf_internvl.from_hf_config(tcfg)
     ours = hf_internvl.hf_to_ours(hf.state, model_config)
+    unused = hf_internvl.unused_hf_tensors(hf.state, model_config)
     dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in hf.state.items()}
     del hf.state
     _single_rank()
@@ -152,6 +156,8 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
     _load_full_state(model, ours)
     with hf_io.atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
         dist_ckpt.save_sharded(dist_ckpt.model_sharded_state_dict([model]), tmp)
+        if unused:
+            save_file({k: v.contiguous() for k, v in unused.items()}, str(tmp / UNUSED_FILE))
         write_model_config(tmp, model_config)
         (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf.config, indent=2, sort_keys=True) + "\n")
         (tmp / CONVERSION_FILE).write_text(json.dumps(
@@ -204,6 +210,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
         state.pop("lm_head.weight", None)  # transformers stores tied weights once, as it saves them
     dtypes = _source_dtypes(mcore_dir)
     state = {k: v.to(getattr(torch, dtypes.get(k, str(v.dtype).removeprefix("torch.")))) for k, v in state.items()}
+    state.update(_unused_tensors(mcore_dir, hf_config))
     tok = mcore_dir / TOKENIZER_DIR
     return hf_io.write_checkpoint(out_dir, hf_config, hf_io.to_disk_keys(state),
                                   tokenizer_from=tok if tok.is_dir() else None,
@@ -224,6 +231,18 @@ def _hf_config_for(mcore_dir: Path, model_config: ModelConfig) -> dict:
         return fresh  # e.g. vocabulary resized after conversion: trust the checkpoint's own config
     stored.setdefault("architectures", ["InternVLForConditionalGeneration"])
     return stored
+
+
+def _unused_tensors(mcore_dir: Path, hf_config: dict) -> dict[str, torch.Tensor]:
+    """Stored ViT layers beyond ``select_layer`` (source dtype), when the config still has them."""
+    from safetensors.torch import load_file
+
+    path = mcore_dir / UNUSED_FILE
+    if not path.is_file():
+        return {}
+    layers = hf_config["vision_config"]["num_hidden_layers"]
+    return {k: v for k, v in load_file(str(path)).items()
+            if int(k.split("encoder.layer.")[1].split(".")[0]) < layers}
 
 
 def _source_dtypes(mcore_dir: Path) -> dict[str, str]:

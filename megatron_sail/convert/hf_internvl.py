@@ -10,8 +10,8 @@ Layout differences handled here:
   [q heads of group 0, k of group 0, v of group 0, q heads of group 1, ...].
 * Megatron fuses the SwiGLU gate and up projections into ``linear_fc1`` = [gate; up].
 * Tied embeddings: HF may list ``lm_head.weight``; ours has no output weight then.
-* ViT layers after ``select_layer`` are not built by us; their HF weights are dropped on import
-  (so such checkpoints do not round-trip those unused layers).
+* ViT layers after ``select_layer`` are not built by us; ``unused_hf_tensors`` picks their HF
+  weights out so that conversion can store them beside the Megatron checkpoint and restore them.
 """
 from __future__ import annotations
 
@@ -180,6 +180,34 @@ def _qkv_sites(cfg: ModelConfig):
     for i in range(lm.num_layers):
         yield (f"language_model.decoder.layers.{i}.self_attention.linear_qkv.",
                f"{_L}layers.{i}.self_attn.{{}}_proj.", lm.num_heads, lm.num_kv_heads, lm.qkv_bias)
+
+
+def unused_hf_tensors(hf_sd: dict, cfg: ModelConfig) -> dict:
+    """HF tensors our model has no parameter for: the ViT layers after ``select_layer``.
+
+    Anything else left unmapped is an error (a silent drop would make a wrong conversion look
+    right); the LM head of a tied checkpoint is the embedding and is simply not needed.
+    """
+    used = {hf for _, hf in _simple_pairs(cfg)}
+    for _, hf, _, _, bias in _qkv_sites(cfg):
+        used |= {hf.format(x) + w for x in "qkv" for w in (("weight", "bias") if bias else ("weight",))}
+    for i in range(cfg.language.num_layers):
+        used |= {f"{_L}layers.{i}.mlp.{n}_proj.weight" for n in ("gate", "up")}
+    if cfg.language.tie_embeddings:
+        used.add("lm_head.weight")
+    later = re.compile(re.escape(_V) + r"encoder\.layer\.(\d+)\.")
+    unused, unknown = {}, []
+    for key, value in hf_sd.items():
+        if key in used:
+            continue
+        m = later.match(key)
+        if m and cfg.vision.layers_used <= int(m.group(1)) < cfg.vision.num_layers:
+            unused[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"HF checkpoint has tensors with no place in the model: {sorted(unknown)[:8]}")
+    return unused
 
 
 def _need(sd: dict, key: str, side: str):

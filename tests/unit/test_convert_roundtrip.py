@@ -70,8 +70,15 @@ def test_transformers_layout_round_trip_is_bitwise(tmp_path, tied):
 
 
 def test_sharded_bf16_chat_layout_round_trip_is_bitwise(tmp_path):
-    cfg = tiny.TinyCheckpointConfig(layout="chat", dtype="bfloat16", max_shard_bytes=60_000, seed=3)
+    """Also with select_layer=-2: the last ViT layer, which our model does not build, comes back."""
+    cfg = tiny.TinyCheckpointConfig(layout="chat", dtype="bfloat16", max_shard_bytes=60_000, seed=3,
+                                    vision_layers=3, select_layer=-2)
     src, mc, back = _round_trip(tmp_path, cfg)
+    from safetensors.torch import load_file
+
+    from megatron_sail.convert.checkpoint import UNUSED_FILE
+
+    assert all(".encoder.layer.2." in k for k in load_file(mc / UNUSED_FILE))
     assert (src / hf_io.SAFETENSORS_INDEX).is_file()
     assert json.loads((mc / "conversion.json").read_text())["source_layout"] == "chat"
     # the output is transformers' layout: compare through the chat -> transformers key mapping
@@ -94,6 +101,11 @@ def test_converter_refuses_an_existing_output_and_names_bad_input(tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "model_type": "llava"}))
     with pytest.raises(ValueError, match="config.json.*llava"):
+        checkpoint.hf_to_mcore(src, tmp_path / "mc")
+    (src / "config.json").write_text(json.dumps(cfg))
+    state = hf_io.read_state_dict(src)
+    hf_io.write_safetensors(src, {**state, "vision_tower.extra.weight": torch.ones(2)}, 1 << 30)
+    with pytest.raises(ValueError, match="no place.*vision_tower.extra.weight"):
         checkpoint.hf_to_mcore(src, tmp_path / "mc")
     with pytest.raises(FileNotFoundError, match="model_config.yaml"):
         checkpoint.mcore_to_hf(src, tmp_path / "back")
