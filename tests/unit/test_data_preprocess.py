@@ -358,3 +358,41 @@ def test_truncated_webdataset_shard_is_a_reported_reject(demo, tmp_path):
     assert code == 0 and summary["samples"] == 1 and summary["rejects"] == {"truncated_shard": 1}
     (line,) = [json.loads(x) for x in indexed.read_rejects(str(tmp_path / "o"))]
     assert (line["source"], line["key"], line["reason"]) == (str(tmp_path / "cut.tar"), "k1", "truncated_shard")
+
+
+def test_multi_image_rows_give_tiles_in_image_token_order(demo, tmp_path):
+    """preprocess -> PackedDataset -> collate: the k-th <IMG_CONTEXT> run of a row gets exactly
+    the tiles of the k-th stored image (told apart by grey level and run length)."""
+    from megatron_sail.config.images import ImageConfig
+    from megatron_sail.data.collate import collate_rows
+    from megatron_sail.data.images.pil import PilPipeline
+
+    grey = {"a.png": ((64, 64), 30), "b.png": ((64, 96), 120), "c.png": ((32, 32), 220)}
+    for name, (size, v) in grey.items():
+        Image.new("RGB", size, (v, v, v)).save(tmp_path / name)
+    lines = [{"image": ["a.png", "b.png"], "conversations": _conv(q="<image> then <image>?")},
+             {"image": "c.png", "conversations": _conv()}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    code, _ = run(config(demo, tmp_path / "m", inputs=[str(tmp_path / "m.jsonl")],
+                         packing=PackingConfig(seq_length=256, packing_buffer=4)), log=lambda m: None)
+    assert code == 0
+    ds = PackedDataset(str(tmp_path / "m"))
+    row = ds[0]
+    assert len(ds) == 1 and row.num_samples == 2 and len(row.images) == 3
+    tm = ds.tokenizer_meta
+    mb = collate_rows([row], PilPipeline(ImageConfig(backend="pil", tile_size=32, threads=1)),
+                      image_token_id=tm.img_context_id, tokens_per_tile=tm.tokens_per_tile)
+    is_ctx = np.concatenate([[0], (row.tokens == tm.img_context_id).astype(np.int8), [0]])
+    starts, ends = np.flatnonzero(np.diff(is_ctx) == 1), np.flatnonzero(np.diff(is_ctx) == -1)
+    by_size = {size: v for size, v in grey.values()}
+    tile = 0
+    for (s, e), im in zip(zip(starts, ends), row.images):
+        assert e - s == im.num_tiles * tm.tokens_per_tile
+        assert row.cu_seqlens[im.sample] <= s < e <= row.cu_seqlens[im.sample + 1]
+        want = (by_size[im.size] / 255 - 0.485) / 0.229  # red channel of a grey image
+        assert np.allclose(mb.tiles[tile:tile + im.num_tiles, 0].numpy(), want, atol=1e-4)
+        tile += im.num_tiles
+    assert len(starts) == 3 and tile == mb.num_tiles
+    # within the two-image sample, a.png (5 tiles) comes before b.png (3 tiles), as in the text
+    two = [im for im in row.images if im.num_tiles > 1]
+    assert [im.size for im in two] == [(64, 64), (64, 96)] and two[0].sample == two[1].sample
