@@ -92,8 +92,15 @@ def hook_model_config(chunks: list, optimizer) -> None:
     config.finalize_model_grads_func = finalize_model_grads
     no_sync = [c.no_sync for c in chunks]
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-    if platform.has_cuda() and len(chunks) > 1:
-        config.grad_sync_func = [c.start_grad_sync for c in chunks]
+    if len(chunks) > 1:
+        # Interleaved schedule: a rank sends activations forward AND gradients backward to the
+        # same peer in one exchange when PP=2 (the pipeline is a ring). The batched exchange
+        # posts them in an order the peer's receives do not match (on gloo this swapped
+        # activations and gradients, silently: same shapes); the unbatched exchange orders them
+        # by rank parity so that each send meets the matching receive.
+        config.batch_p2p_comm = False
+        if platform.has_cuda():
+            config.grad_sync_func = [c.start_grad_sync for c in chunks]
 
 
 def load_state(cfg: RunConfig, chunks: list, optimizer, scheduler) -> ckpt.TrainState:

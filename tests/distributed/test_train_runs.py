@@ -45,10 +45,11 @@ def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
 
 
-def train(data, run_dir, nproc=1, extra=(), expect_rc=0):
-    """Run the trainer from the shared initial weights; returns {iteration: loss}."""
+def train(data, run_dir, nproc=1, extra=(), expect_rc=0, init=None):
+    """Run the trainer from the shared initial weights (``init`` or the fixture's); returns
+    {iteration: loss}."""
     args = COMMON + ["--data-path", data["train"], "--run-dir", str(run_dir),
-                     "--init-from", data["init"]] + list(extra)
+                     "--init-from", init or data["init"]] + list(extra)
     proc = subprocess.run(_cmd(nproc, args), cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=300)
     log = [l for l in (proc.stdout + proc.stderr).splitlines() if "RNG state" not in l]
@@ -152,6 +153,37 @@ def test_parallel_layout_tracks_single_rank(data, reference, tmp_path, layout):
                                          "--load", str(tmp_path / "ckpt" / "iter_0000010")])
         assert sorted(curve) == list(range(11, STEPS + 1))
         _assert_tracks(curve, reference["losses"], range(11, STEPS + 1), PARALLEL_RTOL)
+
+
+def test_micro_batch_size_does_not_change_the_loss(data, reference, tmp_path):
+    """Micro-batch 2 instead of 1 at the same global batch (2 micro-batches per step instead
+    of 4, rows with different loss-token counts): every step's loss and update stay the same up
+    to rounding. (DP=2 vs 1 is the dp2 case of the layout test.)"""
+    curve = train(data, tmp_path, 1, ["--micro-batch-size", "2", "--exit-interval", "6"])
+    assert sorted(curve) == list(range(1, 7))
+    _assert_tracks(curve, reference["losses"], range(1, 7), PARALLEL_RTOL)
+    mine, ref = records(tmp_path), records(reference["dir"])
+    assert all(mine[it]["tokens"] == ref[it]["tokens"] for it in range(1, 7))
+
+
+def test_interleaved_pipeline_tracks_single_rank(data, tmp_path):
+    """A 4-layer LM at PP=2 with one layer per virtual stage (2 chunks per rank, Megatron's
+    interleaved 1F1B schedule) follows the single-rank curve of the same 4-layer model."""
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model:\n  language:\n    num_layers: 4\n")
+    init = str(tmp_path / "init")
+    base = ["--config", str(deep), "--exit-interval", "10"]
+    subprocess.run(_cmd(1, COMMON + ["--data-path", data["train"], "--config", str(deep),
+                                     "--run-dir", str(tmp_path / "init_run"), "--train-iters",
+                                     "0", "--save", init]),
+                   cwd=ROOT, env=_env(), check=True, capture_output=True)
+    ref = train(data, tmp_path / "ref", 1, base, init=init)
+    curve = train(data, tmp_path / "vpp", 2, base + [
+        "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
+        init=init)
+    assert sorted(curve) == sorted(ref) == list(range(1, 11))
+    assert sum(ref[i] for i in range(8, 11)) < sum(ref[i] for i in range(1, 4))
+    _assert_tracks(curve, ref, range(1, 11), PARALLEL_RTOL)
 
 
 def test_stop_at_10_and_resume_repeats_losses(data, reference, tmp_path):
