@@ -76,7 +76,8 @@ class CheckpointConfig:
     keep_last: int = 2
     """Keep this many most recent checkpoints; older ones are deleted after a save completes."""
     async_save: bool = False
-    """GPU only: write checkpoints in the background."""
+    """Megatron-LM's --async-save, accepted for compatibility but NOT implemented: checkpoints
+    are always written synchronously (a warning says so when the flag is given)."""
 
 
 @dataclass

@@ -107,3 +107,15 @@ def test_recompute_flags_resolve():
     assert cfg.train.recompute_granularity == "selective" and cfg.train.recompute_vit
     with pytest.raises(ValueError, match="recompute-granularity"):
         resolve(["--recompute-granularity", "block"])
+
+
+def test_async_save_says_it_is_synchronous():
+    """--async-save is accepted (Megatron-LM scripts pass it) but warns that saves are
+    synchronous; without the flag nothing is said."""
+    with pytest.warns(UserWarning, match="--async-save is not implemented"):
+        assert resolve(["--recipe", "tiny", "--async-save"]).checkpoint.async_save
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve(["--recipe", "tiny"])
