@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megatron_sail.training import dist_ckpt
@@ -188,12 +188,7 @@ def load_checkpoint(path: str, chunks: list, optimizer=None) -> Optional[TrainSt
 def _load_weights(chunks: list, ckpt: str) -> None:
     """Load only the model tensors of a checkpoint (its optimizer state, if any, is ignored;
     a model tensor the checkpoint lacks is an error naming the key)."""
-    if not os.path.isfile(os.path.join(ckpt, "metadata.json")):
-        raise FileNotFoundError(f"{ckpt}: not a Megatron distributed checkpoint (no metadata.json)")
-    sd = dist_ckpt.model_sharded_state_dict(chunks)
-    loaded = dist_checkpointing.load(sd, ckpt, strict="raise_unexpected")
-    for key, chunk in zip(_model_keys(len(chunks)), chunks):
-        unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    dist_ckpt.load_model(chunks, ckpt)
 
 
 def _unshare_adam_steps(optimizer) -> None:

@@ -93,11 +93,19 @@ def save_sharded(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike,
 
 
 def load_sharded(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike,
-                 cfg: DistCkptConfig = DistCkptConfig()) -> dict:
-    """Collective: read the tensors ``sharded_state_dict`` describes; returns plain tensors."""
+                 cfg: DistCkptConfig = DistCkptConfig(), allow_extra: bool = False) -> dict:
+    """Collective: read the tensors ``sharded_state_dict`` describes; returns plain tensors.
+
+    ``allow_extra`` accepts a checkpoint that holds more than is asked for (a training
+    checkpoint's optimizer state when only the weights are wanted); a requested tensor the
+    checkpoint lacks is still an error under ``cfg.strict_load``.
+    """
     if not (Path(checkpoint_dir) / "metadata.json").is_file():
         raise FileNotFoundError(f"{checkpoint_dir}: not a Megatron distributed checkpoint (no metadata.json)")
-    strict = "raise_all" if cfg.strict_load else "assume_ok_unexpected"
+    if not cfg.strict_load:
+        strict = "assume_ok_unexpected"
+    else:
+        strict = "raise_unexpected" if allow_extra else "raise_all"
     return dist_checkpointing.load(sharded_state_dict, str(checkpoint_dir), strict=strict)
 
 
@@ -135,8 +143,13 @@ def save_model(model_chunks: list[torch.nn.Module], checkpoint_dir: str | os.Pat
 
 def load_model(model_chunks: list[torch.nn.Module], checkpoint_dir: str | os.PathLike,
                cfg: DistCkptConfig = DistCkptConfig()) -> None:
-    """Collective: load weights into the chunks (at whatever TP/PP they were built with)."""
-    loaded = load_sharded(model_sharded_state_dict(model_chunks), checkpoint_dir, cfg)
+    """Collective: load weights into the chunks (at whatever TP/PP they were built with).
+
+    Works on model-only checkpoints (conversions) and on training checkpoints, whose optimizer
+    state is left unread.
+    """
+    loaded = load_sharded(model_sharded_state_dict(model_chunks), checkpoint_dir, cfg,
+                          allow_extra=True)
     chunks = unwrap_model(list(model_chunks))
     if len(chunks) == 1:
         chunks[0].load_state_dict(loaded["model"], strict=True)

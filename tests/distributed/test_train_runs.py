@@ -269,3 +269,19 @@ def test_nan_steps_are_skipped_and_k_in_a_row_stop(data, tmp_path):
     state = torch.load(ckpt / "iter_0000005" / "train_state.pt", weights_only=False)
     assert state["train_state"]["skipped_steps"] == 3
     assert state["train_state"]["scheduler"]["num_steps"] == 2  # two real updates
+
+
+def test_trained_checkpoint_exports_to_transformers(reference, tmp_path):
+    """mcore-to-hf takes a training checkpoint (weights plus optimizer state) and writes what
+    transformers loads, with the trained weights."""
+    ckpt = reference["dir"] / "ckpt" / f"iter_{STEPS:07d}"
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "mcore-to-hf",
+                           "--mcore-dir", str(ckpt), "--out", str(out)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import InternVLForConditionalGeneration
+
+    hf = InternVLForConditionalGeneration.from_pretrained(str(out))
+    trained = weights(ckpt, tmp_path)["language_model.embedding.word_embeddings.weight"]
+    assert torch.equal(hf.get_input_embeddings().weight.detach(), trained)

@@ -81,3 +81,20 @@ def test_save_model_is_atomic_and_refuses_to_clobber(single_rank_group, tmp_path
     other.sharded_state_dict = lambda: _sharded({k: v.detach() for k, v in other.state_dict().items()})
     dist_ckpt.load_model([other], out)
     assert torch.equal(other.weight, model.weight) and torch.equal(other.bias, model.bias)
+
+
+def test_load_model_reads_weights_of_a_training_checkpoint(single_rank_group, tmp_path):
+    """A training checkpoint holds optimizer state next to the weights: load_model (used by
+    mcore-to-hf, compare_logits and --init-from) takes the weights and ignores the rest, while a
+    full load that does not ask for the extra keys is refused."""
+    model = torch.nn.Linear(3, 2)
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    extra = {"exp_avg": ShardedTensor.from_rank_offsets("optimizer.exp_avg", torch.ones(2, 3),
+                                                        replica_id=0)}
+    dist_ckpt.save_sharded({"model": _sharded(weights), "optimizer": extra}, tmp_path / "ck")
+    other = torch.nn.Linear(3, 2)
+    other.sharded_state_dict = lambda: _sharded({k: v.detach() for k, v in other.state_dict().items()})
+    dist_ckpt.load_model([other], tmp_path / "ck")
+    assert torch.equal(other.weight, model.weight) and torch.equal(other.bias, model.bias)
+    with pytest.raises(Exception, match="exp_avg"):
+        dist_ckpt.load_sharded({"model": _sharded(weights)}, tmp_path / "ck")
