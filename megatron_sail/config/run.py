@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -209,9 +208,6 @@ def finalize(cfg: RunConfig) -> RunConfig:
     if t.recompute_granularity not in (None, "selective", "full"):
         raise ValueError(f"--recompute-granularity {t.recompute_granularity!r}: expected "
                          "selective or full")
-    if cfg.checkpoint.async_save:
-        warnings.warn("--async-save is not implemented: checkpoints are written synchronously",
-                      stacklevel=2)
     if t.tensorboard_dir is None:
         t.tensorboard_dir = os.path.join(t.run_dir, "tensorboard")
     return cfg

@@ -76,8 +76,9 @@ class CheckpointConfig:
     keep_last: int = 2
     """Keep this many most recent checkpoints; older ones are deleted after a save completes."""
     async_save: bool = False
-    """Megatron-LM's --async-save, accepted for compatibility but NOT implemented: checkpoints
-    are always written synchronously (a warning says so when the flag is given)."""
+    """Write checkpoint files in a background thread while training goes on: the saving step
+    only plans and copies tensors to host memory (one extra host copy of the checkpoint);
+    `latest` moves when a later step boundary (or exit) finalizes the save."""
 
 
 @dataclass

@@ -10,6 +10,11 @@ A save goes to ``iter_XXXXXXX.tmp`` first and is renamed only when every rank is
 ``latest`` is replaced and all but the newest ``keep_last`` checkpoints are deleted. Sharded
 tensors carry global keys and the distributed optimizer uses the fully reshardable format, so a
 checkpoint saved at one TP/PP/DP loads at another.
+
+With a ``ThreadAsyncCallsQueue`` (``--async-save``) the save returns after planning and the host
+copy (train_state.pt is written then too); the files are written in the background and the
+rename, ``latest`` and pruning become finalize functions that run, in that order, when the loop
+calls ``maybe_finalize_async_calls``. Until then only ``iter_XXXXXXX.tmp`` exists.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import random
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Optional
 
 import numpy as np
@@ -86,8 +92,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: str, chunks: list, optimizer, state: TrainState, keep_last: int,
-                    config: Optional[dict] = None) -> str:
-    """Save model + optimizer + TrainState as iteration ``state.iteration``; returns its dir."""
+                    config: Optional[dict] = None,
+                    pending: Optional[dist_ckpt.ThreadAsyncCallsQueue] = None) -> str:
+    """Save model + optimizer + TrainState as iteration ``state.iteration``; returns its dir.
+
+    With ``pending`` the write is scheduled on that queue and the checkpoint is published
+    (renamed, `latest`, pruned) only when the queue finalizes it."""
     final = iter_dir(root, state.iteration)
     tmp = final + ".tmp"
     rank0 = torch.distributed.get_rank() == 0
@@ -98,22 +108,45 @@ def save_checkpoint(root: str, chunks: list, optimizer, state: TrainState, keep_
     sd = dist_ckpt.model_sharded_state_dict(chunks)
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd, metadata=OPTIM_METADATA)
-    dist_ckpt.save_sharded(sd, tmp)
+    request = dist_ckpt.save_sharded(sd, tmp, async_save=pending is not None)
+    _write_train_state(tmp, state, config, optimizer is not None)
+    if pending is None:
+        _publish(root, state.iteration, keep_last)
+    else:
+        # Bound now: the loop moves state.iteration on before this runs.
+        request.add_finalize_fn(partial(_publish, root, state.iteration, keep_last, True))
+        pending.schedule_async_request(request)
+    return final
+
+
+def _write_train_state(tmp: str, state: TrainState, config: Optional[dict],
+                       has_optimizer: bool) -> None:
+    """Collective: gather every rank's RNG states; rank 0 writes train_state.pt into tmp."""
     states = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(states, rng_state())
-    if rank0:
-        state.rng = dict(enumerate(states))
-        state.world = world_sizes()
-        payload = {"train_state": asdict(state), "config": config,
-                   "has_optimizer": optimizer is not None}
-        torch.save(payload, os.path.join(tmp, STATE_FILE + ".tmp"))
-        os.replace(os.path.join(tmp, STATE_FILE + ".tmp"), os.path.join(tmp, STATE_FILE))
+    if torch.distributed.get_rank() != 0:
+        return
+    state.rng = dict(enumerate(states))
+    state.world = world_sizes()
+    payload = {"train_state": asdict(state), "config": config, "has_optimizer": has_optimizer}
+    torch.save(payload, os.path.join(tmp, STATE_FILE + ".tmp"))
+    os.replace(os.path.join(tmp, STATE_FILE + ".tmp"), os.path.join(tmp, STATE_FILE))
+
+
+def _publish(root: str, iteration: int, keep_last: int, announce: bool = False) -> None:
+    """Collective, once every rank's files are complete: rank 0 renames iter_N.tmp to iter_N,
+    then points `latest` at it, then prunes; the barrier keeps ranks from racing ahead.
+    ``announce`` prints a line (background saves finish at a step the user cannot guess)."""
+    if torch.distributed.get_rank() == 0:
+        final = iter_dir(root, iteration)
         shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_latest(root, state.iteration)
+        os.replace(final + ".tmp", final)
+        _write_latest(root, iteration)
         _prune(root, keep_last)
+        if announce:
+            print(f"[checkpoint] {final} complete (written in the background); latest -> "
+                  f"{iteration}", flush=True)
     torch.distributed.barrier()
-    return final
 
 
 def _write_latest(root: str, iteration: int) -> None:

@@ -5,6 +5,10 @@ Data order is a pure function of ``consumed_samples``: global batch k holds data
 slice, cut into micro-batches. A resumed run therefore continues with exactly the rows the
 uninterrupted run would have used, at any DP size, and the loader's position is derived from
 the TrainState rather than stored separately.
+
+With --async-save a checkpoint is finalized (renamed, `latest` moved, old ones pruned) at the
+first step boundary after every rank has written it, and at the latest before the next save and
+before ``run`` returns, on every exit path that returns (end, --exit-interval, signals, NaN stop).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from megatron.core import parallel_state
 
 from megatron_sail.data.images.prefetch import PrefetchLoader
 from megatron_sail.training import checkpoint as ckpt
+from megatron_sail.training.dist_ckpt import ThreadAsyncCallsQueue
 from megatron_sail.training.flops import real_seqlens, step_flops
 from megatron_sail.training.metrics import StepStats
 from megatron_sail.training.optimizer import group_lrs
@@ -150,6 +155,8 @@ class LoopContext:
     """Builds a fresh feeder over the held-out set (None: no validation)."""
     config_dict: Optional[dict] = None
     """Resolved config stored with each checkpoint."""
+    pending: Optional[ThreadAsyncCallsQueue] = None
+    """Checkpoints still being written in the background (--async-save; set by run())."""
 
 
 def save(ctx: LoopContext) -> None:
@@ -162,8 +169,16 @@ def save(ctx: LoopContext) -> None:
         # Before the first update the optimizer holds no state to save (Megatron's distributed
         # optimizer refuses); such a checkpoint holds weights and the TrainState only.
         optimizer = ctx.optimizer if ctx.scheduler.num_steps > 0 else None
+        finalize_saves(ctx, blocking=True)  # one checkpoint in flight at a time
         ckpt.save_checkpoint(c.save, ctx.chunks, optimizer, ctx.state, c.keep_last,
-                             ctx.config_dict)
+                             ctx.config_dict, pending=ctx.pending)
+
+
+def finalize_saves(ctx: LoopContext, blocking: bool) -> None:
+    """Collective: publish the background saves that every rank has finished writing (all of
+    them, waiting, when ``blocking``); a failed write raises here on every rank."""
+    if ctx.pending is not None:
+        ctx.pending.maybe_finalize_async_calls(blocking=blocking)
 
 
 def _maybe_validate(ctx: LoopContext, final: bool) -> None:
@@ -199,10 +214,22 @@ def _one_step(ctx: LoopContext) -> StepStats:
 
 def run(ctx: LoopContext) -> int:
     """Train until --train-iters, an exit request or too many NaN steps; returns the exit code
-    (0 for a normal end or a requested exit, 1 after K consecutive NaN/Inf steps)."""
+    (0 for a normal end or a requested exit, 1 after K consecutive NaN/Inf steps). Returns only
+    once every checkpoint is complete."""
+    c = ctx.cfg.checkpoint
+    if c.async_save and c.save and ctx.pending is None:
+        ctx.pending = ThreadAsyncCallsQueue()
+    code = _train(ctx)
+    finalize_saves(ctx, blocking=True)
+    return code
+
+
+def _train(ctx: LoopContext) -> int:
+    """The loop of ``run``; background saves may still be in flight when it returns."""
     t, c = ctx.cfg.train, ctx.cfg.checkpoint
     consecutive = 0
     while ctx.state.iteration < t.train_iters:
+        finalize_saves(ctx, blocking=False)
         reason = ctx.watcher.should_exit()
         if reason:
             print(f"[train] {reason}: saving at step {ctx.state.iteration} and exiting", flush=True)
