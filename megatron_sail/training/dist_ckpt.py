@@ -107,7 +107,7 @@ class HostCopyWriter(FileSystemWriterAsync):
 
     def prepare_write_data(self, plan, planner) -> None:
         """Stage this rank's data: bytes items as they are, tensors as host copies."""
-        self.write_buckets = [plan]  # tells FileSystemWriterAsync there is work (one plan)
+        self._plan = plan
         self._staged = {item.index: _host_copy(planner.resolve_data(item))
                         if item.type != WriteItemType.BYTE_IO else planner.resolve_data(item)
                         for item in plan.items}
@@ -117,8 +117,7 @@ class HostCopyWriter(FileSystemWriterAsync):
         """Write the staged data (background thread); never raises, finalization reports."""
         try:
             staged = _StagedPlanner(self._staged)
-            self._results = FileSystemWriter.write_data(self, self.write_buckets[0],
-                                                        staged).wait()
+            self._results = FileSystemWriter.write_data(self, self._plan, staged).wait()
         except BaseException as e:  # noqa: BLE001 - handed to every rank at finalization
             self._results = _wrap_exception(e)
         self._staged = {}
