@@ -109,13 +109,12 @@ def test_recompute_flags_resolve():
         resolve(["--recompute-granularity", "block"])
 
 
-def test_async_save_says_it_is_synchronous():
-    """--async-save is accepted (Megatron-LM scripts pass it) but warns that saves are
-    synchronous; without the flag nothing is said."""
-    with pytest.warns(UserWarning, match="--async-save is not implemented"):
-        assert resolve(["--recipe", "tiny", "--async-save"]).checkpoint.async_save
+def test_async_save_flag_resolves_silently():
+    """--async-save switches the background writer on (Megatron-LM scripts pass it); neither
+    form of the flag warns."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        resolve(["--recipe", "tiny"])
+        assert resolve(["--recipe", "tiny", "--async-save"]).checkpoint.async_save
+        assert not resolve(["--recipe", "tiny"]).checkpoint.async_save
