@@ -1,7 +1,7 @@
 """The training loop: feed global batches, step, log, validate, save, and stop cleanly.
 
-Data order is a pure function of ``consumed_samples``: global batch k holds dataset rows
-[k*G, (k+1)*G) (wrapping around the dataset), data-parallel rank r takes the r-th contiguous
+Data order is a pure function of ``consumed_samples``: global batch k holds rows
+[k*G, (k+1)*G) of the endless blended stream (data/dataset.py), data-parallel rank r takes the r-th contiguous
 slice, cut into micro-batches. A resumed run therefore continues with exactly the rows the
 uninterrupted run would have used, at any DP size, and the loader's position is derived from
 the TrainState rather than stored separately.
