@@ -40,7 +40,7 @@ def build_parser(doc: str | None = None, hf: bool = False) -> argparse.ArgumentP
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="sail_2b", help="tiny, sail_2b or sail_8b")
     p.add_argument("--seq-length", type=int, default=None, help="tokens per packed row (default: 4096; tiny: its recipe's)")
-    p.add_argument("--tiles-per-row", type=int, default=4, help="448px tiles (one-tile images) per row")
+    p.add_argument("--tiles-per-row", type=int, default=4, help="one-tile images per row (tiles of the model's image size: 448 px, tiny 32 px)")
     p.add_argument("--samples-per-row", type=int, default=1, help="packed samples per row")
     p.add_argument("--micro-batch-size", type=int, default=1, help="rows per forward pass")
     p.add_argument("--num-micro-batches", type=int, default=1, help="micro-batches per step (gradient accumulation)")
@@ -305,6 +305,7 @@ class OurRunner:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Build our trainer's pieces for the recipe, time them, print and save the results."""
     args = build_parser().parse_args(argv)
     run = resolve_run(args)
     runner = OurRunner(run)

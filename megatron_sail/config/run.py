@@ -47,7 +47,6 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--data-path", "data", "data_path", "list"),
     ("--valid-data-path", "data", "valid_data_path", "list"),
     ("--seq-length", "data", "seq_length", "int"),
-    ("--num-workers", "data", "num_workers", "int"),
     ("--train-iters", "train", "train_iters", "int"),
     ("--global-batch-size", "train", "global_batch_size", "int"),
     ("--micro-batch-size", "train", "micro_batch_size", "int"),

@@ -20,8 +20,6 @@ class DataConfig:
     """Held-out prefixes for the periodic validation loss (same syntax as data_path)."""
     seq_length: int = 4096
     """Tokens per packed row; must match the rows written by tools/preprocess_data.py."""
-    num_workers: int = 2
-    """Background threads that decode images for upcoming micro-batches."""
 
 
 @dataclass

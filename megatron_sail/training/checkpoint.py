@@ -24,7 +24,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -52,7 +52,8 @@ class TrainState:
     skipped_steps: int = 0
     """NaN/Inf steps skipped so far."""
     data: dict = field(default_factory=dict)
-    """Dataset / loader position (its own state_dict)."""
+    """Loader position at save time, for inspection only: a resume derives the position from
+    consumed_samples (training/loop.py)."""
     scheduler: dict = field(default_factory=dict)
     """OptimizerParamScheduler.state_dict()."""
     rng: dict = field(default_factory=dict)
@@ -301,10 +302,3 @@ def _read_train_state(ckpt: str) -> TrainState:
         set_rng_state(state.rng[torch.distributed.get_rank()])
     return state
 
-
-def read_saved_config(ckpt_root: str) -> Optional[dict[str, Any]]:
-    """The resolved run config stored with the newest checkpoint (for tools and tests)."""
-    ckpt = resolve_checkpoint(ckpt_root)
-    if ckpt is None:
-        return None
-    return torch.load(os.path.join(ckpt, STATE_FILE), weights_only=False)["config"]

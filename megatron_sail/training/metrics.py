@@ -41,7 +41,8 @@ class StepStats:
     lm_loss: float
     """Loss of the step, averaged over its loss tokens (NaN when the step was skipped for NaN)."""
     lr: dict[str, float]
-    """Learning rate per parameter group name (e.g. {'vit': 1e-5, 'projector': 1e-4, 'lm': 1e-5})."""
+    """Learning rate per parameter group, named as optimizer.group_lrs names them
+    (e.g. {'lr/default': 1e-5, 'lr/group1_no_wd': 1e-5})."""
     grad_norm: float | None
     """Gradient norm before clipping; None when not computed."""
     step_time_s: float
