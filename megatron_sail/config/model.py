@@ -26,7 +26,7 @@ class VisionConfig:
     norm_type: str = "layer_norm"
     """'layer_norm' or 'rms_norm'."""
     norm_eps: float = 1e-6
-    """Epsilon of the block norms (and of QK-norm)."""
+    """Epsilon of the block norms (QK-norm always uses 1e-6, as InternVL does)."""
     qkv_bias: bool = True
     """Bias on the q/k/v projections."""
     qk_norm: bool = False

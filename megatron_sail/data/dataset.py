@@ -42,6 +42,7 @@ class TokenizerMeta:
 
     @classmethod
     def from_meta(cls, meta: dict) -> "TokenizerMeta":
+        """Read the ``tokenizer`` block of a dataset's meta.json."""
         t = meta["tokenizer"]
         return cls(**{f: int(t[f]) for f in cls.__dataclass_fields__})
 
@@ -157,6 +158,7 @@ class BlendedDataset:
         return slot_ds, slot_rank, counts
 
     def _permutation(self, d: int, epoch: int) -> np.ndarray:
+        """Row order of dataset d in one epoch: seeded by (seed, d, epoch) only, so resumable."""
         return np.random.default_rng([self.seed, d, epoch]).permutation(len(self.datasets[d]))
 
     def locate(self, k: int) -> tuple[int, int]:

@@ -45,6 +45,7 @@ class DemoConfig:
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
+    """Draw one circle, square or (upward) triangle filling ``box``."""
     x0, y0, x1, y1 = box
     if shape == "circle":
         draw.ellipse(box, fill=fill)
@@ -73,7 +74,6 @@ def make_scene(rng: random.Random, word_fraction: float = 0.1) -> tuple[Image.Im
         cy = cell * k + cell // 2 if count == 3 else (h * (k + 1)) // (count + 1)
         _draw_shape(draw, shape, (cx - r, cy - r, cx + r, cy + r), COLOURS[colour])
     return img, {"kind": "shapes", "shape": shape, "colour": colour, "count": count, "side": side}
-
 
 
 def caption_of(facts: dict) -> str:

@@ -74,7 +74,6 @@ class SDPAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         head_dim = config.kv_channels
-        self.scale = softmax_scale
         if softmax_scale is not None and abs(softmax_scale - head_dim ** -0.5) > 1e-12:
             raise ValueError("SDPAttention supports only the default 1/sqrt(head_dim) scale")
 

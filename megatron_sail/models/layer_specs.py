@@ -1,7 +1,7 @@
 """Layer specs: the ONE place that chooses Transformer Engine vs local (torch) modules.
 
 * ``language_layer_spec(use_te)``: Qwen2 decoder layer (causal, GQA, SwiGLU, RMSNorm).
-* ``vision_layer_spec(use_te, qk_norm)``: InternViT layer (bidirectional, GELU MLP, layer scale).
+* ``vision_layer_spec(use_te, vision)``: InternViT layer (bidirectional, GELU MLP, layer scale).
 
 The local spec runs everywhere (CPU included): SDPA core attention with packed sequences
 (attention.py) and norms that support sequence parallelism. The TE spec needs CUDA and
