@@ -261,9 +261,11 @@ def save_model(model_chunks: list[torch.nn.Module], checkpoint_dir: str | os.Pat
     """Collective: save model weights only, atomically (temporary folder, then rename by rank 0)."""
     final = Path(checkpoint_dir)
     tmp = final.parent / f".{final.name}.tmp"
+    # Every rank checks (the checkpoint folder is on a shared file system), so all of them
+    # raise together instead of the others waiting at the barrier for rank 0.
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        raise FileExistsError(f"{final}: exists and is not empty")
     if dist.get_rank() == 0:
-        if final.exists() and any(final.iterdir()) and not overwrite:
-            raise FileExistsError(f"{final}: exists and is not empty")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
