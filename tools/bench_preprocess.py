@@ -2,9 +2,10 @@
 """Preprocessing benchmark: samples/s per worker (caption, conversation) and fill ratios.
 
   python tools/bench_preprocess.py --samples 4000 --workdir /tmp/bench_pre
-Generates the demo set, caption pairs over real-sized JPEG photos, and a long-tailed length mix (SAIL-VL geometry: 448 px tiles, 256
-tokens per tile, up to 12 tiles, 4096-token rows, text lengths log-normal), runs the real
-pipeline on one worker, and prints one JSON object. Throughput excludes the one-off
+Generates the demo set, caption pairs over real-sized JPEG photos, and a long-tailed length
+mix (the last two in SAIL-VL geometry: 448 px tiles, 256 tokens per tile, up to 12 tiles,
+4096-token rows, text lengths log-normal), runs the real pipeline on one worker, and prints
+one JSON object. Throughput excludes the one-off
 megatron.core import and is measured end to end (read, header, tile, tokenize, pack, write);
 each measurement is the best of two runs, after a warm-up run.
 """
