@@ -42,9 +42,11 @@ class VisionConfig:
         if self.norm_type not in ("layer_norm", "rms_norm"):
             raise ValueError(f"VisionConfig.norm_type must be layer_norm or rms_norm, got {self.norm_type!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError("VisionConfig.hidden_size must be divisible by num_heads")
+            raise ValueError(f"VisionConfig.hidden_size {self.hidden_size} must be divisible by "
+                             f"num_heads {self.num_heads}")
         if self.image_size % self.patch_size:
-            raise ValueError("VisionConfig.image_size must be a multiple of patch_size")
+            raise ValueError(f"VisionConfig.image_size {self.image_size} must be a multiple of "
+                             f"patch_size {self.patch_size}")
         if not (-self.num_layers <= self.select_layer < self.num_layers) or self.select_layer == 0:
             raise ValueError(f"VisionConfig.select_layer={self.select_layer} out of range for "
                              f"{self.num_layers} layers (use -1.. -N or 1..N-1)")
@@ -102,7 +104,8 @@ class LanguageConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError("LanguageConfig: hidden_size % num_heads and num_heads % num_kv_heads must be 0")
+            raise ValueError(f"LanguageConfig: hidden_size {self.hidden_size} must be divisible by num_heads "
+                             f"{self.num_heads}, and num_heads by num_kv_heads {self.num_kv_heads}")
 
     @property
     def head_dim(self) -> int:

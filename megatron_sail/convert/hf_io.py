@@ -65,10 +65,7 @@ def read_config(hf_dir: str | os.PathLike) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face checkpoint folder)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e
+    return _read_json(path)
 
 
 def safetensors_files(hf_dir: str | os.PathLike) -> dict[str, list[str]]:
@@ -242,6 +239,14 @@ def write_checkpoint(
     return Path(dest)
 
 
+def _read_json(path: Path) -> dict:
+    """Parse a JSON side file; a broken one is an error that names it."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+
+
 def find_added_token_id(hf_dir: str | os.PathLike, token: str) -> int | None:
     """Look ``token`` up in the tokenizer files of a folder without loading a tokenizer.
 
@@ -251,7 +256,7 @@ def find_added_token_id(hf_dir: str | os.PathLike, token: str) -> int | None:
     root = Path(hf_dir)
     tok = root / "tokenizer.json"
     if tok.is_file():
-        data = json.loads(tok.read_text())
+        data = _read_json(tok)
         for entry in data.get("added_tokens", []):
             if entry.get("content") == token:
                 return int(entry["id"])
@@ -260,12 +265,12 @@ def find_added_token_id(hf_dir: str | os.PathLike, token: str) -> int | None:
             return int(vocab[token])
     added = root / "added_tokens.json"
     if added.is_file():
-        ids = json.loads(added.read_text())
+        ids = _read_json(added)
         if token in ids:
             return int(ids[token])
     tcfg = root / "tokenizer_config.json"
     if tcfg.is_file():
-        for tid, entry in (json.loads(tcfg.read_text()).get("added_tokens_decoder") or {}).items():
+        for tid, entry in (_read_json(tcfg).get("added_tokens_decoder") or {}).items():
             if entry.get("content") == token:
                 return int(tid)
     return None

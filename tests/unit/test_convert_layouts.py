@@ -116,6 +116,9 @@ def test_image_token_id_comes_from_the_tokenizer_files(tmp_path):
     assert internvl_chat.resolve_image_token_id({"img_context_token_id": 3}, lookup) == 9
     with pytest.raises(ValueError, match="IMG_CONTEXT"):
         internvl_chat.resolve_image_token_id({}, lambda t: None)
+    (tmp_path / "tokenizer.json").write_text('{"added_tokens": [')
+    with pytest.raises(ValueError, match=r"tokenizer\.json: invalid JSON"):
+        lookup(internvl_chat.IMG_CONTEXT)
 
 
 def test_bad_inputs_are_named(tmp_path, chat_dir):
