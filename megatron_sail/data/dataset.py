@@ -89,8 +89,14 @@ class PackedDataset:
 
 
 def parse_data_path(data_path: Union[str, Sequence[str]]) -> tuple[list[str], list[float]]:
-    """Megatron-style ``"w1 p1 w2 p2"`` / ``"p1 p2"`` (string or list) -> (prefixes, weights)."""
-    items = data_path.split() if isinstance(data_path, str) else [str(x) for x in data_path]
+    """Megatron-style ``"w1 p1 w2 p2"`` / ``"p1 p2"`` (string or list) -> (prefixes, weights).
+
+    List items are split on whitespace too, so a quoted ``--data-path "0.7 a 0.3 b"`` means the
+    same as the unquoted words (prefixes cannot contain spaces).
+    """
+    if isinstance(data_path, str):
+        data_path = [data_path]
+    items = [word for x in data_path for word in str(x).split()]
     if not items:
         raise ValueError("empty data path")
 

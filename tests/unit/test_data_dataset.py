@@ -27,6 +27,8 @@ def test_parse_data_path_forms():
     assert parse_data_path(["2", "a", "1", "b"]) == (["a", "b"], [2.0, 1.0])
     assert parse_data_path("a b") == (["a", "b"], [1.0, 1.0])
     assert parse_data_path(["a"]) == (["a"], [1.0])
+    # a quoted flag value arrives as one list item: same meaning as the separate words
+    assert parse_data_path(["0.3 a 0.7 b"]) == (["a", "b"], [0.3, 0.7])
     with pytest.raises(ValueError):
         parse_data_path("0.3 a b")
     with pytest.raises(ValueError):
