@@ -50,6 +50,11 @@ _HF_VIT = "model.vision_tower."
 _HF_PROJ = "model.multi_modal_projector."
 _LAYER_RE = re.compile(r"encoder\.layers\.(\d+)\.(.+)$")
 _HF_LAYER_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+)$")
+# The same tables read backwards (transformers names -> chat names), built once.
+_EMBED_FROM_HF = {v: k for k, v in _EMBED_RENAMES.items()}
+_LAYER_PARAMS_FROM_HF = {v: k for k, v in _LAYER_PARAMS.items()}
+_LAYER_FROM_HF = {v: k for k, v in _LAYER_RENAMES.items()}
+_PROJ_FROM_HF = {v: k for k, v in _PROJ_RENAMES.items()}
 
 
 def is_chat_config(config: dict) -> bool:
@@ -248,27 +253,24 @@ def chat_to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def _vision_hf_to_chat(name: str, value: torch.Tensor, out: dict, pending: dict) -> bool:
     """Map one ``model.vision_tower.*`` tensor back; q/k/v parts wait in ``pending`` to be fused."""
-    inverse_embed = {v: k for k, v in _EMBED_RENAMES.items()}
-    if name in inverse_embed:
-        out[_CHAT_VIT + inverse_embed[name]] = value
+    if name in _EMBED_FROM_HF:
+        out[_CHAT_VIT + _EMBED_FROM_HF[name]] = value
         return True
     m = _HF_LAYER_RE.match(name)
     if not m:
         return False
     layer, rest = m.groups()
     base = f"{_CHAT_VIT}encoder.layers.{layer}."
-    inverse_params = {v: k for k, v in _LAYER_PARAMS.items()}
-    if rest in inverse_params:
-        out[base + inverse_params[rest]] = value
+    if rest in _LAYER_PARAMS_FROM_HF:
+        out[base + _LAYER_PARAMS_FROM_HF[rest]] = value
         return True
     qkv = re.match(r"attention\.([qkv])_proj\.(weight|bias)$", rest)
     if qkv:
         pending.setdefault(f"{base}attn.qkv.{qkv.group(2)}", {})[qkv.group(1)] = value
         return True
     module, _, suffix = rest.rpartition(".")
-    inverse_layer = {v: k for k, v in _LAYER_RENAMES.items()}
-    if module in inverse_layer:
-        out[f"{base}{inverse_layer[module]}.{suffix}"] = value
+    if module in _LAYER_FROM_HF:
+        out[f"{base}{_LAYER_FROM_HF[module]}.{suffix}"] = value
         return True
     return False
 
@@ -277,7 +279,6 @@ def hf_to_chat_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     """Inverse of ``chat_to_hf_state_dict``: module keys -> internvl_chat keys (q/k/v fused)."""
     out: dict[str, torch.Tensor] = {}
     pending: dict[str, dict[str, torch.Tensor]] = {}
-    inverse_proj = {v: k for k, v in _PROJ_RENAMES.items()}
     unknown = []
     for key, value in state.items():
         ok = True
@@ -285,10 +286,10 @@ def hf_to_chat_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             ok = _vision_hf_to_chat(key[len(_HF_VIT):], value, out, pending)
         elif key.startswith(_HF_PROJ):
             rest = key[len(_HF_PROJ):]
-            prefix = next((p for p in inverse_proj if rest.startswith(p)), None)
+            prefix = next((p for p in _PROJ_FROM_HF if rest.startswith(p)), None)
             ok = prefix is not None
             if ok:
-                out[inverse_proj[prefix] + rest[len(prefix):]] = value
+                out[_PROJ_FROM_HF[prefix] + rest[len(prefix):]] = value
         elif key.startswith("model.language_model."):
             out["language_model.model." + key[len("model.language_model."):]] = value
         elif key == "lm_head.weight":
