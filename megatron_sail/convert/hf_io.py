@@ -115,31 +115,29 @@ def read_state_dict(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def _swap_prefixes(state: dict[str, torch.Tensor], pairs) -> dict[str, torch.Tensor]:
+    """Rename each key by the first (old, new) prefix pair it starts with; others pass through."""
+    out = {}
+    for key, value in state.items():
+        for old, new in pairs:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
 def to_module_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename transformers InternVL on-disk keys to InternVLForConditionalGeneration's own keys.
 
     Keys already in module form pass through, so both spellings of a checkpoint are accepted.
     """
-    out = {}
-    for key, value in state.items():
-        for disk, module in _DISK_TO_MODULE:
-            if key.startswith(disk):
-                key = module + key[len(disk):]
-                break
-        out[key] = value
-    return out
+    return _swap_prefixes(state, _DISK_TO_MODULE)
 
 
 def to_disk_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename module keys to the names transformers' ``save_pretrained`` writes for InternVL."""
-    out = {}
-    for key, value in state.items():
-        for disk, module in _DISK_TO_MODULE:
-            if key.startswith(module):
-                key = disk + key[len(module):]
-                break
-        out[key] = value
-    return out
+    return _swap_prefixes(state, [(module, disk) for disk, module in _DISK_TO_MODULE])
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
