@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from demo_data import make_tiny_demo
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -80,16 +81,7 @@ def weights(ckpt_dir, tmp_path) -> dict:
 def data(tmp_path_factory):
     """A small demo set, generated once and preprocessed to the tiny recipe's geometry."""
     d = tmp_path_factory.mktemp("demo")
-    py = [sys.executable, "-W", "ignore"]
-    subprocess.run(py + ["tools/make_demo_data.py", "--out", str(d / "raw"), "--samples", "120"],
-                   cwd=ROOT, env=_env(), check=True, capture_output=True)
-    for split in ("train", "val"):
-        subprocess.run(py + ["tools/preprocess_data.py", "--input", str(d / "raw" / f"{split}.jsonl"),
-                             "--tokenizer", str(d / "raw" / "tokenizer.json"),
-                             "--output-prefix", str(d / split), "--seq-length", "256",
-                             "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "4"],
-                       cwd=ROOT, env=_env(), check=True, capture_output=True)
-    out = {"train": str(d / "train"), "val": str(d / "val"), "init": str(d / "init")}
+    out = dict(make_tiny_demo(d, _env()), init=str(d / "init"))
     # Initial weights shared by every run: Megatron draws TP/PP-sharded weights from
     # rank-specific RNG streams, so runs at different layouts would otherwise start apart.
     args = COMMON + ["--data-path", out["train"], "--run-dir", str(d / "init_run"),

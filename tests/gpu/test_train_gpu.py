@@ -10,6 +10,10 @@ import sys
 import pytest
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "distributed"))
+from demo_data import make_tiny_demo  # noqa: E402
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,16 +35,7 @@ def _env() -> dict:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A small demo set preprocessed to the tiny recipe's geometry."""
-    d = tmp_path_factory.mktemp("demo")
-    py = [sys.executable, "-W", "ignore"]
-    subprocess.run(py + ["tools/make_demo_data.py", "--out", str(d / "raw"), "--samples", "120"],
-                   cwd=ROOT, env=_env(), check=True, capture_output=True)
-    subprocess.run(py + ["tools/preprocess_data.py", "--input", str(d / "raw" / "train.jsonl"),
-                         "--tokenizer", str(d / "raw" / "tokenizer.json"),
-                         "--output-prefix", str(d / "train"), "--seq-length", "256",
-                         "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "4"],
-                   cwd=ROOT, env=_env(), check=True, capture_output=True)
-    return str(d / "train")
+    return make_tiny_demo(tmp_path_factory.mktemp("demo"), _env(), ("train",))["train"]
 
 
 @pytest.mark.parametrize("precision", [
