@@ -1,0 +1,225 @@
+"""Generator: batched autoregressive decoding on the Megatron model, any TP/PP(/VPP) layout.
+
+One batch = one packed prefill (all prompts in a single THD sequence, one segment each, exactly
+the training forward) followed by one decode step per new token, in which every prompt
+contributes one token (laid out as a length-B sequence) that attends to its own KV cache
+(kv_cache.py). Pipeline stages pass activations with plain point-to-point sends in stage order
+(with virtual chunks, rank r's chunk c feeds rank r+1's chunk c, the last rank's chunk c feeds
+rank 0's chunk c+1); the last stage picks the next tokens and broadcasts them to all stages.
+Every rank calls ``generate`` with the same requests and gets the same results.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_sail.config.model import ModelConfig
+from megatron_sail.data.tokenizer import Tokenizer
+from megatron_sail.inference.config import GenerationConfig, GenerationRequest, GenerationResult
+from megatron_sail.inference.kv_cache import CacheStep, KVCache, cached_attention
+from megatron_sail.inference.prompts import Prompt, PromptBuilder, ProcessorSettings
+from megatron_sail.inference.sampling import apply_min_tokens, next_tokens
+from megatron_sail.models.attention import packed_seq_params
+from megatron_sail.platform.distributed import device as model_device
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / Float16Module wrappers (each keeps the wrapped model in ``.module``)."""
+    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
+        chunk = chunk.module
+    return chunk
+
+
+class Generator:
+    """Decodes answers with the given model chunks (this rank's pipeline stages, in order)."""
+
+    def __init__(self, chunks: list, model_config: ModelConfig, tokenizer: Tokenizer,
+                 settings: ProcessorSettings, cfg: GenerationConfig):
+        self.wrapped = list(chunks)
+        self.chunks = [unwrap(c) for c in chunks]
+        self.lms = [c.language_model for c in self.chunks]
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.cfg = cfg
+        self.prompts = PromptBuilder(tokenizer, settings, cfg.max_tiles, cfg.system)
+        sp = tokenizer.special
+        stops = cfg.stop_token_ids if cfg.stop_token_ids is not None else (sp.im_end, sp.pad)
+        self.stop_ids = tuple(int(s) for s in stops)
+        lm_cfg = self.lms[0].config
+        self.hidden = lm_cfg.hidden_size
+        self.dtype = lm_cfg.params_dtype
+        self.sequence_parallel = bool(lm_cfg.sequence_parallel)
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
+        self.device = model_device()
+        self.first = self.chunks[0].pre_process
+        self.last = self.chunks[-1].post_process
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
+                      "decode_steps": 0}
+        """Counters over the generator's life (the benchmark script reads them)."""
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Answers to the requests, in order (collective under TP/PP)."""
+        prompts = [self.prompts.build(r, self.cfg.max_new_tokens, i, with_tiles=self.first)
+                   for i, r in enumerate(requests)]
+        return self.generate_prompts(prompts)
+
+    def generate_prompts(self, prompts: list[Prompt]) -> list[GenerationResult]:
+        """Answers to prepared prompts (ids + tiles), ``batch_size`` prompts at a time."""
+        modes = [c.training for c in self.wrapped]
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        results: list[GenerationResult] = []
+        try:
+            for c in self.wrapped:
+                c.eval()
+            with torch.no_grad():
+                for start in range(0, len(prompts), self.cfg.batch_size):
+                    results += self._batch(prompts[start:start + self.cfg.batch_size], generator)
+        finally:
+            for c, mode in zip(self.wrapped, modes):
+                c.train(mode)
+            for lm in self.lms:
+                lm.set_input_tensor(None)
+        return results
+
+    # ------------------------------------------------------------------ one batch
+    def _batch(self, prompts: list[Prompt], generator: torch.Generator) -> list[GenerationResult]:
+        """Prefill the batch, then decode until every prompt stopped or ran out of budget."""
+        n = len(prompts)
+        rows = self._padded(n)
+        lens = [len(p.ids) for p in prompts]
+        budgets = [max(0, p.max_new_tokens) for p in prompts]
+        cache = KVCache(rows, max(l + b for l, b in zip(lens, budgets)) + 1)
+        outs: list[list[int]] = [[] for _ in prompts]
+        reasons = ["length" if b == 0 else "" for b in budgets]
+        with cached_attention(self.lms, cache):
+            t0 = time.perf_counter()
+            logits = self._prefill(prompts, cache)
+            tokens = self._choose(logits, 0, rows, generator)
+            self.stats["prefill_s"] += time.perf_counter() - t0
+            self.stats["prompt_tokens"] += sum(lens)
+            t0 = time.perf_counter()
+            while True:
+                self._accept(tokens, outs, reasons, budgets)
+                if all(reasons):
+                    break
+                positions = [lens[i] + len(outs[i]) - 1 if not reasons[i] else lens[i]
+                             for i in range(n)] + [0] * (rows - n)
+                feed = [outs[i][-1] if not reasons[i] else self.tokenizer.special.pad
+                        for i in range(n)] + [self.tokenizer.special.pad] * (rows - n)
+                logits = self._decode(feed, positions, cache)
+                tokens = self._choose(logits, min(len(o) for o, r in zip(outs, reasons) if not r),
+                                      rows, generator)
+                self.stats["decode_steps"] += 1
+            self.stats["decode_s"] += time.perf_counter() - t0
+        self.stats["generated_tokens"] += sum(len(o) for o in outs)
+        return [GenerationResult(self.tokenizer.decode(o), o, list(p.ids), r)
+                for o, p, r in zip(outs, prompts, reasons)]
+
+    def _accept(self, tokens: list[int], outs, reasons, budgets) -> None:
+        """Append each running prompt's new token, or end it on a stop token / full budget."""
+        for i, out in enumerate(outs):
+            if reasons[i]:
+                continue
+            if tokens[i] in self.stop_ids and len(out) >= self.cfg.min_new_tokens:
+                reasons[i] = "stop"
+                continue
+            out.append(tokens[i])
+            if len(out) >= budgets[i]:
+                reasons[i] = "length"
+
+    def _padded(self, n: int) -> int:
+        """Rows per decode step: the batch, rounded up to a multiple of TP under SP."""
+        return math.ceil(n / self.tp) * self.tp if self.sequence_parallel else n
+
+    # ------------------------------------------------------------------ forward passes
+    def _prefill(self, prompts: list[Prompt], cache: KVCache) -> Optional[torch.Tensor]:
+        """Packed forward of all prompts; logits [B, V] of each prompt's last token (last stage)."""
+        ids = [i for p in prompts for i in p.ids]
+        bounds = [0]
+        for p in prompts:
+            bounds.append(bounds[-1] + len(p.ids))
+        pad = (-len(ids)) % self.tp if self.sequence_parallel else 0
+        if pad:  # SP splits the sequence over TP: pad with one extra segment
+            ids += [self.tokenizer.special.pad] * pad
+            bounds.append(bounds[-1] + pad)
+        cu = torch.tensor(bounds, dtype=torch.int32, device=self.device)
+        psp = packed_seq_params(cu)
+        tiles = None
+        if self.first:
+            parts = [p.tiles for p in prompts if p.tiles is not None and p.tiles.size(0)]
+            tiles = torch.cat(parts).to(self.device, self.dtype) if parts else None
+        cache.step = CacheStep("prefill", bounds=psp.bounds, rows=len(prompts))
+        rope = self.lms[0].rotary_pos_emb(psp.max_seqlen_q, packed_seq=True)
+        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
+        hidden = self._stages(ids_t, tiles, rope, psp)
+        if hidden is None:
+            return None
+        last = torch.tensor([b - 1 for b in bounds[1:len(prompts) + 1]], device=self.device)
+        return self._logits(hidden[last, 0])
+
+    def _decode(self, feed: list[int], positions: list[int], cache: KVCache) -> Optional[torch.Tensor]:
+        """One token per row at the given positions; logits [rows, V] on the last stage."""
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        cache.step = CacheStep("decode", positions=pos)
+        rope = self.lms[0].rotary_pos_emb(int(pos.max()) + 1)[pos]  # [rows, 1, 1, dim]
+        ids_t = torch.tensor(feed, dtype=torch.long, device=self.device)[None]
+        hidden = self._stages(ids_t, None, rope, None)
+        return None if hidden is None else self._logits(hidden[:, 0])
+
+    def _stages(self, ids: torch.Tensor, tiles, rope, psp) -> Optional[torch.Tensor]:
+        """Run this rank's chunks in pipeline order; the last stage's final hidden states [N, 1, h]."""
+        tokens = ids.size(1)
+        local = tokens // self.tp if self.sequence_parallel else tokens
+        out = None
+        for chunk, lm in zip(self.chunks, self.lms):
+            if chunk.pre_process:
+                x = chunk.embed(ids, tiles)
+            else:
+                x = torch.empty(local, 1, self.hidden, dtype=self.dtype, device=self.device)
+                dist.recv(x, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+                lm.set_input_tensor(x)
+            y = lm.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=rope,
+                           packed_seq_params=psp)
+            if chunk.post_process:
+                out = y
+            else:
+                dist.send(y.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+        if out is not None and self.sequence_parallel:
+            out = tensor_parallel.gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
+        return out
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary float32 logits [n, V] of final hidden states [n, h] (TP-gathered)."""
+        lm = self.lms[-1]
+        weight = (lm.shared_embedding_or_output_weight() if lm.share_embeddings_and_output_weights
+                  else lm.output_layer.weight)
+        logits = F.linear(hidden, weight)
+        if self.tp > 1:
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+        return logits.float()
+
+    # ------------------------------------------------------------------ token choice
+    def _choose(self, logits: Optional[torch.Tensor], generated: int, rows: int,
+                generator: torch.Generator) -> list[int]:
+        """Next token of every row, chosen on the last stage and shared with every rank."""
+        tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
+        if self.last:
+            stop = torch.tensor(self.stop_ids, dtype=torch.long, device=logits.device)
+            logits = apply_min_tokens(logits, generated, self.cfg.min_new_tokens, stop)
+            tokens[: logits.size(0)].copy_(next_tokens(logits, self.cfg.temperature, self.cfg.top_p, generator))
+        if self.tp > 1:  # sampling is seeded identically, but TP rank 0's draw is the one kept
+            dist.broadcast(tokens, src=parallel_state.get_tensor_model_parallel_src_rank(),
+                           group=parallel_state.get_tensor_model_parallel_group())
+        if self.pp > 1:
+            dist.broadcast(tokens, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        return tokens.tolist()

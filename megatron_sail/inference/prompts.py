@@ -1,0 +1,160 @@
+"""Requests -> model inputs with exactly the training-time preprocessing.
+
+The same ChatML template (data/template.py), InternVL tile-grid rule (data/tiling.py) and tile
+cutting + normalization (data/images, PIL backend: InternVL's reference preprocessing) that
+built the training rows build the prompt here, so the model sees at inference what it was
+trained on. The prompt ends with the assistant header; the answer is what follows.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megatron_sail.config.data import TemplateConfig
+from megatron_sail.config.images import ImageConfig
+from megatron_sail.data.records import ImageRecord
+from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
+from megatron_sail.data.tiling import TilingConfig, find_grid, num_tiles
+from megatron_sail.data.tokenizer import Tokenizer
+from megatron_sail.inference.config import GenerationRequest
+
+
+@dataclass
+class ProcessorSettings:
+    """The image/template settings a checkpoint was trained with (``processor.json``)."""
+
+    tile_size: int = 448
+    """Tile side in pixels."""
+    max_tiles: int = 12
+    """Most tiles per image at training time (generation uses GenerationConfig.max_tiles)."""
+    min_tiles: int = 1
+    """Fewest tiles per image."""
+    use_thumbnail: bool = True
+    """Whether multi-tile images get a whole-image thumbnail tile."""
+    tokens_per_tile: int = 256
+    """<IMG_CONTEXT> tokens per tile."""
+    template: dict = field(default_factory=lambda: asdict(TemplateConfig()))
+    """TemplateConfig fields (system prompt, separators)."""
+
+    @classmethod
+    def from_dict(cls, values: dict, origin: str) -> "ProcessorSettings":
+        """Settings from a processor.json dict; unknown keys are ignored, wrong types rejected."""
+        known = {f.name for f in fields(cls)}
+        out = cls(**{k: v for k, v in values.items() if k in known})
+        for name in ("tile_size", "max_tiles", "min_tiles", "tokens_per_tile"):
+            if not isinstance(getattr(out, name), int) or getattr(out, name) <= 0:
+                raise ValueError(f"{origin}: {name} must be a positive integer, got {getattr(out, name)!r}")
+        if not isinstance(out.template, dict):
+            raise ValueError(f"{origin}: template must be an object, got {out.template!r}")
+        return out
+
+    def template_config(self) -> TemplateConfig:
+        """The TemplateConfig these settings name (unknown template keys are ignored)."""
+        known = {f.name for f in fields(TemplateConfig)}
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.template.items() if k in known}
+        return TemplateConfig(**values)
+
+
+@dataclass
+class Prompt:
+    """One request made ready for the model."""
+
+    ids: list[int]
+    """Prompt token ids (image context runs expanded), ending with the assistant header."""
+    tiles: Optional[torch.Tensor]
+    """float32 [T, 3, S, S] normalized tiles of all images in order (None when not built)."""
+    max_new_tokens: int
+    """Token budget of this prompt."""
+
+
+def image_bytes(image, where: str) -> tuple[bytes, str]:
+    """Encoded bytes and a display name of a path, bytes or PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{where}: image file not found: {path}")
+        with open(path, "rb") as f:
+            return f.read(), path
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image), f"{where} (bytes)"
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - PIL is a dependency
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, format="PNG")  # lossless: pixels stay what the caller gave
+        return buf.getvalue(), f"{where} (PIL image)"
+    raise TypeError(f"{where}: an image must be a path, bytes or a PIL image, got {type(image).__name__}")
+
+
+def image_size(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) of encoded image bytes; an undecodable image is an error naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception as e:  # noqa: BLE001 - any decoder error means the same to the user
+        raise ValueError(f"{name}: not a decodable image ({type(e).__name__}: {e})") from e
+
+
+class PromptBuilder:
+    """Builds Prompts for one tokenizer and one checkpoint's processor settings."""
+
+    def __init__(self, tokenizer: Tokenizer, settings: ProcessorSettings, max_tiles: int,
+                 system: Optional[str] = None):
+        from megatron_sail.data.images.pil import PilPipeline
+
+        self.tok = tokenizer
+        self.settings = settings
+        self.template_cfg = settings.template_config()
+        if system is not None:
+            from dataclasses import replace
+
+            self.template_cfg = replace(self.template_cfg, system_prompt=system)
+        self.template = ChatTemplate(tokenizer, self.template_cfg)
+        self.tiling = TilingConfig(settings.tile_size, min(settings.min_tiles, max_tiles), max_tiles,
+                                   settings.use_thumbnail, settings.tokens_per_tile)
+        self.pipeline = PilPipeline(ImageConfig(backend="pil", tile_size=settings.tile_size, threads=1))
+        sp = tokenizer.special
+        self.assistant_header = [sp.im_start] + tokenizer.encode("assistant\n")
+
+    def build(self, request: GenerationRequest, default_max_new: int, index: int = 0,
+              with_tiles: bool = True) -> Prompt:
+        """Prompt ids (and tiles) of one request; ``index`` only names it in errors."""
+        where = f"request {index}"
+        if not isinstance(request.prompt, str):
+            raise TypeError(f"{where}: prompt must be a string, got {type(request.prompt).__name__}")
+        blobs = [image_bytes(im, f"{where} image {k}") for k, im in enumerate(request.images or [])]
+        sizes = [image_size(data, name) for data, name in blobs]
+        grids = [find_grid(w, h, self.tiling) for w, h in sizes]
+        counts = [num_tiles(g, self.tiling.thumbnail) * self.tiling.tokens_per_tile for g in grids]
+        turns = [{"from": "human", "value": request.prompt}, {"from": "gpt", "value": ""}]
+        try:
+            normalized = normalize_turns(turns, len(blobs), self.template_cfg)
+        except SampleError as e:
+            raise ValueError(f"{where}: {e}") from e
+        ids, _ = self.template.render(normalized[:-1], counts)
+        ids = [int(i) for i in np.asarray(ids)] + self.assistant_header
+        tiles = self._tiles(blobs, grids, sizes) if with_tiles else None
+        budget = default_max_new if request.max_new_tokens is None else int(request.max_new_tokens)
+        return Prompt(ids, tiles, budget)
+
+    def _tiles(self, blobs, grids, sizes) -> torch.Tensor:
+        """Normalized tiles of all images in order; a decode failure is an error naming the image."""
+        S = self.settings.tile_size
+        if not blobs:
+            return torch.zeros(0, 3, S, S)
+        records = [ImageRecord(data, grid, self.tiling.thumbnail, size, 0, name)
+                   for (data, name), grid, size in zip(blobs, grids, sizes)]
+        tiles, ok = self.pipeline.tiles(records)
+        bad = [rec.source for rec, good in zip(records, ok) if not good]
+        if bad:
+            raise ValueError(f"could not decode image(s): {bad}")
+        return tiles
