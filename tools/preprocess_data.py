@@ -10,6 +10,7 @@ Prints one JSON summary line; exits 1 on --strict rejects or a reject rate above
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_sail.config.data import PackingConfig, PreprocessConfig, TemplateConfig  # noqa: E402
+from megatron_sail.data.internvl_meta import is_meta_file, run_meta  # noqa: E402
 from megatron_sail.data.preprocess import run  # noqa: E402
 from megatron_sail.data.tiling import TilingConfig  # noqa: E402
 
@@ -24,7 +26,8 @@ from megatron_sail.data.tiling import TilingConfig  # noqa: E402
 def parse_args(argv=None) -> PreprocessConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
-    p.add_argument("--format", choices=["llava", "caption", "webdataset"], default=None)
+    p.add_argument("--format", choices=["llava", "caption", "webdataset", "messages", "internvl_meta"],
+                   default=None, help="default: detected (an InternVL meta JSON builds one dataset per entry)")
     p.add_argument("--image-root", default=None, help="base directory of relative image paths")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json, HF tokenizer dir, or sentencepiece .model")
     p.add_argument("--output-prefix", required=True)
@@ -64,8 +67,31 @@ def parse_args(argv=None) -> PreprocessConfig:
         max_reject_rate=a.max_reject_rate)
 
 
+def main_meta(cfg) -> int:
+    """An InternVL meta file: one dataset per entry under the output prefix (a directory), one
+    summary line each, then the blend line (see megatron_sail/data/internvl_meta.py)."""
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if len(cfg.inputs) != 1:
+        print("error: --format internvl_meta takes one meta file as --input", file=sys.stderr)
+        return 2
+    try:
+        code, summaries = run_meta(dataclasses.replace(cfg, format=None), cfg.inputs[0],
+                                   lambda c: run(c, log=log), log=log)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for summary in summaries:
+        print(json.dumps(summary))
+        if "error" in summary:
+            print(f"error: {summary.get('dataset', 'blend')}: {summary['error']}", file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
     cfg = parse_args(argv)
+    if cfg.format == "internvl_meta" or (cfg.format is None and len(cfg.inputs) == 1
+                                         and is_meta_file(cfg.inputs[0])):
+        return main_meta(cfg)
     try:
         code, summary = run(cfg, log=lambda m: print(m, file=sys.stderr))
     except (ValueError, FileNotFoundError) as e:  # bad inputs or flags: one line, not a traceback

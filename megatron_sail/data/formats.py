@@ -10,16 +10,30 @@ from __future__ import annotations
 import glob
 import json
 import os
+import stat
 import tarfile
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator, Optional
 
-from megatron_sail.config.data import TemplateConfig
+from megatron_sail.config.data import DEFAULT_MAX_IMAGE_BYTES, TemplateConfig
+from megatron_sail.data.formats_messages import messages_conversation
+from megatron_sail.data.media_refs import check_unsupported_media, image_field, inline_image, local_path
 from megatron_sail.data.template import SampleError
 
-FORMATS = ("llava", "caption", "webdataset")
+FORMATS = ("llava", "caption", "webdataset", "messages")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+@dataclass(frozen=True)
+class ImageAccess:
+    """Which image files a record may read (PreprocessConfig.allow_absolute_paths, max_image_bytes)."""
+
+    allow_absolute: bool = False
+    """Read absolute paths as given; off: they are ``path_outside_root`` rejects."""
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    """Largest file or tar member read; larger ones are ``file_too_large`` rejects."""
 
 
 @dataclass
@@ -36,6 +50,8 @@ class RawRecord:
     """Directory relative image paths resolve against."""
     error: Optional[str] = None
     """Set when the reader itself already found the record broken (e.g. a truncated tar)."""
+    access: ImageAccess = ImageAccess()
+    """What image files the record may read (paths stay inside base_dir unless allowed)."""
 
 
 class ImageBlob(bytes):
@@ -84,19 +100,21 @@ def detect_format(path: str) -> str:
     """Guess the format of one input file from its extension and first record."""
     if path.endswith(".tar"):
         return "webdataset"
-    with open(path, "r", encoding="utf-8") as f:
-        head = f.read(1 << 16).lstrip()
+    with open(path, "rb") as f:  # undecodable bytes are a reject of their line, not of the file
+        head = f.read(1 << 16).decode("utf-8", errors="replace").lstrip()
     if head.startswith("["):
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, "r", encoding="utf-8", errors="surrogateescape") as f:
             first = (json.load(f) or [{}])[0]
     else:
         first = _first_json_line(path, head)
+    if isinstance(first, dict) and "messages" in first:
+        return "messages"  # OpenAI chat, Hugging Face content parts, ms-swift (formats_messages.py)
     if isinstance(first, dict) and "conversations" in first:
         return "llava"
     if isinstance(first, dict) and ("caption" in first or "text" in first):
         return "caption"
-    raise ValueError(f"{path}: cannot detect the format (no 'conversations', 'caption' or 'text' key); "
-                     f"pass --format")
+    raise ValueError(f"{path}: cannot detect the format (no 'messages', 'conversations', 'caption' or "
+                     f"'text' key in the first record); pass --format (one of {', '.join(FORMATS)})")
 
 
 def _first_json_line(path: str, head: str) -> dict:
@@ -113,30 +131,38 @@ def _first_json_line(path: str, head: str) -> dict:
     raise ValueError(f"{path}: cannot detect the format, none of its first lines is JSON; pass --format")
 
 
-def _iter_json_file(path: str, base_dir: str) -> Iterator[RawRecord]:
-    """JSONL lines (unparsed) or the elements of a top-level JSON array."""
-    with open(path, "r", encoding="utf-8") as f:
+def _iter_json_file(path: str, base_dir: str, access: ImageAccess) -> Iterator[RawRecord]:
+    """JSONL lines (unparsed bytes, decoded by the worker) or the elements of a JSON array.
+
+    An array file is parsed whole, with invalid UTF-8 kept as lone surrogates
+    (surrogateescape), so one bad byte rejects only the item holding it (``bad_encoding``).
+    """
+    with open(path, "rb") as f:
         first = f.read(1)
         while first and first.isspace():
             first = f.read(1)
-    if first == "[":
-        with open(path, "r", encoding="utf-8") as f:
+    if first == b"[":
+        with open(path, "r", encoding="utf-8", errors="surrogateescape") as f:
             try:
                 items = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: invalid JSON array ({e})") from e
         for i, item in enumerate(items):
-            yield RawRecord(path, f"item {i}", item, base_dir)
+            yield RawRecord(path, f"item {i}", item, base_dir, access=access)
         return
-    with open(path, "r", encoding="utf-8", errors="replace") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
-                yield RawRecord(path, f"line {lineno}", line, base_dir)
+                yield RawRecord(path, f"line {lineno}", line, base_dir, access=access)
 
 
-def _iter_tar(path: str, base_dir: str) -> Iterator[RawRecord]:
-    """Group a WebDataset tar's members by key (the name up to the first dot of the basename)."""
-    current, members = None, {}
+def _iter_tar(path: str, base_dir: str, access: ImageAccess) -> Iterator[RawRecord]:
+    """Group a WebDataset tar's members by key (the name up to the first dot of the basename).
+
+    A member larger than ``access.max_bytes`` is not read; its sample is a ``file_too_large``
+    reject.
+    """
+    current, members, error = None, {}, None
     try:
         with tarfile.open(path, mode="r|*") as tar:
             for info in tar:
@@ -148,46 +174,117 @@ def _iter_tar(path: str, base_dir: str) -> Iterator[RawRecord]:
                 stem, ext = base.split(".", 1)
                 key = os.path.join(dirname, stem)
                 if key != current and current is not None:
-                    yield RawRecord(path, current, members, base_dir)
-                    members = {}
+                    yield RawRecord(path, current, members, base_dir, error, access)
+                    members, error = {}, None
                 current = key
+                if info.size > access.max_bytes:
+                    error = (f"file_too_large: member {info.name} is {info.size} bytes > "
+                             f"--max-image-bytes {access.max_bytes}")
+                    continue
                 members[ext.lower()] = tar.extractfile(info).read()
     except (tarfile.TarError, OSError, EOFError) as e:
         if current is not None:
-            yield RawRecord(path, current, members, base_dir, error=f"truncated_shard: {e}")
+            yield RawRecord(path, current, members, base_dir, f"truncated_shard: {e}", access)
         else:
-            yield RawRecord(path, "(start)", {}, base_dir, error=f"truncated_shard: {e}")
+            yield RawRecord(path, "(start)", {}, base_dir, f"truncated_shard: {e}", access)
         return
     if current is not None:
-        yield RawRecord(path, current, members, base_dir)
+        yield RawRecord(path, current, members, base_dir, error, access)
 
 
-def iter_records(files: list[str], fmt: str, image_root: Optional[str]) -> Iterator[RawRecord]:
+def iter_records(files: list[str], fmt: str, image_root: Optional[str],
+                 access: ImageAccess = ImageAccess()) -> Iterator[RawRecord]:
     """All raw records of all files, in order."""
     for path in files:
         base = image_root or os.path.dirname(os.path.abspath(path))
         if fmt == "webdataset":
-            yield from _iter_tar(path, base)
+            yield from _iter_tar(path, base, access)
         else:
-            yield from _iter_json_file(path, base)
+            yield from _iter_json_file(path, base, access)
 
 
-def _read_image(rel: str, base_dir: str) -> "ImageBlob":
-    """Bytes of an image file; a missing file is a 'missing_image' reject."""
-    if not isinstance(rel, str) or not rel:
-        raise SampleError("bad_sample", f"image path {rel!r}")
-    path = rel if os.path.isabs(rel) else os.path.join(base_dir, rel)
+@lru_cache(maxsize=256)
+def _real_root(base_dir: str) -> str:
+    """The image root with every symlink resolved (what resolved image paths must start with)."""
+    return os.path.realpath(base_dir)
+
+
+def resolve_image_path(rel: str, base_dir: str, access: ImageAccess) -> str:
+    """The real path of an image, refused (``path_outside_root``) when it leaves the root.
+
+    ``..`` components and symlinks are resolved first, so neither can reach outside the root;
+    absolute paths are read as given only with ``access.allow_absolute``.
+    """
     try:
-        with open(path, "rb") as f:
-            return ImageBlob.make(f.read(), ("file", path))
+        if os.path.isabs(rel):
+            if not access.allow_absolute:
+                raise SampleError("path_outside_root", f"{rel}: absolute image paths are refused "
+                                                       f"(--allow-absolute-paths reads them)")
+            return rel
+        root = _real_root(base_dir)
+        real = os.path.realpath(os.path.join(root, rel))
+    except ValueError as e:  # an embedded NUL byte
+        raise SampleError("bad_sample", f"image path {rel!r}: {e}") from e
+    if os.path.commonpath([root, real]) != root:
+        raise SampleError("path_outside_root", f"{rel} resolves to {real}, outside the image root {root}")
+    return real
+
+
+_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+          (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+
+
+def _check_regular(path: str, mode: int) -> None:
+    """Refuse anything but a regular file: a FIFO would block forever, /dev/zero never ends."""
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "special file")
+        raise SampleError("not_a_regular_file", f"{path} is a {kind}")
+
+
+def read_regular_file(path: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; anything else is a reject."""
+    try:
+        _check_regular(path, os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even if swapped for a FIFO
     except FileNotFoundError as e:
         raise SampleError("missing_image", path) from e
     except OSError as e:
-        raise SampleError("missing_image", f"{path}: {e}") from e
+        raise SampleError("missing_image", f"{path}: {e.strerror}") from e
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        _check_regular(path, st.st_mode)
+        if st.st_size > max_bytes:
+            raise SampleError("file_too_large", f"{path}: {st.st_size} bytes > --max-image-bytes {max_bytes}")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise SampleError("file_too_large", f"{path}: more than --max-image-bytes {max_bytes} bytes")
+    return data
+
+
+def _read_image(rel: str, base_dir: str, access: ImageAccess = ImageAccess()) -> "ImageBlob":
+    """Bytes of an image file inside the root; a missing file is a 'missing_image' reject."""
+    if not isinstance(rel, str) or not rel:
+        raise SampleError("bad_sample", f"image path {rel!r}")
+    try:
+        path = resolve_image_path(rel, base_dir, access)
+        return ImageBlob.make(read_regular_file(path, access.max_bytes), ("file", path))
+    except UnicodeError as e:  # a lone surrogate cannot name a file
+        raise SampleError("bad_encoding", f"image path {rel!r} is not valid Unicode") from e
+
+
+def _utf8(data: bytes, what: str) -> str:
+    """Strictly decoded text; invalid UTF-8 is a ``bad_encoding`` reject naming the byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SampleError("bad_encoding", f"{what}: invalid UTF-8 byte 0x{data[e.start]:02x} at "
+                                          f"byte {e.start}") from e
 
 
 def _parse_json(payload: object) -> dict:
-    """A dict from a JSONL line or an already-parsed element."""
+    """A dict from a JSONL line (bytes or str) or an already-parsed element."""
+    if isinstance(payload, bytes):
+        payload = _utf8(payload, "line")
     if isinstance(payload, str):
         try:
             payload = json.loads(payload)
@@ -219,25 +316,36 @@ def to_conversation(rec: RawRecord, fmt: str, index: int, cfg: TemplateConfig,
         if ext is None:
             raise SampleError("missing_image", "no image member in the tar sample")
         if "txt" in m:
-            text = m["txt"].decode("utf-8", errors="replace")
+            text = _utf8(m["txt"], f"{rec.key}.txt")
         elif "json" in m:
-            meta = _parse_json(m["json"].decode("utf-8", errors="replace"))
+            meta = _parse_json(_utf8(m["json"], f"{rec.key}.json"))
             text = meta.get("caption", meta.get("text"))
         else:
             raise SampleError("bad_sample", "no .txt or .json caption member")
         return caption_turns(text, index, cfg, seed), [ImageBlob.make(m[ext], ("member", ext))]
     obj = _parse_json(rec.payload)
-    image = obj.get("image")
-    paths = [] if image is None else ([image] if isinstance(image, str) else image)
-    if not isinstance(paths, list):
-        raise SampleError("bad_sample", f"'image' is {type(image).__name__}")
+    if fmt == "messages":
+        turns, paths = messages_conversation(obj, cfg.image_separator)
+        return turns, [_load_image(p, rec.base_dir, rec.access) for p in paths]
     if fmt == "caption":
+        check_unsupported_media(obj, [])
+        paths = image_field(obj)
         turns = caption_turns(obj.get("caption", obj.get("text")), index, cfg, seed)
     else:
         turns = obj.get("conversations")
         if not isinstance(turns, list) or not turns:
             raise SampleError("bad_sample", "no 'conversations' list")
-    return turns, [_read_image(p, rec.base_dir) for p in paths]
+        check_unsupported_media(obj, [t.get("value", t.get("content")) for t in turns
+                                      if isinstance(t, dict)])
+        paths = image_field(obj)
+    return turns, [_load_image(p, rec.base_dir, rec.access) for p in paths]
+
+
+def _load_image(ref: object, base_dir: str, access: ImageAccess = ImageAccess()) -> bytes:
+    """A ``data:`` URI decoded, a remote URL rejected (media_refs.py), else a file under base_dir."""
+    blob = inline_image(ref)
+    return blob if blob is not None else _read_image(local_path(ref) if isinstance(ref, str) else ref,
+                                                     base_dir, access)
 
 
 def reread_image(origin: tuple[str, str], rec: RawRecord) -> bytes:
@@ -245,5 +353,4 @@ def reread_image(origin: tuple[str, str], rec: RawRecord) -> bytes:
     kind, value = origin
     if kind == "member":
         return rec.payload[value]
-    with open(value, "rb") as f:
-        return f.read()
+    return read_regular_file(value, rec.access.max_bytes)

@@ -1,0 +1,240 @@
+"""Chat `messages` inputs (OpenAI, Hugging Face content parts, ms-swift), media that must not be
+dropped silently (video, remote URLs, the plural `images` key, data: URIs) and InternVL meta files.
+
+The sample files in tests/unit/format_samples/ follow the shapes documented by each project
+(see docs/data.md "Inputs"); the images they name are written by the tests.
+"""
+import base64
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megatron_sail.config.data import PackingConfig, PreprocessConfig, TemplateConfig
+from megatron_sail.data.demo import DemoConfig, make_demo
+from megatron_sail.data.formats import detect_format, iter_records, to_conversation
+from megatron_sail.data.media_refs import decode_data_uri
+from megatron_sail.data.preprocess import run
+from megatron_sail.data.template import SampleError, normalize_turns
+from megatron_sail.data.tiling import TilingConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SAMPLES = os.path.join(HERE, "format_samples")
+TILING = TilingConfig(tile_size=32, min_tiles=1, max_tiles=4, thumbnail=True, tokens_per_tile=4)
+
+
+def encode(size, color, fmt):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_images(folder):
+    os.makedirs(folder, exist_ok=True)
+    files = {"wide.png": encode((96, 64), (220, 20, 20), "PNG"),
+             "tall.jpg": encode((64, 96), (20, 20, 220), "JPEG")}
+    for name, data in files.items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data)
+    return files
+
+
+@pytest.fixture
+def samples(tmp_path):
+    """A copy of the sample files with the images they name under images/."""
+    root = tmp_path / "samples"
+    shutil.copytree(SAMPLES, root)
+    return root, write_images(root / "images")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_demo(str(tmp_path_factory.mktemp("demo")), DemoConfig(samples=20, val_samples=2, seed=5))["tokenizer"]
+
+
+def parse_all(path, fmt=None):
+    """(turns, images) or the SampleError reason of every record of a file, detected format."""
+    fmt = fmt or detect_format(str(path))
+    out = []
+    for i, rec in enumerate(iter_records([str(path)], fmt, None)):
+        try:
+            turns, images = to_conversation(rec, fmt, i, TemplateConfig(), 0)
+            out.append((turns, images, normalize_turns(turns, len(images), TemplateConfig())))
+        except SampleError as e:
+            out.append(e.reason)
+    return fmt, out
+
+
+def data_uri_png(path):
+    line = open(path).readline()
+    return base64.b64decode(line.split("base64,")[1].split('"')[0])
+
+
+def test_openai_chat_completions_messages(samples):
+    root, files = samples
+    fmt, recs = parse_all(root / "openai_chat.jsonl")
+    assert fmt == "messages"
+    turns, images, norm = recs[0]
+    assert images == [data_uri_png(root / "openai_chat.jsonl")] and images[0].startswith(b"\x89PNG")
+    assert norm == [("user", "What colour is the square?<image>\n"), ("assistant", "Red.")]
+    turns, images, norm = recs[1]
+    assert images == [files["wide.png"]]
+    assert norm == [("system", "Answer in one word."), ("user", "<image>\nWhich shape is this?"),
+                    ("assistant", "A circle.")]
+    assert recs[2] == "remote_url"
+    assert recs[3][1] == [] and recs[3][2][-1] == ("assistant", "Four.")
+
+
+def test_hugging_face_content_parts(samples):
+    root, files = samples
+    fmt, recs = parse_all(root / "hf_content_parts.jsonl")
+    assert fmt == "messages"
+    assert recs[0][1] == [files["tall.jpg"]]  # {"type": "image"} filled from the `images` column
+    assert recs[0][2][0] == ("user", "<image>\nWhat colour is it?")
+    turns, images, norm = recs[1]  # images carried by the parts themselves, in order
+    assert images == [files["wide.png"], files["tall.jpg"]]
+    assert norm[1] == ("user", "Compare <image>\nand <image>\n")
+    assert recs[2] == "video_unsupported"
+
+
+def test_ms_swift_messages_and_images(samples):
+    root, files = samples
+    fmt, recs = parse_all(root / "ms_swift.jsonl")
+    assert fmt == "messages"
+    turns, images, norm = recs[0]
+    assert images == [files["wide.png"], files["tall.jpg"]]
+    assert [r for r, _ in norm] == ["system", "user", "assistant", "user", "assistant"]
+    assert norm[1][1].startswith("<image><image>What")
+    assert recs[1][1][0].startswith(b"\x89PNG")  # a data: URI in the images list
+    assert recs[2] == "video_unsupported"
+    assert recs[3][1] == []
+
+
+def test_messages_image_count_mismatches_are_rejects(tmp_path):
+    def one(record):
+        path = tmp_path / "m.jsonl"
+        path.write_text(json.dumps(record) + "\n")
+        return parse_all(path, "messages")[1][0]
+
+    assistant = {"role": "assistant", "content": "ok"}
+    two_tags = {"role": "user", "content": "<image><image>?"}
+    assert one({"messages": [two_tags, assistant], "images": ["a.png"]}) == "placeholder_mismatch"
+    assert one({"messages": [{"role": "user", "content": "<image>?"}, assistant],
+                "images": ["a.png", "b.png"]}) == "placeholder_mismatch"
+    assert one({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}, assistant]}) \
+        == "audio_unsupported"
+    assert one({"messages": [{"role": "tool", "content": "42"}, assistant]}) == "unknown_role"
+    assert one({"messages": [{"role": "user", "content": [{"type": "file"}]}, assistant]}) == "bad_sample"
+
+
+def test_internvl_video_is_rejected_and_plural_images_accepted(samples):
+    root, files = samples
+    fmt, recs = parse_all(root / "internvl_video.jsonl")
+    assert fmt == "llava"
+    assert recs[0] == "video_unsupported"
+    assert recs[1][1] == [files["wide.png"], files["tall.jpg"]]
+
+
+def test_caption_records_keyed_url_are_remote_url_rejects(samples):
+    root, files = samples
+    fmt, recs = parse_all(root / "caption_urls.jsonl")
+    assert fmt == "caption"
+    assert recs[0] == "remote_url"
+    assert recs[1][1] == [files["wide.png"]]
+
+
+def test_data_uris_decode_and_are_size_capped():
+    png = encode((5, 3), (1, 2, 3), "PNG")
+    uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    assert decode_data_uri(uri) == png
+    with pytest.raises(SampleError) as e:
+        decode_data_uri(uri, max_bytes=len(png) // 2)
+    assert e.value.reason == "image_too_large"
+    with pytest.raises(SampleError) as e:
+        decode_data_uri("data:image/png;base64,@@not base64@@")
+    assert e.value.reason == "undecodable_image"
+
+
+def test_messages_end_to_end_counts_rejects_and_images(samples, tokenizer, tmp_path):
+    root, files = samples
+    cfg = PreprocessConfig(inputs=[str(root / "ms_swift.jsonl"), str(root / "openai_chat.jsonl")],
+                           output_prefix=str(tmp_path / "out"), tokenizer=tokenizer, tiling=TILING,
+                           packing=PackingConfig(seq_length=512, packing_buffer=16, seed=1),
+                           max_reject_rate=0.5)
+    code, summary = run(cfg, log=lambda m: None)
+    assert code == 0, summary
+    assert summary["rejects"] == {"remote_url": 1, "video_unsupported": 1}
+    assert summary["samples"] == 6 and summary["images"] == 5
+
+
+def tool(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "..", "..", "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def meta_args(tokenizer, out, meta="shell/data/shapes_meta.json"):
+    return ["--input", meta, "--tokenizer", tokenizer, "--output-prefix", str(out),
+            "--seq-length", "256", "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "4",
+            "--packing-buffer", "8"]
+
+
+@pytest.fixture
+def internvl_tree(tmp_path, monkeypatch):
+    """InternVL's layout: run from internvl_chat/, meta under shell/data/, data under playground/."""
+    root = tmp_path / "internvl_chat"
+    shutil.copytree(os.path.join(SAMPLES, "internvl_meta"), root)
+    write_images(root / "playground" / "data" / "shapes")
+    monkeypatch.chdir(root)
+    return root
+
+
+def test_internvl_meta_builds_one_dataset_per_entry_and_the_blend(internvl_tree, tokenizer, tmp_path, capsys):
+    from megatron_sail.data.dataset import PackedDataset, build_blended
+
+    out = tmp_path / "packed"
+    assert tool("preprocess_data").main(meta_args(tokenizer, out)) == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert [line.get("dataset") for line in lines[:2]] == ["shapes_caption", "shapes_vqa"]
+    assert "shapes_vqa: data_augment is not applied" in captured.err
+    a, b = (PackedDataset(str(out / n)) for n in ("shapes_caption", "shapes_vqa"))
+    meta_a = json.loads((out / "shapes_caption.meta.json").read_text())
+    meta_b = json.loads((out / "shapes_vqa.meta.json").read_text())
+    assert meta_a["tiling"]["max_tiles"] == 1 and meta_b["tiling"]["max_tiles"] == 4
+    grids_a = np.load(out / "shapes_caption.images_meta.npy")[:, :2]
+    grids_b = np.load(out / "shapes_vqa.images_meta.npy")[:, :2]
+    assert (grids_a.prod(axis=1) == 1).all() and (grids_b.prod(axis=1) > 1).any()
+    assert lines[0]["samples"] == 3 and lines[1]["samples"] == 4 and lines[1]["images"] == 4
+    blend_doc = json.loads((out / "blend.json").read_text())
+    ra, rb = 2 * len(a), 0.5 * len(b)
+    want = [round(ra / (ra + rb), 6), round(rb / (ra + rb), 6)]
+    assert [d["weight"] for d in blend_doc["datasets"]] == want
+    data_path = (out / "data_path.txt").read_text().strip()
+    assert data_path == lines[2]["data_path"] == f"{want[0]} {out / 'shapes_caption'} {want[1]} {out / 'shapes_vqa'}"
+    blended = build_blended(data_path, seed=3)
+    drawn = [blended.locate(k)[0] for k in range(1000)]
+    assert abs(drawn.count(0) / 1000 - want[0]) < 0.01
+
+
+def test_internvl_meta_failures_write_no_blend(internvl_tree, tokenizer, tmp_path, capsys):
+    meta = json.loads((internvl_tree / "shell/data/shapes_meta.json").read_text())
+    meta["shapes_vqa"]["annotation"] = "playground/opensource/missing.jsonl"
+    (internvl_tree / "broken.json").write_text(json.dumps(meta))
+    out = tmp_path / "packed"
+    assert tool("preprocess_data").main(meta_args(tokenizer, out, "broken.json")) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0]["dataset"] == "shapes_caption" and "error" not in lines[0]
+    assert "missing.jsonl" in lines[1]["error"] and "shapes_vqa" in lines[2]["error"]
+    assert not (out / "blend.json").exists() and not (out / "data_path.txt").exists()
+    meta["shapes_vqa"]["repeat_time"] = 0
+    (internvl_tree / "zero.json").write_text(json.dumps(meta))
+    assert tool("preprocess_data").main(meta_args(tokenizer, out, "zero.json")) == 2
+    assert "repeat_time must be a number > 0" in capsys.readouterr().err
