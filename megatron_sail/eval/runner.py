@@ -1,0 +1,111 @@
+"""Run one benchmark: read its TSV, prompt the model in batches, keep a response cache so an
+interrupted evaluation resumes where it stopped, write the predictions TSV and score it."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from megatron_sail.eval.registry import BenchmarkSpec
+from megatron_sail.eval.result import BenchmarkScore
+from megatron_sail.eval.tsv import read_items, read_predictions, read_rows, write_predictions
+
+
+@dataclass
+class RunnerConfig:
+    """How a benchmark is run through a generator."""
+
+    limit: Optional[int] = None
+    """Only the first N items of the file (None: all)."""
+    batch_size: int = 8
+    """Requests handed to the generator at once (and cached together)."""
+    max_new_tokens: Optional[int] = None
+    """Answer budget (None: the benchmark's own)."""
+    writer: bool = True
+    """Whether this rank writes files (rank 0); every rank generates under TP/PP."""
+    model_id: str = ""
+    """Identifies the model in the cache: answers of another model are not reused."""
+
+
+def _load_cache(path: str, model_id: str) -> dict[str, dict]:
+    """index -> cached record of this model (lines cut short by a crash are ignored)."""
+    out = {}
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("model") == model_id:
+                out[str(rec["index"])] = rec
+    return out
+
+
+def generate_answers(spec: BenchmarkSpec, items, generate: Callable, cfg: RunnerConfig,
+                     cache_path: Optional[str] = None) -> dict[str, str]:
+    """index -> raw answer for every item, from the cache where it holds the same prompt, from
+    ``generate`` (a list of (prompt, images, max_new_tokens) -> list of texts) otherwise."""
+    from megatron_sail.inference import GenerationRequest
+
+    cache = _load_cache(cache_path, cfg.model_id) if cache_path else {}
+    answers, todo = {}, []
+    for it in items:
+        prompt = spec.prompt(it)
+        rec = cache.get(it.index)
+        if rec is not None and rec.get("prompt") == prompt:
+            answers[it.index] = rec["raw"]
+        else:
+            todo.append((it, prompt))
+    budget = cfg.max_new_tokens or spec.max_new_tokens
+    f = open(cache_path, "a", buffering=1) if cache_path and cfg.writer else None
+    try:
+        for start in range(0, len(todo), cfg.batch_size):
+            chunk = todo[start:start + cfg.batch_size]
+            reqs = [GenerationRequest(prompt=p, images=list(it.images), max_new_tokens=budget)
+                    for it, p in chunk]
+            for (it, p), res in zip(chunk, generate(reqs)):
+                answers[it.index] = res.text
+                if f is not None:
+                    f.write(json.dumps({"index": it.index, "model": cfg.model_id, "prompt": p,
+                                        "raw": res.text}) + "\n")
+    finally:
+        if f is not None:
+            f.close()
+    return answers
+
+
+def run_benchmark(spec: BenchmarkSpec, path: str, generate: Callable, cfg: RunnerConfig,
+                  out_dir: Optional[str] = None) -> tuple[BenchmarkScore, Optional[str]]:
+    """Generate, write ``<out_dir>/<name>_predictions.tsv`` (with a response cache beside it)
+    and score; returns the score and the predictions path (None when nothing is written)."""
+    items = read_items(path, cfg.limit)
+    cache = pred_path = None
+    if out_dir:
+        if cfg.writer:
+            os.makedirs(out_dir, exist_ok=True)
+        cache = os.path.join(out_dir, f"{spec.name}_cache.jsonl")
+        pred_path = os.path.join(out_dir, f"{spec.name}_predictions.tsv")
+    raw = generate_answers(spec, items, generate, cfg, cache)
+    preds = {k: spec.clean(v) for k, v in raw.items()}
+    if pred_path and cfg.writer:
+        header, _ = read_rows(path)
+        write_predictions(pred_path, header, items, preds)
+    return spec.score(items, preds), pred_path
+
+
+def score_predictions(spec: BenchmarkSpec, path: str, predictions_path: str,
+                      limit: Optional[int] = None) -> BenchmarkScore:
+    """Score an existing predictions TSV (ours or VLMEvalKit's) against the benchmark file: the
+    items are the benchmark's rows that have a prediction (all of them, or the first
+    ``limit``); the answers and columns come from the benchmark file."""
+    preds = read_predictions(predictions_path)
+    items = [it for it in read_items(path, need_images=spec.name in ("mme",))
+             if it.index in preds]
+    if limit:
+        items = items[:limit]
+    if not items:
+        raise ValueError(f"{predictions_path}: no prediction matches an index of {path}")
+    return spec.score(items, {k: spec.clean(v) for k, v in preds.items()})
