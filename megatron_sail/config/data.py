@@ -9,7 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS
 from megatron_sail.data.tiling import TilingConfig
+
+DEFAULT_MAX_IMAGE_BYTES = 128 << 20
+"""Default --max-image-bytes: above any 50 MP PNG photo, far below a /dev/zero-style read."""
 
 DEFAULT_CAPTION_PROMPTS = (
     "Describe the image.",
@@ -77,3 +81,13 @@ class PreprocessConfig:
     """Exit 1 (and publish nothing) on any rejected sample."""
     max_reject_rate: float = 0.05
     """Exit 1 (and publish nothing) when rejects / input records exceeds this."""
+    allow_absolute_paths: bool = False
+    """Accept absolute image paths in records (read as given). Off: an absolute path is a
+    ``path_outside_root`` reject; relative paths must always resolve (symlinks followed) inside
+    image_root (or the input file's directory)."""
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    """Largest image file (or tar member) read, in bytes; larger ones are ``file_too_large``
+    rejects. Only regular files are read (no FIFOs, devices, directories)."""
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Largest width x height accepted (``image_too_large`` above it); keep the trainer's
+    ImageConfig.max_pixels the same (both default to config/images.py's DEFAULT_MAX_IMAGE_PIXELS)."""

@@ -5,6 +5,10 @@ from dataclasses import dataclass
 
 BACKENDS = ("auto", "pil", "dali-cpu", "dali")
 """Accepted values of ImageConfig.backend."""
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+"""Largest width x height accepted, at preprocessing (``--max-image-pixels``) and at train time
+(``ImageConfig.max_pixels``): a 48 MP phone photo passes; a 12000x12000 scan (144 MP, seconds
+and ~700 MB per decode) does not. The tiler never uses more than max_tiles x 448^2 pixels."""
 
 
 @dataclass
@@ -30,6 +34,9 @@ class ImageConfig:
     """Micro-batches the background loader keeps ready ahead of the training step."""
     pin_memory: bool = False
     """Pin CPU tile tensors so the trainer can copy them to the GPU asynchronously."""
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Images whose header claims more pixels are not decoded (blank tiles, loss masked), the
+    limit preprocessing applied (``--max-image-pixels``): no decode can stall the loader."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

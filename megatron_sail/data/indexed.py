@@ -59,7 +59,8 @@ class PackedWriter:
             "loss_mask": _builder(self._path("loss_mask.bin"), np.uint8),
             "images": _builder(self._path("images.bin"), np.uint8),
         }
-        self._rejects = open(self._path("rejects.jsonl"), "w", encoding="utf-8")
+        # a detail may quote a lone surrogate from a hostile record: written escaped, never a crash
+        self._rejects = open(self._path("rejects.jsonl"), "w", encoding="utf-8", errors="backslashreplace")
         self._image_meta: list[tuple[int, ...]] = []
         self.samples = 0
         self.rows = 0

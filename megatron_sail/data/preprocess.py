@@ -20,9 +20,9 @@ from typing import Callable, Iterator, Optional
 
 from megatron_sail.config.data import PreprocessConfig
 from megatron_sail.data import indexed
-from megatron_sail.data.formats import (FORMATS, RawRecord, detect_format, expand_inputs, iter_records,
-                                       reread_image, to_conversation)
-from megatron_sail.data.imageinfo import image_info
+from megatron_sail.data.formats import (FORMATS, ImageAccess, RawRecord, detect_format, expand_inputs,
+                                       iter_records, reread_image, to_conversation)
+from megatron_sail.data.imageinfo import clean_message, image_info
 from megatron_sail.data.packing import ImageEntry, Sample, pack_block
 from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
 from megatron_sail.data.tiling import TilingConfig, find_grid, num_tiles
@@ -65,7 +65,8 @@ class SampleBuilder:
         seq = self.cfg.packing.seq_length
         raw_turns, blobs = to_conversation(rec, self.fmt, index, self.cfg.template, self.cfg.packing.seed)
         turns = normalize_turns(raw_turns, len(blobs), self.cfg.template)
-        infos = [image_info(b) for b in blobs]
+        infos = [image_info(b, self.cfg.max_image_pixels, image_name(b, rec, k))
+                 for k, b in enumerate(blobs)]
         max_tiles = self.cfg.tiling.max_tiles
         grids = [self.grid(w, h, max_tiles) for _, w, h in infos]
         tokens, mask = self.template.render(turns, [n for _, n in grids])
@@ -95,7 +96,11 @@ class SampleBuilder:
             try:
                 sample = self.build(rec, index)
             except SampleError as e:
-                out.rejects.append((rec.source, rec.key, e.reason, e.detail))
+                out.rejects.append((rec.source, rec.key, e.reason, clean_message(e.detail)))
+                continue
+            except Exception as e:  # one hostile record must never stop the run (or kill a worker)
+                detail = clean_message(f"{type(e).__name__}: {e}")
+                out.rejects.append((rec.source, rec.key, "unexpected_error", detail))
                 continue
             sample.record = k
             if detach:
@@ -105,6 +110,16 @@ class SampleBuilder:
             samples.append(sample)
         out.rows = pack_block(samples, self.cfg.packing.seq_length, self.cfg.packing.seed, block)
         return out
+
+
+def image_name(blob: bytes, rec: RawRecord, k: int) -> str:
+    """How a reject names an image: its file path, its tar member, or its position."""
+    kind, value = getattr(blob, "origin", (None, None))
+    if kind == "file":
+        return value
+    if kind == "member":
+        return f"{rec.key}.{value}"
+    return f"image {k}"
 
 
 _WORKER: Optional[SampleBuilder] = None
@@ -129,7 +144,7 @@ def attach_images(res: BlockResult, records: list[tuple[int, RawRecord]]) -> Blo
                     rec = records[sample.record][1]
                     try:
                         im.data = reread_image(im.origin, rec)
-                    except OSError as e:
+                    except (OSError, SampleError) as e:
                         raise RuntimeError(f"{rec.source} {rec.key}: image {im.origin[1]} vanished during "
                                            f"preprocessing ({e})") from e
     return res
@@ -137,7 +152,8 @@ def attach_images(res: BlockResult, records: list[tuple[int, RawRecord]]) -> Blo
 
 def iter_blocks(cfg: PreprocessConfig, files: list[str], fmt: str) -> Iterator[tuple[int, list]]:
     """(block id, [(record index, record)]) of this shard's blocks, in input order."""
-    records = iter_records(files, fmt, cfg.image_root)
+    access = ImageAccess(cfg.allow_absolute_paths, cfg.max_image_bytes)
+    records = iter_records(files, fmt, cfg.image_root, access)
     size = cfg.packing.packing_buffer
     for block in itertools.count():
         chunk = list(itertools.islice(records, size))

@@ -27,6 +27,18 @@ class SampleError(Exception):
         self.detail = detail
 
 
+def _check_unicode(text: str, where: str) -> None:
+    """Refuse text a tokenizer cannot take: a lone surrogate (JSON ``"\\ud800"``) or an invalid
+    UTF-8 byte kept as one (surrogateescape), as a ``bad_encoding`` reject, not a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = (f"invalid UTF-8 byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF
+                else f"lone surrogate U+{c:04X}")
+        raise SampleError("bad_encoding", f"{where}: {what} at character {e.start}") from e
+
+
 def normalize_turns(turns: list[dict], num_images: int, cfg: TemplateConfig) -> list[tuple[str, str]]:
     """Validate LLaVA turns and return [(chatml_role, text)], placeholders fixed up.
 
@@ -43,6 +55,7 @@ def normalize_turns(turns: list[dict], num_images: int, cfg: TemplateConfig) -> 
             raise SampleError("unknown_role", f"turn {i} has role {role!r}")
         if not isinstance(text, str):
             raise SampleError("bad_sample", f"turn {i} has no text value")
+        _check_unicode(text, f"turn {i}")
         if ROLES[role] == "system" and i != 0:
             raise SampleError("unknown_role", f"system turn at position {i}")
         out.append((ROLES[role], text))
