@@ -1,0 +1,66 @@
+"""The data-scaling fit recovers known a, b from synthetic metrics.jsonl files, and the tool
+prints them, the extrapolation and writes the plot."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_sail.eval.scaling import AVERAGE, fit_log_linear, parse_tokens, read_points
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_run(run: Path, rows: list[dict]) -> None:
+    run.mkdir(parents=True)
+    lines = [json.dumps({"iteration": i, "lm_loss": 1.0, "consumed_tokens": 10 * i})
+             for i in range(1, 3)]  # step records without scores are ignored
+    lines += [json.dumps(r) for r in rows] + ['{"iteration": 99, "benchmarks/pope": 1']  # cut line
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_fit_recovers_known_coefficients():
+    tokens = np.geomspace(1e8, 1e11, 7)
+    rng = np.random.default_rng(0)
+    f = fit_log_linear(tokens, 5.0 + 2.5 * np.log(tokens))
+    assert f.a == pytest.approx(5.0, abs=1e-9) and f.b == pytest.approx(2.5, abs=1e-12)
+    assert f.r2 == pytest.approx(1.0)
+    assert f.predict(655e9) == pytest.approx(5.0 + 2.5 * math.log(655e9))
+    noisy = fit_log_linear(tokens, 5.0 + 2.5 * np.log(tokens) + rng.normal(0, 0.5, 7))
+    assert abs(noisy.b - 2.5) < 0.5 and 0.9 < noisy.r2 < 1.0
+    with pytest.raises(ValueError, match="two or more"):
+        fit_log_linear([1e9, 1e9], [1.0, 2.0])
+    assert parse_tokens("655B") == 655e9 and parse_tokens("2e9") == 2e9
+
+
+def test_tool_reads_runs_fits_and_plots(tmp_path):
+    def pope(t):
+        return 40.0 + 3.0 * math.log(t)
+
+    def mme(t):
+        return 100.0 + 20.0 * math.log(t)
+
+    toks = [1e9, 4e9, 16e9, 64e9]
+    write_run(tmp_path / "r1", [{"iteration": 10 * i, "consumed_tokens": t,
+                                 "benchmarks/pope": pope(t), "benchmarks/mme": mme(t)}
+                                for i, t in enumerate(toks[:2])])
+    write_run(tmp_path / "r2", [{"iteration": 10 * i, "consumed_tokens": t,
+                                 "benchmarks/pope": pope(t), "benchmarks/mme": mme(t)}
+                                for i, t in enumerate(toks[2:])])
+    pts = read_points([str(tmp_path / "r1"), str(tmp_path / "r2")])
+    assert sorted(pts) == [AVERAGE, "mme", "pope"] and len(pts["pope"]) == 4
+    out = subprocess.run([sys.executable, "tools/scaling_law.py", str(tmp_path / "r1"),
+                          str(tmp_path / "r2"), "--out", str(tmp_path / "fit"), "--budget", "655B"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("pope:"))
+    assert "a=40.0000 b=3.0000 R^2=1.0000 points=4" in line
+    assert f"score@655B={pope(655e9):.2f}" in line
+    avg = next(x for x in out.stdout.splitlines() if x.startswith("average:"))
+    assert "a=70.0000 b=11.5000" in avg               # mean of the two lines
+    fits = json.loads((tmp_path / "fit" / "fits.json").read_text())
+    assert fits["mme"]["b"] == pytest.approx(20.0)
+    assert (tmp_path / "fit" / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
