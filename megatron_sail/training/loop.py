@@ -56,11 +56,13 @@ class BatchPlan:
 
     def microbatch_indices(self, step: int) -> list[list[int]]:
         """Global row indices of this rank's micro-batches in global batch ``step``."""
-        per_rank = self.global_batch_size // self.dp_size
-        start = step * self.global_batch_size + self.dp_rank * per_rank
-        return [list(range(start + m * self.micro_batch_size,
-                           start + (m + 1) * self.micro_batch_size))
-                for m in range(self.num_microbatches)]
+        return [self.microbatch(step, m) for m in range(self.num_microbatches)]
+
+    def microbatch(self, step: int, m: int) -> list[int]:
+        """Global row indices of micro-batch ``m`` of this rank in global batch ``step`` (O(rows
+        of the micro-batch): the loader asks for one at a time)."""
+        start = step * self.global_batch_size + self.dp_rank * (self.global_batch_size // self.dp_size)
+        return list(range(start + m * self.micro_batch_size, start + (m + 1) * self.micro_batch_size))
 
 
 class SkipDecode:
@@ -93,7 +95,7 @@ class StepFeeder:
         """Row lists from micro-batch ``position`` on (runs in the loader's thread)."""
         n = self.plan.num_microbatches
         for mb in itertools.count(position):
-            idx = self.plan.microbatch_indices(mb // n)[mb % n]
+            idx = self.plan.microbatch(mb // n, mb % n)
             rows = [self.dataset[i] for i in idx]  # the blended stream is endless: any index
             self._stats.put(self._row_stats(rows))
             yield rows

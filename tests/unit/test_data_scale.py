@@ -1,0 +1,55 @@
+"""The data path at scale: the trainer's batch indices and tools/bench_data_scale.py's datasets."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from megatron_sail.data.dataset import BlendedDataset, PackedDataset
+from megatron_sail.training.loop import BatchPlan
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+import bench_data_scale  # noqa: E402
+
+
+def test_one_microbatch_equals_the_full_listing_and_ranks_partition_the_batch():
+    for gbs, mbs, dp in ((512, 1, 1), (64, 2, 4), (12, 3, 2)):
+        plans = [BatchPlan(gbs, mbs, dp, r) for r in range(dp)]
+        for step in (0, 3):
+            seen = []
+            for p in plans:
+                full = p.microbatch_indices(step)
+                assert [p.microbatch(step, m) for m in range(p.num_microbatches)] == full
+                seen += [i for mb in full for i in mb]
+            assert sorted(seen) == list(range(step * gbs, (step + 1) * gbs))
+
+
+def test_directly_written_text_dataset_reads_back(tmp_path):
+    prefix = str(tmp_path / "src")
+    bench_data_scale.write_text_dataset(prefix, rows=3000, tokens_per_row=5, seq_length=16, source=2)
+    ds = PackedDataset(prefix)
+    assert len(ds) == 3000 and ds.seq_length == 16
+    for i in (0, 1234, 2999):
+        row = ds[i]
+        want = 10 + (2 * 131 + i + np.arange(5)) % (bench_data_scale.VOCAB - 10)
+        assert np.array_equal(row.tokens[:5], want) and (row.tokens[5:] == 0).all()
+        assert row.loss_mask[:5].tolist() == [1, 1, 1, 1, 0] and row.images == []
+        assert row.cu_seqlens.tolist() == [0, 5, 16]
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # renamed into place
+    blend = BlendedDataset([prefix, prefix], [1.0, 1.0])
+    assert blend[7].tokens.shape == (16,)
+
+
+def test_bench_prints_the_interface_line(tmp_path, capsys):
+    assert bench_data_scale.main(["--datasets", "3", "--rows", "500", "--read", "96",
+                                  "--global-batch-size", "32", "--workdir", str(tmp_path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    words = last.split()
+    assert [w.split("=")[0] for w in words] == ["rows_per_s", "peak_rss_mb"]
+    assert float(words[0].split("=")[1]) > 0 and float(words[1].split("=")[1]) > 10
+    assert os.listdir(tmp_path) == []  # datasets removed without --keep
+
+
+def test_bench_refuses_bad_sizes():
+    with pytest.raises(SystemExit):
+        bench_data_scale.parse_args(["--datasets", "0", "--rows", "10"])
