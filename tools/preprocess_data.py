@@ -17,7 +17,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sail.config.data import PackingConfig, PreprocessConfig, TemplateConfig  # noqa: E402
+from megatron_sail.config.data import (DEFAULT_MAX_IMAGE_BYTES, PackingConfig, PreprocessConfig,  # noqa: E402
+                                       TemplateConfig)
+from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
 from megatron_sail.data.internvl_meta import is_meta_file, run_meta  # noqa: E402
 from megatron_sail.data.preprocess import run  # noqa: E402
 from megatron_sail.data.tiling import TilingConfig  # noqa: E402
@@ -46,9 +48,19 @@ def parse_args(argv=None) -> PreprocessConfig:
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--strict", action="store_true", help="exit 1 on any rejected sample")
     p.add_argument("--max-reject-rate", type=float, default=0.05)
+    p.add_argument("--allow-absolute-paths", action="store_true",
+                   help="read absolute image paths in records (default: refused; relative paths must "
+                        "always resolve inside --image-root)")
+    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                   help="largest image file or tar member read (default %(default)s)")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="largest width x height accepted; the trainer's decoders use the same default "
+                        "(default %(default)s)")
     a = p.parse_args(argv)
     if a.seq_length <= 0 or a.packing_buffer <= 0 or a.workers <= 0:
         p.error("--seq-length, --packing-buffer and --workers must be positive")
+    if a.max_image_bytes <= 0 or a.max_image_pixels <= 0:
+        p.error("--max-image-bytes and --max-image-pixels must be positive")
     if not 1 <= a.min_tiles <= a.max_tiles:
         p.error("need 1 <= --min-tiles <= --max-tiles")
     template = TemplateConfig(system_prompt=a.system_prompt)
@@ -64,7 +76,8 @@ def parse_args(argv=None) -> PreprocessConfig:
         tiling=TilingConfig(a.tile_size, a.min_tiles, a.max_tiles, not a.no_thumbnail, a.tokens_per_tile),
         template=template, packing=PackingConfig(a.seq_length, a.packing_buffer, a.seed),
         workers=a.workers, shard_index=a.shard_index, num_shards=a.num_shards, strict=a.strict,
-        max_reject_rate=a.max_reject_rate)
+        max_reject_rate=a.max_reject_rate, allow_absolute_paths=a.allow_absolute_paths,
+        max_image_bytes=a.max_image_bytes, max_image_pixels=a.max_image_pixels)
 
 
 def main_meta(cfg) -> int:

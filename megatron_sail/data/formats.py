@@ -277,14 +277,14 @@ def _utf8(data: bytes, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise SampleError("bad_encoding", f"{what}: invalid UTF-8 byte 0x{data[e.start]:02x} at "
-                                          f"byte {e.start}") from e
+        raise SampleError("bad_encoding", f"invalid UTF-8 byte 0x{data[e.start]:02x} at byte {e.start} "
+                                          f"of {what}") from e
 
 
 def _parse_json(payload: object) -> dict:
     """A dict from a JSONL line (bytes or str) or an already-parsed element."""
     if isinstance(payload, bytes):
-        payload = _utf8(payload, "line")
+        payload = _utf8(payload, "the line")
     if isinstance(payload, str):
         try:
             payload = json.loads(payload)
