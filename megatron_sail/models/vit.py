@@ -7,9 +7,12 @@ keys are masked out of attention, so padding never changes the result.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.tensor_parallel.random import get_data_parallel_rng_tracker_name
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -38,11 +41,25 @@ def vision_transformer_config(v: VisionConfig, parallel: ParallelConfig,
     )
 
 
+def _tp_shared_rng():
+    """An RNG stream that is the same on every tensor-parallel rank: Megatron's
+    "data-parallel" tracker state (seeded with the run seed on all ranks). Under sequence
+    parallelism the TransformerBlock runs inside the per-TP-rank fork, where each rank would
+    draw its own numbers. Without a seeded tracker (no parallel run) the current stream serves."""
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    name = get_data_parallel_rng_tracker_name()
+    return tracker.fork(name) if name in tracker.get_states() else nullcontext()
+
+
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero whole tiles (batch dim 1 of [s, b, h]) with probability p."""
+    """Stochastic depth: zero whole tiles (batch dim 1 of [s, b, h]) with probability p.
+
+    The decisions come from a stream shared by the TP ranks, so that under sequence
+    parallelism every rank's slice of a tile is dropped or kept together."""
     if not training or p == 0.0:
         return x
-    keep = x.new_empty(1, x.size(1), 1).bernoulli_(1.0 - p)
+    with _tp_shared_rng():
+        keep = x.new_empty(1, x.size(1), 1).bernoulli_(1.0 - p)
     return x * keep / (1.0 - p)
 
 
