@@ -46,5 +46,7 @@ class ImageConfig:
                 "ImageConfig.tile_size, threads and max_batch_images must be positive, got "
                 f"{self.tile_size}, {self.threads}, {self.max_batch_images}"
             )
+        if self.max_pixels <= 0:
+            raise ValueError(f"ImageConfig.max_pixels must be positive, got {self.max_pixels}")
         if self.prefetch_depth < 1:
             raise ValueError(f"ImageConfig.prefetch_depth must be >= 1, got {self.prefetch_depth}")

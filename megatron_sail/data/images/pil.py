@@ -15,15 +15,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megatron_sail.config.images import ImageConfig
+from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS, ImageConfig
+from megatron_sail.data.imageinfo import to_8bit
 from megatron_sail.data.images.pipeline import ImagePipeline
 from megatron_sail.data.records import ImageRecord
 
 
-def decode_and_resize(data: bytes, grid: tuple[int, int], tile_size: int,
-                      thumbnail: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode bytes and return the HWC uint8 grid-sized image and, if asked, the thumbnail."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
+def decode_and_resize(data: bytes, grid: tuple[int, int], tile_size: int, thumbnail: bool,
+                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode bytes and return the HWC uint8 grid-sized image and, if asked, the thumbnail.
+
+    The size is checked before any pixel is decoded; 16-bit grey is scaled to 8 bits (PIL's
+    convert("RGB") would clip it at 255, turning a 16-bit PNG almost white).
+    """
+    img = Image.open(io.BytesIO(data))
+    if img.size[0] * img.size[1] > max_pixels:
+        raise ValueError(f"{img.size[0]}x{img.size[1]} pixels > max_pixels {max_pixels}")
+    img = to_8bit(img).convert("RGB")
     cols, rows = grid
     resized = np.array(img.resize((cols * tile_size, rows * tile_size), Image.Resampling.BICUBIC))
     thumb = np.array(img.resize((tile_size, tile_size), Image.Resampling.BICUBIC)) if thumbnail else None
@@ -48,7 +56,8 @@ class PilPipeline(ImagePipeline):
     def _one(self, rec: ImageRecord, out: torch.Tensor) -> str | None:
         """Tile one image into ``out``; a decode error is returned as text, not raised."""
         try:
-            grid, thumb = decode_and_resize(rec.data, rec.grid, self.cfg.tile_size, self.needs_thumbnail(rec))
+            grid, thumb = decode_and_resize(rec.data, rec.grid, self.cfg.tile_size, self.needs_thumbnail(rec),
+                                            self.cfg.max_pixels)
         except Exception as e:  # any decoder error is a data error: the caller blanks the image
             return f"{type(e).__name__}: {e}"
         self.write_tiles(out, torch.from_numpy(grid), None if thumb is None else torch.from_numpy(thumb), rec)

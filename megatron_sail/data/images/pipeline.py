@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from megatron_sail.config.images import ImageConfig
+from megatron_sail.data.imageinfo import header_size
 from megatron_sail.data.records import ImageRecord
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,13 @@ class ImagePipeline:
         pin = self.cfg.pin_memory and self.device.type == "cpu" and torch.cuda.is_available()
         out = torch.empty((offsets[-1], 3, S, S), dtype=torch.float32, device=self.device, pin_memory=pin)
         with self._lock:
-            errors = self._decode_into(records, [out[a:b] for a, b in zip(offsets, offsets[1:])])
+            outs = [out[a:b] for a, b in zip(offsets, offsets[1:])]
+            errors = [self._over_limit(rec) for rec in records]
+            todo = [i for i, err in enumerate(errors) if err is None]
+            if todo:
+                done = self._decode_into([records[i] for i in todo], [outs[i] for i in todo])
+                for i, err in zip(todo, done):
+                    errors[i] = err
             for rec, err, a, b in zip(records, errors, offsets, offsets[1:]):
                 if err is not None:
                     out[a:b].zero_()
@@ -61,6 +68,14 @@ class ImagePipeline:
     def _decode_into(self, records: Sequence[ImageRecord], outs: list[torch.Tensor]) -> list[str | None]:
         """Fill ``outs[i]`` with the tiles of ``records[i]``; return an error text per failed image."""
         raise NotImplementedError
+
+    def _over_limit(self, rec: ImageRecord) -> str | None:
+        """Why an image is not decoded at all: its header (else its stored size) claims more than
+        ``max_pixels``, the limit preprocessing applied; such a decode would stall the loader."""
+        w, h = header_size(rec.data) or rec.size
+        if w * h > self.cfg.max_pixels:
+            return f"{w}x{h} = {w * h} pixels > max_pixels {self.cfg.max_pixels}; not decoded"
+        return None
 
     def write_tiles(self, out: torch.Tensor, grid: torch.Tensor, thumb: torch.Tensor | None,
                     rec: ImageRecord) -> None:
