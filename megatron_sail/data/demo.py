@@ -2,8 +2,11 @@
 
 Each image shows 1-3 copies of one shape (circle, square, triangle) in one colour, grouped in
 the left or right half, or a short rendered word. Captions and questions ask exactly about those
-attributes ("What colour is the shape?" -> "red"), so a tiny VLM can learn the task in a few
-hundred CPU steps. Everything is seeded: the same arguments give the same files.
+attributes ("What colour is the shape?" -> "red"), also in the three forms the demo benchmarks
+use (tools/make_demo_benchmark.py): POPE-style yes/no ("Is there a red circle in the image?"),
+multiple choice with VLMEvalKit's option lines and letter instruction, and short answers with its
+"single word or phrase" suffix, so a tiny VLM can learn them in a few hundred CPU steps.
+Everything is seeded: the same arguments give the same files.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from megatron_sail.config.data import DEFAULT_CAPTION_PROMPTS
 from megatron_sail.data.tokenizer import SPECIAL_TOKENS
+from megatron_sail.eval.prompts import MCQ_SUFFIX, SHORT_ANSWER
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
            "yellow": (235, 200, 0), "purple": (140, 40, 170), "orange": (245, 130, 0)}
@@ -24,6 +28,10 @@ NUMBERS = ("zero", "one", "two", "three")
 WORDS = ("cat", "dog", "sun", "box", "sky", "tree", "fish", "car")
 SIZES = ((64, 64), (64, 64), (96, 64), (64, 96))
 """Image sizes (width, height); mixed aspect ratios exercise the tiling rule."""
+BACKGROUNDS = ((255, 255, 255), (235, 235, 235))
+"""Background shades of the training and validation images."""
+HELD_OUT_BACKGROUND = (245, 245, 245)
+"""Background of benchmark images only, so that no benchmark image equals a training image."""
 
 
 @dataclass(frozen=True)
@@ -55,10 +63,12 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
-def make_scene(rng: random.Random, word_fraction: float = 0.1) -> tuple[Image.Image, dict]:
-    """One image and the facts it shows."""
+def make_scene(rng: random.Random, word_fraction: float = 0.1,
+               held_out: bool = False) -> tuple[Image.Image, dict]:
+    """One image and the facts it shows (``held_out``: on the benchmark-only background)."""
     w, h = rng.choice(SIZES)
-    img = Image.new("RGB", (w, h), rng.choice([(255, 255, 255), (235, 235, 235)]))
+    background = rng.choice(BACKGROUNDS)
+    img = Image.new("RGB", (w, h), HELD_OUT_BACKGROUND if held_out else background)
     draw = ImageDraw.Draw(img)
     if rng.random() < word_fraction:
         word = rng.choice(WORDS)
@@ -97,12 +107,60 @@ def questions_of(facts: dict) -> list[tuple[str, str]]:
     ]
 
 
+def yes_no_of(rng: random.Random, facts: dict) -> tuple[str, str]:
+    """A POPE-style question about a coloured shape, true half of the time."""
+    colour, shape = facts["colour"], facts["shape"]
+    if rng.random() < 0.5:
+        return f"Is there a {colour} {shape} in the image?", "yes"
+    if rng.random() < 0.5:
+        colour = rng.choice([c for c in COLOURS if c != colour])
+    else:
+        shape = rng.choice([s for s in SHAPES if s != shape])
+    return f"Is there a {colour} {shape} in the image?", "no"
+
+
+def mcq_of(rng: random.Random, facts: dict) -> tuple[str, dict, str]:
+    """A multiple-choice question on colour, shape or count: (question, {letter: option},
+    answer letter); colour has four options, shape and count three."""
+    many = facts["count"] > 1
+    attr = rng.choice(["colour", "shape", "count"])
+    if attr == "colour":
+        q, truth = ("What colour are the shapes?" if many else "What colour is the shape?"), facts["colour"]
+        others = rng.sample([c for c in COLOURS if c != truth], 3)
+    elif attr == "shape":
+        q, truth = "What shape is shown?", facts["shape"]
+        others = [s for s in SHAPES if s != truth]
+    else:
+        q, truth = "How many shapes are there?", NUMBERS[facts["count"]]
+        others = [n for n in NUMBERS[1:] if n != truth]
+    options = others + [truth]
+    rng.shuffle(options)
+    letters = {chr(ord("A") + i): o for i, o in enumerate(options)}
+    return q, letters, chr(ord("A") + options.index(truth))
+
+
+def mcq_text(question: str, options: dict) -> str:
+    """The multiple-choice prompt as the evaluation builds it (eval/prompts.py)."""
+    return question + "".join(f"\n{k}. {v}" for k, v in options.items()) + "\n" + MCQ_SUFFIX
+
+
+def benchmark_forms(rng: random.Random, facts: dict) -> list[tuple[str, str]]:
+    """The scene's questions in the benchmark forms: short answer with the VQA suffix, and for
+    shapes also one yes/no and one multiple-choice question."""
+    forms = [(q + "\n" + SHORT_ANSWER, a) for q, a in questions_of(facts)]
+    if facts["kind"] == "shapes":
+        forms.append(yes_no_of(rng, facts))
+        q, options, letter = mcq_of(rng, facts)
+        forms.append((mcq_text(q, options), letter))
+    return forms
+
+
 def make_conversation(rng: random.Random, facts: dict) -> list[dict]:
     """A caption request or one or two questions, LLaVA style, <image> in the first turn."""
     if rng.random() < 0.3:
         turns = [(rng.choice(DEFAULT_CAPTION_PROMPTS), caption_of(facts))]
     else:
-        qa = questions_of(facts)
+        qa = questions_of(facts) + benchmark_forms(rng, facts)
         turns = rng.sample(qa, k=min(len(qa), rng.choice([1, 1, 2])))
     conv = []
     for i, (q, a) in enumerate(turns):

@@ -1,0 +1,120 @@
+"""Small benchmark files in VLMEvalKit's TSV format drawn from the demo generator
+(data/demo.py): POPE-style yes/no, multiple choice on colour/shape/count, and word reading
+scored with OCRBench's rule. Their images use a background shade the demo training and
+validation sets never use, so none of them is a training image; the facts follow the same
+distribution, so a model that learned the demo task beats chance on them.
+
+Each set comes with its random-guess baseline (``chance.json``): the mean score of uniform
+guesses (yes/no; one of the item's options; one of the demo words), scored by the same rule."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+from dataclasses import dataclass
+
+from megatron_sail.data import demo
+from megatron_sail.eval.registry import get_benchmark
+from megatron_sail.eval.tsv import read_items, write_tsv
+
+SETS = {"pope": "demo_pope.tsv", "mcq": "demo_mcq.tsv", "ocrbench": "demo_ocr.tsv"}
+"""Benchmark name -> file name of each demo set."""
+
+
+@dataclass(frozen=True)
+class DemoBenchConfig:
+    """What make_demo_benchmark.py writes."""
+
+    items: int = 100
+    """Questions per set."""
+    seed: int = 777
+    """Seed of the scenes (the demo training set's default seed is 0, the quickstart's 1234)."""
+    chance_draws: int = 200
+    """Random-guess draws averaged into the baseline."""
+
+
+def _b64(img) -> str:
+    """PNG bytes of a PIL image, base64 (VLMEvalKit's image column)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _shapes_scene(rng: random.Random):
+    """A held-out scene with shapes."""
+    return demo.make_scene(rng, word_fraction=0.0, held_out=True)
+
+
+def pope_rows(rng: random.Random, n: int) -> list[dict]:
+    """Yes/no questions in POPE's form, answers alternating Yes/No (balanced like POPE)."""
+    rows = []
+    while len(rows) < n:
+        img, facts = _shapes_scene(rng)
+        q, a = demo.yes_no_of(rng, facts)
+        want = "yes" if len(rows) % 2 == 0 else "no"
+        if a != want:
+            continue
+        rows.append({"index": str(len(rows)), "image": _b64(img), "question": q,
+                     "answer": a.capitalize(), "category": "demo"})
+    return rows
+
+
+def mcq_rows(rng: random.Random, n: int) -> list[dict]:
+    """Multiple choice on colour, shape or count (category = the attribute)."""
+    rows = []
+    for i in range(n):
+        img, facts = _shapes_scene(rng)
+        q, options, letter = demo.mcq_of(rng, facts)
+        category = {"What shape is shown?": "shape", "How many shapes are there?": "count"}.get(
+            q, "colour")
+        rows.append({"index": str(i), "image": _b64(img), "question": q, **options,
+                     "answer": letter, "category": category})
+    return rows
+
+
+def ocr_rows(rng: random.Random, n: int) -> list[dict]:
+    """Word reading, answers as OCRBench stores them (a list literal)."""
+    rows = []
+    for i in range(n):
+        img, facts = demo.make_scene(rng, word_fraction=1.0, held_out=True)
+        rows.append({"index": str(i), "image": _b64(img), "question": "What word is written?",
+                     "answer": str([facts["word"]]), "category": "Regular Text Recognition"})
+    return rows
+
+
+def chance_score(name: str, path: str, draws: int, seed: int = 0) -> float:
+    """Mean score of uniform random guesses on a set, by the set's own rule."""
+    spec, items = get_benchmark(name), read_items(path)
+    rng = random.Random(seed)
+    total = 0.0
+    for _ in range(draws):
+        if name == "pope":
+            preds = {it.index: rng.choice(["Yes", "No"]) for it in items}
+        elif name == "mcq":
+            preds = {it.index: rng.choice([c for c in "ABCD" if it.get(c)]) for it in items}
+        else:
+            preds = {it.index: rng.choice(demo.WORDS) for it in items}
+        total += spec.score(items, preds).score
+    return total / draws
+
+
+def write_demo_benchmarks(out: str, cfg: DemoBenchConfig = DemoBenchConfig()) -> dict:
+    """Write the three sets and chance.json under ``out``; returns {name: {path, chance}}."""
+    os.makedirs(out, exist_ok=True)
+    rng = random.Random(cfg.seed)
+    builders = {"pope": (pope_rows, ["index", "image", "question", "answer", "category"]),
+                "mcq": (mcq_rows, ["index", "image", "question", "A", "B", "C", "D", "answer",
+                                   "category"]),
+                "ocrbench": (ocr_rows, ["index", "image", "question", "answer", "category"])}
+    info = {}
+    for name, (build, header) in builders.items():
+        path = os.path.join(out, SETS[name])
+        write_tsv(path, header, build(rng, cfg.items))
+        info[name] = {"path": path, "chance": chance_score(name, path, cfg.chance_draws)}
+    tmp = os.path.join(out, "chance.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, os.path.join(out, "chance.json"))
+    return info
