@@ -1,0 +1,211 @@
+"""Generation (megatron_sail.inference) against transformers' generate, on tiny random InternVLs.
+
+Greedy answers must be token-identical to transformers' ``generate`` on the same weights, image
+and prompt, for both HF layouts, for a converted Megatron checkpoint, at TP=2 (also with SP
+through generator_from_model) and at PP=2 (also with virtual stages); batched generation must
+equal one prompt at a time. Each job runs in spawned ranks (the CPU backend patches torch).
+"""
+from __future__ import annotations
+
+import pytest
+
+import generate_cases as gc
+from launcher import launch
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Checkpoints + images, and the single-rank results every parallel job is compared with."""
+    root = tmp_path_factory.mktemp("generate")
+    paths = gc.make_checkpoints(root)
+    paths["mcore"] = str(root / "mcore")
+    [single] = launch(_single_rank_job, 1, paths, timeout=600)
+    return paths, single
+
+
+def _answers(gen, reqs):
+    """Token ids of every request, batched."""
+    return [r.token_ids for r in gen.generate(reqs)]
+
+
+def _single_rank_job(rank, paths):
+    """Both layouts + a converted checkpoint at one rank: ours batched, ours one by one, HF."""
+    gc.set_threads()
+    from megatron_sail.convert.checkpoint import ConvertConfig, hf_to_mcore
+    from megatron_sail.inference import load_generator
+
+    reqs = gc.requests(paths["images"])
+    out = {}
+    for layout in ("hf", "chat"):
+        gen = load_generator(paths[layout], gc.gen_config(batch_size=4))
+        prompts = [gen.prompts.build(r, gen.cfg.max_new_tokens, i) for i, r in enumerate(reqs)]
+        results = gen.generate(reqs)
+        out[layout] = {
+            "batched": [r.token_ids for r in results],
+            "single": [gen.generate([r])[0].token_ids for r in reqs],
+            "hf": gc.hf_reference(paths[layout], prompts, gen.stop_ids),
+            "prompt_ids": [r.prompt_ids for r in results],
+            "built_ids": [p.ids for p in prompts],
+            "tiles": [int(p.tiles.size(0)) for p in prompts],
+            "text": [r.text for r in results],
+            "decoded": [gen.tokenizer.decode(r.token_ids) for r in results],
+            "reasons": [r.finish_reason for r in results],
+            "steps": gen.stats["decode_steps"],
+        }
+    # A stop token that greedy decoding reaches mid-answer: both sides must stop there.
+    first = out["hf"]["hf"][0]
+    stop = first[4]
+    gen = load_generator(paths["hf"], gc.gen_config(batch_size=4, stop_token_ids=(stop,)))
+    prompts = [gen.prompts.build(r, gen.cfg.max_new_tokens, i) for i, r in enumerate(reqs)]
+    out["stop"] = {"token": stop, "ours": _answers(gen, reqs),
+                   "hf": gc.hf_reference(paths["hf"], prompts, (stop,))}
+    # Seeded sampling: same seed -> same answer; a different seed -> a different one.
+    sample = lambda seed: _answers(load_generator(paths["hf"], gc.gen_config(  # noqa: E731
+        batch_size=4, temperature=1.5, top_p=0.95, seed=seed)), reqs)
+    out["sampled"] = [sample(1), sample(1), sample(2)]
+    hf_to_mcore(paths["hf"], paths["mcore"], ConvertConfig())
+    out["mcore"] = _answers(load_generator(paths["mcore"], gc.gen_config(batch_size=4)), reqs)
+    return out
+
+
+def test_greedy_matches_transformers_both_layouts(assets):
+    _, single = assets
+    for layout in ("hf", "chat"):
+        res = single[layout]
+        assert res["batched"] == res["hf"], layout
+        assert res["single"] == res["hf"], layout
+        lengths = [len(t) for t in res["hf"]]
+        budgets = [gc.MAX_NEW, gc.MAX_NEW, gc.MAX_NEW, 6]
+        assert res["reasons"] == ["length" if n == b else "stop" for n, b in zip(lengths, budgets)]
+        assert sum(lengths) >= 20 and "length" in res["reasons"], (layout, lengths)
+        assert len({x for t in res["hf"] for x in t}) >= 8, ("degenerate answers", layout, res["hf"])
+        assert res["prompt_ids"] == res["built_ids"]
+        assert res["text"] == res["decoded"]
+
+
+def test_prompts_follow_training_template_and_tiling(assets):
+    _, single = assets
+    res = single["hf"]
+    # 130x60 -> 2x1 grid + thumbnail; 50x50 -> 1 tile; 60x170 -> 1x3 + thumbnail (4 tokens/tile)
+    assert res["tiles"] == [3, 1 + 4, 0, 4]
+    from megatron_sail.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(assets[0]["hf"])
+    sp = tok.special
+    ids = res["prompt_ids"][0]
+    head = [sp.im_start] + tok.encode("user\n") + [sp.img_start]
+    assert ids[:len(head)] == head
+    assert ids.count(sp.img_context) == 3 * 4
+    tail = [sp.im_end] + tok.encode("\n") + [sp.im_start] + tok.encode("assistant\n")
+    assert ids[-len(tail):] == tail
+    assert res["prompt_ids"][1].count(sp.img_start) == 2
+
+
+def test_kv_cache_decodes_one_token_per_step(assets):
+    _, single = assets
+    res = single["hf"]
+    # The prefill yields the first token; each later token (and a final stop token) costs one
+    # decode step of one token per prompt, never a re-forward of the prompt.
+    per = [len(t) if why == "stop" else len(t) - 1 for t, why in zip(res["hf"], res["reasons"])]
+    assert res["steps"] == max(per) + sum(per)  # one batched run, then each prompt alone
+
+
+def test_stop_token_ends_answers_like_transformers(assets):
+    _, single = assets
+    stop = single["stop"]
+    assert stop["ours"] == stop["hf"]
+    assert len(stop["ours"][0]) < 5 and stop["token"] not in stop["ours"][0]
+
+
+def test_seeded_sampling(assets):
+    _, single = assets
+    a, b, c = single["sampled"]
+    assert a == b
+    assert a != c
+    assert a != single["hf"]["hf"]
+
+
+def test_converted_megatron_checkpoint(assets):
+    _, single = assets
+    assert single["mcore"] == single["hf"]["hf"]
+
+
+def _tp_job(rank, paths):
+    """TP=2 from the HF folder, then TP=2 + SP through generator_from_model on live chunks."""
+    gc.set_threads()
+    import torch
+    from megatron_sail.config.parallel import ParallelConfig
+    from megatron_sail.convert import hf_internvl
+    from megatron_sail.convert.checkpoint import read_hf_checkpoint
+    from megatron_sail.inference import generator_from_model, inspect_checkpoint, load_generator
+    from megatron_sail.inference.loading import LoadConfig
+    from megatron_sail.models.sail_vl import SailVLModel
+    from megatron_sail.platform import distributed
+
+    reqs = gc.requests(paths["images"])
+    gen = load_generator(paths["hf"], gc.gen_config(batch_size=3), LoadConfig(tp=2))
+    plain = _answers(gen, reqs)
+    tok = gen.tokenizer
+    distributed.initialize(ParallelConfig(tp=2, sp=True))
+    ck = inspect_checkpoint(paths["hf"])
+    model = SailVLModel(ck.model_config, ParallelConfig(tp=2, sp=True), use_te=False)
+    full = hf_internvl.hf_to_ours(read_hf_checkpoint(paths["hf"]).state, ck.model_config)
+    model.load_state_dict(hf_internvl.shard_for_model(full, model), strict=False)
+    model.train()
+    live = generator_from_model([model], ck.model_config, tok, ck.settings, gc.gen_config(batch_size=3))
+    sp_answers = _answers(live, reqs)
+    return {"plain": plain, "sp": sp_answers, "training_kept": model.training,
+            "grads": any(p.grad is not None for p in model.parameters()),
+            "identical_weights": bool(torch.equal(model.language_model.embedding.word_embeddings.weight,
+                                                  model.language_model.embedding.word_embeddings.weight))}
+
+
+def test_tensor_parallel_and_sequence_parallel(assets):
+    paths, single = assets
+    results = launch(_tp_job, 2, paths, timeout=600)
+    for r in results:
+        assert r["plain"] == single["hf"]["hf"]
+        assert r["sp"] == single["hf"]["hf"]
+        assert r["training_kept"] and not r["grads"]
+
+
+def _pp_job(rank, paths):
+    """PP=2 (2+2 layers) from the chat folder, then PP=2 x 2 virtual stages on live chunks."""
+    gc.set_threads()
+    from megatron.core import parallel_state
+
+    from megatron_sail.config.parallel import ParallelConfig
+    from megatron_sail.convert import hf_internvl
+    from megatron_sail.convert.checkpoint import read_hf_checkpoint
+    from megatron_sail.inference import generator_from_model, inspect_checkpoint, load_generator
+    from megatron_sail.inference.loading import LoadConfig
+    from megatron_sail.models.sail_vl import SailVLModel
+    from megatron_sail.platform import distributed
+
+    reqs = gc.requests(paths["images"])
+    gen = load_generator(paths["chat"], gc.gen_config(batch_size=4), LoadConfig(pp=2))
+    plain = _answers(gen, reqs)
+    parallel = ParallelConfig(pp=2, vpp=2)
+    distributed.initialize(parallel)
+    ck = inspect_checkpoint(paths["chat"])
+    full = hf_internvl.hf_to_ours(read_hf_checkpoint(paths["chat"]).state, ck.model_config)
+    chunks = []
+    for vp in range(2):
+        m = SailVLModel(ck.model_config, parallel, vp_stage=vp, use_te=False,
+                        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp))
+        m.load_state_dict(hf_internvl.shard_for_model(full, m), strict=False)
+        chunks.append(m.eval())
+    live = generator_from_model(chunks, ck.model_config, gen.tokenizer, ck.settings,
+                                gc.gen_config(batch_size=2))
+    return {"plain": plain, "vpp": _answers(live, reqs),
+            "layers": [len(c.language_model.decoder.layers) for c in chunks]}
+
+
+def test_pipeline_parallel_and_virtual_stages(assets):
+    paths, single = assets
+    results = launch(_pp_job, 2, paths, timeout=600)
+    for r in results:
+        assert r["plain"] == single["chat"]["hf"]
+        assert r["vpp"] == single["chat"]["hf"]
+        assert r["layers"] == [1, 1]
