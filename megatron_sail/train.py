@@ -22,6 +22,8 @@ from megatron_sail.data.images.pipeline import build_image_pipeline
 from megatron_sail.models.sail_vl import SailVLModel
 from megatron_sail.platform import distributed as platform
 from megatron_sail.training import checkpoint as ckpt
+from megatron_sail.training import resume_checks
+from megatron_sail.training.save_dir import prepare_save_dir
 from megatron_sail.training.flops import shape_from_model_config, device_peak_flops
 from megatron_sail.training.loop import LoopContext, StepFeeder, decodes_images, dp_plan, run
 from megatron_sail.training.metrics import MetricsConfig, MetricsWriter
@@ -103,16 +105,24 @@ def hook_model_config(chunks: list, optimizer) -> None:
             config.grad_sync_func = [c.start_grad_sync for c in chunks]
 
 
-def load_state(cfg: RunConfig, chunks: list, optimizer, scheduler) -> ckpt.TrainState:
+def load_state(cfg: RunConfig, chunks: list, optimizer, scheduler,
+               checks: Optional[ckpt.LoadChecks] = None) -> ckpt.TrainState:
     """--load resumes everything when it holds a checkpoint; otherwise --init-from loads
-    weights only; otherwise training starts from the random init."""
+    weights only; otherwise training starts from the random init. ``checks`` (manifest,
+    tokenizer) apply to both; the LR schedule and --train-iters are checked on resume."""
     c = cfg.checkpoint
-    state = ckpt.load_checkpoint(c.load, chunks, optimizer) if c.load else None
+    log = print if torch.distributed.get_rank() == 0 else (lambda _line: None)
+    state = ckpt.load_checkpoint(c.load, chunks, optimizer, checks) if c.load else None
     if state is not None:
-        scheduler.load_state_dict(state.scheduler)
+        where = ckpt.resolve_checkpoint(c.load)
+        resume_checks.check_train_iters(state.iteration, cfg.train.train_iters, where)
+        resume_checks.restore_scheduler(scheduler, state.scheduler, c.override_opt_param_scheduler,
+                                        c.use_checkpoint_opt_param_scheduler, where, log)
         return state
+    if c.load:
+        resume_checks.missing_checkpoint(c.load, c.exit_on_missing_checkpoint, c.init_from, log)
     if c.init_from:
-        ckpt.load_checkpoint(c.init_from, chunks, optimizer=None)
+        ckpt.load_checkpoint(c.init_from, chunks, optimizer=None, checks=checks)
     return ckpt.TrainState()
 
 
@@ -121,8 +131,11 @@ def train(cfg: RunConfig) -> int:
     dtype = check_precision(cfg)
     platform.initialize(cfg.parallel, cfg.train.seed)
     watcher = ExitWatcher(cfg.train.exit_duration_in_mins).install()
+    c = cfg.checkpoint
+    lock = prepare_save_dir(c.save, c.load, c.overwrite_save)  # noqa: F841 - held for the run
     train_data = build_blended(cfg.data.data_path, cfg.train.seed)
     match_data(cfg, train_data)
+    data_block = resume_checks.data_tokenizer_block([train_data], c.allow_tokenizer_mismatch)
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         write_resolved(cfg, cfg.train.run_dir)
@@ -130,8 +143,16 @@ def train(cfg: RunConfig) -> int:
     optimizer = build_optimizer(cfg.optim, chunks, bf16=dtype == torch.bfloat16)
     scheduler = build_scheduler(cfg.optim, optimizer)
     hook_model_config(chunks, optimizer)
-    state = load_state(cfg, chunks, optimizer, scheduler)
+    state = load_state(cfg, chunks, optimizer, scheduler,
+                       ckpt.LoadChecks(c.ckpt_verify, data_block, c.allow_tokenizer_mismatch))
     state.scheduler = scheduler.state_dict()
+    state.tokenizer = data_block
+    if c.load and state.iteration == cfg.train.train_iters and ckpt.resolve_checkpoint(c.load):
+        if rank0:
+            print(f"[train] the checkpoint in --load {c.load} is at iteration {state.iteration} "
+                  f"= --train-iters: nothing to train (raise --train-iters to continue)",
+                  flush=True)
+        return 0
     pipeline = build_image_pipeline(cfg.images)
     shape = shape_from_model_config(cfg.model, cfg.images.tile_size)
     plan = dp_plan(cfg)
@@ -142,6 +163,7 @@ def train(cfg: RunConfig) -> int:
     valid = None
     if cfg.data.valid_data_path:
         valid_data = build_blended(cfg.data.valid_data_path, cfg.train.seed)
+        resume_checks.data_tokenizer_block([train_data, valid_data], c.allow_tokenizer_mismatch)
         valid = lambda: StepFeeder(valid_data, plan, pipeline, 0, None, depth=1,  # noqa: E731
                                    decode=decode)
     metrics = MetricsWriter(cfg.train.run_dir, cfg.train.tensorboard_dir, cfg.train.log_interval,

@@ -92,6 +92,13 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--save-interval", "checkpoint", "save_interval", "int"),
     ("--keep-last", "checkpoint", "keep_last", "int"),
     ("--async-save", "checkpoint", "async_save", "flag"),
+    ("--overwrite-save", "checkpoint", "overwrite_save", "flag"),
+    ("--exit-on-missing-checkpoint", "checkpoint", "exit_on_missing_checkpoint", "flag"),
+    ("--override-opt_param-scheduler", "checkpoint", "override_opt_param_scheduler", "flag"),
+    ("--use-checkpoint-opt_param-scheduler", "checkpoint", "use_checkpoint_opt_param_scheduler",
+     "flag"),
+    ("--ckpt-verify", "checkpoint", "ckpt_verify", "str"),
+    ("--allow-tokenizer-mismatch", "checkpoint", "allow_tokenizer_mismatch", "flag"),
     ("--train-vision", "stage", "train_vision", "bool"),
     ("--train-projector", "stage", "train_projector", "bool"),
     ("--train-language", "stage", "train_language", "bool"),
@@ -188,10 +195,11 @@ def flag_overrides(args: argparse.Namespace) -> dict:
 def finalize(cfg: RunConfig) -> RunConfig:
     """Fill derived fields and check combinations that would fail later with a worse message."""
     t, o = cfg.train, cfg.optim
+    _check_counts(cfg)
     if o.lr_warmup_iters is None:
         o.lr_warmup_iters = int(round(cfg.stage.warmup_fraction * t.train_iters))
     if o.lr_decay_iters is None:
-        o.lr_decay_iters = t.train_iters
+        o.lr_decay_iters = max(1, t.train_iters)  # the scheduler needs >= 1 (--train-iters 0)
     if o.lr_warmup_iters >= o.lr_decay_iters:
         o.lr_warmup_iters = max(0, o.lr_decay_iters - 1)
     if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
@@ -210,6 +218,32 @@ def finalize(cfg: RunConfig) -> RunConfig:
     if t.tensorboard_dir is None:
         t.tensorboard_dir = os.path.join(t.run_dir, "tensorboard")
     return cfg
+
+
+def _check_counts(cfg: RunConfig) -> None:
+    """Counts that must not be negative (or zero), stated with the flag, before anything
+    downstream fails on them with a bare assertion."""
+    t, c = cfg.train, cfg.checkpoint
+    for flag, value, least in (("--train-iters", t.train_iters, 0),
+                               ("--global-batch-size", t.global_batch_size, 1),
+                               ("--micro-batch-size", t.micro_batch_size, 1),
+                               ("--log-interval", t.log_interval, 1),
+                               ("--eval-interval", t.eval_interval, 0),
+                               ("--eval-iters", t.eval_iters, 0),
+                               ("--exit-interval", t.exit_interval, 0),
+                               ("--save-interval", c.save_interval, 0),
+                               ("--keep-last", c.keep_last, 0)):
+        if value < least:
+            raise ValueError(f"{flag} {value}: must be at least {least}")
+    for flag, value, least in (("--lr-warmup-iters", cfg.optim.lr_warmup_iters, 0),
+                               ("--lr-decay-iters", cfg.optim.lr_decay_iters, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} {value}: must be at least {least}")
+    if c.ckpt_verify not in ("auto", "sizes", "full"):
+        raise ValueError(f"--ckpt-verify {c.ckpt_verify!r}: expected auto, sizes or full")
+    if c.override_opt_param_scheduler and c.use_checkpoint_opt_param_scheduler:
+        raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+                         "exclude each other")
 
 
 def resolve(argv: Optional[list[str]] = None) -> RunConfig:

@@ -77,6 +77,25 @@ class CheckpointConfig:
     """Write checkpoint files in a background thread while training goes on: the saving step
     only plans and copies tensors to host memory (one extra host copy of the checkpoint);
     `latest` moves when a later step boundary (or exit) finalizes the save."""
+    overwrite_save: bool = False
+    """Allow a --save folder that holds another run's checkpoints (one this run does not resume
+    from): this run's checkpoints go beside them and --keep-last prunes by save order, oldest
+    first. Without it such a start is refused (training/save_dir.py)."""
+    exit_on_missing_checkpoint: bool = False
+    """Megatron-LM's flag: stop when --load holds no checkpoint instead of starting from
+    --init-from / random weights (which is the default, with a line saying so)."""
+    override_opt_param_scheduler: bool = False
+    """Megatron-LM's flag: on resume, take the LR schedule from the flags, not the checkpoint
+    (a longer --train-iters then stretches the decay). Neither this nor the next flag: a
+    schedule that differs from the checkpoint's is an error."""
+    use_checkpoint_opt_param_scheduler: bool = False
+    """Megatron-LM's flag: on resume, keep the checkpoint's LR schedule, ignoring the flags."""
+    ckpt_verify: str = "auto"
+    """Check a checkpoint against its manifest.json before loading: auto (SHA-256 of every file
+    when it holds at most 1 GiB per rank, else sizes only), sizes, or full."""
+    allow_tokenizer_mismatch: bool = False
+    """Load a checkpoint trained on data of another tokenizer (identity, special ids) or image
+    geometry (tile size, tokens per tile) than --data-path, with a warning instead of an error."""
 
 
 @dataclass

@@ -6,19 +6,25 @@ tensors into a SailVLModel built at TP=1/PP=1 and save it with dist_ckpt. Megatr
 state dict stores every tensor under a global key with its full shape, so the result loads at
 any TP/PP. Next to it go ``model_config.yaml`` (our ModelConfig), ``hf_config.json`` (the
 transformers config, so the way back restores fields our config does not model) and the
-tokenizer files under ``tokenizer/``. ViT layers after ``select_layer`` have no parameter in our
-model; their HF tensors go to ``unused_hf_tensors.safetensors`` and come back on export.
+tokenizer files under ``tokenizer/``, the processor settings (``processor.json``) and, for
+InternVL-chat sources, the remote code and config under ``source_files/``. ViT layers after
+``select_layer`` have no parameter in our model; their HF tensors go to
+``unused_hf_tensors.safetensors`` and come back on export.
 
 mcore -> hf: build the model at TP=1/PP=1, load the dist checkpoint, map back and write
-transformers' layout (atomic). Each tensor gets back its source dtype, so a round trip is
-bit-exact (fp32 holds every bf16/fp16 value exactly).
+transformers' layout, or with ``layout="chat"`` the InternVL-chat layout with the remote code
+that came in (atomic). Each tensor gets back its source dtype, so a round trip is bit-exact
+(fp32 holds every bf16/fp16 value exactly). Tokenizer, chat template, processor and generation
+configs are always written (hf_assets), so the folder is usable as is.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import yaml
@@ -26,12 +32,13 @@ from safetensors.torch import save_file
 
 from megatron_sail.config.model import ModelConfig
 from megatron_sail.config.parallel import ParallelConfig
-from megatron_sail.convert import hf_internvl, hf_io, internvl_chat
+from megatron_sail.convert import hf_assets, hf_internvl, hf_io, internvl_chat
 
 MODEL_CONFIG_FILE = "model_config.yaml"
 HF_CONFIG_FILE = "hf_config.json"
 CONVERSION_FILE = "conversion.json"
-TOKENIZER_DIR = "tokenizer"
+TOKENIZER_DIR = hf_assets.TOKENIZER_DIR
+LAYOUTS = ("hf", "chat")
 UNUSED_FILE = "unused_hf_tensors.safetensors"
 
 
@@ -43,6 +50,16 @@ class ConvertConfig:
     """Replace a non-empty output folder instead of refusing."""
     max_shard_bytes: int = 5 * 1024**3
     """Largest safetensors file written by mcore -> hf."""
+    layout: str = "hf"
+    """mcore -> hf output: 'hf' (transformers InternVL, AutoProcessor-ready) or 'chat'
+    (InternVL-chat with the remote code the checkpoint carries, for trust_remote_code loaders)."""
+    tokenizer: Optional[str] = None
+    """mcore -> hf: tokenizer to write when the checkpoint records none (tokenizer.json or a
+    tokenizer folder); the checkpoint's own tokenizer/ wins when present."""
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"ConvertConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
 
 
 @dataclass
@@ -109,13 +126,14 @@ def read_model_config(mcore_dir: str | os.PathLike) -> ModelConfig:
     """ModelConfig of a checkpoint: ``model_config.yaml`` written by hf_to_mcore, else the
     ``model`` section of the run config the trainer stores in ``train_state.pt``."""
     from megatron_sail.config.run import apply_overrides
+    from megatron_sail.training.checkpoint import read_state_file
 
     path = Path(mcore_dir) / MODEL_CONFIG_FILE
     state = Path(mcore_dir) / "train_state.pt"
     if path.is_file():
         values, origin = yaml.safe_load(path.read_text()), str(path)
     elif state.is_file():
-        values, origin = (torch.load(state, weights_only=False).get("config") or {}).get("model"), str(state)
+        values, origin = (read_state_file(str(state)).get("config") or {}).get("model"), str(state)
         if values is None:
             raise ValueError(f"{state}: holds no run config with a 'model' section")
     else:
@@ -141,8 +159,9 @@ def _single_rank() -> None:
 def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 cfg: ConvertConfig = ConvertConfig()) -> Path:
     """Convert an HF checkpoint folder (either layout) into a Megatron dist checkpoint folder."""
-    from megatron_sail.training import dist_ckpt
+    from megatron_sail.training import dist_ckpt, integrity
 
+    _check_not_source(hf_dir, out_dir, "--hf-dir")
     _check_empty(out_dir, cfg.overwrite)
     hf = read_hf_checkpoint(hf_dir)
     tcfg = transformers_config(hf.config)
@@ -166,7 +185,30 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
         tok.mkdir()
         if not hf_io.copy_tokenizer_files(hf.path, tok):
             tok.rmdir()
+        _record_source(hf, model_config, tmp)
+        integrity.write_manifest(str(tmp))  # last: sizes + SHA-256 of every file above
     return Path(out_dir)
+
+
+def _check_not_source(src: str | os.PathLike, out_dir: str | os.PathLike, flag: str) -> None:
+    """Refuse an --out that is the source folder or contains it: replacing it (--overwrite)
+    would delete the checkpoint being converted."""
+    s, o = Path(src).resolve(), Path(out_dir).resolve()
+    if o == s or o in s.parents:
+        raise ValueError(f"--out {out_dir} is {'the same folder as' if o == s else 'a parent of'} "
+                         f"{flag} {src}: writing there would replace the source checkpoint; "
+                         "choose another --out")
+
+
+def _record_source(hf: HFCheckpoint, model_config: ModelConfig, tmp: Path) -> None:
+    """processor.json from the source's processor/chat config, and (chat layout) every
+    non-weight, non-tokenizer source file - remote code and config - for the way back."""
+    raw = hf_io.read_config(hf.path)
+    tile = model_config.vision.image_size
+    hf_assets.settings_from_hf(hf.path, raw, model_config.tokens_per_tile(tile), tile).write(tmp)
+    if hf.layout == "chat":
+        hf_assets.copy_source_files(hf.path, tmp / hf_assets.SOURCE_DIR,
+                                    skip=hf_io.TOKENIZER_FILES + (hf_assets.PROCESSOR_FILE,))
 
 
 def _check_empty(out_dir: str | os.PathLike, overwrite: bool) -> None:
@@ -198,8 +240,17 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
     from megatron_sail.training import dist_ckpt
 
     mcore_dir = Path(mcore_dir)
+    _check_not_source(mcore_dir, out_dir, "--mcore-dir")
     _check_empty(out_dir, cfg.overwrite)
     model_config = read_model_config(mcore_dir)
+    tokenizer = _tokenizer_source(mcore_dir, cfg)
+    settings = _processor_settings(mcore_dir, model_config)
+    source = mcore_dir / hf_assets.SOURCE_DIR
+    if cfg.layout == "chat" and not (source / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{mcore_dir}: --layout chat needs the InternVL-chat remote code and config in "
+            f"{hf_assets.SOURCE_DIR}/ (present when the weights came from an InternVL-chat "
+            "checkpoint through hf-to-mcore, and in training checkpoints started from one)")
     _single_rank()
     [model] = build_model_chunks(model_config, ParallelConfig(), use_te=False)
     dist_ckpt.load_model([model], mcore_dir)
@@ -211,10 +262,89 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
     dtypes = _source_dtypes(mcore_dir)
     state = {k: v.to(getattr(torch, dtypes.get(k, str(v.dtype).removeprefix("torch.")))) for k, v in state.items()}
     state.update(_unused_tensors(mcore_dir, hf_config))
-    tok = mcore_dir / TOKENIZER_DIR
-    return hf_io.write_checkpoint(out_dir, hf_config, hf_io.to_disk_keys(state),
-                                  tokenizer_from=tok if tok.is_dir() else None,
-                                  cfg=hf_io.HFWriteConfig(cfg.max_shard_bytes, cfg.overwrite))
+    hf_config["image_seq_length"] = settings.tokens_per_tile
+    if cfg.layout == "chat":
+        config, disk = _chat_config(source, hf_config, settings), internvl_chat.hf_to_chat_state_dict(state)
+    else:
+        config, disk = hf_config, hf_io.to_disk_keys(state)
+    with hf_io.atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        hf_io.write_safetensors(tmp, disk, cfg.max_shard_bytes)
+        _write_side_files(tmp, tokenizer, settings, hf_config["image_token_id"], cfg.layout, source)
+    return Path(out_dir)
+
+
+def _tokenizer_source(mcore_dir: Path, cfg: ConvertConfig) -> Path:
+    """The tokenizer to export: the checkpoint's tokenizer/, else --tokenizer; refusing here,
+    before any work, beats an export on which AutoTokenizer silently builds an empty tokenizer."""
+    own = mcore_dir / TOKENIZER_DIR
+    if own.is_dir() and any(own.iterdir()):
+        return own
+    if cfg.tokenizer:
+        if not Path(cfg.tokenizer).exists():
+            raise FileNotFoundError(f"--tokenizer {cfg.tokenizer}: not found")
+        return Path(cfg.tokenizer)
+    raise FileNotFoundError(
+        f"{mcore_dir}: records no tokenizer ({TOKENIZER_DIR}/ is missing); pass --tokenizer with "
+        "the tokenizer the training data was made with (the 'tokenizer.path' of its meta.json)")
+
+
+def _processor_settings(mcore_dir: Path, model_config: ModelConfig) -> hf_assets.ProcessorSettings:
+    """processor.json of the checkpoint; for older checkpoints without one, the model's own
+    tile geometry with SAIL-VL's tiling defaults (and a note saying so)."""
+    path = mcore_dir / hf_assets.PROCESSOR_FILE
+    if path.is_file():
+        settings = hf_assets.ProcessorSettings.read(path)
+    else:
+        tile = model_config.vision.image_size
+        settings = hf_assets.ProcessorSettings(tile_size=tile,
+                                               tokens_per_tile=model_config.tokens_per_tile(tile))
+        print(f"note: {mcore_dir} has no {hf_assets.PROCESSOR_FILE}; using tile {tile}, "
+              f"{settings.min_tiles}-{settings.max_tiles} tiles, thumbnail on")
+    want = model_config.tokens_per_tile(settings.tile_size)
+    if settings.tokens_per_tile != want:
+        raise ValueError(f"{path}: tokens_per_tile {settings.tokens_per_tile} but the model makes "
+                         f"{want} per {settings.tile_size}px tile")
+    return settings
+
+
+def _chat_config(source: Path, hf_config: dict, settings: hf_assets.ProcessorSettings) -> dict:
+    """InternVL-chat config.json: the source's own (auto_map, template, extra fields kept)
+    unless the architecture changed since, then rebuilt with the source's remote-code fields."""
+    stored = json.loads((source / "config.json").read_text())
+    tid = hf_config["image_token_id"]
+    before = internvl_chat.chat_config_to_hf(stored, tid)
+    if _arch(before) == _arch(hf_config):
+        return stored
+    fresh = internvl_chat.hf_config_to_chat(hf_config, stored.get("template", "sailvl-chat"),
+                                            settings.max_tiles)
+    for key in ("auto_map", "architectures", "template", "dynamic_image_size"):
+        if key in stored:
+            fresh[key] = stored[key]
+    return fresh
+
+
+def _arch(hf_config: dict) -> dict:
+    """The parts of a transformers InternVL config that our model config captures."""
+    return hf_internvl.to_hf_config(hf_internvl.from_hf_config(transformers_config(hf_config))).to_dict()
+
+
+def _write_side_files(tmp: Path, tokenizer: Path, settings: hf_assets.ProcessorSettings,
+                      image_token_id: int, layout: str, source: Path) -> None:
+    """Tokenizer (+ chat template), generation config, processor configs, remote code; then
+    load the tokenizer back as users will and refuse an unusable one."""
+    ids = hf_assets.save_tokenizer(tokenizer, tmp, {internvl_chat.IMG_CONTEXT: image_token_id},
+                                   settings.template)
+    if not (tmp / "generation_config.json").is_file():
+        hf_assets.write_generation_config(tmp, ids)
+    if layout == "chat":
+        settings.write(tmp)
+        for path in sorted(source.iterdir()):
+            if path.is_file() and path.name != "config.json" and not (tmp / path.name).exists():
+                shutil.copy2(path, tmp / path.name)
+    else:
+        hf_assets.write_processor_files(tmp, settings)
+    hf_assets.check_tokenizer(tmp, image_token_id)
 
 
 def _hf_config_for(mcore_dir: Path, model_config: ModelConfig) -> dict:

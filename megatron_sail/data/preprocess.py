@@ -26,7 +26,7 @@ from megatron_sail.data.imageinfo import clean_message, image_info
 from megatron_sail.data.packing import ImageEntry, Sample, pack_block
 from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
 from megatron_sail.data.tiling import TilingConfig, find_grid, num_tiles
-from megatron_sail.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_sail.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
 
 
 @dataclass
@@ -195,6 +195,7 @@ def build_meta(cfg: PreprocessConfig, fmt: str, tok: Tokenizer, writer: indexed.
         "input_format": fmt,
         "tokenizer": {
             "path": cfg.tokenizer, "vocab_size": tok.vocab_size, "added": list(tok.added),
+            "identity": tokenizer_identity(tok),
             "img_context_id": sp.img_context, "img_start_id": sp.img_start, "img_end_id": sp.img_end,
             "im_start_id": sp.im_start, "im_end_id": sp.im_end, "pad_id": sp.pad,
             "tokens_per_tile": cfg.tiling.tokens_per_tile, "tile_size": cfg.tiling.tile_size,

@@ -7,9 +7,11 @@ caller can report it: the model's vocabulary must cover the new ids.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 IM_START = "<|im_start|>"
@@ -46,8 +48,11 @@ class Tokenizer:
 
     def __init__(self, path: str, encode_fn: Callable[[str], list[int]],
                  decode_fn: Callable[[list[int]], str], vocab_size: int,
-                 special: SpecialIds, added: list[str]):
+                 special: SpecialIds, added: list[str],
+                 fingerprint: Optional[Callable[[], bytes]] = None):
         self.path = path
+        self._fingerprint = fingerprint
+        """Canonical bytes of the tokenizer's model (vocab, merges, rules), for tokenizer_identity."""
         self._encode = encode_fn
         self._decode = decode_fn
         self.vocab_size = vocab_size
@@ -99,7 +104,8 @@ def _from_hf(path: str, backend) -> Tokenizer:
         return backend.decode(ids, skip_special_tokens=False)
 
     vocab_size = backend.get_vocab_size(with_added_tokens=True)
-    return Tokenizer(path, encode, decode, vocab_size, special, added)
+    return Tokenizer(path, encode, decode, vocab_size, special, added,
+                     fingerprint=lambda: _canonical_hf(backend))
 
 
 def _from_sentencepiece(path: str) -> Tokenizer:
@@ -134,7 +140,8 @@ def _from_sentencepiece(path: str) -> Tokenizer:
 
     special = SpecialIds(ids[IM_START], ids[IM_END], ids[IMG_START], ids[IMG_END],
                          ids[IMG_CONTEXT], ids[PAD])
-    return Tokenizer(path, encode, decode, base + len(added), special, added)
+    return Tokenizer(path, encode, decode, base + len(added), special, added,
+                     fingerprint=sp.serialized_model_proto)
 
 
 def load_tokenizer(path: str, log: Optional[Callable[[str], None]] = None) -> Tokenizer:
@@ -169,3 +176,28 @@ def load_tokenizer(path: str, log: Optional[Callable[[str], None]] = None) -> To
         log(f"tokenizer {path}: added missing special tokens {tok.added} "
             f"(vocab now {tok.vocab_size}; the model's vocabulary must cover it)")
     return tok
+
+
+def _canonical_hf(backend) -> bytes:
+    """A ``tokenizers.Tokenizer``'s full definition (model vocab + merges, normalizer,
+    pre-tokenizer, added tokens) as key-sorted JSON, so formatting and key order of the file do
+    not matter; padding/truncation settings are left out (they never change token ids here)."""
+    spec = json.loads(backend.to_str())
+    spec.pop("padding", None)
+    spec.pop("truncation", None)
+    return json.dumps(spec, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def tokenizer_identity(tok: Tokenizer) -> str:
+    """``sha256:<16 hex>`` of the tokenizer's definition plus its vocab size and special-token
+    ids: equal for the same tokenizer files wherever they are, different when the vocabulary,
+    merges, rules or special ids differ. Recorded in meta.json and in checkpoints, so training
+    refuses data made with another tokenizer (training/resume_checks.py)."""
+    h = hashlib.sha256()
+    if tok._fingerprint is not None:
+        h.update(tok._fingerprint())
+    else:  # built from parts (tests): the decoded pieces stand in for the files
+        h.update("\x00".join(tok.decode([i]) for i in range(tok.vocab_size)).encode())
+    h.update(json.dumps({"vocab_size": tok.vocab_size, "special": asdict(tok.special)},
+                        sort_keys=True).encode())
+    return "sha256:" + h.hexdigest()[:16]

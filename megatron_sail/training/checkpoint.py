@@ -19,9 +19,11 @@ calls ``maybe_finalize_async_calls``. Until then only ``iter_XXXXXXX.tmp`` exist
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Optional
@@ -31,7 +33,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from megatron_sail.training import dist_ckpt
+from megatron_sail.training import dist_ckpt, integrity
 from megatron_sail.training.optimizer import unwrap
 
 LATEST = "latest"
@@ -60,6 +62,9 @@ class TrainState:
     """Per global rank RNG states (python, numpy, torch, Megatron tracker)."""
     world: dict = field(default_factory=dict)
     """tp / pp / dp sizes at save time: RNG states are restored only when they match."""
+    tokenizer: dict = field(default_factory=dict)
+    """The training data's tokenizer block (identity, special ids, tile size, tokens per tile;
+    training/resume_checks.py): a resume or --init-from onto other data is refused."""
 
 
 def iter_dir(root: str, iteration: int) -> str:
@@ -135,14 +140,22 @@ def _write_train_state(tmp: str, state: TrainState, config: Optional[dict],
 
 
 def _publish(root: str, iteration: int, keep_last: int, announce: bool = False) -> None:
-    """Collective, once every rank's files are complete: rank 0 renames iter_N.tmp to iter_N,
-    then points `latest` at it, then prunes; the barrier keeps ranks from racing ahead.
-    ``announce`` prints a line (background saves finish at a step the user cannot guess)."""
+    """Collective, once every rank's files are complete: all ranks hash the files into
+    ``manifest.json`` (written last), then rank 0 renames iter_N.tmp to iter_N, points `latest`
+    at it and prunes; the barrier keeps ranks from racing ahead. ``announce`` prints a line
+    (background saves finish at a step the user cannot guess)."""
+    final = iter_dir(root, iteration)
+    integrity.write_manifest(final + ".tmp", {"iteration": iteration, "saved_at": time.time()})
     if torch.distributed.get_rank() == 0:
-        final = iter_dir(root, iteration)
-        shutil.rmtree(final, ignore_errors=True)
+        # A checkpoint of the same iteration (a rollback re-saving it) is moved aside rather
+        # than deleted first: `latest` may name it, and a crash must not leave it half gone.
+        old = final + ".replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(final):
+            os.replace(final, old)
         os.replace(final + ".tmp", final)
         _write_latest(root, iteration)
+        shutil.rmtree(old, ignore_errors=True)
         _prune(root, keep_last)
         if announce:
             print(f"[checkpoint] {final} complete (written in the background); latest -> "
@@ -159,50 +172,106 @@ def _write_latest(root: str, iteration: int) -> None:
 
 
 def list_checkpoints(root: str) -> list[int]:
-    """Iterations of the complete checkpoints under root, oldest first."""
+    """Iterations of the complete checkpoints under root, in iteration order."""
     if not os.path.isdir(root):
         return []
     its = [int(m.group(1)) for n in os.listdir(root) if (m := re.fullmatch(r"iter_(\d{7})", n))]
     return sorted(its)
 
 
+def saved_at(ckpt: str) -> float:
+    """When a checkpoint was published: its manifest's save time; for checkpoints without one
+    (written before manifests existed), the folder's modification time."""
+    try:
+        manifest = integrity.read_manifest(ckpt)
+    except integrity.CheckpointDamaged:
+        manifest = None
+    if manifest and isinstance(manifest.get("saved_at"), (int, float)):
+        return float(manifest["saved_at"])
+    return os.path.getmtime(ckpt)
+
+
+def save_order(root: str) -> list[int]:
+    """Iterations of the complete checkpoints under root, oldest save first (ties: iteration)."""
+    return sorted(list_checkpoints(root), key=lambda it: (saved_at(iter_dir(root, it)), it))
+
+
 def _prune(root: str, keep_last: int) -> None:
-    """Delete all but the newest keep_last checkpoints (0 keeps everything)."""
+    """Delete all but the keep_last most recently SAVED checkpoints (0 keeps everything).
+
+    Save order, not iteration order: a run that saves below an existing iteration (a rollback
+    with --load .../iter_25, or --overwrite-save into an old run's folder) keeps its own new
+    checkpoints. The checkpoint `latest` names is never deleted."""
     if keep_last <= 0:
         return
-    for it in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(iter_dir(root, it), ignore_errors=True)
+    protected = read_latest(root)
+    for it in save_order(root)[:-keep_last]:
+        if it != protected:
+            shutil.rmtree(iter_dir(root, it), ignore_errors=True)
+
+
+def read_latest(root: str) -> Optional[int]:
+    """The iteration `root/latest` names; None without a `latest`. A file that is not a
+    decimal iteration number (binary garbage, a partial write) is an error naming it."""
+    path = os.path.join(root, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        raw = f.read(64)
+    text = raw.decode("ascii", errors="replace").strip()
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{path}: expected an iteration number (a line like '20'), got "
+                         f"{raw[:32]!r}; the file is damaged: point it at one of "
+                         f"{[f'iter_{i:07d}' for i in list_checkpoints(root)] or 'no checkpoints'}")
+    return int(text)
 
 
 def resolve_checkpoint(path: str) -> Optional[str]:
     """The checkpoint directory that `path` names: a root with `latest`, or one checkpoint
     (ours or a model-only HF conversion). None when `path` holds no checkpoint yet."""
     latest = os.path.join(path, LATEST)
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            text = f.read().strip()
-        if not text.isdigit():
-            raise ValueError(f"{latest}: expected an iteration number, got {text!r}")
-        ckpt = iter_dir(path, int(text))
+    iteration = read_latest(path)
+    if iteration is not None:
+        ckpt = iter_dir(path, iteration)
         if not os.path.isdir(ckpt):
-            raise FileNotFoundError(f"{latest} names iteration {text} but {ckpt} is missing")
+            raise FileNotFoundError(f"{latest} names iteration {iteration} but {ckpt} is missing")
         return ckpt
     if os.path.isfile(os.path.join(path, "metadata.json")):
         return path
+    if os.path.isfile(path):
+        raise NotADirectoryError(f"{path}: is a file, not a checkpoint folder (expected a "
+                                 "--save root with `latest`, or one iter_XXXXXXX folder)")
     return None
 
 
-def load_checkpoint(path: str, chunks: list, optimizer=None) -> Optional[TrainState]:
+@dataclass
+class LoadChecks:
+    """What is checked before a checkpoint's tensors are read."""
+
+    verify: str = "auto"
+    """manifest.json check: auto (hashes when small, else sizes), sizes, or full
+    (training/integrity.py)."""
+    tokenizer: Optional[dict] = None
+    """The current data's tokenizer block; None compares nothing (resume_checks.py)."""
+    allow_tokenizer_mismatch: bool = False
+    """Load even when the checkpoint was trained on data of another tokenizer or geometry."""
+
+
+def load_checkpoint(path: str, chunks: list, optimizer=None,
+                    checks: Optional[LoadChecks] = None) -> Optional[TrainState]:
     """Load weights (and optimizer + TrainState when ``optimizer`` is given) from ``path``.
 
     With ``optimizer=None`` this is ``--init-from``: weights only, step counters start at 0.
-    Returns the TrainState (None for weights-only or a missing checkpoint)."""
+    Returns the TrainState (None for weights-only or a missing checkpoint). Before any tensor
+    is read the files are checked against the manifest, DCP's metadata pickle against its
+    allow-list, and the recorded tokenizer against ``checks.tokenizer``."""
     ckpt = resolve_checkpoint(path)
     if ckpt is None:
         if optimizer is None:
             raise FileNotFoundError(f"--init-from {path}: no checkpoint there (no `latest`, "
                                     "no metadata.json)")
         return None
+    check_before_load(ckpt, checks or LoadChecks())
     if optimizer is None or not _has_optimizer(ckpt):
         _load_weights(chunks, ckpt)
         return None if optimizer is None else _read_train_state(ckpt)
@@ -278,12 +347,56 @@ def _materialize_optimizer_state(optimizer) -> None:
             g["lr"], g["weight_decay"] = lr, wd
 
 
+def check_before_load(ckpt: str, checks: LoadChecks) -> None:
+    """Collective: manifest, DCP metadata and tokenizer checks of one checkpoint folder; each
+    failure raises on every rank with the file (or both tokenizer values) named."""
+    from megatron_sail.training.resume_checks import check_tokenizer
+
+    verified = integrity.verify_checkpoint(ckpt, checks.verify)
+    integrity.check_dcp_metadata(ckpt)
+    if checks.tokenizer is not None and os.path.isfile(os.path.join(ckpt, STATE_FILE)):
+        saved = read_state_file(os.path.join(ckpt, STATE_FILE))["train_state"].get("tokenizer")
+        check_tokenizer(saved or {}, checks.tokenizer, ckpt, checks.allow_tokenizer_mismatch)
+    if torch.distributed.get_rank() == 0:
+        note = {"none": "no manifest.json: files not verified", "sizes": "file sizes verified",
+                "full": "file sizes and SHA-256 verified"}[verified]
+        print(f"[checkpoint] loading {ckpt} ({note})", flush=True)
+
+
+def _train_state_globals() -> list:
+    """What train_state.pt may hold besides tensors and plain Python values: numpy's RNG state
+    array (the numpy generator state in TrainState.rng). Nothing that can run code."""
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core
+    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype,
+            type(np.dtype(np.uint32))]
+
+
+def read_state_file(path: str) -> dict:
+    """Read a train_state.pt with ``weights_only=True`` and the allow-list above: a crafted
+    pickle that names any other callable is refused before it runs (error names the file)."""
+    try:
+        with torch.serialization.safe_globals(_train_state_globals()):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
+        raise integrity.CheckpointDamaged(
+            f"{path}: refusing to unpickle it: it holds something a train state never does "
+            f"({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise integrity.CheckpointDamaged(f"{path}: unreadable train state ({e})") from None
+    if not isinstance(payload, dict) or "train_state" not in payload:
+        raise integrity.CheckpointDamaged(f"{path}: not a train state (no 'train_state' entry)")
+    return payload
+
+
 def _has_optimizer(ckpt: str) -> bool:
     """Whether a checkpoint of ours holds optimizer state (not before the first update)."""
     path = os.path.join(ckpt, STATE_FILE)
     if not os.path.isfile(path):
         return False
-    return bool(torch.load(path, weights_only=False).get("has_optimizer", True))
+    return bool(read_state_file(path).get("has_optimizer", True))
 
 
 def _model_keys(n: int) -> list[str]:
@@ -296,7 +409,7 @@ def _read_train_state(ckpt: str) -> TrainState:
     path = os.path.join(ckpt, STATE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} missing: {ckpt} holds weights only; use --init-from")
-    payload = torch.load(path, weights_only=False)
+    payload = read_state_file(path)
     state = TrainState(**payload["train_state"])
     if state.world == world_sizes():
         set_rng_state(state.rng[torch.distributed.get_rank()])

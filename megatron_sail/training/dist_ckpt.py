@@ -270,6 +270,9 @@ def save_model(model_chunks: list[torch.nn.Module], checkpoint_dir: str | os.Pat
         tmp.mkdir(parents=True)
     dist.barrier()
     save_sharded(model_sharded_state_dict(model_chunks), tmp, cfg)
+    from megatron_sail.training import integrity
+
+    integrity.write_manifest(str(tmp))
     if dist.get_rank() == 0:
         if final.exists():
             shutil.rmtree(final)

@@ -82,7 +82,9 @@ class MetricsConfig:
     progress_bar: bool = False
     """Show a tqdm progress bar (the quickstart) in addition to the interval lines."""
     start_iteration: int = 0
-    """Iteration the run resumes from; metrics.jsonl lines after it (from a crashed run) are dropped."""
+    """Iteration the run starts from; metrics.jsonl and valid_metrics.jsonl records after it
+    (steps a crashed run made past its checkpoint, or another run's curve when starting at 0)
+    are moved to metrics.superseded.jsonl / valid_metrics.superseded.jsonl, never deleted."""
 
 
 def peak_memory_bytes() -> int:
@@ -108,20 +110,36 @@ def _format_eta(seconds: float) -> str:
     return str(_dt.timedelta(seconds=int(round(seconds))))
 
 
-def _truncate_after(path: Path, iteration: int) -> None:
-    """Drop jsonl records with iteration > ``iteration`` (a resumed run repeats those steps)."""
+def superseded_path(path: Path) -> Path:
+    """Where the records a run replaces go: metrics.jsonl -> metrics.superseded.jsonl."""
+    return path.with_name(path.name.removesuffix(".jsonl") + ".superseded.jsonl")
+
+
+def _supersede_after(path: Path, iteration: int) -> int:
+    """Move jsonl records with iteration > ``iteration`` (and lines cut short by a crash) from
+    ``path`` to its superseded file, appended in their order: a resumed run repeats those steps,
+    a fresh run (``iteration`` 0) starts a new curve, and nothing a run wrote is deleted.
+    Returns how many lines moved."""
     if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
+        return 0
+    kept, moved = [], []
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            if json.loads(line).get("iteration", 0) <= iteration:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
+            rec = json.loads(line)
+            keep = isinstance(rec, dict) and int(rec.get("iteration", 0)) <= iteration
+        except (json.JSONDecodeError, TypeError, ValueError):
+            keep = False
+        (kept if keep else moved).append(line)
+    if not moved:
+        return 0
+    with open(superseded_path(path), "a") as f:
+        f.write("".join(f"{line}\n" for line in moved))
+        f.flush()
+        os.fsync(f.fileno())
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept))
     os.replace(tmp, path)
+    return len(moved)
 
 
 class MetricsWriter:
@@ -146,7 +164,12 @@ class MetricsWriter:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / METRICS_FILE
-        _truncate_after(path, self.cfg.start_iteration)
+        for name in (METRICS_FILE, VALID_METRICS_FILE):
+            moved = _supersede_after(self.run_dir / name, self.cfg.start_iteration)
+            if moved:
+                self._print(f"[metrics] {moved} records of {name} after iteration "
+                            f"{self.cfg.start_iteration} (this run starts there) moved to "
+                            f"{superseded_path(self.run_dir / name).name}")
         self._jsonl = open(path, "a", buffering=1)
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter

@@ -1,0 +1,297 @@
+"""Checkpoint hardening on one in-process gloo rank: manifests catch flipped and truncated files
+(naming them), pickles from disk cannot run code, pruning follows save order and spares the
+checkpoint `latest` names, a damaged `latest` is a clear error, the --save folder is checked
+and locked at start, and resume checks (tokenizer, LR schedule, --train-iters) name both values."""
+import json
+import os
+import pickle
+import socket
+
+import numpy as np
+import pytest
+import torch
+from megatron.core.dist_checkpointing import ShardedTensor
+
+from megatron_sail.training import checkpoint as ckpt
+from megatron_sail.training import integrity, resume_checks, save_dir
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """torch.distributed and Megatron's groups on one rank (the checkpoint code is collective)."""
+    from megatron_sail.config.parallel import ParallelConfig
+    from megatron_sail.platform import distributed
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(_free_port()))
+    distributed.initialize(ParallelConfig())
+    yield
+    distributed.shutdown()
+
+
+class Net(torch.nn.Module):
+    """One parameter standing in for a model chunk."""
+
+    def __init__(self, value: float = 0.0):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((64, 64), value))
+
+    def sharded_state_dict(self):
+        return {"w": ShardedTensor.from_rank_offsets("net.w", self.w.data, replica_id=0)}
+
+
+def _save(root, iteration, value=0.0, keep_last=0, tokenizer=None):
+    state = ckpt.TrainState(iteration=iteration, tokenizer=tokenizer or {})
+    return ckpt.save_checkpoint(str(root), [Net(value)], None, state, keep_last, config={"a": 1})
+
+
+def _flip(path, offset=100, count=4096):
+    data = bytearray(open(path, "rb").read())
+    for i in range(offset, min(offset + count, len(data))):
+        data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+# ------------------------------------------------------------------ manifest (item 2)
+def test_save_writes_a_manifest_that_catches_flips_and_truncation(one_rank, tmp_path):
+    d = _save(tmp_path / "ck", 3)
+    manifest = json.loads(open(os.path.join(d, integrity.MANIFEST)).read())
+    assert set(manifest["files"]) >= {"__0_0.distcp", ".metadata", "metadata.json",
+                                      "train_state.pt"}
+    assert manifest["iteration"] == 3 and manifest["saved_at"] > 0
+    assert integrity.verify_checkpoint(d, "auto") == "full"  # small: hashes checked
+    shard = os.path.join(d, "__0_0.distcp")
+    _flip(shard)
+    assert integrity.verify_checkpoint(d, "sizes") == "sizes"  # same size: sizes pass
+    with pytest.raises(integrity.CheckpointDamaged, match=r"__0_0\.distcp: contents changed"):
+        integrity.verify_checkpoint(d, "auto")
+    with pytest.raises(integrity.CheckpointDamaged, match=r"__0_0\.distcp: contents changed"):
+        ckpt.load_checkpoint(str(tmp_path / "ck"), [Net()])
+    with open(shard, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(integrity.CheckpointDamaged,
+                       match=r"__0_0\.distcp: truncated: 1000 bytes, the manifest says \d+"):
+        integrity.verify_checkpoint(d, "sizes")
+
+
+def test_truncated_shard_without_manifest_names_the_file(one_rank, tmp_path):
+    """Checkpoints from before manifests: DCP's own metadata still tells how long a shard is."""
+    d = _save(tmp_path / "ck", 1)
+    os.remove(os.path.join(d, integrity.MANIFEST))
+    shard = os.path.join(d, "__0_0.distcp")
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    with pytest.raises(integrity.CheckpointDamaged, match=r"__0_0\.distcp: truncated"):
+        ckpt.load_checkpoint(str(tmp_path / "ck"), [Net()])
+
+
+def test_weights_only_checkpoint_loads_after_verification(one_rank, tmp_path):
+    _save(tmp_path / "ck", 2, value=7.0)
+    target = Net(0.0)
+    assert ckpt.load_checkpoint(str(tmp_path / "ck"), [target]) is None
+    assert torch.all(target.w == 7.0)
+
+
+# ------------------------------------------------------------------ unpickling (item 9)
+MARKER_ENV = "HARDENING_MARKER"
+
+
+def _touch_marker(*_args):
+    open(os.environ[MARKER_ENV], "w").close()
+
+
+class Payload:
+    """Unpickling this calls os.system-like code: here it creates a marker file."""
+
+    def __reduce__(self):
+        return (_touch_marker, ())
+
+
+def test_crafted_train_state_does_not_run(one_rank, tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    d = _save(tmp_path / "ck", 1)
+    real = ckpt.read_state_file(os.path.join(d, "train_state.pt"))
+    assert isinstance(real["train_state"]["rng"][0]["numpy"][1], np.ndarray)  # allow-listed
+    evil = os.path.join(d, "train_state.pt")
+    torch.save({"train_state": {"iteration": 1}, "x": Payload()}, evil)
+    os.remove(os.path.join(d, integrity.MANIFEST))  # an attacker rewrites the manifest anyway
+    with pytest.raises(integrity.CheckpointDamaged, match=r"train_state\.pt: refusing to unpickle"):
+        ckpt.read_state_file(evil)
+    with pytest.raises(integrity.CheckpointDamaged, match=r"train_state\.pt: refusing"):
+        ckpt.check_before_load(d, ckpt.LoadChecks(tokenizer={"identity": "x"}))
+    assert not marker.exists()
+
+
+def test_crafted_dcp_metadata_does_not_run(one_rank, tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    d = _save(tmp_path / "ck", 1)
+    integrity.check_dcp_metadata(d)  # the real one passes
+    with open(os.path.join(d, ".metadata"), "wb") as f:
+        pickle.dump(Payload(), f)
+    with pytest.raises(integrity.CheckpointDamaged, match=r"\.metadata: refusing"):
+        integrity.check_dcp_metadata(d)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------ pruning (item 1)
+def test_prune_by_save_order_keeps_a_rollback_save(one_rank, tmp_path):
+    """An old run saved 20 and 30; a new save at 10 (rollback / new run) survives keep_last=1,
+    and `latest` names a checkpoint that exists. (Pruning by iteration deleted it at once.)"""
+    root = tmp_path / "ck"
+    _save(root, 20)
+    _save(root, 30)
+    _save(root, 10, keep_last=1)
+    assert ckpt.read_latest(str(root)) == 10
+    assert ckpt.list_checkpoints(str(root)) == [10]
+    _save(root, 12, keep_last=2)
+    assert ckpt.list_checkpoints(str(root)) == [10, 12]
+
+
+def test_prune_never_deletes_the_latest_checkpoint(one_rank, tmp_path):
+    root = tmp_path / "ck"
+    _save(root, 5)
+    _save(root, 6)
+    ckpt._write_latest(str(root), 5)  # a user pointed `latest` back at 5
+    ckpt._prune(str(root), 1)
+    assert ckpt.list_checkpoints(str(root)) == [5, 6]
+
+
+def test_resaving_an_iteration_replaces_it(one_rank, tmp_path):
+    root = tmp_path / "ck"
+    _save(root, 4, value=1.0)
+    _save(root, 4, value=2.0)
+    target = Net()
+    ckpt.load_checkpoint(str(root), [target])
+    assert torch.all(target.w == 2.0)
+    assert sorted(os.listdir(root)) == ["iter_0000004", "latest"]
+
+
+# ------------------------------------------------------------------ `latest` (item 10)
+def test_binary_latest_is_a_clear_error(tmp_path):
+    (tmp_path / "iter_0000003").mkdir()
+    (tmp_path / "latest").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ValueError, match=r"latest: expected an iteration number.*iter_0000003"):
+        ckpt.resolve_checkpoint(str(tmp_path))
+    (tmp_path / "latest").write_text("3\n")
+    assert ckpt.resolve_checkpoint(str(tmp_path)).endswith("iter_0000003")
+
+
+def test_load_of_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        ckpt.resolve_checkpoint(str(tmp_path / "f"))
+
+
+# ------------------------------------------------------------------ --save at start (1, 10)
+def test_save_dir_checks(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert "is a file" in save_dir.check_save_dir(str(f), None, False)
+    old = tmp_path / "old"
+    (old / "iter_0000030").mkdir(parents=True)
+    (old / "latest").write_text("30\n")
+    problem = save_dir.check_save_dir(str(old), None, False)
+    assert "already holds another run's checkpoints (iter_0000030, latest)" in problem
+    assert "--overwrite-save" in problem
+    assert save_dir.check_save_dir(str(old), str(tmp_path / "elsewhere"), False) is not None
+    assert save_dir.check_save_dir(str(old), str(old), False) is None  # resuming it
+    assert save_dir.check_save_dir(str(old), str(old / "iter_0000030"), False) is None  # rollback
+    assert save_dir.check_save_dir(str(old), None, True) is None  # told to
+    assert save_dir.check_save_dir(str(tmp_path / "new"), None, False) is None
+    assert (tmp_path / "new").is_dir()
+
+
+def test_second_run_on_a_save_dir_is_refused(tmp_path):
+    first = save_dir.prepare_save_dir(str(tmp_path), None, False)
+    with pytest.raises(save_dir.SaveDirError, match=rf"in use by another run \(host .* pid "
+                                                    rf"{os.getpid()}"):
+        save_dir.prepare_save_dir(str(tmp_path), None, False)
+    first.release()
+    save_dir.prepare_save_dir(str(tmp_path), None, False).release()
+
+
+# ------------------------------------------------------------------ resume checks (3, 10)
+BLOCK = {"identity": "sha256:aaaa", "vocab_size": 300, "img_context_id": 7, "img_start_id": 5,
+         "img_end_id": 6, "im_start_id": 1, "im_end_id": 2, "pad_id": 0, "tile_size": 32,
+         "tokens_per_tile": 4}
+
+
+def test_tokenizer_mismatch_names_both_values(one_rank, tmp_path):
+    other = dict(BLOCK, identity="sha256:bbbb", tile_size=448)
+    with pytest.raises(resume_checks.ResumeMismatch,
+                       match=r"identity: 'sha256:aaaa' \(checkpoint\) vs 'sha256:bbbb' \(data\); "
+                             r"tile_size: 32 \(checkpoint\) vs 448 \(data\)"):
+        resume_checks.check_tokenizer(BLOCK, other, "ck", allow=False)
+    lines = []
+    resume_checks.check_tokenizer(BLOCK, other, "ck", allow=True, log=lines.append)
+    assert "WARNING" in lines[0] and "sha256:bbbb" in lines[0]
+    # A dataset made before identities existed: the fields it has are compared.
+    old = {k: v for k, v in BLOCK.items() if k != "identity"}
+    resume_checks.check_tokenizer(BLOCK, old, "ck", allow=False)
+    with pytest.raises(resume_checks.ResumeMismatch, match="pad_id: 0"):
+        resume_checks.check_tokenizer(BLOCK, dict(old, pad_id=9), "ck", allow=False)
+    # Through the checkpoint: the block recorded at save time is compared before loading.
+    _save(tmp_path / "ck", 1, tokenizer=BLOCK)
+    with pytest.raises(resume_checks.ResumeMismatch, match="sha256:bbbb"):
+        ckpt.load_checkpoint(str(tmp_path / "ck"), [Net()],
+                             checks=ckpt.LoadChecks(tokenizer=other))
+    ckpt.load_checkpoint(str(tmp_path / "ck"), [Net()], checks=ckpt.LoadChecks(tokenizer=BLOCK))
+
+
+def _scheduler(decay_iters: int):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    return OptimizerParamScheduler(opt, init_lr=0.0, max_lr=1e-3, min_lr=0.0, lr_warmup_steps=0,
+                                   lr_decay_steps=decay_iters, lr_decay_style="linear",
+                                   start_wd=0.0, end_wd=0.0, wd_incr_steps=decay_iters,
+                                   wd_incr_style="constant", override_opt_param_scheduler=True,
+                                   use_checkpoint_opt_param_scheduler=False)
+
+
+def test_schedule_change_on_resume_follows_megatron_semantics():
+    saved = _scheduler(20)
+    saved.step(10)
+    sd = saved.state_dict()
+    with pytest.raises(resume_checks.ResumeMismatch,
+                       match=r"lr_decay_steps 20 in the checkpoint, 40 now.*"
+                             r"--override-opt_param-scheduler"):
+        resume_checks.restore_scheduler(_scheduler(40), sd, False, False, "ck")
+    lines = []
+    over = _scheduler(40)
+    resume_checks.restore_scheduler(over, sd, True, False, "ck", log=lines.append)
+    assert over.lr_decay_steps == 40 and over.num_steps == 10
+    assert "stretches: it now decays over 40 iterations instead of 20" in lines[0]
+    assert over.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 30 / 40)
+    kept = _scheduler(40)
+    resume_checks.restore_scheduler(kept, sd, False, True, "ck", log=lines.append)
+    assert kept.lr_decay_steps == 20
+    assert kept.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 10 / 20)
+    same = _scheduler(20)
+    resume_checks.restore_scheduler(same, sd, False, False, "ck")
+    assert same.num_steps == 10
+
+
+def test_train_iters_against_the_loaded_iteration():
+    with pytest.raises(resume_checks.ResumeMismatch, match="--train-iters 5 is below .* 10"):
+        resume_checks.check_train_iters(10, 5, "ck")
+    assert resume_checks.check_train_iters(10, 10, "ck") is True
+    assert resume_checks.check_train_iters(10, 20, "ck") is False
+
+
+def test_missing_checkpoint_is_said_or_refused(tmp_path):
+    lines = []
+    resume_checks.missing_checkpoint(str(tmp_path), False, None, log=lines.append)
+    assert "no checkpoint there" in lines[0] and "randomly initialized" in lines[0]
+    with pytest.raises(FileNotFoundError, match="--exit-on-missing-checkpoint"):
+        resume_checks.missing_checkpoint(str(tmp_path), True, None)
