@@ -1,0 +1,172 @@
+"""Generate answers with a SAIL-VL checkpoint: ``python -m megatron_sail.generate`` (docs/inference.md).
+
+    python -m megatron_sail.generate --checkpoint DIR --image cat.jpg --prompt "Describe the image."
+    python -m megatron_sail.generate --checkpoint DIR --input questions.jsonl --output answers.jsonl
+    torchrun --nproc-per-node 2 -m megatron_sail.generate --checkpoint DIR \\
+        --tensor-model-parallel-size 2 --prompt "Hello"
+
+DIR is a training checkpoint (run dir or iter dir), a converted Megatron checkpoint, or a Hugging
+Face folder of either layout. ``--input`` records are JSON objects with ``prompt`` (or
+``question``) and ``image`` (a path) or ``images`` (a list); relative image paths are read from
+the JSONL file's folder. A record that cannot be used is skipped, counted and written to
+``OUTPUT.rejects.jsonl``. Rank 0 prints each answer and writes ``--output``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_sail.inference.config import GenerationConfig, GenerationRequest
+
+
+@dataclass
+class InputRecord:
+    """One usable --input line."""
+
+    line: int
+    """1-based line number in the file."""
+    request: GenerationRequest
+    """What to generate."""
+    extra: dict
+    """The record's other fields (id, answer, ...), copied to the output record."""
+
+
+def read_input(path: str) -> tuple[list[InputRecord], list[dict]]:
+    """Requests of a JSONL file and the rejected lines (with file, line and reason)."""
+    base = os.path.dirname(os.path.abspath(path))
+    good, rejects = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                good.append(_record(rec, n, base))
+            except (ValueError, TypeError) as e:
+                rejects.append({"file": path, "line": n, "reason": str(e)})
+    return good, rejects
+
+
+def _record(rec, line: int, base: str) -> InputRecord:
+    """Validate one JSONL object; image paths resolved against the file's folder."""
+    if not isinstance(rec, dict):
+        raise ValueError("record is not a JSON object")
+    prompt = rec.get("prompt", rec.get("question"))
+    if not isinstance(prompt, str):
+        raise ValueError("record has no 'prompt' (or 'question') string")
+    images = rec.get("images", [rec["image"]] if "image" in rec else [])
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise ValueError("'image' must be a path string and 'images' a list of path strings")
+    images = [p if os.path.isabs(p) else os.path.join(base, p) for p in images]
+    budget = rec.get("max_new_tokens")
+    if budget is not None and (not isinstance(budget, int) or budget < 0):
+        raise ValueError(f"'max_new_tokens' must be a non-negative integer, got {budget!r}")
+    extra = {k: v for k, v in rec.items() if k not in ("prompt", "question", "image", "images")}
+    return InputRecord(line, GenerationRequest(prompt, images, budget), extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags (every GenerationConfig field has one)."""
+    p = argparse.ArgumentParser(description="Generate answers with a SAIL-VL checkpoint.")
+    p.add_argument("--checkpoint", required=True,
+                   help="training run/iter dir, converted Megatron checkpoint or Hugging Face folder")
+    p.add_argument("--prompt", help="user text (with --image: the question about the image(s))")
+    p.add_argument("--image", action="append", default=[], help="image path (repeatable, in order)")
+    p.add_argument("--input", help="JSONL file of records with prompt/question and image/images")
+    p.add_argument("--output", help="write one JSON record per prompt here (text, token_ids, prompt_ids)")
+    d = GenerationConfig()
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--min-new-tokens", type=int, default=d.min_new_tokens)
+    p.add_argument("--max-tiles", type=int, default=d.max_tiles, help="most tiles per image")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts decoded together")
+    p.add_argument("--system", default=None, help="system prompt (default: the training template's)")
+    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="parameter dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--tokenizer", default=None, help="override the tokenizer the checkpoint names")
+    return p
+
+
+def _requests(args, parser) -> tuple[list[InputRecord], list[dict]]:
+    """Requests from --prompt/--image or --input (exactly one of them)."""
+    if bool(args.input) == bool(args.prompt is not None):
+        parser.error("give either --prompt (with optional --image) or --input FILE.jsonl")
+    if args.input:
+        if args.image:
+            parser.error("--image goes with --prompt; --input records name their own images")
+        if not os.path.isfile(args.input):
+            parser.error(f"--input {args.input}: no such file")
+        return read_input(args.input)
+    return [InputRecord(0, GenerationRequest(args.prompt, list(args.image)), {})], []
+
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+    """Write records atomically (temporary name, then rename)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Load, generate, print (rank 0), write --output; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    records, rejects = _requests(args, parser)
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, seed=args.seed, max_tiles=args.max_tiles,
+                           batch_size=args.batch_size, system=args.system,
+                           min_new_tokens=args.min_new_tokens)
+    import torch.distributed as dist
+
+    from megatron_sail.inference.loading import LoadConfig, load_generator
+
+    gen = load_generator(args.checkpoint, cfg, LoadConfig(tp=args.tp, pp=args.pp, dtype=args.dtype,
+                                                          tokenizer=args.tokenizer))
+    prompts, kept = [], []
+    for rec in records:
+        try:
+            prompts.append(gen.prompts.build(rec.request, cfg.max_new_tokens, rec.line, with_tiles=gen.first))
+            kept.append(rec)
+        except (ValueError, TypeError, OSError) as e:
+            rejects.append({"file": args.input or "--image", "line": rec.line, "reason": str(e)})
+    start = time.perf_counter()
+    results = gen.generate_prompts(prompts)
+    elapsed = time.perf_counter() - start
+    if dist.get_rank() == 0:
+        _report(args, kept, results, rejects, elapsed)
+    return 0 if results or not rejects else 1
+
+
+def _report(args, kept: list[InputRecord], results, rejects: list[dict], elapsed: float) -> None:
+    """Print answers and a summary; write --output and the rejects file."""
+    for rec, res in zip(kept, results):
+        print(res.text if len(results) == 1 else f"[{rec.line}] {res.text}", flush=True)
+    if args.output:
+        out = [{**rec.extra, "prompt": rec.request.prompt, "images": list(rec.request.images),
+                "text": res.text, "token_ids": res.token_ids, "prompt_ids": res.prompt_ids,
+                "finish_reason": res.finish_reason} for rec, res in zip(kept, results)]
+        write_jsonl(args.output, out)
+        if rejects:
+            write_jsonl(args.output + ".rejects.jsonl", rejects)
+    for r in rejects:
+        print(f"skipped {r['file']}:{r['line']}: {r['reason']}", file=sys.stderr)
+    new = sum(len(r.token_ids) for r in results)
+    print(f"generated {new} tokens for {len(results)} prompts in {elapsed:.2f}s "
+          f"({new / max(elapsed, 1e-9):.1f} tokens/s); {len(rejects)} skipped", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
