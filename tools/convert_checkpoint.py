@@ -2,12 +2,15 @@
 """Convert SAIL-VL / InternVL checkpoints between Hugging Face folders and Megatron-Core.
 
     python tools/convert_checkpoint.py hf-to-mcore --hf-dir HF --out MC
-    python tools/convert_checkpoint.py mcore-to-hf --mcore-dir MC --out HF2
+    python tools/convert_checkpoint.py mcore-to-hf --mcore-dir MC --out HF2 [--layout hf|chat]
 
 hf-to-mcore reads transformers' InternVL layout (model_type "internvl") or the InternVL-chat
 layout SAIL-VL publishes (model_type "internvl_chat"), safetensors sharded or not, and writes a
 Megatron-Core distributed checkpoint that loads at any TP/PP (plus model_config.yaml and the
-tokenizer files). mcore-to-hf writes transformers' layout, loadable with from_pretrained.
+tokenizer, processor settings and, for InternVL-chat, the remote code). mcore-to-hf writes
+transformers' layout with tokenizer, chat template, processor and generation configs
+(AutoProcessor + AutoModelForImageTextToText use it as is), or with --layout chat the
+InternVL-chat layout with its remote code (AutoModel.from_pretrained(trust_remote_code=True)).
 Runs in one process on CPU or one GPU; no torchrun needed.
 """
 from __future__ import annotations
@@ -30,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--mcore-dir", required=True)
     b.add_argument("--out", required=True)
     b.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file")
+    b.add_argument("--layout", choices=("hf", "chat"), default="hf",
+                   help="hf: transformers InternVL (default); chat: InternVL-chat + remote code")
+    b.add_argument("--tokenizer", default=None,
+                   help="tokenizer to write when the checkpoint records none (its tokenizer/ wins)")
     for s in (a, b):
         s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)
@@ -37,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "hf-to-mcore":
         out = hf_to_mcore(args.hf_dir, args.out, ConvertConfig(overwrite=args.overwrite))
     else:
-        cfg = ConvertConfig(overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+        cfg = ConvertConfig(overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 1024**3),
+                            layout=args.layout, tokenizer=args.tokenizer)
         out = mcore_to_hf(args.mcore_dir, args.out, cfg)
     print(f"wrote {out} in {time.time() - start:.1f}s")
     return 0

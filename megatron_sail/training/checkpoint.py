@@ -34,6 +34,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megatron_sail.training import dist_ckpt, integrity
+from megatron_sail.training.assets import write_checkpoint_assets
 from megatron_sail.training.optimizer import unwrap
 
 LATEST = "latest"
@@ -116,6 +117,8 @@ def save_checkpoint(root: str, chunks: list, optimizer, state: TrainState, keep_
         sd["optimizer"] = optimizer.sharded_state_dict(sd, metadata=OPTIM_METADATA)
     request = dist_ckpt.save_sharded(sd, tmp, async_save=pending is not None)
     _write_train_state(tmp, state, config, optimizer is not None)
+    if rank0:
+        write_checkpoint_assets(tmp, config)  # tokenizer/ + processor.json: usable as is
     if pending is None:
         _publish(root, state.iteration, keep_last)
     else:

@@ -57,7 +57,8 @@ def _assert_te_norm_keys(mc: Path) -> None:
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_transformers_layout_round_trip_is_bitwise(tmp_path, tied):
-    src, mc, back = _round_trip(tmp_path, tiny.TinyCheckpointConfig(layout="hf", tied=tied))
+    src, mc, back = _round_trip(tmp_path, tiny.TinyCheckpointConfig(layout="hf", tied=tied,
+                                                                    vocab_size=320, tokenizer=True))
     _assert_bitwise(hf_io.read_state_dict(src), hf_io.read_state_dict(back))
     assert hf_io.read_config(back) == hf_io.read_config(src)
     assert (mc / "metadata.json").is_file() and (mc / "model_config.yaml").is_file()
@@ -72,7 +73,7 @@ def test_transformers_layout_round_trip_is_bitwise(tmp_path, tied):
 def test_sharded_bf16_chat_layout_round_trip_is_bitwise(tmp_path):
     """Also with select_layer=-2: the last ViT layer, which our model does not build, comes back."""
     cfg = tiny.TinyCheckpointConfig(layout="chat", dtype="bfloat16", max_shard_bytes=60_000, seed=3,
-                                    vision_layers=3, select_layer=-2)
+                                    vision_layers=3, select_layer=-2, vocab_size=320, tokenizer=True)
     src, mc, back = _round_trip(tmp_path, cfg)
     from safetensors.torch import load_file
 
