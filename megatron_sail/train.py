@@ -123,6 +123,9 @@ def load_state(cfg: RunConfig, chunks: list, optimizer, scheduler,
         resume_checks.missing_checkpoint(c.load, c.exit_on_missing_checkpoint, c.init_from, log)
     if c.init_from:
         ckpt.load_checkpoint(c.init_from, chunks, optimizer=None, checks=checks)
+        # With bf16 weights the optimizer copied them into fp32 main weights when it was built;
+        # without this the first step would write the random init back.
+        optimizer.reload_model_params()
     return ckpt.TrainState()
 
 

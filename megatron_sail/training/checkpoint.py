@@ -277,7 +277,10 @@ def load_checkpoint(path: str, chunks: list, optimizer=None,
     check_before_load(ckpt, checks or LoadChecks())
     if optimizer is None or not _has_optimizer(ckpt):
         _load_weights(chunks, ckpt)
-        return None if optimizer is None else _read_train_state(ckpt)
+        if optimizer is None:
+            return None
+        optimizer.reload_model_params()  # bf16: refresh the fp32 main weights from the loaded ones
+        return _read_train_state(ckpt)
     _materialize_optimizer_state(optimizer)
     sd = dist_ckpt.model_sharded_state_dict(chunks)
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIM_METADATA)

@@ -127,13 +127,16 @@ def share_first_stage_images(batches: list) -> list:
 
 
 def _run_schedule(chunks: list, batches: list, seq_length: int, forward_only: bool) -> list:
-    """Run the pipeline schedule (1F1B / interleaved / none) over this rank's micro-batches."""
+    """Run the pipeline schedule (1F1B / interleaved / none) over this rank's micro-batches.
+
+    The LM runs packed: a [B, S] micro-batch travels between stages as [B*S, 1, h], so the
+    schedule's receive buffers are sized for one sequence of B*S tokens, not [S, B, h]."""
     iters = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
+    rows = batches[0].tokens.shape[0]
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iters,
         model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(batches),
-        seq_length=seq_length, micro_batch_size=batches[0].tokens.shape[0],
-        forward_only=forward_only)
+        seq_length=rows * seq_length, micro_batch_size=1, forward_only=forward_only)
 
 
 def _all_finite(*values: float) -> bool:
