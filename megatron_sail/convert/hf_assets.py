@@ -247,7 +247,10 @@ def check_tokenizer(folder: str | os.PathLike, image_token_id: int) -> None:
     tokenizer files AutoTokenizer silently builds an empty tokenizer."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder}: the written tokenizer is unusable: AutoTokenizer fails ({e})") from e
     got = tok.convert_tokens_to_ids(toks.IMG_CONTEXT)
     if len(tok) <= len(toks.SPECIAL_TOKENS) or got != image_token_id or not tok.encode("a b"):
         raise ValueError(f"{folder}: the written tokenizer is unusable (size {len(tok)}, "
