@@ -177,6 +177,11 @@ def train(cfg: RunConfig) -> int:
                                 start_iteration=state.iteration))
     ctx = LoopContext(cfg, chunks, optimizer, scheduler, state, feeder, metrics, watcher,
                       valid, to_dict(cfg))
+    if cfg.eval.benchmarks:  # --eval-benchmark: scores of the live model (eval/hook.py)
+        from megatron_sail.eval.hook import BenchmarkHook
+
+        ctx.benchmarks = BenchmarkHook(cfg.eval, chunks, cfg.model, train_data.datasets[0].meta,
+                                       metrics, cfg.train.run_dir)
     try:
         return run(ctx)
     finally:

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_sail.config.eval import BenchmarkEvalConfig
 from megatron_sail.config.stage import StageConfig
 from megatron_sail.config.train import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
 
@@ -40,6 +41,8 @@ class RunConfig:
     """Loop settings."""
     checkpoint: CheckpointConfig
     """Save / load / init-from."""
+    eval: BenchmarkEvalConfig = dataclasses.field(default_factory=BenchmarkEvalConfig)
+    """Benchmarks scored on the live model during training (--eval-benchmark)."""
 
 
 # Command-line flags: (flag, section, field, kind). Names follow Megatron-LM where one exists.
@@ -54,6 +57,9 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--log-interval", "train", "log_interval", "int"),
     ("--eval-interval", "train", "eval_interval", "int"),
     ("--eval-iters", "train", "eval_iters", "int"),
+    ("--eval-benchmark", "eval", "benchmarks", "append"),
+    ("--eval-benchmark-interval", "eval", "interval", "int"),
+    ("--eval-benchmark-limit", "eval", "limit", "int"),
     ("--run-dir", "train", "run_dir", "str"),
     ("--tensorboard-dir", "train", "tensorboard_dir", "str"),
     ("--exit-duration-in-mins", "train", "exit_duration_in_mins", "float"),
@@ -124,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, dest=dest, type=_parse_bool, default=None, metavar="true|false")
         elif kind == "list":
             p.add_argument(flag, dest=dest, nargs="+", default=None)
+        elif kind == "append":  # repeatable: --eval-benchmark A=x --eval-benchmark B=y
+            p.add_argument(flag, dest=dest, action="append", default=None)
         else:
             p.add_argument(flag, dest=dest, type=_KINDS[kind], default=None)
     return p

@@ -159,6 +159,8 @@ class LoopContext:
     """Resolved config stored with each checkpoint."""
     pending: Optional[ThreadAsyncCallsQueue] = None
     """Checkpoints still being written in the background (--async-save; set by run())."""
+    benchmarks: Optional[object] = None
+    """eval.hook.BenchmarkHook scoring --eval-benchmark sets on the live model, or None."""
 
 
 def save(ctx: LoopContext) -> None:
@@ -250,6 +252,8 @@ def _train(ctx: LoopContext) -> int:
         if c.save_interval and it % c.save_interval == 0 and it < t.train_iters:
             save(ctx)
         _maybe_validate(ctx, final=False)
+        if ctx.benchmarks is not None:
+            ctx.benchmarks.maybe_run(ctx.state)
         if t.exit_interval and it % t.exit_interval == 0 and it < t.train_iters:
             print(f"[train] --exit-interval {t.exit_interval} reached: saving and exiting",
                   flush=True)
@@ -258,6 +262,8 @@ def _train(ctx: LoopContext) -> int:
     save(ctx)
     if not (t.eval_interval and ctx.state.iteration % t.eval_interval == 0):
         _maybe_validate(ctx, final=True)
+    if ctx.benchmarks is not None:
+        ctx.benchmarks.maybe_run(ctx.state, final=True)
     return 0
 
 

@@ -243,6 +243,24 @@ class MetricsWriter:
         ppl = math.exp(lm_loss) if lm_loss < 50 else float("inf")
         self._print(f"[eval] step {iteration} | {split} lm loss {lm_loss:.4f} | ppl {ppl:.2f}")
 
+    def log_benchmarks(self, iteration: int, consumed_tokens: int, scores: dict, counts: dict,
+                       seconds: float) -> None:
+        """Benchmark scores (eval/hook.py): one metrics.jsonl record with ``benchmarks/NAME``
+        and ``consumed_tokens`` (what tools/scaling_law.py fits), TensorBoard scalars, a line."""
+        if not self.active:
+            return
+        rec = {"iteration": iteration, "consumed_tokens": consumed_tokens,
+               **{f"benchmarks/{k}": float(v) for k, v in scores.items()},
+               **{f"benchmarks_n/{k}": int(n) for k, n in counts.items()},
+               "benchmarks_time_s": seconds, "time": time.time()}
+        self._jsonl.write(json.dumps(_json_safe(rec)) + "\n")
+        if self._tb is not None:
+            for k, v in scores.items():
+                self._tb.add_scalar(f"benchmarks/{k}", v, iteration)
+            self._tb.flush()
+        text = " | ".join(f"{k} {v:.2f} (n={counts[k]})" for k, v in scores.items())
+        self._print(f"[benchmarks] step {iteration} | {text} | {seconds:.1f}s")
+
     def _write_tensorboard(self, rec: dict) -> None:
         """One scalar per reported quantity, keyed by iteration (NaN/inf left out of the plots)."""
         if self._tb is None:
