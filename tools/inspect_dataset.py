@@ -3,6 +3,7 @@
 
   python tools/inspect_dataset.py data/demo_train
   python tools/inspect_dataset.py data/demo_train --show 3
+  python tools/inspect_dataset.py data/demo_train --verify     # every file against its checksum
 Counts are recomputed from the files (not copied from meta.json), so a damaged or mismatched
 prefix shows up as an error or as a difference from the numbers preprocess_data printed.
 """
@@ -18,7 +19,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_sail.data.dataset import TokenizerMeta  # noqa: E402
-from megatron_sail.data.indexed import PackedReader  # noqa: E402
+from megatron_sail.data.indexed import PackedReader, load_meta  # noqa: E402
+from megatron_sail.data.integrity import ALGORITHM, check_files  # noqa: E402
 
 
 def stats(reader: PackedReader, chunk: int = 65536) -> dict:
@@ -78,13 +80,37 @@ def show(reader: PackedReader, k: int, tokenizer_path: str) -> dict:
             "text": collapse(tok.decode(ids)), "trained": tok.decode(trained)}
 
 
+def verify(prefix: str) -> tuple[int, dict]:
+    """Every file against its recorded checksum (naming each damaged one), then the structure."""
+    meta = load_meta(prefix)
+    if meta is None:
+        raise FileNotFoundError(f"{prefix}: no complete dataset (missing {prefix}.meta.json)")
+    problems = check_files(prefix, meta, "full")
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    files = sorted(meta.get("checksums", {}).get("files", {}))
+    out = {"prefix": prefix, "ok": not problems, "algorithm": ALGORITHM if files else None, "files": files,
+           "damaged": [line.split(": ", 1)[0] for line in problems]}
+    if not files:
+        out["note"] = "no checksums recorded (dataset written before checksums); only the structure was checked"
+    if problems:
+        return 1, out
+    PackedReader(prefix, verify="structure")  # raises, naming the file, on a structural problem
+    return 0, out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prefix")
     p.add_argument("--show", type=int, default=None, metavar="K", help="render sample K")
     p.add_argument("--tokenizer", default=None, help="override the tokenizer path stored in meta.json")
+    p.add_argument("--verify", action="store_true", help="check every file against its recorded checksum")
     a = p.parse_args(argv)
     try:
+        if a.verify:
+            code, out = verify(a.prefix)
+            print(json.dumps(out))
+            return code
         reader = PackedReader(a.prefix)
         if a.show is not None:  # the stored tokenizer path may be relative to another directory
             out = show(reader, a.show, a.tokenizer or reader.meta["tokenizer"]["path"])

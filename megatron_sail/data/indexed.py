@@ -22,12 +22,14 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_sail.data import integrity
 from megatron_sail.data.packing import Sample
 
 STREAMS = ("tokens", "loss_mask", "images")
 FORMAT_NAME = "megatron_sail.packed"
 FORMAT_VERSION = 1
 META_COLUMNS = ("cols", "rows", "thumbnail", "width", "height", "sample")
+VERIFY_LEVELS = ("cheap", "full", "structure")
 
 
 def final_paths(prefix: str) -> list[str]:
@@ -59,6 +61,8 @@ class PackedWriter:
             "loss_mask": _builder(self._path("loss_mask.bin"), np.uint8),
             "images": _builder(self._path("images.bin"), np.uint8),
         }
+        for b in self._builders.values():  # the .bin checksums come free while writing
+            b.data_file = integrity.HashingFile(b.data_file)
         # a detail may quote a lone surrogate from a hostile record: written escaped, never a crash
         self._rejects = open(self._path("rejects.jsonl"), "w", encoding="utf-8", errors="backslashreplace")
         self._image_meta: list[tuple[int, ...]] = []
@@ -122,8 +126,11 @@ class PackedWriter:
             np.save(f, meta)
 
     def commit(self, meta: dict) -> None:
-        """Finish all files and rename them into place, meta.json last."""
+        """Finish all files, record their checksums in meta.json, rename them into place, meta.json last."""
         self._finalize_files()
+        names = [path[len(self.prefix) + 1:] for path in final_paths(self.prefix)[:-1]]
+        known = {f"{s}.bin": (b.data_file.bytes, b.data_file.hash.hexdigest()) for s, b in self._builders.items()}
+        meta = {**meta, "checksums": integrity.checksums_block({n: self._path(n) for n in names}, known)}
         with open(self._path("meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
             f.write("\n")
@@ -159,33 +166,44 @@ class PackedWriter:
 
 
 class PackedReader:
-    """Memory-mapped access to one prefix's rows as raw arrays (dataset.py builds PackedRows)."""
+    """Memory-mapped access to one prefix's rows as raw arrays (dataset.py builds PackedRows).
 
-    def __init__(self, prefix: str):
+    ``verify`` (integrity.py): 'cheap' (default: structure, recorded sizes, digests of the small
+    files), 'full' (every digest), or 'structure' (no checksums). A damaged file is a
+    DatasetIntegrityError naming it; a dataset without recorded checksums gets the structure checks.
+    """
+
+    def __init__(self, prefix: str, verify: str = "cheap"):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+        if verify not in VERIFY_LEVELS:
+            raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
         meta_path = f"{prefix}.meta.json"
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{prefix}: no complete dataset (missing {meta_path})")
-        with open(meta_path, "r", encoding="utf-8") as f:
-            self.meta = json.load(f)
+        self.meta = _read_meta(meta_path)
         if self.meta.get("format") != FORMAT_NAME or self.meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{meta_path}: not a {FORMAT_NAME} v{FORMAT_VERSION} dataset")
         self.prefix = prefix
+        problems = integrity.check_files(prefix, self.meta, verify)
+        if problems:
+            raise integrity.DatasetIntegrityError("; ".join(problems))
 
-        def open_stream(name: str) -> IndexedDataset:
+        def open_stream(name: str, dtype) -> IndexedDataset:
+            integrity.check_idx_header(f"{prefix}.{name}.idx", dtype)
             # an empty .bin (e.g. text-only data has no image bytes) cannot be memory-mapped
             empty = os.path.getsize(f"{prefix}.{name}.bin") == 0
-            return IndexedDataset(f"{prefix}.{name}", mmap=not empty)
+            ds = IndexedDataset(f"{prefix}.{name}", mmap=not empty)
+            integrity.check_stream(prefix, name, ds, np.dtype(dtype).itemsize)
+            return ds
 
-        self.tokens = open_stream("tokens")
-        self.loss_mask = open_stream("loss_mask")
-        self.images = open_stream("images")
-        self.image_meta = np.load(f"{prefix}.images_meta.npy")
+        self.tokens = open_stream("tokens", np.int32)
+        self.loss_mask = open_stream("loss_mask", np.uint8)
+        self.images = open_stream("images", np.uint8)
+        self.image_meta = _load_image_meta(f"{prefix}.images_meta.npy")
+        integrity.check_rows(prefix, self.tokens, self.loss_mask, self.images, self.image_meta)
         self.row_index = self.tokens.document_indices
         self.image_row_index = self.images.document_indices
-        if len(self.row_index) != len(self.image_row_index) or len(self.image_meta) != len(self.images):
-            raise ValueError(f"{prefix}: token, image and image-meta files disagree (mixed outputs?)")
 
     def __len__(self) -> int:
         return len(self.row_index) - 1
@@ -206,6 +224,23 @@ class PackedReader:
     def image_bytes(self, j: int) -> bytes:
         """Encoded bytes of image j."""
         return self.images[int(j)].tobytes()
+
+
+def _read_meta(path: str) -> dict:
+    """meta.json, or an error naming it when it is not valid JSON."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise integrity.DatasetIntegrityError(f"{path}: not valid JSON ({e}); the file is damaged") from e
+
+
+def _load_image_meta(path: str) -> np.ndarray:
+    """The image table (never unpickled), or an error naming the file."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise integrity.DatasetIntegrityError(f"{path}: not a readable .npy array ({e})") from e
 
 
 def read_rejects(prefix: str) -> list[str]:
