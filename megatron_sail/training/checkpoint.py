@@ -112,6 +112,7 @@ def save_checkpoint(root: str, chunks: list, optimizer, state: TrainState, keep_
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     torch.distributed.barrier()
+    sync_params(chunks)
     sd = dist_ckpt.model_sharded_state_dict(chunks)
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd, metadata=OPTIM_METADATA)
@@ -126,6 +127,17 @@ def save_checkpoint(root: str, chunks: list, optimizer, state: TrainState, keep_
         request.add_finalize_fn(partial(_publish, root, state.iteration, keep_last, True))
         pending.schedule_async_request(request)
     return final
+
+
+def sync_params(chunks: list) -> None:
+    """Collective: finish the distributed optimizer's param all-gather now. With overlapped
+    param gather (GPUs) the update reaches the other DP ranks' copies only in the next forward's
+    pre-hooks, so right after a step each replica is current only for its own shard; a save
+    then would mix this step's shards with the previous step's."""
+    for chunk in chunks:
+        ddp = getattr(chunk, "ddp_config", None)
+        if ddp is not None and ddp.use_distributed_optimizer and ddp.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
 
 
 def _write_train_state(tmp: str, state: TrainState, config: Optional[dict],
