@@ -27,8 +27,8 @@ COMMON=(--tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${P
         --sequence-parallel --use-distributed-optimizer --bf16 --fp8-format hybrid
         --seq-length "${SEQ_LENGTH}" --global-batch-size "${GBS}" --micro-batch-size "${MBS}"
         --recompute-granularity selective --recompute-vit
-        --data-path ${DATA_PATH} --save-interval 500 --eval-interval 1000 --log-interval 10)
-if [ -n "${VALID_DATA_PATH:-}" ]; then COMMON+=(--valid-data-path ${VALID_DATA_PATH}); fi
+        --data-path "${DATA_PATH}" --save-interval 500 --eval-interval 1000 --log-interval 10)
+if [ -n "${VALID_DATA_PATH:-}" ]; then COMMON+=(--valid-data-path "${VALID_DATA_PATH}"); fi
 
 prev="${INIT_FROM}"
 for stage in ${STAGES}; do

@@ -31,11 +31,11 @@ COMMON=(--tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${P
         --seq-length "${SEQ_LENGTH}" --global-batch-size "${GBS}" --micro-batch-size "${MBS}"
         --recompute-granularity selective --recompute-vit
         --save-interval 500 --eval-interval 500 --log-interval 10)
-if [ -n "${VALID_DATA_PATH:-}" ]; then COMMON+=(--valid-data-path ${VALID_DATA_PATH}); fi
+if [ -n "${VALID_DATA_PATH:-}" ]; then COMMON+=(--valid-data-path "${VALID_DATA_PATH}"); fi
 
 prev="${INIT_FROM}"
 for stage in sft-knowledge sft-instruction sft-preference; do
   run_stage sail_8b "${stage}" "${RUN_ROOT}/${stage}" "${prev}" "${COMMON[@]}" \
-    --data-path ${DATA[${stage}]} --train-iters "${ITERS[${stage}]}" "$@"
+    --data-path "${DATA[${stage}]}" --train-iters "${ITERS[${stage}]}" "$@"
   prev="${RUN_ROOT}/${stage}/checkpoints"
 done

@@ -23,10 +23,16 @@ class ParallelConfig:
     """LM layers on the first pipeline stage (lighter, since it also runs the ViT); None = even."""
     last_stage_layers: int | None = None
     """LM layers on the last pipeline stage (it also runs the output layer and loss); None = even."""
+    distributed_timeout_minutes: int = 10
+    """Timeout of the process groups' collectives (Megatron-LM's --distributed-timeout-minutes):
+    a rank that stops answering fails the job after this long instead of hanging it."""
 
     def __post_init__(self):
         if self.tp < 1 or self.pp < 1:
             raise ValueError(f"ParallelConfig: tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
+        if self.distributed_timeout_minutes < 1:
+            raise ValueError(f"--distributed-timeout-minutes must be >= 1, got "
+                             f"{self.distributed_timeout_minutes}")
         if self.vpp is not None and (self.vpp < 1 or self.pp < 2):
             raise ValueError(f"ParallelConfig: vpp={self.vpp} needs pp >= 2 and vpp >= 1")
 

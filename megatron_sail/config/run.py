@@ -76,6 +76,7 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--pipeline-model-parallel-size", "parallel", "pp", "int"),
     ("--num-layers-per-virtual-pipeline-stage", "derived", "layers_per_virtual_stage", "int"),
     ("--sequence-parallel", "parallel", "sp", "flag"),
+    ("--distributed-timeout-minutes", "parallel", "distributed_timeout_minutes", "int"),
     ("--lr", "optim", "lr", "float"),
     ("--min-lr", "optim", "min_lr", "float"),
     ("--lr-warmup-iters", "optim", "lr_warmup_iters", "int"),
@@ -225,6 +226,7 @@ def finalize(cfg: RunConfig) -> RunConfig:
                          "selective or full")
     if t.tensorboard_dir is None:
         t.tensorboard_dir = os.path.join(t.run_dir, "tensorboard")
+    cfg.parallel.__post_init__()  # re-check the layout after flags set its fields
     return cfg
 
 

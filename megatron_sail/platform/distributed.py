@@ -1,17 +1,20 @@
 """Start torch.distributed and Megatron-Core's parallel groups from one ParallelConfig.
 
 NCCL when CUDA is present, gloo (plus the CPU backend of ``cpu.py``) otherwise. Works under
-torchrun (env:// variables) and as a single process without any launcher.
+torchrun (env:// variables), under ``srun`` with one task per GPU (rank and rendezvous from
+SLURM's variables, see slurm.py), and as a single process without any launcher.
 """
 from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import torch
 import torch.distributed as dist
 
 from megatron_sail.config.parallel import ParallelConfig
+from megatron_sail.platform import slurm
 
 
 def has_cuda() -> bool:
@@ -31,22 +34,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(timeout_s: int = 600) -> None:
-    """Init torch.distributed (once); single-process default when no launcher set the env."""
+def launch_env() -> None:
+    """Fill torchrun's variables when no launcher set them: from an srun step (SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID, first node of the node list; MASTER_PORT if set, else 29500),
+    else a single process on a free local port. Warns when SLURM counts more tasks than we join."""
+    if "RANK" not in os.environ:
+        derived = slurm.rendezvous_from_slurm(os.environ)
+        if derived is not None:
+            os.environ.update(derived)
+        else:
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    message = slurm.single_process_warning(os.environ, int(os.environ.get("WORLD_SIZE", "1")))
+    if message:
+        warnings.warn(message, stacklevel=3)
+
+
+def init_process_group(timeout_minutes: float = 10) -> None:
+    """Init torch.distributed (once); ``timeout_minutes`` bounds every collective (Megatron-LM's
+    --distributed-timeout-minutes), so a lost rank fails the job instead of hanging it."""
+    if not dist.is_initialized():
+        launch_env()
     if not has_cuda():
         from megatron_sail.platform import cpu
 
         cpu.install()
-    else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:  # srun --gpus-per-task=1 shows each task one device, whatever its local rank
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
     from datetime import timedelta
 
-    dist.init_process_group("nccl" if has_cuda() else "gloo", timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group("nccl" if has_cuda() else "gloo",
+                            timeout=timedelta(minutes=timeout_minutes))
 
 
 def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
@@ -56,7 +76,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    init_process_group()
+    init_process_group(parallel.distributed_timeout_minutes)
     parallel.data_parallel_size(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -64,6 +84,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
+        distributed_timeout_minutes=int(parallel.distributed_timeout_minutes),
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -1,41 +1,87 @@
-"""The multi-node launchers pass only flags that exist and values that pass validation.
+"""The multi-node launchers pass only flags that exist and values that pass validation, and
+their DRY_RUN=1 checks the data and checkpoints against the recipe.
 
 Each script runs with DRY_RUN=1, which resolves every stage's trainer arguments through
-config.run (the trainer's own parser and checks) and prints the result instead of launching, so a
-renamed flag or an invalid value fails here. The printed configs are then checked against the
-hardware the scripts are sized for (8 GPUs per node): parallel sizes divide the node, the global
-batch splits into micro-batches over the data-parallel ranks, and FP8's 16-token alignment holds.
+config.run (the trainer's own parser and checks), prints the result and the launch command
+instead of launching, and checks (config/dry_run.py) that every data prefix is a finished dataset
+with the recipe's row length and tile geometry and that --init-from holds the recipe's model; so a
+renamed flag, an invalid value, or data/checkpoints that do not fit fail here. The printed configs
+are then checked against the hardware the scripts are sized for (8 GPUs per node): parallel sizes
+divide the node, the global batch splits into micro-batches over the data-parallel ranks, and
+FP8's 16-token alignment holds.
 """
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
+from megatron_sail.config.data import PackingConfig, PreprocessConfig
 from megatron_sail.config.parallel import ParallelConfig
+from megatron_sail.data.dataset import parse_data_path
+from megatron_sail.data.tiling import TilingConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPUS_PER_NODE = 8
+LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "TP", "PP", "GBS", "MBS",
+               "STAGES", "RANK", "WORLD_SIZE")
 
 
 def dry_run(script: str, env: dict, *extra: str) -> subprocess.CompletedProcess:
-    """Run examples/<script> with DRY_RUN=1 and the given environment."""
-    full = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, PYTHONPATH=ROOT, **env)
-    for var in ("MASTER_ADDR", "NNODES", "NODE_RANK", "SLURM_JOB_ID", "TP", "PP", "GBS", "MBS"):
-        full.pop(var, None)
+    """Run examples/<script> with DRY_RUN=1 and the given environment (no inherited SLURM or
+    rendezvous variables)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
+    full.update({"DRY_RUN": "1", "PYTHON": sys.executable, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
+                 **env})
     return subprocess.run(["bash", os.path.join("examples", script), *extra], cwd=ROOT, env=full,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
 
 
-def stages(script: str, env: dict) -> list[dict]:
-    """The resolved config of each stage the script would launch, in order."""
+def stages(script: str, env: dict) -> tuple[list[dict], str]:
+    """The resolved config of each stage the script would launch, in order, and its stderr."""
     proc = dry_run(script, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
     assert docs, proc.stdout[-2000:]
-    return docs
+    return docs, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Tiny real datasets in the SAIL-VL geometry (16,384-token rows, 448 px tiles of 256
+    tokens), one in the wrong geometry, and config-only checkpoint directories of both models
+    (the model_config.yaml + metadata.json an hf-to-mcore conversion writes; no weights, which
+    the dry run does not read)."""
+    from megatron_sail.config.model import sail_2b, sail_8b
+    from megatron_sail.convert.checkpoint import write_model_config
+    from megatron_sail.data.demo import DemoConfig, make_demo
+    from megatron_sail.data.preprocess import run
+
+    root = tmp_path_factory.mktemp("launch")
+    demo = make_demo(str(root / "demo"), DemoConfig(samples=10, val_samples=3, seed=2))
+
+    def build(name, source, seq, tile, tokens):
+        cfg = PreprocessConfig(inputs=[source], output_prefix=str(root / name), tokenizer=demo["tokenizer"],
+                               tiling=TilingConfig(tile, 1, 1, True, tokens),
+                               packing=PackingConfig(seq, 64, 1))
+        code, summary = run(cfg, log=lambda m: None)
+        assert code == 0, summary
+        return str(root / name)
+
+    out = {"caption": build("caption", demo["train"], 16384, 448, 256),
+           "ocr": build("ocr", demo["val"], 16384, 448, 256),
+           "small": build("small", demo["val"], 512, 32, 4)}
+    for name, model in (("hf_2b", sail_2b()), ("hf_8b", sail_8b())):
+        folder = root / name
+        folder.mkdir()
+        write_model_config(folder, model)
+        (folder / "metadata.json").write_text("{}")
+        out[name] = str(folder)
+    return out
 
 
 def check_fits_a_node(cfg: dict, monkeypatch) -> None:
@@ -59,31 +105,42 @@ def check_fits_a_node(cfg: dict, monkeypatch) -> None:
 
 @pytest.mark.parametrize("script,recipe,tp,pp", [("pretrain_sail_2b.sh", "sail_2b", 2, 1),
                                                  ("pretrain_sail_8b.sh", "sail_8b", 4, 2)])
-def test_pretrain_scripts_resolve(script, recipe, tp, pp, monkeypatch):
-    """Both pretraining stages resolve; the second starts from the first one's checkpoints."""
-    docs = stages(script, {"DATA_PATH": "0.7 /data/caption 0.3 /data/ocr",
-                           "VALID_DATA_PATH": "/data/valid", "INIT_FROM": "/ckpt/hf"})
+def test_pretrain_scripts_resolve(script, recipe, tp, pp, monkeypatch, assets, tmp_path):
+    """Both pretraining stages resolve and their data and checkpoint fit the recipe; the second
+    starts from the first one's checkpoints (not written yet: noted, not refused)."""
+    ckpt = assets["hf_2b" if recipe == "sail_2b" else "hf_8b"]
+    docs, err = stages(script, {"DATA_PATH": f"0.7 {assets['caption']} 0.3 {assets['ocr']}",
+                                "VALID_DATA_PATH": assets["ocr"], "INIT_FROM": ckpt,
+                                "RUN_ROOT": str(tmp_path / "runs")})
     assert [d["stage"]["name"] for d in docs] == ["pretrain-alignment", "pretrain-advance"]
     for d in docs:
         assert d["recipe"] == recipe
         assert (d["parallel"]["tp"], d["parallel"]["pp"], d["parallel"]["sp"]) == (tp, pp, True)
-        assert d["data"]["data_path"] == ["0.7", "/data/caption", "0.3", "/data/ocr"]
-        assert d["data"]["valid_data_path"] == ["/data/valid"]
+        assert parse_data_path(d["data"]["data_path"]) == ([assets["caption"], assets["ocr"]], [0.7, 0.3])
+        assert d["data"]["valid_data_path"] == [assets["ocr"]]
         check_fits_a_node(d, monkeypatch)
-    assert docs[0]["checkpoint"]["init_from"] == "/ckpt/hf"
+    assert docs[0]["checkpoint"]["init_from"] == ckpt
     assert docs[1]["checkpoint"]["init_from"] == docs[0]["checkpoint"]["save"]
     assert [d["train"]["train_iters"] for d in docs] == [15600, 62500]
+    assert err.count(f"[dry-run] launch: {sys.executable} -m torch.distributed.run") == 2
+    assert err.count(f"ok: --data-path {assets['caption']}: 1 rows of 16384 tokens, 448 px tiles, "
+                     "256 tokens per tile") == 2
+    assert f"ok: --init-from {ckpt}: model config matches recipe '{recipe}'" in err
+    assert "written by an earlier stage of this launcher" in err
 
 
-def test_sft_script_chains_three_stages(monkeypatch):
+def test_sft_script_chains_three_stages(monkeypatch, assets, tmp_path):
     """sft-knowledge -> sft-instruction -> sft-preference, each from the previous weights."""
-    docs = stages("sft_sail_8b.sh", {"INIT_FROM": "/ckpt/advance", "KNOWLEDGE_DATA": "/d/k",
-                                     "INSTRUCTION_DATA": "/d/i", "PREFERENCE_DATA": "/d/p"})
+    data = {"KNOWLEDGE_DATA": assets["caption"], "INSTRUCTION_DATA": assets["ocr"],
+            "PREFERENCE_DATA": f"{assets['caption']} {assets['ocr']}", "RUN_ROOT": str(tmp_path / "r")}
+    docs, err = stages("sft_sail_8b.sh", {"INIT_FROM": assets["hf_8b"], **data})
     assert [d["stage"]["name"] for d in docs] == ["sft-knowledge", "sft-instruction",
                                                   "sft-preference"]
-    assert [d["data"]["data_path"] for d in docs] == [["/d/k"], ["/d/i"], ["/d/p"]]
+    assert [parse_data_path(d["data"]["data_path"])[0] for d in docs] == [
+        [assets["caption"]], [assets["ocr"]], [assets["caption"], assets["ocr"]]]
     assert [d["checkpoint"]["init_from"] for d in docs] == [
-        "/ckpt/advance", docs[0]["checkpoint"]["save"], docs[1]["checkpoint"]["save"]]
+        assets["hf_8b"], docs[0]["checkpoint"]["save"], docs[1]["checkpoint"]["save"]]
+    assert err.count("written by an earlier stage of this launcher") == 2
     for d in docs:
         assert d["recipe"] == "sail_8b"
         assert d["stage"]["train_vision"] and d["stage"]["train_language"]
@@ -92,8 +149,72 @@ def test_sft_script_chains_three_stages(monkeypatch):
 
 def test_unknown_flag_or_bad_value_fails_the_script():
     """A flag the trainer does not know, or a value it refuses, stops the launcher."""
-    env = {"DATA_PATH": "/data/x"}
+    env = {"DATA_PATH": "/data/x", "STAGES": "pretrain-alignment"}
     proc = dry_run("pretrain_sail_2b.sh", env, "--no-such-flag", "1")
     assert proc.returncode != 0 and "--no-such-flag" in proc.stderr
     proc = dry_run("pretrain_sail_2b.sh", env, "--lr-decay-style", "zigzag")
     assert proc.returncode != 0 and "zigzag" in proc.stderr
+
+
+def test_dry_run_refuses_data_that_does_not_fit_the_recipe(assets):
+    """512-token rows of 32 px tiles (4 tokens each) for a 16,384-token, 448 px recipe; a prefix
+    that was never built; a blend whose token ids differ: each an error naming the prefix."""
+    one = {"STAGES": "pretrain-alignment"}
+    proc = dry_run("pretrain_sail_2b.sh", {"DATA_PATH": f"{assets['caption']} {assets['small']}", **one})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"--data-path {assets['small']}: rows hold 512 tokens but --seq-length is 16384" in proc.stderr
+    assert "4 tokens per tile, the model makes 1 from 32 px tiles" in proc.stderr
+    assert f"token ids / tiles differ from {assets['caption']}: tokens_per_tile 4 vs 256" in proc.stderr
+    missing = os.path.join(os.path.dirname(assets["small"]), "never_built")
+    proc = dry_run("pretrain_sail_2b.sh", {"DATA_PATH": missing, **one})
+    assert proc.returncode == 2 and f"no {missing}.meta.json" in proc.stderr
+
+
+def test_dry_run_refuses_a_checkpoint_of_another_model(assets, tmp_path):
+    """The 8B conversion as --init-from of the 2B recipe; an --init-from that is not there."""
+    env = {"DATA_PATH": assets["caption"], "STAGES": "pretrain-alignment", "RUN_ROOT": str(tmp_path)}
+    proc = dry_run("pretrain_sail_2b.sh", {**env, "INIT_FROM": assets["hf_8b"]})
+    assert proc.returncode == 2
+    assert f"--init-from {assets['hf_8b']}: model differs from recipe 'sail_2b'" in proc.stderr
+    assert "language.hidden_size: checkpoint 3584, recipe 1536" in proc.stderr
+    proc = dry_run("pretrain_sail_2b.sh", {**env, "INIT_FROM": str(tmp_path / "nothing")})
+    assert proc.returncode == 2 and f"--init-from {tmp_path / 'nothing'}: does not exist" in proc.stderr
+
+
+SLURM_STEP = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
+              "SLURM_STEP_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu-a[003-004]"}
+
+
+@pytest.mark.parametrize("tasks,direct", [("2", False), ("16", True)])
+def test_slurm_launch_modes(assets, tasks, direct):
+    """One srun task per node runs torch.distributed.run for the node's 8 GPUs, rendezvous at the
+    job's first node (parsed from the compressed node list, no scontrol); one task per GPU runs
+    the trainer itself (it takes its rank from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID)."""
+    env = {**SLURM_STEP, "SLURM_STEP_NUM_TASKS": tasks, "SLURM_NTASKS": tasks, "MASTER_PORT": "31337",
+           "DATA_PATH": assets["caption"], "STAGES": "pretrain-alignment"}
+    proc = dry_run("pretrain_sail_2b.sh", env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    launch = next(line for line in proc.stderr.splitlines() if line.startswith("[dry-run] launch:"))
+    if direct:
+        assert launch == f"[dry-run] launch: {sys.executable} -m megatron_sail.train ..."
+    else:
+        assert launch == (f"[dry-run] launch: {sys.executable} -m torch.distributed.run --nnodes 2 "
+                          "--node_rank 1 --nproc_per_node 8 --master_addr gpu-a003 --master_port 31337 "
+                          "-m megatron_sail.train ...")
+
+
+def test_no_launcher_calls_a_bare_torchrun():
+    """`torchrun` is only on PATH inside an activated venv (rc 127 otherwise): the scripts use
+    the project's Python (`$PYTHON -m torch.distributed.run`)."""
+    for script in Path(ROOT, "examples").glob("*.sh"):
+        code = "\n".join(line.split("#")[0] for line in script.read_text().splitlines())
+        assert not re.search(r"(^|[\s;&|(])torchrun\b", code), script
+
+
+@pytest.mark.skipif(not os.access(os.path.join(ROOT, ".venv", "bin", "python"), os.X_OK),
+                    reason="no .venv in this checkout")
+def test_python_defaults_to_the_checkouts_venv(assets):
+    proc = dry_run("pretrain_sail_2b.sh", {"PYTHON": "", "DATA_PATH": assets["caption"],
+                                           "STAGES": "pretrain-alignment", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"[dry-run] launch: {ROOT}/.venv/bin/python -m torch.distributed.run" in proc.stderr
