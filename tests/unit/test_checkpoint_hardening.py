@@ -295,3 +295,90 @@ def test_missing_checkpoint_is_said_or_refused(tmp_path):
     assert "no checkpoint there" in lines[0] and "randomly initialized" in lines[0]
     with pytest.raises(FileNotFoundError, match="--exit-on-missing-checkpoint"):
         resume_checks.missing_checkpoint(str(tmp_path), True, None)
+
+
+# ------------------------------------------------------------------ metrics files (1, 10)
+def _write_run(run_dir, steps, start, evals=()):
+    from megatron_sail.training.metrics import MetricsConfig, MetricsWriter, StepStats
+
+    with MetricsWriter(run_dir, None, 100, 0, MetricsConfig(start_iteration=start)) as w:
+        for i in steps:
+            w.log_step(StepStats(iteration=i, lm_loss=float(i), lr={"lr/default": 1e-4},
+                                 grad_norm=1.0, step_time_s=1.0, tokens=10, samples=1))
+            if i in evals:
+                w.log_eval(i, 1.0 / i)
+
+
+def _iters(path):
+    return [json.loads(line)["iteration"] for line in open(path)] if path.exists() else []
+
+
+def test_resume_keeps_one_record_per_iteration_and_moves_the_rest_aside(tmp_path):
+    """A run validated at 4 and 6 crashed after 6 with its checkpoint at 4; the resume repeats
+    5-6: valid_metrics.jsonl must not list 6 twice, and the crashed run's records are kept."""
+    _write_run(tmp_path, range(1, 7), 0, evals=(4, 6))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 7, "lm_lo')  # a line cut short by the crash
+    _write_run(tmp_path, range(5, 9), 4, evals=(6, 8))
+    assert _iters(tmp_path / "metrics.jsonl") == list(range(1, 9))
+    assert _iters(tmp_path / "valid_metrics.jsonl") == [4, 6, 8]
+    assert _iters(tmp_path / "valid_metrics.superseded.jsonl") == [6]
+    aside = (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in aside[:2]] == [5, 6]
+    assert aside[2] == '{"iteration": 7, "lm_lo'
+
+
+def test_fresh_run_in_an_old_run_dir_keeps_the_old_curve(tmp_path):
+    _write_run(tmp_path, range(1, 31), 0)
+    _write_run(tmp_path, range(1, 11), 0)
+    assert _iters(tmp_path / "metrics.jsonl") == list(range(1, 11))
+    assert _iters(tmp_path / "metrics.superseded.jsonl") == list(range(1, 31))
+
+
+# ------------------------------------------------------------------ tokenizer identity (3)
+def test_tokenizer_identity_follows_the_vocabulary_not_the_file_layout(tmp_path):
+    from megatron_sail.data.demo import train_tokenizer
+    from megatron_sail.data.tokenizer import load_tokenizer, tokenizer_identity
+
+    path = tmp_path / "tokenizer.json"
+    train_tokenizer(["a red circle", "a blue square on the left"] * 4, str(path), vocab_size=280)
+    ident = tokenizer_identity(load_tokenizer(str(path)))
+    assert ident.startswith("sha256:") and len(ident) == len("sha256:") + 16
+    spec = json.loads(path.read_text())
+    moved = tmp_path / "copy" / "tokenizer.json"
+    moved.parent.mkdir()
+    moved.write_text(json.dumps(dict(reversed(list(spec.items()))), indent=4))
+    assert tokenizer_identity(load_tokenizer(str(moved))) == ident  # same tokenizer elsewhere
+    vocab = spec["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[3:5]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # two ids swapped
+    moved.write_text(json.dumps(spec))
+    assert tokenizer_identity(load_tokenizer(str(moved))) != ident
+
+
+# ------------------------------------------------------------------ flags and conversion (10)
+def test_negative_counts_are_clear_errors():
+    from megatron_sail.config.run import resolve
+
+    with pytest.raises(ValueError, match=r"--train-iters -5: must be at least 0"):
+        resolve(["--recipe", "tiny", "--train-iters", "-5"])
+    with pytest.raises(ValueError, match=r"--keep-last -1: must be at least 0"):
+        resolve(["--recipe", "tiny", "--keep-last", "-1"])
+    with pytest.raises(ValueError, match="exclude each other"):
+        resolve(["--recipe", "tiny", "--override-opt_param-scheduler",
+                 "--use-checkpoint-opt_param-scheduler"])
+    assert resolve(["--recipe", "tiny", "--train-iters", "0"]).optim.lr_decay_iters == 1
+
+
+def test_conversion_refuses_to_write_over_its_source(tmp_path):
+    from megatron_sail.convert.checkpoint import ConvertConfig, hf_to_mcore, mcore_to_hf
+
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    for out in (src, tmp_path):
+        with pytest.raises(ValueError, match="would replace the source checkpoint"):
+            hf_to_mcore(src, out, ConvertConfig(overwrite=True))
+        with pytest.raises(ValueError, match="would replace the source checkpoint"):
+            mcore_to_hf(src, out, ConvertConfig(overwrite=True))
+    assert (src / "config.json").read_text() == "{}"
