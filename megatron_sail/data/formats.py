@@ -343,7 +343,7 @@ def to_conversation(rec: RawRecord, fmt: str, index: int, cfg: TemplateConfig,
 
 def _load_image(ref: object, base_dir: str, access: ImageAccess = ImageAccess()) -> bytes:
     """A ``data:`` URI decoded, a remote URL rejected (media_refs.py), else a file under base_dir."""
-    blob = inline_image(ref)
+    blob = inline_image(ref, access.max_bytes)
     return blob if blob is not None else _read_image(local_path(ref) if isinstance(ref, str) else ref,
                                                      base_dir, access)
 

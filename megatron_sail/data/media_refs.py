@@ -4,7 +4,7 @@ and media we do not train on (video, audio).
 Why one module: every JSON input format (LLaVA/InternVL, caption pairs, chat ``messages``) names
 its images in a few different ways, and none of them may lose an image silently. A record either
 yields every image it names, or it is rejected with a reason (``remote_url``,
-``video_unsupported``, ``audio_unsupported``, ``image_too_large``, ``undecodable_image``).
+``video_unsupported``, ``audio_unsupported``, ``file_too_large``, ``undecodable_image``).
 """
 from __future__ import annotations
 
@@ -14,11 +14,8 @@ import re
 import urllib.parse
 from typing import Optional
 
+from megatron_sail.config.data import DEFAULT_MAX_IMAGE_BYTES
 from megatron_sail.data.template import SampleError
-
-MAX_INLINE_IMAGE_BYTES = 64 << 20
-"""Largest decoded ``data:`` URI image (bytes); checked on the encoded length before decoding,
-so a huge string is refused without allocating its decoded copy."""
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 VIDEO_KEYS = ("video", "videos")
@@ -27,15 +24,17 @@ VIDEO_TAG = "<video>"
 AUDIO_TAG = "<audio>"
 
 
-def decode_data_uri(uri: str, max_bytes: int = MAX_INLINE_IMAGE_BYTES) -> bytes:
-    """Bytes of a ``data:[<mediatype>][;base64],<data>`` URI (RFC 2397), size-capped."""
+def decode_data_uri(uri: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """Bytes of a ``data:[<mediatype>][;base64],<data>`` URI (RFC 2397), capped like image files
+    (--max-image-bytes); the cap is checked on the encoded length before decoding, so a huge
+    string is refused without allocating its decoded copy."""
     header, sep, body = uri.partition(",")
     if not sep:
         raise SampleError("undecodable_image", "data: URI without a ',' before its data")
     is_b64 = header.lower().endswith(";base64")
     estimate = len(body) * 3 // 4 if is_b64 else len(body)
     if estimate > max_bytes:
-        raise SampleError("image_too_large", f"data: URI holds ~{estimate} bytes > {max_bytes}")
+        raise SampleError("file_too_large", f"data: URI holds ~{estimate} bytes > --max-image-bytes {max_bytes}")
     if not is_b64:
         return urllib.parse.unquote_to_bytes(body)
     try:
@@ -47,7 +46,7 @@ def decode_data_uri(uri: str, max_bytes: int = MAX_INLINE_IMAGE_BYTES) -> bytes:
     return data
 
 
-def inline_image(ref: object) -> Optional[bytes]:
+def inline_image(ref: object, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Optional[bytes]:
     """Bytes of an inline image; None when ``ref`` is a local path for the file reader.
 
     A remote URL (``http://``, ``https://``, ``s3://``, ...) is a ``remote_url`` reject:
@@ -58,7 +57,7 @@ def inline_image(ref: object) -> Optional[bytes]:
     if not isinstance(ref, str):
         return None
     if ref[:5].lower() == "data:":
-        return decode_data_uri(ref)
+        return decode_data_uri(ref, max_bytes)
     m = _SCHEME.match(ref)
     if m and m.group(1).lower() != "file":
         raise SampleError("remote_url", ref[:200])

@@ -153,7 +153,7 @@ def test_data_uris_decode_and_are_size_capped():
     assert decode_data_uri(uri) == png
     with pytest.raises(SampleError) as e:
         decode_data_uri(uri, max_bytes=len(png) // 2)
-    assert e.value.reason == "image_too_large"
+    assert e.value.reason == "file_too_large"
     with pytest.raises(SampleError) as e:
         decode_data_uri("data:image/png;base64,@@not base64@@")
     assert e.value.reason == "undecodable_image"
