@@ -88,9 +88,17 @@ def check_data(cfg: RunConfig, report: Report) -> Optional[int]:
             seen[prefix] = (prefix, geometry)
             vocab = max(vocab or 0, int(tok.get("vocab_size", 0)))
             if not problems:
+                trained_at = cfg.model.vision.image_size
                 report.notes.append(f"ok: {flag} {prefix}: {meta.get('stats', {}).get('rows', '?')} rows "
                                     f"of {meta['seq_length']} tokens, {tok.get('tile_size')} px tiles, "
-                                    f"{tok.get('tokens_per_tile')} tokens per tile, vocab {tok.get('vocab_size')}")
+                                    f"{tok.get('tokens_per_tile')} tokens per tile, vocab {tok.get('vocab_size')}"
+                                    + ("" if tok.get("tile_size") == trained_at else
+                                       f" (the ViT's image size is {trained_at} px: position "
+                                       "embeddings are interpolated)"))
+    if vocab and trained_vocab(cfg, vocab) != cfg.model.language.vocab_size:
+        report.notes.append(f"note: the data's {vocab} token ids exceed the recipe's vocabulary "
+                            f"{cfg.model.language.vocab_size}: the model is built with "
+                            f"{trained_vocab(cfg, vocab)}")
     return vocab
 
 

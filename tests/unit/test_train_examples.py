@@ -10,6 +10,7 @@ are then checked against the hardware the scripts are sized for (8 GPUs per node
 divide the node, the global batch splits into micro-batches over the data-parallel ranks, and
 FP8's 16-token alignment holds.
 """
+import json
 import os
 import re
 import subprocess
@@ -218,3 +219,22 @@ def test_python_defaults_to_the_checkouts_venv(assets):
                                            "STAGES": "pretrain-alignment", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"[dry-run] launch: {ROOT}/.venv/bin/python -m torch.distributed.run" in proc.stderr
+
+
+def test_dry_run_module_on_the_tiny_recipe(assets, tmp_path, capsys):
+    """In process: the tiny recipe fits the 512-token, 32 px data; a smaller vocabulary is
+    reported with the size the trainer will build; another row length is an error."""
+    from megatron_sail.config import dry_run
+
+    base = ["--recipe", "tiny", "--seq-length", "512", "--data-path", assets["small"]]
+    assert dry_run.main(["--", *base]) == 0
+    err = capsys.readouterr().err
+    assert f"ok: --data-path {assets['small']}: 1 rows of 512 tokens, 32 px tiles, 4 tokens per tile" in err
+    small_vocab = tmp_path / "vocab.yaml"
+    small_vocab.write_text("model:\n  language:\n    vocab_size: 256\n")
+    assert dry_run.main(["--", *base, "--config", str(small_vocab)]) == 0
+    vocab = json.loads(Path(assets["small"] + ".meta.json").read_text())["tokenizer"]["vocab_size"]
+    assert (f"the data's {vocab} token ids exceed the recipe's vocabulary 256: the model is built "
+            f"with {-(-vocab // 128) * 128}") in capsys.readouterr().err
+    assert dry_run.main(["--", *base[:2], "--seq-length", "256", *base[4:]]) == 2
+    assert "rows hold 512 tokens but --seq-length is 256" in capsys.readouterr().err
