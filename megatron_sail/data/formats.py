@@ -223,6 +223,8 @@ def resolve_image_path(rel: str, base_dir: str, access: ImageAccess) -> str:
             return rel
         root = _real_root(base_dir)
         real = os.path.realpath(os.path.join(root, rel))
+    except UnicodeError as e:  # a lone surrogate cannot name a file
+        raise SampleError("bad_encoding", f"image path {rel!r} is not valid Unicode") from e
     except ValueError as e:  # an embedded NUL byte
         raise SampleError("bad_sample", f"image path {rel!r}: {e}") from e
     if os.path.commonpath([root, real]) != root:

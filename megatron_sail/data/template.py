@@ -60,7 +60,7 @@ def normalize_turns(turns: list[dict], num_images: int, cfg: TemplateConfig) -> 
             raise SampleError("unknown_role", f"system turn at position {i}")
         out.append((ROLES[role], text))
     if not any(r == "assistant" for r, _ in out):
-        raise SampleError("no_assistant_turn")
+        raise SampleError("no_assistant_turn", f"none of the {len(out)} turns is from gpt/assistant")
     placeholders = sum(t.count(IMAGE_PLACEHOLDER) for _, t in out)
     if placeholders == 0 and num_images > 0:
         first_user = next((i for i, (r, _) in enumerate(out) if r == "user"), None)
