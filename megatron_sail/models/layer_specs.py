@@ -61,6 +61,29 @@ class SPNorm(torch.nn.Module):
         return torch.nn.functional.layer_norm(x, (x.size(-1),), self.weight, self.bias, self.eps)
 
 
+class SPFinalNorm(SPNorm):
+    """The LM's final norm, with the (empty) ``_extra_state`` that TE's norm carries.
+
+    In the TE spec the final norm is Transformer Engine's RMSNorm, whose checkpoint entry
+    includes ``_extra_state`` (FP8 metadata); the layer norms inside the layers live in TE's
+    fused linears, whose extra state Megatron's local linears already mirror. Without the same
+    key here, a checkpoint written with the local spec (every conversion) would fail the strict
+    load of the TE model's last pipeline stage."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+        super().__init__(config, hidden_size, eps)
+        # A state dict without the key (an older checkpoint) still loads strictly.
+        self._register_load_state_dict_pre_hook(
+            lambda state_dict, prefix, *_a, **_k: state_dict.setdefault(f"{prefix}_extra_state"))
+
+    def get_extra_state(self):
+        """Nothing to keep; present so that the checkpoint keys match TE's norm."""
+        return None
+
+    def set_extra_state(self, state) -> None:
+        """TE's FP8 metadata (if any) has no meaning for this norm: ignored."""
+
+
 class FullWidthQKNorm(torch.nn.Module):
     """InternViT's QK-norm: RMSNorm over all heads of q (or k) together, not per head.
 
@@ -184,6 +207,6 @@ def language_block_spec(config, use_te: bool, vp_stage=None) -> TransformerBlock
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
-        final_norm = SPNorm
+        final_norm = SPFinalNorm
     return TransformerBlockSubmodules(layer_specs=[language_layer_spec(use_te)] * n,
                                       layer_norm=final_norm)
