@@ -151,8 +151,9 @@ def _inspect_megatron(ckpt: Path) -> Checkpoint:
 def _dataset_meta(ckpt: Path) -> Optional[dict]:
     """meta.json of the first training dataset the checkpoint's stored run config names."""
     from megatron_sail.data.indexed import load_meta
+    from megatron_sail.training.checkpoint import read_state_file
 
-    payload = torch.load(ckpt / "train_state.pt", weights_only=False)  # our own file (trainer)
+    payload = read_state_file(str(ckpt / "train_state.pt"))  # weights_only, allow-listed
     data = ((payload.get("config") or {}).get("data") or {})
     for entry in data.get("data_path") or []:
         try:

@@ -25,7 +25,7 @@ from test_train_runs import (  # noqa: F401 - `data` is a fixture
 from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 
 from megatron_sail.training import checkpoint as ckpt
-from megatron_sail.training import dist_ckpt
+from megatron_sail.training import dist_ckpt, integrity
 
 
 class Net(torch.nn.Module):
@@ -79,11 +79,17 @@ def _async_save_scenarios(rank: int, root: str) -> dict:
     state.iteration = 3
     seen["nonblocking"] = pending.maybe_finalize_async_calls(blocking=False)
     seen["during"] = _look(root)
+    seen["manifest_during"] = os.path.exists(os.path.join(root, "iter_0000002.tmp",
+                                                          "manifest.json"))
     dist.barrier()
     if rank == 0:
         open(release, "w").close()
     seen["blocking"] = pending.maybe_finalize_async_calls(blocking=True)
     seen["after"] = _look(root)
+    # The finalization hashed both ranks' files into the manifest before the rename.
+    seen["verified"] = integrity.verify_checkpoint(os.path.join(root, "iter_0000002"), "full")
+    seen["manifest_files"] = sorted(integrity.read_manifest(
+        os.path.join(root, "iter_0000002"))["files"])
     target = Net(rank, 2)
     torch.nn.init.zeros_(target.w)
     seen["saved"] = dist_ckpt.load_sharded({"model": target.sharded_state_dict()},
@@ -119,6 +125,9 @@ def test_async_save_publishes_only_at_finalization(tmp_path):
                                                            "latest"]}
         assert s["after"] == {"latest": "2", "entries": ["iter_0000002", "latest"]}
         assert torch.equal(s["saved"], s["expected"]) and s["iteration"] == 2
+        assert not s["manifest_during"] and s["verified"] == "full"
+        assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "train_state.pt"} <= \
+            set(s["manifest_files"])
         assert s["failure"] is not None
         assert s["after_failure"] == {"latest": "2", "entries": ["iter_0000002",
                                                                  "iter_0000004.tmp", "latest"]}
