@@ -49,3 +49,24 @@ def test_dali_gpu_is_default_and_close_to_pil(caplog):
     assert diff.max() <= 12 * LEVEL
     again, ok = gpu.tiles(recs)  # the pipeline was rebuilt after the failure
     assert ok == [True] * 3 and torch.equal(again.cpu(), got)
+
+
+def test_dali_gpu_16bit_png_and_pixel_limit():
+    """A 16-bit grey gradient keeps its brightness (v / 257, as dali-cpu and pil); a header claiming
+    20000x20000 is refused before the GPU decoder sees it."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "unit", "test_images_limits.py")
+    spec = importlib.util.spec_from_file_location("images_limits", path)
+    lim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lim)
+    GRADIENT, header_only_png, png16 = lim.GRADIENT, lim.header_only_png, lim.png16
+
+    gpu = build_image_pipeline(ImageConfig(backend="dali", tile_size=64, threads=1))
+    for colour_type in (0, 2):
+        tiles, ok = gpu.tiles([ImageRecord(png16(GRADIENT, colour_type), (1, 1), False, (64, 64), 0, "g16")])
+        px = (tiles[0, 0].cpu().numpy() * 0.229 + 0.485) * 255
+        assert ok == [True] and abs(px.mean() - GRADIENT.mean() / 257) < 1.0
+    tiles, ok = gpu.tiles([ImageRecord(header_only_png(20000, 20000), (1, 1), False, (64, 64), 0, "bomb")])
+    assert ok == [False] and float(tiles.abs().max()) == 0.0

@@ -141,7 +141,8 @@ class Corpus:
         self.record(path, reasons)
 
     def path_escape(self) -> None:
-        path = self.rng.choice(["../outside/secret.png", "../../../../../../etc/passwd", "adir/../../outside/secret.png",
+        path = self.rng.choice(["../outside/secret.png", "../../../../../../etc/passwd",
+                                "adir/../../outside/secret.png",
                                 "out_link.png", str(self.outside / "secret.png"), "file:///etc/passwd"])
         self.record(path, {"path_outside_root"})
 

@@ -23,7 +23,8 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
 def png16(grey: np.ndarray, colour_type: int) -> bytes:
     """A 16-bit PNG written by hand (grey 0, grey+alpha 4, RGB 2, RGBA 6)."""
     h, w = grey.shape
-    planes = {0: [grey], 4: [grey, np.full_like(grey, 65535)], 2: [grey] * 3, 6: [grey] * 3 + [np.full_like(grey, 65535)]}
+    opaque = np.full_like(grey, 65535)
+    planes = {0: [grey], 4: [grey, opaque], 2: [grey] * 3, 6: [grey] * 3 + [opaque]}
     px = np.stack(planes[colour_type], -1).astype(">u2")
     raw = b"".join(b"\x00" + px[y].tobytes() for y in range(h))
     ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
@@ -63,7 +64,8 @@ def test_pil_writes_i16_as_png_and_it_decodes_the_same():
 def header_only_png(w: int, h: int) -> bytes:
     """A tiny PNG whose IHDR claims w x h (a decompression-bomb header)."""
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _chunk(b"IEND", b"")
+    idat = _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + idat + _chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
