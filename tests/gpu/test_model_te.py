@@ -1,5 +1,10 @@
 """GPU only: the Transformer Engine layer spec computes the same model as the local spec,
-and the local spec matches transformers' InternVL on CUDA. Skips cleanly without CUDA/TE."""
+and the local spec matches transformers' InternVL on CUDA. Skips cleanly without CUDA/TE.
+
+The TE models are built in bf16: with packed (THD) input, TE's attention has no fp32 backend
+(its unfused attention refuses THD; flash and cuDNN attention take fp16/bf16 only). The bf16
+tolerance: TE's error against the fp32 local model may be at most a few times the error of the
+local spec run in bf16 on the same inputs."""
 import sys
 from pathlib import Path
 
@@ -38,20 +43,39 @@ def test_local_spec_matches_transformers_on_cuda(setup):
     assert (ref - got).abs().max().item() < 1e-3
 
 
+def _bf16_local(cfg, local):
+    """The local spec in bf16 with the fp32 model's weights: the bf16 error yardstick."""
+    from megatron_sail.models.sail_vl import SailVLModel
+
+    model = SailVLModel(cfg, use_te=False, dtype=torch.bfloat16).cuda().eval()
+    model.load_state_dict(local.state_dict(), strict=True)
+    return model
+
+
+def _assert_within_bf16(te, local16, local, inputs):
+    """TE's logits are as close to the fp32 local model's as bf16 allows."""
+    ids, pos, tiles, cu = inputs
+    with torch.no_grad():
+        want = local(ids, pos, tiles, cu_seqlens=cu).float()
+        got = te(ids, pos, tiles, cu_seqlens=cu).float()
+        yardstick = local16(ids, pos, tiles, cu_seqlens=cu).float()
+    err, ref_err = (got - want).abs().max().item(), (yardstick - want).abs().max().item()
+    scale = max(1.0, want.abs().max().item())
+    print(f"max |TE bf16 - fp32| {err:.3e}, |local bf16 - fp32| {ref_err:.3e}, scale {scale:.2f}")
+    assert err <= max(4 * ref_err, 1e-2 * scale), (err, ref_err, scale)
+
+
 def test_te_spec_matches_local_spec(setup):
     pytest.importorskip("transformer_engine")
     from megatron_sail.convert.hf_internvl import canonical_key
     from megatron_sail.models.sail_vl import SailVLModel
 
-    mc, cfg, hf, local, samples, (ids, pos, tiles, cu) = setup
-    te = SailVLModel(cfg, use_te=True).cuda().eval()
+    mc, cfg, hf, local, samples, inputs = setup
+    te = SailVLModel(cfg, use_te=True, dtype=torch.bfloat16).cuda().eval()
     src = local.state_dict()
     te.load_state_dict({k: src[canonical_key(k)] for k in te.state_dict()
                         if not k.endswith("_extra_state")}, strict=False)
-    with torch.no_grad():
-        want = local(ids, pos, tiles, cu_seqlens=cu)
-        got = te(ids, pos, tiles, cu_seqlens=cu)
-    assert (want - got).abs().max().item() < 2e-2 * max(1.0, want.abs().max().item())
+    _assert_within_bf16(te, _bf16_local(cfg, local), local, inputs)
 
 
 def test_checkpoint_saved_with_local_spec_loads_into_te_spec(setup, tmp_path):
@@ -60,11 +84,8 @@ def test_checkpoint_saved_with_local_spec_loads_into_te_spec(setup, tmp_path):
     from megatron_sail.models.sail_vl import SailVLModel
     from megatron_sail.training import dist_ckpt
 
-    mc, cfg, hf, local, samples, (ids, pos, tiles, cu) = setup
+    mc, cfg, hf, local, samples, inputs = setup
     dist_ckpt.save_model([local], tmp_path / "ck")
-    te = SailVLModel(cfg, use_te=True).cuda().eval()
-    dist_ckpt.load_model([te], tmp_path / "ck")
-    with torch.no_grad():
-        want = local(ids, pos, tiles, cu_seqlens=cu)
-        got = te(ids, pos, tiles, cu_seqlens=cu)
-    assert (want - got).abs().max().item() < 2e-2 * max(1.0, want.abs().max().item())
+    te = SailVLModel(cfg, use_te=True, dtype=torch.bfloat16).cuda().eval()
+    dist_ckpt.load_model([te], tmp_path / "ck")  # strict: the final norm's _extra_state too
+    _assert_within_bf16(te, _bf16_local(cfg, local), local, inputs)
