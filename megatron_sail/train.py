@@ -1,4 +1,5 @@
-"""Entry point: ``torchrun ... -m megatron_sail.train --recipe R --stage S [--config F] [flags]``.
+"""Entry point: ``python -m torch.distributed.run ... -m megatron_sail.train --recipe R --stage S
+[--config F] [flags]`` (or one ``srun`` task per GPU; see platform/distributed.py).
 
 One straight-line ``train()``: resolve the config, start the platform, build this rank's model
 chunks, wrap them in Megatron-Core DDP, build optimizer + scheduler, load a checkpoint, then
