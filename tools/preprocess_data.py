@@ -6,6 +6,11 @@ Example (demo data, tiny recipe):
       --output-prefix data/demo_train --seq-length 1024 --tile-size 32 --tokens-per-tile 4 --max-tiles 4
 Prints one JSON summary line; exits 1 on --strict rejects or a reject rate above --max-reject-rate,
 2 (with a one-line error) on missing inputs or bad flags.
+
+An InternVL meta file as the one --input (internvl_chat/shell/data/*.json) builds one dataset per
+entry under --output-prefix (a directory), prints one summary line per entry and then the
+--data-path blend (also written to OUT/blend.json and OUT/data_path.txt); see
+megatron_sail/data/internvl_meta.py.
 """
 from __future__ import annotations
 
