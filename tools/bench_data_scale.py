@@ -40,7 +40,10 @@ SPECIAL = {"pad_id": 0, "img_context_id": 1, "img_start_id": 2, "img_end_id": 3,
            "im_end_id": 5}
 GPU_TOKENS_PER_S = 1.5 * 23_800
 """What one GPU consumes at the speed goal: 1.5x transformers' InternVL on an H200 (SAIL-VL-2B
-shape, 23.8k tokens/s; docs/performance.md)."""
+shape, 4 tiles per 4,096-token row: 23.8k tokens/s; docs/performance.md)."""
+GPU_FLOPS = 1.5 * 296e12
+"""The same goal in model FLOP/s (that HF run did 296 TFLOP/s). Rows with many tiles cost more
+FLOPs per token than the 4-tile rows behind the token rate, so this bound is the tighter one."""
 CHUNK = 1 << 20
 """Rows written per numpy chunk (bounds the builder's memory)."""
 
@@ -152,11 +155,11 @@ def write_image_dataset(prefix: str, rows: int, images_per_row: int, seq_length:
     need = images_per_row * (13 * 256 + 66)
     if need > seq_length:
         raise SystemExit(f"{images_per_row} images of 13 tiles need {need} tokens > --seq-length {seq_length}")
-    jpegs = [synthetic_jpeg(1024, 768, seed=i) for i in range(16)]
+    jpegs = [synthetic_jpeg(1024, 768, seed=i) for i in range(min(16, rows * images_per_row))]
     rng = np.random.default_rng(source)
     with indexed.PackedWriter(prefix) as w:
         for r in range(rows):
-            w.add_row([image_sample(jpegs[(r * images_per_row + k) % 16], 60, rng)
+            w.add_row([image_sample(jpegs[(r * images_per_row + k) % len(jpegs)], 60, rng)
                        for k in range(images_per_row)], SPECIAL["img_context_id"])
         w.end_block(0)
         st = w.stats
@@ -191,9 +194,11 @@ def read_blend(args: argparse.Namespace, prefixes: list[str]) -> dict:
     """Read --read rows in training order through the trainer's StepFeeder; timings."""
     import torch
 
+    from megatron_sail.config import model as model_cfg
     from megatron_sail.config.images import ImageConfig
     from megatron_sail.data.dataset import BlendedDataset
     from megatron_sail.data.images.pipeline import build_image_pipeline
+    from megatron_sail.training.flops import shape_from_model_config
     from megatron_sail.training.loop import BatchPlan, StepFeeder
 
     torch.set_num_threads(args.threads)
@@ -203,22 +208,25 @@ def read_blend(args: argparse.Namespace, prefixes: list[str]) -> dict:
     plan = BatchPlan(args.global_batch_size, args.micro_batch_size, args.dp_size, 0)
     images = bool(args.images_per_row)
     pipeline = build_image_pipeline(ImageConfig(backend=args.backend, threads=args.threads)) if images else None
-    feeder = StepFeeder(blend, plan, pipeline, 0, None, depth=2, decode=images)
+    shape = shape_from_model_config(model_cfg.sail_2b(), 448) if images else None
+    feeder = StepFeeder(blend, plan, pipeline, 0, shape, depth=2, decode=images)
     per_step = args.global_batch_size // args.dp_size
     feeder.next_step()  # warm-up: the loader thread, the decoder
-    rows = tiles = tokens = 0
+    rows = tiles = tokens = flops = 0
     anon_peak = rss_mb()[0]
     start, cpu0 = time.perf_counter(), time.process_time()
     while rows < args.read:
-        batches, (real_tokens, _) = feeder.next_step()
+        batches, (real_tokens, step_flops) = feeder.next_step()
         rows += per_step
         tokens += real_tokens
+        flops += step_flops
         tiles += sum(int(mb.tiles.shape[0]) for mb in batches) if images else 0
         anon_peak = max(anon_peak, rss_mb()[0])
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
     feeder.close()
     anon, file_backed = rss_mb()
     return {"open_s": open_s, "rows": rows, "wall": wall, "cpu": cpu, "tiles": tiles, "tokens": tokens,
+            "flops": flops,
             "anon_peak": anon_peak, "file_mb": file_backed}
 
 
@@ -249,10 +257,12 @@ def main(argv=None) -> int:
             f"cpu_ms_per_row={1000 * r['cpu'] / r['rows']:.3f} rows_per_cpu_s={r['rows'] / r['cpu']:.1f} "
             f"rss_anon_peak_mb={r['anon_peak']:.0f} rss_file_mb={r['file_mb']:.0f}")
     if args.images_per_row:
-        gpu_rows = GPU_TOKENS_PER_S / args.seq_length
-        line += (f" backend={args.backend} threads={args.threads} tiles_per_s={r['tiles'] / r['wall']:.1f} "
-                 f"tokens_per_s={r['tokens'] / r['wall']:.0f} gpu_rows_per_s={gpu_rows:.2f} "
-                 f"loader_cores_per_gpu={gpu_rows * r['cpu'] / r['rows']:.2f}")
+        by_tokens = GPU_TOKENS_PER_S / (r["tokens"] / r["rows"])
+        by_flops = GPU_FLOPS / (r["flops"] / r["rows"])
+        line += (f" backend={args.backend} threads={args.threads} tiles_per_row={r['tiles'] / r['rows']:.1f} "
+                 f"tiles_per_s={r['tiles'] / r['wall']:.1f} tiles_per_cpu_s={r['tiles'] / r['cpu']:.1f} "
+                 f"gpu_rows_per_s_by_tokens={by_tokens:.2f} gpu_rows_per_s_by_flops={by_flops:.2f} "
+                 f"loader_cores_per_gpu={max(by_tokens, by_flops) * r['cpu'] / r['rows']:.2f}")
     print(line)
     print(f"rows_per_s={rows_per_s:.1f} peak_rss_mb={peak:.0f}")
     return 0

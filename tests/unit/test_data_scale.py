@@ -53,3 +53,15 @@ def test_bench_prints_the_interface_line(tmp_path, capsys):
 def test_bench_refuses_bad_sizes():
     with pytest.raises(SystemExit):
         bench_data_scale.parse_args(["--datasets", "0", "--rows", "10"])
+
+
+def test_bench_sail_vl_rows_decode_and_report_cores_per_gpu(tmp_path, capsys):
+    """Image rows go through the real writer, reader, collation and the PIL decoder."""
+    assert bench_data_scale.main(["--datasets", "1", "--rows", "2", "--seq-length", "4096",
+                                  "--images-per-row", "1", "--read", "2", "--global-batch-size", "1",
+                                  "--workdir", str(tmp_path)]) == 0
+    detail, last = capsys.readouterr().out.strip().splitlines()[-2:]
+    fields = dict(w.split("=") for w in detail.split())
+    assert float(fields["tiles_per_row"]) == 13.0  # 4x3 grid + thumbnail, decoded
+    assert float(fields["gpu_rows_per_s_by_flops"]) < float(fields["gpu_rows_per_s_by_tokens"])
+    assert float(fields["loader_cores_per_gpu"]) > 0 and last.startswith("rows_per_s=")
