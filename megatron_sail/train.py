@@ -152,11 +152,10 @@ def train(cfg: RunConfig) -> int:
     state.scheduler = scheduler.state_dict()
     state.tokenizer = data_block
     if c.load and state.iteration == cfg.train.train_iters and ckpt.resolve_checkpoint(c.load):
-        if rank0:
+        if rank0:  # the loop then runs no step and saves nothing; final validation still runs
             print(f"[train] the checkpoint in --load {c.load} is at iteration {state.iteration} "
                   f"= --train-iters: nothing to train (raise --train-iters to continue)",
                   flush=True)
-        return 0
     pipeline = build_image_pipeline(cfg.images)
     shape = shape_from_model_config(cfg.model, cfg.images.tile_size)
     plan = dp_plan(cfg)

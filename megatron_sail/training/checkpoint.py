@@ -40,6 +40,8 @@ from megatron_sail.training.optimizer import unwrap
 LATEST = "latest"
 STATE_FILE = "train_state.pt"
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+VERIFIED = dist_ckpt.DistCkptConfig(verify="off")
+"""Loads after check_before_load: the manifest was checked there, with --ckpt-verify."""
 
 
 @dataclass
@@ -296,7 +298,7 @@ def load_checkpoint(path: str, chunks: list, optimizer=None,
     _materialize_optimizer_state(optimizer)
     sd = dist_ckpt.model_sharded_state_dict(chunks)
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIM_METADATA)
-    loaded = dist_ckpt.load_sharded(sd, ckpt)
+    loaded = dist_ckpt.load_sharded(sd, ckpt, VERIFIED)
     for key, chunk in zip(_model_keys(len(chunks)), chunks):
         unwrap(chunk).load_state_dict(loaded[key], strict=True)
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -309,7 +311,7 @@ def load_checkpoint(path: str, chunks: list, optimizer=None,
 def _load_weights(chunks: list, ckpt: str) -> None:
     """Load only the model tensors of a checkpoint (its optimizer state, if any, is ignored;
     a model tensor the checkpoint lacks is an error naming the key)."""
-    dist_ckpt.load_model(chunks, ckpt)
+    dist_ckpt.load_model(chunks, ckpt, VERIFIED)
 
 
 def _unshare_adam_steps(optimizer) -> None:

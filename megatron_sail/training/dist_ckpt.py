@@ -64,6 +64,10 @@ class DistCkptConfig:
     """Check on save that every shard is written exactly once across ranks."""
     strict_load: bool = True
     """Load fails when the checkpoint lacks a tensor the model asks for."""
+    verify: str = "auto"
+    """Before loading, check the files against manifest.json (training/integrity.py): auto,
+    sizes, full, or off (the caller verified already). DCP's pickled .metadata is always
+    checked against its allow-list first, so a crafted one cannot run code."""
 
 
 class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
@@ -235,8 +239,13 @@ def load_sharded(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike,
     checkpoint's optimizer state when only the weights are wanted); a requested tensor the
     checkpoint lacks is still an error under ``cfg.strict_load``.
     """
+    from megatron_sail.training import integrity
+
     if not (Path(checkpoint_dir) / "metadata.json").is_file():
         raise FileNotFoundError(f"{checkpoint_dir}: not a Megatron distributed checkpoint (no metadata.json)")
+    if cfg.verify != "off":
+        integrity.verify_checkpoint(str(checkpoint_dir), cfg.verify)
+    integrity.check_dcp_metadata(str(checkpoint_dir))
     if not cfg.strict_load:
         strict = "assume_ok_unexpected"
     else:

@@ -231,7 +231,7 @@ def run(ctx: LoopContext) -> int:
 def _train(ctx: LoopContext) -> int:
     """The loop of ``run``; background saves may still be in flight when it returns."""
     t, c = ctx.cfg.train, ctx.cfg.checkpoint
-    consecutive = 0
+    consecutive, start = 0, ctx.state.iteration
     while ctx.state.iteration < t.train_iters:
         finalize_saves(ctx, blocking=False)
         reason = ctx.watcher.should_exit()
@@ -259,7 +259,8 @@ def _train(ctx: LoopContext) -> int:
                   flush=True)
             save(ctx)
             return 0
-    save(ctx)
+    if ctx.state.iteration > start or start == 0:
+        save(ctx)  # a resume already at --train-iters rewrites nothing (validation still runs)
     if not (t.eval_interval and ctx.state.iteration % t.eval_interval == 0):
         _maybe_validate(ctx, final=True)
     if ctx.benchmarks is not None:

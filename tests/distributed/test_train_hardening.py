@@ -111,7 +111,8 @@ def test_damaged_checkpoint_is_refused_naming_the_file(data, first, tmp_path):
 def test_data_of_another_tokenizer_is_refused_with_both_identities(data, first, tmp_path):
     """Same rows, but meta.json says another tokenizer made them: resume refused with both
     identities; --allow-tokenizer-mismatch loads it (a warning) and, the checkpoint being at
-    --train-iters already, says there is nothing to train and leaves it untouched."""
+    --train-iters already, says there is nothing to train and does not rewrite it although
+    --save names its folder (it used to be saved again)."""
     prefix = tmp_path / "other"
     for f in os.listdir(os.path.dirname(data["train"])):
         if f.startswith("train."):
@@ -126,7 +127,8 @@ def test_data_of_another_tokenizer_is_refused_with_both_identities(data, first, 
     out = run(data, tmp_path / "run", load, expect_rc=1, init=False)
     assert f"identity: '{mine}' (checkpoint) vs 'sha256:0123456789abcdef' (data)" in out
     stamp = os.path.getmtime(first / "ck" / "iter_0000010" / "manifest.json")
-    out = run(data, tmp_path / "run", load + ["--allow-tokenizer-mismatch"], init=False)
+    out = run(data, tmp_path / "run", load + ["--allow-tokenizer-mismatch", "--save",
+                                              str(first / "ck")], init=False)
     assert "WARNING (--allow-tokenizer-mismatch)" in out
     assert "at iteration 10 = --train-iters: nothing to train" in out
     assert os.path.getmtime(first / "ck" / "iter_0000010" / "manifest.json") == stamp
