@@ -2,8 +2,9 @@
 a TransformerBlock of layer-scaled pre-norm layers, features from a chosen layer.
 
 Tiles run as a batch in Megatron's [s, b, h] layout. With sequence parallelism the token axis
-(class token + patches) is padded to a multiple of the TP size and split across TP ranks; padded
-keys are masked out of attention, so padding never changes the result.
+(class token + patches) is padded to a multiple of the TP size and split across TP ranks, and in
+FP8 (--fp8-vit) to a multiple of 16 tokens per rank; padded keys are masked out of attention, so
+padding never changes the result.
 """
 from __future__ import annotations
 
@@ -39,6 +40,19 @@ def vision_transformer_config(v: VisionConfig, parallel: ParallelConfig,
         bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
     )
+
+
+FP8_TOKEN_ALIGN = 16
+"""Tokens per rank and tile that the ViT's FP8 GEMMs get: Transformer Engine needs the token
+count divisible by 8 (and the hidden size by 16; 16 keeps both kinds of dimension aligned)."""
+
+
+def token_padding(tokens: int, tp: int, fp8: bool) -> int:
+    """Masked padding tokens appended to each tile's sequence: up to a multiple of the TP size
+    under sequence parallelism (the split), and, in FP8, up to FP8_TOKEN_ALIGN tokens per rank
+    (a 448 px tile has 1,025 tokens: 1,024 patches and the class token)."""
+    multiple = tp * (FP8_TOKEN_ALIGN if fp8 else 1)
+    return (-tokens) % multiple
 
 
 def _tp_shared_rng():
@@ -148,13 +162,14 @@ class InternViT(MegatronModule):
             raise ValueError(f"tile size {tuple(tiles.shape[2:])} is not a multiple of patch {p}")
         x = self.embed(tiles).transpose(0, 1).contiguous()  # [s, T, h]
         s, mask = x.size(0), None
-        if self.config.sequence_parallel:
-            tp = parallel_state.get_tensor_model_parallel_world_size()
-            pad = (-s) % tp
-            if pad:
-                x = F.pad(x, (0, 0, 0, 0, 0, pad))
-                mask = torch.zeros(1, 1, 1, s + pad, dtype=torch.bool, device=x.device)
-                mask[..., s:] = True
+        sp = self.config.sequence_parallel
+        tp = parallel_state.get_tensor_model_parallel_world_size() if sp else 1
+        pad = token_padding(s, tp, bool(self.config.fp8))
+        if pad:
+            x = F.pad(x, (0, 0, 0, 0, 0, pad))
+            mask = torch.zeros(1, 1, 1, s + pad, dtype=torch.bool, device=x.device)
+            mask[..., s:] = True
+        if sp:
             x = tensor_parallel.scatter_to_sequence_parallel_region(x)
         x = self.encoder(x, attention_mask=mask)
         if self.config.sequence_parallel:

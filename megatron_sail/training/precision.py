@@ -6,7 +6,9 @@ delayed or current ("tensorwise") scaling. Megatron-Core's TransformerBlock read
 ``fp8_recipe`` from its TransformerConfig at every forward and enters TE's FP8 autocast, so the
 setting is applied to the built model's configs, the LM and the ViT separately. FP8 GEMMs need
 token counts that are multiples of 16: packed LM rows are checked here; the ViT's per-tile
-token count (patches + class token) usually is not, which is why --fp8-vit is opt-in.
+token count (patches + class token: 1,025 for a 448 px tile, and a text-only micro-batch runs
+one blank tile) is padded with masked tokens when it runs in FP8 (models/vit.py); its GEMM
+widths are checked here. --fp8-vit stays opt-in (the ViT is a small share of the FLOPs).
 On CPU, --bf16 is ignored with a warning (fp32) and --fp8-format is rejected.
 """
 from __future__ import annotations
@@ -54,6 +56,19 @@ def _check_fp8(cfg) -> None:
         raise SystemExit(f"--fp8-format: {per_rank} LM tokens per rank and micro-batch "
                          f"(--micro-batch-size x --seq-length{' / TP' if par.sequence_parallel else ''})"
                          f" must be a multiple of {FP8_ALIGN}")
+    if t.fp8_vit:
+        _check_fp8_vit(cfg.model.vision, par.tp)
+
+
+def _check_fp8_vit(vision, tp: int) -> None:
+    """The ViT's GEMM widths per TP rank must be multiples of FP8_ALIGN (its token count is
+    padded at run time instead)."""
+    widths = {"hidden size": vision.hidden_size, "MLP size / TP": vision.ffn_hidden_size // tp,
+              "QKV width / TP": 3 * vision.hidden_size // tp}
+    bad = {k: v for k, v in widths.items() if v % FP8_ALIGN}
+    if bad:
+        raise SystemExit(f"--fp8-vit: the ViT's {', '.join(f'{k} {v}' for k, v in bad.items())} "
+                         f"must be multiples of {FP8_ALIGN} for FP8 GEMMs; drop --fp8-vit")
 
 
 def _set_fp8(config, fmt: str, recipe: str) -> None:
