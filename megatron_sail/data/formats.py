@@ -21,6 +21,7 @@ from megatron_sail.config.data import DEFAULT_MAX_IMAGE_BYTES, TemplateConfig
 from megatron_sail.data.formats_messages import messages_conversation
 from megatron_sail.data.media_refs import check_unsupported_media, image_field, inline_image, local_path
 from megatron_sail.data.template import SampleError
+from megatron_sail.data.video import VideoClip
 
 FORMATS = ("llava", "caption", "webdataset", "messages")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -257,7 +258,11 @@ def read_regular_file(path: str, max_bytes: int) -> bytes:
         _check_regular(path, st.st_mode)
         if st.st_size > max_bytes:
             raise SampleError("file_too_large", f"{path}: {st.st_size} bytes > --max-image-bytes {max_bytes}")
-        data = f.read(max_bytes + 1)
+        # ask for the size fstat gave (+1 shows growth): read(max_bytes + 1) would allocate a
+        # --max-image-bytes buffer (128 MiB) per image, ~6x the cost of reading a 165 KB JPEG
+        data = f.read(min(st.st_size, max_bytes) + 1)
+        if len(data) > st.st_size:  # grew since fstat: read on, up to the cap
+            data += f.read(max_bytes + 1 - len(data))
     if len(data) > max_bytes:
         raise SampleError("file_too_large", f"{path}: more than --max-image-bytes {max_bytes} bytes")
     return data
@@ -337,9 +342,16 @@ def to_conversation(rec: RawRecord, fmt: str, index: int, cfg: TemplateConfig,
         turns = obj.get("conversations")
         if not isinstance(turns, list) or not turns:
             raise SampleError("bad_sample", "no 'conversations' list")
+        video = obj.get("video") if isinstance(obj.get("video"), str) and obj.get("video") else None
         check_unsupported_media(obj, [t.get("value", t.get("content")) for t in turns
-                                      if isinstance(t, dict)])
+                                      if isinstance(t, dict)], video_ok=video is not None)
         paths = image_field(obj)
+        if video is not None:  # InternVL video sample: frames are taken later (video.py)
+            if inline_image(video, rec.access.max_bytes) is not None:
+                raise SampleError("bad_sample", "'video' must be a file path")
+            clip = _read_image(local_path(video), rec.base_dir, rec.access)
+            return turns, [_load_image(p, rec.base_dir, rec.access) for p in paths] + [
+                VideoClip.make(bytes(clip), clip.origin[1])]
     return turns, [_load_image(p, rec.base_dir, rec.access) for p in paths]
 
 

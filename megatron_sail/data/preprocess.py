@@ -87,8 +87,10 @@ class SampleBuilder:
     def process_block(self, block: int, records: list[tuple[int, RawRecord]], detach: bool = False) -> BlockResult:
         """Build every sample of a block, collect rejects, and pack the samples into rows.
 
-        ``detach``: drop the bytes of images stored unchanged (the writer re-reads them from
-        their origin), so a worker does not pipe every image back to the main process.
+        ``detach``: drop the bytes of large images stored unchanged (the writer re-reads them
+        from their origin), so a worker does not pipe every big image back to the main process.
+        Images under ``DETACH_MIN_BYTES`` travel back as bytes: re-reading a small file (open,
+        checks, read, close) costs the single writer process more than piping it.
         """
         out = BlockResult(block, records=len(records))
         samples = []
@@ -105,7 +107,7 @@ class SampleBuilder:
             sample.record = k
             if detach:
                 for im in sample.images:
-                    if im.origin is not None:
+                    if im.origin is not None and len(im.data) >= DETACH_MIN_BYTES:
                         im.data = None
             samples.append(sample)
         out.rows = pack_block(samples, self.cfg.packing.seq_length, self.cfg.packing.seed, block)
@@ -121,6 +123,9 @@ def image_name(blob: bytes, rec: RawRecord, k: int) -> str:
         return f"{rec.key}.{value}"
     return f"image {k}"
 
+
+DETACH_MIN_BYTES = 64 << 10
+"""Smallest image a worker leaves for the writer to re-read (see process_block)."""
 
 _WORKER: Optional[SampleBuilder] = None
 
