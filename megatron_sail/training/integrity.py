@@ -18,6 +18,8 @@ writes, so a crafted file is refused before DCP touches it.
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import hashlib
 import json
 import os
@@ -164,12 +166,13 @@ def verify_checkpoint(folder: str, mode: str = "auto") -> str:
     return "full" if full else "sizes"
 
 
-# Classes torch.distributed.checkpoint (and Megatron's planner on top of it) pickle into
-# `.metadata`; nothing else may appear in that file.
+# What torch.distributed.checkpoint (and Megatron's planner on top of it, which stores the
+# ranks' save plans as `all_local_plans`) pickles into `.metadata`: the data classes and enums
+# of DCP's metadata, planner and filesystem modules, plus these few names. Nothing else.
+_DCP_DATA_MODULES = ("torch.distributed.checkpoint.metadata",
+                     "torch.distributed.checkpoint.planner",
+                     "torch.distributed.checkpoint.filesystem")
 _DCP_METADATA_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": None,  # any of its dataclasses
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.distributed.checkpoint.planner": {"WriteItemType", "LoadItemType"},
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
     "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
@@ -179,14 +182,18 @@ _DCP_METADATA_GLOBALS = {
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the allow-listed globals (and torch dtypes)."""
+    """Unpickler that resolves only DCP's data classes, the names above and torch dtypes."""
 
     def find_class(self, module: str, name: str):
-        allowed = _DCP_METADATA_GLOBALS.get(module, set())
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        if (module in _DCP_METADATA_GLOBALS and allowed is None) or name in (allowed or ()):
+        if name in _DCP_METADATA_GLOBALS.get(module, ()):
             return super().find_class(module, name)
+        if module in _DCP_DATA_MODULES:
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or
+                                          issubclass(obj, enum.Enum)):
+                return obj
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
 
 
