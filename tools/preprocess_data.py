@@ -61,7 +61,11 @@ def parse_args(argv=None) -> PreprocessConfig:
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help="largest width x height accepted; the trainer's decoders use the same default "
                         "(default %(default)s)")
+    p.add_argument("--video-frames", type=int, default=8,
+                   help="frames sampled per InternVL video sample, one tile each (0: reject videos)")
     a = p.parse_args(argv)
+    if a.video_frames < 0:
+        p.error("--video-frames must be >= 0")
     if a.seq_length <= 0 or a.packing_buffer <= 0 or a.workers <= 0:
         p.error("--seq-length, --packing-buffer and --workers must be positive")
     if a.max_image_bytes <= 0 or a.max_image_pixels <= 0:
@@ -82,7 +86,8 @@ def parse_args(argv=None) -> PreprocessConfig:
         template=template, packing=PackingConfig(a.seq_length, a.packing_buffer, a.seed),
         workers=a.workers, shard_index=a.shard_index, num_shards=a.num_shards, strict=a.strict,
         max_reject_rate=a.max_reject_rate, allow_absolute_paths=a.allow_absolute_paths,
-        max_image_bytes=a.max_image_bytes, max_image_pixels=a.max_image_pixels)
+        max_image_bytes=a.max_image_bytes, max_image_pixels=a.max_image_pixels,
+        video_frames=a.video_frames)
 
 
 def main_meta(cfg) -> int:

@@ -91,3 +91,6 @@ class PreprocessConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """Largest width x height accepted (``image_too_large`` above it); keep the trainer's
     ImageConfig.max_pixels the same (both default to config/images.py's DEFAULT_MAX_IMAGE_PIXELS)."""
+    video_frames: int = 8
+    """Frames sampled from each InternVL video sample (middle of equal segments), one tile each
+    (data/video.py); 0 rejects video samples (``video_unsupported``)."""

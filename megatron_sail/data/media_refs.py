@@ -90,16 +90,17 @@ def image_field(obj: dict) -> list:
     return refs
 
 
-def check_unsupported_media(obj: dict, texts: list[str]) -> None:
-    """Reject video and audio samples instead of training on their text alone."""
+def check_unsupported_media(obj: dict, texts: list[str], video_ok: bool = False) -> None:
+    """Reject video and audio samples instead of training on their text alone (``video_ok``:
+    the record's one InternVL ``video`` and its ``<video>`` tag are read, see video.py)."""
     for key in VIDEO_KEYS:
-        if obj.get(key):
+        if obj.get(key) and not (video_ok and key == "video"):
             raise SampleError("video_unsupported", f"'{key}' field (video samples are not supported)")
     for key in AUDIO_KEYS:
         if obj.get(key):
             raise SampleError("audio_unsupported", f"'{key}' field (audio samples are not supported)")
     for text in texts:
-        if isinstance(text, str) and VIDEO_TAG in text:
+        if isinstance(text, str) and VIDEO_TAG in text and not video_ok:
             raise SampleError("video_unsupported", f"{VIDEO_TAG} placeholder in the text")
         if isinstance(text, str) and AUDIO_TAG in text:
             raise SampleError("audio_unsupported", f"{AUDIO_TAG} placeholder in the text")

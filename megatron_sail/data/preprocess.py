@@ -27,6 +27,7 @@ from megatron_sail.data.packing import ImageEntry, Sample, pack_block
 from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
 from megatron_sail.data.tiling import TilingConfig, find_grid, num_tiles
 from megatron_sail.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
+from megatron_sail.data.video import VideoConfig, expand_videos
 
 
 @dataclass
@@ -52,6 +53,7 @@ class SampleBuilder:
         self.tok = tokenizer or load_tokenizer(cfg.tokenizer)
         self.template = ChatTemplate(self.tok, cfg.template)
         self.grid = lru_cache(maxsize=65536)(self._grid)
+        self.video = VideoConfig(cfg.video_frames, cfg.tiling.tile_size)
 
     def _grid(self, w: int, h: int, max_tiles: int) -> tuple[tuple[int, int], int]:
         """(grid, <IMG_CONTEXT> count) of an image under a lowered max-tiles bound."""
@@ -64,6 +66,7 @@ class SampleBuilder:
         """One sample; too long -> fewer tiles step by step -> 'too_long' reject."""
         seq = self.cfg.packing.seq_length
         raw_turns, blobs = to_conversation(rec, self.fmt, index, self.cfg.template, self.cfg.packing.seed)
+        raw_turns, blobs = expand_videos(raw_turns, blobs, self.video)  # a clip -> its frames
         turns = normalize_turns(raw_turns, len(blobs), self.cfg.template)
         infos = [image_info(b, self.cfg.max_image_pixels, image_name(b, rec, k))
                  for k, b in enumerate(blobs)]

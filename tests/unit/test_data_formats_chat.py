@@ -1,10 +1,12 @@
 """Chat `messages` inputs (OpenAI, Hugging Face content parts, ms-swift), media that must not be
-dropped silently (video, remote URLs, the plural `images` key, data: URIs) and InternVL meta files.
+dropped silently (remote URLs, the plural `images` key, data: URIs, InternVL videos as frames;
+other video shapes rejected) and InternVL meta files.
 
 The sample files in tests/unit/format_samples/ follow the shapes documented by each project
 (see docs/data.md "Inputs"); the images they name are written by the tests.
 """
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -21,6 +23,7 @@ from megatron_sail.data.media_refs import decode_data_uri
 from megatron_sail.data.preprocess import run
 from megatron_sail.data.template import SampleError, normalize_turns
 from megatron_sail.data.tiling import TilingConfig
+from megatron_sail.data.video import VideoClip, VideoConfig, expand_videos, segment_middles
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLES = os.path.join(HERE, "format_samples")
@@ -43,11 +46,28 @@ def write_images(folder):
     return files
 
 
+def write_clip(path, frames=20, size=(64, 48)):
+    """An MPEG-4 clip whose frame i is uniformly grey at level 10 * i (time order is visible)."""
+    import av
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 10 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
 @pytest.fixture
 def samples(tmp_path):
-    """A copy of the sample files with the images they name under images/."""
+    """A copy of the sample files with the images and the clip they name."""
     root = tmp_path / "samples"
     shutil.copytree(SAMPLES, root)
+    write_clip(root / "clips" / "run.mp4")
     return root, write_images(root / "images")
 
 
@@ -131,12 +151,43 @@ def test_messages_image_count_mismatches_are_rejects(tmp_path):
     assert one({"messages": [{"role": "user", "content": [{"type": "file"}]}, assistant]}) == "bad_sample"
 
 
-def test_internvl_video_is_rejected_and_plural_images_accepted(samples):
+def test_internvl_video_becomes_frames_and_plural_images_are_accepted(samples):
+    """InternVL's video record: 4 frames from the middle of 4 equal segments of the 20-frame
+    clip, one 32 px tile each, `Frame1: <image>` ... in time order in place of <video>."""
     root, files = samples
-    fmt, recs = parse_all(root / "internvl_video.jsonl")
-    assert fmt == "llava"
-    assert recs[0] == "video_unsupported"
-    assert recs[1][1] == [files["wide.png"], files["tall.jpg"]]
+    recs = list(iter_records([str(root / "internvl_video.jsonl")], "llava", None))
+    assert detect_format(str(root / "internvl_video.jsonl")) == "llava"
+    turns, blobs = to_conversation(recs[0], "llava", 0, TemplateConfig(), 0)
+    assert len(blobs) == 1 and isinstance(blobs[0], VideoClip)
+    turns, frames = expand_videos(turns, blobs, VideoConfig(num_frames=4, frame_size=32))
+    assert turns[0]["value"] == ("Frame1: <image>\nFrame2: <image>\nFrame3: <image>\nFrame4: <image>\n"
+                                 "What is the person doing?")
+    levels = []
+    for data in frames:
+        img = Image.open(io.BytesIO(data))
+        assert img.format == "JPEG" and img.size == (32, 32)
+        levels.append(np.asarray(img.convert("L"), np.float32).mean())
+    assert np.allclose(levels, [20, 70, 120, 170], atol=12), levels  # frames 2, 7, 12, 17
+    with pytest.raises(SampleError) as e:
+        expand_videos(*to_conversation(recs[0], "llava", 0, TemplateConfig(), 0), VideoConfig(num_frames=0))
+    assert e.value.reason == "video_unsupported"
+    turns, images = to_conversation(recs[1], "llava", 1, TemplateConfig(), 0)
+    assert images == [files["wide.png"], files["tall.jpg"]]
+    assert segment_middles(20, 4) == [2, 7, 12, 17] and segment_middles(3, 8) == [0, 1, 2]
+
+
+def test_video_end_to_end_one_tile_per_frame(samples, tokenizer, tmp_path):
+    root, _ = samples
+    cfg = PreprocessConfig(inputs=[str(root / "internvl_video.jsonl")], output_prefix=str(tmp_path / "v"),
+                           tokenizer=tokenizer, tiling=TILING, video_frames=4,
+                           packing=PackingConfig(seq_length=512, packing_buffer=16, seed=1))
+    code, summary = run(cfg, log=lambda m: None)
+    assert code == 0 and summary["images"] == 6 and summary["rejects"] == {}, summary
+    grids = np.load(tmp_path / "v.images_meta.npy")[:, :3]
+    assert sorted(map(tuple, grids.tolist())).count((1, 1, 0)) == 4  # frames: one tile, no thumbnail
+    code, summary = run(dataclasses.replace(cfg, video_frames=0, max_reject_rate=0.5,
+                                            output_prefix=str(tmp_path / "off")), log=lambda m: None)
+    assert code == 0 and summary["rejects"] == {"video_unsupported": 1}
 
 
 def test_caption_records_keyed_url_are_remote_url_rejects(samples):
