@@ -65,3 +65,36 @@ def test_bench_sail_vl_rows_decode_and_report_cores_per_gpu(tmp_path, capsys):
     assert float(fields["tiles_per_row"]) == 13.0  # 4x3 grid + thumbnail, decoded
     assert float(fields["gpu_rows_per_s_by_flops"]) < float(fields["gpu_rows_per_s_by_tokens"])
     assert float(fields["loader_cores_per_gpu"]) > 0 and last.startswith("rows_per_s=")
+
+
+def test_workers_send_small_images_back_and_detach_large_ones(tmp_path):
+    """The writer process re-reads only images of at least DETACH_MIN_BYTES, and gets the same
+    bytes back; read_regular_file returns exactly the file."""
+    import json
+
+    from PIL import Image
+
+    from megatron_sail.config.data import PackingConfig, PreprocessConfig
+    from megatron_sail.data import preprocess
+    from megatron_sail.data.demo import DemoConfig, make_demo
+    from megatron_sail.data.formats import expand_inputs, read_regular_file
+    from megatron_sail.data.tiling import TilingConfig
+
+    demo = make_demo(str(tmp_path / "demo"), DemoConfig(samples=4, val_samples=2, seed=1))
+    big = tmp_path / "big.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)).save(big)  # ~77 KB noise
+    small = tmp_path / "small.png"
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(small)
+    assert os.path.getsize(big) >= preprocess.DETACH_MIN_BYTES > os.path.getsize(small)
+    assert read_regular_file(str(big), 1 << 20) == big.read_bytes()
+    src = tmp_path / "caps.jsonl"
+    src.write_text("".join(json.dumps({"image": p.name, "caption": "a b"}) + "\n" for p in (big, small)))
+    cfg = PreprocessConfig(inputs=[str(src)], output_prefix=str(tmp_path / "out"), tokenizer=demo["tokenizer"],
+                           tiling=TilingConfig(32, 1, 2, True, 4), packing=PackingConfig(1024, 16, 0))
+    block, recs = next(preprocess.iter_blocks(cfg, expand_inputs(cfg.inputs), "caption"))
+    res = preprocess.SampleBuilder(cfg, "caption").process_block(block, recs, detach=True)
+    images = {im.size: im for row in res.rows for s in row for im in s.images}
+    assert images[(160, 160)].data is None and images[(32, 32)].data == small.read_bytes()
+    preprocess.attach_images(res, recs)
+    assert images[(160, 160)].data == big.read_bytes()
