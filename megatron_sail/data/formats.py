@@ -332,8 +332,9 @@ def to_conversation(rec: RawRecord, fmt: str, index: int, cfg: TemplateConfig,
         return caption_turns(text, index, cfg, seed), [ImageBlob.make(m[ext], ("member", ext))]
     obj = _parse_json(rec.payload)
     if fmt == "messages":
-        turns, paths = messages_conversation(obj, cfg.image_separator)
-        return turns, [_load_image(p, rec.base_dir, rec.access) for p in paths]
+        turns, paths, videos = messages_conversation(obj, cfg.image_separator)
+        return turns, ([_load_image(p, rec.base_dir, rec.access) for p in paths]
+                       + [_load_video(v, rec) for v in videos])
     if fmt == "caption":
         check_unsupported_media(obj, [])
         paths = image_field(obj)
@@ -343,16 +344,23 @@ def to_conversation(rec: RawRecord, fmt: str, index: int, cfg: TemplateConfig,
         if not isinstance(turns, list) or not turns:
             raise SampleError("bad_sample", "no 'conversations' list")
         video = obj.get("video") if isinstance(obj.get("video"), str) and obj.get("video") else None
+        if obj.get("videos"):
+            raise SampleError("video_unsupported", "'videos' list in a LLaVA/InternVL record (one 'video' is read)")
         check_unsupported_media(obj, [t.get("value", t.get("content")) for t in turns
                                       if isinstance(t, dict)], video_ok=video is not None)
         paths = image_field(obj)
         if video is not None:  # InternVL video sample: frames are taken later (video.py)
-            if inline_image(video, rec.access.max_bytes) is not None:
-                raise SampleError("bad_sample", "'video' must be a file path")
-            clip = _read_image(local_path(video), rec.base_dir, rec.access)
-            return turns, [_load_image(p, rec.base_dir, rec.access) for p in paths] + [
-                VideoClip.make(bytes(clip), clip.origin[1])]
+            return turns, ([_load_image(p, rec.base_dir, rec.access) for p in paths]
+                           + [_load_video(video, rec)])
     return turns, [_load_image(p, rec.base_dir, rec.access) for p in paths]
+
+
+def _load_video(ref: object, rec: RawRecord) -> VideoClip:
+    """A clip's bytes, read like an image file (inside the root, size-capped); no inline clips."""
+    if not isinstance(ref, str) or inline_image(ref, rec.access.max_bytes) is not None:
+        raise SampleError("bad_sample", f"video reference {str(ref)[:80]!r} is not a file path")
+    clip = _read_image(local_path(ref), rec.base_dir, rec.access)
+    return VideoClip.make(bytes(clip), clip.origin[1])
 
 
 def _load_image(ref: object, base_dir: str, access: ImageAccess = ImageAccess()) -> bytes:

@@ -10,15 +10,17 @@ images live (shapes as documented by each project, see docs/data.md "Inputs"):
   ``{"type": "image"}``, either carrying the image (``image`` / ``url`` / ``path`` / ``base64``
   key) or filled in order from the record's top-level ``images`` list.
 - ms-swift custom datasets: string contents with ``<image>`` tags, filled in order from the
-  record's ``images`` list (paths or URLs); ``videos`` / ``audios`` are other modalities.
+  record's ``images`` list (paths or URLs); ``<video>`` tags likewise from ``videos``.
 
 The result is the LLaVA shape the rest of the pipeline validates (``normalize_turns``): turns
-with ``<image>`` placeholders, and the image references in placeholder order.
+with ``<image>`` placeholders, the image references in placeholder order, and the video
+references (``<video>`` stays in the text; video.py turns the clip into frames later).
 """
 from __future__ import annotations
 
-from megatron_sail.data.media_refs import AUDIO_TAG, VIDEO_TAG, check_unsupported_media
+from megatron_sail.data.media_refs import AUDIO_TAG, check_unsupported_media
 from megatron_sail.data.template import IMAGE_PLACEHOLDER, SampleError
+from megatron_sail.data.video import VIDEO_PLACEHOLDER
 
 ROLE_ALIASES = {"developer": "system"}
 """OpenAI's newer name for the system role."""
@@ -28,26 +30,54 @@ VIDEO_PARTS = ("video", "video_url", "input_video")
 AUDIO_PARTS = ("audio", "input_audio", "audio_url")
 INLINE_IMAGE_KEYS = ("image", "url", "path", "base64")
 """Keys of a Hugging Face ``{"type": "image"}`` part that carry the image itself."""
+INLINE_VIDEO_KEYS = ("video", "path", "url")
+"""Keys of a ``{"type": "video"}`` part that carry the clip's path."""
 
 
 class _ImageQueue:
-    """The record's top-level ``images`` list, consumed in placeholder order."""
+    """A record's top-level ``images`` (or ``videos``) list, consumed in placeholder order."""
 
-    def __init__(self, images: object):
+    def __init__(self, images: object, key: str = "images"):
         if images is None:
             images = []
         if isinstance(images, str):
             images = [images]
         if not isinstance(images, list):
-            raise SampleError("bad_sample", f"'images' is {type(images).__name__}, expected a list")
-        self.items, self.used = images, 0
+            raise SampleError("bad_sample", f"'{key}' is {type(images).__name__}, expected a list")
+        self.items, self.used, self.key = images, 0, key
 
     def take(self, where: str) -> object:
         if self.used >= len(self.items):
-            raise SampleError("placeholder_mismatch", f"{where} needs image {self.used + 1} but "
-                                                      f"'images' has {len(self.items)}")
+            raise SampleError("placeholder_mismatch", f"{where} needs {self.key[:-1]} {self.used + 1} "
+                                                      f"but '{self.key}' has {len(self.items)}")
         self.used += 1
         return self.items[self.used - 1]
+
+
+class _Media:
+    """Both queues of a record and the references taken so far, in placeholder order."""
+
+    def __init__(self, obj: dict):
+        self.images = _ImageQueue(obj.get("images"))
+        self.videos = _ImageQueue(obj.get("videos"), "videos")
+        self.refs: list = []
+        self.video_refs: list = []
+
+
+def _part_video(part: dict, media: _Media, where: str) -> object:
+    """The clip a video part names (inline path), or the next one of ``videos``."""
+    value = part.get("video_url") if part.get("type") == "video_url" else None
+    url = value.get("url") if isinstance(value, dict) else value
+    if isinstance(url, str) and url:
+        return url
+    for key in INLINE_VIDEO_KEYS:
+        value = part.get(key)
+        if isinstance(value, str) and value:
+            return value
+        if value is not None:
+            raise SampleError("video_unsupported", f"{where}: video part '{key}' is "
+                                                   f"{type(value).__name__} (a list of frames?), not a path")
+    return media.videos.take(where)
 
 
 def _part_image(part: dict, queue: _ImageQueue, where: str) -> object:
@@ -74,12 +104,13 @@ def _part_image(part: dict, queue: _ImageQueue, where: str) -> object:
     return queue.take(where)
 
 
-def _content_text(content: object, queue: _ImageQueue, refs: list, where: str,
-                  separator: str) -> str:
-    """One message's text with ``<image>`` placeholders; appends its images to ``refs``."""
+def _content_text(content: object, media: _Media, where: str, separator: str) -> str:
+    """One message's text with ``<image>`` / ``<video>`` placeholders; records their references."""
     if isinstance(content, str):
         for _ in range(content.count(IMAGE_PLACEHOLDER)):
-            refs.append(queue.take(where))
+            media.refs.append(media.images.take(where))
+        for _ in range(content.count(VIDEO_PLACEHOLDER)):
+            media.video_refs.append(media.videos.take(where))
         return content
     if not isinstance(content, list):
         raise SampleError("bad_sample", f"{where}: content is {type(content).__name__}")
@@ -95,12 +126,13 @@ def _content_text(content: object, queue: _ImageQueue, refs: list, where: str,
             text = part.get("text", part.get("content"))
             if not isinstance(text, str):
                 raise SampleError("bad_sample", f"{at}: text part without text")
-            pieces.append(_content_text(text, queue, refs, at, separator))
+            pieces.append(_content_text(text, media, at, separator))
         elif kind in IMAGE_PARTS:
-            refs.append(_part_image(part, queue, at))
+            media.refs.append(_part_image(part, media.images, at))
             pieces.append(IMAGE_PLACEHOLDER + separator)
         elif kind in VIDEO_PARTS:
-            raise SampleError("video_unsupported", f"{at}: '{kind}' part")
+            media.video_refs.append(_part_video(part, media, at))
+            pieces.append(VIDEO_PLACEHOLDER + separator)
         elif kind in AUDIO_PARTS:
             raise SampleError("audio_unsupported", f"{at}: '{kind}' part")
         else:
@@ -108,8 +140,9 @@ def _content_text(content: object, queue: _ImageQueue, refs: list, where: str,
     return "".join(pieces)
 
 
-def messages_conversation(obj: dict, separator: str = "\n") -> tuple[list[dict], list]:
-    """(LLaVA-style turns, image references in placeholder order) of a ``messages`` record.
+def messages_conversation(obj: dict, separator: str = "\n") -> tuple[list[dict], list, list]:
+    """(LLaVA-style turns, image references in placeholder order, video references) of a
+    ``messages`` record.
 
     ``separator`` follows each image part (the text after an image block, as when a missing
     placeholder is prepended). Images of the top-level list that no placeholder or part asks
@@ -120,9 +153,9 @@ def messages_conversation(obj: dict, separator: str = "\n") -> tuple[list[dict],
     if not isinstance(messages, list) or not messages:
         raise SampleError("bad_sample", "no 'messages' list")
     texts = [m.get("content") for m in messages if isinstance(m, dict)]
-    check_unsupported_media(obj, [t for t in texts if isinstance(t, str)])
-    queue = _ImageQueue(obj.get("images"))
-    turns, refs = [], []
+    check_unsupported_media(obj, [t for t in texts if isinstance(t, str)], video_ok=True)
+    media = _Media(obj)
+    turns = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise SampleError("bad_sample", f"message {i} is not an object")
@@ -132,13 +165,15 @@ def messages_conversation(obj: dict, separator: str = "\n") -> tuple[list[dict],
         if content is None:
             raise SampleError("bad_sample", f"message {i} ({role}) has no content"
                               + (" (tool calls are not trained on)" if msg.get("tool_calls") else ""))
-        text = _content_text(content, queue, refs, f"message {i}", separator)
-        if VIDEO_TAG in text or AUDIO_TAG in text:
+        text = _content_text(content, media, f"message {i}", separator)
+        if AUDIO_TAG in text:
             check_unsupported_media({}, [text])
         turns.append({"from": role, "value": text})
-    if queue.used < len(queue.items):
-        if refs:
-            raise SampleError("placeholder_mismatch", f"{len(refs)} image placeholders, "
-                                                      f"{len(queue.items)} images in 'images'")
-        refs = list(queue.items)
-    return turns, refs
+    refs, videos = media.refs, media.video_refs
+    for queue, taken in ((media.images, refs), (media.videos, videos)):
+        if queue.used < len(queue.items):
+            if taken:
+                raise SampleError("placeholder_mismatch", f"{len(taken)} {queue.key} placeholders, "
+                                                          f"{len(queue.items)} in '{queue.key}'")
+            taken.extend(queue.items)  # no placeholder at all: put at the start of the first user turn
+    return turns, refs, videos

@@ -92,9 +92,9 @@ def image_field(obj: dict) -> list:
 
 def check_unsupported_media(obj: dict, texts: list[str], video_ok: bool = False) -> None:
     """Reject video and audio samples instead of training on their text alone (``video_ok``:
-    the record's one InternVL ``video`` and its ``<video>`` tag are read, see video.py)."""
+    the caller reads the record's video fields and ``<video>`` tags, see video.py)."""
     for key in VIDEO_KEYS:
-        if obj.get(key) and not (video_ok and key == "video"):
+        if obj.get(key) and not video_ok:
             raise SampleError("video_unsupported", f"'{key}' field (video samples are not supported)")
     for key in AUDIO_KEYS:
         if obj.get(key):

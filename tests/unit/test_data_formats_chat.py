@@ -76,13 +76,18 @@ def tokenizer(tmp_path_factory):
     return make_demo(str(tmp_path_factory.mktemp("demo")), DemoConfig(samples=20, val_samples=2, seed=5))["tokenizer"]
 
 
+FRAMES = VideoConfig(num_frames=4, frame_size=32)
+FRAME_TOKENS = "Frame1: <image>\nFrame2: <image>\nFrame3: <image>\nFrame4: <image>\n"
+
+
 def parse_all(path, fmt=None):
-    """(turns, images) or the SampleError reason of every record of a file, detected format."""
+    """(turns, images, normalized turns) or the SampleError reason of every record of a file,
+    as SampleBuilder.build sees them (a video clip expanded into 4 frames)."""
     fmt = fmt or detect_format(str(path))
     out = []
     for i, rec in enumerate(iter_records([str(path)], fmt, None)):
         try:
-            turns, images = to_conversation(rec, fmt, i, TemplateConfig(), 0)
+            turns, images = expand_videos(*to_conversation(rec, fmt, i, TemplateConfig(), 0), FRAMES)
             out.append((turns, images, normalize_turns(turns, len(images), TemplateConfig())))
         except SampleError as e:
             out.append(e.reason)
@@ -118,7 +123,7 @@ def test_hugging_face_content_parts(samples):
     turns, images, norm = recs[1]  # images carried by the parts themselves, in order
     assert images == [files["wide.png"], files["tall.jpg"]]
     assert norm[1] == ("user", "Compare <image>\nand <image>\n")
-    assert recs[2] == "video_unsupported"
+    assert len(recs[2][1]) == 4 and recs[2][2][0] == ("user", FRAME_TOKENS + "What happens?")
 
 
 def test_ms_swift_messages_and_images(samples):
@@ -130,7 +135,7 @@ def test_ms_swift_messages_and_images(samples):
     assert [r for r, _ in norm] == ["system", "user", "assistant", "user", "assistant"]
     assert norm[1][1].startswith("<image><image>What")
     assert recs[1][1][0].startswith(b"\x89PNG")  # a data: URI in the images list
-    assert recs[2] == "video_unsupported"
+    assert len(recs[2][1]) == 4 and recs[2][2][0] == ("user", FRAME_TOKENS + "What is the person doing?")
     assert recs[3][1] == []
 
 
@@ -149,6 +154,10 @@ def test_messages_image_count_mismatches_are_rejects(tmp_path):
         == "audio_unsupported"
     assert one({"messages": [{"role": "tool", "content": "42"}, assistant]}) == "unknown_role"
     assert one({"messages": [{"role": "user", "content": [{"type": "file"}]}, assistant]}) == "bad_sample"
+    assert one({"messages": [{"role": "user", "content": "<video><video>?"}, assistant],
+                "videos": ["v.mp4"]}) == "placeholder_mismatch"
+    assert one({"messages": [{"role": "user", "content": [{"type": "video", "video": ["f1.jpg", "f2.jpg"]}]},
+                             assistant]}) == "video_unsupported"  # a list of frames, not a clip
 
 
 def test_internvl_video_becomes_frames_and_plural_images_are_accepted(samples):
@@ -159,9 +168,8 @@ def test_internvl_video_becomes_frames_and_plural_images_are_accepted(samples):
     assert detect_format(str(root / "internvl_video.jsonl")) == "llava"
     turns, blobs = to_conversation(recs[0], "llava", 0, TemplateConfig(), 0)
     assert len(blobs) == 1 and isinstance(blobs[0], VideoClip)
-    turns, frames = expand_videos(turns, blobs, VideoConfig(num_frames=4, frame_size=32))
-    assert turns[0]["value"] == ("Frame1: <image>\nFrame2: <image>\nFrame3: <image>\nFrame4: <image>\n"
-                                 "What is the person doing?")
+    turns, frames = expand_videos(turns, blobs, FRAMES)
+    assert turns[0]["value"] == FRAME_TOKENS + "What is the person doing?"
     levels = []
     for data in frames:
         img = Image.open(io.BytesIO(data))
@@ -218,8 +226,8 @@ def test_messages_end_to_end_counts_rejects_and_images(samples, tokenizer, tmp_p
                            max_reject_rate=0.5)
     code, summary = run(cfg, log=lambda m: None)
     assert code == 0, summary
-    assert summary["rejects"] == {"remote_url": 1, "video_unsupported": 1}
-    assert summary["samples"] == 6 and summary["images"] == 5
+    assert summary["rejects"] == {"remote_url": 1}
+    assert summary["samples"] == 7 and summary["images"] == 5 + 8  # + the ms-swift clip's 8 frames
 
 
 def tool(name):
