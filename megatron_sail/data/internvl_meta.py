@@ -51,6 +51,8 @@ class MetaEntry:
     """InternVL's train-time JPEG-quality augmentation; not applied here (reported)."""
     length: Optional[int] = None
     """Sample count the meta file claims (informational; compared with the records read)."""
+    ignored: tuple[str, ...] = ()
+    """Keys of the entry this tool does not read (reported, e.g. video frame bounds)."""
 
 
 def is_meta_file(path: str) -> bool:
@@ -102,7 +104,8 @@ def read_meta(path: str, base_dir: Optional[str] = None) -> list[MetaEntry]:
             name=name, root=os.path.join(base_dir, spec["root"]),
             annotation=os.path.join(base_dir, spec["annotation"]), repeat_time=float(repeat),
             max_dynamic_patch=mdp, data_augment=bool(spec.get("data_augment", False)),
-            length=spec.get("length") if isinstance(spec.get("length"), int) else None))
+            length=spec.get("length") if isinstance(spec.get("length"), int) else None,
+            ignored=tuple(sorted(set(spec) - KNOWN_KEYS))))
     return entries
 
 
@@ -152,6 +155,9 @@ def run_meta(cfg: PreprocessConfig, meta_path: str, run_one: Callable[[Preproces
             os.remove(os.path.join(out_dir, stale))
     summaries, failed = [], []
     for entry in entries:
+        if entry.ignored:
+            log(f"note: {entry.name}: keys not used here: {', '.join(entry.ignored)} (videos take "
+                f"--video-frames frames)")
         if entry.data_augment:
             log(f"note: {entry.name}: data_augment is not applied (InternVL's random JPEG-quality "
                 "augmentation happens at load time; these rows store the images unchanged)")

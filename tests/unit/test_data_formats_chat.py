@@ -286,10 +286,13 @@ def test_internvl_meta_builds_one_dataset_per_entry_and_the_blend(internvl_tree,
 def test_internvl_meta_failures_write_no_blend(internvl_tree, tokenizer, tmp_path, capsys):
     meta = json.loads((internvl_tree / "shell/data/shapes_meta.json").read_text())
     meta["shapes_vqa"]["annotation"] = "playground/opensource/missing.jsonl"
+    meta["shapes_caption"]["max_num_frame"] = 32
     (internvl_tree / "broken.json").write_text(json.dumps(meta))
     out = tmp_path / "packed"
     assert tool("preprocess_data").main(meta_args(tokenizer, out, "broken.json")) == 1
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    captured = capsys.readouterr()
+    assert "shapes_caption: keys not used here: max_num_frame" in captured.err
+    lines = [json.loads(line) for line in captured.out.splitlines()]
     assert lines[0]["dataset"] == "shapes_caption" and "error" not in lines[0]
     assert "missing.jsonl" in lines[1]["error"] and "shapes_vqa" in lines[2]["error"]
     assert not (out / "blend.json").exists() and not (out / "data_path.txt").exists()
