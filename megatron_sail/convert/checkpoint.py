@@ -344,6 +344,9 @@ def _write_side_files(tmp: Path, tokenizer: Path, settings: hf_assets.ProcessorS
                 shutil.copy2(path, tmp / path.name)
     else:
         hf_assets.write_processor_files(tmp, settings)
+        if not settings.use_thumbnail:
+            print("warning: the model was trained without thumbnail tiles; transformers' "
+                  "InternVL image processor always adds one to multi-tile images")
     hf_assets.check_tokenizer(tmp, image_token_id)
 
 

@@ -13,6 +13,7 @@ then asks for ``--tokenizer``.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -72,6 +73,7 @@ def _tokenizer_files(meta_path: str, mtime: float) -> str:
                 toks.IMG_END: block["img_end_id"], toks.IM_START: block["im_start_id"],
                 toks.IM_END: block["im_end_id"], toks.PAD: block["pad_id"]}
     out = tempfile.mkdtemp(prefix="sail_tokenizer_")
+    atexit.register(shutil.rmtree, out, True)
     save_tokenizer(path, out, expected, meta.get("template"))
     return out
 
