@@ -190,7 +190,8 @@ def test_sigterm_with_a_pending_save_finalizes_and_exits_zero(data, tmp_path):
     last = max(losses(tmp_path))
     assert last >= 3 and _latest(ck) == str(last)
     assert _entries(ck) == [f"iter_{last - 1:07d}", f"iter_{last:07d}", "latest"]
-    done = [line for line in out.splitlines() if line.startswith("[checkpoint]")]
+    done = [line for line in out.splitlines() if line.startswith("[checkpoint]") and
+            " complete " in line]
     # Saves at every step, and once more at the exit: each one was finalized, in order.
     assert [int(line.split("latest -> ")[1]) for line in done] == list(range(1, last + 1)) + [last]
     assert (ck / f"iter_{last:07d}" / ckpt.STATE_FILE).exists()
