@@ -210,12 +210,21 @@ def _real_root(base_dir: str) -> str:
     return os.path.realpath(base_dir)
 
 
+@lru_cache(maxsize=4096)
+def _real_dir(path: str) -> str:
+    """A directory's real path, cached: images share few directories, and resolving every
+    component of every image path (os.path.realpath) tripled the cost of reading a file."""
+    return os.path.realpath(path)
+
+
 def resolve_image_path(rel: str, base_dir: str, access: ImageAccess) -> str:
     """The real path of an image, refused (``path_outside_root``) when it leaves the root.
 
     ``..`` components and symlinks are resolved first, so neither can reach outside the root;
     absolute paths are read as given only with ``access.allow_absolute``.
     """
+    if "\0" in rel:
+        raise SampleError("bad_sample", f"image path {rel!r} holds a NUL byte")
     try:
         if os.path.isabs(rel):
             if not access.allow_absolute:
@@ -223,7 +232,13 @@ def resolve_image_path(rel: str, base_dir: str, access: ImageAccess) -> str:
                                                        f"(--allow-absolute-paths reads them)")
             return rel
         root = _real_root(base_dir)
-        real = os.path.realpath(os.path.join(root, rel))
+        head, tail = os.path.split(os.path.join(root, rel))
+        if tail in ("", ".", ".."):
+            real = os.path.realpath(os.path.join(root, rel))
+        else:  # the directory from the cache, then the file itself, if it is a symlink
+            real = os.path.join(_real_dir(head), tail)
+            if os.path.islink(real):
+                real = os.path.realpath(real)
     except UnicodeError as e:  # a lone surrogate cannot name a file
         raise SampleError("bad_encoding", f"image path {rel!r} is not valid Unicode") from e
     except ValueError as e:  # an embedded NUL byte
@@ -247,15 +262,22 @@ def _check_regular(path: str, mode: int) -> None:
 def read_regular_file(path: str, max_bytes: int) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``; anything else is a reject."""
     try:
-        _check_regular(path, os.stat(path).st_mode)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even if swapped for a FIFO
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even on a FIFO
     except FileNotFoundError as e:
         raise SampleError("missing_image", path) from e
-    except OSError as e:
+    except OSError as e:  # e.g. a socket (ENXIO): say what it is when it is not a file
+        try:
+            _check_regular(path, os.stat(path).st_mode)
+        except OSError:
+            pass
         raise SampleError("missing_image", f"{path}: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        _check_regular(path, st.st_mode)  # before fdopen, which refuses a directory itself
+    except BaseException:
+        os.close(fd)
+        raise
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        _check_regular(path, st.st_mode)
         if st.st_size > max_bytes:
             raise SampleError("file_too_large", f"{path}: {st.st_size} bytes > --max-image-bytes {max_bytes}")
         # ask for the size fstat gave (+1 shows growth): read(max_bytes + 1) would allocate a
