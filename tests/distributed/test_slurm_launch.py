@@ -32,7 +32,8 @@ def run_tasks(envs):
                                                         "MASTER_ADDR", "MASTER_PORT")}
     procs = [subprocess.Popen([sys.executable, "-c", PROBE], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**base, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **env})
+                              env={**base, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
+                                   "CUDA_VISIBLE_DEVICES": "", **env})  # gloo even on a GPU host
              for env in envs]
     out = []
     for p in procs:
