@@ -81,13 +81,14 @@ def slurm_tasks(env: Mapping[str, str]) -> int:
 
 
 def rendezvous_from_slurm(env: Mapping[str, str]) -> Optional[dict]:
-    """torchrun's variables derived from an srun step's; None when torchrun's are set or this
-    process is not in an srun step."""
-    if any(k in env for k in TORCHRUN_VARS) or not in_srun_step(env):
+    """torchrun's variables derived from an srun step's; None when torchrun's are set, this
+    process is not in an srun step, or the step has one task (then the single-process default
+    applies: a private free port, not 29500 that another job on the node may hold)."""
+    if any(k in env for k in TORCHRUN_VARS) or not in_srun_step(env) or slurm_tasks(env) <= 1:
         return None
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    world = slurm_tasks(env) or 1
-    addr = env.get("MASTER_ADDR") or (first_host(nodelist) if nodelist and world > 1 else "127.0.0.1")
+    world = slurm_tasks(env)
+    addr = env.get("MASTER_ADDR") or (first_host(nodelist) if nodelist else "127.0.0.1")
     local_size = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_NTASKS_PER_NODE", ""))
     out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(world),
            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": addr,

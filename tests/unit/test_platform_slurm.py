@@ -46,6 +46,8 @@ def test_torchrun_variables_win_and_a_batch_shell_is_not_a_task():
     assert slurm.rendezvous_from_slurm(srun_env(RANK="0", WORLD_SIZE="8")) is None
     batch = {k: v for k, v in srun_env().items() if not k.startswith("SLURM_STEP")}
     assert slurm.rendezvous_from_slurm(batch) is None
+    one = srun_env(SLURM_NTASKS="1", SLURM_STEP_NUM_TASKS="1", SLURM_PROCID="0")
+    assert slurm.rendezvous_from_slurm(one) is None  # one task: the single-process default
 
 
 def test_warns_when_slurm_counts_more_tasks_than_the_world():
