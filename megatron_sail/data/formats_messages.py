@@ -162,6 +162,9 @@ def messages_conversation(obj: dict, separator: str = "\n") -> tuple[list[dict],
         role = msg.get("role")
         role = ROLE_ALIASES.get(role, role)
         content = msg.get("content")
+        if msg.get("weight", 1) != 1:  # OpenAI fine-tuning: weight 0 = do not train this turn
+            raise SampleError("message_weight_unsupported", f"message {i} has weight {msg.get('weight')!r}; "
+                              "every assistant turn is trained (drop the turn or the weight)")
         if content is None:
             raise SampleError("bad_sample", f"message {i} ({role}) has no content"
                               + (" (tool calls are not trained on)" if msg.get("tool_calls") else ""))

@@ -153,6 +153,10 @@ def test_messages_image_count_mismatches_are_rejects(tmp_path):
     assert one({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}, assistant]}) \
         == "audio_unsupported"
     assert one({"messages": [{"role": "tool", "content": "42"}, assistant]}) == "unknown_role"
+    assert one({"messages": [{"role": "user", "content": "hi"}, {**assistant, "weight": 0}]}) \
+        == "message_weight_unsupported"
+    assert one({"messages": [{"role": "user", "content": "hi"}, {**assistant, "weight": 1}]}) != \
+        "message_weight_unsupported"
     assert one({"messages": [{"role": "user", "content": [{"type": "file"}]}, assistant]}) == "bad_sample"
     assert one({"messages": [{"role": "user", "content": "<video><video>?"}, assistant],
                 "videos": ["v.mp4"]}) == "placeholder_mismatch"
