@@ -19,7 +19,8 @@ from typing import Iterator, Optional
 
 from megatron_sail.config.data import DEFAULT_MAX_IMAGE_BYTES, TemplateConfig
 from megatron_sail.data.formats_messages import messages_conversation
-from megatron_sail.data.media_refs import check_unsupported_media, image_field, inline_image, local_path
+from megatron_sail.data.media_refs import (check_unsupported_media, image_field, inline_image, local_path,
+                                           plain_ref)
 from megatron_sail.data.template import SampleError
 from megatron_sail.data.video import VideoClip
 
@@ -387,6 +388,7 @@ def _load_video(ref: object, rec: RawRecord) -> VideoClip:
 
 def _load_image(ref: object, base_dir: str, access: ImageAccess = ImageAccess()) -> bytes:
     """A ``data:`` URI decoded, a remote URL rejected (media_refs.py), else a file under base_dir."""
+    ref = plain_ref(ref)
     blob = inline_image(ref, access.max_bytes)
     return blob if blob is not None else _read_image(local_path(ref) if isinstance(ref, str) else ref,
                                                      base_dir, access)

@@ -46,6 +46,20 @@ def decode_data_uri(uri: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes
     return data
 
 
+def plain_ref(ref: object) -> object:
+    """A Hugging Face ``Image`` feature as JSON datasets export it (``{"bytes", "path"}``) as the
+    string form: its base64 ``bytes`` as a data: URI, else its ``path``; other values unchanged."""
+    if not isinstance(ref, dict):
+        return ref
+    data, path = ref.get("bytes"), ref.get("path")
+    if isinstance(data, str) and data:
+        return data if data.startswith("data:") else "data:;base64," + data
+    if isinstance(path, str) and path:
+        return path
+    raise SampleError("bad_sample", f"image reference is an object with keys {sorted(ref)} and no "
+                                    "base64 'bytes' or 'path'")
+
+
 def inline_image(ref: object, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Optional[bytes]:
     """Bytes of an inline image; None when ``ref`` is a local path for the file reader.
 

@@ -19,7 +19,7 @@ from PIL import Image
 from megatron_sail.config.data import PackingConfig, PreprocessConfig, TemplateConfig
 from megatron_sail.data.demo import DemoConfig, make_demo
 from megatron_sail.data.formats import detect_format, iter_records, to_conversation
-from megatron_sail.data.media_refs import decode_data_uri
+from megatron_sail.data.media_refs import decode_data_uri, plain_ref
 from megatron_sail.data.preprocess import run
 from megatron_sail.data.template import SampleError, normalize_turns
 from megatron_sail.data.tiling import TilingConfig
@@ -214,6 +214,10 @@ def test_data_uris_decode_and_are_size_capped():
     png = encode((5, 3), (1, 2, 3), "PNG")
     uri = "data:image/png;base64," + base64.b64encode(png).decode()
     assert decode_data_uri(uri) == png
+    assert plain_ref({"bytes": base64.b64encode(png).decode(), "path": None}).startswith("data:;base64,")
+    assert plain_ref({"bytes": None, "path": "a/b.png"}) == "a/b.png"
+    with pytest.raises(SampleError):
+        plain_ref({"width": 3})
     with pytest.raises(SampleError) as e:
         decode_data_uri(uri, max_bytes=len(png) // 2)
     assert e.value.reason == "file_too_large"
