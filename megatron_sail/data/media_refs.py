@@ -98,7 +98,7 @@ def image_field(obj: dict) -> list:
         if isinstance(url, str) and url:
             raise SampleError("remote_url", f"'url' {url[:200]} (download the images first)")
         return []
-    refs = [value] if isinstance(value, str) else value
+    refs = [value] if isinstance(value, (str, dict)) else value  # a dict: one HF Image value
     if not isinstance(refs, list):
         raise SampleError("bad_sample", f"'image' is {type(value).__name__}")
     return refs
