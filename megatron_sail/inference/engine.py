@@ -170,7 +170,7 @@ class Generator:
         """One token per row at the given positions; logits [rows, V] on the last stage."""
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         cache.step = CacheStep("decode", positions=pos)
-        rope = self.lms[0].rotary_pos_emb(int(pos.max()) + 1)[pos]  # [rows, 1, 1, dim]
+        rope = self.lms[0].rotary_pos_emb(cache.max_len)[pos]  # [rows, 1, 1, dim], table cached
         ids_t = torch.tensor(feed, dtype=torch.long, device=self.device)[None]
         hidden = self._stages(ids_t, None, rope, None)
         return None if hidden is None else self._logits(hidden[:, 0])
