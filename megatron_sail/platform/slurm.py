@@ -11,7 +11,6 @@ process, so it starts as world size 1, with a warning when SLURM_NTASKS > 1.
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
