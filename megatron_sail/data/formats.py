@@ -93,6 +93,8 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             raise FileNotFoundError(f"input {item!r} matches no files")
         for path in found:
             if not os.path.isfile(path):
+                if os.path.exists(path):  # a FIFO or device would hang or never end
+                    raise ValueError(f"input {path} is not a regular file")
                 raise FileNotFoundError(f"input file not found: {path}")
         files.extend(found)
     return files

@@ -239,3 +239,13 @@ def test_an_unexpected_error_in_a_worker_is_a_reject_not_a_dead_pool(tokenizer, 
         assert code == 0 and s["samples"] == 16 and s["rejects"] == {"unexpected_error": 4}
         first = json.loads(indexed.read_rejects(str(tmp_path / f"w{workers}"))[0])
         assert first["key"] == "line 3" and first["detail"] == "TypeError: TextInputSequence must be str"
+
+
+def test_an_input_that_is_not_a_regular_file_is_refused_by_name(tmp_path):
+    from megatron_sail.data.formats import expand_inputs
+
+    os.mkfifo(tmp_path / "in.jsonl")
+    with pytest.raises(ValueError, match=r"in\.jsonl is not a regular file"):
+        expand_inputs([str(tmp_path / "in.jsonl")])
+    with pytest.raises(ValueError, match="/dev/zero is not a regular file"):
+        expand_inputs(["/dev/zero"])
