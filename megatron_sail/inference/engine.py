@@ -36,6 +36,21 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
+def _pause_param_gather_hooks(wrapped: list) -> list:
+    """Megatron DDP chunks with overlapped param gather: finish the all-gather now and remove the
+    forward pre-hooks (as Megatron-LM does around evaluation); returns the chunks to re-arm.
+
+    Without this, right after an optimizer step each data-parallel replica is current only for
+    its own shard until the next training forward, and the hooks would fire inside generation.
+    """
+    paused = []
+    for c in wrapped:
+        if getattr(c, "use_forward_hook", False) and getattr(c, "remove_forward_pre_hook_handles", None):
+            c.disable_forward_pre_hook(param_sync=True)
+            paused.append(c)
+    return paused
+
+
 class Generator:
     """Decodes answers with the given model chunks (this rank's pipeline stages, in order)."""
 
@@ -77,6 +92,7 @@ class Generator:
         modes = [c.training for c in self.wrapped]
         generator = torch.Generator().manual_seed(self.cfg.seed)
         results: list[GenerationResult] = []
+        hooked = _pause_param_gather_hooks(self.wrapped)
         try:
             for c in self.wrapped:
                 c.eval()
@@ -88,6 +104,8 @@ class Generator:
                 c.train(mode)
             for lm in self.lms:
                 lm.set_input_tensor(None)
+            for c in hooked:
+                c.enable_forward_pre_hook()
         return results
 
     # ------------------------------------------------------------------ one batch
