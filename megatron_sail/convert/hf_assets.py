@@ -171,7 +171,9 @@ def _name_image_tokens(config_path: Path) -> None:
     cfg = json.loads(config_path.read_text())
     named = {"start_image_token": toks.IMG_START, "end_image_token": toks.IMG_END,
              "context_image_token": toks.IMG_CONTEXT, "video_token": VIDEO_TOKEN}
-    for key in named:
+    # load-time options and v5's second copy of the named tokens, which a re-export would
+    # otherwise accumulate
+    for key in (*named, "model_specific_special_tokens", "is_local", "local_files_only"):
         cfg.pop(key, None)
     cfg["extra_special_tokens"] = named
     if cfg.get("tokenizer_class") in (None, "TokenizersBackend"):

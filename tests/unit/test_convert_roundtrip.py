@@ -17,16 +17,20 @@ from test_convert_layouts import tiny
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _round_trip(tmp_path: Path, cfg) -> tuple[Path, Path, Path]:
-    """Make a tiny checkpoint (with a tokenizer side file), convert it to mcore and back.
+def _round_trip(tmp_path: Path, cfg, again: bool = False) -> tuple[Path, Path, Path]:
+    """Make a tiny checkpoint (with a tokenizer side file), convert it to mcore and back
+    (``again``: the export once more to mcore and back, into ``back2``).
 
-    Both CLI calls run in one subprocess (one interpreter start-up instead of two).
+    The CLI calls run in one subprocess (one interpreter start-up instead of several).
     """
     src = tiny.make_tiny_checkpoint(tmp_path / "src", cfg)
     (src / "special_tokens_map.json").write_text('{"eos_token": "<|im_end|>"}')
     mc, back = tmp_path / "mc", tmp_path / "back"
     calls = [["hf-to-mcore", "--hf-dir", str(src), "--out", str(mc)],
              ["mcore-to-hf", "--mcore-dir", str(mc), "--out", str(back)]]
+    if again:
+        calls += [["hf-to-mcore", "--hf-dir", str(back), "--out", str(tmp_path / "mc2")],
+                  ["mcore-to-hf", "--mcore-dir", str(tmp_path / "mc2"), "--out", str(tmp_path / "back2")]]
     code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import convert_checkpoint as c\n"
             f"for argv in {calls!r}: assert c.main(argv) == 0")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -58,7 +62,8 @@ def _assert_te_norm_keys(mc: Path) -> None:
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_transformers_layout_round_trip_is_bitwise(tmp_path, tied):
     src, mc, back = _round_trip(tmp_path, tiny.TinyCheckpointConfig(layout="hf", tied=tied,
-                                                                    vocab_size=320, tokenizer=True))
+                                                                    vocab_size=320, tokenizer=True),
+                                again=not tied)
     _assert_bitwise(hf_io.read_state_dict(src), hf_io.read_state_dict(back))
     assert hf_io.read_config(back) == hf_io.read_config(src)
     assert (mc / "metadata.json").is_file() and (mc / "model_config.yaml").is_file()
@@ -68,6 +73,12 @@ def test_transformers_layout_round_trip_is_bitwise(tmp_path, tied):
     from transformers import InternVLForConditionalGeneration
 
     InternVLForConditionalGeneration.from_pretrained(str(back))  # loads without complaint
+    if not tied:  # an export converted again exports to the same files (side files included)
+        names = sorted(p.name for p in back.iterdir())
+        assert "preprocessor_config.json" in names and "chat_template.jinja" in names
+        assert names == sorted(p.name for p in (tmp_path / "back2").iterdir())
+        for name in names:
+            assert (back / name).read_bytes() == (tmp_path / "back2" / name).read_bytes(), name
 
 
 def test_sharded_bf16_chat_layout_round_trip_is_bitwise(tmp_path):
