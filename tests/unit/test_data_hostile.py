@@ -249,3 +249,22 @@ def test_an_input_that_is_not_a_regular_file_is_refused_by_name(tmp_path):
         expand_inputs([str(tmp_path / "in.jsonl")])
     with pytest.raises(ValueError, match="/dev/zero is not a regular file"):
         expand_inputs(["/dev/zero"])
+
+
+def test_a_reject_naming_a_non_utf8_tar_member_is_written_escaped(tokenizer, tmp_path):
+    """tarfile decodes a member name with invalid UTF-8 to lone surrogates; the reject report
+    must still be written (escaped), not crash the writer with a UnicodeEncodeError."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="PNG")
+    with tarfile.open(tmp_path / "s.tar", "w", format=tarfile.GNU_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        for name, data in [("ok.png", buf.getvalue()), ("ok.txt", b"red"), ("b\udcff.png", b"junk"),
+                           ("b\udcff.txt", b"blue")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    code, s = run(config(tokenizer, [tmp_path / "s.tar"], tmp_path / "o"), log=lambda m: None)
+    assert code == 0 and s["samples"] == 1 and s["rejects"] == {"undecodable_image": 1}
+    raw = open(f"{tmp_path}/o.rejects.jsonl", "rb").read()
+    line = json.loads(raw.decode("utf-8"))  # valid UTF-8; the escape reads back as the same name
+    assert b"b\\udcff.png: " in raw and line["key"] == "b\udcff" and line["detail"].startswith("b\udcff.png")
