@@ -74,7 +74,8 @@ def _record(rec, line: int, base: str) -> InputRecord:
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (every GenerationConfig field has one)."""
-    p = argparse.ArgumentParser(description="Generate answers with a SAIL-VL checkpoint.")
+    p = argparse.ArgumentParser(prog="python -m megatron_sail.generate",
+                                description="Generate answers with a SAIL-VL checkpoint.")
     p.add_argument("--checkpoint", required=True,
                    help="training run/iter dir, converted Megatron checkpoint or Hugging Face folder")
     p.add_argument("--prompt", help="user text (with --image: the question about the image(s))")
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts decoded together")
     p.add_argument("--system", default=None, help="system prompt (default: the training template's)")
+    p.add_argument("--stop-token-id", type=int, action="append", default=None,
+                   help="id that ends an answer (repeatable; default <|im_end|> and <|endoftext|>)")
     p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -128,7 +131,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed, max_tiles=args.max_tiles,
                            batch_size=args.batch_size, system=args.system,
-                           min_new_tokens=args.min_new_tokens)
+                           min_new_tokens=args.min_new_tokens,
+                           stop_token_ids=tuple(args.stop_token_id) if args.stop_token_id else None)
     import torch.distributed as dist
 
     from megatron_sail.inference.loading import LoadConfig, load_generator

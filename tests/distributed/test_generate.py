@@ -55,13 +55,16 @@ def _single_rank_job(rank, paths):
     # A stop token that greedy decoding reaches mid-answer: both sides must stop there.
     first = out["hf"]["hf"][0]
     stop = first[4]
-    gen = load_generator(paths["hf"], gc.gen_config(batch_size=4, stop_token_ids=(stop,)))
-    prompts = [gen.prompts.build(r, gen.cfg.max_new_tokens, i) for i, r in enumerate(reqs)]
-    out["stop"] = {"token": stop, "ours": _answers(gen, reqs),
+    hf_gen = load_generator(paths["hf"], gc.gen_config(batch_size=4, stop_token_ids=(stop,)))
+    prompts = [hf_gen.prompts.build(r, hf_gen.cfg.max_new_tokens, i) for i, r in enumerate(reqs)]
+    out["stop"] = {"token": stop, "ours": _answers(hf_gen, reqs),
                    "hf": gc.hf_reference(paths["hf"], prompts, (stop,))}
     # Seeded sampling: same seed -> same answer; a different seed -> a different one.
-    sample = lambda seed: _answers(load_generator(paths["hf"], gc.gen_config(  # noqa: E731
-        batch_size=4, temperature=1.5, top_p=0.95, seed=seed)), reqs)
+    from megatron_sail.inference import Generator
+
+    sample = lambda seed: _answers(Generator(  # noqa: E731
+        hf_gen.chunks, hf_gen.model_config, hf_gen.tokenizer, hf_gen.settings,
+        gc.gen_config(batch_size=4, temperature=1.5, top_p=0.95, seed=seed)), reqs)
     out["sampled"] = [sample(1), sample(1), sample(2)]
     hf_to_mcore(paths["hf"], paths["mcore"], ConvertConfig())
     out["mcore"] = _answers(load_generator(paths["mcore"], gc.gen_config(batch_size=4)), reqs)
