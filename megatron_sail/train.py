@@ -59,13 +59,14 @@ def build_chunks(cfg: RunConfig, dtype: torch.dtype) -> list[torch.nn.Module]:
     for vp in range(cfg.parallel.vpp or 1):
         vp_stage = vp if cfg.parallel.vpp else None
         model = SailVLModel(
-            cfg.model, cfg.parallel, dtype=dtype, vp_stage=vp_stage,
+            cfg.model, cfg.parallel, dtype=dtype, vp_stage=vp_stage, use_te=use_te(cfg),
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
                                                                vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                                vp_stage=vp_stage))
         apply_recompute(model, RecomputeConfig(cfg.train.recompute_granularity,
-                                               cfg.train.recompute_vit))
+                                               cfg.train.recompute_vit, cfg.train.recompute_method,
+                                               cfg.train.recompute_num_layers))
         apply_fp8(model, cfg.train.fp8_format, cfg.train.fp8_recipe, cfg.train.fp8_vit)
         s = cfg.stage
         model.freeze(vision=not s.train_vision, projector=not s.train_projector,
@@ -74,14 +75,36 @@ def build_chunks(cfg: RunConfig, dtype: torch.dtype) -> list[torch.nn.Module]:
     return chunks
 
 
+def use_te(cfg: RunConfig) -> Optional[bool]:
+    """--transformer-impl: local -> False, transformer_engine -> True (refused at start when
+    TE or CUDA is missing, not at the first TE kernel), unset -> None (the model's auto)."""
+    impl = cfg.train.transformer_impl
+    if impl == "transformer_engine":
+        from megatron_sail.models.layer_specs import te_available
+
+        if not te_available():
+            raise RuntimeError("--transformer-impl transformer_engine: Transformer Engine is "
+                               "not importable or CUDA is missing; use --transformer-impl local")
+        return True
+    return False if impl == "local" else None
+
+
+def ddp_config(cfg: RunConfig) -> DistributedDataParallelConfig:
+    """Megatron-Core DDP settings: --overlap-grad-reduce / --overlap-param-gather, each on by
+    default with CUDA (and the distributed optimizer for the gather), off on CPU."""
+    p, dist_opt = cfg.parallel, cfg.optim.use_distributed_optimizer
+    cuda = platform.has_cuda()
+    grad = cuda if p.overlap_grad_reduce is None else p.overlap_grad_reduce
+    gather = (grad and dist_opt) if p.overlap_param_gather is None else p.overlap_param_gather
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=grad, overlap_param_gather=gather,
+        use_distributed_optimizer=dist_opt, check_for_nan_in_grad=False,
+        bucket_size=40_000_000 if grad else None)
+
+
 def wrap_ddp(cfg: RunConfig, chunks: list) -> list:
-    """Megatron-Core DDP around each chunk; overlap of grad reduce / param gather on GPU."""
-    overlap = platform.has_cuda()
-    ddp = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
-        overlap_param_gather=overlap and cfg.optim.use_distributed_optimizer,
-        use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
-        check_for_nan_in_grad=False, bucket_size=None if not overlap else 40_000_000)
+    """Megatron-Core DDP around each chunk (settings: ddp_config)."""
+    ddp = ddp_config(cfg)
     for chunk in chunks:
         get_model_config(chunk).calculate_per_token_loss = True
     return [DistributedDataParallel(config=get_model_config(c), ddp_config=ddp, module=c,
@@ -102,7 +125,7 @@ def hook_model_config(chunks: list, optimizer) -> None:
         # activations and gradients, silently: same shapes); the unbatched exchange orders them
         # by rank parity so that each send meets the matching receive.
         config.batch_p2p_comm = False
-        if platform.has_cuda():
+        if chunks[0].ddp_config.overlap_grad_reduce:
             config.grad_sync_func = [c.start_grad_sync for c in chunks]
 
 
@@ -113,10 +136,23 @@ def load_state(cfg: RunConfig, chunks: list, optimizer, scheduler,
     tokenizer) apply to both; the LR schedule and --train-iters are checked on resume."""
     c = cfg.checkpoint
     log = print if torch.distributed.get_rank() == 0 else (lambda _line: None)
-    state = ckpt.load_checkpoint(c.load, chunks, optimizer, checks) if c.load else None
+    if c.finetune:  # Megatron-LM's --finetune: weights of --load, everything else fresh
+        if ckpt.resolve_checkpoint(c.load) is None:
+            raise FileNotFoundError(f"--finetune --load {c.load}: no checkpoint there")
+        ckpt.load_checkpoint(c.load, chunks, optimizer=None, checks=checks)
+        optimizer.reload_model_params()
+        log(f"[train] --finetune: weights from {c.load}; optimizer, LR schedule and "
+            "iteration start fresh")
+        return ckpt.TrainState()
+    state = ckpt.load_checkpoint(c.load, chunks, optimizer, checks, load_optim=not c.no_load_optim,
+                                 load_rng=not c.no_load_rng) if c.load else None
     if state is not None:
         where = ckpt.resolve_checkpoint(c.load)
         resume_checks.check_train_iters(state.iteration, cfg.train.train_iters, where)
+        if c.no_load_optim:  # Megatron-LM loads neither the optimizer nor its LR schedule
+            log(f"[train] --no-load-optim: optimizer state and LR schedule of {where} not "
+                "loaded (the schedule starts again from its step 0)")
+            return state
         resume_checks.restore_scheduler(scheduler, state.scheduler, c.override_opt_param_scheduler,
                                         c.use_checkpoint_opt_param_scheduler, where, log)
         return state
@@ -174,7 +210,12 @@ def train(cfg: RunConfig) -> int:
                                 total_iters=cfg.train.train_iters,
                                 world_size=torch.distributed.get_world_size(),
                                 peak_flops=device_peak_flops(), progress_bar=cfg.train.progress_bar,
-                                start_iteration=state.iteration))
+                                start_iteration=state.iteration,
+                                log_throughput=cfg.train.log_throughput,
+                                tensorboard_log_interval=cfg.train.tensorboard_log_interval,
+                                wandb_project=cfg.train.wandb_project,
+                                wandb_exp_name=cfg.train.wandb_exp_name,
+                                wandb_save_dir=cfg.train.wandb_save_dir, run_config=to_dict(cfg)))
     ctx = LoopContext(cfg, chunks, optimizer, scheduler, state, feeder, metrics, watcher,
                       valid, to_dict(cfg))
     if cfg.eval.benchmarks:  # --eval-benchmark: scores of the live model (eval/hook.py)

@@ -26,6 +26,13 @@ class ParallelConfig:
     distributed_timeout_minutes: int = 10
     """Timeout of the process groups' collectives (Megatron-LM's --distributed-timeout-minutes):
     a rank that stops answering fails the job after this long instead of hanging it."""
+    overlap_grad_reduce: bool | None = None
+    """Megatron-LM's --overlap-grad-reduce: reduce gradient buckets during the backward pass
+    (Megatron-Core DDP); None: on with CUDA, off on CPU."""
+    overlap_param_gather: bool | None = None
+    """Megatron-LM's --overlap-param-gather: all-gather the distributed optimizer's updated
+    parameters during the next forward; needs the distributed optimizer and overlapped grad
+    reduce. None: on with CUDA and the distributed optimizer."""
 
     def __post_init__(self):
         if self.tp < 1 or self.pp < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -51,6 +52,7 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--valid-data-path", "data", "valid_data_path", "list"),
     ("--seq-length", "data", "seq_length", "int"),
     ("--train-iters", "train", "train_iters", "int"),
+    ("--train-samples", "train", "train_samples", "int"),
     ("--global-batch-size", "train", "global_batch_size", "int"),
     ("--micro-batch-size", "train", "micro_batch_size", "int"),
     ("--seed", "train", "seed", "int"),
@@ -62,6 +64,13 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--eval-benchmark-limit", "eval", "limit", "int"),
     ("--run-dir", "train", "run_dir", "str"),
     ("--tensorboard-dir", "train", "tensorboard_dir", "str"),
+    ("--tensorboard-log-interval", "train", "tensorboard_log_interval", "int"),
+    ("--log-throughput", "train", "log_throughput", "flag"),
+    ("--wandb-project", "train", "wandb_project", "str"),
+    ("--wandb-exp-name", "train", "wandb_exp_name", "str"),
+    ("--wandb-save-dir", "train", "wandb_save_dir", "str"),
+    ("--log-images", "train", "log_images", "int"),
+    ("--num-workers", "images", "threads", "int"),
     ("--exit-duration-in-mins", "train", "exit_duration_in_mins", "float"),
     ("--exit-interval", "train", "exit_interval", "int"),
     ("--max-skipped-steps", "train", "max_skipped_steps", "int"),
@@ -70,18 +79,27 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--fp8-recipe", "train", "fp8_recipe", "str"),
     ("--fp8-vit", "train", "fp8_vit", "flag"),
     ("--recompute-granularity", "train", "recompute_granularity", "str"),
+    ("--recompute-method", "train", "recompute_method", "str"),
+    ("--recompute-num-layers", "train", "recompute_num_layers", "int"),
     ("--recompute-vit", "train", "recompute_vit", "flag"),
+    ("--transformer-impl", "train", "transformer_impl", "str"),
     ("--progress-bar", "train", "progress_bar", "flag"),
     ("--tensor-model-parallel-size", "parallel", "tp", "int"),
     ("--pipeline-model-parallel-size", "parallel", "pp", "int"),
     ("--num-layers-per-virtual-pipeline-stage", "derived", "layers_per_virtual_stage", "int"),
     ("--sequence-parallel", "parallel", "sp", "flag"),
     ("--distributed-timeout-minutes", "parallel", "distributed_timeout_minutes", "int"),
+    ("--overlap-grad-reduce", "parallel", "overlap_grad_reduce", "flag"),
+    ("--overlap-param-gather", "parallel", "overlap_param_gather", "flag"),
     ("--lr", "optim", "lr", "float"),
     ("--min-lr", "optim", "min_lr", "float"),
     ("--lr-warmup-iters", "optim", "lr_warmup_iters", "int"),
+    ("--lr-warmup-samples", "optim", "lr_warmup_samples", "int"),
+    ("--lr-warmup-fraction", "optim", "lr_warmup_fraction", "float"),
+    ("--lr-warmup-init", "optim", "lr_warmup_init", "float"),
     ("--lr-decay-style", "optim", "lr_decay_style", "str"),
     ("--lr-decay-iters", "optim", "lr_decay_iters", "int"),
+    ("--lr-decay-samples", "optim", "lr_decay_samples", "int"),
     ("--lr-wsd-decay-iters", "optim", "lr_wsd_decay_iters", "int"),
     ("--lr-wsd-decay-style", "optim", "lr_wsd_decay_style", "str"),
     ("--weight-decay", "optim", "weight_decay", "float"),
@@ -96,6 +114,11 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--save", "checkpoint", "save", "str"),
     ("--load", "checkpoint", "load", "str"),
     ("--init-from", "checkpoint", "init_from", "str"),
+    ("--finetune", "checkpoint", "finetune", "flag"),
+    ("--no-load-optim", "checkpoint", "no_load_optim", "flag"),
+    ("--no-load-rng", "checkpoint", "no_load_rng", "flag"),
+    ("--ckpt-format", "checkpoint", "ckpt_format", "str"),
+    ("--use-checkpoint-args", "checkpoint", "use_checkpoint_args", "flag"),
     ("--save-interval", "checkpoint", "save_interval", "int"),
     ("--keep-last", "checkpoint", "keep_last", "int"),
     ("--async-save", "checkpoint", "async_save", "flag"),
@@ -117,10 +140,13 @@ _KINDS = {"int": int, "float": float, "str": str}
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m megatron_sail.train``; every override defaults to None
     so that only flags actually given change the config."""
-    p = argparse.ArgumentParser(prog="megatron_sail.train", description=__doc__)
+    # allow_abbrev=False: as in Megatron-LM, `--lr-warmu 5` is an error, not --lr-warmup-*.
+    p = argparse.ArgumentParser(prog="megatron_sail.train", description=__doc__,
+                                allow_abbrev=False)
     p.add_argument("--recipe", default="tiny", help="tiny, sail_2b or sail_8b")
     p.add_argument("--stage", default=None, help="training stage name (default: the recipe's)")
     p.add_argument("--config", default=None, help="YAML file overriding recipe fields")
+    p.add_argument("--split", default=None, help="not supported: see --valid-data-path")
     for flag, section, name, kind in FLAGS:
         dest = f"{section}.{name}"
         if kind == "flag":
@@ -205,10 +231,14 @@ def finalize(cfg: RunConfig) -> RunConfig:
     """Fill derived fields and check combinations that would fail later with a worse message."""
     t, o = cfg.train, cfg.optim
     _check_counts(cfg)
-    if o.lr_warmup_iters is None:
-        o.lr_warmup_iters = int(round(cfg.stage.warmup_fraction * t.train_iters))
+    _check_megatron_flags(cfg)
+    _apply_samples(cfg)
     if o.lr_decay_iters is None:
         o.lr_decay_iters = max(1, t.train_iters)  # the scheduler needs >= 1 (--train-iters 0)
+    if o.lr_warmup_fraction is not None:  # Megatron-LM: a fraction of the decay steps
+        o.lr_warmup_iters = int(round(o.lr_warmup_fraction * o.lr_decay_iters))
+    if o.lr_warmup_iters is None:
+        o.lr_warmup_iters = int(round(cfg.stage.warmup_fraction * t.train_iters))
     if o.lr_warmup_iters >= o.lr_decay_iters:
         o.lr_warmup_iters = max(0, o.lr_decay_iters - 1)
     if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
@@ -228,6 +258,84 @@ def finalize(cfg: RunConfig) -> RunConfig:
         t.tensorboard_dir = os.path.join(t.run_dir, "tensorboard")
     cfg.parallel.__post_init__()  # re-check the layout after flags set its fields
     return cfg
+
+
+def _check_megatron_flags(cfg: RunConfig) -> None:
+    """Values and combinations of the Megatron-LM flags, refused with the flag's name (as
+    Megatron-LM's own argument checks refuse them) instead of being half honoured."""
+    t, o, c, p = cfg.train, cfg.optim, cfg.checkpoint, cfg.parallel
+    if c.ckpt_format != "torch_dist":
+        raise ValueError(f"--ckpt-format {c.ckpt_format!r}: this trainer writes and reads only "
+                         "torch_dist (Megatron-Core dist_checkpointing); torch, torch_dcp, zarr "
+                         "and fsdp_dtensor are not supported")
+    if t.transformer_impl not in (None, "local", "transformer_engine"):
+        raise ValueError(f"--transformer-impl {t.transformer_impl!r}: expected local or "
+                         "transformer_engine")
+    if t.recompute_method not in (None, "uniform", "block"):
+        raise ValueError(f"--recompute-method {t.recompute_method!r}: expected uniform or block")
+    if (t.recompute_method or t.recompute_num_layers is not None) and \
+            t.recompute_granularity != "full":
+        raise ValueError("--recompute-method / --recompute-num-layers apply to "
+                         "--recompute-granularity full only")
+    for flag, value, least in (("--recompute-num-layers", t.recompute_num_layers, 1),
+                               ("--tensorboard-log-interval", t.tensorboard_log_interval, 1),
+                               ("--log-images", t.log_images, 0),
+                               ("--train-samples", t.train_samples, 0),
+                               ("--lr-warmup-samples", o.lr_warmup_samples, 0),
+                               ("--lr-decay-samples", o.lr_decay_samples, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} {value}: must be at least {least}")
+    if o.lr_warmup_fraction is not None:
+        if not 0.0 <= o.lr_warmup_fraction <= 1.0:
+            raise ValueError(f"--lr-warmup-fraction {o.lr_warmup_fraction}: must be in [0, 1]")
+        if o.lr_warmup_iters is not None or o.lr_warmup_samples is not None:
+            raise ValueError("--lr-warmup-fraction excludes --lr-warmup-iters and "
+                             "--lr-warmup-samples")
+    if p.overlap_param_gather:
+        if not o.use_distributed_optimizer:
+            raise ValueError("--overlap-param-gather needs the distributed optimizer "
+                             "(--use-distributed-optimizer)")
+        if p.overlap_grad_reduce is False:
+            raise ValueError("--overlap-param-gather needs --overlap-grad-reduce")
+        p.overlap_grad_reduce = True
+    if c.finetune and not c.load:
+        raise ValueError("--finetune loads the weights of --load; give --load (or use --init-from)")
+
+
+def _samples_to_steps(flag: str, samples: int, batch: int) -> int:
+    """Rows -> optimizer steps of ``batch`` rows. Megatron-LM counts its sample-based schedule
+    in rows; with a constant global batch that is the same curve when the rows are a multiple
+    of the batch, and the nearest step otherwise (said once)."""
+    steps, rest = divmod(samples, batch)
+    if rest:
+        steps = int(round(samples / batch))
+        warnings.warn(f"{flag} {samples} is not a multiple of --global-batch-size {batch}: "
+                      f"using {steps} steps ({steps * batch} rows)", stacklevel=3)
+    return steps
+
+
+def _apply_samples(cfg: RunConfig) -> None:
+    """Megatron-LM's sample-based run (--train-samples with --lr-decay-samples /
+    --lr-warmup-samples) as step counts; the iteration forms stay exclusive with it."""
+    t, o = cfg.train, cfg.optim
+    if t.train_samples is None:
+        for flag, value in (("--lr-decay-samples", o.lr_decay_samples),
+                            ("--lr-warmup-samples", o.lr_warmup_samples)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --train-samples (a sample-based run); with "
+                                 f"--train-iters use {flag.replace('samples', 'iters')}")
+        return
+    for flag, value in (("--lr-decay-iters", o.lr_decay_iters),
+                        ("--lr-warmup-iters", o.lr_warmup_iters)):
+        if value is not None:
+            raise ValueError(f"{flag} {value} with --train-samples: give it in rows "
+                             f"({flag.replace('iters', 'samples')})")
+    g = t.global_batch_size
+    t.train_iters = t.train_samples // g  # Megatron-LM: train_samples // global_batch_size
+    if o.lr_decay_samples is not None:
+        o.lr_decay_iters = max(1, _samples_to_steps("--lr-decay-samples", o.lr_decay_samples, g))
+    if o.lr_warmup_samples is not None:
+        o.lr_warmup_iters = _samples_to_steps("--lr-warmup-samples", o.lr_warmup_samples, g)
 
 
 def _check_counts(cfg: RunConfig) -> None:
@@ -261,11 +369,17 @@ def resolve(argv: Optional[list[str]] = None) -> RunConfig:
     from megatron_sail.config import recipes
 
     args = build_parser().parse_args(argv)
+    if args.split is not None:
+        raise ValueError(f"--split {args.split}: this trainer does not carve validation rows out "
+                         "of --data-path; preprocess the held-out data separately and pass its "
+                         "prefixes with --valid-data-path")
     recipe = recipes.get_recipe(args.recipe)
     cfg = recipe(args.stage) if args.stage else recipe()
     if args.config:
         apply_overrides(cfg, load_yaml(args.config), args.config)
     flags = flag_overrides(args)
+    if "train_samples" in flags.get("train", {}) and "train_iters" in flags.get("train", {}):
+        raise ValueError("--train-samples and --train-iters exclude each other (Megatron-LM)")
     derived = flags.pop("derived", {})
     apply_overrides(cfg, flags, "command line")
     if "layers_per_virtual_stage" in derived:

@@ -42,10 +42,21 @@ class OptimConfig:
     """Global gradient-norm clip (0 disables)."""
     lr_warmup_iters: Optional[int] = None
     """Linear warmup from 0 to lr over this many steps (None: the stage's fraction of train_iters)."""
+    lr_warmup_samples: Optional[int] = None
+    """Megatron-LM's --lr-warmup-samples: warmup length in rows (with --train-samples); turned
+    into steps of global_batch_size by config.run.finalize."""
+    lr_warmup_fraction: Optional[float] = None
+    """Megatron-LM's --lr-warmup-fraction: warmup as a fraction of the decay steps
+    (lr_decay_iters); excludes the other warmup settings."""
+    lr_warmup_init: float = 0.0
+    """Megatron-LM's --lr-warmup-init: the LR warmup starts from (then rises linearly to lr)."""
     lr_decay_style: str = "cosine"
     """One of cosine, WSD, linear, constant (the stage sets its default)."""
     lr_decay_iters: Optional[int] = None
     """Steps over which the LR decays (warmup included); None means train_iters."""
+    lr_decay_samples: Optional[int] = None
+    """Megatron-LM's --lr-decay-samples: the decay length in rows (with --train-samples);
+    turned into steps of global_batch_size."""
     lr_wsd_decay_iters: Optional[int] = None
     """WSD only: length of the final anneal; None means 10% of lr_decay_iters."""
     lr_wsd_decay_style: str = "cosine"
@@ -93,6 +104,22 @@ class CheckpointConfig:
     ckpt_verify: str = "auto"
     """Check a checkpoint against its manifest.json before loading: auto (SHA-256 of every file
     when it holds at most 1 GiB per rank, else sizes only), sizes, or full."""
+    finetune: bool = False
+    """Megatron-LM's --finetune: --load gives the model weights only; optimizer, LR schedule,
+    RNG and step counters start fresh (iteration 0), as with --init-from."""
+    no_load_optim: bool = False
+    """Megatron-LM's --no-load-optim: a resume reads weights, step counters and data position
+    but neither the optimizer state nor the LR schedule (both start fresh, as in Megatron-LM)."""
+    no_load_rng: bool = False
+    """Megatron-LM's --no-load-rng: a resume keeps this run's seeded RNG instead of the saved one."""
+    ckpt_format: str = "torch_dist"
+    """Megatron-LM's --ckpt-format: only torch_dist (Megatron-Core dist_checkpointing on
+    torch.distributed.checkpoint), the format this trainer writes and reads."""
+    use_checkpoint_args: bool = False
+    """Megatron-LM's --use-checkpoint-args: the model config comes from the --load / --init-from
+    checkpoint even when --recipe names another model (YAML model fields that differ from the
+    checkpoint stay errors). Without it the checkpoint's model is used when --recipe is not given
+    and must match the recipe's when it is (config/from_checkpoint.py)."""
     allow_tokenizer_mismatch: bool = False
     """Load a checkpoint trained on data of another tokenizer (identity, special ids) or image
     geometry (tile size, tokens per tile) than --data-path, with a warning instead of an error."""
@@ -104,6 +131,9 @@ class TrainConfig:
 
     train_iters: int = 1000
     """Optimizer steps to run."""
+    train_samples: Optional[int] = None
+    """Megatron-LM's --train-samples: rows to train on; sets train_iters to
+    train_samples / global_batch_size (excludes --train-iters)."""
     global_batch_size: int = 8
     """Rows per optimizer step, over all data-parallel ranks."""
     micro_batch_size: int = 1
@@ -120,6 +150,21 @@ class TrainConfig:
     """Where config.yaml and metrics.jsonl go."""
     tensorboard_dir: Optional[str] = None
     """TensorBoard event directory (None: <run_dir>/tensorboard)."""
+    tensorboard_log_interval: int = 1
+    """Megatron-LM's --tensorboard-log-interval: steps between TensorBoard / W&B scalar writes."""
+    log_throughput: bool = False
+    """Megatron-LM's --log-throughput: tokens/s, TFLOP/s/GPU and MFU in the console line
+    (metrics.jsonl, TensorBoard and W&B always have them)."""
+    wandb_project: Optional[str] = None
+    """Megatron-LM's --wandb-project: log the TensorBoard scalars to this W&B project too
+    (None: no W&B). WANDB_MODE=offline writes the run locally with no network."""
+    wandb_exp_name: Optional[str] = None
+    """Megatron-LM's --wandb-exp-name: the W&B run name (None: the run directory's name)."""
+    wandb_save_dir: Optional[str] = None
+    """Megatron-LM's --wandb-save-dir: W&B writes under <dir>/wandb/ (None: the run dir)."""
+    log_images: int = 0
+    """Sample images (tiles with the row's text) written as TensorBoard image summaries at
+    each log interval; 0 (default) writes none."""
     exit_duration_in_mins: Optional[float] = None
     """Save and exit 0 once this much wall time has passed."""
     exit_interval: int = 0
@@ -136,7 +181,16 @@ class TrainConfig:
     """Run the ViT in FP8 too."""
     recompute_granularity: Optional[str] = None
     """Activation recompute of the LM: selective or full."""
+    recompute_method: Optional[str] = None
+    """Megatron-LM's --recompute-method with full recompute: uniform (checkpoint groups of
+    recompute_num_layers layers) or block (checkpoint the first recompute_num_layers layers of
+    each pipeline stage); None: uniform."""
+    recompute_num_layers: Optional[int] = None
+    """Megatron-LM's --recompute-num-layers (see recompute_method); None: 1."""
     recompute_vit: bool = False
     """Full activation recompute of the ViT layers."""
+    transformer_impl: Optional[str] = None
+    """Megatron-LM's --transformer-impl: local (torch modules, runs everywhere) or
+    transformer_engine (needs TE and CUDA); None: TE when it is usable, else local."""
     progress_bar: bool = False
     """Print a one-line progress bar (quickstart)."""

@@ -275,13 +275,16 @@ class LoadChecks:
 
 
 def load_checkpoint(path: str, chunks: list, optimizer=None,
-                    checks: Optional[LoadChecks] = None) -> Optional[TrainState]:
+                    checks: Optional[LoadChecks] = None, load_optim: bool = True,
+                    load_rng: bool = True) -> Optional[TrainState]:
     """Load weights (and optimizer + TrainState when ``optimizer`` is given) from ``path``.
 
     With ``optimizer=None`` this is ``--init-from``: weights only, step counters start at 0.
     Returns the TrainState (None for weights-only or a missing checkpoint). Before any tensor
     is read the files are checked against the manifest, DCP's metadata pickle against its
-    allow-list, and the recorded tokenizer against ``checks.tokenizer``."""
+    allow-list, and the recorded tokenizer against ``checks.tokenizer``. ``load_optim=False``
+    (--no-load-optim) leaves the optimizer as built; ``load_rng=False`` (--no-load-rng) keeps
+    this process's seeded RNG."""
     ckpt = resolve_checkpoint(path)
     if ckpt is None:
         if optimizer is None:
@@ -289,12 +292,12 @@ def load_checkpoint(path: str, chunks: list, optimizer=None,
                                     "no metadata.json)")
         return None
     check_before_load(ckpt, checks or LoadChecks())
-    if optimizer is None or not _has_optimizer(ckpt):
+    if optimizer is None or not load_optim or not _has_optimizer(ckpt):
         _load_weights(chunks, ckpt)
         if optimizer is None:
             return None
         optimizer.reload_model_params()  # bf16: refresh the fp32 main weights from the loaded ones
-        return _read_train_state(ckpt)
+        return _read_train_state(ckpt, load_rng)
     _materialize_optimizer_state(optimizer)
     sd = dist_ckpt.model_sharded_state_dict(chunks)
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIM_METADATA)
@@ -305,7 +308,7 @@ def load_checkpoint(path: str, chunks: list, optimizer=None,
         _keep_torch_adam_step(opt)
     optimizer.load_state_dict(loaded["optimizer"])
     _unshare_adam_steps(optimizer)
-    return _read_train_state(ckpt)
+    return _read_train_state(ckpt, load_rng)
 
 
 def _load_weights(chunks: list, ckpt: str) -> None:
@@ -424,14 +427,15 @@ def _model_keys(n: int) -> list[str]:
     return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
 
 
-def _read_train_state(ckpt: str) -> TrainState:
-    """Read train_state.pt and restore this rank's RNG when the layout is unchanged."""
+def _read_train_state(ckpt: str, load_rng: bool = True) -> TrainState:
+    """Read train_state.pt and restore this rank's RNG when the layout is unchanged (and
+    ``load_rng``)."""
     path = os.path.join(ckpt, STATE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} missing: {ckpt} holds weights only; use --init-from")
     payload = read_state_file(path)
     state = TrainState(**payload["train_state"])
-    if state.world == world_sizes():
+    if load_rng and state.world == world_sizes():
         set_rng_state(state.rng[torch.distributed.get_rank()])
     return state
 

@@ -5,7 +5,8 @@ derives throughput (tokens/s, TFLOP/s per GPU, MFU), keeps running totals (skipp
 decode failures) and writes, on rank 0 only:
 
 * ``metrics.jsonl`` in the run directory, one JSON object per step (NaN/inf become null),
-* TensorBoard scalars under ``tensorboard_dir``,
+* TensorBoard scalars under ``tensorboard_dir`` (every ``tensorboard_log_interval`` steps), and
+  the same scalars in Weights & Biases with ``wandb_project`` (WANDB_MODE=offline: local files),
 * a console line every ``log_interval`` steps (or a tqdm progress bar plus those lines).
 
 Other ranks build the same records (cheap) but write nothing, so callers never branch on rank.
@@ -67,6 +68,11 @@ class StepStats:
     """Rows consumed since the start of training (from the train state, so resumes continue)."""
     consumed_tokens: int = 0
     """Tokens consumed since the start of training."""
+    source_loss: dict[str, float] = field(default_factory=dict)
+    """Loss of each --data-path source over its own loss tokens in this step (blends only)."""
+    source_loss_tokens: dict[str, float] = field(default_factory=dict)
+    """Loss tokens of each source in this step; token-weighted, the source losses average to
+    lm_loss."""
 
 
 @dataclass
@@ -81,6 +87,18 @@ class MetricsConfig:
     """Dense bf16 peak of one device (flops.device_peak_flops); None -> MFU is NaN/null."""
     progress_bar: bool = False
     """Show a tqdm progress bar (the quickstart) in addition to the interval lines."""
+    log_throughput: bool = True
+    """Tokens/s, TFLOP/s/GPU and MFU in the console line (Megatron-LM's --log-throughput)."""
+    tensorboard_log_interval: int = 1
+    """Steps between TensorBoard / W&B scalar writes (Megatron-LM's --tensorboard-log-interval)."""
+    wandb_project: str | None = None
+    """W&B project; None: no W&B."""
+    wandb_exp_name: str | None = None
+    """W&B run name (None: the run directory's name)."""
+    wandb_save_dir: str | None = None
+    """W&B writes its files under <wandb_save_dir>/wandb/ (None: the run directory)."""
+    run_config: dict | None = None
+    """The resolved run config, stored as the W&B run's config."""
     start_iteration: int = 0
     """Iteration the run starts from; metrics.jsonl and valid_metrics.jsonl records after it
     (steps a crashed run made past its checkpoint, or another run's curve when starting at 0)
@@ -159,6 +177,7 @@ class MetricsWriter:
         self._tb = None
         self._bar = None
         self._jsonl = None
+        self._wandb = None
         self.run_dir = Path(run_dir)
         if not self.active:
             return
@@ -175,6 +194,8 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
+        if self.cfg.wandb_project:
+            self._wandb = _start_wandb(self.cfg, self.run_dir)
         if self.cfg.progress_bar:
             from tqdm import tqdm
 
@@ -205,6 +226,8 @@ class MetricsWriter:
             "tiles": s.tiles,
             "consumed_samples": s.consumed_samples,
             "consumed_tokens": s.consumed_tokens,
+            "source_loss": {k: float(v) for k, v in s.source_loss.items()},
+            "source_loss_tokens": {k: float(v) for k, v in s.source_loss_tokens.items()},
             "skipped": bool(s.skipped),
             "skipped_steps": self.skipped_steps,
             "decode_failures": self.decode_failures,
@@ -234,13 +257,18 @@ class MetricsWriter:
         """Validation loss: a console line, a TensorBoard scalar and a line in valid_metrics.jsonl."""
         if not self.active:
             return
+        ppl = math.exp(lm_loss) if lm_loss < 50 else float("inf")
+        scalars = {f"lm loss {split}": lm_loss, f"lm loss {split} ppl": ppl}  # Megatron-LM's tags
         if self._tb is not None:
-            self._tb.add_scalar(f"lm loss {split}", lm_loss, iteration)
+            for tag, value in _json_safe(scalars).items():
+                if value is not None:
+                    self._tb.add_scalar(tag, value, iteration)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(_json_safe(scalars), step=iteration)
         with open(self.run_dir / VALID_METRICS_FILE, "a") as f:
             f.write(json.dumps(_json_safe({"iteration": iteration, "split": split,
-                                           "lm_loss": float(lm_loss)})) + "\n")
-        ppl = math.exp(lm_loss) if lm_loss < 50 else float("inf")
+                                           "lm_loss": float(lm_loss), "ppl": ppl})) + "\n")
         self._print(f"[eval] step {iteration} | {split} lm loss {lm_loss:.4f} | ppl {ppl:.2f}")
 
     def log_benchmarks(self, iteration: int, consumed_tokens: int, scores: dict, counts: dict,
@@ -262,8 +290,11 @@ class MetricsWriter:
         self._print(f"[benchmarks] step {iteration} | {text} | {seconds:.1f}s")
 
     def _write_tensorboard(self, rec: dict) -> None:
-        """One scalar per reported quantity, keyed by iteration (NaN/inf left out of the plots)."""
-        if self._tb is None:
+        """One scalar per reported quantity, keyed by iteration (NaN/inf left out of the plots),
+        to TensorBoard and W&B alike, every tensorboard_log_interval steps."""
+        if self._tb is None and self._wandb is None:
+            return
+        if rec["iteration"] % self.cfg.tensorboard_log_interval:
             return
         rec = _json_safe(rec)
         it = rec["iteration"]
@@ -285,9 +316,14 @@ class MetricsWriter:
         }
         for group, lr in rec["lr_groups"].items():
             scalars[f"learning-rate/{group}"] = lr
-        for tag, value in scalars.items():
-            if value is not None:
+        for name, loss in rec["source_loss"].items():
+            scalars[f"lm loss/{name}"] = loss
+        scalars = {tag: value for tag, value in scalars.items() if value is not None}
+        if self._tb is not None:
+            for tag, value in scalars.items():
                 self._tb.add_scalar(tag, value, it)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=it)
 
     def _console_line(self, window: list[dict]) -> str:
         """One line summarizing the steps since the last line (loss averaged, throughput of the last)."""
@@ -305,12 +341,13 @@ class MetricsWriter:
             f"loss {loss:.4f}",
             f"lr {last['lr']:.3e}",
             f"grad norm {gn:.3f}" if gn is not None else "grad norm -",
-            f"tokens/s {last['tokens_per_s']:.0f}",
-            f"TFLOP/s/GPU {last['tflops_per_gpu']:.2f}",
-            f"MFU {last['mfu']:.3f}" if math.isfinite(last["mfu"]) else "MFU n/a",
             f"data wait {wait * 1000:.1f} ms",
             f"mem {last['memory_gib']:.2f} GiB",
         ]
+        if self.cfg.log_throughput:
+            parts[5:5] = [f"tokens/s {last['tokens_per_s']:.0f}",
+                          f"TFLOP/s/GPU {last['tflops_per_gpu']:.2f}",
+                          f"MFU {last['mfu']:.3f}" if math.isfinite(last["mfu"]) else "MFU n/a"]
         if last["skipped_steps"]:
             parts.append(f"skipped {last['skipped_steps']}")
         if last["decode_failures"]:
@@ -336,12 +373,28 @@ class MetricsWriter:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self) -> "MetricsWriter":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _start_wandb(cfg: MetricsConfig, run_dir: Path):
+    """A W&B run for the scalars (rank 0 only). Offline (WANDB_MODE=offline) it writes
+    <save_dir>/wandb/offline-run-*/ and needs no network; `wandb sync` uploads it later."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise RuntimeError("--wandb-project needs the wandb package (requirements.txt)") from e
+    save_dir = Path(cfg.wandb_save_dir or run_dir)  # W&B writes into <save_dir>/wandb/
+    save_dir.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_exp_name or run_dir.name,
+                      dir=str(save_dir), config=cfg.run_config or {})
 
 
 @dataclass

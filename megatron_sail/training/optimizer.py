@@ -91,7 +91,7 @@ def build_scheduler(cfg: OptimConfig, optimizer: MegatronOptimizer) -> Optimizer
     Expects a finalized OptimConfig (warmup and decay iters filled in by config.run.finalize)."""
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0,
+        init_lr=cfg.lr_warmup_init,
         max_lr=cfg.lr,
         min_lr=cfg.min_lr,
         lr_warmup_steps=cfg.lr_warmup_iters,

@@ -27,13 +27,19 @@ class RecomputeConfig:
     """LM decoder: None, "selective" (core attention) or "full" (whole layers)."""
     vision: bool = False
     """Full recompute of the ViT layers (many tiles per row make its activations large)."""
+    method: Optional[str] = None
+    """LM full recompute: uniform (groups of ``num_layers`` layers) or block (the first
+    ``num_layers`` layers of each pipeline stage), Megatron-Core's two methods; None: uniform."""
+    num_layers: Optional[int] = None
+    """Layers per uniform group / checkpointed layers per stage for block; None: 1."""
 
 
-def _set_full(config) -> None:
-    """Checkpoint every layer of the blocks built with this TransformerConfig."""
+def _set_full(config, method: Optional[str] = None, num_layers: Optional[int] = None) -> None:
+    """Full recompute in the blocks built with this TransformerConfig (default: every layer
+    its own checkpoint)."""
     config.recompute_granularity = "full"
-    config.recompute_method = "uniform"
-    config.recompute_num_layers = 1
+    config.recompute_method = method or "uniform"
+    config.recompute_num_layers = num_layers or 1
 
 
 def _set_selective(config, module: torch.nn.Module) -> None:
@@ -52,7 +58,7 @@ def apply_recompute(chunk: torch.nn.Module, cfg: RecomputeConfig) -> None:
         raise ValueError(f"--recompute-granularity {cfg.language!r}: expected selective or full")
     lm = model.language_model
     if cfg.language == "full":
-        _set_full(lm.config)
+        _set_full(lm.config, cfg.method, cfg.num_layers)
     elif cfg.language == "selective":
         _set_selective(lm.config, lm)
     if cfg.vision and getattr(model, "vision_model", None) is not None:

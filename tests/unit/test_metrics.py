@@ -43,7 +43,8 @@ def test_jsonl_values(tmp_path):
     assert recs[3]["consumed_tokens"] == 4000 and recs[3]["tiles"] == 7
     assert recs[0]["memory_gib"] > 0
     valid = json.loads((tmp_path / "run" / "valid_metrics.jsonl").read_text())
-    assert valid == {"iteration": 4, "split": "validation", "lm_loss": 3.5}
+    assert valid == {"iteration": 4, "split": "validation", "lm_loss": 3.5,
+                     "ppl": pytest.approx(math.exp(3.5))}  # validation perplexity
 
 
 def test_mfu_null_without_peak(tmp_path):
