@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--layout", choices=("hf", "chat"), default="hf",
                    help="hf: transformers InternVL (default); chat: InternVL-chat + remote code")
     b.add_argument("--tokenizer", default=None,
-                   help="tokenizer to write when the checkpoint records none (its tokenizer/ wins)")
+                   help="tokenizer to write instead of the checkpoint's tokenizer/ (needed when it has none)")
     for s in (a, b):
         s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)

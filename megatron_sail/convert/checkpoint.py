@@ -54,8 +54,8 @@ class ConvertConfig:
     """mcore -> hf output: 'hf' (transformers InternVL, AutoProcessor-ready) or 'chat'
     (InternVL-chat with the remote code the checkpoint carries, for trust_remote_code loaders)."""
     tokenizer: Optional[str] = None
-    """mcore -> hf: tokenizer to write when the checkpoint records none (tokenizer.json or a
-    tokenizer folder); the checkpoint's own tokenizer/ wins when present."""
+    """mcore -> hf: tokenizer to write instead of the checkpoint's tokenizer/ (needed when it
+    records none): tokenizer.json or a tokenizer folder, checked against the model's ids."""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -275,15 +275,16 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def _tokenizer_source(mcore_dir: Path, cfg: ConvertConfig) -> Path:
-    """The tokenizer to export: the checkpoint's tokenizer/, else --tokenizer; refusing here,
-    before any work, beats an export on which AutoTokenizer silently builds an empty tokenizer."""
-    own = mcore_dir / TOKENIZER_DIR
-    if own.is_dir() and any(own.iterdir()):
-        return own
+    """The tokenizer to export: --tokenizer when given (its ids are checked against the model
+    later), else the checkpoint's tokenizer/; refusing here, before any work, beats an export on
+    which AutoTokenizer silently builds an empty tokenizer."""
     if cfg.tokenizer:
         if not Path(cfg.tokenizer).exists():
             raise FileNotFoundError(f"--tokenizer {cfg.tokenizer}: not found")
         return Path(cfg.tokenizer)
+    own = mcore_dir / TOKENIZER_DIR
+    if own.is_dir() and any(own.iterdir()):
+        return own
     raise FileNotFoundError(
         f"{mcore_dir}: records no tokenizer ({TOKENIZER_DIR}/ is missing); pass --tokenizer with "
         "the tokenizer the training data was made with (the 'tokenizer.path' of its meta.json)")

@@ -119,3 +119,24 @@ def test_chat_template_renders_training_chatml():
     plain = Template(hf_assets.chat_template({"system_prompt": ""}))
     assert plain.render(messages=[{"role": "system", "content": "S"}], add_generation_prompt=False) \
         == "<|im_start|>system\nS<|im_end|>\n"
+
+
+def test_saved_tokenizer_keeps_the_training_ids(chat_round_trip, tmp_path):
+    """Template tokens missing from a tokenizer get the ids data preprocessing gave them; a
+    tokenizer whose ids disagree with the model's is refused (a wrong --tokenizer)."""
+    from megatron_sail.data.tokenizer import load_tokenizer
+
+    src, _, _ = chat_round_trip
+    plain = tmp_path / "plain.json"  # the fixture's tokenizer without its template tokens
+    data = json.loads((src / "tokenizer.json").read_text())
+    for entry in data["added_tokens"]:
+        data["model"]["vocab"].pop(entry["content"], None)
+    data["added_tokens"] = []
+    plain.write_text(json.dumps(data))
+    ours = load_tokenizer(str(plain))
+    assert ours.added  # preprocessing had to add the template tokens
+    ids = hf_assets.save_tokenizer(plain, tmp_path / "out")
+    assert ids["<IMG_CONTEXT>"] == ours.special.img_context and ids["<|im_end|>"] == ours.special.im_end
+    assert load_tokenizer(str(tmp_path / "out")).encode("a red circle") == ours.encode("a red circle")
+    with pytest.raises(ValueError, match="other ids than the data/model"):
+        hf_assets.save_tokenizer(src / "tokenizer.json", tmp_path / "bad", {"<IMG_CONTEXT>": 300})
