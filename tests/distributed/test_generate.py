@@ -247,3 +247,27 @@ def test_cli_input_jsonl_matches_api(assets, tmp_path):
     assert [r["line"] for r in rejects] == [3, 6]
     assert "[1] " + single["hf"]["text"][0] in proc.stdout
     assert "2 skipped" in proc.stderr
+
+
+def test_cli_under_torchrun_tensor_parallel(assets, tmp_path):
+    """torchrun (2 gloo ranks) --tensor-model-parallel-size 2: rank 0 prints and writes the answer."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from launcher import free_port
+
+    paths, single = assets
+    out = tmp_path / "tp.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(free_port()), "-m", "megatron_sail.generate",
+           "--checkpoint", paths["chat"], "--tensor-model-parallel-size", "2",
+           "--image", paths["images"][0], "--prompt", "Describe this image in detail.",
+           "--max-new-tokens", str(gc.MAX_NEW), "--max-tiles", str(gc.MAX_TILES), "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [record] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert record["token_ids"] == single["chat"]["hf"][0]
+    assert proc.stdout.count(record["text"]) == 1  # printed once (rank 0), not per rank
