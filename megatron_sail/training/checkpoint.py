@@ -4,10 +4,14 @@ Layout of ``--save DIR``::
 
     DIR/iter_0000020/      dist checkpoint (model chunks + optimizer, resharding-safe)
     DIR/iter_0000020/train_state.pt   TrainState (rank 0)
+    DIR/iter_0000020/manifest.json    size + SHA-256 of every file (training/integrity.py)
     DIR/latest             "20" - written last, by rename, so it never names a partial save
+    DIR/.lock              held by the run writing DIR (training/save_dir.py)
 
-A save goes to ``iter_XXXXXXX.tmp`` first and is renamed only when every rank is done; then
-``latest`` is replaced and all but the newest ``keep_last`` checkpoints are deleted. Sharded
+A save goes to ``iter_XXXXXXX.tmp`` first; when every rank is done the manifest is written
+into it, it is renamed, ``latest`` is replaced, and all but the ``keep_last`` most recently
+saved checkpoints are deleted (save order, never the one ``latest`` names). Loads check the
+manifest, DCP's metadata pickle and the recorded tokenizer before reading a tensor. Sharded
 tensors carry global keys and the distributed optimizer uses the fully reshardable format, so a
 checkpoint saved at one TP/PP/DP loads at another.
 
