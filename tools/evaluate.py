@@ -81,7 +81,7 @@ def best_possible(name: str, s) -> float:
 
 
 def compare_baseline(path: str, scores: dict, min_gain: float) -> bool:
-    """Print every score next to its random-guess baseline; True when all beat it clearly."""
+    """Print every score next to its guessing baseline; True when all beat it clearly."""
     with open(path) as f:
         base = json.load(f)
     ok = True
@@ -93,7 +93,7 @@ def compare_baseline(path: str, scores: dict, min_gain: float) -> bool:
         need = chance + min_gain * (best_possible(name, s) - chance)
         good = s.score >= need
         ok &= good
-        print(f"[eval] {name:10s} score {s.score:8.2f}   random guess {chance:8.2f}   "
+        print(f"[eval] {name:10s} score {s.score:8.2f}   chance {chance:8.2f}   "
               f"{'OK' if good else 'NOT clearly above chance'} (needs >= {need:.2f})", flush=True)
     return ok
 

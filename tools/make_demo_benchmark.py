@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Write small demo benchmarks in VLMEvalKit's TSV format, on images the demo training set
 never shows: demo_pope.tsv (yes/no, POPE form), demo_mcq.tsv (colour/shape/count multiple
-choice), demo_ocr.tsv (word reading, OCRBench rule), plus chance.json (random-guess scores).
+choice), demo_ocr.tsv (word reading, OCRBench rule), plus chance.json (guessing baselines:
+the better of uniform random guesses and the best constant answer).
 
   python tools/make_demo_benchmark.py --out demo/bench
   python tools/evaluate.py --checkpoint runs/quickstart/checkpoints \
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
         p.error("--items must be at least 2")
     info = write_demo_benchmarks(a.out, DemoBenchConfig(items=a.items, seed=a.seed))
     for name, v in info.items():
-        print(f"{name}: {v['path']} (random guess: {v['chance']:.1f})")
+        print(f"{name}: {v['path']} (chance: {v['chance']:.1f})")
     print(json.dumps(info))
     return 0
 

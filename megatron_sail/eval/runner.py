@@ -44,6 +44,14 @@ def _load_cache(path: str, model_id: str) -> dict[str, dict]:
     return out
 
 
+def _barrier() -> None:
+    """Wait for every rank when torch.distributed runs (TP/PP ranks generate together)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def generate_answers(spec: BenchmarkSpec, items, generate: Callable, cfg: RunnerConfig,
                      cache_path: Optional[str] = None) -> dict[str, str]:
     """index -> raw answer for every item, from the cache where it holds the same prompt, from
@@ -60,6 +68,7 @@ def generate_answers(spec: BenchmarkSpec, items, generate: Callable, cfg: Runner
         else:
             todo.append((it, prompt))
     budget = cfg.max_new_tokens or spec.max_new_tokens
+    _barrier()  # every rank has read the cache before rank 0 appends to it: same todo lists
     f = open(cache_path, "a", buffering=1) if cache_path and cfg.writer else None
     try:
         for start in range(0, len(todo), cfg.batch_size):
