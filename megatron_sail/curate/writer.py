@@ -1,0 +1,126 @@
+"""Write stage: one WebDataset shard (+ rejects) per input shard, made visible only when complete.
+
+``NAME.tar`` and ``NAME.rejects.jsonl`` are written as ``*.tmp`` and renamed when the shard is
+finished; then ``done/NAME.json`` (counts) is written the same way. A shard counts as done only
+when its marker exists, so a kill at any point leaves either a finished shard or one that a
+rerun redoes from the start: every input sample ends up exactly once in an output shard or in
+a rejects file. ``done_manifest.json`` lists the finished shards of the whole output folder.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from typing import Optional
+
+from megatron_sail.curate.reader import Sample, dump_json
+
+DONE_DIR = "done"
+MANIFEST = "done_manifest.json"
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write under a temporary name, fsync, rename."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def done_marker(out_dir: str, name: str) -> str:
+    return os.path.join(out_dir, DONE_DIR, name + ".json")
+
+
+def is_done(out_dir: str, name: str) -> bool:
+    """A shard is finished when its marker and its output shard both exist."""
+    return os.path.isfile(done_marker(out_dir, name)) and os.path.isfile(os.path.join(out_dir, name + ".tar"))
+
+
+def write_manifest(out_dir: str) -> str:
+    """done_manifest.json: every finished shard's marker, by name (rebuilt from the markers, so
+    concurrent array tasks never lose each other's entries)."""
+    folder = os.path.join(out_dir, DONE_DIR)
+    shards = {}
+    for fname in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if fname.endswith(".json") and is_done(out_dir, fname[:-5]):
+            with open(os.path.join(folder, fname), encoding="utf-8") as f:
+                shards[fname[:-5]] = json.load(f)
+    path = os.path.join(out_dir, MANIFEST)
+    write_atomic(path, json.dumps({"shards": shards, "samples": sum(s["samples"] for s in shards.values()),
+                                   "captioned": sum(s["captioned"] for s in shards.values())}, indent=1).encode())
+    return path
+
+
+class ShardWriter:
+    """Output of one shard: captioned samples into the tar, failed ones into the rejects file."""
+
+    def __init__(self, out_dir: str, name: str):
+        self.out_dir, self.name = out_dir, name
+        self.tar_path = os.path.join(out_dir, name + ".tar")
+        self.rejects_path = os.path.join(out_dir, name + ".rejects.jsonl")
+        self.tar = tarfile.open(self.tar_path + ".tmp", "w", format=tarfile.PAX_FORMAT)
+        self.rejects = open(self.rejects_path + ".tmp", "wb")
+        self.keys: set[str] = set()
+        self.captioned = 0
+        self.by_reason: dict[str, int] = {}
+
+    def _member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o644, 0
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def seen(self, key: str) -> bool:
+        """Whether the key was already written or rejected in this shard (a duplicate key)."""
+        return key in self.keys
+
+    def add(self, sample: Sample, caption: str, provenance: dict) -> None:
+        """The original image bytes, the new caption, the original text, provenance json."""
+        self.keys.add(sample.key)
+        self._member(f"{sample.key}.{sample.ext}", sample.image)
+        self._member(f"{sample.key}.txt", caption.encode("utf-8", "backslashreplace"))
+        if sample.original_text is not None:
+            self._member(f"{sample.key}.original.txt", sample.original_text.encode("utf-8", "backslashreplace"))
+        self._member(f"{sample.key}.json", dump_json({
+            "key": sample.key, "source": sample.where, "caption": caption,
+            "original_text": sample.original_text, "original": sample.original, "provenance": provenance}))
+        self.captioned += 1
+
+    def reject(self, sample: Sample, reason: str, detail: str, provenance: Optional[dict] = None) -> None:
+        """One line in the rejects file: which sample, why, and what was generated if anything."""
+        self.keys.add(sample.key)
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+        line = {"key": sample.key, "source": sample.where, "reason": reason, "detail": detail}
+        if provenance:
+            line["provenance"] = provenance
+        self.rejects.write(dump_json(line) + b"\n")
+
+    def commit(self, info: dict) -> dict:
+        """Close, fsync, rename both files, then write the done marker (last: it means done)."""
+        self.tar.close()
+        self.rejects.flush()
+        os.fsync(self.rejects.fileno())
+        self.rejects.close()
+        with open(self.tar_path + ".tmp", "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.rejects_path + ".tmp", self.rejects_path)
+        os.replace(self.tar_path + ".tmp", self.tar_path)
+        rejected = sum(self.by_reason.values())
+        marker = dict(info, samples=self.captioned + rejected, captioned=self.captioned, rejected=rejected,
+                      rejects_by_reason=dict(sorted(self.by_reason.items())))
+        os.makedirs(os.path.join(self.out_dir, DONE_DIR), exist_ok=True)
+        write_atomic(done_marker(self.out_dir, self.name), json.dumps(marker, indent=1).encode())
+        return marker
+
+    def abort(self) -> None:
+        """Drop the partial files (a failed shard is redone from the start)."""
+        for f in (self.tar, self.rejects):
+            try:
+                f.close()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+        for p in (self.tar_path + ".tmp", self.rejects_path + ".tmp"):
+            if os.path.exists(p):
+                os.remove(p)
