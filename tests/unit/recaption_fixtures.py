@@ -89,7 +89,10 @@ class FakeVLMServer:
                 pass
 
             def do_POST(self):
-                server.handle(self)
+                try:
+                    server.handle(self)
+                except (BrokenPipeError, ConnectionResetError):  # the client was killed
+                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
