@@ -228,18 +228,23 @@ def test_kill_9_mid_run_then_rerun_gives_every_sample_exactly_once(tmp_path):
     assert again.returncode == 0 and json.loads(again.stdout)["skipped_done"] == 4
 
 
-def test_failed_shard_is_retried_then_reported(tmp_path):
-    write_shards(tmp_path / "in", 2, 2)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_failed_shard_is_retried_then_reported(tmp_path, workers):
+    """In this process (1 worker) and in spawned worker processes (2): a shard that raises is
+    tried 1 + shard_retries times, the others finish, and the outputs are the same."""
+    write_shards(tmp_path / "in", 3, 2)
     out = tmp_path / "out"
     (out / "00001.tar").mkdir(parents=True)  # the final name is taken: the rename fails every time
     with FakeVLMServer() as server:
         summary = run(RecaptionConfig([str(tmp_path / "in" / "*.tar")], str(out), openai_cfg(server),
-                                      shard_retries=2, progress=False))
-        assert server.ok_calls == 2 + 3 * 2  # shard 1 tried three times
-    assert summary["shards_done"] == ["00000"]
+                                      shard_retries=2, workers=workers, progress=False))
+        assert server.ok_calls == 2 * 2 + 3 * 2  # shard 1 tried three times
+    assert summary["shards_done"] == ["00000", "00002"]
     [failed] = summary["failed_shards"]
     assert failed["shard"] == "00001" and failed["attempts"] == 3 and "00001.tar" in failed["error"]
     assert not list(out.glob("*.tmp"))
+    keys = sorted(read_output(str(out / "00000.tar")) | read_output(str(out / "00002.tar")))
+    assert keys == ["000000000", "000000001", "000000004", "000000005"]
 
 
 # ------------------------------------------------------------------ model backends
