@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Recaption throughput on this machine: the tiny random InternVL on demo images, with the local
+executor (1 and 2 worker processes) and Ray (a local instance), through tools/recaption.py.
+
+    python tools/bench_recaption.py --work /tmp/bench_rc --shards 4 --per-shard 32
+
+Prints one JSON line per run: images/s end to end (model loading included) and per worker in
+steady state (images / the seconds its shards took, from the done markers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "unit"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--work", default="/tmp/bench_recaption")
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--per-shard", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--runs", default="local:1,local:2,ray:2", help="executor:workers, comma separated")
+    args = p.parse_args()
+    from recaption_fixtures import tiny_checkpoint, write_shards
+
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    write_shards(work / "in", args.shards, args.per_shard)
+    ckpt = tiny_checkpoint(work / "ckpt")
+    for run in args.runs.split(","):
+        executor, workers = run.split(":")
+        out = work / f"out_{executor}_{workers}"
+        cmd = [sys.executable, str(REPO / "tools" / "recaption.py"), "--input", str(work / "in" / "*.tar"),
+               "--output-dir", str(out), "--model", ckpt, "--backend", "megatron", "--max-tiles", "4",
+               "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
+               "--executor", executor, "--workers", workers, "--no-progress"]
+        if executor == "ray":
+            cmd += ["--ray-num-cpus", workers]
+        t0 = time.time()
+        res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        wall = time.time() - t0
+        if res.returncode != 0:
+            print(res.stderr[-3000:], file=sys.stderr)
+            return 1
+        s = json.loads(res.stdout)
+        shard_s = [json.load(open(f))["seconds"] for f in sorted((out / "done").glob("*.json"))]
+        print(json.dumps({"executor": executor, "workers": int(workers), "images": s["samples"],
+                          "wall_s": round(wall, 1), "images_per_s_end_to_end": round(s["samples"] / wall, 2),
+                          "images_per_s_per_worker_steady": round(s["samples"] / sum(shard_s), 2),
+                          "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
