@@ -3,6 +3,9 @@
 executor (1 and 2 worker processes) and Ray (a local instance), through tools/recaption.py.
 
     python tools/bench_recaption.py --work /tmp/bench_rc --shards 4 --per-shard 32
+    # a real captioner on real shards, e.g. vLLM on 8 GPUs through Ray
+    python tools/bench_recaption.py --model sail_captioner_hf --backend vllm --input 'sample/*.tar' \
+        --batch-size 256 --max-new-tokens 256 --runs ray:8 --gpus-per-worker 1
 
 Prints one JSON line per run: images/s end to end (model loading included) and per worker in
 steady state (images / the seconds its shards took, from the done markers).
@@ -30,22 +33,32 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--runs", default="local:1,local:2,ray:2", help="executor:workers, comma separated")
+    p.add_argument("--model", help="a real captioner instead of the tiny random one (with --input)")
+    p.add_argument("--input", help="shards to caption instead of generated demo shards (glob)")
+    p.add_argument("--backend", default="megatron", help="backend of --model (megatron, hf, vllm)")
+    p.add_argument("--max-tiles", type=int, default=4)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray runs: GPUs per captioner actor")
     args = p.parse_args()
     from recaption_fixtures import tiny_checkpoint, write_shards
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    write_shards(work / "in", args.shards, args.per_shard)
-    ckpt = tiny_checkpoint(work / "ckpt")
+    inputs = args.input
+    if inputs is None:
+        write_shards(work / "in", args.shards, args.per_shard)
+        inputs = str(work / "in" / "*.tar")
+    ckpt = args.model or tiny_checkpoint(work / "ckpt")
     for run in args.runs.split(","):
         executor, workers = run.split(":")
         out = work / f"out_{executor}_{workers}"
-        cmd = [sys.executable, str(REPO / "tools" / "recaption.py"), "--input", str(work / "in" / "*.tar"),
-               "--output-dir", str(out), "--model", ckpt, "--backend", "megatron", "--max-tiles", "4",
+        cmd = [sys.executable, str(REPO / "tools" / "recaption.py"), "--input", inputs,
+               "--output-dir", str(out), "--model", ckpt, "--backend", args.backend,
+               "--max-tiles", str(args.max_tiles),
                "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
                "--executor", executor, "--workers", workers, "--no-progress"]
         if executor == "ray":
-            cmd += ["--ray-num-cpus", workers]
+            cmd += ["--gpus-per-worker", str(args.gpus_per_worker)]
+            cmd += [] if args.gpus_per_worker else ["--ray-num-cpus", workers]
         t0 = time.time()
         res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         wall = time.time() - t0
