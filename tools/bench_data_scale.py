@@ -4,6 +4,7 @@
   python tools/bench_data_scale.py --datasets 64 --rows 1000000 [--seq-length 64]
   python tools/bench_data_scale.py --datasets 4 --rows 64 --seq-length 16384 \
       --images-per-row 4 --backend pil          # SAIL-VL-shaped rows, images decoded
+  python tools/bench_data_scale.py --datasets 1000 --rows 100000000 --locate-only --read 200000
 
 Builds N real packed datasets of R rows each under --workdir (written directly with numpy in
 Megatron-Core's .bin/.idx layout, a few seconds per 10M rows; with --images-per-row, through
@@ -65,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dp-size", type=int, default=1, help="data-parallel ranks (DP rank 0 is read)")
     p.add_argument("--workdir", default=None, help="where the datasets go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the datasets (reused if present)")
+    p.add_argument("--locate-only", action="store_true",
+                   help="time BlendedDataset.locate alone over length-only stand-ins (no files)")
     a = p.parse_args(argv)
     if min(a.datasets, a.rows, a.seq_length, a.tokens_per_row, a.read) <= 0 or a.images_per_row < 0:
         p.error("--datasets, --rows, --seq-length, --tokens-per-row and --read must be positive")
@@ -230,9 +233,46 @@ def read_blend(args: argparse.Namespace, prefixes: list[str]) -> dict:
             "anon_peak": anon_peak, "file_mb": file_backed}
 
 
+class _Lengths:
+    """Stands in for a PackedDataset where only its length matters (--locate-only)."""
+
+    seq_length = 0
+    tokenizer_meta = None
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def locate_only(args: argparse.Namespace) -> int:
+    """The index arithmetic alone: stream rows located per second (issue 15's table)."""
+    import megatron_sail.data.dataset as dataset_module
+
+    real = dataset_module.PackedDataset
+    dataset_module.PackedDataset = lambda prefix: _Lengths(args.rows)
+    try:
+        blend = dataset_module.BlendedDataset([f"src{d}" for d in range(args.datasets)],
+                                              [1.0] * args.datasets, seed=1234)
+    finally:
+        dataset_module.PackedDataset = real
+    start, cpu0 = time.perf_counter(), time.process_time()
+    for k in range(args.read):
+        blend.locate(k)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    print(f"datasets={args.datasets} rows_each={args.rows} located={args.read} seconds={wall:.2f} "
+          f"rows_per_cpu_s={args.read / cpu:.1f}")
+    print(f"rows_per_s={args.read / wall:.1f} "
+          f"peak_rss_mb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.locate_only:
+        return locate_only(args)
     root = args.workdir or tempfile.mkdtemp(prefix="bench_data_scale_")
     kind = f"img{args.images_per_row}" if args.images_per_row else f"t{args.tokens_per_row}"
     data_dir = os.path.join(root, f"r{args.rows}_s{args.seq_length}_{kind}")

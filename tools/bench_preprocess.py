@@ -8,6 +8,13 @@ mix (the last two in SAIL-VL geometry: 448 px tiles, 256 tokens per tile, up to 
 one JSON object. Throughput excludes the one-off
 megatron.core import and is measured end to end (read, header, tile, tokenize, pack, write);
 each measurement is the best of two runs, after a warm-up run.
+
+  python tools/bench_preprocess.py --samples 32000 --workers 1 2
+Worker scan instead: the demo captions and half as many photo captions (SAIL-VL tiling) at
+each --workers count, in blocks of --packing-buffer records (default 1,024),
+alternated twice in one run; per count the best wall rate and the CPU time per sample of the
+main process (read, unpickle, re-read detached images, write) and of the worker processes,
+which a shared machine distorts less than wall time.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import sys
 import time
@@ -97,16 +105,62 @@ def timed(cfg: PreprocessConfig, repeats: int = 2) -> tuple[float, dict]:
     return best, summary
 
 
+def cpu_timed(cfg: PreprocessConfig) -> dict:
+    """One run: wall seconds and CPU seconds of this (main) process and of its finished
+    children (the worker pool is joined inside run())."""
+    kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0, c0 = time.perf_counter(), time.process_time()
+    code, summary = run(cfg, log=lambda m: None)
+    wall, main_cpu = time.perf_counter() - t0, time.process_time() - c0
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if code != 0:
+        raise SystemExit(f"benchmark run failed: {summary}")
+    worker_cpu = (kids.ru_utime + kids.ru_stime) - (kids0.ru_utime + kids0.ru_stime)
+    return {"wall": wall, "main_cpu": main_cpu, "worker_cpu": worker_cpu, "samples": summary["samples"]}
+
+
+def worker_scan(a, demo: dict, tok: str) -> dict:
+    """samples/s and CPU us per sample at each --workers count, alternated, best of two."""
+    photos = photo_caption_set(os.path.join(a.workdir, "photo"), a.samples // 2, a.seed)
+    sets = {"demo_caption": (demo["train_captions"], DEMO_TILING, 1024),
+            "photo_caption": (photos, TilingConfig(), 4096)}
+    runs: dict = {}
+    for _ in range(2):
+        for name, (src, tiling, seq) in sets.items():
+            for w in a.workers:
+                cfg = PreprocessConfig(inputs=[src], output_prefix=os.path.join(a.workdir, "out", f"{name}{w}"),
+                                       tokenizer=tok, tiling=tiling, workers=w,
+                                       packing=PackingConfig(seq_length=seq, packing_buffer=a.packing_buffer))
+                runs.setdefault((name, w), []).append(cpu_timed(cfg))
+    out = {}
+    for (name, w), rs in runs.items():
+        n = rs[0]["samples"]
+        best = min(rs, key=lambda r: r["wall"])
+        out[f"{name}_workers{w}"] = {
+            "samples": n, "samples_per_s": [round(n / r["wall"], 1) for r in rs],
+            "best_samples_per_s": round(n / best["wall"], 1),
+            "main_cpu_us_per_sample": round(1e6 * min(r["main_cpu"] for r in rs) / n, 1),
+            "worker_cpu_us_per_sample": round(1e6 * min(r["worker_cpu"] for r in rs) / n, 1)}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=4000)
     p.add_argument("--workdir", default="/tmp/bench_preprocess")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="worker scan: these --workers counts, alternated in one run")
+    p.add_argument("--packing-buffer", type=int, default=1024,
+                   help="worker scan: records per block (blocks are the unit of parallelism)")
     a = p.parse_args(argv)
     shutil.rmtree(a.workdir, ignore_errors=True)
     demo = make_demo(os.path.join(a.workdir, "demo"), DemoConfig(samples=a.samples, val_samples=10, seed=a.seed))
     tok = demo["tokenizer"]
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (one-off import, not timed)
+    if a.workers:
+        print(json.dumps(worker_scan(a, demo, tok)))
+        return 0
 
     out = os.path.join(a.workdir, "out")
     results = {}

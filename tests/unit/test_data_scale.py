@@ -98,3 +98,10 @@ def test_workers_send_small_images_back_and_detach_large_ones(tmp_path):
     assert images[(160, 160)].data is None and images[(32, 32)].data == small.read_bytes()
     preprocess.attach_images(res, recs)
     assert images[(160, 160)].data == big.read_bytes()
+
+
+def test_locate_only_mode_needs_no_files(capsys):
+    assert bench_data_scale.main(["--datasets", "1000", "--rows", "100000000", "--locate-only",
+                                  "--read", "3000"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("rows_per_s=") and " peak_rss_mb=" in last
