@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Compare candidate datasets by training the same model on each for the same token budget
+(same seed, same schedule) and evaluating each on the same benchmarks (docs/curation.md).
+
+    python tools/data_ablation.py --candidate raw=data/raw --candidate recap=data/recap \
+        --tokens 2000000 --recipe tiny --benchmark caption=bench/demo_caption.tsv \
+        [--benchmark pope=bench/demo_pope.tsv] [--init-from BASE] [--out runs/ablation] \
+        [-- extra trainer flags]
+
+Prints a ranking table (score, difference to the best, paired-bootstrap confidence interval of
+that difference over benchmark items) and writes OUT/ranking.json and OUT/ranking.png.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megatron_sail.curate.ablation import AblationConfig, run_ablation  # noqa: E402
+from megatron_sail.curate.ablation_stats import BootstrapConfig  # noqa: E402
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"data_ablation.py: {flag} {v!r}: expected NAME=PATH")
+        if name in out:
+            raise SystemExit(f"data_ablation.py: {flag} name {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(prog="data_ablation.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--candidate", action="append", required=True, metavar="NAME=PREFIX")
+    p.add_argument("--tokens", type=int, required=True, help="token budget per candidate")
+    p.add_argument("--recipe", default="tiny")
+    p.add_argument("--benchmark", action="append", required=True, metavar="NAME=PATH")
+    p.add_argument("--stage", default="pretrain-alignment")
+    p.add_argument("--init-from", help="base checkpoint every candidate starts from")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seq-length", type=int)
+    p.add_argument("--global-batch-size", type=int)
+    p.add_argument("--limit", type=int, help="first N items of each benchmark")
+    p.add_argument("--resamples", type=int, default=1000)
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--bootstrap-seed", type=int, default=0)
+    p.add_argument("--out", default="runs/ablation")
+    a = p.parse_args(argv)
+    from megatron_sail.eval.registry import get_benchmark
+
+    benchmarks = _pairs(a.benchmark, "--benchmark")
+    try:
+        for b in benchmarks:
+            get_benchmark(b)
+        cfg = AblationConfig(candidates=_pairs(a.candidate, "--candidate"), benchmarks=benchmarks, tokens=a.tokens,
+                             out_dir=a.out, recipe=a.recipe, stage=a.stage, seed=a.seed, init_from=a.init_from,
+                             seq_length=a.seq_length, global_batch_size=a.global_batch_size, train_args=extra,
+                             eval_limit=a.limit,
+                             bootstrap=BootstrapConfig(a.resamples, a.confidence, a.bootstrap_seed))
+        result = run_ablation(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"data_ablation.py: error: {e}", file=sys.stderr)
+        return 2
+    print(result["table"])
+    print(f"ranking: {os.path.join(a.out, 'ranking.json')} and ranking.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
