@@ -18,7 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sail.eval.demo_bench import DemoBenchConfig, write_demo_benchmarks  # noqa: E402
+from megatron_sail.eval.demo_bench import (DemoBenchConfig, write_caption_benchmark,  # noqa: E402
+                                           write_demo_benchmarks)
 
 
 def main(argv=None) -> int:
@@ -26,10 +27,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for the TSVs and chance.json")
     p.add_argument("--items", type=int, default=DemoBenchConfig.items, help="questions per set")
     p.add_argument("--seed", type=int, default=DemoBenchConfig.seed)
+    p.add_argument("--caption-items", type=int, default=0,
+                   help="also write demo_caption.tsv with this many held-out images to caption "
+                        "(benchmark 'caption', word F1 against the exact captions)")
     a = p.parse_args(argv)
     if a.items < 2:
         p.error("--items must be at least 2")
     info = write_demo_benchmarks(a.out, DemoBenchConfig(items=a.items, seed=a.seed))
+    if a.caption_items > 0:
+        path = write_caption_benchmark(os.path.join(a.out, "demo_caption.tsv"), a.caption_items, a.seed + 1)
+        print(f"caption: {path}")
     for name, v in info.items():
         print(f"{name}: {v['path']} (chance: {v['chance']:.1f})")
     print(json.dumps(info))

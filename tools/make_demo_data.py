@@ -26,12 +26,19 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--word-fraction", type=float, default=0.1)
     p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--pool", type=int, default=0,
+                   help="also write an unlabeled pool of this many images with noisy or empty text "
+                        "(pool.jsonl; exact captions in pool_truth.jsonl), for examples/sail_caption.sh")
     a = p.parse_args(argv)
     if a.samples <= 0:
         p.error("--samples must be positive")
     val = a.val_samples if a.val_samples is not None else max(1, a.samples // 10)
     info = make_demo(a.out, DemoConfig(samples=a.samples, val_samples=val, seed=a.seed,
                                        word_fraction=a.word_fraction, vocab_size=a.vocab_size))
+    if a.pool > 0:
+        from megatron_sail.data.demo_pool import PoolConfig, make_pool
+
+        info.update(make_pool(a.out, PoolConfig(samples=a.pool, seed=a.seed + 4321)))
     print(json.dumps(info))
     return 0
 

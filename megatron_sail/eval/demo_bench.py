@@ -86,6 +86,24 @@ def ocr_rows(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+def caption_rows(rng: random.Random, n: int) -> list[dict]:
+    """Held-out scenes to caption, the exact demo caption as the answer (scored by word F1;
+    the prompt is the first of the training caption prompts)."""
+    rows = []
+    for i in range(n):
+        img, facts = demo.make_scene(rng, word_fraction=0.1, held_out=True)
+        rows.append({"index": str(i), "image": _b64(img), "question": demo.DEFAULT_CAPTION_PROMPTS[0],
+                     "answer": demo.caption_of(facts), "category": facts["kind"]})
+    return rows
+
+
+def write_caption_benchmark(path: str, items: int, seed: int) -> str:
+    """demo_caption.tsv: held-out images with their exact captions (the ``caption`` benchmark)."""
+    write_tsv(path, ["index", "image", "question", "answer", "category"],
+              caption_rows(random.Random(seed), items))
+    return path
+
+
 def _answers(name: str, item) -> list[str]:
     """What a guesser can answer to an item."""
     if name == "pope":

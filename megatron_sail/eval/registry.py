@@ -7,6 +7,7 @@ from typing import Callable
 
 from megatron_sail.eval import prompts
 from megatron_sail.eval.result import BenchmarkScore
+from megatron_sail.eval.score_caption import score_caption
 from megatron_sail.eval.score_mcq import score_mcq
 from megatron_sail.eval.score_vqa import score_ocrbench, score_vqa
 from megatron_sail.eval.score_yorn import score_hallusionbench, score_mme, score_pope
@@ -19,7 +20,7 @@ class BenchmarkSpec:
     name: str
     """Registry name (the NAME of --benchmark NAME=PATH)."""
     kind: str
-    """yorn, mcq or vqa: which prompt family."""
+    """yorn, mcq, vqa or caption: which prompt family (caption: the question as written)."""
     scorer: Callable
     """(items, predictions) -> BenchmarkScore."""
     prompt_style: str = ""
@@ -37,6 +38,8 @@ class BenchmarkSpec:
             text = prompts.yes_no_prompt(item, self.prompt_style)
         elif self.kind == "mcq":
             text = prompts.mcq_prompt(item)
+        elif self.kind == "caption":
+            text = item.get("question", "")
         else:
             text = prompts.vqa_prompt(item)
         return prompts.with_images(text, len(item.images))
@@ -78,6 +81,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in [
     BenchmarkSpec("textvqa", "vqa", _vqa("vqa_accuracy")),
     BenchmarkSpec("ocrvqa", "vqa", _vqa("exact"), max_tiles=12, strip_period=True),
     BenchmarkSpec("vqa", "vqa", _vqa("normalized")),
+    BenchmarkSpec("caption", "caption", score_caption, max_new_tokens=48),
 ]}
 """Every benchmark tools/evaluate.py and --eval-benchmark know."""
 
