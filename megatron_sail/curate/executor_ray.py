@@ -39,7 +39,7 @@ class RayExecutor:
                 ray.init(address=self.cfg.ray_address, log_to_driver=False)
             else:
                 ray.init(num_cpus=self.cfg.ray_num_cpus, include_dashboard=False, log_to_driver=False,
-                         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+                         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(self.cfg.cpus_per_worker)))}})
         return ray
 
     def run(self, pending: list[ShardSpec], bar) -> tuple[dict, list, int]:

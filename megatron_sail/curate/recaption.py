@@ -18,6 +18,8 @@ from megatron_sail.curate.reader import ReaderConfig, ShardSpec, list_shards, sh
 from megatron_sail.curate.writer import is_done, write_manifest
 
 EXECUTORS = ("local", "ray")
+SIZE_SAMPLE = 32
+"""Shards whose samples are counted for the progress bar's total (and ETA)."""
 
 
 @dataclass
@@ -96,8 +98,10 @@ def make_progress(cfg: RecaptionConfig, pending: list[ShardSpec]):
         return None
     from tqdm import tqdm
 
-    sizes = [shard_size(s, cfg.reader_config()) for s in pending]
-    total = None if any(n is None for n in sizes) else sum(sizes)
+    # counting a tar means reading its headers: past SIZE_SAMPLE shards, extrapolate their mean
+    sizes = [shard_size(s, cfg.reader_config()) for s in pending[:SIZE_SAMPLE]]
+    known = [n for n in sizes if n is not None]
+    total = round(sum(known) / len(known) * len(pending)) if known else None
     return tqdm(total=total, unit="img", desc="recaption", dynamic_ncols=True, smoothing=0.1)
 
 

@@ -216,10 +216,13 @@ def test_kill_9_mid_run_then_rerun_gives_every_sample_exactly_once(tmp_path):
         assert list(out.glob("*.tar.tmp")), "the killed shard was mid-write"
         time.sleep(0.3)  # the request in flight at the kill still completes on the server
         calls_before = server.ok_calls
-        res = subprocess.run(_cli(out, server.url), env=env, capture_output=True, text=True, timeout=300)
+        res = subprocess.run([a for a in _cli(out, server.url) if a != "--no-progress"], env=env,
+                             capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         summary = json.loads(res.stdout)
         assert summary["skipped_done"] == len(done_before)
+        left = 5 * (4 - len(done_before))  # the progress bar counts the images still to do
+        assert f"{left}/{left} [" in res.stderr and "img/s" in res.stderr, res.stderr[-500:]
         assert server.ok_calls - calls_before == 5 * (4 - len(done_before))  # finished shards not redone
     got = all_keys(out)
     assert sorted(got) == sorted(keys) and len(got) == len(set(got)) == 20
