@@ -150,6 +150,8 @@ class FilterResult:
     scores: dict = field(default_factory=dict)
     """score name -> list of values over the samples that reached that stage."""
     seconds: float = 0.0
+    stage_seconds: dict = field(default_factory=dict)
+    """stage -> seconds spent in it (where the time goes, for docs/performance.md)."""
 
 
 def run_filters(inputs: list[str], out_dir: str, cfg: FilterConfig, max_bytes: int = formats.DEFAULT_MAX_IMAGE_BYTES,
@@ -177,7 +179,9 @@ def run_filters(inputs: list[str], out_dir: str, cfg: FilterConfig, max_bytes: i
                 stage = "read"
                 if reject is None:
                     for st in stages:
+                        t0 = time.perf_counter()
                         reject = st.process(sample)
+                        res.stage_seconds[st.name] = res.stage_seconds.get(st.name, 0.0) + time.perf_counter() - t0
                         if reject is not None:
                             stage = st.name
                             break
@@ -218,6 +222,7 @@ def write_report(out_dir: str, paths: list[str], cfg: FilterConfig, res: FilterR
               "removed_by_stage": {k: dict(sorted(v.items())) for k, v in res.removed.items()},
               "shards": {os.path.basename(k): v for k, v in res.shards.items()},
               "scores": summary, "seconds": round(res.seconds, 3),
+              "stage_seconds": {k: round(v, 3) for k, v in res.stage_seconds.items()},
               "images_per_s": round(res.samples / res.seconds, 2) if res.seconds > 0 else None,
               "rejects": REJECTS, "histogram": REPORT_PNG, "config": dataclasses.asdict(cfg)}
     path = os.path.join(out_dir, REPORT_JSON)
