@@ -17,6 +17,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.utils import get_model_config
 
+from megatron_sail.config import from_checkpoint
 from megatron_sail.config.run import RunConfig, resolve, to_dict, write_resolved
 from megatron_sail.data.dataset import build_blended
 from megatron_sail.data.images.pipeline import build_image_pipeline
@@ -166,6 +167,22 @@ def load_state(cfg: RunConfig, chunks: list, optimizer, scheduler,
     return ckpt.TrainState()
 
 
+def image_logger(cfg: RunConfig, train_data, metrics: MetricsWriter):
+    """--log-images: write sample images with their text through the metrics writer; the text
+    is decoded with the data's tokenizer (token ids when its file is not readable here)."""
+    from megatron_sail.data.tokenizer import load_tokenizer
+
+    path = train_data.datasets[0].meta.get("tokenizer", {}).get("path")
+    try:
+        decode = load_tokenizer(path).decode
+    except (OSError, ValueError, TypeError) as e:
+        print(f"[train] --log-images: tokenizer {path} not loadable ({e}); texts show token ids")
+        decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    meta = train_data.tokenizer_meta
+    return lambda it, batch: metrics.log_images(it, batch, decode, cfg.images.mean, cfg.images.std,
+                                                meta.img_context_id, cfg.train.log_images)
+
+
 def train(cfg: RunConfig) -> int:
     """Run one training stage; returns the process exit code."""
     dtype = check_precision(cfg)
@@ -175,6 +192,8 @@ def train(cfg: RunConfig) -> int:
     lock = prepare_save_dir(c.save, c.load, c.overwrite_save)  # noqa: F841 - held for the run
     train_data = build_blended(cfg.data.data_path, cfg.train.seed)
     match_data(cfg, train_data)
+    from_checkpoint.check_model(cfg, print if torch.distributed.get_rank() == 0 else
+                                (lambda _line: None))  # before a shape traceback in the load
     data_block = resume_checks.data_tokenizer_block([train_data], c.allow_tokenizer_mismatch)
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
@@ -218,6 +237,8 @@ def train(cfg: RunConfig) -> int:
                                 wandb_save_dir=cfg.train.wandb_save_dir, run_config=to_dict(cfg)))
     ctx = LoopContext(cfg, chunks, optimizer, scheduler, state, feeder, metrics, watcher,
                       valid, to_dict(cfg))
+    if cfg.train.log_images and decode and rank0:
+        ctx.image_logger = image_logger(cfg, train_data, metrics)
     if cfg.eval.benchmarks:  # --eval-benchmark: scores of the live model (eval/hook.py)
         from megatron_sail.eval.hook import BenchmarkHook
 

@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: as in Megatron-LM, `--lr-warmu 5` is an error, not --lr-warmup-*.
     p = argparse.ArgumentParser(prog="megatron_sail.train", description=__doc__,
                                 allow_abbrev=False)
-    p.add_argument("--recipe", default="tiny", help="tiny, sail_2b or sail_8b")
+    p.add_argument("--recipe", default=None,
+                   help="tiny, sail_2b or sail_8b (default: tiny; with --load / --init-from "
+                        "and no --recipe the model comes from the checkpoint)")
     p.add_argument("--stage", default=None, help="training stage name (default: the recipe's)")
     p.add_argument("--config", default=None, help="YAML file overriding recipe fields")
     p.add_argument("--split", default=None, help="not supported: see --valid-data-path")
@@ -373,18 +375,59 @@ def resolve(argv: Optional[list[str]] = None) -> RunConfig:
         raise ValueError(f"--split {args.split}: this trainer does not carve validation rows out "
                          "of --data-path; preprocess the held-out data separately and pass its "
                          "prefixes with --valid-data-path")
-    recipe = recipes.get_recipe(args.recipe)
+    recipe = recipes.get_recipe(args.recipe or "tiny")
     cfg = recipe(args.stage) if args.stage else recipe()
+    overrides = load_yaml(args.config) if args.config else {}
     if args.config:
-        apply_overrides(cfg, load_yaml(args.config), args.config)
+        apply_overrides(cfg, overrides, args.config)
     flags = flag_overrides(args)
     if "train_samples" in flags.get("train", {}) and "train_iters" in flags.get("train", {}):
         raise ValueError("--train-samples and --train-iters exclude each other (Megatron-LM)")
     derived = flags.pop("derived", {})
     apply_overrides(cfg, flags, "command line")
+    if cfg.checkpoint.use_checkpoint_args or args.recipe is None:
+        use_checkpoint_model(cfg, overrides.get("model") or {}, args.config,
+                             required=cfg.checkpoint.use_checkpoint_args)
     if "layers_per_virtual_stage" in derived:
         set_layers_per_virtual_stage(cfg, derived["layers_per_virtual_stage"])
     return finalize(cfg)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def use_checkpoint_model(cfg: RunConfig, yaml_model: dict, origin: Optional[str],
+                         required: bool = True) -> None:
+    """The model config of the --load checkpoint (or, when --load holds none yet, of
+    --init-from: a trainer checkpoint or an hf-to-mcore conversion's model_config.yaml)
+    replaces the recipe's: with Megatron-LM's --use-checkpoint-args (``required``: no
+    checkpoint is an error), and by default when --recipe is not given (no checkpoint: the
+    default recipe). A model field the YAML sets to another value than the checkpoint's is an
+    error naming both; drop-path (no weights) stays the recipe's."""
+    from megatron_sail.config.from_checkpoint import checkpoint_to_load
+    from megatron_sail.convert.checkpoint import read_model_config
+
+    c = cfg.checkpoint
+    _, ckpt = checkpoint_to_load(c)
+    if ckpt is None:
+        if not required:
+            return
+        raise ValueError(f"--use-checkpoint-args: no checkpoint in --load {c.load} or "
+                         f"--init-from {c.init_from}")
+    theirs = read_model_config(ckpt)
+    flat = _flat(dataclasses.asdict(theirs))
+    clash = [f"{k}: {origin} {v!r}, checkpoint {flat[k]!r}" for k, v in _flat(yaml_model).items()
+             if k in flat and k != "vision.drop_path_rate" and v != flat[k]]
+    if clash:
+        raise ValueError(f"--use-checkpoint-args {ckpt}: the model config differs from the "
+                         "checkpoint's: " + "; ".join(clash))
+    theirs.vision.drop_path_rate = cfg.model.vision.drop_path_rate
+    cfg.model = theirs
 
 
 def set_layers_per_virtual_stage(cfg: RunConfig, layers: int) -> None:

@@ -160,11 +160,11 @@ class TrainConfig:
     (None: no W&B). WANDB_MODE=offline writes the run locally with no network."""
     wandb_exp_name: Optional[str] = None
     """Megatron-LM's --wandb-exp-name: the W&B run name (None: the run directory's name)."""
+    log_images: int = 0
+    """Sample images per log line as TensorBoard image summaries (each image's thumbnail or
+    only tile, beside its sample's text), from the step's first micro-batch; 0: none."""
     wandb_save_dir: Optional[str] = None
     """Megatron-LM's --wandb-save-dir: W&B writes under <dir>/wandb/ (None: the run dir)."""
-    log_images: int = 0
-    """Sample images (tiles with the row's text) written as TensorBoard image summaries at
-    each log interval; 0 (default) writes none."""
     exit_duration_in_mins: Optional[float] = None
     """Save and exit 0 once this much wall time has passed."""
     exit_interval: int = 0

@@ -42,6 +42,11 @@ class MicroBatch:
     """Images that failed to decode (blank tiles, loss masked); summed into the metrics."""
     failed_sources: list[str]
     """Sources ('<dataset>:<index>') of the failed images."""
+    sources: torch.Tensor | None = None
+    """int64 [B]: the --data-path prefix index of each row (per-dataset loss)."""
+    image_spans: list[tuple[int, int, int, int]] | None = None
+    """Per image in tile order: (row, first token, end token of its sample, tiles); for the
+    sample-image summaries (--log-images)."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "MicroBatch":
         """A copy with every tensor moved to ``device``."""
@@ -102,6 +107,9 @@ def collate_rows(rows: list[PackedRow], pipeline: ImagePipeline, image_token_id:
         num_tiles=int(tiles.shape[0]),
         decode_failures=len(failed),
         failed_sources=failed,
+        sources=torch.tensor([r.source_index for r in rows], dtype=torch.int64),
+        image_spans=[(b, int(r.cu_seqlens[img.sample]), int(r.cu_seqlens[img.sample + 1]),
+                      img.num_tiles) for b, r in enumerate(rows) for img in r.images],
     )
 
 

@@ -7,6 +7,7 @@ and resumes exactly from the number of rows consumed (``state_dict``).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator, Sequence, Union
@@ -189,7 +190,15 @@ class BlendedDataset:
 
     def __getitem__(self, k: int) -> PackedRow:
         d, i = self.locate(k)
-        return self.datasets[d][i]
+        row = self.datasets[d][i]
+        row.source_index = d
+        return row
+
+    def source_names(self) -> list[str]:
+        """A short name per prefix for per-dataset metrics: its base name, or its index where
+        base names repeat."""
+        names = [os.path.basename(p.rstrip("/")) or str(i) for i, p in enumerate(self.prefixes)]
+        return [n if names.count(n) == 1 else f"{i}_{n}" for i, n in enumerate(names)]
 
     def __len__(self) -> int:
         """Rows in one pass over all datasets (the stream itself is endless; any k >= 0 works)."""

@@ -60,3 +60,5 @@ class PackedRow:
     """Real (non-padding) samples in the row; segments beyond these are padding."""
     images: list[ImageRecord] = field(default_factory=list)
     """Images in <IMG_CONTEXT> order."""
+    source_index: int = 0
+    """Index of the --data-path prefix the row came from (set by the blend; per-dataset loss)."""

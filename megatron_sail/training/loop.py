@@ -83,6 +83,9 @@ class StepFeeder:
     def __init__(self, dataset, plan: BatchPlan, pipeline, first_step: int,
                  flops_shape, depth: int = 2, decode: bool = True, pin_memory: bool = False):
         self.dataset, self.plan, self.flops_shape = dataset, plan, flops_shape
+        # per-dataset loss names: only a blend of several prefixes has them
+        names = dataset.source_names() if hasattr(dataset, "source_names") else []
+        self.source_names = names if len(names) > 1 else []
         self._stats: queue.Queue = queue.Queue()
         first_mb = first_step * plan.num_microbatches
         meta = dataset.tokenizer_meta  # checks that every row's tiles match its <IMG_CONTEXT> runs
@@ -161,6 +164,8 @@ class LoopContext:
     """Checkpoints still being written in the background (--async-save; set by run())."""
     benchmarks: Optional[object] = None
     """eval.hook.BenchmarkHook scoring --eval-benchmark sets on the live model, or None."""
+    image_logger: Optional[Callable] = None
+    """(iteration, micro-batch) -> writes sample images at log steps (--log-images), or None."""
 
 
 def save(ctx: LoopContext) -> None:
@@ -200,20 +205,27 @@ def _one_step(ctx: LoopContext) -> StepStats:
     t0 = time.perf_counter()
     batches, row_stats = ctx.feeder.next_step()
     wait = time.perf_counter() - t0
+    names = ctx.feeder.source_names
     res = train_step(ctx.chunks, ctx.optimizer, ctx.scheduler, batches,
-                     ctx.cfg.data.seq_length, row_stats)
+                     ctx.cfg.data.seq_length, row_stats, num_sources=len(names))
     s, n = ctx.state, res.counters
+    src_sum, src_tok = n.get("source_loss_sum", []), n.get("source_loss_tokens", [])
     s.iteration += 1
     s.consumed_samples += ctx.cfg.train.global_batch_size
     s.skipped_steps += int(res.skipped)
     s.consumed_tokens += int(n["tokens"])
-    return StepStats(iteration=s.iteration, lm_loss=res.loss, lr=group_lrs(ctx.optimizer),
+    stats = StepStats(iteration=s.iteration, lm_loss=res.loss, lr=group_lrs(ctx.optimizer),
                      grad_norm=None if res.skipped else res.grad_norm,
                      step_time_s=time.perf_counter() - t0, tokens=int(n["tokens"]),
                      samples=int(n["samples"]), images=int(n["images"]), tiles=int(n["tiles"]),
                      flops=n["flops"], data_wait_s=wait, skipped=res.skipped,
                      decode_failures=int(n["decode_failures"]),
-                     consumed_samples=s.consumed_samples, consumed_tokens=s.consumed_tokens)
+                     consumed_samples=s.consumed_samples, consumed_tokens=s.consumed_tokens,
+                     source_loss={k: v / t for k, v, t in zip(names, src_sum, src_tok) if t > 0},
+                     source_loss_tokens=dict(zip(names, src_tok)))
+    if ctx.image_logger is not None and s.iteration % ctx.cfg.train.log_interval == 0:
+        ctx.image_logger(s.iteration, batches[0])  # after the step time was taken
+    return stats
 
 
 def run(ctx: LoopContext) -> int:

@@ -271,6 +271,31 @@ class MetricsWriter:
                                            "lm_loss": float(lm_loss), "ppl": ppl})) + "\n")
         self._print(f"[eval] step {iteration} | {split} lm loss {lm_loss:.4f} | ppl {ppl:.2f}")
 
+    def log_images(self, iteration: int, batch, decode: Callable[[list[int]], str],
+                   mean, std, image_token_id: int, count: int) -> int:
+        """TensorBoard image summaries of the first ``count`` images of a micro-batch
+        (data/collate.py MicroBatch): each image's last tile (the thumbnail, or the only tile)
+        de-normalized, beside the text of its sample with the <IMG_CONTEXT> runs left out.
+        Returns how many were written."""
+        spans, tiles = batch.image_spans or [], batch.tiles
+        if not self.active or self._tb is None or tiles is None or not tiles.numel():
+            return 0
+        m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        sd = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        start, written = 0, 0
+        for row, lo, hi, n in spans:
+            if written == count:
+                break
+            if start + n > tiles.shape[0]:
+                break
+            pixels = (tiles[start + n - 1].float().cpu() * sd + m).clamp(0, 1)
+            ids = [int(t) for t in batch.tokens[row, lo:hi] if int(t) != image_token_id]
+            self._tb.add_image(f"samples/image{written}", pixels, iteration, dataformats="CHW")
+            self._tb.add_text(f"samples/text{written}", decode(ids), iteration)
+            start, written = start + n, written + 1
+        self._tb.flush()
+        return written
+
     def log_benchmarks(self, iteration: int, consumed_tokens: int, scores: dict, counts: dict,
                        seconds: float) -> None:
         """Benchmark scores (eval/hook.py): one metrics.jsonl record with ``benchmarks/NAME``

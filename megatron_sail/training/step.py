@@ -53,12 +53,16 @@ def _to_device(batch) -> dict:
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Sum of per-token losses over loss tokens, and the token count (see module docstring)."""
+    """Sum of per-token losses over loss tokens, and the token count (see module docstring).
+    Also reports each row's [loss sum, loss tokens] ("row loss", [B, 2]): _counters adds them
+    up per --data-path source, so a blend's per-dataset losses cost one small tensor."""
     mask = loss_mask.float()
-    loss_sum = (output_tensor.float() * mask).sum()
+    per_token = output_tensor.float().reshape(mask.shape) * mask
+    loss_sum = per_token.sum()
     num_tokens = mask.sum().to(torch.int)
     report = torch.stack([loss_sum.detach(), mask.sum()])
-    return loss_sum, num_tokens, {"lm loss": report}
+    rows = torch.stack([per_token.detach().sum(1), mask.sum(1)], dim=1)
+    return loss_sum, num_tokens, {"lm loss": report, "row loss": rows}
 
 
 def forward_step(data_iterator, model):
@@ -69,14 +73,20 @@ def forward_step(data_iterator, model):
     return output, partial(loss_func, loss_mask)
 
 
-def _counters(batches: list, loss_parts: torch.Tensor, row_stats: tuple[float, float]
-              ) -> torch.Tensor:
+def _counters(batches: list, loss_parts: torch.Tensor, row_stats: tuple[float, float],
+              losses: list = (), num_sources: int = 0) -> torch.Tensor:
     """This rank's contribution to the step counters (zeros except on the last PP stage, so
     that summing over the PP group counts each micro-batch once). ``row_stats`` holds the real
-    (non-padding) tokens and the model FLOPs of this rank's rows, computed from the rows."""
-    out = torch.zeros(len(_FIELDS), dtype=torch.float64)
+    (non-padding) tokens and the model FLOPs of this rank's rows, computed from the rows.
+    With ``num_sources`` the loss sums and loss tokens of each source follow (2 per source),
+    from the micro-batches' "row loss" reports (in micro-batch order) and their row sources."""
+    out = torch.zeros(len(_FIELDS) + 2 * num_sources, dtype=torch.float64)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return out
+    if num_sources:
+        per_source = out[len(_FIELDS):].view(num_sources, 2)
+        for b, rep in zip(batches, losses):
+            per_source.index_add_(0, b.sources.long(), rep["row loss"].double().cpu())
     out[0:2] = loss_parts.double().cpu()
     out[2], out[7] = float(row_stats[0]), float(row_stats[1])
     for b in batches:
@@ -88,11 +98,17 @@ def _counters(batches: list, loss_parts: torch.Tensor, row_stats: tuple[float, f
 
 
 def _reduce(counters: torch.Tensor) -> dict:
-    """Sum the counters over DP ranks, then share the last stage's totals along the pipeline."""
+    """Sum the counters over DP ranks, then share the last stage's totals along the pipeline
+    (per-source sums, when present, as "source_loss_sum" / "source_loss_tokens" lists)."""
     t = counters.to(device())
     torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
     torch.distributed.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
-    return dict(zip(_FIELDS, t.cpu().tolist()))
+    values = t.cpu().tolist()
+    out = dict(zip(_FIELDS, values))
+    extra = values[len(_FIELDS):]
+    if extra:
+        out["source_loss_sum"], out["source_loss_tokens"] = extra[0::2], extra[1::2]
+    return out
 
 
 def _loss_parts(losses: list) -> torch.Tensor:
@@ -162,14 +178,16 @@ def _clip_and_update(optimizer, grad_norm: float) -> None:
 
 
 def train_step(chunks: list, optimizer, scheduler, batches: list, seq_length: int,
-               row_stats: tuple[float, float] = (0.0, 0.0)) -> StepResult:
-    """Forward + backward over all micro-batches, then one optimizer step unless NaN/Inf."""
+               row_stats: tuple[float, float] = (0.0, 0.0), num_sources: int = 0) -> StepResult:
+    """Forward + backward over all micro-batches, then one optimizer step unless NaN/Inf.
+    ``num_sources`` > 0 also sums the loss per --data-path source (counters
+    source_loss_sum / source_loss_tokens)."""
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     batches = share_first_stage_images(batches)
     losses = _run_schedule(chunks, batches, seq_length, forward_only=False)
-    totals = _reduce(_counters(batches, _loss_parts(losses), row_stats))
+    totals = _reduce(_counters(batches, _loss_parts(losses), row_stats, losses, num_sources))
     loss = totals["loss_sum"] / max(totals["loss_tokens"], 1.0)
     found_inf = optimizer.prepare_grads()
     grad_norm = float("inf") if found_inf else float(optimizer.get_grad_norm())

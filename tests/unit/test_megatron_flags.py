@@ -126,9 +126,9 @@ def test_num_workers_sets_decode_threads():
 
 
 def test_load_flags_resolve():
-    cfg = resolve(["--load", "/x", "--no-load-optim", "--no-load-rng", "--use-checkpoint-args"])
+    cfg = resolve(["--load", "/x", "--no-load-optim", "--no-load-rng"])
     c = cfg.checkpoint
-    assert c.no_load_optim and c.no_load_rng and c.use_checkpoint_args and not c.finetune
+    assert c.no_load_optim and c.no_load_rng and not c.finetune
     with pytest.raises(ValueError, match="--finetune"):
         resolve(["--finetune"])
 
@@ -162,3 +162,116 @@ def test_tensorboard_log_interval(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("lm loss")] == [2, 4]
+
+
+def _converted(tmp_path, change):
+    """A folder shaped like hf-to-mcore output: metadata.json + model_config.yaml of the tiny
+    model after ``change``."""
+    import dataclasses
+
+    import yaml
+
+    from megatron_sail.config.recipes import get_recipe
+
+    model = get_recipe("tiny")().model
+    change(model)
+    ckpt = tmp_path / "hf_converted"
+    ckpt.mkdir()
+    (ckpt / "metadata.json").write_text("{}")
+    (ckpt / "model_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(model)))
+    return ckpt, model
+
+
+def _bigger(model):
+    model.language.num_layers += 2
+    model.vision.hidden_size *= 2
+
+
+def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(tmp_path):
+    import yaml
+
+    ckpt, model = _converted(tmp_path, _bigger)
+    plain = resolve(["--recipe", "tiny", "--init-from", str(ckpt)])
+    assert plain.model.language.num_layers == model.language.num_layers - 2  # the recipe's
+    cfg = resolve(["--recipe", "tiny", "--init-from", str(ckpt), "--use-checkpoint-args"])
+    assert cfg.model.language.num_layers == model.language.num_layers
+    assert cfg.model.vision.hidden_size == model.vision.hidden_size
+    yml = tmp_path / "o.yaml"
+    yml.write_text(yaml.safe_dump({"model": {"language": {"num_layers": 1}}}))
+    with pytest.raises(ValueError, match=r"language.num_layers: .*o.yaml 1, checkpoint "
+                                         f"{model.language.num_layers}"):
+        resolve(["--init-from", str(ckpt), "--use-checkpoint-args", "--config", str(yml)])
+    with pytest.raises(ValueError, match="no checkpoint"):
+        resolve(["--init-from", str(tmp_path / "none"), "--use-checkpoint-args"])
+
+
+def test_no_load_rng_keeps_the_seeded_rng(tmp_path, monkeypatch):
+    from megatron_sail.training import checkpoint as ckpt
+
+    (tmp_path / ckpt.STATE_FILE).write_bytes(b"")
+    payload = {"train_state": {"iteration": 3, "world": {"tp": 1}, "rng": {0: "saved"}}}
+    restored = []
+    monkeypatch.setattr(ckpt, "read_state_file", lambda path: payload)
+    monkeypatch.setattr(ckpt, "world_sizes", lambda: {"tp": 1})
+    monkeypatch.setattr(ckpt, "set_rng_state", restored.append)
+    monkeypatch.setattr(ckpt.torch.distributed, "get_rank", lambda: 0)
+    assert ckpt._read_train_state(str(tmp_path), load_rng=False).iteration == 3
+    assert restored == []
+    ckpt._read_train_state(str(tmp_path), load_rng=True)
+    assert restored == ["saved"]
+
+
+def test_model_from_checkpoint_by_default_and_checked_with_a_recipe(tmp_path):
+    from megatron_sail.config.from_checkpoint import check_model
+
+    ckpt, model = _converted(tmp_path, _bigger)
+    cfg = resolve(["--init-from", str(ckpt)])  # no --recipe: the checkpoint's model
+    assert cfg.model.language.num_layers == model.language.num_layers
+    check_model(cfg, log=lambda line: None)
+    explicit = resolve(["--recipe", "tiny", "--init-from", str(ckpt)])
+    with pytest.raises(ValueError, match=f"language.num_layers: run {model.language.num_layers - 2}, "
+                                         f"checkpoint {model.language.num_layers}") as e:
+        check_model(explicit)
+    assert "vision.hidden_size" in str(e.value) and "--use-checkpoint-args" in str(e.value)
+
+
+def test_non_weight_differences_are_noted_not_refused(tmp_path):
+    from megatron_sail.config.from_checkpoint import check_model
+
+    def rope(model):
+        model.language.rope_theta = 123.0
+
+    ckpt, _ = _converted(tmp_path, rope)
+    lines = []
+    check_model(resolve(["--recipe", "tiny", "--init-from", str(ckpt)]), log=lines.append)
+    assert len(lines) == 1 and "language.rope_theta is 10000.0 in this run, 123.0" in lines[0]
+
+
+def test_log_images_writes_tensorboard_image_summaries(tmp_path):
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert resolve([]).train.log_images == 0 and resolve(["--log-images", "2"]).train.log_images == 2
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    tiles = torch.zeros(4, 3, 8, 8)
+    tiles[1] = 2.0  # image 0 = tiles 0-1 (grid + thumbnail): its thumbnail de-normalizes to 1.0
+    tiles[2] = -2.0  # image 1 = tile 2 only: 0.0
+    batch = SimpleNamespace(tiles=tiles, tokens=torch.tensor([[7, 9, 9, 8, 5, 9, 6, 1]]),
+                            image_spans=[(0, 0, 4, 2), (0, 4, 8, 1), (0, 4, 8, 1)])
+    w = MetricsWriter(tmp_path, tmp_path / "tb", 1, 0, MetricsConfig())
+    n = w.log_images(3, batch, lambda ids: "-".join(map(str, ids)), mean, std, 9, count=2)
+    w.close()
+    assert n == 2
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert sorted(acc.Tags()["images"]) == ["samples/image0", "samples/image1"]
+    texts = {t: acc.Tensors(t)[0].tensor_proto.string_val[0].decode() for t in acc.Tags()["tensors"]}
+    assert texts == {"samples/text0/text_summary": "7-8", "samples/text1/text_summary": "5-6-1"}
+    import io
+
+    from PIL import Image
+
+    png = acc.Images("samples/image0")[0].encoded_image_string
+    assert Image.open(io.BytesIO(png)).getpixel((0, 0)) == (255, 255, 255)
+    png = acc.Images("samples/image1")[0].encoded_image_string
+    assert Image.open(io.BytesIO(png)).getpixel((0, 0)) == (0, 0, 0)
