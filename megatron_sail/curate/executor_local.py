@@ -53,6 +53,7 @@ class LocalExecutor:
 
     def _inline(self, pending, bar):
         worker = worker_from(self.cfg)
+        worker.load()  # a backend that cannot load is an error of the run, not of every shard
         results, failed = {}, []
         try:
             for spec in pending:

@@ -16,6 +16,7 @@ class _Captioner:
 
     def __init__(self, cfg):
         self.worker = worker_from(cfg)
+        self.worker.load()
 
     def process(self, spec: ShardSpec) -> tuple[dict, int]:
         before = self.worker.retries()

@@ -23,6 +23,10 @@ class ShardWorker:
         self.max_pixels = max_pixels
         self.stage: Optional[CaptionStage] = None
 
+    def load(self) -> None:
+        """Load the backend now (errors surface before any shard is opened)."""
+        self._stage()
+
     def _stage(self) -> CaptionStage:
         """The backend is loaded on first use (in the worker process, not the driver)."""
         if self.stage is None:

@@ -3,6 +3,7 @@ resume after kill -9, SLURM-array sharding, the OpenAI backend's retries / rate 
 megatron and hf backends on a tiny random InternVL (docs/curation.md, "Recaption")."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -82,6 +83,27 @@ def test_shard_index_partitions_and_jsonl_ranges(tmp_path):
     assert ranges == [(0, 3), (3, 6), (6, 7)]
     with pytest.raises(ValueError, match="shard-index"):
         RecaptionConfig(inputs, "o", shard_index=3, num_shards=3)
+
+
+def test_cli_errors_and_slurm_array_defaults(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    import recaption as cli
+
+    write_shards(tmp_path / "in", 1, 1)
+    base = ["--input", str(tmp_path / "in" / "*.tar"), "--output-dir", str(tmp_path / "o"), "--model", "m",
+            "--no-progress"]
+    if importlib.util.find_spec("vllm") is None:  # an optional backend that is missing: one clear error
+        assert cli.main(base + ["--backend", "vllm"]) == 2
+        assert "needs the optional package vllm" in capsys.readouterr().err
+    assert cli.main(base + ["--input", str(tmp_path / "none*.tar")]) == 2
+    assert "matches no files" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "5")
+    cfg = cli.config_from(cli.parse_args(base))
+    assert (cfg.shard_index, cfg.num_shards) == (3, 5)
+    cfg = cli.config_from(cli.parse_args(base + ["--shard-index", "1", "--num-shards", "2"]))
+    assert (cfg.shard_index, cfg.num_shards) == (1, 2)
 
 
 # ------------------------------------------------------------------ the openai backend
