@@ -119,6 +119,6 @@ def test_quickstart_benchmark_step(trained):
     chance = json.loads((out / "chance.json").read_text())
     for name in SETS:
         row = next(l for l in text.splitlines() if l.startswith(f"[eval] {name} "))
-        assert f"random guess {chance[name]['chance']:8.2f}" in row
+        assert f"chance {chance[name]['chance']:8.2f}" in row
         assert re.search(rf"^benchmark={name} score=\S+ n=6$", text, re.M)
     assert (proc.returncode == 1) == ("NOT clearly above chance" in text)
