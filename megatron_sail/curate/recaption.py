@@ -107,6 +107,9 @@ def make_progress(cfg: RecaptionConfig, pending: list[ShardSpec]):
 
 def run(cfg: RecaptionConfig) -> dict:
     """Recaption this task's shards; returns counts, failures and throughput."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("recaption runs one process per task (SLURM array, --workers, Ray), not under "
+                         "torchrun: every rank would caption every shard")
     os.makedirs(cfg.output_dir, exist_ok=True)
     shards = my_shards(cfg)
     pending = [s for s in shards if not is_done(cfg.output_dir, s.name)]

@@ -275,8 +275,17 @@ def test_failed_shard_is_retried_then_reported(tmp_path, workers):
 # ------------------------------------------------------------------ model backends
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    """The tiny checkpoint; the platform load_generator starts is shut down afterwards, so the
+    tests that follow in this process find no process group."""
+    import torch
+
+    from megatron_sail.platform import distributed
+
+    started_before = torch.distributed.is_initialized()
     root = tmp_path_factory.mktemp("tiny")
-    return {"ckpt": tiny_checkpoint(root / "hf"), "root": root}
+    yield {"ckpt": tiny_checkpoint(root / "hf"), "root": root}
+    if not started_before and torch.distributed.is_initialized():
+        distributed.shutdown()
 
 
 def test_megatron_and_hf_backends_give_the_same_captions(tiny, tmp_path):
