@@ -19,6 +19,20 @@ def image_data_uri(data: bytes) -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
+def _processor_kwargs(cfg: BackendConfig) -> dict:
+    """--max-tiles for InternVL-chat folders (vLLM's own InternVL processor reads
+    max_dynamic_patch); transformers-layout folders keep their preprocessor_config.json."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(cfg.model, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return {}
+    return {"mm_processor_kwargs": {"max_dynamic_patch": cfg.max_tiles}} if model_type == "internvl_chat" else {}
+
+
 class VLLMBackend(Backend):
     """vllm.LLM on an exported folder (``--model DIR``), one engine per worker (one GPU each)."""
 
@@ -33,7 +47,8 @@ class VLLMBackend(Backend):
                               "GPU machine); it is not installed here") from e
         self.llm = LLM(model=cfg.model, trust_remote_code=True, seed=cfg.seed,
                        dtype=cfg.dtype or "auto", tensor_parallel_size=cfg.tensor_parallel_size,
-                       max_num_seqs=max(cfg.batch_size, 1), limit_mm_per_prompt={"image": 1})
+                       max_num_seqs=max(cfg.batch_size, 1), limit_mm_per_prompt={"image": 1},
+                       **_processor_kwargs(cfg))
         self.params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                      top_p=cfg.top_p, seed=cfg.seed)
 
