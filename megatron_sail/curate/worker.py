@@ -1,14 +1,20 @@
 """The per-shard work every executor runs: read -> caption -> write one shard."""
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from megatron_sail.curate.backends import BackendConfig, make_backend
 from megatron_sail.curate.caption import CaptionStage
 from megatron_sail.curate.prompts import PromptBank, PromptBankConfig
 from megatron_sail.curate.reader import ReaderConfig, ReadStage, Sample, ShardSpec, check_decodable
 from megatron_sail.curate.writer import ShardWriter
+
+
+_END = object()
+"""Marks the end of a shard in the prefetch queue."""
 
 
 class ShardWorker:
@@ -48,12 +54,12 @@ class ShardWorker:
         writer = ShardWriter(self.out_dir, spec.name)
         try:
             batch: list[Sample] = []
-            for sample in self.reader.read(spec):
+            for sample, why in self._prefetched(spec):
                 if writer.seen(sample.key) or any(b.key == sample.key for b in batch):
                     writer.reject(sample, "duplicate_key", f"key {sample.key} appears twice in the shard")
                 elif sample.error is not None:
                     writer.reject(sample, sample.error.reason, sample.error.detail)
-                elif (why := check_decodable(sample.image, self.max_pixels)) is not None:
+                elif why is not None:
                     writer.reject(sample, "undecodable_image", why)
                 else:
                     batch.append(sample)
@@ -69,6 +75,46 @@ class ShardWorker:
         except BaseException:
             writer.abort()
             raise
+
+    def _prefetched(self, spec: ShardSpec) -> Iterator[tuple[Sample, Optional[str]]]:
+        """(sample, why it is undecodable or None), read and decode-checked by a thread a few
+        batches ahead, so reading and PIL decoding overlap the model's generation (PIL
+        releases the GIL while decoding). Order is the input order."""
+        items: queue.Queue = queue.Queue(maxsize=4 * self.backend_cfg.batch_size)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    items.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for sample in self.reader.read(spec):
+                    why = None if sample.error is not None else check_decodable(sample.image, self.max_pixels)
+                    if not put((sample, why)):
+                        return
+                put(_END)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consuming thread
+                put(e)
+
+        thread = threading.Thread(target=produce, name=f"read-{spec.name}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = items.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
 
     def _flush(self, stage: CaptionStage, spec: ShardSpec, batch: list[Sample], writer: ShardWriter,
                progress: Optional[Callable[[int], None]]) -> None:

@@ -317,3 +317,30 @@ def test_megatron_and_hf_backends_give_the_same_captions(tiny, tmp_path):
         assert r["provenance"]["backend"] == "megatron" and r["provenance"]["model"] == tiny["ckpt"]
         if r["reason"] == "truncated_caption":
             assert r["provenance"]["finish_reason"] == "length" and r["provenance"]["tokens"] == 6
+
+
+def test_a_reader_failure_mid_shard_fails_the_shard_cleanly(tmp_path, monkeypatch):
+    """The prefetch thread's exception reaches the shard (which is then retried / reported) and
+    leaves no partial files and no thread behind."""
+    import threading
+
+    from megatron_sail.curate.reader import ReadStage
+
+    write_shards(tmp_path / "in", 1, 4)
+    real = ReadStage.read
+
+    def failing(self, spec):
+        for k, sample in enumerate(real(self, spec)):
+            if k == 3:
+                raise OSError("disk went away")
+            yield sample
+
+    monkeypatch.setattr(ReadStage, "read", failing)
+    out = tmp_path / "out"
+    with FakeVLMServer() as server:
+        summary = run(RecaptionConfig([str(tmp_path / "in" / "*.tar")], str(out), openai_cfg(server, batch_size=2),
+                                      shard_retries=1, progress=False))
+    [failed] = summary["failed_shards"]
+    assert failed["attempts"] == 2 and "disk went away" in failed["error"]
+    assert not list(out.glob("*.tmp")) and not list(out.glob("*.tar"))
+    assert not [t for t in threading.enumerate() if t.name.startswith("read-")]
