@@ -36,6 +36,8 @@ class TinyCheckpointConfig:
     """ViT layer feeding the projector (-2: the last layer is unused, as some InternVL models)."""
     text_layers: int = 2
     """Qwen2 layers."""
+    text_family: str = "qwen2"
+    """Text model family: 'qwen2', or 'qwen3' (QK-norm, no qkv bias, head_dim 24 != 64 / heads)."""
     heads: int = 4
     """Qwen2 attention heads (hidden 64, head dim 16)."""
     kv_heads: int = 2
@@ -71,6 +73,8 @@ def build_hf_config(cfg: TinyCheckpointConfig) -> dict:
             "intermediate_size": 128, "vocab_size": cfg.vocab_size, "rms_norm_eps": 1e-6,
             "max_position_embeddings": 4096, "tie_word_embeddings": cfg.tied,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+            **({"model_type": "qwen3", "head_dim": 24, "attention_bias": False,
+                "use_sliding_window": False} if cfg.text_family == "qwen3" else {}),
         },
         "image_token_id": cfg.vocab_size - 1,
         "image_seq_length": tokens_per_side**2,
@@ -157,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vision-layers", type=int, default=2)
     p.add_argument("--select-layer", type=int, default=-1)
     p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--text-family", choices=("qwen2", "qwen3"), default="qwen2")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=256)
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TinyCheckpointConfig(
         layout=a.layout, seed=a.seed, tile_size=a.tile_size, vision_layers=a.vision_layers,
         select_layer=a.select_layer,
-        text_layers=a.text_layers, heads=a.heads, kv_heads=a.kv_heads, vocab_size=a.vocab_size,
+        text_layers=a.text_layers, text_family=a.text_family, heads=a.heads, kv_heads=a.kv_heads, vocab_size=a.vocab_size,
         tied=a.tied, dtype=a.dtype, max_shard_bytes=a.max_shard_bytes, tokenizer=a.tokenizer)
     print(make_tiny_checkpoint(a.out, cfg))
     return 0

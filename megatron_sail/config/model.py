@@ -1,6 +1,8 @@
-"""Model configs: InternViT, pixel-shuffle projector, Qwen2-style LM, and the composed ModelConfig.
+"""Model configs: vision encoder, pixel-shuffle projector, decoder LM, and the composed ModelConfig.
 
-Recipes ``tiny()``, ``sail_2b()`` and ``sail_8b()`` return the shapes of SAIL-VL.md.
+Which architecture each part is comes from its ``family`` field (a name in
+``models/families``); configs without one (older model_config.yaml files) mean InternViT +
+Qwen2. Recipes ``tiny()``, ``sail_2b()`` and ``sail_8b()`` return the shapes of SAIL-VL.md.
 """
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from dataclasses import dataclass, field
 
 @dataclass
 class VisionConfig:
-    """InternViT encoder."""
+    """Vision encoder (fields as InternViT names them; a family may ignore some)."""
 
+    family: str = "internvit"
+    """Vision family (models/families registry): 'internvit'."""
     hidden_size: int = 1024
     """Width of the ViT."""
     num_layers: int = 24
@@ -39,6 +43,9 @@ class VisionConfig:
     """Layer whose output feeds the projector (-1 = last, -2 = second to last, ...)."""
 
     def __post_init__(self):
+        from megatron_sail.models.families import vision_family
+
+        vision_family(self.family)  # unknown names fail here, not deep inside the build
         if self.norm_type not in ("layer_norm", "rms_norm"):
             raise ValueError(f"VisionConfig.norm_type must be layer_norm or rms_norm, got {self.norm_type!r}")
         if self.hidden_size % self.num_heads:
@@ -77,8 +84,10 @@ class ProjectorConfig:
 
 @dataclass
 class LanguageConfig:
-    """Qwen2/Qwen2.5 decoder."""
+    """Decoder LM (Qwen-style: RMSNorm, SwiGLU, RoPE, GQA)."""
 
+    family: str = "qwen2"
+    """Language family (models/families registry): 'qwen2' (also Qwen2.5) or 'qwen3'."""
     hidden_size: int = 1536
     """Model width."""
     num_layers: int = 28
@@ -100,17 +109,24 @@ class LanguageConfig:
     max_position_embeddings: int = 32768
     """Longest sequence RoPE is prepared for."""
     qkv_bias: bool = True
-    """Bias on q/k/v (Qwen2: yes; no other linear has a bias)."""
+    """Bias on q/k/v (Qwen2: yes; Qwen3: no; no other linear has a bias)."""
+    kv_channels: int | None = None
+    """Per-head width when it is not hidden_size / num_heads (Qwen3's head_dim); None = derived."""
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+        from megatron_sail.models.families import language_family
+
+        language_family(self.family)  # unknown names fail here, not deep inside the build
+        if self.num_heads % self.num_kv_heads or (
+                self.kv_channels is None and self.hidden_size % self.num_heads):
             raise ValueError(f"LanguageConfig: hidden_size {self.hidden_size} must be divisible by num_heads "
-                             f"{self.num_heads}, and num_heads by num_kv_heads {self.num_kv_heads}")
+                             f"{self.num_heads} (or kv_channels set), and num_heads by num_kv_heads "
+                             f"{self.num_kv_heads}")
 
     @property
     def head_dim(self) -> int:
         """Per-head width."""
-        return self.hidden_size // self.num_heads
+        return self.kv_channels or self.hidden_size // self.num_heads
 
 
 @dataclass
@@ -126,12 +142,15 @@ class ModelConfig:
     img_context_token_id: int = 151667
     """Token id of <IMG_CONTEXT>; its embeddings are replaced by visual tokens."""
 
+    def geometry(self, tile_size: int | None = None):
+        """The vision family's token geometry for tiles of ``tile_size`` px (default: trained size)."""
+        from megatron_sail.models.families import vision_family
+
+        return vision_family(self.vision.family).geometry(self.vision, self.projector.merge, tile_size)
+
     def tokens_per_tile(self, tile_size: int | None = None) -> int:
         """Visual tokens one tile of side ``tile_size`` (default: trained size) turns into."""
-        side = (tile_size or self.vision.image_size) // self.vision.patch_size
-        if side % self.projector.merge:
-            raise ValueError(f"tile of {side}x{side} patches not divisible by merge {self.projector.merge}")
-        return (side // self.projector.merge) ** 2
+        return self.geometry(tile_size).tokens_per_tile
 
 
 def tiny(vocab_size: int = 512) -> ModelConfig:

@@ -1,5 +1,9 @@
 """transformers' InternVL <-> our SailVLModel: configs and full (TP=1, unsharded) state dicts.
 
+The InternVL container (vision tower, projector, text model, LM head) lives here; what is inside
+the vision tower and the text model comes from the family specs (``models/families``: their HF
+configs and ``KeyMap``s). This file names no family.
+
 Our side uses the local-spec parameter names of ``SailVLModel`` (TE-spec names, where the norm
 weights live inside the fused linears, are normalized by ``canonical_key``). The HF side is
 ``InternVLForConditionalGeneration`` of transformers 5.x (``model.vision_tower``,
@@ -19,7 +23,9 @@ import re
 
 import torch
 
-from megatron_sail.config.model import LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig
+from megatron_sail.config.model import ModelConfig, ProjectorConfig
+from megatron_sail.models.families import (KeyMap, language_family, language_family_for_hf,
+                                           vision_family, vision_family_for_hf)
 
 _V = "model.vision_tower."
 _P = "model.multi_modal_projector."
@@ -28,23 +34,12 @@ _L = "model.language_model."
 
 # ----------------------------------------------------------------------------- configs
 def to_hf_config(cfg: ModelConfig):
-    """transformers InternVLConfig (Qwen2 text config) describing the same model."""
+    """transformers InternVLConfig describing the same model (vision/text configs from the families)."""
     from transformers import InternVLConfig
 
     v, lm = cfg.vision, cfg.language
-    vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_layers,
-                  num_attention_heads=v.num_heads, intermediate_size=v.ffn_hidden_size,
-                  attention_bias=v.qkv_bias, use_qk_norm=v.qk_norm, norm_type=v.norm_type,
-                  layer_norm_eps=v.norm_eps, image_size=v.image_size, patch_size=v.patch_size,
-                  layer_scale_init_value=v.layer_scale_init, hidden_act="gelu",
-                  use_mean_pooling=True)
-    text = dict(model_type="qwen2", vocab_size=lm.vocab_size, hidden_size=lm.hidden_size,
-                intermediate_size=lm.ffn_hidden_size, num_hidden_layers=lm.num_layers,
-                num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads,
-                rms_norm_eps=lm.norm_eps, max_position_embeddings=lm.max_position_embeddings,
-                rope_parameters={"rope_type": "default", "rope_theta": lm.rope_theta},
-                tie_word_embeddings=lm.tie_embeddings, hidden_act="silu")
-    return InternVLConfig(vision_config=vision, text_config=text,
+    return InternVLConfig(vision_config=vision_family(v.family).hf_config(v),
+                          text_config=language_family(lm.family).hf_config(lm),
                           image_token_id=cfg.img_context_token_id,
                           downsample_ratio=cfg.projector.downsample_ratio,
                           projector_hidden_act="gelu", vision_feature_layer=v.select_layer,
@@ -52,52 +47,23 @@ def to_hf_config(cfg: ModelConfig):
                           tie_word_embeddings=lm.tie_embeddings)
 
 
-def _rope_theta(text) -> float:
-    """RoPE base from a transformers text config (5.x rope_parameters or legacy rope_theta)."""
-    params = getattr(text, "rope_parameters", None) or {}
-    if "rope_theta" in params:
-        return float(params["rope_theta"])
-    return float(getattr(text, "rope_theta", 10000.0))
-
-
-def _pair(x) -> int:
-    """Square side from an int or (h, w); non-square tiles are not supported."""
-    if isinstance(x, (list, tuple)):
-        if x[0] != x[1]:
-            raise ValueError(f"non-square size {tuple(x)} is not supported")
-        return int(x[0])
-    return int(x)
-
-
 def from_hf_config(hf, drop_path_rate: float = 0.0) -> ModelConfig:
-    """ModelConfig from a transformers InternVLConfig (drop path is not part of HF configs)."""
+    """ModelConfig from a transformers InternVLConfig (drop path is not part of HF configs).
+
+    The families are chosen by the vision and text configs' ``model_type``."""
     v, t = hf.vision_config, hf.text_config
-    if getattr(t, "model_type", "qwen2") != "qwen2":
-        raise ValueError(f"unsupported text model_type {t.model_type!r} (expected qwen2)")
+    text_family = language_family_for_hf(getattr(t, "model_type", "qwen2"))
+    vis_family = vision_family_for_hf(getattr(v, "model_type", "internvl_vision"))
     if hf.vision_feature_select_strategy != "default":
         raise ValueError("only vision_feature_select_strategy='default' (class token dropped)")
-    if not getattr(v, "use_mean_pooling", True):
-        raise ValueError("vision configs with a final ViT LayerNorm (use_mean_pooling=False) "
-                         "are not supported")
     layer = hf.vision_feature_layer
     if not isinstance(layer, int):
         raise ValueError(f"vision_feature_layer must be one int, got {layer!r}")
     tied = bool(getattr(hf, "tie_word_embeddings", getattr(t, "tie_word_embeddings", False)))
     return ModelConfig(
-        vision=VisionConfig(
-            hidden_size=v.hidden_size, num_layers=v.num_hidden_layers,
-            num_heads=v.num_attention_heads, ffn_hidden_size=v.intermediate_size,
-            patch_size=_pair(v.patch_size), image_size=_pair(v.image_size),
-            norm_type=v.norm_type, norm_eps=v.layer_norm_eps, qkv_bias=v.attention_bias,
-            qk_norm=v.use_qk_norm, layer_scale_init=float(v.layer_scale_init_value),
-            drop_path_rate=drop_path_rate, select_layer=layer),
+        vision=vis_family.from_hf_config(v, select_layer=layer, drop_path_rate=drop_path_rate),
         projector=ProjectorConfig(downsample_ratio=float(hf.downsample_ratio)),
-        language=LanguageConfig(
-            hidden_size=t.hidden_size, num_layers=t.num_hidden_layers,
-            num_heads=t.num_attention_heads, num_kv_heads=t.num_key_value_heads,
-            ffn_hidden_size=t.intermediate_size, vocab_size=t.vocab_size,
-            norm_eps=t.rms_norm_eps, rope_theta=_rope_theta(t), tie_embeddings=tied,
-            max_position_embeddings=t.max_position_embeddings, qkv_bias=True),
+        language=text_family.from_hf_config(t, tied=tied),
         img_context_token_id=hf.image_token_id,
     )
 
@@ -133,75 +99,31 @@ def canonical_key(key: str) -> str:
     return key
 
 
-# ----------------------------------------------------------------------------- per-block maps
-def _simple_pairs(cfg: ModelConfig):
-    """(ours, hf) names that copy one-to-one."""
-    pairs = [
-        ("vision_model.class_embedding", _V + "embeddings.cls_token"),
-        ("vision_model.position_embedding", _V + "embeddings.position_embeddings"),
-        ("vision_model.patch_embedding.weight", _V + "embeddings.patch_embeddings.projection.weight"),
-        ("vision_model.patch_embedding.bias", _V + "embeddings.patch_embeddings.projection.bias"),
-        ("language_model.embedding.word_embeddings.weight", _L + "embed_tokens.weight"),
-        ("language_model.decoder.final_layernorm.weight", _L + "norm.weight"),
-    ]
-    for n in ("layer_norm", "linear_1", "linear_2"):
-        pairs += [(f"projector.{n}.{w}", f"{_P}{n}.{w}") for w in ("weight", "bias")]
-    if not cfg.language.tie_embeddings:
-        pairs.append(("language_model.output_layer.weight", "lm_head.weight"))
-    v = cfg.vision
-    norm_w = ("weight",) if v.norm_type == "rms_norm" else ("weight", "bias")
-    for i in range(v.layers_used):
-        o, h = f"vision_model.encoder.layers.{i}.", f"{_V}encoder.layer.{i}."
-        pairs += [(o + "ls1", h + "lambda_1"), (o + "ls2", h + "lambda_2")]
-        pairs += [(o + f"input_layernorm.{w}", h + f"layernorm_before.{w}") for w in norm_w]
-        pairs += [(o + f"pre_mlp_layernorm.{w}", h + f"layernorm_after.{w}") for w in norm_w]
-        for w in ("weight", "bias"):
-            pairs += [(o + f"self_attention.linear_proj.{w}", h + f"attention.projection_layer.{w}"),
-                      (o + f"mlp.linear_fc1.{w}", h + f"mlp.fc1.{w}"),
-                      (o + f"mlp.linear_fc2.{w}", h + f"mlp.fc2.{w}")]
-        if v.qk_norm:
-            pairs += [(o + "self_attention.q_layernorm.weight", h + "attention.q_norm.weight"),
-                      (o + "self_attention.k_layernorm.weight", h + "attention.k_norm.weight")]
-    for i in range(cfg.language.num_layers):
-        o, h = f"language_model.decoder.layers.{i}.", f"{_L}layers.{i}."
-        pairs += [(o + "input_layernorm.weight", h + "input_layernorm.weight"),
-                  (o + "pre_mlp_layernorm.weight", h + "post_attention_layernorm.weight"),
-                  (o + "self_attention.linear_proj.weight", h + "self_attn.o_proj.weight"),
-                  (o + "mlp.linear_fc2.weight", h + "mlp.down_proj.weight")]
-    return pairs
-
-
-def _qkv_sites(cfg: ModelConfig):
-    """(ours prefix, hf q/k/v name template, heads, groups, has_bias) for every attention."""
+# ----------------------------------------------------------------------------- key maps
+def key_map(cfg: ModelConfig) -> KeyMap:
+    """The whole model's map: the vision and language families' maps plus the projector."""
     v, lm = cfg.vision, cfg.language
-    for i in range(v.layers_used):
-        yield (f"vision_model.encoder.layers.{i}.self_attention.linear_qkv.",
-               f"{_V}encoder.layer.{i}.attention.{{}}_proj.", v.num_heads, v.num_heads, v.qkv_bias)
-    for i in range(lm.num_layers):
-        yield (f"language_model.decoder.layers.{i}.self_attention.linear_qkv.",
-               f"{_L}layers.{i}.self_attn.{{}}_proj.", lm.num_heads, lm.num_kv_heads, lm.qkv_bias)
+    km = vision_family(v.family).key_map(v, "vision_model.", _V)
+    km.copies += [(f"projector.{n}.{w}", f"{_P}{n}.{w}")
+                  for n in ("layer_norm", "linear_1", "linear_2") for w in ("weight", "bias")]
+    km += language_family(lm.family).key_map(lm, "language_model.", _L, "lm_head.weight")
+    return km
 
 
 def unused_hf_tensors(hf_sd: dict, cfg: ModelConfig) -> dict:
-    """HF tensors our model has no parameter for: the ViT layers after ``select_layer``.
+    """HF tensors our model has no parameter for: those the vision family does not build (the
+    ViT layers after ``select_layer``).
 
     Anything else left unmapped is an error (a silent drop would make a wrong conversion look
     right); the LM head of a tied checkpoint is the embedding and is simply not needed.
     """
-    used = {hf for _, hf in _simple_pairs(cfg)}
-    for _, hf, _, _, bias in _qkv_sites(cfg):
-        used |= {hf.format(x) + w for x in "qkv" for w in (("weight", "bias") if bias else ("weight",))}
-    for i in range(cfg.language.num_layers):
-        used |= {f"{_L}layers.{i}.mlp.{n}_proj.weight" for n in ("gate", "up")}
-    if cfg.language.tie_embeddings:
-        used.add("lm_head.weight")
-    later = re.compile(re.escape(_V) + r"encoder\.layer\.(\d+)\.")
+    used = key_map(cfg).hf_names()
+    fam = vision_family(cfg.vision.family)
     unused, unknown = {}, []
     for key, value in hf_sd.items():
         if key in used:
             continue
-        m = later.match(key)
-        if m and cfg.vision.layers_used <= int(m.group(1)) < cfg.vision.num_layers:
+        if fam.unused_hf(cfg.vision, _V, key):
             unused[key] = value
         else:
             unknown.append(key)
@@ -218,34 +140,38 @@ def _need(sd: dict, key: str, side: str):
 
 
 # ----------------------------------------------------------------------------- conversions
+def _weights(site) -> tuple[str, ...]:
+    """Parameter suffixes of a q/k/v site."""
+    return ("weight", "bias") if site.bias else ("weight",)
+
+
 def hf_to_ours(hf_sd: dict, cfg: ModelConfig) -> dict:
     """transformers InternVL state dict -> our full TP=1 state dict (tensors only)."""
-    out = {ours: _need(hf_sd, hf, "HF") for ours, hf in _simple_pairs(cfg)}
-    for ours, hf, heads, groups, bias in _qkv_sites(cfg):
-        for w in ("weight", "bias") if bias else ("weight",):
-            q, k, v = (_need(hf_sd, hf.format(x) + w, "HF") for x in "qkv")
-            out[ours + w] = fuse_qkv(q, k, v, heads, groups)
-    for i in range(cfg.language.num_layers):
-        h = f"{_L}layers.{i}.mlp."
-        out[f"language_model.decoder.layers.{i}.mlp.linear_fc1.weight"] = torch.cat(
-            [_need(hf_sd, h + "gate_proj.weight", "HF"), _need(hf_sd, h + "up_proj.weight", "HF")], 0)
+    km = key_map(cfg)
+    out = {ours: _need(hf_sd, hf, "HF") for ours, hf in km.copies}
+    for site in km.qkv:
+        for w in _weights(site):
+            q, k, v = (_need(hf_sd, site.hf.format(x) + w, "HF") for x in "qkv")
+            out[site.ours + w] = fuse_qkv(q, k, v, site.heads, site.groups)
+    for ours, parts in km.concat:
+        out[ours] = torch.cat([_need(hf_sd, p, "HF") for p in parts], 0)
     return out
 
 
 def ours_to_hf(sd: dict, cfg: ModelConfig) -> dict:
     """Our full TP=1 state dict (local or TE names; _extra_state ignored) -> transformers InternVL."""
     sd = {canonical_key(k): v for k, v in sd.items() if not k.endswith("_extra_state")}
-    out = {hf: _need(sd, ours, "our") for ours, hf in _simple_pairs(cfg)}
-    for ours, hf, heads, groups, bias in _qkv_sites(cfg):
-        for w in ("weight", "bias") if bias else ("weight",):
-            for name, t in zip("qkv", split_qkv(_need(sd, ours + w, "our"), heads, groups)):
-                out[hf.format(name) + w] = t
-    for i in range(cfg.language.num_layers):
-        gate, up = _need(sd, f"language_model.decoder.layers.{i}.mlp.linear_fc1.weight", "our").chunk(2, 0)
-        h = f"{_L}layers.{i}.mlp."
-        out[h + "gate_proj.weight"], out[h + "up_proj.weight"] = gate.contiguous(), up.contiguous()
-    if cfg.language.tie_embeddings:
-        out["lm_head.weight"] = out[_L + "embed_tokens.weight"]
+    km = key_map(cfg)
+    out = {hf: _need(sd, ours, "our") for ours, hf in km.copies}
+    for site in km.qkv:
+        for w in _weights(site):
+            for name, t in zip("qkv", split_qkv(_need(sd, site.ours + w, "our"), site.heads, site.groups)):
+                out[site.hf.format(name) + w] = t
+    for ours, parts in km.concat:
+        for p, t in zip(parts, _need(sd, ours, "our").chunk(len(parts), 0)):
+            out[p] = t.contiguous()
+    for hf, source in km.aliases:
+        out[hf] = out[source]
     return out
 
 
@@ -275,13 +201,15 @@ def shard_for_model(full: dict, model) -> dict:
     """Slice a full TP=1 state dict (ours) down to what ``model`` holds on this TP rank / PP stage.
 
     Uses each parameter's Megatron TP attributes (``tensor_model_parallel``, ``partition_dim``);
-    the LM's fused SwiGLU fc1 is split per half ([gate; up] -> [gate_r; up_r]) like Megatron.
+    a fused SwiGLU fc1 (a two-part concat in the key map) is split per half ([gate; up] ->
+    [gate_r; up_r]) like Megatron.
     Also works on gradients stored under the same keys (the distributed tests use it so).
     """
     from megatron.core import parallel_state as ps
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     cfg = model.model_config
+    halves = {ours for ours, parts in key_map(cfg).concat if len(parts) == 2}  # SwiGLU [gate; up]
     out = {}
     for key, local in model.state_dict(keep_vars=True).items():
         if key.endswith("_extra_state"):
@@ -292,7 +220,7 @@ def shard_for_model(full: dict, model) -> dict:
         src = _need(full, gkey, "full")
         if tp > 1 and getattr(local, "tensor_model_parallel", False):
             dim = local.partition_dim
-            if gkey.startswith("language_model.") and gkey.endswith("mlp.linear_fc1.weight"):
+            if gkey in halves:
                 src = torch.cat([h.chunk(tp, 0)[rank] for h in src.chunk(2, 0)], 0)
             else:
                 src = src.chunk(tp, dim)[rank]

@@ -18,6 +18,8 @@ import re
 
 import torch
 
+from megatron_sail.models.families import language_family_for_architecture, language_family_for_hf
+
 IMG_CONTEXT = "<IMG_CONTEXT>"
 """The token whose embeddings are replaced by visual tokens (InternVL's name)."""
 
@@ -75,23 +77,24 @@ def chat_config_to_hf(config: dict, image_token_id: int) -> dict:
     """Translate an internvl_chat config.json into transformers' InternVLConfig dict.
 
     ``image_token_id`` must come from the tokenizer (the chat config does not store it).
-    Fails on variants the transformers model cannot express (pixel shuffle v1, non-Qwen2 LLMs).
+    Fails on variants the transformers model cannot express (pixel shuffle v1, LLMs without a
+    registered language family).
     """
     if not is_chat_config(config):
         raise ValueError(f"not an {CHAT_MODEL_TYPE} config (model_type={config.get('model_type')!r})")
     vis, llm = config.get("vision_config"), config.get("llm_config")
     if not isinstance(vis, dict) or not isinstance(llm, dict):
         raise ValueError("internvl_chat config needs 'vision_config' and 'llm_config' objects")
-    arch = (llm.get("architectures") or ["Qwen2ForCausalLM"])[0]
-    if arch != "Qwen2ForCausalLM" and llm.get("model_type", "qwen2") != "qwen2":
-        raise ValueError(f"llm_config architecture {arch!r} is not supported (Qwen2 only)")
+    arch = (llm.get("architectures") or [None])[0]
+    family = (language_family_for_architecture(arch) if arch else
+              language_family_for_hf(llm.get("model_type", "qwen2")))
     if config.get("ps_version", "v1") != "v2":
         raise ValueError(f"ps_version {config.get('ps_version', 'v1')!r}: only pixel shuffle 'v2' is supported")
     image = _size(config.get("force_image_size") or vis["image_size"])
     patch = _size(vis["patch_size"])
     ratio = float(config.get("downsample_ratio", 0.5))
     text = {k: v for k, v in llm.items() if k not in _LLM_META_KEYS}
-    text["model_type"] = "qwen2"
+    text["model_type"] = family.hf_model_type
     tied = bool(llm.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
     text["tie_word_embeddings"] = tied
     vision = {
@@ -140,7 +143,7 @@ def hf_config_to_chat(config: dict, template: str = "sailvl-chat", max_tiles: in
     if not vis.get("use_mean_pooling", True):
         raise ValueError("InternViT has no final LayerNorm: vision_config.use_mean_pooling must be true")
     image, patch = _size(vis.get("image_size", 448)), _size(vis.get("patch_size", 14))
-    text["architectures"] = ["Qwen2ForCausalLM"]
+    text["architectures"] = [language_family_for_hf(text.get("model_type", "qwen2")).hf_architecture]
     text["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
     return {
         "model_type": CHAT_MODEL_TYPE,

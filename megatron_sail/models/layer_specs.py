@@ -1,6 +1,7 @@
 """Layer specs: the ONE place that chooses Transformer Engine vs local (torch) modules.
 
-* ``language_layer_spec(use_te)``: Qwen2 decoder layer (causal, GQA, SwiGLU, RMSNorm).
+* ``language_layer_spec(use_te, qk_norm)``: Qwen-style decoder layer (causal, GQA, SwiGLU,
+  RMSNorm; per-head QK-norm for Qwen3).
 * ``vision_layer_spec(use_te, vision)``: InternViT layer (bidirectional, GELU MLP, layer scale).
 
 The local spec runs everywhere (CPU included): SDPA core attention with packed sequences
@@ -123,9 +124,8 @@ class FullWidthQKNorm(torch.nn.Module):
         return make_sharded_tensors_for_checkpoint(sd, prefix, {"weight": 0}, sharded_offsets)
 
 
-def _local_attention(mask_type, qk_norm: bool) -> ModuleSpec:
-    """SelfAttention with torch linears, SDPA core attention and optional full-width QK-norm."""
-    qk = FullWidthQKNorm if qk_norm else IdentityOp
+def _local_attention(mask_type, qk) -> ModuleSpec:
+    """SelfAttention with torch linears, SDPA core attention and the given QK-norm module."""
     return ModuleSpec(module=SelfAttention, params={"attn_mask_type": mask_type},
                       submodules=SelfAttentionSubmodules(
                           linear_qkv=ColumnParallelLinear, core_attention=SDPAttention,
@@ -145,20 +145,19 @@ _TE_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
                  "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
 
 
-def _local_layer(layer_cls, mask_type, qk_norm: bool) -> ModuleSpec:
+def _local_layer(layer_cls, mask_type, qk) -> ModuleSpec:
     """Pre-norm transformer layer built only from modules that run on any device."""
     return ModuleSpec(module=layer_cls, submodules=TransformerLayerSubmodules(
-        input_layernorm=SPNorm, self_attention=_local_attention(mask_type, qk_norm),
+        input_layernorm=SPNorm, self_attention=_local_attention(mask_type, qk),
         self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=SPNorm, mlp=_local_mlp(),
         mlp_bda=get_bias_dropout_add, sharded_state_dict_keys_map=dict(_TE_NORM_KEYS)))
 
 
-def _te_layer(layer_cls, mask_type, qk_norm: bool, core_attention) -> ModuleSpec:
+def _te_layer(layer_cls, mask_type, qk, core_attention) -> ModuleSpec:
     """Same layer with TE fused norm+linear modules (norm weights live inside the linears)."""
     from megatron.core.extensions.transformer_engine import (
         TELayerNormColumnParallelLinear, TERowParallelLinear)
 
-    qk = FullWidthQKNorm if qk_norm else IdentityOp
     attn = ModuleSpec(module=SelfAttention, params={"attn_mask_type": mask_type},
                       submodules=SelfAttentionSubmodules(
                           linear_qkv=TELayerNormColumnParallelLinear, core_attention=core_attention,
@@ -170,13 +169,15 @@ def _te_layer(layer_cls, mask_type, qk_norm: bool, core_attention) -> ModuleSpec
         mlp_bda=get_bias_dropout_add))
 
 
-def language_layer_spec(use_te: bool) -> ModuleSpec:
-    """Qwen2 decoder layer: causal attention (TE: fused THD kernels; local: SDPA)."""
+def language_layer_spec(use_te: bool, qk_norm: bool = False) -> ModuleSpec:
+    """Decoder layer: causal attention (TE: fused THD kernels; local: SDPA), and with
+    ``qk_norm`` an RMSNorm over each head of q and k (Qwen3; TE's norm or the SP-capable one)."""
     if use_te:
-        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention, TENorm
 
-        return _te_layer(TransformerLayer, AttnMaskType.causal, False, TEDotProductAttention)
-    return _local_layer(TransformerLayer, AttnMaskType.causal, False)
+        return _te_layer(TransformerLayer, AttnMaskType.causal, TENorm if qk_norm else IdentityOp,
+                         TEDotProductAttention)
+    return _local_layer(TransformerLayer, AttnMaskType.causal, SPNorm if qk_norm else IdentityOp)
 
 
 def vision_layer_spec(use_te: bool, vision) -> ModuleSpec:
@@ -188,10 +189,11 @@ def vision_layer_spec(use_te: bool, vision) -> ModuleSpec:
     """
     from megatron_sail.models.vit import ViTLayer
 
+    qk = FullWidthQKNorm if vision.qk_norm else IdentityOp
     if use_te:
-        spec = _te_layer(ViTLayer, AttnMaskType.no_mask, vision.qk_norm, SDPAttention)
+        spec = _te_layer(ViTLayer, AttnMaskType.no_mask, qk, SDPAttention)
     else:
-        spec = _local_layer(ViTLayer, AttnMaskType.no_mask, vision.qk_norm)
+        spec = _local_layer(ViTLayer, AttnMaskType.no_mask, qk)
     spec.params = {"layer_scale_init": vision.layer_scale_init,
                    "drop_path_rate": vision.drop_path_rate,
                    "total_layers": vision.num_layers, "qkv_bias": vision.qkv_bias}
@@ -199,7 +201,9 @@ def vision_layer_spec(use_te: bool, vision) -> ModuleSpec:
 
 
 def language_block_spec(config, use_te: bool, vp_stage=None) -> TransformerBlockSubmodules:
-    """The LM's layers on this pipeline stage plus its final norm (SP-capable when local)."""
+    """The LM's layers on this pipeline stage plus its final norm (SP-capable when local).
+
+    Per-head QK-norm follows ``config.qk_layernorm``, which the language family sets."""
     from megatron.core import parallel_state
 
     n = get_num_layers_to_build(config, vp_stage=vp_stage,
@@ -208,5 +212,5 @@ def language_block_spec(config, use_te: bool, vp_stage=None) -> TransformerBlock
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
         final_norm = SPFinalNorm
-    return TransformerBlockSubmodules(layer_specs=[language_layer_spec(use_te)] * n,
+    return TransformerBlockSubmodules(layer_specs=[language_layer_spec(use_te, config.qk_layernorm)] * n,
                                       layer_norm=final_norm)

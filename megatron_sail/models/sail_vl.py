@@ -1,4 +1,7 @@
-"""SailVLModel: InternViT + pixel-shuffle MLP projector + Megatron-Core GPTModel (Qwen2).
+"""SailVLModel: vision encoder + pixel-shuffle MLP projector + Megatron-Core GPTModel.
+
+The encoder and the decoder's TransformerConfig come from their family specs
+(``models/families``); this file names no family.
 
 One instance is one pipeline stage (chunk): the ViT and projector exist only where
 ``pre_process`` is true, the output layer only where ``post_process`` is true. The LM always
@@ -8,7 +11,6 @@ are given by ``cu_seqlens``, so attention never crosses a sample and RoPE restar
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import ModelType
@@ -19,29 +21,15 @@ from megatron_sail.config.model import LanguageConfig, ModelConfig
 from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.models import layer_specs
 from megatron_sail.models.attention import packed_seq_params
+from megatron_sail.models.families import vision_family
+from megatron_sail.models.families import language_family
 from megatron_sail.models.projector import Projector
-from megatron_sail.models.vit import InternViT
 
 
 def language_transformer_config(lm: LanguageConfig, parallel: ParallelConfig,
                                 dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    """Megatron TransformerConfig of a Qwen2/Qwen2.5 decoder under the given parallel layout."""
-    return TransformerConfig(
-        num_layers=lm.num_layers, hidden_size=lm.hidden_size, num_attention_heads=lm.num_heads,
-        num_query_groups=lm.num_kv_heads, ffn_hidden_size=lm.ffn_hidden_size,
-        kv_channels=lm.head_dim, normalization="RMSNorm", layernorm_epsilon=lm.norm_eps,
-        add_bias_linear=False, add_qkv_bias=lm.qkv_bias, gated_linear_unit=True,
-        activation_func=F.silu, hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp,
-        num_layers_in_first_pipeline_stage=parallel.first_stage_layers if parallel.pp > 1 else None,
-        num_layers_in_last_pipeline_stage=parallel.last_stage_layers if parallel.pp > 1 else None,
-        sequence_parallel=parallel.sequence_parallel, params_dtype=dtype, pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
-        cross_entropy_loss_fusion=False,
-    )
+    """Megatron TransformerConfig of the decoder, from its family spec, under the parallel layout."""
+    return language_family(lm.family).transformer_config(lm, parallel, dtype)
 
 
 def splice_positions(input_ids: torch.Tensor, image_token: int, n_features: int) -> torch.Tensor:
@@ -77,9 +65,16 @@ class SailVLModel(MegatronModule):
         lm = config.language
         if lm.vocab_size % parallel.tp:
             raise ValueError(f"vocab_size {lm.vocab_size} must be divisible by tp={parallel.tp}")
+        if lm_config.qk_layernorm and config.vision.qk_norm and parallel.tp > 1:
+            # Megatron's grad finalization sums every '*_layernorm' q/k weight over TP when the
+            # model config has qk_layernorm: right for the LM's per-head norms, wrong for the
+            # ViT's TP-sharded full-width ones.
+            raise ValueError("a ViT with qk_norm and an LM with per-head QK-norm cannot run at "
+                             f"tp={parallel.tp} (their QK-norm gradients reduce differently)")
         self.vision_model = self.projector = None
         if pre_process:
-            self.vision_model = InternViT(config.vision, parallel, dtype, use_te)
+            self.vision_model = vision_family(config.vision.family).build(
+                config.vision, parallel, dtype, use_te)
             self.projector = Projector(config.projector, config.vision.hidden_size,
                                        lm.hidden_size, lm_config)
         self.language_model = GPTModel(

@@ -56,31 +56,36 @@ class FlopsShape:
     """Rows of the output layer (151936); padding rows count, the kernel multiplies them."""
     lm_gated_mlp: bool = True
     """SwiGLU (three matrices) rather than a plain two-matrix MLP."""
+    vit_class_tokens: int = 1
+    """Tokens the ViT adds to the patches (InternViT: 1 class token; AIMv2: none)."""
+    vit_gated_mlp: bool = False
+    """ViT MLP is SwiGLU (three matrices, AIMv2) rather than a two-matrix GELU MLP (InternViT)."""
 
 
 def shape_from_model_config(model, tile_size: int | None = None) -> FlopsShape:
     """The FLOPs shape of a ``config.model.ModelConfig`` (tiles of ``tile_size`` px, default trained size).
 
-    Only the ViT layers that run count (layers after ``select_layer`` are never computed).
+    The dimensions come from the vision and language family specs (``models/families``); only
+    the ViT layers that run count (layers after ``select_layer`` are never computed).
     """
+    from megatron_sail.models.families import language_family, vision_family
+
     v, lm = model.vision, model.language
-    side = (tile_size or v.image_size) // v.patch_size
+    geometry = model.geometry(tile_size)
     merge = model.projector.merge
     return FlopsShape(
-        vit_hidden=v.hidden_size, vit_layers=v.layers_used, vit_ffn=v.ffn_hidden_size,
-        vit_tokens_per_tile=side * side + 1, patch_dim=3 * v.patch_size * v.patch_size,
-        tokens_per_tile=model.tokens_per_tile(tile_size), projector_in=v.hidden_size * merge * merge,
-        lm_hidden=lm.hidden_size, lm_layers=lm.num_layers, lm_heads=lm.num_heads,
-        lm_kv_heads=lm.num_kv_heads, lm_head_dim=lm.head_dim, lm_ffn=lm.ffn_hidden_size,
-        vocab_size=lm.vocab_size,
+        **vision_family(v.family).flops_fields(v, geometry),
+        **language_family(lm.family).flops_fields(lm),
+        tokens_per_tile=geometry.tokens_per_tile, projector_in=v.hidden_size * merge * merge,
     )
 
 
 def vit_forward_flops(s: FlopsShape, tiles: int) -> float:
     """Forward FLOPs of the ViT over ``tiles`` tiles: patch conv, layers, in-tile attention."""
     n = s.vit_tokens_per_tile
-    patches = n - 1
-    per_token_layer = 2 * (4 * s.vit_hidden * s.vit_hidden + 2 * s.vit_hidden * s.vit_ffn)
+    patches = n - s.vit_class_tokens
+    mlp = (3 if s.vit_gated_mlp else 2) * s.vit_hidden * s.vit_ffn
+    per_token_layer = 2 * (4 * s.vit_hidden * s.vit_hidden + mlp)
     attention = 4 * s.vit_hidden * n * n
     per_tile = (2 * patches * s.patch_dim * s.vit_hidden
                 + s.vit_layers * (n * per_token_layer + attention))

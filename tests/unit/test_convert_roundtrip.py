@@ -99,6 +99,26 @@ def test_sharded_bf16_chat_layout_round_trip_is_bitwise(tmp_path):
     assert hf_io.read_config(back)["model_type"] == "internvl"
 
 
+def test_qwen3_text_model_round_trips_bitwise_in_both_layouts(tmp_path):
+    """A Qwen3 text model (QK-norm weights, no qkv bias, head_dim 24 with hidden 64 / 4 heads)
+    converts through the family specs: transformers layout and internvl_chat layout."""
+    from megatron_sail.convert.checkpoint import read_model_config
+
+    for layout in ("hf", "chat"):
+        cfg = tiny.TinyCheckpointConfig(layout=layout, text_family="qwen3", vocab_size=320,
+                                        tokenizer=True)
+        src, mc, back = _round_trip(tmp_path / layout, cfg)
+        expected = hf_io.read_state_dict(src)
+        if layout == "chat":
+            expected = hf_io.to_disk_keys(internvl_chat.chat_to_hf_state_dict(expected))
+            assert hf_io.read_config(src)["llm_config"]["architectures"] == ["Qwen3ForCausalLM"]
+        _assert_bitwise(expected, hf_io.read_state_dict(back))
+        assert any(k.endswith("self_attn.q_norm.weight") for k in expected)
+        assert hf_io.read_config(back)["text_config"]["model_type"] == "qwen3"
+        lm = read_model_config(mc).language
+        assert (lm.family, lm.head_dim, lm.qkv_bias) == ("qwen3", 24, False)
+
+
 def test_converter_refuses_an_existing_output_and_names_bad_input(tmp_path):
     from megatron_sail.convert import checkpoint
 

@@ -1,0 +1,166 @@
+"""What a model family is: the contract every vision-encoder and language-model spec fulfils.
+
+A family bundles, in one place (in the spirit of torchtitan's ``ModelSpec``), everything the rest
+of the code needs to know about one architecture:
+
+* build: config -> Megatron-Core ``TransformerConfig`` and the module (or layer spec),
+* FLOPs: the dimensions ``training/flops.py`` counts with,
+* Hugging Face mapping: the HF config fields and a ``KeyMap`` (renames plus the tensor transforms
+  q/k/v fusion and gate/up concatenation) from our parameter names to the HF ones,
+* token geometry (vision only): patch grid, class tokens, merge, tokens per tile.
+
+``SailVLModel``, the FLOPs count, the converters and the data checks call these methods through
+the registry (``families/__init__.py``); none of them names a family.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class QKVSite:
+    """One attention whose q/k/v HF tensors fuse into Megatron's grouped ``linear_qkv``."""
+
+    ours: str
+    """Our parameter prefix, ending in '.' (``...self_attention.linear_qkv.``)."""
+    hf: str
+    """HF name template with ``{}`` for q/k/v (``...self_attn.{}_proj.``)."""
+    heads: int
+    """Query heads."""
+    groups: int
+    """Key/value heads (query groups)."""
+    bias: bool
+    """Whether the projections carry a bias."""
+
+
+@dataclass
+class KeyMap:
+    """Our full (TP=1) parameter names <-> HF names, with the transforms between them."""
+
+    copies: list[tuple[str, str]] = field(default_factory=list)
+    """(ours, hf) tensors copied unchanged."""
+    qkv: list[QKVSite] = field(default_factory=list)
+    """Attentions whose q/k/v are fused on our side."""
+    concat: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    """(ours, (hf parts...)): our tensor is the HF parts concatenated on dim 0 (SwiGLU [gate; up])."""
+    aliases: list[tuple[str, str]] = field(default_factory=list)
+    """(hf, hf source): HF tensors that are another HF tensor (a tied LM head), written on export
+    and accepted (not needed) on import."""
+
+    def __iadd__(self, other: "KeyMap") -> "KeyMap":
+        self.copies += other.copies
+        self.qkv += other.qkv
+        self.concat += other.concat
+        self.aliases += other.aliases
+        return self
+
+    def hf_names(self) -> set[str]:
+        """Every HF tensor name this map reads or writes."""
+        names = {hf for _, hf in self.copies} | {hf for hf, _ in self.aliases}
+        for s in self.qkv:
+            names |= {s.hf.format(x) + w for x in "qkv"
+                      for w in (("weight", "bias") if s.bias else ("weight",))}
+        for _, parts in self.concat:
+            names |= set(parts)
+        return names
+
+
+@dataclass(frozen=True)
+class TokenGeometry:
+    """How one square tile becomes tokens: inside the encoder, and after the pixel-shuffle merge."""
+
+    grid: int
+    """Patches per side of the tile."""
+    class_tokens: int
+    """Extra tokens the encoder prepends (InternViT: 1 class token; AIMv2: 0)."""
+    merge: int
+    """Patches merged per side by the pixel shuffle (2 for ratio 0.5)."""
+
+    @property
+    def patches(self) -> int:
+        """Patch tokens of one tile."""
+        return self.grid * self.grid
+
+    @property
+    def encoder_tokens(self) -> int:
+        """Tokens one tile is inside the encoder (patches + class tokens)."""
+        return self.patches + self.class_tokens
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Visual tokens one tile turns into after the merge (what <IMG_CONTEXT> runs hold)."""
+        if self.grid % self.merge:
+            raise ValueError(f"tile of {self.grid}x{self.grid} patches not divisible by merge {self.merge}")
+        return (self.grid // self.merge) ** 2
+
+
+class VisionFamily:
+    """A vision encoder family. Subclasses fill every method; instances are stateless."""
+
+    name: str = ""
+    """Registry name, the value of ``VisionConfig.family``."""
+    hf_model_type: str = ""
+    """``model_type`` of the family's HF vision config."""
+
+    def transformer_config(self, vision, parallel, dtype):
+        """Megatron TransformerConfig of the encoder (the whole encoder lives on stage 0)."""
+        raise NotImplementedError
+
+    def build(self, vision, parallel, dtype, use_te: bool):
+        """The encoder module: tiles [T, 3, H, W] -> patch features [T, N, hidden]."""
+        raise NotImplementedError
+
+    def geometry(self, vision, merge: int, tile_size: int | None = None) -> TokenGeometry:
+        """Token geometry of a tile of ``tile_size`` px (default: the trained size)."""
+        raise NotImplementedError
+
+    def flops_fields(self, vision, geometry: TokenGeometry) -> dict:
+        """The ``FlopsShape`` fields of the encoder (vit_*, patch_dim)."""
+        raise NotImplementedError
+
+    def hf_config(self, vision) -> dict:
+        """The family's HF vision config as a dict (with model_type)."""
+        raise NotImplementedError
+
+    def from_hf_config(self, hf_vision, select_layer: int, drop_path_rate: float = 0.0):
+        """VisionConfig from the HF vision config object."""
+        raise NotImplementedError
+
+    def key_map(self, vision, ours: str, hf: str) -> KeyMap:
+        """Parameter map of the encoder; ``ours`` / ``hf`` are the module prefixes."""
+        raise NotImplementedError
+
+    def unused_hf(self, vision, hf: str, key: str) -> bool:
+        """Whether an HF tensor is a weight we deliberately do not build (layers after select_layer)."""
+        return False
+
+
+class LanguageFamily:
+    """A decoder LM family. Subclasses fill every method; instances are stateless."""
+
+    name: str = ""
+    """Registry name, the value of ``LanguageConfig.family``."""
+    hf_model_type: str = ""
+    """``model_type`` of the family's HF text config."""
+    hf_architecture: str = ""
+    """HF causal-LM class name (``llm_config.architectures`` in internvl_chat checkpoints)."""
+
+    def transformer_config(self, lm, parallel, dtype):
+        """Megatron TransformerConfig of the decoder under the parallel layout."""
+        raise NotImplementedError
+
+    def flops_fields(self, lm) -> dict:
+        """The ``FlopsShape`` fields of the decoder (lm_*, vocab_size)."""
+        raise NotImplementedError
+
+    def hf_config(self, lm) -> dict:
+        """The family's HF text config as a dict (with model_type)."""
+        raise NotImplementedError
+
+    def from_hf_config(self, text, tied: bool):
+        """LanguageConfig from the HF text config object."""
+        raise NotImplementedError
+
+    def key_map(self, lm, ours: str, hf: str, hf_head: str) -> KeyMap:
+        """Parameter map of the decoder; ``hf_head`` is the HF name of the output layer."""
+        raise NotImplementedError
