@@ -105,3 +105,27 @@ def test_locate_only_mode_needs_no_files(capsys):
                                   "--read", "3000"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("rows_per_s=") and " peak_rss_mb=" in last
+
+
+def test_structure_check_in_chunks_names_the_damaged_entry(tmp_path, monkeypatch):
+    """The load-time index check runs in bounded chunks and still finds damage in a late chunk."""
+    from megatron_sail.data import integrity
+
+    monkeypatch.setattr(integrity, "STRUCTURE_CHUNK", 256)
+    prefix = str(tmp_path / "src")
+    bench_data_scale.write_text_dataset(prefix, rows=3000, tokens_per_row=5, seq_length=16, source=0)
+    assert len(PackedDataset(prefix)) == 3000
+    idx = tmp_path / "src.tokens.idx"
+    clean = idx.read_bytes()
+    damaged = bytearray(clean)
+    at = integrity.IDX_HEADER_BYTES + 4 * 3000 + 8 * 1000  # pointer of sequence 1000
+    damaged[at:at + 8] = np.int64(7).tobytes()
+    idx.write_bytes(bytes(damaged))
+    with pytest.raises(integrity.DatasetIntegrityError, match="sequence 1000 starts at byte 7"):
+        PackedDataset(prefix)
+    damaged = bytearray(clean)
+    at = integrity.IDX_HEADER_BYTES + 12 * 3000 + 8 * 2500  # document index 2500
+    damaged[at:at + 8] = np.int64(3).tobytes()
+    idx.write_bytes(bytes(damaged))
+    with pytest.raises(integrity.DatasetIntegrityError, match="document indices"):
+        PackedDataset(prefix)
