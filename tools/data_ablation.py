@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--bootstrap-seed", type=int, default=0)
     p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--launcher", help="training launcher, e.g. 'torchrun --nproc_per_node 8' (default: python)")
     a = p.parse_args(argv)
     from megatron_sail.eval.registry import get_benchmark
 
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
         cfg = AblationConfig(candidates=_pairs(a.candidate, "--candidate"), benchmarks=benchmarks, tokens=a.tokens,
                              out_dir=a.out, recipe=a.recipe, stage=a.stage, seed=a.seed, init_from=a.init_from,
                              seq_length=a.seq_length, global_batch_size=a.global_batch_size, train_args=extra,
-                             eval_limit=a.limit,
+                             eval_limit=a.limit, launcher=(a.launcher or "").split(),
                              bootstrap=BootstrapConfig(a.resamples, a.confidence, a.bootstrap_seed))
         result = run_ablation(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -7,6 +7,7 @@ so each candidate starts from a clean process and a crash of one names it; a can
 checkpoint and results already exist is not retrained (rerun after a failure resumes)."""
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -52,6 +53,8 @@ class AblationConfig:
     """Interval of the score differences."""
     python: str = sys.executable
     """Interpreter of the subprocesses."""
+    launcher: list[str] = field(default_factory=list)
+    """Training launcher (e.g. ``torchrun --nproc_per_node 8``); empty: ``python``."""
 
 
 def train_iters(tokens: int, seq_length: int, global_batch: int) -> int:
@@ -90,7 +93,7 @@ def train_candidate(cfg: AblationConfig, name: str, prefix: str, iters: int, seq
     if os.path.exists(done):
         return ckpt
     os.makedirs(run_dir, exist_ok=True)
-    cmd = [cfg.python, "-m", "megatron_sail.train", "--recipe", cfg.recipe, "--stage", cfg.stage,
+    cmd = [*(cfg.launcher or [cfg.python]), "-m", "megatron_sail.train", "--recipe", cfg.recipe, "--stage", cfg.stage,
            "--data-path", prefix, "--seq-length", str(seq), "--global-batch-size", str(gbs),
            "--train-iters", str(iters), "--seed", str(cfg.seed), "--eval-interval", "0",
            "--run-dir", run_dir, "--save", ckpt, "--overwrite-save"]
@@ -173,7 +176,7 @@ def run_ablation(cfg: AblationConfig, progress=print) -> dict:
     if len(cfg.candidates) < 2:
         raise ValueError("give at least two --candidate NAME=PREFIX to compare")
     for name, prefix in cfg.candidates.items():
-        if not any(os.path.exists(prefix + ext) for ext in (".bin", ".idx", ".json")) and not os.path.exists(prefix):
+        if not glob.glob(glob.escape(prefix) + ".*"):
             raise FileNotFoundError(f"candidate {name}: no dataset at prefix {prefix}")
     for b, p in cfg.benchmarks.items():
         if not os.path.isfile(p):
