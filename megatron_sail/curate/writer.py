@@ -59,6 +59,7 @@ class ShardWriter:
 
     def __init__(self, out_dir: str, name: str):
         self.out_dir, self.name = out_dir, name
+        os.makedirs(out_dir, exist_ok=True)
         self.tar_path = os.path.join(out_dir, name + ".tar")
         self.rejects_path = os.path.join(out_dir, name + ".rejects.jsonl")
         self.tar = tarfile.open(self.tar_path + ".tmp", "w", format=tarfile.PAX_FORMAT)
