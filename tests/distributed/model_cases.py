@@ -27,6 +27,14 @@ def variant(name: str) -> ModelConfig:
         return dataclasses.replace(
             cfg, vision=dataclasses.replace(cfg.vision, qkv_bias=False),
             language=dataclasses.replace(cfg.language, num_kv_heads=1, tie_embeddings=False))
+    if name == "qwen3":  # Qwen3 LM: per-head QK-norm, no qkv bias, head_dim 48 != 128 / 4, untied
+        return dataclasses.replace(
+            cfg, language=dataclasses.replace(cfg.language, family="qwen3", qkv_bias=False,
+                                              kv_channels=48, tie_embeddings=False))
+    if name == "aimv2":  # AIMv2 encoder: RMSNorm, SwiGLU, no bias, no class token
+        return dataclasses.replace(
+            cfg, vision=dataclasses.replace(cfg.vision, family="aimv2", norm_type="rms_norm",
+                                            norm_eps=1e-5, qkv_bias=False, ffn_hidden_size=96))
     raise KeyError(name)
 
 

@@ -18,6 +18,8 @@ CASES = {  # name: (model variant, ParallelConfig kwargs)
     "tp2": ("base", dict(tp=2)),
     "tp2_sp": ("mha_untied_rms", dict(tp=2, sp=True)),
     "pp2_uneven": ("pp3", dict(pp=2, first_stage_layers=1, last_stage_layers=2)),
+    "qwen3_tp2_sp": ("qwen3", dict(tp=2, sp=True)),
+    "qwen3_pp2": ("qwen3", dict(pp=2)),
 }
 
 
@@ -53,14 +55,18 @@ def _run_schedule(model, batches, forward_only):
 
 
 def _reduce_grads(model):
-    """What Megatron's finalize_model_grads does for these layouts: SP params summed over TP,
-    tied embedding grads summed between the first and last pipeline stage."""
+    """What Megatron's finalize_model_grads does for these layouts: SP params and (with the LM's
+    per-head QK-norm) q/k_layernorm weights summed over TP, tied embedding grads summed between
+    the first and last pipeline stage."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    if model.parallel.sequence_parallel:
-        for p in model.parameters():
-            if getattr(p, "sequence_parallel", False) and p.grad is not None:
+    sp, qk = model.parallel.sequence_parallel, model.config.qk_layernorm
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        for name, p in model.named_parameters():
+            summed = (sp and getattr(p, "sequence_parallel", False)) or (
+                qk and ("q_layernorm" in name or "k_layernorm" in name))
+            if summed and p.grad is not None:
                 dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
     if model.model_config.language.tie_embeddings and ps.get_pipeline_model_parallel_world_size() > 1:
         w = model.shared_embedding_or_output_weight()

@@ -11,7 +11,7 @@ import torch
 import model_cases as mc
 from launcher import launch
 
-VARIANTS = ("base", "mha_untied_rms", "mqa")
+VARIANTS = ("base", "mha_untied_rms", "mqa", "qwen3")
 
 
 def _hf_parity(cfg, hf, ours):
