@@ -11,6 +11,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -92,11 +93,13 @@ def train_candidate(cfg: AblationConfig, name: str, prefix: str, iters: int, seq
     done = os.path.join(run_dir, "trained.json")
     if os.path.exists(done):
         return ckpt
+    if os.path.isdir(ckpt):  # a run of ours that stopped before finishing: start it over
+        shutil.rmtree(ckpt)
     os.makedirs(run_dir, exist_ok=True)
     cmd = [*(cfg.launcher or [cfg.python]), "-m", "megatron_sail.train", "--recipe", cfg.recipe, "--stage", cfg.stage,
            "--data-path", prefix, "--seq-length", str(seq), "--global-batch-size", str(gbs),
            "--train-iters", str(iters), "--seed", str(cfg.seed), "--eval-interval", "0",
-           "--run-dir", run_dir, "--save", ckpt, "--overwrite-save"]
+           "--run-dir", run_dir, "--save", ckpt]
     if cfg.init_from:
         cmd += ["--init-from", cfg.init_from]
     _run(cmd + list(cfg.train_args), os.path.join(run_dir, "train.log"), f"training candidate {name}")
