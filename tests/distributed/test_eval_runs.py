@@ -122,3 +122,27 @@ def test_quickstart_benchmark_step(trained):
         assert f"chance {chance[name]['chance']:8.2f}" in row
         assert re.search(rf"^benchmark={name} score=\S+ n=6$", text, re.M)
     assert (proc.returncode == 1) == ("NOT clearly above chance" in text)
+
+
+def test_hook_under_tensor_parallel(trained, tmp_path):
+    """--eval-benchmark on a TP=2 run: both ranks generate together (no hang), rank 0 alone
+    writes one record per evaluation and the predictions."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bench, run = trained["bench"], tmp_path / "tp2"
+    data = str(trained["root"] / "data" / "train")
+    flags = [a for name in ("pope", "mcq") for a in ("--eval-benchmark", f"{name}={bench[name]['path']}")]
+    _run(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+          "-m", "megatron_sail.train", "--recipe", "tiny", "--train-iters", "2",
+          "--global-batch-size", "2", "--micro-batch-size", "1", "--seq-length", "256",
+          "--eval-interval", "0", "--data-path", data, "--run-dir", str(run), "--save",
+          str(run / "ckpt"), "--tensor-model-parallel-size", "2", *flags,
+          "--eval-benchmark-limit", "3"])
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()
+            if '"benchmarks/pope"' in l]
+    assert len(recs) == 1 and recs[0]["iteration"] == 2
+    assert recs[0]["benchmarks_n/pope"] == recs[0]["benchmarks_n/mcq"] == 3
+    assert len(_predictions(run / "benchmarks" / "iter_0000002" / "mcq_predictions.tsv")) == 3
