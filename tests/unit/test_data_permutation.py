@@ -92,3 +92,17 @@ def test_every_epoch_of_every_source_is_covered_with_many_sources(monkeypatch):
         assert all(sorted(e) == list(range(n)) for e in epochs)
         if n >= 5:
             assert len({tuple(e) for e in epochs}) > 1
+
+
+def test_state_names_the_order_rule_and_refuses_another(monkeypatch):
+    blend = _fake_blend(monkeypatch, [10, 20])
+    blend.position = 5
+    state = blend.state_dict()
+    assert state["order"] == BlendedDataset.ORDER
+    other = _fake_blend(monkeypatch, [10, 20])
+    other.load_state_dict(state)
+    assert other.position == 5
+    old = {k: v for k, v in state.items() if k != "order"}  # written before the key existed
+    other.load_state_dict(old)
+    with pytest.raises(ValueError, match="order"):
+        other.load_state_dict({**state, "order": "numpy-permutation"})
