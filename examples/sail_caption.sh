@@ -39,7 +39,7 @@ GEOMETRY=(${GEOMETRY:---tile-size 32 --tokens-per-tile 4 --max-tiles 4})
 REF="${REF:-${D_REF}}"                  # demo: reference images (conversations; ~88% have a caption)
 POOL="${POOL:-${D_POOL}}"               # demo: unlabeled pool images
 ITERS_BASE="${ITERS_BASE:-$([ "${D_ITERS}" = 0 ] && echo 400 || echo "${D_ITERS}")}"
-ITERS_SFT="${ITERS_SFT:-$([ "${D_ITERS}" = 0 ] && echo 250 || echo 60)}"   # smoke: enough for well-formed captions
+ITERS_SFT="${ITERS_SFT:-$([ "${D_ITERS}" = 0 ] && echo 800 || echo 60)}"   # smoke: enough for well-formed captions
 ITERS_ALIGN="${ITERS_ALIGN:-$([ "${D_ITERS}" = 0 ] && echo 250 || echo "${D_ITERS}")}"
 CAPTION_ITEMS="${CAPTION_ITEMS:-${D_ITEMS}}"
 # The tiny base never learnt the caption format and pretrain-alignment trains the projector
