@@ -14,7 +14,7 @@ class VisionConfig:
     """Vision encoder (fields as InternViT names them; a family may ignore some)."""
 
     family: str = "internvit"
-    """Vision family (models/families registry): 'internvit'."""
+    """Vision family (models/families registry): 'internvit' or 'aimv2'."""
     hidden_size: int = 1024
     """Width of the ViT."""
     num_layers: int = 24

@@ -38,6 +38,9 @@ def to_hf_config(cfg: ModelConfig):
     from transformers import InternVLConfig
 
     v, lm = cfg.vision, cfg.language
+    if not vision_family(v.family).in_internvl_container:
+        raise ValueError(f"transformers' InternVL cannot hold a {v.family!r} vision tower: "
+                         "convert that encoder alone (families key_map / apply_key_map)")
     return InternVLConfig(vision_config=vision_family(v.family).hf_config(v),
                           text_config=language_family(lm.family).hf_config(lm),
                           image_token_id=cfg.img_context_token_id,
@@ -147,7 +150,11 @@ def _weights(site) -> tuple[str, ...]:
 
 def hf_to_ours(hf_sd: dict, cfg: ModelConfig) -> dict:
     """transformers InternVL state dict -> our full TP=1 state dict (tensors only)."""
-    km = key_map(cfg)
+    return apply_key_map(key_map(cfg), hf_sd)
+
+
+def apply_key_map(km: KeyMap, hf_sd: dict) -> dict:
+    """HF tensors -> ours through one key map (a whole model's, or one family's part)."""
     out = {ours: _need(hf_sd, hf, "HF") for ours, hf in km.copies}
     for site in km.qkv:
         for w in _weights(site):

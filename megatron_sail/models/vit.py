@@ -94,7 +94,8 @@ class ViTLayer(TransformerLayer):
                                               dtype=config.params_dtype))
             p.sequence_parallel = config.sequence_parallel  # per-token op: sum grads over TP
             return p
-        self.ls1, self.ls2 = scale(), scale()
+        # layer_scale_init=None: no layer scale (AIMv2-style layers), drop path still applies
+        self.ls1, self.ls2 = (None, None) if layer_scale_init is None else (scale(), scale())
         steps = max(total_layers - 1, 1)
         self.drop_path_rate = drop_path_rate * (self.layer_number - 1) / steps
         self.self_attn_bda = self._scaled_add(lambda: self.ls1)
@@ -111,13 +112,22 @@ class ViTLayer(TransformerLayer):
                 out, bias = out_with_bias
                 if bias is not None:
                     out = out + bias
-                return residual + drop_path(get_scale() * out, self.drop_path_rate, training)
+                scale = get_scale()
+                if scale is not None:
+                    out = scale * out
+                return residual + drop_path(out, self.drop_path_rate, training)
             return add
         return factory
 
 
 class InternViT(MegatronModule):
-    """Tiles [T, 3, H, W] -> patch features [T, (H/p)*(W/p), hidden] (class token dropped)."""
+    """Tiles [T, 3, H, W] -> patch features [T, (H/p)*(W/p), hidden] (class token dropped).
+
+    Other encoders (aimv2.py) reuse the tile batching, SP padding and masking of ``forward`` by
+    overriding ``embed`` / ``finish`` and setting ``class_tokens``."""
+
+    class_tokens = 1
+    """Tokens ``embed`` puts before the patches; ``forward`` drops them."""
 
     def __init__(self, vision: VisionConfig, parallel: ParallelConfig,
                  dtype: torch.dtype = torch.float32, use_te: bool = False):
@@ -175,7 +185,11 @@ class InternViT(MegatronModule):
         if self.config.sequence_parallel:
             x = tensor_parallel.gather_from_sequence_parallel_region(
                 x, tensor_parallel_output_grad=False)
-        return x[1:s].transpose(0, 1)
+        return self.finish(x[self.class_tokens:s].transpose(0, 1))
+
+    def finish(self, features: torch.Tensor) -> torch.Tensor:
+        """Last step on the patch features [T, N, hidden] (InternViT: none)."""
+        return features
 
     def set_input_tensor(self, tensor):
         """The ViT always starts from tiles on the first stage; nothing comes from a pipeline."""

@@ -75,3 +75,20 @@ def test_flops_use_the_family_head_dim():
     want = 10 * attn_delta + layers * 4 * heads * (48 - 32) * pairs
     assert F.lm_forward_flops(q3, [10]) - F.lm_forward_flops(base, [10]) == want
     assert base.vit_class_tokens == 1 and base.vit_tokens_per_tile == 17
+
+
+def test_aimv2_family_config_round_trip_and_container_refusal():
+    from transformers import Aimv2VisionConfig
+
+    fam = families.vision_family("aimv2")
+    v = dataclasses.replace(tiny().vision, family="aimv2", norm_type="rms_norm", norm_eps=1e-5,
+                            qkv_bias=False, ffn_hidden_size=96)
+    hf = Aimv2VisionConfig(**{k: x for k, x in fam.hf_config(v).items() if k != "model_type"})
+    assert fam.from_hf_config(hf, select_layer=-1) == dataclasses.replace(v, layer_scale_init=0.1)
+    with pytest.raises(ValueError, match="is_native"):
+        fam.from_hf_config(Aimv2VisionConfig(is_native=True), select_layer=-1)
+    with pytest.raises(ValueError, match="cannot hold a 'aimv2' vision tower"):
+        to_hf_config(dataclasses.replace(tiny(), vision=v))
+    km = fam.key_map(dataclasses.replace(v, num_layers=3, select_layer=-2), "vision_model.", "")
+    assert "rms_norm.weight" not in km.hf_names()  # the final norm feeds only the last layer
+    assert fam.unused_hf(dataclasses.replace(v, num_layers=3, select_layer=-2), "", "rms_norm.weight")

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from megatron_sail.models.families.base import (  # noqa: F401  (re-exported)
     KeyMap, LanguageFamily, QKVSite, TokenGeometry, VisionFamily)
+from megatron_sail.models.families.aimv2 import AIMv2Family
 from megatron_sail.models.families.internvit import InternViTFamily
 from megatron_sail.models.families.qwen2 import Qwen2Family
 from megatron_sail.models.families.qwen3 import Qwen3Family
 
 VISION_FAMILIES: dict[str, VisionFamily] = {
     "internvit": InternViTFamily(),
+    "aimv2": AIMv2Family(),
 }
 """Vision encoder families by ``VisionConfig.family``."""
 

@@ -101,6 +101,9 @@ class VisionFamily:
     """Registry name, the value of ``VisionConfig.family``."""
     hf_model_type: str = ""
     """``model_type`` of the family's HF vision config."""
+    in_internvl_container: bool = True
+    """Whether transformers' InternVLForConditionalGeneration can hold this encoder (else the
+    HF side is the encoder alone)."""
 
     def transformer_config(self, vision, parallel, dtype):
         """Megatron TransformerConfig of the encoder (the whole encoder lives on stage 0)."""

@@ -1,0 +1,100 @@
+"""AIMv2 vision encoders (SAIL-VL-1.5-2B uses AIMv2-Huge): transformers' ``Aimv2VisionModel``.
+
+Module: ``models/aimv2.py``. Geometry: no class token; grid = tile / patch. A grid the pixel
+shuffle cannot merge (27x27 patches for 378 px tiles at patch 14 and merge 2) is refused with a
+clear error: the padding/cropping rule of the released SAIL-VL models was not confirmed.
+Only the released AIMv2 variant is supported: learned positions (not ``is_native``), no bias.
+transformers has no VLM class that holds an AIMv2 tower beside InternVL's projector, so the HF
+side of this family is the encoder alone (``key_map`` under the encoder's prefix).
+"""
+from __future__ import annotations
+
+import re
+
+from megatron_sail.models.families.base import KeyMap, QKVSite, TokenGeometry, VisionFamily
+from megatron_sail.models.families.internvit import _pair
+
+
+class AIMv2Family(VisionFamily):
+    """AIMv2 spec: how to build, count, map and tile it."""
+
+    name = "aimv2"
+    hf_model_type = "aimv2_vision_model"
+    in_internvl_container = False
+
+    def transformer_config(self, vision, parallel, dtype):
+        """RMSNorm + SwiGLU + bias-free linears."""
+        from megatron_sail.models.aimv2 import aimv2_transformer_config
+
+        return aimv2_transformer_config(vision, parallel, dtype)
+
+    def build(self, vision, parallel, dtype, use_te: bool):
+        """The AIMv2 encoder module."""
+        from megatron_sail.models.aimv2 import AIMv2Encoder
+
+        return AIMv2Encoder(vision, parallel, dtype, use_te)
+
+    def geometry(self, vision, merge: int, tile_size: int | None = None) -> TokenGeometry:
+        """No class token; the grid must divide by the merge (checked by tokens_per_tile)."""
+        return TokenGeometry(grid=(tile_size or vision.image_size) // vision.patch_size,
+                             class_tokens=0, merge=merge)
+
+    def flops_fields(self, vision, geometry: TokenGeometry) -> dict:
+        """SwiGLU MLP (three matrices), no class token."""
+        return dict(vit_hidden=vision.hidden_size, vit_layers=vision.layers_used,
+                    vit_ffn=vision.ffn_hidden_size, vit_tokens_per_tile=geometry.encoder_tokens,
+                    vit_class_tokens=0, patch_dim=3 * vision.patch_size * vision.patch_size,
+                    vit_gated_mlp=True)
+
+    def hf_config(self, v) -> dict:
+        """transformers Aimv2VisionConfig fields (no pooling head)."""
+        return dict(model_type=self.hf_model_type, hidden_size=v.hidden_size,
+                    intermediate_size=v.ffn_hidden_size, num_hidden_layers=v.num_layers,
+                    num_attention_heads=v.num_heads, image_size=v.image_size,
+                    patch_size=v.patch_size, rms_norm_eps=v.norm_eps, qkv_bias=False,
+                    mlp_bias=False, use_head=False, is_native=False, hidden_act="silu")
+
+    def from_hf_config(self, v, select_layer: int, drop_path_rate: float = 0.0):
+        """VisionConfig of an Aimv2VisionConfig; refuses the variants we do not build."""
+        from megatron_sail.config.model import VisionConfig
+
+        for flag in ("qkv_bias", "mlp_bias", "is_native"):
+            if getattr(v, flag, False):
+                raise ValueError(f"aimv2 vision config with {flag}=True is not supported")
+        if getattr(v, "hidden_act", "silu") != "silu":
+            raise ValueError(f"aimv2 hidden_act {v.hidden_act!r} is not supported (silu only)")
+        return VisionConfig(
+            family=self.name, hidden_size=v.hidden_size, num_layers=v.num_hidden_layers,
+            num_heads=v.num_attention_heads, ffn_hidden_size=v.intermediate_size,
+            patch_size=_pair(v.patch_size), image_size=_pair(v.image_size), norm_type="rms_norm",
+            norm_eps=v.rms_norm_eps, qkv_bias=False, qk_norm=False,
+            drop_path_rate=drop_path_rate, select_layer=select_layer)
+
+    def key_map(self, v, ours: str, hf: str) -> KeyMap:
+        """Embeddings, norms, attention (q/k/v fused) and SwiGLU (gate/up fused) per layer."""
+        km = KeyMap(copies=[
+            (ours + "patch_embedding.weight", hf + "embeddings.patch_embed.weight"),
+            (ours + "patch_embedding.bias", hf + "embeddings.patch_embed.bias"),
+            (ours + "patch_norm", hf + "embeddings.rms_norm.weight"),
+            (ours + "position_embedding", hf + "embeddings.position_embedding.weight"),
+        ])
+        if v.layers_used == v.num_layers:
+            km.copies.append((ours + "final_norm", hf + "rms_norm.weight"))
+        for i in range(v.layers_used):
+            o, h = f"{ours}encoder.layers.{i}.", f"{hf}encoder.layers.{i}."
+            km.copies += [(o + "input_layernorm.weight", h + "rms_norm1.weight"),
+                          (o + "pre_mlp_layernorm.weight", h + "rms_norm2.weight"),
+                          (o + "self_attention.linear_proj.weight", h + "attention.out_proj.weight"),
+                          (o + "mlp.linear_fc2.weight", h + "ffn.down_proj.weight")]
+            km.qkv.append(QKVSite(o + "self_attention.linear_qkv.", h + "attention.{}_proj.",
+                                  v.num_heads, v.num_heads, False))
+            km.concat.append((o + "mlp.linear_fc1.weight",
+                              (h + "ffn.gate_proj.weight", h + "ffn.up_proj.weight")))
+        return km
+
+    def unused_hf(self, v, hf: str, key: str) -> bool:
+        """Layers after select_layer, and the final norm they would feed."""
+        m = re.match(re.escape(hf) + r"encoder\.layers\.(\d+)\.", key)
+        if m:
+            return v.layers_used <= int(m.group(1)) < v.num_layers
+        return key == hf + "rms_norm.weight" and v.layers_used < v.num_layers
