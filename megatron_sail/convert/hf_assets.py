@@ -19,15 +19,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
 from megatron_sail.config.data import TemplateConfig
 from megatron_sail.data import tokenizer as toks
+from megatron_sail.data.processor import PROCESSOR_FILE, ProcessorSettings, template_dict
 
-PROCESSOR_FILE = "processor.json"
-"""Processor settings next to our checkpoints (the generation contract's name)."""
 TOKENIZER_DIR = "tokenizer"
 SOURCE_DIR = "source_files"
 """Non-weight, non-tokenizer files of an HF source folder (remote code, its config.json, ...)."""
@@ -40,56 +39,6 @@ slow class."""
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".distcp")
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class ProcessorSettings:
-    """How images and text become model input, as at training time (``processor.json``)."""
-
-    tile_size: int = 448
-    """Tile side in pixels (the ViT input size)."""
-    max_tiles: int = 12
-    """Most tiles per image (thumbnail not counted)."""
-    min_tiles: int = 1
-    """Fewest tiles per image."""
-    use_thumbnail: bool = True
-    """Multi-tile images get a whole-image thumbnail tile."""
-    tokens_per_tile: int = 256
-    """<IMG_CONTEXT> tokens per tile (after pixel shuffle)."""
-    template: dict = field(default_factory=lambda: _template_dict(TemplateConfig()))
-    """TemplateConfig fields (system prompt, separators, caption prompts)."""
-
-    @classmethod
-    def from_meta(cls, meta: dict) -> "ProcessorSettings":
-        """The settings a preprocessed dataset was built with (its meta.json)."""
-        tiling, tok = meta["tiling"], meta["tokenizer"]
-        return cls(tile_size=int(tok["tile_size"]), max_tiles=int(tiling["max_tiles"]),
-                   min_tiles=int(tiling["min_tiles"]), use_thumbnail=bool(tiling["thumbnail"]),
-                   tokens_per_tile=int(tok["tokens_per_tile"]),
-                   template=dict(meta.get("template") or _template_dict(TemplateConfig())))
-
-    @classmethod
-    def read(cls, path: str | os.PathLike) -> "ProcessorSettings":
-        """Load processor.json; a broken or incomplete file is an error naming it."""
-        try:
-            values = json.loads(Path(path).read_text())
-            known = {f.name for f in fields(cls)}
-            out = cls(**{k: v for k, v in values.items() if k in known})
-        except (json.JSONDecodeError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path}: not a valid {PROCESSOR_FILE} ({e})") from e
-        for name in ("tile_size", "max_tiles", "min_tiles", "tokens_per_tile"):
-            if not isinstance(getattr(out, name), int) or getattr(out, name) <= 0:
-                raise ValueError(f"{path}: {name} must be a positive integer, got {getattr(out, name)!r}")
-        return out
-
-    def write(self, folder: str | os.PathLike) -> None:
-        """Write processor.json into ``folder`` (temporary name, then rename)."""
-        _write_json(Path(folder) / PROCESSOR_FILE, asdict(self))
-
-
-def _template_dict(cfg: TemplateConfig) -> dict:
-    """TemplateConfig as a JSON-ready dict (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -141,7 +90,7 @@ def save_tokenizer(src: str | os.PathLike, dst: str | os.PathLike,
         tok.add_tokens([AddedToken(VIDEO_TOKEN, special=True, normalized=False)], special_tokens=True)
     if tok.pad_token is None:
         tok.pad_token = toks.PAD
-    tok.chat_template = chat_template(template or _template_dict(TemplateConfig()))
+    tok.chat_template = chat_template(template or template_dict(TemplateConfig()))
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(dst))

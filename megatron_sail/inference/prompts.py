@@ -9,55 +9,19 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
-from megatron_sail.config.data import TemplateConfig
 from megatron_sail.config.images import ImageConfig
+from megatron_sail.data.processor import ProcessorSettings
 from megatron_sail.data.records import ImageRecord
 from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
 from megatron_sail.data.tiling import TilingConfig, find_grid, num_tiles
 from megatron_sail.data.tokenizer import Tokenizer
 from megatron_sail.inference.config import GenerationRequest
-
-
-@dataclass
-class ProcessorSettings:
-    """The image/template settings a checkpoint was trained with (``processor.json``)."""
-
-    tile_size: int = 448
-    """Tile side in pixels."""
-    max_tiles: int = 12
-    """Most tiles per image at training time (generation uses GenerationConfig.max_tiles)."""
-    min_tiles: int = 1
-    """Fewest tiles per image."""
-    use_thumbnail: bool = True
-    """Whether multi-tile images get a whole-image thumbnail tile."""
-    tokens_per_tile: int = 256
-    """<IMG_CONTEXT> tokens per tile."""
-    template: dict = field(default_factory=lambda: asdict(TemplateConfig()))
-    """TemplateConfig fields (system prompt, separators)."""
-
-    @classmethod
-    def from_dict(cls, values: dict, origin: str) -> "ProcessorSettings":
-        """Settings from a processor.json dict; unknown keys are ignored, wrong types rejected."""
-        known = {f.name for f in fields(cls)}
-        out = cls(**{k: v for k, v in values.items() if k in known})
-        for name in ("tile_size", "max_tiles", "min_tiles", "tokens_per_tile"):
-            if not isinstance(getattr(out, name), int) or getattr(out, name) <= 0:
-                raise ValueError(f"{origin}: {name} must be a positive integer, got {getattr(out, name)!r}")
-        if not isinstance(out.template, dict):
-            raise ValueError(f"{origin}: template must be an object, got {out.template!r}")
-        return out
-
-    def template_config(self) -> TemplateConfig:
-        """The TemplateConfig these settings name (unknown template keys are ignored)."""
-        known = {f.name for f in fields(TemplateConfig)}
-        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.template.items() if k in known}
-        return TemplateConfig(**values)
 
 
 @dataclass
