@@ -114,7 +114,8 @@ def _data_problems(cfg: RunConfig, meta: dict, tok: dict) -> list[str]:
         return out + [f"tile size {tile} px does not fit the model's ViT ({e})"]
     if tok.get("tokens_per_tile") != model_tpt:
         out.append(f"{tok.get('tokens_per_tile')} tokens per tile, the model makes {model_tpt} from "
-                   f"{tile} px tiles (ViT patch {cfg.model.vision.patch_size}, pixel-shuffle merge "
+                   f"{tile} px tiles ({cfg.model.vision.family} geometry: patch {cfg.model.vision.patch_size}, "
+                   f"pixel-shuffle merge "
                    f"{cfg.model.projector.merge})")
     return out
 
