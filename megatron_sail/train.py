@@ -190,7 +190,7 @@ def train(cfg: RunConfig) -> int:
     watcher = ExitWatcher(cfg.train.exit_duration_in_mins).install()
     c = cfg.checkpoint
     lock = prepare_save_dir(c.save, c.load, c.overwrite_save)  # noqa: F841 - held for the run
-    train_data = build_blended(cfg.data.data_path, cfg.train.seed)
+    train_data = build_blended(cfg.data.data_path, cfg.train.seed, cfg.data.data_verify)
     match_data(cfg, train_data)
     from_checkpoint.check_model(cfg, print if torch.distributed.get_rank() == 0 else
                                 (lambda _line: None))  # before a shape traceback in the load
@@ -220,7 +220,7 @@ def train(cfg: RunConfig) -> int:
                         decode=decode, pin_memory=cfg.images.pin_memory)
     valid = None
     if cfg.data.valid_data_path:
-        valid_data = build_blended(cfg.data.valid_data_path, cfg.train.seed)
+        valid_data = build_blended(cfg.data.valid_data_path, cfg.train.seed, cfg.data.data_verify)
         resume_checks.data_tokenizer_block([train_data, valid_data], c.allow_tokenizer_mismatch)
         valid = lambda: StepFeeder(valid_data, plan, pipeline, 0, None, depth=1,  # noqa: E731
                                    decode=decode)

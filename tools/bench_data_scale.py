@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dp-size", type=int, default=1, help="data-parallel ranks (DP rank 0 is read)")
     p.add_argument("--workdir", default=None, help="where the datasets go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the datasets (reused if present)")
+    p.add_argument("--verify", default="cheap", choices=["cheap", "structure", "full"],
+                   help="load-time check level of every source (open_s measures it)")
     p.add_argument("--locate-only", action="store_true",
                    help="time BlendedDataset.locate alone over length-only stand-ins (no files)")
     a = p.parse_args(argv)
@@ -206,7 +208,7 @@ def read_blend(args: argparse.Namespace, prefixes: list[str]) -> dict:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    blend = BlendedDataset(prefixes, [1.0] * len(prefixes), seed=1234)
+    blend = BlendedDataset(prefixes, [1.0] * len(prefixes), seed=1234, verify=args.verify)
     open_s = time.perf_counter() - t0
     plan = BatchPlan(args.global_batch_size, args.micro_batch_size, args.dp_size, 0)
     images = bool(args.images_per_row)
@@ -251,7 +253,7 @@ def locate_only(args: argparse.Namespace) -> int:
     import megatron_sail.data.dataset as dataset_module
 
     real = dataset_module.PackedDataset
-    dataset_module.PackedDataset = lambda prefix: _Lengths(args.rows)
+    dataset_module.PackedDataset = lambda prefix, verify="cheap": _Lengths(args.rows)
     try:
         blend = dataset_module.BlendedDataset([f"src{d}" for d in range(args.datasets)],
                                               [1.0] * args.datasets, seed=1234)

@@ -51,6 +51,7 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--data-path", "data", "data_path", "list"),
     ("--valid-data-path", "data", "valid_data_path", "list"),
     ("--seq-length", "data", "seq_length", "int"),
+    ("--data-verify", "data", "data_verify", "str"),
     ("--train-iters", "train", "train_iters", "int"),
     ("--train-samples", "train", "train_samples", "int"),
     ("--global-batch-size", "train", "global_batch_size", "int"),
@@ -361,6 +362,8 @@ def _check_counts(cfg: RunConfig) -> None:
             raise ValueError(f"{flag} {value}: must be at least {least}")
     if c.ckpt_verify not in ("auto", "sizes", "full"):
         raise ValueError(f"--ckpt-verify {c.ckpt_verify!r}: expected auto, sizes or full")
+    if cfg.data.data_verify not in ("cheap", "full"):
+        raise ValueError(f"--data-verify {cfg.data.data_verify!r}: expected cheap or full")
     if c.override_opt_param_scheduler and c.use_checkpoint_opt_param_scheduler:
         raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
                          "exclude each other")

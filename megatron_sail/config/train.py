@@ -20,6 +20,11 @@ class DataConfig:
     """Held-out prefixes for the periodic validation loss (same syntax as data_path)."""
     seq_length: int = 4096
     """Tokens per packed row; must match the rows written by tools/preprocess_data.py."""
+    data_verify: str = "cheap"
+    """Load-time check of every source on every rank (data/integrity.py): cheap (sizes, digests
+    of files up to 1 MiB, headers, end offsets, 4,096 sampled entries per stream: a cost
+    independent of the number of rows) or full (every digest and every entry: reads every byte;
+    run tools/inspect_dataset.py --verify once after preprocessing instead)."""
 
 
 @dataclass

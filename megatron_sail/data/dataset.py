@@ -50,11 +50,11 @@ class TokenizerMeta:
 
 
 class PackedDataset:
-    """Rows of one preprocessed prefix."""
+    """Rows of one preprocessed prefix; ``verify`` is PackedReader's load-time check level."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, verify: str = "cheap"):
         self.prefix = prefix
-        self.reader = PackedReader(prefix)
+        self.reader = PackedReader(prefix, verify)
         self.meta = self.reader.meta
         self.seq_length = int(self.meta["seq_length"])
         self.tokenizer_meta = TokenizerMeta.from_meta(self.meta)
@@ -136,7 +136,7 @@ class BlendedDataset:
     """(dataset, epoch) permutation keys kept; a miss costs ~10 us, not a rebuild."""
 
     def __init__(self, prefixes: Sequence[str], weights: Sequence[float], seed: int = 1234,
-                 period: int = 10000):
+                 period: int = 10000, verify: str = "cheap"):
         if len(prefixes) != len(weights) or not prefixes:
             raise ValueError("need one weight per prefix and at least one prefix")
         if any(w < 0 for w in weights) or sum(weights) <= 0:
@@ -144,7 +144,7 @@ class BlendedDataset:
         self.prefixes = list(prefixes)
         self.weights = [w / sum(weights) for w in weights]
         self.seed = int(seed)
-        self.datasets = [PackedDataset(p) for p in self.prefixes]
+        self.datasets = [PackedDataset(p, verify) for p in self.prefixes]
         for p, d, w in zip(self.prefixes, self.datasets, self.weights):
             if len(d) == 0 and w > 0:
                 raise ValueError(f"{p}: dataset has no rows")
@@ -227,7 +227,9 @@ class BlendedDataset:
         self.position = int(state["position"])
 
 
-def build_blended(data_path: Union[str, Sequence[str]], seed: int = 1234) -> BlendedDataset:
-    """BlendedDataset from a Megatron-style data path (``--data-path "w1 p1 w2 p2"``)."""
+def build_blended(data_path: Union[str, Sequence[str]], seed: int = 1234,
+                  verify: str = "cheap") -> BlendedDataset:
+    """BlendedDataset from a Megatron-style data path (``--data-path "w1 p1 w2 p2"``), each
+    source checked at ``verify`` (``--data-verify``) as it is opened."""
     prefixes, weights = parse_data_path(data_path)
-    return BlendedDataset(prefixes, weights, seed)
+    return BlendedDataset(prefixes, weights, seed, verify=verify)

@@ -168,9 +168,11 @@ class PackedWriter:
 class PackedReader:
     """Memory-mapped access to one prefix's rows as raw arrays (dataset.py builds PackedRows).
 
-    ``verify`` (integrity.py): 'cheap' (default: structure, recorded sizes, digests of the small
-    files), 'full' (every digest), or 'structure' (no checksums). A damaged file is a
-    DatasetIntegrityError naming it; a dataset without recorded checksums gets the structure checks.
+    ``verify`` (integrity.py): 'cheap' (default; a cost independent of the number of rows:
+    recorded sizes, digests of files up to 1 MiB, headers, end offsets, sampled entries),
+    'full' (every digest and the full structure check), or 'structure' (the full structure
+    check, no digests). A damaged file is a DatasetIntegrityError naming it; a dataset without
+    recorded checksums gets the structure checks of its level.
     """
 
     def __init__(self, prefix: str, verify: str = "cheap"):
@@ -194,14 +196,17 @@ class PackedReader:
             # an empty .bin (e.g. text-only data has no image bytes) cannot be memory-mapped
             empty = os.path.getsize(f"{prefix}.{name}.bin") == 0
             ds = IndexedDataset(f"{prefix}.{name}", mmap=not empty)
-            integrity.check_stream(prefix, name, ds, np.dtype(dtype).itemsize)
+            check_stream(prefix, name, ds, np.dtype(dtype).itemsize)
             return ds
+
+        check_stream, check_rows = ((integrity.check_stream_cheap, integrity.check_rows_cheap)
+                                    if verify == "cheap" else (integrity.check_stream, integrity.check_rows))
 
         self.tokens = open_stream("tokens", np.int32)
         self.loss_mask = open_stream("loss_mask", np.uint8)
         self.images = open_stream("images", np.uint8)
         self.image_meta = _load_image_meta(f"{prefix}.images_meta.npy")
-        integrity.check_rows(prefix, self.tokens, self.loss_mask, self.images, self.image_meta)
+        check_rows(prefix, self.tokens, self.loss_mask, self.images, self.image_meta)
         self.row_index = self.tokens.document_indices
         self.image_row_index = self.images.document_indices
 
@@ -236,9 +241,11 @@ def _read_meta(path: str) -> dict:
 
 
 def _load_image_meta(path: str) -> np.ndarray:
-    """The image table (never unpickled), or an error naming the file."""
+    """The image table (never unpickled), or an error naming the file; memory-mapped when it is
+    large, so a rank's memory does not grow with the number of images."""
     try:
-        return np.load(path, allow_pickle=False)
+        mmap = "r" if os.path.getsize(path) > integrity.CHEAP_HASH_BYTES else None
+        return np.load(path, mmap_mode=mmap, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise integrity.DatasetIntegrityError(f"{path}: not a readable .npy array ({e})") from e
 

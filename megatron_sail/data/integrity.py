@@ -4,14 +4,21 @@
 they are written, the small files after) and records size and digest per file in meta.json's
 ``checksums`` block. Three levels of checking use them:
 
-- ``structure``: the ``.idx`` headers agree with their file sizes, sequence offsets are the
+- ``cheap`` (the default of every load, ``--data-verify cheap``): cost independent of the number
+  of rows, because every rank opens every source at every start (1,000 sources x 100M rows).
+  Every file's size against the recorded size; the digests of files up to ``CHEAP_HASH_BYTES``
+  (meta-sized: the image table, the reject report, the indexes of small datasets); each
+  ``.idx`` header against its file size; the first and last offsets against the ``.bin`` size;
+  and ``CHEAP_SAMPLE`` seeded entries (strided + random) of every stream and of the image table,
+  each checked as the full check would. A dataset with at most ``CHEAP_SAMPLE`` entries per
+  stream is checked in full.
+- ``structure``: the full structure check, no digests: the headers, sequence offsets are the
   running sum of the lengths and end exactly at the ``.bin`` size, document indices are
   monotonic, the token, loss-mask and image streams agree, every image points into its row.
-  Needs no checksums, so datasets written before them get it too. O(samples), vectorized.
-- ``cheap`` (the default of PackedReader): structure, plus every file's size against the
-  recorded size, plus the digests of files up to ``CHEAP_HASH_BYTES`` (the indexes, the image
-  table). A flipped or truncated ``tokens.idx`` is named as such before it can mislead.
-- ``full`` (``tools/inspect_dataset.py --verify``): every file's digest, ``.bin`` streams too.
+  Needs no checksums, so datasets written before them get it too. O(samples), vectorized, in
+  chunks of ``STRUCTURE_CHUNK`` entries (bounded memory).
+- ``full`` (``tools/inspect_dataset.py --verify``, ``--data-verify full``): every file's digest,
+  ``.bin`` streams too, plus the full structure check. Reads every byte of the dataset.
 
 Every failure is a ``DatasetIntegrityError`` (a ValueError) naming the file and what is wrong.
 """
@@ -25,8 +32,13 @@ from typing import Optional
 import numpy as np
 
 ALGORITHM = "sha256"
-CHEAP_HASH_BYTES = 64 << 20
-"""Files up to this size are hashed on every load (``cheap``); larger ones only by --verify."""
+CHEAP_HASH_BYTES = 1 << 20
+"""Files up to this size are hashed on every load (``cheap``); larger ones only at ``full``
+(hashing the 64 MiB indexes of 1,000 sources would cost every rank ~40 s per start)."""
+CHEAP_SAMPLE = 4096
+"""Index entries (and image-table rows) that a ``cheap`` load checks per stream."""
+SAMPLE_SEED = 0x5A11
+"""Seed of the sampled entries: fixed, so every rank and every start checks the same ones."""
 IDX_MAGIC = b"MMIDIDX\x00\x00"
 IDX_HEADER_BYTES = 34  # magic 9 + version 8 + dtype code 1 + sequence count 8 + document count 8
 DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int32): 4}
@@ -106,7 +118,7 @@ def check_files(prefix: str, meta: dict, level: str) -> list[str]:
             problems.append(f"{path}: {size} bytes, meta.json records {rec['bytes']} (truncated, "
                             f"extended or replaced)")
             continue
-        if level == "full" or (level == "cheap" and size <= CHEAP_HASH_BYTES):
+        if level == "full" or (level == "cheap" and size <= CHEAP_HASH_BYTES):  # structure: none
             digest = file_digest(path)
             if digest != rec[ALGORITHM]:
                 problems.append(f"{path}: {ALGORITHM} mismatch (recorded {rec[ALGORITHM][:16]}..., "
@@ -136,6 +148,14 @@ def check_idx_header(idx_path: str, dtype) -> None:
     if size != need:
         raise DatasetIntegrityError(f"{idx_path}: {size} bytes, but its header counts ({seqs} sequences, "
                                     f"{docs} documents) need {need}; truncated or damaged")
+    with open(idx_path, "rb") as f:  # Megatron asserts on the last one with no message
+        f.seek(IDX_HEADER_BYTES + seqs * (4 + 8))
+        first = struct.unpack("<q", f.read(8))[0] if docs else 0
+        f.seek(max(size - 8, 0))
+        last = struct.unpack("<q", f.read(8))[0] if docs else seqs
+    if docs == 0 or first != 0 or last != seqs:
+        raise DatasetIntegrityError(f"{idx_path}: document indices run {first}..{last}, not 0..{seqs} "
+                                    f"(its sequence count); the index is damaged")
 
 
 STRUCTURE_CHUNK = 1 << 22
@@ -197,3 +217,86 @@ def check_rows(prefix: str, tokens, loss_mask, images, image_meta: np.ndarray) -
         j = int(bad[0])
         raise DatasetIntegrityError(f"{meta_path}: image {j} belongs to sample {sample[j]}, outside its "
                                     f"row {row_of[j]} (samples {rows[row_of[j]]}..{rows[row_of[j] + 1] - 1})")
+
+
+def sample_indices(n: int, k: int) -> np.ndarray:
+    """Sorted distinct indices in [0, n) that a cheap load checks: the first and the last, k/2
+    evenly strided (damage spread over a region is met wherever it is) and k/2 seeded random
+    ones (no fixed blind stride); all of them when n <= k."""
+    if n <= k:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(SAMPLE_SEED)
+    strided = np.linspace(0, n - 1, num=k // 2, dtype=np.int64)
+    picked = np.concatenate([[0, n - 1], strided, rng.integers(0, n, size=k - k // 2, dtype=np.int64)])
+    return np.unique(picked)
+
+
+def check_stream_cheap(prefix: str, name: str, ds, itemsize: int) -> None:
+    """``check_stream`` at a cost independent of the length: the first and last offsets against
+    the ``.bin`` size, the document ends, and ``CHEAP_SAMPLE`` sampled entries checked for a
+    non-negative length that ends where the next sequence starts."""
+    lengths, pointers, docs = ds.index.sequence_lengths, ds.index.sequence_pointers, ds.document_indices
+    n = len(lengths)
+    if max(n, len(docs)) <= CHEAP_SAMPLE:
+        return check_stream(prefix, name, ds, itemsize)
+    idx, bin_path = f"{prefix}.{name}.idx", f"{prefix}.{name}.bin"
+    size = os.path.getsize(bin_path)
+    covered = 0
+    if n:
+        at = sample_indices(n, CHEAP_SAMPLE)
+        lens = np.asarray(lengths[at], dtype=np.int64)
+        if lens.min() < 0:
+            i = int(np.argmax(lens < 0))
+            raise DatasetIntegrityError(f"{idx}: sequence {at[i]} has negative length {lens[i]}")
+        if pointers[0] != 0:
+            raise DatasetIntegrityError(f"{idx}: sequence 0 starts at byte {pointers[0]}, not 0; "
+                                        f"the index is damaged")
+        ends = np.asarray(pointers[at], dtype=np.int64) + lens * itemsize
+        nxt = np.asarray(pointers[at[:-1] + 1], dtype=np.int64)  # at[-1] is n - 1
+        bad = np.flatnonzero(ends[:-1] != nxt)
+        if len(bad):
+            i = int(bad[0])
+            raise DatasetIntegrityError(f"{idx}: sequence {at[i]} ends at byte {ends[i]}, but sequence "
+                                        f"{at[i] + 1} starts at {nxt[i]}; the index is damaged")
+        covered = int(ends[-1])
+    if covered != size:
+        raise DatasetIntegrityError(f"{bin_path}: {size} bytes, its index {idx} covers {covered}")
+    d = sample_indices(len(docs) - 1, CHEAP_SAMPLE) if len(docs) > 1 else np.zeros(0, np.int64)
+    if len(docs) == 0 or docs[0] != 0 or docs[-1] != n or (
+            np.asarray(docs[d + 1], dtype=np.int64) < np.asarray(docs[d], dtype=np.int64)).any():
+        raise DatasetIntegrityError(f"{idx}: document indices are not 0..{n} in order; the index is damaged")
+
+
+def check_rows_cheap(prefix: str, tokens, loss_mask, images, image_meta: np.ndarray) -> None:
+    """``check_rows`` on sampled sequences, rows and images (all of them in a small dataset)."""
+    t_len, t_docs = tokens.index.sequence_lengths, tokens.document_indices
+    if max(len(t_len), len(t_docs), len(image_meta)) <= CHEAP_SAMPLE:
+        return check_rows(prefix, tokens, loss_mask, images, image_meta)
+    s = sample_indices(len(t_len), CHEAP_SAMPLE)
+    d = sample_indices(len(t_docs), CHEAP_SAMPLE)
+    if len(t_len) != len(loss_mask.index.sequence_lengths) or len(t_docs) != len(loss_mask.document_indices) \
+            or not np.array_equal(t_len[s], loss_mask.index.sequence_lengths[s]) \
+            or not np.array_equal(t_docs[d], loss_mask.document_indices[d]):
+        raise DatasetIntegrityError(f"{prefix}.loss_mask.idx: sample lengths differ from "
+                                    f"{prefix}.tokens.idx (mixed or damaged outputs)")
+    if len(t_docs) != len(images.document_indices):
+        raise DatasetIntegrityError(f"{prefix}.images.idx: {len(images.document_indices) - 1} rows, "
+                                    f"{prefix}.tokens.idx has {len(t_docs) - 1}")
+    meta_path = f"{prefix}.images_meta.npy"
+    if image_meta.ndim != 2 or image_meta.shape[1] != 6 or len(image_meta) != len(images):
+        raise DatasetIntegrityError(f"{meta_path}: shape {image_meta.shape}, expected ({len(images)}, 6)")
+    if not len(image_meta):
+        return
+    j = sample_indices(len(image_meta), CHEAP_SAMPLE)
+    table = np.asarray(image_meta[j], dtype=np.int64)
+    small = (table[:, :2] < 1).any(1) | (table[:, 3:5] < 1).any(1)
+    if small.any():
+        i = int(np.argmax(small))
+        raise DatasetIntegrityError(f"{meta_path}: image {j[i]} has grid/size {table[i, :5].tolist()}")
+    row_of = np.searchsorted(images.document_indices, j, side="right") - 1
+    first, end = (np.asarray(t_docs[row_of], dtype=np.int64), np.asarray(t_docs[row_of + 1], dtype=np.int64))
+    bad = np.flatnonzero((table[:, 5] < first) | (table[:, 5] >= end))
+    if len(bad):
+        i = int(bad[0])
+        raise DatasetIntegrityError(f"{meta_path}: image {j[i]} belongs to sample {table[i, 5]}, outside its "
+                                    f"row {row_of[i]} (samples {first[i]}..{end[i] - 1})")

@@ -169,3 +169,24 @@ def test_merged_shards_carry_valid_checksums(demo, clean, tmp_path, capsys):
 def test_verify_level_is_checked():
     with pytest.raises(ValueError, match="verify must be one of"):
         indexed.PackedReader("/nonexistent", verify="sometimes")
+
+
+def test_idx_above_the_cheap_hash_cap_is_checked_by_structure_then_digest_at_full(copy):
+    """An index too large to hash on every load (cap patched to 0) is still checked: a small
+    dataset gets the whole structure check at cheap, and full adds every digest."""
+    flip(f"{copy}.tokens.idx", 34 + 8)
+    import unittest.mock as mock
+    with mock.patch.object(integrity, "CHEAP_HASH_BYTES", 0):
+        with pytest.raises(DatasetIntegrityError, match=r"tokens\.idx: sequence 2 has negative length"):
+            PackedDataset(copy)
+        with pytest.raises(DatasetIntegrityError, match=r"tokens\.idx: sha256 mismatch"):
+            PackedDataset(copy, verify="full")
+
+
+def test_data_verify_flag_selects_the_load_check_level():
+    from megatron_sail.config.run import resolve
+
+    assert resolve(["--recipe", "tiny"]).data.data_verify == "cheap"
+    assert resolve(["--recipe", "tiny", "--data-verify", "full"]).data.data_verify == "full"
+    with pytest.raises(ValueError, match="--data-verify 'sometimes': expected cheap or full"):
+        resolve(["--recipe", "tiny", "--data-verify", "sometimes"])

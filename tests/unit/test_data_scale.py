@@ -108,13 +108,14 @@ def test_locate_only_mode_needs_no_files(capsys):
 
 
 def test_structure_check_in_chunks_names_the_damaged_entry(tmp_path, monkeypatch):
-    """The load-time index check runs in bounded chunks and still finds damage in a late chunk."""
+    """The full index check (``verify="full"``) runs in bounded chunks and still finds damage
+    in a late chunk."""
     from megatron_sail.data import integrity
 
     monkeypatch.setattr(integrity, "STRUCTURE_CHUNK", 256)
     prefix = str(tmp_path / "src")
     bench_data_scale.write_text_dataset(prefix, rows=3000, tokens_per_row=5, seq_length=16, source=0)
-    assert len(PackedDataset(prefix)) == 3000
+    assert len(PackedDataset(prefix, verify="full")) == 3000
     idx = tmp_path / "src.tokens.idx"
     clean = idx.read_bytes()
     damaged = bytearray(clean)
@@ -122,10 +123,71 @@ def test_structure_check_in_chunks_names_the_damaged_entry(tmp_path, monkeypatch
     damaged[at:at + 8] = np.int64(7).tobytes()
     idx.write_bytes(bytes(damaged))
     with pytest.raises(integrity.DatasetIntegrityError, match="sequence 1000 starts at byte 7"):
-        PackedDataset(prefix)
+        PackedDataset(prefix, verify="full")
     damaged = bytearray(clean)
     at = integrity.IDX_HEADER_BYTES + 12 * 3000 + 8 * 2500  # document index 2500
     damaged[at:at + 8] = np.int64(3).tobytes()
     idx.write_bytes(bytes(damaged))
     with pytest.raises(integrity.DatasetIntegrityError, match="document indices"):
-        PackedDataset(prefix)
+        PackedDataset(prefix, verify="full")
+
+
+def _poke(path, at, value, dtype=np.int64):
+    """Overwrite one index entry in place."""
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(np.asarray(value, dtype=dtype).tobytes())
+
+
+def test_cheap_load_reads_a_bounded_sample_and_still_names_the_damage(tmp_path, monkeypatch):
+    """The default load check costs the same at any length: it never runs the per-entry pass,
+    yet catches truncation, end offsets, headers and damage at a sampled entry; damage it did
+    not sample is found by verify="full" (--data-verify full / inspect_dataset.py --verify)."""
+    from megatron_sail.data import indexed, integrity
+
+    n, k = 3000, 64
+    monkeypatch.setattr(integrity, "CHEAP_SAMPLE", k)
+    prefix = str(tmp_path / "src")
+    bench_data_scale.write_text_dataset(prefix, rows=n, tokens_per_row=5, seq_length=16, source=0)
+    idx = tmp_path / "src.tokens.idx"
+    clean = idx.read_bytes()
+
+    def full_pass(*a):
+        raise AssertionError("cheap load ran the O(rows) structure pass")
+
+    real = (integrity.check_stream, integrity.check_rows)
+    monkeypatch.setattr(integrity, "check_stream", full_pass)
+    monkeypatch.setattr(integrity, "check_rows", full_pass)
+    assert len(PackedDataset(prefix)) == n  # sampled checks only
+    monkeypatch.setattr(integrity, "check_stream", real[0])
+    monkeypatch.setattr(integrity, "check_rows", real[1])
+    sampled = set(integrity.sample_indices(n, k).tolist())
+    assert len(sampled) <= k + 2 and {0, n - 1} <= sampled and sampled == set(integrity.sample_indices(n, k).tolist())
+    hit = sorted(i for i in sampled if 0 < i < n - 1)[len(sampled) // 2]
+    miss = next(i for i in range(n // 2, n) if i not in sampled and i - 1 not in sampled)
+    pointer = lambda i: integrity.IDX_HEADER_BYTES + 4 * n + 8 * i  # noqa: E731
+    cases = [  # (offset, value, dtype, message the cheap load must give)
+        (pointer(hit), 7, np.int64, f"sequence {hit - 1} ends at byte {hit * 20}, but sequence {hit} starts "
+         f"at 7|sequence {hit} ends at byte 27, but sequence {hit + 1} starts at {hit * 20 + 20}"),
+        (pointer(n - 1), 8, np.int64, r"src\.tokens\.bin: 60000 bytes, its index .* covers 28"),
+        (integrity.IDX_HEADER_BYTES + 4 * (n - 1), 6, np.int32, "covers 60004"),  # last length
+        (integrity.IDX_HEADER_BYTES + 12 * n + 8 * n, n - 1, np.int64, "document indices"),
+        (integrity.IDX_HEADER_BYTES + 4 * hit, -1, np.int32, f"sequence {hit} has negative length"),
+        (17, 1, np.uint8, "dtype code 1"),
+    ]
+    for at, value, dtype, message in cases:
+        idx.write_bytes(clean)
+        _poke(idx, at, value, dtype)
+        with pytest.raises(integrity.DatasetIntegrityError, match=message) as e:
+            PackedDataset(prefix)
+        assert "src.tokens" in str(e.value)
+    idx.write_bytes(clean)
+    _poke(idx, pointer(miss), 7)
+    assert len(PackedDataset(prefix)) == n  # not sampled: the cheap load cannot see it
+    with pytest.raises(integrity.DatasetIntegrityError, match=f"sequence {miss} starts at byte 7"):
+        PackedDataset(prefix, verify="full")
+    idx.write_bytes(clean)
+    with open(tmp_path / "src.tokens.bin", "r+b") as f:
+        f.truncate(n * 20 - 4)
+    with pytest.raises(integrity.DatasetIntegrityError, match=r"tokens\.bin: 59996 bytes, its index"):
+        indexed.PackedReader(prefix)
