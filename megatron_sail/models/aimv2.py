@@ -16,24 +16,15 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_sail.config.model import VisionConfig
 from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.models import layer_specs
-from megatron_sail.models.vit import InternViT
+from megatron_sail.models.vit import InternViT, encoder_transformer_config
 
 
 def aimv2_transformer_config(v: VisionConfig, parallel: ParallelConfig,
                              dtype: torch.dtype = torch.float32) -> TransformerConfig:
     """RMSNorm, SwiGLU (silu gate), no bias on any linear, no QK-norm; whole encoder on stage 0."""
-    return TransformerConfig(
-        num_layers=v.layers_used, hidden_size=v.hidden_size, num_attention_heads=v.num_heads,
-        ffn_hidden_size=v.ffn_hidden_size, kv_channels=v.hidden_size // v.num_heads,
-        normalization="RMSNorm", layernorm_epsilon=v.norm_eps, add_bias_linear=False,
-        add_qkv_bias=False, gated_linear_unit=True, activation_func=F.silu, qk_layernorm=False,
-        hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=1,
-        sequence_parallel=parallel.sequence_parallel, params_dtype=dtype,
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, pipeline_dtype=dtype,
-        bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
-    )
+    return encoder_transformer_config(
+        v, parallel, dtype, normalization="RMSNorm", add_bias_linear=False, add_qkv_bias=False,
+        gated_linear_unit=True, activation_func=F.silu, qk_layernorm=False)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -24,22 +24,31 @@ from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.models import layer_specs
 
 
-def vision_transformer_config(v: VisionConfig, parallel: ParallelConfig,
-                              dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    """Megatron TransformerConfig of the ViT (the whole ViT lives on pipeline stage 0)."""
+def encoder_transformer_config(v: VisionConfig, parallel: ParallelConfig, dtype: torch.dtype,
+                               **family: object) -> TransformerConfig:
+    """The TransformerConfig every vision family shares (widths, parallelism, dtype, no fusions;
+    the whole encoder lives on pipeline stage 0); ``family`` sets what differs per family
+    (norm, biases, MLP gating, activation, QK-norm)."""
     return TransformerConfig(
         num_layers=v.layers_used, hidden_size=v.hidden_size, num_attention_heads=v.num_heads,
         ffn_hidden_size=v.ffn_hidden_size, kv_channels=v.hidden_size // v.num_heads,
-        normalization="RMSNorm" if v.norm_type == "rms_norm" else "LayerNorm",
-        layernorm_epsilon=v.norm_eps, add_bias_linear=True, add_qkv_bias=v.qkv_bias,
-        gated_linear_unit=False, activation_func=F.gelu, qk_layernorm=v.qk_norm,
-        hidden_dropout=0.0, attention_dropout=0.0,
+        layernorm_epsilon=v.norm_eps, hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=1,
         sequence_parallel=parallel.sequence_parallel, params_dtype=dtype,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, pipeline_dtype=dtype,
         bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        **family,
     )
+
+
+def vision_transformer_config(v: VisionConfig, parallel: ParallelConfig,
+                              dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """InternViT: LayerNorm (or RMSNorm), biased GELU MLP, optional QKV bias and QK-norm."""
+    return encoder_transformer_config(
+        v, parallel, dtype, normalization="RMSNorm" if v.norm_type == "rms_norm" else "LayerNorm",
+        add_bias_linear=True, add_qkv_bias=v.qkv_bias, gated_linear_unit=False,
+        activation_func=F.gelu, qk_layernorm=v.qk_norm)
 
 
 FP8_TOKEN_ALIGN = 16
