@@ -77,7 +77,7 @@ run_stage() {
   fi
   local args=(--recipe "${recipe}" --stage "${stage}" --config "${DALI_CONFIG}"
               --run-dir "${run_dir}" --save "${ckpt}" --load "${ckpt}"
-              --tensorboard-dir "${run_dir}/tensorboard" "${init[@]}" "$@")
+              --tensorboard-dir "${run_dir}/tensorboard" --log-throughput "${init[@]}" "$@")
   local launch
   if [ "${TASK_PER_GPU}" = 1 ]; then
     launch=("${PYTHON}" -m megatron_sail.train)
