@@ -2,12 +2,12 @@
 
 NCCL when CUDA is present, gloo (plus the CPU backend of ``cpu.py``) otherwise. Works under
 torchrun (env:// variables), under ``srun`` with one task per GPU (rank and rendezvous from
-SLURM's variables, see slurm.py), and as a single process without any launcher.
+SLURM's variables, see slurm.py), and as a single process without any launcher (an in-process
+store, no port, nothing written to the environment).
 """
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import torch
@@ -27,34 +27,31 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
 
 
-def _free_port() -> int:
-    """A free TCP port for a single-process rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_env() -> None:
-    """Fill torchrun's variables when no launcher set them: from an srun step (SLURM_PROCID,
-    SLURM_NTASKS, SLURM_LOCALID, first node of the node list; MASTER_PORT if set, else 29500),
-    else a single process on a free local port. Warns when SLURM counts more tasks than we join."""
+def launch_env() -> bool:
+    """Fill torchrun's variables when no launcher set them, from an srun step (SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID, first node of the node list; MASTER_PORT if set, else 29500).
+    Returns True for a lone process (no launcher, no srun step): it joins a world of one through
+    an in-process store and leaves the environment alone, so that the programs it starts (a
+    conversion, a preprocessing run) do not inherit a rank and a port this process holds.
+    Warns when SLURM counts more tasks than we join."""
+    lone = False
     if "RANK" not in os.environ:
         derived = slurm.rendezvous_from_slurm(os.environ)
         if derived is not None:
             os.environ.update(derived)
         else:
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
-    message = slurm.single_process_warning(os.environ, int(os.environ.get("WORLD_SIZE", "1")))
+            lone = True
+    world = int(os.environ.get("WORLD_SIZE", "1")) if not lone else 1
+    message = slurm.single_process_warning(os.environ, world)
     if message:
         warnings.warn(message, stacklevel=3)
+    return lone
 
 
 def init_process_group(timeout_minutes: float = 10) -> None:
     """Init torch.distributed (once); ``timeout_minutes`` bounds every collective (Megatron-LM's
     --distributed-timeout-minutes), so a lost rank fails the job instead of hanging it."""
-    if not dist.is_initialized():
-        launch_env()
+    lone = launch_env() if not dist.is_initialized() else False
     if not has_cuda():
         from megatron_sail.platform import cpu
 
@@ -65,8 +62,13 @@ def init_process_group(timeout_minutes: float = 10) -> None:
         return
     from datetime import timedelta
 
-    dist.init_process_group("nccl" if has_cuda() else "gloo",
-                            timeout=timedelta(minutes=timeout_minutes))
+    backend = "nccl" if has_cuda() else "gloo"
+    timeout = timedelta(minutes=timeout_minutes)
+    if lone:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
 
 
 def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:

@@ -85,5 +85,31 @@ def test_batch_shell_with_four_tasks_starts_alone_and_warns(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("MASTER_PORT", "31234")
     with pytest.warns(UserWarning, match="SLURM_NTASKS=4 but this process is not in an srun step"):
-        distributed.launch_env()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_PORT"]) == ("0", "1", "31234")
+        assert distributed.launch_env() is True  # a lone process
+    # It joins through an in-process store: nothing for child processes to inherit.
+    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+    assert os.environ["MASTER_PORT"] == "31234"
+
+
+def test_lone_process_leaves_no_rank_or_port_for_its_children(monkeypatch):
+    """A child started by a lone process (conversion, preprocessing) must not inherit a
+    RANK/MASTER_PORT whose port the parent's process group holds (it failed with EADDRINUSE)."""
+    import os
+    import subprocess
+    import sys
+
+    for key in list(os.environ):
+        if key.startswith("SLURM_") or key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                               "MASTER_PORT"):
+            monkeypatch.delenv(key)
+    code = ("import os, torch.distributed as dist\n"
+            "from megatron_sail.platform import distributed\n"
+            "distributed.init_process_group()\n"
+            "assert dist.get_world_size() == 1 and dist.get_rank() == 0\n"
+            "import subprocess, sys\n"
+            "child = 'from megatron_sail.platform import distributed; distributed.init_process_group(); print(\"ok\")'\n"
+            "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True).stdout.strip())\n"
+            "print(sorted(k for k in ('RANK', 'WORLD_SIZE', 'MASTER_PORT') if k in os.environ))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["ok", "[]"]
