@@ -5,7 +5,6 @@ and locked at start, and resume checks (tokenizer, LR schedule, --train-iters) n
 import json
 import os
 import pickle
-import socket
 
 import numpy as np
 import pytest
@@ -16,12 +15,6 @@ from megatron_sail.training import checkpoint as ckpt
 from megatron_sail.training import integrity, resume_checks, save_dir
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def one_rank():
     """torch.distributed and Megatron's groups on one rank (the checkpoint code is collective)."""
@@ -30,11 +23,14 @@ def one_rank():
 
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()))
-    distributed.initialize(ParallelConfig())
-    yield
-    distributed.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        # A lone process (in-process store); nothing is left in the environment for the
+        # subprocesses of later tests to inherit.
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            mp.delenv(key, raising=False)
+        distributed.initialize(ParallelConfig())
+        yield
+        distributed.shutdown()
 
 
 class Net(torch.nn.Module):
