@@ -194,18 +194,25 @@ def check_stream(prefix: str, name: str, ds, itemsize: int) -> None:
                                     f"the index is damaged")
 
 
+def _check_image_counts(prefix: str, token_docs: int, images, image_meta: np.ndarray) -> str:
+    """The image stream has one row per token row and the image table one line per image (cheap
+    at any size, so both check levels run it); returns the table's path for later messages."""
+    if token_docs != len(images.document_indices):
+        raise DatasetIntegrityError(f"{prefix}.images.idx: {len(images.document_indices) - 1} rows, "
+                                    f"{prefix}.tokens.idx has {token_docs - 1}")
+    meta_path = f"{prefix}.images_meta.npy"
+    if image_meta.ndim != 2 or image_meta.shape[1] != 6 or len(image_meta) != len(images):
+        raise DatasetIntegrityError(f"{meta_path}: shape {image_meta.shape}, expected ({len(images)}, 6)")
+    return meta_path
+
+
 def check_rows(prefix: str, tokens, loss_mask, images, image_meta: np.ndarray) -> None:
     """The three streams and the image table describe the same rows and samples."""
     if not np.array_equal(tokens.index.sequence_lengths, loss_mask.index.sequence_lengths) or \
             not np.array_equal(tokens.document_indices, loss_mask.document_indices):
         raise DatasetIntegrityError(f"{prefix}.loss_mask.idx: sample lengths differ from "
                                     f"{prefix}.tokens.idx (mixed or damaged outputs)")
-    if len(tokens.document_indices) != len(images.document_indices):
-        raise DatasetIntegrityError(f"{prefix}.images.idx: {len(images.document_indices) - 1} rows, "
-                                    f"{prefix}.tokens.idx has {len(tokens.document_indices) - 1}")
-    meta_path = f"{prefix}.images_meta.npy"
-    if image_meta.ndim != 2 or image_meta.shape[1] != 6 or len(image_meta) != len(images):
-        raise DatasetIntegrityError(f"{meta_path}: shape {image_meta.shape}, expected ({len(images)}, 6)")
+    meta_path = _check_image_counts(prefix, len(tokens.document_indices), images, image_meta)
     if not len(image_meta):
         return
     if (image_meta[:, :2] < 1).any() or (image_meta[:, 3:5] < 1).any():
@@ -284,12 +291,7 @@ def check_rows_cheap(prefix: str, tokens, loss_mask, images, image_meta: np.ndar
             or not np.array_equal(t_docs[d], loss_mask.document_indices[d]):
         raise DatasetIntegrityError(f"{prefix}.loss_mask.idx: sample lengths differ from "
                                     f"{prefix}.tokens.idx (mixed or damaged outputs)")
-    if len(t_docs) != len(images.document_indices):
-        raise DatasetIntegrityError(f"{prefix}.images.idx: {len(images.document_indices) - 1} rows, "
-                                    f"{prefix}.tokens.idx has {len(t_docs) - 1}")
-    meta_path = f"{prefix}.images_meta.npy"
-    if image_meta.ndim != 2 or image_meta.shape[1] != 6 or len(image_meta) != len(images):
-        raise DatasetIntegrityError(f"{meta_path}: shape {image_meta.shape}, expected ({len(images)}, 6)")
+    meta_path = _check_image_counts(prefix, len(t_docs), images, image_meta)
     if not len(image_meta):
         return
     j = sample_indices(len(image_meta), CHEAP_SAMPLE)
