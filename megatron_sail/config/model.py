@@ -112,6 +112,16 @@ class LanguageConfig:
     """Bias on q/k/v (Qwen2: yes; Qwen3: no; no other linear has a bias)."""
     kv_channels: int | None = None
     """Per-head width when it is not hidden_size / num_heads (Qwen3's head_dim); None = derived."""
+    num_experts: int = 0
+    """Routed experts per MoE layer (Qwen3-MoE's num_experts); 0 = a dense SwiGLU MLP."""
+    moe_ffn_hidden_size: int | None = None
+    """SwiGLU width of one expert (Qwen3-MoE's moe_intermediate_size); None = ffn_hidden_size."""
+    moe_router_topk: int = 8
+    """Experts each token is routed to (num_experts_per_tok)."""
+    moe_norm_topk_prob: bool = True
+    """Renormalize the top-k routing weights to sum to 1 (Qwen3-MoE's norm_topk_prob)."""
+    moe_aux_loss_coeff: float = 0.001
+    """Load-balancing auxiliary loss coefficient (Qwen3-MoE's router_aux_loss_coef)."""
 
     def __post_init__(self):
         from megatron_sail.models.families import language_family
@@ -122,6 +132,19 @@ class LanguageConfig:
             raise ValueError(f"LanguageConfig: hidden_size {self.hidden_size} must be divisible by num_heads "
                              f"{self.num_heads} (or kv_channels set), and num_heads by num_kv_heads "
                              f"{self.num_kv_heads}")
+        if self.num_experts and not 0 < self.moe_router_topk <= self.num_experts:
+            raise ValueError(f"LanguageConfig: moe_router_topk {self.moe_router_topk} must be in "
+                             f"1..num_experts ({self.num_experts})")
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the decoder's MLPs are routed mixtures of experts."""
+        return self.num_experts > 0
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        """SwiGLU width of one expert."""
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     @property
     def head_dim(self) -> int:

@@ -1,6 +1,9 @@
-"""Parallel layout of one run: tensor, sequence, pipeline (incl. virtual) parallelism.
+"""Parallel layout of one run: tensor, sequence, pipeline (incl. virtual), expert parallelism.
 
-Data parallelism is whatever is left of the world size after TP x PP.
+Data parallelism is whatever is left of the world size after TP x PP. Expert parallelism (EP)
+splits the routed experts of MoE layers over ranks; as in Megatron-Core it lives inside the
+data-parallel x tensor-parallel ranks of a stage (TP x EP x PP must divide the world size), and
+the experts' gradients are reduced over the ranks left after EP (the expert-data-parallel group).
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ class ParallelConfig:
     """Sequence parallelism inside the TP group (needs tp > 1 to have an effect)."""
     vpp: int | None = None
     """Virtual pipeline stages (model chunks) per pipeline rank; None = no interleaving."""
+    ep: int = 1
+    """Expert-parallel size (Megatron-LM's --expert-model-parallel-size): routed experts are
+    split over this many ranks; must divide the number of experts."""
     first_stage_layers: int | None = None
     """LM layers on the first pipeline stage (lighter, since it also runs the ViT); None = even."""
     last_stage_layers: int | None = None
@@ -35,8 +41,9 @@ class ParallelConfig:
     reduce. None: on with CUDA and the distributed optimizer."""
 
     def __post_init__(self):
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"ParallelConfig: tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
+        if self.tp < 1 or self.pp < 1 or self.ep < 1:
+            raise ValueError(f"ParallelConfig: tp, pp and ep must be >= 1, got tp={self.tp} "
+                             f"pp={self.pp} ep={self.ep}")
         if self.distributed_timeout_minutes < 1:
             raise ValueError(f"--distributed-timeout-minutes must be >= 1, got "
                              f"{self.distributed_timeout_minutes}")
@@ -52,4 +59,7 @@ class ParallelConfig:
         """Ranks left for data parallelism; errors when TP x PP does not divide the world."""
         if world_size % (self.tp * self.pp):
             raise ValueError(f"world size {world_size} is not divisible by tp*pp={self.tp * self.pp}")
+        if world_size % (self.tp * self.ep * self.pp):
+            raise ValueError(f"world size {world_size} is not divisible by tp*ep*pp="
+                             f"{self.tp * self.ep * self.pp} (--expert-model-parallel-size {self.ep})")
         return world_size // (self.tp * self.pp)

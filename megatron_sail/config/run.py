@@ -89,6 +89,7 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--pipeline-model-parallel-size", "parallel", "pp", "int"),
     ("--num-layers-per-virtual-pipeline-stage", "derived", "layers_per_virtual_stage", "int"),
     ("--sequence-parallel", "parallel", "sp", "flag"),
+    ("--expert-model-parallel-size", "parallel", "ep", "int"),
     ("--distributed-timeout-minutes", "parallel", "distributed_timeout_minutes", "int"),
     ("--overlap-grad-reduce", "parallel", "overlap_grad_reduce", "flag"),
     ("--overlap-param-gather", "parallel", "overlap_param_gather", "flag"),

@@ -145,23 +145,48 @@ _TE_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
                  "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
 
 
-def _local_layer(layer_cls, mask_type, qk) -> ModuleSpec:
-    """Pre-norm transformer layer built only from modules that run on any device."""
+def _moe(use_te: bool, num_experts: int) -> ModuleSpec:
+    """Megatron-Core's MoELayer: a router and the routed experts (TE: grouped GEMM; local: one
+    torch MLP per expert, which runs on CPU). Expert parallelism is the layer's own business."""
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.moe import moe_utils
+
+    # megatron-core 0.16.1 imports te_general_gemm only when TE imports, yet its router GEMM
+    # tests the name unconditionally (a NameError without TE); None selects its torch path.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    return get_moe_module_spec(use_te=use_te, num_experts=num_experts, moe_grouped_gemm=use_te)
+
+
+def _local_layer(layer_cls, mask_type, qk, num_experts: int = 0) -> ModuleSpec:
+    """Pre-norm transformer layer built only from modules that run on any device.
+
+    With ``num_experts`` the MLP is a routed MoE; its norm stays a separate module in both specs
+    (TE cannot fuse it into a router), so only the attention norm key is renamed."""
+    keys = dict(_TE_NORM_KEYS)
+    if num_experts:
+        del keys["pre_mlp_layernorm."]
     return ModuleSpec(module=layer_cls, submodules=TransformerLayerSubmodules(
         input_layernorm=SPNorm, self_attention=_local_attention(mask_type, qk),
-        self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=SPNorm, mlp=_local_mlp(),
-        mlp_bda=get_bias_dropout_add, sharded_state_dict_keys_map=dict(_TE_NORM_KEYS)))
+        self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=SPNorm,
+        mlp=_moe(False, num_experts) if num_experts else _local_mlp(),
+        mlp_bda=get_bias_dropout_add, sharded_state_dict_keys_map=keys))
 
 
-def _te_layer(layer_cls, mask_type, qk, core_attention) -> ModuleSpec:
-    """Same layer with TE fused norm+linear modules (norm weights live inside the linears)."""
+def _te_layer(layer_cls, mask_type, qk, core_attention, num_experts: int = 0) -> ModuleSpec:
+    """Same layer with TE fused norm+linear modules (norm weights live inside the linears;
+    an MoE layer keeps its own pre-MLP TE norm)."""
     from megatron.core.extensions.transformer_engine import (
-        TELayerNormColumnParallelLinear, TERowParallelLinear)
+        TELayerNormColumnParallelLinear, TENorm, TERowParallelLinear)
 
     attn = ModuleSpec(module=SelfAttention, params={"attn_mask_type": mask_type},
                       submodules=SelfAttentionSubmodules(
                           linear_qkv=TELayerNormColumnParallelLinear, core_attention=core_attention,
                           linear_proj=TERowParallelLinear, q_layernorm=qk, k_layernorm=qk))
+    if num_experts:
+        return ModuleSpec(module=layer_cls, submodules=TransformerLayerSubmodules(
+            self_attention=attn, self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=TENorm,
+            mlp=_moe(True, num_experts), mlp_bda=get_bias_dropout_add))
     mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(
         linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear))
     return ModuleSpec(module=layer_cls, submodules=TransformerLayerSubmodules(
@@ -169,15 +194,17 @@ def _te_layer(layer_cls, mask_type, qk, core_attention) -> ModuleSpec:
         mlp_bda=get_bias_dropout_add))
 
 
-def language_layer_spec(use_te: bool, qk_norm: bool = False) -> ModuleSpec:
-    """Decoder layer: causal attention (TE: fused THD kernels; local: SDPA), and with
-    ``qk_norm`` an RMSNorm over each head of q and k (Qwen3; TE's norm or the SP-capable one)."""
+def language_layer_spec(use_te: bool, qk_norm: bool = False, num_experts: int = 0) -> ModuleSpec:
+    """Decoder layer: causal attention (TE: fused THD kernels; local: SDPA), with ``qk_norm``
+    an RMSNorm over each head of q and k (Qwen3; TE's norm or the SP-capable one), and with
+    ``num_experts`` a routed MoE in place of the dense SwiGLU (Qwen3-MoE)."""
     if use_te:
         from megatron.core.extensions.transformer_engine import TEDotProductAttention, TENorm
 
         return _te_layer(TransformerLayer, AttnMaskType.causal, TENorm if qk_norm else IdentityOp,
-                         TEDotProductAttention)
-    return _local_layer(TransformerLayer, AttnMaskType.causal, SPNorm if qk_norm else IdentityOp)
+                         TEDotProductAttention, num_experts)
+    return _local_layer(TransformerLayer, AttnMaskType.causal, SPNorm if qk_norm else IdentityOp,
+                        num_experts)
 
 
 def vision_layer_spec(use_te: bool, vision) -> ModuleSpec:
@@ -203,7 +230,8 @@ def vision_layer_spec(use_te: bool, vision) -> ModuleSpec:
 def language_block_spec(config, use_te: bool, vp_stage=None) -> TransformerBlockSubmodules:
     """The LM's layers on this pipeline stage plus its final norm (SP-capable when local).
 
-    Per-head QK-norm follows ``config.qk_layernorm``, which the language family sets."""
+    Per-head QK-norm follows ``config.qk_layernorm`` and MoE ``config.num_moe_experts``, which
+    the language family sets."""
     from megatron.core import parallel_state
 
     n = get_num_layers_to_build(config, vp_stage=vp_stage,
@@ -212,5 +240,6 @@ def language_block_spec(config, use_te: bool, vp_stage=None) -> TransformerBlock
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
         final_norm = SPFinalNorm
-    return TransformerBlockSubmodules(layer_specs=[language_layer_spec(use_te, config.qk_layernorm)] * n,
+    return TransformerBlockSubmodules(layer_specs=[language_layer_spec(
+        use_te, config.qk_layernorm, config.num_moe_experts or 0)] * n,
                                       layer_norm=final_norm)

@@ -86,6 +86,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
+        expert_model_parallel_size=parallel.ep,
         distributed_timeout_minutes=int(parallel.distributed_timeout_minutes),
     )
     torch.manual_seed(seed)

@@ -56,6 +56,9 @@ class FlopsShape:
     """Rows of the output layer (151936); padding rows count, the kernel multiplies them."""
     lm_gated_mlp: bool = True
     """SwiGLU (three matrices) rather than a plain two-matrix MLP."""
+    lm_experts: int = 0
+    """Routed experts per MoE layer (0: dense). ``lm_ffn`` is then the active width, top-k x
+    expert width, and the router adds a hidden x experts matrix per token."""
     vit_class_tokens: int = 1
     """Tokens the ViT adds to the patches (InternViT: 1 class token; AIMv2: none)."""
     vit_gated_mlp: bool = False
@@ -102,7 +105,7 @@ def lm_forward_flops(s: FlopsShape, seqlens: Iterable[int]) -> float:
     """Forward FLOPs of the LM over real sub-sequences of the given lengths (causal attention)."""
     q = s.lm_heads * s.lm_head_dim
     kv = s.lm_kv_heads * s.lm_head_dim
-    mlp = (3 if s.lm_gated_mlp else 2) * s.lm_hidden * s.lm_ffn
+    mlp = (3 if s.lm_gated_mlp else 2) * s.lm_hidden * s.lm_ffn + s.lm_hidden * s.lm_experts
     per_token_layer = 2 * (s.lm_hidden * (q + 2 * kv) + q * s.lm_hidden + mlp)
     per_token_head = 2 * s.lm_hidden * s.vocab_size
     tokens = 0

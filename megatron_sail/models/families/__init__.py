@@ -11,6 +11,7 @@ from megatron_sail.models.families.aimv2 import AIMv2Family
 from megatron_sail.models.families.internvit import InternViTFamily
 from megatron_sail.models.families.qwen2 import Qwen2Family
 from megatron_sail.models.families.qwen3 import Qwen3Family
+from megatron_sail.models.families.qwen3_moe import Qwen3MoeFamily
 
 VISION_FAMILIES: dict[str, VisionFamily] = {
     "internvit": InternViTFamily(),
@@ -21,6 +22,7 @@ VISION_FAMILIES: dict[str, VisionFamily] = {
 LANGUAGE_FAMILIES: dict[str, LanguageFamily] = {
     "qwen2": Qwen2Family(),
     "qwen3": Qwen3Family(),
+    "qwen3_moe": Qwen3MoeFamily(),
 }
 """Language model families by ``LanguageConfig.family``."""
 

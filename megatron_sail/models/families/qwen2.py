@@ -43,6 +43,7 @@ class Qwen2Family(LanguageFamily):
             **self.transformer_config_kwargs(lm),
             tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
             virtual_pipeline_model_parallel_size=parallel.vpp,
+            expert_model_parallel_size=parallel.ep,
             num_layers_in_first_pipeline_stage=parallel.first_stage_layers if parallel.pp > 1 else None,
             num_layers_in_last_pipeline_stage=parallel.last_stage_layers if parallel.pp > 1 else None,
             sequence_parallel=parallel.sequence_parallel, params_dtype=dtype, pipeline_dtype=dtype,
