@@ -31,6 +31,11 @@ def variant(name: str) -> ModelConfig:
         return dataclasses.replace(
             cfg, language=dataclasses.replace(cfg.language, family="qwen3", qkv_bias=False,
                                               kv_channels=48, tie_embeddings=False))
+    if name == "qwen3_moe":  # Qwen3-MoE LM: 4 experts of width 64, top-2, renormalized, untied
+        return dataclasses.replace(
+            cfg, language=dataclasses.replace(cfg.language, family="qwen3_moe", qkv_bias=False,
+                                              kv_channels=48, tie_embeddings=False, num_experts=4,
+                                              moe_ffn_hidden_size=64, moe_router_topk=2))
     if name == "aimv2":  # AIMv2 encoder: RMSNorm, SwiGLU, no bias, no class token
         return dataclasses.replace(
             cfg, vision=dataclasses.replace(cfg.vision, family="aimv2", norm_type="rms_norm",
