@@ -131,6 +131,26 @@ def _patch_megatron_rng():
     logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
 
 
+def _patch_megatron_moe():
+    """Give Megatron's MoE token dispatcher its all-to-all split sizes as host numbers.
+
+    The alltoall dispatcher computes the per-rank split sizes on the device and moves them to
+    the host with ``maybe_move_tensor_to_cpu(..., as_numpy=True)``, which only converts CUDA
+    tensors; on CPU they stayed tensors, and gloo's ``all_to_all_single`` refuses tensor split
+    sizes. CPU tensors asked for as numpy become numpy arrays here, as GPU ones already do."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def to_host(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = to_host
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host
+
+
 def install() -> None:
     """Install the CPU backend once per process (idempotent)."""
     global _INSTALLED, _MODE
@@ -140,6 +160,7 @@ def install() -> None:
         raise RuntimeError("CPU backend requested on a machine with CUDA; use the GPU path")
     _patch_torch_cuda()
     _patch_megatron_rng()
+    _patch_megatron_moe()
     _MODE = CudaToCpuMode()
     _MODE.__enter__()
     _INSTALLED = True
