@@ -100,13 +100,11 @@ def synthetic_micro_batch(model_cfg, seq_length: int, rows: int, tiles_per_row: 
     tokens = torch.randint(0, vocab - 1, (rows, seq_length), generator=gen)
     tokens[tokens == img] = 0
     loss_mask = torch.ones(rows, seq_length)
-    position_ids = torch.empty(rows, seq_length, dtype=torch.int64)
     for k in range(samples_per_row):
         lo, hi = int(bounds[k]), int(bounds[k + 1])
         tokens[:, lo + 1:lo + 1 + per_sample[k] * tpt] = img
         loss_mask[:, lo:lo + 1 + per_sample[k] * tpt] = 0.0
         loss_mask[:, hi - 1] = 0.0
-        position_ids[:, lo:hi] = torch.arange(hi - lo)
     labels = torch.zeros_like(tokens)
     labels[:, :-1] = tokens[:, 1:]
     labels[:, bounds[1:] - 1] = 0
@@ -114,7 +112,7 @@ def synthetic_micro_batch(model_cfg, seq_length: int, rows: int, tiles_per_row: 
     side = model_cfg.vision.image_size
     n_tiles = rows * tiles_per_row
     return MicroBatch(
-        tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=position_ids,
+        tokens=tokens, labels=labels, loss_mask=loss_mask,
         cu_seqlens=torch.from_numpy(cu.astype(np.int32)), max_seqlen=int(np.diff(bounds).max()),
         tiles=torch.randn(n_tiles, 3, side, side, generator=gen), num_images=n_tiles,
         num_tiles=n_tiles, decode_failures=0, failed_sources=[])

@@ -143,12 +143,14 @@ def reference_logits(hf_dir: Path, inputs: Inputs, dtype: torch.dtype, device: t
     from transformers import InternVLForConditionalGeneration
 
     from megatron_sail.convert.checkpoint import read_hf_checkpoint, transformers_config
+    from megatron_sail.convert.hf_internvl import from_hf_config, to_transformers_params
 
     hf = read_hf_checkpoint(hf_dir)
     config = transformers_config(hf.config)
     with torch.device(device):
         model = InternVLForConditionalGeneration(config).to(dtype)
-    missing, unexpected = model.load_state_dict(hf.state, strict=False)
+    state = to_transformers_params(hf.state, from_hf_config(config))  # e.g. experts fused in memory
+    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = bool(config.tie_word_embeddings)
     if unexpected or [k for k in missing if not (tied and k == "lm_head.weight")]:
         raise ValueError(f"{hf_dir}: state dict does not fit InternVL: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -167,17 +169,16 @@ def our_logits(chunks: list, inputs: Inputs, device: torch.device) -> torch.Tens
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     ids = inputs.input_ids[None].to(device)
-    pos = torch.arange(ids.size(1), device=device)[None]
     dtype = next(chunks[0].parameters()).dtype
     tiles = inputs.tiles.to(device, dtype)
 
     def forward_step(_data, model):
-        out = model(ids, pos, tiles=tiles)
+        out = model(ids, tiles=tiles)
         return out, lambda output, non_loss_data=False: output.detach()
 
     with torch.no_grad():
         if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-            return chunks[0](ids, pos, tiles=tiles)[0].float()
+            return chunks[0](ids, tiles=tiles)[0].float()
         res = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter([None]), model=chunks,
             num_microbatches=1, seq_length=ids.size(1), micro_batch_size=1,

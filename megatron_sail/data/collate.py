@@ -26,10 +26,9 @@ class MicroBatch:
     """int64 [B, N] next-token targets."""
     loss_mask: torch.Tensor
     """float32 [B, N]; zero for padding, untrained tokens and samples whose image failed."""
-    position_ids: torch.Tensor
-    """int64 [B, N] RoPE positions, restarting at 0 per sample."""
     cu_seqlens: torch.Tensor
-    """int32 [segments + 1] boundaries of every segment of every row in the flattened B*N tokens."""
+    """int32 [segments + 1] boundaries of every segment of every row in the flattened B*N tokens;
+    the model's RoPE positions restart at each of them (there are no separate position ids)."""
     max_seqlen: int
     """Longest segment, for variable-length attention kernels."""
     tiles: torch.Tensor
@@ -99,7 +98,6 @@ def collate_rows(rows: list[PackedRow], pipeline: ImagePipeline, image_token_id:
         tokens=torch.from_numpy(np.stack([r.tokens for r in rows]).astype(np.int64)),
         labels=torch.from_numpy(np.stack([r.labels for r in rows]).astype(np.int64)),
         loss_mask=loss_mask,
-        position_ids=torch.from_numpy(np.stack([r.position_ids for r in rows]).astype(np.int64)),
         cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
         max_seqlen=int(np.diff(cu).max()),
         tiles=tiles,
@@ -116,7 +114,7 @@ def collate_rows(rows: list[PackedRow], pipeline: ImagePipeline, image_token_id:
 def _check_row(row: PackedRow, b: int, n: int, image_token_id: int | None, tokens_per_tile: int) -> None:
     """Reject rows that cannot be stacked or whose images do not fit their samples, naming the row."""
     where = f"row {b} (first image {row.images[0].source})" if row.images else f"row {b}"
-    for name in ("tokens", "labels", "loss_mask", "position_ids"):
+    for name in ("tokens", "labels", "loss_mask"):
         if getattr(row, name).shape != (n,):
             raise ValueError(f"{where}: {name} has shape {getattr(row, name).shape}, expected ({n},)")
     cu = row.cu_seqlens

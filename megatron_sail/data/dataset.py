@@ -69,24 +69,21 @@ class PackedDataset:
         tokens = np.full(n, self.tokenizer_meta.pad_id, dtype=np.int64)
         labels = np.zeros(n, dtype=np.int64)
         loss_mask = np.zeros(n, dtype=np.float32)
-        position_ids = np.zeros(n, dtype=np.int64)
         bounds = [0]
         for t, m in zip(toks, masks):
             a, b = bounds[-1], bounds[-1] + len(t)
             tokens[a:b] = t
             labels[a:b - 1] = t[1:]
             loss_mask[a:b] = m
-            position_ids[a:b] = np.arange(len(t))
             bounds.append(b)
         if bounds[-1] < n:
-            position_ids[bounds[-1]:] = np.arange(n - bounds[-1])
             bounds.append(n)
         images = []
         for j in image_ids:
             cols, rows, thumb, w, h, sample = (int(v) for v in self.reader.image_meta[j])
             images.append(ImageRecord(self.reader.image_bytes(j), (cols, rows), bool(thumb), (w, h),
                                       sample - first, f"{self.prefix}:{j}"))
-        return PackedRow(tokens, labels, loss_mask, position_ids, np.asarray(bounds, dtype=np.int32),
+        return PackedRow(tokens, labels, loss_mask, np.asarray(bounds, dtype=np.int32),
                          len(toks), images)
 
 

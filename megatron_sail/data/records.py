@@ -52,10 +52,9 @@ class PackedRow:
     (the last position of each sample has target 0 and loss_mask 0)."""
     loss_mask: np.ndarray
     """float32 [seq_length]: 1.0 where labels[t] is an assistant (trained) token."""
-    position_ids: np.ndarray
-    """int64 [seq_length]: RoPE positions, restarting at 0 for each sample."""
     cu_seqlens: np.ndarray
-    """int32 [segments + 1]: segment boundaries, first 0, last seq_length."""
+    """int32 [segments + 1]: segment boundaries, first 0, last seq_length. They are also the
+    positions' only source: RoPE restarts at 0 at each boundary inside the model."""
     num_samples: int
     """Real (non-padding) samples in the row; segments beyond these are padding."""
     images: list[ImageRecord] = field(default_factory=list)

@@ -140,15 +140,16 @@ class SailVLModel(MegatronModule):
         blank = emb.new_zeros(1, 3, side, side)
         return self.visual_tokens(blank).sum().to(emb.dtype) * 0.0
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                tiles: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, gather_logits: bool = True):
+    def forward(self, input_ids: torch.Tensor, tiles: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                gather_logits: bool = True):
         """Per-token loss [B, S] when ``labels`` is given, else logits [B, S, V].
 
-        input_ids / position_ids / labels: [B, S]. tiles: [T, 3, H, W] (T may be 0).
-        cu_seqlens: int32 segment offsets flattened over the batch (default: one segment per
-        row). position_ids are accepted for the interface; RoPE positions restart at every
-        segment boundary, which is what packed rows carry. On stages without post_process the
+        input_ids / labels: [B, S]. tiles: [T, 3, H, W] (T may be 0). cu_seqlens: int32
+        segment offsets flattened over the batch (default: one segment per row). There are no
+        position ids: the decoder's only positions are RoPE's, and Megatron-Core's THD RoPE
+        restarts them at every cu_seqlens boundary (each segment reads the table from 0), which
+        is exactly "positions restart per packed sample". On stages without post_process the
         hidden states for the next stage are returned.
         """
         b, s = input_ids.shape

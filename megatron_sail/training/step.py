@@ -48,8 +48,8 @@ def _to_device(batch) -> dict:
     """Model inputs of one micro-batch (data/collate.py MicroBatch) on the model's device."""
     b = batch.to(device(), non_blocking=True)
     tiles = b.tiles if b.tiles is not None and b.tiles.numel() else None
-    return {"input_ids": b.tokens, "position_ids": b.position_ids, "labels": b.labels,
-            "cu_seqlens": b.cu_seqlens, "tiles": tiles, "loss_mask": b.loss_mask}
+    return {"input_ids": b.tokens, "labels": b.labels, "cu_seqlens": b.cu_seqlens,
+            "tiles": tiles, "loss_mask": b.loss_mask}
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

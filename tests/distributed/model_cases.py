@@ -85,19 +85,17 @@ def sample(cfg: ModelConfig, text_lens: list[int], tiles_per_image: list[int], t
 
 
 def pack(samples, length: int | None = None):
-    """Pack samples into one row: ids/positions [1, S], tiles [T,...], cu_seqlens (pad = own segment)."""
+    """Pack samples into one row: ids [1, S], tiles [T,...], cu_seqlens (pad = own segment)."""
     ids = torch.cat([s[0] for s in samples])
-    pos = torch.cat([torch.arange(len(s[0])) for s in samples])
     cu = [0]
     for s in samples:
         cu.append(cu[-1] + len(s[0]))
     if length is not None and length > len(ids):
         pad = length - len(ids)
         ids = torch.cat([ids, torch.zeros(pad, dtype=ids.dtype)])
-        pos = torch.cat([pos, torch.arange(pad)])
         cu.append(length)
     tiles = torch.cat([s[1] for s in samples]) if samples else torch.zeros(0, 3, 1, 1)
-    return ids[None], pos[None], tiles, torch.tensor(cu, dtype=torch.int32)
+    return ids[None], tiles, torch.tensor(cu, dtype=torch.int32)
 
 
 def build_ours(cfg: ModelConfig, parallel=None, pre_process=True, post_process=True,
@@ -111,14 +109,14 @@ def build_ours(cfg: ModelConfig, parallel=None, pre_process=True, post_process=T
 
 def batch(rows, seq_len: int):
     """Stack packed rows into one micro-batch dict; cu_seqlens flattened over the batch."""
-    ids, pos, tiles, cus = [], [], [], []
+    ids, tiles, cus = [], [], []
     for r, samples in enumerate(rows):
-        i, p, t, cu = pack(samples, seq_len)
-        ids.append(i), pos.append(p), tiles.append(t)
+        i, t, cu = pack(samples, seq_len)
+        ids.append(i), tiles.append(t)
         cus.append(cu[(1 if r else 0):] + r * seq_len)
     ids = torch.cat(ids)
     g = torch.Generator().manual_seed(int(ids.sum()))
-    return {"input_ids": ids, "position_ids": torch.cat(pos),
+    return {"input_ids": ids,
             "tiles": torch.cat([t for t in tiles if t.numel()] or [torch.zeros(0, 3, 32, 32)]),
             "cu_seqlens": torch.cat(cus).to(torch.int32),
             "labels": torch.randint(0, 200, ids.shape, generator=g)}

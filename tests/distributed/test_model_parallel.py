@@ -38,8 +38,7 @@ def _run_schedule(model, batches, forward_only):
     def step(data_iterator, m):
         b = next(data_iterator)
         labels = None if forward_only else b["labels"]
-        out = m(b["input_ids"], b["position_ids"], b["tiles"], labels=labels,
-                cu_seqlens=b["cu_seqlens"])
+        out = m(b["input_ids"], b["tiles"], labels=labels, cu_seqlens=b["cu_seqlens"])
 
         def loss_func(output):
             if forward_only:

@@ -24,7 +24,7 @@ def _hf_parity(cfg, hf, ours):
         ids, tiles = mc.sample(cfg, texts, imgs, tile, seed=len(name))
         with torch.no_grad():
             ref = hf(input_ids=ids[None], pixel_values=tiles if imgs else None).logits
-            got = ours(ids[None], torch.arange(len(ids))[None], tiles)
+            got = ours(ids[None], tiles)
         errs[name] = (ref - got).abs().max().item()
     return errs
 
@@ -33,12 +33,12 @@ def _packing(cfg, ours):
     """Packed row vs each sample alone: max |logit diff| over the real tokens."""
     samples = [mc.sample(cfg, [3, 4], [2], 32, 11), mc.sample(cfg, [6], [], 32, 12),
                mc.sample(cfg, [2, 2], [1], 32, 13)]
-    ids, pos, tiles, cu = mc.pack(samples, length=40)
+    ids, tiles, cu = mc.pack(samples, length=40)
     with torch.no_grad():
-        packed = ours(ids, pos, tiles, cu_seqlens=cu)[0]
+        packed = ours(ids, tiles, cu_seqlens=cu)[0]
         err, start = 0.0, 0
         for s_ids, s_tiles in samples:
-            alone = ours(s_ids[None], None, s_tiles)[0]
+            alone = ours(s_ids[None], s_tiles)[0]
             err = max(err, (packed[start:start + len(s_ids)] - alone).abs().max().item())
             start += len(s_ids)
     return err
@@ -48,7 +48,7 @@ def _text_only_grads(cfg, ours):
     """Text-only batch: loss backward must give every trainable parameter a gradient."""
     ours.zero_grad(set_to_none=True)
     ids = torch.randint(0, cfg.img_context_token_id, (2, 12))
-    loss = ours(ids, None, torch.zeros(0, 3, 32, 32), labels=ids)
+    loss = ours(ids, torch.zeros(0, 3, 32, 32), labels=ids)
     loss.sum().backward()
     missing = [n for n, p in ours.named_parameters() if p.requires_grad and p.grad is None]
     vit_zero = all(p.grad.abs().sum() == 0 for p in ours.vision_model.parameters())
@@ -63,7 +63,7 @@ def _freeze_step(cfg, ours):
     trainable = [p for p in ours.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
     ids, tiles = mc.sample(cfg, [4, 4], [2], 32, 21)
-    ours(ids[None], None, tiles, labels=ids[None]).sum().backward()
+    ours(ids[None], tiles, labels=ids[None]).sum().backward()
     opt.step()
     moved = {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])}
     ours.freeze()  # unfreeze all again
@@ -74,7 +74,7 @@ def _mismatch_error(cfg, ours):
     """The error raised when <IMG_CONTEXT> count and tiles disagree."""
     ids, tiles = mc.sample(cfg, [4, 4], [2], 32, 31)
     try:
-        ours(ids[None], None, tiles[:1])
+        ours(ids[None], tiles[:1])
     except ValueError as e:
         return str(e)
     return None

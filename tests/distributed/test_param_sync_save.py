@@ -17,7 +17,7 @@ def _batches(cfg, rank: int) -> list:
     b = mc.micro_batches(cfg)[rank % 2]
     return [MicroBatch(tokens=b["input_ids"], labels=b["labels"],
                        loss_mask=torch.ones(b["input_ids"].shape),
-                       position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"], max_seqlen=32,
+                       cu_seqlens=b["cu_seqlens"], max_seqlen=32,
                        tiles=b["tiles"], num_images=1, num_tiles=int(b["tiles"].shape[0]),
                        decode_failures=0, failed_sources=[])]
 

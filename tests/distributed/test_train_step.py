@@ -21,7 +21,7 @@ def _share(rank):
             tiles = torch.randn(3 + i, 3, 4, 4)
             counts = (2 + i, 3 + i, 1)
         return MicroBatch(tokens=torch.full((2, 8), rank), labels=torch.zeros(2, 8, dtype=torch.long),
-                          loss_mask=mask, position_ids=torch.zeros(2, 8, dtype=torch.long),
+                          loss_mask=mask,
                           cu_seqlens=torch.tensor([0, 8, 16], dtype=torch.int32), max_seqlen=8,
                           tiles=tiles, num_images=counts[0], num_tiles=counts[1],
                           decode_failures=counts[2], failed_sources=[])

@@ -33,7 +33,7 @@ def _train_forward(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(SEED)
     tensor_parallel.model_parallel_cuda_manual_seed(SEED)
     with torch.no_grad():
-        loss = model(batch["input_ids"], batch["position_ids"], batch["tiles"],
+        loss = model(batch["input_ids"], batch["tiles"],
                      labels=batch["labels"], cu_seqlens=batch["cu_seqlens"]).mean()
     return feats, loss
 

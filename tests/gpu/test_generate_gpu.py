@@ -57,6 +57,6 @@ def test_te_spec_generates_through_the_cache_wrapper(setup):
         ids = torch.tensor(p.ids, device="cuda")[None]
         tiles = p.tiles.cuda().to(torch.bfloat16) if p.tiles.size(0) else None
         with torch.no_grad():
-            logits = te(ids, None, tiles)[0, -1].float()
+            logits = te(ids, tiles)[0, -1].float()
         logits[list(live.stop_ids)] = float("-inf")  # min_new_tokens masks them at step 0
         assert res.token_ids[0] == int(logits.argmax())

@@ -30,8 +30,8 @@ def setup():
     load_hf_into(local, {k: v.cpu() for k, v in hf.state_dict().items()}, cfg)
     samples = [mc.sample(cfg, [3, 4], [2], 32, 1), mc.sample(cfg, [5], [], 32, 2),
                mc.sample(cfg, [2, 3], [1], 32, 3)]
-    ids, pos, tiles, cu = mc.pack(samples, length=48)
-    return mc, cfg, hf, local, samples, (ids.cuda(), pos.cuda(), tiles.cuda(), cu.cuda())
+    ids, tiles, cu = mc.pack(samples, length=48)
+    return mc, cfg, hf, local, samples, (ids.cuda(), tiles.cuda(), cu.cuda())
 
 
 def test_local_spec_matches_transformers_on_cuda(setup):
@@ -39,7 +39,7 @@ def test_local_spec_matches_transformers_on_cuda(setup):
     ids, tiles = samples[0]
     with torch.no_grad():
         ref = hf(input_ids=ids[None].cuda(), pixel_values=tiles.cuda()).logits
-        got = local(ids[None].cuda(), None, tiles.cuda())
+        got = local(ids[None].cuda(), tiles.cuda())
     assert (ref - got).abs().max().item() < 1e-3
 
 
@@ -54,11 +54,11 @@ def _bf16_local(cfg, local):
 
 def _assert_within_bf16(te, local16, local, inputs):
     """TE's logits are as close to the fp32 local model's as bf16 allows."""
-    ids, pos, tiles, cu = inputs
+    ids, tiles, cu = inputs
     with torch.no_grad():
-        want = local(ids, pos, tiles, cu_seqlens=cu).float()
-        got = te(ids, pos, tiles, cu_seqlens=cu).float()
-        yardstick = local16(ids, pos, tiles, cu_seqlens=cu).float()
+        want = local(ids, tiles, cu_seqlens=cu).float()
+        got = te(ids, tiles, cu_seqlens=cu).float()
+        yardstick = local16(ids, tiles, cu_seqlens=cu).float()
     err, ref_err = (got - want).abs().max().item(), (yardstick - want).abs().max().item()
     scale = max(1.0, want.abs().max().item())
     print(f"max |TE bf16 - fp32| {err:.3e}, |local bf16 - fp32| {ref_err:.3e}, scale {scale:.2f}")

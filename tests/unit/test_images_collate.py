@@ -30,15 +30,13 @@ def row(n: int, lengths: list[int], images: list[ImageRecord], seed: int = 0) ->
     rng = np.random.default_rng(seed)
     tokens = rng.integers(1000, 2000, n)
     cu = np.concatenate([[0], np.cumsum(lengths)])
-    pos = tokens * 0
     for s, (a, b) in enumerate(zip(cu, cu[1:])):
-        pos[a:b] = np.arange(b - a)
         k = sum(img.num_tiles for img in images if img.sample == s) * 4
         tokens[a + 1:a + 1 + k] = IMG
     if cu[-1] < n:
         cu = np.append(cu, n)
     return PackedRow(tokens=tokens.astype(np.int64), labels=np.roll(tokens, -1).astype(np.int64),
-                     loss_mask=np.ones(n, np.float32), position_ids=pos.astype(np.int64),
+                     loss_mask=np.ones(n, np.float32),
                      cu_seqlens=cu.astype(np.int32), num_samples=len(lengths), images=images)
 
 
@@ -65,7 +63,6 @@ def test_tiles_follow_image_order_across_rows(pipe):
     assert mb.cu_seqlens.dtype == torch.int32
     assert mb.cu_seqlens.tolist() == [0, 20, 32, 40, 80]
     assert mb.max_seqlen == 40 and mb.decode_failures == 0
-    assert torch.equal(mb.position_ids[0, 20:23], torch.tensor([0, 1, 2]))
 
 
 def test_failed_image_masks_only_its_sample(pipe):
