@@ -2,7 +2,9 @@
 
 Which architecture each part is comes from its ``family`` field (a name in
 ``models/families``); configs without one (older model_config.yaml files) mean InternViT +
-Qwen2. Recipes ``tiny()``, ``sail_2b()`` and ``sail_8b()`` return the shapes of SAIL-VL.md.
+Qwen2. Recipes ``tiny()``, ``sail_2b()`` and ``sail_8b()`` return the shapes of SAIL-VL.md;
+``sail_vl15_2b()``, ``sail_vl2_2b()``, ``sail_vl2_8b()`` and ``sail_vl2_30b_a3b()`` the later
+releases (sources next to them).
 """
 from __future__ import annotations
 
@@ -214,5 +216,86 @@ def sail_8b() -> ModelConfig:
     )
 
 
-RECIPES = {"tiny": tiny, "sail_2b": sail_2b, "sail_8b": sail_8b}
+# ----------------------------------------------------------------- later releases (AIMv2 / Qwen3)
+# Sources (checked 2026-12, details and URLs in docs/architecture.md, "What the released SAIL-VL
+# models use"): the SAIL-VL2-2B hub config.json (vision_config, llm_config) and
+# model.safetensors.index.json (mirrored in GitHub Nagareshita/pdf_analyzer, SAIL-VL2-2B/);
+# apple/aimv2-huge-patch14-* config.json; the Qwen3-8B and Qwen3-30B-A3B configs; the model
+# cards' architecture tables (SAIL-VL-1d5-2B, SAIL-VL2-*); the SAIL-VL2 report (arXiv 2509.14033).
+
+SAIL_VL2_IMG_CONTEXT_ID = 151671
+"""<IMG_CONTEXT> id of SAIL-VL2 (hard-coded in its remote modeling_sailvl.py ``generate``); the
+trainer and converters read the real id from the tokenizer, this is only the recipe default."""
+
+
+def _aimv2_huge() -> VisionConfig:
+    """AIMv2-Huge at 448 px = SAIL-VL2's SAILViT-Huge: 1536 wide, 24 layers, 12 heads, SwiGLU
+    4096, patch 14, RMSNorm eps 1e-5, no biases, no class token (SAIL-VL2-2B vision_config,
+    whose configuration_sailvit.py is AIMv2-Huge-448's). select_layer -1: SAIL-VL2-2B's config.
+    drop_path_rate 0: not published for either model (InternViT's 0.1 comes from InternVL)."""
+    return VisionConfig(family="aimv2", hidden_size=1536, num_layers=24, num_heads=12,
+                        ffn_hidden_size=4096, patch_size=14, image_size=448, norm_type="rms_norm",
+                        norm_eps=1e-5, qkv_bias=False, qk_norm=False, drop_path_rate=0.0,
+                        select_layer=-1)
+
+
+def _qwen25_1p5b() -> LanguageConfig:
+    """Qwen2.5-1.5B (SAIL-VL.md; the LM of SAIL-VL-2B and SAIL-VL-1.5-2B)."""
+    return LanguageConfig(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+                          ffn_hidden_size=8960, vocab_size=151936, tie_embeddings=True)
+
+
+def sail_vl15_2b() -> ModelConfig:
+    """SAIL-VL-1.5-2B: AIMv2-Huge (448 px) + Qwen2.5-1.5B (model card table). The encoder's
+    shape is AIMv2-Huge's config; select_layer -1 is SAIL-VL2's (1.5's config.json not read)."""
+    return ModelConfig(vision=_aimv2_huge(), language=_qwen25_1p5b())
+
+
+def sail_vl2_2b() -> ModelConfig:
+    """SAIL-VL2-2B: SAILViT-Huge + Qwen3-1.7B, every number from its config.json (28 layers,
+    2048 wide, 16/8 heads of 128, SwiGLU 6144, vocab 151936, tied, RoPE 1e6, 40960 positions)."""
+    return ModelConfig(
+        vision=_aimv2_huge(),
+        language=LanguageConfig(family="qwen3", hidden_size=2048, num_layers=28, num_heads=16,
+                                num_kv_heads=8, kv_channels=128, ffn_hidden_size=6144,
+                                vocab_size=151936, tie_embeddings=True, qkv_bias=False,
+                                max_position_embeddings=40960),
+        img_context_token_id=SAIL_VL2_IMG_CONTEXT_ID)
+
+
+def sail_vl2_8b() -> ModelConfig:
+    """SAIL-VL2-8B: SAILViT-Huge + Qwen3-8B (model card). The LM shape is Qwen3-8B's config.json
+    (36 layers, 4096 wide, 32/8 heads of 128, SwiGLU 12288, vocab 151936, untied); SAIL-VL2-8B's
+    own config.json was not read."""
+    return ModelConfig(
+        vision=_aimv2_huge(),
+        language=LanguageConfig(family="qwen3", hidden_size=4096, num_layers=36, num_heads=32,
+                                num_kv_heads=8, kv_channels=128, ffn_hidden_size=12288,
+                                vocab_size=151936, tie_embeddings=False, qkv_bias=False,
+                                max_position_embeddings=40960),
+        img_context_token_id=SAIL_VL2_IMG_CONTEXT_ID)
+
+
+def sail_vl2_30b_a3b() -> ModelConfig:
+    """SAIL-VL2-30B-A3B (the report's MoE model on Qwen3-30B-A3B; no hub checkpoint seen).
+
+    LM = Qwen3-30B-A3B: 48 layers, 2048 wide, 32/4 heads of 128, 128 experts of SwiGLU 768,
+    top-8 renormalized, aux-loss 0.001, vocab 151936, untied. ``ffn_hidden_size`` is unused
+    (every layer is sparse; 6144 is the HF config's ``intermediate_size``). ASSUMED: the vision
+    encoder is SAILViT-Huge - the report says "fixed-resolution SAIL-ViT" without a size, and
+    Huge is the only fixed-resolution SAILViT the hub lists."""
+    return ModelConfig(
+        vision=_aimv2_huge(),
+        language=LanguageConfig(family="qwen3_moe", hidden_size=2048, num_layers=48,
+                                num_heads=32, num_kv_heads=4, kv_channels=128,
+                                ffn_hidden_size=6144, vocab_size=151936, tie_embeddings=False,
+                                qkv_bias=False, max_position_embeddings=40960, num_experts=128,
+                                moe_ffn_hidden_size=768, moe_router_topk=8,
+                                moe_norm_topk_prob=True, moe_aux_loss_coeff=0.001),
+        img_context_token_id=SAIL_VL2_IMG_CONTEXT_ID)
+
+
+RECIPES = {"tiny": tiny, "sail_2b": sail_2b, "sail_8b": sail_8b, "sail_vl15_2b": sail_vl15_2b,
+           "sail_vl2_2b": sail_vl2_2b, "sail_vl2_8b": sail_vl2_8b,
+           "sail_vl2_30b_a3b": sail_vl2_30b_a3b}
 """Named model recipes."""

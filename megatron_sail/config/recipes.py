@@ -2,7 +2,9 @@
 train + checkpoint configs for a given stage. YAML and flags override the result (config/run.py).
 
 Batch sizes and sequence lengths of SAIL-VL were not published; the values for sail_2b / sail_8b
-follow InternVL2.5 (16,384-token packed rows, global batch 512) and are OUR ASSUMPTIONS.
+follow InternVL2.5 (16,384-token packed rows, global batch 512) and are OUR ASSUMPTIONS; the
+later releases' recipes (sail_vl15_2b, sail_vl2_*) reuse them, with model shapes from their
+configs (config/model.py).
 """
 from __future__ import annotations
 
@@ -65,8 +67,49 @@ def sail_8b(stage: str = "pretrain-alignment") -> RunConfig:
                                    recompute_granularity="selective", run_dir="runs/sail_8b"))
 
 
-RECIPES: dict[str, Callable[[str], RunConfig]] = {"tiny": tiny, "sail_2b": sail_2b,
-                                                  "sail_8b": sail_8b}
+def _h100_train(run_dir: str, recompute: str | None = None) -> TrainConfig:
+    """The 2B/8B recipes' training loop settings (our assumptions, as for sail_2b/sail_8b)."""
+    return TrainConfig(train_iters=100_000, global_batch_size=512, micro_batch_size=1, bf16=True,
+                       log_interval=10, eval_interval=1000, eval_iters=10,
+                       recompute_granularity=recompute, run_dir=run_dir)
+
+
+def sail_vl15_2b(stage: str = "pretrain-alignment") -> RunConfig:
+    """SAIL-VL-1.5-2B (AIMv2-Huge + Qwen2.5-1.5B), sized like sail_2b: TP=2 with SP (12 ViT and
+    12 LM heads split evenly)."""
+    return _base("sail_vl15_2b", stage, model_cfg.sail_vl15_2b(), ParallelConfig(tp=2, sp=True),
+                 ImageConfig(backend="auto", tile_size=448), seq_length=16384,
+                 train=_h100_train("runs/sail_vl15_2b"))
+
+
+def sail_vl2_2b(stage: str = "pretrain-alignment") -> RunConfig:
+    """SAIL-VL2-2B (SAILViT-Huge + Qwen3-1.7B) on 8xH100 nodes: TP=2 with SP."""
+    return _base("sail_vl2_2b", stage, model_cfg.sail_vl2_2b(), ParallelConfig(tp=2, sp=True),
+                 ImageConfig(backend="auto", tile_size=448), seq_length=16384,
+                 train=_h100_train("runs/sail_vl2_2b"))
+
+
+def sail_vl2_8b(stage: str = "pretrain-alignment") -> RunConfig:
+    """SAIL-VL2-8B (SAILViT-Huge + Qwen3-8B) on 8xH100 nodes: TP=4 with SP, PP=2 (18 + 18
+    layers), selective recompute, as sail_8b."""
+    return _base("sail_vl2_8b", stage, model_cfg.sail_vl2_8b(), ParallelConfig(tp=4, pp=2, sp=True),
+                 ImageConfig(backend="auto", tile_size=448), seq_length=16384,
+                 train=_h100_train("runs/sail_vl2_8b", "selective"))
+
+
+def sail_vl2_30b_a3b(stage: str = "pretrain-alignment") -> RunConfig:
+    """SAIL-VL2-30B-A3B (MoE, 128 experts, top-8) on two 8xH100 nodes: EP=8 (16 experts per
+    rank), PP=2 (24 + 24 layers), TP=1. The report trains its MoE with pipeline + expert
+    parallelism on Megatron (section 5.2); the exact layout was not published."""
+    return _base("sail_vl2_30b_a3b", stage, model_cfg.sail_vl2_30b_a3b(),
+                 ParallelConfig(tp=1, pp=2, ep=8),
+                 ImageConfig(backend="auto", tile_size=448), seq_length=16384,
+                 train=_h100_train("runs/sail_vl2_30b_a3b", "selective"))
+
+
+RECIPES: dict[str, Callable[[str], RunConfig]] = {
+    "tiny": tiny, "sail_2b": sail_2b, "sail_8b": sail_8b, "sail_vl15_2b": sail_vl15_2b,
+    "sail_vl2_2b": sail_vl2_2b, "sail_vl2_8b": sail_vl2_8b, "sail_vl2_30b_a3b": sail_vl2_30b_a3b}
 """Named run recipes (--recipe)."""
 
 

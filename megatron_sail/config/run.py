@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron_sail.train", description=__doc__,
                                 allow_abbrev=False)
     p.add_argument("--recipe", default=None,
-                   help="tiny, sail_2b or sail_8b (default: tiny; with --load / --init-from "
+                   help="tiny, sail_2b, sail_8b, sail_vl15_2b, sail_vl2_2b, sail_vl2_8b or "
+                        "sail_vl2_30b_a3b (default: tiny; with --load / --init-from "
                         "and no --recipe the model comes from the checkpoint)")
     p.add_argument("--stage", default=None, help="training stage name (default: the recipe's)")
     p.add_argument("--config", default=None, help="YAML file overriding recipe fields")
@@ -261,6 +262,7 @@ def finalize(cfg: RunConfig) -> RunConfig:
     if t.tensorboard_dir is None:
         t.tensorboard_dir = os.path.join(t.run_dir, "tensorboard")
     cfg.parallel.__post_init__()  # re-check the layout after flags set its fields
+    cfg.parallel.check_experts(cfg.model.language.num_experts)
     return cfg
 
 
