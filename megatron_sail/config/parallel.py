@@ -55,6 +55,23 @@ class ParallelConfig:
         """SP is only meaningful with TP > 1; Megatron rejects it otherwise."""
         return self.sp and self.tp > 1
 
+    def check_experts(self, num_experts: int) -> None:
+        """Refuse expert layouts that Megatron-Core would reject later, or deep inside a
+        layer: EP without routed experts, experts that do not split evenly over the EP ranks,
+        and an MoE model trained with TP but without sequence parallelism (megatron-core
+        0.16.1's MoELayer raises on it at the first training forward)."""
+        if self.ep > 1 and num_experts <= 0:
+            raise ValueError(f"--expert-model-parallel-size {self.ep} needs a mixture-of-experts "
+                             "language model (num_experts > 0, e.g. family qwen3_moe); this "
+                             "model is dense")
+        if num_experts and num_experts % self.ep:
+            raise ValueError(f"--expert-model-parallel-size {self.ep} must divide the number of "
+                             f"experts ({num_experts})")
+        if num_experts and self.tp > 1 and not self.sp:
+            raise ValueError(f"a mixture-of-experts model at --tensor-model-parallel-size "
+                             f"{self.tp} needs --sequence-parallel (Megatron-Core's MoE layer "
+                             "refuses TP without SP in training)")
+
     def data_parallel_size(self, world_size: int) -> int:
         """Ranks left for data parallelism; errors when TP x PP does not divide the world."""
         if world_size % (self.tp * self.pp):
