@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 
 from megatron_sail.config.model import ModelConfig
 from megatron_sail.config.parallel import ParallelConfig
-from megatron_sail.convert import hf_assets, hf_internvl, hf_io, internvl_chat
+from megatron_sail.convert import hf_assets, hf_internvl, hf_io, internvl_chat, sailvl_layout
+from megatron_sail.models.families import vision_family
 
 MODEL_CONFIG_FILE = "model_config.yaml"
 HF_CONFIG_FILE = "hf_config.json"
@@ -51,8 +52,9 @@ class ConvertConfig:
     max_shard_bytes: int = 5 * 1024**3
     """Largest safetensors file written by mcore -> hf."""
     layout: str = "hf"
-    """mcore -> hf output: 'hf' (transformers InternVL, AutoProcessor-ready) or 'chat'
-    (InternVL-chat with the remote code the checkpoint carries, for trust_remote_code loaders)."""
+    """mcore -> hf output: 'hf' (transformers InternVL, AutoProcessor-ready; InternViT models
+    only) or 'chat' (the hub's remote-code layout with the remote code the checkpoint carries,
+    for trust_remote_code loaders: InternVL-chat for InternViT, SAIL-VL2's 'sailvl' for AIMv2)."""
     tokenizer: Optional[str] = None
     """mcore -> hf: tokenizer to write instead of the checkpoint's tokenizer/ (needed when it
     records none): tokenizer.json or a tokenizer folder, checked against the model's ids."""
@@ -71,9 +73,12 @@ class HFCheckpoint:
     state: dict
     """Tensors under InternVLForConditionalGeneration's module keys (model.*, lm_head.*)."""
     layout: str
-    """'hf' or 'chat': the layout it was read from."""
+    """'hf', 'chat' (InternVL-chat) or 'sailvl' (SAIL-VL2): the layout it was read from."""
     path: Path
     """Folder it was read from (tokenizer files are copied from here)."""
+    model_config: Optional[ModelConfig] = None
+    """Our ModelConfig, for layouts whose vision tower transformers' InternVL cannot describe
+    (sailvl: AIMv2); then ``config`` is the source config.json. None: from ``config``."""
 
 
 def read_hf_checkpoint(hf_dir: str | os.PathLike) -> HFCheckpoint:
@@ -81,15 +86,24 @@ def read_hf_checkpoint(hf_dir: str | os.PathLike) -> HFCheckpoint:
     hf_dir = Path(hf_dir)
     config = hf_io.read_config(hf_dir)
     raw = hf_io.read_state_dict(hf_dir)
-    if internvl_chat.is_chat_config(config):
+    if internvl_chat.is_chat_config(config) or sailvl_layout.is_sailvl_config(config):
         tid = internvl_chat.resolve_image_token_id(
             config, lambda tok: hf_io.find_added_token_id(hf_dir, tok))
+        if sailvl_layout.is_sailvl_config(config):
+            return HFCheckpoint(config, sailvl_layout.to_hf_state_dict(raw), "sailvl", hf_dir,
+                                sailvl_layout.model_config(config, tid))
         return HFCheckpoint(internvl_chat.chat_config_to_hf(config, tid),
                             internvl_chat.chat_to_hf_state_dict(raw), "chat", hf_dir)
     if config.get("model_type") != "internvl":
         raise ValueError(f"{hf_dir}/config.json: model_type {config.get('model_type')!r} is neither "
-                         f"'internvl' (transformers) nor '{internvl_chat.CHAT_MODEL_TYPE}' (InternVL-chat)")
+                         f"'internvl' (transformers), '{internvl_chat.CHAT_MODEL_TYPE}' (InternVL-chat) "
+                         f"nor '{sailvl_layout.SAILVL_MODEL_TYPE}' (SAIL-VL2)")
     return HFCheckpoint(config, hf_io.to_module_keys(raw), "hf", hf_dir)
+
+
+def checkpoint_model_config(hf: HFCheckpoint) -> ModelConfig:
+    """Our ModelConfig of a read checkpoint, whatever its layout."""
+    return hf.model_config or hf_internvl.from_hf_config(transformers_config(hf.config))
 
 
 def transformers_config(config: dict):
@@ -164,8 +178,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
     _check_not_source(hf_dir, out_dir, "--hf-dir")
     _check_empty(out_dir, cfg.overwrite)
     hf = read_hf_checkpoint(hf_dir)
-    tcfg = transformers_config(hf.config)
-    model_config = hf_internvl.from_hf_config(tcfg)
+    model_config = checkpoint_model_config(hf)
     ours = hf_internvl.hf_to_ours(hf.state, model_config)
     unused = hf_internvl.unused_hf_tensors(hf.state, model_config)
     dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in hf.state.items()}
@@ -206,7 +219,7 @@ def _record_source(hf: HFCheckpoint, model_config: ModelConfig, tmp: Path) -> No
     raw = hf_io.read_config(hf.path)
     tile = model_config.vision.image_size
     hf_assets.settings_from_hf(hf.path, raw, model_config.tokens_per_tile(tile), tile).write(tmp)
-    if hf.layout == "chat":
+    if hf.layout in ("chat", "sailvl"):
         hf_assets.copy_source_files(hf.path, tmp / hf_assets.SOURCE_DIR,
                                     skip=hf_io.TOKENIZER_FILES + (hf_assets.PROCESSOR_FILE,))
 
@@ -243,6 +256,12 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
     _check_not_source(mcore_dir, out_dir, "--mcore-dir")
     _check_empty(out_dir, cfg.overwrite)
     model_config = read_model_config(mcore_dir)
+    if not vision_family(model_config.vision.family).in_internvl_container and cfg.layout != "chat":
+        raise ValueError(
+            f"{mcore_dir}: transformers' InternVL layout (--layout hf) cannot hold a "
+            f"{model_config.vision.family!r} vision tower (it has no class token and InternVL's "
+            "vision config cannot describe it); use --layout chat, which writes SAIL-VL2's "
+            "'sailvl' remote-code layout (docs/conversion.md)")
     tokenizer = _tokenizer_source(mcore_dir, cfg)
     settings = _processor_settings(mcore_dir, model_config)
     source = mcore_dir / hf_assets.SOURCE_DIR
@@ -255,6 +274,8 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
     [model] = build_model_chunks(model_config, ParallelConfig(), use_te=False)
     dist_ckpt.load_model([model], mcore_dir)
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    if not vision_family(model_config.vision.family).in_internvl_container:
+        return _write_sailvl(mcore_dir, out_dir, cfg, model_config, ours, tokenizer, settings, source)
     hf_config = _hf_config_for(mcore_dir, model_config)
     state = hf_internvl.ours_to_hf(ours, model_config)
     if model_config.language.tie_embeddings:
@@ -272,6 +293,49 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
         hf_io.write_safetensors(tmp, disk, cfg.max_shard_bytes)
         _write_side_files(tmp, tokenizer, settings, hf_config["image_token_id"], cfg.layout, source)
     return Path(out_dir)
+
+
+def _write_sailvl(mcore_dir: Path, out_dir, cfg: ConvertConfig, model_config: ModelConfig,
+                  ours: dict, tokenizer: Path, settings: hf_assets.ProcessorSettings,
+                  source: Path) -> Path:
+    """mcore -> SAIL-VL2's 'sailvl' layout (AIMv2 towers): tensors in the hub's names and source
+    dtypes, the tied LM head written too (as the hub file stores it), the source config.json
+    (rebuilt around the new shapes when the architecture changed), remote code and side files."""
+    stored = json.loads((source / "config.json").read_text())
+    if not sailvl_layout.is_sailvl_config(stored):
+        raise ValueError(f"{source}/config.json: model_type {stored.get('model_type')!r}; an "
+                         f"{model_config.vision.family!r} model exports to the "
+                         f"'{sailvl_layout.SAILVL_MODEL_TYPE}' layout, whose remote code it needs")
+    tid = model_config.img_context_token_id
+    state = hf_internvl.ours_to_hf(ours, model_config)
+    dtypes = _source_dtypes(mcore_dir)
+    state = {k: v.to(getattr(torch, dtypes.get(k, str(v.dtype).removeprefix("torch.")))).clone()
+             for k, v in state.items()}
+    state.update(_unused_sailvl_tensors(mcore_dir))
+    same = _comparable(sailvl_layout.model_config(stored, tid)) == _comparable(model_config)
+    config = stored if same else sailvl_layout.config_for(model_config, stored)
+    with hf_io.atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        hf_io.write_safetensors(tmp, sailvl_layout.from_hf_state_dict(state), cfg.max_shard_bytes)
+        _write_side_files(tmp, tokenizer, settings, tid, "chat", source)
+    return Path(out_dir)
+
+
+def _comparable(model_config: ModelConfig) -> ModelConfig:
+    """A ModelConfig without the fields a config.json does not record (drop path)."""
+    import dataclasses
+
+    return dataclasses.replace(model_config, vision=dataclasses.replace(
+        model_config.vision, drop_path_rate=0.0))
+
+
+def _unused_sailvl_tensors(mcore_dir: Path) -> dict[str, torch.Tensor]:
+    """Stored AIMv2 layers beyond ``select_layer`` (and the final norm they feed), source dtype
+    (the encoder's depth is part of the architecture, so they always still fit)."""
+    from safetensors.torch import load_file
+
+    path = mcore_dir / UNUSED_FILE
+    return dict(load_file(str(path))) if path.is_file() else {}
 
 
 def _tokenizer_source(mcore_dir: Path, cfg: ConvertConfig) -> Path:

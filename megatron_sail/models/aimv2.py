@@ -48,7 +48,10 @@ class AIMv2Encoder(InternViT):
         self.patch_embedding = torch.nn.Conv2d(3, d, vision.patch_size, vision.patch_size, dtype=dtype)
         self.patch_norm = torch.nn.Parameter(torch.ones(d, dtype=dtype))
         self.position_embedding = torch.nn.Parameter(torch.zeros(grid * grid, d, dtype=dtype))
-        self.final_norm = torch.nn.Parameter(torch.ones(d, dtype=dtype))
+        # The trunk's final norm feeds only the last layer's output: with an earlier select_layer
+        # it is never used, so (as the family's key map says) it is not built.
+        self.final_norm = (torch.nn.Parameter(torch.ones(d, dtype=dtype))
+                           if vision.layers_used == vision.num_layers else None)
         spec = layer_specs.vision_layer_spec(use_te, vision)
         spec.params = dict(spec.params, layer_scale_init=None, qkv_bias=False)
         self.encoder = TransformerBlock(
