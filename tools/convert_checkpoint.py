@@ -4,13 +4,16 @@
     python tools/convert_checkpoint.py hf-to-mcore --hf-dir HF --out MC
     python tools/convert_checkpoint.py mcore-to-hf --mcore-dir MC --out HF2 [--layout hf|chat]
 
-hf-to-mcore reads transformers' InternVL layout (model_type "internvl") or the InternVL-chat
-layout SAIL-VL publishes (model_type "internvl_chat"), safetensors sharded or not, and writes a
+hf-to-mcore reads transformers' InternVL layout (model_type "internvl"), the InternVL-chat
+layout SAIL-VL publishes (model_type "internvl_chat") or SAIL-VL2's (model_type "sailvl", an
+AIMv2 tower), safetensors sharded or not, and writes a
 Megatron-Core distributed checkpoint that loads at any TP/PP (plus model_config.yaml and the
-tokenizer, processor settings and, for InternVL-chat, the remote code). mcore-to-hf writes
+tokenizer, processor settings and, for the remote-code layouts, the remote code). mcore-to-hf writes
 transformers' layout with tokenizer, chat template, processor and generation configs
 (AutoProcessor + AutoModelForImageTextToText use it as is), or with --layout chat the
-InternVL-chat layout with its remote code (AutoModel.from_pretrained(trust_remote_code=True)).
+hub's remote-code layout with its remote code (AutoModel.from_pretrained(trust_remote_code=True)):
+InternVL-chat for InternViT models, "sailvl" for AIMv2 models (which transformers' InternVL
+cannot hold, so they need --layout chat).
 Runs in one process on CPU or one GPU; no torchrun needed.
 """
 from __future__ import annotations
@@ -34,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", required=True)
     b.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file")
     b.add_argument("--layout", choices=("hf", "chat"), default="hf",
-                   help="hf: transformers InternVL (default); chat: InternVL-chat + remote code")
+                   help="hf: transformers InternVL (default; InternViT models); chat: the hub's "
+                        "remote-code layout (InternVL-chat, or sailvl for AIMv2) + remote code")
     b.add_argument("--tokenizer", default=None,
                    help="tokenizer to write instead of the checkpoint's tokenizer/ (needed when it has none)")
     for s in (a, b):
