@@ -81,16 +81,18 @@ def inspect_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 def _inspect_hf(root: Path) -> Checkpoint:
     """HF folder of either layout: model config from its config.json, tokenizer from the folder."""
-    from megatron_sail.convert import hf_internvl, hf_io, internvl_chat
+    from megatron_sail.convert import hf_internvl, hf_io, internvl_chat, sailvl_layout
     from megatron_sail.convert.checkpoint import transformers_config
 
     raw = hf_io.read_config(root)
-    if internvl_chat.is_chat_config(raw):
-        tid = internvl_chat.resolve_image_token_id(raw, lambda t: hf_io.find_added_token_id(root, t))
-        hf_config = internvl_chat.chat_config_to_hf(raw, tid)
+    remote = internvl_chat.is_chat_config(raw) or sailvl_layout.is_sailvl_config(raw)
+    tid = (internvl_chat.resolve_image_token_id(raw, lambda t: hf_io.find_added_token_id(root, t))
+           if remote else None)
+    if sailvl_layout.is_sailvl_config(raw):  # SAIL-VL2: AIMv2 tower, no transformers container
+        model_config = sailvl_layout.model_config(raw, tid)
     else:
-        hf_config = raw
-    model_config = hf_internvl.from_hf_config(transformers_config(hf_config))
+        hf_config = internvl_chat.chat_config_to_hf(raw, tid) if remote else raw
+        model_config = hf_internvl.from_hf_config(transformers_config(hf_config))
     settings = _hf_settings(root, raw, model_config)
     return Checkpoint("hf", root, model_config, str(root), settings)
 

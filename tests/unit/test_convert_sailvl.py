@@ -10,7 +10,8 @@ SAIL-VL2-2B (model.safetensors.index.json / config.json: ``vision_model.preproce
 * hf-to-mcore -> mcore-to-hf --layout chat reproduces every tensor (bits and dtype), the
   config.json and the remote-code files byte for byte; the selected-away last layer and final
   norm come back from unused_hf_tensors;
-* --layout hf is refused with an error naming the limitation.
+* --layout hf is refused with an error naming the limitation;
+* generation's checkpoint inspection reads the hub folder (model config, tiling settings).
 """
 import json
 import subprocess
@@ -135,7 +136,10 @@ tiles = torch.randn(2, 3, t.IMAGE, t.IMAGE, generator=torch.Generator().manual_s
 raw = ck.hf_io.read_state_dict(src)
 with torch.no_grad():
     err = (model.vision_model(tiles) - t.aimv2_reference(raw, tiles, cfg.vision.layers_used)).abs().max().item()
+from megatron_sail.inference.loading import inspect_checkpoint
+ins = inspect_checkpoint(src)
 print("RESULT" + json.dumps(dict(refusal=refusal, err=err, family=cfg.vision.family,
+      inspect_same=ins.model_config == cfg, inspect_tiles=ins.settings.max_tiles,
       lm=cfg.language.family, layers_used=cfg.vision.layers_used, tokens=cfg.tokens_per_tile())))
 """
 
@@ -164,6 +168,7 @@ def test_sailvl_layout_parity_and_bit_exact_round_trip(tmp_path):
     res = json.loads(proc.stdout.split("RESULT")[-1])
     assert (res["family"], res["lm"], res["layers_used"], res["tokens"]) == ("aimv2", "qwen3", 2, 4)
     assert res["err"] < 1e-4, res["err"]  # names -> semantics are right (fc1/fc3/fc2, qkv order)
+    assert res["inspect_same"] and res["inspect_tiles"] == 6  # generation reads the hub folder too
     assert "cannot hold a 'aimv2' vision tower" in res["refusal"] and "--layout chat" in res["refusal"]
     assert (mc / "unused_hf_tensors.safetensors").is_file()  # block 2 and post_trunk_norm
     got = hf_io.read_state_dict(back)
