@@ -151,6 +151,62 @@ def _patch_megatron_moe():
     token_dispatcher.maybe_move_tensor_to_cpu = to_host
 
 
+class _DoneWork:
+    """Stands in for the work handle of a collective that already completed."""
+
+    def wait(self, *_a, **_k):
+        """Nothing to wait for."""
+        return True
+
+    def is_completed(self):
+        """Always complete."""
+        return True
+
+
+def _patch_uneven_collectives():
+    """List-form ``all_gather`` / ``reduce_scatter`` with parts of different lengths on gloo.
+
+    Megatron's MoE dispatcher under TP gathers (and in backward reduce-scatters) a different
+    number of routed tokens per TP rank; NCCL takes uneven parts, gloo refuses them ("invalid
+    tensor size"). Uneven calls become equal-sized ones here: gather parts padded to the
+    longest along dim 0, or all-reduce the concatenated parts and keep this rank's slice.
+    Equal-sized calls are passed through untouched."""
+    import torch.distributed as dist
+
+    all_gather, reduce_scatter = dist.all_gather, dist.reduce_scatter
+
+    def _uneven(parts) -> bool:
+        """Parts that differ in length (dim 0) and only there."""
+        shapes = {tuple(p.shape) for p in parts}
+        return len(shapes) > 1 and len({sh[1:] for sh in shapes}) == 1
+
+    def all_gather_uneven(tensor_list, tensor, group=None, async_op=False):
+        if not _uneven([*tensor_list, tensor]):
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        longest = max(p.shape[0] for p in tensor_list)
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[:tensor.shape[0]] = tensor
+        bufs = [torch.empty_like(padded) for _ in tensor_list]
+        all_gather(bufs, padded, group=group)
+        for out, buf in zip(tensor_list, bufs):
+            out.copy_(buf[:out.shape[0]])
+        return _DoneWork() if async_op else None
+
+    def reduce_scatter_uneven(output, input_list, op=dist.ReduceOp.SUM, group=None,
+                              async_op=False):
+        if not _uneven(input_list):
+            return reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        whole = torch.cat(list(input_list))
+        dist.all_reduce(whole, op=op, group=group)
+        rank = dist.get_rank(group)
+        start = sum(p.shape[0] for p in input_list[:rank])
+        output.copy_(whole[start:start + output.shape[0]])
+        return _DoneWork() if async_op else None
+
+    dist.all_gather = all_gather_uneven
+    dist.reduce_scatter = reduce_scatter_uneven
+
+
 def install() -> None:
     """Install the CPU backend once per process (idempotent)."""
     global _INSTALLED, _MODE
@@ -161,6 +217,7 @@ def install() -> None:
     _patch_torch_cuda()
     _patch_megatron_rng()
     _patch_megatron_moe()
+    _patch_uneven_collectives()
     _MODE = CudaToCpuMode()
     _MODE.__enter__()
     _INSTALLED = True
