@@ -179,3 +179,29 @@ def test_sailvl_layout_parity_and_bit_exact_round_trip(tmp_path):
     for name, text in remote.items():
         assert (back / name).read_text() == text
     assert hf_io.find_added_token_id(back, "<IMG_CONTEXT>") == image_id
+
+
+def test_sailvl_config_maps_to_our_config_and_back_after_a_shape_change():
+    """config.json -> ModelConfig; a resized vocabulary rewrites only the shape fields."""
+    import dataclasses
+
+    import pytest
+
+    from megatron_sail.convert import sailvl_layout as S
+
+    stored = hub_config(320)
+    cfg = S.model_config(stored, image_token_id=311)
+    v, lm = cfg.vision, cfg.language
+    assert (v.family, v.hidden_size, v.num_layers, v.select_layer, v.layers_used, v.norm_eps) == (
+        "aimv2", D, LAYERS, -2, 2, 1e-5)
+    assert (lm.family, lm.head_dim, lm.qkv_bias, lm.tie_embeddings, cfg.img_context_token_id) == (
+        "qwen3", 32, False, True, 311)
+    bigger = dataclasses.replace(cfg, language=dataclasses.replace(lm, vocab_size=384))
+    fresh = S.config_for(bigger, stored)
+    assert S.model_config(fresh, 311) == bigger
+    assert fresh["auto_map"] == stored["auto_map"] and fresh["template"] == "univl-chat"
+    assert stored["llm_config"]["vocab_size"] == 320  # the stored config is not modified
+    with pytest.raises(ValueError, match="qkv_bias=true is not supported"):
+        S.model_config({**stored, "vision_config": {**stored["vision_config"], "qkv_bias": True}}, 311)
+    with pytest.raises(ValueError, match="not an AIMv2-layout tower"):
+        S.model_config({**stored, "vision_config": {**stored["vision_config"], "model_type": "intern_vit_6b"}}, 311)
