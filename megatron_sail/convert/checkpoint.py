@@ -267,9 +267,10 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
     source = mcore_dir / hf_assets.SOURCE_DIR
     if cfg.layout == "chat" and not (source / "config.json").is_file():
         raise FileNotFoundError(
-            f"{mcore_dir}: --layout chat needs the InternVL-chat remote code and config in "
-            f"{hf_assets.SOURCE_DIR}/ (present when the weights came from an InternVL-chat "
-            "checkpoint through hf-to-mcore, and in training checkpoints started from one)")
+            f"{mcore_dir}: --layout chat needs the hub's remote code and config in "
+            f"{hf_assets.SOURCE_DIR}/ (InternVL-chat, or SAIL-VL2's sailvl for AIMv2 models; present "
+            "when the weights came from such a checkpoint through hf-to-mcore, and in training "
+            "checkpoints started from one)")
     _single_rank()
     [model] = build_model_chunks(model_config, ParallelConfig(), use_te=False)
     dist_ckpt.load_model([model], mcore_dir)
