@@ -37,7 +37,8 @@ class TinyCheckpointConfig:
     text_layers: int = 2
     """Qwen2 layers."""
     text_family: str = "qwen2"
-    """Text model family: 'qwen2', or 'qwen3' (QK-norm, no qkv bias, head_dim 24 != 64 / heads)."""
+    """Text model family: 'qwen2', 'qwen3' (QK-norm, no qkv bias, head_dim 24 != 64 / heads) or
+    'qwen3_moe' (Qwen3 attention, 4 routed experts of width 32 per layer, top-2, renormalized)."""
     heads: int = 4
     """Qwen2 attention heads (hidden 64, head dim 16)."""
     kv_heads: int = 2
@@ -73,8 +74,11 @@ def build_hf_config(cfg: TinyCheckpointConfig) -> dict:
             "intermediate_size": 128, "vocab_size": cfg.vocab_size, "rms_norm_eps": 1e-6,
             "max_position_embeddings": 4096, "tie_word_embeddings": cfg.tied,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-            **({"model_type": "qwen3", "head_dim": 24, "attention_bias": False,
-                "use_sliding_window": False} if cfg.text_family == "qwen3" else {}),
+            **({"model_type": cfg.text_family, "head_dim": 24, "attention_bias": False,
+                "use_sliding_window": False} if cfg.text_family in ("qwen3", "qwen3_moe") else {}),
+            **({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                "router_aux_loss_coef": 0.001} if cfg.text_family == "qwen3_moe" else {}),
         },
         "image_token_id": cfg.vocab_size - 1,
         "image_seq_length": tokens_per_side**2,
@@ -88,10 +92,14 @@ def build_hf_config(cfg: TinyCheckpointConfig) -> dict:
 
 
 def random_state_dict(hf_config: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Module-keyed weights of InternVLForConditionalGeneration, every tensor distinct and random."""
+    """Module-keyed weights of InternVLForConditionalGeneration, every tensor distinct and random,
+    named as ``save_pretrained`` writes them (one tensor per expert for MoE text models)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-    model = InternVLForConditionalGeneration(InternVLConfig(**hf_config))
+    from megatron_sail.convert.hf_internvl import from_hf_config, from_transformers_params
+
+    config = InternVLConfig(**hf_config)
+    model = InternVLForConditionalGeneration(config)
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, tensor in model.state_dict().items():
@@ -105,7 +113,7 @@ def random_state_dict(hf_config: dict, seed: int, dtype: torch.dtype) -> dict[st
         else:
             value = 0.05 * noise
         state[name] = value.to(dtype)
-    return state
+    return from_transformers_params(state, from_hf_config(config))
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> int:
@@ -161,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vision-layers", type=int, default=2)
     p.add_argument("--select-layer", type=int, default=-1)
     p.add_argument("--text-layers", type=int, default=2)
-    p.add_argument("--text-family", choices=("qwen2", "qwen3"), default="qwen2")
+    p.add_argument("--text-family", choices=("qwen2", "qwen3", "qwen3_moe"), default="qwen2")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=256)

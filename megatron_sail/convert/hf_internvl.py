@@ -182,6 +182,18 @@ def ours_to_hf(sd: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+def to_transformers_params(hf_sd: dict, cfg: ModelConfig) -> dict:
+    """Checkpoint tensors (module-prefixed names as read from safetensors) -> the state dict
+    ``InternVLForConditionalGeneration.load_state_dict`` takes (fused experts, for example)."""
+    return language_family(cfg.language.family).to_transformers_params(cfg.language, hf_sd, _L)
+
+
+def from_transformers_params(sd: dict, cfg: ModelConfig) -> dict:
+    """``InternVLForConditionalGeneration.state_dict()`` -> the tensors ``save_pretrained``
+    writes (module-prefixed names), which the key map and the converters use."""
+    return language_family(cfg.language.family).from_transformers_params(cfg.language, sd, _L)
+
+
 def load_hf_into(model, hf_sd: dict, cfg: ModelConfig) -> None:
     """Copy an HF state dict into a TP=1, PP=1 SailVLModel; errors on any missing weight."""
     ours = hf_to_ours(hf_sd, cfg)

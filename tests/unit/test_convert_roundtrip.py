@@ -99,24 +99,86 @@ def test_sharded_bf16_chat_layout_round_trip_is_bitwise(tmp_path):
     assert hf_io.read_config(back)["model_type"] == "internvl"
 
 
-def test_qwen3_text_model_round_trips_bitwise_in_both_layouts(tmp_path):
-    """A Qwen3 text model (QK-norm weights, no qkv bias, head_dim 24 with hidden 64 / 4 heads)
-    converts through the family specs: transformers layout and internvl_chat layout."""
+FAMILY_CASES = [(f, layout) for f in ("qwen3", "qwen3_moe") for layout in ("hf", "chat")]
+
+
+@pytest.fixture(scope="module")
+def family_round_trips(tmp_path_factory):
+    """Tiny Qwen3 and Qwen3-MoE checkpoints in both layouts, each converted to mcore and back;
+    all eight CLI calls in one subprocess (start-up dominates: a tiny conversion takes 0.2 s)."""
+    root = tmp_path_factory.mktemp("families")
+    calls, out = [], {}
+    for family, layout in FAMILY_CASES:
+        d = root / f"{family}_{layout}"
+        src = tiny.make_tiny_checkpoint(d / "src", tiny.TinyCheckpointConfig(
+            layout=layout, text_family=family, vocab_size=320, tokenizer=True))
+        calls += [["hf-to-mcore", "--hf-dir", str(src), "--out", str(d / "mc")],
+                  ["mcore-to-hf", "--mcore-dir", str(d / "mc"), "--out", str(d / "back")]]
+        out[family, layout] = (src, d / "mc", d / "back")
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import convert_checkpoint as c\n"
+            f"for argv in {calls!r}: assert c.main(argv) == 0")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("family,layout", FAMILY_CASES)
+def test_qwen3_text_models_round_trip_bitwise_in_both_layouts(family_round_trips, family, layout):
+    """Qwen3 (QK-norm weights, no qkv bias, head_dim 24 with hidden 64 / 4 heads) and Qwen3-MoE
+    (router + one gate/up/down tensor per expert on disk) convert through the family specs, in
+    transformers' layout and in the internvl_chat layout."""
     from megatron_sail.convert.checkpoint import read_model_config
 
+    src, mc, back = family_round_trips[family, layout]
+    expected = hf_io.read_state_dict(src)
+    arch = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[family]
+    if layout == "chat":
+        expected = hf_io.to_disk_keys(internvl_chat.chat_to_hf_state_dict(expected))
+        assert hf_io.read_config(src)["llm_config"]["architectures"] == [arch]
+    _assert_bitwise(expected, hf_io.read_state_dict(back))
+    assert any(k.endswith("self_attn.q_norm.weight") for k in expected)
+    assert hf_io.read_config(back)["text_config"]["model_type"] == family
+    lm = read_model_config(mc).language
+    assert (lm.family, lm.head_dim, lm.qkv_bias) == (family, 24, False)
+    if family == "qwen3_moe":
+        assert "language_model.model.layers.1.mlp.experts.3.up_proj.weight" in expected
+        assert "language_model.model.layers.1.mlp.gate.weight" in expected
+        assert (lm.num_experts, lm.moe_router_topk, lm.expert_ffn_hidden_size) == (4, 2, 32)
+        from torch.distributed.checkpoint import FileSystemReader
+
+        meta = FileSystemReader(str(mc)).read_metadata().state_dict_metadata
+        # experts are one sharded tensor [layers, experts, out, in]: loadable at any TP/EP
+        assert tuple(meta["language_model.decoder.layers.mlp.experts.experts.linear_fc1.weight"].size) == (2, 4, 64, 64)
+        assert tuple(meta["language_model.decoder.layers.mlp.router.weight"].size) == (2, 4, 64)
+
+
+def test_qwen3_moe_export_loads_in_transformers_with_the_same_logits(family_round_trips):
+    """Both exports load with AutoModelForImageTextToText (transformers fuses the per-expert
+    tensors itself) and give the logits of transformers' own load of the source checkpoint."""
+    from transformers import AutoModelForImageTextToText
+
+    from megatron_sail.convert.hf_internvl import from_hf_config, to_transformers_params
+    from megatron_sail.convert.checkpoint import read_hf_checkpoint, transformers_config
+
+    src = family_round_trips["qwen3_moe", "hf"][0]
+    ref = AutoModelForImageTextToText.from_pretrained(str(src)).eval()
+    ctx = hf_io.read_config(src)["image_token_id"]
+    text = [i for i in range(1, 10) if i != ctx]
+    ids = torch.tensor([text[:2] + [ctx] * 4 + text[2:6]])
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=pixels).logits
+    # our in-memory fusion is transformers' (compare_logits loads the reference through it)
+    hf = read_hf_checkpoint(src)
+    fused = to_transformers_params(hf.state, from_hf_config(transformers_config(hf.config)))
+    _assert_bitwise(ref.state_dict(), fused)
     for layout in ("hf", "chat"):
-        cfg = tiny.TinyCheckpointConfig(layout=layout, text_family="qwen3", vocab_size=320,
-                                        tokenizer=True)
-        src, mc, back = _round_trip(tmp_path / layout, cfg)
-        expected = hf_io.read_state_dict(src)
-        if layout == "chat":
-            expected = hf_io.to_disk_keys(internvl_chat.chat_to_hf_state_dict(expected))
-            assert hf_io.read_config(src)["llm_config"]["architectures"] == ["Qwen3ForCausalLM"]
-        _assert_bitwise(expected, hf_io.read_state_dict(back))
-        assert any(k.endswith("self_attn.q_norm.weight") for k in expected)
-        assert hf_io.read_config(back)["text_config"]["model_type"] == "qwen3"
-        lm = read_model_config(mc).language
-        assert (lm.family, lm.head_dim, lm.qkv_bias) == ("qwen3", 24, False)
+        back = family_round_trips["qwen3_moe", layout][2]
+        model, info = AutoModelForImageTextToText.from_pretrained(str(back), output_loading_info=True)
+        assert not (info["missing_keys"] or info["unexpected_keys"]), info
+        assert type(model.model.language_model).__name__ == "Qwen3MoeModel"
+        with torch.no_grad():
+            assert torch.equal(model.eval()(input_ids=ids, pixel_values=pixels).logits, want), layout
 
 
 def test_converter_refuses_an_existing_output_and_names_bad_input(tmp_path):

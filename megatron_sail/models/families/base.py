@@ -167,3 +167,14 @@ class LanguageFamily:
     def key_map(self, lm, ours: str, hf: str, hf_head: str) -> KeyMap:
         """Parameter map of the decoder; ``hf_head`` is the HF name of the output layer."""
         raise NotImplementedError
+
+    def to_transformers_params(self, lm, state: dict, hf: str) -> dict:
+        """Checkpoint tensors (the names ``save_pretrained`` writes, which ``key_map`` uses) ->
+        the parameters transformers' module holds in memory, for ``load_state_dict``; ``hf`` is
+        the text model's prefix. The same names for most families (identity)."""
+        return state
+
+    def from_transformers_params(self, lm, state: dict, hf: str) -> dict:
+        """Inverse of ``to_transformers_params``: a transformers module's ``state_dict()`` ->
+        the tensors its ``save_pretrained`` writes."""
+        return state

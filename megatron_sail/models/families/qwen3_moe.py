@@ -8,9 +8,14 @@ that is "top-k, then softmax over the k" (``moe_router_pre_softmax=False``) for 
 case and "softmax, then top-k" (``pre_softmax=True``) otherwise. The load-balancing loss is
 Megatron's ``aux_loss`` with Qwen3-MoE's ``router_aux_loss_coef``. Experts are split over the
 expert-parallel ranks (``ParallelConfig.ep``). HF side: ``Qwen3MoeForCausalLM`` (model_type
-"qwen3_moe"); on disk each expert is three tensors ``mlp.experts.{e}.{gate,up,down}_proj``.
+"qwen3_moe"); on disk each expert is three tensors ``mlp.experts.{e}.{gate,up,down}_proj``
+(what ``save_pretrained`` writes and ``key_map`` uses), while transformers 5.x holds them fused in
+memory (``mlp.experts.gate_up_proj`` [E, 2I, H] with [gate; up] per expert, ``down_proj``
+[E, H, I]): ``to_transformers_params`` / ``from_transformers_params`` convert between the two.
 """
 from __future__ import annotations
+
+import torch
 
 from megatron_sail.models.families.base import KeyMap
 from megatron_sail.models.families.qwen2 import rope_theta
@@ -77,3 +82,38 @@ class Qwen3MoeFamily(Qwen3Family):
             km.concat.append((ours + "linear_fc1.weight",
                               (hf + "gate_proj.weight", hf + "up_proj.weight")))
         return km
+
+    def to_transformers_params(self, lm, state: dict, hf: str) -> dict:
+        """Per-expert checkpoint tensors -> transformers' fused ``gate_up_proj`` / ``down_proj``
+        (stacked in expert order; gate rows before up rows, as its forward chunks them)."""
+        out = dict(state)
+        for i in range(lm.num_layers):
+            h = f"{hf}layers.{i}.mlp.experts."
+
+            def take(e: int, w: str):
+                key = f"{h}{e}.{w}_proj.weight"
+                if key not in out:
+                    raise KeyError(f"HF state dict is missing {key!r}")
+                return out.pop(key)
+
+            experts = range(lm.num_experts)
+            out[h + "gate_up_proj"] = torch.stack(
+                [torch.cat([take(e, "gate"), take(e, "up")], 0) for e in experts])
+            out[h + "down_proj"] = torch.stack([take(e, "down") for e in experts])
+        return out
+
+    def from_transformers_params(self, lm, state: dict, hf: str) -> dict:
+        """transformers' fused expert parameters -> one gate/up/down tensor per expert."""
+        out = dict(state)
+        for i in range(lm.num_layers):
+            h = f"{hf}layers.{i}.mlp.experts."
+            for name in ("gate_up_proj", "down_proj"):
+                if h + name not in out:
+                    raise KeyError(f"transformers state dict is missing {h + name!r}")
+            gate_up, down = out.pop(h + "gate_up_proj"), out.pop(h + "down_proj")
+            for e in range(lm.num_experts):
+                gate, up = gate_up[e].chunk(2, 0)
+                out[f"{h}{e}.gate_proj.weight"] = gate.contiguous()
+                out[f"{h}{e}.up_proj.weight"] = up.contiguous()
+                out[f"{h}{e}.down_proj.weight"] = down[e].contiguous()
+        return out
