@@ -3,7 +3,8 @@
 Which architecture each part is comes from its ``family`` field (a name in
 ``models/families``); configs without one (older model_config.yaml files) mean InternViT +
 Qwen2. Recipes ``tiny()``, ``sail_2b()`` and ``sail_8b()`` return the shapes of SAIL-VL.md;
-``sail_vl15_2b()``, ``sail_vl2_2b()``, ``sail_vl2_8b()`` and ``sail_vl2_30b_a3b()`` the later
+``sail_vl15_2b()``, ``sail_vl16_8b()``, ``sail_vl2_2b()``, ``sail_vl2_8b()`` and
+``sail_vl2_30b_a3b()`` the later
 releases (sources next to them).
 """
 from __future__ import annotations
@@ -251,6 +252,14 @@ def sail_vl15_2b() -> ModelConfig:
     return ModelConfig(vision=_aimv2_huge(), language=_qwen25_1p5b())
 
 
+def sail_vl16_8b() -> ModelConfig:
+    """SAIL-VL-1.6-8B: SAILViT-Huge (= AIMv2-Huge shape) + Qwen2.5-7B. The encoder: the SAILViT
+    model card ("Equipped with the SAILViT-Huge, our SAIL-VL-1d5-2B and SAIL-VL-1d6-8B ..."); the
+    LM: its card calls it "based on SAIL-VL-v1.5-8B" (Qwen2.5-7B, as sail_8b). Its config.json
+    was not read."""
+    return ModelConfig(vision=_aimv2_huge(), language=sail_8b().language)
+
+
 def sail_vl2_2b() -> ModelConfig:
     """SAIL-VL2-2B: SAILViT-Huge + Qwen3-1.7B, every number from its config.json (28 layers,
     2048 wide, 16/8 heads of 128, SwiGLU 6144, vocab 151936, tied, RoPE 1e6, 40960 positions)."""
@@ -296,6 +305,6 @@ def sail_vl2_30b_a3b() -> ModelConfig:
 
 
 RECIPES = {"tiny": tiny, "sail_2b": sail_2b, "sail_8b": sail_8b, "sail_vl15_2b": sail_vl15_2b,
-           "sail_vl2_2b": sail_vl2_2b, "sail_vl2_8b": sail_vl2_8b,
+           "sail_vl16_8b": sail_vl16_8b, "sail_vl2_2b": sail_vl2_2b, "sail_vl2_8b": sail_vl2_8b,
            "sail_vl2_30b_a3b": sail_vl2_30b_a3b}
 """Named model recipes."""

@@ -3,7 +3,7 @@ train + checkpoint configs for a given stage. YAML and flags override the result
 
 Batch sizes and sequence lengths of SAIL-VL were not published; the values for sail_2b / sail_8b
 follow InternVL2.5 (16,384-token packed rows, global batch 512) and are OUR ASSUMPTIONS; the
-later releases' recipes (sail_vl15_2b, sail_vl2_*) reuse them, with model shapes from their
+later releases' recipes (sail_vl15_2b, sail_vl16_8b, sail_vl2_*) reuse them, with model shapes from their
 configs (config/model.py).
 """
 from __future__ import annotations
@@ -82,6 +82,13 @@ def sail_vl15_2b(stage: str = "pretrain-alignment") -> RunConfig:
                  train=_h100_train("runs/sail_vl15_2b"))
 
 
+def sail_vl16_8b(stage: str = "pretrain-alignment") -> RunConfig:
+    """SAIL-VL-1.6-8B (SAILViT-Huge + Qwen2.5-7B), sized like sail_8b: TP=4 with SP, PP=2."""
+    return _base("sail_vl16_8b", stage, model_cfg.sail_vl16_8b(), ParallelConfig(tp=4, pp=2, sp=True),
+                 ImageConfig(backend="auto", tile_size=448), seq_length=16384,
+                 train=_h100_train("runs/sail_vl16_8b", "selective"))
+
+
 def sail_vl2_2b(stage: str = "pretrain-alignment") -> RunConfig:
     """SAIL-VL2-2B (SAILViT-Huge + Qwen3-1.7B) on 8xH100 nodes: TP=2 with SP."""
     return _base("sail_vl2_2b", stage, model_cfg.sail_vl2_2b(), ParallelConfig(tp=2, sp=True),
@@ -109,7 +116,7 @@ def sail_vl2_30b_a3b(stage: str = "pretrain-alignment") -> RunConfig:
 
 RECIPES: dict[str, Callable[[str], RunConfig]] = {
     "tiny": tiny, "sail_2b": sail_2b, "sail_8b": sail_8b, "sail_vl15_2b": sail_vl15_2b,
-    "sail_vl2_2b": sail_vl2_2b, "sail_vl2_8b": sail_vl2_8b, "sail_vl2_30b_a3b": sail_vl2_30b_a3b}
+    "sail_vl16_8b": sail_vl16_8b, "sail_vl2_2b": sail_vl2_2b, "sail_vl2_8b": sail_vl2_8b, "sail_vl2_30b_a3b": sail_vl2_30b_a3b}
 """Named run recipes (--recipe)."""
 
 
