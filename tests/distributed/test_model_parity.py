@@ -30,18 +30,33 @@ def _hf_parity(cfg, hf, ours):
 
 
 def _packing(cfg, ours):
-    """Packed row vs each sample alone: max |logit diff| over the real tokens."""
+    """Packed row vs each sample alone, over the real tokens: max |logit diff| and max |diff| of
+    the rotated queries and keys entering the first LM layer's core attention.
+
+    RoPE is relative, so logits alone barely move if positions ran on across samples instead of
+    restarting (q.k depends on m - n only); the rotated q/k themselves differ, by the rotation
+    of the sample's offset, unless the positions restart at its cu_seqlens boundary."""
     samples = [mc.sample(cfg, [3, 4], [2], 32, 11), mc.sample(cfg, [6], [], 32, 12),
                mc.sample(cfg, [2, 2], [1], 32, 13)]
     ids, tiles, cu = mc.pack(samples, length=40)
-    with torch.no_grad():
-        packed = ours(ids, tiles, cu_seqlens=cu)[0]
-        err, start = 0.0, 0
-        for s_ids, s_tiles in samples:
-            alone = ours(s_ids[None], s_tiles)[0]
-            err = max(err, (packed[start:start + len(s_ids)] - alone).abs().max().item())
-            start += len(s_ids)
-    return err
+    seen = []
+    attn = ours.language_model.decoder.layers[0].self_attention.core_attention
+    hook = attn.register_forward_pre_hook(lambda _m, args: seen.append((args[0], args[1])))
+    try:
+        with torch.no_grad():
+            packed = ours(ids, tiles, cu_seqlens=cu)[0]
+            (q_packed, k_packed), err, qk_err, start = seen.pop(), 0.0, 0.0, 0
+            for s_ids, s_tiles in samples:
+                alone = ours(s_ids[None], s_tiles)[0]
+                q, k = seen.pop()
+                err = max(err, (packed[start:start + len(s_ids)] - alone).abs().max().item())
+                span = slice(start, start + len(s_ids))
+                qk_err = max(qk_err, (q_packed[span] - q).abs().max().item(),
+                             (k_packed[span] - k).abs().max().item())
+                start += len(s_ids)
+    finally:
+        hook.remove()
+    return {"logits": err, "qk": qk_err}
 
 
 def _text_only_grads(cfg, ours):
@@ -125,7 +140,10 @@ def test_logits_match_transformers(checks, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_packed_equals_unpacked(checks, variant):
-    assert checks[variant]["packing"] < 1e-4
+    """Logits and rotated q/k of every sample are the same packed after others as alone: no
+    attention across samples, and RoPE positions restart at each sample (no position ids)."""
+    assert checks[variant]["packing"]["logits"] < 1e-4
+    assert checks[variant]["packing"]["qk"] < 1e-5
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
