@@ -21,7 +21,7 @@ ITERS="${ITERS:-1000}"            # optimizer steps (tiny recipe: 8 rows of 256 
 DEMO="${DEMO:-demo}"              # demo data directory
 OUT="${OUT:-runs/quickstart}"     # run directory: config, metrics.jsonl, tensorboard, checkpoints
 SEQ=256                           # the tiny recipe's row length
-GEOMETRY=(--tile-size 32 --tokens-per-tile 4 --max-tiles 4)   # the tiny ViT's 32 px tiles
+GEOMETRY=(--recipe tiny --max-tiles 4)   # the tiny ViT's geometry: 32 px tiles, 4 tokens each
 START=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - START ))s] $*"; }
 

@@ -19,7 +19,7 @@
 # Real recipe: give the data, the base checkpoint and the recipe by environment, e.g.
 #   RECIPE=sail_2b BASE=ckpt/sail_2b_base TOKENIZER=ckpt/sail_2b_base/tokenizer \
 #   REF_CAPTIONS=ref/captions.jsonl REF_IMAGE_ROOT=ref/ POOL_INPUT='pool/*.tar' \
-#   GEOMETRY="--tile-size 448 --tokens-per-tile 256 --max-tiles 12" SEQ=16384 \
+#   GEOMETRY="--recipe sail_2b --max-tiles 12" SEQ=16384 \
 #   TRAIN_LAUNCH="torchrun --nproc_per_node 8" BACKEND=vllm CAPTIONER_MODEL=exports/captioner \
 #   RECAPTION_FLAGS="--executor ray --workers 64 --gpus-per-worker 1" \
 #   ITERS_SFT=5000 ITERS_ALIGN=20000 ALIGN_FLAGS= COMPARE=0 bash examples/sail_caption.sh
@@ -35,7 +35,7 @@ if [ "${SMOKE}" = 1 ]; then D_REF=60 D_POOL=24 D_ITERS=2 D_ITEMS=6; else D_REF=2
 OUT="${OUT:-runs/sail_caption}"
 RECIPE="${RECIPE:-tiny}"
 SEQ="${SEQ:-256}"
-GEOMETRY=(${GEOMETRY:---tile-size 32 --tokens-per-tile 4 --max-tiles 4})
+GEOMETRY=(${GEOMETRY:---recipe ${RECIPE} --max-tiles 4})   # tile and tokens per tile: the recipe's ViT
 REF="${REF:-${D_REF}}"                  # demo: reference images (conversations; ~88% have a caption)
 POOL="${POOL:-${D_POOL}}"               # demo: unlabeled pool images
 ITERS_BASE="${ITERS_BASE:-$([ "${D_ITERS}" = 0 ] && echo 400 || echo "${D_ITERS}")}"

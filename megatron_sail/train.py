@@ -19,6 +19,7 @@ from megatron.core.utils import get_model_config
 
 from megatron_sail.config import from_checkpoint
 from megatron_sail.config.run import RunConfig, resolve, to_dict, write_resolved
+from megatron_sail.data import geometry
 from megatron_sail.data.dataset import build_blended
 from megatron_sail.data.images.pipeline import build_image_pipeline
 from megatron_sail.models.sail_vl import SailVLModel
@@ -43,9 +44,11 @@ def match_data(cfg: RunConfig, dataset) -> None:
     if dataset.seq_length != cfg.data.seq_length:
         raise ValueError(f"--seq-length {cfg.data.seq_length} but the data rows hold "
                          f"{dataset.seq_length} tokens ({cfg.data.data_path})")
-    if meta.tokens_per_tile != cfg.model.tokens_per_tile(meta.tile_size):
-        raise ValueError(f"data has {meta.tokens_per_tile} tokens per tile, the model makes "
-                         f"{cfg.model.tokens_per_tile(meta.tile_size)} ({cfg.data.data_path})")
+    for d in getattr(dataset, "datasets", [dataset]):  # each prefix, naming its meta.json
+        problem = geometry.mismatch(f"{d.prefix}.meta.json", d.meta.get("tokenizer", {}),
+                                    cfg.model, cfg.recipe)
+        if problem:
+            raise ValueError(problem)
     if lm.vocab_size < meta.vocab_size:
         multiple = 128 * cfg.parallel.tp
         lm.vocab_size = -(-meta.vocab_size // multiple) * multiple

@@ -3,7 +3,10 @@
 
 Example (demo data, tiny recipe):
   python tools/preprocess_data.py --input demo/train.jsonl --tokenizer demo/tokenizer.json \
-      --output-prefix data/demo_train --seq-length 1024 --tile-size 32 --tokens-per-tile 4 --max-tiles 4
+      --output-prefix data/demo_train --seq-length 1024 --recipe tiny --max-tiles 4
+The tile size and tokens per tile come from --recipe's vision family (default: sail_2b's InternViT,
+448 px tiles, 256 tokens) and are recorded with that geometry in meta.json; the trainer refuses
+data built for a geometry that makes another number of tokens per tile.
 Prints one JSON summary line; exits 1 on --strict rejects or a reject rate above --max-reject-rate,
 2 (with a one-line error) on missing inputs or bad flags.
 
@@ -25,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_sail.config.data import (DEFAULT_MAX_IMAGE_BYTES, PackingConfig, PreprocessConfig,  # noqa: E402
                                        TemplateConfig)
 from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
+from megatron_sail.data.geometry import resolve_tiling  # noqa: E402
 from megatron_sail.data.internvl_meta import is_meta_file, run_meta  # noqa: E402
 from megatron_sail.data.preprocess import run  # noqa: E402
 from megatron_sail.data.tiling import TilingConfig  # noqa: E402
@@ -39,8 +43,16 @@ def parse_args(argv=None) -> PreprocessConfig:
     p.add_argument("--tokenizer", required=True, help="tokenizer.json, HF tokenizer dir, or sentencepiece .model")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--seq-length", type=int, required=True)
-    p.add_argument("--tile-size", type=int, default=448)
-    p.add_argument("--tokens-per-tile", type=int, default=256)
+    p.add_argument("--recipe", default=None,
+                   help="the training recipe the data is for: tokens per tile come from its vision "
+                        "family's geometry and are recorded in meta.json (default: sail_2b, "
+                        "unless --tokens-per-tile is given)")
+    p.add_argument("--config", default=None,
+                   help="the trainer's YAML overriding --recipe fields (e.g. the ViT's patch size)")
+    p.add_argument("--tile-size", type=int, default=None, help="default: the recipe's ViT image size")
+    p.add_argument("--tokens-per-tile", type=int, default=None,
+                   help="must equal what --recipe makes; without --recipe, taken as given "
+                        "(no geometry recorded)")
     p.add_argument("--min-tiles", type=int, default=1)
     p.add_argument("--max-tiles", type=int, default=12)
     p.add_argument("--no-thumbnail", action="store_true")
@@ -72,6 +84,11 @@ def parse_args(argv=None) -> PreprocessConfig:
         p.error("--max-image-bytes and --max-image-pixels must be positive")
     if not 1 <= a.min_tiles <= a.max_tiles:
         p.error("need 1 <= --min-tiles <= --max-tiles")
+    try:
+        tile_size, tokens_per_tile, geometry = resolve_tiling(a.recipe, a.config, a.tile_size,
+                                                              a.tokens_per_tile)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
     template = TemplateConfig(system_prompt=a.system_prompt)
     if a.caption_prompts:
         with open(a.caption_prompts, encoding="utf-8") as f:
@@ -82,12 +99,12 @@ def parse_args(argv=None) -> PreprocessConfig:
     return PreprocessConfig(
         inputs=a.input, output_prefix=a.output_prefix, tokenizer=a.tokenizer, format=a.format,
         image_root=a.image_root,
-        tiling=TilingConfig(a.tile_size, a.min_tiles, a.max_tiles, not a.no_thumbnail, a.tokens_per_tile),
+        tiling=TilingConfig(tile_size, a.min_tiles, a.max_tiles, not a.no_thumbnail, tokens_per_tile),
         template=template, packing=PackingConfig(a.seq_length, a.packing_buffer, a.seed),
         workers=a.workers, shard_index=a.shard_index, num_shards=a.num_shards, strict=a.strict,
         max_reject_rate=a.max_reject_rate, allow_absolute_paths=a.allow_absolute_paths,
         max_image_bytes=a.max_image_bytes, max_image_pixels=a.max_image_pixels,
-        video_frames=a.video_frames)
+        video_frames=a.video_frames, geometry=geometry)
 
 
 def main_meta(cfg) -> int:

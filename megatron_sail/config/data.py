@@ -94,3 +94,7 @@ class PreprocessConfig:
     video_frames: int = 8
     """Frames sampled from each InternVL video sample (middle of equal segments), one tile each
     (data/video.py); 0 rejects video samples (``video_unsupported``)."""
+    geometry: Optional[dict] = None
+    """The model's token geometry the tiling's tokens per tile came from (data/geometry.py:
+    family, tile and patch size, grid, class tokens, merge, recipe), stored as meta.json
+    ``tokenizer.geometry``; None when tokens per tile were given by hand (no --recipe)."""

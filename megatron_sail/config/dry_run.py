@@ -75,7 +75,7 @@ def check_data(cfg: RunConfig, report: Report) -> Optional[int]:
                                      "tools/preprocess_data.py output)")
                 continue
             tok = meta.get("tokenizer", {})
-            problems = _data_problems(cfg, meta, tok)
+            problems = _data_problems(cfg, meta, tok, prefix)
             for p in problems:
                 report.errors.append(f"{flag} {prefix}: {p}")
             geometry = {k: tok.get(k) for k in GEOMETRY_KEYS}
@@ -102,22 +102,16 @@ def check_data(cfg: RunConfig, report: Report) -> Optional[int]:
     return vocab
 
 
-def _data_problems(cfg: RunConfig, meta: dict, tok: dict) -> list[str]:
-    """What in one dataset's meta.json contradicts the recipe."""
+def _data_problems(cfg: RunConfig, meta: dict, tok: dict, prefix: str) -> list[str]:
+    """What in one dataset's meta.json contradicts the recipe (the trainer's own geometry
+    check, data/geometry.py, so the dry run and the run refuse the same data)."""
+    from megatron_sail.data import geometry
+
     out = []
     if meta.get("seq_length") != cfg.data.seq_length:
         out.append(f"rows hold {meta.get('seq_length')} tokens but --seq-length is {cfg.data.seq_length}")
-    tile = tok.get("tile_size")
-    try:
-        model_tpt = cfg.model.tokens_per_tile(tile)
-    except (TypeError, ValueError) as e:
-        return out + [f"tile size {tile} px does not fit the model's ViT ({e})"]
-    if tok.get("tokens_per_tile") != model_tpt:
-        out.append(f"{tok.get('tokens_per_tile')} tokens per tile, the model makes {model_tpt} from "
-                   f"{tile} px tiles ({cfg.model.vision.family} geometry: patch {cfg.model.vision.patch_size}, "
-                   f"pixel-shuffle merge "
-                   f"{cfg.model.projector.merge})")
-    return out
+    problem = geometry.mismatch(f"{prefix}.meta.json", tok, cfg.model, cfg.recipe)
+    return out + ([problem] if problem else [])
 
 
 def trained_vocab(cfg: RunConfig, data_vocab: Optional[int]) -> int:

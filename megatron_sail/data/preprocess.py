@@ -207,6 +207,7 @@ def build_meta(cfg: PreprocessConfig, fmt: str, tok: Tokenizer, writer: indexed.
             "img_context_id": sp.img_context, "img_start_id": sp.img_start, "img_end_id": sp.img_end,
             "im_start_id": sp.im_start, "im_end_id": sp.im_end, "pad_id": sp.pad,
             "tokens_per_tile": cfg.tiling.tokens_per_tile, "tile_size": cfg.tiling.tile_size,
+            **({"geometry": cfg.geometry} if cfg.geometry else {}),
         },
         "tiling": dataclasses.asdict(cfg.tiling),
         "template": dataclasses.asdict(cfg.template),
@@ -232,6 +233,10 @@ def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int,
     """Run preprocessing; returns (exit code, summary). Publishes the dataset only on success."""
     if not 0 <= cfg.shard_index < cfg.num_shards:
         raise ValueError(f"--shard-index {cfg.shard_index} not in [0, {cfg.num_shards})")
+    g, t = cfg.geometry, cfg.tiling
+    if g and (g["tokens_per_tile"], g["tile_size"]) != (t.tokens_per_tile, t.tile_size):
+        raise ValueError(f"tiling of {t.tile_size} px / {t.tokens_per_tile} tokens per tile "
+                         f"contradicts the recorded geometry {g}")
     files = expand_inputs(cfg.inputs)
     fmt = cfg.format or detect_format(files[0])
     if fmt not in FORMATS:
