@@ -64,6 +64,10 @@ def test_release_recipes_are_listed_and_build_their_run_configs():
         assert v.num_heads % p.tp == 0 and lm.num_kv_heads % p.tp == 0 and lm.num_layers % p.pp == 0
         assert (lm.num_experts or p.ep) % p.ep == 0
     assert recipes.get_recipe("sail_vl2_30b_a3b")().parallel.ep == 8
+    from megatron_sail.config.run import resolve
+
+    for name in RELEASES:  # the trainer's command line resolves them (derived fields, checks)
+        assert resolve(["--recipe", name, "--stage", "sft-knowledge"]).model == M.RECIPES[name]()
 
 
 def test_release_shapes_are_the_confirmed_config_numbers():
