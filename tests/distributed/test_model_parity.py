@@ -5,13 +5,38 @@ numbers that the tests below assert on.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+import tempfile
+
 import pytest
 import torch
 
 import model_cases as mc
 from launcher import launch
 
-VARIANTS = ("base", "mha_untied_rms", "mqa", "qwen3")
+VARIANTS = ("base", "mha_untied_rms", "mqa", "qwen3", "qwen3_moe", "qwen3_moe_pre_softmax")
+MOE = ("qwen3_moe", "qwen3_moe_pre_softmax")
+
+
+def _variant(name: str):
+    """model_cases' variants, plus Qwen3-MoE without top-k renormalization (norm_topk_prob
+    False: softmax over all experts, then top-k; Megatron's moe_router_pre_softmax)."""
+    if name == "qwen3_moe_pre_softmax":
+        cfg = mc.variant("qwen3_moe")
+        return dataclasses.replace(cfg, language=dataclasses.replace(cfg.language,
+                                                                     moe_norm_topk_prob=False))
+    return mc.variant(name)
+
+
+def _saved_state(hf) -> dict:
+    """The model's tensors as ``save_pretrained`` writes them (one tensor per expert for MoE),
+    under module keys: what the converters read from a checkpoint folder."""
+    from megatron_sail.convert import hf_io
+
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        return hf_io.to_module_keys(hf_io.read_state_dict(d))
 
 
 def _hf_parity(cfg, hf, ours):
@@ -95,21 +120,31 @@ def _mismatch_error(cfg, ours):
     return None
 
 
+def _leaves(tree) -> list:
+    """The sharded tensors of a nested dict/list (what a ShardedTensorFactory builds)."""
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _leaves(v)]
+    return [tree]
+
+
 def _all_checks(rank):
     """Every single-rank check, for every variant."""
     from megatron_sail.config.parallel import ParallelConfig
-    from megatron_sail.convert.hf_internvl import load_hf_into, ours_to_hf
+    from megatron_sail.convert.hf_internvl import (from_transformers_params, load_hf_into,
+                                                   ours_to_hf, to_transformers_params)
     from megatron_sail.platform import distributed as D
 
     D.initialize(ParallelConfig())
-    out = {}
+    out, built = {}, {}
     for name in VARIANTS:
-        cfg = mc.variant(name)
+        cfg = _variant(name)
         hf = mc.hf_model(cfg, seed=3)
         ours = mc.build_ours(cfg).eval()
-        load_hf_into(ours, hf.state_dict(), cfg)
+        hf_sd = _saved_state(hf)
+        load_hf_into(ours, hf_sd, cfg)
         back = ours_to_hf(ours.state_dict(), cfg)
-        hf_sd = hf.state_dict()
         res = {"hf": _hf_parity(cfg, hf, ours), "packing": _packing(cfg, ours),
                "roundtrip_missing": sorted(set(hf_sd) - set(back)),
                "roundtrip_equal": all(torch.equal(back[k], v) for k, v in hf_sd.items() if k in back),
@@ -117,10 +152,29 @@ def _all_checks(rank):
         sharded = ours.sharded_state_dict()
         res["sharded"] = {k: (tuple(v.global_shape), v.replica_id) for k, v in sharded.items()
                           if hasattr(v, "global_shape")}
+        if name in MOE:
+            memory, mem_back = hf.state_dict(), to_transformers_params(back, cfg)
+            split = from_transformers_params(memory, cfg)
+            res["memory"] = {  # our fused <-> per-expert conversion is transformers' own
+                "saved_is_split": set(split) == set(hf_sd) and all(
+                    torch.equal(split[k], v) for k, v in hf_sd.items()),
+                "export_is_memory": set(mem_back) == set(memory) and all(
+                    torch.equal(mem_back[k], v) for k, v in memory.items())}
+            res["params"] = sorted(k for k in ours.state_dict() if not k.endswith("_extra_state"))
+            res["local_numel"] = {k: math.prod(v.local_shape) for k, v in sharded.items()
+                                  if hasattr(v, "local_shape")}
+            # a SwiGLU fc1 is a factory (TP splits gate and up apart): its built tensors
+            res["factories"] = {k: [tuple(t.global_shape) for t in _leaves(v.build())]
+                                for k, v in sharded.items() if hasattr(v, "build")}
+            res["local_numel"].update({k: sharded[k].data.numel() for k in res["factories"]})
+            res["param_numel"] = sum(p.numel() for p in ours.parameters())
+            built[name] = (cfg, hf, ours)
         if name == "base":
             res["text_only"] = _text_only_grads(cfg, ours)
             res["freeze"] = _freeze_step(cfg, ours)
         out[name] = res
+    cfg, _, ours = built["qwen3_moe"]  # renormalized routing against transformers without it
+    out["misrouted"] = _hf_parity(cfg, built["qwen3_moe_pre_softmax"][1], ours)
     return out
 
 
@@ -148,7 +202,7 @@ def test_packed_equals_unpacked(checks, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_state_dict_round_trip_is_exact(checks, variant):
-    cfg = mc.variant(variant)
+    cfg = _variant(variant)
     # only ViT layers after select_layer (never computed, so never built) may be absent
     unused = [f"encoder.layer.{i}." for i in range(cfg.vision.layers_used, cfg.vision.num_layers)]
     missing = checks[variant]["roundtrip_missing"]
@@ -186,3 +240,32 @@ def test_sharded_state_dict_covers_every_weight(checks):
     assert "language_model.output_layer.weight" in sharded  # untied
     assert sharded["language_model.embedding.word_embeddings.weight"][0] == (
         cfg.language.vocab_size, cfg.language.hidden_size)
+
+
+def test_moe_routings_differ_visibly_on_these_weights(checks):
+    """Renormalized top-k against transformers' plain top-k moves the logits by far more than
+    the parity tolerance, so the parity of each MoE variant checks its router mapping."""
+    assert min(checks["misrouted"].values()) > 1e-2, checks["misrouted"]
+
+
+@pytest.mark.parametrize("variant", MOE)
+def test_moe_expert_tensors_match_transformers_in_memory_and_on_disk(checks, variant):
+    """save_pretrained's per-expert tensors are our split of transformers' fused experts, and
+    our export fuses back to exactly the parameters transformers holds."""
+    assert checks[variant]["memory"] == {"saved_is_split": True, "export_is_memory": True}
+
+
+@pytest.mark.parametrize("variant", MOE)
+def test_moe_sharded_state_dict_covers_every_weight(checks, variant):
+    c, lm = checks[variant], _variant(variant).language
+    sharded, factories = c["sharded"], c["factories"]
+    missing = [k for k in c["params"] if k not in sharded and k not in factories]
+    assert not missing, missing
+    assert sum(c["local_numel"].values()) == c["param_numel"]  # TP=1: each weight once, whole
+    e, ffn, h, layers = lm.num_experts, lm.expert_ffn_hidden_size, lm.hidden_size, lm.num_layers
+    # one global tensor over layers and experts each (any EP/TP layout loads a slice of it)
+    fc1 = factories["language_model.decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"]
+    assert fc1 == [(layers, e, 2 * ffn, h)] * 2, fc1  # the gate rows and the up rows of it
+    fc2 = sharded["language_model.decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.weight"]
+    assert fc2[0] == (layers, e, h, ffn)
+    assert sharded["language_model.decoder.layers.0.mlp.router.weight"][0] == (layers, e, h)
