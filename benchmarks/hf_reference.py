@@ -11,8 +11,8 @@ numbers compare directly:
 
 Random weights from the recipe's shape; on a GPU bf16 weights, SDPA attention and fused AdamW
 (the setup of issue 6's baseline), on the CPU fp32 and foreach AdamW. Rows packing several
-samples (--samples-per-row > 1) pass restarting position_ids, from which transformers builds a
-block-causal mask (it materializes that mask; the one-sample default uses the causal kernel).
+samples (--samples-per-row > 1) pass restarting position_ids (derived from cu_seqlens: our
+batches carry none), from which transformers builds a block-causal mask (it materializes that mask; the one-sample default uses the causal kernel).
 """
 from __future__ import annotations
 
@@ -58,6 +58,15 @@ def hf_config(model) -> "transformers.InternVLConfig":
     )
 
 
+def restarting_positions(cu_seqlens: torch.Tensor, rows: int, n: int) -> torch.Tensor:
+    """[rows, n] positions restarting at 0 at every cu_seqlens boundary: how transformers is
+    told about packed samples (our model needs none, its RoPE restarts per segment)."""
+    flat = torch.arange(rows * n, device=cu_seqlens.device)
+    starts = cu_seqlens[:-1].long()
+    segment = torch.searchsorted(starts, flat, right=True) - 1
+    return (flat - starts[segment]).view(rows, n)
+
+
 class HFRunner:
     """One transformers InternVL model + AdamW, stepping on the shared synthetic micro-batches."""
 
@@ -85,7 +94,7 @@ class HFRunner:
         packed = b.cu_seqlens.numel() > b.tokens.shape[0] + 1
         return {"input_ids": b.tokens, "labels": labels,
                 "pixel_values": b.tiles.to(self.dtype) if b.num_tiles else None,
-                "position_ids": b.position_ids if packed else None}
+                "position_ids": restarting_positions(b.cu_seqlens, *b.tokens.shape) if packed else None}
 
     def train_step(self, inputs: list[dict], sw) -> torch.Tensor:
         """Forward/backward over the micro-batches (loss averaged), clip to 1.0 as our trainer

@@ -33,6 +33,11 @@ def test_synthetic_batch_layout():
     assert b.tokens.shape == (2, 64) and b.tiles.shape == (6, 3, 32, 32)
     assert (b.tokens == cfg.img_context_token_id).sum(1).tolist() == [3 * tpt, 3 * tpt]
     assert b.cu_seqlens.tolist() == [0, 32, 64, 96, 128]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from hf_reference import restarting_positions  # what transformers gets for packed rows
+    pos = restarting_positions(b.cu_seqlens, 2, 64)
+    assert pos[0, :3].tolist() == [0, 1, 2] and pos[0, 32].item() == 0 and pos[1, 31].item() == 31
+    assert pos[1, 32:].tolist() == list(range(32))
     # sample 0 holds 2 tiles right after its first token; no loss on images or a sample's last token
     assert (b.tokens[0, 1:1 + 2 * tpt] == cfg.img_context_token_id).all()
     assert b.loss_mask[0, :1 + 2 * tpt].sum() == 0 and b.loss_mask[0, 31] == 0 and b.loss_mask[0, 30] == 1
