@@ -56,18 +56,30 @@ def _our_logits_on_ranks(rank: int, mcore_dir: str, hf_dir: str, layout: dict):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """A tiny chat-layout checkpoint (3 LM layers so PP=2 splits unevenly) with a tokenizer (the
-    prompt is real ChatML tokenization, <IMG_CONTEXT> id from tokenizer.json) and its conversion."""
+def conversions(tmp_path_factory):
+    """Tiny chat-layout checkpoints with a tokenizer (the prompt is real ChatML tokenization,
+    <IMG_CONTEXT> id from tokenizer.json) and their conversions, in one subprocess: "qwen2" with
+    3 LM layers (PP=2 splits unevenly), "qwen3_moe" (4 experts, top-2)."""
     root = tmp_path_factory.mktemp("conv")
     tiny = _tool("make_tiny_hf_checkpoint")
-    hf = tiny.make_tiny_checkpoint(root / "hf", tiny.TinyCheckpointConfig(
-        layout="chat", text_layers=3, seed=5, vocab_size=320, tokenizer=True))
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "hf-to-mcore",
-                           "--hf-dir", str(hf), "--out", str(root / "mc")],
-                          capture_output=True, text=True, timeout=300)
+    out, calls = {}, []
+    for family, layers in (("qwen2", 3), ("qwen3_moe", 2)):
+        hf = tiny.make_tiny_checkpoint(root / family / "hf", tiny.TinyCheckpointConfig(
+            layout="chat", text_layers=layers, seed=5, vocab_size=320, tokenizer=True,
+            text_family=family))
+        out[family] = (hf, root / family / "mc")
+        calls.append(["hf-to-mcore", "--hf-dir", str(hf), "--out", str(root / family / "mc")])
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import convert_checkpoint as c\n"
+            f"for argv in {calls!r}: assert c.main(argv) == 0")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return hf, root / "mc"
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(conversions):
+    """The Qwen2 checkpoint and its conversion."""
+    return conversions["qwen2"]
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +98,11 @@ def test_converted_checkpoint_loads_at_other_parallel_layouts(converted, referen
     torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
 
 
-def _compare(hf: Path, mc: Path) -> tuple[int, str]:
-    """Run compare_logits under torchrun with one rank; return (exit code, output)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+def _compare(hf: Path, mc: Path, tp: int = 1) -> tuple[int, str]:
+    """Run compare_logits under torchrun with ``tp`` ranks; return (exit code, output)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp),
            str(ROOT / "tools" / "compare_logits.py"), "--hf-dir", str(hf), "--mcore-dir", str(mc),
-           "--max-tiles", "4"]
+           "--max-tiles", "4", "--tp", str(tp)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stdout
 
@@ -120,3 +132,13 @@ def test_compare_logits_passes_and_a_corrupted_checkpoint_fails(converted, tmp_p
     m = LAST_LINE.match(out.strip().splitlines()[-1])
     assert m and code == 1, out[-2000:]
     assert float(m.group(1)) > 1e-3
+
+
+def test_compare_logits_qwen3_moe_at_tp2(conversions):
+    """Qwen3-MoE: the expert tensors of the dist checkpoint load split over TP=2, and the tool
+    builds transformers' reference from the per-expert checkpoint (fused in memory)."""
+    code, out = _compare(*conversions["qwen3_moe"], tp=2)
+    m = LAST_LINE.match(out.strip().splitlines()[-1])
+    assert m and code == 0, out[-2000:]
+    assert "tp=2 pp=1" in out and ", tokenizer;" in out
+    assert float(m.group(1)) < 1e-4
