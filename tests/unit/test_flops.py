@@ -1,4 +1,5 @@
 """FLOPs counting checked against numbers worked out by hand."""
+import dataclasses
 import math
 
 import numpy as np
@@ -37,6 +38,15 @@ def test_lm_by_hand():
     # head: 2*16*50 = 1600; one sample of 3 tokens: 6 causal pairs, attention 4*16*6 = 384 per layer
     expected = 3 * (3 * 3840 + 1600) + 3 * 384
     assert F.lm_forward_flops(SMALL, [3]) == expected
+
+
+def test_moe_lm_by_hand():
+    # 4 experts of width 12, top-2: the active SwiGLU is 2 x 12 = 24 wide (lm_ffn), plus the
+    # router 16 x 4 = 64 -> per token per layer 2*(512 + 256 + 3*16*24 + 64) = 3968
+    moe = dataclasses.replace(SMALL, lm_ffn=2 * 12, lm_experts=4)
+    expected = 3 * (3 * 3968 + 1600) + 3 * 384
+    assert F.lm_forward_flops(moe, [3]) == expected
+    assert F.step_flops(moe, [3], 0) == 3 * expected
 
 
 def test_step_is_three_forwards():

@@ -92,3 +92,70 @@ def test_aimv2_family_config_round_trip_and_container_refusal():
     km = fam.key_map(dataclasses.replace(v, num_layers=3, select_layer=-2), "vision_model.", "")
     assert "rms_norm.weight" not in km.hf_names()  # the final norm feeds only the last layer
     assert fam.unused_hf(dataclasses.replace(v, num_layers=3, select_layer=-2), "", "rms_norm.weight")
+
+
+def _qwen3_moe(cfg: ModelConfig, **kw) -> ModelConfig:
+    """``cfg`` with a Qwen3-MoE LM: 4 experts of width 64, top-2."""
+    lm = dataclasses.replace(_qwen3(cfg).language, family="qwen3_moe", tie_embeddings=False,
+                             num_experts=4, moe_ffn_hidden_size=64, moe_router_topk=2, **kw)
+    return dataclasses.replace(cfg, language=lm)
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["renormalized", "plain_topk"])
+def test_qwen3_moe_routing_maps_to_megatron_and_hf_config_round_trips(norm):
+    """norm_topk_prob (softmax, top-k, renormalize) is Megatron's top-k then softmax over the k
+    (pre_softmax False); without it, softmax over all experts then top-k (pre_softmax True)."""
+    cfg = _qwen3_moe(tiny(), moe_norm_topk_prob=norm)
+    tc = families.language_family("qwen3_moe").transformer_config(cfg.language, ParallelConfig())
+    assert (tc.num_moe_experts, tc.moe_router_topk, tc.moe_ffn_hidden_size) == (4, 2, 64)
+    assert tc.moe_router_pre_softmax is (not norm) and tc.qk_layernorm
+    hf = to_hf_config(cfg)
+    t = hf.text_config
+    assert (t.model_type, t.num_experts, t.num_experts_per_tok, t.moe_intermediate_size,
+            t.norm_topk_prob) == ("qwen3_moe", 4, 2, 64, norm)
+    assert from_hf_config(hf) == cfg
+    t.mlp_only_layers = [1]
+    with pytest.raises(ValueError, match="dense layers"):
+        from_hf_config(hf)
+
+
+def test_qwen3_moe_key_map_names_every_expert_as_save_pretrained_does():
+    import torch
+
+    from megatron_sail.convert.hf_internvl import from_transformers_params, to_transformers_params
+
+    cfg = _qwen3_moe(tiny())
+    km = key_map(cfg)
+    names = km.hf_names()
+    pre = "model.language_model.layers.1.mlp."
+    assert {pre + "gate.weight", pre + "experts.3.gate_proj.weight",
+            pre + "experts.3.up_proj.weight", pre + "experts.3.down_proj.weight"} <= names
+    assert pre + "gate_proj.weight" not in names  # no dense MLP left
+    assert ("language_model.decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight",
+            (pre + "experts.3.gate_proj.weight", pre + "experts.3.up_proj.weight")) in km.concat
+    # transformers' fused in-memory experts: [gate; up] per expert, stacked in expert order
+    g = torch.Generator().manual_seed(0)
+    fused = {pre + "experts.gate_up_proj": torch.randn(4, 128, 128, generator=g),
+             pre + "experts.down_proj": torch.randn(4, 128, 64, generator=g)}
+    other = "model.language_model.layers.0.mlp.experts."
+    fused.update({other + "gate_up_proj": torch.zeros(4, 128, 128), other + "down_proj": torch.zeros(4, 128, 64)})
+    split = from_transformers_params(fused, cfg)
+    assert torch.equal(split[pre + "experts.2.gate_proj.weight"], fused[pre + "experts.gate_up_proj"][2, :64])
+    assert torch.equal(split[pre + "experts.2.up_proj.weight"], fused[pre + "experts.gate_up_proj"][2, 64:])
+    assert torch.equal(split[pre + "experts.1.down_proj.weight"], fused[pre + "experts.down_proj"][1])
+    back = to_transformers_params(split, cfg)
+    assert set(back) == set(fused) and all(torch.equal(back[k], v) for k, v in fused.items())
+    del split[pre + "experts.3.up_proj.weight"]
+    with pytest.raises(KeyError, match="experts.3.up_proj.weight"):
+        to_transformers_params(split, cfg)
+
+
+def test_qwen3_moe_flops_count_the_active_experts_and_the_router():
+    """Per token and layer the MoE runs top-k experts (k x expert width of SwiGLU) plus the
+    router (hidden x experts), i.e. a dense Qwen3 of width k x 64 plus 2 x hidden x experts."""
+    moe = F.shape_from_model_config(_qwen3_moe(tiny()))
+    dense = F.shape_from_model_config(_qwen3(tiny(), ffn_hidden_size=2 * 64, tie_embeddings=False))
+    assert (moe.lm_ffn, moe.lm_experts, dense.lm_experts) == (128, 4, 0)
+    h, layers, tokens = 128, 2, 10
+    assert F.lm_forward_flops(moe, [tokens]) - F.lm_forward_flops(dense, [tokens]) == \
+        tokens * layers * 2 * h * 4
