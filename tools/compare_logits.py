@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Run transformers' InternVL and our Megatron SailVLModel on the same inputs; compare logits.
 
+(For SAIL-VL2 'sailvl' checkpoints, whose AIMv2 tower InternVL cannot hold, the reference is
+transformers' Aimv2VisionModel + InternVL's pixel shuffle and projector + the causal LM.)
+
     torchrun --nproc_per_node N tools/compare_logits.py --hf-dir HF --mcore-dir MC \
         [--tp T] [--pp P] [--image FILE ...] [--prompt TEXT] [--max-tiles K] [--atol A]
 
@@ -146,6 +149,8 @@ def reference_logits(hf_dir: Path, inputs: Inputs, dtype: torch.dtype, device: t
     from megatron_sail.convert.hf_internvl import from_hf_config, to_transformers_params
 
     hf = read_hf_checkpoint(hf_dir)
+    if hf.model_config is not None:  # SAIL-VL2 'sailvl' (AIMv2): no transformers VLM class
+        return composed_reference_logits(hf, inputs, dtype, device)
     config = transformers_config(hf.config)
     with torch.device(device):
         model = InternVLForConditionalGeneration(config).to(dtype)
@@ -161,6 +166,63 @@ def reference_logits(hf_dir: Path, inputs: Inputs, dtype: torch.dtype, device: t
         out = model(input_ids=inputs.input_ids[None].to(device),
                     pixel_values=inputs.tiles.to(device, dtype)).logits
     return out[0].float()
+
+
+def _load_part(module, state: dict, prefix: str, into: str = "") -> None:
+    """Load the ``prefix`` tensors of a module-key state dict into one transformers module."""
+    part = {into + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = module.load_state_dict(part, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise ValueError(f"{prefix}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def composed_reference_logits(hf, inputs: Inputs, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """transformers' parts, composed as InternVL composes them, for a VLM whose vision tower
+    InternVL cannot hold (AIMv2): ``Aimv2VisionModel`` (last_hidden_state, or the hidden state
+    of ``select_layer``, all patch tokens) -> InternVL's pixel shuffle and
+    ``InternVLMultiModalProjector`` -> the features replace the <IMG_CONTEXT> embeddings -> the
+    family's causal LM (``AutoModelForCausalLM``)."""
+    from transformers import (AutoConfig, AutoModelForCausalLM, Aimv2VisionConfig, Aimv2VisionModel,
+                              InternVLConfig)
+    from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLMultiModalProjector
+
+    from megatron_sail.convert.hf_internvl import to_transformers_params
+    from megatron_sail.models.families import language_family, vision_family
+
+    cfg = hf.model_config
+    state = to_transformers_params(hf.state, cfg)
+    vcfg = {k: v for k, v in vision_family(cfg.vision.family).hf_config(cfg.vision).items() if k != "model_type"}
+    tcfg = dict(language_family(cfg.language.family).hf_config(cfg.language))
+    text = AutoConfig.for_model(tcfg.pop("model_type"), **tcfg)
+    with torch.device(device):
+        vision = Aimv2VisionModel(Aimv2VisionConfig(**vcfg, attn_implementation="eager")).to(dtype)
+        projector = InternVLMultiModalProjector(InternVLConfig(
+            vision_config={"hidden_size": cfg.vision.hidden_size}, text_config=text.to_dict(),
+            downsample_ratio=cfg.projector.downsample_ratio, projector_hidden_act="gelu")).to(dtype)
+        lm = AutoModelForCausalLM.from_config(text).to(dtype)
+    _load_part(vision, state, "model.vision_tower.")
+    _load_part(projector, state, "model.multi_modal_projector.")
+    _load_part(lm, state, "model.language_model.", "model.")
+    if cfg.language.tie_embeddings:
+        lm.tie_weights()
+    else:
+        _load_part(lm, state, "lm_head.", "lm_head.")
+    for m in (vision, projector, lm):
+        m.eval()
+    ids = inputs.input_ids[None].to(device)
+    with torch.no_grad():
+        out = vision(pixel_values=inputs.tiles.to(device, dtype), output_hidden_states=True)
+        layer = cfg.vision.select_layer
+        feats = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+        side = int(feats.shape[1] ** 0.5)
+        feats = feats.contiguous().reshape(feats.shape[0], side, side, -1)
+        # InternVLModel.pixel_shuffle uses no model state: transformers' own v2 shuffle, unbound
+        feats = InternVLModel.pixel_shuffle(None, feats, scale_factor=cfg.projector.downsample_ratio)
+        feats = projector(feats.reshape(feats.shape[0], -1, feats.shape[-1]))
+        embeds = lm.get_input_embeddings()(ids)
+        mask = ids == cfg.img_context_token_id
+        embeds[mask] = feats.reshape(-1, feats.shape[-1]).to(embeds.dtype)
+        return lm(inputs_embeds=embeds).logits[0].float()
 
 
 def our_logits(chunks: list, inputs: Inputs, device: torch.device) -> torch.Tensor | None:

@@ -11,7 +11,8 @@ SAIL-VL2-2B (model.safetensors.index.json / config.json: ``vision_model.preproce
   config.json and the remote-code files byte for byte; the selected-away last layer and final
   norm come back from unused_hf_tensors;
 * --layout hf is refused with an error naming the limitation;
-* generation's checkpoint inspection reads the hub folder (model config, tiling settings).
+* generation's checkpoint inspection reads the hub folder (model config, tiling settings);
+* tools/compare_logits.py on the hub folder and the converted checkpoint: logits agree.
 """
 import json
 import subprocess
@@ -138,8 +139,15 @@ with torch.no_grad():
     err = (model.vision_model(tiles) - t.aimv2_reference(raw, tiles, cfg.vision.layers_used)).abs().max().item()
 from megatron_sail.inference.loading import inspect_checkpoint
 ins = inspect_checkpoint(src)
+import contextlib, io
+import compare_logits
+log = io.StringIO()
+with contextlib.redirect_stdout(log):
+    status = compare_logits.main(["--hf-dir", str(src), "--mcore-dir", str(mc), "--max-tiles", "2"])
+compare = log.getvalue().strip().splitlines()[-1]
 print("RESULT" + json.dumps(dict(refusal=refusal, err=err, family=cfg.vision.family,
       inspect_same=ins.model_config == cfg, inspect_tiles=ins.settings.max_tiles,
+      compare_status=status, compare=compare,
       lm=cfg.language.family, layers_used=cfg.vision.layers_used, tokens=cfg.tokens_per_tile())))
 """
 
@@ -169,6 +177,10 @@ def test_sailvl_layout_parity_and_bit_exact_round_trip(tmp_path):
     assert (res["family"], res["lm"], res["layers_used"], res["tokens"]) == ("aimv2", "qwen3", 2, 4)
     assert res["err"] < 1e-4, res["err"]  # names -> semantics are right (fc1/fc3/fc2, qkv order)
     assert res["inspect_same"] and res["inspect_tiles"] == 6  # generation reads the hub folder too
+    # tools/compare_logits.py: transformers' parts composed (Aimv2VisionModel, InternVL's shuffle
+    # and projector, Qwen3ForCausalLM) vs our model from the converted checkpoint
+    diff = float(res["compare"].split("max_abs_logit_diff=")[1].split()[0])
+    assert res["compare_status"] == 0 and diff < 1e-3, res["compare"]
     assert "cannot hold a 'aimv2' vision tower" in res["refusal"] and "--layout chat" in res["refusal"]
     assert (mc / "unused_hf_tensors.safetensors").is_file()  # block 2 and post_trunk_norm
     got = hf_io.read_state_dict(back)
