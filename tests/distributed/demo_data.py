@@ -18,6 +18,6 @@ def make_tiny_demo(out: Path, env: dict, splits=("train", "val"), samples: int =
         subprocess.run(py + ["tools/preprocess_data.py", "--input", str(out / "raw" / f"{split}.jsonl"),
                              "--tokenizer", str(out / "raw" / "tokenizer.json"),
                              "--output-prefix", prefixes[split], "--seq-length", "256",
-                             "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "4"],
+                             "--recipe", "tiny", "--max-tiles", "4"],  # 32 px tiles, 4 tokens
                        cwd=ROOT, env=env, check=True, capture_output=True)
     return prefixes
