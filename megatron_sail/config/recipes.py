@@ -116,7 +116,8 @@ def sail_vl2_30b_a3b(stage: str = "pretrain-alignment") -> RunConfig:
 
 RECIPES: dict[str, Callable[[str], RunConfig]] = {
     "tiny": tiny, "sail_2b": sail_2b, "sail_8b": sail_8b, "sail_vl15_2b": sail_vl15_2b,
-    "sail_vl16_8b": sail_vl16_8b, "sail_vl2_2b": sail_vl2_2b, "sail_vl2_8b": sail_vl2_8b, "sail_vl2_30b_a3b": sail_vl2_30b_a3b}
+    "sail_vl16_8b": sail_vl16_8b, "sail_vl2_2b": sail_vl2_2b, "sail_vl2_8b": sail_vl2_8b,
+    "sail_vl2_30b_a3b": sail_vl2_30b_a3b}
 """Named run recipes (--recipe)."""
 
 

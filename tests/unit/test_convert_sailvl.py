@@ -109,7 +109,8 @@ def aimv2_reference(sd: dict, tiles: torch.Tensor, layers: int, eps: float = 1e-
         a = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, D)
         x = x + a @ w[p + "attn.proj.weight"].T
         y = rms(x, w[p + "norm_2.weight"])
-        x = x + (torch.nn.functional.silu(y @ w[p + "mlp.fc1.weight"].T) * (y @ w[p + "mlp.fc3.weight"].T)) @ w[p + "mlp.fc2.weight"].T
+        gate, up = y @ w[p + "mlp.fc1.weight"].T, y @ w[p + "mlp.fc3.weight"].T
+        x = x + (torch.nn.functional.silu(gate) * up) @ w[p + "mlp.fc2.weight"].T
     return rms(x, w["trunk.post_trunk_norm.weight"]) if layers == LAYERS else x
 
 
