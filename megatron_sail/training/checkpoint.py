@@ -43,7 +43,13 @@ from megatron_sail.training.optimizer import unwrap
 
 LATEST = "latest"
 STATE_FILE = "train_state.pt"
-OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                  "chained_optim_avoid_prefix": True}
+"""Optimizer state layout in every checkpoint: the fully reshardable distributed format, and
+one key per parameter even when the optimizer is chained (Megatron-LM's choice for new
+checkpoints). An MoE model at EP > 1 gets a ChainedOptimizer (dense params + experts, each over
+its own data-parallel group); without ``chained_optim_avoid_prefix`` its keys would carry
+``chained_0.`` / ``chained_1.`` and an EP=2 checkpoint would not load at EP=1."""
 VERIFIED = dist_ckpt.DistCkptConfig(verify="off")
 """Loads after check_before_load: the manifest was checked there, with --ckpt-verify."""
 
@@ -68,7 +74,8 @@ class TrainState:
     rng: dict = field(default_factory=dict)
     """Per global rank RNG states (python, numpy, torch, Megatron tracker)."""
     world: dict = field(default_factory=dict)
-    """tp / pp / dp sizes at save time: RNG states are restored only when they match."""
+    """tp / pp / dp (and ep when > 1) sizes at save time: RNG states are restored only when
+    they match."""
     tokenizer: dict = field(default_factory=dict)
     """The training data's tokenizer block (identity, special ids, tile size, tokens per tile;
     training/resume_checks.py): a resume or --init-from onto other data is refused."""
@@ -80,10 +87,14 @@ def iter_dir(root: str, iteration: int) -> str:
 
 
 def world_sizes() -> dict:
-    """The current parallel layout, to compare with a checkpoint's."""
-    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
-            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-            "dp": parallel_state.get_data_parallel_world_size()}
+    """The current parallel layout, to compare with a checkpoint's. The expert-parallel size
+    is recorded only when > 1, so that checkpoints written before EP existed still count as the
+    same layout (their RNG states are restored) and an EP=2 checkpoint resumed at EP=1 is not."""
+    sizes = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+             "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+             "dp": parallel_state.get_data_parallel_world_size()}
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    return dict(sizes, ep=ep) if ep > 1 else sizes
 
 
 def rng_state() -> dict:
@@ -310,9 +321,59 @@ def load_checkpoint(path: str, chunks: list, optimizer=None,
         unwrap(chunk).load_state_dict(loaded[key], strict=True)
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         _keep_torch_adam_step(opt)
-    optimizer.load_state_dict(loaded["optimizer"])
+    optimizer.load_state_dict(_fit_chained_layout(loaded["optimizer"], optimizer))
     _unshare_adam_steps(optimizer)
     return _read_train_state(ckpt, load_rng)
+
+
+def _fit_chained_layout(loaded: dict, optimizer) -> dict:
+    """The loaded optimizer state in the layout of this run's optimizer, when the checkpoint
+    was saved with another number of chained optimizers (an MoE model at EP > 1 has two:
+    dense params and experts; at EP=1 one).
+
+    The tensors (``param_state``) already follow this run's layout: they are read per
+    parameter key. Only the small common part (each optimizer's ``param_groups``: LR, betas,
+    weight decay, ... keyed by Megatron's group identifiers) keeps the saved layout, so it is
+    rebuilt here: each of this run's groups takes the saved group with the same identifiers,
+    or, across an EP change, the one that differs only in ``is_expert_parallel``."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys as keys
+
+    subs = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    # The saved layout shows in the common part: one optimizer keeps its param_groups at the
+    # top, a chained one under 0, 1, ... (the tensors sit wherever this run asked for them).
+    saved_single = "param_groups" in (loaded.get("optimizer") or {})
+    chained, saved_chained = len(subs) > 1, not saved_single
+    if chained == saved_chained:
+        return loaded
+    saved = [loaded] if not saved_chained else [v for k, v in loaded.items() if isinstance(k, int)]
+    groups = [g for part in saved for g in part.get("optimizer", {}).get("param_groups", [])]
+    sharding = next((p["param_state_sharding_type"] for p in saved
+                     if "param_state_sharding_type" in p), None)
+
+    def ident(group, skip=()):
+        return tuple(group.get(k, group.get(f"pre_{k}")) for k in keys if k not in skip)
+
+    def groups_for(sub) -> list:
+        out = []
+        for mine in sub.optimizer.param_groups:
+            match = [g for g in groups if ident(g) == ident(mine)] or \
+                [g for g in groups if ident(g, ("is_expert_parallel",)) ==
+                 ident(mine, ("is_expert_parallel",))]
+            if not match:
+                raise ValueError(f"optimizer param group {ident(mine)} (identifiers {keys}) "
+                                 "has no counterpart in the checkpoint's optimizer state")
+            out.append(dict(match[0], is_expert_parallel=mine.get("is_expert_parallel", False)))
+        return out
+
+    def part(tensors: dict, sub) -> dict:
+        common = {"optimizer": dict(tensors.get("optimizer", {}), param_groups=groups_for(sub))}
+        if sharding is not None:
+            common["param_state_sharding_type"] = sharding
+        return dict(tensors, **common)
+
+    if chained:
+        return {i: part(loaded.get(i, {}), sub) for i, sub in enumerate(subs)}
+    return part({k: v for k, v in loaded.items() if not isinstance(k, int)}, subs[0])
 
 
 def _load_weights(chunks: list, ckpt: str) -> None:

@@ -27,6 +27,7 @@ from megatron_sail.training import checkpoint as ckpt
 from megatron_sail.training.dist_ckpt import ThreadAsyncCallsQueue
 from megatron_sail.training.flops import real_seqlens, step_flops
 from megatron_sail.training.metrics import StepStats
+from megatron_sail.training.moe_metrics import step_moe_losses
 from megatron_sail.training.optimizer import group_lrs
 from megatron_sail.training.step import eval_step, train_step
 
@@ -208,6 +209,7 @@ def _one_step(ctx: LoopContext) -> StepStats:
     names = ctx.feeder.source_names
     res = train_step(ctx.chunks, ctx.optimizer, ctx.scheduler, batches,
                      ctx.cfg.data.seq_length, row_stats, num_sources=len(names))
+    moe = step_moe_losses(ctx.cfg.model.language, ctx.feeder.plan.num_microbatches)
     s, n = ctx.state, res.counters
     src_sum, src_tok = n.get("source_loss_sum", []), n.get("source_loss_tokens", [])
     s.iteration += 1
@@ -222,7 +224,7 @@ def _one_step(ctx: LoopContext) -> StepStats:
                      decode_failures=int(n["decode_failures"]),
                      consumed_samples=s.consumed_samples, consumed_tokens=s.consumed_tokens,
                      source_loss={k: v / t for k, v, t in zip(names, src_sum, src_tok) if t > 0},
-                     source_loss_tokens=dict(zip(names, src_tok)))
+                     source_loss_tokens=dict(zip(names, src_tok)), moe_losses=moe)
     if ctx.image_logger is not None and s.iteration % ctx.cfg.train.log_interval == 0:
         ctx.image_logger(s.iteration, batches[0])  # after the step time was taken
     return stats

@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from megatron_sail.training.flops import mfu as _mfu
+from megatron_sail.training.moe_metrics import LOAD_BALANCING_LOSS
 
 METRICS_FILE = "metrics.jsonl"
 VALID_METRICS_FILE = "valid_metrics.jsonl"
@@ -73,6 +74,10 @@ class StepStats:
     source_loss_tokens: dict[str, float] = field(default_factory=dict)
     """Loss tokens of each source in this step; token-weighted, the source losses average to
     lm_loss."""
+    moe_losses: dict[str, float] = field(default_factory=dict)
+    """MoE auxiliary losses of the step by Megatron-LM's name (``load_balancing_loss``: mean
+    over MoE layers and micro-batches, DP ranks averaged; training/moe_metrics.py); {} when
+    the model is dense."""
 
 
 @dataclass
@@ -119,6 +124,13 @@ def _json_safe(value):
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     return value
+
+
+def _window_mean(window: list[dict], key: str) -> list[str]:
+    """``["KEY 1.2345"]``: the mean of an optional per-step value over the console window
+    ([] when no step of the window has it, e.g. the MoE loss of a dense model)."""
+    values = [r[key] for r in window if isinstance(r.get(key), float) and math.isfinite(r[key])]
+    return [f"{key} {sum(values) / len(values):.4f}"] if values else []
 
 
 def _format_eta(seconds: float) -> str:
@@ -228,6 +240,7 @@ class MetricsWriter:
             "consumed_tokens": s.consumed_tokens,
             "source_loss": {k: float(v) for k, v in s.source_loss.items()},
             "source_loss_tokens": {k: float(v) for k, v in s.source_loss_tokens.items()},
+            **{name: float(value) for name, value in s.moe_losses.items()},
             "skipped": bool(s.skipped),
             "skipped_steps": self.skipped_steps,
             "decode_failures": self.decode_failures,
@@ -343,6 +356,8 @@ class MetricsWriter:
             scalars[f"learning-rate/{group}"] = lr
         for name, loss in rec["source_loss"].items():
             scalars[f"lm loss/{name}"] = loss
+        if rec.get(LOAD_BALANCING_LOSS) is not None:  # Megatron-LM's tag
+            scalars[LOAD_BALANCING_LOSS] = rec[LOAD_BALANCING_LOSS]
         scalars = {tag: value for tag, value in scalars.items() if value is not None}
         if self._tb is not None:
             for tag, value in scalars.items():
@@ -364,6 +379,7 @@ class MetricsWriter:
             f"step {last['iteration']}/{total if total else '?'}",
             f"eta {_format_eta(eta)}",
             f"loss {loss:.4f}",
+            *_window_mean(window, LOAD_BALANCING_LOSS),
             f"lr {last['lr']:.3e}",
             f"grad norm {gn:.3f}" if gn is not None else "grad norm -",
             f"data wait {wait * 1000:.1f} ms",
