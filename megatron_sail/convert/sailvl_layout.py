@@ -1,5 +1,8 @@
 """The SAIL-VL2 hub layout (config ``model_type`` "sailvl", remote code) <-> transformers-style keys.
 
+Also SAIL-VL-1.6-8B's: its config says "internvl_chat" but its ``vision_config`` is Apple's
+AIMv2 remote code (``model_type`` "aimv2") with the same tensor names as below.
+
 SAIL-VL2 checkpoints (BytedanceDouyinContent/SAIL-VL2-2B: config.json and
 model.safetensors.index.json, checked 2026-12) keep InternVL-chat's container - ``mlp1.{0,1,3}``
 projector, ``language_model.model.*`` / ``language_model.lm_head.weight`` (Qwen3ForCausalLM),
@@ -58,8 +61,14 @@ _BLOCK_FROM_HF = {v: k for k, v in _BLOCK.items()}
 
 
 def is_sailvl_config(config: dict) -> bool:
-    """True for a SAIL-VL2 hub config.json (AIMv2-layout vision tower)."""
-    return config.get("model_type") == SAILVL_MODEL_TYPE
+    """True for a SAIL-VL hub config.json with an AIMv2-layout tower: SAIL-VL2 (``model_type``
+    "sailvl") and SAIL-VL-1.6-8B (``model_type`` "internvl_chat" whose ``vision_config`` is
+    Apple's remote-code ``aimv2``, same tensor names; read from a GitHub copy of its files)."""
+    if config.get("model_type") == SAILVL_MODEL_TYPE:
+        return True
+    vis = config.get("vision_config")
+    return (config.get("model_type") == "internvl_chat" and isinstance(vis, dict)
+            and vis.get("model_type") in _VISION_TYPES)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -93,7 +102,8 @@ def model_config(config: dict, image_token_id: int):
     from megatron_sail.config.model import ModelConfig, ProjectorConfig
 
     if not is_sailvl_config(config):
-        raise ValueError(f"not a {SAILVL_MODEL_TYPE} config (model_type={config.get('model_type')!r})")
+        raise ValueError(f"not a {SAILVL_MODEL_TYPE} / AIMv2 internvl_chat config "
+                         f"(model_type={config.get('model_type')!r})")
     vis, llm = config.get("vision_config"), config.get("llm_config")
     if not isinstance(vis, dict) or not isinstance(llm, dict):
         raise ValueError("sailvl config needs 'vision_config' and 'llm_config' objects")

@@ -214,6 +214,11 @@ def test_sailvl_config_maps_to_our_config_and_back_after_a_shape_change():
     assert S.model_config(fresh, 311) == bigger
     assert fresh["auto_map"] == stored["auto_map"] and fresh["template"] == "univl-chat"
     assert stored["llm_config"]["vocab_size"] == 320  # the stored config is not modified
+    # SAIL-VL-1.6-8B's flavour: model_type internvl_chat around Apple's aimv2 vision_config
+    v16 = {**stored, "model_type": "internvl_chat", "template": "sailvl-chat",
+           "vision_config": {**stored["vision_config"], "model_type": "aimv2"}}
+    assert S.is_sailvl_config(v16) and S.model_config(v16, 311) == cfg
+    assert not S.is_sailvl_config({**v16, "vision_config": {"model_type": "intern_vit_6b"}})
     with pytest.raises(ValueError, match="qkv_bias=true is not supported"):
         S.model_config({**stored, "vision_config": {**stored["vision_config"], "qkv_bias": True}}, 311)
     with pytest.raises(ValueError, match="not an AIMv2-layout tower"):
