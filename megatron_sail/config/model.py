@@ -253,10 +253,11 @@ def sail_vl15_2b() -> ModelConfig:
 
 
 def sail_vl16_8b() -> ModelConfig:
-    """SAIL-VL-1.6-8B: SAILViT-Huge (= AIMv2-Huge shape) + Qwen2.5-7B. The encoder: the SAILViT
-    model card ("Equipped with the SAILViT-Huge, our SAIL-VL-1d5-2B and SAIL-VL-1d6-8B ..."); the
-    LM: its card calls it "based on SAIL-VL-v1.5-8B" (Qwen2.5-7B, as sail_8b). Its config.json
-    was not read."""
+    """SAIL-VL-1.6-8B: SAILViT-Huge (= AIMv2-Huge shape) + Qwen2.5-7B (as sail_8b). Its
+    config.json (GitHub copy earl-juanico/rca, SAIL-VL-1d6-8B/): vision ``aimv2`` 1536 / 24
+    layers / 12 heads / 4096 / patch 14 / 448 / eps 1e-5, no biases; LLM Qwen2ForCausalLM 3584 /
+    28 / 28:4 heads / 18944 / vocab 152064, untied; select_layer -1; the SAILViT card names the
+    tower ("Equipped with the SAILViT-Huge, our SAIL-VL-1d5-2B and SAIL-VL-1d6-8B ...")."""
     return ModelConfig(vision=_aimv2_huge(), language=sail_8b().language)
 
 
