@@ -301,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype, torch.bfloat16 if distributed.has_cuda() else torch.float32)
     atol = DEFAULT_ATOL[dtype] if args.atol is None else args.atol
     model_config = read_model_config(args.mcore_dir)
+    layers = model_config.language.num_layers
+    if layers % args.pp:  # Megatron would fail with a bare assertion deep in the layer split
+        raise SystemExit(f"--pp {args.pp} must divide the {layers} LM layers of {args.mcore_dir} "
+                         "(compare_logits builds equal pipeline stages)")
     inputs = build_inputs(args, model_config, args.hf_dir, args.mcore_dir)
     chunks = build_model_chunks(model_config, ParallelConfig(tp=args.tp, pp=args.pp), dtype)
     dist_ckpt.load_model(chunks, args.mcore_dir)
