@@ -340,11 +340,19 @@ def _fit_chained_layout(loaded: dict, optimizer) -> dict:
 
     subs = list(getattr(optimizer, "chained_optimizers", [optimizer]))
     # The saved layout shows in the common part: one optimizer keeps its param_groups at the
-    # top, a chained one under 0, 1, ... (the tensors sit wherever this run asked for them).
-    saved_single = "param_groups" in (loaded.get("optimizer") or {})
+    # top (the distributed one under "optimizer"), a chained one under 0, 1, ... (the tensors
+    # sit wherever this run asked for them).
+    saved_single = "param_groups" in loaded or "param_groups" in (loaded.get("optimizer") or {})
     chained, saved_chained = len(subs) > 1, not saved_single
     if chained == saved_chained:
         return loaded
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if not all(isinstance(sub, DistributedOptimizer) for sub in subs):
+        raise ValueError("this checkpoint's optimizer state was saved at another expert-parallel "
+                         "layout (EP=1 vs EP>1); changing EP on resume works with the distributed "
+                         "optimizer (--use-distributed-optimizer, the default), or resume at the "
+                         "saved EP, or load weights only (--finetune / --no-load-optim)")
     saved = [loaded] if not saved_chained else [v for k, v in loaded.items() if isinstance(k, int)]
     groups = [g for part in saved for g in part.get("optimizer", {}).get("param_groups", [])]
     sharding = next((p["param_state_sharding_type"] for p in saved

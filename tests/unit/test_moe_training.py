@@ -57,3 +57,17 @@ def test_dense_runs_log_no_moe_loss(tmp_path):
         w.log_step(_step(1, {}))
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert "load_balancing_loss" not in rec and "load_balancing_loss" not in out.getvalue()
+
+
+def test_optimizer_layout_change_needs_the_distributed_optimizer():
+    """A checkpoint saved with one optimizer (EP=1) loaded by a chained one (EP>1): the
+    distributed optimizer's state is refitted; other optimizers are refused by name."""
+    from types import SimpleNamespace
+
+    from megatron_sail.training.checkpoint import _fit_chained_layout
+
+    chained = SimpleNamespace(chained_optimizers=[SimpleNamespace(), SimpleNamespace()])
+    with pytest.raises(ValueError, match="distributed optimizer"):
+        _fit_chained_layout({"param_groups": [], "state": {}}, chained)
+    same = {"optimizer": {"param_groups": []}, "param_state": {}}
+    assert _fit_chained_layout(same, SimpleNamespace()) is same  # same layout: untouched
