@@ -9,7 +9,7 @@ releases (sources next to them).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -191,6 +191,17 @@ def tiny(vocab_size: int = 512) -> ModelConfig:
     )
 
 
+def tiny_moe(vocab_size: int = 512) -> ModelConfig:
+    """``tiny`` with a Qwen3-MoE LM (QK-norm, no qkv bias, untied): 4 experts of SwiGLU 64 per
+    layer, top-2 renormalized, aux-loss 0.001 (Qwen3-MoE's default). For expert-parallel runs
+    on CPU (--expert-model-parallel-size 2 or 4) and the MoE tests."""
+    cfg = tiny(vocab_size)
+    cfg.language = replace(cfg.language, family="qwen3_moe", qkv_bias=False,
+                           tie_embeddings=False, num_experts=4, moe_ffn_hidden_size=64,
+                           moe_router_topk=2)
+    return cfg
+
+
 def _internvit_300m() -> VisionConfig:
     """InternViT-300M-448px (SAIL-VL.md)."""
     return VisionConfig(hidden_size=1024, num_layers=24, num_heads=16, ffn_hidden_size=4096,
@@ -305,7 +316,7 @@ def sail_vl2_30b_a3b() -> ModelConfig:
         img_context_token_id=SAIL_VL2_IMG_CONTEXT_ID)
 
 
-RECIPES = {"tiny": tiny, "sail_2b": sail_2b, "sail_8b": sail_8b, "sail_vl15_2b": sail_vl15_2b,
+RECIPES = {"tiny": tiny, "tiny_moe": tiny_moe, "sail_2b": sail_2b, "sail_8b": sail_8b, "sail_vl15_2b": sail_vl15_2b,
            "sail_vl16_8b": sail_vl16_8b, "sail_vl2_2b": sail_vl2_2b, "sail_vl2_8b": sail_vl2_8b,
            "sail_vl2_30b_a3b": sail_vl2_30b_a3b}
 """Named model recipes."""

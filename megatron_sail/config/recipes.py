@@ -48,6 +48,14 @@ def tiny(stage: str = "sft-knowledge") -> RunConfig:
     return cfg
 
 
+def tiny_moe(stage: str = "sft-knowledge") -> RunConfig:
+    """``tiny`` with the Qwen3-MoE LM of config.model.tiny_moe (4 experts, top-2): the smallest
+    run of a mixture-of-experts model, e.g. with --expert-model-parallel-size 2 on 2 CPU ranks."""
+    cfg = tiny(stage)
+    cfg.recipe, cfg.model, cfg.train.run_dir = "tiny_moe", model_cfg.tiny_moe(), "runs/tiny_moe"
+    return cfg
+
+
 def sail_2b(stage: str = "pretrain-alignment") -> RunConfig:
     """SAIL-VL-2B (InternViT-300M + Qwen2.5-1.5B), sized for 8xH100 nodes: TP=2 with SP."""
     return _base("sail_2b", stage, model_cfg.sail_2b(), ParallelConfig(tp=2, sp=True),
@@ -115,7 +123,7 @@ def sail_vl2_30b_a3b(stage: str = "pretrain-alignment") -> RunConfig:
 
 
 RECIPES: dict[str, Callable[[str], RunConfig]] = {
-    "tiny": tiny, "sail_2b": sail_2b, "sail_8b": sail_8b, "sail_vl15_2b": sail_vl15_2b,
+    "tiny": tiny, "tiny_moe": tiny_moe, "sail_2b": sail_2b, "sail_8b": sail_8b, "sail_vl15_2b": sail_vl15_2b,
     "sail_vl16_8b": sail_vl16_8b, "sail_vl2_2b": sail_vl2_2b, "sail_vl2_8b": sail_vl2_8b,
     "sail_vl2_30b_a3b": sail_vl2_30b_a3b}
 """Named run recipes (--recipe)."""

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron_sail.train", description=__doc__,
                                 allow_abbrev=False)
     p.add_argument("--recipe", default=None,
-                   help="tiny, sail_2b, sail_8b, sail_vl15_2b, sail_vl16_8b, sail_vl2_2b, sail_vl2_8b or "
+                   help="tiny, tiny_moe, sail_2b, sail_8b, sail_vl15_2b, sail_vl16_8b, sail_vl2_2b, sail_vl2_8b or "
                         "sail_vl2_30b_a3b (default: tiny; with --load / --init-from "
                         "and no --recipe the model comes from the checkpoint)")
     p.add_argument("--stage", default=None, help="training stage name (default: the recipe's)")

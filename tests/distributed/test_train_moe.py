@@ -27,17 +27,13 @@ STEPS = 8
 # optimizers' norms; experts see their tokens in all-to-all order). Measured (2026-12-01):
 # losses equal at EP=2 (gap 0), grad norm 1.3e-7, steps 7-8 back at EP=1 9.1e-8. Tolerance 100x.
 RTOL = 1e-5
+# The tiny_moe recipe (4 experts, top-2) with a 10x larger balancing coefficient, through
+# the YAML override path, so that the aux loss weighs in the updates being compared.
 MOE = """model:
   language:
-    family: qwen3_moe
-    qkv_bias: false
-    tie_embeddings: false
-    num_experts: 4
-    moe_ffn_hidden_size: 64
-    moe_router_topk: 2
     moe_aux_loss_coeff: 0.01
 """
-COMMON = ["--recipe", "tiny", "--stage", "sft-knowledge", "--train-iters", str(STEPS),
+COMMON = ["--recipe", "tiny_moe", "--stage", "sft-knowledge", "--train-iters", str(STEPS),
           "--lr-decay-iters", str(STEPS), "--global-batch-size", "4", "--micro-batch-size", "1",
           "--seq-length", "256", "--log-interval", "2", "--eval-interval", "0", "--seed", "7"]
 

@@ -14,10 +14,19 @@ MOE = ["--recipe", "sail_vl2_30b_a3b"]  # 128 experts, EP=8 in the recipe
     (["--recipe", "tiny", "--expert-model-parallel-size", "2"], "model is dense"),
     (MOE + ["--expert-model-parallel-size", "3"], "must divide the number of experts (128)"),
     (MOE + ["--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
+    (["--recipe", "tiny_moe", "--expert-model-parallel-size", "3"], "number of experts (4)"),
 ])
 def test_expert_layouts_refused_by_name(argv, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         resolve(argv)
+
+
+def test_tiny_moe_recipe():
+    cfg = resolve(["--recipe", "tiny_moe", "--expert-model-parallel-size", "2"])
+    lm = cfg.model.language
+    assert (cfg.recipe, lm.family, lm.num_experts, lm.moe_router_topk, cfg.parallel.ep) == \
+        ("tiny_moe", "qwen3_moe", 4, 2, 2)
+    assert cfg.model.vision == resolve(["--recipe", "tiny"]).model.vision
 
 
 def test_expert_layouts_accepted():
