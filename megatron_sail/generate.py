@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="id that ends an answer (repeatable; default <|im_end|> and <|endoftext|>)")
     p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1)
+    p.add_argument("--expert-model-parallel-size", "--ep", dest="ep", type=int, default=1,
+                   help="ignored (a note is printed when > 1): generation loads every expert on "
+                        "each rank (EP=1), whatever EP the checkpoint was trained at")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="parameter dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--tokenizer", default=None, help="override the tokenizer the checkpoint names")
@@ -128,6 +131,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     records, rejects = _requests(args, parser)
+    if args.ep < 1:
+        parser.error(f"--expert-model-parallel-size {args.ep}: must be at least 1")
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed, max_tiles=args.max_tiles,
                            batch_size=args.batch_size, system=args.system,
@@ -139,6 +144,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     gen = load_generator(args.checkpoint, cfg, LoadConfig(tp=args.tp, pp=args.pp, dtype=args.dtype,
                                                           tokenizer=args.tokenizer))
+    if args.ep > 1 and dist.get_rank() == 0:
+        print(f"note: --expert-model-parallel-size {args.ep} ignored: generation loads every expert "
+              "on each rank (EP=1; the checkpoint is resharded while loading), since expert-parallel "
+              "ranks would be data-parallel replicas decoding the same prompts", file=sys.stderr)
     prompts, kept = [], []
     for rec in records:
         try:

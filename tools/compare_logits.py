@@ -168,20 +168,32 @@ def reference_logits(hf_dir: Path, inputs: Inputs, dtype: torch.dtype, device: t
     return out[0].float()
 
 
-def _load_part(module, state: dict, prefix: str, into: str = "") -> None:
-    """Load the ``prefix`` tensors of a module-key state dict into one transformers module."""
-    part = {into + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+def _load_part(module, state: dict, renames: dict[str, str], tied: bool = False) -> None:
+    """Load the tensors under each ``renames`` prefix of a module-key state dict (the prefix
+    replaced by its value) into one transformers module; every weight must be found, except a
+    tied ``lm_head.weight``."""
+    part = {into + k[len(prefix):]: v for prefix, into in renames.items()
+            for k, v in state.items() if k.startswith(prefix)}
     missing, unexpected = module.load_state_dict(part, strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise ValueError(f"{prefix}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if unexpected or [k for k in missing if not (tied and k == "lm_head.weight")]:
+        raise ValueError(f"{sorted(renames)}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def composed_reference_logits(hf, inputs: Inputs, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """transformers' parts, composed as InternVL composes them, for a VLM whose vision tower
-    InternVL cannot hold (AIMv2): ``Aimv2VisionModel`` (last_hidden_state, or the hidden state
-    of ``select_layer``, all patch tokens) -> InternVL's pixel shuffle and
-    ``InternVLMultiModalProjector`` -> the features replace the <IMG_CONTEXT> embeddings -> the
-    family's causal LM (``AutoModelForCausalLM``)."""
+    """transformers' parts, composed as InternVL composes them (``composed_reference``), for a
+    VLM whose vision tower InternVL cannot hold (AIMv2): logits [S, V]."""
+    embed, lm = composed_reference(hf, dtype, device)
+    with torch.no_grad():
+        return lm(inputs_embeds=embed(inputs.input_ids[None].to(device), inputs.tiles)).logits[0].float()
+
+
+def composed_reference(hf, dtype: torch.dtype, device: torch.device):
+    """``(embed, lm)`` built from transformers' parts: ``Aimv2VisionModel`` (last_hidden_state,
+    or the hidden state of ``select_layer``, all patch tokens) -> InternVL's pixel shuffle and
+    ``InternVLMultiModalProjector`` -> the features replace the <IMG_CONTEXT> embeddings
+    (``embed(ids [1, S], tiles) -> inputs_embeds [1, S, h]``) -> the family's causal LM
+    (``lm``, an ``AutoModelForCausalLM``; its ``generate(inputs_embeds=...)`` is the generation
+    reference)."""
     from transformers import (AutoConfig, AutoModelForCausalLM, Aimv2VisionConfig, Aimv2VisionModel,
                               InternVLConfig)
     from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLMultiModalProjector
@@ -200,18 +212,22 @@ def composed_reference_logits(hf, inputs: Inputs, dtype: torch.dtype, device: to
             vision_config={"hidden_size": cfg.vision.hidden_size}, text_config=text.to_dict(),
             downsample_ratio=cfg.projector.downsample_ratio, projector_hidden_act="gelu")).to(dtype)
         lm = AutoModelForCausalLM.from_config(text).to(dtype)
-    _load_part(vision, state, "model.vision_tower.")
-    _load_part(projector, state, "model.multi_modal_projector.")
-    _load_part(lm, state, "model.language_model.", "model.")
-    if cfg.language.tie_embeddings:
+    tied = cfg.language.tie_embeddings
+    _load_part(vision, state, {"model.vision_tower.": ""})
+    _load_part(projector, state, {"model.multi_modal_projector.": ""})
+    head = {} if tied else {"lm_head.": "lm_head."}
+    _load_part(lm, state, {"model.language_model.": "model.", **head}, tied=tied)
+    if tied:
         lm.tie_weights()
-    else:
-        _load_part(lm, state, "lm_head.", "lm_head.")
     for m in (vision, projector, lm):
         m.eval()
-    ids = inputs.input_ids[None].to(device)
-    with torch.no_grad():
-        out = vision(pixel_values=inputs.tiles.to(device, dtype), output_hidden_states=True)
+
+    @torch.no_grad()
+    def embed(ids: torch.Tensor, tiles) -> torch.Tensor:
+        embeds = lm.get_input_embeddings()(ids)
+        if tiles is None or not tiles.size(0):
+            return embeds
+        out = vision(pixel_values=tiles.to(device, dtype), output_hidden_states=True)
         layer = cfg.vision.select_layer
         feats = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
         side = int(feats.shape[1] ** 0.5)
@@ -219,10 +235,11 @@ def composed_reference_logits(hf, inputs: Inputs, dtype: torch.dtype, device: to
         # InternVLModel.pixel_shuffle uses no model state: transformers' own v2 shuffle, unbound
         feats = InternVLModel.pixel_shuffle(None, feats, scale_factor=cfg.projector.downsample_ratio)
         feats = projector(feats.reshape(feats.shape[0], -1, feats.shape[-1]))
-        embeds = lm.get_input_embeddings()(ids)
         mask = ids == cfg.img_context_token_id
         embeds[mask] = feats.reshape(-1, feats.shape[-1]).to(embeds.dtype)
-        return lm(inputs_embeds=embeds).logits[0].float()
+        return embeds
+
+    return embed, lm
 
 
 def our_logits(chunks: list, inputs: Inputs, device: torch.device) -> torch.Tensor | None:

@@ -2,8 +2,9 @@
 
 Checkpoint kinds, detected from the folder's files:
 
-* Hugging Face folder (``config.json``): transformers' InternVL layout or the InternVL-chat
-  layout; converted in memory (convert/) and sliced to this rank's TP/PP part.
+* Hugging Face folder (``config.json``): transformers' InternVL layout, the InternVL-chat
+  layout or SAIL-VL2's 'sailvl' layout (AIMv2 towers); converted in memory (convert/) and
+  sliced to this rank's TP/PP part.
 * converted Megatron checkpoint (``metadata.json`` + ``model_config.yaml``, from
   ``tools/convert_checkpoint.py hf-to-mcore``): tokenizer in ``tokenizer/``.
 * training checkpoint: a run directory with ``latest`` or one ``iter_N`` directory
@@ -191,18 +192,24 @@ def _dtype(name: Optional[str]) -> torch.dtype:
 
 
 def _platform(load: LoadConfig) -> ParallelConfig:
-    """Start torch.distributed + Megatron groups unless they exist; the layout in use."""
+    """Start torch.distributed + Megatron groups unless they exist; the layout in use.
+
+    Experts are always loaded whole (EP=1): expert-parallel ranks would be data-parallel
+    replicas decoding the same prompts, and a dist checkpoint saved at any EP reshards to EP=1.
+    Groups that exist with EP > 1 are rebuilt at EP=1 with their TP/PP."""
     from megatron.core import parallel_state
 
     from megatron_sail.platform import distributed
 
-    if parallel_state.model_parallel_is_initialized() and load.tp is None and load.pp is None:
-        return ParallelConfig(tp=parallel_state.get_tensor_model_parallel_world_size(),
-                              pp=parallel_state.get_pipeline_model_parallel_world_size())
-    parallel = ParallelConfig(tp=load.tp or 1, pp=load.pp or 1)
-    if (not parallel_state.model_parallel_is_initialized()
-            or parallel_state.get_tensor_model_parallel_world_size() != parallel.tp
-            or parallel_state.get_pipeline_model_parallel_world_size() != parallel.pp):
+    ready = parallel_state.model_parallel_is_initialized()
+    if ready and load.tp is None and load.pp is None:
+        parallel = ParallelConfig(tp=parallel_state.get_tensor_model_parallel_world_size(),
+                                  pp=parallel_state.get_pipeline_model_parallel_world_size())
+    else:
+        parallel = ParallelConfig(tp=load.tp or 1, pp=load.pp or 1)
+    if (not ready or parallel_state.get_tensor_model_parallel_world_size() != parallel.tp
+            or parallel_state.get_pipeline_model_parallel_world_size() != parallel.pp
+            or parallel_state.get_expert_model_parallel_world_size() != 1):
         distributed.initialize(parallel)
     return parallel
 
@@ -249,7 +256,8 @@ def load_generator(checkpoint: str, cfg: GenerationConfig = GenerationConfig(),
     """A Generator for a training checkpoint, a converted Megatron checkpoint or an HF folder.
 
     Collective: every rank calls it. Starts torch.distributed and the Megatron groups (TP/PP
-    from ``load``, default 1, or the ones already set up) when needed.
+    from ``load``, default 1, or the ones already set up) when needed. Mixture-of-experts
+    models are built at EP=1 whatever EP the checkpoint was trained at (see ``_platform``).
     """
     from megatron_sail.training import dist_ckpt
 

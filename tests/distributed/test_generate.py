@@ -3,7 +3,10 @@
 Greedy answers must be token-identical to transformers' ``generate`` on the same weights, image
 and prompt, for both HF layouts, for a converted Megatron checkpoint, at TP=2 (also with SP
 through generator_from_model) and at PP=2 (also with virtual stages); batched generation must
-equal one prompt at a time. Each job runs in spawned ranks (the CPU backend patches torch).
+equal one prompt at a time. The same holds for the newer families (generate_cases.FAMILIES:
+Qwen3, Qwen3-MoE in both InternVL layouts, AIMv2 + Qwen3-MoE in the 'sailvl' layout), and
+Qwen3-MoE also at TP=2 (experts split over TP), on EP=2 live chunks, and after load_generator
+rebuilt EP=2 groups at EP=1. Each job runs in spawned ranks (the CPU backend patches torch).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("generate")
     paths = gc.make_checkpoints(root)
     paths["mcore"] = str(root / "mcore")
+    paths["mcore_moe"] = str(root / "mcore_moe")
     [single] = launch(_single_rank_job, 1, paths, timeout=600)
     return paths, single
 
@@ -68,7 +72,29 @@ def _single_rank_job(rank, paths):
     out["sampled"] = [sample(1), sample(1), sample(2)]
     hf_to_mcore(paths["hf"], paths["mcore"], ConvertConfig())
     out["mcore"] = _answers(load_generator(paths["mcore"], gc.gen_config(batch_size=4)), reqs)
+    out["families"] = {name: _family_case(paths[name], reqs) for name in gc.FAMILIES}
+    hf_to_mcore(paths["qwen3_moe"], paths["mcore_moe"], ConvertConfig())
     return out
+
+
+def _family_case(path, reqs) -> dict:
+    """One newer-family folder: ours batched, ours one by one, transformers; for MoE models also
+    ours with every router's expert order reversed (the negative control: routing decides tokens)."""
+    from megatron_sail.inference import load_generator
+
+    gen = load_generator(path, gc.gen_config(batch_size=4))
+    prompts = [gen.prompts.build(r, gen.cfg.max_new_tokens, i) for i, r in enumerate(reqs)]
+    cfg = gen.model_config
+    res = {"batched": _answers(gen, reqs), "single": [gen.generate([r])[0].token_ids for r in reqs],
+           "hf": gc.hf_reference(path, prompts, gen.stop_ids),
+           "families": (cfg.vision.family, cfg.language.family),
+           "tiles": [int(p.tiles.size(0)) for p in prompts]}
+    if cfg.language.is_moe:
+        for lm in gen.lms:
+            for layer in lm.decoder.layers:
+                layer.mlp.router.weight.data = layer.mlp.router.weight.data.flip(0)
+        res["rerouted"] = _answers(gen, reqs)
+    return res
 
 
 def test_greedy_matches_transformers_both_layouts(assets):
@@ -133,6 +159,26 @@ def test_converted_megatron_checkpoint(assets):
     assert single["mcore"] == single["hf"]["hf"]
 
 
+def test_newer_families_match_transformers_batched_and_alone(assets):
+    """Qwen3, Qwen3-MoE (transformers and InternVL-chat layouts), AIMv2 + Qwen3-MoE (sailvl):
+    token-identical to transformers, batched == one prompt at a time (MoE routing is per token)."""
+    _, single = assets
+    fams = single["families"]
+    assert {n: fams[n]["families"] for n in gc.FAMILIES} == {
+        "qwen3": ("internvit", "qwen3"), "qwen3_moe": ("internvit", "qwen3_moe"),
+        "qwen3_moe_chat": ("internvit", "qwen3_moe"), "sailvl": ("aimv2", "qwen3_moe")}
+    for name in gc.FAMILIES:
+        res = fams[name]
+        assert res["batched"] == res["hf"], name
+        assert res["single"] == res["hf"], name
+        assert sum(len(t) for t in res["hf"]) >= 20, (name, res["hf"])
+        assert len({x for t in res["hf"] for x in t}) >= 6, ("degenerate answers", name, res["hf"])
+        # 56 px tiles as for Qwen2; sailvl's 32 px tiles turn the 50x50 image into 2x2 + thumbnail
+        assert res["tiles"] == ([3, 5 + 4, 0, 4] if name == "sailvl" else [3, 1 + 4, 0, 4]), name
+        if "rerouted" in res:
+            assert res["rerouted"] != res["hf"], name
+
+
 def _tp_job(rank, paths):
     """TP=2 from the HF folder, then TP=2 + SP through generator_from_model on a DDP-wrapped chunk."""
     gc.set_threads()
@@ -161,16 +207,52 @@ def _tp_job(rank, paths):
     live = generator_from_model([ddp], ck.model_config, tok, ck.settings, gc.gen_config(batch_size=3))
     sp_answers = _answers(live, reqs)
     return {"plain": plain, "sp": sp_answers, "training_kept": ddp.training and model.training,
-            "grads": any(p.grad is not None for p in model.parameters())}
+            "grads": any(p.grad is not None for p in model.parameters()), **_moe_parallel(paths, reqs)}
+
+
+def _moe_parallel(paths, reqs) -> dict:
+    """Qwen3-MoE at TP=2 from the HF folder; EP=2 live chunks loaded from the converted
+    checkpoint (what the in-training hook decodes with at EP=2: every EP rank runs the same
+    prompts, so the all-to-alls pair up); then load_generator inside those EP=2 groups."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_sail.config.parallel import ParallelConfig
+    from megatron_sail.convert.checkpoint import build_model_chunks
+    from megatron_sail.inference import generator_from_model, inspect_checkpoint, load_generator
+    from megatron_sail.inference.loading import LoadConfig
+    from megatron_sail.platform import distributed
+    from megatron_sail.training import dist_ckpt
+
+    def experts(chunk) -> int:
+        return len(chunk.language_model.decoder.layers[0].mlp.experts.local_experts)
+
+    gen = load_generator(paths["qwen3_moe"], gc.gen_config(batch_size=3), LoadConfig(tp=2))
+    out = {"moe_tp": _answers(gen, reqs)}
+    ep2 = ParallelConfig(ep=2)
+    distributed.initialize(ep2)
+    ck = inspect_checkpoint(paths["mcore_moe"])
+    chunks = build_model_chunks(ck.model_config, ep2, use_te=False)
+    dist_ckpt.load_model(chunks, paths["mcore_moe"])
+    live = generator_from_model(chunks, ck.model_config, gen.tokenizer, ck.settings,
+                                gc.gen_config(batch_size=3))
+    out.update(moe_ep=_answers(live, reqs), experts_ep=experts(chunks[0]))
+    again = load_generator(paths["mcore_moe"], gc.gen_config(batch_size=3))
+    out.update(moe_reloaded=_answers(again, reqs), experts_reloaded=experts(again.chunks[0]),
+               ep_reloaded=ps.get_expert_model_parallel_world_size())
+    return out
 
 
 def test_tensor_parallel_and_sequence_parallel(assets):
     paths, single = assets
     results = launch(_tp_job, 2, paths, timeout=600)
+    moe = single["families"]["qwen3_moe"]["hf"]
     for r in results:
         assert r["plain"] == single["hf"]["hf"]
         assert r["sp"] == single["hf"]["hf"]
         assert r["training_kept"] and not r["grads"]
+        assert r["moe_tp"] == moe  # 4 experts, each split over the 2 TP ranks
+        assert r["moe_ep"] == moe and r["experts_ep"] == 2  # 2 of 4 experts per EP rank
+        assert r["moe_reloaded"] == moe and (r["experts_reloaded"], r["ep_reloaded"]) == (4, 1)
 
 
 def _pp_job(rank, paths):
