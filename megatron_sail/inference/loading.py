@@ -87,6 +87,13 @@ def _inspect_hf(root: Path) -> Checkpoint:
 
     raw = hf_io.read_config(root)
     remote = internvl_chat.is_chat_config(raw) or sailvl_layout.is_sailvl_config(raw)
+    if not remote and raw.get("model_type") != "internvl":
+        raise ValueError(
+            f"{root}/config.json: model_type {raw.get('model_type')!r} is not a vision-language "
+            "layout generation reads: transformers' InternVL ('internvl'), InternVL-chat "
+            f"('{internvl_chat.CHAT_MODEL_TYPE}') or SAIL-VL2's '{sailvl_layout.SAILVL_MODEL_TYPE}' "
+            "(AIMv2 towers); tools/convert_checkpoint.py mcore-to-hf writes them (--layout hf for "
+            "InternViT models, --layout chat for the hub layouts)")
     tid = (internvl_chat.resolve_image_token_id(raw, lambda t: hf_io.find_added_token_id(root, t))
            if remote else None)
     if sailvl_layout.is_sailvl_config(raw):  # SAIL-VL2: AIMv2 tower, no transformers container

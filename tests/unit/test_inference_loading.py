@@ -83,3 +83,12 @@ def test_not_a_checkpoint_is_an_error_naming_it(tmp_path):
     (tmp_path / "model_config.yaml").write_text("{}")
     with pytest.raises(ValueError, match="processor.json: expected a JSON object"):
         inspect_checkpoint(tmp_path)
+
+
+def test_hf_folder_of_another_model_type_is_refused_naming_the_layouts(tmp_path):
+    """A bare causal LM folder (or any non-VLM config) must not be read as a default InternVL."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 64}))
+    with pytest.raises(ValueError, match=r"config.json: model_type 'qwen3' is not a vision-language "
+                                         r"layout.*'internvl'.*'internvl_chat'.*'sailvl'.*mcore-to-hf"):
+        inspect_checkpoint(tmp_path)
