@@ -63,8 +63,6 @@ def _schedule(model, batches, forward_only):
         b = next(data_iterator)
         kwargs = dict(tiles=b["tiles"], cu_seqlens=b["cu_seqlens"],
                       labels=None if forward_only else b["labels"])
-        if "position_ids" in b:  # model interface before position ids were dropped
-            kwargs["position_ids"] = b["position_ids"]
         out = m(b["input_ids"], **kwargs)
 
         def loss_func(output):
