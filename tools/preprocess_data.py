@@ -8,7 +8,9 @@ The tile size and tokens per tile come from --recipe's vision family (default: s
 448 px tiles, 256 tokens) and are recorded with that geometry in meta.json; the trainer refuses
 data built for a geometry that makes another number of tokens per tile.
 Prints one JSON summary line; exits 1 on --strict rejects or a reject rate above --max-reject-rate,
-2 (with a one-line error) on missing inputs or bad flags.
+2 (with a one-line error) on missing inputs or bad flags, 3 (with a one-line error naming the
+records in flight) when a worker process died twice (e.g. the out-of-memory killer); nothing is
+published then, and a rerun gives the same output as an undisturbed run.
 
 An InternVL meta file as the one --input (internvl_chat/shell/data/*.json) builds one dataset per
 entry under --output-prefix (a directory), prints one summary line per entry and then the
@@ -28,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_sail.config.data import (DEFAULT_MAX_IMAGE_BYTES, PackingConfig, PreprocessConfig,  # noqa: E402
                                        TemplateConfig)
 from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
+from megatron_sail.data.block_pool import WorkerDied  # noqa: E402
 from megatron_sail.data.geometry import resolve_tiling  # noqa: E402
 from megatron_sail.data.internvl_meta import is_meta_file, run_meta  # noqa: E402
 from megatron_sail.data.preprocess import run  # noqa: E402
@@ -120,6 +123,9 @@ def main_meta(cfg) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WorkerDied as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     for summary in summaries:
         print(json.dumps(summary))
         if "error" in summary:
@@ -137,6 +143,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad inputs or flags: one line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WorkerDied as e:  # a worker killed twice (OOM killer): one line naming the records
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     print(json.dumps(summary))
     if "error" in summary:
         print(f"error: {summary['error']}", file=sys.stderr)

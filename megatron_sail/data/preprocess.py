@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import multiprocessing as mp
 import os
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Iterator, Optional
 
 from megatron_sail.config.data import PreprocessConfig
 from megatron_sail.data import indexed
+from megatron_sail.data.block_pool import PoolConfig, maybe_kill_self, ordered_map
 from megatron_sail.data.formats import (FORMATS, ImageAccess, RawRecord, detect_format, expand_inputs,
                                        iter_records, reread_image, to_conversation)
 from megatron_sail.data.imageinfo import clean_message, image_info
@@ -140,6 +140,7 @@ def _init_worker(cfg: PreprocessConfig, fmt: str) -> None:
 
 
 def _run_block(block: int, records: list[tuple[int, RawRecord]]) -> BlockResult:
+    maybe_kill_self([i for i, _ in records])  # test hook, off unless SAIL_TEST_KILL_WORKER_AT is set
     return _WORKER.process_block(block, records, detach=True)
 
 
@@ -171,23 +172,19 @@ def iter_blocks(cfg: PreprocessConfig, files: list[str], fmt: str) -> Iterator[t
             yield block, [(block * size + k, r) for k, r in enumerate(chunk)]
 
 
-def map_blocks(cfg: PreprocessConfig, fmt: str, blocks: Iterator, builder: SampleBuilder) -> Iterator[BlockResult]:
-    """Results in block order; at most 2 x workers blocks in flight (bounded memory)."""
+def map_blocks(cfg: PreprocessConfig, fmt: str, blocks: Iterator, builder: SampleBuilder,
+               log: Callable[[str], None] = print) -> Iterator[BlockResult]:
+    """Results in block order; at most 2 x workers blocks in flight (bounded memory). A worker
+    killed from outside costs one retry of its blocks, a second death a WorkerDied error
+    (block_pool.py); nothing hangs."""
     if cfg.workers <= 1:
         for block, recs in blocks:
             yield builder.process_block(block, recs)
         return
-    ctx = mp.get_context("fork")
-    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, fmt)) as pool:
-        pending: deque = deque()
-        for block, recs in blocks:
-            pending.append((pool.apply_async(_run_block, (block, recs)), recs))
-            if len(pending) >= 2 * cfg.workers:
-                job, done = pending.popleft()
-                yield attach_images(job.get(), done)
-        while pending:
-            job, done = pending.popleft()
-            yield attach_images(job.get(), done)
+    pool = PoolConfig(cfg.workers, in_flight=2 * cfg.workers)
+    where = f"shard {cfg.shard_index} of {cfg.num_shards}" if cfg.num_shards > 1 else "the run"
+    yield from ordered_map(pool, _run_block, blocks, _init_worker, (cfg, fmt), attach_images,
+                           where, log)
 
 
 def build_meta(cfg: PreprocessConfig, fmt: str, tok: Tokenizer, writer: indexed.PackedWriter,
@@ -246,7 +243,7 @@ def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int,
     records, rejects = 0, Counter()
     with indexed.PackedWriter(cfg.output_prefix) as writer:
         start = time.perf_counter()  # after the writer's one-off megatron.core import
-        for res in map_blocks(cfg, fmt, iter_blocks(cfg, files, fmt), builder):
+        for res in map_blocks(cfg, fmt, iter_blocks(cfg, files, fmt), builder, log):
             for row in res.rows:
                 writer.add_row(row, tok.special.img_context)
             for rej in res.rejects:
