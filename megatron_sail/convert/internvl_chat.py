@@ -73,6 +73,28 @@ def _size(value) -> int:
     return int(value)
 
 
+def intern_vit_config_to_hf(vis: dict, image: int, patch: int) -> dict:
+    """transformers InternVLVisionConfig dict of an InternViT remote-code vision config
+    (``model_type`` "intern_vit_6b": inside internvl_chat, or a standalone InternViT folder)."""
+    return {
+        "model_type": "internvl_vision",
+        "hidden_size": vis["hidden_size"],
+        "num_hidden_layers": vis["num_hidden_layers"],
+        "num_attention_heads": vis["num_attention_heads"],
+        "intermediate_size": vis["intermediate_size"],
+        "hidden_act": vis.get("hidden_act", "gelu"),
+        "image_size": [image, image],
+        "patch_size": [patch, patch],
+        "num_channels": vis.get("num_channels", 3),
+        "attention_bias": bool(vis.get("qkv_bias", False)),
+        "use_qk_norm": bool(vis.get("qk_normalization", False)),
+        "norm_type": vis.get("norm_type", "rms_norm"),
+        "layer_norm_eps": vis.get("layer_norm_eps", 1e-6),
+        "layer_scale_init_value": vis.get("initializer_factor", 0.1),
+        "use_mean_pooling": True,  # InternViT has no final LayerNorm; mean pooling = no final norm
+    }
+
+
 def chat_config_to_hf(config: dict, image_token_id: int) -> dict:
     """Translate an internvl_chat config.json into transformers' InternVLConfig dict.
 
@@ -97,23 +119,7 @@ def chat_config_to_hf(config: dict, image_token_id: int) -> dict:
     text["model_type"] = family.hf_model_type
     tied = bool(llm.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
     text["tie_word_embeddings"] = tied
-    vision = {
-        "model_type": "internvl_vision",
-        "hidden_size": vis["hidden_size"],
-        "num_hidden_layers": vis["num_hidden_layers"],
-        "num_attention_heads": vis["num_attention_heads"],
-        "intermediate_size": vis["intermediate_size"],
-        "hidden_act": vis.get("hidden_act", "gelu"),
-        "image_size": [image, image],
-        "patch_size": [patch, patch],
-        "num_channels": vis.get("num_channels", 3),
-        "attention_bias": bool(vis.get("qkv_bias", False)),
-        "use_qk_norm": bool(vis.get("qk_normalization", False)),
-        "norm_type": vis.get("norm_type", "rms_norm"),
-        "layer_norm_eps": vis.get("layer_norm_eps", 1e-6),
-        "layer_scale_init_value": vis.get("initializer_factor", 0.1),
-        "use_mean_pooling": True,  # InternViT has no final LayerNorm; mean pooling = no final norm
-    }
+    vision = intern_vit_config_to_hf(vis, image, patch)
     out = {
         "model_type": "internvl",
         "architectures": ["InternVLForConditionalGeneration"],
