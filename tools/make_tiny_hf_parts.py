@@ -55,8 +55,8 @@ class TinyPartConfig:
     """LM layers."""
     text_ffn: int = 256
     """LM SwiGLU width (per expert for qwen3_moe: half of it)."""
-    vocab_size: int = 320
-    """LM embedding rows (the tokenizer gets ``tokenizer_size`` ids)."""
+    vocab_size: int = 512
+    """LM embedding rows (the tiny recipe's; the tokenizer gets ``tokenizer_size`` ids)."""
     tokenizer_size: int = 300
     """Ids of the BPE tokenizer written beside the LM (at most vocab_size to need no growth)."""
     tied: bool = True
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", choices=PARTS, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vocab-size", type=int, default=320, help="LM embedding rows")
+    p.add_argument("--vocab-size", type=int, default=512, help="LM embedding rows")
     p.add_argument("--tokenizer-size", type=int, default=300, help="ids of the LM's tokenizer")
     p.add_argument("--untied", action="store_true", help="separate LM head")
     a = p.parse_args(argv)

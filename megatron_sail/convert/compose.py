@@ -50,8 +50,8 @@ class ComposeConfig:
 
     recipe: Optional[str] = None
     """Model recipe (config/model.py RECIPES) giving select_layer, downsample ratio, image size
-    and drop path, and whose shapes the composed model must have (so `train.py --recipe NAME
-    --init-from MC` accepts it)."""
+    and drop path, and whose weight shapes (vocabulary rows included) the composed model must
+    have, so that `train.py --recipe NAME --init-from MC` accepts it."""
     select_layer: Optional[int] = None
     """Encoder layer feeding the projector (default: the recipe's, else -1)."""
     downsample_ratio: Optional[float] = None
@@ -81,8 +81,8 @@ def compose(vision_hf: str | os.PathLike, language_hf: str | os.PathLike,
     for src, flag in ((vision_hf, "--vision-hf"), (language_hf, "--language-hf")):
         checkpoint._check_not_source(src, out_dir, flag)
     checkpoint._check_empty(out_dir, cfg.overwrite)
-    tok_src = _tokenizer_source(language_hf, cfg.tokenizer)
     vis, lm = standalone.read_vision(vision_hf), standalone.read_language(language_hf)
+    tok_src = _tokenizer_source(language_hf, cfg.tokenizer)
     model_config = _model_config(vis, lm, cfg)
     with hf_io.atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
         hf_assets.save_tokenizer(tok_src, tmp / checkpoint.TOKENIZER_DIR)
@@ -90,6 +90,8 @@ def compose(vision_hf: str | os.PathLike, language_hf: str | os.PathLike,
         model_config.img_context_token_id = tok.special.img_context
         ours, unused = _our_tensors(vis, lm, model_config)
         grown = _grow_vocab(ours, model_config, tok.vocab_size, cfg.vocab_multiple)
+        if cfg.recipe:
+            _check_recipe(model_config, _recipe(cfg.recipe), cfg.recipe)
         model = _build(model_config, cfg.seed)
         projector = (_projector_from(cfg.projector_from, model) if cfg.projector_from else
                      {k: v for k, v in model.state_dict().items()
@@ -169,8 +171,6 @@ def _model_config(vis: standalone.VisionPart, lm: standalone.LanguagePart,
     except ValueError as e:
         raise ValueError(f"encoder image_size {vision.image_size} / patch_size {vision.patch_size} "
                          f"with downsample ratio {projector.downsample_ratio}: {e}") from e
-    if recipe is not None:
-        _check_recipe(out, recipe, cfg.recipe)
     return out
 
 
@@ -186,17 +186,17 @@ def _recipe(name: Optional[str]) -> Optional[ModelConfig]:
 
 
 def _check_recipe(ours: ModelConfig, recipe: ModelConfig, name: str) -> None:
-    """Every weight-shaping field of the composed model equals the recipe's (the vocabulary
-    aside: the trainer takes it from the data and the checkpoint)."""
+    """Every weight-shaping field of the composed model (vocabulary rows after any growth
+    included) equals the recipe's, as ``train.py --recipe NAME --init-from`` checks."""
     from megatron_sail.config.from_checkpoint import SHAPE_FIELDS, model_differences
 
     diffs = [d for d in model_differences(recipe, ours)
-             if d[0].rsplit(".", 1)[-1] in SHAPE_FIELDS - {"vocab_size"}]
+             if d[0].rsplit(".", 1)[-1] in SHAPE_FIELDS]
     if diffs:
         text = "; ".join(f"{k}: recipe {a!r}, folders {b!r}" for k, a, b in diffs)
         raise ValueError(f"the encoder and LLM folders do not have recipe {name!r}'s shapes: {text}. "
                          "Leave out --recipe (set --select-layer / --downsample-ratio) to compose "
-                         "them anyway, and train without --recipe")
+                         "them anyway, and train with --use-checkpoint-args (or without --recipe)")
 
 
 def _our_tensors(vis: standalone.VisionPart, lm: standalone.LanguagePart,
