@@ -106,7 +106,7 @@ def gen_config(**kw):
     return GenerationConfig(max_new_tokens=MAX_NEW, max_tiles=MAX_TILES, **kw)
 
 
-def hf_reference(ckpt_dir: str, prompts, stop_ids) -> list[list[int]]:
+def hf_reference(ckpt_dir: str, prompts, stop_ids, min_new_tokens: int = 0) -> list[list[int]]:
     """transformers' greedy generate on the checkpoint's weights for prepared prompts."""
     import torch
     from transformers import InternVLForConditionalGeneration
@@ -116,7 +116,7 @@ def hf_reference(ckpt_dir: str, prompts, stop_ids) -> list[list[int]]:
 
     hf = read_hf_checkpoint(ckpt_dir)
     if hf.model_config is not None:  # sailvl: no transformers VLM class holds an AIMv2 tower
-        return _composed_reference(hf, prompts, stop_ids)
+        return _composed_reference(hf, prompts, stop_ids, min_new_tokens)
     config = transformers_config(hf.config)
     model = InternVLForConditionalGeneration(config).float().eval()
     state = to_transformers_params(hf.state, from_hf_config(config))  # MoE: experts fused
@@ -128,13 +128,14 @@ def hf_reference(ckpt_dir: str, prompts, stop_ids) -> list[list[int]]:
         kw = {"pixel_values": p.tiles} if p.tiles is not None and p.tiles.size(0) else {}
         with torch.no_grad():
             seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=p.max_new_tokens, do_sample=False,
+                                 max_new_tokens=p.max_new_tokens, min_new_tokens=min_new_tokens,
+                                 do_sample=False,
                                  eos_token_id=list(stop_ids), pad_token_id=stop_ids[0], **kw)
         out.append(_strip(seq[0, ids.size(1):].tolist(), stop_ids))
     return out
 
 
-def _composed_reference(hf, prompts, stop_ids) -> list[list[int]]:
+def _composed_reference(hf, prompts, stop_ids, min_new_tokens: int = 0) -> list[list[int]]:
     """Greedy generate of transformers' causal LM on the composed AIMv2 + projector embeddings
     (with inputs_embeds alone, ``generate`` returns only the new tokens)."""
     import torch
@@ -148,7 +149,8 @@ def _composed_reference(hf, prompts, stop_ids) -> list[list[int]]:
         ids = torch.tensor(p.ids)[None]
         with torch.no_grad():
             seq = lm.generate(inputs_embeds=embed(ids, p.tiles), attention_mask=torch.ones_like(ids),
-                              max_new_tokens=p.max_new_tokens, do_sample=False,
+                              max_new_tokens=p.max_new_tokens, min_new_tokens=min_new_tokens,
+                              do_sample=False,
                               eos_token_id=list(stop_ids), pad_token_id=stop_ids[0])
         out.append(_strip(seq[0].tolist(), stop_ids))
     return out
