@@ -4,8 +4,11 @@ and at the end, each --eval-benchmark NAME=PATH is generated on the training chu
 as ``benchmarks/NAME`` next to ``consumed_tokens`` (what tools/scaling_law.py fits) and to
 TensorBoard. Predictions of each evaluation go to ``<run_dir>/benchmarks/iter_N/``.
 
-Every rank runs the hook (generation is collective over TP/PP); data-parallel replicas each
-generate the same items, so the time an evaluation takes does not shrink with DP.
+Every rank runs the hook (generation is collective over TP/PP). Data-parallel replicas split
+the requests (eval/replicas.py: each decodes its share, the answers are all-gathered in the
+original order), so an evaluation takes about 1/DP of the time and scores what one replica
+would; ``benchmarks_decoded/NAME`` in the record lists how many requests each replica decoded.
+Under expert parallelism the replicas run MoE layers together and each decodes every request.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 
 from megatron_sail.config.eval import BenchmarkEvalConfig
 from megatron_sail.eval.registry import get_benchmark, parse_benchmark_arg
+from megatron_sail.eval.replicas import share_from_parallel_state
 from megatron_sail.eval.runner import RunnerConfig, run_benchmark
 from megatron_sail.eval.tsv import read_items
 
@@ -74,17 +78,25 @@ class BenchmarkHook:
     def run(self, state) -> dict[str, float]:
         """Evaluate every benchmark now; log and return {name: score}."""
         rank0 = torch.distributed.get_rank() == 0
+        share = share_from_parallel_state()
         out_dir = os.path.join(self.run_dir, "benchmarks", f"iter_{state.iteration:07d}")
-        scores, counts, t0 = {}, {}, time.perf_counter()
+        scores, counts, decoded, t0 = {}, {}, {}, time.perf_counter()
         for spec, path in self.specs:
             rc = RunnerConfig(limit=self.cfg.limit, batch_size=self.cfg.batch_size,
                               max_new_tokens=self.cfg.max_new_tokens, writer=rank0,
-                              model_id=f"iter_{state.iteration}")
-            s, _ = run_benchmark(spec, path, self._gen().generate, rc, out_dir)
+                              model_id=f"iter_{state.iteration}", replicas=share)
+            mine = []  # requests this replica decoded
+
+            def generate(reqs, _mine=mine):
+                _mine.append(len(reqs))
+                return self._gen().generate(reqs)
+
+            s, _ = run_benchmark(spec, path, generate, rc, out_dir)
             scores[spec.name], counts[spec.name] = s.score, s.n
+            decoded[spec.name] = share.gather(sum(mine)) if share else [sum(mine)]
         self.last_iteration = state.iteration
         self.metrics.log_benchmarks(state.iteration, state.consumed_tokens, scores, counts,
-                                    time.perf_counter() - t0)
+                                    time.perf_counter() - t0, decoded)
         return scores
 
     def maybe_run(self, state, final: bool = False) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from megatron_sail.eval.registry import BenchmarkSpec
+from megatron_sail.eval.replicas import ReplicaShare
 from megatron_sail.eval.result import BenchmarkScore
 from megatron_sail.eval.tsv import read_items, read_predictions, read_rows, write_predictions
 
@@ -26,6 +27,9 @@ class RunnerConfig:
     """Whether this rank writes files (rank 0); every rank generates under TP/PP."""
     model_id: str = ""
     """Identifies the model in the cache: answers of another model are not reused."""
+    replicas: Optional[ReplicaShare] = None
+    """Data-parallel replicas that split the requests (eval/replicas.py); None: this rank's
+    replica decodes every request."""
 
 
 def _load_cache(path: str, model_id: str) -> dict[str, dict]:
@@ -69,17 +73,26 @@ def generate_answers(spec: BenchmarkSpec, items, generate: Callable, cfg: Runner
             todo.append((it, prompt))
     budget = cfg.max_new_tokens or spec.max_new_tokens
     _barrier()  # every rank has read the cache before rank 0 appends to it: same todo lists
+    share = cfg.replicas
+    step = cfg.batch_size * (share.size if share else 1)
     f = open(cache_path, "a", buffering=1) if cache_path and cfg.writer else None
     try:
-        for start in range(0, len(todo), cfg.batch_size):
-            chunk = todo[start:start + cfg.batch_size]
+        for start in range(0, len(todo), step):
+            round_ = todo[start:start + step]
+            lo, hi = share.slice(len(round_)) if share else (0, len(round_))
+            mine = round_[lo:hi]
             reqs = [GenerationRequest(prompt=p, images=list(it.images), max_new_tokens=budget)
-                    for it, p in chunk]
-            for (it, p), res in zip(chunk, generate(reqs)):
-                answers[it.index] = res.text
+                    for it, p in mine]
+            # every replica calls generate once per round, even with nothing to decode: under
+            # overlapped param gather it starts with a collective over the DP group
+            texts = [res.text for res in generate(reqs)]
+            if share:  # every replica's answers, in DP rank order = the round's order
+                texts = [t for part in share.gather(texts) for t in part]
+            for (it, p), text in zip(round_, texts):
+                answers[it.index] = text
                 if f is not None:
                     f.write(json.dumps({"index": it.index, "model": cfg.model_id, "prompt": p,
-                                        "raw": res.text}) + "\n")
+                                        "raw": text}) + "\n")
     finally:
         if f is not None:
             f.close()

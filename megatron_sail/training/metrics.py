@@ -23,7 +23,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -310,14 +310,16 @@ class MetricsWriter:
         return written
 
     def log_benchmarks(self, iteration: int, consumed_tokens: int, scores: dict, counts: dict,
-                       seconds: float) -> None:
+                       seconds: float, decoded: Optional[dict] = None) -> None:
         """Benchmark scores (eval/hook.py): one metrics.jsonl record with ``benchmarks/NAME``
-        and ``consumed_tokens`` (what tools/scaling_law.py fits), TensorBoard scalars, a line."""
+        and ``consumed_tokens`` (what tools/scaling_law.py fits), TensorBoard scalars, a line.
+        ``decoded``: NAME -> requests decoded per data-parallel replica (``benchmarks_decoded/``)."""
         if not self.active:
             return
         rec = {"iteration": iteration, "consumed_tokens": consumed_tokens,
                **{f"benchmarks/{k}": float(v) for k, v in scores.items()},
                **{f"benchmarks_n/{k}": int(n) for k, n in counts.items()},
+               **{f"benchmarks_decoded/{k}": [int(x) for x in v] for k, v in (decoded or {}).items()},
                "benchmarks_time_s": seconds, "time": time.time()}
         self._jsonl.write(json.dumps(_json_safe(rec)) + "\n")
         if self._tb is not None:

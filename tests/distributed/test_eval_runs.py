@@ -146,3 +146,37 @@ def test_hook_under_tensor_parallel(trained, tmp_path):
     assert len(recs) == 1 and recs[0]["iteration"] == 2
     assert recs[0]["benchmarks_n/pope"] == recs[0]["benchmarks_n/mcq"] == 3
     assert len(_predictions(run / "benchmarks" / "iter_0000002" / "mcq_predictions.tsv")) == 3
+
+
+def test_hook_splits_requests_over_data_parallel_replicas(trained, tmp_path):
+    """The fixture's last checkpoint resumed at DP=2 (already at --train-iters: no step, only the
+    final evaluation): each replica decodes about half of every set (3 + 2 of 5), and the
+    gathered predictions, cache order and scores equal the DP=1 hook's on the same weights."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bench, run = trained["bench"], tmp_path / "dp2"
+    data = str(trained["root"] / "data" / "train")
+    flags = [a for name in SETS for a in ("--eval-benchmark", f"{name}={bench[name]['path']}")]
+    _run(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+          "-m", "megatron_sail.train", "--recipe", "tiny", "--train-iters", str(STEPS),
+          "--global-batch-size", "2", "--micro-batch-size", "1", "--seq-length", "256",
+          "--eval-interval", "0", "--data-path", data, "--run-dir", str(run),
+          "--load", str(trained["run"] / "ckpt"), *flags, "--eval-benchmark-limit", str(LIMIT)])
+    rec = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()
+           if '"benchmarks/pope"' in l]
+    single = [json.loads(l) for l in (trained["run"] / "metrics.jsonl").read_text().splitlines()
+              if '"benchmarks/pope"' in l][-1]
+    assert len(rec) == 1 and rec[0]["iteration"] == single["iteration"] == STEPS
+    hook_dir = trained["run"] / "benchmarks" / f"iter_{STEPS:07d}"
+    dp_dir = run / "benchmarks" / f"iter_{STEPS:07d}"
+    for name in SETS:
+        assert rec[0][f"benchmarks_decoded/{name}"] == [3, 2]
+        assert single[f"benchmarks_decoded/{name}"] == [LIMIT]
+        assert rec[0][f"benchmarks/{name}"] == single[f"benchmarks/{name}"]
+        assert _predictions(dp_dir / f"{name}_predictions.tsv") == \
+            _predictions(hook_dir / f"{name}_predictions.tsv")
+        order = lambda p: [json.loads(l)["index"] for l in p.read_text().splitlines()]  # noqa: E731
+        assert order(dp_dir / f"{name}_cache.jsonl") == order(hook_dir / f"{name}_cache.jsonl")
