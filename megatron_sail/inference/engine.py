@@ -73,6 +73,7 @@ class Generator:
         self.sequence_parallel = bool(lm_cfg.sequence_parallel)
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
+        self.ep = parallel_state.get_expert_model_parallel_world_size()
         self.device = model_device()
         self.first = self.chunks[0].pre_process
         self.last = self.chunks[-1].post_process
@@ -240,4 +241,8 @@ class Generator:
         if self.pp > 1:
             dist.broadcast(tokens, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                            group=parallel_state.get_pipeline_model_parallel_group())
+        if self.ep > 1:  # EP ranks are replicas that must decode in lockstep (expert all-to-alls):
+            # a last-bit logit difference between them must not let their answers (and lengths) part
+            group = parallel_state.get_expert_model_parallel_group()
+            dist.broadcast(tokens, src=dist.get_global_rank(group, 0), group=group)
         return tokens.tolist()

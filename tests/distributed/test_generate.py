@@ -236,6 +236,21 @@ def _moe_parallel(paths, reqs) -> dict:
     live = generator_from_model(chunks, ck.model_config, gen.tokenizer, ck.settings,
                                 gc.gen_config(batch_size=3))
     out.update(moe_ep=_answers(live, reqs), experts_ep=experts(chunks[0]))
+    # A replica whose picks disagree (here: rank 1 takes the argmin) must still decode rank 0's
+    # tokens in lockstep; forced lengths keep the all-to-alls paired even without that guard.
+    import torch.distributed as dist
+
+    from megatron_sail.inference import engine
+
+    real = engine.next_tokens
+    if dist.get_rank() == 1:
+        engine.next_tokens = lambda logits, *args: real(-logits, *args)
+    try:
+        forced = generator_from_model(chunks, ck.model_config, gen.tokenizer, ck.settings,
+                                      gc.gen_config(batch_size=3, min_new_tokens=gc.MAX_NEW))
+        out["moe_ep_forced"] = _answers(forced, reqs)
+    finally:
+        engine.next_tokens = real
     again = load_generator(paths["mcore_moe"], gc.gen_config(batch_size=3))
     out.update(moe_reloaded=_answers(again, reqs), experts_reloaded=experts(again.chunks[0]),
                ep_reloaded=ps.get_expert_model_parallel_world_size())
@@ -252,6 +267,10 @@ def test_tensor_parallel_and_sequence_parallel(assets):
         assert r["training_kept"] and not r["grads"]
         assert r["moe_tp"] == moe  # 4 experts, each split over the 2 TP ranks
         assert r["moe_ep"] == moe and r["experts_ep"] == 2  # 2 of 4 experts per EP rank
+        # rank 0's greedy tokens on both ranks (answers that ended by length are unforced ones)
+        assert r["moe_ep_forced"] == results[0]["moe_ep_forced"]
+        by_length = [i for i, (t, b) in enumerate(zip(moe, (gc.MAX_NEW,) * 3 + (6,))) if len(t) == b]
+        assert len(by_length) >= 2 and all(r["moe_ep_forced"][i] == moe[i] for i in by_length)
         assert r["moe_reloaded"] == moe and (r["experts_reloaded"], r["ep_reloaded"]) == (4, 1)
 
 
