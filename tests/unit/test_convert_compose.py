@@ -269,3 +269,55 @@ def test_unsupported_folders_and_mismatches_are_refused_by_name(report):
     assert "recipe 'tiny'" in e["recipe_mismatch"] and "vision.family" in e["recipe_mismatch"]
     assert "image size 448" in e["image_size"] and "image_size 32" in e["image_size"]
     assert not any(v for k, v in e.items() if k.endswith("_out_exists"))
+
+
+def test_other_vision_spellings_read_to_the_same_tensors(tmp_path):
+    """transformers Aimv2Model (vision_config + a text tower), Apple's remote-code AIMv2 (flat
+    config, original names) and transformers InternVLVisionModel folders read into exactly the
+    tensors the family maps expect, without the Megatron model (in-process, ~1 s)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import make_tiny_hf_parts as parts_tool
+    from safetensors.torch import save_file
+    from transformers import (Aimv2Config, Aimv2Model, InternVLVisionConfig, InternVLVisionModel)
+
+    from megatron_sail.convert import sailvl_layout, standalone
+    from megatron_sail.convert.compose import _model_config, ComposeConfig
+    from megatron_sail.convert.hf_internvl import apply_key_map
+    from megatron_sail.models.families import vision_family
+
+    base = standalone.read_vision(parts_tool.make_part(tmp_path / "v", parts_tool.TinyPartConfig(part="aimv2")))
+    vcfg = base.hf_config.to_dict()
+    full = Aimv2Model(Aimv2Config(vision_config=vcfg, text_config=dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)))
+    sd = {k: v for k, v in full.state_dict().items()}
+    sd.update({"vision_model." + k[len(standalone.VISION_PREFIX):]: v for k, v in base.state.items()})
+    full.load_state_dict(sd, strict=False)
+    full.save_pretrained(str(tmp_path / "full"))
+    apple = sailvl_layout.from_hf_state_dict(base.state)
+    (tmp_path / "apple").mkdir()
+    save_file({k[len("vision_model."):]: v.contiguous() for k, v in apple.items()},
+              str(tmp_path / "apple" / "model.safetensors"))
+    (tmp_path / "apple" / "config.json").write_text(json.dumps({
+        "model_type": "aimv2", "architectures": ["AIMv2Model"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "image_size": 32, "patch_size": 8, "rms_norm_eps": 1e-5, "qkv_bias": False, "use_bias": False}))
+    for folder, kind in ((tmp_path / "full", "aimv2"), (tmp_path / "apple", "aimv2")):
+        part = standalone.read_vision(folder)
+        assert part.source_type == kind and part.family == "aimv2"
+        assert sorted(part.state) == sorted(base.state)
+        assert all(torch.equal(part.state[k], base.state[k]) for k in base.state)
+        assert standalone.vision_config(part, -1, 0.0) == standalone.vision_config(base, -1, 0.0)
+    assert any(k.startswith("text_model.") for k in standalone.read_vision(tmp_path / "full").skipped)
+    # transformers' InternVLVisionModel: the family's standalone map reads every tensor
+    vit = InternVLVisionModel(InternVLVisionConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        image_size=[32, 32], patch_size=[8, 8], norm_type="layer_norm", use_mean_pooling=True))
+    vit.save_pretrained(str(tmp_path / "ivl"))
+    part = standalone.read_vision(tmp_path / "ivl")
+    v = standalone.vision_config(part, -1, 0.0)
+    km = vision_family(v.family).key_map(v, "vision_model.", standalone.VISION_PREFIX)
+    assert km.hf_names() == set(part.state)
+    assert len(apply_key_map(km, part.state)) > 0
+    cfg = ComposeConfig(recipe="tiny")
+    lm = standalone.read_language(parts_tool.make_part(tmp_path / "lm", parts_tool.TinyPartConfig()))
+    assert _model_config(part, lm, cfg).vision.family == "internvit"
