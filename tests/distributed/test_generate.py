@@ -303,8 +303,10 @@ def _pp_job(rank, paths):
         chunks.append(m.eval())
     live = generator_from_model(chunks, ck.model_config, gen.tokenizer, ck.settings,
                                 gc.gen_config(batch_size=2))
+    moe = load_generator(paths["sailvl"], gc.gen_config(batch_size=4), LoadConfig(pp=2))
     return {"plain": plain, "vpp": _answers(live, reqs),
-            "layers": [len(c.language_model.decoder.layers) for c in chunks]}
+            "layers": [len(c.language_model.decoder.layers) for c in chunks],
+            "sailvl_pp": _answers(moe, reqs)}  # AIMv2 on stage 0, one MoE layer per stage
 
 
 def test_pipeline_parallel_and_virtual_stages(assets):
@@ -314,6 +316,7 @@ def test_pipeline_parallel_and_virtual_stages(assets):
         assert r["plain"] == single["chat"]["hf"]
         assert r["vpp"] == single["chat"]["hf"]
         assert r["layers"] == [1, 1]
+        assert r["sailvl_pp"] == single["families"]["sailvl"]["hf"]
 
 
 def test_cli_input_jsonl_matches_api(assets, tmp_path):
