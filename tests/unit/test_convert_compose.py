@@ -349,3 +349,51 @@ def test_one_alignment_step_trains_from_the_composed_checkpoint(report):
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "step 1/1" in proc.stdout + proc.stderr
     assert (root / "ckpt" / "iter_0000001" / "tokenizer").is_dir()
+
+
+REAL = {  # config.json fields of the released parts (shapes as in SAIL-VL.md / config/model.py)
+    "sail_2b": ({"model_type": "intern_vit_6b", "architectures": ["InternVisionModel"],
+                 "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                 "num_attention_heads": 16, "image_size": 448, "patch_size": 14, "qkv_bias": True,
+                 "qk_normalization": False, "norm_type": "layer_norm", "layer_norm_eps": 1e-6,
+                 "hidden_act": "gelu", "initializer_factor": 0.1, "drop_path_rate": 0.1},
+                ("qwen2", dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                               num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
+                               rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
+                               tie_word_embeddings=True))),
+    "sail_vl2_2b": ({"model_type": "aimv2", "architectures": ["AIMv2Model"], "hidden_size": 1536,
+                     "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 12,
+                     "image_size": 448, "patch_size": 14, "rms_norm_eps": 1e-5, "qkv_bias": False,
+                     "use_bias": False},
+                    ("qwen3", dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
+                                   num_key_value_heads=8, head_dim=128, intermediate_size=6144,
+                                   vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                                   max_position_embeddings=40960, tie_word_embeddings=True,
+                                   attention_bias=False))),
+}
+
+
+@pytest.mark.parametrize("recipe", list(REAL))
+def test_released_part_configs_compose_under_their_recipe(tmp_path, recipe):
+    """InternViT-300M-448px + Qwen2.5-1.5B configs give sail_2b's model, AIMv2-Huge-448 (Apple's
+    remote-code config) + Qwen3-1.7B sail_vl2_2b's (no weights: an empty safetensors file)."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from megatron_sail.config.model import RECIPES
+    from megatron_sail.convert import compose, standalone
+
+    vis_cfg, (kind, text) = REAL[recipe]
+    (tmp_path / "config.json").write_text(json.dumps(vis_cfg))
+    save_file({}, str(tmp_path / "model.safetensors"))
+    vis = standalone.read_vision(tmp_path)
+    lm = standalone.LanguagePart(kind, AutoConfig.for_model(kind, **text), True, {})
+    got = compose._model_config(vis, lm, compose.ComposeConfig(recipe=recipe))
+    compose._check_recipe(got, RECIPES[recipe](), recipe)
+    assert got.tokens_per_tile() == 256
+    assert got.vision.drop_path_rate == RECIPES[recipe]().vision.drop_path_rate
+    with pytest.raises(ValueError, match="vision.num_layers: recipe 24, folders 23"):
+        vis_cfg = {**vis_cfg, "num_hidden_layers": 23}
+        (tmp_path / "config.json").write_text(json.dumps(vis_cfg))
+        bad = compose._model_config(standalone.read_vision(tmp_path), lm, compose.ComposeConfig(recipe=recipe))
+        compose._check_recipe(bad, RECIPES[recipe](), recipe)
