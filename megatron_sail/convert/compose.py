@@ -159,7 +159,8 @@ def _model_config(vis: standalone.VisionPart, lm: standalone.LanguagePart,
                                       pick(cfg.drop_path_rate, "vision.drop_path_rate", 0.0))
     want = pick(cfg.image_size, "vision.image_size", vision.image_size)
     if want != vision.image_size:
-        raise ValueError(f"image size {want} ({'--image-size' if cfg.image_size else 'recipe ' + str(cfg.recipe)}) "
+        origin = "--image-size" if cfg.image_size else f"recipe {cfg.recipe}"
+        raise ValueError(f"image size {want} ({origin}) "
                          f"but the encoder's config has image_size {vision.image_size} (its position "
                          "table's size); pick the encoder trained at that size")
     language = language_family(lm.family).from_hf_config(lm.hf_config, tied=lm.tied)
