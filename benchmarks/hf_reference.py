@@ -12,11 +12,11 @@ numbers compare directly:
 Random weights from the recipe's shape; on a GPU bf16 weights, SDPA attention and fused AdamW
 (the setup of issue 6's baseline), on the CPU fp32 and foreach AdamW. Rows packing several
 samples (--samples-per-row > 1) pass restarting position_ids (derived from cu_seqlens: our
-batches carry none), from which transformers builds a block-causal mask (it materializes that mask; the one-sample default uses the causal kernel).
+batches carry none), from which transformers builds a block-causal mask (it materializes that
+mask; the one-sample default uses the causal kernel).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
