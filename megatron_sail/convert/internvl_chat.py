@@ -284,15 +284,19 @@ def _vision_hf_to_chat(name: str, value: torch.Tensor, out: dict, pending: dict)
     return False
 
 
-def hf_to_chat_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of ``chat_to_hf_state_dict``: module keys -> internvl_chat keys (q/k/v fused)."""
+def container_from_hf(state: dict[str, torch.Tensor], vision_from_hf, layout: str
+                      ) -> dict[str, torch.Tensor]:
+    """transformers InternVL module keys -> a chat-style container (``vision_model.*``, ``mlp1.*``,
+    ``language_model.*``), the vision tower mapped by ``vision_from_hf(name, value, out,
+    pending)``, which parks q/k/v in ``pending`` to be fused here. Shared by the InternVL-chat
+    and sailvl layouts, which differ only in their tower's names."""
     out: dict[str, torch.Tensor] = {}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, value in state.items():
         ok = True
         if key.startswith(_HF_VIT):
-            ok = _vision_hf_to_chat(key[len(_HF_VIT):], value, out, pending)
+            ok = vision_from_hf(key[len(_HF_VIT):], value, out, pending)
         elif key.startswith(_HF_PROJ):
             rest = key[len(_HF_PROJ):]
             prefix = next((p for p in _PROJ_FROM_HF if rest.startswith(p)), None)
@@ -308,9 +312,15 @@ def hf_to_chat_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         if not ok:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"transformers InternVL state dict has tensors with no chat mapping: {sorted(unknown)[:8]}")
+        raise ValueError(f"transformers InternVL state dict has tensors with no {layout} mapping: "
+                         f"{sorted(unknown)[:8]}")
     for key, parts in pending.items():
         if set(parts) != {"q", "k", "v"}:
             raise ValueError(f"{key}: needs q, k and v projections, got {sorted(parts)}")
         out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
+
+
+def hf_to_chat_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``chat_to_hf_state_dict``: module keys -> internvl_chat keys (q/k/v fused)."""
+    return container_from_hf(state, _vision_hf_to_chat, "chat")

@@ -33,7 +33,8 @@ import re
 
 import torch
 
-from megatron_sail.convert.internvl_chat import _LLM_META_KEYS, _PROJ_FROM_HF, _PROJ_RENAMES, _size
+from megatron_sail.convert.internvl_chat import (_LLM_META_KEYS, _PROJ_RENAMES, _size,
+                                                 container_from_hf)
 from megatron_sail.models.families import (language_family, language_family_for_architecture,
                                            language_family_for_hf, vision_family)
 
@@ -222,31 +223,4 @@ def _vision_from_hf(name: str, value: torch.Tensor, out: dict, pending: dict) ->
 
 def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of ``to_hf_state_dict``: module keys -> sailvl keys (q/k/v fused, pos_embed [1, N, d])."""
-    out: dict[str, torch.Tensor] = {}
-    pending: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
-    for key, value in state.items():
-        ok = True
-        if key.startswith(_HF_VIT):
-            ok = _vision_from_hf(key[len(_HF_VIT):], value, out, pending)
-        elif key.startswith(_HF_PROJ):
-            rest = key[len(_HF_PROJ):]
-            prefix = next((p for p in _PROJ_FROM_HF if rest.startswith(p)), None)
-            ok = prefix is not None
-            if ok:
-                out[_PROJ_FROM_HF[prefix] + rest[len(prefix):]] = value
-        elif key.startswith("model.language_model."):
-            out["language_model.model." + key[len("model.language_model."):]] = value
-        elif key == "lm_head.weight":
-            out["language_model.lm_head.weight"] = value
-        else:
-            ok = False
-        if not ok:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"state dict has tensors with no sailvl mapping: {sorted(unknown)[:8]}")
-    for key, parts in pending.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise ValueError(f"{key}: needs q, k and v projections, got {sorted(parts)}")
-        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
+    return container_from_hf(state, _vision_from_hf, "sailvl")
