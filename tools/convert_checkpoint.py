@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                         "path are used and whose shapes the folders must have")
     c.add_argument("--select-layer", type=int, default=None, help="default: the recipe's, else -1")
     c.add_argument("--downsample-ratio", type=float, default=None, help="default: the recipe's, else 0.5")
+    c.add_argument("--odd-grid", choices=("error", "pad"), default=None,
+                   help="a patch grid the merge does not divide (27x27 SigLIP-so400m-patch14-384): "
+                        "refuse, or zero-pad it bottom/right (default: the recipe's, else error)")
     c.add_argument("--image-size", type=int, default=None,
                    help="expected tile size, checked against the encoder's config")
     c.add_argument("--drop-path-rate", type=float, default=None, help="default: the recipe's, else 0")
@@ -74,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "compose":
         out = compose(args.vision_hf, args.language_hf, args.out, ComposeConfig(
             recipe=args.recipe, select_layer=args.select_layer,
-            downsample_ratio=args.downsample_ratio, image_size=args.image_size,
-            drop_path_rate=args.drop_path_rate, seed=args.seed, tokenizer=args.tokenizer,
+            downsample_ratio=args.downsample_ratio, odd_grid=args.odd_grid,
+            image_size=args.image_size, drop_path_rate=args.drop_path_rate, seed=args.seed, tokenizer=args.tokenizer,
             vocab_multiple=args.vocab_multiple, projector_from=args.projector_from,
             overwrite=args.overwrite))
     elif args.cmd == "hf-to-mcore":

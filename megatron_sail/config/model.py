@@ -17,7 +17,7 @@ class VisionConfig:
     """Vision encoder (fields as InternViT names them; a family may ignore some)."""
 
     family: str = "internvit"
-    """Vision family (models/families registry): 'internvit' or 'aimv2'."""
+    """Vision family (models/families registry): 'internvit', 'aimv2' or 'siglip'."""
     hidden_size: int = 1024
     """Width of the ViT."""
     num_layers: int = 24
@@ -75,6 +75,14 @@ class ProjectorConfig:
     """Pixel-shuffle ratio; 0.5 merges 2x2 patches into one token (InternVL "v2" order)."""
     norm_eps: float = 1e-5
     """LayerNorm epsilon (torch default, as in InternVL's mlp1)."""
+    odd_grid: str = "error"
+    """Patch grids the merge does not divide (27x27 for SigLIP-so400m-patch14-384): 'error'
+    (refused) or 'pad' (zero-padded on the bottom/right to the next multiple before the pixel
+    shuffle, as Ovis2 does: ceil(grid/merge)^2 tokens per tile)."""
+
+    def __post_init__(self):
+        if self.odd_grid not in ("error", "pad"):
+            raise ValueError(f"ProjectorConfig.odd_grid must be 'error' or 'pad', got {self.odd_grid!r}")
 
     @property
     def merge(self) -> int:
@@ -172,7 +180,8 @@ class ModelConfig:
         """The vision family's token geometry for tiles of ``tile_size`` px (default: trained size)."""
         from megatron_sail.models.families import vision_family
 
-        return vision_family(self.vision.family).geometry(self.vision, self.projector.merge, tile_size)
+        g = vision_family(self.vision.family).geometry(self.vision, self.projector.merge, tile_size)
+        return replace(g, odd_grid=self.projector.odd_grid)
 
     def tokens_per_tile(self, tile_size: int | None = None) -> int:
         """Visual tokens one tile of side ``tile_size`` (default: trained size) turns into."""

@@ -256,6 +256,11 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
     _check_not_source(mcore_dir, out_dir, "--mcore-dir")
     _check_empty(out_dir, cfg.overwrite)
     model_config = read_model_config(mcore_dir)
+    if not vision_family(model_config.vision.family).vlm_export:
+        raise ValueError(
+            f"{mcore_dir}: no HF VLM layout (--layout hf or chat) holds a "
+            f"{model_config.vision.family!r} vision tower beside the projector; export is "
+            "refused rather than written in a layout whose code would run it differently")
     if not vision_family(model_config.vision.family).in_internvl_container and cfg.layout != "chat":
         raise ValueError(
             f"{mcore_dir}: transformers' InternVL layout (--layout hf) cannot hold a "
@@ -264,6 +269,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
             "'sailvl' remote-code layout (docs/conversion.md)")
     tokenizer = _tokenizer_source(mcore_dir, cfg)
     settings = _processor_settings(mcore_dir, model_config)
+    _refuse_padded_grid(mcore_dir, model_config, settings.tile_size)
     source = mcore_dir / hf_assets.SOURCE_DIR
     if cfg.layout == "chat" and not (source / "config.json").is_file():
         raise FileNotFoundError(
@@ -353,6 +359,18 @@ def _tokenizer_source(mcore_dir: Path, cfg: ConvertConfig) -> Path:
     raise FileNotFoundError(
         f"{mcore_dir}: records no tokenizer ({TOKENIZER_DIR}/ is missing); pass --tokenizer with "
         "the tokenizer the training data was made with (the 'tokenizer.path' of its meta.json)")
+
+
+def _refuse_padded_grid(mcore_dir: Path, model_config: ModelConfig, tile: int) -> None:
+    """Refuse a model whose pixel shuffle zero-pads an odd patch grid (odd_grid='pad'): the HF
+    layouts' pixel shuffles (transformers' InternVL, the chat remote code) have no padding, so
+    they would fail or merge the wrong patches."""
+    g = model_config.geometry(tile)
+    if g.padded:
+        raise ValueError(
+            f"{mcore_dir}: the model zero-pads its {g.grid}x{g.grid} patch grid to a multiple of "
+            f"{g.merge} before the pixel shuffle (projector.odd_grid='pad'); the HF layouts' "
+            "pixel shuffles cannot express that padding, so export is refused")
 
 
 def _processor_settings(mcore_dir: Path, model_config: ModelConfig) -> hf_assets.ProcessorSettings:

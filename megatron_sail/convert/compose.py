@@ -56,6 +56,9 @@ class ComposeConfig:
     """Encoder layer feeding the projector (default: the recipe's, else -1)."""
     downsample_ratio: Optional[float] = None
     """Pixel-shuffle ratio (default: the recipe's, else 0.5)."""
+    odd_grid: Optional[str] = None
+    """Patch grids the merge does not divide: 'error' or 'pad' (default: the recipe's, else
+    'error'; ProjectorConfig.odd_grid)."""
     image_size: Optional[int] = None
     """Expected tile size; must equal the encoder's config image_size (checked, not changed)."""
     drop_path_rate: Optional[float] = None
@@ -165,7 +168,8 @@ def _model_config(vis: standalone.VisionPart, lm: standalone.LanguagePart,
                          "table's size); pick the encoder trained at that size")
     language = language_family(lm.family).from_hf_config(lm.hf_config, tied=lm.tied)
     projector = ProjectorConfig(downsample_ratio=float(pick(cfg.downsample_ratio,
-                                                            "projector.downsample_ratio", 0.5)))
+                                                            "projector.downsample_ratio", 0.5)),
+                                odd_grid=pick(cfg.odd_grid, "projector.odd_grid", "error"))
     out = ModelConfig(vision=vision, projector=projector, language=language)
     try:
         out.tokens_per_tile()

@@ -41,6 +41,9 @@ def to_hf_config(cfg: ModelConfig):
     if not vision_family(v.family).in_internvl_container:
         raise ValueError(f"transformers' InternVL cannot hold a {v.family!r} vision tower: "
                          "convert that encoder alone (families key_map / apply_key_map)")
+    if cfg.geometry().padded:
+        raise ValueError("transformers' InternVL pixel shuffle cannot express projector."
+                         "odd_grid='pad' (the zero-padded odd patch grid)")
     return InternVLConfig(vision_config=vision_family(v.family).hf_config(v),
                           text_config=language_family(lm.family).hf_config(lm),
                           image_token_id=cfg.img_context_token_id,

@@ -19,6 +19,10 @@ Vision folders, chosen by ``config.json``'s ``model_type``:
   projections are skipped); ``aimv2`` without one: Apple's remote-code AIMv2
   (``preprocessor.*`` / ``trunk.*``, mapped by sailvl_layout.py). The attention-pooling
   ``head.*`` of AIMv2 is not part of SAIL-VL's encoder and is skipped.
+* ``siglip_vision_model``: transformers' ``SiglipVisionModel`` (fixed-resolution SigLIP and
+  SigLIP2), with or without the ``vision_model.`` prefix older checkpoints carry; ``siglip``:
+  transformers' ``SiglipModel`` (its ``vision_model.*``; the text side is skipped). The
+  attention-pooling ``head.*`` is skipped.
 
 LM folders: ``config.json`` ``model_type`` of a registered language family (qwen2, qwen3,
 qwen3_moe), tensors ``model.*`` and ``lm_head.weight`` (absent or equal to the embedding when
@@ -43,10 +47,14 @@ INTERNVIT_REMOTE = "intern_vit_6b"
 INTERNVIT_HF = "internvl_vision"
 AIMV2_VISION = "aimv2_vision_model"
 AIMV2 = "aimv2"
-VISION_TYPES = (INTERNVIT_REMOTE, INTERNVIT_HF, AIMV2_VISION, AIMV2)
+SIGLIP_VISION = "siglip_vision_model"
+SIGLIP = "siglip"
+VISION_TYPES = (INTERNVIT_REMOTE, INTERNVIT_HF, AIMV2_VISION, AIMV2, SIGLIP_VISION, SIGLIP)
 """Vision ``model_type`` values ``compose`` reads."""
 _AIMV2_SKIPPED = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
 """transformers ``Aimv2Model`` tensors outside its vision tower (a CLIP-style text side)."""
+_SIGLIP_SKIPPED = ("text_model.", "logit_scale", "logit_bias")
+"""transformers ``SiglipModel`` tensors outside its vision tower."""
 
 
 @dataclass
@@ -95,7 +103,8 @@ def read_vision(folder: str | Path) -> VisionPart:
             f"{INTERNVIT_REMOTE!r} (InternViT remote code, e.g. OpenGVLab/InternViT-300M-448px), "
             f"{INTERNVIT_HF!r} (transformers InternVLVisionModel), {AIMV2_VISION!r} "
             f"(transformers Aimv2VisionModel), {AIMV2!r} (transformers Aimv2Model or Apple's "
-            "remote-code AIMv2)")
+            f"remote-code AIMv2), {SIGLIP_VISION!r} (transformers SiglipVisionModel), {SIGLIP!r} "
+            "(transformers SiglipModel)")
     raw = hf_io.read_state_dict(folder)
     if kind == INTERNVIT_REMOTE:
         return _internvit_remote(folder, config, raw)
@@ -104,6 +113,8 @@ def read_vision(folder: str | Path) -> VisionPart:
 
         hf = InternVLVisionConfig.from_dict(_fields(config))
         return VisionPart("internvit", hf, _prefixed(raw, "", VISION_PREFIX), [], kind)
+    if kind in (SIGLIP_VISION, SIGLIP):
+        return _siglip(folder, config, raw)
     return _aimv2(folder, config, raw)
 
 
@@ -164,6 +175,30 @@ def _aimv2(folder: Path, config: dict, raw: dict) -> VisionPart:
     skipped += [prefix + k for k in head]
     state = {VISION_PREFIX + k: v for k, v in tower.items() if not k.startswith("head.")}
     return VisionPart("aimv2", hf, state, sorted(set(skipped)), kind)
+
+
+def _siglip(folder: Path, config: dict, raw: dict) -> VisionPart:
+    """SiglipVisionModel (names as transformers holds them, or with the ``vision_model.``
+    prefix that checkpoints written before transformers 5 carry) or SiglipModel's vision tower;
+    the pooling head ``head.*`` and a text side are skipped."""
+    from transformers import SiglipVisionConfig
+
+    kind = config["model_type"]
+    if kind == SIGLIP:
+        if not isinstance(config.get("vision_config"), dict):
+            raise ValueError(f"{folder}/config.json: model_type 'siglip' without a vision_config")
+        hf = SiglipVisionConfig.from_dict(_fields(config["vision_config"]))
+    else:
+        hf = SiglipVisionConfig.from_dict(_fields(config))
+    skipped = [k for k in raw if k.startswith(_SIGLIP_SKIPPED)] if kind == SIGLIP else []
+    prefixed = kind == SIGLIP or any(k.startswith("vision_model.") for k in raw)
+    prefix = "vision_model." if prefixed else ""
+    tower = _prefixed(raw, prefix, "")
+    _unknown(folder, set(raw) - set(skipped) - {prefix + k for k in tower},
+             f"the {kind} folder")
+    skipped += [prefix + k for k in tower if k.startswith("head.")]
+    state = {VISION_PREFIX + k: v for k, v in tower.items() if not k.startswith("head.")}
+    return VisionPart("siglip", hf, state, sorted(set(skipped)), kind)
 
 
 def vision_config(part: VisionPart, select_layer: int, drop_path_rate: float):

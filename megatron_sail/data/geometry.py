@@ -22,6 +22,8 @@ def geometry_block(model_config, tile_size: Optional[int] = None, recipe: str = 
     g = model_config.geometry(tile)
     block = {"family": v.family, "tile_size": tile, "patch_size": v.patch_size, "grid": g.grid,
              "class_tokens": g.class_tokens, "merge": g.merge, "tokens_per_tile": g.tokens_per_tile}
+    if g.padded:  # recorded only when it applies: blocks of divisible grids stay as they were
+        block["odd_grid"] = "pad"
     if recipe:
         block["recipe"] = recipe
     return block
@@ -34,7 +36,8 @@ def describe(block: Optional[dict]) -> str:
     where = f" (recipe {block['recipe']})" if block.get("recipe") else ""
     return (f"{block['family']} geometry{where}: {block['tile_size']} px tiles of "
             f"{block['patch_size']} px patches = {block['grid']}x{block['grid']} grid, "
-            f"{block['class_tokens']} class token(s), {block['merge']}x{block['merge']} merge")
+            f"{block['class_tokens']} class token(s), {block['merge']}x{block['merge']} merge"
+            + (" of the zero-padded grid" if block.get("odd_grid") == "pad" else ""))
 
 
 def mismatch(meta_path: str, tokenizer: dict, model_config, recipe: str = "") -> Optional[str]:

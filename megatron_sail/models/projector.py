@@ -28,12 +28,28 @@ def pixel_shuffle(x: torch.Tensor, ratio: float) -> torch.Tensor:
     if side * side != n:
         raise ValueError(f"pixel shuffle needs a square patch grid, got {n} patches")
     if side * ratio != int(side * ratio):
-        raise ValueError(f"patch grid {side}x{side} is not divisible by 1/{ratio}")
+        raise ValueError(f"patch grid {side}x{side} is not divisible by 1/{ratio} "
+                         "(ProjectorConfig.odd_grid='pad' zero-pads it)")
     h = int(side * ratio)
     x = x.reshape(t, side, side, c)
     x = x.reshape(t, side, h, int(c / ratio)).permute(0, 2, 1, 3).contiguous()
     x = x.reshape(t, h, h, int(c / (ratio * ratio))).permute(0, 2, 1, 3).contiguous()
     return x.reshape(t, h * h, -1)
+
+
+def pad_grid(x: torch.Tensor, merge: int) -> torch.Tensor:
+    """[T, g*g, C] -> [T, G*G, C] with G = g rounded up to a multiple of ``merge``: zero patch
+    features appended on the bottom rows and right columns (Ovis2's rule for odd grids), so the
+    pixel shuffle can merge every patch. A grid that already divides is returned unchanged."""
+    t, n, c = x.shape
+    side = round(n ** 0.5)
+    if side * side != n:
+        raise ValueError(f"pixel shuffle needs a square patch grid, got {n} patches")
+    pad = (-side) % merge
+    if not pad:
+        return x
+    x = F.pad(x.reshape(t, side, side, c), (0, 0, 0, pad, 0, pad))
+    return x.reshape(t, (side + pad) ** 2, c)
 
 
 class Projector(MegatronModule):
@@ -55,6 +71,8 @@ class Projector(MegatronModule):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[T, N, d_vit] ViT features -> [T * N*r^2, d_llm] visual tokens, tile-major order."""
+        if self.cfg.odd_grid == "pad":
+            features = pad_grid(features, self.cfg.merge)
         x = pixel_shuffle(features, self.cfg.downsample_ratio)
         x, _ = self.linear_1(self.layer_norm(x))
         x, _ = self.linear_2(F.gelu(x))

@@ -40,6 +40,9 @@ def variant(name: str) -> ModelConfig:
         return dataclasses.replace(
             cfg, vision=dataclasses.replace(cfg.vision, family="aimv2", norm_type="rms_norm",
                                             norm_eps=1e-5, qkv_bias=False, ffn_hidden_size=96))
+    if name == "siglip":  # SigLIP encoder: LayerNorm, GELU-tanh, biases, no class token
+        return dataclasses.replace(
+            cfg, vision=dataclasses.replace(cfg.vision, family="siglip", ffn_hidden_size=96))
     raise KeyError(name)
 
 

@@ -12,10 +12,12 @@ from megatron_sail.models.families.internvit import InternViTFamily
 from megatron_sail.models.families.qwen2 import Qwen2Family
 from megatron_sail.models.families.qwen3 import Qwen3Family
 from megatron_sail.models.families.qwen3_moe import Qwen3MoeFamily
+from megatron_sail.models.families.siglip import SigLIPFamily
 
 VISION_FAMILIES: dict[str, VisionFamily] = {
     "internvit": InternViTFamily(),
     "aimv2": AIMv2Family(),
+    "siglip": SigLIPFamily(),
 }
 """Vision encoder families by ``VisionConfig.family``."""
 

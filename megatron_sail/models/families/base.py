@@ -75,6 +75,14 @@ class TokenGeometry:
     """Extra tokens the encoder prepends (InternViT: 1 class token; AIMv2: 0)."""
     merge: int
     """Patches merged per side by the pixel shuffle (2 for ratio 0.5)."""
+    odd_grid: str = "error"
+    """A grid the merge does not divide: 'error' (refused) or 'pad' (zero-padded on the
+    bottom/right to the next multiple; ``ProjectorConfig.odd_grid``, set by ModelConfig)."""
+
+    @property
+    def padded(self) -> bool:
+        """Whether the pixel shuffle sees zero-padded patch positions."""
+        return self.odd_grid == "pad" and self.grid % self.merge != 0
 
     @property
     def patches(self) -> int:
@@ -89,9 +97,10 @@ class TokenGeometry:
     @property
     def tokens_per_tile(self) -> int:
         """Visual tokens one tile turns into after the merge (what <IMG_CONTEXT> runs hold)."""
-        if self.grid % self.merge:
-            raise ValueError(f"tile of {self.grid}x{self.grid} patches not divisible by merge {self.merge}")
-        return (self.grid // self.merge) ** 2
+        if self.grid % self.merge and self.odd_grid != "pad":
+            raise ValueError(f"tile of {self.grid}x{self.grid} patches not divisible by merge "
+                             f"{self.merge} (ProjectorConfig.odd_grid='pad' zero-pads it)")
+        return (-(-self.grid // self.merge)) ** 2
 
 
 class VisionFamily:
@@ -104,6 +113,9 @@ class VisionFamily:
     in_internvl_container: bool = True
     """Whether transformers' InternVLForConditionalGeneration can hold this encoder (else the
     HF side is the encoder alone)."""
+    vlm_export: bool = True
+    """Whether some HF VLM layout (InternVL's ``hf``, or a ``chat`` remote-code layout) can hold
+    the whole model with this encoder (else only the encoder converts alone)."""
 
     def transformer_config(self, vision, parallel, dtype):
         """Megatron TransformerConfig of the encoder (the whole encoder lives on stage 0)."""

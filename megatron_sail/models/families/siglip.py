@@ -1,0 +1,103 @@
+"""SigLIP / SigLIP2 (fixed resolution) vision encoders: transformers' ``SiglipVisionModel``.
+
+Module: ``models/siglip.py``. Geometry: no class token; grid = tile / patch (27x27 for
+SigLIP-so400m-patch14-384, which the 2x2 pixel shuffle merges only with
+``ProjectorConfig.odd_grid="pad"``). The attention-pooling head (``head.*``) is not part of a VLM
+encoder and is not built. transformers has no VLM class that holds a SigLIP tower beside
+InternVL's projector (InternVL's container drops a class token SigLIP does not have), so the HF
+side of this family is the encoder alone (``key_map`` names relative to ``SiglipVisionModel``).
+"""
+from __future__ import annotations
+
+import re
+
+from megatron_sail.models.families.base import KeyMap, QKVSite, TokenGeometry, VisionFamily
+from megatron_sail.models.families.internvit import _pair
+
+
+class SigLIPFamily(VisionFamily):
+    """SigLIP spec: how to build, count, map and tile it."""
+
+    name = "siglip"
+    hf_model_type = "siglip_vision_model"
+    in_internvl_container = False
+    vlm_export = False
+
+    def transformer_config(self, vision, parallel, dtype):
+        """LayerNorm + GELU-tanh MLP + biases everywhere."""
+        from megatron_sail.models.siglip import siglip_transformer_config
+
+        return siglip_transformer_config(vision, parallel, dtype)
+
+    def build(self, vision, parallel, dtype, use_te: bool):
+        """The SigLIP encoder module."""
+        from megatron_sail.models.siglip import SigLIPEncoder
+
+        return SigLIPEncoder(vision, parallel, dtype, use_te)
+
+    def geometry(self, vision, merge: int, tile_size: int | None = None) -> TokenGeometry:
+        """No class token; odd grids follow ``ProjectorConfig.odd_grid`` (set by ModelConfig)."""
+        return TokenGeometry(grid=(tile_size or vision.image_size) // vision.patch_size,
+                             class_tokens=0, merge=merge)
+
+    def flops_fields(self, vision, geometry: TokenGeometry) -> dict:
+        """Two-matrix GELU MLP, no class token."""
+        return dict(vit_hidden=vision.hidden_size, vit_layers=vision.layers_used,
+                    vit_ffn=vision.ffn_hidden_size, vit_tokens_per_tile=geometry.encoder_tokens,
+                    vit_class_tokens=0, patch_dim=3 * vision.patch_size * vision.patch_size,
+                    vit_gated_mlp=False)
+
+    def hf_config(self, v) -> dict:
+        """transformers SiglipVisionConfig fields (no pooling head)."""
+        return dict(model_type=self.hf_model_type, hidden_size=v.hidden_size,
+                    intermediate_size=v.ffn_hidden_size, num_hidden_layers=v.num_layers,
+                    num_attention_heads=v.num_heads, image_size=v.image_size,
+                    patch_size=v.patch_size, layer_norm_eps=v.norm_eps,
+                    hidden_act="gelu_pytorch_tanh", vision_use_head=False)
+
+    def from_hf_config(self, v, select_layer: int, drop_path_rate: float = 0.0):
+        """VisionConfig of a SiglipVisionConfig (the head flag is irrelevant: never built)."""
+        from megatron_sail.config.model import VisionConfig
+
+        if getattr(v, "hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+            raise ValueError(f"siglip hidden_act {v.hidden_act!r} is not supported "
+                             "(gelu_pytorch_tanh only)")
+        if getattr(v, "num_channels", 3) != 3:
+            raise ValueError(f"siglip num_channels {v.num_channels} is not supported (3 only)")
+        return VisionConfig(
+            family=self.name, hidden_size=v.hidden_size, num_layers=v.num_hidden_layers,
+            num_heads=v.num_attention_heads, ffn_hidden_size=v.intermediate_size,
+            patch_size=_pair(v.patch_size), image_size=_pair(v.image_size),
+            norm_type="layer_norm", norm_eps=v.layer_norm_eps, qkv_bias=True, qk_norm=False,
+            drop_path_rate=drop_path_rate, select_layer=select_layer)
+
+    def key_map(self, v, ours: str, hf: str) -> KeyMap:
+        """Embeddings, LayerNorms, attention (q/k/v fused) and MLP per layer, post_layernorm."""
+        km = KeyMap(copies=[
+            (ours + "patch_embedding.weight", hf + "embeddings.patch_embedding.weight"),
+            (ours + "patch_embedding.bias", hf + "embeddings.patch_embedding.bias"),
+            (ours + "position_embedding", hf + "embeddings.position_embedding.weight"),
+        ])
+        wb = ("weight", "bias")
+        if v.layers_used == v.num_layers:
+            km.copies += [(ours + f"final_norm.{w}", hf + f"post_layernorm.{w}") for w in wb]
+        for i in range(v.layers_used):
+            o, h = f"{ours}encoder.layers.{i}.", f"{hf}encoder.layers.{i}."
+            for w in wb:
+                km.copies += [(o + f"input_layernorm.{w}", h + f"layer_norm1.{w}"),
+                              (o + f"pre_mlp_layernorm.{w}", h + f"layer_norm2.{w}"),
+                              (o + f"self_attention.linear_proj.{w}", h + f"self_attn.out_proj.{w}"),
+                              (o + f"mlp.linear_fc1.{w}", h + f"mlp.fc1.{w}"),
+                              (o + f"mlp.linear_fc2.{w}", h + f"mlp.fc2.{w}")]
+            km.qkv.append(QKVSite(o + "self_attention.linear_qkv.", h + "self_attn.{}_proj.",
+                                  v.num_heads, v.num_heads, True))
+        return km
+
+    def unused_hf(self, v, hf: str, key: str) -> bool:
+        """Layers after select_layer, the post_layernorm they would feed, the pooling head."""
+        if key.startswith(hf + "head."):
+            return True
+        m = re.match(re.escape(hf) + r"encoder\.layers\.(\d+)\.", key)
+        if m:
+            return v.layers_used <= int(m.group(1)) < v.num_layers
+        return key.startswith(hf + "post_layernorm.") and v.layers_used < v.num_layers
