@@ -159,3 +159,99 @@ def test_qwen3_moe_flops_count_the_active_experts_and_the_router():
     h, layers, tokens = 128, 2, 10
     assert F.lm_forward_flops(moe, [tokens]) - F.lm_forward_flops(dense, [tokens]) == \
         tokens * layers * 2 * h * 4
+
+
+def _siglip_vision(**kw) -> VisionConfig:
+    """tiny()'s encoder as SigLIP (LayerNorm eps 1e-6, biases, GELU-tanh)."""
+    return dataclasses.replace(tiny().vision, family="siglip", ffn_hidden_size=96, **kw)
+
+
+def test_siglip_family_config_round_trip_flops_and_export_refusal():
+    from transformers import SiglipVisionConfig
+
+    fam = families.vision_family("siglip")
+    v = _siglip_vision()
+    hf = SiglipVisionConfig(**{k: x for k, x in fam.hf_config(v).items() if k != "model_type"})
+    assert fam.from_hf_config(hf, select_layer=-1) == v
+    with pytest.raises(ValueError, match="hidden_act 'gelu'"):
+        fam.from_hf_config(SiglipVisionConfig(hidden_act="gelu"), select_layer=-1)
+    cfg = dataclasses.replace(tiny(), vision=v)
+    s = F.shape_from_model_config(cfg)
+    assert (s.vit_tokens_per_tile, s.vit_class_tokens, s.vit_gated_mlp,
+            s.tokens_per_tile) == (16, 0, False, 4)
+    with pytest.raises(ValueError, match="cannot hold a 'siglip' vision tower"):
+        to_hf_config(cfg)
+    assert not fam.vlm_export and families.vision_family("aimv2").vlm_export
+    short = dataclasses.replace(v, num_layers=3, select_layer=-2)
+    names = fam.key_map(short, "vision_model.", "").hf_names()
+    assert "post_layernorm.weight" not in names and "encoder.layers.1.mlp.fc1.bias" in names
+    assert fam.unused_hf(short, "", "post_layernorm.bias")
+    assert fam.unused_hf(short, "", "encoder.layers.2.mlp.fc1.bias")
+    assert fam.unused_hf(v, "", "head.probe") and not fam.unused_hf(v, "", "post_layernorm.bias")
+
+
+def test_odd_grid_pad_counts_ceil_tokens_and_hf_exports_refuse_it(tmp_path):
+    from megatron_sail.config.model import ProjectorConfig
+    from megatron_sail.convert import checkpoint
+
+    with pytest.raises(ValueError, match="odd_grid must be 'error' or 'pad'"):
+        ProjectorConfig(odd_grid="crop")
+    pad = dataclasses.replace(tiny(), projector=ProjectorConfig(odd_grid="pad"))
+    assert pad.tokens_per_tile(24) == 4 and pad.tokens_per_tile(40) == 9  # 3x3 -> 2x2, 5x5 -> 3x3
+    assert pad.tokens_per_tile(32) == tiny().tokens_per_tile(32) == 4
+    assert not pad.geometry(32).padded and pad.geometry(24).padded
+    with pytest.raises(ValueError, match="5x5 patches not divisible by merge 2.*odd_grid='pad'"):
+        tiny().tokens_per_tile(40)
+    odd = dataclasses.replace(pad, vision=dataclasses.replace(pad.vision, image_size=24))
+    with pytest.raises(ValueError, match="cannot express projector.odd_grid='pad'"):
+        to_hf_config(odd)
+    with pytest.raises(ValueError, match="zero-pads its 3x3 patch grid.*export is refused"):
+        checkpoint._refuse_padded_grid(tmp_path, pad, 24)
+    checkpoint._refuse_padded_grid(tmp_path, pad, 32)  # a grid that divides exports as before
+    to_hf_config(pad)
+
+
+@pytest.mark.parametrize("spelling", ["save_pretrained", "vision_model_prefix", "siglip_model"])
+def test_siglip_folders_read_into_the_family_key_map(tmp_path, spelling):
+    """SiglipVisionModel as transformers saves it, with the ``vision_model.`` prefix of older
+    checkpoints, and SiglipModel (text side skipped): the pooling head is skipped and every
+    other tensor is one the family map reads (compose's input)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+
+    from megatron_sail.convert import standalone
+
+    fam = families.vision_family("siglip")
+    v = _siglip_vision()
+    vcfg = {k: x for k, x in fam.hf_config(v).items() if k != "model_type"}
+    vcfg["vision_use_head"] = True
+    model = SiglipVisionModel(SiglipVisionConfig(**vcfg))
+    sd = model.state_dict()
+    folder = tmp_path / spelling
+    if spelling == "save_pretrained":
+        model.save_pretrained(str(folder))
+    elif spelling == "vision_model_prefix":
+        folder.mkdir()
+        save_file({"vision_model." + k: t.contiguous() for k, t in sd.items()},
+                  str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(dict(fam.hf_config(v), vision_use_head=True)))
+    else:
+        full = SiglipModel(SiglipConfig(vision_config=vcfg, text_config=dict(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)))
+        full.vision_model.load_state_dict(sd)
+        full.save_pretrained(str(folder))
+    part = standalone.read_vision(folder)
+    assert part.family == "siglip"
+    assert any("head." in k for k in part.skipped)
+    if spelling == "siglip_model":
+        assert any(k.startswith("text_model.") for k in part.skipped)
+    got = standalone.vision_config(part, -1, 0.0)
+    assert got == v
+    km = fam.key_map(got, "vision_model.", standalone.VISION_PREFIX)
+    assert km.hf_names() == set(part.state)
+    for k, t in sd.items():
+        if not k.startswith("head."):
+            assert torch.equal(part.state[standalone.VISION_PREFIX + k], t), k
