@@ -6,6 +6,7 @@ few-kilobyte model so that tests and the docs' demo run in seconds:
 
     python tools/make_tiny_hf_parts.py --part internvit --out /tmp/tiny_vit     # InternViT remote code
     python tools/make_tiny_hf_parts.py --part aimv2 --out /tmp/tiny_aimv2       # transformers Aimv2VisionModel
+    python tools/make_tiny_hf_parts.py --part siglip --out /tmp/tiny_siglip     # transformers SiglipVisionModel
     python tools/make_tiny_hf_parts.py --part qwen2 --out /tmp/tiny_lm          # Qwen2ForCausalLM + tokenizer
 
 The InternViT folder holds OpenGVLab's InternVisionModel names (``embeddings.class_embedding``,
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-PARTS = ("internvit", "aimv2", "qwen2", "qwen3", "qwen3_moe")
+PARTS = ("internvit", "aimv2", "siglip", "qwen2", "qwen3", "qwen3_moe")
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
@@ -119,6 +120,20 @@ def write_aimv2(out: Path, cfg: TinyPartConfig) -> Path:
     return out
 
 
+def write_siglip(out: Path, cfg: TinyPartConfig) -> Path:
+    """transformers SiglipVisionModel (with its pooling head, which compose skips)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_ffn,
+                                num_hidden_layers=cfg.vision_layers,
+                                num_attention_heads=cfg.vision_heads, image_size=cfg.image,
+                                patch_size=cfg.patch, vision_use_head=True)
+    model = SiglipVisionModel(config)
+    _randomize(model, cfg.seed)
+    model.save_pretrained(str(out))
+    return out
+
+
 def write_causal_lm(out: Path, cfg: TinyPartConfig) -> Path:
     """Qwen2 / Qwen3 / Qwen3-MoE ForCausalLM via save_pretrained, plus a Qwen-like tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -173,7 +188,8 @@ def make_part(out: str | Path, cfg: TinyPartConfig = TinyPartConfig()) -> Path:
         raise FileExistsError(f"{out}: exists and is not empty")
     if cfg.part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {cfg.part!r}")
-    writer = {"internvit": write_internvit, "aimv2": write_aimv2}.get(cfg.part, write_causal_lm)
+    writer = {"internvit": write_internvit, "aimv2": write_aimv2,
+              "siglip": write_siglip}.get(cfg.part, write_causal_lm)
     return writer(out, cfg)
 
 

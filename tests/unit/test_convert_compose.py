@@ -29,6 +29,7 @@ CASES = {  # name: (vision part, LM part, LM vocab rows, tied, compose flags)
     "vit_qwen2": ("internvit", "qwen2", 512, True, ["--recipe", "tiny"]),
     "aimv2_qwen3": ("aimv2", "qwen3", 300, False, ["--select-layer", "-1", "--seed", "7"]),
     "vit_moe": ("internvit", "qwen3_moe", 512, False, ["--projector-from", "{projector}"]),
+    "siglip_qwen2": ("siglip", "qwen2", 512, True, ["--odd-grid", "pad"]),  # 4x4: pads nothing
 }
 
 
@@ -90,7 +91,8 @@ def _check(name: str, vision: Path, lm: Path, mc: Path, tied: bool) -> dict:
     got = hf_internvl.ours_to_hf(ours, cfg)
     src_rows = hf_io.read_config(lm)["vocab_size"]
     report = {"cfg": {"vocab": cfg.language.vocab_size, "ctx": cfg.img_context_token_id,
-                      "family": [cfg.vision.family, cfg.language.family], "tied": cfg.language.tie_embeddings},
+                      "family": [cfg.vision.family, cfg.language.family], "tied": cfg.language.tie_embeddings,
+                      "odd_grid": cfg.projector.odd_grid},
               "mismatch": [], "grown_rows_are_mean": None}
     for key, value in _source_tensors(vision, lm).items():
         mine = got[key]
@@ -113,9 +115,11 @@ def _check(name: str, vision: Path, lm: Path, mc: Path, tied: bool) -> dict:
         if cfg.vision.family == "internvit":
             ref = internvit_reference(hf_io.read_state_dict(vision), hf_io.read_config(vision), pixels)
         else:
-            from transformers import Aimv2VisionModel
+            import transformers
 
-            ref = Aimv2VisionModel.from_pretrained(str(vision)).eval()(pixel_values=pixels).last_hidden_state
+            cls = {"aimv2": "Aimv2VisionModel", "siglip": "SiglipVisionModel"}[cfg.vision.family]
+            ref = getattr(transformers, cls).from_pretrained(str(vision)).eval()(
+                pixel_values=pixels).last_hidden_state
         report["feature_diff"] = float((feats - ref).abs().max())
         report["feature_shape"] = list(feats.shape)
     proj = {k[len("projector."):]: v for k, v in ours.items() if k.startswith("projector.")}
@@ -167,7 +171,7 @@ def run_all(root: str) -> None:
     parts = {}
     for part, rows, tied, size in (("internvit", 0, True, 300), ("aimv2", 0, True, 300),
                                    ("qwen2", 512, True, 300), ("qwen3", 300, False, 300),
-                                   ("qwen3_moe", 512, False, 300)):
+                                   ("qwen3_moe", 512, False, 300), ("siglip", 0, True, 300)):
         parts[part] = parts_tool.make_part(root / part, parts_tool.TinyPartConfig(
             part=part, seed=len(parts), vocab_size=rows or 512, tokenizer_size=size, tied=tied))
     g = torch.Generator().manual_seed(5)
@@ -205,7 +209,8 @@ def test_encoder_and_lm_tensors_are_the_sources_bit_for_bit(report, case):
     r = report[case]
     assert r["mismatch"] == []
     vis, lm, _, tied, _ = CASES[case]
-    assert r["cfg"]["family"] == [{"internvit": "internvit", "aimv2": "aimv2"}[vis], lm]
+    assert r["cfg"]["family"] == [vis, lm]
+    assert r["cfg"]["odd_grid"] == ("pad" if "--odd-grid" in CASES[case][4] else "error")
     assert r["cfg"]["tied"] == tied
     assert {"metadata.json", "model_config.yaml", "processor.json", "manifest.json",
             "conversion.json", "tokenizer"} <= set(r["files"])
