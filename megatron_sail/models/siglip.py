@@ -4,7 +4,9 @@ Patch conv (with bias) + learned absolute positions (no class token) -> pre-LN l
 LayerNorm (with bias), biased q/k/v/out, a GELU-tanh MLP with biases -> ``post_layernorm``
 (applied when the last layer feeds the projector, as ``last_hidden_state``). Fixed-resolution
 SigLIP and SigLIP2 checkpoints share this module. Tile batching, sequence-parallel padding and
-masking come from ``InternViT.forward``; position resizing from ``AIMv2Encoder.positions``.
+masking come from ``InternViT.forward``; position resizing from ``AIMv2Encoder.positions``
+(bicubic, as transformers' ``interpolate_pos_encoding=True``; other tile sizes than the trained
+one always interpolate here).
 """
 from __future__ import annotations
 
@@ -34,6 +36,16 @@ def siglip_transformer_config(v: VisionConfig, parallel: ParallelConfig,
         gated_linear_unit=False, activation_func=gelu_tanh, qk_layernorm=False)
 
 
+def check_siglip_vision(v: VisionConfig) -> None:
+    """Refuse VisionConfig fields SigLIP has no place for, rather than ignoring them."""
+    wrong = [f"{name}={getattr(v, name)!r}" for name, want in
+             (("norm_type", "layer_norm"), ("qkv_bias", True), ("qk_norm", False))
+             if getattr(v, name) != want]
+    if wrong:
+        raise ValueError(f"siglip vision family: {', '.join(wrong)} is not SigLIP (LayerNorm, "
+                         "q/k/v bias, no QK-norm)")
+
+
 class SigLIPEncoder(AIMv2Encoder):
     """Tiles [T, 3, H, W] -> patch features [T, (H/p)*(W/p), hidden] (no class token)."""
 
@@ -41,6 +53,7 @@ class SigLIPEncoder(AIMv2Encoder):
 
     def __init__(self, vision: VisionConfig, parallel: ParallelConfig,
                  dtype: torch.dtype = torch.float32, use_te: bool = False):
+        check_siglip_vision(vision)
         config = siglip_transformer_config(vision, parallel, dtype)
         MegatronModule.__init__(self, config=config)
         self.vision = vision

@@ -188,6 +188,10 @@ def test_siglip_family_config_round_trip_flops_and_export_refusal():
     assert fam.unused_hf(short, "", "post_layernorm.bias")
     assert fam.unused_hf(short, "", "encoder.layers.2.mlp.fc1.bias")
     assert fam.unused_hf(v, "", "head.probe") and not fam.unused_hf(v, "", "post_layernorm.bias")
+    from megatron_sail.models.siglip import SigLIPEncoder
+
+    with pytest.raises(ValueError, match="norm_type='rms_norm', qk_norm=True is not SigLIP"):
+        SigLIPEncoder(dataclasses.replace(v, norm_type="rms_norm", qk_norm=True), ParallelConfig())
 
 
 def test_odd_grid_pad_counts_ceil_tokens_and_hf_exports_refuse_it(tmp_path):
