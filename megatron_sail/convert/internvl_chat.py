@@ -229,17 +229,18 @@ def _vision_chat_to_hf(name: str, value: torch.Tensor, out: dict) -> bool:
     return False
 
 
-def chat_to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename/split an internvl_chat state dict into InternVLForConditionalGeneration module keys.
-
-    Every input tensor must be accounted for; unknown keys are an error (a silent drop would make
-    a wrong conversion look right).
-    """
+def container_to_hf(state: dict[str, torch.Tensor], vision_to_hf, layout: str
+                    ) -> dict[str, torch.Tensor]:
+    """A chat-style container (``vision_model.*``, ``mlp1.*``, ``language_model.*``) ->
+    transformers InternVL module keys, the vision tower mapped by ``vision_to_hf(name, value,
+    out)``. Every input tensor must be accounted for; unknown keys are an error (a silent drop
+    would make a wrong conversion look right). Shared by the InternVL-chat and sailvl layouts."""
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state.items():
+        ok = True
         if key.startswith(_CHAT_VIT):
-            ok = _vision_chat_to_hf(key[len(_CHAT_VIT):], value, out)
+            ok = vision_to_hf(key[len(_CHAT_VIT):], value, out)
         elif key.startswith("mlp1."):
             prefix = next((p for p in _PROJ_RENAMES if key.startswith(p)), None)
             ok = prefix is not None
@@ -247,17 +248,20 @@ def chat_to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
                 out[_HF_PROJ + _PROJ_RENAMES[prefix] + key[len(prefix):]] = value
         elif key.startswith("language_model.model."):
             out["model.language_model." + key[len("language_model.model."):]] = value
-            ok = True
         elif key == "language_model.lm_head.weight":
             out["lm_head.weight"] = value
-            ok = True
         else:
             ok = False
         if not ok:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"internvl_chat checkpoint has tensors with no known mapping: {sorted(unknown)[:8]}")
+        raise ValueError(f"{layout} checkpoint has tensors with no known mapping: {sorted(unknown)[:8]}")
     return out
+
+
+def chat_to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename/split an internvl_chat state dict into InternVLForConditionalGeneration module keys."""
+    return container_to_hf(state, _vision_chat_to_hf, "internvl_chat")
 
 
 def _vision_hf_to_chat(name: str, value: torch.Tensor, out: dict, pending: dict) -> bool:

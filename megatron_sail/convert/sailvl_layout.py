@@ -33,8 +33,8 @@ import re
 
 import torch
 
-from megatron_sail.convert.internvl_chat import (_LLM_META_KEYS, _PROJ_RENAMES, _size,
-                                                 container_from_hf)
+from megatron_sail.convert.internvl_chat import (_LLM_META_KEYS, _size, container_from_hf,
+                                                 container_to_hf)
 from megatron_sail.models.families import (language_family, language_family_for_architecture,
                                            language_family_for_hf, vision_family)
 
@@ -42,7 +42,6 @@ SAILVL_MODEL_TYPE = "sailvl"
 
 _CHAT_VIT = "vision_model."
 _HF_VIT = "model.vision_tower."
-_HF_PROJ = "model.multi_modal_projector."
 _VISION_TYPES = ("sailvit", "aimv2")
 """``vision_config.model_type`` values of AIMv2-layout towers (SAIL-VL2; Apple's own remote code)."""
 
@@ -174,28 +173,7 @@ def _vision_to_hf(name: str, value: torch.Tensor, out: dict) -> bool:
 def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """sailvl tensors -> transformers-style module keys (Aimv2VisionModel names under
     ``model.vision_tower.``, InternVL's projector / LM names). Unknown tensors are an error."""
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in state.items():
-        ok = True
-        if key.startswith(_CHAT_VIT):
-            ok = _vision_to_hf(key[len(_CHAT_VIT):], value, out)
-        elif key.startswith("mlp1."):
-            prefix = next((p for p in _PROJ_RENAMES if key.startswith(p)), None)
-            ok = prefix is not None
-            if ok:
-                out[_HF_PROJ + _PROJ_RENAMES[prefix] + key[len(prefix):]] = value
-        elif key.startswith("language_model.model."):
-            out["model.language_model." + key[len("language_model.model."):]] = value
-        elif key == "language_model.lm_head.weight":
-            out["lm_head.weight"] = value
-        else:
-            ok = False
-        if not ok:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"sailvl checkpoint has tensors with no known mapping: {sorted(unknown)[:8]}")
-    return out
+    return container_to_hf(state, _vision_to_hf, "sailvl")
 
 
 def _vision_from_hf(name: str, value: torch.Tensor, out: dict, pending: dict) -> bool:
