@@ -52,9 +52,15 @@ class AIMv2Encoder(InternViT):
         # it is never used, so (as the family's key map says) it is not built.
         self.final_norm = (torch.nn.Parameter(torch.ones(d, dtype=dtype))
                            if vision.layers_used == vision.num_layers else None)
+        self.encoder = self.trunk(config, vision, use_te, qkv_bias=False)
+
+    @staticmethod
+    def trunk(config, vision: VisionConfig, use_te: bool, qkv_bias: bool) -> TransformerBlock:
+        """The selected layers without layer scale and without a block-level final norm (the
+        encoder applies its own final norm only when the last layer is selected)."""
         spec = layer_specs.vision_layer_spec(use_te, vision)
-        spec.params = dict(spec.params, layer_scale_init=None, qkv_bias=False)
-        self.encoder = TransformerBlock(
+        spec.params = dict(spec.params, layer_scale_init=None, qkv_bias=qkv_bias)
+        return TransformerBlock(
             config, TransformerBlockSubmodules(layer_specs=[spec] * vision.layers_used,
                                                layer_norm=None),
             post_layer_norm=False, pre_process=True, post_process=True)

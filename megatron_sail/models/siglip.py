@@ -13,12 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_sail.config.model import VisionConfig
 from megatron_sail.config.parallel import ParallelConfig
-from megatron_sail.models import layer_specs
 from megatron_sail.models.aimv2 import AIMv2Encoder
 from megatron_sail.models.vit import encoder_transformer_config
 
@@ -63,12 +61,7 @@ class SigLIPEncoder(AIMv2Encoder):
         # post_layernorm feeds only the last layer's output (key map: not built otherwise).
         self.final_norm = (torch.nn.LayerNorm(d, eps=vision.norm_eps, dtype=dtype)
                            if vision.layers_used == vision.num_layers else None)
-        spec = layer_specs.vision_layer_spec(use_te, vision)
-        spec.params = dict(spec.params, layer_scale_init=None, qkv_bias=True)
-        self.encoder = TransformerBlock(
-            config, TransformerBlockSubmodules(layer_specs=[spec] * vision.layers_used,
-                                               layer_norm=None),
-            post_layer_norm=False, pre_process=True, post_process=True)
+        self.encoder = self.trunk(config, vision, use_te, qkv_bias=True)
 
     def embed(self, tiles: torch.Tensor) -> torch.Tensor:
         """Patch embeddings + positions: [T, N, hidden]."""
