@@ -6,7 +6,7 @@
 # On a single-GPU machine (H100/H200, bare or in our Docker image) it runs, in this order and
 # within --budget seconds (default 510, under 9 minutes with the start-up):
 #   gpu_tests      pytest tests/gpu (TE spec, local-spec checkpoint into TE, bf16/FP8 trainer,
-#                  async save, DALI GPU)
+#                  bf16 Qwen3-MoE trainer with TE grouped experts, async save, DALI GPU)
 #   logits_bf16    a tiny transformers InternVL, converted, against our model in bf16 (logits)
 #   trainer_bf16   the trainer on the demo data, --bf16 (TE spec when TE imports)
 #   trainer_fp8    the same with --fp8-format hybrid (needs TE and an FP8 GPU)
