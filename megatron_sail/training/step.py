@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_sail.platform.distributed import device
@@ -172,8 +172,9 @@ def _clip_and_update(optimizer, grad_norm: float) -> None:
     for opt in _sub_optimizers(optimizer):
         params = opt.get_parameters()
         if params and opt.config.clip_grad > 0.0:
-            clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad,
-                                         total_norm=grad_norm)
+            # looked up at call time: the CPU backend wraps it (platform/cpu.py, type checks)
+            clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad,
+                                                     total_norm=grad_norm)
     optimizer.step_with_ready_grads()
 
 
