@@ -7,8 +7,8 @@ hand over to the loop (training/loop.py), which validates, saves and exits.
 """
 from __future__ import annotations
 
+import logging
 import sys
-import warnings
 from typing import Optional
 
 import torch
@@ -35,6 +35,8 @@ from megatron_sail.training.precision import apply_fp8, check_precision
 from megatron_sail.training.recompute import RecomputeConfig, apply_recompute
 from megatron_sail.training.signals import ExitWatcher
 
+log = logging.getLogger(__name__)
+
 
 def match_data(cfg: RunConfig, dataset) -> None:
     """Take token ids and tile geometry from the preprocessed data (the source of truth)."""
@@ -52,7 +54,7 @@ def match_data(cfg: RunConfig, dataset) -> None:
     if lm.vocab_size < meta.vocab_size:
         multiple = 128 * cfg.parallel.tp
         lm.vocab_size = -(-meta.vocab_size // multiple) * multiple
-        warnings.warn(f"model vocab raised to {lm.vocab_size} to cover the data's "
+        log.warning(f"model vocab raised to {lm.vocab_size} to cover the data's "
                       f"{meta.vocab_size} token ids", stacklevel=2)
 
 

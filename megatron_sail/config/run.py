@@ -6,10 +6,10 @@ written to ``<run_dir>/config.yaml`` so a run can be reproduced from its directo
 """
 from __future__ import annotations
 
+import logging
 import argparse
 import dataclasses
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -18,6 +18,8 @@ import yaml
 from megatron_sail.config.eval import BenchmarkEvalConfig
 from megatron_sail.config.stage import StageConfig
 from megatron_sail.config.train import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -315,8 +317,8 @@ def _samples_to_steps(flag: str, samples: int, batch: int) -> int:
     steps, rest = divmod(samples, batch)
     if rest:
         steps = int(round(samples / batch))
-        warnings.warn(f"{flag} {samples} is not a multiple of --global-batch-size {batch}: "
-                      f"using {steps} steps ({steps * batch} rows)", stacklevel=3)
+        log.warning(f"{flag} {samples} is not a multiple of --global-batch-size {batch}: "
+                    f"using {steps} steps ({steps * batch} rows)")
     return steps
 
 
