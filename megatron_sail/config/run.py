@@ -65,6 +65,7 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--eval-benchmark", "eval", "benchmarks", "append"),
     ("--eval-benchmark-interval", "eval", "interval", "int"),
     ("--eval-benchmark-limit", "eval", "limit", "int"),
+    ("--eval-benchmark-at", "eval", "at_iterations", "ints"),
     ("--run-dir", "train", "run_dir", "str"),
     ("--tensorboard-dir", "train", "tensorboard_dir", "str"),
     ("--tensorboard-log-interval", "train", "tensorboard_log_interval", "int"),
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, dest=dest, type=_parse_bool, default=None, metavar="true|false")
         elif kind == "list":
             p.add_argument(flag, dest=dest, nargs="+", default=None)
+        elif kind == "ints":  # --eval-benchmark-at 8 16 32
+            p.add_argument(flag, dest=dest, nargs="+", type=int, default=None)
         elif kind == "append":  # repeatable: --eval-benchmark A=x --eval-benchmark B=y
             p.add_argument(flag, dest=dest, action="append", default=None)
         else:
