@@ -74,7 +74,7 @@ def run(main: Callable[[Optional[Sequence[str]]], Optional[int]],
     (see the module docstring), other exceptions keep their traceback."""
     setup_logging()
     try:
-        code = main(argv)
+        code = main() if argv is None else main(argv)
     except USER_ERRORS as e:
         if os.environ.get("SAIL_TRACEBACK") == "1":
             raise

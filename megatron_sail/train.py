@@ -34,6 +34,7 @@ from megatron_sail.training.optimizer import build_optimizer, build_scheduler
 from megatron_sail.training.precision import apply_fp8, check_precision
 from megatron_sail.training.recompute import RecomputeConfig, apply_recompute
 from megatron_sail.training.signals import ExitWatcher
+from megatron_sail import cli
 
 log = logging.getLogger(__name__)
 
@@ -256,13 +257,14 @@ def train(cfg: RunConfig) -> int:
         metrics.close()
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """Command-line entry: resolve flags, train, tear down, exit with the loop's code."""
+def main(argv: Optional[list[str]] = None) -> int:
+    """Command-line entry: resolve flags, train, tear down; returns the loop's exit code
+    (``cli.run`` turns a user error into one line and exit code 2)."""
     cfg = resolve(argv)
     code = train(cfg)
     platform.shutdown()
-    sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -18,6 +18,7 @@ import yaml
 from megatron_sail.config.eval import BenchmarkEvalConfig
 from megatron_sail.config.stage import StageConfig
 from megatron_sail.config.train import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
+from megatron_sail import cli
 
 log = logging.getLogger(__name__)
 
@@ -475,4 +476,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

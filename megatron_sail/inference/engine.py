@@ -63,7 +63,8 @@ class Generator:
         self.tokenizer = tokenizer
         self.settings = settings
         self.cfg = cfg
-        self.prompts = PromptBuilder(tokenizer, settings, cfg.max_tiles, cfg.system)
+        self.prompts = PromptBuilder(tokenizer, settings, cfg.max_tiles, cfg.system,
+                                     model_config.language.max_position_embeddings)
         sp = tokenizer.special
         stops = cfg.stop_token_ids if cfg.stop_token_ids is not None else (sp.im_end, sp.pad)
         self.stop_ids = tuple(int(s) for s in stops)
