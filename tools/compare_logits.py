@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.convert.checkpoint import build_model_chunks, read_model_config
     from megatron_sail.platform import distributed
-    from megatron_sail.training import dist_ckpt
+    from megatron_sail.checkpoint import dcp
 
     args = parse_args(argv)
     distributed.initialize(ParallelConfig(tp=args.tp, pp=args.pp))
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(compare_logits builds equal pipeline stages)")
     inputs = build_inputs(args, model_config, args.hf_dir, args.mcore_dir)
     chunks = build_model_chunks(model_config, ParallelConfig(tp=args.tp, pp=args.pp), dtype)
-    dist_ckpt.load_model(chunks, args.mcore_dir)
+    dcp.load_model(chunks, args.mcore_dir)
     for c in chunks:
         c.eval()
     ours = our_logits(chunks, inputs, device)

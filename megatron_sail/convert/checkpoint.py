@@ -2,7 +2,7 @@
 
 hf -> mcore: read either HF layout (transformers "internvl" or InternVL-chat "internvl_chat"),
 bring it to transformers' module keys, map to our parameter names (hf_internvl), load the
-tensors into a SailVLModel built at TP=1/PP=1 and save it with dist_ckpt. Megatron's sharded
+tensors into a SailVLModel built at TP=1/PP=1 and save it with dcp. Megatron's sharded
 state dict stores every tensor under a global key with its full shape, so the result loads at
 any TP/PP. Next to it go ``model_config.yaml`` (our ModelConfig), ``hf_config.json`` (the
 transformers config, so the way back restores fields our config does not model) and the
@@ -173,7 +173,7 @@ def _single_rank() -> None:
 def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 cfg: ConvertConfig = ConvertConfig()) -> Path:
     """Convert an HF checkpoint folder (either layout) into a Megatron dist checkpoint folder."""
-    from megatron_sail.training import dist_ckpt, integrity
+    from megatron_sail.checkpoint import dcp, integrity
 
     _check_not_source(hf_dir, out_dir, "--hf-dir")
     _check_empty(out_dir, cfg.overwrite)
@@ -187,7 +187,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
     [model] = build_model_chunks(model_config, ParallelConfig(), use_te=False)
     _load_full_state(model, ours)
     with hf_io.atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
-        dist_ckpt.save_sharded(dist_ckpt.model_sharded_state_dict([model]), tmp)
+        dcp.save_sharded(dcp.model_sharded_state_dict([model]), tmp)
         if unused:
             save_file({k: v.contiguous() for k, v in unused.items()}, str(tmp / UNUSED_FILE))
         write_model_config(tmp, model_config)
@@ -250,7 +250,7 @@ def _load_full_state(model: torch.nn.Module, ours: dict[str, torch.Tensor]) -> N
 def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 cfg: ConvertConfig = ConvertConfig()) -> Path:
     """Convert a Megatron dist checkpoint (ours) into transformers' InternVL folder."""
-    from megatron_sail.training import dist_ckpt
+    from megatron_sail.checkpoint import dcp
 
     mcore_dir = Path(mcore_dir)
     _check_not_source(mcore_dir, out_dir, "--mcore-dir")
@@ -279,7 +279,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
             "checkpoints started from one)")
     _single_rank()
     [model] = build_model_chunks(model_config, ParallelConfig(), use_te=False)
-    dist_ckpt.load_model([model], mcore_dir)
+    dcp.load_model([model], mcore_dir)
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     if not vision_family(model_config.vision.family).in_internvl_container:
         return _write_sailvl(mcore_dir, out_dir, cfg, model_config, ours, tokenizer, settings, source)

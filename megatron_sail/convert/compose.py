@@ -79,7 +79,7 @@ def compose(vision_hf: str | os.PathLike, language_hf: str | os.PathLike,
             out_dir: str | os.PathLike, cfg: ComposeConfig = ComposeConfig()) -> Path:
     """Write the composed dist checkpoint to ``out_dir`` (atomically)."""
     from megatron_sail.data.tokenizer import load_tokenizer
-    from megatron_sail.training import dist_ckpt, integrity
+    from megatron_sail.checkpoint import dcp, integrity
 
     for src, flag in ((vision_hf, "--vision-hf"), (language_hf, "--language-hf")):
         checkpoint._check_not_source(src, out_dir, flag)
@@ -100,7 +100,7 @@ def compose(vision_hf: str | os.PathLike, language_hf: str | os.PathLike,
                      {k: v for k, v in model.state_dict().items()
                       if k.startswith("projector.") and not k.endswith("_extra_state")})
         checkpoint._load_full_state(model, {**ours, **projector})
-        dist_ckpt.save_sharded(dist_ckpt.model_sharded_state_dict([model]), tmp)
+        dcp.save_sharded(dcp.model_sharded_state_dict([model]), tmp)
         if unused:
             from safetensors.torch import save_file
 

@@ -266,7 +266,7 @@ def load_generator(checkpoint: str, cfg: GenerationConfig = GenerationConfig(),
     from ``load``, default 1, or the ones already set up) when needed. Mixture-of-experts
     models are built at EP=1 whatever EP the checkpoint was trained at (see ``_platform``).
     """
-    from megatron_sail.training import dist_ckpt
+    from megatron_sail.checkpoint import dcp
 
     ckpt = inspect_checkpoint(checkpoint)
     parallel = _platform(load)
@@ -274,7 +274,7 @@ def load_generator(checkpoint: str, cfg: GenerationConfig = GenerationConfig(),
     if ckpt.kind == "hf":
         _load_hf_weights(chunks, ckpt)
     else:
-        dist_ckpt.load_model(chunks, ckpt.path)
+        dcp.load_model(chunks, ckpt.path)
     tok = _tokenizer(ckpt, load.tokenizer)
     return Generator(chunks, ckpt.model_config, tok, ckpt.settings, cfg)
 

@@ -4,7 +4,7 @@ Layout of ``--save DIR``::
 
     DIR/iter_0000020/      dist checkpoint (model chunks + optimizer, resharding-safe)
     DIR/iter_0000020/train_state.pt   TrainState (rank 0)
-    DIR/iter_0000020/manifest.json    size + SHA-256 of every file (training/integrity.py)
+    DIR/iter_0000020/manifest.json    size + SHA-256 of every file (checkpoint/integrity.py)
     DIR/latest             "20" - written last, by rename, so it never names a partial save
     DIR/.lock              held by the run writing DIR (training/save_dir.py)
 
@@ -37,7 +37,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from megatron_sail.training import dist_ckpt, integrity
+from megatron_sail.checkpoint import dcp, integrity
 from megatron_sail.training.assets import write_checkpoint_assets
 from megatron_sail.training.optimizer import unwrap
 
@@ -50,7 +50,7 @@ one key per parameter even when the optimizer is chained (Megatron-LM's choice f
 checkpoints). An MoE model at EP > 1 gets a ChainedOptimizer (dense params + experts, each over
 its own data-parallel group); without ``chained_optim_avoid_prefix`` its keys would carry
 ``chained_0.`` / ``chained_1.`` and an EP=2 checkpoint would not load at EP=1."""
-VERIFIED = dist_ckpt.DistCkptConfig(verify="off")
+VERIFIED = dcp.DistCkptConfig(verify="off")
 """Loads after check_before_load: the manifest was checked there, with --ckpt-verify."""
 
 
@@ -117,7 +117,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(root: str, chunks: list, optimizer, state: TrainState, keep_last: int,
                     config: Optional[dict] = None,
-                    pending: Optional[dist_ckpt.ThreadAsyncCallsQueue] = None) -> str:
+                    pending: Optional[dcp.ThreadAsyncCallsQueue] = None) -> str:
     """Save model + optimizer + TrainState as iteration ``state.iteration``; returns its dir.
 
     With ``pending`` the write is scheduled on that queue and the checkpoint is published
@@ -130,10 +130,10 @@ def save_checkpoint(root: str, chunks: list, optimizer, state: TrainState, keep_
         os.makedirs(tmp)
     torch.distributed.barrier()
     sync_params(chunks)
-    sd = dist_ckpt.model_sharded_state_dict(chunks)
+    sd = dcp.model_sharded_state_dict(chunks)
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd, metadata=OPTIM_METADATA)
-    request = dist_ckpt.save_sharded(sd, tmp, async_save=pending is not None)
+    request = dcp.save_sharded(sd, tmp, async_save=pending is not None)
     _write_train_state(tmp, state, config, optimizer is not None)
     if rank0:
         write_checkpoint_assets(tmp, config)  # tokenizer/ + processor.json: usable as is
@@ -282,7 +282,7 @@ class LoadChecks:
 
     verify: str = "auto"
     """manifest.json check: auto (hashes when small, else sizes), sizes, or full
-    (training/integrity.py)."""
+    (checkpoint/integrity.py)."""
     tokenizer: Optional[dict] = None
     """The current data's tokenizer block; None compares nothing (resume_checks.py)."""
     allow_tokenizer_mismatch: bool = False
@@ -314,9 +314,9 @@ def load_checkpoint(path: str, chunks: list, optimizer=None,
         optimizer.reload_model_params()  # bf16: refresh the fp32 main weights from the loaded ones
         return _read_train_state(ckpt, load_rng)
     _materialize_optimizer_state(optimizer)
-    sd = dist_ckpt.model_sharded_state_dict(chunks)
+    sd = dcp.model_sharded_state_dict(chunks)
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIM_METADATA)
-    loaded = dist_ckpt.load_sharded(sd, ckpt, VERIFIED)
+    loaded = dcp.load_sharded(sd, ckpt, VERIFIED)
     for key, chunk in zip(_model_keys(len(chunks)), chunks):
         unwrap(chunk).load_state_dict(loaded[key], strict=True)
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -387,7 +387,7 @@ def _fit_chained_layout(loaded: dict, optimizer) -> dict:
 def _load_weights(chunks: list, ckpt: str) -> None:
     """Load only the model tensors of a checkpoint (its optimizer state, if any, is ignored;
     a model tensor the checkpoint lacks is an error naming the key)."""
-    dist_ckpt.load_model(chunks, ckpt, VERIFIED)
+    dcp.load_model(chunks, ckpt, VERIFIED)
 
 
 def _unshare_adam_steps(optimizer) -> None:
@@ -496,7 +496,7 @@ def _has_optimizer(ckpt: str) -> bool:
 
 
 def _model_keys(n: int) -> list[str]:
-    """Top-level keys of the model chunks in a checkpoint dict (dist_ckpt's convention)."""
+    """Top-level keys of the model chunks in a checkpoint dict (checkpoint/dcp.py's convention)."""
     return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
 
 

@@ -12,7 +12,8 @@ import torch
 from megatron.core.dist_checkpointing import ShardedTensor
 
 from megatron_sail.training import checkpoint as ckpt
-from megatron_sail.training import integrity, resume_checks, save_dir
+from megatron_sail.checkpoint import integrity
+from megatron_sail.training import resume_checks, save_dir
 
 
 @pytest.fixture(scope="module")
@@ -383,19 +384,19 @@ def test_conversion_refuses_to_write_over_its_source(tmp_path):
 def test_model_only_loads_verify_too(one_rank, tmp_path, monkeypatch):
     """save_model (conversions) writes the manifest; load_model (conversions, inference)
     checks it and DCP's metadata pickle before reading."""
-    from megatron_sail.training import dist_ckpt
+    from megatron_sail.checkpoint import dcp
 
-    out = dist_ckpt.save_model([Net(3.0)], tmp_path / "mc")
+    out = dcp.save_model([Net(3.0)], tmp_path / "mc")
     target = Net()
-    dist_ckpt.load_model([target], out)
+    dcp.load_model([target], out)
     assert torch.all(target.w == 3.0)
     _flip(out / "__0_0.distcp")
     with pytest.raises(integrity.CheckpointDamaged, match=r"__0_0\.distcp: contents changed"):
-        dist_ckpt.load_model([Net()], out)
+        dcp.load_model([Net()], out)
     marker = tmp_path / "ran"
     monkeypatch.setenv(MARKER_ENV, str(marker))
     with open(out / ".metadata", "wb") as f:
         pickle.dump(Payload(), f)
     with pytest.raises(integrity.CheckpointDamaged, match=r"\.metadata: refusing"):
-        dist_ckpt.load_model([Net()], out, dist_ckpt.DistCkptConfig(verify="off"))
+        dcp.load_model([Net()], out, dcp.DistCkptConfig(verify="off"))
     assert not marker.exists()
