@@ -52,6 +52,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.utils import _wrap_exception
 
 from megatron_sail.checkpoint import integrity
+from megatron_sail.checkpoint.layout import MCORE_METADATA
 
 
 @dataclass
@@ -241,8 +242,9 @@ def load_sharded(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike,
     checkpoint's optimizer state when only the weights are wanted); a requested tensor the
     checkpoint lacks is still an error under ``cfg.strict_load``.
     """
-    if not (Path(checkpoint_dir) / "metadata.json").is_file():
-        raise FileNotFoundError(f"{checkpoint_dir}: not a Megatron distributed checkpoint (no metadata.json)")
+    if not (Path(checkpoint_dir) / MCORE_METADATA).is_file():
+        raise FileNotFoundError(f"{checkpoint_dir}: not a Megatron distributed checkpoint (no "
+                                f"{MCORE_METADATA})")
     if cfg.verify != "off":
         integrity.verify_checkpoint(str(checkpoint_dir), cfg.verify)
     integrity.check_dcp_metadata(str(checkpoint_dir))

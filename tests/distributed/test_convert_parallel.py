@@ -34,7 +34,8 @@ def _our_logits_on_ranks(rank: int, mcore_dir: str, hf_dir: str, layout: dict):
     import argparse
 
     from megatron_sail.config.parallel import ParallelConfig
-    from megatron_sail.convert.checkpoint import build_model_chunks, read_model_config
+    from megatron_sail.checkpoint.layout import read_model_config
+    from megatron_sail.convert.checkpoint import build_model_chunks
     from megatron_sail.platform import distributed
     from megatron_sail.checkpoint import dcp
 

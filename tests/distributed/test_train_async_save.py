@@ -26,6 +26,7 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 
 from megatron_sail.training import checkpoint as ckpt
 from megatron_sail.checkpoint import dcp, integrity
+from megatron_sail.checkpoint import layout
 
 
 class Net(torch.nn.Module):
@@ -194,4 +195,4 @@ def test_sigterm_with_a_pending_save_finalizes_and_exits_zero(data, tmp_path):
             " complete " in line]
     # Saves at every step, and once more at the exit: each one was finalized, in order.
     assert [int(line.split("latest -> ")[1]) for line in done] == list(range(1, last + 1)) + [last]
-    assert (ck / f"iter_{last:07d}" / ckpt.STATE_FILE).exists()
+    assert (ck / f"iter_{last:07d}" / layout.STATE_FILE).exists()

@@ -79,10 +79,11 @@ def _check(name: str, vision: Path, lm: Path, mc: Path, tied: bool) -> dict:
 
     from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.convert import checkpoint, hf_internvl, hf_io
-    from megatron_sail.data.tokenizer import load_tokenizer
     from megatron_sail.checkpoint import dcp
+    from megatron_sail.checkpoint.layout import read_model_config
+    from megatron_sail.data.tokenizer import load_tokenizer
 
-    cfg = checkpoint.read_model_config(mc)
+    cfg = read_model_config(mc)
     checkpoint._single_rank()
     [model] = checkpoint.build_model_chunks(cfg, ParallelConfig(), use_te=False)
     dcp.load_model([model], mc)
