@@ -7,8 +7,8 @@ hand over to the loop (training/loop.py), which validates, saves and exits.
 """
 from __future__ import annotations
 
+import logging
 import sys
-import warnings
 from typing import Optional
 
 import torch
@@ -35,6 +35,9 @@ from megatron_sail.training.optimizer import build_optimizer, build_scheduler
 from megatron_sail.training.precision import apply_fp8, check_precision
 from megatron_sail.training.recompute import RecomputeConfig, apply_recompute
 from megatron_sail.training.signals import ExitWatcher
+from megatron_sail import cli
+
+log = logging.getLogger(__name__)
 
 
 def match_data(cfg: RunConfig, dataset) -> None:
@@ -53,7 +56,7 @@ def match_data(cfg: RunConfig, dataset) -> None:
     if lm.vocab_size < meta.vocab_size:
         multiple = 128 * cfg.parallel.tp
         lm.vocab_size = -(-meta.vocab_size // multiple) * multiple
-        warnings.warn(f"model vocab raised to {lm.vocab_size} to cover the data's "
+        log.warning(f"model vocab raised to {lm.vocab_size} to cover the data's "
                       f"{meta.vocab_size} token ids", stacklevel=2)
 
 
@@ -255,13 +258,14 @@ def train(cfg: RunConfig) -> int:
         metrics.close()
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """Command-line entry: resolve flags, train, tear down, exit with the loop's code."""
+def main(argv: Optional[list[str]] = None) -> int:
+    """Command-line entry: resolve flags, train, tear down; returns the loop's exit code
+    (``cli.run`` turns a user error into one line and exit code 2)."""
     cfg = resolve(argv)
     code = train(cfg)
     platform.shutdown()
-    sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

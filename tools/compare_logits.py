@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron_sail import cli
 
 DEFAULT_ATOL = {torch.float32: 1e-3, torch.bfloat16: 1.0}
 """fp32 (CPU): conversions are exact, only kernel order differs; bf16 (GPU): rounding at every
@@ -353,4 +353,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

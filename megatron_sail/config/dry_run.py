@@ -25,6 +25,7 @@ from typing import Optional
 import yaml
 
 from megatron_sail.config.run import RunConfig, resolve, to_dict
+from megatron_sail import cli
 
 IGNORED_MODEL_FIELDS = {"img_context_token_id", "vision.drop_path_rate"}
 """Model fields that may differ from a checkpoint: the trainer takes <IMG_CONTEXT>'s id from the
@@ -211,4 +212,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -2,6 +2,7 @@
 to prompt an item, how to clean the answer and which rule scores it."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -87,10 +88,14 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in [
 
 
 def get_benchmark(name: str) -> BenchmarkSpec:
-    """The spec of a benchmark name, or an error listing the known ones."""
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-    return BENCHMARKS[name]
+    """The spec of a benchmark name, or an error listing the known ones. ``NAME@LABEL`` is NAME's
+    rule under its own name (several sets of one kind side by side, e.g. ``vqa@level1`` and
+    ``vqa@level2``: their scores, predictions and metrics keys stay apart)."""
+    base, at, label = name.partition("@")
+    if base not in BENCHMARKS or (at and not label.replace("_", "").replace("-", "").isalnum()):
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)} "
+                         "(or NAME@LABEL, LABEL letters, digits, - and _)")
+    return dataclasses.replace(BENCHMARKS[base], name=name) if at else BENCHMARKS[base]
 
 
 def parse_benchmark_arg(text: str) -> tuple[str, str]:

@@ -36,6 +36,7 @@ from megatron_sail.checkpoint.layout import (LATEST, STATE_FILE, CheckpointDamag
                                              list_checkpoints, read_latest, read_state_file,
                                              resolve_checkpoint)
 from megatron_sail.checkpoint.optimizer_state import OPTIM_METADATA, fit_chained_layout
+from megatron_sail.compat import optimizer as compat_optimizer
 from megatron_sail.training.optimizer import unwrap
 
 VERIFIED = dcp.DistCkptConfig(verify="off")
@@ -260,10 +261,10 @@ def load_checkpoint(path: str, chunks: list, optimizer=None,
     loaded = dcp.load_sharded(sd, ckpt, VERIFIED)
     for key, chunk in zip(_model_keys(len(chunks)), chunks):
         unwrap(chunk).load_state_dict(loaded[key], strict=True)
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        _keep_torch_adam_step(opt)
+    for opt in compat_optimizer.sub_optimizers(optimizer):
+        compat_optimizer.keep_torch_adam_step(opt)
     optimizer.load_state_dict(fit_chained_layout(loaded["optimizer"], optimizer))
-    _unshare_adam_steps(optimizer)
+    compat_optimizer.unshare_adam_steps(optimizer)
     return _read_train_state(ckpt, load_rng)
 
 
@@ -273,55 +274,18 @@ def _load_weights(chunks: list, ckpt: str) -> None:
     dcp.load_model(chunks, ckpt, VERIFIED)
 
 
-def _unshare_adam_steps(optimizer) -> None:
-    """Give every parameter its own Adam "step" tensor again. Without TE/Apex, megatron-core
-    0.16.1 restores torch Adam's per-param step by putting ONE tensor into every param's state;
-    torch's Adam increments it in place once per param, so after a resume the bias correction
-    ran ahead by the number of params each step and the losses drifted from step 12 on."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        seen: set[int] = set()
-        for state in getattr(inner, "state", {}).values():
-            step = state.get("step")
-            if isinstance(step, torch.Tensor):
-                if id(step) in seen:
-                    state["step"] = step.clone()
-                seen.add(id(state["step"]))
-
-
-def _keep_torch_adam_step(opt) -> None:
-    """Work around megatron-core 0.16.1 loading a fully reshardable checkpoint into torch's
-    Adam (the CPU fallback without TE/Apex): it sets Adam's per-param "step" from the checkpoint,
-    then copies per-param state whose source lacks "step" and fails with KeyError. Supply the
-    already-set step as its own source, on this optimizer instance only."""
-    original = getattr(opt, "_set_main_param_and_optimizer_states", None)
-    if original is None or getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8",
-                                   False):
-        return
-
-    def set_states(model_param, tensors):
-        gi, go = opt.model_param_group_index_map[model_param]
-        state = opt.optimizer.state[opt.optimizer.param_groups[gi]["params"][go]]
-        if "step" in state and "step" not in tensors:
-            tensors = {**tensors, "step": state["step"]}
-        original(model_param, tensors)
-
-    opt._set_main_param_and_optimizer_states = set_states
-
-
 def _materialize_optimizer_state(optimizer) -> None:
     """Create Adam's state tensors before loading into them: a fresh optimizer has none, and
     Megatron's distributed optimizer cannot describe (or receive) state it does not hold.
     One zero-gradient step at lr 0 and weight decay 0 creates them without moving weights."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in compat_optimizer.sub_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
-        if inner is None or len(inner.state) > 0 or \
-                not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+        if inner is None or len(inner.state) > 0 or not compat_optimizer.can_init_dummy_states(opt):
             continue
         saved = [(g["lr"], g["weight_decay"]) for g in inner.param_groups]
         for g in inner.param_groups:
             g["lr"], g["weight_decay"] = 0.0, 0.0
-        opt._init_optimizer_states_with_dummy_values()
+        compat_optimizer.init_dummy_states(opt)
         for g, (lr, wd) in zip(inner.param_groups, saved):
             g["lr"], g["weight_decay"] = lr, wd
 
