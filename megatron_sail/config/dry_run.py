@@ -149,8 +149,8 @@ def check_checkpoint(cfg: RunConfig, flag: str, path: Optional[str], planned: li
         else:
             report.errors.append(f"{flag} {path}: does not exist")
         return
-    from megatron_sail.convert.checkpoint import read_model_config  # torch: only for a real path
-    from megatron_sail.training.checkpoint import resolve_checkpoint
+    from megatron_sail.checkpoint.layout import (  # torch: only for a real path
+        read_model_config, resolve_checkpoint)
 
     try:
         ckpt = resolve_checkpoint(path)

@@ -459,7 +459,7 @@ def use_checkpoint_model(cfg: RunConfig, yaml_model: dict, origin: Optional[str]
     default recipe). A model field the YAML sets to another value than the checkpoint's is an
     error naming both; drop-path (no weights) stays the recipe's."""
     from megatron_sail.config.from_checkpoint import checkpoint_to_load
-    from megatron_sail.convert.checkpoint import read_model_config
+    from megatron_sail.checkpoint.layout import read_model_config
 
     c = cfg.checkpoint
     _, ckpt = checkpoint_to_load(c)

@@ -16,8 +16,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_sail.checkpoint.processor import ProcessorSettings
 from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS, ImageConfig
-from megatron_sail.data.processor import ProcessorSettings
 from megatron_sail.data.records import ImageRecord
 from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
 from megatron_sail.data.tiling import TilingConfig, find_grid, num_tiles

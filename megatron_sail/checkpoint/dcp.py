@@ -51,6 +51,9 @@ from megatron_sail.compat.dist_checkpointing import (
     wrapped_exception,
 )
 
+from megatron_sail.checkpoint import integrity
+from megatron_sail.checkpoint.layout import MCORE_METADATA
+
 
 @dataclass
 class DistCkptConfig:
@@ -65,7 +68,7 @@ class DistCkptConfig:
     strict_load: bool = True
     """Load fails when the checkpoint lacks a tensor the model asks for."""
     verify: str = "auto"
-    """Before loading, check the files against manifest.json (training/integrity.py): auto,
+    """Before loading, check the files against manifest.json (checkpoint/integrity.py): auto,
     sizes, full, or off (the caller verified already). DCP's pickled .metadata is always
     checked against its allow-list first, so a crafted one cannot run code."""
 
@@ -237,10 +240,9 @@ def load_sharded(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike,
     checkpoint's optimizer state when only the weights are wanted); a requested tensor the
     checkpoint lacks is still an error under ``cfg.strict_load``.
     """
-    from megatron_sail.training import integrity
-
-    if not (Path(checkpoint_dir) / "metadata.json").is_file():
-        raise FileNotFoundError(f"{checkpoint_dir}: not a Megatron distributed checkpoint (no metadata.json)")
+    if not (Path(checkpoint_dir) / MCORE_METADATA).is_file():
+        raise FileNotFoundError(f"{checkpoint_dir}: not a Megatron distributed checkpoint (no "
+                                f"{MCORE_METADATA})")
     if cfg.verify != "off":
         integrity.verify_checkpoint(str(checkpoint_dir), cfg.verify)
     integrity.check_dcp_metadata(str(checkpoint_dir))
@@ -277,8 +279,6 @@ def save_model(model_chunks: list[torch.nn.Module], checkpoint_dir: str | os.Pat
         tmp.mkdir(parents=True)
     dist.barrier()
     save_sharded(model_sharded_state_dict(model_chunks), tmp, cfg)
-    from megatron_sail.training import integrity
-
     integrity.write_manifest(str(tmp))
     if dist.get_rank() == 0:
         if final.exists():
