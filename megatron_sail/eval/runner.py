@@ -86,11 +86,12 @@ def image_problem(item, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
 
 
 def generate_answers(spec: BenchmarkSpec, items, generate: Callable, cfg: RunnerConfig,
-                     cache_path: Optional[str] = None,
-                     bad: Optional[list] = None) -> dict[str, str]:
+                     cache_path: Optional[str] = None, bad: Optional[list] = None,
+                     source: str = "") -> dict[str, str]:
     """index -> raw answer for every item, from the cache where it holds the same prompt, from
     ``generate`` (a list of (prompt, images, max_new_tokens) -> list of texts) otherwise. An
-    item whose images are unusable gets '' and an entry in ``bad``."""
+    item whose images are unusable gets '' and an entry in ``bad`` (naming ``source``, the
+    benchmark file, and the row)."""
     from megatron_sail.inference import GenerationRequest
 
     cache = _load_cache(cache_path, cfg.model_id) if cache_path else {}
@@ -100,7 +101,8 @@ def generate_answers(spec: BenchmarkSpec, items, generate: Callable, cfg: Runner
         if problem:  # every rank sees the same files, so every rank skips the same items
             answers[it.index] = ""
             if bad is not None:
-                bad.append(bad_item(it.index, f"not generated: {problem}"))
+                where = "" if it.problem else f"{source}: row index={it.index}: "
+                bad.append(bad_item(it.index, f"not generated: {where}{problem}"))
             continue
         prompt = spec.prompt(it)
         rec = cache.get(it.index)
@@ -148,13 +150,15 @@ def run_benchmark(spec: BenchmarkSpec, path: str, generate: Callable, cfg: Runne
         cache = os.path.join(out_dir, f"{spec.name}_cache.jsonl")
         pred_path = os.path.join(out_dir, f"{spec.name}_predictions.tsv")
     bad: list = []
-    raw = generate_answers(spec, items, generate, cfg, cache, bad)
+    raw = generate_answers(spec, items, generate, cfg, cache, bad, source=path)
     preds = {k: spec.postprocess(v) for k, v in raw.items()}
     if pred_path and cfg.writer:
         header, _ = read_rows(path)
         write_predictions(pred_path, header, items, preds)
     score = spec.score(items, preds)
-    score.bad_items[:0] = bad
+    skipped = {b["index"] for b in bad}  # their empty answer is already explained
+    score.bad_items = bad + [b for b in score.bad_items
+                             if not (b["index"] in skipped and b["reason"].startswith("empty answer"))]
     return score, pred_path
 
 
