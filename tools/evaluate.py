@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_sail.eval.registry import BENCHMARKS, get_benchmark, parse_benchmark_arg  # noqa: E402
 from megatron_sail.eval.runner import RunnerConfig, run_benchmark, score_predictions  # noqa: E402
 from megatron_sail.eval.tsv import BenchmarkFileError, read_items  # noqa: E402
+from megatron_sail import cli  # noqa: E402
 
 SHOWN_BAD_ITEMS = 10
 """Bad items printed per benchmark (all of them go to results.json)."""
@@ -109,7 +110,7 @@ def result_record(s) -> dict:
 def best_possible(name: str, s) -> float:
     """The top of a benchmark's scale: 100 for percentages, the item count for OCRBench,
     200 points per scored subtask for MME."""
-    name = get_benchmark(name).name
+    name = get_benchmark(name).name.split("@")[0]
     if name == "ocrbench":
         return float(s.n)
     if name == "mme":
@@ -225,4 +226,4 @@ def run(a) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

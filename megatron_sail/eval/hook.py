@@ -46,6 +46,8 @@ class BenchmarkHook:
             read_items(path, limit=1)  # a missing or malformed file fails before training
         if cfg.interval < 0:
             raise ValueError(f"--eval-benchmark-interval {cfg.interval}: must be at least 0")
+        if any(i < 1 for i in cfg.at_iterations):
+            raise ValueError(f"--eval-benchmark-at {cfg.at_iterations}: steps must be positive")
         if cfg.limit is not None and cfg.limit < 1:
             raise ValueError(f"--eval-benchmark-limit {cfg.limit}: must be positive")
         self.chunks, self.model_config, self.meta = chunks, model_config, dataset_meta
@@ -73,7 +75,8 @@ class BenchmarkHook:
         """Whether to evaluate after this step."""
         if not self.specs or self.last_iteration == iteration:
             return False
-        return final or bool(self.cfg.interval and iteration % self.cfg.interval == 0)
+        return (final or bool(self.cfg.interval and iteration % self.cfg.interval == 0)
+                or iteration in self.cfg.at_iterations)
 
     def run(self, state) -> dict[str, float]:
         """Evaluate every benchmark now; log and return {name: score}."""

@@ -4,6 +4,7 @@ VLMEvalKit's dataset names (MMBench_DEV_EN, SEEDBench_IMG, MMMU_DEV_VAL, ...) ar
 ours; names are case-insensitive."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -108,13 +109,18 @@ _BY_NAME = {n: s for s in BENCHMARKS.values() for n in (s.name, *s.aliases)}
 
 
 def get_benchmark(name: str) -> BenchmarkSpec:
-    """The spec of a benchmark name (ours or VLMEvalKit's, any case), or an error listing ours."""
-    spec = _BY_NAME.get(name.lower())
-    if spec is None:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)} or "
+    """The spec of a benchmark name (ours or VLMEvalKit's, any case), or an error listing the
+    known ones. ``NAME@LABEL`` is NAME's rule under its own name (several sets of one kind side by
+    side, e.g. ``vqa@level1`` and ``vqa@level2``: their scores, predictions and metrics keys stay
+    apart); the spec's name is then our name of the rule, '@', the label."""
+    base, at, label = name.partition("@")
+    spec = _BY_NAME.get(base.lower())
+    if spec is None or (at and not label.replace("_", "").replace("-", "").isalnum()):
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}, "
                          "VLMEvalKit's dataset names (MMBench_DEV_EN, SEEDBench_IMG, "
-                         "MMMU_DEV_VAL, OCRVQA_TESTCORE, ChartQA_TEST, DocVQA_VAL, ...)")
-    return spec
+                         "MMMU_DEV_VAL, OCRVQA_TESTCORE, ChartQA_TEST, DocVQA_VAL, ...), "
+                         "or NAME@LABEL (LABEL letters, digits, - and _)")
+    return dataclasses.replace(spec, name=f"{spec.name}@{label}") if at else spec
 
 
 def parse_benchmark_arg(text: str) -> tuple[str, str]:

@@ -170,7 +170,7 @@ def score_predictions(spec: BenchmarkSpec, path: str, predictions_path: str,
     benchmark file. Prediction rows whose index the benchmark lacks are counted in
     ``details['unmatched_predictions']``."""
     preds = read_predictions(predictions_path)
-    all_items = read_items(path, need_images=spec.name == "mme", require=("answer",),
+    all_items = read_items(path, need_images=spec.prompt_style == "mme", require=("answer",),
                            images_if_no=("image_path",))
     items = [it for it in all_items if canonical_index(it.index) in preds]
     if limit:
