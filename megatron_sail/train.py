@@ -7,8 +7,8 @@ hand over to the loop (training/loop.py), which validates, saves and exits.
 """
 from __future__ import annotations
 
+import logging
 import sys
-import warnings
 from typing import Optional
 
 import torch
@@ -17,6 +17,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.utils import get_model_config
 
+from megatron_sail.checkpoint import layout
 from megatron_sail.config import from_checkpoint
 from megatron_sail.config.run import RunConfig, resolve, to_dict, write_resolved
 from megatron_sail.data import geometry
@@ -34,6 +35,9 @@ from megatron_sail.training.optimizer import build_optimizer, build_scheduler
 from megatron_sail.training.precision import apply_fp8, check_precision
 from megatron_sail.training.recompute import RecomputeConfig, apply_recompute
 from megatron_sail.training.signals import ExitWatcher
+from megatron_sail import cli
+
+log = logging.getLogger(__name__)
 
 
 def match_data(cfg: RunConfig, dataset) -> None:
@@ -52,7 +56,7 @@ def match_data(cfg: RunConfig, dataset) -> None:
     if lm.vocab_size < meta.vocab_size:
         multiple = 128 * cfg.parallel.tp
         lm.vocab_size = -(-meta.vocab_size // multiple) * multiple
-        warnings.warn(f"model vocab raised to {lm.vocab_size} to cover the data's "
+        log.warning(f"model vocab raised to {lm.vocab_size} to cover the data's "
                       f"{meta.vocab_size} token ids", stacklevel=2)
 
 
@@ -141,7 +145,7 @@ def load_state(cfg: RunConfig, chunks: list, optimizer, scheduler,
     c = cfg.checkpoint
     log = print if torch.distributed.get_rank() == 0 else (lambda _line: None)
     if c.finetune:  # Megatron-LM's --finetune: weights of --load, everything else fresh
-        if ckpt.resolve_checkpoint(c.load) is None:
+        if layout.resolve_checkpoint(c.load) is None:
             raise FileNotFoundError(f"--finetune --load {c.load}: no checkpoint there")
         ckpt.load_checkpoint(c.load, chunks, optimizer=None, checks=checks)
         optimizer.reload_model_params()
@@ -151,7 +155,7 @@ def load_state(cfg: RunConfig, chunks: list, optimizer, scheduler,
     state = ckpt.load_checkpoint(c.load, chunks, optimizer, checks, load_optim=not c.no_load_optim,
                                  load_rng=not c.no_load_rng) if c.load else None
     if state is not None:
-        where = ckpt.resolve_checkpoint(c.load)
+        where = layout.resolve_checkpoint(c.load)
         resume_checks.check_train_iters(state.iteration, cfg.train.train_iters, where)
         if c.no_load_optim:  # Megatron-LM loads neither the optimizer nor its LR schedule
             log(f"[train] --no-load-optim: optimizer state and LR schedule of {where} not "
@@ -209,7 +213,7 @@ def train(cfg: RunConfig) -> int:
                        ckpt.LoadChecks(c.ckpt_verify, data_block, c.allow_tokenizer_mismatch))
     state.scheduler = scheduler.state_dict()
     state.tokenizer = data_block
-    if c.load and state.iteration == cfg.train.train_iters and ckpt.resolve_checkpoint(c.load):
+    if c.load and state.iteration == cfg.train.train_iters and layout.resolve_checkpoint(c.load):
         if rank0:  # the loop then runs no step and saves nothing; final validation still runs
             print(f"[train] the checkpoint in --load {c.load} is at iteration {state.iteration} "
                   f"= --train-iters: nothing to train (raise --train-iters to continue)",
@@ -254,13 +258,14 @@ def train(cfg: RunConfig) -> int:
         metrics.close()
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """Command-line entry: resolve flags, train, tear down, exit with the loop's code."""
+def main(argv: Optional[list[str]] = None) -> int:
+    """Command-line entry: resolve flags, train, tear down; returns the loop's exit code
+    (``cli.run`` turns a user error into one line and exit code 2)."""
     cfg = resolve(argv)
     code = train(cfg)
     platform.shutdown()
-    sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -32,6 +32,7 @@ import torch
 from megatron_sail.training.flops import (device_peak_flops, mfu, shape_from_model_config,
                                           step_flops)
 from megatron_sail.training.metrics import Stopwatch, VisionTiming, peak_memory_bytes
+from megatron_sail import cli
 
 
 def build_parser(doc: str | None = None, hf: bool = False) -> argparse.ArgumentParser:
@@ -322,4 +323,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_sail.eval.registry import BENCHMARKS, get_benchmark, parse_benchmark_arg  # noqa: E402
 from megatron_sail.eval.runner import RunnerConfig, run_benchmark, score_predictions  # noqa: E402
+from megatron_sail import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -174,4 +175,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

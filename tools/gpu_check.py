@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
+from megatron_sail import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FP8_MIN_CAPABILITY = (8, 9)
@@ -394,4 +395,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_sail.data.demo import DemoConfig, make_demo  # noqa: E402
+from megatron_sail import cli
 
 
 def main(argv=None) -> int:
@@ -44,4 +45,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -35,6 +35,7 @@ from megatron_sail.data.geometry import resolve_tiling  # noqa: E402
 from megatron_sail.data.internvl_meta import is_meta_file, run_meta  # noqa: E402
 from megatron_sail.data.preprocess import run  # noqa: E402
 from megatron_sail.data.tiling import TilingConfig  # noqa: E402
+from megatron_sail import cli
 
 
 def parse_args(argv=None) -> PreprocessConfig:
@@ -161,4 +162,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

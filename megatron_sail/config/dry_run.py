@@ -25,6 +25,7 @@ from typing import Optional
 import yaml
 
 from megatron_sail.config.run import RunConfig, resolve, to_dict
+from megatron_sail import cli
 
 IGNORED_MODEL_FIELDS = {"img_context_token_id", "vision.drop_path_rate"}
 """Model fields that may differ from a checkpoint: the trainer takes <IMG_CONTEXT>'s id from the
@@ -148,8 +149,8 @@ def check_checkpoint(cfg: RunConfig, flag: str, path: Optional[str], planned: li
         else:
             report.errors.append(f"{flag} {path}: does not exist")
         return
-    from megatron_sail.convert.checkpoint import read_model_config  # torch: only for a real path
-    from megatron_sail.training.checkpoint import resolve_checkpoint
+    from megatron_sail.checkpoint.layout import (  # torch: only for a real path
+        read_model_config, resolve_checkpoint)
 
     try:
         ckpt = resolve_checkpoint(path)
@@ -211,4 +212,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -28,7 +28,7 @@ def checkpoint_to_load(c) -> tuple[Optional[str], Optional[str]]:
     checkpoint, else --init-from; (None, None) for a fresh start."""
     import os
 
-    from megatron_sail.training.checkpoint import resolve_checkpoint
+    from megatron_sail.checkpoint.layout import resolve_checkpoint
 
     for flag, path in (("--load", c.load), ("--init-from", c.init_from)):
         if path and os.path.isdir(path):
@@ -48,7 +48,7 @@ def model_differences(ours, theirs) -> list[tuple[str, object, object]]:
 
 def check_model(cfg, log: Callable[[str], None] = print) -> None:
     """Before the model is built: the run's model against the checkpoint it will load."""
-    from megatron_sail.convert.checkpoint import read_model_config
+    from megatron_sail.checkpoint.layout import read_model_config
 
     flag, ckpt = checkpoint_to_load(cfg.checkpoint)
     if ckpt is None:

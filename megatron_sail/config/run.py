@@ -6,10 +6,10 @@ written to ``<run_dir>/config.yaml`` so a run can be reproduced from its directo
 """
 from __future__ import annotations
 
+import logging
 import argparse
 import dataclasses
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -18,6 +18,9 @@ import yaml
 from megatron_sail.config.eval import BenchmarkEvalConfig
 from megatron_sail.config.stage import StageConfig
 from megatron_sail.config.train import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
+from megatron_sail import cli
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -318,8 +321,8 @@ def _samples_to_steps(flag: str, samples: int, batch: int) -> int:
     steps, rest = divmod(samples, batch)
     if rest:
         steps = int(round(samples / batch))
-        warnings.warn(f"{flag} {samples} is not a multiple of --global-batch-size {batch}: "
-                      f"using {steps} steps ({steps * batch} rows)", stacklevel=3)
+        log.warning(f"{flag} {samples} is not a multiple of --global-batch-size {batch}: "
+                    f"using {steps} steps ({steps * batch} rows)")
     return steps
 
 
@@ -419,7 +422,7 @@ def use_checkpoint_model(cfg: RunConfig, yaml_model: dict, origin: Optional[str]
     default recipe). A model field the YAML sets to another value than the checkpoint's is an
     error naming both; drop-path (no weights) stays the recipe's."""
     from megatron_sail.config.from_checkpoint import checkpoint_to_load
-    from megatron_sail.convert.checkpoint import read_model_config
+    from megatron_sail.checkpoint.layout import read_model_config
 
     c = cfg.checkpoint
     _, ckpt = checkpoint_to_load(c)
@@ -473,4 +476,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -79,13 +79,14 @@ def _check(name: str, vision: Path, lm: Path, mc: Path, tied: bool) -> dict:
 
     from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.convert import checkpoint, hf_internvl, hf_io
+    from megatron_sail.checkpoint import dcp
+    from megatron_sail.checkpoint.layout import read_model_config
     from megatron_sail.data.tokenizer import load_tokenizer
-    from megatron_sail.training import dist_ckpt
 
-    cfg = checkpoint.read_model_config(mc)
+    cfg = read_model_config(mc)
     checkpoint._single_rank()
     [model] = checkpoint.build_model_chunks(cfg, ParallelConfig(), use_te=False)
-    dist_ckpt.load_model([model], mc)
+    dcp.load_model([model], mc)
     model.eval()
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     got = hf_internvl.ours_to_hf(ours, cfg)

@@ -58,7 +58,7 @@ def assets(tmp_path_factory):
     (the model_config.yaml + metadata.json an hf-to-mcore conversion writes; no weights, which
     the dry run does not read)."""
     from megatron_sail.config.model import sail_2b, sail_8b
-    from megatron_sail.convert.checkpoint import write_model_config
+    from megatron_sail.checkpoint.layout import write_model_config
     from megatron_sail.data.demo import DemoConfig, make_demo
     from megatron_sail.data.preprocess import run
 

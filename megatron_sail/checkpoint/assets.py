@@ -22,9 +22,12 @@ import warnings
 from functools import lru_cache
 from typing import Optional
 
-from megatron_sail.convert.hf_assets import (PROCESSOR_FILE, SOURCE_DIR, TOKENIZER_DIR,
-                                             ProcessorSettings, save_tokenizer)
+from megatron_sail.checkpoint.layout import (PROCESSOR_FILE, SOURCE_DIR, TOKENIZER_DIR,
+                                             resolve_checkpoint)
+from megatron_sail.checkpoint.processor import ProcessorSettings
+from megatron_sail.checkpoint.tokenizer import save_tokenizer
 from megatron_sail.data import tokenizer as toks
+from megatron_sail.data.dataset import parse_data_path
 
 
 def write_checkpoint_assets(ckpt_dir: str, config: Optional[dict]) -> None:
@@ -50,8 +53,6 @@ def write_checkpoint_assets(ckpt_dir: str, config: Optional[dict]) -> None:
 
 def _meta_path(config: dict) -> Optional[str]:
     """meta.json of the first training prefix named in the run config, if any."""
-    from megatron_sail.data.dataset import parse_data_path
-
     data_path = (config.get("data") or {}).get("data_path")
     if not data_path:
         return None
@@ -81,8 +82,6 @@ def _tokenizer_files(meta_path: str, mtime: float) -> str:
 def _init_source_files(config: dict) -> Optional[str]:
     """source_files/ of the --init-from checkpoint (a converted HF checkpoint or a training
     checkpoint that carries one), so the chat layout's remote code survives training stages."""
-    from megatron_sail.training.checkpoint import resolve_checkpoint
-
     init = (config.get("checkpoint") or {}).get("init_from")
     if not init or not os.path.isdir(init):
         return None
