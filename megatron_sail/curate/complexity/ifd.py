@@ -139,7 +139,7 @@ class IfdScorer:
         """[n, 4] float64: (sum CE, count) of the conditioned and the answer-only pass per sample."""
         from megatron.core import parallel_state
 
-        from megatron_sail.inference.engine import _pause_param_gather_hooks
+        from megatron_sail.compat.ddp import pause_param_gather_hooks, resume_param_gather_hooks
         from megatron_sail.models.attention import packed_seq_params
 
         g = self.gen
@@ -157,7 +157,7 @@ class IfdScorer:
             bounds.append(bounds[-1] + pad)
         result = torch.zeros(len(batch), 4, dtype=torch.float64, device=g.device)
         modes = [c.training for c in g.wrapped]
-        hooked = _pause_param_gather_hooks(g.wrapped)
+        hooked = pause_param_gather_hooks(g.wrapped)
         try:
             for c in g.wrapped:
                 c.eval()
@@ -184,8 +184,7 @@ class IfdScorer:
                 c.train(mode)
             for lm in g.lms:
                 lm.set_input_tensor(None)
-            for c in hooked:
-                c.enable_forward_pre_hook()
+            resume_param_gather_hooks(hooked)
         if g.pp > 1:  # the last stage holds the losses
             torch.distributed.broadcast(result, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                         group=parallel_state.get_pipeline_model_parallel_group())
