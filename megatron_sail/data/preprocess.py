@@ -24,6 +24,7 @@ from megatron_sail.data.formats import (FORMATS, ImageAccess, RawRecord, detect_
                                        iter_records, reread_image, to_conversation)
 from megatron_sail.data.imageinfo import clean_message, image_info
 from megatron_sail.data.packing import ImageEntry, Sample, pack_block
+from megatron_sail.data.selection import Selection, filter_records, load_selection
 from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
 from megatron_sail.data.tiling import TilingConfig, find_grid, num_tiles
 from megatron_sail.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
@@ -159,10 +160,15 @@ def attach_images(res: BlockResult, records: list[tuple[int, RawRecord]]) -> Blo
     return res
 
 
-def iter_blocks(cfg: PreprocessConfig, files: list[str], fmt: str) -> Iterator[tuple[int, list]]:
-    """(block id, [(record index, record)]) of this shard's blocks, in input order."""
+def iter_blocks(cfg: PreprocessConfig, files: list[str], fmt: str,
+                select_counts: Optional[dict] = None) -> Iterator[tuple[int, list]]:
+    """(block id, [(record index, record)]) of this shard's blocks, in input order.
+    ``select_counts``: filled with the records --select kept and skipped."""
     access = ImageAccess(cfg.allow_absolute_paths, cfg.max_image_bytes)
     records = iter_records(files, fmt, cfg.image_root, access)
+    if cfg.select:  # a curriculum stage or a score range (--select): the other records are skipped
+        keep = load_selection(Selection(cfg.select, cfg.select_min_score, cfg.select_max_score))
+        records = filter_records(records, keep, {} if select_counts is None else select_counts)
     size = cfg.packing.packing_buffer
     for block in itertools.count():
         chunk = list(itertools.islice(records, size))
@@ -250,7 +256,8 @@ def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int,
     records, rejects = 0, Counter()
     with indexed.PackedWriter(cfg.output_prefix) as writer:
         start = time.perf_counter()  # after the writer's one-off megatron.core import
-        for res in map_blocks(cfg, fmt, iter_blocks(cfg, files, fmt), builder, log):
+        selected: dict = {}
+        for res in map_blocks(cfg, fmt, iter_blocks(cfg, files, fmt, selected), builder, log):
             for row in res.rows:
                 writer.add_row(row, tok.special.img_context)
             for rej in res.rejects:
@@ -263,6 +270,8 @@ def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int,
         rate = n_rej / records if records else 0.0
         summary = {"output_prefix": cfg.output_prefix, **meta["stats"], "rejects": meta["rejects"],
                    "reject_rate": round(rate, 6), "seconds": round(time.perf_counter() - start, 3)}
+        if cfg.select:
+            summary["select"] = {"kept": selected.get("selected", 0), "skipped": selected.get("not_selected", 0)}
         # an empty shard is fine (its blocks may all belong to other shards); an empty run is not
         empty = records == 0 and cfg.num_shards == 1
         failed = (cfg.strict and n_rej > 0) or rate > cfg.max_reject_rate or empty

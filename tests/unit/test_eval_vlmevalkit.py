@@ -93,3 +93,28 @@ def test_scores_equal_vlmevalkit(dataset, fmt):
             assert ours is None, what
         else:
             assert ours == pytest.approx(theirs, abs=TOL), f"{name}: {what}"
+
+
+@pytest.fixture(scope="module")
+def evaluate_tool():
+    """tools/evaluate.py as a module, its main() run in-process."""
+    import importlib.util
+
+    path = os.path.join(HERE, "..", "..", "..", "..", "tools", "evaluate.py")
+    spec = importlib.util.spec_from_file_location("evaluate_tool", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("fmt", ["_pred.xlsx", "_pred.tsv"])
+def test_evaluate_prints_vlmevalkits_score(evaluate_tool, capsys, fmt):
+    """The command line's last line, for every case, under VLMEvalKit's dataset name."""
+    for dataset, case in sorted(EXPECTED["cases"].items()):
+        name = _name(dataset, case)
+        code = evaluate_tool.main(["--benchmark", f"{name}={os.path.join(HERE, dataset)}.tsv",
+                                   "--predictions", os.path.join(HERE, dataset + fmt)])
+        out = capsys.readouterr().out.strip().splitlines()[-1]
+        assert code == 0 and out.startswith(f"benchmark={name} score="), out
+        printed = float(out.split("score=")[1].split()[0])
+        assert printed == pytest.approx(case["headline"], abs=TOL), (dataset, out)
