@@ -24,7 +24,7 @@ from typing import Optional
 
 import yaml
 
-from megatron_sail.config.run import RunConfig, resolve, to_dict
+from megatron_sail.config.run import RunConfig, random_init_problem, resolve, to_dict
 from megatron_sail import cli
 
 IGNORED_MODEL_FIELDS = {"img_context_token_id", "vision.drop_path_rate"}
@@ -185,6 +185,12 @@ def check(cfg: RunConfig, planned: list[str]) -> Report:
     vocab = check_data(cfg, report)
     check_checkpoint(cfg, "--load", cfg.checkpoint.load, planned, vocab, report)
     check_checkpoint(cfg, "--init-from", cfg.checkpoint.init_from, planned, vocab, report)
+    load = cfg.checkpoint.load
+    resumed = bool(load) and (os.path.abspath(load) in {os.path.abspath(p) for p in planned}
+                              or os.path.exists(load))
+    problem = random_init_problem(cfg, has_checkpoint=resumed)
+    if problem:
+        report.errors.append(problem)
     return report
 
 

@@ -135,6 +135,7 @@ FLAGS: list[tuple[str, str, str, str]] = [
      "flag"),
     ("--ckpt-verify", "checkpoint", "ckpt_verify", "str"),
     ("--allow-tokenizer-mismatch", "checkpoint", "allow_tokenizer_mismatch", "flag"),
+    ("--allow-random-init", "checkpoint", "allow_random_init", "flag"),
     ("--train-vision", "stage", "train_vision", "bool"),
     ("--train-projector", "stage", "train_projector", "bool"),
     ("--train-language", "stage", "train_language", "bool"),
@@ -413,6 +414,19 @@ def _check_counts(cfg: RunConfig) -> None:
     if c.override_opt_param_scheduler and c.use_checkpoint_opt_param_scheduler:
         raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
                          "exclude each other")
+
+
+def random_init_problem(cfg: RunConfig, has_checkpoint: bool) -> Optional[str]:
+    """Why this stage must not start from random weights, or None: a stage that trains only the
+    projector (ViT and LLM frozen) learns nothing useful between two random networks, so it
+    needs --init-from (or a --load checkpoint), or an explicit --allow-random-init."""
+    s, c = cfg.stage, cfg.checkpoint
+    if s.train_vision or s.train_language or has_checkpoint or c.init_from or c.allow_random_init:
+        return None
+    return (f"stage {s.name} trains only the projector, but no --init-from (or --load "
+            "checkpoint) gives the ViT and the LLM their pretrained weights: it would connect two "
+            "random networks. Give --init-from (e.g. tools/convert_checkpoint.py compose of an "
+            "encoder and an LLM), or --allow-random-init for a toy run")
 
 
 def default_run_dir(save: Optional[str], recipe_run_dir: str) -> str:

@@ -85,6 +85,10 @@ class CheckpointConfig:
     init_from: Optional[str] = None
     """Checkpoint whose model weights start this stage; optimizer and step are not loaded.
     Either a checkpoint directory with `latest` or one iteration / HF-conversion directory."""
+    allow_random_init: bool = False
+    """Start a stage that trains neither the ViT nor the LLM (pretrain-alignment) without
+    --init-from: the projector would learn to connect two random networks. Refused unless
+    given (tests and toy runs)."""
     save_interval: int = 0
     """Save every this many steps (0: only at exit)."""
     keep_last: int = 2

@@ -182,6 +182,18 @@ def test_dry_run_refuses_a_checkpoint_of_another_model(assets, tmp_path):
     assert proc.returncode == 2 and f"--init-from {tmp_path / 'nothing'}: does not exist" in proc.stderr
 
 
+def test_dry_run_refuses_alignment_between_random_networks(assets, tmp_path):
+    """pretrain-alignment trains only the projector: without INIT_FROM (or --allow-random-init)
+    it would connect a random ViT to a random LLM; the dry run says so instead of "ok"."""
+    env = {"DATA_PATH": assets["caption"], "STAGES": "pretrain-alignment", "RUN_ROOT": str(tmp_path)}
+    proc = dry_run("pretrain_sail_2b.sh", env)
+    assert proc.returncode == 2
+    assert "stage pretrain-alignment trains only the projector, but no --init-from" in proc.stderr
+    assert dry_run("pretrain_sail_2b.sh", env, "--allow-random-init").returncode == 0
+    advance = dry_run("pretrain_sail_2b.sh", {**env, "STAGES": "pretrain-advance"})
+    assert advance.returncode == 0, advance.stderr[-2000:]  # it trains the ViT: allowed
+
+
 SLURM_STEP = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
               "SLURM_STEP_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu-a[003-004]"}
 
@@ -193,7 +205,7 @@ def test_slurm_launch_modes(assets, tasks, direct):
     the trainer itself (it takes its rank from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID)."""
     env = {**SLURM_STEP, "SLURM_STEP_NUM_TASKS": tasks, "SLURM_NTASKS": tasks, "MASTER_PORT": "31337",
            "DATA_PATH": assets["caption"], "STAGES": "pretrain-alignment"}
-    proc = dry_run("pretrain_sail_2b.sh", env)
+    proc = dry_run("pretrain_sail_2b.sh", env, "--allow-random-init")
     assert proc.returncode == 0, proc.stderr[-2000:]
     launch = next(line for line in proc.stderr.splitlines() if line.startswith("[dry-run] launch:"))
     if direct:
@@ -216,7 +228,8 @@ def test_no_launcher_calls_a_bare_torchrun():
                     reason="no .venv in this checkout")
 def test_python_defaults_to_the_checkouts_venv(assets):
     proc = dry_run("pretrain_sail_2b.sh", {"PYTHON": "", "DATA_PATH": assets["caption"],
-                                           "STAGES": "pretrain-alignment", "PATH": "/usr/bin:/bin"})
+                                           "STAGES": "pretrain-alignment", "PATH": "/usr/bin:/bin"},
+                   "--allow-random-init")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"[dry-run] launch: {ROOT}/.venv/bin/python -m torch.distributed.run" in proc.stderr
 
