@@ -415,6 +415,16 @@ def _check_counts(cfg: RunConfig) -> None:
                          "exclude each other")
 
 
+def default_run_dir(save: Optional[str], recipe_run_dir: str) -> str:
+    """Where metrics, TensorBoard and config.yaml go without --run-dir: next to the checkpoints,
+    as Megatron-LM users expect (the folder above ``--save .../checkpoints``, else --save itself);
+    the recipe's ``runs/<recipe>`` only when nothing is saved."""
+    if not save:
+        return recipe_run_dir
+    save = os.path.normpath(save)
+    return os.path.dirname(save) or "." if os.path.basename(save) == "checkpoints" else save
+
+
 def resolve(argv: Optional[list[str]] = None) -> RunConfig:
     """Build the RunConfig of a command line: recipe(stage), then YAML, then flags."""
     from megatron_sail.config import recipes
@@ -434,6 +444,8 @@ def resolve(argv: Optional[list[str]] = None) -> RunConfig:
         raise ValueError("--train-samples and --train-iters exclude each other (Megatron-LM)")
     derived = flags.pop("derived", {})
     apply_overrides(cfg, flags, "command line")
+    if "run_dir" not in flags.get("train", {}) and "run_dir" not in (overrides.get("train") or {}):
+        cfg.train.run_dir = default_run_dir(cfg.checkpoint.save, cfg.train.run_dir)
     if cfg.checkpoint.use_checkpoint_args or args.recipe is None:
         use_checkpoint_model(cfg, overrides.get("model") or {}, args.config,
                              required=cfg.checkpoint.use_checkpoint_args)
