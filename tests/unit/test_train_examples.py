@@ -24,7 +24,7 @@ import yaml
 from megatron_sail.config.data import PackingConfig, PreprocessConfig
 from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.data.dataset import parse_data_path
-from megatron_sail.data.tiling import TilingConfig
+from megatron_sail.config.images import TilingConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPUS_PER_NODE = 8
