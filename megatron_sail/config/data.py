@@ -1,8 +1,9 @@
 """Dataclass configs of the offline data pipeline (tools/preprocess_data.py).
 
 One config per component: the chat template, packing, and the preprocessing run that composes
-them with the tiling config (config/images.py; the arithmetic is data/tiling.py). The trainer-side dataset config (prefixes, weights)
-lives in config/train.py's DataConfig; the reader needs only a prefix.
+them with the tiling config (config/images.py; the arithmetic is data/tiling.py). The
+trainer-side dataset config (prefixes, weights) lives in config/train.py's DataConfig; the reader
+needs only a prefix.
 """
 from __future__ import annotations
 
