@@ -373,9 +373,3 @@ def sail_vl2_30b_a3b() -> ModelConfig:
                                 moe_ffn_hidden_size=768, moe_router_topk=8,
                                 moe_norm_topk_prob=True, moe_aux_loss_coeff=0.001),
         img_context_token_id=SAIL_VL2_IMG_CONTEXT_ID)
-
-
-RECIPES = {"tiny": tiny, "tiny_moe": tiny_moe, "sail_2b": sail_2b, "sail_8b": sail_8b, "sail_vl15_2b": sail_vl15_2b,
-           "sail_vl16_8b": sail_vl16_8b, "sail_vl2_2b": sail_vl2_2b, "sail_vl2_8b": sail_vl2_8b,
-           "sail_vl2_30b_a3b": sail_vl2_30b_a3b}
-"""Named model recipes."""
