@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (every GenerationConfig field has one)."""
     p = argparse.ArgumentParser(prog="python -m megatron_sail.generate",
                                 description="Generate answers with a SAIL-VL checkpoint.")
-    p.add_argument("--checkpoint", required=True,
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="training run/iter dir, converted Megatron checkpoint or Hugging Face folder")
     p.add_argument("--prompt", help="user text (with --image: the question about the image(s))")
     p.add_argument("--image", action="append", default=[], help="image path (repeatable, in order)")
@@ -131,8 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (default: the training template's)")
     p.add_argument("--stop-token-id", type=int, action="append", default=None,
                    help="id that ends an answer (repeatable; default <|im_end|> and <|endoftext|>)")
-    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1)
+    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=_at_least(1), default=1,
+                   metavar="N", help="tensor-parallel ranks (default: %(default)s; the checkpoint "
+                                     "is resharded while loading)")
+    p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=_at_least(1),
+                   default=1, metavar="N", help="pipeline stages (default: %(default)s)")
     p.add_argument("--expert-model-parallel-size", "--ep", dest="ep", type=int, default=1,
                    help="ignored (a note is printed when > 1): generation loads every expert on "
                         "each rank (EP=1), whatever EP the checkpoint was trained at")

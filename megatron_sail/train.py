@@ -8,6 +8,7 @@ hand over to the loop (training/loop.py), which validates, saves and exits.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import replace
 from typing import Optional
@@ -179,6 +180,20 @@ def load_state(cfg: RunConfig, chunks: list, optimizer, scheduler,
     return ckpt.TrainState()
 
 
+def check_tokenizer(cfg: RunConfig, train_data) -> None:
+    """Fail at start, naming the dataset, when the tokenizer its meta.json records cannot be
+    found and the run needs it (checkpoints carry it for generate/export; benchmarks and
+    --log-images decode with it)."""
+    from megatron_sail.checkpoint.assets import resolve_tokenizer_path
+
+    if not (cfg.checkpoint.save or cfg.eval.benchmarks or cfg.train.log_images):
+        return
+    first = train_data.datasets[0]
+    recorded = (first.meta.get("tokenizer") or {}).get("path")
+    if recorded:
+        resolve_tokenizer_path(f"{first.prefix}.meta.json", recorded)
+
+
 def image_logger(cfg: RunConfig, train_data, metrics: MetricsWriter):
     """--log-images: write sample images with their text through the metrics writer; the text
     is decoded with the data's tokenizer (token ids when its file is not readable here)."""
@@ -204,12 +219,15 @@ def train(cfg: RunConfig) -> int:
     lock = prepare_save_dir(c.save, c.load, c.overwrite_save)  # noqa: F841 - held for the run
     train_data = build_blended(cfg.data.data_path, cfg.train.seed, cfg.data.data_verify)
     cfg = match_data(cfg, train_data)
+    check_tokenizer(cfg, train_data)
     from_checkpoint.check_model(cfg, print if torch.distributed.get_rank() == 0 else
                                 (lambda _line: None))  # before a shape traceback in the load
     data_block = resume_checks.data_tokenizer_block([train_data], c.allow_tokenizer_mismatch)
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
-        write_resolved(cfg, cfg.train.run_dir)
+        path = write_resolved(cfg, cfg.train.run_dir)
+        print(f"run dir: {os.path.abspath(cfg.train.run_dir)} (config {os.path.basename(path)}, "
+              f"metrics, TensorBoard {cfg.train.tensorboard_dir})", flush=True)
     chunks = wrap_ddp(cfg, build_chunks(cfg, dtype))
     optimizer = build_optimizer(cfg.optim, chunks, bf16=dtype == torch.bfloat16)
     scheduler = build_scheduler(cfg.optim, optimizer)

@@ -94,6 +94,13 @@ class PreprocessConfig:
     video_frames: int = 8
     """Frames sampled from each InternVL video sample (middle of equal segments), one tile each
     (data/video.py); 0 rejects video samples (``video_unsupported``)."""
+    select: Optional[str] = None
+    """Keep only the records a sample list names (data/selection.py: a curriculum stage list or a
+    complexity sidecar folder); None keeps every record."""
+    select_min_score: Optional[float] = None
+    """With ``select``: keep records scoring at least this."""
+    select_max_score: Optional[float] = None
+    """With ``select``: keep records scoring below this."""
     geometry: Optional[dict] = None
     """The model's token geometry the tiling's tokens per tile came from (data/geometry.py:
     family, tile and patch size, grid, class tokens, merge, recipe), stored as meta.json

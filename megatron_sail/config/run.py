@@ -152,35 +152,72 @@ FLAGS: list[tuple[str, str, str, str]] = [
 _KINDS = {"int": int, "float": float, "str": str}
 
 
+ALIASES = {"--tensor-model-parallel-size": ("--tp",), "--pipeline-model-parallel-size": ("--pp",),
+           "--expert-model-parallel-size": ("--ep",)}
+"""Short spellings accepted beside Megatron-LM's long ones (generate and convert take both too)."""
+
+MEGATRON_MULTIMODAL = [
+    ("--freeze-ViT", "stage.train_vision", "store_const", "same as --train-vision false"),
+    ("--freeze-LM", "stage.train_language", "store_const", "same as --train-language false"),
+    ("--pretrained-checkpoint", "checkpoint.init_from", "store",
+     "Megatron-LM multimodal's spelling of --init-from (weights only, iterations from 0)"),
+]
+"""Megatron-LM's examples/multimodal flags, mapped to ours."""
+
+HELP_EPILOG = ("Defaults shown are the components' own; --recipe and --stage set theirs on top, then "
+               "--config, then flags. `python -m megatron_sail.config.run [flags]` prints the "
+               "resolved config without training.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m megatron_sail.train``; every override defaults to None
-    so that only flags actually given change the config."""
+    so that only flags actually given change the config. Help text comes from the config
+    fields' docstrings (config/flag_help.py), grouped as Megatron-LM groups its flags."""
+    from megatron_sail.config import flag_help
+    from megatron_sail.config.recipes import RECIPES
+    from megatron_sail.config.stage import STAGES
+
     # allow_abbrev=False: as in Megatron-LM, `--lr-warmu 5` is an error, not --lr-warmup-*.
     p = argparse.ArgumentParser(prog="megatron_sail.train", description=__doc__,
-                                allow_abbrev=False)
-    p.add_argument("--recipe", default=None,
-                   help="tiny, tiny_moe, sail_2b, sail_8b, sail_vl15_2b, sail_vl16_8b, sail_vl2_2b, sail_vl2_8b or "
-                        "sail_vl2_30b_a3b (default: tiny; with --load / --init-from "
-                        "and no --recipe the model comes from the checkpoint)")
-    p.add_argument("--stage", default=None, help="training stage name (default: the recipe's)")
-    p.add_argument("--config", default=None, help="YAML file overriding recipe fields")
-    p.add_argument("--split", default=None, help="not supported: see --valid-data-path")
+                                epilog=HELP_EPILOG, allow_abbrev=False)
+    run = p.add_argument_group("run")
+    run.add_argument("--recipe", default=None, metavar="NAME",
+                     help=f"model and defaults, one of {', '.join(RECIPES)} (default: tiny; with "
+                          "--load / --init-from and no --recipe the model comes from the checkpoint)")
+    run.add_argument("--stage", default=None, metavar="NAME",
+                     help=f"training stage, one of {', '.join(STAGES)} (default: the recipe's)")
+    run.add_argument("--config", default=None, metavar="FILE",
+                     help="YAML file overriding recipe fields (flags override it)")
+    run.add_argument("--split", default=None, metavar="SPLIT",
+                     help="not supported (Megatron-LM's train/valid split): give --valid-data-path")
+    groups = {title: p.add_argument_group(title) for title, _ in flag_help.GROUPS}
     for flag, section, name, kind in FLAGS:
-        dest = f"{section}.{name}"
-        if kind == "flag":
-            p.add_argument(flag, dest=dest, action="store_const", const=True, default=None)
-        elif kind == "noflag":
-            p.add_argument(flag, dest=dest, action="store_const", const=False, default=None)
-        elif kind == "bool":
-            p.add_argument(flag, dest=dest, type=_parse_bool, default=None, metavar="true|false")
+        g = groups.get(flag_help.group_of(flag)) or groups.setdefault(
+            "other", p.add_argument_group("other"))
+        names = (flag, *ALIASES.get(flag, ()))
+        common = dict(dest=f"{section}.{name}", default=None,
+                      help=flag_help.flag_help(flag, section, name, kind) or None)
+        if kind in ("flag", "noflag"):
+            g.add_argument(*names, action="store_const", const=kind == "flag", **common)
+            continue
+        common["metavar"] = flag_help.metavar(name, kind)
+        if kind == "bool":
+            g.add_argument(*names, type=_parse_bool, **common)
         elif kind == "list":
-            p.add_argument(flag, dest=dest, nargs="+", default=None)
+            g.add_argument(*names, nargs="+", **common)
         elif kind == "ints":  # --eval-benchmark-at 8 16 32
-            p.add_argument(flag, dest=dest, nargs="+", type=int, default=None)
+            g.add_argument(*names, nargs="+", type=int, **common)
         elif kind == "append":  # repeatable: --eval-benchmark A=x --eval-benchmark B=y
-            p.add_argument(flag, dest=dest, action="append", default=None)
+            g.add_argument(*names, action="append", **common)
         else:
-            p.add_argument(flag, dest=dest, type=_KINDS[kind], default=None)
+            g.add_argument(*names, type=_KINDS[kind], **common)
+    mm = p.add_argument_group("Megatron-LM multimodal spellings")
+    for flag, dest, action, text in MEGATRON_MULTIMODAL:
+        if action == "store_const":
+            mm.add_argument(flag, dest=dest, action="store_const", const=False, default=None,
+                            help=text)
+        else:
+            mm.add_argument(flag, dest=dest, default=None, metavar="DIR", help=text)
     return p
 
 
@@ -399,6 +436,16 @@ def _check_counts(cfg: RunConfig) -> None:
                          "exclude each other")
 
 
+def default_run_dir(save: Optional[str], recipe_run_dir: str) -> str:
+    """Where metrics, TensorBoard and config.yaml go without --run-dir: next to the checkpoints,
+    as Megatron-LM users expect (the folder above ``--save .../checkpoints``, else --save itself);
+    the recipe's ``runs/<recipe>`` only when nothing is saved."""
+    if not save:
+        return recipe_run_dir
+    save = os.path.normpath(save)
+    return os.path.dirname(save) or "." if os.path.basename(save) == "checkpoints" else save
+
+
 CheckpointModel = Callable[[CheckpointConfig], Optional[tuple[str, ModelConfig]]]
 """(checkpoint dir, its ModelConfig) of the checkpoint a run will load, or None (no checkpoint)."""
 
@@ -425,6 +472,8 @@ def resolve(argv: Optional[list[str]] = None,
         raise ValueError("--train-samples and --train-iters exclude each other (Megatron-LM)")
     derived = flags.pop("derived", {})
     cfg = apply_overrides(cfg, flags, "command line")
+    if "run_dir" not in flags.get("train", {}) and "run_dir" not in (overrides.get("train") or {}):
+        cfg.train.run_dir = default_run_dir(cfg.checkpoint.save, cfg.train.run_dir)
     if cfg.checkpoint.use_checkpoint_args or args.recipe is None:
         required = cfg.checkpoint.use_checkpoint_args
         if checkpoint_model is None and required:

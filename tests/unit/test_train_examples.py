@@ -238,3 +238,24 @@ def test_dry_run_module_on_the_tiny_recipe(assets, tmp_path, capsys):
             f"with {-(-vocab // 128) * 128}") in capsys.readouterr().err
     assert dry_run.main(["--", *base[:2], "--seq-length", "256", *base[4:]]) == 2
     assert "rows hold 512 tokens but --seq-length is 256" in capsys.readouterr().err
+
+
+def test_sft_script_runs_a_curriculum_plan(monkeypatch, assets, tmp_path):
+    """PLAN=plan.yaml (tools/build_curriculum.py's format): the plan's stages in its order, each
+    with its blend, trainer stage and steps, each from the previous stage's weights."""
+    plan = {"stages": [
+        {"name": "stage1", "trainer_stage": "sft-knowledge", "samples": 10, "replayed": 0, "iters": 7,
+         "blend": f"1 {assets['caption']}"},
+        {"name": "stage2", "trainer_stage": "sft-preference", "samples": 4096, "replayed": 1024,
+         "blend": f"0.8 {assets['ocr']} 0.2 {assets['caption']}"}]}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    docs, err = stages("sft_sail_8b.sh", {"INIT_FROM": assets["hf_8b"], "PLAN": str(tmp_path / "plan.yaml"),
+                                          "RUN_ROOT": str(tmp_path / "r")})
+    assert [d["stage"]["name"] for d in docs] == ["sft-knowledge", "sft-preference"]
+    assert parse_data_path(docs[1]["data"]["data_path"]) == ([assets["ocr"], assets["caption"]], [0.8, 0.2])
+    assert [d["train"]["train_iters"] for d in docs] == [7, 2]  # 5,120 samples / (8 per row x 512)
+    assert docs[1]["checkpoint"]["init_from"] == docs[0]["checkpoint"]["save"] == str(tmp_path / "r/stage1/checkpoints")
+    assert "written by an earlier stage of this launcher" in err
+    (tmp_path / "empty.yaml").write_text("stages: []\n")
+    proc = dry_run("sft_sail_8b.sh", {"INIT_FROM": assets["hf_8b"], "PLAN": str(tmp_path / "empty.yaml")})
+    assert proc.returncode != 0 and "no stages" in proc.stderr
