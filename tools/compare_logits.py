@@ -68,10 +68,10 @@ def image_tiles(images: list[tuple[str, bytes]], tile_size: int, max_tiles: int)
     """Tile each image with InternVL's dynamic rule; return (tiles, tiles per image)."""
     from PIL import Image
 
-    from megatron_sail.config.images import ImageConfig
+    from megatron_sail.config.images import ImageConfig, TilingConfig
     from megatron_sail.data.images.pil import PilPipeline
     from megatron_sail.data.records import ImageRecord
-    from megatron_sail.data.tiling import TilingConfig, find_grid
+    from megatron_sail.data.tiling import find_grid
 
     tiling = TilingConfig(tile_size=tile_size, max_tiles=max_tiles)
     records = []

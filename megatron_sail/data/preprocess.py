@@ -26,7 +26,8 @@ from megatron_sail.data.imageinfo import clean_message, image_info
 from megatron_sail.data.packing import ImageEntry, Sample, pack_block
 from megatron_sail.data.selection import Selection, filter_records, load_selection
 from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
-from megatron_sail.data.tiling import TilingConfig, find_grid, num_tiles
+from megatron_sail.config.images import TilingConfig
+from megatron_sail.data.tiling import find_grid, num_tiles
 from megatron_sail.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
 from megatron_sail.data.video import VideoConfig, expand_videos
 

@@ -386,7 +386,7 @@ def test_released_part_configs_compose_under_their_recipe(tmp_path, recipe):
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from megatron_sail.config.model import RECIPES
+    from megatron_sail.config.recipes import model_recipe
     from megatron_sail.convert import compose, standalone
 
     vis_cfg, (kind, text) = REAL[recipe]
@@ -395,11 +395,11 @@ def test_released_part_configs_compose_under_their_recipe(tmp_path, recipe):
     vis = standalone.read_vision(tmp_path)
     lm = standalone.LanguagePart(kind, AutoConfig.for_model(kind, **text), True, {})
     got = compose._model_config(vis, lm, compose.ComposeConfig(recipe=recipe))
-    compose._check_recipe(got, RECIPES[recipe](), recipe)
+    compose._check_recipe(got, model_recipe(recipe), recipe)
     assert got.tokens_per_tile() == 256
-    assert got.vision.drop_path_rate == RECIPES[recipe]().vision.drop_path_rate
+    assert got.vision.drop_path_rate == model_recipe(recipe).vision.drop_path_rate
     with pytest.raises(ValueError, match="vision.num_layers: recipe 24, folders 23"):
         vis_cfg = {**vis_cfg, "num_hidden_layers": 23}
         (tmp_path / "config.json").write_text(json.dumps(vis_cfg))
         bad = compose._model_config(standalone.read_vision(tmp_path), lm, compose.ComposeConfig(recipe=recipe))
-        compose._check_recipe(bad, RECIPES[recipe](), recipe)
+        compose._check_recipe(bad, model_recipe(recipe), recipe)

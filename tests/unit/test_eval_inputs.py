@@ -141,7 +141,7 @@ def inputs(tmp_path_factory):
     ("pope.tsv", "latin1.tsv", "latin1.tsv: line 4 is not UTF-8 text (byte 0xe9"),
     ("latin1_bench.tsv", "pred.tsv", "latin1_bench.tsv: line 3 is not UTF-8 text (byte 0xff"),
     ("noanswer.tsv", "pred.tsv", "noanswer.tsv: no 'answer' column"),
-    ("pope.tsv", "dup.tsv", "dup.tsv: index '2' appears twice (rows 4 and 5"),
+    ("pope.tsv", "dup.tsv", "dup.tsv: index '2' appears twice (lines 4 and 5)"),
     ("pope.tsv", "pred.xlsx", "pred.xlsx: not a readable .xlsx workbook"),
     ("pope.tsv", "nowhere.csv", "nowhere.csv: no such file"),
 ])
@@ -171,3 +171,27 @@ def test_predictions_csv_and_name_spellings(evaluate_tool, capsys, inputs, tmp_p
         assert code == 0, err
         # TP 1, FN 1, no FP: P 1, R 1/2 -> F1 66.67
         assert out.strip().splitlines()[-1] == f"benchmark={name} score=66.67 n=3"
+
+
+def test_spreadsheet_cells_and_indices_read_as_vlmevalkit_stores_them(tmp_path):
+    """Integer indices match however they are written; an integral number cell is its integer,
+    as pandas reads it; empty rows are skipped; a repeated index names both rows."""
+    import openpyxl
+
+    from megatron_sail.eval.prediction_files import canonical_index, cell_text, read_predictions
+
+    assert [canonical_index(x) for x in ("12", "0012", "12.0", "-3", "1e3", "VD_figure_0", "")] \
+        == ["12", "12", "12", "-3", "1e3", "VD_figure_0", ""]
+    assert [cell_text(v) for v in (None, 5, 5.0, 0.5, True, "x ")] == ["", "5", "5", "0.5",
+                                                                      "True", "x "]
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    for row in (["index", "question", "prediction"], [12, "q", 0.5], [None, None, None],
+                ["0013", "q", " Yes. "]):
+        ws.append(row)
+    wb.save(tmp_path / "p.xlsx")
+    assert read_predictions(str(tmp_path / "p.xlsx")) == {"12": "0.5", "13": " Yes. "}
+    ws.append([12.0, "q", "again"])
+    wb.save(tmp_path / "p.xlsx")
+    with pytest.raises(ValueError, match=r"index '12' appears twice \(rows 2 and 5\)"):
+        read_predictions(str(tmp_path / "p.xlsx"))

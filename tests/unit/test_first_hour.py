@@ -54,7 +54,7 @@ def test_the_tokenizer_is_recorded_so_a_run_from_another_folder_finds_it(tmp_pat
     from megatron_sail.config.data import PackingConfig, PreprocessConfig
     from megatron_sail.data.demo import DemoConfig, make_demo
     from megatron_sail.data.preprocess import run
-    from megatron_sail.data.tiling import TilingConfig
+    from megatron_sail.config.images import TilingConfig
 
     demo = make_demo(str(tmp_path / "demo"), DemoConfig(samples=6, val_samples=1, seed=3))
     monkeypatch.chdir(tmp_path)

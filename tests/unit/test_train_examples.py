@@ -3,7 +3,7 @@ their DRY_RUN=1 checks the data and checkpoints against the recipe.
 
 Each script runs with DRY_RUN=1, which resolves every stage's trainer arguments through
 config.run (the trainer's own parser and checks), prints the result and the launch command
-instead of launching, and checks (config/dry_run.py) that every data prefix is a finished dataset
+instead of launching, and checks (training/dry_run.py) that every data prefix is a finished dataset
 with the recipe's row length and tile geometry and that --init-from holds the recipe's model; so a
 renamed flag, an invalid value, or data/checkpoints that do not fit fail here. The printed configs
 are then checked against the hardware the scripts are sized for (8 GPUs per node): parallel sizes
@@ -24,7 +24,7 @@ import yaml
 from megatron_sail.config.data import PackingConfig, PreprocessConfig
 from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.data.dataset import parse_data_path
-from megatron_sail.data.tiling import TilingConfig
+from megatron_sail.config.images import TilingConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPUS_PER_NODE = 8
@@ -237,7 +237,7 @@ def test_python_defaults_to_the_checkouts_venv(assets):
 def test_dry_run_module_on_the_tiny_recipe(assets, tmp_path, capsys):
     """In process: the tiny recipe fits the 512-token, 32 px data; a smaller vocabulary is
     reported with the size the trainer will build; another row length is an error."""
-    from megatron_sail.config import dry_run
+    from megatron_sail.training import dry_run
 
     base = ["--recipe", "tiny", "--seq-length", "512", "--data-path", assets["small"]]
     assert dry_run.main(["--", *base]) == 0
