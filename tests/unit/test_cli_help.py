@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-ENTRY_MODULES = ["megatron_sail.train", "megatron_sail.generate", "megatron_sail.config.run"]
+ENTRY_MODULES = ["megatron_sail.train", "megatron_sail.generate"]
 
 
 class _Captured(Exception):
