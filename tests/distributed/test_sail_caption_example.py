@@ -19,6 +19,8 @@ def test_sail_caption_smoke(tmp_path):
     r = subprocess.run(["bash", "examples/sail_caption.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "held-out caption word F1 over 6 images" in r.stdout
+    assert "}" not in r.stdout.splitlines()  # recaption's JSON goes to a file, not a lone brace
+    assert json.load(open(out / "recaption_summary.json"))["samples"] == 24
 
     pool = [json.loads(line) for line in open(out / "demo" / "pool.jsonl")]
     assert len(pool) == 24
