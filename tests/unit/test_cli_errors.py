@@ -1,21 +1,17 @@
 """A user's mistake ends in one ``error: ...`` line and exit code 2, never a traceback, from every
 entry point (issue 22); a real bug keeps its traceback."""
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from testkit import ROOT, subprocess_env
 
 from megatron_sail import cli
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "SLURM_PROCID")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in subprocess_env().items() if k not in ("RANK", "SLURM_PROCID")}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
