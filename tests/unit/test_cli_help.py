@@ -1,14 +1,13 @@
 """Every flag of every command explains itself (issue 22): a one-line help text, a plain metavar
 (never a config path such as DATA.DATA_PATH), for the trainer, generate and every tool."""
 import argparse
-import importlib.util
+import importlib
 import inspect
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 ENTRY_MODULES = ["megatron_sail.train", "megatron_sail.generate", "megatron_sail.config.run"]
 
 
@@ -53,14 +52,6 @@ def _undescribed(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]
     return bad
 
 
-def _load_tool(path: Path):
-    spec = importlib.util.spec_from_file_location(f"_tool_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name", ENTRY_MODULES)
 def test_every_entry_point_flag_has_help(name, monkeypatch):
     module = importlib.import_module(name)
@@ -89,8 +80,9 @@ def test_megatron_spellings_and_short_forms_map_to_ours():
 
 
 def _tool_parser(path: str, func: str, monkeypatch) -> argparse.ArgumentParser:
-    """The parser that ``func`` of the tool at ``path`` builds (captured before parsing)."""
-    module = _load_tool(ROOT / path)
+    """The parser that ``func`` of the tool at ``path`` builds (captured before parsing); tools/
+    is on pytest's pythonpath, so the tool imports by its file name."""
+    module = importlib.import_module(Path(path).stem)
     with monkeypatch.context() as m:
         return _parser_of(getattr(module, func), m)
 

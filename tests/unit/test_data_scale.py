@@ -1,15 +1,12 @@
 """The data path at scale: the trainer's batch indices and tools/bench_data_scale.py's datasets."""
 import os
-import sys
 
+import bench_data_scale
 import numpy as np
 import pytest
 
 from megatron_sail.data.dataset import BlendedDataset, PackedDataset
 from megatron_sail.training.loop import BatchPlan
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
-import bench_data_scale  # noqa: E402
 
 
 def test_one_microbatch_equals_the_full_listing_and_ranks_partition_the_batch():

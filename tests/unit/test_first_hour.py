@@ -1,22 +1,15 @@
 """A new user's first hour (issue 22): outputs land where they are expected, and nothing already
 there is silently overwritten."""
-import importlib.util
+import importlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """A tools/ script as a module (tools/ is on pytest's pythonpath)."""
+    return importlib.import_module(name)
 
 
 def test_make_demo_data_refuses_a_used_folder_and_overwrite_leaves_nothing_stale(tmp_path, capsys):

@@ -20,13 +20,13 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from testkit import ROOT, subprocess_env
 
 from megatron_sail.config.data import PackingConfig, PreprocessConfig
 from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.data.dataset import parse_data_path
 from megatron_sail.config.images import TilingConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPUS_PER_NODE = 8
 LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "TP", "PP", "GBS", "MBS",
                "STAGES", "RANK", "WORLD_SIZE")
@@ -35,9 +35,9 @@ LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "TP", "PP", 
 def dry_run(script: str, env: dict, *extra: str) -> subprocess.CompletedProcess:
     """Run examples/<script> with DRY_RUN=1 and the given environment (no inherited SLURM or
     rendezvous variables)."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
-    full.update({"DRY_RUN": "1", "PYTHON": sys.executable, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
-                 **env})
+    full = {k: v for k, v in subprocess_env().items()
+            if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
+    full.update({"DRY_RUN": "1", "PYTHON": sys.executable, **env})
     return subprocess.run(["bash", os.path.join("examples", script), *extra], cwd=ROOT, env=full,
                           capture_output=True, text=True, timeout=300)
 
