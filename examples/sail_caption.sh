@@ -31,7 +31,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-.venv/bin/python}"
-export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 
 SMOKE="${SMOKE:-0}"
 if [ "${SMOKE}" = 1 ]; then D_REF=60 D_POOL=24 D_ITERS=2 D_ITEMS=6; else D_REF=2000 D_POOL=600 D_ITERS=0 D_ITEMS=100; fi
@@ -72,7 +72,7 @@ mkdir -p "${OUT}"
 
 step "1/8 reference subset, unlabeled pool, held-out caption benchmark"
 if [ -z "${REF_CAPTIONS:-}" ]; then
-  "$PY" tools/make_demo_data.py --out "${OUT}/demo" --samples "${REF}" --pool "${POOL}" --seed 1234 > "${OUT}/demo.json"
+  "$PY" tools/make_demo_data.py --out "${OUT}/demo" --samples "${REF}" --pool "${POOL}" --seed 1234 --overwrite > "${OUT}/demo.json"
   REF_CAPTIONS="${OUT}/demo/train_captions.jsonl" REF_IMAGE_ROOT="${OUT}/demo"
   POOL_INPUT="${OUT}/demo/pool.jsonl" POOL_IMAGE_ROOT="${OUT}/demo"
   TOKENIZER="${TOKENIZER:-${OUT}/demo/tokenizer.json}"
@@ -116,7 +116,7 @@ PROMPT=(--prompt-file "${PROMPT_FILE:-${OUT}/caption_prompt.txt}")
 "$PY" tools/recaption.py --input "${POOL_INPUT}" "${POOL_ROOT[@]}" --output-dir "${OUT}/recaptioned" \
   --model "${CAPTIONER_MODEL:-${OUT}/captioner/checkpoints}" --backend "${BACKEND}" "${PROMPT[@]}" \
   --max-new-tokens "${MAX_NEW_TOKENS:-32}" --batch-size "${BATCH:-16}" --samples-per-shard "${SHARD:-400}" \
-  --no-progress "${RECAPTION_FLAGS[@]}" | tail -n 1
+  --no-progress "${RECAPTION_FLAGS[@]}" > "${OUT}/recaption_summary.json"   # its one-line summary: stderr
 
 step "6/8 deduplicate (signatures, groups) and filter$([ -n "${JUDGE_MODEL:-}" ] && echo ", judge")"
 # Three passes, each sharded and resumable on a cluster (docs/curation.md): signatures per shard,

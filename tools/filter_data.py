@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from megatron_sail.curate.filters.job import FilterJobConfig, run_all  # noqa: E402
 from megatron_sail.curate.filters.pipeline import load_config  # noqa: E402
 from megatron_sail.curate.filters.report import REPORT_JSON  # noqa: E402
+from megatron_sail import cli  # noqa: E402
 
 
 def add_job_flags(p: argparse.ArgumentParser) -> None:
@@ -85,4 +86,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)
