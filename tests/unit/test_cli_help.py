@@ -4,10 +4,11 @@ import argparse
 import importlib
 import inspect
 import sys
+from pathlib import Path
 
 import pytest
 
-ENTRY_MODULES = ["megatron_sail.train", "megatron_sail.generate", "megatron_sail.config.run"]
+ENTRY_MODULES = ["megatron_sail.train", "megatron_sail.generate"]
 
 
 class _Captured(Exception):
@@ -79,8 +80,9 @@ def test_megatron_spellings_and_short_forms_map_to_ours():
 
 
 def _tool_parser(path: str, func: str, monkeypatch) -> argparse.ArgumentParser:
-    """The parser that ``func`` of the tool at ``path`` builds (captured before parsing)."""
-    module = _load_tool(ROOT / path)
+    """The parser that ``func`` of the tool at ``path`` builds (captured before parsing); tools/
+    is on pytest's pythonpath, so the tool imports by its file name."""
+    module = importlib.import_module(Path(path).stem)
     with monkeypatch.context() as m:
         return _parser_of(getattr(module, func), m)
 

@@ -129,7 +129,8 @@ class FilterShardWorker:
             self.load()
         start = time.time()
         writer = ShardWriter(self.cfg.output_dir, spec.name, kept_name="kept")
-        report = {"shard": spec.name, "removed": {}, "scores": {}, "stage_seconds": {}, "thumbnails": {}}
+        report = {"shard": spec.name, "removed": {}, "scores": {}, "score_kept": {}, "stage_seconds": {},
+                  "thumbnails": {}}
         try:
             for sample, reject in read_shard(spec.source, self.cfg.max_member_bytes, self.cfg.max_sample_bytes):
                 stage = "read"
@@ -139,6 +140,7 @@ class FilterShardWorker:
                         report["stage_seconds"][k] = report["stage_seconds"].get(k, 0.0) + v
                 for k, v in sample.scores.items():
                     report["scores"].setdefault(k, []).append(v)
+                    report["score_kept"].setdefault(k, []).append(reject is None)
                 if reject is None:
                     writer.add_members(sample.key, _with_record(sample))
                 else:
