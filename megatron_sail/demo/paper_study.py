@@ -85,7 +85,7 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
     from megatron_sail.demo import paper_report as rep
 
     t_all, timing = time.perf_counter(), {}
-    out = cfg.out
+    out = cfg.out = os.path.abspath(cfg.out)  # recorded paths stay valid from any directory
     os.makedirs(out, exist_ok=True)
 
     def mark(name: str, t0: float) -> None:
