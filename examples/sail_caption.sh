@@ -113,7 +113,7 @@ PROMPT=(--prompt-file "${PROMPT_FILE:-${OUT}/caption_prompt.txt}")
 "$PY" tools/recaption.py --input "${POOL_INPUT}" "${POOL_ROOT[@]}" --output-dir "${OUT}/recaptioned" \
   --model "${CAPTIONER_MODEL:-${OUT}/captioner/checkpoints}" --backend "${BACKEND}" "${PROMPT[@]}" \
   --max-new-tokens "${MAX_NEW_TOKENS:-32}" --batch-size "${BATCH:-16}" --samples-per-shard "${SHARD:-400}" \
-  --no-progress "${RECAPTION_FLAGS[@]}" | tail -n 1
+  --no-progress "${RECAPTION_FLAGS[@]}" > "${OUT}/recaption_summary.json"   # its one-line summary: stderr
 
 step "6/8 filter and deduplicate"
 "$PY" tools/filter_data.py --input "${OUT}/recaptioned/*.tar" --output-dir "${OUT}/clean" --config "${FILTERS}" --quiet

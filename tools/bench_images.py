@@ -16,10 +16,9 @@ import time
 
 import torch
 
-from megatron_sail.config.images import ImageConfig
+from megatron_sail.config.images import ImageConfig, TilingConfig
 from megatron_sail.data.images import build_image_pipeline
 from megatron_sail.data.images.synthetic import synthetic_jpeg
-from megatron_sail.data.tiling import TilingConfig
 from megatron_sail import cli
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

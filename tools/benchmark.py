@@ -19,6 +19,7 @@ numbers go to ``--json FILE``. FLOPs follow training/flops.py, as in benchmarks/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -67,7 +68,7 @@ def resolve_run(args: argparse.Namespace):
     if args.seq_length is None:
         args.seq_length = run.data.seq_length if args.recipe == "tiny" else 4096
     run.data.seq_length = args.seq_length
-    run.parallel = ParallelConfig()
+    run = dataclasses.replace(run, parallel=ParallelConfig())
     t = run.train
     t.micro_batch_size = args.micro_batch_size
     t.global_batch_size = args.micro_batch_size * args.num_micro_batches

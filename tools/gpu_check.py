@@ -332,9 +332,8 @@ def dali_parity(images: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tools"))
     from render_tiles import load_record
 
-    from megatron_sail.config.images import ImageConfig
+    from megatron_sail.config.images import ImageConfig, TilingConfig
     from megatron_sail.data.images import build_image_pipeline
-    from megatron_sail.data.tiling import TilingConfig
 
     files = sorted(images.glob("*.jpg"))[:8]
     if not files:

@@ -54,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ray-num-cpus", type=int, help="CPUs of a local Ray instance")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray captioner actor")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray captioner actor")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
+    p.add_argument("--tensor-model-parallel-size", "--tp", "--tensor-parallel-size",
+                   dest="tensor_parallel_size", type=int, default=1, metavar="N",
+                   help="tensor-parallel size: GPUs per vLLM engine (vllm backend; default: 1)")
     p.add_argument("--api-base", default="http://localhost:8000/v1", help="OpenAI-compatible server (openai)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--max-retries", type=int, default=5, help="retries per request (openai)")

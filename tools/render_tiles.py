@@ -14,10 +14,10 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from megatron_sail.config.images import ImageConfig
+from megatron_sail.config.images import ImageConfig, TilingConfig
 from megatron_sail.data.images import build_image_pipeline
 from megatron_sail.data.records import ImageRecord
-from megatron_sail.data.tiling import TilingConfig, find_grid
+from megatron_sail.data.tiling import find_grid
 from megatron_sail import cli
 
 

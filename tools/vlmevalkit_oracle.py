@@ -36,6 +36,8 @@ import types
 
 HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "tests", "unit", "fixtures", "vlmevalkit")
+OUT = HERE
+"""Where the files are written (--out; the fixtures folder by default)."""
 # a 1x1 white PNG: VLMEvalKit drops rows without an image, and longer than 64 characters,
 # so it is an image and not a reference to another row's index
 TINY_PNG = base64.b64encode(bytes.fromhex(
@@ -83,7 +85,7 @@ def write_files(case: dict, classes: dict) -> tuple[object, dict]:
     name = case["dataset"]
     bench = pd.DataFrame([{c: r[c] for c in case["columns"]} for r in case["rows"]])
     bench.insert(1, "image", TINY_PNG)
-    tsv = os.path.join(HERE, f"{name}.tsv")
+    tsv = os.path.join(OUT, f"{name}.tsv")
     bench.to_csv(tsv, sep="\t", index=False)
     ds = local_dataset(classes[case["class"]], tsv, name)
     preds = {str(r["index"]): r["prediction"] for r in case["rows"]}
@@ -96,7 +98,7 @@ def write_files(case: dict, classes: dict) -> tuple[object, dict]:
         data.pop("image")
     files = {}
     for fmt in ("xlsx", "tsv"):
-        files[fmt] = os.path.join(HERE, f"{name}_pred.{fmt}")
+        files[fmt] = os.path.join(OUT, f"{name}_pred.{fmt}")
         dump(data, files[fmt])
     files["ours"] = write_ours(tsv, name, preds, drop)
     return ds, files
@@ -110,7 +112,7 @@ def write_ours(tsv: str, name: str, preds: dict, drop: set) -> str:
 
     header, _ = read_rows(tsv)
     items = [it for it in read_items(tsv, need_images=False) if it.index not in drop]
-    path = os.path.join(HERE, f"{name}_ours.tsv")
+    path = os.path.join(OUT, f"{name}_ours.tsv")
     write_predictions(path, header, items, preds)
     return path
 
@@ -210,7 +212,11 @@ def cls_eval(classes: dict, path: str) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vlmevalkit", required=True, help="VLMEvalKit checkout (its git work tree)")
+    p.add_argument("--out", default=HERE, help="folder for the files (default: the fixtures)")
     a = p.parse_args()
+    global OUT
+    OUT = os.path.abspath(a.out)
+    os.makedirs(OUT, exist_ok=True)
     root = os.path.abspath(a.vlmevalkit)
     os.environ.setdefault("LMUData", tempfile.mkdtemp(prefix="lmudata_"))
     sys.path.insert(0, root)
@@ -240,7 +246,7 @@ def main() -> int:
                                  f"{files['xlsx']} differently:\n{got}")
         out["cases"][case["dataset"]] = {"ours": case["ours"], **got["xlsx"]}
         print(f"{case['dataset']:20s} {case['ours']:15s} {got['xlsx']['headline']:.4f}")
-    with open(os.path.join(HERE, "expected.json"), "w") as f:
+    with open(os.path.join(OUT, "expected.json"), "w") as f:
         json.dump(out, f, indent=1, sort_keys=True)
     return 0
 

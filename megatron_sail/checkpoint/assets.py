@@ -60,6 +60,21 @@ def _meta_path(config: dict) -> Optional[str]:
     return f"{prefixes[0]}.meta.json"
 
 
+def resolve_tokenizer_path(meta_path: str, recorded: str) -> str:
+    """The tokenizer a dataset's meta.json records: absolute since preprocessing records it so;
+    an older relative path is tried from here, then from the dataset's folder. Unresolvable is
+    an error naming both, raised when a run starts rather than a warning at its first save."""
+    candidates = [recorded] if os.path.isabs(recorded) else [
+        recorded, os.path.join(os.path.dirname(os.path.abspath(meta_path)), recorded)]
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(
+        f"{meta_path}: the tokenizer it records ({recorded}) is not found (tried "
+        f"{', '.join(candidates)}); checkpoints need it for generate and export. Preprocess "
+        "again (paths are recorded absolute now) or put the tokenizer there")
+
+
 @lru_cache(maxsize=4)
 def _tokenizer_files(meta_path: str, mtime: float) -> str:
     """A folder (made once per process and dataset) holding the saved tokenizer; later
@@ -67,9 +82,7 @@ def _tokenizer_files(meta_path: str, mtime: float) -> str:
     with open(meta_path) as f:
         meta = json.load(f)
     block = meta["tokenizer"]
-    path = block["path"]
-    if not os.path.isabs(path) and not os.path.exists(path):
-        path = os.path.join(os.path.dirname(os.path.abspath(meta_path)), path)
+    path = resolve_tokenizer_path(meta_path, block["path"])
     expected = {toks.IMG_CONTEXT: block["img_context_id"], toks.IMG_START: block["img_start_id"],
                 toks.IMG_END: block["img_end_id"], toks.IM_START: block["im_start_id"],
                 toks.IM_END: block["im_end_id"], toks.PAD: block["pad_id"]}

@@ -27,7 +27,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-import torch
 import yaml
 
 from megatron_sail.config.model import ModelConfig
@@ -144,6 +143,8 @@ def _train_state_globals() -> list:
 def read_state_file(path: str) -> dict:
     """Read a train_state.pt with ``weights_only=True`` and the allow-list above: a crafted
     pickle that names any other callable is refused before it runs (error names the file)."""
+    import torch  # here: resolving and kind detection stay free of torch's import time
+
     try:
         with torch.serialization.safe_globals(_train_state_globals()):
             payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -32,12 +32,14 @@ from typing import Optional
 import torch
 
 from megatron_sail.checkpoint import dcp, integrity
+from megatron_sail.checkpoint.from_checkpoint import SHAPE_FIELDS, model_differences
 from megatron_sail.checkpoint.layout import (CONVERSION_FILE, TOKENIZER_DIR, UNUSED_FILE,
                                              write_model_config)
 from megatron_sail.checkpoint.processor import ProcessorSettings
 from megatron_sail.checkpoint.tokenizer import load_hf_tokenizer, save_tokenizer
 from megatron_sail.config.model import ModelConfig, ProjectorConfig
 from megatron_sail.config.parallel import ParallelConfig
+from megatron_sail.config.recipes import RECIPES, model_recipe
 from megatron_sail.convert import checkpoint, hf_io, standalone
 from megatron_sail.convert.hf_internvl import apply_key_map
 from megatron_sail.models.families import language_family, vision_family
@@ -54,7 +56,7 @@ class ComposeConfig:
     """Options of ``compose`` (None: from the recipe, else the default named here)."""
 
     recipe: Optional[str] = None
-    """Model recipe (config/model.py RECIPES) giving select_layer, downsample ratio, image size
+    """Model recipe (config/recipes.py RECIPES) giving select_layer, downsample ratio, image size
     and drop path, and whose weight shapes (vocabulary rows included) the composed model must
     have, so that `train.py --recipe NAME --init-from MC` accepts it."""
     select_layer: Optional[int] = None
@@ -184,21 +186,17 @@ def _model_config(vis: standalone.VisionPart, lm: standalone.LanguagePart,
 
 
 def _recipe(name: Optional[str]) -> Optional[ModelConfig]:
-    """The named model recipe (a clear error for unknown names)."""
-    from megatron_sail.config.model import RECIPES
-
+    """The named recipe's model (a clear error for unknown names)."""
     if name is None:
         return None
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
-    return RECIPES[name]()
+    return model_recipe(name)
 
 
 def _check_recipe(ours: ModelConfig, recipe: ModelConfig, name: str) -> None:
     """Every weight-shaping field of the composed model (vocabulary rows after any growth
     included) equals the recipe's, as ``train.py --recipe NAME --init-from`` checks."""
-    from megatron_sail.config.from_checkpoint import SHAPE_FIELDS, model_differences
-
     diffs = [d for d in model_differences(recipe, ours)
              if d[0].rsplit(".", 1)[-1] in SHAPE_FIELDS]
     if diffs:

@@ -26,7 +26,8 @@ from megatron_sail.data.imageinfo import clean_message, image_info
 from megatron_sail.data.packing import ImageEntry, Sample, pack_block
 from megatron_sail.data.selection import Selection, filter_records, load_selection
 from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
-from megatron_sail.data.tiling import TilingConfig, find_grid, num_tiles
+from megatron_sail.config.images import TilingConfig
+from megatron_sail.data.tiling import find_grid, num_tiles
 from megatron_sail.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
 from megatron_sail.data.video import VideoConfig, expand_videos
 
@@ -193,6 +194,13 @@ def map_blocks(cfg: PreprocessConfig, fmt: str, blocks: Iterator, builder: Sampl
                            where, log)
 
 
+def recorded_tokenizer_path(path: str) -> str:
+    """The tokenizer as meta.json records it: absolute when it is a local file or folder, so
+    that training from another working directory still finds it (a relative path silently
+    dropped tokenizer/ from every checkpoint)."""
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
 def build_meta(cfg: PreprocessConfig, fmt: str, tok: Tokenizer, writer: indexed.PackedWriter,
                records: int, rejects: Counter, shard: tuple[int, int]) -> dict:
     """meta.json content: everything the trainer and inspect need, nothing run-specific."""
@@ -205,7 +213,7 @@ def build_meta(cfg: PreprocessConfig, fmt: str, tok: Tokenizer, writer: indexed.
         "seq_length": seq,
         "input_format": fmt,
         "tokenizer": {
-            "path": cfg.tokenizer, "vocab_size": tok.vocab_size, "added": list(tok.added),
+            "path": recorded_tokenizer_path(cfg.tokenizer), "vocab_size": tok.vocab_size, "added": list(tok.added),
             "identity": tokenizer_identity(tok),
             "img_context_id": sp.img_context, "img_start_id": sp.img_start, "img_end_id": sp.img_end,
             "im_start_id": sp.im_start, "im_end_id": sp.im_end, "pad_id": sp.pad,

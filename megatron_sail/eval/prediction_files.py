@@ -32,8 +32,8 @@ def cell_text(value) -> str:
     return str(value)
 
 
-def _read_xlsx(path: str) -> tuple[list[str], list[dict]]:
-    """Header and rows of the first sheet of a workbook."""
+def _read_xlsx(path: str, lines: list) -> tuple[list[str], list[dict]]:
+    """Header and rows of the first sheet of a workbook; ``lines`` receives each row's number."""
     try:
         import openpyxl
     except ImportError:
@@ -46,25 +46,28 @@ def _read_xlsx(path: str) -> tuple[list[str], list[dict]]:
                                  f"({type(e).__name__}: {e})") from None
     try:
         sheet = wb.worksheets[0]
-        lines = sheet.iter_rows(values_only=True)
-        header = [cell_text(v) for v in next(lines, ())]
+        sheet_rows = sheet.iter_rows(values_only=True)
+        header = [cell_text(v) for v in next(sheet_rows, ())]
         while header and not header[-1]:
             header.pop()
         rows = []
-        for n, values in enumerate(lines, start=2):
+        for n, values in enumerate(sheet_rows, start=2):
             cells = [cell_text(v) for v in values]
             if not any(cells):
                 continue
             if any(cells[len(header):]):
                 raise BenchmarkFileError(f"{path}: row {n} has more cells than the header")
             rows.append(dict(zip(header, cells + [""] * (len(header) - len(cells)))))
+            lines.append(n)
     finally:
         wb.close()
     return header, rows
 
 
-def read_table(path: str) -> tuple[list[str], list[dict]]:
-    """Header and rows (cells as text) of a predictions file, by its suffix."""
+def read_table(path: str, lines: list | None = None) -> tuple[list[str], list[dict]]:
+    """Header and rows (cells as text) of a predictions file, by its suffix; ``lines``, when
+    given, receives each row's line (text) or row (workbook) number."""
+    lines = [] if lines is None else lines
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in FORMATS:
         raise BenchmarkFileError(f"{path}: unknown predictions format {suffix or '(none)'!r}; "
@@ -72,11 +75,11 @@ def read_table(path: str) -> tuple[list[str], list[dict]]:
     if suffix == ".xlsx":
         if not os.path.isfile(path):
             raise BenchmarkFileError(f"{path}: no such file")
-        header, rows = _read_xlsx(path)
+        header, rows = _read_xlsx(path, lines)
         if "index" not in header:
             raise BenchmarkFileError(f"{path}: no 'index' column (header: {header[:12]})")
         return header, rows
-    return read_rows(path, "," if suffix == ".csv" else "\t")
+    return read_rows(path, "," if suffix == ".csv" else "\t", lines)
 
 
 def canonical_index(text: str) -> str:
@@ -94,15 +97,17 @@ def canonical_index(text: str) -> str:
 def read_predictions(path: str) -> dict[str, str]:
     """canonical index -> prediction text of a predictions file. A repeated index is an error
     naming both rows (which of two answers counts would be a guess)."""
-    header, rows = read_table(path)
+    lines: list = []
+    header, rows = read_table(path, lines)
     if "prediction" not in header:
         raise BenchmarkFileError(f"{path}: no 'prediction' column (header: {header[:12]})")
     out, seen = {}, {}
-    for n, r in enumerate(rows, start=2):
+    where = "rows" if path.lower().endswith(".xlsx") else "lines"
+    for n, r in zip(lines, rows):
         key = canonical_index(r["index"])
         if key in seen:
-            raise BenchmarkFileError(f"{path}: index {r['index']!r} appears twice (rows "
-                                     f"{seen[key]} and {n}, the header being row 1)")
+            raise BenchmarkFileError(f"{path}: index {r['index']!r} appears twice ({where} "
+                                     f"{seen[key]} and {n})")
         seen[key] = n
         out[key] = r["prediction"]
     return out

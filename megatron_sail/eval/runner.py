@@ -97,17 +97,17 @@ def generate_answers(spec: BenchmarkSpec, items, generate: Callable, cfg: Runner
     cache = _load_cache(cache_path, cfg.model_id) if cache_path else {}
     answers, todo = {}, []
     for it in items:
+        prompt = spec.prompt(it)
+        rec = cache.get(it.index)
+        if not it.problem and rec is not None and rec.get("prompt") == prompt:
+            answers[it.index] = rec["raw"]  # its images were checked when it was generated
+            continue
         problem = image_problem(it)
         if problem:  # every rank sees the same files, so every rank skips the same items
             answers[it.index] = ""
             if bad is not None:
                 where = "" if it.problem else f"{source}: row index={it.index}: "
                 bad.append(bad_item(it.index, f"not generated: {where}{problem}"))
-            continue
-        prompt = spec.prompt(it)
-        rec = cache.get(it.index)
-        if rec is not None and rec.get("prompt") == prompt:
-            answers[it.index] = rec["raw"]
         else:
             todo.append((it, prompt))
     budget = cfg.max_new_tokens or spec.max_new_tokens

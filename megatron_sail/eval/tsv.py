@@ -81,10 +81,12 @@ def _not_utf8(path: str) -> BenchmarkFileError:
     return BenchmarkFileError(f"{path}: not UTF-8 text")
 
 
-def read_rows(path: str, delimiter: str = "\t") -> tuple[list[str], list[dict]]:
+def read_rows(path: str, delimiter: str = "\t",
+              lines: list | None = None) -> tuple[list[str], list[dict]]:
     """Header and rows of a TSV (or, with ``delimiter=','``, a CSV) as pandas writes them,
-    quoted cells or not, cells as strings. Every problem is a BenchmarkFileError naming the file
-    (and the line where there is one)."""
+    quoted cells or not, cells as strings; ``lines``, when given, receives each row's first line
+    number. Every problem is a BenchmarkFileError naming the file (and the line where there is
+    one)."""
     if os.path.isdir(path):
         raise BenchmarkFileError(f"{path}: is a folder, not a file")
     if not os.path.isfile(path):
@@ -95,8 +97,11 @@ def read_rows(path: str, delimiter: str = "\t") -> tuple[list[str], list[dict]]:
             header = list(reader.fieldnames or [])
             if "index" not in header:
                 raise BenchmarkFileError(f"{path}: no 'index' column (header: {header[:12]})")
-            rows = []
-            for n, row in enumerate(reader, start=2):
+            rows, start = [], reader.line_num + 1
+            for row in reader:
+                if lines is not None:
+                    lines.append(start)
+                start = reader.line_num + 1
                 if None in row:
                     raise BenchmarkFileError(f"{path}: line {reader.line_num} has more cells "
                                              "than the header")
@@ -126,7 +131,9 @@ def read_items(path: str, limit: int | None = None, need_images: bool = True,
     need_images = need_images and not any(c in header for c in images_if_no)
     by_index = {r["index"]: r.get("image", "") for r in rows}
     if len(by_index) != len(rows):
-        raise BenchmarkFileError(f"{path}: the 'index' column repeats a value")
+        seen: set = set()
+        twice = next(r["index"] for r in rows if r["index"] in seen or seen.add(r["index"]))
+        raise BenchmarkFileError(f"{path}: the 'index' column repeats a value ({twice!r})")
     root = os.path.dirname(os.path.abspath(path))
     items = []
     for r in rows[:limit] if limit else rows:

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from megatron_sail.checkpoint.processor import ProcessorSettings
-from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS, ImageConfig
+from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS, ImageConfig, TilingConfig
 from megatron_sail.data.records import ImageRecord
 from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
-from megatron_sail.data.tiling import TilingConfig, find_grid, num_tiles
+from megatron_sail.data.tiling import find_grid, num_tiles
 from megatron_sail.data.tokenizer import Tokenizer
 from megatron_sail.inference.config import GenerationRequest
 

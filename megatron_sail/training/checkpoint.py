@@ -176,6 +176,8 @@ def _publish(root: str, iteration: int, keep_last: int, announce: bool = False) 
         if announce:
             print(f"[checkpoint] {final} complete (written in the background); latest -> "
                   f"{iteration}", flush=True)
+        else:
+            print(f"saved checkpoint iter_{iteration} -> {final}", flush=True)
     torch.distributed.barrier()
 
 

@@ -5,14 +5,10 @@ from __future__ import annotations
 import io
 import json
 import random
-import sys
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-
-TOOLS = str(Path(__file__).resolve().parents[2] / "tools")
-
 
 def demo_png(rng: random.Random) -> tuple[bytes, str]:
     """A demo scene (megatron_sail/data/demo.py) as PNG bytes and its exact caption."""
@@ -63,7 +59,6 @@ def read_output(tar_path: str) -> dict[str, dict[str, bytes]]:
 
 def tiny_checkpoint(root: Path, layout: str = "hf") -> str:
     """A tiny random InternVL with a BPE tokenizer (tools/make_tiny_hf_checkpoint.py)."""
-    sys.path.insert(0, TOOLS)
     from make_tiny_hf_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint
 
     return str(make_tiny_checkpoint(root, TinyCheckpointConfig(layout=layout, vocab_size=300, tokenizer=True, seed=3)))

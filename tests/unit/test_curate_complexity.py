@@ -3,24 +3,19 @@ a tiny random InternVL equals the two answer losses computed by hand with transf
 same weights; the heuristic's documented types; sidecar shards resume; judge ratings parse."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import pytest
+import score_complexity
+from recaption_fixtures import demo_png, tiny_checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recaption_fixtures import demo_png, tiny_checkpoint  # noqa: E402
-
-from megatron_sail.curate.complexity import sidecar  # noqa: E402
-from megatron_sail.curate.complexity.heuristic import heuristic_score, question_types  # noqa: E402
-from megatron_sail.curate.complexity.judge import RatingError, parse_rating  # noqa: E402
-from megatron_sail.curate.complexity.samples import Sample  # noqa: E402
-
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
+from megatron_sail.curate.complexity import sidecar
+from megatron_sail.curate.complexity.heuristic import heuristic_score, question_types
+from megatron_sail.curate.complexity.judge import RatingError, parse_rating
+from megatron_sail.curate.complexity.samples import Sample
 
 
 def _sft_file(root: Path) -> Path:
@@ -112,9 +107,6 @@ def _by_hand(ckpt: str, rows: list[dict], root: Path) -> list[tuple[float, float
 
 
 def test_ifd_equals_the_losses_by_hand_with_transformers(tiny, tmp_path):
-    sys.path.insert(0, str(TOOLS))
-    import score_complexity
-
     out = tmp_path / "ifd"
     args = ["--input", str(tiny["data"]), "--method", "ifd", "--model", tiny["ckpt"], "--output-dir", str(out),
             "--max-tiles", "2", "--samples-per-shard", "2", "--max-batch-tokens", "64"]
@@ -160,9 +152,6 @@ def test_heuristic_types_and_order():
 
 
 def test_heuristic_tool_sidecar_and_judge_parsing(tiny, tmp_path):
-    sys.path.insert(0, str(TOOLS))
-    import score_complexity
-
     out = tmp_path / "h"
     assert score_complexity.main(["--input", str(tiny["data"]), "--method", "heuristic", "--output-dir", str(out)]) == 0
     recs = sidecar.read_scores(str(out))

@@ -14,12 +14,12 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
+from testkit import ROOT, subprocess_env
 
 from megatron_sail.curate.filters.caption_check import duplicate_ngram_fraction
 from megatron_sail.curate.filters.dedup import BandIndex
 from megatron_sail.curate.filters.pipeline import FilterConfig, load_config, run_filters
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def pattern(seed: int, size=(64, 64)) -> Image.Image:
@@ -164,15 +164,15 @@ def test_cli_outputs_and_errors(tmp_path):
     paths, expect = build(tmp_path)
     no_lang = tmp_path / "no_lang.yaml"
     no_lang.write_text("language: {enabled: false}\n")
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "filter_data.py"), "--input", str(tmp_path / "in" / "*.tar"),
+    cmd = [sys.executable, str(ROOT / "tools" / "filter_data.py"), "--input", str(tmp_path / "in" / "*.tar"),
            "--output-dir", str(tmp_path / "clean")]
-    r = subprocess.run(cmd + ["--config", str(no_lang)], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(cmd + ["--config", str(no_lang)], capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
     assert r.returncode == 0, r.stderr
     kept = sum(v is None for v in expect.values()) + 1  # a006 (German) is kept without the language check
     assert f"{len(expect)} samples, kept {kept}" in r.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("dedupe: {}\n")
-    r = subprocess.run(cmd + ["--config", str(bad)], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(cmd + ["--config", str(bad)], capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
     assert r.returncode == 2 and "unknown filter section 'dedupe'" in r.stderr
 
 

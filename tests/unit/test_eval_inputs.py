@@ -3,7 +3,6 @@
 outside the options, empty answers) are scored, counted and listed while the benchmark goes on;
 SAIL-VL's answer post-processing applies to generated answers, never to a stored file."""
 import base64
-import importlib.util
 import io
 import os
 import shutil
@@ -14,12 +13,12 @@ import zlib
 
 import pytest
 from PIL import Image
+from testkit import ROOT, subprocess_env
 
 from megatron_sail.eval.registry import get_benchmark
 from megatron_sail.eval.runner import RunnerConfig, run_benchmark, score_predictions
 from megatron_sail.eval.tsv import write_tsv
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(ROOT, "tests", "unit", "fixtures", "vlmevalkit")
 
 
@@ -58,20 +57,17 @@ class FakeModel:
 
 def run_cli(*args):
     """tools/evaluate.py in a subprocess: (exit status, stdout, stderr)."""
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), *args],
-                       capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), *args],
+                       capture_output=True, text=True, env=subprocess_env(), timeout=120)
     return p.returncode, p.stdout, p.stderr
 
 
 @pytest.fixture(scope="module")
 def evaluate_tool():
     """tools/evaluate.py as a module (its main() runs in-process: no interpreter start)."""
-    spec = importlib.util.spec_from_file_location("evaluate_tool",
-                                                  os.path.join(ROOT, "tools", "evaluate.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import evaluate
+
+    return evaluate
 
 
 def test_generated_answers_are_post_processed_stored_text_is_not(tmp_path):
@@ -141,7 +137,7 @@ def inputs(tmp_path_factory):
     ("pope.tsv", "latin1.tsv", "latin1.tsv: line 4 is not UTF-8 text (byte 0xe9"),
     ("latin1_bench.tsv", "pred.tsv", "latin1_bench.tsv: line 3 is not UTF-8 text (byte 0xff"),
     ("noanswer.tsv", "pred.tsv", "noanswer.tsv: no 'answer' column"),
-    ("pope.tsv", "dup.tsv", "dup.tsv: index '2' appears twice (rows 4 and 5"),
+    ("pope.tsv", "dup.tsv", "dup.tsv: index '2' appears twice (lines 4 and 5)"),
     ("pope.tsv", "pred.xlsx", "pred.xlsx: not a readable .xlsx workbook"),
     ("pope.tsv", "nowhere.csv", "nowhere.csv: no such file"),
 ])
@@ -171,3 +167,27 @@ def test_predictions_csv_and_name_spellings(evaluate_tool, capsys, inputs, tmp_p
         assert code == 0, err
         # TP 1, FN 1, no FP: P 1, R 1/2 -> F1 66.67
         assert out.strip().splitlines()[-1] == f"benchmark={name} score=66.67 n=3"
+
+
+def test_spreadsheet_cells_and_indices_read_as_vlmevalkit_stores_them(tmp_path):
+    """Integer indices match however they are written; an integral number cell is its integer,
+    as pandas reads it; empty rows are skipped; a repeated index names both rows."""
+    import openpyxl
+
+    from megatron_sail.eval.prediction_files import canonical_index, cell_text, read_predictions
+
+    assert [canonical_index(x) for x in ("12", "0012", "12.0", "-3", "1e3", "VD_figure_0", "")] \
+        == ["12", "12", "12", "-3", "1e3", "VD_figure_0", ""]
+    assert [cell_text(v) for v in (None, 5, 5.0, 0.5, True, "x ")] == ["", "5", "5", "0.5",
+                                                                      "True", "x "]
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    for row in (["index", "question", "prediction"], [12, "q", 0.5], [None, None, None],
+                ["0013", "q", " Yes. "]):
+        ws.append(row)
+    wb.save(tmp_path / "p.xlsx")
+    assert read_predictions(str(tmp_path / "p.xlsx")) == {"12": "0.5", "13": " Yes. "}
+    ws.append([12.0, "q", "again"])
+    wb.save(tmp_path / "p.xlsx")
+    with pytest.raises(ValueError, match=r"index '12' appears twice \(rows 2 and 5\)"):
+        read_predictions(str(tmp_path / "p.xlsx"))

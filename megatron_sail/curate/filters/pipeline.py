@@ -149,6 +149,8 @@ class FilterResult:
     """output shard name -> kept samples."""
     scores: dict = field(default_factory=dict)
     """score name -> list of values over the samples that reached that stage."""
+    score_kept: dict = field(default_factory=dict)
+    """score name -> per value of ``scores``, whether its sample was kept (the report's colours)."""
     seconds: float = 0.0
     stage_seconds: dict = field(default_factory=dict)
     """stage -> seconds spent in it (where the time goes, for docs/performance.md)."""
@@ -187,6 +189,7 @@ def run_filters(inputs: list[str], out_dir: str, cfg: FilterConfig, max_bytes: i
                             break
                 for k, v in sample.scores.items():
                     res.scores.setdefault(k, []).append(v)
+                    res.score_kept.setdefault(k, []).append(reject is None)
                 if reject is None:
                     out.add(sample)
                     continue
@@ -209,7 +212,7 @@ def run_filters(inputs: list[str], out_dir: str, cfg: FilterConfig, max_bytes: i
 def write_report(out_dir: str, paths: list[str], cfg: FilterConfig, res: FilterResult) -> str:
     """filter_report.json (counts, removals by stage and reason, score summaries, config,
     throughput) and filter_report.png (histograms), both next to the output."""
-    from megatron_sail.curate.filters.report import plot_histograms
+    from megatron_sail.curate.filters.report import plot_histograms, score_thresholds
 
     summary = {k: {"n": len(v), "min": min(v), "mean": sum(v) / len(v), "max": max(v)}
                for k, v in sorted(res.scores.items()) if v}
@@ -229,5 +232,5 @@ def write_report(out_dir: str, paths: list[str], cfg: FilterConfig, res: FilterR
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     os.replace(path + ".tmp", path)
-    plot_histograms(res.scores, os.path.join(out_dir, REPORT_PNG))
+    plot_histograms(res.scores, os.path.join(out_dir, REPORT_PNG), res.score_kept, score_thresholds(cfg))
     return path
