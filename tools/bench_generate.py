@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_sail import cli
+
 TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 
@@ -309,4 +311,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)
