@@ -72,7 +72,7 @@ def resolve_run(args: argparse.Namespace):
         m = dataclasses.replace(m, language=dataclasses.replace(m.language, num_layers=args.lm_layers))
     if args.vit_layers is not None:
         m = dataclasses.replace(m, vision=dataclasses.replace(m.vision, num_layers=args.vit_layers))
-    run.model = m
+    run = dataclasses.replace(run, model=m)
     if args.seq_length is None:
         args.seq_length = run.data.seq_length if args.recipe == "tiny" else 4096
     run.data.seq_length = args.seq_length
