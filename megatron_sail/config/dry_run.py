@@ -24,6 +24,7 @@ from typing import Optional
 
 import yaml
 
+from megatron_sail.config.flatten import flatten
 from megatron_sail.config.run import RunConfig, resolve, to_dict
 
 IGNORED_MODEL_FIELDS = {"img_context_token_id", "vision.drop_path_rate"}
@@ -124,16 +125,6 @@ def trained_vocab(cfg: RunConfig, data_vocab: Optional[int]) -> int:
     return vocab
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_checkpoint(cfg: RunConfig, flag: str, path: Optional[str], planned: list[str],
                      data_vocab: Optional[int], report: Report) -> None:
     """A --load / --init-from path: present (or planned), and its model is the recipe's."""
@@ -163,11 +154,11 @@ def check_checkpoint(cfg: RunConfig, flag: str, path: Optional[str], planned: li
         report.errors.append(f"{flag} {path}: no checkpoint there (no `latest`, no metadata.json)")
         return
     try:
-        theirs = _flatten(dataclasses.asdict(read_model_config(ckpt)))
+        theirs = flatten(dataclasses.asdict(read_model_config(ckpt)))
     except (ValueError, FileNotFoundError, KeyError) as e:
         report.errors.append(f"{flag} {ckpt}: cannot read its model config ({e})")
         return
-    ours = _flatten(dataclasses.asdict(cfg.model))
+    ours = flatten(dataclasses.asdict(cfg.model))
     ours["language.vocab_size"] = trained_vocab(cfg, data_vocab)
     diff = [f"{k}: checkpoint {theirs.get(k)!r}, recipe {ours.get(k)!r}"
             for k in sorted(set(ours) | set(theirs))

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional
 
-from megatron_sail.config.dry_run import IGNORED_MODEL_FIELDS, _flatten
+from megatron_sail.config.dry_run import IGNORED_MODEL_FIELDS
+from megatron_sail.config.flatten import flatten
 
 SHAPE_FIELDS = frozenset({"family", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                           "ffn_hidden_size", "vocab_size", "patch_size", "image_size",
@@ -41,7 +42,7 @@ def checkpoint_to_load(c) -> tuple[Optional[str], Optional[str]]:
 def model_differences(ours, theirs) -> list[tuple[str, object, object]]:
     """(field, ours, checkpoint's) for every model field that differs, ignoring what the
     trainer takes from the data or does not store as weights (dry_run.IGNORED_MODEL_FIELDS)."""
-    a, b = _flatten(dataclasses.asdict(ours)), _flatten(dataclasses.asdict(theirs))
+    a, b = flatten(dataclasses.asdict(ours)), flatten(dataclasses.asdict(theirs))
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if k not in IGNORED_MODEL_FIELDS and a.get(k) != b.get(k)]
 

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from megatron_sail.config.eval import BenchmarkEvalConfig
+from megatron_sail.config.flatten import flatten
 from megatron_sail.config.stage import StageConfig
 from megatron_sail.config.train import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
 
@@ -404,14 +405,6 @@ def resolve(argv: Optional[list[str]] = None) -> RunConfig:
     return finalize(cfg)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def use_checkpoint_model(cfg: RunConfig, yaml_model: dict, origin: Optional[str],
                          required: bool = True) -> None:
     """The model config of the --load checkpoint (or, when --load holds none yet, of
@@ -431,8 +424,8 @@ def use_checkpoint_model(cfg: RunConfig, yaml_model: dict, origin: Optional[str]
         raise ValueError(f"--use-checkpoint-args: no checkpoint in --load {c.load} or "
                          f"--init-from {c.init_from}")
     theirs = read_model_config(ckpt)
-    flat = _flat(dataclasses.asdict(theirs))
-    clash = [f"{k}: {origin} {v!r}, checkpoint {flat[k]!r}" for k, v in _flat(yaml_model).items()
+    flat = flatten(dataclasses.asdict(theirs))
+    clash = [f"{k}: {origin} {v!r}, checkpoint {flat[k]!r}" for k, v in flatten(yaml_model).items()
              if k in flat and k != "vision.drop_path_rate" and v != flat[k]]
     if clash:
         raise ValueError(f"--use-checkpoint-args {ckpt}: the model config differs from the "

@@ -40,7 +40,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron_sail.compat import optimizer as compat_optimizer
 from megatron_sail.training import dist_ckpt, integrity
 from megatron_sail.training.assets import write_checkpoint_assets
-from megatron_sail.training.optimizer import unwrap
+from megatron_sail.models.sail_vl import unwrap
 
 LATEST = "latest"
 STATE_FILE = "train_state.pt"
