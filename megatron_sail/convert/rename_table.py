@@ -84,7 +84,8 @@ class RenameTable:
             target = rule.b.format(**groups, part="{part}")
             if rule.kind == "split3":
                 if value.shape[0] % 3:
-                    raise ValueError(f"{key}: fused qkv first dim {value.shape[0]} is not divisible by 3")
+                    raise ValueError(f"{key}: fused qkv first dim {value.shape[0]} is not "
+                                     "divisible by 3")
                 for part, chunk in zip("qkv", value.chunk(3, dim=0)):
                     out[target.format(part=part)] = chunk.clone()
             elif rule.kind == "squeeze":

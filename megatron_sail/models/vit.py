@@ -159,7 +159,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def resize_positions(table: torch.Tensor, grid_h: int, grid_w: int, class_tokens: int) -> torch.Tensor:
+def resize_positions(table: torch.Tensor, grid_h: int, grid_w: int,
+                     class_tokens: int) -> torch.Tensor:
     """Positions [1, class_tokens + grid_h * grid_w, d] from a learned table ([1, c + n*n, d]
     or [n*n, d]): the patch part resized bicubically when the grid is not the trained n x n (as
     InternVL and transformers' ``interpolate_pos_encoding``); class positions kept."""
@@ -179,10 +180,12 @@ def vit_trunk(config: TransformerConfig, vision: VisionConfig, spec: EncoderSpec
     """The selected layers (layer scale and q/k/v bias per the spec), without a block-level
     final norm: the encoder applies its own, only when the last layer is selected."""
     layer = layer_specs.vision_layer_spec(use_te, vision)
-    layer.params = dict(layer.params, layer_scale_init=vision.layer_scale_init if spec.layer_scale else None,
-                        qkv_bias=vision.qkv_bias if spec.qkv_bias is None else spec.qkv_bias)
+    layer.params = dict(
+        layer.params, layer_scale_init=vision.layer_scale_init if spec.layer_scale else None,
+        qkv_bias=vision.qkv_bias if spec.qkv_bias is None else spec.qkv_bias)
     return TransformerBlock(
-        config, TransformerBlockSubmodules(layer_specs=[layer] * vision.layers_used, layer_norm=None),
+        config,
+        TransformerBlockSubmodules(layer_specs=[layer] * vision.layers_used, layer_norm=None),
         post_layer_norm=False, pre_process=True, post_process=True)
 
 
@@ -208,10 +211,12 @@ class ViTEncoder(MegatronModule):
         self.vision, self.spec = vision, spec
         self.class_tokens = int(spec.class_token)  # put before the patches, dropped at the end
         d, grid = vision.hidden_size, vision.image_size // vision.patch_size
-        self.patch_embedding = torch.nn.Conv2d(3, d, vision.patch_size, vision.patch_size, dtype=dtype)
+        p = vision.patch_size
+        self.patch_embedding = torch.nn.Conv2d(3, d, p, p, dtype=dtype)
         self.class_embedding = (torch.nn.Parameter(torch.zeros(1, 1, d, dtype=dtype))
                                 if spec.class_token else None)
-        self.patch_norm = torch.nn.Parameter(torch.ones(d, dtype=dtype)) if spec.patch_norm else None
+        self.patch_norm = (torch.nn.Parameter(torch.ones(d, dtype=dtype))
+                           if spec.patch_norm else None)
         table = (1, grid * grid + 1, d) if spec.class_token else (grid * grid, d)
         self.position_embedding = torch.nn.Parameter(torch.zeros(*table, dtype=dtype))
         self.final_norm = self._final_norm(spec.final_norm, d, dtype) \
@@ -225,7 +230,8 @@ class ViTEncoder(MegatronModule):
         if kind == "layer_norm":
             return torch.nn.LayerNorm(d, eps=self.vision.norm_eps, dtype=dtype)
         if kind != "none":
-            raise ValueError(f"EncoderSpec.final_norm {kind!r}: expected none, rms_norm or layer_norm")
+            raise ValueError(f"EncoderSpec.final_norm {kind!r}: expected none, rms_norm or "
+                             "layer_norm")
         return None
 
     def positions(self, grid_h: int, grid_w: int) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """AIMv2 vision encoders (SAIL-VL-1.5-2B uses AIMv2-Huge): transformers' ``Aimv2VisionModel``.
 
-Module: ``models/vit.py``'s ViTEncoder, configured by ``AIMv2Family.encoder``. Geometry: no
-class token; grid = tile / patch. A grid the pixel shuffle cannot merge (27x27 patches for 378 px tiles at patch 14 and merge 2) is refused with a
-clear error: the padding/cropping rule of the released SAIL-VL models was not confirmed
-(``ProjectorConfig.odd_grid="pad"`` opts into Ovis2's zero padding).
+Module: ``models/vit.py``'s ViTEncoder, configured by ``AIMv2Family.encoder``. Geometry: no class
+token; grid = tile / patch. A grid the pixel shuffle cannot merge (27x27 patches for 378 px tiles
+at patch 14 and merge 2) is refused with a clear error: the padding/cropping rule of the released
+SAIL-VL models was not confirmed (``ProjectorConfig.odd_grid="pad"`` opts into Ovis2's zero
+padding).
 Only the released AIMv2 variant is supported: learned positions (not ``is_native``), no bias.
 transformers has no VLM class that holds an AIMv2 tower beside InternVL's projector, so the HF
 side of this family is the encoder alone (``key_map`` under the encoder's prefix).

@@ -1,8 +1,9 @@
 """InternViT (InternViT-300M-448px and its InternVL relatives): the SAIL-VL(-2B/8B) encoder.
 
 Module: ``models/vit.py``'s ViTEncoder, configured by ``InternViTFamily.encoder`` (class token,
-layer-scaled pre-norm layers, learned absolute positions). HF side: transformers' ``InternVLVisionModel`` (``model_type`` "internvl_vision")
-inside ``InternVLForConditionalGeneration``. Geometry: one class token, dropped after the encoder.
+layer-scaled pre-norm layers, learned absolute positions). HF side: transformers'
+``InternVLVisionModel`` (``model_type`` "internvl_vision") inside
+``InternVLForConditionalGeneration``. Geometry: one class token, dropped after the encoder.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """SigLIP / SigLIP2 (fixed resolution) vision encoders: transformers' ``SiglipVisionModel``.
 
-Module: ``models/vit.py``'s ViTEncoder, configured by ``SigLIPFamily.encoder``. Geometry: no
-class token; grid = tile / patch (27x27 for SigLIP-so400m-patch14-384, which the 2x2 pixel
-shuffle merges only with ``ProjectorConfig.odd_grid="pad"``). The attention-pooling head
-(``head.*``) is not part of a VLM encoder and is not built. transformers has no VLM class that holds a SigLIP tower beside
+Module: ``models/vit.py``'s ViTEncoder, configured by ``SigLIPFamily.encoder``. Geometry: no class
+token; grid = tile / patch (27x27 for SigLIP-so400m-patch14-384, which the 2x2 pixel shuffle merges
+only with ``ProjectorConfig.odd_grid="pad"``). The attention-pooling head (``head.*``) is not part
+of a VLM encoder and is not built. transformers has no VLM class that holds a SigLIP tower beside
 InternVL's projector (InternVL's container drops a class token SigLIP does not have), so the HF
 side of this family is the encoder alone (``key_map`` names relative to ``SiglipVisionModel``).
 """
@@ -25,7 +25,8 @@ class SigLIPFamily(VisionFamily):
 
     encoder = EncoderSpec(final_norm="layer_norm", normalization="LayerNorm", linear_bias=True,
                           qkv_bias=True, qk_norm=False, activation="gelu_tanh",
-                          requires=(("norm_type", "layer_norm"), ("qkv_bias", True), ("qk_norm", False)),
+                          requires=(("norm_type", "layer_norm"), ("qkv_bias", True),
+                                    ("qk_norm", False)),
                           requires_text="SigLIP (LayerNorm, q/k/v bias, no QK-norm)")
     """Patch conv (with bias) + positions (no class token); pre-LN layers with biases
     everywhere and a GELU-tanh MLP; ``post_layernorm`` when the last layer is selected. A
