@@ -22,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_sail.eval.scaling import fit_all, fit_report, format_r2, parse_tokens, plot, read_points  # noqa: E402
+from megatron_sail import cli
 
 
 def main(argv=None) -> int:
@@ -33,8 +34,8 @@ def main(argv=None) -> int:
     budget = parse_tokens(a.budget)
     points = read_points(a.runs, log=print)
     if not points.series:
-        sys.exit(f"no benchmarks/* scores with consumed_tokens in {', '.join(a.runs)} "
-                 "(train with --eval-benchmark NAME=PATH)")
+        raise ValueError(f"no benchmarks/* scores with consumed_tokens in {', '.join(a.runs)} "
+                         "(train with --eval-benchmark NAME=PATH)")
     report = fit_report(points, budget)
     for name, why in report.get("no_fit", {}).items():
         print(f"{name}: {why}, no fit")
@@ -56,4 +57,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

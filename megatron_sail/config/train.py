@@ -85,6 +85,10 @@ class CheckpointConfig:
     init_from: Optional[str] = None
     """Checkpoint whose model weights start this stage; optimizer and step are not loaded.
     Either a checkpoint directory with `latest` or one iteration / HF-conversion directory."""
+    allow_random_init: bool = False
+    """Start a stage that trains neither the ViT nor the LLM (pretrain-alignment) without
+    --init-from: the projector would learn to connect two random networks. Refused unless
+    given (tests and toy runs)."""
     save_interval: int = 0
     """Save every this many steps (0: only at exit)."""
     keep_last: int = 2
@@ -124,7 +128,7 @@ class CheckpointConfig:
     """Megatron-LM's --use-checkpoint-args: the model config comes from the --load / --init-from
     checkpoint even when --recipe names another model (YAML model fields that differ from the
     checkpoint stay errors). Without it the checkpoint's model is used when --recipe is not given
-    and must match the recipe's when it is (config/from_checkpoint.py)."""
+    and must match the recipe's when it is (checkpoint/from_checkpoint.py)."""
     allow_tokenizer_mismatch: bool = False
     """Load a checkpoint trained on data of another tokenizer (identity, special ids) or image
     geometry (tile size, tokens per tile) than --data-path, with a warning instead of an error."""

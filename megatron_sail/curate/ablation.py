@@ -127,13 +127,19 @@ def compare(cfg: AblationConfig, predictions: dict[str, dict[str, str]]) -> dict
     """Scores per candidate and benchmark, the ranking by the mean over benchmarks, and for each
     candidate the paired-bootstrap interval of its difference to the best (items resampled per
     benchmark with the same indices for both, the mean over benchmarks recomputed)."""
+    from megatron_sail.eval.prediction_files import canonical_index, read_predictions
     from megatron_sail.eval.registry import get_benchmark
-    from megatron_sail.eval.tsv import read_items, read_predictions
+    from megatron_sail.eval.tsv import read_items
 
     specs = {b: get_benchmark(b) for b in cfg.benchmarks}
     items = {b: read_items(p, cfg.eval_limit) for b, p in cfg.benchmarks.items()}
-    preds = {c: {b: {k: specs[b].clean(v) for k, v in read_predictions(path).items()}
-                 for b, path in per.items()} for c, per in predictions.items()}
+
+    def stored(b: str, path: str) -> dict:
+        """index -> the prediction as evaluate.py stored it (already post-processed)."""
+        by_canon = read_predictions(path)
+        return {it.index: by_canon.get(canonical_index(it.index), "") for it in items[b]}
+
+    preds = {c: {b: stored(b, path) for b, path in per.items()} for c, per in predictions.items()}
 
     def score(c: str, b: str, its: list) -> float:
         return specs[b].score(its, preds[c][b]).score
@@ -174,7 +180,7 @@ def stratified_bootstrap(tagged: list, fn, cfg: BootstrapConfig) -> tuple[float,
 
 def run_ablation(cfg: AblationConfig, progress=print) -> dict:
     """Train and evaluate every candidate, then compare; writes ranking.json and ranking.png."""
-    from megatron_sail.curate.ablation_stats import format_table, plot_ranking
+    from megatron_sail.curate.ablation_stats import format_table, plot_ranking, ranking_title
 
     if len(cfg.candidates) < 2:
         raise ValueError("give at least two --candidate NAME=PREFIX to compare")
@@ -205,5 +211,7 @@ def run_ablation(cfg: AblationConfig, progress=print) -> dict:
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(path + ".tmp", path)
-    plot_ranking(rows, os.path.join(cfg.out_dir, "ranking.png"), f"{cfg.recipe}, {iters * seq * gbs} tokens")
+    plot_ranking(rows, os.path.join(cfg.out_dir, "ranking.png"),
+                 ranking_title(list(cfg.benchmarks), cfg.bootstrap.confidence, cfg.bootstrap.resamples,
+                               f"{cfg.recipe}, {iters * seq * gbs} tokens per candidate"))
     return result

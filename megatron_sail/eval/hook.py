@@ -96,6 +96,10 @@ class BenchmarkHook:
 
             s, _ = run_benchmark(spec, path, generate, rc, out_dir)
             scores[spec.name], counts[spec.name] = s.score, s.n
+            if rank0 and s.bad_items:
+                first = s.bad_items[0]
+                print(f"[eval] {spec.name}: {len(s.bad_items)} bad item(s), scored as VLMEvalKit "
+                      f"scores them (first: index {first['index']}: {first['reason']})", flush=True)
             decoded[spec.name] = share.gather(sum(mine)) if share else [sum(mine)]
         self.last_iteration = state.iteration
         self.metrics.log_benchmarks(state.iteration, state.consumed_tokens, scores, counts,

@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 
 from megatron_sail.data.images.prefetch import PrefetchLoader
 from megatron_sail.training import checkpoint as ckpt
-from megatron_sail.training.dist_ckpt import ThreadAsyncCallsQueue
+from megatron_sail.checkpoint.dcp import ThreadAsyncCallsQueue
 from megatron_sail.training.flops import real_seqlens, step_flops
 from megatron_sail.training.metrics import StepStats
 from megatron_sail.training.moe_metrics import step_moe_losses
@@ -198,7 +198,18 @@ def _maybe_validate(ctx: LoopContext, final: bool) -> None:
     if ctx.valid_feeder_factory is None or not (due or final):
         return
     loss = validate(ctx.chunks, ctx.valid_feeder_factory, t.eval_iters, ctx.cfg.data.seq_length)
-    ctx.metrics.log_eval(ctx.state.iteration, loss)
+    ctx.metrics.log_eval(ctx.state.iteration, loss, checkpoint=_evaluated_checkpoint(ctx))
+
+
+def _evaluated_checkpoint(ctx: LoopContext) -> Optional[str]:
+    """Before any step of a run started with --init-from, the weights validated are that
+    checkpoint's: its folder (iter_N), so the log does not call them "step 0"."""
+    init_from = ctx.cfg.checkpoint.init_from
+    if ctx.state.iteration or not init_from:
+        return None
+    from megatron_sail.checkpoint.layout import resolve_checkpoint
+
+    return resolve_checkpoint(init_from) or init_from
 
 
 def _one_step(ctx: LoopContext) -> StepStats:

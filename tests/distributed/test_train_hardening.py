@@ -9,9 +9,10 @@ import shutil
 import subprocess
 
 import pytest
-from test_train_runs import COMMON, ROOT, _cmd, _env, data  # noqa: F401 - `data` is a fixture
+from test_train_runs import COMMON, _cmd, data  # noqa: F401 - `data` is a fixture
+from testkit import ROOT, subprocess_env
 
-from megatron_sail.training import checkpoint as ckpt
+from megatron_sail.checkpoint import layout
 from megatron_sail.training.save_dir import SaveDirLock
 
 # Warmup and decay fixed so runs of different lengths share one LR schedule.
@@ -23,7 +24,7 @@ def run(data, run_dir, extra, expect_rc=0, init=True):
     args = BASE + ["--data-path", data["train"], "--run-dir", str(run_dir)] + list(extra)
     if init:
         args += ["--init-from", data["init"]]
-    proc = subprocess.run(_cmd(1, args), cwd=ROOT, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run(_cmd(1, args), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                           timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == expect_rc, out[-4000:]
@@ -56,11 +57,11 @@ def test_new_run_rollback_and_overwrite_into_an_old_save(data, first, tmp_path):
 
     out = run(data, run_dir, ["--save", str(save), "--train-iters", "3"], expect_rc=1)
     assert "already holds another run's checkpoints (iter_0000005, iter_0000010, latest)" in out
-    assert ckpt.read_latest(str(save)) == 10 and ckpt.list_checkpoints(str(save)) == [5, 10]
+    assert layout.read_latest(str(save)) == 10 and layout.list_checkpoints(str(save)) == [5, 10]
 
     run(data, run_dir, ["--load", str(save / "iter_0000005"), "--save", str(save),
                         "--keep-last", "1", "--save-interval", "2", "--train-iters", "8"])
-    assert ckpt.list_checkpoints(str(save)) == [8] and ckpt.read_latest(str(save)) == 8
+    assert layout.list_checkpoints(str(save)) == [8] and layout.read_latest(str(save)) == 8
     after = {r["iteration"]: r["lm_loss"] for r in lines(run_dir / "metrics.jsonl")}
     assert sorted(after) == list(range(1, 9))
     for it in range(1, 9):
@@ -69,7 +70,7 @@ def test_new_run_rollback_and_overwrite_into_an_old_save(data, first, tmp_path):
     assert [r["iteration"] for r in aside] == [6, 7, 8, 9, 10]
 
     out = run(data, run_dir, ["--save", str(save), "--overwrite-save", "--train-iters", "3"])
-    assert ckpt.list_checkpoints(str(save)) == [3, 8] and ckpt.read_latest(str(save)) == 3
+    assert layout.list_checkpoints(str(save)) == [3, 8] and layout.read_latest(str(save)) == 3
     assert [r["iteration"] for r in lines(run_dir / "metrics.jsonl")] == [1, 2, 3]
     aside = [r["iteration"] for r in lines(run_dir / "metrics.superseded.jsonl")]
     assert aside == [6, 7, 8, 9, 10] + list(range(1, 9))

@@ -5,14 +5,11 @@ The TE models are built in bf16: with packed (THD) input, TE's attention has no 
 (its unfused attention refuses THD; flash and cuDNN attention take fp16/bf16 only). The bf16
 tolerance: TE's error against the fp32 local model may be at most a few times the error of the
 local spec run in bf16 on the same inputs."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +79,10 @@ def test_checkpoint_saved_with_local_spec_loads_into_te_spec(setup, tmp_path):
     """What conversion writes (local spec, on the CPU) is what GPU training loads (TE spec)."""
     pytest.importorskip("transformer_engine")
     from megatron_sail.models.sail_vl import SailVLModel
-    from megatron_sail.training import dist_ckpt
+    from megatron_sail.checkpoint import dcp
 
     mc, cfg, hf, local, samples, inputs = setup
-    dist_ckpt.save_model([local], tmp_path / "ck")
+    dcp.save_model([local], tmp_path / "ck")
     te = SailVLModel(cfg, use_te=True, dtype=torch.bfloat16).cuda().eval()
-    dist_ckpt.load_model([te], tmp_path / "ck")  # strict: the final norm's _extra_state too
+    dcp.load_model([te], tmp_path / "ck")  # strict: the final norm's _extra_state too
     _assert_within_bf16(te, _bf16_local(cfg, local), local, inputs)

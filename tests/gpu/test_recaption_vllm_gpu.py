@@ -3,7 +3,6 @@ with the same greedy captions as the hf backend (transformers generate) in float
 CUDA or without the optional package vllm."""
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (optional)")]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
 
 def _export(root: Path) -> str:
@@ -21,13 +19,14 @@ def _export(root: Path) -> str:
 
     from dataclasses import asdict
 
-    from megatron_sail.convert import hf_assets
-    from megatron_sail.convert.hf_assets import save_tokenizer, write_generation_config, write_processor_files
+    from megatron_sail.checkpoint.processor import ProcessorSettings
+    from megatron_sail.checkpoint.tokenizer import save_tokenizer
+    from megatron_sail.convert.hf_assets import write_generation_config, write_processor_files
     from megatron_sail.inference import inspect_checkpoint
 
     ckpt = tiny_checkpoint(root / "hf")
     ids = save_tokenizer(Path(ckpt) / "tokenizer.json", ckpt)
-    write_processor_files(ckpt, hf_assets.ProcessorSettings(**asdict(inspect_checkpoint(ckpt).settings)))
+    write_processor_files(ckpt, ProcessorSettings(**asdict(inspect_checkpoint(ckpt).settings)))
     write_generation_config(ckpt, ids)
     return ckpt
 

@@ -1,27 +1,15 @@
 """HF checkpoint I/O and the InternVL-chat <-> transformers InternVL mapping (no Megatron needed)."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
+import os
+import stat
 
+import compare_logits
+import make_tiny_hf_checkpoint as tiny
 import pytest
 import torch
 
 from megatron_sail.convert import hf_io, internvl_chat
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tool(name: str):
-    """Import a tools/ script as a module."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up here
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tiny = _tool("make_tiny_hf_checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +140,28 @@ def test_write_checkpoint_is_atomic_and_shards(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_follow_the_users_umask(tmp_path, umask):
+    """safetensors creates its files 0600; an export takes the modes the umask gives every
+    other file (issue 22), whether one file or shards."""
+    old = os.umask(umask)
+    try:
+        state = {f"t{i}": torch.full((64,), float(i)) for i in range(4)}
+        one = hf_io.write_checkpoint(tmp_path / "one", {"a": 1}, state)
+        shards = hf_io.write_checkpoint(tmp_path / "shards", {"a": 1}, state,
+                                        cfg=hf_io.HFWriteConfig(max_shard_bytes=600))
+    finally:
+        os.umask(old)
+    for folder in (one, shards):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+        for f in folder.iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
+
+
 def test_compare_logits_prompt_is_chatml_through_the_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    cl = _tool("compare_logits")
+    cl = compare_logits
     hf = tiny.make_tiny_checkpoint(tmp_path / "hf", tiny.TinyCheckpointConfig(vocab_size=320, tokenizer=True))
     ctx = hf_io.read_config(hf)["image_token_id"]
     tok = cl.load_tokenizer(tmp_path / "missing", hf)
@@ -174,7 +180,7 @@ def test_compare_logits_prompt_is_chatml_through_the_tokenizer(tmp_path):
 
 
 def test_compare_logits_synthetic_prompt_without_tokenizer():
-    cl = _tool("compare_logits")
+    cl = compare_logits
     ids = cl.prompt_ids(None, "hi there", [4, 8], 255, 256)
     assert ids == cl.prompt_ids(None, "hi there", [4, 8], 255, 256)
     assert ids.count(255) == 12 and max(ids) < 256 and min(ids) >= 0

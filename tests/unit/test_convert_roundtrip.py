@@ -13,8 +13,7 @@ import torch
 
 from megatron_sail.convert import hf_io, internvl_chat
 from test_convert_layouts import tiny
-
-ROOT = Path(__file__).resolve().parents[2]
+from testkit import subprocess_env
 
 
 def _round_trip(tmp_path: Path, cfg, again: bool = False) -> tuple[Path, Path, Path]:
@@ -31,9 +30,10 @@ def _round_trip(tmp_path: Path, cfg, again: bool = False) -> tuple[Path, Path, P
     if again:
         calls += [["hf-to-mcore", "--hf-dir", str(back), "--out", str(tmp_path / "mc2")],
                   ["mcore-to-hf", "--mcore-dir", str(tmp_path / "mc2"), "--out", str(tmp_path / "back2")]]
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import convert_checkpoint as c\n"
+    code = ("import convert_checkpoint as c\n"
             f"for argv in {calls!r}: assert c.main(argv) == 0")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return src, mc, back
 
@@ -88,7 +88,7 @@ def test_sharded_bf16_chat_layout_round_trip_is_bitwise(tmp_path):
     src, mc, back = _round_trip(tmp_path, cfg)
     from safetensors.torch import load_file
 
-    from megatron_sail.convert.checkpoint import UNUSED_FILE
+    from megatron_sail.checkpoint.layout import UNUSED_FILE
 
     assert all(".encoder.layer.2." in k for k in load_file(mc / UNUSED_FILE))
     assert (src / hf_io.SAFETENSORS_INDEX).is_file()
@@ -115,9 +115,10 @@ def family_round_trips(tmp_path_factory):
         calls += [["hf-to-mcore", "--hf-dir", str(src), "--out", str(d / "mc")],
                   ["mcore-to-hf", "--mcore-dir", str(d / "mc"), "--out", str(d / "back")]]
         out[family, layout] = (src, d / "mc", d / "back")
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import convert_checkpoint as c\n"
+    code = ("import convert_checkpoint as c\n"
             f"for argv in {calls!r}: assert c.main(argv) == 0")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -127,7 +128,7 @@ def test_qwen3_text_models_round_trip_bitwise_in_both_layouts(family_round_trips
     """Qwen3 (QK-norm weights, no qkv bias, head_dim 24 with hidden 64 / 4 heads) and Qwen3-MoE
     (router + one gate/up/down tensor per expert on disk) convert through the family specs, in
     transformers' layout and in the internvl_chat layout."""
-    from megatron_sail.convert.checkpoint import read_model_config
+    from megatron_sail.checkpoint.layout import read_model_config
 
     src, mc, back = family_round_trips[family, layout]
     expected = hf_io.read_state_dict(src)
@@ -209,9 +210,9 @@ def test_converter_refuses_an_existing_output_and_names_bad_input(tmp_path):
 def test_model_config_is_read_from_a_trainer_checkpoint(tmp_path):
     from dataclasses import asdict
 
+    from megatron_sail.checkpoint.layout import STATE_FILE, read_model_config
     from megatron_sail.config.model import tiny as tiny_model
-    from megatron_sail.convert import checkpoint
 
     want = tiny_model(vocab_size=300)
-    torch.save({"train_state": {}, "config": {"model": asdict(want)}}, tmp_path / "train_state.pt")
-    assert checkpoint.read_model_config(tmp_path) == want
+    torch.save({"train_state": {}, "config": {"model": asdict(want)}}, tmp_path / STATE_FILE)
+    assert read_model_config(tmp_path) == want

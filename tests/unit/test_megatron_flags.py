@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from megatron_sail.config.run import resolve
+from megatron_sail.checkpoint.from_checkpoint import resolve
 from megatron_sail.training.metrics import MetricsConfig, MetricsWriter, StepStats
 from megatron_sail.training.optimizer import build_scheduler
 from megatron_sail.training.recompute import RecomputeConfig, apply_recompute
@@ -224,7 +224,7 @@ def test_no_load_rng_keeps_the_seeded_rng(tmp_path, monkeypatch):
 
 
 def test_model_from_checkpoint_by_default_and_checked_with_a_recipe(tmp_path):
-    from megatron_sail.config.from_checkpoint import check_model
+    from megatron_sail.checkpoint.from_checkpoint import check_model
 
     ckpt, model = _converted(tmp_path, _bigger)
     cfg = resolve(["--init-from", str(ckpt)])  # no --recipe: the checkpoint's model
@@ -238,7 +238,7 @@ def test_model_from_checkpoint_by_default_and_checked_with_a_recipe(tmp_path):
 
 
 def test_non_weight_differences_are_noted_not_refused(tmp_path):
-    from megatron_sail.config.from_checkpoint import check_model
+    from megatron_sail.checkpoint.from_checkpoint import check_model
 
     def rope(model):
         model.language.rope_theta = 123.0

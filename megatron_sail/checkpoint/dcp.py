@@ -1,0 +1,305 @@
+"""Megatron-Core distributed checkpoints that save the same way on CPU/gloo and on GPUs.
+
+megatron-core 0.16.1's default ``torch_dist`` save strategy always goes through its async writer
+(``FileSystemWriterAsync``), which first starts a ``multiprocessing`` Manager for a results queue
+and then forks one writer process per bucket. On CPU/gloo that start-up hung. The format itself
+is fine: it is torch.distributed.checkpoint (DCP) files plus Megatron's metadata. So saving here
+keeps Megatron's translation of ShardedTensors to DCP and its save planner, and hands the result
+to DCP's plain synchronous ``FileSystemWriter`` (no subprocesses, no Manager). The checkpoint is
+byte-compatible with ``torch_dist`` version 1: Megatron's default loader reads it, at any TP/PP,
+and checkpoints written by Megatron's own strategy load here.
+
+Asynchronous saves (``--async-save``) use the same translation and planner, then split the
+write the way Megatron-LM does: the saving step plans collectively and copies every tensor to new
+host memory (``HostCopyWriter``); a thread of this process writes the files while training goes
+on; finalization (all ranks done, ``.metadata`` and ``metadata.json`` by rank 0) runs later on the
+main thread through Megatron's ``AsyncCallsQueue``. Megatron's own caller forks writer processes
+and starts a multiprocessing Manager (which hung here; see docs/training.md); a thread needs
+neither and behaves the same on CPU and GPU.
+
+This module is the one place that chooses the strategy; conversion and the trainer both use it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCaller, AsyncRequest
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+from megatron.core.dist_checkpointing.strategies.state_dict_saver import (
+    save_state_dict_async_finalize,
+    save_state_dict_async_plan,
+)
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    mcore_to_pyt_state_dict,
+)
+from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.planner import WriteItemType
+
+from megatron_sail.compat.dist_checkpointing import (
+    CallerQueue,
+    sharded_key_groups,
+    wrapped_exception,
+)
+
+from megatron_sail.checkpoint import integrity
+from megatron_sail.checkpoint.layout import MCORE_METADATA
+
+
+@dataclass
+class DistCkptConfig:
+    """How model checkpoints are written and read."""
+
+    thread_count: int = 1
+    """Writer threads per rank (DCP threads, not processes); each adds one file per rank."""
+    fully_parallel_save: bool = False
+    """Spread the writing of data-parallel replicas over the DP ranks (large multi-node runs)."""
+    validate_access_integrity: bool = True
+    """Check on save that every shard is written exactly once across ranks."""
+    strict_load: bool = True
+    """Load fails when the checkpoint lacks a tensor the model asks for."""
+    verify: str = "auto"
+    """Before loading, check the files against manifest.json (checkpoint/integrity.py): auto,
+    sizes, full, or off (the caller verified already). DCP's pickled .metadata is always
+    checked against its allow-list first, so a crafted one cannot run code."""
+
+
+class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+    """``torch_dist`` v1 writer that writes in the calling process: synchronously (``save``) or
+    from a thread after a host copy (``async_save``); never in forked processes."""
+
+    def __init__(self, thread_count: int = 1):
+        super().__init__("torch_dist", 1, keep_only_main_replica=True, thread_count=thread_count)
+
+    def _to_dcp(self, sharded_state_dict) -> tuple[dict, MCoreSavePlanner]:
+        """Megatron ShardedTensors as a DCP state dict, and the planner that saves it."""
+        sharded_state_dict = sharded_key_groups(sharded_state_dict, self.keep_only_main_replica)
+        planner = MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                   flatten_state_dict=False)
+        return mcore_to_pyt_state_dict(sharded_state_dict, False), planner
+
+    def save(self, sharded_state_dict, checkpoint_dir) -> None:
+        """Translate Megatron ShardedTensors to DCP and write them with FileSystemWriter."""
+        pyt_state_dict, planner = self._to_dcp(sharded_state_dict)
+        writer = FileSystemWriter(str(checkpoint_dir), thread_count=self.thread_count,
+                                  single_file_per_rank=True)
+        torch.distributed.checkpoint.save(pyt_state_dict, storage_writer=writer, planner=planner)
+
+    def async_save(self, sharded_state_dict, checkpoint_dir) -> AsyncRequest:
+        """Collective planning and the host copy now; the request's ``async_fn`` writes the
+        files, its finalize function gathers the results and writes ``.metadata``."""
+        pyt_state_dict, planner = self._to_dcp(sharded_state_dict)
+        writer = HostCopyWriter(str(checkpoint_dir), thread_count=self.thread_count)
+        planned = save_state_dict_async_plan(pyt_state_dict, writer, None, 0, planner=planner)[0]
+        return AsyncRequest(writer.write, (), [lambda: save_state_dict_async_finalize(*planned)])
+
+
+class HostCopyWriter(FileSystemWriterAsync):
+    """DCP file writer for asynchronous saves, in two halves.
+
+    ``prepare_write_data`` (in the saving step) resolves every write item and copies its tensor
+    into new host memory, so training may update the originals right after. ``write`` (in the
+    background thread) hands those copies to DCP's ordinary file writer: same files, same
+    layout as a synchronous save. Results or the exception are kept for finalization."""
+
+    def prepare_write_data(self, plan, planner) -> None:
+        """Stage this rank's data: bytes items as they are, tensors as host copies."""
+        self._plan = plan
+        self._staged = {item.index: _host_copy(planner.resolve_data(item))
+                        if item.type != WriteItemType.BYTE_IO else planner.resolve_data(item)
+                        for item in plan.items}
+        self._results = wrapped_exception(RuntimeError("checkpoint write did not run"))
+
+    def write(self) -> None:
+        """Write the staged data (background thread); never raises, finalization reports."""
+        try:
+            staged = _StagedPlanner(self._staged)
+            self._results = FileSystemWriter.write_data(self, self._plan, staged).wait()
+        except BaseException as e:  # noqa: BLE001 - handed to every rank at finalization
+            self._results = wrapped_exception(e)
+        self._staged = {}
+
+    def retrieve_write_results(self):
+        """What ``write`` produced: the write results, or the wrapped exception."""
+        return self._results
+
+
+class _StagedPlanner:
+    """Stands in for the save planner while writing: data comes from the staged copies."""
+
+    def __init__(self, staged: dict):
+        self.staged = staged
+
+    def resolve_data(self, item):
+        """The staged copy of one write item."""
+        data = self.staged[item.index]
+        if item.type == WriteItemType.BYTE_IO:
+            data.seek(0)
+        return data
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy in new host memory (a device-to-host copy on GPU)."""
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+    out.copy_(tensor.detach())
+    return out
+
+
+class ThreadAsyncCaller(AsyncCaller):
+    """Megatron's AsyncCaller contract (collective done-check, join) with the write running in
+    a daemon thread of this process: if the process dies, the half-written files stay behind
+    in the temporary folder and nothing is finalized."""
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+
+    def schedule_async_call(self, async_req: AsyncRequest) -> None:
+        """Start the write (nothing to start when this rank writes nothing)."""
+        if async_req.async_fn is None:
+            return
+        self.thread = threading.Thread(target=async_req.async_fn, args=async_req.async_fn_args,
+                                       kwargs=async_req.async_fn_kwargs, daemon=True,
+                                       name="checkpoint-writer")
+        self.thread.start()
+
+    def is_current_async_call_done(self, blocking: bool = False, no_dist: bool = False) -> bool:
+        """True when every rank's write has finished (after waiting for it when blocking)."""
+        alive = int(self.thread is not None and self.thread.is_alive())
+        done = (not alive) if no_dist else bool(self.sync_all_async_calls(alive))
+        if done or blocking:
+            self.close()
+            done = True
+        return done
+
+    def close(self, abort: bool = False) -> None:
+        """Wait for the thread (a thread cannot be killed; ``abort`` waits too)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def __del__(self):
+        pass
+
+
+class ThreadAsyncCallsQueue(CallerQueue):
+    """Megatron's queue of pending saves (schedule, then ``maybe_finalize_async_calls`` on all
+    ranks: non-blocking at step boundaries, blocking before the next save and before exit),
+    running each save on a thread caller instead of a forked process."""
+
+    caller_type = ThreadAsyncCaller
+
+
+def save_strategy(cfg: DistCkptConfig = DistCkptConfig()):
+    """The save strategy used for every checkpoint of the project."""
+    strategy = SyncTorchDistSaveStrategy(cfg.thread_count)
+    if cfg.fully_parallel_save and dist.get_world_size() > 1:
+        from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelSaveStrategyWrapper,
+        )
+
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        strategy = FullyParallelSaveStrategyWrapper(strategy, group)
+    return strategy
+
+
+def save_sharded(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike,
+                 cfg: DistCkptConfig = DistCkptConfig(), content_metadata: dict | None = None,
+                 async_save: bool = False) -> AsyncRequest | None:
+    """Collective: write a sharded state dict into ``checkpoint_dir`` (created if missing).
+
+    With ``async_save`` only the planning and the host copy happen here; the returned request
+    goes to ``ThreadAsyncCallsQueue.schedule_async_request`` and is complete (``metadata.json``
+    written) once finalized. Not atomic by itself: callers write into a temporary directory
+    and rename it (see ``save_model``; the trainer does the same for its iteration folders).
+    """
+    if dist.get_rank() == 0:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+    dist.barrier()
+    return dist_checkpointing.save(sharded_state_dict, str(checkpoint_dir),
+                                   sharded_strategy=save_strategy(cfg),
+                                   validate_access_integrity=cfg.validate_access_integrity,
+                                   content_metadata=content_metadata,
+                                   async_sharded_save=async_save)
+
+
+def load_sharded(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike,
+                 cfg: DistCkptConfig = DistCkptConfig(), allow_extra: bool = False) -> dict:
+    """Collective: read the tensors ``sharded_state_dict`` describes; returns plain tensors.
+
+    ``allow_extra`` accepts a checkpoint that holds more than is asked for (a training
+    checkpoint's optimizer state when only the weights are wanted); a requested tensor the
+    checkpoint lacks is still an error under ``cfg.strict_load``.
+    """
+    if not (Path(checkpoint_dir) / MCORE_METADATA).is_file():
+        raise FileNotFoundError(f"{checkpoint_dir}: not a Megatron distributed checkpoint (no "
+                                f"{MCORE_METADATA})")
+    if cfg.verify != "off":
+        integrity.verify_checkpoint(str(checkpoint_dir), cfg.verify)
+    integrity.check_dcp_metadata(str(checkpoint_dir))
+    if not cfg.strict_load:
+        strict = "assume_ok_unexpected"
+    else:
+        strict = "raise_unexpected" if allow_extra else "raise_all"
+    return dist_checkpointing.load(sharded_state_dict, str(checkpoint_dir), strict=strict)
+
+
+def model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict:
+    """{'model': sd} for one chunk, {'model0': ..., 'model1': ...} for virtual-pipeline chunks.
+
+    Tensor keys inside are global (layer numbers include the pipeline offset), so a checkpoint
+    saved with one chunk layout loads into any other.
+    """
+    chunks = unwrap_model(list(model_chunks))
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def save_model(model_chunks: list[torch.nn.Module], checkpoint_dir: str | os.PathLike,
+               cfg: DistCkptConfig = DistCkptConfig(), overwrite: bool = False) -> Path:
+    """Collective: save model weights only, atomically (temporary folder, then rename by rank 0)."""
+    final = Path(checkpoint_dir)
+    tmp = final.parent / f".{final.name}.tmp"
+    # Every rank checks (the checkpoint folder is on a shared file system), so all of them
+    # raise together instead of the others waiting at the barrier for rank 0.
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        raise FileExistsError(f"{final}: exists and is not empty")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    save_sharded(model_sharded_state_dict(model_chunks), tmp, cfg)
+    integrity.write_manifest(str(tmp))
+    if dist.get_rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    dist.barrier()
+    return final
+
+
+def load_model(model_chunks: list[torch.nn.Module], checkpoint_dir: str | os.PathLike,
+               cfg: DistCkptConfig = DistCkptConfig()) -> None:
+    """Collective: load weights into the chunks (at whatever TP/PP they were built with).
+
+    Works on model-only checkpoints (conversions) and on training checkpoints, whose optimizer
+    state is left unread.
+    """
+    loaded = load_sharded(model_sharded_state_dict(model_chunks), checkpoint_dir, cfg,
+                          allow_extra=True)
+    chunks = unwrap_model(list(model_chunks))
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"], strict=True)
+        return
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[f"model{i}"], strict=True)
