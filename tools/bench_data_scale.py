@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def meta_for(seq_length: int, rows: int, samples: int, images: int, tiles: int, tokens: int,
              image_tokens: int) -> dict:
     """A meta.json the readers accept (tokenizer block, tiling, stats)."""
-    from megatron_sail.data.preprocess import stats_dict
+    from megatron_sail.data.preprocess.pipeline import stats_dict
 
     return {"format": indexed.FORMAT_NAME, "version": indexed.FORMAT_VERSION, "seq_length": seq_length,
             "input_format": "synthetic",
@@ -142,7 +142,7 @@ def write_text_dataset(prefix: str, rows: int, tokens_per_row: int, seq_length: 
 
 def image_sample(jpeg: bytes, words: int, rng: np.random.Generator):
     """One caption-like sample holding one 1024x768 image (4x3 grid + thumbnail = 13 tiles)."""
-    from megatron_sail.data.packing import ImageEntry, Sample
+    from megatron_sail.data.preprocess.packing import ImageEntry, Sample
 
     s = SPECIAL
     text = rng.integers(10, VOCAB, size=words, dtype=np.int32)
@@ -202,7 +202,7 @@ def read_blend(args: argparse.Namespace, prefixes: list[str]) -> dict:
 
     from megatron_sail.config import model as model_cfg
     from megatron_sail.config.images import ImageConfig
-    from megatron_sail.data.dataset import BlendedDataset
+    from megatron_sail.data.loading.dataset import BlendedDataset
     from megatron_sail.data.images.pipeline import build_image_pipeline
     from megatron_sail.training.flops import shape_from_model_config
     from megatron_sail.training.loop import BatchPlan, StepFeeder
@@ -251,7 +251,7 @@ class _Lengths:
 
 def locate_only(args: argparse.Namespace) -> int:
     """The index arithmetic alone: stream rows located per second (issue 15's table)."""
-    import megatron_sail.data.dataset as dataset_module
+    import megatron_sail.data.loading.dataset as dataset_module
 
     real = dataset_module.PackedDataset
     dataset_module.PackedDataset = lambda prefix, verify="cheap": _Lengths(args.rows)

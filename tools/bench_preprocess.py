@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from megatron_sail.config.data import PackingConfig, PreprocessConfig  # noqa: E402
-from megatron_sail.data.demo import DemoConfig, make_demo  # noqa: E402
-from megatron_sail.data.preprocess import run  # noqa: E402
+from megatron_sail.demo.generator import DemoConfig, make_demo  # noqa: E402
+from megatron_sail.data.preprocess.pipeline import run  # noqa: E402
 from megatron_sail.config.images import TilingConfig  # noqa: E402
 from megatron_sail import cli
 

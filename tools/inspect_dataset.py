@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sail.data.dataset import TokenizerMeta  # noqa: E402
+from megatron_sail.data.loading.dataset import TokenizerMeta  # noqa: E402
 from megatron_sail.data.indexed import PackedReader, load_meta  # noqa: E402
 from megatron_sail.data.integrity import ALGORITHM, check_files  # noqa: E402
 from megatron_sail import cli

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sail.eval.demo_bench import (DemoBenchConfig, write_caption_benchmark,  # noqa: E402
+from megatron_sail.demo.benchmarks import (DemoBenchConfig, write_caption_benchmark,  # noqa: E402
                                            write_demo_benchmarks)
 from megatron_sail import cli
 

@@ -121,7 +121,7 @@ def write_tokenizer(folder: Path, vocab_size: int) -> int:
     (so tools see real ChatML tokenization); return the id of <IMG_CONTEXT>."""
     from tokenizers import Tokenizer
 
-    from megatron_sail.data.demo import train_tokenizer
+    from megatron_sail.demo.generator import train_tokenizer
 
     texts = ["Describe this image in detail.", "What is in the picture?", "a red circle on blue"]
     path = folder / "tokenizer.json"

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sail.data.merge import merge_shards  # noqa: E402
+from megatron_sail.data.preprocess.merge import merge_shards  # noqa: E402
 from megatron_sail import cli
 
 

@@ -26,8 +26,8 @@ from megatron_sail.curate.filters.caption_check import (CaptionLength, CaptionLe
 from megatron_sail.curate.filters.clip_score import ClipScore, ClipScoreConfig
 from megatron_sail.curate.filters.dedup import ExactDedup, ExactDedupConfig, NearDedup, NearDedupConfig
 from megatron_sail.curate.filters.image_check import ImageCheck, ImageCheckConfig
-from megatron_sail.data import formats
-from megatron_sail.data.formats import IMAGE_EXTS, ImageAccess
+from megatron_sail.data.preprocess import formats
+from megatron_sail.data.preprocess.formats import IMAGE_EXTS, ImageAccess
 
 CAPTION_KEYS = ("txt", "caption", "caption.txt")
 """Members holding the caption, first found wins (recaption output: ``txt``; its
