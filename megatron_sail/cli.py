@@ -53,8 +53,8 @@ def setup_logging(level: int = logging.INFO) -> None:
 def error_line(e: BaseException) -> str:
     """The one line a user sees: the message, or the exception's name when it has none."""
     text = str(e).strip() or type(e).__name__
-    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
-        text = f"{text}: {e.filename}"
+    if isinstance(e, OSError) and e.strerror and e.filename:  # not "[Errno 2] ... 'path'"
+        text = f"{e.strerror}: {e.filename}"
     return "error: " + text.replace("\n", "\n  ")  # details a message carries stay indented
 
 

@@ -32,6 +32,7 @@ from megatron_sail.config.data import (DEFAULT_MAX_IMAGE_BYTES, PackingConfig, P
 from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS, TilingConfig  # noqa: E402
 from megatron_sail.data.preprocess.block_pool import WorkerDied  # noqa: E402
 from megatron_sail.data.geometry import resolve_tiling  # noqa: E402
+from megatron_sail.data.integrity import OutputWriteError  # noqa: E402
 from megatron_sail.data.preprocess.internvl_meta import is_meta_file, run_meta  # noqa: E402
 from megatron_sail.data.preprocess.pipeline import run  # noqa: E402
 from megatron_sail import cli
@@ -134,6 +135,9 @@ def main_meta(cfg) -> int:
     except WorkerDied as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except OutputWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     for summary in summaries:
         print(json.dumps(summary))
         if "error" in summary:
@@ -154,6 +158,9 @@ def main(argv=None) -> int:
     except WorkerDied as e:  # a worker killed twice (OOM killer): one line naming the records
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except OutputWriteError as e:  # a full disk: one line naming the file, temporaries removed
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     print(json.dumps(summary))
     if "error" in summary:
         print(f"error: {summary['error']}", file=sys.stderr)
