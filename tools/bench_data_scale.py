@@ -62,8 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="image decoder for rows with images")
     p.add_argument("--threads", type=int, default=1, help="image decode threads")
     p.add_argument("--read", type=int, default=20000, help="rows to read (timed)")
-    p.add_argument("--global-batch-size", type=int, default=512)
-    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--global-batch-size", type=int, default=512, metavar="N",
+                   help="rows per optimizer step the loader serves (default: %(default)s)")
+    p.add_argument("--micro-batch-size", type=int, default=1, metavar="N",
+                   help="rows per forward pass (default: %(default)s)")
     p.add_argument("--dp-size", type=int, default=1, help="data-parallel ranks (DP rank 0 is read)")
     p.add_argument("--workdir", default=None, help="where the datasets go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the datasets (reused if present)")
