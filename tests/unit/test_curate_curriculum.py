@@ -1,5 +1,5 @@
 """Curricula from complexity scores (megatron_sail/curate/curriculum.py, tools/build_curriculum.py)
-and preprocessing's --select of one stage (megatron_sail/data/selection.py)."""
+and preprocessing's --select of one stage (megatron_sail/data/preprocess/selection.py)."""
 from __future__ import annotations
 
 import json
@@ -58,7 +58,7 @@ def test_split_orders_and_replay(tmp_path):
 def test_tool_plan_then_preprocess_one_stage(tmp_path):
     """score_complexity (heuristic) -> build_curriculum -> the plan's preprocess command for a
     stage packs exactly that stage's samples."""
-    from megatron_sail.data.demo import DemoConfig, make_demo
+    from megatron_sail.demo.generator import DemoConfig, make_demo
 
     demo = make_demo(str(tmp_path / "demo"), DemoConfig(samples=24, val_samples=2, seed=4))
     def run(*a):
