@@ -88,7 +88,7 @@ def synthetic_micro_batch(model_cfg, seq_length: int, rows: int, tiles_per_row: 
     Samples split the row evenly; tiles go to samples round-robin and sit right after each
     sample's first token. Every non-image position but a sample's last is trained on.
     """
-    from megatron_sail.data.collate import MicroBatch
+    from megatron_sail.data.loading.collate import MicroBatch
 
     tpt = model_cfg.tokens_per_tile()
     vocab, img = model_cfg.language.vocab_size, model_cfg.img_context_token_id

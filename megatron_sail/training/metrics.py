@@ -296,7 +296,7 @@ class MetricsWriter:
     def log_images(self, iteration: int, batch, decode: Callable[[list[int]], str],
                    mean, std, image_token_id: int, count: int) -> int:
         """TensorBoard image summaries of the first ``count`` images of a micro-batch
-        (data/collate.py MicroBatch): each image's last tile (the thumbnail, or the only tile)
+        (data/loading/collate.py MicroBatch): each image's last tile (the thumbnail, or the only tile)
         de-normalized, beside the text of its sample with the <IMG_CONTEXT> runs left out.
         Returns how many were written."""
         spans, tiles = batch.image_spans or [], batch.tiles

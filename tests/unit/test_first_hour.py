@@ -45,8 +45,8 @@ def test_the_tokenizer_is_recorded_so_a_run_from_another_folder_finds_it(tmp_pat
     from megatron_sail.checkpoint.assets import resolve_tokenizer_path, write_checkpoint_assets
     from megatron_sail.checkpoint.layout import TOKENIZER_DIR
     from megatron_sail.config.data import PackingConfig, PreprocessConfig
-    from megatron_sail.data.demo import DemoConfig, make_demo
-    from megatron_sail.data.preprocess import run
+    from megatron_sail.demo.generator import DemoConfig, make_demo
+    from megatron_sail.data.preprocess.pipeline import run
     from megatron_sail.config.images import TilingConfig
 
     demo = make_demo(str(tmp_path / "demo"), DemoConfig(samples=6, val_samples=1, seed=3))

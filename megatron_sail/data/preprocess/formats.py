@@ -18,11 +18,11 @@ from functools import lru_cache
 from typing import Iterator, Optional
 
 from megatron_sail.config.data import DEFAULT_MAX_IMAGE_BYTES, TemplateConfig
-from megatron_sail.data.formats_messages import messages_conversation
-from megatron_sail.data.media_refs import (check_unsupported_media, image_field, inline_image, local_path,
+from megatron_sail.data.preprocess.formats_messages import messages_conversation
+from megatron_sail.data.preprocess.media_refs import (check_unsupported_media, image_field, inline_image, local_path,
                                            plain_ref)
 from megatron_sail.data.template import SampleError
-from megatron_sail.data.video import VideoClip
+from megatron_sail.data.preprocess.video import VideoClip
 
 FORMATS = ("llava", "caption", "webdataset", "messages")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
