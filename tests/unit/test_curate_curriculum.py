@@ -61,7 +61,10 @@ def test_tool_plan_then_preprocess_one_stage(tmp_path):
     from megatron_sail.demo.generator import DemoConfig, make_demo
 
     demo = make_demo(str(tmp_path / "demo"), DemoConfig(samples=24, val_samples=2, seed=4))
-    run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)  # noqa: E731
+    def run(*a):
+        return subprocess.run([sys.executable, *a], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                              text=True, timeout=300)
+
     r = run("tools/score_complexity.py", "--input", demo["train"], "--method", "heuristic",
             "--output-dir", str(tmp_path / "scores"), "--samples-per-shard", "10")
     assert r.returncode == 0, r.stderr
@@ -73,7 +76,8 @@ def test_tool_plan_then_preprocess_one_stage(tmp_path):
     plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())
     assert plan["curriculum"]["method"] == "heuristic"
     stage = plan["stages"][2]
-    p = subprocess.run(stage["preprocess"][0], shell=True, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(stage["preprocess"][0], shell=True, cwd=ROOT, env=subprocess_env(), capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert summary["select"] == {"kept": 8, "skipped": 16} and summary["samples"] == 8
