@@ -27,6 +27,7 @@ from megatron_sail.data.images.imageinfo import clean_message, image_info
 from megatron_sail.data.preprocess.packing import ImageEntry, Sample, pack_block
 from megatron_sail.data.preprocess.selection import Selection, filter_records, load_selection
 from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
+from megatron_sail.progress import Progress, ProgressConfig
 from megatron_sail.config.images import TilingConfig
 from megatron_sail.data.tiling import find_grid, num_tiles
 from megatron_sail.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
@@ -261,7 +262,10 @@ def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int,
     with indexed.PackedWriter(cfg.output_prefix) as writer:
         start = time.perf_counter()  # after the writer's one-off megatron.core import
         selected: dict = {}
+        bar = Progress(desc="preprocess", unit="records",
+                       config=None if cfg.progress else ProgressConfig(enabled=False))
         for res in map_blocks(cfg, fmt, iter_blocks(cfg, files, fmt, selected), builder, log):
+            bar.update(res.records)
             for row in res.rows:
                 writer.add_row(row, tok.special.img_context)
             for rej in res.rejects:
@@ -269,6 +273,7 @@ def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int,
                 rejects[rej[2]] += 1
             records += res.records
             writer.end_block(res.block)
+        bar.close()
         meta = build_meta(cfg, fmt, tok, writer, records, rejects, (cfg.shard_index, cfg.num_shards))
         n_rej = sum(rejects.values())
         rate = n_rej / records if records else 0.0
