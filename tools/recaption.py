@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in s, doubled each retry")
     p.add_argument("--requests-per-second", type=float, default=0.0, help="rate limit per worker (openai), 0: none")
     p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--max-image-bytes", type=int, default=128 << 20, help="larger images are rejects")
+    p.add_argument("--max-sample-bytes", type=int, help="largest sum of a tar sample's members (default: 2x --max-image-bytes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -94,6 +96,7 @@ def config_from(args) -> RecaptionConfig:
         shard_index=index, num_shards=count, executor=args.executor, workers=args.workers,
         shard_retries=args.shard_retries, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+        max_image_bytes=args.max_image_bytes, max_sample_bytes=args.max_sample_bytes,
         progress=not args.no_progress)
 
 

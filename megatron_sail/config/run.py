@@ -166,8 +166,8 @@ MEGATRON_MULTIMODAL = [
 """Megatron-LM's examples/multimodal flags, mapped to ours."""
 
 HELP_EPILOG = ("Defaults shown are the components' own; --recipe and --stage set theirs on top, then "
-               "--config, then flags. `python -m megatron_sail.config.run [flags]` prints the "
-               "resolved config without training.")
+               "--config, then flags. `python -m megatron_sail.training.dry_run -- [flags]` prints "
+               "the resolved config and checks data and checkpoints without training.")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ENTRY_MODULES = ["megatron_sail.train", "megatron_sail.generate", "megatron_sail.config.run"]
+ENTRY_MODULES = ["megatron_sail.train", "megatron_sail.generate"]
 
 
 class _Captured(Exception):

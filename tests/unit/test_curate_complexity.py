@@ -164,6 +164,18 @@ def test_heuristic_tool_sidecar_and_judge_parsing(tiny, tmp_path):
     (out / "bad.scores.jsonl").write_text('{"source": "a", "key": "line 1"}\n')
     with pytest.raises(ValueError, match="bad.scores.jsonl line 1: not a score record"):
         sidecar.read_scores(str(out))
+    # judge through the megatron backend on the tiny random model: each image sample is rated 1-5
+    # or an unparsable_rating reject naming the answer; the text-only one is no_image
+    jd = tmp_path / "j"
+    assert score_complexity.main(["--input", str(tiny["data"]), "--method", "judge", "--model", tiny["ckpt"],
+                                  "--backend", "megatron", "--output-dir", str(jd)]) == 0
+    rated = {r["key"]: r["score"] for r in sidecar.read_scores(str(jd))}
+    rejected = {json.loads(l)["key"]: json.loads(l)["reason"] for f in jd.glob("*.rejects.jsonl")
+                for l in f.read_text().splitlines()}
+    assert rejected.pop("line 3") == "no_image" and rejected.pop("line 4") == "invalid_json"
+    assert set(rated) | set(rejected) == {"line 1", "line 2"} and not set(rated) & set(rejected)
+    assert all(v in (1, 2, 3, 4, 5) for v in rated.values())
+    assert all(v == "unparsable_rating" for v in rejected.values())
     assert parse_rating("Rating: 4 (counting)") == 4 and parse_rating("3") == 3
     with pytest.raises(RatingError, match="no digit 1-5"):
         parse_rating("seven")
