@@ -38,13 +38,22 @@ def rank() -> int:
     return 0
 
 
+class _NoticeFormatter(logging.Formatter):
+    """Progress (INFO) as plain lines; warnings prefixed ``notice:`` so they stand out."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return f"notice: {text}" if record.levelno >= logging.WARNING else text
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    """Project notices (``log.warning("--bf16 ignored on CPU ...")``) to stderr, one line each,
-    prefixed ``notice:``; warnings.warn is reserved for deprecations of our own API."""
+    """Project notices (``log.warning("--bf16 ignored on CPU ...")``, prefixed ``notice:``) and
+    progress (``log.info``) to stderr, one line each; warnings.warn is reserved for deprecations
+    of our own API."""
     if any(getattr(h, "_sail", False) for h in log.handlers):
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("notice: %(message)s"))
+    handler.setFormatter(_NoticeFormatter())
     handler._sail = True  # type: ignore[attr-defined]
     log.addHandler(handler)
     log.setLevel(level)

@@ -25,7 +25,7 @@ from megatron_sail.curate.filters.pipeline import FilterConfig, build_stages, re
 from megatron_sail.curate.job import check_job, run_job
 from megatron_sail.curate.reader import ShardSpec, dump_json
 from megatron_sail.curate.writer import ShardWriter
-from megatron_sail.data import formats
+from megatron_sail.data.preprocess import formats
 
 REPORTS = "reports"
 THUMBNAILS = 4

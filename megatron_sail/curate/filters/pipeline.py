@@ -35,9 +35,9 @@ from megatron_sail.curate.filters.dedup import (DedupApply, ExactDedupConfig, Ne
 from megatron_sail.curate.filters.image_check import ImageCheck, ImageCheckConfig
 from megatron_sail.curate.filters.judge import Judge, JudgeConfig
 from megatron_sail.curate.reader import safe_key
-from megatron_sail.data import formats
-from megatron_sail.data.formats import IMAGE_EXTS, ImageAccess
-from megatron_sail.data.imageinfo import clean_message
+from megatron_sail.data.preprocess import formats
+from megatron_sail.data.preprocess.formats import IMAGE_EXTS, ImageAccess
+from megatron_sail.data.images.imageinfo import clean_message
 
 CAPTION_KEYS = ("txt", "caption", "caption.txt")
 """Members holding the caption, first found wins (recaption output: ``txt``; its
