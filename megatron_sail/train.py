@@ -24,7 +24,7 @@ from megatron_sail.checkpoint import from_checkpoint
 from megatron_sail.checkpoint.from_checkpoint import resolve
 from megatron_sail.config.run import RunConfig, random_init_problem, to_dict, write_resolved
 from megatron_sail.data import geometry
-from megatron_sail.data.dataset import build_blended
+from megatron_sail.data.loading.dataset import build_blended
 from megatron_sail.data.images.pipeline import build_image_pipeline
 from megatron_sail.models.sail_vl import SailVLModel
 from megatron_sail.platform import distributed as platform

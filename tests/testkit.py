@@ -58,6 +58,6 @@ def make_tiny_demo(out: Path, env: dict | None = None, splits=("train", "val"),
 def make_tiny_tokenizer(out: Path) -> str:
     """The demo generator's small BPE tokenizer (with the chat template's special tokens),
     written under ``out``; returns its tokenizer.json path."""
-    from megatron_sail.data.demo import DemoConfig, make_demo
+    from megatron_sail.demo.generator import DemoConfig, make_demo
 
     return make_demo(str(out), DemoConfig(samples=8, val_samples=2, seed=1))["tokenizer"]

@@ -12,7 +12,7 @@ from typing import Optional
 
 @dataclass
 class DataConfig:
-    """Where packed rows come from (see data/dataset.py)."""
+    """Where packed rows come from (see data/loading/dataset.py)."""
 
     data_path: list[str] = field(default_factory=list)
     """Training prefixes, Megatron style: ``[P1, P2]`` or ``[W1, P1, W2, P2]`` (weights first)."""

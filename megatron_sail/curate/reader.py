@@ -3,7 +3,7 @@
 Inputs are img2dataset WebDataset shards (one shard per tar), caption / LLaVA JSONL files (cut
 into shards of ``samples_per_shard`` records) or an image folder (sorted files, cut the same
 way; a ``NAME.txt`` next to ``NAME.jpg`` is its original text). The readers and the path checks
-of data/formats.py are reused: images are read inside the image root only and size-capped.
+of data/preprocess/formats.py are reused: images are read inside the image root only and size-capped.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS
-from megatron_sail.data import formats
-from megatron_sail.data.formats import IMAGE_EXTS, ImageAccess
-from megatron_sail.data.imageinfo import clean_message
-from megatron_sail.data.media_refs import image_field
+from megatron_sail.data.preprocess import formats
+from megatron_sail.data.preprocess.formats import IMAGE_EXTS, ImageAccess
+from megatron_sail.data.images.imageinfo import clean_message
+from megatron_sail.data.preprocess.media_refs import image_field
 from megatron_sail.data.template import SampleError
 
 

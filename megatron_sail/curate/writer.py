@@ -15,7 +15,7 @@ import tarfile
 from typing import Optional
 
 from megatron_sail.curate.reader import Sample, dump_json
-from megatron_sail.data.imageinfo import clean_message
+from megatron_sail.data.images.imageinfo import clean_message
 from megatron_sail.platform.parent_watch import check_parent
 
 DONE_DIR = "done"

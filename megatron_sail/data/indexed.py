@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_sail.data import integrity
-from megatron_sail.data.packing import Sample
+from megatron_sail.data.preprocess.packing import Sample
 
 STREAMS = ("tokens", "loss_mask", "images")
 FORMAT_NAME = "megatron_sail.packed"

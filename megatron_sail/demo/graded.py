@@ -1,5 +1,5 @@
 """Demo SFT data at graded complexity (issue 24; docs/sft_curriculum.md), drawn like the demo
-set (data/demo.py): small images of coloured shapes whose answers are fully determined by them.
+set (demo/generator.py): small images of coloured shapes whose answers are fully determined by them.
 
 - Level 1, one attribute of one object: one shape; "What colour is the shape?", "What shape is
   shown?".
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from megatron_sail.data.demo import (BACKGROUNDS, COLOURS, HELD_OUT_BACKGROUND, NUMBERS, SHAPES,
+from megatron_sail.demo.generator import (BACKGROUNDS, COLOURS, HELD_OUT_BACKGROUND, NUMBERS, SHAPES,
                                      _draw_shape)
 from megatron_sail.eval.prompts import SHORT_ANSWER
 

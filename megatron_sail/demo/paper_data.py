@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_sail.data import demo
+from megatron_sail.demo import generator as demo
 from megatron_sail.demo import graded
 
 SEQ = 256
@@ -47,7 +47,7 @@ def make_data(out: str, cfg: StudyData) -> dict:
     pool = graded.write_pool(root, graded.GradedConfig(cfg.sft_per_level, cfg.bench_items, cfg.seed))
     levels = graded.write_level_benchmarks(os.path.join(root, "bench", "levels"),
                                            graded.GradedConfig(cfg.sft_per_level, cfg.bench_items, cfg.seed))
-    from megatron_sail.eval.demo_bench import DemoBenchConfig, write_demo_benchmarks
+    from megatron_sail.demo.benchmarks import DemoBenchConfig, write_demo_benchmarks
 
     pre_bench = write_demo_benchmarks(os.path.join(root, "bench", "pretrain"), DemoBenchConfig(items=cfg.bench_items))
     tok = os.path.join(root, "tokenizer.json")
@@ -69,7 +69,7 @@ def preprocess(inputs: list[str], tokenizer: str, prefix: str, select: Optional[
     the tiny recipe's geometry; returns the summary (kept when the dataset already exists)."""
     from megatron_sail.config.data import PackingConfig, PreprocessConfig
     from megatron_sail.data.geometry import resolve_tiling
-    from megatron_sail.data.preprocess import run
+    from megatron_sail.data.preprocess.pipeline import run
     from megatron_sail.data.tiling import TilingConfig
 
     if os.path.isfile(prefix + ".summary.json"):

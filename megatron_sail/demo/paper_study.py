@@ -79,54 +79,84 @@ def steps_for(rows: int, epochs: float) -> int:
     return max(1, math.ceil(epochs * rows / GBS))
 
 
+class _Clock:
+    """Seconds per part of the study, logged as each part ends."""
+
+    def __init__(self, log):
+        self.log, self.timing, self.t0, self.start = log, {}, time.perf_counter(), time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timing[name] = round(now - self.t0, 1)
+        self.t0 = now
+        self.log(f"[study] {name}: {self.timing[name]} s")
+
+
 def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) every part and write the report; returns report.json's content."""
     from megatron_sail.curate.ablation_stats import BootstrapConfig
     from megatron_sail.demo import paper_report as rep
 
-    t_all, timing = time.perf_counter(), {}
+    clock = _Clock(log)
     out = cfg.out = os.path.abspath(cfg.out)  # recorded paths stay valid from any directory
     os.makedirs(out, exist_ok=True)
-
-    def mark(name: str, t0: float) -> None:
-        timing[name] = round(time.perf_counter() - t0, 1)
-        log(f"[study] {name}: {timing[name]} s")
-
-    t0 = time.perf_counter()
     data = make_data(out, cfg.data)
-    tok = data["tokenizer"]
-    pre = preprocess([data["pretrain"]], tok, os.path.join(out, "packed", "pretrain"))
-    mark("data", t0)
-
-    # (a) pretraining with in-training scores at geometric steps
-    t0 = time.perf_counter()
-    pre_run = os.path.join(out, "runs", "pretrain")
-    train(RunSpec(pre_run, os.path.join(out, "packed", "pretrain"), cfg.pretrain_iters, seed=1234,
-                  benchmarks=data["pretrain_bench"], eval_at=geometric_steps(cfg.pretrain_iters, cfg.eval_points)),
-          cfg.python, log)
-    start = os.path.join(pre_run, "checkpoints")
-    mark("pretrain", t0)
-
-    # complexity scores of the pool, and how they track the generator's levels
-    t0 = time.perf_counter()
+    pre = preprocess([data["pretrain"]], data["tokenizer"], os.path.join(out, "packed", "pretrain"))
+    clock.mark("data")
+    pre_run, start = pretrain(cfg, data, log)
+    clock.mark("pretrain")
     scores_dir = os.path.join(out, "scores", cfg.method)
     records = score_pool(cfg, data["pool"], scores_dir, start)
     levels = pool_levels(data["pool"])
     rho = rep.spearman([r["score"] for r in records], [levels[r["key"]] for r in records])
-    mark("complexity", t0)
+    clock.mark("complexity")
+    arms, plan, steps, pool_samples = curriculum_arms(cfg, data, records, scores_dir, start, log)
+    clock.mark("curriculum")
+    qruns = {pool_samples: arms["one_stage"][0], **quantity_runs(cfg, data, records, start, log)}
+    clock.mark("quantity")
+    summary = cfg.caption_summary or (run_caption(cfg, log) if cfg.run_caption else None)
+    clock.mark("caption")
 
-    # (c) the arms: stage lists -> packed stages; the pool (every scored sample) for one stage
-    t0 = time.perf_counter()
-    plan = make_plan(cfg, records, scores_dir, tok)
-    stage_rows = [s["rows"] for s in plan["stages"]]
-    total = steps_for(sum(stage_rows), cfg.sft_epochs)
-    per_stage = split_steps(total, stage_rows)
-    pool_prefix = os.path.join(out, "packed", "pool")
-    pool_sum = preprocess([data["pool"]], tok, pool_prefix, select=scores_dir)
-    bench = data["level_bench"]
+    scorer = rep.LevelScorer(data["level_bench"])
+    with open(os.path.join(pre_run, "metrics.jsonl")) as f:
+        budget = 10.0 * max(json.loads(line).get("consumed_tokens", 0) for line in f)
+    scaling = rep.scaling([pre_run], budget, os.path.join(out, "scaling.png"))
+    quant = rep.quantity(qruns, scorer, os.path.join(out, "quantity.png"))
+    cur = rep.curriculum(arms, scorer, os.path.join(out, "curriculum.png"), BootstrapConfig(cfg.resamples, 0.95, 0))
+    cap = rep.caption(summary, os.path.join(out, "caption.png"))
+    clock.mark("report")
+    clock.timing["total"] = round(time.perf_counter() - clock.start, 1)
+    result = assemble(cfg, data, pre, scaling, quant, cur, cap, plan, steps, rho, budget, clock.timing)
+    from megatron_sail.demo.paper_markdown import write_markdown
+
+    write_json(os.path.join(out, "report.json"), result)
+    write_markdown(os.path.join(out, "report.md"), result)
+    return result
+
+
+def pretrain(cfg: StudyConfig, data: dict, log) -> tuple[str, str]:
+    """(a): one run from random weights, scored on the demo sets at geometric steps; returns
+    (run dir, checkpoint folder)."""
+    run = os.path.join(cfg.out, "runs", "pretrain")
+    train(RunSpec(run, os.path.join(cfg.out, "packed", "pretrain"), cfg.pretrain_iters, seed=1234,
+                  benchmarks=data["pretrain_bench"], eval_at=geometric_steps(cfg.pretrain_iters, cfg.eval_points)),
+          cfg.python, log)
+    return run, os.path.join(run, "checkpoints")
+
+
+def curriculum_arms(cfg: StudyConfig, data: dict, records: list, scores_dir: str, start: str, log):
+    """(c): per seed, one stage on the pool, and the packed stages ascending and descending, the
+    same steps in total; returns ({arm: [final run dir per seed]}, plan, {total, per_stage},
+    samples in the pool)."""
+    plan = make_plan(cfg, records, scores_dir, data["tokenizer"])
+    rows = [s["rows"] for s in plan["stages"]]
+    total = steps_for(sum(rows), cfg.sft_epochs)
+    per_stage = split_steps(total, rows)
+    pool_prefix = os.path.join(cfg.out, "packed", "pool")
+    pool = preprocess([data["pool"]], data["tokenizer"], pool_prefix, select=scores_dir)
+    bench, base = data["level_bench"], os.path.join(cfg.out, "runs", "sft")
     arms: dict = {"one_stage": [], "ascending": [], "descending": []}
     for seed in cfg.seeds:
-        base = os.path.join(out, "runs", "sft")
         one = os.path.join(base, f"one_stage_s{seed}")
         train(RunSpec(one, pool_prefix, total, seed, start, bench, extra=sft_flags(cfg)), cfg.python, log)
         arms["one_stage"].append(one)
@@ -136,47 +166,23 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
                              bench if k == len(seq) - 1 else {}, extra=sft_flags(cfg))
                      for k, i in enumerate(seq)]
             arms[order].append(train_chain(chain, cfg.python, log))
-    mark("curriculum", t0)
+    return arms, plan, {"total": total, "per_stage": per_stage}, pool["samples"]
 
-    # (b) quantity: nested random subsets, the same epochs; the whole pool is one_stage (first seed)
-    t0 = time.perf_counter()
-    qruns = {pool_sum["samples"]: arms["one_stage"][0]}
+
+def quantity_runs(cfg: StudyConfig, data: dict, records: list, start: str, log) -> dict:
+    """(b): nested random subsets of the pool, the same epochs each; {samples: run dir}."""
+    runs = {}
     for frac in cfg.quantities:
-        lst = os.path.join(out, "lists", f"quantity_{frac:g}.jsonl")
+        lst = os.path.join(cfg.out, "lists", f"quantity_{frac:g}.jsonl")
         os.makedirs(os.path.dirname(lst), exist_ok=True)
         n = subset_list(records, frac, 7, lst)
-        prefix = os.path.join(out, "packed", f"quantity_{frac:g}")
-        summ = preprocess([data["pool"]], tok, prefix, select=lst)
-        run = os.path.join(out, "runs", "quantity", f"n{n}")
-        train(RunSpec(run, prefix, steps_for(summ["rows"], cfg.sft_epochs), cfg.seeds[0], start, bench,
-                      extra=sft_flags(cfg)), cfg.python, log)
-        qruns[n] = run
-    mark("quantity", t0)
-
-    # (d) claim 1
-    t0 = time.perf_counter()
-    summary = cfg.caption_summary
-    if not summary and cfg.run_caption:
-        summary = run_caption(cfg, log)
-    mark("caption", t0)
-
-    t0 = time.perf_counter()
-    scorer = rep.LevelScorer(bench)
-    tokens_max = max(json.loads(line).get("consumed_tokens", 0)
-                     for line in open(os.path.join(pre_run, "metrics.jsonl")))
-    budget = 10.0 * tokens_max
-    scaling = rep.scaling([pre_run], budget, os.path.join(out, "scaling.png"))
-    quant = rep.quantity(qruns, scorer, os.path.join(out, "quantity.png"))
-    cur = rep.curriculum(arms, scorer, os.path.join(out, "curriculum.png"), BootstrapConfig(cfg.resamples, 0.95, 0))
-    cap = rep.caption(summary, os.path.join(out, "caption.png"))
-    mark("report", t0)
-    timing["total"] = round(time.perf_counter() - t_all, 1)
-    result = assemble(cfg, data, pre, scaling, quant, cur, cap, plan, per_stage, total, rho, budget, timing)
-    from megatron_sail.demo.paper_markdown import write_markdown
-
-    write_json(os.path.join(out, "report.json"), result)
-    write_markdown(os.path.join(out, "report.md"), result)
-    return result
+        prefix = os.path.join(cfg.out, "packed", f"quantity_{frac:g}")
+        summ = preprocess([data["pool"]], data["tokenizer"], prefix, select=lst)
+        run = os.path.join(cfg.out, "runs", "quantity", f"n{n}")
+        train(RunSpec(run, prefix, steps_for(summ["rows"], cfg.sft_epochs), cfg.seeds[0], start,
+                      data["level_bench"], extra=sft_flags(cfg)), cfg.python, log)
+        runs[n] = run
+    return runs
 
 
 def score_pool(cfg: StudyConfig, pool: str, scores_dir: str, start: str) -> list[dict]:
@@ -249,7 +255,7 @@ def write_json(path: str, value: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def assemble(cfg, data, pre, scaling, quant, cur, cap, plan, per_stage, total, rho, budget, timing) -> dict:
+def assemble(cfg, data, pre, scaling, quant, cur, cap, plan, steps, rho, budget, timing) -> dict:
     """report.json: the three required keys first, then the details."""
     fits = scaling["fits"]
     diff = cur["diff_vs_one_stage"]
@@ -264,7 +270,7 @@ def assemble(cfg, data, pre, scaling, quant, cur, cap, plan, per_stage, total, r
             "pretrain_chance": data["pretrain_chance"], "level_chance": data["level_chance"],
             "sft_quantity_levels": {str(q): v["levels"] for q, v in quant.items()},
             "curriculum_levels": cur["levels"], "curriculum_per_seed": cur["per_seed"],
-            "curriculum_steps": {"total": total, "per_stage": per_stage}, "stages": plan["stages"],
+            "curriculum_steps": steps, "stages": plan["stages"],
             "complexity_method": cfg.method, "complexity_vs_level_spearman": rho,
             "caption": cap, "pretrain_rows": pre["rows"], "config": _config(cfg),
             "timing_s": timing,

@@ -30,7 +30,7 @@ from megatron_sail.checkpoint.from_checkpoint import IGNORED_MODEL_FIELDS, resol
 from megatron_sail.checkpoint.layout import read_model_config, resolve_checkpoint
 from megatron_sail.config.run import RunConfig, flatten, random_init_problem, to_dict
 from megatron_sail.data import geometry
-from megatron_sail.data.dataset import parse_data_path
+from megatron_sail.data.loading.dataset import parse_data_path
 
 GEOMETRY_KEYS = ("img_context_id", "img_start_id", "img_end_id", "im_start_id", "im_end_id", "pad_id",
                  "tokens_per_tile", "tile_size")

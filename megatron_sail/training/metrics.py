@@ -208,7 +208,9 @@ class MetricsWriter:
             self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
         if self.cfg.wandb_project:
             self._wandb = _start_wandb(self.cfg, self.run_dir)
-        if self.cfg.progress_bar:
+        # Off a terminal (nohup, CI, a log file) a bar is one endless carriage-return line: the
+        # interval lines already report progress there.
+        if self.cfg.progress_bar and self.stream.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=self.cfg.total_iters, initial=self.cfg.start_iteration,
@@ -296,7 +298,7 @@ class MetricsWriter:
     def log_images(self, iteration: int, batch, decode: Callable[[list[int]], str],
                    mean, std, image_token_id: int, count: int) -> int:
         """TensorBoard image summaries of the first ``count`` images of a micro-batch
-        (data/collate.py MicroBatch): each image's last tile (the thumbnail, or the only tile)
+        (data/loading/collate.py MicroBatch): each image's last tile (the thumbnail, or the only tile)
         de-normalized, beside the text of its sample with the <IMG_CONTEXT> runs left out.
         Returns how many were written."""
         spans, tiles = batch.image_spans or [], batch.tiles

@@ -13,7 +13,7 @@ import sys
 import pytest
 from testkit import ROOT, make_tiny_demo, subprocess_env
 
-from megatron_sail.eval.demo_bench import SETS, DemoBenchConfig, write_demo_benchmarks
+from megatron_sail.demo.benchmarks import SETS, DemoBenchConfig, write_demo_benchmarks
 
 STEPS, LIMIT = 4, 5
 

@@ -4,7 +4,7 @@ import torch
 
 def _share(rank):
     from megatron_sail.config.parallel import ParallelConfig
-    from megatron_sail.data.collate import MicroBatch
+    from megatron_sail.data.loading.collate import MicroBatch
     from megatron_sail.platform import distributed as D
     from megatron_sail.training.step import share_first_stage_images
 

@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 def demo_png(rng: random.Random) -> tuple[bytes, str]:
-    """A demo scene (megatron_sail/data/demo.py) as PNG bytes and its exact caption."""
-    from megatron_sail.data.demo import caption_of, make_scene
+    """A demo scene (megatron_sail/demo/generator.py) as PNG bytes and its exact caption."""
+    from megatron_sail.demo.generator import caption_of, make_scene
 
     img, facts = make_scene(rng)
     buf = io.BytesIO()

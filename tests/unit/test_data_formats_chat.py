@@ -18,12 +18,12 @@ import pytest
 from PIL import Image
 
 from megatron_sail.config.data import PackingConfig, PreprocessConfig, TemplateConfig
-from megatron_sail.data.formats import detect_format, iter_records, to_conversation
-from megatron_sail.data.media_refs import decode_data_uri, plain_ref
-from megatron_sail.data.preprocess import run
+from megatron_sail.data.preprocess.formats import detect_format, iter_records, to_conversation
+from megatron_sail.data.preprocess.media_refs import decode_data_uri, plain_ref
+from megatron_sail.data.preprocess.pipeline import run
 from megatron_sail.data.template import SampleError, normalize_turns
 from megatron_sail.config.images import TilingConfig
-from megatron_sail.data.video import VideoClip, VideoConfig, expand_videos, segment_middles
+from megatron_sail.data.preprocess.video import VideoClip, VideoConfig, expand_videos, segment_middles
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLES = os.path.join(HERE, "format_samples")
@@ -250,7 +250,7 @@ def internvl_tree(tmp_path, monkeypatch):
 
 
 def test_internvl_meta_builds_one_dataset_per_entry_and_the_blend(internvl_tree, tiny_tokenizer, tmp_path, capsys):
-    from megatron_sail.data.dataset import PackedDataset, build_blended
+    from megatron_sail.data.loading.dataset import PackedDataset, build_blended
 
     out = tmp_path / "packed"
     assert preprocess_data.main(meta_args(tiny_tokenizer, out)) == 0

@@ -25,7 +25,7 @@ def tool(name):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from megatron_sail.data.demo import DemoConfig, make_demo
+    from megatron_sail.demo.generator import DemoConfig, make_demo
 
     return make_demo(str(tmp_path_factory.mktemp("demo")), DemoConfig(samples=40, val_samples=2, seed=5))
 

@@ -18,7 +18,7 @@ from PIL import Image
 from testkit import ROOT, subprocess_env
 
 from megatron_sail.data import indexed
-from megatron_sail.data.dataset import PackedDataset
+from megatron_sail.data.loading.dataset import PackedDataset
 
 N_RECORDS = 320
 CONV = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]

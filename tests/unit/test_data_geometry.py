@@ -11,8 +11,8 @@ import pytest
 
 from megatron_sail.config import recipes
 from megatron_sail.data import geometry
-from megatron_sail.data.dataset import PackedDataset
-from megatron_sail.data.demo import DemoConfig, make_demo
+from megatron_sail.data.loading.dataset import PackedDataset
+from megatron_sail.demo.generator import DemoConfig, make_demo
 
 TINY = {"family": "internvit", "tile_size": 32, "patch_size": 8, "grid": 4, "class_tokens": 1,
         "merge": 2, "tokens_per_tile": 4, "recipe": "tiny"}

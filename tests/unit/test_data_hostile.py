@@ -13,8 +13,8 @@ from PIL import Image
 
 from megatron_sail.config.data import PackingConfig, PreprocessConfig
 from megatron_sail.data import indexed
-from megatron_sail.data.dataset import PackedDataset
-from megatron_sail.data.preprocess import run
+from megatron_sail.data.loading.dataset import PackedDataset
+from megatron_sail.data.preprocess.pipeline import run
 from megatron_sail.config.images import TilingConfig
 
 TILING = TilingConfig(tile_size=32, min_tiles=1, max_tiles=4, thumbnail=True, tokens_per_tile=4)
@@ -232,7 +232,7 @@ def test_an_unexpected_error_in_a_worker_is_a_reject_not_a_dead_pool(tiny_tokeni
 
 
 def test_an_input_that_is_not_a_regular_file_is_refused_by_name(tmp_path):
-    from megatron_sail.data.formats import expand_inputs
+    from megatron_sail.data.preprocess.formats import expand_inputs
 
     os.mkfifo(tmp_path / "in.jsonl")
     with pytest.raises(ValueError, match=r"in\.jsonl is not a regular file"):

@@ -10,10 +10,10 @@ import pytest
 
 from megatron_sail.config.data import PackingConfig, PreprocessConfig
 from megatron_sail.data import indexed, integrity
-from megatron_sail.data.dataset import PackedDataset
-from megatron_sail.data.demo import DemoConfig, make_demo
+from megatron_sail.data.loading.dataset import PackedDataset
+from megatron_sail.demo.generator import DemoConfig, make_demo
 from megatron_sail.data.integrity import DatasetIntegrityError
-from megatron_sail.data.preprocess import run
+from megatron_sail.data.preprocess.pipeline import run
 from megatron_sail.config.images import TilingConfig
 
 TILING = TilingConfig(tile_size=32, min_tiles=1, max_tiles=4, thumbnail=True, tokens_per_tile=4)
@@ -148,7 +148,7 @@ def test_image_table_and_meta_json_damage_are_named(copy):
 
 
 def test_merged_shards_carry_valid_checksums(demo, clean, tmp_path, capsys):
-    from megatron_sail.data.merge import merge_shards
+    from megatron_sail.data.preprocess.merge import merge_shards
 
     parts = [build(demo, tmp_path / f"p{i}", shard_index=i, num_shards=2) for i in (0, 1)]
     assert indexed.load_meta(parts[0])["checksums"] != indexed.load_meta(parts[1])["checksums"]

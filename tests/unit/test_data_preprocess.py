@@ -17,9 +17,9 @@ from testkit import ROOT
 
 from megatron_sail.config.data import PackingConfig, PreprocessConfig
 from megatron_sail.data import indexed
-from megatron_sail.data.dataset import PackedDataset
-from megatron_sail.data.demo import DemoConfig, make_demo
-from megatron_sail.data.preprocess import run
+from megatron_sail.data.loading.dataset import PackedDataset
+from megatron_sail.demo.generator import DemoConfig, make_demo
+from megatron_sail.data.preprocess.pipeline import run
 from megatron_sail.config.images import TilingConfig
 from megatron_sail.data.tiling import find_grid, num_tiles
 
@@ -405,7 +405,7 @@ def test_multi_image_rows_give_tiles_in_image_token_order(demo, tmp_path):
     """preprocess -> PackedDataset -> collate: the k-th <IMG_CONTEXT> run of a row gets exactly
     the tiles of the k-th stored image (told apart by grey level and run length)."""
     from megatron_sail.config.images import ImageConfig
-    from megatron_sail.data.collate import collate_rows
+    from megatron_sail.data.loading.collate import collate_rows
     from megatron_sail.data.images.pil import PilPipeline
 
     grey = {"a.png": ((64, 64), 30), "b.png": ((64, 96), 120), "c.png": ((32, 32), 220)}

@@ -14,7 +14,7 @@ from megatron_sail.demo import graded
 from megatron_sail.demo.paper_report import LevelScorer, curriculum, spearman
 from megatron_sail.demo.paper_study import geometric_steps, split_steps
 from megatron_sail.curate.ablation_stats import BootstrapConfig
-from megatron_sail.data.demo import NUMBERS
+from megatron_sail.demo.generator import NUMBERS
 
 
 def _truth(q: str, objs: list[dict]) -> str:

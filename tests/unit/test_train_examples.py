@@ -24,7 +24,7 @@ from testkit import ROOT, subprocess_env
 
 from megatron_sail.config.data import PackingConfig, PreprocessConfig
 from megatron_sail.config.parallel import ParallelConfig
-from megatron_sail.data.dataset import parse_data_path
+from megatron_sail.data.loading.dataset import parse_data_path
 from megatron_sail.config.images import TilingConfig
 
 GPUS_PER_NODE = 8
@@ -59,8 +59,8 @@ def assets(tmp_path_factory):
     the dry run does not read)."""
     from megatron_sail.config.model import sail_2b, sail_8b
     from megatron_sail.checkpoint.layout import write_model_config
-    from megatron_sail.data.demo import DemoConfig, make_demo
-    from megatron_sail.data.preprocess import run
+    from megatron_sail.demo.generator import DemoConfig, make_demo
+    from megatron_sail.data.preprocess.pipeline import run
 
     root = tmp_path_factory.mktemp("launch")
     demo = make_demo(str(root / "demo"), DemoConfig(samples=10, val_samples=3, seed=2))

@@ -67,14 +67,14 @@ def wait_for(cond, timeout: float = 120.0) -> None:
 
 
 def test_preprocess_workers_exit_when_the_parent_is_killed(tmp_path):
-    from megatron_sail.data.demo import DemoConfig, make_demo
+    from megatron_sail.demo.generator import DemoConfig, make_demo
 
     demo = make_demo(str(tmp_path / "demo"), DemoConfig(samples=24, val_samples=2, seed=3))
     # the real tool, whose input stalls after two blocks: the workers are up and idle, the parent waits
     script = textwrap.dedent(f"""
         import itertools, sys, time
         sys.path.insert(0, {str(REPO / 'tools')!r})
-        import megatron_sail.data.preprocess as pp
+        import megatron_sail.data.preprocess.pipeline as pp
         real = pp.iter_blocks
         def stalled(*a, **k):
             yield from itertools.islice(real(*a, **k), 2)

@@ -10,7 +10,7 @@ Each question gets a type from its text and its answer's shape:
 | caption | describe / caption / "what is in the image" | 2.0 |
 | ocr | read / written / text / word / OCR | 2.0 |
 | counting | how many / count / number of | 2.5 |
-| open reasoning | why / explain / compare / step / relations (left of, above, ...) / a long answer (>= 20 words) | 3.0 |
+| open reasoning | why / explain / compare / step / relations (left of, above, ...) / 20+ word answer | 3.0 |
 
 Answer-format lines ("Answer the question using a single word or phrase.") are dropped first. A
 question takes its heaviest matching type; every further content type it matches

@@ -24,7 +24,7 @@ from megatron_sail.curate.dedup.sigfile import SUFFIX, load_signatures  # noqa: 
 from megatron_sail.curate.job import check_job
 from megatron_sail.curate.reader import ShardSpec
 from megatron_sail.curate.writer import DONE_DIR, done_marker, write_atomic
-from megatron_sail.data import formats
+from megatron_sail.data.preprocess import formats
 from megatron_sail.platform.parent_watch import check_parent
 
 

@@ -35,9 +35,9 @@ from megatron_sail.curate.filters.dedup import (DedupApply, ExactDedupConfig, Ne
 from megatron_sail.curate.filters.image_check import ImageCheck, ImageCheckConfig
 from megatron_sail.curate.filters.judge import Judge, JudgeConfig
 from megatron_sail.curate.reader import safe_key
-from megatron_sail.data import formats
-from megatron_sail.data.formats import IMAGE_EXTS, ImageAccess
-from megatron_sail.data.imageinfo import clean_message
+from megatron_sail.data.preprocess import formats
+from megatron_sail.data.preprocess.formats import IMAGE_EXTS, ImageAccess
+from megatron_sail.data.images.imageinfo import clean_message
 
 CAPTION_KEYS = ("txt", "caption", "caption.txt")
 """Members holding the caption, first found wins (recaption output: ``txt``; its
@@ -215,5 +215,10 @@ def run_filters(inputs: list[str], out_dir: str, cfg: FilterConfig, max_bytes: i
     machine: the passes of filters/job.py in one call. Returns the run report (a dict)."""
     from megatron_sail.curate.filters.job import FilterJobConfig, run_all
 
-    return run_all(FilterJobConfig(inputs=list(inputs), output_dir=out_dir, filters=cfg, max_member_bytes=max_bytes,
-                                   max_sample_bytes=max_sample_bytes, progress=progress, **job))
+    report, failed = run_all(FilterJobConfig(inputs=list(inputs), output_dir=out_dir, filters=cfg,
+                                             max_member_bytes=max_bytes, max_sample_bytes=max_sample_bytes,
+                                             progress=progress, **job))
+    if failed:
+        raise RuntimeError(f"shard {failed[0]['shard']} failed after {failed[0]['attempts']} attempts: "
+                           f"{failed[0]['error']}")
+    return report
