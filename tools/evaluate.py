@@ -55,8 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with; default) or 'vlmevalkit' (per benchmark as VLMEvalKit's SAIL-VL "
                         "wrapper: 10, 12 for ChartQA/MMMU/OCR-VQA, 18 DocVQA, 24 InfoVQA/OCRBench)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (torchrun)")
-    p.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (torchrun)")
+    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=None,
+                   metavar="N", help="tensor-parallel size under torchrun (default: 1)")
+    p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=None,
+                   metavar="N", help="pipeline-parallel size under torchrun (default: 1)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer")
     p.add_argument("--baseline", default=None,
@@ -204,7 +206,7 @@ def run(a) -> int:
             tiles = spec.max_tiles if a.max_tiles == "vlmevalkit" else base_tiles
             gen = for_tiles(tiles)
             rc = RunnerConfig(limit=a.limit, batch_size=a.batch_size,
-                              max_new_tokens=a.max_new_tokens, writer=rank0,
+                              max_new_tokens=a.max_new_tokens, writer=rank0, progress=True,
                               model_id=f"{model_path}|tiles={tiles}|tokens={a.max_new_tokens}")
             s, pred_path = run_benchmark(spec, path, gen.generate, rc, out_dir)
             results[name] = {"file": path, "predictions": pred_path, "max_tiles": tiles,

@@ -4,48 +4,20 @@ A save that runs out of space fails deep inside whatever was writing: DCP's file
 error comes back wrapped per rank in a ``CheckpointException``), torch's zip writer for
 ``torch.save`` (``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, without
 an errno), ``shutil.copytree`` for the tokenizer. ``find_no_space`` digs the ENOSPC out of any of
-them and ``NoSpaceLeft`` says it once: which file (or folder) was being written and how much
-space is left there, so the user knows what to free.
+them, and ``explain`` says it once, as preprocessing does (data/integrity.py ``write_error``):
+which file (or folder) was being written and how much space is left there.
 """
 from __future__ import annotations
 
 import errno
-import os
-import shutil
 from typing import Iterator, Optional
 
-
-class NoSpaceLeft(OSError):
-    """ENOSPC while writing a checkpoint: the message names the file and the free bytes."""
-
-    def __init__(self, path: str):
-        free = free_bytes(path)
-        shown = "unknown" if free is None else str(free)
-        super().__init__(errno.ENOSPC, f"no space left on device while writing {path} "
-                                       f"({shown} bytes free)")
-        self.path = path
-
-    def __str__(self) -> str:
-        return self.strerror
+from megatron_sail.data.integrity import OutputWriteError, write_error
 
 
 class CheckpointNotSaved(OSError):
     """Another rank could not write its part of a checkpoint (that rank's error says why); this
     rank stops too, so that nothing is published and no rank waits in the next collective."""
-
-
-def free_bytes(path: str) -> Optional[int]:
-    """Free bytes on the file system holding ``path`` (its nearest existing folder)."""
-    folder = os.path.abspath(path)
-    while folder and not os.path.isdir(folder):
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            return None
-        folder = parent
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
 
 
 def _chain(err: BaseException) -> Iterator[BaseException]:
@@ -73,12 +45,14 @@ def find_no_space(err: BaseException) -> Optional[OSError]:
     return None
 
 
-def explain(err: BaseException, path: str) -> Optional[NoSpaceLeft]:
-    """``NoSpaceLeft`` for a write of ``path`` that failed with ``err`` when a full disk is
-    why (the failing file's own name when the error carries one), else None."""
-    if isinstance(err, NoSpaceLeft):
+def explain(err: BaseException, path: str) -> Optional[OutputWriteError]:
+    """"no space left on device while writing PATH (N bytes free)" for a write of ``path`` that
+    failed with ``err`` when a full disk is why (the failing file's own name when the error
+    carries one), else None."""
+    if isinstance(err, OutputWriteError) and err.errno == errno.ENOSPC:
         return err
     found = find_no_space(err)
     if found is None:
         return None
-    return NoSpaceLeft(str(found.filename) if found.filename else path)
+    return write_error(str(found.filename) if found.filename else path,
+                       OSError(errno.ENOSPC, found.strerror or "No space left on device"))

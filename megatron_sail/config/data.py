@@ -79,6 +79,9 @@ class PreprocessConfig:
     """How many machines share the input."""
     strict: bool = False
     """Exit 1 (and publish nothing) on any rejected sample."""
+    progress: bool = False
+    """Report records done and their rate on stderr (a bar on a terminal, a line every 30 s
+    off it); tools/preprocess_data.py turns it on, library callers stay quiet."""
     max_reject_rate: float = 0.05
     """Exit 1 (and publish nothing) when rejects / input records exceeds this."""
     allow_absolute_paths: bool = False
@@ -93,9 +96,9 @@ class PreprocessConfig:
     ImageConfig.max_pixels the same (both default to config/images.py's DEFAULT_MAX_IMAGE_PIXELS)."""
     video_frames: int = 8
     """Frames sampled from each InternVL video sample (middle of equal segments), one tile each
-    (data/video.py); 0 rejects video samples (``video_unsupported``)."""
+    (data/preprocess/video.py); 0 rejects video samples (``video_unsupported``)."""
     select: Optional[str] = None
-    """Keep only the records a sample list names (data/selection.py: a curriculum stage list or a
+    """Keep only the records a sample list names (data/preprocess/selection.py: a curriculum stage list or a
     complexity sidecar folder); None keeps every record."""
     select_min_score: Optional[float] = None
     """With ``select``: keep records scoring at least this."""

@@ -40,7 +40,7 @@ from megatron_sail.checkpoint.layout import (LATEST, STATE_FILE, CheckpointDamag
                                              resolve_checkpoint)
 from megatron_sail.checkpoint.optimizer_state import OPTIM_METADATA, fit_chained_layout
 from megatron_sail.compat import optimizer as compat_optimizer
-from megatron_sail.training.optimizer import unwrap
+from megatron_sail.models.sail_vl import unwrap
 
 VERIFIED = dcp.DistCkptConfig(verify="off")
 """Loads after check_before_load: the manifest was checked there, with --ckpt-verify."""
@@ -178,11 +178,11 @@ def write_bytes(path: str, data: bytes) -> None:
 @contextmanager
 def disk_full_named(path: str):
     """A collective write step of a save (every rank raises together when one fails): a full
-    disk becomes one ``NoSpaceLeft`` line naming the file on the rank that hit it, and
+    disk becomes one "no space left on device while writing PATH (N bytes free)" line naming the file on the rank that hit it, and
     ``CheckpointNotSaved`` on the others, instead of DCP's per-rank chained tracebacks."""
     try:
         yield
-    except (disk_full.NoSpaceLeft, disk_full.CheckpointNotSaved):
+    except (disk_full.OutputWriteError, disk_full.CheckpointNotSaved):
         raise
     except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)) or disk_full.find_no_space(e) is None:

@@ -1,22 +1,15 @@
 """A new user's first hour (issue 22): outputs land where they are expected, and nothing already
 there is silently overwritten."""
-import importlib.util
+import importlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """A tools/ script as a module (tools/ is on pytest's pythonpath)."""
+    return importlib.import_module(name)
 
 
 def test_make_demo_data_refuses_a_used_folder_and_overwrite_leaves_nothing_stale(tmp_path, capsys):
@@ -52,8 +45,8 @@ def test_the_tokenizer_is_recorded_so_a_run_from_another_folder_finds_it(tmp_pat
     from megatron_sail.checkpoint.assets import resolve_tokenizer_path, write_checkpoint_assets
     from megatron_sail.checkpoint.layout import TOKENIZER_DIR
     from megatron_sail.config.data import PackingConfig, PreprocessConfig
-    from megatron_sail.data.demo import DemoConfig, make_demo
-    from megatron_sail.data.preprocess import run
+    from megatron_sail.demo.generator import DemoConfig, make_demo
+    from megatron_sail.data.preprocess.pipeline import run
     from megatron_sail.config.images import TilingConfig
 
     demo = make_demo(str(tmp_path / "demo"), DemoConfig(samples=6, val_samples=1, seed=3))
@@ -79,3 +72,31 @@ def test_the_tokenizer_is_recorded_so_a_run_from_another_folder_finds_it(tmp_pat
     with pytest.raises(FileNotFoundError, match=r"train\.meta\.json: the tokenizer it records "
                                                 r"\(gone/tok\.json\) is not found"):
         resolve_tokenizer_path(meta_path, "gone/tok.json")
+
+
+def test_preprocessing_detects_the_format_per_file(tmp_path, tiny_tokenizer):
+    """A glob over LLaVA and caption files read every record of the second file as a bad_sample
+    of the first one's format; each file is now read as what it is, and the log says which."""
+    from PIL import Image
+
+    from megatron_sail.config.data import PackingConfig, PreprocessConfig
+    from megatron_sail.config.images import TilingConfig
+    from megatron_sail.data.preprocess.pipeline import run
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "red.png")
+    llava = [{"image": "red.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]}] * 3
+    captions = [{"image": "red.png", "caption": "A red square."}] * 2
+    (tmp_path / "a_chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in llava))
+    (tmp_path / "b_caption.jsonl").write_text("".join(json.dumps(r) + "\n" for r in captions))
+    logs = []
+    cfg = PreprocessConfig(inputs=[str(tmp_path / "*.jsonl")], output_prefix=str(tmp_path / "out"),
+                           tokenizer=tiny_tokenizer, tiling=TilingConfig(32, 1, 4, True, 4),
+                           packing=PackingConfig(seq_length=256, packing_buffer=8, seed=7))
+    code, summary = run(cfg, log=logs.append)
+    assert code == 0, summary
+    assert summary["samples"] == 5 and summary["rejects"] == {}
+    assert f"format caption: 1 file(s): {tmp_path / 'b_caption.jsonl'}" in logs
+    assert f"format llava: 1 file(s): {tmp_path / 'a_chat.jsonl'}" in logs
+    meta = json.loads((tmp_path / "out.meta.json").read_text())
+    assert meta["input_format"] == "caption+llava"

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from megatron_sail.config.images import ImageConfig
-from megatron_sail.data.collate import collate_rows
+from megatron_sail.data.loading.collate import collate_rows
 from megatron_sail.data.images.pil import PilPipeline
-from megatron_sail.data.images.prefetch import PrefetchLoader
+from megatron_sail.data.loading.prefetch import PrefetchLoader
 from megatron_sail.data.images.synthetic import encode
 from megatron_sail.data.records import ImageRecord, PackedRow
 
@@ -121,6 +121,21 @@ def test_prefetch_is_deterministic_and_resumable(pipe):
     with PrefetchLoader(source, pipe, depth=2, position=state["position"], pin_memory=True) as resumed:
         rest = list(resumed)
     assert len(rest) == 5 and all(same(a, b) for a, b in zip(rest, full[3:]))
+
+
+def test_row_stats_ride_on_their_micro_batch_also_after_resume(pipe):
+    """The loader's ``row_stats`` result is attached to the micro-batch built from the same rows
+    (the trainer's throughput metrics read it there); a batch without the hook carries zeros."""
+    data = batches()
+    source = lambda p: itertools.islice(data, p, None)  # noqa: E731
+    stats = lambda rows: (float(sum(r.num_samples for r in rows)), float(sum(len(r.images) for r in rows)))  # noqa: E731
+    with PrefetchLoader(source, pipe, depth=2, position=3, row_stats=stats) as loader:
+        got = [(mb.real_tokens, mb.flops) for mb in loader]
+    assert got == [stats(rows) for rows in data[3:]]
+    assert got[2] == (3.0, 2.0)  # micro-batch 5: samples 2 + 1, images 2 (one of them junk)
+    with PrefetchLoader(source, pipe, depth=1) as plain:
+        first = next(plain)
+    assert (first.real_tokens, first.flops) == (0.0, 0.0)
 
 
 def test_prefetch_raises_worker_errors_in_order(pipe):
