@@ -258,7 +258,8 @@ class OurRunner:
     def __init__(self, run):
         from megatron_sail import train as trainer
         from megatron_sail.platform import distributed as platform
-        from megatron_sail.training.optimizer import build_optimizer, build_scheduler, unwrap
+        from megatron_sail.models.sail_vl import unwrap
+        from megatron_sail.training.optimizer import build_optimizer, build_scheduler
 
         dtype = trainer.check_precision(run)
         platform.initialize(run.parallel, run.train.seed)

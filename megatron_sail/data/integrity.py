@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_sail.compat import indexed as idx_format
+from megatron_sail.hashing import file_sha256 as file_digest  # ALGORITHM's digest of a file
 
 ALGORITHM = "sha256"
 CHEAP_HASH_BYTES = 1 << 20
@@ -65,8 +66,11 @@ def write_error(path: str, error: OSError) -> OutputWriteError:
     if isinstance(error, OutputWriteError):
         return error
     if error.errno == errno.ENOSPC:
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+            folder = os.path.dirname(folder)  # the nearest folder that exists: same disk
         try:
-            st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+            st = os.statvfs(folder)
             free = f"{st.f_bavail * st.f_frsize} bytes free"
         except OSError:
             free = "free space unknown"
@@ -99,17 +103,6 @@ class HashingFile:
 
     def __getattr__(self, name):
         return getattr(self._f, name)
-
-
-def file_digest(path: str, chunk: int = 8 << 20) -> str:
-    """Hex digest of a file, read in chunks."""
-    h = hashlib.new(ALGORITHM)
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
 
 
 def checksums_block(files: dict[str, str], known: Optional[dict[str, tuple[int, str]]] = None) -> dict:

@@ -27,14 +27,8 @@ from megatron_sail.inference.kv_cache import CacheStep, KVCache, cached_attentio
 from megatron_sail.inference.prompts import Prompt, PromptBuilder, ProcessorSettings
 from megatron_sail.inference.sampling import apply_min_tokens, next_tokens
 from megatron_sail.models.attention import packed_seq_params
+from megatron_sail.models.sail_vl import unwrap
 from megatron_sail.platform.distributed import device as model_device
-
-
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP / Float16Module wrappers (each keeps the wrapped model in ``.module``)."""
-    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
-        chunk = chunk.module
-    return chunk
 
 
 class Generator:
