@@ -34,7 +34,8 @@ from safetensors.torch import save_file
 from megatron_sail.checkpoint import dcp, integrity
 from megatron_sail.checkpoint.layout import (CONVERSION_FILE, HF_CONFIG_FILE, PROCESSOR_FILE,
                                              SOURCE_DIR, TOKENIZER_DIR, UNUSED_FILE,
-                                             read_model_config, write_model_config)
+                                             read_checkpoint, read_model_config,
+                                             write_model_config)
 from megatron_sail.checkpoint.processor import ProcessorSettings
 from megatron_sail.checkpoint.tokenizer import save_tokenizer
 from megatron_sail.config.model import ModelConfig
@@ -237,10 +238,16 @@ def _load_full_state(model: torch.nn.Module, ours: dict[str, torch.Tensor]) -> N
 
 def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 cfg: ConvertConfig = ConvertConfig()) -> Path:
-    """Convert a Megatron dist checkpoint (ours) into transformers' InternVL folder."""
-    mcore_dir = Path(mcore_dir)
+    """Convert a Megatron dist checkpoint (ours: one checkpoint folder, or a --save root whose
+    `latest` is read) into transformers' InternVL folder. A run that prunes the checkpoint
+    while it is read (--keep-last) makes this convert the new latest, or say it was deleted."""
     _check_not_source(mcore_dir, out_dir, "--mcore-dir")
     _check_empty(out_dir, cfg.overwrite)
+    return read_checkpoint(str(mcore_dir), lambda ckpt: _mcore_to_hf(Path(ckpt), out_dir, cfg))
+
+
+def _mcore_to_hf(mcore_dir: Path, out_dir: str | os.PathLike, cfg: ConvertConfig) -> Path:
+    """mcore_to_hf of one checkpoint folder."""
     model_config = read_model_config(mcore_dir)
     if not vision_family(model_config.vision.family).vlm_export:
         raise ValueError(

@@ -184,7 +184,8 @@ def finalize_saves(ctx: LoopContext, blocking: bool) -> None:
     """Collective: publish the background saves that every rank has finished writing (all of
     them, waiting, when ``blocking``); a failed write raises here on every rank."""
     if ctx.pending is not None:
-        ctx.pending.maybe_finalize_async_calls(blocking=blocking)
+        with ckpt.disk_full_named(ctx.cfg.checkpoint.save):  # a full disk: one line
+            ctx.pending.maybe_finalize_async_calls(blocking=blocking)
 
 
 def _maybe_validate(ctx: LoopContext, final: bool) -> None:
