@@ -22,6 +22,7 @@ This module is the one place that chooses the strategy; conversion and the train
 from __future__ import annotations
 
 import logging
+import dataclasses
 import os
 import shutil
 import threading
@@ -293,6 +294,29 @@ def save_model(model_chunks: list[torch.nn.Module], checkpoint_dir: str | os.Pat
     return final
 
 
+def _largest_first(sharded: dict) -> tuple[dict, dict]:
+    """Split {chunk: {key: sharded tensor/object}} into this rank's largest tensors (at least half
+    the size of its biggest) and everything else.
+
+    DCP reads each tensor into new memory before copying it into the parameter, so loading the
+    embedding last would hold it twice on top of a nearly full model (1.4x the weights for a
+    0.5B model). Read first, while the other parameters are still untouched pages, it costs
+    nothing at the peak, and the remaining transients are one layer's tensor."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    sizes = [v.data.numel() for part in sharded.values() for v in part.values()
+             if isinstance(v, ShardedTensor) and v.data is not None]
+    cut = max(sizes, default=0) / 2
+    big, rest = {}, {}
+    for name, part in sharded.items():
+        big[name], rest[name] = {}, {}
+        for key, value in part.items():
+            large = (isinstance(value, ShardedTensor) and value.data is not None
+                     and value.data.numel() >= cut)
+            (big if large else rest)[name][key] = value
+    return big, rest
+
+
 def load_model(model_chunks: list[torch.nn.Module], checkpoint_dir: str | os.PathLike,
                cfg: DistCkptConfig = DistCkptConfig()) -> None:
     """Collective: load weights into the chunks (at whatever TP/PP they were built with).
@@ -300,8 +324,11 @@ def load_model(model_chunks: list[torch.nn.Module], checkpoint_dir: str | os.Pat
     Works on model-only checkpoints (conversions) and on training checkpoints, whose optimizer
     state is left unread.
     """
-    loaded = load_sharded(model_sharded_state_dict(model_chunks), checkpoint_dir, cfg,
-                          allow_extra=True)
+    big, rest = _largest_first(model_sharded_state_dict(model_chunks))
+    loaded = load_sharded(big, checkpoint_dir, cfg, allow_extra=True)
+    for name, part in load_sharded(rest, checkpoint_dir, dataclasses.replace(cfg, verify="off"),
+                                   allow_extra=True).items():
+        loaded.setdefault(name, {}).update(part)
     chunks = unwrap_model(list(model_chunks))
     if len(chunks) == 1:
         chunks[0].load_state_dict(loaded["model"], strict=True)
