@@ -18,6 +18,7 @@ captions the two backends wrote identically.
 
     python tools/bench_recaption.py --work /tmp/bench_rc --compare --shards 1 --per-shard 64 --repeats 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,22 +39,43 @@ sys.path.insert(0, str(REPO / "tests" / "unit"))
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--work", default="/tmp/bench_recaption", metavar="DIR",
-                   help="scratch folder for shards, model and outputs (default: %(default)s)")
-    p.add_argument("--shards", type=int, default=4, metavar="N",
-                   help="generated input shards (default: %(default)s)")
-    p.add_argument("--per-shard", type=int, default=32, metavar="N",
-                   help="images per generated shard (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
-                   help="longest caption in tokens (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N",
-                   help="images captioned together (default: %(default)s)")
+    p.add_argument(
+        "--work",
+        default="/tmp/bench_recaption",
+        metavar="DIR",
+        help="scratch folder for shards, model and outputs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shards", type=int, default=4, metavar="N", help="generated input shards (default: %(default)s)"
+    )
+    p.add_argument(
+        "--per-shard",
+        type=int,
+        default=32,
+        metavar="N",
+        help="images per generated shard (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        metavar="N",
+        help="longest caption in tokens (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        metavar="N",
+        help="images captioned together (default: %(default)s)",
+    )
     p.add_argument("--runs", default="local:1,local:2,ray:2", help="executor:workers, comma separated")
     p.add_argument("--model", help="a real captioner instead of the tiny random one (with --input)")
     p.add_argument("--input", help="shards to caption instead of generated demo shards (glob)")
     p.add_argument("--backend", default="megatron", help="backend of --model (megatron, hf, vllm)")
-    p.add_argument("--max-tiles", type=int, default=4, metavar="N",
-                   help="most tiles per image (default: %(default)s)")
+    p.add_argument(
+        "--max-tiles", type=int, default=4, metavar="N", help="most tiles per image (default: %(default)s)"
+    )
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray runs: GPUs per captioner actor")
     p.add_argument("--compare", action="store_true", help="megatron vs hf backend, alternating, one worker")
     p.add_argument("--repeats", type=int, default=3, help="--compare: runs per backend")
@@ -72,11 +94,29 @@ def main() -> int:
     for run in args.runs.split(","):
         executor, workers = run.split(":")
         out = work / f"out_{executor}_{workers}"
-        cmd = [sys.executable, str(REPO / "tools" / "recaption.py"), "--input", inputs,
-               "--output-dir", str(out), "--model", ckpt, "--backend", args.backend,
-               "--max-tiles", str(args.max_tiles),
-               "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
-               "--executor", executor, "--workers", workers, "--no-progress"]
+        cmd = [
+            sys.executable,
+            str(REPO / "tools" / "recaption.py"),
+            "--input",
+            inputs,
+            "--output-dir",
+            str(out),
+            "--model",
+            ckpt,
+            "--backend",
+            args.backend,
+            "--max-tiles",
+            str(args.max_tiles),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+            "--batch-size",
+            str(args.batch_size),
+            "--executor",
+            executor,
+            "--workers",
+            workers,
+            "--no-progress",
+        ]
         if executor == "ray":
             cmd += ["--gpus-per-worker", str(args.gpus_per_worker)]
             cmd += [] if args.gpus_per_worker else ["--ray-num-cpus", workers]
@@ -88,21 +128,49 @@ def main() -> int:
             return 1
         s = json.loads(res.stdout)
         shard_s = [json.load(open(f))["seconds"] for f in sorted((out / "done").glob("*.json"))]
-        print(json.dumps({"executor": executor, "workers": int(workers), "images": s["samples"],
-                          "wall_s": round(wall, 1), "images_per_s_end_to_end": round(s["samples"] / wall, 2),
-                          "images_per_s_per_worker_steady": round(s["samples"] / sum(shard_s), 2),
-                          "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}))
+        print(
+            json.dumps(
+                {
+                    "executor": executor,
+                    "workers": int(workers),
+                    "images": s["samples"],
+                    "wall_s": round(wall, 1),
+                    "images_per_s_end_to_end": round(s["samples"] / wall, 2),
+                    "images_per_s_per_worker_steady": round(s["samples"] / sum(shard_s), 2),
+                    "max_new_tokens": args.max_new_tokens,
+                    "batch_size": args.batch_size,
+                }
+            )
+        )
     return 0
 
 
 def recaption_run(args, inputs: str, ckpt: str, out: Path, backend: str) -> float:
     """One local single-worker recaption run; steady images/s (images / shard seconds)."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(REPO / "tools" / "recaption.py"), "--input", inputs,
-           "--output-dir", str(out), "--model", ckpt, "--backend", backend,
-           "--max-tiles", str(args.max_tiles), "--max-new-tokens", str(args.max_new_tokens),
-           "--batch-size", str(args.batch_size), "--executor", "local", "--workers", "1",
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "recaption.py"),
+        "--input",
+        inputs,
+        "--output-dir",
+        str(out),
+        "--model",
+        ckpt,
+        "--backend",
+        backend,
+        "--max-tiles",
+        str(args.max_tiles),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--batch-size",
+        str(args.batch_size),
+        "--executor",
+        "local",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
@@ -127,7 +195,7 @@ def compare(args, inputs: str, ckpt: str, work: Path) -> int:
     """megatron vs hf backend, alternating in separate processes; the point= line."""
     rates = {"megatron": [], "hf": []}
     for r in range(args.repeats):
-        for backend in (("hf", "megatron") if r % 2 == 0 else ("megatron", "hf")):
+        for backend in ("hf", "megatron") if r % 2 == 0 else ("megatron", "hf"):
             rate = recaption_run(args, inputs, ckpt, work / f"cmp_{backend}", backend)
             rates[backend].append(rate)
             print(f"run repeat={r} backend={backend} images_per_s_steady={rate:.2f}", flush=True)

@@ -17,6 +17,7 @@ Layout differences handled here:
 * ViT layers after ``select_layer`` are not built by us; ``unused_hf_tensors`` picks their HF
   weights out so that conversion can store them beside the Megatron checkpoint and restore them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -26,8 +27,13 @@ import re
 import torch
 
 from megatron_sail.config.model import ModelConfig, ProjectorConfig
-from megatron_sail.models.families import (KeyMap, language_family, language_family_for_hf,
-                                           vision_family, vision_family_for_hf)
+from megatron_sail.models.families import (
+    KeyMap,
+    language_family,
+    language_family_for_hf,
+    vision_family,
+    vision_family_for_hf,
+)
 
 _V = "model.vision_tower."
 _P = "model.multi_modal_projector."
@@ -41,18 +47,25 @@ def to_hf_config(cfg: ModelConfig):
 
     v, lm = cfg.vision, cfg.language
     if not vision_family(v.family).in_internvl_container:
-        raise ValueError(f"transformers' InternVL cannot hold a {v.family!r} vision tower: "
-                         "convert that encoder alone (families key_map / apply_key_map)")
+        raise ValueError(
+            f"transformers' InternVL cannot hold a {v.family!r} vision tower: "
+            "convert that encoder alone (families key_map / apply_key_map)"
+        )
     if cfg.geometry().padded:
-        raise ValueError("transformers' InternVL pixel shuffle cannot express projector."
-                         "odd_grid='pad' (the zero-padded odd patch grid)")
-    return InternVLConfig(vision_config=vision_family(v.family).hf_config(v),
-                          text_config=language_family(lm.family).hf_config(lm),
-                          image_token_id=cfg.img_context_token_id,
-                          downsample_ratio=cfg.projector.downsample_ratio,
-                          projector_hidden_act="gelu", vision_feature_layer=v.select_layer,
-                          vision_feature_select_strategy="default",
-                          tie_word_embeddings=lm.tie_embeddings)
+        raise ValueError(
+            "transformers' InternVL pixel shuffle cannot express projector."
+            "odd_grid='pad' (the zero-padded odd patch grid)"
+        )
+    return InternVLConfig(
+        vision_config=vision_family(v.family).hf_config(v),
+        text_config=language_family(lm.family).hf_config(lm),
+        image_token_id=cfg.img_context_token_id,
+        downsample_ratio=cfg.projector.downsample_ratio,
+        projector_hidden_act="gelu",
+        vision_feature_layer=v.select_layer,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=lm.tie_embeddings,
+    )
 
 
 def from_hf_config(hf, drop_path_rate: float = 0.0) -> ModelConfig:
@@ -94,14 +107,19 @@ def split_qkv(qkv, num_heads: int, num_groups: int):
     tail = qkv.shape[1:]
     g = qkv.reshape(num_groups, (per + 2) * hd, *tail)
     q, k, v = g.split([per * hd, hd, hd], dim=1)
-    return (q.reshape(-1, *tail).contiguous(), k.reshape(-1, *tail).contiguous(),
-            v.reshape(-1, *tail).contiguous())
+    return (
+        q.reshape(-1, *tail).contiguous(),
+        k.reshape(-1, *tail).contiguous(),
+        v.reshape(-1, *tail).contiguous(),
+    )
 
 
 def canonical_key(key: str) -> str:
     """Map TE-spec parameter names (norms fused into linears) to local-spec names."""
-    for te, local in ((".self_attention.linear_qkv.layer_norm_", ".input_layernorm."),
-                      (".mlp.linear_fc1.layer_norm_", ".pre_mlp_layernorm.")):
+    for te, local in (
+        (".self_attention.linear_qkv.layer_norm_", ".input_layernorm."),
+        (".mlp.linear_fc1.layer_norm_", ".pre_mlp_layernorm."),
+    ):
         if te in key:
             return key.replace(te, local)
     return key
@@ -112,8 +130,11 @@ def key_map(cfg: ModelConfig) -> KeyMap:
     """The whole model's map: the vision and language families' maps plus the projector."""
     v, lm = cfg.vision, cfg.language
     km = vision_family(v.family).key_map(v, "vision_model.", _V)
-    km.copies += [(f"projector.{n}.{w}", f"{_P}{n}.{w}")
-                  for n in ("layer_norm", "linear_1", "linear_2") for w in ("weight", "bias")]
+    km.copies += [
+        (f"projector.{n}.{w}", f"{_P}{n}.{w}")
+        for n in ("layer_norm", "linear_1", "linear_2")
+        for w in ("weight", "bias")
+    ]
     km += language_family(lm.family).key_map(lm, "language_model.", _L, "lm_head.weight")
     return km
 
@@ -213,8 +234,10 @@ class LazyOurs(Mapping):
         if kind == "copy":
             src = parts[0]
             if src.shape != dest.shape:
-                raise ValueError(f"{key}: HF tensor {names[0]} has shape {tuple(src.shape)}, "
-                                 f"the model holds {tuple(dest.shape)}")
+                raise ValueError(
+                    f"{key}: HF tensor {names[0]} has shape {tuple(src.shape)}, "
+                    f"the model holds {tuple(dest.shape)}"
+                )
             if src.dtype == dest.dtype and src.device == dest.device and src.is_contiguous():
                 dest.data = src
                 return True
@@ -231,7 +254,7 @@ class LazyOurs(Mapping):
             return False
         start = 0
         for part in parts:
-            dest[start:start + part.size(0)].copy_(part)
+            dest[start : start + part.size(0)].copy_(part)
             start += part.size(0)
         if start != dest.size(0):
             raise ValueError(f"{key}: HF parts {list(names)} hold {start} rows, the model {dest.size(0)}")
@@ -295,7 +318,7 @@ def _global_key(key: str, model) -> str:
     if not m:
         return key
     number = model.language_model.decoder.layers[int(m.group(1))].layer_number - 1
-    return f"language_model.decoder.layers.{number}." + key[m.end():]
+    return f"language_model.decoder.layers.{number}." + key[m.end() :]
 
 
 def shard_for_model(full: dict, model) -> dict:
@@ -328,7 +351,9 @@ def iter_shards(full, model):
     from megatron.core import parallel_state as ps
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    halves = {ours for ours, parts in key_map(model.model_config).concat if len(parts) == 2}  # SwiGLU [gate; up]
+    halves = {
+        ours for ours, parts in key_map(model.model_config).concat if len(parts) == 2
+    }  # SwiGLU [gate; up]
     for key, local, gkey in global_keys(model):
         src = _need(full, gkey, "full")
         if tp > 1 and getattr(local, "tensor_model_parallel", False):
@@ -338,6 +363,7 @@ def iter_shards(full, model):
             else:
                 src = src.chunk(tp, dim)[rank]
         if src.shape != local.shape:
-            raise ValueError(f"{key}: full tensor slices to {tuple(src.shape)}, "
-                             f"model holds {tuple(local.shape)}")
+            raise ValueError(
+                f"{key}: full tensor slices to {tuple(src.shape)}, model holds {tuple(local.shape)}"
+            )
         yield key, src.contiguous(), gkey

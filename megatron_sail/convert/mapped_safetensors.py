@@ -12,6 +12,7 @@ The file format is the documented one (8-byte little-endian header length, a JSO
 ``{name: {dtype, shape, data_offsets}}``, then the data); every offset is checked against the
 file before a view is made, and a bad file is named with the reason.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,16 @@ import torch
 from megatron_sail.convert.hf_io import SAFETENSORS_INDEX, safetensors_files
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 _PAGE = mmap.PAGESIZE
 
@@ -59,7 +67,7 @@ class MappedCheckpoint:
         if 8 + n > size:
             raise ValueError(f"{path}: cannot read safetensors file (header of {n} bytes, file {size})")
         try:
-            header = json.loads(bytes(mm[8:8 + n]))
+            header = json.loads(bytes(mm[8 : 8 + n]))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: cannot read safetensors file (header: {e})") from e
         header.pop("__metadata__", None)
@@ -84,8 +92,10 @@ class MappedCheckpoint:
             count *= d
         itemsize = torch.empty((), dtype=dtype).element_size()
         if start < 0 or end != start + count * itemsize or base + end > size:
-            raise ValueError(f"{path}: tensor {name!r} data [{start}, {end}) does not match its "
-                             f"shape {shape} x {itemsize} bytes within the {size}-byte file")
+            raise ValueError(
+                f"{path}: tensor {name!r} data [{start}, {end}) does not match its "
+                f"shape {shape} x {itemsize} bytes within the {size}-byte file"
+            )
         if count == 0:
             return torch.empty(shape, dtype=dtype)
         t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start).view(shape)

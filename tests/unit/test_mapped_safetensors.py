@@ -1,5 +1,6 @@
 """Mapped safetensors (convert/mapped_safetensors.py) against safetensors' own reader, and the
 lazy HF -> ours mapping the streaming load uses against the eager one."""
+
 from __future__ import annotations
 
 import pytest
