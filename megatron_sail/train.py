@@ -19,6 +19,7 @@ from megatron.core.utils import get_model_config
 
 from megatron_sail.config import from_checkpoint
 from megatron_sail.config.run import RunConfig, resolve, to_dict, write_resolved
+from megatron_sail.config.stage import POST_TRAINING
 from megatron_sail.data import geometry
 from megatron_sail.data.dataset import build_blended
 from megatron_sail.data.images.pipeline import build_image_pipeline
@@ -188,6 +189,10 @@ def image_logger(cfg: RunConfig, train_data, metrics: MetricsWriter):
 
 def train(cfg: RunConfig) -> int:
     """Run one training stage; returns the process exit code."""
+    if cfg.stage.name in POST_TRAINING:  # dpo / grpo: their own data and loop
+        from megatron_sail.training.posttrain import train_posttrain
+
+        return train_posttrain(cfg)
     dtype = check_precision(cfg)
     platform.initialize(cfg.parallel, cfg.train.seed)
     watcher = ExitWatcher(cfg.train.exit_duration_in_mins).install()

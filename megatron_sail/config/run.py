@@ -16,6 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from megatron_sail.config.eval import BenchmarkEvalConfig
+from megatron_sail.config.posttrain import PostTrainConfig
 from megatron_sail.config.stage import StageConfig
 from megatron_sail.config.train import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
 
@@ -44,6 +45,8 @@ class RunConfig:
     """Save / load / init-from."""
     eval: BenchmarkEvalConfig = dataclasses.field(default_factory=BenchmarkEvalConfig)
     """Benchmarks scored on the live model during training (--eval-benchmark)."""
+    post: PostTrainConfig = dataclasses.field(default_factory=PostTrainConfig)
+    """Stages dpo and grpo: losses, reference, rollouts, rewards (config/posttrain.py)."""
 
 
 # Command-line flags: (flag, section, field, kind). Names follow Megatron-LM where one exists.
@@ -134,6 +137,28 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--train-vision", "stage", "train_vision", "bool"),
     ("--train-projector", "stage", "train_projector", "bool"),
     ("--train-language", "stage", "train_language", "bool"),
+    # post-training stages (config/posttrain.py)
+    ("--image-root", "post", "image_root", "str"),
+    ("--pref-loss", "post", "pref_loss", "str"),
+    ("--dpo-beta", "post", "dpo_beta", "float"),
+    ("--mpo-weights", "post", "mpo_weights", "floats"),
+    ("--ref-load", "post", "ref_load", "str"),
+    ("--ref-logps", "post", "ref_logps", "str"),
+    ("--num-generations", "post", "num_generations", "int"),
+    ("--max-new-tokens", "post", "max_new_tokens", "int"),
+    ("--temperature", "post", "temperature", "float"),
+    ("--top-p", "post", "top_p", "float"),
+    ("--clip-eps", "post", "clip_eps", "float"),
+    ("--kl-coef", "post", "kl_coef", "float"),
+    ("--grpo-loss-level", "post", "loss_level", "str"),
+    ("--ppo-epochs", "post", "ppo_epochs", "int"),
+    ("--reward", "post", "rewards", "list"),
+    ("--reward-weights", "post", "reward_weights", "floats"),
+    ("--length-target", "post", "length_target", "int"),
+    ("--length-penalty", "post", "length_penalty", "float"),
+    ("--judge-url", "post", "judge_url", "str"),
+    ("--judge-model", "post", "judge_model", "str"),
+    ("--prompt-suffix", "post", "prompt_suffix", "str"),
 ]
 
 _KINDS = {"int": int, "float": float, "str": str}
@@ -162,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, dest=dest, type=_parse_bool, default=None, metavar="true|false")
         elif kind == "list":
             p.add_argument(flag, dest=dest, nargs="+", default=None)
+        elif kind == "floats":
+            p.add_argument(flag, dest=dest, nargs="+", type=float, default=None)
         elif kind == "append":  # repeatable: --eval-benchmark A=x --eval-benchmark B=y
             p.add_argument(flag, dest=dest, action="append", default=None)
         else:
@@ -262,6 +289,7 @@ def finalize(cfg: RunConfig) -> RunConfig:
     if t.tensorboard_dir is None:
         t.tensorboard_dir = os.path.join(t.run_dir, "tensorboard")
     cfg.parallel.__post_init__()  # re-check the layout after flags set its fields
+    cfg.post.__post_init__()
     cfg.parallel.check_experts(cfg.model.language.num_experts)
     return cfg
 

@@ -57,7 +57,17 @@ STAGES: dict[str, StageConfig] = {
     "sft-preference": StageConfig("sft-preference", True, True, True,
                                   lr=5e-6, min_lr=5e-7, warmup_fraction=0.03,
                                   lr_decay_style="cosine", weight_decay=0.05),
+    # Post-training (training/posttrain.py). DPO/MPO: InternVL's MPO scripts (5e-6, cosine,
+    # warmup 0.03, weight decay 0.05). GRPO: 1e-6 constant, no weight decay, as verl's and
+    # ms-swift's GRPO examples (assumption: SAIL-VL2 publishes no RL hyper-parameters).
+    "dpo": StageConfig("dpo", True, True, True, lr=5e-6, min_lr=5e-7, warmup_fraction=0.03,
+                       lr_decay_style="cosine", weight_decay=0.05),
+    "grpo": StageConfig("grpo", False, True, True, lr=1e-6, min_lr=1e-6, warmup_fraction=0.0,
+                        lr_decay_style="constant", weight_decay=0.0),
 }
+
+POST_TRAINING = ("dpo", "grpo")
+"""Stages that read JSONL/TSV at start-up and run training/posttrain.py's loop."""
 
 
 def get_stage(name: str) -> StageConfig:

@@ -33,6 +33,9 @@ def write_checkpoint_assets(ckpt_dir: str, config: Optional[dict]) -> None:
     if not config:
         return
     meta_path = _meta_path(config)
+    if meta_path is not None and not os.path.isfile(meta_path):
+        meta_path = None  # post-training stages read JSONL: the assets come from --init-from
+        _copy_init_assets(config, ckpt_dir)
     if meta_path is not None:
         try:
             with open(meta_path) as f:
@@ -92,6 +95,25 @@ def _init_source_files(config: dict) -> Optional[str]:
         return None
     source = os.path.join(ckpt, SOURCE_DIR) if ckpt else None
     return source if source and os.path.isdir(source) else None
+
+
+def _copy_init_assets(config: dict, ckpt_dir: str) -> None:
+    """tokenizer/ and processor.json of the --init-from (or --load) checkpoint, when the run's
+    data has no meta.json (stages dpo and grpo tokenize JSONL with the checkpoint's tokenizer)."""
+    from megatron_sail.training.checkpoint import resolve_checkpoint
+
+    c = config.get("checkpoint") or {}
+    for root in (c.get("init_from"), c.get("load")):
+        try:
+            ckpt = resolve_checkpoint(root) if root and os.path.isdir(root) else None
+        except (OSError, ValueError):
+            ckpt = None
+        if ckpt is None or not os.path.isdir(os.path.join(ckpt, TOKENIZER_DIR)):
+            continue
+        _copy_tree(os.path.join(ckpt, TOKENIZER_DIR), os.path.join(ckpt_dir, TOKENIZER_DIR))
+        if os.path.isfile(os.path.join(ckpt, PROCESSOR_FILE)):
+            shutil.copy2(os.path.join(ckpt, PROCESSOR_FILE), os.path.join(ckpt_dir, PROCESSOR_FILE))
+        return
 
 
 def _copy_tree(src: str, dst: str) -> None:

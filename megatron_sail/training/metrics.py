@@ -78,6 +78,9 @@ class StepStats:
     """MoE auxiliary losses of the step by Megatron-LM's name (``load_balancing_loss``: mean
     over MoE layers and micro-batches, DP ranks averaged; training/moe_metrics.py); {} when
     the model is dense."""
+    extra: dict[str, float] = field(default_factory=dict)
+    """Stage-specific scalars by TensorBoard tag (post-training: rewards per function, KL,
+    clip fraction, ...; training/posttrain.py); written as they are, {} for SFT stages."""
 
 
 @dataclass
@@ -241,6 +244,7 @@ class MetricsWriter:
             "source_loss": {k: float(v) for k, v in s.source_loss.items()},
             "source_loss_tokens": {k: float(v) for k, v in s.source_loss_tokens.items()},
             **{name: float(value) for name, value in s.moe_losses.items()},
+            **({"extra": {k: float(v) for k, v in s.extra.items()}} if s.extra else {}),
             "skipped": bool(s.skipped),
             "skipped_steps": self.skipped_steps,
             "decode_failures": self.decode_failures,
@@ -360,6 +364,7 @@ class MetricsWriter:
             scalars[f"lm loss/{name}"] = loss
         if rec.get(LOAD_BALANCING_LOSS) is not None:  # Megatron-LM's tag
             scalars[LOAD_BALANCING_LOSS] = rec[LOAD_BALANCING_LOSS]
+        scalars.update(rec.get("extra") or {})
         scalars = {tag: value for tag, value in scalars.items() if value is not None}
         if self._tb is not None:
             for tag, value in scalars.items():
