@@ -178,10 +178,36 @@ def check_checkpoint(cfg: RunConfig, flag: str, path: Optional[str], planned: li
         report.notes.append(f"ok: {flag} {ckpt}: model config matches recipe {cfg.recipe!r}")
 
 
+def check_post_data(cfg: RunConfig, report: Report) -> None:
+    """Stages dpo / grpo read JSONL (grpo also VLMEvalKit TSV) files: each must exist and
+    parse (the first record); the records are tokenized when the run starts."""
+    if not cfg.data.data_path:
+        report.errors.append("--data-path is not set")
+    for path in cfg.data.data_path:
+        if not os.path.isfile(path):
+            report.errors.append(f"--data-path {path}: no such file (stage {cfg.stage.name} "
+                                 "reads JSONL" + (" or TSV)" if cfg.stage.name == "grpo" else ")"))
+            continue
+        if path.endswith(".tsv"):
+            report.notes.append(f"ok: --data-path {path} (VLMEvalKit TSV)")
+            continue
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            json.loads(first)
+            report.notes.append(f"ok: --data-path {path} (JSONL)")
+        except json.JSONDecodeError as e:
+            report.errors.append(f"--data-path {path}: the first record is not JSON ({e})")
+    return None
+
+
 def check(cfg: RunConfig, planned: list[str]) -> Report:
     """All dry-run checks of one resolved stage."""
     report = Report()
-    vocab = check_data(cfg, report)
+    from megatron_sail.config.stage import POST_TRAINING
+
+    vocab = (check_post_data(cfg, report) if cfg.stage.name in POST_TRAINING
+             else check_data(cfg, report))
     check_checkpoint(cfg, "--load", cfg.checkpoint.load, planned, vocab, report)
     check_checkpoint(cfg, "--init-from", cfg.checkpoint.init_from, planned, vocab, report)
     return report

@@ -5,7 +5,8 @@ with two additions that GRPO needs: each sampled token's log-probability under t
 distribution ``softmax(logits / temperature)`` (before the top-p cut, as verl and TRL report it;
 temperature 0 means 1 here), taken from the same float32 logits the token was drawn from; and
 the stop token kept at the end of a completion that stopped (the policy chose it, so it is
-trained). Log-probabilities exist on the last pipeline stage (where the loss is computed);
+trained). A completion is cut before a sampled image special token (<IMG_CONTEXT>, <img>,
+</img>): the trainer's forward would splice an image there. Log-probabilities exist on the last pipeline stage (where the loss is computed);
 other stages get an empty list.
 
 The seam for an external rollout server (vLLM, SGLang) is ``Rollout``: anything that returns, for
@@ -38,7 +39,8 @@ class Rollout:
     text: str
     """Decoded completion (stop token excluded)."""
     finish_reason: str
-    """'stop' or 'length'."""
+    """'stop', 'length' or 'image_token' (cut before a sampled image special token: in the
+    trainer's forward it would be taken for an image position)."""
 
 
 class RolloutGenerator(Generator):
@@ -49,14 +51,19 @@ class RolloutGenerator(Generator):
         over the model-parallel group like ``generate``."""
         self._records: list[tuple[list, Optional[tuple]]] = []
         results = self.generate_prompts(prompts)
+        sp = self.tokenizer.special
+        image_ids = {sp.img_context, sp.img_start, sp.img_end}
         out = []
         for p, r, (logps, stop) in zip(prompts, results, self._records):
-            ids, lps = list(r.token_ids), list(logps)
+            ids, lps, text, reason = list(r.token_ids), list(logps), r.text, r.finish_reason
             if stop is not None:  # the chosen stop token ends the completion
                 ids.append(stop[0])
                 lps.append(stop[1])
-            out.append(Rollout(list(p.ids), p.tiles, ids, lps if self.last else [], r.text,
-                               r.finish_reason))
+            cut = next((k for k, t in enumerate(ids) if t in image_ids), None)
+            if cut is not None:  # an image token in the text would be spliced as an image
+                ids, lps, reason = ids[:cut], lps[:cut], "image_token"
+                text = self.tokenizer.decode(ids)
+            out.append(Rollout(list(p.ids), p.tiles, ids, lps if self.last else [], text, reason))
         return out
 
     def _batch(self, prompts, generator):

@@ -60,14 +60,18 @@ def _resave_tp2(rank, src, out):
     return True
 
 
-def _merge(rank, argv):
-    """Run the tool's main in this (spawned) process; returns the error text or None."""
+def _merge(rank, argvs):
+    """Run the tool's main once per argv in this (spawned) process; the error texts (None for
+    a merge that succeeded)."""
     tool = _tool("merge_checkpoints")
-    try:
-        tool.main(argv)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
+    out = []
+    for argv in argvs:
+        try:
+            tool.main(argv)
+            out.append(None)
+        except (ValueError, FileExistsError, FileNotFoundError) as e:
+            out.append(f"{type(e).__name__}: {e}")
+    return out
 
 
 def _plain(path, tmp: Path) -> dict:
@@ -100,7 +104,7 @@ def inputs(tmp_path_factory):
 def test_soup_is_the_weighted_mean_of_inputs_saved_at_tp1_and_tp2(inputs, tmp_path):
     root, a, b, _ = inputs
     out = root / "soup"
-    [err] = launch(_merge, 1, ["--inputs", a, b, "--weights", "3", "1", "--out", str(out)])
+    [[err]] = launch(_merge, 1, [["--inputs", a, b, "--weights", "3", "1", "--out", str(out)]])
     assert err is None, err
     ta, tb, ts = _plain(a, tmp_path), _plain(b, tmp_path), _plain(out, tmp_path)
     assert sorted(ts) == sorted(ta) == sorted(tb)
@@ -117,22 +121,20 @@ def test_soup_is_the_weighted_mean_of_inputs_saved_at_tp1_and_tp2(inputs, tmp_pa
 
 def test_soup_refuses_mismatches_naming_them(inputs, tmp_path):
     root, a, b, c = inputs
-    # Another vocabulary: the model config differs (field named).
-    [err] = launch(_merge, 1, ["--inputs", a, c, "--out", str(tmp_path / "x")])
-    assert err and "vocab_size" in err, err
-    # Same config file, other tensor shapes (a hand-edited config): the tensor is named.
-    forged = tmp_path / "forged"
+    forged = tmp_path / "forged"  # same config file, other tensor shapes (a hand-edited config)
     shutil.copytree(c, forged)
     shutil.copy2(Path(a) / "model_config.yaml", forged / "model_config.yaml")
-    [err] = launch(_merge, 1, ["--inputs", a, str(forged), "--out", str(tmp_path / "y")])
-    assert err and "tensor language_model.embedding.word_embeddings.weight" in err, err
-    # Same weights, another tokenizer file: refused as a tokenizer difference.
-    other_tok = tmp_path / "other_tok"
+    other_tok = tmp_path / "other_tok"  # same weights, another tokenizer file
     shutil.copytree(b, other_tok)
     vocab = next(p for p in sorted((other_tok / "tokenizer").iterdir()) if p.suffix == ".json")
     vocab.write_text(vocab.read_text() + " ")
-    [err] = launch(_merge, 1, ["--inputs", a, str(other_tok), "--out", str(tmp_path / "z")])
-    assert err and "tokenizer differs" in err, err
-    [err] = launch(_merge, 1, ["--inputs", a, b, "--weights", "1", "--out", str(tmp_path / "w")])
-    assert err and "2 inputs" in err, err
+    [errs] = launch(_merge, 1, [
+        ["--inputs", a, c, "--out", str(tmp_path / "x")],
+        ["--inputs", a, str(forged), "--out", str(tmp_path / "y")],
+        ["--inputs", a, str(other_tok), "--out", str(tmp_path / "z")],
+        ["--inputs", a, b, "--weights", "1", "--out", str(tmp_path / "w")]])
+    assert errs[0] and "vocab_size" in errs[0], errs[0]  # the config field is named
+    assert errs[1] and "tensor language_model.embedding.word_embeddings.weight" in errs[1], errs[1]
+    assert errs[2] and "tokenizer differs" in errs[2], errs[2]
+    assert errs[3] and "2 inputs" in errs[3], errs[3]
     assert not any((tmp_path / n).exists() for n in "xyzw")

@@ -57,7 +57,7 @@ def assets(tmp_path_factory):
     tokens), one in the wrong geometry, and config-only checkpoint directories of both models
     (the model_config.yaml + metadata.json an hf-to-mcore conversion writes; no weights, which
     the dry run does not read)."""
-    from megatron_sail.config.model import sail_2b, sail_8b
+    from megatron_sail.config.model import sail_2b, sail_8b, sail_vl2_8b
     from megatron_sail.convert.checkpoint import write_model_config
     from megatron_sail.data.demo import DemoConfig, make_demo
     from megatron_sail.data.preprocess import run
@@ -76,7 +76,9 @@ def assets(tmp_path_factory):
     out = {"caption": build("caption", demo["train"], 16384, 448, 256),
            "ocr": build("ocr", demo["val"], 16384, 448, 256),
            "small": build("small", demo["val"], 512, 32, 4)}
-    for name, model in (("hf_2b", sail_2b()), ("hf_8b", sail_8b())):
+    (root / "rl.jsonl").write_text('{"question": "How many?", "answer": "2"}\n')
+    out["rl"] = str(root / "rl.jsonl")
+    for name, model in (("hf_2b", sail_2b()), ("hf_8b", sail_8b()), ("hf_vl2_8b", sail_vl2_8b())):
         folder = root / name
         folder.mkdir()
         write_model_config(folder, model)
@@ -146,6 +148,32 @@ def test_sft_script_chains_three_stages(monkeypatch, assets, tmp_path):
         assert d["recipe"] == "sail_8b"
         assert d["stage"]["train_vision"] and d["stage"]["train_language"]
         check_fits_a_node(d, monkeypatch)
+
+
+def test_post_training_chain_resolves_every_stage(assets, tmp_path):
+    """SFT phases -> soup -> LongCoT SFT -> GRPO -> Think-Fusion SFT -> GRPO (mixed), each
+    stage from the previous one's weights; the soup merges the phases' checkpoints."""
+    root = str(tmp_path / "r")
+    env = {"INIT_FROM": assets["hf_vl2_8b"], "SFT_PHASES": f"{assets['caption']} {assets['ocr']}",
+           "LONGCOT_DATA": assets["caption"], "THINK_FUSION_DATA": assets["ocr"],
+           "RL_DATA": assets["rl"], "RL_MIXED_DATA": assets["rl"], "RUN_ROOT": root,
+           "JUDGE_URL": "http://judge:8000/v1"}
+    docs, err = stages("post_train_sail_vl2_8b.sh", env)
+    names = [d["stage"]["name"] for d in docs]
+    assert names == ["sft-instruction"] * 3 + ["grpo", "sft-instruction", "grpo"]
+    assert {d["recipe"] for d in docs} == {"sail_vl2_8b"}
+    inits = [d["checkpoint"]["init_from"] for d in docs]
+    assert inits[:2] == [assets["hf_vl2_8b"]] * 2 and inits[2] == f"{root}/soup"
+    for prev, d in zip(docs[2:], docs[3:]):
+        assert d["checkpoint"]["init_from"] == prev["checkpoint"]["save"]
+    assert (f"[dry-run] soup: {sys.executable} tools/merge_checkpoints.py --inputs "
+            f"{root}/sft_phase1/checkpoints {root}/sft_phase2/checkpoints --out {root}/soup") in err
+    rl, mixed = docs[3]["post"], docs[5]["post"]
+    assert rl["rewards"] == ["format", "accuracy"] and "\\boxed{}" in rl["prompt_suffix"]
+    assert mixed["rewards"] == ["accuracy", "format", "length", "judge"]
+    assert mixed["judge_url"] == "http://judge:8000/v1"
+    assert err.count(f"ok: --data-path {assets['rl']} (JSONL)") == 2
+    assert "error" not in err
 
 
 def test_unknown_flag_or_bad_value_fails_the_script():
