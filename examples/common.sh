@@ -17,7 +17,7 @@
 # Example, 2 nodes by hand (run on each node, NODE_RANK 0 and 1):
 #   MASTER_ADDR=node0 NNODES=2 NODE_RANK=0 bash examples/pretrain_sail_8b.sh
 # DRY_RUN=1 launches nothing: it prints each stage's resolved trainer config (YAML) on stdout
-# and the launch command on stderr, and checks (megatron_sail/config/dry_run.py) that the data
+# and the launch command on stderr, and checks (megatron_sail/training/dry_run.py) that the data
 # prefixes exist and match the recipe (row length, tile size, tokens per tile, token ids) and
 # that --load / --init-from checkpoints hold the recipe's model; tests/unit/test_train_examples.py
 # uses it.
@@ -94,7 +94,7 @@ run_stage() {
     for p in "${PLANNED_CKPTS[@]}"; do planned+=(--planned "${p}"); done
     echo "---"
     echo "[dry-run] launch: ${launch[*]} ..." >&2
-    "${PYTHON}" -m megatron_sail.config.dry_run "${planned[@]}" -- "${args[@]}"
+    "${PYTHON}" -m megatron_sail.training.dry_run "${planned[@]}" -- "${args[@]}"
     PLANNED_CKPTS+=("${ckpt}")
     return
   fi

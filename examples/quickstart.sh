@@ -4,7 +4,9 @@
 #   1. install the pinned environment into .venv (scripts/setup.sh)
 #   2. generate the demo set (synthetic images + conversations + held-out split + tokenizer)
 #   3. preprocess it into packed, tiled indexed datasets (train and held-out)
-#   4. train the `tiny` recipe with a progress bar, saving a checkpoint at the end
+#   4. train the `tiny` recipe with a progress bar, saving a checkpoint at the end; the demo
+#      benchmarks are scored during training at geometrically spaced steps and recorded in
+#      metrics.jsonl, so `tools/scaling_law.py OUT` fits score against tokens from this run
 #   5. evaluate the saved checkpoint on the held-out split
 #   6. answer the demo benchmarks (yes/no, multiple choice, word reading) on held-out images and
 #      print the scores next to guessing (examples/demo_benchmarks.sh)
@@ -28,11 +30,11 @@ step() { echo; echo "== [$(( $(date +%s) - START ))s] $*"; }
 step "1/7 environment (.venv)"
 bash scripts/setup.sh
 PY=.venv/bin/python
-export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 $PY -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')"
 
 step "2/7 demo data -> ${DEMO}/"
-$PY tools/make_demo_data.py --out "${DEMO}" --samples "${SAMPLES}" --seed 1234
+$PY tools/make_demo_data.py --out "${DEMO}" --samples "${SAMPLES}" --seed 1234 --overwrite
+$PY tools/make_demo_benchmark.py --out "${DEMO}/bench" > /dev/null   # held-out benchmark sets
 
 step "3/7 preprocess: tokenize, tile, pack into ${SEQ}-token rows"
 $PY tools/preprocess_data.py --input "${DEMO}/train.jsonl" --tokenizer "${DEMO}/tokenizer.json" \
@@ -44,8 +46,14 @@ step "4/7 train the tiny recipe for ${ITERS} steps -> ${OUT}/"
 rm -rf "${OUT}"
 TRAIN=(--recipe tiny --stage sft-knowledge --seq-length "${SEQ}"
        --data-path "${DEMO}/packed/train" --valid-data-path "${DEMO}/packed/valid" --eval-iters 8)
+# benchmark scores (benchmarks/NAME + consumed_tokens in metrics.jsonl) at 1/16, 1/8, 1/4, 1/2
+# of the steps and at the end: a few seconds each on the tiny model
+BENCH=(--eval-benchmark pope="${DEMO}/bench/demo_pope.tsv" --eval-benchmark mcq="${DEMO}/bench/demo_mcq.tsv"
+       --eval-benchmark ocrbench="${DEMO}/bench/demo_ocr.tsv"
+       --eval-benchmark-at $(( ITERS / 16 > 0 ? ITERS / 16 : 1 )) $(( ITERS / 8 > 0 ? ITERS / 8 : 1 )) \
+                           $(( ITERS / 4 > 0 ? ITERS / 4 : 1 )) $(( ITERS / 2 > 0 ? ITERS / 2 : 1 )))
 $PY -m megatron_sail.train "${TRAIN[@]}" --train-iters "${ITERS}" --eval-interval 100 \
-  --log-interval 50 --run-dir "${OUT}" --save "${OUT}/checkpoints" --progress-bar
+  --log-interval 50 --run-dir "${OUT}" --save "${OUT}/checkpoints" --progress-bar "${BENCH[@]}"
 
 step "5/7 evaluate the saved checkpoint on the held-out split"
 # The saved weights (--init-from) with --train-iters 0: no step, no save, then the final
@@ -86,5 +94,7 @@ echo "OK: every demo benchmark score is clearly above guessing"
 echo "checkpoint:  ${OUT}/checkpoints"
 echo "metrics:     ${OUT}/metrics.jsonl"
 echo "benchmarks:  ${OUT}/benchmarks (results.json, *_predictions.tsv)"
+$PY tools/scaling_law.py "${OUT}" --out "${OUT}/scaling" | tail -n 2 || true
+echo "scaling:     ${OUT}/scaling (tools/scaling_law.py ${OUT}: score = a + b ln(tokens) from the in-training scores)"
 echo "TensorBoard: ${OUT}/tensorboard   (view: .venv/bin/tensorboard --logdir ${OUT}/tensorboard)"
 echo "done in $(( $(date +%s) - START ))s"

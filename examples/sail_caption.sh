@@ -28,7 +28,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-.venv/bin/python}"
-export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 
 SMOKE="${SMOKE:-0}"
 if [ "${SMOKE}" = 1 ]; then D_REF=60 D_POOL=24 D_ITERS=2 D_ITEMS=6; else D_REF=2000 D_POOL=600 D_ITERS=0 D_ITEMS=100; fi
@@ -69,7 +69,7 @@ mkdir -p "${OUT}"
 
 step "1/8 reference subset, unlabeled pool, held-out caption benchmark"
 if [ -z "${REF_CAPTIONS:-}" ]; then
-  "$PY" tools/make_demo_data.py --out "${OUT}/demo" --samples "${REF}" --pool "${POOL}" --seed 1234 > "${OUT}/demo.json"
+  "$PY" tools/make_demo_data.py --out "${OUT}/demo" --samples "${REF}" --pool "${POOL}" --seed 1234 --overwrite > "${OUT}/demo.json"
   REF_CAPTIONS="${OUT}/demo/train_captions.jsonl" REF_IMAGE_ROOT="${OUT}/demo"
   POOL_INPUT="${OUT}/demo/pool.jsonl" POOL_IMAGE_ROOT="${OUT}/demo"
   TOKENIZER="${TOKENIZER:-${OUT}/demo/tokenizer.json}"

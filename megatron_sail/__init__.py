@@ -1,0 +1,12 @@
+"""megatron_sail: SAIL-VL-style vision-language models on Megatron-Core (see README.md)."""
+import warnings as _warnings
+
+# Megatron-Core warns at import, once per module and process, that Transformer Engine or Apex is
+# missing and that it falls back to torch: expected on a CPU machine and said again per rank, it
+# drowned every command typed by hand. Only these known fallback notices are silenced; every other
+# warning still shows. (platform/ reports what the run actually uses.)
+for _pattern in (r"Transformer Engine and Apex are not installed",
+                 r"Apex is not installed",
+                 r"Transformer Engine is not installed"):
+    _warnings.filterwarnings("ignore", message=_pattern, category=UserWarning)
+del _pattern

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_sail.inference.config import GenerationConfig, GenerationRequest
+from megatron_sail import cli
 
 
 @dataclass
@@ -40,13 +41,16 @@ def read_input(path: str) -> tuple[list[InputRecord], list[dict]]:
     """Requests of a JSONL file and the rejected lines (with file, line and reason)."""
     base = os.path.dirname(os.path.abspath(path))
     good, rejects = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:  # decoded per line: one bad line is a reject, not the end
+        for n, raw in enumerate(f, 1):
             try:
-                rec = json.loads(line)
-                good.append(_record(rec, n, base))
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                good.append(_record(json.loads(line), n, base))
+            except UnicodeDecodeError as e:
+                rejects.append({"file": path, "line": n,
+                                "reason": f"not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})"})
             except (ValueError, TypeError) as e:
                 rejects.append({"file": path, "line": n, "reason": str(e)})
     return good, rejects
@@ -72,29 +76,66 @@ def _record(rec, line: int, base: str) -> InputRecord:
     return InputRecord(line, GenerationRequest(prompt, images, budget), extra)
 
 
+def _at_least(low: int):
+    """argparse type: an integer >= ``low`` (checked before any model code is imported)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _unit_interval(text: str) -> float:
+    """argparse type: a float in (0, 1] (top-p)."""
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    """argparse type: a float >= 0 (temperature)."""
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (every GenerationConfig field has one)."""
     p = argparse.ArgumentParser(prog="python -m megatron_sail.generate",
                                 description="Generate answers with a SAIL-VL checkpoint.")
-    p.add_argument("--checkpoint", required=True,
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="training run/iter dir, converted Megatron checkpoint or Hugging Face folder")
     p.add_argument("--prompt", help="user text (with --image: the question about the image(s))")
     p.add_argument("--image", action="append", default=[], help="image path (repeatable, in order)")
     p.add_argument("--input", help="JSONL file of records with prompt/question and image/images")
     p.add_argument("--output", help="write one JSON record per prompt here (text, token_ids, prompt_ids)")
     d = GenerationConfig()
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--min-new-tokens", type=int, default=d.min_new_tokens)
-    p.add_argument("--max-tiles", type=int, default=d.max_tiles, help="most tiles per image")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts decoded together")
+    p.add_argument("--max-new-tokens", type=_at_least(0), default=d.max_new_tokens, metavar="N",
+                   help="most tokens generated per answer (default: %(default)s)")
+    p.add_argument("--min-new-tokens", type=_at_least(0), default=d.min_new_tokens, metavar="N",
+                   help="stop tokens are ignored before this many (default: %(default)s)")
+    p.add_argument("--max-tiles", type=_at_least(1), default=d.max_tiles, metavar="N",
+                   help="most tiles per image (default: %(default)s)")
+    p.add_argument("--temperature", type=_non_negative, default=d.temperature, metavar="T",
+                   help="sampling temperature; 0 = greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=_unit_interval, default=d.top_p, metavar="P",
+                   help="nucleus sampling mass in (0, 1] (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, metavar="N",
+                   help="sampling seed (default: %(default)s)")
+    p.add_argument("--batch-size", type=_at_least(1), default=d.batch_size, metavar="N",
+                   help="prompts decoded together (default: %(default)s)")
     p.add_argument("--system", default=None, help="system prompt (default: the training template's)")
     p.add_argument("--stop-token-id", type=int, action="append", default=None,
                    help="id that ends an answer (repeatable; default <|im_end|> and <|endoftext|>)")
-    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1)
+    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=_at_least(1), default=1,
+                   metavar="N", help="tensor-parallel ranks (default: %(default)s; the checkpoint "
+                                     "is resharded while loading)")
+    p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=_at_least(1),
+                   default=1, metavar="N", help="pipeline stages (default: %(default)s)")
     p.add_argument("--expert-model-parallel-size", "--ep", dest="ep", type=int, default=1,
                    help="ignored (a note is printed when > 1): generation loads every expert on "
                         "each rank (EP=1), whatever EP the checkpoint was trained at")
@@ -113,6 +154,13 @@ def _requests(args, parser) -> tuple[list[InputRecord], list[dict]]:
             parser.error("--image goes with --prompt; --input records name their own images")
         if not os.path.isfile(args.input):
             parser.error(f"--input {args.input}: no such file")
+    if args.output:  # found now, not after generating (the answers would be lost)
+        folder = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(folder):
+            parser.error(f"--output {args.output}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            parser.error(f"--output {args.output}: folder {folder} is not writable")
+    if args.input:
         return read_input(args.input)
     return [InputRecord(0, GenerationRequest(args.prompt, list(args.image)), {})], []
 
@@ -182,4 +230,4 @@ def _report(args, kept: list[InputRecord], results, rejects: list[dict], elapsed
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -7,8 +7,10 @@ hand over to the loop (training/loop.py), which validates, saves and exits.
 """
 from __future__ import annotations
 
+import logging
+import os
 import sys
-import warnings
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -17,8 +19,10 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.utils import get_model_config
 
-from megatron_sail.config import from_checkpoint
-from megatron_sail.config.run import RunConfig, resolve, to_dict, write_resolved
+from megatron_sail.checkpoint import layout
+from megatron_sail.checkpoint import from_checkpoint
+from megatron_sail.checkpoint.from_checkpoint import resolve
+from megatron_sail.config.run import RunConfig, to_dict, write_resolved
 from megatron_sail.config.stage import POST_TRAINING
 from megatron_sail.data import geometry
 from megatron_sail.data.dataset import build_blended
@@ -35,13 +39,17 @@ from megatron_sail.training.optimizer import build_optimizer, build_scheduler
 from megatron_sail.training.precision import apply_fp8, check_precision
 from megatron_sail.training.recompute import RecomputeConfig, apply_recompute
 from megatron_sail.training.signals import ExitWatcher
+from megatron_sail import cli
+
+log = logging.getLogger(__name__)
 
 
-def match_data(cfg: RunConfig, dataset) -> None:
-    """Take token ids and tile geometry from the preprocessed data (the source of truth)."""
-    meta, lm = dataset.tokenizer_meta, cfg.model.language
-    cfg.model.img_context_token_id = meta.img_context_id
-    cfg.images.tile_size = meta.tile_size
+def match_data(cfg: RunConfig, dataset) -> RunConfig:
+    """``cfg`` with the token ids and tile geometry of the preprocessed data (the source of
+    truth), as a new RunConfig."""
+    meta = dataset.tokenizer_meta
+    model = replace(cfg.model, img_context_token_id=meta.img_context_id)
+    cfg = replace(cfg, model=model, images=replace(cfg.images, tile_size=meta.tile_size))
     if dataset.seq_length != cfg.data.seq_length:
         raise ValueError(f"--seq-length {cfg.data.seq_length} but the data rows hold "
                          f"{dataset.seq_length} tokens ({cfg.data.data_path})")
@@ -50,11 +58,13 @@ def match_data(cfg: RunConfig, dataset) -> None:
                                     cfg.model, cfg.recipe)
         if problem:
             raise ValueError(problem)
-    if lm.vocab_size < meta.vocab_size:
+    if model.language.vocab_size < meta.vocab_size:
         multiple = 128 * cfg.parallel.tp
-        lm.vocab_size = -(-meta.vocab_size // multiple) * multiple
-        warnings.warn(f"model vocab raised to {lm.vocab_size} to cover the data's "
-                      f"{meta.vocab_size} token ids", stacklevel=2)
+        vocab = -(-meta.vocab_size // multiple) * multiple
+        log.warning(f"model vocab raised to {vocab} to cover the data's "
+                    f"{meta.vocab_size} token ids", stacklevel=2)
+        cfg = replace(cfg, model=replace(model, language=replace(model.language, vocab_size=vocab)))
+    return cfg
 
 
 def build_chunks(cfg: RunConfig, dtype: torch.dtype) -> list[torch.nn.Module]:
@@ -142,7 +152,7 @@ def load_state(cfg: RunConfig, chunks: list, optimizer, scheduler,
     c = cfg.checkpoint
     log = print if torch.distributed.get_rank() == 0 else (lambda _line: None)
     if c.finetune:  # Megatron-LM's --finetune: weights of --load, everything else fresh
-        if ckpt.resolve_checkpoint(c.load) is None:
+        if layout.resolve_checkpoint(c.load) is None:
             raise FileNotFoundError(f"--finetune --load {c.load}: no checkpoint there")
         ckpt.load_checkpoint(c.load, chunks, optimizer=None, checks=checks)
         optimizer.reload_model_params()
@@ -152,7 +162,7 @@ def load_state(cfg: RunConfig, chunks: list, optimizer, scheduler,
     state = ckpt.load_checkpoint(c.load, chunks, optimizer, checks, load_optim=not c.no_load_optim,
                                  load_rng=not c.no_load_rng) if c.load else None
     if state is not None:
-        where = ckpt.resolve_checkpoint(c.load)
+        where = layout.resolve_checkpoint(c.load)
         resume_checks.check_train_iters(state.iteration, cfg.train.train_iters, where)
         if c.no_load_optim:  # Megatron-LM loads neither the optimizer nor its LR schedule
             log(f"[train] --no-load-optim: optimizer state and LR schedule of {where} not "
@@ -169,6 +179,20 @@ def load_state(cfg: RunConfig, chunks: list, optimizer, scheduler,
         # without this the first step would write the random init back.
         optimizer.reload_model_params()
     return ckpt.TrainState()
+
+
+def check_tokenizer(cfg: RunConfig, train_data) -> None:
+    """Fail at start, naming the dataset, when the tokenizer its meta.json records cannot be
+    found and the run needs it (checkpoints carry it for generate/export; benchmarks and
+    --log-images decode with it)."""
+    from megatron_sail.checkpoint.assets import resolve_tokenizer_path
+
+    if not (cfg.checkpoint.save or cfg.eval.benchmarks or cfg.train.log_images):
+        return
+    first = train_data.datasets[0]
+    recorded = (first.meta.get("tokenizer") or {}).get("path")
+    if recorded:
+        resolve_tokenizer_path(f"{first.prefix}.meta.json", recorded)
 
 
 def image_logger(cfg: RunConfig, train_data, metrics: MetricsWriter):
@@ -199,13 +223,16 @@ def train(cfg: RunConfig) -> int:
     c = cfg.checkpoint
     lock = prepare_save_dir(c.save, c.load, c.overwrite_save)  # noqa: F841 - held for the run
     train_data = build_blended(cfg.data.data_path, cfg.train.seed, cfg.data.data_verify)
-    match_data(cfg, train_data)
+    cfg = match_data(cfg, train_data)
+    check_tokenizer(cfg, train_data)
     from_checkpoint.check_model(cfg, print if torch.distributed.get_rank() == 0 else
                                 (lambda _line: None))  # before a shape traceback in the load
     data_block = resume_checks.data_tokenizer_block([train_data], c.allow_tokenizer_mismatch)
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
-        write_resolved(cfg, cfg.train.run_dir)
+        path = write_resolved(cfg, cfg.train.run_dir)
+        print(f"run dir: {os.path.abspath(cfg.train.run_dir)} (config {os.path.basename(path)}, "
+              f"metrics, TensorBoard {cfg.train.tensorboard_dir})", flush=True)
     chunks = wrap_ddp(cfg, build_chunks(cfg, dtype))
     optimizer = build_optimizer(cfg.optim, chunks, bf16=dtype == torch.bfloat16)
     scheduler = build_scheduler(cfg.optim, optimizer)
@@ -214,7 +241,7 @@ def train(cfg: RunConfig) -> int:
                        ckpt.LoadChecks(c.ckpt_verify, data_block, c.allow_tokenizer_mismatch))
     state.scheduler = scheduler.state_dict()
     state.tokenizer = data_block
-    if c.load and state.iteration == cfg.train.train_iters and ckpt.resolve_checkpoint(c.load):
+    if c.load and state.iteration == cfg.train.train_iters and layout.resolve_checkpoint(c.load):
         if rank0:  # the loop then runs no step and saves nothing; final validation still runs
             print(f"[train] the checkpoint in --load {c.load} is at iteration {state.iteration} "
                   f"= --train-iters: nothing to train (raise --train-iters to continue)",
@@ -259,13 +286,14 @@ def train(cfg: RunConfig) -> int:
         metrics.close()
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """Command-line entry: resolve flags, train, tear down, exit with the loop's code."""
+def main(argv: Optional[list[str]] = None) -> int:
+    """Command-line entry: resolve flags, train, tear down; returns the loop's exit code
+    (``cli.run`` turns a user error into one line and exit code 2)."""
     cfg = resolve(argv)
     code = train(cfg)
     platform.shutdown()
-    sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

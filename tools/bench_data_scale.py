@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from megatron_sail.data import indexed  # noqa: E402
+from megatron_sail import cli
 
 VOCAB = 256
 SPECIAL = {"pad_id": 0, "img_context_id": 1, "img_start_id": 2, "img_end_id": 3, "im_start_id": 4,
@@ -311,4 +312,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -22,6 +22,7 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megatron_sail.curate.filters.pipeline import FilterConfig, run_filters  # noqa: E402
+from megatron_sail import cli
 
 WORDS = "a red car parked beside an old stone wall under a cloudy sky with trees behind it".split()
 
@@ -73,4 +74,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

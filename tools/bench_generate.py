@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from megatron_sail import cli
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -185,4 +186,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from megatron_sail.config.images import ImageConfig
+from megatron_sail.config.images import ImageConfig, TilingConfig
 from megatron_sail.data.images import build_image_pipeline
 from megatron_sail.data.images.synthetic import synthetic_jpeg
-from megatron_sail.data.tiling import TilingConfig
+from megatron_sail import cli
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from render_tiles import load_record  # noqa: E402
@@ -85,4 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -35,7 +35,8 @@ from PIL import Image  # noqa: E402
 from megatron_sail.config.data import PackingConfig, PreprocessConfig  # noqa: E402
 from megatron_sail.data.demo import DemoConfig, make_demo  # noqa: E402
 from megatron_sail.data.preprocess import run  # noqa: E402
-from megatron_sail.data.tiling import TilingConfig  # noqa: E402
+from megatron_sail.config.images import TilingConfig  # noqa: E402
+from megatron_sail import cli
 
 DEMO_TILING = TilingConfig(tile_size=32, min_tiles=1, max_tiles=4, thumbnail=True, tokens_per_tile=4)
 WORDS = "the a red blue green shape circle square triangle left right one two three image shows".split()
@@ -195,4 +196,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from megatron_sail import cli
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "unit"))
@@ -75,4 +76,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -19,6 +19,7 @@ numbers go to ``--json FILE``. FLOPs follow training/flops.py, as in benchmarks/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import torch
 from megatron_sail.training.flops import (device_peak_flops, mfu, shape_from_model_config,
                                           step_flops)
 from megatron_sail.training.metrics import Stopwatch, VisionTiming, peak_memory_bytes
+from megatron_sail import cli
 
 
 def build_parser(doc: str | None = None, hf: bool = False) -> argparse.ArgumentParser:
@@ -66,7 +68,7 @@ def resolve_run(args: argparse.Namespace):
     if args.seq_length is None:
         args.seq_length = run.data.seq_length if args.recipe == "tiny" else 4096
     run.data.seq_length = args.seq_length
-    run.parallel = ParallelConfig()
+    run = dataclasses.replace(run, parallel=ParallelConfig())
     t = run.train
     t.micro_batch_size = args.micro_batch_size
     t.global_batch_size = args.micro_batch_size * args.num_micro_batches
@@ -322,4 +324,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron_sail import cli
 
 DEFAULT_ATOL = {torch.float32: 1e-3, torch.bfloat16: 1.0}
 """fp32 (CPU): conversions are exact, only kernel order differs; bf16 (GPU): rounding at every
@@ -68,10 +68,10 @@ def image_tiles(images: list[tuple[str, bytes]], tile_size: int, max_tiles: int)
     """Tile each image with InternVL's dynamic rule; return (tiles, tiles per image)."""
     from PIL import Image
 
-    from megatron_sail.config.images import ImageConfig
+    from megatron_sail.config.images import ImageConfig, TilingConfig
     from megatron_sail.data.images.pil import PilPipeline
     from megatron_sail.data.records import ImageRecord
-    from megatron_sail.data.tiling import TilingConfig, find_grid
+    from megatron_sail.data.tiling import find_grid
 
     tiling = TilingConfig(tile_size=tile_size, max_tiles=max_tiles)
     records = []
@@ -128,11 +128,13 @@ def prompt_ids(tokenizer, prompt: str, image_runs: list[int], img_ctx_id: int, v
 
 def build_inputs(args, model_config, hf_dir: Path, mcore_dir: Path) -> Inputs:
     """Images + prompt -> ids and tiles, identical on every rank (deterministic)."""
+    from megatron_sail.checkpoint.layout import TOKENIZER_DIR
+
     size = model_config.vision.image_size
     images = [(p, Path(p).read_bytes()) for p in args.image] or [("generated", generated_image(int(size * 2.6), int(size * 1.4)))]
     tiles, counts = image_tiles(images, size, args.max_tiles)
     per_tile = model_config.tokens_per_tile()
-    tok = load_tokenizer(hf_dir, mcore_dir / "tokenizer")
+    tok = load_tokenizer(hf_dir, mcore_dir / TOKENIZER_DIR)
     lm = model_config.language
     ids = prompt_ids(tok, args.prompt, [n * per_tile for n in counts], model_config.img_context_token_id, lm.vocab_size)
     desc = (f"{len(images)} image(s), tiles {counts} of {size}px, {len(ids)} tokens, "
@@ -306,10 +308,11 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     """Build both models, run them, report the difference; 1 when it exceeds --atol."""
+    from megatron_sail.checkpoint import dcp
+    from megatron_sail.checkpoint.layout import read_model_config
     from megatron_sail.config.parallel import ParallelConfig
-    from megatron_sail.convert.checkpoint import build_model_chunks, read_model_config
+    from megatron_sail.convert.checkpoint import build_model_chunks
     from megatron_sail.platform import distributed
-    from megatron_sail.training import dist_ckpt
 
     args = parse_args(argv)
     distributed.initialize(ParallelConfig(tp=args.tp, pp=args.pp))
@@ -324,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(compare_logits builds equal pipeline stages)")
     inputs = build_inputs(args, model_config, args.hf_dir, args.mcore_dir)
     chunks = build_model_chunks(model_config, ParallelConfig(tp=args.tp, pp=args.pp), dtype)
-    dist_ckpt.load_model(chunks, args.mcore_dir)
+    dcp.load_model(chunks, args.mcore_dir)
     for c in chunks:
         c.eval()
     ours = our_logits(chunks, inputs, device)
@@ -350,4 +353,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -24,11 +24,11 @@ Runs in one process on CPU or one GPU; no torchrun needed.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from megatron_sail.convert.checkpoint import ConvertConfig, hf_to_mcore, mcore_to_hf
 from megatron_sail.convert.compose import ComposeConfig, compose
+from megatron_sail import cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,4 +92,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megatron_sail.curate.ablation import AblationConfig, run_ablation  # noqa: E402
 from megatron_sail.curate.ablation_stats import BootstrapConfig  # noqa: E402
+from megatron_sail import cli
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -77,4 +78,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

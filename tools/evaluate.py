@@ -10,7 +10,13 @@ CKPT: a training checkpoint (run dir or iter dir), a converted Megatron checkpoi
 Face folder of either layout. Per benchmark the predictions TSV (the benchmark's columns plus
 ``prediction``) and a response cache go next to --out; rerunning resumes from the cache. The last
 lines are ``benchmark=NAME score=X n=N``, one per benchmark. With --predictions an existing
-predictions file is scored with NAME's rule, without a model.
+predictions file (.xlsx, .tsv or .csv, ours or VLMEvalKit's) is scored with NAME's rule, without a
+model, exactly as VLMEvalKit scores it. NAME is ours (pope, mmbench, ...) or VLMEvalKit's dataset
+name (POPE, MMBench_DEV_EN, MMMU_DEV_VAL, ...), in any case.
+
+Bad items (an answer letter outside the options, an empty answer, an unusable image) are scored as
+VLMEvalKit scores them, counted and listed; they never stop a benchmark. A file that cannot be
+used is one line ``error: ...`` naming it, and exit status 2.
 """
 from __future__ import annotations
 
@@ -24,14 +30,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_sail.eval.registry import BENCHMARKS, get_benchmark, parse_benchmark_arg  # noqa: E402
 from megatron_sail.eval.runner import RunnerConfig, run_benchmark, score_predictions  # noqa: E402
+from megatron_sail.eval.tsv import BenchmarkFileError, read_items  # noqa: E402
+from megatron_sail import cli  # noqa: E402
+
+SHOWN_BAD_ITEMS = 10
+"""Bad items printed per benchmark (all of them go to results.json)."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="checkpoint folder (not needed with --predictions)")
     p.add_argument("--benchmark", nargs="+", action="extend", required=True, metavar="NAME=PATH",
-                   help=f"NAME one of: {', '.join(BENCHMARKS)}")
-    p.add_argument("--predictions", help="score this predictions TSV instead of generating")
+                   help=f"NAME one of: {', '.join(BENCHMARKS)}, or VLMEvalKit's dataset name "
+                        "(POPE, MMBench_DEV_EN, SEEDBench_IMG, MMMU_DEV_VAL, ...)")
+    p.add_argument("--predictions", help="score this predictions file (.xlsx, .tsv or .csv, ours "
+                                         "or VLMEvalKit's) instead of generating")
     p.add_argument("--limit", type=int, default=None, help="first N items of each file")
     p.add_argument("--out", default="eval/results.json",
                    help="scores (JSON); predictions and caches go into the same folder")
@@ -53,13 +66,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --baseline: a score must close this share of the gap between "
                         "chance and the best possible score (default 0.2)")
     a = p.parse_args(argv)
-    a.benchmarks = [parse_benchmark_arg(b) for b in a.benchmark]
+    try:
+        a.benchmarks = [parse_benchmark_arg(b) for b in a.benchmark]
+    except ValueError as e:
+        p.error(str(e))
     if a.predictions and len(a.benchmarks) != 1:
         p.error("--predictions scores one benchmark: give exactly one --benchmark NAME=PATH")
     if not a.predictions and not a.checkpoint:
         p.error("--checkpoint is required (or --predictions to score an existing file)")
     if a.limit is not None and a.limit < 1:
         p.error("--limit must be positive")
+    if a.baseline and not os.path.isfile(a.baseline):
+        p.error(f"--baseline {a.baseline}: no such file")
     if a.max_tiles not in ("checkpoint", "vlmevalkit") and not a.max_tiles.isdigit():
         p.error("--max-tiles: a positive number, 'checkpoint' or 'vlmevalkit'")
     return a
@@ -70,9 +88,29 @@ def score_line(name: str, score: float, n: int) -> str:
     return f"benchmark={name} score={round(score, 2):g} n={n}"
 
 
+def report(name: str, s) -> None:
+    """The score with its sub-scores, then the bad items (counted, the first few listed)."""
+    print(f"[eval] {name}: {s.metric} {s.score:.2f} over {s.n} items "
+          f"({json.dumps(s.details)[:300]})", flush=True)
+    if s.bad_items:
+        shown = "; ".join(f"index {b['index']}: {b['reason']}" for b in s.bad_items[:SHOWN_BAD_ITEMS])
+        more = len(s.bad_items) - SHOWN_BAD_ITEMS
+        print(f"[eval] {name}: {len(s.bad_items)} bad item(s), scored as VLMEvalKit scores "
+              f"them: {shown}" + (f"; ... {more} more" if more > 0 else ""), flush=True)
+
+
+def result_record(s) -> dict:
+    """A score as results.json holds it (the per-item verdicts stay out: the predictions file
+    has the answers)."""
+    out = dataclasses.asdict(s)
+    out.pop("per_item")
+    return out
+
+
 def best_possible(name: str, s) -> float:
     """The top of a benchmark's scale: 100 for percentages, the item count for OCRBench,
     200 points per scored subtask for MME."""
+    name = get_benchmark(name).name.split("@")[0]
     if name == "ocrbench":
         return float(s.n)
     if name == "mme":
@@ -82,8 +120,11 @@ def best_possible(name: str, s) -> float:
 
 def compare_baseline(path: str, scores: dict, min_gain: float) -> bool:
     """Print every score next to its guessing baseline; True when all beat it clearly."""
-    with open(path) as f:
-        base = json.load(f)
+    try:
+        with open(path) as f:
+            base = json.load(f)
+    except (OSError, ValueError) as e:
+        raise BenchmarkFileError(f"{path}: not a readable baseline JSON ({e})") from None
     ok = True
     for name, s in scores.items():
         if name not in base:
@@ -135,15 +176,27 @@ def _generators(a):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    try:
+        return run(a)
+    except BenchmarkFileError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def run(a) -> int:
+    """Score or generate every benchmark of the parsed arguments; the exit status."""
     results, lines, scores = {}, [], {}
     if a.predictions:
         (name, path), = a.benchmarks
         s = score_predictions(get_benchmark(name), path, a.predictions, a.limit)
-        results[name] = {"file": path, "predictions": a.predictions, **dataclasses.asdict(s)}
+        results[name] = {"file": path, "predictions": a.predictions, **result_record(s)}
         lines.append(score_line(name, s.score, s.n))
         scores[name] = s
+        report(name, s)
         rank0 = True
     else:
+        for _, path in a.benchmarks:  # an unusable file fails before the model loads
+            read_items(path, limit=1, need_images=False)
         for_tiles, base_tiles, rank0, model_path = _generators(a)
         out_dir = os.path.dirname(os.path.abspath(a.out))
         for name, path in a.benchmarks:
@@ -155,12 +208,11 @@ def main(argv=None) -> int:
                               model_id=f"{model_path}|tiles={tiles}|tokens={a.max_new_tokens}")
             s, pred_path = run_benchmark(spec, path, gen.generate, rc, out_dir)
             results[name] = {"file": path, "predictions": pred_path, "max_tiles": tiles,
-                             **dataclasses.asdict(s)}
+                             **result_record(s)}
             lines.append(score_line(name, s.score, s.n))
             scores[name] = s
             if rank0:
-                print(f"[eval] {name}: {s.metric} {s.score:.2f} over {s.n} items "
-                      f"({json.dumps(s.details)[:300]})", flush=True)
+                report(name, s)
                 write_json(a.out, {"checkpoint": a.checkpoint, "benchmarks": results})
     code = 0
     if rank0:
@@ -174,4 +226,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megatron_sail.curate.filters.pipeline import REPORT_JSON, load_config, run_filters  # noqa: E402
+from megatron_sail import cli
 
 
 def main(argv=None) -> int:
@@ -44,4 +45,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

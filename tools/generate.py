@@ -2,9 +2,9 @@
 """Thin wrapper of ``python -m megatron_sail.generate`` (same flags; see docs/inference.md)."""
 from __future__ import annotations
 
-import sys
 
 from megatron_sail.generate import main
+from megatron_sail import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
+from megatron_sail import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FP8_MIN_CAPABILITY = (8, 9)
@@ -331,9 +332,8 @@ def dali_parity(images: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tools"))
     from render_tiles import load_record
 
-    from megatron_sail.config.images import ImageConfig
+    from megatron_sail.config.images import ImageConfig, TilingConfig
     from megatron_sail.data.images import build_image_pipeline
-    from megatron_sail.data.tiling import TilingConfig
 
     files = sorted(images.glob("*.jpg"))[:8]
     if not files:
@@ -394,4 +394,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

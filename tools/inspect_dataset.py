@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_sail.data.dataset import TokenizerMeta  # noqa: E402
 from megatron_sail.data.indexed import PackedReader, load_meta  # noqa: E402
 from megatron_sail.data.integrity import ALGORITHM, check_files  # noqa: E402
+from megatron_sail import cli
 
 
 def stats(reader: PackedReader, chunk: int = 65536) -> dict:
@@ -124,4 +125,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_sail.eval.demo_bench import (DemoBenchConfig, write_caption_benchmark,  # noqa: E402
                                            write_demo_benchmarks)
+from megatron_sail import cli
 
 
 def main(argv=None) -> int:
@@ -44,4 +45,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -11,13 +11,13 @@ swapped or dropped tensor in a conversion shows up as a mismatch.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from megatron_sail.convert import hf_io, internvl_chat
+from megatron_sail import cli
 
 
 @dataclass
@@ -191,4 +191,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

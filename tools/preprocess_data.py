@@ -29,12 +29,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_sail.config.data import (DEFAULT_MAX_IMAGE_BYTES, PackingConfig, PreprocessConfig,  # noqa: E402
                                        TemplateConfig)
-from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
+from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS, TilingConfig  # noqa: E402
 from megatron_sail.data.block_pool import WorkerDied  # noqa: E402
 from megatron_sail.data.geometry import resolve_tiling  # noqa: E402
 from megatron_sail.data.internvl_meta import is_meta_file, run_meta  # noqa: E402
 from megatron_sail.data.preprocess import run  # noqa: E402
-from megatron_sail.data.tiling import TilingConfig  # noqa: E402
+from megatron_sail import cli
 
 
 def parse_args(argv=None) -> PreprocessConfig:
@@ -78,7 +78,14 @@ def parse_args(argv=None) -> PreprocessConfig:
                         "(default %(default)s)")
     p.add_argument("--video-frames", type=int, default=8,
                    help="frames sampled per InternVL video sample, one tile each (0: reject videos)")
+    p.add_argument("--select", default=None,
+                   help="keep only the records this sample list names: a curriculum stage list "
+                        "(tools/build_curriculum.py) or a complexity sidecar folder (tools/score_complexity.py)")
+    p.add_argument("--select-min-score", type=float, default=None, help="with --select: score >= this")
+    p.add_argument("--select-max-score", type=float, default=None, help="with --select: score < this")
     a = p.parse_args(argv)
+    if (a.select_min_score is not None or a.select_max_score is not None) and not a.select:
+        p.error("--select-min-score / --select-max-score need --select")
     if a.video_frames < 0:
         p.error("--video-frames must be >= 0")
     if a.seq_length <= 0 or a.packing_buffer <= 0 or a.workers <= 0:
@@ -107,7 +114,8 @@ def parse_args(argv=None) -> PreprocessConfig:
         workers=a.workers, shard_index=a.shard_index, num_shards=a.num_shards, strict=a.strict,
         max_reject_rate=a.max_reject_rate, allow_absolute_paths=a.allow_absolute_paths,
         max_image_bytes=a.max_image_bytes, max_image_pixels=a.max_image_pixels,
-        video_frames=a.video_frames, geometry=geometry)
+        video_frames=a.video_frames, geometry=geometry, select=a.select,
+        select_min_score=a.select_min_score, select_max_score=a.select_max_score)
 
 
 def main_meta(cfg) -> int:
@@ -153,4 +161,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megatron_sail.curate.backends import BACKENDS, BackendConfig  # noqa: E402
 from megatron_sail.curate.recaption import RecaptionConfig, run  # noqa: E402
+from megatron_sail import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,4 +111,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

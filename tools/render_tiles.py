@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from megatron_sail.config.images import ImageConfig
+from megatron_sail.config.images import ImageConfig, TilingConfig
 from megatron_sail.data.images import build_image_pipeline
 from megatron_sail.data.records import ImageRecord
-from megatron_sail.data.tiling import TilingConfig, find_grid
+from megatron_sail.data.tiling import find_grid
+from megatron_sail import cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,4 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

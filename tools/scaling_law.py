@@ -2,23 +2,27 @@
 """Fit benchmark score = a + b * ln(pretraining tokens) from runs trained with --eval-benchmark.
 
   python tools/scaling_law.py runs/pretrain_10B runs/pretrain_40B [--budget 655B] [--out scaling]
+  python tools/scaling_law.py runs/quickstart          # one run, evaluated during training
 
-Reads every ``benchmarks/NAME`` score and its ``consumed_tokens`` from each run's metrics.jsonl,
-fits each benchmark and the average over benchmarks, prints a, b, R^2 and the score extrapolated
-to the budget, and writes ``<out>/scaling.png`` (points and fits, log token axis) and
-``<out>/fits.json``.
+Reads every ``benchmarks/NAME`` score and its ``consumed_tokens`` from each run's metrics.jsonl
+(folders without one, or without scores, are skipped and named). Fits each benchmark on its own
+scale, and the average over benchmarks after normalizing each to 0-100 (OCRBench out of 1,000
+items, or out of the items scored; MME out of 2,800). Prints a, b, R^2 (n/a when the scores do
+not vary) and the score extrapolated to the budget, capped at the metric's maximum and flagged
+``CAPPED`` when the line passes it. Writes ``<out>/scaling.png`` (points and fits, log token
+axis) and ``<out>/fits.json``.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sail.eval.scaling import fit_all, parse_tokens, plot, read_points  # noqa: E402
+from megatron_sail.eval.scaling import fit_all, fit_report, format_r2, parse_tokens, plot, read_points  # noqa: E402
+from megatron_sail import cli
 
 
 def main(argv=None) -> int:
@@ -28,31 +32,29 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="scaling", help="folder for scaling.png and fits.json")
     a = p.parse_args(argv)
     budget = parse_tokens(a.budget)
-    points = read_points(a.runs)
-    if not points:
+    points = read_points(a.runs, log=print)
+    if not points.series:
         sys.exit(f"no benchmarks/* scores with consumed_tokens in {', '.join(a.runs)} "
                  "(train with --eval-benchmark NAME=PATH)")
-    fits = fit_all(points)
-    os.makedirs(a.out, exist_ok=True)
-    out = {}
-    for name in sorted(points):
-        if name not in fits:
-            print(f"{name}: {len(points[name])} point(s) at one token count, no fit")
+    report = fit_report(points, budget)
+    for name, why in report.get("no_fit", {}).items():
+        print(f"{name}: {why}, no fit")
+    for name, f in report.items():
+        if name == "no_fit":
             continue
-        f = fits[name]
-        at = f.predict(budget)
-        out[name] = {**dataclasses.asdict(f), "budget_tokens": budget, "at_budget": at}
-        print(f"{name}: a={f.a:.4f} b={f.b:.4f} R^2={f.r2:.4f} points={f.points} "
-              f"score@{a.budget}={at:.2f}")
+        flag = f" CAPPED at {f['maximum']:g} (line gives {f['at_budget_raw']:.2f})" if f["capped"] else ""
+        print(f"{name}: a={f['a']:.4f} b={f['b']:.4f} R^2={format_r2(f['r2'])} points={f['points']} "
+              f"score@{a.budget}={f['at_budget']:.2f}{flag}")
+    os.makedirs(a.out, exist_ok=True)
     png = os.path.join(a.out, "scaling.png")
-    plot(points, fits, budget, png)
+    plot(points.series, fit_all(points.series), budget, png, points.maxima)
     tmp = os.path.join(a.out, "fits.json.tmp")
     with open(tmp, "w") as fh:
-        json.dump(out, fh, indent=1)
+        json.dump(report, fh, indent=1)
     os.replace(tmp, os.path.join(a.out, "fits.json"))
     print(f"plot: {png}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

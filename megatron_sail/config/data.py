@@ -1,16 +1,16 @@
 """Dataclass configs of the offline data pipeline (tools/preprocess_data.py).
 
 One config per component: the chat template, packing, and the preprocessing run that composes
-them with the tiling config (data/tiling.py). The trainer-side dataset config (prefixes, weights)
-lives in config/train.py's DataConfig; the reader needs only a prefix.
+them with the tiling config (config/images.py; the arithmetic is data/tiling.py). The
+trainer-side dataset config (prefixes, weights) lives in config/train.py's DataConfig; the reader
+needs only a prefix.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS
-from megatron_sail.data.tiling import TilingConfig
+from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS, TilingConfig
 
 DEFAULT_MAX_IMAGE_BYTES = 128 << 20
 """Default --max-image-bytes: above any 50 MP PNG photo, far below a /dev/zero-style read."""
@@ -94,6 +94,13 @@ class PreprocessConfig:
     video_frames: int = 8
     """Frames sampled from each InternVL video sample (middle of equal segments), one tile each
     (data/video.py); 0 rejects video samples (``video_unsupported``)."""
+    select: Optional[str] = None
+    """Keep only the records a sample list names (data/selection.py: a curriculum stage list or a
+    complexity sidecar folder); None keeps every record."""
+    select_min_score: Optional[float] = None
+    """With ``select``: keep records scoring at least this."""
+    select_max_score: Optional[float] = None
+    """With ``select``: keep records scoring below this."""
     geometry: Optional[dict] = None
     """The model's token geometry the tiling's tokens per tile came from (data/geometry.py:
     family, tile and patch size, grid, class tokens, merge, recipe), stored as meta.json

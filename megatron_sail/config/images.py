@@ -1,4 +1,6 @@
-"""Configuration of the image pipeline (decoding, tiling, normalization, prefetch)."""
+"""Configuration of the image pipeline: how images are cut into tiles (TilingConfig, used offline
+by preprocessing and online by generation) and how stored bytes become tiles (ImageConfig:
+decoding, normalization, prefetch)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +11,22 @@ DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 """Largest width x height accepted, at preprocessing (``--max-image-pixels``) and at train time
 (``ImageConfig.max_pixels``): a 48 MP phone photo passes; a 12000x12000 scan (144 MP, seconds
 and ~700 MB per decode) does not. The tiler never uses more than max_tiles x 448^2 pixels."""
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """How images are cut into tiles (SAIL-VL defaults)."""
+
+    tile_size: int = 448
+    """Side of one square tile in pixels (the ViT's input size)."""
+    min_tiles: int = 1
+    """Fewest tiles in the grid (thumbnail not counted)."""
+    max_tiles: int = 12
+    """Most tiles in the grid (thumbnail not counted)."""
+    thumbnail: bool = True
+    """Append a whole-image thumbnail tile when the grid has more than one tile."""
+    tokens_per_tile: int = 256
+    """Visual tokens one tile becomes after pixel shuffle (256 for 448px, ratio 0.5, patch 14)."""
 
 
 @dataclass

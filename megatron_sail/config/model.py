@@ -11,6 +11,59 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+VISION_FAMILY_CLASS_TOKENS: dict[str, int] = {"internvit": 1, "aimv2": 0, "siglip": 0}
+"""The vision families a config may name, with the class tokens each encoder prepends to a
+tile's patches. models/families registers one spec per name and refuses to import when its
+names and these differ."""
+LANGUAGE_FAMILY_NAMES: tuple[str, ...] = ("qwen2", "qwen3", "qwen3_moe")
+"""The language families a config may name (models/families checks the same way)."""
+
+
+def check_family(kind: str, name: str, known) -> None:
+    """Unknown family names fail where the config is made, not deep inside the build."""
+    if name not in known:
+        raise ValueError(f"unknown {kind} family {name!r}; known: {sorted(known)}")
+
+
+@dataclass(frozen=True)
+class TokenGeometry:
+    """How one square tile becomes tokens: inside the encoder, and after the pixel-shuffle merge."""
+
+    grid: int
+    """Patches per side of the tile."""
+    class_tokens: int
+    """Extra tokens the encoder prepends (InternViT: 1 class token; AIMv2: 0)."""
+    merge: int
+    """Patches merged per side by the pixel shuffle (2 for ratio 0.5)."""
+    odd_grid: str = "error"
+    """A grid the merge does not divide: 'error' (refused) or 'pad' (zero-padded on the
+    bottom/right to the next multiple; ``ProjectorConfig.odd_grid``, set by ModelConfig)."""
+
+    @property
+    def padded(self) -> bool:
+        """Whether the pixel shuffle sees zero-padded patch positions."""
+        return self.odd_grid == "pad" and self.grid % self.merge != 0
+
+    @property
+    def patches(self) -> int:
+        """Patch tokens of one tile."""
+        return self.grid * self.grid
+
+    @property
+    def encoder_tokens(self) -> int:
+        """Tokens one tile is inside the encoder (patches + class tokens)."""
+        return self.patches + self.class_tokens
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Visual tokens one tile turns into after the merge (what <IMG_CONTEXT> runs hold)."""
+        if self.grid % self.merge and self.odd_grid != "pad":
+            raise ValueError(f"tile of {self.grid}x{self.grid} patches not divisible by merge "
+                             f"{self.merge} (ProjectorConfig.odd_grid='pad' zero-pads it)")
+        return (-(-self.grid // self.merge)) ** 2
+
+
+
 
 @dataclass
 class VisionConfig:
@@ -46,9 +99,7 @@ class VisionConfig:
     """Layer whose output feeds the projector (-1 = last, -2 = second to last, ...)."""
 
     def __post_init__(self):
-        from megatron_sail.models.families import vision_family
-
-        vision_family(self.family)  # unknown names fail here, not deep inside the build
+        check_family("vision", self.family, VISION_FAMILY_CLASS_TOKENS)
         if self.norm_type not in ("layer_norm", "rms_norm"):
             raise ValueError(f"VisionConfig.norm_type must be layer_norm or rms_norm, got {self.norm_type!r}")
         if self.hidden_size % self.num_heads:
@@ -135,9 +186,7 @@ class LanguageConfig:
     """Load-balancing auxiliary loss coefficient (Qwen3-MoE's router_aux_loss_coef)."""
 
     def __post_init__(self):
-        from megatron_sail.models.families import language_family
-
-        language_family(self.family)  # unknown names fail here, not deep inside the build
+        check_family("language", self.family, LANGUAGE_FAMILY_NAMES)
         if self.num_heads % self.num_kv_heads or (
                 self.kv_channels is None and self.hidden_size % self.num_heads):
             raise ValueError(f"LanguageConfig: hidden_size {self.hidden_size} must be divisible by num_heads "
@@ -176,12 +225,13 @@ class ModelConfig:
     img_context_token_id: int = 151667
     """Token id of <IMG_CONTEXT>; its embeddings are replaced by visual tokens."""
 
-    def geometry(self, tile_size: int | None = None):
-        """The vision family's token geometry for tiles of ``tile_size`` px (default: trained size)."""
-        from megatron_sail.models.families import vision_family
-
-        g = vision_family(self.vision.family).geometry(self.vision, self.projector.merge, tile_size)
-        return replace(g, odd_grid=self.projector.odd_grid)
+    def geometry(self, tile_size: int | None = None) -> TokenGeometry:
+        """The token geometry of tiles of ``tile_size`` px (default: the trained size): grid =
+        tile / patch, the family's class tokens, the projector's merge and odd-grid rule."""
+        v = self.vision
+        return TokenGeometry(grid=(tile_size or v.image_size) // v.patch_size,
+                             class_tokens=VISION_FAMILY_CLASS_TOKENS[v.family],
+                             merge=self.projector.merge, odd_grid=self.projector.odd_grid)
 
     def tokens_per_tile(self, tile_size: int | None = None) -> int:
         """Visual tokens one tile of side ``tile_size`` (default: trained size) turns into."""
@@ -323,9 +373,3 @@ def sail_vl2_30b_a3b() -> ModelConfig:
                                 moe_ffn_hidden_size=768, moe_router_topk=8,
                                 moe_norm_topk_prob=True, moe_aux_loss_coeff=0.001),
         img_context_token_id=SAIL_VL2_IMG_CONTEXT_ID)
-
-
-RECIPES = {"tiny": tiny, "tiny_moe": tiny_moe, "sail_2b": sail_2b, "sail_8b": sail_8b, "sail_vl15_2b": sail_vl15_2b,
-           "sail_vl16_8b": sail_vl16_8b, "sail_vl2_2b": sail_vl2_2b, "sail_vl2_8b": sail_vl2_8b,
-           "sail_vl2_30b_a3b": sail_vl2_30b_a3b}
-"""Named model recipes."""

@@ -41,6 +41,10 @@ class ParallelConfig:
     reduce. None: on with CUDA and the distributed optimizer."""
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse sizes no layout can have; run again after fields were set (flags)."""
         if self.tp < 1 or self.pp < 1 or self.ep < 1:
             raise ValueError(f"ParallelConfig: tp, pp and ep must be >= 1, got tp={self.tp} "
                              f"pp={self.pp} ep={self.ep}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
-@dataclass
+@dataclass(frozen=True)
 class PostTrainConfig:
     """Flags of the preference (dpo) and RL (grpo) stages."""
 

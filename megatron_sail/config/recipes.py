@@ -8,6 +8,7 @@ configs (config/model.py).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from megatron_sail.config import model as model_cfg
@@ -52,8 +53,8 @@ def tiny_moe(stage: str = "sft-knowledge") -> RunConfig:
     """``tiny`` with the Qwen3-MoE LM of config.model.tiny_moe (4 experts, top-2): the smallest
     run of a mixture-of-experts model, e.g. with --expert-model-parallel-size 2 on 2 CPU ranks."""
     cfg = tiny(stage)
-    cfg.recipe, cfg.model, cfg.train.run_dir = "tiny_moe", model_cfg.tiny_moe(), "runs/tiny_moe"
-    return cfg
+    cfg.train.run_dir = "runs/tiny_moe"
+    return replace(cfg, recipe="tiny_moe", model=model_cfg.tiny_moe())
 
 
 def sail_2b(stage: str = "pretrain-alignment") -> RunConfig:
@@ -126,7 +127,8 @@ RECIPES: dict[str, Callable[[str], RunConfig]] = {
     "tiny": tiny, "tiny_moe": tiny_moe, "sail_2b": sail_2b, "sail_8b": sail_8b, "sail_vl15_2b": sail_vl15_2b,
     "sail_vl16_8b": sail_vl16_8b, "sail_vl2_2b": sail_vl2_2b, "sail_vl2_8b": sail_vl2_8b,
     "sail_vl2_30b_a3b": sail_vl2_30b_a3b}
-"""Named run recipes (--recipe)."""
+"""Named recipes (--recipe): the one table of recipe names; each returns the whole RunConfig
+(``model_recipe`` gives its model alone)."""
 
 
 def get_recipe(name: str) -> Callable[[str], RunConfig]:
@@ -134,3 +136,8 @@ def get_recipe(name: str) -> Callable[[str], RunConfig]:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}")
     return RECIPES[name]
+
+
+def model_recipe(name: str) -> model_cfg.ModelConfig:
+    """The model of recipe ``name`` (what --recipe NAME trains, before data and flags)."""
+    return get_recipe(name)().model

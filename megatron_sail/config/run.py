@@ -1,40 +1,52 @@
 """RunConfig: one run's full configuration, and how it is resolved.
 
 Resolution order (later wins): recipe(stage) -> YAML file (--config) -> command-line flags ->
+the checkpoint's model where asked for (``--use-checkpoint-args``, or no ``--recipe``) ->
 derived fields (warmup from the stage's fraction, parallel sizes checked). The resolved config is
 written to ``<run_dir>/config.yaml`` so a run can be reproduced from its directory alone.
+
+This module reads no checkpoint: ``resolve`` takes a ``checkpoint_model`` function, and
+``checkpoint/from_checkpoint.py``'s ``resolve`` passes the one that reads the --load /
+--init-from checkpoint. The result is a frozen RunConfig; later steps that reconcile it with the
+data (train.match_data) return a new one (``dataclasses.replace``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
-import warnings
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
 
 import yaml
 
 from megatron_sail.config.eval import BenchmarkEvalConfig
+from megatron_sail.config.images import ImageConfig
+from megatron_sail.config.model import ModelConfig
+from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.config.posttrain import PostTrainConfig
 from megatron_sail.config.stage import StageConfig
 from megatron_sail.config.train import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
 
+log = logging.getLogger(__name__)
 
-@dataclass
+
+@dataclass(frozen=True)
 class RunConfig:
-    """Everything one training run needs; each part belongs to one component."""
+    """Everything one training run needs; each part belongs to one component. Frozen: a step
+    that changes a part (the data's vocabulary, say) makes a new RunConfig."""
 
     recipe: str
     """Recipe name this run started from (tiny, sail_2b, sail_8b)."""
     stage: StageConfig
     """Training stage: trainable modules and schedule defaults."""
-    model: Any
-    """config.model.ModelConfig: ViT, projector and LM shapes."""
-    parallel: Any
-    """config.parallel.ParallelConfig: TP / PP / VPP / SP sizes."""
-    images: Any
-    """config.images image-pipeline config (tiling, decoder)."""
+    model: ModelConfig
+    """ViT, projector and LM shapes."""
+    parallel: ParallelConfig
+    """TP / PP / VPP / SP / EP sizes."""
+    images: ImageConfig
+    """Image pipeline (tile size, decoder)."""
     data: DataConfig
     """Dataset prefixes and row length."""
     optim: OptimConfig
@@ -66,6 +78,7 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--eval-benchmark", "eval", "benchmarks", "append"),
     ("--eval-benchmark-interval", "eval", "interval", "int"),
     ("--eval-benchmark-limit", "eval", "limit", "int"),
+    ("--eval-benchmark-at", "eval", "at_iterations", "ints"),
     ("--run-dir", "train", "run_dir", "str"),
     ("--tensorboard-dir", "train", "tensorboard_dir", "str"),
     ("--tensorboard-log-interval", "train", "tensorboard_log_interval", "int"),
@@ -164,35 +177,74 @@ FLAGS: list[tuple[str, str, str, str]] = [
 _KINDS = {"int": int, "float": float, "str": str}
 
 
+ALIASES = {"--tensor-model-parallel-size": ("--tp",), "--pipeline-model-parallel-size": ("--pp",),
+           "--expert-model-parallel-size": ("--ep",)}
+"""Short spellings accepted beside Megatron-LM's long ones (generate and convert take both too)."""
+
+MEGATRON_MULTIMODAL = [
+    ("--freeze-ViT", "stage.train_vision", "store_const", "same as --train-vision false"),
+    ("--freeze-LM", "stage.train_language", "store_const", "same as --train-language false"),
+    ("--pretrained-checkpoint", "checkpoint.init_from", "store",
+     "Megatron-LM multimodal's spelling of --init-from (weights only, iterations from 0)"),
+]
+"""Megatron-LM's examples/multimodal flags, mapped to ours."""
+
+HELP_EPILOG = ("Defaults shown are the components' own; --recipe and --stage set theirs on top, then "
+               "--config, then flags. `python -m megatron_sail.config.run [flags]` prints the "
+               "resolved config without training.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m megatron_sail.train``; every override defaults to None
-    so that only flags actually given change the config."""
+    so that only flags actually given change the config. Help text comes from the config
+    fields' docstrings (config/flag_help.py), grouped as Megatron-LM groups its flags."""
+    from megatron_sail.config import flag_help
+    from megatron_sail.config.recipes import RECIPES
+    from megatron_sail.config.stage import STAGES
+
     # allow_abbrev=False: as in Megatron-LM, `--lr-warmu 5` is an error, not --lr-warmup-*.
     p = argparse.ArgumentParser(prog="megatron_sail.train", description=__doc__,
-                                allow_abbrev=False)
-    p.add_argument("--recipe", default=None,
-                   help="tiny, tiny_moe, sail_2b, sail_8b, sail_vl15_2b, sail_vl16_8b, sail_vl2_2b, sail_vl2_8b or "
-                        "sail_vl2_30b_a3b (default: tiny; with --load / --init-from "
-                        "and no --recipe the model comes from the checkpoint)")
-    p.add_argument("--stage", default=None, help="training stage name (default: the recipe's)")
-    p.add_argument("--config", default=None, help="YAML file overriding recipe fields")
-    p.add_argument("--split", default=None, help="not supported: see --valid-data-path")
+                                epilog=HELP_EPILOG, allow_abbrev=False)
+    run = p.add_argument_group("run")
+    run.add_argument("--recipe", default=None, metavar="NAME",
+                     help=f"model and defaults, one of {', '.join(RECIPES)} (default: tiny; with "
+                          "--load / --init-from and no --recipe the model comes from the checkpoint)")
+    run.add_argument("--stage", default=None, metavar="NAME",
+                     help=f"training stage, one of {', '.join(STAGES)} (default: the recipe's)")
+    run.add_argument("--config", default=None, metavar="FILE",
+                     help="YAML file overriding recipe fields (flags override it)")
+    run.add_argument("--split", default=None, metavar="SPLIT",
+                     help="not supported (Megatron-LM's train/valid split): give --valid-data-path")
+    groups = {title: p.add_argument_group(title) for title, _ in flag_help.GROUPS}
     for flag, section, name, kind in FLAGS:
-        dest = f"{section}.{name}"
-        if kind == "flag":
-            p.add_argument(flag, dest=dest, action="store_const", const=True, default=None)
-        elif kind == "noflag":
-            p.add_argument(flag, dest=dest, action="store_const", const=False, default=None)
-        elif kind == "bool":
-            p.add_argument(flag, dest=dest, type=_parse_bool, default=None, metavar="true|false")
+        g = groups.get(flag_help.group_of(flag)) or groups.setdefault(
+            "other", p.add_argument_group("other"))
+        names = (flag, *ALIASES.get(flag, ()))
+        common = dict(dest=f"{section}.{name}", default=None,
+                      help=flag_help.flag_help(flag, section, name, kind) or None)
+        if kind in ("flag", "noflag"):
+            g.add_argument(*names, action="store_const", const=kind == "flag", **common)
+            continue
+        common["metavar"] = flag_help.metavar(name, kind)
+        if kind == "bool":
+            g.add_argument(*names, type=_parse_bool, **common)
         elif kind == "list":
-            p.add_argument(flag, dest=dest, nargs="+", default=None)
-        elif kind == "floats":
-            p.add_argument(flag, dest=dest, nargs="+", type=float, default=None)
+            g.add_argument(*names, nargs="+", **common)
+        elif kind == "ints":  # --eval-benchmark-at 8 16 32
+            g.add_argument(*names, nargs="+", type=int, **common)
+        elif kind == "floats":  # --reward-weights 1.0 0.5
+            g.add_argument(*names, nargs="+", type=float, **common)
         elif kind == "append":  # repeatable: --eval-benchmark A=x --eval-benchmark B=y
-            p.add_argument(flag, dest=dest, action="append", default=None)
+            g.add_argument(*names, action="append", **common)
         else:
-            p.add_argument(flag, dest=dest, type=_KINDS[kind], default=None)
+            g.add_argument(*names, type=_KINDS[kind], **common)
+    mm = p.add_argument_group("Megatron-LM multimodal spellings")
+    for flag, dest, action, text in MEGATRON_MULTIMODAL:
+        if action == "store_const":
+            mm.add_argument(flag, dest=dest, action="store_const", const=False, default=None,
+                            help=text)
+        else:
+            mm.add_argument(flag, dest=dest, default=None, metavar="DIR", help=text)
     return p
 
 
@@ -206,19 +258,28 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def apply_overrides(obj: Any, overrides: dict, origin: str) -> None:
+def apply_overrides(obj: Any, overrides: dict, origin: str) -> Any:
     """Set nested dataclass fields from a nested dict, refusing unknown keys and wrong types
-    (``origin`` names the file or flag source in the error)."""
+    (``origin`` names the file or flag source in the error). Returns the result: ``obj``
+    itself, changed in place, or a changed copy when ``obj`` is frozen (a RunConfig)."""
     names = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
     for key, value in overrides.items():
         if key not in names:
             raise ValueError(f"{origin}: unknown key {key!r} in {type(obj).__name__}; "
                              f"known: {', '.join(sorted(names))}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            apply_overrides(current, value, f"{origin}:{key}")
+            changed = apply_overrides(current, value, f"{origin}:{key}")
+            if changed is not current:
+                changes[key] = changed
             continue
-        setattr(obj, key, _checked(current, value, f"{origin}:{key}"))
+        changes[key] = _checked(current, value, f"{origin}:{key}")
+    if type(obj).__dataclass_params__.frozen:
+        return replace(obj, **changes) if changes else obj
+    for key, value in changes.items():
+        setattr(obj, key, value)
+    return obj
 
 
 def _checked(current: Any, value: Any, where: str) -> Any:
@@ -261,9 +322,9 @@ def flag_overrides(args: argparse.Namespace) -> dict:
 
 def finalize(cfg: RunConfig) -> RunConfig:
     """Fill derived fields and check combinations that would fail later with a worse message."""
-    t, o = cfg.train, cfg.optim
     _check_counts(cfg)
-    _check_megatron_flags(cfg)
+    cfg = _check_megatron_flags(cfg)
+    t, o = cfg.train, cfg.optim
     _apply_samples(cfg)
     if o.lr_decay_iters is None:
         o.lr_decay_iters = max(1, t.train_iters)  # the scheduler needs >= 1 (--train-iters 0)
@@ -288,15 +349,16 @@ def finalize(cfg: RunConfig) -> RunConfig:
                          "selective or full")
     if t.tensorboard_dir is None:
         t.tensorboard_dir = os.path.join(t.run_dir, "tensorboard")
-    cfg.parallel.__post_init__()  # re-check the layout after flags set its fields
+    cfg.parallel.validate()  # flags set its fields after it was made
     cfg.post.__post_init__()
     cfg.parallel.check_experts(cfg.model.language.num_experts)
     return cfg
 
 
-def _check_megatron_flags(cfg: RunConfig) -> None:
+def _check_megatron_flags(cfg: RunConfig) -> RunConfig:
     """Values and combinations of the Megatron-LM flags, refused with the flag's name (as
-    Megatron-LM's own argument checks refuse them) instead of being half honoured."""
+    Megatron-LM's own argument checks refuse them) instead of being half honoured. Returns the
+    config with what the flags imply (--overlap-param-gather turns on --overlap-grad-reduce)."""
     t, o, c, p = cfg.train, cfg.optim, cfg.checkpoint, cfg.parallel
     if c.ckpt_format != "torch_dist":
         raise ValueError(f"--ckpt-format {c.ckpt_format!r}: this trainer writes and reads only "
@@ -331,9 +393,11 @@ def _check_megatron_flags(cfg: RunConfig) -> None:
                              "(--use-distributed-optimizer)")
         if p.overlap_grad_reduce is False:
             raise ValueError("--overlap-param-gather needs --overlap-grad-reduce")
-        p.overlap_grad_reduce = True
     if c.finetune and not c.load:
         raise ValueError("--finetune loads the weights of --load; give --load (or use --init-from)")
+    if p.overlap_param_gather and not p.overlap_grad_reduce:
+        return replace(cfg, parallel=replace(p, overlap_grad_reduce=True))
+    return cfg
 
 
 def _samples_to_steps(flag: str, samples: int, batch: int) -> int:
@@ -343,8 +407,8 @@ def _samples_to_steps(flag: str, samples: int, batch: int) -> int:
     steps, rest = divmod(samples, batch)
     if rest:
         steps = int(round(samples / batch))
-        warnings.warn(f"{flag} {samples} is not a multiple of --global-batch-size {batch}: "
-                      f"using {steps} steps ({steps * batch} rows)", stacklevel=3)
+        log.warning(f"{flag} {samples} is not a multiple of --global-batch-size {batch}: "
+                    f"using {steps} steps ({steps * batch} rows)")
     return steps
 
 
@@ -400,9 +464,26 @@ def _check_counts(cfg: RunConfig) -> None:
                          "exclude each other")
 
 
-def resolve(argv: Optional[list[str]] = None) -> RunConfig:
-    """Build the RunConfig of a command line: recipe(stage), then YAML, then flags."""
-    from megatron_sail.config import recipes
+def default_run_dir(save: Optional[str], recipe_run_dir: str) -> str:
+    """Where metrics, TensorBoard and config.yaml go without --run-dir: next to the checkpoints,
+    as Megatron-LM users expect (the folder above ``--save .../checkpoints``, else --save itself);
+    the recipe's ``runs/<recipe>`` only when nothing is saved."""
+    if not save:
+        return recipe_run_dir
+    save = os.path.normpath(save)
+    return os.path.dirname(save) or "." if os.path.basename(save) == "checkpoints" else save
+
+
+CheckpointModel = Callable[[CheckpointConfig], Optional[tuple[str, ModelConfig]]]
+"""(checkpoint dir, its ModelConfig) of the checkpoint a run will load, or None (no checkpoint)."""
+
+
+def resolve(argv: Optional[list[str]] = None,
+            checkpoint_model: Optional[CheckpointModel] = None) -> RunConfig:
+    """Build the RunConfig of a command line: recipe(stage), then YAML, then flags, then the
+    model of the checkpoint (``checkpoint_model``; None: no checkpoint is read, so
+    --use-checkpoint-args is refused and without --recipe the default recipe's model stands)."""
+    from megatron_sail.config import recipes  # recipes import this module
 
     args = build_parser().parse_args(argv)
     if args.split is not None:
@@ -413,66 +494,69 @@ def resolve(argv: Optional[list[str]] = None) -> RunConfig:
     cfg = recipe(args.stage) if args.stage else recipe()
     overrides = load_yaml(args.config) if args.config else {}
     if args.config:
-        apply_overrides(cfg, overrides, args.config)
+        cfg = apply_overrides(cfg, overrides, args.config)
     flags = flag_overrides(args)
     if "train_samples" in flags.get("train", {}) and "train_iters" in flags.get("train", {}):
         raise ValueError("--train-samples and --train-iters exclude each other (Megatron-LM)")
     derived = flags.pop("derived", {})
-    apply_overrides(cfg, flags, "command line")
+    cfg = apply_overrides(cfg, flags, "command line")
+    if "run_dir" not in flags.get("train", {}) and "run_dir" not in (overrides.get("train") or {}):
+        cfg.train.run_dir = default_run_dir(cfg.checkpoint.save, cfg.train.run_dir)
     if cfg.checkpoint.use_checkpoint_args or args.recipe is None:
-        use_checkpoint_model(cfg, overrides.get("model") or {}, args.config,
-                             required=cfg.checkpoint.use_checkpoint_args)
+        required = cfg.checkpoint.use_checkpoint_args
+        if checkpoint_model is None and required:
+            raise ValueError("--use-checkpoint-args reads the checkpoint's model: resolve the "
+                             "command line with checkpoint/from_checkpoint.py's resolve")
+        found = checkpoint_model(cfg.checkpoint) if checkpoint_model else None
+        cfg = use_checkpoint_model(cfg, found, overrides.get("model") or {}, args.config,
+                                   required=required)
     if "layers_per_virtual_stage" in derived:
-        set_layers_per_virtual_stage(cfg, derived["layers_per_virtual_stage"])
+        cfg = set_layers_per_virtual_stage(cfg, derived["layers_per_virtual_stage"])
     return finalize(cfg)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}: nested config dicts compared field by field."""
     out = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
-def use_checkpoint_model(cfg: RunConfig, yaml_model: dict, origin: Optional[str],
-                         required: bool = True) -> None:
-    """The model config of the --load checkpoint (or, when --load holds none yet, of
-    --init-from: a trainer checkpoint or an hf-to-mcore conversion's model_config.yaml)
-    replaces the recipe's: with Megatron-LM's --use-checkpoint-args (``required``: no
-    checkpoint is an error), and by default when --recipe is not given (no checkpoint: the
-    default recipe). A model field the YAML sets to another value than the checkpoint's is an
-    error naming both; drop-path (no weights) stays the recipe's."""
-    from megatron_sail.config.from_checkpoint import checkpoint_to_load
-    from megatron_sail.convert.checkpoint import read_model_config
-
+def use_checkpoint_model(cfg: RunConfig, found: Optional[tuple[str, ModelConfig]],
+                         yaml_model: dict, origin: Optional[str],
+                         required: bool = True) -> RunConfig:
+    """``cfg`` with the model of the checkpoint ``found`` (its folder and ModelConfig: the
+    --load checkpoint, or when --load holds none yet --init-from's) instead of the recipe's:
+    with Megatron-LM's --use-checkpoint-args (``required``: no checkpoint is an error), and by
+    default when --recipe is not given (no checkpoint: the default recipe). A model field the
+    YAML sets to another value than the checkpoint's is an error naming both; drop-path (no
+    weights) stays the recipe's."""
     c = cfg.checkpoint
-    _, ckpt = checkpoint_to_load(c)
-    if ckpt is None:
+    if found is None:
         if not required:
-            return
+            return cfg
         raise ValueError(f"--use-checkpoint-args: no checkpoint in --load {c.load} or "
                          f"--init-from {c.init_from}")
-    theirs = read_model_config(ckpt)
-    flat = _flat(dataclasses.asdict(theirs))
-    clash = [f"{k}: {origin} {v!r}, checkpoint {flat[k]!r}" for k, v in _flat(yaml_model).items()
+    ckpt, theirs = found
+    flat = flatten(dataclasses.asdict(theirs))
+    clash = [f"{k}: {origin} {v!r}, checkpoint {flat[k]!r}" for k, v in flatten(yaml_model).items()
              if k in flat and k != "vision.drop_path_rate" and v != flat[k]]
     if clash:
         raise ValueError(f"--use-checkpoint-args {ckpt}: the model config differs from the "
                          "checkpoint's: " + "; ".join(clash))
-    theirs.vision.drop_path_rate = cfg.model.vision.drop_path_rate
-    cfg.model = theirs
+    vision = replace(theirs.vision, drop_path_rate=cfg.model.vision.drop_path_rate)
+    return replace(cfg, model=replace(theirs, vision=vision))
 
 
-def set_layers_per_virtual_stage(cfg: RunConfig, layers: int) -> None:
+def set_layers_per_virtual_stage(cfg: RunConfig, layers: int) -> RunConfig:
     """Megatron-LM's --num-layers-per-virtual-pipeline-stage, turned into our chunk count
     (ParallelConfig.vpp = LM layers / (pp * layers per virtual stage))."""
     total, pp = cfg.model.language.num_layers, cfg.parallel.pp
     if layers < 1 or total % (pp * layers):
         raise ValueError(f"--num-layers-per-virtual-pipeline-stage {layers}: {total} LM layers "
                          f"do not split into pp={pp} x chunks of {layers}")
-    cfg.parallel.vpp = total // (pp * layers)
-    cfg.parallel.__post_init__()
+    return replace(cfg, parallel=replace(cfg.parallel, vpp=total // (pp * layers)))
 
 
 def to_dict(cfg: RunConfig) -> dict:
@@ -489,13 +573,3 @@ def write_resolved(cfg: RunConfig, run_dir: str) -> str:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     os.replace(tmp, path)
     return path
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m megatron_sail.config.run [trainer flags]``: print the resolved config as YAML
-    and exit without training (the launchers' DRY_RUN=1 uses it to check their flags)."""
-    print(yaml.safe_dump(to_dict(resolve(argv)), sort_keys=False), end="", flush=True)
-
-
-if __name__ == "__main__":
-    main()

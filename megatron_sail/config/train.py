@@ -124,7 +124,7 @@ class CheckpointConfig:
     """Megatron-LM's --use-checkpoint-args: the model config comes from the --load / --init-from
     checkpoint even when --recipe names another model (YAML model fields that differ from the
     checkpoint stay errors). Without it the checkpoint's model is used when --recipe is not given
-    and must match the recipe's when it is (config/from_checkpoint.py)."""
+    and must match the recipe's when it is (checkpoint/from_checkpoint.py)."""
     allow_tokenizer_mismatch: bool = False
     """Load a checkpoint trained on data of another tokenizer (identity, special ids) or image
     geometry (tile size, tokens per tile) than --data-path, with a warning instead of an error."""

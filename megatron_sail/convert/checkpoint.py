@@ -2,7 +2,7 @@
 
 hf -> mcore: read either HF layout (transformers "internvl" or InternVL-chat "internvl_chat"),
 bring it to transformers' module keys, map to our parameter names (hf_internvl), load the
-tensors into a SailVLModel built at TP=1/PP=1 and save it with dist_ckpt. Megatron's sharded
+tensors into a SailVLModel built at TP=1/PP=1 and save it with checkpoint/dcp.py. Megatron's sharded
 state dict stores every tensor under a global key with its full shape, so the result loads at
 any TP/PP. Next to it go ``model_config.yaml`` (our ModelConfig), ``hf_config.json`` (the
 transformers config, so the way back restores fields our config does not model) and the
@@ -22,27 +22,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 from safetensors.torch import save_file
 
+from megatron_sail.checkpoint import dcp, integrity
+from megatron_sail.checkpoint.layout import (CONVERSION_FILE, HF_CONFIG_FILE, PROCESSOR_FILE,
+                                             SOURCE_DIR, TOKENIZER_DIR, UNUSED_FILE,
+                                             read_model_config, write_model_config)
+from megatron_sail.checkpoint.processor import ProcessorSettings
+from megatron_sail.checkpoint.tokenizer import save_tokenizer
 from megatron_sail.config.model import ModelConfig
 from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.convert import hf_assets, hf_internvl, hf_io, internvl_chat, sailvl_layout
 from megatron_sail.models.families import vision_family
 
-MODEL_CONFIG_FILE = "model_config.yaml"
-HF_CONFIG_FILE = "hf_config.json"
-CONVERSION_FILE = "conversion.json"
-TOKENIZER_DIR = hf_assets.TOKENIZER_DIR
 LAYOUTS = ("hf", "chat")
-UNUSED_FILE = "unused_hf_tensors.safetensors"
-
-
 @dataclass
 class ConvertConfig:
     """Options of both conversion directions."""
@@ -131,33 +129,6 @@ def build_model_chunks(model_config: ModelConfig, parallel: ParallelConfig,
                         dtype=dtype, use_te=use_te)]
 
 
-def write_model_config(folder: Path, model_config: ModelConfig) -> None:
-    """Store our ModelConfig as YAML next to the weights."""
-    (folder / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(asdict(model_config), sort_keys=False))
-
-
-def read_model_config(mcore_dir: str | os.PathLike) -> ModelConfig:
-    """ModelConfig of a checkpoint: ``model_config.yaml`` written by hf_to_mcore, else the
-    ``model`` section of the run config the trainer stores in ``train_state.pt``."""
-    from megatron_sail.config.run import apply_overrides
-    from megatron_sail.training.checkpoint import read_state_file
-
-    path = Path(mcore_dir) / MODEL_CONFIG_FILE
-    state = Path(mcore_dir) / "train_state.pt"
-    if path.is_file():
-        values, origin = yaml.safe_load(path.read_text()), str(path)
-    elif state.is_file():
-        values, origin = (read_state_file(str(state)).get("config") or {}).get("model"), str(state)
-        if values is None:
-            raise ValueError(f"{state}: holds no run config with a 'model' section")
-    else:
-        raise FileNotFoundError(f"{mcore_dir}: no {MODEL_CONFIG_FILE} (hf-to-mcore output) and no "
-                                "train_state.pt (trainer checkpoint)")
-    cfg = ModelConfig()
-    apply_overrides(cfg, values, origin)
-    return cfg
-
-
 # ------------------------------------------------------------------ drivers
 def _single_rank() -> None:
     """Start torch.distributed and Megatron groups at TP=PP=1 (conversion runs in one process)."""
@@ -173,8 +144,6 @@ def _single_rank() -> None:
 def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 cfg: ConvertConfig = ConvertConfig()) -> Path:
     """Convert an HF checkpoint folder (either layout) into a Megatron dist checkpoint folder."""
-    from megatron_sail.training import dist_ckpt, integrity
-
     _check_not_source(hf_dir, out_dir, "--hf-dir")
     _check_empty(out_dir, cfg.overwrite)
     hf = read_hf_checkpoint(hf_dir)
@@ -187,7 +156,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
     [model] = build_model_chunks(model_config, ParallelConfig(), use_te=False)
     _load_full_state(model, ours)
     with hf_io.atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
-        dist_ckpt.save_sharded(dist_ckpt.model_sharded_state_dict([model]), tmp)
+        dcp.save_sharded(dcp.model_sharded_state_dict([model]), tmp)
         if unused:
             save_file({k: v.contiguous() for k, v in unused.items()}, str(tmp / UNUSED_FILE))
         write_model_config(tmp, model_config)
@@ -220,8 +189,8 @@ def _record_source(hf: HFCheckpoint, model_config: ModelConfig, tmp: Path) -> No
     tile = model_config.vision.image_size
     hf_assets.settings_from_hf(hf.path, raw, model_config.tokens_per_tile(tile), tile).write(tmp)
     if hf.layout in ("chat", "sailvl"):
-        hf_assets.copy_source_files(hf.path, tmp / hf_assets.SOURCE_DIR,
-                                    skip=hf_io.TOKENIZER_FILES + (hf_assets.PROCESSOR_FILE,))
+        hf_assets.copy_source_files(hf.path, tmp / SOURCE_DIR,
+                                    skip=hf_io.TOKENIZER_FILES + (PROCESSOR_FILE,))
 
 
 def _check_empty(out_dir: str | os.PathLike, overwrite: bool) -> None:
@@ -250,8 +219,6 @@ def _load_full_state(model: torch.nn.Module, ours: dict[str, torch.Tensor]) -> N
 def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 cfg: ConvertConfig = ConvertConfig()) -> Path:
     """Convert a Megatron dist checkpoint (ours) into transformers' InternVL folder."""
-    from megatron_sail.training import dist_ckpt
-
     mcore_dir = Path(mcore_dir)
     _check_not_source(mcore_dir, out_dir, "--mcore-dir")
     _check_empty(out_dir, cfg.overwrite)
@@ -270,16 +237,16 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
     tokenizer = _tokenizer_source(mcore_dir, cfg)
     settings = _processor_settings(mcore_dir, model_config)
     _refuse_padded_grid(mcore_dir, model_config, settings.tile_size)
-    source = mcore_dir / hf_assets.SOURCE_DIR
+    source = mcore_dir / SOURCE_DIR
     if cfg.layout == "chat" and not (source / "config.json").is_file():
         raise FileNotFoundError(
             f"{mcore_dir}: --layout chat needs the hub's remote code and config in "
-            f"{hf_assets.SOURCE_DIR}/ (InternVL-chat, or SAIL-VL2's sailvl for AIMv2 models; present "
+            f"{SOURCE_DIR}/ (InternVL-chat, or SAIL-VL2's sailvl for AIMv2 models; present "
             "when the weights came from such a checkpoint through hf-to-mcore, and in training "
             "checkpoints started from one)")
     _single_rank()
     [model] = build_model_chunks(model_config, ParallelConfig(), use_te=False)
-    dist_ckpt.load_model([model], mcore_dir)
+    dcp.load_model([model], mcore_dir)
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     if not vision_family(model_config.vision.family).in_internvl_container:
         return _write_sailvl(mcore_dir, out_dir, cfg, model_config, ours, tokenizer, settings, source)
@@ -303,7 +270,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def _write_sailvl(mcore_dir: Path, out_dir, cfg: ConvertConfig, model_config: ModelConfig,
-                  ours: dict, tokenizer: Path, settings: hf_assets.ProcessorSettings,
+                  ours: dict, tokenizer: Path, settings: ProcessorSettings,
                   source: Path) -> Path:
     """mcore -> SAIL-VL2's 'sailvl' layout (AIMv2 towers): tensors in the hub's names and source
     dtypes, the tied LM head written too (as the hub file stores it), the source config.json
@@ -373,17 +340,17 @@ def _refuse_padded_grid(mcore_dir: Path, model_config: ModelConfig, tile: int) -
             "pixel shuffles cannot express that padding, so export is refused")
 
 
-def _processor_settings(mcore_dir: Path, model_config: ModelConfig) -> hf_assets.ProcessorSettings:
+def _processor_settings(mcore_dir: Path, model_config: ModelConfig) -> ProcessorSettings:
     """processor.json of the checkpoint; for older checkpoints without one, the model's own
     tile geometry with SAIL-VL's tiling defaults (and a note saying so)."""
-    path = mcore_dir / hf_assets.PROCESSOR_FILE
+    path = mcore_dir / PROCESSOR_FILE
     if path.is_file():
-        settings = hf_assets.ProcessorSettings.read(path)
+        settings = ProcessorSettings.read(path)
     else:
         tile = model_config.vision.image_size
-        settings = hf_assets.ProcessorSettings(tile_size=tile,
+        settings = ProcessorSettings(tile_size=tile,
                                                tokens_per_tile=model_config.tokens_per_tile(tile))
-        print(f"note: {mcore_dir} has no {hf_assets.PROCESSOR_FILE}; using tile {tile}, "
+        print(f"note: {mcore_dir} has no {PROCESSOR_FILE}; using tile {tile}, "
               f"{settings.min_tiles}-{settings.max_tiles} tiles, thumbnail on")
     want = model_config.tokens_per_tile(settings.tile_size)
     if settings.tokens_per_tile != want:
@@ -392,7 +359,7 @@ def _processor_settings(mcore_dir: Path, model_config: ModelConfig) -> hf_assets
     return settings
 
 
-def _chat_config(source: Path, hf_config: dict, settings: hf_assets.ProcessorSettings) -> dict:
+def _chat_config(source: Path, hf_config: dict, settings: ProcessorSettings) -> dict:
     """InternVL-chat config.json: the source's own (auto_map, template, extra fields kept)
     unless the architecture changed since, then rebuilt with the source's remote-code fields."""
     stored = json.loads((source / "config.json").read_text())
@@ -413,11 +380,11 @@ def _arch(hf_config: dict) -> dict:
     return hf_internvl.to_hf_config(hf_internvl.from_hf_config(transformers_config(hf_config))).to_dict()
 
 
-def _write_side_files(tmp: Path, tokenizer: Path, settings: hf_assets.ProcessorSettings,
+def _write_side_files(tmp: Path, tokenizer: Path, settings: ProcessorSettings,
                       image_token_id: int, layout: str, source: Path) -> None:
     """Tokenizer (+ chat template), generation config, processor configs, remote code; then
     load the tokenizer back as users will and refuse an unusable one."""
-    ids = hf_assets.save_tokenizer(tokenizer, tmp, {internvl_chat.IMG_CONTEXT: image_token_id},
+    ids = save_tokenizer(tokenizer, tmp, {internvl_chat.IMG_CONTEXT: image_token_id},
                                    settings.template)
     if not (tmp / "generation_config.json").is_file():
         hf_assets.write_generation_config(tmp, ids)

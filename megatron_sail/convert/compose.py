@@ -31,9 +31,16 @@ from typing import Optional
 
 import torch
 
+from megatron_sail.checkpoint import dcp, integrity
+from megatron_sail.checkpoint.from_checkpoint import SHAPE_FIELDS, model_differences
+from megatron_sail.checkpoint.layout import (CONVERSION_FILE, TOKENIZER_DIR, UNUSED_FILE,
+                                             write_model_config)
+from megatron_sail.checkpoint.processor import ProcessorSettings
+from megatron_sail.checkpoint.tokenizer import load_hf_tokenizer, save_tokenizer
 from megatron_sail.config.model import ModelConfig, ProjectorConfig
 from megatron_sail.config.parallel import ParallelConfig
-from megatron_sail.convert import checkpoint, hf_assets, hf_io, standalone
+from megatron_sail.config.recipes import RECIPES, model_recipe
+from megatron_sail.convert import checkpoint, hf_io, standalone
 from megatron_sail.convert.hf_internvl import apply_key_map
 from megatron_sail.models.families import language_family, vision_family
 
@@ -49,7 +56,7 @@ class ComposeConfig:
     """Options of ``compose`` (None: from the recipe, else the default named here)."""
 
     recipe: Optional[str] = None
-    """Model recipe (config/model.py RECIPES) giving select_layer, downsample ratio, image size
+    """Model recipe (config/recipes.py RECIPES) giving select_layer, downsample ratio, image size
     and drop path, and whose weight shapes (vocabulary rows included) the composed model must
     have, so that `train.py --recipe NAME --init-from MC` accepts it."""
     select_layer: Optional[int] = None
@@ -79,7 +86,6 @@ def compose(vision_hf: str | os.PathLike, language_hf: str | os.PathLike,
             out_dir: str | os.PathLike, cfg: ComposeConfig = ComposeConfig()) -> Path:
     """Write the composed dist checkpoint to ``out_dir`` (atomically)."""
     from megatron_sail.data.tokenizer import load_tokenizer
-    from megatron_sail.training import dist_ckpt, integrity
 
     for src, flag in ((vision_hf, "--vision-hf"), (language_hf, "--language-hf")):
         checkpoint._check_not_source(src, out_dir, flag)
@@ -88,8 +94,8 @@ def compose(vision_hf: str | os.PathLike, language_hf: str | os.PathLike,
     tok_src = _tokenizer_source(language_hf, cfg.tokenizer)
     model_config = _model_config(vis, lm, cfg)
     with hf_io.atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
-        hf_assets.save_tokenizer(tok_src, tmp / checkpoint.TOKENIZER_DIR)
-        tok = load_tokenizer(str(tmp / checkpoint.TOKENIZER_DIR))
+        save_tokenizer(tok_src, tmp / TOKENIZER_DIR)
+        tok = load_tokenizer(str(tmp / TOKENIZER_DIR))
         model_config.img_context_token_id = tok.special.img_context
         ours, unused = _our_tensors(vis, lm, model_config)
         grown = _grow_vocab(ours, model_config, tok.vocab_size, cfg.vocab_multiple)
@@ -100,14 +106,14 @@ def compose(vision_hf: str | os.PathLike, language_hf: str | os.PathLike,
                      {k: v for k, v in model.state_dict().items()
                       if k.startswith("projector.") and not k.endswith("_extra_state")})
         checkpoint._load_full_state(model, {**ours, **projector})
-        dist_ckpt.save_sharded(dist_ckpt.model_sharded_state_dict([model]), tmp)
+        dcp.save_sharded(dcp.model_sharded_state_dict([model]), tmp)
         if unused:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in unused.items()}, str(tmp / checkpoint.UNUSED_FILE))
-        checkpoint.write_model_config(tmp, model_config)
+            save_file({k: v.contiguous() for k, v in unused.items()}, str(tmp / UNUSED_FILE))
+        write_model_config(tmp, model_config)
         dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in {**vis.state, **lm.state}.items()}
-        (tmp / checkpoint.CONVERSION_FILE).write_text(json.dumps({
+        (tmp / CONVERSION_FILE).write_text(json.dumps({
             "source": {"vision": str(vision_hf), "language": str(language_hf),
                        "tokenizer": str(tok_src)},
             "source_layout": "compose", "vision_model_type": vis.source_type,
@@ -116,7 +122,7 @@ def compose(vision_hf: str | os.PathLike, language_hf: str | os.PathLike,
             "added_tokens": _added(tok_src, tok), "vocab_rows_added": grown,
             "skipped_source_tensors": vis.skipped, "hf_dtypes": dtypes}, indent=2) + "\n")
         tile = model_config.vision.image_size
-        hf_assets.ProcessorSettings(tile_size=tile,
+        ProcessorSettings(tile_size=tile,
                                     tokens_per_tile=model_config.tokens_per_tile(tile)).write(tmp)
         integrity.write_manifest(str(tmp))  # last: sizes + SHA-256 of every file above
     return Path(out_dir)
@@ -138,7 +144,7 @@ def _added(tok_src: Path, tok) -> list[str]:
     """Special tokens the source tokenizer lacked (compose added them, in this order)."""
     from megatron_sail.data.tokenizer import SPECIAL_TOKENS
 
-    vocab = hf_assets.load_hf_tokenizer(tok_src).get_vocab()
+    vocab = load_hf_tokenizer(tok_src).get_vocab()
     return [t for t in SPECIAL_TOKENS if t not in vocab]
 
 
@@ -180,21 +186,17 @@ def _model_config(vis: standalone.VisionPart, lm: standalone.LanguagePart,
 
 
 def _recipe(name: Optional[str]) -> Optional[ModelConfig]:
-    """The named model recipe (a clear error for unknown names)."""
-    from megatron_sail.config.model import RECIPES
-
+    """The named recipe's model (a clear error for unknown names)."""
     if name is None:
         return None
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
-    return RECIPES[name]()
+    return model_recipe(name)
 
 
 def _check_recipe(ours: ModelConfig, recipe: ModelConfig, name: str) -> None:
     """Every weight-shaping field of the composed model (vocabulary rows after any growth
     included) equals the recipe's, as ``train.py --recipe NAME --init-from`` checks."""
-    from megatron_sail.config.from_checkpoint import SHAPE_FIELDS, model_differences
-
     diffs = [d for d in model_differences(recipe, ours)
              if d[0].rsplit(".", 1)[-1] in SHAPE_FIELDS]
     if diffs:

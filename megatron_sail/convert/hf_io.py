@@ -151,6 +151,16 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
     return copied
 
 
+def apply_umask(folder: Path) -> None:
+    """Give a finished folder the modes the user's umask asks for: some writers (safetensors)
+    create files 0600, which left an export unreadable by the rest of a team."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder that becomes ``dest`` only if the block succeeds.
@@ -166,6 +176,7 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp.mkdir()
     try:
         yield tmp
+        apply_umask(tmp)
         if dest.exists():
             old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
             dest.rename(old)

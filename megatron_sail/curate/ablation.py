@@ -127,13 +127,19 @@ def compare(cfg: AblationConfig, predictions: dict[str, dict[str, str]]) -> dict
     """Scores per candidate and benchmark, the ranking by the mean over benchmarks, and for each
     candidate the paired-bootstrap interval of its difference to the best (items resampled per
     benchmark with the same indices for both, the mean over benchmarks recomputed)."""
+    from megatron_sail.eval.prediction_files import canonical_index, read_predictions
     from megatron_sail.eval.registry import get_benchmark
-    from megatron_sail.eval.tsv import read_items, read_predictions
+    from megatron_sail.eval.tsv import read_items
 
     specs = {b: get_benchmark(b) for b in cfg.benchmarks}
     items = {b: read_items(p, cfg.eval_limit) for b, p in cfg.benchmarks.items()}
-    preds = {c: {b: {k: specs[b].clean(v) for k, v in read_predictions(path).items()}
-                 for b, path in per.items()} for c, per in predictions.items()}
+
+    def stored(b: str, path: str) -> dict:
+        """index -> the prediction as evaluate.py stored it (already post-processed)."""
+        by_canon = read_predictions(path)
+        return {it.index: by_canon.get(canonical_index(it.index), "") for it in items[b]}
+
+    preds = {c: {b: stored(b, path) for b, path in per.items()} for c, per in predictions.items()}
 
     def score(c: str, b: str, its: list) -> float:
         return specs[b].score(its, preds[c][b]).score

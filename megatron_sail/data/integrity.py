@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 from typing import Optional
 
 import numpy as np
+
+from megatron_sail.compat import indexed as idx_format
 
 ALGORITHM = "sha256"
 CHEAP_HASH_BYTES = 1 << 20
@@ -41,10 +42,8 @@ SAMPLE_RUN = 64
 """Consecutive entries per sampled run (64 int64 pointers = one 4 KiB page)."""
 SAMPLE_SEED = 0x5A11
 """Seed of the sampled entries: fixed, so every rank and every start checks the same ones."""
-IDX_MAGIC = b"MMIDIDX\x00\x00"
-IDX_HEADER_BYTES = 34  # magic 9 + version 8 + dtype code 1 + sequence count 8 + document count 8
-DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int32): 4}
-"""Megatron-Core IndexedDataset dtype codes of the streams this format writes."""
+IDX_HEADER_BYTES = idx_format.HEADER_BYTES
+"""Size of an ``.idx`` header (the format's facts live in compat/indexed.py)."""
 
 
 class DatasetIntegrityError(ValueError):
@@ -137,24 +136,21 @@ def check_idx_header(idx_path: str, dtype) -> None:
     if len(head) < IDX_HEADER_BYTES:
         raise DatasetIntegrityError(f"{idx_path}: {size} bytes, shorter than an index header "
                                     f"({IDX_HEADER_BYTES}); truncated")
-    if head[:9] != IDX_MAGIC:
-        raise DatasetIntegrityError(f"{idx_path}: not a Megatron index (bad magic {head[:9]!r})")
-    (version,) = struct.unpack("<Q", head[9:17])
-    if version != 1:
-        raise DatasetIntegrityError(f"{idx_path}: index version {version}, expected 1")
-    want = DTYPE_CODES[np.dtype(dtype)]
-    if head[17] != want:
-        raise DatasetIntegrityError(f"{idx_path}: dtype code {head[17]}, expected {want} ({np.dtype(dtype)})")
-    seqs, docs = struct.unpack("<QQ", head[18:34])
-    need = IDX_HEADER_BYTES + seqs * (4 + 8) + docs * 8
-    if size != need:
+    h = idx_format.parse_header(head)
+    if h.magic != idx_format.MAGIC:
+        raise DatasetIntegrityError(f"{idx_path}: not a Megatron index (bad magic {h.magic!r})")
+    if h.version != idx_format.VERSION:
+        raise DatasetIntegrityError(f"{idx_path}: index version {h.version}, expected {idx_format.VERSION}")
+    want = idx_format.DTYPE_CODES[np.dtype(dtype)]
+    if h.dtype_code != want:
+        raise DatasetIntegrityError(f"{idx_path}: dtype code {h.dtype_code}, expected {want} ({np.dtype(dtype)})")
+    seqs, docs = h.sequences, h.documents
+    if size != h.file_bytes:
         raise DatasetIntegrityError(f"{idx_path}: {size} bytes, but its header counts ({seqs} sequences, "
-                                    f"{docs} documents) need {need}; truncated or damaged")
+                                    f"{docs} documents) need {h.file_bytes}; truncated or damaged")
     with open(idx_path, "rb") as f:  # Megatron asserts on the last one with no message
-        f.seek(IDX_HEADER_BYTES + seqs * (4 + 8))
-        first = struct.unpack("<q", f.read(8))[0] if docs else 0
-        f.seek(max(size - 8, 0))
-        last = struct.unpack("<q", f.read(8))[0] if docs else seqs
+        first = idx_format.read_document_index(f, h.documents_offset) if docs else 0
+        last = idx_format.read_document_index(f, max(size - 8, 0)) if docs else seqs
     if docs == 0 or first != 0 or last != seqs:
         raise DatasetIntegrityError(f"{idx_path}: document indices run {first}..{last}, not 0..{seqs} "
                                     f"(its sequence count); the index is damaged")

@@ -24,8 +24,10 @@ from megatron_sail.data.formats import (FORMATS, ImageAccess, RawRecord, detect_
                                        iter_records, reread_image, to_conversation)
 from megatron_sail.data.imageinfo import clean_message, image_info
 from megatron_sail.data.packing import ImageEntry, Sample, pack_block
+from megatron_sail.data.selection import Selection, filter_records, load_selection
 from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
-from megatron_sail.data.tiling import TilingConfig, find_grid, num_tiles
+from megatron_sail.config.images import TilingConfig
+from megatron_sail.data.tiling import find_grid, num_tiles
 from megatron_sail.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
 from megatron_sail.data.video import VideoConfig, expand_videos
 
@@ -159,10 +161,15 @@ def attach_images(res: BlockResult, records: list[tuple[int, RawRecord]]) -> Blo
     return res
 
 
-def iter_blocks(cfg: PreprocessConfig, files: list[str], fmt: str) -> Iterator[tuple[int, list]]:
-    """(block id, [(record index, record)]) of this shard's blocks, in input order."""
+def iter_blocks(cfg: PreprocessConfig, files: list[str], fmt: str,
+                select_counts: Optional[dict] = None) -> Iterator[tuple[int, list]]:
+    """(block id, [(record index, record)]) of this shard's blocks, in input order.
+    ``select_counts``: filled with the records --select kept and skipped."""
     access = ImageAccess(cfg.allow_absolute_paths, cfg.max_image_bytes)
     records = iter_records(files, fmt, cfg.image_root, access)
+    if cfg.select:  # a curriculum stage or a score range (--select): the other records are skipped
+        keep = load_selection(Selection(cfg.select, cfg.select_min_score, cfg.select_max_score))
+        records = filter_records(records, keep, {} if select_counts is None else select_counts)
     size = cfg.packing.packing_buffer
     for block in itertools.count():
         chunk = list(itertools.islice(records, size))
@@ -187,6 +194,13 @@ def map_blocks(cfg: PreprocessConfig, fmt: str, blocks: Iterator, builder: Sampl
                            where, log)
 
 
+def recorded_tokenizer_path(path: str) -> str:
+    """The tokenizer as meta.json records it: absolute when it is a local file or folder, so
+    that training from another working directory still finds it (a relative path silently
+    dropped tokenizer/ from every checkpoint)."""
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
 def build_meta(cfg: PreprocessConfig, fmt: str, tok: Tokenizer, writer: indexed.PackedWriter,
                records: int, rejects: Counter, shard: tuple[int, int]) -> dict:
     """meta.json content: everything the trainer and inspect need, nothing run-specific."""
@@ -199,7 +213,7 @@ def build_meta(cfg: PreprocessConfig, fmt: str, tok: Tokenizer, writer: indexed.
         "seq_length": seq,
         "input_format": fmt,
         "tokenizer": {
-            "path": cfg.tokenizer, "vocab_size": tok.vocab_size, "added": list(tok.added),
+            "path": recorded_tokenizer_path(cfg.tokenizer), "vocab_size": tok.vocab_size, "added": list(tok.added),
             "identity": tokenizer_identity(tok),
             "img_context_id": sp.img_context, "img_start_id": sp.img_start, "img_end_id": sp.img_end,
             "im_start_id": sp.im_start, "im_end_id": sp.im_end, "pad_id": sp.pad,
@@ -243,7 +257,8 @@ def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int,
     records, rejects = 0, Counter()
     with indexed.PackedWriter(cfg.output_prefix) as writer:
         start = time.perf_counter()  # after the writer's one-off megatron.core import
-        for res in map_blocks(cfg, fmt, iter_blocks(cfg, files, fmt), builder, log):
+        selected: dict = {}
+        for res in map_blocks(cfg, fmt, iter_blocks(cfg, files, fmt, selected), builder, log):
             for row in res.rows:
                 writer.add_row(row, tok.special.img_context)
             for rej in res.rejects:
@@ -256,6 +271,8 @@ def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int,
         rate = n_rej / records if records else 0.0
         summary = {"output_prefix": cfg.output_prefix, **meta["stats"], "rejects": meta["rejects"],
                    "reject_rate": round(rate, 6), "seconds": round(time.perf_counter() - start, 3)}
+        if cfg.select:
+            summary["select"] = {"kept": selected.get("selected", 0), "skipped": selected.get("not_selected", 0)}
         # an empty shard is fine (its blocks may all belong to other shards); an empty run is not
         empty = records == 0 and cfg.num_shards == 1
         failed = (cfg.strict and n_rej > 0) or rate > cfg.max_reject_rate or empty

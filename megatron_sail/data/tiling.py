@@ -7,24 +7,9 @@ tie-break and candidate order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
-
-@dataclass(frozen=True)
-class TilingConfig:
-    """How images are cut into tiles (SAIL-VL defaults)."""
-
-    tile_size: int = 448
-    """Side of one square tile in pixels (the ViT's input size)."""
-    min_tiles: int = 1
-    """Fewest tiles in the grid (thumbnail not counted)."""
-    max_tiles: int = 12
-    """Most tiles in the grid (thumbnail not counted)."""
-    thumbnail: bool = True
-    """Append a whole-image thumbnail tile when the grid has more than one tile."""
-    tokens_per_tile: int = 256
-    """Visual tokens one tile becomes after pixel shuffle (256 for 448px, ratio 0.5, patch 14)."""
+from megatron_sail.config.images import TilingConfig
 
 
 @lru_cache(maxsize=None)

@@ -46,6 +46,8 @@ class BenchmarkHook:
             read_items(path, limit=1)  # a missing or malformed file fails before training
         if cfg.interval < 0:
             raise ValueError(f"--eval-benchmark-interval {cfg.interval}: must be at least 0")
+        if any(i < 1 for i in cfg.at_iterations):
+            raise ValueError(f"--eval-benchmark-at {cfg.at_iterations}: steps must be positive")
         if cfg.limit is not None and cfg.limit < 1:
             raise ValueError(f"--eval-benchmark-limit {cfg.limit}: must be positive")
         self.chunks, self.model_config, self.meta = chunks, model_config, dataset_meta
@@ -73,7 +75,8 @@ class BenchmarkHook:
         """Whether to evaluate after this step."""
         if not self.specs or self.last_iteration == iteration:
             return False
-        return final or bool(self.cfg.interval and iteration % self.cfg.interval == 0)
+        return (final or bool(self.cfg.interval and iteration % self.cfg.interval == 0)
+                or iteration in self.cfg.at_iterations)
 
     def run(self, state) -> dict[str, float]:
         """Evaluate every benchmark now; log and return {name: score}."""
@@ -93,6 +96,10 @@ class BenchmarkHook:
 
             s, _ = run_benchmark(spec, path, generate, rc, out_dir)
             scores[spec.name], counts[spec.name] = s.score, s.n
+            if rank0 and s.bad_items:
+                first = s.bad_items[0]
+                print(f"[eval] {spec.name}: {len(s.bad_items)} bad item(s), scored as VLMEvalKit "
+                      f"scores them (first: index {first['index']}: {first['reason']})", flush=True)
             decoded[spec.name] = share.gather(sum(mine)) if share else [sum(mine)]
         self.last_iteration = state.iteration
         self.metrics.log_benchmarks(state.iteration, state.consumed_tokens, scores, counts,

@@ -48,6 +48,9 @@ _CONTRACTIONS = {
     'youre': "you're", 'youve': "you've"}
 _REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
              "I'm sorry, but without the image provided", "Cannot determine the answer")
+_API_FAILURE = "Failed to obtain answer via API"
+"""VLMEvalKit's marker of a failed API call: no letter is read from such an answer (only the
+option text is tried)."""
 _VERBOSE_ANSWER = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
 
 
@@ -91,7 +94,9 @@ def extract_yes_no(prediction: str) -> str:
 
 def _infer_option(answer: str, choices: dict) -> str | None:
     """The option letter named in the answer: exactly one letter among the last words, 'Z' for
-    a refusal, or 'the answer is X'; None when none fits."""
+    a refusal, or 'the answer is X'; None when none fits (VLMEvalKit's can_infer_option)."""
+    if _API_FAILURE in answer:
+        return None
     for refusal in _REFUSALS:
         if refusal in answer:
             return "Z"

@@ -1,7 +1,10 @@
 """The benchmark registry (lmms-eval's task registry idea): one BenchmarkSpec per name says how
-to prompt an item, how to clean the answer and which rule scores it."""
+to prompt an item, how SAIL-VL's answer is post-processed at generation and which rule scores it.
+VLMEvalKit's dataset names (MMBench_DEV_EN, SEEDBench_IMG, MMMU_DEV_VAL, ...) are aliases of
+ours; names are case-insensitive."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,10 +30,13 @@ class BenchmarkSpec:
     """Variant within the family (mme, hallusionbench for yes/no)."""
     max_tiles: int = 10
     """Tiles per image VLMEvalKit's SAIL-VL wrapper uses for this set (its default is 10)."""
-    strip_period: bool = False
-    """Drop one trailing '.' from the answer (the wrapper does so for ChartQA and OCR-VQA)."""
+    drop_period: bool = False
+    """Generation only: drop one trailing '.' from a generated answer, as VLMEvalKit's SailVL
+    wrapper does for ChartQA and OCR-VQA (process_response)."""
     max_new_tokens: int = 64
     """Answer budget: these sets want a word, a letter or a short phrase."""
+    aliases: tuple = ()
+    """VLMEvalKit's dataset names scored by this rule (matched case-insensitively)."""
 
     def prompt(self, item) -> str:
         """The user text for an item, image placeholders included."""
@@ -44,15 +50,18 @@ class BenchmarkSpec:
             text = prompts.vqa_prompt(item)
         return prompts.with_images(text, len(item.images))
 
-    def clean(self, answer: str) -> str:
-        """The prediction as it is stored and scored."""
+    def postprocess(self, answer: str) -> str:
+        """A generated answer as SAIL-VL's VLMEvalKit wrapper returns it (the chat's stripped
+        text; one trailing '.' dropped for ChartQA and OCR-VQA). Applied to the answers we
+        generate, never to a predictions file being scored: the scorers read stored text as
+        VLMEvalKit's scorers do."""
         answer = answer.strip()
-        if self.strip_period and answer.endswith("."):
+        if self.drop_period and answer.endswith("."):
             answer = answer[:-1]
         return answer
 
     def score(self, items, predictions: dict) -> BenchmarkScore:
-        """Score predictions (index -> text) of these items."""
+        """Score predictions (index -> stored text) of these items."""
         if not items:
             raise ValueError(f"{self.name}: no items to score")
         return self.scorer(items, predictions)
@@ -63,38 +72,59 @@ def _vqa(rule: str) -> Callable:
     return lambda items, preds: score_vqa(items, preds, rule)
 
 
+_MMBENCH = tuple(f"mmbench{s}" for s in ("", "_cn", "_v11", "_cn_v11")) + tuple(
+    f"mmbench_{split}_{lang}{v}" for split in ("dev", "test") for lang in ("en", "cn")
+    for v in ("", "_v11"))
+
 BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in [
     BenchmarkSpec("pope", "yorn", score_pope, max_new_tokens=16),
     BenchmarkSpec("mme", "yorn", score_mme, "mme", max_new_tokens=16),
     BenchmarkSpec("hallusionbench", "yorn", score_hallusionbench, "hallusionbench",
                   max_new_tokens=16),
-    BenchmarkSpec("mmbench", "mcq", score_mcq, max_new_tokens=16),
-    BenchmarkSpec("seed", "mcq", score_mcq, max_new_tokens=16),
-    BenchmarkSpec("ai2d", "mcq", score_mcq, max_new_tokens=16),
+    BenchmarkSpec("mmbench", "mcq", lambda i, p: score_mcq(i, p, circular=True),
+                  max_new_tokens=16, aliases=_MMBENCH),
+    BenchmarkSpec("seed", "mcq", score_mcq, max_new_tokens=16, aliases=("seedbench_img",)),
+    BenchmarkSpec("ai2d", "mcq", score_mcq, max_new_tokens=16,
+                  aliases=("ai2d_test", "ai2d_test_no_mask")),
     BenchmarkSpec("realworldqa", "mcq", score_mcq, max_new_tokens=16),
-    BenchmarkSpec("mmmu", "mcq", lambda i, p: score_mcq(i, p, open_as_mmmu=True), max_tiles=12),
+    BenchmarkSpec("mmmu", "mcq", lambda i, p: score_mcq(i, p, mmmu=True), max_tiles=12,
+                  aliases=("mmmu_dev_val", "mmmu_test")),
     BenchmarkSpec("mcq", "mcq", score_mcq, max_new_tokens=16),
     BenchmarkSpec("ocrbench", "vqa", score_ocrbench, max_tiles=24, max_new_tokens=128),
-    BenchmarkSpec("docvqa", "vqa", _vqa("anls"), max_tiles=18),
-    BenchmarkSpec("infovqa", "vqa", _vqa("anls"), max_tiles=24),
-    BenchmarkSpec("chartqa", "vqa", _vqa("relaxed"), max_tiles=12, strip_period=True),
-    BenchmarkSpec("textvqa", "vqa", _vqa("vqa_accuracy")),
-    BenchmarkSpec("ocrvqa", "vqa", _vqa("exact"), max_tiles=12, strip_period=True),
+    BenchmarkSpec("docvqa", "vqa", _vqa("anls"), max_tiles=18,
+                  aliases=("docvqa_val", "docvqa_test")),
+    BenchmarkSpec("infovqa", "vqa", _vqa("anls"), max_tiles=24,
+                  aliases=("infovqa_val", "infovqa_test")),
+    BenchmarkSpec("chartqa", "vqa", _vqa("relaxed"), max_tiles=12, drop_period=True,
+                  aliases=("chartqa_test",)),
+    BenchmarkSpec("textvqa", "vqa", _vqa("vqa_accuracy"), aliases=("textvqa_val",)),
+    BenchmarkSpec("ocrvqa", "vqa", _vqa("exact"), max_tiles=12, drop_period=True,
+                  aliases=("ocrvqa_test", "ocrvqa_testcore")),
     BenchmarkSpec("vqa", "vqa", _vqa("normalized")),
     BenchmarkSpec("caption", "caption", score_caption, max_new_tokens=48),
 ]}
 """Every benchmark tools/evaluate.py and --eval-benchmark know."""
 
+_BY_NAME = {n: s for s in BENCHMARKS.values() for n in (s.name, *s.aliases)}
+
 
 def get_benchmark(name: str) -> BenchmarkSpec:
-    """The spec of a benchmark name, or an error listing the known ones."""
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-    return BENCHMARKS[name]
+    """The spec of a benchmark name (ours or VLMEvalKit's, any case), or an error listing the
+    known ones. ``NAME@LABEL`` is NAME's rule under its own name (several sets of one kind side by
+    side, e.g. ``vqa@level1`` and ``vqa@level2``: their scores, predictions and metrics keys stay
+    apart); the spec's name is then our name of the rule, '@', the label."""
+    base, at, label = name.partition("@")
+    spec = _BY_NAME.get(base.lower())
+    if spec is None or (at and not label.replace("_", "").replace("-", "").isalnum()):
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}, "
+                         "VLMEvalKit's dataset names (MMBench_DEV_EN, SEEDBench_IMG, "
+                         "MMMU_DEV_VAL, OCRVQA_TESTCORE, ChartQA_TEST, DocVQA_VAL, ...), "
+                         "or NAME@LABEL (LABEL letters, digits, - and _)")
+    return dataclasses.replace(spec, name=f"{spec.name}@{label}") if at else spec
 
 
 def parse_benchmark_arg(text: str) -> tuple[str, str]:
-    """NAME=PATH of --benchmark / --eval-benchmark, the name checked."""
+    """NAME=PATH of --benchmark / --eval-benchmark, the name checked (and kept as written)."""
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
         raise ValueError(f"--benchmark {text!r}: expected NAME=PATH")

@@ -1,5 +1,10 @@
 """Run one benchmark: read its TSV, prompt the model in batches, keep a response cache so an
-interrupted evaluation resumes where it stopped, write the predictions TSV and score it."""
+interrupted evaluation resumes where it stopped, write the predictions TSV and score it; or score
+an existing predictions file (.xlsx, .tsv, .csv) as VLMEvalKit would.
+
+An item whose images cannot be used (bad base64, not an image, over the pixel limit, a missing
+file) is not generated: its prediction is empty, it is scored as such and listed in the score's
+bad_items, and the benchmark goes on."""
 from __future__ import annotations
 
 import json
@@ -7,10 +12,13 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS
+
+from megatron_sail.eval.prediction_files import canonical_index, read_predictions
 from megatron_sail.eval.registry import BenchmarkSpec
 from megatron_sail.eval.replicas import ReplicaShare
-from megatron_sail.eval.result import BenchmarkScore
-from megatron_sail.eval.tsv import read_items, read_predictions, read_rows, write_predictions
+from megatron_sail.eval.result import BenchmarkScore, bad_item
+from megatron_sail.eval.tsv import BenchmarkFileError, read_items, read_rows, write_predictions
 
 
 @dataclass
@@ -56,10 +64,34 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def image_problem(item, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
+    """Why an item's images cannot be fed to the model ('' when they can): the reader's reason,
+    or the first image that is missing, undecodable or over the pixel limit (checked before the
+    pixels are decoded)."""
+    from megatron_sail.curate.reader import check_decodable
+
+    if item.problem:
+        return item.problem
+    for k, img in enumerate(item.images):
+        if isinstance(img, (str, os.PathLike)):
+            try:
+                with open(img, "rb") as f:
+                    img = f.read()
+            except OSError as e:
+                return f"image {k} ({img}): cannot read ({e.strerror or e})"
+        why = check_decodable(bytes(img), max_pixels)
+        if why:
+            return f"image {k}: not usable ({why})"
+    return ""
+
+
 def generate_answers(spec: BenchmarkSpec, items, generate: Callable, cfg: RunnerConfig,
-                     cache_path: Optional[str] = None) -> dict[str, str]:
+                     cache_path: Optional[str] = None, bad: Optional[list] = None,
+                     source: str = "") -> dict[str, str]:
     """index -> raw answer for every item, from the cache where it holds the same prompt, from
-    ``generate`` (a list of (prompt, images, max_new_tokens) -> list of texts) otherwise."""
+    ``generate`` (a list of (prompt, images, max_new_tokens) -> list of texts) otherwise. An
+    item whose images are unusable gets '' and an entry in ``bad`` (naming ``source``, the
+    benchmark file, and the row)."""
     from megatron_sail.inference import GenerationRequest
 
     cache = _load_cache(cache_path, cfg.model_id) if cache_path else {}
@@ -67,8 +99,15 @@ def generate_answers(spec: BenchmarkSpec, items, generate: Callable, cfg: Runner
     for it in items:
         prompt = spec.prompt(it)
         rec = cache.get(it.index)
-        if rec is not None and rec.get("prompt") == prompt:
-            answers[it.index] = rec["raw"]
+        if not it.problem and rec is not None and rec.get("prompt") == prompt:
+            answers[it.index] = rec["raw"]  # its images were checked when it was generated
+            continue
+        problem = image_problem(it)
+        if problem:  # every rank sees the same files, so every rank skips the same items
+            answers[it.index] = ""
+            if bad is not None:
+                where = "" if it.problem else f"{source}: row index={it.index}: "
+                bad.append(bad_item(it.index, f"not generated: {where}{problem}"))
         else:
             todo.append((it, prompt))
     budget = cfg.max_new_tokens or spec.max_new_tokens
@@ -110,24 +149,35 @@ def run_benchmark(spec: BenchmarkSpec, path: str, generate: Callable, cfg: Runne
             os.makedirs(out_dir, exist_ok=True)
         cache = os.path.join(out_dir, f"{spec.name}_cache.jsonl")
         pred_path = os.path.join(out_dir, f"{spec.name}_predictions.tsv")
-    raw = generate_answers(spec, items, generate, cfg, cache)
-    preds = {k: spec.clean(v) for k, v in raw.items()}
+    bad: list = []
+    raw = generate_answers(spec, items, generate, cfg, cache, bad, source=path)
+    preds = {k: spec.postprocess(v) for k, v in raw.items()}
     if pred_path and cfg.writer:
         header, _ = read_rows(path)
         write_predictions(pred_path, header, items, preds)
-    return spec.score(items, preds), pred_path
+    score = spec.score(items, preds)
+    skipped = {b["index"] for b in bad}  # their empty answer is already explained
+    score.bad_items = bad + [b for b in score.bad_items
+                             if not (b["index"] in skipped and b["reason"].startswith("empty answer"))]
+    return score, pred_path
 
 
 def score_predictions(spec: BenchmarkSpec, path: str, predictions_path: str,
                       limit: Optional[int] = None) -> BenchmarkScore:
-    """Score an existing predictions TSV (ours or VLMEvalKit's) against the benchmark file: the
-    items are the benchmark's rows that have a prediction (all of them, or the first
-    ``limit``); the answers and columns come from the benchmark file."""
+    """Score an existing predictions file (.xlsx, .tsv or .csv; ours or VLMEvalKit's) against
+    the benchmark file, the stored text as it is: the items are the benchmark's rows that have a
+    prediction (all of them, or the first ``limit``); the answers and columns come from the
+    benchmark file. Prediction rows whose index the benchmark lacks are counted in
+    ``details['unmatched_predictions']``."""
     preds = read_predictions(predictions_path)
-    items = [it for it in read_items(path, need_images=spec.name in ("mme",))
-             if it.index in preds]
+    all_items = read_items(path, need_images=spec.prompt_style == "mme", require=("answer",),
+                           images_if_no=("image_path",))
+    items = [it for it in all_items if canonical_index(it.index) in preds]
     if limit:
         items = items[:limit]
     if not items:
-        raise ValueError(f"{predictions_path}: no prediction matches an index of {path}")
-    return spec.score(items, {k: spec.clean(v) for k, v in preds.items()})
+        raise BenchmarkFileError(f"{predictions_path}: no prediction matches an index of {path}")
+    score = spec.score(items, {it.index: preds[canonical_index(it.index)] for it in items})
+    matched = {canonical_index(it.index) for it in all_items}
+    score.details["unmatched_predictions"] = sum(k not in matched for k in preds)
+    return score

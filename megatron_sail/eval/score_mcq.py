@@ -1,20 +1,29 @@
-"""Multiple-choice benchmarks (MMBench, SEED-Image, AI2D, RealWorldQA, MMMU, custom `mcq`):
-option-letter extraction and exact match against the answer letter, with no LLM judge (a
-prediction no rule can map to an option is wrong, as under VLMEvalKit's `exact_matching`).
+"""Multiple-choice benchmarks (MMBench, SEED-Image, AI2D, RealWorldQA, MMMU, custom `mcq`) scored
+as VLMEvalKit scores them with the ``exact_matching`` judge (vlmeval/dataset/image_mcq.py and
+utils/multiple_choice.py): the option letter is read from the answer (matching.infer_option), an
+answer no rule maps to an option counts as 'Z', and an item is right when that letter equals the
+``answer`` cell exactly.
 
-Circular evaluation (MMBench): when a file holds rotated copies of a question (a ``g_index``
-column, or integer indices of 1,000,000 and more whose copy k is ``index + k * 1e6``), a question
-counts only if every copy present is answered right, and the score is over the original
-questions; a file without copies is scored per item ("vanilla")."""
+MMBench is evaluated circularly, as VLMEvalKit does for every MMBench set: a question's rotated
+copies share its ``g_index`` (a column, or ``index mod 1,000,000``), its main row is the one whose
+index equals ``g_index``, and the question counts only when every copy present is right. A
+question whose main row is absent is not scored.
+
+MMMU's open questions (no option A) become A = the gold answer, B = 'Other Answers'
+(MMMU_preproc), and their gold letter is the answer itself when it is one capital letter,
+else A. With a ``split`` column every split is reported, and the headline is the split VLMEvalKit
+reports first (test, then validation, val, dev)."""
 from __future__ import annotations
 
 import string
 from collections import defaultdict
 
 from megatron_sail.eval.matching import infer_option
-from megatron_sail.eval.result import BenchmarkScore
+from megatron_sail.eval.result import BenchmarkScore, bad_item
 
 _CIRCULAR_OFFSET = 1_000_000
+_SPLIT_PREFERENCE = ("test", "validation", "val", "dev")
+"""VLMEvalKit's primary-metric order among splits (image_base._choose_primary_metric_key)."""
 
 
 def choices_of(item) -> dict:
@@ -22,67 +31,113 @@ def choices_of(item) -> dict:
     return {c: item.get(c) for c in string.ascii_uppercase if item.get(c) not in (None, "")}
 
 
-def mmmu_open_choices(item) -> dict:
-    """MMMU's open questions have no options; VLMEvalKit scores them as A = the answer,
-    B = 'Other Answers' (MMMU_preproc), so a prediction containing the answer text is right."""
-    return {"A": item.get("answer", ""), "B": "Other Answers"}
+def _mmmu_choices(item) -> dict:
+    """An open MMMU question (no option A) as VLMEvalKit's MMMU_preproc rewrites it."""
+    return {**choices_of(item), "A": item.get("answer", ""), "B": "Other Answers"}
 
 
-def _gold(item, choices: dict) -> str:
-    """The answer letter (an open MMMU question's gold is 'A')."""
-    ans = item.get("answer", "").strip()
-    if ans in choices:
-        return ans
-    raise ValueError(f"item {item.index}: answer {ans!r} is not one of the options "
-                     f"{sorted(choices)}")
+def _gold_and_choices(item, mmmu: bool, bad: list) -> tuple[str, dict]:
+    """The gold letter and the options one item is scored with; oddities go to ``bad``."""
+    answer = item.get("answer", "")
+    if mmmu:
+        choices = choices_of(item) if item.get("A") else _mmmu_choices(item)
+        gold = answer if len(answer) == 1 and answer in string.ascii_uppercase else "A"
+        if item.get("A") and answer not in choices:
+            bad.append(bad_item(item.index, f"answer {answer!r} is not one of the options "
+                                            f"{''.join(sorted(choices))}; never right"))
+        return gold, choices
+    choices = choices_of(item)
+    if answer not in choices:
+        what = "no answer" if not answer else f"answer {answer!r} is not one of the options " \
+                                              f"{''.join(sorted(choices)) or '(none)'}"
+        bad.append(bad_item(item.index, f"{what}; never right"))
+    return answer, choices
 
 
-def _group_ids(items) -> list[str] | None:
-    """Circular groups (the original question's index per row), or None when there are none."""
-    if all(it.get("g_index") for it in items):
-        return [str(int(float(it.get("g_index")))) for it in items]
+def _as_int(text: str) -> int | None:
+    """An integer cell ('12', '12.0'), or None."""
     try:
-        idx = [int(it.index) for it in items]
+        value = float(text)
     except ValueError:
         return None
-    if not any(i >= _CIRCULAR_OFFSET for i in idx):
+    return int(value) if value.is_integer() else None
+
+
+def _group_of(item) -> int | None:
+    """The circular group (original question's index) of a row; None for a non-integer index."""
+    index = _as_int(item.index)
+    if index is None:
         return None
-    return [str(i % _CIRCULAR_OFFSET) for i in idx]
+    if item.get("g_index"):
+        return _as_int(item.get("g_index"))
+    return index % _CIRCULAR_OFFSET
 
 
-def score_mcq(items, predictions: dict, open_as_mmmu: bool = False) -> BenchmarkScore:
-    """Accuracy in percent (circular when the file has the copies), per-category accuracy too."""
-    hits, cats = [], []
+def _accuracy(rows: list[tuple[dict, bool]]) -> dict:
+    """Overall, per-category and per-l2-category accuracy (%) of (row, hit) pairs."""
+    out = {"overall": 100 * sum(h for _, h in rows) / len(rows) if rows else 0.0}
+    for key, col in (("categories", "category"), ("l2_categories", "l2-category")):
+        groups = defaultdict(list)
+        for it, h in rows:
+            if it.get(col):
+                groups[it.get(col)].append(h)
+        if groups:
+            out[key] = {c: 100 * sum(v) / len(v) for c, v in sorted(groups.items())}
+    return out
+
+
+def _headline_split(splits: list[str]) -> str:
+    """The split whose accuracy is the headline."""
+    for sp in _SPLIT_PREFERENCE:
+        if sp in splits:
+            return sp
+    return sorted(splits)[0]
+
+
+def _circular(items, hits: list[bool], bad: list) -> tuple[list, dict]:
+    """(main row, question right) per question whose main row is present."""
+    groups, mains = defaultdict(list), {}
+    for it, h in zip(items, hits):
+        g = _group_of(it)
+        if g is None:
+            bad.append(bad_item(it.index, "index is not an integer: scored alone (VLMEvalKit "
+                                          "needs integer MMBench indices)"))
+            g = it.index
+        groups[g].append(h)
+        if g == it.index or _as_int(it.index) == g:
+            mains[g] = it
+    orphans = [k for k in groups if k not in mains]
+    return ([(mains[g], all(groups[g])) for g in sorted(mains, key=str)],
+            {"groups_without_main_row": len(orphans)})
+
+
+def score_mcq(items, predictions: dict, mmmu: bool = False,
+              circular: bool = False) -> BenchmarkScore:
+    """Accuracy in percent: per question for circular MMBench, per item otherwise."""
+    bad, hits = [], []
     for it in items:
-        choices = choices_of(it)
-        if not choices:
-            if not open_as_mmmu:
-                raise ValueError(f"item {it.index}: no options (columns A, B, ...)")
-            choices = mmmu_open_choices(it)
-            gold = "A"
-        else:
-            gold = _gold(it, choices)
-        hits.append(infer_option(predictions.get(it.index, ""), dict(choices)) == gold)
-        cats.append(it.get("category", ""))
-    groups = _group_ids(items)
-    if groups is None:
-        keys = [it.index for it in items]
-        mode = "vanilla"
+        gold, choices = _gold_and_choices(it, mmmu, bad)
+        pred = predictions.get(it.index, "")
+        if not pred:
+            bad.append(bad_item(it.index, "empty answer; never right"))
+        hits.append((infer_option(pred, dict(choices)) or "Z") == gold)
+    details: dict = {"mode": "circular" if circular else "vanilla"}
+    if circular:
+        rows, extra = _circular(items, hits, bad)
+        details.update(extra, questions=len(rows), vanilla_acc=100 * sum(hits) / len(hits))
+        per_item = {it.index: int(h) for it, h in rows}
     else:
-        keys, mode = groups, "circular"
-    per_group, group_cat = defaultdict(list), {}
-    for k, ok, c in zip(keys, hits, cats):
-        per_group[k].append(ok)
-        group_cat.setdefault(k, c)
-    results = {k: all(v) for k, v in per_group.items()}
-    by_cat = defaultdict(list)
-    for k, ok in results.items():
-        if group_cat[k]:
-            by_cat[group_cat[k]].append(ok)
-    acc = 100 * sum(results.values()) / len(results) if results else 0.0
-    details = {"mode": mode, "questions": len(results),
-               "categories": {c: 100 * sum(v) / len(v) for c, v in sorted(by_cat.items())}}
-    if mode == "circular":
-        details["vanilla_acc"] = 100 * sum(hits) / len(hits)
-    return BenchmarkScore(score=acc, n=len(items), metric=f"accuracy (%, {mode})",
-                          details=details)
+        rows = list(zip(items, hits))
+        per_item = {it.index: int(h) for it, h in rows}
+    splits = sorted({it.get("split") for it, _ in rows if it.get("split")})
+    if splits:
+        details["splits"] = {sp: _accuracy([(it, h) for it, h in rows if it.get("split") == sp])
+                             for sp in splits}
+        head = _headline_split(splits)
+        score, metric = details["splits"][head]["overall"], f"accuracy (%, {head} split)"
+        details["all_splits"] = _accuracy(rows)["overall"]
+    else:
+        details.update(_accuracy(rows))
+        score, metric = details.pop("overall"), f"accuracy (%, {details['mode']})"
+    return BenchmarkScore(score=score, n=len(items), metric=metric, details=details,
+                          bad_items=bad, per_item=per_item)

@@ -1,14 +1,17 @@
 """Open-answer benchmarks: DocVQA/InfoVQA (ANLS), ChartQA (relaxed accuracy), TextVQA (VQA
 accuracy over the annotators' answers), OCR-VQA (exact match), OCRBench (containment count) and a
 custom `vqa` set (normalized exact match), following VLMEvalKit's image_vqa / vqa_eval /
-ocrbench rules."""
+ocrbench rules. The rules read the prediction as stored: only what VLMEvalKit's scorer itself
+does (ChartQA and OCR-VQA strip the prediction, ANLS lower-cases and collapses spaces but
+measures the length of the raw strings) happens here; SAIL-VL's answer post-processing belongs to
+generation (BenchmarkSpec.postprocess)."""
 from __future__ import annotations
 
 import ast
 from collections import defaultdict
 
 from megatron_sail.eval.matching import levenshtein, normalize_vqa_answer
-from megatron_sail.eval.result import BenchmarkScore
+from megatron_sail.eval.result import BenchmarkScore, bad_item
 
 ANLS_THRESHOLD = 0.5
 """ANLS: a normalized similarity under this counts 0."""
@@ -33,7 +36,7 @@ def answers_of(item) -> list[str]:
     """The gold answers: a Python list literal in the cell (TextVQA's ten, DocVQA's few), or
     the cell itself."""
     cell = item.get("answer", "")
-    if cell.startswith("["):
+    if cell.strip().startswith("["):
         try:
             value = ast.literal_eval(cell)
         except (ValueError, SyntaxError):
@@ -57,9 +60,10 @@ def anls(golds: list[str], prediction: str) -> float:
 
 
 def _to_float(text: str):
-    """A number, '%' meaning hundredths; None for text."""
+    """A number, a trailing '%' (or several: all go, as in VLMEvalKit) meaning hundredths;
+    None for text."""
     try:
-        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        return float(text.rstrip("%")) / 100 if text.endswith("%") else float(text)
     except ValueError:
         return None
 
@@ -102,18 +106,37 @@ RULES = {"anls": lambda g, p: anls(g, p),
 """Per-item rules by name; each returns a value in [0, 1]."""
 
 
+def _golds_and_bad(item, prediction: str, bad: list) -> list[str]:
+    """The item's gold answers; an empty gold or prediction is listed in ``bad``."""
+    if not item.get("answer"):
+        bad.append(bad_item(item.index, "no gold answer"))
+    if not prediction:
+        bad.append(bad_item(item.index, "empty answer"))
+    return answers_of(item)
+
+
+def _means(values: list, items, column: str) -> dict:
+    """Mean value (%) per distinct non-empty ``column`` cell."""
+    groups = defaultdict(list)
+    for v, it in zip(values, items):
+        if it.get(column):
+            groups[it.get(column)].append(v)
+    return {c: 100 * sum(v) / len(v) for c, v in sorted(groups.items())}
+
+
 def score_vqa(items, predictions: dict, rule: str) -> BenchmarkScore:
-    """Mean per-item value of ``rule`` in percent, with per-category means."""
-    fn = RULES[rule]
-    values, by_cat = [], defaultdict(list)
-    for it in items:
-        v = fn(answers_of(it), predictions.get(it.index, ""))
-        values.append(v)
-        if it.get("category"):
-            by_cat[it.get("category")].append(v)
+    """Mean per-item value of ``rule`` in percent, with per-split means when the file has a
+    ``split`` column (VLMEvalKit then reports no categories), else per-category means."""
+    fn, bad = RULES[rule], []
+    values = [fn(_golds_and_bad(it, predictions.get(it.index, ""), bad),
+                 predictions.get(it.index, "")) for it in items]
     mean = 100 * sum(values) / len(values) if values else 0.0
-    details = {"categories": {c: 100 * sum(v) / len(v) for c, v in sorted(by_cat.items())}}
-    return BenchmarkScore(score=mean, n=len(values), metric=f"{rule} (%)", details=details)
+    if any(it.get("split") for it in items):
+        details = {"splits": _means(values, items, "split")}
+    else:
+        details = {"categories": _means(values, items, "category")}
+    return BenchmarkScore(score=mean, n=len(values), metric=f"{rule} (%)", details=details,
+                          bad_items=bad, per_item={it.index: v for it, v in zip(items, values)})
 
 
 def ocrbench_correct(golds: list[str], prediction: str, category: str) -> bool:
@@ -131,10 +154,12 @@ def ocrbench_correct(golds: list[str], prediction: str, category: str) -> bool:
 
 def score_ocrbench(items, predictions: dict) -> BenchmarkScore:
     """Count of correct items (out of 1,000 on the full OCRBench), with per-category counts."""
-    counts = defaultdict(int)
+    counts, bad, per_item = defaultdict(int), [], {}
     for it in items:
         cat = it.get("category", "")
-        counts[cat] += ocrbench_correct(answers_of(it), predictions.get(it.index, ""), cat)
+        pred = predictions.get(it.index, "")
+        per_item[it.index] = int(ocrbench_correct(_golds_and_bad(it, pred, bad), pred, cat))
+        counts[cat] += per_item[it.index]
     groups = {g: sum(counts.get(c, 0) for c in cs) for g, cs in OCRBENCH_GROUPS.items()}
     known = {c for cs in OCRBENCH_GROUPS.values() for c in cs}
     other = {c: n for c, n in counts.items() if c not in known}
@@ -142,4 +167,4 @@ def score_ocrbench(items, predictions: dict) -> BenchmarkScore:
     details = {"groups": groups, "categories": dict(counts), "other_categories": other,
                "final_score_norm": total / 10}
     return BenchmarkScore(score=float(total), n=len(items), metric="correct items",
-                          details=details)
+                          details=details, bad_items=bad, per_item=per_item)

@@ -38,6 +38,10 @@ class Item:
     """Every non-empty column except ``image`` (options, answer, category, ...)."""
     images: list = field(default_factory=list)
     """Raw image bytes (decoded base64) or file paths, in order."""
+    problem: str = ""
+    """Why the row's images cannot be used (bad base64, a missing file, a dangling reference),
+    naming the file and row; such an item is not generated, and is scored and listed as a bad
+    item instead of stopping the benchmark."""
 
     def get(self, key: str, default=None):
         """A column's value, or ``default`` when the row has none."""
@@ -65,41 +69,83 @@ def _decode(b64: str, where: str) -> bytes:
         raise BenchmarkFileError(f"{where}: the image column is not valid base64 ({e})") from None
 
 
-def read_rows(path: str) -> tuple[list[str], list[dict]]:
-    """Header and rows of a TSV as written by pandas (``to_csv(sep='\\t')``), cells as strings."""
+def _not_utf8(path: str) -> BenchmarkFileError:
+    """The error for a file that is not UTF-8 text, naming its first bad line."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return BenchmarkFileError(f"{path}: line {n} is not UTF-8 text (byte "
+                                          f"0x{line[e.start]:02x} at column {e.start + 1})")
+    return BenchmarkFileError(f"{path}: not UTF-8 text")
+
+
+def read_rows(path: str, delimiter: str = "\t",
+              lines: list | None = None) -> tuple[list[str], list[dict]]:
+    """Header and rows of a TSV (or, with ``delimiter=','``, a CSV) as pandas writes them,
+    quoted cells or not, cells as strings; ``lines``, when given, receives each row's first line
+    number. Every problem is a BenchmarkFileError naming the file (and the line where there is
+    one)."""
+    if os.path.isdir(path):
+        raise BenchmarkFileError(f"{path}: is a folder, not a file")
     if not os.path.isfile(path):
         raise BenchmarkFileError(f"{path}: no such file")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        header = list(reader.fieldnames or [])
-        if "index" not in header:
-            raise BenchmarkFileError(f"{path}: no 'index' column (header: {header[:12]})")
-        rows = []
-        for n, row in enumerate(reader, start=2):
-            if None in row:
-                raise BenchmarkFileError(f"{path}: line {n} has more cells than the header")
-            rows.append({k: ("" if v is None else v) for k, v in row.items()})
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            header = list(reader.fieldnames or [])
+            if "index" not in header:
+                raise BenchmarkFileError(f"{path}: no 'index' column (header: {header[:12]})")
+            rows, start = [], reader.line_num + 1
+            for row in reader:
+                if lines is not None:
+                    lines.append(start)
+                start = reader.line_num + 1
+                if None in row:
+                    raise BenchmarkFileError(f"{path}: line {reader.line_num} has more cells "
+                                             "than the header")
+                rows.append({k: ("" if v is None else v) for k, v in row.items()})
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    except csv.Error as e:
+        raise BenchmarkFileError(f"{path}: not a readable table ({e})") from None
+    except OSError as e:
+        raise BenchmarkFileError(f"{path}: cannot read ({e.strerror or e})") from None
     return header, rows
 
 
-def read_items(path: str, limit: int | None = None, need_images: bool = True) -> list[Item]:
+def read_items(path: str, limit: int | None = None, need_images: bool = True,
+               require: tuple = (), images_if_no: tuple = ()) -> list[Item]:
     """The items of a benchmark TSV (the first ``limit`` ones when given), images resolved.
 
     Rows without any image are kept (text-only questions); with ``need_images`` False the image
-    column is not decoded (scoring an existing predictions file needs only the metadata)."""
+    column is not decoded (scoring an existing predictions file needs only the metadata), nor
+    when the file has one of the ``images_if_no`` columns. A row whose images cannot be resolved
+    is kept with ``Item.problem`` saying why. ``require`` names further columns the caller
+    needs (an error when the file lacks one)."""
     header, rows = read_rows(path)
-    if "question" not in header:
-        raise BenchmarkFileError(f"{path}: no 'question' column (header: {header[:12]})")
+    for col in ("question", *require):
+        if col not in header:
+            raise BenchmarkFileError(f"{path}: no {col!r} column (header: {header[:12]})")
+    need_images = need_images and not any(c in header for c in images_if_no)
     by_index = {r["index"]: r.get("image", "") for r in rows}
     if len(by_index) != len(rows):
-        raise BenchmarkFileError(f"{path}: the 'index' column repeats a value")
+        seen: set = set()
+        twice = next(r["index"] for r in rows if r["index"] in seen or seen.add(r["index"]))
+        raise BenchmarkFileError(f"{path}: the 'index' column repeats a value ({twice!r})")
     root = os.path.dirname(os.path.abspath(path))
     items = []
     for r in rows[:limit] if limit else rows:
         where = f"{path}: row index={r['index']}"
-        images = _images_of(r, by_index, root, where) if need_images else []
+        images, problem = [], ""
+        if need_images:
+            try:
+                images = _images_of(r, by_index, root, where)
+            except BenchmarkFileError as e:
+                problem = str(e)
         meta = {k: v for k, v in r.items() if k != "image" and v != ""}
-        items.append(Item(index=r["index"], row=meta, images=images))
+        items.append(Item(index=r["index"], row=meta, images=images, problem=problem))
     return items
 
 
@@ -136,14 +182,6 @@ def write_predictions(path: str, header: list[str], items: list[Item], predictio
             w.writerow([predictions.get(it.index, "") if c == "prediction" else it.row.get(c, "")
                         for c in cols])
     os.replace(tmp, path)
-
-
-def read_predictions(path: str) -> dict[str, str]:
-    """index -> prediction of a predictions TSV (ours or VLMEvalKit's, saved as TSV)."""
-    header, rows = read_rows(path)
-    if "prediction" not in header:
-        raise BenchmarkFileError(f"{path}: no 'prediction' column (header: {header[:12]})")
-    return {r["index"]: r["prediction"] for r in rows}
 
 
 def write_tsv(path: str, header: list[str], rows: list[dict]) -> None:

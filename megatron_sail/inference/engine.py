@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron_sail.compat.ddp import pause_param_gather_hooks, resume_param_gather_hooks
 from megatron_sail.config.model import ModelConfig
 from megatron_sail.data.tokenizer import Tokenizer
 from megatron_sail.inference.config import GenerationConfig, GenerationRequest, GenerationResult
@@ -36,21 +37,6 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
-def _pause_param_gather_hooks(wrapped: list) -> list:
-    """Megatron DDP chunks with overlapped param gather: finish the all-gather now and remove the
-    forward pre-hooks (as Megatron-LM does around evaluation); returns the chunks to re-arm.
-
-    Without this, right after an optimizer step each data-parallel replica is current only for
-    its own shard until the next training forward, and the hooks would fire inside generation.
-    """
-    paused = []
-    for c in wrapped:
-        if getattr(c, "use_forward_hook", False) and getattr(c, "remove_forward_pre_hook_handles", None):
-            c.disable_forward_pre_hook(param_sync=True)
-            paused.append(c)
-    return paused
-
-
 class Generator:
     """Decodes answers with the given model chunks (this rank's pipeline stages, in order)."""
 
@@ -63,7 +49,8 @@ class Generator:
         self.tokenizer = tokenizer
         self.settings = settings
         self.cfg = cfg
-        self.prompts = PromptBuilder(tokenizer, settings, cfg.max_tiles, cfg.system)
+        self.prompts = PromptBuilder(tokenizer, settings, cfg.max_tiles, cfg.system,
+                                     model_config.language.max_position_embeddings)
         sp = tokenizer.special
         stops = cfg.stop_token_ids if cfg.stop_token_ids is not None else (sp.im_end, sp.pad)
         self.stop_ids = tuple(int(s) for s in stops)
@@ -93,7 +80,7 @@ class Generator:
         modes = [c.training for c in self.wrapped]
         generator = torch.Generator().manual_seed(self.cfg.seed)
         results: list[GenerationResult] = []
-        hooked = _pause_param_gather_hooks(self.wrapped)
+        hooked = pause_param_gather_hooks(self.wrapped)
         try:
             for c in self.wrapped:
                 c.eval()
@@ -105,8 +92,7 @@ class Generator:
                 c.train(mode)
             for lm in self.lms:
                 lm.set_input_tensor(None)
-            for c in hooked:
-                c.enable_forward_pre_hook()
+            resume_param_gather_hooks(hooked)
         return results
 
     # ------------------------------------------------------------------ one batch

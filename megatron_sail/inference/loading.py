@@ -22,15 +22,16 @@ from typing import Optional
 
 import torch
 
+from megatron_sail.checkpoint import dcp
+from megatron_sail.checkpoint.layout import (PROCESSOR_FILE, STATE_FILE, TOKENIZER_DIR,
+                                             checkpoint_kind, read_model_config, read_state_file,
+                                             resolve_checkpoint)
 from megatron_sail.config.model import ModelConfig
 from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_sail.inference.config import GenerationConfig
 from megatron_sail.inference.engine import Generator, unwrap
 from megatron_sail.inference.prompts import ProcessorSettings
-
-PROCESSOR_FILE = "processor.json"
-TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
@@ -66,12 +67,10 @@ class Checkpoint:
 # ------------------------------------------------------------------ detection
 def inspect_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Resolve a checkpoint path to its kind, model config, tokenizer and processor settings."""
-    from megatron_sail.training.checkpoint import resolve_checkpoint
-
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"--checkpoint {root}: no such file or directory")
-    if (root / "config.json").is_file() and not (root / "metadata.json").is_file():
+    if checkpoint_kind(root) == "hf":
         return _inspect_hf(root)
     ckpt = resolve_checkpoint(str(root))
     if ckpt is None:
@@ -143,10 +142,8 @@ def _read_settings(path: Path) -> ProcessorSettings:
 def _inspect_megatron(ckpt: Path) -> Checkpoint:
     """Converted or training checkpoint: model config, tokenizer/ and processor.json inside it,
     else the dataset meta.json named by the stored run config."""
-    from megatron_sail.convert.checkpoint import read_model_config
-
     model_config = read_model_config(ckpt)
-    kind = "train" if (ckpt / "train_state.pt").is_file() else "mcore"
+    kind = "train" if (ckpt / STATE_FILE).is_file() else "mcore"
     tok = ckpt / TOKENIZER_DIR
     tok_path = str(tok) if tok.is_dir() and any(tok.iterdir()) else None
     settings = _read_settings(ckpt / PROCESSOR_FILE) if (ckpt / PROCESSOR_FILE).is_file() else None
@@ -161,9 +158,8 @@ def _inspect_megatron(ckpt: Path) -> Checkpoint:
 def _dataset_meta(ckpt: Path) -> Optional[dict]:
     """meta.json of the first training dataset the checkpoint's stored run config names."""
     from megatron_sail.data.indexed import load_meta
-    from megatron_sail.training.checkpoint import read_state_file
 
-    payload = read_state_file(str(ckpt / "train_state.pt"))  # weights_only, allow-listed
+    payload = read_state_file(str(ckpt / STATE_FILE))  # weights_only, allow-listed
     data = ((payload.get("config") or {}).get("data") or {})
     for entry in data.get("data_path") or []:
         try:
@@ -266,15 +262,13 @@ def load_generator(checkpoint: str, cfg: GenerationConfig = GenerationConfig(),
     from ``load``, default 1, or the ones already set up) when needed. Mixture-of-experts
     models are built at EP=1 whatever EP the checkpoint was trained at (see ``_platform``).
     """
-    from megatron_sail.training import dist_ckpt
-
     ckpt = inspect_checkpoint(checkpoint)
     parallel = _platform(load)
     chunks = _build(ckpt.model_config, parallel, _dtype(load.dtype))
     if ckpt.kind == "hf":
         _load_hf_weights(chunks, ckpt)
     else:
-        dist_ckpt.load_model(chunks, ckpt.path)
+        dcp.load_model(chunks, ckpt.path)
     tok = _tokenizer(ckpt, load.tokenizer)
     return Generator(chunks, ckpt.model_config, tok, ckpt.settings, cfg)
 

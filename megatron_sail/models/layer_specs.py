@@ -22,17 +22,9 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from megatron_sail.compat.moe import ensure_router_gemm_fallback
+from megatron_sail.compat.te import te_available  # noqa: F401 - callers ask the spec module
 from megatron_sail.models.attention import SDPAttention
-from megatron_sail.platform.distributed import has_cuda
-
-
-def te_available() -> bool:
-    """Whether Transformer Engine imports (it needs CUDA)."""
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # ImportError, or a CUDA load failure on CPU machines
-        return False
-    return has_cuda()
 
 
 class SPNorm(torch.nn.Module):
@@ -149,12 +141,8 @@ def _moe(use_te: bool, num_experts: int) -> ModuleSpec:
     """Megatron-Core's MoELayer: a router and the routed experts (TE: grouped GEMM; local: one
     torch MLP per expert, which runs on CPU). Expert parallelism is the layer's own business."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-    from megatron.core.transformer.moe import moe_utils
 
-    # megatron-core 0.16.1 imports te_general_gemm only when TE imports, yet its router GEMM
-    # tests the name unconditionally (a NameError without TE); None selects its torch path.
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+    ensure_router_gemm_fallback()
     return get_moe_module_spec(use_te=use_te, num_experts=num_experts, moe_grouped_gemm=use_te)
 
 

@@ -7,14 +7,16 @@ store, no port, nothing written to the environment).
 """
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 
 import torch
 import torch.distributed as dist
 
 from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.platform import slurm
+
+log = logging.getLogger(__name__)
 
 
 def has_cuda() -> bool:
@@ -44,7 +46,7 @@ def launch_env() -> bool:
     world = int(os.environ.get("WORLD_SIZE", "1")) if not lone else 1
     message = slurm.single_process_warning(os.environ, world)
     if message:
-        warnings.warn(message, stacklevel=3)
+        log.warning(message)
     return lone
 
 

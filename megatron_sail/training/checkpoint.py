@@ -1,12 +1,7 @@
 """Checkpoints: Megatron-Core distributed checkpoints plus the TrainState stored next to them.
 
-Layout of ``--save DIR``::
-
-    DIR/iter_0000020/      dist checkpoint (model chunks + optimizer, resharding-safe)
-    DIR/iter_0000020/train_state.pt   TrainState (rank 0)
-    DIR/iter_0000020/manifest.json    size + SHA-256 of every file (training/integrity.py)
-    DIR/latest             "20" - written last, by rename, so it never names a partial save
-    DIR/.lock              held by the run writing DIR (training/save_dir.py)
+The layout of ``--save DIR`` (iter_XXXXXXX folders, train_state.pt, manifest.json, `latest`)
+is checkpoint/layout.py's; this module saves and loads training runs in it.
 
 A save goes to ``iter_XXXXXXX.tmp`` first; when every rank is done the manifest is written
 into it, it is renamed, ``latest`` is replaced, and all but the ``keep_last`` most recently
@@ -23,9 +18,7 @@ calls ``maybe_finalize_async_calls``. Until then only ``iter_XXXXXXX.tmp`` exist
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,20 +30,16 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from megatron_sail.training import dist_ckpt, integrity
-from megatron_sail.training.assets import write_checkpoint_assets
+from megatron_sail.checkpoint import dcp, integrity
+from megatron_sail.checkpoint.assets import write_checkpoint_assets
+from megatron_sail.checkpoint.layout import (LATEST, STATE_FILE, CheckpointDamaged, iter_dir,
+                                             list_checkpoints, read_latest, read_state_file,
+                                             resolve_checkpoint)
+from megatron_sail.checkpoint.optimizer_state import OPTIM_METADATA, fit_chained_layout
+from megatron_sail.compat import optimizer as compat_optimizer
 from megatron_sail.training.optimizer import unwrap
 
-LATEST = "latest"
-STATE_FILE = "train_state.pt"
-OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
-                  "chained_optim_avoid_prefix": True}
-"""Optimizer state layout in every checkpoint: the fully reshardable distributed format, and
-one key per parameter even when the optimizer is chained (Megatron-LM's choice for new
-checkpoints). An MoE model at EP > 1 gets a ChainedOptimizer (dense params + experts, each over
-its own data-parallel group); without ``chained_optim_avoid_prefix`` its keys would carry
-``chained_0.`` / ``chained_1.`` and an EP=2 checkpoint would not load at EP=1."""
-VERIFIED = dist_ckpt.DistCkptConfig(verify="off")
+VERIFIED = dcp.DistCkptConfig(verify="off")
 """Loads after check_before_load: the manifest was checked there, with --ckpt-verify."""
 
 
@@ -79,11 +68,6 @@ class TrainState:
     tokenizer: dict = field(default_factory=dict)
     """The training data's tokenizer block (identity, special ids, tile size, tokens per tile;
     training/resume_checks.py): a resume or --init-from onto other data is refused."""
-
-
-def iter_dir(root: str, iteration: int) -> str:
-    """Directory name of one checkpoint."""
-    return os.path.join(root, f"iter_{iteration:07d}")
 
 
 def world_sizes() -> dict:
@@ -117,7 +101,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(root: str, chunks: list, optimizer, state: TrainState, keep_last: int,
                     config: Optional[dict] = None,
-                    pending: Optional[dist_ckpt.ThreadAsyncCallsQueue] = None) -> str:
+                    pending: Optional[dcp.ThreadAsyncCallsQueue] = None) -> str:
     """Save model + optimizer + TrainState as iteration ``state.iteration``; returns its dir.
 
     With ``pending`` the write is scheduled on that queue and the checkpoint is published
@@ -130,10 +114,10 @@ def save_checkpoint(root: str, chunks: list, optimizer, state: TrainState, keep_
         os.makedirs(tmp)
     torch.distributed.barrier()
     sync_params(chunks)
-    sd = dist_ckpt.model_sharded_state_dict(chunks)
+    sd = dcp.model_sharded_state_dict(chunks)
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd, metadata=OPTIM_METADATA)
-    request = dist_ckpt.save_sharded(sd, tmp, async_save=pending is not None)
+    request = dcp.save_sharded(sd, tmp, async_save=pending is not None)
     _write_train_state(tmp, state, config, optimizer is not None)
     if rank0:
         write_checkpoint_assets(tmp, config)  # tokenizer/ + processor.json: usable as is
@@ -192,6 +176,8 @@ def _publish(root: str, iteration: int, keep_last: int, announce: bool = False) 
         if announce:
             print(f"[checkpoint] {final} complete (written in the background); latest -> "
                   f"{iteration}", flush=True)
+        else:
+            print(f"saved checkpoint iter_{iteration} -> {final}", flush=True)
     torch.distributed.barrier()
 
 
@@ -203,20 +189,12 @@ def _write_latest(root: str, iteration: int) -> None:
     os.replace(tmp, os.path.join(root, LATEST))
 
 
-def list_checkpoints(root: str) -> list[int]:
-    """Iterations of the complete checkpoints under root, in iteration order."""
-    if not os.path.isdir(root):
-        return []
-    its = [int(m.group(1)) for n in os.listdir(root) if (m := re.fullmatch(r"iter_(\d{7})", n))]
-    return sorted(its)
-
-
 def saved_at(ckpt: str) -> float:
     """When a checkpoint was published: its manifest's save time; for checkpoints without one
     (written before manifests existed), the folder's modification time."""
     try:
         manifest = integrity.read_manifest(ckpt)
-    except integrity.CheckpointDamaged:
+    except CheckpointDamaged:
         manifest = None
     if manifest and isinstance(manifest.get("saved_at"), (int, float)):
         return float(manifest["saved_at"])
@@ -242,47 +220,13 @@ def _prune(root: str, keep_last: int) -> None:
             shutil.rmtree(iter_dir(root, it), ignore_errors=True)
 
 
-def read_latest(root: str) -> Optional[int]:
-    """The iteration `root/latest` names; None without a `latest`. A file that is not a
-    decimal iteration number (binary garbage, a partial write) is an error naming it."""
-    path = os.path.join(root, LATEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path, "rb") as f:
-        raw = f.read(64)
-    text = raw.decode("ascii", errors="replace").strip()
-    if not (text.isascii() and text.isdigit()):
-        raise ValueError(f"{path}: expected an iteration number (a line like '20'), got "
-                         f"{raw[:32]!r}; the file is damaged: point it at one of "
-                         f"{[f'iter_{i:07d}' for i in list_checkpoints(root)] or 'no checkpoints'}")
-    return int(text)
-
-
-def resolve_checkpoint(path: str) -> Optional[str]:
-    """The checkpoint directory that `path` names: a root with `latest`, or one checkpoint
-    (ours or a model-only HF conversion). None when `path` holds no checkpoint yet."""
-    latest = os.path.join(path, LATEST)
-    iteration = read_latest(path)
-    if iteration is not None:
-        ckpt = iter_dir(path, iteration)
-        if not os.path.isdir(ckpt):
-            raise FileNotFoundError(f"{latest} names iteration {iteration} but {ckpt} is missing")
-        return ckpt
-    if os.path.isfile(os.path.join(path, "metadata.json")):
-        return path
-    if os.path.isfile(path):
-        raise NotADirectoryError(f"{path}: is a file, not a checkpoint folder (expected a "
-                                 "--save root with `latest`, or one iter_XXXXXXX folder)")
-    return None
-
-
 @dataclass
 class LoadChecks:
     """What is checked before a checkpoint's tensors are read."""
 
     verify: str = "auto"
     """manifest.json check: auto (hashes when small, else sizes), sizes, or full
-    (training/integrity.py)."""
+    (checkpoint/integrity.py)."""
     tokenizer: Optional[dict] = None
     """The current data's tokenizer block; None compares nothing (resume_checks.py)."""
     allow_tokenizer_mismatch: bool = False
@@ -314,131 +258,36 @@ def load_checkpoint(path: str, chunks: list, optimizer=None,
         optimizer.reload_model_params()  # bf16: refresh the fp32 main weights from the loaded ones
         return _read_train_state(ckpt, load_rng)
     _materialize_optimizer_state(optimizer)
-    sd = dist_ckpt.model_sharded_state_dict(chunks)
+    sd = dcp.model_sharded_state_dict(chunks)
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIM_METADATA)
-    loaded = dist_ckpt.load_sharded(sd, ckpt, VERIFIED)
+    loaded = dcp.load_sharded(sd, ckpt, VERIFIED)
     for key, chunk in zip(_model_keys(len(chunks)), chunks):
         unwrap(chunk).load_state_dict(loaded[key], strict=True)
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        _keep_torch_adam_step(opt)
-    optimizer.load_state_dict(_fit_chained_layout(loaded["optimizer"], optimizer))
-    _unshare_adam_steps(optimizer)
+    for opt in compat_optimizer.sub_optimizers(optimizer):
+        compat_optimizer.keep_torch_adam_step(opt)
+    optimizer.load_state_dict(fit_chained_layout(loaded["optimizer"], optimizer))
+    compat_optimizer.unshare_adam_steps(optimizer)
     return _read_train_state(ckpt, load_rng)
-
-
-def _fit_chained_layout(loaded: dict, optimizer) -> dict:
-    """The loaded optimizer state in the layout of this run's optimizer, when the checkpoint
-    was saved with another number of chained optimizers (an MoE model at EP > 1 has two:
-    dense params and experts; at EP=1 one).
-
-    The tensors (``param_state``) already follow this run's layout: they are read per
-    parameter key. Only the small common part (each optimizer's ``param_groups``: LR, betas,
-    weight decay, ... keyed by Megatron's group identifiers) keeps the saved layout, so it is
-    rebuilt here: each of this run's groups takes the saved group with the same identifiers,
-    or, across an EP change, the one that differs only in ``is_expert_parallel``."""
-    from megatron.core.optimizer.optimizer import param_group_identifier_keys as keys
-
-    subs = list(getattr(optimizer, "chained_optimizers", [optimizer]))
-    # The saved layout shows in the common part: one optimizer keeps its param_groups at the
-    # top (the distributed one under "optimizer"), a chained one under 0, 1, ... (the tensors
-    # sit wherever this run asked for them).
-    saved_single = "param_groups" in loaded or "param_groups" in (loaded.get("optimizer") or {})
-    chained, saved_chained = len(subs) > 1, not saved_single
-    if chained == saved_chained:
-        return loaded
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    if not all(isinstance(sub, DistributedOptimizer) for sub in subs):
-        raise ValueError("this checkpoint's optimizer state was saved at another expert-parallel "
-                         "layout (EP=1 vs EP>1); changing EP on resume works with the distributed "
-                         "optimizer (--use-distributed-optimizer, the default), or resume at the "
-                         "saved EP, or load weights only (--finetune / --no-load-optim)")
-    saved = [loaded] if not saved_chained else [v for k, v in loaded.items() if isinstance(k, int)]
-    groups = [g for part in saved for g in part.get("optimizer", {}).get("param_groups", [])]
-    sharding = next((p["param_state_sharding_type"] for p in saved
-                     if "param_state_sharding_type" in p), None)
-
-    def ident(group, skip=()):
-        return tuple(group.get(k, group.get(f"pre_{k}")) for k in keys if k not in skip)
-
-    def groups_for(sub) -> list:
-        out = []
-        for mine in sub.optimizer.param_groups:
-            match = [g for g in groups if ident(g) == ident(mine)] or \
-                [g for g in groups if ident(g, ("is_expert_parallel",)) ==
-                 ident(mine, ("is_expert_parallel",))]
-            if not match:
-                raise ValueError(f"optimizer param group {ident(mine)} (identifiers {keys}) "
-                                 "has no counterpart in the checkpoint's optimizer state")
-            out.append(dict(match[0], is_expert_parallel=mine.get("is_expert_parallel", False)))
-        return out
-
-    def part(tensors: dict, sub) -> dict:
-        common = {"optimizer": dict(tensors.get("optimizer", {}), param_groups=groups_for(sub))}
-        if sharding is not None:
-            common["param_state_sharding_type"] = sharding
-        return dict(tensors, **common)
-
-    if chained:
-        return {i: part(loaded.get(i, {}), sub) for i, sub in enumerate(subs)}
-    return part({k: v for k, v in loaded.items() if not isinstance(k, int)}, subs[0])
 
 
 def _load_weights(chunks: list, ckpt: str) -> None:
     """Load only the model tensors of a checkpoint (its optimizer state, if any, is ignored;
     a model tensor the checkpoint lacks is an error naming the key)."""
-    dist_ckpt.load_model(chunks, ckpt, VERIFIED)
-
-
-def _unshare_adam_steps(optimizer) -> None:
-    """Give every parameter its own Adam "step" tensor again. Without TE/Apex, megatron-core
-    0.16.1 restores torch Adam's per-param step by putting ONE tensor into every param's state;
-    torch's Adam increments it in place once per param, so after a resume the bias correction
-    ran ahead by the number of params each step and the losses drifted from step 12 on."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        seen: set[int] = set()
-        for state in getattr(inner, "state", {}).values():
-            step = state.get("step")
-            if isinstance(step, torch.Tensor):
-                if id(step) in seen:
-                    state["step"] = step.clone()
-                seen.add(id(state["step"]))
-
-
-def _keep_torch_adam_step(opt) -> None:
-    """Work around megatron-core 0.16.1 loading a fully reshardable checkpoint into torch's
-    Adam (the CPU fallback without TE/Apex): it sets Adam's per-param "step" from the checkpoint,
-    then copies per-param state whose source lacks "step" and fails with KeyError. Supply the
-    already-set step as its own source, on this optimizer instance only."""
-    original = getattr(opt, "_set_main_param_and_optimizer_states", None)
-    if original is None or getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8",
-                                   False):
-        return
-
-    def set_states(model_param, tensors):
-        gi, go = opt.model_param_group_index_map[model_param]
-        state = opt.optimizer.state[opt.optimizer.param_groups[gi]["params"][go]]
-        if "step" in state and "step" not in tensors:
-            tensors = {**tensors, "step": state["step"]}
-        original(model_param, tensors)
-
-    opt._set_main_param_and_optimizer_states = set_states
+    dcp.load_model(chunks, ckpt, VERIFIED)
 
 
 def _materialize_optimizer_state(optimizer) -> None:
     """Create Adam's state tensors before loading into them: a fresh optimizer has none, and
     Megatron's distributed optimizer cannot describe (or receive) state it does not hold.
     One zero-gradient step at lr 0 and weight decay 0 creates them without moving weights."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in compat_optimizer.sub_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
-        if inner is None or len(inner.state) > 0 or \
-                not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+        if inner is None or len(inner.state) > 0 or not compat_optimizer.can_init_dummy_states(opt):
             continue
         saved = [(g["lr"], g["weight_decay"]) for g in inner.param_groups]
         for g in inner.param_groups:
             g["lr"], g["weight_decay"] = 0.0, 0.0
-        opt._init_optimizer_states_with_dummy_values()
+        compat_optimizer.init_dummy_states(opt)
         for g, (lr, wd) in zip(inner.param_groups, saved):
             g["lr"], g["weight_decay"] = lr, wd
 
@@ -459,34 +308,6 @@ def check_before_load(ckpt: str, checks: LoadChecks) -> None:
         print(f"[checkpoint] loading {ckpt} ({note})", flush=True)
 
 
-def _train_state_globals() -> list:
-    """What train_state.pt may hold besides tensors and plain Python values: numpy's RNG state
-    array (the numpy generator state in TrainState.rng). Nothing that can run code."""
-    import numpy as np
-
-    multiarray = getattr(np, "_core", None) or np.core
-    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype,
-            type(np.dtype(np.uint32))]
-
-
-def read_state_file(path: str) -> dict:
-    """Read a train_state.pt with ``weights_only=True`` and the allow-list above: a crafted
-    pickle that names any other callable is refused before it runs (error names the file)."""
-    try:
-        with torch.serialization.safe_globals(_train_state_globals()):
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
-        raise integrity.CheckpointDamaged(
-            f"{path}: refusing to unpickle it: it holds something a train state never does "
-            f"({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise integrity.CheckpointDamaged(f"{path}: unreadable train state ({e})") from None
-    if not isinstance(payload, dict) or "train_state" not in payload:
-        raise integrity.CheckpointDamaged(f"{path}: not a train state (no 'train_state' entry)")
-    return payload
-
-
 def _has_optimizer(ckpt: str) -> bool:
     """Whether a checkpoint of ours holds optimizer state (not before the first update)."""
     path = os.path.join(ckpt, STATE_FILE)
@@ -496,7 +317,7 @@ def _has_optimizer(ckpt: str) -> bool:
 
 
 def _model_keys(n: int) -> list[str]:
-    """Top-level keys of the model chunks in a checkpoint dict (dist_ckpt's convention)."""
+    """Top-level keys of the model chunks in a checkpoint dict (checkpoint/dcp.py's convention)."""
     return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
 
 

@@ -310,7 +310,7 @@ def attach_reference(ref_chunks, batches: list[RolloutBatch], seq_length: int,
 def update(chunks, optimizer, scheduler, batches, seq_length, cfg: L.GRPOLossConfig,
            temperature: float) -> dict:
     """One optimizer step over every micro-batch; the step's sums reduced over DP and PP."""
-    from megatron_sail.training.step import _all_finite, _clip_and_update
+    from megatron_sail.training.posttrain import optimizer_update
 
     for chunk in chunks:
         chunk.zero_grad_buffer()
@@ -328,12 +328,7 @@ def update(chunks, optimizer, scheduler, batches, seq_length, cfg: L.GRPOLossCon
     out = {"loss": tot["loss_sum"] / max(tot["count"], 1.0), "clip_fraction": tot["clipped"] / tokens,
            "kl": tot["kl"] / tokens, "entropy": tot["entropy"] / tokens,
            "logp_diff": tot["ratio_dev"] / tokens, "tokens": tot["tokens"]}
-    found_inf = optimizer.prepare_grads()
-    grad_norm = float("inf") if found_inf else float(optimizer.get_grad_norm())
-    out["grad_norm"], out["skipped"] = grad_norm, not _all_finite(out["loss"], grad_norm)
-    if not out["skipped"]:
-        _clip_and_update(optimizer, grad_norm)
-        scheduler.step(increment=1)
+    out["grad_norm"], out["skipped"] = optimizer_update(optimizer, scheduler, out["loss"])
     return out
 
 
@@ -375,7 +370,7 @@ class GRPOStage:
     def _reference(self):
         """Frozen reference chunks from --ref-load or the starting checkpoint."""
         from megatron_sail.train import build_chunks
-        from megatron_sail.training import checkpoint as ckpt, dist_ckpt
+        from megatron_sail.checkpoint import dcp as dist_ckpt, layout
         from megatron_sail.training.precision import check_precision
 
         source = self.p.ref_load or self.cfg.checkpoint.init_from
@@ -385,7 +380,7 @@ class GRPOStage:
         for c in chunks:
             c.requires_grad_(False)
             c.eval()
-        dist_ckpt.load_model(chunks, ckpt.resolve_checkpoint(source))
+        dist_ckpt.load_model(chunks, layout.resolve_checkpoint(source))
         return chunks
 
     def step_prompts(self, step: int) -> list[PromptRecord]:

@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 
 from megatron_sail.data.images.prefetch import PrefetchLoader
 from megatron_sail.training import checkpoint as ckpt
-from megatron_sail.training.dist_ckpt import ThreadAsyncCallsQueue
+from megatron_sail.checkpoint.dcp import ThreadAsyncCallsQueue
 from megatron_sail.training.flops import real_seqlens, step_flops
 from megatron_sail.training.metrics import StepStats
 from megatron_sail.training.moe_metrics import step_moe_losses

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -26,6 +26,7 @@ import torch
 
 from megatron_sail.config.run import RunConfig, to_dict, write_resolved
 from megatron_sail.platform import distributed as platform
+from megatron_sail.checkpoint import layout
 from megatron_sail.training import checkpoint as ckpt
 from megatron_sail.training.metrics import MetricsConfig, MetricsWriter, StepStats
 
@@ -55,14 +56,15 @@ def starting_checkpoint(cfg: RunConfig) -> str:
     --load when there is one, else --init-from."""
     c = cfg.checkpoint
     for root in (c.load, c.init_from):
-        if root and os.path.isdir(root) and ckpt.resolve_checkpoint(root):
-            return ckpt.resolve_checkpoint(root)
+        if root and os.path.isdir(root) and layout.resolve_checkpoint(root):
+            return layout.resolve_checkpoint(root)
     raise ValueError(f"--stage {cfg.stage.name} starts from a trained model: give --init-from "
                      "(a training, converted or soup checkpoint with tokenizer/)")
 
 
 def _assets(cfg: RunConfig):
-    """Tokenizer and processor settings of the starting checkpoint, checked against the model."""
+    """Tokenizer and processor settings of the starting checkpoint, and ``cfg`` with its
+    image-context id and tile size (a new RunConfig)."""
     from megatron_sail.data.tokenizer import load_tokenizer
     from megatron_sail.inference.loading import inspect_checkpoint
 
@@ -71,9 +73,9 @@ def _assets(cfg: RunConfig):
         raise FileNotFoundError(f"{info.path}: no tokenizer/ folder; post-training tokenizes its "
                                 "data with the starting checkpoint's tokenizer")
     tok = load_tokenizer(info.tokenizer_path)
-    cfg.model.img_context_token_id = tok.special.img_context
-    cfg.images.tile_size = info.settings.tile_size
-    return tok, info.settings
+    cfg = replace(cfg, model=replace(cfg.model, img_context_token_id=tok.special.img_context),
+                  images=replace(cfg.images, tile_size=info.settings.tile_size))
+    return cfg, tok, info.settings
 
 
 def setup(cfg: RunConfig) -> Setup:
@@ -92,7 +94,7 @@ def setup(cfg: RunConfig) -> Setup:
     lock = prepare_save_dir(c.save, c.load, c.overwrite_save)
     rank0 = torch.distributed.get_rank() == 0
     log = (lambda line: print(line, flush=True)) if rank0 else (lambda _line: None)
-    tok, settings = _assets(cfg)
+    cfg, tok, settings = _assets(cfg)
     if rank0:
         write_resolved(cfg, cfg.train.run_dir)
     chunks = wrap_ddp(cfg, build_chunks(cfg, dtype))
@@ -114,6 +116,22 @@ def setup(cfg: RunConfig) -> Setup:
                                 wandb_save_dir=cfg.train.wandb_save_dir, run_config=to_dict(cfg)))
     return Setup(cfg, chunks, optimizer, scheduler, state, tok, settings, metrics,
                  build_image_pipeline(cfg.images), log, lock)
+
+
+def optimizer_update(optimizer, scheduler, loss: float) -> tuple[float, bool]:
+    """After the backward passes: gradient norm, then the clipped update and a scheduler step
+    unless the loss or the norm is NaN/Inf on any rank (as training/step.py). Returns
+    (grad norm, skipped)."""
+    from megatron_sail.compat import optimizer as compat_optimizer
+    from megatron_sail.training.step import _all_finite
+
+    found_inf = compat_optimizer.prepare_grads(optimizer)
+    grad_norm = float("inf") if found_inf else compat_optimizer.grad_norm(optimizer)
+    if not _all_finite(loss, grad_norm):
+        return grad_norm, True
+    compat_optimizer.clip_and_update(optimizer, grad_norm)
+    scheduler.step(increment=1)
+    return grad_norm, False
 
 
 def stream_index(position: int, n: int, seed: int) -> int:
@@ -195,7 +213,8 @@ def compute_reference(s: Setup, rows: list) -> list:
     starts (the starting checkpoint); a resumed run recomputes them from --ref-load or
     --init-from, never from the resumed weights."""
     from megatron_sail.train import build_chunks
-    from megatron_sail.training import dist_ckpt, preference as pref
+    from megatron_sail.checkpoint import dcp as dist_ckpt
+    from megatron_sail.training import preference as pref
     from megatron_sail.training.precision import check_precision
 
     cfg = s.cfg
@@ -211,7 +230,7 @@ def compute_reference(s: Setup, rows: list) -> list:
         ref_chunks = build_chunks(cfg, check_precision(cfg))
         for c in ref_chunks:
             c.requires_grad_(False)
-        dist_ckpt.load_model(ref_chunks, ckpt.resolve_checkpoint(source))
+        dist_ckpt.load_model(ref_chunks, layout.resolve_checkpoint(source))
         out = pref.reference_logps(ref_chunks, rows, s.pipeline, cfg.data.seq_length,
                                    cfg.train.micro_batch_size)
         del ref_chunks

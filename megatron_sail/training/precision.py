@@ -13,13 +13,15 @@ On CPU, --bf16 is ignored with a warning (fp32) and --fp8-format is rejected.
 """
 from __future__ import annotations
 
-import warnings
 
+import logging
 import torch
 
 from megatron_sail.models import layer_specs
 from megatron_sail.platform import distributed as platform
 from megatron_sail.training.optimizer import unwrap
+
+log = logging.getLogger(__name__)
 
 FP8_ALIGN = 16
 """Transformer Engine FP8 GEMMs want both dimensions divisible by this."""
@@ -34,7 +36,7 @@ def check_precision(cfg) -> torch.dtype:
                              "GPU; this machine has no CUDA device. Drop the flag to train in "
                              "fp32 on CPU.")
         if t.bf16:
-            warnings.warn("--bf16 ignored on CPU: training in fp32", stacklevel=2)
+            log.warning("--bf16 ignored on CPU: training in fp32")
         return torch.float32
     if t.fp8_format:
         _check_fp8(cfg)

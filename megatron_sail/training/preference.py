@@ -365,7 +365,7 @@ def pref_step(chunks: list, optimizer, scheduler, batches: list[PrefBatch], seq_
               cfg: PreferenceLossConfig, bco: RunningMean) -> dict:
     """Forward + backward of every micro-batch, then one optimizer step unless NaN/Inf.
     Returns the step's means over pairs (loss, rewards, accuracy, margins) and grad norm."""
-    from megatron_sail.training.step import _all_finite, _clip_and_update
+    from megatron_sail.training.posttrain import optimizer_update
 
     for chunk in chunks:
         chunk.zero_grad_buffer()
@@ -383,14 +383,9 @@ def pref_step(chunks: list, optimizer, scheduler, batches: list[PrefBatch], seq_
     means = {k: totals[k] / pairs for k in REPORT if k != "pairs"}
     means["pairs"] = totals["pairs"]
     means["margin"] = means["chosen_reward"] - means["rejected_reward"]
-    found_inf = optimizer.prepare_grads()
-    grad_norm = float("inf") if found_inf else float(optimizer.get_grad_norm())
-    means["grad_norm"], means["skipped"] = grad_norm, False
-    if not _all_finite(means["loss"], grad_norm):
-        means["skipped"] = True
+    means["grad_norm"], means["skipped"] = optimizer_update(optimizer, scheduler, means["loss"])
+    if means["skipped"]:
         return means
-    _clip_and_update(optimizer, grad_norm)
-    scheduler.step(increment=1)
     if cfg.loss == "mpo":  # the BCO baseline follows the batch-mean reward (TRL's RunningMoments)
         bco.update((means["chosen_reward"] + means["rejected_reward"]) / 2.0)
     return means

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-LOCK_FILE = ".lock"
+from megatron_sail.checkpoint.layout import LATEST, LOCK_FILE, list_checkpoints
 
 
 class SaveDirError(ValueError):
@@ -68,8 +68,6 @@ class SaveDirLock:
 
 def _has_checkpoints(folder: str) -> list[str]:
     """The checkpoint entries of a folder (``latest``, ``iter_XXXXXXX``), sorted."""
-    from megatron_sail.training.checkpoint import LATEST, list_checkpoints
-
     found = [f"iter_{i:07d}" for i in list_checkpoints(folder)]
     if os.path.lexists(os.path.join(folder, LATEST)):
         found.append(LATEST)

@@ -56,7 +56,7 @@ class SoupMismatch(ValueError):
 
 def resolve_inputs(paths: Sequence[str]) -> list[Path]:
     """Each input as the checkpoint folder that holds its weights."""
-    from megatron_sail.training.checkpoint import resolve_checkpoint
+    from megatron_sail.checkpoint.layout import resolve_checkpoint
 
     out = []
     for p in paths:
@@ -85,7 +85,7 @@ def normalized_weights(weights: Optional[Sequence[float]], n: int) -> list[float
 def tensor_shapes(ckpt: Path) -> dict[str, tuple]:
     """Global shape of every model tensor in a dist checkpoint, read from DCP's ``.metadata``
     with the integrity module's allow-listed unpickler (optimizer entries are skipped)."""
-    from megatron_sail.training import integrity
+    from megatron_sail.checkpoint import integrity
 
     integrity.check_dcp_metadata(str(ckpt))
     with open(ckpt / ".metadata", "rb") as f:
@@ -102,7 +102,7 @@ def tensor_shapes(ckpt: Path) -> dict[str, tuple]:
 def tokenizer_identity(ckpt: Path) -> dict:
     """What identifies the tokenizer of a checkpoint: the recorded tokenizer block (training
     checkpoints) or a hash of its tokenizer/ files (converted ones); {} when it has neither."""
-    from megatron_sail.training.checkpoint import read_state_file
+    from megatron_sail.checkpoint.layout import read_state_file
 
     state = ckpt / "train_state.pt"
     if state.is_file():
@@ -122,7 +122,7 @@ def tokenizer_identity(ckpt: Path) -> dict:
 
 def check_compatible(ckpts: list[Path]) -> None:
     """Refuse, naming the field / tensor / tokenizer entry, inputs that cannot be averaged."""
-    from megatron_sail.convert.checkpoint import read_model_config
+    from megatron_sail.checkpoint.layout import read_model_config
 
     first = ckpts[0]
     base_cfg = dataclasses.asdict(read_model_config(first))
@@ -167,7 +167,8 @@ def _single_rank_model(ckpt: Path):
     import torch.distributed as dist
 
     from megatron_sail.config.parallel import ParallelConfig
-    from megatron_sail.convert.checkpoint import build_model_chunks, read_model_config
+    from megatron_sail.checkpoint.layout import read_model_config
+    from megatron_sail.convert.checkpoint import build_model_chunks
     from megatron_sail.platform import distributed
 
     if dist.is_initialized() and dist.get_world_size() != 1:
@@ -180,7 +181,7 @@ def _single_rank_model(ckpt: Path):
 def average(ckpts: list[Path], weights: list[float]) -> tuple[torch.nn.Module, dict]:
     """Load each checkpoint into one TP=1 model in turn; returns the model holding the weighted
     mean (float tensors) and the float32 sums it was made from."""
-    from megatron_sail.training import dist_ckpt
+    from megatron_sail.checkpoint import dcp as dist_ckpt
 
     model = _single_rank_model(ckpts[0])
     sums: dict[str, torch.Tensor] = {}
@@ -202,8 +203,8 @@ def average(ckpts: list[Path], weights: list[float]) -> tuple[torch.nn.Module, d
 def merge(cfg: SoupConfig) -> Path:
     """Check, average and write the soup; returns the output folder."""
     from megatron_sail.convert import hf_io
-    from megatron_sail.convert.checkpoint import read_model_config, write_model_config
-    from megatron_sail.training import dist_ckpt, integrity
+    from megatron_sail.checkpoint import dcp as dist_ckpt, integrity
+    from megatron_sail.checkpoint.layout import read_model_config, write_model_config
 
     ckpts = resolve_inputs(cfg.inputs)
     weights = normalized_weights(cfg.weights, len(ckpts))

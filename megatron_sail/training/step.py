@@ -20,9 +20,9 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_sail.compat import optimizer as compat_optimizer
 from megatron_sail.platform.distributed import device
 
 # Per-step counters reduced over DP ranks, in this order.
@@ -162,21 +162,6 @@ def _all_finite(*values: float) -> bool:
     return bool(ok.item() == 1.0)
 
 
-def _sub_optimizers(optimizer) -> list:
-    """The optimizers that hold parameters (a ChainedOptimizer holds several)."""
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _clip_and_update(optimizer, grad_norm: float) -> None:
-    """Clip by the already-computed global norm, then apply the update."""
-    for opt in _sub_optimizers(optimizer):
-        params = opt.get_parameters()
-        if params and opt.config.clip_grad > 0.0:
-            clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad,
-                                         total_norm=grad_norm)
-    optimizer.step_with_ready_grads()
-
-
 def train_step(chunks: list, optimizer, scheduler, batches: list, seq_length: int,
                row_stats: tuple[float, float] = (0.0, 0.0), num_sources: int = 0) -> StepResult:
     """Forward + backward over all micro-batches, then one optimizer step unless NaN/Inf.
@@ -189,11 +174,11 @@ def train_step(chunks: list, optimizer, scheduler, batches: list, seq_length: in
     losses = _run_schedule(chunks, batches, seq_length, forward_only=False)
     totals = _reduce(_counters(batches, _loss_parts(losses), row_stats, losses, num_sources))
     loss = totals["loss_sum"] / max(totals["loss_tokens"], 1.0)
-    found_inf = optimizer.prepare_grads()
-    grad_norm = float("inf") if found_inf else float(optimizer.get_grad_norm())
+    found_inf = compat_optimizer.prepare_grads(optimizer)
+    grad_norm = float("inf") if found_inf else compat_optimizer.grad_norm(optimizer)
     if not _all_finite(loss, grad_norm):
         return StepResult(loss, grad_norm, True, totals)
-    _clip_and_update(optimizer, grad_norm)
+    compat_optimizer.clip_and_update(optimizer, grad_norm)
     scheduler.step(increment=1)
     return StepResult(loss, grad_norm, False, totals)
 

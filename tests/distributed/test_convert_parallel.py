@@ -34,9 +34,10 @@ def _our_logits_on_ranks(rank: int, mcore_dir: str, hf_dir: str, layout: dict):
     import argparse
 
     from megatron_sail.config.parallel import ParallelConfig
-    from megatron_sail.convert.checkpoint import build_model_chunks, read_model_config
+    from megatron_sail.checkpoint.layout import read_model_config
+    from megatron_sail.convert.checkpoint import build_model_chunks
     from megatron_sail.platform import distributed
-    from megatron_sail.training import dist_ckpt
+    from megatron_sail.checkpoint import dcp
 
     cl = _tool("compare_logits")
     parallel = ParallelConfig(**layout)
@@ -45,7 +46,7 @@ def _our_logits_on_ranks(rank: int, mcore_dir: str, hf_dir: str, layout: dict):
     args = argparse.Namespace(image=[], max_tiles=4, prompt="What is in the picture?")
     inputs = cl.build_inputs(args, cfg, Path(hf_dir), Path(mcore_dir))
     chunks = build_model_chunks(cfg, parallel)
-    dist_ckpt.load_model(chunks, mcore_dir)
+    dcp.load_model(chunks, mcore_dir)
     for c in chunks:
         c.eval()
     device = distributed.device()

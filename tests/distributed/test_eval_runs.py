@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
     _run(["-m", "megatron_sail.train", "--recipe", "tiny", "--train-iters", str(STEPS),
           "--global-batch-size", "2", "--micro-batch-size", "1", "--seq-length", "256",
           "--eval-interval", "0", "--data-path", data["train"], "--run-dir", str(run),
-          "--save", str(run / "ckpt"), *flags, "--eval-benchmark-interval", "2",
+          "--save", str(run / "ckpt"), *flags, "--eval-benchmark-interval", "2", "--eval-benchmark-at", "1",
           "--eval-benchmark-limit", str(LIMIT)])
     return {"run": run, "bench": bench, "root": root}
 
@@ -54,7 +54,7 @@ def trained(tmp_path_factory):
 def test_training_logs_benchmark_scores(trained):
     recs = [json.loads(l) for l in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
     bench = [r for r in recs if "benchmarks/pope" in r]
-    assert [r["iteration"] for r in bench] == [2, 4]
+    assert [r["iteration"] for r in bench] == [1, 2, 4]  # --eval-benchmark-at 1, every 2
     steps = {r["iteration"]: r for r in recs if "lm_loss" in r}
     for r in bench:
         assert r["consumed_tokens"] == steps[r["iteration"]]["consumed_tokens"] > 0
@@ -66,7 +66,7 @@ def test_training_logs_benchmark_scores(trained):
 
     acc = EventAccumulator(str(trained["run"] / "tensorboard"))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("benchmarks/mcq")] == [2, 4]
+    assert [e.step for e in acc.Scalars("benchmarks/mcq")] == [1, 2, 4]
 
 
 def test_evaluate_matches_training_resumes_and_rescores(trained):

@@ -221,7 +221,7 @@ def _moe_parallel(paths, reqs) -> dict:
     from megatron_sail.inference import generator_from_model, inspect_checkpoint, load_generator
     from megatron_sail.inference.loading import LoadConfig
     from megatron_sail.platform import distributed
-    from megatron_sail.training import dist_ckpt
+    from megatron_sail.checkpoint import dcp
 
     def experts(chunk) -> int:
         return len(chunk.language_model.decoder.layers[0].mlp.experts.local_experts)
@@ -232,7 +232,7 @@ def _moe_parallel(paths, reqs) -> dict:
     distributed.initialize(ep2)
     ck = inspect_checkpoint(paths["mcore_moe"])
     chunks = build_model_chunks(ck.model_config, ep2, use_te=False)
-    dist_ckpt.load_model(chunks, paths["mcore_moe"])
+    dcp.load_model(chunks, paths["mcore_moe"])
     live = generator_from_model(chunks, ck.model_config, gen.tokenizer, ck.settings,
                                 gc.gen_config(batch_size=3))
     out.update(moe_ep=_answers(live, reqs), experts_ep=experts(chunks[0]))

@@ -44,9 +44,10 @@ def _resave_tp2(rank, src, out):
 
     t.set_num_threads(1)
     from megatron_sail.config.parallel import ParallelConfig
-    from megatron_sail.convert.checkpoint import build_model_chunks, read_model_config
+    from megatron_sail.checkpoint import dcp as dist_ckpt
+    from megatron_sail.checkpoint.layout import read_model_config
+    from megatron_sail.convert.checkpoint import build_model_chunks
     from megatron_sail.platform import distributed
-    from megatron_sail.training import dist_ckpt
 
     parallel = ParallelConfig(tp=2)
     distributed.initialize(parallel)

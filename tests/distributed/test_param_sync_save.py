@@ -37,8 +37,8 @@ def _run(rank, root):
     from megatron_sail.config.train import OptimConfig
     from megatron_sail.platform import distributed as D
     from megatron_sail.train import hook_model_config
+    from megatron_sail.checkpoint import dcp, layout
     from megatron_sail.training import checkpoint as ckpt
-    from megatron_sail.training import dist_ckpt
     from megatron_sail.training.optimizer import build_optimizer, build_scheduler
     from megatron_sail.training.step import train_step
 
@@ -63,7 +63,7 @@ def _run(rank, root):
         before = _params(ddp)
         ckpt.save_checkpoint(root, [ddp], optimizer, ckpt.TrainState(iteration=it), keep_last=0)
         reread = mc.build_ours(cfg)
-        dist_ckpt.load_model([reread], ckpt.iter_dir(root, it))
+        dcp.load_model([reread], layout.iter_dir(root, it))
         out.append({"before": before, "after": _params(ddp),
                     "saved": {k: p.detach().clone() for k, p in reread.named_parameters()}})
     return out

@@ -33,13 +33,13 @@ def _run(rank, root):
     from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.models import layer_specs
     from megatron_sail.platform import distributed as D
-    from megatron_sail.training import dist_ckpt
+    from megatron_sail.checkpoint import dcp
 
     D.initialize(ParallelConfig())
     cfg = mc.variant("mha_untied_rms")
     local = mc.build_ours(cfg)
     mc.randomize_(local, 3)
-    dist_ckpt.save_model([local], root)
+    dcp.save_model([local], root)
     original = layer_specs.language_block_spec
 
     def te_like(config, use_te, vp_stage=None):
@@ -53,7 +53,7 @@ def _run(rank, root):
     finally:
         layer_specs.language_block_spec = original
     assert "language_model.decoder.final_layernorm._extra_state" in other.state_dict()
-    dist_ckpt.load_model([other], root)
+    dcp.load_model([other], root)
     weights = lambda m: {k: v.detach().clone() for k, v in m.named_parameters()}  # noqa: E731
     return weights(local), weights(other)
 

@@ -25,7 +25,8 @@ from test_train_runs import (  # noqa: F401 - `data` is a fixture
 from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 
 from megatron_sail.training import checkpoint as ckpt
-from megatron_sail.training import dist_ckpt, integrity
+from megatron_sail.checkpoint import dcp, integrity
+from megatron_sail.checkpoint import layout
 
 
 class Net(torch.nn.Module):
@@ -67,15 +68,15 @@ def _async_save_scenarios(rank: int, root: str) -> dict:
     net, seen = Net(rank, 2), {}
     release = os.path.join(root, "..", "release")
     ckpt.save_checkpoint(root, [net], None, ckpt.TrainState(iteration=1), keep_last=1)
-    original = dist_ckpt.HostCopyWriter.write
+    original = dcp.HostCopyWriter.write
     if rank == 1:
         def held(self):
             deadline = time.time() + 60
             while not os.path.exists(release) and time.time() < deadline:
                 time.sleep(0.05)
             original(self)
-        dist_ckpt.HostCopyWriter.write = held
-    pending = dist_ckpt.ThreadAsyncCallsQueue()
+        dcp.HostCopyWriter.write = held
+    pending = dcp.ThreadAsyncCallsQueue()
     state = ckpt.TrainState(iteration=2)
     ckpt.save_checkpoint(root, [net], None, state, keep_last=1, pending=pending)
     seen["expected"] = net.w.detach().clone()
@@ -97,11 +98,11 @@ def _async_save_scenarios(rank: int, root: str) -> dict:
         os.path.join(root, "iter_0000002"))["files"])
     target = Net(rank, 2)
     torch.nn.init.zeros_(target.w)
-    seen["saved"] = dist_ckpt.load_sharded({"model": target.sharded_state_dict()},
+    seen["saved"] = dcp.load_sharded({"model": target.sharded_state_dict()},
                                            os.path.join(root, "iter_0000002"))["model"]["w"]
     seen["iteration"] = ckpt._read_train_state(os.path.join(root, "iter_0000002")).iteration
 
-    dist_ckpt.HostCopyWriter.write = original
+    dcp.HostCopyWriter.write = original
     if rank == 1:
         def disk_full(self, plan, planner):
             raise OSError("No space left on device")
@@ -160,13 +161,13 @@ def test_async_saved_dp2_checkpoint_resumes_the_uninterrupted_curve(data, tmp_pa
 # The trainer with every background write delayed, so that a save is pending at any moment.
 SLOW_WRITES = """
 import sys, time
-from megatron_sail.training import dist_ckpt
+from megatron_sail.checkpoint import dcp
 from megatron_sail.train import main
-original = dist_ckpt.HostCopyWriter.write
+original = dcp.HostCopyWriter.write
 def slow(self):
     time.sleep(1.0)
     original(self)
-dist_ckpt.HostCopyWriter.write = slow
+dcp.HostCopyWriter.write = slow
 main(sys.argv[1:])
 """
 
@@ -194,4 +195,4 @@ def test_sigterm_with_a_pending_save_finalizes_and_exits_zero(data, tmp_path):
             " complete " in line]
     # Saves at every step, and once more at the exit: each one was finalized, in order.
     assert [int(line.split("latest -> ")[1]) for line in done] == list(range(1, last + 1)) + [last]
-    assert (ck / f"iter_{last:07d}" / ckpt.STATE_FILE).exists()
+    assert (ck / f"iter_{last:07d}" / layout.STATE_FILE).exists()

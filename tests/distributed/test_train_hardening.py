@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from test_train_runs import COMMON, ROOT, _cmd, _env, data  # noqa: F401 - `data` is a fixture
 
-from megatron_sail.training import checkpoint as ckpt
+from megatron_sail.checkpoint import layout
 from megatron_sail.training.save_dir import SaveDirLock
 
 # Warmup and decay fixed so runs of different lengths share one LR schedule.
@@ -56,11 +56,11 @@ def test_new_run_rollback_and_overwrite_into_an_old_save(data, first, tmp_path):
 
     out = run(data, run_dir, ["--save", str(save), "--train-iters", "3"], expect_rc=1)
     assert "already holds another run's checkpoints (iter_0000005, iter_0000010, latest)" in out
-    assert ckpt.read_latest(str(save)) == 10 and ckpt.list_checkpoints(str(save)) == [5, 10]
+    assert layout.read_latest(str(save)) == 10 and layout.list_checkpoints(str(save)) == [5, 10]
 
     run(data, run_dir, ["--load", str(save / "iter_0000005"), "--save", str(save),
                         "--keep-last", "1", "--save-interval", "2", "--train-iters", "8"])
-    assert ckpt.list_checkpoints(str(save)) == [8] and ckpt.read_latest(str(save)) == 8
+    assert layout.list_checkpoints(str(save)) == [8] and layout.read_latest(str(save)) == 8
     after = {r["iteration"]: r["lm_loss"] for r in lines(run_dir / "metrics.jsonl")}
     assert sorted(after) == list(range(1, 9))
     for it in range(1, 9):
@@ -69,7 +69,7 @@ def test_new_run_rollback_and_overwrite_into_an_old_save(data, first, tmp_path):
     assert [r["iteration"] for r in aside] == [6, 7, 8, 9, 10]
 
     out = run(data, run_dir, ["--save", str(save), "--overwrite-save", "--train-iters", "3"])
-    assert ckpt.list_checkpoints(str(save)) == [3, 8] and ckpt.read_latest(str(save)) == 3
+    assert layout.list_checkpoints(str(save)) == [3, 8] and layout.read_latest(str(save)) == 3
     assert [r["iteration"] for r in lines(run_dir / "metrics.jsonl")] == [1, 2, 3]
     aside = [r["iteration"] for r in lines(run_dir / "metrics.superseded.jsonl")]
     assert aside == [6, 7, 8, 9, 10] + list(range(1, 9))

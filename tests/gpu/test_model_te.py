@@ -82,10 +82,10 @@ def test_checkpoint_saved_with_local_spec_loads_into_te_spec(setup, tmp_path):
     """What conversion writes (local spec, on the CPU) is what GPU training loads (TE spec)."""
     pytest.importorskip("transformer_engine")
     from megatron_sail.models.sail_vl import SailVLModel
-    from megatron_sail.training import dist_ckpt
+    from megatron_sail.checkpoint import dcp
 
     mc, cfg, hf, local, samples, inputs = setup
-    dist_ckpt.save_model([local], tmp_path / "ck")
+    dcp.save_model([local], tmp_path / "ck")
     te = SailVLModel(cfg, use_te=True, dtype=torch.bfloat16).cuda().eval()
-    dist_ckpt.load_model([te], tmp_path / "ck")  # strict: the final norm's _extra_state too
+    dcp.load_model([te], tmp_path / "ck")  # strict: the final norm's _extra_state too
     _assert_within_bf16(te, _bf16_local(cfg, local), local, inputs)

@@ -21,13 +21,14 @@ def _export(root: Path) -> str:
 
     from dataclasses import asdict
 
-    from megatron_sail.convert import hf_assets
-    from megatron_sail.convert.hf_assets import save_tokenizer, write_generation_config, write_processor_files
+    from megatron_sail.checkpoint.processor import ProcessorSettings
+    from megatron_sail.checkpoint.tokenizer import save_tokenizer
+    from megatron_sail.convert.hf_assets import write_generation_config, write_processor_files
     from megatron_sail.inference import inspect_checkpoint
 
     ckpt = tiny_checkpoint(root / "hf")
     ids = save_tokenizer(Path(ckpt) / "tokenizer.json", ckpt)
-    write_processor_files(ckpt, hf_assets.ProcessorSettings(**asdict(inspect_checkpoint(ckpt).settings)))
+    write_processor_files(ckpt, ProcessorSettings(**asdict(inspect_checkpoint(ckpt).settings)))
     write_generation_config(ckpt, ids)
     return ckpt
 

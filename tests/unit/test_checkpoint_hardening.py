@@ -12,7 +12,9 @@ import torch
 from megatron.core.dist_checkpointing import ShardedTensor
 
 from megatron_sail.training import checkpoint as ckpt
-from megatron_sail.training import integrity, resume_checks, save_dir
+from megatron_sail.checkpoint import integrity
+from megatron_sail.checkpoint import layout
+from megatron_sail.training import resume_checks, save_dir
 
 
 @pytest.fixture(scope="module")
@@ -115,13 +117,13 @@ def test_crafted_train_state_does_not_run(one_rank, tmp_path, monkeypatch):
     marker = tmp_path / "ran"
     monkeypatch.setenv(MARKER_ENV, str(marker))
     d = _save(tmp_path / "ck", 1)
-    real = ckpt.read_state_file(os.path.join(d, "train_state.pt"))
+    real = layout.read_state_file(os.path.join(d, layout.STATE_FILE))
     assert isinstance(real["train_state"]["rng"][0]["numpy"][1], np.ndarray)  # allow-listed
     evil = os.path.join(d, "train_state.pt")
     torch.save({"train_state": {"iteration": 1}, "x": Payload()}, evil)
     os.remove(os.path.join(d, integrity.MANIFEST))  # an attacker rewrites the manifest anyway
     with pytest.raises(integrity.CheckpointDamaged, match=r"train_state\.pt: refusing to unpickle"):
-        ckpt.read_state_file(evil)
+        layout.read_state_file(evil)
     with pytest.raises(integrity.CheckpointDamaged, match=r"train_state\.pt: refusing"):
         ckpt.check_before_load(d, ckpt.LoadChecks(tokenizer={"identity": "x"}))
     assert not marker.exists()
@@ -147,10 +149,10 @@ def test_prune_by_save_order_keeps_a_rollback_save(one_rank, tmp_path):
     _save(root, 20)
     _save(root, 30)
     _save(root, 10, keep_last=1)
-    assert ckpt.read_latest(str(root)) == 10
-    assert ckpt.list_checkpoints(str(root)) == [10]
+    assert layout.read_latest(str(root)) == 10
+    assert layout.list_checkpoints(str(root)) == [10]
     _save(root, 12, keep_last=2)
-    assert ckpt.list_checkpoints(str(root)) == [10, 12]
+    assert layout.list_checkpoints(str(root)) == [10, 12]
 
 
 def test_prune_never_deletes_the_latest_checkpoint(one_rank, tmp_path):
@@ -159,7 +161,7 @@ def test_prune_never_deletes_the_latest_checkpoint(one_rank, tmp_path):
     _save(root, 6)
     ckpt._write_latest(str(root), 5)  # a user pointed `latest` back at 5
     ckpt._prune(str(root), 1)
-    assert ckpt.list_checkpoints(str(root)) == [5, 6]
+    assert layout.list_checkpoints(str(root)) == [5, 6]
 
 
 def test_resaving_an_iteration_replaces_it(one_rank, tmp_path):
@@ -177,15 +179,15 @@ def test_binary_latest_is_a_clear_error(tmp_path):
     (tmp_path / "iter_0000003").mkdir()
     (tmp_path / "latest").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     with pytest.raises(ValueError, match=r"latest: expected an iteration number.*iter_0000003"):
-        ckpt.resolve_checkpoint(str(tmp_path))
+        layout.resolve_checkpoint(str(tmp_path))
     (tmp_path / "latest").write_text("3\n")
-    assert ckpt.resolve_checkpoint(str(tmp_path)).endswith("iter_0000003")
+    assert layout.resolve_checkpoint(str(tmp_path)).endswith("iter_0000003")
 
 
 def test_load_of_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file"):
-        ckpt.resolve_checkpoint(str(tmp_path / "f"))
+        layout.resolve_checkpoint(str(tmp_path / "f"))
 
 
 # ------------------------------------------------------------------ --save at start (1, 10)
@@ -383,19 +385,19 @@ def test_conversion_refuses_to_write_over_its_source(tmp_path):
 def test_model_only_loads_verify_too(one_rank, tmp_path, monkeypatch):
     """save_model (conversions) writes the manifest; load_model (conversions, inference)
     checks it and DCP's metadata pickle before reading."""
-    from megatron_sail.training import dist_ckpt
+    from megatron_sail.checkpoint import dcp
 
-    out = dist_ckpt.save_model([Net(3.0)], tmp_path / "mc")
+    out = dcp.save_model([Net(3.0)], tmp_path / "mc")
     target = Net()
-    dist_ckpt.load_model([target], out)
+    dcp.load_model([target], out)
     assert torch.all(target.w == 3.0)
     _flip(out / "__0_0.distcp")
     with pytest.raises(integrity.CheckpointDamaged, match=r"__0_0\.distcp: contents changed"):
-        dist_ckpt.load_model([Net()], out)
+        dcp.load_model([Net()], out)
     marker = tmp_path / "ran"
     monkeypatch.setenv(MARKER_ENV, str(marker))
     with open(out / ".metadata", "wb") as f:
         pickle.dump(Payload(), f)
     with pytest.raises(integrity.CheckpointDamaged, match=r"\.metadata: refusing"):
-        dist_ckpt.load_model([Net()], out, dist_ckpt.DistCkptConfig(verify="off"))
+        dcp.load_model([Net()], out, dcp.DistCkptConfig(verify="off"))
     assert not marker.exists()

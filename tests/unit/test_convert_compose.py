@@ -79,13 +79,14 @@ def _check(name: str, vision: Path, lm: Path, mc: Path, tied: bool) -> dict:
 
     from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.convert import checkpoint, hf_internvl, hf_io
+    from megatron_sail.checkpoint import dcp
+    from megatron_sail.checkpoint.layout import read_model_config
     from megatron_sail.data.tokenizer import load_tokenizer
-    from megatron_sail.training import dist_ckpt
 
-    cfg = checkpoint.read_model_config(mc)
+    cfg = read_model_config(mc)
     checkpoint._single_rank()
     [model] = checkpoint.build_model_chunks(cfg, ParallelConfig(), use_te=False)
-    dist_ckpt.load_model([model], mc)
+    dcp.load_model([model], mc)
     model.eval()
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     got = hf_internvl.ours_to_hf(ours, cfg)
@@ -385,7 +386,7 @@ def test_released_part_configs_compose_under_their_recipe(tmp_path, recipe):
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from megatron_sail.config.model import RECIPES
+    from megatron_sail.config.recipes import model_recipe
     from megatron_sail.convert import compose, standalone
 
     vis_cfg, (kind, text) = REAL[recipe]
@@ -394,11 +395,11 @@ def test_released_part_configs_compose_under_their_recipe(tmp_path, recipe):
     vis = standalone.read_vision(tmp_path)
     lm = standalone.LanguagePart(kind, AutoConfig.for_model(kind, **text), True, {})
     got = compose._model_config(vis, lm, compose.ComposeConfig(recipe=recipe))
-    compose._check_recipe(got, RECIPES[recipe](), recipe)
+    compose._check_recipe(got, model_recipe(recipe), recipe)
     assert got.tokens_per_tile() == 256
-    assert got.vision.drop_path_rate == RECIPES[recipe]().vision.drop_path_rate
+    assert got.vision.drop_path_rate == model_recipe(recipe).vision.drop_path_rate
     with pytest.raises(ValueError, match="vision.num_layers: recipe 24, folders 23"):
         vis_cfg = {**vis_cfg, "num_hidden_layers": 23}
         (tmp_path / "config.json").write_text(json.dumps(vis_cfg))
         bad = compose._model_config(standalone.read_vision(tmp_path), lm, compose.ComposeConfig(recipe=recipe))
-        compose._check_recipe(bad, RECIPES[recipe](), recipe)
+        compose._check_recipe(bad, model_recipe(recipe), recipe)

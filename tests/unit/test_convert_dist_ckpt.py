@@ -8,7 +8,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
 
-from megatron_sail.training import dist_ckpt
+from megatron_sail.checkpoint import dcp
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,11 @@ def test_save_load_roundtrip_bitwise(single_rank_group, tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {"w": torch.randn(6, 4, generator=g), "b": torch.randn(4, generator=g).bfloat16(),
                "i": torch.arange(5)}
-    dist_ckpt.save_sharded({"model": _sharded(tensors)}, tmp_path / "ck")
+    dcp.save_sharded({"model": _sharded(tensors)}, tmp_path / "ck")
     meta = json.loads((tmp_path / "ck" / "metadata.json").read_text())
     assert meta["sharded_backend"] == "torch_dist"
     target = {k: torch.zeros_like(v) for k, v in tensors.items()}
-    loaded = dist_ckpt.load_sharded({"model": _sharded(target)}, tmp_path / "ck")
+    loaded = dcp.load_sharded({"model": _sharded(target)}, tmp_path / "ck")
     for k, v in tensors.items():
         assert loaded["model"][k].dtype == v.dtype
         assert torch.equal(loaded["model"][k], v), k
@@ -45,7 +45,7 @@ def test_save_load_roundtrip_bitwise(single_rank_group, tmp_path):
 def test_load_reshards_to_a_slice(single_rank_group, tmp_path):
     """A tensor saved whole loads as a shard (what a TP=2 rank asks for) and vice versa."""
     full = torch.arange(24, dtype=torch.float32).reshape(6, 4)
-    dist_ckpt.save_sharded({"model": _sharded({"w": full})}, tmp_path / "ck")
+    dcp.save_sharded({"model": _sharded({"w": full})}, tmp_path / "ck")
     half = ShardedTensor.from_rank_offsets("net.w", torch.zeros(3, 4), (0, 1, 2), replica_id=0)
     # Pretend to be TP rank 1 of 2 along dim 0: global offset 1 of 2 chunks.
     loaded = dist_checkpointing.load({"model": {"w": half}}, str(tmp_path / "ck"),
@@ -55,31 +55,31 @@ def test_load_reshards_to_a_slice(single_rank_group, tmp_path):
 
 def test_megatron_default_loader_reads_it_and_strict_load_catches_missing(single_rank_group, tmp_path):
     tensors = {"w": torch.randn(3, 3)}
-    dist_ckpt.save_sharded({"model": _sharded(tensors)}, tmp_path / "ck")
+    dcp.save_sharded({"model": _sharded(tensors)}, tmp_path / "ck")
     plain = dist_checkpointing.load_plain_tensors(str(tmp_path / "ck"))
     assert torch.equal(plain["net.w"], tensors["w"])
     wanted = _sharded({"w": torch.zeros(3, 3), "extra": torch.zeros(2)})
     with pytest.raises(Exception, match="extra"):
-        dist_ckpt.load_sharded({"model": wanted}, tmp_path / "ck")
+        dcp.load_sharded({"model": wanted}, tmp_path / "ck")
 
 
 def test_load_of_a_folder_that_is_not_a_checkpoint_names_it(single_rank_group, tmp_path):
     with pytest.raises(FileNotFoundError, match="metadata.json"):
-        dist_ckpt.load_sharded({}, tmp_path)
+        dcp.load_sharded({}, tmp_path)
 
 
 def test_save_model_is_atomic_and_refuses_to_clobber(single_rank_group, tmp_path):
     model = torch.nn.Linear(3, 2)
     model.sharded_state_dict = lambda: _sharded({k: v.detach() for k, v in model.state_dict().items()})
     out = tmp_path / "model_ck"
-    dist_ckpt.save_model([model], out)
+    dcp.save_model([model], out)
     assert (out / "metadata.json").is_file()
     assert not any(p.name.startswith(".model_ck.tmp") for p in tmp_path.iterdir())
     with pytest.raises(FileExistsError):
-        dist_ckpt.save_model([model], out)
+        dcp.save_model([model], out)
     other = torch.nn.Linear(3, 2)
     other.sharded_state_dict = lambda: _sharded({k: v.detach() for k, v in other.state_dict().items()})
-    dist_ckpt.load_model([other], out)
+    dcp.load_model([other], out)
     assert torch.equal(other.weight, model.weight) and torch.equal(other.bias, model.bias)
 
 
@@ -91,10 +91,10 @@ def test_load_model_reads_weights_of_a_training_checkpoint(single_rank_group, tm
     weights = {k: v.detach() for k, v in model.state_dict().items()}
     extra = {"exp_avg": ShardedTensor.from_rank_offsets("optimizer.exp_avg", torch.ones(2, 3),
                                                         replica_id=0)}
-    dist_ckpt.save_sharded({"model": _sharded(weights), "optimizer": extra}, tmp_path / "ck")
+    dcp.save_sharded({"model": _sharded(weights), "optimizer": extra}, tmp_path / "ck")
     other = torch.nn.Linear(3, 2)
     other.sharded_state_dict = lambda: _sharded({k: v.detach() for k, v in other.state_dict().items()})
-    dist_ckpt.load_model([other], tmp_path / "ck")
+    dcp.load_model([other], tmp_path / "ck")
     assert torch.equal(other.weight, model.weight) and torch.equal(other.bias, model.bias)
     with pytest.raises(Exception, match="exp_avg"):
-        dist_ckpt.load_sharded({"model": _sharded(weights)}, tmp_path / "ck")
+        dcp.load_sharded({"model": _sharded(weights)}, tmp_path / "ck")

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_sail.checkpoint import layout
+from megatron_sail.checkpoint.processor import ProcessorSettings
+from megatron_sail.checkpoint.tokenizer import chat_template, save_tokenizer
 from megatron_sail.convert import hf_assets, hf_io
 from remote_code_fixture import AUTO_MAP, FILES, add_remote_code
 from test_convert_layouts import tiny
@@ -43,14 +46,14 @@ def chat_round_trip(tmp_path_factory):
 def test_remote_code_and_config_make_the_round_trip(chat_round_trip):
     src, mc, back = chat_round_trip
     for name in list(FILES) + ["README.md"]:
-        assert (mc / hf_assets.SOURCE_DIR / name).read_bytes() == (src / name).read_bytes(), name
+        assert (mc / layout.SOURCE_DIR / name).read_bytes() == (src / name).read_bytes(), name
         assert (back / name).read_bytes() == (src / name).read_bytes(), name
     assert hf_io.read_config(back) == hf_io.read_config(src)
     assert hf_io.read_config(back)["auto_map"] == AUTO_MAP
     expected, got = hf_io.read_state_dict(src), hf_io.read_state_dict(back)
     assert sorted(got) == sorted(expected)
     assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in expected.items())
-    settings = hf_assets.ProcessorSettings.read(back / hf_assets.PROCESSOR_FILE)
+    settings = ProcessorSettings.read(back / layout.PROCESSOR_FILE)
     assert (settings.tile_size, settings.tokens_per_tile, settings.max_tiles) == (56, 4, 12)
 
 
@@ -84,7 +87,7 @@ def test_export_without_a_tokenizer_is_refused(chat_round_trip, tmp_path):
     with pytest.raises(FileNotFoundError, match="--tokenizer .*gone.json: not found"):
         mcore_to_hf(bare, tmp_path / "out", ConvertConfig(tokenizer=str(tmp_path / "gone.json")))
     shutil.copytree(mc / "tokenizer", bare / "tokenizer")
-    shutil.rmtree(bare / hf_assets.SOURCE_DIR)
+    shutil.rmtree(bare / layout.SOURCE_DIR)
     with pytest.raises(FileNotFoundError, match="--layout chat needs the hub.s remote code"):
         mcore_to_hf(bare, tmp_path / "out", ConvertConfig(layout="chat"))
     assert not (tmp_path / "out").exists()
@@ -108,7 +111,7 @@ def test_chat_template_renders_training_chatml():
     separators, image placeholder), for string and list contents."""
     from jinja2 import Template
 
-    tpl = Template(hf_assets.chat_template({"system_prompt": 'Be "brief".\nOK', "turn_separator": "\n",
+    tpl = Template(chat_template({"system_prompt": 'Be "brief".\nOK', "turn_separator": "\n",
                                             "image_separator": "\n"}))
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]},
             {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "<image>More"}]
@@ -116,7 +119,7 @@ def test_chat_template_renders_training_chatml():
         '<|im_start|>system\nBe "brief".\nOK<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\nHi?'
         "<|im_end|>\n<|im_start|>assistant\nYes.<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>More"
         "<|im_end|>\n<|im_start|>assistant\n")
-    plain = Template(hf_assets.chat_template({"system_prompt": ""}))
+    plain = Template(chat_template({"system_prompt": ""}))
     assert plain.render(messages=[{"role": "system", "content": "S"}], add_generation_prompt=False) \
         == "<|im_start|>system\nS<|im_end|>\n"
 
@@ -135,8 +138,8 @@ def test_saved_tokenizer_keeps_the_training_ids(chat_round_trip, tmp_path):
     plain.write_text(json.dumps(data))
     ours = load_tokenizer(str(plain))
     assert ours.added  # preprocessing had to add the template tokens
-    ids = hf_assets.save_tokenizer(plain, tmp_path / "out")
+    ids = save_tokenizer(plain, tmp_path / "out")
     assert ids["<IMG_CONTEXT>"] == ours.special.img_context and ids["<|im_end|>"] == ours.special.im_end
     assert load_tokenizer(str(tmp_path / "out")).encode("a red circle") == ours.encode("a red circle")
     with pytest.raises(ValueError, match="other ids than the data/model"):
-        hf_assets.save_tokenizer(src / "tokenizer.json", tmp_path / "bad", {"<IMG_CONTEXT>": 300})
+        save_tokenizer(src / "tokenizer.json", tmp_path / "bad", {"<IMG_CONTEXT>": 300})

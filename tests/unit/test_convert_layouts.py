@@ -1,4 +1,6 @@
 """HF checkpoint I/O and the InternVL-chat <-> transformers InternVL mapping (no Megatron needed)."""
+import os
+import stat
 import importlib.util
 import json
 import sys
@@ -150,6 +152,24 @@ def test_write_checkpoint_is_atomic_and_shards(tmp_path):
     with pytest.raises(TypeError):  # a failing write leaves nothing behind
         hf_io.write_checkpoint(tmp_path / "bad", {"x": object()}, state)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_follow_the_users_umask(tmp_path, umask):
+    """safetensors creates its files 0600; an export takes the modes the umask gives every
+    other file (issue 22), whether one file or shards."""
+    old = os.umask(umask)
+    try:
+        state = {f"t{i}": torch.full((64,), float(i)) for i in range(4)}
+        one = hf_io.write_checkpoint(tmp_path / "one", {"a": 1}, state)
+        shards = hf_io.write_checkpoint(tmp_path / "shards", {"a": 1}, state,
+                                        cfg=hf_io.HFWriteConfig(max_shard_bytes=600))
+    finally:
+        os.umask(old)
+    for folder in (one, shards):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+        for f in folder.iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
 
 
 def test_compare_logits_prompt_is_chatml_through_the_tokenizer(tmp_path):

@@ -88,7 +88,7 @@ def test_sharded_bf16_chat_layout_round_trip_is_bitwise(tmp_path):
     src, mc, back = _round_trip(tmp_path, cfg)
     from safetensors.torch import load_file
 
-    from megatron_sail.convert.checkpoint import UNUSED_FILE
+    from megatron_sail.checkpoint.layout import UNUSED_FILE
 
     assert all(".encoder.layer.2." in k for k in load_file(mc / UNUSED_FILE))
     assert (src / hf_io.SAFETENSORS_INDEX).is_file()
@@ -127,7 +127,7 @@ def test_qwen3_text_models_round_trip_bitwise_in_both_layouts(family_round_trips
     """Qwen3 (QK-norm weights, no qkv bias, head_dim 24 with hidden 64 / 4 heads) and Qwen3-MoE
     (router + one gate/up/down tensor per expert on disk) convert through the family specs, in
     transformers' layout and in the internvl_chat layout."""
-    from megatron_sail.convert.checkpoint import read_model_config
+    from megatron_sail.checkpoint.layout import read_model_config
 
     src, mc, back = family_round_trips[family, layout]
     expected = hf_io.read_state_dict(src)
@@ -209,9 +209,9 @@ def test_converter_refuses_an_existing_output_and_names_bad_input(tmp_path):
 def test_model_config_is_read_from_a_trainer_checkpoint(tmp_path):
     from dataclasses import asdict
 
+    from megatron_sail.checkpoint.layout import STATE_FILE, read_model_config
     from megatron_sail.config.model import tiny as tiny_model
-    from megatron_sail.convert import checkpoint
 
     want = tiny_model(vocab_size=300)
-    torch.save({"train_state": {}, "config": {"model": asdict(want)}}, tmp_path / "train_state.pt")
-    assert checkpoint.read_model_config(tmp_path) == want
+    torch.save({"train_state": {}, "config": {"model": asdict(want)}}, tmp_path / STATE_FILE)
+    assert read_model_config(tmp_path) == want

@@ -6,7 +6,7 @@ from megatron_sail.config.data import PackingConfig, PreprocessConfig
 from megatron_sail.data.dataset import BlendedDataset, PackedDataset, build_blended, parse_data_path
 from megatron_sail.data.demo import DemoConfig, make_demo
 from megatron_sail.data.preprocess import run
-from megatron_sail.data.tiling import TilingConfig
+from megatron_sail.config.images import TilingConfig
 
 
 @pytest.fixture(scope="module")

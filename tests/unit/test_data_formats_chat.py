@@ -22,7 +22,7 @@ from megatron_sail.data.formats import detect_format, iter_records, to_conversat
 from megatron_sail.data.media_refs import decode_data_uri, plain_ref
 from megatron_sail.data.preprocess import run
 from megatron_sail.data.template import SampleError, normalize_turns
-from megatron_sail.data.tiling import TilingConfig
+from megatron_sail.config.images import TilingConfig
 from megatron_sail.data.video import VideoClip, VideoConfig, expand_videos, segment_middles
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -14,7 +14,7 @@ from megatron_sail.data.dataset import PackedDataset
 from megatron_sail.data.demo import DemoConfig, make_demo
 from megatron_sail.data.integrity import DatasetIntegrityError
 from megatron_sail.data.preprocess import run
-from megatron_sail.data.tiling import TilingConfig
+from megatron_sail.config.images import TilingConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TILING = TilingConfig(tile_size=32, min_tiles=1, max_tiles=4, thumbnail=True, tokens_per_tile=4)

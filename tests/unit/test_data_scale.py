@@ -78,7 +78,7 @@ def test_workers_send_small_images_back_and_detach_large_ones(tmp_path):
     from megatron_sail.data import preprocess
     from megatron_sail.data.demo import DemoConfig, make_demo
     from megatron_sail.data.formats import expand_inputs, read_regular_file
-    from megatron_sail.data.tiling import TilingConfig
+    from megatron_sail.config.images import TilingConfig
 
     demo = make_demo(str(tmp_path / "demo"), DemoConfig(samples=4, val_samples=2, seed=1))
     big = tmp_path / "big.png"

@@ -10,11 +10,11 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from megatron_sail.config.images import ImageConfig  # noqa: E402
+from megatron_sail.config.images import ImageConfig, TilingConfig  # noqa: E402
 from megatron_sail.data.images import build_image_pipeline  # noqa: E402
 from megatron_sail.data.images.synthetic import synthetic_jpeg, synthetic_photo  # noqa: E402
 from megatron_sail.data.records import ImageRecord  # noqa: E402
-from megatron_sail.data.tiling import TilingConfig, find_grid  # noqa: E402
+from megatron_sail.data.tiling import find_grid  # noqa: E402
 
 LEVEL = 1 / 255 / 0.225  # one uint8 step after normalization (largest for the smallest std)
 # Tolerances reached by DALI's antialiased cubic resize against PIL's bicubic (measured on

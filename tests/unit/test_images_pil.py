@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_sail.config.images import ImageConfig
+from megatron_sail.config.images import ImageConfig, TilingConfig
 from megatron_sail.data.images import build_image_pipeline, dali_available, resolve_backend
 from megatron_sail.data.images.pil import PilPipeline
 from megatron_sail.data.images.synthetic import encode, synthetic_jpeg, synthetic_photo
 from megatron_sail.data.records import ImageRecord
-from megatron_sail.data.tiling import TilingConfig, find_grid
+from megatron_sail.data.tiling import find_grid
 
 S = 32
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)

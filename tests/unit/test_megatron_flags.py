@@ -1,12 +1,13 @@
 """Megatron-LM flags of the trainer (issue 13): each one changes what it says in the resolved
 config, the LR schedule, the DDP / recompute settings or the console, and the ones we cannot
 honour are refused by name."""
+import logging
 import json
 from types import SimpleNamespace
 
 import pytest
 
-from megatron_sail.config.run import resolve
+from megatron_sail.checkpoint.from_checkpoint import resolve
 from megatron_sail.training.metrics import MetricsConfig, MetricsWriter, StepStats
 from megatron_sail.training.optimizer import build_scheduler
 from megatron_sail.training.recompute import RecomputeConfig, apply_recompute
@@ -38,7 +39,7 @@ def test_train_samples_sets_iterations_and_excludes_train_iters():
         resolve(["--train-samples", "100", "--train-iters", "5"])
 
 
-def test_sample_based_schedule():
+def test_sample_based_schedule(caplog):
     cfg = resolve(["--train-samples", "160", "--global-batch-size", "8", "--lr", "1e-3",
                    "--lr-warmup-samples", "32", "--lr-decay-samples", "80",
                    "--lr-decay-style", "linear", "--min-lr", "0"])
@@ -50,9 +51,10 @@ def test_sample_based_schedule():
         resolve(["--lr-warmup-samples", "32"])
     with pytest.raises(ValueError, match="give it in rows"):
         resolve(["--train-samples", "160", "--lr-warmup-iters", "3"])
-    with pytest.warns(UserWarning, match="not a multiple"):
+    with caplog.at_level(logging.WARNING, logger="megatron_sail"):
         assert resolve(["--train-samples", "160", "--global-batch-size", "8",
                         "--lr-warmup-samples", "30"]).optim.lr_warmup_iters == 4
+    assert "not a multiple" in caplog.text
 
 
 def test_warmup_fraction_and_init():
@@ -222,7 +224,7 @@ def test_no_load_rng_keeps_the_seeded_rng(tmp_path, monkeypatch):
 
 
 def test_model_from_checkpoint_by_default_and_checked_with_a_recipe(tmp_path):
-    from megatron_sail.config.from_checkpoint import check_model
+    from megatron_sail.checkpoint.from_checkpoint import check_model
 
     ckpt, model = _converted(tmp_path, _bigger)
     cfg = resolve(["--init-from", str(ckpt)])  # no --recipe: the checkpoint's model
@@ -236,7 +238,7 @@ def test_model_from_checkpoint_by_default_and_checked_with_a_recipe(tmp_path):
 
 
 def test_non_weight_differences_are_noted_not_refused(tmp_path):
-    from megatron_sail.config.from_checkpoint import check_model
+    from megatron_sail.checkpoint.from_checkpoint import check_model
 
     def rope(model):
         model.language.rope_theta = 123.0

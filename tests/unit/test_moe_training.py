@@ -73,10 +73,10 @@ def test_optimizer_layout_change_needs_the_distributed_optimizer():
     distributed optimizer's state is refitted; other optimizers are refused by name."""
     from types import SimpleNamespace
 
-    from megatron_sail.training.checkpoint import _fit_chained_layout
+    from megatron_sail.checkpoint.optimizer_state import fit_chained_layout
 
     chained = SimpleNamespace(chained_optimizers=[SimpleNamespace(), SimpleNamespace()])
     with pytest.raises(ValueError, match="distributed optimizer"):
-        _fit_chained_layout({"param_groups": [], "state": {}}, chained)
+        fit_chained_layout({"param_groups": [], "state": {}}, chained)
     same = {"optimizer": {"param_groups": []}, "param_state": {}}
-    assert _fit_chained_layout(same, SimpleNamespace()) is same  # same layout: untouched
+    assert fit_chained_layout(same, SimpleNamespace()) is same  # same layout: untouched

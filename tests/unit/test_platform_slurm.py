@@ -1,5 +1,6 @@
 """SLURM launch support: node-list parsing, torchrun variables derived from an srun step, and
 the warning for a process that would start alone while SLURM counts more tasks."""
+import logging
 import pytest
 
 from megatron_sail.platform import slurm
@@ -72,7 +73,7 @@ def test_launch_env_fills_torchrun_variables(monkeypatch):
         ["11", "16", "3", "node3"]
 
 
-def test_batch_shell_with_four_tasks_starts_alone_and_warns(monkeypatch):
+def test_batch_shell_with_four_tasks_starts_alone_and_warns(monkeypatch, caplog):
     import os
 
     from megatron_sail.platform import distributed
@@ -84,8 +85,9 @@ def test_batch_shell_with_four_tasks_starts_alone_and_warns(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("MASTER_PORT", "31234")
-    with pytest.warns(UserWarning, match="SLURM_NTASKS=4 but this process is not in an srun step"):
+    with caplog.at_level(logging.WARNING, logger="megatron_sail"):
         assert distributed.launch_env() is True  # a lone process
+    assert "SLURM_NTASKS=4 but this process is not in an srun step" in caplog.text
     # It joins through an in-process store: nothing for child processes to inherit.
     assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
     assert os.environ["MASTER_PORT"] == "31234"

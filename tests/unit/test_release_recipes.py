@@ -57,7 +57,7 @@ def _projector_params(cfg) -> int:
 def test_release_recipes_are_listed_and_build_their_run_configs():
     for name in RELEASES:
         run = recipes.get_recipe(name)()
-        assert run.recipe == name and run.model == M.RECIPES[name]()
+        assert run.recipe == name and run.model == getattr(M, name)()
         assert run.model.tokens_per_tile() == 256  # 32x32 patches at 448 px, 2x2 merge, no class token
         assert run.model.geometry().class_tokens == 0
         p, lm, v = run.parallel, run.model.language, run.model.vision
@@ -67,14 +67,14 @@ def test_release_recipes_are_listed_and_build_their_run_configs():
     from megatron_sail.config.run import resolve
 
     for name in RELEASES:  # the trainer's command line resolves them (derived fields, checks)
-        assert resolve(["--recipe", name, "--stage", "sft-knowledge"]).model == M.RECIPES[name]()
+        assert resolve(["--recipe", name, "--stage", "sft-knowledge"]).model == getattr(M, name)()
 
 
 def test_release_shapes_are_the_confirmed_config_numbers():
     """The numbers of docs/architecture.md's table (SAIL-VL2-2B config.json, AIMv2-Huge,
     Qwen3-8B / Qwen3-30B-A3B configs)."""
     for name in RELEASES:
-        v = M.RECIPES[name]().vision
+        v = getattr(M, name)().vision
         assert (v.family, v.hidden_size, v.num_layers, v.num_heads, v.ffn_hidden_size,
                 v.patch_size, v.image_size, v.norm_type, v.norm_eps, v.qkv_bias, v.select_layer) == (
             "aimv2", 1536, 24, 12, 4096, 14, 448, "rms_norm", 1e-5, False, -1)
@@ -107,7 +107,7 @@ def test_sail_vl2_2b_has_exactly_the_published_tensor_count():
 @pytest.mark.parametrize("name,total,non_embedding", [
     ("sail_vl15_2b", 1.54, 1.31), ("sail_vl16_8b", 7.61, 6.53), ("sail_vl2_8b", 8.2, 6.95)])
 def test_dense_language_models_have_their_published_sizes(name, total, non_embedding):
-    cfg = M.RECIPES[name]()
+    cfg = getattr(M, name)()
     lm, emb = _lm_params(cfg)
     head = 0 if cfg.language.tie_embeddings else emb
     for got, card in ((lm, total), (lm - emb - head, non_embedding)):

@@ -1,7 +1,8 @@
 """The InternVL grid rule on hand-worked cases (see SAIL-VL.md, dynamic-resolution tiling)."""
 import pytest
 
-from megatron_sail.data.tiling import TilingConfig, candidate_grids, find_grid, image_tokens, num_tiles
+from megatron_sail.config.images import TilingConfig
+from megatron_sail.data.tiling import candidate_grids, find_grid, image_tokens, num_tiles
 
 
 @pytest.mark.parametrize(

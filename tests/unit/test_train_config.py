@@ -1,4 +1,5 @@
 """RunConfig resolution: recipe(stage) -> YAML -> flags -> derived fields; resolved config file."""
+import logging
 import pytest
 import torch
 import yaml
@@ -65,7 +66,7 @@ def test_resolved_config_written(tmp_path):
     assert not (tmp_path / "run" / "config.yaml.tmp").exists()
 
 
-def test_precision_flags_on_cpu(monkeypatch):
+def test_precision_flags_on_cpu(monkeypatch, caplog):
     """Without CUDA: --bf16 falls back to fp32 with a warning, --fp8-format stops with a reason;
     with CUDA, --bf16 gives bf16 parameters."""
     from megatron_sail.platform import distributed as platform
@@ -73,8 +74,9 @@ def test_precision_flags_on_cpu(monkeypatch):
 
     monkeypatch.setattr(platform, "has_cuda", lambda: False)
     assert check_precision(resolve(["--recipe", "tiny"])) == torch.float32
-    with pytest.warns(UserWarning, match="--bf16 ignored on CPU"):
+    with caplog.at_level(logging.WARNING, logger="megatron_sail"):
         assert check_precision(resolve(["--recipe", "tiny", "--bf16"])) == torch.float32
+    assert "--bf16 ignored on CPU" in caplog.text
     with pytest.raises(SystemExit, match="--fp8-format hybrid: FP8 needs Transformer Engine"):
         check_precision(resolve(["--recipe", "tiny", "--fp8-format", "hybrid"]))
     monkeypatch.setattr(platform, "has_cuda", lambda: True)

@@ -3,7 +3,7 @@ their DRY_RUN=1 checks the data and checkpoints against the recipe.
 
 Each script runs with DRY_RUN=1, which resolves every stage's trainer arguments through
 config.run (the trainer's own parser and checks), prints the result and the launch command
-instead of launching, and checks (config/dry_run.py) that every data prefix is a finished dataset
+instead of launching, and checks (training/dry_run.py) that every data prefix is a finished dataset
 with the recipe's row length and tile geometry and that --init-from holds the recipe's model; so a
 renamed flag, an invalid value, or data/checkpoints that do not fit fail here. The printed configs
 are then checked against the hardware the scripts are sized for (8 GPUs per node): parallel sizes
@@ -24,7 +24,7 @@ import yaml
 from megatron_sail.config.data import PackingConfig, PreprocessConfig
 from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.data.dataset import parse_data_path
-from megatron_sail.data.tiling import TilingConfig
+from megatron_sail.config.images import TilingConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPUS_PER_NODE = 8
@@ -58,7 +58,7 @@ def assets(tmp_path_factory):
     (the model_config.yaml + metadata.json an hf-to-mcore conversion writes; no weights, which
     the dry run does not read)."""
     from megatron_sail.config.model import sail_2b, sail_8b, sail_vl2_8b
-    from megatron_sail.convert.checkpoint import write_model_config
+    from megatron_sail.checkpoint.layout import write_model_config
     from megatron_sail.data.demo import DemoConfig, make_demo
     from megatron_sail.data.preprocess import run
 
@@ -252,7 +252,7 @@ def test_python_defaults_to_the_checkouts_venv(assets):
 def test_dry_run_module_on_the_tiny_recipe(assets, tmp_path, capsys):
     """In process: the tiny recipe fits the 512-token, 32 px data; a smaller vocabulary is
     reported with the size the trainer will build; another row length is an error."""
-    from megatron_sail.config import dry_run
+    from megatron_sail.training import dry_run
 
     base = ["--recipe", "tiny", "--seq-length", "512", "--data-path", assets["small"]]
     assert dry_run.main(["--", *base]) == 0
@@ -266,3 +266,24 @@ def test_dry_run_module_on_the_tiny_recipe(assets, tmp_path, capsys):
             f"with {-(-vocab // 128) * 128}") in capsys.readouterr().err
     assert dry_run.main(["--", *base[:2], "--seq-length", "256", *base[4:]]) == 2
     assert "rows hold 512 tokens but --seq-length is 256" in capsys.readouterr().err
+
+
+def test_sft_script_runs_a_curriculum_plan(monkeypatch, assets, tmp_path):
+    """PLAN=plan.yaml (tools/build_curriculum.py's format): the plan's stages in its order, each
+    with its blend, trainer stage and steps, each from the previous stage's weights."""
+    plan = {"stages": [
+        {"name": "stage1", "trainer_stage": "sft-knowledge", "samples": 10, "replayed": 0, "iters": 7,
+         "blend": f"1 {assets['caption']}"},
+        {"name": "stage2", "trainer_stage": "sft-preference", "samples": 4096, "replayed": 1024,
+         "blend": f"0.8 {assets['ocr']} 0.2 {assets['caption']}"}]}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    docs, err = stages("sft_sail_8b.sh", {"INIT_FROM": assets["hf_8b"], "PLAN": str(tmp_path / "plan.yaml"),
+                                          "RUN_ROOT": str(tmp_path / "r")})
+    assert [d["stage"]["name"] for d in docs] == ["sft-knowledge", "sft-preference"]
+    assert parse_data_path(docs[1]["data"]["data_path"]) == ([assets["ocr"], assets["caption"]], [0.8, 0.2])
+    assert [d["train"]["train_iters"] for d in docs] == [7, 2]  # 5,120 samples / (8 per row x 512)
+    assert docs[1]["checkpoint"]["init_from"] == docs[0]["checkpoint"]["save"] == str(tmp_path / "r/stage1/checkpoints")
+    assert "written by an earlier stage of this launcher" in err
+    (tmp_path / "empty.yaml").write_text("stages: []\n")
+    proc = dry_run("sft_sail_8b.sh", {"INIT_FROM": assets["hf_8b"], "PLAN": str(tmp_path / "empty.yaml")})
+    assert proc.returncode != 0 and "no stages" in proc.stderr

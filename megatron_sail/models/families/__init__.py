@@ -5,8 +5,9 @@ one line in the table below (see docs/architecture.md, "How to add a family").
 """
 from __future__ import annotations
 
+from megatron_sail.config.model import LANGUAGE_FAMILY_NAMES, VISION_FAMILY_CLASS_TOKENS
 from megatron_sail.models.families.base import (  # noqa: F401  (re-exported)
-    KeyMap, LanguageFamily, QKVSite, TokenGeometry, VisionFamily)
+    KeyMap, LanguageFamily, QKVSite, VisionFamily)
 from megatron_sail.models.families.aimv2 import AIMv2Family
 from megatron_sail.models.families.internvit import InternViTFamily
 from megatron_sail.models.families.qwen2 import Qwen2Family
@@ -27,6 +28,12 @@ LANGUAGE_FAMILIES: dict[str, LanguageFamily] = {
     "qwen3_moe": Qwen3MoeFamily(),
 }
 """Language model families by ``LanguageConfig.family``."""
+
+if set(VISION_FAMILIES) != set(VISION_FAMILY_CLASS_TOKENS) or \
+        set(LANGUAGE_FAMILIES) != set(LANGUAGE_FAMILY_NAMES):
+    raise ImportError("models/families and config/model.py name different families: registered "
+                      f"{sorted(VISION_FAMILIES)} / {sorted(LANGUAGE_FAMILIES)}, config accepts "
+                      f"{sorted(VISION_FAMILY_CLASS_TOKENS)} / {sorted(LANGUAGE_FAMILY_NAMES)}")
 
 
 def vision_family(name: str) -> VisionFamily:

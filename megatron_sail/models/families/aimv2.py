@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 
-from megatron_sail.models.families.base import KeyMap, QKVSite, TokenGeometry, VisionFamily
+from megatron_sail.config.model import TokenGeometry
+from megatron_sail.models.families.base import KeyMap, QKVSite, VisionFamily
 from megatron_sail.models.families.internvit import _pair
 
 
@@ -34,11 +35,6 @@ class AIMv2Family(VisionFamily):
         from megatron_sail.models.aimv2 import AIMv2Encoder
 
         return AIMv2Encoder(vision, parallel, dtype, use_te)
-
-    def geometry(self, vision, merge: int, tile_size: int | None = None) -> TokenGeometry:
-        """No class token; the grid must divide by the merge (checked by tokens_per_tile)."""
-        return TokenGeometry(grid=(tile_size or vision.image_size) // vision.patch_size,
-                             class_tokens=0, merge=merge)
 
     def flops_fields(self, vision, geometry: TokenGeometry) -> dict:
         """SwiGLU MLP (three matrices), no class token."""

@@ -7,7 +7,8 @@ of the code needs to know about one architecture:
 * FLOPs: the dimensions ``training/flops.py`` counts with,
 * Hugging Face mapping: the HF config fields and a ``KeyMap`` (renames plus the tensor transforms
   q/k/v fusion and gate/up concatenation) from our parameter names to the HF ones,
-* token geometry (vision only): patch grid, class tokens, merge, tokens per tile.
+* the encoder's FLOPs fields given its token geometry (``config.model.TokenGeometry``: patch
+  grid, class tokens, merge, tokens per tile; the class tokens per family are config data).
 
 ``SailVLModel``, the FLOPs count, the converters and the data checks call these methods through
 the registry (``families/__init__.py``); none of them names a family.
@@ -15,6 +16,8 @@ the registry (``families/__init__.py``); none of them names a family.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from megatron_sail.config.model import TokenGeometry
 
 
 @dataclass(frozen=True)
@@ -65,44 +68,6 @@ class KeyMap:
         return names
 
 
-@dataclass(frozen=True)
-class TokenGeometry:
-    """How one square tile becomes tokens: inside the encoder, and after the pixel-shuffle merge."""
-
-    grid: int
-    """Patches per side of the tile."""
-    class_tokens: int
-    """Extra tokens the encoder prepends (InternViT: 1 class token; AIMv2: 0)."""
-    merge: int
-    """Patches merged per side by the pixel shuffle (2 for ratio 0.5)."""
-    odd_grid: str = "error"
-    """A grid the merge does not divide: 'error' (refused) or 'pad' (zero-padded on the
-    bottom/right to the next multiple; ``ProjectorConfig.odd_grid``, set by ModelConfig)."""
-
-    @property
-    def padded(self) -> bool:
-        """Whether the pixel shuffle sees zero-padded patch positions."""
-        return self.odd_grid == "pad" and self.grid % self.merge != 0
-
-    @property
-    def patches(self) -> int:
-        """Patch tokens of one tile."""
-        return self.grid * self.grid
-
-    @property
-    def encoder_tokens(self) -> int:
-        """Tokens one tile is inside the encoder (patches + class tokens)."""
-        return self.patches + self.class_tokens
-
-    @property
-    def tokens_per_tile(self) -> int:
-        """Visual tokens one tile turns into after the merge (what <IMG_CONTEXT> runs hold)."""
-        if self.grid % self.merge and self.odd_grid != "pad":
-            raise ValueError(f"tile of {self.grid}x{self.grid} patches not divisible by merge "
-                             f"{self.merge} (ProjectorConfig.odd_grid='pad' zero-pads it)")
-        return (-(-self.grid // self.merge)) ** 2
-
-
 class VisionFamily:
     """A vision encoder family. Subclasses fill every method; instances are stateless."""
 
@@ -123,10 +88,6 @@ class VisionFamily:
 
     def build(self, vision, parallel, dtype, use_te: bool):
         """The encoder module: tiles [T, 3, H, W] -> patch features [T, N, hidden]."""
-        raise NotImplementedError
-
-    def geometry(self, vision, merge: int, tile_size: int | None = None) -> TokenGeometry:
-        """Token geometry of a tile of ``tile_size`` px (default: the trained size)."""
         raise NotImplementedError
 
     def flops_fields(self, vision, geometry: TokenGeometry) -> dict:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 
-from megatron_sail.models.families.base import KeyMap, QKVSite, TokenGeometry, VisionFamily
+from megatron_sail.config.model import TokenGeometry
+from megatron_sail.models.families.base import KeyMap, QKVSite, VisionFamily
 
 
 def _pair(x) -> int:
@@ -37,11 +38,6 @@ class InternViTFamily(VisionFamily):
         from megatron_sail.models.vit import InternViT
 
         return InternViT(vision, parallel, dtype, use_te)
-
-    def geometry(self, vision, merge: int, tile_size: int | None = None) -> TokenGeometry:
-        """Grid = tile / patch (no padding: the grid must divide by the merge), one class token."""
-        return TokenGeometry(grid=(tile_size or vision.image_size) // vision.patch_size,
-                             class_tokens=1, merge=merge)
 
     def flops_fields(self, vision, geometry: TokenGeometry) -> dict:
         """Plain two-matrix GELU MLP; the class token runs through every layer."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 
-from megatron_sail.models.families.base import KeyMap, QKVSite, TokenGeometry, VisionFamily
+from megatron_sail.config.model import TokenGeometry
+from megatron_sail.models.families.base import KeyMap, QKVSite, VisionFamily
 from megatron_sail.models.families.internvit import _pair
 
 
@@ -34,11 +35,6 @@ class SigLIPFamily(VisionFamily):
         from megatron_sail.models.siglip import SigLIPEncoder
 
         return SigLIPEncoder(vision, parallel, dtype, use_te)
-
-    def geometry(self, vision, merge: int, tile_size: int | None = None) -> TokenGeometry:
-        """No class token; odd grids follow ``ProjectorConfig.odd_grid`` (set by ModelConfig)."""
-        return TokenGeometry(grid=(tile_size or vision.image_size) // vision.patch_size,
-                             class_tokens=0, merge=merge)
 
     def flops_fields(self, vision, geometry: TokenGeometry) -> dict:
         """Two-matrix GELU MLP, no class token."""

@@ -22,9 +22,12 @@ import warnings
 from functools import lru_cache
 from typing import Optional
 
-from megatron_sail.convert.hf_assets import (PROCESSOR_FILE, SOURCE_DIR, TOKENIZER_DIR,
-                                             ProcessorSettings, save_tokenizer)
+from megatron_sail.checkpoint.layout import (PROCESSOR_FILE, SOURCE_DIR, TOKENIZER_DIR,
+                                             resolve_checkpoint)
+from megatron_sail.checkpoint.processor import ProcessorSettings
+from megatron_sail.checkpoint.tokenizer import save_tokenizer
 from megatron_sail.data import tokenizer as toks
+from megatron_sail.data.dataset import parse_data_path
 
 
 def write_checkpoint_assets(ckpt_dir: str, config: Optional[dict]) -> None:
@@ -53,13 +56,26 @@ def write_checkpoint_assets(ckpt_dir: str, config: Optional[dict]) -> None:
 
 def _meta_path(config: dict) -> Optional[str]:
     """meta.json of the first training prefix named in the run config, if any."""
-    from megatron_sail.data.dataset import parse_data_path
-
     data_path = (config.get("data") or {}).get("data_path")
     if not data_path:
         return None
     prefixes, _ = parse_data_path(data_path)
     return f"{prefixes[0]}.meta.json"
+
+
+def resolve_tokenizer_path(meta_path: str, recorded: str) -> str:
+    """The tokenizer a dataset's meta.json records: absolute since preprocessing records it so;
+    an older relative path is tried from here, then from the dataset's folder. Unresolvable is
+    an error naming both, raised when a run starts rather than a warning at its first save."""
+    candidates = [recorded] if os.path.isabs(recorded) else [
+        recorded, os.path.join(os.path.dirname(os.path.abspath(meta_path)), recorded)]
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(
+        f"{meta_path}: the tokenizer it records ({recorded}) is not found (tried "
+        f"{', '.join(candidates)}); checkpoints need it for generate and export. Preprocess "
+        "again (paths are recorded absolute now) or put the tokenizer there")
 
 
 @lru_cache(maxsize=4)
@@ -69,9 +85,7 @@ def _tokenizer_files(meta_path: str, mtime: float) -> str:
     with open(meta_path) as f:
         meta = json.load(f)
     block = meta["tokenizer"]
-    path = block["path"]
-    if not os.path.isabs(path) and not os.path.exists(path):
-        path = os.path.join(os.path.dirname(os.path.abspath(meta_path)), path)
+    path = resolve_tokenizer_path(meta_path, block["path"])
     expected = {toks.IMG_CONTEXT: block["img_context_id"], toks.IMG_START: block["img_start_id"],
                 toks.IMG_END: block["img_end_id"], toks.IM_START: block["im_start_id"],
                 toks.IM_END: block["im_end_id"], toks.PAD: block["pad_id"]}
@@ -84,8 +98,6 @@ def _tokenizer_files(meta_path: str, mtime: float) -> str:
 def _init_source_files(config: dict) -> Optional[str]:
     """source_files/ of the --init-from checkpoint (a converted HF checkpoint or a training
     checkpoint that carries one), so the chat layout's remote code survives training stages."""
-    from megatron_sail.training.checkpoint import resolve_checkpoint
-
     init = (config.get("checkpoint") or {}).get("init_from")
     if not init or not os.path.isdir(init):
         return None
@@ -100,8 +112,6 @@ def _init_source_files(config: dict) -> Optional[str]:
 def _copy_init_assets(config: dict, ckpt_dir: str) -> None:
     """tokenizer/ and processor.json of the --init-from (or --load) checkpoint, when the run's
     data has no meta.json (stages dpo and grpo tokenize JSONL with the checkpoint's tokenizer)."""
-    from megatron_sail.training.checkpoint import resolve_checkpoint
-
     c = config.get("checkpoint") or {}
     for root in (c.get("init_from"), c.get("load")):
         try:

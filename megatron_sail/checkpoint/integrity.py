@@ -30,16 +30,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-MANIFEST = "manifest.json"
+from megatron_sail.checkpoint.layout import DCP_METADATA, MANIFEST, CheckpointDamaged
+
 MANIFEST_VERSION = 1
 AUTO_FULL_BYTES = 1 << 30
 """``verify="auto"`` hashes every file when the checkpoint holds at most this much per rank."""
 VERIFY_MODES = ("auto", "sizes", "full")
 _CHUNK = 8 << 20
-
-
-class CheckpointDamaged(ValueError):
-    """A checkpoint file is missing, truncated, changed, or not what its format allows."""
 
 
 def file_sha256(path: str) -> str:
@@ -200,7 +197,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 def check_dcp_metadata(folder: str) -> None:
     """Refuse a DCP ``.metadata`` pickle that holds anything but DCP's own metadata classes
     (torch's reader would run whatever a crafted file names); names the file."""
-    path = os.path.join(folder, ".metadata")
+    path = os.path.join(folder, DCP_METADATA)
     if not os.path.isfile(path):
         return
     try:

@@ -1,8 +1,9 @@
 """The launchers' ``DRY_RUN=1``: resolve a stage's flags, then check its data and checkpoints.
 
-``python -m megatron_sail.config.dry_run [--planned DIR ...] -- <trainer flags>`` prints the
-resolved config as YAML (as ``python -m megatron_sail.config.run`` does) and then checks, without
-building a model or starting a process group, what would otherwise fail after the job started:
+``python -m megatron_sail.training.dry_run [--planned DIR ...] -- <trainer flags>`` prints the
+resolved config as YAML (``--`` alone before the flags prints it and runs the checks below) and
+then checks, without building a model or starting a process group, what would otherwise fail
+after the job started:
 
 - every ``--data-path`` / ``--valid-data-path`` prefix is a finished dataset (``P.meta.json``)
   whose row length is ``--seq-length``, whose tokens per tile match the model at its tile size,
@@ -24,11 +25,13 @@ from typing import Optional
 
 import yaml
 
-from megatron_sail.config.run import RunConfig, resolve, to_dict
+from megatron_sail import cli
+from megatron_sail.checkpoint.from_checkpoint import IGNORED_MODEL_FIELDS, resolve
+from megatron_sail.checkpoint.layout import read_model_config, resolve_checkpoint
+from megatron_sail.config.run import RunConfig, flatten, to_dict
+from megatron_sail.data import geometry
+from megatron_sail.data.dataset import parse_data_path
 
-IGNORED_MODEL_FIELDS = {"img_context_token_id", "vision.drop_path_rate"}
-"""Model fields that may differ from a checkpoint: the trainer takes <IMG_CONTEXT>'s id from the
-data, and drop-path is a training-time regularizer with no weights."""
 GEOMETRY_KEYS = ("img_context_id", "img_start_id", "img_end_id", "im_start_id", "im_end_id", "pad_id",
                  "tokens_per_tile", "tile_size")
 
@@ -54,8 +57,6 @@ def read_data_meta(prefix: str) -> Optional[dict]:
 
 def check_data(cfg: RunConfig, report: Report) -> Optional[int]:
     """Check every data prefix against the recipe; returns the largest data vocab (or None)."""
-    from megatron_sail.data.dataset import parse_data_path
-
     seen: dict[str, tuple[str, dict]] = {}
     vocab = None
     for flag, value in (("--data-path", cfg.data.data_path), ("--valid-data-path", cfg.data.valid_data_path)):
@@ -105,8 +106,6 @@ def check_data(cfg: RunConfig, report: Report) -> Optional[int]:
 def _data_problems(cfg: RunConfig, meta: dict, tok: dict, prefix: str) -> list[str]:
     """What in one dataset's meta.json contradicts the recipe (the trainer's own geometry
     check, data/geometry.py, so the dry run and the run refuse the same data)."""
-    from megatron_sail.data import geometry
-
     out = []
     if meta.get("seq_length") != cfg.data.seq_length:
         out.append(f"rows hold {meta.get('seq_length')} tokens but --seq-length is {cfg.data.seq_length}")
@@ -124,16 +123,6 @@ def trained_vocab(cfg: RunConfig, data_vocab: Optional[int]) -> int:
     return vocab
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_checkpoint(cfg: RunConfig, flag: str, path: Optional[str], planned: list[str],
                      data_vocab: Optional[int], report: Report) -> None:
     """A --load / --init-from path: present (or planned), and its model is the recipe's."""
@@ -148,9 +137,6 @@ def check_checkpoint(cfg: RunConfig, flag: str, path: Optional[str], planned: li
         else:
             report.errors.append(f"{flag} {path}: does not exist")
         return
-    from megatron_sail.convert.checkpoint import read_model_config  # torch: only for a real path
-    from megatron_sail.training.checkpoint import resolve_checkpoint
-
     try:
         ckpt = resolve_checkpoint(path)
     except (ValueError, FileNotFoundError) as e:
@@ -163,11 +149,11 @@ def check_checkpoint(cfg: RunConfig, flag: str, path: Optional[str], planned: li
         report.errors.append(f"{flag} {path}: no checkpoint there (no `latest`, no metadata.json)")
         return
     try:
-        theirs = _flatten(dataclasses.asdict(read_model_config(ckpt)))
+        theirs = flatten(dataclasses.asdict(read_model_config(ckpt)))
     except (ValueError, FileNotFoundError, KeyError) as e:
         report.errors.append(f"{flag} {ckpt}: cannot read its model config ({e})")
         return
-    ours = _flatten(dataclasses.asdict(cfg.model))
+    ours = flatten(dataclasses.asdict(cfg.model))
     ours["language.vocab_size"] = trained_vocab(cfg, data_vocab)
     diff = [f"{k}: checkpoint {theirs.get(k)!r}, recipe {ours.get(k)!r}"
             for k in sorted(set(ours) | set(theirs))
@@ -237,4 +223,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

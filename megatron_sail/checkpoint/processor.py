@@ -1,7 +1,7 @@
 """ProcessorSettings: how images and text became model input at training time.
 
 One record of the tile geometry and chat template that a checkpoint was trained with. It is
-written next to every checkpoint as ``processor.json`` (training/assets.py, hf-to-mcore), read by
+written next to every checkpoint as ``processor.json`` (checkpoint/assets.py, hf-to-mcore), read by
 generation (inference/) so prompts are built as training built them, and turned into the Hugging
 Face processor configs of an export (convert/hf_assets.py).
 """
@@ -12,10 +12,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from megatron_sail.checkpoint.layout import PROCESSOR_FILE
 from megatron_sail.config.data import TemplateConfig
-
-PROCESSOR_FILE = "processor.json"
-"""File name next to our checkpoints (the generation contract's name)."""
 
 
 def template_dict(cfg: TemplateConfig) -> dict:

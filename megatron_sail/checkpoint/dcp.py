@@ -30,11 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.strategies.async_utils import (
-    AsyncCaller,
-    AsyncCallsQueue,
-    AsyncRequest,
-)
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCaller, AsyncRequest
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 from megatron.core.dist_checkpointing.strategies.state_dict_saver import (
     save_state_dict_async_finalize,
@@ -43,13 +39,20 @@ from megatron.core.dist_checkpointing.strategies.state_dict_saver import (
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
     TorchDistSaveShardedStrategy,
-    _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
 from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.planner import WriteItemType
-from torch.distributed.checkpoint.utils import _wrap_exception
+
+from megatron_sail.compat.dist_checkpointing import (
+    CallerQueue,
+    sharded_key_groups,
+    wrapped_exception,
+)
+
+from megatron_sail.checkpoint import integrity
+from megatron_sail.checkpoint.layout import MCORE_METADATA
 
 
 @dataclass
@@ -65,7 +68,7 @@ class DistCkptConfig:
     strict_load: bool = True
     """Load fails when the checkpoint lacks a tensor the model asks for."""
     verify: str = "auto"
-    """Before loading, check the files against manifest.json (training/integrity.py): auto,
+    """Before loading, check the files against manifest.json (checkpoint/integrity.py): auto,
     sizes, full, or off (the caller verified already). DCP's pickled .metadata is always
     checked against its allow-list first, so a crafted one cannot run code."""
 
@@ -79,8 +82,7 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
 
     def _to_dcp(self, sharded_state_dict) -> tuple[dict, MCoreSavePlanner]:
         """Megatron ShardedTensors as a DCP state dict, and the planner that saves it."""
-        sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
-            sharded_state_dict, self.keep_only_main_replica)
+        sharded_state_dict = sharded_key_groups(sharded_state_dict, self.keep_only_main_replica)
         planner = MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
                                    flatten_state_dict=False)
         return mcore_to_pyt_state_dict(sharded_state_dict, False), planner
@@ -115,7 +117,7 @@ class HostCopyWriter(FileSystemWriterAsync):
         self._staged = {item.index: _host_copy(planner.resolve_data(item))
                         if item.type != WriteItemType.BYTE_IO else planner.resolve_data(item)
                         for item in plan.items}
-        self._results = _wrap_exception(RuntimeError("checkpoint write did not run"))
+        self._results = wrapped_exception(RuntimeError("checkpoint write did not run"))
 
     def write(self) -> None:
         """Write the staged data (background thread); never raises, finalization reports."""
@@ -123,7 +125,7 @@ class HostCopyWriter(FileSystemWriterAsync):
             staged = _StagedPlanner(self._staged)
             self._results = FileSystemWriter.write_data(self, self._plan, staged).wait()
         except BaseException as e:  # noqa: BLE001 - handed to every rank at finalization
-            self._results = _wrap_exception(e)
+            self._results = wrapped_exception(e)
         self._staged = {}
 
     def retrieve_write_results(self):
@@ -188,13 +190,12 @@ class ThreadAsyncCaller(AsyncCaller):
         pass
 
 
-class ThreadAsyncCallsQueue(AsyncCallsQueue):
+class ThreadAsyncCallsQueue(CallerQueue):
     """Megatron's queue of pending saves (schedule, then ``maybe_finalize_async_calls`` on all
-    ranks: non-blocking at step boundaries, blocking before the next save and before exit)."""
+    ranks: non-blocking at step boundaries, blocking before the next save and before exit),
+    running each save on a thread caller instead of a forked process."""
 
-    def _get_async_caller(self) -> AsyncCaller:
-        """A thread caller instead of a forked process."""
-        return ThreadAsyncCaller()
+    caller_type = ThreadAsyncCaller
 
 
 def save_strategy(cfg: DistCkptConfig = DistCkptConfig()):
@@ -239,10 +240,9 @@ def load_sharded(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike,
     checkpoint's optimizer state when only the weights are wanted); a requested tensor the
     checkpoint lacks is still an error under ``cfg.strict_load``.
     """
-    from megatron_sail.training import integrity
-
-    if not (Path(checkpoint_dir) / "metadata.json").is_file():
-        raise FileNotFoundError(f"{checkpoint_dir}: not a Megatron distributed checkpoint (no metadata.json)")
+    if not (Path(checkpoint_dir) / MCORE_METADATA).is_file():
+        raise FileNotFoundError(f"{checkpoint_dir}: not a Megatron distributed checkpoint (no "
+                                f"{MCORE_METADATA})")
     if cfg.verify != "off":
         integrity.verify_checkpoint(str(checkpoint_dir), cfg.verify)
     integrity.check_dcp_metadata(str(checkpoint_dir))
@@ -279,8 +279,6 @@ def save_model(model_chunks: list[torch.nn.Module], checkpoint_dir: str | os.Pat
         tmp.mkdir(parents=True)
     dist.barrier()
     save_sharded(model_sharded_state_dict(model_chunks), tmp, cfg)
-    from megatron_sail.training import integrity
-
     integrity.write_manifest(str(tmp))
     if dist.get_rank() == 0:
         if final.exists():

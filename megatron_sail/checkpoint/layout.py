@@ -1,0 +1,184 @@
+"""The on-disk layout of our checkpoints: every file name, the kinds of folder, resolving a path
+to one checkpoint, and reading the two files that say what a checkpoint is (its model config and
+its train state).
+
+A ``--save`` root::
+
+    ROOT/iter_0000020/                dist checkpoint (checkpoint/dcp.py): .metadata, *.distcp,
+                                      common.pt, metadata.json
+    ROOT/iter_0000020/train_state.pt  TrainState and run config (rank 0)
+    ROOT/iter_0000020/manifest.json   size + SHA-256 of every file (checkpoint/integrity.py)
+    ROOT/iter_0000020/tokenizer/      the data's tokenizer; processor.json: tiling + template
+                                      (checkpoint/assets.py)
+    ROOT/latest                       "20": written last, by rename
+    ROOT/.lock                        held by the run writing ROOT (training/save_dir.py)
+
+A conversion (``hf-to-mcore``) is one such folder without ``train_state.pt``, with
+``model_config.yaml``, ``hf_config.json``, ``conversion.json`` and, for layouts with unused ViT
+layers, ``unused_hf_tensors.safetensors``. Every module names these files through the constants
+below; none spells them out again.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from megatron_sail.config.model import ModelConfig
+from megatron_sail.config.run import apply_overrides
+
+LATEST = "latest"
+"""The iteration of the newest complete checkpoint under a --save root (one decimal line)."""
+LOCK_FILE = ".lock"
+"""Held (flock) by the run that writes a --save root."""
+STATE_FILE = "train_state.pt"
+"""TrainState + run config of a training checkpoint (torch pickle, read with an allow-list)."""
+MANIFEST = "manifest.json"
+"""Size and SHA-256 of every other file of the folder, written last."""
+MCORE_METADATA = "metadata.json"
+"""Megatron's dist-checkpoint metadata: its presence makes a folder a Megatron checkpoint."""
+DCP_METADATA = ".metadata"
+"""torch.distributed.checkpoint's pickled metadata (read with an allow-list)."""
+COMMON_FILE = "common.pt"
+"""Megatron's pickled non-sharded part of a dist checkpoint."""
+MODEL_CONFIG_FILE = "model_config.yaml"
+"""Our ModelConfig, written by hf-to-mcore."""
+HF_CONFIG_FILE = "hf_config.json"
+"""The source transformers config of a conversion (fields our config does not model)."""
+CONVERSION_FILE = "conversion.json"
+"""Where a conversion came from, and each source tensor's dtype."""
+UNUSED_FILE = "unused_hf_tensors.safetensors"
+"""Source ViT layers our model does not use (after select_layer), given back on export."""
+TOKENIZER_DIR = "tokenizer"
+"""The training data's tokenizer, as save_pretrained writes it."""
+PROCESSOR_FILE = "processor.json"
+"""Tile geometry and chat template the model was trained with (checkpoint/processor.py)."""
+SOURCE_DIR = "source_files"
+"""Non-weight, non-tokenizer files of an HF source folder (remote code, its config.json, ...)."""
+HF_CONFIG = "config.json"
+"""A Hugging Face folder's config; with no MCORE_METADATA beside it the folder is 'hf'."""
+_ITER = re.compile(r"iter_(\d{7})")
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint file is missing, truncated, changed, or not what its format allows."""
+
+
+def iter_dir(root: str, iteration: int) -> str:
+    """Directory name of one checkpoint."""
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def list_checkpoints(root: str) -> list[int]:
+    """Iterations of the complete checkpoints under root, in iteration order."""
+    if not os.path.isdir(root):
+        return []
+    its = [int(m.group(1)) for n in os.listdir(root) if (m := _ITER.fullmatch(n))]
+    return sorted(its)
+
+
+def read_latest(root: str) -> Optional[int]:
+    """The iteration `root/latest` names; None without a `latest`. A file that is not a
+    decimal iteration number (binary garbage, a partial write) is an error naming it."""
+    path = os.path.join(root, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        raw = f.read(64)
+    text = raw.decode("ascii", errors="replace").strip()
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{path}: expected an iteration number (a line like '20'), got "
+                         f"{raw[:32]!r}; the file is damaged: point it at one of "
+                         f"{[f'iter_{i:07d}' for i in list_checkpoints(root)] or 'no checkpoints'}")
+    return int(text)
+
+
+def resolve_checkpoint(path: str) -> Optional[str]:
+    """The checkpoint directory that `path` names: a root with `latest`, or one checkpoint
+    (ours or a model-only HF conversion). None when `path` holds no checkpoint yet."""
+    latest = os.path.join(path, LATEST)
+    iteration = read_latest(path)
+    if iteration is not None:
+        ckpt = iter_dir(path, iteration)
+        if not os.path.isdir(ckpt):
+            raise FileNotFoundError(f"{latest} names iteration {iteration} but {ckpt} is missing")
+        return ckpt
+    if os.path.isfile(os.path.join(path, MCORE_METADATA)):
+        return path
+    if os.path.isfile(path):
+        raise NotADirectoryError(f"{path}: is a file, not a checkpoint folder (expected a "
+                                 "--save root with `latest`, or one iter_XXXXXXX folder)")
+    return None
+
+
+def checkpoint_kind(folder: str | os.PathLike) -> Optional[str]:
+    """What one folder holds: 'hf' (a Hugging Face folder: config.json, no Megatron metadata),
+    'train' (a training checkpoint: train_state.pt), 'mcore' (a conversion: Megatron metadata
+    without a train state), or None."""
+    root = Path(folder)
+    if (root / HF_CONFIG).is_file() and not (root / MCORE_METADATA).is_file():
+        return "hf"
+    if (root / STATE_FILE).is_file():
+        return "train"
+    if (root / MCORE_METADATA).is_file():
+        return "mcore"
+    return None
+
+
+def _train_state_globals() -> list:
+    """What train_state.pt may hold besides tensors and plain Python values: numpy's RNG state
+    array (the numpy generator state in TrainState.rng). Nothing that can run code."""
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core
+    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype,
+            type(np.dtype(np.uint32))]
+
+
+def read_state_file(path: str) -> dict:
+    """Read a train_state.pt with ``weights_only=True`` and the allow-list above: a crafted
+    pickle that names any other callable is refused before it runs (error names the file)."""
+    import torch  # here: resolving and kind detection stay free of torch's import time
+
+    try:
+        with torch.serialization.safe_globals(_train_state_globals()):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
+        raise CheckpointDamaged(
+            f"{path}: refusing to unpickle it: it holds something a train state never does "
+            f"({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointDamaged(f"{path}: unreadable train state ({e})") from None
+    if not isinstance(payload, dict) or "train_state" not in payload:
+        raise CheckpointDamaged(f"{path}: not a train state (no 'train_state' entry)")
+    return payload
+
+
+def write_model_config(folder: Path, model_config: ModelConfig) -> None:
+    """Store our ModelConfig as YAML next to the weights."""
+    (folder / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(asdict(model_config), sort_keys=False))
+
+
+def read_model_config(mcore_dir: str | os.PathLike) -> ModelConfig:
+    """ModelConfig of a checkpoint: ``model_config.yaml`` written by hf_to_mcore, else the
+    ``model`` section of the run config the trainer stores in ``train_state.pt``."""
+    path = Path(mcore_dir) / MODEL_CONFIG_FILE
+    state = Path(mcore_dir) / STATE_FILE
+    if path.is_file():
+        values, origin = yaml.safe_load(path.read_text()), str(path)
+    elif state.is_file():
+        values, origin = (read_state_file(str(state)).get("config") or {}).get("model"), str(state)
+        if values is None:
+            raise ValueError(f"{state}: holds no run config with a 'model' section")
+    else:
+        raise FileNotFoundError(f"{mcore_dir}: no {MODEL_CONFIG_FILE} (hf-to-mcore output) and no "
+                                f"{STATE_FILE} (trainer checkpoint)")
+    cfg = ModelConfig()
+    apply_overrides(cfg, values, origin)
+    return cfg

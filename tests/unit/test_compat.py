@@ -1,0 +1,307 @@
+"""One test per workaround of megatron_sail/compat (named ``test_<workaround>``): each fails when
+the megatron-core / torch internal it relies on moved or behaves differently. After an
+upgrade, the failing test names the workaround to revisit."""
+import inspect
+import logging
+import re
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_sail import compat
+
+
+def _order(source: str, *calls: str) -> list[int]:
+    """Positions of the first occurrence of each call in ``source`` (-1 when missing)."""
+    return [source.find(c) for c in calls]
+
+
+def _params(fn) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+# ---------------------------------------------------------------- the table and the check
+def test_every_workaround_has_its_test():
+    names = [w.name for w in compat.WORKAROUNDS]
+    assert len(names) == len(set(names))
+    missing = [n for n in names if f"test_{n}" not in globals()]
+    assert not missing, f"workarounds without a test: {missing}"
+
+
+def test_version_check_logs_one_line_naming_what_is_unverified(caplog):
+    newer = {compat.MCORE: "0.17.0", compat.TORCH: "2.13.0+cpu"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # logging, not warnings.warn
+        with caplog.at_level(logging.INFO, logger="megatron_sail.compat"):
+            todo = compat.check_versions(newer)
+    assert [w.package for w in todo] == [compat.MCORE] * len(todo)
+    assert {w.name for w in todo} == {w.name for w in compat.WORKAROUNDS if w.package == compat.MCORE}
+    [rec] = caplog.records
+    assert rec.levelno == logging.WARNING
+    line = rec.getMessage()
+    assert "megatron-core 0.17.0" in line and "torch 2.13.0+cpu" in line
+    assert "sharded_key_groups" in line and "wrapped_exception" not in line
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="megatron_sail.compat"):
+        assert compat.check_versions({compat.MCORE: "0.16.1", compat.TORCH: "2.13.1"}) == []
+    [rec] = caplog.records
+    assert rec.levelno == logging.INFO and "all" in rec.getMessage()
+
+
+def test_version_ranges_are_data():
+    w = compat.Workaround("x", compat.TORCH, "==2.13.*", "compat/x.py", "x")
+    assert w.holds_for("2.13.0+cpu") and w.holds_for("2.13.5") and not w.holds_for("2.14.0")
+    installed = compat.installed_versions()
+    assert set(installed) == {compat.MCORE, compat.TORCH}
+    assert compat.check_versions(installed) == compat.unverified(installed)
+
+
+# ---------------------------------------------------------------- dist_checkpointing
+def test_sharded_key_groups():
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        _replace_state_dict_keys_with_sharded_keys as private,
+    )
+
+    from megatron_sail.compat.dist_checkpointing import sharded_key_groups
+
+    assert _params(private) == ["sharded_state_dict", "keep_only_main_replica"]
+    main = ShardedTensor.from_rank_offsets("layer.w", torch.zeros(2, 2))
+    copy = ShardedTensor.from_rank_offsets("layer.w", torch.zeros(2, 2), replica_id=1)
+    other = ShardedTensor.from_rank_offsets("layer.b", torch.zeros(2))
+    sd = {"model": {"w": main, "w_copy": copy, "nested": {"b": other}}}
+    assert len(private(sd, True)) == 3  # (groups, flat mapping, rename mapping)
+    groups = sharded_key_groups(sd, keep_only_main_replica=True)
+    assert set(groups) == {"layer.w", "layer.b"}
+    assert groups["layer.w"] == [main] and groups["layer.b"] == [other]
+    assert sharded_key_groups(sd, keep_only_main_replica=False)["layer.w"] == [main, copy]
+
+
+def test_async_caller_hook():
+    from megatron.core.dist_checkpointing.strategies.async_utils import (
+        AsyncCaller,
+        AsyncCallsQueue,
+        AsyncRequest,
+    )
+
+    from megatron_sail.compat.dist_checkpointing import CallerQueue
+
+    assert _params(AsyncCallsQueue._get_async_caller) == ["self"]
+    assert "self._get_async_caller()" in inspect.getsource(AsyncCallsQueue.schedule_async_request)
+    assert {"schedule_async_call", "is_current_async_call_done", "close"} <= AsyncCaller.__abstractmethods__
+
+    class Recorder(AsyncCaller):
+        def __init__(self):
+            self.scheduled = []
+
+        def schedule_async_call(self, async_req):
+            self.scheduled.append(async_req)
+
+        def is_current_async_call_done(self, blocking=False, no_dist=False):
+            return True
+
+        def close(self, abort=False):
+            pass
+
+        def __del__(self):
+            pass
+
+    class Queue(CallerQueue):
+        caller_type = Recorder
+
+    q = Queue()
+    assert q.schedule_async_request(AsyncRequest(print, ("x",), [])) == 0
+    [active] = q.async_calls
+    assert isinstance(active.async_caller, Recorder)
+    assert active.async_caller.scheduled[0].async_fn is print
+
+
+def test_wrapped_exception():
+    from torch.distributed.checkpoint.utils import _get_failure_dict
+
+    from megatron_sail.compat.dist_checkpointing import wrapped_exception
+
+    err = ValueError("disk full")
+    failures = _get_failure_dict([[], wrapped_exception(err)])  # what Megatron's finalize reads
+    assert list(failures) == [1] and failures[1][0] is err
+
+
+# ---------------------------------------------------------------- optimizer
+def test_adam_step_on_load():
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from megatron_sail.compat.optimizer import keep_torch_adam_step
+
+    private = DistributedOptimizer._set_main_param_and_optimizer_states
+    assert _params(private) == ["self", "model_param", "tensors"]
+    src = inspect.getsource(DistributedOptimizer)
+    assert "self._set_main_param_and_optimizer_states(" in src  # looked up on the instance
+    assert "self.model_param_group_index_map" in src
+    p = torch.nn.Parameter(torch.ones(2))
+    adam = torch.optim.Adam([p])
+    adam.state[p]["step"] = torch.tensor(7.0)
+    calls = []
+    opt = SimpleNamespace(config=SimpleNamespace(), optimizer=adam,
+                          model_param_group_index_map={"mp": (0, 0)},
+                          _set_main_param_and_optimizer_states=lambda mp, t: calls.append((mp, t)))
+    keep_torch_adam_step(opt)
+    opt._set_main_param_and_optimizer_states("mp", {"exp_avg": 1})
+    assert calls == [("mp", {"exp_avg": 1, "step": adam.state[p]["step"]})]
+
+
+def test_shared_adam_step():
+    """torch's Adam increments a shared step tensor once per param (the bug); unsharing fixes it."""
+    from megatron_sail.compat.optimizer import unshare_adam_steps
+
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    adam = torch.optim.Adam([a, b], foreach=False)
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    adam.step()
+    shared = torch.tensor(1.0)
+    adam.state[a]["step"] = adam.state[b]["step"] = shared
+    adam.step()
+    assert float(shared) == 3.0  # one step advanced the shared counter twice
+    adam.state[a]["step"] = adam.state[b]["step"] = shared
+    unshare_adam_steps(SimpleNamespace(optimizer=adam))
+    assert adam.state[a]["step"] is not adam.state[b]["step"]
+    adam.step()
+    assert float(adam.state[a]["step"]) == float(adam.state[b]["step"]) == 4.0
+
+
+def test_dummy_optimizer_states():
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from megatron_sail.compat.optimizer import can_init_dummy_states, init_dummy_states
+
+    assert _params(DistributedOptimizer._init_optimizer_states_with_dummy_values) == ["self"]
+    w = torch.nn.Parameter(torch.arange(4.0))
+    adam = torch.optim.Adam([w], lr=0.0, weight_decay=0.0)
+    opt = SimpleNamespace(optimizer=adam)
+    opt._init_optimizer_states_with_dummy_values = \
+        DistributedOptimizer._init_optimizer_states_with_dummy_values.__get__(opt)
+    assert can_init_dummy_states(opt) and not can_init_dummy_states(SimpleNamespace())
+    init_dummy_states(opt)
+    assert set(adam.state[w]) >= {"step", "exp_avg", "exp_avg_sq"}
+    assert torch.equal(w.detach(), torch.arange(4.0)) and w.grad is None
+
+
+def test_step_phases():
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+    from megatron.core.optimizer.optimizer import ChainedOptimizer, MegatronOptimizer
+
+    for name in ("prepare_grads", "get_grad_norm", "step_with_ready_grads", "get_parameters"):
+        assert callable(getattr(MegatronOptimizer, name)), name
+    assert _params(clip_grad_by_total_norm_fp32)[:3] == ["parameters", "max_norm", "total_norm"]
+    pos = _order(inspect.getsource(ChainedOptimizer.step), "self.prepare_grads()",
+                 "self.get_grad_norm()", "clip_grad_by_total_norm_fp32(",
+                 "self.step_with_ready_grads()")
+    assert -1 not in pos and pos == sorted(pos), pos
+
+
+# ---------------------------------------------------------------- ddp
+def test_param_gather_hooks():
+    from megatron.core.distributed import DistributedDataParallel as DDP
+
+    from megatron_sail.compat.ddp import pause_param_gather_hooks, resume_param_gather_hooks
+
+    init = inspect.getsource(DDP.__init__)
+    assert "self.use_forward_hook =" in init and "self.remove_forward_pre_hook_handles = {}" in init
+    assert inspect.signature(DDP.disable_forward_pre_hook).parameters["param_sync"].default is True
+    assert _params(DDP.enable_forward_pre_hook) == ["self"]
+    assert "self.remove_forward_pre_hook_handles[module]" in inspect.getsource(DDP.enable_forward_pre_hook)
+
+    class Chunk:
+        def __init__(self, hooked):
+            self.use_forward_hook = hooked
+            self.remove_forward_pre_hook_handles = {"m": 1} if hooked else {}
+            self.log = []
+
+        def disable_forward_pre_hook(self, param_sync=True):
+            self.log.append(("off", param_sync))
+
+        def enable_forward_pre_hook(self):
+            self.log.append("on")
+
+    hooked, plain = Chunk(True), Chunk(False)
+    paused = pause_param_gather_hooks([hooked, plain, torch.nn.Linear(1, 1)])
+    assert paused == [hooked] and hooked.log == [("off", True)] and plain.log == []
+    resume_param_gather_hooks(paused)
+    assert hooked.log == [("off", True), "on"]
+
+
+# ---------------------------------------------------------------- moe
+def test_router_gemm_without_te():
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_sail.compat.moe import ensure_router_gemm_fallback
+
+    assert "te_general_gemm is not None" in inspect.getsource(moe_utils.RouterGatingLinearFunction)
+    ensure_router_gemm_fallback()
+    if not moe_utils.HAVE_TE:
+        assert moe_utils.te_general_gemm is None
+        inp, weight = torch.randn(3, 4), torch.randn(5, 4)
+        out = moe_utils.router_gating_linear(inp, weight, None, torch.float32)
+        torch.testing.assert_close(out, inp @ weight.t())
+
+
+# ---------------------------------------------------------------- indexed
+def test_idx_format(tmp_path):
+    from megatron.core.datasets import indexed_dataset as mid
+
+    from megatron_sail.compat import indexed
+
+    assert mid._INDEX_HEADER == indexed.MAGIC
+    for dtype, code in indexed.DTYPE_CODES.items():
+        assert mid.DType.code_from_dtype(dtype.type) == code
+    prefix = str(tmp_path / "ds")
+    builder = mid.IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for doc in ([[1, 2, 3], [4]], [[5, 6]]):
+        for seq in doc:
+            builder.add_item(torch.tensor(seq, dtype=torch.int32))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    with open(prefix + ".idx", "rb") as f:
+        h = indexed.parse_header(f.read(indexed.HEADER_BYTES))
+        assert indexed.read_document_index(f, h.documents_offset) == 0
+        last = indexed.read_document_index(f, h.file_bytes - indexed.DOCUMENT_BYTES)
+    ds = mid.IndexedDataset(prefix)
+    assert (h.magic, h.version, h.dtype_code) == (indexed.MAGIC, indexed.VERSION, 4)
+    assert (h.sequences, h.documents) == (len(ds), len(ds.document_indices)) == (3, 3)
+    assert h.file_bytes == (tmp_path / "ds.idx").stat().st_size
+    assert last == h.sequences == ds.document_indices[-1]
+    np.testing.assert_array_equal(ds.index.sequence_lengths, [3, 1, 2])
+
+
+# ---------------------------------------------------------------- platform/cpu.py
+def test_cpu_rng_tracker():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    assert callable(mrandom._get_cuda_rng_state) and callable(mrandom._set_cuda_rng_state)
+    fork = inspect.getsource(mrandom.CudaRNGStatesTracker.fork)
+    # the tracker reads the module globals at call time, so patching the module reaches it
+    assert re.search(r"\b_get_cuda_rng_state\(", fork) and re.search(r"\b_set_cuda_rng_state\(", fork)
+    assert "new_state" in _params(mrandom._set_cuda_rng_state)
+
+
+def test_cpu_moe_split_sizes():
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    assert _params(moe_utils.maybe_move_tensor_to_cpu) == ["tensor", "as_numpy", "record_stream"]
+    assert hasattr(token_dispatcher, "maybe_move_tensor_to_cpu")  # bound there by name too
+    src = inspect.getsource(token_dispatcher)
+    assert "maybe_move_tensor_to_cpu(" in src and "as_numpy=True" in src
+
+
+def test_te_choice_lives_below_the_models():
+    """layer_specs asks compat/te.py (no import of platform/); without CUDA TE is never chosen."""
+    from megatron_sail.compat.te import te_available
+    from megatron_sail.models import layer_specs
+
+    assert layer_specs.te_available is te_available
+    if not torch.cuda.is_available():
+        assert te_available() is False
+    src = inspect.getsource(layer_specs)
+    assert "megatron_sail.platform" not in src

@@ -1,0 +1,81 @@
+"""A new user's first hour (issue 22): outputs land where they are expected, and nothing already
+there is silently overwritten."""
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_demo_data_refuses_a_used_folder_and_overwrite_leaves_nothing_stale(tmp_path, capsys):
+    make = _tool("make_demo_data").main
+    out = tmp_path / "demo"
+    assert make(["--out", str(out), "--samples", "3", "--vocab-size", "300"]) == 0
+    (out / "stale.png").write_bytes(b"old")
+    with pytest.raises(SystemExit) as exit_info:
+        make(["--out", str(out), "--samples", "3", "--vocab-size", "300"])
+    assert exit_info.value.code == 2
+    assert "exists and is not empty; give --overwrite" in capsys.readouterr().err
+    assert (out / "stale.png").exists()  # refused: nothing touched
+    assert make(["--out", str(out), "--samples", "3", "--vocab-size", "300", "--overwrite"]) == 0
+    assert not (out / "stale.png").exists()
+    assert len([json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]) == 3
+
+
+def test_run_dir_defaults_next_to_save():
+    from megatron_sail.config.run import resolve
+
+    cfg = resolve(["--recipe", "tiny", "--save", "/exp/sft/checkpoints"])
+    assert cfg.train.run_dir == "/exp/sft"
+    assert cfg.train.tensorboard_dir == "/exp/sft/tensorboard"
+    assert resolve(["--recipe", "tiny", "--save", "/exp/ckpt"]).train.run_dir == "/exp/ckpt"
+    given = resolve(["--recipe", "tiny", "--save", "/exp/sft/checkpoints", "--run-dir", "/logs/a"])
+    assert given.train.run_dir == "/logs/a"
+    assert resolve(["--recipe", "tiny"]).train.run_dir == "runs/tiny"  # nothing saved
+
+
+def test_the_tokenizer_is_recorded_so_a_run_from_another_folder_finds_it(tmp_path, monkeypatch):
+    """Preprocessing with a relative --tokenizer used to record it relative to where it ran;
+    a trainer started elsewhere then saved checkpoints without tokenizer/ (issue 22)."""
+    from megatron_sail.checkpoint.assets import resolve_tokenizer_path, write_checkpoint_assets
+    from megatron_sail.checkpoint.layout import TOKENIZER_DIR
+    from megatron_sail.config.data import PackingConfig, PreprocessConfig
+    from megatron_sail.data.demo import DemoConfig, make_demo
+    from megatron_sail.data.preprocess import run
+    from megatron_sail.config.images import TilingConfig
+
+    demo = make_demo(str(tmp_path / "demo"), DemoConfig(samples=6, val_samples=1, seed=3))
+    monkeypatch.chdir(tmp_path)
+    prefix = tmp_path / "packed" / "train"
+    cfg = PreprocessConfig(inputs=[demo["train"]], output_prefix=str(prefix),
+                           tokenizer=os.path.relpath(demo["tokenizer"], tmp_path),
+                           tiling=TilingConfig(32, 1, 4, True, 4),
+                           packing=PackingConfig(seq_length=256, packing_buffer=8, seed=7))
+    code, summary = run(cfg, log=lambda m: None)
+    assert code == 0, summary
+    meta_path = f"{prefix}.meta.json"
+    recorded = json.loads(Path(meta_path).read_text())["tokenizer"]["path"]
+    assert recorded == demo["tokenizer"] and os.path.isabs(recorded)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ckpt = tmp_path / "iter_1"
+    ckpt.mkdir()
+    write_checkpoint_assets(str(ckpt), {"data": {"data_path": [str(prefix)]}})
+    assert any((ckpt / TOKENIZER_DIR).iterdir())
+    with pytest.raises(FileNotFoundError, match=r"train\.meta\.json: the tokenizer it records "
+                                                r"\(gone/tok\.json\) is not found"):
+        resolve_tokenizer_path(meta_path, "gone/tok.json")
