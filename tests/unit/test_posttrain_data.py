@@ -17,7 +17,7 @@ from megatron_sail.training import rewards as R
 def files(tmp_path_factory):
     """Two images, a small BPE tokenizer with the template's special tokens, processor settings."""
     from megatron_sail.data import demo
-    from megatron_sail.data.processor import ProcessorSettings
+    from megatron_sail.checkpoint.processor import ProcessorSettings
     from megatron_sail.data.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("pref")
