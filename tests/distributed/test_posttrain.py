@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -95,6 +96,18 @@ def _parity_job(rank, a):
     assert not data.rejects, data.rejects
     ours = pref.reference_logps(gen.chunks, data.rows, pipe, SEQ, 1)
     hf = _hf_segment_logps(a["hf"], data.rows, pipe)
+    # tools/precompute_ref_logps.py writes the same values; a sidecar of other rows is refused
+    sidecar = str(a["root"] / "ref.npz")
+    assert _tool("precompute_ref_logps").main(["--checkpoint", a["mcore"], "--data-path",
+                                                a["pairs"], "--seq-length", str(SEQ),
+                                                "--out", sidecar]) == 0
+    loaded = pref.load_sidecar(sidecar, data.rows)
+    refused = None
+    try:
+        other = dataclasses.replace(data.rows[0], tokens=data.rows[0].tokens[::-1].copy())
+        pref.load_sidecar(sidecar, [other] + data.rows[1:])
+    except ValueError as e:
+        refused = str(e)
     # engine vs trainer: sampled completions, temperature 0.7, top-p 0.9
     rg = RolloutGenerator(gen.chunks, gen.model_config, gen.tokenizer, gen.settings,
                           GenerationConfig(max_new_tokens=8, temperature=0.7, top_p=0.9,
@@ -111,7 +124,8 @@ def _parity_job(rank, a):
         m = b.mb.loss_mask.bool()
         engine += b.old_logp[m].tolist()
         trainer += rep["ref"][m].tolist()
-    return {"ours": [v.tolist() for v in ours], "hf": hf, "engine": engine, "trainer": trainer,
+    return {"ours": [v.tolist() for v in ours], "hf": hf, "sidecar": [v.tolist() for v in loaded],
+            "refused": refused, "engine": engine, "trainer": trainer,
             "lengths": [len(r.token_ids) for r in rolls], "texts": [r.text for r in rolls]}
 
 
@@ -150,6 +164,8 @@ def test_dpo_logps_equal_transformers_and_rollout_logps_equal_the_trainers(asset
     hf = [v for row in r["hf"] for pair in row for v in pair]
     assert len(ours) == len(hf) == 8
     assert max(abs(x - y) for x, y in zip(ours, hf)) <= 1e-4, (ours, hf)
+    assert r["sidecar"] == r["ours"]
+    assert r["refused"] and "row 0 differs" in r["refused"]
     assert len(r["engine"]) == sum(r["lengths"]) > 6
     assert max(abs(x - y) for x, y in zip(r["engine"], r["trainer"])) <= 1e-4
     assert len(set(r["texts"])) > 1  # sampling really sampled
