@@ -60,8 +60,7 @@ def pair_record(rng: random.Random, facts: dict) -> dict:
     r = rng.random()
     if r < 0.6:
         q, a = demo.yes_no_of(rng, facts)
-        return {"question": q, "chosen": a.capitalize(),
-                "rejected": "No" if a == "yes" else "Yes"}
+        return {"question": q, "chosen": a, "rejected": "no" if a == "yes" else "yes"}
     many = facts["count"] > 1
     if r < 0.8:
         wrong = rng.choice([c for c in demo.COLOURS if c != facts["colour"]])
