@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The SAIL-Caption recipe end to end (docs/curation.md): a reference subset with captions from a
 # stronger source -> preprocess -> fine-tune a captioner from a base checkpoint (SFT stage) ->
-# recaption an unlabeled pool with it (tools/recaption.py --backend megatron) -> filter and
-# deduplicate (tools/filter_data.py) -> preprocess -> pretrain-alignment on the result. Then the
+# recaption an unlabeled pool with it (tools/recaption.py --backend megatron) -> deduplicate
+# (tools/dedup.py signatures + group, near-dedup on) -> filter (tools/filter_data.py, the judge
+# too when JUDGE_MODEL is set) -> preprocess -> pretrain-alignment on the result. Then the
 # comparison that justifies the work: the same alignment on the pool's original (noisy or empty)
 # text, both models captioning held-out images, scored by word F1 against the exact captions
 # (tools/evaluate.py, benchmark `caption`).
@@ -22,7 +23,9 @@
 #   GEOMETRY="--recipe sail_2b --max-tiles 12" SEQ=16384 \
 #   TRAIN_LAUNCH="torchrun --nproc_per_node 8" BACKEND=vllm CAPTIONER_MODEL=exports/captioner \
 #   RECAPTION_FLAGS="--executor ray --workers 64 --gpus-per-worker 1" \
-#   ITERS_SFT=5000 ITERS_ALIGN=20000 ALIGN_FLAGS= COMPARE=0 bash examples/sail_caption.sh
+#   ITERS_SFT=5000 ITERS_ALIGN=20000 ALIGN_FLAGS= COMPARE=0 \
+#   JUDGE_MODEL=exports/judge JUDGE_BACKEND=vllm FILTER_FLAGS="--executor ray --workers 64 --gpus-per-worker 1" \
+#   bash examples/sail_caption.sh
 # (CAPTIONER_MODEL: an HF export of the captioner for the hf/vllm backends; default: the
 # captioner's training checkpoint with the megatron backend.)
 set -euo pipefail
@@ -113,14 +116,33 @@ PROMPT=(--prompt-file "${PROMPT_FILE:-${OUT}/caption_prompt.txt}")
 "$PY" tools/recaption.py --input "${POOL_INPUT}" "${POOL_ROOT[@]}" --output-dir "${OUT}/recaptioned" \
   --model "${CAPTIONER_MODEL:-${OUT}/captioner/checkpoints}" --backend "${BACKEND}" "${PROMPT[@]}" \
   --max-new-tokens "${MAX_NEW_TOKENS:-32}" --batch-size "${BATCH:-16}" --samples-per-shard "${SHARD:-400}" \
-  --no-progress "${RECAPTION_FLAGS[@]}" | tail -n 1
+  --no-progress "${RECAPTION_FLAGS[@]}" > "${OUT}/recaption_summary.json"   # its one-line summary: stderr
 
-step "6/8 filter and deduplicate"
-"$PY" tools/filter_data.py --input "${OUT}/recaptioned/*.tar" --output-dir "${OUT}/clean" --config "${FILTERS}" --quiet
+step "6/8 deduplicate (signatures, groups) and filter$([ -n "${JUDGE_MODEL:-}" ] && echo ", judge")"
+# Three passes, each sharded and resumable on a cluster (docs/curation.md): signatures per shard,
+# grouping into keep-lists, then the filters with the keep-lists applied; the judge (SAIL-Caption2's
+# VIR/ITA) runs last when JUDGE_MODEL names a judge model (the demo has none: its tiny captioner
+# cannot rate captions).
+CONFIG="${FILTERS}"
+if [ -n "${JUDGE_MODEL:-}" ]; then
+  CONFIG="${OUT}/filters_with_judge.yaml"
+  "$PY" - "${FILTERS}" "${CONFIG}" "${JUDGE_BACKEND:-vllm}" "${JUDGE_MODEL}" <<'EOF'
+import sys, yaml
+raw = yaml.safe_load(open(sys.argv[1]))
+raw["filters"].append({"judge": {"backend": sys.argv[3], "model": sys.argv[4], "min_vir": 3, "require_ita": True}})
+yaml.safe_dump(raw, open(sys.argv[2], "w"), sort_keys=False)
+EOF
+fi
+"$PY" tools/dedup.py signatures --input "${OUT}/recaptioned/*.tar" --output-dir "${OUT}/dedup/signatures" \
+  --config "${CONFIG}" ${FILTER_FLAGS:-} > /dev/null
+"$PY" tools/dedup.py group --signatures "${OUT}/dedup/signatures" --output-dir "${OUT}/dedup/keep" \
+  --config "${CONFIG}" --input "${OUT}/recaptioned/*.tar" > "${OUT}/dedup/group.json"
+"$PY" tools/filter_data.py --input "${OUT}/recaptioned/*.tar" --output-dir "${OUT}/clean" --config "${CONFIG}" \
+  --keep-lists "${OUT}/dedup/keep" --quiet ${FILTER_FLAGS:-}
 KEPT=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["kept"])' "${OUT}/clean/filter_report.json")
 if [ "${KEPT}" = 0 ]; then
   echo "FAILED: no recaptioned sample passed the filters (see ${OUT}/recaptioned/*.rejects.jsonl and" \
-       "${OUT}/clean/rejects.jsonl); train the captioner longer (ITERS_SFT)" >&2
+       "${OUT}/clean/*.rejects.jsonl); train the captioner longer (ITERS_SFT)" >&2
   exit 3
 fi
 

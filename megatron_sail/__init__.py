@@ -7,6 +7,9 @@ import warnings as _warnings
 # warning still shows. (platform/ reports what the run actually uses.)
 for _pattern in (r"Transformer Engine and Apex are not installed",
                  r"Apex is not installed",
-                 r"Transformer Engine is not installed"):
+                 r"Transformer Engine is not installed",
+                 # TransformerConfig's own default (cuda_graph_scope) trips its deprecation
+                 # notice on every model build; nothing a user can act on.
+                 r"full scope is deprecated"):
     _warnings.filterwarnings("ignore", message=_pattern, category=UserWarning)
 del _pattern

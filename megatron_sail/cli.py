@@ -38,13 +38,22 @@ def rank() -> int:
     return 0
 
 
+class _NoticeFormatter(logging.Formatter):
+    """Progress (INFO) as plain lines; warnings prefixed ``notice:`` so they stand out."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return f"notice: {text}" if record.levelno >= logging.WARNING else text
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    """Project notices (``log.warning("--bf16 ignored on CPU ...")``) to stderr, one line each,
-    prefixed ``notice:``; warnings.warn is reserved for deprecations of our own API."""
+    """Project notices (``log.warning("--bf16 ignored on CPU ...")``, prefixed ``notice:``) and
+    progress (``log.info``) to stderr, one line each; warnings.warn is reserved for deprecations
+    of our own API."""
     if any(getattr(h, "_sail", False) for h in log.handlers):
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("notice: %(message)s"))
+    handler.setFormatter(_NoticeFormatter())
     handler._sail = True  # type: ignore[attr-defined]
     log.addHandler(handler)
     log.setLevel(level)
@@ -53,8 +62,8 @@ def setup_logging(level: int = logging.INFO) -> None:
 def error_line(e: BaseException) -> str:
     """The one line a user sees: the message, or the exception's name when it has none."""
     text = str(e).strip() or type(e).__name__
-    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
-        text = f"{text}: {e.filename}"
+    if isinstance(e, OSError) and e.strerror and e.filename:  # not "[Errno 2] ... 'path'"
+        text = f"{e.strerror}: {e.filename}"
     return "error: " + text.replace("\n", "\n  ")  # details a message carries stay indented
 
 

@@ -23,6 +23,7 @@ from typing import Optional
 
 from megatron_sail.inference.config import GenerationConfig, GenerationRequest
 from megatron_sail import cli
+from megatron_sail.progress import Progress, ProgressConfig
 
 
 @dataclass
@@ -204,7 +205,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         except (ValueError, TypeError, OSError) as e:
             rejects.append({"file": args.input or "--image", "line": rec.line, "reason": str(e)})
     start = time.perf_counter()
-    results = gen.generate_prompts(prompts)
+    show = args.input is not None and dist.get_rank() == 0  # one prompt needs no bar
+    with Progress(total=len(prompts), desc="generate", unit="prompts",
+                  config=None if show else ProgressConfig(enabled=False)) as bar:
+        results = gen.generate_prompts(prompts, on_batch=bar.update)
     elapsed = time.perf_counter() - start
     if dist.get_rank() == 0:
         _report(args, kept, results, rejects, elapsed)

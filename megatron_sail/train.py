@@ -22,10 +22,10 @@ from megatron.core.utils import get_model_config
 from megatron_sail.checkpoint import layout
 from megatron_sail.checkpoint import from_checkpoint
 from megatron_sail.checkpoint.from_checkpoint import resolve
-from megatron_sail.config.run import RunConfig, to_dict, write_resolved
+from megatron_sail.config.run import RunConfig, random_init_problem, to_dict, write_resolved
 from megatron_sail.config.stage import POST_TRAINING
 from megatron_sail.data import geometry
-from megatron_sail.data.dataset import build_blended
+from megatron_sail.data.loading.dataset import build_blended
 from megatron_sail.data.images.pipeline import build_image_pipeline
 from megatron_sail.models.sail_vl import SailVLModel
 from megatron_sail.platform import distributed as platform
@@ -217,10 +217,14 @@ def train(cfg: RunConfig) -> int:
         from megatron_sail.training.posttrain import train_posttrain
 
         return train_posttrain(cfg)
+    c = cfg.checkpoint
+    problem = random_init_problem(cfg, has_checkpoint=bool(c.load)
+                                  and layout.resolve_checkpoint(c.load) is not None)
+    if problem:
+        raise ValueError(problem)
     dtype = check_precision(cfg)
     platform.initialize(cfg.parallel, cfg.train.seed)
     watcher = ExitWatcher(cfg.train.exit_duration_in_mins).install()
-    c = cfg.checkpoint
     lock = prepare_save_dir(c.save, c.load, c.overwrite_save)  # noqa: F841 - held for the run
     train_data = build_blended(cfg.data.data_path, cfg.train.seed, cfg.data.data_verify)
     cfg = match_data(cfg, train_data)

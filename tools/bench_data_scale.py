@@ -62,8 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="image decoder for rows with images")
     p.add_argument("--threads", type=int, default=1, help="image decode threads")
     p.add_argument("--read", type=int, default=20000, help="rows to read (timed)")
-    p.add_argument("--global-batch-size", type=int, default=512)
-    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--global-batch-size", type=int, default=512, metavar="N",
+                   help="rows per optimizer step the loader serves (default: %(default)s)")
+    p.add_argument("--micro-batch-size", type=int, default=1, metavar="N",
+                   help="rows per forward pass (default: %(default)s)")
     p.add_argument("--dp-size", type=int, default=1, help="data-parallel ranks (DP rank 0 is read)")
     p.add_argument("--workdir", default=None, help="where the datasets go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the datasets (reused if present)")
@@ -82,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def meta_for(seq_length: int, rows: int, samples: int, images: int, tiles: int, tokens: int,
              image_tokens: int) -> dict:
     """A meta.json the readers accept (tokenizer block, tiling, stats)."""
-    from megatron_sail.data.preprocess import stats_dict
+    from megatron_sail.data.preprocess.pipeline import stats_dict
 
     return {"format": indexed.FORMAT_NAME, "version": indexed.FORMAT_VERSION, "seq_length": seq_length,
             "input_format": "synthetic",
@@ -142,7 +144,7 @@ def write_text_dataset(prefix: str, rows: int, tokens_per_row: int, seq_length: 
 
 def image_sample(jpeg: bytes, words: int, rng: np.random.Generator):
     """One caption-like sample holding one 1024x768 image (4x3 grid + thumbnail = 13 tiles)."""
-    from megatron_sail.data.packing import ImageEntry, Sample
+    from megatron_sail.data.preprocess.packing import ImageEntry, Sample
 
     s = SPECIAL
     text = rng.integers(10, VOCAB, size=words, dtype=np.int32)
@@ -202,7 +204,7 @@ def read_blend(args: argparse.Namespace, prefixes: list[str]) -> dict:
 
     from megatron_sail.config import model as model_cfg
     from megatron_sail.config.images import ImageConfig
-    from megatron_sail.data.dataset import BlendedDataset
+    from megatron_sail.data.loading.dataset import BlendedDataset
     from megatron_sail.data.images.pipeline import build_image_pipeline
     from megatron_sail.training.flops import shape_from_model_config
     from megatron_sail.training.loop import BatchPlan, StepFeeder
@@ -251,7 +253,7 @@ class _Lengths:
 
 def locate_only(args: argparse.Namespace) -> int:
     """The index arithmetic alone: stream rows located per second (issue 15's table)."""
-    import megatron_sail.data.dataset as dataset_module
+    import megatron_sail.data.loading.dataset as dataset_module
 
     real = dataset_module.PackedDataset
     dataset_module.PackedDataset = lambda prefix, verify="cheap": _Lengths(args.rows)

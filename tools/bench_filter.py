@@ -52,9 +52,11 @@ def make_shards(folder: str, n: int, size: tuple[int, int], per_shard: int) -> N
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--images", type=int, default=2000, metavar="N",
+                   help="synthetic images to filter (default: %(default)s)")
     p.add_argument("--size", default="384x288", help="WxH")
-    p.add_argument("--per-shard", type=int, default=500)
+    p.add_argument("--per-shard", type=int, default=500, metavar="N",
+                   help="images per input shard (default: %(default)s)")
     a = p.parse_args()
     w, h = map(int, a.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:

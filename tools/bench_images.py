@@ -30,10 +30,13 @@ EXTENSIONS = ("*.jpg", "*.jpeg", "*.png", "*.JPG", "*.JPEG", "*.PNG")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", required=True, help="folder of JPEG/PNG files")
-    p.add_argument("--backend", required=True, choices=["pil", "dali-cpu", "dali", "auto"])
+    p.add_argument("--backend", required=True, choices=["pil", "dali-cpu", "dali", "auto"],
+                   help="image decoder to time: pil, dali-cpu, dali (GPU) or auto")
     p.add_argument("--threads", type=int, default=2, help="decode threads (torch CPU threads are set equal)")
-    p.add_argument("--max-tiles", type=int, default=12)
-    p.add_argument("--tile-size", type=int, default=448)
+    p.add_argument("--max-tiles", type=int, default=12, metavar="N",
+                   help="most tiles per image (default: %(default)s)")
+    p.add_argument("--tile-size", type=int, default=448, metavar="PX",
+                   help="tile side in pixels (default: %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="images per pipeline call (about one micro-batch)")
     p.add_argument("--seconds", type=float, default=10.0, help="minimum measured time (at least one pass)")
     p.add_argument("--generate", type=int, default=0, help="write this many 1024x768 JPEGs first if DIR is empty")

@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from megatron_sail.config.data import PackingConfig, PreprocessConfig  # noqa: E402
-from megatron_sail.data.demo import DemoConfig, make_demo  # noqa: E402
-from megatron_sail.data.preprocess import run  # noqa: E402
+from megatron_sail.demo.generator import DemoConfig, make_demo  # noqa: E402
+from megatron_sail.data.preprocess.pipeline import run  # noqa: E402
 from megatron_sail.config.images import TilingConfig  # noqa: E402
 from megatron_sail import cli
 
@@ -147,9 +147,12 @@ def worker_scan(a, demo: dict, tok: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=4000)
-    p.add_argument("--workdir", default="/tmp/bench_preprocess")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=4000, metavar="N",
+                   help="demo samples to generate and preprocess (default: %(default)s)")
+    p.add_argument("--workdir", default="/tmp/bench_preprocess", metavar="DIR",
+                   help="scratch folder for the data and outputs (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the demo data (default: %(default)s)")
     p.add_argument("--workers", type=int, nargs="+", default=None,
                    help="worker scan: these --workers counts, alternated in one run")
     p.add_argument("--packing-buffer", type=int, default=1024,

@@ -28,16 +28,22 @@ sys.path.insert(0, str(REPO / "tests" / "unit"))
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--work", default="/tmp/bench_recaption")
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--per-shard", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--work", default="/tmp/bench_recaption", metavar="DIR",
+                   help="scratch folder for shards, model and outputs (default: %(default)s)")
+    p.add_argument("--shards", type=int, default=4, metavar="N",
+                   help="generated input shards (default: %(default)s)")
+    p.add_argument("--per-shard", type=int, default=32, metavar="N",
+                   help="images per generated shard (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                   help="longest caption in tokens (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="images captioned together (default: %(default)s)")
     p.add_argument("--runs", default="local:1,local:2,ray:2", help="executor:workers, comma separated")
     p.add_argument("--model", help="a real captioner instead of the tiny random one (with --input)")
     p.add_argument("--input", help="shards to caption instead of generated demo shards (glob)")
     p.add_argument("--backend", default="megatron", help="backend of --model (megatron, hf, vllm)")
-    p.add_argument("--max-tiles", type=int, default=4)
+    p.add_argument("--max-tiles", type=int, default=4, metavar="N",
+                   help="most tiles per image (default: %(default)s)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray runs: GPUs per captioner actor")
     args = p.parse_args()
     from recaption_fixtures import tiny_checkpoint, write_shards

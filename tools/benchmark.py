@@ -88,7 +88,7 @@ def synthetic_micro_batch(model_cfg, seq_length: int, rows: int, tiles_per_row: 
     Samples split the row evenly; tiles go to samples round-robin and sit right after each
     sample's first token. Every non-image position but a sample's last is trained on.
     """
-    from megatron_sail.data.collate import MicroBatch
+    from megatron_sail.data.loading.collate import MicroBatch
 
     tpt = model_cfg.tokens_per_tile()
     vocab, img = model_cfg.language.vocab_size, model_cfg.img_context_token_id
@@ -258,7 +258,8 @@ class OurRunner:
     def __init__(self, run):
         from megatron_sail import train as trainer
         from megatron_sail.platform import distributed as platform
-        from megatron_sail.training.optimizer import build_optimizer, build_scheduler, unwrap
+        from megatron_sail.models.sail_vl import unwrap
+        from megatron_sail.training.optimizer import build_optimizer, build_scheduler
 
         dtype = trainer.check_precision(run)
         platform.initialize(run.parallel, run.train.seed)

@@ -293,8 +293,11 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="Compare transformers' and our logits on one sample.")
     p.add_argument("--hf-dir", required=True, type=Path)
     p.add_argument("--mcore-dir", required=True, type=Path)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1, metavar="N",
+                   help="tensor-parallel size of our model (default: 1; torchrun's process count "
+                        "must be tp x pp)")
+    p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1,
+                   metavar="N", help="pipeline-parallel size of our model, equal stages (default: 1)")
     p.add_argument("--image", nargs="*", default=[], help="image files (default: a generated one)")
     p.add_argument("--prompt", default="Describe this image in detail.")
     p.add_argument("--max-tiles", type=int, default=6, help="most grid tiles per image (SAIL-VL: 12)")

@@ -41,10 +41,14 @@ def main(argv=None) -> int:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(prog="data_ablation.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--candidate", action="append", required=True, metavar="NAME=PREFIX")
+    p.add_argument("--candidate", nargs="+", action="extend", required=True, metavar="NAME=PREFIX",
+                   help="a candidate dataset: NAME and its preprocessed output prefix; several after "
+                        "one flag or the flag repeated (required)")
     p.add_argument("--tokens", type=int, required=True, help="token budget per candidate")
     p.add_argument("--recipe", default="tiny")
-    p.add_argument("--benchmark", action="append", required=True, metavar="NAME=PATH")
+    p.add_argument("--benchmark", nargs="+", action="extend", required=True, metavar="NAME=PATH",
+                   help="a benchmark every candidate is scored on (NAME as in tools/evaluate.py); "
+                        "several after one flag or the flag repeated, as in evaluate.py (required)")
     p.add_argument("--stage", default="pretrain-alignment")
     p.add_argument("--init-from", help="base checkpoint every candidate starts from")
     p.add_argument("--seed", type=int, default=1234)

@@ -55,8 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with; default) or 'vlmevalkit' (per benchmark as VLMEvalKit's SAIL-VL "
                         "wrapper: 10, 12 for ChartQA/MMMU/OCR-VQA, 18 DocVQA, 24 InfoVQA/OCRBench)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (torchrun)")
-    p.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (torchrun)")
+    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=None,
+                   metavar="N", help="tensor-parallel size under torchrun (default: 1)")
+    p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=None,
+                   metavar="N", help="pipeline-parallel size under torchrun (default: 1)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer")
     p.add_argument("--baseline", default=None,

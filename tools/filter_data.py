@@ -2,11 +2,17 @@
 """Filter and deduplicate WebDataset shards (recaption output or plain img2dataset shards).
 
     python tools/filter_data.py --input 'OUT/*.tar' --output-dir CLEAN [--config filters.yaml]
+    # a SLURM array (dedup passes first: tools/dedup.py signatures, then group)
+    python tools/filter_data.py ... --keep-lists DEDUP/keep --shard-index $SLURM_ARRAY_TASK_ID --num-shards N
+    # Ray
+    python tools/filter_data.py ... --executor ray --workers 32 [--gpus-per-worker 1 for the judge]
 
-Writes CLEAN/NAME.tar per input shard (kept samples, members unchanged), CLEAN/rejects.jsonl
-(key, shard, stage, reason, detail), CLEAN/filter_report.json and CLEAN/filter_report.png.
-filters.yaml holds one section per filter (image, caption_length, repetition, refusal,
-language, clip, exact_dedup, near_dedup) with that filter's fields; see docs/curation.md.
+Writes CLEAN/NAME.tar per input shard (kept samples, members unchanged except the judge's scores
+added to the json member), CLEAN/NAME.rejects.jsonl (key, shard, stage, reason, detail),
+CLEAN/reports/NAME.json, and the run report CLEAN/filter_report.{json,png,html}. A rerun skips
+finished shards. filters.yaml lists the filters in order with their thresholds (image,
+caption_length, repetition, refusal, language, exact_dedup, near_dedup, semantic_dedup, clip,
+judge); see docs/curation.md.
 """
 from __future__ import annotations
 
@@ -17,8 +23,37 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_sail.curate.filters.pipeline import REPORT_JSON, load_config, run_filters  # noqa: E402
-from megatron_sail import cli
+from megatron_sail.curate.filters.job import FilterJobConfig, run_all  # noqa: E402
+from megatron_sail.curate.filters.pipeline import load_config  # noqa: E402
+from megatron_sail.curate.filters.report import REPORT_JSON  # noqa: E402
+from megatron_sail import cli  # noqa: E402
+
+
+def add_job_flags(p: argparse.ArgumentParser) -> None:
+    """The job flags every sharded curation tool takes (curate/job.py)."""
+    p.add_argument("--shard-index", type=int, help="this task's index (default: SLURM array task, else 0)")
+    p.add_argument("--num-shards", type=int, help="number of tasks (default: SLURM array size, else 1)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (local) or actors (ray)")
+    p.add_argument("--shard-retries", type=int, default=2)
+    p.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--ray-num-cpus", type=int, help="CPUs of a local Ray instance")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+
+
+def job_fields(a, prog: str) -> dict:
+    """Job fields from the flags; the SLURM array task when the flags are not given."""
+    index, count, env = a.shard_index, a.num_shards, os.environ
+    if index is None and "SLURM_ARRAY_TASK_ID" in env:
+        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    if count is None and "SLURM_ARRAY_TASK_COUNT" in env:
+        count = int(env["SLURM_ARRAY_TASK_COUNT"])
+    if (index is None) != (count is None):
+        raise ValueError(f"{prog}: give both --shard-index and --num-shards")
+    return {"shard_index": index or 0, "num_shards": count or 1, "executor": a.executor, "workers": a.workers,
+            "shard_retries": a.shard_retries, "ray_address": a.ray_address, "ray_num_cpus": a.ray_num_cpus,
+            "gpus_per_worker": a.gpus_per_worker, "cpus_per_worker": a.cpus_per_worker}
 
 
 def main(argv=None) -> int:
@@ -26,20 +61,26 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--input", action="append", required=True, help="tar shards, a glob or a folder (repeatable)")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--config", help="filters.yaml (default: every filter with its defaults, CLIP off)")
+    p.add_argument("--config", help="filters.yaml (default: every filter with its defaults, CLIP and judge off)")
+    p.add_argument("--keep-lists", help="keep-lists of tools/dedup.py group (default with dedup on: run the "
+                                        "dedup passes here first, into OUTPUT/dedup/)")
     p.add_argument("--max-member-bytes", type=int, default=64 << 20, help="largest tar member read")
+    p.add_argument("--max-sample-bytes", type=int,
+                   help="largest sum of a sample's members (default: 2x --max-member-bytes)")
+    add_job_flags(p)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     try:
-        cfg = load_config(a.config)
-        res = run_filters(a.input, a.output_dir, cfg, a.max_member_bytes, progress=not a.quiet)
-    except (ValueError, FileNotFoundError) as e:
+        cfg = FilterJobConfig(inputs=a.input, output_dir=a.output_dir, filters=load_config(a.config),
+                              keep_lists=a.keep_lists, max_member_bytes=a.max_member_bytes,
+                              max_sample_bytes=a.max_sample_bytes, progress=not a.quiet,
+                              **job_fields(a, "filter_data.py"))
+        report = run_all(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"filter_data.py: error: {e}", file=sys.stderr)
         return 2
-    with open(os.path.join(a.output_dir, REPORT_JSON), encoding="utf-8") as f:
-        report = json.load(f)
     print(f"filter: {report['samples']} samples, kept {report['kept']}, removed {report['removed']} "
-          f"{json.dumps(report['removed_by_reason'])} ({report['images_per_s']} images/s)")
+          f"{json.dumps(report['removed_by_reason'])} ({report['images_per_s']} images/s per worker)")
     print(f"report: {os.path.join(a.output_dir, REPORT_JSON)}")
     return 0
 

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sail.data.dataset import TokenizerMeta  # noqa: E402
+from megatron_sail.data.loading.dataset import TokenizerMeta  # noqa: E402
 from megatron_sail.data.indexed import PackedReader, load_meta  # noqa: E402
 from megatron_sail.data.integrity import ALGORITHM, check_files  # noqa: E402
 from megatron_sail import cli
@@ -102,7 +102,7 @@ def verify(prefix: str) -> tuple[int, dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prefix")
+    p.add_argument("prefix", help="dataset prefix written by tools/preprocess_data.py (PREFIX.meta.json ...)")
     p.add_argument("--show", type=int, default=None, metavar="K", help="render sample K")
     p.add_argument("--tokenizer", default=None, help="override the tokenizer path stored in meta.json")
     p.add_argument("--verify", action="store_true", help="check every file against its recorded checksum")

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sail.eval.demo_bench import (DemoBenchConfig, write_caption_benchmark,  # noqa: E402
+from megatron_sail.demo.benchmarks import (DemoBenchConfig, write_caption_benchmark,  # noqa: E402
                                            write_demo_benchmarks)
 from megatron_sail import cli
 
@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for the TSVs and chance.json")
     p.add_argument("--items", type=int, default=DemoBenchConfig.items, help="questions per set")
-    p.add_argument("--seed", type=int, default=DemoBenchConfig.seed)
+    p.add_argument("--seed", type=int, default=DemoBenchConfig.seed, metavar="N",
+                   help="seed of the generated items (default: %(default)s)")
     p.add_argument("--caption-items", type=int, default=0,
                    help="also write demo_caption.tsv with this many held-out images to caption "
                         "(benchmark 'caption', word F1 against the exact captions)")

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sail.data.demo import DemoConfig, make_demo  # noqa: E402
+from megatron_sail.demo.generator import DemoConfig, make_demo  # noqa: E402
 from megatron_sail import cli
 
 
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     info = make_demo(a.out, DemoConfig(samples=a.samples, val_samples=val, seed=a.seed,
                                        word_fraction=a.word_fraction, vocab_size=a.vocab_size))
     if a.pool > 0:
-        from megatron_sail.data.demo_pool import PoolConfig, make_pool
+        from megatron_sail.demo.pool import PoolConfig, make_pool
 
         info.update(make_pool(a.out, PoolConfig(samples=a.pool, seed=a.seed + 4321)))
     print(json.dumps(info))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write the post-training demo data: GRPO prompts with reference answers (grpo.jsonl) and DPO
 pairs of correct vs hallucinated answers (pairs.jsonl), on demo scenes
-(megatron_sail/data/demo_posttrain.py).
+(megatron_sail/demo/posttrain.py).
 
     python tools/make_posttrain_demo.py --out demo_post [--prompts 400] [--pairs 400] [--seed 4321]
 """
@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from megatron_sail.data.demo_posttrain import PostTrainDemoConfig, make_posttrain_demo
+from megatron_sail.demo.posttrain import PostTrainDemoConfig, make_posttrain_demo
 
 
 def main(argv: list[str] | None = None) -> int:

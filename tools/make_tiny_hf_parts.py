@@ -196,9 +196,10 @@ def make_part(out: str | Path, cfg: TinyPartConfig = TinyPartConfig()) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Command line: --part, --out and a few shape flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=PARTS, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--part", choices=PARTS, required=True,
+                   help="which separately released part to write (a vision encoder or a causal LM)")
+    p.add_argument("--out", required=True, metavar="DIR", help="destination folder")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="weight seed (default: %(default)s)")
     p.add_argument("--vocab-size", type=int, default=512, help="LM embedding rows")
     p.add_argument("--tokenizer-size", type=int, default=300, help="ids of the LM's tokenizer")
     p.add_argument("--untied", action="store_true", help="separate LM head")

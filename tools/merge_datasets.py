@@ -12,14 +12,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sail.data.merge import merge_shards  # noqa: E402
+from megatron_sail.data.preprocess.merge import merge_shards  # noqa: E402
 from megatron_sail import cli
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--inputs", nargs="+", required=True, help="shard prefixes (all shards of one run)")
-    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--output-prefix", required=True, metavar="PREFIX",
+                   help="prefix of the merged dataset (PREFIX.meta.json, .bin, .idx)")
     a = p.parse_args(argv)
     try:
         stats = merge_shards(a.inputs, a.output_prefix)

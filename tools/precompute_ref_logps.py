@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_sail.config.images import ImageConfig
     from megatron_sail.data.images.pil import PilPipeline
-    from megatron_sail.data.preference import PairFile, read_pairs
+    from megatron_sail.data.preprocess.preference import PairFile, read_pairs
     from megatron_sail.inference import load_generator
     from megatron_sail.inference.loading import LoadConfig
     from megatron_sail.training import preference as pref

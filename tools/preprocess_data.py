@@ -15,7 +15,7 @@ published then, and a rerun gives the same output as an undisturbed run.
 An InternVL meta file as the one --input (internvl_chat/shell/data/*.json) builds one dataset per
 entry under --output-prefix (a directory), prints one summary line per entry and then the
 --data-path blend (also written to OUT/blend.json and OUT/data_path.txt); see
-megatron_sail/data/internvl_meta.py.
+megatron_sail/data/preprocess/internvl_meta.py.
 """
 from __future__ import annotations
 
@@ -30,10 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_sail.config.data import (DEFAULT_MAX_IMAGE_BYTES, PackingConfig, PreprocessConfig,  # noqa: E402
                                        TemplateConfig)
 from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS, TilingConfig  # noqa: E402
-from megatron_sail.data.block_pool import WorkerDied  # noqa: E402
+from megatron_sail.data.preprocess.block_pool import WorkerDied  # noqa: E402
 from megatron_sail.data.geometry import resolve_tiling  # noqa: E402
-from megatron_sail.data.internvl_meta import is_meta_file, run_meta  # noqa: E402
-from megatron_sail.data.preprocess import run  # noqa: E402
+from megatron_sail.data.integrity import OutputWriteError  # noqa: E402
+from megatron_sail.data.preprocess.internvl_meta import is_meta_file, run_meta  # noqa: E402
+from megatron_sail.data.preprocess.pipeline import run  # noqa: E402
 from megatron_sail import cli
 
 
@@ -120,7 +121,7 @@ def parse_args(argv=None) -> PreprocessConfig:
 
 def main_meta(cfg) -> int:
     """An InternVL meta file: one dataset per entry under the output prefix (a directory), one
-    summary line each, then the blend line (see megatron_sail/data/internvl_meta.py)."""
+    summary line each, then the blend line (see megatron_sail/data/preprocess/internvl_meta.py)."""
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     if len(cfg.inputs) != 1:
         print("error: --format internvl_meta takes one meta file as --input", file=sys.stderr)
@@ -134,6 +135,9 @@ def main_meta(cfg) -> int:
     except WorkerDied as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except OutputWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     for summary in summaries:
         print(json.dumps(summary))
         if "error" in summary:
@@ -154,6 +158,9 @@ def main(argv=None) -> int:
     except WorkerDied as e:  # a worker killed twice (OOM killer): one line naming the records
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except OutputWriteError as e:  # a full disk: one line naming the file, temporaries removed
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     print(json.dumps(summary))
     if "error" in summary:
         print(f"error: {summary['error']}", file=sys.stderr)

@@ -54,13 +54,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ray-num-cpus", type=int, help="CPUs of a local Ray instance")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray captioner actor")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray captioner actor")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
+    p.add_argument("--tensor-model-parallel-size", "--tp", "--tensor-parallel-size",
+                   dest="tensor_parallel_size", type=int, default=1, metavar="N",
+                   help="tensor-parallel size: GPUs per vLLM engine (vllm backend; default: 1)")
     p.add_argument("--api-base", default="http://localhost:8000/v1", help="OpenAI-compatible server (openai)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--max-retries", type=int, default=5, help="retries per request (openai)")
     p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in s, doubled each retry")
     p.add_argument("--requests-per-second", type=float, default=0.0, help="rate limit per worker (openai), 0: none")
     p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--max-image-bytes", type=int, default=128 << 20, help="larger images are rejects")
+    p.add_argument("--max-sample-bytes", type=int, help="largest sum of a tar sample's members (default: 2x --max-image-bytes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -92,6 +96,7 @@ def config_from(args) -> RecaptionConfig:
         shard_index=index, num_shards=count, executor=args.executor, workers=args.workers,
         shard_retries=args.shard_retries, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+        max_image_bytes=args.max_image_bytes, max_sample_bytes=args.max_sample_bytes,
         progress=not args.no_progress)
 
 

@@ -23,10 +23,12 @@ from megatron_sail import cli
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", required=True, choices=["pil", "dali-cpu", "dali", "auto"])
+    p.add_argument("--backend", required=True, choices=["pil", "dali-cpu", "dali", "auto"],
+                   help="image decoder whose tiles are written: pil, dali-cpu, dali (GPU) or auto")
     p.add_argument("--image", required=True, help="JPEG or PNG file")
     p.add_argument("--max-tiles", type=int, default=12, help="most grid tiles (thumbnail not counted)")
-    p.add_argument("--tile-size", type=int, default=448)
+    p.add_argument("--tile-size", type=int, default=448, metavar="PX",
+                   help="tile side in pixels (default: %(default)s)")
     p.add_argument("--out", required=True, help="output .npy path")
     return p.parse_args(argv)
 

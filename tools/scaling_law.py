@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     budget = parse_tokens(a.budget)
     points = read_points(a.runs, log=print)
     if not points.series:
-        sys.exit(f"no benchmarks/* scores with consumed_tokens in {', '.join(a.runs)} "
-                 "(train with --eval-benchmark NAME=PATH)")
+        raise ValueError(f"no benchmarks/* scores with consumed_tokens in {', '.join(a.runs)} "
+                         "(train with --eval-benchmark NAME=PATH)")
     report = fit_report(points, budget)
     for name, why in report.get("no_fit", {}).items():
         print(f"{name}: {why}, no fit")

@@ -45,8 +45,11 @@ def main(argv=None) -> int:
     g = p.add_argument_group("ifd")
     g.add_argument("--max-tiles", type=int, default=None, help="default: the checkpoint's")
     g.add_argument("--max-batch-tokens", type=int, default=8192)
-    g.add_argument("--tp", type=int, default=None)
-    g.add_argument("--pp", type=int, default=None)
+    g.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=None, metavar="N",
+                   help="tensor-parallel size of the scorer (megatron backend, under torchrun; "
+                        "default: 1)")
+    g.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=None,
+                   metavar="N", help="pipeline-parallel size of the scorer (megatron; default: 1)")
     g.add_argument("--dtype", default=None)
     j = p.add_argument_group("judge")
     j.add_argument("--backend", default="megatron", choices=["megatron", "hf", "vllm", "openai"])

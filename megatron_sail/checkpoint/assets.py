@@ -27,7 +27,7 @@ from megatron_sail.checkpoint.layout import (PROCESSOR_FILE, SOURCE_DIR, TOKENIZ
 from megatron_sail.checkpoint.processor import ProcessorSettings
 from megatron_sail.checkpoint.tokenizer import save_tokenizer
 from megatron_sail.data import tokenizer as toks
-from megatron_sail.data.dataset import parse_data_path
+from megatron_sail.data.loading.dataset import parse_data_path
 
 
 def write_checkpoint_assets(ckpt_dir: str, config: Optional[dict]) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import json
 import os
 import pickle
@@ -31,21 +30,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_sail.checkpoint.layout import DCP_METADATA, MANIFEST, CheckpointDamaged
+from megatron_sail.hashing import file_sha256
 
 MANIFEST_VERSION = 1
 AUTO_FULL_BYTES = 1 << 30
 """``verify="auto"`` hashes every file when the checkpoint holds at most this much per rank."""
 VERIFY_MODES = ("auto", "sizes", "full")
-_CHUNK = 8 << 20
 
 
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of one file, read in 8 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def list_files(folder: str) -> list[str]:

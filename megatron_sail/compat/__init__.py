@@ -73,7 +73,13 @@ WORKAROUNDS: tuple[Workaround, ...] = (
     Workaround("dummy_optimizer_states", MCORE, MCORE_VERIFIED, "compat/optimizer.py",
                "DistributedOptimizer._init_optimizer_states_with_dummy_values"),
     Workaround("step_phases", MCORE, MCORE_VERIFIED, "compat/optimizer.py",
-               "MegatronOptimizer.step() = prepare_grads, get_grad_norm, clip, step_with_ready_grads"),
+               "MegatronOptimizer.step() = prepare_grads, get_grad_norm, clip, "
+               "step_with_ready_grads"),
+    Workaround("chained_optimizer_layout", MCORE, MCORE_VERIFIED,
+               "checkpoint code (_fit_chained_layout)",
+               "optimizer state dict layout: one optimizer's param_groups at the top or under "
+               "'optimizer', a ChainedOptimizer's under 0, 1, ...; groups matched by "
+               "param_group_identifier_keys (or pre_<key>)"),
     Workaround("param_gather_hooks", MCORE, MCORE_VERIFIED, "compat/ddp.py",
                "DistributedDataParallel.use_forward_hook / remove_forward_pre_hook_handles"),
     Workaround("router_gemm_without_te", MCORE, MCORE_VERIFIED, "compat/moe.py",

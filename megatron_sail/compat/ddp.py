@@ -16,7 +16,8 @@ def pause_param_gather_hooks(chunks: list) -> list:
     that has them armed; returns the chunks to hand to ``resume_param_gather_hooks``."""
     paused = []
     for c in chunks:
-        if getattr(c, "use_forward_hook", False) and getattr(c, "remove_forward_pre_hook_handles", None):
+        armed = getattr(c, "remove_forward_pre_hook_handles", None)
+        if getattr(c, "use_forward_hook", False) and armed:
             c.disable_forward_pre_hook(param_sync=True)
             paused.append(c)
     return paused

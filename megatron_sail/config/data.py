@@ -93,9 +93,9 @@ class PreprocessConfig:
     ImageConfig.max_pixels the same (both default to config/images.py's DEFAULT_MAX_IMAGE_PIXELS)."""
     video_frames: int = 8
     """Frames sampled from each InternVL video sample (middle of equal segments), one tile each
-    (data/video.py); 0 rejects video samples (``video_unsupported``)."""
+    (data/preprocess/video.py); 0 rejects video samples (``video_unsupported``)."""
     select: Optional[str] = None
-    """Keep only the records a sample list names (data/selection.py: a curriculum stage list or a
+    """Keep only the records a sample list names (data/preprocess/selection.py: a curriculum stage list or a
     complexity sidecar folder); None keeps every record."""
     select_min_score: Optional[float] = None
     """With ``select``: keep records scoring at least this."""

@@ -73,7 +73,7 @@ GROUPS: list[tuple[str, tuple[str, ...]]] = [
                        "--save-interval", "--keep-last", "--async-save", "--overwrite-save",
                        "--exit-on-missing-checkpoint", "--override-opt_param-scheduler",
                        "--use-checkpoint-opt_param-scheduler", "--ckpt-verify",
-                       "--allow-tokenizer-mismatch")),
+                       "--allow-tokenizer-mismatch", "--allow-random-init")),
     ("validation", ("--eval-interval", "--eval-iters", "--eval-benchmark",
                     "--eval-benchmark-interval", "--eval-benchmark-limit", "--eval-benchmark-at")),
     ("logging", ("--run-dir", "--log-interval", "--tensorboard-dir", "--tensorboard-log-interval",

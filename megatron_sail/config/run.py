@@ -147,6 +147,7 @@ FLAGS: list[tuple[str, str, str, str]] = [
      "flag"),
     ("--ckpt-verify", "checkpoint", "ckpt_verify", "str"),
     ("--allow-tokenizer-mismatch", "checkpoint", "allow_tokenizer_mismatch", "flag"),
+    ("--allow-random-init", "checkpoint", "allow_random_init", "flag"),
     ("--train-vision", "stage", "train_vision", "bool"),
     ("--train-projector", "stage", "train_projector", "bool"),
     ("--train-language", "stage", "train_language", "bool"),
@@ -190,8 +191,8 @@ MEGATRON_MULTIMODAL = [
 """Megatron-LM's examples/multimodal flags, mapped to ours."""
 
 HELP_EPILOG = ("Defaults shown are the components' own; --recipe and --stage set theirs on top, then "
-               "--config, then flags. `python -m megatron_sail.config.run [flags]` prints the "
-               "resolved config without training.")
+               "--config, then flags. `python -m megatron_sail.training.dry_run -- [flags]` prints "
+               "the resolved config and checks data and checkpoints without training.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -464,6 +465,19 @@ def _check_counts(cfg: RunConfig) -> None:
                          "exclude each other")
 
 
+def random_init_problem(cfg: RunConfig, has_checkpoint: bool) -> Optional[str]:
+    """Why this stage must not start from random weights, or None: a stage that trains only the
+    projector (ViT and LLM frozen) learns nothing useful between two random networks, so it
+    needs --init-from (or a --load checkpoint), or an explicit --allow-random-init."""
+    s, c = cfg.stage, cfg.checkpoint
+    if s.train_vision or s.train_language or has_checkpoint or c.init_from or c.allow_random_init:
+        return None
+    return (f"stage {s.name} trains only the projector, but no --init-from (or --load "
+            "checkpoint) gives the ViT and the LLM their pretrained weights: it would connect two "
+            "random networks. Give --init-from (e.g. tools/convert_checkpoint.py compose of an "
+            "encoder and an LLM), or --allow-random-init for a toy run")
+
+
 def default_run_dir(save: Optional[str], recipe_run_dir: str) -> str:
     """Where metrics, TensorBoard and config.yaml go without --run-dir: next to the checkpoints,
     as Megatron-LM users expect (the folder above ``--save .../checkpoints``, else --save itself);
@@ -501,7 +515,8 @@ def resolve(argv: Optional[list[str]] = None,
     derived = flags.pop("derived", {})
     cfg = apply_overrides(cfg, flags, "command line")
     if "run_dir" not in flags.get("train", {}) and "run_dir" not in (overrides.get("train") or {}):
-        cfg.train.run_dir = default_run_dir(cfg.checkpoint.save, cfg.train.run_dir)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, run_dir=default_run_dir(cfg.checkpoint.save, cfg.train.run_dir)))
     if cfg.checkpoint.use_checkpoint_args or args.recipe is None:
         required = cfg.checkpoint.use_checkpoint_args
         if checkpoint_model is None and required:

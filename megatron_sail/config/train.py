@@ -12,7 +12,7 @@ from typing import Optional
 
 @dataclass
 class DataConfig:
-    """Where packed rows come from (see data/dataset.py)."""
+    """Where packed rows come from (see data/loading/dataset.py)."""
 
     data_path: list[str] = field(default_factory=list)
     """Training prefixes, Megatron style: ``[P1, P2]`` or ``[W1, P1, W2, P2]`` (weights first)."""
@@ -85,6 +85,10 @@ class CheckpointConfig:
     init_from: Optional[str] = None
     """Checkpoint whose model weights start this stage; optimizer and step are not loaded.
     Either a checkpoint directory with `latest` or one iteration / HF-conversion directory."""
+    allow_random_init: bool = False
+    """Start a stage that trains neither the ViT nor the LLM (pretrain-alignment) without
+    --init-from: the projector would learn to connect two random networks. Refused unless
+    given (tests and toy runs)."""
     save_interval: int = 0
     """Save every this many steps (0: only at exit)."""
     keep_last: int = 2

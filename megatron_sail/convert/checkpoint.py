@@ -20,8 +20,10 @@ configs are always written (hf_assets), so the folder is usable as is.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -60,6 +62,8 @@ class ConvertConfig:
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"ConvertConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,12 +145,25 @@ def _single_rank() -> None:
     distributed.initialize(ParallelConfig())
 
 
+def _gib(state: dict) -> float:
+    """Bytes of a state dict in GiB."""
+    return sum(t.numel() * t.element_size() for t in state.values()) / 2**30
+
+
+def _phase(what: str, start: float) -> None:
+    """One progress line per conversion phase (minutes each on a large model)."""
+    log.info(f"convert: {what} [{time.perf_counter() - start:.1f}s]")
+
+
 def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 cfg: ConvertConfig = ConvertConfig()) -> Path:
     """Convert an HF checkpoint folder (either layout) into a Megatron dist checkpoint folder."""
     _check_not_source(hf_dir, out_dir, "--hf-dir")
     _check_empty(out_dir, cfg.overwrite)
+    start = time.perf_counter()
     hf = read_hf_checkpoint(hf_dir)
+    _phase(f"read {hf_dir}: {len(hf.state)} tensors, {_gib(hf.state):.2f} GiB ({hf.layout} layout)",
+           start)
     model_config = checkpoint_model_config(hf)
     ours = hf_internvl.hf_to_ours(hf.state, model_config)
     unused = hf_internvl.unused_hf_tensors(hf.state, model_config)
@@ -155,8 +172,10 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
     _single_rank()
     [model] = build_model_chunks(model_config, ParallelConfig(), use_te=False)
     _load_full_state(model, ours)
+    _phase("built the Megatron model and loaded the weights", start)
     with hf_io.atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
         dcp.save_sharded(dcp.model_sharded_state_dict([model]), tmp)
+        _phase(f"wrote the distributed checkpoint into {out_dir}", start)
         if unused:
             save_file({k: v.contiguous() for k, v in unused.items()}, str(tmp / UNUSED_FILE))
         write_model_config(tmp, model_config)
@@ -245,8 +264,10 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
             "when the weights came from such a checkpoint through hf-to-mcore, and in training "
             "checkpoints started from one)")
     _single_rank()
+    start = time.perf_counter()
     [model] = build_model_chunks(model_config, ParallelConfig(), use_te=False)
     dcp.load_model([model], mcore_dir)
+    _phase(f"loaded {mcore_dir}", start)
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     if not vision_family(model_config.vision.family).in_internvl_container:
         return _write_sailvl(mcore_dir, out_dir, cfg, model_config, ours, tokenizer, settings, source)
@@ -265,6 +286,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
     with hf_io.atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         hf_io.write_safetensors(tmp, disk, cfg.max_shard_bytes)
+        _phase(f"wrote {len(disk)} tensors, {_gib(disk):.2f} GiB of safetensors", start)
         _write_side_files(tmp, tokenizer, settings, hf_config["image_token_id"], cfg.layout, source)
     return Path(out_dir)
 

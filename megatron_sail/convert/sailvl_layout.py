@@ -29,35 +29,38 @@ Every step renames, splits or reshapes without changing a value: both directions
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
 
-from megatron_sail.convert.internvl_chat import (_LLM_META_KEYS, _size, container_from_hf,
-                                                 container_to_hf)
+from megatron_sail.convert.internvl_chat import LLM_META_KEYS, layout_table
+from megatron_sail.convert.rename_table import Rule
+from megatron_sail.models.families.base import square_side
 from megatron_sail.models.families import (language_family, language_family_for_architecture,
                                            language_family_for_hf, vision_family)
 
 SAILVL_MODEL_TYPE = "sailvl"
 
-_CHAT_VIT = "vision_model."
-_HF_VIT = "model.vision_tower."
 _VISION_TYPES = ("sailvit", "aimv2")
 """``vision_config.model_type`` values of AIMv2-layout towers (SAIL-VL2; Apple's own remote code)."""
 
-_EMBED = {
-    "preprocessor.patchifier.proj.weight": "embeddings.patch_embed.weight",
-    "preprocessor.patchifier.proj.bias": "embeddings.patch_embed.bias",
-    "preprocessor.patchifier.norm.weight": "embeddings.rms_norm.weight",
-    "trunk.post_trunk_norm.weight": "rms_norm.weight",
-}
-_BLOCK = {"norm_1": "rms_norm1", "norm_2": "rms_norm2", "attn.proj": "attention.out_proj",
-          "mlp.fc1": "ffn.gate_proj", "mlp.fc2": "ffn.down_proj", "mlp.fc3": "ffn.up_proj"}
-_POS, _HF_POS = "preprocessor.pos_embed", "embeddings.position_embedding.weight"
-_BLOCK_RE = re.compile(r"trunk\.blocks\.(\d+)\.(.+)\.(weight|bias)$")
-_HF_LAYER_RE = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-_EMBED_FROM_HF = {v: k for k, v in _EMBED.items()}
-_BLOCK_FROM_HF = {v: k for k, v in _BLOCK.items()}
+AIMV2_TOWER = [
+    Rule("preprocessor.patchifier.proj.{w}", "embeddings.patch_embed.{w}"),
+    Rule("preprocessor.patchifier.norm.weight", "embeddings.rms_norm.weight"),
+    Rule("preprocessor.pos_embed", "embeddings.position_embedding.weight", "squeeze"),
+    Rule("trunk.post_trunk_norm.weight", "rms_norm.weight"),
+    Rule("trunk.blocks.{i}.attn.qkv.{w}", "encoder.layers.{i}.attention.{part}_proj.{w}", "split3"),
+    Rule("trunk.blocks.{i}.attn.proj.{w}", "encoder.layers.{i}.attention.out_proj.{w}"),
+    Rule("trunk.blocks.{i}.norm_1.{w}", "encoder.layers.{i}.rms_norm1.{w}"),
+    Rule("trunk.blocks.{i}.norm_2.{w}", "encoder.layers.{i}.rms_norm2.{w}"),
+    Rule("trunk.blocks.{i}.mlp.fc1.{w}", "encoder.layers.{i}.ffn.gate_proj.{w}"),
+    Rule("trunk.blocks.{i}.mlp.fc2.{w}", "encoder.layers.{i}.ffn.down_proj.{w}"),
+    Rule("trunk.blocks.{i}.mlp.fc3.{w}", "encoder.layers.{i}.ffn.up_proj.{w}"),
+]
+"""Apple's AIMv2 names <-> transformers' Aimv2VisionModel names (transformers' own AIMv2
+conversion table: fc1 -> gate_proj, fc2 -> down_proj, fc3 -> up_proj, qkv split in thirds,
+pos_embed [1, N, d] squeezed)."""
+
+_TABLE = layout_table(AIMV2_TOWER, "sailvl")
 
 
 def is_sailvl_config(config: dict) -> bool:
@@ -72,7 +75,7 @@ def is_sailvl_config(config: dict) -> bool:
 
 
 # ----------------------------------------------------------------------------- configs
-def _aimv2_vision_config(vis: dict, image: int):
+def aimv2_vision_config(vis: dict, image: int):
     """transformers Aimv2VisionConfig of a sailvit/aimv2 remote-code vision_config."""
     from transformers import Aimv2VisionConfig
 
@@ -82,13 +85,13 @@ def _aimv2_vision_config(vis: dict, image: int):
     for flag in ("qkv_bias", "use_bias"):
         if vis.get(flag):
             raise ValueError(f"sailvl vision_config.{flag}=true is not supported (SAIL-VL2 has none)")
-    if _size(vis["image_size"]) != image:
+    if square_side(vis["image_size"]) != image:
         raise ValueError(f"sailvl force_image_size {image} differs from vision_config.image_size "
                          f"{vis['image_size']} (the position table's size): not supported")
     return Aimv2VisionConfig(
         hidden_size=vis["hidden_size"], intermediate_size=vis["intermediate_size"],
         num_hidden_layers=vis["num_hidden_layers"], num_attention_heads=vis["num_attention_heads"],
-        num_channels=vis.get("num_channels", 3), image_size=image, patch_size=_size(vis["patch_size"]),
+        num_channels=vis.get("num_channels", 3), image_size=image, patch_size=square_side(vis["patch_size"]),
         rms_norm_eps=vis.get("rms_norm_eps", 1e-5), qkv_bias=False, mlp_bias=False, use_head=False,
         is_native=False, hidden_act="silu")
 
@@ -113,11 +116,11 @@ def model_config(config: dict, image_token_id: int):
     family = (language_family_for_architecture(arch) if arch else
               language_family_for_hf(llm.get("model_type", "qwen3")))
     text = AutoConfig.for_model(family.hf_model_type,
-                                **{k: v for k, v in llm.items() if k not in _LLM_META_KEYS + ("model_type",)})
+                                **{k: v for k, v in llm.items() if k not in LLM_META_KEYS + ("model_type",)})
     tied = bool(llm.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
-    image = _size(config.get("force_image_size") or vis["image_size"])
+    image = square_side(config.get("force_image_size") or vis["image_size"])
     select = int(config.get("select_layer", -1))
-    vision = vision_family("aimv2").from_hf_config(_aimv2_vision_config(vis, image), select_layer=select)
+    vision = vision_family("aimv2").from_hf_config(aimv2_vision_config(vis, image), select_layer=select)
     return ModelConfig(vision=vision,
                        projector=ProjectorConfig(downsample_ratio=float(config.get("downsample_ratio", 0.5))),
                        language=family.from_hf_config(text, tied=tied),
@@ -143,62 +146,12 @@ def config_for(cfg, stored: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- tensors
-def _vision_to_hf(name: str, value: torch.Tensor, out: dict) -> bool:
-    """One ``vision_model.*`` tensor (prefix removed) into ``out``; False if unknown."""
-    if name in _EMBED:
-        out[_HF_VIT + _EMBED[name]] = value
-        return True
-    if name == _POS:
-        if value.dim() != 3 or value.shape[0] != 1:
-            raise ValueError(f"vision_model.{name}: expected shape [1, N, d], got {tuple(value.shape)}")
-        out[_HF_VIT + _HF_POS] = value[0]
-        return True
-    m = _BLOCK_RE.match(name)
-    if not m:
-        return False
-    layer, module, kind = m.groups()
-    base = f"{_HF_VIT}encoder.layers.{layer}."
-    if module == "attn.qkv":
-        if value.shape[0] % 3:
-            raise ValueError(f"vision_model.{name}: fused qkv first dim {value.shape[0]} is not divisible by 3")
-        for part, chunk in zip("qkv", value.chunk(3, dim=0)):
-            out[f"{base}attention.{part}_proj.{kind}"] = chunk.clone()
-        return True
-    if module in _BLOCK:
-        out[f"{base}{_BLOCK[module]}.{kind}"] = value
-        return True
-    return False
-
-
 def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """sailvl tensors -> transformers-style module keys (Aimv2VisionModel names under
     ``model.vision_tower.``, InternVL's projector / LM names). Unknown tensors are an error."""
-    return container_to_hf(state, _vision_to_hf, "sailvl")
-
-
-def _vision_from_hf(name: str, value: torch.Tensor, out: dict, pending: dict) -> bool:
-    """One ``model.vision_tower.*`` tensor back to the AIMv2 names; q/k/v wait in ``pending``."""
-    if name in _EMBED_FROM_HF:
-        out[_CHAT_VIT + _EMBED_FROM_HF[name]] = value
-        return True
-    if name == _HF_POS:
-        out[_CHAT_VIT + _POS] = value[None].contiguous()
-        return True
-    m = _HF_LAYER_RE.match(name)
-    if not m:
-        return False
-    layer, module, kind = m.groups()
-    base = f"{_CHAT_VIT}trunk.blocks.{layer}."
-    qkv = re.match(r"attention\.([qkv])_proj$", module)
-    if qkv:
-        pending.setdefault(f"{base}attn.qkv.{kind}", {})[qkv.group(1)] = value
-        return True
-    if module in _BLOCK_FROM_HF:
-        out[f"{base}{_BLOCK_FROM_HF[module]}.{kind}"] = value
-        return True
-    return False
+    return _TABLE.a_to_b(state)
 
 
 def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of ``to_hf_state_dict``: module keys -> sailvl keys (q/k/v fused, pos_embed [1, N, d])."""
-    return container_from_hf(state, _vision_from_hf, "sailvl")
+    return _TABLE.b_to_a(state)

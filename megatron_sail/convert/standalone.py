@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from megatron_sail.convert import hf_io, internvl_chat, sailvl_layout
+from megatron_sail.models.families.base import square_side
 from megatron_sail.models.families import (LANGUAGE_FAMILIES, language_family_for_hf,
                                            vision_family)
 
@@ -137,8 +138,8 @@ def _internvit_remote(folder: Path, config: dict, raw: dict) -> VisionPart:
 
     _unknown(folder, [k for k in raw if not k.startswith(("embeddings.", "encoder.layers."))],
              "the InternViT folder")
-    image = internvl_chat._size(config["image_size"])
-    patch = internvl_chat._size(config["patch_size"])
+    image = square_side(config["image_size"])
+    patch = square_side(config["patch_size"])
     hf = InternVLVisionConfig.from_dict(internvl_chat.intern_vit_config_to_hf(config, image, patch))
     try:
         state = internvl_chat.chat_to_hf_state_dict(_prefixed(raw, "", "vision_model."))
@@ -162,7 +163,7 @@ def _aimv2(folder: Path, config: dict, raw: dict) -> VisionPart:
         _unknown(folder, set(raw) - set(skipped) - {"vision_model." + k for k in tower},
                  "the Aimv2Model folder")
     else:  # Apple's remote code: original names, flat config
-        hf = sailvl_layout._aimv2_vision_config(config, internvl_chat._size(config["image_size"]))
+        hf = sailvl_layout.aimv2_vision_config(config, square_side(config["image_size"]))
         skipped = [k for k in raw if k.startswith("head.")]
         rest = {k: v for k, v in raw.items() if not k.startswith("head.")}
         try:

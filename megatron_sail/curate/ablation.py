@@ -180,7 +180,7 @@ def stratified_bootstrap(tagged: list, fn, cfg: BootstrapConfig) -> tuple[float,
 
 def run_ablation(cfg: AblationConfig, progress=print) -> dict:
     """Train and evaluate every candidate, then compare; writes ranking.json and ranking.png."""
-    from megatron_sail.curate.ablation_stats import format_table, plot_ranking
+    from megatron_sail.curate.ablation_stats import format_table, plot_ranking, ranking_title
 
     if len(cfg.candidates) < 2:
         raise ValueError("give at least two --candidate NAME=PREFIX to compare")
@@ -211,5 +211,7 @@ def run_ablation(cfg: AblationConfig, progress=print) -> dict:
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(path + ".tmp", path)
-    plot_ranking(rows, os.path.join(cfg.out_dir, "ranking.png"), f"{cfg.recipe}, {iters * seq * gbs} tokens")
+    plot_ranking(rows, os.path.join(cfg.out_dir, "ranking.png"),
+                 ranking_title(list(cfg.benchmarks), cfg.bootstrap.confidence, cfg.bootstrap.resamples,
+                               f"{cfg.recipe}, {iters * seq * gbs} tokens per candidate"))
     return result

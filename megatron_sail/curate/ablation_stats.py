@@ -84,8 +84,21 @@ def format_table(rows: list[RankRow], confidence: float, unit: str = "") -> str:
     return "\n".join(lines)
 
 
+def ranking_title(benchmarks: list[str], confidence: float, resamples: int, setting: str) -> str:
+    """ranking.png's title: what the bars are (the mean score over the named benchmarks) and
+    what the error bars are (the bootstrap interval of each candidate's difference to the best,
+    drawn around its score; none on the best)."""
+    import textwrap
+
+    lines = [f"mean score over {', '.join(benchmarks)} ({setting})",
+             f"error bars: {round(100 * confidence)}% CI of the difference to the best candidate, "
+             f"around each score (paired bootstrap over items, {resamples} resamples)"]
+    return "\n".join(textwrap.fill(line, 78) for line in lines)
+
+
 def plot_ranking(rows: list[RankRow], path: str, title: str) -> None:
-    """Bar chart of the scores with the difference interval drawn on each bar; atomic write."""
+    """Bar chart of the scores with the difference interval drawn on each bar; atomic write.
+    ``title``: ranking_title(...), which names the benchmarks and the error bars."""
     import os
 
     import matplotlib
@@ -93,7 +106,7 @@ def plot_ranking(rows: list[RankRow], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 3, 3.5))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.2 * len(rows) + 3), 3.8))
     xs = range(len(rows))
     ax.bar(xs, [r.score for r in rows], color=["#2e7d32"] + ["#4472c4"] * (len(rows) - 1))
     # the interval of each difference, drawn around the candidate's score (best + diff)
@@ -101,8 +114,8 @@ def plot_ranking(rows: list[RankRow], path: str, title: str) -> None:
                                                    [max(0.0, r.high - r.diff) for r in rows]],
                 fmt="none", ecolor="black", capsize=4)
     ax.set_xticks(list(xs), [r.name for r in rows], rotation=20)
-    ax.set_ylabel("score")
-    ax.set_title(title)
+    ax.set_ylabel("mean score")
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=80)
     plt.close(fig)

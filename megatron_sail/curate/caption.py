@@ -3,7 +3,7 @@
 Reject reasons: ``undecodable_image`` (PIL cannot decode it: checked before the backend sees
 it), ``generation_error`` (the backend failed on that image), ``empty_caption`` (nothing but
 whitespace), ``truncated_caption`` (max_new_tokens reached without a stop token); reader
-reasons (``missing_image``, ``file_too_large``, ...) pass through from data/formats.py.
+reasons (``missing_image``, ``file_too_large``, ...) pass through from data/preprocess/formats.py.
 """
 from __future__ import annotations
 

@@ -1,28 +1,31 @@
 """Local executor: shards run in this process (1 worker) or in N spawned worker processes.
 
-Each worker process loads the model once and takes shards from a pool, so N workers hold N
+Shared by every curation pass (curate/job.py). Each worker process loads the model once and
+takes shards from a pool, so N workers hold N
 models; on a CPU they share its cores. A shard that raises is retried up to ``shard_retries``
 times (its partial files were removed), then reported failed; the other shards go on.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 from megatron_sail.curate.reader import ShardSpec
-from megatron_sail.curate.worker import ShardWorker
+from megatron_sail.platform.parent_watch import watch_parent
 
 _WORKER = None
 
 
-def worker_from(cfg) -> ShardWorker:
-    """The ShardWorker a RecaptionConfig describes."""
-    return ShardWorker(cfg.reader_config(), cfg.backend_config(), cfg.prompt_config(), cfg.output_dir,
-                       cfg.max_pixels)
+def worker_from(cfg):
+    """The per-shard worker a pass's config builds (ShardWorker for recaption, the filter and
+    signature workers for filter_data and dedup): see curate/job.py."""
+    return cfg.make_worker()
 
 
-def _init(cfg) -> None:
+def _init(cfg, parent: int) -> None:
     global _WORKER
+    watch_parent(parent)  # a killed run takes its workers with it; they never commit after it
     _WORKER = worker_from(cfg)
 
 
@@ -71,7 +74,8 @@ class LocalExecutor:
     def _pool(self, pending, bar):
         results, failed, retries = {}, [], 0
         ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch/distributed state
-        with ProcessPoolExecutor(self.cfg.workers, mp_context=ctx, initializer=_init, initargs=(self.cfg,)) as pool:
+        with ProcessPoolExecutor(self.cfg.workers, mp_context=ctx, initializer=_init,
+                                 initargs=(self.cfg, os.getpid())) as pool:
             running = {pool.submit(_process, s): (s, 1) for s in pending}
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)

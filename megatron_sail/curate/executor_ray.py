@@ -1,4 +1,4 @@
-"""Ray executor: the same per-shard work as Ray tasks on captioner actors.
+"""Ray executor: the same per-shard work as Ray tasks on actors (any curation pass, curate/job.py).
 
 Each actor holds one model (``num_gpus=gpus_per_worker``: one GPU per captioner on a GPU
 cluster) and captions one shard at a time; the driver keeps every actor busy, retries a shard

@@ -3,7 +3,7 @@
 Inputs are img2dataset WebDataset shards (one shard per tar), caption / LLaVA JSONL files (cut
 into shards of ``samples_per_shard`` records) or an image folder (sorted files, cut the same
 way; a ``NAME.txt`` next to ``NAME.jpg`` is its original text). The readers and the path checks
-of data/formats.py are reused: images are read inside the image root only and size-capped.
+of data/preprocess/formats.py are reused: images are read inside the image root only and size-capped.
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS
-from megatron_sail.data import formats
-from megatron_sail.data.formats import IMAGE_EXTS, ImageAccess
-from megatron_sail.data.media_refs import image_field
+from megatron_sail.data.preprocess import formats
+from megatron_sail.data.preprocess.formats import IMAGE_EXTS, ImageAccess
+from megatron_sail.data.images.imageinfo import clean_message
+from megatron_sail.data.preprocess.media_refs import image_field
 from megatron_sail.data.template import SampleError
 
 
@@ -34,6 +35,8 @@ class ReaderConfig:
     """Records per shard for JSONL files and image folders (a tar is one shard)."""
     max_image_bytes: int = formats.DEFAULT_MAX_IMAGE_BYTES
     """Largest image read; larger ones are ``file_too_large`` rejects."""
+    max_sample_bytes: Optional[int] = None
+    """Largest sum of one tar sample's members (None: twice max_image_bytes); larger: ``sample_too_large``."""
 
 
 @dataclass(frozen=True)
@@ -72,14 +75,16 @@ class Sample:
     """Set when the sample could not be read (it becomes a reject)."""
 
 
-def _safe_key(text: str) -> str:
-    """A WebDataset key: the reader splits a member name at its first dot, so no dots/slashes."""
+def safe_key(text: str) -> str:
+    """A WebDataset key: the reader splits a member name at its first dot, so no dots/slashes
+    (and so no ``../`` or absolute path ever reaches an output member name). Recaption and
+    filter_data both name their output members with it."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
 def _stem(path: str) -> str:
     base = os.path.basename(path.rstrip("/"))
-    return _safe_key(base[:-4] if base.endswith(".tar") else os.path.splitext(base)[0])
+    return safe_key(base[:-4] if base.endswith(".tar") else os.path.splitext(base)[0])
 
 
 def _folder_images(folder: str) -> list[str]:
@@ -157,7 +162,7 @@ class ReadStage:
 
     def __init__(self, cfg: ReaderConfig):
         self.cfg = cfg
-        self.access = ImageAccess(max_bytes=cfg.max_image_bytes)
+        self.access = ImageAccess(max_bytes=cfg.max_image_bytes, max_sample_bytes=cfg.max_sample_bytes)
 
     def read(self, spec: ShardSpec) -> Iterator[Sample]:
         """The shard's samples."""
@@ -172,7 +177,7 @@ class ReadStage:
         base = os.path.dirname(os.path.abspath(spec.source))
         for rec in formats._iter_tar(spec.source, base, self.access):
             where = f"{spec.source}:{rec.key}"
-            s = Sample(_safe_key(rec.key), where)
+            s = Sample(safe_key(rec.key), where)
             try:
                 if rec.error:
                     reason, _, detail = rec.error.partition(": ")
@@ -272,7 +277,7 @@ def check_decodable(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
             im.load()
         return None
     except Exception as e:  # noqa: BLE001 - any decoder failure is the same reject
-        return f"{type(e).__name__}: {e}"
+        return clean_message(f"{type(e).__name__}: {e}")
 
 
 def dump_json(obj) -> bytes:

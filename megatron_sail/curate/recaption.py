@@ -1,30 +1,27 @@
 """Recaption: ``run(RecaptionConfig) -> summary``, the API behind tools/recaption.py.
 
-Picks this task's shards (``shard_index::num_shards`` for SLURM arrays), skips those with a
-done marker, runs the rest on the chosen executor (local, or Ray tasks on actors holding one
-model each), retries failed shards, and rebuilds ``done_manifest.json``.
+The sharded job of curate/job.py (this task's shards, skip done ones, local or Ray executor,
+retries, ``done_manifest.json``) with ShardWorker (read -> caption -> write) as the worker.
 """
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS
 from megatron_sail.curate.backends import BackendConfig
 from megatron_sail.curate.prompts import PromptBankConfig
+from megatron_sail.curate.job import EXECUTORS, check_job, run_job, sum_reasons, task_shards
 from megatron_sail.curate.reader import ReaderConfig, ShardSpec, list_shards, shard_size
-from megatron_sail.curate.writer import is_done, write_manifest
 
-EXECUTORS = ("local", "ray")
+__all__ = ["EXECUTORS", "RecaptionConfig", "my_shards", "run"]
 SIZE_SAMPLE = 32
 """Shards whose samples are counted for the progress bar's total (and ETA)."""
 
 
 @dataclass
 class RecaptionConfig:
-    """One recaption run."""
+    """One recaption run (the job fields, shard_index..progress, are curate/job.py's JobConfig's)."""
 
     inputs: list[str]
     """Tar shards / JSONL files (globs allowed) or an image folder."""
@@ -41,42 +38,33 @@ class RecaptionConfig:
     samples_per_shard: int = 1000
     """Records per shard for JSONL files and image folders."""
     shard_index: int = 0
-    """This task's index among ``num_shards`` (SLURM_ARRAY_TASK_ID)."""
     num_shards: int = 1
-    """Tasks sharing the input (SLURM array size): task i takes shards i, i+n, i+2n, ..."""
     executor: str = "local"
-    """'local' (this machine, no cluster) or 'ray'."""
     workers: int = 1
     """Captioner processes (local) or actors (ray), each holding one model."""
     shard_retries: int = 2
-    """Times a shard that raised is tried again before it is reported failed."""
     ray_address: Optional[str] = None
-    """Ray cluster to join (None: start a local one with ``ray_num_cpus``)."""
     ray_num_cpus: Optional[int] = None
-    """CPUs of the local Ray instance (None: all)."""
     gpus_per_worker: float = 0.0
     """GPUs per captioner actor (1 on GPU clusters)."""
     cpus_per_worker: float = 1.0
-    """CPUs per captioner actor / local worker thread budget."""
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """Larger images are ``undecodable_image`` rejects (decompression bombs)."""
     max_image_bytes: int = 128 << 20
     """Larger image files are ``file_too_large`` rejects."""
+    max_sample_bytes: Optional[int] = None
+    """Largest sum of one tar sample's members (None: twice max_image_bytes): ``sample_too_large``."""
     progress: bool = True
     """Show a progress bar (images/s, ETA) on stderr."""
 
     def __post_init__(self) -> None:
-        if self.executor not in EXECUTORS:
-            raise ValueError(f"--executor must be local or ray, got {self.executor!r}")
-        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            raise ValueError(f"--shard-index {self.shard_index} must be in [0, --num-shards {self.num_shards})")
-        if self.workers < 1 or self.shard_retries < 0:
-            raise ValueError(f"workers ({self.workers}) must be >= 1 and shard_retries ({self.shard_retries}) >= 0")
+        check_job(self)
         if not self.inputs:
             raise ValueError("no --input given")
 
     def reader_config(self) -> ReaderConfig:
-        return ReaderConfig(list(self.inputs), self.image_root, self.samples_per_shard, self.max_image_bytes)
+        return ReaderConfig(list(self.inputs), self.image_root, self.samples_per_shard, self.max_image_bytes,
+                            self.max_sample_bytes)
 
     def backend_config(self) -> BackendConfig:
         from dataclasses import replace
@@ -86,10 +74,17 @@ class RecaptionConfig:
     def prompt_config(self) -> PromptBankConfig:
         return PromptBankConfig(self.prompt_file, self.seed)
 
+    def make_worker(self):
+        """The per-shard worker the executors run (curate/job.py)."""
+        from megatron_sail.curate.worker import ShardWorker
+
+        return ShardWorker(self.reader_config(), self.backend_config(), self.prompt_config(), self.output_dir,
+                           self.max_pixels)
+
 
 def my_shards(cfg: RecaptionConfig) -> list[ShardSpec]:
     """This task's part of all shards (stable order, so array tasks never overlap)."""
-    return list_shards(cfg.reader_config())[cfg.shard_index::cfg.num_shards]
+    return task_shards(cfg, list_shards(cfg.reader_config()))
 
 
 def make_progress(cfg: RecaptionConfig, pending: list[ShardSpec]):
@@ -107,36 +102,8 @@ def make_progress(cfg: RecaptionConfig, pending: list[ShardSpec]):
 
 def run(cfg: RecaptionConfig) -> dict:
     """Recaption this task's shards; returns counts, failures and throughput."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("recaption runs one process per task (SLURM array, --workers, Ray), not under "
-                         "torchrun: every rank would caption every shard")
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    shards = my_shards(cfg)
-    pending = [s for s in shards if not is_done(cfg.output_dir, s.name)]
-    start = time.time()
-    bar = make_progress(cfg, pending)
-    try:
-        if cfg.executor == "ray":
-            from megatron_sail.curate.executor_ray import RayExecutor
-            results, failed, retries = RayExecutor(cfg).run(pending, bar)
-        else:
-            from megatron_sail.curate.executor_local import LocalExecutor
-            results, failed, retries = LocalExecutor(cfg).run(pending, bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    seconds = time.time() - start
-    manifest = write_manifest(cfg.output_dir)
-    by_reason: dict[str, int] = {}
-    for r in results.values():
-        for k, v in r["rejects_by_reason"].items():
-            by_reason[k] = by_reason.get(k, 0) + v
-    samples = sum(r["samples"] for r in results.values())
-    return {"output_dir": cfg.output_dir, "manifest": manifest, "shards": len(shards),
-            "skipped_done": len(shards) - len(pending), "shards_done": sorted(results),
-            "failed_shards": failed, "samples": samples,
-            "captioned": sum(r["captioned"] for r in results.values()),
-            "rejected": sum(r["rejected"] for r in results.values()), "rejects_by_reason": dict(sorted(by_reason.items())),
-            "request_retries": retries, "seconds": round(seconds, 3),
-            "images_per_s": round(samples / seconds, 3) if seconds > 0 else None,
-            "executor": cfg.executor, "workers": cfg.workers}
+    res = run_job(cfg, list_shards(cfg.reader_config()), lambda pending: make_progress(cfg, pending),
+                  totals=("samples", "captioned"))
+    results = res.pop("results")
+    return {**res, "captioned": sum(r["captioned"] for r in results.values()),
+            "rejected": sum(r["rejected"] for r in results.values()), "rejects_by_reason": sum_reasons(results)}

@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_sail.data import integrity
-from megatron_sail.data.packing import Sample
+from megatron_sail.data.preprocess.packing import Sample
 
 STREAMS = ("tokens", "loss_mask", "images")
 FORMAT_NAME = "megatron_sail.packed"
@@ -56,6 +56,7 @@ class PackedWriter:
         self.prefix = prefix
         self.tmp = f".tmp{os.getpid()}"
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        self.removed_stale = remove_stale_temporaries(prefix)
         self._builders = {
             "tokens": _builder(self._path("tokens.bin"), np.int32),
             "loss_mask": _builder(self._path("loss_mask.bin"), np.uint8),
@@ -109,7 +110,10 @@ class PackedWriter:
     def add_reject(self, source: str, key: str, reason: str, detail: str) -> None:
         """Record one rejected input record."""
         line = {"source": source, "key": key, "reason": reason, "detail": detail}
-        self._rejects.write(json.dumps(line, ensure_ascii=False) + "\n")
+        try:
+            self._rejects.write(json.dumps(line, ensure_ascii=False) + "\n")
+        except OSError as e:
+            raise integrity.write_error(self._path("rejects.jsonl"), e) from None
         self._block_rejects += 1
 
     def end_block(self, block: int) -> None:
@@ -119,10 +123,12 @@ class PackedWriter:
 
     def _finalize_files(self) -> None:
         for name, b in self._builders.items():
-            b.finalize(self._path(f"{name}.idx"))
-        self._rejects.close()
+            with _naming(self._path(f"{name}.idx")):
+                b.finalize(self._path(f"{name}.idx"))
+        with _naming(self._path("rejects.jsonl")):
+            self._rejects.close()
         meta = np.asarray(self._image_meta, dtype=np.int32).reshape(-1, len(META_COLUMNS))
-        with open(self._path("images_meta.npy"), "wb") as f:
+        with _naming(self._path("images_meta.npy")), open(self._path("images_meta.npy"), "wb") as f:
             np.save(f, meta)
 
     def commit(self, meta: dict) -> None:
@@ -131,7 +137,7 @@ class PackedWriter:
         names = [path[len(self.prefix) + 1:] for path in final_paths(self.prefix)[:-1]]
         known = {f"{s}.bin": (b.data_file.bytes, b.data_file.hash.hexdigest()) for s, b in self._builders.items()}
         meta = {**meta, "checksums": integrity.checksums_block({n: self._path(n) for n in names}, known)}
-        with open(self._path("meta.json"), "w", encoding="utf-8") as f:
+        with _naming(self._path("meta.json")), open(self._path("meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
             f.write("\n")
         # an older dataset under this prefix stops being "complete" before any of its files is
@@ -143,19 +149,39 @@ class PackedWriter:
             os.replace(path + self.tmp, path)
         self._closed = True
 
-    def abort(self, keep_rejects: bool = False) -> None:
-        """Delete the temporary files (optionally publishing only the reject report)."""
+    def abort(self, keep_rejects: bool = False) -> Optional[OSError]:
+        """Delete the temporary files (optionally publishing only the reject report).
+
+        Survives a full disk: closing a file whose buffered tail cannot be written fails again
+        with ENOSPC, so every close is tried, the first error is kept (and returned), and the
+        temporaries are removed whatever happened. With ``keep_rejects`` a rejects file that
+        could not be closed is not published, and the error is raised (one line, naming it)."""
         if self._closed:
-            return
-        for b in self._builders.values():
-            b.data_file.close()
-        self._rejects.close()
-        for path in final_paths(self.prefix):
-            if keep_rejects and path.endswith(".rejects.jsonl"):
-                os.replace(path + self.tmp, path)
-            elif os.path.exists(path + self.tmp):
-                os.remove(path + self.tmp)
+            return None
         self._closed = True
+        first: Optional[OSError] = None
+        for close in [b.data_file.close for b in self._builders.values()] + [self._rejects_close]:
+            try:
+                close()
+            except OSError as e:
+                first = first or e
+        for path in final_paths(self.prefix):
+            try:
+                if keep_rejects and path.endswith(".rejects.jsonl") and first is None:
+                    os.replace(path + self.tmp, path)
+                elif os.path.exists(path + self.tmp):
+                    os.remove(path + self.tmp)
+            except OSError as e:
+                first = first or e
+        if keep_rejects and first is not None:
+            raise first
+        return first
+
+    def _rejects_close(self) -> None:
+        try:
+            self._rejects.close()
+        except OSError as e:
+            raise integrity.write_error(self._path("rejects.jsonl"), e) from None
 
     def __enter__(self) -> "PackedWriter":
         return self
@@ -163,6 +189,51 @@ class PackedWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self._closed:
             self.abort()
+
+
+class _naming:
+    """Turns an OSError inside the block into one line naming ``path`` (integrity.write_error)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and isinstance(exc, OSError) and not isinstance(exc, integrity.OutputWriteError):
+            raise integrity.write_error(self.path, exc) from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(prefix: str) -> list[str]:
+    """Remove ``PREFIX.<file>.tmp<PID>`` left by an earlier run of this prefix whose process is
+    gone (killed, or its cleanup hit a full disk); a live writer's files are left alone."""
+    removed = []
+    for path in final_paths(prefix):
+        folder, base = os.path.split(os.path.abspath(path))
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            pid = name[len(base) + 4:] if name.startswith(base + ".tmp") else ""
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                try:
+                    os.remove(os.path.join(folder, name))
+                    removed.append(os.path.join(folder, name))
+                except OSError:
+                    pass
+    return sorted(removed)
 
 
 class PackedReader:

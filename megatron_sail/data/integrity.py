@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_sail.compat import indexed as idx_format
+from megatron_sail.hashing import file_sha256 as file_digest  # ALGORITHM's digest of a file
 
 ALGORITHM = "sha256"
 CHEAP_HASH_BYTES = 1 << 20
@@ -50,6 +51,30 @@ class DatasetIntegrityError(ValueError):
     """A damaged, truncated or mismatched dataset file (the message names it)."""
 
 
+class OutputWriteError(OSError):
+    """Writing an output file failed (a full disk, most often): one line naming the file."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def write_error(path: str, error: OSError) -> OutputWriteError:
+    """"no space left on device while writing PATH (N bytes free)" for ENOSPC, else the OS's
+    reason with the path; the caller raises it ``from None`` so no chained traceback follows."""
+    import errno
+
+    if isinstance(error, OutputWriteError):
+        return error
+    if error.errno == errno.ENOSPC:
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+            free = f"{st.f_bavail * st.f_frsize} bytes free"
+        except OSError:
+            free = "free space unknown"
+        return OutputWriteError(error.errno, f"no space left on device while writing {path} ({free})")
+    return OutputWriteError(error.errno, f"{error.strerror or error} while writing {path}")
+
+
 class HashingFile:
     """A binary file object that hashes what is written through it (Megatron's builder writes
     its ``.bin`` with ``write`` only), so a stream's digest costs no second read."""
@@ -62,24 +87,19 @@ class HashingFile:
     def write(self, data) -> int:
         self.hash.update(data)
         self.bytes += len(memoryview(data).cast("B"))
-        return self._f.write(data)
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            raise write_error(self._f.name, e) from None
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError as e:  # the buffered tail hits the full disk here
+            raise write_error(self._f.name, e) from None
 
     def __getattr__(self, name):
         return getattr(self._f, name)
-
-
-def file_digest(path: str, chunk: int = 8 << 20) -> str:
-    """Hex digest of a file, read in chunks."""
-    h = hashlib.new(ALGORITHM)
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
 
 
 def checksums_block(files: dict[str, str], known: Optional[dict[str, tuple[int, str]]] = None) -> dict:

@@ -1,6 +1,6 @@
 """The row schema shared by the dataset reader, the image pipeline and the trainer.
 
-The dataset reader (data/dataset.py) yields one ``PackedRow`` per packed sequence; the image
+The dataset reader (data/loading/dataset.py) yields one ``PackedRow`` per packed sequence; the image
 pipeline turns its ``ImageRecord`` list into tiles; the micro-batch collator stacks rows. Keeping
 the schema in one small module lets those parts evolve separately.
 """

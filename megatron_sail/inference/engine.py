@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,14 +27,8 @@ from megatron_sail.inference.kv_cache import CacheStep, KVCache, cached_attentio
 from megatron_sail.inference.prompts import Prompt, PromptBuilder, ProcessorSettings
 from megatron_sail.inference.sampling import apply_min_tokens, next_tokens
 from megatron_sail.models.attention import packed_seq_params
+from megatron_sail.models.sail_vl import unwrap
 from megatron_sail.platform.distributed import device as model_device
-
-
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP / Float16Module wrappers (each keeps the wrapped model in ``.module``)."""
-    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
-        chunk = chunk.module
-    return chunk
 
 
 class Generator:
@@ -75,8 +69,10 @@ class Generator:
                    for i, r in enumerate(requests)]
         return self.generate_prompts(prompts)
 
-    def generate_prompts(self, prompts: list[Prompt]) -> list[GenerationResult]:
-        """Answers to prepared prompts (ids + tiles), ``batch_size`` prompts at a time."""
+    def generate_prompts(self, prompts: list[Prompt],
+                         on_batch: Optional[Callable[[int], None]] = None) -> list[GenerationResult]:
+        """Answers to prepared prompts (ids + tiles), ``batch_size`` prompts at a time;
+        ``on_batch(n)`` is told after each batch how many prompts it answered (progress)."""
         modes = [c.training for c in self.wrapped]
         generator = torch.Generator().manual_seed(self.cfg.seed)
         results: list[GenerationResult] = []
@@ -86,7 +82,10 @@ class Generator:
                 c.eval()
             with torch.no_grad():
                 for start in range(0, len(prompts), self.cfg.batch_size):
-                    results += self._batch(prompts[start:start + self.cfg.batch_size], generator)
+                    batch = self._batch(prompts[start:start + self.cfg.batch_size], generator)
+                    results += batch
+                    if on_batch is not None:
+                        on_batch(len(batch))
         finally:
             for c, mode in zip(self.wrapped, modes):
                 c.train(mode)

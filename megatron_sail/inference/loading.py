@@ -30,8 +30,9 @@ from megatron_sail.config.model import ModelConfig
 from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_sail.inference.config import GenerationConfig
-from megatron_sail.inference.engine import Generator, unwrap
+from megatron_sail.inference.engine import Generator
 from megatron_sail.inference.prompts import ProcessorSettings
+from megatron_sail.models.sail_vl import unwrap
 
 
 @dataclass

@@ -26,6 +26,14 @@ from megatron_sail.models.families import language_family
 from megatron_sail.models.projector import Projector
 
 
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The SailVLModel inside DDP / Float16Module wrappers (each keeps the wrapped model in
+    ``.module``); what training, checkpoints and generation reach through."""
+    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
+        chunk = chunk.module
+    return chunk
+
+
 def language_transformer_config(lm: LanguageConfig, parallel: ParallelConfig,
                                 dtype: torch.dtype = torch.float32) -> TransformerConfig:
     """Megatron TransformerConfig of the decoder, from its family spec, under the parallel layout."""

@@ -37,7 +37,7 @@ from megatron_sail.checkpoint.layout import (LATEST, STATE_FILE, CheckpointDamag
                                              resolve_checkpoint)
 from megatron_sail.checkpoint.optimizer_state import OPTIM_METADATA, fit_chained_layout
 from megatron_sail.compat import optimizer as compat_optimizer
-from megatron_sail.training.optimizer import unwrap
+from megatron_sail.models.sail_vl import unwrap
 
 VERIFIED = dcp.DistCkptConfig(verify="off")
 """Loads after check_before_load: the manifest was checked there, with --ckpt-verify."""

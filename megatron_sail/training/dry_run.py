@@ -28,9 +28,9 @@ import yaml
 from megatron_sail import cli
 from megatron_sail.checkpoint.from_checkpoint import IGNORED_MODEL_FIELDS, resolve
 from megatron_sail.checkpoint.layout import read_model_config, resolve_checkpoint
-from megatron_sail.config.run import RunConfig, flatten, to_dict
+from megatron_sail.config.run import RunConfig, flatten, random_init_problem, to_dict
 from megatron_sail.data import geometry
-from megatron_sail.data.dataset import parse_data_path
+from megatron_sail.data.loading.dataset import parse_data_path
 
 GEOMETRY_KEYS = ("img_context_id", "img_start_id", "img_end_id", "im_start_id", "im_end_id", "pad_id",
                  "tokens_per_tile", "tile_size")
@@ -196,6 +196,12 @@ def check(cfg: RunConfig, planned: list[str]) -> Report:
              else check_data(cfg, report))
     check_checkpoint(cfg, "--load", cfg.checkpoint.load, planned, vocab, report)
     check_checkpoint(cfg, "--init-from", cfg.checkpoint.init_from, planned, vocab, report)
+    load = cfg.checkpoint.load
+    resumed = bool(load) and (os.path.abspath(load) in {os.path.abspath(p) for p in planned}
+                              or os.path.exists(load))
+    problem = random_init_problem(cfg, has_checkpoint=resumed)
+    if problem:
+        report.errors.append(problem)
     return report
 
 

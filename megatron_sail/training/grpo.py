@@ -34,7 +34,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_sail.data.collate import MicroBatch
+from megatron_sail.data.loading.collate import MicroBatch
 from megatron_sail.platform.distributed import device
 from megatron_sail.training.losses import grpo as L
 

@@ -1,7 +1,7 @@
 """The training loop: feed global batches, step, log, validate, save, and stop cleanly.
 
 Data order is a pure function of ``consumed_samples``: global batch k holds rows
-[k*G, (k+1)*G) of the endless blended stream (data/dataset.py), data-parallel rank r takes the r-th contiguous
+[k*G, (k+1)*G) of the endless blended stream (data/loading/dataset.py), data-parallel rank r takes the r-th contiguous
 slice, cut into micro-batches. A resumed run therefore continues with exactly the rows the
 uninterrupted run would have used, at any DP size, and the loader's position is derived from
 the TrainState rather than stored separately.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from megatron.core import parallel_state
 
-from megatron_sail.data.images.prefetch import PrefetchLoader
+from megatron_sail.data.loading.prefetch import PrefetchLoader
 from megatron_sail.training import checkpoint as ckpt
 from megatron_sail.checkpoint.dcp import ThreadAsyncCallsQueue
 from megatron_sail.training.flops import real_seqlens, step_flops
@@ -198,7 +198,18 @@ def _maybe_validate(ctx: LoopContext, final: bool) -> None:
     if ctx.valid_feeder_factory is None or not (due or final):
         return
     loss = validate(ctx.chunks, ctx.valid_feeder_factory, t.eval_iters, ctx.cfg.data.seq_length)
-    ctx.metrics.log_eval(ctx.state.iteration, loss)
+    ctx.metrics.log_eval(ctx.state.iteration, loss, checkpoint=_evaluated_checkpoint(ctx))
+
+
+def _evaluated_checkpoint(ctx: LoopContext) -> Optional[str]:
+    """Before any step of a run started with --init-from, the weights validated are that
+    checkpoint's: its folder (iter_N), so the log does not call them "step 0"."""
+    init_from = ctx.cfg.checkpoint.init_from
+    if ctx.state.iteration or not init_from:
+        return None
+    from megatron_sail.checkpoint.layout import resolve_checkpoint
+
+    return resolve_checkpoint(init_from) or init_from
 
 
 def _one_step(ctx: LoopContext) -> StepStats:

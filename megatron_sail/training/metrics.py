@@ -262,7 +262,9 @@ class MetricsWriter:
         self._write_tensorboard(rec)
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{rec['lm_loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            # this step's loss; the log line shows the mean over its interval (labelled as such)
+            self._bar.set_postfix_str(f"loss (this step) {rec['lm_loss']:.4f}, "
+                                      f"{rec['tokens_per_s']:.0f} tokens/s")
         if s.iteration % self.log_interval == 0 or s.iteration == self.cfg.total_iters:
             self._print(self._console_line(self._window))
             self._window = []
@@ -270,8 +272,11 @@ class MetricsWriter:
                 self._tb.flush()
         return rec
 
-    def log_eval(self, iteration: int, lm_loss: float, split: str = "validation") -> None:
-        """Validation loss: a console line, a TensorBoard scalar and a line in valid_metrics.jsonl."""
+    def log_eval(self, iteration: int, lm_loss: float, split: str = "validation",
+                 checkpoint: Optional[str] = None) -> None:
+        """Validation loss: a console line, a TensorBoard scalar and a line in valid_metrics.jsonl.
+        ``checkpoint``: the --init-from checkpoint validated before any step of this run; the
+        line then names it (``checkpoint iter_0001000``) instead of this run's step 0."""
         if not self.active:
             return
         ppl = math.exp(lm_loss) if lm_loss < 50 else float("inf")
@@ -283,15 +288,19 @@ class MetricsWriter:
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(_json_safe(scalars), step=iteration)
+        record = {"iteration": iteration, "split": split, "lm_loss": float(lm_loss), "ppl": ppl}
+        where = f"step {iteration}"
+        if checkpoint is not None:
+            record["checkpoint"] = str(checkpoint)
+            where = f"checkpoint {os.path.basename(os.path.normpath(checkpoint))}"
         with open(self.run_dir / VALID_METRICS_FILE, "a") as f:
-            f.write(json.dumps(_json_safe({"iteration": iteration, "split": split,
-                                           "lm_loss": float(lm_loss), "ppl": ppl})) + "\n")
-        self._print(f"[eval] step {iteration} | {split} lm loss {lm_loss:.4f} | ppl {ppl:.2f}")
+            f.write(json.dumps(_json_safe(record)) + "\n")
+        self._print(f"[eval] {where} | {split} lm loss {lm_loss:.4f} | ppl {ppl:.2f}")
 
     def log_images(self, iteration: int, batch, decode: Callable[[list[int]], str],
                    mean, std, image_token_id: int, count: int) -> int:
         """TensorBoard image summaries of the first ``count`` images of a micro-batch
-        (data/collate.py MicroBatch): each image's last tile (the thumbnail, or the only tile)
+        (data/loading/collate.py MicroBatch): each image's last tile (the thumbnail, or the only tile)
         de-normalized, beside the text of its sample with the <IMG_CONTEXT> runs left out.
         Returns how many were written."""
         spans, tiles = batch.image_spans or [], batch.tiles
@@ -385,7 +394,7 @@ class MetricsWriter:
         parts = [
             f"step {last['iteration']}/{total if total else '?'}",
             f"eta {_format_eta(eta)}",
-            f"loss {loss:.4f}",
+            f"loss (mean of {len(losses)} steps) {loss:.4f}",
             *_window_mean(window, LOAD_BALANCING_LOSS),
             f"lr {last['lr']:.3e}",
             f"grad norm {gn:.3f}" if gn is not None else "grad norm -",

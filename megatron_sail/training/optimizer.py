@@ -20,18 +20,12 @@ from megatron.core.optimizer import (
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_sail.config.train import OptimConfig
+from megatron_sail.models.sail_vl import unwrap
 
 VISION_MODULE = "vision_model"
 """Attribute name of the ViT inside SailVLModel."""
 PROJECTOR_MODULE = "projector"
 """Attribute name of the projector inside SailVLModel."""
-
-
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP / Float16Module wrappers (each keeps the wrapped model in ``.module``)."""
-    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
-        chunk = chunk.module
-    return chunk
 
 
 def module_param_ids(chunks: Iterable[torch.nn.Module], attr: str) -> frozenset[int]:

@@ -4,7 +4,7 @@ Same start as every stage (train.py: platform, chunks, Megatron DDP, optimizer, 
 checkpoint load, metrics), then a loop of its own, because the data is not packed indexed rows:
 
 * dpo: JSONL preference pairs are tokenized at start-up with the starting checkpoint's tokenizer
-  and processor settings (data/preference.py, training/preference.py), the reference log-probs
+  and processor settings (data/preprocess/preference.py, training/preference.py), the reference log-probs
   are computed (or read) once, and each step takes --global-batch-size rows of pairs;
 * grpo: prompts with reference answers are read at start-up (training/grpo.py); each step samples
   completions with the generation engine from the live model, scores them and updates.
@@ -185,7 +185,7 @@ def run_loop(s: Setup, one_step: Callable[[Setup], None]) -> int:
 # ------------------------------------------------------------------ dpo
 def dpo_data(s: Setup):
     """Rows of pairs and their reference log-probs (sidecar, --ref-load model or the policy)."""
-    from megatron_sail.data.preference import PairFile, read_pairs
+    from megatron_sail.data.preprocess.preference import PairFile, read_pairs
     from megatron_sail.training import preference as pref
 
     cfg = s.cfg

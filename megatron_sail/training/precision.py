@@ -19,7 +19,7 @@ import torch
 
 from megatron_sail.models import layer_specs
 from megatron_sail.platform import distributed as platform
-from megatron_sail.training.optimizer import unwrap
+from megatron_sail.models.sail_vl import unwrap
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_sail.data.preference import PreferencePair, Reject
+from megatron_sail.data.preprocess.preference import PreferencePair, Reject
 from megatron_sail.data.records import ImageRecord, PackedRow
 from megatron_sail.data.template import SampleError
 from megatron_sail.platform.distributed import device
@@ -272,7 +272,7 @@ def reference_logps(chunks: list, rows: list[PackedRow], pipeline, seq_length: i
     """Collective over every rank: [pairs, 2] reference log-prob sums of each row, on every
     rank. Data-parallel ranks split the rows, pipeline stages run the schedule, and the last
     stage's results are shared over the pipeline and data-parallel groups."""
-    from megatron_sail.data.collate import collate_rows
+    from megatron_sail.data.loading.collate import collate_rows
     from megatron_sail.training.loop import SkipDecode
 
     dp, dp_rank = (parallel_state.get_data_parallel_world_size(),
@@ -394,7 +394,7 @@ def pref_step(chunks: list, optimizer, scheduler, batches: list[PrefBatch], seq_
 def make_batches(rows: list[PackedRow], ref: list[np.ndarray], indices: list[list[int]],
                  pipeline) -> list[PrefBatch]:
     """PrefBatches of the given row indices (one list per micro-batch)."""
-    from megatron_sail.data.collate import collate_rows
+    from megatron_sail.data.loading.collate import collate_rows
     from megatron_sail.training.loop import SkipDecode
 
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)

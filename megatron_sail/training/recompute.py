@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from megatron_sail.training.optimizer import unwrap
+from megatron_sail.models.sail_vl import unwrap
 
 
 @dataclass

@@ -45,7 +45,7 @@ class StepResult:
 
 
 def _to_device(batch) -> dict:
-    """Model inputs of one micro-batch (data/collate.py MicroBatch) on the model's device."""
+    """Model inputs of one micro-batch (data/loading/collate.py MicroBatch) on the model's device."""
     b = batch.to(device(), non_blocking=True)
     tiles = b.tiles if b.tiles is not None and b.tiles.numel() else None
     return {"input_ids": b.tokens, "labels": b.labels, "cu_seqlens": b.cu_seqlens,

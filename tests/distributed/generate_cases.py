@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-TOOLS = str(Path(__file__).resolve().parents[2] / "tools")
-UNIT = str(Path(__file__).resolve().parents[1] / "unit")
 MAX_NEW = 14
 MAX_TILES = 4
 FAMILIES = ("qwen3", "qwen3_moe", "qwen3_moe_chat", "sailvl")
@@ -27,7 +24,6 @@ Qwen3-MoE in the InternVL-chat layout, and AIMv2 + Qwen3-MoE in SAIL-VL2's 'sail
 def make_checkpoints(root: Path) -> dict:
     """Tiny random checkpoints (with a BPE tokenizer): Qwen2 in both HF layouts, the FAMILIES
     folders, and test images."""
-    sys.path.insert(0, TOOLS)
     from make_tiny_hf_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint
     from PIL import Image
 
@@ -59,7 +55,6 @@ def make_sailvl(out: Path, lm_from: Path) -> Path:
     projector, and the Qwen3-MoE LM and tokenizer of the transformers-layout folder ``lm_from``."""
     import torch
 
-    sys.path.insert(0, UNIT)
     import test_convert_sailvl as sv
 
     from megatron_sail.convert import hf_io
@@ -140,7 +135,6 @@ def _composed_reference(hf, prompts, stop_ids, min_new_tokens: int = 0) -> list[
     (with inputs_embeds alone, ``generate`` returns only the new tokens)."""
     import torch
 
-    sys.path.insert(0, TOOLS)
     from compare_logits import composed_reference
 
     embed, lm = composed_reference(hf, torch.float32, torch.device("cpu"))

@@ -1,7 +1,11 @@
 #!/usr/bin/env python
 """Longer greedy-parity run than test_generate.py (run by hand; pytest does not collect it).
 
-    OMP_NUM_THREADS=1 python tests/distributed/measure_generation_parity.py [--new-tokens 48]
+    OMP_NUM_THREADS=1 PYTHONPATH=.:tools:tests:tests/unit:tests/distributed \
+        python tests/distributed/measure_generation_parity.py [--new-tokens 48]
+
+(the PYTHONPATH is pytest's ``pythonpath`` from pyproject.toml: the checkout, the tools and the
+test helpers.)
 
 For every checkpoint of generate_cases (Qwen2 in both InternVL layouts and the FAMILIES:
 Qwen3, Qwen3-MoE in both layouts, AIMv2 + Qwen3-MoE in the sailvl layout): 12 prompts (text
@@ -19,10 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parent)]
-
-import generate_cases as gc  # noqa: E402
-from launcher import launch  # noqa: E402
+import generate_cases as gc
+from launcher import launch
 
 NAMES = ("hf", "chat") + gc.FAMILIES
 MOE = ("qwen3_moe", "qwen3_moe_chat")

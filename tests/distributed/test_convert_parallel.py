@@ -2,7 +2,6 @@
 tools/compare_logits.py end to end under torchrun, including a corrupted checkpoint."""
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -12,20 +11,9 @@ import pytest
 import torch
 
 from launcher import launch
+from testkit import ROOT, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[2]
 LAST_LINE = re.compile(r"^max_abs_logit_diff=(\S+) max_rel_logit_diff=(\S+)$")
-
-
-def _tool(name: str):
-    """Import a tools/ script as a module (registered so dataclasses and pickling find it)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _our_logits_on_ranks(rank: int, mcore_dir: str, hf_dir: str, layout: dict):
@@ -33,13 +21,14 @@ def _our_logits_on_ranks(rank: int, mcore_dir: str, hf_dir: str, layout: dict):
     return the logits on rank 0."""
     import argparse
 
+    import compare_logits as cl
+
     from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.checkpoint.layout import read_model_config
     from megatron_sail.convert.checkpoint import build_model_chunks
     from megatron_sail.platform import distributed
     from megatron_sail.checkpoint import dcp
 
-    cl = _tool("compare_logits")
     parallel = ParallelConfig(**layout)
     distributed.initialize(parallel)
     cfg = read_model_config(mcore_dir)
@@ -62,7 +51,8 @@ def conversions(tmp_path_factory):
     <IMG_CONTEXT> id from tokenizer.json) and their conversions, in one subprocess: "qwen2" with
     3 LM layers (PP=2 splits unevenly), "qwen3_moe" (4 experts, top-2)."""
     root = tmp_path_factory.mktemp("conv")
-    tiny = _tool("make_tiny_hf_checkpoint")
+    import make_tiny_hf_checkpoint as tiny
+
     out, calls = {}, []
     for family, layers in (("qwen2", 3), ("qwen3_moe", 2)):
         hf = tiny.make_tiny_checkpoint(root / family / "hf", tiny.TinyCheckpointConfig(
@@ -70,9 +60,9 @@ def conversions(tmp_path_factory):
             text_family=family))
         out[family] = (hf, root / family / "mc")
         calls.append(["hf-to-mcore", "--hf-dir", str(hf), "--out", str(root / family / "mc")])
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import convert_checkpoint as c\n"
-            f"for argv in {calls!r}: assert c.main(argv) == 0")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    code = f"import convert_checkpoint as c\nfor argv in {calls!r}: assert c.main(argv) == 0"
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -104,7 +94,7 @@ def _compare(hf: Path, mc: Path, tp: int = 1) -> tuple[int, str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp),
            str(ROOT / "tools" / "compare_logits.py"), "--hf-dir", str(hf), "--mcore-dir", str(mc),
            "--max-tiles", "4", "--tp", str(tp)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stdout
 
 

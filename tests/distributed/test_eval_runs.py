@@ -9,23 +9,17 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from demo_data import make_tiny_demo
+from testkit import ROOT, make_tiny_demo, subprocess_env
 
-from megatron_sail.eval.demo_bench import SETS, DemoBenchConfig, write_demo_benchmarks
+from megatron_sail.demo.benchmarks import SETS, DemoBenchConfig, write_demo_benchmarks
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS, LIMIT = 4, 5
 
 
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
-
-
 def _run(args, expect=0):
-    proc = subprocess.run([sys.executable] + args, cwd=ROOT, env=_env(), capture_output=True,
+    proc = subprocess.run([sys.executable] + args, cwd=ROOT, env=subprocess_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == expect, (proc.stdout + proc.stderr)[-4000:]
     return proc.stdout
@@ -39,7 +33,7 @@ def _predictions(path) -> dict:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalrun")
-    data = make_tiny_demo(root / "data", _env(), splits=("train",), samples=60)
+    data = make_tiny_demo(root / "data", splits=("train",), samples=60)
     bench = write_demo_benchmarks(str(root / "bench"), DemoBenchConfig(items=8, chance_draws=5))
     flags = [a for name in SETS for a in ("--eval-benchmark", f"{name}={bench[name]['path']}")]
     run = root / "run"
@@ -112,7 +106,7 @@ def test_quickstart_benchmark_step(trained):
     whether every score is clearly above chance (this 4-step model usually is not)."""
     out = trained["root"] / "qs_bench"
     proc = subprocess.run(["bash", "examples/demo_benchmarks.sh", str(trained["run"] / "ckpt"),
-                           str(out), "6"], cwd=ROOT, env=dict(_env(), PYTHON=sys.executable),
+                           str(out), "6"], cwd=ROOT, env=subprocess_env(PYTHON=sys.executable),
                           capture_output=True, text=True, timeout=300)
     text = proc.stdout
     assert proc.returncode in (0, 1), proc.stderr[-3000:]

@@ -7,7 +7,6 @@ per tile, at most 4 tiles), so a wrong chat template, tile size, tile limit, tok
 token id in the export changes the prompt transformers builds and fails the comparison.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,18 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from testkit import ROOT, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[2]
 SYSTEM = "You are a careful assistant."
 PROMPT = "What shape is in the picture?"
 
 
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
-
-
 def _run(args, timeout=300):
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(), capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc.stdout
@@ -44,8 +39,7 @@ def trained(tmp_path_factory):
                                  str(hf / "tokenizer.json"), "--output-prefix", str(d / "train"),
                                  "--seq-length", "256", "--tile-size", "56", "--tokens-per-tile",
                                  "4", "--max-tiles", "4", "--system-prompt", SYSTEM])]
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r})\n"
-            f"for mod, argv in {prep!r}:\n"
+    code = (f"for mod, argv in {prep!r}:\n"
             "    r = __import__(mod).main(argv)\n"
             "    assert r in (0, None), (mod, r)\n")
     _run(["-c", code])

@@ -12,7 +12,7 @@ from launcher import launch
 
 def _batches(cfg, rank: int) -> list:
     """Rank ``rank``'s micro-batch (each DP rank its own, so the update is not trivial)."""
-    from megatron_sail.data.collate import MicroBatch
+    from megatron_sail.data.loading.collate import MicroBatch
 
     b = mc.micro_batches(cfg)[rank % 2]
     return [MicroBatch(tokens=b["input_ids"], labels=b["labels"],

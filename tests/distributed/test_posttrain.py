@@ -84,7 +84,7 @@ def _parity_job(rank, a):
     torch.set_num_threads(1)
     from megatron_sail.data.images.pil import PilPipeline
     from megatron_sail.config.images import ImageConfig
-    from megatron_sail.data.preference import PairFile, read_pairs
+    from megatron_sail.data.preprocess.preference import PairFile, read_pairs
     from megatron_sail.inference import load_generator
     from megatron_sail.inference.config import GenerationConfig, GenerationRequest
     from megatron_sail.inference.rollout import RolloutGenerator

@@ -5,22 +5,22 @@ run (docs/curation.md), not here."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tarfile
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+from testkit import ROOT, subprocess_env
 
 
 @pytest.mark.timeout(1500)
 def test_sail_caption_smoke(tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, SMOKE="1", OUT=str(out), OMP_NUM_THREADS="1")
+    env = subprocess_env(SMOKE="1", OUT=str(out))
     r = subprocess.run(["bash", "examples/sail_caption.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "held-out caption word F1 over 6 images" in r.stdout
+    assert "}" not in r.stdout.splitlines()  # recaption's JSON goes to a file, not a lone brace
+    assert json.load(open(out / "recaption_summary.json"))["samples"] == 24
 
     pool = [json.loads(line) for line in open(out / "demo" / "pool.jsonl")]
     assert len(pool) == 24

@@ -2,13 +2,12 @@
 (no RANK/WORLD_SIZE), joins one gloo group of two, and its collectives get the timeout of
 --distributed-timeout-minutes (the single-process cases are in tests/unit/test_platform_slurm.py)."""
 import json
-import os
 import subprocess
 import sys
 
 from launcher import free_port
+from testkit import ROOT, subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROBE = r"""
 import json, torch, torch.distributed as dist
 from megatron_sail.config.parallel import ParallelConfig
@@ -27,13 +26,12 @@ distributed.shutdown()
 
 def run_tasks(envs):
     """Start one probe per environment (like srun's tasks) and return (stdout json, stderr)."""
-    base = {k: v for k, v in os.environ.items()
+    base = {k: v for k, v in subprocess_env().items()
             if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                         "MASTER_ADDR", "MASTER_PORT")}
     procs = [subprocess.Popen([sys.executable, "-c", PROBE], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**base, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
-                                   "CUDA_VISIBLE_DEVICES": "", **env})  # gloo even on a GPU host
+                              env={**base, "CUDA_VISIBLE_DEVICES": "", **env})  # gloo even on a GPU host
              for env in envs]
     out = []
     for p in procs:

@@ -20,8 +20,9 @@ import torch.distributed as dist
 from megatron.core.dist_checkpointing import ShardedTensor
 from launcher import launch
 from test_train_runs import (  # noqa: F401 - `data` is a fixture
-    COMMON, PARALLEL_RTOL, ROOT, _cmd, _env, data, losses, train,
+    COMMON, PARALLEL_RTOL, _cmd, data, losses, train,
 )
+from testkit import ROOT, subprocess_env
 from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 
 from megatron_sail.training import checkpoint as ckpt
@@ -177,7 +178,7 @@ def test_sigterm_with_a_pending_save_finalizes_and_exits_zero(data, tmp_path):
     args = COMMON + ["--data-path", data["train"], "--run-dir", str(tmp_path), "--init-from",
                      data["init"], "--save", str(ck), "--save-interval", "1", "--async-save",
                      "--train-iters", "100000", "--lr-decay-iters", "100000"]
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITES] + args, cwd=ROOT, env=_env(),
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITES] + args, cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120

@@ -7,16 +7,15 @@
 - Pipeline parallel with micro-batch size > 1: activations travel packed ([B*S, 1, h]).
 """
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from demo_data import make_tiny_demo
+from launcher import free_port
+from testkit import ROOT, make_tiny_demo, subprocess_env
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMON = ["--recipe", "tiny", "--stage", "sft-knowledge", "--global-batch-size", "4",
           "--seq-length", "256", "--log-interval", "1", "--eval-interval", "0", "--seed", "7"]
 # An LR schedule whose one step moves no weight by a bf16 ulp (the weights-only checkpoint
@@ -31,23 +30,13 @@ T.main(sys.argv[1:])
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
-
-
 def _run(nproc: int, args: list, script: str | None = None) -> None:
     """One trainer run (torchrun for nproc > 1; ``script`` instead of the trainer module);
     fails the test with the log tail."""
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                f"--master_port={_free_port()}"] if nproc > 1 else [sys.executable]
+                f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
     entry = [script] if script else ["-m", "megatron_sail.train"]
-    proc = subprocess.run(launcher + entry + COMMON + args, cwd=ROOT, env=_env(),
+    proc = subprocess.run(launcher + entry + COMMON + args, cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
@@ -66,7 +55,7 @@ def data(tmp_path_factory):
     """Demo rows and a weights-only checkpoint from another seed (so its weights differ from
     the random init every run below starts with)."""
     d = tmp_path_factory.mktemp("gpu_paths")
-    out = dict(make_tiny_demo(d, _env(), ("train",), samples=60), other=str(d / "other"),
+    out = dict(make_tiny_demo(d, ("train",), samples=60), other=str(d / "other"),
                bf16=str(d / "bf16_train.py"))
     (d / "bf16_train.py").write_text(BF16)
     _run(1, ["--data-path", out["train"], "--run-dir", str(d / "other_run"), "--seed", "8",

@@ -9,7 +9,8 @@ import shutil
 import subprocess
 
 import pytest
-from test_train_runs import COMMON, ROOT, _cmd, _env, data  # noqa: F401 - `data` is a fixture
+from test_train_runs import COMMON, _cmd, data  # noqa: F401 - `data` is a fixture
+from testkit import ROOT, subprocess_env
 
 from megatron_sail.checkpoint import layout
 from megatron_sail.training.save_dir import SaveDirLock
@@ -23,7 +24,7 @@ def run(data, run_dir, extra, expect_rc=0, init=True):
     args = BASE + ["--data-path", data["train"], "--run-dir", str(run_dir)] + list(extra)
     if init:
         args += ["--init-from", data["init"]]
-    proc = subprocess.run(_cmd(1, args), cwd=ROOT, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run(_cmd(1, args), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                           timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == expect_rc, out[-4000:]

@@ -18,8 +18,8 @@ import subprocess
 
 import pytest
 import torch
-from demo_data import make_tiny_demo
-from test_train_runs import ROOT, _cmd, _env, records
+from test_train_runs import _cmd, records
+from testkit import ROOT, make_tiny_demo, subprocess_env
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 STEPS = 8
@@ -42,7 +42,7 @@ def _train(data, run_dir, extra):
     """One 2-rank trainer run; returns its metrics.jsonl records by iteration."""
     args = COMMON + ["--config", data["moe"], "--data-path", data["train"],
                      "--run-dir", str(run_dir)] + list(extra)
-    proc = subprocess.run(_cmd(2, args), cwd=ROOT, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run(_cmd(2, args), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                           timeout=600)
     log = [line for line in (proc.stdout + proc.stderr).splitlines() if "Warning" not in line]
     assert proc.returncode == 0, "\n".join(log[-60:])
@@ -53,7 +53,7 @@ def _train(data, run_dir, extra):
 def data(tmp_path_factory):
     """Demo data and the MoE model override."""
     d = tmp_path_factory.mktemp("moe_demo")
-    out = make_tiny_demo(d, _env(), splits=("train",), samples=60)
+    out = make_tiny_demo(d, splits=("train",), samples=60)
     (d / "moe.yaml").write_text(MOE)
     return dict(out, moe=str(d / "moe.yaml"), root=d)
 

@@ -11,25 +11,22 @@ import subprocess
 import sys
 
 import pytest
-from demo_data import make_tiny_demo
 from launcher import free_port
+from testkit import ROOT, make_tiny_demo, subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMON = ["--recipe", "tiny", "--stage", "sft-knowledge", "--global-batch-size", "4",
           "--micro-batch-size", "1", "--seq-length", "256", "--log-interval", "1", "--seed", "7",
           "--lr-warmup-iters", "1"]
 
 
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONWARNINGS="ignore",
-                WANDB_MODE="offline", WANDB_SILENT="true")
+WANDB_OFFLINE = dict(WANDB_MODE="offline", WANDB_SILENT="true")
 
 
 def _train(args, nproc=1):
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                 f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
     proc = subprocess.run(launcher + ["-m", "megatron_sail.train"] + COMMON + args, cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=subprocess_env(**WANDB_OFFLINE), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc.stdout
 
@@ -42,7 +39,7 @@ def _records(run_dir):
 @pytest.fixture(scope="module")
 def blend_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("mon")
-    data = make_tiny_demo(d, _env(), samples=60)
+    data = make_tiny_demo(d, subprocess_env(**WANDB_OFFLINE), samples=60)
     run = d / "run"
     _train(["--data-path", f"0.5 {data['train']} 0.5 {data['val']}", "--train-iters", "3",
             "--run-dir", str(run), "--save", str(d / "ckpt"), "--wandb-project", "sail-test",

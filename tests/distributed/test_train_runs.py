@@ -8,17 +8,16 @@ steps 11-20, a TP=2 checkpoint must resume at PP=2, a pretrain-alignment stage s
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from demo_data import make_tiny_demo
+from launcher import free_port
+from testkit import ROOT, subprocess_env
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 20
 # Float32 runs whose reductions happen in a different order (TP splits matmuls, PP/DP change
 # nothing numerically but the schedule) drift apart by rounding that Adam amplifies a little
@@ -30,20 +29,10 @@ COMMON = ["--recipe", "tiny", "--stage", "sft-knowledge", "--train-iters", str(S
           "--seq-length", "256", "--log-interval", "5", "--eval-interval", "0", "--seed", "7"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cmd(nproc: int, args: list[str]) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                f"--master_port={_free_port()}"] if nproc > 1 else [sys.executable]
+                f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
     return launcher + ["-m", "megatron_sail.train"] + args
-
-
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
 
 
 def train(data, run_dir, nproc=1, extra=(), expect_rc=0, init=None):
@@ -51,7 +40,7 @@ def train(data, run_dir, nproc=1, extra=(), expect_rc=0, init=None):
     {iteration: loss}."""
     args = COMMON + ["--data-path", data["train"], "--run-dir", str(run_dir),
                      "--init-from", init or data["init"]] + list(extra)
-    proc = subprocess.run(_cmd(nproc, args), cwd=ROOT, env=_env(), capture_output=True,
+    proc = subprocess.run(_cmd(nproc, args), cwd=ROOT, env=subprocess_env(), capture_output=True,
                           text=True, timeout=300)
     log = [l for l in (proc.stdout + proc.stderr).splitlines() if "RNG state" not in l]
     assert proc.returncode == expect_rc, "\n".join(log[-60:])
@@ -78,15 +67,15 @@ def weights(ckpt_dir, tmp_path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A small demo set, generated once and preprocessed to the tiny recipe's geometry."""
-    d = tmp_path_factory.mktemp("demo")
-    out = dict(make_tiny_demo(d, _env()), init=str(d / "init"))
+def data(tiny_demo, tmp_path_factory):
+    """The session's tiny demo set (conftest) and initial weights made from it."""
+    d = tmp_path_factory.mktemp("init")
+    out = dict(tiny_demo, init=str(d / "init"))
     # Initial weights shared by every run: Megatron draws TP/PP-sharded weights from
     # rank-specific RNG streams, so runs at different layouts would otherwise start apart.
     args = COMMON + ["--data-path", out["train"], "--run-dir", str(d / "init_run"),
                      "--train-iters", "0", "--save", out["init"]]
-    subprocess.run(_cmd(1, args), cwd=ROOT, env=_env(), check=True, capture_output=True)
+    subprocess.run(_cmd(1, args), cwd=ROOT, env=subprocess_env(), check=True, capture_output=True)
     return out
 
 
@@ -168,7 +157,7 @@ def test_interleaved_pipeline_tracks_single_rank(data, tmp_path):
     subprocess.run(_cmd(1, COMMON + ["--data-path", data["train"], "--config", str(deep),
                                      "--run-dir", str(tmp_path / "init_run"), "--train-iters",
                                      "0", "--save", init]),
-                   cwd=ROOT, env=_env(), check=True, capture_output=True)
+                   cwd=ROOT, env=subprocess_env(), check=True, capture_output=True)
     ref = train(data, tmp_path / "ref", 1, base, init=init)
     curve = train(data, tmp_path / "vpp", 2, base + [
         "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
@@ -195,7 +184,7 @@ def test_alignment_stage_from_init_keeps_frozen_modules(data, reference, tmp_pat
     args = COMMON + ["--data-path", data["train"], "--run-dir", str(tmp_path), "--stage",
                      "pretrain-alignment", "--train-iters", "3", "--lr-decay-iters", "3",
                      "--init-from", str(reference["dir"] / "ckpt"), "--save", str(ckpt)]
-    subprocess.run(_cmd(1, args), cwd=ROOT, env=_env(), check=True, capture_output=True)
+    subprocess.run(_cmd(1, args), cwd=ROOT, env=subprocess_env(), check=True, capture_output=True)
     assert (ckpt / "latest").read_text().strip() == "3"
     before = weights(reference["dir"] / "ckpt" / "iter_0000020", tmp_path)
     after = weights(ckpt / "iter_0000003", tmp_path)
@@ -209,7 +198,7 @@ def test_sigterm_saves_and_exits_zero(data, tmp_path):
     ckpt = tmp_path / "ckpt"
     args = COMMON + ["--data-path", data["train"], "--run-dir", str(tmp_path), "--save", str(ckpt),
                      "--train-iters", "100000", "--lr-decay-iters", "100000"]
-    proc = subprocess.Popen(_cmd(1, args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_cmd(1, args), cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
@@ -246,7 +235,7 @@ def test_nan_steps_are_skipped_and_k_in_a_row_stop(data, tmp_path):
     args = COMMON + ["--data-path", data["train"], "--run-dir", str(tmp_path), "--init-from",
                      data["init"], "--save", str(ckpt), "--save-interval", "3", "--train-iters",
                      "10", "--lr-decay-iters", "10", "--max-skipped-steps", "2"]
-    proc = subprocess.run([sys.executable, "-c", POISON] + args, cwd=ROOT, env=_env(),
+    proc = subprocess.run([sys.executable, "-c", POISON] + args, cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
     assert "2 consecutive steps with NaN/Inf" in proc.stdout
@@ -270,7 +259,7 @@ def test_trained_checkpoint_exports_to_transformers(reference, tmp_path):
     out = tmp_path / "hf"
     proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "mcore-to-hf",
                            "--mcore-dir", str(ckpt), "--out", str(out)],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from transformers import InternVLForConditionalGeneration
 

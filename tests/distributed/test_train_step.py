@@ -1,12 +1,10 @@
 """Pieces of the train step that need a pipeline group: first-stage image results shared."""
 import torch
 
-from launcher import launch
-
 
 def _share(rank):
     from megatron_sail.config.parallel import ParallelConfig
-    from megatron_sail.data.collate import MicroBatch
+    from megatron_sail.data.loading.collate import MicroBatch
     from megatron_sail.platform import distributed as D
     from megatron_sail.training.step import share_first_stage_images
 
@@ -31,8 +29,8 @@ def _share(rank):
              b.tiles.shape[0]) for b in out]
 
 
-def test_later_stages_get_first_stage_masks_and_counts():
-    first, last = launch(_share, 2, timeout=120)
+def test_later_stages_get_first_stage_masks_and_counts(launcher):
+    first, last = launcher(_share, 2, timeout=120)
     for i, (a, b) in enumerate(zip(first, last)):
         assert torch.equal(a[0], b[0]) and a[0][1].sum() < 8  # mask with the failed sample
         assert a[1:4] == b[1:4] == (2 + i, 3 + i, 1)
@@ -58,8 +56,8 @@ def _fp8_configs(rank):
     return out
 
 
-def test_fp8_reaches_the_lm_and_optionally_the_vit():
+def test_fp8_reaches_the_lm_and_optionally_the_vit(launcher):
     """--fp8-format lands in the TransformerConfig every LM layer reads; the ViT only with --fp8-vit."""
-    lm_only, both = launch(_fp8_configs, 1, timeout=120)[0]
+    lm_only, both = launcher(_fp8_configs, 1, timeout=120)[0]
     assert lm_only == ("hybrid", "hybrid", "tensorwise", None)
     assert both == ("hybrid", "hybrid", "tensorwise", "hybrid")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from test_train_gpu import ROOT, _env, data  # noqa: F401 - `data` is a fixture
+from test_train_gpu import GPU_ENV, ROOT, data  # noqa: F401 - `data` is a fixture
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 ARGS = ["--recipe", "tiny", "--stage", "sft-knowledge", "--train-iters", "14",
@@ -20,7 +20,7 @@ ARGS = ["--recipe", "tiny", "--stage", "sft-knowledge", "--train-iters", "14",
 def _train(data, run_dir, extra) -> tuple[dict, str]:
     """One trainer run; returns ({iteration: loss}, console output)."""
     proc = subprocess.run([sys.executable, "-m", "megatron_sail.train", *ARGS, "--data-path",
-                           data, "--run-dir", str(run_dir), *extra], cwd=ROOT, env=_env(),
+                           data, "--run-dir", str(run_dir), *extra], cwd=ROOT, env=GPU_ENV,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:

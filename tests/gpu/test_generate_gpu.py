@@ -2,14 +2,11 @@
 spec (bf16, through generator_from_model) decodes with the KV-cache wrapper around TE's core
 attention, and its first token is the argmax of the TE model's own full forward. Skips without
 CUDA (and the TE part without Transformer Engine)."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 
 
 @pytest.fixture(scope="module")

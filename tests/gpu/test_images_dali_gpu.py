@@ -54,14 +54,7 @@ def test_dali_gpu_is_default_and_close_to_pil(caplog):
 def test_dali_gpu_16bit_png_and_pixel_limit():
     """A 16-bit grey gradient keeps its brightness (v / 257, as dali-cpu and pil); a header claiming
     20000x20000 is refused before the GPU decoder sees it."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "unit", "test_images_limits.py")
-    spec = importlib.util.spec_from_file_location("images_limits", path)
-    lim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lim)
-    GRADIENT, header_only_png, png16 = lim.GRADIENT, lim.header_only_png, lim.png16
+    from test_images_limits import GRADIENT, header_only_png, png16
 
     gpu = build_image_pipeline(ImageConfig(backend="dali", tile_size=64, threads=1))
     for colour_type in (0, 2):

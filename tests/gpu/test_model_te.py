@@ -5,14 +5,11 @@ The TE models are built in bf16: with packed (THD) input, TE's attention has no 
 (its unfused attention refuses THD; flash and cuDNN attention take fp16/bf16 only). The bf16
 tolerance: TE's error against the fp32 local model may be at most a few times the error of the
 local spec run in bf16 on the same inputs."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 
 
 @pytest.fixture(scope="module")

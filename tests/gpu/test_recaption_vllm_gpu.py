@@ -3,7 +3,6 @@ with the same greedy captions as the hf backend (transformers generate) in float
 CUDA or without the optional package vllm."""
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (optional)")]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
 
 def _export(root: Path) -> str:

@@ -9,15 +9,13 @@ import sys
 
 import pytest
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "distributed"))
-from demo_data import make_tiny_demo  # noqa: E402
+from testkit import ROOT, subprocess_env
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 20
+# The trainer's subprocess environment, on the first visible GPU only.
+GPU_ENV = subprocess_env(CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
 
 
 def _fp8_ready() -> bool:
@@ -27,15 +25,10 @@ def _fp8_ready() -> bool:
     return layer_specs.te_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
-def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES=
-                os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A small demo set preprocessed to the tiny recipe's geometry."""
-    return make_tiny_demo(tmp_path_factory.mktemp("demo"), _env(), ("train",))["train"]
+def data(tiny_demo):
+    """The small demo set preprocessed to the tiny recipe's geometry (conftest's tiny_demo)."""
+    return tiny_demo["train"]
 
 
 @pytest.mark.parametrize("precision", [
@@ -51,7 +44,7 @@ def test_tiny_recipe_trains_on_one_gpu(data, tmp_path, precision):
             "4", "--micro-batch-size", "2", "--seq-length", "256", "--log-interval", "5",
             "--eval-interval", "0", "--seed", "7", "--run-dir", str(tmp_path), *precision]
     proc = subprocess.run([sys.executable, "-m", "megatron_sail.train", *args], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=600)
+                          env=GPU_ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     with open(tmp_path / "config.yaml") as f:
         assert ("fp8_format: hybrid" in f.read()) == ("--fp8-format" in precision)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from test_train_gpu import ROOT, _env, data  # noqa: F401  (data: the shared demo-set fixture)
+from test_train_gpu import GPU_ENV, ROOT, data  # noqa: F401  (data: the shared demo-set fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 STEPS = 20
@@ -23,7 +23,7 @@ def test_tiny_moe_trains_on_one_gpu(data, tmp_path):  # noqa: F811
             "4", "--micro-batch-size", "2", "--seq-length", "256", "--log-interval", "5",
             "--eval-interval", "0", "--seed", "7", "--run-dir", str(tmp_path), "--bf16"]
     proc = subprocess.run([sys.executable, "-m", "megatron_sail.train", *args], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=600)
+                          env=GPU_ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     with open(tmp_path / "metrics.jsonl") as f:
         rec = [json.loads(line) for line in f]

@@ -5,18 +5,14 @@ from __future__ import annotations
 import io
 import json
 import random
-import sys
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-TOOLS = str(Path(__file__).resolve().parents[2] / "tools")
-
-
 def demo_png(rng: random.Random) -> tuple[bytes, str]:
-    """A demo scene (megatron_sail/data/demo.py) as PNG bytes and its exact caption."""
-    from megatron_sail.data.demo import caption_of, make_scene
+    """A demo scene (megatron_sail/demo/generator.py) as PNG bytes and its exact caption."""
+    from megatron_sail.demo.generator import caption_of, make_scene
 
     img, facts = make_scene(rng)
     buf = io.BytesIO()
@@ -63,7 +59,6 @@ def read_output(tar_path: str) -> dict[str, dict[str, bytes]]:
 
 def tiny_checkpoint(root: Path, layout: str = "hf") -> str:
     """A tiny random InternVL with a BPE tokenizer (tools/make_tiny_hf_checkpoint.py)."""
-    sys.path.insert(0, TOOLS)
     from make_tiny_hf_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint
 
     return str(make_tiny_checkpoint(root, TinyCheckpointConfig(layout=layout, vocab_size=300, tokenizer=True, seed=3)))
@@ -72,13 +67,13 @@ def tiny_checkpoint(root: Path, layout: str = "hf") -> str:
 class FakeVLMServer:
     """An OpenAI-compatible /chat/completions on localhost. The caption names the prompt and
     the image size, so tests can check what was sent. Behaviour per request body:
-    ``fail_first`` calls answer HTTP 503; an image whose width is in ``empty_widths`` gets an
-    empty answer, in ``length_widths`` finish_reason 'length', in ``error_widths`` HTTP 500
-    every time."""
+    ``answer(prompt, width, height)``, when given, is the reply text; ``fail_first`` calls answer
+    HTTP 503; an image whose width is in ``empty_widths`` gets an empty answer, in
+    ``length_widths`` finish_reason 'length', in ``error_widths`` HTTP 500 every time."""
 
     def __init__(self, fail_first: int = 0, delay_s: float = 0.0, empty_widths=(), length_widths=(),
-                 error_widths=()):
-        self.fail_first, self.delay_s = fail_first, delay_s
+                 error_widths=(), answer=None):
+        self.fail_first, self.delay_s, self.answer = fail_first, delay_s, answer
         self.empty, self.length, self.errors = set(empty_widths), set(length_widths), set(error_widths)
         self.calls, self.ok_calls, self.auth = 0, 0, []
         self.lock = threading.Lock()
@@ -138,6 +133,8 @@ class FakeVLMServer:
         if w in self.errors:
             return self._reply(h, 500, {"error": "boom"})
         text, finish = f"a {w}x{hgt} image; asked: {prompt}", "stop"
+        if self.answer is not None:  # e.g. a judge: answer(prompt, width, height) -> text
+            text = self.answer(prompt, w, hgt)
         if w in self.empty:
             text = "  "
         if w in self.length:

@@ -4,15 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import benchmark as bench
 import pytest
 import torch
+from hf_reference import restarting_positions  # what transformers gets for packed rows
+from testkit import ROOT, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-import benchmark as bench  # noqa: E402
-
-from megatron_sail.config.model import tiny  # noqa: E402
-from megatron_sail.training import flops as F  # noqa: E402
+from megatron_sail.config.model import tiny
+from megatron_sail.training import flops as F
 
 
 def _run(script, tmp_path, *extra):
@@ -20,7 +19,7 @@ def _run(script, tmp_path, *extra):
     proc = subprocess.run(
         [sys.executable, str(ROOT / script), "--recipe", "tiny", "--steps", "2", "--warmup", "1",
          "--split-steps", "1", "--json", str(out), *extra],
-        capture_output=True, text=True, timeout=240, cwd=ROOT)
+        capture_output=True, text=True, timeout=240, cwd=ROOT, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines(), json.loads(out.read_text())
 
@@ -33,8 +32,6 @@ def test_synthetic_batch_layout():
     assert b.tokens.shape == (2, 64) and b.tiles.shape == (6, 3, 32, 32)
     assert (b.tokens == cfg.img_context_token_id).sum(1).tolist() == [3 * tpt, 3 * tpt]
     assert b.cu_seqlens.tolist() == [0, 32, 64, 96, 128]
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from hf_reference import restarting_positions  # what transformers gets for packed rows
     pos = restarting_positions(b.cu_seqlens, 2, 64)
     assert pos[0, :3].tolist() == [0, 1, 2] and pos[0, 32].item() == 0 and pos[1, 31].item() == 31
     assert pos[1, 32:].tolist() == list(range(32))

@@ -335,7 +335,7 @@ def test_fresh_run_in_an_old_run_dir_keeps_the_old_curve(tmp_path):
 
 # ------------------------------------------------------------------ tokenizer identity (3)
 def test_tokenizer_identity_follows_the_vocabulary_not_the_file_layout(tmp_path):
-    from megatron_sail.data.demo import train_tokenizer
+    from megatron_sail.demo.generator import train_tokenizer
     from megatron_sail.data.tokenizer import load_tokenizer, tokenizer_identity
 
     path = tmp_path / "tokenizer.json"

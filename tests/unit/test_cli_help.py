@@ -1,15 +1,14 @@
 """Every flag of every command explains itself (issue 22): a one-line help text, a plain metavar
 (never a config path such as DATA.DATA_PATH), for the trainer, generate and every tool."""
 import argparse
-import importlib.util
+import importlib
 import inspect
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-ENTRY_MODULES = ["megatron_sail.train", "megatron_sail.generate", "megatron_sail.config.run"]
+ENTRY_MODULES = ["megatron_sail.train", "megatron_sail.generate"]
 
 
 class _Captured(Exception):
@@ -53,14 +52,6 @@ def _undescribed(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]
     return bad
 
 
-def _load_tool(path: Path):
-    spec = importlib.util.spec_from_file_location(f"_tool_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name", ENTRY_MODULES)
 def test_every_entry_point_flag_has_help(name, monkeypatch):
     module = importlib.import_module(name)
@@ -86,3 +77,55 @@ def test_megatron_spellings_and_short_forms_map_to_ours():
     assert cfg.stage.train_vision is False and cfg.stage.train_language is False
     assert cfg.checkpoint.init_from == "/ckpt/start"
     assert resolve(["--recipe", "tiny", "--train-vision", "true"]).stage.train_vision is True
+
+
+def _tool_parser(path: str, func: str, monkeypatch) -> argparse.ArgumentParser:
+    """The parser that ``func`` of the tool at ``path`` builds (captured before parsing); tools/
+    is on pytest's pythonpath, so the tool imports by its file name."""
+    module = importlib.import_module(Path(path).stem)
+    with monkeypatch.context() as m:
+        return _parser_of(getattr(module, func), m)
+
+
+def _described(parser: argparse.ArgumentParser, flags: list[str]) -> list[str]:
+    """Of ``flags``, those whose action lacks help text or has a config-path metavar."""
+    actions = {parser._option_string_actions[f] for f in flags}
+    helpless = argparse.ArgumentParser(add_help=False)
+    helpless._actions = list(actions)
+    return _undescribed(helpless)
+
+
+@pytest.mark.parametrize("path,func,tp_names", [
+    ("tools/evaluate.py", "parse_args", ["--tp", "--tensor-model-parallel-size"]),
+    ("tools/compare_logits.py", "parse_args", ["--tp", "--tensor-model-parallel-size"]),
+    ("tools/score_complexity.py", "main", ["--tp", "--tensor-model-parallel-size"]),
+    ("tools/recaption.py", "parse_args", ["--tp", "--tensor-model-parallel-size",
+                                          "--tensor-parallel-size"]),
+])
+def test_parallel_sizes_take_megatron_long_names_and_short_forms(path, func, tp_names, monkeypatch):
+    """``--tp N`` and ``--tensor-model-parallel-size N`` (and ``--pp`` likewise) are one flag."""
+    parser = _tool_parser(path, func, monkeypatch)
+    groups = [tp_names]
+    if "--pp" in parser._option_string_actions:
+        groups.append(["--pp", "--pipeline-model-parallel-size"])
+    for names in groups:
+        actions = {id(parser._option_string_actions.get(n)) for n in names}
+        assert len(actions) == 1 and None not in {parser._option_string_actions.get(n) for n in names}, names
+        assert _described(parser, names) == []
+        action = parser._option_string_actions[names[0]]
+        assert action.metavar == "N" and "default" in action.help
+
+
+def test_benchmark_and_candidate_lists_accept_both_forms(monkeypatch):
+    """data_ablation.py takes ``--benchmark A=a B=b`` and ``--benchmark A=a --benchmark B=b``,
+    as evaluate.py does; same for ``--candidate``."""
+    ablation = _tool_parser("tools/data_ablation.py", "main", monkeypatch)
+    evaluate = _tool_parser("tools/evaluate.py", "parse_args", monkeypatch)
+    assert _described(ablation, ["--benchmark", "--candidate"]) == []
+    base = ["--candidate", "raw=d/raw", "recap=d/recap", "--candidate", "x=d/x", "--tokens", "100"]
+    for argv in (["--benchmark", "pope=p.tsv", "caption=c.tsv", "--benchmark", "mmb=m.tsv"],
+                 ["--benchmark", "pope=p.tsv", "--benchmark", "caption=c.tsv", "mmb=m.tsv"]):
+        a = ablation.parse_args(base + argv)
+        assert a.benchmark == ["pope=p.tsv", "caption=c.tsv", "mmb=m.tsv"]
+        assert a.candidate == ["raw=d/raw", "recap=d/recap", "x=d/x"]
+        assert evaluate.parse_args(argv).benchmark == a.benchmark

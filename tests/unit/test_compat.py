@@ -8,7 +8,6 @@ import warnings
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
 
 from megatron_sail import compat
@@ -29,6 +28,14 @@ def test_every_workaround_has_its_test():
     assert len(names) == len(set(names))
     missing = [n for n in names if f"test_{n}" not in globals()]
     assert not missing, f"workarounds without a test: {missing}"
+    import os
+
+    import megatron_sail
+
+    pkg = os.path.dirname(megatron_sail.__file__)
+    gone = [w.where for w in compat.WORKAROUNDS if w.where.startswith(("compat/", "platform/"))
+            and not os.path.isfile(os.path.join(pkg, w.where))]
+    assert not gone, f"workarounds pointing at missing modules: {gone}"
 
 
 def test_version_check_logs_one_line_naming_what_is_unverified(caplog):
@@ -201,6 +208,19 @@ def test_step_phases():
     assert -1 not in pos and pos == sorted(pos), pos
 
 
+def test_chained_optimizer_layout():
+    """What the resume path's layout fitting reads (EP=1 <-> EP>1: one optimizer vs a chain)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import ChainedOptimizer, param_group_identifier_keys
+
+    assert "is_expert_parallel" in param_group_identifier_keys
+    chained = inspect.getsource(ChainedOptimizer.sharded_state_dict)
+    assert "if len(self.chained_optimizers) == 1:" in chained  # one: the single layout
+    assert "sharded_state_dict[optimizer_idx] = optim_state_dict" in chained  # several: 0, 1, ...
+    load = inspect.getsource(DistributedOptimizer.load_state_dict)
+    assert 'state_dict["optimizer"]["param_groups"]' in load and 'f"pre_{key}"' in load
+
+
 # ---------------------------------------------------------------- ddp
 def test_param_gather_hooks():
     from megatron.core.distributed import DistributedDataParallel as DDP
@@ -305,3 +325,56 @@ def test_te_choice_lives_below_the_models():
         assert te_available() is False
     src = inspect.getsource(layer_specs)
     assert "megatron_sail.platform" not in src
+
+
+# ---------------------------------------------------------------- the seam holds
+def _private_names(folder: str, pattern: str) -> set[str]:
+    """Underscored names that ``folder``'s sources define (functions, classes, attributes)."""
+    import os
+
+    names = set()
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            if f.endswith(".py"):
+                with open(os.path.join(dirpath, f), encoding="utf-8", errors="ignore") as fh:
+                    names |= set(re.findall(pattern, fh.read(), re.M))
+    return names
+
+
+def test_no_private_megatron_names_outside_compat_and_platform():
+    """Outside compat/ and platform/: no underscored name imported from megatron/torch, no
+    override of a megatron class's private method, no private megatron attribute touched."""
+    import ast
+    import os
+
+    import megatron.core
+
+    import megatron_sail
+
+    defined = r"(?:def|class)\s+(_[a-z]\w*)|self\.(_[a-z]\w*)\s*[:=]|^(_[a-z]\w*)\s*[:=]"
+    flat = lambda groups: {n for g in groups for n in (g if isinstance(g, tuple) else (g,)) if n}  # noqa: E731
+    pkg = os.path.dirname(megatron_sail.__file__)
+    theirs = flat(_private_names(os.path.dirname(megatron.core.__file__), defined))
+    ours = flat(_private_names(pkg, defined))
+    private = lambda n: n.startswith("_") and not n.startswith("__")  # noqa: E731
+    hits = []
+    for dirpath, _, files in os.walk(pkg):
+        if os.path.relpath(dirpath, pkg).split(os.sep)[0] in ("compat", "platform"):
+            continue
+        for f in (f for f in files if f.endswith(".py")):
+            path = os.path.join(dirpath, f)
+            with open(path, encoding="utf-8") as fh:
+                tree = ast.parse(fh.read())
+            mcore = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                     and (n.module or "").startswith("megatron") for a in n.names}
+            for n in ast.walk(tree):
+                where = f"{os.path.relpath(path, pkg)}:{getattr(n, 'lineno', 0)}"
+                if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] in ("megatron", "torch"):
+                    hits += [f"{where} imports {a.name}" for a in n.names if private(a.name)]
+                elif isinstance(n, ast.ClassDef) and any(isinstance(b, ast.Name) and b.id in mcore
+                                                         for b in n.bases):
+                    hits += [f"{where} overrides {d.name}" for d in n.body if isinstance(d, ast.FunctionDef)
+                             and private(d.name) and d.name in theirs]
+                elif isinstance(n, ast.Attribute) and private(n.attr) and n.attr in theirs - ours:
+                    hits.append(f"{where} touches .{n.attr}")
+    assert not hits, hits

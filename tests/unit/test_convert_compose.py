@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from testkit import ROOT, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[2]
 CASES = {  # name: (vision part, LM part, LM vocab rows, tied, compose flags)
     "vit_qwen2": ("internvit", "qwen2", 512, True, ["--recipe", "tiny"]),
     "aimv2_qwen3": ("aimv2", "qwen3", 300, False, ["--select-layer", "-1", "--seed", "7"]),
@@ -197,10 +197,9 @@ def run_all(root: str) -> None:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("compose")
-    code = (f"import sys; sys.path[:0] = [{str(ROOT / 'tools')!r}, {str(Path(__file__).parent)!r}]\n"
-            f"import test_convert_compose as t; t.run_all({str(root)!r})")
+    code = f"import test_convert_compose as t; t.run_all({str(root)!r})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=400,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((root / "report.json").read_text())
 
@@ -282,7 +281,6 @@ def test_other_vision_spellings_read_to_the_same_tensors(tmp_path):
     """transformers Aimv2Model (vision_config + a text tower), Apple's remote-code AIMv2 (flat
     config, original names) and transformers InternVLVisionModel folders read into exactly the
     tensors the family maps expect, without the Megatron model (in-process, ~1 s)."""
-    sys.path.insert(0, str(ROOT / "tools"))
     import make_tiny_hf_parts as parts_tool
     from safetensors.torch import save_file
     from transformers import (Aimv2Config, Aimv2Model, InternVLVisionConfig, InternVLVisionModel)
@@ -333,24 +331,21 @@ def test_other_vision_spellings_read_to_the_same_tensors(tmp_path):
 def test_one_alignment_step_trains_from_the_composed_checkpoint(report):
     """`train.py --recipe tiny --stage pretrain-alignment --init-from MC` on data preprocessed
     with MC/tokenizer: the recipe check, the data/tokenizer checks and one step pass (~13 s)."""
-    import os
-
     root, mc = Path(report["root"]), Path(report["root"]) / "vit_qwen2"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     prep = [("make_demo_data", ["--out", str(root / "raw"), "--samples", "4"]),
             ("preprocess_data", ["--input", str(root / "raw" / "train.jsonl"), "--tokenizer",
                                  str(mc / "tokenizer"), "--output-prefix", str(root / "train"),
                                  "--seq-length", "256", "--tile-size", "32", "--tokens-per-tile", "4",
                                  "--max-tiles", "4"])]
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r})\n"
-            f"for mod, argv in {prep!r}:\n    assert __import__(mod).main(argv) in (0, None)")
+    code = f"for mod, argv in {prep!r}:\n    assert __import__(mod).main(argv) in (0, None)"
     for args in (["-c", code],
                  ["-m", "megatron_sail.train", "--recipe", "tiny", "--stage", "pretrain-alignment",
                   "--data-path", str(root / "train"), "--init-from", str(mc), "--train-iters", "1",
                   "--lr-decay-iters", "1", "--global-batch-size", "1", "--micro-batch-size", "1",
                   "--seq-length", "256", "--eval-interval", "0", "--log-interval", "1",
                   "--run-dir", str(root / "run"), "--save", str(root / "ckpt")]):
-        proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+        proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(),
+                              capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "step 1/1" in proc.stdout + proc.stderr

@@ -10,7 +10,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +20,7 @@ from megatron_sail.checkpoint.tokenizer import chat_template, save_tokenizer
 from megatron_sail.convert import hf_assets, hf_io
 from remote_code_fixture import AUTO_MAP, FILES, add_remote_code
 from test_convert_layouts import tiny
-
-ROOT = Path(__file__).resolve().parents[2]
+from testkit import subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +34,10 @@ def chat_round_trip(tmp_path_factory):
     mc, back = d / "mc", d / "back"
     calls = [["hf-to-mcore", "--hf-dir", str(src), "--out", str(mc)],
              ["mcore-to-hf", "--mcore-dir", str(mc), "--out", str(back), "--layout", "chat"]]
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import convert_checkpoint as c\n"
+    code = ("import convert_checkpoint as c\n"
             f"for argv in {calls!r}: assert c.main(argv) == 0")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return src, mc, back
 

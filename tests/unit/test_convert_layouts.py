@@ -1,29 +1,15 @@
 """HF checkpoint I/O and the InternVL-chat <-> transformers InternVL mapping (no Megatron needed)."""
+import json
 import os
 import stat
-import importlib.util
-import json
-import sys
-from pathlib import Path
 
+import compare_logits
+import make_tiny_hf_checkpoint as tiny
 import pytest
 import torch
 
 from megatron_sail.convert import hf_io, internvl_chat
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tool(name: str):
-    """Import a tools/ script as a module."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up here
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tiny = _tool("make_tiny_hf_checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +161,7 @@ def test_written_files_follow_the_users_umask(tmp_path, umask):
 def test_compare_logits_prompt_is_chatml_through_the_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    cl = _tool("compare_logits")
+    cl = compare_logits
     hf = tiny.make_tiny_checkpoint(tmp_path / "hf", tiny.TinyCheckpointConfig(vocab_size=320, tokenizer=True))
     ctx = hf_io.read_config(hf)["image_token_id"]
     tok = cl.load_tokenizer(tmp_path / "missing", hf)
@@ -194,7 +180,7 @@ def test_compare_logits_prompt_is_chatml_through_the_tokenizer(tmp_path):
 
 
 def test_compare_logits_synthetic_prompt_without_tokenizer():
-    cl = _tool("compare_logits")
+    cl = compare_logits
     ids = cl.prompt_ids(None, "hi there", [4, 8], 255, 256)
     assert ids == cl.prompt_ids(None, "hi there", [4, 8], 255, 256)
     assert ids.count(255) == 12 and max(ids) < 256 and min(ids) >= 0

@@ -13,8 +13,7 @@ import torch
 
 from megatron_sail.convert import hf_io, internvl_chat
 from test_convert_layouts import tiny
-
-ROOT = Path(__file__).resolve().parents[2]
+from testkit import subprocess_env
 
 
 def _round_trip(tmp_path: Path, cfg, again: bool = False) -> tuple[Path, Path, Path]:
@@ -31,9 +30,10 @@ def _round_trip(tmp_path: Path, cfg, again: bool = False) -> tuple[Path, Path, P
     if again:
         calls += [["hf-to-mcore", "--hf-dir", str(back), "--out", str(tmp_path / "mc2")],
                   ["mcore-to-hf", "--mcore-dir", str(tmp_path / "mc2"), "--out", str(tmp_path / "back2")]]
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import convert_checkpoint as c\n"
+    code = ("import convert_checkpoint as c\n"
             f"for argv in {calls!r}: assert c.main(argv) == 0")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return src, mc, back
 
@@ -115,9 +115,10 @@ def family_round_trips(tmp_path_factory):
         calls += [["hf-to-mcore", "--hf-dir", str(src), "--out", str(d / "mc")],
                   ["mcore-to-hf", "--mcore-dir", str(d / "mc"), "--out", str(d / "back")]]
         out[family, layout] = (src, d / "mc", d / "back")
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import convert_checkpoint as c\n"
+    code = ("import convert_checkpoint as c\n"
             f"for argv in {calls!r}: assert c.main(argv) == 0")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 

@@ -17,11 +17,10 @@ SAIL-VL2-2B (model.safetensors.index.json / config.json: ``vision_model.preproce
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
+from testkit import subprocess_env
 
-ROOT = Path(__file__).resolve().parents[2]
 D, LAYERS, HEADS, FFN, PATCH, IMAGE = 64, 3, 4, 96, 8, 32
 LM = dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
           head_dim=32, intermediate_size=160)
@@ -115,9 +114,8 @@ def aimv2_reference(sd: dict, tiles: torch.Tensor, layers: int, eps: float = 1e-
 
 
 _SCRIPT = r"""
-import json, sys
+import json
 from pathlib import Path
-sys.path[:0] = [{tools!r}, {tests!r}]
 import torch
 import convert_checkpoint as c
 import test_convert_sailvl as t
@@ -154,7 +152,6 @@ print("RESULT" + json.dumps(dict(refusal=refusal, err=err, family=cfg.vision.fam
 
 
 def test_sailvl_layout_parity_and_bit_exact_round_trip(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
     from test_convert_layouts import tiny  # tools/make_tiny_hf_checkpoint.py (tiny BPE tokenizer)
 
     from megatron_sail.convert import hf_io
@@ -170,9 +167,9 @@ def test_sailvl_layout_parity_and_bit_exact_round_trip(tmp_path):
               "configuration_sailvit.py": "# stand-in\n", "conversation.py": "# stand-in\n"}
     for name, text in remote.items():
         (src / name).write_text(text)
-    code = _SCRIPT.format(tools=str(ROOT / "tools"), tests=str(Path(__file__).parent),
-                          src=str(src), mc=str(mc), back=str(back))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    code = _SCRIPT.format(src=str(src), mc=str(mc), back=str(back))
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(proc.stdout.split("RESULT")[-1])
     assert (res["family"], res["lm"], res["layers_used"], res["tokens"]) == ("aimv2", "qwen3", 2, 4)

@@ -3,24 +3,19 @@ a tiny random InternVL equals the two answer losses computed by hand with transf
 same weights; the heuristic's documented types; sidecar shards resume; judge ratings parse."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import pytest
+import score_complexity
+from recaption_fixtures import demo_png, tiny_checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recaption_fixtures import demo_png, tiny_checkpoint  # noqa: E402
-
-from megatron_sail.curate.complexity import sidecar  # noqa: E402
-from megatron_sail.curate.complexity.heuristic import heuristic_score, question_types  # noqa: E402
-from megatron_sail.curate.complexity.judge import RatingError, parse_rating  # noqa: E402
-from megatron_sail.curate.complexity.samples import Sample  # noqa: E402
-
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
+from megatron_sail.curate.complexity import sidecar
+from megatron_sail.curate.complexity.heuristic import heuristic_score, question_types
+from megatron_sail.curate.complexity.judge import RatingError, parse_rating
+from megatron_sail.curate.complexity.samples import Sample
 
 
 def _sft_file(root: Path) -> Path:
@@ -112,9 +107,6 @@ def _by_hand(ckpt: str, rows: list[dict], root: Path) -> list[tuple[float, float
 
 
 def test_ifd_equals_the_losses_by_hand_with_transformers(tiny, tmp_path):
-    sys.path.insert(0, str(TOOLS))
-    import score_complexity
-
     out = tmp_path / "ifd"
     args = ["--input", str(tiny["data"]), "--method", "ifd", "--model", tiny["ckpt"], "--output-dir", str(out),
             "--max-tiles", "2", "--samples-per-shard", "2", "--max-batch-tokens", "64"]
@@ -160,9 +152,6 @@ def test_heuristic_types_and_order():
 
 
 def test_heuristic_tool_sidecar_and_judge_parsing(tiny, tmp_path):
-    sys.path.insert(0, str(TOOLS))
-    import score_complexity
-
     out = tmp_path / "h"
     assert score_complexity.main(["--input", str(tiny["data"]), "--method", "heuristic", "--output-dir", str(out)]) == 0
     recs = sidecar.read_scores(str(out))
@@ -175,6 +164,18 @@ def test_heuristic_tool_sidecar_and_judge_parsing(tiny, tmp_path):
     (out / "bad.scores.jsonl").write_text('{"source": "a", "key": "line 1"}\n')
     with pytest.raises(ValueError, match="bad.scores.jsonl line 1: not a score record"):
         sidecar.read_scores(str(out))
+    # judge through the megatron backend on the tiny random model: each image sample is rated 1-5
+    # or an unparsable_rating reject naming the answer; the text-only one is no_image
+    jd = tmp_path / "j"
+    assert score_complexity.main(["--input", str(tiny["data"]), "--method", "judge", "--model", tiny["ckpt"],
+                                  "--backend", "megatron", "--output-dir", str(jd)]) == 0
+    rated = {r["key"]: r["score"] for r in sidecar.read_scores(str(jd))}
+    rejected = {json.loads(l)["key"]: json.loads(l)["reason"] for f in jd.glob("*.rejects.jsonl")
+                for l in f.read_text().splitlines()}
+    assert rejected.pop("line 3") == "no_image" and rejected.pop("line 4") == "invalid_json"
+    assert set(rated) | set(rejected) == {"line 1", "line 2"} and not set(rated) & set(rejected)
+    assert all(v in (1, 2, 3, 4, 5) for v in rated.values())
+    assert all(v == "unparsable_rating" for v in rejected.values())
     assert parse_rating("Rating: 4 (counting)") == 4 and parse_rating("3") == 3
     with pytest.raises(RatingError, match="no digit 1-5"):
         parse_rating("seven")

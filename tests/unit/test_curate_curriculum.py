@@ -1,5 +1,5 @@
 """Curricula from complexity scores (megatron_sail/curate/curriculum.py, tools/build_curriculum.py)
-and preprocessing's --select of one stage (megatron_sail/data/selection.py)."""
+and preprocessing's --select of one stage (megatron_sail/data/preprocess/selection.py)."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from testkit import ROOT, subprocess_env
 
 from megatron_sail.curate.curriculum import CurriculumConfig, PlanPaths, build_plan, ordered_stages, stage_iters
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _records(n=12):
@@ -58,10 +58,13 @@ def test_split_orders_and_replay(tmp_path):
 def test_tool_plan_then_preprocess_one_stage(tmp_path):
     """score_complexity (heuristic) -> build_curriculum -> the plan's preprocess command for a
     stage packs exactly that stage's samples."""
-    from megatron_sail.data.demo import DemoConfig, make_demo
+    from megatron_sail.demo.generator import DemoConfig, make_demo
 
     demo = make_demo(str(tmp_path / "demo"), DemoConfig(samples=24, val_samples=2, seed=4))
-    run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, capture_output=True, text=True, timeout=300)  # noqa: E731
+    def run(*a):
+        return subprocess.run([sys.executable, *a], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                              text=True, timeout=300)
+
     r = run("tools/score_complexity.py", "--input", demo["train"], "--method", "heuristic",
             "--output-dir", str(tmp_path / "scores"), "--samples-per-shard", "10")
     assert r.returncode == 0, r.stderr
@@ -73,7 +76,8 @@ def test_tool_plan_then_preprocess_one_stage(tmp_path):
     plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())
     assert plan["curriculum"]["method"] == "heuristic"
     stage = plan["stages"][2]
-    p = subprocess.run(stage["preprocess"][0], shell=True, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(stage["preprocess"][0], shell=True, cwd=ROOT, env=subprocess_env(), capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert summary["select"] == {"kept": 8, "skipped": 16} and summary["samples"] == 8

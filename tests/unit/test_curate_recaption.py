@@ -15,15 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+import recaption as cli
+from recaption_fixtures import FakeVLMServer, add_member, read_output, tiny_checkpoint, write_shards
+from testkit import ROOT, subprocess_env
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recaption_fixtures import FakeVLMServer, add_member, read_output, tiny_checkpoint, write_shards  # noqa: E402
-
-from megatron_sail.curate.backends import BackendConfig, CaptionRequest  # noqa: E402
-from megatron_sail.curate.prompts import DEFAULT_PROMPTS, PromptBank, PromptBankConfig  # noqa: E402
-from megatron_sail.curate.recaption import RecaptionConfig, my_shards, run  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
+from megatron_sail.curate.backends import BackendConfig, CaptionRequest
+from megatron_sail.curate.prompts import DEFAULT_PROMPTS, PromptBank, PromptBankConfig
+from megatron_sail.curate.recaption import RecaptionConfig, my_shards, run
 
 
 def png(w: int, h: int = 40, colour=(200, 30, 30)) -> bytes:
@@ -86,9 +84,6 @@ def test_shard_index_partitions_and_jsonl_ranges(tmp_path):
 
 
 def test_cli_errors_and_slurm_array_defaults(tmp_path, monkeypatch, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    import recaption as cli
-
     write_shards(tmp_path / "in", 1, 1)
     base = ["--input", str(tmp_path / "in" / "*.tar"), "--output-dir", str(tmp_path / "o"), "--model", "m",
             "--no-progress"]
@@ -215,7 +210,7 @@ def test_every_reject_reason_and_the_output_shard(tmp_path):
 
 # ------------------------------------------------------------------ crash / kill and resume
 def _cli(out: Path, url: str, extra=()) -> list[str]:
-    return [sys.executable, str(REPO / "tools" / "recaption.py"), "--input", str(out.parent / "in" / "*.tar"),
+    return [sys.executable, str(ROOT / "tools" / "recaption.py"), "--input", str(out.parent / "in" / "*.tar"),
             "--output-dir", str(out), "--model", "fake-vlm", "--backend", "openai", "--api-base", url,
             "--batch-size", "1", "--max-new-tokens", "16", "--backoff", "0.01", "--no-progress", *extra]
 
@@ -223,7 +218,7 @@ def _cli(out: Path, url: str, extra=()) -> list[str]:
 def test_kill_9_mid_run_then_rerun_gives_every_sample_exactly_once(tmp_path):
     keys = write_shards(tmp_path / "in", 4, 5, seed=1)
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = subprocess_env()
     with FakeVLMServer(delay_s=0.08) as server:
         proc = subprocess.Popen(_cli(out, server.url), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 120

@@ -2,16 +2,11 @@
 a shard that keeps failing is retried on the actors and then reported (docs/curation.md)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from recaption_fixtures import FakeVLMServer, write_shards
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recaption_fixtures import FakeVLMServer, write_shards  # noqa: E402
-
-from megatron_sail.curate.backends import BackendConfig  # noqa: E402
-from megatron_sail.curate.recaption import RecaptionConfig, run  # noqa: E402
+from megatron_sail.curate.backends import BackendConfig
+from megatron_sail.curate.recaption import RecaptionConfig, run
 
 ray = pytest.importorskip("ray")
 

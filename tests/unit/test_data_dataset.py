@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from megatron_sail.config.data import PackingConfig, PreprocessConfig
-from megatron_sail.data.dataset import BlendedDataset, PackedDataset, build_blended, parse_data_path
-from megatron_sail.data.demo import DemoConfig, make_demo
-from megatron_sail.data.preprocess import run
+from megatron_sail.data.loading.dataset import BlendedDataset, PackedDataset, build_blended, parse_data_path
+from megatron_sail.demo.generator import DemoConfig, make_demo
+from megatron_sail.data.preprocess.pipeline import run
 from megatron_sail.config.images import TilingConfig
 
 

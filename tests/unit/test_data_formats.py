@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from megatron_sail.config.data import TemplateConfig
-from megatron_sail.data.formats import detect_format, expand_inputs, iter_records, to_conversation
-from megatron_sail.data.imageinfo import image_info
+from megatron_sail.data.preprocess.formats import detect_format, expand_inputs, iter_records, to_conversation
+from megatron_sail.data.images.imageinfo import image_info
 from megatron_sail.data.template import SampleError
 
 

@@ -13,17 +13,17 @@ import os
 import shutil
 
 import numpy as np
+import preprocess_data
 import pytest
 from PIL import Image
 
 from megatron_sail.config.data import PackingConfig, PreprocessConfig, TemplateConfig
-from megatron_sail.data.demo import DemoConfig, make_demo
-from megatron_sail.data.formats import detect_format, iter_records, to_conversation
-from megatron_sail.data.media_refs import decode_data_uri, plain_ref
-from megatron_sail.data.preprocess import run
+from megatron_sail.data.preprocess.formats import detect_format, iter_records, to_conversation
+from megatron_sail.data.preprocess.media_refs import decode_data_uri, plain_ref
+from megatron_sail.data.preprocess.pipeline import run
 from megatron_sail.data.template import SampleError, normalize_turns
 from megatron_sail.config.images import TilingConfig
-from megatron_sail.data.video import VideoClip, VideoConfig, expand_videos, segment_middles
+from megatron_sail.data.preprocess.video import VideoClip, VideoConfig, expand_videos, segment_middles
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLES = os.path.join(HERE, "format_samples")
@@ -69,11 +69,6 @@ def samples(tmp_path):
     shutil.copytree(SAMPLES, root)
     write_clip(root / "clips" / "run.mp4")
     return root, write_images(root / "images")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_demo(str(tmp_path_factory.mktemp("demo")), DemoConfig(samples=20, val_samples=2, seed=5))["tokenizer"]
 
 
 FRAMES = VideoConfig(num_frames=4, frame_size=32)
@@ -188,10 +183,10 @@ def test_internvl_video_becomes_frames_and_plural_images_are_accepted(samples):
     assert segment_middles(20, 4) == [2, 7, 12, 17] and segment_middles(3, 8) == [0, 1, 2]
 
 
-def test_video_end_to_end_one_tile_per_frame(samples, tokenizer, tmp_path):
+def test_video_end_to_end_one_tile_per_frame(samples, tiny_tokenizer, tmp_path):
     root, _ = samples
     cfg = PreprocessConfig(inputs=[str(root / "internvl_video.jsonl")], output_prefix=str(tmp_path / "v"),
-                           tokenizer=tokenizer, tiling=TILING, video_frames=4,
+                           tokenizer=tiny_tokenizer, tiling=TILING, video_frames=4,
                            packing=PackingConfig(seq_length=512, packing_buffer=16, seed=1))
     code, summary = run(cfg, log=lambda m: None)
     assert code == 0 and summary["images"] == 6 and summary["rejects"] == {}, summary
@@ -226,25 +221,16 @@ def test_data_uris_decode_and_are_size_capped():
     assert e.value.reason == "undecodable_image"
 
 
-def test_messages_end_to_end_counts_rejects_and_images(samples, tokenizer, tmp_path):
+def test_messages_end_to_end_counts_rejects_and_images(samples, tiny_tokenizer, tmp_path):
     root, files = samples
     cfg = PreprocessConfig(inputs=[str(root / "ms_swift.jsonl"), str(root / "openai_chat.jsonl")],
-                           output_prefix=str(tmp_path / "out"), tokenizer=tokenizer, tiling=TILING,
+                           output_prefix=str(tmp_path / "out"), tokenizer=tiny_tokenizer, tiling=TILING,
                            packing=PackingConfig(seq_length=512, packing_buffer=16, seed=1),
                            max_reject_rate=0.5)
     code, summary = run(cfg, log=lambda m: None)
     assert code == 0, summary
     assert summary["rejects"] == {"remote_url": 1}
     assert summary["samples"] == 7 and summary["images"] == 5 + 8  # + the ms-swift clip's 8 frames
-
-
-def tool(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "..", "..", "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def meta_args(tokenizer, out, meta="shell/data/shapes_meta.json"):
@@ -263,11 +249,11 @@ def internvl_tree(tmp_path, monkeypatch):
     return root
 
 
-def test_internvl_meta_builds_one_dataset_per_entry_and_the_blend(internvl_tree, tokenizer, tmp_path, capsys):
-    from megatron_sail.data.dataset import PackedDataset, build_blended
+def test_internvl_meta_builds_one_dataset_per_entry_and_the_blend(internvl_tree, tiny_tokenizer, tmp_path, capsys):
+    from megatron_sail.data.loading.dataset import PackedDataset, build_blended
 
     out = tmp_path / "packed"
-    assert tool("preprocess_data").main(meta_args(tokenizer, out)) == 0
+    assert preprocess_data.main(meta_args(tiny_tokenizer, out)) == 0
     captured = capsys.readouterr()
     lines = [json.loads(line) for line in captured.out.splitlines()]
     assert [line.get("dataset") for line in lines[:2]] == ["shapes_caption", "shapes_vqa"]
@@ -291,13 +277,13 @@ def test_internvl_meta_builds_one_dataset_per_entry_and_the_blend(internvl_tree,
     assert abs(drawn.count(0) / 1000 - want[0]) < 0.01
 
 
-def test_internvl_meta_failures_write_no_blend(internvl_tree, tokenizer, tmp_path, capsys):
+def test_internvl_meta_failures_write_no_blend(internvl_tree, tiny_tokenizer, tmp_path, capsys):
     meta = json.loads((internvl_tree / "shell/data/shapes_meta.json").read_text())
     meta["shapes_vqa"]["annotation"] = "playground/opensource/missing.jsonl"
     meta["shapes_caption"]["max_num_frame"] = 32
     (internvl_tree / "broken.json").write_text(json.dumps(meta))
     out = tmp_path / "packed"
-    assert tool("preprocess_data").main(meta_args(tokenizer, out, "broken.json")) == 1
+    assert preprocess_data.main(meta_args(tiny_tokenizer, out, "broken.json")) == 1
     captured = capsys.readouterr()
     assert "shapes_caption: keys not used here: max_num_frame" in captured.err
     lines = [json.loads(line) for line in captured.out.splitlines()]
@@ -306,5 +292,5 @@ def test_internvl_meta_failures_write_no_blend(internvl_tree, tokenizer, tmp_pat
     assert not (out / "blend.json").exists() and not (out / "data_path.txt").exists()
     meta["shapes_vqa"]["repeat_time"] = 0
     (internvl_tree / "zero.json").write_text(json.dumps(meta))
-    assert tool("preprocess_data").main(meta_args(tokenizer, out, "zero.json")) == 2
+    assert preprocess_data.main(meta_args(tiny_tokenizer, out, "zero.json")) == 2
     assert "repeat_time must be a number > 0" in capsys.readouterr().err

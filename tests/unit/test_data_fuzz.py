@@ -14,14 +14,12 @@ import subprocess
 import sys
 import zlib
 
-import pytest
 from PIL import Image
+from testkit import ROOT, subprocess_env
 
 from megatron_sail.data import indexed
-from megatron_sail.data.dataset import PackedDataset
-from megatron_sail.data.demo import DemoConfig, make_demo
+from megatron_sail.data.loading.dataset import PackedDataset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N_RECORDS = 320
 CONV = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]
 
@@ -156,12 +154,7 @@ class Corpus:
         self.add(line, reasons)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_demo(str(tmp_path_factory.mktemp("demo")), DemoConfig(samples=8, val_samples=2, seed=2))["tokenizer"]
-
-
-def test_fuzzed_hostile_records_are_rejects_and_good_samples_survive(tokenizer, tmp_path):
+def test_fuzzed_hostile_records_are_rejects_and_good_samples_survive(tiny_tokenizer, tmp_path):
     rng = random.Random(12)
     corpus = Corpus(tmp_path, rng)
     hostile = [corpus.huge_header, corpus.truncated, corpus.garbage, corpus.bad_encoding, corpus.special_file,
@@ -179,11 +172,11 @@ def test_fuzzed_hostile_records_are_rejects_and_good_samples_survive(tokenizer, 
     outs = []
     for workers in (1, 2):
         prefix = str(tmp_path / f"w{workers}")
-        cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", str(tmp_path / "in.jsonl"),
-               "--image-root", str(corpus.root), "--tokenizer", tokenizer, "--output-prefix", prefix,
+        cmd = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(tmp_path / "in.jsonl"),
+               "--image-root", str(corpus.root), "--tokenizer", tiny_tokenizer, "--output-prefix", prefix,
                "--seq-length", "512", "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "4",
                "--packing-buffer", "40", "--workers", str(workers), "--max-reject-rate", "1"]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = subprocess_env()
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
         assert out.returncode == 0, (out.returncode, out.stdout[-2000:], out.stderr[-3000:])
         summary = json.loads(out.stdout.strip().splitlines()[-1])

@@ -5,28 +5,17 @@ merge). An AIMv2 encoder with 16 px patches makes 1 from the same tile, so it mu
 """
 import dataclasses
 import json
-import os
 
+import preprocess_data
 import pytest
 
 from megatron_sail.config import recipes
 from megatron_sail.data import geometry
-from megatron_sail.data.dataset import PackedDataset
-from megatron_sail.data.demo import DemoConfig, make_demo
+from megatron_sail.data.loading.dataset import PackedDataset
+from megatron_sail.demo.generator import DemoConfig, make_demo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = {"family": "internvit", "tile_size": 32, "patch_size": 8, "grid": 4, "class_tokens": 1,
         "merge": 2, "tokens_per_tile": 4, "recipe": "tiny"}
-
-
-def tool(name):
-    """A tools/ script as a module, so its main(argv) runs in-process."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def aimv2_patch16(run):
@@ -40,7 +29,7 @@ def built(tmp_path_factory):
     """A dataset preprocessed for the tiny recipe (geometry from the recipe, no tile flags)."""
     demo = make_demo(str(tmp_path_factory.mktemp("demo")), DemoConfig(samples=12, val_samples=2, seed=5))
     prefix = str(tmp_path_factory.mktemp("data") / "tiny")
-    code = tool("preprocess_data").main(["--input", demo["train"], "--tokenizer", demo["tokenizer"],
+    code = preprocess_data.main(["--input", demo["train"], "--tokenizer", demo["tokenizer"],
                                          "--output-prefix", prefix, "--seq-length", "256",
                                          "--recipe", "tiny", "--max-tiles", "4"])
     assert code == 0
@@ -74,7 +63,7 @@ def test_tiling_follows_the_family_and_refuses_a_contradicting_flag(tmp_path, ca
     with pytest.raises(ValueError, match="40 px tiles do not fit its internvit encoder"):
         geometry.resolve_tiling("tiny", None, 40, None)  # 5x5 patches, 2x2 merge
     with pytest.raises(SystemExit) as e:
-        tool("preprocess_data").parse_args(["--input", "x", "--tokenizer", "t", "--output-prefix", "o",
+        preprocess_data.parse_args(["--input", "x", "--tokenizer", "t", "--output-prefix", "o",
                                             "--seq-length", "64", "--recipe", "tiny", "--tokens-per-tile", "16"])
     assert e.value.code == 2 and "drop --tokens-per-tile" in capsys.readouterr().err
 

@@ -13,18 +13,12 @@ from PIL import Image
 
 from megatron_sail.config.data import PackingConfig, PreprocessConfig
 from megatron_sail.data import indexed
-from megatron_sail.data.dataset import PackedDataset
-from megatron_sail.data.demo import DemoConfig, make_demo
-from megatron_sail.data.preprocess import run
+from megatron_sail.data.loading.dataset import PackedDataset
+from megatron_sail.data.preprocess.pipeline import run
 from megatron_sail.config.images import TilingConfig
 
 TILING = TilingConfig(tile_size=32, min_tiles=1, max_tiles=4, thumbnail=True, tokens_per_tile=4)
 CONV = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_demo(str(tmp_path_factory.mktemp("demo")), DemoConfig(samples=8, val_samples=2, seed=1))["tokenizer"]
 
 
 def config(tokenizer, inputs, prefix, **kw):
@@ -101,9 +95,9 @@ def hostile(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_every_hostile_record_is_a_reject_with_reason_source_and_line(tokenizer, hostile, tmp_path, workers):
+def test_every_hostile_record_is_a_reject_with_reason_source_and_line(tiny_tokenizer, hostile, tmp_path, workers):
     path, root, expected, n_good = hostile
-    cfg = config(tokenizer, [path], tmp_path / "out", image_root=str(root), workers=workers)
+    cfg = config(tiny_tokenizer, [path], tmp_path / "out", image_root=str(root), workers=workers)
     code, summary = run(cfg, log=lambda m: None)
     assert code == 0, summary
     assert summary["samples"] == n_good and summary["images"] == n_good
@@ -119,11 +113,11 @@ def test_every_hostile_record_is_a_reject_with_reason_source_and_line(tokenizer,
     assert stored == {(root / "good.png").read_bytes()}
 
 
-def test_rejects_are_byte_identical_across_runs_and_workers_and_name_the_image(tokenizer, hostile, tmp_path):
+def test_rejects_are_byte_identical_across_runs_and_workers_and_name_the_image(tiny_tokenizer, hostile, tmp_path):
     path, root, _, _ = hostile
     outs = []
     for k, workers in enumerate([1, 1, 2]):
-        cfg = config(tokenizer, [path], tmp_path / f"r{k}", image_root=str(root), workers=workers)
+        cfg = config(tiny_tokenizer, [path], tmp_path / f"r{k}", image_root=str(root), workers=workers)
         assert run(cfg, log=lambda m: None)[0] == 0
         outs.append(f"{tmp_path}/r{k}.rejects.jsonl")
     assert filecmp.cmp(outs[0], outs[1], shallow=False) and filecmp.cmp(outs[0], outs[2], shallow=False)
@@ -133,13 +127,13 @@ def test_rejects_are_byte_identical_across_runs_and_workers_and_name_the_image(t
     assert garbage["detail"] == f"{root / 'garbage.png'}: not a known image format"
 
 
-def test_allow_absolute_paths_reads_them_but_still_only_regular_files(tokenizer, tmp_path):
+def test_allow_absolute_paths_reads_them_but_still_only_regular_files(tiny_tokenizer, tmp_path):
     png(tmp_path / "abs.png")
     lines = [{"image": str(tmp_path / "abs.png"), "conversations": CONV},
              {"image": "/dev/zero", "conversations": CONV}]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (tmp_path / "root").mkdir()
-    cfg = config(tokenizer, [tmp_path / "a.jsonl"], tmp_path / "o", image_root=str(tmp_path / "root"),
+    cfg = config(tiny_tokenizer, [tmp_path / "a.jsonl"], tmp_path / "o", image_root=str(tmp_path / "root"),
                  allow_absolute_paths=True)
     code, summary = run(cfg, log=lambda m: None)
     assert code == 0 and summary["images"] == 1 and summary["rejects"] == {"not_a_regular_file": 1}
@@ -147,35 +141,31 @@ def test_allow_absolute_paths_reads_them_but_still_only_regular_files(tokenizer,
     assert line["detail"] == "/dev/zero is a character device" and line["key"] == "line 2"
 
 
-def test_size_cap_and_pixel_limit_flags(tokenizer, tmp_path):
+def test_size_cap_and_pixel_limit_flags(tiny_tokenizer, tmp_path):
     png(tmp_path / "a.png", size=(64, 64))
     png(tmp_path / "b.png", size=(64, 32))
     lines = [{"image": "a.png", "conversations": CONV}, {"image": "b.png", "conversations": CONV}]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     size_a = os.path.getsize(tmp_path / "a.png")
-    code, s = run(config(tokenizer, [tmp_path / "a.jsonl"], tmp_path / "o1", max_image_pixels=64 * 63),
+    code, s = run(config(tiny_tokenizer, [tmp_path / "a.jsonl"], tmp_path / "o1", max_image_pixels=64 * 63),
                   log=lambda m: None)
     assert code == 0 and s["rejects"] == {"image_too_large": 1} and s["images"] == 1
     (line,) = [json.loads(x) for x in indexed.read_rejects(str(tmp_path / "o1"))]
     assert line["key"] == "line 1" and "a.png: 64x64 = 4096 pixels > limit 4032" in line["detail"]
-    code, s = run(config(tokenizer, [tmp_path / "a.jsonl"], tmp_path / "o2", max_image_bytes=size_a - 1),
+    code, s = run(config(tiny_tokenizer, [tmp_path / "a.jsonl"], tmp_path / "o2", max_image_bytes=size_a - 1),
                   log=lambda m: None)
     small = os.path.getsize(tmp_path / "b.png") < size_a
     assert code == 0 and s["rejects"] == {"file_too_large": 1 + (not small)}
     assert f"{size_a} bytes > --max-image-bytes {size_a - 1}" in indexed.read_rejects(str(tmp_path / "o2"))[0]
 
 
-def test_cli_flags_and_a_non_utf8_line_is_not_exit_2(tokenizer, tmp_path, capsys):
+def test_cli_flags_and_a_non_utf8_line_is_not_exit_2(tiny_tokenizer, tmp_path, capsys):
     """Before: 'error: utf-8 codec can't decode' and rc 2, no file or line named, no dataset."""
-    import importlib.util
+    import preprocess_data as cli
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    spec = importlib.util.spec_from_file_location("pp", os.path.join(root, "tools", "preprocess_data.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     good = json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "yo"}]})
     (tmp_path / "d.jsonl").write_bytes((good + "\n").encode() * 30 + b'{"text": "\xff"}\n')
-    args = ["--input", str(tmp_path / "d.jsonl"), "--tokenizer", tokenizer, "--seq-length", "128",
+    args = ["--input", str(tmp_path / "d.jsonl"), "--tokenizer", tiny_tokenizer, "--seq-length", "128",
             "--tile-size", "32", "--tokens-per-tile", "4", "--output-prefix", str(tmp_path / "o"),
             "--max-image-pixels", "1000", "--max-image-bytes", "2000", "--allow-absolute-paths"]
     assert cli.main(args) == 0
@@ -189,18 +179,18 @@ def test_cli_flags_and_a_non_utf8_line_is_not_exit_2(tokenizer, tmp_path, capsys
         cli.parse_args(args[:-5] + ["--max-image-pixels", "0"])
 
 
-def test_json_array_with_a_bad_byte_rejects_only_that_item(tokenizer, tmp_path):
+def test_json_array_with_a_bad_byte_rejects_only_that_item(tiny_tokenizer, tmp_path):
     good = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "yo"}]}
     body = json.dumps([good, good]).encode()
     bad = b'{"conversations": [{"from": "human", "value": "\xc3("}, {"from": "gpt", "value": "x"}]}'
     (tmp_path / "a.json").write_bytes(body[:-1] + b", " + bad + b"]")
-    code, s = run(config(tokenizer, [tmp_path / "a.json"], tmp_path / "o"), log=lambda m: None)
+    code, s = run(config(tiny_tokenizer, [tmp_path / "a.json"], tmp_path / "o"), log=lambda m: None)
     assert code == 0 and s["samples"] == 2 and s["rejects"] == {"bad_encoding": 1}
     (line,) = [json.loads(x) for x in indexed.read_rejects(str(tmp_path / "o"))]
     assert line["key"] == "item 2" and "invalid UTF-8 byte 0xc3" in line["detail"]
 
 
-def test_webdataset_oversized_member_and_bad_caption_bytes(tokenizer, tmp_path):
+def test_webdataset_oversized_member_and_bad_caption_bytes(tiny_tokenizer, tmp_path):
     buf = io.BytesIO()
     Image.new("RGB", (32, 32)).save(buf, format="PNG")
     members = [("a.png", buf.getvalue()), ("a.txt", b"red"), ("b.png", buf.getvalue()), ("b.txt", b"r\xffd"),
@@ -210,14 +200,14 @@ def test_webdataset_oversized_member_and_bad_caption_bytes(tokenizer, tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    cfg = config(tokenizer, [tmp_path / "s.tar"], tmp_path / "o", max_image_bytes=len(buf.getvalue()) + 100)
+    cfg = config(tiny_tokenizer, [tmp_path / "s.tar"], tmp_path / "o", max_image_bytes=len(buf.getvalue()) + 100)
     code, s = run(cfg, log=lambda m: None)
     assert code == 0 and s["samples"] == 1 and s["rejects"] == {"bad_encoding": 1, "file_too_large": 1}
     lines = {json.loads(x)["key"]: json.loads(x) for x in indexed.read_rejects(str(tmp_path / "o"))}
     assert "b.txt" in lines["b"]["detail"] and "member c.png is" in lines["c"]["detail"]
 
 
-def test_an_unexpected_error_in_a_worker_is_a_reject_not_a_dead_pool(tokenizer, tmp_path, monkeypatch):
+def test_an_unexpected_error_in_a_worker_is_a_reject_not_a_dead_pool(tiny_tokenizer, tmp_path, monkeypatch):
     """Any exception a record triggers (here a TypeError from the tokenizer) is counted as
     'unexpected_error' with its message; the other samples of every block are kept."""
     from megatron_sail.data import template
@@ -234,7 +224,7 @@ def test_an_unexpected_error_in_a_worker_is_a_reject_not_a_dead_pool(tokenizer, 
     bad = {"conversations": [{"from": "human", "value": "poison"}, {"from": "gpt", "value": "yo"}]}
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(bad if i % 5 == 2 else ok) + "\n" for i in range(20)))
     for workers in (1, 2):
-        code, s = run(config(tokenizer, [tmp_path / "d.jsonl"], tmp_path / f"w{workers}", workers=workers),
+        code, s = run(config(tiny_tokenizer, [tmp_path / "d.jsonl"], tmp_path / f"w{workers}", workers=workers),
                       log=lambda m: None)
         assert code == 0 and s["samples"] == 16 and s["rejects"] == {"unexpected_error": 4}
         first = json.loads(indexed.read_rejects(str(tmp_path / f"w{workers}"))[0])
@@ -242,7 +232,7 @@ def test_an_unexpected_error_in_a_worker_is_a_reject_not_a_dead_pool(tokenizer, 
 
 
 def test_an_input_that_is_not_a_regular_file_is_refused_by_name(tmp_path):
-    from megatron_sail.data.formats import expand_inputs
+    from megatron_sail.data.preprocess.formats import expand_inputs
 
     os.mkfifo(tmp_path / "in.jsonl")
     with pytest.raises(ValueError, match=r"in\.jsonl is not a regular file"):
@@ -251,7 +241,7 @@ def test_an_input_that_is_not_a_regular_file_is_refused_by_name(tmp_path):
         expand_inputs(["/dev/zero"])
 
 
-def test_a_reject_naming_a_non_utf8_tar_member_is_written_escaped(tokenizer, tmp_path):
+def test_a_reject_naming_a_non_utf8_tar_member_is_written_escaped(tiny_tokenizer, tmp_path):
     """tarfile decodes a member name with invalid UTF-8 to lone surrogates; the reject report
     must still be written (escaped), not crash the writer with a UnicodeEncodeError."""
     buf = io.BytesIO()
@@ -263,7 +253,7 @@ def test_a_reject_naming_a_non_utf8_tar_member_is_written_escaped(tokenizer, tmp
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    code, s = run(config(tokenizer, [tmp_path / "s.tar"], tmp_path / "o"), log=lambda m: None)
+    code, s = run(config(tiny_tokenizer, [tmp_path / "s.tar"], tmp_path / "o"), log=lambda m: None)
     assert code == 0 and s["samples"] == 1 and s["rejects"] == {"undecodable_image": 1}
     raw = open(f"{tmp_path}/o.rejects.jsonl", "rb").read()
     line = json.loads(raw.decode("utf-8"))  # valid UTF-8; the escape reads back as the same name

@@ -1,30 +1,22 @@
 """Packed datasets verify themselves: checksums written with the files, cheap checks on every load,
 ``inspect_dataset.py --verify`` for all bytes; each damage is an error naming the file."""
-import importlib.util
 import json
 import os
 import shutil
 
+import inspect_dataset
 import numpy as np
 import pytest
 
 from megatron_sail.config.data import PackingConfig, PreprocessConfig
 from megatron_sail.data import indexed, integrity
-from megatron_sail.data.dataset import PackedDataset
-from megatron_sail.data.demo import DemoConfig, make_demo
+from megatron_sail.data.loading.dataset import PackedDataset
+from megatron_sail.demo.generator import DemoConfig, make_demo
 from megatron_sail.data.integrity import DatasetIntegrityError
-from megatron_sail.data.preprocess import run
+from megatron_sail.data.preprocess.pipeline import run
 from megatron_sail.config.images import TilingConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TILING = TilingConfig(tile_size=32, min_tiles=1, max_tiles=4, thumbnail=True, tokens_per_tile=4)
-
-
-def inspect_tool():
-    spec = importlib.util.spec_from_file_location("inspect_dataset", os.path.join(ROOT, "tools", "inspect_dataset.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +68,7 @@ def test_checksums_match_the_files_and_verify_passes(clean, capsys):
     for name, rec in block["files"].items():
         path = f"{clean}.{name}"
         assert rec["bytes"] == os.path.getsize(path) and rec["sha256"] == integrity.file_digest(path)
-    assert inspect_tool().main([clean, "--verify"]) == 0
+    assert inspect_dataset.main([clean, "--verify"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] and out["damaged"] == [] and len(out["files"]) == 8
 
@@ -86,7 +78,7 @@ def test_flipped_tokens_idx_is_named_at_load_and_by_verify(copy, capsys):
     flip(f"{copy}.tokens.idx", 34 + 8)  # inside the sequence lengths
     with pytest.raises(DatasetIntegrityError, match=r"tokens\.idx: sha256 mismatch"):
         PackedDataset(copy)
-    tool = inspect_tool()
+    tool = inspect_dataset
     assert tool.main([copy]) == 1
     assert "tokens.idx" in capsys.readouterr().err
     assert tool.main([copy, "--verify"]) == 1
@@ -119,14 +111,14 @@ def test_bin_damage_is_found_by_verify_or_by_a_cheap_load_of_small_files(copy, m
         PackedDataset(copy)  # small files are hashed on every load
     monkeypatch.setattr(integrity, "CHEAP_HASH_BYTES", 0)
     assert len(PackedDataset(copy)) > 0  # large files: sizes and structure only on load
-    assert inspect_tool().main([copy, "--verify"]) == 1
+    assert inspect_dataset.main([copy, "--verify"]) == 1
     assert json.loads(capsys.readouterr().out)["damaged"] == [f"{copy}.images.bin"]
 
 
 def test_structure_checks_name_the_file_for_a_dataset_without_checksums(copy, capsys):
     drop_checksums(copy)
     assert len(PackedDataset(copy)) > 0  # an older dataset still loads
-    tool = inspect_tool()
+    tool = inspect_dataset
     assert tool.main([copy, "--verify"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] and out["files"] == [] and "no checksums recorded" in out["note"]
@@ -156,13 +148,13 @@ def test_image_table_and_meta_json_damage_are_named(copy):
 
 
 def test_merged_shards_carry_valid_checksums(demo, clean, tmp_path, capsys):
-    from megatron_sail.data.merge import merge_shards
+    from megatron_sail.data.preprocess.merge import merge_shards
 
     parts = [build(demo, tmp_path / f"p{i}", shard_index=i, num_shards=2) for i in (0, 1)]
     assert indexed.load_meta(parts[0])["checksums"] != indexed.load_meta(parts[1])["checksums"]
     merge_shards(parts, str(tmp_path / "m"))
     assert indexed.load_meta(str(tmp_path / "m"))["checksums"] == indexed.load_meta(clean)["checksums"]
-    assert inspect_tool().main([str(tmp_path / "m"), "--verify"]) == 0
+    assert inspect_dataset.main([str(tmp_path / "m"), "--verify"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"]
 
 

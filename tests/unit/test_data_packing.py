@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from megatron_sail.data.packing import Sample, first_fit_decreasing, pack_block
+from megatron_sail.data.preprocess.packing import Sample, first_fit_decreasing, pack_block
 
 
 def test_first_fit_decreasing_hand_worked():

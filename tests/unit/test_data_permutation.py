@@ -4,9 +4,9 @@ import time
 import numpy as np
 import pytest
 
-import megatron_sail.data.dataset as dataset_module
-from megatron_sail.data.dataset import BlendedDataset
-from megatron_sail.data.permutation import FeistelPermutation, derive_key
+import megatron_sail.data.loading.dataset as dataset_module
+from megatron_sail.data.loading.dataset import BlendedDataset
+from megatron_sail.data.loading.permutation import FeistelPermutation, derive_key
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 17, 1000, 4097, 65537])

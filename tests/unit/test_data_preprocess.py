@@ -7,19 +7,22 @@ import re
 import subprocess
 import sys
 
+import inspect_dataset
+import merge_datasets
 import numpy as np
+import preprocess_data
 import pytest
 from PIL import Image
+from testkit import ROOT
 
 from megatron_sail.config.data import PackingConfig, PreprocessConfig
 from megatron_sail.data import indexed
-from megatron_sail.data.dataset import PackedDataset
-from megatron_sail.data.demo import DemoConfig, make_demo
-from megatron_sail.data.preprocess import run
+from megatron_sail.data.loading.dataset import PackedDataset
+from megatron_sail.demo.generator import DemoConfig, make_demo
+from megatron_sail.data.preprocess.pipeline import run
 from megatron_sail.config.images import TilingConfig
 from megatron_sail.data.tiling import find_grid, num_tiles
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TILING = TilingConfig(tile_size=32, min_tiles=1, max_tiles=4, thumbnail=True, tokens_per_tile=4)
 HAND_GRIDS = {(64, 64): (2, 2), (96, 64): (2, 2), (64, 96): (1, 2)}
 
@@ -33,16 +36,6 @@ def config(demo, prefix, inputs=None, **kw):
     packing = kw.pop("packing", PackingConfig(seq_length=256, packing_buffer=30, seed=7))
     return PreprocessConfig(inputs=inputs or [demo["train"]], output_prefix=str(prefix),
                             tokenizer=demo["tokenizer"], tiling=kw.pop("tiling", TILING), packing=packing, **kw)
-
-
-def tool(name):
-    """A tools/ script as a module, so its main(argv) runs in-process (no interpreter start-up)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def files_of(prefix):
@@ -118,7 +111,7 @@ def test_shards_merged_equal_a_single_run(demo, single, tmp_path, capsys):
         code, _ = run(config(demo, tmp_path / f"part{i}", shard_index=i, num_shards=3), log=lambda m: None)
         assert code == 0
         shards.append(str(tmp_path / f"part{i}"))
-    merge = tool("merge_datasets")
+    merge = merge_datasets
     assert merge.main(["--inputs", *shards, "--output-prefix", str(tmp_path / "merged")]) == 0
     for a, b in zip(files_of(single[0]), files_of(tmp_path / "merged")):
         assert filecmp.cmp(a, b, shallow=False), a
@@ -257,7 +250,7 @@ def test_worker_killed_twice_stops_with_a_clear_error_and_a_rerun_is_identical(d
     it retries once, then exits 3 within seconds naming the records in flight, the likely cause
     and how to resume, and publishes nothing. The rerun equals an undisturbed run byte for byte."""
     prefix = str(tmp_path / "k")
-    cmd = [sys.executable, os.path.join(ROOT, "tools/preprocess_data.py"), "--input", demo["train"],
+    cmd = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", demo["train"],
            "--tokenizer", demo["tokenizer"], "--output-prefix", prefix, "--seq-length", "256",
            "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "4", "--packing-buffer", "30",
            "--seed", "7", "--workers", "2"]
@@ -293,13 +286,13 @@ def test_worker_killed_once_is_retried_and_the_output_is_unchanged(demo, single,
 
 def test_cli_tools_preprocess_and_inspect(demo, tmp_path, capsys):
     prefix = str(tmp_path / "cli")
-    cmd = [sys.executable, os.path.join(ROOT, "tools/preprocess_data.py"), "--input", demo["val"],
+    cmd = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", demo["val"],
            "--tokenizer", demo["tokenizer"], "--output-prefix", prefix, "--seq-length", "200",
            "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "2", "--no-thumbnail"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    inspect = tool("inspect_dataset")
+    inspect = inspect_dataset
     assert inspect.main([prefix]) == 0
     stats = json.loads(capsys.readouterr().out)
     for key in ("samples", "rows", "images", "tiles", "text_tokens", "image_tokens", "loss_tokens",
@@ -323,7 +316,7 @@ def test_cli_tools_preprocess_and_inspect(demo, tmp_path, capsys):
 
 
 def test_cli_exits_1_after_writing_the_report(demo, bad_input, tmp_path, capsys):
-    cli = tool("preprocess_data")
+    cli = preprocess_data
     args = ["--input", str(bad_input), "--tokenizer", demo["tokenizer"], "--seq-length", "256",
             "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "4"]
     assert cli.main(args + ["--output-prefix", str(tmp_path / "a")]) == 1  # 8 of 10 > default 0.05
@@ -337,7 +330,7 @@ def test_cli_exits_1_after_writing_the_report(demo, bad_input, tmp_path, capsys)
     args[1] = str(tmp_path / "nope.jsonl")
     assert cli.main(args + ["--output-prefix", str(tmp_path / "c")]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
-    assert tool("inspect_dataset").main([str(tmp_path / "a")]) == 1  # rejects only, no dataset
+    assert inspect_dataset.main([str(tmp_path / "a")]) == 1  # rejects only, no dataset
     assert "no complete dataset" in capsys.readouterr().err
 
 
@@ -351,7 +344,7 @@ def test_text_only_data_and_an_empty_shard(demo, tmp_path, capsys):
     for i in (0, 1):
         assert run(config(demo, tmp_path / f"p{i}", shard_index=i, num_shards=2, **cfg), log=lambda m: None)[0] == 0
     assert len(PackedDataset(str(tmp_path / "p1"))) == 0
-    assert tool("merge_datasets").main(["--inputs", str(tmp_path / "p0"), str(tmp_path / "p1"),
+    assert merge_datasets.main(["--inputs", str(tmp_path / "p0"), str(tmp_path / "p1"),
                                         "--output-prefix", str(tmp_path / "m")]) == 0
     for a, b in zip(files_of(tmp_path / "one"), files_of(tmp_path / "m")):
         assert filecmp.cmp(a, b, shallow=False), a
@@ -412,7 +405,7 @@ def test_multi_image_rows_give_tiles_in_image_token_order(demo, tmp_path):
     """preprocess -> PackedDataset -> collate: the k-th <IMG_CONTEXT> run of a row gets exactly
     the tiles of the k-th stored image (told apart by grey level and run length)."""
     from megatron_sail.config.images import ImageConfig
-    from megatron_sail.data.collate import collate_rows
+    from megatron_sail.data.loading.collate import collate_rows
     from megatron_sail.data.images.pil import PilPipeline
 
     grey = {"a.png": ((64, 64), 30), "b.png": ((64, 96), 120), "c.png": ((32, 32), 220)}

@@ -1,15 +1,12 @@
 """The data path at scale: the trainer's batch indices and tools/bench_data_scale.py's datasets."""
 import os
-import sys
 
+import bench_data_scale
 import numpy as np
 import pytest
 
-from megatron_sail.data.dataset import BlendedDataset, PackedDataset
+from megatron_sail.data.loading.dataset import BlendedDataset, PackedDataset
 from megatron_sail.training.loop import BatchPlan
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
-import bench_data_scale  # noqa: E402
 
 
 def test_one_microbatch_equals_the_full_listing_and_ranks_partition_the_batch():
@@ -75,9 +72,9 @@ def test_workers_send_small_images_back_and_detach_large_ones(tmp_path):
     from PIL import Image
 
     from megatron_sail.config.data import PackingConfig, PreprocessConfig
-    from megatron_sail.data import preprocess
-    from megatron_sail.data.demo import DemoConfig, make_demo
-    from megatron_sail.data.formats import expand_inputs, read_regular_file
+    from megatron_sail.data.preprocess import pipeline as preprocess
+    from megatron_sail.demo.generator import DemoConfig, make_demo
+    from megatron_sail.data.preprocess.formats import expand_inputs, read_regular_file
     from megatron_sail.config.images import TilingConfig
 
     demo = make_demo(str(tmp_path / "demo"), DemoConfig(samples=4, val_samples=2, seed=1))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from megatron_sail.config.data import TemplateConfig
-from megatron_sail.data.demo import train_tokenizer
+from megatron_sail.demo.generator import train_tokenizer
 from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
 from megatron_sail.data.tokenizer import IMG_CONTEXT, SPECIAL_TOKENS, load_tokenizer
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from megatron_sail.data.demo import DemoConfig, make_demo
-from megatron_sail.eval.demo_bench import DemoBenchConfig, write_demo_benchmarks
+from megatron_sail.demo.generator import DemoConfig, make_demo
+from megatron_sail.demo.benchmarks import DemoBenchConfig, write_demo_benchmarks
 from megatron_sail.eval.registry import get_benchmark
 from megatron_sail.eval.tsv import read_items
 

@@ -3,7 +3,6 @@
 outside the options, empty answers) are scored, counted and listed while the benchmark goes on;
 SAIL-VL's answer post-processing applies to generated answers, never to a stored file."""
 import base64
-import importlib.util
 import io
 import os
 import shutil
@@ -14,12 +13,12 @@ import zlib
 
 import pytest
 from PIL import Image
+from testkit import ROOT, subprocess_env
 
 from megatron_sail.eval.registry import get_benchmark
 from megatron_sail.eval.runner import RunnerConfig, run_benchmark, score_predictions
 from megatron_sail.eval.tsv import write_tsv
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(ROOT, "tests", "unit", "fixtures", "vlmevalkit")
 
 
@@ -58,20 +57,17 @@ class FakeModel:
 
 def run_cli(*args):
     """tools/evaluate.py in a subprocess: (exit status, stdout, stderr)."""
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), *args],
-                       capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), *args],
+                       capture_output=True, text=True, env=subprocess_env(), timeout=120)
     return p.returncode, p.stdout, p.stderr
 
 
 @pytest.fixture(scope="module")
 def evaluate_tool():
     """tools/evaluate.py as a module (its main() runs in-process: no interpreter start)."""
-    spec = importlib.util.spec_from_file_location("evaluate_tool",
-                                                  os.path.join(ROOT, "tools", "evaluate.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import evaluate
+
+    return evaluate
 
 
 def test_generated_answers_are_post_processed_stored_text_is_not(tmp_path):

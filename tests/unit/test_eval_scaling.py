@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testkit import ROOT, subprocess_env
 
 from megatron_sail.eval.registry import get_benchmark
 from megatron_sail.eval.scaling import (AVERAGE, extrapolate, fit_log_linear, metric_max, normalized,
                                          parse_tokens, read_points)
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_run(run: Path, rows: list[dict]) -> None:
@@ -57,7 +57,7 @@ def test_tool_reads_runs_fits_and_plots(tmp_path):
     (tmp_path / "empty").mkdir()
     out = subprocess.run([sys.executable, "tools/scaling_law.py", str(tmp_path / "r1"), str(tmp_path / "empty"),
                           str(tmp_path / "r2"), "--out", str(tmp_path / "fit"), "--budget", "655B"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     line = next(x for x in out.stdout.splitlines() if x.startswith("pope:"))
     assert "a=20.0000 b=2.0000 R^2=1.0000 points=4" in line

@@ -98,13 +98,9 @@ def test_scores_equal_vlmevalkit(dataset, fmt):
 @pytest.fixture(scope="module")
 def evaluate_tool():
     """tools/evaluate.py as a module, its main() run in-process."""
-    import importlib.util
+    import evaluate
 
-    path = os.path.join(HERE, "..", "..", "..", "..", "tools", "evaluate.py")
-    spec = importlib.util.spec_from_file_location("evaluate_tool", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return evaluate
 
 
 @pytest.mark.parametrize("fmt", ["_pred.xlsx", "_pred.tsv"])

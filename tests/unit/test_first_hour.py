@@ -1,22 +1,15 @@
 """A new user's first hour (issue 22): outputs land where they are expected, and nothing already
 there is silently overwritten."""
-import importlib.util
+import importlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """A tools/ script as a module (tools/ is on pytest's pythonpath)."""
+    return importlib.import_module(name)
 
 
 def test_make_demo_data_refuses_a_used_folder_and_overwrite_leaves_nothing_stale(tmp_path, capsys):
@@ -52,8 +45,8 @@ def test_the_tokenizer_is_recorded_so_a_run_from_another_folder_finds_it(tmp_pat
     from megatron_sail.checkpoint.assets import resolve_tokenizer_path, write_checkpoint_assets
     from megatron_sail.checkpoint.layout import TOKENIZER_DIR
     from megatron_sail.config.data import PackingConfig, PreprocessConfig
-    from megatron_sail.data.demo import DemoConfig, make_demo
-    from megatron_sail.data.preprocess import run
+    from megatron_sail.demo.generator import DemoConfig, make_demo
+    from megatron_sail.data.preprocess.pipeline import run
     from megatron_sail.config.images import TilingConfig
 
     demo = make_demo(str(tmp_path / "demo"), DemoConfig(samples=6, val_samples=1, seed=3))

@@ -1,23 +1,21 @@
 """Bad input at generate's door (issue 20 item 11): each is named in one line, before any model
 is loaded where it can be, and one bad record never stops the good ones."""
 import json
-import os
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 from PIL import Image
+from testkit import ROOT, subprocess_env
 
 from megatron_sail.generate import read_input
 from megatron_sail.inference.prompts import PromptBuilder, image_bytes, image_size
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _generate(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = subprocess_env()
     return subprocess.run([sys.executable, "-m", "megatron_sail.generate", *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=120)
 

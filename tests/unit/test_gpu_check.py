@@ -1,26 +1,17 @@
 """scripts/gpu_check.sh runs to its end on a CPU machine (every GPU check skipped with its
 reason, both reports written), and tools/gpu_check.py turns check outputs into figures."""
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
+import gpu_check
 import pytest
 import torch
+from testkit import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 CHECKS = ["gpu_tests", "logits_bf16", "trainer_bf16", "trainer_fp8", "dali_gpu", "compare_hf",
           "fp8_speed"]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs every check")
@@ -44,7 +35,7 @@ def test_script_on_cpu_reports_every_check_skipped(tmp_path):
 
 
 def test_figures_from_check_outputs(tmp_path):
-    tool = _tool()
+    tool = gpu_check
     log = tmp_path / "a.log"
     log.write_text("noise\ntp=1 atol=1.0\nmax_abs_logit_diff=0.0156 max_rel_logit_diff=9.1e-03\n"
                    "[dali] backend=dali images=120 seconds=2.00\n"
@@ -80,7 +71,7 @@ def test_figures_from_check_outputs(tmp_path):
 
 
 def test_report_lists_figures_reasons_and_goals(tmp_path):
-    tool = _tool()
+    tool = gpu_check
     (tmp_path / "probe.json").write_text(json.dumps({
         "date": "2026-12-01 20:00 UTC", "host": "h", "versions": {"torch": "2.13.0"},
         "card": {"name": "NVIDIA H200", "count": 1, "capability": "9.0", "memory_gib": 139.8,

@@ -1,27 +1,14 @@
 """tools/image_requirements.py: on an NGC image only missing packages are installed, the
 image's own versions stay, megatron-core/transformers must match exactly, and TE's version is
 checked against the range megatron-core declares."""
-import importlib.util
-import sys
-from pathlib import Path
-
+import image_requirements
 import pytest
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("image_requirements",
-                                                  ROOT / "tools" / "image_requirements.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_plan_installs_only_what_the_image_lacks(tmp_path):
-    tool = _tool()
+    tool = image_requirements
     req = tmp_path / "requirements.txt"
     req.write_text("# comment\ntorch==2.13.0\nmegatron-core==0.16.1\nPillow==13.0.0\n"
                    "tokenizers==0.23.3\nnvidia-dali-cuda130==2.4.0\npyyaml==6.0.3  # pinned\n")
@@ -36,7 +23,7 @@ def test_plan_installs_only_what_the_image_lacks(tmp_path):
 
 
 def test_plan_refuses_other_versions_of_exact_packages():
-    tool = _tool()
+    tool = image_requirements
     result = tool.plan([("transformers", "5.23.0"), ("megatron-core", "0.16.1")],
                        {"transformers": "4.57.1", "megatron-core": "0.16.1"}.get)
     assert result.install == [] and len(result.errors) == 1
@@ -47,11 +34,11 @@ def test_bad_requirement_line_names_the_file(tmp_path):
     req = tmp_path / "r.txt"
     req.write_text("torch>=2\n")
     with pytest.raises(ValueError, match=r"r.txt:1: expected name==version"):
-        _tool().read_pins(str(req))
+        image_requirements.read_pins(str(req))
 
 
 def test_te_range_check():
-    tool = _tool()
+    tool = image_requirements
     req = Requirement("transformer-engine[pytorch]<2.12.0,>=2.9.0a0; extra == 'dev'")
     assert tool.check_te("2.10.0+4a0b1c2", req)[0]
     ok, reason = tool.check_te("2.8.0", req)

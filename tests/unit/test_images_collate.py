@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from megatron_sail.config.images import ImageConfig
-from megatron_sail.data.collate import collate_rows
+from megatron_sail.data.loading.collate import collate_rows
 from megatron_sail.data.images.pil import PilPipeline
-from megatron_sail.data.images.prefetch import PrefetchLoader
+from megatron_sail.data.loading.prefetch import PrefetchLoader
 from megatron_sail.data.images.synthetic import encode
 from megatron_sail.data.records import ImageRecord, PackedRow
 

@@ -1,34 +1,20 @@
 """tools/render_tiles.py and tools/bench_images.py, run in-process on small images."""
-import importlib.util
 import os
-import sys
 
+import bench_images as bench
 import numpy as np
 import pytest
+import render_tiles as render
 
 from megatron_sail.config.images import ImageConfig
 from megatron_sail.data.images import build_image_pipeline
 from megatron_sail.data.images.synthetic import synthetic_jpeg
-
-TOOLS = os.path.join(os.path.dirname(__file__), "..", "..", "tools")
-
-
-def load_tool(name: str):
-    sys.path.insert(0, TOOLS)
-    try:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(TOOLS)
 
 
 def test_render_tiles_writes_the_pipeline_tiles(tmp_path):
     image = tmp_path / "wide.jpg"
     image.write_bytes(synthetic_jpeg(150, 50, 1))
     out = tmp_path / "tiles.npy"
-    render = load_tool("render_tiles")
     assert render.main(["--backend", "pil", "--image", str(image), "--max-tiles", "4", "--tile-size", "32",
                         "--out", str(out)]) == 0
     tiles = np.load(out)
@@ -43,7 +29,6 @@ def test_render_tiles_writes_the_pipeline_tiles(tmp_path):
 
 
 def test_bench_prints_rates_last(tmp_path, capsys):
-    bench = load_tool("bench_images")
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i, (w, h) in enumerate([(96, 64), (40, 80), (64, 64)]):

@@ -83,7 +83,7 @@ def test_console_lines_every_interval(tmp_path):
     out = _run(tmp_path, [(1, 4.0), (2, 2.0), (3, 3.0), (4, 1.0)], MetricsConfig(total_iters=4, world_size=2))
     lines = [l for l in out.splitlines() if "step " in l and "eta" in l]
     assert len(lines) == 2
-    assert "step 2/4" in lines[0] and "loss 3.0000" in lines[0]  # mean over the interval
+    assert "step 2/4" in lines[0] and "loss (mean of 2 steps) 3.0000" in lines[0]
     assert "eta 0:00:04" in lines[0]  # two steps left at 2 s each
     assert "tokens/s 500" in lines[0] and "TFLOP/s/GPU 2.00" in lines[0]
     assert "data wait 250.0 ms" in lines[0] and "grad norm 1.000" in lines[0]
@@ -166,3 +166,23 @@ def test_vision_timing_hooks():
     t = sw.reset()
     assert 0.03 <= t["vit_fwd"] < 0.5
     assert 0.05 <= t["vit_bwd"] < 0.5
+
+
+def test_validation_of_an_init_from_checkpoint_names_the_checkpoint(tmp_path):
+    """--init-from CKPT --train-iters 0 validates CKPT's weights: the line names iter_0001000,
+    not this run's step 0; valid_metrics.jsonl records the folder."""
+    out = io.StringIO()
+    ckpt = tmp_path / "checkpoints" / "iter_0001000"
+    with MetricsWriter(tmp_path / "run", None, 1, 0, MetricsConfig(), stream=out) as w:
+        w.log_eval(0, 2.0, checkpoint=str(ckpt))
+    assert "[eval] checkpoint iter_0001000 | validation lm loss 2.0000" in out.getvalue()
+    assert "step 0" not in out.getvalue()
+    [rec] = [json.loads(l) for l in (tmp_path / "run" / "valid_metrics.jsonl").read_text().splitlines()]
+    assert rec["checkpoint"] == str(ckpt) and rec["iteration"] == 0
+
+
+def test_progress_bar_labels_its_loss_as_this_steps(tmp_path):
+    """The bar shows the step's own loss, the log line the interval mean; each says which."""
+    out = _run(tmp_path, [(1, 4.0), (2, 2.0)], MetricsConfig(total_iters=2, progress_bar=True))
+    assert "loss (this step) 2.0000" in out
+    assert "loss (mean of 2 steps) 3.0000" in out

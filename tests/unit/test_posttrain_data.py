@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_sail.data.preference import PairFile, PreferencePair, Reject, read_pairs
+from megatron_sail.data.preprocess.preference import PairFile, PreferencePair, Reject, read_pairs
 from megatron_sail.training import rewards as R
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Two images, a small BPE tokenizer with the template's special tokens, processor settings."""
-    from megatron_sail.data import demo
+    from megatron_sail.demo import generator as demo
     from megatron_sail.checkpoint.processor import ProcessorSettings
     from megatron_sail.data.tokenizer import load_tokenizer
 

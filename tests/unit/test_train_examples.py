@@ -20,13 +20,13 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from testkit import ROOT, subprocess_env
 
 from megatron_sail.config.data import PackingConfig, PreprocessConfig
 from megatron_sail.config.parallel import ParallelConfig
-from megatron_sail.data.dataset import parse_data_path
+from megatron_sail.data.loading.dataset import parse_data_path
 from megatron_sail.config.images import TilingConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPUS_PER_NODE = 8
 LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "TP", "PP", "GBS", "MBS",
                "STAGES", "RANK", "WORLD_SIZE")
@@ -35,9 +35,9 @@ LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "TP", "PP", 
 def dry_run(script: str, env: dict, *extra: str) -> subprocess.CompletedProcess:
     """Run examples/<script> with DRY_RUN=1 and the given environment (no inherited SLURM or
     rendezvous variables)."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
-    full.update({"DRY_RUN": "1", "PYTHON": sys.executable, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
-                 **env})
+    full = {k: v for k, v in subprocess_env().items()
+            if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
+    full.update({"DRY_RUN": "1", "PYTHON": sys.executable, **env})
     return subprocess.run(["bash", os.path.join("examples", script), *extra], cwd=ROOT, env=full,
                           capture_output=True, text=True, timeout=300)
 
@@ -59,8 +59,8 @@ def assets(tmp_path_factory):
     the dry run does not read)."""
     from megatron_sail.config.model import sail_2b, sail_8b, sail_vl2_8b
     from megatron_sail.checkpoint.layout import write_model_config
-    from megatron_sail.data.demo import DemoConfig, make_demo
-    from megatron_sail.data.preprocess import run
+    from megatron_sail.demo.generator import DemoConfig, make_demo
+    from megatron_sail.data.preprocess.pipeline import run
 
     root = tmp_path_factory.mktemp("launch")
     demo = make_demo(str(root / "demo"), DemoConfig(samples=10, val_samples=3, seed=2))
@@ -210,6 +210,18 @@ def test_dry_run_refuses_a_checkpoint_of_another_model(assets, tmp_path):
     assert proc.returncode == 2 and f"--init-from {tmp_path / 'nothing'}: does not exist" in proc.stderr
 
 
+def test_dry_run_refuses_alignment_between_random_networks(assets, tmp_path):
+    """pretrain-alignment trains only the projector: without INIT_FROM (or --allow-random-init)
+    it would connect a random ViT to a random LLM; the dry run says so instead of "ok"."""
+    env = {"DATA_PATH": assets["caption"], "STAGES": "pretrain-alignment", "RUN_ROOT": str(tmp_path)}
+    proc = dry_run("pretrain_sail_2b.sh", env)
+    assert proc.returncode == 2
+    assert "stage pretrain-alignment trains only the projector, but no --init-from" in proc.stderr
+    assert dry_run("pretrain_sail_2b.sh", env, "--allow-random-init").returncode == 0
+    advance = dry_run("pretrain_sail_2b.sh", {**env, "STAGES": "pretrain-advance"})
+    assert advance.returncode == 0, advance.stderr[-2000:]  # it trains the ViT: allowed
+
+
 SLURM_STEP = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
               "SLURM_STEP_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu-a[003-004]"}
 
@@ -221,7 +233,7 @@ def test_slurm_launch_modes(assets, tasks, direct):
     the trainer itself (it takes its rank from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID)."""
     env = {**SLURM_STEP, "SLURM_STEP_NUM_TASKS": tasks, "SLURM_NTASKS": tasks, "MASTER_PORT": "31337",
            "DATA_PATH": assets["caption"], "STAGES": "pretrain-alignment"}
-    proc = dry_run("pretrain_sail_2b.sh", env)
+    proc = dry_run("pretrain_sail_2b.sh", env, "--allow-random-init")
     assert proc.returncode == 0, proc.stderr[-2000:]
     launch = next(line for line in proc.stderr.splitlines() if line.startswith("[dry-run] launch:"))
     if direct:
@@ -244,7 +256,8 @@ def test_no_launcher_calls_a_bare_torchrun():
                     reason="no .venv in this checkout")
 def test_python_defaults_to_the_checkouts_venv(assets):
     proc = dry_run("pretrain_sail_2b.sh", {"PYTHON": "", "DATA_PATH": assets["caption"],
-                                           "STAGES": "pretrain-alignment", "PATH": "/usr/bin:/bin"})
+                                           "STAGES": "pretrain-alignment", "PATH": "/usr/bin:/bin"},
+                   "--allow-random-init")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"[dry-run] launch: {ROOT}/.venv/bin/python -m torch.distributed.run" in proc.stderr
 

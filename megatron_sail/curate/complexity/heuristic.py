@@ -10,9 +10,10 @@ Each question gets a type from its text and its answer's shape:
 | caption | describe / caption / "what is in the image" | 2.0 |
 | ocr | read / written / text / word / OCR | 2.0 |
 | counting | how many / count / number of | 2.5 |
-| open reasoning | why / explain / compare / step / relations (left of, above, ...) / a long answer (>= 20 words) | 3.0 |
+| open reasoning | why / explain / compare / step / relations (left of, above, ...) / 20+ word answer | 3.0 |
 
-A question takes its heaviest matching type; every further content type it matches
+Answer-format lines ("Answer the question using a single word or phrase.") are dropped first. A
+question takes its heaviest matching type; every further content type it matches
 (caption, ocr, counting, reasoning: a multi-step question) adds 0.5. The sample's score is
 
     score = max over its questions of (type weight + 0.5 * extra content types)
@@ -46,6 +47,9 @@ _PATTERNS = {
                             r"behind|next to|between|same \w+ as|more than|less than|larger|smaller|"
                             r"bigger|if)\b", re.I),
 }
+_FORMAT = re.compile(r"^\s*answer (the question|with)\b.*$", re.I | re.M)
+"""Answer-format instructions ("Answer the question using a single word or phrase.", "Answer
+with the option's letter ..."): they say how to answer, not what is asked, and are dropped."""
 _OPTION = re.compile(r"^\s*[A-H][.)]\s", re.M)
 _YES_NO = re.compile(r"^(yes|no)\b[.!]?", re.I)
 
@@ -70,7 +74,8 @@ class HeuristicConfig:
 
 def question_types(question: str, answer: str, cfg: HeuristicConfig = HeuristicConfig()) -> list[str]:
     """Every type a question/answer pair matches, heaviest first."""
-    found = [t for t in CONTENT if _PATTERNS[t].search(question)]
+    asked = _FORMAT.sub("", question)
+    found = [t for t in CONTENT if _PATTERNS[t].search(asked)]
     if len(answer.split()) >= cfg.long_answer_words and "reasoning" not in found:
         found.append("reasoning")
     if len(_OPTION.findall(question)) >= 2:
@@ -97,7 +102,7 @@ def heuristic_score(sample: Sample, cfg: HeuristicConfig = HeuristicConfig()) ->
     scored = [pair_score(q, a, cfg) for q, a in pairs]
     best, kind = max(scored, key=lambda s: s[0])
     answer_words = sum(len(a.split()) for _, a in pairs)
-    question_words = max(len(q.split()) for q, _ in pairs)
+    question_words = max(len(_FORMAT.sub("", q).split()) for q, _ in pairs)
     score = (best + cfg.turns * math.log2(len(pairs)) + cfg.answer * math.log2(1 + answer_words / 10)
              + cfg.question * math.log2(1 + question_words / 8) + cfg.images * max(0, len(sample.images) - 1))
     return {"score": round(score, 6), "type": kind, "turns": len(pairs), "answer_words": answer_words,

@@ -35,6 +35,9 @@ class FilterSample:
     """The caption the filters judge (``txt``, else ``caption``)."""
     scores: dict = field(default_factory=dict)
     """Per-stage measurements, for the report's histograms."""
+    record: dict = field(default_factory=dict)
+    """Fields a stage adds to the kept sample's ``json`` member (the judge's scores), so later
+    tools (data_ablation, SFT complexity) can read them."""
     _image: Optional[Image.Image] = None
 
     @property

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import torch
 
 from megatron_sail.curate.filters.base import FilterSample, FilterStage, Reject
 
@@ -69,7 +68,7 @@ class ClipScore(FilterStage):
         self.tokenizer = open_clip.get_tokenizer(self.cfg.open_clip_model)
         self.kind = "open_clip"
 
-    def _pixels(self, sample: FilterSample) -> torch.Tensor:
+    def _pixels(self, sample: FilterSample):
         """Resize the short side, centre-crop, normalise: CLIP's preprocessing, without torchvision."""
         img = sample.image()
         w, h = img.size
@@ -78,11 +77,18 @@ class ClipScore(FilterStage):
         left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
         arr = np.asarray(img.crop((left, top, left + self.size, top + self.size)), dtype=np.float32) / 255.0
         arr = (arr - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+        import torch
+
         return torch.from_numpy(arr).permute(2, 0, 1)[None]
 
-    @torch.no_grad()
     def score(self, sample: FilterSample) -> float:
         """Cosine similarity between the image and its caption."""
+        import torch
+
+        with torch.no_grad():
+            return self._score(sample, torch)
+
+    def _score(self, sample: FilterSample, torch) -> float:
         if self.kind == "open_clip":
             img = self.model.encode_image(self.preprocess(sample.image())[None].to(self.cfg.device))
             txt = self.model.encode_text(self.tokenizer([sample.caption or ""]).to(self.cfg.device))

@@ -1,8 +1,19 @@
-"""Exact duplicates (content hash of the image bytes) and near-duplicates (perceptual hash
-within a Hamming distance, found through a banding index over the hash bits)."""
+"""Deduplication inside filter_data: the settings of the global dedup passes and the stage that
+applies their result.
+
+Global dedup runs as separate passes (megatron_sail/curate/dedup/, tools/dedup.py):
+signatures per shard -> grouping over all shards -> a keep-list per shard. In filter_data the
+``dedup`` stage applies those lists: a sample the grouping dropped is a reject
+(``exact_duplicate``, ``near_duplicate`` or ``semantic_duplicate``) naming the survivor. Its
+position in the filter list matters: the stages before it also run in the signature pass, so
+a sample they reject never enters a duplicate group (the survivor of a group is always a usable
+sample), and the stages after it (CLIP, judge: the expensive ones) never spend time on a
+duplicate.
+"""
 from __future__ import annotations
 
-import hashlib
+import json
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -11,26 +22,94 @@ from megatron_sail.curate.filters.base import FilterSample, FilterStage, Reject
 
 @dataclass
 class ExactDedupConfig:
-    """Byte-identical images: the first in input order is kept."""
+    """Byte-identical images (SHA-256 of the encoded bytes)."""
 
     enabled: bool = True
-    """Run this stage."""
+    """Group byte-identical images."""
 
 
-class ExactDedup(FilterStage):
-    """SHA-256 of the encoded image; a repeat names the sample it duplicates."""
+@dataclass
+class NearDedupConfig:
+    """Perceptual near-duplicates (resized, recompressed copies): pHash within a Hamming distance,
+    found by LSH banding over the hash bits."""
 
-    name = "exact_dedup"
+    enabled: bool = True
+    """Group perceptually equal images."""
+    hash_size: int = 8
+    """pHash side: hash_size**2 bits (8: 64 bits)."""
+    max_distance: int = 4
+    """Largest Hamming distance between two hashes that makes them duplicates."""
+    bands: int = 0
+    """LSH bands the bits are cut into; two hashes are compared when one band is equal. With
+    bands > max_distance every pair within max_distance shares a band (pigeonhole): the search
+    is exact. 0: max_distance + 1 (exact). Fewer, wider bands keep buckets small at hundreds of
+    millions of images at some recall (tools/bench_dedup.py reports it)."""
 
-    def __init__(self, cfg: ExactDedupConfig):
-        self.cfg = cfg
-        self.seen: dict[bytes, str] = {}
+
+@dataclass
+class SemanticDedupConfig:
+    """Semantic duplicates as NeMo Curator's semdedup: k-means on CLIP image embeddings, then
+    pairs inside a cluster whose cosine similarity reaches ``threshold``."""
+
+    enabled: bool = False
+    """Off by default: it needs a CLIP model (transformers folder)."""
+    model: Optional[str] = None
+    """transformers CLIP folder whose image embeddings are compared."""
+    clusters: int = 16
+    """k of k-means (each cluster must fit in memory in the grouping pass)."""
+    threshold: float = 0.95
+    """Cosine similarity from which two images in one cluster are duplicates."""
+    kmeans_iters: int = 20
+    """Lloyd iterations (fixed: the result does not depend on timing)."""
+    kmeans_sample: int = 200_000
+    """Rows the centroids are trained on (the first ones in shard order)."""
+    seed: int = 0
+    """Seed of the centroid initialisation."""
+    device: str = "cpu"
+    """Torch device of the CLIP model in the signature pass."""
+
+
+DEDUP_REASONS = ("exact_duplicate", "near_duplicate", "semantic_duplicate")
+
+
+class DedupApply(FilterStage):
+    """Rejects the samples the grouping pass dropped (``NAME.dropped.jsonl`` beside
+    ``NAME.keep.txt`` in the keep-list folder); a sample in neither list means the lists do not
+    belong to this input (``dedup_missing``)."""
+
+    name = "dedup"
+
+    def __init__(self, keep_dir: str):
+        self.keep_dir = keep_dir
+        self.shard: Optional[str] = None
+        self.keep: set[str] = set()
+        self.dropped: dict[str, dict] = {}
+
+    def _load(self, shard: str) -> None:
+        keep_path = os.path.join(self.keep_dir, shard + ".keep.txt")
+        if not os.path.isfile(keep_path):
+            raise FileNotFoundError(f"no keep-list {keep_path} for shard {shard}: run tools/dedup.py "
+                                    "signatures and group on this input first")
+        with open(keep_path, encoding="utf-8") as f:
+            self.keep = {ln.rstrip("\n") for ln in f if ln.strip()}
+        self.dropped = {}
+        drop_path = os.path.join(self.keep_dir, shard + ".dropped.jsonl")
+        with open(drop_path, encoding="utf-8") as f:
+            for ln in f:
+                d = json.loads(ln)
+                self.dropped[d["key"]] = d
+        self.shard = shard
 
     def process(self, sample: FilterSample) -> Optional[Reject]:
-        digest = hashlib.sha256(sample.image_bytes or b"").digest()
-        first = self.seen.setdefault(digest, sample.where)
-        if first != sample.where:
-            return Reject("exact_duplicate", f"same bytes as {first}")
+        if sample.shard != self.shard:
+            self._load(sample.shard)
+        d = self.dropped.get(sample.key)
+        if d is not None:
+            dist = f" (hamming {d['distance']})" if d.get("distance") is not None else ""
+            return Reject(d["reason"], f"duplicate of {d['survivor']}{dist}")
+        if sample.key not in self.keep:
+            return Reject("dedup_missing", f"{sample.where} is in no keep-list of {self.keep_dir} "
+                          "(the lists were made from other input)")
         return None
 
 
@@ -40,8 +119,8 @@ class BandIndex:
     The bits are cut into ``max_distance + 1`` bands; two hashes within ``max_distance`` differ
     in at most that many bands, so they agree exactly on at least one (pigeonhole). Candidates
     come from the buckets of equal bands and are then checked by their real distance, so the
-    search is exact, and each lookup touches only hashes sharing a band instead of all of them.
-    """
+    search is exact. An in-memory reference for small sets (the grouping pass does the same
+    partitioned on disk)."""
 
     def __init__(self, bits: int, max_distance: int):
         self.max_distance = max_distance
@@ -70,49 +149,3 @@ class BandIndex:
         self.names.append(name)
         for (mask, shift), bucket in zip(self.masks, self.buckets):
             bucket.setdefault((h & mask) >> shift, []).append(idx)
-
-
-@dataclass
-class NearDedupConfig:
-    """Perceptual near-duplicates (resized, recompressed, lightly edited copies)."""
-
-    enabled: bool = True
-    """Run this stage."""
-    hash: str = "phash"
-    """imagehash function: phash, dhash, ahash or whash."""
-    hash_size: int = 8
-    """Hash side: hash_size**2 bits."""
-    max_distance: int = 4
-    """Largest Hamming distance between hashes that still counts as a duplicate."""
-
-
-class NearDedup(FilterStage):
-    """Keeps the first image of each group of perceptually equal images, in input order.
-
-    A sample is compared with the kept ones only, so a chain a~b~c where a and c are far apart
-    keeps a and c (the first of each group, groups formed greedily in input order)."""
-
-    name = "near_dedup"
-
-    def __init__(self, cfg: NearDedupConfig):
-        import imagehash
-
-        if cfg.hash not in ("phash", "dhash", "ahash", "whash"):
-            raise ValueError(f"near_dedup.hash must be phash, dhash, ahash or whash, got {cfg.hash!r}")
-        self.cfg = cfg
-        self.fn = getattr(imagehash, "average_hash" if cfg.hash == "ahash" else cfg.hash)
-        self.index = BandIndex(cfg.hash_size * cfg.hash_size, cfg.max_distance)
-
-    def hash_of(self, sample: FilterSample) -> int:
-        bits = self.fn(sample.image(), hash_size=self.cfg.hash_size).hash.flatten()
-        return int("".join("1" if b else "0" for b in bits), 2)
-
-    def process(self, sample: FilterSample) -> Optional[Reject]:
-        h = self.hash_of(sample)
-        hit = self.index.query(h)
-        if hit is not None:
-            i, d = hit
-            sample.scores["near_distance"] = d
-            return Reject("near_duplicate", f"hamming {d} to {self.index.names[i]}")
-        self.index.add(h, sample.where)
-        return None

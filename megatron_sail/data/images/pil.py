@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS, ImageConfig
-from megatron_sail.data.imageinfo import to_8bit
+from megatron_sail.data.images.imageinfo import to_8bit
 from megatron_sail.data.images.pipeline import ImagePipeline
 from megatron_sail.data.records import ImageRecord
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from megatron_sail.config.images import ImageConfig
-from megatron_sail.data.imageinfo import header_size
+from megatron_sail.data.images.imageinfo import header_size
 from megatron_sail.data.records import ImageRecord
 
 logger = logging.getLogger(__name__)

@@ -34,6 +34,10 @@ if set(VISION_FAMILIES) != set(VISION_FAMILY_CLASS_TOKENS) or \
     raise ImportError("models/families and config/model.py name different families: registered "
                       f"{sorted(VISION_FAMILIES)} / {sorted(LANGUAGE_FAMILIES)}, config accepts "
                       f"{sorted(VISION_FAMILY_CLASS_TOKENS)} / {sorted(LANGUAGE_FAMILY_NAMES)}")
+_TOKENS = {name: int(fam.encoder.class_token) for name, fam in VISION_FAMILIES.items()}
+if _TOKENS != VISION_FAMILY_CLASS_TOKENS:
+    raise ImportError(f"class tokens per vision family: the encoder specs say {_TOKENS}, "
+                      f"config/model.py says {VISION_FAMILY_CLASS_TOKENS}")
 
 
 def vision_family(name: str) -> VisionFamily:

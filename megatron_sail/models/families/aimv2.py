@@ -1,9 +1,10 @@
 """AIMv2 vision encoders (SAIL-VL-1.5-2B uses AIMv2-Huge): transformers' ``Aimv2VisionModel``.
 
-Module: ``models/aimv2.py``. Geometry: no class token; grid = tile / patch. A grid the pixel
-shuffle cannot merge (27x27 patches for 378 px tiles at patch 14 and merge 2) is refused with a
-clear error: the padding/cropping rule of the released SAIL-VL models was not confirmed
-(``ProjectorConfig.odd_grid="pad"`` opts into Ovis2's zero padding).
+Module: ``models/vit.py``'s ViTEncoder, configured by ``AIMv2Family.encoder``. Geometry: no class
+token; grid = tile / patch. A grid the pixel shuffle cannot merge (27x27 patches for 378 px tiles
+at patch 14 and merge 2) is refused with a clear error: the padding/cropping rule of the released
+SAIL-VL models was not confirmed (``ProjectorConfig.odd_grid="pad"`` opts into Ovis2's zero
+padding).
 Only the released AIMv2 variant is supported: learned positions (not ``is_native``), no bias.
 transformers has no VLM class that holds an AIMv2 tower beside InternVL's projector, so the HF
 side of this family is the encoder alone (``key_map`` under the encoder's prefix).
@@ -12,9 +13,8 @@ from __future__ import annotations
 
 import re
 
-from megatron_sail.config.model import TokenGeometry
-from megatron_sail.models.families.base import KeyMap, QKVSite, VisionFamily
-from megatron_sail.models.families.internvit import _pair
+from megatron_sail.models.families.base import (
+    EncoderSpec, KeyMap, QKVSite, VisionFamily)
 
 
 class AIMv2Family(VisionFamily):
@@ -24,24 +24,12 @@ class AIMv2Family(VisionFamily):
     hf_model_type = "aimv2_vision_model"
     in_internvl_container = False
 
-    def transformer_config(self, vision, parallel, dtype):
-        """RMSNorm + SwiGLU + bias-free linears."""
-        from megatron_sail.models.aimv2 import aimv2_transformer_config
-
-        return aimv2_transformer_config(vision, parallel, dtype)
-
-    def build(self, vision, parallel, dtype, use_te: bool):
-        """The AIMv2 encoder module."""
-        from megatron_sail.models.aimv2 import AIMv2Encoder
-
-        return AIMv2Encoder(vision, parallel, dtype, use_te)
-
-    def flops_fields(self, vision, geometry: TokenGeometry) -> dict:
-        """SwiGLU MLP (three matrices), no class token."""
-        return dict(vit_hidden=vision.hidden_size, vit_layers=vision.layers_used,
-                    vit_ffn=vision.ffn_hidden_size, vit_tokens_per_tile=geometry.encoder_tokens,
-                    vit_class_tokens=0, patch_dim=3 * vision.patch_size * vision.patch_size,
-                    vit_gated_mlp=True)
+    encoder = EncoderSpec(patch_norm=True, final_norm="rms_norm", normalization="RMSNorm",
+                          linear_bias=False, qkv_bias=False, qk_norm=False, gated_mlp=True,
+                          activation="silu")
+    """Patch conv -> RMSNorm -> + positions (no class token); RMSNorm layers, bias-free
+    attention, SwiGLU MLP; the final RMSNorm (``last_hidden_state``) when the last layer is
+    selected."""
 
     def hf_config(self, v) -> dict:
         """transformers Aimv2VisionConfig fields (no pooling head)."""
@@ -53,19 +41,13 @@ class AIMv2Family(VisionFamily):
 
     def from_hf_config(self, v, select_layer: int, drop_path_rate: float = 0.0):
         """VisionConfig of an Aimv2VisionConfig; refuses the variants we do not build."""
-        from megatron_sail.config.model import VisionConfig
-
         for flag in ("qkv_bias", "mlp_bias", "is_native"):
             if getattr(v, flag, False):
                 raise ValueError(f"aimv2 vision config with {flag}=True is not supported")
         if getattr(v, "hidden_act", "silu") != "silu":
             raise ValueError(f"aimv2 hidden_act {v.hidden_act!r} is not supported (silu only)")
-        return VisionConfig(
-            family=self.name, hidden_size=v.hidden_size, num_layers=v.num_hidden_layers,
-            num_heads=v.num_attention_heads, ffn_hidden_size=v.intermediate_size,
-            patch_size=_pair(v.patch_size), image_size=_pair(v.image_size), norm_type="rms_norm",
-            norm_eps=v.rms_norm_eps, qkv_bias=False, qk_norm=False,
-            drop_path_rate=drop_path_rate, select_layer=select_layer)
+        return self.vision_config(v, select_layer, drop_path_rate, norm_type="rms_norm",
+                                  norm_eps=v.rms_norm_eps, qkv_bias=False, qk_norm=False)
 
     def key_map(self, v, ours: str, hf: str) -> KeyMap:
         """Embeddings, norms, attention (q/k/v fused) and SwiGLU (gate/up fused) per layer."""

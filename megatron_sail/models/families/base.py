@@ -20,6 +20,16 @@ from dataclasses import dataclass, field
 from megatron_sail.config.model import TokenGeometry
 
 
+def square_side(size) -> int:
+    """Side of a square image or patch from an int or an (h, w) pair, as HF configs spell
+    them; non-square sizes are refused (tiles are square)."""
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ValueError(f"non-square size {tuple(size)} is not supported")
+        return int(size[0])
+    return int(size)
+
+
 @dataclass(frozen=True)
 class QKVSite:
     """One attention whose q/k/v HF tensors fuse into Megatron's grouped ``linear_qkv``."""
@@ -68,8 +78,46 @@ class KeyMap:
         return names
 
 
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which parts ``models/vit.py``'s ``ViTEncoder`` is built from, and the layer settings of
+    its TransformerConfig: a vision family is a configuration of the one encoder, not a class.
+
+    ``None`` in a layer field means "as the VisionConfig says" (InternViT leaves its norm, q/k/v
+    bias and QK-norm to the checkpoint); a value fixes it for the family."""
+
+    class_token: bool = False
+    """A learned class token before the patches (InternViT); its position table is then
+    [1, 1 + N, d] (InternVL's parameter), else [N, d] (an embedding table)."""
+    patch_norm: bool = False
+    """RMSNorm on the patch embeddings before the positions are added (AIMv2)."""
+    final_norm: str = "none"
+    """'none', 'rms_norm' (a bare weight, AIMv2) or 'layer_norm' (an nn.LayerNorm, SigLIP);
+    built and applied only when the last layer feeds the projector (``last_hidden_state``)."""
+    layer_scale: bool = False
+    """ls1/ls2 layer scale from ``VisionConfig.layer_scale_init`` (InternViT)."""
+    normalization: str | None = None
+    """Megatron ``normalization`` ('LayerNorm' / 'RMSNorm'); None: ``VisionConfig.norm_type``."""
+    linear_bias: bool = True
+    """Biases on the attention output and MLP linears."""
+    qkv_bias: bool | None = None
+    """Bias on q/k/v; None: ``VisionConfig.qkv_bias``."""
+    qk_norm: bool | None = None
+    """InternViT's full-width QK-norm; None: ``VisionConfig.qk_norm``."""
+    gated_mlp: bool = False
+    """SwiGLU-style MLP (gate and up) rather than two matrices."""
+    activation: str = "gelu"
+    """MLP activation: 'gelu', 'gelu_tanh' or 'silu'."""
+    requires: tuple[tuple[str, object], ...] = ()
+    """(VisionConfig field, value) pairs the family has no place for otherwise: a config that
+    differs is refused rather than ignored."""
+    requires_text: str = ""
+    """What ``requires`` means, in words (for the error)."""
+
+
 class VisionFamily:
-    """A vision encoder family. Subclasses fill every method; instances are stateless."""
+    """A vision encoder family: mostly data (names, ``encoder`` parts); subclasses fill the HF
+    side (configs, key map). Instances are stateless."""
 
     name: str = ""
     """Registry name, the value of ``VisionConfig.family``."""
@@ -81,18 +129,29 @@ class VisionFamily:
     vlm_export: bool = True
     """Whether some HF VLM layout (InternVL's ``hf``, or a ``chat`` remote-code layout) can hold
     the whole model with this encoder (else only the encoder converts alone)."""
+    encoder: EncoderSpec = EncoderSpec()
+    """The parts and layer settings of the family's ``ViTEncoder``."""
 
     def transformer_config(self, vision, parallel, dtype):
         """Megatron TransformerConfig of the encoder (the whole encoder lives on stage 0)."""
-        raise NotImplementedError
+        from megatron_sail.models.vit import encoder_transformer_config
+
+        return encoder_transformer_config(vision, parallel, dtype, self.encoder)
 
     def build(self, vision, parallel, dtype, use_te: bool):
         """The encoder module: tiles [T, 3, H, W] -> patch features [T, N, hidden]."""
-        raise NotImplementedError
+        from megatron_sail.models.vit import ViTEncoder
+
+        return ViTEncoder(vision, parallel, dtype, use_te, spec=self.encoder, family=self.name)
 
     def flops_fields(self, vision, geometry: TokenGeometry) -> dict:
-        """The ``FlopsShape`` fields of the encoder (vit_*, patch_dim)."""
-        raise NotImplementedError
+        """The ``FlopsShape`` fields of the encoder (vit_*, patch_dim): class tokens run
+        through every layer; a gated MLP has three matrices."""
+        return dict(vit_hidden=vision.hidden_size, vit_layers=vision.layers_used,
+                    vit_ffn=vision.ffn_hidden_size, vit_tokens_per_tile=geometry.encoder_tokens,
+                    vit_class_tokens=geometry.class_tokens,
+                    patch_dim=3 * vision.patch_size * vision.patch_size,
+                    vit_gated_mlp=self.encoder.gated_mlp)
 
     def hf_config(self, vision) -> dict:
         """The family's HF vision config as a dict (with model_type)."""
@@ -101,6 +160,17 @@ class VisionFamily:
     def from_hf_config(self, hf_vision, select_layer: int, drop_path_rate: float = 0.0):
         """VisionConfig from the HF vision config object."""
         raise NotImplementedError
+
+    def vision_config(self, v, select_layer: int, drop_path_rate: float, **fields):
+        """VisionConfig of an HF vision config: the widths and sizes every family spells the
+        same way (hidden_size, num_hidden_layers, ...), plus the family's ``fields``."""
+        from megatron_sail.config.model import VisionConfig
+
+        return VisionConfig(
+            family=self.name, hidden_size=v.hidden_size, num_layers=v.num_hidden_layers,
+            num_heads=v.num_attention_heads, ffn_hidden_size=v.intermediate_size,
+            patch_size=square_side(v.patch_size), image_size=square_side(v.image_size),
+            drop_path_rate=drop_path_rate, select_layer=select_layer, **fields)
 
     def key_map(self, vision, ours: str, hf: str) -> KeyMap:
         """Parameter map of the encoder; ``ours`` / ``hf`` are the module prefixes."""

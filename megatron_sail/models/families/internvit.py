@@ -1,24 +1,16 @@
 """InternViT (InternViT-300M-448px and its InternVL relatives): the SAIL-VL(-2B/8B) encoder.
 
-Module: ``models/vit.py`` (layer-scaled pre-norm layers, class token, learned absolute
-positions). HF side: transformers' ``InternVLVisionModel`` (``model_type`` "internvl_vision")
-inside ``InternVLForConditionalGeneration``. Geometry: one class token, dropped after the encoder.
+Module: ``models/vit.py``'s ViTEncoder, configured by ``InternViTFamily.encoder`` (class token,
+layer-scaled pre-norm layers, learned absolute positions). HF side: transformers'
+``InternVLVisionModel`` (``model_type`` "internvl_vision") inside
+``InternVLForConditionalGeneration``. Geometry: one class token, dropped after the encoder.
 """
 from __future__ import annotations
 
 import re
 
-from megatron_sail.config.model import TokenGeometry
-from megatron_sail.models.families.base import KeyMap, QKVSite, VisionFamily
-
-
-def _pair(x) -> int:
-    """Square side from an int or (h, w); non-square tiles are not supported."""
-    if isinstance(x, (list, tuple)):
-        if x[0] != x[1]:
-            raise ValueError(f"non-square size {tuple(x)} is not supported")
-        return int(x[0])
-    return int(x)
+from megatron_sail.models.families.base import (
+    EncoderSpec, KeyMap, QKVSite, VisionFamily)
 
 
 class InternViTFamily(VisionFamily):
@@ -27,24 +19,9 @@ class InternViTFamily(VisionFamily):
     name = "internvit"
     hf_model_type = "internvl_vision"
 
-    def transformer_config(self, vision, parallel, dtype):
-        """GELU MLP with biases, LayerNorm or RMSNorm, optional full-width QK-norm."""
-        from megatron_sail.models.vit import vision_transformer_config
-
-        return vision_transformer_config(vision, parallel, dtype)
-
-    def build(self, vision, parallel, dtype, use_te: bool):
-        """The InternViT module (class token dropped from its output)."""
-        from megatron_sail.models.vit import InternViT
-
-        return InternViT(vision, parallel, dtype, use_te)
-
-    def flops_fields(self, vision, geometry: TokenGeometry) -> dict:
-        """Plain two-matrix GELU MLP; the class token runs through every layer."""
-        return dict(vit_hidden=vision.hidden_size, vit_layers=vision.layers_used,
-                    vit_ffn=vision.ffn_hidden_size, vit_tokens_per_tile=geometry.encoder_tokens,
-                    vit_class_tokens=geometry.class_tokens,
-                    patch_dim=3 * vision.patch_size * vision.patch_size, vit_gated_mlp=False)
+    encoder = EncoderSpec(class_token=True, layer_scale=True, linear_bias=True, activation="gelu")
+    """Class token, layer scale, GELU MLP with biases; norm (LayerNorm or RMSNorm), q/k/v bias
+    and full-width QK-norm as the VisionConfig says; no final norm (``use_mean_pooling``)."""
 
     def hf_config(self, v) -> dict:
         """transformers InternVLVisionConfig fields (no final norm: use_mean_pooling)."""
@@ -58,18 +35,13 @@ class InternViTFamily(VisionFamily):
 
     def from_hf_config(self, v, select_layer: int, drop_path_rate: float = 0.0):
         """VisionConfig of an InternVLVisionConfig (drop path is not part of HF configs)."""
-        from megatron_sail.config.model import VisionConfig
-
         if not getattr(v, "use_mean_pooling", True):
             raise ValueError("vision configs with a final ViT LayerNorm (use_mean_pooling=False) "
                              "are not supported")
-        return VisionConfig(
-            family=self.name, hidden_size=v.hidden_size, num_layers=v.num_hidden_layers,
-            num_heads=v.num_attention_heads, ffn_hidden_size=v.intermediate_size,
-            patch_size=_pair(v.patch_size), image_size=_pair(v.image_size),
-            norm_type=v.norm_type, norm_eps=v.layer_norm_eps, qkv_bias=v.attention_bias,
-            qk_norm=v.use_qk_norm, layer_scale_init=float(v.layer_scale_init_value),
-            drop_path_rate=drop_path_rate, select_layer=select_layer)
+        return self.vision_config(
+            v, select_layer, drop_path_rate, norm_type=v.norm_type, norm_eps=v.layer_norm_eps,
+            qkv_bias=v.attention_bias, qk_norm=v.use_qk_norm,
+            layer_scale_init=float(v.layer_scale_init_value))
 
     def key_map(self, v, ours: str, hf: str) -> KeyMap:
         """Embeddings, layer scales, norms, attention and MLP of the layers we build."""

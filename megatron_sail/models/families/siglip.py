@@ -1,9 +1,9 @@
 """SigLIP / SigLIP2 (fixed resolution) vision encoders: transformers' ``SiglipVisionModel``.
 
-Module: ``models/siglip.py``. Geometry: no class token; grid = tile / patch (27x27 for
-SigLIP-so400m-patch14-384, which the 2x2 pixel shuffle merges only with
-``ProjectorConfig.odd_grid="pad"``). The attention-pooling head (``head.*``) is not part of a VLM
-encoder and is not built. transformers has no VLM class that holds a SigLIP tower beside
+Module: ``models/vit.py``'s ViTEncoder, configured by ``SigLIPFamily.encoder``. Geometry: no class
+token; grid = tile / patch (27x27 for SigLIP-so400m-patch14-384, which the 2x2 pixel shuffle merges
+only with ``ProjectorConfig.odd_grid="pad"``). The attention-pooling head (``head.*``) is not part
+of a VLM encoder and is not built. transformers has no VLM class that holds a SigLIP tower beside
 InternVL's projector (InternVL's container drops a class token SigLIP does not have), so the HF
 side of this family is the encoder alone (``key_map`` names relative to ``SiglipVisionModel``).
 """
@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import re
 
-from megatron_sail.config.model import TokenGeometry
-from megatron_sail.models.families.base import KeyMap, QKVSite, VisionFamily
-from megatron_sail.models.families.internvit import _pair
+from megatron_sail.models.families.base import (
+    EncoderSpec, KeyMap, QKVSite, VisionFamily)
 
 
 class SigLIPFamily(VisionFamily):
@@ -24,24 +23,14 @@ class SigLIPFamily(VisionFamily):
     in_internvl_container = False
     vlm_export = False
 
-    def transformer_config(self, vision, parallel, dtype):
-        """LayerNorm + GELU-tanh MLP + biases everywhere."""
-        from megatron_sail.models.siglip import siglip_transformer_config
-
-        return siglip_transformer_config(vision, parallel, dtype)
-
-    def build(self, vision, parallel, dtype, use_te: bool):
-        """The SigLIP encoder module."""
-        from megatron_sail.models.siglip import SigLIPEncoder
-
-        return SigLIPEncoder(vision, parallel, dtype, use_te)
-
-    def flops_fields(self, vision, geometry: TokenGeometry) -> dict:
-        """Two-matrix GELU MLP, no class token."""
-        return dict(vit_hidden=vision.hidden_size, vit_layers=vision.layers_used,
-                    vit_ffn=vision.ffn_hidden_size, vit_tokens_per_tile=geometry.encoder_tokens,
-                    vit_class_tokens=0, patch_dim=3 * vision.patch_size * vision.patch_size,
-                    vit_gated_mlp=False)
+    encoder = EncoderSpec(final_norm="layer_norm", normalization="LayerNorm", linear_bias=True,
+                          qkv_bias=True, qk_norm=False, activation="gelu_tanh",
+                          requires=(("norm_type", "layer_norm"), ("qkv_bias", True),
+                                    ("qk_norm", False)),
+                          requires_text="SigLIP (LayerNorm, q/k/v bias, no QK-norm)")
+    """Patch conv (with bias) + positions (no class token); pre-LN layers with biases
+    everywhere and a GELU-tanh MLP; ``post_layernorm`` when the last layer is selected. A
+    VisionConfig with RMSNorm, no q/k/v bias or QK-norm is refused, not ignored."""
 
     def hf_config(self, v) -> dict:
         """transformers SiglipVisionConfig fields (no pooling head)."""
@@ -53,19 +42,13 @@ class SigLIPFamily(VisionFamily):
 
     def from_hf_config(self, v, select_layer: int, drop_path_rate: float = 0.0):
         """VisionConfig of a SiglipVisionConfig (the head flag is irrelevant: never built)."""
-        from megatron_sail.config.model import VisionConfig
-
         if getattr(v, "hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise ValueError(f"siglip hidden_act {v.hidden_act!r} is not supported "
                              "(gelu_pytorch_tanh only)")
         if getattr(v, "num_channels", 3) != 3:
             raise ValueError(f"siglip num_channels {v.num_channels} is not supported (3 only)")
-        return VisionConfig(
-            family=self.name, hidden_size=v.hidden_size, num_layers=v.num_hidden_layers,
-            num_heads=v.num_attention_heads, ffn_hidden_size=v.intermediate_size,
-            patch_size=_pair(v.patch_size), image_size=_pair(v.image_size),
-            norm_type="layer_norm", norm_eps=v.layer_norm_eps, qkv_bias=True, qk_norm=False,
-            drop_path_rate=drop_path_rate, select_layer=select_layer)
+        return self.vision_config(v, select_layer, drop_path_rate, norm_type="layer_norm",
+                                  norm_eps=v.layer_norm_eps, qkv_bias=True, qk_norm=False)
 
     def key_map(self, v, ours: str, hf: str) -> KeyMap:
         """Embeddings, LayerNorms, attention (q/k/v fused) and MLP per layer, post_layernorm."""

@@ -1,5 +1,5 @@
 """Small benchmark files in VLMEvalKit's TSV format drawn from the demo generator
-(data/demo.py): POPE-style yes/no, multiple choice on colour/shape/count, and word reading
+(demo/generator.py): POPE-style yes/no, multiple choice on colour/shape/count, and word reading
 scored with OCRBench's rule. Their images use a background shade the demo training and
 validation sets never use, so none of them is a training image; the facts follow the same
 distribution, so a model that learned the demo task beats chance on them.
@@ -17,7 +17,7 @@ import os
 import random
 from dataclasses import dataclass
 
-from megatron_sail.data import demo
+from megatron_sail.demo import generator as demo
 from megatron_sail.eval.registry import get_benchmark
 from megatron_sail.eval.tsv import read_items, write_tsv
 

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 
 from megatron_sail.data.indexed import PackedReader
-from megatron_sail.data.permutation import FeistelPermutation, derive_key
+from megatron_sail.data.loading.permutation import FeistelPermutation, derive_key
 from megatron_sail.data.records import ImageRecord, PackedRow
 
 

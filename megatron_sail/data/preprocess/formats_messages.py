@@ -18,9 +18,9 @@ references (``<video>`` stays in the text; video.py turns the clip into frames l
 """
 from __future__ import annotations
 
-from megatron_sail.data.media_refs import AUDIO_TAG, check_unsupported_media
+from megatron_sail.data.preprocess.media_refs import AUDIO_TAG, check_unsupported_media
 from megatron_sail.data.template import IMAGE_PLACEHOLDER, SampleError
-from megatron_sail.data.video import VIDEO_PLACEHOLDER
+from megatron_sail.data.preprocess.video import VIDEO_PLACEHOLDER
 
 ROLE_ALIASES = {"developer": "system"}
 """OpenAI's newer name for the system role."""

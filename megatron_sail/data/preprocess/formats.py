@@ -18,11 +18,11 @@ from functools import lru_cache
 from typing import Iterator, Optional
 
 from megatron_sail.config.data import DEFAULT_MAX_IMAGE_BYTES, TemplateConfig
-from megatron_sail.data.formats_messages import messages_conversation
-from megatron_sail.data.media_refs import (check_unsupported_media, image_field, inline_image, local_path,
+from megatron_sail.data.preprocess.formats_messages import messages_conversation
+from megatron_sail.data.preprocess.media_refs import (check_unsupported_media, image_field, inline_image, local_path,
                                            plain_ref)
 from megatron_sail.data.template import SampleError
-from megatron_sail.data.video import VideoClip
+from megatron_sail.data.preprocess.video import VideoClip
 
 FORMATS = ("llava", "caption", "webdataset", "messages")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -36,6 +36,14 @@ class ImageAccess:
     """Read absolute paths as given; off: they are ``path_outside_root`` rejects."""
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     """Largest file or tar member read; larger ones are ``file_too_large`` rejects."""
+    max_sample_bytes: Optional[int] = None
+    """Largest sum of one tar sample's members (None: twice ``max_bytes``); a larger sample is a
+    ``sample_too_large`` reject and its members are dropped as soon as the sum passes it, so six
+    100 MiB members under the per-member cap never sit in memory together."""
+
+    @property
+    def sample_cap(self) -> int:
+        return self.max_sample_bytes if self.max_sample_bytes is not None else 2 * self.max_bytes
 
 
 @dataclass
@@ -164,9 +172,13 @@ def _iter_tar(path: str, base_dir: str, access: ImageAccess) -> Iterator[RawReco
     """Group a WebDataset tar's members by key (the name up to the first dot of the basename).
 
     A member larger than ``access.max_bytes`` is not read; its sample is a ``file_too_large``
-    reject.
+    reject. A sample whose members add up to more than ``access.sample_cap`` is a
+    ``sample_too_large`` reject, and a member name repeated inside one sample (``k.jpg`` twice,
+    or ``k.jpg`` and ``k.JPG``) a ``duplicate_member`` reject: the second never silently
+    replaces the first. The first error of a sample wins.
     """
-    current, members, error = None, {}, None
+    current, members, error, total = None, {}, None, 0
+    cap = access.sample_cap
     try:
         with tarfile.open(path, mode="r|*") as tar:
             for info in tar:
@@ -179,13 +191,23 @@ def _iter_tar(path: str, base_dir: str, access: ImageAccess) -> Iterator[RawReco
                 key = os.path.join(dirname, stem)
                 if key != current and current is not None:
                     yield RawRecord(path, current, members, base_dir, error, access)
-                    members, error = {}, None
+                    members, error, total = {}, None, 0
                 current = key
+                if error is not None:
+                    continue  # already a reject: read nothing more of it
                 if info.size > access.max_bytes:
                     error = (f"file_too_large: member {info.name} is {info.size} bytes > "
                              f"--max-image-bytes {access.max_bytes}")
+                elif ext.lower() in members:
+                    error = f"duplicate_member: member {info.name} appears twice in sample {key}"
+                elif total + info.size > cap:
+                    error = (f"sample_too_large: sample {key} has more than {cap} bytes of members "
+                             f"(at {info.name})")
+                else:
+                    total += info.size
+                    members[ext.lower()] = tar.extractfile(info).read()
                     continue
-                members[ext.lower()] = tar.extractfile(info).read()
+                members, total = {}, 0  # a reject keeps no member bytes
     except (tarfile.TarError, OSError, EOFError) as e:
         if current is not None:
             yield RawRecord(path, current, members, base_dir, f"truncated_shard: {e}", access)

@@ -1,4 +1,4 @@
-"""Post-training demo data drawn from the demo scenes (data/demo.py): verifiable prompts for
+"""Post-training demo data drawn from the demo scenes (demo/generator.py): verifiable prompts for
 GRPO and (correct, hallucinated) answer pairs for DPO.
 
 * ``grpo.jsonl``: multiple-choice questions on colour, shape or count in the demo benchmark's
@@ -19,7 +19,7 @@ import os
 import random
 from dataclasses import dataclass
 
-from megatron_sail.data import demo
+from megatron_sail.demo import generator as demo
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import os
 import random
 from dataclasses import dataclass
 
-from megatron_sail.data import demo
+from megatron_sail.demo import generator as demo
 
 JUNK = ("IMG_{n:04d}.jpg", "image", "untitled", "photo by user{n}", "click to enlarge",
         "stock photo {n}", "DSC{n:05d}", "thumbnail", "picture", "screenshot {n}")

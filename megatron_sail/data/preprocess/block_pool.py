@@ -25,6 +25,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from megatron_sail.platform.parent_watch import guarded_initializer
+
 KILL_ENV = "SAIL_TEST_KILL_WORKER_AT"
 """Environment variable of the test hook (see the module docstring)."""
 
@@ -92,7 +94,9 @@ def ordered_map(cfg: PoolConfig, fn: Callable, blocks: Iterator[tuple[int, list]
     names the shard in the error; ``log`` gets one line per retry.
     """
     ctx = mp.get_context("fork")
-    make = lambda: ProcessPoolExecutor(cfg.workers, ctx, initializer, initargs)  # noqa: E731
+    # workers die with this process (kill -9 of the run must not leave them behind)
+    guarded = (os.getpid(), initializer, initargs)
+    make = lambda: ProcessPoolExecutor(cfg.workers, ctx, guarded_initializer, guarded)  # noqa: E731
     pool = make()
     pending: deque = deque()  # (block, records, future)
     retries = cfg.retries

@@ -10,8 +10,8 @@ import json
 from collections import Counter
 
 from megatron_sail.data import indexed
-from megatron_sail.data.packing import ImageEntry, Sample
-from megatron_sail.data.preprocess import stats_dict
+from megatron_sail.data.preprocess.packing import ImageEntry, Sample
+from megatron_sail.data.preprocess.pipeline import stats_dict
 
 MUST_MATCH = ("format", "version", "seq_length", "input_format", "tokenizer", "tiling", "template", "packing")
 

@@ -10,7 +10,7 @@ import queue
 import threading
 from typing import Callable, Iterable, Iterator
 
-from megatron_sail.data.collate import MicroBatch, collate_rows
+from megatron_sail.data.loading.collate import MicroBatch, collate_rows
 from megatron_sail.data.images.pipeline import ImagePipeline
 from megatron_sail.data.records import PackedRow
 

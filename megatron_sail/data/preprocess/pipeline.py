@@ -19,17 +19,17 @@ from typing import Callable, Iterator, Optional
 
 from megatron_sail.config.data import PreprocessConfig
 from megatron_sail.data import indexed
-from megatron_sail.data.block_pool import PoolConfig, maybe_kill_self, ordered_map
-from megatron_sail.data.formats import (FORMATS, ImageAccess, RawRecord, detect_format, expand_inputs,
+from megatron_sail.data.preprocess.block_pool import PoolConfig, maybe_kill_self, ordered_map
+from megatron_sail.data.preprocess.formats import (FORMATS, ImageAccess, RawRecord, detect_format, expand_inputs,
                                        iter_records, reread_image, to_conversation)
-from megatron_sail.data.imageinfo import clean_message, image_info
-from megatron_sail.data.packing import ImageEntry, Sample, pack_block
-from megatron_sail.data.selection import Selection, filter_records, load_selection
+from megatron_sail.data.images.imageinfo import clean_message, image_info
+from megatron_sail.data.preprocess.packing import ImageEntry, Sample, pack_block
+from megatron_sail.data.preprocess.selection import Selection, filter_records, load_selection
 from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
 from megatron_sail.config.images import TilingConfig
 from megatron_sail.data.tiling import find_grid, num_tiles
 from megatron_sail.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
-from megatron_sail.data.video import VideoConfig, expand_videos
+from megatron_sail.data.preprocess.video import VideoConfig, expand_videos
 
 
 @dataclass

@@ -80,7 +80,7 @@ def _image_refs(obj: dict) -> list:
 
 def _load_images(refs: list, base_dir: str) -> list[bytes]:
     """Image bytes of each reference (files under base_dir, data: URIs), missing_image else."""
-    from megatron_sail.data.formats import _load_image  # the SFT reader's rules (root, size)
+    from megatron_sail.data.preprocess.formats import _load_image  # the SFT reader's rules (root, size)
 
     out = []
     for ref in refs:
@@ -112,7 +112,7 @@ def parse_pair(obj: object, base_dir: str, source: str) -> PreferencePair:
 
 def _swift_pair(obj: dict, base_dir: str, source: str) -> PreferencePair:
     """ms-swift: messages ending with the chosen assistant turn, plus rejected_response."""
-    from megatron_sail.data.formats_messages import messages_conversation
+    from megatron_sail.data.preprocess.formats_messages import messages_conversation
 
     rejected = _text(obj, "rejected_response")
     turns, refs, videos = messages_conversation(obj)

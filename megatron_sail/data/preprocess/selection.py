@@ -3,7 +3,7 @@ the curriculum builder (one stage), or a complexity sidecar folder with an optio
 
 Both are JSONL records naming a sample by ``source`` (the absolute path of its input file) and
 ``key`` ('line N', 'item N' or the WebDataset key), the names the readers give records
-(data/formats.py); a sidecar record also carries ``score``."""
+(data/preprocess/formats.py); a sidecar record also carries ``score``."""
 from __future__ import annotations
 
 import glob

@@ -1,0 +1,1 @@
+"""Online loading for the trainer: packed datasets and their blend, the seeded order, micro-batches."""

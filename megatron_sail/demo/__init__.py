@@ -1,0 +1,1 @@
+"""Synthetic demo data, the unlabeled demo pool and the held-out demo benchmarks (examples, tests)."""

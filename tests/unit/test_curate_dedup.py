@@ -1,0 +1,223 @@
+"""Global dedup passes and filter_data as a sharded job (issue 26): near-duplicate groups equal
+brute force, keep-lists byte-identical for any partition or worker count, cross-shard duplicates
+(the same image in two shards and a re-encoded copy) leave exactly one survivor, a kill -9 of a
+filtering run resumes to the output of an uninterrupted run, and the bench prints its line."""
+from __future__ import annotations
+
+import filecmp
+import importlib.util
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recaption_fixtures import FakeVLMServer, add_member  # noqa: E402
+
+from megatron_sail.curate.dedup.grouping import GroupConfig, run_grouping  # noqa: E402
+from megatron_sail.curate.filters.pipeline import FilterConfig, run_filters  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+CAPTIONS = ["a red square beside a small blue circle on a white table",
+            "two green triangles under a yellow sun in the corner",
+            "a purple box with an orange lid standing on grass",
+            "three black birds flying over a grey stone bridge"]
+
+
+def tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def pattern(seed: int, size=(64, 64)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)).resize(size, Image.NEAREST)
+
+
+def encode(img: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                add_member(tar, f"{key}.{ext}", data.encode() if isinstance(data, str) else data)
+
+
+def lists_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.name.endswith((".keep.txt", ".dropped.jsonl"))}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """3000 synthetic 64-bit signatures with planted groups, in 7 shards."""
+    bench = tool("bench_dedup")
+    root = tmp_path_factory.mktemp("sig")
+    syn = bench.Synthetic(3000, 30, 1, 4, seed=1)
+    names = bench.write_signatures(syn, str(root / "sig"), 450)
+    return bench, syn, root, names
+
+
+def test_near_groups_equal_brute_force_for_any_partition_count(synthetic):
+    bench, syn, root, names = synthetic
+    outs = []
+    for parts in (1, 3, 11):
+        out = root / f"keep{parts}"
+        report = run_grouping(GroupConfig(signatures=str(root / "sig"), output_dir=str(out), max_distance=4,
+                                          partitions=parts))
+        assert report["partitions"] == parts and report["settings"]["bands"] == 5
+        outs.append(lists_of(out))
+    assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 2 * len(names)
+    assert bench.brute_force_check(syn, str(root / "keep1"), names, 4)
+    recall, precision, drops = bench.score(syn, str(root / "keep1"), names)
+    assert recall == 1.0 and precision == 1.0 and drops == report["dropped"] > 0
+    # fewer, wider bands than max_distance + 1: an approximate search, recall reported below 1
+    approx = run_grouping(GroupConfig(signatures=str(root / "sig"), output_dir=str(root / "approx"), max_distance=4,
+                                      bands=2))
+    recall2, precision2, _ = bench.score(syn, str(root / "approx"), names)
+    assert approx["settings"]["bands"] == 2 and recall2 < 1.0 and precision2 == 1.0
+
+
+def test_bench_prints_its_line():
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "bench_dedup.py"), "--signatures", "4000",
+                        "--partitions", "3"], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = r.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"rows_per_s=(\d+) peak_rss_mb=(\d+) recall=([0-9.]+)", last)
+    assert m and float(m.group(3)) == 1.0, last
+
+
+def cross_shard_input(root: Path) -> dict:
+    """The same image in shards a and c, a resized JPEG re-encode of it in shard b (and a
+    byte copy of that in c); the re-encode is larger, so its first copy is the one survivor."""
+    img = pattern(7)
+    same = encode(img)
+    reenc = encode(img.resize((96, 96), Image.BILINEAR), "JPEG", quality=80)
+    write_tar(root / "a.tar", [("x0", {"png": same, "txt": CAPTIONS[0]}),
+                               ("x1", {"png": encode(pattern(1)), "txt": CAPTIONS[1]})])
+    write_tar(root / "b.tar", [("y0", {"png": encode(pattern(2)), "txt": CAPTIONS[2]}),
+                               ("y1", {"jpg": reenc, "txt": CAPTIONS[3]})])
+    write_tar(root / "c.tar", [("z0", {"png": encode(pattern(3)), "txt": CAPTIONS[0]}),
+                               ("z1", {"png": same, "txt": CAPTIONS[1]}), ("z2", {"jpg": reenc, "txt": CAPTIONS[2]})])
+    # the reason is relative to the survivor: z2 has its bytes, x0 and z1 only its pHash
+    return {"x0": "near_duplicate", "z1": "near_duplicate", "z2": "exact_duplicate"}
+
+
+def kept_keys(out: Path) -> list[str]:
+    keys = []
+    for p in sorted(out.glob("*.tar")):
+        with tarfile.open(p) as tar:
+            keys += list(dict.fromkeys(n.split(".", 1)[0] for n in tar.getnames()))
+    return keys
+
+
+def test_cross_shard_duplicates_leave_exactly_one_survivor(tmp_path):
+    expect = cross_shard_input(tmp_path / "in")
+    cfg = FilterConfig()
+    cfg.language.enabled = False
+    runs = {}
+    for name, job in (("w1", {"workers": 1}), ("w2", {"workers": 2})):
+        out = tmp_path / name
+        run_filters([str(tmp_path / "in" / "*.tar")], str(out), cfg, **job)
+        runs[name] = out
+        assert kept_keys(out) == ["x1", "y0", "y1", "z0"]
+        rejects = {json.loads(ln)["key"]: json.loads(ln) for p in sorted(out.glob("*.rejects.jsonl"))
+                   for ln in p.read_text().splitlines()}
+        assert {k: r["reason"] for k, r in rejects.items()} == expect
+        assert all("duplicate of b/y1" in r["detail"] for r in rejects.values())
+    assert lists_of(runs["w1"] / "dedup" / "keep") == lists_of(runs["w2"] / "dedup" / "keep")
+    for f in ("a.tar", "b.tar", "c.tar", "a.rejects.jsonl", "b.rejects.jsonl", "c.rejects.jsonl"):
+        assert filecmp.cmp(runs["w1"] / f, runs["w2"] / f, shallow=False), f
+
+
+def judge_answer(prompt: str, w: int, h: int) -> str:
+    """A deterministic fake judge: VIR from the width, ITA from the height."""
+    if "from 1 to 5" in prompt:
+        return f"Score: {w % 5 + 1}"
+    return "Yes." if h % 3 else "No, it is not."
+
+
+def judge_yaml(path: Path, url: str) -> Path:
+    path.write_text(f"""filters:
+  - image: {{min_side: 16}}
+  - caption_length: {{min_words: 3}}
+  - exact_dedup: {{}}
+  - near_dedup: {{max_distance: 4}}
+  - judge: {{backend: openai, model: fake-judge, api_base: "{url}", min_vir: 3}}
+""")
+    return path
+
+
+def judge_input(root: Path, shards: int = 4, per: int = 3) -> list[str]:
+    keys = []
+    for s in range(shards):
+        samples = []
+        for k in range(per):
+            n = s * per + k
+            size = (40 + n, 40 + (n * 7) % 11)
+            samples.append((f"k{n:03d}", {"png": encode(pattern(100 + n, size)), "txt": CAPTIONS[n % 4],
+                                          "json": json.dumps({"n": n})}))
+            keys.append(f"k{n:03d}")
+        write_tar(root / f"{s:03d}.tar", samples)
+    return keys
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    """What must not depend on a kill: shards, rejects, keep-lists (reports hold timings)."""
+    files = (sorted(out.glob("*.tar")) + sorted(out.glob("*.rejects.jsonl"))
+             + sorted((out / "dedup" / "keep").glob("*.*")))
+    return {str(p.relative_to(out)): p.read_bytes() for p in files if not p.name.endswith("report.json")}
+
+
+def test_kill_9_mid_filter_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    keys = judge_input(tmp_path / "in")
+    with FakeVLMServer(delay_s=0.05, answer=judge_answer) as server:
+        cfg = judge_yaml(tmp_path / "filters.yaml", server.url)
+        cmd = lambda out: [sys.executable, str(REPO / "tools" / "filter_data.py"), "--input",  # noqa: E731
+                           str(tmp_path / "in" / "*.tar"), "--output-dir", str(out), "--config", str(cfg), "--quiet"]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        ref = subprocess.run(cmd(tmp_path / "ref"), capture_output=True, text=True, env=env, timeout=300)
+        assert ref.returncode == 0, ref.stderr[-2000:]
+        out = tmp_path / "out"
+        proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        deadline = time.time() + 180
+        while not (out / "done" / "000.json").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+        done = sorted(p.stem for p in (out / "done").glob("*.json"))
+        assert 1 <= len(done) < 4, done
+        again = subprocess.run(cmd(out), capture_output=True, text=True, env=env, timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+    assert outputs(out) == outputs(tmp_path / "ref")
+    seen = kept_keys(out) + [json.loads(ln)["key"] for p in sorted(out.glob("*.rejects.jsonl"))
+                             for ln in p.read_text().splitlines()]
+    assert sorted(seen) == keys and len(seen) == len(set(seen))
+    assert not list(out.rglob("*.tmp"))
+    report = json.loads((out / "filter_report.json").read_text())
+    assert report["samples"] == len(keys) and set(report["removed_by_stage"]) <= {"judge", "dedup", "image"}
+    assert report["removed_by_stage"]["judge"]  # some fail VIR >= 3 or ITA
+    with tarfile.open(out / "000.tar") as tar:
+        for m in tar.getmembers():
+            if m.name.endswith(".json"):
+                judged = json.loads(tar.extractfile(m).read())
+                assert judged["judge"]["vir"] >= 3 and judged["judge"]["ita"] == "yes" and "n" in judged
