@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Post-training demo on the CPU (docs/post_training.md): from a deliberately under-trained SFT
-# checkpoint of the tiny recipe on the demo data,
-#   1. demo data (reused when present) and an SFT run stopped early
+# Post-training demo on the CPU (docs/post_training.md): from deliberately under-trained SFT
+# checkpoints of the tiny recipe on the demo data,
+#   1. demo data (reused when present); SFT for SFT_ITERS steps (checkpoint A: still answers
+#      every yes/no question "no"), then SFT_MORE steps from A (checkpoint B: yes/no learned,
+#      multiple choice far from what more SFT reaches)
 #   2. held-out demo benchmarks (background no training image uses) + post-training demo data:
 #      verifiable prompts (MCQ on colour / shape / count, yes/no, counts) and DPO pairs
 #      (correct vs hallucinated answer)
-#   3. scores of the SFT checkpoint (MCQ accuracy, POPE-style F1)
-#   4. GRPO on the verifiable prompts (reward: accuracy) -> held-out MCQ accuracy
-#   5. DPO on the pairs -> held-out POPE-style F1
+#   3. scores of A and B (MCQ accuracy, POPE-style F1)
+#   4. GRPO from B on the verifiable MCQ prompts (reward: accuracy) -> held-out MCQ accuracy
+#   5. DPO from A on the pairs -> held-out POPE-style F1
 #   6. reward_curve.png, a summary, and the last line
 #      reward_start=X reward_end=Y score_start=A score_end=B
 #      (GRPO's mean reward over its first / last steps; held-out MCQ accuracy before / after).
@@ -25,26 +27,32 @@ OUT="${OUT:-runs/grpo_demo}"
 DEMO="${DEMO:-demo}"                  # the quickstart's demo data directory (made when absent)
 SEQ=256
 if [ "${SMOKE}" = 1 ]; then
-  SFT_ITERS="${SFT_ITERS:-60}" GRPO_ITERS="${GRPO_ITERS:-8}" DPO_ITERS="${DPO_ITERS:-8}"
-  ITEMS="${ITEMS:-40}" PROMPTS="${PROMPTS:-64}" PAIRS="${PAIRS:-64}"
+  SFT_ITERS="${SFT_ITERS:-60}" SFT_MORE="${SFT_MORE:-20}" GRPO_ITERS="${GRPO_ITERS:-8}"
+  DPO_ITERS="${DPO_ITERS:-8}" ITEMS="${ITEMS:-40}" PROMPTS="${PROMPTS:-64}" PAIRS="${PAIRS:-64}"
 else
-  SFT_ITERS="${SFT_ITERS:-300}" GRPO_ITERS="${GRPO_ITERS:-100}" DPO_ITERS="${DPO_ITERS:-60}"
-  ITEMS="${ITEMS:-200}" PROMPTS="${PROMPTS:-400}" PAIRS="${PAIRS:-400}"
+  SFT_ITERS="${SFT_ITERS:-300}" SFT_MORE="${SFT_MORE:-100}" GRPO_ITERS="${GRPO_ITERS:-150}"
+  DPO_ITERS="${DPO_ITERS:-60}" ITEMS="${ITEMS:-200}" PROMPTS="${PROMPTS:-400}" PAIRS="${PAIRS:-400}"
 fi
 START=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - START ))s] $*"; }
 mkdir -p "${OUT}"
 
-step "1/6 demo data (${DEMO}/) and an under-trained SFT checkpoint (${SFT_ITERS} steps)"
+step "1/6 demo data (${DEMO}/) and under-trained SFT checkpoints (${SFT_ITERS} + ${SFT_MORE} steps)"
 if [ ! -f "${DEMO}/packed/train.meta.json" ]; then
   $PY tools/make_demo_data.py --out "${DEMO}" --samples 4000 --seed 1234 > /dev/null
   $PY tools/preprocess_data.py --input "${DEMO}/train.jsonl" --tokenizer "${DEMO}/tokenizer.json" \
     --output-prefix "${DEMO}/packed/train" --seq-length "${SEQ}" --recipe tiny --max-tiles 4 > /dev/null
 fi
-if [ ! -e "${OUT}/sft/checkpoints/latest" ]; then
-  $PY -m megatron_sail.train --recipe tiny --stage sft-knowledge --seq-length "${SEQ}" \
-    --data-path "${DEMO}/packed/train" --train-iters "${SFT_ITERS}" --eval-interval 0 \
-    --log-interval 50 --run-dir "${OUT}/sft" --save "${OUT}/sft/checkpoints" --overwrite-save
+SFT=(--recipe tiny --stage sft-knowledge --seq-length "${SEQ}" --data-path "${DEMO}/packed/train"
+     --eval-interval 0 --log-interval 50)
+if [ ! -e "${OUT}/sft_a/checkpoints/latest" ]; then
+  $PY -m megatron_sail.train "${SFT[@]}" --train-iters "${SFT_ITERS}" --run-dir "${OUT}/sft_a" \
+    --save "${OUT}/sft_a/checkpoints" --overwrite-save
+fi
+if [ ! -e "${OUT}/sft_b/checkpoints/latest" ]; then
+  $PY -m megatron_sail.train "${SFT[@]}" --train-iters "${SFT_MORE}" --seed 99 \
+    --init-from "${OUT}/sft_a/checkpoints" --run-dir "${OUT}/sft_b" \
+    --save "${OUT}/sft_b/checkpoints" --overwrite-save
 fi
 
 step "2/6 held-out benchmarks (${ITEMS} items) and post-training demo data"
@@ -61,24 +69,25 @@ evaluate() {  # evaluate CKPT DIR BENCH...: greedy answers, scored as VLMEvalKit
     --out "${OUT}/${dir}/results.json" | grep '^benchmark='
 }
 
-step "3/6 scores of the SFT checkpoint"
-evaluate "${OUT}/sft/checkpoints" eval_sft mcq pope
+step "3/6 scores of the SFT checkpoints A and B"
+evaluate "${OUT}/sft_a/checkpoints" eval_sft_a pope
+evaluate "${OUT}/sft_b/checkpoints" eval_sft_b mcq
 
-step "4/6 GRPO on the verifiable MCQ prompts (${GRPO_ITERS} steps, 8 prompts x 8 samples)"
+step "4/6 GRPO from B on the verifiable MCQ prompts (${GRPO_ITERS} steps, 8 prompts x 8 samples)"
 rm -rf "${OUT}/grpo"
-$PY -m megatron_sail.train --stage grpo --init-from "${OUT}/sft/checkpoints" \
+$PY -m megatron_sail.train --stage grpo --init-from "${OUT}/sft_b/checkpoints" \
   --data-path "${OUT}/post/grpo_mcq.jsonl" --seq-length "${SEQ}" --train-iters "${GRPO_ITERS}" \
-  --global-batch-size 64 --micro-batch-size 4 --num-generations 8 --max-new-tokens 3 \
-  --temperature 1.0 --lr 1e-3 --train-vision true --reward accuracy --log-interval 10 \
+  --global-batch-size 64 --micro-batch-size 4 --num-generations 8 --max-new-tokens 8 \
+  --temperature 1.0 --lr 1e-4 --reward accuracy --log-interval 25 \
   --run-dir "${OUT}/grpo" --save "${OUT}/grpo/checkpoints"
 evaluate "${OUT}/grpo/checkpoints" eval_grpo mcq
 
-step "5/6 DPO (MPO loss) on correct vs hallucinated pairs (${DPO_ITERS} steps)"
+step "5/6 DPO from A on correct vs hallucinated pairs (${DPO_ITERS} steps)"
 rm -rf "${OUT}/dpo"
-$PY -m megatron_sail.train --stage dpo --init-from "${OUT}/sft/checkpoints" \
+$PY -m megatron_sail.train --stage dpo --init-from "${OUT}/sft_a/checkpoints" \
   --data-path "${OUT}/post/pairs.jsonl" --seq-length "${SEQ}" --train-iters "${DPO_ITERS}" \
-  --global-batch-size 8 --micro-batch-size 4 --pref-loss dpo --dpo-beta 0.1 --lr 1e-3 \
-  --log-interval 10 --run-dir "${OUT}/dpo" --save "${OUT}/dpo/checkpoints"
+  --global-batch-size 8 --micro-batch-size 4 --pref-loss dpo --dpo-beta 0.1 --lr 5e-4 \
+  --log-interval 20 --run-dir "${OUT}/dpo" --save "${OUT}/dpo/checkpoints"
 evaluate "${OUT}/dpo/checkpoints" eval_dpo pope
 
 step "6/6 summary"
@@ -87,17 +96,16 @@ import json, math, sys
 from pathlib import Path
 
 out, smoke = Path(sys.argv[1]), sys.argv[2] == "1"
-score = lambda d, b: json.loads((out / d / "results.json").read_text())[b]["score"]  # noqa: E731
-n = len(json.loads((out / "eval_sft" / "results.json").read_text())) and None
+score = lambda d, b: json.loads((out / d / "results.json").read_text())["benchmarks"][b]["score"]  # noqa: E731
 recs = [json.loads(l) for l in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
 rewards = [r["extra"]["grpo/reward_mean"] for r in recs if "extra" in r]
 k = max(1, len(rewards) // 5)
 r0, r1 = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
 items = sum(1 for _ in open(out / "bench" / "demo_mcq.tsv")) - 1
-a, b = score("eval_sft", "mcq"), score("eval_grpo", "mcq")
+a, b = score("eval_sft_b", "mcq"), score("eval_grpo", "mcq")
 p = a / 100
 half = 100 * 1.96 * math.sqrt(max(p * (1 - p), 1e-9) / items)  # 95% interval of the start
-f0, f1 = score("eval_sft", "pope"), score("eval_dpo", "pope")
+f0, f1 = score("eval_sft_a", "pope"), score("eval_dpo", "pope")
 try:
     import matplotlib
     matplotlib.use("Agg")

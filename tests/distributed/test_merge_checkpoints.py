@@ -7,7 +7,6 @@ The merge runs in a spawned process (it starts Megatron's groups; the pytest pro
 """
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -18,15 +17,6 @@ import torch
 from launcher import launch
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tool(name: str):
-    """Import a tools/ script as a module."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _convert(rank, hf_dirs, outs):
@@ -64,7 +54,8 @@ def _resave_tp2(rank, src, out):
 def _merge(rank, argvs):
     """Run the tool's main once per argv in this (spawned) process; the error texts (None for
     a merge that succeeded)."""
-    tool = _tool("merge_checkpoints")
+    import merge_checkpoints as tool
+
     out = []
     for argv in argvs:
         try:
@@ -91,7 +82,8 @@ def _plain(path, tmp: Path) -> dict:
 def inputs(tmp_path_factory):
     """Converted checkpoints a (TP=1), b (re-saved at TP=2) and c (another vocabulary)."""
     root = tmp_path_factory.mktemp("soup")
-    tiny = _tool("make_tiny_hf_checkpoint")
+    import make_tiny_hf_checkpoint as tiny
+
     hf = [tiny.make_tiny_checkpoint(root / f"hf{k}", tiny.TinyCheckpointConfig(
         layout="hf", vocab_size=300, tokenizer=True, seed=s)) for k, s in ((0, 3), (1, 4))]
     hf.append(tiny.make_tiny_checkpoint(root / "hf2", tiny.TinyCheckpointConfig(

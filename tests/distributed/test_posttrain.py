@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import socket
@@ -29,15 +28,6 @@ SEQ = 256
 RTOL = 1e-5  # float32 runs whose reductions differ in order (see test_train_runs.py)
 
 
-def _tool(name: str):
-    """Import a tools/ script as a module."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _convert(rank, hf_dir, out):
     from megatron_sail.convert.checkpoint import hf_to_mcore
 
@@ -52,7 +42,8 @@ def assets(tmp_path_factory):
     from PIL import Image
 
     root = tmp_path_factory.mktemp("post")
-    tiny = _tool("make_tiny_hf_checkpoint")
+    import make_tiny_hf_checkpoint as tiny
+
     hf = tiny.make_tiny_checkpoint(root / "hf", tiny.TinyCheckpointConfig(
         layout="hf", vocab_size=300, tokenizer=True, seed=3))
     launch(_convert, 1, str(hf), str(root / "mcore"), timeout=300)
@@ -98,9 +89,10 @@ def _parity_job(rank, a):
     hf = _hf_segment_logps(a["hf"], data.rows, pipe)
     # tools/precompute_ref_logps.py writes the same values; a sidecar of other rows is refused
     sidecar = str(a["root"] / "ref.npz")
-    assert _tool("precompute_ref_logps").main(["--checkpoint", a["mcore"], "--data-path",
-                                                a["pairs"], "--seq-length", str(SEQ),
-                                                "--out", sidecar]) == 0
+    import precompute_ref_logps
+
+    assert precompute_ref_logps.main(["--checkpoint", a["mcore"], "--data-path", a["pairs"],
+                                      "--seq-length", str(SEQ), "--out", sidecar]) == 0
     loaded = pref.load_sidecar(sidecar, data.rows)
     refused = None
     try:
