@@ -4,12 +4,14 @@ through logging to stderr.
 
 A user-facing error is one of ``USER_ERRORS``: the project raises ``ValueError`` (and its
 subclasses: ``ResumeMismatch``, ``CheckpointDamaged``, ``SaveDirError``, ...) or an ``OSError``
-about a path for anything the user can fix by changing a flag or a file. Anything else is a bug
+about a path for anything the user can fix by changing a flag or a file; a full disk (an
+``OSError`` with errno ENOSPC) is one too. Anything else is a bug
 and keeps its traceback. ``SAIL_TRACEBACK=1`` shows the traceback of user errors too, for
 debugging.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -86,6 +88,10 @@ def run(main: Callable[[Optional[Sequence[str]]], Optional[int]],
         code = main() if argv is None else main(argv)
     except USER_ERRORS as e:
         if os.environ.get("SAIL_TRACEBACK") == "1":
+            raise
+        fail(e)
+    except OSError as e:  # a full disk: the user frees space, no traceback helps
+        if e.errno != errno.ENOSPC or os.environ.get("SAIL_TRACEBACK") == "1":
             raise
         fail(e)
     except KeyboardInterrupt:

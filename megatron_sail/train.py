@@ -35,7 +35,7 @@ from megatron_sail.training.save_dir import prepare_save_dir
 from megatron_sail.training.flops import shape_from_model_config, device_peak_flops
 from megatron_sail.training.loop import LoopContext, StepFeeder, decodes_images, dp_plan, run
 from megatron_sail.training.metrics import MetricsConfig, MetricsWriter
-from megatron_sail.training.optimizer import build_optimizer, build_scheduler
+from megatron_sail.training.optimizer import build_optimizer, build_scheduler, use_foreach
 from megatron_sail.training.precision import apply_fp8, check_precision
 from megatron_sail.training.recompute import RecomputeConfig, apply_recompute
 from megatron_sail.training.signals import ExitWatcher
@@ -243,6 +243,7 @@ def train(cfg: RunConfig) -> int:
     hook_model_config(chunks, optimizer)
     state = load_state(cfg, chunks, optimizer, scheduler,
                        ckpt.LoadChecks(c.ckpt_verify, data_block, c.allow_tokenizer_mismatch))
+    use_foreach(optimizer)  # a loaded optimizer state brings its saved param-group flags back
     state.scheduler = scheduler.state_dict()
     state.tokenizer = data_block
     if c.load and state.iteration == cfg.train.train_iters and layout.resolve_checkpoint(c.load):

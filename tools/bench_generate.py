@@ -1,187 +1,312 @@
 #!/usr/bin/env python
-"""Generation speed on this machine: our Generator vs transformers' generate, same random weights.
+"""Generation and loading speed against transformers, alternating the two in separate processes.
 
-    python tools/bench_generate.py --shape tiny
-    python tools/bench_generate.py --shape 2b --lm-layers 4 --vit-layers 4 --new-tokens 16
+    python tools/bench_generate.py --work /tmp/bench_gen --points decode_tiny_b1 decode_tiny_b8
+    python tools/bench_generate.py --work /tmp/bench_gen --points decode_0.5b_b1 decode_0.5b_b8 \
+        --new-tokens 16 --repeats 3
+    python tools/bench_generate.py --work /tmp/bench_gen --points load_0.5b_hf load_0.5b_mcore
 
-Builds a random InternVL of the chosen shape (``2b``: SAIL-VL-2B widths, InternViT-300M +
-Qwen2.5-1.5B, optionally with fewer layers so it fits a small machine), writes it as a
-transformers-layout folder with a small BPE tokenizer, then times, for each batch size,
-transformers' ``generate`` (greedy, KV cache, SDPA) and ours (``load_generator`` on the same
-folder) on the same prompt: one image + a question, ``--new-tokens`` tokens forced
-(``min_new_tokens``). transformers runs first, before our CPU backend is installed, so it runs
-exactly as a transformers user would. Prints one line per (implementation, batch) and checks
-that both produced the same greedy tokens.
+Builds each model once under ``--work`` (``tiny``: tools/make_tiny_hf_checkpoint.py defaults;
+``0.5b``: a Qwen2.5-0.5B-shaped LM (hidden 896, 24 layers, 14/2 heads, MLP 4864, vocab 151,936,
+tied) behind a 4-layer InternViT of width 384 at 448 px, random fp32 weights) as a transformers
+InternVL folder, plus the prompt (one image + a question, ids and tiles from our PromptBuilder)
+both sides then read. Every measurement is a fresh process with the same thread count
+(``OMP_NUM_THREADS`` and ``torch.set_num_threads``); the sides alternate (peer first on even
+repeats, ours first on odd ones), so a change in the machine's load hits both. Each decode run
+forces ``--new-tokens`` tokens (``min_new_tokens``) after one warm-up generation, ``--inner`` times,
+and keeps its fastest run (on a shared machine the least disturbed one); decode tokens/s
+excludes the prompt forward, which is timed on its own (one-token generation, also best of
+``--inner``). The greedy tokens
+of every row must be identical on both sides, or the run fails.
+
+Load points time ``load_generator`` against ``from_pretrained`` of the same HF folder (``_hf``) or
+load our converted Megatron checkpoint of it (``_mcore``, the dist-checkpoint format training
+checkpoints use) and record the peak RSS above the process's RSS before loading (imports done).
+
+The last lines are one per point, medians over ``--repeats``:
+``point=NAME ours=X peer=Y ratio=R`` (decode/prefill in tokens/s: ratio = ours / peer, higher is
+better; load in seconds: ratio = peer / ours, higher is better) and, for loads,
+``load=NAME ours_s=.. peer_s=.. ours_peak_gb=.. peer_peak_gb=.. weights_gb=.. ours_peak_over_weights=..``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
+import json
 import os
+import resource
+import statistics
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
 from megatron_sail import cli
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parent
 
 
 @dataclasses.dataclass
 class BenchConfig:
     """What to measure."""
 
-    shape: str = "tiny"
-    """'tiny' (tools/make_tiny_hf_checkpoint.py defaults) or '2b' (SAIL-VL-2B widths)."""
-    lm_layers: int | None = None
-    """Override the LM depth (2b: 28)."""
-    vit_layers: int | None = None
-    """Override the ViT depth (2b: 24)."""
-    new_tokens: int = 32
-    """Tokens generated per prompt (forced: stop tokens are ignored until then)."""
-    batches: tuple[int, ...] = (1, 4)
-    """Batch sizes to time."""
-    image: tuple[int, int] = (448, 448)
-    """Test image (width, height); 448x448 is one tile."""
-    threads: int = 2
-    """torch intra-op threads."""
+    work: str = "/tmp/bench_generate"
+    """Folder for the built checkpoints and prompts (reused when present)."""
+    points: tuple[str, ...] = ("decode_tiny_b1", "decode_tiny_b8")
+    """decode_{tiny,0.5b}_b{N}, prefill is reported with each decode point; load_{shape}_{hf,mcore}."""
+    new_tokens: int = 64
+    """Tokens generated per row (forced)."""
+    repeats: int = 3
+    """Runs per side and point; medians are reported."""
+    threads: int = 1
+    """Intra-op threads on both sides."""
+    inner: int = 5
+    """Timed generations per process; each process reports its fastest (least disturbed)."""
 
 
-def build_checkpoint(cfg: BenchConfig, out: Path) -> None:
-    """Random InternVL of the chosen shape + a tiny BPE tokenizer, in transformers' layout."""
+# ------------------------------------------------------------------ building (own process)
+def vl_05b_config(image_token: int):
+    """Our ModelConfig of the 0.5B-LM model: Qwen2.5-0.5B LM, small InternViT at 448 px."""
+    from megatron_sail.config.model import LanguageConfig, ModelConfig, VisionConfig
+
+    vision = VisionConfig(hidden_size=384, num_layers=4, num_heads=6, ffn_hidden_size=1536,
+                          image_size=448, layer_scale_init=0.1)
+    language = LanguageConfig(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                              ffn_hidden_size=4864, vocab_size=151936, tie_embeddings=True)
+    return ModelConfig(vision=vision, language=language, img_context_token_id=image_token)
+
+
+def build(shape: str, out: Path) -> None:
+    """Write the HF folder, our converted Megatron checkpoint of it and the prompt."""
+    import tempfile
+
+    import torch
+
+    sys.path.insert(0, str(TOOLS))
     from make_tiny_hf_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint, write_tokenizer
-    from transformers import InternVLForConditionalGeneration
 
-    from megatron_sail.config.model import sail_2b
-    from megatron_sail.convert import hf_internvl, hf_io
+    hf = out / "hf"
+    if shape == "tiny":
+        make_tiny_checkpoint(hf, TinyCheckpointConfig(vocab_size=300, tokenizer=True))
+    else:
+        from transformers import InternVLForConditionalGeneration
 
-    if cfg.shape == "tiny":
-        layers = {} if cfg.lm_layers is None else {"text_layers": cfg.lm_layers}
-        make_tiny_checkpoint(out, TinyCheckpointConfig(vocab_size=300, tokenizer=True, **layers))
-        return
-    tok_dir = Path(tempfile.mkdtemp(dir=out.parent))
-    image_token = write_tokenizer(tok_dir, 300)
-    m = sail_2b()
-    m = dataclasses.replace(
-        m, img_context_token_id=image_token,
-        vision=dataclasses.replace(m.vision, num_layers=cfg.vit_layers or m.vision.num_layers),
-        language=dataclasses.replace(m.language, num_layers=cfg.lm_layers or m.language.num_layers))
-    hf_cfg = hf_internvl.to_hf_config(m)
-    torch.manual_seed(0)
-    model = InternVLForConditionalGeneration(hf_cfg).float()
-    state = {k: v for k, v in model.state_dict().items()
-             if not (k == "lm_head.weight" and m.language.tie_embeddings)}
-    config = hf_cfg.to_dict()
-    config["architectures"] = ["InternVLForConditionalGeneration"]
-    hf_io.write_checkpoint(out, config, hf_io.to_disk_keys(state), tokenizer_from=tok_dir)
+        from megatron_sail.convert import hf_internvl, hf_io
+
+        tok_dir = Path(tempfile.mkdtemp(dir=out))
+        m = vl_05b_config(write_tokenizer(tok_dir, 300))
+        hf_cfg = hf_internvl.to_hf_config(m)
+        torch.manual_seed(0)
+        model = InternVLForConditionalGeneration(hf_cfg).float()
+        state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        config = hf_cfg.to_dict()
+        config["architectures"] = ["InternVLForConditionalGeneration"]
+        hf_io.write_checkpoint(hf, config, hf_io.to_disk_keys(state), tokenizer_from=tok_dir)
+        del model, state
+    subprocess.run([sys.executable, str(TOOLS / "convert_checkpoint.py"), "hf-to-mcore",
+                    "--hf-dir", str(hf), "--out", str(out / "mcore")], check=True)
+    write_prompt(hf, out / "prompt.pt")
 
 
-def make_image(cfg: BenchConfig, folder: Path) -> str:
-    """A random RGB PNG of the configured size."""
+def write_prompt(hf: Path, path: Path) -> None:
+    """One 448x448 random image + a question, as ids and tiles, for both sides."""
     import numpy as np
+    import torch
     from PIL import Image
 
-    w, h = cfg.image
-    path = folder / "bench.png"
-    Image.fromarray((np.random.RandomState(0).rand(h, w, 3) * 255).astype("uint8")).save(path)
-    return str(path)
+    from megatron_sail.data.tokenizer import load_tokenizer
+    from megatron_sail.inference import GenerationRequest
+    from megatron_sail.inference.loading import inspect_checkpoint
+    from megatron_sail.inference.prompts import PromptBuilder
+
+    image = path.parent / "bench.png"
+    Image.fromarray((np.random.RandomState(0).rand(448, 448, 3) * 255).astype("uint8")).save(image)
+    ck = inspect_checkpoint(hf)
+    builder = PromptBuilder(load_tokenizer(str(hf)), ck.settings, 12)
+    prompt = builder.build(GenerationRequest("Describe this image in detail.", [str(image)]), 1)
+    torch.save({"ids": list(prompt.ids), "tiles": prompt.tiles.contiguous()}, path)
 
 
-def time_transformers(ckpt: Path, prompt, batch: int, cfg: BenchConfig) -> tuple[float, float, list]:
-    """(prefill seconds, total seconds, tokens of row 0) of transformers' greedy generate."""
-    from transformers import InternVLForConditionalGeneration
+# ------------------------------------------------------------------ one measurement (own process)
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    model = InternVLForConditionalGeneration.from_pretrained(str(ckpt), dtype=torch.float32).eval()
-    ids = torch.tensor(prompt.ids)[None].repeat(batch, 1)
-    pix = prompt.tiles.repeat(batch, 1, 1, 1) if prompt.tiles.size(0) else None
-    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix, do_sample=False,
-              pad_token_id=0)
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(side: str, kind: str, folder: Path, batch: int, new: int, threads: int,
+           inner: int) -> dict:
+    """Load (and for decode: generate) on one side; timings, RSS and the greedy tokens."""
+    import torch
+
+    torch.set_num_threads(threads)
+    prompt = torch.load(folder / "prompt.pt", weights_only=True)
+    import transformers  # noqa: F401  (imports before the RSS baseline on both sides)
+    from megatron_sail.inference import GenerationConfig, load_generator  # noqa: F401
+
+    base, t0 = rss_bytes(), time.perf_counter()
+    if side == "peer":
+        from transformers import InternVLForConditionalGeneration
+
+        model = InternVLForConditionalGeneration.from_pretrained(
+            str(folder / "hf"), dtype=torch.float32).eval()
+        params = model.parameters()
+    else:
+        ckpt = folder / ("mcore" if kind == "load_mcore" else "hf")
+        model = load_generator(str(ckpt), GenerationConfig(max_new_tokens=new, min_new_tokens=new))
+        params = (p for c in model.chunks for p in c.parameters())
+    out = {"load_s": time.perf_counter() - t0, "peak_over_base": peak_rss_bytes() - base,
+           "weights": sum(p.numel() * p.element_size() for p in params)}
+    if kind.startswith("load"):
+        return out
+    run = _hf_generate if side == "peer" else _our_generate
+    ids, tiles = prompt["ids"], prompt["tiles"]
+    run(model, ids, tiles, batch, 2)  # warm-up
+    prefill = total = float("inf")
+    for _ in range(inner):  # best of `inner`: the run least disturbed by other jobs
+        t0 = time.perf_counter()
+        run(model, ids, tiles, batch, 1)
+        prefill = min(prefill, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        tokens = run(model, ids, tiles, batch, new)
+        total = min(total, time.perf_counter() - t0)
+    out.update(prefill_s=prefill, total_s=total, tokens=tokens,
+               prefill_tps=batch * len(ids) / prefill,
+               decode_tps=batch * (new - 1) / max(total - prefill, 1e-9))
+    return out
+
+
+def _hf_generate(model, ids, tiles, batch, new) -> list:
+    """transformers' greedy generate with its KV cache; tokens of every row."""
+    import torch
+
+    x = torch.tensor(ids)[None].repeat(batch, 1)
+    pix = tiles.repeat(batch, 1, 1, 1)
     with torch.no_grad():
-        model.generate(**kw, max_new_tokens=2, min_new_tokens=2)  # warm-up
-        t0 = time.perf_counter()
-        model.generate(**kw, max_new_tokens=1, min_new_tokens=1)
-        prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        seq = model.generate(**kw, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens)
-        total = time.perf_counter() - t0
-    del model
-    gc.collect()
-    return prefill, total, seq[0, ids.size(1):].tolist()
+        seq = model.generate(input_ids=x, attention_mask=torch.ones_like(x), pixel_values=pix,
+                             do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    return seq[:, x.size(1):].tolist()
 
 
-def time_ours(gen, prompt, batch: int) -> tuple[float, float, list]:
-    """(prefill seconds, total seconds, tokens of row 0) of our Generator."""
+def _our_generate(gen, ids, tiles, batch, new) -> list:
+    """Our Generator on the same ids and tiles; tokens of every row."""
     from megatron_sail.inference.prompts import Prompt
 
-    prompts = [Prompt(list(prompt.ids), prompt.tiles, prompt.max_new_tokens) for _ in range(batch)]
     gen.cfg.batch_size = batch
-    gen.generate_prompts([Prompt(list(prompt.ids), prompt.tiles, 2)])  # warm-up
-    before = dict(gen.stats)
-    t0 = time.perf_counter()
-    res = gen.generate_prompts(prompts)
-    total = time.perf_counter() - t0
-    return gen.stats["prefill_s"] - before["prefill_s"], total, res[0].token_ids
+    gen.cfg.min_new_tokens = new
+    return [r.token_ids for r in gen.generate_prompts([Prompt(list(ids), tiles, new)
+                                                        for _ in range(batch)])]
 
 
-def line(name: str, batch: int, new: int, prefill: float, total: float) -> str:
-    """One result line: end-to-end and decode-only tokens/s."""
-    decode = max(total - prefill, 1e-9)
-    return (f"impl={name} batch={batch} new_tokens={new} prefill_s={prefill:.3f} total_s={total:.3f} "
-            f"tokens_per_s={batch * new / total:.1f} decode_tokens_per_s={batch * (new - 1) / decode:.1f}")
+# ------------------------------------------------------------------ the driver
+def parse_point(point: str) -> tuple[str, str, int]:
+    """'decode_tiny_b8' -> ('decode', 'tiny', 8); 'load_0.5b_hf' -> ('load_hf', '0.5b', 1)."""
+    parts = point.split("_")
+    if len(parts) != 3 or parts[0] not in ("decode", "load") or parts[1] not in ("tiny", "0.5b"):
+        raise ValueError(f"point {point!r}: expected decode_{{tiny,0.5b}}_bN or load_{{tiny,0.5b}}_{{hf,mcore}}")
+    if parts[0] == "decode":
+        if not parts[2].startswith("b") or not parts[2][1:].isdigit():
+            raise ValueError(f"point {point!r}: batch must be bN")
+        return "decode", parts[1], int(parts[2][1:])
+    if parts[2] not in ("hf", "mcore"):
+        raise ValueError(f"point {point!r}: load from hf or mcore")
+    return f"load_{parts[2]}", parts[1], 1
 
 
-def run(cfg: BenchConfig) -> list[str]:
-    """Build, time both implementations, return the result lines."""
-    torch.set_num_threads(cfg.threads)
-    lines = []
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "model"
-        t0 = time.perf_counter()
-        build_checkpoint(cfg, ckpt)
-        print(f"built {cfg.shape} checkpoint in {time.perf_counter() - t0:.1f}s", flush=True)
-        image = make_image(cfg, Path(tmp))
-        from megatron_sail.data.tokenizer import load_tokenizer
-        from megatron_sail.inference import GenerationConfig, GenerationRequest
-        from megatron_sail.inference.loading import inspect_checkpoint
-        from megatron_sail.inference.prompts import PromptBuilder
+def spawn(args: list[str], threads: int) -> dict:
+    """Run this script as a worker in a fresh process with fixed threads; its JSON result."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"worker {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
-        ck = inspect_checkpoint(ckpt)
-        builder = PromptBuilder(load_tokenizer(str(ckpt)), ck.settings, 12)
-        prompt = builder.build(GenerationRequest("Describe this image in detail.", [image]), cfg.new_tokens)
-        print(f"prompt: {len(prompt.ids)} tokens, {prompt.tiles.size(0)} tiles", flush=True)
-        hf = {b: time_transformers(ckpt, prompt, b, cfg) for b in cfg.batches}
-        from megatron_sail.inference import load_generator
 
-        gen = load_generator(str(ckpt), GenerationConfig(max_new_tokens=cfg.new_tokens,
-                                                          min_new_tokens=cfg.new_tokens))
-        torch.set_num_threads(cfg.threads)
-        for b in cfg.batches:
-            ours = time_ours(gen, prompt, b)
-            lines.append(line("transformers", b, cfg.new_tokens, hf[b][0], hf[b][1]))
-            lines.append(line("megatron_sail", b, cfg.new_tokens, ours[0], ours[1]))
-            same = ours[2] == hf[b][2]
-            lines.append(f"batch={b} same_greedy_tokens={same}")
-            for x in lines[-3:]:
-                print(x, flush=True)
-    return lines
+def measure(cfg: BenchConfig) -> list[str]:
+    """Every point, alternating sides; the summary lines."""
+    work = Path(cfg.work)
+    points = [(p, *parse_point(p)) for p in cfg.points]
+    for shape in sorted({s for _, _, s, _ in points}):
+        if not (work / shape / "prompt.pt").is_file():
+            (work / shape).mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            spawn(["--build", shape, "--work", str(work)], cfg.threads)
+            print(f"built {shape} in {time.perf_counter() - t0:.1f}s", flush=True)
+    summary = []
+    for name, kind, shape, batch in points:
+        runs = {"ours": [], "peer": []}
+        for r in range(cfg.repeats):
+            for side in (("peer", "ours") if r % 2 == 0 else ("ours", "peer")):
+                res = spawn(["--worker", side, "--kind", kind, "--work", str(work), "--shape", shape,
+                             "--batch", str(batch), "--new-tokens", str(cfg.new_tokens),
+                             "--inner", str(cfg.inner)], cfg.threads)
+                runs[side].append(res)
+                print(f"run point={name} repeat={r} side={side} "
+                      + " ".join(f"{k}={v:.4g}" for k, v in res.items() if isinstance(v, float)),
+                      flush=True)
+            if kind == "decode" and runs["ours"][-1]["tokens"] != runs["peer"][-1]["tokens"]:
+                raise SystemExit(f"point {name} repeat {r}: greedy tokens differ:\n"
+                                 f"ours {runs['ours'][-1]['tokens'][0]}\npeer {runs['peer'][-1]['tokens'][0]}")
+        summary += summarize(name, kind, runs)
+    return summary
+
+
+def summarize(name: str, kind: str, runs: dict) -> list[str]:
+    """Median lines of one point."""
+    def med(side, key):
+        return statistics.median(r[key] for r in runs[side])
+
+    if kind == "decode":
+        lines = []
+        for key, label in (("prefill_tps", name.replace("decode", "prefill")), ("decode_tps", name)):
+            ours, peer = med("ours", key), med("peer", key)
+            lines.append(f"point={label} ours={ours:.2f} peer={peer:.2f} ratio={ours / peer:.2f}")
+        return lines
+    ours, peer = med("ours", "load_s"), med("peer", "load_s")
+    gb = 1024 ** 3
+    weights = runs["ours"][0]["weights"]
+    return [f"load={name} ours_s={ours:.2f} peer_s={peer:.2f} ours_peak_gb={med('ours', 'peak_over_base') / gb:.2f} "
+            f"peer_peak_gb={med('peer', 'peak_over_base') / gb:.2f} weights_gb={weights / gb:.2f} "
+            f"ours_peak_over_weights={med('ours', 'peak_over_base') / weights:.2f}",
+            f"point={name} ours={ours:.2f} peer={peer:.2f} ratio={peer / ours:.2f}"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line."""
+    """Command line (the driver, or one build / worker process it starts)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", choices=("tiny", "2b"), default="tiny")
-    p.add_argument("--lm-layers", type=int, default=None)
-    p.add_argument("--vit-layers", type=int, default=None)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--image", type=int, nargs=2, default=[448, 448], metavar=("W", "H"))
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", default=BenchConfig.work)
+    p.add_argument("--points", nargs="+", default=list(BenchConfig.points))
+    p.add_argument("--new-tokens", type=int, default=BenchConfig.new_tokens)
+    p.add_argument("--repeats", type=int, default=BenchConfig.repeats)
+    p.add_argument("--threads", type=int, default=BenchConfig.threads)
+    p.add_argument("--inner", type=int, default=BenchConfig.inner)
+    p.add_argument("--build", choices=("tiny", "0.5b"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
+    p.add_argument("--kind", default="decode", help=argparse.SUPPRESS)
+    p.add_argument("--shape", default="tiny", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    run(BenchConfig(a.shape, a.lm_layers, a.vit_layers, a.new_tokens, tuple(a.batches),
-                    tuple(a.image), a.threads))
+    if a.build:
+        build(a.build, Path(a.work) / a.build)
+        print("RESULT {}")
+        return 0
+    if a.worker:
+        res = worker(a.worker, a.kind, Path(a.work) / a.shape, a.batch, a.new_tokens, a.threads,
+                     a.inner)
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+    lines = measure(BenchConfig(a.work, tuple(a.points), a.new_tokens, a.repeats, a.threads,
+                                a.inner))
+    for line in lines:
+        print(line, flush=True)
     return 0
 
 

@@ -49,6 +49,8 @@ def build_parser(doc: str | None = None, hf: bool = False) -> argparse.ArgumentP
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, kernels)")
     p.add_argument("--split-steps", type=int, default=2, help="extra hooked steps for the time split")
+    p.add_argument("--lm-layers", type=int, default=None, help="override the recipe's LM depth (a smaller model of the same widths)")
+    p.add_argument("--vit-layers", type=int, default=None, help="override the recipe's ViT depth")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     if not hf:
@@ -65,6 +67,12 @@ def resolve_run(args: argparse.Namespace):
     from megatron_sail.config.run import finalize
 
     run = get_recipe(args.recipe)("sft-knowledge")
+    m = run.model
+    if args.lm_layers is not None:
+        m = dataclasses.replace(m, language=dataclasses.replace(m.language, num_layers=args.lm_layers))
+    if args.vit_layers is not None:
+        m = dataclasses.replace(m, vision=dataclasses.replace(m.vision, num_layers=args.vit_layers))
+    run = dataclasses.replace(run, model=m)
     if args.seq_length is None:
         args.seq_length = run.data.seq_length if args.recipe == "tiny" else 4096
     run.data.seq_length = args.seq_length

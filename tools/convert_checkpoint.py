@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file")
     b.add_argument("--layout", choices=("hf", "chat"), default="hf",
                    help="hf: transformers InternVL (default; InternViT models); chat: the hub's "
-                        "remote-code layout (InternVL-chat, or sailvl for AIMv2) + remote code")
+                        "remote-code layout (InternVL-chat, or sailvl for AIMv2) + remote code, "
+                        "which only a checkpoint started from a hub folder carries (source_files/); "
+                        "a model trained from scratch: hf")
     b.add_argument("--tokenizer", default=None,
                    help="tokenizer to write instead of the checkpoint's tokenizer/ (needed when it has none)")
     c = sub.add_parser("compose", help="separate vision encoder + causal LM folders -> Megatron "

@@ -20,14 +20,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from filter_data import add_job_flags, job_fields  # noqa: E402
 
 from megatron_sail.curate.dedup.grouping import run_grouping  # noqa: E402
 from megatron_sail.curate.dedup.signatures import SignatureConfig, input_shards, run_signatures  # noqa: E402
 from megatron_sail.curate.filters.job import group_config  # noqa: E402
 from megatron_sail.curate.filters.pipeline import load_config  # noqa: E402
+from megatron_sail.curate.job import add_job_flags, job_fields  # noqa: E402
 
 
 def main(argv=None) -> int:

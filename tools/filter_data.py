@@ -24,36 +24,10 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megatron_sail.curate.filters.job import FilterJobConfig, run_all  # noqa: E402
+from megatron_sail.curate.job import add_job_flags, job_fields  # noqa: E402
 from megatron_sail.curate.filters.pipeline import load_config  # noqa: E402
 from megatron_sail.curate.filters.report import REPORT_JSON  # noqa: E402
 from megatron_sail import cli  # noqa: E402
-
-
-def add_job_flags(p: argparse.ArgumentParser) -> None:
-    """The job flags every sharded curation tool takes (curate/job.py)."""
-    p.add_argument("--shard-index", type=int, help="this task's index (default: SLURM array task, else 0)")
-    p.add_argument("--num-shards", type=int, help="number of tasks (default: SLURM array size, else 1)")
-    p.add_argument("--executor", choices=("local", "ray"), default="local")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (local) or actors (ray)")
-    p.add_argument("--shard-retries", type=int, default=2)
-    p.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
-    p.add_argument("--ray-num-cpus", type=int, help="CPUs of a local Ray instance")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-
-
-def job_fields(a, prog: str) -> dict:
-    """Job fields from the flags; the SLURM array task when the flags are not given."""
-    index, count, env = a.shard_index, a.num_shards, os.environ
-    if index is None and "SLURM_ARRAY_TASK_ID" in env:
-        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-    if count is None and "SLURM_ARRAY_TASK_COUNT" in env:
-        count = int(env["SLURM_ARRAY_TASK_COUNT"])
-    if (index is None) != (count is None):
-        raise ValueError(f"{prog}: give both --shard-index and --num-shards")
-    return {"shard_index": index or 0, "num_shards": count or 1, "executor": a.executor, "workers": a.workers,
-            "shard_retries": a.shard_retries, "ray_address": a.ray_address, "ray_num_cpus": a.ray_num_cpus,
-            "gpus_per_worker": a.gpus_per_worker, "cpus_per_worker": a.cpus_per_worker}
 
 
 def main(argv=None) -> int:
@@ -75,14 +49,19 @@ def main(argv=None) -> int:
                               keep_lists=a.keep_lists, max_member_bytes=a.max_member_bytes,
                               max_sample_bytes=a.max_sample_bytes, progress=not a.quiet,
                               **job_fields(a, "filter_data.py"))
-        report = run_all(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        report, failed = run_all(cfg)
+    except (ValueError, FileNotFoundError) as e:
         print(f"filter_data.py: error: {e}", file=sys.stderr)
         return 2
+    for f in failed:  # the other shards are done; a rerun retries only these
+        print(f"filter_data.py: shard {f['shard']} ({f['source']}) failed after {f['attempts']} attempts: "
+              f"{f['error']}", file=sys.stderr)
+    if failed and not report:
+        return 1
     print(f"filter: {report['samples']} samples, kept {report['kept']}, removed {report['removed']} "
           f"{json.dumps(report['removed_by_reason'])} ({report['images_per_s']} images/s per worker)")
     print(f"report: {os.path.join(a.output_dir, REPORT_JSON)}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megatron_sail.curate.backends import BACKENDS, BackendConfig  # noqa: E402
+from megatron_sail.curate.job import add_job_flags, job_fields  # noqa: E402
 from megatron_sail.curate.recaption import RecaptionConfig, run  # noqa: E402
 from megatron_sail import cli
 
@@ -45,15 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tiles", type=int, default=12)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--samples-per-shard", type=int, default=1000, help="records per shard of JSONL / folder inputs")
-    p.add_argument("--shard-index", type=int, help="this task's index (default: SLURM array task, else 0)")
-    p.add_argument("--num-shards", type=int, help="number of tasks (default: SLURM array size, else 1)")
-    p.add_argument("--executor", choices=("local", "ray"), default="local")
-    p.add_argument("--workers", type=int, default=1, help="captioner processes (local) or actors (ray)")
-    p.add_argument("--shard-retries", type=int, default=2)
-    p.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
-    p.add_argument("--ray-num-cpus", type=int, help="CPUs of a local Ray instance")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray captioner actor")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray captioner actor")
+    add_job_flags(p, "captioner processes (local) or actors (ray), one model each")
     p.add_argument("--tensor-model-parallel-size", "--tp", "--tensor-parallel-size",
                    dest="tensor_parallel_size", type=int, default=1, metavar="N",
                    help="tensor-parallel size: GPUs per vLLM engine (vllm backend; default: 1)")
@@ -64,26 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests-per-second", type=float, default=0.0, help="rate limit per worker (openai), 0: none")
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--max-image-bytes", type=int, default=128 << 20, help="larger images are rejects")
-    p.add_argument("--max-sample-bytes", type=int, help="largest sum of a tar sample's members (default: 2x --max-image-bytes)")
+    p.add_argument("--max-sample-bytes", type=int,
+                   help="largest sum of a tar sample's members (default: 2x --max-image-bytes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
-def array_task(args) -> tuple[int, int]:
-    """(index, count) from the flags, else from a SLURM array, else (0, 1)."""
-    index, count = args.shard_index, args.num_shards
-    env = os.environ
-    if index is None and "SLURM_ARRAY_TASK_ID" in env:
-        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-    if count is None and "SLURM_ARRAY_TASK_COUNT" in env:
-        count = int(env["SLURM_ARRAY_TASK_COUNT"])
-    if (index is None) != (count is None):
-        sys.exit("recaption.py: give both --shard-index and --num-shards")
-    return (index or 0, count or 1)
-
-
 def config_from(args) -> RecaptionConfig:
-    index, count = array_task(args)
     backend = BackendConfig(
         backend=args.backend, model=args.model, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_tiles=args.max_tiles,
@@ -93,11 +73,8 @@ def config_from(args) -> RecaptionConfig:
     return RecaptionConfig(
         inputs=args.input, output_dir=args.output_dir, backend=backend, image_root=args.image_root,
         prompt_file=args.prompt_file, seed=args.seed, samples_per_shard=args.samples_per_shard,
-        shard_index=index, num_shards=count, executor=args.executor, workers=args.workers,
-        shard_retries=args.shard_retries, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
-        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-        max_image_bytes=args.max_image_bytes, max_sample_bytes=args.max_sample_bytes,
-        progress=not args.no_progress)
+        **job_fields(args, "recaption.py"), max_image_bytes=args.max_image_bytes,
+        max_sample_bytes=args.max_sample_bytes, progress=not args.no_progress)
 
 
 def main(argv=None) -> int:

@@ -7,9 +7,10 @@ extra flags. Both come from the first training prefix's meta.json (all blended p
 token ids; the dataset checks that). When the run started from a converted InternVL-chat
 checkpoint (``--init-from``), its ``source_files/`` (remote code + config) is carried along too.
 
-A problem here (a moved tokenizer, say) must not lose a training run's checkpoint: it is
-reported in one line and the checkpoint is saved without the missing asset; ``mcore-to-hf``
-then asks for ``--tokenizer``.
+A checkpoint is all its parts or nothing: when one of them cannot be written (a full disk, a
+tokenizer that moved since the run started, a meta.json without tiling), the save fails with an
+error naming it, the checkpoint is not published and ``latest`` keeps naming the previous one. A
+published checkpoint without its tokenizer would break generate and export later, far from here.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from functools import lru_cache
 from typing import Optional
 
@@ -40,15 +40,16 @@ def write_checkpoint_assets(ckpt_dir: str, config: Optional[dict]) -> None:
         meta_path = None  # post-training stages read JSONL: the assets come from --init-from
         _copy_init_assets(config, ckpt_dir)
     if meta_path is not None:
+        with open(meta_path) as f:
+            meta = json.load(f)
         try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-            ProcessorSettings.from_meta(meta).write(ckpt_dir)
-            _copy_tree(_tokenizer_files(meta_path, os.path.getmtime(meta_path)),
-                       os.path.join(ckpt_dir, TOKENIZER_DIR))
-        except (OSError, ValueError, KeyError) as e:
-            warnings.warn(f"checkpoint {ckpt_dir}: tokenizer/{PROCESSOR_FILE} not recorded ({e})",
-                          stacklevel=2)
+            settings = ProcessorSettings.from_meta(meta)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint {ckpt_dir}: {PROCESSOR_FILE} not written: {meta_path} "
+                             f"lacks its tiling/tokenizer fields ({e})") from None
+        settings.write(ckpt_dir)
+        _copy_tree(_tokenizer_files(meta_path, os.path.getmtime(meta_path)),
+                   os.path.join(ckpt_dir, TOKENIZER_DIR))
     source = _init_source_files(config)
     if source is not None:
         _copy_tree(source, os.path.join(ckpt_dir, SOURCE_DIR))

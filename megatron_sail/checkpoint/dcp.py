@@ -21,6 +21,7 @@ This module is the one place that chooses the strategy; conversion and the train
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -53,6 +54,8 @@ from megatron_sail.compat.dist_checkpointing import (
 
 from megatron_sail.checkpoint import integrity
 from megatron_sail.checkpoint.layout import MCORE_METADATA
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -244,7 +247,9 @@ def load_sharded(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike,
         raise FileNotFoundError(f"{checkpoint_dir}: not a Megatron distributed checkpoint (no "
                                 f"{MCORE_METADATA})")
     if cfg.verify != "off":
-        integrity.verify_checkpoint(str(checkpoint_dir), cfg.verify)
+        verified = integrity.verify_checkpoint(str(checkpoint_dir), cfg.verify)
+        if verified == "none" and dist.get_rank() == 0:  # generate, convert: as the trainer says
+            log.warning(f"{checkpoint_dir}: {integrity.VERIFIED_NOTE['none']}")
     integrity.check_dcp_metadata(str(checkpoint_dir))
     if not cfg.strict_load:
         strict = "assume_ok_unexpected"

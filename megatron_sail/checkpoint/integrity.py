@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import io
 import json
 import os
 import pickle
@@ -29,7 +30,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_sail.checkpoint.layout import DCP_METADATA, MANIFEST, CheckpointDamaged
+from megatron_sail.checkpoint.layout import (COMMON_FILE, DCP_METADATA, MANIFEST, CheckpointDamaged,
+                                             allowed_globals)
 from megatron_sail.hashing import file_sha256
 
 MANIFEST_VERSION = 1
@@ -116,6 +118,26 @@ def read_manifest(folder: str) -> Optional[dict]:
     return manifest
 
 
+def _inside(folder: str, name: str) -> bool:
+    """Whether manifest entry ``name`` is a path inside ``folder`` (relative, no ``..``, no
+    symlink out): an entry like ``../../etc/hostname`` must not be read, let alone trusted."""
+    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        return False
+    root = os.path.realpath(folder)
+    return os.path.realpath(os.path.join(folder, name)).startswith(root + os.sep)
+
+
+def _listing_problems(folder: str, files: dict) -> list[str]:
+    """Entries that point outside the folder, and files of the folder the manifest does not
+    list: a loader reads every file of a checkpoint, so an unlisted one is unverified input."""
+    bad = [f"{os.path.join(folder, n)}: the manifest entry {n!r} points outside the checkpoint"
+           for n in files if not _inside(folder, n)]
+    bad += [f"{os.path.join(folder, n)}: not listed in {MANIFEST} (added or renamed after the "
+            "save; remove it, or re-save the checkpoint)" for n in list_files(folder)
+            if n not in files]
+    return bad
+
+
 def _size_problems(folder: str, files: dict) -> list[str]:
     """Missing files and files whose size differs from the manifest's."""
     bad = []
@@ -133,7 +155,9 @@ def _size_problems(folder: str, files: dict) -> list[str]:
 
 def verify_checkpoint(folder: str, mode: str = "auto") -> str:
     """Collective: check ``folder`` against its manifest; raises ``CheckpointDamaged`` naming
-    every bad file (on every rank). Returns what was checked: 'full', 'sizes' or 'none'."""
+    every bad file (on every rank): an entry outside the folder, a file the manifest does not
+    list, a missing, truncated or (hashed) changed one. Returns what was checked: 'full',
+    'sizes' or 'none' (no manifest)."""
     if mode not in VERIFY_MODES:
         raise ValueError(f"checkpoint verify mode {mode!r}: expected one of {VERIFY_MODES}")
     rank, world = _world()
@@ -141,6 +165,9 @@ def verify_checkpoint(folder: str, mode: str = "auto") -> str:
     if manifest is None:
         return "none"
     files = manifest["files"]
+    bad = _listing_problems(folder, files)
+    if bad:  # never stat or hash a path outside the checkpoint
+        raise CheckpointDamaged(f"checkpoint {folder} is damaged:\n  " + "\n  ".join(sorted(bad)))
     bad = _size_problems(folder, files)
     total = sum(e["size"] for e in files.values())
     full = mode == "full" or (mode == "auto" and total <= AUTO_FULL_BYTES * world)
@@ -170,6 +197,11 @@ _DCP_METADATA_GLOBALS = {
 }
 
 
+VERIFIED_NOTE = {"none": f"no {MANIFEST}: files not verified", "sizes": "file sizes verified",
+                 "full": "file sizes and SHA-256 verified"}
+"""What a load says about the checkpoint it read, by ``verify_checkpoint``'s result."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Unpickler that resolves only DCP's data classes, the names above and torch dtypes."""
 
@@ -187,8 +219,13 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def check_dcp_metadata(folder: str) -> None:
-    """Refuse a DCP ``.metadata`` pickle that holds anything but DCP's own metadata classes
-    (torch's reader would run whatever a crafted file names); names the file."""
+    """Refuse every pickle megatron-core and DCP will open in ``folder`` unless it passes an
+    allow-list, before they open it: DCP's ``.metadata`` (DCP's own metadata classes only),
+    Megatron's ``common.pt`` and the pickled (non-tensor) items inside the shard files (torch's
+    weights-only unpickler with ``layout.allowed_globals``). Megatron loads the last two with
+    plain ``torch.load``, which ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns into a full unpickle
+    that runs whatever a crafted file names; checked here, that environment changes nothing.
+    Errors name the file."""
     path = os.path.join(folder, DCP_METADATA)
     if not os.path.isfile(path):
         return
@@ -199,6 +236,45 @@ def check_dcp_metadata(folder: str) -> None:
         raise CheckpointDamaged(f"{path}: refusing to read this checkpoint metadata "
                                 f"({type(e).__name__}: {e})") from None
     _check_extents(folder, getattr(metadata, "storage_data", None) or {})
+    common = os.path.join(folder, COMMON_FILE)
+    if os.path.isfile(common):
+        with open(common, "rb") as f:
+            check_pickle(f, common)
+    _check_byte_items(folder, metadata)
+
+
+def check_pickle(stream, name: str) -> None:
+    """Unpickle one torch-saved object with the weights-only unpickler and the allow-list;
+    anything else in it (a callable that could run code) is refused, naming ``name``."""
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            torch.load(stream, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
+        raise CheckpointDamaged(f"{name}: refusing to unpickle it: it holds something a "
+                                f"checkpoint never does ({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointDamaged(f"{name}: unreadable pickle ({e})") from None
+
+
+def _check_byte_items(folder: str, metadata) -> None:
+    """The pickled items (Megatron ShardedObjects, stored as DCP byte items) inside the shard
+    files, each through ``check_pickle`` (DCP's loader unpickles them with weights_only=False)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    entries = getattr(metadata, "state_dict_metadata", None) or {}
+    byte_keys = {k for k, v in entries.items() if isinstance(v, BytesStorageMetadata)}
+    for index, info in (getattr(metadata, "storage_data", None) or {}).items():
+        if getattr(index, "fqn", None) not in byte_keys:
+            continue
+        path = os.path.join(folder, info.relative_path)
+        name = f"{path} (item {index.fqn})"
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointDamaged(f"{name}: stored through transforms "
+                                    f"{info.transform_descriptors}; refusing to unpickle it unchecked")
+        with open(path, "rb") as f:
+            f.seek(int(info.offset))
+            check_pickle(io.BytesIO(f.read(int(info.length))), name)
 
 
 def _check_extents(folder: str, storage_data: dict) -> None:

@@ -20,12 +20,14 @@ below; none spells them out again.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
+import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import yaml
 
@@ -63,6 +65,8 @@ SOURCE_DIR = "source_files"
 HF_CONFIG = "config.json"
 """A Hugging Face folder's config; with no MCORE_METADATA beside it the folder is 'hf'."""
 _ITER = re.compile(r"iter_(\d{7})")
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class CheckpointDamaged(ValueError):
@@ -116,6 +120,72 @@ def resolve_checkpoint(path: str) -> Optional[str]:
     return None
 
 
+PRUNE_WAIT_S = 5.0
+"""How long a reader whose checkpoint failed waits for a pruner's delete to finish before it
+decides whether the checkpoint was pruned (then: retry) or is damaged (then: the error)."""
+
+
+def read_checkpoint(path: str, read: Callable[[str], T], attempts: int = 3) -> T:
+    """``read(ckpt)`` on the checkpoint folder ``path`` resolves to, safe against a run that
+    prunes it meanwhile (``--keep-last``: it publishes a newer one, moves `latest`, then deletes
+    old ones). When the read fails because the folder was deleted under it, a --save root is
+    resolved again and the new `latest` read, with a notice saying so; a folder named directly
+    gives an error that says it was deleted, not that it is not a checkpoint. A ``path`` that
+    resolves to no checkpoint is passed to ``read`` as it is."""
+    for attempt in range(1, attempts + 1):
+        ckpt = _resolve_settled(path)
+        if ckpt is None:  # not one of ours: ``read`` says what it is not
+            return read(path)
+        try:
+            return read(ckpt)
+        except Exception as e:  # noqa: BLE001 - re-raised unless the checkpoint was pruned
+            if not _pruned(ckpt):
+                raise
+            newer = _resolve_settled(path) if os.path.isdir(path) and path != ckpt else None
+            if newer is None or newer == ckpt or attempt == attempts:
+                raise FileNotFoundError(
+                    f"{ckpt}: the checkpoint was deleted while being read (a run saving beside "
+                    "it with --keep-last prunes older checkpoints); read a newer one, or the "
+                    "--save folder itself to follow its `latest`") from None
+            log.warning(f"{ckpt} was deleted while being read (pruned by the run saving into "
+                        f"{path}); reading the new latest, {newer}")
+    raise AssertionError("unreachable")
+
+
+def _resolve_settled(path: str) -> Optional[str]:
+    """``resolve_checkpoint``, tolerating a `latest` that names a folder pruned just after it
+    was read (a second run moved `latest` on meanwhile)."""
+    for _ in range(3):
+        before = read_latest(path) if os.path.isdir(path) else None
+        try:
+            return resolve_checkpoint(path)
+        except FileNotFoundError:
+            if before is None or read_latest(path) == before:
+                raise
+    return resolve_checkpoint(path)
+
+
+def _pruned(ckpt: str) -> bool:
+    """Whether ``ckpt`` is gone, or going: `latest` beside it names a newer checkpoint and the
+    folder disappears within PRUNE_WAIT_S (a pruner's delete under way). A folder that stays is
+    not pruned: its read error stands."""
+    if not os.path.isdir(ckpt):
+        return True
+    root = os.path.dirname(os.path.abspath(ckpt))
+    try:
+        latest = read_latest(root)
+    except ValueError:
+        return False
+    if latest is None or iter_dir(root, latest) == os.path.abspath(ckpt):
+        return False
+    deadline = time.monotonic() + PRUNE_WAIT_S
+    while os.path.isdir(ckpt):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def checkpoint_kind(folder: str | os.PathLike) -> Optional[str]:
     """What one folder holds: 'hf' (a Hugging Face folder: config.json, no Megatron metadata),
     'train' (a training checkpoint: train_state.pt), 'mcore' (a conversion: Megatron metadata
@@ -130,9 +200,10 @@ def checkpoint_kind(folder: str | os.PathLike) -> Optional[str]:
     return None
 
 
-def _train_state_globals() -> list:
-    """What train_state.pt may hold besides tensors and plain Python values: numpy's RNG state
-    array (the numpy generator state in TrainState.rng). Nothing that can run code."""
+def allowed_globals() -> list:
+    """What a checkpoint pickle (train_state.pt, Megatron's common.pt and pickled items) may
+    hold besides tensors and plain Python values: numpy's RNG state array (the numpy generator
+    state in TrainState.rng). Nothing that can run code."""
     import numpy as np
 
     multiarray = getattr(np, "_core", None) or np.core
@@ -146,7 +217,7 @@ def read_state_file(path: str) -> dict:
     import torch  # here: resolving and kind detection stay free of torch's import time
 
     try:
-        with torch.serialization.safe_globals(_train_state_globals()):
+        with torch.serialization.safe_globals(allowed_globals()):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
@@ -170,6 +241,8 @@ def read_model_config(mcore_dir: str | os.PathLike) -> ModelConfig:
     ``model`` section of the run config the trainer stores in ``train_state.pt``."""
     path = Path(mcore_dir) / MODEL_CONFIG_FILE
     state = Path(mcore_dir) / STATE_FILE
+    if not Path(mcore_dir).is_dir():
+        raise FileNotFoundError(f"{mcore_dir}: no such checkpoint folder")
     if path.is_file():
         values, origin = yaml.safe_load(path.read_text()), str(path)
     elif state.is_file():

@@ -14,7 +14,7 @@ from typing import Callable
 from megatron_sail.config import model as model_cfg
 from megatron_sail.config.images import ImageConfig
 from megatron_sail.config.parallel import ParallelConfig
-from megatron_sail.config.run import RunConfig
+from megatron_sail.config.run_config import RunConfig
 from megatron_sail.config.stage import get_stage
 from megatron_sail.config.train import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
 

@@ -1,4 +1,4 @@
-"""RunConfig: one run's full configuration, and how it is resolved.
+"""How one run's RunConfig (config/run_config.py) is resolved from its command line.
 
 Resolution order (later wins): recipe(stage) -> YAML file (--config) -> command-line flags ->
 the checkpoint's model where asked for (``--use-checkpoint-args``, or no ``--recipe``) ->
@@ -16,49 +16,17 @@ import argparse
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 import yaml
 
-from megatron_sail.config.eval import BenchmarkEvalConfig
-from megatron_sail.config.images import ImageConfig
+from megatron_sail.config import recipes
 from megatron_sail.config.model import ModelConfig
-from megatron_sail.config.parallel import ParallelConfig
-from megatron_sail.config.posttrain import PostTrainConfig
-from megatron_sail.config.stage import StageConfig
-from megatron_sail.config.train import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
+from megatron_sail.config.run_config import RunConfig
+from megatron_sail.config.train import CheckpointConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything one training run needs; each part belongs to one component. Frozen: a step
-    that changes a part (the data's vocabulary, say) makes a new RunConfig."""
-
-    recipe: str
-    """Recipe name this run started from (tiny, sail_2b, sail_8b)."""
-    stage: StageConfig
-    """Training stage: trainable modules and schedule defaults."""
-    model: ModelConfig
-    """ViT, projector and LM shapes."""
-    parallel: ParallelConfig
-    """TP / PP / VPP / SP / EP sizes."""
-    images: ImageConfig
-    """Image pipeline (tile size, decoder)."""
-    data: DataConfig
-    """Dataset prefixes and row length."""
-    optim: OptimConfig
-    """Optimizer and LR schedule."""
-    train: TrainConfig
-    """Loop settings."""
-    checkpoint: CheckpointConfig
-    """Save / load / init-from."""
-    eval: BenchmarkEvalConfig = dataclasses.field(default_factory=BenchmarkEvalConfig)
-    """Benchmarks scored on the live model during training (--eval-benchmark)."""
-    post: PostTrainConfig = dataclasses.field(default_factory=PostTrainConfig)
-    """Stages dpo and grpo: losses, reference, rollouts, rewards (config/posttrain.py)."""
 
 
 # Command-line flags: (flag, section, field, kind). Names follow Megatron-LM where one exists.
@@ -497,8 +465,6 @@ def resolve(argv: Optional[list[str]] = None,
     """Build the RunConfig of a command line: recipe(stage), then YAML, then flags, then the
     model of the checkpoint (``checkpoint_model``; None: no checkpoint is read, so
     --use-checkpoint-args is refused and without --recipe the default recipe's model stands)."""
-    from megatron_sail.config import recipes  # recipes import this module
-
     args = build_parser().parse_args(argv)
     if args.split is not None:
         raise ValueError(f"--split {args.split}: this trainer does not carve validation rows out "

@@ -34,7 +34,8 @@ from safetensors.torch import save_file
 from megatron_sail.checkpoint import dcp, integrity
 from megatron_sail.checkpoint.layout import (CONVERSION_FILE, HF_CONFIG_FILE, PROCESSOR_FILE,
                                              SOURCE_DIR, TOKENIZER_DIR, UNUSED_FILE,
-                                             read_model_config, write_model_config)
+                                             read_checkpoint, read_model_config,
+                                             write_model_config)
 from megatron_sail.checkpoint.processor import ProcessorSettings
 from megatron_sail.checkpoint.tokenizer import save_tokenizer
 from megatron_sail.config.model import ModelConfig
@@ -237,10 +238,16 @@ def _load_full_state(model: torch.nn.Module, ours: dict[str, torch.Tensor]) -> N
 
 def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 cfg: ConvertConfig = ConvertConfig()) -> Path:
-    """Convert a Megatron dist checkpoint (ours) into transformers' InternVL folder."""
-    mcore_dir = Path(mcore_dir)
+    """Convert a Megatron dist checkpoint (ours: one checkpoint folder, or a --save root whose
+    `latest` is read) into transformers' InternVL folder. A run that prunes the checkpoint
+    while it is read (--keep-last) makes this convert the new latest, or say it was deleted."""
     _check_not_source(mcore_dir, out_dir, "--mcore-dir")
     _check_empty(out_dir, cfg.overwrite)
+    return read_checkpoint(str(mcore_dir), lambda ckpt: _mcore_to_hf(Path(ckpt), out_dir, cfg))
+
+
+def _mcore_to_hf(mcore_dir: Path, out_dir: str | os.PathLike, cfg: ConvertConfig) -> Path:
+    """mcore_to_hf of one checkpoint folder."""
     model_config = read_model_config(mcore_dir)
     if not vision_family(model_config.vision.family).vlm_export:
         raise ValueError(
@@ -253,16 +260,12 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
             f"{model_config.vision.family!r} vision tower (it has no class token and InternVL's "
             "vision config cannot describe it); use --layout chat, which writes SAIL-VL2's "
             "'sailvl' remote-code layout (docs/conversion.md)")
+    source = mcore_dir / SOURCE_DIR
+    if cfg.layout == "chat" and not (source / "config.json").is_file():
+        raise ValueError(_no_remote_code_message(mcore_dir, model_config))
     tokenizer = _tokenizer_source(mcore_dir, cfg)
     settings = _processor_settings(mcore_dir, model_config)
     _refuse_padded_grid(mcore_dir, model_config, settings.tile_size)
-    source = mcore_dir / SOURCE_DIR
-    if cfg.layout == "chat" and not (source / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{mcore_dir}: --layout chat needs the hub's remote code and config in "
-            f"{SOURCE_DIR}/ (InternVL-chat, or SAIL-VL2's sailvl for AIMv2 models; present "
-            "when the weights came from such a checkpoint through hf-to-mcore, and in training "
-            "checkpoints started from one)")
     _single_rank()
     start = time.perf_counter()
     [model] = build_model_chunks(model_config, ParallelConfig(), use_te=False)
@@ -289,6 +292,19 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
         _phase(f"wrote {len(disk)} tensors, {_gib(disk):.2f} GiB of safetensors", start)
         _write_side_files(tmp, tokenizer, settings, hf_config["image_token_id"], cfg.layout, source)
     return Path(out_dir)
+
+
+def _no_remote_code_message(mcore_dir: Path, model_config: ModelConfig) -> str:
+    """Why --layout chat cannot be written (no source_files/: a model trained from scratch or
+    from a transformers-layout start) and what works instead, in one line."""
+    why = (f"{mcore_dir}: --layout chat writes the hub's remote-code layout and needs that remote "
+           f"code in {SOURCE_DIR}/, which only a checkpoint converted from an InternVL-chat or "
+           "sailvl hub folder (or trained with --init-from one) carries; this one has none")
+    if vision_family(model_config.vision.family).in_internvl_container:
+        return (why + "; export with --layout hf (the default) instead: transformers loads it, "
+                "and VLMEvalKit evaluates it served by vLLM (docs/evaluation.md)")
+    return (why + f", and a {model_config.vision.family!r} vision tower has no transformers "
+            "layout either: evaluate the checkpoint itself with tools/evaluate.py")
 
 
 def _write_sailvl(mcore_dir: Path, out_dir, cfg: ConvertConfig, model_config: ModelConfig,

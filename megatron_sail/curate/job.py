@@ -61,6 +61,39 @@ def check_job(cfg) -> None:
         raise ValueError(f"workers ({cfg.workers}) must be >= 1 and shard_retries ({cfg.shard_retries}) >= 0")
 
 
+def add_job_flags(p, workers_help: str = "worker processes (local) or actors (ray)") -> None:
+    """The flags every sharded curation tool takes (recaption, filter_data, dedup signatures)."""
+    p.add_argument("--shard-index", type=int, help="this task's index (default: SLURM array task, else 0)")
+    p.add_argument("--num-shards", type=int, help="number of tasks (default: SLURM array size, else 1)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local")
+    p.add_argument("--workers", type=int, default=1, help=workers_help)
+    p.add_argument("--shard-retries", type=int, default=2)
+    p.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--ray-num-cpus", type=int, help="CPUs of a local Ray instance")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray actor")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray actor")
+
+
+def array_task(index: Optional[int], count: Optional[int], prog: str) -> tuple[int, int]:
+    """(index, count) from the flags, else from a SLURM array, else (0, 1)."""
+    env = os.environ
+    if index is None and "SLURM_ARRAY_TASK_ID" in env:
+        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    if count is None and "SLURM_ARRAY_TASK_COUNT" in env:
+        count = int(env["SLURM_ARRAY_TASK_COUNT"])
+    if (index is None) != (count is None):
+        raise ValueError(f"{prog}: give both --shard-index and --num-shards")
+    return (index or 0, count or 1)
+
+
+def job_fields(a, prog: str) -> dict:
+    """JobConfig's fields from the flags of add_job_flags."""
+    index, count = array_task(a.shard_index, a.num_shards, prog)
+    return {"shard_index": index, "num_shards": count, "executor": a.executor, "workers": a.workers,
+            "shard_retries": a.shard_retries, "ray_address": a.ray_address, "ray_num_cpus": a.ray_num_cpus,
+            "gpus_per_worker": a.gpus_per_worker, "cpus_per_worker": a.cpus_per_worker}
+
+
 def task_shards(cfg: JobConfig, shards: list[ShardSpec]) -> list[ShardSpec]:
     """This task's part of all shards (stable order, so array tasks never overlap)."""
     return shards[cfg.shard_index::cfg.num_shards]

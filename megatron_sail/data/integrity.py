@@ -66,8 +66,11 @@ def write_error(path: str, error: OSError) -> OutputWriteError:
     if isinstance(error, OutputWriteError):
         return error
     if error.errno == errno.ENOSPC:
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+            folder = os.path.dirname(folder)  # the nearest folder that exists: same disk
         try:
-            st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+            st = os.statvfs(folder)
             free = f"{st.f_bavail * st.f_frsize} bytes free"
         except OSError:
             free = "free space unknown"

@@ -134,8 +134,8 @@ def curriculum(arms: dict, scorer: LevelScorer, png: str, boot: BootstrapConfig,
         if a in out["diff_vs_" + reference]:
             c = out["diff_vs_" + reference][a]
             base = out["mean"][reference]
-            ax.errorbar([x], [out["mean"][a]], yerr=[[out["mean"][a] - (base + c["ci_low"])],
-                                                     [(base + c["ci_high"]) - out["mean"][a]]],
+            ax.errorbar([x], [out["mean"][a]], yerr=[[max(0.0, out["mean"][a] - (base + c["ci_low"]))],
+                                                     [max(0.0, (base + c["ci_high"]) - out["mean"][a])]],
                         fmt="none", ecolor="red", capsize=5)
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("mean accuracy over levels (%)")
@@ -156,8 +156,8 @@ def caption(summary_path: Optional[str], png: str) -> Optional[dict]:
     fig, ax = plt.subplots(figsize=(4, 3.2))
     ax.bar([0, 1], [f1["recaptioned"], f1["original"]], color=["#2e7d32", "#999999"])
     lo, hi = s["gain_ci95"]
-    ax.errorbar([0], [f1["recaptioned"]], yerr=[[f1["recaptioned"] - (f1["original"] + lo)],
-                                                [(f1["original"] + hi) - f1["recaptioned"]]],
+    ax.errorbar([0], [f1["recaptioned"]], yerr=[[max(0.0, f1["recaptioned"] - (f1["original"] + lo))],
+                                                [max(0.0, (f1["original"] + hi) - f1["recaptioned"])]],
                 fmt="none", ecolor="red", capsize=5)
     ax.set_xticks([0, 1], ["recaptioned", "original text"])
     ax.set_ylabel("held-out caption word F1")

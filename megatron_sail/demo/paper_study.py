@@ -41,7 +41,7 @@ class StudyConfig:
     """Steps of the pretraining run."""
     eval_points: int = 6
     """In-training evaluations of the pretraining run: at iters / 2^k, k = eval_points-1 .. 0."""
-    sft_epochs: float = 3.0
+    sft_epochs: float = 2.0
     """Epochs over its data of every SFT run (quantity runs and curriculum arms alike)."""
     seeds: tuple = (1, 2)
     """Training seeds of every curriculum arm."""

@@ -23,7 +23,8 @@ from megatron_sail.compat.ddp import pause_param_gather_hooks, resume_param_gath
 from megatron_sail.config.model import ModelConfig
 from megatron_sail.data.tokenizer import Tokenizer
 from megatron_sail.inference.config import GenerationConfig, GenerationRequest, GenerationResult
-from megatron_sail.inference.kv_cache import CacheStep, KVCache, cached_attention
+from megatron_sail.inference.kv_cache import CacheStep, KVCache, RopeTable, cached_attention
+from megatron_sail.inference.plain_layers import plain_layers
 from megatron_sail.inference.prompts import Prompt, PromptBuilder, ProcessorSettings
 from megatron_sail.inference.sampling import apply_min_tokens, next_tokens
 from megatron_sail.models.attention import packed_seq_params
@@ -80,7 +81,7 @@ class Generator:
         try:
             for c in self.wrapped:
                 c.eval()
-            with torch.no_grad():
+            with torch.no_grad(), plain_layers(self.chunks if self.tp == 1 else []):
                 for start in range(0, len(prompts), self.cfg.batch_size):
                     batch = self._batch(prompts[start:start + self.cfg.batch_size], generator)
                     results += batch
@@ -101,7 +102,8 @@ class Generator:
         rows = self._padded(n)
         lens = [len(p.ids) for p in prompts]
         budgets = [max(0, p.max_new_tokens) for p in prompts]
-        cache = KVCache(rows, max(l + b for l, b in zip(lens, budgets)) + 1)
+        max_len = max(l + b for l, b in zip(lens, budgets)) + 1
+        cache = KVCache(rows, max_len, self._rope_table(max_len))
         outs: list[list[int]] = [[] for _ in prompts]
         reasons = ["length" if b == 0 else "" for b in budgets]
         with cached_attention(self.lms, cache):
@@ -170,11 +172,25 @@ class Generator:
         last = torch.tensor([b - 1 for b in bounds[1:len(prompts) + 1]], device=self.device)
         return self._logits(hidden[last, 0])
 
+    def _rope_table(self, max_len: int) -> Optional[RopeTable]:
+        """cos/sin of every position up to ``max_len``, applied by the cache in decode steps;
+        None where Megatron must apply RoPE itself (interleaved, multi-latent, YaRN or mRoPE)."""
+        lm = self.lms[0]
+        config = lm.config
+        plain = (getattr(lm, "position_embedding_type", None) == "rope"
+                 and type(lm.rotary_pos_emb).__name__ == "RotaryEmbedding"
+                 and not config.rotary_interleaved and not config.multi_latent_attention
+                 and getattr(config, "mrope_section", None) is None)
+        return RopeTable(lm.rotary_pos_emb(max_len), self.dtype) if plain else None
+
     def _decode(self, feed: list[int], positions: list[int], cache: KVCache) -> Optional[torch.Tensor]:
-        """One token per row at the given positions; logits [rows, V] on the last stage."""
+        """One token per row at the given positions; logits [rows, V] on the last stage.
+
+        Everything after the two host-to-device copies is a fixed-shape computation on the
+        device (mask, RoPE rows, cache writes, attention over the whole cache)."""
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        cache.step = CacheStep("decode", positions=pos)
-        rope = self.lms[0].rotary_pos_emb(cache.max_len)[pos]  # [rows, 1, 1, dim], table cached
+        cache.decode_step(pos)
+        rope = None if cache.rope is not None else self.lms[0].rotary_pos_emb(cache.max_len)[pos]
         ids_t = torch.tensor(feed, dtype=torch.long, device=self.device)[None]
         hidden = self._stages(ids_t, None, rope, None)
         return None if hidden is None else self._logits(hidden[:, 0])

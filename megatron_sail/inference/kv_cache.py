@@ -35,16 +35,68 @@ class CacheStep:
     """prefill: how many leading segments are prompts (cache rows 0..rows-1)."""
     positions: Optional[torch.Tensor] = None
     """decode: int64 [batch] position of each row's new token (its slot in the cache)."""
+    visible: Optional[torch.Tensor] = None
+    """decode: bool [batch, 1, 1, max_len], the cache slots each row's query sees (set by
+    ``KVCache.decode_step``, shared by every layer)."""
+    cos: Optional[torch.Tensor] = None
+    """decode: [batch, 1, 1, rot_dim] RoPE cosines at ``positions`` (None: Megatron applied RoPE)."""
+    sin: Optional[torch.Tensor] = None
+    """decode: [batch, 1, 1, rot_dim] RoPE sines at ``positions``."""
+
+
+class RopeTable:
+    """cos / sin of a RoPE frequency table [max_len, 1, 1, rot_dim], computed once per cache.
+
+    Same arithmetic as Megatron's unfused ``_apply_rotary_pos_emb_bshd`` (cos and sin of the same
+    frequencies cast to the activation dtype, then ``t * cos + rotate_half(t) * sin``), so the
+    keys a decode step caches equal those Megatron's own RoPE would give; only the per-layer
+    cos/sin evaluation is gone."""
+
+    def __init__(self, freqs: torch.Tensor, dtype: torch.dtype):
+        self.cos = torch.cos(freqs).to(dtype)
+        self.sin = torch.sin(freqs).to(dtype)
+        self.rot_dim = freqs.size(-1)
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin rows of the given positions: [batch, 1, 1, rot_dim]."""
+        return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
+
+    def apply(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate [batch, 1, heads, dim] (non-interleaved halves, as Qwen and Megatron's default)."""
+        rot, rest = t[..., : self.rot_dim], t[..., self.rot_dim:]
+        x1, x2 = torch.chunk(rot, 2, dim=-1)
+        rot = (rot * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
+        return torch.cat((rot, rest), dim=-1) if rest.numel() else rot
 
 
 class KVCache:
-    """Per-layer key/value buffers [batch, groups, max_len, head_dim], allocated on first use."""
+    """Per-layer key/value buffers [batch, groups, max_len, head_dim], allocated on first use.
 
-    def __init__(self, batch: int, max_len: int):
+    Decode steps have static shapes: attention always spans the whole buffer under a mask of the
+    filled slots (built once per step, not per layer), writes go to each row's position by
+    index, and nothing reads a value back to the host, so a decode step can be captured in a
+    CUDA graph with ``positions`` as its input buffer."""
+
+    def __init__(self, batch: int, max_len: int, rope: Optional[RopeTable] = None):
         self.batch, self.max_len = batch, max_len
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.step: Optional[CacheStep] = None
+        self.rope = rope
+        self._slots: Optional[torch.Tensor] = None
+        self._rows: Optional[torch.Tensor] = None
+
+    def decode_step(self, positions: torch.Tensor) -> CacheStep:
+        """The step record of one decode step at ``positions`` (int64 [batch], on the device)."""
+        if self._slots is None or self._slots.device != positions.device:
+            self._slots = torch.arange(self.max_len, device=positions.device)
+            self._rows = torch.arange(self.batch, device=positions.device)
+        visible = (self._slots[None, :] <= positions[:, None])[:, None, None, :]
+        cos = sin = None
+        if self.rope is not None:
+            cos, sin = self.rope.at(positions)
+        self.step = CacheStep("decode", positions=positions, visible=visible, cos=cos, sin=sin)
+        return self.step
 
     def _buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's buffers, shaped after the first keys it sees ([t, groups, head_dim])."""
@@ -68,17 +120,16 @@ class KVCache:
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor) -> torch.Tensor:
         """Decode attention: query/key/value [batch, 1, heads, head_dim] -> [batch, 1, heads*dim]."""
+        step = self.step
+        if step.cos is not None:
+            query = self.rope.apply(query, step.cos, step.sin)
+            key = self.rope.apply(key, step.cos, step.sin)
         kbuf, vbuf = self._buffers(layer, key)
-        pos = self.step.positions
-        rows = torch.arange(self.batch, device=pos.device)
-        kbuf[rows, :, pos] = key[:, 0]
-        vbuf[rows, :, pos] = value[:, 0]
-        span = int(pos.max()) + 1
-        visible = torch.arange(span, device=pos.device)[None, :] <= pos[:, None]  # [batch, span]
+        kbuf[self._rows, :, step.positions] = key[:, 0]
+        vbuf[self._rows, :, step.positions] = value[:, 0]
         q = query[:, 0].unsqueeze(2)  # [batch, heads, 1, dim]
-        out = F.scaled_dot_product_attention(
-            q, kbuf[:, :, :span], vbuf[:, :, :span], attn_mask=visible[:, None, None, :],
-            enable_gqa=q.size(1) != kbuf.size(1))
+        out = F.scaled_dot_product_attention(q, kbuf, vbuf, attn_mask=step.visible,
+                                             enable_gqa=q.size(1) != kbuf.size(1))
         return out.reshape(self.batch, 1, -1)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -24,8 +25,8 @@ import torch
 
 from megatron_sail.checkpoint import dcp
 from megatron_sail.checkpoint.layout import (PROCESSOR_FILE, STATE_FILE, TOKENIZER_DIR,
-                                             checkpoint_kind, read_model_config, read_state_file,
-                                             resolve_checkpoint)
+                                             checkpoint_kind, read_checkpoint, read_model_config,
+                                             read_state_file, resolve_checkpoint)
 from megatron_sail.config.model import ModelConfig
 from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.data.tokenizer import Tokenizer, load_tokenizer
@@ -73,11 +74,10 @@ def inspect_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise FileNotFoundError(f"--checkpoint {root}: no such file or directory")
     if checkpoint_kind(root) == "hf":
         return _inspect_hf(root)
-    ckpt = resolve_checkpoint(str(root))
-    if ckpt is None:
+    if resolve_checkpoint(str(root)) is None:
         raise FileNotFoundError(f"--checkpoint {root}: neither a Hugging Face folder (config.json), "
                                 "a Megatron checkpoint (metadata.json) nor a run directory (latest)")
-    return _inspect_megatron(Path(ckpt))
+    return read_checkpoint(str(root), lambda ckpt: _inspect_megatron(Path(ckpt)))
 
 
 def _inspect_hf(root: Path) -> Checkpoint:
@@ -268,10 +268,22 @@ def load_generator(checkpoint: str, cfg: GenerationConfig = GenerationConfig(),
     chunks = _build(ckpt.model_config, parallel, _dtype(load.dtype))
     if ckpt.kind == "hf":
         _load_hf_weights(chunks, ckpt)
-    else:
-        dcp.load_model(chunks, ckpt.path)
-    tok = _tokenizer(ckpt, load.tokenizer)
+        tok = _tokenizer(ckpt, load.tokenizer)
+    else:  # a run still saving may prune it meanwhile: then the new latest is read
+        ckpt, tok = read_checkpoint(checkpoint, partial(_load_megatron, chunks, ckpt, load.tokenizer))
     return Generator(chunks, ckpt.model_config, tok, ckpt.settings, cfg)
+
+
+def _load_megatron(chunks: list, first: Checkpoint, tokenizer: Optional[str],
+                   path: str) -> tuple[Checkpoint, Tokenizer]:
+    """Weights and tokenizer of checkpoint folder ``path`` into chunks built for ``first`` (the
+    folder inspected before building; another one when that was pruned meanwhile)."""
+    found = first if Path(path) == first.path else _inspect_megatron(Path(path))
+    if found.model_config != first.model_config:
+        raise ValueError(f"{path}: holds another model than {first.path}, which was deleted "
+                         "while being read; run again")
+    dcp.load_model(chunks, found.path)
+    return found, _tokenizer(found, tokenizer)
 
 
 def generator_from_model(chunks, model_config: ModelConfig, tokenizer: Tokenizer, images_cfg,

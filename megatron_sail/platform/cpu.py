@@ -3,20 +3,69 @@
 Megatron-Core assumes CUDA in many places: ``device="cuda"`` / ``torch.cuda.current_device()``
 when allocating, the CUDA RNG state inside the tensor-parallel RNG tracker, stream and
 synchronize calls, and ``param.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers.
-``install()`` redirects all of those to the CPU so the same model, schedules, DDP and optimizer
-code runs on gloo. It is the only place in the project that knows about the CPU/GPU difference
-(together with ``distributed.py``, which decides whether to call it).
+``install()`` redirects each of those to the CPU with a narrow patch, so the same model,
+schedules, DDP and optimizer code runs on gloo, and no torch call outside those spots pays
+anything (an earlier version kept a global ``TorchFunctionMode`` on, which put a Python call
+in front of every torch op: 38k of them in one small decode):
+
+* ``torch.cuda.*`` entry points (device, streams, events, RNG, memory stats) become CPU ones;
+* the Megatron modules that allocate with a literal ``device="cuda"`` see a copy of the
+  ``torch`` module whose factory functions map that device to the CPU (``_CUDA_LITERAL_MODULES``);
+* ``Tensor.cuda()`` / ``Tensor.pin_memory()`` return the tensor (on a CUDA-less torch they
+  could only raise);
+* ``Tensor.type()`` reports CUDA type names only inside the Megatron functions that compare
+  them (``_TYPE_CHECKING``);
+* collectives over a group of one rank return at once (gloo would still round-trip them).
+
+``cuda_to_cpu()`` (the old mode, as a context manager) remains for code outside Megatron's
+hot path that needs the general rewrite. This module is the only place in the project that
+knows about the CPU/GPU difference (together with ``distributed.py``, which decides whether to
+call it).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import logging
+import types
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _INSTALLED = False
-_MODE: "CudaToCpuMode | None" = None
+
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.utils",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.utils",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.dist_checkpointing.mapping",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+)
+"""Megatron modules that allocate with ``device="cuda"`` (or hand "cuda" to a helper that does),
+found by grepping megatron-core 0.16 and by tracing the CPU test suite."""
+
+_TYPE_CHECKING = (
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "__init__"),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
+    ("megatron.core.optimizer.clip_grads", None, "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.optimizer.optimizer", None, "clip_grad_by_total_norm_fp32"),
+)
+"""(module, class or None, function): Megatron code that compares ``Tensor.type()`` with
+'torch.cuda.*Tensor' names (parameter sorting at optimizer construction, the clip assert)."""
+
+_FACTORIES = ("tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn",
+              "randint", "empty_like", "zeros_like", "ones_like", "full_like", "empty_strided",
+              "linspace")
+"""torch functions that take ``device=``."""
 
 
 def _is_cuda(device) -> bool:
@@ -28,28 +77,118 @@ def _is_cuda(device) -> bool:
     return isinstance(device, torch.device) and device.type == "cuda"
 
 
+def _cuda_type_name(tensor, *args, **kwargs):
+    """``Tensor.type()`` as a CUDA build reports it ('torch.cuda.FloatTensor'); with a target
+    type it converts as usual."""
+    name = _TENSOR_TYPE(tensor, *args, **kwargs)
+    if args or kwargs or not isinstance(name, str) or ".cuda." in name:
+        return name
+    return name.replace("torch.", "torch.cuda.", 1)
+
+
+_TENSOR_TYPE = torch.Tensor.type
+
+
+@contextlib.contextmanager
+def cuda_type_names():
+    """While active, ``Tensor.type()`` names CPU tensors as CUDA ones (Megatron's optimizer
+    checks compare against 'torch.cuda.FloatTensor'). Swaps one attribute: no per-op cost."""
+    previous = torch.Tensor.type
+    torch.Tensor.type = _cuda_type_name
+    try:
+        yield
+    finally:
+        torch.Tensor.type = previous
+
+
 class CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device arguments to CPU in every torch call made while active.
 
     Covers factory functions (``torch.empty(..., device='cuda')``), ``Tensor.to('cuda')``,
-    ``Tensor.cuda()``, and ``Tensor.type()`` (reported as the CUDA type name so Megatron's
-    optimizer dtype checks accept CPU parameters).
+    ``Tensor.cuda()``, and ``Tensor.type()`` (reported as the CUDA type name). Every torch call
+    inside pays a Python dispatch, so it is only for code off the hot path (``cuda_to_cpu``).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = "cpu"
-        if func in (torch.Tensor.to, torch.Tensor.pin_memory):
-            if func is torch.Tensor.pin_memory:
-                return args[0]
+        if func is torch.Tensor.to:
             args = tuple("cpu" if i > 0 and _is_cuda(a) else a for i, a in enumerate(args))
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_to_cpu():
+    """Map every CUDA device argument to the CPU inside the block (slow: per-op Python)."""
+    with CudaToCpuMode():
+        yield
+
+
+def _cpu_factory(fn):
+    """``fn`` with a CUDA ``device=`` mapped to the CPU."""
+    @functools.wraps(fn)
+    def factory(*args, **kwargs):
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
+    return factory
+
+
+class _CpuTorch(types.ModuleType):
+    """A copy of the ``torch`` namespace whose factory functions map CUDA devices to the CPU.
+
+    Installed as the ``torch`` global of the Megatron modules in ``_CUDA_LITERAL_MODULES``:
+    attribute lookups there stay plain dict lookups, only the factories gain a wrapper, and no
+    other module sees a difference. Names torch creates lazily fall through to torch itself."""
+
+    def __init__(self):
+        super().__init__("torch", torch.__doc__)
+        self.__dict__.update({k: v for k, v in vars(torch).items() if k not in ("__name__", "__doc__")})
+        for name in _FACTORIES:
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _patch_cuda_literals():
+    """Give the Megatron modules that write ``device="cuda"`` the CPU-mapping torch namespace."""
+    cpu_torch = _CpuTorch()
+    for name in _CUDA_LITERAL_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = cpu_torch
+
+
+def _with_type_names(fn):
+    """``fn`` run with ``Tensor.type()`` reporting CUDA names."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with cuda_type_names():
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def _patch_type_checks():
+    """Scope the CUDA type names to the Megatron functions that compare them."""
+    for module_name, cls_name, fn_name in _TYPE_CHECKING:
+        owner = importlib.import_module(module_name)
+        if cls_name is not None:
+            owner = getattr(owner, cls_name)
+        setattr(owner, fn_name, _with_type_names(getattr(owner, fn_name)))
+
+
+def _patch_tensor_methods():
+    """``Tensor.cuda()`` and ``Tensor.pin_memory()`` return the tensor itself: without CUDA
+    they could only raise, and Megatron calls them when moving loaded state and tied weights."""
+    torch.Tensor.cuda = lambda self, *_a, **_k: self
+    torch.Tensor.pin_memory = lambda self, *_a, **_k: self
 
 
 class _FakeStream:
@@ -207,19 +346,91 @@ def _patch_uneven_collectives():
     dist.reduce_scatter = reduce_scatter_uneven
 
 
+def _patch_single_rank_collectives():
+    """Collectives over a group of one rank return at once (their result is the input).
+
+    Megatron issues them regardless of size (grad-norm and zero-count all-reduces over the
+    model-parallel group, DDP's grad reduce-scatter, the distributed optimizer's param
+    all-gather); gloo would still run each through its transport. With one rank, all-reduce
+    and broadcast leave the tensor as is and gather / reduce-scatter are a copy."""
+    import torch.distributed as dist
+
+    def alone(group) -> bool:
+        return dist.get_world_size(group) == 1
+
+    def done(async_op):
+        return _DoneWork() if async_op else None
+
+    def in_place(original):
+        @functools.wraps(original)
+        def collective(tensor, *args, group=None, async_op=False, **kwargs):
+            if alone(group):
+                return done(async_op)
+            return original(tensor, *args, group=group, async_op=async_op, **kwargs)
+        return collective
+
+    def copying(original):
+        @functools.wraps(original)
+        def collective(output, input, *args, group=None, async_op=False, **kwargs):
+            if alone(group):
+                if output.data_ptr() != input.data_ptr():
+                    output.copy_(input.view_as(output))
+                return done(async_op)
+            return original(output, input, *args, group=group, async_op=async_op, **kwargs)
+        return collective
+
+    dist.all_reduce = in_place(dist.all_reduce)
+    dist.broadcast = in_place(dist.broadcast)
+    dist.all_gather_into_tensor = copying(dist.all_gather_into_tensor)
+    dist.reduce_scatter_tensor = copying(dist.reduce_scatter_tensor)
+
+
+def _patch_multi_tensor_fallbacks():
+    """Megatron's no-Apex grad-norm and grad-scale fallbacks, with torch's foreach kernels.
+
+    ``local_multi_tensor_l2_norm`` takes one ``torch.norm`` per tensor, gathers the results
+    into a new tensor through Python floats and allocates with ``device="cuda"``;
+    ``local_multi_tensor_scale`` multiplies tensor by tensor. The same arithmetic as one
+    foreach call each (same per-tensor 2-norm, same product)."""
+    from megatron.core.optimizer import clip_grads
+
+    def l2_norm(_chunk_size, _noop_flag, tensor_lists, _per_tensor, *_args):
+        tensors = tensor_lists[0]
+        if not tensors:
+            return torch.zeros(1), None
+        norms = torch._foreach_norm(tensors, 2.0)
+        return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+    def scale(_chunk_size, _noop_flag, tensor_lists, factor):
+        src, dst = tensor_lists[0], tensor_lists[1]
+        if not src:
+            return
+        if all(a is b for a, b in zip(src, dst)):
+            torch._foreach_mul_(dst, factor)
+        else:
+            torch._foreach_copy_(dst, torch._foreach_mul(src, factor))
+
+    if clip_grads.multi_tensor_applier.__name__ == "local_multi_tensor_applier":
+        clip_grads.l2_norm_impl = l2_norm
+        clip_grads.multi_tensor_scale_impl = scale
+
+
 def install() -> None:
     """Install the CPU backend once per process (idempotent)."""
-    global _INSTALLED, _MODE
+    global _INSTALLED
     if _INSTALLED:
         return
     if torch.cuda.is_available():
         raise RuntimeError("CPU backend requested on a machine with CUDA; use the GPU path")
     _patch_torch_cuda()
+    _patch_tensor_methods()
+    _patch_cuda_literals()
+    _patch_type_checks()
     _patch_megatron_rng()
     _patch_megatron_moe()
     _patch_uneven_collectives()
-    _MODE = CudaToCpuMode()
-    _MODE.__enter__()
+    _patch_single_rank_collectives()
+    _patch_multi_tensor_fallbacks()
     _INSTALLED = True
 
 

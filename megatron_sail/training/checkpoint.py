@@ -17,10 +17,13 @@ calls ``maybe_finalize_async_calls``. Until then only ``iter_XXXXXXX.tmp`` exist
 """
 from __future__ import annotations
 
+import errno
+import io
 import os
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Optional
@@ -30,7 +33,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from megatron_sail.checkpoint import dcp, integrity
+from megatron_sail.checkpoint import dcp, disk_full, integrity
 from megatron_sail.checkpoint.assets import write_checkpoint_assets
 from megatron_sail.checkpoint.layout import (LATEST, STATE_FILE, CheckpointDamaged, iter_dir,
                                              list_checkpoints, read_latest, read_state_file,
@@ -117,10 +120,17 @@ def save_checkpoint(root: str, chunks: list, optimizer, state: TrainState, keep_
     sd = dcp.model_sharded_state_dict(chunks)
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd, metadata=OPTIM_METADATA)
-    request = dcp.save_sharded(sd, tmp, async_save=pending is not None)
-    _write_train_state(tmp, state, config, optimizer is not None)
-    if rank0:
-        write_checkpoint_assets(tmp, config)  # tokenizer/ + processor.json: usable as is
+    with disk_full_named(tmp):
+        request = dcp.save_sharded(sd, tmp, async_save=pending is not None)
+    payload = _train_state_payload(state, config, optimizer is not None)
+    error = None
+    if rank0:  # every part or nothing: a checkpoint without its tokenizer is not published
+        try:
+            write_bytes(os.path.join(tmp, STATE_FILE), payload)
+            write_checkpoint_assets(tmp, config)  # tokenizer/ + processor.json: usable as is
+        except Exception as e:  # noqa: BLE001 - agreed on by every rank below, then raised
+            error = disk_full.explain(e, tmp) or e
+    _agree(error, tmp)
     if pending is None:
         _publish(root, state.iteration, keep_last)
     else:
@@ -141,18 +151,62 @@ def sync_params(chunks: list) -> None:
             chunk.start_param_sync(force_sync=True)
 
 
-def _write_train_state(tmp: str, state: TrainState, config: Optional[dict],
-                       has_optimizer: bool) -> None:
-    """Collective: gather every rank's RNG states; rank 0 writes train_state.pt into tmp."""
+def _train_state_payload(state: TrainState, config: Optional[dict],
+                         has_optimizer: bool) -> Optional[bytes]:
+    """Collective: gather every rank's RNG states; rank 0 gets train_state.pt's bytes (torch.save
+    into memory: written by ``write_bytes``, a full disk is an OSError naming the file instead of
+    torch's zip writer's 'unexpected pos'), the other ranks None."""
     states = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(states, rng_state())
     if torch.distributed.get_rank() != 0:
-        return
+        return None
     state.rng = dict(enumerate(states))
     state.world = world_sizes()
-    payload = {"train_state": asdict(state), "config": config, "has_optimizer": has_optimizer}
-    torch.save(payload, os.path.join(tmp, STATE_FILE + ".tmp"))
-    os.replace(os.path.join(tmp, STATE_FILE + ".tmp"), os.path.join(tmp, STATE_FILE))
+    buffer = io.BytesIO()
+    torch.save({"train_state": asdict(state), "config": config, "has_optimizer": has_optimizer},
+               buffer)
+    return buffer.getvalue()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a file under a temporary name, then rename it: a reader never sees half of it."""
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+@contextmanager
+def disk_full_named(path: str):
+    """A collective write step of a save (every rank raises together when one fails): a full
+    disk becomes one "no space left on device while writing PATH (N bytes free)" line naming the file on the rank that hit it, and
+    ``CheckpointNotSaved`` on the others, instead of DCP's per-rank chained tracebacks."""
+    try:
+        yield
+    except (disk_full.OutputWriteError, disk_full.CheckpointNotSaved):
+        raise
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)) or disk_full.find_no_space(e) is None:
+            raise
+        failures = getattr(e, "failures", None) or {}
+        if failures and torch.distributed.get_rank() not in failures:
+            raise disk_full.CheckpointNotSaved(
+                errno.ENOSPC, f"checkpoint {path} not saved: rank(s) {sorted(failures)} could "
+                "not write their files (full disk)") from None
+        raise disk_full.explain(e, path) from None
+
+
+def _agree(error: Optional[BaseException], path: str) -> None:
+    """Collective: when a rank failed a step only it runs (rank 0's train_state.pt and assets),
+    it raises its error and every other rank ``CheckpointNotSaved``; nothing is published."""
+    failed = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(
+        failed, None if error is None else getattr(error, "errno", None) or errno.EIO)
+    if error is not None:
+        raise error
+    ranks = [r for r, code in enumerate(failed) if code is not None]
+    if ranks:
+        raise disk_full.CheckpointNotSaved(failed[ranks[0]], f"checkpoint {path} not saved: "
+                                           f"rank(s) {ranks} could not write their part")
 
 
 def _publish(root: str, iteration: int, keep_last: int, announce: bool = False) -> None:
@@ -161,17 +215,15 @@ def _publish(root: str, iteration: int, keep_last: int, announce: bool = False) 
     at it and prunes; the barrier keeps ranks from racing ahead. ``announce`` prints a line
     (background saves finish at a step the user cannot guess)."""
     final = iter_dir(root, iteration)
-    integrity.write_manifest(final + ".tmp", {"iteration": iteration, "saved_at": time.time()})
+    error = None
+    try:  # collective; rank 0 writes the file after the ranks' hashes are gathered
+        integrity.write_manifest(final + ".tmp", {"iteration": iteration, "saved_at": time.time()})
+        if torch.distributed.get_rank() == 0:
+            _rename_into_place(root, iteration)
+    except Exception as e:  # noqa: BLE001 - agreed on by every rank below, then raised
+        error = disk_full.explain(e, final + ".tmp") or e
+    _agree(error, final)
     if torch.distributed.get_rank() == 0:
-        # A checkpoint of the same iteration (a rollback re-saving it) is moved aside rather
-        # than deleted first: `latest` may name it, and a crash must not leave it half gone.
-        old = final + ".replaced"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.isdir(final):
-            os.replace(final, old)
-        os.replace(final + ".tmp", final)
-        _write_latest(root, iteration)
-        shutil.rmtree(old, ignore_errors=True)
         _prune(root, keep_last)
         if announce:
             print(f"[checkpoint] {final} complete (written in the background); latest -> "
@@ -181,12 +233,23 @@ def _publish(root: str, iteration: int, keep_last: int, announce: bool = False) 
     torch.distributed.barrier()
 
 
+def _rename_into_place(root: str, iteration: int) -> None:
+    """Rank 0: iter_N.tmp becomes iter_N, then `latest` names it. A checkpoint of the same
+    iteration (a rollback re-saving it) is moved aside rather than deleted first: `latest` may
+    name it, and a crash must not leave it half gone."""
+    final = iter_dir(root, iteration)
+    old = final + ".replaced"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(final + ".tmp", final)
+    _write_latest(root, iteration)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _write_latest(root: str, iteration: int) -> None:
     """Point `latest` at a complete checkpoint (write a temporary file, then rename)."""
-    tmp = os.path.join(root, LATEST + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{iteration}\n")
-    os.replace(tmp, os.path.join(root, LATEST))
+    write_bytes(os.path.join(root, LATEST), f"{iteration}\n".encode())
 
 
 def saved_at(ckpt: str) -> float:
@@ -303,9 +366,7 @@ def check_before_load(ckpt: str, checks: LoadChecks) -> None:
         saved = read_state_file(os.path.join(ckpt, STATE_FILE))["train_state"].get("tokenizer")
         check_tokenizer(saved or {}, checks.tokenizer, ckpt, checks.allow_tokenizer_mismatch)
     if torch.distributed.get_rank() == 0:
-        note = {"none": "no manifest.json: files not verified", "sizes": "file sizes verified",
-                "full": "file sizes and SHA-256 verified"}[verified]
-        print(f"[checkpoint] loading {ckpt} ({note})", flush=True)
+        print(f"[checkpoint] loading {ckpt} ({integrity.VERIFIED_NOTE[verified]})", flush=True)
 
 
 def _has_optimizer(ckpt: str) -> bool:

@@ -13,7 +13,6 @@ before ``run`` returns, on every exit path that returns (end, --exit-interval, s
 from __future__ import annotations
 
 import itertools
-import queue
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -78,8 +77,8 @@ class SkipDecode:
 
 
 class StepFeeder:
-    """Micro-batches of consecutive steps, decoded ahead by the image PrefetchLoader, plus the
-    per-micro-batch row statistics (real tokens, FLOPs) that collation does not keep."""
+    """Micro-batches of consecutive steps, decoded ahead by the PrefetchLoader, each carrying its
+    rows' statistics (real tokens, FLOPs) that collation does not keep."""
 
     def __init__(self, dataset, plan: BatchPlan, pipeline, first_step: int,
                  flops_shape, depth: int = 2, decode: bool = True, pin_memory: bool = False):
@@ -87,22 +86,20 @@ class StepFeeder:
         # per-dataset loss names: only a blend of several prefixes has them
         names = dataset.source_names() if hasattr(dataset, "source_names") else []
         self.source_names = names if len(names) > 1 else []
-        self._stats: queue.Queue = queue.Queue()
         first_mb = first_step * plan.num_microbatches
         meta = dataset.tokenizer_meta  # checks that every row's tiles match its <IMG_CONTEXT> runs
         self.loader = PrefetchLoader(self._rows_from, pipeline if decode else SkipDecode(),
                                      depth=depth, position=first_mb, pin_memory=pin_memory,
                                      image_token_id=meta.img_context_id,
-                                     tokens_per_tile=meta.tokens_per_tile)
+                                     tokens_per_tile=meta.tokens_per_tile,
+                                     row_stats=self._row_stats)
 
     def _rows_from(self, position: int):
         """Row lists from micro-batch ``position`` on (runs in the loader's thread)."""
         n = self.plan.num_microbatches
         for mb in itertools.count(position):
             idx = self.plan.microbatch(mb // n, mb % n)
-            rows = [self.dataset[i] for i in idx]  # the blended stream is endless: any index
-            self._stats.put(self._row_stats(rows))
-            yield rows
+            yield [self.dataset[i] for i in idx]  # the blended stream is endless: any index
 
     def _row_stats(self, rows) -> tuple[float, float]:
         """Real (non-padding) tokens and model FLOPs of some rows."""
@@ -114,8 +111,7 @@ class StepFeeder:
     def next_step(self) -> tuple[list, tuple[float, float]]:
         """This rank's micro-batches of the next step and their summed row stats."""
         batches = [next(self.loader) for _ in range(self.plan.num_microbatches)]
-        stats = [self._stats.get() for _ in batches]
-        return batches, (sum(s[0] for s in stats), sum(s[1] for s in stats))
+        return batches, (sum(b.real_tokens for b in batches), sum(b.flops for b in batches))
 
     def close(self) -> None:
         """Stop the prefetch thread."""
@@ -188,7 +184,8 @@ def finalize_saves(ctx: LoopContext, blocking: bool) -> None:
     """Collective: publish the background saves that every rank has finished writing (all of
     them, waiting, when ``blocking``); a failed write raises here on every rank."""
     if ctx.pending is not None:
-        ctx.pending.maybe_finalize_async_calls(blocking=blocking)
+        with ckpt.disk_full_named(ctx.cfg.checkpoint.save):  # a full disk: one line
+            ctx.pending.maybe_finalize_async_calls(blocking=blocking)
 
 
 def _maybe_validate(ctx: LoopContext, final: bool) -> None:

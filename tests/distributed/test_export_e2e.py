@@ -97,30 +97,16 @@ def test_export_has_the_trained_geometry(trained):
 
 
 def _hf_inputs(export: Path, image: Path):
-    """Prompt ids and pixels as transformers builds them from the export: AutoProcessor when
-    torchvision is importable, else the same pieces (AutoTokenizer's chat template +
-    AutoImageProcessor) assembled the way InternVLProcessor does."""
-    from PIL import Image
+    """Prompt ids and pixels as transformers' InternVLProcessor builds them from the export,
+    through the package's torchvision-free ExportProcessor (AutoTokenizer's chat template +
+    AutoImageProcessor + the image-token expansion; tests/unit/test_export_processor.py checks
+    it against AutoProcessor where torchvision imports)."""
+    from megatron_sail.convert.hf_processor import ExportProcessor
 
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
-    img = Image.open(image).convert("RGB")
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(export))
-        pixels = AutoImageProcessor.from_pretrained(str(export))([img], return_tensors="pt",
-                                                                 crop_to_patches=True)
-        n = AutoConfig.from_pretrained(str(export)).image_seq_length * int(pixels["num_patches"][0])
-        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        text = text.replace("<IMG_CONTEXT>", "<img>" + "<IMG_CONTEXT>" * n + "</img>", 1)
-        return tok(text, return_tensors="pt"), pixels["pixel_values"]
-    from transformers import AutoProcessor
-
-    proc = AutoProcessor.from_pretrained(str(export))
+    proc = ExportProcessor.from_pretrained(export)
     text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    inputs = proc(images=[img], text=text, return_tensors="pt")
+    inputs = proc(images=[str(image)], text=text)
     return {k: inputs[k] for k in ("input_ids", "attention_mask")}, inputs["pixel_values"]
 
 

@@ -55,7 +55,7 @@ def test_new_run_rollback_and_overwrite_into_an_old_save(data, first, tmp_path):
     before = {r["iteration"]: r["lm_loss"] for r in lines(run_dir / "metrics.jsonl")}
     assert sorted(before) == list(range(1, 11))
 
-    out = run(data, run_dir, ["--save", str(save), "--train-iters", "3"], expect_rc=1)
+    out = run(data, run_dir, ["--save", str(save), "--train-iters", "3"], expect_rc=2)
     assert "already holds another run's checkpoints (iter_0000005, iter_0000010, latest)" in out
     assert layout.read_latest(str(save)) == 10 and layout.list_checkpoints(str(save)) == [5, 10]
 
@@ -83,12 +83,12 @@ def test_locked_save_and_save_that_is_a_file_fail_at_start(data, tmp_path):
     lock = SaveDirLock(str(save))
     assert lock.acquire() is None
     try:
-        out = run(data, tmp_path / "run", ["--save", str(save)], expect_rc=1)
+        out = run(data, tmp_path / "run", ["--save", str(save)], expect_rc=2)
     finally:
         lock.release()
     assert f"--save {save} is in use by another run (host" in out and f"pid {os.getpid()}" in out
     (tmp_path / "file").write_text("not a folder")
-    out = run(data, tmp_path / "run", ["--save", str(tmp_path / "file")], expect_rc=1)
+    out = run(data, tmp_path / "run", ["--save", str(tmp_path / "file")], expect_rc=2)
     assert "is a file, not a folder" in out
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before training
 
@@ -105,7 +105,7 @@ def test_damaged_checkpoint_is_refused_naming_the_file(data, first, tmp_path):
     shutil.copytree(first / "ck" / "iter_0000010", damaged)
     _flip(damaged / "__0_0.distcp")
     out = run(data, tmp_path / "run", ["--load", str(damaged), "--train-iters", "10"],
-              expect_rc=1, init=False)
+              expect_rc=2, init=False)
     assert f"{damaged}/__0_0.distcp: contents changed since it was saved" in out
 
 
@@ -125,7 +125,7 @@ def test_data_of_another_tokenizer_is_refused_with_both_identities(data, first, 
     meta["tokenizer"]["identity"] = "sha256:0123456789abcdef"
     (tmp_path / "other.meta.json").write_text(json.dumps(meta))
     load = ["--data-path", str(prefix), "--load", str(first / "ck"), "--train-iters", "10"]
-    out = run(data, tmp_path / "run", load, expect_rc=1, init=False)
+    out = run(data, tmp_path / "run", load, expect_rc=2, init=False)
     assert f"identity: '{mine}' (checkpoint) vs 'sha256:0123456789abcdef' (data)" in out
     stamp = os.path.getmtime(first / "ck" / "iter_0000010" / "manifest.json")
     out = run(data, tmp_path / "run", load + ["--allow-tokenizer-mismatch", "--save",

@@ -2,6 +2,7 @@
 (naming them), pickles from disk cannot run code, pruning follows save order and spares the
 checkpoint `latest` names, a damaged `latest` is a clear error, the --save folder is checked
 and locked at start, and resume checks (tokenizer, LR schedule, --train-iters) name both values."""
+import errno
 import json
 import os
 import pickle
@@ -401,3 +402,202 @@ def test_model_only_loads_verify_too(one_rank, tmp_path, monkeypatch):
     with pytest.raises(integrity.CheckpointDamaged, match=r"\.metadata: refusing"):
         dcp.load_model([Net()], out, dcp.DistCkptConfig(verify="off"))
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------ issue 20: faults on save and load
+def _enospc(path=None):
+    """The error a write to a full disk raises (a file name when the failing call knows it)."""
+    if path is None:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def _asset_config(tmp_path, tokenizer_dir):
+    """A run config whose first dataset's meta.json names tiling and a tokenizer folder."""
+    prefix = tmp_path / "data" / "train"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"tiling": {"max_tiles": 6, "min_tiles": 1, "thumbnail": True},
+            "tokenizer": {"tile_size": 32, "tokens_per_tile": 4, "path": str(tokenizer_dir)}}
+    (tmp_path / "data" / "train.meta.json").write_text(json.dumps(meta))
+    return {"a": 1, "data": {"data_path": [str(prefix)]}}
+
+
+@pytest.mark.parametrize("fault", ["enospc", "tokenizer_gone"])
+def test_a_save_that_cannot_write_a_part_publishes_nothing(one_rank, tmp_path, monkeypatch, fault):
+    """Item 1 (and 7): the tokenizer copy fails -> the save fails, `latest` stays, no iter dir;
+    a full disk says so once, naming the file and the free bytes."""
+    from megatron_sail.checkpoint import assets
+
+    root = tmp_path / "ck"
+    _save(root, 1)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr(assets, "_tokenizer_files", lambda meta, mtime: str(tok))
+    if fault == "enospc":
+        def full(src, dst, *a, **k):
+            raise _enospc(os.path.join(dst, "tokenizer.json"))
+        monkeypatch.setattr(assets.shutil, "copytree", full)
+        expected = (OSError,
+                    r"^no space left on device while writing \S+iter_0000002\.tmp/tokenizer/"
+                    r"tokenizer\.json \(\d+ bytes free\)$")
+    else:
+        def gone(meta, mtime):
+            raise FileNotFoundError(f"{meta}: the tokenizer it records ({tok}) is not found")
+        monkeypatch.setattr(assets, "_tokenizer_files", gone)
+        expected = (FileNotFoundError, "the tokenizer it records")
+    state = ckpt.TrainState(iteration=2)
+    with pytest.raises(expected[0], match=expected[1]) as e:
+        ckpt.save_checkpoint(str(root), [Net(1.0)], None, state, 0,
+                             config=_asset_config(tmp_path, tok))
+    assert str(e.value).count("no space left") == (1 if fault == "enospc" else 0)
+    assert layout.read_latest(str(root)) == 1 and layout.list_checkpoints(str(root)) == [1]
+
+
+def test_a_full_disk_in_a_shard_or_the_train_state_is_one_clear_error(one_rank, tmp_path,
+                                                                     monkeypatch):
+    """Item 7: ENOSPC where DCP writes a shard, or where train_state.pt is written: one
+    ``no space left on device while writing PATH (N bytes free)``, no chained traceback, and
+    nothing published; the CLI prints it as one line."""
+    import builtins
+
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    from megatron_sail import cli
+
+    root = tmp_path / "ck"
+    _save(root, 1)
+
+    def no_room(*_a, **_k):
+        raise _enospc()
+
+    with monkeypatch.context() as m:
+        m.setattr(dcp_fs, "_write_item", no_room)
+        with pytest.raises(OSError, match=r"^no space left on device while "
+                           r"writing \S+iter_0000002\.tmp \(\d+ bytes free\)$") as e:
+            _save(root, 2)
+    assert e.value.__suppress_context__ and e.value.errno == errno.ENOSPC
+    real_open = builtins.open
+
+    class FullFile:
+        def __init__(self, path):
+            self.path = path
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise _enospc(self.path)
+
+    def fake_open(path, mode="r", *a, **k):
+        if str(path).endswith("train_state.pt.tmp") and "w" in mode:
+            return FullFile(str(path))
+        return real_open(path, mode, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", fake_open)
+        with pytest.raises(OSError, match=r"^no space left on device while writing \S+iter_0000003\.tmp/"
+                           r"train_state\.pt\.tmp \(\d+ bytes free\)") as e:
+            _save(root, 3)
+    assert layout.read_latest(str(root)) == 1 and layout.list_checkpoints(str(root)) == [1]
+    with pytest.raises(SystemExit) as code:
+        cli.run(lambda argv: (_ for _ in ()).throw(e.value), [])
+    assert code.value.code == 2
+
+
+def test_unlisted_files_and_entries_outside_the_checkpoint_are_refused(one_rank, tmp_path,
+                                                                       caplog):
+    """Item 2: every file a loader reads must be in manifest.json; an entry pointing outside
+    the folder is never read; a load without a manifest says 'not verified'."""
+    from megatron_sail.checkpoint import dcp
+
+    d = _save(tmp_path / "ck", 1, value=2.0)
+    path = os.path.join(d, integrity.MANIFEST)
+    manifest = json.loads(open(path).read())
+    (tmp_path / "ck" / "iter_0000001" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(integrity.CheckpointDamaged, match=r"extra\.bin: not listed in manifest"):
+        ckpt.load_checkpoint(str(tmp_path / "ck"), [Net()])
+    os.remove(os.path.join(d, "extra.bin"))
+    del manifest["files"]["__0_0.distcp"]  # the shard's entry removed, then a weight flipped
+    open(path, "w").write(json.dumps(manifest))
+    _flip(os.path.join(d, "__0_0.distcp"))
+    with pytest.raises(integrity.CheckpointDamaged, match=r"__0_0\.distcp: not listed"):
+        dcp.load_model([Net()], d)
+    manifest["files"]["../../outside.txt"] = {"size": 4, "sha256": "0" * 64}
+    (tmp_path / "outside.txt").write_text("four")
+    open(path, "w").write(json.dumps(manifest))
+    with pytest.raises(integrity.CheckpointDamaged, match=r"'\.\./\.\./outside\.txt' points "
+                                                          r"outside the checkpoint"):
+        integrity.verify_checkpoint(d, "full")
+    bare = _save(tmp_path / "bare", 1, value=5.0)
+    os.remove(os.path.join(bare, integrity.MANIFEST))  # written before manifests existed
+    target = Net()
+    with caplog.at_level("WARNING"):
+        dcp.load_model([target], bare)  # generate and mcore-to-hf load this way
+    assert torch.all(target.w == 5.0)
+    assert any("no manifest.json: files not verified" in r.getMessage() for r in caplog.records)
+
+
+def test_crafted_common_pt_does_not_run_even_when_torch_is_told_to_unpickle(one_rank, tmp_path,
+                                                                          monkeypatch):
+    """Item 3: megatron-core reads common.pt with a bare torch.load, which
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns into a full unpickle; it is checked first."""
+    from megatron_sail.checkpoint import dcp
+
+    marker = tmp_path / "ran"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    out = dcp.save_model([Net(3.0)], tmp_path / "mc")
+    common = out / layout.COMMON_FILE
+    assert common.is_file()
+    dcp.load_model([Net()], out)  # the real one passes
+    torch.save({"x": Payload()}, common)
+    os.remove(out / integrity.MANIFEST)  # an attacker rewrites the manifest anyway
+    with pytest.raises(integrity.CheckpointDamaged, match=r"common\.pt: refusing to unpickle"):
+        dcp.load_model([Net()], out)
+    assert not marker.exists()
+
+
+def _tiny_run_config():
+    from dataclasses import asdict
+
+    from megatron_sail.config.model import tiny
+
+    return {"model": asdict(tiny())}
+
+
+@pytest.mark.parametrize("named", ["root", "iter_dir"])
+def test_a_reader_whose_checkpoint_is_pruned_reads_the_new_latest(one_rank, tmp_path, monkeypatch,
+                                                                caplog, named):
+    """Item 4: the checkpoint a reader resolved is pruned (--keep-last 1) while it reads: with
+    the --save root it reads the new latest and says so; with the folder itself the error says
+    it was deleted, not that it is not a checkpoint."""
+    from megatron_sail.inference import loading
+
+    root = tmp_path / "ck"
+    config = _tiny_run_config()
+    ckpt.save_checkpoint(str(root), [Net(1.0)], None, ckpt.TrainState(iteration=1), 1, config)
+    real = loading.read_model_config
+    calls = []
+
+    def read_while_pruned(folder):
+        if not calls:  # a running trainer publishes iteration 2 and prunes iteration 1
+            ckpt.save_checkpoint(str(root), [Net(2.0)], None, ckpt.TrainState(iteration=2), 1,
+                                 config)
+        calls.append(str(folder))
+        return real(folder)
+
+    monkeypatch.setattr(loading, "read_model_config", read_while_pruned)
+    target = str(root) if named == "root" else layout.iter_dir(str(root), 1)
+    if named == "root":
+        with caplog.at_level("WARNING"):
+            found = loading.inspect_checkpoint(target)
+        assert str(found.path) == layout.iter_dir(str(root), 2)
+        assert any("was deleted while being read" in r.getMessage() for r in caplog.records)
+    else:
+        with pytest.raises(FileNotFoundError, match="the checkpoint was deleted while being read"):
+            loading.inspect_checkpoint(target)
+    assert layout.list_checkpoints(str(root)) == [2]

@@ -87,7 +87,7 @@ def test_export_without_a_tokenizer_is_refused(chat_round_trip, tmp_path):
         mcore_to_hf(bare, tmp_path / "out", ConvertConfig(tokenizer=str(tmp_path / "gone.json")))
     shutil.copytree(mc / "tokenizer", bare / "tokenizer")
     shutil.rmtree(bare / layout.SOURCE_DIR)
-    with pytest.raises(FileNotFoundError, match="--layout chat needs the hub.s remote code"):
+    with pytest.raises(ValueError, match="--layout chat writes the hub.s remote-code layout.*--layout hf"):
         mcore_to_hf(bare, tmp_path / "out", ConvertConfig(layout="chat"))
     assert not (tmp_path / "out").exists()
 

@@ -221,3 +221,27 @@ def test_kill_9_mid_filter_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
             if m.name.endswith(".json"):
                 judged = json.loads(tar.extractfile(m).read())
                 assert judged["judge"]["vir"] >= 3 and judged["judge"]["ita"] == "yes" and "n" in judged
+
+
+def test_slurm_array_tasks_together_equal_one_run_and_a_failed_shard_is_reported(tmp_path, capsys):
+    cross_shard_input(tmp_path / "in")
+    cfg_path = tmp_path / "f.yaml"
+    cfg_path.write_text("language: {enabled: false}\n")
+    fd = tool("filter_data")
+    base = ["--input", str(tmp_path / "in" / "*.tar"), "--config", str(cfg_path), "--quiet"]
+    assert fd.main(base + ["--output-dir", str(tmp_path / "ref")]) == 0
+    keep = ["--keep-lists", str(tmp_path / "ref" / "dedup" / "keep")]
+    for i in (0, 1):  # two array tasks: shards a, c and b
+        assert fd.main(base + keep + ["--output-dir", str(tmp_path / "arr"), "--shard-index", str(i),
+                                      "--num-shards", "2"]) == 0
+    for f in ("a.tar", "b.tar", "c.tar", "a.rejects.jsonl", "b.rejects.jsonl", "c.rejects.jsonl"):
+        assert filecmp.cmp(tmp_path / "ref" / f, tmp_path / "arr" / f, shallow=False), f
+    report = json.loads((tmp_path / "arr" / "filter_report.json").read_text())
+    assert report["samples"] == 7 and report["kept"] == 4  # merged over both tasks' shards
+    capsys.readouterr()
+    (tmp_path / "bad" / "b.tar").mkdir(parents=True)  # the final name is taken: b's rename fails
+    assert fd.main(base + keep + ["--output-dir", str(tmp_path / "bad"), "--shard-retries", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "shard b (" in err and "failed after 2 attempts" in err
+    assert (tmp_path / "bad" / "a.tar").is_file() and (tmp_path / "bad" / "c.tar").is_file()
+    assert not list((tmp_path / "bad").glob("*.tmp"))

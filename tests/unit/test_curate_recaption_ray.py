@@ -34,3 +34,26 @@ def test_ray_executor_matches_local_and_retries_failed_shards(tmp_path):
         assert ((tmp_path / "ray" / f"{name}.rejects.jsonl").read_bytes()
                 == (tmp_path / "local" / f"{name}.rejects.jsonl").read_bytes())
     assert dist["captioned"] == 6 and local["captioned"] == 9
+
+
+def test_filter_data_on_ray_matches_local(tmp_path):
+    """filter_data's signature and filter passes on Ray actors (the same executor as recaption):
+    the same shards, rejects and keep-lists as the local run."""
+    from test_curate_dedup import cross_shard_input, lists_of
+
+    from megatron_sail.curate.filters.pipeline import FilterConfig, run_filters
+
+    cross_shard_input(tmp_path / "in")
+    cfg = FilterConfig()
+    cfg.language.enabled = False
+    inputs = [str(tmp_path / "in" / "*.tar")]
+    local = run_filters(inputs, str(tmp_path / "local"), cfg)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        dist = run_filters(inputs, str(tmp_path / "ray"), cfg, executor="ray", workers=2)
+    finally:
+        ray.shutdown()
+    assert dist["kept"] == local["kept"] == 4
+    for f in ("a.tar", "b.tar", "c.tar", "a.rejects.jsonl", "b.rejects.jsonl", "c.rejects.jsonl"):
+        assert (tmp_path / "ray" / f).read_bytes() == (tmp_path / "local" / f).read_bytes(), f
+    assert lists_of(tmp_path / "ray" / "dedup" / "keep") == lists_of(tmp_path / "local" / "dedup" / "keep")

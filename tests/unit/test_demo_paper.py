@@ -108,3 +108,15 @@ def test_study_step_helpers():
     assert geometric_steps(512, 6) == [16, 32, 64, 128, 256]  # + the final step: 6 points, 1.5 decades
     assert split_steps(11, [20, 30, 30]) == [3, 4, 4] and sum(split_steps(100, [1, 1, 1])) == 100
     assert spearman([1, 2, 3, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+
+
+def test_caption_claim_from_a_sail_caption_summary(tmp_path):
+    from megatron_sail.demo.paper_report import caption
+
+    assert caption(None, str(tmp_path / "c.png")) is None
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"caption_word_f1": {"recaptioned": 66.7, "original": 53.9}, "gain": 12.8,
+                                   "gain_ci95": [9.4, 16.6], "items": 100}))
+    out = caption(str(summary), str(tmp_path / "c.png"))
+    assert out["gain"] == 12.8 and out["gain_ci95"] == [9.4, 16.6] and out["source"] == str(summary)
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -123,6 +123,21 @@ def test_prefetch_is_deterministic_and_resumable(pipe):
     assert len(rest) == 5 and all(same(a, b) for a, b in zip(rest, full[3:]))
 
 
+def test_row_stats_ride_on_their_micro_batch_also_after_resume(pipe):
+    """The loader's ``row_stats`` result is attached to the micro-batch built from the same rows
+    (the trainer's throughput metrics read it there); a batch without the hook carries zeros."""
+    data = batches()
+    source = lambda p: itertools.islice(data, p, None)  # noqa: E731
+    stats = lambda rows: (float(sum(r.num_samples for r in rows)), float(sum(len(r.images) for r in rows)))  # noqa: E731
+    with PrefetchLoader(source, pipe, depth=2, position=3, row_stats=stats) as loader:
+        got = [(mb.real_tokens, mb.flops) for mb in loader]
+    assert got == [stats(rows) for rows in data[3:]]
+    assert got[2] == (3.0, 2.0)  # micro-batch 5: samples 2 + 1, images 2 (one of them junk)
+    with PrefetchLoader(source, pipe, depth=1) as plain:
+        first = next(plain)
+    assert (first.real_tokens, first.flops) == (0.0, 0.0)
+
+
 def test_prefetch_raises_worker_errors_in_order(pipe):
     data = batches()[:2] + [[row(16, [16], []), row(20, [20], [])]]
     loader = PrefetchLoader(lambda p: iter(data[p:]), pipe, depth=2)

@@ -319,10 +319,22 @@ class Grouper:
         else:
             dist = hamming(ra["phash"], rb["phash"])
             ok = dist <= self.cfg.max_distance
+            ok[ok] = self._first_shared_band(ra[ok], rb[ok])
         out = np.zeros(int(ok.sum()), EDGE)
         out["a"], out["b"], out["kind"], out["dist"] = ra["id"][ok], rb["id"][ok], kind, dist[ok]
         out["pa"], out["pb"] = ra["pixels"][ok], rb["pixels"][ok]
         return out
+
+    def _first_shared_band(self, ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
+        """Whether each pair's record comes from the first band the two hashes share: a pair
+        that agrees on several bands meets in several partitions, and only one of them writes
+        its edge (so the edges, and memory, grow with the duplicates, not with the bands)."""
+        if not len(ra):
+            return np.zeros(0, bool)
+        ka, kb = band_keys(ra["phash"], self.band_ranges), band_keys(rb["phash"], self.band_ranges)
+        first = np.argmax(ka == kb, axis=1)  # a verified pair shares at least the band it met in
+        this = np.argmax(ka == ra["key"][:, None], axis=1)
+        return this == first
 
     # ---------------------------------------------------------------- semantic
     def _semantic(self, edges) -> int:
@@ -373,13 +385,21 @@ class Grouper:
 
     def _write_lists(self, dropped: dict) -> dict:
         """Per shard, in order: NAME.keep.txt and NAME.dropped.jsonl; returns counts by reason."""
+        # survivor names as numpy arrays (sorted ids, their shard and key), not Python strings
         surv_ids = np.unique(dropped["survivor"])
-        names: dict[int, str] = {}
         s_shard, s_row = self._locate(surv_ids)
+        surv_key = np.zeros(len(surv_ids), "S1")
         for k in np.unique(s_shard):
             keys = self._sig(self.shards[k])["keys"]
-            for i, r in zip(surv_ids[s_shard == k], s_row[s_shard == k]):
-                names[int(i)] = f"{self.shards[k]}/{keys[r].decode('ascii')}"
+            sel = s_shard == k
+            if keys.itemsize > surv_key.itemsize:
+                surv_key = surv_key.astype(keys.dtype)
+            surv_key[sel] = keys[s_row[sel]]
+
+        def survivor_name(i: int) -> str:
+            j = int(np.searchsorted(surv_ids, i))
+            return f"{self.shards[int(s_shard[j])]}/{surv_key[j].decode('ascii')}"
+
         order = np.argsort(dropped["id"], kind="stable")
         d_ids = dropped["id"][order]
         d_shard, d_row = self._locate(d_ids)
@@ -396,7 +416,7 @@ class Grouper:
                 by_reason[reason] = by_reason.get(reason, 0) + 1
                 dist = int(dropped["dist"][j])
                 lines.append(json.dumps({"key": keys[r].decode("ascii"), "reason": reason,
-                                         "survivor": names[int(dropped["survivor"][j])],
+                                         "survivor": survivor_name(int(dropped["survivor"][j])),
                                          "distance": dist if dist >= 0 else None}) + "\n")
             keep = "".join(k_.decode("ascii") + "\n" for k_ in keys[~is_dropped])
             write_atomic(os.path.join(self.cfg.output_dir, name + ".dropped.jsonl"), "".join(lines).encode())

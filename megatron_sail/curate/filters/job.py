@@ -192,26 +192,26 @@ def run_filter_job(cfg: FilterJobConfig) -> dict:
     return {**res, "report": report}
 
 
-def run_all(cfg: FilterJobConfig) -> dict:
+def run_all(cfg: FilterJobConfig) -> tuple[dict, list]:
     """Signatures -> grouping -> filtering on this machine when dedup is on and no keep-lists
-    were given; else just the filter job. Returns the run report (filter_report.json)."""
+    were given; else just the filter job. Returns (the run report: filter_report.json, the
+    shards that failed after their retries)."""
     if cfg.filters.dedup_enabled() and cfg.keep_lists is None:
         if cfg.num_shards > 1:
             raise ValueError("with --num-shards > 1 run the dedup passes first (tools/dedup.py signatures, then "
                              "group) and give their keep-lists with --keep-lists, or disable deduplication")
-        cfg = replace(cfg, keep_lists=dedup_locally(cfg))
+        keep, failed = dedup_locally(cfg)
+        if failed:
+            return {}, failed
+        cfg = replace(cfg, keep_lists=keep)
     summary = run_filter_job(cfg)
-    if summary["failed_shards"]:
-        failed = summary["failed_shards"][0]
-        raise RuntimeError(f"filter shard {failed['shard']} failed after {failed['attempts']} attempts: "
-                           f"{failed['error']}")
     with open(summary["report"], encoding="utf-8") as f:
-        return json.load(f)
+        return json.load(f), summary["failed_shards"]
 
 
-def dedup_locally(cfg: FilterJobConfig) -> str:
-    """The signature and grouping passes into OUT/dedup/; returns the keep-list folder. Finished
-    signature shards and a finished grouping are reused by a rerun."""
+def dedup_locally(cfg: FilterJobConfig) -> tuple[str, list]:
+    """The signature and grouping passes into OUT/dedup/; returns (the keep-list folder, failed
+    signature shards). Finished signature shards and a finished grouping are reused by a rerun."""
     from megatron_sail.curate.dedup.grouping import run_grouping
     from megatron_sail.curate.dedup.signatures import SignatureConfig, run_signatures
 
@@ -225,11 +225,10 @@ def dedup_locally(cfg: FilterJobConfig) -> str:
         shard_retries=cfg.shard_retries, ray_address=cfg.ray_address, ray_num_cpus=cfg.ray_num_cpus,
         gpus_per_worker=cfg.gpus_per_worker, cpus_per_worker=cfg.cpus_per_worker))
     if sig["failed_shards"]:
-        failed = sig["failed_shards"][0]
-        raise RuntimeError(f"signature shard {failed['shard']} failed: {failed['error']}")
+        return keep_dir, sig["failed_shards"]
     if not os.path.isfile(os.path.join(keep_dir, "dedup_report.json")):
         run_grouping(group_config(f, sig_dir, keep_dir, [s.name for s in specs]))
-    return keep_dir
+    return keep_dir, []
 
 
 def group_config(f: FilterConfig, sig_dir: str, keep_dir: str, expected: Optional[list] = None, **kw):

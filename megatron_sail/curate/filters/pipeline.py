@@ -215,5 +215,10 @@ def run_filters(inputs: list[str], out_dir: str, cfg: FilterConfig, max_bytes: i
     machine: the passes of filters/job.py in one call. Returns the run report (a dict)."""
     from megatron_sail.curate.filters.job import FilterJobConfig, run_all
 
-    return run_all(FilterJobConfig(inputs=list(inputs), output_dir=out_dir, filters=cfg, max_member_bytes=max_bytes,
-                                   max_sample_bytes=max_sample_bytes, progress=progress, **job))
+    report, failed = run_all(FilterJobConfig(inputs=list(inputs), output_dir=out_dir, filters=cfg,
+                                             max_member_bytes=max_bytes, max_sample_bytes=max_sample_bytes,
+                                             progress=progress, **job))
+    if failed:
+        raise RuntimeError(f"shard {failed[0]['shard']} failed after {failed[0]['attempts']} attempts: "
+                           f"{failed[0]['error']}")
+    return report

@@ -46,6 +46,11 @@ class MicroBatch:
     image_spans: list[tuple[int, int, int, int]] | None = None
     """Per image in tile order: (row, first token, end token of its sample, tiles); for the
     sample-image summaries (--log-images)."""
+    real_tokens: float = 0.0
+    """Real (non-padding) tokens of its rows, for the throughput metrics; set by the loader's
+    ``row_stats`` (collation itself does not keep the per-sample lengths)."""
+    flops: float = 0.0
+    """Model FLOPs of its rows; set with ``real_tokens``."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "MicroBatch":
         """A copy with every tensor moved to ``device``."""

@@ -29,12 +29,15 @@ class PrefetchLoader:
 
     ``source(position)`` must return the row lists starting at micro-batch ``position`` (for a
     plain iterable, ``lambda p: itertools.islice(rows(), p, None)``). Data-parallel sharding is
-    the source's business; the loader only keeps order.
+    the source's business; the loader only keeps order. ``row_stats(rows)``, if given, returns
+    (real tokens, FLOPs) of a row list; they ride on its micro-batch (``real_tokens``, ``flops``),
+    so they cannot fall out of step with it.
     """
 
     def __init__(self, source: Callable[[int], Iterable[list[PackedRow]]], pipeline: ImagePipeline,
                  depth: int = 2, position: int = 0, pin_memory: bool = False,
-                 image_token_id: int | None = None, tokens_per_tile: int = 256) -> None:
+                 image_token_id: int | None = None, tokens_per_tile: int = 256,
+                 row_stats: Callable[[list[PackedRow]], tuple[float, float]] | None = None) -> None:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self.position = position
@@ -43,6 +46,7 @@ class PrefetchLoader:
         self._pin = pin_memory
         self._image_token_id = image_token_id
         self._tokens_per_tile = tokens_per_tile
+        self._row_stats = row_stats
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._done = False
@@ -56,6 +60,8 @@ class PrefetchLoader:
             for rows in rows_iter:
                 mb = collate_rows(rows, self._pipeline, image_token_id=self._image_token_id,
                                   tokens_per_tile=self._tokens_per_tile)
+                if self._row_stats is not None:
+                    mb.real_tokens, mb.flops = self._row_stats(rows)
                 if self._pin:
                     mb = mb.pin_memory()
                 if not self._put(mb):

@@ -1,0 +1,58 @@
+"""A full disk while a checkpoint is written: one clear line instead of a chained traceback.
+
+A save that runs out of space fails deep inside whatever was writing: DCP's file writer (its
+error comes back wrapped per rank in a ``CheckpointException``), torch's zip writer for
+``torch.save`` (``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, without
+an errno), ``shutil.copytree`` for the tokenizer. ``find_no_space`` digs the ENOSPC out of any of
+them, and ``explain`` says it once, as preprocessing does (data/integrity.py ``write_error``):
+which file (or folder) was being written and how much space is left there.
+"""
+from __future__ import annotations
+
+import errno
+from typing import Iterator, Optional
+
+from megatron_sail.data.integrity import OutputWriteError, write_error
+
+
+class CheckpointNotSaved(OSError):
+    """Another rank could not write its part of a checkpoint (that rank's error says why); this
+    rank stops too, so that nothing is published and no rank waits in the next collective."""
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """``err``, its causes and contexts, and the per-rank failures a DCP CheckpointException
+    carries (``failures``: rank -> exception or wrapped traceback)."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+
+
+def find_no_space(err: BaseException) -> Optional[OSError]:
+    """The ENOSPC error inside ``err`` (itself, a cause, or a rank's failure), else None."""
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return e
+    return None
+
+
+def explain(err: BaseException, path: str) -> Optional[OutputWriteError]:
+    """"no space left on device while writing PATH (N bytes free)" for a write of ``path`` that
+    failed with ``err`` when a full disk is why (the failing file's own name when the error
+    carries one), else None."""
+    if isinstance(err, OutputWriteError) and err.errno == errno.ENOSPC:
+        return err
+    found = find_no_space(err)
+    if found is None:
+        return None
+    return write_error(str(found.filename) if found.filename else path,
+                       OSError(errno.ENOSPC, found.strerror or "No space left on device"))
