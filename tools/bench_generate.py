@@ -52,7 +52,7 @@ class BenchConfig:
 
 def build_checkpoint(cfg: BenchConfig, out: Path) -> None:
     """Random InternVL of the chosen shape + a tiny BPE tokenizer, in transformers' layout."""
-    from make_tiny_hf_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint, write_tokenizer
+    from megatron_sail.demo.tiny_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint, write_tokenizer
     from transformers import InternVLForConditionalGeneration
 
     from megatron_sail.config.model import sail_2b
