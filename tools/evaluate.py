@@ -206,7 +206,7 @@ def run(a) -> int:
             tiles = spec.max_tiles if a.max_tiles == "vlmevalkit" else base_tiles
             gen = for_tiles(tiles)
             rc = RunnerConfig(limit=a.limit, batch_size=a.batch_size,
-                              max_new_tokens=a.max_new_tokens, writer=rank0,
+                              max_new_tokens=a.max_new_tokens, writer=rank0, progress=True,
                               model_id=f"{model_path}|tiles={tiles}|tokens={a.max_new_tokens}")
             s, pred_path = run_benchmark(spec, path, gen.generate, rc, out_dir)
             results[name] = {"file": path, "predictions": pred_path, "max_tiles": tiles,

@@ -116,7 +116,7 @@ def parse_args(argv=None) -> PreprocessConfig:
         max_reject_rate=a.max_reject_rate, allow_absolute_paths=a.allow_absolute_paths,
         max_image_bytes=a.max_image_bytes, max_image_pixels=a.max_image_pixels,
         video_frames=a.video_frames, geometry=geometry, select=a.select,
-        select_min_score=a.select_min_score, select_max_score=a.select_max_score)
+        select_min_score=a.select_min_score, select_max_score=a.select_max_score, progress=True)
 
 
 def main_meta(cfg) -> int:

@@ -79,6 +79,9 @@ class PreprocessConfig:
     """How many machines share the input."""
     strict: bool = False
     """Exit 1 (and publish nothing) on any rejected sample."""
+    progress: bool = False
+    """Report records done and their rate on stderr (a bar on a terminal, a line every 30 s
+    off it); tools/preprocess_data.py turns it on, library callers stay quiet."""
     max_reject_rate: float = 0.05
     """Exit 1 (and publish nothing) when rejects / input records exceeds this."""
     allow_absolute_paths: bool = False

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from megatron_sail.progress import Progress, ProgressConfig
 from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS
 
 from megatron_sail.eval.prediction_files import canonical_index, read_predictions
@@ -38,6 +39,8 @@ class RunnerConfig:
     replicas: Optional[ReplicaShare] = None
     """Data-parallel replicas that split the requests (eval/replicas.py); None: this rank's
     replica decodes every request."""
+    progress: bool = False
+    """Report items answered, rate and ETA on stderr (the writer rank; tools/evaluate.py)."""
 
 
 def _load_cache(path: str, model_id: str) -> dict[str, dict]:
@@ -115,6 +118,8 @@ def generate_answers(spec: BenchmarkSpec, items, generate: Callable, cfg: Runner
     share = cfg.replicas
     step = cfg.batch_size * (share.size if share else 1)
     f = open(cache_path, "a", buffering=1) if cache_path and cfg.writer else None
+    bar = Progress(total=len(todo), desc=spec.name, unit="items",
+                   config=None if cfg.progress and cfg.writer else ProgressConfig(enabled=False))
     try:
         for start in range(0, len(todo), step):
             round_ = todo[start:start + step]
@@ -127,12 +132,14 @@ def generate_answers(spec: BenchmarkSpec, items, generate: Callable, cfg: Runner
             texts = [res.text for res in generate(reqs)]
             if share:  # every replica's answers, in DP rank order = the round's order
                 texts = [t for part in share.gather(texts) for t in part]
+            bar.update(len(round_))
             for (it, p), text in zip(round_, texts):
                 answers[it.index] = text
                 if f is not None:
                     f.write(json.dumps({"index": it.index, "model": cfg.model_id, "prompt": p,
                                         "raw": text}) + "\n")
     finally:
+        bar.close()
         if f is not None:
             f.close()
     return answers

@@ -208,7 +208,9 @@ class MetricsWriter:
             self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
         if self.cfg.wandb_project:
             self._wandb = _start_wandb(self.cfg, self.run_dir)
-        if self.cfg.progress_bar:
+        # Off a terminal (nohup, CI, a log file) a bar is one endless carriage-return line: the
+        # interval lines already report progress there.
+        if self.cfg.progress_bar and self.stream.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=self.cfg.total_iters, initial=self.cfg.start_iteration,

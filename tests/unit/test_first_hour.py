@@ -72,3 +72,31 @@ def test_the_tokenizer_is_recorded_so_a_run_from_another_folder_finds_it(tmp_pat
     with pytest.raises(FileNotFoundError, match=r"train\.meta\.json: the tokenizer it records "
                                                 r"\(gone/tok\.json\) is not found"):
         resolve_tokenizer_path(meta_path, "gone/tok.json")
+
+
+def test_preprocessing_detects_the_format_per_file(tmp_path, tiny_tokenizer):
+    """A glob over LLaVA and caption files read every record of the second file as a bad_sample
+    of the first one's format; each file is now read as what it is, and the log says which."""
+    from PIL import Image
+
+    from megatron_sail.config.data import PackingConfig, PreprocessConfig
+    from megatron_sail.config.images import TilingConfig
+    from megatron_sail.data.preprocess.pipeline import run
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "red.png")
+    llava = [{"image": "red.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]}] * 3
+    captions = [{"image": "red.png", "caption": "A red square."}] * 2
+    (tmp_path / "a_chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in llava))
+    (tmp_path / "b_caption.jsonl").write_text("".join(json.dumps(r) + "\n" for r in captions))
+    logs = []
+    cfg = PreprocessConfig(inputs=[str(tmp_path / "*.jsonl")], output_prefix=str(tmp_path / "out"),
+                           tokenizer=tiny_tokenizer, tiling=TilingConfig(32, 1, 4, True, 4),
+                           packing=PackingConfig(seq_length=256, packing_buffer=8, seed=7))
+    code, summary = run(cfg, log=logs.append)
+    assert code == 0, summary
+    assert summary["samples"] == 5 and summary["rejects"] == {}
+    assert f"format caption: 1 file(s): {tmp_path / 'b_caption.jsonl'}" in logs
+    assert f"format llava: 1 file(s): {tmp_path / 'a_chat.jsonl'}" in logs
+    meta = json.loads((tmp_path / "out.meta.json").read_text())
+    assert meta["input_format"] == "caption+llava"

@@ -17,8 +17,15 @@ def _stats(i, loss, skipped=False, decode_failures=0):
     )
 
 
-def _run(tmp_path, steps, cfg, rank=0, log_interval=2):
-    out = io.StringIO()
+class _Terminal(io.StringIO):
+    """A captured stream that says it is a terminal (where the progress bar is drawn)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _run(tmp_path, steps, cfg, rank=0, log_interval=2, terminal=False):
+    out = _Terminal() if terminal else io.StringIO()
     with MetricsWriter(tmp_path / "run", tmp_path / "tb", log_interval, rank, cfg, stream=out) as w:
         for i, loss in steps:
             w.log_step(_stats(i, loss, skipped=math.isnan(loss), decode_failures=int(i == 2)))
@@ -105,8 +112,16 @@ def test_resume_drops_lines_after_checkpoint(tmp_path):
 
 
 def test_progress_bar(tmp_path):
-    out = _run(tmp_path, [(1, 4.0), (2, 3.0)], MetricsConfig(total_iters=2, progress_bar=True))
+    out = _run(tmp_path, [(1, 4.0), (2, 3.0)], MetricsConfig(total_iters=2, progress_bar=True),
+               terminal=True)
     assert "2/2" in out and "step 2/2" in out
+
+
+def test_progress_bar_off_a_terminal_is_the_interval_lines_only(tmp_path):
+    """Under nohup or CI the bar would be one carriage-return line growing for hours."""
+    out = _run(tmp_path, [(1, 4.0), (2, 3.0)], MetricsConfig(total_iters=2, progress_bar=True))
+    assert "\r" not in out and "it/s" not in out and "step/s" not in out
+    assert "loss (mean of 2 steps) 3.5000" in out
 
 
 def test_stopwatch():
@@ -183,6 +198,7 @@ def test_validation_of_an_init_from_checkpoint_names_the_checkpoint(tmp_path):
 
 def test_progress_bar_labels_its_loss_as_this_steps(tmp_path):
     """The bar shows the step's own loss, the log line the interval mean; each says which."""
-    out = _run(tmp_path, [(1, 4.0), (2, 2.0)], MetricsConfig(total_iters=2, progress_bar=True))
+    out = _run(tmp_path, [(1, 4.0), (2, 2.0)], MetricsConfig(total_iters=2, progress_bar=True),
+               terminal=True)
     assert "loss (this step) 2.0000" in out
     assert "loss (mean of 2 steps) 3.0000" in out

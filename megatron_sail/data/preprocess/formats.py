@@ -15,7 +15,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, Optional, Union
 
 from megatron_sail.config.data import DEFAULT_MAX_IMAGE_BYTES, TemplateConfig
 from megatron_sail.data.preprocess.formats_messages import messages_conversation
@@ -218,12 +218,37 @@ def _iter_tar(path: str, base_dir: str, access: ImageAccess) -> Iterator[RawReco
         yield RawRecord(path, current, members, base_dir, error, access)
 
 
-def iter_records(files: list[str], fmt: str, image_root: Optional[str],
+FileFormats = Union[str, Mapping[str, str]]
+"""One format for every input file, or each file's own (a glob may mix formats)."""
+
+
+def format_of(fmt: FileFormats, path: str) -> str:
+    """The format of ``path`` under ``fmt``."""
+    return fmt if isinstance(fmt, str) else fmt[path]
+
+
+def detect_formats(files: list[str], forced: Optional[str] = None) -> dict[str, str]:
+    """Each file's format: ``forced`` (--format) for all, else detected per file, so a glob over
+    LLaVA and caption files reads each as what it is."""
+    return {path: forced or detect_format(path) for path in files}
+
+
+def describe_formats(formats: Mapping[str, str], shown: int = 3) -> list[str]:
+    """One line per format: how many files, and the first few of them (the run log)."""
+    by_format: dict[str, list[str]] = {}
+    for path, fmt in formats.items():
+        by_format.setdefault(fmt, []).append(path)
+    return [f"format {fmt}: {len(paths)} file(s): {', '.join(paths[:shown])}"
+            + (f", ... ({len(paths) - shown} more)" if len(paths) > shown else "")
+            for fmt, paths in sorted(by_format.items())]
+
+
+def iter_records(files: list[str], fmt: FileFormats, image_root: Optional[str],
                  access: ImageAccess = ImageAccess()) -> Iterator[RawRecord]:
-    """All raw records of all files, in order."""
+    """All raw records of all files, in order (``fmt``: one format or each file's)."""
     for path in files:
         base = image_root or os.path.dirname(os.path.abspath(path))
-        if fmt == "webdataset":
+        if format_of(fmt, path) == "webdataset":
             yield from _iter_tar(path, base, access)
         else:
             yield from _iter_json_file(path, base, access)
@@ -358,9 +383,10 @@ def caption_turns(caption: object, index: int, cfg: TemplateConfig, seed: int) -
     return [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption.strip()}]
 
 
-def to_conversation(rec: RawRecord, fmt: str, index: int, cfg: TemplateConfig,
+def to_conversation(rec: RawRecord, fmt: FileFormats, index: int, cfg: TemplateConfig,
                     seed: int) -> tuple[list[dict], list[bytes]]:
     """Parse one raw record into (LLaVA turns, image bytes in placeholder order)."""
+    fmt = format_of(fmt, rec.source)
     if rec.error:
         reason, _, detail = rec.error.partition(": ")
         raise SampleError(reason, detail)

@@ -20,12 +20,14 @@ from typing import Callable, Iterator, Optional
 from megatron_sail.config.data import PreprocessConfig
 from megatron_sail.data import indexed
 from megatron_sail.data.preprocess.block_pool import PoolConfig, maybe_kill_self, ordered_map
-from megatron_sail.data.preprocess.formats import (FORMATS, ImageAccess, RawRecord, detect_format, expand_inputs,
-                                       iter_records, reread_image, to_conversation)
+from megatron_sail.data.preprocess.formats import (FORMATS, FileFormats, ImageAccess, RawRecord, describe_formats,
+                                                   detect_formats, expand_inputs,
+                                                   iter_records, reread_image, to_conversation)
 from megatron_sail.data.images.imageinfo import clean_message, image_info
 from megatron_sail.data.preprocess.packing import ImageEntry, Sample, pack_block
 from megatron_sail.data.preprocess.selection import Selection, filter_records, load_selection
 from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
+from megatron_sail.progress import Progress, ProgressConfig
 from megatron_sail.config.images import TilingConfig
 from megatron_sail.data.tiling import find_grid, num_tiles
 from megatron_sail.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
@@ -49,7 +51,7 @@ class BlockResult:
 class SampleBuilder:
     """Turns raw records into tokenized samples (one per worker process)."""
 
-    def __init__(self, cfg: PreprocessConfig, fmt: str, tokenizer: Optional[Tokenizer] = None):
+    def __init__(self, cfg: PreprocessConfig, fmt: FileFormats, tokenizer: Optional[Tokenizer] = None):
         self.cfg = cfg
         self.fmt = fmt
         self.tok = tokenizer or load_tokenizer(cfg.tokenizer)
@@ -135,7 +137,7 @@ DETACH_MIN_BYTES = 64 << 10
 _WORKER: Optional[SampleBuilder] = None
 
 
-def _init_worker(cfg: PreprocessConfig, fmt: str) -> None:
+def _init_worker(cfg: PreprocessConfig, fmt: FileFormats) -> None:
     global _WORKER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER = SampleBuilder(cfg, fmt)
@@ -161,7 +163,7 @@ def attach_images(res: BlockResult, records: list[tuple[int, RawRecord]]) -> Blo
     return res
 
 
-def iter_blocks(cfg: PreprocessConfig, files: list[str], fmt: str,
+def iter_blocks(cfg: PreprocessConfig, files: list[str], fmt: FileFormats,
                 select_counts: Optional[dict] = None) -> Iterator[tuple[int, list]]:
     """(block id, [(record index, record)]) of this shard's blocks, in input order.
     ``select_counts``: filled with the records --select kept and skipped."""
@@ -179,7 +181,7 @@ def iter_blocks(cfg: PreprocessConfig, files: list[str], fmt: str,
             yield block, [(block * size + k, r) for k, r in enumerate(chunk)]
 
 
-def map_blocks(cfg: PreprocessConfig, fmt: str, blocks: Iterator, builder: SampleBuilder,
+def map_blocks(cfg: PreprocessConfig, fmt: FileFormats, blocks: Iterator, builder: SampleBuilder,
                log: Callable[[str], None] = print) -> Iterator[BlockResult]:
     """Results in block order; at most 2 x workers blocks in flight (bounded memory). A worker
     killed from outside costs one retry of its blocks, a second death a WorkerDied error
@@ -201,7 +203,7 @@ def recorded_tokenizer_path(path: str) -> str:
     return os.path.abspath(path) if os.path.exists(path) else path
 
 
-def build_meta(cfg: PreprocessConfig, fmt: str, tok: Tokenizer, writer: indexed.PackedWriter,
+def build_meta(cfg: PreprocessConfig, fmt: FileFormats, tok: Tokenizer, writer: indexed.PackedWriter,
                records: int, rejects: Counter, shard: tuple[int, int]) -> dict:
     """meta.json content: everything the trainer and inspect need, nothing run-specific."""
     sp = tok.special
@@ -211,7 +213,7 @@ def build_meta(cfg: PreprocessConfig, fmt: str, tok: Tokenizer, writer: indexed.
         "format": indexed.FORMAT_NAME,
         "version": indexed.FORMAT_VERSION,
         "seq_length": seq,
-        "input_format": fmt,
+        "input_format": fmt if isinstance(fmt, str) else "+".join(sorted(set(fmt.values()))),
         "tokenizer": {
             "path": recorded_tokenizer_path(cfg.tokenizer), "vocab_size": tok.vocab_size, "added": list(tok.added),
             "identity": tokenizer_identity(tok),
@@ -249,16 +251,21 @@ def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int,
         raise ValueError(f"tiling of {t.tile_size} px / {t.tokens_per_tile} tokens per tile "
                          f"contradicts the recorded geometry {g}")
     files = expand_inputs(cfg.inputs)
-    fmt = cfg.format or detect_format(files[0])
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if cfg.format is not None and cfg.format not in FORMATS:
+        raise ValueError(f"unknown format {cfg.format!r}; expected one of {FORMATS}")
+    fmt = detect_formats(files, cfg.format)
+    for line in describe_formats(fmt):
+        log(line)
     tok = load_tokenizer(cfg.tokenizer, log=log)
     builder = SampleBuilder(cfg, fmt, tok)
     records, rejects = 0, Counter()
     with indexed.PackedWriter(cfg.output_prefix) as writer:
         start = time.perf_counter()  # after the writer's one-off megatron.core import
         selected: dict = {}
+        bar = Progress(desc="preprocess", unit="records",
+                       config=None if cfg.progress else ProgressConfig(enabled=False))
         for res in map_blocks(cfg, fmt, iter_blocks(cfg, files, fmt, selected), builder, log):
+            bar.update(res.records)
             for row in res.rows:
                 writer.add_row(row, tok.special.img_context)
             for rej in res.rejects:
@@ -266,6 +273,7 @@ def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int,
                 rejects[rej[2]] += 1
             records += res.records
             writer.end_block(res.block)
+        bar.close()
         meta = build_meta(cfg, fmt, tok, writer, records, rejects, (cfg.shard_index, cfg.num_shards))
         n_rej = sum(rejects.values())
         rate = n_rej / records if records else 0.0
