@@ -17,7 +17,7 @@ def load_record(path: str, tiling: TilingConfig) -> ImageRecord:
         with Image.open(path) as img:
             width, height = img.size
     except (UnidentifiedImageError, OSError) as e:
-        raise SystemExit(f"{path}: not a readable image ({e})")
+        raise SystemExit(f"{path}: not a readable image ({e})") from e
     grid = find_grid(width, height, tiling)
     return ImageRecord(data=data, grid=grid, thumbnail=tiling.thumbnail, size=(width, height),
                        sample=0, source=f"{path}:0")
