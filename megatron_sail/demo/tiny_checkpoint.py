@@ -15,7 +15,7 @@ import torch
 from megatron_sail.convert import hf_io, internvl_chat
 
 
-@dataclass
+@dataclass(frozen=True)
 class TinyCheckpointConfig:
     """Shape and format of the generated checkpoint."""
 

@@ -23,7 +23,7 @@ PARTS = ("internvit", "aimv2", "siglip", "qwen2", "qwen3", "qwen3_moe")
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TinyPartConfig:
     """Shape of the generated part (defaults: the tiny recipe's)."""
 
