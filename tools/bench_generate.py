@@ -65,6 +65,7 @@ class BenchConfig:
     """Timed generations per process; each process reports its fastest (least disturbed)."""
 
 
+<<<<<<< HEAD
 # ------------------------------------------------------------------ building (own process)
 def vl_05b_config(image_token: int):
     """Our ModelConfig of the 0.5B-LM model: Qwen2.5-0.5B LM, small InternViT at 448 px."""
@@ -85,6 +86,12 @@ def build(shape: str, out: Path) -> None:
 
     sys.path.insert(0, str(TOOLS))
     from make_tiny_hf_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint, write_tokenizer
+=======
+def build_checkpoint(cfg: BenchConfig, out: Path) -> None:
+    """Random InternVL of the chosen shape + a tiny BPE tokenizer, in transformers' layout."""
+    from megatron_sail.demo.tiny_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint, write_tokenizer
+    from transformers import InternVLForConditionalGeneration
+>>>>>>> plumb
 
     hf = out / "hf"
     if shape == "tiny":

@@ -11,18 +11,15 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import sys
 import time
 
 import torch
 
 from megatron_sail.config.images import ImageConfig, TilingConfig
 from megatron_sail.data.images import build_image_pipeline
+from megatron_sail.data.images.files import load_record
 from megatron_sail.data.images.synthetic import synthetic_jpeg
 from megatron_sail import cli
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from render_tiles import load_record  # noqa: E402
 
 EXTENSIONS = ("*.jpg", "*.jpeg", "*.png", "*.JPG", "*.JPEG", "*.PNG")
 

@@ -12,13 +12,11 @@ import argparse
 import os
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from megatron_sail.config.images import ImageConfig, TilingConfig
 from megatron_sail.data.images import build_image_pipeline
-from megatron_sail.data.records import ImageRecord
-from megatron_sail.data.tiling import find_grid
 from megatron_sail import cli
+from megatron_sail.data.images.files import load_record
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,20 +29,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tile side in pixels (default: %(default)s)")
     p.add_argument("--out", required=True, help="output .npy path")
     return p.parse_args(argv)
-
-
-def load_record(path: str, tiling: TilingConfig) -> ImageRecord:
-    """Read the file and pick its grid from the header's size; a non-image file is a clear error."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise SystemExit(f"{path}: not a readable image ({e})")
-    grid = find_grid(width, height, tiling)
-    return ImageRecord(data=data, grid=grid, thumbnail=tiling.thumbnail, size=(width, height),
-                       sample=0, source=f"{path}:0")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,6 @@ of data/preprocess/formats.py are reused: images are read inside the image root 
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -15,10 +14,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS
 from megatron_sail.data.preprocess import formats
 from megatron_sail.data.preprocess.formats import IMAGE_EXTS, ImageAccess
-from megatron_sail.data.images.imageinfo import clean_message
 from megatron_sail.data.preprocess.media_refs import image_field
 from megatron_sail.data.template import SampleError
 
@@ -264,20 +261,6 @@ def _ext_of(ref, data: bytes) -> str:
     if head[:3] == b"GIF":
         return "gif"
     return "jpg"
-
-
-def check_decodable(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Optional[str]:
-    """None when PIL decodes the image fully, else why not (an ``undecodable_image`` reject)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.size[0] * im.size[1] > max_pixels:
-                return f"{im.size[0]}x{im.size[1]} pixels > {max_pixels}"
-            im.load()
-        return None
-    except Exception as e:  # noqa: BLE001 - any decoder failure is the same reject
-        return clean_message(f"{type(e).__name__}: {e}")
 
 
 def dump_json(obj) -> bytes:

@@ -9,7 +9,8 @@ from typing import Callable, Iterator, Optional
 from megatron_sail.curate.backends import BackendConfig, make_backend
 from megatron_sail.curate.caption import CaptionStage
 from megatron_sail.curate.prompts import PromptBank, PromptBankConfig
-from megatron_sail.curate.reader import ReaderConfig, ReadStage, Sample, ShardSpec, check_decodable
+from megatron_sail.curate.reader import ReaderConfig, ReadStage, Sample, ShardSpec
+from megatron_sail.data.images.imageinfo import check_decodable
 from megatron_sail.curate.writer import ShardWriter
 
 

@@ -71,7 +71,7 @@ def image_problem(item, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
     """Why an item's images cannot be fed to the model ('' when they can): the reader's reason,
     or the first image that is missing, undecodable or over the pixel limit (checked before the
     pixels are decoded)."""
-    from megatron_sail.curate.reader import check_decodable
+    from megatron_sail.data.images.imageinfo import check_decodable
 
     if item.problem:
         return item.problem

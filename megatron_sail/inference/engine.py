@@ -102,8 +102,12 @@ class Generator:
         rows = self._padded(n)
         lens = [len(p.ids) for p in prompts]
         budgets = [max(0, p.max_new_tokens) for p in prompts]
+<<<<<<< HEAD
         max_len = max(l + b for l, b in zip(lens, budgets)) + 1
         cache = KVCache(rows, max_len, self._rope_table(max_len))
+=======
+        cache = KVCache(rows, max(n + b for n, b in zip(lens, budgets)) + 1)
+>>>>>>> plumb
         outs: list[list[int]] = [[] for _ in prompts]
         reasons = ["length" if b == 0 else "" for b in budgets]
         with cached_attention(self.lms, cache):

@@ -24,7 +24,7 @@ Qwen3-MoE in the InternVL-chat layout, and AIMv2 + Qwen3-MoE in SAIL-VL2's 'sail
 def make_checkpoints(root: Path) -> dict:
     """Tiny random checkpoints (with a BPE tokenizer): Qwen2 in both HF layouts, the FAMILIES
     folders, and test images."""
-    from make_tiny_hf_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint
+    from megatron_sail.demo.tiny_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint
     from PIL import Image
 
     paths = {
@@ -135,7 +135,7 @@ def _composed_reference(hf, prompts, stop_ids, min_new_tokens: int = 0) -> list[
     (with inputs_embeds alone, ``generate`` returns only the new tokens)."""
     import torch
 
-    from compare_logits import composed_reference
+    from megatron_sail.bench.compare_logits import composed_reference
 
     embed, lm = composed_reference(hf, torch.float32, torch.device("cpu"))
     out = []

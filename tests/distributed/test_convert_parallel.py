@@ -21,8 +21,7 @@ def _our_logits_on_ranks(rank: int, mcore_dir: str, hf_dir: str, layout: dict):
     return the logits on rank 0."""
     import argparse
 
-    import compare_logits as cl
-
+    from megatron_sail.bench import compare_logits as cl
     from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.checkpoint.layout import read_model_config
     from megatron_sail.convert.checkpoint import build_model_chunks
@@ -51,7 +50,7 @@ def conversions(tmp_path_factory):
     <IMG_CONTEXT> id from tokenizer.json) and their conversions, in one subprocess: "qwen2" with
     3 LM layers (PP=2 splits unevenly), "qwen3_moe" (4 experts, top-2)."""
     root = tmp_path_factory.mktemp("conv")
-    import make_tiny_hf_checkpoint as tiny
+    from megatron_sail.demo import tiny_checkpoint as tiny
 
     out, calls = {}, []
     for family, layers in (("qwen2", 3), ("qwen3_moe", 2)):

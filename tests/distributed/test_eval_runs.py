@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
 
 
 def test_training_logs_benchmark_scores(trained):
-    recs = [json.loads(l) for l in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
     bench = [r for r in recs if "benchmarks/pope" in r]
     assert [r["iteration"] for r in bench] == [1, 2, 4]  # --eval-benchmark-at 1, every 2
     steps = {r["iteration"]: r for r in recs if "lm_loss" in r}
@@ -74,8 +74,8 @@ def test_evaluate_matches_training_resumes_and_rescores(trained):
         m = re.fullmatch(rf"benchmark={name} score=(\S+) n={LIMIT}", line)
         assert m, line
         scores[name] = float(m.group(1))
-    final = [json.loads(l) for l in (trained["run"] / "metrics.jsonl").read_text().splitlines()
-             if '"benchmarks/pope"' in l][-1]
+    final = [json.loads(line) for line in (trained["run"] / "metrics.jsonl").read_text().splitlines()
+             if '"benchmarks/pope"' in line][-1]
     hook_dir = trained["run"] / "benchmarks" / f"iter_{STEPS:07d}"
     for name in SETS:   # same weights, same greedy answers, same scores as the in-training hook
         assert _predictions(out / f"{name}_predictions.tsv") == \
@@ -112,7 +112,7 @@ def test_quickstart_benchmark_step(trained):
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     chance = json.loads((out / "chance.json").read_text())
     for name in SETS:
-        row = next(l for l in text.splitlines() if l.startswith(f"[eval] {name} "))
+        row = next(line for line in text.splitlines() if line.startswith(f"[eval] {name} "))
         assert f"chance {chance[name]['chance']:8.2f}" in row
         assert re.search(rf"^benchmark={name} score=\S+ n=6$", text, re.M)
     assert (proc.returncode == 1) == ("NOT clearly above chance" in text)
@@ -135,8 +135,8 @@ def test_hook_under_tensor_parallel(trained, tmp_path):
           "--eval-interval", "0", "--data-path", data, "--run-dir", str(run), "--save",
           str(run / "ckpt"), "--tensor-model-parallel-size", "2", *flags,
           "--eval-benchmark-limit", "3"])
-    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()
-            if '"benchmarks/pope"' in l]
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+            if '"benchmarks/pope"' in line]
     assert len(recs) == 1 and recs[0]["iteration"] == 2
     assert recs[0]["benchmarks_n/pope"] == recs[0]["benchmarks_n/mcq"] == 3
     assert len(_predictions(run / "benchmarks" / "iter_0000002" / "mcq_predictions.tsv")) == 3
@@ -159,10 +159,10 @@ def test_hook_splits_requests_over_data_parallel_replicas(trained, tmp_path):
           "--global-batch-size", "2", "--micro-batch-size", "1", "--seq-length", "256",
           "--eval-interval", "0", "--data-path", data, "--run-dir", str(run),
           "--load", str(trained["run"] / "ckpt"), *flags, "--eval-benchmark-limit", str(LIMIT)])
-    rec = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()
-           if '"benchmarks/pope"' in l]
-    single = [json.loads(l) for l in (trained["run"] / "metrics.jsonl").read_text().splitlines()
-              if '"benchmarks/pope"' in l][-1]
+    rec = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+           if '"benchmarks/pope"' in line]
+    single = [json.loads(line) for line in (trained["run"] / "metrics.jsonl").read_text().splitlines()
+              if '"benchmarks/pope"' in line][-1]
     assert len(rec) == 1 and rec[0]["iteration"] == single["iteration"] == STEPS
     hook_dir = trained["run"] / "benchmarks" / f"iter_{STEPS:07d}"
     dp_dir = run / "benchmarks" / f"iter_{STEPS:07d}"
@@ -172,5 +172,5 @@ def test_hook_splits_requests_over_data_parallel_replicas(trained, tmp_path):
         assert rec[0][f"benchmarks/{name}"] == single[f"benchmarks/{name}"]
         assert _predictions(dp_dir / f"{name}_predictions.tsv") == \
             _predictions(hook_dir / f"{name}_predictions.tsv")
-        order = lambda p: [json.loads(l)["index"] for l in p.read_text().splitlines()]  # noqa: E731
+        order = lambda p: [json.loads(line)["index"] for line in p.read_text().splitlines()]  # noqa: E731
         assert order(dp_dir / f"{name}_cache.jsonl") == order(hook_dir / f"{name}_cache.jsonl")

@@ -42,7 +42,7 @@ def train(data, run_dir, nproc=1, extra=(), expect_rc=0, init=None):
                      "--init-from", init or data["init"]] + list(extra)
     proc = subprocess.run(_cmd(nproc, args), cwd=ROOT, env=subprocess_env(), capture_output=True,
                           text=True, timeout=300)
-    log = [l for l in (proc.stdout + proc.stderr).splitlines() if "RNG state" not in l]
+    log = [line for line in (proc.stdout + proc.stderr).splitlines() if "RNG state" not in line]
     assert proc.returncode == expect_rc, "\n".join(log[-60:])
     return losses(run_dir)
 

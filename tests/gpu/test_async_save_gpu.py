@@ -35,8 +35,8 @@ def test_async_saved_checkpoint_resumes_on_gpu(data, tmp_path):
     first, out = _train(data, tmp_path / "run", ["--init-from", str(init), "--save", str(ck),
                                                  "--save-interval", "3", "--exit-interval",
                                                  "10", "--async-save"])
-    done = [int(l.rsplit(" ", 1)[1]) for l in out.splitlines()
-            if l.startswith("[checkpoint]") and " complete " in l]
+    done = [int(line.rsplit(" ", 1)[1]) for line in out.splitlines()
+            if line.startswith("[checkpoint]") and " complete " in line]
     assert done == [3, 6, 9, 10] and (ck / "latest").read_text().strip() == "10"
     resumed, _ = _train(data, tmp_path / "run", ["--load", str(ck), "--save", str(ck)])
     assert sorted(resumed) == list(range(1, 15))

@@ -59,7 +59,7 @@ def read_output(tar_path: str) -> dict[str, dict[str, bytes]]:
 
 def tiny_checkpoint(root: Path, layout: str = "hf") -> str:
     """A tiny random InternVL with a BPE tokenizer (tools/make_tiny_hf_checkpoint.py)."""
-    from make_tiny_hf_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint
+    from megatron_sail.demo.tiny_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint
 
     return str(make_tiny_checkpoint(root, TinyCheckpointConfig(layout=layout, vocab_size=300, tokenizer=True, seed=3)))
 

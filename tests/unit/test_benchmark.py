@@ -4,12 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import benchmark as bench
 import pytest
 import torch
-from hf_reference import restarting_positions  # what transformers gets for packed rows
 from testkit import ROOT, subprocess_env
 
+from megatron_sail.bench import training_step as bench
+from megatron_sail.bench.hf_reference import restarting_positions  # what transformers gets for packed rows
 from megatron_sail.config.model import tiny
 from megatron_sail.training import flops as F
 

@@ -165,7 +165,7 @@ def _errors(root: Path, parts: dict) -> dict:
 def run_all(root: str) -> None:
     """Subprocess body: write the parts, compose every case, measure, dump report.json."""
     import convert_checkpoint as c
-    import make_tiny_hf_parts as parts_tool
+    from megatron_sail.demo import tiny_parts as parts_tool
     from safetensors.torch import save_file
 
     root = Path(root)
@@ -281,7 +281,7 @@ def test_other_vision_spellings_read_to_the_same_tensors(tmp_path):
     """transformers Aimv2Model (vision_config + a text tower), Apple's remote-code AIMv2 (flat
     config, original names) and transformers InternVLVisionModel folders read into exactly the
     tensors the family maps expect, without the Megatron model (in-process, ~1 s)."""
-    import make_tiny_hf_parts as parts_tool
+    from megatron_sail.demo import tiny_parts as parts_tool
     from safetensors.torch import save_file
     from transformers import (Aimv2Config, Aimv2Model, InternVLVisionConfig, InternVLVisionModel)
 

@@ -3,13 +3,12 @@ import json
 import os
 import stat
 
-import compare_logits
-import make_tiny_hf_checkpoint as tiny
 import pytest
 import torch
 
+from megatron_sail.bench import compare_logits
 from megatron_sail.convert import hf_io, internvl_chat
-
+from megatron_sail.demo import tiny_checkpoint as tiny
 
 
 @pytest.fixture(scope="module")

@@ -113,12 +113,12 @@ def test_ifd_equals_the_losses_by_hand_with_transformers(tiny, tmp_path):
     assert score_complexity.main(args) == 0
     recs = sidecar.read_scores(str(out))
     assert [r["key"] for r in recs] == ["line 1", "line 2", "line 3"]
-    rows = [json.loads(l) for l in tiny["data"].read_text().splitlines()[:3]]
+    rows = [json.loads(line) for line in tiny["data"].read_text().splitlines()[:3]]
     for rec, (ce_c, ce_a) in zip(recs, _by_hand(tiny["ckpt"], rows, tiny["data"].parent)):
         assert rec["ce_conditioned"] == pytest.approx(ce_c, abs=1e-4)
         assert rec["ce_answer_only"] == pytest.approx(ce_a, abs=1e-4)
         assert rec["score"] == pytest.approx(math.exp(ce_c - ce_a), rel=1e-4)
-    rejects = [json.loads(l) for f in out.glob("*.rejects.jsonl") for l in f.read_text().splitlines()]
+    rejects = [json.loads(line) for f in out.glob("*.rejects.jsonl") for line in f.read_text().splitlines()]
     assert [(r["key"], r["reason"]) for r in rejects] == [("line 4", "invalid_json")]
     # a rerun skips both finished shards; a lost shard is scored again, the same
     (next(out.glob("*-00001.scores.jsonl"))).unlink()
@@ -170,8 +170,8 @@ def test_heuristic_tool_sidecar_and_judge_parsing(tiny, tmp_path):
     assert score_complexity.main(["--input", str(tiny["data"]), "--method", "judge", "--model", tiny["ckpt"],
                                   "--backend", "megatron", "--output-dir", str(jd)]) == 0
     rated = {r["key"]: r["score"] for r in sidecar.read_scores(str(jd))}
-    rejected = {json.loads(l)["key"]: json.loads(l)["reason"] for f in jd.glob("*.rejects.jsonl")
-                for l in f.read_text().splitlines()}
+    rejected = {json.loads(line)["key"]: json.loads(line)["reason"] for f in jd.glob("*.rejects.jsonl")
+                for line in f.read_text().splitlines()}
     assert rejected.pop("line 3") == "no_image" and rejected.pop("line 4") == "invalid_json"
     assert set(rated) | set(rejected) == {"line 1", "line 2"} and not set(rated) & set(rejected)
     assert all(v in (1, 2, 3, 4, 5) for v in rated.values())

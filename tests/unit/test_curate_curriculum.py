@@ -44,7 +44,7 @@ def test_split_orders_and_replay(tmp_path):
                       PlanPaths(str(tmp_path / "lists"), str(tmp_path / "packed"), ["/d/a.jsonl"], "--seq-length 256"))
     s1, s2, s3 = plan["stages"]
     assert (s1["replayed"], s2["replayed"], s3["replayed"]) == (0, 2, 2)
-    rep = [json.loads(l) for l in Path(s3["lists"]["replay"]).read_text().splitlines()]
+    rep = [json.loads(line) for line in Path(s3["lists"]["replay"]).read_text().splitlines()]
     assert all(r["score"] < 8 for r in rep)  # replayed from stages 1-2 only
     assert s2["blend"] == f"0.666667 {tmp_path}/packed/stage2 0.333333 {tmp_path}/packed/stage2_replay"
     assert [s["iters"] for s in plan["stages"]] == stage_iters(plan, 100) and sum(stage_iters(plan, 100)) == 100

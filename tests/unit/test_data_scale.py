@@ -5,6 +5,7 @@ import bench_data_scale
 import numpy as np
 import pytest
 
+from megatron_sail.bench import data_scale
 from megatron_sail.data.loading.dataset import BlendedDataset, PackedDataset
 from megatron_sail.training.loop import BatchPlan
 
@@ -23,12 +24,12 @@ def test_one_microbatch_equals_the_full_listing_and_ranks_partition_the_batch():
 
 def test_directly_written_text_dataset_reads_back(tmp_path):
     prefix = str(tmp_path / "src")
-    bench_data_scale.write_text_dataset(prefix, rows=3000, tokens_per_row=5, seq_length=16, source=2)
+    data_scale.write_text_dataset(prefix, rows=3000, tokens_per_row=5, seq_length=16, source=2)
     ds = PackedDataset(prefix)
     assert len(ds) == 3000 and ds.seq_length == 16
     for i in (0, 1234, 2999):
         row = ds[i]
-        want = 10 + (2 * 131 + i + np.arange(5)) % (bench_data_scale.VOCAB - 10)
+        want = 10 + (2 * 131 + i + np.arange(5)) % (data_scale.VOCAB - 10)
         assert np.array_equal(row.tokens[:5], want) and (row.tokens[5:] == 0).all()
         assert row.loss_mask[:5].tolist() == [1, 1, 1, 1, 0] and row.images == []
         assert row.cu_seqlens.tolist() == [0, 5, 16]
@@ -111,7 +112,7 @@ def test_structure_check_in_chunks_names_the_damaged_entry(tmp_path, monkeypatch
 
     monkeypatch.setattr(integrity, "STRUCTURE_CHUNK", 256)
     prefix = str(tmp_path / "src")
-    bench_data_scale.write_text_dataset(prefix, rows=3000, tokens_per_row=5, seq_length=16, source=0)
+    data_scale.write_text_dataset(prefix, rows=3000, tokens_per_row=5, seq_length=16, source=0)
     assert len(PackedDataset(prefix, verify="full")) == 3000
     idx = tmp_path / "src.tokens.idx"
     clean = idx.read_bytes()
@@ -145,7 +146,7 @@ def test_cheap_load_reads_a_bounded_sample_and_still_names_the_damage(tmp_path, 
     n, k = 3000, 256
     monkeypatch.setattr(integrity, "CHEAP_SAMPLE", k)
     prefix = str(tmp_path / "src")
-    bench_data_scale.write_text_dataset(prefix, rows=n, tokens_per_row=5, seq_length=16, source=0)
+    data_scale.write_text_dataset(prefix, rows=n, tokens_per_row=5, seq_length=16, source=0)
     idx = tmp_path / "src.tokens.idx"
     clean = idx.read_bytes()
 

@@ -59,12 +59,12 @@ def test_level_sets_and_pool(tmp_path):
 
     info = graded.write_level_benchmarks(str(tmp_path / "b"), graded.GradedConfig(bench_items=12, seed=3))
     assert list(info) == ["vqa@level1", "vqa@level2", "vqa@level3"]
-    for name, v in info.items():
+    for v in info.values():
         items = read_items(v["path"])
         assert len(items) == 12 and all(len(it.images) == 1 for it in items)
         assert 0 < v["chance"] < 100
     pool = graded.write_pool(str(tmp_path / "p"), graded.GradedConfig(samples_per_level=5, seed=3))
-    rows = [json.loads(l) for l in open(pool["path"])]
+    rows = [json.loads(line) for line in open(pool["path"])]
     assert sorted(r["level"] for r in rows) == [1] * 5 + [2] * 5 + [3] * 5
     assert rows[0]["conversations"][0]["value"].endswith("\nAnswer the question using a single word or phrase.")
 

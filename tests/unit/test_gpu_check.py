@@ -5,10 +5,11 @@ import os
 import subprocess
 import sys
 
-import gpu_check
 import pytest
 import torch
 from testkit import ROOT
+
+from megatron_sail.bench import gpu_check
 
 CHECKS = ["gpu_tests", "logits_bf16", "trainer_bf16", "trainer_fp8", "dali_gpu", "compare_hf",
           "fp8_speed"]

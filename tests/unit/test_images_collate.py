@@ -30,7 +30,7 @@ def row(n: int, lengths: list[int], images: list[ImageRecord], seed: int = 0) ->
     rng = np.random.default_rng(seed)
     tokens = rng.integers(1000, 2000, n)
     cu = np.concatenate([[0], np.cumsum(lengths)])
-    for s, (a, b) in enumerate(zip(cu, cu[1:])):
+    for s, a in enumerate(cu[:-1]):
         k = sum(img.num_tiles for img in images if img.sample == s) * 4
         tokens[a + 1:a + 1 + k] = IMG
     if cu[-1] < n:

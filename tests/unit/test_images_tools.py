@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import render_tiles as render
 
-from megatron_sail.config.images import ImageConfig
+from megatron_sail.config.images import ImageConfig, TilingConfig
 from megatron_sail.data.images import build_image_pipeline
+from megatron_sail.data.images.files import load_record
 from megatron_sail.data.images.synthetic import synthetic_jpeg
 
 
@@ -18,7 +19,7 @@ def test_render_tiles_writes_the_pipeline_tiles(tmp_path):
     assert render.main(["--backend", "pil", "--image", str(image), "--max-tiles", "4", "--tile-size", "32",
                         "--out", str(out)]) == 0
     tiles = np.load(out)
-    rec = render.load_record(str(image), render.TilingConfig(tile_size=32, max_tiles=4))
+    rec = load_record(str(image), TilingConfig(tile_size=32, max_tiles=4))
     assert rec.grid == (3, 1) and tiles.shape == (4, 3, 32, 32) and tiles.dtype == np.float32
     want, _ = build_image_pipeline(ImageConfig(backend="pil", tile_size=32)).tiles([rec])
     np.testing.assert_array_equal(tiles, want.numpy())

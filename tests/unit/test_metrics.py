@@ -36,7 +36,7 @@ def _run(tmp_path, steps, cfg, rank=0, log_interval=2, terminal=False):
 def test_jsonl_values(tmp_path):
     cfg = MetricsConfig(total_iters=4, world_size=2, peak_flops=4e12)
     _run(tmp_path, [(1, 4.0), (2, float("nan")), (3, 3.0), (4, 2.0)], cfg)
-    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in recs] == [1, 2, 3, 4]
     assert recs[0]["lm_loss"] == 4.0 and recs[1]["lm_loss"] is None  # NaN written as null
     assert recs[2]["lr"] == pytest.approx(3e-5)  # the first parameter group
@@ -88,7 +88,7 @@ def test_tensorboard_scalars(tmp_path):
 
 def test_console_lines_every_interval(tmp_path):
     out = _run(tmp_path, [(1, 4.0), (2, 2.0), (3, 3.0), (4, 1.0)], MetricsConfig(total_iters=4, world_size=2))
-    lines = [l for l in out.splitlines() if "step " in l and "eta" in l]
+    lines = [line for line in out.splitlines() if "step " in line and "eta" in line]
     assert len(lines) == 2
     assert "step 2/4" in lines[0] and "loss (mean of 2 steps) 3.0000" in lines[0]
     assert "eta 0:00:04" in lines[0]  # two steps left at 2 s each
@@ -107,7 +107,7 @@ def test_other_ranks_write_nothing(tmp_path):
 def test_resume_drops_lines_after_checkpoint(tmp_path):
     _run(tmp_path, [(1, 4.0), (2, 3.0), (3, 2.5)], MetricsConfig())
     _run(tmp_path, [(3, 2.0), (4, 1.5)], MetricsConfig(start_iteration=2))
-    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["iteration"], r["lm_loss"]) for r in recs] == [(1, 4.0), (2, 3.0), (3, 2.0), (4, 1.5)]
 
 
@@ -192,7 +192,7 @@ def test_validation_of_an_init_from_checkpoint_names_the_checkpoint(tmp_path):
         w.log_eval(0, 2.0, checkpoint=str(ckpt))
     assert "[eval] checkpoint iter_0001000 | validation lm loss 2.0000" in out.getvalue()
     assert "step 0" not in out.getvalue()
-    [rec] = [json.loads(l) for l in (tmp_path / "run" / "valid_metrics.jsonl").read_text().splitlines()]
+    [rec] = [json.loads(line) for line in (tmp_path / "run" / "valid_metrics.jsonl").read_text().splitlines()]
     assert rec["checkpoint"] == str(ckpt) and rec["iteration"] == 0
 
 

@@ -39,7 +39,7 @@ def test_geometry_comes_from_the_vision_family():
     g = tiny().geometry(48)
     assert (g.grid, g.class_tokens, g.merge, g.encoder_tokens, g.tokens_per_tile) == (6, 1, 2, 37, 9)
     with pytest.raises(ValueError, match="not divisible by merge"):
-        tiny().geometry(40).tokens_per_tile
+        tiny().geometry(40).tokens_per_tile  # noqa: B018 - reading the property raises
 
 
 def test_qwen3_transformer_config_has_qk_norm_free_head_dim_and_no_qkv_bias():

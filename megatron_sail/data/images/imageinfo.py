@@ -176,3 +176,17 @@ def image_info(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
             raise
         raise SampleError(e.reason, f"{name}: {e.detail}" if e.detail else name) from e
     return data, w, h
+
+
+def check_decodable(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Optional[str]:
+    """None when PIL decodes the image fully, else why not (an ``undecodable_image`` reject)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.size[0] * im.size[1] > max_pixels:
+                return f"{im.size[0]}x{im.size[1]} pixels > {max_pixels}"
+            im.load()
+        return None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the same reject
+        return clean_message(f"{type(e).__name__}: {e}")

@@ -91,7 +91,7 @@ class Qwen3MoeFamily(Qwen3Family):
             h = f"{hf}layers.{i}.mlp.experts."
 
             def take(e: int, w: str):
-                key = f"{h}{e}.{w}_proj.weight"
+                key = f"{h}{e}.{w}_proj.weight"  # noqa: B023 - take runs in this iteration
                 if key not in out:
                     raise KeyError(f"HF state dict is missing {key!r}")
                 return out.pop(key)
