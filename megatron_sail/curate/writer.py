@@ -23,8 +23,9 @@ MANIFEST = "done_manifest.json"
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Write under a temporary name, fsync, rename."""
-    tmp = path + ".tmp"
+    """Write under a temporary name of this process (array tasks rebuild the same manifest and
+    report at the same time), fsync, rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -193,9 +193,10 @@ def plot_report(scores: dict, kept: dict, thresholds: dict, thumbnails: dict, pa
                 ax.imshow(Image.open(io.BytesIO(base64.b64decode(t["jpeg"]))))
             ax.set_title(f"removed: {reason}\n{t['where'][-32:]}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=72)
+    tmp = f"{path}.tmp{os.getpid()}.png"  # array tasks may write the run report at the same time
+    fig.savefig(tmp, dpi=72)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    os.replace(tmp, path)
 
 
 def html_report(report: dict, thumbnails: dict) -> str:
