@@ -2,14 +2,14 @@
 # Post-training demo on the CPU (docs/post_training.md): from deliberately under-trained SFT
 # checkpoints of the tiny recipe on the demo data,
 #   1. demo data (reused when present); SFT for SFT_ITERS steps (checkpoint A: still answers
-#      every yes/no question "no"), then SFT_MORE steps from A (checkpoint B: yes/no learned,
-#      multiple choice far from what more SFT reaches)
+#      every yes/no question "no"), then SFT_MORE steps from A of a schedule planned for four
+#      times as many (checkpoint B: yes/no learned, multiple choice far from what SFT reaches)
 #   2. held-out demo benchmarks (background no training image uses) + post-training demo data:
 #      verifiable prompts (MCQ on colour / shape / count, yes/no, counts) and DPO pairs
 #      (correct vs hallucinated answer)
 #   3. scores of A and B (MCQ accuracy, POPE-style F1)
 #   4. GRPO from B on the verifiable MCQ prompts (reward: accuracy) -> held-out MCQ accuracy
-#   5. DPO from A on the pairs -> held-out POPE-style F1
+#   5. DPO (MPO loss: DPO + BCO + LM) from A on the pairs -> held-out POPE-style F1
 #   6. reward_curve.png, a summary, and the last line
 #      reward_start=X reward_end=Y score_start=A score_end=B
 #      (GRPO's mean reward over its first / last steps; held-out MCQ accuracy before / after).
@@ -51,7 +51,7 @@ if [ ! -e "${OUT}/sft_a/checkpoints/latest" ]; then
 fi
 if [ ! -e "${OUT}/sft_b/checkpoints/latest" ]; then
   $PY -m megatron_sail.train "${SFT[@]}" --train-iters "${SFT_MORE}" --seed 99 \
-    --init-from "${OUT}/sft_a/checkpoints" --run-dir "${OUT}/sft_b" \
+    --lr-decay-iters $((4 * SFT_MORE)) --lr-warmup-iters $((12 * SFT_MORE / 100)) --init-from "${OUT}/sft_a/checkpoints" --run-dir "${OUT}/sft_b" \
     --save "${OUT}/sft_b/checkpoints" --overwrite-save
 fi
 
@@ -82,11 +82,11 @@ $PY -m megatron_sail.train --stage grpo --init-from "${OUT}/sft_b/checkpoints" \
   --run-dir "${OUT}/grpo" --save "${OUT}/grpo/checkpoints"
 evaluate "${OUT}/grpo/checkpoints" eval_grpo mcq
 
-step "5/6 DPO from A on correct vs hallucinated pairs (${DPO_ITERS} steps)"
+step "5/6 DPO (MPO loss) from A on correct vs hallucinated pairs (${DPO_ITERS} steps)"
 rm -rf "${OUT}/dpo"
 $PY -m megatron_sail.train --stage dpo --init-from "${OUT}/sft_a/checkpoints" \
   --data-path "${OUT}/post/pairs.jsonl" --seq-length "${SEQ}" --train-iters "${DPO_ITERS}" \
-  --global-batch-size 8 --micro-batch-size 4 --pref-loss dpo --dpo-beta 0.1 --lr 5e-4 \
+  --global-batch-size 8 --micro-batch-size 4 --pref-loss mpo --dpo-beta 0.1 --lr 5e-4 \
   --log-interval 20 --run-dir "${OUT}/dpo" --save "${OUT}/dpo/checkpoints"
 evaluate "${OUT}/dpo/checkpoints" eval_dpo pope
 
@@ -123,7 +123,7 @@ except ImportError:
     print("matplotlib missing: no reward_curve.png")
 print(f"GRPO: held-out MCQ accuracy {a:.1f} -> {b:.1f} (95% interval of the start: "
       f"{a - half:.1f}..{a + half:.1f}, {items} items)")
-print(f"DPO:  held-out POPE-style F1 {f0:.1f} -> {f1:.1f}")
+print(f"MPO:  held-out POPE-style F1 {f0:.1f} -> {f1:.1f}")
 print(f"reward_start={r0:.3f} reward_end={r1:.3f} score_start={a:.1f} score_end={b:.1f}")
 if not smoke and not (b > a + half and f1 > f0):
     sys.exit("FAILED: GRPO did not lift MCQ accuracy beyond the start's interval or DPO did not "

@@ -69,8 +69,10 @@ fi
 # 3. LongCoT SFT -> 4. GRPO (format + accuracy) -> 5. Think-Fusion SFT -> 6. GRPO (mixed)
 run_stage sail_vl2_8b sft-instruction "${RUN_ROOT}/longcot" "${SOUP}" "${SFT[@]}" \
   --data-path ${LONGCOT_DATA} --train-iters "${LONGCOT_ITERS}" "$@"
+# --ref-load: the KL reference stays the stage's starting weights when a restart resumes
 run_stage sail_vl2_8b grpo "${RUN_ROOT}/rl_verifiable" "${RUN_ROOT}/longcot/checkpoints" "${RL[@]}" \
-  --data-path ${RL_DATA} --train-iters "${RL_ITERS}" --reward format accuracy "$@"
+  --ref-load "${RUN_ROOT}/longcot/checkpoints" --data-path ${RL_DATA} --train-iters "${RL_ITERS}" \
+  --reward format accuracy "$@"
 run_stage sail_vl2_8b sft-instruction "${RUN_ROOT}/think_fusion" "${RUN_ROOT}/rl_verifiable/checkpoints" \
   "${SFT[@]}" --data-path ${THINK_FUSION_DATA} --train-iters "${FUSION_ITERS}" "$@"
 MIXED=(--reward accuracy format length --reward-weights 1.0 0.5 1.0 --length-target "${RL_NEW}")
@@ -79,4 +81,5 @@ if [ -n "${JUDGE_URL:-}" ]; then
          --length-target "${RL_NEW}" --judge-url "${JUDGE_URL}" --judge-model "${JUDGE_MODEL:-judge}")
 fi
 run_stage sail_vl2_8b grpo "${RUN_ROOT}/rl_mixed" "${RUN_ROOT}/think_fusion/checkpoints" "${RL[@]}" \
-  --data-path ${RL_MIXED_DATA} --train-iters "${RL_MIXED_ITERS}" "${MIXED[@]}" "$@"
+  --ref-load "${RUN_ROOT}/think_fusion/checkpoints" --data-path ${RL_MIXED_DATA} \
+  --train-iters "${RL_MIXED_ITERS}" "${MIXED[@]}" "$@"

@@ -203,11 +203,17 @@ def _close(a: float, b: float, atol: float = 0.0) -> bool:
 GRPO_ATOL = 1e-4
 
 
+@pytest.fixture(scope="module")
+def dpo_one(assets, tmp_path_factory):
+    """The single-rank dpo (MPO) reference run (2 steps)."""
+    return _train(assets, tmp_path_factory.mktemp("d1"), 1, "dpo")
+
+
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
                                     ["--pipeline-model-parallel-size", "2"]],
                          ids=["tp2_sp", "pp2"])
-def test_dpo_mpo_under_tp_sp_and_pp_equals_one_rank(assets, tmp_path, layout):
-    one = _train(assets, tmp_path / "one", 1, "dpo")
+def test_dpo_mpo_under_tp_sp_and_pp_equals_one_rank(assets, dpo_one, tmp_path, layout):
+    one = dpo_one
     par = _train(assets, tmp_path / "par", 2, "dpo", layout)
     assert sorted(one) == sorted(par) == [1, 2]
     for it in (1, 2):

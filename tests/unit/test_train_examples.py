@@ -172,6 +172,8 @@ def test_post_training_chain_resolves_every_stage(assets, tmp_path):
     assert rl["rewards"] == ["format", "accuracy"] and "\\boxed{}" in rl["prompt_suffix"]
     assert mixed["rewards"] == ["accuracy", "format", "length", "judge"]
     assert mixed["judge_url"] == "http://judge:8000/v1"
+    assert [rl["ref_load"], mixed["ref_load"]] == [docs[2]["checkpoint"]["save"],
+                                                  docs[4]["checkpoint"]["save"]]
     assert err.count(f"ok: --data-path {assets['rl']} (JSONL)") == 2
     assert "error" not in err
 
