@@ -43,6 +43,10 @@ def write_markdown(path: str, r: dict) -> None:
               f"`{d['complexity_method']}` (Spearman correlation of its score with the generator's level: "
               f"{d['complexity_vs_level_spearman']:.3f}). Differences: paired bootstrap over the level "
               f"items ({cfgd['resamples']} resamples, 95%).", "",
+              "Stages of the ascending plan (descending runs them in reverse): " + "; ".join(
+                  f"{st['name']} scores {st['score_min']:.2f}-{st['score_max']:.2f}, {st['samples']} samples "
+                  f"(levels 1/2/3: {'/'.join(str(v) for v in st.get('levels', {}).values())}), "
+                  f"{n} steps" for st, n in zip(d["stages"], d["curriculum_steps"]["per_stage"])) + ".", "",
               "| arm | mean | per seed | " + " | ".join(next(iter(d["curriculum_levels"].values()))) + " |",
               "|---|---|---|" + "---|" * len(next(iter(d["curriculum_levels"].values())))]
     for a in arms:

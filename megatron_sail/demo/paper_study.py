@@ -111,6 +111,10 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
     rho = rep.spearman([r["score"] for r in records], [levels[r["key"]] for r in records])
     clock.mark("complexity")
     arms, plan, steps, pool_samples = curriculum_arms(cfg, data, records, scores_dir, start, log)
+    for st in plan["stages"]:  # which generator levels each stage holds
+        with open(st["list"]) as f:
+            keys = [json.loads(line)["key"] for line in f]
+        st["levels"] = {str(lv): sum(levels[k] == lv for k in keys) for lv in (1, 2, 3)}
     clock.mark("curriculum")
     qruns = {pool_samples: arms["one_stage"][0], **quantity_runs(cfg, data, records, start, log)}
     clock.mark("quantity")
@@ -218,8 +222,9 @@ def make_plan(cfg: StudyConfig, records: list[dict], scores_dir: str, tok: str) 
     stages = []
     for s in plan["stages"]:
         summ = preprocess(sources, tok, s["prefixes"]["new"], select=s["lists"]["new"])
-        stages.append({"name": s["name"], "prefix": s["prefixes"]["new"], "samples": s["samples"],
-                       "rows": summ["rows"], "score_min": s["score_min"], "score_max": s["score_max"]})
+        stages.append({"name": s["name"], "prefix": s["prefixes"]["new"], "list": s["lists"]["new"],
+                       "samples": s["samples"], "rows": summ["rows"], "score_min": s["score_min"],
+                       "score_max": s["score_max"]})
     return {"stages": stages, "plan": os.path.join(out, "plan.yaml")}
 
 
