@@ -15,6 +15,7 @@ samples (--samples-per-row > 1) pass restarting position_ids (derived from cu_se
 batches carry none), from which transformers builds a block-causal mask (it materializes that
 mask; the one-sample default uses the causal kernel).
 """
+
 from __future__ import annotations
 
 import sys

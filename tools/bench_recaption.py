@@ -10,6 +10,7 @@ executor (1 and 2 worker processes) and Ray (a local instance), through tools/re
 Prints one JSON line per run: images/s end to end (model loading included) and per worker in
 steady state (images / the seconds its shards took, from the done markers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 from megatron_sail import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,22 +30,43 @@ sys.path.insert(0, str(REPO / "tests" / "unit"))
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--work", default="/tmp/bench_recaption", metavar="DIR",
-                   help="scratch folder for shards, model and outputs (default: %(default)s)")
-    p.add_argument("--shards", type=int, default=4, metavar="N",
-                   help="generated input shards (default: %(default)s)")
-    p.add_argument("--per-shard", type=int, default=32, metavar="N",
-                   help="images per generated shard (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
-                   help="longest caption in tokens (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N",
-                   help="images captioned together (default: %(default)s)")
+    p.add_argument(
+        "--work",
+        default="/tmp/bench_recaption",
+        metavar="DIR",
+        help="scratch folder for shards, model and outputs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shards", type=int, default=4, metavar="N", help="generated input shards (default: %(default)s)"
+    )
+    p.add_argument(
+        "--per-shard",
+        type=int,
+        default=32,
+        metavar="N",
+        help="images per generated shard (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        metavar="N",
+        help="longest caption in tokens (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        metavar="N",
+        help="images captioned together (default: %(default)s)",
+    )
     p.add_argument("--runs", default="local:1,local:2,ray:2", help="executor:workers, comma separated")
     p.add_argument("--model", help="a real captioner instead of the tiny random one (with --input)")
     p.add_argument("--input", help="shards to caption instead of generated demo shards (glob)")
     p.add_argument("--backend", default="megatron", help="backend of --model (megatron, hf, vllm)")
-    p.add_argument("--max-tiles", type=int, default=4, metavar="N",
-                   help="most tiles per image (default: %(default)s)")
+    p.add_argument(
+        "--max-tiles", type=int, default=4, metavar="N", help="most tiles per image (default: %(default)s)"
+    )
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray runs: GPUs per captioner actor")
     args = p.parse_args()
     from recaption_fixtures import tiny_checkpoint, write_shards
@@ -58,11 +81,29 @@ def main() -> int:
     for run in args.runs.split(","):
         executor, workers = run.split(":")
         out = work / f"out_{executor}_{workers}"
-        cmd = [sys.executable, str(REPO / "tools" / "recaption.py"), "--input", inputs,
-               "--output-dir", str(out), "--model", ckpt, "--backend", args.backend,
-               "--max-tiles", str(args.max_tiles),
-               "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
-               "--executor", executor, "--workers", workers, "--no-progress"]
+        cmd = [
+            sys.executable,
+            str(REPO / "tools" / "recaption.py"),
+            "--input",
+            inputs,
+            "--output-dir",
+            str(out),
+            "--model",
+            ckpt,
+            "--backend",
+            args.backend,
+            "--max-tiles",
+            str(args.max_tiles),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+            "--batch-size",
+            str(args.batch_size),
+            "--executor",
+            executor,
+            "--workers",
+            workers,
+            "--no-progress",
+        ]
         if executor == "ray":
             cmd += ["--gpus-per-worker", str(args.gpus_per_worker)]
             cmd += [] if args.gpus_per_worker else ["--ray-num-cpus", workers]
@@ -74,10 +115,20 @@ def main() -> int:
             return 1
         s = json.loads(res.stdout)
         shard_s = [json.load(open(f))["seconds"] for f in sorted((out / "done").glob("*.json"))]
-        print(json.dumps({"executor": executor, "workers": int(workers), "images": s["samples"],
-                          "wall_s": round(wall, 1), "images_per_s_end_to_end": round(s["samples"] / wall, 2),
-                          "images_per_s_per_worker_steady": round(s["samples"] / sum(shard_s), 2),
-                          "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}))
+        print(
+            json.dumps(
+                {
+                    "executor": executor,
+                    "workers": int(workers),
+                    "images": s["samples"],
+                    "wall_s": round(wall, 1),
+                    "images_per_s_end_to_end": round(s["samples"] / wall, 2),
+                    "images_per_s_per_worker_steady": round(s["samples"] / sum(shard_s), 2),
+                    "max_new_tokens": args.max_new_tokens,
+                    "batch_size": args.batch_size,
+                }
+            )
+        )
     return 0
 
 

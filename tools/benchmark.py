@@ -16,13 +16,21 @@ LM forward/backward, optimizer and data wait (the host-to-device copy: batches a
 The last lines printed are tokens/s, TFLOP/s per GPU, MFU, peak memory and that split; the same
 numbers go to ``--json FILE``. FLOPs follow training/flops.py, as in benchmarks/hf_reference.py.
 """
+
 from __future__ import annotations
 
 import torch
 
 from megatron_sail import cli
-from megatron_sail.bench.training_step import (OurRunner, batch_flops, build_parser, measure, report,
-                                               resolve_run, synthetic_micro_batch)
+from megatron_sail.bench.training_step import (
+    OurRunner,
+    batch_flops,
+    build_parser,
+    measure,
+    report,
+    resolve_run,
+    synthetic_micro_batch,
+)
 from megatron_sail.training.flops import shape_from_model_config
 
 
@@ -33,10 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     runner = OurRunner(run)
     shape = shape_from_model_config(run.model)
     gen = torch.Generator().manual_seed(args.seed)
-    probe = synthetic_micro_batch(run.model, args.seq_length, args.micro_batch_size,
-                                  args.tiles_per_row, args.samples_per_row, gen)
-    runner.row_stats = (float(args.seq_length * args.micro_batch_size * args.num_micro_batches),
-                        batch_flops(shape, probe, args.samples_per_row) * args.num_micro_batches)
+    probe = synthetic_micro_batch(
+        run.model, args.seq_length, args.micro_batch_size, args.tiles_per_row, args.samples_per_row, gen
+    )
+    runner.row_stats = (
+        float(args.seq_length * args.micro_batch_size * args.num_micro_batches),
+        batch_flops(shape, probe, args.samples_per_row) * args.num_micro_batches,
+    )
     result = measure(runner, run, args, name="megatron_sail")
     report(result, args.json)
     from megatron_sail.platform import distributed as platform

@@ -18,6 +18,7 @@ pipeline stage) are sent to it. The last line printed is
 ``max_abs_logit_diff=<float> max_rel_logit_diff=<float>`` (relative = absolute difference over the
 largest |logit| of the reference); exit status 1 when the absolute difference exceeds --atol.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_sail import cli
-from megatron_sail.bench.compare_logits import (DEFAULT_ATOL, build_inputs, gather_to_rank0, our_logits,
-                                                reference_logits)
+from megatron_sail.bench.compare_logits import (
+    DEFAULT_ATOL,
+    build_inputs,
+    gather_to_rank0,
+    our_logits,
+    reference_logits,
+)
 
 
 def parse_args(argv):
@@ -36,19 +42,40 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="Compare transformers' and our logits on one sample.")
     p.add_argument("--hf-dir", required=True, type=Path)
     p.add_argument("--mcore-dir", required=True, type=Path)
-    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1, metavar="N",
-                   help="tensor-parallel size of our model (default: 1; torchrun's process count "
-                        "must be tp x pp)")
-    p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1,
-                   metavar="N", help="pipeline-parallel size of our model, equal stages (default: 1)")
+    p.add_argument(
+        "--tensor-model-parallel-size",
+        "--tp",
+        dest="tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tensor-parallel size of our model (default: 1; torchrun's process count must be tp x pp)",
+    )
+    p.add_argument(
+        "--pipeline-model-parallel-size",
+        "--pp",
+        dest="pp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="pipeline-parallel size of our model, equal stages (default: 1)",
+    )
     p.add_argument("--image", nargs="*", default=[], help="image files (default: a generated one)")
     p.add_argument("--prompt", default="Describe this image in detail.")
     p.add_argument("--max-tiles", type=int, default=6, help="most grid tiles per image (SAIL-VL: 12)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="auto: float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--atol", type=float, default=None,
-                   help=f"max allowed |logit difference| (default {DEFAULT_ATOL[torch.float32]} fp32, "
-                        f"{DEFAULT_ATOL[torch.bfloat16]} bf16)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="auto: float32 on CPU, bfloat16 on GPU",
+    )
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=None,
+        help=f"max allowed |logit difference| (default {DEFAULT_ATOL[torch.float32]} fp32, "
+        f"{DEFAULT_ATOL[torch.bfloat16]} bf16)",
+    )
     return p.parse_args(argv)
 
 
@@ -64,13 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     distributed.initialize(ParallelConfig(tp=args.tp, pp=args.pp))
     device = distributed.device()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        args.dtype, torch.bfloat16 if distributed.has_cuda() else torch.float32)
+        args.dtype, torch.bfloat16 if distributed.has_cuda() else torch.float32
+    )
     atol = DEFAULT_ATOL[dtype] if args.atol is None else args.atol
     model_config = read_model_config(args.mcore_dir)
     layers = model_config.language.num_layers
     if layers % args.pp:  # Megatron would fail with a bare assertion deep in the layer split
-        raise SystemExit(f"--pp {args.pp} must divide the {layers} LM layers of {args.mcore_dir} "
-                         "(compare_logits builds equal pipeline stages)")
+        raise SystemExit(
+            f"--pp {args.pp} must divide the {layers} LM layers of {args.mcore_dir} "
+            "(compare_logits builds equal pipeline stages)"
+        )
     inputs = build_inputs(args, model_config, args.hf_dir, args.mcore_dir)
     chunks = build_model_chunks(model_config, ParallelConfig(tp=args.tp, pp=args.pp), dtype)
     dcp.load_model(chunks, args.mcore_dir)
@@ -85,11 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         ref = reference_logits(args.hf_dir, inputs, dtype, device)
         diff = (ours - ref).abs().max().item()
         rel = diff / max(ref.abs().max().item(), 1e-12)
-        print(f"inputs: {inputs.description}; dtype {str(dtype).removeprefix('torch.')}; "
-              f"tp={args.tp} pp={args.pp}; atol={atol}")
+        print(
+            f"inputs: {inputs.description}; dtype {str(dtype).removeprefix('torch.')}; "
+            f"tp={args.tp} pp={args.pp}; atol={atol}"
+        )
         verdict = "OK" if diff <= atol else "MISMATCH"  # NaN is a mismatch too
-        print(f"{verdict}: our logits vs transformers, argmax agreement "
-              f"{(ours.argmax(-1) == ref.argmax(-1)).float().mean().item():.4f}")
+        print(
+            f"{verdict}: our logits vs transformers, argmax agreement "
+            f"{(ours.argmax(-1) == ref.argmax(-1)).float().mean().item():.4f}"
+        )
         print(f"max_abs_logit_diff={diff:.6g} max_rel_logit_diff={rel:.6g}", flush=True)
         status = int(not diff <= atol)
     flag = torch.tensor([status], dtype=torch.int32, device=device)

@@ -13,6 +13,7 @@ Records accumulate in DIR/checks.jsonl (one line per check, in run order); the r
 with the probe. Files are written under a temporary name and renamed. ``need`` and ``record``
 do not import torch, so that a skipped check costs a fraction of a second.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,17 @@ from pathlib import Path
 from typing import Optional
 
 import image_requirements  # a sibling tool: standalone, the image build runs it before installing us
-
 from megatron_sail import cli
-from megatron_sail.bench.gpu_check import (CheckRecord, dali_parity, figures, need, probe, record,
-                                           report, write_atomic)
+from megatron_sail.bench.gpu_check import (
+    CheckRecord,
+    dali_parity,
+    figures,
+    need,
+    probe,
+    record,
+    report,
+    write_atomic,
+)
 
 
 def _te_range(version: Optional[str]) -> tuple[bool, str]:
@@ -48,13 +56,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub.choices["need"].add_argument("abilities", nargs="+")
     r = sub.choices["record"]
     r.add_argument("--name", required=True)
-    r.add_argument("--status", required=True,
-                   choices=("passed", "failed", "timed_out", "skipped"))
+    r.add_argument("--status", required=True, choices=("passed", "failed", "timed_out", "skipped"))
     r.add_argument("--reason", default="")
     r.add_argument("--seconds", type=float, default=0.0)
     r.add_argument("--log", type=Path, default=None)
-    r.add_argument("--parse", default="none", choices=("none", "kv", "junit", "metrics",
-                                                       "benchmark"))
+    r.add_argument("--parse", default="none", choices=("none", "kv", "junit", "metrics", "benchmark"))
     r.add_argument("--files", nargs="*", type=Path, default=[])
     sub.choices["report"].add_argument("--command", default="bash scripts/gpu_check.sh")
     d = sub.add_parser("dali-parity")
@@ -66,18 +72,36 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif args.cmd == "need":
         print(need(json.loads((args.out / "probe.json").read_text()), args.abilities))
     elif args.cmd == "record":
-        log = str(args.log.relative_to(args.out)) if args.log and args.log.is_relative_to(
-            args.out) else str(args.log or "")
-        record(args.out, CheckRecord(args.name, args.status, args.reason, args.seconds, log,
-                                     figures(args.parse, args.log, args.files)))
+        log = (
+            str(args.log.relative_to(args.out))
+            if args.log and args.log.is_relative_to(args.out)
+            else str(args.log or "")
+        )
+        record(
+            args.out,
+            CheckRecord(
+                args.name,
+                args.status,
+                args.reason,
+                args.seconds,
+                log,
+                figures(args.parse, args.log, args.files),
+            ),
+        )
     elif args.cmd == "report":
         rep = report(args.out, args.command)
-        print(f"[gpu_check] report: {args.out / 'report.md'} and report.json "
-              f"({', '.join(f'{v} {k}' for k, v in rep['summary'].items())})")
+        print(
+            f"[gpu_check] report: {args.out / 'report.md'} and report.json "
+            f"({', '.join(f'{v} {k}' for k, v in rep['summary'].items())})"
+        )
         return 1 if rep["summary"]["failed"] or rep["summary"]["timed_out"] else 0
     else:
-        print(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in dali_parity(args.images).items()))
+        print(
+            " ".join(
+                f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in dali_parity(args.images).items()
+            )
+        )
     return 0
 
 

@@ -5,6 +5,7 @@ pairs of correct vs hallucinated answers (pairs.jsonl), on demo scenes
 
     python tools/make_posttrain_demo.py --out demo_post [--prompts 400] [--pairs 400] [--seed 4321]
 """
+
 from __future__ import annotations
 
 import argparse

@@ -10,6 +10,7 @@ tokenizer entry. The output is written under a temporary name and renamed when c
 loads with --init-from, megatron_sail.generate and convert_checkpoint.py mcore-to-hf.
 Runs in one process (CPU or one GPU), no torchrun. See megatron_sail/training/soup.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, merge, print where the soup went."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--inputs", nargs="+", required=True, help="checkpoint folders (2 or more)")
-    p.add_argument("--weights", nargs="+", type=float, default=None,
-                   help="one weight per input (normalized to sum 1; default uniform)")
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        type=float,
+        default=None,
+        help="one weight per input (normalized to sum 1; default uniform)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)

@@ -11,6 +11,7 @@ processor settings, the same --seq-length and file order), and the sidecar store
 fingerprint per packed row: the trainer refuses a sidecar made from other data or settings,
 naming the row. The file is a plain .npz (no pickles), written under a temporary name.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,16 +42,23 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     gen = load_generator(a.checkpoint, load=LoadConfig(tp=a.tp, pp=a.pp, dtype="float32"))
-    data = pref.build_rows(read_pairs(PairFile(list(a.data_path), a.image_root)), gen.tokenizer,
-                           gen.settings, a.seq_length)
+    data = pref.build_rows(
+        read_pairs(PairFile(list(a.data_path), a.image_root)), gen.tokenizer, gen.settings, a.seq_length
+    )
     pipe = PilPipeline(ImageConfig(backend="pil", tile_size=gen.settings.tile_size, threads=1))
     logps = pref.reference_logps(gen.chunks, data.rows, pipe, a.seq_length, a.micro_batch_size)
     if torch.distributed.get_rank() == 0:
-        pref.save_sidecar(a.out, data.rows, logps, {"checkpoint": a.checkpoint,
-                                                    "data_path": list(a.data_path),
-                                                    "seq_length": a.seq_length})
-        print(f"wrote {a.out}: {sum(data.pairs_per_row)} pairs in {len(data.rows)} rows "
-              f"({len(data.rejects)} rejects) in {time.time() - start:.1f}s", flush=True)
+        pref.save_sidecar(
+            a.out,
+            data.rows,
+            logps,
+            {"checkpoint": a.checkpoint, "data_path": list(a.data_path), "seq_length": a.seq_length},
+        )
+        print(
+            f"wrote {a.out}: {sum(data.pairs_per_row)} pairs in {len(data.rows)} rows "
+            f"({len(data.rejects)} rejects) in {time.time() - start:.1f}s",
+            flush=True,
+        )
     return 0
 
 

@@ -7,6 +7,7 @@ SAIL-VL's ChatML template with ``<img><IMG_CONTEXT>*n</img>`` per image. Without
 the text becomes a deterministic id sequence and the image-context id comes from the config. For
 SAIL-VL2 'sailvl' checkpoints, whose AIMv2 tower InternVL cannot hold, the reference is
 transformers' Aimv2VisionModel + InternVL's pixel shuffle and projector + the causal LM."""
+
 from __future__ import annotations
 
 import io
@@ -52,7 +53,9 @@ def generated_image(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-def image_tiles(images: list[tuple[str, bytes]], tile_size: int, max_tiles: int) -> tuple[torch.Tensor, list[int]]:
+def image_tiles(
+    images: list[tuple[str, bytes]], tile_size: int, max_tiles: int
+) -> tuple[torch.Tensor, list[int]]:
     """Tile each image with InternVL's dynamic rule; return (tiles, tiles per image)."""
     from PIL import Image
 
@@ -94,8 +97,10 @@ def prompt_ids(tokenizer, prompt: str, image_runs: list[int], img_ctx_id: int, v
 
     if tokenizer is not None:
         images = "".join(f"<img>{IMG_CONTEXT * n}</img>\n" for n in image_runs)
-        text = (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{images}{prompt}"
-                f"<|im_end|>\n<|im_start|>assistant\n")
+        text = (
+            f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{images}{prompt}"
+            f"<|im_end|>\n<|im_start|>assistant\n"
+        )
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if sum(i == img_ctx_id for i in ids) != sum(image_runs):
             raise ValueError(f"tokenizer does not map {IMG_CONTEXT} to the config's id {img_ctx_id}")
@@ -119,14 +124,20 @@ def build_inputs(args, model_config, hf_dir: Path, mcore_dir: Path) -> Inputs:
     from megatron_sail.checkpoint.layout import TOKENIZER_DIR
 
     size = model_config.vision.image_size
-    images = [(p, Path(p).read_bytes()) for p in args.image] or [("generated", generated_image(int(size * 2.6), int(size * 1.4)))]
+    images = [(p, Path(p).read_bytes()) for p in args.image] or [
+        ("generated", generated_image(int(size * 2.6), int(size * 1.4)))
+    ]
     tiles, counts = image_tiles(images, size, args.max_tiles)
     per_tile = model_config.tokens_per_tile()
     tok = load_tokenizer(hf_dir, mcore_dir / TOKENIZER_DIR)
     lm = model_config.language
-    ids = prompt_ids(tok, args.prompt, [n * per_tile for n in counts], model_config.img_context_token_id, lm.vocab_size)
-    desc = (f"{len(images)} image(s), tiles {counts} of {size}px, {len(ids)} tokens, "
-            f"{'tokenizer' if tok is not None else 'synthetic ids (no tokenizer)'}")
+    ids = prompt_ids(
+        tok, args.prompt, [n * per_tile for n in counts], model_config.img_context_token_id, lm.vocab_size
+    )
+    desc = (
+        f"{len(images)} image(s), tiles {counts} of {size}px, {len(ids)} tokens, "
+        f"{'tokenizer' if tok is not None else 'synthetic ids (no tokenizer)'}"
+    )
     return Inputs(torch.tensor(ids, dtype=torch.long), tiles, desc)
 
 
@@ -147,13 +158,16 @@ def reference_logits(hf_dir: Path, inputs: Inputs, dtype: torch.dtype, device: t
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = bool(config.tie_word_embeddings)
     if unexpected or [k for k in missing if not (tied and k == "lm_head.weight")]:
-        raise ValueError(f"{hf_dir}: state dict does not fit InternVL: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{hf_dir}: state dict does not fit InternVL: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if tied:
         model.tie_weights()
     model.eval()
     with torch.no_grad():
-        out = model(input_ids=inputs.input_ids[None].to(device),
-                    pixel_values=inputs.tiles.to(device, dtype)).logits
+        out = model(
+            input_ids=inputs.input_ids[None].to(device), pixel_values=inputs.tiles.to(device, dtype)
+        ).logits
     return out[0].float()
 
 
@@ -161,8 +175,12 @@ def _load_part(module, state: dict, renames: dict[str, str], tied: bool = False)
     """Load the tensors under each ``renames`` prefix of a module-key state dict (the prefix
     replaced by its value) into one transformers module; every weight must be found, except a
     tied ``lm_head.weight``."""
-    part = {into + k[len(prefix):]: v for prefix, into in renames.items()
-            for k, v in state.items() if k.startswith(prefix)}
+    part = {
+        into + k[len(prefix) :]: v
+        for prefix, into in renames.items()
+        for k, v in state.items()
+        if k.startswith(prefix)
+    }
     missing, unexpected = module.load_state_dict(part, strict=False)
     if unexpected or [k for k in missing if not (tied and k == "lm_head.weight")]:
         raise ValueError(f"{sorted(renames)}: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -200,14 +218,21 @@ def composed_reference(hf, dtype: torch.dtype, device: torch.device):
 
     cfg = hf.model_config
     state = to_transformers_params(hf.state, cfg)
-    vcfg = {k: v for k, v in vision_family(cfg.vision.family).hf_config(cfg.vision).items() if k != "model_type"}
+    vcfg = {
+        k: v for k, v in vision_family(cfg.vision.family).hf_config(cfg.vision).items() if k != "model_type"
+    }
     tcfg = dict(language_family(cfg.language.family).hf_config(cfg.language))
     text = AutoConfig.for_model(tcfg.pop("model_type"), **tcfg)
     with torch.device(device):
         vision = Aimv2VisionModel(Aimv2VisionConfig(**vcfg, attn_implementation="eager")).to(dtype)
-        projector = InternVLMultiModalProjector(InternVLConfig(
-            vision_config={"hidden_size": cfg.vision.hidden_size}, text_config=text.to_dict(),
-            downsample_ratio=cfg.projector.downsample_ratio, projector_hidden_act="gelu")).to(dtype)
+        projector = InternVLMultiModalProjector(
+            InternVLConfig(
+                vision_config={"hidden_size": cfg.vision.hidden_size},
+                text_config=text.to_dict(),
+                downsample_ratio=cfg.projector.downsample_ratio,
+                projector_hidden_act="gelu",
+            )
+        ).to(dtype)
         lm = AutoModelForCausalLM.from_config(text).to(dtype)
     tied = cfg.language.tie_embeddings
     _load_part(vision, state, {"model.vision_tower.": ""})
@@ -256,15 +281,23 @@ def our_logits(chunks: list, inputs: Inputs, device: torch.device) -> torch.Tens
         if parallel_state.get_pipeline_model_parallel_world_size() == 1:
             return chunks[0](ids, tiles=tiles)[0].float()
         res = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([None]), model=chunks,
-            num_microbatches=1, seq_length=ids.size(1), micro_batch_size=1,
-            forward_only=True, collect_non_loss_data=True)
+            forward_step_func=forward_step,
+            data_iterator=iter([None]),
+            model=chunks,
+            num_microbatches=1,
+            seq_length=ids.size(1),
+            micro_batch_size=1,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return res[0][0].float()
 
 
-def gather_to_rank0(logits: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+def gather_to_rank0(
+    logits: torch.Tensor | None, shape: tuple[int, int], device: torch.device
+) -> torch.Tensor | None:
     """Send the last stage's logits (TP rank 0 of rank 0's pipeline) to global rank 0."""
     from megatron.core import parallel_state
 

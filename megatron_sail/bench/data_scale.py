@@ -4,6 +4,7 @@ their blend read in training order exactly as the trainer does (BatchPlan indice
 BlendedDataset rows -> the PrefetchLoader thread -> collate_rows). Nothing here imports torch at
 module level: the tool builds the datasets in a forked child before torch is imported, so the
 reader's peak RSS is its own."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,14 @@ from megatron_sail.data import indexed
 VOCAB = 256
 
 
-SPECIAL = {"pad_id": 0, "img_context_id": 1, "img_start_id": 2, "img_end_id": 3, "im_start_id": 4,
-           "im_end_id": 5}
+SPECIAL = {
+    "pad_id": 0,
+    "img_context_id": 1,
+    "img_start_id": 2,
+    "img_end_id": 3,
+    "im_start_id": 4,
+    "im_end_id": 5,
+}
 
 
 GPU_TOKENS_PER_S = 1.5 * 23_800
@@ -38,20 +45,38 @@ CHUNK = 1 << 20
 """Rows written per numpy chunk (bounds the builder's memory)."""
 
 
-def meta_for(seq_length: int, rows: int, samples: int, images: int, tiles: int, tokens: int,
-             image_tokens: int) -> dict:
+def meta_for(
+    seq_length: int, rows: int, samples: int, images: int, tiles: int, tokens: int, image_tokens: int
+) -> dict:
     """A meta.json the readers accept (tokenizer block, tiling, stats)."""
     from megatron_sail.data.preprocess.pipeline import stats_dict
 
-    return {"format": indexed.FORMAT_NAME, "version": indexed.FORMAT_VERSION, "seq_length": seq_length,
-            "input_format": "synthetic",
-            "tokenizer": {"path": "synthetic", "vocab_size": VOCAB, "added": [], "tokens_per_tile": 256,
-                          "tile_size": 448, **SPECIAL},
-            "tiling": {"tile_size": 448, "min_tiles": 1, "max_tiles": 12, "thumbnail": True,
-                       "tokens_per_tile": 256},
-            "stats": stats_dict(rows, samples, rows, images, tiles, tokens - image_tokens, image_tokens,
-                                0, seq_length),
-            "rejects": {}, "blocks": [[0, rows, 0]]}
+    return {
+        "format": indexed.FORMAT_NAME,
+        "version": indexed.FORMAT_VERSION,
+        "seq_length": seq_length,
+        "input_format": "synthetic",
+        "tokenizer": {
+            "path": "synthetic",
+            "vocab_size": VOCAB,
+            "added": [],
+            "tokens_per_tile": 256,
+            "tile_size": 448,
+            **SPECIAL,
+        },
+        "tiling": {
+            "tile_size": 448,
+            "min_tiles": 1,
+            "max_tiles": 12,
+            "thumbnail": True,
+            "tokens_per_tile": 256,
+        },
+        "stats": stats_dict(
+            rows, samples, rows, images, tiles, tokens - image_tokens, image_tokens, 0, seq_length
+        ),
+        "rejects": {},
+        "blocks": [[0, rows, 0]],
+    }
 
 
 def _write_idx(path: str, dtype, rows: int, seq_len: int) -> None:
@@ -85,7 +110,7 @@ def write_text_dataset(prefix: str, rows: int, tokens_per_row: int, seq_length: 
             r = np.arange(a, min(rows, a + CHUNK), dtype=np.int64)[:, None]
             toks = 10 + (source * 131 + r + np.arange(t)) % (VOCAB - 10)
             ft.write(toks.astype(np.int32).tobytes())
-            fm.write(mask[:len(r)].tobytes())
+            fm.write(mask[: len(r)].tobytes())
     open(f"{prefix}.images.bin{tmp}", "wb").close()
     _write_idx(f"{prefix}.tokens.idx{tmp}", np.int32, rows, t)
     _write_idx(f"{prefix}.loss_mask.idx{tmp}", np.uint8, rows, t)
@@ -105,10 +130,17 @@ def image_sample(jpeg: bytes, words: int, rng: np.random.Generator):
 
     s = SPECIAL
     text = rng.integers(10, VOCAB, size=words, dtype=np.int32)
-    tokens = np.concatenate([[s["im_start_id"], s["img_start_id"]], [s["img_context_id"]] * (13 * 256),
-                             [s["img_end_id"]], text, [s["im_end_id"]]]).astype(np.int32)
+    tokens = np.concatenate(
+        [
+            [s["im_start_id"], s["img_start_id"]],
+            [s["img_context_id"]] * (13 * 256),
+            [s["img_end_id"]],
+            text,
+            [s["im_end_id"]],
+        ]
+    ).astype(np.int32)
     mask = np.zeros(len(tokens), dtype=np.uint8)
-    mask[-words - 2:-1] = 1  # the caption and <|im_end|> are trained
+    mask[-words - 2 : -1] = 1  # the caption and <|im_end|> are trained
     return Sample(tokens, mask, [ImageEntry(jpeg, (4, 3), True, (1024, 768))])
 
 
@@ -119,17 +151,25 @@ def write_image_dataset(prefix: str, rows: int, images_per_row: int, seq_length:
 
     need = images_per_row * (13 * 256 + 66)
     if need > seq_length:
-        raise SystemExit(f"{images_per_row} images of 13 tiles need {need} tokens > --seq-length {seq_length}")
+        raise SystemExit(
+            f"{images_per_row} images of 13 tiles need {need} tokens > --seq-length {seq_length}"
+        )
     jpegs = [synthetic_jpeg(1024, 768, seed=i) for i in range(min(16, rows * images_per_row))]
     rng = np.random.default_rng(source)
     with indexed.PackedWriter(prefix) as w:
         for r in range(rows):
-            w.add_row([image_sample(jpegs[(r * images_per_row + k) % len(jpegs)], 60, rng)
-                       for k in range(images_per_row)], SPECIAL["img_context_id"])
+            w.add_row(
+                [
+                    image_sample(jpegs[(r * images_per_row + k) % len(jpegs)], 60, rng)
+                    for k in range(images_per_row)
+                ],
+                SPECIAL["img_context_id"],
+            )
         w.end_block(0)
         st = w.stats
-        meta = meta_for(seq_length, rows, w.samples, w.num_images, st["tiles"], st["tokens"],
-                        st["image_tokens"])
+        meta = meta_for(
+            seq_length, rows, w.samples, w.num_images, st["tiles"], st["tokens"], st["image_tokens"]
+        )
         meta["stats"]["loss_tokens"] = st["loss_tokens"]
         w.commit(meta)
 
@@ -172,7 +212,9 @@ def read_blend(args: argparse.Namespace, prefixes: list[str]) -> dict:
     open_s = time.perf_counter() - t0
     plan = BatchPlan(args.global_batch_size, args.micro_batch_size, args.dp_size, 0)
     images = bool(args.images_per_row)
-    pipeline = build_image_pipeline(ImageConfig(backend=args.backend, threads=args.threads)) if images else None
+    pipeline = (
+        build_image_pipeline(ImageConfig(backend=args.backend, threads=args.threads)) if images else None
+    )
     shape = shape_from_model_config(model_cfg.sail_2b(), 448) if images else None
     feeder = StepFeeder(blend, plan, pipeline, 0, shape, depth=2, decode=images)
     per_step = args.global_batch_size // args.dp_size
@@ -190,9 +232,17 @@ def read_blend(args: argparse.Namespace, prefixes: list[str]) -> dict:
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
     feeder.close()
     anon, file_backed = rss_mb()
-    return {"open_s": open_s, "rows": rows, "wall": wall, "cpu": cpu, "tiles": tiles, "tokens": tokens,
-            "flops": flops,
-            "anon_peak": anon_peak, "file_mb": file_backed}
+    return {
+        "open_s": open_s,
+        "rows": rows,
+        "wall": wall,
+        "cpu": cpu,
+        "tiles": tiles,
+        "tokens": tokens,
+        "flops": flops,
+        "anon_peak": anon_peak,
+        "file_mb": file_backed,
+    }
 
 
 class _Lengths:
@@ -215,16 +265,21 @@ def locate_only(args: argparse.Namespace) -> int:
     real = dataset_module.PackedDataset
     dataset_module.PackedDataset = lambda prefix, verify="cheap": _Lengths(args.rows)
     try:
-        blend = dataset_module.BlendedDataset([f"src{d}" for d in range(args.datasets)],
-                                              [1.0] * args.datasets, seed=1234)
+        blend = dataset_module.BlendedDataset(
+            [f"src{d}" for d in range(args.datasets)], [1.0] * args.datasets, seed=1234
+        )
     finally:
         dataset_module.PackedDataset = real
     start, cpu0 = time.perf_counter(), time.process_time()
     for k in range(args.read):
         blend.locate(k)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
-    print(f"datasets={args.datasets} rows_each={args.rows} located={args.read} seconds={wall:.2f} "
-          f"rows_per_cpu_s={args.read / cpu:.1f}")
-    print(f"rows_per_s={args.read / wall:.1f} "
-          f"peak_rss_mb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+    print(
+        f"datasets={args.datasets} rows_each={args.rows} located={args.read} seconds={wall:.2f} "
+        f"rows_per_cpu_s={args.read / cpu:.1f}"
+    )
+    print(
+        f"rows_per_s={args.read / wall:.1f} "
+        f"peak_rss_mb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}"
+    )
     return 0

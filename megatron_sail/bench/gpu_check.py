@@ -4,6 +4,7 @@ each check's figures, and write the report (the command line is tools/gpu_check.
 Records accumulate in DIR/checks.jsonl (one line per check, in run order); the report joins them
 with the probe. Files are written under a temporary name and renamed. ``need`` and ``record``
 do not import torch, so that a skipped check costs a fraction of a second."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -22,9 +23,20 @@ FP8_MIN_CAPABILITY = (8, 9)
 """FP8 tensor cores: Ada (8.9) and Hopper (9.0) or newer."""
 
 
-PACKAGES = ("torch", "megatron-core", "transformer-engine", "transformer_engine",
-            "nvidia-dali-cuda130", "nvidia-dali-cuda120", "transformers", "tokenizers",
-            "safetensors", "numpy", "pillow", "pytest")
+PACKAGES = (
+    "torch",
+    "megatron-core",
+    "transformer-engine",
+    "transformer_engine",
+    "nvidia-dali-cuda130",
+    "nvidia-dali-cuda120",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+    "pillow",
+    "pytest",
+)
 """Distributions whose versions the report lists (absent ones are left out)."""
 
 
@@ -48,13 +60,20 @@ def _card(torch) -> dict:
     if not torch.cuda.is_available():
         return {}
     props = torch.cuda.get_device_properties(0)
-    card = {"name": props.name, "count": torch.cuda.device_count(),
-            "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
-            "memory_gib": round(props.total_memory / 2**30, 1),
-            "multiprocessors": props.multi_processor_count}
+    card = {
+        "name": props.name,
+        "count": torch.cuda.device_count(),
+        "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "multiprocessors": props.multi_processor_count,
+    }
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         card["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError, IndexError):
         card["driver"] = None
@@ -89,21 +108,30 @@ def probe(te_range: Callable[[Optional[str]], tuple[bool, str]]) -> dict:
     ok, why = _try_import("transformer_engine.pytorch") if cuda else (False, "needs CUDA")
     can["te"] = "" if ok else f"Transformer Engine unavailable: {why}"
     cap = torch.cuda.get_device_capability(0) if cuda else (0, 0)
-    can["fp8"] = can["te"] or ("" if cap >= FP8_MIN_CAPABILITY else
-                               f"compute capability {cap[0]}.{cap[1]} has no FP8 tensor cores "
-                               f"(needs {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]}+)")
+    can["fp8"] = can["te"] or (
+        ""
+        if cap >= FP8_MIN_CAPABILITY
+        else f"compute capability {cap[0]}.{cap[1]} has no FP8 tensor cores "
+        f"(needs {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]}+)"
+    )
     ok, why = _try_import("nvidia.dali")
     can["dali"] = "" if ok else f"DALI unavailable: {why}"
     ok, why = _try_import("transformers")
     if ok:
         import transformers
+
         ok = hasattr(transformers, "InternVLForConditionalGeneration")
         why = why or f"transformers {transformers.__version__} has no InternVLForConditionalGeneration"
     can["internvl"] = "" if ok else why
     te_ok, te_note = te_range(_version("transformer-engine") or _version("transformer_engine"))
-    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "host": platform.node(), "card": _card(torch), "versions": versions,
-            "te_range": {"ok": te_ok, "note": te_note}, "can": can}
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": platform.node(),
+        "card": _card(torch),
+        "versions": versions,
+        "te_range": {"ok": te_ok, "note": te_note},
+        "can": can,
+    }
 
 
 def need(probe_data: dict, abilities: list[str]) -> str:
@@ -127,7 +155,7 @@ def parse_kv(text: str) -> dict:
         tag = ""
         m = re.match(r"\s*\[([\w-]+)\]\s*", line)
         if m:
-            tag, line = m.group(1) + ".", line[m.end():]
+            tag, line = m.group(1) + ".", line[m.end() :]
         for key, value in _KV.findall(line):
             out[tag + key] = float(value)
     return out
@@ -145,22 +173,33 @@ def parse_junit(path: Path) -> dict:
         s = c.find("skipped")
         if s is not None:
             skipped[name] = (s.get("message") or "").strip()[:200]
-    return {"tests": len(cases), "passed": len(cases) - len(failed) - len(skipped),
-            "failed": len(failed), "skipped": len(skipped), "failed_tests": failed,
-            "skip_reasons": skipped}
+    return {
+        "tests": len(cases),
+        "passed": len(cases) - len(failed) - len(skipped),
+        "failed": len(failed),
+        "skipped": len(skipped),
+        "failed_tests": failed,
+        "skip_reasons": skipped,
+    }
 
 
 def parse_metrics(path: Path) -> dict:
     """The trainer's metrics.jsonl: first/last loss, mean speed after the first step."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     later = rows[1:] or rows
-    mean = lambda key: (sum(r[key] for r in later if r.get(key) is not None)  # noqa: E731
-                        / max(1, sum(r.get(key) is not None for r in later)))
-    return {"steps": len(rows), "first_loss": rows[0]["lm_loss"], "last_loss": rows[-1]["lm_loss"],
-            "tokens_per_s": round(mean("tokens_per_s"), 1),
-            "tflops_per_gpu": round(mean("tflops_per_gpu"), 2),
-            "memory_gib": max((r.get("memory_gib") or 0.0) for r in rows),
-            "skipped_steps": rows[-1].get("skipped_steps", 0)}
+    mean = lambda key: (  # noqa: E731
+        sum(r[key] for r in later if r.get(key) is not None)
+        / max(1, sum(r.get(key) is not None for r in later))
+    )
+    return {
+        "steps": len(rows),
+        "first_loss": rows[0]["lm_loss"],
+        "last_loss": rows[-1]["lm_loss"],
+        "tokens_per_s": round(mean("tokens_per_s"), 1),
+        "tflops_per_gpu": round(mean("tflops_per_gpu"), 2),
+        "memory_gib": max((r.get("memory_gib") or 0.0) for r in rows),
+        "skipped_steps": rows[-1].get("skipped_steps", 0),
+    }
 
 
 BENCH_KEYS = ("tokens_per_s", "tflops_per_gpu", "mfu", "peak_memory_gib", "step_time_s")
@@ -217,9 +256,12 @@ def record(out: Path, rec: CheckRecord) -> None:
     """Append one record to out/checks.jsonl and print its line."""
     with open(out / "checks.jsonl", "a") as f:
         f.write(json.dumps(asdict(rec)) + "\n")
-    print(f"[gpu_check] {rec.name}: {rec.status.upper()}"
-          f"{' - ' + rec.reason if rec.reason else ''}"
-          f"{f' ({rec.seconds:.0f} s)' if rec.seconds else ''}", flush=True)
+    print(
+        f"[gpu_check] {rec.name}: {rec.status.upper()}"
+        f"{' - ' + rec.reason if rec.reason else ''}"
+        f"{f' ({rec.seconds:.0f} s)' if rec.seconds else ''}",
+        flush=True,
+    )
 
 
 def goals(checks: dict) -> list[dict]:
@@ -229,14 +271,19 @@ def goals(checks: dict) -> list[dict]:
     rows = []
     if cmp_.get("speedup_vs_hf") is not None:
         mem_ok = (cmp_.get("ours.peak_memory_gib") or 0) <= (cmp_.get("hf.peak_memory_gib") or 0)
-        rows.append({"goal": ">= 1.5x transformers' tokens/s at no more peak memory (2B, bf16)",
-                     "value": f"{cmp_['speedup_vs_hf']:.2f}x, peak "
-                              f"{cmp_.get('ours.peak_memory_gib')} vs {cmp_.get('hf.peak_memory_gib')} GiB",
-                     "met": cmp_["speedup_vs_hf"] >= 1.5 and mem_ok})
+        rows.append(
+            {
+                "goal": ">= 1.5x transformers' tokens/s at no more peak memory (2B, bf16)",
+                "value": f"{cmp_['speedup_vs_hf']:.2f}x, peak "
+                f"{cmp_.get('ours.peak_memory_gib')} vs {cmp_.get('hf.peak_memory_gib')} GiB",
+                "met": cmp_["speedup_vs_hf"] >= 1.5 and mem_ok,
+            }
+        )
     bf16, f8 = cmp_.get("ours.tokens_per_s"), fp8.get("fp8.tokens_per_s")
     if bf16 and f8:
-        rows.append({"goal": "FP8 >= 1.2x our bf16 step (TE)", "value": f"{f8 / bf16:.2f}x",
-                     "met": f8 / bf16 >= 1.2})
+        rows.append(
+            {"goal": "FP8 >= 1.2x our bf16 step (TE)", "value": f"{f8 / bf16:.2f}x", "met": f8 / bf16 >= 1.2}
+        )
     return rows
 
 
@@ -252,14 +299,25 @@ def _fmt(value) -> str:
 def report(out: Path, command: str) -> dict:
     """Join probe.json and checks.jsonl into report.json and report.md; returns the report."""
     pr = json.loads((out / "probe.json").read_text())
-    recs = [json.loads(line) for line in (out / "checks.jsonl").read_text().splitlines()
-            if line.strip()] if (out / "checks.jsonl").is_file() else []
+    recs = (
+        [json.loads(line) for line in (out / "checks.jsonl").read_text().splitlines() if line.strip()]
+        if (out / "checks.jsonl").is_file()
+        else []
+    )
     by_name = {r["name"]: r for r in recs}
-    summary = {s: sum(r["status"] == s for r in recs)
-               for s in ("passed", "failed", "timed_out", "skipped")}
-    rep = {"date": pr["date"], "host": pr["host"], "command": command, "card": pr["card"],
-           "versions": pr["versions"], "te_range": pr["te_range"], "abilities": pr["can"],
-           "checks": recs, "summary": summary, "goals": goals(by_name)}
+    summary = {s: sum(r["status"] == s for r in recs) for s in ("passed", "failed", "timed_out", "skipped")}
+    rep = {
+        "date": pr["date"],
+        "host": pr["host"],
+        "command": command,
+        "card": pr["card"],
+        "versions": pr["versions"],
+        "te_range": pr["te_range"],
+        "abilities": pr["can"],
+        "checks": recs,
+        "summary": summary,
+        "goals": goals(by_name),
+    }
     write_atomic(out / "report.json", json.dumps(rep, indent=2) + "\n")
     write_atomic(out / "report.md", markdown(rep))
     return rep
@@ -268,26 +326,38 @@ def report(out: Path, command: str) -> dict:
 def markdown(rep: dict) -> str:
     """The report as markdown: card, versions, checks with figures or skip reasons, goals."""
     card = rep["card"]
-    card_line = (f"{card['name']} x{card['count']}, compute capability {card['capability']}, "
-                 f"{card['memory_gib']} GiB, driver {card.get('driver')}" if card else
-                 "none (no CUDA device)")
-    lines = [f"# GPU check, {rep['date']}", "", f"- machine: {rep['host']}",
-             f"- card: {card_line}", f"- command: `{rep['command']}`",
-             f"- Transformer Engine vs megatron-core: {rep['te_range']['note']}",
-             "- summary: " + ", ".join(f"{v} {k}" for k, v in rep["summary"].items()), "",
-             "## Versions", "", "| package | version |", "|---|---|"]
+    card_line = (
+        f"{card['name']} x{card['count']}, compute capability {card['capability']}, "
+        f"{card['memory_gib']} GiB, driver {card.get('driver')}"
+        if card
+        else "none (no CUDA device)"
+    )
+    lines = [
+        f"# GPU check, {rep['date']}",
+        "",
+        f"- machine: {rep['host']}",
+        f"- card: {card_line}",
+        f"- command: `{rep['command']}`",
+        f"- Transformer Engine vs megatron-core: {rep['te_range']['note']}",
+        "- summary: " + ", ".join(f"{v} {k}" for k, v in rep["summary"].items()),
+        "",
+        "## Versions",
+        "",
+        "| package | version |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in rep["versions"].items()]
-    lines += ["", "## Checks", "", "| check | status | seconds | figures / reason |",
-              "|---|---|---|---|"]
+    lines += ["", "## Checks", "", "| check | status | seconds | figures / reason |", "|---|---|---|---|"]
     for r in rep["checks"]:
-        detail = r["reason"] if r["status"] == "skipped" else "; ".join(
-            f"{k}={_fmt(v)}" for k, v in r["figures"].items()) or r["reason"]
-        lines.append(f"| {r['name']} | {r['status']} | {r['seconds']:.0f} | "
-                     f"{detail.replace('|', '/')} |")
+        detail = (
+            r["reason"]
+            if r["status"] == "skipped"
+            else "; ".join(f"{k}={_fmt(v)}" for k, v in r["figures"].items()) or r["reason"]
+        )
+        lines.append(f"| {r['name']} | {r['status']} | {r['seconds']:.0f} | {detail.replace('|', '/')} |")
     if rep["goals"]:
         lines += ["", "## Issue 6 goals", "", "| goal | measured | met |", "|---|---|---|"]
-        lines += [f"| {g['goal']} | {g['value']} | {'yes' if g['met'] else 'no'} |"
-                  for g in rep["goals"]]
+        lines += [f"| {g['goal']} | {g['value']} | {'yes' if g['met'] else 'no'} |" for g in rep["goals"]]
     return "\n".join(lines) + "\n"
 
 
@@ -304,8 +374,12 @@ def dali_parity(images: Path) -> dict:
     records = [load_record(str(f), TilingConfig(tile_size=448, max_tiles=12)) for f in files]
     ref, _ = build_image_pipeline(ImageConfig(backend="pil")).tiles(records)
     got, ok = build_image_pipeline(ImageConfig(backend="dali", max_batch_images=8)).tiles(records)
-    out = {"images": len(files), "tiles": int(ref.shape[0]), "decoded": int(sum(ok)),
-           "same_shape": int(tuple(got.shape) == tuple(ref.shape))}
+    out = {
+        "images": len(files),
+        "tiles": int(ref.shape[0]),
+        "decoded": int(sum(ok)),
+        "same_shape": int(tuple(got.shape) == tuple(ref.shape)),
+    }
     if out["same_shape"]:
         diff = (got.float().cpu() - ref.float()).abs()
         out.update(max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()))

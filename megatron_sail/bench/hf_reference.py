@@ -1,6 +1,7 @@
 """transformers' InternVLForConditionalGeneration as a training-step runner for the timing of
 bench/training_step.py (benchmarks/hf_reference.py is its command line): random weights of a
 recipe's shape, packed rows passed as restarting position_ids."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -18,18 +19,30 @@ def hf_config(model) -> "transformers.InternVLConfig":
     v, lm = model.vision, model.language
     return InternVLConfig(
         vision_config={
-            "hidden_size": v.hidden_size, "num_hidden_layers": v.num_layers,
-            "num_attention_heads": v.num_heads, "intermediate_size": v.ffn_hidden_size,
-            "image_size": [v.image_size] * 2, "patch_size": [v.patch_size] * 2,
-            "attention_bias": v.qkv_bias, "use_qk_norm": v.qk_norm, "norm_type": v.norm_type,
-            "layer_norm_eps": v.norm_eps, "layer_scale_init_value": v.layer_scale_init,
-            "hidden_act": "gelu", "use_mean_pooling": True,
+            "hidden_size": v.hidden_size,
+            "num_hidden_layers": v.num_layers,
+            "num_attention_heads": v.num_heads,
+            "intermediate_size": v.ffn_hidden_size,
+            "image_size": [v.image_size] * 2,
+            "patch_size": [v.patch_size] * 2,
+            "attention_bias": v.qkv_bias,
+            "use_qk_norm": v.qk_norm,
+            "norm_type": v.norm_type,
+            "layer_norm_eps": v.norm_eps,
+            "layer_scale_init_value": v.layer_scale_init,
+            "hidden_act": "gelu",
+            "use_mean_pooling": True,
         },
         text_config={
-            "model_type": "qwen2", "hidden_size": lm.hidden_size, "num_hidden_layers": lm.num_layers,
-            "num_attention_heads": lm.num_heads, "num_key_value_heads": lm.num_kv_heads,
-            "intermediate_size": lm.ffn_hidden_size, "vocab_size": lm.vocab_size,
-            "rms_norm_eps": lm.norm_eps, "max_position_embeddings": lm.max_position_embeddings,
+            "model_type": "qwen2",
+            "hidden_size": lm.hidden_size,
+            "num_hidden_layers": lm.num_layers,
+            "num_attention_heads": lm.num_heads,
+            "num_key_value_heads": lm.num_kv_heads,
+            "intermediate_size": lm.ffn_hidden_size,
+            "vocab_size": lm.vocab_size,
+            "rms_norm_eps": lm.norm_eps,
+            "max_position_embeddings": lm.max_position_embeddings,
             "tie_word_embeddings": lm.tie_embeddings,
             "rope_parameters": {"rope_type": "default", "rope_theta": lm.rope_theta},
         },
@@ -66,8 +79,9 @@ class HFRunner:
         self.model = InternVLForConditionalGeneration(cfg).to(device=dev, dtype=self.dtype)
         self.model.train()
         self.device = dev
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, weight_decay=0.05,
-                                           fused=gpu, foreach=None if gpu else True)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-5, weight_decay=0.05, fused=gpu, foreach=None if gpu else True
+        )
         inner = self.model.model
         self.vision, self.projector = inner.vision_tower, inner.multi_modal_projector
 
@@ -77,9 +91,12 @@ class HFRunner:
         labels = torch.full_like(b.tokens, -100)
         labels[:, 1:] = torch.where(b.loss_mask[:, :-1] > 0, b.tokens[:, 1:], -100)
         packed = b.cu_seqlens.numel() > b.tokens.shape[0] + 1
-        return {"input_ids": b.tokens, "labels": labels,
-                "pixel_values": b.tiles.to(self.dtype) if b.num_tiles else None,
-                "position_ids": restarting_positions(b.cu_seqlens, *b.tokens.shape) if packed else None}
+        return {
+            "input_ids": b.tokens,
+            "labels": labels,
+            "pixel_values": b.tiles.to(self.dtype) if b.num_tiles else None,
+            "position_ids": restarting_positions(b.cu_seqlens, *b.tokens.shape) if packed else None,
+        }
 
     def train_step(self, inputs: list[dict], sw) -> torch.Tensor:
         """Forward/backward over the micro-batches (loss averaged), clip to 1.0 as our trainer

@@ -2,6 +2,7 @@
 (our trainer) and benchmarks/hf_reference.py (transformers' InternVL): the same batches, the same
 timing (warm-up, synchronized wall time per step, a separate hooked pass for the ViT / LM /
 optimizer split), the same FLOPs formula (training/flops.py) and the same report."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,23 +29,41 @@ from megatron_sail.training.metrics import Stopwatch, VisionTiming, peak_memory_
 def build_parser(doc: str | None = None, hf: bool = False) -> argparse.ArgumentParser:
     """Flags shared by tools/benchmark.py and benchmarks/hf_reference.py (``hf`` drops ours-only
     ones); ``doc`` is the calling tool's description."""
-    p = argparse.ArgumentParser(description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="sail_2b", help="tiny, sail_2b or sail_8b")
-    p.add_argument("--seq-length", type=int, default=None, help="tokens per packed row (default: 4096; tiny: its recipe's)")
-    p.add_argument("--tiles-per-row", type=int, default=4, help="one-tile images per row (tiles of the model's image size: 448 px, tiny 32 px)")
+    p.add_argument(
+        "--seq-length",
+        type=int,
+        default=None,
+        help="tokens per packed row (default: 4096; tiny: its recipe's)",
+    )
+    p.add_argument(
+        "--tiles-per-row",
+        type=int,
+        default=4,
+        help="one-tile images per row (tiles of the model's image size: 448 px, tiny 32 px)",
+    )
     p.add_argument("--samples-per-row", type=int, default=1, help="packed samples per row")
     p.add_argument("--micro-batch-size", type=int, default=1, help="rows per forward pass")
-    p.add_argument("--num-micro-batches", type=int, default=1, help="micro-batches per step (gradient accumulation)")
+    p.add_argument(
+        "--num-micro-batches", type=int, default=1, help="micro-batches per step (gradient accumulation)"
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, kernels)")
     p.add_argument("--split-steps", type=int, default=2, help="extra hooked steps for the time split")
-    p.add_argument("--lm-layers", type=int, default=None, help="override the recipe's LM depth (a smaller model of the same widths)")
+    p.add_argument(
+        "--lm-layers",
+        type=int,
+        default=None,
+        help="override the recipe's LM depth (a smaller model of the same widths)",
+    )
     p.add_argument("--vit-layers", type=int, default=None, help="override the recipe's ViT depth")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     if not hf:
-        p.add_argument("--fp8-format", default=None, choices=["hybrid", "e4m3"], help="Transformer Engine FP8 (GPU)")
+        p.add_argument(
+            "--fp8-format", default=None, choices=["hybrid", "e4m3"], help="Transformer Engine FP8 (GPU)"
+        )
         p.add_argument("--recompute-granularity", default=None, choices=["selective", "full"])
         p.add_argument("--recompute-vit", action="store_true", help="full recompute of the ViT layers")
     return p
@@ -79,8 +98,9 @@ def resolve_run(args: argparse.Namespace):
     return finalize(run)
 
 
-def synthetic_micro_batch(model_cfg, seq_length: int, rows: int, tiles_per_row: int,
-                          samples_per_row: int, gen: torch.Generator):
+def synthetic_micro_batch(
+    model_cfg, seq_length: int, rows: int, tiles_per_row: int, samples_per_row: int, gen: torch.Generator
+):
     """A MicroBatch of ``rows`` packed rows with random text and one-tile random-pixel images.
 
     Samples split the row evenly; tiles go to samples round-robin and sit right after each
@@ -91,19 +111,23 @@ def synthetic_micro_batch(model_cfg, seq_length: int, rows: int, tiles_per_row: 
     tpt = model_cfg.tokens_per_tile()
     vocab, img = model_cfg.language.vocab_size, model_cfg.img_context_token_id
     bounds = np.linspace(0, seq_length, samples_per_row + 1).astype(np.int64)
-    per_sample = [tiles_per_row // samples_per_row + (k < tiles_per_row % samples_per_row)
-                  for k in range(samples_per_row)]
+    per_sample = [
+        tiles_per_row // samples_per_row + (k < tiles_per_row % samples_per_row)
+        for k in range(samples_per_row)
+    ]
     for k, n in enumerate(per_sample):
         if bounds[k + 1] - bounds[k] < n * tpt + 2:
-            raise ValueError(f"--seq-length {seq_length}: sample {k} of {bounds[k + 1] - bounds[k]} "
-                             f"tokens cannot hold {n} tiles of {tpt} tokens plus text")
+            raise ValueError(
+                f"--seq-length {seq_length}: sample {k} of {bounds[k + 1] - bounds[k]} "
+                f"tokens cannot hold {n} tiles of {tpt} tokens plus text"
+            )
     tokens = torch.randint(0, vocab - 1, (rows, seq_length), generator=gen)
     tokens[tokens == img] = 0
     loss_mask = torch.ones(rows, seq_length)
     for k in range(samples_per_row):
         lo, hi = int(bounds[k]), int(bounds[k + 1])
-        tokens[:, lo + 1:lo + 1 + per_sample[k] * tpt] = img
-        loss_mask[:, lo:lo + 1 + per_sample[k] * tpt] = 0.0
+        tokens[:, lo + 1 : lo + 1 + per_sample[k] * tpt] = img
+        loss_mask[:, lo : lo + 1 + per_sample[k] * tpt] = 0.0
         loss_mask[:, hi - 1] = 0.0
     labels = torch.zeros_like(tokens)
     labels[:, :-1] = tokens[:, 1:]
@@ -112,10 +136,17 @@ def synthetic_micro_batch(model_cfg, seq_length: int, rows: int, tiles_per_row: 
     side = model_cfg.vision.image_size
     n_tiles = rows * tiles_per_row
     return MicroBatch(
-        tokens=tokens, labels=labels, loss_mask=loss_mask,
-        cu_seqlens=torch.from_numpy(cu.astype(np.int32)), max_seqlen=int(np.diff(bounds).max()),
-        tiles=torch.randn(n_tiles, 3, side, side, generator=gen), num_images=n_tiles,
-        num_tiles=n_tiles, decode_failures=0, failed_sources=[])
+        tokens=tokens,
+        labels=labels,
+        loss_mask=loss_mask,
+        cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
+        max_seqlen=int(np.diff(bounds).max()),
+        tiles=torch.randn(n_tiles, 3, side, side, generator=gen),
+        num_images=n_tiles,
+        num_tiles=n_tiles,
+        decode_failures=0,
+        failed_sources=[],
+    )
 
 
 def batch_flops(shape, batch, samples_per_row: int) -> float:
@@ -170,9 +201,20 @@ def measure(runner, run, args, name: str) -> Result:
     vision / projector modules and peak_memory(); the same function times both tools.
     """
     gen = torch.Generator().manual_seed(args.seed)
-    pool = [[synthetic_micro_batch(run.model, args.seq_length, args.micro_batch_size,
-                                   args.tiles_per_row, args.samples_per_row, gen)
-             for _ in range(args.num_micro_batches)] for _ in range(2)]
+    pool = [
+        [
+            synthetic_micro_batch(
+                run.model,
+                args.seq_length,
+                args.micro_batch_size,
+                args.tiles_per_row,
+                args.samples_per_row,
+                gen,
+            )
+            for _ in range(args.num_micro_batches)
+        ]
+        for _ in range(2)
+    ]
     shape = shape_from_model_config(run.model)
     flops = sum(batch_flops(shape, b, args.samples_per_row) for b in pool[0])
     tokens = args.seq_length * args.micro_batch_size * args.num_micro_batches
@@ -193,15 +235,26 @@ def measure(runner, run, args, name: str) -> Result:
     per_gpu = flops / step_time
     ratio = mfu(per_gpu, peak)
     return Result(
-        name=name, recipe=args.recipe, device=device_name(), seq_length=args.seq_length,
-        tiles_per_row=args.tiles_per_row, samples_per_row=args.samples_per_row,
-        micro_batch_size=args.micro_batch_size, num_micro_batches=args.num_micro_batches,
-        steps=args.steps, step_time_s=step_time, tokens_per_s=tokens / step_time,
-        tflops_per_gpu=per_gpu / 1e12, mfu=None if math.isnan(ratio) else ratio,
-        peak_memory_gib=runner.peak_memory() / 2**30, flops_per_step=flops,
-        losses=[float(x) for x in losses], split_s=split,
+        name=name,
+        recipe=args.recipe,
+        device=device_name(),
+        seq_length=args.seq_length,
+        tiles_per_row=args.tiles_per_row,
+        samples_per_row=args.samples_per_row,
+        micro_batch_size=args.micro_batch_size,
+        num_micro_batches=args.num_micro_batches,
+        steps=args.steps,
+        step_time_s=step_time,
+        tokens_per_s=tokens / step_time,
+        tflops_per_gpu=per_gpu / 1e12,
+        mfu=None if math.isnan(ratio) else ratio,
+        peak_memory_gib=runner.peak_memory() / 2**30,
+        flops_per_step=flops,
+        losses=[float(x) for x in losses],
+        split_s=split,
         fp8_format=getattr(args, "fp8_format", None),
-        recompute_granularity=getattr(args, "recompute_granularity", None))
+        recompute_granularity=getattr(args, "recompute_granularity", None),
+    )
 
 
 def _split(runner, pool, steps: int) -> dict[str, float]:
@@ -220,16 +273,22 @@ def _split(runner, pool, steps: int) -> dict[str, float]:
         timing.remove()
     t = {k: v / steps for k, v in sw.reset().items()}
     vit = t.get("vit_fwd", 0.0) + t.get("vit_bwd", 0.0)
-    return {"vit_projector_s": vit, "lm_fwd_bwd_s": t.get("fwd_bwd", 0.0) - vit,
-            "optimizer_s": t.get("optimizer", 0.0), "data_wait_s": t.get("data", 0.0),
-            "step_s": t.get("step", 0.0)}
+    return {
+        "vit_projector_s": vit,
+        "lm_fwd_bwd_s": t.get("fwd_bwd", 0.0) - vit,
+        "optimizer_s": t.get("optimizer", 0.0),
+        "data_wait_s": t.get("data", 0.0),
+        "step_s": t.get("step", 0.0),
+    }
 
 
 def report(r: Result, json_path: str | None) -> None:
     """Print the summary (its last lines are the numbers issue 6 asks for) and write the JSON."""
-    print(f"{r.name} | {r.recipe} | {r.device} | seq {r.seq_length} x mbs {r.micro_batch_size} "
-          f"x {r.num_micro_batches} micro-batches | {r.tiles_per_row} tiles/row | "
-          f"{r.samples_per_row} samples/row | fp8 {r.fp8_format} | recompute {r.recompute_granularity}")
+    print(
+        f"{r.name} | {r.recipe} | {r.device} | seq {r.seq_length} x mbs {r.micro_batch_size} "
+        f"x {r.num_micro_batches} micro-batches | {r.tiles_per_row} tiles/row | "
+        f"{r.samples_per_row} samples/row | fp8 {r.fp8_format} | recompute {r.recompute_granularity}"
+    )
     print(f"losses: {' '.join(f'{x:.4f}' for x in r.losses)}")
     print(f"step time: {r.step_time_s:.4f} s ({r.steps} steps)")
     print(f"tokens/s: {r.tokens_per_s:.1f}")
@@ -239,9 +298,11 @@ def report(r: Result, json_path: str | None) -> None:
     print(f"peak memory: {r.peak_memory_gib:.2f} GiB")
     s = r.split_s
     if s:
-        print(f"step split: vit+projector {s['vit_projector_s']:.4f} s | lm fwd/bwd {s['lm_fwd_bwd_s']:.4f} s "
-              f"| optimizer {s['optimizer_s']:.4f} s | data wait {s['data_wait_s']:.4f} s "
-              f"| step {s['step_s']:.4f} s (hooked, synchronized)")
+        print(
+            f"step split: vit+projector {s['vit_projector_s']:.4f} s | lm fwd/bwd {s['lm_fwd_bwd_s']:.4f} s "
+            f"| optimizer {s['optimizer_s']:.4f} s | data wait {s['data_wait_s']:.4f} s "
+            f"| step {s['step_s']:.4f} s (hooked, synchronized)"
+        )
     if json_path:
         tmp = f"{json_path}.tmp"
         with open(tmp, "w") as f:
@@ -289,8 +350,9 @@ class OurRunner:
         start = sw.now()
         self.optimizer.prepare_grads = timed_prepare
         try:
-            res = train_step(self.chunks, self.optimizer, self.scheduler, batches,
-                             self.run.data.seq_length, self.row_stats)
+            res = train_step(
+                self.chunks, self.optimizer, self.scheduler, batches, self.run.data.seq_length, self.row_stats
+            )
         finally:
             del self.optimizer.prepare_grads
         end = sw.now()

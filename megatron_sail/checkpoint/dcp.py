@@ -19,6 +19,7 @@ neither and behaves the same on CPU and GPU.
 
 This module is the one place that chooses the strategy; conversion and the trainer both use it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,19 +47,18 @@ from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.planner import WriteItemType
 
+from megatron_sail.checkpoint import integrity
+from megatron_sail.checkpoint.layout import MCORE_METADATA
 from megatron_sail.compat.dist_checkpointing import (
     CallerQueue,
     sharded_key_groups,
     wrapped_exception,
 )
 
-from megatron_sail.checkpoint import integrity
-from megatron_sail.checkpoint.layout import MCORE_METADATA
-
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistCkptConfig:
     """How model checkpoints are written and read."""
 
@@ -86,15 +86,17 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
     def _to_dcp(self, sharded_state_dict) -> tuple[dict, MCoreSavePlanner]:
         """Megatron ShardedTensors as a DCP state dict, and the planner that saves it."""
         sharded_state_dict = sharded_key_groups(sharded_state_dict, self.keep_only_main_replica)
-        planner = MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
-                                   flatten_state_dict=False)
+        planner = MCoreSavePlanner(
+            dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False
+        )
         return mcore_to_pyt_state_dict(sharded_state_dict, False), planner
 
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
         """Translate Megatron ShardedTensors to DCP and write them with FileSystemWriter."""
         pyt_state_dict, planner = self._to_dcp(sharded_state_dict)
-        writer = FileSystemWriter(str(checkpoint_dir), thread_count=self.thread_count,
-                                  single_file_per_rank=True)
+        writer = FileSystemWriter(
+            str(checkpoint_dir), thread_count=self.thread_count, single_file_per_rank=True
+        )
         torch.distributed.checkpoint.save(pyt_state_dict, storage_writer=writer, planner=planner)
 
     def async_save(self, sharded_state_dict, checkpoint_dir) -> AsyncRequest:
@@ -117,9 +119,12 @@ class HostCopyWriter(FileSystemWriterAsync):
     def prepare_write_data(self, plan, planner) -> None:
         """Stage this rank's data: bytes items as they are, tensors as host copies."""
         self._plan = plan
-        self._staged = {item.index: _host_copy(planner.resolve_data(item))
-                        if item.type != WriteItemType.BYTE_IO else planner.resolve_data(item)
-                        for item in plan.items}
+        self._staged = {
+            item.index: _host_copy(planner.resolve_data(item))
+            if item.type != WriteItemType.BYTE_IO
+            else planner.resolve_data(item)
+            for item in plan.items
+        }
         self._results = wrapped_exception(RuntimeError("checkpoint write did not run"))
 
     def write(self) -> None:
@@ -169,9 +174,13 @@ class ThreadAsyncCaller(AsyncCaller):
         """Start the write (nothing to start when this rank writes nothing)."""
         if async_req.async_fn is None:
             return
-        self.thread = threading.Thread(target=async_req.async_fn, args=async_req.async_fn_args,
-                                       kwargs=async_req.async_fn_kwargs, daemon=True,
-                                       name="checkpoint-writer")
+        self.thread = threading.Thread(
+            target=async_req.async_fn,
+            args=async_req.async_fn_args,
+            kwargs=async_req.async_fn_kwargs,
+            daemon=True,
+            name="checkpoint-writer",
+        )
         self.thread.start()
 
     def is_current_async_call_done(self, blocking: bool = False, no_dist: bool = False) -> bool:
@@ -215,9 +224,13 @@ def save_strategy(cfg: DistCkptConfig = DistCkptConfig()):
     return strategy
 
 
-def save_sharded(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike,
-                 cfg: DistCkptConfig = DistCkptConfig(), content_metadata: dict | None = None,
-                 async_save: bool = False) -> AsyncRequest | None:
+def save_sharded(
+    sharded_state_dict: dict,
+    checkpoint_dir: str | os.PathLike,
+    cfg: DistCkptConfig = DistCkptConfig(),
+    content_metadata: dict | None = None,
+    async_save: bool = False,
+) -> AsyncRequest | None:
     """Collective: write a sharded state dict into ``checkpoint_dir`` (created if missing).
 
     With ``async_save`` only the planning and the host copy happen here; the returned request
@@ -228,15 +241,22 @@ def save_sharded(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike,
     if dist.get_rank() == 0:
         os.makedirs(checkpoint_dir, exist_ok=True)
     dist.barrier()
-    return dist_checkpointing.save(sharded_state_dict, str(checkpoint_dir),
-                                   sharded_strategy=save_strategy(cfg),
-                                   validate_access_integrity=cfg.validate_access_integrity,
-                                   content_metadata=content_metadata,
-                                   async_sharded_save=async_save)
+    return dist_checkpointing.save(
+        sharded_state_dict,
+        str(checkpoint_dir),
+        sharded_strategy=save_strategy(cfg),
+        validate_access_integrity=cfg.validate_access_integrity,
+        content_metadata=content_metadata,
+        async_sharded_save=async_save,
+    )
 
 
-def load_sharded(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike,
-                 cfg: DistCkptConfig = DistCkptConfig(), allow_extra: bool = False) -> dict:
+def load_sharded(
+    sharded_state_dict: dict,
+    checkpoint_dir: str | os.PathLike,
+    cfg: DistCkptConfig = DistCkptConfig(),
+    allow_extra: bool = False,
+) -> dict:
     """Collective: read the tensors ``sharded_state_dict`` describes; returns plain tensors.
 
     ``allow_extra`` accepts a checkpoint that holds more than is asked for (a training
@@ -244,8 +264,9 @@ def load_sharded(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike,
     checkpoint lacks is still an error under ``cfg.strict_load``.
     """
     if not (Path(checkpoint_dir) / MCORE_METADATA).is_file():
-        raise FileNotFoundError(f"{checkpoint_dir}: not a Megatron distributed checkpoint (no "
-                                f"{MCORE_METADATA})")
+        raise FileNotFoundError(
+            f"{checkpoint_dir}: not a Megatron distributed checkpoint (no {MCORE_METADATA})"
+        )
     if cfg.verify != "off":
         verified = integrity.verify_checkpoint(str(checkpoint_dir), cfg.verify)
         if verified == "none" and dist.get_rank() == 0:  # generate, convert: as the trainer says
@@ -270,8 +291,12 @@ def model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def save_model(model_chunks: list[torch.nn.Module], checkpoint_dir: str | os.PathLike,
-               cfg: DistCkptConfig = DistCkptConfig(), overwrite: bool = False) -> Path:
+def save_model(
+    model_chunks: list[torch.nn.Module],
+    checkpoint_dir: str | os.PathLike,
+    cfg: DistCkptConfig = DistCkptConfig(),
+    overwrite: bool = False,
+) -> Path:
     """Collective: save model weights only, atomically (temporary folder, then rename by rank 0)."""
     final = Path(checkpoint_dir)
     tmp = final.parent / f".{final.name}.tmp"
@@ -293,15 +318,17 @@ def save_model(model_chunks: list[torch.nn.Module], checkpoint_dir: str | os.Pat
     return final
 
 
-def load_model(model_chunks: list[torch.nn.Module], checkpoint_dir: str | os.PathLike,
-               cfg: DistCkptConfig = DistCkptConfig()) -> None:
+def load_model(
+    model_chunks: list[torch.nn.Module],
+    checkpoint_dir: str | os.PathLike,
+    cfg: DistCkptConfig = DistCkptConfig(),
+) -> None:
     """Collective: load weights into the chunks (at whatever TP/PP they were built with).
 
     Works on model-only checkpoints (conversions) and on training checkpoints, whose optimizer
     state is left unread.
     """
-    loaded = load_sharded(model_sharded_state_dict(model_chunks), checkpoint_dir, cfg,
-                          allow_extra=True)
+    loaded = load_sharded(model_sharded_state_dict(model_chunks), checkpoint_dir, cfg, allow_extra=True)
     chunks = unwrap_model(list(model_chunks))
     if len(chunks) == 1:
         chunks[0].load_state_dict(loaded["model"], strict=True)

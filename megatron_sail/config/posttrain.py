@@ -4,6 +4,7 @@ For these stages ``--data-path`` names JSONL files (and, for grpo, VLMEvalKit TS
 tokenized when the run starts, with the tokenizer and processor settings of the starting
 checkpoint, instead of packed indexed prefixes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -65,16 +66,19 @@ class PostTrainConfig:
         if self.pref_loss not in ("dpo", "ipo", "mpo"):
             raise ValueError(f"--pref-loss {self.pref_loss!r}: expected dpo, ipo or mpo")
         if len(self.mpo_weights) != 3:
-            raise ValueError(f"--mpo-weights {self.mpo_weights}: expected 3 weights "
-                             "(DPO, BCO, LM)")
+            raise ValueError(f"--mpo-weights {self.mpo_weights}: expected 3 weights (DPO, BCO, LM)")
         if self.num_generations < 2:
-            raise ValueError(f"--num-generations {self.num_generations}: GRPO needs >= 2 "
-                             "completions per prompt (group-normalized advantages)")
+            raise ValueError(
+                f"--num-generations {self.num_generations}: GRPO needs >= 2 "
+                "completions per prompt (group-normalized advantages)"
+            )
         if self.ppo_epochs < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"--ppo-epochs {self.ppo_epochs} and --max-new-tokens "
-                             f"{self.max_new_tokens} must be >= 1")
+            raise ValueError(
+                f"--ppo-epochs {self.ppo_epochs} and --max-new-tokens {self.max_new_tokens} must be >= 1"
+            )
         if self.loss_level not in ("token", "sequence"):
             raise ValueError(f"--grpo-loss-level {self.loss_level!r}: expected token or sequence")
         if self.reward_weights and len(self.reward_weights) != len(self.rewards):
-            raise ValueError(f"--reward-weights: {len(self.reward_weights)} weights for "
-                             f"{len(self.rewards)} rewards")
+            raise ValueError(
+                f"--reward-weights: {len(self.reward_weights)} weights for {len(self.rewards)} rewards"
+            )

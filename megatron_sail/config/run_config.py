@@ -1,5 +1,6 @@
 """RunConfig: one run's full configuration, one typed part per component (config/run.py
 resolves it from a recipe, YAML and flags; config/recipes.py builds the recipes' defaults)."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -17,6 +17,7 @@ that came in (atomic). Each tensor gets back its source dtype, so a round trip i
 (fp32 holds every bf16/fp16 value exactly). Tokenizer, chat template, processor and generation
 configs are always written (hf_assets), so the folder is usable as is.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,17 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_sail.checkpoint import dcp, integrity
-from megatron_sail.checkpoint.layout import (CONVERSION_FILE, HF_CONFIG_FILE, PROCESSOR_FILE,
-                                             SOURCE_DIR, TOKENIZER_DIR, UNUSED_FILE,
-                                             read_checkpoint, read_model_config,
-                                             write_model_config)
+from megatron_sail.checkpoint.layout import (
+    CONVERSION_FILE,
+    HF_CONFIG_FILE,
+    PROCESSOR_FILE,
+    SOURCE_DIR,
+    TOKENIZER_DIR,
+    UNUSED_FILE,
+    read_checkpoint,
+    read_model_config,
+    write_model_config,
+)
 from megatron_sail.checkpoint.processor import ProcessorSettings
 from megatron_sail.checkpoint.tokenizer import save_tokenizer
 from megatron_sail.config.model import ModelConfig
@@ -44,7 +52,9 @@ from megatron_sail.convert import hf_assets, hf_internvl, hf_io, internvl_chat, 
 from megatron_sail.models.families import vision_family
 
 LAYOUTS = ("hf", "chat")
-@dataclass
+
+
+@dataclass(frozen=True)
 class ConvertConfig:
     """Options of both conversion directions."""
 
@@ -63,6 +73,7 @@ class ConvertConfig:
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"ConvertConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
+
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +101,27 @@ def read_hf_checkpoint(hf_dir: str | os.PathLike) -> HFCheckpoint:
     config = hf_io.read_config(hf_dir)
     raw = hf_io.read_state_dict(hf_dir)
     if internvl_chat.is_chat_config(config) or sailvl_layout.is_sailvl_config(config):
-        tid = internvl_chat.resolve_image_token_id(
-            config, lambda tok: hf_io.find_added_token_id(hf_dir, tok))
+        tid = internvl_chat.resolve_image_token_id(config, lambda tok: hf_io.find_added_token_id(hf_dir, tok))
         if sailvl_layout.is_sailvl_config(config):
-            return HFCheckpoint(config, sailvl_layout.to_hf_state_dict(raw), "sailvl", hf_dir,
-                                sailvl_layout.model_config(config, tid))
-        return HFCheckpoint(internvl_chat.chat_config_to_hf(config, tid),
-                            internvl_chat.chat_to_hf_state_dict(raw), "chat", hf_dir)
+            return HFCheckpoint(
+                config,
+                sailvl_layout.to_hf_state_dict(raw),
+                "sailvl",
+                hf_dir,
+                sailvl_layout.model_config(config, tid),
+            )
+        return HFCheckpoint(
+            internvl_chat.chat_config_to_hf(config, tid),
+            internvl_chat.chat_to_hf_state_dict(raw),
+            "chat",
+            hf_dir,
+        )
     if config.get("model_type") != "internvl":
-        raise ValueError(f"{hf_dir}/config.json: model_type {config.get('model_type')!r} is neither "
-                         f"'internvl' (transformers), '{internvl_chat.CHAT_MODEL_TYPE}' (InternVL-chat) "
-                         f"nor '{sailvl_layout.SAILVL_MODEL_TYPE}' (SAIL-VL2)")
+        raise ValueError(
+            f"{hf_dir}/config.json: model_type {config.get('model_type')!r} is neither "
+            f"'internvl' (transformers), '{internvl_chat.CHAT_MODEL_TYPE}' (InternVL-chat) "
+            f"nor '{sailvl_layout.SAILVL_MODEL_TYPE}' (SAIL-VL2)"
+        )
     return HFCheckpoint(config, hf_io.to_module_keys(raw), "hf", hf_dir)
 
 
@@ -117,8 +138,12 @@ def transformers_config(config: dict):
 
 
 # ------------------------------------------------------------------ our side of the mapping
-def build_model_chunks(model_config: ModelConfig, parallel: ParallelConfig,
-                       dtype: torch.dtype = torch.float32, use_te: bool | None = None) -> list[torch.nn.Module]:
+def build_model_chunks(
+    model_config: ModelConfig,
+    parallel: ParallelConfig,
+    dtype: torch.dtype = torch.float32,
+    use_te: bool | None = None,
+) -> list[torch.nn.Module]:
     """This rank's SailVLModel stage (one chunk; no virtual pipeline) for the current groups.
 
     Conversion builds with the local spec (``use_te=False``): its parameter names are the ones
@@ -128,10 +153,16 @@ def build_model_chunks(model_config: ModelConfig, parallel: ParallelConfig,
 
     from megatron_sail.models.sail_vl import SailVLModel
 
-    return [SailVLModel(model_config, parallel,
-                        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
-                        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
-                        dtype=dtype, use_te=use_te)]
+    return [
+        SailVLModel(
+            model_config,
+            parallel,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+            dtype=dtype,
+            use_te=use_te,
+        )
+    ]
 
 
 # ------------------------------------------------------------------ drivers
@@ -156,15 +187,15 @@ def _phase(what: str, start: float) -> None:
     log.info(f"convert: {what} [{time.perf_counter() - start:.1f}s]")
 
 
-def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                cfg: ConvertConfig = ConvertConfig()) -> Path:
+def hf_to_mcore(
+    hf_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: ConvertConfig = ConvertConfig()
+) -> Path:
     """Convert an HF checkpoint folder (either layout) into a Megatron dist checkpoint folder."""
     _check_not_source(hf_dir, out_dir, "--hf-dir")
     _check_empty(out_dir, cfg.overwrite)
     start = time.perf_counter()
     hf = read_hf_checkpoint(hf_dir)
-    _phase(f"read {hf_dir}: {len(hf.state)} tensors, {_gib(hf.state):.2f} GiB ({hf.layout} layout)",
-           start)
+    _phase(f"read {hf_dir}: {len(hf.state)} tensors, {_gib(hf.state):.2f} GiB ({hf.layout} layout)", start)
     model_config = checkpoint_model_config(hf)
     ours = hf_internvl.hf_to_ours(hf.state, model_config)
     unused = hf_internvl.unused_hf_tensors(hf.state, model_config)
@@ -181,8 +212,10 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
             save_file({k: v.contiguous() for k, v in unused.items()}, str(tmp / UNUSED_FILE))
         write_model_config(tmp, model_config)
         (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf.config, indent=2, sort_keys=True) + "\n")
-        (tmp / CONVERSION_FILE).write_text(json.dumps(
-            {"source": str(hf.path), "source_layout": hf.layout, "hf_dtypes": dtypes}, indent=2) + "\n")
+        (tmp / CONVERSION_FILE).write_text(
+            json.dumps({"source": str(hf.path), "source_layout": hf.layout, "hf_dtypes": dtypes}, indent=2)
+            + "\n"
+        )
         tok = tmp / TOKENIZER_DIR
         tok.mkdir()
         if not hf_io.copy_tokenizer_files(hf.path, tok):
@@ -197,9 +230,11 @@ def _check_not_source(src: str | os.PathLike, out_dir: str | os.PathLike, flag: 
     would delete the checkpoint being converted."""
     s, o = Path(src).resolve(), Path(out_dir).resolve()
     if o == s or o in s.parents:
-        raise ValueError(f"--out {out_dir} is {'the same folder as' if o == s else 'a parent of'} "
-                         f"{flag} {src}: writing there would replace the source checkpoint; "
-                         "choose another --out")
+        raise ValueError(
+            f"--out {out_dir} is {'the same folder as' if o == s else 'a parent of'} "
+            f"{flag} {src}: writing there would replace the source checkpoint; "
+            "choose another --out"
+        )
 
 
 def _record_source(hf: HFCheckpoint, model_config: ModelConfig, tmp: Path) -> None:
@@ -209,8 +244,7 @@ def _record_source(hf: HFCheckpoint, model_config: ModelConfig, tmp: Path) -> No
     tile = model_config.vision.image_size
     hf_assets.settings_from_hf(hf.path, raw, model_config.tokens_per_tile(tile), tile).write(tmp)
     if hf.layout in ("chat", "sailvl"):
-        hf_assets.copy_source_files(hf.path, tmp / SOURCE_DIR,
-                                    skip=hf_io.TOKENIZER_FILES + (PROCESSOR_FILE,))
+        hf_assets.copy_source_files(hf.path, tmp / SOURCE_DIR, skip=hf_io.TOKENIZER_FILES + (PROCESSOR_FILE,))
 
 
 def _check_empty(out_dir: str | os.PathLike, overwrite: bool) -> None:
@@ -225,19 +259,23 @@ def _load_full_state(model: torch.nn.Module, ours: dict[str, torch.Tensor]) -> N
     expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}
     missing, extra = sorted(expected - set(ours)), sorted(set(ours) - expected)
     if missing or extra:
-        raise ValueError(f"converted state dict does not match the model: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}")
+        raise ValueError(
+            f"converted state dict does not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
     with torch.no_grad():
         params = dict(model.state_dict(keep_vars=True))
         for key, value in ours.items():
             target = params[key]
             if tuple(target.shape) != tuple(value.shape):
-                raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape {tuple(target.shape)}")
+                raise ValueError(
+                    f"{key}: checkpoint shape {tuple(value.shape)} != model shape {tuple(target.shape)}"
+                )
             target.copy_(value)
 
 
-def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                cfg: ConvertConfig = ConvertConfig()) -> Path:
+def mcore_to_hf(
+    mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: ConvertConfig = ConvertConfig()
+) -> Path:
     """Convert a Megatron dist checkpoint (ours: one checkpoint folder, or a --save root whose
     `latest` is read) into transformers' InternVL folder. A run that prunes the checkpoint
     while it is read (--keep-last) makes this convert the new latest, or say it was deleted."""
@@ -253,13 +291,15 @@ def _mcore_to_hf(mcore_dir: Path, out_dir: str | os.PathLike, cfg: ConvertConfig
         raise ValueError(
             f"{mcore_dir}: no HF VLM layout (--layout hf or chat) holds a "
             f"{model_config.vision.family!r} vision tower beside the projector; export is "
-            "refused rather than written in a layout whose code would run it differently")
+            "refused rather than written in a layout whose code would run it differently"
+        )
     if not vision_family(model_config.vision.family).in_internvl_container and cfg.layout != "chat":
         raise ValueError(
             f"{mcore_dir}: transformers' InternVL layout (--layout hf) cannot hold a "
             f"{model_config.vision.family!r} vision tower (it has no class token and InternVL's "
             "vision config cannot describe it); use --layout chat, which writes SAIL-VL2's "
-            "'sailvl' remote-code layout (docs/conversion.md)")
+            "'sailvl' remote-code layout (docs/conversion.md)"
+        )
     source = mcore_dir / SOURCE_DIR
     if cfg.layout == "chat" and not (source / "config.json").is_file():
         raise ValueError(_no_remote_code_message(mcore_dir, model_config))
@@ -279,7 +319,9 @@ def _mcore_to_hf(mcore_dir: Path, out_dir: str | os.PathLike, cfg: ConvertConfig
     if model_config.language.tie_embeddings:
         state.pop("lm_head.weight", None)  # transformers stores tied weights once, as it saves them
     dtypes = _source_dtypes(mcore_dir)
-    state = {k: v.to(getattr(torch, dtypes.get(k, str(v.dtype).removeprefix("torch.")))) for k, v in state.items()}
+    state = {
+        k: v.to(getattr(torch, dtypes.get(k, str(v.dtype).removeprefix("torch.")))) for k, v in state.items()
+    }
     state.update(_unused_tensors(mcore_dir, hf_config))
     hf_config["image_seq_length"] = settings.tokens_per_tile
     if cfg.layout == "chat":
@@ -297,32 +339,49 @@ def _mcore_to_hf(mcore_dir: Path, out_dir: str | os.PathLike, cfg: ConvertConfig
 def _no_remote_code_message(mcore_dir: Path, model_config: ModelConfig) -> str:
     """Why --layout chat cannot be written (no source_files/: a model trained from scratch or
     from a transformers-layout start) and what works instead, in one line."""
-    why = (f"{mcore_dir}: --layout chat writes the hub's remote-code layout and needs that remote "
-           f"code in {SOURCE_DIR}/, which only a checkpoint converted from an InternVL-chat or "
-           "sailvl hub folder (or trained with --init-from one) carries; this one has none")
+    why = (
+        f"{mcore_dir}: --layout chat writes the hub's remote-code layout and needs that remote "
+        f"code in {SOURCE_DIR}/, which only a checkpoint converted from an InternVL-chat or "
+        "sailvl hub folder (or trained with --init-from one) carries; this one has none"
+    )
     if vision_family(model_config.vision.family).in_internvl_container:
-        return (why + "; export with --layout hf (the default) instead: transformers loads it, "
-                "and VLMEvalKit evaluates it served by vLLM (docs/evaluation.md)")
-    return (why + f", and a {model_config.vision.family!r} vision tower has no transformers "
-            "layout either: evaluate the checkpoint itself with tools/evaluate.py")
+        return (
+            why + "; export with --layout hf (the default) instead: transformers loads it, "
+            "and VLMEvalKit evaluates it served by vLLM (docs/evaluation.md)"
+        )
+    return (
+        why + f", and a {model_config.vision.family!r} vision tower has no transformers "
+        "layout either: evaluate the checkpoint itself with tools/evaluate.py"
+    )
 
 
-def _write_sailvl(mcore_dir: Path, out_dir, cfg: ConvertConfig, model_config: ModelConfig,
-                  ours: dict, tokenizer: Path, settings: ProcessorSettings,
-                  source: Path) -> Path:
+def _write_sailvl(
+    mcore_dir: Path,
+    out_dir,
+    cfg: ConvertConfig,
+    model_config: ModelConfig,
+    ours: dict,
+    tokenizer: Path,
+    settings: ProcessorSettings,
+    source: Path,
+) -> Path:
     """mcore -> SAIL-VL2's 'sailvl' layout (AIMv2 towers): tensors in the hub's names and source
     dtypes, the tied LM head written too (as the hub file stores it), the source config.json
     (rebuilt around the new shapes when the architecture changed), remote code and side files."""
     stored = json.loads((source / "config.json").read_text())
     if not sailvl_layout.is_sailvl_config(stored):
-        raise ValueError(f"{source}/config.json: model_type {stored.get('model_type')!r}; an "
-                         f"{model_config.vision.family!r} model exports to the "
-                         f"'{sailvl_layout.SAILVL_MODEL_TYPE}' layout, whose remote code it needs")
+        raise ValueError(
+            f"{source}/config.json: model_type {stored.get('model_type')!r}; an "
+            f"{model_config.vision.family!r} model exports to the "
+            f"'{sailvl_layout.SAILVL_MODEL_TYPE}' layout, whose remote code it needs"
+        )
     tid = model_config.img_context_token_id
     state = hf_internvl.ours_to_hf(ours, model_config)
     dtypes = _source_dtypes(mcore_dir)
-    state = {k: v.to(getattr(torch, dtypes.get(k, str(v.dtype).removeprefix("torch.")))).clone()
-             for k, v in state.items()}
+    state = {
+        k: v.to(getattr(torch, dtypes.get(k, str(v.dtype).removeprefix("torch.")))).clone()
+        for k, v in state.items()
+    }
     state.update(_unused_sailvl_tensors(mcore_dir))
     same = _comparable(sailvl_layout.model_config(stored, tid)) == _comparable(model_config)
     config = stored if same else sailvl_layout.config_for(model_config, stored)
@@ -337,8 +396,9 @@ def _comparable(model_config: ModelConfig) -> ModelConfig:
     """A ModelConfig without the fields a config.json does not record (drop path)."""
     import dataclasses
 
-    return dataclasses.replace(model_config, vision=dataclasses.replace(
-        model_config.vision, drop_path_rate=0.0))
+    return dataclasses.replace(
+        model_config, vision=dataclasses.replace(model_config.vision, drop_path_rate=0.0)
+    )
 
 
 def _unused_sailvl_tensors(mcore_dir: Path) -> dict[str, torch.Tensor]:
@@ -363,7 +423,8 @@ def _tokenizer_source(mcore_dir: Path, cfg: ConvertConfig) -> Path:
         return own
     raise FileNotFoundError(
         f"{mcore_dir}: records no tokenizer ({TOKENIZER_DIR}/ is missing); pass --tokenizer with "
-        "the tokenizer the training data was made with (the 'tokenizer.path' of its meta.json)")
+        "the tokenizer the training data was made with (the 'tokenizer.path' of its meta.json)"
+    )
 
 
 def _refuse_padded_grid(mcore_dir: Path, model_config: ModelConfig, tile: int) -> None:
@@ -375,7 +436,8 @@ def _refuse_padded_grid(mcore_dir: Path, model_config: ModelConfig, tile: int) -
         raise ValueError(
             f"{mcore_dir}: the model zero-pads its {g.grid}x{g.grid} patch grid to a multiple of "
             f"{g.merge} before the pixel shuffle (projector.odd_grid='pad'); the HF layouts' "
-            "pixel shuffles cannot express that padding, so export is refused")
+            "pixel shuffles cannot express that padding, so export is refused"
+        )
 
 
 def _processor_settings(mcore_dir: Path, model_config: ModelConfig) -> ProcessorSettings:
@@ -386,14 +448,17 @@ def _processor_settings(mcore_dir: Path, model_config: ModelConfig) -> Processor
         settings = ProcessorSettings.read(path)
     else:
         tile = model_config.vision.image_size
-        settings = ProcessorSettings(tile_size=tile,
-                                               tokens_per_tile=model_config.tokens_per_tile(tile))
-        print(f"note: {mcore_dir} has no {PROCESSOR_FILE}; using tile {tile}, "
-              f"{settings.min_tiles}-{settings.max_tiles} tiles, thumbnail on")
+        settings = ProcessorSettings(tile_size=tile, tokens_per_tile=model_config.tokens_per_tile(tile))
+        print(
+            f"note: {mcore_dir} has no {PROCESSOR_FILE}; using tile {tile}, "
+            f"{settings.min_tiles}-{settings.max_tiles} tiles, thumbnail on"
+        )
     want = model_config.tokens_per_tile(settings.tile_size)
     if settings.tokens_per_tile != want:
-        raise ValueError(f"{path}: tokens_per_tile {settings.tokens_per_tile} but the model makes "
-                         f"{want} per {settings.tile_size}px tile")
+        raise ValueError(
+            f"{path}: tokens_per_tile {settings.tokens_per_tile} but the model makes "
+            f"{want} per {settings.tile_size}px tile"
+        )
     return settings
 
 
@@ -405,8 +470,9 @@ def _chat_config(source: Path, hf_config: dict, settings: ProcessorSettings) -> 
     before = internvl_chat.chat_config_to_hf(stored, tid)
     if _arch(before) == _arch(hf_config):
         return stored
-    fresh = internvl_chat.hf_config_to_chat(hf_config, stored.get("template", "sailvl-chat"),
-                                            settings.max_tiles)
+    fresh = internvl_chat.hf_config_to_chat(
+        hf_config, stored.get("template", "sailvl-chat"), settings.max_tiles
+    )
     for key in ("auto_map", "architectures", "template", "dynamic_image_size"):
         if key in stored:
             fresh[key] = stored[key]
@@ -418,12 +484,12 @@ def _arch(hf_config: dict) -> dict:
     return hf_internvl.to_hf_config(hf_internvl.from_hf_config(transformers_config(hf_config))).to_dict()
 
 
-def _write_side_files(tmp: Path, tokenizer: Path, settings: ProcessorSettings,
-                      image_token_id: int, layout: str, source: Path) -> None:
+def _write_side_files(
+    tmp: Path, tokenizer: Path, settings: ProcessorSettings, image_token_id: int, layout: str, source: Path
+) -> None:
     """Tokenizer (+ chat template), generation config, processor configs, remote code; then
     load the tokenizer back as users will and refuse an unusable one."""
-    ids = save_tokenizer(tokenizer, tmp, {internvl_chat.IMG_CONTEXT: image_token_id},
-                                   settings.template)
+    ids = save_tokenizer(tokenizer, tmp, {internvl_chat.IMG_CONTEXT: image_token_id}, settings.template)
     if not (tmp / "generation_config.json").is_file():
         hf_assets.write_generation_config(tmp, ids)
     if layout == "chat":
@@ -434,8 +500,10 @@ def _write_side_files(tmp: Path, tokenizer: Path, settings: ProcessorSettings,
     else:
         hf_assets.write_processor_files(tmp, settings)
         if not settings.use_thumbnail:
-            print("warning: the model was trained without thumbnail tiles; transformers' "
-                  "InternVL image processor always adds one to multi-tile images")
+            print(
+                "warning: the model was trained without thumbnail tiles; transformers' "
+                "InternVL image processor always adds one to multi-tile images"
+            )
     hf_assets.check_tokenizer(tmp, image_token_id)
 
 
@@ -463,12 +531,14 @@ def _unused_tensors(mcore_dir: Path, hf_config: dict) -> dict[str, torch.Tensor]
     if not path.is_file():
         return {}
     layers = hf_config["vision_config"]["num_hidden_layers"]
-    return {k: v for k, v in load_file(str(path)).items()
-            if int(k.split("encoder.layer.")[1].split(".")[0]) < layers}
+    return {
+        k: v
+        for k, v in load_file(str(path)).items()
+        if int(k.split("encoder.layer.")[1].split(".")[0]) < layers
+    }
 
 
 def _source_dtypes(mcore_dir: Path) -> dict[str, str]:
     """Per-tensor dtypes of the HF checkpoint this one came from (empty if unknown)."""
     path = mcore_dir / CONVERSION_FILE
     return json.loads(path.read_text()).get("hf_dtypes", {}) if path.is_file() else {}
-

@@ -17,6 +17,7 @@ Layout differences handled here:
 * ViT layers after ``select_layer`` are not built by us; ``unused_hf_tensors`` picks their HF
   weights out so that conversion can store them beside the Megatron checkpoint and restore them.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,8 +25,13 @@ import re
 import torch
 
 from megatron_sail.config.model import ModelConfig, ProjectorConfig
-from megatron_sail.models.families import (KeyMap, language_family, language_family_for_hf,
-                                           vision_family, vision_family_for_hf)
+from megatron_sail.models.families import (
+    KeyMap,
+    language_family,
+    language_family_for_hf,
+    vision_family,
+    vision_family_for_hf,
+)
 
 _V = "model.vision_tower."
 _P = "model.multi_modal_projector."
@@ -39,18 +45,25 @@ def to_hf_config(cfg: ModelConfig):
 
     v, lm = cfg.vision, cfg.language
     if not vision_family(v.family).in_internvl_container:
-        raise ValueError(f"transformers' InternVL cannot hold a {v.family!r} vision tower: "
-                         "convert that encoder alone (families key_map / apply_key_map)")
+        raise ValueError(
+            f"transformers' InternVL cannot hold a {v.family!r} vision tower: "
+            "convert that encoder alone (families key_map / apply_key_map)"
+        )
     if cfg.geometry().padded:
-        raise ValueError("transformers' InternVL pixel shuffle cannot express projector."
-                         "odd_grid='pad' (the zero-padded odd patch grid)")
-    return InternVLConfig(vision_config=vision_family(v.family).hf_config(v),
-                          text_config=language_family(lm.family).hf_config(lm),
-                          image_token_id=cfg.img_context_token_id,
-                          downsample_ratio=cfg.projector.downsample_ratio,
-                          projector_hidden_act="gelu", vision_feature_layer=v.select_layer,
-                          vision_feature_select_strategy="default",
-                          tie_word_embeddings=lm.tie_embeddings)
+        raise ValueError(
+            "transformers' InternVL pixel shuffle cannot express projector."
+            "odd_grid='pad' (the zero-padded odd patch grid)"
+        )
+    return InternVLConfig(
+        vision_config=vision_family(v.family).hf_config(v),
+        text_config=language_family(lm.family).hf_config(lm),
+        image_token_id=cfg.img_context_token_id,
+        downsample_ratio=cfg.projector.downsample_ratio,
+        projector_hidden_act="gelu",
+        vision_feature_layer=v.select_layer,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=lm.tie_embeddings,
+    )
 
 
 def from_hf_config(hf, drop_path_rate: float = 0.0) -> ModelConfig:
@@ -92,14 +105,19 @@ def split_qkv(qkv, num_heads: int, num_groups: int):
     tail = qkv.shape[1:]
     g = qkv.reshape(num_groups, (per + 2) * hd, *tail)
     q, k, v = g.split([per * hd, hd, hd], dim=1)
-    return (q.reshape(-1, *tail).contiguous(), k.reshape(-1, *tail).contiguous(),
-            v.reshape(-1, *tail).contiguous())
+    return (
+        q.reshape(-1, *tail).contiguous(),
+        k.reshape(-1, *tail).contiguous(),
+        v.reshape(-1, *tail).contiguous(),
+    )
 
 
 def canonical_key(key: str) -> str:
     """Map TE-spec parameter names (norms fused into linears) to local-spec names."""
-    for te, local in ((".self_attention.linear_qkv.layer_norm_", ".input_layernorm."),
-                      (".mlp.linear_fc1.layer_norm_", ".pre_mlp_layernorm.")):
+    for te, local in (
+        (".self_attention.linear_qkv.layer_norm_", ".input_layernorm."),
+        (".mlp.linear_fc1.layer_norm_", ".pre_mlp_layernorm."),
+    ):
         if te in key:
             return key.replace(te, local)
     return key
@@ -110,8 +128,11 @@ def key_map(cfg: ModelConfig) -> KeyMap:
     """The whole model's map: the vision and language families' maps plus the projector."""
     v, lm = cfg.vision, cfg.language
     km = vision_family(v.family).key_map(v, "vision_model.", _V)
-    km.copies += [(f"projector.{n}.{w}", f"{_P}{n}.{w}")
-                  for n in ("layer_norm", "linear_1", "linear_2") for w in ("weight", "bias")]
+    km.copies += [
+        (f"projector.{n}.{w}", f"{_P}{n}.{w}")
+        for n in ("layer_norm", "linear_1", "linear_2")
+        for w in ("weight", "bias")
+    ]
     km += language_family(lm.family).key_map(lm, "language_model.", _L, "lm_head.weight")
     return km
 
@@ -216,7 +237,7 @@ def _global_key(key: str, model) -> str:
     if not m:
         return key
     number = model.language_model.decoder.layers[int(m.group(1))].layer_number - 1
-    return f"language_model.decoder.layers.{number}." + key[m.end():]
+    return f"language_model.decoder.layers.{number}." + key[m.end() :]
 
 
 def shard_for_model(full: dict, model) -> dict:
@@ -247,7 +268,8 @@ def shard_for_model(full: dict, model) -> dict:
             else:
                 src = src.chunk(tp, dim)[rank]
         if src.shape != local.shape:
-            raise ValueError(f"{key}: full tensor slices to {tuple(src.shape)}, "
-                             f"model holds {tuple(local.shape)}")
+            raise ValueError(
+                f"{key}: full tensor slices to {tuple(src.shape)}, model holds {tuple(local.shape)}"
+            )
         out[key] = src.contiguous()
     return out

@@ -10,6 +10,7 @@ Patterns name whole keys with placeholders: ``{i}`` a layer number, ``{w}`` weig
 ``{s}`` one name part (no dot), ``{rest}`` any tail, and on the B side of a split ``{part}`` q, k
 or v. Unknown keys are an error (a silent drop would make a wrong conversion look right).
 """
+
 from __future__ import annotations
 
 import re
@@ -39,7 +40,7 @@ def _regex(pattern: str) -> re.Pattern:
     """A pattern with placeholders as a compiled full-match regex with named groups."""
     out, pos = "", 0
     for m in re.finditer(r"\{(\w+)\}", pattern):
-        out += re.escape(pattern[pos:m.start()]) + f"(?P<{m.group(1)}>{_PLACEHOLDERS[m.group(1)]})"
+        out += re.escape(pattern[pos : m.start()]) + f"(?P<{m.group(1)}>{_PLACEHOLDERS[m.group(1)]})"
         pos = m.end()
     return re.compile(out + re.escape(pattern[pos:]))
 
@@ -88,8 +89,7 @@ class RenameTable:
             target = rule.b.format(**groups, part="{part}")
             if rule.kind == "split3":
                 if value.shape[0] % 3:
-                    raise ValueError(f"{key}: fused qkv first dim {value.shape[0]} is not "
-                                     "divisible by 3")
+                    raise ValueError(f"{key}: fused qkv first dim {value.shape[0]} is not divisible by 3")
                 for part, chunk in zip("qkv", value.chunk(3, dim=0)):
                     out[target.format(part=part)] = chunk.clone()
             elif rule.kind == "squeeze":

@@ -12,6 +12,7 @@ GRPO and (correct, hallucinated) answer pairs for DPO.
 Images are training-background scenes (never the benchmark's held-out background), so the held-
 out demo benchmarks (eval/demo_bench.py) stay held out.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,11 @@ def grpo_record(rng: random.Random, facts: dict) -> dict:
     if r < 0.8:
         q, a = demo.yes_no_of(rng, facts)
         return {"question": q, "answer": a}
-    return {"question": "How many shapes are there?\n" + demo.SHORT_ANSWER,
-            "answer": demo.NUMBERS[facts["count"]], "answer_type": "vqa"}
+    return {
+        "question": "How many shapes are there?\n" + demo.SHORT_ANSWER,
+        "answer": demo.NUMBERS[facts["count"]],
+        "answer_type": "vqa",
+    }
 
 
 def pair_record(rng: random.Random, facts: dict) -> dict:
@@ -65,11 +69,13 @@ def pair_record(rng: random.Random, facts: dict) -> dict:
     if r < 0.8:
         wrong = rng.choice([c for c in demo.COLOURS if c != facts["colour"]])
         q = "What colour are the shapes?" if many else "What colour is the shape?"
-        return {"question": q + "\n" + demo.SHORT_ANSWER, "chosen": facts["colour"],
-                "rejected": wrong}
+        return {"question": q + "\n" + demo.SHORT_ANSWER, "chosen": facts["colour"], "rejected": wrong}
     wrong = rng.choice([n for n in demo.NUMBERS[1:] if n != demo.NUMBERS[facts["count"]]])
-    return {"question": "How many shapes are there?\n" + demo.SHORT_ANSWER,
-            "chosen": demo.NUMBERS[facts["count"]], "rejected": wrong}
+    return {
+        "question": "How many shapes are there?\n" + demo.SHORT_ANSWER,
+        "chosen": demo.NUMBERS[facts["count"]],
+        "rejected": wrong,
+    }
 
 
 def make_posttrain_demo(out: str, cfg: PostTrainDemoConfig = PostTrainDemoConfig()) -> dict:

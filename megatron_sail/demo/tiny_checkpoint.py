@@ -5,6 +5,7 @@ Used by the conversion tests and the README demo: real SAIL-VL weights are gigab
 conversion and logit-comparison code paths are the same for a model of a few hundred kilobytes.
 Every tensor gets distinct random values (norm weights and layer scales included) so that a
 swapped or dropped tensor in a conversion shows up as a mismatch."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,22 +59,54 @@ def build_hf_config(cfg: TinyCheckpointConfig) -> dict:
         "model_type": "internvl",
         "architectures": ["InternVLForConditionalGeneration"],
         "vision_config": {
-            "model_type": "internvl_vision", "hidden_size": 32, "num_hidden_layers": cfg.vision_layers,
-            "num_attention_heads": 2, "intermediate_size": 64, "image_size": [cfg.tile_size] * 2,
-            "patch_size": [14, 14], "attention_bias": True, "norm_type": "layer_norm",
-            "layer_norm_eps": 1e-6, "use_mean_pooling": True, "hidden_act": "gelu",
+            "model_type": "internvl_vision",
+            "hidden_size": 32,
+            "num_hidden_layers": cfg.vision_layers,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "image_size": [cfg.tile_size] * 2,
+            "patch_size": [14, 14],
+            "attention_bias": True,
+            "norm_type": "layer_norm",
+            "layer_norm_eps": 1e-6,
+            "use_mean_pooling": True,
+            "hidden_act": "gelu",
         },
         "text_config": {
-            "model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": cfg.text_layers,
-            "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads,
-            "intermediate_size": 128, "vocab_size": cfg.vocab_size, "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 4096, "tie_word_embeddings": cfg.tied,
+            "model_type": "qwen2",
+            "hidden_size": 64,
+            "num_hidden_layers": cfg.text_layers,
+            "num_attention_heads": cfg.heads,
+            "num_key_value_heads": cfg.kv_heads,
+            "intermediate_size": 128,
+            "vocab_size": cfg.vocab_size,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": cfg.tied,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-            **({"model_type": cfg.text_family, "head_dim": 24, "attention_bias": False,
-                "use_sliding_window": False} if cfg.text_family in ("qwen3", "qwen3_moe") else {}),
-            **({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
-                "router_aux_loss_coef": 0.001} if cfg.text_family == "qwen3_moe" else {}),
+            **(
+                {
+                    "model_type": cfg.text_family,
+                    "head_dim": 24,
+                    "attention_bias": False,
+                    "use_sliding_window": False,
+                }
+                if cfg.text_family in ("qwen3", "qwen3_moe")
+                else {}
+            ),
+            **(
+                {
+                    "num_experts": 4,
+                    "num_experts_per_tok": 2,
+                    "moe_intermediate_size": 32,
+                    "norm_topk_prob": True,
+                    "decoder_sparse_step": 1,
+                    "mlp_only_layers": [],
+                    "router_aux_loss_coef": 0.001,
+                }
+                if cfg.text_family == "qwen3_moe"
+                else {}
+            ),
         },
         "image_token_id": cfg.vocab_size - 1,
         "image_seq_length": tokens_per_side**2,

@@ -12,6 +12,7 @@ Checkpoint kinds, detected from the folder's files:
   ``processor.json`` inside it; checkpoints written before those existed fall back to the
   ``meta.json`` of the datasets named by the run config the checkpoint stores.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,16 @@ from typing import Optional
 import torch
 
 from megatron_sail.checkpoint import dcp
-from megatron_sail.checkpoint.layout import (PROCESSOR_FILE, STATE_FILE, TOKENIZER_DIR,
-                                             checkpoint_kind, read_checkpoint, read_model_config,
-                                             read_state_file, resolve_checkpoint)
+from megatron_sail.checkpoint.layout import (
+    PROCESSOR_FILE,
+    STATE_FILE,
+    TOKENIZER_DIR,
+    checkpoint_kind,
+    read_checkpoint,
+    read_model_config,
+    read_state_file,
+    resolve_checkpoint,
+)
 from megatron_sail.config.model import ModelConfig
 from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.data.tokenizer import Tokenizer, load_tokenizer
@@ -36,7 +44,7 @@ from megatron_sail.inference.prompts import ProcessorSettings
 from megatron_sail.models.sail_vl import unwrap
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoadConfig:
     """How a checkpoint is put on this rank."""
 
@@ -75,8 +83,10 @@ def inspect_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if checkpoint_kind(root) == "hf":
         return _inspect_hf(root)
     if resolve_checkpoint(str(root)) is None:
-        raise FileNotFoundError(f"--checkpoint {root}: neither a Hugging Face folder (config.json), "
-                                "a Megatron checkpoint (metadata.json) nor a run directory (latest)")
+        raise FileNotFoundError(
+            f"--checkpoint {root}: neither a Hugging Face folder (config.json), "
+            "a Megatron checkpoint (metadata.json) nor a run directory (latest)"
+        )
     return read_checkpoint(str(root), lambda ckpt: _inspect_megatron(Path(ckpt)))
 
 
@@ -93,9 +103,13 @@ def _inspect_hf(root: Path) -> Checkpoint:
             "layout generation reads: transformers' InternVL ('internvl'), InternVL-chat "
             f"('{internvl_chat.CHAT_MODEL_TYPE}') or SAIL-VL2's '{sailvl_layout.SAILVL_MODEL_TYPE}' "
             "(AIMv2 towers); tools/convert_checkpoint.py mcore-to-hf writes them (--layout hf for "
-            "InternViT models, --layout chat for the hub layouts)")
-    tid = (internvl_chat.resolve_image_token_id(raw, lambda t: hf_io.find_added_token_id(root, t))
-           if remote else None)
+            "InternViT models, --layout chat for the hub layouts)"
+        )
+    tid = (
+        internvl_chat.resolve_image_token_id(raw, lambda t: hf_io.find_added_token_id(root, t))
+        if remote
+        else None
+    )
     if sailvl_layout.is_sailvl_config(raw):  # SAIL-VL2: AIMv2 tower, no transformers container
         model_config = sailvl_layout.model_config(raw, tid)
     else:
@@ -125,8 +139,9 @@ def _hf_settings(root: Path, raw: dict, model_config: ModelConfig) -> ProcessorS
 
 def _default_settings(model_config: ModelConfig) -> ProcessorSettings:
     """SAIL-VL defaults at the model's own tile size."""
-    return ProcessorSettings(tile_size=model_config.vision.image_size,
-                             tokens_per_tile=model_config.tokens_per_tile())
+    return ProcessorSettings(
+        tile_size=model_config.vision.image_size, tokens_per_tile=model_config.tokens_per_tile()
+    )
 
 
 def _read_settings(path: Path) -> ProcessorSettings:
@@ -161,7 +176,7 @@ def _dataset_meta(ckpt: Path) -> Optional[dict]:
     from megatron_sail.data.indexed import load_meta
 
     payload = read_state_file(str(ckpt / STATE_FILE))  # weights_only, allow-listed
-    data = ((payload.get("config") or {}).get("data") or {})
+    data = (payload.get("config") or {}).get("data") or {}
     for entry in data.get("data_path") or []:
         try:
             float(entry)
@@ -177,10 +192,14 @@ def _dataset_meta(ckpt: Path) -> Optional[dict]:
 def _meta_settings(meta: dict) -> ProcessorSettings:
     """Processor settings from a dataset's meta.json (the preprocessing that made the data)."""
     t = meta.get("tiling") or {}
-    return ProcessorSettings(tile_size=int(t.get("tile_size", 448)), max_tiles=int(t.get("max_tiles", 12)),
-                             min_tiles=int(t.get("min_tiles", 1)), use_thumbnail=bool(t.get("thumbnail", True)),
-                             tokens_per_tile=int(t.get("tokens_per_tile", 256)),
-                             template=dict(meta.get("template") or {}))
+    return ProcessorSettings(
+        tile_size=int(t.get("tile_size", 448)),
+        max_tiles=int(t.get("max_tiles", 12)),
+        min_tiles=int(t.get("min_tiles", 1)),
+        use_thumbnail=bool(t.get("thumbnail", True)),
+        tokens_per_tile=int(t.get("tokens_per_tile", 256)),
+        template=dict(meta.get("template") or {}),
+    )
 
 
 # ------------------------------------------------------------------ building
@@ -207,13 +226,18 @@ def _platform(load: LoadConfig) -> ParallelConfig:
 
     ready = parallel_state.model_parallel_is_initialized()
     if ready and load.tp is None and load.pp is None:
-        parallel = ParallelConfig(tp=parallel_state.get_tensor_model_parallel_world_size(),
-                                  pp=parallel_state.get_pipeline_model_parallel_world_size())
+        parallel = ParallelConfig(
+            tp=parallel_state.get_tensor_model_parallel_world_size(),
+            pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        )
     else:
         parallel = ParallelConfig(tp=load.tp or 1, pp=load.pp or 1)
-    if (not ready or parallel_state.get_tensor_model_parallel_world_size() != parallel.tp
-            or parallel_state.get_pipeline_model_parallel_world_size() != parallel.pp
-            or parallel_state.get_expert_model_parallel_world_size() != 1):
+    if (
+        not ready
+        or parallel_state.get_tensor_model_parallel_world_size() != parallel.tp
+        or parallel_state.get_pipeline_model_parallel_world_size() != parallel.pp
+        or parallel_state.get_expert_model_parallel_world_size() != 1
+    ):
         distributed.initialize(parallel)
     return parallel
 
@@ -245,18 +269,23 @@ def _tokenizer(ckpt: Checkpoint, override: Optional[str]) -> Tokenizer:
     """The checkpoint's tokenizer, checked against the model's image-context id."""
     path = override or ckpt.tokenizer_path
     if path is None:
-        raise FileNotFoundError(f"{ckpt.path}: the checkpoint names no tokenizer (no tokenizer/ "
-                                "folder, no dataset meta.json); pass --tokenizer")
+        raise FileNotFoundError(
+            f"{ckpt.path}: the checkpoint names no tokenizer (no tokenizer/ "
+            "folder, no dataset meta.json); pass --tokenizer"
+        )
     tok = load_tokenizer(str(path))
     want = ckpt.model_config.img_context_token_id
     if tok.special.img_context != want:
-        raise ValueError(f"tokenizer {path}: <IMG_CONTEXT> is id {tok.special.img_context} but the "
-                         f"model {ckpt.path} expects {want}")
+        raise ValueError(
+            f"tokenizer {path}: <IMG_CONTEXT> is id {tok.special.img_context} but the "
+            f"model {ckpt.path} expects {want}"
+        )
     return tok
 
 
-def load_generator(checkpoint: str, cfg: GenerationConfig = GenerationConfig(),
-                   load: LoadConfig = LoadConfig()) -> Generator:
+def load_generator(
+    checkpoint: str, cfg: GenerationConfig = GenerationConfig(), load: LoadConfig = LoadConfig()
+) -> Generator:
     """A Generator for a training checkpoint, a converted Megatron checkpoint or an HF folder.
 
     Collective: every rank calls it. Starts torch.distributed and the Megatron groups (TP/PP
@@ -274,20 +303,27 @@ def load_generator(checkpoint: str, cfg: GenerationConfig = GenerationConfig(),
     return Generator(chunks, ckpt.model_config, tok, ckpt.settings, cfg)
 
 
-def _load_megatron(chunks: list, first: Checkpoint, tokenizer: Optional[str],
-                   path: str) -> tuple[Checkpoint, Tokenizer]:
+def _load_megatron(
+    chunks: list, first: Checkpoint, tokenizer: Optional[str], path: str
+) -> tuple[Checkpoint, Tokenizer]:
     """Weights and tokenizer of checkpoint folder ``path`` into chunks built for ``first`` (the
     folder inspected before building; another one when that was pruned meanwhile)."""
     found = first if Path(path) == first.path else _inspect_megatron(Path(path))
     if found.model_config != first.model_config:
-        raise ValueError(f"{path}: holds another model than {first.path}, which was deleted "
-                         "while being read; run again")
+        raise ValueError(
+            f"{path}: holds another model than {first.path}, which was deleted while being read; run again"
+        )
     dcp.load_model(chunks, found.path)
     return found, _tokenizer(found, tokenizer)
 
 
-def generator_from_model(chunks, model_config: ModelConfig, tokenizer: Tokenizer, images_cfg,
-                         cfg: GenerationConfig = GenerationConfig()) -> Generator:
+def generator_from_model(
+    chunks,
+    model_config: ModelConfig,
+    tokenizer: Tokenizer,
+    images_cfg,
+    cfg: GenerationConfig = GenerationConfig(),
+) -> Generator:
     """Wrap a training run's live chunks (any layout, DDP-wrapped allowed) without reloading.
 
     ``images_cfg`` gives the tiling the data was made with: a ProcessorSettings, a
@@ -306,7 +342,10 @@ def generator_from_model(chunks, model_config: ModelConfig, tokenizer: Tokenizer
             tile_size=getattr(images_cfg, "tile_size", d.tile_size),
             max_tiles=getattr(images_cfg, "max_tiles", d.max_tiles),
             min_tiles=getattr(images_cfg, "min_tiles", d.min_tiles),
-            use_thumbnail=getattr(images_cfg, "thumbnail", getattr(images_cfg, "use_thumbnail", d.use_thumbnail)),
-            tokens_per_tile=getattr(images_cfg, "tokens_per_tile", d.tokens_per_tile))
+            use_thumbnail=getattr(
+                images_cfg, "thumbnail", getattr(images_cfg, "use_thumbnail", d.use_thumbnail)
+            ),
+            tokens_per_tile=getattr(images_cfg, "tokens_per_tile", d.tokens_per_tile),
+        )
     unwrap(chunks[0])  # fail early on a non-module
     return Generator(list(chunks), model_config, tokenizer, settings, cfg)

@@ -13,6 +13,7 @@ The seam for an external rollout server (vLLM, SGLang) is ``Rollout``: anything 
 each prompt, the prompt ids, the completion ids and their log-probs can stand in for
 ``RolloutGenerator.rollouts`` (docs/post_training.md: weight sync and what must match).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

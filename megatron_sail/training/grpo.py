@@ -19,6 +19,7 @@ One step (``--train-iters`` counts these):
 The reference model (only when --kl-coef > 0) is the starting checkpoint or --ref-load, built
 once beside the policy, frozen, run forward-only through the same pipeline schedule.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,12 +58,15 @@ class PromptRecord:
 
     def record(self) -> dict:
         """The dict reward functions see."""
-        return {"question": self.prompt, "answer": self.answer, "choices": self.choices,
-                "source": self.source}
+        return {
+            "question": self.prompt,
+            "answer": self.answer,
+            "choices": self.choices,
+            "source": self.source,
+        }
 
 
-def read_prompts(paths: list[str], image_root: Optional[str] = None,
-                 suffix: str = "") -> list[PromptRecord]:
+def read_prompts(paths: list[str], image_root: Optional[str] = None, suffix: str = "") -> list[PromptRecord]:
     """Prompts of JSONL files ({image|images, question|prompt, answer[, choices]}) and
     VLMEvalKit TSVs (prompted as the evaluator prompts them); a bad record is an error naming
     the file and line."""
@@ -108,8 +112,11 @@ def _tsv_prompts(path: str) -> list[PromptRecord]:
     for it in read_items(path):
         choices = choices_of(it)
         text = mcq_prompt(it) if choices else it.get("question", "")
-        out.append(PromptRecord(text, list(it.images), str(it.get("answer", "")),
-                                choices or None, f"{path}:{it.index}"))
+        out.append(
+            PromptRecord(
+                text, list(it.images), str(it.get("answer", "")), choices or None, f"{path}:{it.index}"
+            )
+        )
     return out
 
 
@@ -130,8 +137,9 @@ class RolloutBatch:
     """Reference log-prob at each loss position (with --kl-coef > 0)."""
 
 
-def pack_rollouts(rollouts: list, advantages: list[float], seq_length: int, rows_per_mb: int,
-                  pad: int, with_tiles: bool) -> list[RolloutBatch]:
+def pack_rollouts(
+    rollouts: list, advantages: list[float], seq_length: int, rows_per_mb: int, pad: int, with_tiles: bool
+) -> list[RolloutBatch]:
     """Pack (prompt + completion) sequences in order into rows of ``seq_length``, rows into
     micro-batches of ``rows_per_mb`` (the last one padded with empty rows)."""
     rows: list[list[int]] = []
@@ -139,9 +147,11 @@ def pack_rollouts(rollouts: list, advantages: list[float], seq_length: int, rows
     for i, r in enumerate(rollouts):
         n = len(r.prompt_ids) + len(r.token_ids)
         if n > seq_length:
-            raise ValueError(f"a prompt of {len(r.prompt_ids)} tokens + {len(r.token_ids)} "
-                             f"completion tokens exceed --seq-length {seq_length}; raise it or "
-                             "lower --max-new-tokens")
+            raise ValueError(
+                f"a prompt of {len(r.prompt_ids)} tokens + {len(r.token_ids)} "
+                f"completion tokens exceed --seq-length {seq_length}; raise it or "
+                "lower --max-new-tokens"
+            )
         if used + n > seq_length:
             rows.append(current)
             current, used = [], 0
@@ -151,12 +161,17 @@ def pack_rollouts(rollouts: list, advantages: list[float], seq_length: int, rows
         rows.append(current)
     while len(rows) % rows_per_mb:
         rows.append([])
-    return [_micro_batch([rows[k] for k in range(j, j + rows_per_mb)], rollouts, advantages,
-                         seq_length, pad, with_tiles) for j in range(0, len(rows), rows_per_mb)]
+    return [
+        _micro_batch(
+            [rows[k] for k in range(j, j + rows_per_mb)], rollouts, advantages, seq_length, pad, with_tiles
+        )
+        for j in range(0, len(rows), rows_per_mb)
+    ]
 
 
-def _micro_batch(rows: list[list[int]], rollouts, advantages, seq_length: int, pad: int,
-                 with_tiles: bool) -> RolloutBatch:
+def _micro_batch(
+    rows: list[list[int]], rollouts, advantages, seq_length: int, pad: int, with_tiles: bool
+) -> RolloutBatch:
     """One RolloutBatch of packed rows (lists of completion indices)."""
     B = len(rows)
     tokens = np.full((B, seq_length), pad, dtype=np.int64)
@@ -170,8 +185,8 @@ def _micro_batch(rows: list[list[int]], rollouts, advantages, seq_length: int, p
             r = rollouts[i]
             ids = list(r.prompt_ids) + list(r.token_ids)
             n, p = len(ids), len(r.prompt_ids)
-            tokens[b, pos:pos + n] = ids
-            labels[b, pos:pos + n - 1] = ids[1:]
+            tokens[b, pos : pos + n] = ids
+            labels[b, pos : pos + n - 1] = ids[1:]
             span = slice(pos + p - 1, pos + n - 1)  # positions whose label is a completion token
             mask[b, span] = 1.0
             if r.logps:
@@ -182,11 +197,19 @@ def _micro_batch(rows: list[list[int]], rollouts, advantages, seq_length: int, p
                 tiles.append(r.tiles)
             pos += n
     cu = _boundaries(rows, rollouts, seq_length)
-    t = (torch.cat(tiles) if tiles else torch.zeros(0, 3, 1, 1))
-    mb = MicroBatch(tokens=torch.from_numpy(tokens), labels=torch.from_numpy(labels),
-                    loss_mask=torch.from_numpy(mask), cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-                    max_seqlen=int(np.diff(cu).max()), tiles=t, num_images=0,
-                    num_tiles=int(t.shape[0]), decode_failures=0, failed_sources=[])
+    t = torch.cat(tiles) if tiles else torch.zeros(0, 3, 1, 1)
+    mb = MicroBatch(
+        tokens=torch.from_numpy(tokens),
+        labels=torch.from_numpy(labels),
+        loss_mask=torch.from_numpy(mask),
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+        max_seqlen=int(np.diff(cu).max()),
+        tiles=t,
+        num_images=0,
+        num_tiles=int(t.shape[0]),
+        decode_failures=0,
+        failed_sources=[],
+    )
     return RolloutBatch(mb, torch.from_numpy(old), torch.from_numpy(adv), torch.from_numpy(seq))
 
 
@@ -220,8 +243,9 @@ def _logp_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: f
     """(log-probs [B, S], entropy [B, S] detached) from TP-sharded logits [B, S, V/tp]."""
     t = temperature if temperature > 0 else 1.0
     z = logits.float() / t
-    nll = tensor_parallel.vocab_parallel_cross_entropy(z.transpose(0, 1).contiguous(),
-                                                       labels.transpose(0, 1).contiguous())
+    nll = tensor_parallel.vocab_parallel_cross_entropy(
+        z.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous()
+    )
     logp = -nll.transpose(0, 1)
     with torch.no_grad():
         ent = _vocab_parallel_entropy(z)
@@ -257,9 +281,17 @@ def grpo_loss(batch: RolloutBatch, cfg: L.GRPOLossConfig, temperature: float, ou
     per, kl, clipped = L.token_losses(logp, old, adv, cfg, ref)
     s, n = L.reduce(per, mask, batch.seq_id.to(dev), cfg.loss_level)
     m = mask.double()
-    report = torch.stack([s.detach().double(), n.double(), m.sum(), (clipped.double() * m).sum(),
-                          (kl.double() * m).sum(), (ent.double() * m).sum(),
-                          ((logp.detach().double() - old.double()).abs() * m).sum()]).cpu()
+    report = torch.stack(
+        [
+            s.detach().double(),
+            n.double(),
+            m.sum(),
+            (clipped.double() * m).sum(),
+            (kl.double() * m).sum(),
+            (ent.double() * m).sum(),
+            ((logp.detach().double() - old.double()).abs() * m).sum(),
+        ]
+    ).cpu()
     return s, n.to(torch.int), {"grpo": report}
 
 
@@ -270,53 +302,63 @@ def _forward(loss_fn, temperature: float, data_iterator, model):
     return out, partial(loss_fn, batch, labels=labels)
 
 
-def run_schedule(chunks, batches, seq_length: int, loss_fn, temperature: float,
-                 forward_only: bool) -> list:
+def run_schedule(chunks, batches, seq_length: int, loss_fn, temperature: float, forward_only: bool) -> list:
     """Megatron's pipeline schedule over RolloutBatches (packed, as training/step.py)."""
     iters = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
     rows = batches[0].mb.tokens.shape[0]
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward, loss_fn, temperature), data_iterator=iters,
-        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(batches),
-        seq_length=rows * seq_length, micro_batch_size=1, forward_only=forward_only)
+        forward_step_func=partial(_forward, loss_fn, temperature),
+        data_iterator=iters,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(batches),
+        seq_length=rows * seq_length,
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
 
 
 def _train_loss(cfg, temperature):
     """loss_fn(batch, output, labels=...) of the policy update."""
+
     def fn(batch, output, labels):
         return grpo_loss(batch, cfg, temperature, output, labels)
+
     return fn
 
 
 def _ref_loss(temperature):
     """loss_fn of the reference pass: per-token log-probs in the report."""
+
     def fn(batch, output, labels):
         logp, _ = _logp_from_logits(output, labels, temperature)
         return output.sum() * 0.0, torch.tensor(1, dtype=torch.int), {"ref": logp.detach().cpu()}
+
     return fn
 
 
 @torch.no_grad()
-def attach_reference(ref_chunks, batches: list[RolloutBatch], seq_length: int,
-                     temperature: float) -> None:
+def attach_reference(ref_chunks, batches: list[RolloutBatch], seq_length: int, temperature: float) -> None:
     """Fill each batch's ref_logp from a forward-only pass of the reference chunks (last stage)."""
-    reports = run_schedule(ref_chunks, batches, seq_length, _ref_loss(temperature), temperature,
-                           forward_only=True)
+    reports = run_schedule(
+        ref_chunks, batches, seq_length, _ref_loss(temperature), temperature, forward_only=True
+    )
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for b, rep in zip(batches, reports):
             b.ref_logp = rep["ref"].float()
 
 
-def update(chunks, optimizer, scheduler, batches, seq_length, cfg: L.GRPOLossConfig,
-           temperature: float) -> dict:
+def update(
+    chunks, optimizer, scheduler, batches, seq_length, cfg: L.GRPOLossConfig, temperature: float
+) -> dict:
     """One optimizer step over every micro-batch; the step's sums reduced over DP and PP."""
     from megatron_sail.training.posttrain import optimizer_update
 
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = run_schedule(chunks, batches, seq_length, _train_loss(cfg, temperature),
-                          temperature, forward_only=False)
+    losses = run_schedule(
+        chunks, batches, seq_length, _train_loss(cfg, temperature), temperature, forward_only=False
+    )
     local = torch.zeros(len(REPORT), dtype=torch.float64)
     for rep in losses:
         local += rep["grpo"]
@@ -325,9 +367,14 @@ def update(chunks, optimizer, scheduler, batches, seq_length, cfg: L.GRPOLossCon
     torch.distributed.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
     tot = dict(zip(REPORT, t.cpu().tolist()))
     tokens = max(tot["tokens"], 1.0)
-    out = {"loss": tot["loss_sum"] / max(tot["count"], 1.0), "clip_fraction": tot["clipped"] / tokens,
-           "kl": tot["kl"] / tokens, "entropy": tot["entropy"] / tokens,
-           "logp_diff": tot["ratio_dev"] / tokens, "tokens": tot["tokens"]}
+    out = {
+        "loss": tot["loss_sum"] / max(tot["count"], 1.0),
+        "clip_fraction": tot["clipped"] / tokens,
+        "kl": tot["kl"] / tokens,
+        "entropy": tot["entropy"] / tokens,
+        "logp_diff": tot["ratio_dev"] / tokens,
+        "tokens": tot["tokens"],
+    }
     out["grad_norm"], out["skipped"] = optimizer_update(optimizer, scheduler, out["loss"])
     return out
 
@@ -353,24 +400,36 @@ class GRPOStage:
         dp = parallel_state.get_data_parallel_world_size()
         gbs = cfg.train.global_batch_size
         if gbs % (self.G * dp):
-            raise ValueError(f"--global-batch-size {gbs} (completions per step) must be a "
-                             f"multiple of --num-generations {self.G} x DP size {dp}")
+            raise ValueError(
+                f"--global-batch-size {gbs} (completions per step) must be a "
+                f"multiple of --num-generations {self.G} x DP size {dp}"
+            )
         self.per_rank = gbs // self.G // dp
         self.loss_cfg = L.GRPOLossConfig(p.clip_eps, p.kl_coef, p.loss_level)
-        self.rewards = RewardSet(p.rewards, p.reward_weights, RewardSettings(
-            p.length_target or p.max_new_tokens, p.length_penalty, p.judge_url, p.judge_model))
-        self.gen_cfg = GenerationConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                                        top_p=p.top_p, max_tiles=s.settings.max_tiles,
-                                        batch_size=max(1, self.per_rank * self.G))
+        self.rewards = RewardSet(
+            p.rewards,
+            p.reward_weights,
+            RewardSettings(p.length_target or p.max_new_tokens, p.length_penalty, p.judge_url, p.judge_model),
+        )
+        self.gen_cfg = GenerationConfig(
+            max_new_tokens=p.max_new_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            max_tiles=s.settings.max_tiles,
+            batch_size=max(1, self.per_rank * self.G),
+        )
         self.gen = RolloutGenerator(s.chunks, cfg.model, s.tokenizer, s.settings, self.gen_cfg)
         self.ref_chunks = self._reference() if p.kl_coef > 0 else None
-        s.log(f"[grpo] {len(self.prompts)} prompts; {self.per_rank} prompts x {self.G} "
-              f"completions per DP rank per step; rewards {p.rewards}")
+        s.log(
+            f"[grpo] {len(self.prompts)} prompts; {self.per_rank} prompts x {self.G} "
+            f"completions per DP rank per step; rewards {p.rewards}"
+        )
 
     def _reference(self):
         """Frozen reference chunks from --ref-load or the starting checkpoint."""
+        from megatron_sail.checkpoint import dcp as dist_ckpt
+        from megatron_sail.checkpoint import layout
         from megatron_sail.train import build_chunks
-        from megatron_sail.checkpoint import dcp as dist_ckpt, layout
         from megatron_sail.training.precision import check_precision
 
         source = self.p.ref_load or self.cfg.checkpoint.init_from
@@ -391,19 +450,26 @@ class GRPOStage:
         dp = parallel_state.get_data_parallel_world_size()
         first = step * self.per_rank * dp + dp_rank * self.per_rank
         n = len(self.prompts)
-        return [self.prompts[stream_index(q, n, self.cfg.train.seed)]
-                for q in range(first, first + self.per_rank)]
+        return [
+            self.prompts[stream_index(q, n, self.cfg.train.seed)] for q in range(first, first + self.per_rank)
+        ]
 
     def rollout(self, step: int):
         """Sample G completions of each prompt; returns (records, rollouts) in group order."""
         from megatron_sail.inference.config import GenerationRequest
 
         gen = self.gen
-        gen.cfg = dataclasses.replace(self.gen_cfg, seed=rollout_seed(
-            self.cfg.train.seed, step, parallel_state.get_data_parallel_rank()))
+        gen.cfg = dataclasses.replace(
+            self.gen_cfg,
+            seed=rollout_seed(self.cfg.train.seed, step, parallel_state.get_data_parallel_rank()),
+        )
         records = self.step_prompts(step)
-        built = [gen.prompts.build(GenerationRequest(r.prompt, r.images), gen.cfg.max_new_tokens,
-                                   k, with_tiles=gen.first) for k, r in enumerate(records)]
+        built = [
+            gen.prompts.build(
+                GenerationRequest(r.prompt, r.images), gen.cfg.max_new_tokens, k, with_tiles=gen.first
+            )
+            for k, r in enumerate(records)
+        ]
         prompts = [b for b in built for _ in range(self.G)]
         return records, gen.rollouts(prompts)
 
@@ -414,18 +480,32 @@ class GRPOStage:
         records, rolls = self.rollout(step)
         t_roll = time.perf_counter() - t0
         recs = [r.record() for r in records for _ in range(self.G)]
-        total, per = self.rewards.score([r.text for r in rolls], recs,
-                                        [len(r.token_ids) for r in rolls])
+        total, per = self.rewards.score([r.text for r in rolls], recs, [len(r.token_ids) for r in rolls])
         rewards = torch.tensor(total, dtype=torch.float64)
         adv = L.group_advantages(rewards, self.G, self.loss_cfg.adv_eps)
-        batches = pack_rollouts(rolls, adv.tolist(), self.cfg.data.seq_length,
-                                self.cfg.train.micro_batch_size, s.tokenizer.special.pad,
-                                with_tiles=self.gen.first)
+        batches = pack_rollouts(
+            rolls,
+            adv.tolist(),
+            self.cfg.data.seq_length,
+            self.cfg.train.micro_batch_size,
+            s.tokenizer.special.pad,
+            with_tiles=self.gen.first,
+        )
         if self.ref_chunks is not None:
             attach_reference(self.ref_chunks, batches, self.cfg.data.seq_length, self.p.temperature)
         t1 = time.perf_counter()
-        outs = [update(s.chunks, s.optimizer, s.scheduler, batches, self.cfg.data.seq_length,
-                       self.loss_cfg, self.p.temperature) for _ in range(self.p.ppo_epochs)]
+        outs = [
+            update(
+                s.chunks,
+                s.optimizer,
+                s.scheduler,
+                batches,
+                self.cfg.data.seq_length,
+                self.loss_cfg,
+                self.p.temperature,
+            )
+            for _ in range(self.p.ppo_epochs)
+        ]
         t_update = time.perf_counter() - t1
         stats = self._stats(rewards, adv, per, rolls, outs, t_roll, t_update)
         st = s.state
@@ -433,34 +513,59 @@ class GRPOStage:
         st.consumed_samples += self.cfg.train.global_batch_size
         st.skipped_steps += int(any(o["skipped"] for o in outs))
         st.consumed_tokens += int(stats.pop("_tokens"))  # completion (loss) tokens
-        st.data = {"grpo": {"consumed_prompts": st.consumed_samples // self.G,
-                            "rollout_seed": rollout_seed(self.cfg.train.seed, step + 1, 0)}}
+        st.data = {
+            "grpo": {
+                "consumed_prompts": st.consumed_samples // self.G,
+                "rollout_seed": rollout_seed(self.cfg.train.seed, step + 1, 0),
+            }
+        }
         from megatron_sail.training.posttrain import log_step
 
-        log_step(s, outs[-1]["loss"], outs[-1]["grad_norm"], t0, int(outs[0]["tokens"]),
-                 self.cfg.train.global_batch_size, stats, any(o["skipped"] for o in outs))
+        log_step(
+            s,
+            outs[-1]["loss"],
+            outs[-1]["grad_norm"],
+            t0,
+            int(outs[0]["tokens"]),
+            self.cfg.train.global_batch_size,
+            stats,
+            any(o["skipped"] for o in outs),
+        )
 
     def _stats(self, rewards, adv, per, rolls, outs, t_roll, t_update) -> dict:
         """Step metrics, averaged over DP ranks (sums and counts all-reduced)."""
         names = list(per)
-        local = [float(rewards.sum()), float((rewards ** 2).sum()), float(len(rewards)),
-                 float((adv ** 2).sum()), float(L.all_equal_groups(rewards, self.G)),
-                 float(len(rewards) // self.G), float(sum(len(r.token_ids) for r in rolls))]
+        local = [
+            float(rewards.sum()),
+            float((rewards**2).sum()),
+            float(len(rewards)),
+            float((adv**2).sum()),
+            float(L.all_equal_groups(rewards, self.G)),
+            float(len(rewards) // self.G),
+            float(sum(len(r.token_ids) for r in rolls)),
+        ]
         for n in names:
             v = torch.tensor(per[n], dtype=torch.float64)
-            local += [float(v.sum()), float((v ** 2).sum())]
+            local += [float(v.sum()), float((v**2).sum())]
         t = torch.tensor(local, dtype=torch.float64, device=device())
         torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
         v = t.cpu().tolist()
         n = max(v[2], 1.0)
         mean = v[0] / n
-        out = {"grpo/reward_mean": mean, "grpo/reward_std": _std(v[0], v[1], n),
-               "grpo/advantage_std": math.sqrt(max(v[3] / n, 0.0)),
-               "grpo/all_equal_groups": v[4] / max(v[5], 1.0),
-               "grpo/response_length": v[6] / n,
-               "grpo/kl": outs[0]["kl"], "grpo/clip_fraction": outs[-1]["clip_fraction"],
-               "grpo/entropy": outs[0]["entropy"], "grpo/logp_diff_first_epoch": outs[0]["logp_diff"],
-               "time/rollout-s": t_roll, "time/update-s": t_update, "_tokens": outs[0]["tokens"]}
+        out = {
+            "grpo/reward_mean": mean,
+            "grpo/reward_std": _std(v[0], v[1], n),
+            "grpo/advantage_std": math.sqrt(max(v[3] / n, 0.0)),
+            "grpo/all_equal_groups": v[4] / max(v[5], 1.0),
+            "grpo/response_length": v[6] / n,
+            "grpo/kl": outs[0]["kl"],
+            "grpo/clip_fraction": outs[-1]["clip_fraction"],
+            "grpo/entropy": outs[0]["entropy"],
+            "grpo/logp_diff_first_epoch": outs[0]["logp_diff"],
+            "time/rollout-s": t_roll,
+            "time/update-s": t_update,
+            "_tokens": outs[0]["tokens"],
+        }
         for k, name in enumerate(names):
             s, s2 = v[7 + 2 * k], v[8 + 2 * k]
             out[f"reward/{name}_mean"] = s / n

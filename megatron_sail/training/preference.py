@@ -23,6 +23,7 @@ the reference is the starting checkpoint) or with a model loaded from --ref-load
 a sidecar written by tools/precompute_ref_logps.py (``--ref-logps``). Training then holds one
 model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,8 +72,13 @@ class PairTokenizer:
         self.settings = settings
         self.template_cfg = settings.template_config()
         self.template = ChatTemplate(tokenizer, self.template_cfg)
-        self.tiling = TilingConfig(settings.tile_size, settings.min_tiles, settings.max_tiles,
-                                   settings.use_thumbnail, settings.tokens_per_tile)
+        self.tiling = TilingConfig(
+            settings.tile_size,
+            settings.min_tiles,
+            settings.max_tiles,
+            settings.use_thumbnail,
+            settings.tokens_per_tile,
+        )
 
     def images(self, pair: PreferencePair) -> list[tuple[bytes, tuple, tuple]]:
         """(bytes, grid, size) of each image; an undecodable one is a bad_image reject."""
@@ -93,12 +99,12 @@ class PairTokenizer:
         from megatron_sail.data.template import normalize_turns
         from megatron_sail.data.tiling import num_tiles
 
-        counts = [num_tiles(g, self.tiling.thumbnail) * self.tiling.tokens_per_tile
-                  for _, g, _ in images]
+        counts = [num_tiles(g, self.tiling.thumbnail) * self.tiling.tokens_per_tile for _, g, _ in images]
         out = []
         for answer in (pair.chosen, pair.rejected):
-            turns = normalize_turns(pair.turns + [{"from": "gpt", "value": answer}], len(images),
-                                    self.template_cfg)
+            turns = normalize_turns(
+                pair.turns + [{"from": "gpt", "value": answer}], len(images), self.template_cfg
+            )
             ids, mask = self.template.render(turns, counts)
             if not mask.any():
                 raise SampleError("empty_answer", "the answer renders to no trained token")
@@ -132,8 +138,9 @@ def build_rows(items, tokenizer, settings, seq_length: int) -> PairRows:
             continue
         need = len(c_ids) + len(r_ids)
         if need > seq_length:
-            out.rejects.append(Reject(item.source, "too_long", f"{need} tokens for the pair, "
-                                      f"--seq-length {seq_length}"))
+            out.rejects.append(
+                Reject(item.source, "too_long", f"{need} tokens for the pair, --seq-length {seq_length}")
+            )
             continue
         if used + need > seq_length:
             out.rows.append(_row(current, seq_length, pad))
@@ -158,9 +165,9 @@ def _row(pairs: list[tuple], seq_length: int, pad: int) -> PackedRow:
     for c_ids, c_mask, r_ids, r_mask, imgs, source in pairs:
         for ids, m in ((c_ids, c_mask), (r_ids, r_mask)):
             n = len(ids)
-            tokens[pos:pos + n] = ids
-            labels[pos:pos + n - 1] = ids[1:]
-            mask[pos:pos + n] = m
+            tokens[pos : pos + n] = ids
+            labels[pos : pos + n - 1] = ids[1:]
+            mask[pos : pos + n] = m
             for k, (data, grid, size) in enumerate(imgs):
                 images.append(ImageRecord(data, grid, True, size, len(cu) - 1, f"{source}#{k}"))
             pos += n
@@ -179,8 +186,9 @@ def row_fingerprint(row: PackedRow) -> str:
 
 
 # ------------------------------------------------------------------ the loss
-def segment_logps(per_token_nll: torch.Tensor, loss_mask: torch.Tensor,
-                  cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def segment_logps(
+    per_token_nll: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob sums [A], token counts [A]) of the answer segments (those with loss tokens), in
     order, from per-token NLL [B, S] and the flattened segment boundaries."""
     flat = -per_token_nll.float().reshape(-1) * loss_mask.reshape(-1).float()
@@ -206,39 +214,59 @@ class PrefBatch:
 def _pairs(sums: torch.Tensor, counts: torch.Tensor):
     """Split answer-segment values into (chosen, rejected) halves."""
     if sums.numel() % 2:
-        raise ValueError(f"{sums.numel()} answer segments in a micro-batch: pairs must come "
-                         "as chosen + rejected segments")
+        raise ValueError(
+            f"{sums.numel()} answer segments in a micro-batch: pairs must come as chosen + rejected segments"
+        )
     return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
 
 
-def pref_loss(batch: PrefBatch, cfg: PreferenceLossConfig, bco_delta: float,
-              output_tensor: torch.Tensor):
+def pref_loss(batch: PrefBatch, cfg: PreferenceLossConfig, bco_delta: float, output_tensor: torch.Tensor):
     """Megatron loss function: (sum of pair losses, pair count, report)."""
-    sums, counts = segment_logps(output_tensor, batch.mb.loss_mask.to(output_tensor.device),
-                                 batch.mb.cu_seqlens)
+    sums, counts = segment_logps(
+        output_tensor, batch.mb.loss_mask.to(output_tensor.device), batch.mb.cu_seqlens
+    )
     pc, pr, nc, nr = _pairs(sums, counts)
     ref = batch.ref.to(pc.device)
     out = pair_losses(pc, pr, ref[:, 0], ref[:, 1], nc, nr, cfg, bco_delta)
     p = float(len(pc))
     cr, rr = out.chosen_rewards.double(), out.rejected_rewards.double()
-    stats = [out.losses.detach().double().sum(), torch.tensor(p, dtype=torch.float64),
-             cr.sum(), rr.sum(), (cr > rr).double().sum(), (pc.detach().double() / nc).sum(),
-             (pr.detach().double() / nr).sum()]
-    stats += [out.parts[k].double().sum() if k in out.parts else torch.zeros((), dtype=torch.float64)
-              for k in ("dpo", "bco", "lm")]
+    stats = [
+        out.losses.detach().double().sum(),
+        torch.tensor(p, dtype=torch.float64),
+        cr.sum(),
+        rr.sum(),
+        (cr > rr).double().sum(),
+        (pc.detach().double() / nc).sum(),
+        (pr.detach().double() / nr).sum(),
+    ]
+    stats += [
+        out.parts[k].double().sum() if k in out.parts else torch.zeros((), dtype=torch.float64)
+        for k in ("dpo", "bco", "lm")
+    ]
     report = torch.stack([s.cpu() for s in stats])
     return out.losses.sum(), torch.tensor(int(p), dtype=torch.int), {"pref": report}
 
 
-REPORT = ("loss", "pairs", "chosen_reward", "rejected_reward", "accuracy", "chosen_logp",
-          "rejected_logp", "dpo", "bco", "lm")
+REPORT = (
+    "loss",
+    "pairs",
+    "chosen_reward",
+    "rejected_reward",
+    "accuracy",
+    "chosen_logp",
+    "rejected_logp",
+    "dpo",
+    "bco",
+    "lm",
+)
 """Entries of the per-micro-batch report, summed over the step (divide by 'pairs')."""
 
 
 def ref_report(output_tensor: torch.Tensor, batch: PrefBatch):
     """Loss function of the reference pass: no loss, the answer log-prob sums as the report."""
-    sums, counts = segment_logps(output_tensor, batch.mb.loss_mask.to(output_tensor.device),
-                                 batch.mb.cu_seqlens)
+    sums, counts = segment_logps(
+        output_tensor, batch.mb.loss_mask.to(output_tensor.device), batch.mb.cu_seqlens
+    )
     pc, pr, _, _ = _pairs(sums, counts)
     zero = output_tensor.sum() * 0.0
     return zero, torch.tensor(1, dtype=torch.int), {"ref": torch.stack([pc, pr], 1).double().cpu()}
@@ -260,36 +288,46 @@ def run_schedule(chunks: list, batches: list, seq_length: int, loss_fn, forward_
     iters = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
     rows = batches[0].mb.tokens.shape[0]
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_fn), data_iterator=iters,
-        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(batches),
-        seq_length=rows * seq_length, micro_batch_size=1, forward_only=forward_only)
+        forward_step_func=partial(_forward_step, loss_fn),
+        data_iterator=iters,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(batches),
+        seq_length=rows * seq_length,
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
 
 
 # ------------------------------------------------------------------ reference log-probs
 @torch.no_grad()
-def reference_logps(chunks: list, rows: list[PackedRow], pipeline, seq_length: int,
-                    micro_batch_size: int) -> list[np.ndarray]:
+def reference_logps(
+    chunks: list, rows: list[PackedRow], pipeline, seq_length: int, micro_batch_size: int
+) -> list[np.ndarray]:
     """Collective over every rank: [pairs, 2] reference log-prob sums of each row, on every
     rank. Data-parallel ranks split the rows, pipeline stages run the schedule, and the last
     stage's results are shared over the pipeline and data-parallel groups."""
     from megatron_sail.data.loading.collate import collate_rows
     from megatron_sail.training.loop import SkipDecode
 
-    dp, dp_rank = (parallel_state.get_data_parallel_world_size(),
-                   parallel_state.get_data_parallel_rank())
+    dp, dp_rank = (parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank())
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     mine = list(range(dp_rank, len(rows), dp))
     n_mb = math.ceil(len(rows) / dp / micro_batch_size)  # the same count on every DP rank
-    real = [mine[k * micro_batch_size:(k + 1) * micro_batch_size] for k in range(n_mb)]
+    real = [mine[k * micro_batch_size : (k + 1) * micro_batch_size] for k in range(n_mb)]
     # every micro-batch has micro_batch_size rows (pipeline sends have one shape): pad with row 0
     idx = [ix + [0] * (micro_batch_size - len(ix)) for ix in real]
-    batches = [PrefBatch(collate_rows([rows[i] for i in ix], pipeline if first else SkipDecode()),
-                         None) for ix in idx]
+    batches = [
+        PrefBatch(collate_rows([rows[i] for i in ix], pipeline if first else SkipDecode()), None)
+        for ix in idx
+    ]
     for c in chunks:
         c.eval()
     try:
-        reports = run_schedule(chunks, batches, seq_length, lambda b, o: ref_report(o, b),
-                               forward_only=True) if batches else []
+        reports = (
+            run_schedule(chunks, batches, seq_length, lambda b, o: ref_report(o, b), forward_only=True)
+            if batches
+            else []
+        )
     finally:
         for c in chunks:
             c.train()
@@ -299,7 +337,7 @@ def reference_logps(chunks: list, rows: list[PackedRow], pipeline, seq_length: i
             values, start = rep["ref"].numpy(), 0
             for i in ix:  # padding rows come last: their values are ignored
                 n = _pairs_in(rows[i])
-                local[i] = values[start:start + n]
+                local[i] = values[start : start + n]
                 start += n
     return _share(local, len(rows))
 
@@ -320,8 +358,10 @@ def _share(local: dict, n_rows: int) -> list[np.ndarray]:
     obj = [merged]
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast_object_list(
-            obj, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-            group=parallel_state.get_pipeline_model_parallel_group())
+            obj,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
     merged = obj[0]
     missing = [i for i in range(n_rows) if i not in merged]
     if missing:
@@ -338,8 +378,13 @@ def save_sidecar(path: str, rows: list[PackedRow], logps: list[np.ndarray], meta
     offsets = np.cumsum([0] + [len(v) for v in logps]).astype(np.int64)
     flat = np.concatenate(logps) if logps else np.zeros((0, 2))
     tmp = path + ".tmp.npz"
-    np.savez(tmp, fingerprints=np.asarray([row_fingerprint(r) for r in rows]), offsets=offsets,
-             logps=flat, meta=np.asarray(json.dumps(meta)))
+    np.savez(
+        tmp,
+        fingerprints=np.asarray([row_fingerprint(r) for r in rows]),
+        offsets=offsets,
+        logps=flat,
+        meta=np.asarray(json.dumps(meta)),
+    )
     os.replace(tmp, path)
 
 
@@ -349,20 +394,31 @@ def load_sidecar(path: str, rows: list[PackedRow]) -> list[np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         fps, offsets, flat = z["fingerprints"], z["offsets"], z["logps"]
     if len(fps) != len(rows):
-        raise ValueError(f"--ref-logps {path}: {len(fps)} rows, the data packs into {len(rows)} "
-                         "(other data or --seq-length?)")
+        raise ValueError(
+            f"--ref-logps {path}: {len(fps)} rows, the data packs into {len(rows)} "
+            "(other data or --seq-length?)"
+        )
     out = []
     for i, row in enumerate(rows):
         if fps[i] != row_fingerprint(row):
-            raise ValueError(f"--ref-logps {path}: row {i} differs from the data's row {i} "
-                             "(other data, tokenizer or --seq-length)")
-        out.append(flat[offsets[i]:offsets[i + 1]])
+            raise ValueError(
+                f"--ref-logps {path}: row {i} differs from the data's row {i} "
+                "(other data, tokenizer or --seq-length)"
+            )
+        out.append(flat[offsets[i] : offsets[i + 1]])
     return out
 
 
 # ------------------------------------------------------------------ one step
-def pref_step(chunks: list, optimizer, scheduler, batches: list[PrefBatch], seq_length: int,
-              cfg: PreferenceLossConfig, bco: RunningMean) -> dict:
+def pref_step(
+    chunks: list,
+    optimizer,
+    scheduler,
+    batches: list[PrefBatch],
+    seq_length: int,
+    cfg: PreferenceLossConfig,
+    bco: RunningMean,
+) -> dict:
     """Forward + backward of every micro-batch, then one optimizer step unless NaN/Inf.
     Returns the step's means over pairs (loss, rewards, accuracy, margins) and grad norm."""
     from megatron_sail.training.posttrain import optimizer_update
@@ -370,8 +426,9 @@ def pref_step(chunks: list, optimizer, scheduler, batches: list[PrefBatch], seq_
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = run_schedule(chunks, batches, seq_length,
-                          lambda b, o: pref_loss(b, cfg, bco.mean, o), forward_only=False)
+    losses = run_schedule(
+        chunks, batches, seq_length, lambda b, o: pref_loss(b, cfg, bco.mean, o), forward_only=False
+    )
     local = torch.zeros(len(REPORT), dtype=torch.float64)
     for rep in losses:
         local += rep["pref"]
@@ -391,8 +448,9 @@ def pref_step(chunks: list, optimizer, scheduler, batches: list[PrefBatch], seq_
     return means
 
 
-def make_batches(rows: list[PackedRow], ref: list[np.ndarray], indices: list[list[int]],
-                 pipeline) -> list[PrefBatch]:
+def make_batches(
+    rows: list[PackedRow], ref: list[np.ndarray], indices: list[list[int]], pipeline
+) -> list[PrefBatch]:
     """PrefBatches of the given row indices (one list per micro-batch)."""
     from megatron_sail.data.loading.collate import collate_rows
     from megatron_sail.training.loop import SkipDecode

@@ -15,6 +15,7 @@
 The total reward is the weighted sum (``--reward-weights``, default 1 each); every function's
 mean and std are logged under its name.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -101,7 +102,7 @@ def boxed_format(text: str, record: dict = None, **_) -> float:
     return float(boxed(text) is not None)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RewardSettings:
     """Parameters some reward functions need."""
 
@@ -117,8 +118,9 @@ class RewardSettings:
     """Judge request timeout."""
 
 
-def length(text: str, record: dict, tokens: int = 0, settings: RewardSettings = RewardSettings(),
-           **_) -> float:
+def length(
+    text: str, record: dict, tokens: int = 0, settings: RewardSettings = RewardSettings(), **_
+) -> float:
     """Minus the penalty for tokens beyond the target."""
     return -settings.length_penalty * max(0, tokens - settings.length_target)
 
@@ -127,11 +129,18 @@ def judge(text: str, record: dict, settings: RewardSettings = RewardSettings(), 
     """1.0 when the judge says the answer matches the reference."""
     if not settings.judge_url:
         raise ValueError("--reward judge needs --judge-url (an OpenAI-compatible endpoint)")
-    prompt = (f"Question: {record.get('question', '')}\nReference answer: "
-              f"{record.get('answer', '')}\nCandidate answer: {final_answer(text)}\n"
-              "Does the candidate answer mean the same as the reference? Reply yes or no.")
-    body = json.dumps({"model": settings.judge_model or "judge", "temperature": 0,
-                       "messages": [{"role": "user", "content": prompt}]}).encode()
+    prompt = (
+        f"Question: {record.get('question', '')}\nReference answer: "
+        f"{record.get('answer', '')}\nCandidate answer: {final_answer(text)}\n"
+        "Does the candidate answer mean the same as the reference? Reply yes or no."
+    )
+    body = json.dumps(
+        {
+            "model": settings.judge_model or "judge",
+            "temperature": 0,
+            "messages": [{"role": "user", "content": prompt}],
+        }
+    ).encode()
     url = settings.judge_url.rstrip("/") + "/chat/completions"
     req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
     try:
@@ -142,8 +151,13 @@ def judge(text: str, record: dict, settings: RewardSettings = RewardSettings(), 
     return float(reply.strip().lower().startswith("yes"))
 
 
-BUILTIN: dict[str, Callable] = {"accuracy": accuracy, "format": think_format,
-                                "boxed": boxed_format, "length": length, "judge": judge}
+BUILTIN: dict[str, Callable] = {
+    "accuracy": accuracy,
+    "format": think_format,
+    "boxed": boxed_format,
+    "length": length,
+    "judge": judge,
+}
 
 
 def resolve(name: str) -> Callable:
@@ -151,8 +165,7 @@ def resolve(name: str) -> Callable:
     if name in BUILTIN:
         return BUILTIN[name]
     if ":" not in name:
-        raise ValueError(f"--reward {name!r}: expected one of {', '.join(BUILTIN)} or "
-                         "module:function")
+        raise ValueError(f"--reward {name!r}: expected one of {', '.join(BUILTIN)} or module:function")
     module, func = name.split(":", 1)
     try:
         fn = getattr(importlib.import_module(module), func)
@@ -174,9 +187,9 @@ class RewardSet:
 
     def score(self, texts: list[str], records: list[dict], tokens: list[int]):
         """(total [N], per-function {name: [N]}) for completions and their prompt records."""
-        per = {n: [float(fn(t, r, tokens=k, settings=self.settings))
-                   for t, r, k in zip(texts, records, tokens)]
-               for n, fn in zip(self.names, self.fns)}
-        total = [sum(w * per[n][i] for n, w in zip(self.names, self.weights))
-                 for i in range(len(texts))]
+        per = {
+            n: [float(fn(t, r, tokens=k, settings=self.settings)) for t, r, k in zip(texts, records, tokens)]
+            for n, fn in zip(self.names, self.fns)
+        }
+        total = [sum(w * per[n][i] for n, w in zip(self.names, self.weights)) for i in range(len(texts))]
         return total, per

@@ -19,6 +19,7 @@ under a temporary name and renamed when complete. It loads with --init-from, gen
 mcore-to-hf like any converted checkpoint. Averaging runs in float32 and is cast back to the
 model dtype; non-float tensors (TE extra state) are taken from the first input.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,7 @@ def resolve_inputs(paths: Sequence[str]) -> list[Path]:
     for p in paths:
         ckpt = resolve_checkpoint(str(p)) if os.path.isdir(p) else None
         if ckpt is None:
-            raise FileNotFoundError(f"--inputs {p}: not a checkpoint folder (no metadata.json, "
-                                    "no `latest`)")
+            raise FileNotFoundError(f"--inputs {p}: not a checkpoint folder (no metadata.json, no `latest`)")
         out.append(Path(ckpt))
     return out
 
@@ -142,12 +142,15 @@ def check_compatible(ckpts: list[Path]) -> None:
         tok = tokenizer_identity(other)
         for key in sorted(set(base_tok) & set(tok)):
             if base_tok[key] != tok[key]:
-                raise SoupMismatch(f"tokenizer differs: {key} is {base_tok[key]!r} in {first} "
-                                   f"but {tok[key]!r} in {other}")
+                raise SoupMismatch(
+                    f"tokenizer differs: {key} is {base_tok[key]!r} in {first} but {tok[key]!r} in {other}"
+                )
         if bool(base_tok) != bool(tok) or (base_tok and not set(base_tok) & set(tok)):
-            raise SoupMismatch(f"tokenizer of {first} ({sorted(base_tok) or 'none recorded'}) "
-                               f"and of {other} ({sorted(tok) or 'none recorded'}) cannot be "
-                               "compared; merge checkpoints of the same kind or add tokenizer/")
+            raise SoupMismatch(
+                f"tokenizer of {first} ({sorted(base_tok) or 'none recorded'}) "
+                f"and of {other} ({sorted(tok) or 'none recorded'}) cannot be "
+                "compared; merge checkpoints of the same kind or add tokenizer/"
+            )
 
 
 def _dict_diffs(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -166,8 +169,8 @@ def _single_rank_model(ckpt: Path):
     """A TP=PP=1 model of the checkpoint's config (starts one-process Megatron groups)."""
     import torch.distributed as dist
 
-    from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.checkpoint.layout import read_model_config
+    from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.convert.checkpoint import build_model_chunks
     from megatron_sail.platform import distributed
 
@@ -202,9 +205,10 @@ def average(ckpts: list[Path], weights: list[float]) -> tuple[torch.nn.Module, d
 
 def merge(cfg: SoupConfig) -> Path:
     """Check, average and write the soup; returns the output folder."""
-    from megatron_sail.convert import hf_io
-    from megatron_sail.checkpoint import dcp as dist_ckpt, integrity
+    from megatron_sail.checkpoint import dcp as dist_ckpt
+    from megatron_sail.checkpoint import integrity
     from megatron_sail.checkpoint.layout import read_model_config, write_model_config
+    from megatron_sail.convert import hf_io
 
     ckpts = resolve_inputs(cfg.inputs)
     weights = normalized_weights(cfg.weights, len(ckpts))
@@ -225,8 +229,11 @@ def merge(cfg: SoupConfig) -> Path:
                 shutil.copytree(src, tmp / name)
             elif src.is_file():
                 shutil.copy2(src, tmp / name)
-        record = {"inputs": [str(c) for c in ckpts], "weights": weights,
-                  "tokenizer": tokenizer_identity(ckpts[0])}
+        record = {
+            "inputs": [str(c) for c in ckpts],
+            "weights": weights,
+            "tokenizer": tokenizer_identity(ckpts[0]),
+        }
         (tmp / SOUP_FILE).write_text(json.dumps(record, indent=2) + "\n")
         integrity.write_manifest(str(tmp))
     return out

@@ -5,10 +5,10 @@ Two tiny random InternVL checkpoints (same tokenizer, different seeds) are conve
 one of them is re-saved at TP=2 by two gloo ranks, so the soup reads one TP=1 and one TP=2 input.
 The merge runs in a spawned process (it starts Megatron's groups; the pytest process stays clean).
 """
+
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,9 +33,9 @@ def _resave_tp2(rank, src, out):
     import torch as t
 
     t.set_num_threads(1)
-    from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.checkpoint import dcp as dist_ckpt
     from megatron_sail.checkpoint.layout import read_model_config
+    from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.convert.checkpoint import build_model_chunks
     from megatron_sail.platform import distributed
 
@@ -74,8 +74,7 @@ def _plain(path, tmp: Path) -> dict:
     out = tmp / f"{Path(path).name}.pt"
     dcp_to_torch_save(str(path), str(out))
     state = torch.load(out, weights_only=False)
-    return {k: v for k, v in state.items()
-            if isinstance(v, torch.Tensor) and torch.is_floating_point(v)}
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and torch.is_floating_point(v)}
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +83,17 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("soup")
     import make_tiny_hf_checkpoint as tiny
 
-    hf = [tiny.make_tiny_checkpoint(root / f"hf{k}", tiny.TinyCheckpointConfig(
-        layout="hf", vocab_size=300, tokenizer=True, seed=s)) for k, s in ((0, 3), (1, 4))]
-    hf.append(tiny.make_tiny_checkpoint(root / "hf2", tiny.TinyCheckpointConfig(
-        layout="hf", vocab_size=384, tokenizer=True, seed=5)))
+    hf = [
+        tiny.make_tiny_checkpoint(
+            root / f"hf{k}", tiny.TinyCheckpointConfig(layout="hf", vocab_size=300, tokenizer=True, seed=s)
+        )
+        for k, s in ((0, 3), (1, 4))
+    ]
+    hf.append(
+        tiny.make_tiny_checkpoint(
+            root / "hf2", tiny.TinyCheckpointConfig(layout="hf", vocab_size=384, tokenizer=True, seed=5)
+        )
+    )
     mc = [str(root / n) for n in ("a", "b1", "c")]
     launch(_convert, 1, [str(h) for h in hf], mc, timeout=300)
     launch(_resave_tp2, 2, mc[1], str(root / "b"), timeout=300)
@@ -121,11 +127,16 @@ def test_soup_refuses_mismatches_naming_them(inputs, tmp_path):
     shutil.copytree(b, other_tok)
     vocab = next(p for p in sorted((other_tok / "tokenizer").iterdir()) if p.suffix == ".json")
     vocab.write_text(vocab.read_text() + " ")
-    [errs] = launch(_merge, 1, [
-        ["--inputs", a, c, "--out", str(tmp_path / "x")],
-        ["--inputs", a, str(forged), "--out", str(tmp_path / "y")],
-        ["--inputs", a, str(other_tok), "--out", str(tmp_path / "z")],
-        ["--inputs", a, b, "--weights", "1", "--out", str(tmp_path / "w")]])
+    [errs] = launch(
+        _merge,
+        1,
+        [
+            ["--inputs", a, c, "--out", str(tmp_path / "x")],
+            ["--inputs", a, str(forged), "--out", str(tmp_path / "y")],
+            ["--inputs", a, str(other_tok), "--out", str(tmp_path / "z")],
+            ["--inputs", a, b, "--weights", "1", "--out", str(tmp_path / "w")],
+        ],
+    )
     assert errs[0] and "vocab_size" in errs[0], errs[0]  # the config field is named
     assert errs[1] and "tensor language_model.embedding.word_embeddings.weight" in errs[1], errs[1]
     assert errs[2] and "tokenizer differs" in errs[2], errs[2]

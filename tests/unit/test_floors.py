@@ -2,6 +2,7 @@
 level or inside a function, goes from a floor to a lower one; nothing imports sideways or up, so
 there is no import circle between packages. A new package must be given its floor here and in
 the doc."""
+
 import ast
 from pathlib import Path
 
@@ -50,12 +51,18 @@ def _package_edges():
 
 def test_every_package_has_a_floor():
     pkg = ROOT / "megatron_sail"
-    names = {p.stem if p.is_file() else p.name for p in pkg.iterdir()
-             if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file()}
+    names = {
+        p.stem if p.is_file() else p.name
+        for p in pkg.iterdir()
+        if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file()
+    }
     assert names - set(FLOOR) == set(), "give the new package a floor in FLOORS and docs/architecture.md"
 
 
 def test_imports_only_go_down():
-    wrong = [f"{where}: {src} (floor {FLOOR[src]}) imports {dst} (floor {FLOOR.get(dst, '?')})"
-             for where, src, dst in _package_edges() if FLOOR.get(dst, 99) >= FLOOR[src]]
+    wrong = [
+        f"{where}: {src} (floor {FLOOR[src]}) imports {dst} (floor {FLOOR.get(dst, '?')})"
+        for where, src, dst in _package_edges()
+        if FLOOR.get(dst, 99) >= FLOOR[src]
+    ]
     assert wrong == []

@@ -1,4 +1,5 @@
 """MetricsWriter output read back: metrics.jsonl, TensorBoard events, console lines."""
+
 import io
 import json
 import math
@@ -10,10 +11,21 @@ from megatron_sail.training.metrics import MetricsConfig, MetricsWriter, StepSta
 
 def _stats(i, loss, skipped=False, decode_failures=0):
     return StepStats(
-        iteration=i, lm_loss=loss, lr={"vit": 1e-5 * i, "lm": 2e-5 * i}, grad_norm=0.5 * i,
-        step_time_s=2.0, tokens=1000, samples=4, images=3, tiles=7, flops=8e12,
-        data_wait_s=0.25, skipped=skipped, decode_failures=decode_failures,
-        consumed_samples=4 * i, consumed_tokens=1000 * i,
+        iteration=i,
+        lm_loss=loss,
+        lr={"vit": 1e-5 * i, "lm": 2e-5 * i},
+        grad_norm=0.5 * i,
+        step_time_s=2.0,
+        tokens=1000,
+        samples=4,
+        images=3,
+        tiles=7,
+        flops=8e12,
+        data_wait_s=0.25,
+        skipped=skipped,
+        decode_failures=decode_failures,
+        consumed_samples=4 * i,
+        consumed_tokens=1000 * i,
     )
 
 
@@ -50,8 +62,12 @@ def test_jsonl_values(tmp_path):
     assert recs[3]["consumed_tokens"] == 4000 and recs[3]["tiles"] == 7
     assert recs[0]["memory_gib"] > 0
     valid = json.loads((tmp_path / "run" / "valid_metrics.jsonl").read_text())
-    assert valid == {"iteration": 4, "split": "validation", "lm_loss": 3.5,
-                     "ppl": pytest.approx(math.exp(3.5))}  # validation perplexity
+    assert valid == {
+        "iteration": 4,
+        "split": "validation",
+        "lm_loss": 3.5,
+        "ppl": pytest.approx(math.exp(3.5)),
+    }  # validation perplexity
 
 
 def test_mfu_null_without_peak(tmp_path):
@@ -69,10 +85,24 @@ def test_tensorboard_scalars(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ["lm loss", "learning-rate/vit", "learning-rate/lm", "grad-norm", "throughput/tokens-per-s",
-                "consumed/samples", "consumed/tokens", "batch/images", "batch/tiles",
-                "throughput/tflops-per-gpu", "throughput/mfu", "skipped-steps", "decode-failures",
-                "time/data-wait-s", "memory/peak-gib", "lm loss validation"]:
+    for tag in [
+        "lm loss",
+        "learning-rate/vit",
+        "learning-rate/lm",
+        "grad-norm",
+        "throughput/tokens-per-s",
+        "consumed/samples",
+        "consumed/tokens",
+        "batch/images",
+        "batch/tiles",
+        "throughput/tflops-per-gpu",
+        "throughput/mfu",
+        "skipped-steps",
+        "decode-failures",
+        "time/data-wait-s",
+        "memory/peak-gib",
+        "lm loss validation",
+    ]:
         assert tag in tags, tag
 
     def values(tag):
@@ -112,8 +142,7 @@ def test_resume_drops_lines_after_checkpoint(tmp_path):
 
 
 def test_progress_bar(tmp_path):
-    out = _run(tmp_path, [(1, 4.0), (2, 3.0)], MetricsConfig(total_iters=2, progress_bar=True),
-               terminal=True)
+    out = _run(tmp_path, [(1, 4.0), (2, 3.0)], MetricsConfig(total_iters=2, progress_bar=True), terminal=True)
     assert "2/2" in out and "step 2/2" in out
 
 
@@ -198,7 +227,6 @@ def test_validation_of_an_init_from_checkpoint_names_the_checkpoint(tmp_path):
 
 def test_progress_bar_labels_its_loss_as_this_steps(tmp_path):
     """The bar shows the step's own loss, the log line the interval mean; each says which."""
-    out = _run(tmp_path, [(1, 4.0), (2, 2.0)], MetricsConfig(total_iters=2, progress_bar=True),
-               terminal=True)
+    out = _run(tmp_path, [(1, 4.0), (2, 2.0)], MetricsConfig(total_iters=2, progress_bar=True), terminal=True)
     assert "loss (this step) 2.0000" in out
     assert "loss (mean of 2 steps) 3.0000" in out

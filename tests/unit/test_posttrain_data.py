@@ -1,6 +1,6 @@
 """Post-training data: preference-pair formats and rejects, pair rows, rollout rows, rewards."""
+
 import base64
-import io
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -16,15 +16,18 @@ from megatron_sail.training import rewards as R
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Two images, a small BPE tokenizer with the template's special tokens, processor settings."""
-    from megatron_sail.demo import generator as demo
     from megatron_sail.checkpoint.processor import ProcessorSettings
     from megatron_sail.data.tokenizer import load_tokenizer
+    from megatron_sail.demo import generator as demo
 
     root = tmp_path_factory.mktemp("pref")
     for name, size in (("a.png", (64, 64)), ("b.png", (96, 64))):
         Image.new("RGB", size, (200, 10, 10)).save(root / name)
-    demo.train_tokenizer(["Is there a red circle?", "Yes", "No", "two blue squares",
-                          "What colour is it?", "red", "green"], str(root / "tok.json"), 320)
+    demo.train_tokenizer(
+        ["Is there a red circle?", "Yes", "No", "two blue squares", "What colour is it?", "red", "green"],
+        str(root / "tok.json"),
+        320,
+    )
     tok = load_tokenizer(str(root / "tok.json"))
     return root, tok, ProcessorSettings(tile_size=32, max_tiles=4, tokens_per_tile=4)
 
@@ -37,38 +40,69 @@ def _write(path, records):
 def test_three_formats_parse_and_bad_records_are_rejects_with_reasons(files):
     root, _, _ = files
     png = base64.b64encode((root / "a.png").read_bytes()).decode()
-    path = _write(root / "pairs.jsonl", [
-        {"image": "a.png", "question": "Is there a red circle?", "chosen": "Yes", "rejected": "No"},
-        {"images": ["a.png", "b.png"], "prompt": "<image><image>Compare.", "chosen": "red",
-         "rejected": "green"},
-        {"messages": [{"role": "system", "content": "Be brief."},
-                      {"role": "user", "content": [{"type": "image", "image": f"data:image/png;base64,{png}"},
-                                                   {"type": "text", "text": "What colour is it?"}]},
-                      {"role": "assistant", "content": "red"}], "rejected_response": "green"},
-        "{not json",
-        {"image": "a.png", "question": "Q?", "chosen": "Yes"},
-        {"image": "a.png", "question": "Q?", "chosen": "Yes", "rejected": " Yes "},
-        {"image": "missing.png", "question": "Q?", "chosen": "Yes", "rejected": "No"},
-        {"messages": [{"role": "user", "content": "Q?"}], "rejected_response": "No"},
-    ])
+    path = _write(
+        root / "pairs.jsonl",
+        [
+            {"image": "a.png", "question": "Is there a red circle?", "chosen": "Yes", "rejected": "No"},
+            {
+                "images": ["a.png", "b.png"],
+                "prompt": "<image><image>Compare.",
+                "chosen": "red",
+                "rejected": "green",
+            },
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": f"data:image/png;base64,{png}"},
+                            {"type": "text", "text": "What colour is it?"},
+                        ],
+                    },
+                    {"role": "assistant", "content": "red"},
+                ],
+                "rejected_response": "green",
+            },
+            "{not json",
+            {"image": "a.png", "question": "Q?", "chosen": "Yes"},
+            {"image": "a.png", "question": "Q?", "chosen": "Yes", "rejected": " Yes "},
+            {"image": "missing.png", "question": "Q?", "chosen": "Yes", "rejected": "No"},
+            {"messages": [{"role": "user", "content": "Q?"}], "rejected_response": "No"},
+        ],
+    )
     out = list(read_pairs(PairFile([path])))
     pairs = [o for o in out if isinstance(o, PreferencePair)]
     rejects = {o.source.rsplit(":", 1)[1]: o.reason for o in out if isinstance(o, Reject)}
     assert len(pairs) == 3 and [len(p.images) for p in pairs] == [1, 2, 1]
     assert pairs[2].turns[0] == {"from": "system", "value": "Be brief."}
     assert pairs[2].chosen == "red" and pairs[2].rejected == "green"
-    assert rejects == {"4": "bad_json", "5": "missing_field", "6": "same_answers",
-                       "7": "missing_image", "8": "no_assistant_turn"}
+    assert rejects == {
+        "4": "bad_json",
+        "5": "missing_field",
+        "6": "same_answers",
+        "7": "missing_image",
+        "8": "no_assistant_turn",
+    }
 
 
 def test_pair_rows_hold_whole_pairs_as_adjacent_segments(files):
     from megatron_sail.training.preference import build_rows
 
     root, tok, settings = files
-    pairs = [PreferencePair([{"from": "human", "value": "Is there a red circle?"}],
-                            [(root / "a.png").read_bytes()], "Yes", "No", f"p{i}") for i in range(5)]
-    pairs.append(PreferencePair([{"from": "human", "value": "What colour is it?"}], [],
-                                "red " * 200, "green", "long"))
+    pairs = [
+        PreferencePair(
+            [{"from": "human", "value": "Is there a red circle?"}],
+            [(root / "a.png").read_bytes()],
+            "Yes",
+            "No",
+            f"p{i}",
+        )
+        for i in range(5)
+    ]
+    pairs.append(
+        PreferencePair([{"from": "human", "value": "What colour is it?"}], [], "red " * 200, "green", "long")
+    )
     data = build_rows(pairs, tok, settings, seq_length=128)
     assert [r.reason for r in data.rejects] == ["too_long"]
     assert sum(data.pairs_per_row) == 5 and len(data.rows) >= 2
@@ -80,13 +114,18 @@ def test_pair_rows_hold_whole_pairs_as_adjacent_segments(files):
             chosen, rejected = row.tokens[a0:a1], row.tokens[b0:b1]
             # the conversations share their prompt (and image tokens), then differ
             k = next(i for i in range(min(len(chosen), len(rejected))) if chosen[i] != rejected[i])
-            assert row.loss_mask[a0:a0 + k - 1].sum() == 0 and row.loss_mask[a0 + k - 1] == 1
+            assert row.loss_mask[a0 : a0 + k - 1].sum() == 0 and row.loss_mask[a0 + k - 1] == 1
             assert tok.decode(chosen[k:].tolist()).startswith("Yes")
             assert tok.decode(rejected[k:].tolist()).startswith("No")
         assert [img.sample for img in row.images] == list(range(2 * n))
-        assert row.loss_mask[cu[2 * n] if len(cu) > 2 * n + 1 else len(row.tokens):].sum() == 0
+        assert row.loss_mask[cu[2 * n] if len(cu) > 2 * n + 1 else len(row.tokens) :].sum() == 0
     first = data.rows[0]
-    k = int(np.nonzero(first.tokens[:first.cu_seqlens[1]] != first.tokens[first.cu_seqlens[1]:first.cu_seqlens[2]][:first.cu_seqlens[1]])[0][0])
+    k = int(
+        np.nonzero(
+            first.tokens[: first.cu_seqlens[1]]
+            != first.tokens[first.cu_seqlens[1] : first.cu_seqlens[2]][: first.cu_seqlens[1]]
+        )[0][0]
+    )
     assert data.shared_prefix_tokens == 5 * k
 
 
@@ -94,11 +133,12 @@ def test_rollout_rows_align_engine_logps_with_completion_labels():
     from megatron_sail.inference.rollout import Rollout
     from megatron_sail.training.grpo import pack_rollouts
 
-    rolls = [Rollout([1, 2, 3], None, [7, 8], [-0.5, -0.25], "", "stop"),
-             Rollout([1, 2], None, [9, 9, 4], [-1.0, -2.0, -3.0], "", "length"),
-             Rollout([5] * 6, None, [6], [-0.125], "", "stop")]
-    batches = pack_rollouts(rolls, [1.0, -1.0, 0.5], seq_length=10, rows_per_mb=2, pad=0,
-                            with_tiles=False)
+    rolls = [
+        Rollout([1, 2, 3], None, [7, 8], [-0.5, -0.25], "", "stop"),
+        Rollout([1, 2], None, [9, 9, 4], [-1.0, -2.0, -3.0], "", "length"),
+        Rollout([5] * 6, None, [6], [-0.125], "", "stop"),
+    ]
+    batches = pack_rollouts(rolls, [1.0, -1.0, 0.5], seq_length=10, rows_per_mb=2, pad=0, with_tiles=False)
     assert len(batches) == 1
     b = batches[0]
     assert b.mb.tokens[0, :10].tolist() == [1, 2, 3, 7, 8, 1, 2, 9, 9, 4]
@@ -141,7 +181,8 @@ def test_format_length_and_user_rewards():
     with pytest.raises(ValueError, match="module:function"):
         R.resolve("nonsense")
     total, per = R.RewardSet(["accuracy", "format"], [], s).score(
-        ["<think>x</think> yes", "no"], [{"answer": "yes"}] * 2, [3, 1])
+        ["<think>x</think> yes", "no"], [{"answer": "yes"}] * 2, [3, 1]
+    )
     assert total == [2.0, 0.0] and per == {"accuracy": [1.0, 0.0], "format": [1.0, 0.0]}
 
 

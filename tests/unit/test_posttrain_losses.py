@@ -5,14 +5,14 @@ the reference is TRL's DPOTrainer.dpo_loss as its source and the papers state it
 pair in plain floats: sigmoid (DPO), ipo (on token-averaged log-probs), bco_pair, and the
 rpo_alpha NLL term; GRPO's group advantages, clipped surrogate and k3 KL by hand.
 """
+
 import math
 
 import pytest
 import torch
 
 from megatron_sail.training.losses import grpo
-from megatron_sail.training.losses.preference import (PreferenceLossConfig, RunningMean,
-                                                       pair_losses)
+from megatron_sail.training.losses.preference import PreferenceLossConfig, RunningMean, pair_losses
 
 PC = [-12.0, -30.5, -7.25, -50.0]
 PR = [-15.0, -28.0, -9.0, -49.0]
@@ -28,8 +28,9 @@ def _logsig(x: float) -> float:
 
 def _run(loss: str, beta: float, delta: float = 0.0):
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    return pair_losses(t(PC), t(PR), t(RC), t(RR), t(NC), t(NR),
-                       PreferenceLossConfig(loss=loss, beta=beta), bco_delta=delta)
+    return pair_losses(
+        t(PC), t(PR), t(RC), t(RR), t(NC), t(NR), PreferenceLossConfig(loss=loss, beta=beta), bco_delta=delta
+    )
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5])

@@ -1,5 +1,6 @@
 """One image file as an ImageRecord, its tile grid chosen from its size as preprocessing does
 (tools/render_tiles.py, tools/gpu_check.py's DALI parity)."""
+
 from __future__ import annotations
 
 from PIL import Image, UnidentifiedImageError
@@ -19,5 +20,6 @@ def load_record(path: str, tiling: TilingConfig) -> ImageRecord:
     except (UnidentifiedImageError, OSError) as e:
         raise SystemExit(f"{path}: not a readable image ({e})") from e
     grid = find_grid(width, height, tiling)
-    return ImageRecord(data=data, grid=grid, thumbnail=tiling.thumbnail, size=(width, height),
-                       sample=0, source=f"{path}:0")
+    return ImageRecord(
+        data=data, grid=grid, thumbnail=tiling.thumbnail, size=(width, height), sample=0, source=f"{path}:0"
+    )

@@ -13,6 +13,7 @@ A record that cannot be a pair is a reject with a reason (counted and written ne
 output, as preprocessing does): not JSON, missing or empty fields, chosen == rejected, an image
 that cannot be read, placeholder count mismatch, too long for one row.
 """
+
 from __future__ import annotations
 
 import json

@@ -14,6 +14,7 @@ clipped policy-gradient loss, on per-token log-probabilities of sampled completi
   then the mean over completions (the DeepSeekMath formula). Either is returned as a (sum,
   count) pair so that Megatron's per-token loss scaling divides by the global count.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,7 @@ class GRPOLossConfig:
         if self.loss_level not in LEVELS:
             raise ValueError(f"--grpo-loss-level {self.loss_level!r}: expected token or sequence")
         if self.clip_eps <= 0 or self.kl_coef < 0:
-            raise ValueError(f"--clip-eps {self.clip_eps} must be > 0 and --kl-coef "
-                             f"{self.kl_coef} >= 0")
+            raise ValueError(f"--clip-eps {self.clip_eps} must be > 0 and --kl-coef {self.kl_coef} >= 0")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -59,8 +59,13 @@ def all_equal_groups(rewards: torch.Tensor, group_size: int) -> int:
     return int((r == r[:, :1]).all(dim=1).sum())
 
 
-def token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                 cfg: GRPOLossConfig, ref_logp: torch.Tensor | None = None):
+def token_losses(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    cfg: GRPOLossConfig,
+    ref_logp: torch.Tensor | None = None,
+):
     """Per-token loss and its diagnostics (all [T]; ``advantages`` already per token).
 
     Returns (loss, kl, clipped) where ``clipped`` is 1.0 where the clipped branch of the
@@ -79,8 +84,9 @@ def token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.T
     return loss, kl.detach(), active.float()
 
 
-def reduce(per_token: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tensor,
-           level: str) -> tuple[torch.Tensor, torch.Tensor]:
+def reduce(
+    per_token: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tensor, level: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum, count) of a per-token quantity: tokens and their count, or per-sequence means and
     the number of sequences. ``seq_index`` [T] numbers each token's completion (any ids)."""
     mask = mask.to(per_token.dtype)

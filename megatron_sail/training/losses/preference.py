@@ -20,6 +20,7 @@ rejected answer (sums over answer tokens), and the answers' token counts. With
 Rewards reported (TRL's metrics): ``beta * (pi - ref)`` of each answer, detached; the margin is
 their difference, the accuracy the fraction of pairs whose chosen reward is higher.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -92,17 +93,23 @@ def ipo_square(logits: torch.Tensor, beta: float) -> torch.Tensor:
     return (logits - 1.0 / (2.0 * beta)) ** 2
 
 
-def bco_pair(chosen_logratio: torch.Tensor, rejected_logratio: torch.Tensor, beta: float,
-             delta: float) -> torch.Tensor:
+def bco_pair(
+    chosen_logratio: torch.Tensor, rejected_logratio: torch.Tensor, beta: float, delta: float
+) -> torch.Tensor:
     """BCO pair loss: each answer classified against the running reward baseline ``delta``."""
-    return (-F.logsigmoid(beta * chosen_logratio - delta)
-            - F.logsigmoid(-(beta * rejected_logratio - delta)))
+    return -F.logsigmoid(beta * chosen_logratio - delta) - F.logsigmoid(-(beta * rejected_logratio - delta))
 
 
-def pair_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-                ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-                chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor,
-                cfg: PreferenceLossConfig, bco_delta: float = 0.0) -> PairLosses:
+def pair_losses(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    cfg: PreferenceLossConfig,
+    bco_delta: float = 0.0,
+) -> PairLosses:
     """Loss and rewards of each pair from summed answer log-probs ([P] tensors each)."""
     dtype = torch.promote_types(policy_chosen.dtype, torch.float32)  # float64 stays float64
     pc, pr, rc, rr = (t.to(dtype) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
@@ -122,5 +129,4 @@ def pair_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
         lm = -pc / nc
         losses = cfg.mpo_dpo_weight * dpo + cfg.mpo_bco_weight * bco + cfg.mpo_lm_weight * lm
         parts = {"dpo": dpo.detach(), "bco": bco.detach(), "lm": lm.detach()}
-    return PairLosses(losses, (cfg.beta * chosen_lr).detach(), (cfg.beta * rejected_lr).detach(),
-                      parts)
+    return PairLosses(losses, (cfg.beta * chosen_lr).detach(), (cfg.beta * rejected_lr).detach(), parts)
