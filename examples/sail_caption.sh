@@ -2,7 +2,7 @@
 # The SAIL-Caption recipe end to end (docs/curation.md): a reference subset with captions from a
 # stronger source -> preprocess -> fine-tune a captioner from a base checkpoint (SFT stage) ->
 # recaption an unlabeled pool with it (tools/recaption.py --backend megatron) -> deduplicate
-# (tools/dedup.py signatures + group, near-dedup on) -> filter (tools/filter_data.py, the judge
+# (tools/dedup.py signatures + group; near-dedup for photos) -> filter (tools/filter_data.py, the judge
 # too when JUDGE_MODEL is set) -> preprocess -> pretrain-alignment on the result. Then the
 # comparison that justifies the work: the same alignment on the pool's original (noisy or empty)
 # text, both models captioning held-out images, scored by word F1 against the exact captions

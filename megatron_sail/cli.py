@@ -9,6 +9,7 @@ about a path for anything the user can fix by changing a flag or a file; a full 
 and keeps its traceback. ``SAIL_TRACEBACK=1`` shows the traceback of user errors too, for
 debugging.
 """
+
 from __future__ import annotations
 
 import errno
@@ -18,8 +19,14 @@ import sys
 import time
 from typing import Callable, NoReturn, Optional, Sequence
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError, FileExistsError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    FileExistsError,
+)
 """Exceptions that mean "the input or a flag is wrong" (UnicodeDecodeError is a ValueError)."""
 
 EXIT_USAGE = 2
@@ -79,8 +86,9 @@ def fail(e: BaseException) -> NoReturn:
     sys.exit(EXIT_USAGE)
 
 
-def run(main: Callable[[Optional[Sequence[str]]], Optional[int]],
-        argv: Optional[Sequence[str]] = None) -> NoReturn:
+def run(
+    main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None
+) -> NoReturn:
     """Call an entry point's ``main(argv)`` and exit with its code; user errors become one line
     (see the module docstring), other exceptions keep their traceback."""
     setup_logging()

@@ -11,6 +11,7 @@ Face folder of either layout. ``--input`` records are JSON objects with ``prompt
 the JSONL file's folder. A record that cannot be used is skipped, counted and written to
 ``OUTPUT.rejects.jsonl``. Rank 0 prints each answer and writes ``--output``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_sail.inference.config import GenerationConfig, GenerationRequest
 from megatron_sail import cli
+from megatron_sail.inference.config import GenerationConfig, GenerationRequest
 from megatron_sail.progress import Progress, ProgressConfig
 
 
@@ -50,8 +51,13 @@ def read_input(path: str) -> tuple[list[InputRecord], list[dict]]:
                     continue
                 good.append(_record(json.loads(line), n, base))
             except UnicodeDecodeError as e:
-                rejects.append({"file": path, "line": n,
-                                "reason": f"not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})"})
+                rejects.append(
+                    {
+                        "file": path,
+                        "line": n,
+                        "reason": f"not UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})",
+                    }
+                )
             except (ValueError, TypeError) as e:
                 rejects.append({"file": path, "line": n, "reason": str(e)})
     return good, rejects
@@ -79,11 +85,13 @@ def _record(rec, line: int, base: str) -> InputRecord:
 
 def _at_least(low: int):
     """argparse type: an integer >= ``low`` (checked before any model code is imported)."""
+
     def parse(text: str) -> int:
         value = int(text)
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
         return value
+
     parse.__name__ = f"integer >= {low}"
     return parse
 
@@ -106,42 +114,106 @@ def _non_negative(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (every GenerationConfig field has one)."""
-    p = argparse.ArgumentParser(prog="python -m megatron_sail.generate",
-                                description="Generate answers with a SAIL-VL checkpoint.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="training run/iter dir, converted Megatron checkpoint or Hugging Face folder")
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_sail.generate", description="Generate answers with a SAIL-VL checkpoint."
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="training run/iter dir, converted Megatron checkpoint or Hugging Face folder",
+    )
     p.add_argument("--prompt", help="user text (with --image: the question about the image(s))")
     p.add_argument("--image", action="append", default=[], help="image path (repeatable, in order)")
     p.add_argument("--input", help="JSONL file of records with prompt/question and image/images")
     p.add_argument("--output", help="write one JSON record per prompt here (text, token_ids, prompt_ids)")
     d = GenerationConfig()
-    p.add_argument("--max-new-tokens", type=_at_least(0), default=d.max_new_tokens, metavar="N",
-                   help="most tokens generated per answer (default: %(default)s)")
-    p.add_argument("--min-new-tokens", type=_at_least(0), default=d.min_new_tokens, metavar="N",
-                   help="stop tokens are ignored before this many (default: %(default)s)")
-    p.add_argument("--max-tiles", type=_at_least(1), default=d.max_tiles, metavar="N",
-                   help="most tiles per image (default: %(default)s)")
-    p.add_argument("--temperature", type=_non_negative, default=d.temperature, metavar="T",
-                   help="sampling temperature; 0 = greedy (default: %(default)s)")
-    p.add_argument("--top-p", type=_unit_interval, default=d.top_p, metavar="P",
-                   help="nucleus sampling mass in (0, 1] (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, metavar="N",
-                   help="sampling seed (default: %(default)s)")
-    p.add_argument("--batch-size", type=_at_least(1), default=d.batch_size, metavar="N",
-                   help="prompts decoded together (default: %(default)s)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=_at_least(0),
+        default=d.max_new_tokens,
+        metavar="N",
+        help="most tokens generated per answer (default: %(default)s)",
+    )
+    p.add_argument(
+        "--min-new-tokens",
+        type=_at_least(0),
+        default=d.min_new_tokens,
+        metavar="N",
+        help="stop tokens are ignored before this many (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-tiles",
+        type=_at_least(1),
+        default=d.max_tiles,
+        metavar="N",
+        help="most tiles per image (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=_non_negative,
+        default=d.temperature,
+        metavar="T",
+        help="sampling temperature; 0 = greedy (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=_unit_interval,
+        default=d.top_p,
+        metavar="P",
+        help="nucleus sampling mass in (0, 1] (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=d.seed, metavar="N", help="sampling seed (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_at_least(1),
+        default=d.batch_size,
+        metavar="N",
+        help="prompts decoded together (default: %(default)s)",
+    )
     p.add_argument("--system", default=None, help="system prompt (default: the training template's)")
-    p.add_argument("--stop-token-id", type=int, action="append", default=None,
-                   help="id that ends an answer (repeatable; default <|im_end|> and <|endoftext|>)")
-    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=_at_least(1), default=1,
-                   metavar="N", help="tensor-parallel ranks (default: %(default)s; the checkpoint "
-                                     "is resharded while loading)")
-    p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=_at_least(1),
-                   default=1, metavar="N", help="pipeline stages (default: %(default)s)")
-    p.add_argument("--expert-model-parallel-size", "--ep", dest="ep", type=int, default=1,
-                   help="ignored (a note is printed when > 1): generation loads every expert on "
-                        "each rank (EP=1), whatever EP the checkpoint was trained at")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="parameter dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument(
+        "--stop-token-id",
+        type=int,
+        action="append",
+        default=None,
+        help="id that ends an answer (repeatable; default <|im_end|> and <|endoftext|>)",
+    )
+    p.add_argument(
+        "--tensor-model-parallel-size",
+        "--tp",
+        dest="tp",
+        type=_at_least(1),
+        default=1,
+        metavar="N",
+        help="tensor-parallel ranks (default: %(default)s; the checkpoint is resharded while loading)",
+    )
+    p.add_argument(
+        "--pipeline-model-parallel-size",
+        "--pp",
+        dest="pp",
+        type=_at_least(1),
+        default=1,
+        metavar="N",
+        help="pipeline stages (default: %(default)s)",
+    )
+    p.add_argument(
+        "--expert-model-parallel-size",
+        "--ep",
+        dest="ep",
+        type=int,
+        default=1,
+        help="ignored (a note is printed when > 1): generation loads every expert on "
+        "each rank (EP=1), whatever EP the checkpoint was trained at",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="parameter dtype (default: float32 on CPU, bfloat16 on GPU)",
+    )
     p.add_argument("--tokenizer", default=None, help="override the tokenizer the checkpoint names")
     return p
 
@@ -182,21 +254,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     records, rejects = _requests(args, parser)
     if args.ep < 1:
         parser.error(f"--expert-model-parallel-size {args.ep}: must be at least 1")
-    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, seed=args.seed, max_tiles=args.max_tiles,
-                           batch_size=args.batch_size, system=args.system,
-                           min_new_tokens=args.min_new_tokens,
-                           stop_token_ids=tuple(args.stop_token_id) if args.stop_token_id else None)
+    cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_tiles=args.max_tiles,
+        batch_size=args.batch_size,
+        system=args.system,
+        min_new_tokens=args.min_new_tokens,
+        stop_token_ids=tuple(args.stop_token_id) if args.stop_token_id else None,
+    )
     import torch.distributed as dist
 
     from megatron_sail.inference.loading import LoadConfig, load_generator
 
-    gen = load_generator(args.checkpoint, cfg, LoadConfig(tp=args.tp, pp=args.pp, dtype=args.dtype,
-                                                          tokenizer=args.tokenizer))
+    gen = load_generator(
+        args.checkpoint, cfg, LoadConfig(tp=args.tp, pp=args.pp, dtype=args.dtype, tokenizer=args.tokenizer)
+    )
     if args.ep > 1 and dist.get_rank() == 0:
-        print(f"note: --expert-model-parallel-size {args.ep} ignored: generation loads every expert "
-              "on each rank (EP=1; the checkpoint is resharded while loading), since expert-parallel "
-              "ranks would be data-parallel replicas decoding the same prompts", file=sys.stderr)
+        print(
+            f"note: --expert-model-parallel-size {args.ep} ignored: generation loads every expert "
+            "on each rank (EP=1; the checkpoint is resharded while loading), since expert-parallel "
+            "ranks would be data-parallel replicas decoding the same prompts",
+            file=sys.stderr,
+        )
     prompts, kept = [], []
     for rec in records:
         try:
@@ -206,8 +288,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             rejects.append({"file": args.input or "--image", "line": rec.line, "reason": str(e)})
     start = time.perf_counter()
     show = args.input is not None and dist.get_rank() == 0  # one prompt needs no bar
-    with Progress(total=len(prompts), desc="generate", unit="prompts",
-                  config=None if show else ProgressConfig(enabled=False)) as bar:
+    with Progress(
+        total=len(prompts),
+        desc="generate",
+        unit="prompts",
+        config=None if show else ProgressConfig(enabled=False),
+    ) as bar:
         results = gen.generate_prompts(prompts, on_batch=bar.update)
     elapsed = time.perf_counter() - start
     if dist.get_rank() == 0:
@@ -220,17 +306,29 @@ def _report(args, kept: list[InputRecord], results, rejects: list[dict], elapsed
     for rec, res in zip(kept, results):
         print(res.text if len(results) == 1 else f"[{rec.line}] {res.text}", flush=True)
     if args.output:
-        out = [{**rec.extra, "prompt": rec.request.prompt, "images": list(rec.request.images),
-                "text": res.text, "token_ids": res.token_ids, "prompt_ids": res.prompt_ids,
-                "finish_reason": res.finish_reason} for rec, res in zip(kept, results)]
+        out = [
+            {
+                **rec.extra,
+                "prompt": rec.request.prompt,
+                "images": list(rec.request.images),
+                "text": res.text,
+                "token_ids": res.token_ids,
+                "prompt_ids": res.prompt_ids,
+                "finish_reason": res.finish_reason,
+            }
+            for rec, res in zip(kept, results)
+        ]
         write_jsonl(args.output, out)
         if rejects:
             write_jsonl(args.output + ".rejects.jsonl", rejects)
     for r in rejects:
         print(f"skipped {r['file']}:{r['line']}: {r['reason']}", file=sys.stderr)
     new = sum(len(r.token_ids) for r in results)
-    print(f"generated {new} tokens for {len(results)} prompts in {elapsed:.2f}s "
-          f"({new / max(elapsed, 1e-9):.1f} tokens/s); {len(rejects)} skipped", file=sys.stderr)
+    print(
+        f"generated {new} tokens for {len(results)} prompts in {elapsed:.2f}s "
+        f"({new / max(elapsed, 1e-9):.1f} tokens/s); {len(rejects)} skipped",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

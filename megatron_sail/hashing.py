@@ -1,5 +1,6 @@
 """The one file digest of the project: SHA-256, read in chunks. Dataset checksums (meta.json)
 and checkpoint manifests (manifest.json) both record it, so one function computes it."""
+
 from __future__ import annotations
 
 import hashlib

@@ -7,6 +7,7 @@ holds a 200 KB carriage-return line.
             ...
             bar.update(1)
 """
+
 from __future__ import annotations
 
 import os
@@ -40,20 +41,26 @@ def _eta(seconds: float) -> str:
 class Progress:
     """Counts done units against an optional total and reports them (see module docstring)."""
 
-    def __init__(self, total: Optional[int] = None, desc: str = "", unit: str = "it",
-                 stream: Optional[TextIO] = None, config: Optional[ProgressConfig] = None):
+    def __init__(
+        self,
+        total: Optional[int] = None,
+        desc: str = "",
+        unit: str = "it",
+        stream: Optional[TextIO] = None,
+        config: Optional[ProgressConfig] = None,
+    ):
         self.total, self.desc, self.unit = total, desc, unit
         self.stream = stream or sys.stderr
         cfg = config or ProgressConfig(
-            interval_s=float(os.environ.get("SAIL_PROGRESS_INTERVAL", DEFAULT_INTERVAL_S)))
+            interval_s=float(os.environ.get("SAIL_PROGRESS_INTERVAL", DEFAULT_INTERVAL_S))
+        )
         self.cfg, self.done = cfg, 0
         self.t0 = self._last = time.monotonic()
         self._bar = None
         if cfg.enabled and self.stream.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit=f" {unit}", file=self.stream,
-                             dynamic_ncols=True)
+            self._bar = tqdm(total=total, desc=desc, unit=f" {unit}", file=self.stream, dynamic_ncols=True)
 
     def line(self) -> str:
         """'desc: 120/1000 records (35.2 records/s, ETA 25s)'."""

@@ -5,40 +5,43 @@ One straight-line ``train()``: resolve the config, start the platform, build thi
 chunks, wrap them in Megatron-Core DDP, build optimizer + scheduler, load a checkpoint, then
 hand over to the loop (training/loop.py), which validates, saves and exits.
 """
+
 from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import replace
 from typing import Optional
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.utils import get_model_config
 
-from megatron_sail.checkpoint import layout
-from megatron_sail.checkpoint import from_checkpoint
+from megatron_sail import cli
+from megatron_sail.checkpoint import from_checkpoint, layout
 from megatron_sail.checkpoint.from_checkpoint import resolve
 from megatron_sail.config.run import RunConfig, random_init_problem, to_dict, write_resolved
+from megatron_sail.config.stage import POST_TRAINING
 from megatron_sail.data import geometry
-from megatron_sail.data.loading.dataset import build_blended
 from megatron_sail.data.images.pipeline import build_image_pipeline
+from megatron_sail.data.loading.dataset import build_blended
 from megatron_sail.models.sail_vl import SailVLModel
 from megatron_sail.platform import distributed as platform
 from megatron_sail.training import checkpoint as ckpt
 from megatron_sail.training import resume_checks
-from megatron_sail.training.save_dir import prepare_save_dir
-from megatron_sail.training.flops import shape_from_model_config, device_peak_flops
+from megatron_sail.training.flops import device_peak_flops, shape_from_model_config
 from megatron_sail.training.loop import LoopContext, StepFeeder, decodes_images, dp_plan, run
 from megatron_sail.training.metrics import MetricsConfig, MetricsWriter
 from megatron_sail.training.optimizer import build_optimizer, build_scheduler, use_foreach
 from megatron_sail.training.precision import apply_fp8, check_precision
 from megatron_sail.training.recompute import RecomputeConfig, apply_recompute
+from megatron_sail.training.save_dir import prepare_save_dir
 from megatron_sail.training.signals import ExitWatcher
-from megatron_sail import cli
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +53,22 @@ def match_data(cfg: RunConfig, dataset) -> RunConfig:
     model = replace(cfg.model, img_context_token_id=meta.img_context_id)
     cfg = replace(cfg, model=model, images=replace(cfg.images, tile_size=meta.tile_size))
     if dataset.seq_length != cfg.data.seq_length:
-        raise ValueError(f"--seq-length {cfg.data.seq_length} but the data rows hold "
-                         f"{dataset.seq_length} tokens ({cfg.data.data_path})")
+        raise ValueError(
+            f"--seq-length {cfg.data.seq_length} but the data rows hold "
+            f"{dataset.seq_length} tokens ({cfg.data.data_path})"
+        )
     for d in getattr(dataset, "datasets", [dataset]):  # each prefix, naming its meta.json
-        problem = geometry.mismatch(f"{d.prefix}.meta.json", d.meta.get("tokenizer", {}),
-                                    cfg.model, cfg.recipe)
+        problem = geometry.mismatch(
+            f"{d.prefix}.meta.json", d.meta.get("tokenizer", {}), cfg.model, cfg.recipe
+        )
         if problem:
             raise ValueError(problem)
     if model.language.vocab_size < meta.vocab_size:
         multiple = 128 * cfg.parallel.tp
         vocab = -(-meta.vocab_size // multiple) * multiple
-        log.warning(f"model vocab raised to {vocab} to cover the data's "
-                    f"{meta.vocab_size} token ids", stacklevel=2)
+        log.warning(
+            f"model vocab raised to {vocab} to cover the data's {meta.vocab_size} token ids", stacklevel=2
+        )
         cfg = replace(cfg, model=replace(model, language=replace(model.language, vocab_size=vocab)))
     return cfg
 
@@ -73,18 +80,28 @@ def build_chunks(cfg: RunConfig, dtype: torch.dtype) -> list[torch.nn.Module]:
     for vp in range(cfg.parallel.vpp or 1):
         vp_stage = vp if cfg.parallel.vpp else None
         model = SailVLModel(
-            cfg.model, cfg.parallel, dtype=dtype, vp_stage=vp_stage, use_te=use_te(cfg),
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
-                                                               vp_stage=vp_stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
-                                                               vp_stage=vp_stage))
-        apply_recompute(model, RecomputeConfig(cfg.train.recompute_granularity,
-                                               cfg.train.recompute_vit, cfg.train.recompute_method,
-                                               cfg.train.recompute_num_layers))
+            cfg.model,
+            cfg.parallel,
+            dtype=dtype,
+            vp_stage=vp_stage,
+            use_te=use_te(cfg),
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        )
+        apply_recompute(
+            model,
+            RecomputeConfig(
+                cfg.train.recompute_granularity,
+                cfg.train.recompute_vit,
+                cfg.train.recompute_method,
+                cfg.train.recompute_num_layers,
+            ),
+        )
         apply_fp8(model, cfg.train.fp8_format, cfg.train.fp8_recipe, cfg.train.fp8_vit)
         s = cfg.stage
-        model.freeze(vision=not s.train_vision, projector=not s.train_projector,
-                     language=not s.train_language)
+        model.freeze(
+            vision=not s.train_vision, projector=not s.train_projector, language=not s.train_language
+        )
         chunks.append(model.to(platform.device()))
     return chunks
 
@@ -97,8 +114,10 @@ def use_te(cfg: RunConfig) -> Optional[bool]:
         from megatron_sail.models.layer_specs import te_available
 
         if not te_available():
-            raise RuntimeError("--transformer-impl transformer_engine: Transformer Engine is "
-                               "not importable or CUDA is missing; use --transformer-impl local")
+            raise RuntimeError(
+                "--transformer-impl transformer_engine: Transformer Engine is "
+                "not importable or CUDA is missing; use --transformer-impl local"
+            )
         return True
     return False if impl == "local" else None
 
@@ -111,9 +130,13 @@ def ddp_config(cfg: RunConfig) -> DistributedDataParallelConfig:
     grad = cuda if p.overlap_grad_reduce is None else p.overlap_grad_reduce
     gather = (grad and dist_opt) if p.overlap_param_gather is None else p.overlap_param_gather
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=grad, overlap_param_gather=gather,
-        use_distributed_optimizer=dist_opt, check_for_nan_in_grad=False,
-        bucket_size=40_000_000 if grad else None)
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=grad,
+        overlap_param_gather=gather,
+        use_distributed_optimizer=dist_opt,
+        check_for_nan_in_grad=False,
+        bucket_size=40_000_000 if grad else None,
+    )
 
 
 def wrap_ddp(cfg: RunConfig, chunks: list) -> list:
@@ -121,8 +144,10 @@ def wrap_ddp(cfg: RunConfig, chunks: list) -> list:
     ddp = ddp_config(cfg)
     for chunk in chunks:
         get_model_config(chunk).calculate_per_token_loss = True
-    return [DistributedDataParallel(config=get_model_config(c), ddp_config=ddp, module=c,
-                                    disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+    return [
+        DistributedDataParallel(config=get_model_config(c), ddp_config=ddp, module=c, disable_bucketing=i > 0)
+        for i, c in enumerate(chunks)
+    ]
 
 
 def hook_model_config(chunks: list, optimizer) -> None:
@@ -143,8 +168,9 @@ def hook_model_config(chunks: list, optimizer) -> None:
             config.grad_sync_func = [c.start_grad_sync for c in chunks]
 
 
-def load_state(cfg: RunConfig, chunks: list, optimizer, scheduler,
-               checks: Optional[ckpt.LoadChecks] = None) -> ckpt.TrainState:
+def load_state(
+    cfg: RunConfig, chunks: list, optimizer, scheduler, checks: Optional[ckpt.LoadChecks] = None
+) -> ckpt.TrainState:
     """--load resumes everything when it holds a checkpoint; otherwise --init-from loads
     weights only; otherwise training starts from the random init. ``checks`` (manifest,
     tokenizer) apply to both; the LR schedule and --train-iters are checked on resume."""
@@ -155,20 +181,32 @@ def load_state(cfg: RunConfig, chunks: list, optimizer, scheduler,
             raise FileNotFoundError(f"--finetune --load {c.load}: no checkpoint there")
         ckpt.load_checkpoint(c.load, chunks, optimizer=None, checks=checks)
         optimizer.reload_model_params()
-        log(f"[train] --finetune: weights from {c.load}; optimizer, LR schedule and "
-            "iteration start fresh")
+        log(f"[train] --finetune: weights from {c.load}; optimizer, LR schedule and iteration start fresh")
         return ckpt.TrainState()
-    state = ckpt.load_checkpoint(c.load, chunks, optimizer, checks, load_optim=not c.no_load_optim,
-                                 load_rng=not c.no_load_rng) if c.load else None
+    state = (
+        ckpt.load_checkpoint(
+            c.load, chunks, optimizer, checks, load_optim=not c.no_load_optim, load_rng=not c.no_load_rng
+        )
+        if c.load
+        else None
+    )
     if state is not None:
         where = layout.resolve_checkpoint(c.load)
         resume_checks.check_train_iters(state.iteration, cfg.train.train_iters, where)
         if c.no_load_optim:  # Megatron-LM loads neither the optimizer nor its LR schedule
-            log(f"[train] --no-load-optim: optimizer state and LR schedule of {where} not "
-                "loaded (the schedule starts again from its step 0)")
+            log(
+                f"[train] --no-load-optim: optimizer state and LR schedule of {where} not "
+                "loaded (the schedule starts again from its step 0)"
+            )
             return state
-        resume_checks.restore_scheduler(scheduler, state.scheduler, c.override_opt_param_scheduler,
-                                        c.use_checkpoint_opt_param_scheduler, where, log)
+        resume_checks.restore_scheduler(
+            scheduler,
+            state.scheduler,
+            c.override_opt_param_scheduler,
+            c.use_checkpoint_opt_param_scheduler,
+            where,
+            log,
+        )
         return state
     if c.load:
         resume_checks.missing_checkpoint(c.load, c.exit_on_missing_checkpoint, c.init_from, log)
@@ -206,15 +244,21 @@ def image_logger(cfg: RunConfig, train_data, metrics: MetricsWriter):
         print(f"[train] --log-images: tokenizer {path} not loadable ({e}); texts show token ids")
         decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
     meta = train_data.tokenizer_meta
-    return lambda it, batch: metrics.log_images(it, batch, decode, cfg.images.mean, cfg.images.std,
-                                                meta.img_context_id, cfg.train.log_images)
+    return lambda it, batch: metrics.log_images(
+        it, batch, decode, cfg.images.mean, cfg.images.std, meta.img_context_id, cfg.train.log_images
+    )
 
 
 def train(cfg: RunConfig) -> int:
     """Run one training stage; returns the process exit code."""
+    if cfg.stage.name in POST_TRAINING:  # dpo / grpo: their own data and loop
+        from megatron_sail.training.posttrain import train_posttrain
+
+        return train_posttrain(cfg)
     c = cfg.checkpoint
-    problem = random_init_problem(cfg, has_checkpoint=bool(c.load)
-                                  and layout.resolve_checkpoint(c.load) is not None)
+    problem = random_init_problem(
+        cfg, has_checkpoint=bool(c.load) and layout.resolve_checkpoint(c.load) is not None
+    )
     if problem:
         raise ValueError(problem)
     dtype = check_precision(cfg)
@@ -224,61 +268,94 @@ def train(cfg: RunConfig) -> int:
     train_data = build_blended(cfg.data.data_path, cfg.train.seed, cfg.data.data_verify)
     cfg = match_data(cfg, train_data)
     check_tokenizer(cfg, train_data)
-    from_checkpoint.check_model(cfg, print if torch.distributed.get_rank() == 0 else
-                                (lambda _line: None))  # before a shape traceback in the load
+    from_checkpoint.check_model(
+        cfg, print if torch.distributed.get_rank() == 0 else (lambda _line: None)
+    )  # before a shape traceback in the load
     data_block = resume_checks.data_tokenizer_block([train_data], c.allow_tokenizer_mismatch)
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         path = write_resolved(cfg, cfg.train.run_dir)
-        print(f"run dir: {os.path.abspath(cfg.train.run_dir)} (config {os.path.basename(path)}, "
-              f"metrics, TensorBoard {cfg.train.tensorboard_dir})", flush=True)
+        print(
+            f"run dir: {os.path.abspath(cfg.train.run_dir)} (config {os.path.basename(path)}, "
+            f"metrics, TensorBoard {cfg.train.tensorboard_dir})",
+            flush=True,
+        )
     chunks = wrap_ddp(cfg, build_chunks(cfg, dtype))
     optimizer = build_optimizer(cfg.optim, chunks, bf16=dtype == torch.bfloat16)
     scheduler = build_scheduler(cfg.optim, optimizer)
     hook_model_config(chunks, optimizer)
-    state = load_state(cfg, chunks, optimizer, scheduler,
-                       ckpt.LoadChecks(c.ckpt_verify, data_block, c.allow_tokenizer_mismatch))
+    state = load_state(
+        cfg,
+        chunks,
+        optimizer,
+        scheduler,
+        ckpt.LoadChecks(c.ckpt_verify, data_block, c.allow_tokenizer_mismatch),
+    )
     use_foreach(optimizer)  # a loaded optimizer state brings its saved param-group flags back
     state.scheduler = scheduler.state_dict()
     state.tokenizer = data_block
     if c.load and state.iteration == cfg.train.train_iters and layout.resolve_checkpoint(c.load):
         if rank0:  # the loop then runs no step and saves nothing; final validation still runs
-            print(f"[train] the checkpoint in --load {c.load} is at iteration {state.iteration} "
-                  f"= --train-iters: nothing to train (raise --train-iters to continue)",
-                  flush=True)
+            print(
+                f"[train] the checkpoint in --load {c.load} is at iteration {state.iteration} "
+                f"= --train-iters: nothing to train (raise --train-iters to continue)",
+                flush=True,
+            )
     pipeline = build_image_pipeline(cfg.images)
     shape = shape_from_model_config(cfg.model, cfg.images.tile_size)
     plan = dp_plan(cfg)
     decode = decodes_images()
-    feeder = StepFeeder(train_data, plan, pipeline, state.consumed_samples //
-                        cfg.train.global_batch_size, shape, depth=cfg.images.prefetch_depth,
-                        decode=decode, pin_memory=cfg.images.pin_memory)
+    feeder = StepFeeder(
+        train_data,
+        plan,
+        pipeline,
+        state.consumed_samples // cfg.train.global_batch_size,
+        shape,
+        depth=cfg.images.prefetch_depth,
+        decode=decode,
+        pin_memory=cfg.images.pin_memory,
+    )
     valid = None
     if cfg.data.valid_data_path:
         valid_data = build_blended(cfg.data.valid_data_path, cfg.train.seed, cfg.data.data_verify)
         resume_checks.data_tokenizer_block([train_data, valid_data], c.allow_tokenizer_mismatch)
-        valid = lambda: StepFeeder(valid_data, plan, pipeline, 0, None, depth=1,  # noqa: E731
-                                   decode=decode)
-    metrics = MetricsWriter(cfg.train.run_dir, cfg.train.tensorboard_dir, cfg.train.log_interval,
-                            torch.distributed.get_rank(), MetricsConfig(
-                                total_iters=cfg.train.train_iters,
-                                world_size=torch.distributed.get_world_size(),
-                                peak_flops=device_peak_flops(), progress_bar=cfg.train.progress_bar,
-                                start_iteration=state.iteration,
-                                log_throughput=cfg.train.log_throughput,
-                                tensorboard_log_interval=cfg.train.tensorboard_log_interval,
-                                wandb_project=cfg.train.wandb_project,
-                                wandb_exp_name=cfg.train.wandb_exp_name,
-                                wandb_save_dir=cfg.train.wandb_save_dir, run_config=to_dict(cfg)))
-    ctx = LoopContext(cfg, chunks, optimizer, scheduler, state, feeder, metrics, watcher,
-                      valid, to_dict(cfg))
+        valid = lambda: StepFeeder(  # noqa: E731
+            valid_data,
+            plan,
+            pipeline,
+            0,
+            None,
+            depth=1,
+            decode=decode,
+        )
+    metrics = MetricsWriter(
+        cfg.train.run_dir,
+        cfg.train.tensorboard_dir,
+        cfg.train.log_interval,
+        torch.distributed.get_rank(),
+        MetricsConfig(
+            total_iters=cfg.train.train_iters,
+            world_size=torch.distributed.get_world_size(),
+            peak_flops=device_peak_flops(),
+            progress_bar=cfg.train.progress_bar,
+            start_iteration=state.iteration,
+            log_throughput=cfg.train.log_throughput,
+            tensorboard_log_interval=cfg.train.tensorboard_log_interval,
+            wandb_project=cfg.train.wandb_project,
+            wandb_exp_name=cfg.train.wandb_exp_name,
+            wandb_save_dir=cfg.train.wandb_save_dir,
+            run_config=to_dict(cfg),
+        ),
+    )
+    ctx = LoopContext(cfg, chunks, optimizer, scheduler, state, feeder, metrics, watcher, valid, to_dict(cfg))
     if cfg.train.log_images and decode and rank0:
         ctx.image_logger = image_logger(cfg, train_data, metrics)
     if cfg.eval.benchmarks:  # --eval-benchmark: scores of the live model (eval/hook.py)
         from megatron_sail.eval.hook import BenchmarkHook
 
-        ctx.benchmarks = BenchmarkHook(cfg.eval, chunks, cfg.model, train_data.datasets[0].meta,
-                                       metrics, cfg.train.run_dir)
+        ctx.benchmarks = BenchmarkHook(
+            cfg.eval, chunks, cfg.model, train_data.datasets[0].meta, metrics, cfg.train.run_dir
+        )
     try:
         return run(ctx)
     finally:

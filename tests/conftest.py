@@ -1,6 +1,7 @@
 """Fixtures every test folder shares. The plain functions behind them live in testkit.py
 (importable from module-level helpers, which fixtures are not); the import path itself comes
 from pyproject's ``[tool.pytest.ini_options] pythonpath``, so no test edits ``sys.path``."""
+
 from __future__ import annotations
 
 import pytest

@@ -6,6 +6,7 @@ pytest puts the checkout, tools/, benchmarks/, tests/, tests/unit and tests/dist
 Subprocesses do not inherit ``sys.path``: they get it through ``PYTHONPATH`` from
 ``subprocess_env``. tests/conftest.py offers the same things as fixtures.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,27 +32,53 @@ def subprocess_env(**extra) -> dict:
     """The environment of a child Python: it imports this checkout (not whatever the editable
     install points at), the tools and the test helpers by name, as the tests do; one thread per
     process (the CPU is shared) and quiet about warnings. ``extra`` sets or overrides variables."""
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(IMPORT_PATH),
-                PYTHONWARNINGS="ignore", **{k: str(v) for k, v in extra.items()})
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(IMPORT_PATH),
+        PYTHONWARNINGS="ignore",
+        **{k: str(v) for k, v in extra.items()},
+    )
 
 
-def make_tiny_demo(out: Path, env: dict | None = None, splits=("train", "val"),
-                   samples: int = 120) -> dict:
+def make_tiny_demo(out: Path, env: dict | None = None, splits=("train", "val"), samples: int = 120) -> dict:
     """The small demo set the trainer tests run on, written under ``out``: generated, then
     preprocessed to the tiny recipe's geometry (32 px tiles, 4 tokens per tile, at most 4
     tiles, 256-token rows). Returns {split: dataset prefix}."""
     env = env or subprocess_env()
     py = [sys.executable, "-W", "ignore"]
-    subprocess.run(py + ["tools/make_demo_data.py", "--out", str(out / "raw"), "--samples",
-                         str(samples)], cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run(
+        py + ["tools/make_demo_data.py", "--out", str(out / "raw"), "--samples", str(samples)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     prefixes = {}
     for split in splits:
         prefixes[split] = str(out / split)
-        subprocess.run(py + ["tools/preprocess_data.py", "--input", str(out / "raw" / f"{split}.jsonl"),
-                             "--tokenizer", str(out / "raw" / "tokenizer.json"),
-                             "--output-prefix", prefixes[split], "--seq-length", "256",
-                             "--recipe", "tiny", "--max-tiles", "4"],  # 32 px tiles, 4 tokens
-                       cwd=ROOT, env=env, check=True, capture_output=True)
+        subprocess.run(
+            py
+            + [
+                "tools/preprocess_data.py",
+                "--input",
+                str(out / "raw" / f"{split}.jsonl"),
+                "--tokenizer",
+                str(out / "raw" / "tokenizer.json"),
+                "--output-prefix",
+                prefixes[split],
+                "--seq-length",
+                "256",
+                "--recipe",
+                "tiny",
+                "--max-tiles",
+                "4",
+            ],  # 32 px tiles, 4 tokens
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
     return prefixes
 
 

@@ -12,6 +12,7 @@ correct drops / all drops. ``--brute-force`` (small N) also compares the near-du
 with an all-pairs search. The last line is ``rows_per_s=X peak_rss_mb=Y recall=R`` (rows per
 second of the grouping pass; peak RSS of this process, generation included).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,9 +77,14 @@ class Synthetic:
             pos = ((self._h(ids, 51 + f) % np.uint64(bits)).astype(np.int64) + f * 7) % bits
             on = near & (flips > f)
             w, b = pos[on] // 64, pos[on] % 64
-            phash[np.flatnonzero(on), w] ^= (np.uint64(1) << b.astype(np.uint64))
-        return {"keys": np.char.encode(ids.astype(str), "ascii"), "sha256": sha.reshape(len(ids), 32),
-                "phash": phash.astype(np.uint64), "phash_ok": np.ones(len(ids), np.uint8), "pixels": pixels}
+            phash[np.flatnonzero(on), w] ^= np.uint64(1) << b.astype(np.uint64)
+        return {
+            "keys": np.char.encode(ids.astype(str), "ascii"),
+            "sha256": sha.reshape(len(ids), 32),
+            "phash": phash.astype(np.uint64),
+            "phash_ok": np.ones(len(ids), np.uint8),
+            "pixels": pixels,
+        }
 
 
 def write_signatures(syn: Synthetic, folder: str, shard_rows: int) -> list[str]:
@@ -90,7 +96,9 @@ def write_signatures(syn: Synthetic, folder: str, shard_rows: int) -> list[str]:
         buf = io.BytesIO()
         np.savez(buf, **syn.rows(ids))
         write_atomic(os.path.join(folder, name + SUFFIX), buf.getvalue())
-        write_atomic(done_marker(folder, name), json.dumps({"samples": len(ids), "signed": len(ids)}).encode())
+        write_atomic(
+            done_marker(folder, name), json.dumps({"samples": len(ids), "signed": len(ids)}).encode()
+        )
         names.append(name)
     return names
 
@@ -98,12 +106,14 @@ def write_signatures(syn: Synthetic, folder: str, shard_rows: int) -> list[str]:
 def score(syn: Synthetic, keep_dir: str, names: list[str], chunk: int = 1 << 20) -> tuple[float, float, int]:
     """(recall, precision, drops) of the planted groups; streamed, so the check itself stays
     within the grouping's memory."""
+
     def group(ids: np.ndarray) -> np.ndarray:  # planted group = its base id (others: their own)
         base = syn.base_of(ids)
         return np.where(base >= 0, base, ids)
 
-    planted = sum(int((syn.base_of(np.arange(lo, min(lo + chunk, syn.n))) >= 0).sum())
-                  for lo in range(0, syn.n, chunk))
+    planted = sum(
+        int((syn.base_of(np.arange(lo, min(lo + chunk, syn.n))) >= 0).sum()) for lo in range(0, syn.n, chunk)
+    )
     correct = drops = 0
     for name in names:
         with open(os.path.join(keep_dir, name + ".dropped.jsonl"), encoding="utf-8") as f:
@@ -121,8 +131,8 @@ def brute_force_check(syn: Synthetic, keep_dir: str, names: list[str], max_dista
     r = syn.rows(ids)
     a, b = [], []
     for i in range(syn.n - 1):
-        d = hamming(np.repeat(r["phash"][i:i + 1], syn.n - i - 1, axis=0), r["phash"][i + 1:])
-        same = (r["sha256"][i + 1:] == r["sha256"][i]).all(axis=1)
+        d = hamming(np.repeat(r["phash"][i : i + 1], syn.n - i - 1, axis=0), r["phash"][i + 1 :])
+        same = (r["sha256"][i + 1 :] == r["sha256"][i]).all(axis=1)
         j = np.flatnonzero((d <= max_distance) | same) + i + 1
         a += [i] * len(j)
         b += list(j)
@@ -158,19 +168,39 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         names = write_signatures(syn, os.path.join(root, "sig"), a.shard_rows)
         gen_s = time.perf_counter() - t0
-        report = run_grouping(GroupConfig(signatures=os.path.join(root, "sig"), output_dir=os.path.join(root, "keep"),
-                                          max_distance=a.max_distance, bands=a.bands, partitions=a.partitions,
-                                          partition_rows=a.partition_rows))
+        report = run_grouping(
+            GroupConfig(
+                signatures=os.path.join(root, "sig"),
+                output_dir=os.path.join(root, "keep"),
+                max_distance=a.max_distance,
+                bands=a.bands,
+                partitions=a.partitions,
+                partition_rows=a.partition_rows,
+            )
+        )
         recall, precision, drops = score(syn, os.path.join(root, "keep"), names)
-        disk = sum(os.path.getsize(os.path.join(root, "sig", f)) for f in os.listdir(os.path.join(root, "sig"))
-                   if f.endswith(SUFFIX))
-        out = {"rows": a.signatures, "partitions": report["partitions"], "generate_s": round(gen_s, 1),
-               "group_s": report["seconds"], "drops": drops, "groups": report["groups"], "precision": precision,
-               "signature_bytes_per_row": round(disk / a.signatures, 1), "records": report["records"]}
+        disk = sum(
+            os.path.getsize(os.path.join(root, "sig", f))
+            for f in os.listdir(os.path.join(root, "sig"))
+            if f.endswith(SUFFIX)
+        )
+        out = {
+            "rows": a.signatures,
+            "partitions": report["partitions"],
+            "generate_s": round(gen_s, 1),
+            "group_s": report["seconds"],
+            "drops": drops,
+            "groups": report["groups"],
+            "precision": precision,
+            "signature_bytes_per_row": round(disk / a.signatures, 1),
+            "records": report["records"],
+        }
         if a.brute_force:
             if a.signatures > 20000:
                 p.error("--brute-force needs --signatures <= 20000")
-            out["equals_brute_force"] = brute_force_check(syn, os.path.join(root, "keep"), names, a.max_distance)
+            out["equals_brute_force"] = brute_force_check(
+                syn, os.path.join(root, "keep"), names, a.max_distance
+            )
         print(json.dumps(out))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"rows_per_s={report['rows_per_s']:.0f} peak_rss_mb={peak:.0f} recall={recall:.4f}")

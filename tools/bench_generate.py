@@ -28,6 +28,7 @@ The last lines are one per point, medians over ``--repeats``:
 better; load in seconds: ratio = peer / ours, higher is better) and, for loads,
 ``load=NAME ours_s=.. peer_s=.. ours_peak_gb=.. peer_peak_gb=.. weights_gb=.. ours_peak_over_weights=..``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,10 +71,18 @@ def vl_05b_config(image_token: int):
     """Our ModelConfig of the 0.5B-LM model: Qwen2.5-0.5B LM, small InternViT at 448 px."""
     from megatron_sail.config.model import LanguageConfig, ModelConfig, VisionConfig
 
-    vision = VisionConfig(hidden_size=384, num_layers=4, num_heads=6, ffn_hidden_size=1536,
-                          image_size=448, layer_scale_init=0.1)
-    language = LanguageConfig(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
-                              ffn_hidden_size=4864, vocab_size=151936, tie_embeddings=True)
+    vision = VisionConfig(
+        hidden_size=384, num_layers=4, num_heads=6, ffn_hidden_size=1536, image_size=448, layer_scale_init=0.1
+    )
+    language = LanguageConfig(
+        hidden_size=896,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        ffn_hidden_size=4864,
+        vocab_size=151936,
+        tie_embeddings=True,
+    )
     return ModelConfig(vision=vision, language=language, img_context_token_id=image_token)
 
 
@@ -83,8 +92,7 @@ def build(shape: str, out: Path) -> None:
 
     import torch
 
-    sys.path.insert(0, str(TOOLS))
-    from make_tiny_hf_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint, write_tokenizer
+    from megatron_sail.demo.tiny_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint, write_tokenizer
 
     hf = out / "hf"
     if shape == "tiny":
@@ -104,8 +112,18 @@ def build(shape: str, out: Path) -> None:
         config["architectures"] = ["InternVLForConditionalGeneration"]
         hf_io.write_checkpoint(hf, config, hf_io.to_disk_keys(state), tokenizer_from=tok_dir)
         del model, state
-    subprocess.run([sys.executable, str(TOOLS / "convert_checkpoint.py"), "hf-to-mcore",
-                    "--hf-dir", str(hf), "--out", str(out / "mcore")], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(TOOLS / "convert_checkpoint.py"),
+            "hf-to-mcore",
+            "--hf-dir",
+            str(hf),
+            "--out",
+            str(out / "mcore"),
+        ],
+        check=True,
+    )
     write_prompt(hf, out / "prompt.pt")
 
 
@@ -140,14 +158,14 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(side: str, kind: str, folder: Path, batch: int, new: int, threads: int,
-           inner: int) -> dict:
+def worker(side: str, kind: str, folder: Path, batch: int, new: int, threads: int, inner: int) -> dict:
     """Load (and for decode: generate) on one side; timings, RSS and the greedy tokens."""
     import torch
 
     torch.set_num_threads(threads)
     prompt = torch.load(folder / "prompt.pt", weights_only=True)
     import transformers  # noqa: F401  (imports before the RSS baseline on both sides)
+
     from megatron_sail.inference import GenerationConfig, load_generator  # noqa: F401
 
     base, t0 = rss_bytes(), time.perf_counter()
@@ -155,14 +173,18 @@ def worker(side: str, kind: str, folder: Path, batch: int, new: int, threads: in
         from transformers import InternVLForConditionalGeneration
 
         model = InternVLForConditionalGeneration.from_pretrained(
-            str(folder / "hf"), dtype=torch.float32).eval()
+            str(folder / "hf"), dtype=torch.float32
+        ).eval()
         params = model.parameters()
     else:
         ckpt = folder / ("mcore" if kind == "load_mcore" else "hf")
         model = load_generator(str(ckpt), GenerationConfig(max_new_tokens=new, min_new_tokens=new))
         params = (p for c in model.chunks for p in c.parameters())
-    out = {"load_s": time.perf_counter() - t0, "peak_over_base": peak_rss_bytes() - base,
-           "weights": sum(p.numel() * p.element_size() for p in params)}
+    out = {
+        "load_s": time.perf_counter() - t0,
+        "peak_over_base": peak_rss_bytes() - base,
+        "weights": sum(p.numel() * p.element_size() for p in params),
+    }
     if kind.startswith("load"):
         return out
     run = _hf_generate if side == "peer" else _our_generate
@@ -176,9 +198,13 @@ def worker(side: str, kind: str, folder: Path, batch: int, new: int, threads: in
         t0 = time.perf_counter()
         tokens = run(model, ids, tiles, batch, new)
         total = min(total, time.perf_counter() - t0)
-    out.update(prefill_s=prefill, total_s=total, tokens=tokens,
-               prefill_tps=batch * len(ids) / prefill,
-               decode_tps=batch * (new - 1) / max(total - prefill, 1e-9))
+    out.update(
+        prefill_s=prefill,
+        total_s=total,
+        tokens=tokens,
+        prefill_tps=batch * len(ids) / prefill,
+        decode_tps=batch * (new - 1) / max(total - prefill, 1e-9),
+    )
     return out
 
 
@@ -189,9 +215,16 @@ def _hf_generate(model, ids, tiles, batch, new) -> list:
     x = torch.tensor(ids)[None].repeat(batch, 1)
     pix = tiles.repeat(batch, 1, 1, 1)
     with torch.no_grad():
-        seq = model.generate(input_ids=x, attention_mask=torch.ones_like(x), pixel_values=pix,
-                             do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
-    return seq[:, x.size(1):].tolist()
+        seq = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            pixel_values=pix,
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=0,
+        )
+    return seq[:, x.size(1) :].tolist()
 
 
 def _our_generate(gen, ids, tiles, batch, new) -> list:
@@ -200,8 +233,7 @@ def _our_generate(gen, ids, tiles, batch, new) -> list:
 
     gen.cfg.batch_size = batch
     gen.cfg.min_new_tokens = new
-    return [r.token_ids for r in gen.generate_prompts([Prompt(list(ids), tiles, new)
-                                                        for _ in range(batch)])]
+    return [r.token_ids for r in gen.generate_prompts([Prompt(list(ids), tiles, new) for _ in range(batch)])]
 
 
 # ------------------------------------------------------------------ the driver
@@ -209,7 +241,9 @@ def parse_point(point: str) -> tuple[str, str, int]:
     """'decode_tiny_b8' -> ('decode', 'tiny', 8); 'load_0.5b_hf' -> ('load_hf', '0.5b', 1)."""
     parts = point.split("_")
     if len(parts) != 3 or parts[0] not in ("decode", "load") or parts[1] not in ("tiny", "0.5b"):
-        raise ValueError(f"point {point!r}: expected decode_{{tiny,0.5b}}_bN or load_{{tiny,0.5b}}_{{hf,mcore}}")
+        raise ValueError(
+            f"point {point!r}: expected decode_{{tiny,0.5b}}_bN or load_{{tiny,0.5b}}_{{hf,mcore}}"
+        )
     if parts[0] == "decode":
         if not parts[2].startswith("b") or not parts[2][1:].isdigit():
             raise ValueError(f"point {point!r}: batch must be bN")
@@ -221,13 +255,17 @@ def parse_point(point: str) -> tuple[str, str, int]:
 
 def spawn(args: list[str], threads: int) -> dict:
     """Run this script as a worker in a fresh process with fixed threads; its JSON result."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"worker {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def measure(cfg: BenchConfig) -> list[str]:
@@ -244,23 +282,44 @@ def measure(cfg: BenchConfig) -> list[str]:
     for name, kind, shape, batch in points:
         runs = {"ours": [], "peer": []}
         for r in range(cfg.repeats):
-            for side in (("peer", "ours") if r % 2 == 0 else ("ours", "peer")):
-                res = spawn(["--worker", side, "--kind", kind, "--work", str(work), "--shape", shape,
-                             "--batch", str(batch), "--new-tokens", str(cfg.new_tokens),
-                             "--inner", str(cfg.inner)], cfg.threads)
+            for side in ("peer", "ours") if r % 2 == 0 else ("ours", "peer"):
+                res = spawn(
+                    [
+                        "--worker",
+                        side,
+                        "--kind",
+                        kind,
+                        "--work",
+                        str(work),
+                        "--shape",
+                        shape,
+                        "--batch",
+                        str(batch),
+                        "--new-tokens",
+                        str(cfg.new_tokens),
+                        "--inner",
+                        str(cfg.inner),
+                    ],
+                    cfg.threads,
+                )
                 runs[side].append(res)
-                print(f"run point={name} repeat={r} side={side} "
-                      + " ".join(f"{k}={v:.4g}" for k, v in res.items() if isinstance(v, float)),
-                      flush=True)
+                print(
+                    f"run point={name} repeat={r} side={side} "
+                    + " ".join(f"{k}={v:.4g}" for k, v in res.items() if isinstance(v, float)),
+                    flush=True,
+                )
             if kind == "decode" and runs["ours"][-1]["tokens"] != runs["peer"][-1]["tokens"]:
-                raise SystemExit(f"point {name} repeat {r}: greedy tokens differ:\n"
-                                 f"ours {runs['ours'][-1]['tokens'][0]}\npeer {runs['peer'][-1]['tokens'][0]}")
+                raise SystemExit(
+                    f"point {name} repeat {r}: greedy tokens differ:\n"
+                    f"ours {runs['ours'][-1]['tokens'][0]}\npeer {runs['peer'][-1]['tokens'][0]}"
+                )
         summary += summarize(name, kind, runs)
     return summary
 
 
 def summarize(name: str, kind: str, runs: dict) -> list[str]:
     """Median lines of one point."""
+
     def med(side, key):
         return statistics.median(r[key] for r in runs[side])
 
@@ -271,12 +330,14 @@ def summarize(name: str, kind: str, runs: dict) -> list[str]:
             lines.append(f"point={label} ours={ours:.2f} peer={peer:.2f} ratio={ours / peer:.2f}")
         return lines
     ours, peer = med("ours", "load_s"), med("peer", "load_s")
-    gb = 1024 ** 3
+    gb = 1024**3
     weights = runs["ours"][0]["weights"]
-    return [f"load={name} ours_s={ours:.2f} peer_s={peer:.2f} ours_peak_gb={med('ours', 'peak_over_base') / gb:.2f} "
-            f"peer_peak_gb={med('peer', 'peak_over_base') / gb:.2f} weights_gb={weights / gb:.2f} "
-            f"ours_peak_over_weights={med('ours', 'peak_over_base') / weights:.2f}",
-            f"point={name} ours={ours:.2f} peer={peer:.2f} ratio={peer / ours:.2f}"]
+    return [
+        f"load={name} ours_s={ours:.2f} peer_s={peer:.2f} ours_peak_gb={med('ours', 'peak_over_base') / gb:.2f} "
+        f"peer_peak_gb={med('peer', 'peak_over_base') / gb:.2f} weights_gb={weights / gb:.2f} "
+        f"ours_peak_over_weights={med('ours', 'peak_over_base') / weights:.2f}",
+        f"point={name} ours={ours:.2f} peer={peer:.2f} ratio={peer / ours:.2f}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,12 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT {}")
         return 0
     if a.worker:
-        res = worker(a.worker, a.kind, Path(a.work) / a.shape, a.batch, a.new_tokens, a.threads,
-                     a.inner)
+        res = worker(a.worker, a.kind, Path(a.work) / a.shape, a.batch, a.new_tokens, a.threads, a.inner)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
-    lines = measure(BenchConfig(a.work, tuple(a.points), a.new_tokens, a.repeats, a.threads,
-                                a.inner))
+    lines = measure(BenchConfig(a.work, tuple(a.points), a.new_tokens, a.repeats, a.threads, a.inner))
     for line in lines:
         print(line, flush=True)
     return 0

@@ -6,23 +6,21 @@ Prints `images_per_s=<float> tiles_per_s=<float>` as its last line; the line bef
 process CPU time (images_per_cpu_s), which shared machines distort less than wall time. ``--generate N`` first fills
 an empty folder with N photo-like 1024x768 JPEGs (megatron_sail.data.images.synthetic).
 """
+
 from __future__ import annotations
 
 import argparse
 import glob
 import os
-import sys
 import time
 
 import torch
 
+from megatron_sail import cli
 from megatron_sail.config.images import ImageConfig, TilingConfig
 from megatron_sail.data.images import build_image_pipeline
+from megatron_sail.data.images.files import load_record
 from megatron_sail.data.images.synthetic import synthetic_jpeg
-from megatron_sail import cli
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from render_tiles import load_record  # noqa: E402
 
 EXTENSIONS = ("*.jpg", "*.jpeg", "*.png", "*.JPG", "*.JPEG", "*.PNG")
 
@@ -30,16 +28,24 @@ EXTENSIONS = ("*.jpg", "*.jpeg", "*.png", "*.JPG", "*.JPEG", "*.PNG")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", required=True, help="folder of JPEG/PNG files")
-    p.add_argument("--backend", required=True, choices=["pil", "dali-cpu", "dali", "auto"],
-                   help="image decoder to time: pil, dali-cpu, dali (GPU) or auto")
+    p.add_argument(
+        "--backend",
+        required=True,
+        choices=["pil", "dali-cpu", "dali", "auto"],
+        help="image decoder to time: pil, dali-cpu, dali (GPU) or auto",
+    )
     p.add_argument("--threads", type=int, default=2, help="decode threads (torch CPU threads are set equal)")
-    p.add_argument("--max-tiles", type=int, default=12, metavar="N",
-                   help="most tiles per image (default: %(default)s)")
-    p.add_argument("--tile-size", type=int, default=448, metavar="PX",
-                   help="tile side in pixels (default: %(default)s)")
+    p.add_argument(
+        "--max-tiles", type=int, default=12, metavar="N", help="most tiles per image (default: %(default)s)"
+    )
+    p.add_argument(
+        "--tile-size", type=int, default=448, metavar="PX", help="tile side in pixels (default: %(default)s)"
+    )
     p.add_argument("--batch", type=int, default=8, help="images per pipeline call (about one micro-batch)")
     p.add_argument("--seconds", type=float, default=10.0, help="minimum measured time (at least one pass)")
-    p.add_argument("--generate", type=int, default=0, help="write this many 1024x768 JPEGs first if DIR is empty")
+    p.add_argument(
+        "--generate", type=int, default=0, help="write this many 1024x768 JPEGs first if DIR is empty"
+    )
     return p.parse_args(argv)
 
 
@@ -64,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     tiling = TilingConfig(tile_size=args.tile_size, max_tiles=args.max_tiles)
     records = [load_record(f, tiling) for f in files]
-    batches = [records[i:i + args.batch] for i in range(0, len(records), args.batch)]
-    pipe = build_image_pipeline(ImageConfig(backend=args.backend, tile_size=args.tile_size,
-                                            threads=args.threads, max_batch_images=args.batch))
+    batches = [records[i : i + args.batch] for i in range(0, len(records), args.batch)]
+    pipe = build_image_pipeline(
+        ImageConfig(
+            backend=args.backend, tile_size=args.tile_size, threads=args.threads, max_batch_images=args.batch
+        )
+    )
     sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
     pipe.tiles(batches[0])  # warm-up: pipeline build, allocator, thread start
     sync()
@@ -79,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             break
     sync()
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    print(f"backend={pipe.backend} threads={args.threads} files={len(files)} batch={args.batch} "
-          f"images={images} tiles={tiles} seconds={elapsed:.2f} cpu_seconds={cpu:.2f} "
-          f"images_per_cpu_s={images / cpu:.2f} failures={pipe.failures}")
+    print(
+        f"backend={pipe.backend} threads={args.threads} files={len(files)} batch={args.batch} "
+        f"images={images} tiles={tiles} seconds={elapsed:.2f} cpu_seconds={cpu:.2f} "
+        f"images_per_cpu_s={images / cpu:.2f} failures={pipe.failures}"
+    )
     print(f"images_per_s={images / elapsed:.2f} tiles_per_s={tiles / elapsed:.2f}")
     pipe.close()
     return 0

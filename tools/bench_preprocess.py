@@ -16,6 +16,7 @@ alternated twice in one run; per count the best wall rate and the CPU time per s
 main process (read, unpickle, re-read detached images, write) and of the worker processes,
 which a shared machine distorts less than wall time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,11 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from megatron_sail.config.data import PackingConfig, PreprocessConfig  # noqa: E402
-from megatron_sail.demo.generator import DemoConfig, make_demo  # noqa: E402
-from megatron_sail.data.preprocess.pipeline import run  # noqa: E402
-from megatron_sail.config.images import TilingConfig  # noqa: E402
 from megatron_sail import cli
+from megatron_sail.config.data import PackingConfig, PreprocessConfig  # noqa: E402
+from megatron_sail.config.images import TilingConfig  # noqa: E402
+from megatron_sail.data.preprocess.pipeline import run  # noqa: E402
+from megatron_sail.demo.generator import DemoConfig, make_demo  # noqa: E402
 
 DEMO_TILING = TilingConfig(tile_size=32, min_tiles=1, max_tiles=4, thumbnail=True, tokens_per_tile=4)
 WORDS = "the a red blue green shape circle square triangle left right one two three image shows".split()
@@ -50,8 +51,11 @@ def long_tail_set(out: str, n: int, seed: int) -> str:
     """
     rng = random.Random(seed)
     os.makedirs(os.path.join(out, "img"), exist_ok=True)
-    groups = {"square": [(448, 448), (896, 896), (500, 480)], "photo": [(640, 480), (1024, 768)],
-              "any": [(448, 448), (640, 480), (1344, 448), (224, 224), (800, 1200)]}
+    groups = {
+        "square": [(448, 448), (896, 896), (500, 480)],
+        "photo": [(640, 480), (1024, 768)],
+        "any": [(448, 448), (640, 480), (1344, 448), (224, 224), (800, 1200)],
+    }
     for sizes in groups.values():
         for w, h in sizes:
             Image.new("RGB", (w, h), (90, 120, 200)).save(os.path.join(out, "img", f"{w}x{h}.png"))
@@ -123,72 +127,135 @@ def cpu_timed(cfg: PreprocessConfig) -> dict:
 def worker_scan(a, demo: dict, tok: str) -> dict:
     """samples/s and CPU us per sample at each --workers count, alternated, best of two."""
     photos = photo_caption_set(os.path.join(a.workdir, "photo"), a.samples // 2, a.seed)
-    sets = {"demo_caption": (demo["train_captions"], DEMO_TILING, 1024),
-            "photo_caption": (photos, TilingConfig(), 4096)}
+    sets = {
+        "demo_caption": (demo["train_captions"], DEMO_TILING, 1024),
+        "photo_caption": (photos, TilingConfig(), 4096),
+    }
     runs: dict = {}
     for _ in range(2):
         for name, (src, tiling, seq) in sets.items():
             for w in a.workers:
-                cfg = PreprocessConfig(inputs=[src], output_prefix=os.path.join(a.workdir, "out", f"{name}{w}"),
-                                       tokenizer=tok, tiling=tiling, workers=w,
-                                       packing=PackingConfig(seq_length=seq, packing_buffer=a.packing_buffer))
+                cfg = PreprocessConfig(
+                    inputs=[src],
+                    output_prefix=os.path.join(a.workdir, "out", f"{name}{w}"),
+                    tokenizer=tok,
+                    tiling=tiling,
+                    workers=w,
+                    packing=PackingConfig(seq_length=seq, packing_buffer=a.packing_buffer),
+                )
                 runs.setdefault((name, w), []).append(cpu_timed(cfg))
     out = {}
     for (name, w), rs in runs.items():
         n = rs[0]["samples"]
         best = min(rs, key=lambda r: r["wall"])
         out[f"{name}_workers{w}"] = {
-            "samples": n, "samples_per_s": [round(n / r["wall"], 1) for r in rs],
+            "samples": n,
+            "samples_per_s": [round(n / r["wall"], 1) for r in rs],
             "best_samples_per_s": round(n / best["wall"], 1),
             "main_cpu_us_per_sample": round(1e6 * min(r["main_cpu"] for r in rs) / n, 1),
-            "worker_cpu_us_per_sample": round(1e6 * min(r["worker_cpu"] for r in rs) / n, 1)}
+            "worker_cpu_us_per_sample": round(1e6 * min(r["worker_cpu"] for r in rs) / n, 1),
+        }
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=4000, metavar="N",
-                   help="demo samples to generate and preprocess (default: %(default)s)")
-    p.add_argument("--workdir", default="/tmp/bench_preprocess", metavar="DIR",
-                   help="scratch folder for the data and outputs (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, metavar="N",
-                   help="seed of the demo data (default: %(default)s)")
-    p.add_argument("--workers", type=int, nargs="+", default=None,
-                   help="worker scan: these --workers counts, alternated in one run")
-    p.add_argument("--packing-buffer", type=int, default=1024,
-                   help="worker scan: records per block (blocks are the unit of parallelism)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=4000,
+        metavar="N",
+        help="demo samples to generate and preprocess (default: %(default)s)",
+    )
+    p.add_argument(
+        "--workdir",
+        default="/tmp/bench_preprocess",
+        metavar="DIR",
+        help="scratch folder for the data and outputs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="seed of the demo data (default: %(default)s)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="worker scan: these --workers counts, alternated in one run",
+    )
+    p.add_argument(
+        "--packing-buffer",
+        type=int,
+        default=1024,
+        help="worker scan: records per block (blocks are the unit of parallelism)",
+    )
     a = p.parse_args(argv)
     shutil.rmtree(a.workdir, ignore_errors=True)
-    demo = make_demo(os.path.join(a.workdir, "demo"), DemoConfig(samples=a.samples, val_samples=10, seed=a.seed))
+    demo = make_demo(
+        os.path.join(a.workdir, "demo"), DemoConfig(samples=a.samples, val_samples=10, seed=a.seed)
+    )
     tok = demo["tokenizer"]
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (one-off import, not timed)
+
     if a.workers:
         print(json.dumps(worker_scan(a, demo, tok)))
         return 0
 
     out = os.path.join(a.workdir, "out")
     results = {}
-    timed(PreprocessConfig(inputs=[demo["val"]], output_prefix=os.path.join(out, "warmup"), tokenizer=tok,
-                           tiling=DEMO_TILING, packing=PackingConfig(seq_length=1024)), repeats=1)
+    timed(
+        PreprocessConfig(
+            inputs=[demo["val"]],
+            output_prefix=os.path.join(out, "warmup"),
+            tokenizer=tok,
+            tiling=DEMO_TILING,
+            packing=PackingConfig(seq_length=1024),
+        ),
+        repeats=1,
+    )
     for name, src in (("caption", demo["train_captions"]), ("conversation", demo["train"])):
-        cfg = PreprocessConfig(inputs=[src], output_prefix=os.path.join(out, name), tokenizer=tok,
-                               tiling=DEMO_TILING, packing=PackingConfig(seq_length=1024), workers=1)
+        cfg = PreprocessConfig(
+            inputs=[src],
+            output_prefix=os.path.join(out, name),
+            tokenizer=tok,
+            tiling=DEMO_TILING,
+            packing=PackingConfig(seq_length=1024),
+            workers=1,
+        )
         secs, s = timed(cfg)
         results[f"{name}_samples_per_s_per_worker"] = round(s["samples"] / secs, 1)
         results[f"{name}_fill_ratio"] = s["fill_ratio"]
     # the quickstart's geometry: 256-token rows (similar lengths, the hardest case for packing)
-    cfg = PreprocessConfig(inputs=[demo["train"]], output_prefix=os.path.join(out, "quickstart"), tokenizer=tok,
-                           tiling=DEMO_TILING, packing=PackingConfig(seq_length=256), workers=1)
+    cfg = PreprocessConfig(
+        inputs=[demo["train"]],
+        output_prefix=os.path.join(out, "quickstart"),
+        tokenizer=tok,
+        tiling=DEMO_TILING,
+        packing=PackingConfig(seq_length=256),
+        workers=1,
+    )
     results["conversation_256_fill_ratio"] = timed(cfg, repeats=1)[1]["fill_ratio"]
     photos = photo_caption_set(os.path.join(a.workdir, "photo"), a.samples, a.seed)
-    cfg = PreprocessConfig(inputs=[photos], output_prefix=os.path.join(out, "photo"), tokenizer=tok,
-                           tiling=TilingConfig(), packing=PackingConfig(seq_length=4096), workers=1)
+    cfg = PreprocessConfig(
+        inputs=[photos],
+        output_prefix=os.path.join(out, "photo"),
+        tokenizer=tok,
+        tiling=TilingConfig(),
+        packing=PackingConfig(seq_length=4096),
+        workers=1,
+    )
     secs, s = timed(cfg)
     results["photo_caption_samples_per_s_per_worker"] = round(s["samples"] / secs, 1)
     results["photo_caption_fill_ratio"] = s["fill_ratio"]
     lt = long_tail_set(os.path.join(a.workdir, "lt"), a.samples, a.seed)
-    cfg = PreprocessConfig(inputs=[lt], output_prefix=os.path.join(out, "longtail"), tokenizer=tok,
-                           tiling=TilingConfig(), packing=PackingConfig(seq_length=4096), workers=1)
+    cfg = PreprocessConfig(
+        inputs=[lt],
+        output_prefix=os.path.join(out, "longtail"),
+        tokenizer=tok,
+        tiling=TilingConfig(),
+        packing=PackingConfig(seq_length=4096),
+        workers=1,
+    )
     secs, s = timed(cfg)
     results["longtail_samples_per_s_per_worker"] = round(s["samples"] / secs, 1)
     results["longtail_fill_ratio"] = s["fill_ratio"]

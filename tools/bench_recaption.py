@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 from megatron_sail import cli
 
 REPO = Path(__file__).resolve().parents[1]

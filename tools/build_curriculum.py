@@ -12,6 +12,7 @@ Writes the plan (YAML) and, next to it (--lists-dir), one sample list per stage
 (stageK.jsonl, stageK_replay.jsonl with --mix-previous); tools/preprocess_data.py --select reads
 them. Packed prefixes go under --prefix-dir. Prints one line per stage.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ def _split(values: list[str]) -> tuple[str, tuple]:
             return kind, tuple(float(t) for t in values[1].split(","))
         except ValueError:
             pass
-    raise SystemExit(f"build_curriculum.py: --split {' '.join(values)}: expected 'quantile' or "
-                     "'thresholds T1,T2,...'")
+    raise SystemExit(
+        f"build_curriculum.py: --split {' '.join(values)}: expected 'quantile' or 'thresholds T1,T2,...'"
+    )
 
 
 def main(argv=None) -> int:
@@ -67,13 +69,31 @@ def main(argv=None) -> int:
         if os.path.isfile(os.path.join(a.scores, "complexity.json")):
             with open(os.path.join(a.scores, "complexity.json")) as f:
                 manifest = json.load(f)
-        cfg = CurriculumConfig(a.stages, split, thresholds, a.order, a.mix_previous, a.seed, a.total_iters,
-                               tuple(a.trainer_stages.split(",")) if a.trainer_stages else ())
-        paths = PlanPaths(a.lists_dir or stem + "_lists", a.prefix_dir or stem + "_packed",
-                          sorted({r["source"] for r in records}), a.preprocess_flags,
-                          manifest.get("image_root"), manifest.get("format"), a.python)
-        plan = build_plan(records, cfg, paths, {"scores": os.path.abspath(a.scores),
-                                                "method": manifest.get("method", a.method)})
+        cfg = CurriculumConfig(
+            a.stages,
+            split,
+            thresholds,
+            a.order,
+            a.mix_previous,
+            a.seed,
+            a.total_iters,
+            tuple(a.trainer_stages.split(",")) if a.trainer_stages else (),
+        )
+        paths = PlanPaths(
+            a.lists_dir or stem + "_lists",
+            a.prefix_dir or stem + "_packed",
+            sorted({r["source"] for r in records}),
+            a.preprocess_flags,
+            manifest.get("image_root"),
+            manifest.get("format"),
+            a.python,
+        )
+        plan = build_plan(
+            records,
+            cfg,
+            paths,
+            {"scores": os.path.abspath(a.scores), "method": manifest.get("method", a.method)},
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"build_curriculum.py: error: {e}", file=sys.stderr)
         return 2
@@ -82,9 +102,11 @@ def main(argv=None) -> int:
         yaml.safe_dump(plan, f, sort_keys=False, width=200)
     os.replace(tmp, a.output)
     for s in plan["stages"]:
-        print(f"{s['name']} ({s['trainer_stage']}): {s['samples']} samples + {s['replayed']} replayed, "
-              f"scores {s['score_min']:.4g}..{s['score_max']:.4g}, share {s['share']:.3f}"
-              + (f", {s['iters']} steps" if "iters" in s else ""))
+        print(
+            f"{s['name']} ({s['trainer_stage']}): {s['samples']} samples + {s['replayed']} replayed, "
+            f"scores {s['score_min']:.4g}..{s['score_max']:.4g}, share {s['share']:.3f}"
+            + (f", {s['iters']} steps" if "iters" in s else "")
+        )
     print(f"plan: {a.output}")
     return 0
 

@@ -21,14 +21,15 @@ transformers InternVLVisionModel / Aimv2VisionModel / Aimv2Model, Apple's AIMv2)
 checkpoint folder as hf-to-mcore (docs/conversion.md, "Start from a separate encoder and LLM").
 Runs in one process on CPU or one GPU; no torchrun needed.
 """
+
 from __future__ import annotations
 
 import argparse
 import time
 
+from megatron_sail import cli
 from megatron_sail.convert.checkpoint import ConvertConfig, hf_to_mcore, mcore_to_hf
 from megatron_sail.convert.compose import ComposeConfig, compose
-from megatron_sail import cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,52 +43,95 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--mcore-dir", required=True)
     b.add_argument("--out", required=True)
     b.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file")
-    b.add_argument("--layout", choices=("hf", "chat"), default="hf",
-                   help="hf: transformers InternVL (default; InternViT models); chat: the hub's "
-                        "remote-code layout (InternVL-chat, or sailvl for AIMv2) + remote code, "
-                        "which only a checkpoint started from a hub folder carries (source_files/); "
-                        "a model trained from scratch: hf")
-    b.add_argument("--tokenizer", default=None,
-                   help="tokenizer to write instead of the checkpoint's tokenizer/ (needed when it has none)")
-    c = sub.add_parser("compose", help="separate vision encoder + causal LM folders -> Megatron "
-                                       "dist checkpoint with a fresh projector")
+    b.add_argument(
+        "--layout",
+        choices=("hf", "chat"),
+        default="hf",
+        help="hf: transformers InternVL (default; InternViT models); chat: the hub's "
+        "remote-code layout (InternVL-chat, or sailvl for AIMv2) + remote code, "
+        "which only a checkpoint started from a hub folder carries (source_files/); "
+        "a model trained from scratch: hf",
+    )
+    b.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer to write instead of the checkpoint's tokenizer/ (needed when it has none)",
+    )
+    c = sub.add_parser(
+        "compose",
+        help="separate vision encoder + causal LM folders -> Megatron dist checkpoint with a fresh projector",
+    )
     c.add_argument("--vision-hf", required=True, help="vision encoder folder (config.json + safetensors)")
     c.add_argument("--language-hf", required=True, help="causal LM folder (Qwen2/Qwen3/Qwen3-MoE)")
     c.add_argument("--out", required=True)
-    c.add_argument("--recipe", default=None,
-                   help="model recipe whose select_layer / downsample ratio / image size / drop "
-                        "path are used and whose shapes the folders must have")
+    c.add_argument(
+        "--recipe",
+        default=None,
+        help="model recipe whose select_layer / downsample ratio / image size / drop "
+        "path are used and whose shapes the folders must have",
+    )
     c.add_argument("--select-layer", type=int, default=None, help="default: the recipe's, else -1")
     c.add_argument("--downsample-ratio", type=float, default=None, help="default: the recipe's, else 0.5")
-    c.add_argument("--odd-grid", choices=("error", "pad"), default=None,
-                   help="a patch grid the merge does not divide (27x27 SigLIP-so400m-patch14-384): "
-                        "refuse, or zero-pad it bottom/right (default: the recipe's, else error)")
-    c.add_argument("--image-size", type=int, default=None,
-                   help="expected tile size, checked against the encoder's config")
+    c.add_argument(
+        "--odd-grid",
+        choices=("error", "pad"),
+        default=None,
+        help="a patch grid the merge does not divide (27x27 SigLIP-so400m-patch14-384): "
+        "refuse, or zero-pad it bottom/right (default: the recipe's, else error)",
+    )
+    c.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="expected tile size, checked against the encoder's config",
+    )
     c.add_argument("--drop-path-rate", type=float, default=None, help="default: the recipe's, else 0")
     c.add_argument("--seed", type=int, default=1234, help="seed of the projector's initialization")
     c.add_argument("--tokenizer", default=None, help="tokenizer instead of the LM folder's")
-    c.add_argument("--vocab-multiple", type=int, default=128,
-                   help="grown embedding rows are a multiple of this (only when the tokenizer needs more)")
-    c.add_argument("--projector-from", default=None,
-                   help="checkpoint folder or .safetensors with mlp1.* / multi_modal_projector.* to "
-                        "use instead of a fresh projector")
+    c.add_argument(
+        "--vocab-multiple",
+        type=int,
+        default=128,
+        help="grown embedding rows are a multiple of this (only when the tokenizer needs more)",
+    )
+    c.add_argument(
+        "--projector-from",
+        default=None,
+        help="checkpoint folder or .safetensors with mlp1.* / multi_modal_projector.* to "
+        "use instead of a fresh projector",
+    )
     for s in (a, b, c):
         s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)
     start = time.time()
     if args.cmd == "compose":
-        out = compose(args.vision_hf, args.language_hf, args.out, ComposeConfig(
-            recipe=args.recipe, select_layer=args.select_layer,
-            downsample_ratio=args.downsample_ratio, odd_grid=args.odd_grid,
-            image_size=args.image_size, drop_path_rate=args.drop_path_rate, seed=args.seed, tokenizer=args.tokenizer,
-            vocab_multiple=args.vocab_multiple, projector_from=args.projector_from,
-            overwrite=args.overwrite))
+        out = compose(
+            args.vision_hf,
+            args.language_hf,
+            args.out,
+            ComposeConfig(
+                recipe=args.recipe,
+                select_layer=args.select_layer,
+                downsample_ratio=args.downsample_ratio,
+                odd_grid=args.odd_grid,
+                image_size=args.image_size,
+                drop_path_rate=args.drop_path_rate,
+                seed=args.seed,
+                tokenizer=args.tokenizer,
+                vocab_multiple=args.vocab_multiple,
+                projector_from=args.projector_from,
+                overwrite=args.overwrite,
+            ),
+        )
     elif args.cmd == "hf-to-mcore":
         out = hf_to_mcore(args.hf_dir, args.out, ConvertConfig(overwrite=args.overwrite))
     else:
-        cfg = ConvertConfig(overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 1024**3),
-                            layout=args.layout, tokenizer=args.tokenizer)
+        cfg = ConvertConfig(
+            overwrite=args.overwrite,
+            max_shard_bytes=int(args.max_shard_gb * 1024**3),
+            layout=args.layout,
+            tokenizer=args.tokenizer,
+        )
         out = mcore_to_hf(args.mcore_dir, args.out, cfg)
     print(f"wrote {out} in {time.time() - start:.1f}s")
     return 0

@@ -10,6 +10,7 @@
 Prints a ranking table (score, difference to the best, paired-bootstrap confidence interval of
 that difference over benchmark items) and writes OUT/ranking.json and OUT/ranking.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,9 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_sail import cli
 from megatron_sail.curate.ablation import AblationConfig, run_ablation  # noqa: E402
 from megatron_sail.curate.ablation_stats import BootstrapConfig  # noqa: E402
-from megatron_sail import cli
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -37,18 +38,34 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(prog="data_ablation.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--candidate", nargs="+", action="extend", required=True, metavar="NAME=PREFIX",
-                   help="a candidate dataset: NAME and its preprocessed output prefix; several after "
-                        "one flag or the flag repeated (required)")
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(
+        prog="data_ablation.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--candidate",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="NAME=PREFIX",
+        help="a candidate dataset: NAME and its preprocessed output prefix; several after "
+        "one flag or the flag repeated (required)",
+    )
     p.add_argument("--tokens", type=int, required=True, help="token budget per candidate")
     p.add_argument("--recipe", default="tiny")
-    p.add_argument("--benchmark", nargs="+", action="extend", required=True, metavar="NAME=PATH",
-                   help="a benchmark every candidate is scored on (NAME as in tools/evaluate.py); "
-                        "several after one flag or the flag repeated, as in evaluate.py (required)")
+    p.add_argument(
+        "--benchmark",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="NAME=PATH",
+        help="a benchmark every candidate is scored on (NAME as in tools/evaluate.py); "
+        "several after one flag or the flag repeated, as in evaluate.py (required)",
+    )
     p.add_argument("--stage", default="pretrain-alignment")
     p.add_argument("--init-from", help="base checkpoint every candidate starts from")
     p.add_argument("--seed", type=int, default=1234)
@@ -59,7 +76,9 @@ def main(argv=None) -> int:
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--bootstrap-seed", type=int, default=0)
     p.add_argument("--out", default="runs/ablation")
-    p.add_argument("--launcher", help="training launcher, e.g. 'torchrun --nproc_per_node 8' (default: python)")
+    p.add_argument(
+        "--launcher", help="training launcher, e.g. 'torchrun --nproc_per_node 8' (default: python)"
+    )
     a = p.parse_args(argv)
     from megatron_sail.eval.registry import get_benchmark
 
@@ -67,11 +86,22 @@ def main(argv=None) -> int:
     try:
         for b in benchmarks:
             get_benchmark(b)
-        cfg = AblationConfig(candidates=_pairs(a.candidate, "--candidate"), benchmarks=benchmarks, tokens=a.tokens,
-                             out_dir=a.out, recipe=a.recipe, stage=a.stage, seed=a.seed, init_from=a.init_from,
-                             seq_length=a.seq_length, global_batch_size=a.global_batch_size, train_args=extra,
-                             eval_limit=a.limit, launcher=(a.launcher or "").split(),
-                             bootstrap=BootstrapConfig(a.resamples, a.confidence, a.bootstrap_seed))
+        cfg = AblationConfig(
+            candidates=_pairs(a.candidate, "--candidate"),
+            benchmarks=benchmarks,
+            tokens=a.tokens,
+            out_dir=a.out,
+            recipe=a.recipe,
+            stage=a.stage,
+            seed=a.seed,
+            init_from=a.init_from,
+            seq_length=a.seq_length,
+            global_batch_size=a.global_batch_size,
+            train_args=extra,
+            eval_limit=a.limit,
+            launcher=(a.launcher or "").split(),
+            bootstrap=BootstrapConfig(a.resamples, a.confidence, a.bootstrap_seed),
+        )
         result = run_ablation(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"data_ablation.py: error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@
 The filter list's stages before its dedup entry also run in the signature pass (a sample they
 reject never enters a group); exact_dedup, near_dedup and semantic_dedup give the settings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,12 @@ from megatron_sail.curate.job import add_job_flags, job_fields  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="dedup.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog="dedup.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("signatures", help="pass 1: signature shards")
     s.add_argument("--input", action="append", required=True)
@@ -44,22 +49,41 @@ def main(argv=None) -> int:
     g.add_argument("--output-dir", required=True)
     g.add_argument("--config", help="filters.yaml")
     g.add_argument("--input", action="append", help="the input shards: every one must have signatures")
-    g.add_argument("--partition-rows", type=int, default=1_000_000, help="records per partition (memory bound)")
-    g.add_argument("--partitions", type=int, default=0, help="number of partitions (0: from --partition-rows)")
+    g.add_argument(
+        "--partition-rows", type=int, default=1_000_000, help="records per partition (memory bound)"
+    )
+    g.add_argument(
+        "--partitions", type=int, default=0, help="number of partitions (0: from --partition-rows)"
+    )
     g.add_argument("--work-dir", help="scratch folder (default OUTPUT/_work)")
     a = p.parse_args(argv)
     try:
         filters = load_config(a.config)
         if a.cmd == "signatures":
-            res = run_signatures(SignatureConfig(
-                inputs=a.input, output_dir=a.output_dir, filters=filters, max_member_bytes=a.max_member_bytes,
-                max_sample_bytes=a.max_sample_bytes, **job_fields(a, "dedup.py")))
+            res = run_signatures(
+                SignatureConfig(
+                    inputs=a.input,
+                    output_dir=a.output_dir,
+                    filters=filters,
+                    max_member_bytes=a.max_member_bytes,
+                    max_sample_bytes=a.max_sample_bytes,
+                    **job_fields(a, "dedup.py"),
+                )
+            )
             print(json.dumps(res, indent=1))
             return 1 if res["failed_shards"] else 0
         expected = [sp.name for sp in input_shards(a.input)] if a.input else None
-        report = run_grouping(group_config(filters, a.signatures, a.output_dir, expected,
-                                           partition_rows=a.partition_rows, partitions=a.partitions,
-                                           work_dir=a.work_dir))
+        report = run_grouping(
+            group_config(
+                filters,
+                a.signatures,
+                a.output_dir,
+                expected,
+                partition_rows=a.partition_rows,
+                partitions=a.partitions,
+                work_dir=a.work_dir,
+            )
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"dedup.py: error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ Bad items (an answer letter outside the options, an empty answer, an unusable im
 VLMEvalKit scores them, counted and listed; they never stop a benchmark. A file that cannot be
 used is one line ``error: ...`` naming it, and exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_sail import cli  # noqa: E402
 from megatron_sail.eval.registry import BENCHMARKS, get_benchmark, parse_benchmark_arg  # noqa: E402
 from megatron_sail.eval.runner import RunnerConfig, run_benchmark, score_predictions  # noqa: E402
 from megatron_sail.eval.tsv import BenchmarkFileError, read_items  # noqa: E402
-from megatron_sail import cli  # noqa: E402
 
 SHOWN_BAD_ITEMS = 10
 """Bad items printed per benchmark (all of them go to results.json)."""
@@ -40,33 +41,72 @@ SHOWN_BAD_ITEMS = 10
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="checkpoint folder (not needed with --predictions)")
-    p.add_argument("--benchmark", nargs="+", action="extend", required=True, metavar="NAME=PATH",
-                   help=f"NAME one of: {', '.join(BENCHMARKS)}, or VLMEvalKit's dataset name "
-                        "(POPE, MMBench_DEV_EN, SEEDBench_IMG, MMMU_DEV_VAL, ...)")
-    p.add_argument("--predictions", help="score this predictions file (.xlsx, .tsv or .csv, ours "
-                                         "or VLMEvalKit's) instead of generating")
+    p.add_argument(
+        "--benchmark",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="NAME=PATH",
+        help=f"NAME one of: {', '.join(BENCHMARKS)}, or VLMEvalKit's dataset name "
+        "(POPE, MMBench_DEV_EN, SEEDBench_IMG, MMMU_DEV_VAL, ...)",
+    )
+    p.add_argument(
+        "--predictions",
+        help="score this predictions file (.xlsx, .tsv or .csv, ours or VLMEvalKit's) instead of generating",
+    )
     p.add_argument("--limit", type=int, default=None, help="first N items of each file")
-    p.add_argument("--out", default="eval/results.json",
-                   help="scores (JSON); predictions and caches go into the same folder")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="answer budget (default: per benchmark, 16-128 tokens)")
-    p.add_argument("--max-tiles", default="checkpoint",
-                   help="tiles per image: a number, 'checkpoint' (what the model was trained "
-                        "with; default) or 'vlmevalkit' (per benchmark as VLMEvalKit's SAIL-VL "
-                        "wrapper: 10, 12 for ChartQA/MMMU/OCR-VQA, 18 DocVQA, 24 InfoVQA/OCRBench)")
+    p.add_argument(
+        "--out",
+        default="eval/results.json",
+        help="scores (JSON); predictions and caches go into the same folder",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="answer budget (default: per benchmark, 16-128 tokens)",
+    )
+    p.add_argument(
+        "--max-tiles",
+        default="checkpoint",
+        help="tiles per image: a number, 'checkpoint' (what the model was trained "
+        "with; default) or 'vlmevalkit' (per benchmark as VLMEvalKit's SAIL-VL "
+        "wrapper: 10, 12 for ChartQA/MMMU/OCR-VQA, 18 DocVQA, 24 InfoVQA/OCRBench)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
-    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=None,
-                   metavar="N", help="tensor-parallel size under torchrun (default: 1)")
-    p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=None,
-                   metavar="N", help="pipeline-parallel size under torchrun (default: 1)")
+    p.add_argument(
+        "--tensor-model-parallel-size",
+        "--tp",
+        dest="tp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tensor-parallel size under torchrun (default: 1)",
+    )
+    p.add_argument(
+        "--pipeline-model-parallel-size",
+        "--pp",
+        dest="pp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pipeline-parallel size under torchrun (default: 1)",
+    )
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer")
-    p.add_argument("--baseline", default=None,
-                   help="JSON {NAME: {'chance': score}} (make_demo_benchmark.py's chance.json): "
-                        "print each score next to it; exit 1 unless every score beats it clearly")
-    p.add_argument("--min-gain", type=float, default=0.2,
-                   help="with --baseline: a score must close this share of the gap between "
-                        "chance and the best possible score (default 0.2)")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="JSON {NAME: {'chance': score}} (make_demo_benchmark.py's chance.json): "
+        "print each score next to it; exit 1 unless every score beats it clearly",
+    )
+    p.add_argument(
+        "--min-gain",
+        type=float,
+        default=0.2,
+        help="with --baseline: a score must close this share of the gap between "
+        "chance and the best possible score (default 0.2)",
+    )
     a = p.parse_args(argv)
     try:
         a.benchmarks = [parse_benchmark_arg(b) for b in a.benchmark]
@@ -92,13 +132,18 @@ def score_line(name: str, score: float, n: int) -> str:
 
 def report(name: str, s) -> None:
     """The score with its sub-scores, then the bad items (counted, the first few listed)."""
-    print(f"[eval] {name}: {s.metric} {s.score:.2f} over {s.n} items "
-          f"({json.dumps(s.details)[:300]})", flush=True)
+    print(
+        f"[eval] {name}: {s.metric} {s.score:.2f} over {s.n} items ({json.dumps(s.details)[:300]})",
+        flush=True,
+    )
     if s.bad_items:
         shown = "; ".join(f"index {b['index']}: {b['reason']}" for b in s.bad_items[:SHOWN_BAD_ITEMS])
         more = len(s.bad_items) - SHOWN_BAD_ITEMS
-        print(f"[eval] {name}: {len(s.bad_items)} bad item(s), scored as VLMEvalKit scores "
-              f"them: {shown}" + (f"; ... {more} more" if more > 0 else ""), flush=True)
+        print(
+            f"[eval] {name}: {len(s.bad_items)} bad item(s), scored as VLMEvalKit scores "
+            f"them: {shown}" + (f"; ... {more} more" if more > 0 else ""),
+            flush=True,
+        )
 
 
 def result_record(s) -> dict:
@@ -136,8 +181,11 @@ def compare_baseline(path: str, scores: dict, min_gain: float) -> bool:
         need = chance + min_gain * (best_possible(name, s) - chance)
         good = s.score >= need
         ok &= good
-        print(f"[eval] {name:10s} score {s.score:8.2f}   chance {chance:8.2f}   "
-              f"{'OK' if good else 'NOT clearly above chance'} (needs >= {need:.2f})", flush=True)
+        print(
+            f"[eval] {name:10s} score {s.score:8.2f}   chance {chance:8.2f}   "
+            f"{'OK' if good else 'NOT clearly above chance'} (needs >= {need:.2f})",
+            flush=True,
+        )
     return ok
 
 
@@ -152,22 +200,34 @@ def write_json(path: str, value: dict) -> None:
 
 def _generators(a):
     """(generator factory per max-tiles value, rank-0 flag, model id)."""
-    from megatron_sail.inference import GenerationConfig, Generator, LoadConfig, inspect_checkpoint
-    from megatron_sail.inference import load_generator
+    from megatron_sail.inference import (
+        GenerationConfig,
+        Generator,
+        LoadConfig,
+        inspect_checkpoint,
+        load_generator,
+    )
 
     ckpt = inspect_checkpoint(a.checkpoint)
     base_tiles = ckpt.settings.max_tiles if not a.max_tiles.isdigit() else int(a.max_tiles)
-    cfg = GenerationConfig(max_new_tokens=a.max_new_tokens or 64, max_tiles=base_tiles,
-                           batch_size=a.batch_size)
-    gen = load_generator(a.checkpoint, cfg, LoadConfig(tp=a.tp, pp=a.pp, dtype=a.dtype,
-                                                       tokenizer=a.tokenizer))
+    cfg = GenerationConfig(
+        max_new_tokens=a.max_new_tokens or 64, max_tiles=base_tiles, batch_size=a.batch_size
+    )
+    gen = load_generator(
+        a.checkpoint, cfg, LoadConfig(tp=a.tp, pp=a.pp, dtype=a.dtype, tokenizer=a.tokenizer)
+    )
     cache = {base_tiles: gen}
 
     def for_tiles(tiles: int):
         """A generator on the same weights with another tile budget (no reload)."""
         if tiles not in cache:
-            cache[tiles] = Generator(gen.wrapped, gen.model_config, gen.tokenizer, gen.settings,
-                                     dataclasses.replace(cfg, max_tiles=tiles))
+            cache[tiles] = Generator(
+                gen.wrapped,
+                gen.model_config,
+                gen.tokenizer,
+                gen.settings,
+                dataclasses.replace(cfg, max_tiles=tiles),
+            )
         return cache[tiles]
 
     import torch
@@ -189,7 +249,7 @@ def run(a) -> int:
     """Score or generate every benchmark of the parsed arguments; the exit status."""
     results, lines, scores = {}, [], {}
     if a.predictions:
-        (name, path), = a.benchmarks
+        ((name, path),) = a.benchmarks
         s = score_predictions(get_benchmark(name), path, a.predictions, a.limit)
         results[name] = {"file": path, "predictions": a.predictions, **result_record(s)}
         lines.append(score_line(name, s.score, s.n))
@@ -205,12 +265,16 @@ def run(a) -> int:
             spec = get_benchmark(name)
             tiles = spec.max_tiles if a.max_tiles == "vlmevalkit" else base_tiles
             gen = for_tiles(tiles)
-            rc = RunnerConfig(limit=a.limit, batch_size=a.batch_size,
-                              max_new_tokens=a.max_new_tokens, writer=rank0, progress=True,
-                              model_id=f"{model_path}|tiles={tiles}|tokens={a.max_new_tokens}")
+            rc = RunnerConfig(
+                limit=a.limit,
+                batch_size=a.batch_size,
+                max_new_tokens=a.max_new_tokens,
+                writer=rank0,
+                progress=True,
+                model_id=f"{model_path}|tiles={tiles}|tokens={a.max_new_tokens}",
+            )
             s, pred_path = run_benchmark(spec, path, gen.generate, rc, out_dir)
-            results[name] = {"file": path, "predictions": pred_path, "max_tiles": tiles,
-                             **result_record(s)}
+            results[name] = {"file": path, "predictions": pred_path, "max_tiles": tiles, **result_record(s)}
             lines.append(score_line(name, s.score, s.n))
             scores[name] = s
             if rank0:

@@ -17,6 +17,7 @@ Reports go to stderr; the requirements to install go to stdout. Transformer Engi
 with a GPU, so its version is read from its package metadata, and the accepted range is the one
 megatron-core declares for it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,8 +88,10 @@ def plan(pins: list[tuple[str, str]], installed: Callable[[str], Optional[str]])
         elif have is None:
             out.install.append(f"{name}=={version}")
         elif norm in EXACT and Version(have) != Version(version):
-            out.errors.append(f"{name}: the image has {have}, the code needs exactly {version}; "
-                              "use a base image without it, or with that version")
+            out.errors.append(
+                f"{name}: the image has {have}, the code needs exactly {version}; "
+                "use a base image without it, or with that version"
+            )
         else:
             note = "" if Version(have) == Version(version) else f" (requirements.txt: {version})"
             out.kept.append(f"{name}: the image's {have} kept{note}")
@@ -128,8 +131,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Print the requirements to install (or check TE); non-zero exit on a conflict."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("requirements", nargs="?", help="requirements.txt with name==version lines")
-    p.add_argument("--check-te", action="store_true",
-                   help="check the installed Transformer Engine against megatron-core's range")
+    p.add_argument(
+        "--check-te",
+        action="store_true",
+        help="check the installed Transformer Engine against megatron-core's range",
+    )
     args = p.parse_args(argv)
     if args.check_te:
         ok, reason = check_te(te_version(), te_requirement())

@@ -7,6 +7,7 @@
 Counts are recomputed from the files (not copied from meta.json), so a damaged or mismatched
 prefix shows up as an error or as a difference from the numbers preprocess_data printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sail.data.loading.dataset import TokenizerMeta  # noqa: E402
+from megatron_sail import cli
 from megatron_sail.data.indexed import PackedReader, load_meta  # noqa: E402
 from megatron_sail.data.integrity import ALGORITHM, check_files  # noqa: E402
-from megatron_sail import cli
+from megatron_sail.data.loading.dataset import TokenizerMeta  # noqa: E402
 
 
 def stats(reader: PackedReader, chunk: int = 65536) -> dict:
@@ -40,11 +41,18 @@ def stats(reader: PackedReader, chunk: int = 65536) -> dict:
     grid_tiles = im[:, 0] * im[:, 1]
     tiles = int((grid_tiles + ((im[:, 2] == 1) & (grid_tiles > 1))).sum())
     return {
-        "prefix": reader.prefix, "seq_length": seq, "samples": n, "rows": rows,
-        "images": int(len(im)), "tiles": tiles, "text_tokens": total - image_tokens,
-        "image_tokens": image_tokens, "loss_tokens": loss_tokens,
+        "prefix": reader.prefix,
+        "seq_length": seq,
+        "samples": n,
+        "rows": rows,
+        "images": int(len(im)),
+        "tiles": tiles,
+        "text_tokens": total - image_tokens,
+        "image_tokens": image_tokens,
+        "loss_tokens": loss_tokens,
         "fill_ratio": round(total / (rows * seq), 6) if rows else 0.0,
-        "rejects": meta.get("rejects", {}), "records": meta["stats"].get("records"),
+        "rejects": meta.get("rejects", {}),
+        "records": meta["stats"].get("records"),
         "tokenizer": meta["tokenizer"],
     }
 
@@ -75,10 +83,18 @@ def show(reader: PackedReader, k: int, tokenizer_path: str) -> dict:
     trained = ids[1:][mask[:-1] == 1]
     row = int(np.searchsorted(reader.row_index, k, side="right") - 1)
     imgs = reader.image_meta[reader.image_meta[:, 5] == k]
-    return {"sample": k, "row": row, "tokens": int(len(ids)), "loss_tokens": int(mask.sum()),
-            "images": [{"grid": [int(r[0]), int(r[1])], "thumbnail": bool(r[2]), "size": [int(r[3]), int(r[4])]}
-                       for r in imgs],
-            "text": collapse(tok.decode(ids)), "trained": tok.decode(trained)}
+    return {
+        "sample": k,
+        "row": row,
+        "tokens": int(len(ids)),
+        "loss_tokens": int(mask.sum()),
+        "images": [
+            {"grid": [int(r[0]), int(r[1])], "thumbnail": bool(r[2]), "size": [int(r[3]), int(r[4])]}
+            for r in imgs
+        ],
+        "text": collapse(tok.decode(ids)),
+        "trained": tok.decode(trained),
+    }
 
 
 def verify(prefix: str) -> tuple[int, dict]:
@@ -90,10 +106,17 @@ def verify(prefix: str) -> tuple[int, dict]:
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
     files = sorted(meta.get("checksums", {}).get("files", {}))
-    out = {"prefix": prefix, "ok": not problems, "algorithm": ALGORITHM if files else None, "files": files,
-           "damaged": [line.split(": ", 1)[0] for line in problems]}
+    out = {
+        "prefix": prefix,
+        "ok": not problems,
+        "algorithm": ALGORITHM if files else None,
+        "files": files,
+        "damaged": [line.split(": ", 1)[0] for line in problems],
+    }
     if not files:
-        out["note"] = "no checksums recorded (dataset written before checksums); only the structure was checked"
+        out["note"] = (
+            "no checksums recorded (dataset written before checksums); only the structure was checked"
+        )
     if problems:
         return 1, out
     PackedReader(prefix, verify="structure")  # raises, naming the file, on a structural problem

@@ -9,6 +9,7 @@ the better of uniform random guesses and the best constant answer).
       --benchmark pope=demo/bench/demo_pope.tsv mcq=demo/bench/demo_mcq.tsv \
       ocrbench=demo/bench/demo_ocr.tsv
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,20 +19,28 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sail.demo.benchmarks import (DemoBenchConfig, write_caption_benchmark,  # noqa: E402
-                                           write_demo_benchmarks)
 from megatron_sail import cli
+from megatron_sail.demo.benchmarks import DemoBenchConfig, write_caption_benchmark, write_demo_benchmarks  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for the TSVs and chance.json")
     p.add_argument("--items", type=int, default=DemoBenchConfig.items, help="questions per set")
-    p.add_argument("--seed", type=int, default=DemoBenchConfig.seed, metavar="N",
-                   help="seed of the generated items (default: %(default)s)")
-    p.add_argument("--caption-items", type=int, default=0,
-                   help="also write demo_caption.tsv with this many held-out images to caption "
-                        "(benchmark 'caption', word F1 against the exact captions)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=DemoBenchConfig.seed,
+        metavar="N",
+        help="seed of the generated items (default: %(default)s)",
+    )
+    p.add_argument(
+        "--caption-items",
+        type=int,
+        default=0,
+        help="also write demo_caption.tsv with this many held-out images to caption "
+        "(benchmark 'caption', word F1 against the exact captions)",
+    )
     a = p.parse_args(argv)
     if a.items < 2:
         p.error("--items must be at least 2")

@@ -17,6 +17,7 @@ entry under --output-prefix (a directory), prints one summary line per entry and
 --data-path blend (also written to OUT/blend.json and OUT/data_path.txt); see
 megatron_sail/data/preprocess/internvl_meta.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,36 +28,50 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sail.config.data import (DEFAULT_MAX_IMAGE_BYTES, PackingConfig, PreprocessConfig,  # noqa: E402
-                                       TemplateConfig)
+from megatron_sail import cli
+from megatron_sail.config.data import DEFAULT_MAX_IMAGE_BYTES, PackingConfig, PreprocessConfig, TemplateConfig  # noqa: E402
 from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS, TilingConfig  # noqa: E402
-from megatron_sail.data.preprocess.block_pool import WorkerDied  # noqa: E402
 from megatron_sail.data.geometry import resolve_tiling  # noqa: E402
 from megatron_sail.data.integrity import OutputWriteError  # noqa: E402
+from megatron_sail.data.preprocess.block_pool import WorkerDied  # noqa: E402
 from megatron_sail.data.preprocess.internvl_meta import is_meta_file, run_meta  # noqa: E402
 from megatron_sail.data.preprocess.pipeline import run  # noqa: E402
-from megatron_sail import cli
 
 
 def parse_args(argv=None) -> PreprocessConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
-    p.add_argument("--format", choices=["llava", "caption", "webdataset", "messages", "internvl_meta"],
-                   default=None, help="default: detected (an InternVL meta JSON builds one dataset per entry)")
+    p.add_argument(
+        "--format",
+        choices=["llava", "caption", "webdataset", "messages", "internvl_meta"],
+        default=None,
+        help="default: detected (an InternVL meta JSON builds one dataset per entry)",
+    )
     p.add_argument("--image-root", default=None, help="base directory of relative image paths")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json, HF tokenizer dir, or sentencepiece .model")
+    p.add_argument(
+        "--tokenizer", required=True, help="tokenizer.json, HF tokenizer dir, or sentencepiece .model"
+    )
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--seq-length", type=int, required=True)
-    p.add_argument("--recipe", default=None,
-                   help="the training recipe the data is for: tokens per tile come from its vision "
-                        "family's geometry and are recorded in meta.json (default: sail_2b, "
-                        "unless --tokens-per-tile is given)")
-    p.add_argument("--config", default=None,
-                   help="the trainer's YAML overriding --recipe fields (e.g. the ViT's patch size)")
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="the training recipe the data is for: tokens per tile come from its vision "
+        "family's geometry and are recorded in meta.json (default: sail_2b, "
+        "unless --tokens-per-tile is given)",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="the trainer's YAML overriding --recipe fields (e.g. the ViT's patch size)",
+    )
     p.add_argument("--tile-size", type=int, default=None, help="default: the recipe's ViT image size")
-    p.add_argument("--tokens-per-tile", type=int, default=None,
-                   help="must equal what --recipe makes; without --recipe, taken as given "
-                        "(no geometry recorded)")
+    p.add_argument(
+        "--tokens-per-tile",
+        type=int,
+        default=None,
+        help="must equal what --recipe makes; without --recipe, taken as given (no geometry recorded)",
+    )
     p.add_argument("--min-tiles", type=int, default=1)
     p.add_argument("--max-tiles", type=int, default=12)
     p.add_argument("--no-thumbnail", action="store_true")
@@ -69,19 +84,37 @@ def parse_args(argv=None) -> PreprocessConfig:
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--strict", action="store_true", help="exit 1 on any rejected sample")
     p.add_argument("--max-reject-rate", type=float, default=0.05)
-    p.add_argument("--allow-absolute-paths", action="store_true",
-                   help="read absolute image paths in records (default: refused; relative paths must "
-                        "always resolve inside --image-root)")
-    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
-                   help="largest image file or tar member read (default %(default)s)")
-    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                   help="largest width x height accepted; the trainer's decoders use the same default "
-                        "(default %(default)s)")
-    p.add_argument("--video-frames", type=int, default=8,
-                   help="frames sampled per InternVL video sample, one tile each (0: reject videos)")
-    p.add_argument("--select", default=None,
-                   help="keep only the records this sample list names: a curriculum stage list "
-                        "(tools/build_curriculum.py) or a complexity sidecar folder (tools/score_complexity.py)")
+    p.add_argument(
+        "--allow-absolute-paths",
+        action="store_true",
+        help="read absolute image paths in records (default: refused; relative paths must "
+        "always resolve inside --image-root)",
+    )
+    p.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_BYTES,
+        help="largest image file or tar member read (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="largest width x height accepted; the trainer's decoders use the same default "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--video-frames",
+        type=int,
+        default=8,
+        help="frames sampled per InternVL video sample, one tile each (0: reject videos)",
+    )
+    p.add_argument(
+        "--select",
+        default=None,
+        help="keep only the records this sample list names: a curriculum stage list "
+        "(tools/build_curriculum.py) or a complexity sidecar folder (tools/score_complexity.py)",
+    )
     p.add_argument("--select-min-score", type=float, default=None, help="with --select: score >= this")
     p.add_argument("--select-max-score", type=float, default=None, help="with --select: score < this")
     a = p.parse_args(argv)
@@ -96,8 +129,9 @@ def parse_args(argv=None) -> PreprocessConfig:
     if not 1 <= a.min_tiles <= a.max_tiles:
         p.error("need 1 <= --min-tiles <= --max-tiles")
     try:
-        tile_size, tokens_per_tile, geometry = resolve_tiling(a.recipe, a.config, a.tile_size,
-                                                              a.tokens_per_tile)
+        tile_size, tokens_per_tile, geometry = resolve_tiling(
+            a.recipe, a.config, a.tile_size, a.tokens_per_tile
+        )
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     template = TemplateConfig(system_prompt=a.system_prompt)
@@ -108,15 +142,29 @@ def parse_args(argv=None) -> PreprocessConfig:
             p.error(f"{a.caption_prompts}: no prompts")
         template = TemplateConfig(system_prompt=a.system_prompt, caption_prompts=prompts)
     return PreprocessConfig(
-        inputs=a.input, output_prefix=a.output_prefix, tokenizer=a.tokenizer, format=a.format,
+        inputs=a.input,
+        output_prefix=a.output_prefix,
+        tokenizer=a.tokenizer,
+        format=a.format,
         image_root=a.image_root,
         tiling=TilingConfig(tile_size, a.min_tiles, a.max_tiles, not a.no_thumbnail, tokens_per_tile),
-        template=template, packing=PackingConfig(a.seq_length, a.packing_buffer, a.seed),
-        workers=a.workers, shard_index=a.shard_index, num_shards=a.num_shards, strict=a.strict,
-        max_reject_rate=a.max_reject_rate, allow_absolute_paths=a.allow_absolute_paths,
-        max_image_bytes=a.max_image_bytes, max_image_pixels=a.max_image_pixels,
-        video_frames=a.video_frames, geometry=geometry, select=a.select,
-        select_min_score=a.select_min_score, select_max_score=a.select_max_score, progress=True)
+        template=template,
+        packing=PackingConfig(a.seq_length, a.packing_buffer, a.seed),
+        workers=a.workers,
+        shard_index=a.shard_index,
+        num_shards=a.num_shards,
+        strict=a.strict,
+        max_reject_rate=a.max_reject_rate,
+        allow_absolute_paths=a.allow_absolute_paths,
+        max_image_bytes=a.max_image_bytes,
+        max_image_pixels=a.max_image_pixels,
+        video_frames=a.video_frames,
+        geometry=geometry,
+        select=a.select,
+        select_min_score=a.select_min_score,
+        select_max_score=a.select_max_score,
+        progress=True,
+    )
 
 
 def main_meta(cfg) -> int:
@@ -127,8 +175,9 @@ def main_meta(cfg) -> int:
         print("error: --format internvl_meta takes one meta file as --input", file=sys.stderr)
         return 2
     try:
-        code, summaries = run_meta(dataclasses.replace(cfg, format=None), cfg.inputs[0],
-                                   lambda c: run(c, log=log), log=log)
+        code, summaries = run_meta(
+            dataclasses.replace(cfg, format=None), cfg.inputs[0], lambda c: run(c, log=log), log=log
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -147,8 +196,9 @@ def main_meta(cfg) -> int:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    if cfg.format == "internvl_meta" or (cfg.format is None and len(cfg.inputs) == 1
-                                         and is_meta_file(cfg.inputs[0])):
+    if cfg.format == "internvl_meta" or (
+        cfg.format is None and len(cfg.inputs) == 1 and is_meta_file(cfg.inputs[0])
+    ):
         return main_meta(cfg)
     try:
         code, summary = run(cfg, log=lambda m: print(m, file=sys.stderr))

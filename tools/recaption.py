@@ -13,6 +13,7 @@ one WebDataset shard per input shard out (image, new caption, original text, pro
 
 See docs/curation.md ("Recaption").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,19 +23,29 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_sail import cli
 from megatron_sail.curate.backends import BACKENDS, BackendConfig  # noqa: E402
 from megatron_sail.curate.job import add_job_flags, job_fields  # noqa: E402
 from megatron_sail.curate.recaption import RecaptionConfig, run  # noqa: E402
-from megatron_sail import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="recaption.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--input", action="append", required=True,
-                   help="tar shards (glob), a caption/LLaVA JSONL file or an image folder (repeatable)")
+    p = argparse.ArgumentParser(
+        prog="recaption.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        help="tar shards (glob), a caption/LLaVA JSONL file or an image folder (repeatable)",
+    )
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--model", required=True, help="checkpoint folder (megatron/hf/vllm) or served model name (openai)")
+    p.add_argument(
+        "--model", required=True, help="checkpoint folder (megatron/hf/vllm) or served model name (openai)"
+    )
     p.add_argument("--backend", choices=BACKENDS, default="megatron")
     p.add_argument("--image-root", help="root of relative image paths in JSONL inputs")
     p.add_argument("--prompt-file", help="prompt bank: one prompt a line, or a JSON list")
@@ -45,36 +56,70 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-tiles", type=int, default=12)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--samples-per-shard", type=int, default=1000, help="records per shard of JSONL / folder inputs")
+    p.add_argument(
+        "--samples-per-shard", type=int, default=1000, help="records per shard of JSONL / folder inputs"
+    )
     add_job_flags(p, "captioner processes (local) or actors (ray), one model each")
-    p.add_argument("--tensor-model-parallel-size", "--tp", "--tensor-parallel-size",
-                   dest="tensor_parallel_size", type=int, default=1, metavar="N",
-                   help="tensor-parallel size: GPUs per vLLM engine (vllm backend; default: 1)")
+    p.add_argument(
+        "--tensor-model-parallel-size",
+        "--tp",
+        "--tensor-parallel-size",
+        dest="tensor_parallel_size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tensor-parallel size: GPUs per vLLM engine (vllm backend; default: 1)",
+    )
     p.add_argument("--api-base", default="http://localhost:8000/v1", help="OpenAI-compatible server (openai)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--max-retries", type=int, default=5, help="retries per request (openai)")
     p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in s, doubled each retry")
-    p.add_argument("--requests-per-second", type=float, default=0.0, help="rate limit per worker (openai), 0: none")
+    p.add_argument(
+        "--requests-per-second", type=float, default=0.0, help="rate limit per worker (openai), 0: none"
+    )
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--max-image-bytes", type=int, default=128 << 20, help="larger images are rejects")
-    p.add_argument("--max-sample-bytes", type=int,
-                   help="largest sum of a tar sample's members (default: 2x --max-image-bytes)")
+    p.add_argument(
+        "--max-sample-bytes",
+        type=int,
+        help="largest sum of a tar sample's members (default: 2x --max-image-bytes)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
 def config_from(args) -> RecaptionConfig:
     backend = BackendConfig(
-        backend=args.backend, model=args.model, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_tiles=args.max_tiles,
-        dtype=args.dtype, api_base=args.api_base, api_key_env=args.api_key_env, max_retries=args.max_retries,
-        backoff_s=args.backoff, requests_per_second=args.requests_per_second, timeout_s=args.request_timeout,
-        tensor_parallel_size=args.tensor_parallel_size)
+        backend=args.backend,
+        model=args.model,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_tiles=args.max_tiles,
+        dtype=args.dtype,
+        api_base=args.api_base,
+        api_key_env=args.api_key_env,
+        max_retries=args.max_retries,
+        backoff_s=args.backoff,
+        requests_per_second=args.requests_per_second,
+        timeout_s=args.request_timeout,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
     return RecaptionConfig(
-        inputs=args.input, output_dir=args.output_dir, backend=backend, image_root=args.image_root,
-        prompt_file=args.prompt_file, seed=args.seed, samples_per_shard=args.samples_per_shard,
-        **job_fields(args, "recaption.py"), max_image_bytes=args.max_image_bytes,
-        max_sample_bytes=args.max_sample_bytes, progress=not args.no_progress)
+        inputs=args.input,
+        output_dir=args.output_dir,
+        backend=backend,
+        image_root=args.image_root,
+        prompt_file=args.prompt_file,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+        **job_fields(args, "recaption.py"),
+        max_image_bytes=args.max_image_bytes,
+        max_sample_bytes=args.max_sample_bytes,
+        progress=not args.no_progress,
+    )
 
 
 def main(argv=None) -> int:
@@ -86,9 +131,12 @@ def main(argv=None) -> int:
         print(f"recaption.py: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))
-    print(f"recaptioned {summary['captioned']} of {summary['samples']} images in {len(summary['shards_done'])} "
-          f"shards ({summary['skipped_done']} already done, {len(summary['failed_shards'])} failed), "
-          f"{summary['rejected']} rejects, {summary['images_per_s']} images/s", file=sys.stderr)
+    print(
+        f"recaptioned {summary['captioned']} of {summary['samples']} images in {len(summary['shards_done'])} "
+        f"shards ({summary['skipped_done']} already done, {len(summary['failed_shards'])} failed), "
+        f"{summary['rejected']} rejects, {summary['images_per_s']} images/s",
+        file=sys.stderr,
+    )
     return 1 if summary["failed_shards"] else 0
 
 

@@ -9,6 +9,7 @@
 
 A rerun resumes: finished data, datasets and training runs are kept.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_sail import cli  # noqa: E402
 
-SMOKE = {"pretrain_samples": 300, "sft_per_level": 120, "bench_items": 20, "pretrain_iters": 64,
-         "sft_epochs": 1.0, "seeds": [1], "resamples": 200}
+SMOKE = {
+    "pretrain_samples": 300,
+    "sft_per_level": 120,
+    "bench_items": 20,
+    "pretrain_iters": 64,
+    "sft_epochs": 1.0,
+    "seeds": [1],
+    "resamples": 200,
+}
 """The smoke study: every part, a few samples and steps (minutes; numbers not meaningful)."""
 
 
@@ -44,16 +52,31 @@ def main(argv=None) -> int:
     from megatron_sail.demo.paper_study import StudyConfig, run_study
 
     chosen = dict(SMOKE) if a.smoke else {}
-    for k in ("pretrain_samples", "sft_per_level", "bench_items", "pretrain_iters", "sft_epochs", "seeds",
-              "resamples"):
+    for k in (
+        "pretrain_samples",
+        "sft_per_level",
+        "bench_items",
+        "pretrain_iters",
+        "sft_epochs",
+        "seeds",
+        "resamples",
+    ):
         if getattr(a, k) is not None:
             chosen[k] = getattr(a, k)
-    data = StudyData(**{k: chosen.pop(k) for k in ("pretrain_samples", "sft_per_level", "bench_items")
-                        if k in chosen})
+    data = StudyData(
+        **{k: chosen.pop(k) for k in ("pretrain_samples", "sft_per_level", "bench_items") if k in chosen}
+    )
     if "seeds" in chosen:
         chosen["seeds"] = tuple(chosen["seeds"])
-    cfg = StudyConfig(a.out, data, method=a.method, caption_summary=a.caption_summary, run_caption=a.run_caption,
-                      caption_smoke=a.smoke, **chosen)
+    cfg = StudyConfig(
+        a.out,
+        data,
+        method=a.method,
+        caption_summary=a.caption_summary,
+        run_caption=a.run_caption,
+        caption_smoke=a.smoke,
+        **chosen,
+    )
     result = run_study(cfg)
     print(json.dumps({k: result[k] for k in ("scaling", "sft_quantity", "curriculum")}, indent=1))
     print(f"report: {os.path.join(a.out, 'report.md')} and report.json")

@@ -12,6 +12,7 @@ not vary) and the score extrapolated to the budget, capped at the metric's maxim
 ``CAPPED`` when the line passes it. Writes ``<out>/scaling.png`` (points and fits, log token
 axis) and ``<out>/fits.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sail.eval.scaling import fit_all, fit_report, format_r2, parse_tokens, plot, read_points  # noqa: E402
 from megatron_sail import cli
+from megatron_sail.eval.scaling import fit_all, fit_report, format_r2, parse_tokens, plot, read_points  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,8 +35,10 @@ def main(argv=None) -> int:
     budget = parse_tokens(a.budget)
     points = read_points(a.runs, log=print)
     if not points.series:
-        raise ValueError(f"no benchmarks/* scores with consumed_tokens in {', '.join(a.runs)} "
-                         "(train with --eval-benchmark NAME=PATH)")
+        raise ValueError(
+            f"no benchmarks/* scores with consumed_tokens in {', '.join(a.runs)} "
+            "(train with --eval-benchmark NAME=PATH)"
+        )
     report = fit_report(points, budget)
     for name, why in report.get("no_fit", {}).items():
         print(f"{name}: {why}, no fit")
@@ -43,8 +46,10 @@ def main(argv=None) -> int:
         if name == "no_fit":
             continue
         flag = f" CAPPED at {f['maximum']:g} (line gives {f['at_budget_raw']:.2f})" if f["capped"] else ""
-        print(f"{name}: a={f['a']:.4f} b={f['b']:.4f} R^2={format_r2(f['r2'])} points={f['points']} "
-              f"score@{a.budget}={f['at_budget']:.2f}{flag}")
+        print(
+            f"{name}: a={f['a']:.4f} b={f['b']:.4f} R^2={format_r2(f['r2'])} points={f['points']} "
+            f"score@{a.budget}={f['at_budget']:.2f}{flag}"
+        )
     os.makedirs(a.out, exist_ok=True)
     png = os.path.join(a.out, "scaling.png")
     plot(points.series, fit_all(points.series), budget, png, points.maxima)

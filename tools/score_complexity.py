@@ -18,6 +18,7 @@ pairs, WebDataset shards; --format, --image-root, --seed as there). Methods:
 Output: DIR/<file>-<hash>-<shard>.scores.jsonl, one {"source", "key", "score", "method", ...}
 per sample, .rejects.jsonl beside each, DIR/complexity.json. A rerun skips finished shards.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,11 +46,24 @@ def main(argv=None) -> int:
     g = p.add_argument_group("ifd")
     g.add_argument("--max-tiles", type=int, default=None, help="default: the checkpoint's")
     g.add_argument("--max-batch-tokens", type=int, default=8192)
-    g.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=None, metavar="N",
-                   help="tensor-parallel size of the scorer (megatron backend, under torchrun; "
-                        "default: 1)")
-    g.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=None,
-                   metavar="N", help="pipeline-parallel size of the scorer (megatron; default: 1)")
+    g.add_argument(
+        "--tensor-model-parallel-size",
+        "--tp",
+        dest="tp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tensor-parallel size of the scorer (megatron backend, under torchrun; default: 1)",
+    )
+    g.add_argument(
+        "--pipeline-model-parallel-size",
+        "--pp",
+        dest="pp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pipeline-parallel size of the scorer (megatron; default: 1)",
+    )
     g.add_argument("--dtype", default=None)
     j = p.add_argument_group("judge")
     j.add_argument("--backend", default="megatron", choices=["megatron", "hf", "vllm", "openai"])
@@ -63,25 +77,40 @@ def main(argv=None) -> int:
 
     settings: dict = {}
     if a.method == "ifd":
-        settings = {"max_tiles": a.max_tiles, "max_batch_tokens": a.max_batch_tokens, "tp": a.tp, "pp": a.pp,
-                    "dtype": a.dtype}
+        settings = {
+            "max_tiles": a.max_tiles,
+            "max_batch_tokens": a.max_batch_tokens,
+            "tp": a.tp,
+            "pp": a.pp,
+            "dtype": a.dtype,
+        }
     elif a.method == "judge":
         settings = {"backend": a.backend, "api_base": a.api_base, "batch_size": a.batch_size}
         if a.judge_prompt_file:
             with open(a.judge_prompt_file) as f:
                 settings["prompt"] = f.read()
     try:
-        cfg = ScoreConfig(InputConfig(tuple(a.input), a.format, a.image_root, TemplateConfig(), a.seed),
-                          a.output_dir, a.method, a.model, a.samples_per_shard, a.batch_size, a.shard_index,
-                          a.num_shards, {k: v for k, v in settings.items() if k != "prompt"})
+        cfg = ScoreConfig(
+            InputConfig(tuple(a.input), a.format, a.image_root, TemplateConfig(), a.seed),
+            a.output_dir,
+            a.method,
+            a.model,
+            a.samples_per_shard,
+            a.batch_size,
+            a.shard_index,
+            a.num_shards,
+            {k: v for k, v in settings.items() if k != "prompt"},
+        )
         scorer = make_scorer(cfg, settings)
         totals = run_scoring(cfg, scorer)
     except (ValueError, FileNotFoundError) as e:
         print(f"score_complexity.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"[complexity] {a.method}: {totals['samples']} samples scored, {totals['rejected']} rejected, "
-          f"{totals['shards_scored']} shard(s) scored, {totals['shards_skipped']} already done "
-          f"({totals['seconds']} s) -> {a.output_dir}")
+    print(
+        f"[complexity] {a.method}: {totals['samples']} samples scored, {totals['rejected']} rejected, "
+        f"{totals['shards_scored']} shard(s) scored, {totals['shards_skipped']} already done "
+        f"({totals['seconds']} s) -> {a.output_dir}"
+    )
     return 0
 
 

@@ -21,6 +21,7 @@ Only VLMEvalKit's package ``__init__`` files are bypassed (they import every mod
 dataset, with torch and dozens of optional dependencies); the dataset classes, their
 ``evaluate`` and every scoring helper run as VLMEvalKit ships them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,19 +35,24 @@ import sys
 import tempfile
 import types
 
-HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                    "tests", "unit", "fixtures", "vlmevalkit")
+HERE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "unit", "fixtures", "vlmevalkit"
+)
 OUT = HERE
 """Where the files are written (--out; the fixtures folder by default)."""
 # a 1x1 white PNG: VLMEvalKit drops rows without an image, and longer than 64 characters,
 # so it is an image and not a reference to another row's index
-TINY_PNG = base64.b64encode(bytes.fromhex(
-    "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415408d7"
-    "63f8ffff3f0005fe02fea7a6d6d70000000049454e44ae426082")).decode()
+TINY_PNG = base64.b64encode(
+    bytes.fromhex(
+        "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415408d7"
+        "63f8ffff3f0005fe02fea7a6d6d70000000049454e44ae426082"
+    )
+).decode()
 
 
 def import_vlmevalkit(root: str) -> dict:
     """VLMEvalKit's dataset classes, its package __init__ files bypassed."""
+
     def package(name: str, path: str) -> types.ModuleType:
         mod = types.ModuleType(name)
         mod.__path__ = [path]
@@ -61,12 +67,14 @@ def import_vlmevalkit(root: str) -> dict:
     utils.DEBUG_MESSAGE, utils.build_judge = DEBUG_MESSAGE, build_judge
     from vlmeval.dataset import image_mcq, image_vqa, image_yorn
 
-    return {"ImageYORNDataset": image_yorn.ImageYORNDataset,
-            "ImageMCQDataset": image_mcq.ImageMCQDataset,
-            "MMMUDataset": image_mcq.MMMUDataset,
-            "CustomMCQDataset": image_mcq.CustomMCQDataset,
-            "ImageVQADataset": image_vqa.ImageVQADataset,
-            "OCRBench": image_vqa.OCRBench}
+    return {
+        "ImageYORNDataset": image_yorn.ImageYORNDataset,
+        "ImageMCQDataset": image_mcq.ImageMCQDataset,
+        "MMMUDataset": image_mcq.MMMUDataset,
+        "CustomMCQDataset": image_mcq.CustomMCQDataset,
+        "ImageVQADataset": image_vqa.ImageVQADataset,
+        "OCRBench": image_vqa.OCRBench,
+    }
 
 
 def local_dataset(cls, tsv: str, name: str):
@@ -176,8 +184,10 @@ def evaluate(ds, case: dict, pred_file: str, fmt: str, classes: dict) -> dict:
         name, cls = case["dataset"], case["class"]
         if cls == "ImageYORNDataset":
             aux = load(f"{stem}_auxmatch.{fmt}")
-            items = {str(i): {"extracted": e, "score": bool(s)}
-                     for i, e, s in zip(aux["index"], aux["extracted"], aux["score"])}
+            items = {
+                str(i): {"extracted": e, "score": bool(s)}
+                for i, e, s in zip(aux["index"], aux["extracted"], aux["score"])
+            }
             if "MME" in name:
                 metrics = {str(k): float(v) for k, v in res.iloc[0].to_dict().items()}
                 headline = metrics["perception"] + metrics["reasoning"]
@@ -195,8 +205,9 @@ def evaluate(ds, case: dict, pred_file: str, fmt: str, classes: dict) -> dict:
             items = _items_vqa(f"{stem}_results.{fmt}", name)
         else:
             metrics = _frame(res)
-            headline = 100 * (metrics["validation"]["Overall"] if "MMMU" in name
-                              else metrics["none"]["Overall"])
+            headline = 100 * (
+                metrics["validation"]["Overall"] if "MMMU" in name else metrics["none"]["Overall"]
+            )
             result = load(f"{stem}_exact_matching_result.{fmt}")
             items = {str(i): int(h) for i, h in zip(result["index"], result["hit"])}
         return {"headline": float(headline), "metrics": metrics, "items": items}
@@ -224,26 +235,37 @@ def main() -> int:
     with open(os.path.join(HERE, "cases.json")) as f:
         cases = json.load(f)["cases"]
     try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = os.environ.get("VLMEVALKIT_COMMIT", "unknown")
     import numpy
     import openpyxl
     import pandas
 
-    out = {"vlmevalkit_commit": commit,
-           "versions": {"python": sys.version.split()[0], "pandas": pandas.__version__,
-                        "numpy": numpy.__version__, "openpyxl": openpyxl.__version__},
-           "cases": {}}
+    out = {
+        "vlmevalkit_commit": commit,
+        "versions": {
+            "python": sys.version.split()[0],
+            "pandas": pandas.__version__,
+            "numpy": numpy.__version__,
+            "openpyxl": openpyxl.__version__,
+        },
+        "cases": {},
+    }
     for case in cases:
         ds, files = write_files(case, classes)
-        got = {fmt: evaluate(ds, case, path, "xlsx" if fmt == "xlsx" else "tsv", classes)
-               for fmt, path in files.items()}
+        got = {
+            fmt: evaluate(ds, case, path, "xlsx" if fmt == "xlsx" else "tsv", classes)
+            for fmt, path in files.items()
+        }
         for fmt in ("tsv", "ours"):
             if json.dumps(got["xlsx"], sort_keys=True) != json.dumps(got[fmt], sort_keys=True):
-                raise SystemExit(f"{case['dataset']}: VLMEvalKit scores {files[fmt]} and "
-                                 f"{files['xlsx']} differently:\n{got}")
+                raise SystemExit(
+                    f"{case['dataset']}: VLMEvalKit scores {files[fmt]} and "
+                    f"{files['xlsx']} differently:\n{got}"
+                )
         out["cases"][case["dataset"]] = {"ours": case["ours"], **got["xlsx"]}
         print(f"{case['dataset']:20s} {case['ours']:15s} {got['xlsx']['headline']:.4f}")
     with open(os.path.join(OUT, "expected.json"), "w") as f:

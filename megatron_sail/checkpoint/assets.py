@@ -12,6 +12,7 @@ tokenizer that moved since the run started, a meta.json without tiling), the sav
 error naming it, the checkpoint is not published and ``latest`` keeps naming the previous one. A
 published checkpoint without its tokenizer would break generate and export later, far from here.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -22,8 +23,7 @@ import tempfile
 from functools import lru_cache
 from typing import Optional
 
-from megatron_sail.checkpoint.layout import (PROCESSOR_FILE, SOURCE_DIR, TOKENIZER_DIR,
-                                             resolve_checkpoint)
+from megatron_sail.checkpoint.layout import PROCESSOR_FILE, SOURCE_DIR, TOKENIZER_DIR, resolve_checkpoint
 from megatron_sail.checkpoint.processor import ProcessorSettings
 from megatron_sail.checkpoint.tokenizer import save_tokenizer
 from megatron_sail.data import tokenizer as toks
@@ -36,17 +36,23 @@ def write_checkpoint_assets(ckpt_dir: str, config: Optional[dict]) -> None:
     if not config:
         return
     meta_path = _meta_path(config)
+    if meta_path is not None and not os.path.isfile(meta_path):
+        meta_path = None  # post-training stages read JSONL: the assets come from --init-from
+        _copy_init_assets(config, ckpt_dir)
     if meta_path is not None:
         with open(meta_path) as f:
             meta = json.load(f)
         try:
             settings = ProcessorSettings.from_meta(meta)
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"checkpoint {ckpt_dir}: {PROCESSOR_FILE} not written: {meta_path} "
-                             f"lacks its tiling/tokenizer fields ({e})") from None
+            raise ValueError(
+                f"checkpoint {ckpt_dir}: {PROCESSOR_FILE} not written: {meta_path} "
+                f"lacks its tiling/tokenizer fields ({e})"
+            ) from None
         settings.write(ckpt_dir)
-        _copy_tree(_tokenizer_files(meta_path, os.path.getmtime(meta_path)),
-                   os.path.join(ckpt_dir, TOKENIZER_DIR))
+        _copy_tree(
+            _tokenizer_files(meta_path, os.path.getmtime(meta_path)), os.path.join(ckpt_dir, TOKENIZER_DIR)
+        )
     source = _init_source_files(config)
     if source is not None:
         _copy_tree(source, os.path.join(ckpt_dir, SOURCE_DIR))
@@ -65,15 +71,19 @@ def resolve_tokenizer_path(meta_path: str, recorded: str) -> str:
     """The tokenizer a dataset's meta.json records: absolute since preprocessing records it so;
     an older relative path is tried from here, then from the dataset's folder. Unresolvable is
     an error naming both, raised when a run starts rather than a warning at its first save."""
-    candidates = [recorded] if os.path.isabs(recorded) else [
-        recorded, os.path.join(os.path.dirname(os.path.abspath(meta_path)), recorded)]
+    candidates = (
+        [recorded]
+        if os.path.isabs(recorded)
+        else [recorded, os.path.join(os.path.dirname(os.path.abspath(meta_path)), recorded)]
+    )
     for path in candidates:
         if os.path.exists(path):
             return path
     raise FileNotFoundError(
         f"{meta_path}: the tokenizer it records ({recorded}) is not found (tried "
         f"{', '.join(candidates)}); checkpoints need it for generate and export. Preprocess "
-        "again (paths are recorded absolute now) or put the tokenizer there")
+        "again (paths are recorded absolute now) or put the tokenizer there"
+    )
 
 
 @lru_cache(maxsize=4)
@@ -84,9 +94,14 @@ def _tokenizer_files(meta_path: str, mtime: float) -> str:
         meta = json.load(f)
     block = meta["tokenizer"]
     path = resolve_tokenizer_path(meta_path, block["path"])
-    expected = {toks.IMG_CONTEXT: block["img_context_id"], toks.IMG_START: block["img_start_id"],
-                toks.IMG_END: block["img_end_id"], toks.IM_START: block["im_start_id"],
-                toks.IM_END: block["im_end_id"], toks.PAD: block["pad_id"]}
+    expected = {
+        toks.IMG_CONTEXT: block["img_context_id"],
+        toks.IMG_START: block["img_start_id"],
+        toks.IMG_END: block["img_end_id"],
+        toks.IM_START: block["im_start_id"],
+        toks.IM_END: block["im_end_id"],
+        toks.PAD: block["pad_id"],
+    }
     out = tempfile.mkdtemp(prefix="sail_tokenizer_")
     atexit.register(shutil.rmtree, out, True)
     save_tokenizer(path, out, expected, meta.get("template"))
@@ -105,6 +120,23 @@ def _init_source_files(config: dict) -> Optional[str]:
         return None
     source = os.path.join(ckpt, SOURCE_DIR) if ckpt else None
     return source if source and os.path.isdir(source) else None
+
+
+def _copy_init_assets(config: dict, ckpt_dir: str) -> None:
+    """tokenizer/ and processor.json of the --init-from (or --load) checkpoint, when the run's
+    data has no meta.json (stages dpo and grpo tokenize JSONL with the checkpoint's tokenizer)."""
+    c = config.get("checkpoint") or {}
+    for root in (c.get("init_from"), c.get("load")):
+        try:
+            ckpt = resolve_checkpoint(root) if root and os.path.isdir(root) else None
+        except (OSError, ValueError):
+            ckpt = None
+        if ckpt is None or not os.path.isdir(os.path.join(ckpt, TOKENIZER_DIR)):
+            continue
+        _copy_tree(os.path.join(ckpt, TOKENIZER_DIR), os.path.join(ckpt_dir, TOKENIZER_DIR))
+        if os.path.isfile(os.path.join(ckpt, PROCESSOR_FILE)):
+            shutil.copy2(os.path.join(ckpt, PROCESSOR_FILE), os.path.join(ckpt_dir, PROCESSOR_FILE))
+        return
 
 
 def _copy_tree(src: str, dst: str) -> None:

@@ -48,19 +48,18 @@ from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.planner import WriteItemType
 
+from megatron_sail.checkpoint import integrity
+from megatron_sail.checkpoint.layout import MCORE_METADATA
 from megatron_sail.compat.dist_checkpointing import (
     CallerQueue,
     sharded_key_groups,
     wrapped_exception,
 )
 
-from megatron_sail.checkpoint import integrity
-from megatron_sail.checkpoint.layout import MCORE_METADATA
-
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistCkptConfig:
     """How model checkpoints are written and read."""
 

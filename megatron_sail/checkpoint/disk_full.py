@@ -7,6 +7,7 @@ an errno), ``shutil.copytree`` for the tokenizer. ``find_no_space`` digs the ENO
 them, and ``explain`` says it once, as preprocessing does (data/integrity.py ``write_error``):
 which file (or folder) was being written and how much space is left there.
 """
+
 from __future__ import annotations
 
 import errno
@@ -46,7 +47,7 @@ def find_no_space(err: BaseException) -> Optional[OSError]:
 
 
 def explain(err: BaseException, path: str) -> Optional[OutputWriteError]:
-    """"no space left on device while writing PATH (N bytes free)" for a write of ``path`` that
+    """ "no space left on device while writing PATH (N bytes free)" for a write of ``path`` that
     failed with ``err`` when a full disk is why (the failing file's own name when the error
     carries one), else None."""
     if isinstance(err, OutputWriteError) and err.errno == errno.ENOSPC:
@@ -54,5 +55,7 @@ def explain(err: BaseException, path: str) -> Optional[OutputWriteError]:
     found = find_no_space(err)
     if found is None:
         return None
-    return write_error(str(found.filename) if found.filename else path,
-                       OSError(errno.ENOSPC, found.strerror or "No space left on device"))
+    return write_error(
+        str(found.filename) if found.filename else path,
+        OSError(errno.ENOSPC, found.strerror or "No space left on device"),
+    )

@@ -9,6 +9,7 @@ stands, and ``check_model`` compares it with the checkpoint's once the data has 
 error naming both values (instead of a shape traceback inside the load); any other field (norm
 eps, RoPE base, ...) -> a note, since a recipe may change those on purpose.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,10 +25,25 @@ from megatron_sail.config.train import CheckpointConfig
 IGNORED_MODEL_FIELDS = {"img_context_token_id", "vision.drop_path_rate"}
 """Model fields that may differ from a checkpoint: the trainer takes <IMG_CONTEXT>'s id from the
 data, and drop-path is a training-time regularizer with no weights."""
-SHAPE_FIELDS = frozenset({"family", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                          "ffn_hidden_size", "vocab_size", "patch_size", "image_size",
-                          "downsample_ratio", "kv_channels", "qkv_bias", "qk_norm",
-                          "tie_embeddings", "norm_type"})
+SHAPE_FIELDS = frozenset(
+    {
+        "family",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "ffn_hidden_size",
+        "vocab_size",
+        "patch_size",
+        "image_size",
+        "downsample_ratio",
+        "kv_channels",
+        "qkv_bias",
+        "qk_norm",
+        "tie_embeddings",
+        "norm_type",
+    }
+)
 """Model fields (by last name) that decide which weights exist and their shapes."""
 
 
@@ -58,8 +74,11 @@ def model_differences(ours: ModelConfig, theirs: ModelConfig) -> list[tuple[str,
     """(field, ours, checkpoint's) for every model field that differs, ignoring what the
     trainer takes from the data or does not store as weights (IGNORED_MODEL_FIELDS)."""
     a, b = flatten(dataclasses.asdict(ours)), flatten(dataclasses.asdict(theirs))
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if k not in IGNORED_MODEL_FIELDS and a.get(k) != b.get(k)]
+    return [
+        (k, a.get(k), b.get(k))
+        for k in sorted(set(a) | set(b))
+        if k not in IGNORED_MODEL_FIELDS and a.get(k) != b.get(k)
+    ]
 
 
 def check_model(cfg: RunConfig, log: Callable[[str], None] = print) -> None:
@@ -71,9 +90,13 @@ def check_model(cfg: RunConfig, log: Callable[[str], None] = print) -> None:
     shape = [d for d in diffs if d[0].rsplit(".", 1)[-1] in SHAPE_FIELDS]
     if shape:
         text = "; ".join(f"{k}: run {a!r}, checkpoint {b!r}" for k, a, b in shape)
-        raise ValueError(f"{flag} {ckpt}: its model does not match recipe {cfg.recipe!r} "
-                         f"(and --config): {text}. Leave out --recipe (or add "
-                         "--use-checkpoint-args) to take the checkpoint's model")
+        raise ValueError(
+            f"{flag} {ckpt}: its model does not match recipe {cfg.recipe!r} "
+            f"(and --config): {text}. Leave out --recipe (or add "
+            "--use-checkpoint-args) to take the checkpoint's model"
+        )
     for k, a, b in diffs:
-        log(f"[train] {flag} {ckpt}: {k} is {a!r} in this run, {b!r} in the checkpoint "
-            "(no weight depends on it; the run's value is used)")
+        log(
+            f"[train] {flag} {ckpt}: {k} is {a!r} in this run, {b!r} in the checkpoint "
+            "(no weight depends on it; the run's value is used)"
+        )

@@ -16,6 +16,7 @@ DCP's ``.metadata`` is a plain pickle that torch.distributed.checkpoint reads wi
 ``pickle.load``; ``check_dcp_metadata`` unpickles it first with an allow-list of the classes DCP
 writes, so a crafted file is refused before DCP touches it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,16 +31,19 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_sail.checkpoint.layout import (COMMON_FILE, DCP_METADATA, MANIFEST, CheckpointDamaged,
-                                             allowed_globals)
+from megatron_sail.checkpoint.layout import (
+    COMMON_FILE,
+    DCP_METADATA,
+    MANIFEST,
+    CheckpointDamaged,
+    allowed_globals,
+)
 from megatron_sail.hashing import file_sha256
 
 MANIFEST_VERSION = 1
 AUTO_FULL_BYTES = 1 << 30
 """``verify="auto"`` hashes every file when the checkpoint holds at most this much per rank."""
 VERIFY_MODES = ("auto", "sizes", "full")
-
-
 
 
 def list_files(folder: str) -> list[str]:
@@ -86,16 +90,22 @@ def write_manifest(folder: str, extra: Optional[dict] = None) -> Optional[dict]:
     ``extra`` is stored beside the file list (e.g. the save time used for pruning)."""
     rank, world = _world()
     names = _broadcast(list_files(folder) if rank == 0 else None)
-    mine = {n: {"size": os.path.getsize(os.path.join(folder, n)),
-                "sha256": file_sha256(os.path.join(folder, n))}
-            for i, n in enumerate(names) if i % world == rank}
+    mine = {
+        n: {"size": os.path.getsize(os.path.join(folder, n)), "sha256": file_sha256(os.path.join(folder, n))}
+        for i, n in enumerate(names)
+        if i % world == rank
+    }
     files: dict = {}
     for part in _gather(mine):
         files.update(part)
     if rank != 0:
         return None
-    manifest = {"version": MANIFEST_VERSION, "created": time.time(), **(extra or {}),
-                "files": {n: files[n] for n in names}}
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "created": time.time(),
+        **(extra or {}),
+        "files": {n: files[n] for n in names},
+    }
     tmp = os.path.join(folder, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
@@ -130,11 +140,17 @@ def _inside(folder: str, name: str) -> bool:
 def _listing_problems(folder: str, files: dict) -> list[str]:
     """Entries that point outside the folder, and files of the folder the manifest does not
     list: a loader reads every file of a checkpoint, so an unlisted one is unverified input."""
-    bad = [f"{os.path.join(folder, n)}: the manifest entry {n!r} points outside the checkpoint"
-           for n in files if not _inside(folder, n)]
-    bad += [f"{os.path.join(folder, n)}: not listed in {MANIFEST} (added or renamed after the "
-            "save; remove it, or re-save the checkpoint)" for n in list_files(folder)
-            if n not in files]
+    bad = [
+        f"{os.path.join(folder, n)}: the manifest entry {n!r} points outside the checkpoint"
+        for n in files
+        if not _inside(folder, n)
+    ]
+    bad += [
+        f"{os.path.join(folder, n)}: not listed in {MANIFEST} (added or renamed after the "
+        "save; remove it, or re-save the checkpoint)"
+        for n in list_files(folder)
+        if n not in files
+    ]
     return bad
 
 
@@ -174,8 +190,10 @@ def verify_checkpoint(folder: str, mode: str = "auto") -> str:
     if full and not bad:
         for i, name in enumerate(sorted(files)):
             if i % world == rank and file_sha256(os.path.join(folder, name)) != files[name]["sha256"]:
-                bad.append(f"{os.path.join(folder, name)}: contents changed since it was saved "
-                           f"(SHA-256 differs from {MANIFEST}; {files[name]['size']} bytes)")
+                bad.append(
+                    f"{os.path.join(folder, name)}: contents changed since it was saved "
+                    f"(SHA-256 differs from {MANIFEST}; {files[name]['size']} bytes)"
+                )
     bad = sorted({b for part in _gather(bad) for b in part})
     if bad:
         raise CheckpointDamaged(f"checkpoint {folder} is damaged:\n  " + "\n  ".join(bad))
@@ -185,9 +203,11 @@ def verify_checkpoint(folder: str, mode: str = "auto") -> str:
 # What torch.distributed.checkpoint (and Megatron's planner on top of it, which stores the
 # ranks' save plans as `all_local_plans`) pickles into `.metadata`: the data classes and enums
 # of DCP's metadata, planner and filesystem modules, plus these few names. Nothing else.
-_DCP_DATA_MODULES = ("torch.distributed.checkpoint.metadata",
-                     "torch.distributed.checkpoint.planner",
-                     "torch.distributed.checkpoint.filesystem")
+_DCP_DATA_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint.filesystem",
+)
 _DCP_METADATA_GLOBALS = {
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
@@ -197,8 +217,11 @@ _DCP_METADATA_GLOBALS = {
 }
 
 
-VERIFIED_NOTE = {"none": f"no {MANIFEST}: files not verified", "sizes": "file sizes verified",
-                 "full": "file sizes and SHA-256 verified"}
+VERIFIED_NOTE = {
+    "none": f"no {MANIFEST}: files not verified",
+    "sizes": "file sizes verified",
+    "full": "file sizes and SHA-256 verified",
+}
 """What a load says about the checkpoint it read, by ``verify_checkpoint``'s result."""
 
 
@@ -212,8 +235,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module in _DCP_DATA_MODULES:
             obj = super().find_class(module, name)
-            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or
-                                          issubclass(obj, enum.Enum)):
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
                 return obj
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
 
@@ -233,8 +255,9 @@ def check_dcp_metadata(folder: str) -> None:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
     except Exception as e:  # noqa: BLE001 - every failure is reported with the file
-        raise CheckpointDamaged(f"{path}: refusing to read this checkpoint metadata "
-                                f"({type(e).__name__}: {e})") from None
+        raise CheckpointDamaged(
+            f"{path}: refusing to read this checkpoint metadata ({type(e).__name__}: {e})"
+        ) from None
     _check_extents(folder, getattr(metadata, "storage_data", None) or {})
     common = os.path.join(folder, COMMON_FILE)
     if os.path.isfile(common):
@@ -251,8 +274,9 @@ def check_pickle(stream, name: str) -> None:
             torch.load(stream, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
-        raise CheckpointDamaged(f"{name}: refusing to unpickle it: it holds something a "
-                                f"checkpoint never does ({reason})") from None
+        raise CheckpointDamaged(
+            f"{name}: refusing to unpickle it: it holds something a checkpoint never does ({reason})"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointDamaged(f"{name}: unreadable pickle ({e})") from None
 
@@ -270,8 +294,10 @@ def _check_byte_items(folder: str, metadata) -> None:
         path = os.path.join(folder, info.relative_path)
         name = f"{path} (item {index.fqn})"
         if getattr(info, "transform_descriptors", None):
-            raise CheckpointDamaged(f"{name}: stored through transforms "
-                                    f"{info.transform_descriptors}; refusing to unpickle it unchecked")
+            raise CheckpointDamaged(
+                f"{name}: stored through transforms "
+                f"{info.transform_descriptors}; refusing to unpickle it unchecked"
+            )
         with open(path, "rb") as f:
             f.seek(int(info.offset))
             check_pickle(io.BytesIO(f.read(int(info.length))), name)

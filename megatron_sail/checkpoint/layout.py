@@ -18,6 +18,7 @@ A conversion (``hf-to-mcore``) is one such folder without ``train_state.pt``, wi
 layers, ``unused_hf_tensors.safetensors``. Every module names these files through the constants
 below; none spells them out again.
 """
+
 from __future__ import annotations
 
 import logging
@@ -96,9 +97,11 @@ def read_latest(root: str) -> Optional[int]:
         raw = f.read(64)
     text = raw.decode("ascii", errors="replace").strip()
     if not (text.isascii() and text.isdigit()):
-        raise ValueError(f"{path}: expected an iteration number (a line like '20'), got "
-                         f"{raw[:32]!r}; the file is damaged: point it at one of "
-                         f"{[f'iter_{i:07d}' for i in list_checkpoints(root)] or 'no checkpoints'}")
+        raise ValueError(
+            f"{path}: expected an iteration number (a line like '20'), got "
+            f"{raw[:32]!r}; the file is damaged: point it at one of "
+            f"{[f'iter_{i:07d}' for i in list_checkpoints(root)] or 'no checkpoints'}"
+        )
     return int(text)
 
 
@@ -115,8 +118,10 @@ def resolve_checkpoint(path: str) -> Optional[str]:
     if os.path.isfile(os.path.join(path, MCORE_METADATA)):
         return path
     if os.path.isfile(path):
-        raise NotADirectoryError(f"{path}: is a file, not a checkpoint folder (expected a "
-                                 "--save root with `latest`, or one iter_XXXXXXX folder)")
+        raise NotADirectoryError(
+            f"{path}: is a file, not a checkpoint folder (expected a "
+            "--save root with `latest`, or one iter_XXXXXXX folder)"
+        )
     return None
 
 
@@ -138,7 +143,7 @@ def read_checkpoint(path: str, read: Callable[[str], T], attempts: int = 3) -> T
             return read(path)
         try:
             return read(ckpt)
-        except Exception as e:  # noqa: BLE001 - re-raised unless the checkpoint was pruned
+        except Exception:  # re-raised unless the checkpoint was pruned
             if not _pruned(ckpt):
                 raise
             newer = _resolve_settled(path) if os.path.isdir(path) and path != ckpt else None
@@ -146,9 +151,12 @@ def read_checkpoint(path: str, read: Callable[[str], T], attempts: int = 3) -> T
                 raise FileNotFoundError(
                     f"{ckpt}: the checkpoint was deleted while being read (a run saving beside "
                     "it with --keep-last prunes older checkpoints); read a newer one, or the "
-                    "--save folder itself to follow its `latest`") from None
-            log.warning(f"{ckpt} was deleted while being read (pruned by the run saving into "
-                        f"{path}); reading the new latest, {newer}")
+                    "--save folder itself to follow its `latest`"
+                ) from None
+            log.warning(
+                f"{ckpt} was deleted while being read (pruned by the run saving into "
+                f"{path}); reading the new latest, {newer}"
+            )
     raise AssertionError("unreachable")
 
 
@@ -207,8 +215,7 @@ def allowed_globals() -> list:
     import numpy as np
 
     multiarray = getattr(np, "_core", None) or np.core
-    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype,
-            type(np.dtype(np.uint32))]
+    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def read_state_file(path: str) -> dict:
@@ -222,8 +229,8 @@ def read_state_file(path: str) -> dict:
     except pickle.UnpicklingError as e:
         reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
         raise CheckpointDamaged(
-            f"{path}: refusing to unpickle it: it holds something a train state never does "
-            f"({reason})") from None
+            f"{path}: refusing to unpickle it: it holds something a train state never does ({reason})"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointDamaged(f"{path}: unreadable train state ({e})") from None
     if not isinstance(payload, dict) or "train_state" not in payload:
@@ -250,8 +257,10 @@ def read_model_config(mcore_dir: str | os.PathLike) -> ModelConfig:
         if values is None:
             raise ValueError(f"{state}: holds no run config with a 'model' section")
     else:
-        raise FileNotFoundError(f"{mcore_dir}: no {MODEL_CONFIG_FILE} (hf-to-mcore output) and no "
-                                f"{STATE_FILE} (trainer checkpoint)")
+        raise FileNotFoundError(
+            f"{mcore_dir}: no {MODEL_CONFIG_FILE} (hf-to-mcore output) and no "
+            f"{STATE_FILE} (trainer checkpoint)"
+        )
     cfg = ModelConfig()
     apply_overrides(cfg, values, origin)
     return cfg

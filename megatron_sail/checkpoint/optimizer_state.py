@@ -6,10 +6,10 @@ one key per parameter, so a save at one TP/PP/DP/EP loads at another. Only the s
 (each optimizer's ``param_groups``) keeps the number of chained optimizers it was saved with;
 ``fit_chained_layout`` rebuilds it for the loading run.
 """
+
 from __future__ import annotations
 
-OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
-                  "chained_optim_avoid_prefix": True}
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 """Optimizer state layout in every checkpoint: the fully reshardable distributed format, and
 one key per parameter even when the optimizer is chained (Megatron-LM's choice for new
 checkpoints). An MoE model at EP > 1 gets a ChainedOptimizer (dense params + experts, each over
@@ -40,14 +40,15 @@ def fit_chained_layout(loaded: dict, optimizer) -> dict:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     if not all(isinstance(sub, DistributedOptimizer) for sub in subs):
-        raise ValueError("this checkpoint's optimizer state was saved at another expert-parallel "
-                         "layout (EP=1 vs EP>1); changing EP on resume works with the distributed "
-                         "optimizer (--use-distributed-optimizer, the default), or resume at the "
-                         "saved EP, or load weights only (--finetune / --no-load-optim)")
+        raise ValueError(
+            "this checkpoint's optimizer state was saved at another expert-parallel "
+            "layout (EP=1 vs EP>1); changing EP on resume works with the distributed "
+            "optimizer (--use-distributed-optimizer, the default), or resume at the "
+            "saved EP, or load weights only (--finetune / --no-load-optim)"
+        )
     saved = [loaded] if not saved_chained else [v for k, v in loaded.items() if isinstance(k, int)]
     groups = [g for part in saved for g in part.get("optimizer", {}).get("param_groups", [])]
-    sharding = next((p["param_state_sharding_type"] for p in saved
-                     if "param_state_sharding_type" in p), None)
+    sharding = next((p["param_state_sharding_type"] for p in saved if "param_state_sharding_type" in p), None)
 
     def ident(group, skip=()):
         return tuple(group.get(k, group.get(f"pre_{k}")) for k in keys if k not in skip)
@@ -55,12 +56,14 @@ def fit_chained_layout(loaded: dict, optimizer) -> dict:
     def groups_for(sub) -> list:
         out = []
         for mine in sub.optimizer.param_groups:
-            match = [g for g in groups if ident(g) == ident(mine)] or \
-                [g for g in groups if ident(g, ("is_expert_parallel",)) ==
-                 ident(mine, ("is_expert_parallel",))]
+            match = [g for g in groups if ident(g) == ident(mine)] or [
+                g for g in groups if ident(g, ("is_expert_parallel",)) == ident(mine, ("is_expert_parallel",))
+            ]
             if not match:
-                raise ValueError(f"optimizer param group {ident(mine)} (identifiers {keys}) "
-                                 "has no counterpart in the checkpoint's optimizer state")
+                raise ValueError(
+                    f"optimizer param group {ident(mine)} (identifiers {keys}) "
+                    "has no counterpart in the checkpoint's optimizer state"
+                )
             out.append(dict(match[0], is_expert_parallel=mine.get("is_expert_parallel", False)))
         return out
 

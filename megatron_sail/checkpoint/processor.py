@@ -5,6 +5,7 @@ written next to every checkpoint as ``processor.json`` (checkpoint/assets.py, hf
 generation (inference/) so prompts are built as training built them, and turned into the Hugging
 Face processor configs of an export (convert/hf_assets.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -61,10 +62,14 @@ class ProcessorSettings:
     def from_meta(cls, meta: dict) -> "ProcessorSettings":
         """The settings a preprocessed dataset was built with (its meta.json)."""
         tiling, tok = meta["tiling"], meta["tokenizer"]
-        return cls(tile_size=int(tok["tile_size"]), max_tiles=int(tiling["max_tiles"]),
-                   min_tiles=int(tiling["min_tiles"]), use_thumbnail=bool(tiling["thumbnail"]),
-                   tokens_per_tile=int(tok["tokens_per_tile"]),
-                   template=dict(meta.get("template") or template_dict(TemplateConfig())))
+        return cls(
+            tile_size=int(tok["tile_size"]),
+            max_tiles=int(tiling["max_tiles"]),
+            min_tiles=int(tiling["min_tiles"]),
+            use_thumbnail=bool(tiling["thumbnail"]),
+            tokens_per_tile=int(tok["tokens_per_tile"]),
+            template=dict(meta.get("template") or template_dict(TemplateConfig())),
+        )
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "ProcessorSettings":
@@ -85,6 +90,5 @@ class ProcessorSettings:
     def template_config(self) -> TemplateConfig:
         """The TemplateConfig these settings name (unknown template keys are ignored)."""
         known = {f.name for f in fields(TemplateConfig)}
-        values = {k: (tuple(v) if isinstance(v, list) else v)
-                  for k, v in self.template.items() if k in known}
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.template.items() if k in known}
         return TemplateConfig(**values)

@@ -4,6 +4,7 @@ ids are the training data's), SAIL-VL's ChatML as a Jinja chat template and Inte
 image tokens. Training checkpoints (checkpoint/assets.py), conversions and Hugging Face exports
 (convert/hf_assets.py) all write their tokenizer through ``save_tokenizer``.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,13 +42,18 @@ def load_hf_tokenizer(path: str | os.PathLike):
         return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     if not p.exists():
         raise FileNotFoundError(f"tokenizer not found: {p}")
-    raise ValueError(f"{p}: only tokenizer.json files and Hugging Face tokenizer folders can be "
-                     "written next to a checkpoint (a bare sentencepiece .model cannot)")
+    raise ValueError(
+        f"{p}: only tokenizer.json files and Hugging Face tokenizer folders can be "
+        "written next to a checkpoint (a bare sentencepiece .model cannot)"
+    )
 
 
-def save_tokenizer(src: str | os.PathLike, dst: str | os.PathLike,
-                   expected: Optional[dict[str, int]] = None,
-                   template: Optional[dict] = None) -> dict[str, int]:
+def save_tokenizer(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    expected: Optional[dict[str, int]] = None,
+    template: Optional[dict] = None,
+) -> dict[str, int]:
     """Write ``src``'s tokenizer into folder ``dst`` the way save_pretrained does, with the
     template's special tokens added exactly as ``data.tokenizer.load_tokenizer`` adds them
     (same order, so the same ids as the training data), the ChatML chat template and
@@ -58,13 +64,14 @@ def save_tokenizer(src: str | os.PathLike, dst: str | os.PathLike,
     vocab = tok.get_vocab()
     missing = [t for t in toks.SPECIAL_TOKENS if t not in vocab]
     if missing:
-        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing],
-                       special_tokens=True)
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
     ids = {t: tok.convert_tokens_to_ids(t) for t in toks.SPECIAL_TOKENS}
     wrong = {t: (ids[t], i) for t, i in (expected or {}).items() if ids.get(t) != i}
     if wrong:
-        raise ValueError(f"tokenizer {src} gives other ids than the data/model were made with "
-                         f"(token: (tokenizer id, expected id)): {wrong}")
+        raise ValueError(
+            f"tokenizer {src} gives other ids than the data/model were made with "
+            f"(token: (tokenizer id, expected id)): {wrong}"
+        )
     if VIDEO_TOKEN not in tok.get_vocab():
         tok.add_tokens([AddedToken(VIDEO_TOKEN, special=True, normalized=False)], special_tokens=True)
     if tok.pad_token is None:
@@ -85,8 +92,13 @@ def _copy_side_files(src: Path, dst: Path, vocabulary: bool) -> None:
     tokenizer.json; files save_pretrained wrote and chat templates (ours replace them) stay."""
     names = ["generation_config.json"]
     if vocabulary:
-        names += ["vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-                  "special_tokens_map.json"]
+        names += [
+            "vocab.json",
+            "merges.txt",
+            "tokenizer.model",
+            "added_tokens.json",
+            "special_tokens_map.json",
+        ]
     for name in names:
         if (src / name).is_file() and not (dst / name).exists():
             shutil.copy2(src / name, dst / name)
@@ -97,8 +109,12 @@ def _name_image_tokens(config_path: Path) -> None:
     tokenizer_config.json, in the dict form both transformers 4.5x and 5.x read, and give the
     class a name that both versions know."""
     cfg = json.loads(config_path.read_text())
-    named = {"start_image_token": toks.IMG_START, "end_image_token": toks.IMG_END,
-             "context_image_token": toks.IMG_CONTEXT, "video_token": VIDEO_TOKEN}
+    named = {
+        "start_image_token": toks.IMG_START,
+        "end_image_token": toks.IMG_END,
+        "context_image_token": toks.IMG_CONTEXT,
+        "video_token": VIDEO_TOKEN,
+    }
     # load-time options and v5's second copy of the named tokens, which a re-export would
     # otherwise accumulate
     for key in (*named, "model_specific_special_tokens", "is_local", "local_files_only"):
@@ -141,4 +157,3 @@ def chat_template(template: dict) -> str:
         "{%- endfor -%}"
         f"{{%- if add_generation_prompt -%}}{{{{ '{toks.IM_START}assistant\\n' }}}}{{%- endif -%}}"
     )
-

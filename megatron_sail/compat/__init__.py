@@ -22,6 +22,7 @@ compares them with the installed versions and logs one line (``logging``, logger
 verified, which workarounds are unverified on them. ``tests/unit/test_compat.py`` holds one
 test per workaround, named after it, that fails when the internal it relies on changed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,37 +61,99 @@ MCORE_VERIFIED = "==0.16.1"
 TORCH_VERIFIED = "==2.13.*"
 
 WORKAROUNDS: tuple[Workaround, ...] = (
-    Workaround("sharded_key_groups", MCORE, MCORE_VERIFIED, "compat/dist_checkpointing.py",
-               "dist_checkpointing.strategies.torch._replace_state_dict_keys_with_sharded_keys"),
-    Workaround("async_caller_hook", MCORE, MCORE_VERIFIED, "compat/dist_checkpointing.py",
-               "AsyncCallsQueue._get_async_caller builds the caller of each scheduled save"),
-    Workaround("wrapped_exception", TORCH, TORCH_VERIFIED, "compat/dist_checkpointing.py",
-               "torch.distributed.checkpoint.utils._wrap_exception (write results that failed)"),
-    Workaround("adam_step_on_load", MCORE, MCORE_VERIFIED, "compat/optimizer.py",
-               "DistributedOptimizer._set_main_param_and_optimizer_states, replaced per instance"),
-    Workaround("shared_adam_step", MCORE, MCORE_VERIFIED, "compat/optimizer.py",
-               "torch Adam's per-param 'step' restored as one shared tensor"),
-    Workaround("dummy_optimizer_states", MCORE, MCORE_VERIFIED, "compat/optimizer.py",
-               "DistributedOptimizer._init_optimizer_states_with_dummy_values"),
-    Workaround("step_phases", MCORE, MCORE_VERIFIED, "compat/optimizer.py",
-               "MegatronOptimizer.step() = prepare_grads, get_grad_norm, clip, "
-               "step_with_ready_grads"),
-    Workaround("chained_optimizer_layout", MCORE, MCORE_VERIFIED,
-               "checkpoint code (_fit_chained_layout)",
-               "optimizer state dict layout: one optimizer's param_groups at the top or under "
-               "'optimizer', a ChainedOptimizer's under 0, 1, ...; groups matched by "
-               "param_group_identifier_keys (or pre_<key>)"),
-    Workaround("param_gather_hooks", MCORE, MCORE_VERIFIED, "compat/ddp.py",
-               "DistributedDataParallel.use_forward_hook / remove_forward_pre_hook_handles"),
-    Workaround("router_gemm_without_te", MCORE, MCORE_VERIFIED, "compat/moe.py",
-               "moe_utils.te_general_gemm is undefined without Transformer Engine"),
-    Workaround("idx_format", MCORE, MCORE_VERIFIED, "compat/indexed.py",
-               "IndexedDataset .idx layout (_INDEX_HEADER, version 1, DType codes)"),
-    Workaround("cpu_rng_tracker", MCORE, MCORE_VERIFIED, "platform/cpu.py",
-               "tensor_parallel.random._get_cuda_rng_state / _set_cuda_rng_state"),
-    Workaround("cpu_moe_split_sizes", MCORE, MCORE_VERIFIED, "platform/cpu.py",
-               "moe_utils.maybe_move_tensor_to_cpu(tensor, as_numpy, record_stream), also bound "
-               "in token_dispatcher"),
+    Workaround(
+        "sharded_key_groups",
+        MCORE,
+        MCORE_VERIFIED,
+        "compat/dist_checkpointing.py",
+        "dist_checkpointing.strategies.torch._replace_state_dict_keys_with_sharded_keys",
+    ),
+    Workaround(
+        "async_caller_hook",
+        MCORE,
+        MCORE_VERIFIED,
+        "compat/dist_checkpointing.py",
+        "AsyncCallsQueue._get_async_caller builds the caller of each scheduled save",
+    ),
+    Workaround(
+        "wrapped_exception",
+        TORCH,
+        TORCH_VERIFIED,
+        "compat/dist_checkpointing.py",
+        "torch.distributed.checkpoint.utils._wrap_exception (write results that failed)",
+    ),
+    Workaround(
+        "adam_step_on_load",
+        MCORE,
+        MCORE_VERIFIED,
+        "compat/optimizer.py",
+        "DistributedOptimizer._set_main_param_and_optimizer_states, replaced per instance",
+    ),
+    Workaround(
+        "shared_adam_step",
+        MCORE,
+        MCORE_VERIFIED,
+        "compat/optimizer.py",
+        "torch Adam's per-param 'step' restored as one shared tensor",
+    ),
+    Workaround(
+        "dummy_optimizer_states",
+        MCORE,
+        MCORE_VERIFIED,
+        "compat/optimizer.py",
+        "DistributedOptimizer._init_optimizer_states_with_dummy_values",
+    ),
+    Workaround(
+        "step_phases",
+        MCORE,
+        MCORE_VERIFIED,
+        "compat/optimizer.py",
+        "MegatronOptimizer.step() = prepare_grads, get_grad_norm, clip, step_with_ready_grads",
+    ),
+    Workaround(
+        "chained_optimizer_layout",
+        MCORE,
+        MCORE_VERIFIED,
+        "checkpoint code (_fit_chained_layout)",
+        "optimizer state dict layout: one optimizer's param_groups at the top or under "
+        "'optimizer', a ChainedOptimizer's under 0, 1, ...; groups matched by "
+        "param_group_identifier_keys (or pre_<key>)",
+    ),
+    Workaround(
+        "param_gather_hooks",
+        MCORE,
+        MCORE_VERIFIED,
+        "compat/ddp.py",
+        "DistributedDataParallel.use_forward_hook / remove_forward_pre_hook_handles",
+    ),
+    Workaround(
+        "router_gemm_without_te",
+        MCORE,
+        MCORE_VERIFIED,
+        "compat/moe.py",
+        "moe_utils.te_general_gemm is undefined without Transformer Engine",
+    ),
+    Workaround(
+        "idx_format",
+        MCORE,
+        MCORE_VERIFIED,
+        "compat/indexed.py",
+        "IndexedDataset .idx layout (_INDEX_HEADER, version 1, DType codes)",
+    ),
+    Workaround(
+        "cpu_rng_tracker",
+        MCORE,
+        MCORE_VERIFIED,
+        "platform/cpu.py",
+        "tensor_parallel.random._get_cuda_rng_state / _set_cuda_rng_state",
+    ),
+    Workaround(
+        "cpu_moe_split_sizes",
+        MCORE,
+        MCORE_VERIFIED,
+        "platform/cpu.py",
+        "moe_utils.maybe_move_tensor_to_cpu(tensor, as_numpy, record_stream), also bound in token_dispatcher",
+    ),
 )
 """Every workaround of the project (the version check and the tests iterate over it)."""
 
@@ -116,12 +179,16 @@ def check_versions(versions: dict[str, str] | None = None) -> list[Workaround]:
     found = ", ".join(f"{pkg} {v}" for pkg, v in versions.items())
     todo = unverified(versions)
     if not todo:
-        logger.info("compat: %s; all %d workarounds verified on these versions", found,
-                    len(WORKAROUNDS))
+        logger.info("compat: %s; all %d workarounds verified on these versions", found, len(WORKAROUNDS))
     else:
-        logger.warning("compat: %s; unverified on these versions: %s (written for megatron-core "
-                       "%s, torch %s; run tests/unit/test_compat.py)", found,
-                       ", ".join(w.name for w in todo), MCORE_VERIFIED, TORCH_VERIFIED)
+        logger.warning(
+            "compat: %s; unverified on these versions: %s (written for megatron-core "
+            "%s, torch %s; run tests/unit/test_compat.py)",
+            found,
+            ", ".join(w.name for w in todo),
+            MCORE_VERIFIED,
+            TORCH_VERIFIED,
+        )
     return todo
 
 

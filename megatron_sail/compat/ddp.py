@@ -8,6 +8,7 @@ data-parallel replica is current only for its own shard until the next training 
 generation finishes the gather and takes the hooks off first, as Megatron-LM does around
 evaluation, and puts them back afterwards.
 """
+
 from __future__ import annotations
 
 

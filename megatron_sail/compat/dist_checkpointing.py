@@ -11,6 +11,7 @@ Written for megatron-core 0.16.1 and torch 2.13 (see ``WORKAROUNDS`` in ``__init
 - ``wrapped_exception``: DCP hands a failed write to the finalizing step as its private
   "wrapped exception" result, which the coordinator re-raises on every rank.
 """
+
 from __future__ import annotations
 
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCaller, AsyncCallsQueue
@@ -24,7 +25,8 @@ def sharded_key_groups(sharded_state_dict, keep_only_main_replica: bool) -> dict
     )
 
     groups, _flat_mapping, _rename_mapping = _replace_state_dict_keys_with_sharded_keys(
-        sharded_state_dict, keep_only_main_replica)
+        sharded_state_dict, keep_only_main_replica
+    )
     return groups
 
 

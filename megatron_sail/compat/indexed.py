@@ -14,6 +14,7 @@ fault. The layout, all little-endian:
     sequence pointers int64 x S (byte offsets into the ``.bin``)
     document indices int64 x D (first sequence of each document, then S)
 """
+
 from __future__ import annotations
 
 import struct
@@ -43,8 +44,9 @@ class IdxHeader:
     @property
     def file_bytes(self) -> int:
         """The size an index with these counts has."""
-        return HEADER_BYTES + self.sequences * (LENGTH_BYTES + POINTER_BYTES) + \
-            self.documents * DOCUMENT_BYTES
+        return (
+            HEADER_BYTES + self.sequences * (LENGTH_BYTES + POINTER_BYTES) + self.documents * DOCUMENT_BYTES
+        )
 
     @property
     def documents_offset(self) -> int:

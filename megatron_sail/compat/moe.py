@@ -5,6 +5,7 @@ Written for megatron-core 0.16.1 (see ``WORKAROUNDS`` in ``__init__.py``),
 Engine imports, yet its router GEMM tests the name unconditionally (a NameError without TE);
 the name set to None selects its torch path (``torch.mm`` / ``addmm`` in the router dtype).
 """
+
 from __future__ import annotations
 
 

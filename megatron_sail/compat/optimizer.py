@@ -17,6 +17,7 @@ Written for megatron-core 0.16.1 (see ``WORKAROUNDS`` in ``__init__.py``):
   that norm -> step_with_ready_grads; the trainer runs the phases itself so that it can skip
   the update on every rank when the loss or the norm is not finite.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,7 @@ def keep_torch_adam_step(opt) -> None:
     """Make ``opt`` (one Megatron optimizer) supply Adam's already-set "step" to the per-param
     state copy of a load (``adam_step_on_load``); only this instance is changed."""
     original = getattr(opt, "_set_main_param_and_optimizer_states", None)
-    if original is None or getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8",
-                                   False):
+    if original is None or getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
         return
 
     def set_states(model_param, tensors):
@@ -87,6 +87,5 @@ def clip_and_update(optimizer, total_norm: float) -> None:
     for opt in sub_optimizers(optimizer):
         params = opt.get_parameters()
         if params and opt.config.clip_grad > 0.0:
-            clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad,
-                                         total_norm=total_norm)
+            clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad, total_norm=total_norm)
     optimizer.step_with_ready_grads()

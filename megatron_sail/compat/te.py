@@ -1,6 +1,7 @@
 """Whether Transformer Engine can run here: it imports only with CUDA libraries present, and
 its kernels need a CUDA device (an import alone does not prove one). The model's layer specs
 ask this when no caller chose between the TE and the local spec."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ them with the tiling config (config/images.py; the arithmetic is data/tiling.py)
 trainer-side dataset config (prefixes, weights) lives in config/train.py's DataConfig; the reader
 needs only a prefix.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,5 @@
 """Config of the in-training benchmark evaluation (megatron_sail/eval/hook.py)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -4,6 +4,7 @@ Every config field carries a docstring right under it (Megatron-Core's style); `
 its first sentence, the field's default and the accepted values, under the groups Megatron-LM
 uses (data, training, learning rate, ...), so that the help and the code cannot drift apart.
 """
+
 from __future__ import annotations
 
 import ast
@@ -16,12 +17,21 @@ from typing import Optional
 from megatron_sail.config.eval import BenchmarkEvalConfig
 from megatron_sail.config.images import ImageConfig
 from megatron_sail.config.parallel import ParallelConfig
+from megatron_sail.config.posttrain import PostTrainConfig
 from megatron_sail.config.stage import StageConfig
 from megatron_sail.config.train import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
 
-SECTIONS = {"data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
-            "checkpoint": CheckpointConfig, "parallel": ParallelConfig, "images": ImageConfig,
-            "eval": BenchmarkEvalConfig, "stage": StageConfig}
+SECTIONS = {
+    "data": DataConfig,
+    "train": TrainConfig,
+    "optim": OptimConfig,
+    "checkpoint": CheckpointConfig,
+    "parallel": ParallelConfig,
+    "images": ImageConfig,
+    "eval": BenchmarkEvalConfig,
+    "stage": StageConfig,
+    "post": PostTrainConfig,
+}
 """Flag section -> the dataclass whose field the flag sets."""
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -35,48 +45,158 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "--lr-wsd-decay-style": ("cosine", "linear", "exponential", "minus_sqrt"),
     "--ckpt-format": ("torch_dist",),
     "--ckpt-verify": ("auto", "sizes", "full"),
+    "--pref-loss": ("dpo", "ipo", "mpo"),
+    "--grpo-loss-level": ("token", "sequence"),
 }
 """Accepted values of the string flags (config/run.py checks them after merging the YAML)."""
 
 EXTRA_HELP = {
-    "--num-layers-per-virtual-pipeline-stage":
-        "LM layers per virtual pipeline stage (interleaved 1F1B); sets the virtual stage count",
+    "--num-layers-per-virtual-pipeline-stage": "LM layers per virtual pipeline stage (interleaved 1F1B); sets the virtual stage count",
     "--use-distributed-optimizer": "shard optimizer state over data-parallel ranks (ZeRO-1)",
     "--no-use-distributed-optimizer": "keep the full optimizer state on every rank",
 }
 """Flags whose field docstring does not say it as a user needs it."""
 
 GROUPS: list[tuple[str, tuple[str, ...]]] = [
-    ("data", ("--data-path", "--valid-data-path", "--seq-length", "--data-verify",
-              "--num-workers")),
-    ("training", ("--train-iters", "--train-samples", "--global-batch-size",
-                  "--micro-batch-size", "--seed", "--exit-duration-in-mins", "--exit-interval",
-                  "--max-skipped-steps", "--recompute-granularity", "--recompute-method",
-                  "--recompute-num-layers", "--recompute-vit", "--transformer-impl")),
-    ("learning rate", ("--lr", "--min-lr", "--lr-warmup-iters", "--lr-warmup-samples",
-                       "--lr-warmup-fraction", "--lr-warmup-init", "--lr-decay-style",
-                       "--lr-decay-iters", "--lr-decay-samples", "--lr-wsd-decay-iters",
-                       "--lr-wsd-decay-style", "--vit-lr-mult", "--projector-lr-mult")),
-    ("regularization and optimizer", ("--weight-decay", "--clip-grad", "--adam-beta1",
-                                      "--adam-beta2", "--adam-eps", "--use-distributed-optimizer",
-                                      "--no-use-distributed-optimizer")),
+    ("data", ("--data-path", "--valid-data-path", "--seq-length", "--data-verify", "--num-workers")),
+    (
+        "training",
+        (
+            "--train-iters",
+            "--train-samples",
+            "--global-batch-size",
+            "--micro-batch-size",
+            "--seed",
+            "--exit-duration-in-mins",
+            "--exit-interval",
+            "--max-skipped-steps",
+            "--recompute-granularity",
+            "--recompute-method",
+            "--recompute-num-layers",
+            "--recompute-vit",
+            "--transformer-impl",
+        ),
+    ),
+    (
+        "learning rate",
+        (
+            "--lr",
+            "--min-lr",
+            "--lr-warmup-iters",
+            "--lr-warmup-samples",
+            "--lr-warmup-fraction",
+            "--lr-warmup-init",
+            "--lr-decay-style",
+            "--lr-decay-iters",
+            "--lr-decay-samples",
+            "--lr-wsd-decay-iters",
+            "--lr-wsd-decay-style",
+            "--vit-lr-mult",
+            "--projector-lr-mult",
+        ),
+    ),
+    (
+        "regularization and optimizer",
+        (
+            "--weight-decay",
+            "--clip-grad",
+            "--adam-beta1",
+            "--adam-beta2",
+            "--adam-eps",
+            "--use-distributed-optimizer",
+            "--no-use-distributed-optimizer",
+        ),
+    ),
     ("mixed precision", ("--bf16", "--fp8-format", "--fp8-recipe", "--fp8-vit")),
-    ("distributed", ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
-                     "--num-layers-per-virtual-pipeline-stage", "--sequence-parallel",
-                     "--expert-model-parallel-size", "--distributed-timeout-minutes",
-                     "--overlap-grad-reduce", "--overlap-param-gather")),
-    ("checkpointing", ("--save", "--load", "--init-from", "--finetune", "--no-load-optim",
-                       "--no-load-rng", "--ckpt-format", "--use-checkpoint-args",
-                       "--save-interval", "--keep-last", "--async-save", "--overwrite-save",
-                       "--exit-on-missing-checkpoint", "--override-opt_param-scheduler",
-                       "--use-checkpoint-opt_param-scheduler", "--ckpt-verify",
-                       "--allow-tokenizer-mismatch", "--allow-random-init")),
-    ("validation", ("--eval-interval", "--eval-iters", "--eval-benchmark",
-                    "--eval-benchmark-interval", "--eval-benchmark-limit", "--eval-benchmark-at")),
-    ("logging", ("--run-dir", "--log-interval", "--tensorboard-dir", "--tensorboard-log-interval",
-                 "--log-throughput", "--wandb-project", "--wandb-exp-name", "--wandb-save-dir",
-                 "--log-images", "--progress-bar")),
+    (
+        "distributed",
+        (
+            "--tensor-model-parallel-size",
+            "--pipeline-model-parallel-size",
+            "--num-layers-per-virtual-pipeline-stage",
+            "--sequence-parallel",
+            "--expert-model-parallel-size",
+            "--distributed-timeout-minutes",
+            "--overlap-grad-reduce",
+            "--overlap-param-gather",
+        ),
+    ),
+    (
+        "checkpointing",
+        (
+            "--save",
+            "--load",
+            "--init-from",
+            "--finetune",
+            "--no-load-optim",
+            "--no-load-rng",
+            "--ckpt-format",
+            "--use-checkpoint-args",
+            "--save-interval",
+            "--keep-last",
+            "--async-save",
+            "--overwrite-save",
+            "--exit-on-missing-checkpoint",
+            "--override-opt_param-scheduler",
+            "--use-checkpoint-opt_param-scheduler",
+            "--ckpt-verify",
+            "--allow-tokenizer-mismatch",
+            "--allow-random-init",
+        ),
+    ),
+    (
+        "validation",
+        (
+            "--eval-interval",
+            "--eval-iters",
+            "--eval-benchmark",
+            "--eval-benchmark-interval",
+            "--eval-benchmark-limit",
+            "--eval-benchmark-at",
+        ),
+    ),
+    (
+        "logging",
+        (
+            "--run-dir",
+            "--log-interval",
+            "--tensorboard-dir",
+            "--tensorboard-log-interval",
+            "--log-throughput",
+            "--wandb-project",
+            "--wandb-exp-name",
+            "--wandb-save-dir",
+            "--log-images",
+            "--progress-bar",
+        ),
+    ),
     ("stage (trainable parts)", ("--train-vision", "--train-projector", "--train-language")),
+    (
+        "post-training (--stage dpo / grpo)",
+        (
+            "--image-root",
+            "--pref-loss",
+            "--dpo-beta",
+            "--mpo-weights",
+            "--ref-load",
+            "--ref-logps",
+            "--num-generations",
+            "--max-new-tokens",
+            "--temperature",
+            "--top-p",
+            "--clip-eps",
+            "--kl-coef",
+            "--grpo-loss-level",
+            "--ppo-epochs",
+            "--reward",
+            "--reward-weights",
+            "--length-target",
+            "--length-penalty",
+            "--judge-url",
+            "--judge-model",
+            "--prompt-suffix",
+        ),
+    ),
 ]
 """Megatron-LM's argument groups, in its order; a flag in no group lands in "other"."""
 
@@ -89,9 +209,13 @@ def field_docs(cls: type) -> dict[str, str]:
     node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
     docs, body = {}, node.body
     for stmt, nxt in zip(body, body[1:]):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[stmt.target.id] = " ".join(nxt.value.value.split())
     return docs
 

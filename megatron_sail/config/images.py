@@ -1,6 +1,7 @@
 """Configuration of the image pipeline: how images are cut into tiles (TilingConfig, used offline
 by preprocessing and online by generation) and how stored bytes become tiles (ImageConfig:
 decoding, normalization, prefetch)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

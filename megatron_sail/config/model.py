@@ -7,6 +7,7 @@ Qwen2. Recipes ``tiny()``, ``sail_2b()`` and ``sail_8b()`` return the shapes of 
 ``sail_vl2_30b_a3b()`` the later
 releases (sources next to them).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -58,11 +59,11 @@ class TokenGeometry:
     def tokens_per_tile(self) -> int:
         """Visual tokens one tile turns into after the merge (what <IMG_CONTEXT> runs hold)."""
         if self.grid % self.merge and self.odd_grid != "pad":
-            raise ValueError(f"tile of {self.grid}x{self.grid} patches not divisible by merge "
-                             f"{self.merge} (ProjectorConfig.odd_grid='pad' zero-pads it)")
+            raise ValueError(
+                f"tile of {self.grid}x{self.grid} patches not divisible by merge "
+                f"{self.merge} (ProjectorConfig.odd_grid='pad' zero-pads it)"
+            )
         return (-(-self.grid // self.merge)) ** 2
-
-
 
 
 @dataclass
@@ -103,14 +104,19 @@ class VisionConfig:
         if self.norm_type not in ("layer_norm", "rms_norm"):
             raise ValueError(f"VisionConfig.norm_type must be layer_norm or rms_norm, got {self.norm_type!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"VisionConfig.hidden_size {self.hidden_size} must be divisible by "
-                             f"num_heads {self.num_heads}")
+            raise ValueError(
+                f"VisionConfig.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}"
+            )
         if self.image_size % self.patch_size:
-            raise ValueError(f"VisionConfig.image_size {self.image_size} must be a multiple of "
-                             f"patch_size {self.patch_size}")
+            raise ValueError(
+                f"VisionConfig.image_size {self.image_size} must be a multiple of "
+                f"patch_size {self.patch_size}"
+            )
         if not (-self.num_layers <= self.select_layer < self.num_layers) or self.select_layer == 0:
-            raise ValueError(f"VisionConfig.select_layer={self.select_layer} out of range for "
-                             f"{self.num_layers} layers (use -1.. -N or 1..N-1)")
+            raise ValueError(
+                f"VisionConfig.select_layer={self.select_layer} out of range for "
+                f"{self.num_layers} layers (use -1.. -N or 1..N-1)"
+            )
 
     @property
     def layers_used(self) -> int:
@@ -188,13 +194,18 @@ class LanguageConfig:
     def __post_init__(self):
         check_family("language", self.family, LANGUAGE_FAMILY_NAMES)
         if self.num_heads % self.num_kv_heads or (
-                self.kv_channels is None and self.hidden_size % self.num_heads):
-            raise ValueError(f"LanguageConfig: hidden_size {self.hidden_size} must be divisible by num_heads "
-                             f"{self.num_heads} (or kv_channels set), and num_heads by num_kv_heads "
-                             f"{self.num_kv_heads}")
+            self.kv_channels is None and self.hidden_size % self.num_heads
+        ):
+            raise ValueError(
+                f"LanguageConfig: hidden_size {self.hidden_size} must be divisible by num_heads "
+                f"{self.num_heads} (or kv_channels set), and num_heads by num_kv_heads "
+                f"{self.num_kv_heads}"
+            )
         if self.num_experts and not 0 < self.moe_router_topk <= self.num_experts:
-            raise ValueError(f"LanguageConfig: moe_router_topk {self.moe_router_topk} must be in "
-                             f"1..num_experts ({self.num_experts})")
+            raise ValueError(
+                f"LanguageConfig: moe_router_topk {self.moe_router_topk} must be in "
+                f"1..num_experts ({self.num_experts})"
+            )
 
     @property
     def is_moe(self) -> bool:
@@ -229,9 +240,12 @@ class ModelConfig:
         """The token geometry of tiles of ``tile_size`` px (default: the trained size): grid =
         tile / patch, the family's class tokens, the projector's merge and odd-grid rule."""
         v = self.vision
-        return TokenGeometry(grid=(tile_size or v.image_size) // v.patch_size,
-                             class_tokens=VISION_FAMILY_CLASS_TOKENS[v.family],
-                             merge=self.projector.merge, odd_grid=self.projector.odd_grid)
+        return TokenGeometry(
+            grid=(tile_size or v.image_size) // v.patch_size,
+            class_tokens=VISION_FAMILY_CLASS_TOKENS[v.family],
+            merge=self.projector.merge,
+            odd_grid=self.projector.odd_grid,
+        )
 
     def tokens_per_tile(self, tile_size: int | None = None) -> int:
         """Visual tokens one tile of side ``tile_size`` (default: trained size) turns into."""
@@ -241,11 +255,26 @@ class ModelConfig:
 def tiny(vocab_size: int = 512) -> ModelConfig:
     """A few-MB model for tests and the quickstart: same structure, tiny shapes."""
     return ModelConfig(
-        vision=VisionConfig(hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=128,
-                            patch_size=8, image_size=32, drop_path_rate=0.0),
-        language=LanguageConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                                ffn_hidden_size=256, vocab_size=vocab_size, rope_theta=10000.0,
-                                tie_embeddings=True, max_position_embeddings=4096),
+        vision=VisionConfig(
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            ffn_hidden_size=128,
+            patch_size=8,
+            image_size=32,
+            drop_path_rate=0.0,
+        ),
+        language=LanguageConfig(
+            hidden_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            ffn_hidden_size=256,
+            vocab_size=vocab_size,
+            rope_theta=10000.0,
+            tie_embeddings=True,
+            max_position_embeddings=4096,
+        ),
         img_context_token_id=vocab_size - 1,
     )
 
@@ -255,26 +284,50 @@ def tiny_moe(vocab_size: int = 512) -> ModelConfig:
     layer, top-2 renormalized, aux-loss 0.001 (Qwen3-MoE's default). For expert-parallel runs
     on CPU (--expert-model-parallel-size 2 or 4) and the MoE tests."""
     cfg = tiny(vocab_size)
-    cfg.language = replace(cfg.language, family="qwen3_moe", qkv_bias=False,
-                           tie_embeddings=False, num_experts=4, moe_ffn_hidden_size=64,
-                           moe_router_topk=2)
+    cfg.language = replace(
+        cfg.language,
+        family="qwen3_moe",
+        qkv_bias=False,
+        tie_embeddings=False,
+        num_experts=4,
+        moe_ffn_hidden_size=64,
+        moe_router_topk=2,
+    )
     return cfg
 
 
 def _internvit_300m() -> VisionConfig:
     """InternViT-300M-448px (SAIL-VL.md)."""
-    return VisionConfig(hidden_size=1024, num_layers=24, num_heads=16, ffn_hidden_size=4096,
-                        patch_size=14, image_size=448, norm_type="layer_norm", norm_eps=1e-6,
-                        qkv_bias=True, qk_norm=False, layer_scale_init=0.1, drop_path_rate=0.1,
-                        select_layer=-1)
+    return VisionConfig(
+        hidden_size=1024,
+        num_layers=24,
+        num_heads=16,
+        ffn_hidden_size=4096,
+        patch_size=14,
+        image_size=448,
+        norm_type="layer_norm",
+        norm_eps=1e-6,
+        qkv_bias=True,
+        qk_norm=False,
+        layer_scale_init=0.1,
+        drop_path_rate=0.1,
+        select_layer=-1,
+    )
 
 
 def sail_2b() -> ModelConfig:
     """SAIL-VL-2B: InternViT-300M + Qwen2.5-1.5B (tied embeddings)."""
     return ModelConfig(
         vision=_internvit_300m(),
-        language=LanguageConfig(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
-                                ffn_hidden_size=8960, vocab_size=151936, tie_embeddings=True),
+        language=LanguageConfig(
+            hidden_size=1536,
+            num_layers=28,
+            num_heads=12,
+            num_kv_heads=2,
+            ffn_hidden_size=8960,
+            vocab_size=151936,
+            tie_embeddings=True,
+        ),
     )
 
 
@@ -282,8 +335,15 @@ def sail_8b() -> ModelConfig:
     """SAIL-VL-8B: InternViT-300M + Qwen2.5-7B (untied embeddings)."""
     return ModelConfig(
         vision=_internvit_300m(),
-        language=LanguageConfig(hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
-                                ffn_hidden_size=18944, vocab_size=152064, tie_embeddings=False),
+        language=LanguageConfig(
+            hidden_size=3584,
+            num_layers=28,
+            num_heads=28,
+            num_kv_heads=4,
+            ffn_hidden_size=18944,
+            vocab_size=152064,
+            tie_embeddings=False,
+        ),
     )
 
 
@@ -304,16 +364,34 @@ def _aimv2_huge() -> VisionConfig:
     4096, patch 14, RMSNorm eps 1e-5, no biases, no class token (SAIL-VL2-2B vision_config,
     whose configuration_sailvit.py is AIMv2-Huge-448's). select_layer -1: SAIL-VL2-2B's config.
     drop_path_rate 0: not published for either model (InternViT's 0.1 comes from InternVL)."""
-    return VisionConfig(family="aimv2", hidden_size=1536, num_layers=24, num_heads=12,
-                        ffn_hidden_size=4096, patch_size=14, image_size=448, norm_type="rms_norm",
-                        norm_eps=1e-5, qkv_bias=False, qk_norm=False, drop_path_rate=0.0,
-                        select_layer=-1)
+    return VisionConfig(
+        family="aimv2",
+        hidden_size=1536,
+        num_layers=24,
+        num_heads=12,
+        ffn_hidden_size=4096,
+        patch_size=14,
+        image_size=448,
+        norm_type="rms_norm",
+        norm_eps=1e-5,
+        qkv_bias=False,
+        qk_norm=False,
+        drop_path_rate=0.0,
+        select_layer=-1,
+    )
 
 
 def _qwen25_1p5b() -> LanguageConfig:
     """Qwen2.5-1.5B (SAIL-VL.md; the LM of SAIL-VL-2B and SAIL-VL-1.5-2B)."""
-    return LanguageConfig(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
-                          ffn_hidden_size=8960, vocab_size=151936, tie_embeddings=True)
+    return LanguageConfig(
+        hidden_size=1536,
+        num_layers=28,
+        num_heads=12,
+        num_kv_heads=2,
+        ffn_hidden_size=8960,
+        vocab_size=151936,
+        tie_embeddings=True,
+    )
 
 
 def sail_vl15_2b() -> ModelConfig:
@@ -336,11 +414,21 @@ def sail_vl2_2b() -> ModelConfig:
     2048 wide, 16/8 heads of 128, SwiGLU 6144, vocab 151936, tied, RoPE 1e6, 40960 positions)."""
     return ModelConfig(
         vision=_aimv2_huge(),
-        language=LanguageConfig(family="qwen3", hidden_size=2048, num_layers=28, num_heads=16,
-                                num_kv_heads=8, kv_channels=128, ffn_hidden_size=6144,
-                                vocab_size=151936, tie_embeddings=True, qkv_bias=False,
-                                max_position_embeddings=40960),
-        img_context_token_id=SAIL_VL2_IMG_CONTEXT_ID)
+        language=LanguageConfig(
+            family="qwen3",
+            hidden_size=2048,
+            num_layers=28,
+            num_heads=16,
+            num_kv_heads=8,
+            kv_channels=128,
+            ffn_hidden_size=6144,
+            vocab_size=151936,
+            tie_embeddings=True,
+            qkv_bias=False,
+            max_position_embeddings=40960,
+        ),
+        img_context_token_id=SAIL_VL2_IMG_CONTEXT_ID,
+    )
 
 
 def sail_vl2_8b() -> ModelConfig:
@@ -349,11 +437,21 @@ def sail_vl2_8b() -> ModelConfig:
     own config.json was not read."""
     return ModelConfig(
         vision=_aimv2_huge(),
-        language=LanguageConfig(family="qwen3", hidden_size=4096, num_layers=36, num_heads=32,
-                                num_kv_heads=8, kv_channels=128, ffn_hidden_size=12288,
-                                vocab_size=151936, tie_embeddings=False, qkv_bias=False,
-                                max_position_embeddings=40960),
-        img_context_token_id=SAIL_VL2_IMG_CONTEXT_ID)
+        language=LanguageConfig(
+            family="qwen3",
+            hidden_size=4096,
+            num_layers=36,
+            num_heads=32,
+            num_kv_heads=8,
+            kv_channels=128,
+            ffn_hidden_size=12288,
+            vocab_size=151936,
+            tie_embeddings=False,
+            qkv_bias=False,
+            max_position_embeddings=40960,
+        ),
+        img_context_token_id=SAIL_VL2_IMG_CONTEXT_ID,
+    )
 
 
 def sail_vl2_30b_a3b() -> ModelConfig:
@@ -366,10 +464,23 @@ def sail_vl2_30b_a3b() -> ModelConfig:
     Huge is the only fixed-resolution SAILViT the hub lists."""
     return ModelConfig(
         vision=_aimv2_huge(),
-        language=LanguageConfig(family="qwen3_moe", hidden_size=2048, num_layers=48,
-                                num_heads=32, num_kv_heads=4, kv_channels=128,
-                                ffn_hidden_size=6144, vocab_size=151936, tie_embeddings=False,
-                                qkv_bias=False, max_position_embeddings=40960, num_experts=128,
-                                moe_ffn_hidden_size=768, moe_router_topk=8,
-                                moe_norm_topk_prob=True, moe_aux_loss_coeff=0.001),
-        img_context_token_id=SAIL_VL2_IMG_CONTEXT_ID)
+        language=LanguageConfig(
+            family="qwen3_moe",
+            hidden_size=2048,
+            num_layers=48,
+            num_heads=32,
+            num_kv_heads=4,
+            kv_channels=128,
+            ffn_hidden_size=6144,
+            vocab_size=151936,
+            tie_embeddings=False,
+            qkv_bias=False,
+            max_position_embeddings=40960,
+            num_experts=128,
+            moe_ffn_hidden_size=768,
+            moe_router_topk=8,
+            moe_norm_topk_prob=True,
+            moe_aux_loss_coeff=0.001,
+        ),
+        img_context_token_id=SAIL_VL2_IMG_CONTEXT_ID,
+    )

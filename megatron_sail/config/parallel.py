@@ -5,6 +5,7 @@ splits the routed experts of MoE layers over ranks; as in Megatron-Core it lives
 data-parallel x tensor-parallel ranks of a stage (TP x EP x PP must divide the world size), and
 the experts' gradients are reduced over the ranks left after EP (the expert-data-parallel group).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,11 +47,13 @@ class ParallelConfig:
     def validate(self) -> None:
         """Refuse sizes no layout can have; run again after fields were set (flags)."""
         if self.tp < 1 or self.pp < 1 or self.ep < 1:
-            raise ValueError(f"ParallelConfig: tp, pp and ep must be >= 1, got tp={self.tp} "
-                             f"pp={self.pp} ep={self.ep}")
+            raise ValueError(
+                f"ParallelConfig: tp, pp and ep must be >= 1, got tp={self.tp} pp={self.pp} ep={self.ep}"
+            )
         if self.distributed_timeout_minutes < 1:
-            raise ValueError(f"--distributed-timeout-minutes must be >= 1, got "
-                             f"{self.distributed_timeout_minutes}")
+            raise ValueError(
+                f"--distributed-timeout-minutes must be >= 1, got {self.distributed_timeout_minutes}"
+            )
         if self.vpp is not None and (self.vpp < 1 or self.pp < 2):
             raise ValueError(f"ParallelConfig: vpp={self.vpp} needs pp >= 2 and vpp >= 1")
 
@@ -65,22 +68,29 @@ class ParallelConfig:
         and an MoE model trained with TP but without sequence parallelism (megatron-core
         0.16.1's MoELayer raises on it at the first training forward)."""
         if self.ep > 1 and num_experts <= 0:
-            raise ValueError(f"--expert-model-parallel-size {self.ep} needs a mixture-of-experts "
-                             "language model (num_experts > 0, e.g. family qwen3_moe); this "
-                             "model is dense")
+            raise ValueError(
+                f"--expert-model-parallel-size {self.ep} needs a mixture-of-experts "
+                "language model (num_experts > 0, e.g. family qwen3_moe); this "
+                "model is dense"
+            )
         if num_experts and num_experts % self.ep:
-            raise ValueError(f"--expert-model-parallel-size {self.ep} must divide the number of "
-                             f"experts ({num_experts})")
+            raise ValueError(
+                f"--expert-model-parallel-size {self.ep} must divide the number of experts ({num_experts})"
+            )
         if num_experts and self.tp > 1 and not self.sp:
-            raise ValueError(f"a mixture-of-experts model at --tensor-model-parallel-size "
-                             f"{self.tp} needs --sequence-parallel (Megatron-Core's MoE layer "
-                             "refuses TP without SP in training)")
+            raise ValueError(
+                f"a mixture-of-experts model at --tensor-model-parallel-size "
+                f"{self.tp} needs --sequence-parallel (Megatron-Core's MoE layer "
+                "refuses TP without SP in training)"
+            )
 
     def data_parallel_size(self, world_size: int) -> int:
         """Ranks left for data parallelism; errors when TP x PP does not divide the world."""
         if world_size % (self.tp * self.pp):
             raise ValueError(f"world size {world_size} is not divisible by tp*pp={self.tp * self.pp}")
         if world_size % (self.tp * self.ep * self.pp):
-            raise ValueError(f"world size {world_size} is not divisible by tp*ep*pp="
-                             f"{self.tp * self.ep * self.pp} (--expert-model-parallel-size {self.ep})")
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp*ep*pp="
+                f"{self.tp * self.ep * self.pp} (--expert-model-parallel-size {self.ep})"
+            )
         return world_size // (self.tp * self.pp)

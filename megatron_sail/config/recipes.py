@@ -6,6 +6,7 @@ follow InternVL2.5 (16,384-token packed rows, global batch 512) and are OUR ASSU
 later releases' recipes (sail_vl15_2b, sail_vl16_8b, sail_vl2_*) reuse them, with model shapes from their
 configs (config/model.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -22,16 +23,22 @@ from megatron_sail.config.train import CheckpointConfig, DataConfig, OptimConfig
 def _optim_for(stage_name: str) -> OptimConfig:
     """OptimConfig carrying the stage's default LR, schedule and weight decay."""
     s = get_stage(stage_name)
-    return OptimConfig(lr=s.lr, min_lr=s.min_lr, weight_decay=s.weight_decay,
-                       lr_decay_style=s.lr_decay_style)
+    return OptimConfig(lr=s.lr, min_lr=s.min_lr, weight_decay=s.weight_decay, lr_decay_style=s.lr_decay_style)
 
 
-def _base(name: str, stage: str, model, parallel, images, seq_length: int,
-          train: TrainConfig) -> RunConfig:
+def _base(name: str, stage: str, model, parallel, images, seq_length: int, train: TrainConfig) -> RunConfig:
     """Compose a RunConfig with the stage's defaults."""
-    return RunConfig(recipe=name, stage=get_stage(stage), model=model, parallel=parallel,
-                     images=images, data=DataConfig(seq_length=seq_length),
-                     optim=_optim_for(stage), train=train, checkpoint=CheckpointConfig())
+    return RunConfig(
+        recipe=name,
+        stage=get_stage(stage),
+        model=model,
+        parallel=parallel,
+        images=images,
+        data=DataConfig(seq_length=seq_length),
+        optim=_optim_for(stage),
+        train=train,
+        checkpoint=CheckpointConfig(),
+    )
 
 
 def tiny(stage: str = "sft-knowledge") -> RunConfig:
@@ -39,11 +46,23 @@ def tiny(stage: str = "sft-knowledge") -> RunConfig:
 
     The LR is raised to 1e-3 for every stage so that the quickstart's loss visibly drops within
     a few hundred steps; the stage's trainable-module choice is kept."""
-    cfg = _base("tiny", stage, model_cfg.tiny(), ParallelConfig(),
-                ImageConfig(backend="pil", tile_size=32, threads=1), seq_length=256,
-                train=TrainConfig(train_iters=200, global_batch_size=8, micro_batch_size=2,
-                                  log_interval=10, eval_interval=50, eval_iters=2,
-                                  run_dir="runs/tiny"))
+    cfg = _base(
+        "tiny",
+        stage,
+        model_cfg.tiny(),
+        ParallelConfig(),
+        ImageConfig(backend="pil", tile_size=32, threads=1),
+        seq_length=256,
+        train=TrainConfig(
+            train_iters=200,
+            global_batch_size=8,
+            micro_batch_size=2,
+            log_interval=10,
+            eval_interval=50,
+            eval_iters=2,
+            run_dir="runs/tiny",
+        ),
+    )
     cfg.optim.lr, cfg.optim.min_lr = 1e-3, 1e-4
     cfg.optim.clip_grad = 1.0
     return cfg
@@ -59,74 +78,144 @@ def tiny_moe(stage: str = "sft-knowledge") -> RunConfig:
 
 def sail_2b(stage: str = "pretrain-alignment") -> RunConfig:
     """SAIL-VL-2B (InternViT-300M + Qwen2.5-1.5B), sized for 8xH100 nodes: TP=2 with SP."""
-    return _base("sail_2b", stage, model_cfg.sail_2b(), ParallelConfig(tp=2, sp=True),
-                 ImageConfig(backend="auto", tile_size=448), seq_length=16384,
-                 train=TrainConfig(train_iters=100_000, global_batch_size=512,
-                                   micro_batch_size=1, bf16=True, log_interval=10,
-                                   eval_interval=1000, eval_iters=10, run_dir="runs/sail_2b"))
+    return _base(
+        "sail_2b",
+        stage,
+        model_cfg.sail_2b(),
+        ParallelConfig(tp=2, sp=True),
+        ImageConfig(backend="auto", tile_size=448),
+        seq_length=16384,
+        train=TrainConfig(
+            train_iters=100_000,
+            global_batch_size=512,
+            micro_batch_size=1,
+            bf16=True,
+            log_interval=10,
+            eval_interval=1000,
+            eval_iters=10,
+            run_dir="runs/sail_2b",
+        ),
+    )
 
 
 def sail_8b(stage: str = "pretrain-alignment") -> RunConfig:
     """SAIL-VL-8B (InternViT-300M + Qwen2.5-7B), sized for 8xH100 nodes: TP=4 with SP, PP=2."""
-    return _base("sail_8b", stage, model_cfg.sail_8b(), ParallelConfig(tp=4, pp=2, sp=True),
-                 ImageConfig(backend="auto", tile_size=448), seq_length=16384,
-                 train=TrainConfig(train_iters=100_000, global_batch_size=512,
-                                   micro_batch_size=1, bf16=True, log_interval=10,
-                                   eval_interval=1000, eval_iters=10,
-                                   recompute_granularity="selective", run_dir="runs/sail_8b"))
+    return _base(
+        "sail_8b",
+        stage,
+        model_cfg.sail_8b(),
+        ParallelConfig(tp=4, pp=2, sp=True),
+        ImageConfig(backend="auto", tile_size=448),
+        seq_length=16384,
+        train=TrainConfig(
+            train_iters=100_000,
+            global_batch_size=512,
+            micro_batch_size=1,
+            bf16=True,
+            log_interval=10,
+            eval_interval=1000,
+            eval_iters=10,
+            recompute_granularity="selective",
+            run_dir="runs/sail_8b",
+        ),
+    )
 
 
 def _h100_train(run_dir: str, recompute: str | None = None) -> TrainConfig:
     """The 2B/8B recipes' training loop settings (our assumptions, as for sail_2b/sail_8b)."""
-    return TrainConfig(train_iters=100_000, global_batch_size=512, micro_batch_size=1, bf16=True,
-                       log_interval=10, eval_interval=1000, eval_iters=10,
-                       recompute_granularity=recompute, run_dir=run_dir)
+    return TrainConfig(
+        train_iters=100_000,
+        global_batch_size=512,
+        micro_batch_size=1,
+        bf16=True,
+        log_interval=10,
+        eval_interval=1000,
+        eval_iters=10,
+        recompute_granularity=recompute,
+        run_dir=run_dir,
+    )
 
 
 def sail_vl15_2b(stage: str = "pretrain-alignment") -> RunConfig:
     """SAIL-VL-1.5-2B (AIMv2-Huge + Qwen2.5-1.5B), sized like sail_2b: TP=2 with SP (12 ViT and
     12 LM heads split evenly)."""
-    return _base("sail_vl15_2b", stage, model_cfg.sail_vl15_2b(), ParallelConfig(tp=2, sp=True),
-                 ImageConfig(backend="auto", tile_size=448), seq_length=16384,
-                 train=_h100_train("runs/sail_vl15_2b"))
+    return _base(
+        "sail_vl15_2b",
+        stage,
+        model_cfg.sail_vl15_2b(),
+        ParallelConfig(tp=2, sp=True),
+        ImageConfig(backend="auto", tile_size=448),
+        seq_length=16384,
+        train=_h100_train("runs/sail_vl15_2b"),
+    )
 
 
 def sail_vl16_8b(stage: str = "pretrain-alignment") -> RunConfig:
     """SAIL-VL-1.6-8B (SAILViT-Huge + Qwen2.5-7B), sized like sail_8b: TP=4 with SP, PP=2."""
-    return _base("sail_vl16_8b", stage, model_cfg.sail_vl16_8b(), ParallelConfig(tp=4, pp=2, sp=True),
-                 ImageConfig(backend="auto", tile_size=448), seq_length=16384,
-                 train=_h100_train("runs/sail_vl16_8b", "selective"))
+    return _base(
+        "sail_vl16_8b",
+        stage,
+        model_cfg.sail_vl16_8b(),
+        ParallelConfig(tp=4, pp=2, sp=True),
+        ImageConfig(backend="auto", tile_size=448),
+        seq_length=16384,
+        train=_h100_train("runs/sail_vl16_8b", "selective"),
+    )
 
 
 def sail_vl2_2b(stage: str = "pretrain-alignment") -> RunConfig:
     """SAIL-VL2-2B (SAILViT-Huge + Qwen3-1.7B) on 8xH100 nodes: TP=2 with SP."""
-    return _base("sail_vl2_2b", stage, model_cfg.sail_vl2_2b(), ParallelConfig(tp=2, sp=True),
-                 ImageConfig(backend="auto", tile_size=448), seq_length=16384,
-                 train=_h100_train("runs/sail_vl2_2b"))
+    return _base(
+        "sail_vl2_2b",
+        stage,
+        model_cfg.sail_vl2_2b(),
+        ParallelConfig(tp=2, sp=True),
+        ImageConfig(backend="auto", tile_size=448),
+        seq_length=16384,
+        train=_h100_train("runs/sail_vl2_2b"),
+    )
 
 
 def sail_vl2_8b(stage: str = "pretrain-alignment") -> RunConfig:
     """SAIL-VL2-8B (SAILViT-Huge + Qwen3-8B) on 8xH100 nodes: TP=4 with SP, PP=2 (18 + 18
     layers), selective recompute, as sail_8b."""
-    return _base("sail_vl2_8b", stage, model_cfg.sail_vl2_8b(), ParallelConfig(tp=4, pp=2, sp=True),
-                 ImageConfig(backend="auto", tile_size=448), seq_length=16384,
-                 train=_h100_train("runs/sail_vl2_8b", "selective"))
+    return _base(
+        "sail_vl2_8b",
+        stage,
+        model_cfg.sail_vl2_8b(),
+        ParallelConfig(tp=4, pp=2, sp=True),
+        ImageConfig(backend="auto", tile_size=448),
+        seq_length=16384,
+        train=_h100_train("runs/sail_vl2_8b", "selective"),
+    )
 
 
 def sail_vl2_30b_a3b(stage: str = "pretrain-alignment") -> RunConfig:
     """SAIL-VL2-30B-A3B (MoE, 128 experts, top-8) on two 8xH100 nodes: EP=8 (16 experts per
     rank), PP=2 (24 + 24 layers), TP=1. The report trains its MoE with pipeline + expert
     parallelism on Megatron (section 5.2); the exact layout was not published."""
-    return _base("sail_vl2_30b_a3b", stage, model_cfg.sail_vl2_30b_a3b(),
-                 ParallelConfig(tp=1, pp=2, ep=8),
-                 ImageConfig(backend="auto", tile_size=448), seq_length=16384,
-                 train=_h100_train("runs/sail_vl2_30b_a3b", "selective"))
+    return _base(
+        "sail_vl2_30b_a3b",
+        stage,
+        model_cfg.sail_vl2_30b_a3b(),
+        ParallelConfig(tp=1, pp=2, ep=8),
+        ImageConfig(backend="auto", tile_size=448),
+        seq_length=16384,
+        train=_h100_train("runs/sail_vl2_30b_a3b", "selective"),
+    )
 
 
 RECIPES: dict[str, Callable[[str], RunConfig]] = {
-    "tiny": tiny, "tiny_moe": tiny_moe, "sail_2b": sail_2b, "sail_8b": sail_8b, "sail_vl15_2b": sail_vl15_2b,
-    "sail_vl16_8b": sail_vl16_8b, "sail_vl2_2b": sail_vl2_2b, "sail_vl2_8b": sail_vl2_8b,
-    "sail_vl2_30b_a3b": sail_vl2_30b_a3b}
+    "tiny": tiny,
+    "tiny_moe": tiny_moe,
+    "sail_2b": sail_2b,
+    "sail_8b": sail_8b,
+    "sail_vl15_2b": sail_vl15_2b,
+    "sail_vl16_8b": sail_vl16_8b,
+    "sail_vl2_2b": sail_vl2_2b,
+    "sail_vl2_8b": sail_vl2_8b,
+    "sail_vl2_30b_a3b": sail_vl2_30b_a3b,
+}
 """Named recipes (--recipe): the one table of recipe names; each returns the whole RunConfig
 (``model_recipe`` gives its model alone)."""
 

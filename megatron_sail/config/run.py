@@ -10,6 +10,7 @@ This module reads no checkpoint: ``resolve`` takes a ``checkpoint_model`` functi
 --init-from checkpoint. The result is a frozen RunConfig; later steps that reconcile it with the
 data (train.match_data) return a new one (``dataclasses.replace``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,34 +112,64 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--overwrite-save", "checkpoint", "overwrite_save", "flag"),
     ("--exit-on-missing-checkpoint", "checkpoint", "exit_on_missing_checkpoint", "flag"),
     ("--override-opt_param-scheduler", "checkpoint", "override_opt_param_scheduler", "flag"),
-    ("--use-checkpoint-opt_param-scheduler", "checkpoint", "use_checkpoint_opt_param_scheduler",
-     "flag"),
+    ("--use-checkpoint-opt_param-scheduler", "checkpoint", "use_checkpoint_opt_param_scheduler", "flag"),
     ("--ckpt-verify", "checkpoint", "ckpt_verify", "str"),
     ("--allow-tokenizer-mismatch", "checkpoint", "allow_tokenizer_mismatch", "flag"),
     ("--allow-random-init", "checkpoint", "allow_random_init", "flag"),
     ("--train-vision", "stage", "train_vision", "bool"),
     ("--train-projector", "stage", "train_projector", "bool"),
     ("--train-language", "stage", "train_language", "bool"),
+    # post-training stages (config/posttrain.py)
+    ("--image-root", "post", "image_root", "str"),
+    ("--pref-loss", "post", "pref_loss", "str"),
+    ("--dpo-beta", "post", "dpo_beta", "float"),
+    ("--mpo-weights", "post", "mpo_weights", "floats"),
+    ("--ref-load", "post", "ref_load", "str"),
+    ("--ref-logps", "post", "ref_logps", "str"),
+    ("--num-generations", "post", "num_generations", "int"),
+    ("--max-new-tokens", "post", "max_new_tokens", "int"),
+    ("--temperature", "post", "temperature", "float"),
+    ("--top-p", "post", "top_p", "float"),
+    ("--clip-eps", "post", "clip_eps", "float"),
+    ("--kl-coef", "post", "kl_coef", "float"),
+    ("--grpo-loss-level", "post", "loss_level", "str"),
+    ("--ppo-epochs", "post", "ppo_epochs", "int"),
+    ("--reward", "post", "rewards", "list"),
+    ("--reward-weights", "post", "reward_weights", "floats"),
+    ("--length-target", "post", "length_target", "int"),
+    ("--length-penalty", "post", "length_penalty", "float"),
+    ("--judge-url", "post", "judge_url", "str"),
+    ("--judge-model", "post", "judge_model", "str"),
+    ("--prompt-suffix", "post", "prompt_suffix", "str"),
 ]
 
 _KINDS = {"int": int, "float": float, "str": str}
 
 
-ALIASES = {"--tensor-model-parallel-size": ("--tp",), "--pipeline-model-parallel-size": ("--pp",),
-           "--expert-model-parallel-size": ("--ep",)}
+ALIASES = {
+    "--tensor-model-parallel-size": ("--tp",),
+    "--pipeline-model-parallel-size": ("--pp",),
+    "--expert-model-parallel-size": ("--ep",),
+}
 """Short spellings accepted beside Megatron-LM's long ones (generate and convert take both too)."""
 
 MEGATRON_MULTIMODAL = [
     ("--freeze-ViT", "stage.train_vision", "store_const", "same as --train-vision false"),
     ("--freeze-LM", "stage.train_language", "store_const", "same as --train-language false"),
-    ("--pretrained-checkpoint", "checkpoint.init_from", "store",
-     "Megatron-LM multimodal's spelling of --init-from (weights only, iterations from 0)"),
+    (
+        "--pretrained-checkpoint",
+        "checkpoint.init_from",
+        "store",
+        "Megatron-LM multimodal's spelling of --init-from (weights only, iterations from 0)",
+    ),
 ]
 """Megatron-LM's examples/multimodal flags, mapped to ours."""
 
-HELP_EPILOG = ("Defaults shown are the components' own; --recipe and --stage set theirs on top, then "
-               "--config, then flags. `python -m megatron_sail.training.dry_run -- [flags]` prints "
-               "the resolved config and checks data and checkpoints without training.")
+HELP_EPILOG = (
+    "Defaults shown are the components' own; --recipe and --stage set theirs on top, then "
+    "--config, then flags. `python -m megatron_sail.training.dry_run -- [flags]` prints "
+    "the resolved config and checks data and checkpoints without training."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,25 +181,44 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_sail.config.stage import STAGES
 
     # allow_abbrev=False: as in Megatron-LM, `--lr-warmu 5` is an error, not --lr-warmup-*.
-    p = argparse.ArgumentParser(prog="megatron_sail.train", description=__doc__,
-                                epilog=HELP_EPILOG, allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog="megatron_sail.train", description=__doc__, epilog=HELP_EPILOG, allow_abbrev=False
+    )
     run = p.add_argument_group("run")
-    run.add_argument("--recipe", default=None, metavar="NAME",
-                     help=f"model and defaults, one of {', '.join(RECIPES)} (default: tiny; with "
-                          "--load / --init-from and no --recipe the model comes from the checkpoint)")
-    run.add_argument("--stage", default=None, metavar="NAME",
-                     help=f"training stage, one of {', '.join(STAGES)} (default: the recipe's)")
-    run.add_argument("--config", default=None, metavar="FILE",
-                     help="YAML file overriding recipe fields (flags override it)")
-    run.add_argument("--split", default=None, metavar="SPLIT",
-                     help="not supported (Megatron-LM's train/valid split): give --valid-data-path")
+    run.add_argument(
+        "--recipe",
+        default=None,
+        metavar="NAME",
+        help=f"model and defaults, one of {', '.join(RECIPES)} (default: tiny; with "
+        "--load / --init-from and no --recipe the model comes from the checkpoint)",
+    )
+    run.add_argument(
+        "--stage",
+        default=None,
+        metavar="NAME",
+        help=f"training stage, one of {', '.join(STAGES)} (default: the recipe's)",
+    )
+    run.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="YAML file overriding recipe fields (flags override it)",
+    )
+    run.add_argument(
+        "--split",
+        default=None,
+        metavar="SPLIT",
+        help="not supported (Megatron-LM's train/valid split): give --valid-data-path",
+    )
     groups = {title: p.add_argument_group(title) for title, _ in flag_help.GROUPS}
     for flag, section, name, kind in FLAGS:
-        g = groups.get(flag_help.group_of(flag)) or groups.setdefault(
-            "other", p.add_argument_group("other"))
+        g = groups.get(flag_help.group_of(flag)) or groups.setdefault("other", p.add_argument_group("other"))
         names = (flag, *ALIASES.get(flag, ()))
-        common = dict(dest=f"{section}.{name}", default=None,
-                      help=flag_help.flag_help(flag, section, name, kind) or None)
+        common = dict(
+            dest=f"{section}.{name}",
+            default=None,
+            help=flag_help.flag_help(flag, section, name, kind) or None,
+        )
         if kind in ("flag", "noflag"):
             g.add_argument(*names, action="store_const", const=kind == "flag", **common)
             continue
@@ -179,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument(*names, nargs="+", **common)
         elif kind == "ints":  # --eval-benchmark-at 8 16 32
             g.add_argument(*names, nargs="+", type=int, **common)
+        elif kind == "floats":  # --reward-weights 1.0 0.5
+            g.add_argument(*names, nargs="+", type=float, **common)
         elif kind == "append":  # repeatable: --eval-benchmark A=x --eval-benchmark B=y
             g.add_argument(*names, action="append", **common)
         else:
@@ -186,8 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     mm = p.add_argument_group("Megatron-LM multimodal spellings")
     for flag, dest, action, text in MEGATRON_MULTIMODAL:
         if action == "store_const":
-            mm.add_argument(flag, dest=dest, action="store_const", const=False, default=None,
-                            help=text)
+            mm.add_argument(flag, dest=dest, action="store_const", const=False, default=None, help=text)
         else:
             mm.add_argument(flag, dest=dest, default=None, metavar="DIR", help=text)
     return p
@@ -211,8 +262,9 @@ def apply_overrides(obj: Any, overrides: dict, origin: str) -> Any:
     changes = {}
     for key, value in overrides.items():
         if key not in names:
-            raise ValueError(f"{origin}: unknown key {key!r} in {type(obj).__name__}; "
-                             f"known: {', '.join(sorted(names))}")
+            raise ValueError(
+                f"{origin}: unknown key {key!r} in {type(obj).__name__}; known: {', '.join(sorted(names))}"
+            )
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             changed = apply_overrides(current, value, f"{origin}:{key}")
@@ -282,19 +334,20 @@ def finalize(cfg: RunConfig) -> RunConfig:
     if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
         o.lr_wsd_decay_iters = max(1, o.lr_decay_iters // 10)
     if o.lr_decay_style not in ("cosine", "WSD", "linear", "constant"):
-        raise ValueError(f"--lr-decay-style {o.lr_decay_style!r}: expected cosine, WSD, linear "
-                         "or constant")
+        raise ValueError(f"--lr-decay-style {o.lr_decay_style!r}: expected cosine, WSD, linear or constant")
     if t.global_batch_size % t.micro_batch_size:
-        raise ValueError(f"--global-batch-size {t.global_batch_size} is not a multiple of "
-                         f"--micro-batch-size {t.micro_batch_size}")
+        raise ValueError(
+            f"--global-batch-size {t.global_batch_size} is not a multiple of "
+            f"--micro-batch-size {t.micro_batch_size}"
+        )
     if t.fp8_format not in (None, "hybrid", "e4m3"):
         raise ValueError(f"--fp8-format {t.fp8_format!r}: expected hybrid or e4m3")
     if t.recompute_granularity not in (None, "selective", "full"):
-        raise ValueError(f"--recompute-granularity {t.recompute_granularity!r}: expected "
-                         "selective or full")
+        raise ValueError(f"--recompute-granularity {t.recompute_granularity!r}: expected selective or full")
     if t.tensorboard_dir is None:
         t.tensorboard_dir = os.path.join(t.run_dir, "tensorboard")
     cfg.parallel.validate()  # flags set its fields after it was made
+    cfg.post.__post_init__()
     cfg.parallel.check_experts(cfg.model.language.num_experts)
     return cfg
 
@@ -305,36 +358,39 @@ def _check_megatron_flags(cfg: RunConfig) -> RunConfig:
     config with what the flags imply (--overlap-param-gather turns on --overlap-grad-reduce)."""
     t, o, c, p = cfg.train, cfg.optim, cfg.checkpoint, cfg.parallel
     if c.ckpt_format != "torch_dist":
-        raise ValueError(f"--ckpt-format {c.ckpt_format!r}: this trainer writes and reads only "
-                         "torch_dist (Megatron-Core dist_checkpointing); torch, torch_dcp, zarr "
-                         "and fsdp_dtensor are not supported")
+        raise ValueError(
+            f"--ckpt-format {c.ckpt_format!r}: this trainer writes and reads only "
+            "torch_dist (Megatron-Core dist_checkpointing); torch, torch_dcp, zarr "
+            "and fsdp_dtensor are not supported"
+        )
     if t.transformer_impl not in (None, "local", "transformer_engine"):
-        raise ValueError(f"--transformer-impl {t.transformer_impl!r}: expected local or "
-                         "transformer_engine")
+        raise ValueError(f"--transformer-impl {t.transformer_impl!r}: expected local or transformer_engine")
     if t.recompute_method not in (None, "uniform", "block"):
         raise ValueError(f"--recompute-method {t.recompute_method!r}: expected uniform or block")
-    if (t.recompute_method or t.recompute_num_layers is not None) and \
-            t.recompute_granularity != "full":
-        raise ValueError("--recompute-method / --recompute-num-layers apply to "
-                         "--recompute-granularity full only")
-    for flag, value, least in (("--recompute-num-layers", t.recompute_num_layers, 1),
-                               ("--tensorboard-log-interval", t.tensorboard_log_interval, 1),
-                               ("--log-images", t.log_images, 0),
-                               ("--train-samples", t.train_samples, 0),
-                               ("--lr-warmup-samples", o.lr_warmup_samples, 0),
-                               ("--lr-decay-samples", o.lr_decay_samples, 1)):
+    if (t.recompute_method or t.recompute_num_layers is not None) and t.recompute_granularity != "full":
+        raise ValueError(
+            "--recompute-method / --recompute-num-layers apply to --recompute-granularity full only"
+        )
+    for flag, value, least in (
+        ("--recompute-num-layers", t.recompute_num_layers, 1),
+        ("--tensorboard-log-interval", t.tensorboard_log_interval, 1),
+        ("--log-images", t.log_images, 0),
+        ("--train-samples", t.train_samples, 0),
+        ("--lr-warmup-samples", o.lr_warmup_samples, 0),
+        ("--lr-decay-samples", o.lr_decay_samples, 1),
+    ):
         if value is not None and value < least:
             raise ValueError(f"{flag} {value}: must be at least {least}")
     if o.lr_warmup_fraction is not None:
         if not 0.0 <= o.lr_warmup_fraction <= 1.0:
             raise ValueError(f"--lr-warmup-fraction {o.lr_warmup_fraction}: must be in [0, 1]")
         if o.lr_warmup_iters is not None or o.lr_warmup_samples is not None:
-            raise ValueError("--lr-warmup-fraction excludes --lr-warmup-iters and "
-                             "--lr-warmup-samples")
+            raise ValueError("--lr-warmup-fraction excludes --lr-warmup-iters and --lr-warmup-samples")
     if p.overlap_param_gather:
         if not o.use_distributed_optimizer:
-            raise ValueError("--overlap-param-gather needs the distributed optimizer "
-                             "(--use-distributed-optimizer)")
+            raise ValueError(
+                "--overlap-param-gather needs the distributed optimizer (--use-distributed-optimizer)"
+            )
         if p.overlap_grad_reduce is False:
             raise ValueError("--overlap-param-gather needs --overlap-grad-reduce")
     if c.finetune and not c.load:
@@ -351,8 +407,10 @@ def _samples_to_steps(flag: str, samples: int, batch: int) -> int:
     steps, rest = divmod(samples, batch)
     if rest:
         steps = int(round(samples / batch))
-        log.warning(f"{flag} {samples} is not a multiple of --global-batch-size {batch}: "
-                    f"using {steps} steps ({steps * batch} rows)")
+        log.warning(
+            f"{flag} {samples} is not a multiple of --global-batch-size {batch}: "
+            f"using {steps} steps ({steps * batch} rows)"
+        )
     return steps
 
 
@@ -361,17 +419,21 @@ def _apply_samples(cfg: RunConfig) -> None:
     --lr-warmup-samples) as step counts; the iteration forms stay exclusive with it."""
     t, o = cfg.train, cfg.optim
     if t.train_samples is None:
-        for flag, value in (("--lr-decay-samples", o.lr_decay_samples),
-                            ("--lr-warmup-samples", o.lr_warmup_samples)):
+        for flag, value in (
+            ("--lr-decay-samples", o.lr_decay_samples),
+            ("--lr-warmup-samples", o.lr_warmup_samples),
+        ):
             if value is not None:
-                raise ValueError(f"{flag} needs --train-samples (a sample-based run); with "
-                                 f"--train-iters use {flag.replace('samples', 'iters')}")
+                raise ValueError(
+                    f"{flag} needs --train-samples (a sample-based run); with "
+                    f"--train-iters use {flag.replace('samples', 'iters')}"
+                )
         return
-    for flag, value in (("--lr-decay-iters", o.lr_decay_iters),
-                        ("--lr-warmup-iters", o.lr_warmup_iters)):
+    for flag, value in (("--lr-decay-iters", o.lr_decay_iters), ("--lr-warmup-iters", o.lr_warmup_iters)):
         if value is not None:
-            raise ValueError(f"{flag} {value} with --train-samples: give it in rows "
-                             f"({flag.replace('iters', 'samples')})")
+            raise ValueError(
+                f"{flag} {value} with --train-samples: give it in rows ({flag.replace('iters', 'samples')})"
+            )
     g = t.global_batch_size
     t.train_iters = t.train_samples // g  # Megatron-LM: train_samples // global_batch_size
     if o.lr_decay_samples is not None:
@@ -384,19 +446,23 @@ def _check_counts(cfg: RunConfig) -> None:
     """Counts that must not be negative (or zero), stated with the flag, before anything
     downstream fails on them with a bare assertion."""
     t, c = cfg.train, cfg.checkpoint
-    for flag, value, least in (("--train-iters", t.train_iters, 0),
-                               ("--global-batch-size", t.global_batch_size, 1),
-                               ("--micro-batch-size", t.micro_batch_size, 1),
-                               ("--log-interval", t.log_interval, 1),
-                               ("--eval-interval", t.eval_interval, 0),
-                               ("--eval-iters", t.eval_iters, 0),
-                               ("--exit-interval", t.exit_interval, 0),
-                               ("--save-interval", c.save_interval, 0),
-                               ("--keep-last", c.keep_last, 0)):
+    for flag, value, least in (
+        ("--train-iters", t.train_iters, 0),
+        ("--global-batch-size", t.global_batch_size, 1),
+        ("--micro-batch-size", t.micro_batch_size, 1),
+        ("--log-interval", t.log_interval, 1),
+        ("--eval-interval", t.eval_interval, 0),
+        ("--eval-iters", t.eval_iters, 0),
+        ("--exit-interval", t.exit_interval, 0),
+        ("--save-interval", c.save_interval, 0),
+        ("--keep-last", c.keep_last, 0),
+    ):
         if value < least:
             raise ValueError(f"{flag} {value}: must be at least {least}")
-    for flag, value, least in (("--lr-warmup-iters", cfg.optim.lr_warmup_iters, 0),
-                               ("--lr-decay-iters", cfg.optim.lr_decay_iters, 1)):
+    for flag, value, least in (
+        ("--lr-warmup-iters", cfg.optim.lr_warmup_iters, 0),
+        ("--lr-decay-iters", cfg.optim.lr_decay_iters, 1),
+    ):
         if value is not None and value < least:
             raise ValueError(f"{flag} {value}: must be at least {least}")
     if c.ckpt_verify not in ("auto", "sizes", "full"):
@@ -404,8 +470,9 @@ def _check_counts(cfg: RunConfig) -> None:
     if cfg.data.data_verify not in ("cheap", "full"):
         raise ValueError(f"--data-verify {cfg.data.data_verify!r}: expected cheap or full")
     if c.override_opt_param_scheduler and c.use_checkpoint_opt_param_scheduler:
-        raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
-                         "exclude each other")
+        raise ValueError(
+            "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other"
+        )
 
 
 def random_init_problem(cfg: RunConfig, has_checkpoint: bool) -> Optional[str]:
@@ -415,10 +482,12 @@ def random_init_problem(cfg: RunConfig, has_checkpoint: bool) -> Optional[str]:
     s, c = cfg.stage, cfg.checkpoint
     if s.train_vision or s.train_language or has_checkpoint or c.init_from or c.allow_random_init:
         return None
-    return (f"stage {s.name} trains only the projector, but no --init-from (or --load "
-            "checkpoint) gives the ViT and the LLM their pretrained weights: it would connect two "
-            "random networks. Give --init-from (e.g. tools/convert_checkpoint.py compose of an "
-            "encoder and an LLM), or --allow-random-init for a toy run")
+    return (
+        f"stage {s.name} trains only the projector, but no --init-from (or --load "
+        "checkpoint) gives the ViT and the LLM their pretrained weights: it would connect two "
+        "random networks. Give --init-from (e.g. tools/convert_checkpoint.py compose of an "
+        "encoder and an LLM), or --allow-random-init for a toy run"
+    )
 
 
 def default_run_dir(save: Optional[str], recipe_run_dir: str) -> str:
@@ -435,16 +504,19 @@ CheckpointModel = Callable[[CheckpointConfig], Optional[tuple[str, ModelConfig]]
 """(checkpoint dir, its ModelConfig) of the checkpoint a run will load, or None (no checkpoint)."""
 
 
-def resolve(argv: Optional[list[str]] = None,
-            checkpoint_model: Optional[CheckpointModel] = None) -> RunConfig:
+def resolve(
+    argv: Optional[list[str]] = None, checkpoint_model: Optional[CheckpointModel] = None
+) -> RunConfig:
     """Build the RunConfig of a command line: recipe(stage), then YAML, then flags, then the
     model of the checkpoint (``checkpoint_model``; None: no checkpoint is read, so
     --use-checkpoint-args is refused and without --recipe the default recipe's model stands)."""
     args = build_parser().parse_args(argv)
     if args.split is not None:
-        raise ValueError(f"--split {args.split}: this trainer does not carve validation rows out "
-                         "of --data-path; preprocess the held-out data separately and pass its "
-                         "prefixes with --valid-data-path")
+        raise ValueError(
+            f"--split {args.split}: this trainer does not carve validation rows out "
+            "of --data-path; preprocess the held-out data separately and pass its "
+            "prefixes with --valid-data-path"
+        )
     recipe = recipes.get_recipe(args.recipe or "tiny")
     cfg = recipe(args.stage) if args.stage else recipe()
     overrides = load_yaml(args.config) if args.config else {}
@@ -456,16 +528,21 @@ def resolve(argv: Optional[list[str]] = None,
     derived = flags.pop("derived", {})
     cfg = apply_overrides(cfg, flags, "command line")
     if "run_dir" not in flags.get("train", {}) and "run_dir" not in (overrides.get("train") or {}):
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, run_dir=default_run_dir(cfg.checkpoint.save, cfg.train.run_dir)))
+        cfg = dataclasses.replace(
+            cfg,
+            train=dataclasses.replace(
+                cfg.train, run_dir=default_run_dir(cfg.checkpoint.save, cfg.train.run_dir)
+            ),
+        )
     if cfg.checkpoint.use_checkpoint_args or args.recipe is None:
         required = cfg.checkpoint.use_checkpoint_args
         if checkpoint_model is None and required:
-            raise ValueError("--use-checkpoint-args reads the checkpoint's model: resolve the "
-                             "command line with checkpoint/from_checkpoint.py's resolve")
+            raise ValueError(
+                "--use-checkpoint-args reads the checkpoint's model: resolve the "
+                "command line with checkpoint/from_checkpoint.py's resolve"
+            )
         found = checkpoint_model(cfg.checkpoint) if checkpoint_model else None
-        cfg = use_checkpoint_model(cfg, found, overrides.get("model") or {}, args.config,
-                                   required=required)
+        cfg = use_checkpoint_model(cfg, found, overrides.get("model") or {}, args.config, required=required)
     if "layers_per_virtual_stage" in derived:
         cfg = set_layers_per_virtual_stage(cfg, derived["layers_per_virtual_stage"])
     return finalize(cfg)
@@ -479,9 +556,13 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def use_checkpoint_model(cfg: RunConfig, found: Optional[tuple[str, ModelConfig]],
-                         yaml_model: dict, origin: Optional[str],
-                         required: bool = True) -> RunConfig:
+def use_checkpoint_model(
+    cfg: RunConfig,
+    found: Optional[tuple[str, ModelConfig]],
+    yaml_model: dict,
+    origin: Optional[str],
+    required: bool = True,
+) -> RunConfig:
     """``cfg`` with the model of the checkpoint ``found`` (its folder and ModelConfig: the
     --load checkpoint, or when --load holds none yet --init-from's) instead of the recipe's:
     with Megatron-LM's --use-checkpoint-args (``required``: no checkpoint is an error), and by
@@ -492,15 +573,21 @@ def use_checkpoint_model(cfg: RunConfig, found: Optional[tuple[str, ModelConfig]
     if found is None:
         if not required:
             return cfg
-        raise ValueError(f"--use-checkpoint-args: no checkpoint in --load {c.load} or "
-                         f"--init-from {c.init_from}")
+        raise ValueError(
+            f"--use-checkpoint-args: no checkpoint in --load {c.load} or --init-from {c.init_from}"
+        )
     ckpt, theirs = found
     flat = flatten(dataclasses.asdict(theirs))
-    clash = [f"{k}: {origin} {v!r}, checkpoint {flat[k]!r}" for k, v in flatten(yaml_model).items()
-             if k in flat and k != "vision.drop_path_rate" and v != flat[k]]
+    clash = [
+        f"{k}: {origin} {v!r}, checkpoint {flat[k]!r}"
+        for k, v in flatten(yaml_model).items()
+        if k in flat and k != "vision.drop_path_rate" and v != flat[k]
+    ]
     if clash:
-        raise ValueError(f"--use-checkpoint-args {ckpt}: the model config differs from the "
-                         "checkpoint's: " + "; ".join(clash))
+        raise ValueError(
+            f"--use-checkpoint-args {ckpt}: the model config differs from the "
+            "checkpoint's: " + "; ".join(clash)
+        )
     vision = replace(theirs.vision, drop_path_rate=cfg.model.vision.drop_path_rate)
     return replace(cfg, model=replace(theirs, vision=vision))
 
@@ -510,8 +597,10 @@ def set_layers_per_virtual_stage(cfg: RunConfig, layers: int) -> RunConfig:
     (ParallelConfig.vpp = LM layers / (pp * layers per virtual stage))."""
     total, pp = cfg.model.language.num_layers, cfg.parallel.pp
     if layers < 1 or total % (pp * layers):
-        raise ValueError(f"--num-layers-per-virtual-pipeline-stage {layers}: {total} LM layers "
-                         f"do not split into pp={pp} x chunks of {layers}")
+        raise ValueError(
+            f"--num-layers-per-virtual-pipeline-stage {layers}: {total} LM layers "
+            f"do not split into pp={pp} x chunks of {layers}"
+        )
     return replace(cfg, parallel=replace(cfg.parallel, vpp=total // (pp * layers)))
 
 

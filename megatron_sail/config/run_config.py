@@ -1,5 +1,6 @@
 """RunConfig: one run's full configuration, one typed part per component (config/run.py
 resolves it from a recipe, YAML and flags; config/recipes.py builds the recipes' defaults)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +10,7 @@ from megatron_sail.config.eval import BenchmarkEvalConfig
 from megatron_sail.config.images import ImageConfig
 from megatron_sail.config.model import ModelConfig
 from megatron_sail.config.parallel import ParallelConfig
+from megatron_sail.config.posttrain import PostTrainConfig
 from megatron_sail.config.stage import StageConfig
 from megatron_sail.config.train import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
 
@@ -38,3 +40,5 @@ class RunConfig:
     """Save / load / init-from."""
     eval: BenchmarkEvalConfig = dataclasses.field(default_factory=BenchmarkEvalConfig)
     """Benchmarks scored on the live model during training (--eval-benchmark)."""
+    post: PostTrainConfig = dataclasses.field(default_factory=PostTrainConfig)
+    """Stages dpo and grpo: losses, reference, rollouts, rewards (config/posttrain.py)."""

@@ -4,6 +4,7 @@ Each component owns one small dataclass; ``config/run.py`` composes them with th
 parallel and image configs into a ``RunConfig``. Field names follow Megatron-LM's flags
 (``--lr-warmup-iters`` -> ``lr_warmup_iters``) so the command line maps one to one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -54,7 +54,7 @@ from megatron_sail.models.families import vision_family
 LAYOUTS = ("hf", "chat")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ConvertConfig:
     """Options of both conversion directions."""
 

@@ -21,6 +21,7 @@ vision encoder and a pretrained LLM (SAIL-VL-2B: InternViT-300M-448px + Qwen2.5-
   output layer) grows to the next multiple of ``vocab_multiple`` (default 128: divisible by any
   power-of-two TP up to 128); each new row is the mean of the existing rows.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,7 @@ import torch
 
 from megatron_sail.checkpoint import dcp, integrity
 from megatron_sail.checkpoint.from_checkpoint import SHAPE_FIELDS, model_differences
-from megatron_sail.checkpoint.layout import (CONVERSION_FILE, TOKENIZER_DIR, UNUSED_FILE,
-                                             write_model_config)
+from megatron_sail.checkpoint.layout import CONVERSION_FILE, TOKENIZER_DIR, UNUSED_FILE, write_model_config
 from megatron_sail.checkpoint.processor import ProcessorSettings
 from megatron_sail.checkpoint.tokenizer import load_hf_tokenizer, save_tokenizer
 from megatron_sail.config.model import ModelConfig, ProjectorConfig
@@ -46,12 +46,17 @@ from megatron_sail.models.families import language_family, vision_family
 
 EMBED = "language_model.embedding.word_embeddings.weight"
 OUTPUT = "language_model.output_layer.weight"
-PROJECTOR_NAMES = {"mlp1.0.": "layer_norm.", "mlp1.1.": "linear_1.", "mlp1.3.": "linear_2.",
-                   "model.multi_modal_projector.": "", "multi_modal_projector.": ""}
+PROJECTOR_NAMES = {
+    "mlp1.0.": "layer_norm.",
+    "mlp1.1.": "linear_1.",
+    "mlp1.3.": "linear_2.",
+    "model.multi_modal_projector.": "",
+    "multi_modal_projector.": "",
+}
 """Projector tensor prefixes of InternVL-chat / transformers checkpoints -> ours (after 'projector.')."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ComposeConfig:
     """Options of ``compose`` (None: from the recipe, else the default named here)."""
 
@@ -82,8 +87,12 @@ class ComposeConfig:
     """Replace a non-empty output folder."""
 
 
-def compose(vision_hf: str | os.PathLike, language_hf: str | os.PathLike,
-            out_dir: str | os.PathLike, cfg: ComposeConfig = ComposeConfig()) -> Path:
+def compose(
+    vision_hf: str | os.PathLike,
+    language_hf: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: ComposeConfig = ComposeConfig(),
+) -> Path:
     """Write the composed dist checkpoint to ``out_dir`` (atomically)."""
     from megatron_sail.data.tokenizer import load_tokenizer
 
@@ -102,9 +111,15 @@ def compose(vision_hf: str | os.PathLike, language_hf: str | os.PathLike,
         if cfg.recipe:
             _check_recipe(model_config, _recipe(cfg.recipe), cfg.recipe)
         model = _build(model_config, cfg.seed)
-        projector = (_projector_from(cfg.projector_from, model) if cfg.projector_from else
-                     {k: v for k, v in model.state_dict().items()
-                      if k.startswith("projector.") and not k.endswith("_extra_state")})
+        projector = (
+            _projector_from(cfg.projector_from, model)
+            if cfg.projector_from
+            else {
+                k: v
+                for k, v in model.state_dict().items()
+                if k.startswith("projector.") and not k.endswith("_extra_state")
+            }
+        )
         checkpoint._load_full_state(model, {**ours, **projector})
         dcp.save_sharded(dcp.model_sharded_state_dict([model]), tmp)
         if unused:
@@ -113,17 +128,32 @@ def compose(vision_hf: str | os.PathLike, language_hf: str | os.PathLike,
             save_file({k: v.contiguous() for k, v in unused.items()}, str(tmp / UNUSED_FILE))
         write_model_config(tmp, model_config)
         dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in {**vis.state, **lm.state}.items()}
-        (tmp / CONVERSION_FILE).write_text(json.dumps({
-            "source": {"vision": str(vision_hf), "language": str(language_hf),
-                       "tokenizer": str(tok_src)},
-            "source_layout": "compose", "vision_model_type": vis.source_type,
-            "projector": ({"from": str(cfg.projector_from)} if cfg.projector_from else
-                          {"init": "megatron", "seed": cfg.seed}),
-            "added_tokens": _added(tok_src, tok), "vocab_rows_added": grown,
-            "skipped_source_tensors": vis.skipped, "hf_dtypes": dtypes}, indent=2) + "\n")
+        (tmp / CONVERSION_FILE).write_text(
+            json.dumps(
+                {
+                    "source": {
+                        "vision": str(vision_hf),
+                        "language": str(language_hf),
+                        "tokenizer": str(tok_src),
+                    },
+                    "source_layout": "compose",
+                    "vision_model_type": vis.source_type,
+                    "projector": (
+                        {"from": str(cfg.projector_from)}
+                        if cfg.projector_from
+                        else {"init": "megatron", "seed": cfg.seed}
+                    ),
+                    "added_tokens": _added(tok_src, tok),
+                    "vocab_rows_added": grown,
+                    "skipped_source_tensors": vis.skipped,
+                    "hf_dtypes": dtypes,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         tile = model_config.vision.image_size
-        ProcessorSettings(tile_size=tile,
-                                    tokens_per_tile=model_config.tokens_per_tile(tile)).write(tmp)
+        ProcessorSettings(tile_size=tile, tokens_per_tile=model_config.tokens_per_tile(tile)).write(tmp)
         integrity.write_manifest(str(tmp))  # last: sizes + SHA-256 of every file above
     return Path(out_dir)
 
@@ -148,8 +178,7 @@ def _added(tok_src: Path, tok) -> list[str]:
     return [t for t in SPECIAL_TOKENS if t not in vocab]
 
 
-def _model_config(vis: standalone.VisionPart, lm: standalone.LanguagePart,
-                  cfg: ComposeConfig) -> ModelConfig:
+def _model_config(vis: standalone.VisionPart, lm: standalone.LanguagePart, cfg: ComposeConfig) -> ModelConfig:
     """Encoder + LM configs from the folders, the rest from the flags or the recipe; the
     geometry and (with a recipe) every weight shape checked."""
     recipe = _recipe(cfg.recipe)
@@ -164,24 +193,32 @@ def _model_config(vis: standalone.VisionPart, lm: standalone.LanguagePart,
             obj = getattr(obj, part)
         return obj
 
-    vision = standalone.vision_config(vis, pick(cfg.select_layer, "vision.select_layer", -1),
-                                      pick(cfg.drop_path_rate, "vision.drop_path_rate", 0.0))
+    vision = standalone.vision_config(
+        vis,
+        pick(cfg.select_layer, "vision.select_layer", -1),
+        pick(cfg.drop_path_rate, "vision.drop_path_rate", 0.0),
+    )
     want = pick(cfg.image_size, "vision.image_size", vision.image_size)
     if want != vision.image_size:
         origin = "--image-size" if cfg.image_size else f"recipe {cfg.recipe}"
-        raise ValueError(f"image size {want} ({origin}) "
-                         f"but the encoder's config has image_size {vision.image_size} (its position "
-                         "table's size); pick the encoder trained at that size")
+        raise ValueError(
+            f"image size {want} ({origin}) "
+            f"but the encoder's config has image_size {vision.image_size} (its position "
+            "table's size); pick the encoder trained at that size"
+        )
     language = language_family(lm.family).from_hf_config(lm.hf_config, tied=lm.tied)
-    projector = ProjectorConfig(downsample_ratio=float(pick(cfg.downsample_ratio,
-                                                            "projector.downsample_ratio", 0.5)),
-                                odd_grid=pick(cfg.odd_grid, "projector.odd_grid", "error"))
+    projector = ProjectorConfig(
+        downsample_ratio=float(pick(cfg.downsample_ratio, "projector.downsample_ratio", 0.5)),
+        odd_grid=pick(cfg.odd_grid, "projector.odd_grid", "error"),
+    )
     out = ModelConfig(vision=vision, projector=projector, language=language)
     try:
         out.tokens_per_tile()
     except ValueError as e:
-        raise ValueError(f"encoder image_size {vision.image_size} / patch_size {vision.patch_size} "
-                         f"with downsample ratio {projector.downsample_ratio}: {e}") from e
+        raise ValueError(
+            f"encoder image_size {vision.image_size} / patch_size {vision.patch_size} "
+            f"with downsample ratio {projector.downsample_ratio}: {e}"
+        ) from e
     return out
 
 
@@ -197,26 +234,30 @@ def _recipe(name: Optional[str]) -> Optional[ModelConfig]:
 def _check_recipe(ours: ModelConfig, recipe: ModelConfig, name: str) -> None:
     """Every weight-shaping field of the composed model (vocabulary rows after any growth
     included) equals the recipe's, as ``train.py --recipe NAME --init-from`` checks."""
-    diffs = [d for d in model_differences(recipe, ours)
-             if d[0].rsplit(".", 1)[-1] in SHAPE_FIELDS]
+    diffs = [d for d in model_differences(recipe, ours) if d[0].rsplit(".", 1)[-1] in SHAPE_FIELDS]
     if diffs:
         text = "; ".join(f"{k}: recipe {a!r}, folders {b!r}" for k, a, b in diffs)
-        raise ValueError(f"the encoder and LLM folders do not have recipe {name!r}'s shapes: {text}. "
-                         "Leave out --recipe (set --select-layer / --downsample-ratio) to compose "
-                         "them anyway, and train with --use-checkpoint-args (or without --recipe)")
+        raise ValueError(
+            f"the encoder and LLM folders do not have recipe {name!r}'s shapes: {text}. "
+            "Leave out --recipe (set --select-layer / --downsample-ratio) to compose "
+            "them anyway, and train with --use-checkpoint-args (or without --recipe)"
+        )
 
 
-def _our_tensors(vis: standalone.VisionPart, lm: standalone.LanguagePart,
-                 model_config: ModelConfig) -> tuple[dict, dict]:
+def _our_tensors(
+    vis: standalone.VisionPart, lm: standalone.LanguagePart, model_config: ModelConfig
+) -> tuple[dict, dict]:
     """Our encoder + LM tensors (full, TP=1) and the encoder tensors past select_layer."""
-    v, l = model_config.vision, model_config.language
+    v, lm = model_config.vision, model_config.language
     vfam = vision_family(v.family)
     vmap = vfam.key_map(v, "vision_model.", standalone.VISION_PREFIX)
-    lmap = language_family(l.family).key_map(l, "language_model.", standalone.LM_PREFIX,
-                                             standalone.LM_HEAD)
+    lmap = language_family(lm.family).key_map(lm, "language_model.", standalone.LM_PREFIX, standalone.LM_HEAD)
     used_v, used_l = vmap.hf_names(), lmap.hf_names()
-    unused = {k: t for k, t in vis.state.items()
-              if k not in used_v and vfam.unused_hf(v, standalone.VISION_PREFIX, k)}
+    unused = {
+        k: t
+        for k, t in vis.state.items()
+        if k not in used_v and vfam.unused_hf(v, standalone.VISION_PREFIX, k)
+    }
     unknown = [k for k in vis.state if k not in used_v and k not in unused]
     unknown += [k for k in lm.state if k not in used_l]
     if unknown:
@@ -239,8 +280,10 @@ def _grow_vocab(ours: dict, model_config: ModelConfig, needed: int, multiple: in
         mean = t.double().mean(0, keepdim=True).to(t.dtype)
         ours[key] = torch.cat([t, mean.expand(rows - t.shape[0], -1)], 0)
     added, lm.vocab_size = rows - lm.vocab_size, rows
-    print(f"note: tokenizer has {needed} ids, the LLM {rows - added} embedding rows: grown to "
-          f"{rows} (multiple of {multiple}), new rows = mean of the existing rows")
+    print(
+        f"note: tokenizer has {needed} ids, the LLM {rows - added} embedding rows: grown to "
+        f"{rows} (multiple of {multiple}), new rows = mean of the existing rows"
+    )
     return added
 
 
@@ -265,20 +308,27 @@ def _projector_from(path: str, model: torch.nn.Module) -> dict:
 
     p = Path(path)
     state = dict(load_file(str(p))) if p.is_file() else hf_io.read_state_dict(p)
-    want = {k: v for k, v in model.state_dict().items()
-            if k.startswith("projector.") and not k.endswith("_extra_state")}
+    want = {
+        k: v
+        for k, v in model.state_dict().items()
+        if k.startswith("projector.") and not k.endswith("_extra_state")
+    }
     out = {}
     for key, value in state.items():
         for prefix, ours in PROJECTOR_NAMES.items():
             if key.startswith(prefix):
-                out["projector." + ours + key[len(prefix):]] = value
+                out["projector." + ours + key[len(prefix) :]] = value
                 break
     missing = sorted(set(want) - set(out))
     if missing:
-        raise ValueError(f"--projector-from {path}: no projector tensors {missing[:4]} "
-                         "(expected mlp1.{0,1,3}.* or multi_modal_projector.*)")
+        raise ValueError(
+            f"--projector-from {path}: no projector tensors {missing[:4]} "
+            "(expected mlp1.{0,1,3}.* or multi_modal_projector.*)"
+        )
     for key, t in want.items():
         if tuple(out[key].shape) != tuple(t.shape):
-            raise ValueError(f"--projector-from {path}: {key} has shape {tuple(out[key].shape)}, "
-                             f"the composed model needs {tuple(t.shape)}")
+            raise ValueError(
+                f"--projector-from {path}: {key} has shape {tuple(out[key].shape)}, "
+                f"the composed model needs {tuple(t.shape)}"
+            )
     return {k: out[k].to(want[k].dtype) for k in want}

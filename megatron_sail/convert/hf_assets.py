@@ -11,6 +11,7 @@ that stops at ``<|im_end|>``.
 InternVL-chat (remote-code) checkpoints carry Python files and their own config; ``SOURCE_DIR``
 (checkpoint/layout.py) keeps those byte for byte so that an export can give them back.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,26 +39,50 @@ def write_processor_files(folder: str | os.PathLike, settings: ProcessorSettings
     model's real tile size, tile limits and tokens per tile, plus our processor.json."""
     folder = Path(folder)
     size = {"height": settings.tile_size, "width": settings.tile_size}
-    common = {"do_convert_rgb": True, "do_resize": True, "size": size, "resample": 3,
-              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-              "image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD),
-              "processor_class": "InternVLProcessor"}
-    write_json(folder / "preprocessor_config.json", {
-        **common, "image_processor_type": IMAGE_PROCESSOR, "crop_to_patches": True,
-        "min_patches": settings.min_tiles, "max_patches": settings.max_tiles})
-    write_json(folder / "video_preprocessor_config.json",
-                {**common, "video_processor_type": "InternVLVideoProcessor"})
-    write_json(folder / "processor_config.json",
-                {"processor_class": "InternVLProcessor", "image_seq_length": settings.tokens_per_tile})
+    common = {
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": size,
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGE_MEAN),
+        "image_std": list(IMAGE_STD),
+        "processor_class": "InternVLProcessor",
+    }
+    write_json(
+        folder / "preprocessor_config.json",
+        {
+            **common,
+            "image_processor_type": IMAGE_PROCESSOR,
+            "crop_to_patches": True,
+            "min_patches": settings.min_tiles,
+            "max_patches": settings.max_tiles,
+        },
+    )
+    write_json(
+        folder / "video_preprocessor_config.json",
+        {**common, "video_processor_type": "InternVLVideoProcessor"},
+    )
+    write_json(
+        folder / "processor_config.json",
+        {"processor_class": "InternVLProcessor", "image_seq_length": settings.tokens_per_tile},
+    )
     settings.write(folder)
 
 
 def write_generation_config(folder: str | os.PathLike, ids: dict[str, int]) -> None:
     """generation_config.json: greedy, stop at <|im_end|> or <|endoftext|> (what our generator
     stops at), pad with <|endoftext|>."""
-    write_json(Path(folder) / "generation_config.json", {
-        "eos_token_id": [ids[toks.IM_END], ids[toks.PAD]], "pad_token_id": ids[toks.PAD],
-        "do_sample": False})
+    write_json(
+        Path(folder) / "generation_config.json",
+        {
+            "eos_token_id": [ids[toks.IM_END], ids[toks.PAD]],
+            "pad_token_id": ids[toks.PAD],
+            "do_sample": False,
+        },
+    )
 
 
 def check_tokenizer(folder: str | os.PathLike, image_token_id: int) -> None:
@@ -72,13 +97,16 @@ def check_tokenizer(folder: str | os.PathLike, image_token_id: int) -> None:
         raise ValueError(f"{folder}: the written tokenizer is unusable: AutoTokenizer fails ({e})") from e
     got = tok.convert_tokens_to_ids(toks.IMG_CONTEXT)
     if len(tok) <= len(toks.SPECIAL_TOKENS) or got != image_token_id or not tok.encode("a b"):
-        raise ValueError(f"{folder}: the written tokenizer is unusable (size {len(tok)}, "
-                         f"{toks.IMG_CONTEXT} id {got}, model's image_token_id {image_token_id})")
+        raise ValueError(
+            f"{folder}: the written tokenizer is unusable (size {len(tok)}, "
+            f"{toks.IMG_CONTEXT} id {got}, model's image_token_id {image_token_id})"
+        )
 
 
 # ------------------------------------------------------------------ remote code / source files
-def copy_source_files(hf_dir: str | os.PathLike, dst: str | os.PathLike,
-                      skip: tuple[str, ...] = ()) -> list[str]:
+def copy_source_files(
+    hf_dir: str | os.PathLike, dst: str | os.PathLike, skip: tuple[str, ...] = ()
+) -> list[str]:
     """Copy every top-level file of an HF folder that is neither weights nor in ``skip``
     (remote code ``*.py``, its ``config.json``, README, ...) byte for byte into ``dst``."""
     names = []
@@ -90,8 +118,7 @@ def copy_source_files(hf_dir: str | os.PathLike, dst: str | os.PathLike,
     return names
 
 
-def settings_from_hf(hf_dir: Path, config: dict, tokens_per_tile: int,
-                     tile_size: int) -> ProcessorSettings:
+def settings_from_hf(hf_dir: Path, config: dict, tokens_per_tile: int, tile_size: int) -> ProcessorSettings:
     """Processor settings of an HF folder: its processor.json when it has one, else its
     InternVL-chat config fields or transformers processor configs, else SAIL-VL defaults."""
     if (hf_dir / PROCESSOR_FILE).is_file():

@@ -9,6 +9,7 @@ transformers (5.x) keeps InternVL's weights under ``model.*`` in memory but save
 older on-disk names (``vision_tower.*``, ``language_model.model.*``, ...); ``to_module_keys`` and
 ``to_disk_keys`` translate between the two so the rest of the code sees one naming.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,7 +51,7 @@ _DISK_TO_MODULE = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class HFWriteConfig:
     """How a transformers checkpoint folder is written."""
 
@@ -121,7 +122,7 @@ def _swap_prefixes(state: dict[str, torch.Tensor], pairs) -> dict[str, torch.Ten
     for key, value in state.items():
         for old, new in pairs:
             if key.startswith(old):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
                 break
         out[key] = value
     return out

@@ -18,6 +18,7 @@ the batch, becomes ``<img>`` + ``<IMG_CONTEXT>`` x (tokens per tile x tiles of t
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=[image], text=text)
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,10 @@ def _image_seq_length(folder: Path) -> int:
             value = json.loads(path.read_text()).get("image_seq_length")
             if value is not None:
                 return int(value)
-    raise ValueError(f"{folder}: neither {PROCESSOR_CONFIG} nor config.json records "
-                     "image_seq_length (the model's tokens per tile); is it an InternVL export?")
+    raise ValueError(
+        f"{folder}: neither {PROCESSOR_CONFIG} nor config.json records "
+        "image_seq_length (the model's tokens per tile); is it an InternVL export?"
+    )
 
 
 def _open_image(image):
@@ -88,12 +91,16 @@ class ExportProcessor:
 
         folder = Path(folder)
         if not (folder / "preprocessor_config.json").is_file():
-            raise FileNotFoundError(f"{folder}: no preprocessor_config.json (export it with "
-                                    "tools/convert_checkpoint.py mcore-to-hf)")
+            raise FileNotFoundError(
+                f"{folder}: no preprocessor_config.json (export it with "
+                "tools/convert_checkpoint.py mcore-to-hf)"
+            )
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         if getattr(tokenizer, "context_image_token", None) is None:
-            raise ValueError(f"{folder}: the tokenizer names no context_image_token "
-                             "(<IMG_CONTEXT>); not an InternVL export")
+            raise ValueError(
+                f"{folder}: the tokenizer names no context_image_token "
+                "(<IMG_CONTEXT>); not an InternVL export"
+            )
         image_processor = AutoImageProcessor.from_pretrained(str(folder), backend="pil")
         return cls(tokenizer, image_processor, ExportProcessorConfig(_image_seq_length(folder)))
 
@@ -109,29 +116,38 @@ class ExportProcessor:
 
     def _image_block(self, tiles: int) -> str:
         """What one image placeholder becomes: InternVLProcessor.replace_image_token."""
-        return (self.start_image_token + self.image_token * (self.config.image_seq_length * tiles)
-                + self.end_image_token)
+        return (
+            self.start_image_token
+            + self.image_token * (self.config.image_seq_length * tiles)
+            + self.end_image_token
+        )
 
     def expand(self, texts: Sequence[str], num_patches: Sequence[int]) -> list[str]:
         """Each placeholder, in order over ``texts``, expanded with its image's tile count."""
         count = sum(t.count(self.image_token) for t in texts)
         if count != len(num_patches):
-            raise ValueError(f"the text has {count} {self.image_token} placeholder(s) for "
-                             f"{len(num_patches)} image(s); give one image per placeholder")
+            raise ValueError(
+                f"the text has {count} {self.image_token} placeholder(s) for "
+                f"{len(num_patches)} image(s); give one image per placeholder"
+            )
         tiles = iter(num_patches)
         pattern = re.compile(re.escape(self.image_token))
         return [pattern.sub(lambda _m: self._image_block(next(tiles)), t) for t in texts]
 
-    def __call__(self, images=None, text: Union[str, Sequence[str], None] = None,
-                 return_tensors: Optional[str] = "pt", **kwargs):
+    def __call__(
+        self,
+        images=None,
+        text: Union[str, Sequence[str], None] = None,
+        return_tensors: Optional[str] = "pt",
+        **kwargs,
+    ):
         """``input_ids``, ``attention_mask`` and (with images) ``pixel_values``: a BatchFeature
         as InternVLProcessor returns it. ``images``: PIL images or paths, flat or one list per
         text; extra keyword arguments go to the tokenizer."""
         from transformers import BatchFeature
 
         if text is None:
-            raise ValueError("give text (a chat-template rendering with one "
-                             f"{self.image_token} per image)")
+            raise ValueError(f"give text (a chat-template rendering with one {self.image_token} per image)")
         texts = [text] if isinstance(text, str) else list(text)
         if self.video_token and any(self.video_token in t for t in texts):
             raise ValueError(f"{self.video_token}: videos are not supported (SAIL-VL trains on images)")
@@ -141,8 +157,11 @@ class ExportProcessor:
         data = {}
         num_patches: list[int] = []
         if flat:
-            pixels = self.image_processor([_open_image(i) for i in flat], return_tensors="pt",
-                                          crop_to_patches=self.config.crop_to_patches)
+            pixels = self.image_processor(
+                [_open_image(i) for i in flat],
+                return_tensors="pt",
+                crop_to_patches=self.config.crop_to_patches,
+            )
             num_patches = [int(n) for n in pixels["num_patches"]]
             data["pixel_values"] = pixels["pixel_values"]
         expanded = self.expand(texts, num_patches)

@@ -12,6 +12,7 @@ State dicts on the transformers side use the in-memory module keys (``model.visi
 ``model.multi_modal_projector.*``, ``model.language_model.*``, ``lm_head.*``); see
 ``hf_io.to_module_keys`` for the on-disk spelling.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,16 @@ IMG_CONTEXT = "<IMG_CONTEXT>"
 
 CHAT_MODEL_TYPE = "internvl_chat"
 
-LLM_META_KEYS = ("architectures", "auto_map", "_name_or_path", "transformers_version",
-                  "torch_dtype", "dtype", "attn_implementation", "_attn_implementation")
+LLM_META_KEYS = (
+    "architectures",
+    "auto_map",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "attn_implementation",
+    "_attn_implementation",
+)
 
 _CHAT_VIT = "vision_model."
 _HF_VIT = "model.vision_tower."
@@ -66,7 +75,8 @@ def layout_table(tower: list[Rule], layout: str) -> RenameTable:
     return RenameTable(
         CONTAINER + prefixed(tower, _CHAT_VIT, _HF_VIT),
         unknown_a=f"{layout} checkpoint has tensors with no known mapping",
-        unknown_b=f"transformers InternVL state dict has tensors with no {layout} mapping")
+        unknown_b=f"transformers InternVL state dict has tensors with no {layout} mapping",
+    )
 
 
 _CHAT_TABLE = layout_table(INTERNVIT_TOWER, "internvl_chat")
@@ -112,10 +122,15 @@ def chat_config_to_hf(config: dict, image_token_id: int) -> dict:
     if not isinstance(vis, dict) or not isinstance(llm, dict):
         raise ValueError("internvl_chat config needs 'vision_config' and 'llm_config' objects")
     arch = (llm.get("architectures") or [None])[0]
-    family = (language_family_for_architecture(arch) if arch else
-              language_family_for_hf(llm.get("model_type", "qwen2")))
+    family = (
+        language_family_for_architecture(arch)
+        if arch
+        else language_family_for_hf(llm.get("model_type", "qwen2"))
+    )
     if config.get("ps_version", "v1") != "v2":
-        raise ValueError(f"ps_version {config.get('ps_version', 'v1')!r}: only pixel shuffle 'v2' is supported")
+        raise ValueError(
+            f"ps_version {config.get('ps_version', 'v1')!r}: only pixel shuffle 'v2' is supported"
+        )
     image = square_side(config.get("force_image_size") or vis["image_size"])
     patch = square_side(vis["patch_size"])
     ratio = float(config.get("downsample_ratio", 0.5))
@@ -154,7 +169,9 @@ def hf_config_to_chat(config: dict, template: str = "sailvl-chat", max_tiles: in
         raise ValueError("InternViT has no final LayerNorm: vision_config.use_mean_pooling must be true")
     image, patch = square_side(vis.get("image_size", 448)), square_side(vis.get("patch_size", 14))
     text["architectures"] = [language_family_for_hf(text.get("model_type", "qwen2")).hf_architecture]
-    text["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    text["tie_word_embeddings"] = bool(
+        config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    )
     return {
         "model_type": CHAT_MODEL_TYPE,
         "architectures": ["InternVLChatModel"],
@@ -201,8 +218,10 @@ def resolve_image_token_id(config: dict, tokenizer_lookup) -> int:
     if tid is None:
         tid = config.get("img_context_token_id", config.get("image_token_id"))
     if tid is None:
-        raise ValueError(f"cannot find the id of {IMG_CONTEXT}: no tokenizer file names it and the "
-                         "config has no img_context_token_id")
+        raise ValueError(
+            f"cannot find the id of {IMG_CONTEXT}: no tokenizer file names it and the "
+            "config has no img_context_token_id"
+        )
     return int(tid)
 
 

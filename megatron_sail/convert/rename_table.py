@@ -10,6 +10,7 @@ Patterns name whole keys with placeholders: ``{i}`` a layer number, ``{w}`` weig
 ``{s}`` one name part (no dot), ``{rest}`` any tail, and on the B side of a split ``{part}`` q, k
 or v. Unknown keys are an error (a silent drop would make a wrong conversion look right).
 """
+
 from __future__ import annotations
 
 import re
@@ -39,7 +40,7 @@ def _regex(pattern: str) -> re.Pattern:
     """A pattern with placeholders as a compiled full-match regex with named groups."""
     out, pos = "", 0
     for m in re.finditer(r"\{(\w+)\}", pattern):
-        out += re.escape(pattern[pos:m.start()]) + f"(?P<{m.group(1)}>{_PLACEHOLDERS[m.group(1)]})"
+        out += re.escape(pattern[pos : m.start()]) + f"(?P<{m.group(1)}>{_PLACEHOLDERS[m.group(1)]})"
         pos = m.end()
     return re.compile(out + re.escape(pattern[pos:]))
 
@@ -72,20 +73,23 @@ class RenameTable:
                 return compiled[0], m.groupdict()
         return None
 
+    def _matched(self, state: dict, side: int, unknown: str) -> list[tuple]:
+        """(key, tensor, rule, placeholder values) for every key of ``state``, read from side A
+        (``side`` 1) or B (2); keys no rule matches are an error naming them."""
+        hits = [(key, value, self._find(key, side)) for key, value in state.items()]
+        missing = sorted(key for key, _, hit in hits if hit is None)
+        if missing:
+            raise ValueError(f"{unknown}: {missing[:8]}")
+        return [(key, value, *hit) for key, value, hit in hits]
+
     def a_to_b(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Side-A keys -> side B (fused q/k/v split in thirds, leading 1 dropped)."""
-        out, unknown = {}, []
-        for key, value in state.items():
-            hit = self._find(key, 1)
-            if hit is None:
-                unknown.append(key)
-                continue
-            rule, groups = hit
+        out = {}
+        for key, value, rule, groups in self._matched(state, 1, self.unknown_a):
             target = rule.b.format(**groups, part="{part}")
             if rule.kind == "split3":
                 if value.shape[0] % 3:
-                    raise ValueError(f"{key}: fused qkv first dim {value.shape[0]} is not "
-                                     "divisible by 3")
+                    raise ValueError(f"{key}: fused qkv first dim {value.shape[0]} is not divisible by 3")
                 for part, chunk in zip("qkv", value.chunk(3, dim=0)):
                     out[target.format(part=part)] = chunk.clone()
             elif rule.kind == "squeeze":
@@ -94,20 +98,13 @@ class RenameTable:
                 out[target] = value[0]
             else:
                 out[target] = value
-        if unknown:
-            raise ValueError(f"{self.unknown_a}: {sorted(unknown)[:8]}")
         return out
 
     def b_to_a(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Side-B keys -> side A (q/k/v parts fused once all three are seen, leading 1 added)."""
-        out, unknown = {}, []
+        out: dict[str, torch.Tensor] = {}
         pending: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in state.items():
-            hit = self._find(key, 2)
-            if hit is None:
-                unknown.append(key)
-                continue
-            rule, groups = hit
+        for _key, value, rule, groups in self._matched(state, 2, self.unknown_b):
             part = groups.pop("part", None)
             target = rule.a.format(**groups)
             if rule.kind == "split3":
@@ -116,8 +113,6 @@ class RenameTable:
                 out[target] = value[None].contiguous()
             else:
                 out[target] = value
-        if unknown:
-            raise ValueError(f"{self.unknown_b}: {sorted(unknown)[:8]}")
         for key, parts in pending.items():
             if set(parts) != {"q", "k", "v"}:
                 raise ValueError(f"{key}: needs q, k and v projections, got {sorted(parts)}")

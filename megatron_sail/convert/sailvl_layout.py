@@ -26,6 +26,7 @@ qkv split in thirds, pos_embed squeezed) under ``model.vision_tower.``, and the 
 transformers' InternVL module keys, so the families' key maps convert them to our parameters.
 Every step renames, splits or reshapes without changing a value: both directions are bit-exact.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,9 +35,13 @@ import torch
 
 from megatron_sail.convert.internvl_chat import LLM_META_KEYS, layout_table
 from megatron_sail.convert.rename_table import Rule
+from megatron_sail.models.families import (
+    language_family,
+    language_family_for_architecture,
+    language_family_for_hf,
+    vision_family,
+)
 from megatron_sail.models.families.base import square_side
-from megatron_sail.models.families import (language_family, language_family_for_architecture,
-                                           language_family_for_hf, vision_family)
 
 SAILVL_MODEL_TYPE = "sailvl"
 
@@ -70,8 +75,11 @@ def is_sailvl_config(config: dict) -> bool:
     if config.get("model_type") == SAILVL_MODEL_TYPE:
         return True
     vis = config.get("vision_config")
-    return (config.get("model_type") == "internvl_chat" and isinstance(vis, dict)
-            and vis.get("model_type") in _VISION_TYPES)
+    return (
+        config.get("model_type") == "internvl_chat"
+        and isinstance(vis, dict)
+        and vis.get("model_type") in _VISION_TYPES
+    )
 
 
 # ----------------------------------------------------------------------------- configs
@@ -80,20 +88,33 @@ def aimv2_vision_config(vis: dict, image: int):
     from transformers import Aimv2VisionConfig
 
     if vis.get("model_type") not in _VISION_TYPES:
-        raise ValueError(f"sailvl vision_config.model_type {vis.get('model_type')!r} is not an "
-                         f"AIMv2-layout tower ({', '.join(_VISION_TYPES)})")
+        raise ValueError(
+            f"sailvl vision_config.model_type {vis.get('model_type')!r} is not an "
+            f"AIMv2-layout tower ({', '.join(_VISION_TYPES)})"
+        )
     for flag in ("qkv_bias", "use_bias"):
         if vis.get(flag):
             raise ValueError(f"sailvl vision_config.{flag}=true is not supported (SAIL-VL2 has none)")
     if square_side(vis["image_size"]) != image:
-        raise ValueError(f"sailvl force_image_size {image} differs from vision_config.image_size "
-                         f"{vis['image_size']} (the position table's size): not supported")
+        raise ValueError(
+            f"sailvl force_image_size {image} differs from vision_config.image_size "
+            f"{vis['image_size']} (the position table's size): not supported"
+        )
     return Aimv2VisionConfig(
-        hidden_size=vis["hidden_size"], intermediate_size=vis["intermediate_size"],
-        num_hidden_layers=vis["num_hidden_layers"], num_attention_heads=vis["num_attention_heads"],
-        num_channels=vis.get("num_channels", 3), image_size=image, patch_size=square_side(vis["patch_size"]),
-        rms_norm_eps=vis.get("rms_norm_eps", 1e-5), qkv_bias=False, mlp_bias=False, use_head=False,
-        is_native=False, hidden_act="silu")
+        hidden_size=vis["hidden_size"],
+        intermediate_size=vis["intermediate_size"],
+        num_hidden_layers=vis["num_hidden_layers"],
+        num_attention_heads=vis["num_attention_heads"],
+        num_channels=vis.get("num_channels", 3),
+        image_size=image,
+        patch_size=square_side(vis["patch_size"]),
+        rms_norm_eps=vis.get("rms_norm_eps", 1e-5),
+        qkv_bias=False,
+        mlp_bias=False,
+        use_head=False,
+        is_native=False,
+        hidden_act="silu",
+    )
 
 
 def model_config(config: dict, image_token_id: int):
@@ -105,26 +126,36 @@ def model_config(config: dict, image_token_id: int):
     from megatron_sail.config.model import ModelConfig, ProjectorConfig
 
     if not is_sailvl_config(config):
-        raise ValueError(f"not a {SAILVL_MODEL_TYPE} / AIMv2 internvl_chat config "
-                         f"(model_type={config.get('model_type')!r})")
+        raise ValueError(
+            f"not a {SAILVL_MODEL_TYPE} / AIMv2 internvl_chat config "
+            f"(model_type={config.get('model_type')!r})"
+        )
     vis, llm = config.get("vision_config"), config.get("llm_config")
     if not isinstance(vis, dict) or not isinstance(llm, dict):
         raise ValueError("sailvl config needs 'vision_config' and 'llm_config' objects")
     if config.get("ps_version", "v1") != "v2":
-        raise ValueError(f"ps_version {config.get('ps_version', 'v1')!r}: only pixel shuffle 'v2' is supported")
+        raise ValueError(
+            f"ps_version {config.get('ps_version', 'v1')!r}: only pixel shuffle 'v2' is supported"
+        )
     arch = (llm.get("architectures") or [None])[0]
-    family = (language_family_for_architecture(arch) if arch else
-              language_family_for_hf(llm.get("model_type", "qwen3")))
-    text = AutoConfig.for_model(family.hf_model_type,
-                                **{k: v for k, v in llm.items() if k not in LLM_META_KEYS + ("model_type",)})
+    family = (
+        language_family_for_architecture(arch)
+        if arch
+        else language_family_for_hf(llm.get("model_type", "qwen3"))
+    )
+    text = AutoConfig.for_model(
+        family.hf_model_type, **{k: v for k, v in llm.items() if k not in LLM_META_KEYS + ("model_type",)}
+    )
     tied = bool(llm.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
     image = square_side(config.get("force_image_size") or vis["image_size"])
     select = int(config.get("select_layer", -1))
     vision = vision_family("aimv2").from_hf_config(aimv2_vision_config(vis, image), select_layer=select)
-    return ModelConfig(vision=vision,
-                       projector=ProjectorConfig(downsample_ratio=float(config.get("downsample_ratio", 0.5))),
-                       language=family.from_hf_config(text, tied=tied),
-                       img_context_token_id=int(image_token_id))
+    return ModelConfig(
+        vision=vision,
+        projector=ProjectorConfig(downsample_ratio=float(config.get("downsample_ratio", 0.5))),
+        language=family.from_hf_config(text, tied=tied),
+        img_context_token_id=int(image_token_id),
+    )
 
 
 def config_for(cfg, stored: dict) -> dict:
@@ -133,15 +164,25 @@ def config_for(cfg, stored: dict) -> dict:
     out = copy.deepcopy(stored)
     v, lm = cfg.vision, cfg.language
     out["vision_config"].update(
-        hidden_size=v.hidden_size, intermediate_size=v.ffn_hidden_size, num_hidden_layers=v.num_layers,
-        num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
-        rms_norm_eps=v.norm_eps, qkv_bias=False, use_bias=False)
+        hidden_size=v.hidden_size,
+        intermediate_size=v.ffn_hidden_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        rms_norm_eps=v.norm_eps,
+        qkv_bias=False,
+        use_bias=False,
+    )
     fam = language_family(lm.family)
     text = {k: x for k, x in fam.hf_config(lm).items() if k != "rope_parameters"}
     text["rope_theta"] = lm.rope_theta
     out["llm_config"].update(text, architectures=[fam.hf_architecture])
-    out.update(force_image_size=v.image_size, downsample_ratio=cfg.projector.downsample_ratio,
-               select_layer=v.select_layer)
+    out.update(
+        force_image_size=v.image_size,
+        downsample_ratio=cfg.projector.downsample_ratio,
+        select_layer=v.select_layer,
+    )
     return out
 
 

@@ -28,6 +28,7 @@ LM folders: ``config.json`` ``model_type`` of a registered language family (qwen
 qwen3_moe), tensors ``model.*`` and ``lm_head.weight`` (absent or equal to the embedding when
 tied).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,9 +37,8 @@ from pathlib import Path
 import torch
 
 from megatron_sail.convert import hf_io, internvl_chat, sailvl_layout
+from megatron_sail.models.families import LANGUAGE_FAMILIES, language_family_for_hf, vision_family
 from megatron_sail.models.families.base import square_side
-from megatron_sail.models.families import (LANGUAGE_FAMILIES, language_family_for_hf,
-                                           vision_family)
 
 VISION_PREFIX = "model.vision_tower."
 LM_PREFIX = "model.language_model."
@@ -90,7 +90,7 @@ class LanguagePart:
 
 def _prefixed(state: dict, old: str, new: str) -> dict:
     """Keys starting with ``old`` renamed to start with ``new`` (others dropped)."""
-    return {new + k[len(old):]: v for k, v in state.items() if k.startswith(old)}
+    return {new + k[len(old) :]: v for k, v in state.items() if k.startswith(old)}
 
 
 def read_vision(folder: str | Path) -> VisionPart:
@@ -105,7 +105,8 @@ def read_vision(folder: str | Path) -> VisionPart:
             f"{INTERNVIT_HF!r} (transformers InternVLVisionModel), {AIMV2_VISION!r} "
             f"(transformers Aimv2VisionModel), {AIMV2!r} (transformers Aimv2Model or Apple's "
             f"remote-code AIMv2), {SIGLIP_VISION!r} (transformers SiglipVisionModel), {SIGLIP!r} "
-            "(transformers SiglipModel)")
+            "(transformers SiglipModel)"
+        )
     raw = hf_io.read_state_dict(folder)
     if kind == INTERNVIT_REMOTE:
         return _internvit_remote(folder, config, raw)
@@ -121,8 +122,11 @@ def read_vision(folder: str | Path) -> VisionPart:
 
 def _fields(config: dict) -> dict:
     """config.json without the bookkeeping keys a config class does not take."""
-    return {k: v for k, v in config.items()
-            if k not in ("architectures", "auto_map", "transformers_version", "_name_or_path")}
+    return {
+        k: v
+        for k, v in config.items()
+        if k not in ("architectures", "auto_map", "transformers_version", "_name_or_path")
+    }
 
 
 def _unknown(folder: Path, names, what: str) -> None:
@@ -136,8 +140,11 @@ def _internvit_remote(folder: Path, config: dict, raw: dict) -> VisionPart:
     """InternVisionModel: InternVL-chat's ``vision_model.*`` names without the prefix."""
     from transformers import InternVLVisionConfig
 
-    _unknown(folder, [k for k in raw if not k.startswith(("embeddings.", "encoder.layers."))],
-             "the InternViT folder")
+    _unknown(
+        folder,
+        [k for k in raw if not k.startswith(("embeddings.", "encoder.layers."))],
+        "the InternViT folder",
+    )
     image = square_side(config["image_size"])
     patch = square_side(config["patch_size"])
     hf = InternVLVisionConfig.from_dict(internvl_chat.intern_vit_config_to_hf(config, image, patch))
@@ -160,8 +167,9 @@ def _aimv2(folder: Path, config: dict, raw: dict) -> VisionPart:
         hf = Aimv2VisionConfig.from_dict(_fields(config["vision_config"]))
         skipped = [k for k in raw if k.startswith(_AIMV2_SKIPPED)]
         tower = _prefixed(raw, "vision_model.", "")
-        _unknown(folder, set(raw) - set(skipped) - {"vision_model." + k for k in tower},
-                 "the Aimv2Model folder")
+        _unknown(
+            folder, set(raw) - set(skipped) - {"vision_model." + k for k in tower}, "the Aimv2Model folder"
+        )
     else:  # Apple's remote code: original names, flat config
         hf = sailvl_layout.aimv2_vision_config(config, square_side(config["image_size"]))
         skipped = [k for k in raw if k.startswith("head.")]
@@ -195,8 +203,7 @@ def _siglip(folder: Path, config: dict, raw: dict) -> VisionPart:
     prefixed = kind == SIGLIP or any(k.startswith("vision_model.") for k in raw)
     prefix = "vision_model." if prefixed else ""
     tower = _prefixed(raw, prefix, "")
-    _unknown(folder, set(raw) - set(skipped) - {prefix + k for k in tower},
-             f"the {kind} folder")
+    _unknown(folder, set(raw) - set(skipped) - {prefix + k for k in tower}, f"the {kind} folder")
     skipped += [prefix + k for k in tower if k.startswith("head.")]
     state = {VISION_PREFIX + k: v for k, v in tower.items() if not k.startswith("head.")}
     return VisionPart("siglip", hf, state, sorted(set(skipped)), kind)
@@ -204,8 +211,9 @@ def _siglip(folder: Path, config: dict, raw: dict) -> VisionPart:
 
 def vision_config(part: VisionPart, select_layer: int, drop_path_rate: float):
     """Our VisionConfig of a read vision part."""
-    return vision_family(part.family).from_hf_config(part.hf_config, select_layer=select_layer,
-                                                     drop_path_rate=drop_path_rate)
+    return vision_family(part.family).from_hf_config(
+        part.hf_config, select_layer=select_layer, drop_path_rate=drop_path_rate
+    )
 
 
 def read_language(folder: str | Path) -> LanguagePart:
@@ -219,24 +227,28 @@ def read_language(folder: str | Path) -> LanguagePart:
         family = language_family_for_hf(kind)
     except ValueError:
         known = ", ".join(f"{f.hf_model_type!r} ({f.hf_architecture})" for f in LANGUAGE_FAMILIES.values())
-        raise ValueError(f"{folder}/config.json: language model_type {kind!r} is not supported; "
-                         f"supported: {known}") from None
+        raise ValueError(
+            f"{folder}/config.json: language model_type {kind!r} is not supported; supported: {known}"
+        ) from None
     text = AutoConfig.for_model(kind, **{k: v for k, v in _fields(config).items() if k != "model_type"})
     tied = bool(getattr(text, "tie_word_embeddings", False))
     raw = hf_io.read_state_dict(folder)
-    _unknown(folder, [k for k in raw if not k.startswith("model.") and k != LM_HEAD],
-             "the causal-LM folder")
+    _unknown(folder, [k for k in raw if not k.startswith("model.") and k != LM_HEAD], "the causal-LM folder")
     state = _prefixed(raw, "model.", LM_PREFIX)
     embed = state.get(LM_PREFIX + "embed_tokens.weight")
     if embed is None:
         raise ValueError(f"{folder}: no model.embed_tokens.weight")
     if embed.shape[0] != text.vocab_size:
-        raise ValueError(f"{folder}: model.embed_tokens.weight has {embed.shape[0]} rows but "
-                         f"config.json vocab_size is {text.vocab_size}")
+        raise ValueError(
+            f"{folder}: model.embed_tokens.weight has {embed.shape[0]} rows but "
+            f"config.json vocab_size is {text.vocab_size}"
+        )
     head = raw.get(LM_HEAD)
     if tied and head is not None and not torch.equal(head, embed):
-        raise ValueError(f"{folder}: tie_word_embeddings is true but lm_head.weight differs from "
-                         "the embedding (tying would drop it)")
+        raise ValueError(
+            f"{folder}: tie_word_embeddings is true but lm_head.weight differs from "
+            "the embedding (tying would drop it)"
+        )
     if not tied:
         if head is None:
             raise ValueError(f"{folder}: tie_word_embeddings is false but there is no lm_head.weight")

@@ -5,6 +5,7 @@ files with tools/evaluate.py, and rank the candidates with paired-bootstrap inte
 Training and evaluation run as subprocesses (the trainer's and tools/evaluate.py's own CLIs),
 so each candidate starts from a clean process and a crash of one names it; a candidate whose
 checkpoint and results already exist is not retrained (rerun after a failure resumes)."""
+
 from __future__ import annotations
 
 import glob
@@ -96,10 +97,31 @@ def train_candidate(cfg: AblationConfig, name: str, prefix: str, iters: int, seq
     if os.path.isdir(ckpt):  # a run of ours that stopped before finishing: start it over
         shutil.rmtree(ckpt)
     os.makedirs(run_dir, exist_ok=True)
-    cmd = [*(cfg.launcher or [cfg.python]), "-m", "megatron_sail.train", "--recipe", cfg.recipe, "--stage", cfg.stage,
-           "--data-path", prefix, "--seq-length", str(seq), "--global-batch-size", str(gbs),
-           "--train-iters", str(iters), "--seed", str(cfg.seed), "--eval-interval", "0",
-           "--run-dir", run_dir, "--save", ckpt]
+    cmd = [
+        *(cfg.launcher or [cfg.python]),
+        "-m",
+        "megatron_sail.train",
+        "--recipe",
+        cfg.recipe,
+        "--stage",
+        cfg.stage,
+        "--data-path",
+        prefix,
+        "--seq-length",
+        str(seq),
+        "--global-batch-size",
+        str(gbs),
+        "--train-iters",
+        str(iters),
+        "--seed",
+        str(cfg.seed),
+        "--eval-interval",
+        "0",
+        "--run-dir",
+        run_dir,
+        "--save",
+        ckpt,
+    ]
     if cfg.init_from:
         cmd += ["--init-from", cfg.init_from]
     _run(cmd + list(cfg.train_args), os.path.join(run_dir, "train.log"), f"training candidate {name}")
@@ -113,8 +135,16 @@ def evaluate_candidate(cfg: AblationConfig, name: str, ckpt: str) -> dict:
     """tools/evaluate.py on every benchmark; returns {benchmark: predictions TSV path}."""
     out = os.path.join(cfg.out_dir, name, "eval", "results.json")
     if not os.path.exists(out):
-        cmd = [cfg.python, os.path.join(ROOT, "tools", "evaluate.py"), "--checkpoint", ckpt, "--out", out,
-               "--benchmark", *[f"{b}={p}" for b, p in cfg.benchmarks.items()]]
+        cmd = [
+            cfg.python,
+            os.path.join(ROOT, "tools", "evaluate.py"),
+            "--checkpoint",
+            ckpt,
+            "--out",
+            out,
+            "--benchmark",
+            *[f"{b}={p}" for b, p in cfg.benchmarks.items()],
+        ]
         if cfg.eval_limit:
             cmd += ["--limit", str(cfg.eval_limit)]
         _run(cmd, os.path.join(cfg.out_dir, name, "eval.log"), f"evaluating candidate {name}")
@@ -173,7 +203,9 @@ def stratified_bootstrap(tagged: list, fn, cfg: BootstrapConfig) -> tuple[float,
     import random
 
     rng = random.Random(cfg.seed)
-    draws = sorted(fn([g[rng.randrange(len(g))] for g in groups.values() for _ in g]) for _ in range(cfg.resamples))
+    draws = sorted(
+        fn([g[rng.randrange(len(g))] for g in groups.values() for _ in g]) for _ in range(cfg.resamples)
+    )
     alpha, last = (1.0 - cfg.confidence) / 2, len(draws) - 1
     return fn(tagged), draws[math.floor(alpha * last)], draws[math.ceil((1 - alpha) * last)]
 
@@ -191,8 +223,10 @@ def run_ablation(cfg: AblationConfig, progress=print) -> dict:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"benchmark {b}: no file {p}")
     seq, gbs, iters = schedule(cfg)
-    progress(f"[ablation] {len(cfg.candidates)} candidates x {iters} steps ({seq} tokens x {gbs} rows = "
-             f"{iters * seq * gbs} tokens each, budget {cfg.tokens}), seed {cfg.seed}")
+    progress(
+        f"[ablation] {len(cfg.candidates)} candidates x {iters} steps ({seq} tokens x {gbs} rows = "
+        f"{iters * seq * gbs} tokens each, budget {cfg.tokens}), seed {cfg.seed}"
+    )
     os.makedirs(cfg.out_dir, exist_ok=True)
     predictions = {}
     for name, prefix in cfg.candidates.items():
@@ -202,16 +236,34 @@ def run_ablation(cfg: AblationConfig, progress=print) -> dict:
         predictions[name] = evaluate_candidate(cfg, name, ckpt)
     result = compare(cfg, predictions)
     rows: list[RankRow] = result.pop("rows")
-    table = format_table(rows, cfg.bootstrap.confidence,
-                         "mean over " + ", ".join(cfg.benchmarks) + "; diff interval: paired bootstrap over items, "
-                         f"{cfg.bootstrap.resamples} resamples, seed {cfg.bootstrap.seed}")
-    result.update({"iters": iters, "seq_length": seq, "global_batch_size": gbs, "tokens": iters * seq * gbs,
-                   "seed": cfg.seed, "table": table})
+    table = format_table(
+        rows,
+        cfg.bootstrap.confidence,
+        "mean over " + ", ".join(cfg.benchmarks) + "; diff interval: paired bootstrap over items, "
+        f"{cfg.bootstrap.resamples} resamples, seed {cfg.bootstrap.seed}",
+    )
+    result.update(
+        {
+            "iters": iters,
+            "seq_length": seq,
+            "global_batch_size": gbs,
+            "tokens": iters * seq * gbs,
+            "seed": cfg.seed,
+            "table": table,
+        }
+    )
     path = os.path.join(cfg.out_dir, "ranking.json")
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(path + ".tmp", path)
-    plot_ranking(rows, os.path.join(cfg.out_dir, "ranking.png"),
-                 ranking_title(list(cfg.benchmarks), cfg.bootstrap.confidence, cfg.bootstrap.resamples,
-                               f"{cfg.recipe}, {iters * seq * gbs} tokens per candidate"))
+    plot_ranking(
+        rows,
+        os.path.join(cfg.out_dir, "ranking.png"),
+        ranking_title(
+            list(cfg.benchmarks),
+            cfg.bootstrap.confidence,
+            cfg.bootstrap.resamples,
+            f"{cfg.recipe}, {iters * seq * gbs} tokens per candidate",
+        ),
+    )
     return result

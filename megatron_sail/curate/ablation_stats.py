@@ -4,6 +4,7 @@ table of candidates.
 Paired: every resample draws the same item indices for both candidates and rescoring uses the
 benchmark's own rule (mean accuracy, F1, ANLS, ...), so the interval is about the difference on
 the same questions, which is much tighter than comparing two independent intervals."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,11 @@ class BootstrapConfig:
     """Seed of the resampling (the same seed gives the same interval)."""
 
 
-def paired_bootstrap(items: Sequence, score_fn: Callable[[list], float], cfg: BootstrapConfig,
-                     ) -> tuple[float, float, float]:
+def paired_bootstrap(
+    items: Sequence,
+    score_fn: Callable[[list], float],
+    cfg: BootstrapConfig,
+) -> tuple[float, float, float]:
     """(observed, low, high) of ``score_fn`` on the items and its percentile interval.
 
     ``score_fn(resampled_items)`` returns the *difference* of two candidates' scores on that
@@ -56,7 +60,9 @@ class RankRow:
     """Upper end of the interval of ``diff``."""
 
 
-def rank(scores: dict[str, float], diff_ci: Callable[[str, str], tuple[float, float, float]]) -> list[RankRow]:
+def rank(
+    scores: dict[str, float], diff_ci: Callable[[str, str], tuple[float, float, float]]
+) -> list[RankRow]:
     """Candidates best first; ``diff_ci(name, best)`` gives (diff, low, high) of name vs best."""
     order = sorted(scores, key=lambda k: (-scores[k], k))
     best = order[0]
@@ -90,9 +96,11 @@ def ranking_title(benchmarks: list[str], confidence: float, resamples: int, sett
     drawn around its score; none on the best)."""
     import textwrap
 
-    lines = [f"mean score over {', '.join(benchmarks)} ({setting})",
-             f"error bars: {round(100 * confidence)}% CI of the difference to the best candidate, "
-             f"around each score (paired bootstrap over items, {resamples} resamples)"]
+    lines = [
+        f"mean score over {', '.join(benchmarks)} ({setting})",
+        f"error bars: {round(100 * confidence)}% CI of the difference to the best candidate, "
+        f"around each score (paired bootstrap over items, {resamples} resamples)",
+    ]
     return "\n".join(textwrap.fill(line, 78) for line in lines)
 
 
@@ -110,9 +118,14 @@ def plot_ranking(rows: list[RankRow], path: str, title: str) -> None:
     xs = range(len(rows))
     ax.bar(xs, [r.score for r in rows], color=["#2e7d32"] + ["#4472c4"] * (len(rows) - 1))
     # the interval of each difference, drawn around the candidate's score (best + diff)
-    ax.errorbar(xs, [r.score for r in rows], yerr=[[max(0.0, r.diff - r.low) for r in rows],
-                                                   [max(0.0, r.high - r.diff) for r in rows]],
-                fmt="none", ecolor="black", capsize=4)
+    ax.errorbar(
+        xs,
+        [r.score for r in rows],
+        yerr=[[max(0.0, r.diff - r.low) for r in rows], [max(0.0, r.high - r.diff) for r in rows]],
+        fmt="none",
+        ecolor="black",
+        capsize=4,
+    )
     ax.set_xticks(list(xs), [r.name for r in rows], rotation=20)
     ax.set_ylabel("mean score")
     ax.set_title(title, fontsize=9)

@@ -5,6 +5,7 @@ it), ``generation_error`` (the backend failed on that image), ``empty_caption`` 
 whitespace), ``truncated_caption`` (max_new_tokens reached without a stop token); reader
 reasons (``missing_image``, ``file_too_large``, ...) pass through from data/preprocess/formats.py.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,19 +40,32 @@ class CaptionStage:
         picks = [self.bank.pick(shard, s.key) for s in samples]
         results = self.backend.caption([CaptionRequest(s.image, p) for s, (_, p) in zip(samples, picks)])
         if len(results) != len(samples):
-            raise RuntimeError(f"backend {self.backend.name} returned {len(results)} answers for "
-                               f"{len(samples)} images")
+            raise RuntimeError(
+                f"backend {self.backend.name} returned {len(results)} answers for {len(samples)} images"
+            )
         out = []
         for s, (index, prompt), res in zip(samples, picks, results):
-            prov = dict(self.settings, prompt=prompt, prompt_index=index, finish_reason=res.finish_reason,
-                        tokens=res.tokens)
+            prov = dict(
+                self.settings,
+                prompt=prompt,
+                prompt_index=index,
+                finish_reason=res.finish_reason,
+                tokens=res.tokens,
+            )
             if res.error is not None:
                 out.append(Captioned(s, None, prov, "generation_error", res.error))
             elif not res.text.strip():
                 out.append(Captioned(s, None, prov, "empty_caption", f"the model answered {res.text!r}"))
             elif res.finish_reason == "length":
-                out.append(Captioned(s, None, prov, "truncated_caption",
-                                     f"reached max_new_tokens without a stop token: {res.text[-200:]!r}"))
+                out.append(
+                    Captioned(
+                        s,
+                        None,
+                        prov,
+                        "truncated_caption",
+                        f"reached max_new_tokens without a stop token: {res.text[-200:]!r}",
+                    )
+                )
             else:
                 out.append(Captioned(s, res.text.strip(), prov))
         return out

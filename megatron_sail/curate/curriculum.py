@@ -13,6 +13,7 @@ The plan (YAML) lists per stage its sample lists (JSONL of source/key/score, wha
 the blend, the trainer stage, the share of all samples and, with a total step budget, the steps;
 then the stage chain (each stage starting from the previous one's weights).
 examples/sft_sail_8b.sh runs it with ``PLAN=plan.yaml``."""
+
 from __future__ import annotations
 
 import json
@@ -82,7 +83,7 @@ def split_by_score(records: list[dict], cfg: CurriculumConfig) -> list[list[dict
             groups[sum(float(r["score"]) >= t for t in cfg.thresholds)].append(r)
         return groups
     n, k = len(ranked), cfg.stages
-    return [ranked[i * n // k:(i + 1) * n // k] for i in range(k)]
+    return [ranked[i * n // k : (i + 1) * n // k] for i in range(k)]
 
 
 def ordered_stages(records: list[dict], cfg: CurriculumConfig) -> list[list[dict]]:
@@ -95,7 +96,7 @@ def ordered_stages(records: list[dict], cfg: CurriculumConfig) -> list[list[dict
         random.Random(cfg.seed).shuffle(pool)
         sizes, out, start = [len(g) for g in groups], [], 0
         for s in sizes:
-            out.append(pool[start:start + s])
+            out.append(pool[start : start + s])
             start += s
         return out
     return groups
@@ -143,16 +144,28 @@ class PlanPaths:
 
 def preprocess_command(paths: PlanPaths, select: str, prefix: str) -> str:
     """The preprocessing of one sample list."""
-    cmd = [paths.python, "tools/preprocess_data.py", "--input", *paths.inputs, "--select", select,
-           "--output-prefix", prefix]
+    cmd = [
+        paths.python,
+        "tools/preprocess_data.py",
+        "--input",
+        *paths.inputs,
+        "--select",
+        select,
+        "--output-prefix",
+        prefix,
+    ]
     if paths.image_root:
         cmd += ["--image-root", paths.image_root]
     if paths.format:
         cmd += ["--format", paths.format]
-    return " ".join(shlex.quote(c) for c in cmd) + (" " + paths.preprocess_flags if paths.preprocess_flags else "")
+    return " ".join(shlex.quote(c) for c in cmd) + (
+        " " + paths.preprocess_flags if paths.preprocess_flags else ""
+    )
 
 
-def build_plan(records: list[dict], cfg: CurriculumConfig, paths: PlanPaths, meta: Optional[dict] = None) -> dict:
+def build_plan(
+    records: list[dict], cfg: CurriculumConfig, paths: PlanPaths, meta: Optional[dict] = None
+) -> dict:
     """Write the stage lists and return the plan (see the module docstring)."""
     if not records:
         raise ValueError("no scored samples")
@@ -172,14 +185,25 @@ def build_plan(records: list[dict], cfg: CurriculumConfig, paths: PlanPaths, met
             write_list(lists["replay"], rep)
             prefixes["replay"] = os.path.join(paths.prefix_dir, f"{name}_replay")
         n = len(own) + len(rep)
-        blend = " ".join(f"{c / n:.6g} {prefixes[p]}" for p, c in (("new", len(own)), ("replay", len(rep))) if c) \
-            if n else ""
+        blend = (
+            " ".join(f"{c / n:.6g} {prefixes[p]}" for p, c in (("new", len(own)), ("replay", len(rep))) if c)
+            if n
+            else ""
+        )
         scores = [float(r["score"]) for r in own]
-        entry = {"name": name, "trainer_stage": names[k - 1], "samples": len(own), "replayed": len(rep),
-                 "share": round(n / total, 6), "score_min": min(scores) if scores else None,
-                 "score_max": max(scores) if scores else None, "lists": lists, "prefixes": prefixes,
-                 "blend": blend,
-                 "preprocess": [preprocess_command(paths, lists[p], prefixes[p]) for p in lists]}
+        entry = {
+            "name": name,
+            "trainer_stage": names[k - 1],
+            "samples": len(own),
+            "replayed": len(rep),
+            "share": round(n / total, 6),
+            "score_min": min(scores) if scores else None,
+            "score_max": max(scores) if scores else None,
+            "lists": lists,
+            "prefixes": prefixes,
+            "blend": blend,
+            "preprocess": [preprocess_command(paths, lists[p], prefixes[p]) for p in lists],
+        }
         if cfg.total_iters is not None:  # the last stage takes the rounding remainder
             steps = iters_left if k == cfg.stages else max(1, round(cfg.total_iters * n / total))
             iters_left -= steps
@@ -187,17 +211,37 @@ def build_plan(records: list[dict], cfg: CurriculumConfig, paths: PlanPaths, met
         plan_stages.append(entry)
     empty = [s["name"] for s in plan_stages if not s["samples"]]
     if empty:
-        raise ValueError(f"stages {', '.join(empty)} hold no sample (thresholds outside the scores, or "
-                         f"fewer samples than stages)")
+        raise ValueError(
+            f"stages {', '.join(empty)} hold no sample (thresholds outside the scores, or "
+            f"fewer samples than stages)"
+        )
     chain, prev = [], "INIT_FROM"
     for s in plan_stages:
-        chain.append({"stage": s["name"], "trainer_stage": s["trainer_stage"], "data_path": s["blend"],
-                      "init_from": prev, "iters": s.get("iters")})
+        chain.append(
+            {
+                "stage": s["name"],
+                "trainer_stage": s["trainer_stage"],
+                "data_path": s["blend"],
+                "init_from": prev,
+                "iters": s.get("iters"),
+            }
+        )
         prev = s["name"]
-    return {"curriculum": {"stages": cfg.stages, "split": cfg.split, "thresholds": list(cfg.thresholds),
-                           "order": cfg.order, "mix_previous": cfg.mix_previous, "seed": cfg.seed,
-                           "total_iters": cfg.total_iters, "samples": len(records), **(meta or {})},
-            "stages": plan_stages, "chain": chain}
+    return {
+        "curriculum": {
+            "stages": cfg.stages,
+            "split": cfg.split,
+            "thresholds": list(cfg.thresholds),
+            "order": cfg.order,
+            "mix_previous": cfg.mix_previous,
+            "seed": cfg.seed,
+            "total_iters": cfg.total_iters,
+            "samples": len(records),
+            **(meta or {}),
+        },
+        "stages": plan_stages,
+        "chain": chain,
+    }
 
 
 def stage_iters(plan: dict, total: int) -> list[int]:
@@ -211,5 +255,12 @@ def stage_iters(plan: dict, total: int) -> list[int]:
     return out
 
 
-__all__ = ["CurriculumConfig", "PlanPaths", "build_plan", "default_trainer_stages", "ordered_stages",
-           "split_by_score", "stage_iters"]
+__all__ = [
+    "CurriculumConfig",
+    "PlanPaths",
+    "build_plan",
+    "default_trainer_stages",
+    "ordered_stages",
+    "split_by_score",
+    "stage_iters",
+]

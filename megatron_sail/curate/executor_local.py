@@ -5,6 +5,7 @@ takes shards from a pool, so N workers hold N
 models; on a CPU they share its cores. A shard that raises is retried up to ``shard_retries``
 times (its partial files were removed), then reported failed; the other shards go on.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -36,8 +37,12 @@ def _process(spec: ShardSpec) -> tuple[dict, int]:
 
 
 def failure(spec: ShardSpec, error: BaseException, attempts: int) -> dict:
-    return {"shard": spec.name, "source": spec.source, "attempts": attempts,
-            "error": f"{type(error).__name__}: {error}"}
+    return {
+        "shard": spec.name,
+        "source": spec.source,
+        "attempts": attempts,
+        "error": f"{type(error).__name__}: {error}",
+    }
 
 
 class LocalExecutor:
@@ -74,8 +79,9 @@ class LocalExecutor:
     def _pool(self, pending, bar):
         results, failed, retries = {}, [], 0
         ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch/distributed state
-        with ProcessPoolExecutor(self.cfg.workers, mp_context=ctx, initializer=_init,
-                                 initargs=(self.cfg, os.getpid())) as pool:
+        with ProcessPoolExecutor(
+            self.cfg.workers, mp_context=ctx, initializer=_init, initargs=(self.cfg, os.getpid())
+        ) as pool:
             running = {pool.submit(_process, s): (s, 1) for s in pending}
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)

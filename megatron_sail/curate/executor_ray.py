@@ -5,6 +5,7 @@ cluster) and captions one shard at a time; the driver keeps every actor busy, re
 that raised or whose actor died (the actor is replaced) up to ``shard_retries`` times, and
 writes nothing itself: actors write the shards to the shared output folder.
 """
+
 from __future__ import annotations
 
 from megatron_sail.curate.executor_local import failure, worker_from
@@ -39,8 +40,12 @@ class RayExecutor:
             if self.cfg.ray_address:
                 ray.init(address=self.cfg.ray_address, log_to_driver=False)
             else:
-                ray.init(num_cpus=self.cfg.ray_num_cpus, include_dashboard=False, log_to_driver=False,
-                         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(self.cfg.cpus_per_worker)))}})
+                ray.init(
+                    num_cpus=self.cfg.ray_num_cpus,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(self.cfg.cpus_per_worker)))}},
+                )
         return ray
 
     def run(self, pending: list[ShardSpec], bar) -> tuple[dict, list, int]:
@@ -48,7 +53,9 @@ class RayExecutor:
         if not pending:
             return {}, [], 0
         ray = self._start()
-        actor_cls = ray.remote(num_cpus=self.cfg.cpus_per_worker, num_gpus=self.cfg.gpus_per_worker)(_Captioner)
+        actor_cls = ray.remote(num_cpus=self.cfg.cpus_per_worker, num_gpus=self.cfg.gpus_per_worker)(
+            _Captioner
+        )
         actors = [actor_cls.remote(self.cfg) for _ in range(min(self.cfg.workers, len(pending)))]
         queue = [(s, 1) for s in pending]
         running: dict = {}

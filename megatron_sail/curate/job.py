@@ -9,6 +9,7 @@ takes this task's part of the shards (``shard_index::num_shards``: SLURM arrays)
 with a done marker, runs the rest on the local or Ray executor with retries, and rebuilds
 ``done_manifest.json`` from the markers of the whole output folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,7 +51,6 @@ class JobConfig:
     """Show a progress bar on stderr."""
 
 
-
 def check_job(cfg) -> None:
     """The shared flag checks of a pass config holding JobConfig's fields (one-line errors)."""
     if cfg.executor not in EXECUTORS:
@@ -89,23 +89,37 @@ def array_task(index: Optional[int], count: Optional[int], prog: str) -> tuple[i
 def job_fields(a, prog: str) -> dict:
     """JobConfig's fields from the flags of add_job_flags."""
     index, count = array_task(a.shard_index, a.num_shards, prog)
-    return {"shard_index": index, "num_shards": count, "executor": a.executor, "workers": a.workers,
-            "shard_retries": a.shard_retries, "ray_address": a.ray_address, "ray_num_cpus": a.ray_num_cpus,
-            "gpus_per_worker": a.gpus_per_worker, "cpus_per_worker": a.cpus_per_worker}
+    return {
+        "shard_index": index,
+        "num_shards": count,
+        "executor": a.executor,
+        "workers": a.workers,
+        "shard_retries": a.shard_retries,
+        "ray_address": a.ray_address,
+        "ray_num_cpus": a.ray_num_cpus,
+        "gpus_per_worker": a.gpus_per_worker,
+        "cpus_per_worker": a.cpus_per_worker,
+    }
 
 
 def task_shards(cfg: JobConfig, shards: list[ShardSpec]) -> list[ShardSpec]:
     """This task's part of all shards (stable order, so array tasks never overlap)."""
-    return shards[cfg.shard_index::cfg.num_shards]
+    return shards[cfg.shard_index :: cfg.num_shards]
 
 
-def run_job(cfg, shards: list[ShardSpec], bar_factory: Optional[Callable] = None,
-            totals: tuple[str, ...] = ("samples",)) -> dict:
+def run_job(
+    cfg,
+    shards: list[ShardSpec],
+    bar_factory: Optional[Callable] = None,
+    totals: tuple[str, ...] = ("samples",),
+) -> dict:
     """Run this task's pending shards; returns what every pass reports (counts come from the
     markers: ``results`` maps shard name -> marker)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("curation passes run one process per task (SLURM array, --workers, Ray), not under "
-                         "torchrun: every rank would process every shard")
+        raise ValueError(
+            "curation passes run one process per task (SLURM array, --workers, Ray), not under "
+            "torchrun: every rank would process every shard"
+        )
     os.makedirs(cfg.output_dir, exist_ok=True)
     mine = task_shards(cfg, shards)
     suffix = getattr(cfg, "output_suffix", ".tar")
@@ -115,9 +129,11 @@ def run_job(cfg, shards: list[ShardSpec], bar_factory: Optional[Callable] = None
     try:
         if cfg.executor == "ray":
             from megatron_sail.curate.executor_ray import RayExecutor
+
             results, failed, retries = RayExecutor(cfg).run(pending, bar)
         else:
             from megatron_sail.curate.executor_local import LocalExecutor
+
             results, failed, retries = LocalExecutor(cfg).run(pending, bar)
     finally:
         if bar is not None:
@@ -125,12 +141,21 @@ def run_job(cfg, shards: list[ShardSpec], bar_factory: Optional[Callable] = None
     seconds = time.time() - start
     manifest = write_manifest(cfg.output_dir, totals, suffix)
     samples = sum(r["samples"] for r in results.values())
-    return {"output_dir": cfg.output_dir, "manifest": manifest, "shards": len(mine),
-            "skipped_done": len(mine) - len(pending), "shards_done": sorted(results),
-            "failed_shards": failed, "results": results, "samples": samples,
-            "request_retries": retries, "seconds": round(seconds, 3),
-            "images_per_s": round(samples / seconds, 3) if seconds > 0 else None,
-            "executor": cfg.executor, "workers": cfg.workers}
+    return {
+        "output_dir": cfg.output_dir,
+        "manifest": manifest,
+        "shards": len(mine),
+        "skipped_done": len(mine) - len(pending),
+        "shards_done": sorted(results),
+        "failed_shards": failed,
+        "results": results,
+        "samples": samples,
+        "request_retries": retries,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(samples / seconds, 3) if seconds > 0 else None,
+        "executor": cfg.executor,
+        "workers": cfg.workers,
+    }
 
 
 def sum_reasons(results: dict) -> dict:

@@ -3,6 +3,7 @@
 Varying the instruction keeps a captioner fine-tuned on the output from overfitting to one
 phrasing; the draw hashes (seed, shard, key), so it is the same on every rerun and executor.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ DEFAULT_PROMPTS = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class PromptBankConfig:
     """Where the caption instructions come from."""
 

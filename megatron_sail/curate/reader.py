@@ -5,9 +5,9 @@ into shards of ``samples_per_shard`` records) or an image folder (sorted files, 
 way; a ``NAME.txt`` next to ``NAME.jpg`` is its original text). The readers and the path checks
 of data/preprocess/formats.py are reused: images are read inside the image root only and size-capped.
 """
+
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -15,10 +15,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS
 from megatron_sail.data.preprocess import formats
 from megatron_sail.data.preprocess.formats import IMAGE_EXTS, ImageAccess
-from megatron_sail.data.images.imageinfo import clean_message
 from megatron_sail.data.preprocess.media_refs import image_field
 from megatron_sail.data.template import SampleError
 
@@ -128,8 +126,10 @@ def list_shards(cfg: ReaderConfig) -> list[ShardSpec]:
     seen: dict[str, str] = {}
     for s in specs:
         if s.name in seen and seen[s.name] != s.source:
-            raise ValueError(f"inputs {seen[s.name]} and {s.source} both give output shard {s.name}.tar; "
-                             "rename one or recaption them into different --output-dir")
+            raise ValueError(
+                f"inputs {seen[s.name]} and {s.source} both give output shard {s.name}.tar; "
+                "rename one or recaption them into different --output-dir"
+            )
         seen[s.name] = s.source
     return specs
 
@@ -139,8 +139,10 @@ def _ranges(source: str, kind: str, n: int, per: int) -> list[ShardSpec]:
     stem = _stem(source)
     if n <= per:
         return [ShardSpec(stem, source, kind, 0, None)]
-    return [ShardSpec(f"{stem}-{k:05d}", source, kind, start, min(start + per, n))
-            for k, start in enumerate(range(0, n, per))]
+    return [
+        ShardSpec(f"{stem}-{k:05d}", source, kind, start, min(start + per, n))
+        for k, start in enumerate(range(0, n, per))
+    ]
 
 
 def shard_size(spec: ShardSpec, cfg: ReaderConfig) -> Optional[int]:
@@ -151,8 +153,13 @@ def shard_size(spec: ShardSpec, cfg: ReaderConfig) -> Optional[int]:
         return len(_folder_images(spec.source)) if spec.kind == "folder" else _count_lines(spec.source)
     try:
         with tarfile.open(spec.source, "r:") as tar:  # headers only: data is seeked over
-            return len({os.path.join(os.path.dirname(m.name), os.path.basename(m.name).split(".", 1)[0])
-                        for m in tar.getmembers() if m.isfile() and "." in os.path.basename(m.name)})
+            return len(
+                {
+                    os.path.join(os.path.dirname(m.name), os.path.basename(m.name).split(".", 1)[0])
+                    for m in tar.getmembers()
+                    if m.isfile() and "." in os.path.basename(m.name)
+                }
+            )
     except (tarfile.TarError, OSError, EOFError):
         return None
 
@@ -216,13 +223,15 @@ class ReadStage:
                 s.image, s.ext = bytes(data), _ext_of(refs[0], data)
                 s.original_text = _record_text(obj)
                 s.original = {k: v for k, v in obj.items() if k not in ("image", "images")}
-                s.original["image"] = refs[0] if isinstance(refs[0], str) and not refs[0].startswith("data:") else None
+                s.original["image"] = (
+                    refs[0] if isinstance(refs[0], str) and not refs[0].startswith("data:") else None
+                )
             except SampleError as e:
                 s.error = e
             yield s
 
     def _folder(self, spec: ShardSpec) -> Iterator[Sample]:
-        names = _folder_images(spec.source)[spec.start:spec.stop]
+        names = _folder_images(spec.source)[spec.start : spec.stop]
         for k, rel in enumerate(names, spec.start):
             s = Sample(f"{k:09d}", f"{spec.source}/{rel}")
             try:
@@ -230,8 +239,9 @@ class ReadStage:
                 s.image, s.ext = bytes(data), rel.rsplit(".", 1)[-1].lower()
                 sidecar = os.path.join(spec.source, os.path.splitext(rel)[0] + ".txt")
                 if os.path.isfile(sidecar):
-                    s.original_text = formats._utf8(formats.read_regular_file(sidecar, self.access.max_bytes),
-                                                    sidecar)
+                    s.original_text = formats._utf8(
+                        formats.read_regular_file(sidecar, self.access.max_bytes), sidecar
+                    )
                 s.original = {"path": rel}
             except SampleError as e:
                 s.error = e
@@ -264,20 +274,6 @@ def _ext_of(ref, data: bytes) -> str:
     if head[:3] == b"GIF":
         return "gif"
     return "jpg"
-
-
-def check_decodable(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Optional[str]:
-    """None when PIL decodes the image fully, else why not (an ``undecodable_image`` reject)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.size[0] * im.size[1] > max_pixels:
-                return f"{im.size[0]}x{im.size[1]} pixels > {max_pixels}"
-            im.load()
-        return None
-    except Exception as e:  # noqa: BLE001 - any decoder failure is the same reject
-        return clean_message(f"{type(e).__name__}: {e}")
 
 
 def dump_json(obj) -> bytes:

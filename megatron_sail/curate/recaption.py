@@ -3,6 +3,7 @@
 The sharded job of curate/job.py (this task's shards, skip done ones, local or Ray executor,
 retries, ``done_manifest.json``) with ShardWorker (read -> caption -> write) as the worker.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,8 +11,8 @@ from typing import Optional
 
 from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS
 from megatron_sail.curate.backends import BackendConfig
-from megatron_sail.curate.prompts import PromptBankConfig
 from megatron_sail.curate.job import EXECUTORS, check_job, run_job, sum_reasons, task_shards
+from megatron_sail.curate.prompts import PromptBankConfig
 from megatron_sail.curate.reader import ReaderConfig, ShardSpec, list_shards, shard_size
 
 __all__ = ["EXECUTORS", "RecaptionConfig", "my_shards", "run"]
@@ -63,8 +64,13 @@ class RecaptionConfig:
             raise ValueError("no --input given")
 
     def reader_config(self) -> ReaderConfig:
-        return ReaderConfig(list(self.inputs), self.image_root, self.samples_per_shard, self.max_image_bytes,
-                            self.max_sample_bytes)
+        return ReaderConfig(
+            list(self.inputs),
+            self.image_root,
+            self.samples_per_shard,
+            self.max_image_bytes,
+            self.max_sample_bytes,
+        )
 
     def backend_config(self) -> BackendConfig:
         from dataclasses import replace
@@ -78,8 +84,13 @@ class RecaptionConfig:
         """The per-shard worker the executors run (curate/job.py)."""
         from megatron_sail.curate.worker import ShardWorker
 
-        return ShardWorker(self.reader_config(), self.backend_config(), self.prompt_config(), self.output_dir,
-                           self.max_pixels)
+        return ShardWorker(
+            self.reader_config(),
+            self.backend_config(),
+            self.prompt_config(),
+            self.output_dir,
+            self.max_pixels,
+        )
 
 
 def my_shards(cfg: RecaptionConfig) -> list[ShardSpec]:
@@ -102,8 +113,16 @@ def make_progress(cfg: RecaptionConfig, pending: list[ShardSpec]):
 
 def run(cfg: RecaptionConfig) -> dict:
     """Recaption this task's shards; returns counts, failures and throughput."""
-    res = run_job(cfg, list_shards(cfg.reader_config()), lambda pending: make_progress(cfg, pending),
-                  totals=("samples", "captioned"))
+    res = run_job(
+        cfg,
+        list_shards(cfg.reader_config()),
+        lambda pending: make_progress(cfg, pending),
+        totals=("samples", "captioned"),
+    )
     results = res.pop("results")
-    return {**res, "captioned": sum(r["captioned"] for r in results.values()),
-            "rejected": sum(r["rejected"] for r in results.values()), "rejects_by_reason": sum_reasons(results)}
+    return {
+        **res,
+        "captioned": sum(r["captioned"] for r in results.values()),
+        "rejected": sum(r["rejected"] for r in results.values()),
+        "rejects_by_reason": sum_reasons(results),
+    }

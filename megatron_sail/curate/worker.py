@@ -1,4 +1,5 @@
 """The per-shard work every executor runs: read -> caption -> write one shard."""
+
 from __future__ import annotations
 
 import queue
@@ -9,9 +10,9 @@ from typing import Callable, Iterator, Optional
 from megatron_sail.curate.backends import BackendConfig, make_backend
 from megatron_sail.curate.caption import CaptionStage
 from megatron_sail.curate.prompts import PromptBank, PromptBankConfig
-from megatron_sail.curate.reader import ReaderConfig, ReadStage, Sample, ShardSpec, check_decodable
+from megatron_sail.curate.reader import ReaderConfig, ReadStage, Sample, ShardSpec
 from megatron_sail.curate.writer import ShardWriter
-
+from megatron_sail.data.images.imageinfo import check_decodable
 
 _END = object()
 """Marks the end of a shard in the prefetch queue."""
@@ -20,8 +21,14 @@ _END = object()
 class ShardWorker:
     """Holds one loaded backend (one model per process / Ray actor / GPU) and captions shards."""
 
-    def __init__(self, reader: ReaderConfig, backend: BackendConfig, prompts: PromptBankConfig,
-                 out_dir: str, max_pixels: int):
+    def __init__(
+        self,
+        reader: ReaderConfig,
+        backend: BackendConfig,
+        prompts: PromptBankConfig,
+        out_dir: str,
+        max_pixels: int,
+    ):
         self.reader = ReadStage(reader)
         self.backend_cfg = backend
         self.bank = PromptBank(prompts)
@@ -38,8 +45,14 @@ class ShardWorker:
         if self.stage is None:
             cfg = self.backend_cfg
             backend = make_backend(cfg)
-            settings = {"model": backend.model_id, "backend": cfg.backend, "seed": self.bank.seed,
-                        "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
+            settings = {
+                "model": backend.model_id,
+                "backend": cfg.backend,
+                "seed": self.bank.seed,
+                "max_new_tokens": cfg.max_new_tokens,
+                "temperature": cfg.temperature,
+                "top_p": cfg.top_p,
+            }
             self.stage = CaptionStage(backend, self.bank, settings)
         return self.stage
 
@@ -70,8 +83,14 @@ class ShardWorker:
                 if progress:
                     progress(1)
             self._flush(stage, spec, batch, writer, progress)
-            return writer.commit({"source": spec.source, "start": spec.start, "stop": spec.stop,
-                                  "seconds": round(time.time() - start, 3)})
+            return writer.commit(
+                {
+                    "source": spec.source,
+                    "start": spec.start,
+                    "stop": spec.stop,
+                    "seconds": round(time.time() - start, 3),
+                }
+            )
         except BaseException:
             writer.abort()
             raise
@@ -116,8 +135,14 @@ class ShardWorker:
             stop.set()
             thread.join()
 
-    def _flush(self, stage: CaptionStage, spec: ShardSpec, batch: list[Sample], writer: ShardWriter,
-               progress: Optional[Callable[[int], None]]) -> None:
+    def _flush(
+        self,
+        stage: CaptionStage,
+        spec: ShardSpec,
+        batch: list[Sample],
+        writer: ShardWriter,
+        progress: Optional[Callable[[int], None]],
+    ) -> None:
         """Caption one batch and write each outcome."""
         if not batch:
             return

@@ -6,6 +6,7 @@ when its marker exists, so a kill at any point leaves either a finished shard or
 rerun redoes from the start: every input sample ends up exactly once in an output shard or in
 a rejects file. ``done_manifest.json`` lists the finished shards of the whole output folder.
 """
+
 from __future__ import annotations
 
 import io
@@ -23,8 +24,9 @@ MANIFEST = "done_manifest.json"
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Write under a temporary name, fsync, rename."""
-    tmp = path + ".tmp"
+    """Write under a temporary name of this process (array tasks rebuild the same manifest and
+    report at the same time), fsync, rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -39,12 +41,14 @@ def done_marker(out_dir: str, name: str) -> str:
 def is_done(out_dir: str, name: str, output_suffix: str = ".tar") -> bool:
     """A shard is finished when its marker and its output (``NAME.tar``; the signature pass:
     ``NAME.sig.npz``) both exist."""
-    return (os.path.isfile(done_marker(out_dir, name))
-            and os.path.isfile(os.path.join(out_dir, name + output_suffix)))
+    return os.path.isfile(done_marker(out_dir, name)) and os.path.isfile(
+        os.path.join(out_dir, name + output_suffix)
+    )
 
 
-def write_manifest(out_dir: str, totals: tuple[str, ...] = ("samples", "captioned"),
-                   output_suffix: str = ".tar") -> str:
+def write_manifest(
+    out_dir: str, totals: tuple[str, ...] = ("samples", "captioned"), output_suffix: str = ".tar"
+) -> str:
     """done_manifest.json: every finished shard's marker, by name, and the sums of ``totals``
     over them (rebuilt from the markers, so concurrent array tasks never lose each other's
     entries)."""
@@ -105,10 +109,22 @@ class ShardWriter:
         self._member(f"{sample.key}.{sample.ext}", sample.image)
         self._member(f"{sample.key}.txt", caption.encode("utf-8", "backslashreplace"))
         if sample.original_text is not None:
-            self._member(f"{sample.key}.original.txt", sample.original_text.encode("utf-8", "backslashreplace"))
-        self._member(f"{sample.key}.json", dump_json({
-            "key": sample.key, "source": sample.where, "caption": caption,
-            "original_text": sample.original_text, "original": sample.original, "provenance": provenance}))
+            self._member(
+                f"{sample.key}.original.txt", sample.original_text.encode("utf-8", "backslashreplace")
+            )
+        self._member(
+            f"{sample.key}.json",
+            dump_json(
+                {
+                    "key": sample.key,
+                    "source": sample.where,
+                    "caption": caption,
+                    "original_text": sample.original_text,
+                    "original": sample.original,
+                    "provenance": provenance,
+                }
+            ),
+        )
         self.captioned += 1
 
     def reject(self, sample: Sample, reason: str, detail: str, provenance: Optional[dict] = None) -> None:
@@ -138,8 +154,13 @@ class ShardWriter:
             os.makedirs(os.path.dirname(os.path.join(self.out_dir, rel)), exist_ok=True)
             write_atomic(os.path.join(self.out_dir, rel), data)
         rejected = sum(self.by_reason.values())
-        marker = dict(info, samples=self.captioned + rejected, **{self.kept_name: self.captioned},
-                      rejected=rejected, rejects_by_reason=dict(sorted(self.by_reason.items())))
+        marker = dict(
+            info,
+            samples=self.captioned + rejected,
+            **{self.kept_name: self.captioned},
+            rejected=rejected,
+            rejects_by_reason=dict(sorted(self.by_reason.items())),
+        )
         os.makedirs(os.path.join(self.out_dir, DONE_DIR), exist_ok=True)
         write_atomic(done_marker(self.out_dir, self.name), json.dumps(marker, indent=1).encode())
         return marker

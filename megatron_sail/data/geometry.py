@@ -8,6 +8,7 @@ trusting a number typed on the command line, and stores the whole geometry next 
 whose geometry makes another count cannot splice that data, and must refuse it before step 1
 with the dataset file, both counts and the way out.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -20,8 +21,15 @@ def geometry_block(model_config, tile_size: Optional[int] = None, recipe: str = 
     v = model_config.vision
     tile = int(tile_size or v.image_size)
     g = model_config.geometry(tile)
-    block = {"family": v.family, "tile_size": tile, "patch_size": v.patch_size, "grid": g.grid,
-             "class_tokens": g.class_tokens, "merge": g.merge, "tokens_per_tile": g.tokens_per_tile}
+    block = {
+        "family": v.family,
+        "tile_size": tile,
+        "patch_size": v.patch_size,
+        "grid": g.grid,
+        "class_tokens": g.class_tokens,
+        "merge": g.merge,
+        "tokens_per_tile": g.tokens_per_tile,
+    }
     if g.padded:  # recorded only when it applies: blocks of divisible grids stay as they were
         block["odd_grid"] = "pad"
     if recipe:
@@ -34,10 +42,12 @@ def describe(block: Optional[dict]) -> str:
     if not block:
         return "geometry not recorded (written before meta.json stored it)"
     where = f" (recipe {block['recipe']})" if block.get("recipe") else ""
-    return (f"{block['family']} geometry{where}: {block['tile_size']} px tiles of "
-            f"{block['patch_size']} px patches = {block['grid']}x{block['grid']} grid, "
-            f"{block['class_tokens']} class token(s), {block['merge']}x{block['merge']} merge"
-            + (" of the zero-padded grid" if block.get("odd_grid") == "pad" else ""))
+    return (
+        f"{block['family']} geometry{where}: {block['tile_size']} px tiles of "
+        f"{block['patch_size']} px patches = {block['grid']}x{block['grid']} grid, "
+        f"{block['class_tokens']} class token(s), {block['merge']}x{block['merge']} merge"
+        + (" of the zero-padded grid" if block.get("odd_grid") == "pad" else "")
+    )
 
 
 def mismatch(meta_path: str, tokenizer: dict, model_config, recipe: str = "") -> Optional[str]:
@@ -49,17 +59,23 @@ def mismatch(meta_path: str, tokenizer: dict, model_config, recipe: str = "") ->
     the data was built for."""
     tile, have = tokenizer.get("tile_size"), tokenizer.get("tokens_per_tile")
     built = describe(tokenizer.get("geometry"))
-    redo = (f"rebuild it with tools/preprocess_data.py --recipe {recipe or 'NAME'} (the recipe and "
-            "--config this run uses), or train the model it was built for")
+    redo = (
+        f"rebuild it with tools/preprocess_data.py --recipe {recipe or 'NAME'} (the recipe and "
+        "--config this run uses), or train the model it was built for"
+    )
     try:
         want = geometry_block(model_config, tile, recipe)
     except (TypeError, ValueError) as e:
-        return (f"{meta_path}: {tile} px tiles ({have} tokens per tile, {built}) do not fit the "
-                f"model's {model_config.vision.family} encoder ({e}); {redo}")
+        return (
+            f"{meta_path}: {tile} px tiles ({have} tokens per tile, {built}) do not fit the "
+            f"model's {model_config.vision.family} encoder ({e}); {redo}"
+        )
     if have == want["tokens_per_tile"]:
         return None
-    return (f"{meta_path}: {have} tokens per tile, the model makes {want['tokens_per_tile']} from "
-            f"{tile} px tiles ({describe(want)}); the dataset was built for {built}; {redo}")
+    return (
+        f"{meta_path}: {have} tokens per tile, the model makes {want['tokens_per_tile']} from "
+        f"{tile} px tiles ({describe(want)}); the dataset was built for {built}; {redo}"
+    )
 
 
 DEFAULT_RECIPE = "sail_2b"
@@ -78,8 +94,9 @@ def recipe_model(recipe: str, config: Optional[str] = None):
     return cfg.model
 
 
-def resolve_tiling(recipe: Optional[str], config: Optional[str], tile_size: Optional[int],
-                   tokens_per_tile: Optional[int]) -> tuple[int, int, Optional[dict]]:
+def resolve_tiling(
+    recipe: Optional[str], config: Optional[str], tile_size: Optional[int], tokens_per_tile: Optional[int]
+) -> tuple[int, int, Optional[dict]]:
     """(tile size, tokens per tile, geometry block) for preprocessing.
 
     With a recipe (or with neither a recipe nor --tokens-per-tile: DEFAULT_RECIPE) the count is
@@ -95,10 +112,14 @@ def resolve_tiling(recipe: Optional[str], config: Optional[str], tile_size: Opti
     try:
         block = geometry_block(model, tile_size, recipe)
     except ValueError as e:
-        raise ValueError(f"--recipe {recipe}: {tile_size or model.vision.image_size} px tiles do not "
-                         f"fit its {model.vision.family} encoder ({e})") from e
+        raise ValueError(
+            f"--recipe {recipe}: {tile_size or model.vision.image_size} px tiles do not "
+            f"fit its {model.vision.family} encoder ({e})"
+        ) from e
     if tokens_per_tile is not None and tokens_per_tile != block["tokens_per_tile"]:
-        raise ValueError(f"--tokens-per-tile {tokens_per_tile}, but --recipe {recipe} makes "
-                         f"{block['tokens_per_tile']} from {block['tile_size']} px tiles "
-                         f"({describe(block)}); drop --tokens-per-tile")
+        raise ValueError(
+            f"--tokens-per-tile {tokens_per_tile}, but --recipe {recipe} makes "
+            f"{block['tokens_per_tile']} from {block['tile_size']} px tiles "
+            f"({describe(block)}); drop --tokens-per-tile"
+        )
     return block["tile_size"], block["tokens_per_tile"], block

@@ -14,6 +14,7 @@ Everything is written under temporary names and renamed once complete, ``meta.js
 older meta.json under the prefix is removed first): a prefix whose meta.json exists is complete;
 an interrupted run leaves no complete-looking dataset under the final name.
 """
+
 from __future__ import annotations
 
 import json
@@ -91,12 +92,14 @@ class PackedWriter:
         self._builders["loss_mask"].add_document(np.concatenate([s.loss_mask for s in samples]), lengths)
         blobs = [np.frombuffer(im.data, dtype=np.uint8) for s in samples for im in s.images]
         self._builders["images"].add_document(
-            np.concatenate(blobs) if blobs else np.zeros(0, np.uint8), [b.size for b in blobs])
+            np.concatenate(blobs) if blobs else np.zeros(0, np.uint8), [b.size for b in blobs]
+        )
         for k, s in enumerate(samples):
             for im in s.images:
                 thumb = im.thumbnail and im.grid[0] * im.grid[1] > 1
-                self._image_meta.append((im.grid[0], im.grid[1], int(thumb), im.size[0], im.size[1],
-                                         self.samples + k))
+                self._image_meta.append(
+                    (im.grid[0], im.grid[1], int(thumb), im.size[0], im.size[1], self.samples + k)
+                )
                 self.stats["tiles"] += im.grid[0] * im.grid[1] + int(thumb)
         n_img = int(np.count_nonzero(tokens == img_context_id))
         self.stats["image_tokens"] += n_img
@@ -134,8 +137,10 @@ class PackedWriter:
     def commit(self, meta: dict) -> None:
         """Finish all files, record their checksums in meta.json, rename them into place, meta.json last."""
         self._finalize_files()
-        names = [path[len(self.prefix) + 1:] for path in final_paths(self.prefix)[:-1]]
-        known = {f"{s}.bin": (b.data_file.bytes, b.data_file.hash.hexdigest()) for s, b in self._builders.items()}
+        names = [path[len(self.prefix) + 1 :] for path in final_paths(self.prefix)[:-1]]
+        known = {
+            f"{s}.bin": (b.data_file.bytes, b.data_file.hash.hexdigest()) for s, b in self._builders.items()
+        }
         meta = {**meta, "checksums": integrity.checksums_block({n: self._path(n) for n in names}, known)}
         with _naming(self._path("meta.json")), open(self._path("meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
@@ -226,7 +231,7 @@ def remove_stale_temporaries(prefix: str) -> list[str]:
         except OSError:
             continue
         for name in names:
-            pid = name[len(base) + 4:] if name.startswith(base + ".tmp") else ""
+            pid = name[len(base) + 4 :] if name.startswith(base + ".tmp") else ""
             if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
                 try:
                     os.remove(os.path.join(folder, name))
@@ -270,8 +275,11 @@ class PackedReader:
             check_stream(prefix, name, ds, np.dtype(dtype).itemsize)
             return ds
 
-        check_stream, check_rows = ((integrity.check_stream_cheap, integrity.check_rows_cheap)
-                                    if verify == "cheap" else (integrity.check_stream, integrity.check_rows))
+        check_stream, check_rows = (
+            (integrity.check_stream_cheap, integrity.check_rows_cheap)
+            if verify == "cheap"
+            else (integrity.check_stream, integrity.check_rows)
+        )
 
         self.tokens = open_stream("tokens", np.int32)
         self.loss_mask = open_stream("loss_mask", np.uint8)
@@ -286,7 +294,7 @@ class PackedReader:
 
     @staticmethod
     def _slice(ds, a: int, b: int) -> list[np.ndarray]:
-        return ds[int(a):int(b)] if b > a else []
+        return ds[int(a) : int(b)] if b > a else []
 
     def row(self, i: int) -> tuple[int, list[np.ndarray], list[np.ndarray], list[int]]:
         """(first sample id, token arrays, loss-mask arrays, image ids) of row i."""
@@ -294,8 +302,12 @@ class PackedReader:
             raise IndexError(f"{self.prefix}: row {i} out of range [0, {len(self)})")
         a, b = self.row_index[i], self.row_index[i + 1]
         ia, ib = self.image_row_index[i], self.image_row_index[i + 1]
-        return (int(a), self._slice(self.tokens, a, b), self._slice(self.loss_mask, a, b),
-                list(range(int(ia), int(ib))))
+        return (
+            int(a),
+            self._slice(self.tokens, a, b),
+            self._slice(self.loss_mask, a, b),
+            list(range(int(ia), int(ib))),
+        )
 
     def image_bytes(self, j: int) -> bytes:
         """Encoded bytes of image j."""

@@ -22,6 +22,7 @@ they are written, the small files after) and records size and digest per file in
 
 Every failure is a ``DatasetIntegrityError`` (a ValueError) naming the file and what is wrong.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,7 +60,7 @@ class OutputWriteError(OSError):
 
 
 def write_error(path: str, error: OSError) -> OutputWriteError:
-    """"no space left on device while writing PATH (N bytes free)" for ENOSPC, else the OS's
+    """ "no space left on device while writing PATH (N bytes free)" for ENOSPC, else the OS's
     reason with the path; the caller raises it ``from None`` so no chained traceback follows."""
     import errno
 
@@ -139,14 +140,17 @@ def check_files(prefix: str, meta: dict, level: str) -> list[str]:
             continue
         size = os.path.getsize(path)
         if size != rec["bytes"]:
-            problems.append(f"{path}: {size} bytes, meta.json records {rec['bytes']} (truncated, "
-                            f"extended or replaced)")
+            problems.append(
+                f"{path}: {size} bytes, meta.json records {rec['bytes']} (truncated, extended or replaced)"
+            )
             continue
         if level == "full" or (level == "cheap" and size <= CHEAP_HASH_BYTES):  # structure: none
             digest = file_digest(path)
             if digest != rec[ALGORITHM]:
-                problems.append(f"{path}: {ALGORITHM} mismatch (recorded {rec[ALGORITHM][:16]}..., "
-                                f"file has {digest[:16]}...): the file is damaged")
+                problems.append(
+                    f"{path}: {ALGORITHM} mismatch (recorded {rec[ALGORITHM][:16]}..., "
+                    f"file has {digest[:16]}...): the file is damaged"
+                )
     return problems
 
 
@@ -157,8 +161,9 @@ def check_idx_header(idx_path: str, dtype) -> None:
     with open(idx_path, "rb") as f:
         head = f.read(IDX_HEADER_BYTES)
     if len(head) < IDX_HEADER_BYTES:
-        raise DatasetIntegrityError(f"{idx_path}: {size} bytes, shorter than an index header "
-                                    f"({IDX_HEADER_BYTES}); truncated")
+        raise DatasetIntegrityError(
+            f"{idx_path}: {size} bytes, shorter than an index header ({IDX_HEADER_BYTES}); truncated"
+        )
     h = idx_format.parse_header(head)
     if h.magic != idx_format.MAGIC:
         raise DatasetIntegrityError(f"{idx_path}: not a Megatron index (bad magic {h.magic!r})")
@@ -166,17 +171,23 @@ def check_idx_header(idx_path: str, dtype) -> None:
         raise DatasetIntegrityError(f"{idx_path}: index version {h.version}, expected {idx_format.VERSION}")
     want = idx_format.DTYPE_CODES[np.dtype(dtype)]
     if h.dtype_code != want:
-        raise DatasetIntegrityError(f"{idx_path}: dtype code {h.dtype_code}, expected {want} ({np.dtype(dtype)})")
+        raise DatasetIntegrityError(
+            f"{idx_path}: dtype code {h.dtype_code}, expected {want} ({np.dtype(dtype)})"
+        )
     seqs, docs = h.sequences, h.documents
     if size != h.file_bytes:
-        raise DatasetIntegrityError(f"{idx_path}: {size} bytes, but its header counts ({seqs} sequences, "
-                                    f"{docs} documents) need {h.file_bytes}; truncated or damaged")
+        raise DatasetIntegrityError(
+            f"{idx_path}: {size} bytes, but its header counts ({seqs} sequences, "
+            f"{docs} documents) need {h.file_bytes}; truncated or damaged"
+        )
     with open(idx_path, "rb") as f:  # Megatron asserts on the last one with no message
         first = idx_format.read_document_index(f, h.documents_offset) if docs else 0
         last = idx_format.read_document_index(f, max(size - 8, 0)) if docs else seqs
     if docs == 0 or first != 0 or last != seqs:
-        raise DatasetIntegrityError(f"{idx_path}: document indices run {first}..{last}, not 0..{seqs} "
-                                    f"(its sequence count); the index is damaged")
+        raise DatasetIntegrityError(
+            f"{idx_path}: document indices run {first}..{last}, not 0..{seqs} "
+            f"(its sequence count); the index is damaged"
+        )
 
 
 STRUCTURE_CHUNK = 1 << 22
@@ -190,35 +201,46 @@ def check_stream(prefix: str, name: str, ds, itemsize: int) -> None:
     all_lengths, all_pointers = ds.index.sequence_lengths, ds.index.sequence_pointers
     total = 0  # byte offset where the next sequence must start
     for a in range(0, len(all_lengths), STRUCTURE_CHUNK):
-        lengths = np.asarray(all_lengths[a:a + STRUCTURE_CHUNK], dtype=np.int64)
+        lengths = np.asarray(all_lengths[a : a + STRUCTURE_CHUNK], dtype=np.int64)
         if lengths.min() < 0:
             i = int(np.argmax(lengths < 0))
             raise DatasetIntegrityError(f"{idx}: sequence {a + i} has negative length {lengths[i]}")
         ends = total + np.cumsum(lengths * itemsize)
         starts = ends - lengths * itemsize
-        bad = np.flatnonzero(np.asarray(all_pointers[a:a + len(lengths)], dtype=np.int64) != starts)
+        bad = np.flatnonzero(np.asarray(all_pointers[a : a + len(lengths)], dtype=np.int64) != starts)
         if len(bad):
             i = int(bad[0])
-            raise DatasetIntegrityError(f"{idx}: sequence {a + i} starts at byte {all_pointers[a + i]}, but "
-                                        f"the lengths before it put it at {starts[i]}; the index is damaged")
+            raise DatasetIntegrityError(
+                f"{idx}: sequence {a + i} starts at byte {all_pointers[a + i]}, but "
+                f"the lengths before it put it at {starts[i]}; the index is damaged"
+            )
         total = int(ends[-1])
     size = os.path.getsize(bin_path)
     if total != size:
         raise DatasetIntegrityError(f"{bin_path}: {size} bytes, its index {idx} covers {total}")
     docs = ds.document_indices
-    if len(docs) == 0 or docs[0] != 0 or docs[-1] != len(all_lengths) or any(
-            (np.diff(np.asarray(docs[a:a + STRUCTURE_CHUNK + 1], dtype=np.int64)) < 0).any()
-            for a in range(0, len(docs), STRUCTURE_CHUNK)):
-        raise DatasetIntegrityError(f"{idx}: document indices are not 0..{len(all_lengths)} in order; "
-                                    f"the index is damaged")
+    if (
+        len(docs) == 0
+        or docs[0] != 0
+        or docs[-1] != len(all_lengths)
+        or any(
+            (np.diff(np.asarray(docs[a : a + STRUCTURE_CHUNK + 1], dtype=np.int64)) < 0).any()
+            for a in range(0, len(docs), STRUCTURE_CHUNK)
+        )
+    ):
+        raise DatasetIntegrityError(
+            f"{idx}: document indices are not 0..{len(all_lengths)} in order; the index is damaged"
+        )
 
 
 def _check_image_counts(prefix: str, token_docs: int, images, image_meta: np.ndarray) -> str:
     """The image stream has one row per token row and the image table one line per image (cheap
     at any size, so both check levels run it); returns the table's path for later messages."""
     if token_docs != len(images.document_indices):
-        raise DatasetIntegrityError(f"{prefix}.images.idx: {len(images.document_indices) - 1} rows, "
-                                    f"{prefix}.tokens.idx has {token_docs - 1}")
+        raise DatasetIntegrityError(
+            f"{prefix}.images.idx: {len(images.document_indices) - 1} rows, "
+            f"{prefix}.tokens.idx has {token_docs - 1}"
+        )
     meta_path = f"{prefix}.images_meta.npy"
     if image_meta.ndim != 2 or image_meta.shape[1] != 6 or len(image_meta) != len(images):
         raise DatasetIntegrityError(f"{meta_path}: shape {image_meta.shape}, expected ({len(images)}, 6)")
@@ -227,24 +249,31 @@ def _check_image_counts(prefix: str, token_docs: int, images, image_meta: np.nda
 
 def check_rows(prefix: str, tokens, loss_mask, images, image_meta: np.ndarray) -> None:
     """The three streams and the image table describe the same rows and samples."""
-    if not np.array_equal(tokens.index.sequence_lengths, loss_mask.index.sequence_lengths) or \
-            not np.array_equal(tokens.document_indices, loss_mask.document_indices):
-        raise DatasetIntegrityError(f"{prefix}.loss_mask.idx: sample lengths differ from "
-                                    f"{prefix}.tokens.idx (mixed or damaged outputs)")
+    if not np.array_equal(
+        tokens.index.sequence_lengths, loss_mask.index.sequence_lengths
+    ) or not np.array_equal(tokens.document_indices, loss_mask.document_indices):
+        raise DatasetIntegrityError(
+            f"{prefix}.loss_mask.idx: sample lengths differ from "
+            f"{prefix}.tokens.idx (mixed or damaged outputs)"
+        )
     meta_path = _check_image_counts(prefix, len(tokens.document_indices), images, image_meta)
     if not len(image_meta):
         return
     if (image_meta[:, :2] < 1).any() or (image_meta[:, 3:5] < 1).any():
         j = int(np.argmax((image_meta[:, :2] < 1).any(1) | (image_meta[:, 3:5] < 1).any(1)))
         raise DatasetIntegrityError(f"{meta_path}: image {j} has grid/size {image_meta[j, :5].tolist()}")
-    row_of = np.searchsorted(np.asarray(images.document_indices), np.arange(len(image_meta)), side="right") - 1
+    row_of = (
+        np.searchsorted(np.asarray(images.document_indices), np.arange(len(image_meta)), side="right") - 1
+    )
     rows = np.asarray(tokens.document_indices)
     sample = image_meta[:, 5].astype(np.int64)
     bad = np.flatnonzero((sample < rows[row_of]) | (sample >= rows[row_of + 1]))
     if len(bad):
         j = int(bad[0])
-        raise DatasetIntegrityError(f"{meta_path}: image {j} belongs to sample {sample[j]}, outside its "
-                                    f"row {row_of[j]} (samples {rows[row_of[j]]}..{rows[row_of[j] + 1] - 1})")
+        raise DatasetIntegrityError(
+            f"{meta_path}: image {j} belongs to sample {sample[j]}, outside its "
+            f"row {row_of[j]} (samples {rows[row_of[j]]}..{rows[row_of[j] + 1] - 1})"
+        )
 
 
 def sample_indices(n: int, k: int) -> np.ndarray:
@@ -257,8 +286,13 @@ def sample_indices(n: int, k: int) -> np.ndarray:
         return np.arange(n, dtype=np.int64)
     runs, width = max(2, k // SAMPLE_RUN), min(SAMPLE_RUN, k)
     rng = np.random.default_rng(SAMPLE_SEED)
-    starts = np.concatenate([[n - width], np.linspace(0, n - width, num=runs // 2, dtype=np.int64),
-                             rng.integers(0, n - width + 1, size=runs - runs // 2, dtype=np.int64)])
+    starts = np.concatenate(
+        [
+            [n - width],
+            np.linspace(0, n - width, num=runs // 2, dtype=np.int64),
+            rng.integers(0, n - width + 1, size=runs - runs // 2, dtype=np.int64),
+        ]
+    )
     return np.unique((starts[:, None] + np.arange(width)).ravel())
 
 
@@ -280,21 +314,28 @@ def check_stream_cheap(prefix: str, name: str, ds, itemsize: int) -> None:
             i = int(np.argmax(lens < 0))
             raise DatasetIntegrityError(f"{idx}: sequence {at[i]} has negative length {lens[i]}")
         if pointers[0] != 0:
-            raise DatasetIntegrityError(f"{idx}: sequence 0 starts at byte {pointers[0]}, not 0; "
-                                        f"the index is damaged")
+            raise DatasetIntegrityError(
+                f"{idx}: sequence 0 starts at byte {pointers[0]}, not 0; the index is damaged"
+            )
         ends = np.asarray(pointers[at], dtype=np.int64) + lens * itemsize
         nxt = np.asarray(pointers[at[:-1] + 1], dtype=np.int64)  # at[-1] is n - 1
         bad = np.flatnonzero(ends[:-1] != nxt)
         if len(bad):
             i = int(bad[0])
-            raise DatasetIntegrityError(f"{idx}: sequence {at[i]} ends at byte {ends[i]}, but sequence "
-                                        f"{at[i] + 1} starts at {nxt[i]}; the index is damaged")
+            raise DatasetIntegrityError(
+                f"{idx}: sequence {at[i]} ends at byte {ends[i]}, but sequence "
+                f"{at[i] + 1} starts at {nxt[i]}; the index is damaged"
+            )
         covered = int(ends[-1])
     if covered != size:
         raise DatasetIntegrityError(f"{bin_path}: {size} bytes, its index {idx} covers {covered}")
     d = sample_indices(len(docs) - 1, CHEAP_SAMPLE) if len(docs) > 1 else np.zeros(0, np.int64)
-    if len(docs) == 0 or docs[0] != 0 or docs[-1] != n or (
-            np.asarray(docs[d + 1], dtype=np.int64) < np.asarray(docs[d], dtype=np.int64)).any():
+    if (
+        len(docs) == 0
+        or docs[0] != 0
+        or docs[-1] != n
+        or (np.asarray(docs[d + 1], dtype=np.int64) < np.asarray(docs[d], dtype=np.int64)).any()
+    ):
         raise DatasetIntegrityError(f"{idx}: document indices are not 0..{n} in order; the index is damaged")
 
 
@@ -305,11 +346,16 @@ def check_rows_cheap(prefix: str, tokens, loss_mask, images, image_meta: np.ndar
         return check_rows(prefix, tokens, loss_mask, images, image_meta)
     s = sample_indices(len(t_len), CHEAP_SAMPLE)
     d = sample_indices(len(t_docs), CHEAP_SAMPLE)
-    if len(t_len) != len(loss_mask.index.sequence_lengths) or len(t_docs) != len(loss_mask.document_indices) \
-            or not np.array_equal(t_len[s], loss_mask.index.sequence_lengths[s]) \
-            or not np.array_equal(t_docs[d], loss_mask.document_indices[d]):
-        raise DatasetIntegrityError(f"{prefix}.loss_mask.idx: sample lengths differ from "
-                                    f"{prefix}.tokens.idx (mixed or damaged outputs)")
+    if (
+        len(t_len) != len(loss_mask.index.sequence_lengths)
+        or len(t_docs) != len(loss_mask.document_indices)
+        or not np.array_equal(t_len[s], loss_mask.index.sequence_lengths[s])
+        or not np.array_equal(t_docs[d], loss_mask.document_indices[d])
+    ):
+        raise DatasetIntegrityError(
+            f"{prefix}.loss_mask.idx: sample lengths differ from "
+            f"{prefix}.tokens.idx (mixed or damaged outputs)"
+        )
     meta_path = _check_image_counts(prefix, len(t_docs), images, image_meta)
     if not len(image_meta):
         return
@@ -324,5 +370,7 @@ def check_rows_cheap(prefix: str, tokens, loss_mask, images, image_meta: np.ndar
     bad = np.flatnonzero((table[:, 5] < first) | (table[:, 5] >= end))
     if len(bad):
         i = int(bad[0])
-        raise DatasetIntegrityError(f"{meta_path}: image {j[i]} belongs to sample {table[i, 5]}, outside its "
-                                    f"row {row_of[i]} (samples {first[i]}..{end[i] - 1})")
+        raise DatasetIntegrityError(
+            f"{meta_path}: image {j[i]} belongs to sample {table[i, 5]}, outside its "
+            f"row {row_of[i]} (samples {first[i]}..{end[i] - 1})"
+        )

@@ -4,6 +4,7 @@ The dataset reader (data/loading/dataset.py) yields one ``PackedRow`` per packed
 pipeline turns its ``ImageRecord`` list into tiles; the micro-batch collator stacks rows. Keeping
 the schema in one small module lets those parts evolve separately.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -5,6 +5,7 @@
 ``<|im_end|>`` are trained. The returned loss mask already follows the row convention of
 records.py: ``loss_mask[t] = 1`` iff the token at ``t + 1`` is trained (labels are the next token).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,7 @@ from megatron_sail.config.data import TemplateConfig
 from megatron_sail.data.tokenizer import Tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
-ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-         "assistant": "assistant"}
+ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 """Accepted ``from``/``role`` values and the ChatML role each becomes."""
 
 
@@ -34,8 +34,9 @@ def _check_unicode(text: str, where: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         c = ord(text[e.start])
-        what = (f"invalid UTF-8 byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF
-                else f"lone surrogate U+{c:04X}")
+        what = (
+            f"invalid UTF-8 byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"lone surrogate U+{c:04X}"
+        )
         raise SampleError("bad_encoding", f"{where}: {what} at character {e.start}") from e
 
 
@@ -82,8 +83,10 @@ class ChatTemplate:
         self.tok = tokenizer
         self.cfg = cfg
         sp = tokenizer.special
-        self._header = {r: np.asarray([sp.im_start] + tokenizer.encode(r + "\n"), dtype=np.int32)
-                        for r in ("system", "user", "assistant")}
+        self._header = {
+            r: np.asarray([sp.im_start] + tokenizer.encode(r + "\n"), dtype=np.int32)
+            for r in ("system", "user", "assistant")
+        }
         self._close = np.asarray([sp.im_end] + tokenizer.encode(cfg.turn_separator), dtype=np.int32)
 
     def _content(self, text: str, image_tokens: list[int], next_image: int) -> tuple[list[np.ndarray], int]:

@@ -5,6 +5,7 @@ image size alone; the image pipeline uses the grid stored by preprocessing and n
 it differently. The rule reproduces InternVL's ``dynamic_preprocess`` exactly, including its
 tie-break and candidate order.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache

@@ -5,6 +5,7 @@ encoded), so user text can never forge an <|im_start|> or <IMG_CONTEXT>. The spe
 SAIL-VL template needs are added when the tokenizer lacks them, and ``added`` lists them so the
 caller can report it: the model's vocabulary must cover the new ids.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,10 +47,16 @@ class SpecialIds:
 class Tokenizer:
     """encode/decode plus the special ids; built by ``load_tokenizer``."""
 
-    def __init__(self, path: str, encode_fn: Callable[[str], list[int]],
-                 decode_fn: Callable[[list[int]], str], vocab_size: int,
-                 special: SpecialIds, added: list[str],
-                 fingerprint: Optional[Callable[[], bytes]] = None):
+    def __init__(
+        self,
+        path: str,
+        encode_fn: Callable[[str], list[int]],
+        decode_fn: Callable[[list[int]], str],
+        vocab_size: int,
+        special: SpecialIds,
+        added: list[str],
+        fingerprint: Optional[Callable[[], bytes]] = None,
+    ):
         self.path = path
         self._fingerprint = fingerprint
         """Canonical bytes of the tokenizer's model (vocab, merges, rules), for tokenizer_identity."""
@@ -94,8 +101,7 @@ def _from_hf(path: str, backend) -> Tokenizer:
     if added:
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
     ids = {t: backend.token_to_id(t) for t in SPECIAL_TOKENS}
-    special = SpecialIds(ids[IM_START], ids[IM_END], ids[IMG_START], ids[IMG_END],
-                         ids[IMG_CONTEXT], ids[PAD])
+    special = SpecialIds(ids[IM_START], ids[IM_END], ids[IMG_START], ids[IMG_END], ids[IMG_CONTEXT], ids[PAD])
 
     def encode(text: str) -> list[int]:
         return backend.encode(text, add_special_tokens=False).ids
@@ -104,8 +110,9 @@ def _from_hf(path: str, backend) -> Tokenizer:
         return backend.decode(ids, skip_special_tokens=False)
 
     vocab_size = backend.get_vocab_size(with_added_tokens=True)
-    return Tokenizer(path, encode, decode, vocab_size, special, added,
-                     fingerprint=lambda: _canonical_hf(backend))
+    return Tokenizer(
+        path, encode, decode, vocab_size, special, added, fingerprint=lambda: _canonical_hf(backend)
+    )
 
 
 def _from_sentencepiece(path: str) -> Tokenizer:
@@ -138,10 +145,10 @@ def _from_sentencepiece(path: str) -> Tokenizer:
         out.append(sp.decode(run))
         return "".join(out)
 
-    special = SpecialIds(ids[IM_START], ids[IM_END], ids[IMG_START], ids[IMG_END],
-                         ids[IMG_CONTEXT], ids[PAD])
-    return Tokenizer(path, encode, decode, base + len(added), special, added,
-                     fingerprint=sp.serialized_model_proto)
+    special = SpecialIds(ids[IM_START], ids[IM_END], ids[IMG_START], ids[IMG_END], ids[IMG_CONTEXT], ids[PAD])
+    return Tokenizer(
+        path, encode, decode, base + len(added), special, added, fingerprint=sp.serialized_model_proto
+    )
 
 
 def load_tokenizer(path: str, log: Optional[Callable[[str], None]] = None) -> Tokenizer:
@@ -173,8 +180,10 @@ def load_tokenizer(path: str, log: Optional[Callable[[str], None]] = None) -> To
         except Exception as e:  # noqa: BLE001 - re-raised with the file name
             raise ValueError(f"{path}: not a tokenizer.json ({e})") from e
     if tok.added and log is not None:
-        log(f"tokenizer {path}: added missing special tokens {tok.added} "
-            f"(vocab now {tok.vocab_size}; the model's vocabulary must cover it)")
+        log(
+            f"tokenizer {path}: added missing special tokens {tok.added} "
+            f"(vocab now {tok.vocab_size}; the model's vocabulary must cover it)"
+        )
     return tok
 
 
@@ -198,6 +207,7 @@ def tokenizer_identity(tok: Tokenizer) -> str:
         h.update(tok._fingerprint())
     else:  # built from parts (tests): the decoded pieces stand in for the files
         h.update("\x00".join(tok.decode([i]) for i in range(tok.vocab_size)).encode())
-    h.update(json.dumps({"vocab_size": tok.vocab_size, "special": asdict(tok.special)},
-                        sort_keys=True).encode())
+    h.update(
+        json.dumps({"vocab_size": tok.vocab_size, "special": asdict(tok.special)}, sort_keys=True).encode()
+    )
     return "sha256:" + h.hexdigest()[:16]

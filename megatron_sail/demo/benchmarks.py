@@ -8,6 +8,7 @@ Each set comes with its guessing baseline (``chance.json``), scored by the set's
 better of uniform random guessing (yes/no; one of the item's options; one of the demo words,
 averaged over many draws) and the best constant answer (always "yes", always "B", always "cat"),
 so that a model which ignores the image cannot pass (always "yes" scores F1 66.7 on POPE)."""
+
 from __future__ import annotations
 
 import base64
@@ -58,8 +59,15 @@ def pope_rows(rng: random.Random, n: int) -> list[dict]:
         want = "yes" if len(rows) % 2 == 0 else "no"
         if a != want:
             continue
-        rows.append({"index": str(len(rows)), "image": _b64(img), "question": q,
-                     "answer": a.capitalize(), "category": "demo"})
+        rows.append(
+            {
+                "index": str(len(rows)),
+                "image": _b64(img),
+                "question": q,
+                "answer": a.capitalize(),
+                "category": "demo",
+            }
+        )
     return rows
 
 
@@ -69,10 +77,17 @@ def mcq_rows(rng: random.Random, n: int) -> list[dict]:
     for i in range(n):
         img, facts = _shapes_scene(rng)
         q, options, letter = demo.mcq_of(rng, facts)
-        category = {"What shape is shown?": "shape", "How many shapes are there?": "count"}.get(
-            q, "colour")
-        rows.append({"index": str(i), "image": _b64(img), "question": q, **options,
-                     "answer": letter, "category": category})
+        category = {"What shape is shown?": "shape", "How many shapes are there?": "count"}.get(q, "colour")
+        rows.append(
+            {
+                "index": str(i),
+                "image": _b64(img),
+                "question": q,
+                **options,
+                "answer": letter,
+                "category": category,
+            }
+        )
     return rows
 
 
@@ -81,8 +96,15 @@ def ocr_rows(rng: random.Random, n: int) -> list[dict]:
     rows = []
     for i in range(n):
         img, facts = demo.make_scene(rng, word_fraction=1.0, held_out=True)
-        rows.append({"index": str(i), "image": _b64(img), "question": "What word is written?",
-                     "answer": str([facts["word"]]), "category": "Regular Text Recognition"})
+        rows.append(
+            {
+                "index": str(i),
+                "image": _b64(img),
+                "question": "What word is written?",
+                "answer": str([facts["word"]]),
+                "category": "Regular Text Recognition",
+            }
+        )
     return rows
 
 
@@ -92,15 +114,23 @@ def caption_rows(rng: random.Random, n: int) -> list[dict]:
     rows = []
     for i in range(n):
         img, facts = demo.make_scene(rng, word_fraction=0.1, held_out=True)
-        rows.append({"index": str(i), "image": _b64(img), "question": demo.DEFAULT_CAPTION_PROMPTS[0],
-                     "answer": demo.caption_of(facts), "category": facts["kind"]})
+        rows.append(
+            {
+                "index": str(i),
+                "image": _b64(img),
+                "question": demo.DEFAULT_CAPTION_PROMPTS[0],
+                "answer": demo.caption_of(facts),
+                "category": facts["kind"],
+            }
+        )
     return rows
 
 
 def write_caption_benchmark(path: str, items: int, seed: int) -> str:
     """demo_caption.tsv: held-out images with their exact captions (the ``caption`` benchmark)."""
-    write_tsv(path, ["index", "image", "question", "answer", "category"],
-              caption_rows(random.Random(seed), items))
+    write_tsv(
+        path, ["index", "image", "question", "answer", "category"], caption_rows(random.Random(seed), items)
+    )
     return path
 
 
@@ -120,8 +150,7 @@ def chance_score(name: str, path: str, draws: int, seed: int = 0) -> float:
     rng = random.Random(seed)
     total = 0.0
     for _ in range(draws):
-        total += spec.score(items, {it.index: rng.choice(_answers(name, it))
-                                    for it in items}).score
+        total += spec.score(items, {it.index: rng.choice(_answers(name, it)) for it in items}).score
     constants = {a for it in items for a in _answers(name, it)}
     best = max(spec.score(items, {it.index: a for it in items}).score for a in constants)
     return max(total / draws, best)
@@ -131,10 +160,11 @@ def write_demo_benchmarks(out: str, cfg: DemoBenchConfig = DemoBenchConfig()) ->
     """Write the three sets and chance.json under ``out``; returns {name: {path, chance}}."""
     os.makedirs(out, exist_ok=True)
     rng = random.Random(cfg.seed)
-    builders = {"pope": (pope_rows, ["index", "image", "question", "answer", "category"]),
-                "mcq": (mcq_rows, ["index", "image", "question", "A", "B", "C", "D", "answer",
-                                   "category"]),
-                "ocrbench": (ocr_rows, ["index", "image", "question", "answer", "category"])}
+    builders = {
+        "pope": (pope_rows, ["index", "image", "question", "answer", "category"]),
+        "mcq": (mcq_rows, ["index", "image", "question", "A", "B", "C", "D", "answer", "category"]),
+        "ocrbench": (ocr_rows, ["index", "image", "question", "answer", "category"]),
+    }
     info = {}
     for name, (build, header) in builders.items():
         path = os.path.join(out, SETS[name])

@@ -8,6 +8,7 @@ multiple choice with VLMEvalKit's option lines and letter instruction, and short
 "single word or phrase" suffix, so a tiny VLM can learn them in a few hundred CPU steps.
 Everything is seeded: the same arguments give the same files.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ from megatron_sail.config.data import DEFAULT_CAPTION_PROMPTS
 from megatron_sail.data.tokenizer import SPECIAL_TOKENS
 from megatron_sail.eval.prompts import MCQ_SUFFIX, SHORT_ANSWER
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
-           "yellow": (235, 200, 0), "purple": (140, 40, 170), "orange": (245, 130, 0)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 200, 0),
+    "purple": (140, 40, 170),
+    "orange": (245, 130, 0),
+}
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = ("zero", "one", "two", "three")
 WORDS = ("cat", "dog", "sun", "box", "sky", "tree", "fish", "car")
@@ -63,8 +70,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
-def make_scene(rng: random.Random, word_fraction: float = 0.1,
-               held_out: bool = False) -> tuple[Image.Image, dict]:
+def make_scene(
+    rng: random.Random, word_fraction: float = 0.1, held_out: bool = False
+) -> tuple[Image.Image, dict]:
     """One image and the facts it shows (``held_out``: on the benchmark-only background)."""
     w, h = rng.choice(SIZES)
     background = rng.choice(BACKGROUNDS)
@@ -178,16 +186,22 @@ def make_conversation(rng: random.Random, facts: dict) -> list[dict]:
     return conv
 
 
-TEXT_ONLY = [("Count to three.", "one two three"), ("What colour is grass?", "green"),
-             ("What colour is the sky?", "blue"), ("Name a shape.", "circle")]
+TEXT_ONLY = [
+    ("Count to three.", "one two three"),
+    ("What colour is grass?", "green"),
+    ("What colour is the sky?", "blue"),
+    ("Name a shape.", "circle"),
+]
 
 
 def write_split(out: str, name: str, n: int, rng: random.Random, cfg: DemoConfig) -> list[str]:
     """Images + <name>.jsonl (LLaVA) + <name>_captions.jsonl (caption pairs); returns the texts."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     texts = []
-    with open(os.path.join(out, f"{name}.jsonl.tmp"), "w") as conv_f, \
-            open(os.path.join(out, f"{name}_captions.jsonl.tmp"), "w") as cap_f:
+    with (
+        open(os.path.join(out, f"{name}.jsonl.tmp"), "w") as conv_f,
+        open(os.path.join(out, f"{name}_captions.jsonl.tmp"), "w") as cap_f,
+    ):
         for i in range(n):
             sid = f"{name}_{i:06d}"
             if rng.random() < cfg.text_only_fraction:
@@ -215,8 +229,12 @@ def train_tokenizer(texts: list[str], path: str, vocab_size: int = 512) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     base = ["system\n", "user\n", "assistant\n", "\n"] + list(DEFAULT_CAPTION_PROMPTS)
     tok.train_from_iterator(base + texts, trainer=trainer)
     tok.save(path + ".tmp")
@@ -230,7 +248,12 @@ def make_demo(out: str, cfg: DemoConfig = DemoConfig()) -> dict:
     texts = write_split(out, "train", cfg.samples, rng, cfg)
     texts += write_split(out, "val", cfg.val_samples, rng, cfg)
     train_tokenizer(texts, os.path.join(out, "tokenizer.json"), cfg.vocab_size)
-    return {"out": out, "train": os.path.join(out, "train.jsonl"), "val": os.path.join(out, "val.jsonl"),
-            "train_captions": os.path.join(out, "train_captions.jsonl"),
-            "tokenizer": os.path.join(out, "tokenizer.json"),
-            "samples": cfg.samples, "val_samples": cfg.val_samples}
+    return {
+        "out": out,
+        "train": os.path.join(out, "train.jsonl"),
+        "val": os.path.join(out, "val.jsonl"),
+        "train_captions": os.path.join(out, "train_captions.jsonl"),
+        "tokenizer": os.path.join(out, "tokenizer.json"),
+        "samples": cfg.samples,
+        "val_samples": cfg.val_samples,
+    }

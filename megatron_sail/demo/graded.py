@@ -16,6 +16,7 @@ and has a one-word answer. ``write_pool`` writes the SFT pool (LLaVA JSONL with 
 field, images under ``images/``); ``write_level_benchmarks`` writes one held-out TSV per level
 (``vqa@level1`` ...) on the benchmark-only background, with chance.json (the best constant
 answer, by the vqa rule). Seeded: the same arguments give the same files."""
+
 from __future__ import annotations
 
 import base64
@@ -27,8 +28,14 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from megatron_sail.demo.generator import (BACKGROUNDS, COLOURS, HELD_OUT_BACKGROUND, NUMBERS, SHAPES,
-                                     _draw_shape)
+from megatron_sail.demo.generator import (
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT_BACKGROUND,
+    NUMBERS,
+    SHAPES,
+    _draw_shape,
+)
 from megatron_sail.eval.prompts import SHORT_ANSWER
 
 LEVELS = (1, 2, 3)
@@ -83,8 +90,12 @@ def question(rng: random.Random, level: int, objs: list[dict]) -> tuple[str, str
     """(question, answer, kind) about the scene."""
     if level == 1:
         o = objs[0]
-        return rng.choice([("What colour is the shape?", o["colour"], "colour"),
-                           ("What shape is shown?", o["shape"], "shape")])
+        return rng.choice(
+            [
+                ("What colour is the shape?", o["colour"], "colour"),
+                ("What shape is shown?", o["shape"], "shape"),
+            ]
+        )
     if level == 2:
         a, b = objs  # a is left of b
         kind = rng.choice(["colour_of_left", "shape_of_right", "is_left"])
@@ -132,8 +143,12 @@ def write_pool(out: str, cfg: GradedConfig = GradedConfig()) -> dict:
             rel = f"images/sft_{i:06d}.png"
             img.save(os.path.join(out, rel), format="PNG")
             conv = [{"from": "human", "value": f"<image>\n{q}\n{SHORT_ANSWER}"}, {"from": "gpt", "value": a}]
-            f.write(json.dumps({"id": f"sft_{i:06d}", "image": rel, "level": level, "kind": kind,
-                                "conversations": conv}) + "\n")
+            f.write(
+                json.dumps(
+                    {"id": f"sft_{i:06d}", "image": rel, "level": level, "kind": kind, "conversations": conv}
+                )
+                + "\n"
+            )
             texts += [q, a]
     os.replace(path + ".tmp", path)
     return {"path": path, "samples": len(levels), "per_level": cfg.samples_per_level, "texts": texts}

@@ -2,6 +2,7 @@
 pretraining demo set, the graded SFT pool, their benchmarks, one tokenizer for all, and
 in-process preprocessing (what tools/preprocess_data.py does, without a process start per
 dataset)."""
+
 from __future__ import annotations
 
 import json
@@ -42,22 +43,36 @@ def make_data(out: str, cfg: StudyData) -> dict:
             return json.load(f)
     os.makedirs(root, exist_ok=True)
     rng = random.Random(cfg.seed)
-    texts = demo.write_split(root, "pretrain", cfg.pretrain_samples, rng,
-                             demo.DemoConfig(samples=cfg.pretrain_samples, seed=cfg.seed))
+    texts = demo.write_split(
+        root,
+        "pretrain",
+        cfg.pretrain_samples,
+        rng,
+        demo.DemoConfig(samples=cfg.pretrain_samples, seed=cfg.seed),
+    )
     pool = graded.write_pool(root, graded.GradedConfig(cfg.sft_per_level, cfg.bench_items, cfg.seed))
-    levels = graded.write_level_benchmarks(os.path.join(root, "bench", "levels"),
-                                           graded.GradedConfig(cfg.sft_per_level, cfg.bench_items, cfg.seed))
+    levels = graded.write_level_benchmarks(
+        os.path.join(root, "bench", "levels"),
+        graded.GradedConfig(cfg.sft_per_level, cfg.bench_items, cfg.seed),
+    )
     from megatron_sail.demo.benchmarks import DemoBenchConfig, write_demo_benchmarks
 
-    pre_bench = write_demo_benchmarks(os.path.join(root, "bench", "pretrain"), DemoBenchConfig(items=cfg.bench_items))
+    pre_bench = write_demo_benchmarks(
+        os.path.join(root, "bench", "pretrain"), DemoBenchConfig(items=cfg.bench_items)
+    )
     tok = os.path.join(root, "tokenizer.json")
     demo.train_tokenizer(texts + pool["texts"], tok)
-    info = {"root": root, "pretrain": os.path.join(root, "pretrain.jsonl"), "pool": pool["path"],
-            "pool_samples": pool["samples"], "tokenizer": tok,
-            "pretrain_bench": {k: v["path"] for k, v in pre_bench.items()},
-            "pretrain_chance": {k: v["chance"] for k, v in pre_bench.items()},
-            "level_bench": {k: v["path"] for k, v in levels.items()},
-            "level_chance": {k: v["chance"] for k, v in levels.items()}}
+    info = {
+        "root": root,
+        "pretrain": os.path.join(root, "pretrain.jsonl"),
+        "pool": pool["path"],
+        "pool_samples": pool["samples"],
+        "tokenizer": tok,
+        "pretrain_bench": {k: v["path"] for k, v in pre_bench.items()},
+        "pretrain_chance": {k: v["chance"] for k, v in pre_bench.items()},
+        "level_bench": {k: v["path"] for k, v in levels.items()},
+        "level_chance": {k: v["chance"] for k, v in levels.items()},
+    }
     with open(done + ".tmp", "w") as f:
         json.dump(info, f, indent=1)
     os.replace(done + ".tmp", done)
@@ -77,9 +92,15 @@ def preprocess(inputs: list[str], tokenizer: str, prefix: str, select: Optional[
             return json.load(f)
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
     tile, per_tile, geometry = resolve_tiling("tiny", None, None, None)
-    cfg = PreprocessConfig(inputs=list(inputs), output_prefix=prefix, tokenizer=tokenizer,
-                           tiling=TilingConfig(tile, 1, MAX_TILES, True, per_tile),
-                           packing=PackingConfig(SEQ, 4096, 1234), geometry=geometry, select=select)
+    cfg = PreprocessConfig(
+        inputs=list(inputs),
+        output_prefix=prefix,
+        tokenizer=tokenizer,
+        tiling=TilingConfig(tile, 1, MAX_TILES, True, per_tile),
+        packing=PackingConfig(SEQ, 4096, 1234),
+        geometry=geometry,
+        select=select,
+    )
     code, summary = run(cfg, log=lambda m: None)
     if code != 0:
         raise RuntimeError(f"preprocessing {prefix} failed: {summary.get('error')}")

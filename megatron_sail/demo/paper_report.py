@@ -5,6 +5,7 @@ The curriculum comparison uses the paired bootstrap of tools/data_ablation.py
 set, the same indices for both arms, each arm's score on a resample is the mean over its seeds
 of the level's rule (vqa accuracy), averaged over the levels; the interval is the percentile
 interval of arm minus one-stage."""
+
 from __future__ import annotations
 
 import json
@@ -97,8 +98,9 @@ def quantity(runs: dict, scorer: LevelScorer, png: str) -> dict:
     return out
 
 
-def curriculum(arms: dict, scorer: LevelScorer, png: str, boot: BootstrapConfig,
-               reference: str = "one_stage") -> dict:
+def curriculum(
+    arms: dict, scorer: LevelScorer, png: str, boot: BootstrapConfig, reference: str = "one_stage"
+) -> dict:
     """Mean score per arm (over seeds and levels), per level and per seed, and for every arm
     the paired-bootstrap interval of its difference to ``reference``."""
     preds = {a: [scorer.predictions(r) for r in runs] for a, runs in arms.items()}
@@ -108,8 +110,9 @@ def curriculum(arms: dict, scorer: LevelScorer, png: str, boot: BootstrapConfig,
         per = {b: scorer.arm(ps, b, scorer.items[b]) for b in scorer.names}
         out["levels"][a] = per
         out["mean"][a] = sum(per.values()) / len(per)
-        out["per_seed"][a] = [sum(scorer.score(p, b, scorer.items[b]) for b in scorer.names) / len(scorer.names)
-                              for p in ps]
+        out["per_seed"][a] = [
+            sum(scorer.score(p, b, scorer.items[b]) for b in scorer.names) / len(scorer.names) for p in ps
+        ]
     for a in preds:
         if a == reference:
             continue
@@ -118,29 +121,46 @@ def curriculum(arms: dict, scorer: LevelScorer, png: str, boot: BootstrapConfig,
             by_b: dict = {}
             for b, it in sample:
                 by_b.setdefault(b, []).append(it)
-            return sum(scorer.arm(preds[a], b, v) - scorer.arm(preds[reference], b, v)
-                       for b, v in by_b.items()) / len(by_b)
+            return sum(
+                scorer.arm(preds[a], b, v) - scorer.arm(preds[reference], b, v) for b, v in by_b.items()
+            ) / len(by_b)
 
         d, lo, hi = stratified_bootstrap(tagged, fn, boot)
-        out["diff_vs_" + reference][a] = {"diff": d, "ci_low": lo, "ci_high": hi,
-                                          "confidence": boot.confidence, "resamples": boot.resamples}
+        out["diff_vs_" + reference][a] = {
+            "diff": d,
+            "ci_low": lo,
+            "ci_high": hi,
+            "confidence": boot.confidence,
+            "resamples": boot.resamples,
+        }
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.4))
     names = list(preds)
     xs = range(len(names))
-    ax.bar(xs, [out["mean"][a] for a in names], color=["#4472c4" if a != reference else "#999999" for a in names])
+    ax.bar(
+        xs, [out["mean"][a] for a in names], color=["#4472c4" if a != reference else "#999999" for a in names]
+    )
     for x, a in zip(xs, names):
         ax.scatter([x] * len(out["per_seed"][a]), out["per_seed"][a], color="black", s=12, zorder=3)
         if a in out["diff_vs_" + reference]:
             c = out["diff_vs_" + reference][a]
             base = out["mean"][reference]
-            ax.errorbar([x], [out["mean"][a]], yerr=[[max(0.0, out["mean"][a] - (base + c["ci_low"]))],
-                                                     [max(0.0, (base + c["ci_high"]) - out["mean"][a])]],
-                        fmt="none", ecolor="red", capsize=5)
+            ax.errorbar(
+                [x],
+                [out["mean"][a]],
+                yerr=[
+                    [max(0.0, out["mean"][a] - (base + c["ci_low"]))],
+                    [max(0.0, (base + c["ci_high"]) - out["mean"][a])],
+                ],
+                fmt="none",
+                ecolor="red",
+                capsize=5,
+            )
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("mean accuracy over levels (%)")
-    ax.set_title(f"curriculum vs {reference} (red: {round(100 * boot.confidence)}% CI of the difference)",
-                 fontsize=8)
+    ax.set_title(
+        f"curriculum vs {reference} (red: {round(100 * boot.confidence)}% CI of the difference)", fontsize=8
+    )
     _save(fig, png)
     return out
 
@@ -156,15 +176,29 @@ def caption(summary_path: Optional[str], png: str) -> Optional[dict]:
     fig, ax = plt.subplots(figsize=(4, 3.2))
     ax.bar([0, 1], [f1["recaptioned"], f1["original"]], color=["#2e7d32", "#999999"])
     lo, hi = s["gain_ci95"]
-    ax.errorbar([0], [f1["recaptioned"]], yerr=[[max(0.0, f1["recaptioned"] - (f1["original"] + lo))],
-                                                [max(0.0, (f1["original"] + hi) - f1["recaptioned"])]],
-                fmt="none", ecolor="red", capsize=5)
+    ax.errorbar(
+        [0],
+        [f1["recaptioned"]],
+        yerr=[
+            [max(0.0, f1["recaptioned"] - (f1["original"] + lo))],
+            [max(0.0, (f1["original"] + hi) - f1["recaptioned"])],
+        ],
+        fmt="none",
+        ecolor="red",
+        capsize=5,
+    )
     ax.set_xticks([0, 1], ["recaptioned", "original text"])
     ax.set_ylabel("held-out caption word F1")
     ax.set_title("SAIL-Caption: recaption vs original", fontsize=9)
     _save(fig, png)
-    return {"source": os.path.abspath(summary_path), "caption_word_f1": f1, "gain": s["gain"],
-            "gain_ci95": s["gain_ci95"], "items": s.get("items"), "figure": os.path.basename(png)}
+    return {
+        "source": os.path.abspath(summary_path),
+        "caption_word_f1": f1,
+        "gain": s["gain"],
+        "gain_ci95": s["gain_ci95"],
+        "items": s.get("items"),
+        "figure": os.path.basename(png),
+    }
 
 
 def spearman(xs: list, ys: list) -> float:

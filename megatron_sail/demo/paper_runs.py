@@ -3,6 +3,7 @@
 ``done.json`` mark, so that a rerun of the study skips every finished run. Scores come from the
 trainer's in-training benchmark hook (``--eval-benchmark``): metrics.jsonl and the predictions
 under ``<run>/benchmarks/iter_N/``."""
+
 from __future__ import annotations
 
 import json
@@ -48,10 +49,31 @@ def train(spec: RunSpec, python: str = sys.executable, log: Callable[[str], None
     if os.path.isdir(spec.run_dir):  # a run that stopped before finishing: start it over
         shutil.rmtree(spec.run_dir)
     os.makedirs(spec.run_dir)
-    cmd = [python, "-m", "megatron_sail.train", "--recipe", "tiny", "--stage", "sft-knowledge",
-           "--seq-length", "256", "--data-path", *spec.data_path.split(), "--train-iters", str(spec.iters),
-           "--seed", str(spec.seed), "--eval-interval", "0", "--log-interval", "50",
-           "--run-dir", spec.run_dir, "--save", os.path.join(spec.run_dir, "checkpoints")]
+    cmd = [
+        python,
+        "-m",
+        "megatron_sail.train",
+        "--recipe",
+        "tiny",
+        "--stage",
+        "sft-knowledge",
+        "--seq-length",
+        "256",
+        "--data-path",
+        *spec.data_path.split(),
+        "--train-iters",
+        str(spec.iters),
+        "--seed",
+        str(spec.seed),
+        "--eval-interval",
+        "0",
+        "--log-interval",
+        "50",
+        "--run-dir",
+        spec.run_dir,
+        "--save",
+        os.path.join(spec.run_dir, "checkpoints"),
+    ]
     if spec.init_from:
         cmd += ["--init-from", spec.init_from]
     for name, path in spec.benchmarks.items():
@@ -66,8 +88,14 @@ def train(spec: RunSpec, python: str = sys.executable, log: Callable[[str], None
         with open(os.path.join(spec.run_dir, "train.log")) as f:
             tail = f.read()[-2500:]
         raise RuntimeError(f"training run {spec.run_dir} failed (exit {rc}):\n{tail}")
-    info = {"iters": spec.iters, "seed": spec.seed, "data_path": spec.data_path, "init_from": spec.init_from,
-            "seconds": round(time.perf_counter() - t0, 1), "command": " ".join(cmd)}
+    info = {
+        "iters": spec.iters,
+        "seed": spec.seed,
+        "data_path": spec.data_path,
+        "init_from": spec.init_from,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "command": " ".join(cmd),
+    }
     with open(done + ".tmp", "w") as f:
         json.dump(info, f, indent=1)
     os.replace(done + ".tmp", done)
@@ -93,7 +121,7 @@ def final_scores(run_dir: str) -> dict:
             rec = json.loads(line)
             if any(k.startswith("benchmarks/") for k in rec):
                 last = rec
-    return {k[len("benchmarks/"):]: v for k, v in last.items() if k.startswith("benchmarks/")}
+    return {k[len("benchmarks/") :]: v for k, v in last.items() if k.startswith("benchmarks/")}
 
 
 def final_predictions(run_dir: str, names) -> dict:

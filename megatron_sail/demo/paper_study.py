@@ -11,6 +11,7 @@
 (d) SAIL-Caption's recaption-vs-original comparison (examples/sail_caption.sh's summary.json).
 
 Every training run is a subprocess with a done mark (paper_runs.py): a rerun resumes."""
+
 from __future__ import annotations
 
 import json
@@ -111,6 +112,10 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
     rho = rep.spearman([r["score"] for r in records], [levels[r["key"]] for r in records])
     clock.mark("complexity")
     arms, plan, steps, pool_samples = curriculum_arms(cfg, data, records, scores_dir, start, log)
+    for st in plan["stages"]:  # which generator levels each stage holds
+        with open(st["list"]) as f:
+            keys = [json.loads(line)["key"] for line in f]
+        st["levels"] = {str(lv): sum(levels[k] == lv for k in keys) for lv in (1, 2, 3)}
     clock.mark("curriculum")
     qruns = {pool_samples: arms["one_stage"][0], **quantity_runs(cfg, data, records, start, log)}
     clock.mark("quantity")
@@ -122,7 +127,9 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
         budget = 10.0 * max(json.loads(line).get("consumed_tokens", 0) for line in f)
     scaling = rep.scaling([pre_run], budget, os.path.join(out, "scaling.png"))
     quant = rep.quantity(qruns, scorer, os.path.join(out, "quantity.png"))
-    cur = rep.curriculum(arms, scorer, os.path.join(out, "curriculum.png"), BootstrapConfig(cfg.resamples, 0.95, 0))
+    cur = rep.curriculum(
+        arms, scorer, os.path.join(out, "curriculum.png"), BootstrapConfig(cfg.resamples, 0.95, 0)
+    )
     cap = rep.caption(summary, os.path.join(out, "caption.png"))
     clock.mark("report")
     clock.timing["total"] = round(time.perf_counter() - clock.start, 1)
@@ -138,9 +145,18 @@ def pretrain(cfg: StudyConfig, data: dict, log) -> tuple[str, str]:
     """(a): one run from random weights, scored on the demo sets at geometric steps; returns
     (run dir, checkpoint folder)."""
     run = os.path.join(cfg.out, "runs", "pretrain")
-    train(RunSpec(run, os.path.join(cfg.out, "packed", "pretrain"), cfg.pretrain_iters, seed=1234,
-                  benchmarks=data["pretrain_bench"], eval_at=geometric_steps(cfg.pretrain_iters, cfg.eval_points)),
-          cfg.python, log)
+    train(
+        RunSpec(
+            run,
+            os.path.join(cfg.out, "packed", "pretrain"),
+            cfg.pretrain_iters,
+            seed=1234,
+            benchmarks=data["pretrain_bench"],
+            eval_at=geometric_steps(cfg.pretrain_iters, cfg.eval_points),
+        ),
+        cfg.python,
+        log,
+    )
     return run, os.path.join(run, "checkpoints")
 
 
@@ -160,11 +176,22 @@ def curriculum_arms(cfg: StudyConfig, data: dict, records: list, scores_dir: str
         one = os.path.join(base, f"one_stage_s{seed}")
         train(RunSpec(one, pool_prefix, total, seed, start, bench, extra=sft_flags(cfg)), cfg.python, log)
         arms["one_stage"].append(one)
-        for order, seq in (("ascending", list(range(cfg.stages))), ("descending", list(range(cfg.stages))[::-1])):
-            chain = [RunSpec(os.path.join(base, f"{order}_s{seed}", f"stage{k + 1}"), plan["stages"][i]["prefix"],
-                             per_stage[i], seed, start if k == 0 else None,
-                             bench if k == len(seq) - 1 else {}, extra=sft_flags(cfg))
-                     for k, i in enumerate(seq)]
+        for order, seq in (
+            ("ascending", list(range(cfg.stages))),
+            ("descending", list(range(cfg.stages))[::-1]),
+        ):
+            chain = [
+                RunSpec(
+                    os.path.join(base, f"{order}_s{seed}", f"stage{k + 1}"),
+                    plan["stages"][i]["prefix"],
+                    per_stage[i],
+                    seed,
+                    start if k == 0 else None,
+                    bench if k == len(seq) - 1 else {},
+                    extra=sft_flags(cfg),
+                )
+                for k, i in enumerate(seq)
+            ]
             arms[order].append(train_chain(chain, cfg.python, log))
     return arms, plan, {"total": total, "per_stage": per_stage}, pool["samples"]
 
@@ -179,8 +206,19 @@ def quantity_runs(cfg: StudyConfig, data: dict, records: list, start: str, log) 
         prefix = os.path.join(cfg.out, "packed", f"quantity_{frac:g}")
         summ = preprocess([data["pool"]], data["tokenizer"], prefix, select=lst)
         run = os.path.join(cfg.out, "runs", "quantity", f"n{n}")
-        train(RunSpec(run, prefix, steps_for(summ["rows"], cfg.sft_epochs), cfg.seeds[0], start,
-                      data["level_bench"], extra=sft_flags(cfg)), cfg.python, log)
+        train(
+            RunSpec(
+                run,
+                prefix,
+                steps_for(summ["rows"], cfg.sft_epochs),
+                cfg.seeds[0],
+                start,
+                data["level_bench"],
+                extra=sft_flags(cfg),
+            ),
+            cfg.python,
+            log,
+        )
         runs[n] = run
     return runs
 
@@ -191,8 +229,14 @@ def score_pool(cfg: StudyConfig, pool: str, scores_dir: str, start: str) -> list
     from megatron_sail.curate.complexity.samples import InputConfig
     from megatron_sail.curate.complexity.sidecar import read_scores
 
-    sc = ScoreConfig(InputConfig((pool,)), scores_dir, cfg.method, start if cfg.method != "heuristic" else "",
-                     samples_per_shard=2000, batch_size=64)
+    sc = ScoreConfig(
+        InputConfig((pool,)),
+        scores_dir,
+        cfg.method,
+        start if cfg.method != "heuristic" else "",
+        samples_per_shard=2000,
+        batch_size=64,
+    )
     settings = {"max_tiles": 4} if cfg.method == "ifd" else {}
     run_scoring(sc, make_scorer(sc, settings), log=lambda m: None)
     return read_scores(scores_dir)
@@ -208,18 +252,34 @@ def make_plan(cfg: StudyConfig, records: list[dict], scores_dir: str, tok: str) 
 
     out = cfg.out
     flags = f"--tokenizer {tok} --seq-length {SEQ} --recipe tiny --max-tiles {MAX_TILES}"
-    plan = build_plan(records, CurriculumConfig(cfg.stages, order="ascending"),
-                      PlanPaths(os.path.join(out, "plan_lists"), os.path.join(out, "packed", "stages"),
-                                sorted({r["source"] for r in records}), flags),
-                      {"scores": scores_dir, "method": cfg.method})
+    plan = build_plan(
+        records,
+        CurriculumConfig(cfg.stages, order="ascending"),
+        PlanPaths(
+            os.path.join(out, "plan_lists"),
+            os.path.join(out, "packed", "stages"),
+            sorted({r["source"] for r in records}),
+            flags,
+        ),
+        {"scores": scores_dir, "method": cfg.method},
+    )
     with open(os.path.join(out, "plan.yaml"), "w") as f:
         yaml.safe_dump(plan, f, sort_keys=False, width=200)
     sources = sorted({r["source"] for r in records})
     stages = []
     for s in plan["stages"]:
         summ = preprocess(sources, tok, s["prefixes"]["new"], select=s["lists"]["new"])
-        stages.append({"name": s["name"], "prefix": s["prefixes"]["new"], "samples": s["samples"],
-                       "rows": summ["rows"], "score_min": s["score_min"], "score_max": s["score_max"]})
+        stages.append(
+            {
+                "name": s["name"],
+                "prefix": s["prefixes"]["new"],
+                "list": s["lists"]["new"],
+                "samples": s["samples"],
+                "rows": summ["rows"],
+                "score_min": s["score_min"],
+                "score_max": s["score_max"],
+            }
+        )
     return {"stages": stages, "plan": os.path.join(out, "plan.yaml")}
 
 
@@ -240,8 +300,9 @@ def run_caption(cfg: StudyConfig, log) -> Optional[str]:
     out = os.path.join(cfg.out, "sail_caption")
     env = dict(os.environ, OUT=out, SMOKE="1" if cfg.caption_smoke else "0", PYTHON=cfg.python)
     with open(os.path.join(cfg.out, "sail_caption.log"), "w") as f:
-        rc = subprocess.run(["bash", "examples/sail_caption.sh"], cwd=ROOT, env=env, stdout=f,
-                            stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(
+            ["bash", "examples/sail_caption.sh"], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
+        ).returncode
     summary = os.path.join(out, "summary.json")
     if rc != 0 or not os.path.isfile(summary):
         log(f"[study] examples/sail_caption.sh failed (exit {rc}); see {cfg.out}/sail_caption.log")
@@ -260,19 +321,37 @@ def assemble(cfg, data, pre, scaling, quant, cur, cap, plan, steps, rho, budget,
     fits = scaling["fits"]
     diff = cur["diff_vs_one_stage"]
     return {
-        "scaling": {k: {"a": v["a"], "b": v["b"], "r2": v["r2"], "points": v["points"],
-                        "at_10x_tokens": v["at_budget"], "capped": v["capped"]} for k, v in fits.items()},
+        "scaling": {
+            k: {
+                "a": v["a"],
+                "b": v["b"],
+                "r2": v["r2"],
+                "points": v["points"],
+                "at_10x_tokens": v["at_budget"],
+                "capped": v["capped"],
+            }
+            for k, v in fits.items()
+        },
         "sft_quantity": {str(q): v["mean"] for q, v in quant.items()},
-        "curriculum": {**{a: cur["mean"][a] for a in cur["mean"]},
-                       **{f"{a}_minus_one_stage": v for a, v in diff.items()}},
+        "curriculum": {
+            **{a: cur["mean"][a] for a in cur["mean"]},
+            **{f"{a}_minus_one_stage": v for a, v in diff.items()},
+        },
         "details": {
-            "scaling_token_counts": scaling["token_counts"], "scaling_budget_tokens": budget,
-            "pretrain_chance": data["pretrain_chance"], "level_chance": data["level_chance"],
+            "scaling_token_counts": scaling["token_counts"],
+            "scaling_budget_tokens": budget,
+            "pretrain_chance": data["pretrain_chance"],
+            "level_chance": data["level_chance"],
             "sft_quantity_levels": {str(q): v["levels"] for q, v in quant.items()},
-            "curriculum_levels": cur["levels"], "curriculum_per_seed": cur["per_seed"],
-            "curriculum_steps": steps, "stages": plan["stages"],
-            "complexity_method": cfg.method, "complexity_vs_level_spearman": rho,
-            "caption": cap, "pretrain_rows": pre["rows"], "config": _config(cfg),
+            "curriculum_levels": cur["levels"],
+            "curriculum_per_seed": cur["per_seed"],
+            "curriculum_steps": steps,
+            "stages": plan["stages"],
+            "complexity_method": cfg.method,
+            "complexity_vs_level_spearman": rho,
+            "caption": cap,
+            "pretrain_rows": pre["rows"],
+            "config": _config(cfg),
             "timing_s": timing,
         },
     }

@@ -5,6 +5,7 @@ alt-text often is: empty, boilerplate, or about another image.
 recaptions and what the baseline trains on; ``pool_truth.jsonl`` keeps the exact captions, only
 for measuring (the recipe never reads it). Seeded like the demo set.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,18 @@ from dataclasses import dataclass
 
 from megatron_sail.demo import generator as demo
 
-JUNK = ("IMG_{n:04d}.jpg", "image", "untitled", "photo by user{n}", "click to enlarge",
-        "stock photo {n}", "DSC{n:05d}", "thumbnail", "picture", "screenshot {n}")
+JUNK = (
+    "IMG_{n:04d}.jpg",
+    "image",
+    "untitled",
+    "photo by user{n}",
+    "click to enlarge",
+    "stock photo {n}",
+    "DSC{n:05d}",
+    "thumbnail",
+    "picture",
+    "screenshot {n}",
+)
 """Alt-text templates that say nothing about the image."""
 
 

@@ -10,6 +10,7 @@ original order), so an evaluation takes about 1/DP of the time and scores what o
 would; ``benchmarks_decoded/NAME`` in the record lists how many requests each replica decoded.
 Under expert parallelism the replicas run MoE layers together and each decodes every request.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,18 +29,22 @@ def processor_fields(meta: dict) -> dict:
     """processor.json-style fields from a dataset's meta.json (how the training data was tiled
     and templated), for generator_from_model."""
     t = meta.get("tiling") or {}
-    return {"tile_size": int(t.get("tile_size", 448)), "max_tiles": int(t.get("max_tiles", 12)),
-            "min_tiles": int(t.get("min_tiles", 1)),
-            "use_thumbnail": bool(t.get("thumbnail", True)),
-            "tokens_per_tile": int(t.get("tokens_per_tile", 256)),
-            "template": dict(meta.get("template") or {})}
+    return {
+        "tile_size": int(t.get("tile_size", 448)),
+        "max_tiles": int(t.get("max_tiles", 12)),
+        "min_tiles": int(t.get("min_tiles", 1)),
+        "use_thumbnail": bool(t.get("thumbnail", True)),
+        "tokens_per_tile": int(t.get("tokens_per_tile", 256)),
+        "template": dict(meta.get("template") or {}),
+    }
 
 
 class BenchmarkHook:
     """Runs the configured benchmarks on the training model when due."""
 
-    def __init__(self, cfg: BenchmarkEvalConfig, chunks, model_config, dataset_meta: dict,
-                 metrics, run_dir: str):
+    def __init__(
+        self, cfg: BenchmarkEvalConfig, chunks, model_config, dataset_meta: dict, metrics, run_dir: str
+    ):
         self.cfg, self.metrics, self.run_dir = cfg, metrics, run_dir
         self.specs = [(get_benchmark(n), p) for n, p in map(parse_benchmark_arg, cfg.benchmarks)]
         for _, path in self.specs:
@@ -62,21 +67,27 @@ class BenchmarkHook:
 
             tok_path = (self.meta.get("tokenizer") or {}).get("path")
             if not tok_path:
-                raise ValueError("--eval-benchmark: the training data's meta.json names no "
-                                 "tokenizer path")
+                raise ValueError("--eval-benchmark: the training data's meta.json names no tokenizer path")
             fields = processor_fields(self.meta)
-            gcfg = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens or 64,
-                                    max_tiles=fields["max_tiles"], batch_size=self.cfg.batch_size)
-            self._generator = generator_from_model(self.chunks, self.model_config,
-                                                   load_tokenizer(tok_path), fields, gcfg)
+            gcfg = GenerationConfig(
+                max_new_tokens=self.cfg.max_new_tokens or 64,
+                max_tiles=fields["max_tiles"],
+                batch_size=self.cfg.batch_size,
+            )
+            self._generator = generator_from_model(
+                self.chunks, self.model_config, load_tokenizer(tok_path), fields, gcfg
+            )
         return self._generator
 
     def due(self, iteration: int, final: bool) -> bool:
         """Whether to evaluate after this step."""
         if not self.specs or self.last_iteration == iteration:
             return False
-        return (final or bool(self.cfg.interval and iteration % self.cfg.interval == 0)
-                or iteration in self.cfg.at_iterations)
+        return (
+            final
+            or bool(self.cfg.interval and iteration % self.cfg.interval == 0)
+            or iteration in self.cfg.at_iterations
+        )
 
     def run(self, state) -> dict[str, float]:
         """Evaluate every benchmark now; log and return {name: score}."""
@@ -85,9 +96,14 @@ class BenchmarkHook:
         out_dir = os.path.join(self.run_dir, "benchmarks", f"iter_{state.iteration:07d}")
         scores, counts, decoded, t0 = {}, {}, {}, time.perf_counter()
         for spec, path in self.specs:
-            rc = RunnerConfig(limit=self.cfg.limit, batch_size=self.cfg.batch_size,
-                              max_new_tokens=self.cfg.max_new_tokens, writer=rank0,
-                              model_id=f"iter_{state.iteration}", replicas=share)
+            rc = RunnerConfig(
+                limit=self.cfg.limit,
+                batch_size=self.cfg.batch_size,
+                max_new_tokens=self.cfg.max_new_tokens,
+                writer=rank0,
+                model_id=f"iter_{state.iteration}",
+                replicas=share,
+            )
             mine = []  # requests this replica decoded
 
             def generate(reqs, _mine=mine):
@@ -98,12 +114,16 @@ class BenchmarkHook:
             scores[spec.name], counts[spec.name] = s.score, s.n
             if rank0 and s.bad_items:
                 first = s.bad_items[0]
-                print(f"[eval] {spec.name}: {len(s.bad_items)} bad item(s), scored as VLMEvalKit "
-                      f"scores them (first: index {first['index']}: {first['reason']})", flush=True)
+                print(
+                    f"[eval] {spec.name}: {len(s.bad_items)} bad item(s), scored as VLMEvalKit "
+                    f"scores them (first: index {first['index']}: {first['reason']})",
+                    flush=True,
+                )
             decoded[spec.name] = share.gather(sum(mine)) if share else [sum(mine)]
         self.last_iteration = state.iteration
-        self.metrics.log_benchmarks(state.iteration, state.consumed_tokens, scores, counts,
-                                    time.perf_counter() - t0, decoded)
+        self.metrics.log_benchmarks(
+            state.iteration, state.consumed_tokens, scores, counts, time.perf_counter() - t0, decoded
+        )
         return scores
 
     def maybe_run(self, state, final: bool = False) -> None:

@@ -6,6 +6,7 @@ Cells are read as text the way VLMEvalKit's ``load`` sees them where that is una
 integer-valued number cell of a spreadsheet is its integer ('5', not '5.0'), any other number is
 Python's shortest form. An empty cell is the empty string (pandas would make it NaN and its
 scorers the text 'nan'; docs/evaluation.md lists that difference)."""
+
 from __future__ import annotations
 
 import datetime
@@ -37,13 +38,13 @@ def _read_xlsx(path: str, lines: list) -> tuple[list[str], list[dict]]:
     try:
         import openpyxl
     except ImportError:
-        raise BenchmarkFileError(f"{path}: reading .xlsx needs openpyxl "
-                                 "(pip install -r requirements.txt)") from None
+        raise BenchmarkFileError(
+            f"{path}: reading .xlsx needs openpyxl (pip install -r requirements.txt)"
+        ) from None
     try:
         wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
     except Exception as e:  # noqa: BLE001 - zip, XML and openpyxl errors all mean "not a workbook"
-        raise BenchmarkFileError(f"{path}: not a readable .xlsx workbook "
-                                 f"({type(e).__name__}: {e})") from None
+        raise BenchmarkFileError(f"{path}: not a readable .xlsx workbook ({type(e).__name__}: {e})") from None
     try:
         sheet = wb.worksheets[0]
         sheet_rows = sheet.iter_rows(values_only=True)
@@ -55,7 +56,7 @@ def _read_xlsx(path: str, lines: list) -> tuple[list[str], list[dict]]:
             cells = [cell_text(v) for v in values]
             if not any(cells):
                 continue
-            if any(cells[len(header):]):
+            if any(cells[len(header) :]):
                 raise BenchmarkFileError(f"{path}: row {n} has more cells than the header")
             rows.append(dict(zip(header, cells + [""] * (len(header) - len(cells)))))
             lines.append(n)
@@ -70,8 +71,9 @@ def read_table(path: str, lines: list | None = None) -> tuple[list[str], list[di
     lines = [] if lines is None else lines
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in FORMATS:
-        raise BenchmarkFileError(f"{path}: unknown predictions format {suffix or '(none)'!r}; "
-                                 f"use one of {', '.join(FORMATS)}")
+        raise BenchmarkFileError(
+            f"{path}: unknown predictions format {suffix or '(none)'!r}; use one of {', '.join(FORMATS)}"
+        )
     if suffix == ".xlsx":
         if not os.path.isfile(path):
             raise BenchmarkFileError(f"{path}: no such file")
@@ -90,8 +92,7 @@ def canonical_index(text: str) -> str:
         value = float(t)
     except ValueError:
         return text
-    return str(int(value)) if value.is_integer() and t.lstrip("-").replace(".", "", 1).isdigit() \
-        else text
+    return str(int(value)) if value.is_integer() and t.lstrip("-").replace(".", "", 1).isdigit() else text
 
 
 def read_predictions(path: str) -> dict[str, str]:
@@ -106,8 +107,9 @@ def read_predictions(path: str) -> dict[str, str]:
     for n, r in zip(lines, rows):
         key = canonical_index(r["index"])
         if key in seen:
-            raise BenchmarkFileError(f"{path}: index {r['index']!r} appears twice ({where} "
-                                     f"{seen[key]} and {n})")
+            raise BenchmarkFileError(
+                f"{path}: index {r['index']!r} appears twice ({where} {seen[key]} and {n})"
+            )
         seen[key] = n
         out[key] = r["prediction"]
     return out

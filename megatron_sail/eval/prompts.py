@@ -1,5 +1,6 @@
 """Prompts per benchmark, built as VLMEvalKit's SAIL-VL wrapper (vlmeval/vlm/sail_vl.py, the
 InternVL-chat family) builds them, so that our scores and VLMEvalKit's on an export compare."""
+
 from __future__ import annotations
 
 import re

@@ -2,6 +2,7 @@
 to prompt an item, how SAIL-VL's answer is post-processed at generation and which rule scores it.
 VLMEvalKit's dataset names (MMBench_DEV_EN, SEEDBench_IMG, MMMU_DEV_VAL, ...) are aliases of
 ours; names are case-insensitive."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,36 +74,50 @@ def _vqa(rule: str) -> Callable:
 
 
 _MMBENCH = tuple(f"mmbench{s}" for s in ("", "_cn", "_v11", "_cn_v11")) + tuple(
-    f"mmbench_{split}_{lang}{v}" for split in ("dev", "test") for lang in ("en", "cn")
-    for v in ("", "_v11"))
+    f"mmbench_{split}_{lang}{v}" for split in ("dev", "test") for lang in ("en", "cn") for v in ("", "_v11")
+)
 
-BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in [
-    BenchmarkSpec("pope", "yorn", score_pope, max_new_tokens=16),
-    BenchmarkSpec("mme", "yorn", score_mme, "mme", max_new_tokens=16),
-    BenchmarkSpec("hallusionbench", "yorn", score_hallusionbench, "hallusionbench",
-                  max_new_tokens=16),
-    BenchmarkSpec("mmbench", "mcq", lambda i, p: score_mcq(i, p, circular=True),
-                  max_new_tokens=16, aliases=_MMBENCH),
-    BenchmarkSpec("seed", "mcq", score_mcq, max_new_tokens=16, aliases=("seedbench_img",)),
-    BenchmarkSpec("ai2d", "mcq", score_mcq, max_new_tokens=16,
-                  aliases=("ai2d_test", "ai2d_test_no_mask")),
-    BenchmarkSpec("realworldqa", "mcq", score_mcq, max_new_tokens=16),
-    BenchmarkSpec("mmmu", "mcq", lambda i, p: score_mcq(i, p, mmmu=True), max_tiles=12,
-                  aliases=("mmmu_dev_val", "mmmu_test")),
-    BenchmarkSpec("mcq", "mcq", score_mcq, max_new_tokens=16),
-    BenchmarkSpec("ocrbench", "vqa", score_ocrbench, max_tiles=24, max_new_tokens=128),
-    BenchmarkSpec("docvqa", "vqa", _vqa("anls"), max_tiles=18,
-                  aliases=("docvqa_val", "docvqa_test")),
-    BenchmarkSpec("infovqa", "vqa", _vqa("anls"), max_tiles=24,
-                  aliases=("infovqa_val", "infovqa_test")),
-    BenchmarkSpec("chartqa", "vqa", _vqa("relaxed"), max_tiles=12, drop_period=True,
-                  aliases=("chartqa_test",)),
-    BenchmarkSpec("textvqa", "vqa", _vqa("vqa_accuracy"), aliases=("textvqa_val",)),
-    BenchmarkSpec("ocrvqa", "vqa", _vqa("exact"), max_tiles=12, drop_period=True,
-                  aliases=("ocrvqa_test", "ocrvqa_testcore")),
-    BenchmarkSpec("vqa", "vqa", _vqa("normalized")),
-    BenchmarkSpec("caption", "caption", score_caption, max_new_tokens=48),
-]}
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    s.name: s
+    for s in [
+        BenchmarkSpec("pope", "yorn", score_pope, max_new_tokens=16),
+        BenchmarkSpec("mme", "yorn", score_mme, "mme", max_new_tokens=16),
+        BenchmarkSpec("hallusionbench", "yorn", score_hallusionbench, "hallusionbench", max_new_tokens=16),
+        BenchmarkSpec(
+            "mmbench", "mcq", lambda i, p: score_mcq(i, p, circular=True), max_new_tokens=16, aliases=_MMBENCH
+        ),
+        BenchmarkSpec("seed", "mcq", score_mcq, max_new_tokens=16, aliases=("seedbench_img",)),
+        BenchmarkSpec(
+            "ai2d", "mcq", score_mcq, max_new_tokens=16, aliases=("ai2d_test", "ai2d_test_no_mask")
+        ),
+        BenchmarkSpec("realworldqa", "mcq", score_mcq, max_new_tokens=16),
+        BenchmarkSpec(
+            "mmmu",
+            "mcq",
+            lambda i, p: score_mcq(i, p, mmmu=True),
+            max_tiles=12,
+            aliases=("mmmu_dev_val", "mmmu_test"),
+        ),
+        BenchmarkSpec("mcq", "mcq", score_mcq, max_new_tokens=16),
+        BenchmarkSpec("ocrbench", "vqa", score_ocrbench, max_tiles=24, max_new_tokens=128),
+        BenchmarkSpec("docvqa", "vqa", _vqa("anls"), max_tiles=18, aliases=("docvqa_val", "docvqa_test")),
+        BenchmarkSpec("infovqa", "vqa", _vqa("anls"), max_tiles=24, aliases=("infovqa_val", "infovqa_test")),
+        BenchmarkSpec(
+            "chartqa", "vqa", _vqa("relaxed"), max_tiles=12, drop_period=True, aliases=("chartqa_test",)
+        ),
+        BenchmarkSpec("textvqa", "vqa", _vqa("vqa_accuracy"), aliases=("textvqa_val",)),
+        BenchmarkSpec(
+            "ocrvqa",
+            "vqa",
+            _vqa("exact"),
+            max_tiles=12,
+            drop_period=True,
+            aliases=("ocrvqa_test", "ocrvqa_testcore"),
+        ),
+        BenchmarkSpec("vqa", "vqa", _vqa("normalized")),
+        BenchmarkSpec("caption", "caption", score_caption, max_new_tokens=48),
+    ]
+}
 """Every benchmark tools/evaluate.py and --eval-benchmark know."""
 
 _BY_NAME = {n: s for s in BENCHMARKS.values() for n in (s.name, *s.aliases)}
@@ -116,10 +131,12 @@ def get_benchmark(name: str) -> BenchmarkSpec:
     base, at, label = name.partition("@")
     spec = _BY_NAME.get(base.lower())
     if spec is None or (at and not label.replace("_", "").replace("-", "").isalnum()):
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}, "
-                         "VLMEvalKit's dataset names (MMBench_DEV_EN, SEEDBench_IMG, "
-                         "MMMU_DEV_VAL, OCRVQA_TESTCORE, ChartQA_TEST, DocVQA_VAL, ...), "
-                         "or NAME@LABEL (LABEL letters, digits, - and _)")
+        raise ValueError(
+            f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}, "
+            "VLMEvalKit's dataset names (MMBench_DEV_EN, SEEDBench_IMG, "
+            "MMMU_DEV_VAL, OCRVQA_TESTCORE, ChartQA_TEST, DocVQA_VAL, ...), "
+            "or NAME@LABEL (LABEL letters, digits, - and _)"
+        )
     return dataclasses.replace(spec, name=f"{spec.name}@{label}") if at else spec
 
 

@@ -10,6 +10,7 @@ Not split when replicas are not independent: expert parallelism (EP > 1, or an e
 wider than TP) runs one MoE layer across DP ranks, which must then decode the same requests in
 lockstep.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,7 +55,9 @@ def share_from_parallel_state() -> Optional[ReplicaShare]:
     size = ps.get_data_parallel_world_size()
     if size <= 1:
         return None
-    if (ps.get_expert_model_parallel_world_size() != 1
-            or ps.get_expert_tensor_parallel_world_size() != ps.get_tensor_model_parallel_world_size()):
+    if (
+        ps.get_expert_model_parallel_world_size() != 1
+        or ps.get_expert_tensor_parallel_world_size() != ps.get_tensor_model_parallel_world_size()
+    ):
         return None
     return ReplicaShare(ps.get_data_parallel_rank(), size, ps.get_data_parallel_group())

@@ -1,4 +1,5 @@
 """What a scoring rule returns."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -5,6 +5,7 @@ an existing predictions file (.xlsx, .tsv, .csv) as VLMEvalKit would.
 An item whose images cannot be used (bad base64, not an image, over the pixel limit, a missing
 file) is not generated: its prediction is empty, it is scored as such and listed in the score's
 bad_items, and the benchmark goes on."""
+
 from __future__ import annotations
 
 import json
@@ -12,14 +13,13 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from megatron_sail.progress import Progress, ProgressConfig
 from megatron_sail.config.images import DEFAULT_MAX_IMAGE_PIXELS
-
 from megatron_sail.eval.prediction_files import canonical_index, read_predictions
 from megatron_sail.eval.registry import BenchmarkSpec
 from megatron_sail.eval.replicas import ReplicaShare
 from megatron_sail.eval.result import BenchmarkScore, bad_item
 from megatron_sail.eval.tsv import BenchmarkFileError, read_items, read_rows, write_predictions
+from megatron_sail.progress import Progress, ProgressConfig
 
 
 @dataclass
@@ -71,7 +71,7 @@ def image_problem(item, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
     """Why an item's images cannot be fed to the model ('' when they can): the reader's reason,
     or the first image that is missing, undecodable or over the pixel limit (checked before the
     pixels are decoded)."""
-    from megatron_sail.curate.reader import check_decodable
+    from megatron_sail.data.images.imageinfo import check_decodable
 
     if item.problem:
         return item.problem
@@ -88,9 +88,15 @@ def image_problem(item, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
     return ""
 
 
-def generate_answers(spec: BenchmarkSpec, items, generate: Callable, cfg: RunnerConfig,
-                     cache_path: Optional[str] = None, bad: Optional[list] = None,
-                     source: str = "") -> dict[str, str]:
+def generate_answers(
+    spec: BenchmarkSpec,
+    items,
+    generate: Callable,
+    cfg: RunnerConfig,
+    cache_path: Optional[str] = None,
+    bad: Optional[list] = None,
+    source: str = "",
+) -> dict[str, str]:
     """index -> raw answer for every item, from the cache where it holds the same prompt, from
     ``generate`` (a list of (prompt, images, max_new_tokens) -> list of texts) otherwise. An
     item whose images are unusable gets '' and an entry in ``bad`` (naming ``source``, the
@@ -118,15 +124,20 @@ def generate_answers(spec: BenchmarkSpec, items, generate: Callable, cfg: Runner
     share = cfg.replicas
     step = cfg.batch_size * (share.size if share else 1)
     f = open(cache_path, "a", buffering=1) if cache_path and cfg.writer else None
-    bar = Progress(total=len(todo), desc=spec.name, unit="items",
-                   config=None if cfg.progress and cfg.writer else ProgressConfig(enabled=False))
+    bar = Progress(
+        total=len(todo),
+        desc=spec.name,
+        unit="items",
+        config=None if cfg.progress and cfg.writer else ProgressConfig(enabled=False),
+    )
     try:
         for start in range(0, len(todo), step):
-            round_ = todo[start:start + step]
+            round_ = todo[start : start + step]
             lo, hi = share.slice(len(round_)) if share else (0, len(round_))
             mine = round_[lo:hi]
-            reqs = [GenerationRequest(prompt=p, images=list(it.images), max_new_tokens=budget)
-                    for it, p in mine]
+            reqs = [
+                GenerationRequest(prompt=p, images=list(it.images), max_new_tokens=budget) for it, p in mine
+            ]
             # every replica calls generate once per round, even with nothing to decode: under
             # overlapped param gather it starts with a collective over the DP group
             texts = [res.text for res in generate(reqs)]
@@ -136,8 +147,10 @@ def generate_answers(spec: BenchmarkSpec, items, generate: Callable, cfg: Runner
             for (it, p), text in zip(round_, texts):
                 answers[it.index] = text
                 if f is not None:
-                    f.write(json.dumps({"index": it.index, "model": cfg.model_id, "prompt": p,
-                                        "raw": text}) + "\n")
+                    f.write(
+                        json.dumps({"index": it.index, "model": cfg.model_id, "prompt": p, "raw": text})
+                        + "\n"
+                    )
     finally:
         bar.close()
         if f is not None:
@@ -145,8 +158,9 @@ def generate_answers(spec: BenchmarkSpec, items, generate: Callable, cfg: Runner
     return answers
 
 
-def run_benchmark(spec: BenchmarkSpec, path: str, generate: Callable, cfg: RunnerConfig,
-                  out_dir: Optional[str] = None) -> tuple[BenchmarkScore, Optional[str]]:
+def run_benchmark(
+    spec: BenchmarkSpec, path: str, generate: Callable, cfg: RunnerConfig, out_dir: Optional[str] = None
+) -> tuple[BenchmarkScore, Optional[str]]:
     """Generate, write ``<out_dir>/<name>_predictions.tsv`` (with a response cache beside it)
     and score; returns the score and the predictions path (None when nothing is written)."""
     items = read_items(path, cfg.limit)
@@ -164,21 +178,24 @@ def run_benchmark(spec: BenchmarkSpec, path: str, generate: Callable, cfg: Runne
         write_predictions(pred_path, header, items, preds)
     score = spec.score(items, preds)
     skipped = {b["index"] for b in bad}  # their empty answer is already explained
-    score.bad_items = bad + [b for b in score.bad_items
-                             if not (b["index"] in skipped and b["reason"].startswith("empty answer"))]
+    score.bad_items = bad + [
+        b for b in score.bad_items if not (b["index"] in skipped and b["reason"].startswith("empty answer"))
+    ]
     return score, pred_path
 
 
-def score_predictions(spec: BenchmarkSpec, path: str, predictions_path: str,
-                      limit: Optional[int] = None) -> BenchmarkScore:
+def score_predictions(
+    spec: BenchmarkSpec, path: str, predictions_path: str, limit: Optional[int] = None
+) -> BenchmarkScore:
     """Score an existing predictions file (.xlsx, .tsv or .csv; ours or VLMEvalKit's) against
     the benchmark file, the stored text as it is: the items are the benchmark's rows that have a
     prediction (all of them, or the first ``limit``); the answers and columns come from the
     benchmark file. Prediction rows whose index the benchmark lacks are counted in
     ``details['unmatched_predictions']``."""
     preds = read_predictions(predictions_path)
-    all_items = read_items(path, need_images=spec.prompt_style == "mme", require=("answer",),
-                           images_if_no=("image_path",))
+    all_items = read_items(
+        path, need_images=spec.prompt_style == "mme", require=("answer",), images_if_no=("image_path",)
+    )
     items = [it for it in all_items if canonical_index(it.index) in preds]
     if limit:
         items = items[:limit]

@@ -6,6 +6,7 @@ Benchmarks live on different scales (percent, OCRBench's 1,000 items, MME's 2,80
 the average is taken over scores normalized to 0-100 (``normalized``); a per-benchmark fit stays
 on the benchmark's own scale. A fitted line grows without bound, so an extrapolation is capped
 at the metric's maximum and flagged (``Extrapolation.capped``)."""
+
 from __future__ import annotations
 
 import json
@@ -98,8 +99,9 @@ def fit_log_linear(tokens, scores) -> LogFit:
     x = np.log(np.asarray(tokens, dtype=np.float64))
     y = np.asarray(scores, dtype=np.float64)
     if len(x) != len(y) or len(np.unique(x)) < 2:
-        raise ValueError(f"a log-linear fit needs points at two or more token counts, got "
-                         f"{len(np.unique(x))}")
+        raise ValueError(
+            f"a log-linear fit needs points at two or more token counts, got {len(np.unique(x))}"
+        )
     b, a = np.polyfit(x, y, 1)
     res = float(np.sum((y - (a + b * x)) ** 2))
     tot = float(np.sum((y - y.mean()) ** 2))
@@ -130,13 +132,19 @@ def _read_run(path: str):
                 continue  # a line cut short by a crash
             if not isinstance(rec, dict):
                 continue
-            scores = {k[len(PREFIX):]: v for k, v in rec.items()
-                      if k.startswith(PREFIX) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            scores = {
+                k[len(PREFIX) :]: v
+                for k, v in rec.items()
+                if k.startswith(PREFIX) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             tokens = rec.get("consumed_tokens")
             if not scores or not isinstance(tokens, (int, float)) or tokens <= 0:
                 continue
-            counts = {k[len(COUNT_PREFIX):]: v for k, v in rec.items()
-                      if k.startswith(COUNT_PREFIX) and isinstance(v, int)}
+            counts = {
+                k[len(COUNT_PREFIX) :]: v
+                for k, v in rec.items()
+                if k.startswith(COUNT_PREFIX) and isinstance(v, int)
+            }
             yield float(tokens), scores, counts
 
 
@@ -164,8 +172,10 @@ def read_points(run_dirs: list[str], log: Callable[[str], None] = lambda s: None
             evals.append((tokens, scores, counts))
         if not found:
             skipped.append((run, "no benchmarks/* score with consumed_tokens in metrics.jsonl"))
-            log(f"skip {run}: no benchmarks/* score with consumed_tokens in its metrics.jsonl "
-                "(train with --eval-benchmark NAME=PATH)")
+            log(
+                f"skip {run}: no benchmarks/* score with consumed_tokens in its metrics.jsonl "
+                "(train with --eval-benchmark NAME=PATH)"
+            )
     for tokens, scores, counts in evals:
         if set(scores) == names and len(names) > 1:
             norm = [normalized(k, v, counts.get(k)) for k, v in scores.items()]
@@ -204,8 +214,12 @@ def plot(points: dict, fits: dict, budget: float, path: str, maxima: Optional[di
             f = fits[name]
             top = maxima.get(name, metric_max(name))
             xs = np.geomspace(t.min(), max(budget, t.max()), 50)
-            ax.plot(xs, np.clip(f.a + f.b * np.log(xs), 0.0, top), color="tab:red",
-                    label=f"{f.a:.2f} + {f.b:.3f} ln(T), R²={format_r2(f.r2)}")
+            ax.plot(
+                xs,
+                np.clip(f.a + f.b * np.log(xs), 0.0, top),
+                color="tab:red",
+                label=f"{f.a:.2f} + {f.b:.3f} ln(T), R²={format_r2(f.r2)}",
+            )
             ax.axvline(budget, color="gray", linestyle=":", linewidth=1)
             ax.legend(fontsize=7, loc="lower right")
         ax.set_xscale("log")
@@ -213,7 +227,7 @@ def plot(points: dict, fits: dict, budget: float, path: str, maxima: Optional[di
         ax.set_xlabel("pretraining tokens")
         ax.set_ylabel("score")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.tight_layout()
     tmp = path + ".tmp.png"
@@ -246,9 +260,17 @@ def fit_report(points: Points, budget: float) -> dict:
         f = fits[name]
         top = points.maxima.get(name, metric_max(name))
         e = extrapolate(f, budget, top)
-        out[name] = {"a": f.a, "b": f.b, "r2": f.r2, "points": f.points, "maximum": top,
-                     "budget_tokens": budget, "at_budget": e.value, "at_budget_raw": e.raw,
-                     "capped": e.capped}
+        out[name] = {
+            "a": f.a,
+            "b": f.b,
+            "r2": f.r2,
+            "points": f.points,
+            "maximum": top,
+            "budget_tokens": budget,
+            "at_budget": e.value,
+            "at_budget_raw": e.raw,
+            "capped": e.capped,
+        }
     if no_fit:
         out["no_fit"] = no_fit
     return out

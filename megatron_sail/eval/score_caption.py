@@ -1,6 +1,7 @@
 """Caption scoring by word overlap: per item, the F1 of the prediction's words against the
 best-matching reference (a bag-of-words measure in the spirit of CIDEr/ROUGE-1, no external
 scorer needed); the benchmark score is the mean over items, in percent."""
+
 from __future__ import annotations
 
 import re
@@ -40,5 +41,6 @@ def score_caption(items, predictions: dict) -> BenchmarkScore:
         f1s.append(item_caption_f1(it, pred))
         exact += any(caption_words(g) == caption_words(pred) for g in answers_of(it))
     mean = 100 * sum(f1s) / len(f1s)
-    return BenchmarkScore(score=mean, n=len(items), metric="word F1 (%)",
-                          details={"exact_match": 100 * exact / len(items)})
+    return BenchmarkScore(
+        score=mean, n=len(items), metric="word F1 (%)", details={"exact_match": 100 * exact / len(items)}
+    )

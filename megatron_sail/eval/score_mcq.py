@@ -13,6 +13,7 @@ MMMU's open questions (no option A) become A = the gold answer, B = 'Other Answe
 (MMMU_preproc), and their gold letter is the answer itself when it is one capital letter,
 else A. With a ``split`` column every split is reported, and the headline is the split VLMEvalKit
 reports first (test, then validation, val, dev)."""
+
 from __future__ import annotations
 
 import string
@@ -43,13 +44,20 @@ def _gold_and_choices(item, mmmu: bool, bad: list) -> tuple[str, dict]:
         choices = choices_of(item) if item.get("A") else _mmmu_choices(item)
         gold = answer if len(answer) == 1 and answer in string.ascii_uppercase else "A"
         if item.get("A") and answer not in choices:
-            bad.append(bad_item(item.index, f"answer {answer!r} is not one of the options "
-                                            f"{''.join(sorted(choices))}; never right"))
+            bad.append(
+                bad_item(
+                    item.index,
+                    f"answer {answer!r} is not one of the options {''.join(sorted(choices))}; never right",
+                )
+            )
         return gold, choices
     choices = choices_of(item)
     if answer not in choices:
-        what = "no answer" if not answer else f"answer {answer!r} is not one of the options " \
-                                              f"{''.join(sorted(choices)) or '(none)'}"
+        what = (
+            "no answer"
+            if not answer
+            else f"answer {answer!r} is not one of the options {''.join(sorted(choices)) or '(none)'}"
+        )
         bad.append(bad_item(item.index, f"{what}; never right"))
     return answer, choices
 
@@ -100,19 +108,24 @@ def _circular(items, hits: list[bool], bad: list) -> tuple[list, dict]:
     for it, h in zip(items, hits):
         g = _group_of(it)
         if g is None:
-            bad.append(bad_item(it.index, "index is not an integer: scored alone (VLMEvalKit "
-                                          "needs integer MMBench indices)"))
+            bad.append(
+                bad_item(
+                    it.index,
+                    "index is not an integer: scored alone (VLMEvalKit needs integer MMBench indices)",
+                )
+            )
             g = it.index
         groups[g].append(h)
         if g == it.index or _as_int(it.index) == g:
             mains[g] = it
     orphans = [k for k in groups if k not in mains]
-    return ([(mains[g], all(groups[g])) for g in sorted(mains, key=str)],
-            {"groups_without_main_row": len(orphans)})
+    return (
+        [(mains[g], all(groups[g])) for g in sorted(mains, key=str)],
+        {"groups_without_main_row": len(orphans)},
+    )
 
 
-def score_mcq(items, predictions: dict, mmmu: bool = False,
-              circular: bool = False) -> BenchmarkScore:
+def score_mcq(items, predictions: dict, mmmu: bool = False, circular: bool = False) -> BenchmarkScore:
     """Accuracy in percent: per question for circular MMBench, per item otherwise."""
     bad, hits = [], []
     for it in items:
@@ -131,13 +144,15 @@ def score_mcq(items, predictions: dict, mmmu: bool = False,
         per_item = {it.index: int(h) for it, h in rows}
     splits = sorted({it.get("split") for it, _ in rows if it.get("split")})
     if splits:
-        details["splits"] = {sp: _accuracy([(it, h) for it, h in rows if it.get("split") == sp])
-                             for sp in splits}
+        details["splits"] = {
+            sp: _accuracy([(it, h) for it, h in rows if it.get("split") == sp]) for sp in splits
+        }
         head = _headline_split(splits)
         score, metric = details["splits"][head]["overall"], f"accuracy (%, {head} split)"
         details["all_splits"] = _accuracy(rows)["overall"]
     else:
         details.update(_accuracy(rows))
         score, metric = details.pop("overall"), f"accuracy (%, {details['mode']})"
-    return BenchmarkScore(score=score, n=len(items), metric=metric, details=details,
-                          bad_items=bad, per_item=per_item)
+    return BenchmarkScore(
+        score=score, n=len(items), metric=metric, details=details, bad_items=bad, per_item=per_item
+    )

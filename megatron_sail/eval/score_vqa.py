@@ -5,6 +5,7 @@ ocrbench rules. The rules read the prediction as stored: only what VLMEvalKit's 
 does (ChartQA and OCR-VQA strip the prediction, ANLS lower-cases and collapses spaces but
 measures the length of the raw strings) happens here; SAIL-VL's answer post-processing belongs to
 generation (BenchmarkSpec.postprocess)."""
+
 from __future__ import annotations
 
 import ast
@@ -19,14 +20,18 @@ RELAXED_TOLERANCE = 0.05
 """ChartQA: a numeric answer within 5% of the gold one is right."""
 
 OCRBENCH_GROUPS = {
-    "Text Recognition": ("Regular Text Recognition", "Irregular Text Recognition",
-                         "Artistic Text Recognition", "Handwriting Recognition",
-                         "Digit String Recognition", "Non-Semantic Text Recognition"),
+    "Text Recognition": (
+        "Regular Text Recognition",
+        "Irregular Text Recognition",
+        "Artistic Text Recognition",
+        "Handwriting Recognition",
+        "Digit String Recognition",
+        "Non-Semantic Text Recognition",
+    ),
     "Scene Text-centric VQA": ("Scene Text-centric VQA",),
     "Doc-oriented VQA": ("Doc-oriented VQA",),
     "Key Information Extraction": ("Key Information Extraction",),
-    "Handwritten Mathematical Expression Recognition":
-        ("Handwritten Mathematical Expression Recognition",),
+    "Handwritten Mathematical Expression Recognition": ("Handwritten Mathematical Expression Recognition",),
 }
 """OCRBench's five reported groups and the ten categories they sum."""
 HME = "Handwritten Mathematical Expression Recognition"
@@ -82,8 +87,7 @@ def vqa_accuracy(golds: list[str], prediction: str) -> float:
     averaged; answers normalized (punctuation, digits, articles)."""
     gts = [normalize_vqa_answer(g) for g in golds]
     pred = normalize_vqa_answer(prediction)
-    accs = [min(1.0, sum(o == pred for j, o in enumerate(gts) if j != i) / 3)
-            for i in range(len(gts))]
+    accs = [min(1.0, sum(o == pred for j, o in enumerate(gts) if j != i) / 3) for i in range(len(gts))]
     return sum(accs) / len(accs)
 
 
@@ -100,9 +104,13 @@ def normalized_match(golds: list[str], prediction: str) -> float:
     return sum(normalize_vqa_answer(g) == pred for g in golds) / len(golds)
 
 
-RULES = {"anls": lambda g, p: anls(g, p),
-         "relaxed": lambda g, p: float(any(relaxed_correct(x, p.strip()) for x in g)),
-         "vqa_accuracy": vqa_accuracy, "exact": exact_match, "normalized": normalized_match}
+RULES = {
+    "anls": lambda g, p: anls(g, p),
+    "relaxed": lambda g, p: float(any(relaxed_correct(x, p.strip()) for x in g)),
+    "vqa_accuracy": vqa_accuracy,
+    "exact": exact_match,
+    "normalized": normalized_match,
+}
 """Per-item rules by name; each returns a value in [0, 1]."""
 
 
@@ -128,15 +136,23 @@ def score_vqa(items, predictions: dict, rule: str) -> BenchmarkScore:
     """Mean per-item value of ``rule`` in percent, with per-split means when the file has a
     ``split`` column (VLMEvalKit then reports no categories), else per-category means."""
     fn, bad = RULES[rule], []
-    values = [fn(_golds_and_bad(it, predictions.get(it.index, ""), bad),
-                 predictions.get(it.index, "")) for it in items]
+    values = [
+        fn(_golds_and_bad(it, predictions.get(it.index, ""), bad), predictions.get(it.index, ""))
+        for it in items
+    ]
     mean = 100 * sum(values) / len(values) if values else 0.0
     if any(it.get("split") for it in items):
         details = {"splits": _means(values, items, "split")}
     else:
         details = {"categories": _means(values, items, "category")}
-    return BenchmarkScore(score=mean, n=len(values), metric=f"{rule} (%)", details=details,
-                          bad_items=bad, per_item={it.index: v for it, v in zip(items, values)})
+    return BenchmarkScore(
+        score=mean,
+        n=len(values),
+        metric=f"{rule} (%)",
+        details=details,
+        bad_items=bad,
+        per_item={it.index: v for it, v in zip(items, values)},
+    )
 
 
 def ocrbench_correct(golds: list[str], prediction: str, category: str) -> bool:
@@ -144,8 +160,9 @@ def ocrbench_correct(golds: list[str], prediction: str, category: str) -> bool:
     as spaces; for handwritten math (HME100k) case is kept and every space is removed instead."""
     for g in golds:
         if category == HME:
-            if g.strip().replace("\n", " ").replace(" ", "") in \
-                    prediction.strip().replace("\n", " ").replace(" ", ""):
+            if g.strip().replace("\n", " ").replace(" ", "") in prediction.strip().replace("\n", " ").replace(
+                " ", ""
+            ):
                 return True
         elif g.lower().strip().replace("\n", " ") in prediction.lower().strip().replace("\n", " "):
             return True
@@ -164,7 +181,17 @@ def score_ocrbench(items, predictions: dict) -> BenchmarkScore:
     known = {c for cs in OCRBENCH_GROUPS.values() for c in cs}
     other = {c: n for c, n in counts.items() if c not in known}
     total = sum(counts.values())
-    details = {"groups": groups, "categories": dict(counts), "other_categories": other,
-               "final_score_norm": total / 10}
-    return BenchmarkScore(score=float(total), n=len(items), metric="correct items",
-                          details=details, bad_items=bad, per_item=per_item)
+    details = {
+        "groups": groups,
+        "categories": dict(counts),
+        "other_categories": other,
+        "final_score_norm": total / 10,
+    }
+    return BenchmarkScore(
+        score=float(total),
+        n=len(items),
+        metric="correct items",
+        details=details,
+        bad_items=bad,
+        per_item=per_item,
+    )

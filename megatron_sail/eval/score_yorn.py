@@ -1,6 +1,7 @@
 """Yes/no benchmarks scored as VLMEvalKit scores them without an LLM judge: POPE (F1 headline),
 MME (acc + acc+ per image pair, perception and cognition totals) and HallusionBench
 (aAcc, fAcc, qAcc)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,11 +10,20 @@ from collections import defaultdict
 from megatron_sail.eval.matching import extract_yes_no
 from megatron_sail.eval.result import BenchmarkScore, bad_item
 
-MME_PERCEPTION = ("OCR", "artwork", "celebrity", "color", "count", "existence", "landmark",
-                  "position", "posters", "scene")
+MME_PERCEPTION = (
+    "OCR",
+    "artwork",
+    "celebrity",
+    "color",
+    "count",
+    "existence",
+    "landmark",
+    "position",
+    "posters",
+    "scene",
+)
 """MME's perception subtasks (10 x 200 points)."""
-MME_COGNITION = ("code_reasoning", "commonsense_reasoning", "numerical_calculation",
-                 "text_translation")
+MME_COGNITION = ("code_reasoning", "commonsense_reasoning", "numerical_calculation", "text_translation")
 """MME's cognition subtasks (VLMEvalKit calls the total 'reasoning'; 4 x 200 points)."""
 
 
@@ -25,8 +35,13 @@ def _hits(items, predictions: dict, bad: list) -> list[tuple[object, str, str, b
     for it in items:
         truth = it.get("answer", "")
         if truth not in ("Yes", "No"):
-            bad.append(bad_item(it.index, f"answer {truth!r} is not 'Yes' or 'No'"
-                                          + (" (VLMEvalKit compares it exactly)" if truth else "")))
+            bad.append(
+                bad_item(
+                    it.index,
+                    f"answer {truth!r} is not 'Yes' or 'No'"
+                    + (" (VLMEvalKit compares it exactly)" if truth else ""),
+                )
+            )
         pred = predictions.get(it.index, "")
         if not pred:
             bad.append(bad_item(it.index, "empty answer; never right"))
@@ -45,8 +60,7 @@ def _f1(pairs: list[tuple[str, str]]) -> dict:
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     acc = sum(t == p for t, p in pairs) / len(pairs) if pairs else 0.0
-    return {"f1": 100 * f1, "acc": 100 * acc, "precision": 100 * precision,
-            "recall": 100 * recall}
+    return {"f1": 100 * f1, "acc": 100 * acc, "precision": 100 * precision, "recall": 100 * recall}
 
 
 def _verdicts(rows) -> dict:
@@ -65,10 +79,19 @@ def score_pope(items, predictions: dict) -> BenchmarkScore:
     for c, t, p in exploded:
         if c:
             by_cat[c].append((t, p))
-    details = {"overall": overall, "categories": {c: _f1(v) for c, v in sorted(by_cat.items())},
-               "unknown": sum(p == "Unknown" for _, _, p, _ in rows)}
-    return BenchmarkScore(score=overall["f1"], n=len(rows), metric="F1 (%)", details=details,
-                          bad_items=bad, per_item=_verdicts(rows))
+    details = {
+        "overall": overall,
+        "categories": {c: _f1(v) for c, v in sorted(by_cat.items())},
+        "unknown": sum(p == "Unknown" for _, _, p, _ in rows),
+    }
+    return BenchmarkScore(
+        score=overall["f1"],
+        n=len(rows),
+        metric="F1 (%)",
+        details=details,
+        bad_items=bad,
+        per_item=_verdicts(rows),
+    )
 
 
 def _image_key(item) -> str:
@@ -97,8 +120,13 @@ def score_mme(items, predictions: dict) -> BenchmarkScore:
         flat = [ok for v in per_image.values() for _, ok in v]
         for v in per_image.values():
             if len(v) != 2:
-                bad.append(bad_item(v[0][0], f"its image has {len(v)} question(s); MME pairs two "
-                                             "(acc+ uses the first two, or the only one)"))
+                bad.append(
+                    bad_item(
+                        v[0][0],
+                        f"its image has {len(v)} question(s); MME pairs two "
+                        "(acc+ uses the first two, or the only one)",
+                    )
+                )
         acc = 100 * sum(flat) / len(flat)
         acc_plus = 100 * sum(all(ok for _, ok in v[:2]) for v in per_image.values()) / len(per_image)
         cats[cat] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus}
@@ -106,10 +134,20 @@ def score_mme(items, predictions: dict) -> BenchmarkScore:
     cognition = sum(cats[c]["score"] for c in MME_COGNITION if c in cats)
     other = sorted(set(cats) - set(MME_PERCEPTION) - set(MME_COGNITION))
     total = perception + cognition + sum(cats[c]["score"] for c in other)
-    details = {"perception": perception, "cognition": cognition, "categories": cats,
-               "other_categories": other}
-    return BenchmarkScore(score=total, n=len(rows), metric="summed points", details=details,
-                          bad_items=bad, per_item=_verdicts(rows))
+    details = {
+        "perception": perception,
+        "cognition": cognition,
+        "categories": cats,
+        "other_categories": other,
+    }
+    return BenchmarkScore(
+        score=total,
+        n=len(rows),
+        metric="summed points",
+        details=details,
+        bad_items=bad,
+        per_item=_verdicts(rows),
+    )
 
 
 def _hallusion_ids(index: str):
@@ -125,9 +163,11 @@ def _hallusion_accs(rows) -> dict:
     for l2, (s, f, q), ok in rows:
         fig[(l2, s, f)].append(ok)
         que[(l2, s, q)].append(ok)
-    return {"aAcc": 100 * sum(ok for *_, ok in rows) / len(rows),
-            "fAcc": 100 * sum(all(v) for v in fig.values()) / len(fig),
-            "qAcc": 100 * sum(all(v) for v in que.values()) / len(que)}
+    return {
+        "aAcc": 100 * sum(ok for *_, ok in rows) / len(rows),
+        "fAcc": 100 * sum(all(v) for v in fig.values()) / len(fig),
+        "qAcc": 100 * sum(all(v) for v in que.values()) / len(que),
+    }
 
 
 def score_hallusionbench(items, predictions: dict) -> BenchmarkScore:
@@ -141,14 +181,26 @@ def score_hallusionbench(items, predictions: dict) -> BenchmarkScore:
     a_acc = 100 * sum(ok for *_, ok in rows) / len(rows) if rows else 0.0
     ids = [_hallusion_ids(it.index) for it, *_ in rows]
     if not rows or any(i is None for i in ids):
-        return BenchmarkScore(score=a_acc, n=len(rows), metric="aAcc (%)", details={"aAcc": a_acc},
-                              bad_items=bad, per_item=_verdicts(rows))
+        return BenchmarkScore(
+            score=a_acc,
+            n=len(rows),
+            metric="aAcc (%)",
+            details={"aAcc": a_acc},
+            bad_items=bad,
+            per_item=_verdicts(rows),
+        )
     triples = [(it.get("l2-category", ""), i, ok) for (it, *_, ok), i in zip(rows, ids)]
     details = _hallusion_accs(triples)
     for key, col in (("categories", "category"), ("l2_categories", "l2-category")):
         names = sorted({it.get(col) for it, *_ in rows if it.get(col)})
-        details[key] = {c: _hallusion_accs([t for (it, *_), t in zip(rows, triples)
-                                            if it.get(col) == c]) for c in names}
-    return BenchmarkScore(score=(details["aAcc"] + details["fAcc"] + details["qAcc"]) / 3,
-                          n=len(rows), metric="mean of aAcc, fAcc, qAcc (%)", details=details,
-                          bad_items=bad, per_item=_verdicts(rows))
+        details[key] = {
+            c: _hallusion_accs([t for (it, *_), t in zip(rows, triples) if it.get(col) == c]) for c in names
+        }
+    return BenchmarkScore(
+        score=(details["aAcc"] + details["fAcc"] + details["qAcc"]) / 3,
+        n=len(rows),
+        metric="mean of aAcc, fAcc, qAcc (%)",
+        details=details,
+        bad_items=bad,
+        per_item=_verdicts(rows),
+    )

@@ -8,6 +8,7 @@ row whose image it shares. Without ``image``, ``image_path`` names image files, 
 relative to the TSV's folder. The prediction files we write keep every column except ``image``
 and add ``prediction``, as VLMEvalKit's inference writes them.
 """
+
 from __future__ import annotations
 
 import ast
@@ -76,13 +77,13 @@ def _not_utf8(path: str) -> BenchmarkFileError:
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as e:
-                return BenchmarkFileError(f"{path}: line {n} is not UTF-8 text (byte "
-                                          f"0x{line[e.start]:02x} at column {e.start + 1})")
+                return BenchmarkFileError(
+                    f"{path}: line {n} is not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1})"
+                )
     return BenchmarkFileError(f"{path}: not UTF-8 text")
 
 
-def read_rows(path: str, delimiter: str = "\t",
-              lines: list | None = None) -> tuple[list[str], list[dict]]:
+def read_rows(path: str, delimiter: str = "\t", lines: list | None = None) -> tuple[list[str], list[dict]]:
     """Header and rows of a TSV (or, with ``delimiter=','``, a CSV) as pandas writes them,
     quoted cells or not, cells as strings; ``lines``, when given, receives each row's first line
     number. Every problem is a BenchmarkFileError naming the file (and the line where there is
@@ -103,8 +104,7 @@ def read_rows(path: str, delimiter: str = "\t",
                     lines.append(start)
                 start = reader.line_num + 1
                 if None in row:
-                    raise BenchmarkFileError(f"{path}: line {reader.line_num} has more cells "
-                                             "than the header")
+                    raise BenchmarkFileError(f"{path}: line {reader.line_num} has more cells than the header")
                 rows.append({k: ("" if v is None else v) for k, v in row.items()})
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
@@ -115,8 +115,13 @@ def read_rows(path: str, delimiter: str = "\t",
     return header, rows
 
 
-def read_items(path: str, limit: int | None = None, need_images: bool = True,
-               require: tuple = (), images_if_no: tuple = ()) -> list[Item]:
+def read_items(
+    path: str,
+    limit: int | None = None,
+    need_images: bool = True,
+    require: tuple = (),
+    images_if_no: tuple = (),
+) -> list[Item]:
     """The items of a benchmark TSV (the first ``limit`` ones when given), images resolved.
 
     Rows without any image are kept (text-only questions); with ``need_images`` False the image
@@ -156,8 +161,7 @@ def _images_of(row: dict, by_index: dict, root: str, where: str) -> list:
         if len(cell) <= _REF_MAX:
             ref = by_index.get(cell, "")
             if len(ref) <= _REF_MAX:
-                raise BenchmarkFileError(f"{where}: image refers to index {cell!r}, which holds "
-                                         "no image")
+                raise BenchmarkFileError(f"{where}: image refers to index {cell!r}, which holds no image")
             cell = ref
         return [_decode(b, where) for b in _list_or_one(cell)]
     paths = [p for p in _list_or_one(row.get("image_path", "")) if p]
@@ -179,8 +183,9 @@ def write_predictions(path: str, header: list[str], items: list[Item], predictio
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(cols)
         for it in items:
-            w.writerow([predictions.get(it.index, "") if c == "prediction" else it.row.get(c, "")
-                        for c in cols])
+            w.writerow(
+                [predictions.get(it.index, "") if c == "prediction" else it.row.get(c, "") for c in cols]
+            )
     os.replace(tmp, path)
 
 

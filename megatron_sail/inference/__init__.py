@@ -3,14 +3,20 @@
 Names are imported on first use, so that ``megatron_sail.inference.config`` (plain dataclasses)
 loads without torch and Megatron-Core: a command line can check its flags in milliseconds.
 """
+
 import importlib
 
 _WHERE = {
-    "GenerationConfig": "config", "GenerationRequest": "config", "GenerationResult": "config",
+    "GenerationConfig": "config",
+    "GenerationRequest": "config",
+    "GenerationResult": "config",
     "Generator": "engine",
-    "LoadConfig": "loading", "generator_from_model": "loading", "inspect_checkpoint": "loading",
+    "LoadConfig": "loading",
+    "generator_from_model": "loading",
+    "inspect_checkpoint": "loading",
     "load_generator": "loading",
-    "ProcessorSettings": "prompts", "Prompt": "prompts",
+    "ProcessorSettings": "prompts",
+    "Prompt": "prompts",
 }
 
 __all__ = sorted(_WHERE)

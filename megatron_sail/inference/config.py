@@ -1,11 +1,12 @@
 """Public data types of generation: the run config, one request, one result (issue 9 contract)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationConfig:
     """How answers are decoded (shared by the CLI, the evaluator and the in-training hook)."""
 
@@ -30,14 +31,20 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or self.min_new_tokens < 0:
-            raise ValueError(f"GenerationConfig: max_new_tokens ({self.max_new_tokens}) and "
-                             f"min_new_tokens ({self.min_new_tokens}) must be >= 0")
+            raise ValueError(
+                f"GenerationConfig: max_new_tokens ({self.max_new_tokens}) and "
+                f"min_new_tokens ({self.min_new_tokens}) must be >= 0"
+            )
         if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"GenerationConfig: temperature must be >= 0 (got {self.temperature}) "
-                             f"and top_p in (0, 1] (got {self.top_p})")
+            raise ValueError(
+                f"GenerationConfig: temperature must be >= 0 (got {self.temperature}) "
+                f"and top_p in (0, 1] (got {self.top_p})"
+            )
         if self.batch_size < 1 or self.max_tiles < 1:
-            raise ValueError(f"GenerationConfig: batch_size ({self.batch_size}) and max_tiles "
-                             f"({self.max_tiles}) must be >= 1")
+            raise ValueError(
+                f"GenerationConfig: batch_size ({self.batch_size}) and max_tiles "
+                f"({self.max_tiles}) must be >= 1"
+            )
 
 
 @dataclass

@@ -8,6 +8,7 @@ contributes one token (laid out as a length-B sequence) that attends to its own 
 rank 0's chunk c+1); the last stage picks the next tokens and broadcasts them to all stages.
 Every rank calls ``generate`` with the same requests and gets the same results.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ from megatron_sail.data.tokenizer import Tokenizer
 from megatron_sail.inference.config import GenerationConfig, GenerationRequest, GenerationResult
 from megatron_sail.inference.kv_cache import CacheStep, KVCache, RopeTable, cached_attention
 from megatron_sail.inference.plain_layers import plain_layers
-from megatron_sail.inference.prompts import Prompt, PromptBuilder, ProcessorSettings
+from megatron_sail.inference.prompts import ProcessorSettings, Prompt, PromptBuilder
 from megatron_sail.inference.sampling import apply_min_tokens, next_tokens
 from megatron_sail.models.attention import packed_seq_params
 from megatron_sail.models.sail_vl import unwrap
@@ -35,8 +36,14 @@ from megatron_sail.platform.distributed import device as model_device
 class Generator:
     """Decodes answers with the given model chunks (this rank's pipeline stages, in order)."""
 
-    def __init__(self, chunks: list, model_config: ModelConfig, tokenizer: Tokenizer,
-                 settings: ProcessorSettings, cfg: GenerationConfig):
+    def __init__(
+        self,
+        chunks: list,
+        model_config: ModelConfig,
+        tokenizer: Tokenizer,
+        settings: ProcessorSettings,
+        cfg: GenerationConfig,
+    ):
         self.wrapped = list(chunks)
         self.chunks = [unwrap(c) for c in chunks]
         self.lms = [c.language_model for c in self.chunks]
@@ -44,8 +51,9 @@ class Generator:
         self.tokenizer = tokenizer
         self.settings = settings
         self.cfg = cfg
-        self.prompts = PromptBuilder(tokenizer, settings, cfg.max_tiles, cfg.system,
-                                     model_config.language.max_position_embeddings)
+        self.prompts = PromptBuilder(
+            tokenizer, settings, cfg.max_tiles, cfg.system, model_config.language.max_position_embeddings
+        )
         sp = tokenizer.special
         stops = cfg.stop_token_ids if cfg.stop_token_ids is not None else (sp.im_end, sp.pad)
         self.stop_ids = tuple(int(s) for s in stops)
@@ -59,19 +67,27 @@ class Generator:
         self.device = model_device()
         self.first = self.chunks[0].pre_process
         self.last = self.chunks[-1].post_process
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
-                      "decode_steps": 0}
+        self.stats = {
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+            "prefill_s": 0.0,
+            "decode_s": 0.0,
+            "decode_steps": 0,
+        }
         """Counters over the generator's life (the benchmark script reads them)."""
 
     # ------------------------------------------------------------------ public API
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Answers to the requests, in order (collective under TP/PP)."""
-        prompts = [self.prompts.build(r, self.cfg.max_new_tokens, i, with_tiles=self.first)
-                   for i, r in enumerate(requests)]
+        prompts = [
+            self.prompts.build(r, self.cfg.max_new_tokens, i, with_tiles=self.first)
+            for i, r in enumerate(requests)
+        ]
         return self.generate_prompts(prompts)
 
-    def generate_prompts(self, prompts: list[Prompt],
-                         on_batch: Optional[Callable[[int], None]] = None) -> list[GenerationResult]:
+    def generate_prompts(
+        self, prompts: list[Prompt], on_batch: Optional[Callable[[int], None]] = None
+    ) -> list[GenerationResult]:
         """Answers to prepared prompts (ids + tiles), ``batch_size`` prompts at a time;
         ``on_batch(n)`` is told after each batch how many prompts it answered (progress)."""
         modes = [c.training for c in self.wrapped]
@@ -83,7 +99,7 @@ class Generator:
                 c.eval()
             with torch.no_grad(), plain_layers(self.chunks if self.tp == 1 else []):
                 for start in range(0, len(prompts), self.cfg.batch_size):
-                    batch = self._batch(prompts[start:start + self.cfg.batch_size], generator)
+                    batch = self._batch(prompts[start : start + self.cfg.batch_size], generator)
                     results += batch
                     if on_batch is not None:
                         on_batch(len(batch))
@@ -102,7 +118,7 @@ class Generator:
         rows = self._padded(n)
         lens = [len(p.ids) for p in prompts]
         budgets = [max(0, p.max_new_tokens) for p in prompts]
-        max_len = max(l + b for l, b in zip(lens, budgets)) + 1
+        max_len = max(length + b for length, b in zip(lens, budgets)) + 1
         cache = KVCache(rows, max_len, self._rope_table(max_len))
         outs: list[list[int]] = [[] for _ in prompts]
         reasons = ["length" if b == 0 else "" for b in budgets]
@@ -117,18 +133,23 @@ class Generator:
                 self._accept(tokens, outs, reasons, budgets)
                 if all(reasons):
                     break
-                positions = [lens[i] + len(outs[i]) - 1 if not reasons[i] else lens[i]
-                             for i in range(n)] + [0] * (rows - n)
-                feed = [outs[i][-1] if not reasons[i] else self.tokenizer.special.pad
-                        for i in range(n)] + [self.tokenizer.special.pad] * (rows - n)
+                positions = [lens[i] + len(outs[i]) - 1 if not reasons[i] else lens[i] for i in range(n)] + [
+                    0
+                ] * (rows - n)
+                feed = [outs[i][-1] if not reasons[i] else self.tokenizer.special.pad for i in range(n)] + [
+                    self.tokenizer.special.pad
+                ] * (rows - n)
                 logits = self._decode(feed, positions, cache)
-                tokens = self._choose(logits, min(len(o) for o, r in zip(outs, reasons) if not r),
-                                      rows, generator)
+                tokens = self._choose(
+                    logits, min(len(o) for o, r in zip(outs, reasons) if not r), rows, generator
+                )
                 self.stats["decode_steps"] += 1
             self.stats["decode_s"] += time.perf_counter() - t0
         self.stats["generated_tokens"] += sum(len(o) for o in outs)
-        return [GenerationResult(self.tokenizer.decode(o), o, list(p.ids), r)
-                for o, p, r in zip(outs, prompts, reasons)]
+        return [
+            GenerationResult(self.tokenizer.decode(o), o, list(p.ids), r)
+            for o, p, r in zip(outs, prompts, reasons)
+        ]
 
     def _accept(self, tokens: list[int], outs, reasons, budgets) -> None:
         """Append each running prompt's new token, or end it on a stop token / full budget."""
@@ -169,7 +190,7 @@ class Generator:
         hidden = self._stages(ids_t, tiles, rope, psp)
         if hidden is None:
             return None
-        last = torch.tensor([b - 1 for b in bounds[1:len(prompts) + 1]], device=self.device)
+        last = torch.tensor([b - 1 for b in bounds[1 : len(prompts) + 1]], device=self.device)
         return self._logits(hidden[last, 0])
 
     def _rope_table(self, max_len: int) -> Optional[RopeTable]:
@@ -177,10 +198,13 @@ class Generator:
         None where Megatron must apply RoPE itself (interleaved, multi-latent, YaRN or mRoPE)."""
         lm = self.lms[0]
         config = lm.config
-        plain = (getattr(lm, "position_embedding_type", None) == "rope"
-                 and type(lm.rotary_pos_emb).__name__ == "RotaryEmbedding"
-                 and not config.rotary_interleaved and not config.multi_latent_attention
-                 and getattr(config, "mrope_section", None) is None)
+        plain = (
+            getattr(lm, "position_embedding_type", None) == "rope"
+            and type(lm.rotary_pos_emb).__name__ == "RotaryEmbedding"
+            and not config.rotary_interleaved
+            and not config.multi_latent_attention
+            and getattr(config, "mrope_section", None) is None
+        )
         return RopeTable(lm.rotary_pos_emb(max_len), self.dtype) if plain else None
 
     def _decode(self, feed: list[int], positions: list[int], cache: KVCache) -> Optional[torch.Tensor]:
@@ -207,8 +231,7 @@ class Generator:
                 x = torch.empty(local, 1, self.hidden, dtype=self.dtype, device=self.device)
                 dist.recv(x, src=parallel_state.get_pipeline_model_parallel_prev_rank())
                 lm.set_input_tensor(x)
-            y = lm.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=rope,
-                           packed_seq_params=psp)
+            y = lm.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=rope, packed_seq_params=psp)
             if chunk.post_process:
                 out = y
             else:
@@ -220,28 +243,40 @@ class Generator:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary float32 logits [n, V] of final hidden states [n, h] (TP-gathered)."""
         lm = self.lms[-1]
-        weight = (lm.shared_embedding_or_output_weight() if lm.share_embeddings_and_output_weights
-                  else lm.output_layer.weight)
+        weight = (
+            lm.shared_embedding_or_output_weight()
+            if lm.share_embeddings_and_output_weights
+            else lm.output_layer.weight
+        )
         logits = F.linear(hidden, weight)
         if self.tp > 1:
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
         return logits.float()
 
     # ------------------------------------------------------------------ token choice
-    def _choose(self, logits: Optional[torch.Tensor], generated: int, rows: int,
-                generator: torch.Generator) -> list[int]:
+    def _choose(
+        self, logits: Optional[torch.Tensor], generated: int, rows: int, generator: torch.Generator
+    ) -> list[int]:
         """Next token of every row, chosen on the last stage and shared with every rank."""
         tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
         if self.last:
             stop = torch.tensor(self.stop_ids, dtype=torch.long, device=logits.device)
             logits = apply_min_tokens(logits, generated, self.cfg.min_new_tokens, stop)
-            tokens[: logits.size(0)].copy_(next_tokens(logits, self.cfg.temperature, self.cfg.top_p, generator))
+            tokens[: logits.size(0)].copy_(
+                next_tokens(logits, self.cfg.temperature, self.cfg.top_p, generator)
+            )
         if self.tp > 1:  # sampling is seeded identically, but TP rank 0's draw is the one kept
-            dist.broadcast(tokens, src=parallel_state.get_tensor_model_parallel_src_rank(),
-                           group=parallel_state.get_tensor_model_parallel_group())
+            dist.broadcast(
+                tokens,
+                src=parallel_state.get_tensor_model_parallel_src_rank(),
+                group=parallel_state.get_tensor_model_parallel_group(),
+            )
         if self.pp > 1:
-            dist.broadcast(tokens, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                           group=parallel_state.get_pipeline_model_parallel_group())
+            dist.broadcast(
+                tokens,
+                src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group(),
+            )
         if self.ep > 1:  # EP ranks are replicas that must decode in lockstep (expert all-to-alls):
             # a last-bit logit difference between them must not let their answers (and lengths) part
             group = parallel_state.get_expert_model_parallel_group()

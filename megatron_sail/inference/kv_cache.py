@@ -13,6 +13,7 @@ Megatron's Attention applies RoPE before core attention, so the cache holds rota
 TP shards heads before it, so each rank caches its own heads. Core attention has no weights in
 either spec, so swapping it leaves parameters, hooks and checkpoints untouched.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -63,7 +64,7 @@ class RopeTable:
 
     def apply(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate [batch, 1, heads, dim] (non-interleaved halves, as Qwen and Megatron's default)."""
-        rot, rest = t[..., : self.rot_dim], t[..., self.rot_dim:]
+        rot, rest = t[..., : self.rot_dim], t[..., self.rot_dim :]
         x1, x2 = torch.chunk(rot, 2, dim=-1)
         rot = (rot * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
         return torch.cat((rot, rest), dim=-1) if rest.numel() else rot
@@ -117,8 +118,7 @@ class KVCache:
             kbuf[row, :, : b - a] = key[a:b].transpose(0, 1)
             vbuf[row, :, : b - a] = value[a:b].transpose(0, 1)
 
-    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Decode attention: query/key/value [batch, 1, heads, head_dim] -> [batch, 1, heads*dim]."""
         step = self.step
         if step.cos is not None:
@@ -128,8 +128,9 @@ class KVCache:
         kbuf[self._rows, :, step.positions] = key[:, 0]
         vbuf[self._rows, :, step.positions] = value[:, 0]
         q = query[:, 0].unsqueeze(2)  # [batch, heads, 1, dim]
-        out = F.scaled_dot_product_attention(q, kbuf, vbuf, attn_mask=step.visible,
-                                             enable_gqa=q.size(1) != kbuf.size(1))
+        out = F.scaled_dot_product_attention(
+            q, kbuf, vbuf, attn_mask=step.visible, enable_gqa=q.size(1) != kbuf.size(1)
+        )
         return out.reshape(self.batch, 1, -1)
 
 
@@ -142,15 +143,30 @@ class CachedAttention(torch.nn.Module):
         self.layer = layer
         self.cache = cache
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
         """Same contract as Megatron core attention (sbhd or thd inputs)."""
         step = self.cache.step
         if step is None:
             raise RuntimeError("CachedAttention called outside a generation step")
         if step.kind == "prefill":
-            out = self.inner(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
-                             attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+            out = self.inner(
+                query,
+                key,
+                value,
+                attention_mask,
+                attn_mask_type=attn_mask_type,
+                attention_bias=attention_bias,
+                packed_seq_params=packed_seq_params,
+            )
             self.cache.store_prompts(self.layer, key, value)
             return out
         return self.cache.attend(self.layer, query, key, value)

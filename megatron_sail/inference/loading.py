@@ -45,7 +45,7 @@ from megatron_sail.inference.prompts import ProcessorSettings
 from megatron_sail.models.sail_vl import unwrap
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoadConfig:
     """How a checkpoint is put on this rank."""
 

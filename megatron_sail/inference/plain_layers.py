@@ -10,6 +10,7 @@ for the duration of a generation (an instance attribute over the class's ``forwa
 exit, so training, checkpoints and hooks never see it). Any layer whose own TP group has more
 than one rank, or that scatters to sequence-parallel regions, keeps Megatron's forward.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -31,27 +32,33 @@ def _alone(module) -> bool:
 
 def _column_forward(m: ColumnParallelLinear):
     """ColumnParallelLinear.forward at TP=1 without autograd: (output, bias if skipped)."""
+
     def forward(input_, weight=None, runtime_gather_output=None):
         w = m.weight if weight is None else weight
         if m.skip_bias_add:
             return F.linear(input_, w), m.bias
         return F.linear(input_, w, m.bias), None
+
     return forward
 
 
 def _row_forward(m: RowParallelLinear):
     """RowParallelLinear.forward at TP=1 without autograd: (output, bias if skipped)."""
+
     def forward(input_):
         if m.skip_bias_add:
             return F.linear(input_, m.weight), m.bias
         return F.linear(input_, m.weight, m.bias), None
+
     return forward
 
 
 def _embedding_forward(m: VocabParallelEmbedding):
     """VocabParallelEmbedding.forward at TP=1: the lookup."""
+
     def forward(input_):
         return F.embedding(input_, m.weight)
+
     return forward
 
 

@@ -5,6 +5,7 @@ cutting + normalization (data/images, PIL backend: InternVL's reference preproce
 built the training rows build the prompt here, so the model sees at inference what it was
 trained on. The prompt ends with the assistant header; the answer is what follows.
 """
+
 from __future__ import annotations
 
 import io
@@ -83,8 +84,14 @@ def image_size(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
 class PromptBuilder:
     """Builds Prompts for one tokenizer and one checkpoint's processor settings."""
 
-    def __init__(self, tokenizer: Tokenizer, settings: ProcessorSettings, max_tiles: int,
-                 system: Optional[str] = None, max_positions: Optional[int] = None):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        settings: ProcessorSettings,
+        max_tiles: int,
+        system: Optional[str] = None,
+        max_positions: Optional[int] = None,
+    ):
         from megatron_sail.data.images.pil import PilPipeline
 
         self.tok = tokenizer
@@ -97,14 +104,20 @@ class PromptBuilder:
 
             self.template_cfg = replace(self.template_cfg, system_prompt=system)
         self.template = ChatTemplate(tokenizer, self.template_cfg)
-        self.tiling = TilingConfig(settings.tile_size, min(settings.min_tiles, max_tiles), max_tiles,
-                                   settings.use_thumbnail, settings.tokens_per_tile)
+        self.tiling = TilingConfig(
+            settings.tile_size,
+            min(settings.min_tiles, max_tiles),
+            max_tiles,
+            settings.use_thumbnail,
+            settings.tokens_per_tile,
+        )
         self.pipeline = PilPipeline(ImageConfig(backend="pil", tile_size=settings.tile_size, threads=1))
         sp = tokenizer.special
         self.assistant_header = [sp.im_start] + tokenizer.encode("assistant\n")
 
-    def build(self, request: GenerationRequest, default_max_new: int, index: int = 0,
-              with_tiles: bool = True) -> Prompt:
+    def build(
+        self, request: GenerationRequest, default_max_new: int, index: int = 0, with_tiles: bool = True
+    ) -> Prompt:
         """Prompt ids (and tiles) of one request; ``index`` only names it in errors."""
         where = f"request {index}"
         if not isinstance(request.prompt, str):
@@ -131,11 +144,15 @@ class PromptBuilder:
         if limit is None or n_prompt + budget <= limit:
             return budget
         if n_prompt >= limit:
-            raise ValueError(f"{where}: the prompt is {n_prompt} tokens, the model's "
-                             f"max_position_embeddings is {limit}; shorten it or use fewer tiles "
-                             "(--max-tiles)")
-        log.warning(f"{where}: prompt {n_prompt} + {budget} new tokens > max_position_embeddings "
-                    f"{limit}; generating at most {limit - n_prompt} tokens")
+            raise ValueError(
+                f"{where}: the prompt is {n_prompt} tokens, the model's "
+                f"max_position_embeddings is {limit}; shorten it or use fewer tiles "
+                "(--max-tiles)"
+            )
+        log.warning(
+            f"{where}: prompt {n_prompt} + {budget} new tokens > max_position_embeddings "
+            f"{limit}; generating at most {limit - n_prompt} tokens"
+        )
         return limit - n_prompt
 
     def _tiles(self, blobs, grids, sizes) -> torch.Tensor:
@@ -143,8 +160,10 @@ class PromptBuilder:
         S = self.settings.tile_size
         if not blobs:
             return torch.zeros(0, 3, S, S)
-        records = [ImageRecord(data, grid, self.tiling.thumbnail, size, 0, name)
-                   for (data, name), grid, size in zip(blobs, grids, sizes)]
+        records = [
+            ImageRecord(data, grid, self.tiling.thumbnail, size, 0, name)
+            for (data, name), grid, size in zip(blobs, grids, sizes)
+        ]
         tiles, ok = self.pipeline.tiles(records)
         bad = [rec.source for rec, good in zip(records, ok) if not good]
         if bad:

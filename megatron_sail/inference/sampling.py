@@ -1,11 +1,13 @@
 """Next-token choice: greedy by default, temperature + nucleus (top-p) sampling when asked."""
+
 from __future__ import annotations
 
 import torch
 
 
-def apply_min_tokens(logits: torch.Tensor, generated: int, min_new_tokens: int,
-                     stop_ids: torch.Tensor) -> torch.Tensor:
+def apply_min_tokens(
+    logits: torch.Tensor, generated: int, min_new_tokens: int, stop_ids: torch.Tensor
+) -> torch.Tensor:
     """Forbid the stop tokens until ``min_new_tokens`` tokens exist (transformers' rule)."""
     if generated >= min_new_tokens or stop_ids.numel() == 0:
         return logits
@@ -14,8 +16,9 @@ def apply_min_tokens(logits: torch.Tensor, generated: int, min_new_tokens: int,
     return logits
 
 
-def next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """Token ids [B] from logits [B, V] (float32).
 
     temperature 0 is argmax (ties go to the lowest id, as torch.argmax and transformers do).

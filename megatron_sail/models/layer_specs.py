@@ -8,9 +8,11 @@ The local spec runs everywhere (CPU included): SDPA core attention with packed s
 (attention.py) and norms that support sequence parallelism. The TE spec needs CUDA and
 transformer-engine; it is imported only when asked for and tested only in tests/gpu/.
 """
+
 from __future__ import annotations
 
 import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -19,7 +21,6 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megatron_sail.compat.moe import ensure_router_gemm_fallback
@@ -40,8 +41,9 @@ class SPNorm(torch.nn.Module):
         self.rms = config.normalization == "RMSNorm"
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        self.bias = None if self.rms else torch.nn.Parameter(
-            torch.zeros(hidden_size, dtype=config.params_dtype))
+        self.bias = (
+            None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        )
         for p in self.parameters():
             p.sequence_parallel = config.sequence_parallel
 
@@ -67,7 +69,8 @@ class SPFinalNorm(SPNorm):
         super().__init__(config, hidden_size, eps)
         # A state dict without the key (an older checkpoint) still loads strictly.
         self._register_load_state_dict_pre_hook(
-            lambda state_dict, prefix, *_a, **_k: state_dict.setdefault(f"{prefix}_extra_state"))
+            lambda state_dict, prefix, *_a, **_k: state_dict.setdefault(f"{prefix}_extra_state")
+        )
 
     def get_extra_state(self):
         """Nothing to keep; present so that the checkpoint keys match TE's norm."""
@@ -118,23 +121,33 @@ class FullWidthQKNorm(torch.nn.Module):
 
 def _local_attention(mask_type, qk) -> ModuleSpec:
     """SelfAttention with torch linears, SDPA core attention and the given QK-norm module."""
-    return ModuleSpec(module=SelfAttention, params={"attn_mask_type": mask_type},
-                      submodules=SelfAttentionSubmodules(
-                          linear_qkv=ColumnParallelLinear, core_attention=SDPAttention,
-                          linear_proj=RowParallelLinear, q_layernorm=qk, k_layernorm=qk))
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": mask_type},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=SDPAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=qk,
+            k_layernorm=qk,
+        ),
+    )
 
 
 def _local_mlp() -> ModuleSpec:
     """Two TP linears (the activation, GELU or SwiGLU, comes from the TransformerConfig)."""
-    return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                           linear_fc2=RowParallelLinear))
+    return ModuleSpec(
+        module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    )
 
 
 # Checkpoint keys of the local norms renamed to where the TE spec keeps the same weights (inside
 # the fused linears), as Megatron's own local GPT spec does: a checkpoint saved with either spec
 # loads into the other.
-_TE_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                 "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+_TE_NORM_KEYS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
 
 
 def _moe(use_te: bool, num_experts: int) -> ModuleSpec:
@@ -154,32 +167,61 @@ def _local_layer(layer_cls, mask_type, qk, num_experts: int = 0) -> ModuleSpec:
     keys = dict(_TE_NORM_KEYS)
     if num_experts:
         del keys["pre_mlp_layernorm."]
-    return ModuleSpec(module=layer_cls, submodules=TransformerLayerSubmodules(
-        input_layernorm=SPNorm, self_attention=_local_attention(mask_type, qk),
-        self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=SPNorm,
-        mlp=_moe(False, num_experts) if num_experts else _local_mlp(),
-        mlp_bda=get_bias_dropout_add, sharded_state_dict_keys_map=keys))
+    return ModuleSpec(
+        module=layer_cls,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=SPNorm,
+            self_attention=_local_attention(mask_type, qk),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=SPNorm,
+            mlp=_moe(False, num_experts) if num_experts else _local_mlp(),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=keys,
+        ),
+    )
 
 
 def _te_layer(layer_cls, mask_type, qk, core_attention, num_experts: int = 0) -> ModuleSpec:
     """Same layer with TE fused norm+linear modules (norm weights live inside the linears;
     an MoE layer keeps its own pre-MLP TE norm)."""
     from megatron.core.extensions.transformer_engine import (
-        TELayerNormColumnParallelLinear, TENorm, TERowParallelLinear)
+        TELayerNormColumnParallelLinear,
+        TENorm,
+        TERowParallelLinear,
+    )
 
-    attn = ModuleSpec(module=SelfAttention, params={"attn_mask_type": mask_type},
-                      submodules=SelfAttentionSubmodules(
-                          linear_qkv=TELayerNormColumnParallelLinear, core_attention=core_attention,
-                          linear_proj=TERowParallelLinear, q_layernorm=qk, k_layernorm=qk))
+    attn = ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": mask_type},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=TELayerNormColumnParallelLinear,
+            core_attention=core_attention,
+            linear_proj=TERowParallelLinear,
+            q_layernorm=qk,
+            k_layernorm=qk,
+        ),
+    )
     if num_experts:
-        return ModuleSpec(module=layer_cls, submodules=TransformerLayerSubmodules(
-            self_attention=attn, self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=TENorm,
-            mlp=_moe(True, num_experts), mlp_bda=get_bias_dropout_add))
-    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(
-        linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear))
-    return ModuleSpec(module=layer_cls, submodules=TransformerLayerSubmodules(
-        self_attention=attn, self_attn_bda=get_bias_dropout_add, mlp=mlp,
-        mlp_bda=get_bias_dropout_add))
+        return ModuleSpec(
+            module=layer_cls,
+            submodules=TransformerLayerSubmodules(
+                self_attention=attn,
+                self_attn_bda=get_bias_dropout_add,
+                pre_mlp_layernorm=TENorm,
+                mlp=_moe(True, num_experts),
+                mlp_bda=get_bias_dropout_add,
+            ),
+        )
+    mlp = ModuleSpec(
+        module=MLP,
+        submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear),
+    )
+    return ModuleSpec(
+        module=layer_cls,
+        submodules=TransformerLayerSubmodules(
+            self_attention=attn, self_attn_bda=get_bias_dropout_add, mlp=mlp, mlp_bda=get_bias_dropout_add
+        ),
+    )
 
 
 def language_layer_spec(use_te: bool, qk_norm: bool = False, num_experts: int = 0) -> ModuleSpec:
@@ -189,10 +231,14 @@ def language_layer_spec(use_te: bool, qk_norm: bool = False, num_experts: int = 
     if use_te:
         from megatron.core.extensions.transformer_engine import TEDotProductAttention, TENorm
 
-        return _te_layer(TransformerLayer, AttnMaskType.causal, TENorm if qk_norm else IdentityOp,
-                         TEDotProductAttention, num_experts)
-    return _local_layer(TransformerLayer, AttnMaskType.causal, SPNorm if qk_norm else IdentityOp,
-                        num_experts)
+        return _te_layer(
+            TransformerLayer,
+            AttnMaskType.causal,
+            TENorm if qk_norm else IdentityOp,
+            TEDotProductAttention,
+            num_experts,
+        )
+    return _local_layer(TransformerLayer, AttnMaskType.causal, SPNorm if qk_norm else IdentityOp, num_experts)
 
 
 def vision_layer_spec(use_te: bool, vision) -> ModuleSpec:
@@ -209,9 +255,12 @@ def vision_layer_spec(use_te: bool, vision) -> ModuleSpec:
         spec = _te_layer(ViTLayer, AttnMaskType.no_mask, qk, SDPAttention)
     else:
         spec = _local_layer(ViTLayer, AttnMaskType.no_mask, qk)
-    spec.params = {"layer_scale_init": vision.layer_scale_init,
-                   "drop_path_rate": vision.drop_path_rate,
-                   "total_layers": vision.num_layers, "qkv_bias": vision.qkv_bias}
+    spec.params = {
+        "layer_scale_init": vision.layer_scale_init,
+        "drop_path_rate": vision.drop_path_rate,
+        "total_layers": vision.num_layers,
+        "qkv_bias": vision.qkv_bias,
+    }
     return spec
 
 
@@ -222,12 +271,14 @@ def language_block_spec(config, use_te: bool, vp_stage=None) -> TransformerBlock
     the language family sets."""
     from megatron.core import parallel_state
 
-    n = get_num_layers_to_build(config, vp_stage=vp_stage,
-                                pp_rank=parallel_state.get_pipeline_model_parallel_rank())
+    n = get_num_layers_to_build(
+        config, vp_stage=vp_stage, pp_rank=parallel_state.get_pipeline_model_parallel_rank()
+    )
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
         final_norm = SPFinalNorm
-    return TransformerBlockSubmodules(layer_specs=[language_layer_spec(
-        use_te, config.qk_layernorm, config.num_moe_experts or 0)] * n,
-                                      layer_norm=final_norm)
+    return TransformerBlockSubmodules(
+        layer_specs=[language_layer_spec(use_te, config.qk_layernorm, config.num_moe_experts or 0)] * n,
+        layer_norm=final_norm,
+    )

@@ -4,6 +4,7 @@ The projector's input is replicated on every TP rank (never sequence-parallel): 
 replicated, then Linear1 is column-parallel and Linear2 row-parallel, so the output (the visual
 tokens spliced into the LM) is again replicated.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,12 +25,14 @@ def pixel_shuffle(x: torch.Tensor, ratio: float) -> torch.Tensor:
     projector sees features in the order it was trained on.
     """
     t, n, c = x.shape
-    side = round(n ** 0.5)
+    side = round(n**0.5)
     if side * side != n:
         raise ValueError(f"pixel shuffle needs a square patch grid, got {n} patches")
     if side * ratio != int(side * ratio):
-        raise ValueError(f"patch grid {side}x{side} is not divisible by 1/{ratio} "
-                         "(ProjectorConfig.odd_grid='pad' zero-pads it)")
+        raise ValueError(
+            f"patch grid {side}x{side} is not divisible by 1/{ratio} "
+            "(ProjectorConfig.odd_grid='pad' zero-pads it)"
+        )
     h = int(side * ratio)
     x = x.reshape(t, side, side, c)
     x = x.reshape(t, side, h, int(c / ratio)).permute(0, 2, 1, 3).contiguous()
@@ -42,7 +45,7 @@ def pad_grid(x: torch.Tensor, merge: int) -> torch.Tensor:
     features appended on the bottom rows and right columns (Ovis2's rule for odd grids), so the
     pixel shuffle can merge every patch. A grid that already divides is returned unchanged."""
     t, n, c = x.shape
-    side = round(n ** 0.5)
+    side = round(n**0.5)
     if side * side != n:
         raise ValueError(f"pixel shuffle needs a square patch grid, got {n} patches")
     pad = (-side) % merge
@@ -55,19 +58,25 @@ def pad_grid(x: torch.Tensor, merge: int) -> torch.Tensor:
 class Projector(MegatronModule):
     """LayerNorm(d_vit*m^2) -> Linear -> GELU -> Linear(d_llm), m = 1/downsample_ratio."""
 
-    def __init__(self, cfg: ProjectorConfig, vit_hidden: int, llm_hidden: int,
-                 lm_config: TransformerConfig):
+    def __init__(self, cfg: ProjectorConfig, vit_hidden: int, llm_hidden: int, lm_config: TransformerConfig):
         config = dataclasses.replace(lm_config, sequence_parallel=False)
         super().__init__(config=config)
         self.cfg = cfg
-        d_in = vit_hidden * cfg.merge ** 2
+        d_in = vit_hidden * cfg.merge**2
         self.layer_norm = torch.nn.LayerNorm(d_in, eps=cfg.norm_eps, dtype=config.params_dtype)
         init = config.init_method
         self.linear_1 = tensor_parallel.ColumnParallelLinear(
-            d_in, llm_hidden, config=config, init_method=init, bias=True, gather_output=False)
+            d_in, llm_hidden, config=config, init_method=init, bias=True, gather_output=False
+        )
         self.linear_2 = tensor_parallel.RowParallelLinear(
-            llm_hidden, llm_hidden, config=config, init_method=config.output_layer_init_method,
-            bias=True, input_is_parallel=True, skip_bias_add=False)
+            llm_hidden,
+            llm_hidden,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[T, N, d_vit] ViT features -> [T * N*r^2, d_llm] visual tokens, tile-major order."""

@@ -8,6 +8,7 @@ One instance is one pipeline stage (chunk): the ViT and projector exist only whe
 runs packed (THD): a [B, S] batch is flattened to one sequence of B*S tokens whose segments
 are given by ``cu_seqlens``, so attention never crosses a sample and RoPE restarts per sample.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,7 @@ from megatron_sail.config.model import LanguageConfig, ModelConfig
 from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.models import layer_specs
 from megatron_sail.models.attention import packed_seq_params
-from megatron_sail.models.families import vision_family
-from megatron_sail.models.families import language_family
+from megatron_sail.models.families import language_family, vision_family
 from megatron_sail.models.projector import Projector
 
 
@@ -34,8 +34,9 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
-def language_transformer_config(lm: LanguageConfig, parallel: ParallelConfig,
-                                dtype: torch.dtype = torch.float32) -> TransformerConfig:
+def language_transformer_config(
+    lm: LanguageConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32
+) -> TransformerConfig:
     """Megatron TransformerConfig of the decoder, from its family spec, under the parallel layout."""
     return language_family(lm.family).transformer_config(lm, parallel, dtype)
 
@@ -44,8 +45,10 @@ def splice_positions(input_ids: torch.Tensor, image_token: int, n_features: int)
     """Flat positions of <IMG_CONTEXT> tokens, checked against the number of visual tokens."""
     pos = (input_ids.reshape(-1) == image_token).nonzero().squeeze(1)
     if pos.numel() != n_features:
-        raise ValueError(f"image token count mismatch: {pos.numel()} <IMG_CONTEXT> tokens in the "
-                         f"batch but the tiles produce {n_features} visual tokens")
+        raise ValueError(
+            f"image token count mismatch: {pos.numel()} <IMG_CONTEXT> tokens in the "
+            f"batch but the tiles produce {n_features} visual tokens"
+        )
     return pos
 
 
@@ -61,9 +64,16 @@ class SailVLModel(MegatronModule):
         use_te: Transformer Engine spec (default: when TE and CUDA are available).
     """
 
-    def __init__(self, config: ModelConfig, parallel: ParallelConfig | None = None,
-                 pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
-                 dtype: torch.dtype = torch.float32, use_te: bool | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        parallel: ParallelConfig | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        use_te: bool | None = None,
+    ):
         parallel = parallel or ParallelConfig()
         lm_config = language_transformer_config(config.language, parallel, dtype)
         super().__init__(config=lm_config)
@@ -77,21 +87,28 @@ class SailVLModel(MegatronModule):
             # Megatron's grad finalization sums every '*_layernorm' q/k weight over TP when the
             # model config has qk_layernorm: right for the LM's per-head norms, wrong for the
             # ViT's TP-sharded full-width ones.
-            raise ValueError("a ViT with qk_norm and an LM with per-head QK-norm cannot run at "
-                             f"tp={parallel.tp} (their QK-norm gradients reduce differently)")
+            raise ValueError(
+                "a ViT with qk_norm and an LM with per-head QK-norm cannot run at "
+                f"tp={parallel.tp} (their QK-norm gradients reduce differently)"
+            )
         self.vision_model = self.projector = None
         if pre_process:
             self.vision_model = vision_family(config.vision.family).build(
-                config.vision, parallel, dtype, use_te)
-            self.projector = Projector(config.projector, config.vision.hidden_size,
-                                       lm.hidden_size, lm_config)
+                config.vision, parallel, dtype, use_te
+            )
+            self.projector = Projector(config.projector, config.vision.hidden_size, lm.hidden_size, lm_config)
         self.language_model = GPTModel(
-            config=lm_config, transformer_layer_spec=layer_specs.language_block_spec(
-                lm_config, use_te, vp_stage),
-            vocab_size=lm.vocab_size, max_sequence_length=lm.max_position_embeddings,
-            pre_process=pre_process, post_process=post_process,
-            share_embeddings_and_output_weights=lm.tie_embeddings, position_embedding_type="rope",
-            rotary_base=int(lm.rope_theta), vp_stage=vp_stage)
+            config=lm_config,
+            transformer_layer_spec=layer_specs.language_block_spec(lm_config, use_te, vp_stage),
+            vocab_size=lm.vocab_size,
+            max_sequence_length=lm.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=lm.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(lm.rope_theta),
+            vp_stage=vp_stage,
+        )
         self.share_embeddings_and_output_weights = lm.tie_embeddings
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
 
@@ -140,17 +157,21 @@ class SailVLModel(MegatronModule):
         gradient reduction does not tolerate; a single blank tile weighted by zero gives every
         parameter a (zero) gradient at the cost of one tile's forward/backward.
         """
-        trainable = any(p.requires_grad for m in (self.vision_model, self.projector)
-                        for p in m.parameters())
+        trainable = any(p.requires_grad for m in (self.vision_model, self.projector) for p in m.parameters())
         if not trainable or not torch.is_grad_enabled():
             return emb.new_zeros(())
         side = self.model_config.vision.image_size
         blank = emb.new_zeros(1, 3, side, side)
         return self.visual_tokens(blank).sum().to(emb.dtype) * 0.0
 
-    def forward(self, input_ids: torch.Tensor, tiles: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                gather_logits: bool = True):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        tiles: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        gather_logits: bool = True,
+    ):
         """Per-token loss [B, S] when ``labels`` is given, else logits [B, S, V].
 
         input_ids / labels: [B, S]. tiles: [T, 3, H, W] (T may be 0). cu_seqlens: int32
@@ -168,10 +189,14 @@ class SailVLModel(MegatronModule):
         psp = packed_seq_params(cu_seqlens.to(input_ids.device))
         decoder_input = self.embed(input_ids, tiles) if self.pre_process else None
         out = self.language_model(
-            input_ids=input_ids.reshape(1, -1), position_ids=None, attention_mask=None,
+            input_ids=input_ids.reshape(1, -1),
+            position_ids=None,
+            attention_mask=None,
             decoder_input=decoder_input,
             labels=None if labels is None else labels.reshape(1, -1),
-            packed_seq_params=psp, runtime_gather_output=gather_logits if labels is None else None)
+            packed_seq_params=psp,
+            runtime_gather_output=gather_logits if labels is None else None,
+        )
         if not self.post_process:
             return out
         return out.reshape(b, s) if labels is not None else out.reshape(b, s, -1)
@@ -179,8 +204,7 @@ class SailVLModel(MegatronModule):
     # ----------------------------------------------------------------- training stages
     def freeze(self, vision: bool = False, projector: bool = False, language: bool = False) -> None:
         """Stop gradients for the chosen parts (True = frozen); the rest becomes trainable."""
-        parts = [(self.vision_model, vision), (self.projector, projector),
-                 (self.language_model, language)]
+        parts = [(self.vision_model, vision), (self.projector, projector), (self.language_model, language)]
         for module, frozen in parts:
             if module is not None:
                 for p in module.parameters():

@@ -16,6 +16,7 @@ Tiles run as a batch in Megatron's [s, b, h] layout. With sequence parallelism t
 FP8 (--fp8-vit) to a multiple of 16 tokens per rank; padded keys are masked out of attention, so
 padding never changes the result.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -44,32 +45,47 @@ ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": gelu_tanh, "silu": F.silu}
 """``EncoderSpec.activation`` names -> functions."""
 
 
-def encoder_transformer_config(v: VisionConfig, parallel: ParallelConfig, dtype: torch.dtype,
-                               spec: EncoderSpec) -> TransformerConfig:
+def encoder_transformer_config(
+    v: VisionConfig, parallel: ParallelConfig, dtype: torch.dtype, spec: EncoderSpec
+) -> TransformerConfig:
     """The encoder's TransformerConfig: widths, parallelism and dtype from the VisionConfig, no
     fusions, the whole encoder on pipeline stage 0; norm, biases, MLP gating, activation and
     QK-norm from the family's spec (or, where it leaves them open, the VisionConfig)."""
     norm = spec.normalization or ("RMSNorm" if v.norm_type == "rms_norm" else "LayerNorm")
     return TransformerConfig(
-        num_layers=v.layers_used, hidden_size=v.hidden_size, num_attention_heads=v.num_heads,
-        ffn_hidden_size=v.ffn_hidden_size, kv_channels=v.hidden_size // v.num_heads,
-        layernorm_epsilon=v.norm_eps, hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=1,
-        sequence_parallel=parallel.sequence_parallel, params_dtype=dtype,
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, pipeline_dtype=dtype,
-        bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
-        normalization=norm, add_bias_linear=spec.linear_bias,
+        num_layers=v.layers_used,
+        hidden_size=v.hidden_size,
+        num_attention_heads=v.num_heads,
+        ffn_hidden_size=v.ffn_hidden_size,
+        kv_channels=v.hidden_size // v.num_heads,
+        layernorm_epsilon=v.norm_eps,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=1,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        normalization=norm,
+        add_bias_linear=spec.linear_bias,
         add_qkv_bias=v.qkv_bias if spec.qkv_bias is None else spec.qkv_bias,
-        gated_linear_unit=spec.gated_mlp, activation_func=ACTIVATIONS[spec.activation],
+        gated_linear_unit=spec.gated_mlp,
+        activation_func=ACTIVATIONS[spec.activation],
         qk_layernorm=v.qk_norm if spec.qk_norm is None else spec.qk_norm,
     )
 
 
 def check_vision(v: VisionConfig, spec: EncoderSpec, family: str) -> None:
     """Refuse VisionConfig fields the family has no place for, rather than ignoring them."""
-    wrong = [f"{name}={getattr(v, name)!r}" for name, want in spec.requires
-             if getattr(v, name) != want]
+    wrong = [f"{name}={getattr(v, name)!r}" for name, want in spec.requires if getattr(v, name) != want]
     if wrong:
         raise ValueError(f"{family} vision family: {', '.join(wrong)} is not {spec.requires_text}")
 
@@ -115,17 +131,35 @@ class ViTLayer(TransformerLayer):
     Both live in the layer's bias-dropout-add step: residual + drop_path(ls * (out + bias)).
     """
 
-    def __init__(self, config, submodules, layer_number=1, hidden_dropout=None,
-                 pg_collection=None, vp_stage=None, layer_scale_init=0.1, drop_path_rate=0.0,
-                 total_layers=1, qkv_bias=True):
-        super().__init__(config, submodules, layer_number=layer_number,
-                         hidden_dropout=hidden_dropout, pg_collection=pg_collection,
-                         vp_stage=vp_stage)
+    def __init__(
+        self,
+        config,
+        submodules,
+        layer_number=1,
+        hidden_dropout=None,
+        pg_collection=None,
+        vp_stage=None,
+        layer_scale_init=0.1,
+        drop_path_rate=0.0,
+        total_layers=1,
+        qkv_bias=True,
+    ):
+        super().__init__(
+            config,
+            submodules,
+            layer_number=layer_number,
+            hidden_dropout=hidden_dropout,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+
         def scale():
-            p = torch.nn.Parameter(torch.full((config.hidden_size,), float(layer_scale_init),
-                                              dtype=config.params_dtype))
+            p = torch.nn.Parameter(
+                torch.full((config.hidden_size,), float(layer_scale_init), dtype=config.params_dtype)
+            )
             p.sequence_parallel = config.sequence_parallel  # per-token op: sum grads over TP
             return p
+
         # layer_scale_init=None: no layer scale (AIMv2-style layers), drop path still applies
         self.ls1, self.ls2 = (None, None) if layer_scale_init is None else (scale(), scale())
         steps = max(total_layers - 1, 1)
@@ -139,6 +173,7 @@ class ViTLayer(TransformerLayer):
 
     def _scaled_add(self, get_scale):
         """A bias-dropout-add replacement with the call contract TransformerLayer expects."""
+
         def factory(training, _fused):
             def add(out_with_bias, residual, _prob):
                 out, bias = out_with_bias
@@ -148,7 +183,9 @@ class ViTLayer(TransformerLayer):
                 if scale is not None:
                     out = scale * out
                 return residual + drop_path(out, self.drop_path_rate, training)
+
             return add
+
         return factory
 
 
@@ -159,8 +196,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def resize_positions(table: torch.Tensor, grid_h: int, grid_w: int,
-                     class_tokens: int) -> torch.Tensor:
+def resize_positions(table: torch.Tensor, grid_h: int, grid_w: int, class_tokens: int) -> torch.Tensor:
     """Positions [1, class_tokens + grid_h * grid_w, d] from a learned table ([1, c + n*n, d]
     or [n*n, d]): the patch part resized bicubically when the grid is not the trained n x n (as
     InternVL and transformers' ``interpolate_pos_encoding``); class positions kept."""
@@ -169,24 +205,31 @@ def resize_positions(table: torch.Tensor, grid_h: int, grid_w: int,
     if (grid_h, grid_w) == (n, n):
         return pos
     patch = pos[:, class_tokens:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
-    patch = F.interpolate(patch.float(), size=(grid_h, grid_w), mode="bicubic",
-                          align_corners=False).to(pos.dtype)
+    patch = F.interpolate(patch.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False).to(
+        pos.dtype
+    )
     patch = patch.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
     return torch.cat([pos[:, :class_tokens], patch], 1) if class_tokens else patch
 
 
-def vit_trunk(config: TransformerConfig, vision: VisionConfig, spec: EncoderSpec,
-              use_te: bool) -> TransformerBlock:
+def vit_trunk(
+    config: TransformerConfig, vision: VisionConfig, spec: EncoderSpec, use_te: bool
+) -> TransformerBlock:
     """The selected layers (layer scale and q/k/v bias per the spec), without a block-level
     final norm: the encoder applies its own, only when the last layer is selected."""
     layer = layer_specs.vision_layer_spec(use_te, vision)
     layer.params = dict(
-        layer.params, layer_scale_init=vision.layer_scale_init if spec.layer_scale else None,
-        qkv_bias=vision.qkv_bias if spec.qkv_bias is None else spec.qkv_bias)
+        layer.params,
+        layer_scale_init=vision.layer_scale_init if spec.layer_scale else None,
+        qkv_bias=vision.qkv_bias if spec.qkv_bias is None else spec.qkv_bias,
+    )
     return TransformerBlock(
         config,
         TransformerBlockSubmodules(layer_specs=[layer] * vision.layers_used, layer_norm=None),
-        post_layer_norm=False, pre_process=True, post_process=True)
+        post_layer_norm=False,
+        pre_process=True,
+        post_process=True,
+    )
 
 
 class ViTEncoder(MegatronModule):
@@ -197,9 +240,15 @@ class ViTEncoder(MegatronModule):
     patch norm), ``position_embedding``, ``final_norm`` (with a final norm and the last layer
     selected), ``encoder`` (the trunk)."""
 
-    def __init__(self, vision: VisionConfig, parallel: ParallelConfig,
-                 dtype: torch.dtype = torch.float32, use_te: bool = False,
-                 spec: EncoderSpec | None = None, family: str | None = None):
+    def __init__(
+        self,
+        vision: VisionConfig,
+        parallel: ParallelConfig,
+        dtype: torch.dtype = torch.float32,
+        use_te: bool = False,
+        spec: EncoderSpec | None = None,
+        family: str | None = None,
+    ):
         if spec is None:
             from megatron_sail.models.families import vision_family
 
@@ -213,14 +262,15 @@ class ViTEncoder(MegatronModule):
         d, grid = vision.hidden_size, vision.image_size // vision.patch_size
         p = vision.patch_size
         self.patch_embedding = torch.nn.Conv2d(3, d, p, p, dtype=dtype)
-        self.class_embedding = (torch.nn.Parameter(torch.zeros(1, 1, d, dtype=dtype))
-                                if spec.class_token else None)
-        self.patch_norm = (torch.nn.Parameter(torch.ones(d, dtype=dtype))
-                           if spec.patch_norm else None)
+        self.class_embedding = (
+            torch.nn.Parameter(torch.zeros(1, 1, d, dtype=dtype)) if spec.class_token else None
+        )
+        self.patch_norm = torch.nn.Parameter(torch.ones(d, dtype=dtype)) if spec.patch_norm else None
         table = (1, grid * grid + 1, d) if spec.class_token else (grid * grid, d)
         self.position_embedding = torch.nn.Parameter(torch.zeros(*table, dtype=dtype))
-        self.final_norm = self._final_norm(spec.final_norm, d, dtype) \
-            if vision.layers_used == vision.num_layers else None
+        self.final_norm = (
+            self._final_norm(spec.final_norm, d, dtype) if vision.layers_used == vision.num_layers else None
+        )
         self.encoder = vit_trunk(config, vision, spec, use_te)
 
     def _final_norm(self, kind: str, d: int, dtype: torch.dtype):
@@ -230,8 +280,7 @@ class ViTEncoder(MegatronModule):
         if kind == "layer_norm":
             return torch.nn.LayerNorm(d, eps=self.vision.norm_eps, dtype=dtype)
         if kind != "none":
-            raise ValueError(f"EncoderSpec.final_norm {kind!r}: expected none, rms_norm or "
-                             "layer_norm")
+            raise ValueError(f"EncoderSpec.final_norm {kind!r}: expected none, rms_norm or layer_norm")
         return None
 
     def positions(self, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -269,9 +318,8 @@ class ViTEncoder(MegatronModule):
             x = tensor_parallel.scatter_to_sequence_parallel_region(x)
         x = self.encoder(x, attention_mask=mask)
         if self.config.sequence_parallel:
-            x = tensor_parallel.gather_from_sequence_parallel_region(
-                x, tensor_parallel_output_grad=False)
-        return self.finish(x[self.class_tokens:s].transpose(0, 1))
+            x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+        return self.finish(x[self.class_tokens : s].transpose(0, 1))
 
     def finish(self, features: torch.Tensor) -> torch.Tensor:
         """The final norm when it is built (the last layer selected: ``last_hidden_state``); an

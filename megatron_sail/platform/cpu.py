@@ -22,6 +22,7 @@ hot path that needs the general rewrite. This module is the only place in the pr
 knows about the CPU/GPU difference (together with ``distributed.py``, which decides whether to
 call it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,9 +63,24 @@ _TYPE_CHECKING = (
 """(module, class or None, function): Megatron code that compares ``Tensor.type()`` with
 'torch.cuda.*Tensor' names (parameter sorting at optimizer construction, the clip assert)."""
 
-_FACTORIES = ("tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn",
-              "randint", "empty_like", "zeros_like", "ones_like", "full_like", "empty_strided",
-              "linspace")
+_FACTORIES = (
+    "tensor",
+    "as_tensor",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "empty_like",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "empty_strided",
+    "linspace",
+)
 """torch functions that take ``device=``."""
 
 
@@ -132,11 +148,13 @@ def cuda_to_cpu():
 
 def _cpu_factory(fn):
     """``fn`` with a CUDA ``device=`` mapped to the CPU."""
+
     @functools.wraps(fn)
     def factory(*args, **kwargs):
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = "cpu"
         return fn(*args, **kwargs)
+
     return factory
 
 
@@ -168,10 +186,12 @@ def _patch_cuda_literals():
 
 def _with_type_names(fn):
     """``fn`` run with ``Tensor.type()`` reporting CUDA names."""
+
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with cuda_type_names():
             return fn(*args, **kwargs)
+
     return wrapped
 
 
@@ -324,22 +344,21 @@ def _patch_uneven_collectives():
             return all_gather(tensor_list, tensor, group=group, async_op=async_op)
         longest = max(p.shape[0] for p in tensor_list)
         padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-        padded[:tensor.shape[0]] = tensor
+        padded[: tensor.shape[0]] = tensor
         bufs = [torch.empty_like(padded) for _ in tensor_list]
         all_gather(bufs, padded, group=group)
         for out, buf in zip(tensor_list, bufs):
-            out.copy_(buf[:out.shape[0]])
+            out.copy_(buf[: out.shape[0]])
         return _DoneWork() if async_op else None
 
-    def reduce_scatter_uneven(output, input_list, op=dist.ReduceOp.SUM, group=None,
-                              async_op=False):
+    def reduce_scatter_uneven(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
         if not _uneven(input_list):
             return reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
         whole = torch.cat(list(input_list))
         dist.all_reduce(whole, op=op, group=group)
         rank = dist.get_rank(group)
         start = sum(p.shape[0] for p in input_list[:rank])
-        output.copy_(whole[start:start + output.shape[0]])
+        output.copy_(whole[start : start + output.shape[0]])
         return _DoneWork() if async_op else None
 
     dist.all_gather = all_gather_uneven
@@ -367,6 +386,7 @@ def _patch_single_rank_collectives():
             if alone(group):
                 return done(async_op)
             return original(tensor, *args, group=group, async_op=async_op, **kwargs)
+
         return collective
 
     def copying(original):
@@ -377,6 +397,7 @@ def _patch_single_rank_collectives():
                     output.copy_(input.view_as(output))
                 return done(async_op)
             return original(output, input, *args, group=group, async_op=async_op, **kwargs)
+
         return collective
 
     dist.all_reduce = in_place(dist.all_reduce)

@@ -5,6 +5,7 @@ torchrun (env:// variables), under ``srun`` with one task per GPU (rank and rend
 SLURM's variables, see slurm.py), and as a single process without any launcher (an in-process
 store, no port, nothing written to the environment).
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,8 +68,7 @@ def init_process_group(timeout_minutes: float = 10) -> None:
     backend = "nccl" if has_cuda() else "gloo"
     timeout = timedelta(minutes=timeout_minutes)
     if lone:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timeout)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
         dist.init_process_group(backend, timeout=timeout)
 

@@ -10,6 +10,7 @@ signal misses (it is tied to the parent *thread* that forked the worker). Before
 renames finished output into place it calls ``check_parent``: a parent that is gone means the
 output is dropped, not committed.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -9,6 +9,7 @@ Only a process inside an srun step (SLURM_STEP_ID set) is one of SLURM_NTASKS ta
 script's own shell also sees SLURM_PROCID=0 and the job's SLURM_NTASKS, but it is a single
 process, so it starts as world size 1, with a warning when SLURM_NTASKS > 1.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,8 +34,13 @@ def first_host(nodelist: str, use_scontrol: bool = True) -> str:
         raise ValueError("empty SLURM node list")
     if use_scontrol and shutil.which("scontrol"):
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                                 text=True, timeout=30, check=True).stdout.split()
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout.split()
             if out:
                 return out[0]
         except (OSError, subprocess.SubprocessError):
@@ -89,9 +95,13 @@ def rendezvous_from_slurm(env: Mapping[str, str]) -> Optional[dict]:
     world = slurm_tasks(env)
     addr = env.get("MASTER_ADDR") or (first_host(nodelist) if nodelist else "127.0.0.1")
     local_size = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_NTASKS_PER_NODE", ""))
-    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(world),
-           "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": addr,
-           "MASTER_PORT": env.get("MASTER_PORT", str(DEFAULT_MASTER_PORT))}
+    out = {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": addr,
+        "MASTER_PORT": env.get("MASTER_PORT", str(DEFAULT_MASTER_PORT)),
+    }
     match = re.match(r"(\d+)", local_size)
     if match:
         out["LOCAL_WORLD_SIZE"] = match.group(1)
@@ -104,9 +114,13 @@ def single_process_warning(env: Mapping[str, str], world_size: int) -> Optional[
     if world_size != 1 or tasks <= 1:
         return None
     if in_srun_step(env):
-        return (f"SLURM started {tasks} tasks in this step but this process has WORLD_SIZE=1: each "
-                "task trains alone. Drop the inner launcher (srun python -m megatron_sail.train) or "
-                "use one task per node with torchrun")
-    return (f"SLURM_NTASKS={tasks} but this process is not in an srun step: it starts as world size "
-            "1. Launch it with `srun python -m megatron_sail.train ...` (one task per GPU) or "
-            "torchrun")
+        return (
+            f"SLURM started {tasks} tasks in this step but this process has WORLD_SIZE=1: each "
+            "task trains alone. Drop the inner launcher (srun python -m megatron_sail.train) or "
+            "use one task per node with torchrun"
+        )
+    return (
+        f"SLURM_NTASKS={tasks} but this process is not in an srun step: it starts as world size "
+        "1. Launch it with `srun python -m megatron_sail.train ...` (one task per GPU) or "
+        "torchrun"
+    )

@@ -15,6 +15,7 @@ copy (train_state.pt is written then too); the files are written in the backgrou
 rename, ``latest`` and pruning become finalize functions that run, in that order, when the loop
 calls ``maybe_finalize_async_calls``. Until then only ``iter_XXXXXXX.tmp`` exists.
 """
+
 from __future__ import annotations
 
 import errno
@@ -35,9 +36,16 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megatron_sail.checkpoint import dcp, disk_full, integrity
 from megatron_sail.checkpoint.assets import write_checkpoint_assets
-from megatron_sail.checkpoint.layout import (LATEST, STATE_FILE, CheckpointDamaged, iter_dir,
-                                             list_checkpoints, read_latest, read_state_file,
-                                             resolve_checkpoint)
+from megatron_sail.checkpoint.layout import (
+    LATEST,
+    STATE_FILE,
+    CheckpointDamaged,
+    iter_dir,
+    list_checkpoints,
+    read_latest,
+    read_state_file,
+    resolve_checkpoint,
+)
 from megatron_sail.checkpoint.optimizer_state import OPTIM_METADATA, fit_chained_layout
 from megatron_sail.compat import optimizer as compat_optimizer
 from megatron_sail.models.sail_vl import unwrap
@@ -77,19 +85,24 @@ def world_sizes() -> dict:
     """The current parallel layout, to compare with a checkpoint's. The expert-parallel size
     is recorded only when > 1, so that checkpoints written before EP existed still count as the
     same layout (their RNG states are restored) and an EP=2 checkpoint resumed at EP=1 is not."""
-    sizes = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
-             "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-             "dp": parallel_state.get_data_parallel_world_size()}
+    sizes = {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
     ep = parallel_state.get_expert_model_parallel_world_size()
     return dict(sizes, ep=ep) if ep > 1 else sizes
 
 
 def rng_state() -> dict:
     """This rank's RNG states."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "tracker": get_cuda_rng_tracker().get_states()}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -102,9 +115,15 @@ def set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def save_checkpoint(root: str, chunks: list, optimizer, state: TrainState, keep_last: int,
-                    config: Optional[dict] = None,
-                    pending: Optional[dcp.ThreadAsyncCallsQueue] = None) -> str:
+def save_checkpoint(
+    root: str,
+    chunks: list,
+    optimizer,
+    state: TrainState,
+    keep_last: int,
+    config: Optional[dict] = None,
+    pending: Optional[dcp.ThreadAsyncCallsQueue] = None,
+) -> str:
     """Save model + optimizer + TrainState as iteration ``state.iteration``; returns its dir.
 
     With ``pending`` the write is scheduled on that queue and the checkpoint is published
@@ -151,8 +170,7 @@ def sync_params(chunks: list) -> None:
             chunk.start_param_sync(force_sync=True)
 
 
-def _train_state_payload(state: TrainState, config: Optional[dict],
-                         has_optimizer: bool) -> Optional[bytes]:
+def _train_state_payload(state: TrainState, config: Optional[dict], has_optimizer: bool) -> Optional[bytes]:
     """Collective: gather every rank's RNG states; rank 0 gets train_state.pt's bytes (torch.save
     into memory: written by ``write_bytes``, a full disk is an OSError naming the file instead of
     torch's zip writer's 'unexpected pos'), the other ranks None."""
@@ -163,8 +181,7 @@ def _train_state_payload(state: TrainState, config: Optional[dict],
     state.rng = dict(enumerate(states))
     state.world = world_sizes()
     buffer = io.BytesIO()
-    torch.save({"train_state": asdict(state), "config": config, "has_optimizer": has_optimizer},
-               buffer)
+    torch.save({"train_state": asdict(state), "config": config, "has_optimizer": has_optimizer}, buffer)
     return buffer.getvalue()
 
 
@@ -190,8 +207,10 @@ def disk_full_named(path: str):
         failures = getattr(e, "failures", None) or {}
         if failures and torch.distributed.get_rank() not in failures:
             raise disk_full.CheckpointNotSaved(
-                errno.ENOSPC, f"checkpoint {path} not saved: rank(s) {sorted(failures)} could "
-                "not write their files (full disk)") from None
+                errno.ENOSPC,
+                f"checkpoint {path} not saved: rank(s) {sorted(failures)} could "
+                "not write their files (full disk)",
+            ) from None
         raise disk_full.explain(e, path) from None
 
 
@@ -200,13 +219,15 @@ def _agree(error: Optional[BaseException], path: str) -> None:
     it raises its error and every other rank ``CheckpointNotSaved``; nothing is published."""
     failed = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(
-        failed, None if error is None else getattr(error, "errno", None) or errno.EIO)
+        failed, None if error is None else getattr(error, "errno", None) or errno.EIO
+    )
     if error is not None:
         raise error
     ranks = [r for r, code in enumerate(failed) if code is not None]
     if ranks:
-        raise disk_full.CheckpointNotSaved(failed[ranks[0]], f"checkpoint {path} not saved: "
-                                           f"rank(s) {ranks} could not write their part")
+        raise disk_full.CheckpointNotSaved(
+            failed[ranks[0]], f"checkpoint {path} not saved: rank(s) {ranks} could not write their part"
+        )
 
 
 def _publish(root: str, iteration: int, keep_last: int, announce: bool = False) -> None:
@@ -226,8 +247,10 @@ def _publish(root: str, iteration: int, keep_last: int, announce: bool = False) 
     if torch.distributed.get_rank() == 0:
         _prune(root, keep_last)
         if announce:
-            print(f"[checkpoint] {final} complete (written in the background); latest -> "
-                  f"{iteration}", flush=True)
+            print(
+                f"[checkpoint] {final} complete (written in the background); latest -> {iteration}",
+                flush=True,
+            )
         else:
             print(f"saved checkpoint iter_{iteration} -> {final}", flush=True)
     torch.distributed.barrier()
@@ -296,9 +319,14 @@ class LoadChecks:
     """Load even when the checkpoint was trained on data of another tokenizer or geometry."""
 
 
-def load_checkpoint(path: str, chunks: list, optimizer=None,
-                    checks: Optional[LoadChecks] = None, load_optim: bool = True,
-                    load_rng: bool = True) -> Optional[TrainState]:
+def load_checkpoint(
+    path: str,
+    chunks: list,
+    optimizer=None,
+    checks: Optional[LoadChecks] = None,
+    load_optim: bool = True,
+    load_rng: bool = True,
+) -> Optional[TrainState]:
     """Load weights (and optimizer + TrainState when ``optimizer`` is given) from ``path``.
 
     With ``optimizer=None`` this is ``--init-from``: weights only, step counters start at 0.
@@ -310,8 +338,9 @@ def load_checkpoint(path: str, chunks: list, optimizer=None,
     ckpt = resolve_checkpoint(path)
     if ckpt is None:
         if optimizer is None:
-            raise FileNotFoundError(f"--init-from {path}: no checkpoint there (no `latest`, "
-                                    "no metadata.json)")
+            raise FileNotFoundError(
+                f"--init-from {path}: no checkpoint there (no `latest`, no metadata.json)"
+            )
         return None
     check_before_load(ckpt, checks or LoadChecks())
     if optimizer is None or not load_optim or not _has_optimizer(ckpt):
@@ -393,4 +422,3 @@ def _read_train_state(ckpt: str, load_rng: bool = True) -> TrainState:
     if load_rng and state.world == world_sizes():
         set_rng_state(state.rng[torch.distributed.get_rank()])
     return state
-

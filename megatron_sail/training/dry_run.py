@@ -15,6 +15,7 @@ after the job started:
 
 Findings go to stderr, one line each (``[dry-run] ok|note|error: ...``); any error exits 2.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,16 @@ from megatron_sail.config.run import RunConfig, flatten, random_init_problem, to
 from megatron_sail.data import geometry
 from megatron_sail.data.loading.dataset import parse_data_path
 
-GEOMETRY_KEYS = ("img_context_id", "img_start_id", "img_end_id", "im_start_id", "im_end_id", "pad_id",
-                 "tokens_per_tile", "tile_size")
+GEOMETRY_KEYS = (
+    "img_context_id",
+    "img_start_id",
+    "img_end_id",
+    "im_start_id",
+    "im_end_id",
+    "pad_id",
+    "tokens_per_tile",
+    "tile_size",
+)
 
 
 @dataclasses.dataclass
@@ -72,8 +81,9 @@ def check_data(cfg: RunConfig, report: Report) -> Optional[int]:
         for prefix in prefixes:
             meta = read_data_meta(prefix)
             if meta is None:
-                report.errors.append(f"{flag} {prefix}: no {prefix}.meta.json (not a finished "
-                                     "tools/preprocess_data.py output)")
+                report.errors.append(
+                    f"{flag} {prefix}: no {prefix}.meta.json (not a finished tools/preprocess_data.py output)"
+                )
                 continue
             tok = meta.get("tokenizer", {})
             problems = _data_problems(cfg, meta, tok, prefix)
@@ -84,22 +94,30 @@ def check_data(cfg: RunConfig, report: Report) -> Optional[int]:
                 first, ref = next(iter(seen.values()))
                 diff = [f"{k} {geometry[k]} vs {ref[k]}" for k in GEOMETRY_KEYS if geometry[k] != ref[k]]
                 if diff:
-                    report.errors.append(f"{flag} {prefix}: token ids / tiles differ from {first}: "
-                                         + ", ".join(diff))
+                    report.errors.append(
+                        f"{flag} {prefix}: token ids / tiles differ from {first}: " + ", ".join(diff)
+                    )
             seen[prefix] = (prefix, geometry)
             vocab = max(vocab or 0, int(tok.get("vocab_size", 0)))
             if not problems:
                 trained_at = cfg.model.vision.image_size
-                report.notes.append(f"ok: {flag} {prefix}: {meta.get('stats', {}).get('rows', '?')} rows "
-                                    f"of {meta['seq_length']} tokens, {tok.get('tile_size')} px tiles, "
-                                    f"{tok.get('tokens_per_tile')} tokens per tile, vocab {tok.get('vocab_size')}"
-                                    + ("" if tok.get("tile_size") == trained_at else
-                                       f" (the ViT's image size is {trained_at} px: position "
-                                       "embeddings are interpolated)"))
+                report.notes.append(
+                    f"ok: {flag} {prefix}: {meta.get('stats', {}).get('rows', '?')} rows "
+                    f"of {meta['seq_length']} tokens, {tok.get('tile_size')} px tiles, "
+                    f"{tok.get('tokens_per_tile')} tokens per tile, vocab {tok.get('vocab_size')}"
+                    + (
+                        ""
+                        if tok.get("tile_size") == trained_at
+                        else f" (the ViT's image size is {trained_at} px: position "
+                        "embeddings are interpolated)"
+                    )
+                )
     if vocab and trained_vocab(cfg, vocab) != cfg.model.language.vocab_size:
-        report.notes.append(f"note: the data's {vocab} token ids exceed the recipe's vocabulary "
-                            f"{cfg.model.language.vocab_size}: the model is built with "
-                            f"{trained_vocab(cfg, vocab)}")
+        report.notes.append(
+            f"note: the data's {vocab} token ids exceed the recipe's vocabulary "
+            f"{cfg.model.language.vocab_size}: the model is built with "
+            f"{trained_vocab(cfg, vocab)}"
+        )
     return vocab
 
 
@@ -123,8 +141,14 @@ def trained_vocab(cfg: RunConfig, data_vocab: Optional[int]) -> int:
     return vocab
 
 
-def check_checkpoint(cfg: RunConfig, flag: str, path: Optional[str], planned: list[str],
-                     data_vocab: Optional[int], report: Report) -> None:
+def check_checkpoint(
+    cfg: RunConfig,
+    flag: str,
+    path: Optional[str],
+    planned: list[str],
+    data_vocab: Optional[int],
+    report: Report,
+) -> None:
     """A --load / --init-from path: present (or planned), and its model is the recipe's."""
     if not path:
         return
@@ -155,24 +179,54 @@ def check_checkpoint(cfg: RunConfig, flag: str, path: Optional[str], planned: li
         return
     ours = flatten(dataclasses.asdict(cfg.model))
     ours["language.vocab_size"] = trained_vocab(cfg, data_vocab)
-    diff = [f"{k}: checkpoint {theirs.get(k)!r}, recipe {ours.get(k)!r}"
-            for k in sorted(set(ours) | set(theirs))
-            if k not in IGNORED_MODEL_FIELDS and theirs.get(k) != ours.get(k)]
+    diff = [
+        f"{k}: checkpoint {theirs.get(k)!r}, recipe {ours.get(k)!r}"
+        for k in sorted(set(ours) | set(theirs))
+        if k not in IGNORED_MODEL_FIELDS and theirs.get(k) != ours.get(k)
+    ]
     if diff:
         report.errors.append(f"{flag} {ckpt}: model differs from recipe {cfg.recipe!r}: " + "; ".join(diff))
     else:
         report.notes.append(f"ok: {flag} {ckpt}: model config matches recipe {cfg.recipe!r}")
 
 
+def check_post_data(cfg: RunConfig, report: Report) -> None:
+    """Stages dpo / grpo read JSONL (grpo also VLMEvalKit TSV) files: each must exist and
+    parse (the first record); the records are tokenized when the run starts."""
+    if not cfg.data.data_path:
+        report.errors.append("--data-path is not set")
+    for path in cfg.data.data_path:
+        if not os.path.isfile(path):
+            report.errors.append(
+                f"--data-path {path}: no such file (stage {cfg.stage.name} "
+                "reads JSONL" + (" or TSV)" if cfg.stage.name == "grpo" else ")")
+            )
+            continue
+        if path.endswith(".tsv"):
+            report.notes.append(f"ok: --data-path {path} (VLMEvalKit TSV)")
+            continue
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            json.loads(first)
+            report.notes.append(f"ok: --data-path {path} (JSONL)")
+        except json.JSONDecodeError as e:
+            report.errors.append(f"--data-path {path}: the first record is not JSON ({e})")
+    return None
+
+
 def check(cfg: RunConfig, planned: list[str]) -> Report:
     """All dry-run checks of one resolved stage."""
     report = Report()
-    vocab = check_data(cfg, report)
+    from megatron_sail.config.stage import POST_TRAINING
+
+    vocab = check_post_data(cfg, report) if cfg.stage.name in POST_TRAINING else check_data(cfg, report)
     check_checkpoint(cfg, "--load", cfg.checkpoint.load, planned, vocab, report)
     check_checkpoint(cfg, "--init-from", cfg.checkpoint.init_from, planned, vocab, report)
     load = cfg.checkpoint.load
-    resumed = bool(load) and (os.path.abspath(load) in {os.path.abspath(p) for p in planned}
-                              or os.path.exists(load))
+    resumed = bool(load) and (
+        os.path.abspath(load) in {os.path.abspath(p) for p in planned} or os.path.exists(load)
+    )
     problem = random_init_problem(cfg, has_checkpoint=resumed)
     if problem:
         report.errors.append(problem)
@@ -182,7 +236,7 @@ def check(cfg: RunConfig, planned: list[str]) -> Report:
 def main(argv: Optional[list[str]] = None) -> int:
     """Print the resolved config, then the findings; exit 2 on any error."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    own, trainer = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else ([], argv)
+    own, trainer = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else ([], argv)
     planned = [own[i + 1] for i, a in enumerate(own[:-1]) if a == "--planned"]
     if len(planned) * 2 != len(own):
         print(f"error: dry_run options before '--' are --planned DIR only, got {own}", file=sys.stderr)

@@ -13,6 +13,7 @@ So a row packing four 1024-token samples costs a quarter of the attention FLOPs 
 4096-token sample, and padding segments cost nothing: FLOPs measure useful work, not the
 kernels' wasted work. Only real tokens count for the matmuls too, for the same reason.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,7 +80,8 @@ def shape_from_model_config(model, tile_size: int | None = None) -> FlopsShape:
     return FlopsShape(
         **vision_family(v.family).flops_fields(v, geometry),
         **language_family(lm.family).flops_fields(lm),
-        tokens_per_tile=geometry.tokens_per_tile, projector_in=v.hidden_size * merge * merge,
+        tokens_per_tile=geometry.tokens_per_tile,
+        projector_in=v.hidden_size * merge * merge,
     )
 
 
@@ -90,8 +92,7 @@ def vit_forward_flops(s: FlopsShape, tiles: int) -> float:
     mlp = (3 if s.vit_gated_mlp else 2) * s.vit_hidden * s.vit_ffn
     per_token_layer = 2 * (4 * s.vit_hidden * s.vit_hidden + mlp)
     attention = 4 * s.vit_hidden * n * n
-    per_tile = (2 * patches * s.patch_dim * s.vit_hidden
-                + s.vit_layers * (n * per_token_layer + attention))
+    per_tile = 2 * patches * s.patch_dim * s.vit_hidden + s.vit_layers * (n * per_token_layer + attention)
     return float(tiles) * per_tile
 
 

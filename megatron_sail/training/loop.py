@@ -10,6 +10,7 @@ With --async-save a checkpoint is finalized (renamed, `latest` moved, old ones p
 first step boundary after every rank has written it, and at the latest before the next save and
 before ``run`` returns, on every exit path that returns (end, --exit-interval, signals, NaN stop).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -21,9 +22,9 @@ import numpy as np
 import torch
 from megatron.core import parallel_state
 
+from megatron_sail.checkpoint.dcp import ThreadAsyncCallsQueue
 from megatron_sail.data.loading.prefetch import PrefetchLoader
 from megatron_sail.training import checkpoint as ckpt
-from megatron_sail.checkpoint.dcp import ThreadAsyncCallsQueue
 from megatron_sail.training.flops import real_seqlens, step_flops
 from megatron_sail.training.metrics import StepStats
 from megatron_sail.training.moe_metrics import step_moe_losses
@@ -46,8 +47,10 @@ class BatchPlan:
 
     def __post_init__(self):
         if self.global_batch_size % (self.micro_batch_size * self.dp_size):
-            raise ValueError(f"--global-batch-size {self.global_batch_size} must be a multiple of "
-                             f"micro-batch size x DP size = {self.micro_batch_size * self.dp_size}")
+            raise ValueError(
+                f"--global-batch-size {self.global_batch_size} must be a multiple of "
+                f"micro-batch size x DP size = {self.micro_batch_size * self.dp_size}"
+            )
 
     @property
     def num_microbatches(self) -> int:
@@ -80,19 +83,33 @@ class StepFeeder:
     """Micro-batches of consecutive steps, decoded ahead by the PrefetchLoader, each carrying its
     rows' statistics (real tokens, FLOPs) that collation does not keep."""
 
-    def __init__(self, dataset, plan: BatchPlan, pipeline, first_step: int,
-                 flops_shape, depth: int = 2, decode: bool = True, pin_memory: bool = False):
+    def __init__(
+        self,
+        dataset,
+        plan: BatchPlan,
+        pipeline,
+        first_step: int,
+        flops_shape,
+        depth: int = 2,
+        decode: bool = True,
+        pin_memory: bool = False,
+    ):
         self.dataset, self.plan, self.flops_shape = dataset, plan, flops_shape
         # per-dataset loss names: only a blend of several prefixes has them
         names = dataset.source_names() if hasattr(dataset, "source_names") else []
         self.source_names = names if len(names) > 1 else []
         first_mb = first_step * plan.num_microbatches
         meta = dataset.tokenizer_meta  # checks that every row's tiles match its <IMG_CONTEXT> runs
-        self.loader = PrefetchLoader(self._rows_from, pipeline if decode else SkipDecode(),
-                                     depth=depth, position=first_mb, pin_memory=pin_memory,
-                                     image_token_id=meta.img_context_id,
-                                     tokens_per_tile=meta.tokens_per_tile,
-                                     row_stats=self._row_stats)
+        self.loader = PrefetchLoader(
+            self._rows_from,
+            pipeline if decode else SkipDecode(),
+            depth=depth,
+            position=first_mb,
+            pin_memory=pin_memory,
+            image_token_id=meta.img_context_id,
+            tokens_per_tile=meta.tokens_per_tile,
+            row_stats=self._row_stats,
+        )
 
     def _rows_from(self, position: int):
         """Row lists from micro-batch ``position`` on (runs in the loader's thread)."""
@@ -169,15 +186,18 @@ def save(ctx: LoopContext) -> None:
     """Save a checkpoint of the current state when --save is set."""
     c = ctx.cfg.checkpoint
     ctx.state.scheduler = ctx.scheduler.state_dict()
-    ctx.state.data = {"consumed_samples": ctx.state.consumed_samples,
-                      "loader_position": ctx.feeder.loader.position}
+    ctx.state.data = {
+        "consumed_samples": ctx.state.consumed_samples,
+        "loader_position": ctx.feeder.loader.position,
+    }
     if c.save:
         # Before the first update the optimizer holds no state to save (Megatron's distributed
         # optimizer refuses); such a checkpoint holds weights and the TrainState only.
         optimizer = ctx.optimizer if ctx.scheduler.num_steps > 0 else None
         finalize_saves(ctx, blocking=True)  # one checkpoint in flight at a time
-        ckpt.save_checkpoint(c.save, ctx.chunks, optimizer, ctx.state, c.keep_last,
-                             ctx.config_dict, pending=ctx.pending)
+        ckpt.save_checkpoint(
+            c.save, ctx.chunks, optimizer, ctx.state, c.keep_last, ctx.config_dict, pending=ctx.pending
+        )
 
 
 def finalize_saves(ctx: LoopContext, blocking: bool) -> None:
@@ -215,8 +235,15 @@ def _one_step(ctx: LoopContext) -> StepStats:
     batches, row_stats = ctx.feeder.next_step()
     wait = time.perf_counter() - t0
     names = ctx.feeder.source_names
-    res = train_step(ctx.chunks, ctx.optimizer, ctx.scheduler, batches,
-                     ctx.cfg.data.seq_length, row_stats, num_sources=len(names))
+    res = train_step(
+        ctx.chunks,
+        ctx.optimizer,
+        ctx.scheduler,
+        batches,
+        ctx.cfg.data.seq_length,
+        row_stats,
+        num_sources=len(names),
+    )
     moe = step_moe_losses(ctx.cfg.model.language, ctx.feeder.plan.num_microbatches)
     s, n = ctx.state, res.counters
     src_sum, src_tok = n.get("source_loss_sum", []), n.get("source_loss_tokens", [])
@@ -224,15 +251,26 @@ def _one_step(ctx: LoopContext) -> StepStats:
     s.consumed_samples += ctx.cfg.train.global_batch_size
     s.skipped_steps += int(res.skipped)
     s.consumed_tokens += int(n["tokens"])
-    stats = StepStats(iteration=s.iteration, lm_loss=res.loss, lr=group_lrs(ctx.optimizer),
-                     grad_norm=None if res.skipped else res.grad_norm,
-                     step_time_s=time.perf_counter() - t0, tokens=int(n["tokens"]),
-                     samples=int(n["samples"]), images=int(n["images"]), tiles=int(n["tiles"]),
-                     flops=n["flops"], data_wait_s=wait, skipped=res.skipped,
-                     decode_failures=int(n["decode_failures"]),
-                     consumed_samples=s.consumed_samples, consumed_tokens=s.consumed_tokens,
-                     source_loss={k: v / t for k, v, t in zip(names, src_sum, src_tok) if t > 0},
-                     source_loss_tokens=dict(zip(names, src_tok)), moe_losses=moe)
+    stats = StepStats(
+        iteration=s.iteration,
+        lm_loss=res.loss,
+        lr=group_lrs(ctx.optimizer),
+        grad_norm=None if res.skipped else res.grad_norm,
+        step_time_s=time.perf_counter() - t0,
+        tokens=int(n["tokens"]),
+        samples=int(n["samples"]),
+        images=int(n["images"]),
+        tiles=int(n["tiles"]),
+        flops=n["flops"],
+        data_wait_s=wait,
+        skipped=res.skipped,
+        decode_failures=int(n["decode_failures"]),
+        consumed_samples=s.consumed_samples,
+        consumed_tokens=s.consumed_tokens,
+        source_loss={k: v / t for k, v, t in zip(names, src_sum, src_tok) if t > 0},
+        source_loss_tokens=dict(zip(names, src_tok)),
+        moe_losses=moe,
+    )
     if ctx.image_logger is not None and s.iteration % ctx.cfg.train.log_interval == 0:
         ctx.image_logger(s.iteration, batches[0])  # after the step time was taken
     return stats
@@ -265,9 +303,11 @@ def _train(ctx: LoopContext) -> int:
         ctx.metrics.log_step(stats)
         consecutive = consecutive + 1 if stats.skipped else 0
         if consecutive >= t.max_skipped_steps:
-            print(f"[train] {consecutive} consecutive steps with NaN/Inf loss or gradients: "
-                  f"saving the last good weights at step {ctx.state.iteration} and stopping",
-                  flush=True)
+            print(
+                f"[train] {consecutive} consecutive steps with NaN/Inf loss or gradients: "
+                f"saving the last good weights at step {ctx.state.iteration} and stopping",
+                flush=True,
+            )
             save(ctx)
             return 1
         it = ctx.state.iteration
@@ -277,8 +317,7 @@ def _train(ctx: LoopContext) -> int:
         if ctx.benchmarks is not None:
             ctx.benchmarks.maybe_run(ctx.state)
         if t.exit_interval and it % t.exit_interval == 0 and it < t.train_iters:
-            print(f"[train] --exit-interval {t.exit_interval} reached: saving and exiting",
-                  flush=True)
+            print(f"[train] --exit-interval {t.exit_interval} reached: saving and exiting", flush=True)
             save(ctx)
             return 0
     if ctx.state.iteration > start or start == 0:
@@ -297,6 +336,9 @@ def decodes_images() -> bool:
 
 def dp_plan(cfg) -> BatchPlan:
     """The BatchPlan of this rank."""
-    return BatchPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                     parallel_state.get_data_parallel_world_size(),
-                     parallel_state.get_data_parallel_rank())
+    return BatchPlan(
+        cfg.train.global_batch_size,
+        cfg.train.micro_batch_size,
+        parallel_state.get_data_parallel_world_size(),
+        parallel_state.get_data_parallel_rank(),
+    )

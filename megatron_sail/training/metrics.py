@@ -11,6 +11,7 @@ decode failures) and writes, on rank 0 only:
 
 Other ranks build the same records (cheap) but write nothing, so callers never branch on rank.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -78,6 +79,9 @@ class StepStats:
     """MoE auxiliary losses of the step by Megatron-LM's name (``load_balancing_loss``: mean
     over MoE layers and micro-batches, DP ranks averaged; training/moe_metrics.py); {} when
     the model is dense."""
+    extra: dict[str, float] = field(default_factory=dict)
+    """Stage-specific scalars by TensorBoard tag (post-training: rewards per function, KL,
+    clip fraction, ...; training/posttrain.py); written as they are, {} for SFT stages."""
 
 
 @dataclass
@@ -175,8 +179,15 @@ def _supersede_after(path: Path, iteration: int) -> int:
 class MetricsWriter:
     """Console, progress bar, TensorBoard and metrics.jsonl output of the training loop."""
 
-    def __init__(self, run_dir: str | os.PathLike, tensorboard_dir: str | os.PathLike | None,
-                 log_interval: int, rank: int, config: MetricsConfig | None = None, stream=None):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        tensorboard_dir: str | os.PathLike | None,
+        log_interval: int,
+        rank: int,
+        config: MetricsConfig | None = None,
+        stream=None,
+    ):
         if log_interval < 1:
             raise ValueError(f"log_interval must be >= 1, got {log_interval}")
         self.cfg = config or MetricsConfig()
@@ -198,9 +209,11 @@ class MetricsWriter:
         for name in (METRICS_FILE, VALID_METRICS_FILE):
             moved = _supersede_after(self.run_dir / name, self.cfg.start_iteration)
             if moved:
-                self._print(f"[metrics] {moved} records of {name} after iteration "
-                            f"{self.cfg.start_iteration} (this run starts there) moved to "
-                            f"{superseded_path(self.run_dir / name).name}")
+                self._print(
+                    f"[metrics] {moved} records of {name} after iteration "
+                    f"{self.cfg.start_iteration} (this run starts there) moved to "
+                    f"{superseded_path(self.run_dir / name).name}"
+                )
         self._jsonl = open(path, "a", buffering=1)
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -213,8 +226,13 @@ class MetricsWriter:
         if self.cfg.progress_bar and self.stream.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.cfg.total_iters, initial=self.cfg.start_iteration,
-                             unit="step", file=self.stream, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=self.cfg.total_iters,
+                initial=self.cfg.start_iteration,
+                unit="step",
+                file=self.stream,
+                dynamic_ncols=True,
+            )
 
     def record(self, s: StepStats) -> dict:
         """The JSON record of one step: the measured numbers plus the derived throughput."""
@@ -243,6 +261,7 @@ class MetricsWriter:
             "source_loss": {k: float(v) for k, v in s.source_loss.items()},
             "source_loss_tokens": {k: float(v) for k, v in s.source_loss_tokens.items()},
             **{name: float(value) for name, value in s.moe_losses.items()},
+            **({"extra": {k: float(v) for k, v in s.extra.items()}} if s.extra else {}),
             "skipped": bool(s.skipped),
             "skipped_steps": self.skipped_steps,
             "decode_failures": self.decode_failures,
@@ -261,8 +280,9 @@ class MetricsWriter:
         if self._bar is not None:
             self._bar.update(1)
             # this step's loss; the log line shows the mean over its interval (labelled as such)
-            self._bar.set_postfix_str(f"loss (this step) {rec['lm_loss']:.4f}, "
-                                      f"{rec['tokens_per_s']:.0f} tokens/s")
+            self._bar.set_postfix_str(
+                f"loss (this step) {rec['lm_loss']:.4f}, {rec['tokens_per_s']:.0f} tokens/s"
+            )
         if s.iteration % self.log_interval == 0 or s.iteration == self.cfg.total_iters:
             self._print(self._console_line(self._window))
             self._window = []
@@ -270,8 +290,9 @@ class MetricsWriter:
                 self._tb.flush()
         return rec
 
-    def log_eval(self, iteration: int, lm_loss: float, split: str = "validation",
-                 checkpoint: Optional[str] = None) -> None:
+    def log_eval(
+        self, iteration: int, lm_loss: float, split: str = "validation", checkpoint: Optional[str] = None
+    ) -> None:
         """Validation loss: a console line, a TensorBoard scalar and a line in valid_metrics.jsonl.
         ``checkpoint``: the --init-from checkpoint validated before any step of this run; the
         line then names it (``checkpoint iter_0001000``) instead of this run's step 0."""
@@ -295,8 +316,16 @@ class MetricsWriter:
             f.write(json.dumps(_json_safe(record)) + "\n")
         self._print(f"[eval] {where} | {split} lm loss {lm_loss:.4f} | ppl {ppl:.2f}")
 
-    def log_images(self, iteration: int, batch, decode: Callable[[list[int]], str],
-                   mean, std, image_token_id: int, count: int) -> int:
+    def log_images(
+        self,
+        iteration: int,
+        batch,
+        decode: Callable[[list[int]], str],
+        mean,
+        std,
+        image_token_id: int,
+        count: int,
+    ) -> int:
         """TensorBoard image summaries of the first ``count`` images of a micro-batch
         (data/loading/collate.py MicroBatch): each image's last tile (the thumbnail, or the only tile)
         de-normalized, beside the text of its sample with the <IMG_CONTEXT> runs left out.
@@ -320,18 +349,29 @@ class MetricsWriter:
         self._tb.flush()
         return written
 
-    def log_benchmarks(self, iteration: int, consumed_tokens: int, scores: dict, counts: dict,
-                       seconds: float, decoded: Optional[dict] = None) -> None:
+    def log_benchmarks(
+        self,
+        iteration: int,
+        consumed_tokens: int,
+        scores: dict,
+        counts: dict,
+        seconds: float,
+        decoded: Optional[dict] = None,
+    ) -> None:
         """Benchmark scores (eval/hook.py): one metrics.jsonl record with ``benchmarks/NAME``
         and ``consumed_tokens`` (what tools/scaling_law.py fits), TensorBoard scalars, a line.
         ``decoded``: NAME -> requests decoded per data-parallel replica (``benchmarks_decoded/``)."""
         if not self.active:
             return
-        rec = {"iteration": iteration, "consumed_tokens": consumed_tokens,
-               **{f"benchmarks/{k}": float(v) for k, v in scores.items()},
-               **{f"benchmarks_n/{k}": int(n) for k, n in counts.items()},
-               **{f"benchmarks_decoded/{k}": [int(x) for x in v] for k, v in (decoded or {}).items()},
-               "benchmarks_time_s": seconds, "time": time.time()}
+        rec = {
+            "iteration": iteration,
+            "consumed_tokens": consumed_tokens,
+            **{f"benchmarks/{k}": float(v) for k, v in scores.items()},
+            **{f"benchmarks_n/{k}": int(n) for k, n in counts.items()},
+            **{f"benchmarks_decoded/{k}": [int(x) for x in v] for k, v in (decoded or {}).items()},
+            "benchmarks_time_s": seconds,
+            "time": time.time(),
+        }
         self._jsonl.write(json.dumps(_json_safe(rec)) + "\n")
         if self._tb is not None:
             for k, v in scores.items():
@@ -371,6 +411,7 @@ class MetricsWriter:
             scalars[f"lm loss/{name}"] = loss
         if rec.get(LOAD_BALANCING_LOSS) is not None:  # Megatron-LM's tag
             scalars[LOAD_BALANCING_LOSS] = rec[LOAD_BALANCING_LOSS]
+        scalars.update(rec.get("extra") or {})
         scalars = {tag: value for tag, value in scalars.items() if value is not None}
         if self._tb is not None:
             for tag, value in scalars.items():
@@ -399,9 +440,11 @@ class MetricsWriter:
             f"mem {last['memory_gib']:.2f} GiB",
         ]
         if self.cfg.log_throughput:
-            parts[5:5] = [f"tokens/s {last['tokens_per_s']:.0f}",
-                          f"TFLOP/s/GPU {last['tflops_per_gpu']:.2f}",
-                          f"MFU {last['mfu']:.3f}" if math.isfinite(last["mfu"]) else "MFU n/a"]
+            parts[5:5] = [
+                f"tokens/s {last['tokens_per_s']:.0f}",
+                f"TFLOP/s/GPU {last['tflops_per_gpu']:.2f}",
+                f"MFU {last['mfu']:.3f}" if math.isfinite(last["mfu"]) else "MFU n/a",
+            ]
         if last["skipped_steps"]:
             parts.append(f"skipped {last['skipped_steps']}")
         if last["decode_failures"]:
@@ -447,8 +490,12 @@ def _start_wandb(cfg: MetricsConfig, run_dir: Path):
         raise RuntimeError("--wandb-project needs the wandb package (requirements.txt)") from e
     save_dir = Path(cfg.wandb_save_dir or run_dir)  # W&B writes into <save_dir>/wandb/
     save_dir.mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_exp_name or run_dir.name,
-                      dir=str(save_dir), config=cfg.run_config or {})
+    return wandb.init(
+        project=cfg.wandb_project,
+        name=cfg.wandb_exp_name or run_dir.name,
+        dir=str(save_dir),
+        config=cfg.run_config or {},
+    )
 
 
 @dataclass
@@ -519,8 +566,10 @@ class VisionTiming:
         self._t0 = self._tgrad = 0.0
         self._mark = any(p.requires_grad for p in encoder.parameters())
         self._dummy = None
-        self._handles = [encoder.register_forward_pre_hook(self._pre, with_kwargs=True),
-                         projector.register_forward_hook(self._post)]
+        self._handles = [
+            encoder.register_forward_pre_hook(self._pre, with_kwargs=True),
+            projector.register_forward_hook(self._post),
+        ]
 
     def _pre(self, module, args, kwargs):
         """Start the forward clock; route the pixel tensor through the backward marker."""
@@ -557,5 +606,13 @@ class VisionTiming:
         self._handles = []
 
 
-__all__ = ["MetricsConfig", "MetricsWriter", "StepStats", "Stopwatch", "VisionTiming", "peak_memory_bytes",
-           "METRICS_FILE", "VALID_METRICS_FILE"]
+__all__ = [
+    "MetricsConfig",
+    "MetricsWriter",
+    "StepStats",
+    "Stopwatch",
+    "VisionTiming",
+    "peak_memory_bytes",
+    "METRICS_FILE",
+    "VALID_METRICS_FILE",
+]

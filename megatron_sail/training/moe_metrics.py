@@ -8,6 +8,7 @@ layers and logs ``load_balancing_loss``; then it clears the tracker. ``step_moe_
 same, every step, on every rank (the reductions are collectives), so metrics.jsonl, TensorBoard
 and the console carry the value under Megatron-LM's name.
 """
+
 from __future__ import annotations
 
 LOAD_BALANCING_LOSS = "load_balancing_loss"
@@ -20,12 +21,16 @@ def step_moe_losses(lm, num_microbatches: int) -> dict[str, float]:
     LanguageConfig; dense models, or a zero coefficient (nothing is tracked), give {}."""
     if not lm.is_moe or lm.moe_aux_loss_coeff == 0:
         return {}
-    from megatron.core.transformer.moe.moe_utils import (clear_aux_losses_tracker,
-                                                         track_moe_metrics)
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, track_moe_metrics
 
     totals: dict = {}
-    track_moe_metrics(loss_scale=1.0 / num_microbatches, iteration=0, total_loss_dict=totals,
-                      force_initialize=True, track_names=[LOAD_BALANCING_LOSS],
-                      num_layers=lm.num_layers)
+    track_moe_metrics(
+        loss_scale=1.0 / num_microbatches,
+        iteration=0,
+        total_loss_dict=totals,
+        force_initialize=True,
+        track_names=[LOAD_BALANCING_LOSS],
+        num_layers=lm.num_layers,
+    )
     clear_aux_losses_tracker()
     return {name: float(value) for name, value in totals.items()}

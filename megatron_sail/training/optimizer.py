@@ -5,6 +5,7 @@ parameter), and per-module peak/min LR for the ViT and the projector (``--vit-lr
 ``--projector-lr-mult``). Megatron's scheduler reads ``max_lr`` / ``min_lr`` per group, so a
 multiplier is applied by scaling those two, which keeps warmup and decay shapes identical.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -61,8 +62,7 @@ def megatron_optimizer_config(cfg: OptimConfig, bf16: bool) -> OptimizerConfig:
 
 def param_group_overrides(cfg: OptimConfig, chunks: list[torch.nn.Module]) -> dict:
     """ParamKey -> override: wd 0 on 1-D params and biases; scaled LR on ViT and projector."""
-    no_wd = ParamKey(name="*.bias",
-                     predicate=ParamPredicate(name="ndim1", fn=lambda p: p.dim() == 1))
+    no_wd = ParamKey(name="*.bias", predicate=ParamPredicate(name="ndim1", fn=lambda p: p.dim() == 1))
     overrides: dict = {no_wd: {"wd_mult": 0.0}}
     for attr, mult in ((VISION_MODULE, cfg.vit_lr_mult), (PROJECTOR_MODULE, cfg.projector_lr_mult)):
         if mult == 1.0:
@@ -73,11 +73,11 @@ def param_group_overrides(cfg: OptimConfig, chunks: list[torch.nn.Module]) -> di
     return overrides
 
 
-def build_optimizer(cfg: OptimConfig, chunks: list[torch.nn.Module],
-                    bf16: bool = False) -> MegatronOptimizer:
+def build_optimizer(cfg: OptimConfig, chunks: list[torch.nn.Module], bf16: bool = False) -> MegatronOptimizer:
     """Megatron-Core optimizer (distributed when configured) over the trainable params."""
-    optimizer = get_megatron_optimizer(megatron_optimizer_config(cfg, bf16), chunks,
-                                       config_overrides=param_group_overrides(cfg, chunks))
+    optimizer = get_megatron_optimizer(
+        megatron_optimizer_config(cfg, bf16), chunks, config_overrides=param_group_overrides(cfg, chunks)
+    )
     use_foreach(optimizer)
     return optimizer
 

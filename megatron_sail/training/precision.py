@@ -11,15 +11,16 @@ one blank tile) is padded with masked tokens when it runs in FP8 (models/vit.py)
 widths are checked here. --fp8-vit stays opt-in (the ViT is a small share of the FLOPs).
 On CPU, --bf16 is ignored with a warning (fp32) and --fp8-format is rejected.
 """
+
 from __future__ import annotations
 
-
 import logging
+
 import torch
 
 from megatron_sail.models import layer_specs
-from megatron_sail.platform import distributed as platform
 from megatron_sail.models.sail_vl import unwrap
+from megatron_sail.platform import distributed as platform
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,11 @@ def check_precision(cfg) -> torch.dtype:
     t = cfg.train
     if not platform.has_cuda():
         if t.fp8_format:
-            raise SystemExit(f"--fp8-format {t.fp8_format}: FP8 needs Transformer Engine on a "
-                             "GPU; this machine has no CUDA device. Drop the flag to train in "
-                             "fp32 on CPU.")
+            raise SystemExit(
+                f"--fp8-format {t.fp8_format}: FP8 needs Transformer Engine on a "
+                "GPU; this machine has no CUDA device. Drop the flag to train in "
+                "fp32 on CPU."
+            )
         if t.bf16:
             log.warning("--bf16 ignored on CPU: training in fp32")
         return torch.float32
@@ -55,9 +58,11 @@ def _check_fp8(cfg) -> None:
     tokens = t.micro_batch_size * cfg.data.seq_length
     per_rank = tokens // par.tp if par.sequence_parallel else tokens
     if per_rank % FP8_ALIGN:
-        raise SystemExit(f"--fp8-format: {per_rank} LM tokens per rank and micro-batch "
-                         f"(--micro-batch-size x --seq-length{' / TP' if par.sequence_parallel else ''})"
-                         f" must be a multiple of {FP8_ALIGN}")
+        raise SystemExit(
+            f"--fp8-format: {per_rank} LM tokens per rank and micro-batch "
+            f"(--micro-batch-size x --seq-length{' / TP' if par.sequence_parallel else ''})"
+            f" must be a multiple of {FP8_ALIGN}"
+        )
     if t.fp8_vit:
         _check_fp8_vit(cfg.model.vision, par.tp)
 
@@ -65,12 +70,17 @@ def _check_fp8(cfg) -> None:
 def _check_fp8_vit(vision, tp: int) -> None:
     """The ViT's GEMM widths per TP rank must be multiples of FP8_ALIGN (its token count is
     padded at run time instead)."""
-    widths = {"hidden size": vision.hidden_size, "MLP size / TP": vision.ffn_hidden_size // tp,
-              "QKV width / TP": 3 * vision.hidden_size // tp}
+    widths = {
+        "hidden size": vision.hidden_size,
+        "MLP size / TP": vision.ffn_hidden_size // tp,
+        "QKV width / TP": 3 * vision.hidden_size // tp,
+    }
     bad = {k: v for k, v in widths.items() if v % FP8_ALIGN}
     if bad:
-        raise SystemExit(f"--fp8-vit: the ViT's {', '.join(f'{k} {v}' for k, v in bad.items())} "
-                         f"must be multiples of {FP8_ALIGN} for FP8 GEMMs; drop --fp8-vit")
+        raise SystemExit(
+            f"--fp8-vit: the ViT's {', '.join(f'{k} {v}' for k, v in bad.items())} "
+            f"must be multiples of {FP8_ALIGN} for FP8 GEMMs; drop --fp8-vit"
+        )
 
 
 def _set_fp8(config, fmt: str, recipe: str) -> None:

@@ -9,6 +9,7 @@ they are set separately. The models are built first and recompute is applied aft
 block reads ``recompute_granularity`` at every forward, but each attention module copies
 ``checkpoint_core_attention`` from the config when it is built, so that flag is set here too.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

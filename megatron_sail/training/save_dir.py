@@ -13,6 +13,7 @@ first save:
   unless ``--overwrite-save``: then this run's checkpoints go beside the old ones, a save at an
   iteration that exists replaces it, and --keep-last prunes by save order (old ones first).
 """
+
 from __future__ import annotations
 
 import errno
@@ -50,12 +51,19 @@ class SaveDirLock:
                 os.close(fd)
                 return holder or "another process"
             os.close(fd)
-            print(f"[checkpoint] WARNING: cannot lock {self.path} ({e}); two runs on this "
-                  "--save would not be detected", flush=True)
+            print(
+                f"[checkpoint] WARNING: cannot lock {self.path} ({e}); two runs on this "
+                "--save would not be detected",
+                flush=True,
+            )
             return None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        os.pwrite(
+            fd,
+            f"host {socket.gethostname()} pid {os.getpid()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+            0,
+        )
         self._fd = fd
         return None
 
@@ -93,15 +101,16 @@ def check_save_dir(save: str, load: Optional[str], overwrite: bool) -> Optional[
     found = _has_checkpoints(save)
     if found and not overwrite and not _resumes_from(save, load):
         shown = ", ".join(found[:4] + (["..."] if len(found) > 4 else []))
-        return (f"--save {save} already holds another run's checkpoints ({shown}) and this run "
-                f"does not resume from it (--load {load or 'not given'}): its saves would "
-                f"replace that run's `latest` and prune its checkpoints. Resume it with --load "
-                f"{save}, pick an empty --save, or pass --overwrite-save to write beside them.")
+        return (
+            f"--save {save} already holds another run's checkpoints ({shown}) and this run "
+            f"does not resume from it (--load {load or 'not given'}): its saves would "
+            f"replace that run's `latest` and prune its checkpoints. Resume it with --load "
+            f"{save}, pick an empty --save, or pass --overwrite-save to write beside them."
+        )
     return None
 
 
-def prepare_save_dir(save: Optional[str], load: Optional[str],
-                     overwrite: bool) -> Optional[SaveDirLock]:
+def prepare_save_dir(save: Optional[str], load: Optional[str], overwrite: bool) -> Optional[SaveDirLock]:
     """Collective: check --save and take its lock on rank 0; every rank raises the same
     SaveDirError when it cannot be used. Returns the lock (rank 0) to keep for the run."""
     if not save:
@@ -115,10 +124,12 @@ def prepare_save_dir(save: Optional[str], load: Optional[str],
             holder = lock.acquire()
             if holder is not None:
                 lock = None
-                problem = (f"--save {save} is in use by another run ({holder}; lock "
-                           f"{os.path.join(save, LOCK_FILE)}): two runs writing one --save "
-                           "folder delete each other's checkpoints. Wait for it to end or "
-                           "pick another --save.")
+                problem = (
+                    f"--save {save} is in use by another run ({holder}; lock "
+                    f"{os.path.join(save, LOCK_FILE)}): two runs writing one --save "
+                    "folder delete each other's checkpoints. Wait for it to end or "
+                    "pick another --save."
+                )
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [problem]
         dist.broadcast_object_list(box, src=0)

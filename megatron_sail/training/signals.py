@@ -4,6 +4,7 @@ A signal handler only sets a flag; the loop checks ``should_exit()`` between ste
 model and optimizer are consistent, and all ranks agree through one all-reduce so that every rank
 saves the same step (a rank that saw the signal alone would otherwise deadlock the save).
 """
+
 from __future__ import annotations
 
 import signal
@@ -41,8 +42,7 @@ class ExitWatcher:
         """Why this rank wants to stop, or None."""
         if self.received is not None:
             return f"received {signal.Signals(self.received).name}"
-        if self.duration_mins is not None and \
-                time.monotonic() - self.start >= self.duration_mins * 60.0:
+        if self.duration_mins is not None and time.monotonic() - self.start >= self.duration_mins * 60.0:
             return f"exit duration of {self.duration_mins} min reached"
         return None
 

@@ -10,6 +10,7 @@ rounding, even though packed rows carry different numbers of loss tokens.
 NaN/Inf: gradients are prepared and their norm computed before the update; if the loss or the
 norm is not finite on any rank, the update and the scheduler step are skipped on all ranks.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,7 @@ from megatron_sail.compat import optimizer as compat_optimizer
 from megatron_sail.platform.distributed import device
 
 # Per-step counters reduced over DP ranks, in this order.
-_FIELDS = ("loss_sum", "loss_tokens", "tokens", "samples", "images", "tiles", "decode_failures",
-           "flops")
+_FIELDS = ("loss_sum", "loss_tokens", "tokens", "samples", "images", "tiles", "decode_failures", "flops")
 
 
 @dataclass
@@ -48,8 +48,13 @@ def _to_device(batch) -> dict:
     """Model inputs of one micro-batch (data/loading/collate.py MicroBatch) on the model's device."""
     b = batch.to(device(), non_blocking=True)
     tiles = b.tiles if b.tiles is not None and b.tiles.numel() else None
-    return {"input_ids": b.tokens, "labels": b.labels, "cu_seqlens": b.cu_seqlens,
-            "tiles": tiles, "loss_mask": b.loss_mask}
+    return {
+        "input_ids": b.tokens,
+        "labels": b.labels,
+        "cu_seqlens": b.cu_seqlens,
+        "tiles": tiles,
+        "loss_mask": b.loss_mask,
+    }
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -73,8 +78,13 @@ def forward_step(data_iterator, model):
     return output, partial(loss_func, loss_mask)
 
 
-def _counters(batches: list, loss_parts: torch.Tensor, row_stats: tuple[float, float],
-              losses: list = (), num_sources: int = 0) -> torch.Tensor:
+def _counters(
+    batches: list,
+    loss_parts: torch.Tensor,
+    row_stats: tuple[float, float],
+    losses: list = (),
+    num_sources: int = 0,
+) -> torch.Tensor:
     """This rank's contribution to the step counters (zeros except on the last PP stage, so
     that summing over the PP group counts each micro-batch once). ``row_stats`` holds the real
     (non-padding) tokens and the model FLOPs of this rank's rows, computed from the rows.
@@ -84,7 +94,7 @@ def _counters(batches: list, loss_parts: torch.Tensor, row_stats: tuple[float, f
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return out
     if num_sources:
-        per_source = out[len(_FIELDS):].view(num_sources, 2)
+        per_source = out[len(_FIELDS) :].view(num_sources, 2)
         for b, rep in zip(batches, losses):
             per_source.index_add_(0, b.sources.long(), rep["row loss"].double().cpu())
     out[0:2] = loss_parts.double().cpu()
@@ -105,7 +115,7 @@ def _reduce(counters: torch.Tensor) -> dict:
     torch.distributed.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
     values = t.cpu().tolist()
     out = dict(zip(_FIELDS, values))
-    extra = values[len(_FIELDS):]
+    extra = values[len(_FIELDS) :]
     if extra:
         out["source_loss_sum"], out["source_loss_tokens"] = extra[0::2], extra[1::2]
     return out
@@ -128,8 +138,11 @@ def share_first_stage_images(batches: list) -> list:
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return batches
     masks = torch.stack([b.loss_mask for b in batches]).to(device())
-    counts = torch.tensor([[b.num_images, b.num_tiles, b.decode_failures] for b in batches],
-                          dtype=torch.float64, device=device())
+    counts = torch.tensor(
+        [[b.num_images, b.num_tiles, b.decode_failures] for b in batches],
+        dtype=torch.float64,
+        device=device(),
+    )
     group = parallel_state.get_pipeline_model_parallel_group()
     src = parallel_state.get_pipeline_model_parallel_first_rank()
     torch.distributed.broadcast(masks, src, group=group)
@@ -137,9 +150,10 @@ def share_first_stage_images(batches: list) -> list:
     if parallel_state.is_pipeline_first_stage(ignore_virtual=True):
         return batches
     counts = counts.cpu().long().tolist()
-    return [dataclasses.replace(b, loss_mask=m.cpu(), num_images=c[0], num_tiles=c[1],
-                                decode_failures=c[2])
-            for b, m, c in zip(batches, masks, counts)]
+    return [
+        dataclasses.replace(b, loss_mask=m.cpu(), num_images=c[0], num_tiles=c[1], decode_failures=c[2])
+        for b, m, c in zip(batches, masks, counts)
+    ]
 
 
 def _run_schedule(chunks: list, batches: list, seq_length: int, forward_only: bool) -> list:
@@ -150,9 +164,14 @@ def _run_schedule(chunks: list, batches: list, seq_length: int, forward_only: bo
     iters = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
     rows = batches[0].tokens.shape[0]
     return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iters,
-        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(batches),
-        seq_length=rows * seq_length, micro_batch_size=1, forward_only=forward_only)
+        forward_step_func=forward_step,
+        data_iterator=iters,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(batches),
+        seq_length=rows * seq_length,
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
 
 
 def _all_finite(*values: float) -> bool:
@@ -162,8 +181,15 @@ def _all_finite(*values: float) -> bool:
     return bool(ok.item() == 1.0)
 
 
-def train_step(chunks: list, optimizer, scheduler, batches: list, seq_length: int,
-               row_stats: tuple[float, float] = (0.0, 0.0), num_sources: int = 0) -> StepResult:
+def train_step(
+    chunks: list,
+    optimizer,
+    scheduler,
+    batches: list,
+    seq_length: int,
+    row_stats: tuple[float, float] = (0.0, 0.0),
+    num_sources: int = 0,
+) -> StepResult:
     """Forward + backward over all micro-batches, then one optimizer step unless NaN/Inf.
     ``num_sources`` > 0 also sums the loss per --data-path source (counters
     source_loss_sum / source_loss_tokens)."""

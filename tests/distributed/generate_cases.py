@@ -6,6 +6,7 @@ SAIL-VL2 'sailvl' layout (AIMv2 tower, which no transformers VLM class holds) it
 LM's ``generate(inputs_embeds=...)`` behind transformers' AIMv2 encoder, InternVL's pixel
 shuffle and projector (tools/compare_logits.py composes them).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,20 +25,34 @@ Qwen3-MoE in the InternVL-chat layout, and AIMv2 + Qwen3-MoE in SAIL-VL2's 'sail
 def make_checkpoints(root: Path) -> dict:
     """Tiny random checkpoints (with a BPE tokenizer): Qwen2 in both HF layouts, the FAMILIES
     folders, and test images."""
-    from make_tiny_hf_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint
     from PIL import Image
 
+    from megatron_sail.demo.tiny_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint
+
     paths = {
-        "hf": make_tiny_checkpoint(root / "hf", TinyCheckpointConfig(
-            layout="hf", vocab_size=300, tokenizer=True, seed=3)),
-        "chat": make_tiny_checkpoint(root / "chat", TinyCheckpointConfig(
-            layout="chat", vocab_size=300, tokenizer=True, seed=5, text_layers=4)),
-        "qwen3": make_tiny_checkpoint(root / "qwen3", TinyCheckpointConfig(
-            layout="hf", vocab_size=300, tokenizer=True, seed=7, text_family="qwen3")),
-        "qwen3_moe": make_tiny_checkpoint(root / "qwen3_moe", TinyCheckpointConfig(
-            layout="hf", vocab_size=300, tokenizer=True, seed=7, text_family="qwen3_moe")),
-        "qwen3_moe_chat": make_tiny_checkpoint(root / "qwen3_moe_chat", TinyCheckpointConfig(
-            layout="chat", vocab_size=300, tokenizer=True, seed=9, text_family="qwen3_moe")),
+        "hf": make_tiny_checkpoint(
+            root / "hf", TinyCheckpointConfig(layout="hf", vocab_size=300, tokenizer=True, seed=3)
+        ),
+        "chat": make_tiny_checkpoint(
+            root / "chat",
+            TinyCheckpointConfig(layout="chat", vocab_size=300, tokenizer=True, seed=5, text_layers=4),
+        ),
+        "qwen3": make_tiny_checkpoint(
+            root / "qwen3",
+            TinyCheckpointConfig(layout="hf", vocab_size=300, tokenizer=True, seed=7, text_family="qwen3"),
+        ),
+        "qwen3_moe": make_tiny_checkpoint(
+            root / "qwen3_moe",
+            TinyCheckpointConfig(
+                layout="hf", vocab_size=300, tokenizer=True, seed=7, text_family="qwen3_moe"
+            ),
+        ),
+        "qwen3_moe_chat": make_tiny_checkpoint(
+            root / "qwen3_moe_chat",
+            TinyCheckpointConfig(
+                layout="chat", vocab_size=300, tokenizer=True, seed=9, text_family="qwen3_moe"
+            ),
+        ),
     }
     paths["sailvl"] = make_sailvl(root / "sailvl", paths["qwen3_moe"])
     rng = np.random.RandomState(0)
@@ -56,20 +71,30 @@ def make_sailvl(out: Path, lm_from: Path) -> Path:
     import torch
 
     import test_convert_sailvl as sv
-
     from megatron_sail.convert import hf_io
 
     text = json.loads((Path(lm_from) / "config.json").read_text())["text_config"]
-    state = {k: v.float() for k, v in sv.hub_tensors(text["vocab_size"], seed=4).items()
-             if k.startswith("vision_model.")}
+    state = {
+        k: v.float()
+        for k, v in sv.hub_tensors(text["vocab_size"], seed=4).items()
+        if k.startswith("vision_model.")
+    }
     g = torch.Generator().manual_seed(4)
     h, d4 = text["hidden_size"], 4 * sv.D
     r = lambda *shape: 0.1 * torch.randn(*shape, generator=g)  # noqa: E731
-    state.update({"mlp1.0.weight": 1 + r(d4), "mlp1.0.bias": r(d4), "mlp1.1.weight": r(h, d4),
-                  "mlp1.1.bias": r(h), "mlp1.3.weight": r(h, h), "mlp1.3.bias": r(h)})
+    state.update(
+        {
+            "mlp1.0.weight": 1 + r(d4),
+            "mlp1.0.bias": r(d4),
+            "mlp1.1.weight": r(h, d4),
+            "mlp1.1.bias": r(h),
+            "mlp1.3.weight": r(h, h),
+            "mlp1.3.bias": r(h),
+        }
+    )
     for key, value in hf_io.to_module_keys(hf_io.read_state_dict(lm_from)).items():
         if key.startswith("model.language_model."):
-            state["language_model.model." + key[len("model.language_model."):]] = value
+            state["language_model.model." + key[len("model.language_model.") :]] = value
         elif key == "lm_head.weight":
             state["language_model.lm_head.weight"] = value
     config = sv.hub_config(text["vocab_size"])
@@ -87,8 +112,9 @@ def requests(images: list[str]):
 
     return [
         GenerationRequest("Describe this image in detail.", [images[0]]),
-        GenerationRequest("<image>\nWhat is in the picture? <image>\na red circle on blue",
-                          [images[1], images[2]]),
+        GenerationRequest(
+            "<image>\nWhat is in the picture? <image>\na red circle on blue", [images[1], images[2]]
+        ),
         GenerationRequest("What is in the picture?", []),
         GenerationRequest("a red circle", [images[2]], max_new_tokens=6),
     ]
@@ -122,11 +148,17 @@ def hf_reference(ckpt_dir: str, prompts, stop_ids, min_new_tokens: int = 0) -> l
         ids = torch.tensor(p.ids)[None]
         kw = {"pixel_values": p.tiles} if p.tiles is not None and p.tiles.size(0) else {}
         with torch.no_grad():
-            seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=p.max_new_tokens, min_new_tokens=min_new_tokens,
-                                 do_sample=False,
-                                 eos_token_id=list(stop_ids), pad_token_id=stop_ids[0], **kw)
-        out.append(_strip(seq[0, ids.size(1):].tolist(), stop_ids))
+            seq = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=p.max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                do_sample=False,
+                eos_token_id=list(stop_ids),
+                pad_token_id=stop_ids[0],
+                **kw,
+            )
+        out.append(_strip(seq[0, ids.size(1) :].tolist(), stop_ids))
     return out
 
 
@@ -135,17 +167,22 @@ def _composed_reference(hf, prompts, stop_ids, min_new_tokens: int = 0) -> list[
     (with inputs_embeds alone, ``generate`` returns only the new tokens)."""
     import torch
 
-    from compare_logits import composed_reference
+    from megatron_sail.bench.compare_logits import composed_reference
 
     embed, lm = composed_reference(hf, torch.float32, torch.device("cpu"))
     out = []
     for p in prompts:
         ids = torch.tensor(p.ids)[None]
         with torch.no_grad():
-            seq = lm.generate(inputs_embeds=embed(ids, p.tiles), attention_mask=torch.ones_like(ids),
-                              max_new_tokens=p.max_new_tokens, min_new_tokens=min_new_tokens,
-                              do_sample=False,
-                              eos_token_id=list(stop_ids), pad_token_id=stop_ids[0])
+            seq = lm.generate(
+                inputs_embeds=embed(ids, p.tiles),
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=p.max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                do_sample=False,
+                eos_token_id=list(stop_ids),
+                pad_token_id=stop_ids[0],
+            )
         out.append(_strip(seq[0].tolist(), stop_ids))
     return out
 

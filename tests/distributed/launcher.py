@@ -7,6 +7,7 @@ MASTER_ADDR/MASTER_PORT set, so ``megatron_sail.platform.distributed.initialize`
 ``torch.distributed.init_process_group``) works unchanged inside ``fn``. An exception on any
 rank, or a rank dying, fails the launch with that rank's traceback.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,13 @@ def _from_bytes(data: bytes):
 
 def _worker(rank, world_size, port, fn, args, results):
     """Child process body: set the rendezvous env, run fn, report (rank, ok, value)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     try:
         import torch
 
@@ -74,8 +80,9 @@ def _collect(procs, results, world_size, timeout):
         except queue.Empty:
             dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
             if dead:
-                errors.append(f"ranks {dead} died (exit codes "
-                              f"{[procs[i].exitcode for i in dead]}) without reporting")
+                errors.append(
+                    f"ranks {dead} died (exit codes {[procs[i].exitcode for i in dead]}) without reporting"
+                )
             elif time.monotonic() > deadline:
                 errors.append(f"timed out after {timeout}s (reported: {sorted(out)})")
             continue
@@ -91,8 +98,9 @@ def launch(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results)) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     try:

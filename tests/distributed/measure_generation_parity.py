@@ -14,6 +14,7 @@ only, one image, two images) decoded in batches of 6 with ``--new-tokens`` force
 transformers' greedy ``generate`` one prompt at a time; then the Qwen3-MoE checkpoints again
 at TP=2. Prints, per checkpoint, how many prompts and tokens are identical.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,12 @@ def _requests(images: list[str]):
     """12 prompts cycling through the test texts, with 0, 1 or 2 images."""
     from megatron_sail.inference import GenerationRequest
 
-    texts = ["Describe this image in detail.", "What is in the picture?", "a red circle on blue",
-             "<image>\nWhat is in the picture? <image>\na red circle on blue"]
+    texts = [
+        "Describe this image in detail.",
+        "What is in the picture?",
+        "a red circle on blue",
+        "<image>\nWhat is in the picture? <image>\na red circle on blue",
+    ]
     out = []
     for i in range(12):
         text = texts[i % 4]
@@ -47,8 +52,7 @@ def _requests(images: list[str]):
 def _config(new: int):
     from megatron_sail.inference import GenerationConfig
 
-    return GenerationConfig(max_new_tokens=new, min_new_tokens=new, max_tiles=gc.MAX_TILES,
-                            batch_size=6)
+    return GenerationConfig(max_new_tokens=new, min_new_tokens=new, max_tiles=gc.MAX_TILES, batch_size=6)
 
 
 def _single(rank, paths, new):
@@ -66,10 +70,14 @@ def _single(rank, paths, new):
         t_ours = time.perf_counter() - t0
         ref = gc.hf_reference(paths[name], prompts, gen.stop_ids, new)
         out[name] = dict(
-            prompts=len(reqs), prompt_tokens=sum(len(p.ids) for p in prompts),
-            tokens=sum(map(len, ours)), identical_prompts=sum(a == b for a, b in zip(ours, ref)),
+            prompts=len(reqs),
+            prompt_tokens=sum(len(p.ids) for p in prompts),
+            tokens=sum(map(len, ours)),
+            identical_prompts=sum(a == b for a, b in zip(ours, ref)),
             identical_tokens=sum(x == y for a, b in zip(ours, ref) for x, y in zip(a, b)),
-            ours_s=round(t_ours, 2), ours=ours)
+            ours_s=round(t_ours, 2),
+            ours=ours,
+        )
     return out
 
 
@@ -79,8 +87,15 @@ def _tp2(rank, paths, new):
     from megatron_sail.inference import load_generator
     from megatron_sail.inference.loading import LoadConfig
 
-    return {name: [r.token_ids for r in load_generator(paths[name], _config(new), LoadConfig(tp=2))
-                   .generate(_requests(paths["images"]))] for name in MOE}
+    return {
+        name: [
+            r.token_ids
+            for r in load_generator(paths[name], _config(new), LoadConfig(tp=2)).generate(
+                _requests(paths["images"])
+            )
+        ]
+        for name in MOE
+    }
 
 
 def main(argv=None) -> int:

@@ -3,13 +3,14 @@
 Everything runs inside ranks spawned by ``launcher.launch`` (the CPU backend patches torch
 process-wide, so model code never runs in the pytest process itself).
 """
+
 from __future__ import annotations
 
 import dataclasses
 
 import torch
 
-from megatron_sail.config.model import LanguageConfig, ModelConfig, VisionConfig, tiny
+from megatron_sail.config.model import ModelConfig, tiny
 
 
 def variant(name: str) -> ModelConfig:
@@ -20,29 +21,54 @@ def variant(name: str) -> ModelConfig:
     if name == "mha_untied_rms":  # no GQA, untied, RMSNorm ViT with QK-norm, feature layer -2
         return dataclasses.replace(
             cfg,
-            vision=dataclasses.replace(cfg.vision, norm_type="rms_norm", qk_norm=True,
-                                       num_layers=3, select_layer=-2),
-            language=dataclasses.replace(cfg.language, num_kv_heads=4, tie_embeddings=False))
+            vision=dataclasses.replace(
+                cfg.vision, norm_type="rms_norm", qk_norm=True, num_layers=3, select_layer=-2
+            ),
+            language=dataclasses.replace(cfg.language, num_kv_heads=4, tie_embeddings=False),
+        )
     if name == "mqa":  # 4 heads / 1 KV head, untied, no qkv bias in the ViT
         return dataclasses.replace(
-            cfg, vision=dataclasses.replace(cfg.vision, qkv_bias=False),
-            language=dataclasses.replace(cfg.language, num_kv_heads=1, tie_embeddings=False))
+            cfg,
+            vision=dataclasses.replace(cfg.vision, qkv_bias=False),
+            language=dataclasses.replace(cfg.language, num_kv_heads=1, tie_embeddings=False),
+        )
     if name == "qwen3":  # Qwen3 LM: per-head QK-norm, no qkv bias, head_dim 48 != 128 / 4, untied
         return dataclasses.replace(
-            cfg, language=dataclasses.replace(cfg.language, family="qwen3", qkv_bias=False,
-                                              kv_channels=48, tie_embeddings=False))
+            cfg,
+            language=dataclasses.replace(
+                cfg.language, family="qwen3", qkv_bias=False, kv_channels=48, tie_embeddings=False
+            ),
+        )
     if name == "qwen3_moe":  # Qwen3-MoE LM: 4 experts of width 64, top-2, renormalized, untied
         return dataclasses.replace(
-            cfg, language=dataclasses.replace(cfg.language, family="qwen3_moe", qkv_bias=False,
-                                              kv_channels=48, tie_embeddings=False, num_experts=4,
-                                              moe_ffn_hidden_size=64, moe_router_topk=2))
+            cfg,
+            language=dataclasses.replace(
+                cfg.language,
+                family="qwen3_moe",
+                qkv_bias=False,
+                kv_channels=48,
+                tie_embeddings=False,
+                num_experts=4,
+                moe_ffn_hidden_size=64,
+                moe_router_topk=2,
+            ),
+        )
     if name == "aimv2":  # AIMv2 encoder: RMSNorm, SwiGLU, no bias, no class token
         return dataclasses.replace(
-            cfg, vision=dataclasses.replace(cfg.vision, family="aimv2", norm_type="rms_norm",
-                                            norm_eps=1e-5, qkv_bias=False, ffn_hidden_size=96))
+            cfg,
+            vision=dataclasses.replace(
+                cfg.vision,
+                family="aimv2",
+                norm_type="rms_norm",
+                norm_eps=1e-5,
+                qkv_bias=False,
+                ffn_hidden_size=96,
+            ),
+        )
     if name == "siglip":  # SigLIP encoder: LayerNorm, GELU-tanh, biases, no class token
         return dataclasses.replace(
-            cfg, vision=dataclasses.replace(cfg.vision, family="siglip", ffn_hidden_size=96))
+            cfg, vision=dataclasses.replace(cfg.vision, family="siglip", ffn_hidden_size=96)
+        )
     raise KeyError(name)
 
 
@@ -68,13 +94,11 @@ def hf_model(cfg: ModelConfig, seed: int = 0):
     model = InternVLForConditionalGeneration(hf_cfg).float().eval()
     randomize_(model, seed)
     if cfg.language.tie_embeddings:
-        assert model.lm_head.weight.data_ptr() == \
-            model.model.language_model.embed_tokens.weight.data_ptr()
+        assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
     return model
 
 
-def sample(cfg: ModelConfig, text_lens: list[int], tiles_per_image: list[int], tile: int,
-           seed: int):
+def sample(cfg: ModelConfig, text_lens: list[int], tiles_per_image: list[int], tile: int, seed: int):
     """One sample: text runs with image blocks between them. Returns (ids [L], tiles [T,3,t,t])."""
     g = torch.Generator().manual_seed(seed)
     per_tile = cfg.tokens_per_tile(tile)
@@ -101,13 +125,13 @@ def pack(samples, length: int | None = None):
     return ids[None], tiles, torch.tensor(cu, dtype=torch.int32)
 
 
-def build_ours(cfg: ModelConfig, parallel=None, pre_process=True, post_process=True,
-               vp_stage=None):
+def build_ours(cfg: ModelConfig, parallel=None, pre_process=True, post_process=True, vp_stage=None):
     """Our model for the current rank, on the CPU, fp32 local spec."""
     from megatron_sail.models.sail_vl import SailVLModel
 
-    return SailVLModel(cfg, parallel, pre_process=pre_process, post_process=post_process,
-                       vp_stage=vp_stage, use_te=False)
+    return SailVLModel(
+        cfg, parallel, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, use_te=False
+    )
 
 
 def batch(rows, seq_len: int):
@@ -116,13 +140,15 @@ def batch(rows, seq_len: int):
     for r, samples in enumerate(rows):
         i, t, cu = pack(samples, seq_len)
         ids.append(i), tiles.append(t)
-        cus.append(cu[(1 if r else 0):] + r * seq_len)
+        cus.append(cu[(1 if r else 0) :] + r * seq_len)
     ids = torch.cat(ids)
     g = torch.Generator().manual_seed(int(ids.sum()))
-    return {"input_ids": ids,
-            "tiles": torch.cat([t for t in tiles if t.numel()] or [torch.zeros(0, 3, 32, 32)]),
-            "cu_seqlens": torch.cat(cus).to(torch.int32),
-            "labels": torch.randint(0, 200, ids.shape, generator=g)}
+    return {
+        "input_ids": ids,
+        "tiles": torch.cat([t for t in tiles if t.numel()] or [torch.zeros(0, 3, 32, 32)]),
+        "cu_seqlens": torch.cat(cus).to(torch.int32),
+        "labels": torch.randint(0, 200, ids.shape, generator=g),
+    }
 
 
 def micro_batches(cfg: ModelConfig):

@@ -1,5 +1,6 @@
 """A converted checkpoint loads at TP=2 and at PP=2 (gloo, 2 ranks) and gives the TP=1 logits;
 tools/compare_logits.py end to end under torchrun, including a corrupted checkpoint."""
+
 from __future__ import annotations
 
 import re
@@ -21,13 +22,12 @@ def _our_logits_on_ranks(rank: int, mcore_dir: str, hf_dir: str, layout: dict):
     return the logits on rank 0."""
     import argparse
 
-    import compare_logits as cl
-
-    from megatron_sail.config.parallel import ParallelConfig
+    from megatron_sail.bench import compare_logits as cl
+    from megatron_sail.checkpoint import dcp
     from megatron_sail.checkpoint.layout import read_model_config
+    from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.convert.checkpoint import build_model_chunks
     from megatron_sail.platform import distributed
-    from megatron_sail.checkpoint import dcp
 
     parallel = ParallelConfig(**layout)
     distributed.initialize(parallel)
@@ -39,8 +39,9 @@ def _our_logits_on_ranks(rank: int, mcore_dir: str, hf_dir: str, layout: dict):
     for c in chunks:
         c.eval()
     device = distributed.device()
-    logits = cl.gather_to_rank0(cl.our_logits(chunks, inputs, device),
-                                (inputs.input_ids.numel(), cfg.language.vocab_size), device)
+    logits = cl.gather_to_rank0(
+        cl.our_logits(chunks, inputs, device), (inputs.input_ids.numel(), cfg.language.vocab_size), device
+    )
     distributed.shutdown()
     return logits
 
@@ -51,18 +52,22 @@ def conversions(tmp_path_factory):
     <IMG_CONTEXT> id from tokenizer.json) and their conversions, in one subprocess: "qwen2" with
     3 LM layers (PP=2 splits unevenly), "qwen3_moe" (4 experts, top-2)."""
     root = tmp_path_factory.mktemp("conv")
-    import make_tiny_hf_checkpoint as tiny
+    from megatron_sail.demo import tiny_checkpoint as tiny
 
     out, calls = {}, []
     for family, layers in (("qwen2", 3), ("qwen3_moe", 2)):
-        hf = tiny.make_tiny_checkpoint(root / family / "hf", tiny.TinyCheckpointConfig(
-            layout="chat", text_layers=layers, seed=5, vocab_size=320, tokenizer=True,
-            text_family=family))
+        hf = tiny.make_tiny_checkpoint(
+            root / family / "hf",
+            tiny.TinyCheckpointConfig(
+                layout="chat", text_layers=layers, seed=5, vocab_size=320, tokenizer=True, text_family=family
+            ),
+        )
         out[family] = (hf, root / family / "mc")
         calls.append(["hf-to-mcore", "--hf-dir", str(hf), "--out", str(root / family / "mc")])
     code = f"import convert_checkpoint as c\nfor argv in {calls!r}: assert c.main(argv) == 0"
-    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -81,8 +86,9 @@ def reference(converted):
     return logits
 
 
-@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2, first_stage_layers=1, last_stage_layers=2)],
-                         ids=["tp2", "pp2_uneven"])
+@pytest.mark.parametrize(
+    "layout", [dict(tp=2), dict(pp=2, first_stage_layers=1, last_stage_layers=2)], ids=["tp2", "pp2_uneven"]
+)
 def test_converted_checkpoint_loads_at_other_parallel_layouts(converted, reference, layout):
     hf, mc = converted
     logits = launch(_our_logits_on_ranks, 2, str(mc), str(hf), layout)[0]
@@ -91,9 +97,22 @@ def test_converted_checkpoint_loads_at_other_parallel_layouts(converted, referen
 
 def _compare(hf: Path, mc: Path, tp: int = 1) -> tuple[int, str]:
     """Run compare_logits under torchrun with ``tp`` ranks; return (exit code, output)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp),
-           str(ROOT / "tools" / "compare_logits.py"), "--hf-dir", str(hf), "--mcore-dir", str(mc),
-           "--max-tiles", "4", "--tp", str(tp)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(tp),
+        str(ROOT / "tools" / "compare_logits.py"),
+        "--hf-dir",
+        str(hf),
+        "--mcore-dir",
+        str(mc),
+        "--max-tiles",
+        "4",
+        "--tp",
+        str(tp),
+    ]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stdout
 

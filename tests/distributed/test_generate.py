@@ -8,6 +8,7 @@ Qwen3, Qwen3-MoE in both InternVL layouts, AIMv2 + Qwen3-MoE in the 'sailvl' lay
 Qwen3-MoE also at TP=2 (experts split over TP), on EP=2 live chunks, and after load_generator
 rebuilt EP=2 groups at EP=1. Each job runs in spawned ranks (the CPU backend patches torch).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -61,14 +62,24 @@ def _single_rank_job(rank, paths):
     stop = first[4]
     hf_gen = load_generator(paths["hf"], gc.gen_config(batch_size=4, stop_token_ids=(stop,)))
     prompts = [hf_gen.prompts.build(r, hf_gen.cfg.max_new_tokens, i) for i, r in enumerate(reqs)]
-    out["stop"] = {"token": stop, "ours": _answers(hf_gen, reqs),
-                   "hf": gc.hf_reference(paths["hf"], prompts, (stop,))}
+    out["stop"] = {
+        "token": stop,
+        "ours": _answers(hf_gen, reqs),
+        "hf": gc.hf_reference(paths["hf"], prompts, (stop,)),
+    }
     # Seeded sampling: same seed -> same answer; a different seed -> a different one.
     from megatron_sail.inference import Generator
 
-    sample = lambda seed: _answers(Generator(  # noqa: E731
-        hf_gen.chunks, hf_gen.model_config, hf_gen.tokenizer, hf_gen.settings,
-        gc.gen_config(batch_size=4, temperature=1.5, top_p=0.95, seed=seed)), reqs)
+    sample = lambda seed: _answers(  # noqa: E731
+        Generator(
+            hf_gen.chunks,
+            hf_gen.model_config,
+            hf_gen.tokenizer,
+            hf_gen.settings,
+            gc.gen_config(batch_size=4, temperature=1.5, top_p=0.95, seed=seed),
+        ),
+        reqs,
+    )
     out["sampled"] = [sample(1), sample(1), sample(2)]
     hf_to_mcore(paths["hf"], paths["mcore"], ConvertConfig())
     out["mcore"] = _answers(load_generator(paths["mcore"], gc.gen_config(batch_size=4)), reqs)
@@ -85,10 +96,13 @@ def _family_case(path, reqs) -> dict:
     gen = load_generator(path, gc.gen_config(batch_size=4))
     prompts = [gen.prompts.build(r, gen.cfg.max_new_tokens, i) for i, r in enumerate(reqs)]
     cfg = gen.model_config
-    res = {"batched": _answers(gen, reqs), "single": [gen.generate([r])[0].token_ids for r in reqs],
-           "hf": gc.hf_reference(path, prompts, gen.stop_ids),
-           "families": (cfg.vision.family, cfg.language.family),
-           "tiles": [int(p.tiles.size(0)) for p in prompts]}
+    res = {
+        "batched": _answers(gen, reqs),
+        "single": [gen.generate([r])[0].token_ids for r in reqs],
+        "hf": gc.hf_reference(path, prompts, gen.stop_ids),
+        "families": (cfg.vision.family, cfg.language.family),
+        "tiles": [int(p.tiles.size(0)) for p in prompts],
+    }
     if cfg.language.is_moe:
         for lm in gen.lms:
             for layer in lm.decoder.layers:
@@ -123,10 +137,10 @@ def test_prompts_follow_training_template_and_tiling(assets):
     sp = tok.special
     ids = res["prompt_ids"][0]
     head = [sp.im_start] + tok.encode("user\n") + [sp.img_start]
-    assert ids[:len(head)] == head
+    assert ids[: len(head)] == head
     assert ids.count(sp.img_context) == 3 * 4
     tail = [sp.im_end] + tok.encode("\n") + [sp.im_start] + tok.encode("assistant\n")
-    assert ids[-len(tail):] == tail
+    assert ids[-len(tail) :] == tail
     assert res["prompt_ids"][1].count(sp.img_start) == 2
 
 
@@ -165,8 +179,11 @@ def test_newer_families_match_transformers_batched_and_alone(assets):
     _, single = assets
     fams = single["families"]
     assert {n: fams[n]["families"] for n in gc.FAMILIES} == {
-        "qwen3": ("internvit", "qwen3"), "qwen3_moe": ("internvit", "qwen3_moe"),
-        "qwen3_moe_chat": ("internvit", "qwen3_moe"), "sailvl": ("aimv2", "qwen3_moe")}
+        "qwen3": ("internvit", "qwen3"),
+        "qwen3_moe": ("internvit", "qwen3_moe"),
+        "qwen3_moe_chat": ("internvit", "qwen3_moe"),
+        "sailvl": ("aimv2", "qwen3_moe"),
+    }
     for name in gc.FAMILIES:
         res = fams[name]
         assert res["batched"] == res["hf"], name
@@ -201,13 +218,21 @@ def _tp_job(rank, paths):
     model.load_state_dict(hf_internvl.shard_for_model(full, model), strict=False)
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    ddp = DistributedDataParallel(config=model.config, module=model,
-                                  ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True))
+    ddp = DistributedDataParallel(
+        config=model.config,
+        module=model,
+        ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True),
+    )
     ddp.train()
     live = generator_from_model([ddp], ck.model_config, tok, ck.settings, gc.gen_config(batch_size=3))
     sp_answers = _answers(live, reqs)
-    return {"plain": plain, "sp": sp_answers, "training_kept": ddp.training and model.training,
-            "grads": any(p.grad is not None for p in model.parameters()), **_moe_parallel(paths, reqs)}
+    return {
+        "plain": plain,
+        "sp": sp_answers,
+        "training_kept": ddp.training and model.training,
+        "grads": any(p.grad is not None for p in model.parameters()),
+        **_moe_parallel(paths, reqs),
+    }
 
 
 def _moe_parallel(paths, reqs) -> dict:
@@ -216,12 +241,12 @@ def _moe_parallel(paths, reqs) -> dict:
     prompts, so the all-to-alls pair up); then load_generator inside those EP=2 groups."""
     from megatron.core import parallel_state as ps
 
+    from megatron_sail.checkpoint import dcp
     from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.convert.checkpoint import build_model_chunks
     from megatron_sail.inference import generator_from_model, inspect_checkpoint, load_generator
     from megatron_sail.inference.loading import LoadConfig
     from megatron_sail.platform import distributed
-    from megatron_sail.checkpoint import dcp
 
     def experts(chunk) -> int:
         return len(chunk.language_model.decoder.layers[0].mlp.experts.local_experts)
@@ -233,8 +258,9 @@ def _moe_parallel(paths, reqs) -> dict:
     ck = inspect_checkpoint(paths["mcore_moe"])
     chunks = build_model_chunks(ck.model_config, ep2, use_te=False)
     dcp.load_model(chunks, paths["mcore_moe"])
-    live = generator_from_model(chunks, ck.model_config, gen.tokenizer, ck.settings,
-                                gc.gen_config(batch_size=3))
+    live = generator_from_model(
+        chunks, ck.model_config, gen.tokenizer, ck.settings, gc.gen_config(batch_size=3)
+    )
     out.update(moe_ep=_answers(live, reqs), experts_ep=experts(chunks[0]))
     # A replica whose picks disagree (here: rank 1 takes the argmin) must still decode rank 0's
     # tokens in lockstep; forced lengths keep the all-to-alls paired even without that guard.
@@ -246,14 +272,22 @@ def _moe_parallel(paths, reqs) -> dict:
     if dist.get_rank() == 1:
         engine.next_tokens = lambda logits, *args: real(-logits, *args)
     try:
-        forced = generator_from_model(chunks, ck.model_config, gen.tokenizer, ck.settings,
-                                      gc.gen_config(batch_size=3, min_new_tokens=gc.MAX_NEW))
+        forced = generator_from_model(
+            chunks,
+            ck.model_config,
+            gen.tokenizer,
+            ck.settings,
+            gc.gen_config(batch_size=3, min_new_tokens=gc.MAX_NEW),
+        )
         out["moe_ep_forced"] = _answers(forced, reqs)
     finally:
         engine.next_tokens = real
     again = load_generator(paths["mcore_moe"], gc.gen_config(batch_size=3))
-    out.update(moe_reloaded=_answers(again, reqs), experts_reloaded=experts(again.chunks[0]),
-               ep_reloaded=ps.get_expert_model_parallel_world_size())
+    out.update(
+        moe_reloaded=_answers(again, reqs),
+        experts_reloaded=experts(again.chunks[0]),
+        ep_reloaded=ps.get_expert_model_parallel_world_size(),
+    )
     return out
 
 
@@ -296,17 +330,26 @@ def _pp_job(rank, paths):
     full = hf_internvl.hf_to_ours(read_hf_checkpoint(paths["chat"]).state, ck.model_config)
     chunks = []
     for vp in range(2):
-        m = SailVLModel(ck.model_config, parallel, vp_stage=vp, use_te=False,
-                        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-                        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp))
+        m = SailVLModel(
+            ck.model_config,
+            parallel,
+            vp_stage=vp,
+            use_te=False,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+        )
         m.load_state_dict(hf_internvl.shard_for_model(full, m), strict=False)
         chunks.append(m.eval())
-    live = generator_from_model(chunks, ck.model_config, gen.tokenizer, ck.settings,
-                                gc.gen_config(batch_size=2))
+    live = generator_from_model(
+        chunks, ck.model_config, gen.tokenizer, ck.settings, gc.gen_config(batch_size=2)
+    )
     moe = load_generator(paths["sailvl"], gc.gen_config(batch_size=4), LoadConfig(pp=2))
-    return {"plain": plain, "vpp": _answers(live, reqs),
-            "layers": [len(c.language_model.decoder.layers) for c in chunks],
-            "sailvl_pp": _answers(moe, reqs)}  # AIMv2 on stage 0, one MoE layer per stage
+    return {
+        "plain": plain,
+        "vpp": _answers(live, reqs),
+        "layers": [len(c.language_model.decoder.layers) for c in chunks],
+        "sailvl_pp": _answers(moe, reqs),
+    }  # AIMv2 on stage 0, one MoE layer per stage
 
 
 def test_pipeline_parallel_and_virtual_stages(assets):
@@ -328,20 +371,41 @@ def test_cli_input_jsonl_matches_api(assets, tmp_path):
 
     paths, single = assets
     imgs = paths["images"]
-    lines = [{"prompt": "Describe this image in detail.", "image": imgs[0], "id": "a"},
-             {"question": "<image>\nWhat is in the picture? <image>\na red circle on blue",
-              "images": [os.path.relpath(imgs[1], tmp_path), imgs[2]]},
-             {"prompt": 5},
-             {"prompt": "What is in the picture?"},
-             {"prompt": "a red circle", "image": imgs[2], "max_new_tokens": 6}]
+    lines = [
+        {"prompt": "Describe this image in detail.", "image": imgs[0], "id": "a"},
+        {
+            "question": "<image>\nWhat is in the picture? <image>\na red circle on blue",
+            "images": [os.path.relpath(imgs[1], tmp_path), imgs[2]],
+        },
+        {"prompt": 5},
+        {"prompt": "What is in the picture?"},
+        {"prompt": "a red circle", "image": imgs[2], "max_new_tokens": 6},
+    ]
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
     out = tmp_path / "out.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "megatron_sail.generate", "--checkpoint", paths["hf"],
-                           "--input", str(src), "--output", str(out), "--max-new-tokens", str(gc.MAX_NEW),
-                           "--max-tiles", str(gc.MAX_TILES)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_sail.generate",
+            "--checkpoint",
+            paths["hf"],
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            str(gc.MAX_NEW),
+            "--max-tiles",
+            str(gc.MAX_TILES),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["token_ids"] for r in records] == single["hf"]["hf"]
@@ -365,11 +429,31 @@ def test_cli_under_torchrun_tensor_parallel(assets, tmp_path):
     paths, single = assets
     out = tmp_path / "tp.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(free_port()), "-m", "megatron_sail.generate",
-           "--checkpoint", paths["chat"], "--tensor-model-parallel-size", "2",
-           "--image", paths["images"][0], "--prompt", "Describe this image in detail.",
-           "--max-new-tokens", str(gc.MAX_NEW), "--max-tiles", str(gc.MAX_TILES), "--output", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "megatron_sail.generate",
+        "--checkpoint",
+        paths["chat"],
+        "--tensor-model-parallel-size",
+        "2",
+        "--image",
+        paths["images"][0],
+        "--prompt",
+        "Describe this image in detail.",
+        "--max-new-tokens",
+        str(gc.MAX_NEW),
+        "--max-tiles",
+        str(gc.MAX_TILES),
+        "--output",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [record] = [json.loads(x) for x in out.read_text().splitlines()]

@@ -4,6 +4,7 @@ One single-rank launch computes the references (and checks them against transfor
 InternVL); each parallel layout then loads the same weights, sliced per rank, runs Megatron's
 pipeline schedule on the same two micro-batches, and compares its shard with the reference.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,13 +45,19 @@ def _run_schedule(model, batches, forward_only):
             if forward_only:
                 return output.sum() * 0.0, {"out": output.detach()}
             return output.sum() / output.numel(), {"out": output.detach()}
+
         return out, loss_func
 
     s = batches[0]["input_ids"].numel()
     return get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(batches), model=[model],
-        num_microbatches=len(batches), seq_length=s, micro_batch_size=1,
-        forward_only=forward_only)
+        forward_step_func=step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=len(batches),
+        seq_length=s,
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
 
 
 def _reduce_grads(model):
@@ -64,7 +71,8 @@ def _reduce_grads(model):
     if ps.get_tensor_model_parallel_world_size() > 1:
         for name, p in model.named_parameters():
             summed = (sp and getattr(p, "sequence_parallel", False)) or (
-                qk and ("q_layernorm" in name or "k_layernorm" in name))
+                qk and ("q_layernorm" in name or "k_layernorm" in name)
+            )
             if summed and p.grad is not None:
                 dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
     if model.model_config.language.tie_embeddings and ps.get_pipeline_model_parallel_world_size() > 1:
@@ -75,8 +83,10 @@ def _reduce_grads(model):
 
 def _grads(model):
     """Parameter gradients by state-dict key (zeros where a parameter got none)."""
-    return {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
-            for k, p in model.named_parameters()}
+    return {
+        k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+        for k, p in model.named_parameters()
+    }
 
 
 def _run(rank, variant, par, full_sd, batches):
@@ -90,8 +100,9 @@ def _run(rank, variant, par, full_sd, batches):
     parallel = ParallelConfig(**par)
     D.initialize(parallel)
     cfg = _variant(variant)
-    model = mc.build_ours(cfg, parallel, pre_process=ps.is_pipeline_first_stage(),
-                          post_process=ps.is_pipeline_last_stage())
+    model = mc.build_ours(
+        cfg, parallel, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
+    )
     missing, unexpected = model.load_state_dict(shard_for_model(full_sd, model), strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
     model.eval()
@@ -104,8 +115,9 @@ def _run(rank, variant, par, full_sd, batches):
     if full_sd.get("__grads__") is not None:  # compare this rank's shard with the reference
         ref = shard_for_model(full_sd["__grads__"], model)
         mine = _grads(model)
-        result["grad_err"] = {k: ((mine[k] - ref[k]).abs().max().item(),
-                                  ref[k].abs().max().item()) for k in mine}
+        result["grad_err"] = {
+            k: ((mine[k] - ref[k]).abs().max().item(), ref[k].abs().max().item()) for k in mine
+        }
     else:
         result["grads"] = _grads(model)
     return result
@@ -157,6 +169,7 @@ def test_parallel_matches_single_rank(references, case):
             assert err <= 1e-4 * max(1.0, scale), f"{case} grad {key}: err {err} (scale {scale})"
             checked += 1
     assert checked > 20
-    vision_scale = [s for r in results for k, (_, s) in r["grad_err"].items()
-                    if k.startswith("vision_model.")]
+    vision_scale = [
+        s for r in results for k, (_, s) in r["grad_err"].items() if k.startswith("vision_model.")
+    ]
     assert vision_scale and max(vision_scale) > 0, "ViT gradients were all zero"

@@ -3,6 +3,7 @@
 All checks run in one spawned process (the CPU backend patches torch process-wide) and report
 numbers that the tests below assert on.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,7 @@ def _variant(name: str):
     False: softmax over all experts, then top-k; Megatron's moe_router_pre_softmax)."""
     if name == "qwen3_moe_pre_softmax":
         cfg = mc.variant("qwen3_moe")
-        return dataclasses.replace(cfg, language=dataclasses.replace(cfg.language,
-                                                                     moe_norm_topk_prob=False))
+        return dataclasses.replace(cfg, language=dataclasses.replace(cfg.language, moe_norm_topk_prob=False))
     return mc.variant(name)
 
 
@@ -43,8 +43,12 @@ def _hf_parity(cfg, hf, ours):
     """Max |logit diff| vs transformers for single samples: 1 tile at the trained size, several
     images with multi-tile grids, and a 48 px tile (interpolated position embeddings)."""
     errs = {}
-    cases = {"one_tile": ([5, 6], [1], 32), "multi_image": ([3, 4, 2], [3, 1], 32),
-             "tile48": ([4, 3], [2], 48), "text_only": ([9], [], 32)}
+    cases = {
+        "one_tile": ([5, 6], [1], 32),
+        "multi_image": ([3, 4, 2], [3, 1], 32),
+        "tile48": ([4, 3], [2], 48),
+        "text_only": ([9], [], 32),
+    }
     for name, (texts, imgs, tile) in cases.items():
         ids, tiles = mc.sample(cfg, texts, imgs, tile, seed=len(name))
         with torch.no_grad():
@@ -61,8 +65,11 @@ def _packing(cfg, ours):
     RoPE is relative, so logits alone barely move if positions ran on across samples instead of
     restarting (q.k depends on m - n only); the rotated q/k themselves differ, by the rotation
     of the sample's offset, unless the positions restart at its cu_seqlens boundary."""
-    samples = [mc.sample(cfg, [3, 4], [2], 32, 11), mc.sample(cfg, [6], [], 32, 12),
-               mc.sample(cfg, [2, 2], [1], 32, 13)]
+    samples = [
+        mc.sample(cfg, [3, 4], [2], 32, 11),
+        mc.sample(cfg, [6], [], 32, 12),
+        mc.sample(cfg, [2, 2], [1], 32, 13),
+    ]
     ids, tiles, cu = mc.pack(samples, length=40)
     seen = []
     attn = ours.language_model.decoder.layers[0].self_attention.core_attention
@@ -74,10 +81,11 @@ def _packing(cfg, ours):
             for s_ids, s_tiles in samples:
                 alone = ours(s_ids[None], s_tiles)[0]
                 q, k = seen.pop()
-                err = max(err, (packed[start:start + len(s_ids)] - alone).abs().max().item())
+                err = max(err, (packed[start : start + len(s_ids)] - alone).abs().max().item())
                 span = slice(start, start + len(s_ids))
-                qk_err = max(qk_err, (q_packed[span] - q).abs().max().item(),
-                             (k_packed[span] - k).abs().max().item())
+                qk_err = max(
+                    qk_err, (q_packed[span] - q).abs().max().item(), (k_packed[span] - k).abs().max().item()
+                )
                 start += len(s_ids)
     finally:
         hook.remove()
@@ -132,8 +140,12 @@ def _leaves(tree) -> list:
 def _all_checks(rank):
     """Every single-rank check, for every variant."""
     from megatron_sail.config.parallel import ParallelConfig
-    from megatron_sail.convert.hf_internvl import (from_transformers_params, load_hf_into,
-                                                   ours_to_hf, to_transformers_params)
+    from megatron_sail.convert.hf_internvl import (
+        from_transformers_params,
+        load_hf_into,
+        ours_to_hf,
+        to_transformers_params,
+    )
     from megatron_sail.platform import distributed as D
 
     D.initialize(ParallelConfig())
@@ -145,27 +157,36 @@ def _all_checks(rank):
         hf_sd = _saved_state(hf)
         load_hf_into(ours, hf_sd, cfg)
         back = ours_to_hf(ours.state_dict(), cfg)
-        res = {"hf": _hf_parity(cfg, hf, ours), "packing": _packing(cfg, ours),
-               "roundtrip_missing": sorted(set(hf_sd) - set(back)),
-               "roundtrip_equal": all(torch.equal(back[k], v) for k, v in hf_sd.items() if k in back),
-               "mismatch": _mismatch_error(cfg, ours)}
+        res = {
+            "hf": _hf_parity(cfg, hf, ours),
+            "packing": _packing(cfg, ours),
+            "roundtrip_missing": sorted(set(hf_sd) - set(back)),
+            "roundtrip_equal": all(torch.equal(back[k], v) for k, v in hf_sd.items() if k in back),
+            "mismatch": _mismatch_error(cfg, ours),
+        }
         sharded = ours.sharded_state_dict()
-        res["sharded"] = {k: (tuple(v.global_shape), v.replica_id) for k, v in sharded.items()
-                          if hasattr(v, "global_shape")}
+        res["sharded"] = {
+            k: (tuple(v.global_shape), v.replica_id) for k, v in sharded.items() if hasattr(v, "global_shape")
+        }
         if name in MOE:
             memory, mem_back = hf.state_dict(), to_transformers_params(back, cfg)
             split = from_transformers_params(memory, cfg)
             res["memory"] = {  # our fused <-> per-expert conversion is transformers' own
-                "saved_is_split": set(split) == set(hf_sd) and all(
-                    torch.equal(split[k], v) for k, v in hf_sd.items()),
-                "export_is_memory": set(mem_back) == set(memory) and all(
-                    torch.equal(mem_back[k], v) for k, v in memory.items())}
+                "saved_is_split": set(split) == set(hf_sd)
+                and all(torch.equal(split[k], v) for k, v in hf_sd.items()),
+                "export_is_memory": set(mem_back) == set(memory)
+                and all(torch.equal(mem_back[k], v) for k, v in memory.items()),
+            }
             res["params"] = sorted(k for k in ours.state_dict() if not k.endswith("_extra_state"))
-            res["local_numel"] = {k: math.prod(v.local_shape) for k, v in sharded.items()
-                                  if hasattr(v, "local_shape")}
+            res["local_numel"] = {
+                k: math.prod(v.local_shape) for k, v in sharded.items() if hasattr(v, "local_shape")
+            }
             # a SwiGLU fc1 is a factory (TP splits gate and up apart): its built tensors
-            res["factories"] = {k: [tuple(t.global_shape) for t in _leaves(v.build())]
-                                for k, v in sharded.items() if hasattr(v, "build")}
+            res["factories"] = {
+                k: [tuple(t.global_shape) for t in _leaves(v.build())]
+                for k, v in sharded.items()
+                if hasattr(v, "build")
+            }
             res["local_numel"].update({k: sharded[k].data.numel() for k in res["factories"]})
             res["param_numel"] = sum(p.numel() for p in ours.parameters())
             built[name] = (cfg, hf, ours)
@@ -235,11 +256,15 @@ def test_sharded_state_dict_covers_every_weight(checks):
     cfg = mc.variant("mha_untied_rms")
     assert sharded["vision_model.position_embedding"][0] == (1, 17, cfg.vision.hidden_size)
     assert sharded["vision_model.encoder.layers.0.self_attention.q_layernorm.weight"][0] == (
-        cfg.vision.layers_used, cfg.vision.hidden_size)
+        cfg.vision.layers_used,
+        cfg.vision.hidden_size,
+    )
     assert "projector.linear_1.weight" in sharded
     assert "language_model.output_layer.weight" in sharded  # untied
     assert sharded["language_model.embedding.word_embeddings.weight"][0] == (
-        cfg.language.vocab_size, cfg.language.hidden_size)
+        cfg.language.vocab_size,
+        cfg.language.hidden_size,
+    )
 
 
 def test_moe_routings_differ_visibly_on_these_weights(checks):

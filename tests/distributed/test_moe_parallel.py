@@ -17,6 +17,7 @@ Launches are few on purpose (2 cores): one 2-rank launch computes the one-rank r
 every rank (no collective runs at TP=PP=EP=1 without DDP), then re-initializes Megatron's groups
 for each 2-rank layout in turn; one 4-rank launch does the same for the 4-rank layouts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,7 @@ _EXPERT = re.compile(r"(.*\.local_experts\.)(\d+)(\..*)")
 def _variant():
     """The tiny Qwen3-MoE model (4 experts, top-2) without the per-rank load-balancing loss."""
     cfg = mc.variant("qwen3_moe")
-    return dataclasses.replace(cfg, language=dataclasses.replace(cfg.language,
-                                                                 moe_aux_loss_coeff=0.0))
+    return dataclasses.replace(cfg, language=dataclasses.replace(cfg.language, moe_aux_loss_coeff=0.0))
 
 
 def _rows(batch: dict, lo: int, hi: int, cfg) -> dict:
@@ -61,19 +61,29 @@ def _schedule(model, batches, forward_only):
 
     def step(data_iterator, m):
         b = next(data_iterator)
-        kwargs = dict(tiles=b["tiles"], cu_seqlens=b["cu_seqlens"],
-                      labels=None if forward_only else b["labels"])
+        kwargs = dict(
+            tiles=b["tiles"], cu_seqlens=b["cu_seqlens"], labels=None if forward_only else b["labels"]
+        )
         out = m(b["input_ids"], **kwargs)
 
         def loss_func(output):
             loss = output.sum() * 0.0 if forward_only else output.sum() / output.numel()
             return loss, {"out": output.detach()}
+
         return out, loss_func
 
-    return [o["out"] for o in get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(batches), model=[model],
-        num_microbatches=len(batches), seq_length=batches[0]["input_ids"].numel(),
-        micro_batch_size=1, forward_only=forward_only)]
+    return [
+        o["out"]
+        for o in get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iter(batches),
+            model=[model],
+            num_microbatches=len(batches),
+            seq_length=batches[0]["input_ids"].numel(),
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )
+    ]
 
 
 def _finalize_grads(model) -> None:
@@ -93,7 +103,8 @@ def _finalize_grads(model) -> None:
         sp, qk = model.parallel.sequence_parallel, model.config.qk_layernorm
         for name, p in model.named_parameters():
             summed = (sp and getattr(p, "sequence_parallel", False)) or (
-                qk and ("q_layernorm" in name or "k_layernorm" in name))
+                qk and ("q_layernorm" in name or "k_layernorm" in name)
+            )
             if summed and p.grad is not None:
                 dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
 
@@ -121,8 +132,10 @@ def _forward_backward(model, batches):
     model.train()
     losses = _schedule(model, batches, False)
     _finalize_grads(model)
-    grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
-             for k, p in model.named_parameters()}
+    grads = {
+        k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+        for k, p in model.named_parameters()
+    }
     return logits, losses, grads
 
 
@@ -137,10 +150,12 @@ def _layout(name, par, full, ref, batches, cfg) -> dict:
 
     parallel = ParallelConfig(**par)
     D.initialize(parallel)
-    model = mc.build_ours(cfg, parallel, pre_process=ps.is_pipeline_first_stage(),
-                          post_process=ps.is_pipeline_last_stage())
-    missing, unexpected = model.load_state_dict(shard_for_model(_expert_view(full, model), model),
-                                                strict=False)
+    model = mc.build_ours(
+        cfg, parallel, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
+    )
+    missing, unexpected = model.load_state_dict(
+        shard_for_model(_expert_view(full, model), model), strict=False
+    )
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
     dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     n = batches[0]["input_ids"].shape[0] // dp
@@ -148,17 +163,23 @@ def _layout(name, par, full, ref, batches, cfg) -> dict:
     logits, losses, grads = _forward_backward(model, mine)
     out = {"name": name, "logit_err": 0.0, "loss_err": 0.0, "last_stage": bool(logits)}
     for got, want in zip(logits, ref["logits"]):
-        out["logit_err"] = max(out["logit_err"], (got - want[r * n:(r + 1) * n]).abs().max().item())
+        out["logit_err"] = max(out["logit_err"], (got - want[r * n : (r + 1) * n]).abs().max().item())
     for got, want in zip(losses, ref["losses"]):
-        out["loss_err"] = max(out["loss_err"], (got - want[r * n:(r + 1) * n]).abs().max().item())
+        out["loss_err"] = max(out["loss_err"], (got - want[r * n : (r + 1) * n]).abs().max().item())
     want = shard_for_model(_expert_view(ref["grads"], model), model)
-    out["grad_err"] = {k: ((g - want[k]).abs().max().item(), want[k].abs().max().item())
-                       for k, g in grads.items()}
-    out["expert_grads"] = [float(g.abs().max()) for k, g in grads.items()
-                           if "local_experts" in k and k.endswith("linear_fc1.weight")]
+    out["grad_err"] = {
+        k: ((g - want[k]).abs().max().item(), want[k].abs().max().item()) for k, g in grads.items()
+    }
+    out["expert_grads"] = [
+        float(g.abs().max())
+        for k, g in grads.items()
+        if "local_experts" in k and k.endswith("linear_fc1.weight")
+    ]
     out["experts_here"] = sum(1 for k in grads if "local_experts" in k and k.endswith("fc1.weight"))
-    out["ep"], out["edp"] = (ps.get_expert_model_parallel_world_size(),
-                             ps.get_expert_data_parallel_world_size())
+    out["ep"], out["edp"] = (
+        ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_data_parallel_world_size(),
+    )
     return out
 
 
@@ -171,8 +192,9 @@ def _layouts(rank, layouts: dict) -> list:
     D.initialize(ParallelConfig())
     ref_model = mc.build_ours(cfg, ParallelConfig())
     mc.randomize_(ref_model, 11)
-    full = {k: v.detach().clone() for k, v in ref_model.state_dict().items()
-            if not k.endswith("_extra_state")}
+    full = {
+        k: v.detach().clone() for k, v in ref_model.state_dict().items() if not k.endswith("_extra_state")
+    }
     batches = mc.micro_batches(cfg)
     logits, losses, grads = _forward_backward(ref_model, batches)
     ref = {"logits": logits, "losses": losses, "grads": grads}

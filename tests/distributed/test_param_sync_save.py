@@ -2,6 +2,7 @@
 optimizer's overlapped param all-gather (what the trainer uses on GPUs, run here on gloo):
 after the update each DP rank's model holds fresh values only for its own shard until the next
 forward's pre-hooks gather the rest, so the save must force that gather first."""
+
 from __future__ import annotations
 
 import torch
@@ -15,11 +16,20 @@ def _batches(cfg, rank: int) -> list:
     from megatron_sail.data.loading.collate import MicroBatch
 
     b = mc.micro_batches(cfg)[rank % 2]
-    return [MicroBatch(tokens=b["input_ids"], labels=b["labels"],
-                       loss_mask=torch.ones(b["input_ids"].shape),
-                       cu_seqlens=b["cu_seqlens"], max_seqlen=32,
-                       tiles=b["tiles"], num_images=1, num_tiles=int(b["tiles"].shape[0]),
-                       decode_failures=0, failed_sources=[])]
+    return [
+        MicroBatch(
+            tokens=b["input_ids"],
+            labels=b["labels"],
+            loss_mask=torch.ones(b["input_ids"].shape),
+            cu_seqlens=b["cu_seqlens"],
+            max_seqlen=32,
+            tiles=b["tiles"],
+            num_images=1,
+            num_tiles=int(b["tiles"].shape[0]),
+            decode_failures=0,
+            failed_sources=[],
+        )
+    ]
 
 
 def _params(ddp) -> dict:
@@ -33,11 +43,11 @@ def _run(rank, root):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.utils import get_model_config
 
+    from megatron_sail.checkpoint import dcp, layout
     from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.config.train import OptimConfig
     from megatron_sail.platform import distributed as D
     from megatron_sail.train import hook_model_config
-    from megatron_sail.checkpoint import dcp, layout
     from megatron_sail.training import checkpoint as ckpt
     from megatron_sail.training.optimizer import build_optimizer, build_scheduler
     from megatron_sail.training.step import train_step
@@ -48,12 +58,19 @@ def _run(rank, root):
     mc.randomize_(model, 5)
     get_model_config(model).calculate_per_token_loss = True
     ddp = DistributedDataParallel(
-        config=get_model_config(model), module=model,
+        config=get_model_config(model),
+        module=model,
         ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=True, overlap_param_gather=True,
-            use_distributed_optimizer=True, check_for_nan_in_grad=False))
-    optim = OptimConfig(lr=1e-2, min_lr=1e-2, lr_warmup_iters=0, lr_decay_iters=10,
-                        use_distributed_optimizer=True)
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=True,
+            overlap_param_gather=True,
+            use_distributed_optimizer=True,
+            check_for_nan_in_grad=False,
+        ),
+    )
+    optim = OptimConfig(
+        lr=1e-2, min_lr=1e-2, lr_warmup_iters=0, lr_decay_iters=10, use_distributed_optimizer=True
+    )
     optimizer = build_optimizer(optim, [ddp])
     scheduler = build_scheduler(optim, optimizer)
     hook_model_config([ddp], optimizer)
@@ -64,8 +81,13 @@ def _run(rank, root):
         ckpt.save_checkpoint(root, [ddp], optimizer, ckpt.TrainState(iteration=it), keep_last=0)
         reread = mc.build_ours(cfg)
         dcp.load_model([reread], layout.iter_dir(root, it))
-        out.append({"before": before, "after": _params(ddp),
-                    "saved": {k: p.detach().clone() for k, p in reread.named_parameters()}})
+        out.append(
+            {
+                "before": before,
+                "after": _params(ddp),
+                "saved": {k: p.detach().clone() for k, p in reread.named_parameters()},
+            }
+        )
     return out
 
 

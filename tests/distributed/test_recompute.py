@@ -5,6 +5,7 @@ builds the tiny model three times from the same weights: no recompute, selective
 ViT, full LM. Counting forward calls of the LM's core attention and of the ViT / LM layers
 shows what ran again during backward.
 """
+
 import torch
 
 import model_cases as mc
@@ -18,6 +19,7 @@ def _loss_grads_calls(model, mb):
     def counter(key):
         def hook(*_):
             calls[key] += 1
+
         return hook
 
     for layer in model.language_model.decoder.layers:
@@ -43,9 +45,11 @@ def _run(rank):
     mb = mc.micro_batches(cfg)[0]
     out = {}
     state = None
-    for name, rc in (("none", RecomputeConfig()),
-                     ("selective+vit", RecomputeConfig(language="selective", vision=True)),
-                     ("full", RecomputeConfig(language="full"))):
+    for name, rc in (
+        ("none", RecomputeConfig()),
+        ("selective+vit", RecomputeConfig(language="selective", vision=True)),
+        ("full", RecomputeConfig(language="full")),
+    ):
         model = mc.build_ours(cfg)
         if state is None:
             state = model.state_dict()

@@ -2,6 +2,7 @@
 counts agree from stage to stage (pool -> recaption -> filter -> preprocess -> the data_ablation
 comparison, a real two-candidate run). The better-than-baseline claim is measured by the full
 run (docs/curation.md), not here."""
+
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import subprocess
 import tarfile
 
 import pytest
+
 from testkit import ROOT, subprocess_env
 
 
@@ -16,7 +18,9 @@ from testkit import ROOT, subprocess_env
 def test_sail_caption_smoke(tmp_path):
     out = tmp_path / "run"
     env = subprocess_env(SMOKE="1", OUT=str(out))
-    r = subprocess.run(["bash", "examples/sail_caption.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        ["bash", "examples/sail_caption.sh"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "held-out caption word F1 over 6 images" in r.stdout
     assert "}" not in r.stdout.splitlines()  # recaption's JSON goes to a file, not a lone brace
@@ -49,4 +53,6 @@ def test_sail_caption_smoke(tmp_path):
         assert (out / "ablation" / arm / "eval" / "caption_predictions.tsv").exists()
     summary = json.load(open(out / "summary.json"))
     assert summary["items"] == 6 and summary["filter"]["kept"] == report["kept"]
-    assert summary["gain"] == pytest.approx(rank["scores"]["recaptioned"]["caption"] - rank["scores"]["original"]["caption"])
+    assert summary["gain"] == pytest.approx(
+        rank["scores"]["recaptioned"]["caption"] - rank["scores"]["original"]["caption"]
+    )

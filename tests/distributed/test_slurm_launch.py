@@ -1,6 +1,7 @@
 """`srun --ntasks=2 python -m ...` emulated on the CPU: each process sees only SLURM's variables
 (no RANK/WORLD_SIZE), joins one gloo group of two, and its collectives get the timeout of
 --distributed-timeout-minutes (the single-process cases are in tests/unit/test_platform_slurm.py)."""
+
 import json
 import subprocess
 import sys
@@ -26,13 +27,23 @@ distributed.shutdown()
 
 def run_tasks(envs):
     """Start one probe per environment (like srun's tasks) and return (stdout json, stderr)."""
-    base = {k: v for k, v in subprocess_env().items()
-            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                        "MASTER_ADDR", "MASTER_PORT")}
-    procs = [subprocess.Popen([sys.executable, "-c", PROBE], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**base, "CUDA_VISIBLE_DEVICES": "", **env})  # gloo even on a GPU host
-             for env in envs]
+    base = {
+        k: v
+        for k, v in subprocess_env().items()
+        if not k.startswith("SLURM_")
+        and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PROBE],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**base, "CUDA_VISIBLE_DEVICES": "", **env},
+        )  # gloo even on a GPU host
+        for env in envs
+    ]
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=300)
@@ -43,13 +54,18 @@ def run_tasks(envs):
 
 def test_srun_tasks_form_one_group_with_the_timeout():
     port = str(free_port())
-    common = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2",
-              "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "1",
-              "SLURM_STEP_NODELIST": "localhost", "MASTER_PORT": port}
+    common = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_ID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_STEP_NUM_NODES": "1",
+        "SLURM_STEP_NODELIST": "localhost",
+        "MASTER_PORT": port,
+    }
     results = run_tasks([{**common, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)} for r in (0, 1)])
     assert sorted(r["rank"] for r, _ in results) == [0, 1]
     for r, stderr in results:
         assert r["world"] == 2 and r["sum"] == 3.0
         assert r["timeout"] == 7 and r["tp_timeout"] == 7
         assert "WORLD_SIZE=1" not in stderr
-

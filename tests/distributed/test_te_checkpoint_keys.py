@@ -3,6 +3,7 @@ carries ``_extra_state`` the way Transformer Engine's RMSNorm does (TE's ops-bas
 their FP8 metadata there; Megatron's TENorm is that module, and TransformerBlock checkpoints it
 through its plain state dict). TE itself needs CUDA, so a norm with the same checkpoint entries
 stands in for it here; tests/gpu/test_model_te.py does the real load on a GPU."""
+
 from __future__ import annotations
 
 import torch
@@ -30,10 +31,10 @@ def _te_like_norm():
 
 def _run(rank, root):
     """Save the local-spec model; load it into the TE-like one (strict); return both weights."""
+    from megatron_sail.checkpoint import dcp
     from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.models import layer_specs
     from megatron_sail.platform import distributed as D
-    from megatron_sail.checkpoint import dcp
 
     D.initialize(ParallelConfig())
     cfg = mc.variant("mha_untied_rms")

@@ -8,6 +8,7 @@ them right after, and a write failing on one rank leaves only iter_N.tmp. End to
 and resumed on one rank repeats the uninterrupted losses; SIGTERM while writes are slowed (so one
 is always pending) finalizes every save and exits 0.
 """
+
 import os
 import signal
 import subprocess
@@ -18,16 +19,20 @@ import pytest
 import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing import ShardedTensor
-from launcher import launch
-from test_train_runs import (  # noqa: F401 - `data` is a fixture
-    COMMON, PARALLEL_RTOL, _cmd, data, losses, train,
-)
-from testkit import ROOT, subprocess_env
 from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 
+from launcher import launch
+from megatron_sail.checkpoint import dcp, integrity, layout
 from megatron_sail.training import checkpoint as ckpt
-from megatron_sail.checkpoint import dcp, integrity
-from megatron_sail.checkpoint import layout
+from test_train_runs import (  # noqa: F401 - `data` is a fixture
+    COMMON,
+    PARALLEL_RTOL,
+    _cmd,
+    data,
+    losses,
+    train,
+)
+from testkit import ROOT, subprocess_env
 
 
 class Net(torch.nn.Module):
@@ -39,8 +44,11 @@ class Net(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.arange(12.0).reshape(3, 4) + 100 * rank)
 
     def sharded_state_dict(self):
-        return {"w": ShardedTensor.from_rank_offsets("net.w", self.w.data,
-                                                     (0, self.rank, self.world), replica_id=0)}
+        return {
+            "w": ShardedTensor.from_rank_offsets(
+                "net.w", self.w.data, (0, self.rank, self.world), replica_id=0
+            )
+        }
 
 
 def _latest(root) -> str:
@@ -71,11 +79,13 @@ def _async_save_scenarios(rank: int, root: str) -> dict:
     ckpt.save_checkpoint(root, [net], None, ckpt.TrainState(iteration=1), keep_last=1)
     original = dcp.HostCopyWriter.write
     if rank == 1:
+
         def held(self):
             deadline = time.time() + 60
             while not os.path.exists(release) and time.time() < deadline:
                 time.sleep(0.05)
             original(self)
+
         dcp.HostCopyWriter.write = held
     pending = dcp.ThreadAsyncCallsQueue()
     state = ckpt.TrainState(iteration=2)
@@ -86,8 +96,7 @@ def _async_save_scenarios(rank: int, root: str) -> dict:
     state.iteration = 3
     seen["nonblocking"] = pending.maybe_finalize_async_calls(blocking=False)
     seen["during"] = _look(root)
-    seen["manifest_during"] = os.path.exists(os.path.join(root, "iter_0000002.tmp",
-                                                          "manifest.json"))
+    seen["manifest_during"] = os.path.exists(os.path.join(root, "iter_0000002.tmp", "manifest.json"))
     dist.barrier()
     if rank == 0:
         open(release, "w").close()
@@ -95,21 +104,22 @@ def _async_save_scenarios(rank: int, root: str) -> dict:
     seen["after"] = _look(root)
     # The finalization hashed both ranks' files into the manifest before the rename.
     seen["verified"] = integrity.verify_checkpoint(os.path.join(root, "iter_0000002"), "full")
-    seen["manifest_files"] = sorted(integrity.read_manifest(
-        os.path.join(root, "iter_0000002"))["files"])
+    seen["manifest_files"] = sorted(integrity.read_manifest(os.path.join(root, "iter_0000002"))["files"])
     target = Net(rank, 2)
     torch.nn.init.zeros_(target.w)
-    seen["saved"] = dcp.load_sharded({"model": target.sharded_state_dict()},
-                                           os.path.join(root, "iter_0000002"))["model"]["w"]
+    seen["saved"] = dcp.load_sharded(
+        {"model": target.sharded_state_dict()}, os.path.join(root, "iter_0000002")
+    )["model"]["w"]
     seen["iteration"] = ckpt._read_train_state(os.path.join(root, "iter_0000002")).iteration
 
     dcp.HostCopyWriter.write = original
     if rank == 1:
+
         def disk_full(self, plan, planner):
             raise OSError("No space left on device")
+
         FileSystemWriter.write_data = disk_full
-    ckpt.save_checkpoint(root, [net], None, ckpt.TrainState(iteration=4), keep_last=1,
-                         pending=pending)
+    ckpt.save_checkpoint(root, [net], None, ckpt.TrainState(iteration=4), keep_last=1, pending=pending)
     try:
         pending.maybe_finalize_async_calls(blocking=True)
         seen["failure"] = None
@@ -128,16 +138,16 @@ def test_async_save_publishes_only_at_finalization(tmp_path):
     for rank in (0, 1):
         s = seen[rank]
         assert s["nonblocking"] == [] and s["blocking"] == [0]
-        assert s["during"] == {"latest": "1", "entries": ["iter_0000001", "iter_0000002.tmp",
-                                                           "latest"]}
+        assert s["during"] == {"latest": "1", "entries": ["iter_0000001", "iter_0000002.tmp", "latest"]}
         assert s["after"] == {"latest": "2", "entries": ["iter_0000002", "latest"]}
         assert torch.equal(s["saved"], s["expected"]) and s["iteration"] == 2
         assert not s["manifest_during"] and s["verified"] == "full"
-        assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "train_state.pt"} <= \
-            set(s["manifest_files"])
+        assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "train_state.pt"} <= set(s["manifest_files"])
         assert s["failure"] is not None
-        assert s["after_failure"] == {"latest": "2", "entries": ["iter_0000002",
-                                                                 "iter_0000004.tmp", "latest"]}
+        assert s["after_failure"] == {
+            "latest": "2",
+            "entries": ["iter_0000002", "iter_0000004.tmp", "latest"],
+        }
     assert "No space left on device" in seen[0]["failure"]
 
 
@@ -147,12 +157,17 @@ def test_async_saved_dp2_checkpoint_resumes_the_uninterrupted_curve(data, tmp_pa
     steps = ["--train-iters", "14"]  # --lr-decay-iters stays 20: same schedule as 20 steps
     ref = train(data, tmp_path / "ref", 1, steps)
     ck = tmp_path / "ckpt"
-    first = train(data, tmp_path / "run", 2, steps + [
-        "--save", str(ck), "--save-interval", "3", "--exit-interval", "10", "--async-save"])
+    first = train(
+        data,
+        tmp_path / "run",
+        2,
+        steps + ["--save", str(ck), "--save-interval", "3", "--exit-interval", "10", "--async-save"],
+    )
     assert sorted(first) == list(range(1, 11))
     assert _latest(ck) == "10" and _entries(ck) == ["iter_0000009", "iter_0000010", "latest"]
-    resumed = train(data, tmp_path / "resumed", 1, steps + [
-        "--load", str(ck), "--save", str(ck), "--async-save"])
+    resumed = train(
+        data, tmp_path / "resumed", 1, steps + ["--load", str(ck), "--save", str(ck), "--async-save"]
+    )
     assert sorted(resumed) == list(range(11, 15)) and _latest(ck) == "14"
     for curve, its in ((first, range(1, 11)), (resumed, range(11, 15))):
         for it in its:
@@ -175,15 +190,34 @@ main(sys.argv[1:])
 
 def test_sigterm_with_a_pending_save_finalizes_and_exits_zero(data, tmp_path):
     ck = tmp_path / "ckpt"
-    args = COMMON + ["--data-path", data["train"], "--run-dir", str(tmp_path), "--init-from",
-                     data["init"], "--save", str(ck), "--save-interval", "1", "--async-save",
-                     "--train-iters", "100000", "--lr-decay-iters", "100000"]
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITES] + args, cwd=ROOT, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = COMMON + [
+        "--data-path",
+        data["train"],
+        "--run-dir",
+        str(tmp_path),
+        "--init-from",
+        data["init"],
+        "--save",
+        str(ck),
+        "--save-interval",
+        "1",
+        "--async-save",
+        "--train-iters",
+        "100000",
+        "--lr-decay-iters",
+        "100000",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITES] + args,
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or
-                                      len(metrics.read_text().splitlines()) < 3):
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -192,8 +226,7 @@ def test_sigterm_with_a_pending_save_finalizes_and_exits_zero(data, tmp_path):
     last = max(losses(tmp_path))
     assert last >= 3 and _latest(ck) == str(last)
     assert _entries(ck) == [f"iter_{last - 1:07d}", f"iter_{last:07d}", "latest"]
-    done = [line for line in out.splitlines() if line.startswith("[checkpoint]") and
-            " complete " in line]
+    done = [line for line in out.splitlines() if line.startswith("[checkpoint]") and " complete " in line]
     # Saves at every step, and once more at the exit: each one was finalized, in order.
     assert [int(line.split("latest -> ")[1]) for line in done] == list(range(1, last + 1)) + [last]
     assert (ck / f"iter_{last:07d}" / layout.STATE_FILE).exists()

@@ -3,17 +3,18 @@ rollback into an old --save keeps what the user expects (refused unless told, pr
 order, `latest` always valid, old metrics kept), a second run on a locked --save and a --save
 that is a file fail at start, and a damaged checkpoint or data of another tokenizer is refused
 with the file / both values named."""
+
 import json
 import os
 import shutil
 import subprocess
 
 import pytest
-from test_train_runs import COMMON, _cmd, data  # noqa: F401 - `data` is a fixture
-from testkit import ROOT, subprocess_env
 
 from megatron_sail.checkpoint import layout
 from megatron_sail.training.save_dir import SaveDirLock
+from test_train_runs import COMMON, _cmd, data  # noqa: F401 - `data` is a fixture
+from testkit import ROOT, subprocess_env
 
 # Warmup and decay fixed so runs of different lengths share one LR schedule.
 BASE = COMMON + ["--lr-warmup-iters", "1", "--lr-decay-iters", "10"]
@@ -24,8 +25,9 @@ def run(data, run_dir, extra, expect_rc=0, init=True):
     args = BASE + ["--data-path", data["train"], "--run-dir", str(run_dir)] + list(extra)
     if init:
         args += ["--init-from", data["init"]]
-    proc = subprocess.run(_cmd(1, args), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        _cmd(1, args), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == expect_rc, out[-4000:]
     return out
@@ -59,8 +61,22 @@ def test_new_run_rollback_and_overwrite_into_an_old_save(data, first, tmp_path):
     assert "already holds another run's checkpoints (iter_0000005, iter_0000010, latest)" in out
     assert layout.read_latest(str(save)) == 10 and layout.list_checkpoints(str(save)) == [5, 10]
 
-    run(data, run_dir, ["--load", str(save / "iter_0000005"), "--save", str(save),
-                        "--keep-last", "1", "--save-interval", "2", "--train-iters", "8"])
+    run(
+        data,
+        run_dir,
+        [
+            "--load",
+            str(save / "iter_0000005"),
+            "--save",
+            str(save),
+            "--keep-last",
+            "1",
+            "--save-interval",
+            "2",
+            "--train-iters",
+            "8",
+        ],
+    )
     assert layout.list_checkpoints(str(save)) == [8] and layout.read_latest(str(save)) == 8
     after = {r["iteration"]: r["lm_loss"] for r in lines(run_dir / "metrics.jsonl")}
     assert sorted(after) == list(range(1, 9))
@@ -104,8 +120,9 @@ def test_damaged_checkpoint_is_refused_naming_the_file(data, first, tmp_path):
     damaged = tmp_path / "ck"
     shutil.copytree(first / "ck" / "iter_0000010", damaged)
     _flip(damaged / "__0_0.distcp")
-    out = run(data, tmp_path / "run", ["--load", str(damaged), "--train-iters", "10"],
-              expect_rc=2, init=False)
+    out = run(
+        data, tmp_path / "run", ["--load", str(damaged), "--train-iters", "10"], expect_rc=2, init=False
+    )
     assert f"{damaged}/__0_0.distcp: contents changed since it was saved" in out
 
 
@@ -117,8 +134,7 @@ def test_data_of_another_tokenizer_is_refused_with_both_identities(data, first, 
     prefix = tmp_path / "other"
     for f in os.listdir(os.path.dirname(data["train"])):
         if f.startswith("train."):
-            shutil.copy(os.path.join(os.path.dirname(data["train"]), f),
-                        str(prefix) + f[len("train"):])
+            shutil.copy(os.path.join(os.path.dirname(data["train"]), f), str(prefix) + f[len("train") :])
     meta = json.loads((tmp_path / "other.meta.json").read_text())
     mine = meta["tokenizer"]["identity"]
     assert mine.startswith("sha256:")
@@ -128,8 +144,9 @@ def test_data_of_another_tokenizer_is_refused_with_both_identities(data, first, 
     out = run(data, tmp_path / "run", load, expect_rc=2, init=False)
     assert f"identity: '{mine}' (checkpoint) vs 'sha256:0123456789abcdef' (data)" in out
     stamp = os.path.getmtime(first / "ck" / "iter_0000010" / "manifest.json")
-    out = run(data, tmp_path / "run", load + ["--allow-tokenizer-mismatch", "--save",
-                                              str(first / "ck")], init=False)
+    out = run(
+        data, tmp_path / "run", load + ["--allow-tokenizer-mismatch", "--save", str(first / "ck")], init=False
+    )
     assert "WARNING (--allow-tokenizer-mismatch)" in out
     assert "at iteration 10 = --train-iters: nothing to train" in out
     assert os.path.getmtime(first / "ck" / "iter_0000010" / "manifest.json") == stamp

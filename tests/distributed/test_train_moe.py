@@ -14,13 +14,15 @@ the same aux-loss gradients; with it the runs differ by float rounding only):
 Every step logs ``load_balancing_loss`` (Megatron-Core's aux-loss tracker), equal across the
 layouts; the EP=2 checkpoint holds the EP=1 run's tensors under the same keys.
 """
+
 import subprocess
 
 import pytest
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
 from test_train_runs import _cmd, records
 from testkit import ROOT, make_tiny_demo, subprocess_env
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 STEPS = 8
 # fp32 on 2 ranks either way; EP changes the order of some sums (the grad norm adds two
@@ -33,17 +35,40 @@ MOE = """model:
   language:
     moe_aux_loss_coeff: 0.01
 """
-COMMON = ["--recipe", "tiny_moe", "--stage", "sft-knowledge", "--train-iters", str(STEPS),
-          "--lr-decay-iters", str(STEPS), "--global-batch-size", "4", "--micro-batch-size", "1",
-          "--seq-length", "256", "--log-interval", "2", "--eval-interval", "0", "--seed", "7"]
+COMMON = [
+    "--recipe",
+    "tiny_moe",
+    "--stage",
+    "sft-knowledge",
+    "--train-iters",
+    str(STEPS),
+    "--lr-decay-iters",
+    str(STEPS),
+    "--global-batch-size",
+    "4",
+    "--micro-batch-size",
+    "1",
+    "--seq-length",
+    "256",
+    "--log-interval",
+    "2",
+    "--eval-interval",
+    "0",
+    "--seed",
+    "7",
+]
 
 
 def _train(data, run_dir, extra):
     """One 2-rank trainer run; returns its metrics.jsonl records by iteration."""
-    args = COMMON + ["--config", data["moe"], "--data-path", data["train"],
-                     "--run-dir", str(run_dir)] + list(extra)
-    proc = subprocess.run(_cmd(2, args), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=600)
+    args = (
+        COMMON
+        + ["--config", data["moe"], "--data-path", data["train"], "--run-dir", str(run_dir)]
+        + list(extra)
+    )
+    proc = subprocess.run(
+        _cmd(2, args), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600
+    )
     log = [line for line in (proc.stdout + proc.stderr).splitlines() if "Warning" not in line]
     assert proc.returncode == 0, "\n".join(log[-60:])
     return records(run_dir), proc.stdout
@@ -62,12 +87,23 @@ def data(tmp_path_factory):
 def runs(data):
     """The three runs of the module docstring."""
     d = data["root"]
-    ref, _ = _train(data, d / "ep1", ["--save", str(d / "ep1" / "ckpt"), "--save-interval", "3",
-                                      "--keep-last", "0"])
-    ep2, out2 = _train(data, d / "ep2", ["--expert-model-parallel-size", "2", "--load",
-                                         str(d / "ep1" / "ckpt" / "iter_0000003"),
-                                         "--save", str(d / "ep2" / "ckpt"),
-                                         "--exit-interval", "6"])
+    ref, _ = _train(
+        data, d / "ep1", ["--save", str(d / "ep1" / "ckpt"), "--save-interval", "3", "--keep-last", "0"]
+    )
+    ep2, out2 = _train(
+        data,
+        d / "ep2",
+        [
+            "--expert-model-parallel-size",
+            "2",
+            "--load",
+            str(d / "ep1" / "ckpt" / "iter_0000003"),
+            "--save",
+            str(d / "ep2" / "ckpt"),
+            "--exit-interval",
+            "6",
+        ],
+    )
     back, _ = _train(data, d / "back", ["--load", str(d / "ep2" / "ckpt")])
     return {"ref": ref, "ep2": ep2, "back": back, "console": out2, "dir": d}
 
@@ -110,8 +146,13 @@ def test_ep2_checkpoint_equals_ep1_checkpoint(runs, tmp_path):
     for ckpt in ("ep1/ckpt/iter_0000006", "ep2/ckpt/iter_0000006"):
         out = tmp_path / f"{len(sds)}.pt"
         dcp_to_torch_save(str(runs["dir"] / ckpt), str(out))
-        sds.append({k: v for k, v in torch.load(out, weights_only=False).items()
-                    if torch.is_tensor(v) and v.dtype.is_floating_point})
+        sds.append(
+            {
+                k: v
+                for k, v in torch.load(out, weights_only=False).items()
+                if torch.is_tensor(v) and v.dtype.is_floating_point
+            }
+        )
     ep1, ep2 = sds
     assert ep1.keys() == ep2.keys()
     fc1 = "language_model.decoder.layers.mlp.experts.experts.linear_fc1.weight"
@@ -134,14 +175,26 @@ def _generate_both(rank, ep2_ckpt: str, ep1_ckpt: str, out: str):
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        status = generate.main(["--checkpoint", ep2_ckpt, "--expert-model-parallel-size", "2",
-                                "--prompt", "Describe the image.", "--max-new-tokens", "8",
-                                "--min-new-tokens", "8", "--output", out])
+        status = generate.main(
+            [
+                "--checkpoint",
+                ep2_ckpt,
+                "--expert-model-parallel-size",
+                "2",
+                "--prompt",
+                "Describe the image.",
+                "--max-new-tokens",
+                "8",
+                "--min-new-tokens",
+                "8",
+                "--output",
+                out,
+            ]
+        )
     gen = load_generator(ep1_ckpt, GenerationConfig(max_new_tokens=8, min_new_tokens=8))
     [res] = gen.generate([GenerationRequest("Describe the image.")])
     experts = len(gen.chunks[0].language_model.decoder.layers[0].mlp.experts.local_experts)
-    return {"status": status, "stderr": err.getvalue(), "ep1_tokens": res.token_ids,
-            "experts": experts}
+    return {"status": status, "stderr": err.getvalue(), "ep1_tokens": res.token_ids, "experts": experts}
 
 
 def test_generation_from_the_ep2_checkpoint(runs, tmp_path):
@@ -152,8 +205,14 @@ def test_generation_from_the_ep2_checkpoint(runs, tmp_path):
     from launcher import launch
 
     d, out = runs["dir"], tmp_path / "ep2.jsonl"
-    [res] = launch(_generate_both, 1, str(d / "ep2" / "ckpt" / "iter_0000006"),
-                   str(d / "ep1" / "ckpt" / "iter_0000006"), str(out), timeout=300)
+    [res] = launch(
+        _generate_both,
+        1,
+        str(d / "ep2" / "ckpt" / "iter_0000006"),
+        str(d / "ep1" / "ckpt" / "iter_0000006"),
+        str(out),
+        timeout=300,
+    )
     assert res["status"] == 0, res["stderr"][-3000:]
     assert "--expert-model-parallel-size 2 ignored" in res["stderr"]
     [record] = [json.loads(x) for x in out.read_text().splitlines()]

@@ -5,28 +5,60 @@ sample image per log line to TensorBoard, and reports the loss of each --data-pa
 step's loss. A --finetune run from its checkpoint starts again at iteration 1 with a fresh LR
 schedule, on the loaded (not the random) weights.
 """
+
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+
 from launcher import free_port
 from testkit import ROOT, make_tiny_demo, subprocess_env
 
-COMMON = ["--recipe", "tiny", "--stage", "sft-knowledge", "--global-batch-size", "4",
-          "--micro-batch-size", "1", "--seq-length", "256", "--log-interval", "1", "--seed", "7",
-          "--lr-warmup-iters", "1"]
+COMMON = [
+    "--recipe",
+    "tiny",
+    "--stage",
+    "sft-knowledge",
+    "--global-batch-size",
+    "4",
+    "--micro-batch-size",
+    "1",
+    "--seq-length",
+    "256",
+    "--log-interval",
+    "1",
+    "--seed",
+    "7",
+    "--lr-warmup-iters",
+    "1",
+]
 
 
 WANDB_OFFLINE = dict(WANDB_MODE="offline", WANDB_SILENT="true")
 
 
 def _train(args, nproc=1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
-    proc = subprocess.run(launcher + ["-m", "megatron_sail.train"] + COMMON + args, cwd=ROOT,
-                          env=subprocess_env(**WANDB_OFFLINE), capture_output=True, text=True, timeout=300)
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+        ]
+        if nproc > 1
+        else [sys.executable]
+    )
+    proc = subprocess.run(
+        launcher + ["-m", "megatron_sail.train"] + COMMON + args,
+        cwd=ROOT,
+        env=subprocess_env(**WANDB_OFFLINE),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc.stdout
 
@@ -41,9 +73,25 @@ def blend_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("mon")
     data = make_tiny_demo(d, subprocess_env(**WANDB_OFFLINE), samples=60)
     run = d / "run"
-    _train(["--data-path", f"0.5 {data['train']} 0.5 {data['val']}", "--train-iters", "3",
-            "--run-dir", str(run), "--save", str(d / "ckpt"), "--wandb-project", "sail-test",
-            "--wandb-exp-name", "blend", "--log-images", "1"], nproc=2)
+    _train(
+        [
+            "--data-path",
+            f"0.5 {data['train']} 0.5 {data['val']}",
+            "--train-iters",
+            "3",
+            "--run-dir",
+            str(run),
+            "--save",
+            str(d / "ckpt"),
+            "--wandb-project",
+            "sail-test",
+            "--wandb-exp-name",
+            "blend",
+            "--log-images",
+            "1",
+        ],
+        nproc=2,
+    )
     return {"dir": d, "run": run, "data": data}
 
 
@@ -81,8 +129,19 @@ def test_finetune_resets_iteration_and_loads_weights(blend_run):
     d, data = blend_run["dir"], blend_run["data"]
     first = _records(blend_run["run"])[0]
     run = d / "ft"
-    out = _train(["--data-path", f"0.5 {data['train']} 0.5 {data['val']}", "--train-iters", "2",
-                  "--run-dir", str(run), "--load", str(d / "ckpt"), "--finetune"])
+    out = _train(
+        [
+            "--data-path",
+            f"0.5 {data['train']} 0.5 {data['val']}",
+            "--train-iters",
+            "2",
+            "--run-dir",
+            str(run),
+            "--load",
+            str(d / "ckpt"),
+            "--finetune",
+        ]
+    )
     assert "--finetune" in out
     recs = _records(run)
     assert [r["iteration"] for r in recs] == [1, 2]  # not 4, 5: the iteration starts again
@@ -94,8 +153,19 @@ def test_finetune_resets_iteration_and_loads_weights(blend_run):
 def test_no_load_optim_continues_the_iteration_with_a_fresh_schedule(blend_run):
     d, data = blend_run["dir"], blend_run["data"]
     run = d / "nlo"
-    out = _train(["--data-path", f"0.5 {data['train']} 0.5 {data['val']}", "--train-iters", "5",
-                  "--run-dir", str(run), "--load", str(d / "ckpt"), "--no-load-optim"])
+    out = _train(
+        [
+            "--data-path",
+            f"0.5 {data['train']} 0.5 {data['val']}",
+            "--train-iters",
+            "5",
+            "--run-dir",
+            str(run),
+            "--load",
+            str(d / "ckpt"),
+            "--no-load-optim",
+        ]
+    )
     assert "--no-load-optim" in out
     recs = {r["iteration"]: r for r in _records(run)}
     assert sorted(recs) == [4, 5]  # the iteration continues from the checkpoint's 3

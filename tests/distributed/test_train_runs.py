@@ -5,6 +5,7 @@ loss curve at the same global batch, a run stopped at step 10 and resumed must r
 steps 11-20, a TP=2 checkpoint must resume at PP=2, a pretrain-alignment stage started with
 --init-from must leave the frozen ViT and LM untouched, and SIGTERM must save and exit 0.
 """
+
 import json
 import os
 import signal
@@ -14,9 +15,10 @@ import time
 
 import pytest
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
 from launcher import free_port
 from testkit import ROOT, subprocess_env
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 STEPS = 20
 # Float32 runs whose reductions happen in a different order (TP splits matmuls, PP/DP change
@@ -24,25 +26,57 @@ STEPS = 20
 # over 20 steps; measured max relative gap 1.0e-7 (TP), 7-8e-8 (PP, DP, TP->PP resume).
 # Stated tolerance (100x the measured gap):
 PARALLEL_RTOL = 1e-5
-COMMON = ["--recipe", "tiny", "--stage", "sft-knowledge", "--train-iters", str(STEPS),
-          "--lr-decay-iters", str(STEPS), "--global-batch-size", "4", "--micro-batch-size", "1",
-          "--seq-length", "256", "--log-interval", "5", "--eval-interval", "0", "--seed", "7"]
+COMMON = [
+    "--recipe",
+    "tiny",
+    "--stage",
+    "sft-knowledge",
+    "--train-iters",
+    str(STEPS),
+    "--lr-decay-iters",
+    str(STEPS),
+    "--global-batch-size",
+    "4",
+    "--micro-batch-size",
+    "1",
+    "--seq-length",
+    "256",
+    "--log-interval",
+    "5",
+    "--eval-interval",
+    "0",
+    "--seed",
+    "7",
+]
 
 
 def _cmd(nproc: int, args: list[str]) -> list[str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+        ]
+        if nproc > 1
+        else [sys.executable]
+    )
     return launcher + ["-m", "megatron_sail.train"] + args
 
 
 def train(data, run_dir, nproc=1, extra=(), expect_rc=0, init=None):
     """Run the trainer from the shared initial weights (``init`` or the fixture's); returns
     {iteration: loss}."""
-    args = COMMON + ["--data-path", data["train"], "--run-dir", str(run_dir),
-                     "--init-from", init or data["init"]] + list(extra)
-    proc = subprocess.run(_cmd(nproc, args), cwd=ROOT, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=300)
-    log = [l for l in (proc.stdout + proc.stderr).splitlines() if "RNG state" not in l]
+    args = (
+        COMMON
+        + ["--data-path", data["train"], "--run-dir", str(run_dir), "--init-from", init or data["init"]]
+        + list(extra)
+    )
+    proc = subprocess.run(
+        _cmd(nproc, args), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    log = [line for line in (proc.stdout + proc.stderr).splitlines() if "RNG state" not in line]
     assert proc.returncode == expect_rc, "\n".join(log[-60:])
     return losses(run_dir)
 
@@ -62,8 +96,7 @@ def weights(ckpt_dir, tmp_path) -> dict:
     out = tmp_path / f"w{abs(hash(str(ckpt_dir)))}.pt"
     dcp_to_torch_save(str(ckpt_dir), str(out))
     sd = torch.load(out, weights_only=False)
-    return {k: v for k, v in sd.items() if not k.startswith("optimizer") and
-            isinstance(v, torch.Tensor)}
+    return {k: v for k, v in sd.items() if not k.startswith("optimizer") and isinstance(v, torch.Tensor)}
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +106,16 @@ def data(tiny_demo, tmp_path_factory):
     out = dict(tiny_demo, init=str(d / "init"))
     # Initial weights shared by every run: Megatron draws TP/PP-sharded weights from
     # rank-specific RNG streams, so runs at different layouts would otherwise start apart.
-    args = COMMON + ["--data-path", out["train"], "--run-dir", str(d / "init_run"),
-                     "--train-iters", "0", "--save", out["init"]]
+    args = COMMON + [
+        "--data-path",
+        out["train"],
+        "--run-dir",
+        str(d / "init_run"),
+        "--train-iters",
+        "0",
+        "--save",
+        out["init"],
+    ]
     subprocess.run(_cmd(1, args), cwd=ROOT, env=subprocess_env(), check=True, capture_output=True)
     return out
 
@@ -83,8 +124,9 @@ def data(tiny_demo, tmp_path_factory):
 def reference(data, tmp_path_factory):
     """The uninterrupted single-rank run, saving at the end."""
     run = tmp_path_factory.mktemp("ref")
-    curve = train(data, run, 1, ["--save", str(run / "ckpt"), "--valid-data-path", data["val"],
-                                 "--eval-iters", "1"])
+    curve = train(
+        data, run, 1, ["--save", str(run / "ckpt"), "--valid-data-path", data["val"], "--eval-iters", "1"]
+    )
     return {"dir": run, "losses": curve}
 
 
@@ -111,9 +153,11 @@ def test_reference_learns_and_reports(reference):
     assert (run / "config.yaml").exists() and (run / "ckpt" / "latest").read_text().strip() == "20"
 
 
-@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"],
-                                    ["--pipeline-model-parallel-size", "2"],
-                                    []], ids=["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"], []],
+    ids=["tp2", "pp2", "dp2"],
+)
 def test_parallel_layout_tracks_single_rank(data, reference, tmp_path, layout):
     """Same global batch over 2 ranks: TP=2, PP=2 or DP=2 follows the single-rank curve."""
     extra = list(layout)
@@ -130,8 +174,12 @@ def test_parallel_layout_tracks_single_rank(data, reference, tmp_path, layout):
     if "--tensor-model-parallel-size" in layout:
         # Save at TP=2, resume at PP=2: steps 11-20 still track the reference.
         resumed = tmp_path / "pp2"
-        curve = train(data, resumed, 2, ["--pipeline-model-parallel-size", "2",
-                                         "--load", str(tmp_path / "ckpt" / "iter_0000010")])
+        curve = train(
+            data,
+            resumed,
+            2,
+            ["--pipeline-model-parallel-size", "2", "--load", str(tmp_path / "ckpt" / "iter_0000010")],
+        )
         assert sorted(curve) == list(range(11, STEPS + 1))
         _assert_tracks(curve, reference["losses"], range(11, STEPS + 1), PARALLEL_RTOL)
 
@@ -154,14 +202,36 @@ def test_interleaved_pipeline_tracks_single_rank(data, tmp_path):
     deep.write_text("model:\n  language:\n    num_layers: 4\n")
     init = str(tmp_path / "init")
     base = ["--config", str(deep), "--exit-interval", "10"]
-    subprocess.run(_cmd(1, COMMON + ["--data-path", data["train"], "--config", str(deep),
-                                     "--run-dir", str(tmp_path / "init_run"), "--train-iters",
-                                     "0", "--save", init]),
-                   cwd=ROOT, env=subprocess_env(), check=True, capture_output=True)
+    subprocess.run(
+        _cmd(
+            1,
+            COMMON
+            + [
+                "--data-path",
+                data["train"],
+                "--config",
+                str(deep),
+                "--run-dir",
+                str(tmp_path / "init_run"),
+                "--train-iters",
+                "0",
+                "--save",
+                init,
+            ],
+        ),
+        cwd=ROOT,
+        env=subprocess_env(),
+        check=True,
+        capture_output=True,
+    )
     ref = train(data, tmp_path / "ref", 1, base, init=init)
-    curve = train(data, tmp_path / "vpp", 2, base + [
-        "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
-        init=init)
+    curve = train(
+        data,
+        tmp_path / "vpp",
+        2,
+        base + ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
+        init=init,
+    )
     assert sorted(curve) == sorted(ref) == list(range(1, 11))
     assert sum(ref[i] for i in range(8, 11)) < sum(ref[i] for i in range(1, 4))
     _assert_tracks(curve, ref, range(1, 11), PARALLEL_RTOL)
@@ -181,9 +251,22 @@ def test_alignment_stage_from_init_keeps_frozen_modules(data, reference, tmp_pat
     """--init-from loads weights only (iterations restart at 0), and in pretrain-alignment only
     the projector changes."""
     ckpt = tmp_path / "ckpt"
-    args = COMMON + ["--data-path", data["train"], "--run-dir", str(tmp_path), "--stage",
-                     "pretrain-alignment", "--train-iters", "3", "--lr-decay-iters", "3",
-                     "--init-from", str(reference["dir"] / "ckpt"), "--save", str(ckpt)]
+    args = COMMON + [
+        "--data-path",
+        data["train"],
+        "--run-dir",
+        str(tmp_path),
+        "--stage",
+        "pretrain-alignment",
+        "--train-iters",
+        "3",
+        "--lr-decay-iters",
+        "3",
+        "--init-from",
+        str(reference["dir"] / "ckpt"),
+        "--save",
+        str(ckpt),
+    ]
     subprocess.run(_cmd(1, args), cwd=ROOT, env=subprocess_env(), check=True, capture_output=True)
     assert (ckpt / "latest").read_text().strip() == "3"
     before = weights(reference["dir"] / "ckpt" / "iter_0000020", tmp_path)
@@ -196,14 +279,29 @@ def test_alignment_stage_from_init_keeps_frozen_modules(data, reference, tmp_pat
 def test_sigterm_saves_and_exits_zero(data, tmp_path):
     """SIGTERM mid-run: the trainer saves the current step, points `latest` at it, exits 0."""
     ckpt = tmp_path / "ckpt"
-    args = COMMON + ["--data-path", data["train"], "--run-dir", str(tmp_path), "--save", str(ckpt),
-                     "--train-iters", "100000", "--lr-decay-iters", "100000"]
-    proc = subprocess.Popen(_cmd(1, args), cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    args = COMMON + [
+        "--data-path",
+        data["train"],
+        "--run-dir",
+        str(tmp_path),
+        "--save",
+        str(ckpt),
+        "--train-iters",
+        "100000",
+        "--lr-decay-iters",
+        "100000",
+    ]
+    proc = subprocess.Popen(
+        _cmd(1, args),
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or
-                                      len(metrics.read_text().splitlines()) < 3):
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -232,11 +330,32 @@ def test_nan_steps_are_skipped_and_k_in_a_row_stop(data, tmp_path):
     """A NaN step changes nothing and is counted; after --max-skipped-steps consecutive ones the
     run saves the last good weights and exits 1."""
     ckpt = tmp_path / "ckpt"
-    args = COMMON + ["--data-path", data["train"], "--run-dir", str(tmp_path), "--init-from",
-                     data["init"], "--save", str(ckpt), "--save-interval", "3", "--train-iters",
-                     "10", "--lr-decay-iters", "10", "--max-skipped-steps", "2"]
-    proc = subprocess.run([sys.executable, "-c", POISON] + args, cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    args = COMMON + [
+        "--data-path",
+        data["train"],
+        "--run-dir",
+        str(tmp_path),
+        "--init-from",
+        data["init"],
+        "--save",
+        str(ckpt),
+        "--save-interval",
+        "3",
+        "--train-iters",
+        "10",
+        "--lr-decay-iters",
+        "10",
+        "--max-skipped-steps",
+        "2",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", POISON] + args,
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
     assert "2 consecutive steps with NaN/Inf" in proc.stdout
     rec = records(tmp_path)
@@ -257,9 +376,22 @@ def test_trained_checkpoint_exports_to_transformers(reference, tmp_path):
     transformers loads, with the trained weights."""
     ckpt = reference["dir"] / "ckpt" / f"iter_{STEPS:07d}"
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "mcore-to-hf",
-                           "--mcore-dir", str(ckpt), "--out", str(out)],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/convert_checkpoint.py",
+            "mcore-to-hf",
+            "--mcore-dir",
+            str(ckpt),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from transformers import InternVLForConditionalGeneration
 

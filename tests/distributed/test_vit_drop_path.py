@@ -2,6 +2,7 @@
 decisions on both TP ranks, so the sharded model computes what one rank computes from the same
 seed. Under SP the ViT's TransformerBlock runs inside Megatron's per-TP-rank RNG fork; drawing
 there would drop a tile's tokens on one rank and keep them on the other."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,9 @@ def _train_forward(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(SEED)
     tensor_parallel.model_parallel_cuda_manual_seed(SEED)
     with torch.no_grad():
-        loss = model(batch["input_ids"], batch["tiles"],
-                     labels=batch["labels"], cu_seqlens=batch["cu_seqlens"]).mean()
+        loss = model(
+            batch["input_ids"], batch["tiles"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"]
+        ).mean()
     return feats, loss
 
 
@@ -59,8 +61,9 @@ def _run(rank, par, full):
         model.eval()
         with torch.no_grad():
             out["eval_feats"] = model.vision_model(batch["tiles"])
-        out["full"] = {k: v.detach().clone() for k, v in model.state_dict().items()
-                       if not k.endswith("_extra_state")}
+        out["full"] = {
+            k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")
+        }
     return out
 
 

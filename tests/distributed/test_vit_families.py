@@ -1,6 +1,7 @@
 """The AIMv2 and SigLIP vision families: parity with transformers' Aimv2VisionModel /
 SiglipVisionModel, TP=2+SP equivalence of each whole model (encoder + projector + Qwen2) with one
 rank, and the zero-padded odd patch grid (ProjectorConfig.odd_grid='pad')."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,9 +13,10 @@ import model_cases as mc
 import test_model_parallel as mp
 from launcher import launch
 
-
-_HF = {"aimv2": ("Aimv2VisionConfig", "Aimv2VisionModel"),
-       "siglip": ("SiglipVisionConfig", "SiglipVisionModel")}
+_HF = {
+    "aimv2": ("Aimv2VisionConfig", "Aimv2VisionModel"),
+    "siglip": ("SiglipVisionConfig", "SiglipVisionModel"),
+}
 """transformers classes of each family's encoder."""
 
 
@@ -39,12 +41,16 @@ def _encoder_parity(name):
     tiles = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         err = (ours.vision_model(tiles) - hf(pixel_values=tiles).last_hidden_state).abs().max().item()
-    full = {k: v.detach().clone() for k, v in ours.state_dict().items()
-            if not k.endswith("_extra_state")}
-    return dict(err=err, full=full, unexpected=unexpected,
-                vision_missing=[k for k in missing if k.startswith("vision_model.")
-                                and not k.endswith("_extra_state")],
-                hf_unmapped=sorted(set(hf.state_dict()) - km.hf_names()))
+    full = {k: v.detach().clone() for k, v in ours.state_dict().items() if not k.endswith("_extra_state")}
+    return dict(
+        err=err,
+        full=full,
+        unexpected=unexpected,
+        vision_missing=[
+            k for k in missing if k.startswith("vision_model.") and not k.endswith("_extra_state")
+        ],
+        hf_unmapped=sorted(set(hf.state_dict()) - km.hf_names()),
+    )
 
 
 def _odd_grid():
@@ -53,8 +59,11 @@ def _odd_grid():
     from megatron_sail.models.projector import pad_grid, pixel_shuffle
 
     cfg = mc.variant("siglip")
-    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=24),
-                              projector=dataclasses.replace(cfg.projector, odd_grid="pad"))
+    cfg = dataclasses.replace(
+        cfg,
+        vision=dataclasses.replace(cfg.vision, image_size=24),
+        projector=dataclasses.replace(cfg.projector, odd_grid="pad"),
+    )
     ours = mc.build_ours(cfg)
     mc.randomize_(ours, 7)
     tiles = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(2))
@@ -73,8 +82,16 @@ def _odd_grid():
             error = ""
         except ValueError as e:
             error = str(e)
-    return dict(cfg=cfg, feats=feats, tokens=tokens, want=want, by_hand=by_hand, padded=padded,
-                shuffled=shuffled, error=error)
+    return dict(
+        cfg=cfg,
+        feats=feats,
+        tokens=tokens,
+        want=want,
+        by_hand=by_hand,
+        padded=padded,
+        shuffled=shuffled,
+        error=error,
+    )
 
 
 def _reference(rank):
@@ -96,9 +113,10 @@ def _reference(rank):
 
 def _tp2(rank, refs):
     """One TP=2+SP rank of every family's model, against the single-rank reference."""
-    return {name: mp._run(rank, name, dict(tp=2, sp=True),
-                          dict(r["full"], __grads__=r["grads"]), r["batches"])
-            for name, r in refs.items()}
+    return {
+        name: mp._run(rank, name, dict(tp=2, sp=True), dict(r["full"], __grads__=r["grads"]), r["batches"])
+        for name, r in refs.items()
+    }
 
 
 @pytest.fixture(scope="module")

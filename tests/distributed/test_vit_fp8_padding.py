@@ -2,6 +2,7 @@
 multiple of 16 tokens per tile, whatever the tile count (a 448 px tile has 1,025 tokens, and a
 text-only micro-batch runs one blank tile); padding leaves the features unchanged. Without TE
 (CPU) Megatron's FP8 context is a no-op, so the padding itself is what runs here."""
+
 from __future__ import annotations
 
 import pytest
@@ -35,9 +36,11 @@ def _run(rank):
     model = mc.build_ours(mc.variant("mha_untied_rms"), parallel).eval()
     seen = []
     model.vision_model.encoder.register_forward_pre_hook(
-        lambda _m, args, kwargs: seen.append(tuple(kwargs.get("hidden_states", args[0]
-                                                              if args else None).shape)),
-        with_kwargs=True)
+        lambda _m, args, kwargs: seen.append(
+            tuple(kwargs.get("hidden_states", args[0] if args else None).shape)
+        ),
+        with_kwargs=True,
+    )
     tiles = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     out = {}
     for fp8 in (None, "hybrid"):

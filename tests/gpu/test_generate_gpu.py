@@ -12,7 +12,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     import generate_cases as gc
-
     from megatron_sail.inference import load_generator
     from megatron_sail.inference.loading import LoadConfig
 
@@ -39,11 +38,22 @@ def test_te_spec_generates_through_the_cache_wrapper(setup):
     local = gen.chunks[0]
     te = SailVLModel(gen.model_config, use_te=True, dtype=torch.bfloat16).cuda()
     src = local.state_dict()
-    te.load_state_dict({k: src[canonical_key(k)].to(torch.bfloat16) for k in te.state_dict()
-                        if not k.endswith("_extra_state")}, strict=False)
+    te.load_state_dict(
+        {
+            k: src[canonical_key(k)].to(torch.bfloat16)
+            for k in te.state_dict()
+            if not k.endswith("_extra_state")
+        },
+        strict=False,
+    )
     te.train()
-    live = generator_from_model([te], gen.model_config, gen.tokenizer, gen.settings,
-                                gc.gen_config(batch_size=4, min_new_tokens=gc.MAX_NEW))
+    live = generator_from_model(
+        [te],
+        gen.model_config,
+        gen.tokenizer,
+        gen.settings,
+        gc.gen_config(batch_size=4, min_new_tokens=gc.MAX_NEW),
+    )
     reqs = gc.requests(paths["images"])
     results = live.generate(reqs)
     assert te.training

@@ -3,6 +3,7 @@
 Skips without CUDA or without DALI. Tolerances are those of dali-cpu (tests/unit/test_images_dali.py);
 nvJPEG's IDCT may differ from libjpeg-turbo's by a level, hence a slightly wider max.
 """
+
 import io
 import logging
 
@@ -30,7 +31,10 @@ def record(data: bytes, source: str) -> ImageRecord:
 
 def test_dali_gpu_is_default_and_close_to_pil(caplog):
     assert resolve_backend("auto") == "dali"
-    recs = [record(synthetic_jpeg(w, h, i), f"g:{i}") for i, (w, h) in enumerate([(1024, 768), (300, 900), (448, 448)])]
+    recs = [
+        record(synthetic_jpeg(w, h, i), f"g:{i}")
+        for i, (w, h) in enumerate([(1024, 768), (300, 900), (448, 448)])
+    ]
     bad = ImageRecord(b"junk", (2, 1), True, (64, 32), 0, "junk:1")
     pil = build_image_pipeline(ImageConfig(backend="pil"))
     gpu = build_image_pipeline(ImageConfig(backend="auto", max_batch_images=4))
@@ -40,8 +44,8 @@ def test_dali_gpu_is_default_and_close_to_pil(caplog):
     assert ok == [True, False, True, True] and "junk:1" in caplog.text
     assert got.device.type == "cuda" and got.dtype == torch.float32
     n0 = recs[0].num_tiles
-    assert torch.all(got[n0:n0 + 3] == 0)
-    got = torch.cat([got[:n0], got[n0 + 3:]]).cpu()
+    assert torch.all(got[n0 : n0 + 3] == 0)
+    got = torch.cat([got[:n0], got[n0 + 3 :]]).cpu()
     assert got.shape == ref.shape
     diff = (got - ref).abs()
     assert diff.mean() < 0.008

@@ -15,7 +15,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.fixture(scope="module")
 def setup():
     import model_cases as mc
-
     from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.convert.hf_internvl import load_hf_into
     from megatron_sail.platform import distributed as D
@@ -25,8 +24,11 @@ def setup():
     hf = mc.hf_model(cfg, seed=5).cuda()
     local = mc.build_ours(cfg).cuda().eval()
     load_hf_into(local, {k: v.cpu() for k, v in hf.state_dict().items()}, cfg)
-    samples = [mc.sample(cfg, [3, 4], [2], 32, 1), mc.sample(cfg, [5], [], 32, 2),
-               mc.sample(cfg, [2, 3], [1], 32, 3)]
+    samples = [
+        mc.sample(cfg, [3, 4], [2], 32, 1),
+        mc.sample(cfg, [5], [], 32, 2),
+        mc.sample(cfg, [2, 3], [1], 32, 3),
+    ]
     ids, tiles, cu = mc.pack(samples, length=48)
     return mc, cfg, hf, local, samples, (ids.cuda(), tiles.cuda(), cu.cuda())
 
@@ -70,16 +72,17 @@ def test_te_spec_matches_local_spec(setup):
     mc, cfg, hf, local, samples, inputs = setup
     te = SailVLModel(cfg, use_te=True, dtype=torch.bfloat16).cuda().eval()
     src = local.state_dict()
-    te.load_state_dict({k: src[canonical_key(k)] for k in te.state_dict()
-                        if not k.endswith("_extra_state")}, strict=False)
+    te.load_state_dict(
+        {k: src[canonical_key(k)] for k in te.state_dict() if not k.endswith("_extra_state")}, strict=False
+    )
     _assert_within_bf16(te, _bf16_local(cfg, local), local, inputs)
 
 
 def test_checkpoint_saved_with_local_spec_loads_into_te_spec(setup, tmp_path):
     """What conversion writes (local spec, on the CPU) is what GPU training loads (TE spec)."""
     pytest.importorskip("transformer_engine")
-    from megatron_sail.models.sail_vl import SailVLModel
     from megatron_sail.checkpoint import dcp
+    from megatron_sail.models.sail_vl import SailVLModel
 
     mc, cfg, hf, local, samples, inputs = setup
     dcp.save_model([local], tmp_path / "ck")

@@ -1,6 +1,7 @@
 """GPU only: the trainer's bf16 path (bf16 weights, fp32 main params, NCCL, Megatron-Core DDP with
 overlapped grad reduce) and, with Transformer Engine on an FP8-capable GPU, its FP8 path train
 the tiny recipe: a few steps on one GPU with finite, decreasing losses. Skips without CUDA."""
+
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 import torch
+
 from testkit import ROOT, subprocess_env
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -31,20 +33,57 @@ def data(tiny_demo):
     return tiny_demo["train"]
 
 
-@pytest.mark.parametrize("precision", [
-    ["--bf16"],
-    pytest.param(["--bf16", "--fp8-format", "hybrid"], marks=pytest.mark.skipif(
-        not torch.cuda.is_available() or not _fp8_ready(), reason="needs TE and an FP8 GPU")),
-], ids=["bf16", "fp8_hybrid"])
+@pytest.mark.parametrize(
+    "precision",
+    [
+        ["--bf16"],
+        pytest.param(
+            ["--bf16", "--fp8-format", "hybrid"],
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available() or not _fp8_ready(), reason="needs TE and an FP8 GPU"
+            ),
+        ),
+    ],
+    ids=["bf16", "fp8_hybrid"],
+)
 def test_tiny_recipe_trains_on_one_gpu(data, tmp_path, precision):
     """STEPS steps of the tiny recipe (micro-batch 2 x 256 tokens: FP8's 16-token alignment
     holds): every loss is finite, the last steps' mean is clearly below the first steps'."""
-    args = ["--recipe", "tiny", "--stage", "sft-knowledge", "--data-path", data,
-            "--train-iters", str(STEPS), "--lr-decay-iters", str(STEPS), "--global-batch-size",
-            "4", "--micro-batch-size", "2", "--seq-length", "256", "--log-interval", "5",
-            "--eval-interval", "0", "--seed", "7", "--run-dir", str(tmp_path), *precision]
-    proc = subprocess.run([sys.executable, "-m", "megatron_sail.train", *args], cwd=ROOT,
-                          env=GPU_ENV, capture_output=True, text=True, timeout=600)
+    args = [
+        "--recipe",
+        "tiny",
+        "--stage",
+        "sft-knowledge",
+        "--data-path",
+        data,
+        "--train-iters",
+        str(STEPS),
+        "--lr-decay-iters",
+        str(STEPS),
+        "--global-batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--seq-length",
+        "256",
+        "--log-interval",
+        "5",
+        "--eval-interval",
+        "0",
+        "--seed",
+        "7",
+        "--run-dir",
+        str(tmp_path),
+        *precision,
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_sail.train", *args],
+        cwd=ROOT,
+        env=GPU_ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     with open(tmp_path / "config.yaml") as f:
         assert ("fp8_format: hybrid" in f.read()) == ("--fp8-format" in precision)

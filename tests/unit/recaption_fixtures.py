@@ -1,5 +1,6 @@
 """Shared pieces of the recaption tests: demo-image shards, a JSONL pool, a tiny checkpoint, and a
 local OpenAI-compatible HTTP server (http.server on localhost) that can fail on purpose."""
+
 from __future__ import annotations
 
 import io
@@ -9,6 +10,7 @@ import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
 
 def demo_png(rng: random.Random) -> tuple[bytes, str]:
     """A demo scene (megatron_sail/demo/generator.py) as PNG bytes and its exact caption."""
@@ -26,7 +28,9 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(folder: Path, shards: int, per_shard: int, seed: int = 0, bad: dict | None = None) -> list[str]:
+def write_shards(
+    folder: Path, shards: int, per_shard: int, seed: int = 0, bad: dict | None = None
+) -> list[str]:
     """img2dataset-like shards 00000.tar...: KEY.png + KEY.txt + KEY.json; ``bad`` maps a global
     sample index to replacement image bytes (e.g. b'not an image')."""
     rng = random.Random(seed)
@@ -42,7 +46,11 @@ def write_shards(folder: Path, shards: int, per_shard: int, seed: int = 0, bad: 
                     data = bad[n]
                 add_member(tar, f"{key}.png", data)
                 add_member(tar, f"{key}.txt", f"noisy alt text {n}".encode())
-                add_member(tar, f"{key}.json", json.dumps({"key": key, "url": f"http://x/{n}", "truth": caption}).encode())
+                add_member(
+                    tar,
+                    f"{key}.json",
+                    json.dumps({"key": key, "url": f"http://x/{n}", "truth": caption}).encode(),
+                )
                 keys.append(key)
     return keys
 
@@ -59,9 +67,13 @@ def read_output(tar_path: str) -> dict[str, dict[str, bytes]]:
 
 def tiny_checkpoint(root: Path, layout: str = "hf") -> str:
     """A tiny random InternVL with a BPE tokenizer (tools/make_tiny_hf_checkpoint.py)."""
-    from make_tiny_hf_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint
+    from megatron_sail.demo.tiny_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint
 
-    return str(make_tiny_checkpoint(root, TinyCheckpointConfig(layout=layout, vocab_size=300, tokenizer=True, seed=3)))
+    return str(
+        make_tiny_checkpoint(
+            root, TinyCheckpointConfig(layout=layout, vocab_size=300, tokenizer=True, seed=3)
+        )
+    )
 
 
 class FakeVLMServer:
@@ -71,8 +83,15 @@ class FakeVLMServer:
     HTTP 503; an image whose width is in ``empty_widths`` gets an empty answer, in
     ``length_widths`` finish_reason 'length', in ``error_widths`` HTTP 500 every time."""
 
-    def __init__(self, fail_first: int = 0, delay_s: float = 0.0, empty_widths=(), length_widths=(),
-                 error_widths=(), answer=None):
+    def __init__(
+        self,
+        fail_first: int = 0,
+        delay_s: float = 0.0,
+        empty_widths=(),
+        length_widths=(),
+        error_widths=(),
+        answer=None,
+    ):
         self.fail_first, self.delay_s, self.answer = fail_first, delay_s, answer
         self.empty, self.length, self.errors = set(empty_widths), set(length_widths), set(error_widths)
         self.calls, self.ok_calls, self.auth = 0, 0, []
@@ -141,6 +160,12 @@ class FakeVLMServer:
             finish = "length"
         with self.lock:
             self.ok_calls += 1
-        self._reply(h, 200, {"choices": [{"message": {"role": "assistant", "content": text},
-                                          "finish_reason": finish}],
-                             "usage": {"completion_tokens": len(text.split())}, "model": body["model"]})
+        self._reply(
+            h,
+            200,
+            {
+                "choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": {"completion_tokens": len(text.split())},
+                "model": body["model"],
+            },
+        )

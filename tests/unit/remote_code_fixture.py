@@ -7,9 +7,10 @@ files are not available here; these have the same file names, class names, auto_
 parameter names (InternViT's ``vision_model.*``, ``mlp1``, a Qwen2 ``language_model``), enough for
 transformers to build the model from an export and load every tensor into it.
 """
+
 from pathlib import Path
 
-CONFIGURATION = '''
+CONFIGURATION = """
 from transformers import PretrainedConfig, Qwen2Config
 
 
@@ -28,9 +29,9 @@ class InternVLChatConfig(PretrainedConfig):
         out = super().to_dict()
         out["llm_config"] = self.llm_config.to_dict()
         return out
-'''
+"""
 
-MODELING = '''
+MODELING = """
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Qwen2ForCausalLM
@@ -94,18 +95,22 @@ class InternVLChatModel(PreTrainedModel):
                                   nn.Linear(llm.hidden_size, llm.hidden_size))
         self.language_model = Qwen2ForCausalLM(llm)
         self.post_init()
-'''
+"""
 
 CONVERSATION = '''
 """Conversation templates (stand-in): SAIL-VL's "sailvl-chat" is ChatML."""
 TEMPLATES = {"sailvl-chat": "<|im_start|>{role}\\n{content}<|im_end|>\\n"}
 '''
 
-AUTO_MAP = {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-            "AutoModel": "modeling_internvl_chat.InternVLChatModel"}
-FILES = {"configuration_internvl_chat.py": CONFIGURATION,
-         "modeling_internvl_chat.py": MODELING,
-         "conversation.py": CONVERSATION}
+AUTO_MAP = {
+    "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+    "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+}
+FILES = {
+    "configuration_internvl_chat.py": CONFIGURATION,
+    "modeling_internvl_chat.py": MODELING,
+    "conversation.py": CONVERSATION,
+}
 
 
 def add_remote_code(folder: Path) -> None:

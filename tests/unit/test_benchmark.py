@@ -1,25 +1,44 @@
 """tools/benchmark.py and benchmarks/hf_reference.py on the tiny recipe (CPU)."""
+
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import benchmark as bench
 import pytest
 import torch
-from hf_reference import restarting_positions  # what transformers gets for packed rows
-from testkit import ROOT, subprocess_env
 
+from megatron_sail.bench import training_step as bench
+from megatron_sail.bench.hf_reference import restarting_positions  # what transformers gets for packed rows
 from megatron_sail.config.model import tiny
 from megatron_sail.training import flops as F
+from testkit import ROOT, subprocess_env
 
 
 def _run(script, tmp_path, *extra):
     out = tmp_path / f"{Path(script).stem}.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / script), "--recipe", "tiny", "--steps", "2", "--warmup", "1",
-         "--split-steps", "1", "--json", str(out), *extra],
-        capture_output=True, text=True, timeout=240, cwd=ROOT, env=subprocess_env())
+        [
+            sys.executable,
+            str(ROOT / script),
+            "--recipe",
+            "tiny",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--split-steps",
+            "1",
+            "--json",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env=subprocess_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines(), json.loads(out.read_text())
 
@@ -36,8 +55,8 @@ def test_synthetic_batch_layout():
     assert pos[0, :3].tolist() == [0, 1, 2] and pos[0, 32].item() == 0 and pos[1, 31].item() == 31
     assert pos[1, 32:].tolist() == list(range(32))
     # sample 0 holds 2 tiles right after its first token; no loss on images or a sample's last token
-    assert (b.tokens[0, 1:1 + 2 * tpt] == cfg.img_context_token_id).all()
-    assert b.loss_mask[0, :1 + 2 * tpt].sum() == 0 and b.loss_mask[0, 31] == 0 and b.loss_mask[0, 30] == 1
+    assert (b.tokens[0, 1 : 1 + 2 * tpt] == cfg.img_context_token_id).all()
+    assert b.loss_mask[0, : 1 + 2 * tpt].sum() == 0 and b.loss_mask[0, 31] == 0 and b.loss_mask[0, 30] == 1
     assert b.labels[0, 5].item() == b.tokens[0, 6].item() and b.labels[0, 31].item() == 0
     with pytest.raises(ValueError, match="cannot hold"):
         bench.synthetic_micro_batch(cfg, 16, rows=1, tiles_per_row=8, samples_per_row=1, gen=gen)

@@ -2,6 +2,7 @@
 (naming them), pickles from disk cannot run code, pruning follows save order and spares the
 checkpoint `latest` names, a damaged `latest` is a clear error, the --save folder is checked
 and locked at start, and resume checks (tokenizer, LR schedule, --train-iters) name both values."""
+
 import errno
 import json
 import os
@@ -12,9 +13,8 @@ import pytest
 import torch
 from megatron.core.dist_checkpointing import ShardedTensor
 
+from megatron_sail.checkpoint import integrity, layout
 from megatron_sail.training import checkpoint as ckpt
-from megatron_sail.checkpoint import integrity
-from megatron_sail.checkpoint import layout
 from megatron_sail.training import resume_checks, save_dir
 
 
@@ -63,8 +63,7 @@ def _flip(path, offset=100, count=4096):
 def test_save_writes_a_manifest_that_catches_flips_and_truncation(one_rank, tmp_path):
     d = _save(tmp_path / "ck", 3)
     manifest = json.loads(open(os.path.join(d, integrity.MANIFEST)).read())
-    assert set(manifest["files"]) >= {"__0_0.distcp", ".metadata", "metadata.json",
-                                      "train_state.pt"}
+    assert set(manifest["files"]) >= {"__0_0.distcp", ".metadata", "metadata.json", "train_state.pt"}
     assert manifest["iteration"] == 3 and manifest["saved_at"] > 0
     assert integrity.verify_checkpoint(d, "auto") == "full"  # small: hashes checked
     shard = os.path.join(d, "__0_0.distcp")
@@ -76,8 +75,9 @@ def test_save_writes_a_manifest_that_catches_flips_and_truncation(one_rank, tmp_
         ckpt.load_checkpoint(str(tmp_path / "ck"), [Net()])
     with open(shard, "r+b") as f:
         f.truncate(1000)
-    with pytest.raises(integrity.CheckpointDamaged,
-                       match=r"__0_0\.distcp: truncated: 1000 bytes, the manifest says \d+"):
+    with pytest.raises(
+        integrity.CheckpointDamaged, match=r"__0_0\.distcp: truncated: 1000 bytes, the manifest says \d+"
+    ):
         integrity.verify_checkpoint(d, "sizes")
 
 
@@ -212,24 +212,38 @@ def test_save_dir_checks(tmp_path):
 
 def test_second_run_on_a_save_dir_is_refused(tmp_path):
     first = save_dir.prepare_save_dir(str(tmp_path), None, False)
-    with pytest.raises(save_dir.SaveDirError, match=rf"in use by another run \(host .* pid "
-                                                    rf"{os.getpid()}"):
+    with pytest.raises(
+        save_dir.SaveDirError,
+        match=rf"in use by another run \(host .* pid "
+        rf"{os.getpid()}",
+    ):
         save_dir.prepare_save_dir(str(tmp_path), None, False)
     first.release()
     save_dir.prepare_save_dir(str(tmp_path), None, False).release()
 
 
 # ------------------------------------------------------------------ resume checks (3, 10)
-BLOCK = {"identity": "sha256:aaaa", "vocab_size": 300, "img_context_id": 7, "img_start_id": 5,
-         "img_end_id": 6, "im_start_id": 1, "im_end_id": 2, "pad_id": 0, "tile_size": 32,
-         "tokens_per_tile": 4}
+BLOCK = {
+    "identity": "sha256:aaaa",
+    "vocab_size": 300,
+    "img_context_id": 7,
+    "img_start_id": 5,
+    "img_end_id": 6,
+    "im_start_id": 1,
+    "im_end_id": 2,
+    "pad_id": 0,
+    "tile_size": 32,
+    "tokens_per_tile": 4,
+}
 
 
 def test_tokenizer_mismatch_names_both_values(one_rank, tmp_path):
     other = dict(BLOCK, identity="sha256:bbbb", tile_size=448)
-    with pytest.raises(resume_checks.ResumeMismatch,
-                       match=r"identity: 'sha256:aaaa' \(checkpoint\) vs 'sha256:bbbb' \(data\); "
-                             r"tile_size: 32 \(checkpoint\) vs 448 \(data\)"):
+    with pytest.raises(
+        resume_checks.ResumeMismatch,
+        match=r"identity: 'sha256:aaaa' \(checkpoint\) vs 'sha256:bbbb' \(data\); "
+        r"tile_size: 32 \(checkpoint\) vs 448 \(data\)",
+    ):
         resume_checks.check_tokenizer(BLOCK, other, "ck", allow=False)
     lines = []
     resume_checks.check_tokenizer(BLOCK, other, "ck", allow=True, log=lines.append)
@@ -242,8 +256,7 @@ def test_tokenizer_mismatch_names_both_values(one_rank, tmp_path):
     # Through the checkpoint: the block recorded at save time is compared before loading.
     _save(tmp_path / "ck", 1, tokenizer=BLOCK)
     with pytest.raises(resume_checks.ResumeMismatch, match="sha256:bbbb"):
-        ckpt.load_checkpoint(str(tmp_path / "ck"), [Net()],
-                             checks=ckpt.LoadChecks(tokenizer=other))
+        ckpt.load_checkpoint(str(tmp_path / "ck"), [Net()], checks=ckpt.LoadChecks(tokenizer=other))
     ckpt.load_checkpoint(str(tmp_path / "ck"), [Net()], checks=ckpt.LoadChecks(tokenizer=BLOCK))
 
 
@@ -251,20 +264,32 @@ def _scheduler(decay_iters: int):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
-    return OptimizerParamScheduler(opt, init_lr=0.0, max_lr=1e-3, min_lr=0.0, lr_warmup_steps=0,
-                                   lr_decay_steps=decay_iters, lr_decay_style="linear",
-                                   start_wd=0.0, end_wd=0.0, wd_incr_steps=decay_iters,
-                                   wd_incr_style="constant", override_opt_param_scheduler=True,
-                                   use_checkpoint_opt_param_scheduler=False)
+    return OptimizerParamScheduler(
+        opt,
+        init_lr=0.0,
+        max_lr=1e-3,
+        min_lr=0.0,
+        lr_warmup_steps=0,
+        lr_decay_steps=decay_iters,
+        lr_decay_style="linear",
+        start_wd=0.0,
+        end_wd=0.0,
+        wd_incr_steps=decay_iters,
+        wd_incr_style="constant",
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
+    )
 
 
 def test_schedule_change_on_resume_follows_megatron_semantics():
     saved = _scheduler(20)
     saved.step(10)
     sd = saved.state_dict()
-    with pytest.raises(resume_checks.ResumeMismatch,
-                       match=r"lr_decay_steps 20 in the checkpoint, 40 now.*"
-                             r"--override-opt_param-scheduler"):
+    with pytest.raises(
+        resume_checks.ResumeMismatch,
+        match=r"lr_decay_steps 20 in the checkpoint, 40 now.*"
+        r"--override-opt_param-scheduler",
+    ):
         resume_checks.restore_scheduler(_scheduler(40), sd, False, False, "ck")
     lines = []
     over = _scheduler(40)
@@ -302,8 +327,17 @@ def _write_run(run_dir, steps, start, evals=()):
 
     with MetricsWriter(run_dir, None, 100, 0, MetricsConfig(start_iteration=start)) as w:
         for i in steps:
-            w.log_step(StepStats(iteration=i, lm_loss=float(i), lr={"lr/default": 1e-4},
-                                 grad_norm=1.0, step_time_s=1.0, tokens=10, samples=1))
+            w.log_step(
+                StepStats(
+                    iteration=i,
+                    lm_loss=float(i),
+                    lr={"lr/default": 1e-4},
+                    grad_norm=1.0,
+                    step_time_s=1.0,
+                    tokens=10,
+                    samples=1,
+                )
+            )
             if i in evals:
                 w.log_eval(i, 1.0 / i)
 
@@ -336,8 +370,8 @@ def test_fresh_run_in_an_old_run_dir_keeps_the_old_curve(tmp_path):
 
 # ------------------------------------------------------------------ tokenizer identity (3)
 def test_tokenizer_identity_follows_the_vocabulary_not_the_file_layout(tmp_path):
-    from megatron_sail.demo.generator import train_tokenizer
     from megatron_sail.data.tokenizer import load_tokenizer, tokenizer_identity
+    from megatron_sail.demo.generator import train_tokenizer
 
     path = tmp_path / "tokenizer.json"
     train_tokenizer(["a red circle", "a blue square on the left"] * 4, str(path), vocab_size=280)
@@ -364,8 +398,9 @@ def test_negative_counts_are_clear_errors():
     with pytest.raises(ValueError, match=r"--keep-last -1: must be at least 0"):
         resolve(["--recipe", "tiny", "--keep-last", "-1"])
     with pytest.raises(ValueError, match="exclude each other"):
-        resolve(["--recipe", "tiny", "--override-opt_param-scheduler",
-                 "--use-checkpoint-opt_param-scheduler"])
+        resolve(
+            ["--recipe", "tiny", "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"]
+        )
     assert resolve(["--recipe", "tiny", "--train-iters", "0"]).optim.lr_decay_iters == 1
 
 
@@ -416,8 +451,10 @@ def _asset_config(tmp_path, tokenizer_dir):
     """A run config whose first dataset's meta.json names tiling and a tokenizer folder."""
     prefix = tmp_path / "data" / "train"
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"tiling": {"max_tiles": 6, "min_tiles": 1, "thumbnail": True},
-            "tokenizer": {"tile_size": 32, "tokens_per_tile": 4, "path": str(tokenizer_dir)}}
+    meta = {
+        "tiling": {"max_tiles": 6, "min_tiles": 1, "thumbnail": True},
+        "tokenizer": {"tile_size": 32, "tokens_per_tile": 4, "path": str(tokenizer_dir)},
+    }
     (tmp_path / "data" / "train.meta.json").write_text(json.dumps(meta))
     return {"a": 1, "data": {"data_path": [str(prefix)]}}
 
@@ -435,27 +472,31 @@ def test_a_save_that_cannot_write_a_part_publishes_nothing(one_rank, tmp_path, m
     (tok / "tokenizer.json").write_text("{}")
     monkeypatch.setattr(assets, "_tokenizer_files", lambda meta, mtime: str(tok))
     if fault == "enospc":
+
         def full(src, dst, *a, **k):
             raise _enospc(os.path.join(dst, "tokenizer.json"))
+
         monkeypatch.setattr(assets.shutil, "copytree", full)
-        expected = (OSError,
-                    r"^no space left on device while writing \S+iter_0000002\.tmp/tokenizer/"
-                    r"tokenizer\.json \(\d+ bytes free\)$")
+        expected = (
+            OSError,
+            r"^no space left on device while writing \S+iter_0000002\.tmp/tokenizer/"
+            r"tokenizer\.json \(\d+ bytes free\)$",
+        )
     else:
+
         def gone(meta, mtime):
             raise FileNotFoundError(f"{meta}: the tokenizer it records ({tok}) is not found")
+
         monkeypatch.setattr(assets, "_tokenizer_files", gone)
         expected = (FileNotFoundError, "the tokenizer it records")
     state = ckpt.TrainState(iteration=2)
     with pytest.raises(expected[0], match=expected[1]) as e:
-        ckpt.save_checkpoint(str(root), [Net(1.0)], None, state, 0,
-                             config=_asset_config(tmp_path, tok))
+        ckpt.save_checkpoint(str(root), [Net(1.0)], None, state, 0, config=_asset_config(tmp_path, tok))
     assert str(e.value).count("no space left") == (1 if fault == "enospc" else 0)
     assert layout.read_latest(str(root)) == 1 and layout.list_checkpoints(str(root)) == [1]
 
 
-def test_a_full_disk_in_a_shard_or_the_train_state_is_one_clear_error(one_rank, tmp_path,
-                                                                     monkeypatch):
+def test_a_full_disk_in_a_shard_or_the_train_state_is_one_clear_error(one_rank, tmp_path, monkeypatch):
     """Item 7: ENOSPC where DCP writes a shard, or where train_state.pt is written: one
     ``no space left on device while writing PATH (N bytes free)``, no chained traceback, and
     nothing published; the CLI prints it as one line."""
@@ -473,8 +514,11 @@ def test_a_full_disk_in_a_shard_or_the_train_state_is_one_clear_error(one_rank, 
 
     with monkeypatch.context() as m:
         m.setattr(dcp_fs, "_write_item", no_room)
-        with pytest.raises(OSError, match=r"^no space left on device while "
-                           r"writing \S+iter_0000002\.tmp \(\d+ bytes free\)$") as e:
+        with pytest.raises(
+            OSError,
+            match=r"^no space left on device while "
+            r"writing \S+iter_0000002\.tmp \(\d+ bytes free\)$",
+        ) as e:
             _save(root, 2)
     assert e.value.__suppress_context__ and e.value.errno == errno.ENOSPC
     real_open = builtins.open
@@ -499,8 +543,11 @@ def test_a_full_disk_in_a_shard_or_the_train_state_is_one_clear_error(one_rank, 
 
     with monkeypatch.context() as m:
         m.setattr(builtins, "open", fake_open)
-        with pytest.raises(OSError, match=r"^no space left on device while writing \S+iter_0000003\.tmp/"
-                           r"train_state\.pt\.tmp \(\d+ bytes free\)") as e:
+        with pytest.raises(
+            OSError,
+            match=r"^no space left on device while writing \S+iter_0000003\.tmp/"
+            r"train_state\.pt\.tmp \(\d+ bytes free\)",
+        ) as e:
             _save(root, 3)
     assert layout.read_latest(str(root)) == 1 and layout.list_checkpoints(str(root)) == [1]
     with pytest.raises(SystemExit) as code:
@@ -508,8 +555,7 @@ def test_a_full_disk_in_a_shard_or_the_train_state_is_one_clear_error(one_rank, 
     assert code.value.code == 2
 
 
-def test_unlisted_files_and_entries_outside_the_checkpoint_are_refused(one_rank, tmp_path,
-                                                                       caplog):
+def test_unlisted_files_and_entries_outside_the_checkpoint_are_refused(one_rank, tmp_path, caplog):
     """Item 2: every file a loader reads must be in manifest.json; an entry pointing outside
     the folder is never read; a load without a manifest says 'not verified'."""
     from megatron_sail.checkpoint import dcp
@@ -529,8 +575,11 @@ def test_unlisted_files_and_entries_outside_the_checkpoint_are_refused(one_rank,
     manifest["files"]["../../outside.txt"] = {"size": 4, "sha256": "0" * 64}
     (tmp_path / "outside.txt").write_text("four")
     open(path, "w").write(json.dumps(manifest))
-    with pytest.raises(integrity.CheckpointDamaged, match=r"'\.\./\.\./outside\.txt' points "
-                                                          r"outside the checkpoint"):
+    with pytest.raises(
+        integrity.CheckpointDamaged,
+        match=r"'\.\./\.\./outside\.txt' points "
+        r"outside the checkpoint",
+    ):
         integrity.verify_checkpoint(d, "full")
     bare = _save(tmp_path / "bare", 1, value=5.0)
     os.remove(os.path.join(bare, integrity.MANIFEST))  # written before manifests existed
@@ -541,8 +590,7 @@ def test_unlisted_files_and_entries_outside_the_checkpoint_are_refused(one_rank,
     assert any("no manifest.json: files not verified" in r.getMessage() for r in caplog.records)
 
 
-def test_crafted_common_pt_does_not_run_even_when_torch_is_told_to_unpickle(one_rank, tmp_path,
-                                                                          monkeypatch):
+def test_crafted_common_pt_does_not_run_even_when_torch_is_told_to_unpickle(one_rank, tmp_path, monkeypatch):
     """Item 3: megatron-core reads common.pt with a bare torch.load, which
     TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns into a full unpickle; it is checked first."""
     from megatron_sail.checkpoint import dcp
@@ -570,8 +618,9 @@ def _tiny_run_config():
 
 
 @pytest.mark.parametrize("named", ["root", "iter_dir"])
-def test_a_reader_whose_checkpoint_is_pruned_reads_the_new_latest(one_rank, tmp_path, monkeypatch,
-                                                                caplog, named):
+def test_a_reader_whose_checkpoint_is_pruned_reads_the_new_latest(
+    one_rank, tmp_path, monkeypatch, caplog, named
+):
     """Item 4: the checkpoint a reader resolved is pruned (--keep-last 1) while it reads: with
     the --save root it reads the new latest and says so; with the folder itself the error says
     it was deleted, not that it is not a checkpoint."""
@@ -585,8 +634,7 @@ def test_a_reader_whose_checkpoint_is_pruned_reads_the_new_latest(one_rank, tmp_
 
     def read_while_pruned(folder):
         if not calls:  # a running trainer publishes iteration 2 and prunes iteration 1
-            ckpt.save_checkpoint(str(root), [Net(2.0)], None, ckpt.TrainState(iteration=2), 1,
-                                 config)
+            ckpt.save_checkpoint(str(root), [Net(2.0)], None, ckpt.TrainState(iteration=2), 1, config)
         calls.append(str(folder))
         return real(folder)
 

@@ -1,26 +1,33 @@
 """A user's mistake ends in one ``error: ...`` line and exit code 2, never a traceback, from every
 entry point (issue 22); a real bug keeps its traceback."""
+
 import subprocess
 import sys
 
 import pytest
-from testkit import ROOT, subprocess_env
 
 from megatron_sail import cli
+from testkit import ROOT, subprocess_env
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in subprocess_env().items() if k not in ("RANK", "SLURM_PROCID")}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["-m", "megatron_sail.train", "--stage", "nope"], "error: unknown stage 'nope'; expected one of"),
-    (["-m", "megatron_sail.train", "--data-path", "/nonexistent/sft"],
-     "error: /nonexistent/sft: no complete dataset (missing /nonexistent/sft.meta.json)"),
-    (["tools/scaling_law.py", "/nonexistent-runs"], "error: no benchmarks/* scores with "),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-m", "megatron_sail.train", "--stage", "nope"], "error: unknown stage 'nope'; expected one of"),
+        (
+            ["-m", "megatron_sail.train", "--data-path", "/nonexistent/sft"],
+            "error: /nonexistent/sft: no complete dataset (missing /nonexistent/sft.meta.json)",
+        ),
+        (["tools/scaling_law.py", "/nonexistent-runs"], "error: no benchmarks/* scores with "),
+    ],
+)
 def test_user_errors_are_one_line(args, message):
     out = _run(args)
     assert out.returncode == 2, out.stderr[-2000:]

@@ -1,5 +1,6 @@
 """Every flag of every command explains itself (issue 22): a one-line help text, a plain metavar
 (never a config path such as DATA.DATA_PATH), for the trainer, generate and every tool."""
+
 import argparse
 import importlib
 import inspect
@@ -21,6 +22,7 @@ class _Captured(Exception):
 
 def _parser_of(main, monkeypatch) -> argparse.ArgumentParser:
     """The parser ``main`` builds: argparse's parse methods raise with it instead of parsing."""
+
     def capture(self, *args, **kwargs):
         raise _Captured(self)
 
@@ -46,8 +48,12 @@ def _undescribed(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]
         if not action.help or action.help == argparse.SUPPRESS or not action.help.strip():
             bad.append(f"{name}: no help")
         metavar = action.metavar if isinstance(action.metavar, str) else ""
-        if "." in metavar or (not action.metavar and "." in action.dest and action.nargs != 0
-                              and not isinstance(action, argparse._StoreConstAction)):
+        if "." in metavar or (
+            not action.metavar
+            and "." in action.dest
+            and action.nargs != 0
+            and not isinstance(action, argparse._StoreConstAction)
+        ):
             bad.append(f"{name}: metavar is a config path")
     return bad
 
@@ -55,8 +61,9 @@ def _undescribed(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]
 @pytest.mark.parametrize("name", ENTRY_MODULES)
 def test_every_entry_point_flag_has_help(name, monkeypatch):
     module = importlib.import_module(name)
-    parser = module.build_parser() if hasattr(module, "build_parser") else _parser_of(
-        module.main, monkeypatch)
+    parser = (
+        module.build_parser() if hasattr(module, "build_parser") else _parser_of(module.main, monkeypatch)
+    )
     assert _undescribed(parser) == []
 
 
@@ -64,16 +71,35 @@ def test_trainer_help_is_grouped_as_megatron_groups_it():
     from megatron_sail.config.run import build_parser
 
     titles = [g.title for g in build_parser()._action_groups]
-    for title in ("data", "training", "learning rate", "mixed precision", "distributed",
-                  "checkpointing", "logging"):
+    for title in (
+        "data",
+        "training",
+        "learning rate",
+        "mixed precision",
+        "distributed",
+        "checkpointing",
+        "logging",
+    ):
         assert title in titles
 
 
 def test_megatron_spellings_and_short_forms_map_to_ours():
     from megatron_sail.config.run import resolve
 
-    cfg = resolve(["--recipe", "tiny", "--freeze-ViT", "--freeze-LM",
-                   "--pretrained-checkpoint", "/ckpt/start", "--tp", "1", "--pp", "1"])
+    cfg = resolve(
+        [
+            "--recipe",
+            "tiny",
+            "--freeze-ViT",
+            "--freeze-LM",
+            "--pretrained-checkpoint",
+            "/ckpt/start",
+            "--tp",
+            "1",
+            "--pp",
+            "1",
+        ]
+    )
     assert cfg.stage.train_vision is False and cfg.stage.train_language is False
     assert cfg.checkpoint.init_from == "/ckpt/start"
     assert resolve(["--recipe", "tiny", "--train-vision", "true"]).stage.train_vision is True
@@ -95,13 +121,19 @@ def _described(parser: argparse.ArgumentParser, flags: list[str]) -> list[str]:
     return _undescribed(helpless)
 
 
-@pytest.mark.parametrize("path,func,tp_names", [
-    ("tools/evaluate.py", "parse_args", ["--tp", "--tensor-model-parallel-size"]),
-    ("tools/compare_logits.py", "parse_args", ["--tp", "--tensor-model-parallel-size"]),
-    ("tools/score_complexity.py", "main", ["--tp", "--tensor-model-parallel-size"]),
-    ("tools/recaption.py", "parse_args", ["--tp", "--tensor-model-parallel-size",
-                                          "--tensor-parallel-size"]),
-])
+@pytest.mark.parametrize(
+    "path,func,tp_names",
+    [
+        ("tools/evaluate.py", "parse_args", ["--tp", "--tensor-model-parallel-size"]),
+        ("tools/compare_logits.py", "parse_args", ["--tp", "--tensor-model-parallel-size"]),
+        ("tools/score_complexity.py", "main", ["--tp", "--tensor-model-parallel-size"]),
+        (
+            "tools/recaption.py",
+            "parse_args",
+            ["--tp", "--tensor-model-parallel-size", "--tensor-parallel-size"],
+        ),
+    ],
+)
 def test_parallel_sizes_take_megatron_long_names_and_short_forms(path, func, tp_names, monkeypatch):
     """``--tp N`` and ``--tensor-model-parallel-size N`` (and ``--pp`` likewise) are one flag."""
     parser = _tool_parser(path, func, monkeypatch)
@@ -123,8 +155,10 @@ def test_benchmark_and_candidate_lists_accept_both_forms(monkeypatch):
     evaluate = _tool_parser("tools/evaluate.py", "parse_args", monkeypatch)
     assert _described(ablation, ["--benchmark", "--candidate"]) == []
     base = ["--candidate", "raw=d/raw", "recap=d/recap", "--candidate", "x=d/x", "--tokens", "100"]
-    for argv in (["--benchmark", "pope=p.tsv", "caption=c.tsv", "--benchmark", "mmb=m.tsv"],
-                 ["--benchmark", "pope=p.tsv", "--benchmark", "caption=c.tsv", "mmb=m.tsv"]):
+    for argv in (
+        ["--benchmark", "pope=p.tsv", "caption=c.tsv", "--benchmark", "mmb=m.tsv"],
+        ["--benchmark", "pope=p.tsv", "--benchmark", "caption=c.tsv", "mmb=m.tsv"],
+    ):
         a = ablation.parse_args(base + argv)
         assert a.benchmark == ["pope=p.tsv", "caption=c.tsv", "mmb=m.tsv"]
         assert a.candidate == ["raw=d/raw", "recap=d/recap", "x=d/x"]

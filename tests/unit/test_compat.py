@@ -1,6 +1,7 @@
 """One test per workaround of megatron_sail/compat (named ``test_<workaround>``): each fails when
 the megatron-core / torch internal it relies on moved or behaves differently. After an
 upgrade, the failing test names the workaround to revisit."""
+
 import inspect
 import logging
 import re
@@ -33,8 +34,11 @@ def test_every_workaround_has_its_test():
     import megatron_sail
 
     pkg = os.path.dirname(megatron_sail.__file__)
-    gone = [w.where for w in compat.WORKAROUNDS if w.where.startswith(("compat/", "platform/"))
-            and not os.path.isfile(os.path.join(pkg, w.where))]
+    gone = [
+        w.where
+        for w in compat.WORKAROUNDS
+        if w.where.startswith(("compat/", "platform/")) and not os.path.isfile(os.path.join(pkg, w.where))
+    ]
     assert not gone, f"workarounds pointing at missing modules: {gone}"
 
 
@@ -151,9 +155,12 @@ def test_adam_step_on_load():
     adam = torch.optim.Adam([p])
     adam.state[p]["step"] = torch.tensor(7.0)
     calls = []
-    opt = SimpleNamespace(config=SimpleNamespace(), optimizer=adam,
-                          model_param_group_index_map={"mp": (0, 0)},
-                          _set_main_param_and_optimizer_states=lambda mp, t: calls.append((mp, t)))
+    opt = SimpleNamespace(
+        config=SimpleNamespace(),
+        optimizer=adam,
+        model_param_group_index_map={"mp": (0, 0)},
+        _set_main_param_and_optimizer_states=lambda mp, t: calls.append((mp, t)),
+    )
     keep_torch_adam_step(opt)
     opt._set_main_param_and_optimizer_states("mp", {"exp_avg": 1})
     assert calls == [("mp", {"exp_avg": 1, "step": adam.state[p]["step"]})]
@@ -187,8 +194,9 @@ def test_dummy_optimizer_states():
     w = torch.nn.Parameter(torch.arange(4.0))
     adam = torch.optim.Adam([w], lr=0.0, weight_decay=0.0)
     opt = SimpleNamespace(optimizer=adam)
-    opt._init_optimizer_states_with_dummy_values = \
+    opt._init_optimizer_states_with_dummy_values = (
         DistributedOptimizer._init_optimizer_states_with_dummy_values.__get__(opt)
+    )
     assert can_init_dummy_states(opt) and not can_init_dummy_states(SimpleNamespace())
     init_dummy_states(opt)
     assert set(adam.state[w]) >= {"step", "exp_avg", "exp_avg_sq"}
@@ -202,9 +210,13 @@ def test_step_phases():
     for name in ("prepare_grads", "get_grad_norm", "step_with_ready_grads", "get_parameters"):
         assert callable(getattr(MegatronOptimizer, name)), name
     assert _params(clip_grad_by_total_norm_fp32)[:3] == ["parameters", "max_norm", "total_norm"]
-    pos = _order(inspect.getsource(ChainedOptimizer.step), "self.prepare_grads()",
-                 "self.get_grad_norm()", "clip_grad_by_total_norm_fp32(",
-                 "self.step_with_ready_grads()")
+    pos = _order(
+        inspect.getsource(ChainedOptimizer.step),
+        "self.prepare_grads()",
+        "self.get_grad_norm()",
+        "clip_grad_by_total_norm_fp32(",
+        "self.step_with_ready_grads()",
+    )
     assert -1 not in pos and pos == sorted(pos), pos
 
 
@@ -365,16 +377,24 @@ def test_no_private_megatron_names_outside_compat_and_platform():
             path = os.path.join(dirpath, f)
             with open(path, encoding="utf-8") as fh:
                 tree = ast.parse(fh.read())
-            mcore = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-                     and (n.module or "").startswith("megatron") for a in n.names}
+            mcore = {
+                a.asname or a.name
+                for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("megatron")
+                for a in n.names
+            }
             for n in ast.walk(tree):
                 where = f"{os.path.relpath(path, pkg)}:{getattr(n, 'lineno', 0)}"
                 if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] in ("megatron", "torch"):
                     hits += [f"{where} imports {a.name}" for a in n.names if private(a.name)]
-                elif isinstance(n, ast.ClassDef) and any(isinstance(b, ast.Name) and b.id in mcore
-                                                         for b in n.bases):
-                    hits += [f"{where} overrides {d.name}" for d in n.body if isinstance(d, ast.FunctionDef)
-                             and private(d.name) and d.name in theirs]
+                elif isinstance(n, ast.ClassDef) and any(
+                    isinstance(b, ast.Name) and b.id in mcore for b in n.bases
+                ):
+                    hits += [
+                        f"{where} overrides {d.name}"
+                        for d in n.body
+                        if isinstance(d, ast.FunctionDef) and private(d.name) and d.name in theirs
+                    ]
                 elif isinstance(n, ast.Attribute) and private(n.attr) and n.attr in theirs - ours:
                     hits.append(f"{where} touches .{n.attr}")
     assert not hits, hits

@@ -15,6 +15,7 @@ tests below assert on:
 * the projector is Megatron's seeded init (or --projector-from's tensors);
 * unsupported folders and recipe mismatches fail with messages naming the supported types.
 """
+
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
 from testkit import ROOT, subprocess_env
 
 CASES = {  # name: (vision part, LM part, LM vocab rows, tied, compose flags)
@@ -38,8 +40,12 @@ def internvit_reference(sd: dict, cfg: dict, pixels: torch.Tensor) -> torch.Tens
     token, positions, then per layer x + ls1 * attn(norm1(x)), x + ls2 * mlp(norm2(x)) with the
     fused qkv rows ordered [q; k; v], each split into heads."""
     d, heads, eps = cfg["hidden_size"], cfg["num_attention_heads"], cfg["layer_norm_eps"]
-    x = F.conv2d(pixels, sd["embeddings.patch_embedding.weight"],
-                 sd["embeddings.patch_embedding.bias"], stride=cfg["patch_size"])
+    x = F.conv2d(
+        pixels,
+        sd["embeddings.patch_embedding.weight"],
+        sd["embeddings.patch_embedding.bias"],
+        stride=cfg["patch_size"],
+    )
     x = x.flatten(2).transpose(1, 2)
     x = torch.cat([sd["embeddings.class_embedding"].expand(x.size(0), 1, d), x], 1)
     x = x + sd["embeddings.position_embedding"]
@@ -52,8 +58,11 @@ def internvit_reference(sd: dict, cfg: dict, pixels: torch.Tensor) -> torch.Tens
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
         x = x + sd[p + "ls1"] * F.linear(a, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
         h = F.layer_norm(x, (d,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps)
-        h = F.linear(F.gelu(F.linear(h, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])),
-                     sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+        h = F.linear(
+            F.gelu(F.linear(h, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])),
+            sd[p + "mlp.fc2.weight"],
+            sd[p + "mlp.fc2.bias"],
+        )
         x = x + sd[p + "ls2"] * h
     return x[:, 1:]
 
@@ -77,10 +86,10 @@ def _check(name: str, vision: Path, lm: Path, mc: Path, tied: bool) -> dict:
     """Load the composed checkpoint and measure everything the tests assert."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_sail.config.parallel import ParallelConfig
-    from megatron_sail.convert import checkpoint, hf_internvl, hf_io
     from megatron_sail.checkpoint import dcp
     from megatron_sail.checkpoint.layout import read_model_config
+    from megatron_sail.config.parallel import ParallelConfig
+    from megatron_sail.convert import checkpoint, hf_internvl, hf_io
     from megatron_sail.data.tokenizer import load_tokenizer
 
     cfg = read_model_config(mc)
@@ -91,18 +100,26 @@ def _check(name: str, vision: Path, lm: Path, mc: Path, tied: bool) -> dict:
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     got = hf_internvl.ours_to_hf(ours, cfg)
     src_rows = hf_io.read_config(lm)["vocab_size"]
-    report = {"cfg": {"vocab": cfg.language.vocab_size, "ctx": cfg.img_context_token_id,
-                      "family": [cfg.vision.family, cfg.language.family], "tied": cfg.language.tie_embeddings,
-                      "odd_grid": cfg.projector.odd_grid},
-              "mismatch": [], "grown_rows_are_mean": None}
+    report = {
+        "cfg": {
+            "vocab": cfg.language.vocab_size,
+            "ctx": cfg.img_context_token_id,
+            "family": [cfg.vision.family, cfg.language.family],
+            "tied": cfg.language.tie_embeddings,
+            "odd_grid": cfg.projector.odd_grid,
+        },
+        "mismatch": [],
+        "grown_rows_are_mean": None,
+    }
     for key, value in _source_tensors(vision, lm).items():
         mine = got[key]
         if key.endswith("embed_tokens.weight") or key == "lm_head.weight":
             if mine.shape[0] > value.shape[0]:
                 mean = value.double().mean(0).float()
-                report["grown_rows_are_mean"] = bool(torch.equal(mine[value.shape[0]:],
-                                                                 mean.expand_as(mine[value.shape[0]:])))
-            mine = mine[:value.shape[0]]
+                report["grown_rows_are_mean"] = bool(
+                    torch.equal(mine[value.shape[0] :], mean.expand_as(mine[value.shape[0] :]))
+                )
+            mine = mine[: value.shape[0]]
         if mine.dtype != value.dtype or not torch.equal(mine, value):
             report["mismatch"].append(key)
     ids = torch.tensor([[1, 5, 17, 42, 99, 7, 250, 3, 11, 64]])
@@ -119,23 +136,38 @@ def _check(name: str, vision: Path, lm: Path, mc: Path, tied: bool) -> dict:
             import transformers
 
             cls = {"aimv2": "Aimv2VisionModel", "siglip": "SiglipVisionModel"}[cfg.vision.family]
-            ref = getattr(transformers, cls).from_pretrained(str(vision)).eval()(
-                pixel_values=pixels).last_hidden_state
+            ref = (
+                getattr(transformers, cls)
+                .from_pretrained(str(vision))
+                .eval()(pixel_values=pixels)
+                .last_hidden_state
+            )
         report["feature_diff"] = float((feats - ref).abs().max())
         report["feature_shape"] = list(feats.shape)
-    proj = {k[len("projector."):]: v for k, v in ours.items() if k.startswith("projector.")}
-    report["projector"] = {k: {"mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0,
-                               "first": float(v.flatten()[0])} for k, v in proj.items()}
+    proj = {k[len("projector.") :]: v for k, v in ours.items() if k.startswith("projector.")}
+    report["projector"] = {
+        k: {
+            "mean": float(v.mean()),
+            "std": float(v.std()) if v.numel() > 1 else 0.0,
+            "first": float(v.flatten()[0]),
+        }
+        for k, v in proj.items()
+    }
     tok = AutoTokenizer.from_pretrained(str(mc / "tokenizer"))
     src_tok = AutoTokenizer.from_pretrained(str(lm))
     data_tok = load_tokenizer(str(mc / "tokenizer"))
     text = "a red circle on a blue square"
-    report["tokens"] = {t: tok.convert_tokens_to_ids(t) for t in ("<img>", "</img>", "<IMG_CONTEXT>",
-                                                                  "<|im_start|>", "<|im_end|>", "<|endoftext|>")}
+    report["tokens"] = {
+        t: tok.convert_tokens_to_ids(t)
+        for t in ("<img>", "</img>", "<IMG_CONTEXT>", "<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    }
     report["source_size"] = len(src_tok)
     report["same_text_ids"] = tok.encode(text) == src_tok.encode(text)
-    report["data_tokenizer"] = {"added": data_tok.added, "ctx": data_tok.special.img_context,
-                                "vocab": data_tok.vocab_size}
+    report["data_tokenizer"] = {
+        "added": data_tok.added,
+        "ctx": data_tok.special.img_context,
+        "vocab": data_tok.vocab_size,
+    }
     report["conversion"] = json.loads((mc / "conversion.json").read_text())
     report["processor"] = json.loads((mc / "processor.json").read_text())
     report["files"] = sorted(p.name for p in mc.iterdir())
@@ -147,14 +179,26 @@ def _errors(root: Path, parts: dict) -> dict:
     import convert_checkpoint as c
 
     out = {}
-    trials = {"vision_is_lm": [parts["qwen2"], parts["qwen2"]],
-              "lm_is_vision": [parts["internvit"], parts["internvit"]],
-              "recipe_mismatch": [parts["aimv2"], parts["qwen2"], "--recipe", "tiny"],
-              "image_size": [parts["internvit"], parts["qwen2"], "--image-size", "448"]}
+    trials = {
+        "vision_is_lm": [parts["qwen2"], parts["qwen2"]],
+        "lm_is_vision": [parts["internvit"], parts["internvit"]],
+        "recipe_mismatch": [parts["aimv2"], parts["qwen2"], "--recipe", "tiny"],
+        "image_size": [parts["internvit"], parts["qwen2"], "--image-size", "448"],
+    }
     for name, (v, lm, *flags) in trials.items():
         try:
-            c.main(["compose", "--vision-hf", str(v), "--language-hf", str(lm),
-                    "--out", str(root / f"bad_{name}"), *flags])
+            c.main(
+                [
+                    "compose",
+                    "--vision-hf",
+                    str(v),
+                    "--language-hf",
+                    str(lm),
+                    "--out",
+                    str(root / f"bad_{name}"),
+                    *flags,
+                ]
+            )
             out[name] = "no error"
         except (ValueError, FileNotFoundError) as e:
             out[name] = str(e)
@@ -164,30 +208,72 @@ def _errors(root: Path, parts: dict) -> dict:
 
 def run_all(root: str) -> None:
     """Subprocess body: write the parts, compose every case, measure, dump report.json."""
-    import convert_checkpoint as c
-    import make_tiny_hf_parts as parts_tool
     from safetensors.torch import save_file
+
+    import convert_checkpoint as c
+    from megatron_sail.demo import tiny_parts as parts_tool
 
     root = Path(root)
     parts = {}
-    for part, rows, tied, size in (("internvit", 0, True, 300), ("aimv2", 0, True, 300),
-                                   ("qwen2", 512, True, 300), ("qwen3", 300, False, 300),
-                                   ("qwen3_moe", 512, False, 300), ("siglip", 0, True, 300)):
-        parts[part] = parts_tool.make_part(root / part, parts_tool.TinyPartConfig(
-            part=part, seed=len(parts), vocab_size=rows or 512, tokenizer_size=size, tied=tied))
+    for part, rows, tied, size in (
+        ("internvit", 0, True, 300),
+        ("aimv2", 0, True, 300),
+        ("qwen2", 512, True, 300),
+        ("qwen3", 300, False, 300),
+        ("qwen3_moe", 512, False, 300),
+        ("siglip", 0, True, 300),
+    ):
+        parts[part] = parts_tool.make_part(
+            root / part,
+            parts_tool.TinyPartConfig(
+                part=part, seed=len(parts), vocab_size=rows or 512, tokenizer_size=size, tied=tied
+            ),
+        )
     g = torch.Generator().manual_seed(5)
-    projector = {"mlp1.0.weight": 1 + 0.1 * torch.randn(256, generator=g), "mlp1.0.bias": torch.randn(256, generator=g),
-                 "mlp1.1.weight": torch.randn(128, 256, generator=g), "mlp1.1.bias": torch.randn(128, generator=g),
-                 "mlp1.3.weight": torch.randn(128, 128, generator=g), "mlp1.3.bias": torch.randn(128, generator=g)}
+    projector = {
+        "mlp1.0.weight": 1 + 0.1 * torch.randn(256, generator=g),
+        "mlp1.0.bias": torch.randn(256, generator=g),
+        "mlp1.1.weight": torch.randn(128, 256, generator=g),
+        "mlp1.1.bias": torch.randn(128, generator=g),
+        "mlp1.3.weight": torch.randn(128, 128, generator=g),
+        "mlp1.3.bias": torch.randn(128, generator=g),
+    }
     save_file(projector, str(root / "projector.safetensors"))
     report = {"projector_source": {k: float(v.flatten()[0]) for k, v in projector.items()}}
     for name, (vis, lm, _, tied, flags) in CASES.items():
         flags = [f.format(projector=root / "projector.safetensors") for f in flags]
-        assert c.main(["compose", "--vision-hf", str(parts[vis]), "--language-hf", str(parts[lm]),
-                       "--out", str(root / name), *flags]) == 0
+        assert (
+            c.main(
+                [
+                    "compose",
+                    "--vision-hf",
+                    str(parts[vis]),
+                    "--language-hf",
+                    str(parts[lm]),
+                    "--out",
+                    str(root / name),
+                    *flags,
+                ]
+            )
+            == 0
+        )
         report[name] = _check(name, parts[vis], parts[lm], root / name, tied)
-    assert c.main(["compose", "--vision-hf", str(parts["internvit"]), "--language-hf",
-                   str(parts["qwen2"]), "--out", str(root / "seed2"), "--seed", "2"]) == 0
+    assert (
+        c.main(
+            [
+                "compose",
+                "--vision-hf",
+                str(parts["internvit"]),
+                "--language-hf",
+                str(parts["qwen2"]),
+                "--out",
+                str(root / "seed2"),
+                "--seed",
+                "2",
+            ]
+        )
+        == 0
+    )
     report["seed2"] = _check("seed2", parts["internvit"], parts["qwen2"], root / "seed2", True)["projector"]
     report["errors"] = _errors(root, parts)
     report["root"] = str(root)
@@ -198,8 +284,9 @@ def run_all(root: str) -> None:
 def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("compose")
     code = f"import test_convert_compose as t; t.run_all({str(root)!r})"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=400,
-                          env=subprocess_env())
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=400, env=subprocess_env()
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((root / "report.json").read_text())
 
@@ -212,8 +299,14 @@ def test_encoder_and_lm_tensors_are_the_sources_bit_for_bit(report, case):
     assert r["cfg"]["family"] == [vis, lm]
     assert r["cfg"]["odd_grid"] == ("pad" if "--odd-grid" in CASES[case][4] else "error")
     assert r["cfg"]["tied"] == tied
-    assert {"metadata.json", "model_config.yaml", "processor.json", "manifest.json",
-            "conversion.json", "tokenizer"} <= set(r["files"])
+    assert {
+        "metadata.json",
+        "model_config.yaml",
+        "processor.json",
+        "manifest.json",
+        "conversion.json",
+        "tokenizer",
+    } <= set(r["files"])
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -259,9 +352,14 @@ def test_projector_is_seeded_megatron_init_or_the_given_tensors(report):
     assert report["vit_qwen2"]["conversion"]["projector"] == {"init": "megatron", "seed": 1234}
     for w in ("linear_1.weight", "linear_2.weight"):
         assert other[w]["first"] != fresh[w]["first"]  # another seed, another init
-    names = {"layer_norm.weight": "mlp1.0.weight", "layer_norm.bias": "mlp1.0.bias",
-             "linear_1.weight": "mlp1.1.weight", "linear_1.bias": "mlp1.1.bias",
-             "linear_2.weight": "mlp1.3.weight", "linear_2.bias": "mlp1.3.bias"}
+    names = {
+        "layer_norm.weight": "mlp1.0.weight",
+        "layer_norm.bias": "mlp1.0.bias",
+        "linear_1.weight": "mlp1.1.weight",
+        "linear_1.bias": "mlp1.1.bias",
+        "linear_2.weight": "mlp1.3.weight",
+        "linear_2.bias": "mlp1.3.bias",
+    }
     for ours, theirs in names.items():
         assert given[ours]["first"] == pytest.approx(report["projector_source"][theirs], abs=0)
 
@@ -281,31 +379,54 @@ def test_other_vision_spellings_read_to_the_same_tensors(tmp_path):
     """transformers Aimv2Model (vision_config + a text tower), Apple's remote-code AIMv2 (flat
     config, original names) and transformers InternVLVisionModel folders read into exactly the
     tensors the family maps expect, without the Megatron model (in-process, ~1 s)."""
-    import make_tiny_hf_parts as parts_tool
     from safetensors.torch import save_file
-    from transformers import (Aimv2Config, Aimv2Model, InternVLVisionConfig, InternVLVisionModel)
+    from transformers import Aimv2Config, Aimv2Model, InternVLVisionConfig, InternVLVisionModel
 
     from megatron_sail.convert import sailvl_layout, standalone
-    from megatron_sail.convert.compose import _model_config, ComposeConfig
+    from megatron_sail.convert.compose import ComposeConfig, _model_config
     from megatron_sail.convert.hf_internvl import apply_key_map
+    from megatron_sail.demo import tiny_parts as parts_tool
     from megatron_sail.models.families import vision_family
 
-    base = standalone.read_vision(parts_tool.make_part(tmp_path / "v", parts_tool.TinyPartConfig(part="aimv2")))
+    base = standalone.read_vision(
+        parts_tool.make_part(tmp_path / "v", parts_tool.TinyPartConfig(part="aimv2"))
+    )
     vcfg = base.hf_config.to_dict()
-    full = Aimv2Model(Aimv2Config(vision_config=vcfg, text_config=dict(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)))
+    full = Aimv2Model(
+        Aimv2Config(
+            vision_config=vcfg,
+            text_config=dict(
+                hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2
+            ),
+        )
+    )
     sd = {k: v for k, v in full.state_dict().items()}
-    sd.update({"vision_model." + k[len(standalone.VISION_PREFIX):]: v for k, v in base.state.items()})
+    sd.update({"vision_model." + k[len(standalone.VISION_PREFIX) :]: v for k, v in base.state.items()})
     full.load_state_dict(sd, strict=False)
     full.save_pretrained(str(tmp_path / "full"))
     apple = sailvl_layout.from_hf_state_dict(base.state)
     (tmp_path / "apple").mkdir()
-    save_file({k[len("vision_model."):]: v.contiguous() for k, v in apple.items()},
-              str(tmp_path / "apple" / "model.safetensors"))
-    (tmp_path / "apple" / "config.json").write_text(json.dumps({
-        "model_type": "aimv2", "architectures": ["AIMv2Model"], "hidden_size": 64,
-        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "image_size": 32, "patch_size": 8, "rms_norm_eps": 1e-5, "qkv_bias": False, "use_bias": False}))
+    save_file(
+        {k[len("vision_model.") :]: v.contiguous() for k, v in apple.items()},
+        str(tmp_path / "apple" / "model.safetensors"),
+    )
+    (tmp_path / "apple" / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "aimv2",
+                "architectures": ["AIMv2Model"],
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "image_size": 32,
+                "patch_size": 8,
+                "rms_norm_eps": 1e-5,
+                "qkv_bias": False,
+                "use_bias": False,
+            }
+        )
+    )
     for folder, kind in ((tmp_path / "full", "aimv2"), (tmp_path / "apple", "aimv2")):
         part = standalone.read_vision(folder)
         assert part.source_type == kind and part.family == "aimv2"
@@ -314,9 +435,18 @@ def test_other_vision_spellings_read_to_the_same_tensors(tmp_path):
         assert standalone.vision_config(part, -1, 0.0) == standalone.vision_config(base, -1, 0.0)
     assert any(k.startswith("text_model.") for k in standalone.read_vision(tmp_path / "full").skipped)
     # transformers' InternVLVisionModel: the family's standalone map reads every tensor
-    vit = InternVLVisionModel(InternVLVisionConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        image_size=[32, 32], patch_size=[8, 8], norm_type="layer_norm", use_mean_pooling=True))
+    vit = InternVLVisionModel(
+        InternVLVisionConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            image_size=[32, 32],
+            patch_size=[8, 8],
+            norm_type="layer_norm",
+            use_mean_pooling=True,
+        )
+    )
     vit.save_pretrained(str(tmp_path / "ivl"))
     part = standalone.read_vision(tmp_path / "ivl")
     v = standalone.vision_config(part, -1, 0.0)
@@ -332,45 +462,142 @@ def test_one_alignment_step_trains_from_the_composed_checkpoint(report):
     """`train.py --recipe tiny --stage pretrain-alignment --init-from MC` on data preprocessed
     with MC/tokenizer: the recipe check, the data/tokenizer checks and one step pass (~13 s)."""
     root, mc = Path(report["root"]), Path(report["root"]) / "vit_qwen2"
-    prep = [("make_demo_data", ["--out", str(root / "raw"), "--samples", "4"]),
-            ("preprocess_data", ["--input", str(root / "raw" / "train.jsonl"), "--tokenizer",
-                                 str(mc / "tokenizer"), "--output-prefix", str(root / "train"),
-                                 "--seq-length", "256", "--tile-size", "32", "--tokens-per-tile", "4",
-                                 "--max-tiles", "4"])]
+    prep = [
+        ("make_demo_data", ["--out", str(root / "raw"), "--samples", "4"]),
+        (
+            "preprocess_data",
+            [
+                "--input",
+                str(root / "raw" / "train.jsonl"),
+                "--tokenizer",
+                str(mc / "tokenizer"),
+                "--output-prefix",
+                str(root / "train"),
+                "--seq-length",
+                "256",
+                "--tile-size",
+                "32",
+                "--tokens-per-tile",
+                "4",
+                "--max-tiles",
+                "4",
+            ],
+        ),
+    ]
     code = f"for mod, argv in {prep!r}:\n    assert __import__(mod).main(argv) in (0, None)"
-    for args in (["-c", code],
-                 ["-m", "megatron_sail.train", "--recipe", "tiny", "--stage", "pretrain-alignment",
-                  "--data-path", str(root / "train"), "--init-from", str(mc), "--train-iters", "1",
-                  "--lr-decay-iters", "1", "--global-batch-size", "1", "--micro-batch-size", "1",
-                  "--seq-length", "256", "--eval-interval", "0", "--log-interval", "1",
-                  "--run-dir", str(root / "run"), "--save", str(root / "ckpt")]):
-        proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(),
-                              capture_output=True,
-                              text=True, timeout=300)
+    for args in (
+        ["-c", code],
+        [
+            "-m",
+            "megatron_sail.train",
+            "--recipe",
+            "tiny",
+            "--stage",
+            "pretrain-alignment",
+            "--data-path",
+            str(root / "train"),
+            "--init-from",
+            str(mc),
+            "--train-iters",
+            "1",
+            "--lr-decay-iters",
+            "1",
+            "--global-batch-size",
+            "1",
+            "--micro-batch-size",
+            "1",
+            "--seq-length",
+            "256",
+            "--eval-interval",
+            "0",
+            "--log-interval",
+            "1",
+            "--run-dir",
+            str(root / "run"),
+            "--save",
+            str(root / "ckpt"),
+        ],
+    ):
+        proc = subprocess.run(
+            [sys.executable, *args],
+            cwd=ROOT,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "step 1/1" in proc.stdout + proc.stderr
     assert (root / "ckpt" / "iter_0000001" / "tokenizer").is_dir()
 
 
 REAL = {  # config.json fields of the released parts (shapes as in SAIL-VL.md / config/model.py)
-    "sail_2b": ({"model_type": "intern_vit_6b", "architectures": ["InternVisionModel"],
-                 "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                 "num_attention_heads": 16, "image_size": 448, "patch_size": 14, "qkv_bias": True,
-                 "qk_normalization": False, "norm_type": "layer_norm", "layer_norm_eps": 1e-6,
-                 "hidden_act": "gelu", "initializer_factor": 0.1, "drop_path_rate": 0.1},
-                ("qwen2", dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                               num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
-                               rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
-                               tie_word_embeddings=True))),
-    "sail_vl2_2b": ({"model_type": "aimv2", "architectures": ["AIMv2Model"], "hidden_size": 1536,
-                     "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 12,
-                     "image_size": 448, "patch_size": 14, "rms_norm_eps": 1e-5, "qkv_bias": False,
-                     "use_bias": False},
-                    ("qwen3", dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
-                                   num_key_value_heads=8, head_dim=128, intermediate_size=6144,
-                                   vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                                   max_position_embeddings=40960, tie_word_embeddings=True,
-                                   attention_bias=False))),
+    "sail_2b": (
+        {
+            "model_type": "intern_vit_6b",
+            "architectures": ["InternVisionModel"],
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": 448,
+            "patch_size": 14,
+            "qkv_bias": True,
+            "qk_normalization": False,
+            "norm_type": "layer_norm",
+            "layer_norm_eps": 1e-6,
+            "hidden_act": "gelu",
+            "initializer_factor": 0.1,
+            "drop_path_rate": 0.1,
+        },
+        (
+            "qwen2",
+            dict(
+                hidden_size=1536,
+                num_hidden_layers=28,
+                num_attention_heads=12,
+                num_key_value_heads=2,
+                intermediate_size=8960,
+                vocab_size=151936,
+                rms_norm_eps=1e-6,
+                rope_theta=1000000.0,
+                max_position_embeddings=32768,
+                tie_word_embeddings=True,
+            ),
+        ),
+    ),
+    "sail_vl2_2b": (
+        {
+            "model_type": "aimv2",
+            "architectures": ["AIMv2Model"],
+            "hidden_size": 1536,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 12,
+            "image_size": 448,
+            "patch_size": 14,
+            "rms_norm_eps": 1e-5,
+            "qkv_bias": False,
+            "use_bias": False,
+        },
+        (
+            "qwen3",
+            dict(
+                hidden_size=2048,
+                num_hidden_layers=28,
+                num_attention_heads=16,
+                num_key_value_heads=8,
+                head_dim=128,
+                intermediate_size=6144,
+                vocab_size=151936,
+                rms_norm_eps=1e-6,
+                rope_theta=1000000.0,
+                max_position_embeddings=40960,
+                tie_word_embeddings=True,
+                attention_bias=False,
+            ),
+        ),
+    ),
 }
 
 
@@ -396,5 +623,7 @@ def test_released_part_configs_compose_under_their_recipe(tmp_path, recipe):
     with pytest.raises(ValueError, match="vision.num_layers: recipe 24, folders 23"):
         vis_cfg = {**vis_cfg, "num_hidden_layers": 23}
         (tmp_path / "config.json").write_text(json.dumps(vis_cfg))
-        bad = compose._model_config(standalone.read_vision(tmp_path), lm, compose.ComposeConfig(recipe=recipe))
+        bad = compose._model_config(
+            standalone.read_vision(tmp_path), lm, compose.ComposeConfig(recipe=recipe)
+        )
         compose._check_recipe(bad, model_recipe(recipe), recipe)

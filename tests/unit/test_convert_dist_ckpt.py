@@ -1,6 +1,6 @@
 """dist_ckpt: the synchronous torch_dist writer round-trips tensors and matches Megatron's format."""
+
 import json
-import os
 
 import pytest
 import torch
@@ -30,8 +30,11 @@ def _sharded(tensors: dict[str, torch.Tensor]) -> dict:
 
 def test_save_load_roundtrip_bitwise(single_rank_group, tmp_path):
     g = torch.Generator().manual_seed(0)
-    tensors = {"w": torch.randn(6, 4, generator=g), "b": torch.randn(4, generator=g).bfloat16(),
-               "i": torch.arange(5)}
+    tensors = {
+        "w": torch.randn(6, 4, generator=g),
+        "b": torch.randn(4, generator=g).bfloat16(),
+        "i": torch.arange(5),
+    }
     dcp.save_sharded({"model": _sharded(tensors)}, tmp_path / "ck")
     meta = json.loads((tmp_path / "ck" / "metadata.json").read_text())
     assert meta["sharded_backend"] == "torch_dist"
@@ -48,8 +51,9 @@ def test_load_reshards_to_a_slice(single_rank_group, tmp_path):
     dcp.save_sharded({"model": _sharded({"w": full})}, tmp_path / "ck")
     half = ShardedTensor.from_rank_offsets("net.w", torch.zeros(3, 4), (0, 1, 2), replica_id=0)
     # Pretend to be TP rank 1 of 2 along dim 0: global offset 1 of 2 chunks.
-    loaded = dist_checkpointing.load({"model": {"w": half}}, str(tmp_path / "ck"),
-                                     validate_access_integrity=False)
+    loaded = dist_checkpointing.load(
+        {"model": {"w": half}}, str(tmp_path / "ck"), validate_access_integrity=False
+    )
     assert torch.equal(loaded["model"]["w"], full[3:])
 
 
@@ -89,8 +93,7 @@ def test_load_model_reads_weights_of_a_training_checkpoint(single_rank_group, tm
     full load that does not ask for the extra keys is refused."""
     model = torch.nn.Linear(3, 2)
     weights = {k: v.detach() for k, v in model.state_dict().items()}
-    extra = {"exp_avg": ShardedTensor.from_rank_offsets("optimizer.exp_avg", torch.ones(2, 3),
-                                                        replica_id=0)}
+    extra = {"exp_avg": ShardedTensor.from_rank_offsets("optimizer.exp_avg", torch.ones(2, 3), replica_id=0)}
     dcp.save_sharded({"model": _sharded(weights), "optimizer": extra}, tmp_path / "ck")
     other = torch.nn.Linear(3, 2)
     other.sharded_state_dict = lambda: _sharded({k: v.detach() for k, v in other.state_dict().items()})

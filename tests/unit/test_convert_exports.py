@@ -6,6 +6,7 @@ The remote code is a small fixture in the shape of the hub files (remote_code_fi
 files must come back byte for byte, auto_map kept, and AutoModel(trust_remote_code=True) must
 load every exported tensor into the fixture's InternVLChatModel.
 """
+
 import json
 import shutil
 import subprocess
@@ -27,17 +28,20 @@ from testkit import subprocess_env
 def chat_round_trip(tmp_path_factory):
     """A tiny InternVL-chat checkpoint with remote code -> hf-to-mcore -> mcore-to-hf --layout chat."""
     d = tmp_path_factory.mktemp("chat")
-    src = tiny.make_tiny_checkpoint(d / "src", tiny.TinyCheckpointConfig(
-        layout="chat", vocab_size=320, tokenizer=True, seed=4))
+    src = tiny.make_tiny_checkpoint(
+        d / "src", tiny.TinyCheckpointConfig(layout="chat", vocab_size=320, tokenizer=True, seed=4)
+    )
     add_remote_code(src)
     (src / "README.md").write_text("model card\n")
     mc, back = d / "mc", d / "back"
-    calls = [["hf-to-mcore", "--hf-dir", str(src), "--out", str(mc)],
-             ["mcore-to-hf", "--mcore-dir", str(mc), "--out", str(back), "--layout", "chat"]]
-    code = ("import convert_checkpoint as c\n"
-            f"for argv in {calls!r}: assert c.main(argv) == 0")
-    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True,
-                          text=True, timeout=300)
+    calls = [
+        ["hf-to-mcore", "--hf-dir", str(src), "--out", str(mc)],
+        ["mcore-to-hf", "--mcore-dir", str(mc), "--out", str(back), "--layout", "chat"],
+    ]
+    code = f"import convert_checkpoint as c\nfor argv in {calls!r}: assert c.main(argv) == 0"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return src, mc, back
 
@@ -61,8 +65,7 @@ def test_chat_export_loads_with_trust_remote_code(chat_round_trip):
     from transformers import AutoModel, AutoTokenizer
 
     _, _, back = chat_round_trip
-    model, info = AutoModel.from_pretrained(str(back), trust_remote_code=True,
-                                            output_loading_info=True)
+    model, info = AutoModel.from_pretrained(str(back), trust_remote_code=True, output_loading_info=True)
     assert type(model).__name__ == "InternVLChatModel"
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     state = hf_io.read_state_dict(back)
@@ -110,17 +113,24 @@ def test_chat_template_renders_training_chatml():
     separators, image placeholder), for string and list contents."""
     from jinja2 import Template
 
-    tpl = Template(chat_template({"system_prompt": 'Be "brief".\nOK', "turn_separator": "\n",
-                                            "image_separator": "\n"}))
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]},
-            {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "<image>More"}]
+    tpl = Template(
+        chat_template({"system_prompt": 'Be "brief".\nOK', "turn_separator": "\n", "image_separator": "\n"})
+    )
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]},
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "<image>More"},
+    ]
     assert tpl.render(messages=msgs, add_generation_prompt=True) == (
         '<|im_start|>system\nBe "brief".\nOK<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\nHi?'
         "<|im_end|>\n<|im_start|>assistant\nYes.<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>More"
-        "<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
     plain = Template(chat_template({"system_prompt": ""}))
-    assert plain.render(messages=[{"role": "system", "content": "S"}], add_generation_prompt=False) \
+    assert (
+        plain.render(messages=[{"role": "system", "content": "S"}], add_generation_prompt=False)
         == "<|im_start|>system\nS<|im_end|>\n"
+    )
 
 
 def test_saved_tokenizer_keeps_the_training_ids(chat_round_trip, tmp_path):

@@ -1,20 +1,22 @@
 """HF checkpoint I/O and the InternVL-chat <-> transformers InternVL mapping (no Megatron needed)."""
+
 import json
 import os
 import stat
 
-import compare_logits
-import make_tiny_hf_checkpoint as tiny
 import pytest
 import torch
 
+from megatron_sail.bench import compare_logits
 from megatron_sail.convert import hf_io, internvl_chat
-
+from megatron_sail.demo import tiny_checkpoint as tiny
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    return tiny.make_tiny_checkpoint(tmp_path_factory.mktemp("c") / "hf", tiny.TinyCheckpointConfig(layout="hf"))
+    return tiny.make_tiny_checkpoint(
+        tmp_path_factory.mktemp("c") / "hf", tiny.TinyCheckpointConfig(layout="hf")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +66,8 @@ def test_qkv_split_order_is_q_then_k_then_v():
     out = internvl_chat.chat_to_hf_state_dict({"vision_model.encoder.layers.0.attn.qkv.weight": qkv})
     pre = "model.vision_tower.encoder.layer.0.attention."
     assert torch.equal(out[pre + "q_proj.weight"], qkv[:d])
-    assert torch.equal(out[pre + "k_proj.weight"], qkv[d:2 * d])
-    assert torch.equal(out[pre + "v_proj.weight"], qkv[2 * d:])
+    assert torch.equal(out[pre + "k_proj.weight"], qkv[d : 2 * d])
+    assert torch.equal(out[pre + "v_proj.weight"], qkv[2 * d :])
 
 
 def test_chat_config_translates_to_a_loadable_transformers_config(hf_dir, chat_dir):
@@ -78,8 +80,15 @@ def test_chat_config_translates_to_a_loadable_transformers_config(hf_dir, chat_d
     assert got.image_token_id == want.image_token_id == 255
     assert got.image_seq_length == want.image_seq_length == 4
     assert got.vision_config.to_dict() == want.vision_config.to_dict()
-    for key in ("hidden_size", "num_hidden_layers", "num_key_value_heads", "vocab_size", "rope_parameters",
-                "tie_word_embeddings", "rms_norm_eps"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_key_value_heads",
+        "vocab_size",
+        "rope_parameters",
+        "tie_word_embeddings",
+        "rms_norm_eps",
+    ):
         assert getattr(got.text_config, key) == getattr(want.text_config, key), key
 
 
@@ -93,13 +102,17 @@ def test_chat_checkpoint_gives_the_same_logits_as_the_transformers_one(hf_dir, c
     ids = torch.tensor([[1, 2, 255, 255, 255, 255, 3, 4]])
     pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, pixel_values=pixels).logits,
-                           ref(input_ids=ids, pixel_values=pixels).logits)
+        assert torch.equal(
+            model(input_ids=ids, pixel_values=pixels).logits, ref(input_ids=ids, pixel_values=pixels).logits
+        )
 
 
 def test_image_token_id_comes_from_the_tokenizer_files(tmp_path):
-    (tmp_path / "tokenizer.json").write_text(json.dumps(
-        {"added_tokens": [{"id": 7, "content": "<img>"}, {"id": 9, "content": internvl_chat.IMG_CONTEXT}]}))
+    (tmp_path / "tokenizer.json").write_text(
+        json.dumps(
+            {"added_tokens": [{"id": 7, "content": "<img>"}, {"id": 9, "content": internvl_chat.IMG_CONTEXT}]}
+        )
+    )
     lookup = lambda t: hf_io.find_added_token_id(tmp_path, t)  # noqa: E731
     assert internvl_chat.resolve_image_token_id({"img_context_token_id": 3}, lookup) == 9
     with pytest.raises(ValueError, match="IMG_CONTEXT"):
@@ -129,7 +142,9 @@ def test_bad_inputs_are_named(tmp_path, chat_dir):
 
 def test_write_checkpoint_is_atomic_and_shards(tmp_path):
     state = {f"t{i}": torch.full((64,), float(i)) for i in range(4)}
-    out = hf_io.write_checkpoint(tmp_path / "out", {"a": 1}, state, cfg=hf_io.HFWriteConfig(max_shard_bytes=600))
+    out = hf_io.write_checkpoint(
+        tmp_path / "out", {"a": 1}, state, cfg=hf_io.HFWriteConfig(max_shard_bytes=600)
+    )
     assert (out / hf_io.SAFETENSORS_INDEX).is_file()
     back = hf_io.read_state_dict(out)
     assert all(torch.equal(back[k], v) for k, v in state.items())
@@ -148,8 +163,9 @@ def test_written_files_follow_the_users_umask(tmp_path, umask):
     try:
         state = {f"t{i}": torch.full((64,), float(i)) for i in range(4)}
         one = hf_io.write_checkpoint(tmp_path / "one", {"a": 1}, state)
-        shards = hf_io.write_checkpoint(tmp_path / "shards", {"a": 1}, state,
-                                        cfg=hf_io.HFWriteConfig(max_shard_bytes=600))
+        shards = hf_io.write_checkpoint(
+            tmp_path / "shards", {"a": 1}, state, cfg=hf_io.HFWriteConfig(max_shard_bytes=600)
+        )
     finally:
         os.umask(old)
     for folder in (one, shards):
@@ -159,7 +175,6 @@ def test_written_files_follow_the_users_umask(tmp_path, umask):
 
 
 def test_compare_logits_prompt_is_chatml_through_the_tokenizer(tmp_path):
-    from transformers import AutoTokenizer
 
     cl = compare_logits
     hf = tiny.make_tiny_checkpoint(tmp_path / "hf", tiny.TinyCheckpointConfig(vocab_size=320, tokenizer=True))
@@ -167,9 +182,11 @@ def test_compare_logits_prompt_is_chatml_through_the_tokenizer(tmp_path):
     tok = cl.load_tokenizer(tmp_path / "missing", hf)
     assert ctx == tok.convert_tokens_to_ids(internvl_chat.IMG_CONTEXT) != 319
     ids = cl.prompt_ids(tok, "What is it?", [3, 2], ctx, 320)
-    want = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-            f"<img>{internvl_chat.IMG_CONTEXT * 3}</img>\n<img>{internvl_chat.IMG_CONTEXT * 2}</img>\n"
-            "What is it?<|im_end|>\n<|im_start|>assistant\n")
+    want = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        f"<img>{internvl_chat.IMG_CONTEXT * 3}</img>\n<img>{internvl_chat.IMG_CONTEXT * 2}</img>\n"
+        "What is it?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert tok.decode(ids) == want
     assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3 and ids.count(ctx) == 5
     with pytest.raises(ValueError, match="IMG_CONTEXT"):

@@ -3,6 +3,7 @@
 Covers both input layouts (transformers' InternVL and SAIL-VL's InternVL-chat, the latter
 sharded and in bf16) and tied embeddings. The tools run as subprocesses, as users run them.
 """
+
 import json
 import subprocess
 import sys
@@ -25,15 +26,19 @@ def _round_trip(tmp_path: Path, cfg, again: bool = False) -> tuple[Path, Path, P
     src = tiny.make_tiny_checkpoint(tmp_path / "src", cfg)
     (src / "special_tokens_map.json").write_text('{"eos_token": "<|im_end|>"}')
     mc, back = tmp_path / "mc", tmp_path / "back"
-    calls = [["hf-to-mcore", "--hf-dir", str(src), "--out", str(mc)],
-             ["mcore-to-hf", "--mcore-dir", str(mc), "--out", str(back)]]
+    calls = [
+        ["hf-to-mcore", "--hf-dir", str(src), "--out", str(mc)],
+        ["mcore-to-hf", "--mcore-dir", str(mc), "--out", str(back)],
+    ]
     if again:
-        calls += [["hf-to-mcore", "--hf-dir", str(back), "--out", str(tmp_path / "mc2")],
-                  ["mcore-to-hf", "--mcore-dir", str(tmp_path / "mc2"), "--out", str(tmp_path / "back2")]]
-    code = ("import convert_checkpoint as c\n"
-            f"for argv in {calls!r}: assert c.main(argv) == 0")
-    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True,
-                          text=True, timeout=300)
+        calls += [
+            ["hf-to-mcore", "--hf-dir", str(back), "--out", str(tmp_path / "mc2")],
+            ["mcore-to-hf", "--mcore-dir", str(tmp_path / "mc2"), "--out", str(tmp_path / "back2")],
+        ]
+    code = f"import convert_checkpoint as c\nfor argv in {calls!r}: assert c.main(argv) == 0"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return src, mc, back
 
@@ -61,9 +66,11 @@ def _assert_te_norm_keys(mc: Path) -> None:
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_transformers_layout_round_trip_is_bitwise(tmp_path, tied):
-    src, mc, back = _round_trip(tmp_path, tiny.TinyCheckpointConfig(layout="hf", tied=tied,
-                                                                    vocab_size=320, tokenizer=True),
-                                again=not tied)
+    src, mc, back = _round_trip(
+        tmp_path,
+        tiny.TinyCheckpointConfig(layout="hf", tied=tied, vocab_size=320, tokenizer=True),
+        again=not tied,
+    )
     _assert_bitwise(hf_io.read_state_dict(src), hf_io.read_state_dict(back))
     assert hf_io.read_config(back) == hf_io.read_config(src)
     assert (mc / "metadata.json").is_file() and (mc / "model_config.yaml").is_file()
@@ -83,8 +90,16 @@ def test_transformers_layout_round_trip_is_bitwise(tmp_path, tied):
 
 def test_sharded_bf16_chat_layout_round_trip_is_bitwise(tmp_path):
     """Also with select_layer=-2: the last ViT layer, which our model does not build, comes back."""
-    cfg = tiny.TinyCheckpointConfig(layout="chat", dtype="bfloat16", max_shard_bytes=60_000, seed=3,
-                                    vision_layers=3, select_layer=-2, vocab_size=320, tokenizer=True)
+    cfg = tiny.TinyCheckpointConfig(
+        layout="chat",
+        dtype="bfloat16",
+        max_shard_bytes=60_000,
+        seed=3,
+        vision_layers=3,
+        select_layer=-2,
+        vocab_size=320,
+        tokenizer=True,
+    )
     src, mc, back = _round_trip(tmp_path, cfg)
     from safetensors.torch import load_file
 
@@ -110,15 +125,19 @@ def family_round_trips(tmp_path_factory):
     calls, out = [], {}
     for family, layout in FAMILY_CASES:
         d = root / f"{family}_{layout}"
-        src = tiny.make_tiny_checkpoint(d / "src", tiny.TinyCheckpointConfig(
-            layout=layout, text_family=family, vocab_size=320, tokenizer=True))
-        calls += [["hf-to-mcore", "--hf-dir", str(src), "--out", str(d / "mc")],
-                  ["mcore-to-hf", "--mcore-dir", str(d / "mc"), "--out", str(d / "back")]]
+        src = tiny.make_tiny_checkpoint(
+            d / "src",
+            tiny.TinyCheckpointConfig(layout=layout, text_family=family, vocab_size=320, tokenizer=True),
+        )
+        calls += [
+            ["hf-to-mcore", "--hf-dir", str(src), "--out", str(d / "mc")],
+            ["mcore-to-hf", "--mcore-dir", str(d / "mc"), "--out", str(d / "back")],
+        ]
         out[family, layout] = (src, d / "mc", d / "back")
-    code = ("import convert_checkpoint as c\n"
-            f"for argv in {calls!r}: assert c.main(argv) == 0")
-    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True,
-                          text=True, timeout=300)
+    code = f"import convert_checkpoint as c\nfor argv in {calls!r}: assert c.main(argv) == 0"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -149,7 +168,12 @@ def test_qwen3_text_models_round_trip_bitwise_in_both_layouts(family_round_trips
 
         meta = FileSystemReader(str(mc)).read_metadata().state_dict_metadata
         # experts are one sharded tensor [layers, experts, out, in]: loadable at any TP/EP
-        assert tuple(meta["language_model.decoder.layers.mlp.experts.experts.linear_fc1.weight"].size) == (2, 4, 64, 64)
+        assert tuple(meta["language_model.decoder.layers.mlp.experts.experts.linear_fc1.weight"].size) == (
+            2,
+            4,
+            64,
+            64,
+        )
         assert tuple(meta["language_model.decoder.layers.mlp.router.weight"].size) == (2, 4, 64)
 
 
@@ -158,8 +182,8 @@ def test_qwen3_moe_export_loads_in_transformers_with_the_same_logits(family_roun
     tensors itself) and give the logits of transformers' own load of the source checkpoint."""
     from transformers import AutoModelForImageTextToText
 
-    from megatron_sail.convert.hf_internvl import from_hf_config, to_transformers_params
     from megatron_sail.convert.checkpoint import read_hf_checkpoint, transformers_config
+    from megatron_sail.convert.hf_internvl import from_hf_config, to_transformers_params
 
     src = family_round_trips["qwen3_moe", "hf"][0]
     ref = AutoModelForImageTextToText.from_pretrained(str(src)).eval()

@@ -1,6 +1,7 @@
 """Complexity scoring (megatron_sail/curate/complexity/, tools/score_complexity.py): the IFD of
 a tiny random InternVL equals the two answer losses computed by hand with transformers on the
 same weights; the heuristic's documented types; sidecar shards resume; judge ratings parse."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,13 @@ import random
 from pathlib import Path
 
 import pytest
-import score_complexity
-from recaption_fixtures import demo_png, tiny_checkpoint
 
+import score_complexity
 from megatron_sail.curate.complexity import sidecar
 from megatron_sail.curate.complexity.heuristic import heuristic_score, question_types
 from megatron_sail.curate.complexity.judge import RatingError, parse_rating
 from megatron_sail.curate.complexity.samples import Sample
+from recaption_fixtures import demo_png, tiny_checkpoint
 
 
 def _sft_file(root: Path) -> Path:
@@ -26,12 +27,31 @@ def _sft_file(root: Path) -> Path:
     for i in range(2):
         data, _ = demo_png(rng)
         (root / "images" / f"{i}.png").write_bytes(data)
-        rows.append({"image": f"images/{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": "red"}]
-            + ([{"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "two"}]
-               if i == 0 else [])})
-    rows.append({"conversations": [{"from": "human", "value": "Count to three."},
-                                   {"from": "gpt", "value": "one two three"}]})
+        rows.append(
+            {
+                "image": f"images/{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is the shape?"},
+                    {"from": "gpt", "value": "red"},
+                ]
+                + (
+                    [
+                        {"from": "human", "value": "How many shapes are there?"},
+                        {"from": "gpt", "value": "two"},
+                    ]
+                    if i == 0
+                    else []
+                ),
+            }
+        )
+    rows.append(
+        {
+            "conversations": [
+                {"from": "human", "value": "Count to three."},
+                {"from": "gpt", "value": "one two three"},
+            ]
+        }
+    )
     path = root / "sft.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
     return path
@@ -74,7 +94,7 @@ def _by_hand(ckpt: str, rows: list[dict], root: Path) -> list[tuple[float, float
         if "image" in row:  # image tokens and tiles as the processor makes them for one request
             p = builder.build(GenerationRequest("x", [str(root / row["image"])]), 1)
             start = p.ids.index(sp.img_start)
-            image_run = p.ids[start:p.ids.index(sp.img_end) + 1]
+            image_run = p.ids[start : p.ids.index(sp.img_end) + 1]
             pixels = p.tiles
         answers = []
         for t in turns:
@@ -108,17 +128,31 @@ def _by_hand(ckpt: str, rows: list[dict], root: Path) -> list[tuple[float, float
 
 def test_ifd_equals_the_losses_by_hand_with_transformers(tiny, tmp_path):
     out = tmp_path / "ifd"
-    args = ["--input", str(tiny["data"]), "--method", "ifd", "--model", tiny["ckpt"], "--output-dir", str(out),
-            "--max-tiles", "2", "--samples-per-shard", "2", "--max-batch-tokens", "64"]
+    args = [
+        "--input",
+        str(tiny["data"]),
+        "--method",
+        "ifd",
+        "--model",
+        tiny["ckpt"],
+        "--output-dir",
+        str(out),
+        "--max-tiles",
+        "2",
+        "--samples-per-shard",
+        "2",
+        "--max-batch-tokens",
+        "64",
+    ]
     assert score_complexity.main(args) == 0
     recs = sidecar.read_scores(str(out))
     assert [r["key"] for r in recs] == ["line 1", "line 2", "line 3"]
-    rows = [json.loads(l) for l in tiny["data"].read_text().splitlines()[:3]]
+    rows = [json.loads(line) for line in tiny["data"].read_text().splitlines()[:3]]
     for rec, (ce_c, ce_a) in zip(recs, _by_hand(tiny["ckpt"], rows, tiny["data"].parent)):
         assert rec["ce_conditioned"] == pytest.approx(ce_c, abs=1e-4)
         assert rec["ce_answer_only"] == pytest.approx(ce_a, abs=1e-4)
         assert rec["score"] == pytest.approx(math.exp(ce_c - ce_a), rel=1e-4)
-    rejects = [json.loads(l) for f in out.glob("*.rejects.jsonl") for l in f.read_text().splitlines()]
+    rejects = [json.loads(line) for f in out.glob("*.rejects.jsonl") for line in f.read_text().splitlines()]
     assert [(r["key"], r["reason"]) for r in rejects] == [("line 4", "invalid_json")]
     # a rerun skips both finished shards; a lost shard is scored again, the same
     (next(out.glob("*-00001.scores.jsonl"))).unlink()
@@ -146,32 +180,73 @@ def test_heuristic_types_and_order():
     easy = heuristic_score(sample(("Is there a cat?", "yes")))["score"]
     attr = heuristic_score(sample(("What colour is the shape?", "red")))["score"]
     count = heuristic_score(sample(("How many shapes are left of the square?", "two")))["score"]
-    long = heuristic_score(sample(("Why?", " ".join(["word"] * 40)), ("Explain more.", "ok"), images=2))["score"]
+    long = heuristic_score(sample(("Why?", " ".join(["word"] * 40)), ("Explain more.", "ok"), images=2))[
+        "score"
+    ]
     assert easy < attr < count < long
     assert easy == pytest.approx(1.0 + 0.5 * math.log2(1.1) + 0.25 * math.log2(1 + 4 / 8))
 
 
 def test_heuristic_tool_sidecar_and_judge_parsing(tiny, tmp_path):
     out = tmp_path / "h"
-    assert score_complexity.main(["--input", str(tiny["data"]), "--method", "heuristic", "--output-dir", str(out)]) == 0
+    assert (
+        score_complexity.main(
+            ["--input", str(tiny["data"]), "--method", "heuristic", "--output-dir", str(out)]
+        )
+        == 0
+    )
     recs = sidecar.read_scores(str(out))
     assert [(r["key"], r["type"], r["turns"]) for r in recs] == [
-        ("line 1", "counting", 2), ("line 2", "short", 1), ("line 3", "counting", 1)]
+        ("line 1", "counting", 2),
+        ("line 2", "short", 1),
+        ("line 3", "counting", 1),
+    ]
     assert recs[0]["source"] == str(tiny["data"].resolve())
     # another method into the same folder is refused, naming what it holds
-    assert score_complexity.main(["--input", str(tiny["data"]), "--method", "ifd", "--model", tiny["ckpt"],
-                                  "--output-dir", str(out)]) == 2
+    assert (
+        score_complexity.main(
+            [
+                "--input",
+                str(tiny["data"]),
+                "--method",
+                "ifd",
+                "--model",
+                tiny["ckpt"],
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 2
+    )
     (out / "bad.scores.jsonl").write_text('{"source": "a", "key": "line 1"}\n')
     with pytest.raises(ValueError, match="bad.scores.jsonl line 1: not a score record"):
         sidecar.read_scores(str(out))
     # judge through the megatron backend on the tiny random model: each image sample is rated 1-5
     # or an unparsable_rating reject naming the answer; the text-only one is no_image
     jd = tmp_path / "j"
-    assert score_complexity.main(["--input", str(tiny["data"]), "--method", "judge", "--model", tiny["ckpt"],
-                                  "--backend", "megatron", "--output-dir", str(jd)]) == 0
+    assert (
+        score_complexity.main(
+            [
+                "--input",
+                str(tiny["data"]),
+                "--method",
+                "judge",
+                "--model",
+                tiny["ckpt"],
+                "--backend",
+                "megatron",
+                "--output-dir",
+                str(jd),
+            ]
+        )
+        == 0
+    )
     rated = {r["key"]: r["score"] for r in sidecar.read_scores(str(jd))}
-    rejected = {json.loads(l)["key"]: json.loads(l)["reason"] for f in jd.glob("*.rejects.jsonl")
-                for l in f.read_text().splitlines()}
+    rejected = {
+        json.loads(line)["key"]: json.loads(line)["reason"]
+        for f in jd.glob("*.rejects.jsonl")
+        for line in f.read_text().splitlines()
+    }
     assert rejected.pop("line 3") == "no_image" and rejected.pop("line 4") == "invalid_json"
     assert set(rated) | set(rejected) == {"line 1", "line 2"} and not set(rated) & set(rejected)
     assert all(v in (1, 2, 3, 4, 5) for v in rated.values())

@@ -1,6 +1,7 @@
 """Filters and dedup on constructed shards: exact / near duplicates (resized, recompressed
 copies), looping captions, refusals, boilerplate, language, image checks; the band index
 against brute force; the CLI's outputs (shards, rejects, report, PNG); determinism."""
+
 from __future__ import annotations
 
 import io
@@ -14,12 +15,11 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
-from testkit import ROOT, subprocess_env
 
 from megatron_sail.curate.filters.caption_check import duplicate_ngram_fraction
 from megatron_sail.curate.filters.dedup import BandIndex
 from megatron_sail.curate.filters.pipeline import FilterConfig, load_config, run_filters
-
+from testkit import ROOT, subprocess_env
 
 
 def pattern(seed: int, size=(64, 64)) -> Image.Image:
@@ -45,41 +45,64 @@ def write_tar(path: str, samples: list[tuple[str, dict]]) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
-GOOD = ["a red square beside a small blue circle on a white table",
-        "two green triangles under a yellow sun in the corner",
-        "a purple box with an orange lid standing on grass",
-        "three black birds flying over a grey stone bridge",
-        "a wooden chair next to an open window with curtains",
-        "a plate of fruit with apples and pears on a kitchen counter"]
+GOOD = [
+    "a red square beside a small blue circle on a white table",
+    "two green triangles under a yellow sun in the corner",
+    "a purple box with an orange lid standing on grass",
+    "three black birds flying over a grey stone bridge",
+    "a wooden chair next to an open window with curtains",
+    "a plate of fruit with apples and pears on a kitchen counter",
+]
 
 
 def build(tmp_path) -> tuple[list[str], dict]:
     """Two shards; ``expect`` maps each key to its reason (None: kept)."""
     png0 = encode(pattern(0))
     near = encode(pattern(1).resize((80, 80), Image.BILINEAR).convert("RGB"), "JPEG", quality=70)
-    s1 = [("a000", {"png": png0, "txt": GOOD[0], "json": '{"k": 1}'}),
-          ("a001", {"png": encode(pattern(1)), "txt": GOOD[1], "original.txt": "IMG_001"}),
-          ("a002", {"jpg": near, "txt": GOOD[2], "original.txt": "IMG_002"}),       # near dup of a001
-          ("a003", {"png": encode(pattern(3)), "txt": "a cat a cat a cat a cat a cat a cat a cat a cat"}),
-          ("a004", {"png": encode(pattern(4)), "txt": "I'm sorry, but I cannot describe this image."}),
-          ("a005", {"png": encode(pattern(5)), "txt": "Stock photo of a beach, royalty-free download"}),
-          ("a006", {"png": encode(pattern(6)), "txt": "ein roter Kreis links im Bild neben einem blauen Quadrat"}),
-          ("a007", {"png": encode(pattern(7, (20, 20))), "txt": GOOD[3]}),
-          ("a008", {"png": encode(pattern(8, (300, 40))), "txt": GOOD[3]}),
-          ("a009", {"png": b"not an image at all", "txt": GOOD[4]}),
-          ("a010", {"png": encode(pattern(10)), "txt": "dog"}),
-          ("a011", {"png": encode(pattern(11))})]
-    s2 = [("b000", {"png": png0, "caption": GOOD[5]}),                               # exact dup of a000
-          ("b001", {"png": encode(pattern(20)), "caption": GOOD[5]}),
-          ("b002", {"png": encode(pattern(3)), "txt": GOOD[4]}),   # same image as a003, whose caption looped
-          ("b003", {"webp": encode(pattern(20).resize((48, 48)), "WEBP", quality=60), "txt": GOOD[0]})]
+    s1 = [
+        ("a000", {"png": png0, "txt": GOOD[0], "json": '{"k": 1}'}),
+        ("a001", {"png": encode(pattern(1)), "txt": GOOD[1], "original.txt": "IMG_001"}),
+        ("a002", {"jpg": near, "txt": GOOD[2], "original.txt": "IMG_002"}),  # near dup of a001
+        ("a003", {"png": encode(pattern(3)), "txt": "a cat a cat a cat a cat a cat a cat a cat a cat"}),
+        ("a004", {"png": encode(pattern(4)), "txt": "I'm sorry, but I cannot describe this image."}),
+        ("a005", {"png": encode(pattern(5)), "txt": "Stock photo of a beach, royalty-free download"}),
+        (
+            "a006",
+            {"png": encode(pattern(6)), "txt": "ein roter Kreis links im Bild neben einem blauen Quadrat"},
+        ),
+        ("a007", {"png": encode(pattern(7, (20, 20))), "txt": GOOD[3]}),
+        ("a008", {"png": encode(pattern(8, (300, 40))), "txt": GOOD[3]}),
+        ("a009", {"png": b"not an image at all", "txt": GOOD[4]}),
+        ("a010", {"png": encode(pattern(10)), "txt": "dog"}),
+        ("a011", {"png": encode(pattern(11))}),
+    ]
+    s2 = [
+        ("b000", {"png": png0, "caption": GOOD[5]}),  # exact dup of a000
+        ("b001", {"png": encode(pattern(20)), "caption": GOOD[5]}),
+        ("b002", {"png": encode(pattern(3)), "txt": GOOD[4]}),  # same image as a003, whose caption looped
+        ("b003", {"webp": encode(pattern(20).resize((48, 48)), "WEBP", quality=60), "txt": GOOD[0]}),
+    ]
     # the survivor of a duplicate group is the largest image, then the first by shard and order:
     # a002 (80x80) beats a001 (64x64); b003 (48x48) loses to b001; a003 is rejected before dedup,
     # so b002 (its exact copy) survives
-    expect = {"a000": None, "a001": "near_duplicate", "a002": None, "a003": "repetition", "a004": "refusal",
-              "a005": "boilerplate", "a006": "language", "a007": "too_small", "a008": "aspect_ratio",
-              "a009": "undecodable", "a010": "too_short", "a011": "no_caption", "b000": "exact_duplicate",
-              "b001": None, "b002": None, "b003": "near_duplicate"}
+    expect = {
+        "a000": None,
+        "a001": "near_duplicate",
+        "a002": None,
+        "a003": "repetition",
+        "a004": "refusal",
+        "a005": "boilerplate",
+        "a006": "language",
+        "a007": "too_small",
+        "a008": "aspect_ratio",
+        "a009": "undecodable",
+        "a010": "too_short",
+        "a011": "no_caption",
+        "b000": "exact_duplicate",
+        "b001": None,
+        "b002": None,
+        "b003": "near_duplicate",
+    }
     paths = [str(tmp_path / "in" / "s1.tar"), str(tmp_path / "in" / "s2.tar")]
     os.makedirs(tmp_path / "in")
     write_tar(paths[0], s1)
@@ -128,11 +151,17 @@ def test_deterministic_and_config(tmp_path):
     runs = []
     for name in ("o1", "o2"):
         run_filters(paths, str(tmp_path / name), FilterConfig())
-        runs.append([(tmp_path / name / f).read_bytes() for f in ("s1.tar", "s2.tar", "s1.rejects.jsonl",
-                                                                 "s2.rejects.jsonl")])
+        runs.append(
+            [
+                (tmp_path / name / f).read_bytes()
+                for f in ("s1.tar", "s2.tar", "s1.rejects.jsonl", "s2.rejects.jsonl")
+            ]
+        )
     assert runs[0] == runs[1]
     cfg_path = tmp_path / "filters.yaml"
-    cfg_path.write_text("near_dedup: {enabled: false}\nlanguage: {languages: [en, de]}\nimage: {min_side: 16}\n")
+    cfg_path.write_text(
+        "near_dedup: {enabled: false}\nlanguage: {languages: [en, de]}\nimage: {min_side: 16}\n"
+    )
     run_filters(paths, str(tmp_path / "o3"), load_config(str(cfg_path)))
     reasons = {k: r["reason"] for k, r in read_rejects(tmp_path / "o3").items()}
     assert "a001" not in reasons and "a006" not in reasons and "a007" not in reasons
@@ -175,15 +204,25 @@ def test_cli_outputs_and_errors(tmp_path):
     paths, expect = build(tmp_path)
     no_lang = tmp_path / "no_lang.yaml"
     no_lang.write_text("language: {enabled: false}\n")
-    cmd = [sys.executable, str(ROOT / "tools" / "filter_data.py"), "--input", str(tmp_path / "in" / "*.tar"),
-           "--output-dir", str(tmp_path / "clean")]
-    r = subprocess.run(cmd + ["--config", str(no_lang)], capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "filter_data.py"),
+        "--input",
+        str(tmp_path / "in" / "*.tar"),
+        "--output-dir",
+        str(tmp_path / "clean"),
+    ]
+    r = subprocess.run(
+        cmd + ["--config", str(no_lang)], capture_output=True, text=True, cwd=ROOT, env=subprocess_env()
+    )
     assert r.returncode == 0, r.stderr
     kept = sum(v is None for v in expect.values()) + 1  # a006 (German) is kept without the language check
     assert f"{len(expect)} samples, kept {kept}" in r.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("dedupe: {}\n")
-    r = subprocess.run(cmd + ["--config", str(bad)], capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
+    r = subprocess.run(
+        cmd + ["--config", str(bad)], capture_output=True, text=True, cwd=ROOT, env=subprocess_env()
+    )
     assert r.returncode == 2 and "unknown filter section 'dedupe'" in r.stderr
 
 
@@ -200,12 +239,27 @@ def test_clip_filter_with_tiny_random_model(tmp_path):
     tok.train_from_iterator(GOOD * 3, trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]", "[PAD]"]))
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
     cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=120, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=16), projection_dim=8)
+        text_config=dict(
+            vocab_size=120,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        ),
+        projection_dim=8,
+    )
     model_dir = tmp_path / "clip"
     import torch
+
     torch.manual_seed(0)
     transformers.CLIPModel(cfg).save_pretrained(model_dir)
     fast.save_pretrained(model_dir)
@@ -213,10 +267,18 @@ def test_clip_filter_with_tiny_random_model(tmp_path):
     fc = FilterConfig()
     fc.clip = ClipScoreConfig(enabled=True, model=str(model_dir), min_score=-2.0)
     res = run_filters(paths, str(tmp_path / "c1"), fc)
-    scores = [float(x) for p in sorted((tmp_path / "c1" / "reports").glob("*.json"))
-              for x in json.load(open(p))["scores"].get("clip_score", [])]
-    assert len(scores) == res["samples"] - sum(n for st, r in res["removed_by_stage"].items() if st != "clip"
-                                               for n in r.values()) and all(-1.0 <= s <= 1.0 for s in scores) and len(set(scores)) > 1
+    scores = [
+        float(x)
+        for p in sorted((tmp_path / "c1" / "reports").glob("*.json"))
+        for x in json.load(open(p))["scores"].get("clip_score", [])
+    ]
+    assert (
+        len(scores)
+        == res["samples"]
+        - sum(n for st, r in res["removed_by_stage"].items() if st != "clip" for n in r.values())
+        and all(-1.0 <= s <= 1.0 for s in scores)
+        and len(set(scores)) > 1
+    )
     threshold = sorted(set(scores))[2]
     fc.clip.min_score = threshold
     res2 = run_filters(paths, str(tmp_path / "c2"), fc)

@@ -1,6 +1,7 @@
 """Hostile shards through recaption and filter_data (issue 20 items 8 and 9): sanitized output
 member names, duplicate keys and repeated members as rejects, the per-sample byte cap, and
 rejects files that are byte-identical across reruns (no memory addresses in details)."""
+
 from __future__ import annotations
 
 import io
@@ -10,12 +11,11 @@ import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recaption_fixtures import FakeVLMServer, add_member, read_output  # noqa: E402
-
 from megatron_sail.curate.backends import BackendConfig  # noqa: E402
 from megatron_sail.curate.filters.pipeline import FilterConfig, run_filters  # noqa: E402
 from megatron_sail.curate.reader import safe_key  # noqa: E402
 from megatron_sail.curate.recaption import RecaptionConfig, run  # noqa: E402
+from recaption_fixtures import FakeVLMServer, add_member, read_output  # noqa: E402
 
 CAPTION = b"a red square beside a small blue circle on a white table"
 
@@ -41,7 +41,9 @@ def hostile_tar(path: Path) -> None:
         add_member(tar, "big.png", png(52))
         add_member(tar, "big.txt", CAPTION)
         add_member(tar, "big.json", b"x" * 1500)
-        add_member(tar, "big.original.txt", b"y" * 1500)  # each under the member cap, together over the sample cap
+        add_member(
+            tar, "big.original.txt", b"y" * 1500
+        )  # each under the member cap, together over the sample cap
         add_member(tar, "notimg.png", b"this is not an image at all")
         add_member(tar, "notimg.txt", CAPTION)
         add_member(tar, "ok.png", png(53))  # "ok" again: a duplicate key
@@ -70,7 +72,11 @@ def test_filter_output_names_are_sanitized_and_duplicates_are_rejects(tmp_path):
     assert not (tmp_path / "evil.png").exists()
     rejects = [json.loads(ln) for ln in (out / "in.rejects.jsonl").read_text().splitlines()]
     assert {r["key"]: r["reason"] for r in rejects} == {
-        "twice": "duplicate_member", "big": "sample_too_large", "notimg": "undecodable", "ok": "duplicate_key"}
+        "twice": "duplicate_member",
+        "big": "sample_too_large",
+        "notimg": "undecodable",
+        "ok": "duplicate_key",
+    }
     assert all("0x" not in r["detail"] for r in rejects)
 
 
@@ -80,17 +86,32 @@ def test_recaption_rejects_are_byte_identical_across_reruns(tmp_path):
     with FakeVLMServer() as server:
         for run_id in range(2):
             out = tmp_path / f"out{run_id}"
-            backend = BackendConfig("openai", "fake-vlm", api_base=server.url, max_new_tokens=16, backoff_s=0.01)
-            run(RecaptionConfig([str(tmp_path / "in.tar")], str(out), backend, max_image_bytes=2000,
-                                max_sample_bytes=2500, progress=False))
+            backend = BackendConfig(
+                "openai", "fake-vlm", api_base=server.url, max_new_tokens=16, backoff_s=0.01
+            )
+            run(
+                RecaptionConfig(
+                    [str(tmp_path / "in.tar")],
+                    str(out),
+                    backend,
+                    max_image_bytes=2000,
+                    max_sample_bytes=2500,
+                    progress=False,
+                )
+            )
             outs.append(out)
     first = (outs[0] / "in.rejects.jsonl").read_bytes()
     assert first == (outs[1] / "in.rejects.jsonl").read_bytes()
     rejects = {json.loads(ln)["key"]: json.loads(ln) for ln in first.decode().splitlines()}
     assert {k: r["reason"] for k, r in rejects.items()} == {
-        "twice": "duplicate_member", "big": "sample_too_large", "notimg": "undecodable_image", "ok": "duplicate_key"}
+        "twice": "duplicate_member",
+        "big": "sample_too_large",
+        "notimg": "undecodable_image",
+        "ok": "duplicate_key",
+    }
     assert "0x" not in first.decode() and "BytesIO" in rejects["notimg"]["detail"]
     names = members_of(outs[0] / "in.tar")
     assert all("/" not in n for n in names)
     assert sorted(read_output(str(outs[0] / "in.tar"))) == sorted(
-        safe_key(k) for k in ["../../evil", "/abs/olute", "ok", "sub/../../up"])
+        safe_key(k) for k in ["../../evil", "/abs/olute", "ok", "sub/../../up"]
+    )

@@ -2,6 +2,7 @@
 and records with a scripted OpenAI-compatible judge, and a whole filter run with the tiny random
 InternVL as the judge through the megatron backend (its replies are noise: each sample is kept
 with scores or rejected with a judge reason, never a crash)."""
+
 from __future__ import annotations
 
 import io
@@ -13,11 +14,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recaption_fixtures import FakeVLMServer, add_member, tiny_checkpoint  # noqa: E402
-
 from megatron_sail.curate.filters.base import FilterSample  # noqa: E402
 from megatron_sail.curate.filters.judge import Judge, JudgeConfig, parse_ita, parse_vir  # noqa: E402
 from megatron_sail.curate.filters.pipeline import load_config, run_filters  # noqa: E402
+from recaption_fixtures import FakeVLMServer, add_member, tiny_checkpoint  # noqa: E402
 
 CAPTION = "a red square beside a small blue circle on a white table"
 
@@ -31,7 +31,13 @@ def png(w: int, h: int) -> bytes:
 
 
 def test_reply_parsing():
-    assert [parse_vir(r) for r in ("4", "Score: 5/5", "3 - the main objects", " 2.", "I'd say 1")] == [4, 5, 3, 2, 1]
+    assert [parse_vir(r) for r in ("4", "Score: 5/5", "3 - the main objects", " 2.", "I'd say 1")] == [
+        4,
+        5,
+        3,
+        2,
+        1,
+    ]
     assert [parse_vir(r) for r in ("", "six", "7", "0", "4.5", "rating 10")] == [None] * 6
     replies = ("Yes.", "no", "NO, it shows a dog", "The answer is yes")
     assert [parse_ita(r) for r in replies] == [True, False, False, True]
@@ -39,7 +45,13 @@ def test_reply_parsing():
 
 
 def test_thresholds_and_records_with_a_scripted_judge():
-    replies = {40: ("4", "yes"), 41: ("2", "yes"), 42: ("5", "No."), 43: ("great", "yes"), 44: ("3", "perhaps")}
+    replies = {
+        40: ("4", "yes"),
+        41: ("2", "yes"),
+        42: ("5", "No."),
+        43: ("great", "yes"),
+        44: ("3", "perhaps"),
+    }
 
     def answer(prompt, w, h):
         assert CAPTION in prompt
@@ -49,12 +61,19 @@ def test_thresholds_and_records_with_a_scripted_judge():
         judge = Judge(JudgeConfig(enabled=True, backend="openai", model="fake-judge", api_base=server.url))
         out = {}
         for w in replies:
-            s = FilterSample(key=f"k{w}", shard="s", members={"png": png(w, 30)}, image_ext="png", caption=CAPTION)
+            s = FilterSample(
+                key=f"k{w}", shard="s", members={"png": png(w, 30)}, image_ext="png", caption=CAPTION
+            )
             r = judge.process(s)
             out[w] = (r.reason if r else None, s.record["judge"]["vir"], s.record["judge"]["ita"])
         judge.close()
-    assert out == {40: (None, 4, "yes"), 41: ("judge_low_vir", 2, "yes"), 42: ("judge_not_aligned", 5, "no"),
-                   43: ("judge_unparseable", None, "yes"), 44: ("judge_unparseable", 3, None)}
+    assert out == {
+        40: (None, 4, "yes"),
+        41: ("judge_low_vir", 2, "yes"),
+        42: ("judge_not_aligned", 5, "no"),
+        43: ("judge_unparseable", None, "yes"),
+        44: ("judge_unparseable", 3, None),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +97,10 @@ def test_judge_on_the_tiny_model(tiny, tmp_path):
             add_member(tar, f"k{k}.txt", CAPTION.encode())
             add_member(tar, f"k{k}.json", json.dumps({"k": k}).encode())
     cfg_path = tmp_path / "filters.yaml"
-    cfg_path.write_text(f"filters:\n  - image: {{}}\n  - judge: {{backend: megatron, model: '{tiny}', "
-                        f"max_new_tokens: 4, max_tiles: 1}}\n")
+    cfg_path.write_text(
+        f"filters:\n  - image: {{}}\n  - judge: {{backend: megatron, model: '{tiny}', "
+        f"max_new_tokens: 4, max_tiles: 1}}\n"
+    )
     report = run_filters([str(shard)], str(tmp_path / "out"), load_config(str(cfg_path)))
     assert report["samples"] == 3 and set(report["removed_by_stage"]) <= {"judge"}
     rejects = [json.loads(ln) for ln in (tmp_path / "out" / "s.rejects.jsonl").read_text().splitlines()]

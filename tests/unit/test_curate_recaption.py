@@ -1,6 +1,7 @@
 """Recaption pipeline (megatron_sail/curate/, tools/recaption.py): prompts, rejects, provenance,
 resume after kill -9, SLURM-array sharding, the OpenAI backend's retries / rate limit, and the
 megatron and hf backends on a tiny random InternVL (docs/curation.md, "Recaption")."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,13 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-import recaption as cli
-from recaption_fixtures import FakeVLMServer, add_member, read_output, tiny_checkpoint, write_shards
-from testkit import ROOT, subprocess_env
 
+import recaption as cli
 from megatron_sail.curate.backends import BackendConfig, CaptionRequest
 from megatron_sail.curate.prompts import DEFAULT_PROMPTS, PromptBank, PromptBankConfig
 from megatron_sail.curate.recaption import RecaptionConfig, my_shards, run
+from recaption_fixtures import FakeVLMServer, add_member, read_output, tiny_checkpoint, write_shards
+from testkit import ROOT, subprocess_env
 
 
 def png(w: int, h: int = 40, colour=(200, 30, 30)) -> bytes:
@@ -33,8 +34,7 @@ def png(w: int, h: int = 40, colour=(200, 30, 30)) -> bytes:
 
 
 def openai_cfg(server, **kw) -> BackendConfig:
-    return BackendConfig("openai", "fake-vlm", api_base=server.url, max_new_tokens=32, backoff_s=0.01,
-                         **kw)
+    return BackendConfig("openai", "fake-vlm", api_base=server.url, max_new_tokens=32, backoff_s=0.01, **kw)
 
 
 def all_keys(out: Path) -> list[str]:
@@ -71,11 +71,16 @@ def test_shard_index_partitions_and_jsonl_ranges(tmp_path):
     jl = tmp_path / "pool.jsonl"
     jl.write_text("".join(json.dumps({"image": "a.png", "caption": str(i)}) + "\n" for i in range(7)))
     inputs = [str(tmp_path / "in" / "*.tar"), str(jl)]
-    parts = [my_shards(RecaptionConfig(inputs, str(tmp_path / "o"), samples_per_shard=3, shard_index=i,
-                                       num_shards=3)) for i in range(3)]
+    parts = [
+        my_shards(
+            RecaptionConfig(inputs, str(tmp_path / "o"), samples_per_shard=3, shard_index=i, num_shards=3)
+        )
+        for i in range(3)
+    ]
     names = [s.name for p in parts for s in p]
-    assert sorted(names) == sorted(["00000", "00001", "00002", "00003", "00004",
-                                    "pool-00000", "pool-00001", "pool-00002"])
+    assert sorted(names) == sorted(
+        ["00000", "00001", "00002", "00003", "00004", "pool-00000", "pool-00001", "pool-00002"]
+    )
     assert len(names) == len(set(names))
     ranges = sorted((s.start, s.stop) for p in parts for s in p if s.kind == "jsonl")
     assert ranges == [(0, 3), (3, 6), (6, 7)]
@@ -85,8 +90,15 @@ def test_shard_index_partitions_and_jsonl_ranges(tmp_path):
 
 def test_cli_errors_and_slurm_array_defaults(tmp_path, monkeypatch, capsys):
     write_shards(tmp_path / "in", 1, 1)
-    base = ["--input", str(tmp_path / "in" / "*.tar"), "--output-dir", str(tmp_path / "o"), "--model", "m",
-            "--no-progress"]
+    base = [
+        "--input",
+        str(tmp_path / "in" / "*.tar"),
+        "--output-dir",
+        str(tmp_path / "o"),
+        "--model",
+        "m",
+        "--no-progress",
+    ]
     if importlib.util.find_spec("vllm") is None:  # an optional backend that is missing: one clear error
         assert cli.main(base + ["--backend", "vllm"]) == 2
         assert "needs the optional package vllm" in capsys.readouterr().err
@@ -112,7 +124,11 @@ def test_openai_backend_retries_with_backoff_and_sends_the_key(monkeypatch):
         [res] = backend.caption([CaptionRequest(png(33), "Describe it.")])
         elapsed = time.monotonic() - t0
         backend.close()
-        assert res.error is None and res.text == "a 33x40 image; asked: Describe it." and res.finish_reason == "stop"
+        assert (
+            res.error is None
+            and res.text == "a 33x40 image; asked: Describe it."
+            and res.finish_reason == "stop"
+        )
         assert server.calls == 4 and backend.retries == 3
         assert elapsed >= 0.01 + 0.02 + 0.04  # exponential backoff: 1x, 2x, 4x the first delay
         assert set(server.auth) == {"Bearer sk-test-123"}
@@ -144,9 +160,14 @@ def _reject_inputs(root: Path) -> tuple[list[str], dict]:
     root.mkdir()
     expect = {}
     with tarfile.open(root / "mixed.tar", "w") as tar:
-        for key, data, reason in [("ok1", png(30), None), ("badimg", b"\x89PNG not really", "undecodable_image"),
-                                  ("empty", png(41), "empty_caption"), ("trunc", png(42), "truncated_caption"),
-                                  ("generr", png(43), "generation_error"), ("ok2", png(31), None)]:
+        for key, data, reason in [
+            ("ok1", png(30), None),
+            ("badimg", b"\x89PNG not really", "undecodable_image"),
+            ("empty", png(41), "empty_caption"),
+            ("trunc", png(42), "truncated_caption"),
+            ("generr", png(43), "generation_error"),
+            ("ok2", png(31), None),
+        ]:
             add_member(tar, f"{key}.png", data)
             add_member(tar, f"{key}.txt", f"alt {key}".encode())
             expect[key] = reason
@@ -155,9 +176,15 @@ def _reject_inputs(root: Path) -> tuple[list[str], dict]:
         add_member(tar, "ok1.jpg", png(30))  # the key again, later in the shard
     (root / "imgs").mkdir()
     (root / "imgs" / "a.png").write_bytes(png(50))
-    lines = [{"image": "a.png", "caption": "orig a"}, {"image": "gone.png", "caption": "x"},
-             {"image": "../mixed.tar", "caption": "y"},
-             {"image": "a.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "llava a"}]}]
+    lines = [
+        {"image": "a.png", "caption": "orig a"},
+        {"image": "gone.png", "caption": "x"},
+        {"image": "../mixed.tar", "caption": "y"},
+        {
+            "image": "a.png",
+            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "llava a"}],
+        },
+    ]
     (root / "pool.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (root / "folder").mkdir()
     (root / "folder" / "f1.png").write_bytes(png(60))
@@ -170,10 +197,22 @@ def test_every_reject_reason_and_the_output_shard(tmp_path):
     inputs, expect = _reject_inputs(tmp_path / "in")
     out = tmp_path / "out"
     with FakeVLMServer(empty_widths=[41], length_widths=[42], error_widths=[43]) as server:
-        summary = run(RecaptionConfig(inputs, str(out), openai_cfg(server, max_retries=0, batch_size=3),
-                                      image_root=str(tmp_path / "in" / "imgs"), seed=5, progress=False))
-    rejects = {json.loads(ln)["key"]: json.loads(ln) for ln in (out / "mixed.rejects.jsonl").read_text().splitlines()}
-    assert {k: r["reason"] for k, r in rejects.items() if k != "ok1"} == {k: v for k, v in expect.items() if v}
+        summary = run(
+            RecaptionConfig(
+                inputs,
+                str(out),
+                openai_cfg(server, max_retries=0, batch_size=3),
+                image_root=str(tmp_path / "in" / "imgs"),
+                seed=5,
+                progress=False,
+            )
+        )
+    rejects = {
+        json.loads(ln)["key"]: json.loads(ln) for ln in (out / "mixed.rejects.jsonl").read_text().splitlines()
+    }
+    assert {k: r["reason"] for k, r in rejects.items() if k != "ok1"} == {
+        k: v for k, v in expect.items() if v
+    }
     assert rejects["ok1"]["reason"] == "duplicate_key"
     assert "HTTP 500" in rejects["generr"]["detail"]
     assert rejects["trunc"]["provenance"]["finish_reason"] == "length"
@@ -181,9 +220,15 @@ def test_every_reject_reason_and_the_output_shard(tmp_path):
     assert [r["reason"] for r in pool] == ["missing_image", "path_outside_root"]
     folder = [json.loads(ln) for ln in (out / "folder.rejects.jsonl").read_text().splitlines()]
     assert [(r["key"], r["reason"]) for r in folder] == [("000000001", "undecodable_image")]
-    assert summary["rejects_by_reason"] == {"duplicate_key": 1, "empty_caption": 1, "generation_error": 1,
-                                            "missing_image": 2, "path_outside_root": 1, "truncated_caption": 1,
-                                            "undecodable_image": 2}
+    assert summary["rejects_by_reason"] == {
+        "duplicate_key": 1,
+        "empty_caption": 1,
+        "generation_error": 1,
+        "missing_image": 2,
+        "path_outside_root": 1,
+        "truncated_caption": 1,
+        "undecodable_image": 2,
+    }
     assert summary["captioned"] == 2 + 2 + 1 and summary["samples"] == 8 + 4 + 2
 
     bank = PromptBank(PromptBankConfig(seed=5))
@@ -197,8 +242,9 @@ def test_every_reject_reason_and_the_output_shard(tmp_path):
         prompt = bank.pick("mixed", key)[1]
         assert s["txt"].decode() == meta["caption"] == f"a {w}x40 image; asked: {prompt}"
         assert s["original.txt"].decode() == meta["original_text"] == f"alt {key}"
-        assert {k: meta["provenance"][k] for k in ("prompt", "model", "backend", "seed", "finish_reason")} == {
-            "prompt": prompt, "model": "fake-vlm", "backend": "openai", "seed": 5, "finish_reason": "stop"}
+        assert {
+            k: meta["provenance"][k] for k in ("prompt", "model", "backend", "seed", "finish_reason")
+        } == {"prompt": prompt, "model": "fake-vlm", "backend": "openai", "seed": 5, "finish_reason": "stop"}
     pool_out = read_output(str(out / "pool.tar"))
     assert [json.loads(v["json"])["original_text"] for v in pool_out.values()] == ["orig a", "llava a"]
     f1 = read_output(str(out / "folder.tar"))["000000000"]
@@ -210,9 +256,28 @@ def test_every_reject_reason_and_the_output_shard(tmp_path):
 
 # ------------------------------------------------------------------ crash / kill and resume
 def _cli(out: Path, url: str, extra=()) -> list[str]:
-    return [sys.executable, str(ROOT / "tools" / "recaption.py"), "--input", str(out.parent / "in" / "*.tar"),
-            "--output-dir", str(out), "--model", "fake-vlm", "--backend", "openai", "--api-base", url,
-            "--batch-size", "1", "--max-new-tokens", "16", "--backoff", "0.01", "--no-progress", *extra]
+    return [
+        sys.executable,
+        str(ROOT / "tools" / "recaption.py"),
+        "--input",
+        str(out.parent / "in" / "*.tar"),
+        "--output-dir",
+        str(out),
+        "--model",
+        "fake-vlm",
+        "--backend",
+        "openai",
+        "--api-base",
+        url,
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "16",
+        "--backoff",
+        "0.01",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_kill_9_mid_run_then_rerun_gives_every_sample_exactly_once(tmp_path):
@@ -220,7 +285,9 @@ def test_kill_9_mid_run_then_rerun_gives_every_sample_exactly_once(tmp_path):
     out = tmp_path / "out"
     env = subprocess_env()
     with FakeVLMServer(delay_s=0.08) as server:
-        proc = subprocess.Popen(_cli(out, server.url), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            _cli(out, server.url), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.time() + 120
         while not (out / "done" / "00000.json").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.02)
@@ -233,8 +300,13 @@ def test_kill_9_mid_run_then_rerun_gives_every_sample_exactly_once(tmp_path):
         assert list(out.glob("*.tar.tmp")), "the killed shard was mid-write"
         time.sleep(0.3)  # the request in flight at the kill still completes on the server
         calls_before = server.ok_calls
-        res = subprocess.run([a for a in _cli(out, server.url) if a != "--no-progress"], env=env,
-                             capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [a for a in _cli(out, server.url) if a != "--no-progress"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         summary = json.loads(res.stdout)
         assert summary["skipped_done"] == len(done_before)
@@ -244,7 +316,9 @@ def test_kill_9_mid_run_then_rerun_gives_every_sample_exactly_once(tmp_path):
     got = all_keys(out)
     assert sorted(got) == sorted(keys) and len(got) == len(set(got)) == 20
     assert not list(out.glob("*.tmp"))
-    again = subprocess.run(_cli(out, "http://127.0.0.1:9/v1"), env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        _cli(out, "http://127.0.0.1:9/v1"), env=env, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0 and json.loads(again.stdout)["skipped_done"] == 4
 
 
@@ -256,8 +330,16 @@ def test_failed_shard_is_retried_then_reported(tmp_path, workers):
     out = tmp_path / "out"
     (out / "00001.tar").mkdir(parents=True)  # the final name is taken: the rename fails every time
     with FakeVLMServer() as server:
-        summary = run(RecaptionConfig([str(tmp_path / "in" / "*.tar")], str(out), openai_cfg(server),
-                                      shard_retries=2, workers=workers, progress=False))
+        summary = run(
+            RecaptionConfig(
+                [str(tmp_path / "in" / "*.tar")],
+                str(out),
+                openai_cfg(server),
+                shard_retries=2,
+                workers=workers,
+                progress=False,
+            )
+        )
         assert server.ok_calls == 2 * 2 + 3 * 2  # shard 1 tried three times
     assert summary["shards_done"] == ["00000", "00002"]
     [failed] = summary["failed_shards"]
@@ -289,20 +371,29 @@ def test_megatron_and_hf_backends_give_the_same_captions(tiny, tmp_path):
     from megatron_sail.curate.backends import make_backend
     from megatron_sail.inference import GenerationConfig, GenerationRequest, load_generator
 
-    reqs = [CaptionRequest(png(80, 40, (10, 200, 10)), "Describe this image in detail."),
-            CaptionRequest(png(40, 90, (10, 10, 200)), "Write a thorough caption.")]
+    reqs = [
+        CaptionRequest(png(80, 40, (10, 200, 10)), "Describe this image in detail."),
+        CaptionRequest(png(40, 90, (10, 10, 200)), "Write a thorough caption."),
+    ]
     cfg = BackendConfig("megatron", tiny["ckpt"], max_new_tokens=6, batch_size=2, max_tiles=2)
     meg = make_backend(cfg).caption(reqs)
     direct = load_generator(tiny["ckpt"], GenerationConfig(max_new_tokens=6, max_tiles=2)).generate(
-        [GenerationRequest(r.prompt, [r.image]) for r in reqs])
+        [GenerationRequest(r.prompt, [r.image]) for r in reqs]
+    )
     assert [(m.text, m.tokens, m.finish_reason) for m in meg] == [
-        (d.text, len(d.token_ids), d.finish_reason) for d in direct]
-    hf = make_backend(BackendConfig("hf", tiny["ckpt"], max_new_tokens=6, batch_size=2, max_tiles=2)).caption(reqs)
-    assert [(h.text, h.tokens, h.finish_reason) for h in hf] == [(m.text, m.tokens, m.finish_reason) for m in meg]
+        (d.text, len(d.token_ids), d.finish_reason) for d in direct
+    ]
+    hf = make_backend(BackendConfig("hf", tiny["ckpt"], max_new_tokens=6, batch_size=2, max_tiles=2)).caption(
+        reqs
+    )
+    assert [(h.text, h.tokens, h.finish_reason) for h in hf] == [
+        (m.text, m.tokens, m.finish_reason) for m in meg
+    ]
 
     write_shards(tmp_path / "in", 1, 3)
-    summary = run(RecaptionConfig([str(tmp_path / "in" / "*.tar")], str(tmp_path / "out"),
-                                  cfg, progress=False))
+    summary = run(
+        RecaptionConfig([str(tmp_path / "in" / "*.tar")], str(tmp_path / "out"), cfg, progress=False)
+    )
     assert summary["samples"] == 3
     rejects = [json.loads(ln) for ln in (tmp_path / "out" / "00000.rejects.jsonl").read_text().splitlines()]
     captioned = read_output(str(tmp_path / "out" / "00000.tar"))
@@ -333,8 +424,15 @@ def test_a_reader_failure_mid_shard_fails_the_shard_cleanly(tmp_path, monkeypatc
     monkeypatch.setattr(ReadStage, "read", failing)
     out = tmp_path / "out"
     with FakeVLMServer() as server:
-        summary = run(RecaptionConfig([str(tmp_path / "in" / "*.tar")], str(out), openai_cfg(server, batch_size=2),
-                                      shard_retries=1, progress=False))
+        summary = run(
+            RecaptionConfig(
+                [str(tmp_path / "in" / "*.tar")],
+                str(out),
+                openai_cfg(server, batch_size=2),
+                shard_retries=1,
+                progress=False,
+            )
+        )
     [failed] = summary["failed_shards"]
     assert failed["attempts"] == 2 and "disk went away" in failed["error"]
     assert not list(out.glob("*.tmp")) and not list(out.glob("*.tar"))

@@ -1,6 +1,7 @@
 """The curation plots tell the truth (issue 22): filter_report.png's panels colour kept and
 removed samples, draw the configured thresholds and show plain tick labels; ranking.png's title
 names the benchmarks and what the error bars are."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -11,8 +12,13 @@ from matplotlib.colors import to_hex  # noqa: E402
 
 from megatron_sail.curate.ablation_stats import RankRow, plot_ranking, ranking_title  # noqa: E402
 from megatron_sail.curate.filters.pipeline import FilterConfig  # noqa: E402
-from megatron_sail.curate.filters.report import (KEPT_COLOUR, REMOVED_COLOUR, draw_score_panel,  # noqa: E402
-                                                 plot_histograms, score_thresholds)
+from megatron_sail.curate.filters.report import (  # noqa: E402
+    KEPT_COLOUR,
+    REMOVED_COLOUR,
+    draw_score_panel,
+    plot_histograms,
+    score_thresholds,
+)
 
 
 def _bar_totals(ax) -> dict[str, float]:
@@ -42,7 +48,10 @@ def test_language_probability_panel_is_readable_coloured_and_thresholded():
     assert _bar_totals(ax) == {KEPT_COLOUR: 4.0, REMOVED_COLOUR: 2.0}
     assert [tuple(line.get_xdata()) for line in ax.lines] == [(0.5, 0.5)]
     assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == [
-        "kept (4)", "min_probability=0.5", "removed (2)"]
+        "kept (4)",
+        "min_probability=0.5",
+        "removed (2)",
+    ]
     plt.close(fig)
 
 
@@ -64,8 +73,12 @@ def test_thresholds_follow_the_config_and_skip_disabled_stages(tmp_path):
     assert t["caption_words"] == [("min_words=5", 5.0), ("max_words=60", 60.0)]
     assert "repetition" not in t and "clip_score" not in t  # repetition off; CLIP off by default
     path = tmp_path / "r.png"
-    plot_histograms({"caption_words": [1, 7, 80], "language_probability": [0.999, 0.9995]}, str(path),
-                    {"caption_words": [False, True, False], "language_probability": [True, True]}, t)
+    plot_histograms(
+        {"caption_words": [1, 7, 80], "language_probability": [0.999, 0.9995]},
+        str(path),
+        {"caption_words": [False, True, False], "language_probability": [True, True]},
+        t,
+    )
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 

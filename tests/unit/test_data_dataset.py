@@ -1,12 +1,13 @@
 """Blending: weights, determinism, epochs, resumable position; Megatron-style data paths."""
+
 import numpy as np
 import pytest
 
 from megatron_sail.config.data import PackingConfig, PreprocessConfig
-from megatron_sail.data.loading.dataset import BlendedDataset, PackedDataset, build_blended, parse_data_path
-from megatron_sail.demo.generator import DemoConfig, make_demo
-from megatron_sail.data.preprocess.pipeline import run
 from megatron_sail.config.images import TilingConfig
+from megatron_sail.data.loading.dataset import BlendedDataset, PackedDataset, build_blended, parse_data_path
+from megatron_sail.data.preprocess.pipeline import run
+from megatron_sail.demo.generator import DemoConfig, make_demo
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +16,13 @@ def prefixes(tmp_path_factory):
     demo = make_demo(str(root / "demo"), DemoConfig(samples=60, val_samples=20, seed=1))
     out = []
     for name in ("train", "val"):
-        cfg = PreprocessConfig(inputs=[demo[name]], output_prefix=str(root / name), tokenizer=demo["tokenizer"],
-                               tiling=TilingConfig(32, 1, 2, True, 4), packing=PackingConfig(128, 16, 0))
+        cfg = PreprocessConfig(
+            inputs=[demo[name]],
+            output_prefix=str(root / name),
+            tokenizer=demo["tokenizer"],
+            tiling=TilingConfig(32, 1, 2, True, 4),
+            packing=PackingConfig(128, 16, 0),
+        )
         assert run(cfg, log=lambda m: None)[0] == 0
         out.append(str(root / name))
     return out
@@ -48,9 +54,9 @@ def test_each_epoch_of_a_dataset_is_a_permutation(prefixes):
     n1 = len(blend.datasets[1])
     rows = [blend.locate(k) for k in range(6 * n1)]
     from_1 = [r for d, r in rows if d == 1]
-    assert sorted(from_1[:n1]) == list(range(n1)) and sorted(from_1[n1:2 * n1]) == list(range(n1))
-    assert from_1[:n1] != from_1[n1:2 * n1]  # a new order each epoch
-    assert blend.locate(10 ** 9)[0] in (0, 1)  # any position is addressable, cheaply
+    assert sorted(from_1[:n1]) == list(range(n1)) and sorted(from_1[n1 : 2 * n1]) == list(range(n1))
+    assert from_1[:n1] != from_1[n1 : 2 * n1]  # a new order each epoch
+    assert blend.locate(10**9)[0] in (0, 1)  # any position is addressable, cheaply
 
 
 def test_stream_is_deterministic_and_seeded(prefixes):

@@ -1,4 +1,5 @@
 """Input readers (LLaVA JSONL/JSON, caption pairs, WebDataset tars) and image header parsing."""
+
 import io
 import json
 import tarfile
@@ -7,8 +8,8 @@ import pytest
 from PIL import Image
 
 from megatron_sail.config.data import TemplateConfig
-from megatron_sail.data.preprocess.formats import detect_format, expand_inputs, iter_records, to_conversation
 from megatron_sail.data.images.imageinfo import image_info
+from megatron_sail.data.preprocess.formats import detect_format, expand_inputs, iter_records, to_conversation
 from megatron_sail.data.template import SampleError
 
 
@@ -27,8 +28,9 @@ def test_header_size_without_decoding_and_bytes_kept(fmt):
 
 def test_progressive_jpeg_with_exif_thumbnail_size():
     buf = io.BytesIO()
-    Image.new("RGB", (300, 200), (1, 2, 3)).save(buf, format="JPEG", progressive=True,
-                                                 exif=Image.Exif().tobytes())
+    Image.new("RGB", (300, 200), (1, 2, 3)).save(
+        buf, format="JPEG", progressive=True, exif=Image.Exif().tobytes()
+    )
     assert image_info(buf.getvalue())[1:] == (300, 200)
 
 
@@ -42,14 +44,17 @@ def test_other_formats_are_reencoded_losslessly_to_png():
     assert Image.open(io.BytesIO(out)).convert("RGB").getpixel((3, 4)) == (9, 8, 7)
 
 
-@pytest.mark.parametrize("data,reason", [
-    (encode((64, 64), "PNG")[:-20], "truncated_image"),
-    (encode((64, 64), "JPEG")[:-50], "truncated_image"),
-    (encode((64, 64), "JPEG")[:20], "truncated_image"),
-    (b"", "truncated_image"),
-    (b"this is not an image at all", "undecodable_image"),
-    (encode((64, 64), "BMP")[:40], "truncated_image"),
-])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (encode((64, 64), "PNG")[:-20], "truncated_image"),
+        (encode((64, 64), "JPEG")[:-50], "truncated_image"),
+        (encode((64, 64), "JPEG")[:20], "truncated_image"),
+        (b"", "truncated_image"),
+        (b"this is not an image at all", "undecodable_image"),
+        (encode((64, 64), "BMP")[:40], "truncated_image"),
+    ],
+)
 def test_broken_images_are_rejected_with_reason(data, reason):
     with pytest.raises(SampleError) as e:
         image_info(data)
@@ -66,10 +71,15 @@ def test_llava_jsonl_and_json_array_with_image_root(tmp_path):
     imgdir = tmp_path / "imgs"
     imgdir.mkdir()
     (imgdir / "a.png").write_bytes(encode((10, 20), "PNG"))
-    row = {"id": "1", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQ"},
-                                                          {"from": "gpt", "value": "A"}]}
-    write_jsonl(tmp_path / "d.jsonl", [row, "", {"id": "2", "conversations": row["conversations"][:1] + [
-        {"from": "gpt", "value": "B"}]}])
+    row = {
+        "id": "1",
+        "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}],
+    }
+    write_jsonl(
+        tmp_path / "d.jsonl",
+        [row, "", {"id": "2", "conversations": row["conversations"][:1] + [{"from": "gpt", "value": "B"}]}],
+    )
     (tmp_path / "d.json").write_text(json.dumps([row]))
     assert detect_format(str(tmp_path / "d.jsonl")) == "llava"
     assert detect_format(str(tmp_path / "d.json")) == "llava"
@@ -88,8 +98,14 @@ def test_llava_jsonl_and_json_array_with_image_root(tmp_path):
 
 def test_caption_pairs_get_a_seeded_prompt(tmp_path):
     (tmp_path / "x.jpg").write_bytes(encode((8, 8), "JPEG"))
-    write_jsonl(tmp_path / "c.jsonl", [{"image": "x.jpg", "caption": " a cat "}, {"image": "x.jpg", "text": "b"},
-                                       {"image": "x.jpg", "caption": ""}])
+    write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"image": "x.jpg", "caption": " a cat "},
+            {"image": "x.jpg", "text": "b"},
+            {"image": "x.jpg", "caption": ""},
+        ],
+    )
     assert detect_format(str(tmp_path / "c.jsonl")) == "caption"
     cfg = TemplateConfig(caption_prompts=("P1", "P2", "P3"))
     recs = list(iter_records([str(tmp_path / "c.jsonl")], "caption", None))
@@ -117,9 +133,16 @@ def make_tar(path, samples, truncate=False):
 
 def test_webdataset_tar_groups_members_by_key(tmp_path):
     jpg, png = encode((16, 8), "JPEG"), encode((8, 16), "PNG")
-    make_tar(tmp_path / "s0.tar", [("000.jpg", jpg), ("000.txt", b"red box"),
-                                   ("001.png", png), ("001.json", json.dumps({"caption": "blue"}).encode()),
-                                   ("002.txt", b"no image")])
+    make_tar(
+        tmp_path / "s0.tar",
+        [
+            ("000.jpg", jpg),
+            ("000.txt", b"red box"),
+            ("001.png", png),
+            ("001.json", json.dumps({"caption": "blue"}).encode()),
+            ("002.txt", b"no image"),
+        ],
+    )
     files = expand_inputs([str(tmp_path / "*.tar")])
     assert detect_format(files[0]) == "webdataset"
     # a directory as img2dataset leaves it: shards plus a stats file per shard (not data)

@@ -5,6 +5,7 @@ other video shapes rejected) and InternVL meta files.
 The sample files in tests/unit/format_samples/ follow the shapes documented by each project
 (see docs/data.md "Inputs"); the images they name are written by the tests.
 """
+
 import base64
 import dataclasses
 import io
@@ -13,17 +14,17 @@ import os
 import shutil
 
 import numpy as np
-import preprocess_data
 import pytest
 from PIL import Image
 
+import preprocess_data
 from megatron_sail.config.data import PackingConfig, PreprocessConfig, TemplateConfig
+from megatron_sail.config.images import TilingConfig
 from megatron_sail.data.preprocess.formats import detect_format, iter_records, to_conversation
 from megatron_sail.data.preprocess.media_refs import decode_data_uri, plain_ref
 from megatron_sail.data.preprocess.pipeline import run
-from megatron_sail.data.template import SampleError, normalize_turns
-from megatron_sail.config.images import TilingConfig
 from megatron_sail.data.preprocess.video import VideoClip, VideoConfig, expand_videos, segment_middles
+from megatron_sail.data.template import SampleError, normalize_turns
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLES = os.path.join(HERE, "format_samples")
@@ -38,8 +39,10 @@ def encode(size, color, fmt):
 
 def write_images(folder):
     os.makedirs(folder, exist_ok=True)
-    files = {"wide.png": encode((96, 64), (220, 20, 20), "PNG"),
-             "tall.jpg": encode((64, 96), (20, 20, 220), "JPEG")}
+    files = {
+        "wide.png": encode((96, 64), (220, 20, 20), "PNG"),
+        "tall.jpg": encode((64, 96), (20, 20, 220), "JPEG"),
+    }
     for name, data in files.items():
         with open(os.path.join(folder, name), "wb") as f:
             f.write(data)
@@ -55,7 +58,9 @@ def write_clip(path, frames=20, size=(64, 48)):
         stream = container.add_stream("mpeg4", rate=10)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
         for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 10 * i, np.uint8), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(
+                np.full((size[1], size[0], 3), 10 * i, np.uint8), format="rgb24"
+            )
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
@@ -103,8 +108,11 @@ def test_openai_chat_completions_messages(samples):
     assert norm == [("user", "What colour is the square?<image>\n"), ("assistant", "Red.")]
     turns, images, norm = recs[1]
     assert images == [files["wide.png"]]
-    assert norm == [("system", "Answer in one word."), ("user", "<image>\nWhich shape is this?"),
-                    ("assistant", "A circle.")]
+    assert norm == [
+        ("system", "Answer in one word."),
+        ("user", "<image>\nWhich shape is this?"),
+        ("assistant", "A circle."),
+    ]
     assert recs[2] == "remote_url"
     assert recs[3][1] == [] and recs[3][2][-1] == ("assistant", "Four.")
 
@@ -143,20 +151,39 @@ def test_messages_image_count_mismatches_are_rejects(tmp_path):
     assistant = {"role": "assistant", "content": "ok"}
     two_tags = {"role": "user", "content": "<image><image>?"}
     assert one({"messages": [two_tags, assistant], "images": ["a.png"]}) == "placeholder_mismatch"
-    assert one({"messages": [{"role": "user", "content": "<image>?"}, assistant],
-                "images": ["a.png", "b.png"]}) == "placeholder_mismatch"
-    assert one({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}, assistant]}) \
+    assert (
+        one({"messages": [{"role": "user", "content": "<image>?"}, assistant], "images": ["a.png", "b.png"]})
+        == "placeholder_mismatch"
+    )
+    assert (
+        one({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}, assistant]})
         == "audio_unsupported"
+    )
     assert one({"messages": [{"role": "tool", "content": "42"}, assistant]}) == "unknown_role"
-    assert one({"messages": [{"role": "user", "content": "hi"}, {**assistant, "weight": 0}]}) \
+    assert (
+        one({"messages": [{"role": "user", "content": "hi"}, {**assistant, "weight": 0}]})
         == "message_weight_unsupported"
-    assert one({"messages": [{"role": "user", "content": "hi"}, {**assistant, "weight": 1}]}) != \
-        "message_weight_unsupported"
+    )
+    assert (
+        one({"messages": [{"role": "user", "content": "hi"}, {**assistant, "weight": 1}]})
+        != "message_weight_unsupported"
+    )
     assert one({"messages": [{"role": "user", "content": [{"type": "file"}]}, assistant]}) == "bad_sample"
-    assert one({"messages": [{"role": "user", "content": "<video><video>?"}, assistant],
-                "videos": ["v.mp4"]}) == "placeholder_mismatch"
-    assert one({"messages": [{"role": "user", "content": [{"type": "video", "video": ["f1.jpg", "f2.jpg"]}]},
-                             assistant]}) == "video_unsupported"  # a list of frames, not a clip
+    assert (
+        one({"messages": [{"role": "user", "content": "<video><video>?"}, assistant], "videos": ["v.mp4"]})
+        == "placeholder_mismatch"
+    )
+    assert (
+        one(
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "video", "video": ["f1.jpg", "f2.jpg"]}]},
+                    assistant,
+                ]
+            }
+        )
+        == "video_unsupported"
+    )  # a list of frames, not a clip
 
 
 def test_internvl_video_becomes_frames_and_plural_images_are_accepted(samples):
@@ -185,15 +212,22 @@ def test_internvl_video_becomes_frames_and_plural_images_are_accepted(samples):
 
 def test_video_end_to_end_one_tile_per_frame(samples, tiny_tokenizer, tmp_path):
     root, _ = samples
-    cfg = PreprocessConfig(inputs=[str(root / "internvl_video.jsonl")], output_prefix=str(tmp_path / "v"),
-                           tokenizer=tiny_tokenizer, tiling=TILING, video_frames=4,
-                           packing=PackingConfig(seq_length=512, packing_buffer=16, seed=1))
+    cfg = PreprocessConfig(
+        inputs=[str(root / "internvl_video.jsonl")],
+        output_prefix=str(tmp_path / "v"),
+        tokenizer=tiny_tokenizer,
+        tiling=TILING,
+        video_frames=4,
+        packing=PackingConfig(seq_length=512, packing_buffer=16, seed=1),
+    )
     code, summary = run(cfg, log=lambda m: None)
     assert code == 0 and summary["images"] == 6 and summary["rejects"] == {}, summary
     grids = np.load(tmp_path / "v.images_meta.npy")[:, :3]
     assert sorted(map(tuple, grids.tolist())).count((1, 1, 0)) == 4  # frames: one tile, no thumbnail
-    code, summary = run(dataclasses.replace(cfg, video_frames=0, max_reject_rate=0.5,
-                                            output_prefix=str(tmp_path / "off")), log=lambda m: None)
+    code, summary = run(
+        dataclasses.replace(cfg, video_frames=0, max_reject_rate=0.5, output_prefix=str(tmp_path / "off")),
+        log=lambda m: None,
+    )
     assert code == 0 and summary["rejects"] == {"video_unsupported": 1}
 
 
@@ -223,10 +257,14 @@ def test_data_uris_decode_and_are_size_capped():
 
 def test_messages_end_to_end_counts_rejects_and_images(samples, tiny_tokenizer, tmp_path):
     root, files = samples
-    cfg = PreprocessConfig(inputs=[str(root / "ms_swift.jsonl"), str(root / "openai_chat.jsonl")],
-                           output_prefix=str(tmp_path / "out"), tokenizer=tiny_tokenizer, tiling=TILING,
-                           packing=PackingConfig(seq_length=512, packing_buffer=16, seed=1),
-                           max_reject_rate=0.5)
+    cfg = PreprocessConfig(
+        inputs=[str(root / "ms_swift.jsonl"), str(root / "openai_chat.jsonl")],
+        output_prefix=str(tmp_path / "out"),
+        tokenizer=tiny_tokenizer,
+        tiling=TILING,
+        packing=PackingConfig(seq_length=512, packing_buffer=16, seed=1),
+        max_reject_rate=0.5,
+    )
     code, summary = run(cfg, log=lambda m: None)
     assert code == 0, summary
     assert summary["rejects"] == {"remote_url": 1}
@@ -234,9 +272,24 @@ def test_messages_end_to_end_counts_rejects_and_images(samples, tiny_tokenizer, 
 
 
 def meta_args(tokenizer, out, meta="shell/data/shapes_meta.json"):
-    return ["--input", meta, "--tokenizer", tokenizer, "--output-prefix", str(out),
-            "--seq-length", "256", "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "4",
-            "--packing-buffer", "8"]
+    return [
+        "--input",
+        meta,
+        "--tokenizer",
+        tokenizer,
+        "--output-prefix",
+        str(out),
+        "--seq-length",
+        "256",
+        "--tile-size",
+        "32",
+        "--tokens-per-tile",
+        "4",
+        "--max-tiles",
+        "4",
+        "--packing-buffer",
+        "8",
+    ]
 
 
 @pytest.fixture
@@ -249,7 +302,9 @@ def internvl_tree(tmp_path, monkeypatch):
     return root
 
 
-def test_internvl_meta_builds_one_dataset_per_entry_and_the_blend(internvl_tree, tiny_tokenizer, tmp_path, capsys):
+def test_internvl_meta_builds_one_dataset_per_entry_and_the_blend(
+    internvl_tree, tiny_tokenizer, tmp_path, capsys
+):
     from megatron_sail.data.loading.dataset import PackedDataset, build_blended
 
     out = tmp_path / "packed"
@@ -271,7 +326,11 @@ def test_internvl_meta_builds_one_dataset_per_entry_and_the_blend(internvl_tree,
     want = [round(ra / (ra + rb), 6), round(rb / (ra + rb), 6)]
     assert [d["weight"] for d in blend_doc["datasets"]] == want
     data_path = (out / "data_path.txt").read_text().strip()
-    assert data_path == lines[2]["data_path"] == f"{want[0]} {out / 'shapes_caption'} {want[1]} {out / 'shapes_vqa'}"
+    assert (
+        data_path
+        == lines[2]["data_path"]
+        == f"{want[0]} {out / 'shapes_caption'} {want[1]} {out / 'shapes_vqa'}"
+    )
     blended = build_blended(data_path, seed=3)
     drawn = [blended.locate(k)[0] for k in range(1000)]
     assert abs(drawn.count(0) / 1000 - want[0]) < 0.01

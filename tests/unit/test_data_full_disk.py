@@ -1,6 +1,7 @@
 """Preprocessing on a full disk (issue 20 item 6): ENOSPC injected at the output's write call
 (and again at close, as a buffered tail does) ends in one line naming the file, leaves no
 temporaries, and a later run removes stale ``*.tmp<PID>`` files of its prefix whose PID is dead."""
+
 from __future__ import annotations
 
 import errno
@@ -31,9 +32,24 @@ def demo(tmp_path_factory):
 
 
 def argv(demo, prefix) -> list[str]:
-    return ["--input", demo["train"], "--output-prefix", str(prefix), "--tokenizer", demo["tokenizer"],
-            "--seq-length", "256", "--packing-buffer", "8", "--tile-size", "32", "--tokens-per-tile", "4",
-            "--max-tiles", "4"]
+    return [
+        "--input",
+        demo["train"],
+        "--output-prefix",
+        str(prefix),
+        "--tokenizer",
+        demo["tokenizer"],
+        "--seq-length",
+        "256",
+        "--packing-buffer",
+        "8",
+        "--tile-size",
+        "32",
+        "--tokens-per-tile",
+        "4",
+        "--max-tiles",
+        "4",
+    ]
 
 
 class FullDisk:
@@ -80,8 +96,9 @@ def test_enospc_gives_one_line_naming_the_file_and_leaves_no_temporaries(demo, t
 def test_a_rerun_removes_stale_temporaries_of_dead_processes(demo, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         stale = [out / f"train.tokens.bin.tmp{dead}", out / f"train.rejects.jsonl.tmp{dead}"]

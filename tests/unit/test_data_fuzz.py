@@ -4,6 +4,7 @@ The run must finish (a subprocess with a timeout, so a hang fails instead of sta
 keep every good sample, and report every bad record as a reject with the expected reason, with
 1 and 2 workers giving identical files.
 """
+
 import filecmp
 import io
 import json
@@ -15,10 +16,10 @@ import sys
 import zlib
 
 from PIL import Image
-from testkit import ROOT, subprocess_env
 
 from megatron_sail.data import indexed
 from megatron_sail.data.loading.dataset import PackedDataset
+from testkit import ROOT, subprocess_env
 
 N_RECORDS = 320
 CONV = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]
@@ -87,11 +88,17 @@ class Corpus:
 
     # --- hostile records ----------------------------------------------------------------------
     def huge_header(self) -> None:
-        w, h = self.rng.choice([(30000, 30000), (20000, 20000), (12000, 12000), (65535, 65535), (2 ** 31 - 1, 3)])
+        w, h = self.rng.choice(
+            [(30000, 30000), (20000, 20000), (12000, 12000), (65535, 65535), (2**31 - 1, 3)]
+        )
         kind = self.rng.choice(["png", "jpg", "bmp", "gif"])
         if kind == "png":
-            data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                    + chunk(b"IDAT", zlib.compress(b"\x00" * 32)) + chunk(b"IEND", b""))
+            data = (
+                b"\x89PNG\r\n\x1a\n"
+                + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"\x00" * 32))
+                + chunk(b"IEND", b"")
+            )
             reasons = {"image_too_large"}
         elif kind == "jpg":
             w, h = min(w, 65535), min(h, 65535)
@@ -100,8 +107,13 @@ class Corpus:
             data = b"\xff\xd8" + sof + sos + b"\x12\x34" + b"\xff\xd9"
             reasons = {"image_too_large"}
         elif kind == "bmp":
-            data = b"BM" + struct.pack("<IHHI", 54, 0, 0, 54) + struct.pack(
-                "<IiiHHIIiiII", 40, min(w, 2 ** 31 - 1), min(h, 2 ** 31 - 1), 1, 24, 0, 0, 0, 0, 0, 0)
+            data = (
+                b"BM"
+                + struct.pack("<IHHI", 54, 0, 0, 54)
+                + struct.pack(
+                    "<IiiHHIIiiII", 40, min(w, 2**31 - 1), min(h, 2**31 - 1), 1, 24, 0, 0, 0, 0, 0, 0
+                )
+            )
             reasons = {"image_too_large", "undecodable_image", "truncated_image"}
         else:
             data = b"GIF89a" + struct.pack("<HHBBB", min(w, 65535), min(h, 65535), 0, 0, 0) + b";"
@@ -111,7 +123,7 @@ class Corpus:
     def truncated(self) -> None:
         fmt = self.rng.choice(["PNG", "JPEG", "BMP"])
         data = encoded((48, 48), (200, 100, 50), fmt)
-        cut = data[:self.rng.randrange(0, len(data) - 8)]
+        cut = data[: self.rng.randrange(0, len(data) - 8)]
         self.record(self._file(cut, fmt.lower()), {"truncated_image", "undecodable_image"})
 
     def garbage(self) -> None:
@@ -128,37 +140,70 @@ class Corpus:
         elif choice == 2:  # a lone surrogate escape in the text
             self.add(body.replace(b"What?", b"Wh\\udfffat"), {"bad_encoding"})
         else:  # a lone surrogate in the image path
-            self.add(json.dumps({"image": "x.png", "conversations": CONV}).encode().replace(b"x.png", b"\\ud800.png"),
-                     {"bad_encoding"})
+            self.add(
+                json.dumps({"image": "x.png", "conversations": CONV})
+                .encode()
+                .replace(b"x.png", b"\\ud800.png"),
+                {"bad_encoding"},
+            )
 
     def special_file(self) -> None:
-        path, reasons = self.rng.choice([
-            ("pipe.png", {"not_a_regular_file"}), ("adir", {"not_a_regular_file"}),
-            ("/dev/zero", {"path_outside_root"}), ("/dev/null", {"path_outside_root"}),
-            ("loop_a", {"missing_image"}), ("dangling.png", {"missing_image"}), ("nope.png", {"missing_image"})])
+        path, reasons = self.rng.choice(
+            [
+                ("pipe.png", {"not_a_regular_file"}),
+                ("adir", {"not_a_regular_file"}),
+                ("/dev/zero", {"path_outside_root"}),
+                ("/dev/null", {"path_outside_root"}),
+                ("loop_a", {"missing_image"}),
+                ("dangling.png", {"missing_image"}),
+                ("nope.png", {"missing_image"}),
+            ]
+        )
         self.record(path, reasons)
 
     def path_escape(self) -> None:
-        path = self.rng.choice(["../outside/secret.png", "../../../../../../etc/passwd",
-                                "adir/../../outside/secret.png",
-                                "out_link.png", str(self.outside / "secret.png"), "file:///etc/passwd"])
+        path = self.rng.choice(
+            [
+                "../outside/secret.png",
+                "../../../../../../etc/passwd",
+                "adir/../../outside/secret.png",
+                "out_link.png",
+                str(self.outside / "secret.png"),
+                "file:///etc/passwd",
+            ]
+        )
         self.record(path, {"path_outside_root"})
 
     def broken_json(self) -> None:
-        line, reasons = self.rng.choice([
-            (b'{"image": "a.png", "conversations": [', {"invalid_json"}), (b"[1, 2, 3]", {"invalid_json"}),
-            (b'{"conversations": 5}', {"bad_sample"}), (b'{"image": 5, "conversations": []}', {"bad_sample"}),
-            (json.dumps({"image": "a\u0000b.png", "conversations": CONV}).encode(), {"bad_sample"}),
-            (json.dumps({"conversations": [{"from": "human", "value": "hi"}]}).encode(), {"no_assistant_turn"}),
-            (b"\x00\x01\x02", {"invalid_json"})])
+        line, reasons = self.rng.choice(
+            [
+                (b'{"image": "a.png", "conversations": [', {"invalid_json"}),
+                (b"[1, 2, 3]", {"invalid_json"}),
+                (b'{"conversations": 5}', {"bad_sample"}),
+                (b'{"image": 5, "conversations": []}', {"bad_sample"}),
+                (json.dumps({"image": "a\u0000b.png", "conversations": CONV}).encode(), {"bad_sample"}),
+                (
+                    json.dumps({"conversations": [{"from": "human", "value": "hi"}]}).encode(),
+                    {"no_assistant_turn"},
+                ),
+                (b"\x00\x01\x02", {"invalid_json"}),
+            ]
+        )
         self.add(line, reasons)
 
 
 def test_fuzzed_hostile_records_are_rejects_and_good_samples_survive(tiny_tokenizer, tmp_path):
     rng = random.Random(12)
     corpus = Corpus(tmp_path, rng)
-    hostile = [corpus.huge_header, corpus.truncated, corpus.garbage, corpus.bad_encoding, corpus.special_file,
-               corpus.path_escape, corpus.broken_json]
+    hostile = [
+        corpus.huge_header,
+        corpus.truncated,
+        corpus.garbage,
+        corpus.bad_encoding,
+        corpus.special_file,
+        corpus.path_escape,
+        corpus.broken_json,
+    ]
     for _ in range(N_RECORDS):
         pick = rng.random()
         if pick < 0.4:
@@ -172,10 +217,32 @@ def test_fuzzed_hostile_records_are_rejects_and_good_samples_survive(tiny_tokeni
     outs = []
     for workers in (1, 2):
         prefix = str(tmp_path / f"w{workers}")
-        cmd = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(tmp_path / "in.jsonl"),
-               "--image-root", str(corpus.root), "--tokenizer", tiny_tokenizer, "--output-prefix", prefix,
-               "--seq-length", "512", "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "4",
-               "--packing-buffer", "40", "--workers", str(workers), "--max-reject-rate", "1"]
+        cmd = [
+            sys.executable,
+            str(ROOT / "tools" / "preprocess_data.py"),
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--image-root",
+            str(corpus.root),
+            "--tokenizer",
+            tiny_tokenizer,
+            "--output-prefix",
+            prefix,
+            "--seq-length",
+            "512",
+            "--tile-size",
+            "32",
+            "--tokens-per-tile",
+            "4",
+            "--max-tiles",
+            "4",
+            "--packing-buffer",
+            "40",
+            "--workers",
+            str(workers),
+            "--max-reject-rate",
+            "1",
+        ]
         env = subprocess_env()
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
         assert out.returncode == 0, (out.returncode, out.stdout[-2000:], out.stderr[-3000:])

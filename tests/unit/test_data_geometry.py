@@ -3,19 +3,28 @@
 The tiny recipe's InternViT makes 4 tokens from a 32 px tile (8 px patches -> 4x4 grid, 2x2
 merge). An AIMv2 encoder with 16 px patches makes 1 from the same tile, so it must refuse that data.
 """
+
 import dataclasses
 import json
 
-import preprocess_data
 import pytest
 
+import preprocess_data
 from megatron_sail.config import recipes
 from megatron_sail.data import geometry
 from megatron_sail.data.loading.dataset import PackedDataset
 from megatron_sail.demo.generator import DemoConfig, make_demo
 
-TINY = {"family": "internvit", "tile_size": 32, "patch_size": 8, "grid": 4, "class_tokens": 1,
-        "merge": 2, "tokens_per_tile": 4, "recipe": "tiny"}
+TINY = {
+    "family": "internvit",
+    "tile_size": 32,
+    "patch_size": 8,
+    "grid": 4,
+    "class_tokens": 1,
+    "merge": 2,
+    "tokens_per_tile": 4,
+    "recipe": "tiny",
+}
 
 
 def aimv2_patch16(run):
@@ -29,9 +38,22 @@ def built(tmp_path_factory):
     """A dataset preprocessed for the tiny recipe (geometry from the recipe, no tile flags)."""
     demo = make_demo(str(tmp_path_factory.mktemp("demo")), DemoConfig(samples=12, val_samples=2, seed=5))
     prefix = str(tmp_path_factory.mktemp("data") / "tiny")
-    code = preprocess_data.main(["--input", demo["train"], "--tokenizer", demo["tokenizer"],
-                                         "--output-prefix", prefix, "--seq-length", "256",
-                                         "--recipe", "tiny", "--max-tiles", "4"])
+    code = preprocess_data.main(
+        [
+            "--input",
+            demo["train"],
+            "--tokenizer",
+            demo["tokenizer"],
+            "--output-prefix",
+            prefix,
+            "--seq-length",
+            "256",
+            "--recipe",
+            "tiny",
+            "--max-tiles",
+            "4",
+        ]
+    )
     assert code == 0
     return prefix
 
@@ -51,7 +73,13 @@ def test_tiling_follows_the_family_and_refuses_a_contradicting_flag(tmp_path, ca
     assert geometry.resolve_tiling("tiny", None, None, None) == (32, 4, TINY)
     assert geometry.resolve_tiling("tiny", None, 64, None)[:2] == (64, 16)
     tile, tpt, block = geometry.resolve_tiling(None, None, None, None)  # default recipe sail_2b
-    assert (tile, tpt, block["family"], block["grid"], block["class_tokens"]) == (448, 256, "internvit", 32, 1)
+    assert (tile, tpt, block["family"], block["grid"], block["class_tokens"]) == (
+        448,
+        256,
+        "internvit",
+        32,
+        1,
+    )
     aim = geometry.resolve_tiling("sail_vl15_2b", None, None, None)[2]  # AIMv2: no class token
     assert (aim["family"], aim["class_tokens"], aim["tokens_per_tile"]) == ("aimv2", 0, 256)
     assert geometry.resolve_tiling(None, None, 32, 4) == (32, 4, None)  # by hand: nothing recorded
@@ -63,8 +91,22 @@ def test_tiling_follows_the_family_and_refuses_a_contradicting_flag(tmp_path, ca
     with pytest.raises(ValueError, match="40 px tiles do not fit its internvit encoder"):
         geometry.resolve_tiling("tiny", None, 40, None)  # 5x5 patches, 2x2 merge
     with pytest.raises(SystemExit) as e:
-        preprocess_data.parse_args(["--input", "x", "--tokenizer", "t", "--output-prefix", "o",
-                                            "--seq-length", "64", "--recipe", "tiny", "--tokens-per-tile", "16"])
+        preprocess_data.parse_args(
+            [
+                "--input",
+                "x",
+                "--tokenizer",
+                "t",
+                "--output-prefix",
+                "o",
+                "--seq-length",
+                "64",
+                "--recipe",
+                "tiny",
+                "--tokens-per-tile",
+                "16",
+            ]
+        )
     assert e.value.code == 2 and "drop --tokens-per-tile" in capsys.readouterr().err
 
 

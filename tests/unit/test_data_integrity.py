@@ -1,20 +1,21 @@
 """Packed datasets verify themselves: checksums written with the files, cheap checks on every load,
 ``inspect_dataset.py --verify`` for all bytes; each damage is an error naming the file."""
+
 import json
 import os
 import shutil
 
-import inspect_dataset
 import numpy as np
 import pytest
 
+import inspect_dataset
 from megatron_sail.config.data import PackingConfig, PreprocessConfig
-from megatron_sail.data import indexed, integrity
-from megatron_sail.data.loading.dataset import PackedDataset
-from megatron_sail.demo.generator import DemoConfig, make_demo
-from megatron_sail.data.integrity import DatasetIntegrityError
-from megatron_sail.data.preprocess.pipeline import run
 from megatron_sail.config.images import TilingConfig
+from megatron_sail.data import indexed, integrity
+from megatron_sail.data.integrity import DatasetIntegrityError
+from megatron_sail.data.loading.dataset import PackedDataset
+from megatron_sail.data.preprocess.pipeline import run
+from megatron_sail.demo.generator import DemoConfig, make_demo
 
 TILING = TilingConfig(tile_size=32, min_tiles=1, max_tiles=4, thumbnail=True, tokens_per_tile=4)
 
@@ -25,8 +26,14 @@ def demo(tmp_path_factory):
 
 
 def build(demo, prefix, **kw):
-    cfg = PreprocessConfig(inputs=[demo["train"]], output_prefix=str(prefix), tokenizer=demo["tokenizer"],
-                           tiling=TILING, packing=PackingConfig(256, 16, 3), **kw)
+    cfg = PreprocessConfig(
+        inputs=[demo["train"]],
+        output_prefix=str(prefix),
+        tokenizer=demo["tokenizer"],
+        tiling=TILING,
+        packing=PackingConfig(256, 16, 3),
+        **kw,
+    )
     code, summary = run(cfg, log=lambda m: None)
     assert code == 0, summary
     return str(prefix)
@@ -63,7 +70,7 @@ def drop_checksums(prefix):
 
 def test_checksums_match_the_files_and_verify_passes(clean, capsys):
     block = indexed.load_meta(clean)["checksums"]
-    names = {os.path.basename(p)[len(os.path.basename(clean)) + 1:] for p in indexed.final_paths(clean)[:-1]}
+    names = {os.path.basename(p)[len(os.path.basename(clean)) + 1 :] for p in indexed.final_paths(clean)[:-1]}
     assert block["algorithm"] == "sha256" and set(block["files"]) == names
     for name, rec in block["files"].items():
         path = f"{clean}.{name}"
@@ -83,7 +90,9 @@ def test_flipped_tokens_idx_is_named_at_load_and_by_verify(copy, capsys):
     assert "tokens.idx" in capsys.readouterr().err
     assert tool.main([copy, "--verify"]) == 1
     cap = capsys.readouterr()
-    assert json.loads(cap.out)["damaged"] == [f"{copy}.tokens.idx"] and "tokens.idx: sha256 mismatch" in cap.err
+    assert (
+        json.loads(cap.out)["damaged"] == [f"{copy}.tokens.idx"] and "tokens.idx: sha256 mismatch" in cap.err
+    )
     # the structure checks alone (no checksum) name the same file
     with pytest.raises(DatasetIntegrityError, match=r"tokens\.idx: sequence 2 has negative length"):
         indexed.PackedReader(copy, verify="structure")
@@ -101,7 +110,9 @@ def test_truncated_idx_is_named_with_or_without_checksums(copy):
         PackedDataset(copy)
     with open(path, "r+b") as f:
         f.truncate(20)
-    with pytest.raises(DatasetIntegrityError, match=r"loss_mask\.idx: 20 bytes, shorter than an index header"):
+    with pytest.raises(
+        DatasetIntegrityError, match=r"loss_mask\.idx: 20 bytes, shorter than an index header"
+    ):
         PackedDataset(copy)
 
 
@@ -132,7 +143,7 @@ def test_structure_checks_name_the_file_for_a_dataset_without_checksums(copy, ca
 
 def test_image_table_and_meta_json_damage_are_named(copy):
     meta = np.load(f"{copy}.images_meta.npy")
-    meta[0, 5] = 10 ** 6  # an image pointing at a sample outside its row
+    meta[0, 5] = 10**6  # an image pointing at a sample outside its row
     np.save(f"{copy}.images_meta.npy", meta)
     drop_checksums(copy)
     with pytest.raises(DatasetIntegrityError, match=r"images_meta\.npy: image 0 belongs to sample 1000000"):
@@ -168,6 +179,7 @@ def test_idx_above_the_cheap_hash_cap_is_checked_by_structure_then_digest_at_ful
     dataset gets the whole structure check at cheap, and full adds every digest."""
     flip(f"{copy}.tokens.idx", 34 + 8)
     import unittest.mock as mock
+
     with mock.patch.object(integrity, "CHEAP_HASH_BYTES", 0):
         with pytest.raises(DatasetIntegrityError, match=r"tokens\.idx: sequence 2 has negative length"):
             PackedDataset(copy)

@@ -1,4 +1,5 @@
 """First-fit-decreasing packing: hand-worked case, invariants, determinism."""
+
 import numpy as np
 import pytest
 

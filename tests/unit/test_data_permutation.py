@@ -1,4 +1,5 @@
 """The per-index permutation behind the blend: a bijection on [0, n), seeded, and well mixed."""
+
 import time
 
 import numpy as np
@@ -16,8 +17,9 @@ def test_every_index_has_exactly_one_image(n):
 
 
 def test_same_key_same_order_other_key_other_order():
-    a, b, c = (FeistelPermutation(1000, k) for k in (derive_key(1, 0, 0), derive_key(1, 0, 0),
-                                                      derive_key(1, 0, 1)))
+    a, b, c = (
+        FeistelPermutation(1000, k) for k in (derive_key(1, 0, 0), derive_key(1, 0, 0), derive_key(1, 0, 1))
+    )
     order = lambda p: [p(i) for i in range(1000)]  # noqa: E731
     assert order(a) == order(b) and order(a) != order(c)
     assert derive_key(1, 2) != derive_key(2, 1)  # (seed, dataset) and (dataset, seed) differ
@@ -68,12 +70,12 @@ def _fake_blend(monkeypatch, lengths, weights=None):
 def test_locate_is_cheap_with_many_long_sources(monkeypatch):
     """64 sources of 100M rows: the old code built a 100M-row permutation (~5 s, 800 MB) per
     source visit; now a row costs microseconds and nothing is materialized."""
-    blend = _fake_blend(monkeypatch, [10 ** 8] * 64)
+    blend = _fake_blend(monkeypatch, [10**8] * 64)
     t0 = time.process_time()
     rows = [blend.locate(k) for k in range(20000)]
     assert time.process_time() - t0 < 10.0
     assert sorted({d for d, _ in rows}) == list(range(64))
-    assert all(0 <= r < 10 ** 8 for _, r in rows)
+    assert all(0 <= r < 10**8 for _, r in rows)
     assert len({(d, r) for d, r in rows}) == len(rows)  # first epoch: no row repeats
 
 
@@ -88,7 +90,7 @@ def test_every_epoch_of_every_source_is_covered_with_many_sources(monkeypatch):
     for d, n in enumerate(lengths):
         seq = [r for dd, r in rows if dd == d]
         assert abs(len(seq) - total * weights[d] / sum(weights)) <= 1
-        epochs = [seq[e * n:(e + 1) * n] for e in range(len(seq) // n)]
+        epochs = [seq[e * n : (e + 1) * n] for e in range(len(seq) // n)]
         assert all(sorted(e) == list(range(n)) for e in epochs)
         if n >= 5:
             assert len({tuple(e) for e in epochs}) > 1

@@ -1,4 +1,5 @@
 """End to end: preprocess -> files -> PackedDataset rows; bad input, atomicity, sharding, tools."""
+
 import filecmp
 import io
 import json
@@ -7,21 +8,21 @@ import re
 import subprocess
 import sys
 
-import inspect_dataset
-import merge_datasets
 import numpy as np
-import preprocess_data
 import pytest
 from PIL import Image
-from testkit import ROOT
 
+import inspect_dataset
+import merge_datasets
+import preprocess_data
 from megatron_sail.config.data import PackingConfig, PreprocessConfig
+from megatron_sail.config.images import TilingConfig
 from megatron_sail.data import indexed
 from megatron_sail.data.loading.dataset import PackedDataset
-from megatron_sail.demo.generator import DemoConfig, make_demo
 from megatron_sail.data.preprocess.pipeline import run
-from megatron_sail.config.images import TilingConfig
 from megatron_sail.data.tiling import find_grid, num_tiles
+from megatron_sail.demo.generator import DemoConfig, make_demo
+from testkit import ROOT
 
 TILING = TilingConfig(tile_size=32, min_tiles=1, max_tiles=4, thumbnail=True, tokens_per_tile=4)
 HAND_GRIDS = {(64, 64): (2, 2), (96, 64): (2, 2), (64, 96): (1, 2)}
@@ -34,8 +35,14 @@ def demo(tmp_path_factory):
 
 def config(demo, prefix, inputs=None, **kw):
     packing = kw.pop("packing", PackingConfig(seq_length=256, packing_buffer=30, seed=7))
-    return PreprocessConfig(inputs=inputs or [demo["train"]], output_prefix=str(prefix),
-                            tokenizer=demo["tokenizer"], tiling=kw.pop("tiling", TILING), packing=packing, **kw)
+    return PreprocessConfig(
+        inputs=inputs or [demo["train"]],
+        output_prefix=str(prefix),
+        tokenizer=demo["tokenizer"],
+        tiling=kw.pop("tiling", TILING),
+        packing=packing,
+        **kw,
+    )
 
 
 def files_of(prefix):
@@ -54,11 +61,16 @@ def test_rows_round_trip_against_the_source(demo, single):
     prefix, summary = single
     ds = PackedDataset(str(prefix))
     tm = ds.tokenizer_meta
-    assert len(ds) == summary["rows"] and ds.seq_length == 256 and tm.tokens_per_tile == 4 and tm.tile_size == 32
+    assert (
+        len(ds) == summary["rows"] and ds.seq_length == 256 and tm.tokens_per_tile == 4 and tm.tile_size == 32
+    )
     with open(demo["train"]) as f:
         source = [json.loads(line) for line in f]
-    src_images = {open(os.path.join(os.path.dirname(demo["train"]), s["image"]), "rb").read()
-                  for s in source if "image" in s}
+    src_images = {
+        open(os.path.join(os.path.dirname(demo["train"]), s["image"]), "rb").read()
+        for s in source
+        if "image" in s
+    }
     n_samples = n_images = 0
     for i in range(len(ds)):
         row = ds[i]
@@ -72,7 +84,7 @@ def test_rows_round_trip_against_the_source(demo, single):
         for s in range(row.num_samples):
             a, b = cu[s], cu[s + 1]
             assert row.tokens[a] == tm.im_start_id and row.tokens[b - 2] == tm.im_end_id  # whole sample
-            assert np.array_equal(row.labels[a:b - 1], row.tokens[a + 1:b]) and row.labels[b - 1] == 0
+            assert np.array_equal(row.labels[a : b - 1], row.tokens[a + 1 : b]) and row.labels[b - 1] == 0
             assert row.loss_mask[b - 1] == 0 and row.loss_mask[a:b].sum() > 0
         # the image tokens of each sample match its images' tiles, in order
         for s in range(row.num_samples):
@@ -86,7 +98,10 @@ def test_rows_round_trip_against_the_source(demo, single):
             # hand-worked (32 px tiles, max 4): 64x64 ties (1,1) with (2,2) and its area 4096 exceeds
             # half of 2x2's 4096, so (2,2); 96x64 (aspect 1.5) ties (1,1), (2,1), (2,2) at distance 0.5
             # and each tie goes to the larger grid, so (2,2); 64x96 (aspect 0.667) is nearest 1:2 -> (1,2)
-            assert im.grid == HAND_GRIDS[im.size] and im.num_tiles == HAND_GRIDS[im.size][0] * HAND_GRIDS[im.size][1] + 1
+            assert (
+                im.grid == HAND_GRIDS[im.size]
+                and im.num_tiles == HAND_GRIDS[im.size][0] * HAND_GRIDS[im.size][1] + 1
+            )
             assert Image.open(io.BytesIO(im.data)).size == im.size
         n_samples += row.num_samples
         n_images += len(row.images)
@@ -125,7 +140,7 @@ def _img(tmp_path, name, size=(64, 64), fmt="PNG", cut=0):
     buf = io.BytesIO()
     Image.new("RGB", size, (1, 2, 3)).save(buf, format=fmt)
     data = buf.getvalue()
-    (tmp_path / name).write_bytes(data[:len(data) - cut])
+    (tmp_path / name).write_bytes(data[: len(data) - cut])
     return name
 
 
@@ -154,19 +169,35 @@ def bad_input(tmp_path):
     return path
 
 
-REASONS = {"missing_image": 1, "truncated_image": 1, "undecodable_image": 1, "invalid_json": 1,
-           "unknown_role": 1, "no_assistant_turn": 1, "placeholder_mismatch": 1, "too_long": 1}
+REASONS = {
+    "missing_image": 1,
+    "truncated_image": 1,
+    "undecodable_image": 1,
+    "invalid_json": 1,
+    "unknown_role": 1,
+    "no_assistant_turn": 1,
+    "placeholder_mismatch": 1,
+    "too_long": 1,
+}
 
 
 def test_every_bad_input_reason_is_counted_and_reported(demo, bad_input, tmp_path):
     prefix = tmp_path / "out"
-    code, summary = run(config(demo, prefix, inputs=[str(bad_input)], max_reject_rate=1.0), log=lambda m: None)
+    code, summary = run(
+        config(demo, prefix, inputs=[str(bad_input)], max_reject_rate=1.0), log=lambda m: None
+    )
     assert code == 0 and summary["rejects"] == REASONS and summary["samples"] == 2
     lines = [json.loads(x) for x in indexed.read_rejects(str(prefix))]
     assert [(x["key"], x["reason"]) for x in lines] == [
-        ("line 2", "missing_image"), ("line 3", "truncated_image"), ("line 4", "undecodable_image"),
-        ("line 5", "invalid_json"), ("line 6", "unknown_role"), ("line 7", "no_assistant_turn"),
-        ("line 8", "placeholder_mismatch"), ("line 9", "too_long")]
+        ("line 2", "missing_image"),
+        ("line 3", "truncated_image"),
+        ("line 4", "undecodable_image"),
+        ("line 5", "invalid_json"),
+        ("line 6", "unknown_role"),
+        ("line 7", "no_assistant_turn"),
+        ("line 8", "placeholder_mismatch"),
+        ("line 9", "too_long"),
+    ]
     assert all(x["source"] == str(bad_input) for x in lines)
     assert indexed.load_meta(str(prefix))["rejects"] == REASONS
 
@@ -186,8 +217,16 @@ def test_too_long_sample_gets_fewer_tiles_first(demo, tmp_path):
     full = num_tiles(find_grid(128, 64, big), True) * 16  # (4, 2) grid + thumbnail = 9 tiles = 144 tokens
     assert find_grid(128, 64, big) == (4, 2)
     (tmp_path / "w.jsonl").write_text(json.dumps({"image": "wide.png", "conversations": _conv()}) + "\n")
-    code, _ = run(config(demo, tmp_path / "o", inputs=[str(tmp_path / "w.jsonl")], tiling=big,
-                         packing=PackingConfig(seq_length=full, packing_buffer=8)), log=lambda m: None)
+    code, _ = run(
+        config(
+            demo,
+            tmp_path / "o",
+            inputs=[str(tmp_path / "w.jsonl")],
+            tiling=big,
+            packing=PackingConfig(seq_length=full, packing_buffer=8),
+        ),
+        log=lambda m: None,
+    )
     assert code == 0
     row = PackedDataset(str(tmp_path / "o"))[0]
     # the text does not fit next to 9 tiles; lowering max tiles 8 -> 7 ... -> 3 gives (2, 1) + thumbnail
@@ -250,12 +289,37 @@ def test_worker_killed_twice_stops_with_a_clear_error_and_a_rerun_is_identical(d
     it retries once, then exits 3 within seconds naming the records in flight, the likely cause
     and how to resume, and publishes nothing. The rerun equals an undisturbed run byte for byte."""
     prefix = str(tmp_path / "k")
-    cmd = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", demo["train"],
-           "--tokenizer", demo["tokenizer"], "--output-prefix", prefix, "--seq-length", "256",
-           "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "4", "--packing-buffer", "30",
-           "--seed", "7", "--workers", "2"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,  # no hang
-                         env=dict(os.environ, SAIL_TEST_KILL_WORKER_AT="40", OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "preprocess_data.py"),
+        "--input",
+        demo["train"],
+        "--tokenizer",
+        demo["tokenizer"],
+        "--output-prefix",
+        prefix,
+        "--seq-length",
+        "256",
+        "--tile-size",
+        "32",
+        "--tokens-per-tile",
+        "4",
+        "--max-tiles",
+        "4",
+        "--packing-buffer",
+        "30",
+        "--seed",
+        "7",
+        "--workers",
+        "2",
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=120,  # no hang
+        env=dict(os.environ, SAIL_TEST_KILL_WORKER_AT="40", OMP_NUM_THREADS="1"),
+    )
     assert out.returncode == 3, out.stderr[-3000:]
     err = out.stderr.strip().splitlines()[-1]
     assert err.startswith("error: a preprocessing worker process died again after a retry")
@@ -286,17 +350,42 @@ def test_worker_killed_once_is_retried_and_the_output_is_unchanged(demo, single,
 
 def test_cli_tools_preprocess_and_inspect(demo, tmp_path, capsys):
     prefix = str(tmp_path / "cli")
-    cmd = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", demo["val"],
-           "--tokenizer", demo["tokenizer"], "--output-prefix", prefix, "--seq-length", "200",
-           "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "2", "--no-thumbnail"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "preprocess_data.py"),
+        "--input",
+        demo["val"],
+        "--tokenizer",
+        demo["tokenizer"],
+        "--output-prefix",
+        prefix,
+        "--seq-length",
+        "200",
+        "--tile-size",
+        "32",
+        "--tokens-per-tile",
+        "4",
+        "--max-tiles",
+        "2",
+        "--no-thumbnail",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     inspect = inspect_dataset
     assert inspect.main([prefix]) == 0
     stats = json.loads(capsys.readouterr().out)
-    for key in ("samples", "rows", "images", "tiles", "text_tokens", "image_tokens", "loss_tokens",
-                "fill_ratio", "rejects"):
+    for key in (
+        "samples",
+        "rows",
+        "images",
+        "tiles",
+        "text_tokens",
+        "image_tokens",
+        "loss_tokens",
+        "fill_ratio",
+        "rejects",
+    ):
         assert stats[key] == summary[key], key
     assert stats["samples"] == 5 and stats["image_tokens"] == stats["tiles"] * 4
     assert stats["tiles"] <= 2 * stats["images"]  # --max-tiles 2, no thumbnail
@@ -317,13 +406,27 @@ def test_cli_tools_preprocess_and_inspect(demo, tmp_path, capsys):
 
 def test_cli_exits_1_after_writing_the_report(demo, bad_input, tmp_path, capsys):
     cli = preprocess_data
-    args = ["--input", str(bad_input), "--tokenizer", demo["tokenizer"], "--seq-length", "256",
-            "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "4"]
+    args = [
+        "--input",
+        str(bad_input),
+        "--tokenizer",
+        demo["tokenizer"],
+        "--seq-length",
+        "256",
+        "--tile-size",
+        "32",
+        "--tokens-per-tile",
+        "4",
+        "--max-tiles",
+        "4",
+    ]
     assert cli.main(args + ["--output-prefix", str(tmp_path / "a")]) == 1  # 8 of 10 > default 0.05
     out = capsys.readouterr()
     summary = json.loads(out.out.strip().splitlines()[-1])
     assert summary["rejects"] == REASONS and summary["reject_rate"] == 0.8 and "--max-reject-rate" in out.err
-    assert len(indexed.read_rejects(str(tmp_path / "a"))) == 8 and indexed.load_meta(str(tmp_path / "a")) is None
+    assert (
+        len(indexed.read_rejects(str(tmp_path / "a"))) == 8 and indexed.load_meta(str(tmp_path / "a")) is None
+    )
     assert cli.main(args + ["--output-prefix", str(tmp_path / "b"), "--max-reject-rate", "0.8"]) == 0
     assert indexed.load_meta(str(tmp_path / "b"))["stats"]["samples"] == 2
     capsys.readouterr()
@@ -342,15 +445,24 @@ def test_text_only_data_and_an_empty_shard(demo, tmp_path, capsys):
     assert row.images == [] and row.num_samples == 1
     # 1 record = 1 block: shard 1 of 2 is empty, which is fine for a shard (not for a whole run)
     for i in (0, 1):
-        assert run(config(demo, tmp_path / f"p{i}", shard_index=i, num_shards=2, **cfg), log=lambda m: None)[0] == 0
+        assert (
+            run(config(demo, tmp_path / f"p{i}", shard_index=i, num_shards=2, **cfg), log=lambda m: None)[0]
+            == 0
+        )
     assert len(PackedDataset(str(tmp_path / "p1"))) == 0
-    assert merge_datasets.main(["--inputs", str(tmp_path / "p0"), str(tmp_path / "p1"),
-                                        "--output-prefix", str(tmp_path / "m")]) == 0
+    assert (
+        merge_datasets.main(
+            ["--inputs", str(tmp_path / "p0"), str(tmp_path / "p1"), "--output-prefix", str(tmp_path / "m")]
+        )
+        == 0
+    )
     for a, b in zip(files_of(tmp_path / "one"), files_of(tmp_path / "m")):
         assert filecmp.cmp(a, b, shallow=False), a
     (tmp_path / "empty.jsonl").write_text("\n")
-    code, summary = run(config(demo, tmp_path / "e", inputs=[str(tmp_path / "empty.jsonl")], format="llava"),
-                        log=lambda m: None)
+    code, summary = run(
+        config(demo, tmp_path / "e", inputs=[str(tmp_path / "empty.jsonl")], format="llava"),
+        log=lambda m: None,
+    )
     assert code == 1 and "no input records" in summary["error"]
 
 
@@ -369,8 +481,13 @@ def test_webdataset_end_to_end_with_workers(demo, tmp_path):
             tar.addfile(info, io.BytesIO(data))
     outs = []
     for w in (1, 2):
-        cfg = config(demo, tmp_path / f"w{w}", inputs=[str(tmp_path / "shard.tar")], workers=w,
-                     packing=PackingConfig(seq_length=256, packing_buffer=5))
+        cfg = config(
+            demo,
+            tmp_path / f"w{w}",
+            inputs=[str(tmp_path / "shard.tar")],
+            workers=w,
+            packing=PackingConfig(seq_length=256, packing_buffer=5),
+        )
         code, summary = run(cfg, log=lambda m: None)
         assert code == 0 and summary["samples"] == summary["images"] == len(caps)
         outs.append(tmp_path / f"w{w}")
@@ -394,35 +511,60 @@ def test_truncated_webdataset_shard_is_a_reported_reject(demo, tmp_path):
     data = (tmp_path / "s.tar").read_bytes()
     cut = data.index(b"k1.png") + 512 + 40  # inside k1's image member
     (tmp_path / "cut.tar").write_bytes(data[:cut])
-    code, summary = run(config(demo, tmp_path / "o", inputs=[str(tmp_path / "cut.tar")], max_reject_rate=0.5,
-                               packing=PackingConfig(seq_length=256, packing_buffer=4)), log=lambda m: None)
+    code, summary = run(
+        config(
+            demo,
+            tmp_path / "o",
+            inputs=[str(tmp_path / "cut.tar")],
+            max_reject_rate=0.5,
+            packing=PackingConfig(seq_length=256, packing_buffer=4),
+        ),
+        log=lambda m: None,
+    )
     assert code == 0 and summary["samples"] == 1 and summary["rejects"] == {"truncated_shard": 1}
     (line,) = [json.loads(x) for x in indexed.read_rejects(str(tmp_path / "o"))]
-    assert (line["source"], line["key"], line["reason"]) == (str(tmp_path / "cut.tar"), "k1", "truncated_shard")
+    assert (line["source"], line["key"], line["reason"]) == (
+        str(tmp_path / "cut.tar"),
+        "k1",
+        "truncated_shard",
+    )
 
 
 def test_multi_image_rows_give_tiles_in_image_token_order(demo, tmp_path):
     """preprocess -> PackedDataset -> collate: the k-th <IMG_CONTEXT> run of a row gets exactly
     the tiles of the k-th stored image (told apart by grey level and run length)."""
     from megatron_sail.config.images import ImageConfig
-    from megatron_sail.data.loading.collate import collate_rows
     from megatron_sail.data.images.pil import PilPipeline
+    from megatron_sail.data.loading.collate import collate_rows
 
     grey = {"a.png": ((64, 64), 30), "b.png": ((64, 96), 120), "c.png": ((32, 32), 220)}
     for name, (size, v) in grey.items():
         Image.new("RGB", size, (v, v, v)).save(tmp_path / name)
-    lines = [{"image": ["a.png", "b.png"], "conversations": _conv(q="<image> then <image>?")},
-             {"image": "c.png", "conversations": _conv()}]
+    lines = [
+        {"image": ["a.png", "b.png"], "conversations": _conv(q="<image> then <image>?")},
+        {"image": "c.png", "conversations": _conv()},
+    ]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    code, _ = run(config(demo, tmp_path / "m", inputs=[str(tmp_path / "m.jsonl")],
-                         packing=PackingConfig(seq_length=256, packing_buffer=4)), log=lambda m: None)
+    code, _ = run(
+        config(
+            demo,
+            tmp_path / "m",
+            inputs=[str(tmp_path / "m.jsonl")],
+            packing=PackingConfig(seq_length=256, packing_buffer=4),
+        ),
+        log=lambda m: None,
+    )
     assert code == 0
     ds = PackedDataset(str(tmp_path / "m"))
     row = ds[0]
     assert len(ds) == 1 and row.num_samples == 2 and len(row.images) == 3
     tm = ds.tokenizer_meta
-    mb = collate_rows([row], PilPipeline(ImageConfig(backend="pil", tile_size=32, threads=1)),
-                      image_token_id=tm.img_context_id, tokens_per_tile=tm.tokens_per_tile)
+    mb = collate_rows(
+        [row],
+        PilPipeline(ImageConfig(backend="pil", tile_size=32, threads=1)),
+        image_token_id=tm.img_context_id,
+        tokens_per_tile=tm.tokens_per_tile,
+    )
     is_ctx = np.concatenate([[0], (row.tokens == tm.img_context_id).astype(np.int8), [0]])
     starts, ends = np.flatnonzero(np.diff(is_ctx) == 1), np.flatnonzero(np.diff(is_ctx) == -1)
     by_size = {size: v for size, v in grey.values()}
@@ -431,7 +573,7 @@ def test_multi_image_rows_give_tiles_in_image_token_order(demo, tmp_path):
         assert e - s == im.num_tiles * tm.tokens_per_tile
         assert row.cu_seqlens[im.sample] <= s < e <= row.cu_seqlens[im.sample + 1]
         want = (by_size[im.size] / 255 - 0.485) / 0.229  # red channel of a grey image
-        assert np.allclose(mb.tiles[tile:tile + im.num_tiles, 0].numpy(), want, atol=1e-4)
+        assert np.allclose(mb.tiles[tile : tile + im.num_tiles, 0].numpy(), want, atol=1e-4)
         tile += im.num_tiles
     assert len(starts) == 3 and tile == mb.num_tiles
     # within the two-image sample, a.png (5 tiles) comes before b.png (3 tiles), as in the text

@@ -2,6 +2,7 @@
 example, not a test): graded demo questions have the answers their scenes determine, the level
 sets are VLMEvalKit TSVs the evaluator reads, and the report's curriculum numbers and paired
 bootstrap come out of stored predictions as computed by hand."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,11 @@ import re
 
 import pytest
 
+from megatron_sail.curate.ablation_stats import BootstrapConfig
 from megatron_sail.demo import graded
+from megatron_sail.demo.generator import NUMBERS
 from megatron_sail.demo.paper_report import LevelScorer, curriculum, spearman
 from megatron_sail.demo.paper_study import geometric_steps, split_steps
-from megatron_sail.curate.ablation_stats import BootstrapConfig
-from megatron_sail.demo.generator import NUMBERS
 
 
 def _truth(q: str, objs: list[dict]) -> str:
@@ -50,8 +51,16 @@ def test_graded_answers_follow_from_the_scene():
             q, a, kind = graded.question(rng, level, objs)
             assert a == _truth(q, objs), (level, q, objs)
             kinds.add(kind)
-    assert kinds == {"colour", "shape", "colour_of_left", "shape_of_right", "is_left", "count_colour",
-                     "count_shape", "count_left"}
+    assert kinds == {
+        "colour",
+        "shape",
+        "colour_of_left",
+        "shape_of_right",
+        "is_left",
+        "count_colour",
+        "count_shape",
+        "count_left",
+    }
 
 
 def test_level_sets_and_pool(tmp_path):
@@ -59,14 +68,16 @@ def test_level_sets_and_pool(tmp_path):
 
     info = graded.write_level_benchmarks(str(tmp_path / "b"), graded.GradedConfig(bench_items=12, seed=3))
     assert list(info) == ["vqa@level1", "vqa@level2", "vqa@level3"]
-    for name, v in info.items():
+    for v in info.values():
         items = read_items(v["path"])
         assert len(items) == 12 and all(len(it.images) == 1 for it in items)
         assert 0 < v["chance"] < 100
     pool = graded.write_pool(str(tmp_path / "p"), graded.GradedConfig(samples_per_level=5, seed=3))
-    rows = [json.loads(l) for l in open(pool["path"])]
+    rows = [json.loads(line) for line in open(pool["path"])]
     assert sorted(r["level"] for r in rows) == [1] * 5 + [2] * 5 + [3] * 5
-    assert rows[0]["conversations"][0]["value"].endswith("\nAnswer the question using a single word or phrase.")
+    assert rows[0]["conversations"][0]["value"].endswith(
+        "\nAnswer the question using a single word or phrase."
+    )
 
 
 def _fake_run(root, name: str, bench: dict, answers: dict) -> str:
@@ -77,8 +88,12 @@ def _fake_run(root, name: str, bench: dict, answers: dict) -> str:
     d.mkdir(parents=True)
     for b, path in bench.items():
         items = read_items(path)
-        write_predictions(str(d / f"{b}_predictions.tsv"), ["index", "question", "answer", "category"], items,
-                          {it.index: answers[b][k] for k, it in enumerate(items)})
+        write_predictions(
+            str(d / f"{b}_predictions.tsv"),
+            ["index", "question", "answer", "category"],
+            items,
+            {it.index: answers[b][k] for k, it in enumerate(items)},
+        )
     return str(root / name)
 
 
@@ -92,10 +107,16 @@ def test_curriculum_numbers_and_bootstrap_from_predictions(tmp_path):
     def right(b, k):  # the first k items right, the rest wrong
         return [a if i < k else "wrong" for i, a in enumerate(truth[b])]
 
-    arms = {"one_stage": [_fake_run(tmp_path, "o1", bench, {b: right(b, 5) for b in bench}),
-                          _fake_run(tmp_path, "o2", bench, {b: right(b, 3) for b in bench})],
-            "ascending": [_fake_run(tmp_path, "a1", bench, {b: right(b, 9) for b in bench}),
-                          _fake_run(tmp_path, "a2", bench, {b: right(b, 7) for b in bench})]}
+    arms = {
+        "one_stage": [
+            _fake_run(tmp_path, "o1", bench, {b: right(b, 5) for b in bench}),
+            _fake_run(tmp_path, "o2", bench, {b: right(b, 3) for b in bench}),
+        ],
+        "ascending": [
+            _fake_run(tmp_path, "a1", bench, {b: right(b, 9) for b in bench}),
+            _fake_run(tmp_path, "a2", bench, {b: right(b, 7) for b in bench}),
+        ],
+    }
     out = curriculum(arms, LevelScorer(bench), str(tmp_path / "c.png"), BootstrapConfig(300, 0.95, 0))
     assert out["mean"] == pytest.approx({"one_stage": 40.0, "ascending": 80.0})
     assert out["per_seed"]["ascending"] == pytest.approx([90.0, 70.0])
@@ -115,8 +136,16 @@ def test_caption_claim_from_a_sail_caption_summary(tmp_path):
 
     assert caption(None, str(tmp_path / "c.png")) is None
     summary = tmp_path / "summary.json"
-    summary.write_text(json.dumps({"caption_word_f1": {"recaptioned": 66.7, "original": 53.9}, "gain": 12.8,
-                                   "gain_ci95": [9.4, 16.6], "items": 100}))
+    summary.write_text(
+        json.dumps(
+            {
+                "caption_word_f1": {"recaptioned": 66.7, "original": 53.9},
+                "gain": 12.8,
+                "gain_ci95": [9.4, 16.6],
+                "items": 100,
+            }
+        )
+    )
     out = caption(str(summary), str(tmp_path / "c.png"))
     assert out["gain"] == 12.8 and out["gain_ci95"] == [9.4, 16.6] and out["source"] == str(summary)
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,4 +1,5 @@
 """How benchmark requests are split over data-parallel replicas (eval/replicas.py)."""
+
 from megatron_sail.eval.replicas import ReplicaShare
 
 
@@ -16,7 +17,7 @@ def test_slices_are_contiguous_in_rank_order_and_cover_the_round():
 
 
 def test_a_full_round_gives_each_replica_one_batch_and_a_short_one_about_half():
-    assert parts(16, 2) == [(0, 8), (8, 16)]   # batch 8 x DP 2: the DP=1 batches exactly
+    assert parts(16, 2) == [(0, 8), (8, 16)]  # batch 8 x DP 2: the DP=1 batches exactly
     assert parts(5, 2) == [(0, 3), (3, 5)]
-    assert parts(1, 2) == [(0, 1), (1, 1)]     # the other replica still takes part, with nothing
+    assert parts(1, 2) == [(0, 1), (1, 1)]  # the other replica still takes part, with nothing
     assert parts(24, 3) == [(0, 8), (8, 16), (16, 24)]

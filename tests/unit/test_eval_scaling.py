@@ -1,5 +1,6 @@
 """The data-scaling fit recovers known a, b from synthetic metrics.jsonl files, and the tool
 prints them, the extrapolation and writes the plot."""
+
 import json
 import math
 import subprocess
@@ -8,18 +9,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from testkit import ROOT, subprocess_env
 
 from megatron_sail.eval.registry import get_benchmark
-from megatron_sail.eval.scaling import (AVERAGE, extrapolate, fit_log_linear, metric_max, normalized,
-                                         parse_tokens, read_points)
-
+from megatron_sail.eval.scaling import (
+    AVERAGE,
+    extrapolate,
+    fit_log_linear,
+    metric_max,
+    normalized,
+    parse_tokens,
+    read_points,
+)
+from testkit import ROOT, subprocess_env
 
 
 def write_run(run: Path, rows: list[dict]) -> None:
     run.mkdir(parents=True)
-    lines = [json.dumps({"iteration": i, "lm_loss": 1.0, "consumed_tokens": 10 * i})
-             for i in range(1, 3)]  # step records without scores are ignored
+    lines = [
+        json.dumps({"iteration": i, "lm_loss": 1.0, "consumed_tokens": 10 * i}) for i in range(1, 3)
+    ]  # step records without scores are ignored
     lines += [json.dumps(r) for r in rows] + ['{"iteration": 99, "benchmarks/pope": 1']  # cut line
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -46,18 +54,41 @@ def test_tool_reads_runs_fits_and_plots(tmp_path):
         return 100.0 + 20.0 * math.log(t)
 
     toks = [1e9, 4e9, 16e9, 64e9]
-    write_run(tmp_path / "r1", [{"iteration": 10 * i, "consumed_tokens": t,
-                                 "benchmarks/pope": pope(t), "benchmarks/mme": mme(t)}
-                                for i, t in enumerate(toks[:2])])
-    write_run(tmp_path / "r2", [{"iteration": 10 * i, "consumed_tokens": t,
-                                 "benchmarks/pope": pope(t), "benchmarks/mme": mme(t)}
-                                for i, t in enumerate(toks[2:])])
+    write_run(
+        tmp_path / "r1",
+        [
+            {"iteration": 10 * i, "consumed_tokens": t, "benchmarks/pope": pope(t), "benchmarks/mme": mme(t)}
+            for i, t in enumerate(toks[:2])
+        ],
+    )
+    write_run(
+        tmp_path / "r2",
+        [
+            {"iteration": 10 * i, "consumed_tokens": t, "benchmarks/pope": pope(t), "benchmarks/mme": mme(t)}
+            for i, t in enumerate(toks[2:])
+        ],
+    )
     pts = read_points([str(tmp_path / "r1"), str(tmp_path / "r2")]).series
     assert sorted(pts) == [AVERAGE, "mme", "pope"] and len(pts["pope"]) == 4
     (tmp_path / "empty").mkdir()
-    out = subprocess.run([sys.executable, "tools/scaling_law.py", str(tmp_path / "r1"), str(tmp_path / "empty"),
-                          str(tmp_path / "r2"), "--out", str(tmp_path / "fit"), "--budget", "655B"],
-                         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "tools/scaling_law.py",
+            str(tmp_path / "r1"),
+            str(tmp_path / "empty"),
+            str(tmp_path / "r2"),
+            "--out",
+            str(tmp_path / "fit"),
+            "--budget",
+            "655B",
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     line = next(x for x in out.stdout.splitlines() if x.startswith("pope:"))
     assert "a=20.0000 b=2.0000 R^2=1.0000 points=4" in line
@@ -78,8 +109,15 @@ def test_normalized_average_capped_extrapolation_and_flat_scores(tmp_path):
     assert metric_max("mme") == 2800 and metric_max("vqa@level1") == 100
     assert normalized("ocrbench", 835) == pytest.approx(83.5)
     toks = [1e6, 1e7, 1e8]
-    rows = [{"consumed_tokens": t, "benchmarks/ocrbench": 20 * k + 20, "benchmarks_n/ocrbench": 100,
-             "benchmarks/pope": 50.0} for k, t in enumerate(toks)]
+    rows = [
+        {
+            "consumed_tokens": t,
+            "benchmarks/ocrbench": 20 * k + 20,
+            "benchmarks_n/ocrbench": 100,
+            "benchmarks/pope": 50.0,
+        }
+        for k, t in enumerate(toks)
+    ]
     write_run(tmp_path / "one", rows)
     pts = read_points([str(tmp_path / "one")])
     assert pts.maxima["ocrbench"] == 100
@@ -90,8 +128,13 @@ def test_normalized_average_capped_extrapolation_and_flat_scores(tmp_path):
     e = extrapolate(rising, 655e9, 100.0)
     assert e.capped and e.value == 100.0 and e.raw > 100.0
     assert not extrapolate(rising, 1e7, 100.0).capped
-    out = subprocess.run([sys.executable, "tools/scaling_law.py", str(tmp_path / "one"), "--out",
-                          str(tmp_path / "fit")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "tools/scaling_law.py", str(tmp_path / "one"), "--out", str(tmp_path / "fit")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "R^2=n/a" in next(x for x in out.stdout.splitlines() if x.startswith("pope:"))
     ocr = next(x for x in out.stdout.splitlines() if x.startswith("ocrbench:"))

@@ -7,6 +7,7 @@ Megatron checkpoint, the same transformers logits, and the same greedy tokens as
 ``python -m megatron_sail.generate`` (and, where torchvision imports, the same ids and pixels as
 AutoProcessor itself). ``--layout chat`` of a checkpoint without remote code fails in one line.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,14 +29,18 @@ def export(tmp_path_factory, repo_root, subprocess_env):
     """A tiny transformers-layout model, its Megatron conversion (no source_files/: what a model
     trained from scratch has) and its export, plus a 2:1 image (2x1 grid + thumbnail)."""
     d = tmp_path_factory.mktemp("export")
-    steps = [("make_tiny_hf_checkpoint", ["--out", str(d / "hf"), "--tokenizer", "--vocab-size", "320"]),
-             ("convert_checkpoint", ["hf-to-mcore", "--hf-dir", str(d / "hf"), "--out", str(d / "mc")]),
-             ("convert_checkpoint", ["mcore-to-hf", "--mcore-dir", str(d / "mc"), "--out",
-                                     str(d / "export")])]
-    code = (f"import importlib\nfor mod, argv in {steps!r}:\n"
-            "    assert importlib.import_module(mod).main(argv) in (0, None), mod\n")
-    subprocess.run([sys.executable, "-c", code], cwd=repo_root, env=subprocess_env, check=True,
-                   capture_output=True)  # one process: the tools import by name (testkit's path)
+    steps = [
+        ("make_tiny_hf_checkpoint", ["--out", str(d / "hf"), "--tokenizer", "--vocab-size", "320"]),
+        ("convert_checkpoint", ["hf-to-mcore", "--hf-dir", str(d / "hf"), "--out", str(d / "mc")]),
+        ("convert_checkpoint", ["mcore-to-hf", "--mcore-dir", str(d / "mc"), "--out", str(d / "export")]),
+    ]
+    code = (
+        f"import importlib\nfor mod, argv in {steps!r}:\n"
+        "    assert importlib.import_module(mod).main(argv) in (0, None), mod\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], cwd=repo_root, env=subprocess_env, check=True, capture_output=True
+    )  # one process: the tools import by name (testkit's path)
     image = d / "wide.png"
     Image.fromarray((np.random.RandomState(0).rand(56, 112, 3) * 255).astype("uint8")).save(image)
     return {"dir": d, "mc": d / "mc", "export": d / "export", "image": image}
@@ -78,22 +83,42 @@ def test_inputs_match_our_generate_path_and_give_the_same_logits(export):
     assert torch.allclose(helper, reference, atol=1e-5)
 
 
-def test_transformers_on_the_helper_inputs_generates_what_our_generator_does(export, repo_root,
-                                                                            subprocess_env):
+def test_transformers_on_the_helper_inputs_generates_what_our_generator_does(
+    export, repo_root, subprocess_env
+):
     """Greedy, 4 tokens forced (the random model may stop at once): same prompt, same tokens."""
     from transformers import AutoModelForImageTextToText
 
     out = export["dir"] / "ours.jsonl"
-    subprocess.run([sys.executable, "-m", "megatron_sail.generate", "--checkpoint", str(export["mc"]),
-                    "--image", str(export["image"]), "--prompt", PROMPT, "--max-new-tokens", "6",
-                    "--min-new-tokens", "4", "--output", str(out)],
-                   cwd=repo_root, env=subprocess_env, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_sail.generate",
+            "--checkpoint",
+            str(export["mc"]),
+            "--image",
+            str(export["image"]),
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            "6",
+            "--min-new-tokens",
+            "4",
+            "--output",
+            str(out),
+        ],
+        cwd=repo_root,
+        env=subprocess_env,
+        check=True,
+        capture_output=True,
+    )
     [record] = [json.loads(line) for line in out.read_text().splitlines()]
     _, inputs = _helper_inputs(export)
     model = AutoModelForImageTextToText.from_pretrained(str(export["export"])).eval()
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=6, min_new_tokens=4, do_sample=False)
-    new = generated[0, inputs["input_ids"].shape[1]:].tolist()
+    new = generated[0, inputs["input_ids"].shape[1] :].tolist()
     if new and new[-1] in model.generation_config.eos_token_id:
         new = new[:-1]
     assert record["prompt_ids"] == inputs["input_ids"][0].tolist()
@@ -105,10 +130,14 @@ def test_batches_pad_left_and_placeholders_must_match_the_images(export):
     text = processor.decode(single["input_ids"][0])
     short = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
-        add_generation_prompt=True, tokenize=False)
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     long = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
-        add_generation_prompt=True, tokenize=False)
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     batch = processor(images=[[str(export["image"])], [str(export["image"])]], text=[short, long])
     assert batch["pixel_values"].shape[0] == 6
     assert batch["input_ids"][1].tolist() == single["input_ids"][0].tolist()
@@ -120,24 +149,34 @@ def test_batches_pad_left_and_placeholders_must_match_the_images(export):
 
 
 def test_auto_processor_builds_the_same_inputs_where_torchvision_imports(export):
-    pytest.importorskip("torchvision", reason="InternVLProcessor needs torchvision, which does not "
-                        "import beside the pinned CPU torch (docs/conversion.md)")
+    pytest.importorskip(
+        "torchvision",
+        reason="InternVLProcessor needs torchvision, which does not "
+        "import beside the pinned CPU torch (docs/conversion.md)",
+    )
     from transformers import AutoImageProcessor, AutoProcessor
 
     processor, inputs = _helper_inputs(export)
     auto = AutoProcessor.from_pretrained(str(export["export"]))
     auto.image_processor = AutoImageProcessor.from_pretrained(str(export["export"]), backend="pil")
-    text = processor.decode(processor.tokenizer(processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
-        add_generation_prompt=True, tokenize=False))["input_ids"])
+    text = processor.decode(
+        processor.tokenizer(
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        )["input_ids"]
+    )
     reference = auto(images=[Image.open(export["image"]).convert("RGB")], text=text, return_tensors="pt")
     assert reference["input_ids"].tolist() == inputs["input_ids"].tolist()
     assert torch.equal(reference["pixel_values"], inputs["pixel_values"])
 
 
 @pytest.mark.parametrize("family", ["intern_vit", "aimv2"])
-def test_layout_chat_without_remote_code_fails_in_one_line(export, family, tmp_path, repo_root,
-                                                          subprocess_env):
+def test_layout_chat_without_remote_code_fails_in_one_line(
+    export, family, tmp_path, repo_root, subprocess_env
+):
     """A checkpoint with no source_files/ (trained from scratch): exit 2, one `error:` line
     that says why and what works instead; no traceback."""
     mc = export["mc"]
@@ -148,9 +187,23 @@ def test_layout_chat_without_remote_code_fails_in_one_line(export, family, tmp_p
         mc = tmp_path / "aimv2_from_scratch"
         mc.mkdir()
         write_model_config(mc, get_recipe("sail_vl2_2b")("sft-knowledge").model)
-    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "mcore-to-hf", "--mcore-dir",
-                           str(mc), "--out", str(tmp_path / "chat"), "--layout", "chat"],
-                          cwd=repo_root, env=subprocess_env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/convert_checkpoint.py",
+            "mcore-to-hf",
+            "--mcore-dir",
+            str(mc),
+            "--out",
+            str(tmp_path / "chat"),
+            "--layout",
+            "chat",
+        ],
+        cwd=repo_root,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

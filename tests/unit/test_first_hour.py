@@ -1,11 +1,13 @@
 """A new user's first hour (issue 22): outputs land where they are expected, and nothing already
 there is silently overwritten."""
+
 import importlib
 import json
 import os
 from pathlib import Path
 
 import pytest
+
 
 def _tool(name: str):
     """A tools/ script as a module (tools/ is on pytest's pythonpath)."""
@@ -45,17 +47,20 @@ def test_the_tokenizer_is_recorded_so_a_run_from_another_folder_finds_it(tmp_pat
     from megatron_sail.checkpoint.assets import resolve_tokenizer_path, write_checkpoint_assets
     from megatron_sail.checkpoint.layout import TOKENIZER_DIR
     from megatron_sail.config.data import PackingConfig, PreprocessConfig
-    from megatron_sail.demo.generator import DemoConfig, make_demo
-    from megatron_sail.data.preprocess.pipeline import run
     from megatron_sail.config.images import TilingConfig
+    from megatron_sail.data.preprocess.pipeline import run
+    from megatron_sail.demo.generator import DemoConfig, make_demo
 
     demo = make_demo(str(tmp_path / "demo"), DemoConfig(samples=6, val_samples=1, seed=3))
     monkeypatch.chdir(tmp_path)
     prefix = tmp_path / "packed" / "train"
-    cfg = PreprocessConfig(inputs=[demo["train"]], output_prefix=str(prefix),
-                           tokenizer=os.path.relpath(demo["tokenizer"], tmp_path),
-                           tiling=TilingConfig(32, 1, 4, True, 4),
-                           packing=PackingConfig(seq_length=256, packing_buffer=8, seed=7))
+    cfg = PreprocessConfig(
+        inputs=[demo["train"]],
+        output_prefix=str(prefix),
+        tokenizer=os.path.relpath(demo["tokenizer"], tmp_path),
+        tiling=TilingConfig(32, 1, 4, True, 4),
+        packing=PackingConfig(seq_length=256, packing_buffer=8, seed=7),
+    )
     code, summary = run(cfg, log=lambda m: None)
     assert code == 0, summary
     meta_path = f"{prefix}.meta.json"
@@ -69,8 +74,11 @@ def test_the_tokenizer_is_recorded_so_a_run_from_another_folder_finds_it(tmp_pat
     ckpt.mkdir()
     write_checkpoint_assets(str(ckpt), {"data": {"data_path": [str(prefix)]}})
     assert any((ckpt / TOKENIZER_DIR).iterdir())
-    with pytest.raises(FileNotFoundError, match=r"train\.meta\.json: the tokenizer it records "
-                                                r"\(gone/tok\.json\) is not found"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"train\.meta\.json: the tokenizer it records "
+        r"\(gone/tok\.json\) is not found",
+    ):
         resolve_tokenizer_path(meta_path, "gone/tok.json")
 
 
@@ -84,15 +92,26 @@ def test_preprocessing_detects_the_format_per_file(tmp_path, tiny_tokenizer):
     from megatron_sail.data.preprocess.pipeline import run
 
     Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "red.png")
-    llava = [{"image": "red.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]}] * 3
+    llava = [
+        {
+            "image": "red.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour?"},
+                {"from": "gpt", "value": "Red."},
+            ],
+        }
+    ] * 3
     captions = [{"image": "red.png", "caption": "A red square."}] * 2
     (tmp_path / "a_chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in llava))
     (tmp_path / "b_caption.jsonl").write_text("".join(json.dumps(r) + "\n" for r in captions))
     logs = []
-    cfg = PreprocessConfig(inputs=[str(tmp_path / "*.jsonl")], output_prefix=str(tmp_path / "out"),
-                           tokenizer=tiny_tokenizer, tiling=TilingConfig(32, 1, 4, True, 4),
-                           packing=PackingConfig(seq_length=256, packing_buffer=8, seed=7))
+    cfg = PreprocessConfig(
+        inputs=[str(tmp_path / "*.jsonl")],
+        output_prefix=str(tmp_path / "out"),
+        tokenizer=tiny_tokenizer,
+        tiling=TilingConfig(32, 1, 4, True, 4),
+        packing=PackingConfig(seq_length=256, packing_buffer=8, seed=7),
+    )
     code, summary = run(cfg, log=logs.append)
     assert code == 0, summary
     assert summary["samples"] == 5 and summary["rejects"] == {}

@@ -1,4 +1,5 @@
 """FLOPs counting checked against numbers worked out by hand."""
+
 import dataclasses
 import math
 
@@ -9,15 +10,37 @@ from megatron_sail.training import flops as F
 
 # A small model whose FLOPs are easy to add up by hand.
 SMALL = F.FlopsShape(
-    vit_hidden=8, vit_layers=2, vit_ffn=16, vit_tokens_per_tile=5, patch_dim=12,
-    tokens_per_tile=1, projector_in=32, lm_hidden=16, lm_layers=3, lm_heads=4,
-    lm_kv_heads=2, lm_head_dim=4, lm_ffn=24, vocab_size=50,
+    vit_hidden=8,
+    vit_layers=2,
+    vit_ffn=16,
+    vit_tokens_per_tile=5,
+    patch_dim=12,
+    tokens_per_tile=1,
+    projector_in=32,
+    lm_hidden=16,
+    lm_layers=3,
+    lm_heads=4,
+    lm_kv_heads=2,
+    lm_head_dim=4,
+    lm_ffn=24,
+    vocab_size=50,
 )
 
 SAIL_2B = F.FlopsShape(
-    vit_hidden=1024, vit_layers=24, vit_ffn=4096, vit_tokens_per_tile=1025, patch_dim=3 * 14 * 14,
-    tokens_per_tile=256, projector_in=4096, lm_hidden=1536, lm_layers=28, lm_heads=12,
-    lm_kv_heads=2, lm_head_dim=128, lm_ffn=8960, vocab_size=151936,
+    vit_hidden=1024,
+    vit_layers=24,
+    vit_ffn=4096,
+    vit_tokens_per_tile=1025,
+    patch_dim=3 * 14 * 14,
+    tokens_per_tile=256,
+    projector_in=4096,
+    lm_hidden=1536,
+    lm_layers=28,
+    lm_heads=12,
+    lm_kv_heads=2,
+    lm_head_dim=128,
+    lm_ffn=8960,
+    vocab_size=151936,
 )
 
 
@@ -50,7 +73,11 @@ def test_moe_lm_by_hand():
 
 
 def test_step_is_three_forwards():
-    fwd = F.vit_forward_flops(SMALL, 2) + F.projector_forward_flops(SMALL, 2) + F.lm_forward_flops(SMALL, [7, 5])
+    fwd = (
+        F.vit_forward_flops(SMALL, 2)
+        + F.projector_forward_flops(SMALL, 2)
+        + F.lm_forward_flops(SMALL, [7, 5])
+    )
     assert F.step_flops(SMALL, [7, 5], 2) == 3 * fwd
 
 

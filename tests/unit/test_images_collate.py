@@ -1,4 +1,5 @@
 """Micro-batch assembly and the prefetching loader (PIL backend: runs without DALI)."""
+
 import itertools
 import time
 
@@ -7,10 +8,10 @@ import pytest
 import torch
 
 from megatron_sail.config.images import ImageConfig
-from megatron_sail.data.loading.collate import collate_rows
 from megatron_sail.data.images.pil import PilPipeline
-from megatron_sail.data.loading.prefetch import PrefetchLoader
 from megatron_sail.data.images.synthetic import encode
+from megatron_sail.data.loading.collate import collate_rows
+from megatron_sail.data.loading.prefetch import PrefetchLoader
 from megatron_sail.data.records import ImageRecord, PackedRow
 
 S = 16
@@ -30,14 +31,19 @@ def row(n: int, lengths: list[int], images: list[ImageRecord], seed: int = 0) ->
     rng = np.random.default_rng(seed)
     tokens = rng.integers(1000, 2000, n)
     cu = np.concatenate([[0], np.cumsum(lengths)])
-    for s, (a, b) in enumerate(zip(cu, cu[1:])):
+    for s, a in enumerate(cu[:-1]):
         k = sum(img.num_tiles for img in images if img.sample == s) * 4
-        tokens[a + 1:a + 1 + k] = IMG
+        tokens[a + 1 : a + 1 + k] = IMG
     if cu[-1] < n:
         cu = np.append(cu, n)
-    return PackedRow(tokens=tokens.astype(np.int64), labels=np.roll(tokens, -1).astype(np.int64),
-                     loss_mask=np.ones(n, np.float32),
-                     cu_seqlens=cu.astype(np.int32), num_samples=len(lengths), images=images)
+    return PackedRow(
+        tokens=tokens.astype(np.int64),
+        labels=np.roll(tokens, -1).astype(np.int64),
+        loss_mask=np.ones(n, np.float32),
+        cu_seqlens=cu.astype(np.int32),
+        num_samples=len(lengths),
+        images=images,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +58,9 @@ def expected(value: int) -> torch.Tensor:
 
 
 def test_tiles_follow_image_order_across_rows(pipe):
-    r0 = row(40, [20, 12], [solid(10, (2, 1), 0, "a:0"), solid(20, (1, 1), 0, "a:1"), solid(30, (1, 2), 1, "a:2")])
+    r0 = row(
+        40, [20, 12], [solid(10, (2, 1), 0, "a:0"), solid(20, (1, 1), 0, "a:1"), solid(30, (1, 2), 1, "a:2")]
+    )
     r1 = row(40, [40], [solid(40, (3, 1), 0, "b:0")])
     mb = collate_rows([r0, r1], pipe, image_token_id=IMG, tokens_per_tile=4)
     values = [10] * 3 + [20] + [30] * 3 + [40] * 4  # grid tiles then thumbnail, image by image
@@ -102,8 +110,12 @@ def batches() -> list[list[PackedRow]]:
 
 
 def same(a, b) -> bool:
-    return (torch.equal(a.tiles, b.tiles) and torch.equal(a.tokens, b.tokens)
-            and torch.equal(a.loss_mask, b.loss_mask) and torch.equal(a.cu_seqlens, b.cu_seqlens))
+    return (
+        torch.equal(a.tiles, b.tiles)
+        and torch.equal(a.tokens, b.tokens)
+        and torch.equal(a.loss_mask, b.loss_mask)
+        and torch.equal(a.cu_seqlens, b.cu_seqlens)
+    )
 
 
 def test_prefetch_is_deterministic_and_resumable(pipe):

@@ -1,9 +1,9 @@
 """dali-cpu against the PIL reference: same grid and tile layout, pixels within a stated tolerance."""
+
 import io
 import logging
 import threading
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -30,7 +30,9 @@ def record(data: bytes, source: str, tile: int, grid=None) -> ImageRecord:
 
 def pipelines(tile: int, max_batch: int = 8):
     pil = build_image_pipeline(ImageConfig(backend="pil", tile_size=tile, threads=2))
-    dali = build_image_pipeline(ImageConfig(backend="dali-cpu", tile_size=tile, threads=2, max_batch_images=max_batch))
+    dali = build_image_pipeline(
+        ImageConfig(backend="dali-cpu", tile_size=tile, threads=2, max_batch_images=max_batch)
+    )
     return pil, dali
 
 
@@ -54,8 +56,10 @@ def test_dali_cpu_failures_chunking_and_recovery(caplog):
     good = [synthetic_jpeg(96 + 16 * i, 64, i) for i in range(5)]
     truncated = good[0][: len(good[0]) // 2]
     recs = [record(d, f"g:{i}", 32) for i, d in enumerate(good)]
-    bad = [ImageRecord(b"junk", (2, 1), True, (64, 32), 0, "junk:1"),
-           ImageRecord(truncated, recs[0].grid, True, recs[0].size, 0, "cut:2")]
+    bad = [
+        ImageRecord(b"junk", (2, 1), True, (64, 32), 0, "junk:1"),
+        ImageRecord(truncated, recs[0].grid, True, recs[0].size, 0, "cut:2"),
+    ]
     mixed = [recs[0], bad[0], recs[1], recs[2], bad[1], recs[3], recs[4]]
     pil, dali = pipelines(32, max_batch=3)
     clean, ok = dali.tiles(recs)
@@ -106,12 +110,12 @@ def test_dali_pipeline_shared_by_two_threads():
     """A training and a validation loader may call one pipeline from two threads at once."""
     recs = [record(synthetic_jpeg(40 + 24 * i, 48, i), f"t:{i}", 32) for i in range(4)]
     _, dali = pipelines(32, max_batch=2)
-    want = [dali.tiles(recs[i:i + 2])[0] for i in (0, 2)]
+    want = [dali.tiles(recs[i : i + 2])[0] for i in (0, 2)]
     results: list = [[], []]
 
     def work(k: int) -> None:
         for _ in range(6):
-            results[k].append(dali.tiles(recs[2 * k:2 * k + 2])[0])
+            results[k].append(dali.tiles(recs[2 * k : 2 * k + 2])[0])
 
     threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in (0, 1)]
     for t in threads:

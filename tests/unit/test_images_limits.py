@@ -1,4 +1,5 @@
 """Every image backend: 16-bit PNGs keep their brightness, and the pixel limit holds at train time."""
+
 import io
 import logging
 import struct
@@ -28,7 +29,12 @@ def png16(grey: np.ndarray, colour_type: int) -> bytes:
     px = np.stack(planes[colour_type], -1).astype(">u2")
     raw = b"".join(b"\x00" + px[y].tobytes() for y in range(h))
     ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(raw))
+        + _chunk(b"IEND", b"")
+    )
 
 
 GRADIENT = np.tile(np.linspace(0, 61430, 64).round().astype(np.uint16), (64, 1))
@@ -74,15 +80,20 @@ def test_over_limit_images_are_not_decoded_at_train_time(backend, caplog):
     the other images of the batch intact; a lower ImageConfig.max_pixels refuses smaller ones."""
     good = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 0, 0)).save(good, format="PNG")
-    recs = [ImageRecord(good.getvalue(), (1, 1), False, (64, 64), 0, "d:0"),
-            ImageRecord(header_only_png(20000, 20000), (1, 1), False, (64, 64), 0, "d:1")]
+    recs = [
+        ImageRecord(good.getvalue(), (1, 1), False, (64, 64), 0, "d:0"),
+        ImageRecord(header_only_png(20000, 20000), (1, 1), False, (64, 64), 0, "d:1"),
+    ]
     pipe = build_image_pipeline(ImageConfig(backend=backend, tile_size=64, threads=1))
     assert pipe.cfg.max_pixels == DEFAULT_MAX_IMAGE_PIXELS
     with caplog.at_level(logging.WARNING):
         tiles, ok = pipe.tiles(recs)
     assert ok == [True, False] and pipe.failures == 1
     assert "d:1" in caplog.text and "400000000 pixels > max_pixels" in caplog.text
-    assert float(tiles[1].abs().max()) == 0.0 and abs(float(tiles[0, 0].mean()) - (200 / 255 - MEAN) / STD) < 1e-4
+    assert (
+        float(tiles[1].abs().max()) == 0.0
+        and abs(float(tiles[0, 0].mean()) - (200 / 255 - MEAN) / STD) < 1e-4
+    )
     small = build_image_pipeline(ImageConfig(backend=backend, tile_size=64, threads=1, max_pixels=64 * 63))
     assert small.tiles(recs[:1])[1] == [False]
 

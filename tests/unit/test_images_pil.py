@@ -1,4 +1,5 @@
 """The PIL backend against an independent re-statement of InternVL's preprocessing."""
+
 import io
 import logging
 import sys
@@ -43,7 +44,10 @@ def record(data: bytes, source: str, grid=None, thumbnail=True, sample=0) -> Ima
 
 def varied_images() -> list[bytes]:
     """JPEGs of several aspect ratios plus PNGs in RGBA, grayscale and palette modes."""
-    out = [synthetic_jpeg(w, h, seed) for seed, (w, h) in enumerate([(200, 150), (90, 300), (500, 120), (64, 64), (257, 31)])]
+    out = [
+        synthetic_jpeg(w, h, seed)
+        for seed, (w, h) in enumerate([(200, 150), (90, 300), (500, 120), (64, 64), (257, 31)])
+    ]
     photo = synthetic_photo(120, 80, 9)
     rgba = np.concatenate([photo, np.full((80, 120, 1), 128, np.uint8)], axis=2)
     out.append(encode(rgba, "PNG"))
@@ -80,8 +84,12 @@ def test_stored_grid_is_used_not_recomputed():
 def test_failed_images_get_blank_tiles_and_a_warning(caplog):
     good = synthetic_jpeg(200, 150, 1)
     truncated = good[: len(good) // 2]
-    recs = [record(good, "ok:0"), ImageRecord(b"not an image", (2, 1), True, (64, 32), 0, "junk:7"),
-            record(good, "cut:3", grid=(4, 3)), record(good, "ok:1")]
+    recs = [
+        record(good, "ok:0"),
+        ImageRecord(b"not an image", (2, 1), True, (64, 32), 0, "junk:7"),
+        record(good, "cut:3", grid=(4, 3)),
+        record(good, "ok:1"),
+    ]
     pipe = PilPipeline(ImageConfig(backend="pil", tile_size=S, threads=2))
     with caplog.at_level(logging.WARNING):
         tiles, ok = pipe.tiles(recs)

@@ -1,8 +1,9 @@
 """Megatron-LM flags of the trainer (issue 13): each one changes what it says in the resolved
 config, the LR schedule, the DDP / recompute settings or the console, and the ones we cannot
 honour are refused by name."""
-import logging
+
 import json
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -40,9 +41,24 @@ def test_train_samples_sets_iterations_and_excludes_train_iters():
 
 
 def test_sample_based_schedule(caplog):
-    cfg = resolve(["--train-samples", "160", "--global-batch-size", "8", "--lr", "1e-3",
-                   "--lr-warmup-samples", "32", "--lr-decay-samples", "80",
-                   "--lr-decay-style", "linear", "--min-lr", "0"])
+    cfg = resolve(
+        [
+            "--train-samples",
+            "160",
+            "--global-batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--lr-warmup-samples",
+            "32",
+            "--lr-decay-samples",
+            "80",
+            "--lr-decay-style",
+            "linear",
+            "--min-lr",
+            "0",
+        ]
+    )
     assert (cfg.optim.lr_warmup_iters, cfg.optim.lr_decay_iters) == (4, 10)
     lrs = _lrs(cfg, 12)
     assert lrs[4] == pytest.approx(1e-3) and lrs[2] == pytest.approx(0.5e-3)
@@ -52,14 +68,30 @@ def test_sample_based_schedule(caplog):
     with pytest.raises(ValueError, match="give it in rows"):
         resolve(["--train-samples", "160", "--lr-warmup-iters", "3"])
     with caplog.at_level(logging.WARNING, logger="megatron_sail"):
-        assert resolve(["--train-samples", "160", "--global-batch-size", "8",
-                        "--lr-warmup-samples", "30"]).optim.lr_warmup_iters == 4
+        assert (
+            resolve(
+                ["--train-samples", "160", "--global-batch-size", "8", "--lr-warmup-samples", "30"]
+            ).optim.lr_warmup_iters
+            == 4
+        )
     assert "not a multiple" in caplog.text
 
 
 def test_warmup_fraction_and_init():
-    cfg = resolve(["--train-iters", "40", "--lr-decay-iters", "20", "--lr-warmup-fraction",
-                   "0.25", "--lr-warmup-init", "1e-4", "--lr", "1e-3"])
+    cfg = resolve(
+        [
+            "--train-iters",
+            "40",
+            "--lr-decay-iters",
+            "20",
+            "--lr-warmup-fraction",
+            "0.25",
+            "--lr-warmup-init",
+            "1e-4",
+            "--lr",
+            "1e-3",
+        ]
+    )
     assert cfg.optim.lr_warmup_iters == 5  # a fraction of the decay steps, as Megatron-LM
     lrs = _lrs(cfg, 6)
     assert lrs[0] == pytest.approx(1e-4)  # warmup starts at --lr-warmup-init, not 0
@@ -95,15 +127,20 @@ def test_transformer_impl():
 
 
 def test_recompute_method_and_layers():
-    cfg = resolve(["--recompute-granularity", "full", "--recompute-method", "block",
-                   "--recompute-num-layers", "2"])
+    cfg = resolve(
+        ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "2"]
+    )
     lm_config = SimpleNamespace()
     model = SimpleNamespace(language_model=SimpleNamespace(config=lm_config), vision_model=None)
     t = cfg.train
-    apply_recompute(model, RecomputeConfig(t.recompute_granularity, False, t.recompute_method,
-                                           t.recompute_num_layers))
-    assert (lm_config.recompute_granularity, lm_config.recompute_method,
-            lm_config.recompute_num_layers) == ("full", "block", 2)
+    apply_recompute(
+        model, RecomputeConfig(t.recompute_granularity, False, t.recompute_method, t.recompute_num_layers)
+    )
+    assert (lm_config.recompute_granularity, lm_config.recompute_method, lm_config.recompute_num_layers) == (
+        "full",
+        "block",
+        2,
+    )
     with pytest.raises(ValueError, match="full only"):
         resolve(["--recompute-method", "uniform"])
     with pytest.raises(ValueError, match="uniform or block"):
@@ -137,11 +174,26 @@ def test_load_flags_resolve():
 
 def _write(tmp_path, cfg, steps=4, log_interval=1):
     out = []
-    w = MetricsWriter(tmp_path, tmp_path / "tb", log_interval, 0, cfg,
-                      stream=SimpleNamespace(write=out.append, flush=lambda: None))
+    w = MetricsWriter(
+        tmp_path,
+        tmp_path / "tb",
+        log_interval,
+        0,
+        cfg,
+        stream=SimpleNamespace(write=out.append, flush=lambda: None),
+    )
     for i in range(1, steps + 1):
-        w.log_step(StepStats(iteration=i, lm_loss=1.0 / i, lr={"lr/default": 1e-3}, grad_norm=1.0,
-                             step_time_s=0.5, tokens=250, samples=2))
+        w.log_step(
+            StepStats(
+                iteration=i,
+                lm_loss=1.0 / i,
+                lr={"lr/default": 1e-3},
+                grad_norm=1.0,
+                step_time_s=0.5,
+                tokens=250,
+                samples=2,
+            )
+        )
     w.close()
     return "".join(out)
 
@@ -200,8 +252,11 @@ def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(tmp_path):
     assert cfg.model.vision.hidden_size == model.vision.hidden_size
     yml = tmp_path / "o.yaml"
     yml.write_text(yaml.safe_dump({"model": {"language": {"num_layers": 1}}}))
-    with pytest.raises(ValueError, match=r"language.num_layers: .*o.yaml 1, checkpoint "
-                                         f"{model.language.num_layers}"):
+    with pytest.raises(
+        ValueError,
+        match=r"language.num_layers: .*o.yaml 1, checkpoint "
+        f"{model.language.num_layers}",
+    ):
         resolve(["--init-from", str(ckpt), "--use-checkpoint-args", "--config", str(yml)])
     with pytest.raises(ValueError, match="no checkpoint"):
         resolve(["--init-from", str(tmp_path / "none"), "--use-checkpoint-args"])
@@ -231,8 +286,11 @@ def test_model_from_checkpoint_by_default_and_checked_with_a_recipe(tmp_path):
     assert cfg.model.language.num_layers == model.language.num_layers
     check_model(cfg, log=lambda line: None)
     explicit = resolve(["--recipe", "tiny", "--init-from", str(ckpt)])
-    with pytest.raises(ValueError, match=f"language.num_layers: run {model.language.num_layers - 2}, "
-                                         f"checkpoint {model.language.num_layers}") as e:
+    with pytest.raises(
+        ValueError,
+        match=f"language.num_layers: run {model.language.num_layers - 2}, "
+        f"checkpoint {model.language.num_layers}",
+    ) as e:
         check_model(explicit)
     assert "vision.hidden_size" in str(e.value) and "--use-checkpoint-args" in str(e.value)
 
@@ -258,8 +316,11 @@ def test_log_images_writes_tensorboard_image_summaries(tmp_path):
     tiles = torch.zeros(4, 3, 8, 8)
     tiles[1] = 2.0  # image 0 = tiles 0-1 (grid + thumbnail): its thumbnail de-normalizes to 1.0
     tiles[2] = -2.0  # image 1 = tile 2 only: 0.0
-    batch = SimpleNamespace(tiles=tiles, tokens=torch.tensor([[7, 9, 9, 8, 5, 9, 6, 1]]),
-                            image_spans=[(0, 0, 4, 2), (0, 4, 8, 1), (0, 4, 8, 1)])
+    batch = SimpleNamespace(
+        tiles=tiles,
+        tokens=torch.tensor([[7, 9, 9, 8, 5, 9, 6, 1]]),
+        image_spans=[(0, 0, 4, 2), (0, 4, 8, 1), (0, 4, 8, 1)],
+    )
     w = MetricsWriter(tmp_path, tmp_path / "tb", 1, 0, MetricsConfig())
     n = w.log_images(3, batch, lambda ids: "-".join(map(str, ids)), mean, std, 9, count=2)
     w.close()

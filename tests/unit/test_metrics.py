@@ -1,4 +1,5 @@
 """MetricsWriter output read back: metrics.jsonl, TensorBoard events, console lines."""
+
 import io
 import json
 import math
@@ -10,10 +11,21 @@ from megatron_sail.training.metrics import MetricsConfig, MetricsWriter, StepSta
 
 def _stats(i, loss, skipped=False, decode_failures=0):
     return StepStats(
-        iteration=i, lm_loss=loss, lr={"vit": 1e-5 * i, "lm": 2e-5 * i}, grad_norm=0.5 * i,
-        step_time_s=2.0, tokens=1000, samples=4, images=3, tiles=7, flops=8e12,
-        data_wait_s=0.25, skipped=skipped, decode_failures=decode_failures,
-        consumed_samples=4 * i, consumed_tokens=1000 * i,
+        iteration=i,
+        lm_loss=loss,
+        lr={"vit": 1e-5 * i, "lm": 2e-5 * i},
+        grad_norm=0.5 * i,
+        step_time_s=2.0,
+        tokens=1000,
+        samples=4,
+        images=3,
+        tiles=7,
+        flops=8e12,
+        data_wait_s=0.25,
+        skipped=skipped,
+        decode_failures=decode_failures,
+        consumed_samples=4 * i,
+        consumed_tokens=1000 * i,
     )
 
 
@@ -36,7 +48,7 @@ def _run(tmp_path, steps, cfg, rank=0, log_interval=2, terminal=False):
 def test_jsonl_values(tmp_path):
     cfg = MetricsConfig(total_iters=4, world_size=2, peak_flops=4e12)
     _run(tmp_path, [(1, 4.0), (2, float("nan")), (3, 3.0), (4, 2.0)], cfg)
-    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in recs] == [1, 2, 3, 4]
     assert recs[0]["lm_loss"] == 4.0 and recs[1]["lm_loss"] is None  # NaN written as null
     assert recs[2]["lr"] == pytest.approx(3e-5)  # the first parameter group
@@ -50,8 +62,12 @@ def test_jsonl_values(tmp_path):
     assert recs[3]["consumed_tokens"] == 4000 and recs[3]["tiles"] == 7
     assert recs[0]["memory_gib"] > 0
     valid = json.loads((tmp_path / "run" / "valid_metrics.jsonl").read_text())
-    assert valid == {"iteration": 4, "split": "validation", "lm_loss": 3.5,
-                     "ppl": pytest.approx(math.exp(3.5))}  # validation perplexity
+    assert valid == {
+        "iteration": 4,
+        "split": "validation",
+        "lm_loss": 3.5,
+        "ppl": pytest.approx(math.exp(3.5)),
+    }  # validation perplexity
 
 
 def test_mfu_null_without_peak(tmp_path):
@@ -69,10 +85,24 @@ def test_tensorboard_scalars(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ["lm loss", "learning-rate/vit", "learning-rate/lm", "grad-norm", "throughput/tokens-per-s",
-                "consumed/samples", "consumed/tokens", "batch/images", "batch/tiles",
-                "throughput/tflops-per-gpu", "throughput/mfu", "skipped-steps", "decode-failures",
-                "time/data-wait-s", "memory/peak-gib", "lm loss validation"]:
+    for tag in [
+        "lm loss",
+        "learning-rate/vit",
+        "learning-rate/lm",
+        "grad-norm",
+        "throughput/tokens-per-s",
+        "consumed/samples",
+        "consumed/tokens",
+        "batch/images",
+        "batch/tiles",
+        "throughput/tflops-per-gpu",
+        "throughput/mfu",
+        "skipped-steps",
+        "decode-failures",
+        "time/data-wait-s",
+        "memory/peak-gib",
+        "lm loss validation",
+    ]:
         assert tag in tags, tag
 
     def values(tag):
@@ -88,7 +118,7 @@ def test_tensorboard_scalars(tmp_path):
 
 def test_console_lines_every_interval(tmp_path):
     out = _run(tmp_path, [(1, 4.0), (2, 2.0), (3, 3.0), (4, 1.0)], MetricsConfig(total_iters=4, world_size=2))
-    lines = [l for l in out.splitlines() if "step " in l and "eta" in l]
+    lines = [line for line in out.splitlines() if "step " in line and "eta" in line]
     assert len(lines) == 2
     assert "step 2/4" in lines[0] and "loss (mean of 2 steps) 3.0000" in lines[0]
     assert "eta 0:00:04" in lines[0]  # two steps left at 2 s each
@@ -107,13 +137,12 @@ def test_other_ranks_write_nothing(tmp_path):
 def test_resume_drops_lines_after_checkpoint(tmp_path):
     _run(tmp_path, [(1, 4.0), (2, 3.0), (3, 2.5)], MetricsConfig())
     _run(tmp_path, [(3, 2.0), (4, 1.5)], MetricsConfig(start_iteration=2))
-    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["iteration"], r["lm_loss"]) for r in recs] == [(1, 4.0), (2, 3.0), (3, 2.0), (4, 1.5)]
 
 
 def test_progress_bar(tmp_path):
-    out = _run(tmp_path, [(1, 4.0), (2, 3.0)], MetricsConfig(total_iters=2, progress_bar=True),
-               terminal=True)
+    out = _run(tmp_path, [(1, 4.0), (2, 3.0)], MetricsConfig(total_iters=2, progress_bar=True), terminal=True)
     assert "2/2" in out and "step 2/2" in out
 
 
@@ -192,13 +221,12 @@ def test_validation_of_an_init_from_checkpoint_names_the_checkpoint(tmp_path):
         w.log_eval(0, 2.0, checkpoint=str(ckpt))
     assert "[eval] checkpoint iter_0001000 | validation lm loss 2.0000" in out.getvalue()
     assert "step 0" not in out.getvalue()
-    [rec] = [json.loads(l) for l in (tmp_path / "run" / "valid_metrics.jsonl").read_text().splitlines()]
+    [rec] = [json.loads(line) for line in (tmp_path / "run" / "valid_metrics.jsonl").read_text().splitlines()]
     assert rec["checkpoint"] == str(ckpt) and rec["iteration"] == 0
 
 
 def test_progress_bar_labels_its_loss_as_this_steps(tmp_path):
     """The bar shows the step's own loss, the log line the interval mean; each says which."""
-    out = _run(tmp_path, [(1, 4.0), (2, 2.0)], MetricsConfig(total_iters=2, progress_bar=True),
-               terminal=True)
+    out = _run(tmp_path, [(1, 4.0), (2, 2.0)], MetricsConfig(total_iters=2, progress_bar=True), terminal=True)
     assert "loss (this step) 2.0000" in out
     assert "loss (mean of 2 steps) 3.0000" in out

@@ -1,4 +1,5 @@
 """Model/parallel configs and the HF config mapping (no processes, no model weights)."""
+
 import dataclasses
 
 import pytest
@@ -17,12 +18,24 @@ def test_sail_recipes_have_published_shapes():
         assert cfg.tokens_per_tile() == 256 and cfg.projector.downsample_ratio == 0.5
         assert cfg.language.rope_theta == 1e6 and cfg.language.norm_eps == 1e-6
     lm2, lm8 = sail_2b().language, sail_8b().language
-    assert (lm2.hidden_size, lm2.num_layers, lm2.num_heads, lm2.num_kv_heads,
-            lm2.ffn_hidden_size, lm2.vocab_size, lm2.tie_embeddings) == (
-        1536, 28, 12, 2, 8960, 151936, True)
-    assert (lm8.hidden_size, lm8.num_layers, lm8.num_heads, lm8.num_kv_heads,
-            lm8.ffn_hidden_size, lm8.vocab_size, lm8.tie_embeddings) == (
-        3584, 28, 28, 4, 18944, 152064, False)
+    assert (
+        lm2.hidden_size,
+        lm2.num_layers,
+        lm2.num_heads,
+        lm2.num_kv_heads,
+        lm2.ffn_hidden_size,
+        lm2.vocab_size,
+        lm2.tie_embeddings,
+    ) == (1536, 28, 12, 2, 8960, 151936, True)
+    assert (
+        lm8.hidden_size,
+        lm8.num_layers,
+        lm8.num_heads,
+        lm8.num_kv_heads,
+        lm8.ffn_hidden_size,
+        lm8.vocab_size,
+        lm8.tie_embeddings,
+    ) == (3584, 28, 28, 4, 18944, 152064, False)
 
 
 def test_tiny_vocab_is_a_parameter_and_tokens_per_tile_follow_tile_size():

@@ -1,4 +1,5 @@
 """Model-family specs: registry, backwards-compatible configs, Qwen3 config/FLOPs/key map."""
+
 import dataclasses
 
 import pytest
@@ -39,7 +40,7 @@ def test_geometry_comes_from_the_vision_family():
     g = tiny().geometry(48)
     assert (g.grid, g.class_tokens, g.merge, g.encoder_tokens, g.tokens_per_tile) == (6, 1, 2, 37, 9)
     with pytest.raises(ValueError, match="not divisible by merge"):
-        tiny().geometry(40).tokens_per_tile
+        tiny().geometry(40).tokens_per_tile  # noqa: B018 - reading the property raises
 
 
 def test_qwen3_transformer_config_has_qk_norm_free_head_dim_and_no_qkv_bias():
@@ -61,8 +62,7 @@ def test_qwen3_hf_config_round_trip_and_key_map():
     assert "model.language_model.layers.0.self_attn.q_proj.bias" not in names
     assert "model.language_model.layers.0.self_attn.q_proj.bias" in key_map(tiny()).hf_names()
     with pytest.raises(ValueError, match="no separate head_dim"):  # qwen2 cannot express it
-        to_hf_config(dataclasses.replace(cfg, language=dataclasses.replace(
-            cfg.language, family="qwen2")))
+        to_hf_config(dataclasses.replace(cfg, language=dataclasses.replace(cfg.language, family="qwen2")))
 
 
 def test_flops_use_the_family_head_dim():
@@ -81,8 +81,9 @@ def test_aimv2_family_config_round_trip_and_container_refusal():
     from transformers import Aimv2VisionConfig
 
     fam = families.vision_family("aimv2")
-    v = dataclasses.replace(tiny().vision, family="aimv2", norm_type="rms_norm", norm_eps=1e-5,
-                            qkv_bias=False, ffn_hidden_size=96)
+    v = dataclasses.replace(
+        tiny().vision, family="aimv2", norm_type="rms_norm", norm_eps=1e-5, qkv_bias=False, ffn_hidden_size=96
+    )
     hf = Aimv2VisionConfig(**{k: x for k, x in fam.hf_config(v).items() if k != "model_type"})
     assert fam.from_hf_config(hf, select_layer=-1) == dataclasses.replace(v, layer_scale_init=0.1)
     with pytest.raises(ValueError, match="is_native"):
@@ -96,8 +97,15 @@ def test_aimv2_family_config_round_trip_and_container_refusal():
 
 def _qwen3_moe(cfg: ModelConfig, **kw) -> ModelConfig:
     """``cfg`` with a Qwen3-MoE LM: 4 experts of width 64, top-2."""
-    lm = dataclasses.replace(_qwen3(cfg).language, family="qwen3_moe", tie_embeddings=False,
-                             num_experts=4, moe_ffn_hidden_size=64, moe_router_topk=2, **kw)
+    lm = dataclasses.replace(
+        _qwen3(cfg).language,
+        family="qwen3_moe",
+        tie_embeddings=False,
+        num_experts=4,
+        moe_ffn_hidden_size=64,
+        moe_router_topk=2,
+        **kw,
+    )
     return dataclasses.replace(cfg, language=lm)
 
 
@@ -111,8 +119,13 @@ def test_qwen3_moe_routing_maps_to_megatron_and_hf_config_round_trips(norm):
     assert tc.moe_router_pre_softmax is (not norm) and tc.qk_layernorm
     hf = to_hf_config(cfg)
     t = hf.text_config
-    assert (t.model_type, t.num_experts, t.num_experts_per_tok, t.moe_intermediate_size,
-            t.norm_topk_prob) == ("qwen3_moe", 4, 2, 64, norm)
+    assert (
+        t.model_type,
+        t.num_experts,
+        t.num_experts_per_tok,
+        t.moe_intermediate_size,
+        t.norm_topk_prob,
+    ) == ("qwen3_moe", 4, 2, 64, norm)
     assert from_hf_config(hf) == cfg
     t.mlp_only_layers = [1]
     with pytest.raises(ValueError, match="dense layers"):
@@ -128,17 +141,27 @@ def test_qwen3_moe_key_map_names_every_expert_as_save_pretrained_does():
     km = key_map(cfg)
     names = km.hf_names()
     pre = "model.language_model.layers.1.mlp."
-    assert {pre + "gate.weight", pre + "experts.3.gate_proj.weight",
-            pre + "experts.3.up_proj.weight", pre + "experts.3.down_proj.weight"} <= names
+    assert {
+        pre + "gate.weight",
+        pre + "experts.3.gate_proj.weight",
+        pre + "experts.3.up_proj.weight",
+        pre + "experts.3.down_proj.weight",
+    } <= names
     assert pre + "gate_proj.weight" not in names  # no dense MLP left
-    assert ("language_model.decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight",
-            (pre + "experts.3.gate_proj.weight", pre + "experts.3.up_proj.weight")) in km.concat
+    assert (
+        "language_model.decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight",
+        (pre + "experts.3.gate_proj.weight", pre + "experts.3.up_proj.weight"),
+    ) in km.concat
     # transformers' fused in-memory experts: [gate; up] per expert, stacked in expert order
     g = torch.Generator().manual_seed(0)
-    fused = {pre + "experts.gate_up_proj": torch.randn(4, 128, 128, generator=g),
-             pre + "experts.down_proj": torch.randn(4, 128, 64, generator=g)}
+    fused = {
+        pre + "experts.gate_up_proj": torch.randn(4, 128, 128, generator=g),
+        pre + "experts.down_proj": torch.randn(4, 128, 64, generator=g),
+    }
     other = "model.language_model.layers.0.mlp.experts."
-    fused.update({other + "gate_up_proj": torch.zeros(4, 128, 128), other + "down_proj": torch.zeros(4, 128, 64)})
+    fused.update(
+        {other + "gate_up_proj": torch.zeros(4, 128, 128), other + "down_proj": torch.zeros(4, 128, 64)}
+    )
     split = from_transformers_params(fused, cfg)
     assert torch.equal(split[pre + "experts.2.gate_proj.weight"], fused[pre + "experts.gate_up_proj"][2, :64])
     assert torch.equal(split[pre + "experts.2.up_proj.weight"], fused[pre + "experts.gate_up_proj"][2, 64:])
@@ -157,8 +180,9 @@ def test_qwen3_moe_flops_count_the_active_experts_and_the_router():
     dense = F.shape_from_model_config(_qwen3(tiny(), ffn_hidden_size=2 * 64, tie_embeddings=False))
     assert (moe.lm_ffn, moe.lm_experts, dense.lm_experts) == (128, 4, 0)
     h, layers, tokens = 128, 2, 10
-    assert F.lm_forward_flops(moe, [tokens]) - F.lm_forward_flops(dense, [tokens]) == \
-        tokens * layers * 2 * h * 4
+    assert (
+        F.lm_forward_flops(moe, [tokens]) - F.lm_forward_flops(dense, [tokens]) == tokens * layers * 2 * h * 4
+    )
 
 
 def _siglip_vision(**kw) -> VisionConfig:
@@ -177,8 +201,12 @@ def test_siglip_family_config_round_trip_flops_and_export_refusal():
         fam.from_hf_config(SiglipVisionConfig(hidden_act="gelu"), select_layer=-1)
     cfg = dataclasses.replace(tiny(), vision=v)
     s = F.shape_from_model_config(cfg)
-    assert (s.vit_tokens_per_tile, s.vit_class_tokens, s.vit_gated_mlp,
-            s.tokens_per_tile) == (16, 0, False, 4)
+    assert (s.vit_tokens_per_tile, s.vit_class_tokens, s.vit_gated_mlp, s.tokens_per_tile) == (
+        16,
+        0,
+        False,
+        4,
+    )
     with pytest.raises(ValueError, match="cannot hold a 'siglip' vision tower"):
         to_hf_config(cfg)
     assert not fam.vlm_export and families.vision_family("aimv2").vlm_export
@@ -239,12 +267,19 @@ def test_siglip_folders_read_into_the_family_key_map(tmp_path, spelling):
         model.save_pretrained(str(folder))
     elif spelling == "vision_model_prefix":
         folder.mkdir()
-        save_file({"vision_model." + k: t.contiguous() for k, t in sd.items()},
-                  str(folder / "model.safetensors"))
+        save_file(
+            {"vision_model." + k: t.contiguous() for k, t in sd.items()}, str(folder / "model.safetensors")
+        )
         (folder / "config.json").write_text(json.dumps(dict(fam.hf_config(v), vision_use_head=True)))
     else:
-        full = SiglipModel(SiglipConfig(vision_config=vcfg, text_config=dict(
-            hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)))
+        full = SiglipModel(
+            SiglipConfig(
+                vision_config=vcfg,
+                text_config=dict(
+                    hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2
+                ),
+            )
+        )
         full.vision_model.load_state_dict(sd)
         full.save_pretrained(str(folder))
     part = standalone.read_vision(folder)

@@ -1,7 +1,7 @@
 """Tensor layouts the HF mapping and the model depend on: fused QKV, pixel shuffle, SDPA packing."""
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_sail.convert.hf_internvl import canonical_key, fuse_qkv, split_qkv
 from megatron_sail.models.projector import pixel_shuffle
@@ -17,7 +17,7 @@ def test_qkv_fuse_layout_and_round_trip(heads, groups):
     block = fused.reshape(groups, (per + 2) * hd, hidden)
     # Megatron layout: per KV group [its query heads, its key head, its value head]
     assert torch.equal(block[0, : per * hd], q[: per * hd])
-    assert torch.equal(block[-1, per * hd:(per + 1) * hd], k[-hd:])
+    assert torch.equal(block[-1, per * hd : (per + 1) * hd], k[-hd:])
     assert torch.equal(block[-1, -hd:], v[-hd:])
     for a, b in zip(split_qkv(fused, heads, groups), (q, k, v)):
         assert torch.equal(a, b)
@@ -37,10 +37,14 @@ def test_pixel_shuffle_matches_transformers():
 
 
 def test_te_names_map_to_local_names():
-    assert canonical_key("language_model.decoder.layers.3.self_attention.linear_qkv.layer_norm_weight") \
+    assert (
+        canonical_key("language_model.decoder.layers.3.self_attention.linear_qkv.layer_norm_weight")
         == "language_model.decoder.layers.3.input_layernorm.weight"
-    assert canonical_key("vision_model.encoder.layers.0.mlp.linear_fc1.layer_norm_bias") \
+    )
+    assert (
+        canonical_key("vision_model.encoder.layers.0.mlp.linear_fc1.layer_norm_bias")
         == "vision_model.encoder.layers.0.pre_mlp_layernorm.bias"
+    )
 
 
 def _core(causal: bool):
@@ -50,8 +54,9 @@ def _core(causal: bool):
 
     from megatron_sail.models.attention import SDPAttention
 
-    cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=4,
-                            num_query_groups=2, attention_dropout=0.0)
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=16, num_attention_heads=4, num_query_groups=2, attention_dropout=0.0
+    )
     mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
     return SDPAttention(cfg, 1, mask, "self")
 

@@ -1,4 +1,5 @@
 """Expert parallelism at config resolution, and the MoE load-balancing loss in the metrics."""
+
 import io
 import json
 
@@ -10,12 +11,15 @@ from megatron_sail.training.metrics import MetricsConfig, MetricsWriter, StepSta
 MOE = ["--recipe", "sail_vl2_30b_a3b"]  # 128 experts, EP=8 in the recipe
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--recipe", "tiny", "--expert-model-parallel-size", "2"], "model is dense"),
-    (MOE + ["--expert-model-parallel-size", "3"], "must divide the number of experts (128)"),
-    (MOE + ["--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
-    (["--recipe", "tiny_moe", "--expert-model-parallel-size", "3"], "number of experts (4)"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--recipe", "tiny", "--expert-model-parallel-size", "2"], "model is dense"),
+        (MOE + ["--expert-model-parallel-size", "3"], "must divide the number of experts (128)"),
+        (MOE + ["--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
+        (["--recipe", "tiny_moe", "--expert-model-parallel-size", "3"], "number of experts (4)"),
+    ],
+)
 def test_expert_layouts_refused_by_name(argv, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         resolve(argv)
@@ -24,14 +28,21 @@ def test_expert_layouts_refused_by_name(argv, message):
 def test_tiny_moe_recipe():
     cfg = resolve(["--recipe", "tiny_moe", "--expert-model-parallel-size", "2"])
     lm = cfg.model.language
-    assert (cfg.recipe, lm.family, lm.num_experts, lm.moe_router_topk, cfg.parallel.ep) == \
-        ("tiny_moe", "qwen3_moe", 4, 2, 2)
+    assert (cfg.recipe, lm.family, lm.num_experts, lm.moe_router_topk, cfg.parallel.ep) == (
+        "tiny_moe",
+        "qwen3_moe",
+        4,
+        2,
+        2,
+    )
     assert cfg.model.vision == resolve(["--recipe", "tiny"]).model.vision
 
 
 def test_expert_layouts_accepted():
-    cfg = resolve(MOE + ["--expert-model-parallel-size", "16", "--tensor-model-parallel-size",
-                         "2", "--sequence-parallel"])
+    cfg = resolve(
+        MOE
+        + ["--expert-model-parallel-size", "16", "--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    )
     p = cfg.parallel
     assert (p.ep, p.tp, p.sp) == (16, 2, True)
     with pytest.raises(ValueError, match=f"tp\\*ep\\*pp={2 * 16 * p.pp}"):
@@ -40,14 +51,23 @@ def test_expert_layouts_accepted():
 
 
 def _step(i, moe):
-    return StepStats(iteration=i, lm_loss=4.0, lr={"lm": 1e-4}, grad_norm=1.0, step_time_s=1.0,
-                     tokens=100, samples=2, moe_losses=moe)
+    return StepStats(
+        iteration=i,
+        lm_loss=4.0,
+        lr={"lm": 1e-4},
+        grad_norm=1.0,
+        step_time_s=1.0,
+        tokens=100,
+        samples=2,
+        moe_losses=moe,
+    )
 
 
 def test_load_balancing_loss_in_jsonl_tensorboard_and_console(tmp_path):
     out = io.StringIO()
-    with MetricsWriter(tmp_path / "run", tmp_path / "tb", 2, 0, MetricsConfig(total_iters=2),
-                       stream=out) as w:
+    with MetricsWriter(
+        tmp_path / "run", tmp_path / "tb", 2, 0, MetricsConfig(total_iters=2), stream=out
+    ) as w:
         w.log_step(_step(1, {"load_balancing_loss": 1.25}))
         w.log_step(_step(2, {"load_balancing_loss": 1.75}))
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

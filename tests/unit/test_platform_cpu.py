@@ -1,5 +1,6 @@
 """The CPU backend (platform/cpu.py): narrow patches, no global torch function mode, and the
 foreach optimizer path it enables, against the per-tensor results they replace."""
+
 import copy
 
 import pytest

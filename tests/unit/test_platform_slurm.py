@@ -1,19 +1,24 @@
 """SLURM launch support: node-list parsing, torchrun variables derived from an srun step, and
 the warning for a process that would start alone while SLURM counts more tasks."""
+
 import logging
+
 import pytest
 
 from megatron_sail.platform import slurm
 
 
-@pytest.mark.parametrize("nodelist,first", [
-    ("node07", "node07"),
-    ("node[01-04]", "node01"),
-    ("gpu[007-010,012],cpu3", "gpu007"),
-    ("a1,b[2-3]", "a1"),
-    ("rack[2-3]-n[009-011]", "rack2-n009"),
-    ("dgx-h100-[3,5-6]-ib", "dgx-h100-3-ib"),
-])
+@pytest.mark.parametrize(
+    "nodelist,first",
+    [
+        ("node07", "node07"),
+        ("node[01-04]", "node01"),
+        ("gpu[007-010,012],cpu3", "gpu007"),
+        ("a1,b[2-3]", "a1"),
+        ("rack[2-3]-n[009-011]", "rack2-n009"),
+        ("dgx-h100-[3,5-6]-ib", "dgx-h100-3-ib"),
+    ],
+)
 def test_first_host_of_compressed_node_lists(nodelist, first):
     assert slurm.first_host(nodelist, use_scontrol=False) == first
 
@@ -26,10 +31,18 @@ def test_unparsable_node_lists_are_errors(bad):
 
 def srun_env(**kw):
     """Variables srun sets for task 11 of a 2-node x 8-task step."""
-    env = {"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0", "SLURM_PROCID": "11", "SLURM_LOCALID": "3",
-           "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16", "SLURM_STEP_NUM_NODES": "2",
-           "SLURM_STEP_NODELIST": "gpu[12-13]", "SLURM_JOB_NODELIST": "gpu[12-13]",
-           "SLURM_STEP_TASKS_PER_NODE": "8(x2)"}
+    env = {
+        "SLURM_JOB_ID": "42",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "11",
+        "SLURM_LOCALID": "3",
+        "SLURM_NTASKS": "16",
+        "SLURM_STEP_NUM_TASKS": "16",
+        "SLURM_STEP_NUM_NODES": "2",
+        "SLURM_STEP_NODELIST": "gpu[12-13]",
+        "SLURM_JOB_NODELIST": "gpu[12-13]",
+        "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+    }
     env.update(kw)
     return env
 
@@ -37,8 +50,14 @@ def srun_env(**kw):
 def test_srun_task_gets_rank_world_local_rank_and_master(monkeypatch):
     monkeypatch.setattr(slurm.shutil, "which", lambda name: None)  # no scontrol: the parser
     out = slurm.rendezvous_from_slurm(srun_env())
-    assert out == {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "MASTER_ADDR": "gpu12",
-                   "MASTER_PORT": "29500", "LOCAL_WORLD_SIZE": "8"}
+    assert out == {
+        "RANK": "11",
+        "WORLD_SIZE": "16",
+        "LOCAL_RANK": "3",
+        "MASTER_ADDR": "gpu12",
+        "MASTER_PORT": "29500",
+        "LOCAL_WORLD_SIZE": "8",
+    }
     out = slurm.rendezvous_from_slurm(srun_env(MASTER_PORT="31111", MASTER_ADDR="head"))
     assert (out["MASTER_ADDR"], out["MASTER_PORT"]) == ("head", "31111")
 
@@ -52,7 +71,9 @@ def test_torchrun_variables_win_and_a_batch_shell_is_not_a_task():
 
 
 def test_warns_when_slurm_counts_more_tasks_than_the_world():
-    assert "not in an srun step" in slurm.single_process_warning({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}, 1)
+    assert "not in an srun step" in slurm.single_process_warning(
+        {"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}, 1
+    )
     assert "WORLD_SIZE=1" in slurm.single_process_warning(srun_env(), 1)
     assert slurm.single_process_warning(srun_env(), 16) is None
     assert slurm.single_process_warning({"SLURM_NTASKS": "1"}, 1) is None
@@ -69,8 +90,13 @@ def test_launch_env_fills_torchrun_variables(monkeypatch):
     monkeypatch.setattr(slurm.shutil, "which", lambda name: None)
     distributed.launch_env()
     import os
-    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")] == \
-        ["11", "16", "3", "node3"]
+
+    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")] == [
+        "11",
+        "16",
+        "3",
+        "node3",
+    ]
 
 
 def test_batch_shell_with_four_tasks_starts_alone_and_warns(monkeypatch, caplog):
@@ -101,17 +127,24 @@ def test_lone_process_leaves_no_rank_or_port_for_its_children(monkeypatch):
     import sys
 
     for key in list(os.environ):
-        if key.startswith("SLURM_") or key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                               "MASTER_PORT"):
+        if key.startswith("SLURM_") or key in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        ):
             monkeypatch.delenv(key)
-    code = ("import os, torch.distributed as dist\n"
-            "from megatron_sail.platform import distributed\n"
-            "distributed.init_process_group()\n"
-            "assert dist.get_world_size() == 1 and dist.get_rank() == 0\n"
-            "import subprocess, sys\n"
-            "child = 'from megatron_sail.platform import distributed; distributed.init_process_group(); print(\"ok\")'\n"
-            "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True).stdout.strip())\n"
-            "print(sorted(k for k in ('RANK', 'WORLD_SIZE', 'MASTER_PORT') if k in os.environ))\n")
+    code = (
+        "import os, torch.distributed as dist\n"
+        "from megatron_sail.platform import distributed\n"
+        "distributed.init_process_group()\n"
+        "assert dist.get_world_size() == 1 and dist.get_rank() == 0\n"
+        "import subprocess, sys\n"
+        "child = 'from megatron_sail.platform import distributed; distributed.init_process_group(); print(\"ok\")'\n"
+        "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True).stdout.strip())\n"
+        "print(sorted(k for k in ('RANK', 'WORLD_SIZE', 'MASTER_PORT') if k in os.environ))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["ok", "[]"]

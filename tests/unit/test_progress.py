@@ -1,5 +1,6 @@
 """Progress off a terminal is periodic one-line reports with a rate and an ETA (issue 22),
 never a carriage-return bar that turns a nohup log into one long line."""
+
 import io
 
 from megatron_sail.progress import Progress, ProgressConfig
@@ -7,8 +8,9 @@ from megatron_sail.progress import Progress, ProgressConfig
 
 def test_off_a_terminal_lines_with_rate_and_eta():
     out = io.StringIO()  # not a tty
-    with Progress(total=4, desc="preprocess", unit="records", stream=out,
-                  config=ProgressConfig(interval_s=0.0)) as bar:
+    with Progress(
+        total=4, desc="preprocess", unit="records", stream=out, config=ProgressConfig(interval_s=0.0)
+    ) as bar:
         for _ in range(4):
             bar.update(1)
     lines = out.getvalue().splitlines()

@@ -2,6 +2,7 @@
 `python -m megatron_sail.train ...` and `python -m megatron_sail.generate ...` line in its code
 blocks is parsed by that command's own argument parser (nothing runs). Optional parts written
 `[...]` are parsed as given; `...` stands for flags shown elsewhere and is dropped."""
+
 import argparse
 import importlib
 import re
@@ -9,6 +10,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+
 from testkit import ROOT
 
 ENTRY = {"megatron_sail.train": "megatron_sail.train", "megatron_sail.generate": "megatron_sail.generate"}
@@ -21,8 +23,11 @@ def readme_commands() -> list[tuple[str, list[str]]]:
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line.replace("[", " ").replace("]", " "), comments=True)
-            words = [_placeholder(w, prev) for prev, w in zip([""] + words, words)
-                     if w != "..." or prev.startswith("--")]
+            words = [
+                _placeholder(w, prev)
+                for prev, w in zip([""] + words, words)
+                if w != "..." or prev.startswith("--")
+            ]
             if not words or not words[0].endswith("python"):
                 continue
             if "tools/" in " ".join(words[1:2]) and words[1].endswith(".py"):
@@ -30,7 +35,7 @@ def readme_commands() -> list[tuple[str, list[str]]]:
             elif "-m" in words:
                 i = len(words) - 1 - words[::-1].index("-m")  # the last -m: past torch.distributed.run
                 if words[i + 1] in ENTRY:
-                    out.append((words[i + 1], words[i + 2:]))
+                    out.append((words[i + 1], words[i + 2 :]))
     return out
 
 
@@ -69,15 +74,20 @@ def parser_of(name: str, monkeypatch) -> argparse.ArgumentParser:
 
 def test_the_readme_has_commands_to_check():
     names = {name for name, _ in COMMANDS}
-    assert {"preprocess_data", "convert_checkpoint", "evaluate", "megatron_sail.train",
-            "megatron_sail.generate"} <= names
+    assert {
+        "preprocess_data",
+        "convert_checkpoint",
+        "evaluate",
+        "megatron_sail.train",
+        "megatron_sail.generate",
+    } <= names
 
 
 @pytest.mark.parametrize("name, args", COMMANDS, ids=[f"{n}:{' '.join(a)[:40]}" for n, a in COMMANDS])
 def test_readme_command_parses(name, args, monkeypatch):
     parser = parser_of(name, monkeypatch)
     if "--" in args:  # what follows goes to the trainer (data_ablation), not to this parser
-        args = args[:args.index("--")]
+        args = args[: args.index("--")]
     try:
         parser.parse_args(args)
     except SystemExit as e:  # argparse's error: a flag the command does not take

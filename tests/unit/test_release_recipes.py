@@ -11,6 +11,7 @@ family mapping changes the count. Published numbers (sources in docs/architectur
   Qwen3-1.7B 1.7B (1.4B),
   Qwen3-8B 8.2B (6.95B), Qwen3-30B-A3B 30.5B total / 3.3B activated.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -32,8 +33,9 @@ def _vision_params(cfg) -> int:
     """transformers' Aimv2VisionModel of the recipe's encoder."""
     from transformers import Aimv2VisionConfig, Aimv2VisionModel
 
-    hf = {k: v for k, v in vision_family(cfg.vision.family).hf_config(cfg.vision).items()
-          if k != "model_type"}
+    hf = {
+        k: v for k, v in vision_family(cfg.vision.family).hf_config(cfg.vision).items() if k != "model_type"
+    }
     with torch.device("meta"):
         return _meta_numel(Aimv2VisionModel(Aimv2VisionConfig(**hf)))
 
@@ -50,7 +52,7 @@ def _lm_params(cfg) -> tuple[int, int]:
 
 def _projector_params(cfg) -> int:
     """LayerNorm(4 d_vit) -> Linear(4 d_vit, d_lm) -> GELU -> Linear(d_lm, d_lm), with biases."""
-    d_in, d = cfg.vision.hidden_size * cfg.projector.merge ** 2, cfg.language.hidden_size
+    d_in, d = cfg.vision.hidden_size * cfg.projector.merge**2, cfg.language.hidden_size
     return 2 * d_in + d_in * d + d + d * d + d
 
 
@@ -75,22 +77,56 @@ def test_release_shapes_are_the_confirmed_config_numbers():
     Qwen3-8B / Qwen3-30B-A3B configs)."""
     for name in RELEASES:
         v = getattr(M, name)().vision
-        assert (v.family, v.hidden_size, v.num_layers, v.num_heads, v.ffn_hidden_size,
-                v.patch_size, v.image_size, v.norm_type, v.norm_eps, v.qkv_bias, v.select_layer) == (
-            "aimv2", 1536, 24, 12, 4096, 14, 448, "rms_norm", 1e-5, False, -1)
-    shape = lambda lm: (lm.family, lm.hidden_size, lm.num_layers, lm.num_heads, lm.num_kv_heads,  # noqa: E731
-                        lm.head_dim, lm.ffn_hidden_size, lm.vocab_size, lm.rope_theta,
-                        lm.tie_embeddings, lm.qkv_bias)
+        assert (
+            v.family,
+            v.hidden_size,
+            v.num_layers,
+            v.num_heads,
+            v.ffn_hidden_size,
+            v.patch_size,
+            v.image_size,
+            v.norm_type,
+            v.norm_eps,
+            v.qkv_bias,
+            v.select_layer,
+        ) == ("aimv2", 1536, 24, 12, 4096, 14, 448, "rms_norm", 1e-5, False, -1)
+    shape = lambda lm: (  # noqa: E731
+        lm.family,
+        lm.hidden_size,
+        lm.num_layers,
+        lm.num_heads,
+        lm.num_kv_heads,
+        lm.head_dim,
+        lm.ffn_hidden_size,
+        lm.vocab_size,
+        lm.rope_theta,
+        lm.tie_embeddings,
+        lm.qkv_bias,
+    )
     assert shape(M.sail_vl15_2b().language) == shape(M.sail_2b().language)  # Qwen2.5-1.5B
     assert shape(M.sail_vl16_8b().language) == shape(M.sail_8b().language)  # Qwen2.5-7B
-    assert shape(M.sail_vl2_2b().language) == (
-        "qwen3", 2048, 28, 16, 8, 128, 6144, 151936, 1e6, True, False)
+    assert shape(M.sail_vl2_2b().language) == ("qwen3", 2048, 28, 16, 8, 128, 6144, 151936, 1e6, True, False)
     assert shape(M.sail_vl2_8b().language) == (
-        "qwen3", 4096, 36, 32, 8, 128, 12288, 151936, 1e6, False, False)
+        "qwen3",
+        4096,
+        36,
+        32,
+        8,
+        128,
+        12288,
+        151936,
+        1e6,
+        False,
+        False,
+    )
     moe = M.sail_vl2_30b_a3b().language
     assert shape(moe)[:6] == ("qwen3_moe", 2048, 48, 32, 4, 128) and not moe.tie_embeddings
     assert (moe.num_experts, moe.moe_ffn_hidden_size, moe.moe_router_topk, moe.moe_norm_topk_prob) == (
-        128, 768, 8, True)
+        128,
+        768,
+        8,
+        True,
+    )
     assert M.sail_vl2_2b().img_context_token_id == 151671  # SAIL-VL2's generate() id
 
 
@@ -104,8 +140,10 @@ def test_sail_vl2_2b_has_exactly_the_published_tensor_count():
     assert round(lm / 1e9, 1) == 1.7 and round((lm - emb) / 1e9, 1) == 1.4
 
 
-@pytest.mark.parametrize("name,total,non_embedding", [
-    ("sail_vl15_2b", 1.54, 1.31), ("sail_vl16_8b", 7.61, 6.53), ("sail_vl2_8b", 8.2, 6.95)])
+@pytest.mark.parametrize(
+    "name,total,non_embedding",
+    [("sail_vl15_2b", 1.54, 1.31), ("sail_vl16_8b", 7.61, 6.53), ("sail_vl2_8b", 8.2, 6.95)],
+)
 def test_dense_language_models_have_their_published_sizes(name, total, non_embedding):
     cfg = getattr(M, name)()
     lm, emb = _lm_params(cfg)

@@ -1,4 +1,5 @@
 """The InternVL grid rule on hand-worked cases (see SAIL-VL.md, dynamic-resolution tiling)."""
+
 import pytest
 
 from megatron_sail.config.images import TilingConfig

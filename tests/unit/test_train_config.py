@@ -1,5 +1,7 @@
 """RunConfig resolution: recipe(stage) -> YAML -> flags -> derived fields; resolved config file."""
+
 import logging
+
 import pytest
 import torch
 import yaml
@@ -10,8 +12,11 @@ from megatron_sail.config.stage import STAGES
 
 def test_stage_defaults_and_trainable_modules():
     cfg = resolve(["--recipe", "sail_2b", "--stage", "pretrain-alignment", "--train-iters", "1000"])
-    assert (cfg.stage.train_vision, cfg.stage.train_projector, cfg.stage.train_language) == \
-        (False, True, False)
+    assert (cfg.stage.train_vision, cfg.stage.train_projector, cfg.stage.train_language) == (
+        False,
+        True,
+        False,
+    )
     assert cfg.optim.lr == STAGES["pretrain-alignment"].lr
     assert cfg.optim.lr_warmup_iters == 30  # 3% of 1000
     assert cfg.optim.lr_decay_iters == 1000
@@ -23,11 +28,32 @@ def test_stage_defaults_and_trainable_modules():
 
 def test_yaml_then_flags_override(tmp_path):
     y = tmp_path / "o.yaml"
-    y.write_text(yaml.safe_dump({"optim": {"lr": 0.5, "min_lr": 0.1},
-                                 "train": {"train_iters": 7}, "parallel": {"tp": 2}}))
-    cfg = resolve(["--recipe", "tiny", "--config", str(y), "--lr", "0.25", "--data-path", "1", "a",
-                   "2", "b", "--sequence-parallel", "--save", "/tmp/x", "--vit-lr-mult", "0.1"])
-    assert cfg.optim.lr == 0.25 and cfg.optim.min_lr == 0.1          # flag beats YAML
+    y.write_text(
+        yaml.safe_dump(
+            {"optim": {"lr": 0.5, "min_lr": 0.1}, "train": {"train_iters": 7}, "parallel": {"tp": 2}}
+        )
+    )
+    cfg = resolve(
+        [
+            "--recipe",
+            "tiny",
+            "--config",
+            str(y),
+            "--lr",
+            "0.25",
+            "--data-path",
+            "1",
+            "a",
+            "2",
+            "b",
+            "--sequence-parallel",
+            "--save",
+            "/tmp/x",
+            "--vit-lr-mult",
+            "0.1",
+        ]
+    )
+    assert cfg.optim.lr == 0.25 and cfg.optim.min_lr == 0.1  # flag beats YAML
     assert cfg.train.train_iters == 7 and cfg.parallel.tp == 2 and cfg.parallel.sp
     assert cfg.data.data_path == ["1", "a", "2", "b"]
     assert cfg.checkpoint.save == "/tmp/x" and cfg.optim.vit_lr_mult == 0.1
@@ -44,8 +70,16 @@ def test_bad_yaml_key_names_file(tmp_path):
 
 
 def test_virtual_pipeline_flag_and_checks():
-    cfg = resolve(["--recipe", "sail_8b", "--pipeline-model-parallel-size", "2",
-                   "--num-layers-per-virtual-pipeline-stage", "7"])
+    cfg = resolve(
+        [
+            "--recipe",
+            "sail_8b",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--num-layers-per-virtual-pipeline-stage",
+            "7",
+        ]
+    )
     assert cfg.parallel.vpp == 2  # 28 layers / (2 stages x 7)
     with pytest.raises(ValueError, match="virtual"):
         resolve(["--recipe", "sail_8b", "--num-layers-per-virtual-pipeline-stage", "5"])

@@ -1,6 +1,7 @@
 """kill -9 of a run with --workers 2 takes its workers with it (issue 20 item 5): preprocess_data's
 block workers and recaption's shard workers are gone within seconds, checked by their pids, and
 no recaption worker commits a shard after its parent died."""
+
 from __future__ import annotations
 
 import os
@@ -73,22 +74,44 @@ def test_preprocess_workers_exit_when_the_parent_is_killed(tmp_path):
     # the real tool, whose input stalls after two blocks: the workers are up and idle, the parent waits
     script = textwrap.dedent(f"""
         import itertools, sys, time
-        sys.path.insert(0, {str(REPO / 'tools')!r})
+        sys.path.insert(0, {str(REPO / "tools")!r})
         import megatron_sail.data.preprocess.pipeline as pp
         real = pp.iter_blocks
         def stalled(*a, **k):
             yield from itertools.islice(real(*a, **k), 2)
-            open({str(tmp_path / 'stalled')!r}, 'w').close()
+            open({str(tmp_path / "stalled")!r}, 'w').close()
             time.sleep(600)
         pp.iter_blocks = stalled
         import preprocess_data
         preprocess_data.main(sys.argv[1:])
     """)
-    argv = ["--input", demo["train"], "--output-prefix", str(tmp_path / "out" / "train"), "--tokenizer",
-            demo["tokenizer"], "--seq-length", "256", "--packing-buffer", "6", "--workers", "2",
-            "--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "4"]
-    proc = subprocess.Popen([sys.executable, "-c", script, *argv], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    argv = [
+        "--input",
+        demo["train"],
+        "--output-prefix",
+        str(tmp_path / "out" / "train"),
+        "--tokenizer",
+        demo["tokenizer"],
+        "--seq-length",
+        "256",
+        "--packing-buffer",
+        "6",
+        "--workers",
+        "2",
+        "--tile-size",
+        "32",
+        "--tokens-per-tile",
+        "4",
+        "--max-tiles",
+        "4",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *argv],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     workers: list[int] = []
     try:
         wait_for(lambda: (tmp_path / "stalled").exists() or proc.poll() is not None)
@@ -110,11 +133,30 @@ def test_recaption_workers_exit_and_commit_nothing_after_the_parent_is_killed(tm
     write_shards(tmp_path / "in", 6, 3, seed=2)
     out = tmp_path / "out"
     with FakeVLMServer(delay_s=0.25) as server:
-        cmd = [sys.executable, str(REPO / "tools" / "recaption.py"), "--input", str(tmp_path / "in" / "*.tar"),
-               "--output-dir", str(out), "--model", "fake-vlm", "--backend", "openai", "--api-base", server.url,
-               "--batch-size", "1", "--max-new-tokens", "16", "--workers", "2", "--no-progress"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+        cmd = [
+            sys.executable,
+            str(REPO / "tools" / "recaption.py"),
+            "--input",
+            str(tmp_path / "in" / "*.tar"),
+            "--output-dir",
+            str(out),
+            "--model",
+            "fake-vlm",
+            "--backend",
+            "openai",
+            "--api-base",
+            server.url,
+            "--batch-size",
+            "1",
+            "--max-new-tokens",
+            "16",
+            "--workers",
+            "2",
+            "--no-progress",
+        ]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1")
+        )
         workers: list[int] = []
         try:
             wait_for(lambda: server.calls >= 2 or proc.poll() is not None)
@@ -122,7 +164,9 @@ def test_recaption_workers_exit_and_commit_nothing_after_the_parent_is_killed(tm
             workers = [p for p, cmd in children(proc.pid).items() if "resource_tracker" not in cmd]
             assert len(workers) == 2, children(proc.pid)
             os.kill(proc.pid, signal.SIGKILL)
-            done_at_kill = sorted(p.name for p in (out / "done").glob("*.json")) if (out / "done").exists() else []
+            done_at_kill = (
+                sorted(p.name for p in (out / "done").glob("*.json")) if (out / "done").exists() else []
+            )
             proc.wait()
             assert wait_gone(workers) == [], f"workers {workers} outlived their parent"
             time.sleep(1.0)  # a surviving worker would finish its shard (3 x 0.25 s) and commit it

@@ -1,4 +1,5 @@
 """What every captioning backend takes and returns, and its config."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,8 +49,9 @@ class BackendConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError(f"--max-new-tokens ({self.max_new_tokens}) and --batch-size "
-                             f"({self.batch_size}) must be >= 1")
+            raise ValueError(
+                f"--max-new-tokens ({self.max_new_tokens}) and --batch-size ({self.batch_size}) must be >= 1"
+            )
         if self.max_retries < 0 or self.backoff_s < 0 or self.requests_per_second < 0:
             raise ValueError("max_retries, backoff_s and requests_per_second must be >= 0")
 

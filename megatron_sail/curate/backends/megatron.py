@@ -1,4 +1,5 @@
 """Captions from our own checkpoints through issue 9's generation (inference/)."""
+
 from __future__ import annotations
 
 from megatron_sail.curate.backends.base import Backend, BackendConfig, CaptionRequest, CaptionResult, per_item
@@ -13,9 +14,14 @@ class MegatronBackend(Backend):
         super().__init__(cfg)
         from megatron_sail.inference import GenerationConfig, LoadConfig, load_generator
 
-        gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                   top_p=cfg.top_p, seed=cfg.seed, max_tiles=cfg.max_tiles,
-                                   batch_size=cfg.batch_size)
+        gen_cfg = GenerationConfig(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=cfg.seed,
+            max_tiles=cfg.max_tiles,
+            batch_size=cfg.batch_size,
+        )
         self.generator = load_generator(cfg.model, gen_cfg, LoadConfig(dtype=cfg.dtype))
 
     def caption(self, requests: list[CaptionRequest]) -> list[CaptionResult]:

@@ -5,6 +5,7 @@ fails with HTTP 429 / 5xx or a connection error is retried with exponential back
 ``max_retries`` times; other HTTP errors fail at once. Requests start at most
 ``requests_per_second`` per second; ``batch_size`` of them are in flight together.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,13 +64,24 @@ class OpenAIBackend(Backend):
         self.pool.shutdown(wait=True)
 
     def _body(self, r: CaptionRequest) -> bytes:
-        return json.dumps({
-            "model": self.cfg.model, "max_tokens": self.cfg.max_new_tokens,
-            "temperature": self.cfg.temperature, "top_p": self.cfg.top_p, "seed": self.cfg.seed,
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": image_data_uri(r.image)}},
-                {"type": "text", "text": r.prompt}]}],
-        }).encode()
+        return json.dumps(
+            {
+                "model": self.cfg.model,
+                "max_tokens": self.cfg.max_new_tokens,
+                "temperature": self.cfg.temperature,
+                "top_p": self.cfg.top_p,
+                "seed": self.cfg.seed,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": image_data_uri(r.image)}},
+                            {"type": "text", "text": r.prompt},
+                        ],
+                    }
+                ],
+            }
+        ).encode()
 
     def _one(self, r: CaptionRequest) -> CaptionResult:
         """One image: bounded retries with exponential backoff; the last error is the reject."""

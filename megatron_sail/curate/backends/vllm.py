@@ -4,6 +4,7 @@ The throughput path for SAIL-Caption-scale runs: vLLM's continuous batching and 
 keep a GPU busy with hundreds of images in flight. Requests go through ``LLM.chat`` with the
 image as a data URI, so the model's own chat template and image placeholder are used.
 """
+
 from __future__ import annotations
 
 import base64
@@ -14,8 +15,15 @@ from megatron_sail.curate.backends.base import Backend, BackendConfig, CaptionRe
 def image_data_uri(data: bytes) -> str:
     """A data: URI of encoded image bytes, with the MIME type sniffed from the header."""
     head = data[:12]
-    mime = ("image/png" if head.startswith(b"\x89PNG") else "image/webp" if head[8:12] == b"WEBP"
-            else "image/gif" if head[:3] == b"GIF" else "image/jpeg")
+    mime = (
+        "image/png"
+        if head.startswith(b"\x89PNG")
+        else "image/webp"
+        if head[8:12] == b"WEBP"
+        else "image/gif"
+        if head[:3] == b"GIF"
+        else "image/jpeg"
+    )
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
@@ -30,7 +38,9 @@ def _processor_kwargs(cfg: BackendConfig) -> dict:
             model_type = json.load(f).get("model_type")
     except (OSError, ValueError):
         return {}
-    return {"mm_processor_kwargs": {"max_dynamic_patch": cfg.max_tiles}} if model_type == "internvl_chat" else {}
+    return (
+        {"mm_processor_kwargs": {"max_dynamic_patch": cfg.max_tiles}} if model_type == "internvl_chat" else {}
+    )
 
 
 class VLLMBackend(Backend):
@@ -43,26 +53,47 @@ class VLLMBackend(Backend):
         try:
             from vllm import LLM, SamplingParams
         except ImportError as e:
-            raise ImportError("--backend vllm needs the optional package vllm (pip install vllm on a "
-                              "GPU machine); it is not installed here") from e
-        self.llm = LLM(model=cfg.model, trust_remote_code=True, seed=cfg.seed,
-                       dtype=cfg.dtype or "auto", tensor_parallel_size=cfg.tensor_parallel_size,
-                       max_num_seqs=max(cfg.batch_size, 1), limit_mm_per_prompt={"image": 1},
-                       **_processor_kwargs(cfg))
-        self.params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                     top_p=cfg.top_p, seed=cfg.seed)
+            raise ImportError(
+                "--backend vllm needs the optional package vllm (pip install vllm on a "
+                "GPU machine); it is not installed here"
+            ) from e
+        self.llm = LLM(
+            model=cfg.model,
+            trust_remote_code=True,
+            seed=cfg.seed,
+            dtype=cfg.dtype or "auto",
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            max_num_seqs=max(cfg.batch_size, 1),
+            limit_mm_per_prompt={"image": 1},
+            **_processor_kwargs(cfg),
+        )
+        self.params = SamplingParams(
+            max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed
+        )
 
     def caption(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
         return per_item(self._generate, requests)
 
     def _generate(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
-        chats = [[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_data_uri(r.image)}},
-            {"type": "text", "text": r.prompt}]}] for r in requests]
+        chats = [
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_data_uri(r.image)}},
+                        {"type": "text", "text": r.prompt},
+                    ],
+                }
+            ]
+            for r in requests
+        ]
         outs = self.llm.chat(chats, self.params, use_tqdm=False)
         results = []
         for o in outs:
             c = o.outputs[0]
-            results.append(CaptionResult(c.text, "length" if c.finish_reason == "length" else "stop",
-                                         None, len(c.token_ids)))
+            results.append(
+                CaptionResult(
+                    c.text, "length" if c.finish_reason == "length" else "stop", None, len(c.token_ids)
+                )
+            )
         return results

@@ -25,6 +25,7 @@ question takes its heaviest matching type; every further content type it matches
 so a one-turn yes/no question with a one-word answer scores about 1.3, a long multi-turn
 reasoning conversation 5 or more. The weights are a documented guess, not a measurement:
 compare with ``--method ifd`` on your data (docs/sft_curriculum.md)."""
+
 from __future__ import annotations
 
 import math
@@ -33,19 +34,32 @@ from dataclasses import dataclass
 
 from megatron_sail.curate.complexity.samples import Sample, qa_pairs
 
-WEIGHTS = {"yes/no": 1.0, "short": 1.5, "mcq": 1.5, "caption": 2.0, "ocr": 2.0, "counting": 2.5,
-           "reasoning": 3.0}
+WEIGHTS = {
+    "yes/no": 1.0,
+    "short": 1.5,
+    "mcq": 1.5,
+    "caption": 2.0,
+    "ocr": 2.0,
+    "counting": 2.5,
+    "reasoning": 3.0,
+}
 """Weight of each question type (the table above)."""
 CONTENT = ("caption", "ocr", "counting", "reasoning")
 """Types read from what is asked (several can match one question)."""
 _PATTERNS = {
-    "caption": re.compile(r"\b(describe|description|caption|what is (in|shown in) the (image|picture)|"
-                          r"what do you see)\b", re.I),
+    "caption": re.compile(
+        r"\b(describe|description|caption|what is (in|shown in) the (image|picture)|"
+        r"what do you see)\b",
+        re.I,
+    ),
     "ocr": re.compile(r"\b(read|written|text|word|words|ocr|spell|says?)\b", re.I),
     "counting": re.compile(r"\b(how many|count|number of)\b", re.I),
-    "reasoning": re.compile(r"\b(why|explain|reason|compare|step|steps|infer|left of|right of|above|below|"
-                            r"behind|next to|between|same \w+ as|more than|less than|larger|smaller|"
-                            r"bigger|if)\b", re.I),
+    "reasoning": re.compile(
+        r"\b(why|explain|reason|compare|step|steps|infer|left of|right of|above|below|"
+        r"behind|next to|between|same \w+ as|more than|less than|larger|smaller|"
+        r"bigger|if)\b",
+        re.I,
+    ),
 }
 _FORMAT = re.compile(r"^\s*answer (the question|with)\b.*$", re.I | re.M)
 """Answer-format instructions ("Answer the question using a single word or phrase.", "Answer
@@ -103,10 +117,20 @@ def heuristic_score(sample: Sample, cfg: HeuristicConfig = HeuristicConfig()) ->
     best, kind = max(scored, key=lambda s: s[0])
     answer_words = sum(len(a.split()) for _, a in pairs)
     question_words = max(len(_FORMAT.sub("", q).split()) for q, _ in pairs)
-    score = (best + cfg.turns * math.log2(len(pairs)) + cfg.answer * math.log2(1 + answer_words / 10)
-             + cfg.question * math.log2(1 + question_words / 8) + cfg.images * max(0, len(sample.images) - 1))
-    return {"score": round(score, 6), "type": kind, "turns": len(pairs), "answer_words": answer_words,
-            "images": len(sample.images)}
+    score = (
+        best
+        + cfg.turns * math.log2(len(pairs))
+        + cfg.answer * math.log2(1 + answer_words / 10)
+        + cfg.question * math.log2(1 + question_words / 8)
+        + cfg.images * max(0, len(sample.images) - 1)
+    )
+    return {
+        "score": round(score, 6),
+        "type": kind,
+        "turns": len(pairs),
+        "answer_words": answer_words,
+        "images": len(sample.images),
+    }
 
 
 class HeuristicScorer:

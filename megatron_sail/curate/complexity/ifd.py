@@ -15,6 +15,7 @@ IFD near 1 means the image and question barely help predict the answer (hard, or
 small IFD means the answer follows from them (easy for this model). The two passes of many
 samples are packed into one forward (the training forward: THD segments, any TP/PP; the
 scores come from the last pipeline stage and are broadcast to every rank)."""
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,11 @@ class IfdScorer:
 
         tiles = cfg.max_tiles or inspect_checkpoint(cfg.checkpoint).settings.max_tiles
         self.cfg = cfg
-        self.gen = load_generator(cfg.checkpoint, GenerationConfig(max_tiles=tiles, batch_size=1),
-                                  LoadConfig(tp=cfg.tp, pp=cfg.pp, dtype=cfg.dtype))
+        self.gen = load_generator(
+            cfg.checkpoint,
+            GenerationConfig(max_tiles=tiles, batch_size=1),
+            LoadConfig(tp=cfg.tp, pp=cfg.pp, dtype=cfg.dtype),
+        )
         self.builder = self.gen.prompts
 
     @property
@@ -118,7 +122,10 @@ class IfdScorer:
         out: list = list(encoded)
         batch: list[int] = []
         for i in ok:
-            if batch and sum(encoded[j].tokens for j in batch) + encoded[i].tokens > self.cfg.max_batch_tokens:
+            if (
+                batch
+                and sum(encoded[j].tokens for j in batch) + encoded[i].tokens > self.cfg.max_batch_tokens
+            ):
                 self._run(batch, encoded, out)
                 batch = []
             batch.append(i)
@@ -132,8 +139,12 @@ class IfdScorer:
         for k, i in enumerate(batch):
             cond_sum, cond_n, alone_sum, alone_n = sums[k].tolist()
             ce_c, ce_a = cond_sum / cond_n, alone_sum / alone_n
-            out[i] = {"score": math.exp(ce_c - ce_a), "ce_conditioned": ce_c, "ce_answer_only": ce_a,
-                      "answer_tokens": int(cond_n)}
+            out[i] = {
+                "score": math.exp(ce_c - ce_a),
+                "ce_conditioned": ce_c,
+                "ce_answer_only": ce_a,
+                "answer_tokens": int(cond_n),
+            }
 
     def _losses(self, batch: list[Encoded]) -> torch.Tensor:
         """[n, 4] float64: (sum CE, count) of the conditioned and the answer-only pass per sample."""
@@ -172,9 +183,9 @@ class IfdScorer:
                     pos = torch.tensor(scored, dtype=torch.long, device=g.device)
                     who = torch.tensor(owner, dtype=torch.long, device=g.device)
                     for lo in range(0, len(scored), 1024):  # bounded [P, vocab] logits
-                        p = pos[lo:lo + 1024]
+                        p = pos[lo : lo + 1024]
                         ce = F.cross_entropy(g._logits(hidden[p, 0]), ids_t[0, p + 1], reduction="none")
-                        w = who[lo:lo + 1024]
+                        w = who[lo : lo + 1024]
                         flat = result.view(-1)  # column 2 * pass: sums, 2 * pass + 1: counts
                         col = (w % 2) * 2 + (w // 2) * 4
                         flat.index_add_(0, col, ce.double())
@@ -186,6 +197,9 @@ class IfdScorer:
                 lm.set_input_tensor(None)
             resume_param_gather_hooks(hooked)
         if g.pp > 1:  # the last stage holds the losses
-            torch.distributed.broadcast(result, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                        group=parallel_state.get_pipeline_model_parallel_group())
+            torch.distributed.broadcast(
+                result,
+                src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group(),
+            )
         return result.cpu()

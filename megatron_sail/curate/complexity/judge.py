@@ -18,6 +18,7 @@ conversation's questions and answers filled in:
 The first digit 1-5 in the answer is the score. A sample without an image, or an answer
 without a digit 1-5, is a reject (``no_image``, ``unparsable_rating``) naming what came back.
 ``--judge-prompt-file`` replaces the prompt (it must contain ``{conversation}``)."""
+
 from __future__ import annotations
 
 import re
@@ -35,7 +36,8 @@ JUDGE_PROMPT = (
     "4 = counting or several steps that build on each other;\n"
     "5 = long reasoning, knowledge beyond the image, or many steps.\n"
     "Example:\n{conversation}\n"
-    "Answer with one digit from 1 to 5.")
+    "Answer with one digit from 1 to 5."
+)
 """The documented judge prompt."""
 _DIGIT = re.compile(r"[1-5]")
 
@@ -92,20 +94,37 @@ class JudgeScorer:
             raise ValueError("judge prompt: it must contain {conversation}")
         extra = {"api_base": cfg.api_base} if cfg.api_base else {}
         self.cfg = cfg
-        self.backend = make_backend(BackendConfig(backend=cfg.backend, model=cfg.model,
-                                                  max_new_tokens=cfg.max_new_tokens,
-                                                  batch_size=cfg.batch_size, **extra))
+        self.backend = make_backend(
+            BackendConfig(
+                backend=cfg.backend,
+                model=cfg.model,
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.batch_size,
+                **extra,
+            )
+        )
         self.writer = True
 
     def score(self, samples: list[Sample]) -> list:
         """{'score': rating, 'judge_answer': text} per sample, or the exception of a reject."""
         from megatron_sail.curate.backends import CaptionRequest
 
-        out: list = [RatingError("no_image", "the judge backends need an image; this sample has none")
-                     if not s.images else None for s in samples]
+        out: list = [
+            RatingError("no_image", "the judge backends need an image; this sample has none")
+            if not s.images
+            else None
+            for s in samples
+        ]
         todo = [i for i, s in enumerate(samples) if s.images]
-        reqs = [CaptionRequest(samples[i].images[0], self.cfg.prompt.format(
-            conversation=conversation_text(samples[i], self.cfg.max_conversation_chars))) for i in todo]
+        reqs = [
+            CaptionRequest(
+                samples[i].images[0],
+                self.cfg.prompt.format(
+                    conversation=conversation_text(samples[i], self.cfg.max_conversation_chars)
+                ),
+            )
+            for i in todo
+        ]
         for i, res in zip(todo, self.backend.caption(reqs) if reqs else []):
             if res.error:
                 out[i] = RatingError("generation_error", res.error)

@@ -4,6 +4,7 @@ A shard (``samples_per_shard`` records of one file) is parsed, scored in batches
 as one sidecar file (sidecar.py); a rerun skips the shards already published, so an interrupted
 run resumes where it stopped. ``--shard-index I --num-shards N`` splits the shards between
 machines (shard s is done by machine s % N)."""
+
 from __future__ import annotations
 
 import json
@@ -57,17 +58,26 @@ def _check_dir(cfg: ScoreConfig) -> None:
         with open(path) as f:
             old = json.load(f)
         if old.get("method") != cfg.method or old.get("model", "") != cfg.model:
-            raise ValueError(f"{cfg.output_dir} holds {old.get('method')} scores of model "
-                             f"{old.get('model') or '-'}; use another --output-dir for {cfg.method}")
+            raise ValueError(
+                f"{cfg.output_dir} holds {old.get('method')} scores of model "
+                f"{old.get('model') or '-'}; use another --output-dir for {cfg.method}"
+            )
 
 
 def _write_manifest(cfg: ScoreConfig, totals: dict) -> None:
     os.makedirs(cfg.output_dir, exist_ok=True)
     path = os.path.join(cfg.output_dir, "complexity.json")
-    body = {"method": cfg.method, "model": cfg.model, "inputs": list(cfg.inputs.inputs),
-            "format": cfg.inputs.format, "image_root": cfg.inputs.image_root,
-            "seed": cfg.inputs.seed, "samples_per_shard": cfg.samples_per_shard,
-            "settings": cfg.extra, "last_run": totals}
+    body = {
+        "method": cfg.method,
+        "model": cfg.model,
+        "inputs": list(cfg.inputs.inputs),
+        "format": cfg.inputs.format,
+        "image_root": cfg.inputs.image_root,
+        "seed": cfg.inputs.seed,
+        "samples_per_shard": cfg.samples_per_shard,
+        "settings": cfg.extra,
+        "last_run": totals,
+    }
     with open(path + ".tmp", "w") as f:
         json.dump(body, f, indent=1)
     os.replace(path + ".tmp", path)
@@ -79,15 +89,23 @@ def score_shard(records: list, fmt: str, cfg: ScoreConfig, first_index: int, sco
     for k, rec in enumerate(records):
         item = parse(rec, fmt, cfg.inputs, first_index + k)
         if isinstance(item, Reject):
-            rejects.append({"source": item.source, "key": item.key, "reason": item.reason, "detail": item.detail})
+            rejects.append(
+                {"source": item.source, "key": item.key, "reason": item.reason, "detail": item.detail}
+            )
         else:
             samples.append(item)
     for lo in range(0, len(samples), cfg.batch_size):
-        batch = samples[lo:lo + cfg.batch_size]
+        batch = samples[lo : lo + cfg.batch_size]
         for s, res in zip(batch, scorer.score(batch)):
             if isinstance(res, Exception):
-                rejects.append({"source": s.source, "key": s.key, "reason": getattr(res, "reason", "score_error"),
-                                "detail": f"{type(res).__name__}: {res}"[:300]})
+                rejects.append(
+                    {
+                        "source": s.source,
+                        "key": s.key,
+                        "reason": getattr(res, "reason", "score_error"),
+                        "detail": f"{type(res).__name__}: {res}"[:300],
+                    }
+                )
             else:
                 scored.append({"source": s.source, "key": s.key, "method": cfg.method, **res})
     return scored, rejects
@@ -116,8 +134,10 @@ def run_scoring(cfg: ScoreConfig, scorer, log: Callable[[str], None] = print) ->
             totals["shards_scored"] += 1
             totals["samples"] += len(scored)
             totals["rejected"] += len(rejects)
-            log(f"[complexity] {os.path.basename(path)} shard {shard}: {len(scored)} scored, "
-                f"{len(rejects)} rejected")
+            log(
+                f"[complexity] {os.path.basename(path)} shard {shard}: {len(scored)} scored, "
+                f"{len(rejects)} rejected"
+            )
     totals["seconds"] = round(time.perf_counter() - t0, 2)
     if writer:
         _write_manifest(cfg, totals)
@@ -139,4 +159,3 @@ def make_scorer(cfg: ScoreConfig, settings: dict):
     from megatron_sail.curate.complexity.judge import JudgeConfig, JudgeScorer
 
     return JudgeScorer(JudgeConfig(model=cfg.model, **settings))
-

@@ -1,5 +1,6 @@
 """SFT samples for complexity scoring, read exactly as tools/preprocess_data.py reads them
 (its readers: data/preprocess/formats.py), with the (source, key) that names each one in a sidecar."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,8 +9,14 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
 from megatron_sail.config.data import TemplateConfig
-from megatron_sail.data.preprocess.formats import (ImageAccess, RawRecord, detect_format, expand_inputs, iter_records,
-                                        to_conversation)
+from megatron_sail.data.preprocess.formats import (
+    ImageAccess,
+    RawRecord,
+    detect_format,
+    expand_inputs,
+    iter_records,
+    to_conversation,
+)
 from megatron_sail.data.template import SampleError
 
 

@@ -8,6 +8,7 @@ renamed when the shard is complete, so a resumed run skips every shard whose fil
 recaption skips finished shards). Records that could not be scored go to the shard's
 ``.rejects.jsonl`` with a reason. Readers key scores by (absolute source path, key): the same
 names preprocessing gives records (``--select`` in tools/preprocess_data.py)."""
+
 from __future__ import annotations
 
 import glob
@@ -75,8 +76,11 @@ def read_scores(path: str, method: Optional[str] = None) -> list[dict]:
                     continue
                 try:
                     rec = json.loads(line)
-                    ok = isinstance(rec["source"], str) and isinstance(rec["key"], str) and \
-                        isinstance(rec["score"], (int, float))
+                    ok = (
+                        isinstance(rec["source"], str)
+                        and isinstance(rec["key"], str)
+                        and isinstance(rec["score"], (int, float))
+                    )
                 except (json.JSONDecodeError, KeyError, TypeError):
                     ok = False
                 if not ok:

@@ -24,6 +24,7 @@ Steps (all on disk under a work folder, removed at the end):
 The groups are the connected components of the verified pairs, so the result does not depend
 on the number of partitions or of signature workers: the lists are the same bytes.
 """
+
 from __future__ import annotations
 
 import json
@@ -115,7 +116,7 @@ def band_keys(phash: np.ndarray, bands: list[tuple[int, int]]) -> np.ndarray:
     for j, (lo, hi) in enumerate(bands):
         width = hi - lo
         if lo % 8 == 0 and hi % 8 == 0:
-            packed = raw[:, lo // 8:hi // 8]
+            packed = raw[:, lo // 8 : hi // 8]
         else:
             if bits is None:
                 bits = np.unpackbits(raw, axis=1)
@@ -162,7 +163,7 @@ class _Partitions:
         for p in range(self.count):
             if cuts[p + 1] > cuts[p]:
                 with open(self.paths[p], "ab") as f:
-                    recs[cuts[p]:cuts[p + 1]].tofile(f)
+                    recs[cuts[p] : cuts[p + 1]].tofile(f)
 
     def load(self, p: int) -> np.ndarray:
         return np.fromfile(self.paths[p], dtype=self.dtype)
@@ -183,8 +184,10 @@ class Grouper:
         if cfg.expected_shards is not None:
             missing = sorted(set(cfg.expected_shards) - set(self.shards))
             if missing:
-                raise ValueError(f"{cfg.signatures}: no signatures for shard(s) {', '.join(missing[:5])}"
-                                 f"{' ...' if len(missing) > 5 else ''}: finish the signature pass first")
+                raise ValueError(
+                    f"{cfg.signatures}: no signatures for shard(s) {', '.join(missing[:5])}"
+                    f"{' ...' if len(missing) > 5 else ''}: finish the signature pass first"
+                )
             self.shards = sorted(cfg.expected_shards)
         if not self.shards:
             raise ValueError(f"{cfg.signatures}: no finished signature shards")
@@ -212,16 +215,30 @@ class Grouper:
         finally:
             shutil.rmtree(self.work, ignore_errors=True)
         seconds = time.perf_counter() - start
-        report = {"signatures": cfg.signatures, "shards": len(self.shards), "rows": int(self.n),
-                  "kept": int(self.n - len(dropped["id"])), "dropped": int(len(dropped["id"])),
-                  "dropped_by_reason": by_reason, "groups": int(dropped["groups"]),
-                  "partitions": self.partitions, "records": counts, "verified_pairs": pairs,
-                  "settings": {"exact": cfg.exact, "near": cfg.near, "max_distance": cfg.max_distance,
-                               "bands": self.bands if cfg.near else None, "semantic": cfg.semantic,
-                               "clusters": cfg.clusters if cfg.semantic else None,
-                               "threshold": cfg.threshold if cfg.semantic else None},
-                  "survivor_rule": "largest width*height, then first by shard name and input order",
-                  "seconds": round(seconds, 3), "rows_per_s": round(self.n / seconds, 1) if seconds > 0 else None}
+        report = {
+            "signatures": cfg.signatures,
+            "shards": len(self.shards),
+            "rows": int(self.n),
+            "kept": int(self.n - len(dropped["id"])),
+            "dropped": int(len(dropped["id"])),
+            "dropped_by_reason": by_reason,
+            "groups": int(dropped["groups"]),
+            "partitions": self.partitions,
+            "records": counts,
+            "verified_pairs": pairs,
+            "settings": {
+                "exact": cfg.exact,
+                "near": cfg.near,
+                "max_distance": cfg.max_distance,
+                "bands": self.bands if cfg.near else None,
+                "semantic": cfg.semantic,
+                "clusters": cfg.clusters if cfg.semantic else None,
+                "threshold": cfg.threshold if cfg.semantic else None,
+            },
+            "survivor_rule": "largest width*height, then first by shard name and input order",
+            "seconds": round(seconds, 3),
+            "rows_per_s": round(self.n / seconds, 1) if seconds > 0 else None,
+        }
         write_atomic(os.path.join(cfg.output_dir, "dedup_report.json"), json.dumps(report, indent=1).encode())
         return report
 
@@ -235,7 +252,9 @@ class Grouper:
             sizes.append(len(s["keys"]))
             words = s["phash"].shape[1] if words is None else words
             if s["phash"].shape[1] != words:
-                raise ValueError(f"{name}{SUFFIX}: pHash of {s['phash'].shape[1] * 64} bits, others have {words * 64}")
+                raise ValueError(
+                    f"{name}{SUFFIX}: pHash of {s['phash'].shape[1] * 64} bits, others have {words * 64}"
+                )
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.n = int(self.offsets[-1])
         self.words = words or 1
@@ -245,7 +264,9 @@ class Grouper:
         per_row = int(cfg.exact) + self.bands
         self.partitions = cfg.partitions or max(1, math.ceil(self.n * per_row / cfg.partition_rows))
         self.exact_dtype = np.dtype([("key", "<u8"), ("id", "<i8"), ("pixels", "<i8"), ("sha", "u1", (32,))])
-        self.near_dtype = np.dtype([("key", "<u8"), ("id", "<i8"), ("pixels", "<i8"), ("phash", "<u8", (self.words,))])
+        self.near_dtype = np.dtype(
+            [("key", "<u8"), ("id", "<i8"), ("pixels", "<i8"), ("phash", "<u8", (self.words,))]
+        )
         ex = _Partitions(self.work, "exact", self.partitions, self.exact_dtype, cfg.buffer_records)
         nr = _Partitions(self.work, "near", self.partitions, self.near_dtype, cfg.buffer_records)
         counts = {"exact": 0, "near": 0}
@@ -346,8 +367,13 @@ class Grouper:
     def _components(self, edge_path: str) -> dict:
         """Union-find over the edges -> the dropped rows: id, survivor id, reason, distance."""
         edges = np.fromfile(edge_path, dtype=EDGE)
-        empty = {"id": np.zeros(0, np.int64), "survivor": np.zeros(0, np.int64), "reason": np.zeros(0, np.int64),
-                 "dist": np.zeros(0, np.int64), "groups": 0}
+        empty = {
+            "id": np.zeros(0, np.int64),
+            "survivor": np.zeros(0, np.int64),
+            "reason": np.zeros(0, np.int64),
+            "dist": np.zeros(0, np.int64),
+            "groups": 0,
+        }
         if not len(edges):
             return empty
         nodes = np.unique(np.concatenate([edges["a"], edges["b"]]))
@@ -372,11 +398,17 @@ class Grouper:
         survivor_of_label[label[order][first]] = order[first]
         surv = survivor_of_label[label]
         drop = np.flatnonzero(surv != np.arange(len(nodes)))
-        reason = np.where(exact_label[drop] == exact_label[surv[drop]], EXACT,
-                          np.where(kinds[drop] & NEAR, NEAR, SEMANTIC))
+        reason = np.where(
+            exact_label[drop] == exact_label[surv[drop]], EXACT, np.where(kinds[drop] & NEAR, NEAR, SEMANTIC)
+        )
         d = np.where(reason == NEAR, dist[drop], -1)
-        return {"id": nodes[drop], "survivor": nodes[surv[drop]], "reason": reason, "dist": d,
-                "groups": int(first.sum())}
+        return {
+            "id": nodes[drop],
+            "survivor": nodes[surv[drop]],
+            "reason": reason,
+            "dist": d,
+            "groups": int(first.sum()),
+        }
 
     # ---------------------------------------------------------------- 4. lists
     def _locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -415,9 +447,17 @@ class Grouper:
                 reason = REASONS[int(dropped["reason"][j])]
                 by_reason[reason] = by_reason.get(reason, 0) + 1
                 dist = int(dropped["dist"][j])
-                lines.append(json.dumps({"key": keys[r].decode("ascii"), "reason": reason,
-                                         "survivor": survivor_name(int(dropped["survivor"][j])),
-                                         "distance": dist if dist >= 0 else None}) + "\n")
+                lines.append(
+                    json.dumps(
+                        {
+                            "key": keys[r].decode("ascii"),
+                            "reason": reason,
+                            "survivor": survivor_name(int(dropped["survivor"][j])),
+                            "distance": dist if dist >= 0 else None,
+                        }
+                    )
+                    + "\n"
+                )
             keep = "".join(k_.decode("ascii") + "\n" for k_ in keys[~is_dropped])
             write_atomic(os.path.join(self.cfg.output_dir, name + ".dropped.jsonl"), "".join(lines).encode())
             write_atomic(os.path.join(self.cfg.output_dir, name + ".keep.txt"), keep.encode())

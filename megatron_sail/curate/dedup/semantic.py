@@ -7,6 +7,7 @@ initialisation and a fixed number of Lloyd iterations, so the clusters (and the 
 depend on timing or on the number of workers. Only one cluster's embeddings are in memory at a
 time (cluster membership is scattered to partition files like the other records).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,10 @@ from megatron_sail.curate.dedup.grouping import EDGE, SEMANTIC, _Partitions
 def _embeddings(grouper, name: str) -> np.ndarray:
     s = grouper._sig(name, embedding=True)
     if "embedding" not in s:
-        raise ValueError(f"{name}: the signatures have no CLIP embeddings; rerun the signature pass with "
-                         "semantic_dedup enabled")
+        raise ValueError(
+            f"{name}: the signatures have no CLIP embeddings; rerun the signature pass with "
+            "semantic_dedup enabled"
+        )
     return s["embedding"].astype(np.float32)
 
 
@@ -29,7 +32,7 @@ def train_centroids(grouper) -> np.ndarray:
     for name in grouper.shards:
         if got >= cfg.kmeans_sample:
             break
-        e = _embeddings(grouper, name)[:cfg.kmeans_sample - got]
+        e = _embeddings(grouper, name)[: cfg.kmeans_sample - got]
         rows.append(e)
         got += len(e)
     x = np.concatenate(rows) if rows else np.zeros((0, 1), np.float32)
@@ -70,7 +73,7 @@ def semantic_pairs(grouper, edges) -> int:
         rec = rec[np.argsort(rec["id"], kind="stable")]
         x = rec["emb"]
         for lo in range(0, len(x), 1024):  # blocks of rows against the later rows: bounded memory
-            sim = x[lo:lo + 1024] @ x.T
+            sim = x[lo : lo + 1024] @ x.T
             i, jj = np.nonzero(sim >= cfg.threshold)
             i = i + lo
             keep = jj > i

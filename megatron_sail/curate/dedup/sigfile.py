@@ -1,5 +1,6 @@
 """The signature shard file (``NAME.sig.npz``): its suffix and its reader, apart from the
 signature pass so that the grouping pass imports neither torch nor the filters."""
+
 from __future__ import annotations
 
 import numpy as np

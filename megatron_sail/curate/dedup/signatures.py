@@ -8,6 +8,7 @@ perceptual hash's bits, most significant first), ``phash_ok`` (uint8: 0 when the
 not be hashed), ``pixels`` (int64 width x height, for the survivor rule) and, with semantic
 dedup on, ``embedding`` (float16 [n, d], L2-normalised CLIP image embeddings).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,14 +20,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from megatron_sail.curate.filters.pipeline import FilterConfig, build_stages, read_shard, run_stages
 from megatron_sail.curate.dedup.sigfile import SUFFIX, load_signatures  # noqa: F401 - re-exported
+from megatron_sail.curate.filters.pipeline import FilterConfig, build_stages, read_shard, run_stages
 from megatron_sail.curate.job import check_job
 from megatron_sail.curate.reader import ShardSpec
 from megatron_sail.curate.writer import DONE_DIR, done_marker, write_atomic
 from megatron_sail.data.preprocess import formats
 from megatron_sail.platform.parent_watch import check_parent
-
 
 
 def phash_words(img, hash_size: int) -> np.ndarray:
@@ -40,8 +40,9 @@ def phash_words(img, hash_size: int) -> np.ndarray:
 def check_hash_size(hash_size: int) -> int:
     """Words per hash; the bit count must be a multiple of 64 (hash_size 8, 16, 24, 32)."""
     if hash_size < 8 or (hash_size * hash_size) % 64:
-        raise ValueError(f"near_dedup.hash_size {hash_size}: hash_size**2 bits must be a multiple of 64 "
-                         "(8, 16, 24 or 32)")
+        raise ValueError(
+            f"near_dedup.hash_size {hash_size}: hash_size**2 bits must be a multiple of 64 (8, 16, 24 or 32)"
+        )
     return hash_size * hash_size // 64
 
 
@@ -108,7 +109,9 @@ class SignatureWorker:
         import torch
 
         with torch.no_grad():
-            feats = self.clip.model.get_image_features(pixel_values=self.clip._pixels(sample).to(self.clip.cfg.device))
+            feats = self.clip.model.get_image_features(
+                pixel_values=self.clip._pixels(sample).to(self.clip.cfg.device)
+            )
         v = getattr(feats, "pooler_output", feats).float()[0].cpu().numpy()
         return (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float16)
 
@@ -143,10 +146,13 @@ class SignatureWorker:
                 embs.append(self._embed(sample) if good else np.zeros(dim, np.float16))
             if progress:
                 progress(1)
-        arrays = {"keys": np.array(keys, dtype="S") if keys else np.zeros(0, "S1"),
-                  "sha256": np.stack(shas) if shas else np.zeros((0, 32), np.uint8),
-                  "phash": np.stack(hashes) if hashes else np.zeros((0, words), np.uint64),
-                  "phash_ok": np.array(ok, np.uint8), "pixels": np.array(pixels, np.int64)}
+        arrays = {
+            "keys": np.array(keys, dtype="S") if keys else np.zeros(0, "S1"),
+            "sha256": np.stack(shas) if shas else np.zeros((0, 32), np.uint8),
+            "phash": np.stack(hashes) if hashes else np.zeros((0, words), np.uint64),
+            "phash_ok": np.array(ok, np.uint8),
+            "pixels": np.array(pixels, np.int64),
+        }
         if self.clip is not None:
             arrays["embedding"] = np.stack(embs) if embs else np.zeros((0, 1), np.float16)
         buf = io.BytesIO()
@@ -154,8 +160,14 @@ class SignatureWorker:
         check_parent(f"signatures of {spec.name}")
         out = os.path.join(self.cfg.output_dir, spec.name + SUFFIX)
         write_atomic(out, buf.getvalue())
-        marker = {"source": spec.source, "samples": samples, "signed": len(keys), "excluded_before_dedup": excluded,
-                  "hash_size": self.cfg.filters.near_dedup.hash_size, "seconds": round(time.time() - start, 3)}
+        marker = {
+            "source": spec.source,
+            "samples": samples,
+            "signed": len(keys),
+            "excluded_before_dedup": excluded,
+            "hash_size": self.cfg.filters.near_dedup.hash_size,
+            "seconds": round(time.time() - start, 3),
+        }
         os.makedirs(os.path.join(self.cfg.output_dir, DONE_DIR), exist_ok=True)
         import json
 
@@ -185,5 +197,3 @@ def run_signatures(cfg: SignatureConfig) -> dict:
     res = run_job(cfg, input_shards(cfg.inputs), totals=("samples", "signed"))
     res.pop("results")
     return res
-
-

@@ -1,4 +1,5 @@
 """What every filter stage sees (a sample) and returns (None to keep, or a Reject)."""
+
 from __future__ import annotations
 
 import io

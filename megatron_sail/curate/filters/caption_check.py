@@ -1,5 +1,6 @@
 """Caption checks: length in words, n-gram repetition (a looping captioner), refusals and
 boilerplate, language."""
+
 from __future__ import annotations
 
 import re
@@ -39,7 +40,9 @@ class CaptionLength(FilterStage):
 
     def process(self, sample: FilterSample) -> Optional[Reject]:
         if sample.caption is None or not sample.caption.strip():
-            return Reject("no_caption", "no txt/caption member" if sample.caption is None else "empty caption")
+            return Reject(
+                "no_caption", "no txt/caption member" if sample.caption is None else "empty caption"
+            )
         n = len(words(sample.caption))
         sample.scores["caption_words"] = n
         if n < self.cfg.min_words:
@@ -66,7 +69,7 @@ class RepetitionConfig:
 def duplicate_ngram_fraction(tokens: list[str], n: int) -> float:
     """Share of n-gram occurrences that repeat an earlier one: 0 for varied text, close to 1
     for "a cat a cat a cat ..." (the signature of a captioner stuck in a loop)."""
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     if not grams:
         return 0.0
     return 1.0 - len(Counter(grams)) / len(grams)
@@ -87,21 +90,38 @@ class Repetition(FilterStage):
         frac = duplicate_ngram_fraction(tokens, self.cfg.n)
         sample.scores["repetition"] = frac
         if frac > self.cfg.max_duplicate_fraction:
-            return Reject("repetition", f"{frac:.2f} of {self.cfg.n}-grams repeated > {self.cfg.max_duplicate_fraction}")
+            return Reject(
+                "repetition", f"{frac:.2f} of {self.cfg.n}-grams repeated > {self.cfg.max_duplicate_fraction}"
+            )
         return None
 
 
 DEFAULT_REFUSALS = [
-    r"\bi'?m sorry\b", r"\bi am sorry\b", r"\bi (?:cannot|can ?not|can't|am unable to|'m unable to)\b",
-    r"\bas an ai\b", r"\b(?:language|ai) model\b", r"\bunable to (?:see|view|describe|identify|process)\b",
-    r"\bno image (?:was |is )?(?:provided|attached|available)\b", r"\bi don'?t see (?:an|any) image\b",
+    r"\bi'?m sorry\b",
+    r"\bi am sorry\b",
+    r"\bi (?:cannot|can ?not|can't|am unable to|'m unable to)\b",
+    r"\bas an ai\b",
+    r"\b(?:language|ai) model\b",
+    r"\bunable to (?:see|view|describe|identify|process)\b",
+    r"\bno image (?:was |is )?(?:provided|attached|available)\b",
+    r"\bi don'?t see (?:an|any) image\b",
 ]
 """Phrases of a captioner declining or failing (matched case-insensitively)."""
 DEFAULT_BOILERPLATE = [
-    r"\bstock (?:photo|image|footage)\b", r"\bshutterstock\b", r"\bgetty images\b", r"\balamy\b",
-    r"\bdreamstime\b", r"\ball rights reserved\b", r"\bclick here\b", r"\bimage may contain\b",
-    r"\blorem ipsum\b", r"\bplaceholder\b", r"\bdownload (?:free|now)\b", r"\broyalty[- ]free\b",
-    r"\.(?:jpe?g|png|webp)\b", r"<unk>|<\|[a-z_]+\|>",
+    r"\bstock (?:photo|image|footage)\b",
+    r"\bshutterstock\b",
+    r"\bgetty images\b",
+    r"\balamy\b",
+    r"\bdreamstime\b",
+    r"\ball rights reserved\b",
+    r"\bclick here\b",
+    r"\bimage may contain\b",
+    r"\blorem ipsum\b",
+    r"\bplaceholder\b",
+    r"\bdownload (?:free|now)\b",
+    r"\broyalty[- ]free\b",
+    r"\.(?:jpe?g|png|webp)\b",
+    r"<unk>|<\|[a-z_]+\|>",
 ]
 """Web alt-text and template leftovers that say nothing about the image."""
 
@@ -184,5 +204,7 @@ class Language(FilterStage):
         p_keep = prob if lang in self.keep else 0.0
         sample.scores["language_probability"] = p_keep
         if p_keep < self.cfg.min_probability:
-            return Reject("language", f"{lang} ({prob:.2f}), want {sorted(self.keep)} >= {self.cfg.min_probability}")
+            return Reject(
+                "language", f"{lang} ({prob:.2f}), want {sorted(self.keep)} >= {self.cfg.min_probability}"
+            )
         return None

@@ -5,6 +5,7 @@ offline) or, with ``open_clip_model`` set, an open_clip checkpoint file for that
 (open_clip is an optional dependency: it needs torchvision, which the CPU test environment
 cannot import, so that path is not exercised by the CPU tests).
 """
+
 from __future__ import annotations
 
 import os
@@ -54,7 +55,9 @@ class ClipScore(FilterStage):
     def _load_hf(self) -> None:
         from transformers import AutoTokenizer, CLIPModel
 
-        self.model = CLIPModel.from_pretrained(self.cfg.model, local_files_only=True).eval().to(self.cfg.device)
+        self.model = (
+            CLIPModel.from_pretrained(self.cfg.model, local_files_only=True).eval().to(self.cfg.device)
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model, local_files_only=True)
         self.size = self.model.config.vision_config.image_size
         self.max_len = self.model.config.text_config.max_position_embeddings
@@ -63,7 +66,9 @@ class ClipScore(FilterStage):
     def _load_open_clip(self) -> None:
         import open_clip
 
-        model, _, preprocess = open_clip.create_model_and_transforms(self.cfg.open_clip_model, pretrained=self.cfg.model)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            self.cfg.open_clip_model, pretrained=self.cfg.model
+        )
         self.model, self.preprocess = model.eval().to(self.cfg.device), preprocess
         self.tokenizer = open_clip.get_tokenizer(self.cfg.open_clip_model)
         self.kind = "open_clip"
@@ -93,10 +98,13 @@ class ClipScore(FilterStage):
             img = self.model.encode_image(self.preprocess(sample.image())[None].to(self.cfg.device))
             txt = self.model.encode_text(self.tokenizer([sample.caption or ""]).to(self.cfg.device))
         else:
-            tok = self.tokenizer([sample.caption or ""], return_tensors="pt", truncation=True, max_length=self.max_len)
+            tok = self.tokenizer(
+                [sample.caption or ""], return_tensors="pt", truncation=True, max_length=self.max_len
+            )
             img = self.model.get_image_features(pixel_values=self._pixels(sample).to(self.cfg.device))
-            txt = self.model.get_text_features(**{k: v.to(self.cfg.device) for k, v in tok.items()
-                                                  if k in ("input_ids", "attention_mask")})
+            txt = self.model.get_text_features(
+                **{k: v.to(self.cfg.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+            )
             img, txt = (getattr(x, "pooler_output", x) for x in (img, txt))
         return float(torch.nn.functional.cosine_similarity(img.float(), txt.float()).item())
 

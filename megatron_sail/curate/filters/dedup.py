@@ -10,6 +10,7 @@ a sample they reject never enters a duplicate group (the survivor of a group is 
 sample), and the stages after it (CLIP, judge: the expensive ones) never spend time on a
 duplicate.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,8 +89,10 @@ class DedupApply(FilterStage):
     def _load(self, shard: str) -> None:
         keep_path = os.path.join(self.keep_dir, shard + ".keep.txt")
         if not os.path.isfile(keep_path):
-            raise FileNotFoundError(f"no keep-list {keep_path} for shard {shard}: run tools/dedup.py "
-                                    "signatures and group on this input first")
+            raise FileNotFoundError(
+                f"no keep-list {keep_path} for shard {shard}: run tools/dedup.py "
+                "signatures and group on this input first"
+            )
         with open(keep_path, encoding="utf-8") as f:
             self.keep = {ln.rstrip("\n") for ln in f if ln.strip()}
         self.dropped = {}
@@ -108,8 +111,11 @@ class DedupApply(FilterStage):
             dist = f" (hamming {d['distance']})" if d.get("distance") is not None else ""
             return Reject(d["reason"], f"duplicate of {d['survivor']}{dist}")
         if sample.key not in self.keep:
-            return Reject("dedup_missing", f"{sample.where} is in no keep-list of {self.keep_dir} "
-                          "(the lists were made from other input)")
+            return Reject(
+                "dedup_missing",
+                f"{sample.where} is in no keep-list of {self.keep_dir} "
+                "(the lists were made from other input)",
+            )
         return None
 
 

@@ -1,4 +1,5 @@
 """Image checks: decodable, smallest side, aspect ratio."""
+
 from __future__ import annotations
 
 import io

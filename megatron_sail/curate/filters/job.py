@@ -10,6 +10,7 @@ cluster the passes run separately (tools/dedup.py, docs/curation.md). The merged
 (``filter_report.json/.png/.html``) is rebuilt from the per-shard reports of every finished
 shard of the output folder, whichever task wrote them.
 """
+
 from __future__ import annotations
 
 import base64
@@ -129,10 +130,18 @@ class FilterShardWorker:
             self.load()
         start = time.time()
         writer = ShardWriter(self.cfg.output_dir, spec.name, kept_name="kept")
-        report = {"shard": spec.name, "removed": {}, "scores": {}, "score_kept": {}, "stage_seconds": {},
-                  "thumbnails": {}}
+        report = {
+            "shard": spec.name,
+            "removed": {},
+            "scores": {},
+            "score_kept": {},
+            "stage_seconds": {},
+            "thumbnails": {},
+        }
         try:
-            for sample, reject in read_shard(spec.source, self.cfg.max_member_bytes, self.cfg.max_sample_bytes):
+            for sample, reject in read_shard(
+                spec.source, self.cfg.max_member_bytes, self.cfg.max_sample_bytes
+            ):
                 stage = "read"
                 if reject is None:
                     stage, reject, seconds = run_stages(self.stages, sample)
@@ -148,18 +157,31 @@ class FilterShardWorker:
                     by_stage[reject.reason] = by_stage.get(reject.reason, 0) + 1
                     thumbs = report["thumbnails"].setdefault(reject.reason, [])
                     if len(thumbs) < THUMBNAILS:
-                        thumbs.append({"where": sample.where, "detail": reject.detail[:120],
-                                       "jpeg": _thumbnail(sample.image_bytes)})
-                    line = {"key": sample.key, "shard": sample.shard, "stage": stage, "reason": reject.reason,
-                            "detail": reject.detail, "caption": sample.caption}
+                        thumbs.append(
+                            {
+                                "where": sample.where,
+                                "detail": reject.detail[:120],
+                                "jpeg": _thumbnail(sample.image_bytes),
+                            }
+                        )
+                    line = {
+                        "key": sample.key,
+                        "shard": sample.shard,
+                        "stage": stage,
+                        "reason": reject.reason,
+                        "detail": reject.detail,
+                        "caption": sample.caption,
+                    }
                     if sample.record:
                         line.update(sample.record)
                     writer.reject_line(sample.key, reject.reason, line)
                 if progress:
                     progress(1)
             report["stage_seconds"] = {k: round(v, 4) for k, v in report["stage_seconds"].items()}
-            return writer.commit({"source": spec.source, "seconds": round(time.time() - start, 3)},
-                                 extra={os.path.join(REPORTS, spec.name + ".json"): json.dumps(report).encode()})
+            return writer.commit(
+                {"source": spec.source, "seconds": round(time.time() - start, 3)},
+                extra={os.path.join(REPORTS, spec.name + ".json"): json.dumps(report).encode()},
+            )
         except BaseException:
             writer.abort()
             raise
@@ -184,6 +206,7 @@ def run_filter_job(cfg: FilterJobConfig) -> dict:
 
     def bar(pending):
         from tqdm import tqdm
+
         return tqdm(total=None, unit="img", desc="filter", dynamic_ncols=True)
 
     res = run_job(cfg, specs, bar, totals=("samples", "kept", "rejected"))
@@ -198,8 +221,10 @@ def run_all(cfg: FilterJobConfig) -> tuple[dict, list]:
     shards that failed after their retries)."""
     if cfg.filters.dedup_enabled() and cfg.keep_lists is None:
         if cfg.num_shards > 1:
-            raise ValueError("with --num-shards > 1 run the dedup passes first (tools/dedup.py signatures, then "
-                             "group) and give their keep-lists with --keep-lists, or disable deduplication")
+            raise ValueError(
+                "with --num-shards > 1 run the dedup passes first (tools/dedup.py signatures, then "
+                "group) and give their keep-lists with --keep-lists, or disable deduplication"
+            )
         keep, failed = dedup_locally(cfg)
         if failed:
             return {}, failed
@@ -219,11 +244,22 @@ def dedup_locally(cfg: FilterJobConfig) -> tuple[str, list]:
     sig_dir = os.path.join(cfg.output_dir, "dedup", "signatures")
     keep_dir = os.path.join(cfg.output_dir, "dedup", "keep")
     specs = input_shards(cfg.inputs, cfg.output_dir)
-    sig = run_signatures(SignatureConfig(
-        inputs=cfg.inputs, output_dir=sig_dir, filters=f, max_member_bytes=cfg.max_member_bytes,
-        max_sample_bytes=cfg.max_sample_bytes, executor=cfg.executor, workers=cfg.workers,
-        shard_retries=cfg.shard_retries, ray_address=cfg.ray_address, ray_num_cpus=cfg.ray_num_cpus,
-        gpus_per_worker=cfg.gpus_per_worker, cpus_per_worker=cfg.cpus_per_worker))
+    sig = run_signatures(
+        SignatureConfig(
+            inputs=cfg.inputs,
+            output_dir=sig_dir,
+            filters=f,
+            max_member_bytes=cfg.max_member_bytes,
+            max_sample_bytes=cfg.max_sample_bytes,
+            executor=cfg.executor,
+            workers=cfg.workers,
+            shard_retries=cfg.shard_retries,
+            ray_address=cfg.ray_address,
+            ray_num_cpus=cfg.ray_num_cpus,
+            gpus_per_worker=cfg.gpus_per_worker,
+            cpus_per_worker=cfg.cpus_per_worker,
+        )
+    )
     if sig["failed_shards"]:
         return keep_dir, sig["failed_shards"]
     if not os.path.isfile(os.path.join(keep_dir, "dedup_report.json")):
@@ -236,7 +272,19 @@ def group_config(f: FilterConfig, sig_dir: str, keep_dir: str, expected: Optiona
     from megatron_sail.curate.dedup.grouping import GroupConfig
 
     s = f.semantic_dedup
-    return GroupConfig(signatures=sig_dir, output_dir=keep_dir, exact=f.exact_dedup.enabled, near=f.near_dedup.enabled,
-                       max_distance=f.near_dedup.max_distance, bands=f.near_dedup.bands, semantic=s.enabled,
-                       clusters=s.clusters, threshold=s.threshold, kmeans_iters=s.kmeans_iters,
-                       kmeans_sample=s.kmeans_sample, seed=s.seed, expected_shards=expected, **kw)
+    return GroupConfig(
+        signatures=sig_dir,
+        output_dir=keep_dir,
+        exact=f.exact_dedup.enabled,
+        near=f.near_dedup.enabled,
+        max_distance=f.near_dedup.max_distance,
+        bands=f.near_dedup.bands,
+        semantic=s.enabled,
+        clusters=s.clusters,
+        threshold=s.threshold,
+        kmeans_iters=s.kmeans_iters,
+        kmeans_sample=s.kmeans_sample,
+        seed=s.seed,
+        expected_shards=expected,
+        **kw,
+    )

@@ -8,6 +8,7 @@ requests per sample; a reply that does not parse is a ``judge_unparseable`` reje
 it, never a crash. The scores are written into the kept sample's ``json`` member under
 ``judge`` (``vir``, ``ita``, ``model``) and into the report's histograms.
 """
+
 from __future__ import annotations
 
 import re
@@ -18,20 +19,22 @@ from megatron_sail.curate.backends import BACKENDS, BackendConfig, CaptionReques
 from megatron_sail.curate.filters.base import FilterSample, FilterStage, Reject
 
 VIR_PROMPT = (
-    "Here is a caption written for this image:\n\"{caption}\"\n\n"
+    'Here is a caption written for this image:\n"{caption}"\n\n'
     "How much of the visual information in the image does the caption convey? Rate it from 1 to 5:\n"
     "1 - almost nothing (a few generic words);\n"
     "2 - the main subject only;\n"
     "3 - the main objects with some of their attributes;\n"
     "4 - most objects, attributes, positions and any visible text;\n"
     "5 - every object, attribute, count, spatial relation and piece of text, in detail.\n"
-    "Answer with a single digit from 1 to 5.")
+    "Answer with a single digit from 1 to 5."
+)
 """The VIR question ({caption} is replaced). The scale follows SAIL-Caption2's description of
 visual information richness: how complete and detailed the caption is about the image."""
 ITA_PROMPT = (
-    "Here is a caption written for this image:\n\"{caption}\"\n\n"
+    'Here is a caption written for this image:\n"{caption}"\n\n'
     "Is everything the caption says actually true of the image, with no object, attribute or text "
-    "that is not there? Answer yes or no.")
+    "that is not there? Answer yes or no."
+)
 """The ITA question: alignment means no hallucinated content, whatever the level of detail."""
 
 _INT = re.compile(r"(?<![\d.])(\d+)(?!\d|\.\d)")
@@ -98,10 +101,18 @@ class JudgeConfig:
             raise ValueError(f"judge.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if not self.model:
             raise ValueError("judge.model: give the judge's checkpoint folder or served model name")
-        return BackendConfig(backend=self.backend, model=self.model, max_new_tokens=self.max_new_tokens,
-                             batch_size=2, temperature=0.0, max_tiles=self.max_tiles, dtype=self.dtype,
-                             api_base=self.api_base, api_key_env=self.api_key_env,
-                             tensor_parallel_size=self.tensor_parallel_size)
+        return BackendConfig(
+            backend=self.backend,
+            model=self.model,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=2,
+            temperature=0.0,
+            max_tiles=self.max_tiles,
+            dtype=self.dtype,
+            api_base=self.api_base,
+            api_key_env=self.api_key_env,
+            tensor_parallel_size=self.tensor_parallel_size,
+        )
 
 
 class Judge(FilterStage):
@@ -114,17 +125,23 @@ class Judge(FilterStage):
         self.backend = make_backend(cfg.backend_config())
 
     def process(self, sample: FilterSample) -> Optional[Reject]:
-        caption = (sample.caption or "")[:self.cfg.max_caption_chars]
+        caption = (sample.caption or "")[: self.cfg.max_caption_chars]
         image = sample.image_bytes or b""
-        vir_res, ita_res = self.backend.caption([
-            CaptionRequest(image, self.cfg.vir_prompt.replace("{caption}", caption)),
-            CaptionRequest(image, self.cfg.ita_prompt.replace("{caption}", caption))])
+        vir_res, ita_res = self.backend.caption(
+            [
+                CaptionRequest(image, self.cfg.vir_prompt.replace("{caption}", caption)),
+                CaptionRequest(image, self.cfg.ita_prompt.replace("{caption}", caption)),
+            ]
+        )
         for what, res in (("VIR", vir_res), ("ITA", ita_res)):
             if res.error is not None:
                 return Reject("judge_error", f"{what}: {res.error}"[:300])
         vir, ita = parse_vir(vir_res.text), parse_ita(ita_res.text)
-        sample.record["judge"] = {"vir": vir, "ita": None if ita is None else ("yes" if ita else "no"),
-                                  "model": self.backend.model_id}
+        sample.record["judge"] = {
+            "vir": vir,
+            "ita": None if ita is None else ("yes" if ita else "no"),
+            "model": self.backend.model_id,
+        }
         if vir is None:
             return Reject("judge_unparseable", f"VIR reply {vir_res.text[:120]!r} has no score 1-5")
         if ita is None:

@@ -16,6 +16,7 @@ entries (exact_dedup, near_dedup, semantic_dedup) are grouping settings; the dup
 find are removed at the position of the first of them. Everything is deterministic (no
 sampling, fixed order), so two runs and any worker count give the same bytes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,28 +27,46 @@ from typing import Iterator, Optional
 import yaml
 
 from megatron_sail.curate.filters.base import FilterSample, FilterStage, Reject
-from megatron_sail.curate.filters.caption_check import (CaptionLength, CaptionLengthConfig, Language,
-                                                        LanguageConfig, Refusal, RefusalConfig,
-                                                        Repetition, RepetitionConfig)
+from megatron_sail.curate.filters.caption_check import (
+    CaptionLength,
+    CaptionLengthConfig,
+    Language,
+    LanguageConfig,
+    Refusal,
+    RefusalConfig,
+    Repetition,
+    RepetitionConfig,
+)
 from megatron_sail.curate.filters.clip_score import ClipScore, ClipScoreConfig
-from megatron_sail.curate.filters.dedup import (DedupApply, ExactDedupConfig, NearDedupConfig,
-                                                SemanticDedupConfig)
+from megatron_sail.curate.filters.dedup import (
+    DedupApply,
+    ExactDedupConfig,
+    NearDedupConfig,
+    SemanticDedupConfig,
+)
 from megatron_sail.curate.filters.image_check import ImageCheck, ImageCheckConfig
 from megatron_sail.curate.filters.judge import Judge, JudgeConfig
 from megatron_sail.curate.reader import safe_key
+from megatron_sail.data.images.imageinfo import clean_message
 from megatron_sail.data.preprocess import formats
 from megatron_sail.data.preprocess.formats import IMAGE_EXTS, ImageAccess
-from megatron_sail.data.images.imageinfo import clean_message
 
 CAPTION_KEYS = ("txt", "caption", "caption.txt")
 """Members holding the caption, first found wins (recaption output: ``txt``; its
 ``original.txt`` is the input's text and is kept, not judged)."""
 DEDUP_SECTIONS = ("exact_dedup", "near_dedup", "semantic_dedup")
-STAGES = [("image", ImageCheck, ImageCheckConfig), ("caption_length", CaptionLength, CaptionLengthConfig),
-          ("repetition", Repetition, RepetitionConfig), ("refusal", Refusal, RefusalConfig),
-          ("language", Language, LanguageConfig), ("exact_dedup", None, ExactDedupConfig),
-          ("near_dedup", None, NearDedupConfig), ("semantic_dedup", None, SemanticDedupConfig),
-          ("clip", ClipScore, ClipScoreConfig), ("judge", Judge, JudgeConfig)]
+STAGES = [
+    ("image", ImageCheck, ImageCheckConfig),
+    ("caption_length", CaptionLength, CaptionLengthConfig),
+    ("repetition", Repetition, RepetitionConfig),
+    ("refusal", Refusal, RefusalConfig),
+    ("language", Language, LanguageConfig),
+    ("exact_dedup", None, ExactDedupConfig),
+    ("near_dedup", None, NearDedupConfig),
+    ("semantic_dedup", None, SemanticDedupConfig),
+    ("clip", ClipScore, ClipScoreConfig),
+    ("judge", Judge, JudgeConfig),
+]
 """(config section, stage class, config class) in the canonical order (dedup sections: no
 stage of their own, see DedupApply)."""
 
@@ -112,8 +131,9 @@ def load_config(path: Optional[str]) -> FilterConfig:
             if isinstance(entry, str):
                 entry = {entry: {}}
             if not isinstance(entry, dict) or len(entry) != 1:
-                raise ValueError(f"{path}: each filters entry is one section name or {{name: {{fields}}}}, "
-                                 f"got {entry!r}")
+                raise ValueError(
+                    f"{path}: each filters entry is one section name or {{name: {{fields}}}}, got {entry!r}"
+                )
             [(section, values)] = entry.items()
             if section in order:
                 raise ValueError(f"{path}: filter {section!r} is listed twice")
@@ -126,14 +146,17 @@ def load_config(path: Optional[str]) -> FilterConfig:
         cfg.order = order + [s for s, _, _ in STAGES if s not in order]
         return cfg
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of filter sections or a 'filters:' list, "
-                         f"got {type(raw).__name__}")
+        raise ValueError(
+            f"{path}: expected a mapping of filter sections or a 'filters:' list, got {type(raw).__name__}"
+        )
     for section, values in raw.items():
         _set_section(cfg, section, values, path)
     return cfg
 
 
-def build_stages(cfg: FilterConfig, keep_dir: Optional[str] = None, upto_dedup: bool = False) -> list[FilterStage]:
+def build_stages(
+    cfg: FilterConfig, keep_dir: Optional[str] = None, upto_dedup: bool = False
+) -> list[FilterStage]:
     """The enabled stages in run order; the dedup entries become one DedupApply at the first of
     them (needs ``keep_dir``). ``upto_dedup``: only the stages before it (the signature pass)."""
     stages: list[FilterStage] = []
@@ -149,8 +172,10 @@ def build_stages(cfg: FilterConfig, keep_dir: Optional[str] = None, upto_dedup: 
             if upto_dedup:
                 return stages
             if keep_dir is None:
-                raise ValueError("deduplication is enabled but no keep-lists were given (--keep-lists DIR from "
-                                 "tools/dedup.py group), or disable exact_dedup/near_dedup/semantic_dedup")
+                raise ValueError(
+                    "deduplication is enabled but no keep-lists were given (--keep-lists DIR from "
+                    "tools/dedup.py group), or disable exact_dedup/near_dedup/semantic_dedup"
+                )
             stages.append(DedupApply(keep_dir))
             continue
         stages.append(classes[section](getattr(cfg, section)))
@@ -171,8 +196,9 @@ def run_stages(stages: list[FilterStage], sample: FilterSample) -> tuple[str, Op
     return "", None, seconds
 
 
-def read_shard(path: str, max_bytes: int, max_sample_bytes: Optional[int] = None
-               ) -> Iterator[tuple[FilterSample, Optional[Reject]]]:
+def read_shard(
+    path: str, max_bytes: int, max_sample_bytes: Optional[int] = None
+) -> Iterator[tuple[FilterSample, Optional[Reject]]]:
     """Samples of one tar in order (members grouped by key), each with a read error if any.
 
     Keys are sanitized exactly as recaption sanitizes them (reader.safe_key: no ``../``, no
@@ -187,7 +213,10 @@ def read_shard(path: str, max_bytes: int, max_sample_bytes: Optional[int] = None
         sample = FilterSample(key=safe_key(rec.key), shard=name, members=members)
         sample.image_ext = next((e for e in members if e in IMAGE_EXTS), None)
         if sample.key in seen:
-            yield sample, Reject("duplicate_key", f"key {rec.key!r} appears twice in the shard (as {sample.key})")
+            yield (
+                sample,
+                Reject("duplicate_key", f"key {rec.key!r} appears twice in the shard (as {sample.key})"),
+            )
             continue
         seen.add(sample.key)
         if rec.error:
@@ -209,16 +238,32 @@ def shard_name(path: str) -> str:
     return base[:-4] if base.endswith(".tar") else base
 
 
-def run_filters(inputs: list[str], out_dir: str, cfg: FilterConfig, max_bytes: int = formats.DEFAULT_MAX_IMAGE_BYTES,
-                progress: bool = False, max_sample_bytes: Optional[int] = None, **job):
+def run_filters(
+    inputs: list[str],
+    out_dir: str,
+    cfg: FilterConfig,
+    max_bytes: int = formats.DEFAULT_MAX_IMAGE_BYTES,
+    progress: bool = False,
+    max_sample_bytes: Optional[int] = None,
+    **job,
+):
     """Filter (and, with dedup on, first deduplicate) every input shard into ``out_dir`` on this
     machine: the passes of filters/job.py in one call. Returns the run report (a dict)."""
     from megatron_sail.curate.filters.job import FilterJobConfig, run_all
 
-    report, failed = run_all(FilterJobConfig(inputs=list(inputs), output_dir=out_dir, filters=cfg,
-                                             max_member_bytes=max_bytes, max_sample_bytes=max_sample_bytes,
-                                             progress=progress, **job))
+    report, failed = run_all(
+        FilterJobConfig(
+            inputs=list(inputs),
+            output_dir=out_dir,
+            filters=cfg,
+            max_member_bytes=max_bytes,
+            max_sample_bytes=max_sample_bytes,
+            progress=progress,
+            **job,
+        )
+    )
     if failed:
-        raise RuntimeError(f"shard {failed[0]['shard']} failed after {failed[0]['attempts']} attempts: "
-                           f"{failed[0]['error']}")
+        raise RuntimeError(
+            f"shard {failed[0]['shard']} failed after {failed[0]['attempts']} attempts: {failed[0]['error']}"
+        )
     return report

@@ -3,6 +3,7 @@
 ``filter_report.png`` (one histogram per score with the kept and removed samples in two colours
 and the configured thresholds drawn as lines, then a row of thumbnails of removed samples per
 reason) and ``filter_report.html`` (counts and the same thumbnails with their details)."""
+
 from __future__ import annotations
 
 import base64
@@ -47,8 +48,9 @@ def score_thresholds(cfg) -> dict[str, list[tuple[str, float]]]:
     return out
 
 
-def draw_score_panel(ax, name: str, values: list, kept: Optional[list] = None,
-                     thresholds: list[tuple[str, float]] = ()) -> None:
+def draw_score_panel(
+    ax, name: str, values: list, kept: Optional[list] = None, thresholds: list[tuple[str, float]] = ()
+) -> None:
     """One histogram: kept and removed samples stacked in two colours, thresholds as dashed
     lines, plain tick labels (matplotlib's offset notation made 0.9991..0.9999 unreadable)."""
     from matplotlib.ticker import FuncFormatter
@@ -65,16 +67,27 @@ def draw_score_panel(ax, name: str, values: list, kept: Optional[list] = None,
         lo, hi = lo - 0.5, hi + 0.5
     if values:
         bins = min(40, max(5, len(set(values))))
-        ax.hist([kept_v, removed_v], bins=bins, range=(lo, hi), stacked=True,
-                color=[KEPT_COLOUR, REMOVED_COLOUR],
-                label=[f"kept ({len(kept_v)})", f"removed ({len(removed_v)})"])
+        ax.hist(
+            [kept_v, removed_v],
+            bins=bins,
+            range=(lo, hi),
+            stacked=True,
+            color=[KEPT_COLOUR, REMOVED_COLOUR],
+            label=[f"kept ({len(kept_v)})", f"removed ({len(removed_v)})"],
+        )
     for label, value in thresholds:
         if lo <= value <= hi:
             ax.axvline(value, color=THRESHOLD_COLOUR, linestyle="--", linewidth=1, label=label)
         else:
             side = "left" if value < lo else "right"
-            ax.plot([], [], color=THRESHOLD_COLOUR, linestyle="--", linewidth=1,
-                    label=f"{label} ({side} of the axis)")
+            ax.plot(
+                [],
+                [],
+                color=THRESHOLD_COLOUR,
+                linestyle="--",
+                linewidth=1,
+                label=f"{label} ({side} of the axis)",
+            )
     ax.set_xlim(lo, hi)
     plain = FuncFormatter(lambda v, _pos: f"{v:.6g}")
     ax.xaxis.set_major_formatter(plain)
@@ -85,8 +98,9 @@ def draw_score_panel(ax, name: str, values: list, kept: Optional[list] = None,
         ax.legend(fontsize=7)
 
 
-def plot_histograms(scores: dict, path: str, kept: Optional[dict] = None,
-                    thresholds: Optional[dict] = None) -> None:
+def plot_histograms(
+    scores: dict, path: str, kept: Optional[dict] = None, thresholds: Optional[dict] = None
+) -> None:
     """One panel per score (caption_words first); ``kept``: score -> a flag per value (True:
     the sample was kept), ``thresholds``: score_thresholds(cfg). Written atomically."""
     import matplotlib
@@ -112,8 +126,17 @@ def merge_reports(out_dir: str) -> dict:
 
     done = os.path.join(out_dir, DONE_DIR)
     names = sorted(f[:-5] for f in os.listdir(done) if f.endswith(".json")) if os.path.isdir(done) else []
-    merged = {"shards": {}, "samples": 0, "kept": 0, "removed_by_stage": {}, "scores": {}, "score_kept": {},
-              "stage_seconds": {}, "thumbnails": {}, "worker_seconds": 0.0}
+    merged = {
+        "shards": {},
+        "samples": 0,
+        "kept": 0,
+        "removed_by_stage": {},
+        "scores": {},
+        "score_kept": {},
+        "stage_seconds": {},
+        "thumbnails": {},
+        "worker_seconds": 0.0,
+    }
     for name in names:
         rp = os.path.join(out_dir, REPORTS, name + ".json")
         if not (os.path.isfile(rp) and os.path.isfile(os.path.join(out_dir, name + ".tar"))):
@@ -137,7 +160,7 @@ def merge_reports(out_dir: str) -> dict:
             merged["stage_seconds"][k] = merged["stage_seconds"].get(k, 0.0) + v
         for reason, thumbs in shard["thumbnails"].items():
             into = merged["thumbnails"].setdefault(reason, [])
-            into.extend(thumbs[:THUMBNAILS - len(into)])
+            into.extend(thumbs[: THUMBNAILS - len(into)])
     return merged
 
 
@@ -148,21 +171,38 @@ def write_run_report(out_dir: str, cfg) -> str:
     for reasons in m["removed_by_stage"].values():
         for r, n in reasons.items():
             by_reason[r] = by_reason.get(r, 0) + n
-    summary = {k: {"n": len(v), "min": min(v), "mean": sum(v) / len(v), "max": max(v)}
-               for k, v in sorted(m["scores"].items()) if v}
+    summary = {
+        k: {"n": len(v), "min": min(v), "mean": sum(v) / len(v), "max": max(v)}
+        for k, v in sorted(m["scores"].items())
+        if v
+    }
     secs = m["worker_seconds"]
-    report = {"samples": m["samples"], "kept": m["kept"], "removed": m["samples"] - m["kept"],
-              "removed_by_reason": dict(sorted(by_reason.items())),
-              "removed_by_stage": {k: dict(sorted(v.items())) for k, v in m["removed_by_stage"].items()},
-              "shards": m["shards"], "scores": summary, "worker_seconds": round(secs, 3),
-              "stage_seconds": {k: round(v, 3) for k, v in m["stage_seconds"].items()},
-              "images_per_s": round(m["samples"] / secs, 2) if secs > 0 else None,
-              "rejects": "NAME.rejects.jsonl per shard", "histogram": REPORT_PNG, "html": REPORT_HTML,
-              "thumbnails": {r: [t["where"] for t in ts] for r, ts in sorted(m["thumbnails"].items())},
-              "config": dataclasses.asdict(cfg)}
+    report = {
+        "samples": m["samples"],
+        "kept": m["kept"],
+        "removed": m["samples"] - m["kept"],
+        "removed_by_reason": dict(sorted(by_reason.items())),
+        "removed_by_stage": {k: dict(sorted(v.items())) for k, v in m["removed_by_stage"].items()},
+        "shards": m["shards"],
+        "scores": summary,
+        "worker_seconds": round(secs, 3),
+        "stage_seconds": {k: round(v, 3) for k, v in m["stage_seconds"].items()},
+        "images_per_s": round(m["samples"] / secs, 2) if secs > 0 else None,
+        "rejects": "NAME.rejects.jsonl per shard",
+        "histogram": REPORT_PNG,
+        "html": REPORT_HTML,
+        "thumbnails": {r: [t["where"] for t in ts] for r, ts in sorted(m["thumbnails"].items())},
+        "config": dataclasses.asdict(cfg),
+    }
     path = os.path.join(out_dir, REPORT_JSON)
     write_atomic(path, json.dumps(report, indent=1).encode())
-    plot_report(m["scores"], m["score_kept"], score_thresholds(cfg), m["thumbnails"], os.path.join(out_dir, REPORT_PNG))
+    plot_report(
+        m["scores"],
+        m["score_kept"],
+        score_thresholds(cfg),
+        m["thumbnails"],
+        os.path.join(out_dir, REPORT_PNG),
+    )
     write_atomic(os.path.join(out_dir, REPORT_HTML), html_report(report, m["thumbnails"]).encode())
     return path
 
@@ -179,7 +219,9 @@ def plot_report(scores: dict, kept: dict, thresholds: dict, thumbnails: dict, pa
     names = sorted(scores, key=lambda k: (k != "caption_words", k)) or ["caption_words"]
     reasons = sorted(thumbnails)
     cols = max(len(names), THUMBNAILS)
-    fig, axes = plt.subplots(1 + len(reasons), cols, figsize=(4 * cols, 3.2 + 2.6 * len(reasons)), squeeze=False)
+    fig, axes = plt.subplots(
+        1 + len(reasons), cols, figsize=(4 * cols, 3.2 + 2.6 * len(reasons)), squeeze=False
+    )
     for ax in axes.flat:
         ax.axis("off")
     for ax, name in zip(axes[0], names):
@@ -193,25 +235,33 @@ def plot_report(scores: dict, kept: dict, thresholds: dict, thumbnails: dict, pa
                 ax.imshow(Image.open(io.BytesIO(base64.b64decode(t["jpeg"]))))
             ax.set_title(f"removed: {reason}\n{t['where'][-32:]}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=72)
+    tmp = f"{path}.tmp{os.getpid()}.png"  # array tasks may write the run report at the same time
+    fig.savefig(tmp, dpi=72)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    os.replace(tmp, path)
 
 
 def html_report(report: dict, thumbnails: dict) -> str:
     """A self-contained page: counts by stage and reason, thumbnails of removed samples."""
-    rows = "".join(f"<tr><td>{html.escape(s)}</td><td>{html.escape(r)}</td><td>{n}</td></tr>"
-                   for s, rs in report["removed_by_stage"].items() for r, n in rs.items())
-    parts = ["<html><head><meta charset='utf-8'><title>filter report</title></head><body>",
-             f"<h1>filter report</h1><p>{report['samples']} samples, kept {report['kept']}, "
-             f"removed {report['removed']}</p><table border=1><tr><th>stage</th><th>reason</th><th>removed</th></tr>"
-             f"{rows}</table>"]
+    rows = "".join(
+        f"<tr><td>{html.escape(s)}</td><td>{html.escape(r)}</td><td>{n}</td></tr>"
+        for s, rs in report["removed_by_stage"].items()
+        for r, n in rs.items()
+    )
+    parts = [
+        "<html><head><meta charset='utf-8'><title>filter report</title></head><body>",
+        f"<h1>filter report</h1><p>{report['samples']} samples, kept {report['kept']}, "
+        f"removed {report['removed']}</p><table border=1><tr><th>stage</th><th>reason</th><th>removed</th></tr>"
+        f"{rows}</table>",
+    ]
     for reason in sorted(thumbnails):
         parts.append(f"<h2>{html.escape(reason)}</h2><div>")
         for t in thumbnails[reason]:
-            img = (f"<img src='data:image/jpeg;base64,{t['jpeg']}'>" if t.get("jpeg") else "(no image)")
-            parts.append(f"<figure style='display:inline-block'>{img}<figcaption>{html.escape(t['where'])}<br>"
-                         f"{html.escape(t['detail'])}</figcaption></figure>")
+            img = f"<img src='data:image/jpeg;base64,{t['jpeg']}'>" if t.get("jpeg") else "(no image)"
+            parts.append(
+                f"<figure style='display:inline-block'>{img}<figcaption>{html.escape(t['where'])}<br>"
+                f"{html.escape(t['detail'])}</figcaption></figure>"
+            )
         parts.append("</div>")
     parts.append("</body></html>")
     return "".join(parts)

@@ -1,4 +1,5 @@
 """Image pipeline: stored image bytes -> normalized tiles, with PIL, DALI-CPU and DALI-GPU backends."""
+
 from megatron_sail.data.images.pipeline import (
     ImagePipeline,
     build_image_pipeline,

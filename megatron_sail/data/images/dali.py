@@ -6,6 +6,7 @@ the S x S thumbnail. The resized uint8 images are handed to the shared tiling + 
 code (on the GPU for 'dali'). A DALI pipeline is unusable after a decode error, so on an error
 the chunk is rerun image by image on a fresh pipeline to find the failed images.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -37,7 +38,9 @@ class DaliPipeline(ImagePipeline):
         self._device_id = None
         if gpu:
             if not torch.cuda.is_available():
-                raise RuntimeError("image backend 'dali' needs CUDA; use 'dali-cpu' or 'auto' on a CPU machine")
+                raise RuntimeError(
+                    "image backend 'dali' needs CUDA; use 'dali-cpu' or 'auto' on a CPU machine"
+                )
             self._device_id = cfg.device_id if cfg.device_id is not None else torch.cuda.current_device()
             device = torch.device("cuda", self._device_id)
         super().__init__(cfg, device)
@@ -49,14 +52,20 @@ class DaliPipeline(ImagePipeline):
         S = self.cfg.tile_size
         decoder_device = "mixed" if self._device_id is not None else "cpu"
 
-        @pipeline_def(batch_size=self.cfg.max_batch_images, num_threads=self.cfg.threads,
-                      device_id=self._device_id, exec_pipelined=False, exec_async=False,
-                      prefetch_queue_depth=1)
+        @pipeline_def(
+            batch_size=self.cfg.max_batch_images,
+            num_threads=self.cfg.threads,
+            device_id=self._device_id,
+            exec_pipelined=False,
+            exec_async=False,
+            prefetch_queue_depth=1,
+        )
         def graph():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)  # (height, width)
-            image = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB,
-                                      adjust_orientation=False)
+            image = fn.decoders.image(
+                encoded, device=decoder_device, output_type=types.RGB, adjust_orientation=False
+            )
             grid = fn.resize(image, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
             thumb = fn.resize(image, size=[S, S], interp_type=types.INTERP_CUBIC, antialias=True)
             return grid, thumb

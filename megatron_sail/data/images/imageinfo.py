@@ -10,6 +10,7 @@ Every image is held to a pixel limit before anything decodes it: a header claimi
 is a reject (``image_too_large``), never an allocation. The trainer's decoders apply the same
 limit (``ImageConfig.max_pixels``), so what preprocessing accepts is decodable at train time.
 """
+
 from __future__ import annotations
 
 import io
@@ -43,8 +44,8 @@ def _png_size(data: bytes) -> tuple[int, int]:
     w, h = struct.unpack(">II", data[16:24])
     pos, idat = 8, False
     while pos + 12 <= n:
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind = data[pos + 4:pos + 8]
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
         end = pos + 12 + length
         if end > n:
             break
@@ -71,11 +72,11 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         if marker in (0x01,) or 0xD0 <= marker <= 0xD7:
             pos += 2
             continue
-        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
         if marker in _SOF:
             if pos + 9 > n:
                 break
-            h, w = struct.unpack(">HH", data[pos + 5:pos + 9])
+            h, w = struct.unpack(">HH", data[pos + 5 : pos + 9])
             size = (w, h)
         if marker == 0xDA:  # start of scan: entropy-coded data follows, then EOI
             if size is None:
@@ -105,8 +106,9 @@ def header_size(data: bytes) -> Optional[tuple[int, int]]:
 def check_pixels(w: int, h: int, max_pixels: int) -> None:
     """Refuse an image whose claimed size exceeds the pixel limit (before decoding it)."""
     if w * h > max_pixels:
-        raise SampleError("image_too_large", f"{w}x{h} = {w * h} pixels > limit {max_pixels} "
-                                             f"(--max-image-pixels)")
+        raise SampleError(
+            "image_too_large", f"{w}x{h} = {w * h} pixels > limit {max_pixels} (--max-image-pixels)"
+        )
 
 
 def to_8bit(im):
@@ -152,8 +154,9 @@ def _reencode(data: bytes, max_pixels: int) -> tuple[bytes, int, int]:
         raise SampleError("undecodable_image", f"{type(e).__name__}: {clean_message(str(e))}") from e
 
 
-def image_info(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-               name: str = "") -> tuple[bytes, int, int]:
+def image_info(
+    data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, name: str = ""
+) -> tuple[bytes, int, int]:
     """Return (bytes to store, width, height); JPEG/PNG pass through, others become PNG.
 
     ``name`` (the image file or tar member) starts every reject detail, so a report line says
@@ -176,3 +179,17 @@ def image_info(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
             raise
         raise SampleError(e.reason, f"{name}: {e.detail}" if e.detail else name) from e
     return data, w, h
+
+
+def check_decodable(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Optional[str]:
+    """None when PIL decodes the image fully, else why not (an ``undecodable_image`` reject)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.size[0] * im.size[1] > max_pixels:
+                return f"{im.size[0]}x{im.size[1]} pixels > {max_pixels}"
+            im.load()
+        return None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the same reject
+        return clean_message(f"{type(e).__name__}: {e}")

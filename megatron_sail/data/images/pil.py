@@ -5,6 +5,7 @@ InternVL's load_image + dynamic_preprocess: open, convert to RGB, resize the who
 whole image to S x S for the thumbnail. PIL releases the GIL while decoding and resizing, so a
 thread pool scales over cores.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,8 +22,13 @@ from megatron_sail.data.images.pipeline import ImagePipeline
 from megatron_sail.data.records import ImageRecord
 
 
-def decode_and_resize(data: bytes, grid: tuple[int, int], tile_size: int, thumbnail: bool,
-                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, np.ndarray | None]:
+def decode_and_resize(
+    data: bytes,
+    grid: tuple[int, int],
+    tile_size: int,
+    thumbnail: bool,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Decode bytes and return the HWC uint8 grid-sized image and, if asked, the thumbnail.
 
     The size is checked before any pixel is decoded; 16-bit grey is scaled to 8 bits (PIL's
@@ -45,7 +51,9 @@ class PilPipeline(ImagePipeline):
 
     def __init__(self, cfg: ImageConfig) -> None:
         super().__init__(cfg)
-        self._pool = ThreadPoolExecutor(cfg.threads, thread_name_prefix="pil-tiles") if cfg.threads > 1 else None
+        self._pool = (
+            ThreadPoolExecutor(cfg.threads, thread_name_prefix="pil-tiles") if cfg.threads > 1 else None
+        )
 
     def _decode_into(self, records: Sequence[ImageRecord], outs: list[torch.Tensor]) -> list[str | None]:
         """Process every image independently; the pool keeps the result order."""
@@ -56,8 +64,9 @@ class PilPipeline(ImagePipeline):
     def _one(self, rec: ImageRecord, out: torch.Tensor) -> str | None:
         """Tile one image into ``out``; a decode error is returned as text, not raised."""
         try:
-            grid, thumb = decode_and_resize(rec.data, rec.grid, self.cfg.tile_size, self.needs_thumbnail(rec),
-                                            self.cfg.max_pixels)
+            grid, thumb = decode_and_resize(
+                rec.data, rec.grid, self.cfg.tile_size, self.needs_thumbnail(rec), self.cfg.max_pixels
+            )
         except Exception as e:  # any decoder error is a data error: the caller blanks the image
             return f"{type(e).__name__}: {e}"
         self.write_tiles(out, torch.from_numpy(grid), None if thumb is None else torch.from_numpy(thumb), rec)

@@ -5,6 +5,7 @@ cutting the resized image into row-major tiles, appending the thumbnail and norm
 here, so all backends lay tiles out identically and normalize with the same float operations as
 InternVL's ToTensor + Normalize.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,8 +62,11 @@ class ImagePipeline:
                 if err is not None:
                     out[a:b].zero_()
                     self.failures += 1
-                    logger.warning("image %s failed to decode (%s); using blank tiles, its sample's loss is "
-                                   "masked", rec.source, err)
+                    logger.warning(
+                        "image %s failed to decode (%s); using blank tiles, its sample's loss is masked",
+                        rec.source,
+                        err,
+                    )
         return out, [err is None for err in errors]
 
     def _decode_into(self, records: Sequence[ImageRecord], outs: list[torch.Tensor]) -> list[str | None]:
@@ -77,8 +81,9 @@ class ImagePipeline:
             return f"{w}x{h} = {w * h} pixels > max_pixels {self.cfg.max_pixels}; not decoded"
         return None
 
-    def write_tiles(self, out: torch.Tensor, grid: torch.Tensor, thumb: torch.Tensor | None,
-                    rec: ImageRecord) -> None:
+    def write_tiles(
+        self, out: torch.Tensor, grid: torch.Tensor, thumb: torch.Tensor | None, rec: ImageRecord
+    ) -> None:
         """Cut the resized HWC uint8 ``grid`` into row-major tiles (+ thumbnail) and normalize into ``out``.
 
         The division by 255, then mean subtraction, then division by std are the exact float32
@@ -87,7 +92,9 @@ class ImagePipeline:
         S = self.cfg.tile_size
         cols, rows = rec.grid
         if tuple(grid.shape) != (rows * S, cols * S, 3):
-            raise ValueError(f"image {rec.source}: resized to {tuple(grid.shape)}, expected {(rows * S, cols * S, 3)}")
+            raise ValueError(
+                f"image {rec.source}: resized to {tuple(grid.shape)}, expected {(rows * S, cols * S, 3)}"
+            )
         n = cols * rows
         out[:n].view(rows, cols, 3, S, S).copy_(grid.view(rows, S, cols, S, 3).permute(0, 2, 4, 1, 3))
         if thumb is not None:

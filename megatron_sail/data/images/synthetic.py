@@ -3,6 +3,7 @@
 Smooth gradients, soft blobs, hard-edged patches and sensor-like noise: JPEG sizes and decode costs close
 to real photos, and enough high-frequency content that resize filters actually differ.
 """
+
 from __future__ import annotations
 
 import io

@@ -5,6 +5,7 @@ THD (packed) sequence of B*N tokens, row b's boundaries offset by b*N. Tiles of 
 in row order, and within a row in <IMG_CONTEXT> order, which is the order the model splices them.
 A sample holding an image that failed to decode keeps its (blank) tiles but gets no loss.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -74,8 +75,12 @@ class MicroBatch:
         return MicroBatch(**moved)
 
 
-def collate_rows(rows: list[PackedRow], pipeline: ImagePipeline, image_token_id: int | None = None,
-                 tokens_per_tile: int = 256) -> MicroBatch:
+def collate_rows(
+    rows: list[PackedRow],
+    pipeline: ImagePipeline,
+    image_token_id: int | None = None,
+    tokens_per_tile: int = 256,
+) -> MicroBatch:
     """Stack ``rows`` into a MicroBatch and decode their images with ``pipeline``.
 
     With ``image_token_id`` set, each row's count of that token must equal its tiles times
@@ -98,7 +103,9 @@ def collate_rows(rows: list[PackedRow], pipeline: ImagePipeline, image_token_id:
                 loss_mask[b, lo:hi] = 0.0
                 failed.append(img.source)
             k += 1
-    cu = np.concatenate([r.cu_seqlens[:-1].astype(np.int64) + b * n for b, r in enumerate(rows)] + [[len(rows) * n]])
+    cu = np.concatenate(
+        [r.cu_seqlens[:-1].astype(np.int64) + b * n for b, r in enumerate(rows)] + [[len(rows) * n]]
+    )
     return MicroBatch(
         tokens=torch.from_numpy(np.stack([r.tokens for r in rows]).astype(np.int64)),
         labels=torch.from_numpy(np.stack([r.labels for r in rows]).astype(np.int64)),
@@ -111,8 +118,11 @@ def collate_rows(rows: list[PackedRow], pipeline: ImagePipeline, image_token_id:
         decode_failures=len(failed),
         failed_sources=failed,
         sources=torch.tensor([r.source_index for r in rows], dtype=torch.int64),
-        image_spans=[(b, int(r.cu_seqlens[img.sample]), int(r.cu_seqlens[img.sample + 1]),
-                      img.num_tiles) for b, r in enumerate(rows) for img in r.images],
+        image_spans=[
+            (b, int(r.cu_seqlens[img.sample]), int(r.cu_seqlens[img.sample + 1]), img.num_tiles)
+            for b, r in enumerate(rows)
+            for img in r.images
+        ],
     )
 
 
@@ -127,10 +137,14 @@ def _check_row(row: PackedRow, b: int, n: int, image_token_id: int | None, token
         raise ValueError(f"{where}: cu_seqlens {cu.tolist()} must rise strictly from 0 to {n}")
     for img in row.images:
         if not 0 <= img.sample < min(row.num_samples, len(cu) - 1):
-            raise ValueError(f"{where}: image {img.source} names sample {img.sample}, row has {row.num_samples}")
+            raise ValueError(
+                f"{where}: image {img.source} names sample {img.sample}, row has {row.num_samples}"
+            )
     if image_token_id is not None:
         found = int(np.count_nonzero(row.tokens == image_token_id))
         want = sum(img.num_tiles for img in row.images) * tokens_per_tile
         if found != want:
-            raise ValueError(f"{where}: {found} image tokens but its images have {want // tokens_per_tile} tiles "
-                             f"({want} tokens)")
+            raise ValueError(
+                f"{where}: {found} image tokens but its images have {want // tokens_per_tile} tiles "
+                f"({want} tokens)"
+            )

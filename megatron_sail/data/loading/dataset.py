@@ -5,6 +5,7 @@
 (prefixes, weights, seed, k), so the trainer shards it by data-parallel rank with plain indices
 and resumes exactly from the number of rows consumed (``state_dict``).
 """
+
 from __future__ import annotations
 
 import os
@@ -73,7 +74,7 @@ class PackedDataset:
         for t, m in zip(toks, masks):
             a, b = bounds[-1], bounds[-1] + len(t)
             tokens[a:b] = t
-            labels[a:b - 1] = t[1:]
+            labels[a : b - 1] = t[1:]
             loss_mask[a:b] = m
             bounds.append(b)
         if bounds[-1] < n:
@@ -81,10 +82,17 @@ class PackedDataset:
         images = []
         for j in image_ids:
             cols, rows, thumb, w, h, sample = (int(v) for v in self.reader.image_meta[j])
-            images.append(ImageRecord(self.reader.image_bytes(j), (cols, rows), bool(thumb), (w, h),
-                                      sample - first, f"{self.prefix}:{j}"))
-        return PackedRow(tokens, labels, loss_mask, np.asarray(bounds, dtype=np.int32),
-                         len(toks), images)
+            images.append(
+                ImageRecord(
+                    self.reader.image_bytes(j),
+                    (cols, rows),
+                    bool(thumb),
+                    (w, h),
+                    sample - first,
+                    f"{self.prefix}:{j}",
+                )
+            )
+        return PackedRow(tokens, labels, loss_mask, np.asarray(bounds, dtype=np.int32), len(toks), images)
 
 
 def parse_data_path(data_path: Union[str, Sequence[str]]) -> tuple[list[str], list[float]]:
@@ -132,8 +140,14 @@ class BlendedDataset:
     PERM_CACHE = 4096
     """(dataset, epoch) permutation keys kept; a miss costs ~10 us, not a rebuild."""
 
-    def __init__(self, prefixes: Sequence[str], weights: Sequence[float], seed: int = 1234,
-                 period: int = 10000, verify: str = "cheap"):
+    def __init__(
+        self,
+        prefixes: Sequence[str],
+        weights: Sequence[float],
+        seed: int = 1234,
+        period: int = 10000,
+        verify: str = "cheap",
+    ):
         if len(prefixes) != len(weights) or not prefixes:
             raise ValueError("need one weight per prefix and at least one prefix")
         if any(w < 0 for w in weights) or sum(weights) <= 0:
@@ -209,8 +223,14 @@ class BlendedDataset:
 
     def state_dict(self) -> dict:
         """Position in the stream plus what defines the stream (checked on load)."""
-        return {"position": self.position, "prefixes": self.prefixes, "weights": self.weights,
-                "seed": self.seed, "period": self.period, "order": self.ORDER}
+        return {
+            "position": self.position,
+            "prefixes": self.prefixes,
+            "weights": self.weights,
+            "seed": self.seed,
+            "period": self.period,
+            "order": self.ORDER,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at a saved position; refuses a state from a different blend."""
@@ -218,14 +238,17 @@ class BlendedDataset:
             raise ValueError(f"data state mismatch on order: saved {state['order']!r}, now {self.ORDER!r}")
         for key in ("prefixes", "seed", "period"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"data state mismatch on {key}: saved {state[key]!r}, now {getattr(self, key)!r}")
+                raise ValueError(
+                    f"data state mismatch on {key}: saved {state[key]!r}, now {getattr(self, key)!r}"
+                )
         if not np.allclose(state["weights"], self.weights):
             raise ValueError(f"data state mismatch on weights: saved {state['weights']}, now {self.weights}")
         self.position = int(state["position"])
 
 
-def build_blended(data_path: Union[str, Sequence[str]], seed: int = 1234,
-                  verify: str = "cheap") -> BlendedDataset:
+def build_blended(
+    data_path: Union[str, Sequence[str]], seed: int = 1234, verify: str = "cheap"
+) -> BlendedDataset:
     """BlendedDataset from a Megatron-style data path (``--data-path "w1 p1 w2 p2"``), each
     source checked at ``verify`` (``--data-verify``) as it is opened."""
     prefixes, weights = parse_data_path(data_path)

@@ -11,6 +11,7 @@ walking"). Each round is its own inverse, so the network is a bijection whatever
 cycle walking keeps it one on [0, n): every epoch still visits each row exactly once. Expected
 passes per index: 2^b / n < 2.
 """
+
 from __future__ import annotations
 
 _M64 = (1 << 64) - 1

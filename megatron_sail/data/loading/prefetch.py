@@ -4,14 +4,15 @@ The loader holds no random state: micro-batch k is a pure function of the k-th r
 source yields, so its position (micro-batches consumed) is its whole resumable state. Decoding
 and resizing release the GIL (PIL, DALI, torch ops), so the thread overlaps with compute.
 """
+
 from __future__ import annotations
 
 import queue
 import threading
 from typing import Callable, Iterable, Iterator
 
-from megatron_sail.data.loading.collate import MicroBatch, collate_rows
 from megatron_sail.data.images.pipeline import ImagePipeline
+from megatron_sail.data.loading.collate import MicroBatch, collate_rows
 from megatron_sail.data.records import PackedRow
 
 _END = object()
@@ -34,10 +35,17 @@ class PrefetchLoader:
     so they cannot fall out of step with it.
     """
 
-    def __init__(self, source: Callable[[int], Iterable[list[PackedRow]]], pipeline: ImagePipeline,
-                 depth: int = 2, position: int = 0, pin_memory: bool = False,
-                 image_token_id: int | None = None, tokens_per_tile: int = 256,
-                 row_stats: Callable[[list[PackedRow]], tuple[float, float]] | None = None) -> None:
+    def __init__(
+        self,
+        source: Callable[[int], Iterable[list[PackedRow]]],
+        pipeline: ImagePipeline,
+        depth: int = 2,
+        position: int = 0,
+        pin_memory: bool = False,
+        image_token_id: int | None = None,
+        tokens_per_tile: int = 256,
+        row_stats: Callable[[list[PackedRow]], tuple[float, float]] | None = None,
+    ) -> None:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self.position = position
@@ -50,16 +58,21 @@ class PrefetchLoader:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._done = False
-        self._thread = threading.Thread(target=self._work, args=(iter(source(position)),),
-                                        name="prefetch-loader", daemon=True)
+        self._thread = threading.Thread(
+            target=self._work, args=(iter(source(position)),), name="prefetch-loader", daemon=True
+        )
         self._thread.start()
 
     def _work(self, rows_iter: Iterator[list[PackedRow]]) -> None:
         """Collate row lists in order and queue them; forward any exception to the consumer."""
         try:
             for rows in rows_iter:
-                mb = collate_rows(rows, self._pipeline, image_token_id=self._image_token_id,
-                                  tokens_per_tile=self._tokens_per_tile)
+                mb = collate_rows(
+                    rows,
+                    self._pipeline,
+                    image_token_id=self._image_token_id,
+                    tokens_per_tile=self._tokens_per_tile,
+                )
                 if self._row_stats is not None:
                     mb.real_tokens, mb.flops = self._row_stats(rows)
                 if self._pin:

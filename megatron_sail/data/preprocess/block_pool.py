@@ -14,6 +14,7 @@ block holding global record N SIGKILL itself before building it;
 ``SAIL_TEST_KILL_WORKER_AT=N:FLAG`` does so only if it can create the file FLAG (so only the
 first attempt dies and the retry succeeds).
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -67,8 +68,10 @@ def describe(entries: list, where: str) -> str:
     """The records in flight, for the error: block ids, record indices, first and last source."""
     r0, r1 = entries[0][1][0], entries[-1][1][-1]
     blocks = ", ".join(str(b) for b, _, _ in entries)
-    return (f"block(s) {blocks} of {where} (input records {r0[0]}..{r1[0]}, counted from 0 over "
-            f"all inputs; from {r0[1].source} {r0[1].key} to {r1[1].source} {r1[1].key})")
+    return (
+        f"block(s) {blocks} of {where} (input records {r0[0]}..{r1[0]}, counted from 0 over "
+        f"all inputs; from {r0[1].source} {r0[1].key} to {r1[1].source} {r1[1].key})"
+    )
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
@@ -84,9 +87,16 @@ def _stop(pool: ProcessPoolExecutor) -> None:
         p.join(timeout=5)
 
 
-def ordered_map(cfg: PoolConfig, fn: Callable, blocks: Iterator[tuple[int, list]],
-                initializer: Callable, initargs: tuple, finish: Callable, where: str = "the run",
-                log: Callable[[str], None] = print) -> Iterator:
+def ordered_map(
+    cfg: PoolConfig,
+    fn: Callable,
+    blocks: Iterator[tuple[int, list]],
+    initializer: Callable,
+    initargs: tuple,
+    finish: Callable,
+    where: str = "the run",
+    log: Callable[[str], None] = print,
+) -> Iterator:
     """``finish(fn(block, records), records)`` for every block, in block order.
 
     ``blocks`` yields (block id, [(record index, RawRecord)]); ``fn`` runs in a worker
@@ -124,15 +134,17 @@ def ordered_map(cfg: PoolConfig, fn: Callable, blocks: Iterator[tuple[int, list]
                         f"out-of-memory killer, or a signal; see dmesg). Nothing was published; "
                         f"rerun the same command (it starts over and gives the output an "
                         f"undisturbed run gives), with fewer --workers to use less memory, or "
-                        f"split the input with --shard-index/--num-shards") from None
+                        f"split the input with --shard-index/--num-shards"
+                    ) from None
                 retries -= 1
-                log(f"[preprocess] a worker process died while building {describe(lost, where)} "
+                log(
+                    f"[preprocess] a worker process died while building {describe(lost, where)} "
                     f"(killed from outside, e.g. out of memory?); running those blocks again in a "
-                    f"fresh pool")
+                    f"fresh pool"
+                )
                 _stop(pool)
                 pool = make()
-                pending = deque((b, r, pool.submit(fn, b, r) if _failed(f) else f)
-                                for b, r, f in pending)
+                pending = deque((b, r, pool.submit(fn, b, r) if _failed(f) else f) for b, r, f in pending)
                 continue
             pending.popleft()
             yield finish(res, recs)

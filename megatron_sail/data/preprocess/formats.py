@@ -5,6 +5,7 @@ Reading is split in two so it parallelizes: the main process only enumerates raw
 parse them (``to_conversation``) into LLaVA-style turns plus image bytes. Every parse failure
 becomes a ``SampleError`` with a reason key, never an exception that stops the run.
 """
+
 from __future__ import annotations
 
 import glob
@@ -19,10 +20,15 @@ from typing import Iterator, Mapping, Optional, Union
 
 from megatron_sail.config.data import DEFAULT_MAX_IMAGE_BYTES, TemplateConfig
 from megatron_sail.data.preprocess.formats_messages import messages_conversation
-from megatron_sail.data.preprocess.media_refs import (check_unsupported_media, image_field, inline_image, local_path,
-                                           plain_ref)
-from megatron_sail.data.template import SampleError
+from megatron_sail.data.preprocess.media_refs import (
+    check_unsupported_media,
+    image_field,
+    inline_image,
+    local_path,
+    plain_ref,
+)
 from megatron_sail.data.preprocess.video import VideoClip
+from megatron_sail.data.template import SampleError
 
 FORMATS = ("llava", "caption", "webdataset", "messages")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -89,8 +95,9 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     files: list[str] = []
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(p for p in glob.glob(os.path.join(item, "*"))
-                           if p.endswith((".jsonl", ".json", ".tar")))
+            found = sorted(
+                p for p in glob.glob(os.path.join(item, "*")) if p.endswith((".jsonl", ".json", ".tar"))
+            )
             if any(p.endswith(".tar") for p in found):
                 found = [p for p in found if p.endswith(".tar")]
         elif any(c in item for c in "*?["):
@@ -125,8 +132,10 @@ def detect_format(path: str) -> str:
         return "llava"
     if isinstance(first, dict) and ("caption" in first or "text" in first):
         return "caption"
-    raise ValueError(f"{path}: cannot detect the format (no 'messages', 'conversations', 'caption' or "
-                     f"'text' key in the first record); pass --format (one of {', '.join(FORMATS)})")
+    raise ValueError(
+        f"{path}: cannot detect the format (no 'messages', 'conversations', 'caption' or "
+        f"'text' key in the first record); pass --format (one of {', '.join(FORMATS)})"
+    )
 
 
 def _first_json_line(path: str, head: str) -> dict:
@@ -196,13 +205,17 @@ def _iter_tar(path: str, base_dir: str, access: ImageAccess) -> Iterator[RawReco
                 if error is not None:
                     continue  # already a reject: read nothing more of it
                 if info.size > access.max_bytes:
-                    error = (f"file_too_large: member {info.name} is {info.size} bytes > "
-                             f"--max-image-bytes {access.max_bytes}")
+                    error = (
+                        f"file_too_large: member {info.name} is {info.size} bytes > "
+                        f"--max-image-bytes {access.max_bytes}"
+                    )
                 elif ext.lower() in members:
                     error = f"duplicate_member: member {info.name} appears twice in sample {key}"
                 elif total + info.size > cap:
-                    error = (f"sample_too_large: sample {key} has more than {cap} bytes of members "
-                             f"(at {info.name})")
+                    error = (
+                        f"sample_too_large: sample {key} has more than {cap} bytes of members "
+                        f"(at {info.name})"
+                    )
                 else:
                     total += info.size
                     members[ext.lower()] = tar.extractfile(info).read()
@@ -238,13 +251,16 @@ def describe_formats(formats: Mapping[str, str], shown: int = 3) -> list[str]:
     by_format: dict[str, list[str]] = {}
     for path, fmt in formats.items():
         by_format.setdefault(fmt, []).append(path)
-    return [f"format {fmt}: {len(paths)} file(s): {', '.join(paths[:shown])}"
-            + (f", ... ({len(paths) - shown} more)" if len(paths) > shown else "")
-            for fmt, paths in sorted(by_format.items())]
+    return [
+        f"format {fmt}: {len(paths)} file(s): {', '.join(paths[:shown])}"
+        + (f", ... ({len(paths) - shown} more)" if len(paths) > shown else "")
+        for fmt, paths in sorted(by_format.items())
+    ]
 
 
-def iter_records(files: list[str], fmt: FileFormats, image_root: Optional[str],
-                 access: ImageAccess = ImageAccess()) -> Iterator[RawRecord]:
+def iter_records(
+    files: list[str], fmt: FileFormats, image_root: Optional[str], access: ImageAccess = ImageAccess()
+) -> Iterator[RawRecord]:
     """All raw records of all files, in order (``fmt``: one format or each file's)."""
     for path in files:
         base = image_root or os.path.dirname(os.path.abspath(path))
@@ -278,8 +294,10 @@ def resolve_image_path(rel: str, base_dir: str, access: ImageAccess) -> str:
     try:
         if os.path.isabs(rel):
             if not access.allow_absolute:
-                raise SampleError("path_outside_root", f"{rel}: absolute image paths are refused "
-                                                       f"(--allow-absolute-paths reads them)")
+                raise SampleError(
+                    "path_outside_root",
+                    f"{rel}: absolute image paths are refused (--allow-absolute-paths reads them)",
+                )
             return rel
         root = _real_root(base_dir)
         head, tail = os.path.split(os.path.join(root, rel))
@@ -298,8 +316,13 @@ def resolve_image_path(rel: str, base_dir: str, access: ImageAccess) -> str:
     return real
 
 
-_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
-          (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+_KINDS = (
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
 
 
 def _check_regular(path: str, mode: int) -> None:
@@ -356,8 +379,9 @@ def _utf8(data: bytes, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise SampleError("bad_encoding", f"invalid UTF-8 byte 0x{data[e.start]:02x} at byte {e.start} "
-                                          f"of {what}") from e
+        raise SampleError(
+            "bad_encoding", f"invalid UTF-8 byte 0x{data[e.start]:02x} at byte {e.start} of {what}"
+        ) from e
 
 
 def _parse_json(payload: object) -> dict:
@@ -383,8 +407,9 @@ def caption_turns(caption: object, index: int, cfg: TemplateConfig, seed: int) -
     return [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption.strip()}]
 
 
-def to_conversation(rec: RawRecord, fmt: FileFormats, index: int, cfg: TemplateConfig,
-                    seed: int) -> tuple[list[dict], list[bytes]]:
+def to_conversation(
+    rec: RawRecord, fmt: FileFormats, index: int, cfg: TemplateConfig, seed: int
+) -> tuple[list[dict], list[bytes]]:
     """Parse one raw record into (LLaVA turns, image bytes in placeholder order)."""
     fmt = format_of(fmt, rec.source)
     if rec.error:
@@ -406,8 +431,9 @@ def to_conversation(rec: RawRecord, fmt: FileFormats, index: int, cfg: TemplateC
     obj = _parse_json(rec.payload)
     if fmt == "messages":
         turns, paths, videos = messages_conversation(obj, cfg.image_separator)
-        return turns, ([_load_image(p, rec.base_dir, rec.access) for p in paths]
-                       + [_load_video(v, rec) for v in videos])
+        return turns, (
+            [_load_image(p, rec.base_dir, rec.access) for p in paths] + [_load_video(v, rec) for v in videos]
+        )
     if fmt == "caption":
         check_unsupported_media(obj, [])
         paths = image_field(obj)
@@ -418,13 +444,19 @@ def to_conversation(rec: RawRecord, fmt: FileFormats, index: int, cfg: TemplateC
             raise SampleError("bad_sample", "no 'conversations' list")
         video = obj.get("video") if isinstance(obj.get("video"), str) and obj.get("video") else None
         if obj.get("videos"):
-            raise SampleError("video_unsupported", "'videos' list in a LLaVA/InternVL record (one 'video' is read)")
-        check_unsupported_media(obj, [t.get("value", t.get("content")) for t in turns
-                                      if isinstance(t, dict)], video_ok=video is not None)
+            raise SampleError(
+                "video_unsupported", "'videos' list in a LLaVA/InternVL record (one 'video' is read)"
+            )
+        check_unsupported_media(
+            obj,
+            [t.get("value", t.get("content")) for t in turns if isinstance(t, dict)],
+            video_ok=video is not None,
+        )
         paths = image_field(obj)
         if video is not None:  # InternVL video sample: frames are taken later (video.py)
-            return turns, ([_load_image(p, rec.base_dir, rec.access) for p in paths]
-                           + [_load_video(video, rec)])
+            return turns, (
+                [_load_image(p, rec.base_dir, rec.access) for p in paths] + [_load_video(video, rec)]
+            )
     return turns, [_load_image(p, rec.base_dir, rec.access) for p in paths]
 
 
@@ -440,8 +472,11 @@ def _load_image(ref: object, base_dir: str, access: ImageAccess = ImageAccess())
     """A ``data:`` URI decoded, a remote URL rejected (media_refs.py), else a file under base_dir."""
     ref = plain_ref(ref)
     blob = inline_image(ref, access.max_bytes)
-    return blob if blob is not None else _read_image(local_path(ref) if isinstance(ref, str) else ref,
-                                                     base_dir, access)
+    return (
+        blob
+        if blob is not None
+        else _read_image(local_path(ref) if isinstance(ref, str) else ref, base_dir, access)
+    )
 
 
 def reread_image(origin: tuple[str, str], rec: RawRecord) -> bytes:

@@ -16,11 +16,12 @@ The result is the LLaVA shape the rest of the pipeline validates (``normalize_tu
 with ``<image>`` placeholders, the image references in placeholder order, and the video
 references (``<video>`` stays in the text; video.py turns the clip into frames later).
 """
+
 from __future__ import annotations
 
 from megatron_sail.data.preprocess.media_refs import AUDIO_TAG, check_unsupported_media
-from megatron_sail.data.template import IMAGE_PLACEHOLDER, SampleError
 from megatron_sail.data.preprocess.video import VIDEO_PLACEHOLDER
+from megatron_sail.data.template import IMAGE_PLACEHOLDER, SampleError
 
 ROLE_ALIASES = {"developer": "system"}
 """OpenAI's newer name for the system role."""
@@ -48,8 +49,10 @@ class _ImageQueue:
 
     def take(self, where: str) -> object:
         if self.used >= len(self.items):
-            raise SampleError("placeholder_mismatch", f"{where} needs {self.key[:-1]} {self.used + 1} "
-                                                      f"but '{self.key}' has {len(self.items)}")
+            raise SampleError(
+                "placeholder_mismatch",
+                f"{where} needs {self.key[:-1]} {self.used + 1} but '{self.key}' has {len(self.items)}",
+            )
         self.used += 1
         return self.items[self.used - 1]
 
@@ -75,8 +78,10 @@ def _part_video(part: dict, media: _Media, where: str) -> object:
         if isinstance(value, str) and value:
             return value
         if value is not None:
-            raise SampleError("video_unsupported", f"{where}: video part '{key}' is "
-                                                   f"{type(value).__name__} (a list of frames?), not a path")
+            raise SampleError(
+                "video_unsupported",
+                f"{where}: video part '{key}' is {type(value).__name__} (a list of frames?), not a path",
+            )
     return media.videos.take(where)
 
 
@@ -163,11 +168,17 @@ def messages_conversation(obj: dict, separator: str = "\n") -> tuple[list[dict],
         role = ROLE_ALIASES.get(role, role)
         content = msg.get("content")
         if msg.get("weight", 1) != 1:  # OpenAI fine-tuning: weight 0 = do not train this turn
-            raise SampleError("message_weight_unsupported", f"message {i} has weight {msg.get('weight')!r}; "
-                              "every assistant turn is trained (drop the turn or the weight)")
+            raise SampleError(
+                "message_weight_unsupported",
+                f"message {i} has weight {msg.get('weight')!r}; "
+                "every assistant turn is trained (drop the turn or the weight)",
+            )
         if content is None:
-            raise SampleError("bad_sample", f"message {i} ({role}) has no content"
-                              + (" (tool calls are not trained on)" if msg.get("tool_calls") else ""))
+            raise SampleError(
+                "bad_sample",
+                f"message {i} ({role}) has no content"
+                + (" (tool calls are not trained on)" if msg.get("tool_calls") else ""),
+            )
         text = _content_text(content, media, f"message {i}", separator)
         if AUDIO_TAG in text:
             check_unsupported_media({}, [text])
@@ -176,7 +187,9 @@ def messages_conversation(obj: dict, separator: str = "\n") -> tuple[list[dict],
     for queue, taken in ((media.images, refs), (media.videos, videos)):
         if queue.used < len(queue.items):
             if taken:
-                raise SampleError("placeholder_mismatch", f"{len(taken)} {queue.key} placeholders, "
-                                                          f"{len(queue.items)} in '{queue.key}'")
+                raise SampleError(
+                    "placeholder_mismatch",
+                    f"{len(taken)} {queue.key} placeholders, {len(queue.items)} in '{queue.key}'",
+                )
             taken.extend(queue.items)  # no placeholder at all: put at the start of the first user turn
     return turns, refs, videos

@@ -16,6 +16,7 @@ blend reproduces that share in packed rows: weight = repeat_time x rows, normali
 Relative ``root`` / ``annotation`` paths resolve against the working directory, as InternVL's
 training scripts do (they run from ``internvl_chat/``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,8 +69,11 @@ def is_meta_file(path: str) -> bool:
             obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return (isinstance(obj, dict) and bool(obj)
-            and all(isinstance(v, dict) and "annotation" in v for v in obj.values()))
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(v, dict) and "annotation" in v for v in obj.values())
+    )
 
 
 def read_meta(path: str, base_dir: Optional[str] = None) -> list[MetaEntry]:
@@ -100,12 +104,18 @@ def read_meta(path: str, base_dir: Optional[str] = None) -> list[MetaEntry]:
         if safe in names:
             raise ValueError(f"{where}: output name {safe!r} is used by another entry")
         names.add(safe)
-        entries.append(MetaEntry(
-            name=name, root=os.path.join(base_dir, spec["root"]),
-            annotation=os.path.join(base_dir, spec["annotation"]), repeat_time=float(repeat),
-            max_dynamic_patch=mdp, data_augment=bool(spec.get("data_augment", False)),
-            length=spec.get("length") if isinstance(spec.get("length"), int) else None,
-            ignored=tuple(sorted(set(spec) - KNOWN_KEYS))))
+        entries.append(
+            MetaEntry(
+                name=name,
+                root=os.path.join(base_dir, spec["root"]),
+                annotation=os.path.join(base_dir, spec["annotation"]),
+                repeat_time=float(repeat),
+                max_dynamic_patch=mdp,
+                data_augment=bool(spec.get("data_augment", False)),
+                length=spec.get("length") if isinstance(spec.get("length"), int) else None,
+                ignored=tuple(sorted(set(spec) - KNOWN_KEYS)),
+            )
+        )
     return entries
 
 
@@ -123,10 +133,19 @@ def entry_config(cfg: PreprocessConfig, entry: MetaEntry, out_dir: str) -> Prepr
     """The one-dataset config of an entry: its annotation, image root and max tiles."""
     tiling = cfg.tiling
     if entry.max_dynamic_patch is not None:
-        tiling = dataclasses.replace(tiling, max_tiles=entry.max_dynamic_patch,
-                                     min_tiles=min(tiling.min_tiles, entry.max_dynamic_patch))
-    return dataclasses.replace(cfg, inputs=[entry.annotation], image_root=entry.root, format=None,
-                               output_prefix=os.path.join(out_dir, output_name(entry)), tiling=tiling)
+        tiling = dataclasses.replace(
+            tiling,
+            max_tiles=entry.max_dynamic_patch,
+            min_tiles=min(tiling.min_tiles, entry.max_dynamic_patch),
+        )
+    return dataclasses.replace(
+        cfg,
+        inputs=[entry.annotation],
+        image_root=entry.root,
+        format=None,
+        output_prefix=os.path.join(out_dir, output_name(entry)),
+        tiling=tiling,
+    )
 
 
 def blend(entries: list[MetaEntry], summaries: list[dict]) -> list[tuple[float, str]]:
@@ -136,8 +155,13 @@ def blend(entries: list[MetaEntry], summaries: list[dict]) -> list[tuple[float, 
     return [(round(r / total, 6), s["output_prefix"]) for r, s in zip(raw, summaries)]
 
 
-def run_meta(cfg: PreprocessConfig, meta_path: str, run_one: Callable[[PreprocessConfig], tuple[int, dict]],
-             log: Callable[[str], None] = print, base_dir: Optional[str] = None) -> tuple[int, list[dict]]:
+def run_meta(
+    cfg: PreprocessConfig,
+    meta_path: str,
+    run_one: Callable[[PreprocessConfig], tuple[int, dict]],
+    log: Callable[[str], None] = print,
+    base_dir: Optional[str] = None,
+) -> tuple[int, list[dict]]:
     """Preprocess every entry (``run_one`` is preprocess.run) and write the blend.
 
     ``cfg.output_prefix`` is the output directory. Returns (exit code, one summary per entry
@@ -145,8 +169,10 @@ def run_meta(cfg: PreprocessConfig, meta_path: str, run_one: Callable[[Preproces
     the exit code is 1 and no blend file is written.
     """
     if cfg.num_shards != 1:
-        raise ValueError("an InternVL meta file is preprocessed in one run (--num-shards 1); "
-                         "shard its annotation files one by one instead")
+        raise ValueError(
+            "an InternVL meta file is preprocessed in one run (--num-shards 1); "
+            "shard its annotation files one by one instead"
+        )
     entries = read_meta(meta_path, base_dir)
     out_dir = cfg.output_prefix
     os.makedirs(out_dir, exist_ok=True)
@@ -156,22 +182,32 @@ def run_meta(cfg: PreprocessConfig, meta_path: str, run_one: Callable[[Preproces
     summaries, failed = [], []
     for entry in entries:
         if entry.ignored:
-            log(f"note: {entry.name}: keys not used here: {', '.join(entry.ignored)} (videos take "
-                f"--video-frames frames)")
+            log(
+                f"note: {entry.name}: keys not used here: {', '.join(entry.ignored)} (videos take "
+                f"--video-frames frames)"
+            )
         if entry.data_augment:
-            log(f"note: {entry.name}: data_augment is not applied (InternVL's random JPEG-quality "
-                "augmentation happens at load time; these rows store the images unchanged)")
+            log(
+                f"note: {entry.name}: data_augment is not applied (InternVL's random JPEG-quality "
+                "augmentation happens at load time; these rows store the images unchanged)"
+            )
         try:
             code, summary = run_one(entry_config(cfg, entry, out_dir))
         except (ValueError, FileNotFoundError) as e:
             code, summary = 2, {"output_prefix": os.path.join(out_dir, output_name(entry)), "error": str(e)}
-        summary = {"dataset": entry.name, "repeat_time": entry.repeat_time,
-                   "max_tiles": entry.max_dynamic_patch or cfg.tiling.max_tiles,
-                   "data_augment": "not applied" if entry.data_augment else False, **summary}
+        summary = {
+            "dataset": entry.name,
+            "repeat_time": entry.repeat_time,
+            "max_tiles": entry.max_dynamic_patch or cfg.tiling.max_tiles,
+            "data_augment": "not applied" if entry.data_augment else False,
+            **summary,
+        }
         if entry.length is not None and "records" in summary and summary["records"] != entry.length:
             summary["meta_length"] = entry.length
-            log(f"note: {entry.name}: meta file says length {entry.length}, the annotation has "
-                f"{summary['records']} records")
+            log(
+                f"note: {entry.name}: meta file says length {entry.length}, the annotation has "
+                f"{summary['records']} records"
+            )
         if code == 0 and not summary.get("rows"):
             code, summary["error"] = 1, "no rows packed; cannot be part of the blend"
         if code != 0:
@@ -181,14 +217,27 @@ def run_meta(cfg: PreprocessConfig, meta_path: str, run_one: Callable[[Preproces
         return 1, summaries + [{"error": f"datasets failed: {', '.join(failed)}; no blend written"}]
     weights = blend(entries, summaries)
     data_path = " ".join(f"{w} {p}" for w, p in weights)
-    doc = {"meta": os.path.abspath(meta_path), "weighting": WEIGHTING, "data_path": data_path,
-           "datasets": [{"name": e.name, "prefix": p, "weight": w, "repeat_time": e.repeat_time,
-                         "rows": s["rows"], "samples": s["samples"]}
-                        for e, s, (w, p) in zip(entries, summaries, weights)]}
+    doc = {
+        "meta": os.path.abspath(meta_path),
+        "weighting": WEIGHTING,
+        "data_path": data_path,
+        "datasets": [
+            {
+                "name": e.name,
+                "prefix": p,
+                "weight": w,
+                "repeat_time": e.repeat_time,
+                "rows": s["rows"],
+                "samples": s["samples"],
+            }
+            for e, s, (w, p) in zip(entries, summaries, weights)
+        ],
+    }
     _write_atomic(os.path.join(out_dir, BLEND_FILE), json.dumps(doc, indent=1) + "\n")
     _write_atomic(os.path.join(out_dir, DATA_PATH_FILE), data_path + "\n")
-    return 0, summaries + [{"blend": os.path.join(out_dir, BLEND_FILE), "weighting": WEIGHTING,
-                            "data_path": data_path}]
+    return 0, summaries + [
+        {"blend": os.path.join(out_dir, BLEND_FILE), "weighting": WEIGHTING, "data_path": data_path}
+    ]
 
 
 def _write_atomic(path: str, text: str) -> None:

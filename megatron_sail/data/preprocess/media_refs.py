@@ -6,6 +6,7 @@ its images in a few different ways, and none of them may lose an image silently.
 yields every image it names, or it is rejected with a reason (``remote_url``,
 ``video_unsupported``, ``audio_unsupported``, ``file_too_large``, ``undecodable_image``).
 """
+
 from __future__ import annotations
 
 import base64
@@ -34,7 +35,9 @@ def decode_data_uri(uri: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes
     is_b64 = header.lower().endswith(";base64")
     estimate = len(body) * 3 // 4 if is_b64 else len(body)
     if estimate > max_bytes:
-        raise SampleError("file_too_large", f"data: URI holds ~{estimate} bytes > --max-image-bytes {max_bytes}")
+        raise SampleError(
+            "file_too_large", f"data: URI holds ~{estimate} bytes > --max-image-bytes {max_bytes}"
+        )
     if not is_b64:
         return urllib.parse.unquote_to_bytes(body)
     try:
@@ -56,8 +59,9 @@ def plain_ref(ref: object) -> object:
         return data if data.startswith("data:") else "data:;base64," + data
     if isinstance(path, str) and path:
         return path
-    raise SampleError("bad_sample", f"image reference is an object with keys {sorted(ref)} and no "
-                                    "base64 'bytes' or 'path'")
+    raise SampleError(
+        "bad_sample", f"image reference is an object with keys {sorted(ref)} and no base64 'bytes' or 'path'"
+    )
 
 
 def inline_image(ref: object, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Optional[bytes]:

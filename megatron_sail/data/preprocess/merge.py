@@ -4,6 +4,7 @@ Shard I of S packed the blocks b with b % S == I, each block independently, and 
 block table (block id, rows, rejects) in meta.json. Interleaving the shards' blocks by block id
 therefore reproduces the single-machine run exactly, byte for byte.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,9 @@ def _block_rows(reader: indexed.PackedReader, first_row: int, n: int) -> list[li
         samples = [Sample(t.copy(), m.copy(), []) for t, m in zip(toks, masks)]
         for j in image_ids:
             cols, nrows, thumb, w, h, s = (int(v) for v in reader.image_meta[j])
-            samples[s - first].images.append(ImageEntry(reader.image_bytes(j), (cols, nrows), bool(thumb), (w, h)))
+            samples[s - first].images.append(
+                ImageEntry(reader.image_bytes(j), (cols, nrows), bool(thumb), (w, h))
+            )
         rows.append(samples)
     return rows
 
@@ -61,7 +64,7 @@ def merge_shards(prefixes: list[str], output_prefix: str) -> dict:
         for block, s, row, n_rows, rej, n_rej in table:
             for samples in _block_rows(readers[s], row, n_rows):
                 writer.add_row(samples, img_context)
-            for line in rejects_lines[s][rej:rej + n_rej]:
+            for line in rejects_lines[s][rej : rej + n_rej]:
                 r = json.loads(line)
                 writer.add_reject(r["source"], r["key"], r["reason"], r["detail"])
             writer.end_block(block)
@@ -70,9 +73,17 @@ def merge_shards(prefixes: list[str], output_prefix: str) -> dict:
             rejects.update(m["rejects"])
         meta = dict(metas[0])
         st = writer.stats
-        meta["stats"] = stats_dict(sum(m["stats"]["records"] for m in metas), writer.samples, writer.rows,
-                                   writer.num_images, st["tiles"], st["text_tokens"], st["image_tokens"],
-                                   st["loss_tokens"], int(meta["seq_length"]))
+        meta["stats"] = stats_dict(
+            sum(m["stats"]["records"] for m in metas),
+            writer.samples,
+            writer.rows,
+            writer.num_images,
+            st["tiles"],
+            st["text_tokens"],
+            st["image_tokens"],
+            st["loss_tokens"],
+            int(meta["seq_length"]),
+        )
         meta["rejects"] = dict(sorted(rejects.items()))
         meta["shard"] = {"index": 0, "num_shards": 1}
         meta["blocks"] = writer.blocks

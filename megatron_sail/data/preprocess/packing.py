@@ -6,6 +6,7 @@ the first row with room), with a small bounded search that refills the end of ea
 ``first_fit_decreasing``); a sample is never split. Blocks are packed independently: memory
 stays bounded, and a sharded run packs every block exactly as a single run would.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -93,7 +94,9 @@ class _Pool:
         self.by_len[n].appendleft(i)
 
 
-def first_fit_decreasing(lengths: list[int], capacity: int, tail: int = 3, budget: int = 400) -> list[list[int]]:
+def first_fit_decreasing(
+    lengths: list[int], capacity: int, tail: int = 3, budget: int = 400
+) -> list[list[int]]:
     """Bins (lists of item indices): first-fit-decreasing, with a bounded search at each row's end.
 
     Rows are filled one at a time with the longest item that still fits, which is exactly

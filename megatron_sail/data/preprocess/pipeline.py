@@ -6,6 +6,7 @@ Workers turn a block into packed rows (parse, read image headers, tile, tokenize
 main process writes the results in block order, so the output depends only on the inputs, the
 flags and the seed, never on the worker count or timing.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,20 +19,29 @@ from functools import lru_cache
 from typing import Callable, Iterator, Optional
 
 from megatron_sail.config.data import PreprocessConfig
+from megatron_sail.config.images import TilingConfig
 from megatron_sail.data import indexed
-from megatron_sail.data.preprocess.block_pool import PoolConfig, maybe_kill_self, ordered_map
-from megatron_sail.data.preprocess.formats import (FORMATS, FileFormats, ImageAccess, RawRecord, describe_formats,
-                                                   detect_formats, expand_inputs,
-                                                   iter_records, reread_image, to_conversation)
 from megatron_sail.data.images.imageinfo import clean_message, image_info
+from megatron_sail.data.preprocess.block_pool import PoolConfig, maybe_kill_self, ordered_map
+from megatron_sail.data.preprocess.formats import (
+    FORMATS,
+    FileFormats,
+    ImageAccess,
+    RawRecord,
+    describe_formats,
+    detect_formats,
+    expand_inputs,
+    iter_records,
+    reread_image,
+    to_conversation,
+)
 from megatron_sail.data.preprocess.packing import ImageEntry, Sample, pack_block
 from megatron_sail.data.preprocess.selection import Selection, filter_records, load_selection
+from megatron_sail.data.preprocess.video import VideoConfig, expand_videos
 from megatron_sail.data.template import ChatTemplate, SampleError, normalize_turns
-from megatron_sail.progress import Progress, ProgressConfig
-from megatron_sail.config.images import TilingConfig
 from megatron_sail.data.tiling import find_grid, num_tiles
 from megatron_sail.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_identity
-from megatron_sail.data.preprocess.video import VideoConfig, expand_videos
+from megatron_sail.progress import Progress, ProgressConfig
 
 
 @dataclass
@@ -62,7 +72,9 @@ class SampleBuilder:
     def _grid(self, w: int, h: int, max_tiles: int) -> tuple[tuple[int, int], int]:
         """(grid, <IMG_CONTEXT> count) of an image under a lowered max-tiles bound."""
         t = self.cfg.tiling
-        cfg = TilingConfig(t.tile_size, min(t.min_tiles, max_tiles), max_tiles, t.thumbnail, t.tokens_per_tile)
+        cfg = TilingConfig(
+            t.tile_size, min(t.min_tiles, max_tiles), max_tiles, t.thumbnail, t.tokens_per_tile
+        )
         grid = find_grid(w, h, cfg)
         return grid, num_tiles(grid, t.thumbnail) * t.tokens_per_tile
 
@@ -72,8 +84,7 @@ class SampleBuilder:
         raw_turns, blobs = to_conversation(rec, self.fmt, index, self.cfg.template, self.cfg.packing.seed)
         raw_turns, blobs = expand_videos(raw_turns, blobs, self.video)  # a clip -> its frames
         turns = normalize_turns(raw_turns, len(blobs), self.cfg.template)
-        infos = [image_info(b, self.cfg.max_image_pixels, image_name(b, rec, k))
-                 for k, b in enumerate(blobs)]
+        infos = [image_info(b, self.cfg.max_image_pixels, image_name(b, rec, k)) for k, b in enumerate(blobs)]
         max_tiles = self.cfg.tiling.max_tiles
         grids = [self.grid(w, h, max_tiles) for _, w, h in infos]
         tokens, mask = self.template.render(turns, [n for _, n in grids])
@@ -86,12 +97,21 @@ class SampleBuilder:
                     tokens, mask = self.template.render(turns, [n for _, n in grids])
             if len(tokens) > seq:
                 raise SampleError("too_long", f"{len(tokens)} tokens > seq_length {seq} at the fewest tiles")
-        images = [ImageEntry(data, g, self.cfg.tiling.thumbnail, (w, h),
-                             getattr(blob, "origin", None) if data is blob else None)
-                  for blob, (data, w, h), (g, _) in zip(blobs, infos, grids)]
+        images = [
+            ImageEntry(
+                data,
+                g,
+                self.cfg.tiling.thumbnail,
+                (w, h),
+                getattr(blob, "origin", None) if data is blob else None,
+            )
+            for blob, (data, w, h), (g, _) in zip(blobs, infos, grids)
+        ]
         return Sample(tokens, mask, images)
 
-    def process_block(self, block: int, records: list[tuple[int, RawRecord]], detach: bool = False) -> BlockResult:
+    def process_block(
+        self, block: int, records: list[tuple[int, RawRecord]], detach: bool = False
+    ) -> BlockResult:
         """Build every sample of a block, collect rejects, and pack the samples into rows.
 
         ``detach``: drop the bytes of large images stored unchanged (the writer re-reads them
@@ -158,13 +178,16 @@ def attach_images(res: BlockResult, records: list[tuple[int, RawRecord]]) -> Blo
                     try:
                         im.data = reread_image(im.origin, rec)
                     except (OSError, SampleError) as e:
-                        raise RuntimeError(f"{rec.source} {rec.key}: image {im.origin[1]} vanished during "
-                                           f"preprocessing ({e})") from e
+                        raise RuntimeError(
+                            f"{rec.source} {rec.key}: image {im.origin[1]} vanished during "
+                            f"preprocessing ({e})"
+                        ) from e
     return res
 
 
-def iter_blocks(cfg: PreprocessConfig, files: list[str], fmt: FileFormats,
-                select_counts: Optional[dict] = None) -> Iterator[tuple[int, list]]:
+def iter_blocks(
+    cfg: PreprocessConfig, files: list[str], fmt: FileFormats, select_counts: Optional[dict] = None
+) -> Iterator[tuple[int, list]]:
     """(block id, [(record index, record)]) of this shard's blocks, in input order.
     ``select_counts``: filled with the records --select kept and skipped."""
     access = ImageAccess(cfg.allow_absolute_paths, cfg.max_image_bytes)
@@ -181,8 +204,13 @@ def iter_blocks(cfg: PreprocessConfig, files: list[str], fmt: FileFormats,
             yield block, [(block * size + k, r) for k, r in enumerate(chunk)]
 
 
-def map_blocks(cfg: PreprocessConfig, fmt: FileFormats, blocks: Iterator, builder: SampleBuilder,
-               log: Callable[[str], None] = print) -> Iterator[BlockResult]:
+def map_blocks(
+    cfg: PreprocessConfig,
+    fmt: FileFormats,
+    blocks: Iterator,
+    builder: SampleBuilder,
+    log: Callable[[str], None] = print,
+) -> Iterator[BlockResult]:
     """Results in block order; at most 2 x workers blocks in flight (bounded memory). A worker
     killed from outside costs one retry of its blocks, a second death a WorkerDied error
     (block_pool.py); nothing hangs."""
@@ -192,8 +220,7 @@ def map_blocks(cfg: PreprocessConfig, fmt: FileFormats, blocks: Iterator, builde
         return
     pool = PoolConfig(cfg.workers, in_flight=2 * cfg.workers)
     where = f"shard {cfg.shard_index} of {cfg.num_shards}" if cfg.num_shards > 1 else "the run"
-    yield from ordered_map(pool, _run_block, blocks, _init_worker, (cfg, fmt), attach_images,
-                           where, log)
+    yield from ordered_map(pool, _run_block, blocks, _init_worker, (cfg, fmt), attach_images, where, log)
 
 
 def recorded_tokenizer_path(path: str) -> str:
@@ -203,8 +230,15 @@ def recorded_tokenizer_path(path: str) -> str:
     return os.path.abspath(path) if os.path.exists(path) else path
 
 
-def build_meta(cfg: PreprocessConfig, fmt: FileFormats, tok: Tokenizer, writer: indexed.PackedWriter,
-               records: int, rejects: Counter, shard: tuple[int, int]) -> dict:
+def build_meta(
+    cfg: PreprocessConfig,
+    fmt: FileFormats,
+    tok: Tokenizer,
+    writer: indexed.PackedWriter,
+    records: int,
+    rejects: Counter,
+    shard: tuple[int, int],
+) -> dict:
     """meta.json content: everything the trainer and inspect need, nothing run-specific."""
     sp = tok.special
     seq = cfg.packing.seq_length
@@ -215,31 +249,64 @@ def build_meta(cfg: PreprocessConfig, fmt: FileFormats, tok: Tokenizer, writer: 
         "seq_length": seq,
         "input_format": fmt if isinstance(fmt, str) else "+".join(sorted(set(fmt.values()))),
         "tokenizer": {
-            "path": recorded_tokenizer_path(cfg.tokenizer), "vocab_size": tok.vocab_size, "added": list(tok.added),
+            "path": recorded_tokenizer_path(cfg.tokenizer),
+            "vocab_size": tok.vocab_size,
+            "added": list(tok.added),
             "identity": tokenizer_identity(tok),
-            "img_context_id": sp.img_context, "img_start_id": sp.img_start, "img_end_id": sp.img_end,
-            "im_start_id": sp.im_start, "im_end_id": sp.im_end, "pad_id": sp.pad,
-            "tokens_per_tile": cfg.tiling.tokens_per_tile, "tile_size": cfg.tiling.tile_size,
+            "img_context_id": sp.img_context,
+            "img_start_id": sp.img_start,
+            "img_end_id": sp.img_end,
+            "im_start_id": sp.im_start,
+            "im_end_id": sp.im_end,
+            "pad_id": sp.pad,
+            "tokens_per_tile": cfg.tiling.tokens_per_tile,
+            "tile_size": cfg.tiling.tile_size,
             **({"geometry": cfg.geometry} if cfg.geometry else {}),
         },
         "tiling": dataclasses.asdict(cfg.tiling),
         "template": dataclasses.asdict(cfg.template),
         "packing": dataclasses.asdict(cfg.packing),
         "shard": {"index": shard[0], "num_shards": shard[1]},
-        "stats": stats_dict(records, writer.samples, writer.rows, writer.num_images, st["tiles"],
-                            st["text_tokens"], st["image_tokens"], st["loss_tokens"], seq),
+        "stats": stats_dict(
+            records,
+            writer.samples,
+            writer.rows,
+            writer.num_images,
+            st["tiles"],
+            st["text_tokens"],
+            st["image_tokens"],
+            st["loss_tokens"],
+            seq,
+        ),
         "rejects": dict(sorted(rejects.items())),
         "blocks": writer.blocks,
     }
 
 
-def stats_dict(records: int, samples: int, rows: int, images: int, tiles: int, text_tokens: int,
-               image_tokens: int, loss_tokens: int, seq_length: int) -> dict:
+def stats_dict(
+    records: int,
+    samples: int,
+    rows: int,
+    images: int,
+    tiles: int,
+    text_tokens: int,
+    image_tokens: int,
+    loss_tokens: int,
+    seq_length: int,
+) -> dict:
     """The stats block of meta.json (also rebuilt by merge_datasets from summed counts)."""
     used = text_tokens + image_tokens
-    return {"records": records, "samples": samples, "rows": rows, "images": images, "tiles": tiles,
-            "text_tokens": text_tokens, "image_tokens": image_tokens, "loss_tokens": loss_tokens,
-            "fill_ratio": round(used / (rows * seq_length), 6) if rows else 0.0}
+    return {
+        "records": records,
+        "samples": samples,
+        "rows": rows,
+        "images": images,
+        "tiles": tiles,
+        "text_tokens": text_tokens,
+        "image_tokens": image_tokens,
+        "loss_tokens": loss_tokens,
+        "fill_ratio": round(used / (rows * seq_length), 6) if rows else 0.0,
+    }
 
 
 def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int, dict]:
@@ -248,8 +315,10 @@ def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int,
         raise ValueError(f"--shard-index {cfg.shard_index} not in [0, {cfg.num_shards})")
     g, t = cfg.geometry, cfg.tiling
     if g and (g["tokens_per_tile"], g["tile_size"]) != (t.tokens_per_tile, t.tile_size):
-        raise ValueError(f"tiling of {t.tile_size} px / {t.tokens_per_tile} tokens per tile "
-                         f"contradicts the recorded geometry {g}")
+        raise ValueError(
+            f"tiling of {t.tile_size} px / {t.tokens_per_tile} tokens per tile "
+            f"contradicts the recorded geometry {g}"
+        )
     files = expand_inputs(cfg.inputs)
     if cfg.format is not None and cfg.format not in FORMATS:
         raise ValueError(f"unknown format {cfg.format!r}; expected one of {FORMATS}")
@@ -262,8 +331,9 @@ def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int,
     with indexed.PackedWriter(cfg.output_prefix) as writer:
         start = time.perf_counter()  # after the writer's one-off megatron.core import
         selected: dict = {}
-        bar = Progress(desc="preprocess", unit="records",
-                       config=None if cfg.progress else ProgressConfig(enabled=False))
+        bar = Progress(
+            desc="preprocess", unit="records", config=None if cfg.progress else ProgressConfig(enabled=False)
+        )
         for res in map_blocks(cfg, fmt, iter_blocks(cfg, files, fmt, selected), builder, log):
             bar.update(res.records)
             for row in res.rows:
@@ -277,18 +347,30 @@ def run(cfg: PreprocessConfig, log: Callable[[str], None] = print) -> tuple[int,
         meta = build_meta(cfg, fmt, tok, writer, records, rejects, (cfg.shard_index, cfg.num_shards))
         n_rej = sum(rejects.values())
         rate = n_rej / records if records else 0.0
-        summary = {"output_prefix": cfg.output_prefix, **meta["stats"], "rejects": meta["rejects"],
-                   "reject_rate": round(rate, 6), "seconds": round(time.perf_counter() - start, 3)}
+        summary = {
+            "output_prefix": cfg.output_prefix,
+            **meta["stats"],
+            "rejects": meta["rejects"],
+            "reject_rate": round(rate, 6),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
         if cfg.select:
-            summary["select"] = {"kept": selected.get("selected", 0), "skipped": selected.get("not_selected", 0)}
+            summary["select"] = {
+                "kept": selected.get("selected", 0),
+                "skipped": selected.get("not_selected", 0),
+            }
         # an empty shard is fine (its blocks may all belong to other shards); an empty run is not
         empty = records == 0 and cfg.num_shards == 1
         failed = (cfg.strict and n_rej > 0) or rate > cfg.max_reject_rate or empty
         if failed:
             writer.abort(keep_rejects=True)
-            why = ("no input records" if empty else
-                   f"{n_rej} rejected with --strict" if cfg.strict and n_rej else
-                   f"reject rate {rate:.4f} > --max-reject-rate {cfg.max_reject_rate}")
+            why = (
+                "no input records"
+                if empty
+                else f"{n_rej} rejected with --strict"
+                if cfg.strict and n_rej
+                else f"reject rate {rate:.4f} > --max-reject-rate {cfg.max_reject_rate}"
+            )
             summary["error"] = f"{why}; dataset not written, see {cfg.output_prefix}.rejects.jsonl"
             return 1, summary
         writer.commit(meta)

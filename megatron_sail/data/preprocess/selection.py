@@ -4,6 +4,7 @@ the curriculum builder (one stage), or a complexity sidecar folder with an optio
 Both are JSONL records naming a sample by ``source`` (the absolute path of its input file) and
 ``key`` ('line N', 'item N' or the WebDataset key), the names the readers give records
 (data/preprocess/formats.py); a sidecar record also carries ``score``."""
+
 from __future__ import annotations
 
 import glob
@@ -27,7 +28,9 @@ class Selection:
 
 def _files(path: str) -> list[str]:
     if os.path.isdir(path):
-        files = sorted(f for f in glob.glob(os.path.join(path, "*.jsonl")) if not f.endswith(".rejects.jsonl"))
+        files = sorted(
+            f for f in glob.glob(os.path.join(path, "*.jsonl")) if not f.endswith(".rejects.jsonl")
+        )
     elif any(c in path for c in "*?["):
         files = sorted(glob.glob(path))
     else:
@@ -51,8 +54,11 @@ def load_selection(sel: Selection) -> set[tuple[str, str]]:
                     rec = json.loads(line)
                     source, key = rec["source"], rec["key"]
                     score = rec.get("score") if ranged else None
-                    if not isinstance(source, str) or not isinstance(key, str) or \
-                            (ranged and not isinstance(score, (int, float))):
+                    if (
+                        not isinstance(source, str)
+                        or not isinstance(key, str)
+                        or (ranged and not isinstance(score, (int, float)))
+                    ):
                         raise TypeError
                 except (json.JSONDecodeError, KeyError, TypeError):
                     need = "source, key and a numeric score" if ranged else "source and key"

@@ -8,6 +8,7 @@ PyAV (FFmpeg), resized to tile x tile (bicubic; a square tile-sized image always
 grid) and stored as JPEG (quality 95) like any other image, so the trainer sees ordinary images.
 Frame count is fixed per run (``--video-frames``; a shorter clip gives all its frames).
 """
+
 from __future__ import annotations
 
 import io
@@ -78,13 +79,16 @@ def decode_frames(data: bytes, cfg: VideoConfig, where: str = "video") -> list[b
     except (av.error.FFmpegError, OSError, ValueError, IndexError) as e:
         raise SampleError("undecodable_video", f"{where}: {e}") from e
     if len(frames) < len(wanted):
-        raise SampleError("truncated_video", f"{where}: {len(frames)} of {len(wanted)} frames decoded "
-                                             f"(the stream claims {total})")
+        raise SampleError(
+            "truncated_video",
+            f"{where}: {len(frames)} of {len(wanted)} frames decoded (the stream claims {total})",
+        )
     out = []
     for image in frames:
         buf = io.BytesIO()
         image.convert("RGB").resize((cfg.frame_size, cfg.frame_size), Image.BICUBIC).save(
-            buf, format="JPEG", quality=JPEG_QUALITY)
+            buf, format="JPEG", quality=JPEG_QUALITY
+        )
         out.append(buf.getvalue())
     return out
 
@@ -112,10 +116,19 @@ def expand_videos(turns: list[dict], blobs: list, cfg: VideoConfig) -> tuple[lis
             turn = {"from": turn.get("from", turn.get("role")), "value": text}
         out.append(turn)
     if count == 0:
-        first = next((i for i, t in enumerate(out) if isinstance(t, dict) and
-                      t.get("from", t.get("role")) in ("human", "user")), None)
+        first = next(
+            (
+                i
+                for i, t in enumerate(out)
+                if isinstance(t, dict) and t.get("from", t.get("role")) in ("human", "user")
+            ),
+            None,
+        )
         if first is None:
             raise SampleError("placeholder_mismatch", "a video but no user turn to put it in")
         t = out[first]
-        out[first] = {"from": t.get("from", t.get("role")), "value": tokens + t.get("value", t.get("content", ""))}
+        out[first] = {
+            "from": t.get("from", t.get("role")),
+            "value": tokens + t.get("value", t.get("content", "")),
+        }
     return out, frames

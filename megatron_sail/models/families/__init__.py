@@ -3,12 +3,12 @@
 Adding a family = one new file here with a ``VisionFamily`` / ``LanguageFamily`` subclass, plus
 one line in the table below (see docs/architecture.md, "How to add a family").
 """
+
 from __future__ import annotations
 
 from megatron_sail.config.model import LANGUAGE_FAMILY_NAMES, VISION_FAMILY_CLASS_TOKENS
-from megatron_sail.models.families.base import (  # noqa: F401  (re-exported)
-    KeyMap, LanguageFamily, QKVSite, VisionFamily)
 from megatron_sail.models.families.aimv2 import AIMv2Family
+from megatron_sail.models.families.base import KeyMap, LanguageFamily, QKVSite, VisionFamily  # noqa: F401  (re-exported)
 from megatron_sail.models.families.internvit import InternViTFamily
 from megatron_sail.models.families.qwen2 import Qwen2Family
 from megatron_sail.models.families.qwen3 import Qwen3Family
@@ -29,15 +29,20 @@ LANGUAGE_FAMILIES: dict[str, LanguageFamily] = {
 }
 """Language model families by ``LanguageConfig.family``."""
 
-if set(VISION_FAMILIES) != set(VISION_FAMILY_CLASS_TOKENS) or \
-        set(LANGUAGE_FAMILIES) != set(LANGUAGE_FAMILY_NAMES):
-    raise ImportError("models/families and config/model.py name different families: registered "
-                      f"{sorted(VISION_FAMILIES)} / {sorted(LANGUAGE_FAMILIES)}, config accepts "
-                      f"{sorted(VISION_FAMILY_CLASS_TOKENS)} / {sorted(LANGUAGE_FAMILY_NAMES)}")
+if set(VISION_FAMILIES) != set(VISION_FAMILY_CLASS_TOKENS) or set(LANGUAGE_FAMILIES) != set(
+    LANGUAGE_FAMILY_NAMES
+):
+    raise ImportError(
+        "models/families and config/model.py name different families: registered "
+        f"{sorted(VISION_FAMILIES)} / {sorted(LANGUAGE_FAMILIES)}, config accepts "
+        f"{sorted(VISION_FAMILY_CLASS_TOKENS)} / {sorted(LANGUAGE_FAMILY_NAMES)}"
+    )
 _TOKENS = {name: int(fam.encoder.class_token) for name, fam in VISION_FAMILIES.items()}
 if _TOKENS != VISION_FAMILY_CLASS_TOKENS:
-    raise ImportError(f"class tokens per vision family: the encoder specs say {_TOKENS}, "
-                      f"config/model.py says {VISION_FAMILY_CLASS_TOKENS}")
+    raise ImportError(
+        f"class tokens per vision family: the encoder specs say {_TOKENS}, "
+        f"config/model.py says {VISION_FAMILY_CLASS_TOKENS}"
+    )
 
 
 def vision_family(name: str) -> VisionFamily:

@@ -9,12 +9,12 @@ Only the released AIMv2 variant is supported: learned positions (not ``is_native
 transformers has no VLM class that holds an AIMv2 tower beside InternVL's projector, so the HF
 side of this family is the encoder alone (``key_map`` under the encoder's prefix).
 """
+
 from __future__ import annotations
 
 import re
 
-from megatron_sail.models.families.base import (
-    EncoderSpec, KeyMap, QKVSite, VisionFamily)
+from megatron_sail.models.families.base import EncoderSpec, KeyMap, QKVSite, VisionFamily
 
 
 class AIMv2Family(VisionFamily):
@@ -24,20 +24,37 @@ class AIMv2Family(VisionFamily):
     hf_model_type = "aimv2_vision_model"
     in_internvl_container = False
 
-    encoder = EncoderSpec(patch_norm=True, final_norm="rms_norm", normalization="RMSNorm",
-                          linear_bias=False, qkv_bias=False, qk_norm=False, gated_mlp=True,
-                          activation="silu")
+    encoder = EncoderSpec(
+        patch_norm=True,
+        final_norm="rms_norm",
+        normalization="RMSNorm",
+        linear_bias=False,
+        qkv_bias=False,
+        qk_norm=False,
+        gated_mlp=True,
+        activation="silu",
+    )
     """Patch conv -> RMSNorm -> + positions (no class token); RMSNorm layers, bias-free
     attention, SwiGLU MLP; the final RMSNorm (``last_hidden_state``) when the last layer is
     selected."""
 
     def hf_config(self, v) -> dict:
         """transformers Aimv2VisionConfig fields (no pooling head)."""
-        return dict(model_type=self.hf_model_type, hidden_size=v.hidden_size,
-                    intermediate_size=v.ffn_hidden_size, num_hidden_layers=v.num_layers,
-                    num_attention_heads=v.num_heads, image_size=v.image_size,
-                    patch_size=v.patch_size, rms_norm_eps=v.norm_eps, qkv_bias=False,
-                    mlp_bias=False, use_head=False, is_native=False, hidden_act="silu")
+        return dict(
+            model_type=self.hf_model_type,
+            hidden_size=v.hidden_size,
+            intermediate_size=v.ffn_hidden_size,
+            num_hidden_layers=v.num_layers,
+            num_attention_heads=v.num_heads,
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+            rms_norm_eps=v.norm_eps,
+            qkv_bias=False,
+            mlp_bias=False,
+            use_head=False,
+            is_native=False,
+            hidden_act="silu",
+        )
 
     def from_hf_config(self, v, select_layer: int, drop_path_rate: float = 0.0):
         """VisionConfig of an Aimv2VisionConfig; refuses the variants we do not build."""
@@ -46,29 +63,48 @@ class AIMv2Family(VisionFamily):
                 raise ValueError(f"aimv2 vision config with {flag}=True is not supported")
         if getattr(v, "hidden_act", "silu") != "silu":
             raise ValueError(f"aimv2 hidden_act {v.hidden_act!r} is not supported (silu only)")
-        return self.vision_config(v, select_layer, drop_path_rate, norm_type="rms_norm",
-                                  norm_eps=v.rms_norm_eps, qkv_bias=False, qk_norm=False)
+        return self.vision_config(
+            v,
+            select_layer,
+            drop_path_rate,
+            norm_type="rms_norm",
+            norm_eps=v.rms_norm_eps,
+            qkv_bias=False,
+            qk_norm=False,
+        )
 
     def key_map(self, v, ours: str, hf: str) -> KeyMap:
         """Embeddings, norms, attention (q/k/v fused) and SwiGLU (gate/up fused) per layer."""
-        km = KeyMap(copies=[
-            (ours + "patch_embedding.weight", hf + "embeddings.patch_embed.weight"),
-            (ours + "patch_embedding.bias", hf + "embeddings.patch_embed.bias"),
-            (ours + "patch_norm", hf + "embeddings.rms_norm.weight"),
-            (ours + "position_embedding", hf + "embeddings.position_embedding.weight"),
-        ])
+        km = KeyMap(
+            copies=[
+                (ours + "patch_embedding.weight", hf + "embeddings.patch_embed.weight"),
+                (ours + "patch_embedding.bias", hf + "embeddings.patch_embed.bias"),
+                (ours + "patch_norm", hf + "embeddings.rms_norm.weight"),
+                (ours + "position_embedding", hf + "embeddings.position_embedding.weight"),
+            ]
+        )
         if v.layers_used == v.num_layers:
             km.copies.append((ours + "final_norm", hf + "rms_norm.weight"))
         for i in range(v.layers_used):
             o, h = f"{ours}encoder.layers.{i}.", f"{hf}encoder.layers.{i}."
-            km.copies += [(o + "input_layernorm.weight", h + "rms_norm1.weight"),
-                          (o + "pre_mlp_layernorm.weight", h + "rms_norm2.weight"),
-                          (o + "self_attention.linear_proj.weight", h + "attention.out_proj.weight"),
-                          (o + "mlp.linear_fc2.weight", h + "ffn.down_proj.weight")]
-            km.qkv.append(QKVSite(o + "self_attention.linear_qkv.", h + "attention.{}_proj.",
-                                  v.num_heads, v.num_heads, False))
-            km.concat.append((o + "mlp.linear_fc1.weight",
-                              (h + "ffn.gate_proj.weight", h + "ffn.up_proj.weight")))
+            km.copies += [
+                (o + "input_layernorm.weight", h + "rms_norm1.weight"),
+                (o + "pre_mlp_layernorm.weight", h + "rms_norm2.weight"),
+                (o + "self_attention.linear_proj.weight", h + "attention.out_proj.weight"),
+                (o + "mlp.linear_fc2.weight", h + "ffn.down_proj.weight"),
+            ]
+            km.qkv.append(
+                QKVSite(
+                    o + "self_attention.linear_qkv.",
+                    h + "attention.{}_proj.",
+                    v.num_heads,
+                    v.num_heads,
+                    False,
+                )
+            )
+            km.concat.append(
+                (o + "mlp.linear_fc1.weight", (h + "ffn.gate_proj.weight", h + "ffn.up_proj.weight"))
+            )
         return km
 
     def unused_hf(self, v, hf: str, key: str) -> bool:

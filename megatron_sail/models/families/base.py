@@ -13,6 +13,7 @@ of the code needs to know about one architecture:
 ``SailVLModel``, the FLOPs count, the converters and the data checks call these methods through
 the registry (``families/__init__.py``); none of them names a family.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -71,8 +72,9 @@ class KeyMap:
         """Every HF tensor name this map reads or writes."""
         names = {hf for _, hf in self.copies} | {hf for hf, _ in self.aliases}
         for s in self.qkv:
-            names |= {s.hf.format(x) + w for x in "qkv"
-                      for w in (("weight", "bias") if s.bias else ("weight",))}
+            names |= {
+                s.hf.format(x) + w for x in "qkv" for w in (("weight", "bias") if s.bias else ("weight",))
+            }
         for _, parts in self.concat:
             names |= set(parts)
         return names
@@ -147,11 +149,15 @@ class VisionFamily:
     def flops_fields(self, vision, geometry: TokenGeometry) -> dict:
         """The ``FlopsShape`` fields of the encoder (vit_*, patch_dim): class tokens run
         through every layer; a gated MLP has three matrices."""
-        return dict(vit_hidden=vision.hidden_size, vit_layers=vision.layers_used,
-                    vit_ffn=vision.ffn_hidden_size, vit_tokens_per_tile=geometry.encoder_tokens,
-                    vit_class_tokens=geometry.class_tokens,
-                    patch_dim=3 * vision.patch_size * vision.patch_size,
-                    vit_gated_mlp=self.encoder.gated_mlp)
+        return dict(
+            vit_hidden=vision.hidden_size,
+            vit_layers=vision.layers_used,
+            vit_ffn=vision.ffn_hidden_size,
+            vit_tokens_per_tile=geometry.encoder_tokens,
+            vit_class_tokens=geometry.class_tokens,
+            patch_dim=3 * vision.patch_size * vision.patch_size,
+            vit_gated_mlp=self.encoder.gated_mlp,
+        )
 
     def hf_config(self, vision) -> dict:
         """The family's HF vision config as a dict (with model_type)."""
@@ -167,10 +173,17 @@ class VisionFamily:
         from megatron_sail.config.model import VisionConfig
 
         return VisionConfig(
-            family=self.name, hidden_size=v.hidden_size, num_layers=v.num_hidden_layers,
-            num_heads=v.num_attention_heads, ffn_hidden_size=v.intermediate_size,
-            patch_size=square_side(v.patch_size), image_size=square_side(v.image_size),
-            drop_path_rate=drop_path_rate, select_layer=select_layer, **fields)
+            family=self.name,
+            hidden_size=v.hidden_size,
+            num_layers=v.num_hidden_layers,
+            num_heads=v.num_attention_heads,
+            ffn_hidden_size=v.intermediate_size,
+            patch_size=square_side(v.patch_size),
+            image_size=square_side(v.image_size),
+            drop_path_rate=drop_path_rate,
+            select_layer=select_layer,
+            **fields,
+        )
 
     def key_map(self, vision, ours: str, hf: str) -> KeyMap:
         """Parameter map of the encoder; ``ours`` / ``hf`` are the module prefixes."""

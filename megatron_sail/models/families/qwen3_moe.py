@@ -13,6 +13,7 @@ expert-parallel ranks (``ParallelConfig.ep``). HF side: ``Qwen3MoeForCausalLM`` 
 memory (``mlp.experts.gate_up_proj`` [E, 2I, H] with [gate; up] per expert, ``down_proj``
 [E, H, I]): ``to_transformers_params`` / ``from_transformers_params`` convert between the two.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,40 +35,60 @@ class Qwen3MoeFamily(Qwen3Family):
         if not lm.is_moe:
             raise ValueError(f"{self.name}: num_experts must be > 0 (got {lm.num_experts})")
         return dict(
-            super().transformer_config_kwargs(lm), num_moe_experts=lm.num_experts,
-            moe_ffn_hidden_size=lm.expert_ffn_hidden_size, moe_router_topk=lm.moe_router_topk,
+            super().transformer_config_kwargs(lm),
+            num_moe_experts=lm.num_experts,
+            moe_ffn_hidden_size=lm.expert_ffn_hidden_size,
+            moe_router_topk=lm.moe_router_topk,
             moe_router_pre_softmax=not lm.moe_norm_topk_prob,
-            moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=lm.moe_aux_loss_coeff,
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=lm.moe_aux_loss_coeff,
             moe_token_dispatcher_type="alltoall",
-            moe_grouped_gemm=False, moe_permute_fusion=False)
+            moe_grouped_gemm=False,
+            moe_permute_fusion=False,
+        )
 
     def flops_fields(self, lm) -> dict:
         """Active work per token: k experts' SwiGLU plus the router (E x hidden)."""
-        return dict(super().flops_fields(lm), lm_ffn=lm.moe_router_topk * lm.expert_ffn_hidden_size,
-                    lm_experts=lm.num_experts)
+        return dict(
+            super().flops_fields(lm),
+            lm_ffn=lm.moe_router_topk * lm.expert_ffn_hidden_size,
+            lm_experts=lm.num_experts,
+        )
 
     def hf_config(self, lm) -> dict:
         """transformers Qwen3MoeConfig fields (every layer sparse, no dense-only layers)."""
-        return dict(super().hf_config(lm), model_type=self.hf_model_type,
-                    num_experts=lm.num_experts, num_experts_per_tok=lm.moe_router_topk,
-                    moe_intermediate_size=lm.expert_ffn_hidden_size,
-                    norm_topk_prob=lm.moe_norm_topk_prob, router_aux_loss_coef=lm.moe_aux_loss_coeff,
-                    decoder_sparse_step=1, mlp_only_layers=[])
+        return dict(
+            super().hf_config(lm),
+            model_type=self.hf_model_type,
+            num_experts=lm.num_experts,
+            num_experts_per_tok=lm.moe_router_topk,
+            moe_intermediate_size=lm.expert_ffn_hidden_size,
+            norm_topk_prob=lm.moe_norm_topk_prob,
+            router_aux_loss_coef=lm.moe_aux_loss_coeff,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
 
     def from_hf_config(self, t, tied: bool):
         """LanguageConfig of a Qwen3MoeConfig; layouts with dense layers are refused."""
         import dataclasses
 
         if getattr(t, "mlp_only_layers", None) or getattr(t, "decoder_sparse_step", 1) != 1:
-            raise ValueError("qwen3_moe text configs with dense layers (mlp_only_layers / "
-                             "decoder_sparse_step != 1) are not supported")
+            raise ValueError(
+                "qwen3_moe text configs with dense layers (mlp_only_layers / "
+                "decoder_sparse_step != 1) are not supported"
+            )
         base = super().from_hf_config(t, tied)
         return dataclasses.replace(
-            base, family=self.name, rope_theta=rope_theta(t), num_experts=int(t.num_experts),
+            base,
+            family=self.name,
+            rope_theta=rope_theta(t),
+            num_experts=int(t.num_experts),
             moe_ffn_hidden_size=int(t.moe_intermediate_size),
             moe_router_topk=int(t.num_experts_per_tok),
             moe_norm_topk_prob=bool(getattr(t, "norm_topk_prob", True)),
-            moe_aux_loss_coeff=float(getattr(t, "router_aux_loss_coef", 0.001)))
+            moe_aux_loss_coeff=float(getattr(t, "router_aux_loss_coef", 0.001)),
+        )
 
     def layer_key_map(self, lm, o: str, h: str) -> KeyMap:
         """Qwen3's attention and norms; the router and each expert's SwiGLU instead of the MLP."""
@@ -79,8 +100,7 @@ class Qwen3MoeFamily(Qwen3Family):
         for e in range(lm.num_experts):
             ours, hf = f"{o}mlp.experts.local_experts.{e}.", f"{h}mlp.experts.{e}."
             km.copies.append((ours + "linear_fc2.weight", hf + "down_proj.weight"))
-            km.concat.append((ours + "linear_fc1.weight",
-                              (hf + "gate_proj.weight", hf + "up_proj.weight")))
+            km.concat.append((ours + "linear_fc1.weight", (hf + "gate_proj.weight", hf + "up_proj.weight")))
         return km
 
     def to_transformers_params(self, lm, state: dict, hf: str) -> dict:
@@ -91,14 +111,15 @@ class Qwen3MoeFamily(Qwen3Family):
             h = f"{hf}layers.{i}.mlp.experts."
 
             def take(e: int, w: str):
-                key = f"{h}{e}.{w}_proj.weight"
+                key = f"{h}{e}.{w}_proj.weight"  # noqa: B023 - take runs in this iteration
                 if key not in out:
                     raise KeyError(f"HF state dict is missing {key!r}")
                 return out.pop(key)
 
             experts = range(lm.num_experts)
             out[h + "gate_up_proj"] = torch.stack(
-                [torch.cat([take(e, "gate"), take(e, "up")], 0) for e in experts])
+                [torch.cat([take(e, "gate"), take(e, "up")], 0) for e in experts]
+            )
             out[h + "down_proj"] = torch.stack([take(e, "down") for e in experts])
         return out
 

@@ -1,0 +1,68 @@
+"""The package's floors (docs/architecture.md, "Floors"): every import of the project, at module
+level or inside a function, goes from a floor to a lower one; nothing imports sideways or up, so
+there is no import circle between packages. A new package must be given its floor here and in
+the doc."""
+
+import ast
+from pathlib import Path
+
+from testkit import ROOT
+
+FLOORS = [
+    {"config", "compat", "cli", "hashing", "progress"},  # ground: import nothing of the project
+    {"platform"},
+    {"models", "data"},
+    {"checkpoint"},
+    {"training", "convert"},
+    {"inference"},
+    {"eval"},
+    {"curate"},
+    {"demo"},
+    {"train", "generate"},  # the module entry points (python -m megatron_sail.train / .generate)
+    {"bench"},
+]
+FLOOR = {name: k for k, names in enumerate(FLOORS) for name in names}
+
+
+def _imports(path: Path):
+    """(line, imported megatron_sail module) of every import statement in a file."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "megatron_sail":
+            if node.module == "megatron_sail":  # from megatron_sail import cli
+                yield from ((node.lineno, f"megatron_sail.{a.name}") for a in node.names)
+            else:
+                yield node.lineno, node.module
+        elif isinstance(node, ast.Import):
+            yield from ((node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "megatron_sail")
+
+
+def _package_edges():
+    """(file, line, importing top-level package, imported top-level package) across packages."""
+    pkg = ROOT / "megatron_sail"
+    for path in sorted(pkg.rglob("*.py")):
+        parts = path.relative_to(pkg).with_suffix("").parts
+        if parts == ("__init__",):
+            continue
+        for line, module in _imports(path):
+            target = module.split(".")[1] if "." in module else "__init__"
+            if target != parts[0]:
+                yield f"{path.relative_to(ROOT)}:{line}", parts[0], target
+
+
+def test_every_package_has_a_floor():
+    pkg = ROOT / "megatron_sail"
+    names = {
+        p.stem if p.is_file() else p.name
+        for p in pkg.iterdir()
+        if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file()
+    }
+    assert names - set(FLOOR) == set(), "give the new package a floor in FLOORS and docs/architecture.md"
+
+
+def test_imports_only_go_down():
+    wrong = [
+        f"{where}: {src} (floor {FLOOR[src]}) imports {dst} (floor {FLOOR.get(dst, '?')})"
+        for where, src, dst in _package_edges()
+        if FLOOR.get(dst, 99) >= FLOOR[src]
+    ]
+    assert wrong == []
