@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import tarfile
 import os
 import shutil
+import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 

@@ -22,8 +22,8 @@ This module is the one place that chooses the strategy; conversion and the train
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 import os
 import shutil
 import threading

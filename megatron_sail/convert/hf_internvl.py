@@ -20,9 +20,8 @@ Layout differences handled here:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import re
+from collections.abc import Mapping
 
 import torch
 

@@ -296,11 +296,11 @@ def _load_hf_weights(chunks: list, ckpt: Checkpoint) -> None:
     their parameters; under TP each slice is made when its parameter is filled. The file pages
     a filled parameter came from are released right after, so the load stays near the model's
     own size instead of holding the file and converted copies besides."""
+    from megatron.core import parallel_state
+
     from megatron_sail.convert import hf_internvl
     from megatron_sail.convert.checkpoint import read_hf_checkpoint
     from megatron_sail.convert.mapped_safetensors import MappedCheckpoint
-
-    from megatron.core import parallel_state
 
     mapped = MappedCheckpoint(ckpt.path)
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from make_tiny_hf_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint
 
+from make_tiny_hf_checkpoint import TinyCheckpointConfig, make_tiny_checkpoint
 from megatron_sail.convert import hf_internvl, hf_io
 from megatron_sail.convert.checkpoint import checkpoint_model_config, read_hf_checkpoint
 from megatron_sail.convert.mapped_safetensors import MappedCheckpoint
