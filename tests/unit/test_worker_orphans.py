@@ -12,7 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from recaption_fixtures import FakeVLMServer, write_shards  # noqa: E402
+from recaption_fixtures import FakeVLMServer, write_shards
 from testkit import ROOT as REPO
 from testkit import subprocess_env
 
@@ -152,9 +152,7 @@ def test_recaption_workers_exit_and_commit_nothing_after_the_parent_is_killed(tm
             "2",
             "--no-progress",
         ]
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1")
-        )
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=subprocess_env())
         workers: list[int] = []
         try:
             wait_for(lambda: server.calls >= 2 or proc.poll() is not None)
