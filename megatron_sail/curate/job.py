@@ -102,6 +102,28 @@ def job_fields(a, prog: str) -> dict:
     }
 
 
+def _int(env, key: str) -> int:
+    """An integer launcher variable (absent or not a number: 1, i.e. no parallel launch)."""
+    try:
+        return int(env.get(key, "1"))
+    except ValueError:
+        return 1
+
+
+def parallel_launch(env) -> Optional[str]:
+    """The launcher that started several copies of this process, or None. torchrun marks its
+    workers with TORCHELASTIC_RUN_ID (a WORLD_SIZE alone is no launch: it may be left over in a
+    shell or a test process); an srun step counts SLURM_STEP_NUM_TASKS. One copy per task
+    (SLURM array, a lone process) is the design; several copies each taking every shard is not."""
+    world = _int(env, "WORLD_SIZE")
+    if "TORCHELASTIC_RUN_ID" in env and world > 1:
+        return f"torchrun (WORLD_SIZE={world})"
+    tasks = _int(env, "SLURM_STEP_NUM_TASKS")
+    if "SLURM_PROCID" in env and tasks > 1:
+        return f"an srun step of {tasks} tasks"
+    return None
+
+
 def task_shards(cfg: JobConfig, shards: list[ShardSpec]) -> list[ShardSpec]:
     """This task's part of all shards (stable order, so array tasks never overlap)."""
     return shards[cfg.shard_index :: cfg.num_shards]
@@ -115,10 +137,12 @@ def run_job(
 ) -> dict:
     """Run this task's pending shards; returns what every pass reports (counts come from the
     markers: ``results`` maps shard name -> marker)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    launcher = parallel_launch(os.environ)
+    if launcher is not None and cfg.num_shards == 1:
         raise ValueError(
-            "curation passes run one process per task (SLURM array, --workers, Ray), not under "
-            "torchrun: every rank would process every shard"
+            f"curation passes run one process per task (SLURM array, --workers, Ray), not under "
+            f"{launcher}: every copy would process every shard (or give each copy "
+            f"--shard-index/--num-shards)"
         )
     os.makedirs(cfg.output_dir, exist_ok=True)
     mine = task_shards(cfg, shards)

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from megatron_sail.curate.dedup.grouping import GroupConfig, run_grouping  # noqa: E402
 from megatron_sail.curate.filters.pipeline import FilterConfig, run_filters  # noqa: E402
 from recaption_fixtures import FakeVLMServer, add_member  # noqa: E402

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from megatron_sail.curate.backends import BackendConfig  # noqa: E402
 from megatron_sail.curate.filters.pipeline import FilterConfig, run_filters  # noqa: E402
 from megatron_sail.curate.reader import safe_key  # noqa: E402

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from megatron_sail.curate.filters.base import FilterSample  # noqa: E402
 from megatron_sail.curate.filters.judge import Judge, JudgeConfig, parse_ita, parse_vir  # noqa: E402
 from megatron_sail.curate.filters.pipeline import load_config, run_filters  # noqa: E402
