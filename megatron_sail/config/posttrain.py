@@ -1,4 +1,4 @@
-"""Settings of the post-training stages ``dpo`` and ``grpo`` (training/posttrain.py).
+"""Settings of the post-training stages ``dpo`` and ``grpo`` (posttrain/stage.py, posttrain/run.py).
 
 For these stages ``--data-path`` names JSONL files (and, for grpo, VLMEvalKit TSVs) that are
 tokenized when the run starts, with the tokenizer and processor settings of the starting
