@@ -20,6 +20,20 @@ class CheckpointNotSaved(OSError):
     """Another rank could not write its part of a checkpoint (that rank's error says why); this
     rank stops too, so that nothing is published and no rank waits in the next collective."""
 
+    cli_defer = True
+    """cli.fail lets the rank that failed speak first (this rank prints only if the job is
+    still alive after the grace period), so the user reads the full-disk line once."""
+
+
+def reported_by(err: BaseException, failed_ranks: list[int], rank: int) -> BaseException:
+    """Mark ``err`` (this rank's own failure) for cli.fail: the lowest failed rank prints at
+    once, other failed ranks defer to it; returns ``err``."""
+    try:
+        err.cli_defer = bool(failed_ranks) and rank != min(failed_ranks)  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type with __slots__: the default rule applies
+        pass
+    return err
+
 
 def _chain(err: BaseException) -> Iterator[BaseException]:
     """``err``, its causes and contexts, and the per-rank failures a DCP CheckpointException

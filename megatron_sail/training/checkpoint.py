@@ -133,7 +133,10 @@ def save_checkpoint(
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        try:
+            os.makedirs(tmp)
+        except OSError as e:  # a full disk can refuse even the folder: the same one line
+            raise (disk_full.explain(e, tmp) or e) from None
     torch.distributed.barrier()
     sync_params(chunks)
     sd = dcp.model_sharded_state_dict(chunks)
@@ -205,13 +208,14 @@ def disk_full_named(path: str):
         if isinstance(e, (KeyboardInterrupt, SystemExit)) or disk_full.find_no_space(e) is None:
             raise
         failures = getattr(e, "failures", None) or {}
-        if failures and torch.distributed.get_rank() not in failures:
+        rank = torch.distributed.get_rank()
+        if failures and rank not in failures:
             raise disk_full.CheckpointNotSaved(
                 errno.ENOSPC,
                 f"checkpoint {path} not saved: rank(s) {sorted(failures)} could "
                 "not write their files (full disk)",
             ) from None
-        raise disk_full.explain(e, path) from None
+        raise disk_full.reported_by(disk_full.explain(e, path), sorted(failures) or [rank], rank) from None
 
 
 def _agree(error: Optional[BaseException], path: str) -> None:
@@ -221,9 +225,9 @@ def _agree(error: Optional[BaseException], path: str) -> None:
     torch.distributed.all_gather_object(
         failed, None if error is None else getattr(error, "errno", None) or errno.EIO
     )
-    if error is not None:
-        raise error
     ranks = [r for r, code in enumerate(failed) if code is not None]
+    if error is not None:
+        raise disk_full.reported_by(error, ranks, torch.distributed.get_rank())
     if ranks:
         raise disk_full.CheckpointNotSaved(
             failed[ranks[0]], f"checkpoint {path} not saved: rank(s) {ranks} could not write their part"

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -459,10 +460,11 @@ def _asset_config(tmp_path, tokenizer_dir):
     return {"a": 1, "data": {"data_path": [str(prefix)]}}
 
 
-@pytest.mark.parametrize("fault", ["enospc", "tokenizer_gone"])
+@pytest.mark.parametrize("fault", ["enospc", "tokenizer_gone", "meta_gone"])
 def test_a_save_that_cannot_write_a_part_publishes_nothing(one_rank, tmp_path, monkeypatch, fault):
-    """Item 1 (and 7): the tokenizer copy fails -> the save fails, `latest` stays, no iter dir;
-    a full disk says so once, naming the file and the free bytes."""
+    """Item 1 (and 7): the tokenizer copy fails (a full disk, the tokenizer or the data's
+    meta.json moved) -> the save fails, `latest` stays, no iter dir; a full disk says so once,
+    naming the file and the free bytes."""
     from megatron_sail.checkpoint import assets
 
     root = tmp_path / "ck"
@@ -489,9 +491,16 @@ def test_a_save_that_cannot_write_a_part_publishes_nothing(one_rank, tmp_path, m
 
         monkeypatch.setattr(assets, "_tokenizer_files", gone)
         expected = (FileNotFoundError, "the tokenizer it records")
+    config = _asset_config(tmp_path, tok)
+    if fault == "meta_gone":  # the data folder moved mid-run: no silent checkpoint without tokenizer/
+        os.remove(tmp_path / "data" / "train.meta.json")
+        expected = (
+            FileNotFoundError,
+            r"tokenizer/ not written: the training data's \S+train\.meta\.json is gone",
+        )
     state = ckpt.TrainState(iteration=2)
     with pytest.raises(expected[0], match=expected[1]) as e:
-        ckpt.save_checkpoint(str(root), [Net(1.0)], None, state, 0, config=_asset_config(tmp_path, tok))
+        ckpt.save_checkpoint(str(root), [Net(1.0)], None, state, 0, config=config)
     assert str(e.value).count("no space left") == (1 if fault == "enospc" else 0)
     assert layout.read_latest(str(root)) == 1 and layout.list_checkpoints(str(root)) == [1]
 
@@ -649,3 +658,103 @@ def test_a_reader_whose_checkpoint_is_pruned_reads_the_new_latest(
         with pytest.raises(FileNotFoundError, match="the checkpoint was deleted while being read"):
             loading.inspect_checkpoint(target)
     assert layout.list_checkpoints(str(root)) == [2]
+
+
+@pytest.mark.parametrize("me", [0, 1])
+def test_a_full_disk_on_another_rank_is_said_once_by_the_rank_that_failed(
+    one_rank, tmp_path, monkeypatch, capsys, me
+):
+    """Item 7 with several ranks: DCP hands every rank the failures of all; rank 1 ran out of
+    space. Rank 1 prints the full-disk line at once; rank 0 (no failure of its own) waits the
+    grace period, so the job shows the line of the rank that failed, not 'not saved'."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_sail import cli
+
+    shard = str(tmp_path / "iter_0000002.tmp" / "__1_0.distcp")
+    failures = {1: (_enospc(shard), None)}
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: me)
+    with pytest.raises(OSError) as e:
+        with ckpt.disk_full_named(str(tmp_path / "iter_0000002.tmp")):
+            raise CheckpointException("save failed", failures)
+    slept = []
+    monkeypatch.setattr(cli.time, "sleep", slept.append)
+    monkeypatch.setenv("RANK", str(me))
+    with pytest.raises(SystemExit):
+        cli.fail(e.value)
+    err = capsys.readouterr().err
+    if me == 1:
+        assert slept == [] and re.fullmatch(
+            rf"error: no space left on device while writing {re.escape(shard)} \(\d+ bytes free\) \(rank 1\)\n",
+            err,
+        )
+    else:
+        assert slept == [cli.RANK_PEER_GRACE_S] and "not saved: rank(s) [1]" in err
+
+
+def test_dcp_metadata_naming_files_outside_the_checkpoint_is_refused(one_rank, tmp_path):
+    """Item 2: DCP opens the data files `.metadata` names; one naming a path outside the
+    checkpoint (the manifest never sees it) is refused before any is opened."""
+    import dataclasses
+
+    from megatron_sail.checkpoint import dcp
+
+    d = _save(tmp_path / "ck", 1, value=2.0)
+    meta_path = os.path.join(d, layout.DCP_METADATA)
+    with open(meta_path, "rb") as f:
+        metadata = pickle.load(f)  # our own file, written just above
+    outside = tmp_path / "outside.distcp"
+    shard = os.path.join(d, "__0_0.distcp")
+    outside.write_bytes(open(shard, "rb").read())
+    metadata.storage_data = {
+        k: dataclasses.replace(v, relative_path="../../outside.distcp")
+        for k, v in metadata.storage_data.items()
+    }
+    with open(meta_path, "wb") as f:
+        pickle.dump(metadata, f)
+    os.remove(shard)
+    os.remove(os.path.join(d, integrity.MANIFEST))  # an attacker rewrites the manifest anyway
+    with pytest.raises(
+        integrity.CheckpointDamaged, match=r"\.metadata: names data files outside the checkpoint"
+    ):
+        dcp.load_model([Net()], d, dcp.DistCkptConfig(verify="off"))
+
+
+class NetWithObject(Net):
+    """A chunk whose state also holds a pickled object (Megatron's ShardedObject: DCP stores it
+    as a byte item inside the shard file and unpickles it with weights_only=False)."""
+
+    def __init__(self, obj):
+        super().__init__()
+        self.obj = obj
+
+    def sharded_state_dict(self):
+        from megatron.core.dist_checkpointing import ShardedObject
+
+        return dict(
+            super().sharded_state_dict(), obj=ShardedObject("net.obj", self.obj, (1,), (0,), replica_id=0)
+        )
+
+    def load_state_dict(self, state_dict, strict=True):
+        state_dict = dict(state_dict)
+        self.obj = state_dict.pop("obj")
+        return super().load_state_dict(state_dict, strict)
+
+
+def test_crafted_pickle_inside_a_shard_does_not_run(one_rank, tmp_path, monkeypatch):
+    """Item 3: the pickled items inside shard files go through the allow-list too."""
+    from megatron_sail.checkpoint import dcp
+
+    marker = tmp_path / "ran"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    good = dcp.save_model([NetWithObject({"step": 1})], tmp_path / "good")
+    loaded = NetWithObject({})
+    dcp.load_model([loaded], good)  # a plain dict passes the allow-list
+    assert loaded.obj == {"step": 1}
+    evil = dcp.save_model([NetWithObject({"x": Payload()})], tmp_path / "evil")  # manifest matches
+    with pytest.raises(
+        integrity.CheckpointDamaged, match=r"__0_0\.distcp \(item net\.obj\S*\): refusing to unpickle"
+    ):
+        dcp.load_model([NetWithObject({})], evil)
+    assert not marker.exists()
