@@ -6,7 +6,6 @@ filtering run resumes to the output of an uninterrupted run, and the bench print
 from __future__ import annotations
 
 import filecmp
-import importlib.util
 import io
 import json
 import os
@@ -22,9 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_sail.curate.dedup.grouping import GroupConfig, run_grouping  # noqa: E402
-from megatron_sail.curate.filters.pipeline import FilterConfig, run_filters  # noqa: E402
-from recaption_fixtures import FakeVLMServer, add_member  # noqa: E402
+from megatron_sail.curate.dedup.grouping import GroupConfig, run_grouping
+from megatron_sail.curate.filters.pipeline import FilterConfig, run_filters
+from recaption_fixtures import FakeVLMServer, add_member
+from testkit import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 CAPTIONS = [
@@ -33,13 +33,6 @@ CAPTIONS = [
     "a purple box with an orange lid standing on grass",
     "three black birds flying over a grey stone bridge",
 ]
-
-
-def tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def pattern(seed: int, size=(64, 64)) -> Image.Image:
@@ -72,7 +65,8 @@ def lists_of(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """3000 synthetic 64-bit signatures with planted groups, in 7 shards."""
-    bench = tool("bench_dedup")
+    import bench_dedup as bench
+
     root = tmp_path_factory.mktemp("sig")
     syn = bench.Synthetic(3000, 30, 1, 4, seed=1)
     names = bench.write_signatures(syn, str(root / "sig"), 450)
@@ -90,7 +84,9 @@ def test_near_groups_equal_brute_force_for_any_partition_count(synthetic):
         assert report["partitions"] == parts and report["settings"]["bands"] == 5
         outs.append(lists_of(out))
     assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 2 * len(names)
-    assert bench.brute_force_check(syn, str(root / "keep1"), names, 4)
+    exact = bench.brute_force_check(syn, str(root / "keep1"), names, 4)
+    assert exact["equals_brute_force"] and exact["brute_force_grouped_rows"] > 0
+    assert exact["brute_force_recall"] == exact["brute_force_precision"] == 1.0
     recall, precision, drops = bench.score(syn, str(root / "keep1"), names)
     assert recall == 1.0 and precision == 1.0 and drops == report["dropped"] > 0
     # fewer, wider bands than max_distance + 1: an approximate search, recall reported below 1
@@ -99,6 +95,9 @@ def test_near_groups_equal_brute_force_for_any_partition_count(synthetic):
     )
     recall2, precision2, _ = bench.score(syn, str(root / "approx"), names)
     assert approx["settings"]["bands"] == 2 and recall2 < 1.0 and precision2 == 1.0
+    against = bench.brute_force_check(syn, str(root / "approx"), names, 4)
+    assert not against["equals_brute_force"] and against["brute_force_precision"] == 1.0
+    assert 0.0 < against["brute_force_recall"] < 1.0
 
 
 def test_bench_prints_its_line():
@@ -107,7 +106,7 @@ def test_bench_prints_its_line():
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        env=subprocess_env(),
     )
     assert r.returncode == 0, r.stderr[-2000:]
     last = r.stdout.strip().splitlines()[-1]
@@ -236,7 +235,7 @@ def test_kill_9_mid_filter_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
             str(cfg),
             "--quiet",
         ]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = subprocess_env()
         ref = subprocess.run(cmd(tmp_path / "ref"), capture_output=True, text=True, env=env, timeout=300)
         assert ref.returncode == 0, ref.stderr[-2000:]
         out = tmp_path / "out"
@@ -273,7 +272,8 @@ def test_slurm_array_tasks_together_equal_one_run_and_a_failed_shard_is_reported
     cross_shard_input(tmp_path / "in")
     cfg_path = tmp_path / "f.yaml"
     cfg_path.write_text("language: {enabled: false}\n")
-    fd = tool("filter_data")
+    import filter_data as fd
+
     base = ["--input", str(tmp_path / "in" / "*.tar"), "--config", str(cfg_path), "--quiet"]
     assert fd.main(base + ["--output-dir", str(tmp_path / "ref")]) == 0
     keep = ["--keep-lists", str(tmp_path / "ref" / "dedup" / "keep")]
