@@ -5,7 +5,7 @@ written last, into the temporary folder, after every rank's files (and train_sta
 complete and before the folder is renamed, so a published checkpoint always has one; by the
 synchronous save and, for ``--async-save``, by the finalization that publishes the save.
 Hashing is spread over the ranks (file i goes to rank i mod world size) and costs one read of
-the checkpoint at ~1.7 GB/s per rank on this machine (SHA-256 with SHA-NI, page cache).
+the checkpoint (measured in docs/performance.md, "Checkpoint integrity").
 
 At load, sizes are always compared (a stat per file: catches truncated and missing files);
 full hashes are compared for ``verify="full"`` and, with ``"auto"``, when the checkpoint holds
