@@ -34,7 +34,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from megatron_sail.checkpoint import dcp, disk_full, integrity
+from megatron_sail.checkpoint import dcp, disk_full, integrity, lease
 from megatron_sail.checkpoint.assets import write_checkpoint_assets
 from megatron_sail.checkpoint.layout import (
     LATEST,
@@ -301,13 +301,19 @@ def _prune(root: str, keep_last: int) -> None:
 
     Save order, not iteration order: a run that saves below an existing iteration (a rollback
     with --load .../iter_25, or --overwrite-save into an old run's folder) keeps its own new
-    checkpoints. The checkpoint `latest` names is never deleted."""
+    checkpoints. The checkpoint `latest` names is never deleted, nor one a reader (generate,
+    mcore-to-hf) holds a lease on (checkpoint/lease.py): that one goes at a later save."""
     if keep_last <= 0:
         return
     protected = read_latest(root)
+    held = lease.leased(root)
     for it in save_order(root)[:-keep_last]:
-        if it != protected:
-            shutil.rmtree(iter_dir(root, it), ignore_errors=True)
+        if it == protected:
+            continue
+        if os.path.basename(iter_dir(root, it)) in held:  # a later save deletes it
+            print(f"[checkpoint] {iter_dir(root, it)} kept for now: a reader holds it", flush=True)
+            continue
+        shutil.rmtree(iter_dir(root, it), ignore_errors=True)
 
 
 @dataclass

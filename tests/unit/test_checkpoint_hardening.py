@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import time
 
 import numpy as np
 import pytest
@@ -630,11 +631,17 @@ def _tiny_run_config():
 def test_a_reader_whose_checkpoint_is_pruned_reads_the_new_latest(
     one_rank, tmp_path, monkeypatch, caplog, named
 ):
-    """Item 4: the checkpoint a reader resolved is pruned (--keep-last 1) while it reads: with
-    the --save root it reads the new latest and says so; with the folder itself the error says
-    it was deleted, not that it is not a checkpoint."""
+    """Item 4, without a lease (a read-only --save folder): the checkpoint a reader resolved is
+    pruned (--keep-last 1) while it reads: with the --save root it reads the new latest and
+    says so; with the folder itself the error says it was deleted, not that it is not a
+    checkpoint."""
+    from megatron_sail.checkpoint import lease
     from megatron_sail.inference import loading
 
+    def read_only(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(lease, "_create", read_only)
     root = tmp_path / "ck"
     config = _tiny_run_config()
     ckpt.save_checkpoint(str(root), [Net(1.0)], None, ckpt.TrainState(iteration=1), 1, config)
@@ -658,6 +665,78 @@ def test_a_reader_whose_checkpoint_is_pruned_reads_the_new_latest(
         with pytest.raises(FileNotFoundError, match="the checkpoint was deleted while being read"):
             loading.inspect_checkpoint(target)
     assert layout.list_checkpoints(str(root)) == [2]
+    gone = r"iter_0000001: no such checkpoint: it was deleted .*`latest` is now iter_0000002"
+    with pytest.raises(FileNotFoundError, match=gone):  # named after it was pruned
+        loading.inspect_checkpoint(layout.iter_dir(str(root), 1))
+    with pytest.raises(FileNotFoundError, match=gone):  # mcore-to-hf and load_generator read so
+        layout.read_checkpoint(layout.iter_dir(str(root), 1), lambda ckpt: None)
+
+
+@pytest.mark.parametrize("named", ["root", "iter_dir"])
+def test_a_checkpoint_being_read_is_not_pruned_until_the_reader_is_done(
+    one_rank, tmp_path, monkeypatch, named
+):
+    """Item 4: a reader holds a lease on the checkpoint it reads; a run saving with --keep-last
+    1 meanwhile keeps it (the read gets the checkpoint it resolved) and deletes it at its next
+    save, once the lease is released."""
+    from megatron_sail.checkpoint import lease
+    from megatron_sail.inference import loading
+
+    root = tmp_path / "ck"
+    config = _tiny_run_config()
+    ckpt.save_checkpoint(str(root), [Net(1.0)], None, ckpt.TrainState(iteration=1), 1, config)
+    real, during = loading.read_model_config, []
+
+    def read_while_saving(folder):
+        if not during:  # a running trainer publishes iteration 2 while iteration 1 is read
+            ckpt.save_checkpoint(str(root), [Net(2.0)], None, ckpt.TrainState(iteration=2), 1, config)
+            during.append(layout.list_checkpoints(str(root)))
+        return real(folder)
+
+    monkeypatch.setattr(loading, "read_model_config", read_while_saving)
+    target = str(root) if named == "root" else layout.iter_dir(str(root), 1)
+    found = loading.inspect_checkpoint(target)
+    assert str(found.path) == layout.iter_dir(str(root), 1) and during == [[1, 2]]
+    assert os.listdir(root / lease.LEASE_DIR) == []  # released
+    ckpt.save_checkpoint(str(root), [Net(3.0)], None, ckpt.TrainState(iteration=3), 1, config)
+    assert layout.list_checkpoints(str(root)) == [3]
+
+
+def test_generate_holds_its_lease_from_inspection_to_the_end_of_the_load(one_rank, tmp_path, monkeypatch):
+    """Item 4: load_generator inspects the checkpoint, builds the model (seconds to minutes),
+    then reads the weights; a save with --keep-last 1 during the build does not prune the
+    folder it named."""
+    from megatron_sail.inference import loading
+
+    root = tmp_path / "ck"
+    config = _tiny_run_config()
+    ckpt.save_checkpoint(str(root), [Net(1.0)], None, ckpt.TrainState(iteration=1), 1, config)
+
+    def build_while_saving(model_config, parallel, dtype):
+        ckpt.save_checkpoint(str(root), [Net(2.0)], None, ckpt.TrainState(iteration=2), 1, config)
+        return [Net()]
+
+    monkeypatch.setattr(loading, "_platform", lambda load: None)
+    monkeypatch.setattr(loading, "_build", build_while_saving)
+    monkeypatch.setattr(loading, "_tokenizer", lambda found, override: "tokenizer")
+    monkeypatch.setattr(loading, "Generator", lambda chunks, *rest: chunks)
+    [net] = loading.load_generator(layout.iter_dir(str(root), 1))
+    assert torch.all(net.w == 1.0) and layout.list_checkpoints(str(root)) == [1, 2]
+
+
+def test_a_stale_lease_protects_nothing(one_rank, tmp_path):
+    """A reader killed with kill -9 leaves its lease; once not refreshed for LEASE_TTL_S it is
+    removed and the checkpoint pruned as usual."""
+    from megatron_sail.checkpoint import lease
+
+    root = tmp_path / "ck"
+    _save(root, 1)
+    with lease.reading(layout.iter_dir(str(root), 1)) as held:
+        assert held is not None and lease.leased(str(root)) == {"iter_0000001"}
+        stale = time.time() - lease.LEASE_TTL_S - 1
+        os.utime(held, (stale, stale))
+        _save(root, 2, keep_last=1)
+        assert layout.list_checkpoints(str(root)) == [2] and not os.path.exists(held)
 
 
 @pytest.mark.parametrize("me", [0, 1])
