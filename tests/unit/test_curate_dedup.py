@@ -297,3 +297,74 @@ def test_slurm_array_tasks_together_equal_one_run_and_a_failed_shard_is_reported
     assert "shard b (" in err and "failed after 2 attempts" in err
     assert (tmp_path / "bad" / "a.tar").is_file() and (tmp_path / "bad" / "c.tar").is_file()
     assert not list((tmp_path / "bad").rglob("*.tmp*"))
+
+
+def semantic_signatures(folder: Path, seed: int = 3) -> dict:
+    """Three signature shards of 16-d unit embeddings (random pHashes and SHA-256s, so only the
+    semantic pass can link rows): 60 rows each; 12 rows get a copy in another shard with a
+    slightly moved embedding (cosine > 0.99) and a size of their own. Returns {row key: copy key}."""
+    import bench_dedup as bench
+
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(180, 16)).astype(np.float32)
+    pixels = rng.integers(1_000, 100_000, 180)
+    copies = {}
+    for k, src in enumerate(range(0, 60, 5)):  # rows 0, 5, ... of shard 0 -> shard 1 or 2
+        dst = 60 + 60 * (k % 2) + 7 + k
+        emb[dst] = emb[src] + rng.normal(scale=0.02, size=16)
+        copies[f"s0/{src}"] = f"s{1 + k % 2}/{dst - 60 * (1 + k % 2)}"
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    (folder / "done").mkdir(parents=True)
+    for s in range(3):
+        rows = slice(60 * s, 60 * s + 60)
+        np.savez(
+            folder / f"s{s}{bench.SUFFIX}",
+            keys=np.char.encode(np.arange(60).astype(str), "ascii"),
+            sha256=rng.integers(0, 256, (60, 32), dtype=np.uint8),
+            phash=rng.integers(0, 2**63, (60, 4), dtype=np.uint64),
+            phash_ok=np.ones(60, np.uint8),
+            pixels=pixels[rows],
+            embedding=emb[rows],
+        )
+        bench.write_atomic(bench.done_marker(str(folder), f"s{s}"), b'{"samples": 60, "signed": 60}')
+    return {"copies": copies, "emb": emb, "pixels": pixels}
+
+
+def test_semantic_groups_are_the_planted_pairs_with_the_survivor_rule_for_any_partitions(tmp_path):
+    planted = semantic_signatures(tmp_path / "sig")
+    emb = planted["emb"]
+    sim = emb @ emb.T
+    brute = {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(sim >= 0.95, 1)))}
+    assert len(brute) == len(planted["copies"])  # the random rows are far apart: only the copies
+    outs = []
+    for parts in (1, 4):
+        out = tmp_path / f"keep{parts}"
+        report = run_grouping(
+            GroupConfig(
+                signatures=str(tmp_path / "sig"),
+                output_dir=str(out),
+                semantic=True,
+                clusters=4,
+                threshold=0.95,
+                partitions=parts,
+            )
+        )
+        assert report["verified_pairs"]["semantic"] == len(brute)
+        outs.append(lists_of(out))
+    assert outs[0] == outs[1]
+    dropped = {}
+    for name in ("s0", "s1", "s2"):
+        for line in (tmp_path / "keep1" / f"{name}.dropped.jsonl").read_text().splitlines():
+            d = json.loads(line)
+            dropped[f"{name}/{d['key']}"] = (d["reason"], d["survivor"])
+
+    def row(key: str) -> int:
+        shard, k = key.split("/")
+        return 60 * int(shard[1:]) + int(k)
+
+    want = {}
+    for a, b in planted["copies"].items():  # the larger image survives, then the first by shard
+        pa, pb = planted["pixels"][row(a)], planted["pixels"][row(b)]
+        loser, survivor = (b, a) if pa >= pb else (a, b)
+        want[loser] = ("semantic_duplicate", survivor)
+    assert dropped == want
