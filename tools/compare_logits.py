@@ -40,8 +40,20 @@ from megatron_sail.bench.compare_logits import (
 def parse_args(argv):
     """Command line (see the module docstring)."""
     p = argparse.ArgumentParser(description="Compare transformers' and our logits on one sample.")
-    p.add_argument("--hf-dir", required=True, type=Path)
-    p.add_argument("--mcore-dir", required=True, type=Path)
+    p.add_argument(
+        "--hf-dir",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="the transformers InternVL folder (required)",
+    )
+    p.add_argument(
+        "--mcore-dir",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="our checkpoint of the same weights (required)",
+    )
     p.add_argument(
         "--tensor-model-parallel-size",
         "--tp",
@@ -61,7 +73,11 @@ def parse_args(argv):
         help="pipeline-parallel size of our model, equal stages (default: 1)",
     )
     p.add_argument("--image", nargs="*", default=[], help="image files (default: a generated one)")
-    p.add_argument("--prompt", default="Describe this image in detail.")
+    p.add_argument(
+        "--prompt",
+        default="Describe this image in detail.",
+        help="user turn of the chat prompt (default: %(default)r)",
+    )
     p.add_argument("--max-tiles", type=int, default=6, help="most grid tiles per image (SAIL-VL: 12)")
     p.add_argument(
         "--dtype",

@@ -37,11 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("hf-to-mcore", help="Hugging Face folder -> Megatron dist checkpoint")
-    a.add_argument("--hf-dir", required=True)
-    a.add_argument("--out", required=True)
+    a.add_argument(
+        "--hf-dir", required=True, metavar="DIR", help="Hugging Face model folder to read (required)"
+    )
+    a.add_argument(
+        "--out", required=True, metavar="DIR", help="Megatron checkpoint folder to write (required)"
+    )
     b = sub.add_parser("mcore-to-hf", help="Megatron dist checkpoint -> transformers InternVL folder")
-    b.add_argument("--mcore-dir", required=True)
-    b.add_argument("--out", required=True)
+    b.add_argument(
+        "--mcore-dir",
+        required=True,
+        metavar="DIR",
+        help="Megatron checkpoint to read: an iter_N folder or a --save folder (its latest) (required)",
+    )
+    b.add_argument("--out", required=True, metavar="DIR", help="Hugging Face folder to write (required)")
     b.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file")
     b.add_argument(
         "--layout",
@@ -63,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     c.add_argument("--vision-hf", required=True, help="vision encoder folder (config.json + safetensors)")
     c.add_argument("--language-hf", required=True, help="causal LM folder (Qwen2/Qwen3/Qwen3-MoE)")
-    c.add_argument("--out", required=True)
+    c.add_argument(
+        "--out", required=True, metavar="DIR", help="Megatron checkpoint folder to write (required)"
+    )
     c.add_argument(
         "--recipe",
         default=None,

@@ -56,7 +56,9 @@ def main(argv=None) -> int:
         "one flag or the flag repeated (required)",
     )
     p.add_argument("--tokens", type=int, required=True, help="token budget per candidate")
-    p.add_argument("--recipe", default="tiny")
+    p.add_argument(
+        "--recipe", default="tiny", help="model recipe every candidate trains (default: %(default)s)"
+    )
     p.add_argument(
         "--benchmark",
         nargs="+",
@@ -66,16 +68,42 @@ def main(argv=None) -> int:
         help="a benchmark every candidate is scored on (NAME as in tools/evaluate.py); "
         "several after one flag or the flag repeated, as in evaluate.py (required)",
     )
-    p.add_argument("--stage", default="pretrain-alignment")
+    p.add_argument(
+        "--stage",
+        default="pretrain-alignment",
+        help="training stage of every candidate (default: %(default)s)",
+    )
     p.add_argument("--init-from", help="base checkpoint every candidate starts from")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--seq-length", type=int)
-    p.add_argument("--global-batch-size", type=int)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=1234,
+        help="training seed, the same for every candidate (default: %(default)s)",
+    )
+    p.add_argument("--seq-length", type=int, metavar="N", help="packed row length (default: the datasets')")
+    p.add_argument("--global-batch-size", type=int, metavar="N", help="rows per step (default: the recipe's)")
     p.add_argument("--limit", type=int, help="first N items of each benchmark")
-    p.add_argument("--resamples", type=int, default=1000)
-    p.add_argument("--confidence", type=float, default=0.95)
-    p.add_argument("--bootstrap-seed", type=int, default=0)
-    p.add_argument("--out", default="runs/ablation")
+    p.add_argument(
+        "--resamples",
+        type=int,
+        default=1000,
+        help="bootstrap resamples of the benchmark items (default: %(default)s)",
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=0.95,
+        help="level of the bootstrap intervals (default: %(default)s)",
+    )
+    p.add_argument(
+        "--bootstrap-seed", type=int, default=0, help="seed of the resampling (default: %(default)s)"
+    )
+    p.add_argument(
+        "--out",
+        default="runs/ablation",
+        metavar="DIR",
+        help="folder for the runs, scores and ranking (default: %(default)s)",
+    )
     p.add_argument(
         "--launcher", help="training launcher, e.g. 'torchrun --nproc_per_node 8' (default: python)"
     )

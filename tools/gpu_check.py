@@ -50,21 +50,52 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Sub-commands: probe, need, record, dali-parity, report (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("probe", "need", "record", "report"):
-        s = sub.add_parser(name)
-        s.add_argument("--out", required=True, type=Path)
-    sub.choices["need"].add_argument("abilities", nargs="+")
+    helps = {
+        "probe": "write DIR/probe.json: card, versions, abilities",
+        "need": "print why a check must be skipped (empty: run it)",
+        "record": "append one check's result to DIR/checks.jsonl",
+        "report": "join the records and the probe into DIR/report.json and report.md",
+    }
+    for name, text in helps.items():
+        s = sub.add_parser(name, help=text)
+        s.add_argument(
+            "--out", required=True, type=Path, metavar="DIR", help="the check's output folder (required)"
+        )
+    sub.choices["need"].add_argument(
+        "abilities",
+        nargs="+",
+        metavar="ABILITY",
+        help="what the check needs: cuda, te, fp8, dali, megatron, internvl (one or more)",
+    )
     r = sub.choices["record"]
-    r.add_argument("--name", required=True)
-    r.add_argument("--status", required=True, choices=("passed", "failed", "timed_out", "skipped"))
-    r.add_argument("--reason", default="")
-    r.add_argument("--seconds", type=float, default=0.0)
-    r.add_argument("--log", type=Path, default=None)
-    r.add_argument("--parse", default="none", choices=("none", "kv", "junit", "metrics", "benchmark"))
-    r.add_argument("--files", nargs="*", type=Path, default=[])
-    sub.choices["report"].add_argument("--command", default="bash scripts/gpu_check.sh")
-    d = sub.add_parser("dali-parity")
-    d.add_argument("--images", required=True, type=Path)
+    r.add_argument("--name", required=True, help="the check's name (required)")
+    r.add_argument(
+        "--status",
+        required=True,
+        choices=("passed", "failed", "timed_out", "skipped"),
+        help="how the check ended (required)",
+    )
+    r.add_argument("--reason", default="", help="why it was skipped or failed (default: none)")
+    r.add_argument("--seconds", type=float, default=0.0, help="its wall time (default: 0)")
+    r.add_argument("--log", type=Path, default=None, metavar="FILE", help="its log, parsed by --parse")
+    r.add_argument(
+        "--parse",
+        default="none",
+        choices=("none", "kv", "junit", "metrics", "benchmark"),
+        help="how figures are read from --log or --files (default: none)",
+    )
+    r.add_argument(
+        "--files", nargs="*", type=Path, default=[], metavar="FILE", help="result files kept with the record"
+    )
+    sub.choices["report"].add_argument(
+        "--command",
+        default="bash scripts/gpu_check.sh",
+        help="the command the report says produced it (default: %(default)s)",
+    )
+    d = sub.add_parser("dali-parity", help="GPU DALI tiles against PIL's on a folder of images")
+    d.add_argument(
+        "--images", required=True, type=Path, metavar="DIR", help="folder of images to decode (required)"
+    )
     args = p.parse_args(argv)
     if args.cmd == "probe":
         args.out.mkdir(parents=True, exist_ok=True)

@@ -51,8 +51,19 @@ def parse_args(argv=None) -> PreprocessConfig:
     p.add_argument(
         "--tokenizer", required=True, help="tokenizer.json, HF tokenizer dir, or sentencepiece .model"
     )
-    p.add_argument("--output-prefix", required=True)
-    p.add_argument("--seq-length", type=int, required=True)
+    p.add_argument(
+        "--output-prefix",
+        required=True,
+        metavar="PREFIX",
+        help="where the indexed dataset goes: PREFIX.bin/.idx, meta.json, rejects (required)",
+    )
+    p.add_argument(
+        "--seq-length",
+        type=int,
+        required=True,
+        metavar="N",
+        help="tokens per packed row; equal to the trainer's --seq-length (required)",
+    )
     p.add_argument(
         "--recipe",
         default=None,
@@ -72,18 +83,57 @@ def parse_args(argv=None) -> PreprocessConfig:
         default=None,
         help="must equal what --recipe makes; without --recipe, taken as given (no geometry recorded)",
     )
-    p.add_argument("--min-tiles", type=int, default=1)
-    p.add_argument("--max-tiles", type=int, default=12)
-    p.add_argument("--no-thumbnail", action="store_true")
+    p.add_argument(
+        "--min-tiles",
+        type=int,
+        default=1,
+        help="fewest dynamic-resolution tiles per image (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-tiles",
+        type=int,
+        default=12,
+        help="most dynamic-resolution tiles per image, thumbnail excluded (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-thumbnail",
+        action="store_true",
+        help="no whole-image thumbnail tile after a multi-tile grid (default: added, as InternVL does)",
+    )
     p.add_argument("--system-prompt", default="", help="system message for samples without one")
     p.add_argument("--caption-prompts", default=None, help="file with one caption prompt per line")
     p.add_argument("--packing-buffer", type=int, default=4096, help="records per shuffle/packing block")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--shard-index", type=int, default=0)
-    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=1234,
+        help="seed of the shuffle and caption prompt choice (default: %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes; the output is the same for any count (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        default=0,
+        help="this job's shard: it keeps the blocks with block %% num_shards == index (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=1,
+        help="jobs splitting the input; merge with tools/merge_datasets.py (default: %(default)s)",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 on any rejected sample")
-    p.add_argument("--max-reject-rate", type=float, default=0.05)
+    p.add_argument(
+        "--max-reject-rate",
+        type=float,
+        default=0.05,
+        help="exit 1 when more than this fraction of samples is rejected (default: %(default)s)",
+    )
     p.add_argument(
         "--allow-absolute-paths",
         action="store_true",

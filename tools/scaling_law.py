@@ -28,7 +28,12 @@ from megatron_sail.eval.scaling import fit_all, fit_report, format_r2, parse_tok
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folders holding metrics.jsonl with benchmark scores (one or more)",
+    )
     p.add_argument("--budget", default="655B", help="extrapolate to this many tokens (655B)")
     p.add_argument("--out", default="scaling", help="folder for scaling.png and fits.json")
     a = p.parse_args(argv)

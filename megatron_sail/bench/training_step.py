@@ -58,13 +58,23 @@ def build_parser(doc: str | None = None, hf: bool = False) -> argparse.ArgumentP
         help="override the recipe's LM depth (a smaller model of the same widths)",
     )
     p.add_argument("--vit-layers", type=int, default=None, help="override the recipe's ViT depth")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=1234,
+        help="seed of the weights and synthetic batches (default: %(default)s)",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     if not hf:
         p.add_argument(
             "--fp8-format", default=None, choices=["hybrid", "e4m3"], help="Transformer Engine FP8 (GPU)"
         )
-        p.add_argument("--recompute-granularity", default=None, choices=["selective", "full"])
+        p.add_argument(
+            "--recompute-granularity",
+            default=None,
+            choices=["selective", "full"],
+            help="activation recomputation of the LM (default: none)",
+        )
         p.add_argument("--recompute-vit", action="store_true", help="full recompute of the ViT layers")
     return p
 

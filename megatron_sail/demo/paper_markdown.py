@@ -17,8 +17,13 @@ def write_markdown(path: str, r: dict) -> None:
     lines = [
         "# SAIL-VL's claims at toy scale",
         "",
-        f"Study output: `{cfgd['out']}`; total time {d['timing_s']['total']} s "
-        f"(per part: {', '.join(f'{k} {v} s' for k, v in d['timing_s'].items() if k != 'total')}).",
+        f"Study output: `{cfgd['out']}`; this invocation took {d['timing_s']['total']} s (per part: "
+        + ", ".join(
+            f"{k} {v} s" for k, v in d["timing_s"].items() if isinstance(v, (int, float)) and k != "total"
+        )
+        + "); the training runs took, when they ran (their done.json, kept when a rerun resumes): "
+        + ", ".join(f"{k} {v} s" for k, v in d["timing_s"].get("runs_recorded", {}).items())
+        + ".",
         "",
         "## (a) Benchmark score against pretraining tokens",
         "",

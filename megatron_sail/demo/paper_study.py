@@ -133,6 +133,7 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
     cap = rep.caption(summary, os.path.join(out, "caption.png"))
     clock.mark("report")
     clock.timing["total"] = round(time.perf_counter() - clock.start, 1)
+    clock.timing["runs_recorded"] = recorded_seconds(os.path.join(out, "runs"))
     result = assemble(cfg, data, pre, scaling, quant, cur, cap, plan, steps, rho, budget, clock.timing)
     from megatron_sail.demo.paper_markdown import write_markdown
 
@@ -308,6 +309,21 @@ def run_caption(cfg: StudyConfig, log) -> Optional[str]:
         log(f"[study] examples/sail_caption.sh failed (exit {rc}); see {cfg.out}/sail_caption.log")
         return None
     return summary
+
+
+def recorded_seconds(runs_root: str) -> dict:
+    """{part: seconds} summed over the done.json marks under each folder of ``runs_root``
+    (pretrain, sft, quantity): what the training runs took when they ran, so a resumed study
+    still reports them."""
+    out = {}
+    for part in sorted(os.listdir(runs_root)) if os.path.isdir(runs_root) else []:
+        total = 0.0
+        for d, _, files in os.walk(os.path.join(runs_root, part)):
+            if "done.json" in files:
+                with open(os.path.join(d, "done.json")) as f:
+                    total += float(json.load(f).get("seconds", 0.0))
+        out[part] = round(total, 1)
+    return out
 
 
 def write_json(path: str, value: dict) -> None:

@@ -97,14 +97,17 @@ def _parity_job(rank, a):
     from megatron_sail.inference import load_generator
     from megatron_sail.inference.config import GenerationConfig, GenerationRequest
     from megatron_sail.inference.rollout import RolloutGenerator
-    from megatron_sail.training import grpo
-    from megatron_sail.training import preference as pref
+    from megatron_sail.posttrain import grpo_update
+    from megatron_sail.posttrain.pair_rows import build_rows
+    from megatron_sail.posttrain.preference import reference_logps
+    from megatron_sail.posttrain.ref_sidecar import load_sidecar
+    from megatron_sail.posttrain.rollout_rows import pack_rollouts
 
     gen = load_generator(a["mcore"], GenerationConfig(max_tiles=4))
     pipe = PilPipeline(ImageConfig(backend="pil", tile_size=gen.settings.tile_size, threads=1))
-    data = pref.build_rows(read_pairs(PairFile([a["pairs"]])), gen.tokenizer, gen.settings, SEQ)
+    data = build_rows(read_pairs(PairFile([a["pairs"]])), gen.tokenizer, gen.settings, SEQ)
     assert not data.rejects, data.rejects
-    ours = pref.reference_logps(gen.chunks, data.rows, pipe, SEQ, 1)
+    ours = reference_logps(gen.chunks, data.rows, pipe, SEQ, 1)
     hf = _hf_segment_logps(a["hf"], data.rows, pipe)
     # tools/precompute_ref_logps.py writes the same values; a sidecar of other rows is refused
     sidecar = str(a["root"] / "ref.npz")
@@ -125,11 +128,11 @@ def _parity_job(rank, a):
         )
         == 0
     )
-    loaded = pref.load_sidecar(sidecar, data.rows)
+    loaded = load_sidecar(sidecar, data.rows)
     refused = None
     try:
         other = dataclasses.replace(data.rows[0], tokens=data.rows[0].tokens[::-1].copy())
-        pref.load_sidecar(sidecar, [other] + data.rows[1:])
+        load_sidecar(sidecar, [other] + data.rows[1:])
     except ValueError as e:
         refused = str(e)
     # engine vs trainer: sampled completions, temperature 0.7, top-p 0.9
@@ -146,8 +149,10 @@ def _parity_job(rank, a):
     ]
     prompts = [rg.prompts.build(r, 8, k) for k, r in enumerate(reqs) for _ in range(3)]
     rolls = rg.rollouts(prompts)
-    batches = grpo.pack_rollouts(rolls, [0.0] * len(rolls), SEQ, 1, gen.tokenizer.special.pad, True)
-    reports = grpo.run_schedule(gen.chunks, batches, SEQ, grpo._ref_loss(0.7), 0.7, forward_only=True)
+    batches = pack_rollouts(rolls, [0.0] * len(rolls), SEQ, 1, gen.tokenizer.special.pad, True)
+    reports = grpo_update.run_schedule(
+        gen.chunks, batches, SEQ, grpo_update._ref_loss(0.7), 0.7, forward_only=True
+    )
     engine, trainer = [], []
     for b, rep in zip(batches, reports):
         m = b.mb.loss_mask.bool()

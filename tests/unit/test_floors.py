@@ -16,6 +16,7 @@ FLOORS = [
     {"training", "convert"},
     {"inference"},
     {"eval"},
+    {"posttrain"},
     {"curate"},
     {"demo"},
     {"train", "generate"},  # the module entry points (python -m megatron_sail.train / .generate)

@@ -23,7 +23,16 @@ def test_stage_defaults_and_trainable_modules():
     adv = resolve(["--recipe", "sail_2b", "--stage", "pretrain-advance", "--train-language", "true"])
     assert adv.stage.train_language and adv.stage.train_vision
     assert adv.optim.lr_decay_style == "WSD" and adv.optim.lr_wsd_decay_iters > 0
-    assert len(STAGES) == 5
+    # the paper's five training stages, then the post-training ones (docs/post_training.md)
+    assert list(STAGES) == [
+        "pretrain-alignment",
+        "pretrain-advance",
+        "sft-knowledge",
+        "sft-instruction",
+        "sft-preference",
+        "dpo",
+        "grpo",
+    ]
 
 
 def test_yaml_then_flags_override(tmp_path):
