@@ -78,9 +78,13 @@ def error_line(e: BaseException) -> str:
 
 def fail(e: BaseException) -> NoReturn:
     """Print ``e`` as one line (from rank 0; from another rank only if the job is still alive
-    after a short grace period) and exit 2."""
+    after a short grace period) and exit 2. An error may say who reports it through a
+    ``cli_defer`` attribute: True when another rank holds the real message (a rank that only
+    learned that a checkpoint save failed elsewhere waits, even rank 0), False when this rank
+    is the one that failed (it prints at once, whatever its rank)."""
     r = rank()
-    if r != 0:
+    defer = getattr(e, "cli_defer", None)
+    if (r != 0) if defer is None else defer:
         time.sleep(RANK_PEER_GRACE_S)
     print(error_line(e) if r == 0 else f"{error_line(e)} (rank {r})", file=sys.stderr, flush=True)
     sys.exit(EXIT_USAGE)

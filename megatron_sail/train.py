@@ -21,7 +21,7 @@ from megatron_sail.checkpoint.from_checkpoint import resolve
 from megatron_sail.config.run import RunConfig, random_init_problem, to_dict, write_resolved
 from megatron_sail.config.stage import POST_TRAINING
 from megatron_sail.data import geometry
-from megatron_sail.data.images.pipeline import build_image_pipeline
+from megatron_sail.data.images import build_image_pipeline
 from megatron_sail.data.loading.dataset import build_blended
 from megatron_sail.platform import distributed as platform
 from megatron_sail.training import checkpoint as ckpt

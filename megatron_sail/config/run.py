@@ -347,7 +347,7 @@ def finalize(cfg: RunConfig) -> RunConfig:
     if t.tensorboard_dir is None:
         t.tensorboard_dir = os.path.join(t.run_dir, "tensorboard")
     cfg.parallel.validate()  # flags set its fields after it was made
-    cfg.post.__post_init__()
+    cfg.post.validate()
     cfg.parallel.check_experts(cfg.model.language.num_experts)
     return cfg
 

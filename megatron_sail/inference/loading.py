@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,9 +31,11 @@ from megatron_sail.checkpoint.layout import (
     STATE_FILE,
     TOKENIZER_DIR,
     checkpoint_kind,
+    pruned_note,
     read_checkpoint,
     read_model_config,
     read_state_file,
+    reader_lease,
     resolve_checkpoint,
 )
 from megatron_sail.config.model import ModelConfig
@@ -79,7 +82,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Resolve a checkpoint path to its kind, model config, tokenizer and processor settings."""
     root = Path(path)
     if not root.exists():
-        raise FileNotFoundError(f"--checkpoint {root}: no such file or directory")
+        raise FileNotFoundError(pruned_note(root) or f"--checkpoint {root}: no such file or directory")
     if checkpoint_kind(root) == "hf":
         return _inspect_hf(root)
     if resolve_checkpoint(str(root)) is None:
@@ -293,13 +296,16 @@ def load_generator(
     models are built at EP=1 whatever EP the checkpoint was trained at (see ``_platform``).
     """
     ckpt = inspect_checkpoint(checkpoint)
-    parallel = _platform(load)
-    chunks = _build(ckpt.model_config, parallel, _dtype(load.dtype))
-    if ckpt.kind == "hf":
-        _load_hf_weights(chunks, ckpt)
-        tok = _tokenizer(ckpt, load.tokenizer)
-    else:  # a run still saving may prune it meanwhile: then the new latest is read
-        ckpt, tok = read_checkpoint(checkpoint, partial(_load_megatron, chunks, ckpt, load.tokenizer))
+    # Leased from here to the end of the load: a run saving beside it with --keep-last does not
+    # prune it while the model is built (checkpoint/lease.py).
+    with nullcontext() if ckpt.kind == "hf" else reader_lease(ckpt.path):
+        parallel = _platform(load)
+        chunks = _build(ckpt.model_config, parallel, _dtype(load.dtype))
+        if ckpt.kind == "hf":
+            _load_hf_weights(chunks, ckpt)
+            tok = _tokenizer(ckpt, load.tokenizer)
+        else:  # a run still saving may prune it meanwhile: then the new latest is read
+            ckpt, tok = read_checkpoint(checkpoint, partial(_load_megatron, chunks, ckpt, load.tokenizer))
     return Generator(chunks, ckpt.model_config, tok, ckpt.settings, cfg)
 
 

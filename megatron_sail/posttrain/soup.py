@@ -23,7 +23,6 @@ model dtype; non-float tensors (TE extra state) are taken from the first input.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -33,8 +32,17 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_sail.checkpoint.layout import (
+    HF_CONFIG_FILE,
+    PROCESSOR_FILE,
+    SOURCE_DIR,
+    STATE_FILE,
+    TOKENIZER_DIR,
+)
+from megatron_sail.hashing import tree_sha256
+
 SOUP_FILE = "soup.json"
-_COPIED = ("tokenizer", "processor.json", "source_files", "hf_config.json")
+_COPIED = (TOKENIZER_DIR, PROCESSOR_FILE, SOURCE_DIR, HF_CONFIG_FILE)
 
 
 @dataclass
@@ -104,19 +112,14 @@ def tokenizer_identity(ckpt: Path) -> dict:
     checkpoints) or a hash of its tokenizer/ files (converted ones); {} when it has neither."""
     from megatron_sail.checkpoint.layout import read_state_file
 
-    state = ckpt / "train_state.pt"
+    state = ckpt / STATE_FILE
     if state.is_file():
         block = (read_state_file(str(state)).get("train_state") or {}).get("tokenizer") or {}
         if block:
             return dict(block)
-    tok = ckpt / "tokenizer"
+    tok = ckpt / TOKENIZER_DIR
     if tok.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(tok.rglob("*")):
-            if f.is_file():
-                h.update(f.relative_to(tok).as_posix().encode())
-                h.update(f.read_bytes())
-        return {"tokenizer_files_sha256": h.hexdigest()}
+        return {"tokenizer_files_sha256": tree_sha256(tok)}
     return {}
 
 

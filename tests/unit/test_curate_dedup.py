@@ -6,7 +6,6 @@ filtering run resumes to the output of an uninterrupted run, and the bench print
 from __future__ import annotations
 
 import filecmp
-import importlib.util
 import io
 import json
 import os
@@ -22,9 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_sail.curate.dedup.grouping import GroupConfig, run_grouping  # noqa: E402
-from megatron_sail.curate.filters.pipeline import FilterConfig, run_filters  # noqa: E402
-from recaption_fixtures import FakeVLMServer, add_member  # noqa: E402
+from megatron_sail.curate.dedup.grouping import GroupConfig, run_grouping
+from megatron_sail.curate.filters.pipeline import FilterConfig, run_filters
+from recaption_fixtures import FakeVLMServer, add_member
+from testkit import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 CAPTIONS = [
@@ -33,13 +33,6 @@ CAPTIONS = [
     "a purple box with an orange lid standing on grass",
     "three black birds flying over a grey stone bridge",
 ]
-
-
-def tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def pattern(seed: int, size=(64, 64)) -> Image.Image:
@@ -72,7 +65,8 @@ def lists_of(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """3000 synthetic 64-bit signatures with planted groups, in 7 shards."""
-    bench = tool("bench_dedup")
+    import bench_dedup as bench
+
     root = tmp_path_factory.mktemp("sig")
     syn = bench.Synthetic(3000, 30, 1, 4, seed=1)
     names = bench.write_signatures(syn, str(root / "sig"), 450)
@@ -90,7 +84,9 @@ def test_near_groups_equal_brute_force_for_any_partition_count(synthetic):
         assert report["partitions"] == parts and report["settings"]["bands"] == 5
         outs.append(lists_of(out))
     assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 2 * len(names)
-    assert bench.brute_force_check(syn, str(root / "keep1"), names, 4)
+    exact = bench.brute_force_check(syn, str(root / "keep1"), names, 4)
+    assert exact["equals_brute_force"] and exact["brute_force_grouped_rows"] > 0
+    assert exact["brute_force_recall"] == exact["brute_force_precision"] == 1.0
     recall, precision, drops = bench.score(syn, str(root / "keep1"), names)
     assert recall == 1.0 and precision == 1.0 and drops == report["dropped"] > 0
     # fewer, wider bands than max_distance + 1: an approximate search, recall reported below 1
@@ -99,6 +95,9 @@ def test_near_groups_equal_brute_force_for_any_partition_count(synthetic):
     )
     recall2, precision2, _ = bench.score(syn, str(root / "approx"), names)
     assert approx["settings"]["bands"] == 2 and recall2 < 1.0 and precision2 == 1.0
+    against = bench.brute_force_check(syn, str(root / "approx"), names, 4)
+    assert not against["equals_brute_force"] and against["brute_force_precision"] == 1.0
+    assert 0.0 < against["brute_force_recall"] < 1.0
 
 
 def test_bench_prints_its_line():
@@ -107,7 +106,7 @@ def test_bench_prints_its_line():
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        env=subprocess_env(),
     )
     assert r.returncode == 0, r.stderr[-2000:]
     last = r.stdout.strip().splitlines()[-1]
@@ -236,7 +235,7 @@ def test_kill_9_mid_filter_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
             str(cfg),
             "--quiet",
         ]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = subprocess_env()
         ref = subprocess.run(cmd(tmp_path / "ref"), capture_output=True, text=True, env=env, timeout=300)
         assert ref.returncode == 0, ref.stderr[-2000:]
         out = tmp_path / "out"
@@ -273,7 +272,8 @@ def test_slurm_array_tasks_together_equal_one_run_and_a_failed_shard_is_reported
     cross_shard_input(tmp_path / "in")
     cfg_path = tmp_path / "f.yaml"
     cfg_path.write_text("language: {enabled: false}\n")
-    fd = tool("filter_data")
+    import filter_data as fd
+
     base = ["--input", str(tmp_path / "in" / "*.tar"), "--config", str(cfg_path), "--quiet"]
     assert fd.main(base + ["--output-dir", str(tmp_path / "ref")]) == 0
     keep = ["--keep-lists", str(tmp_path / "ref" / "dedup" / "keep")]
@@ -297,3 +297,74 @@ def test_slurm_array_tasks_together_equal_one_run_and_a_failed_shard_is_reported
     assert "shard b (" in err and "failed after 2 attempts" in err
     assert (tmp_path / "bad" / "a.tar").is_file() and (tmp_path / "bad" / "c.tar").is_file()
     assert not list((tmp_path / "bad").rglob("*.tmp*"))
+
+
+def semantic_signatures(folder: Path, seed: int = 3) -> dict:
+    """Three signature shards of 16-d unit embeddings (random pHashes and SHA-256s, so only the
+    semantic pass can link rows): 60 rows each; 12 rows get a copy in another shard with a
+    slightly moved embedding (cosine > 0.99) and a size of their own. Returns {row key: copy key}."""
+    import bench_dedup as bench
+
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(180, 16)).astype(np.float32)
+    pixels = rng.integers(1_000, 100_000, 180)
+    copies = {}
+    for k, src in enumerate(range(0, 60, 5)):  # rows 0, 5, ... of shard 0 -> shard 1 or 2
+        dst = 60 + 60 * (k % 2) + 7 + k
+        emb[dst] = emb[src] + rng.normal(scale=0.02, size=16)
+        copies[f"s0/{src}"] = f"s{1 + k % 2}/{dst - 60 * (1 + k % 2)}"
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    (folder / "done").mkdir(parents=True)
+    for s in range(3):
+        rows = slice(60 * s, 60 * s + 60)
+        np.savez(
+            folder / f"s{s}{bench.SUFFIX}",
+            keys=np.char.encode(np.arange(60).astype(str), "ascii"),
+            sha256=rng.integers(0, 256, (60, 32), dtype=np.uint8),
+            phash=rng.integers(0, 2**63, (60, 4), dtype=np.uint64),
+            phash_ok=np.ones(60, np.uint8),
+            pixels=pixels[rows],
+            embedding=emb[rows],
+        )
+        bench.write_atomic(bench.done_marker(str(folder), f"s{s}"), b'{"samples": 60, "signed": 60}')
+    return {"copies": copies, "emb": emb, "pixels": pixels}
+
+
+def test_semantic_groups_are_the_planted_pairs_with_the_survivor_rule_for_any_partitions(tmp_path):
+    planted = semantic_signatures(tmp_path / "sig")
+    emb = planted["emb"]
+    sim = emb @ emb.T
+    brute = {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(sim >= 0.95, 1)))}
+    assert len(brute) == len(planted["copies"])  # the random rows are far apart: only the copies
+    outs = []
+    for parts in (1, 4):
+        out = tmp_path / f"keep{parts}"
+        report = run_grouping(
+            GroupConfig(
+                signatures=str(tmp_path / "sig"),
+                output_dir=str(out),
+                semantic=True,
+                clusters=4,
+                threshold=0.95,
+                partitions=parts,
+            )
+        )
+        assert report["verified_pairs"]["semantic"] == len(brute)
+        outs.append(lists_of(out))
+    assert outs[0] == outs[1]
+    dropped = {}
+    for name in ("s0", "s1", "s2"):
+        for line in (tmp_path / "keep1" / f"{name}.dropped.jsonl").read_text().splitlines():
+            d = json.loads(line)
+            dropped[f"{name}/{d['key']}"] = (d["reason"], d["survivor"])
+
+    def row(key: str) -> int:
+        shard, k = key.split("/")
+        return 60 * int(shard[1:]) + int(k)
+
+    want = {}
+    for a, b in planted["copies"].items():  # the larger image survives, then the first by shard
+        pa, pb = planted["pixels"][row(a)], planted["pixels"][row(b)]
+        loser, survivor = (b, a) if pa >= pb else (a, b)
+        want[loser] = ("semantic_duplicate", survivor)
+    assert dropped == want

@@ -11,10 +11,10 @@ import tarfile
 
 import pytest
 
-from megatron_sail.curate.filters.base import FilterSample  # noqa: E402
-from megatron_sail.curate.filters.judge import Judge, JudgeConfig, parse_ita, parse_vir  # noqa: E402
-from megatron_sail.curate.filters.pipeline import load_config, run_filters  # noqa: E402
-from recaption_fixtures import FakeVLMServer, add_member, tiny_checkpoint  # noqa: E402
+from megatron_sail.curate.filters.base import FilterSample
+from megatron_sail.curate.filters.judge import Judge, JudgeConfig, parse_ita, parse_vir
+from megatron_sail.curate.filters.pipeline import load_config, run_filters
+from recaption_fixtures import FakeVLMServer, add_member, tiny_checkpoint
 
 CAPTION = "a red square beside a small blue circle on a white table"
 
