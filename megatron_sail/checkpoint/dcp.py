@@ -47,7 +47,7 @@ from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.planner import WriteItemType
 
-from megatron_sail.checkpoint import integrity
+from megatron_sail.checkpoint import disk_full, integrity
 from megatron_sail.checkpoint.layout import MCORE_METADATA
 from megatron_sail.compat.dist_checkpointing import (
     CallerQueue,
@@ -94,7 +94,7 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
         """Translate Megatron ShardedTensors to DCP and write them with FileSystemWriter."""
         pyt_state_dict, planner = self._to_dcp(sharded_state_dict)
-        writer = FileSystemWriter(
+        writer = NamingFileSystemWriter(
             str(checkpoint_dir), thread_count=self.thread_count, single_file_per_rank=True
         )
         torch.distributed.checkpoint.save(pyt_state_dict, storage_writer=writer, planner=planner)
@@ -106,6 +106,32 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
         writer = HostCopyWriter(str(checkpoint_dir), thread_count=self.thread_count)
         planned = save_state_dict_async_plan(pyt_state_dict, writer, None, 0, planner=planner)[0]
         return AsyncRequest(writer.write, (), [lambda: save_state_dict_async_finalize(*planned)])
+
+
+def _full_disk_named(err: BaseException, folder: str, plan) -> BaseException:
+    """This rank's write failure as "no space left on device while writing FILE (N bytes free)"
+    when a full disk is why; else ``err``. Made here, on the rank that wrote: the ENOSPC is the
+    context of torch's errno-less zip-writer error only until DCP pickles it for the other
+    ranks. FILE is this rank's newest shard file (the one being written)."""
+    prefix = getattr(getattr(plan, "storage_data", None), "prefix", None)
+    shards = (
+        [e for e in os.scandir(folder) if prefix and e.name.startswith(prefix)]
+        if os.path.isdir(folder)
+        else []
+    )
+    newest = max(shards, key=lambda e: e.stat().st_mtime_ns).path if shards else folder
+    return disk_full.explain(err, newest) or err
+
+
+class NamingFileSystemWriter(FileSystemWriter):
+    """DCP's file writer whose full-disk failure names the file (``_full_disk_named``)."""
+
+    def write_data(self, plan, planner):
+        """Write this rank's files; a full disk raises the one-line error."""
+        try:
+            return super().write_data(plan, planner)
+        except Exception as e:  # noqa: BLE001 - re-raised, named when a full disk is why
+            raise _full_disk_named(e, str(self.path), plan) from None
 
 
 class HostCopyWriter(FileSystemWriterAsync):
@@ -133,7 +159,7 @@ class HostCopyWriter(FileSystemWriterAsync):
             staged = _StagedPlanner(self._staged)
             self._results = FileSystemWriter.write_data(self, self._plan, staged).wait()
         except BaseException as e:  # noqa: BLE001 - handed to every rank at finalization
-            self._results = wrapped_exception(e)
+            self._results = wrapped_exception(_full_disk_named(e, str(self.path), self._plan))
         self._staged = {}
 
     def retrieve_write_results(self):
