@@ -154,6 +154,17 @@ def _listing_problems(folder: str, files: dict) -> list[str]:
     return bad
 
 
+def check_listing(folder: str) -> None:
+    """Not collective, cheap (a listing, no stat of listed files, no hash): the manifest's
+    entries all lie inside ``folder`` and every file of it is listed. Readers call it before
+    they read a checkpoint's first file (its model config), ahead of the full check at the
+    weight load; a folder without a manifest passes (the load says "not verified")."""
+    manifest = read_manifest(folder)
+    bad = _listing_problems(folder, manifest["files"]) if manifest is not None else []
+    if bad:
+        raise CheckpointDamaged(f"checkpoint {folder} is damaged:\n  " + "\n  ".join(sorted(bad)))
+
+
 def _size_problems(folder: str, files: dict) -> list[str]:
     """Missing files and files whose size differs from the manifest's."""
     bad = []
@@ -181,9 +192,7 @@ def verify_checkpoint(folder: str, mode: str = "auto") -> str:
     if manifest is None:
         return "none"
     files = manifest["files"]
-    bad = _listing_problems(folder, files)
-    if bad:  # never stat or hash a path outside the checkpoint
-        raise CheckpointDamaged(f"checkpoint {folder} is damaged:\n  " + "\n  ".join(sorted(bad)))
+    check_listing(folder)  # never stat or hash a path outside the checkpoint
     bad = _size_problems(folder, files)
     total = sum(e["size"] for e in files.values())
     full = mode == "full" or (mode == "auto" and total <= AUTO_FULL_BYTES * world)

@@ -287,6 +287,7 @@ def mcore_to_hf(
 
 def _mcore_to_hf(mcore_dir: Path, out_dir: str | os.PathLike, cfg: ConvertConfig) -> Path:
     """mcore_to_hf of one checkpoint folder."""
+    integrity.check_listing(str(mcore_dir))  # unlisted files: refused before the first read
     model_config = read_model_config(mcore_dir)
     if not vision_family(model_config.vision.family).vlm_export:
         raise ValueError(

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from megatron_sail.checkpoint import dcp
+from megatron_sail.checkpoint import dcp, integrity
 from megatron_sail.checkpoint.layout import (
     PROCESSOR_FILE,
     STATE_FILE,
@@ -161,6 +161,7 @@ def _read_settings(path: Path) -> ProcessorSettings:
 def _inspect_megatron(ckpt: Path) -> Checkpoint:
     """Converted or training checkpoint: model config, tokenizer/ and processor.json inside it,
     else the dataset meta.json named by the stored run config."""
+    integrity.check_listing(str(ckpt))  # unlisted files: refused before the first read
     model_config = read_model_config(ckpt)
     kind = "train" if (ckpt / STATE_FILE).is_file() else "mcore"
     tok = ckpt / TOKENIZER_DIR

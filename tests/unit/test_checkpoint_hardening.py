@@ -600,6 +600,27 @@ def test_unlisted_files_and_entries_outside_the_checkpoint_are_refused(one_rank,
     assert any("no manifest.json: files not verified" in r.getMessage() for r in caplog.records)
 
 
+def test_readers_refuse_an_unlisted_file_before_reading_the_model_config(one_rank, tmp_path):
+    """Item 2: generate (inspect), the trainer's resolution of --load/--init-from and
+    mcore-to-hf read the model config first; an unlisted model_config.yaml planted in a
+    checkpoint is refused by name before it is read."""
+    from megatron_sail.checkpoint import from_checkpoint
+    from megatron_sail.config.train import CheckpointConfig
+    from megatron_sail.convert.checkpoint import mcore_to_hf
+    from megatron_sail.inference import loading
+
+    root = tmp_path / "ck"
+    ckpt.save_checkpoint(str(root), [Net(1.0)], None, ckpt.TrainState(iteration=1), 0, _tiny_run_config())
+    (root / "iter_0000001" / layout.MODEL_CONFIG_FILE).write_text("language: {num_layers: 1}\n")
+    unlisted = r"model_config\.yaml: not listed in manifest\.json"
+    with pytest.raises(integrity.CheckpointDamaged, match=unlisted):
+        loading.inspect_checkpoint(root)
+    with pytest.raises(integrity.CheckpointDamaged, match=unlisted):
+        from_checkpoint.checkpoint_model(CheckpointConfig(load=str(root)))
+    with pytest.raises(integrity.CheckpointDamaged, match=unlisted):
+        mcore_to_hf(root, tmp_path / "hf")
+
+
 def test_crafted_common_pt_does_not_run_even_when_torch_is_told_to_unpickle(one_rank, tmp_path, monkeypatch):
     """Item 3: megatron-core reads common.pt with a bare torch.load, which
     TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns into a full unpickle; it is checked first."""
