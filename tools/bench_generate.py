@@ -231,8 +231,7 @@ def _our_generate(gen, ids, tiles, batch, new) -> list:
     """Our Generator on the same ids and tiles; tokens of every row."""
     from megatron_sail.inference.prompts import Prompt
 
-    gen.cfg.batch_size = batch
-    gen.cfg.min_new_tokens = new
+    gen.cfg = dataclasses.replace(gen.cfg, batch_size=batch, min_new_tokens=new)  # frozen config
     return [r.token_ids for r in gen.generate_prompts([Prompt(list(ids), tiles, new) for _ in range(batch)])]
 
 
