@@ -182,13 +182,19 @@ def recaption_run(args, inputs: str, ckpt: str, out: Path, backend: str) -> floa
 
 
 def captions(out: Path) -> dict:
-    """Every caption text the run wrote, by tar member name."""
+    """Every generated text of a run by sample key: the captions written to the tars and the
+    ones rejected (a random model's answers mostly run to --max-new-tokens), whose text the
+    rejects file keeps; provenance (which names the backend) is left out."""
     found = {}
     for tar_path in sorted(out.rglob("*.tar")):
         with tarfile.open(tar_path) as tar:
             for m in tar.getmembers():
-                if m.isfile() and m.name.endswith((".txt", ".json")):
-                    found[f"{tar_path.name}/{m.name}"] = tar.extractfile(m).read()
+                if m.isfile() and m.name.endswith(".txt") and not m.name.endswith(".original.txt"):
+                    found[m.name[: -len(".txt")]] = tar.extractfile(m).read().decode("utf-8", "replace")
+    for path in sorted(out.glob("*.rejects.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            found[rec["key"]] = f"{rec['reason']}: {rec.get('detail', '')}"
     return found
 
 
@@ -202,7 +208,7 @@ def compare(args, inputs: str, ckpt: str, work: Path) -> int:
             print(f"run repeat={r} backend={backend} images_per_s_steady={rate:.2f}", flush=True)
     ours, peer = captions(work / "cmp_megatron"), captions(work / "cmp_hf")
     same = sum(1 for k, v in ours.items() if peer.get(k) == v)
-    print(f"captions: {same} of {len(ours)} files identical between the backends")
+    print(f"captions: {same} of {len(ours)} texts identical between the backends")
     o, h = statistics.median(rates["megatron"]), statistics.median(rates["hf"])
     print(f"point=recaption ours={o:.2f} peer={h:.2f} ratio={o / h:.2f}")
     return 0
