@@ -464,3 +464,43 @@ def test_the_demo_pool_near_copies_are_the_only_near_duplicates_under_the_demo_c
     for key in copy_of:  # a copy survives, or is the byte copy of another copy (same scene, size)
         r = rejected.get(key)
         assert r is None or (r["reason"] == "exact_duplicate" and r["detail"].split("pool/")[1] in copy_of)
+
+
+def test_semantic_signatures_from_a_tiny_clip_group_as_brute_force(tmp_path):
+    """The signature pass with semantic_dedup embeds each image with transformers' CLIP (a tiny
+    random one): unit vectors in the signature shards; with one cluster the grouping's semantic
+    pairs are all pairs at cosine >= threshold, and an image repeated in another shard is one."""
+    from megatron_sail.curate.dedup.sigfile import load_signatures
+    from recaption_fixtures import tiny_clip
+
+    model = tiny_clip(tmp_path / "clip", CAPTIONS)
+    write_tar(
+        tmp_path / "in" / "a.tar",
+        [(f"x{k}", {"png": encode(pattern(k)), "txt": CAPTIONS[k % 4]}) for k in range(4)],
+    )
+    write_tar(
+        tmp_path / "in" / "b.tar",
+        [
+            ("y0", {"png": encode(pattern(2)), "txt": CAPTIONS[0]}),
+            ("y1", {"png": encode(pattern(9)), "txt": CAPTIONS[1]}),
+        ],
+    )
+    cfg = FilterConfig()
+    cfg.language.enabled = cfg.exact_dedup.enabled = cfg.near_dedup.enabled = False
+    cfg.semantic_dedup.enabled, cfg.semantic_dedup.model = True, model
+    cfg.semantic_dedup.clusters, cfg.semantic_dedup.threshold = 1, 0.999
+    out = tmp_path / "out"
+    run_filters([str(tmp_path / "in" / "*.tar")], str(out), cfg)
+    sig = [load_signatures(str(out / "dedup" / "signatures" / f"{n}.sig.npz"), True) for n in ("a", "b")]
+    emb = np.concatenate([s["embedding"] for s in sig]).astype(np.float32)
+    keys = [f"{n}/{k.decode()}" for n, s in zip("ab", sig) for k in s["keys"]]
+    assert emb.shape == (6, 8) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-2)
+    i, j = np.nonzero(np.triu(emb @ emb.T >= 0.999, 1))
+    brute = {(keys[a], keys[b]) for a, b in zip(i, j)}
+    assert ("a/x2", "b/y0") in brute
+    report = json.loads((out / "dedup" / "keep" / "dedup_report.json").read_text())
+    assert report["verified_pairs"]["semantic"] == len(brute)
+    rejects = [
+        json.loads(ln) for p in sorted(out.glob("*.rejects.jsonl")) for ln in p.read_text().splitlines()
+    ]
+    assert rejects and all(r["reason"] == "semantic_duplicate" for r in rejects)
