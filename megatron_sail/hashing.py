@@ -10,12 +10,17 @@ CHUNK_BYTES = 8 << 20
 """Bytes read at a time (bounded memory whatever the file's size)."""
 
 
-def file_sha256(path: str, chunk: int = CHUNK_BYTES) -> str:
-    """Hex SHA-256 of one file."""
-    h = hashlib.sha256()
+def _feed(h, path: str | Path, chunk: int) -> None:
+    """Add a file's bytes to a running hash, ``chunk`` bytes at a time."""
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+
+
+def file_sha256(path: str | Path, chunk: int = CHUNK_BYTES) -> str:
+    """Hex SHA-256 of one file."""
+    h = hashlib.sha256()
+    _feed(h, path, chunk)
     return h.hexdigest()
 
 
@@ -25,7 +30,5 @@ def tree_sha256(folder: str | Path, chunk: int = CHUNK_BYTES) -> str:
     root, h = Path(folder), hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         h.update(f.relative_to(root).as_posix().encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(chunk):
-                h.update(block)
+        _feed(h, f, chunk)
     return h.hexdigest()

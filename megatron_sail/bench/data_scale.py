@@ -198,7 +198,7 @@ def read_blend(args: argparse.Namespace, prefixes: list[str]) -> dict:
 
     from megatron_sail.config import model as model_cfg
     from megatron_sail.config.images import ImageConfig
-    from megatron_sail.data.images.pipeline import build_image_pipeline
+    from megatron_sail.data.images import build_image_pipeline
     from megatron_sail.data.loading.dataset import BlendedDataset
     from megatron_sail.training.flops import shape_from_model_config
     from megatron_sail.training.loop import BatchPlan, StepFeeder

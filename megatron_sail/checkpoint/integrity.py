@@ -154,6 +154,17 @@ def _listing_problems(folder: str, files: dict) -> list[str]:
     return bad
 
 
+def check_listing(folder: str) -> None:
+    """Not collective, cheap (a listing, no stat of listed files, no hash): the manifest's
+    entries all lie inside ``folder`` and every file of it is listed. Readers call it before
+    they read a checkpoint's first file (its model config), ahead of the full check at the
+    weight load; a folder without a manifest passes (the load says "not verified")."""
+    manifest = read_manifest(folder)
+    bad = _listing_problems(folder, manifest["files"]) if manifest is not None else []
+    if bad:
+        raise CheckpointDamaged(f"checkpoint {folder} is damaged:\n  " + "\n  ".join(sorted(bad)))
+
+
 def _size_problems(folder: str, files: dict) -> list[str]:
     """Missing files and files whose size differs from the manifest's."""
     bad = []
@@ -181,9 +192,7 @@ def verify_checkpoint(folder: str, mode: str = "auto") -> str:
     if manifest is None:
         return "none"
     files = manifest["files"]
-    bad = _listing_problems(folder, files)
-    if bad:  # never stat or hash a path outside the checkpoint
-        raise CheckpointDamaged(f"checkpoint {folder} is damaged:\n  " + "\n  ".join(sorted(bad)))
+    check_listing(folder)  # never stat or hash a path outside the checkpoint
     bad = _size_problems(folder, files)
     total = sum(e["size"] for e in files.values())
     full = mode == "full" or (mode == "auto" and total <= AUTO_FULL_BYTES * world)
@@ -240,17 +249,18 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
 
 
-def check_dcp_metadata(folder: str) -> None:
+def check_dcp_metadata(folder: str):
     """Refuse every pickle megatron-core and DCP will open in ``folder`` unless it passes an
     allow-list, before they open it: DCP's ``.metadata`` (DCP's own metadata classes only),
     Megatron's ``common.pt`` and the pickled (non-tensor) items inside the shard files (torch's
     weights-only unpickler with ``layout.allowed_globals``). Megatron loads the last two with
     plain ``torch.load``, which ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns into a full unpickle
     that runs whatever a crafted file names; checked here, that environment changes nothing.
-    Errors name the file."""
+    Errors name the file. Returns DCP's metadata object (None for a folder without one), read
+    with the allow-list: the one safe way to read it."""
     path = os.path.join(folder, DCP_METADATA)
     if not os.path.isfile(path):
-        return
+        return None
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -266,6 +276,7 @@ def check_dcp_metadata(folder: str) -> None:
         with open(common, "rb") as f:
             check_pickle(f, common)
     _check_byte_items(folder, metadata)
+    return metadata
 
 
 def check_pickle(stream, name: str) -> None:

@@ -63,6 +63,10 @@ class PostTrainConfig:
     \\boxed{})."""
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse values no post-training stage can run with; run again after flags set fields."""
         if self.pref_loss not in ("dpo", "ipo", "mpo"):
             raise ValueError(f"--pref-loss {self.pref_loss!r}: expected dpo, ipo or mpo")
         if len(self.mpo_weights) != 3:

@@ -88,7 +88,7 @@ def _assets(cfg: RunConfig):
 
 def setup(cfg: RunConfig) -> Setup:
     """Platform, model, optimizer, checkpoint and metrics, as train.train() builds them."""
-    from megatron_sail.data.images.pipeline import build_image_pipeline
+    from megatron_sail.data.images import build_image_pipeline
     from megatron_sail.training.flops import device_peak_flops
     from megatron_sail.training.model_setup import build_chunks, hook_model_config, load_state, wrap_ddp
     from megatron_sail.training.optimizer import build_optimizer, build_scheduler

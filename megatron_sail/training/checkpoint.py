@@ -190,8 +190,11 @@ def _train_state_payload(state: TrainState, config: Optional[dict], has_optimize
 
 def write_bytes(path: str, data: bytes) -> None:
     """Write a file under a temporary name, then rename it: a reader never sees half of it."""
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+    except OSError as e:  # a file object's write error does not name the file
+        raise disk_full.write_error(path + ".tmp", e) from None
     os.replace(path + ".tmp", path)
 
 
@@ -205,7 +208,8 @@ def disk_full_named(path: str):
     except (disk_full.OutputWriteError, disk_full.CheckpointNotSaved):
         raise
     except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
-        if isinstance(e, (KeyboardInterrupt, SystemExit)) or disk_full.find_no_space(e) is None:
+        explained = None if isinstance(e, (KeyboardInterrupt, SystemExit)) else disk_full.explain(e, path)
+        if explained is None:
             raise
         failures = getattr(e, "failures", None) or {}
         rank = torch.distributed.get_rank()
@@ -215,7 +219,7 @@ def disk_full_named(path: str):
                 f"checkpoint {path} not saved: rank(s) {sorted(failures)} could "
                 "not write their files (full disk)",
             ) from None
-        raise disk_full.reported_by(disk_full.explain(e, path), sorted(failures) or [rank], rank) from None
+        raise disk_full.reported_by(explained, sorted(failures) or [rank], rank) from None
 
 
 def _agree(error: Optional[BaseException], path: str) -> None:

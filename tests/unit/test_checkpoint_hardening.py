@@ -527,7 +527,7 @@ def test_a_full_disk_in_a_shard_or_the_train_state_is_one_clear_error(one_rank, 
         with pytest.raises(
             OSError,
             match=r"^no space left on device while "
-            r"writing \S+iter_0000002\.tmp \(\d+ bytes free\)$",
+            r"writing \S+iter_0000002\.tmp/__0_0\.distcp \(\d+ bytes free\)$",
         ) as e:
             _save(root, 2)
     assert e.value.__suppress_context__ and e.value.errno == errno.ENOSPC
@@ -598,6 +598,27 @@ def test_unlisted_files_and_entries_outside_the_checkpoint_are_refused(one_rank,
         dcp.load_model([target], bare)  # generate and mcore-to-hf load this way
     assert torch.all(target.w == 5.0)
     assert any("no manifest.json: files not verified" in r.getMessage() for r in caplog.records)
+
+
+def test_readers_refuse_an_unlisted_file_before_reading_the_model_config(one_rank, tmp_path):
+    """Item 2: generate (inspect), the trainer's resolution of --load/--init-from and
+    mcore-to-hf read the model config first; an unlisted model_config.yaml planted in a
+    checkpoint is refused by name before it is read."""
+    from megatron_sail.checkpoint import from_checkpoint
+    from megatron_sail.config.train import CheckpointConfig
+    from megatron_sail.convert.checkpoint import mcore_to_hf
+    from megatron_sail.inference import loading
+
+    root = tmp_path / "ck"
+    ckpt.save_checkpoint(str(root), [Net(1.0)], None, ckpt.TrainState(iteration=1), 0, _tiny_run_config())
+    (root / "iter_0000001" / layout.MODEL_CONFIG_FILE).write_text("language: {num_layers: 1}\n")
+    unlisted = r"model_config\.yaml: not listed in manifest\.json"
+    with pytest.raises(integrity.CheckpointDamaged, match=unlisted):
+        loading.inspect_checkpoint(root)
+    with pytest.raises(integrity.CheckpointDamaged, match=unlisted):
+        from_checkpoint.checkpoint_model(CheckpointConfig(load=str(root)))
+    with pytest.raises(integrity.CheckpointDamaged, match=unlisted):
+        mcore_to_hf(root, tmp_path / "hf")
 
 
 def test_crafted_common_pt_does_not_run_even_when_torch_is_told_to_unpickle(one_rank, tmp_path, monkeypatch):
@@ -837,3 +858,77 @@ def test_crafted_pickle_inside_a_shard_does_not_run(one_rank, tmp_path, monkeypa
     ):
         dcp.load_model([NetWithObject({})], evil)
     assert not marker.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (root only; skipped where mounting is not allowed): a real full disk,
+    with the errors torch's writers really raise on one."""
+    import shutil
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = shutil.which("mount")
+    if os.geteuid() != 0 or mount is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run([mount, "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("room, part", [(8 << 10, r"__0_0\.distcp"), (40 << 10, r"train_state\.pt\.tmp")])
+def test_a_real_full_disk_names_the_file_and_a_save_after_freeing_space_works(
+    one_rank, small_disk, room, part
+):
+    """Item 7 on a real (tmpfs) full disk: the shard (torch's zip writer, whose ENOSPC DCP would
+    drop) or train_state.pt cannot be written -> one line naming it, `latest` stays; after
+    freeing space the same save succeeds and loads."""
+    root = small_disk / "ck"
+    _save(root, 1, value=1.0)
+    st = os.statvfs(small_disk)
+    (small_disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - room))
+    with pytest.raises(OSError) as e:
+        _save(root, 2, value=2.0)
+    assert re.fullmatch(
+        rf"no space left on device while writing \S+/iter_0000002\.tmp/{part} \(\d+ bytes free\)",
+        str(e.value),
+    ), str(e.value)
+    assert e.value.__suppress_context__ and e.value.errno == errno.ENOSPC
+    assert layout.read_latest(str(root)) == 1 and layout.list_checkpoints(str(root)) == [1]
+    os.remove(small_disk / "filler")
+    _save(root, 2, value=2.0)
+    target = Net()
+    ckpt.load_checkpoint(str(root), [target])
+    assert layout.read_latest(str(root)) == 2 and torch.all(target.w == 2.0)
+
+
+def test_a_real_full_disk_during_a_background_save_names_the_shard(one_rank, small_disk, monkeypatch):
+    """Item 7 with --async-save: the disk fills up while the background thread writes the shard;
+    finalization (as the loop runs it) raises the one line naming the shard; nothing published."""
+    import threading
+
+    from megatron_sail.checkpoint import dcp
+
+    root = small_disk / "ck"
+    _save(root, 1, value=1.0)
+    go, write = threading.Event(), dcp.HostCopyWriter.write
+    monkeypatch.setattr(dcp.HostCopyWriter, "write", lambda self: (go.wait(60), write(self)))
+    pending = dcp.ThreadAsyncCallsQueue()
+    state = ckpt.TrainState(iteration=2)
+    ckpt.save_checkpoint(str(root), [Net(2.0)], None, state, 0, config={"a": 1}, pending=pending)
+    st = os.statvfs(small_disk)  # the step's synchronous part is done; the shard is not written
+    (small_disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - (8 << 10)))
+    go.set()
+    with pytest.raises(OSError) as e:
+        with ckpt.disk_full_named(str(root)):  # loop.finalize_saves
+            pending.maybe_finalize_async_calls(blocking=True)
+    assert re.fullmatch(
+        r"no space left on device while writing \S+/iter_0000002\.tmp/__0_0\.distcp \(\d+ bytes free\)",
+        str(e.value),
+    ), str(e.value)
+    assert layout.read_latest(str(root)) == 1 and layout.list_checkpoints(str(root)) == [1]
