@@ -27,7 +27,7 @@ from megatron_sail.platform import distributed as platform
 from megatron_sail.training import checkpoint as ckpt
 from megatron_sail.training import resume_checks
 from megatron_sail.training.flops import device_peak_flops, shape_from_model_config
-from megatron_sail.training.loop import LoopContext, StepFeeder, decodes_images, dp_plan, run
+from megatron_sail.training.loop import LoopContext, StepFeeder, decodes_images, dp_plan, row_flops, run
 from megatron_sail.training.metrics import MetricsConfig, MetricsWriter
 from megatron_sail.training.model_setup import build_chunks, hook_model_config, load_state, wrap_ddp
 from megatron_sail.training.optimizer import build_optimizer, build_scheduler, use_foreach
@@ -150,11 +150,10 @@ def train(cfg: RunConfig) -> int:
             )
     pipeline = build_image_pipeline(cfg.images)
     shape = shape_from_model_config(cfg.model, cfg.images.tile_size)
-    plan = dp_plan(cfg)
     decode = decodes_images()
     feeder = StepFeeder(
         train_data,
-        plan,
+        dp_plan(cfg, row_flops(train_data, shape) if cfg.train.balance_dp else None),
         pipeline,
         state.consumed_samples // cfg.train.global_batch_size,
         shape,
@@ -168,7 +167,7 @@ def train(cfg: RunConfig) -> int:
         resume_checks.data_tokenizer_block([train_data, valid_data], c.allow_tokenizer_mismatch)
         valid = lambda: StepFeeder(  # noqa: E731
             valid_data,
-            plan,
+            dp_plan(cfg),
             pipeline,
             0,
             None,

@@ -22,6 +22,7 @@ This module is the one place that chooses the strategy; conversion and the train
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -344,6 +345,73 @@ def save_model(
     return final
 
 
+def _leaves(value) -> list:
+    """The sharded tensors/objects inside an entry (a built factory nests them in lists)."""
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _leaves(v)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _leaves(v)]
+    return [value]
+
+
+def _pieces_in_place(part: dict) -> tuple[dict, dict]:
+    """Each ShardedTensorFactory whose pieces are views of its tensor (SwiGLU's [gate; up]) is
+    replaced by those pieces: DCP then reads them straight into the parameter. Left as a
+    factory, Megatron would read the pieces into them too but then concatenate them into a new
+    tensor for load_state_dict to copy back (0.44x the weights of a 0.5B model at once).
+    Returns the new entries and {key: parameter} of the replaced ones."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    out, filled = {}, {}
+    for key, value in part.items():
+        if isinstance(value, ShardedTensorFactory) and isinstance(value.data, torch.Tensor):
+            built = value.build()
+            pieces = _leaves(built)
+            base = value.data.untyped_storage().data_ptr()
+            if (
+                pieces
+                and all(isinstance(p, ShardedTensor) and p.data is not None for p in pieces)
+                and all(p.data.untyped_storage().data_ptr() == base for p in pieces)
+                and sum(p.data.numel() for p in pieces) == value.data.numel()
+            ):
+                out[key], filled[key] = built, value.data
+                continue
+        out[key] = value
+    return out, filled
+
+
+def _sharded_keys(value) -> set:
+    """Checkpoint keys an entry reads (a stacked layer tensor is one key over all layers)."""
+    return {getattr(v, "key", None) for v in _leaves(value)} - {None}
+
+
+def _largest_first(sharded: dict) -> tuple[dict, dict]:
+    """Split {chunk: {key: entry}} into the entries of this rank's largest checkpoint tensors
+    (at least half the size of its biggest; all entries of one checkpoint key together, as DCP
+    reads a key whole) and everything else.
+
+    DCP reads each tensor into a buffer before copying it into the parameter, so loading the
+    embedding last would hold it twice on top of a nearly full model. Read first, while the
+    other parameters are still untouched (unallocated) pages, it costs nothing at the peak, and
+    the remaining transients are one layer's tensor."""
+    size: dict[str, int] = {}
+    for part in sharded.values():
+        for value in part.values():
+            for v in _leaves(value):
+                data = getattr(v, "data", None)
+                if isinstance(data, torch.Tensor) and getattr(v, "key", None):
+                    size[v.key] = max(size.get(v.key, 0), data.numel())
+    cut = max(size.values(), default=0) / 2
+    large = {k for k, n in size.items() if n and n >= cut}
+    big, rest = {}, {}
+    for name, part in sharded.items():
+        big[name], rest[name] = {}, {}
+        for key, value in part.items():
+            keys = _sharded_keys(value)
+            (big if keys and keys <= large else rest)[name][key] = value
+    return big, rest
+
+
 def load_model(
     model_chunks: list[torch.nn.Module],
     checkpoint_dir: str | os.PathLike,
@@ -354,7 +422,15 @@ def load_model(
     Works on model-only checkpoints (conversions) and on training checkpoints, whose optimizer
     state is left unread.
     """
-    loaded = load_sharded(model_sharded_state_dict(model_chunks), checkpoint_dir, cfg, allow_extra=True)
+    sharded, filled = {}, {}
+    for name, part in model_sharded_state_dict(model_chunks).items():
+        sharded[name], filled[name] = _pieces_in_place(part)
+    big, rest = _largest_first(sharded)
+    loaded = load_sharded(big, checkpoint_dir, cfg, allow_extra=True)
+    later = load_sharded(rest, checkpoint_dir, dataclasses.replace(cfg, verify="off"), allow_extra=True)
+    for name, part in later.items():
+        loaded.setdefault(name, {}).update(part)
+        loaded[name].update(filled[name])  # read in place already: the parameters themselves
     chunks = unwrap_model(list(model_chunks))
     if len(chunks) == 1:
         chunks[0].load_state_dict(loaded["model"], strict=True)

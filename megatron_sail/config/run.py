@@ -40,6 +40,7 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--train-samples", "train", "train_samples", "int"),
     ("--global-batch-size", "train", "global_batch_size", "int"),
     ("--micro-batch-size", "train", "micro_batch_size", "int"),
+    ("--no-balance-dp", "train", "balance_dp", "noflag"),
     ("--seed", "train", "seed", "int"),
     ("--log-interval", "train", "log_interval", "int"),
     ("--eval-interval", "train", "eval_interval", "int"),

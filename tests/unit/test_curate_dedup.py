@@ -24,9 +24,9 @@ from PIL import Image
 from megatron_sail.curate.dedup.grouping import GroupConfig, run_grouping
 from megatron_sail.curate.filters.pipeline import FilterConfig, run_filters
 from recaption_fixtures import FakeVLMServer, add_member
+from testkit import ROOT as REPO
 from testkit import subprocess_env
 
-REPO = Path(__file__).resolve().parents[2]
 CAPTIONS = [
     "a red square beside a small blue circle on a white table",
     "two green triangles under a yellow sun in the corner",

@@ -17,6 +17,7 @@ the registry (``families/__init__.py``); none of them names a family.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from megatron_sail.config.model import TokenGeometry
@@ -98,6 +99,12 @@ class VisionFamily:
     the whole model with this encoder (else only the encoder converts alone)."""
     encoder: EncoderSpec = EncoderSpec()
     """The parts and layer settings of the family's ``ViTEncoder``."""
+    hf_layers: str = "encoder.layers"
+    """Prefix of the HF layers (under the encoder's prefix): ``<hf_layers>.<i>.``."""
+    hf_final_norm: tuple[str, ...] = ()
+    """Prefixes of the HF final norm, built only when the last layer is selected."""
+    hf_never_built: tuple[str, ...] = ()
+    """Prefixes of HF tensors that are not part of a VLM encoder (a pooling head)."""
 
     def flops_fields(self, vision, geometry: TokenGeometry) -> dict:
         """The ``FlopsShape`` fields of the encoder (vit_*, patch_dim): class tokens run
@@ -143,8 +150,15 @@ class VisionFamily:
         raise NotImplementedError
 
     def unused_hf(self, vision, hf: str, key: str) -> bool:
-        """Whether an HF tensor is a weight we deliberately do not build (layers after select_layer)."""
-        return False
+        """Whether an HF tensor is a weight we deliberately do not build: layers after
+        ``select_layer``, the final norm they would feed, parts never built (``hf_never_built``)."""
+        if key.startswith(tuple(hf + p for p in self.hf_never_built)):
+            return True
+        m = re.match(re.escape(hf + self.hf_layers) + r"\.(\d+)\.", key)
+        if m:
+            return vision.layers_used <= int(m.group(1)) < vision.num_layers
+        cut = vision.layers_used < vision.num_layers
+        return cut and key.startswith(tuple(hf + p for p in self.hf_final_norm))
 
 
 class LanguageFamily:
