@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import time
 
@@ -504,6 +505,27 @@ def test_a_save_that_cannot_write_a_part_publishes_nothing(one_rank, tmp_path, m
     with pytest.raises(expected[0], match=expected[1]) as e:
         ckpt.save_checkpoint(str(root), [Net(1.0)], None, state, 0, config=config)
     assert str(e.value).count("no space left") == (1 if fault == "enospc" else 0)
+    assert layout.read_latest(str(root)) == 1 and layout.list_checkpoints(str(root)) == [1]
+
+
+def test_a_post_training_save_copies_the_start_tokenizer_or_publishes_nothing(one_rank, tmp_path):
+    """Item 1 for dpo/grpo (JSONL data, no meta.json): tokenizer/ and processor.json come from
+    the --init-from checkpoint; when it has none any more, the save fails and `latest` stays."""
+    init = _save(tmp_path / "init", 1)
+    os.makedirs(os.path.join(init, layout.TOKENIZER_DIR))
+    with open(os.path.join(init, layout.TOKENIZER_DIR, "tokenizer.json"), "w") as f:
+        f.write("{}")
+    config = {
+        "stage": {"name": "dpo"},
+        "data": {"data_path": [str(tmp_path / "pairs.jsonl")]},
+        "checkpoint": {"init_from": str(tmp_path / "init")},
+    }
+    root = tmp_path / "ck"
+    ckpt.save_checkpoint(str(root), [Net(1.0)], None, ckpt.TrainState(iteration=1), 0, config)
+    assert (root / "iter_0000001" / layout.TOKENIZER_DIR / "tokenizer.json").read_text() == "{}"
+    shutil.rmtree(os.path.join(init, layout.TOKENIZER_DIR))
+    with pytest.raises(FileNotFoundError, match=r"tokenizer/ not written: neither the --init-from"):
+        ckpt.save_checkpoint(str(root), [Net(2.0)], None, ckpt.TrainState(iteration=2), 0, config)
     assert layout.read_latest(str(root)) == 1 and layout.list_checkpoints(str(root)) == [1]
 
 
