@@ -37,7 +37,7 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_sail.curate.dedup.sigfile import SUFFIX, load_signatures
+from megatron_sail.curate.dedup.sigfile import COLOUR_CELLS, SUFFIX, load_signatures
 from megatron_sail.curate.writer import DONE_DIR, write_atomic
 
 EXACT, NEAR, SEMANTIC = 1, 2, 4
@@ -63,6 +63,9 @@ class GroupConfig:
     """Largest Hamming distance of a near-duplicate pair."""
     bands: int = 0
     """LSH bands (0: max_distance + 1, exact by pigeonhole)."""
+    colour_distance: Optional[int] = None
+    """Near pairs must also have 8x8 RGB thumbnails within this per-cell difference (None: pHash
+    alone; the signatures must then hold ``colour``: near_dedup.colour_distance set there too)."""
     semantic: bool = False
     """Group CLIP-embedding semantic duplicates (needs embeddings in the signatures)."""
     clusters: int = 16
@@ -231,6 +234,7 @@ class Grouper:
                 "near": cfg.near,
                 "max_distance": cfg.max_distance,
                 "bands": self.bands if cfg.near else None,
+                "colour_distance": cfg.colour_distance if cfg.near else None,
                 "semantic": cfg.semantic,
                 "clusters": cfg.clusters if cfg.semantic else None,
                 "threshold": cfg.threshold if cfg.semantic else None,
@@ -264,9 +268,10 @@ class Grouper:
         per_row = int(cfg.exact) + self.bands
         self.partitions = cfg.partitions or max(1, math.ceil(self.n * per_row / cfg.partition_rows))
         self.exact_dtype = np.dtype([("key", "<u8"), ("id", "<i8"), ("pixels", "<i8"), ("sha", "u1", (32,))])
-        self.near_dtype = np.dtype(
-            [("key", "<u8"), ("id", "<i8"), ("pixels", "<i8"), ("phash", "<u8", (self.words,))]
-        )
+        near_fields = [("key", "<u8"), ("id", "<i8"), ("pixels", "<i8"), ("phash", "<u8", (self.words,))]
+        if cfg.colour_distance is not None:
+            near_fields.append(("colour", "u1", (COLOUR_CELLS,)))
+        self.near_dtype = np.dtype(near_fields)
         ex = _Partitions(self.work, "exact", self.partitions, self.exact_dtype, cfg.buffer_records)
         nr = _Partitions(self.work, "near", self.partitions, self.near_dtype, cfg.buffer_records)
         counts = {"exact": 0, "near": 0}
@@ -291,6 +296,8 @@ class Grouper:
                 rec["id"] = ids[ok][:, None]
                 rec["pixels"] = s["pixels"][ok][:, None]
                 rec["phash"] = s["phash"][ok][:, None, :]
+                if cfg.colour_distance is not None:
+                    rec["colour"] = self._colour(name, s)[ok][:, None, :]
                 rec = rec.reshape(-1)
                 nr.add((rec["key"] % np.uint64(self.partitions)).astype(np.int64), rec)
                 counts["near"] += len(rec)
@@ -298,6 +305,15 @@ class Grouper:
         nr.flush()
         self.exact_parts, self.near_parts = ex, nr
         return counts
+
+    def _colour(self, name: str, s: dict) -> np.ndarray:
+        """A shard's colour thumbnails; a one-line error when the signature pass made none."""
+        if "colour" not in s or s["colour"].shape[1:] != (COLOUR_CELLS,):
+            raise ValueError(
+                f"{name}{SUFFIX}: no colour thumbnails; rerun the signature pass with "
+                "near_dedup.colour_distance set, as for grouping"
+            )
+        return s["colour"]
 
     # ---------------------------------------------------------------- 2. candidate pairs
     def _candidates(self, edges) -> dict:
@@ -340,6 +356,9 @@ class Grouper:
         else:
             dist = hamming(ra["phash"], rb["phash"])
             ok = dist <= self.cfg.max_distance
+            if self.cfg.colour_distance is not None and ok.any():
+                diff = np.abs(ra["colour"][ok].astype(np.int16) - rb["colour"][ok].astype(np.int16))
+                ok[ok] = diff.max(axis=1) <= self.cfg.colour_distance
             ok[ok] = self._first_shared_band(ra[ok], rb[ok])
         out = np.zeros(int(ok.sum()), EDGE)
         out["a"], out["b"], out["kind"], out["dist"] = ra["id"][ok], rb["id"][ok], kind, dist[ok]

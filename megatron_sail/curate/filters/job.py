@@ -274,6 +274,7 @@ def group_config(f: FilterConfig, sig_dir: str, keep_dir: str, expected: Optiona
         near=f.near_dedup.enabled,
         max_distance=f.near_dedup.max_distance,
         bands=f.near_dedup.bands,
+        colour_distance=f.near_dedup.colour_distance,
         semantic=s.enabled,
         clusters=s.clusters,
         threshold=s.threshold,
