@@ -443,6 +443,21 @@ def test_model_only_loads_verify_too(one_rank, tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+def test_model_only_load_of_a_training_checkpoint_ignores_its_optimizer_entries(one_rank, tmp_path):
+    """Generate and mcore-to-hf load the weights of training checkpoints, whose common.pt also
+    holds the optimizer's non-sharded state: those entries are left unread, not a KeyError."""
+    from megatron_sail.checkpoint import dcp
+
+    folder = tmp_path / "train_like"
+    dcp.save_sharded(
+        {"model": Net(3.0).sharded_state_dict(), "optimizer": {"param_groups": [{"lr": 1.0}]}}, folder
+    )
+    integrity.write_manifest(str(folder))
+    target = Net()
+    dcp.load_model([target], folder)
+    assert torch.all(target.w == 3.0)
+
+
 # ------------------------------------------------------------------ issue 20: faults on save and load
 def _enospc(path=None):
     """The error a write to a full disk raises (a file name when the failing call knows it)."""
