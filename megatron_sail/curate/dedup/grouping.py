@@ -37,13 +37,12 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_sail.curate.dedup.partitions import EDGE, EXACT, NEAR, SEMANTIC, Partitions
+from megatron_sail.curate.dedup.semantic import semantic_pairs
 from megatron_sail.curate.dedup.sigfile import COLOUR_CELLS, SUFFIX, load_signatures
 from megatron_sail.curate.writer import DONE_DIR, write_atomic
 
-EXACT, NEAR, SEMANTIC = 1, 2, 4
-"""Edge kinds (bit flags)."""
 REASONS = {EXACT: "exact_duplicate", NEAR: "near_duplicate", SEMANTIC: "semantic_duplicate"}
-EDGE = np.dtype([("a", "<i8"), ("b", "<i8"), ("kind", "<i8"), ("dist", "<i8"), ("pa", "<i8"), ("pb", "<i8")])
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -135,41 +134,6 @@ def band_keys(phash: np.ndarray, bands: list[tuple[int, int]]) -> np.ndarray:
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise Hamming distance of uint64 word arrays [n, w]."""
     return np.bitwise_count(np.bitwise_xor(a, b)).sum(axis=1, dtype=np.int64)
-
-
-class _Partitions:
-    """Append-only partition files of fixed-width records, with a bounded write buffer."""
-
-    def __init__(self, folder: str, prefix: str, count: int, dtype: np.dtype, buffer_records: int):
-        self.paths = [os.path.join(folder, f"{prefix}{p:05d}.bin") for p in range(count)]
-        for p in self.paths:
-            open(p, "wb").close()
-        self.dtype, self.count, self.limit = dtype, count, buffer_records
-        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
-        self.buffered = 0
-
-    def add(self, part: np.ndarray, records: np.ndarray) -> None:
-        self.pending.append((part, records))
-        self.buffered += len(records)
-        if self.buffered >= self.limit:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        part = np.concatenate([p for p, _ in self.pending])
-        recs = np.concatenate([r for _, r in self.pending])
-        self.pending, self.buffered = [], 0
-        order = np.argsort(part, kind="stable")
-        part, recs = part[order], recs[order]
-        cuts = np.searchsorted(part, np.arange(self.count + 1))
-        for p in range(self.count):
-            if cuts[p + 1] > cuts[p]:
-                with open(self.paths[p], "ab") as f:
-                    recs[cuts[p] : cuts[p + 1]].tofile(f)
-
-    def load(self, p: int) -> np.ndarray:
-        return np.fromfile(self.paths[p], dtype=self.dtype)
 
 
 def _done_shards(sig_dir: str) -> list[str]:
@@ -272,8 +236,8 @@ class Grouper:
         if cfg.colour_distance is not None:
             near_fields.append(("colour", "u1", (COLOUR_CELLS,)))
         self.near_dtype = np.dtype(near_fields)
-        ex = _Partitions(self.work, "exact", self.partitions, self.exact_dtype, cfg.buffer_records)
-        nr = _Partitions(self.work, "near", self.partitions, self.near_dtype, cfg.buffer_records)
+        ex = Partitions(self.work, "exact", self.partitions, self.exact_dtype, cfg.buffer_records)
+        nr = Partitions(self.work, "near", self.partitions, self.near_dtype, cfg.buffer_records)
         counts = {"exact": 0, "near": 0}
         for k, name in enumerate(self.shards):
             s = self._sig(name)
@@ -378,8 +342,6 @@ class Grouper:
 
     # ---------------------------------------------------------------- semantic
     def _semantic(self, edges) -> int:
-        from megatron_sail.curate.dedup.semantic import semantic_pairs
-
         return semantic_pairs(self, edges)
 
     # ---------------------------------------------------------------- 3. components

@@ -20,8 +20,19 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from megatron_sail.curate.dedup.sigfile import COLOUR_CELLS, COLOUR_GRID, SUFFIX, load_signatures  # noqa: F401 - re-exported
-from megatron_sail.curate.filters.pipeline import FilterConfig, build_stages, read_shard, run_stages
+from megatron_sail.curate.dedup.sigfile import (  # noqa: F401 - re-exported
+    COLOUR_CELLS,
+    COLOUR_GRID,
+    SUFFIX,
+    load_signatures,
+)
+from megatron_sail.curate.filters.stages import (
+    FilterConfig,
+    build_stages,
+    read_shard,
+    run_stages,
+    shard_name,
+)
 from megatron_sail.curate.job import check_job
 from megatron_sail.curate.reader import ShardSpec
 from megatron_sail.curate.writer import DONE_DIR, done_marker, write_atomic
@@ -193,8 +204,6 @@ class SignatureWorker:
 
 def input_shards(inputs: list[str]) -> list[ShardSpec]:
     """WebDataset tar shards of the inputs, in a stable order; duplicate names are an error."""
-    from megatron_sail.curate.filters.pipeline import shard_name
-
     paths = formats.expand_inputs(inputs)
     bad = [p for p in paths if not p.endswith(".tar")]
     if bad:
