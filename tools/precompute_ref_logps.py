@@ -38,17 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_sail.data.preprocess.preference import PairFile, read_pairs
     from megatron_sail.inference import load_generator
     from megatron_sail.inference.loading import LoadConfig
-    from megatron_sail.training import preference as pref
+    from megatron_sail.posttrain.pair_rows import build_rows
+    from megatron_sail.posttrain.preference import reference_logps
+    from megatron_sail.posttrain.ref_sidecar import save_sidecar
 
     start = time.time()
     gen = load_generator(a.checkpoint, load=LoadConfig(tp=a.tp, pp=a.pp, dtype="float32"))
-    data = pref.build_rows(
+    data = build_rows(
         read_pairs(PairFile(list(a.data_path), a.image_root)), gen.tokenizer, gen.settings, a.seq_length
     )
     pipe = PilPipeline(ImageConfig(backend="pil", tile_size=gen.settings.tile_size, threads=1))
-    logps = pref.reference_logps(gen.chunks, data.rows, pipe, a.seq_length, a.micro_batch_size)
+    logps = reference_logps(gen.chunks, data.rows, pipe, a.seq_length, a.micro_batch_size)
     if torch.distributed.get_rank() == 0:
-        pref.save_sidecar(
+        save_sidecar(
             a.out,
             data.rows,
             logps,

@@ -13,8 +13,9 @@ hand, a name patched into a module) lives in this package, one file per area:
 - ``indexed.py``: the ``.idx`` index format of Megatron's IndexedDataset;
 - ``te.py``: whether Transformer Engine can run here.
 
-The CPU backend's patches stay in ``platform/cpu.py`` (its own seam), but their version data
-is recorded here too, so one table says what an upgrade has to re-check.
+The CPU backend's patches stay in ``platform/cpu.py`` (its own seam), and the optimizer-state
+layout fitting in ``checkpoint/optimizer_state.py`` (an on-disk fact of a checkpoint), but their
+version data is recorded here too, so one table says what an upgrade has to re-check.
 
 Each workaround below names the versions it was written and tested for. Importing this package
 compares them with the installed versions and logs one line (``logging``, logger
@@ -114,7 +115,7 @@ WORKAROUNDS: tuple[Workaround, ...] = (
         "chained_optimizer_layout",
         MCORE,
         MCORE_VERIFIED,
-        "checkpoint code (_fit_chained_layout)",
+        "checkpoint/optimizer_state.py",
         "optimizer state dict layout: one optimizer's param_groups at the top or under "
         "'optimizer', a ChainedOptimizer's under 0, 1, ...; groups matched by "
         "param_group_identifier_keys (or pre_<key>)",

@@ -95,11 +95,12 @@ class HFCheckpoint:
     (sailvl: AIMv2); then ``config`` is the source config.json. None: from ``config``."""
 
 
-def read_hf_checkpoint(hf_dir: str | os.PathLike) -> HFCheckpoint:
-    """Read config + all safetensors of either layout into transformers' form."""
+def read_hf_checkpoint(hf_dir: str | os.PathLike, raw: Optional[dict] = None) -> HFCheckpoint:
+    """Read config + all safetensors of either layout into transformers' form (``raw``: the
+    folder's tensors already read, e.g. mapped ones, keys as stored)."""
     hf_dir = Path(hf_dir)
     config = hf_io.read_config(hf_dir)
-    raw = hf_io.read_state_dict(hf_dir)
+    raw = hf_io.read_state_dict(hf_dir) if raw is None else raw
     if internvl_chat.is_chat_config(config) or sailvl_layout.is_sailvl_config(config):
         tid = internvl_chat.resolve_image_token_id(config, lambda tok: hf_io.find_added_token_id(hf_dir, tok))
         if sailvl_layout.is_sailvl_config(config):
@@ -286,6 +287,7 @@ def mcore_to_hf(
 
 def _mcore_to_hf(mcore_dir: Path, out_dir: str | os.PathLike, cfg: ConvertConfig) -> Path:
     """mcore_to_hf of one checkpoint folder."""
+    integrity.check_listing(str(mcore_dir))  # unlisted files: refused before the first read
     model_config = read_model_config(mcore_dir)
     if not vision_family(model_config.vision.family).vlm_export:
         raise ValueError(

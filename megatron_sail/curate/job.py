@@ -63,15 +63,42 @@ def check_job(cfg) -> None:
 
 def add_job_flags(p, workers_help: str = "worker processes (local) or actors (ray)") -> None:
     """The flags every sharded curation tool takes (recaption, filter_data, dedup signatures)."""
-    p.add_argument("--shard-index", type=int, help="this task's index (default: SLURM array task, else 0)")
-    p.add_argument("--num-shards", type=int, help="number of tasks (default: SLURM array size, else 1)")
-    p.add_argument("--executor", choices=EXECUTORS, default="local")
-    p.add_argument("--workers", type=int, default=1, help=workers_help)
-    p.add_argument("--shard-retries", type=int, default=2)
-    p.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
-    p.add_argument("--ray-num-cpus", type=int, help="CPUs of a local Ray instance")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray actor")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray actor")
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        metavar="I",
+        help="this task's index among --num-shards (default: SLURM_ARRAY_TASK_ID, else 0)",
+    )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        metavar="N",
+        help="tasks sharing the input; task I takes shards I, I+N, ... (default: SLURM array size, else 1)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="where the shards run: local (this machine) or ray (default: local)",
+    )
+    p.add_argument("--workers", type=int, default=1, metavar="N", help=f"{workers_help} (default: 1)")
+    p.add_argument(
+        "--shard-retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="times a failed shard is tried again before it is reported (default: 2)",
+    )
+    p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: start a local one)")
+    p.add_argument(
+        "--ray-num-cpus", type=int, metavar="N", help="CPUs of a local Ray instance (default: all)"
+    )
+    p.add_argument(
+        "--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per Ray actor (default: 0)"
+    )
+    p.add_argument(
+        "--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per Ray actor (default: 1)"
+    )
 
 
 def array_task(index: Optional[int], count: Optional[int], prog: str) -> tuple[int, int]:

@@ -81,7 +81,7 @@ class StepStats:
     the model is dense."""
     extra: dict[str, float] = field(default_factory=dict)
     """Stage-specific scalars by TensorBoard tag (post-training: rewards per function, KL,
-    clip fraction, ...; training/posttrain.py); written as they are, {} for SFT stages."""
+    clip fraction, ...; posttrain/grpo.py, posttrain/dpo.py); written as they are, {} for SFT stages."""
 
 
 @dataclass

@@ -31,3 +31,14 @@ def test_run_job_refuses_torchrun_unless_the_split_is_given(tmp_path, monkeypatc
     assert out["shards"] == 0
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # WORLD_SIZE and RANK alone: not a launcher
     assert run_job(JobConfig(output_dir=str(tmp_path / "c"), progress=False), [])["failed_shards"] == []
+
+
+@pytest.mark.parametrize(
+    "tool,func",
+    [("filter_data", "main"), ("dedup", "main"), ("bench_dedup", "main"), ("recaption", "parse_args")],
+)
+def test_curation_tool_flags_explain_themselves(tool, func, monkeypatch):
+    """Every flag of the sharded curation tools (the shared job flags included) has help text."""
+    from test_cli_help import _tool_parser, _undescribed
+
+    assert _undescribed(_tool_parser(f"tools/{tool}.py", func, monkeypatch)) == []

@@ -85,13 +85,8 @@ class Qwen2Family(LanguageFamily):
             lm_gated_mlp=True,
         )
 
-    def hf_config(self, lm) -> dict:
-        """transformers Qwen2Config fields."""
-        if lm.head_dim * lm.num_heads != lm.hidden_size:
-            raise ValueError(
-                f"{self.name}: head_dim {lm.head_dim} x {lm.num_heads} heads must equal "
-                f"hidden_size {lm.hidden_size} (Qwen2 has no separate head_dim)"
-            )
+    def hf_fields(self, lm) -> dict:
+        """The transformers config fields Qwen2 and its descendants spell the same way."""
         return dict(
             model_type=self.hf_model_type,
             vocab_size=lm.vocab_size,
@@ -107,8 +102,17 @@ class Qwen2Family(LanguageFamily):
             hidden_act="silu",
         )
 
-    def from_hf_config(self, t, tied: bool):
-        """LanguageConfig of a Qwen2Config (Qwen2 always has q/k/v biases)."""
+    def hf_config(self, lm) -> dict:
+        """transformers Qwen2Config fields."""
+        if lm.head_dim * lm.num_heads != lm.hidden_size:
+            raise ValueError(
+                f"{self.name}: head_dim {lm.head_dim} x {lm.num_heads} heads must equal "
+                f"hidden_size {lm.hidden_size} (Qwen2 has no separate head_dim)"
+            )
+        return self.hf_fields(lm)
+
+    def language_config(self, t, tied: bool, **fields):
+        """LanguageConfig of a Qwen2-style HF text config, plus the family's ``fields``."""
         from megatron_sail.config.model import LanguageConfig
 
         return LanguageConfig(
@@ -123,8 +127,12 @@ class Qwen2Family(LanguageFamily):
             rope_theta=rope_theta(t),
             tie_embeddings=tied,
             max_position_embeddings=t.max_position_embeddings,
-            qkv_bias=True,
+            **fields,
         )
+
+    def from_hf_config(self, t, tied: bool):
+        """LanguageConfig of a Qwen2Config (Qwen2 always has q/k/v biases)."""
+        return self.language_config(t, tied, qkv_bias=True)
 
     def layer_key_map(self, lm, o: str, h: str) -> KeyMap:
         """One decoder layer: norms, attention (q/k/v fused), SwiGLU (gate/up fused)."""
