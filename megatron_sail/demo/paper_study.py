@@ -38,11 +38,11 @@ class StudyConfig:
     """Output folder (data, runs, report.md, report.json, figures)."""
     data: StudyData = field(default_factory=StudyData)
     """Data sizes."""
-    pretrain_iters: int = 512
+    pretrain_iters: int = 1024
     """Steps of the pretraining run."""
-    eval_points: int = 6
+    eval_points: int = 7
     """In-training evaluations of the pretraining run: at iters / 2^k, k = eval_points-1 .. 0."""
-    sft_epochs: float = 2.0
+    sft_epochs: float = 6.0
     """Epochs over its data of every SFT run (quantity runs and curriculum arms alike)."""
     seeds: tuple = (1, 2)
     """Training seeds of every curriculum arm."""
