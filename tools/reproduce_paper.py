@@ -30,6 +30,7 @@ SMOKE = {
     "sft_epochs": 1.0,
     "seeds": [1],
     "resamples": 200,
+    "replay": 0.0,
 }
 """The smoke study: every part, a few samples and steps (minutes; numbers not meaningful)."""
 
@@ -61,6 +62,12 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--seeds", type=int, nargs="+", metavar="S", help="seeds of every curriculum arm (1 2; smoke 1)"
+    )
+    p.add_argument(
+        "--replay",
+        type=float,
+        metavar="F",
+        help="replay fraction of the ascending_replay arm, 0: no such arm (0.5; smoke 0)",
     )
     p.add_argument("--resamples", type=int, metavar="N", help="paired-bootstrap resamples (1000; smoke 200)")
     p.add_argument(
@@ -94,6 +101,7 @@ def main(argv=None) -> int:
         "sft_epochs",
         "seeds",
         "resamples",
+        "replay",
     ):
         if getattr(a, k) is not None:
             chosen[k] = getattr(a, k)
