@@ -26,9 +26,9 @@ from megatron_sail.data.loading.dataset import build_blended
 from megatron_sail.platform import distributed as platform
 from megatron_sail.training import checkpoint as ckpt
 from megatron_sail.training import resume_checks
-from megatron_sail.training.flops import device_peak_flops, shape_from_model_config
+from megatron_sail.training.flops import shape_from_model_config
 from megatron_sail.training.loop import LoopContext, StepFeeder, decodes_images, dp_plan, row_flops, run
-from megatron_sail.training.metrics import MetricsConfig, MetricsWriter
+from megatron_sail.training.metrics import MetricsWriter, writer_for_run
 from megatron_sail.training.model_setup import build_chunks, hook_model_config, load_state, wrap_ddp
 from megatron_sail.training.optimizer import build_optimizer, build_scheduler, use_foreach
 from megatron_sail.training.precision import check_precision
@@ -174,25 +174,7 @@ def train(cfg: RunConfig) -> int:
             depth=1,
             decode=decode,
         )
-    metrics = MetricsWriter(
-        cfg.train.run_dir,
-        cfg.train.tensorboard_dir,
-        cfg.train.log_interval,
-        torch.distributed.get_rank(),
-        MetricsConfig(
-            total_iters=cfg.train.train_iters,
-            world_size=torch.distributed.get_world_size(),
-            peak_flops=device_peak_flops(),
-            progress_bar=cfg.train.progress_bar,
-            start_iteration=state.iteration,
-            log_throughput=cfg.train.log_throughput,
-            tensorboard_log_interval=cfg.train.tensorboard_log_interval,
-            wandb_project=cfg.train.wandb_project,
-            wandb_exp_name=cfg.train.wandb_exp_name,
-            wandb_save_dir=cfg.train.wandb_save_dir,
-            run_config=to_dict(cfg),
-        ),
-    )
+    metrics = writer_for_run(cfg, state.iteration)
     ctx = LoopContext(cfg, chunks, optimizer, scheduler, state, feeder, metrics, watcher, valid, to_dict(cfg))
     if cfg.train.log_images and decode and rank0:
         ctx.image_logger = image_logger(cfg, train_data, metrics)

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--trainer-stages",
         default=None,
-        metavar="S1,S2,..",
+        metavar="S1,S2,...",
         help="trainer --stage per plan stage (default: sft-knowledge, sft-instruction, last sft-preference)",
     )
     p.add_argument(

@@ -14,9 +14,9 @@ Runs in one process (CPU or one GPU), no torchrun. See megatron_sail/posttrain/s
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
+from megatron_sail import cli
 from megatron_sail.posttrain.soup import SoupConfig, merge
 
 
@@ -41,4 +41,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -15,8 +15,9 @@ naming the row. The file is a plain .npz (no pickles), written under a temporary
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+
+from megatron_sail import cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,10 +27,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-path", nargs="+", required=True, help="preference JSONL files")
     p.add_argument("--seq-length", type=int, required=True, help="the trainer's --seq-length")
     p.add_argument("--out", required=True, help="sidecar .npz to write")
-    p.add_argument("--image-root", default=None)
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--tp", type=int, default=None)
-    p.add_argument("--pp", type=int, default=None)
+    p.add_argument("--image-root", default=None, metavar="DIR", help="base folder of relative image paths")
+    p.add_argument(
+        "--micro-batch-size", type=int, default=1, help="packed rows per forward pass (default: %(default)s)"
+    )
+    p.add_argument(
+        "--tensor-model-parallel-size",
+        "--tp",
+        dest="tp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tensor-parallel size (default: 1; torchrun's process count must be tp x pp)",
+    )
+    p.add_argument(
+        "--pipeline-model-parallel-size",
+        "--pp",
+        dest="pp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pipeline-parallel size (default: 1)",
+    )
     a = p.parse_args(argv)
     import torch
 
@@ -65,4 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -26,9 +26,11 @@ SMOKE = {
     "sft_per_level": 120,
     "bench_items": 20,
     "pretrain_iters": 64,
+    "eval_points": 6,
     "sft_epochs": 1.0,
     "seeds": [1],
     "resamples": 200,
+    "replay": 0.0,
 }
 """The smoke study: every part, a few samples and steps (minutes; numbers not meaningful)."""
 
@@ -47,13 +49,25 @@ def main(argv=None) -> int:
     )
     p.add_argument("--bench-items", type=int, metavar="N", help="items per benchmark set (100; smoke 20)")
     p.add_argument(
-        "--pretrain-iters", type=int, metavar="N", help="steps of the pretraining run (512; smoke 64)"
+        "--pretrain-iters", type=int, metavar="N", help="steps of the pretraining run (1024; smoke 64)"
     )
     p.add_argument(
-        "--sft-epochs", type=float, metavar="E", help="epochs of every SFT run over its data (2; smoke 1)"
+        "--eval-points",
+        type=int,
+        metavar="N",
+        help="in-training evaluations of the pretraining run at iters/2^k (7: 1.8 decades; smoke 6)",
+    )
+    p.add_argument(
+        "--sft-epochs", type=float, metavar="E", help="epochs of every SFT run over its data (6; smoke 1)"
     )
     p.add_argument(
         "--seeds", type=int, nargs="+", metavar="S", help="seeds of every curriculum arm (1 2; smoke 1)"
+    )
+    p.add_argument(
+        "--replay",
+        type=float,
+        metavar="F",
+        help="replay fraction of the ascending_replay arm, 0: no such arm (0.5; smoke 0)",
     )
     p.add_argument("--resamples", type=int, metavar="N", help="paired-bootstrap resamples (1000; smoke 200)")
     p.add_argument(
@@ -83,9 +97,11 @@ def main(argv=None) -> int:
         "sft_per_level",
         "bench_items",
         "pretrain_iters",
+        "eval_points",
         "sft_epochs",
         "seeds",
         "resamples",
+        "replay",
     ):
         if getattr(a, k) is not None:
             chosen[k] = getattr(a, k)

@@ -143,6 +143,11 @@ def _copy_init_assets(config: dict, ckpt_dir: str) -> None:
         if os.path.isfile(os.path.join(ckpt, PROCESSOR_FILE)):
             shutil.copy2(os.path.join(ckpt, PROCESSOR_FILE), os.path.join(ckpt_dir, PROCESSOR_FILE))
         return
+    raise FileNotFoundError(
+        f"checkpoint {ckpt_dir}: {TOKENIZER_DIR}/ not written: neither the --init-from "
+        f"({c.get('init_from')}) nor the --load ({c.get('load')}) checkpoint holds one (moved or "
+        "deleted since the run started?); a checkpoint without it breaks generate and export"
+    )
 
 
 def _copy_tree(src: str, dst: str) -> None:

@@ -428,9 +428,9 @@ def load_model(
     big, rest = _largest_first(sharded)
     loaded = load_sharded(big, checkpoint_dir, cfg, allow_extra=True)
     later = load_sharded(rest, checkpoint_dir, dataclasses.replace(cfg, verify="off"), allow_extra=True)
-    for name, part in later.items():
+    for name, part in later.items():  # also the checkpoint's common entries (its optimizer's)
         loaded.setdefault(name, {}).update(part)
-        loaded[name].update(filled[name])  # read in place already: the parameters themselves
+        loaded[name].update(filled.get(name, {}))  # read in place already: the parameters themselves
     chunks = unwrap_model(list(model_chunks))
     if len(chunks) == 1:
         chunks[0].load_state_dict(loaded["model"], strict=True)

@@ -28,6 +28,9 @@ class CheckpointNotSaved(OSError):
     """cli.fail lets the rank that failed speak first (this rank prints only if the job is
     still alive after the grace period), so the user reads the full-disk line once."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message, without "[Errno 28]"
+
 
 def reported_by(err: BaseException, failed_ranks: list[int], rank: int) -> BaseException:
     """Mark ``err`` (this rank's own failure) for cli.fail: the lowest failed rank prints at

@@ -249,17 +249,18 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
 
 
-def check_dcp_metadata(folder: str) -> None:
+def check_dcp_metadata(folder: str):
     """Refuse every pickle megatron-core and DCP will open in ``folder`` unless it passes an
     allow-list, before they open it: DCP's ``.metadata`` (DCP's own metadata classes only),
     Megatron's ``common.pt`` and the pickled (non-tensor) items inside the shard files (torch's
     weights-only unpickler with ``layout.allowed_globals``). Megatron loads the last two with
     plain ``torch.load``, which ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns into a full unpickle
     that runs whatever a crafted file names; checked here, that environment changes nothing.
-    Errors name the file."""
+    Errors name the file. Returns DCP's metadata object (None for a folder without one), read
+    with the allow-list: the one safe way to read it."""
     path = os.path.join(folder, DCP_METADATA)
     if not os.path.isfile(path):
-        return
+        return None
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -275,6 +276,7 @@ def check_dcp_metadata(folder: str) -> None:
         with open(common, "rb") as f:
             check_pickle(f, common)
     _check_byte_items(folder, metadata)
+    return metadata
 
 
 def check_pickle(stream, name: str) -> None:

@@ -67,6 +67,10 @@ SOURCE_DIR = "source_files"
 """Non-weight, non-tokenizer files of an HF source folder (remote code, its config.json, ...)."""
 HF_CONFIG = "config.json"
 """A Hugging Face folder's config; with no MCORE_METADATA beside it the folder is 'hf'."""
+HF_PREPROCESSOR_FILE = "preprocessor_config.json"
+"""A Hugging Face folder's image processor settings (what transformers' AutoProcessor reads)."""
+HF_GENERATION_FILE = "generation_config.json"
+"""A Hugging Face folder's generation defaults."""
 _ITER = re.compile(r"iter_(\d{7})")
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -27,6 +27,7 @@ import torch
 
 from megatron_sail.checkpoint import dcp, integrity
 from megatron_sail.checkpoint.layout import (
+    HF_PREPROCESSOR_FILE,
     PROCESSOR_FILE,
     STATE_FILE,
     TOKENIZER_DIR,
@@ -132,7 +133,7 @@ def _hf_settings(root: Path, raw: dict, model_config: ModelConfig) -> ProcessorS
         s.max_tiles = int(raw.get("max_dynamic_patch", s.max_tiles))
         s.min_tiles = int(raw.get("min_dynamic_patch", s.min_tiles))
         s.use_thumbnail = bool(raw.get("use_thumbnail", s.use_thumbnail))
-    pre = root / "preprocessor_config.json"
+    pre = root / HF_PREPROCESSOR_FILE
     if pre.is_file():
         values = json.loads(pre.read_text())
         s.max_tiles = int(values.get("max_patches", s.max_tiles))

@@ -32,6 +32,7 @@ from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.models import layer_specs
 from megatron_sail.models.encoder_spec import EncoderSpec
 from megatron_sail.models.families import vision_family
+from megatron_sail.models.portable import portable_settings
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -62,16 +63,7 @@ def encoder_transformer_config(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=1,
         sequence_parallel=parallel.sequence_parallel,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        pipeline_dtype=dtype,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        **portable_settings(dtype),
         normalization=norm,
         add_bias_linear=spec.linear_bias,
         add_qkv_bias=v.qkv_bias if spec.qkv_bias is None else spec.qkv_bias,

@@ -14,6 +14,8 @@ from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.random import get_data_parallel_rng_tracker_name
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_sail.compat import transformer_layer as compat
+
 
 def _tp_shared_rng():
     """An RNG stream that is the same on every tensor-parallel rank: Megatron's
@@ -76,17 +78,17 @@ class ViTLayer(TransformerLayer):
         self.ls1, self.ls2 = (None, None) if layer_scale_init is None else (scale(), scale())
         steps = max(total_layers - 1, 1)
         self.drop_path_rate = drop_path_rate * (self.layer_number - 1) / steps
-        self.self_attn_bda = self._scaled_add(lambda: self.ls1)
-        self.mlp_bda = self._scaled_add(lambda: self.ls2)
+        compat.replace_bias_dropout_add(
+            self, self._scaled_add(lambda: self.ls1), self._scaled_add(lambda: self.ls2)
+        )
         if not qkv_bias:  # Megatron gives qkv a bias whenever other linears have one
-            self.self_attention.linear_qkv.register_parameter("bias", None)
-            if hasattr(self.self_attention.linear_qkv, "use_bias"):
-                self.self_attention.linear_qkv.use_bias = False
+            compat.drop_linear_bias(self.self_attention.linear_qkv)
 
     def _scaled_add(self, get_scale):
-        """A bias-dropout-add replacement with the call contract TransformerLayer expects."""
+        """The bias-dropout-add of one branch (compat/transformer_layer.py has the contract):
+        residual + drop_path(scale * (out + bias))."""
 
-        def factory(training, _fused):
+        def factory(training):
             def add(out_with_bias, residual, _prob):
                 out, bias = out_with_bias
                 if bias is not None:

@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_sail.checkpoint.layout import (
+    DCP_METADATA,
     HF_CONFIG_FILE,
     PROCESSOR_FILE,
     SOURCE_DIR,
@@ -95,9 +96,9 @@ def tensor_shapes(ckpt: Path) -> dict[str, tuple]:
     with the integrity module's allow-listed unpickler (optimizer entries are skipped)."""
     from megatron_sail.checkpoint import integrity
 
-    integrity.check_dcp_metadata(str(ckpt))
-    with open(ckpt / ".metadata", "rb") as f:
-        meta = integrity._MetadataUnpickler(f).load()  # noqa: SLF001 - the one safe reader
+    meta = integrity.check_dcp_metadata(str(ckpt))
+    if meta is None:
+        raise FileNotFoundError(f"{ckpt}: no {DCP_METADATA} (not a distributed checkpoint)")
     shapes = {}
     for key, info in meta.state_dict_metadata.items():
         size = getattr(info, "size", None)

@@ -29,7 +29,7 @@ from megatron_sail.checkpoint import layout
 from megatron_sail.config.run import RunConfig, to_dict, write_resolved
 from megatron_sail.platform import distributed as platform
 from megatron_sail.training import checkpoint as ckpt
-from megatron_sail.training.metrics import MetricsConfig, MetricsWriter, StepStats
+from megatron_sail.training.metrics import MetricsWriter, StepStats, writer_for_run
 
 
 @dataclass
@@ -89,7 +89,6 @@ def _assets(cfg: RunConfig):
 def setup(cfg: RunConfig) -> Setup:
     """Platform, model, optimizer, checkpoint and metrics, as train.train() builds them."""
     from megatron_sail.data.images import build_image_pipeline
-    from megatron_sail.training.flops import device_peak_flops
     from megatron_sail.training.model_setup import build_chunks, hook_model_config, load_state, wrap_ddp
     from megatron_sail.training.optimizer import build_optimizer, build_scheduler
     from megatron_sail.training.precision import check_precision
@@ -112,24 +111,7 @@ def setup(cfg: RunConfig) -> Setup:
         cfg, chunks, optimizer, scheduler, ckpt.LoadChecks(c.ckpt_verify, {}, c.allow_tokenizer_mismatch)
     )
     state.scheduler = scheduler.state_dict()
-    metrics = MetricsWriter(
-        cfg.train.run_dir,
-        cfg.train.tensorboard_dir,
-        cfg.train.log_interval,
-        torch.distributed.get_rank(),
-        MetricsConfig(
-            total_iters=cfg.train.train_iters,
-            world_size=torch.distributed.get_world_size(),
-            peak_flops=device_peak_flops(),
-            start_iteration=state.iteration,
-            log_throughput=False,
-            tensorboard_log_interval=cfg.train.tensorboard_log_interval,
-            wandb_project=cfg.train.wandb_project,
-            wandb_exp_name=cfg.train.wandb_exp_name,
-            wandb_save_dir=cfg.train.wandb_save_dir,
-            run_config=to_dict(cfg),
-        ),
-    )
+    metrics = writer_for_run(cfg, state.iteration, progress_bar=False, log_throughput=False)
     return Setup(
         cfg,
         chunks,

@@ -16,8 +16,6 @@ import torch
 
 from launcher import launch
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _convert(rank, hf_dirs, outs):
     """Rank 0 of 1: hf-to-mcore each folder."""

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from launcher import launch
+from launcher import free_port, launch
+from testkit import ROOT, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[2]
 SEQ = 256
 RTOL = 1e-5  # float32 runs whose reductions differ in order (see test_train_runs.py)
 
@@ -213,12 +210,6 @@ def test_dpo_logps_equal_transformers_and_rollout_logps_equal_the_trainers(asset
 
 
 # ------------------------------------------------------------------ the trainer, any layout
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(assets, run_dir, nproc, stage, extra=()):
     """Run ``python -m megatron_sail.train --stage STAGE`` on nproc ranks; {iteration: record}."""
     common = [
@@ -269,12 +260,12 @@ def _train(assets, run_dir, nproc, stage, extra=()):
             "-m",
             "torch.distributed.run",
             f"--nproc_per_node={nproc}",
-            f"--master_port={_free_port()}",
+            f"--master_port={free_port()}",
         ]
         if nproc > 1
         else [sys.executable]
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    env = subprocess_env()
     proc = subprocess.run(
         launcher + ["-m", "megatron_sail.train"] + common + list(extra),
         cwd=ROOT,

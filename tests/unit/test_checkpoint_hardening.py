@@ -8,6 +8,8 @@ import json
 import os
 import pickle
 import re
+import shutil
+import signal
 import time
 
 import numpy as np
@@ -441,6 +443,21 @@ def test_model_only_loads_verify_too(one_rank, tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+def test_model_only_load_of_a_training_checkpoint_ignores_its_optimizer_entries(one_rank, tmp_path):
+    """Generate and mcore-to-hf load the weights of training checkpoints, whose common.pt also
+    holds the optimizer's non-sharded state: those entries are left unread, not a KeyError."""
+    from megatron_sail.checkpoint import dcp
+
+    folder = tmp_path / "train_like"
+    dcp.save_sharded(
+        {"model": Net(3.0).sharded_state_dict(), "optimizer": {"param_groups": [{"lr": 1.0}]}}, folder
+    )
+    integrity.write_manifest(str(folder))
+    target = Net()
+    dcp.load_model([target], folder)
+    assert torch.all(target.w == 3.0)
+
+
 # ------------------------------------------------------------------ issue 20: faults on save and load
 def _enospc(path=None):
     """The error a write to a full disk raises (a file name when the failing call knows it)."""
@@ -503,6 +520,27 @@ def test_a_save_that_cannot_write_a_part_publishes_nothing(one_rank, tmp_path, m
     with pytest.raises(expected[0], match=expected[1]) as e:
         ckpt.save_checkpoint(str(root), [Net(1.0)], None, state, 0, config=config)
     assert str(e.value).count("no space left") == (1 if fault == "enospc" else 0)
+    assert layout.read_latest(str(root)) == 1 and layout.list_checkpoints(str(root)) == [1]
+
+
+def test_a_post_training_save_copies_the_start_tokenizer_or_publishes_nothing(one_rank, tmp_path):
+    """Item 1 for dpo/grpo (JSONL data, no meta.json): tokenizer/ and processor.json come from
+    the --init-from checkpoint; when it has none any more, the save fails and `latest` stays."""
+    init = _save(tmp_path / "init", 1)
+    os.makedirs(os.path.join(init, layout.TOKENIZER_DIR))
+    with open(os.path.join(init, layout.TOKENIZER_DIR, "tokenizer.json"), "w") as f:
+        f.write("{}")
+    config = {
+        "stage": {"name": "dpo"},
+        "data": {"data_path": [str(tmp_path / "pairs.jsonl")]},
+        "checkpoint": {"init_from": str(tmp_path / "init")},
+    }
+    root = tmp_path / "ck"
+    ckpt.save_checkpoint(str(root), [Net(1.0)], None, ckpt.TrainState(iteration=1), 0, config)
+    assert (root / "iter_0000001" / layout.TOKENIZER_DIR / "tokenizer.json").read_text() == "{}"
+    shutil.rmtree(os.path.join(init, layout.TOKENIZER_DIR))
+    with pytest.raises(FileNotFoundError, match=r"tokenizer/ not written: neither the --init-from"):
+        ckpt.save_checkpoint(str(root), [Net(2.0)], None, ckpt.TrainState(iteration=2), 0, config)
     assert layout.read_latest(str(root)) == 1 and layout.list_checkpoints(str(root)) == [1]
 
 
@@ -778,10 +816,15 @@ def test_a_full_disk_on_another_rank_is_said_once_by_the_rank_that_failed(
         with ckpt.disk_full_named(str(tmp_path / "iter_0000002.tmp")):
             raise CheckpointException("save failed", failures)
     slept = []
-    monkeypatch.setattr(cli.time, "sleep", slept.append)
+    # While a rank waits, the launcher's SIGTERM ends it (the trainer's handler only notes it).
+    monkeypatch.setattr(cli.time, "sleep", lambda s: slept.append((s, signal.getsignal(signal.SIGTERM))))
     monkeypatch.setenv("RANK", str(me))
-    with pytest.raises(SystemExit):
-        cli.fail(e.value)
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        with pytest.raises(SystemExit):
+            cli.fail(e.value)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     err = capsys.readouterr().err
     if me == 1:
         assert slept == [] and re.fullmatch(
@@ -789,7 +832,10 @@ def test_a_full_disk_on_another_rank_is_said_once_by_the_rank_that_failed(
             err,
         )
     else:
-        assert slept == [cli.RANK_PEER_GRACE_S] and "not saved: rank(s) [1]" in err
+        assert slept == [(cli.DEFERRED_GRACE_S, signal.SIG_DFL)]
+        assert err.startswith(
+            f"error: checkpoint {tmp_path}/iter_0000002.tmp not saved: rank(s) [1] could not"
+        )
 
 
 def test_dcp_metadata_naming_files_outside_the_checkpoint_is_refused(one_rank, tmp_path):

@@ -275,6 +275,103 @@ def test_param_gather_hooks():
     assert hooked.log == [("off", True), "on"]
 
 
+# ---------------------------------------------------------------- transformer_layer
+def test_layer_bda_hooks():
+    from megatron.core.transformer import transformer_layer
+
+    from megatron_sail.compat.transformer_layer import replace_bias_dropout_add
+
+    src = inspect.getsource(transformer_layer.TransformerLayer)
+    for name in ("self_attn_bda", "mlp_bda"):
+        assert f"self.{name} = build_module(submodules.{name})" in src, name
+        assert f"self.{name}(self.training, self.config.bias_dropout_fusion)(" in src, name
+    layer = SimpleNamespace()
+    calls = []
+
+    def branch(tag):
+        return lambda training: (
+            lambda owb, residual, prob: calls.append((tag, training, prob)) or residual + owb[0]
+        )
+
+    replace_bias_dropout_add(layer, branch("attn"), branch("mlp"))
+    assert layer.self_attn_bda(True, True)((2, None), 1, 0.0) == 3
+    assert layer.mlp_bda(False, False)((5, None), 1, 0.1) == 6
+    assert calls == [("attn", True, 0.0), ("mlp", False, 0.1)]
+
+
+def test_qkv_bias_off():
+    import importlib.util
+
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    from megatron_sail.compat.transformer_layer import drop_linear_bias
+
+    assert "bias = self.bias if not self.skip_bias_add else None" in inspect.getsource(
+        ColumnParallelLinear.forward
+    )
+    te_src = open(importlib.util.find_spec("megatron.core.extensions.transformer_engine").origin).read()
+    assert "class TELayerNormColumnParallelLinear" in te_src and "self.use_bias" in te_src
+    linear = torch.nn.Linear(3, 2)
+    linear.use_bias = True
+    drop_linear_bias(linear)
+    assert linear.bias is None and linear.use_bias is False
+    assert "bias" not in dict(linear.named_parameters())
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(linear(x), x @ linear.weight.t())
+
+
+# ---------------------------------------------------------------- inference's module swaps
+def test_core_attention_swap():
+    from megatron.core.transformer import attention
+
+    from megatron_sail.inference.kv_cache import CachedAttention
+
+    src = inspect.getsource(attention.Attention)
+    assert "self.core_attention = submodules.core_attention(" in src
+    call = re.search(r"apply_module\(self\.core_attention\)\(([^)]*)\)", src)
+    assert call, "Attention no longer calls its core_attention through apply_module"
+    args = [a.strip() for a in call.group(1).split(",") if a.strip()]
+    assert args == [
+        "query",
+        "key",
+        "value",
+        "attention_mask",
+        "attn_mask_type=attn_mask_type",
+        "attention_bias=attention_bias",
+        "packed_seq_params=packed_seq_params",
+    ]
+    ours = _params(CachedAttention.forward)[1:]
+    assert ours == [
+        "query",
+        "key",
+        "value",
+        "attention_mask",
+        "attn_mask_type",
+        "attention_bias",
+        "packed_seq_params",
+    ]
+
+
+def test_plain_parallel_layers():
+    from megatron.core.tensor_parallel import layers
+
+    col, row = layers.ColumnParallelLinear, layers.RowParallelLinear
+    assert _params(col.forward)[:4] == ["self", "input_", "weight", "runtime_gather_output"]
+    assert _params(row.forward) == ["self", "input_"]
+    assert _params(layers.VocabParallelEmbedding.forward) == ["self", "input_"]
+    for cls in (col, row):
+        src = inspect.getsource(cls)
+        assert "self.skip_bias_add = skip_bias_add" in src and "self.tp_group" in src, cls.__name__
+        fwd = inspect.getsource(cls.forward)
+        assert "return output, output_bias" in fwd and "self.skip_bias_add" in fwd, cls.__name__
+    # the bias is returned apart exactly when skip_bias_add (else added, None returned)
+    assert "output_bias = self.bias if self.skip_bias_add else None" in inspect.getsource(col.forward)
+    row_fwd = inspect.getsource(row.forward)
+    assert "if not self.skip_bias_add:" in row_fwd and "output_bias = None" in row_fwd
+    emb = inspect.getsource(layers.VocabParallelEmbedding)
+    assert "self.reduce_scatter_embeddings = reduce_scatter_embeddings" in emb
+
+
 # ---------------------------------------------------------------- moe
 def test_router_gemm_without_te():
     from megatron.core.transformer.moe import moe_utils

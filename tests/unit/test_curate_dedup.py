@@ -24,9 +24,9 @@ from PIL import Image
 from megatron_sail.curate.dedup.grouping import GroupConfig, run_grouping
 from megatron_sail.curate.filters.pipeline import FilterConfig, run_filters
 from recaption_fixtures import FakeVLMServer, add_member
+from testkit import ROOT as REPO
 from testkit import subprocess_env
 
-REPO = Path(__file__).resolve().parents[2]
 CAPTIONS = [
     "a red square beside a small blue circle on a white table",
     "two green triangles under a yellow sun in the corner",
@@ -368,3 +368,139 @@ def test_semantic_groups_are_the_planted_pairs_with_the_survivor_rule_for_any_pa
         loser, survivor = (b, a) if pa >= pb else (a, b)
         want[loser] = ("semantic_duplicate", survivor)
     assert dropped == want
+
+
+def test_colour_distance_keeps_recoloured_images_and_still_drops_resized_copies(tmp_path):
+    """pHash reads luminance structure only: a recoloured image (luminance a scaled copy of the
+    original's) is a pHash duplicate. near_dedup.colour_distance keeps it, while a 2x JPEG
+    copy of the original is still dropped; identical results for 1 and 3 partitions."""
+    v = np.asarray(pattern(7).convert("L"), dtype=np.float32)
+    grey = Image.fromarray(np.stack([v, v, v], -1).astype(np.uint8))
+    recoloured = Image.fromarray(np.stack([v, v / 2, np.zeros_like(v)], -1).astype(np.uint8))
+    copy = encode(grey.resize((128, 128), Image.BICUBIC), "JPEG", quality=90)
+    write_tar(
+        tmp_path / "in" / "a.tar",
+        [
+            ("x0", {"png": encode(grey), "txt": CAPTIONS[0]}),
+            ("x1", {"png": encode(recoloured), "txt": CAPTIONS[1]}),
+        ],
+    )
+    write_tar(
+        tmp_path / "in" / "b.tar",
+        [("y0", {"jpg": copy, "txt": CAPTIONS[2]}), ("y1", {"png": encode(pattern(8)), "txt": CAPTIONS[3]})],
+    )
+    removed = {}
+    for name, colour in (("plain", None), ("colour", 24)):
+        cfg = FilterConfig()
+        cfg.language.enabled = False
+        cfg.near_dedup.colour_distance = colour
+        out = tmp_path / name
+        run_filters([str(tmp_path / "in" / "*.tar")], str(out), cfg)
+        removed[name] = {
+            json.loads(ln)["key"]: json.loads(ln)["reason"]
+            for p in sorted(out.glob("*.rejects.jsonl"))
+            for ln in p.read_text().splitlines()
+        }
+    assert removed["plain"] == {"x0": "near_duplicate", "x1": "near_duplicate"}
+    assert removed["colour"] == {"x0": "near_duplicate"}
+    report = json.loads((tmp_path / "colour" / "dedup" / "keep" / "dedup_report.json").read_text())
+    assert report["settings"]["colour_distance"] == 24
+    sig = tmp_path / "colour" / "dedup" / "keep"
+    again = run_grouping(
+        GroupConfig(
+            signatures=str(tmp_path / "colour" / "dedup" / "signatures"),
+            output_dir=str(tmp_path / "p3"),
+            colour_distance=24,
+            partitions=3,
+        )
+    )
+    assert again["dropped"] == 1 and lists_of(tmp_path / "p3") == lists_of(sig)
+    with pytest.raises(ValueError, match="no colour thumbnails"):
+        run_grouping(
+            GroupConfig(
+                signatures=str(tmp_path / "plain" / "dedup" / "signatures"),
+                output_dir=str(tmp_path / "p4"),
+                colour_distance=24,
+            )
+        )
+    with pytest.raises(ValueError, match=r"colour_distance 300 must be in \[0, 255\]"):
+        FilterConfig().near_dedup.__class__(colour_distance=300)
+
+
+def test_the_demo_pool_near_copies_are_the_only_near_duplicates_under_the_demo_config(tmp_path):
+    """examples/sail_caption.sh keeps near-dedup on: of the demo pool (its exact captions, as a
+    tar), the dedup passes with the example's filter list drop as near duplicates the originals
+    of the planted resized copies (a copy is larger, so it survives) and otherwise only scenes
+    with the same caption (the same shapes on another canvas size or background shade), never a
+    scene that shares its layout in other colours."""
+    from megatron_sail.curate.filters.pipeline import load_config
+    from megatron_sail.demo.pool import PoolConfig, make_pool
+    from testkit import ROOT
+
+    info = make_pool(str(tmp_path / "demo"), PoolConfig(samples=160, seed=4321))
+    rows = [json.loads(ln) for ln in open(info["pool_truth"])]
+    data = {r["id"]: (tmp_path / "demo" / r["image"]).read_bytes() for r in rows}
+    samples = [(r["id"], {r["image"].rsplit(".", 1)[1]: data[r["id"]], "txt": r["caption"]}) for r in rows]
+    write_tar(tmp_path / "in" / "pool.tar", samples)
+    copy_of = {r["id"]: r["copy_of"] for r in rows if "copy_of" in r}
+    assert info["pool_near_copies"] == len(copy_of) == 8
+    run_filters(
+        [str(tmp_path / "in" / "pool.tar")],
+        str(tmp_path / "out"),
+        load_config(str(ROOT / "examples" / "sail_caption_filters.yaml")),
+    )
+    near = {}
+    for ln in (tmp_path / "out" / "pool.rejects.jsonl").read_text().splitlines():
+        r = json.loads(ln)
+        if r["reason"] == "near_duplicate":
+            near[r["key"]] = r["detail"]
+    caption = {r["id"]: r["caption"] for r in rows}
+    sources = {data[src] for src in copy_of.values()}  # the copied images (some scenes repeat)
+    assert {k for k, b in data.items() if k not in copy_of and b in sources} <= set(near)
+    for key, detail in near.items():
+        survivor = re.search(r"duplicate of pool/(\S+) ", detail).group(1)
+        assert caption[survivor] == caption[key], (key, survivor)
+    rejected = {r["key"]: r for r in map(json.loads, (tmp_path / "out" / "pool.rejects.jsonl").open())}
+    for key in copy_of:  # a copy survives, or is the byte copy of another copy (same scene, size)
+        r = rejected.get(key)
+        assert r is None or (r["reason"] == "exact_duplicate" and r["detail"].split("pool/")[1] in copy_of)
+
+
+def test_semantic_signatures_from_a_tiny_clip_group_as_brute_force(tmp_path):
+    """The signature pass with semantic_dedup embeds each image with transformers' CLIP (a tiny
+    random one): unit vectors in the signature shards; with one cluster the grouping's semantic
+    pairs are all pairs at cosine >= threshold, and an image repeated in another shard is one."""
+    from megatron_sail.curate.dedup.sigfile import load_signatures
+    from recaption_fixtures import tiny_clip
+
+    model = tiny_clip(tmp_path / "clip", CAPTIONS)
+    write_tar(
+        tmp_path / "in" / "a.tar",
+        [(f"x{k}", {"png": encode(pattern(k)), "txt": CAPTIONS[k % 4]}) for k in range(4)],
+    )
+    write_tar(
+        tmp_path / "in" / "b.tar",
+        [
+            ("y0", {"png": encode(pattern(2)), "txt": CAPTIONS[0]}),
+            ("y1", {"png": encode(pattern(9)), "txt": CAPTIONS[1]}),
+        ],
+    )
+    cfg = FilterConfig()
+    cfg.language.enabled = cfg.exact_dedup.enabled = cfg.near_dedup.enabled = False
+    cfg.semantic_dedup.enabled, cfg.semantic_dedup.model = True, model
+    cfg.semantic_dedup.clusters, cfg.semantic_dedup.threshold = 1, 0.999
+    out = tmp_path / "out"
+    run_filters([str(tmp_path / "in" / "*.tar")], str(out), cfg)
+    sig = [load_signatures(str(out / "dedup" / "signatures" / f"{n}.sig.npz"), True) for n in ("a", "b")]
+    emb = np.concatenate([s["embedding"] for s in sig]).astype(np.float32)
+    keys = [f"{n}/{k.decode()}" for n, s in zip("ab", sig) for k in s["keys"]]
+    assert emb.shape == (6, 8) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-2)
+    i, j = np.nonzero(np.triu(emb @ emb.T >= 0.999, 1))
+    brute = {(keys[a], keys[b]) for a, b in zip(i, j)}
+    assert ("a/x2", "b/y0") in brute
+    report = json.loads((out / "dedup" / "keep" / "dedup_report.json").read_text())
+    assert report["verified_pairs"]["semantic"] == len(brute)
+    rejects = [
+        json.loads(ln) for p in sorted(out.glob("*.rejects.jsonl")) for ln in p.read_text().splitlines()
+    ]
+    assert rejects and all(r["reason"] == "semantic_duplicate" for r in rejects)

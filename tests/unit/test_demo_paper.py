@@ -220,8 +220,8 @@ def test_report_json_keys_and_markdown_from_fake_runs(tmp_path):
         quant,
         cur,
         None,
-        {"stages": stages},
-        {"total": 6, "per_stage": [2, 2, 2]},
+        {"stages": stages, "replay_stages": [dict(st, replayed=k) for k, st in enumerate(stages)]},
+        {"total": 6, "per_stage": [2, 2, 2], "replay_per_stage": [1, 2, 3]},
         0.5,
         1e5,
         timing,
@@ -251,3 +251,30 @@ def test_report_json_keys_and_markdown_from_fake_runs(tmp_path):
         "the training runs took, when they ran (their done.json, kept when a rerun resumes): sft 2.0 s" in md
     )
     assert "## (d) Recaptioned data against the original text\n\nNot run here" in md
+    assert (
+        "`ascending_replay`: the same ascending stages, stage k > 1 also replaying 0.5 x its size of "
+        "random samples of the earlier stages (tools/build_curriculum.py --mix-previous), the same steps "
+        "in total: stage1 5 + 0 replayed, 1 steps; stage2 5 + 1 replayed, 2 steps; stage3 5 + 2 replayed, "
+        "3 steps." in md.replace("\n", " ")
+    )
+    assert r["details"]["replay_stages"][2]["replayed"] == 2
+
+
+def test_resumed_study_keeps_only_the_same_runs(tmp_path):
+    """A finished run (done.json) is kept when the spec is the same and refused, naming the
+    difference, when the study is resumed with other steps; the data likewise."""
+    from megatron_sail.demo.paper_data import StudyData, make_data
+    from megatron_sail.demo.paper_runs import RunSpec, train
+
+    spec = RunSpec(str(tmp_path / "r"), "/p/data", 6, seed=2, init_from="/ckpt")
+    (tmp_path / "r").mkdir()
+    info = {"iters": 6, "seed": 2, "data_path": "/p/data", "init_from": "/ckpt", "seconds": 1.5}
+    (tmp_path / "r" / "done.json").write_text(json.dumps(info))
+    assert train(spec, python="/nonexistent/python") == info  # kept: nothing runs
+    spec.iters = 12
+    with pytest.raises(ValueError, match=r"done.json: .*other settings: iters 6 \(now 12\)"):
+        train(spec, python="/nonexistent/python")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "done.json").write_text(json.dumps({"config": {"pretrain_samples": 1}}))
+    with pytest.raises(ValueError, match="made with other sizes"):
+        make_data(str(tmp_path), StudyData())

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_sail.models.families.base import KeyMap, LanguageFamily, QKVSite
+from megatron_sail.models.portable import portable_settings
 
 
 def rope_theta(text) -> float:
@@ -59,16 +60,7 @@ class Qwen2Family(LanguageFamily):
             num_layers_in_first_pipeline_stage=parallel.first_stage_layers if parallel.pp > 1 else None,
             num_layers_in_last_pipeline_stage=parallel.last_stage_layers if parallel.pp > 1 else None,
             sequence_parallel=parallel.sequence_parallel,
-            params_dtype=dtype,
-            pipeline_dtype=dtype,
-            bf16=dtype == torch.bfloat16,
-            fp16=dtype == torch.float16,
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            apply_rope_fusion=False,
-            masked_softmax_fusion=False,
-            persist_layer_norm=False,
-            gradient_accumulation_fusion=False,
+            **portable_settings(dtype),
             cross_entropy_loss_fusion=False,
         )
 
