@@ -101,3 +101,33 @@ def test_load_model_reads_weights_of_a_training_checkpoint(single_rank_group, tm
     assert torch.equal(other.weight, model.weight) and torch.equal(other.bias, model.bias)
     with pytest.raises(Exception, match="exp_avg"):
         dcp.load_sharded({"model": _sharded(weights)}, tmp_path / "ck")
+
+
+def test_load_model_fills_swiglu_halves_in_place(single_rank_group, tmp_path):
+    """Megatron's SwiGLU factory saves [gate; up] as two halves of one key; load_model reads them
+    straight into the parameter's two views (no concatenated copy) and the parameter holds the
+    saved values, next to a plain tensor read the usual way."""
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+    def module(seed):
+        g = torch.Generator().manual_seed(seed)
+        m = torch.nn.Module()
+        m.fc1 = torch.nn.Parameter(torch.randn(8, 3, generator=g))
+        m.bias = torch.nn.Parameter(torch.randn(4, generator=g))
+        m.sharded_state_dict = lambda: {
+            "fc1": apply_swiglu_sharded_factory(
+                ShardedTensor.from_rank_offsets("net.fc1", m.fc1.detach(), replica_id=0), ()
+            ),
+            "bias": ShardedTensor.from_rank_offsets("net.bias", m.bias.detach(), replica_id=0),
+        }
+        return m
+
+    saved = module(0)
+    dcp.save_model([saved], tmp_path / "ck")
+    other = module(1)
+    storage = other.fc1.untyped_storage().data_ptr()
+    dcp.load_model([other], tmp_path / "ck")
+    assert torch.equal(other.fc1, saved.fc1) and torch.equal(other.bias, saved.bias)
+    assert other.fc1.untyped_storage().data_ptr() == storage
+    pieces, filled = dcp._pieces_in_place(other.sharded_state_dict())
+    assert set(filled) == {"fc1"} and len(pieces["fc1"]) == 2
