@@ -11,6 +11,8 @@
 #   trainer_bf16   the trainer on the demo data, --bf16 (TE spec when TE imports)
 #   trainer_fp8    the same with --fp8-format hybrid (needs TE and an FP8 GPU)
 #   dali_gpu       the DALI GPU image backend against PIL (tile differences) and both speeds
+#   decode_speed   tools/bench_generate.py on the GPU: decode tokens/s of ours vs transformers,
+#                  tiny model, batch 1 and 8, fp32, same greedy tokens required (issue 23)
 #   compare_hf     benchmarks/compare.sh: ours vs transformers' InternVL, SAIL-VL-2B shape, bf16
 #   fp8_speed      tools/benchmark.py, same shape, FP8 (needs TE and an FP8 GPU)
 # A check whose needs are missing (no CUDA, no TE, no DALI, no megatron-core, budget spent) is
@@ -105,6 +107,11 @@ check_dali_gpu() {
   "$PY" tools/gpu_check.py dali-parity --images "$WORK/photos" | sed 's/^/[parity] /'
 }
 
+# point=NAME lines become [NAME] lines, so the report keeps each point's ours / peer / ratio
+check_decode_speed() {
+  "$PY" tools/bench_generate.py --work "$WORK/bench_generate" --points decode_tiny_b1 decode_tiny_b8 \
+    --repeats 1 --inner 3 | sed -E 's/^point=([A-Za-z0-9_-]+) /[\1] /'
+}
 check_compare_hf() { OUT="$WORK/benchmark" STEPS="$STEPS" bash benchmarks/compare.sh; }
 
 check_fp8_speed() {
@@ -147,6 +154,7 @@ run_check logits_bf16  "megatron cuda internvl" 90  kv        ""
 run_check trainer_bf16 "megatron cuda"          120 metrics   "$WORK/train_bf16/metrics.jsonl"
 run_check trainer_fp8  "megatron cuda fp8"      120 metrics   "$WORK/train_fp8/metrics.jsonl"
 run_check dali_gpu     "megatron cuda dali"     90  kv        ""
+run_check decode_speed "megatron cuda internvl" 120 kv        ""
 run_check compare_hf   "megatron cuda internvl" 240 benchmark "$WORK/benchmark/hf.json $WORK/benchmark/ours.json"
 run_check fp8_speed    "megatron cuda fp8"      120 benchmark "$WORK/benchmark/fp8.json"
 

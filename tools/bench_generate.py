@@ -167,6 +167,7 @@ def worker(side: str, kind: str, folder: Path, batch: int, new: int, threads: in
     import transformers  # noqa: F401  (imports before the RSS baseline on both sides)
 
     from megatron_sail.inference import GenerationConfig, load_generator  # noqa: F401
+    from megatron_sail.inference.loading import LoadConfig
 
     base, t0 = rss_bytes(), time.perf_counter()
     if side == "peer":
@@ -175,10 +176,14 @@ def worker(side: str, kind: str, folder: Path, batch: int, new: int, threads: in
         model = InternVLForConditionalGeneration.from_pretrained(
             str(folder / "hf"), dtype=torch.float32
         ).eval()
+        if torch.cuda.is_available():  # on a GPU both sides run there, in fp32
+            model = model.cuda()
         params = model.parameters()
     else:
         ckpt = folder / ("mcore" if kind == "load_mcore" else "hf")
-        model = load_generator(str(ckpt), GenerationConfig(max_new_tokens=new, min_new_tokens=new))
+        model = load_generator(
+            str(ckpt), GenerationConfig(max_new_tokens=new, min_new_tokens=new), LoadConfig(dtype="float32")
+        )
         params = (p for c in model.chunks for p in c.parameters())
     out = {
         "load_s": time.perf_counter() - t0,
@@ -212,8 +217,8 @@ def _hf_generate(model, ids, tiles, batch, new) -> list:
     """transformers' greedy generate with its KV cache; tokens of every row."""
     import torch
 
-    x = torch.tensor(ids)[None].repeat(batch, 1)
-    pix = tiles.repeat(batch, 1, 1, 1)
+    x = torch.tensor(ids, device=model.device)[None].repeat(batch, 1)
+    pix = tiles.to(model.device).repeat(batch, 1, 1, 1)
     with torch.no_grad():
         seq = model.generate(
             input_ids=x,
