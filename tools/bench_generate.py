@@ -347,17 +347,60 @@ def summarize(name: str, kind: str, runs: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Command line (the driver, or one build / worker process it starts)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", default=BenchConfig.work)
-    p.add_argument("--points", nargs="+", default=list(BenchConfig.points))
-    p.add_argument("--new-tokens", type=int, default=BenchConfig.new_tokens)
-    p.add_argument("--repeats", type=int, default=BenchConfig.repeats)
-    p.add_argument("--threads", type=int, default=BenchConfig.threads)
-    p.add_argument("--inner", type=int, default=BenchConfig.inner)
-    p.add_argument("--build", choices=("tiny", "0.5b"), help=argparse.SUPPRESS)
-    p.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
-    p.add_argument("--kind", default="decode", help=argparse.SUPPRESS)
-    p.add_argument("--shape", default="tiny", help=argparse.SUPPRESS)
-    p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--work",
+        default=BenchConfig.work,
+        metavar="DIR",
+        help="folder for the built checkpoints and prompts, reused when present (default: %(default)s)",
+    )
+    p.add_argument(
+        "--points",
+        nargs="+",
+        default=list(BenchConfig.points),
+        metavar="POINT",
+        help="decode_{tiny,0.5b}_b{N} (prefill reported with each) or load_{tiny,0.5b}_{hf,mcore} "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--new-tokens",
+        type=int,
+        default=BenchConfig.new_tokens,
+        help="tokens generated per row (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=BenchConfig.repeats,
+        help="runs per side and point, medians reported (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=BenchConfig.threads,
+        help="intra-op threads on both sides (default: %(default)s)",
+    )
+    p.add_argument(
+        "--inner",
+        type=int,
+        default=BenchConfig.inner,
+        help="timed generations per process; each reports its fastest (default: %(default)s)",
+    )
+    # the per-side worker processes this tool starts itself
+    p.add_argument(
+        "--build", choices=("tiny", "0.5b"), help="internal: build the inputs of this shape and exit"
+    )
+    p.add_argument(
+        "--worker", choices=("ours", "peer"), help="internal: run one side's timing in this process"
+    )
+    p.add_argument(
+        "--kind", default="decode", help="internal: the worker's point kind (default: %(default)s)"
+    )
+    p.add_argument(
+        "--shape", default="tiny", help="internal: the worker's model shape (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch", type=int, default=1, help="internal: the worker's batch size (default: %(default)s)"
+    )
     a = p.parse_args(argv)
     if a.build:
         build(a.build, Path(a.work) / a.build)
