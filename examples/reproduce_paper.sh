@@ -10,8 +10,8 @@
 #   (d) recaptioned data beats the original text: examples/sail_caption.sh's result.
 # Writes OUT/report.md, OUT/report.json and OUT/*.png. Whatever is measured is reported.
 #
-#   bash examples/reproduce_paper.sh [--out DIR]            # full study (about an hour on 2 cores)
-#   SMOKE=1 bash examples/reproduce_paper.sh --out /tmp/p   # every part with a few samples and steps
+#   bash examples/reproduce_paper.sh [--out DIR]            # full study (41 min measured on a loaded 2-core VM)
+#   SMOKE=1 bash examples/reproduce_paper.sh --out /tmp/p   # every part, a few samples and steps (4-6 min)
 #   CAPTION_SUMMARY=runs/sail_caption/summary.json bash examples/reproduce_paper.sh   # claim 1 from a run
 #   CAPTION=1 bash examples/reproduce_paper.sh              # also run examples/sail_caption.sh
 #   METHOD=ifd bash examples/reproduce_paper.sh             # IFD with the pretrained model as reference

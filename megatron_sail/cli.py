@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Callable, NoReturn, Optional, Sequence
@@ -35,6 +36,11 @@ EXIT_USAGE = 2
 RANK_PEER_GRACE_S = 3.0
 """How long a non-zero rank waits before printing its own error: when rank 0 failed on the same
 input, the launcher stops this rank first, so the job shows the message once."""
+
+DEFERRED_GRACE_S = 30.0
+"""How long a rank whose error only repeats another rank's (``cli_defer``: a checkpoint not saved
+because a peer could not write) waits before printing it: the failing rank's exit can take
+seconds (process groups, threads), and the launcher stops this rank once it sees that exit."""
 
 log = logging.getLogger("megatron_sail")
 
@@ -76,12 +82,27 @@ def error_line(e: BaseException) -> str:
     return "error: " + text.replace("\n", "\n  ")  # details a message carries stay indented
 
 
+def _die_on_sigterm() -> None:
+    """While a rank waits to see whether another rank's error ends the job, the launcher's
+    SIGTERM must end this process (the trainer's exit handler would only note it, and the
+    rank would print a second line after the grace period)."""
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # not the main thread: nothing was installed here
+        pass
+
+
 def fail(e: BaseException) -> NoReturn:
     """Print ``e`` as one line (from rank 0; from another rank only if the job is still alive
-    after a short grace period) and exit 2."""
+    after a short grace period) and exit 2. An error may say who reports it through a
+    ``cli_defer`` attribute: True when another rank holds the real message (a rank that only
+    learned that a checkpoint save failed elsewhere waits, even rank 0), False when this rank
+    is the one that failed (it prints at once, whatever its rank)."""
     r = rank()
-    if r != 0:
-        time.sleep(RANK_PEER_GRACE_S)
+    defer = getattr(e, "cli_defer", None)
+    if (r != 0) if defer is None else defer:
+        _die_on_sigterm()
+        time.sleep(DEFERRED_GRACE_S if defer else RANK_PEER_GRACE_S)
     print(error_line(e) if r == 0 else f"{error_line(e)} (rank {r})", file=sys.stderr, flush=True)
     sys.exit(EXIT_USAGE)
 

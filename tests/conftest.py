@@ -4,10 +4,31 @@ from pyproject's ``[tool.pytest.ini_options] pythonpath``, so no test edits ``sy
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import testkit
 from launcher import launch
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_launcher_variables():
+    """A test that leaves torchrun's variables in this process's environment fails (and they are
+    put back): later tests would inherit a rank and a world size, and their subprocesses too
+    (a leaked WORLD_SIZE=16 made a curation tool refuse to run as if under torchrun). Set up
+    before ``monkeypatch``, so it checks after monkeypatch has undone its changes."""
+    before = {k: os.environ.get(k) for k in testkit.LAUNCHER_VARIABLES}
+    yield
+    after = {k: os.environ.get(k) for k in testkit.LAUNCHER_VARIABLES}
+    leaked = {k: v for k, v in after.items() if v != before[k]}
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if leaked:
+        pytest.fail(f"the test changed launcher variables in os.environ and left them: {leaked}")
 
 
 @pytest.fixture(scope="session")

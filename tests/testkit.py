@@ -28,12 +28,26 @@ def _import_path() -> list[str]:
 IMPORT_PATH = _import_path()
 
 
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
+"""torchrun's variables: a child started by a test is a lone process unless the test says otherwise."""
+
+
 def subprocess_env(**extra) -> dict:
     """The environment of a child Python: it imports this checkout (not whatever the editable
     install points at), the tools and the test helpers by name, as the tests do; one thread per
-    process (the CPU is shared) and quiet about warnings. ``extra`` sets or overrides variables."""
+    process (the CPU is shared) and quiet about warnings; no launcher variables (a rank or world
+    size in the test process is not the child's). ``extra`` sets or overrides variables."""
     return dict(
-        os.environ,
+        {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES},
         OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join(IMPORT_PATH),
         PYTHONWARNINGS="ignore",

@@ -41,20 +41,68 @@ def _split(values: list[str]) -> tuple[str, tuple]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scores", required=True, help="sidecar folder of tools/score_complexity.py")
-    p.add_argument("--stages", type=int, required=True)
-    p.add_argument("--split", nargs="+", default=["quantile"], metavar="quantile|thresholds T1,T2")
-    p.add_argument("--mix-previous", type=float, default=0.0, help="replay fraction of earlier stages")
-    p.add_argument("--order", default="ascending", choices=["ascending", "descending", "shuffled"])
-    p.add_argument("--output", required=True, help="plan YAML")
-    p.add_argument("--lists-dir", default=None, help="stage sample lists (default: PLAN_lists/ beside it)")
-    p.add_argument("--prefix-dir", default=None, help="packed datasets (default: PLAN_packed/ beside it)")
-    p.add_argument("--preprocess-flags", default="", help="appended to every preprocess command")
-    p.add_argument("--total-iters", type=int, default=None, help="steps of the whole chain, split by share")
-    p.add_argument("--trainer-stages", default=None, help="comma-separated trainer --stage per plan stage")
-    p.add_argument("--method", default=None, help="use only this method's records of the sidecar")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--python", default="python", help="interpreter named in the commands")
+    p.add_argument(
+        "--scores",
+        required=True,
+        metavar="DIR",
+        help="sidecar folder of tools/score_complexity.py (required)",
+    )
+    p.add_argument("--stages", type=int, required=True, metavar="K", help="number of stages (required)")
+    p.add_argument(
+        "--split",
+        nargs="+",
+        default=["quantile"],
+        metavar="SPLIT",
+        help="quantile (equal-count stages) or thresholds T1,T2,... (K-1 increasing scores); default quantile",
+    )
+    p.add_argument(
+        "--mix-previous",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="replay F x |stage| samples of earlier stages (0.0)",
+    )
+    p.add_argument(
+        "--order",
+        default="ascending",
+        choices=["ascending", "descending", "shuffled"],
+        help="stage order: ascending (easy to hard), descending, shuffled (random stages of the same sizes); default ascending",
+    )
+    p.add_argument("--output", required=True, metavar="PLAN", help="plan YAML to write (required)")
+    p.add_argument(
+        "--lists-dir", default=None, metavar="DIR", help="stage sample lists (default: PLAN_lists/ beside it)"
+    )
+    p.add_argument(
+        "--prefix-dir", default=None, metavar="DIR", help="packed datasets (default: PLAN_packed/ beside it)"
+    )
+    p.add_argument(
+        "--preprocess-flags", default="", metavar="FLAGS", help="appended to every preprocess command (none)"
+    )
+    p.add_argument(
+        "--total-iters",
+        type=int,
+        default=None,
+        metavar="N",
+        help="steps of the whole chain, split by share (default: none in the plan)",
+    )
+    p.add_argument(
+        "--trainer-stages",
+        default=None,
+        metavar="S1,S2,...",
+        help="trainer --stage per plan stage (default: sft-knowledge, sft-instruction, last sft-preference)",
+    )
+    p.add_argument(
+        "--method",
+        default=None,
+        metavar="NAME",
+        help="use only this method's records of the sidecar (default: all)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=1234, metavar="N", help="seed of shuffling and replay draws (1234)"
+    )
+    p.add_argument(
+        "--python", default="python", metavar="EXE", help="interpreter named in the commands (python)"
+    )
     a = p.parse_args(argv)
     import yaml
 

@@ -22,6 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_sail import cli  # noqa: E402
 from megatron_sail.curate.dedup.grouping import run_grouping  # noqa: E402
 from megatron_sail.curate.dedup.signatures import SignatureConfig, input_shards, run_signatures  # noqa: E402
 from megatron_sail.curate.filters.job import group_config  # noqa: E402
@@ -38,24 +39,60 @@ def main(argv=None) -> int:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("signatures", help="pass 1: signature shards")
-    s.add_argument("--input", action="append", required=True)
-    s.add_argument("--output-dir", required=True)
-    s.add_argument("--config", help="filters.yaml")
-    s.add_argument("--max-member-bytes", type=int, default=64 << 20)
-    s.add_argument("--max-sample-bytes", type=int)
+    s.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="tar shards, a glob or a folder (repeatable)",
+    )
+    s.add_argument("--output-dir", required=True, metavar="DIR", help="where the signature shards go")
+    s.add_argument(
+        "--config",
+        metavar="YAML",
+        help="filters.yaml (default: every filter with its defaults; its dedup entries give the settings)",
+    )
+    s.add_argument(
+        "--max-member-bytes",
+        type=int,
+        default=64 << 20,
+        metavar="BYTES",
+        help="largest tar member read (default: 64 MiB)",
+    )
+    s.add_argument(
+        "--max-sample-bytes",
+        type=int,
+        metavar="BYTES",
+        help="largest sum of a sample's members (default: 2x --max-member-bytes)",
+    )
     add_job_flags(s)
     g = sub.add_parser("group", help="pass 2: groups -> keep-lists per shard")
-    g.add_argument("--signatures", required=True, help="output folder of the signature pass")
-    g.add_argument("--output-dir", required=True)
-    g.add_argument("--config", help="filters.yaml")
-    g.add_argument("--input", action="append", help="the input shards: every one must have signatures")
+    g.add_argument("--signatures", required=True, metavar="DIR", help="output folder of the signature pass")
+    g.add_argument("--output-dir", required=True, metavar="DIR", help="where the keep-lists go")
     g.add_argument(
-        "--partition-rows", type=int, default=1_000_000, help="records per partition (memory bound)"
+        "--config", metavar="YAML", help="filters.yaml, as in the signature pass (default: the defaults)"
     )
     g.add_argument(
-        "--partitions", type=int, default=0, help="number of partitions (0: from --partition-rows)"
+        "--input",
+        action="append",
+        metavar="PATH",
+        help="the input shards: every one must have signatures (default: not checked)",
     )
-    g.add_argument("--work-dir", help="scratch folder (default OUTPUT/_work)")
+    g.add_argument(
+        "--partition-rows",
+        type=int,
+        default=1_000_000,
+        metavar="N",
+        help="records per partition, the memory bound (default: 1000000)",
+    )
+    g.add_argument(
+        "--partitions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="number of partitions (default: 0, from --partition-rows)",
+    )
+    g.add_argument("--work-dir", metavar="DIR", help="scratch folder (default: OUTPUT/_work)")
     a = p.parse_args(argv)
     try:
         filters = load_config(a.config)
@@ -92,4 +129,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

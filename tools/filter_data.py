@@ -39,25 +39,41 @@ def main(argv=None) -> int:
         allow_abbrev=False,
     )
     p.add_argument(
-        "--input", action="append", required=True, help="tar shards, a glob or a folder (repeatable)"
+        "--input",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="tar shards, a glob or a folder (repeatable)",
     )
-    p.add_argument("--output-dir", required=True)
     p.add_argument(
-        "--config", help="filters.yaml (default: every filter with its defaults, CLIP and judge off)"
+        "--output-dir", required=True, metavar="DIR", help="where the kept shards, rejects and report go"
+    )
+    p.add_argument(
+        "--config",
+        metavar="YAML",
+        help="filters.yaml (default: every filter with its defaults, CLIP and judge off)",
     )
     p.add_argument(
         "--keep-lists",
+        metavar="DIR",
         help="keep-lists of tools/dedup.py group (default with dedup on: run the "
         "dedup passes here first, into OUTPUT/dedup/)",
     )
-    p.add_argument("--max-member-bytes", type=int, default=64 << 20, help="largest tar member read")
+    p.add_argument(
+        "--max-member-bytes",
+        type=int,
+        default=64 << 20,
+        metavar="BYTES",
+        help="largest tar member read (default: 64 MiB)",
+    )
     p.add_argument(
         "--max-sample-bytes",
         type=int,
+        metavar="BYTES",
         help="largest sum of a sample's members (default: 2x --max-member-bytes)",
     )
     add_job_flags(p)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: shown)")
     a = p.parse_args(argv)
     try:
         cfg = FilterJobConfig(

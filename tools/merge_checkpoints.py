@@ -8,16 +8,16 @@ Inputs are training checkpoints (run folder or iter_N) or converted ones, saved 
 Different architectures, tensor shapes or tokenizers are refused naming the field, tensor or
 tokenizer entry. The output is written under a temporary name and renamed when complete; it
 loads with --init-from, megatron_sail.generate and convert_checkpoint.py mcore-to-hf.
-Runs in one process (CPU or one GPU), no torchrun. See megatron_sail/training/soup.py.
+Runs in one process (CPU or one GPU), no torchrun. See megatron_sail/posttrain/soup.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from megatron_sail.training.soup import SoupConfig, merge
+from megatron_sail import cli
+from megatron_sail.posttrain.soup import SoupConfig, merge
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,4 +41,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

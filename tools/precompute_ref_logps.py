@@ -15,8 +15,9 @@ naming the row. The file is a plain .npz (no pickles), written under a temporary
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+
+from megatron_sail import cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,10 +27,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-path", nargs="+", required=True, help="preference JSONL files")
     p.add_argument("--seq-length", type=int, required=True, help="the trainer's --seq-length")
     p.add_argument("--out", required=True, help="sidecar .npz to write")
-    p.add_argument("--image-root", default=None)
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--tp", type=int, default=None)
-    p.add_argument("--pp", type=int, default=None)
+    p.add_argument("--image-root", default=None, metavar="DIR", help="base folder of relative image paths")
+    p.add_argument(
+        "--micro-batch-size", type=int, default=1, help="packed rows per forward pass (default: %(default)s)"
+    )
+    p.add_argument(
+        "--tensor-model-parallel-size",
+        "--tp",
+        dest="tp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tensor-parallel size (default: 1; torchrun's process count must be tp x pp)",
+    )
+    p.add_argument(
+        "--pipeline-model-parallel-size",
+        "--pp",
+        dest="pp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pipeline-parallel size (default: 1)",
+    )
     a = p.parse_args(argv)
     import torch
 
@@ -38,17 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_sail.data.preprocess.preference import PairFile, read_pairs
     from megatron_sail.inference import load_generator
     from megatron_sail.inference.loading import LoadConfig
-    from megatron_sail.training import preference as pref
+    from megatron_sail.posttrain.pair_rows import build_rows
+    from megatron_sail.posttrain.preference import reference_logps
+    from megatron_sail.posttrain.ref_sidecar import save_sidecar
 
     start = time.time()
     gen = load_generator(a.checkpoint, load=LoadConfig(tp=a.tp, pp=a.pp, dtype="float32"))
-    data = pref.build_rows(
+    data = build_rows(
         read_pairs(PairFile(list(a.data_path), a.image_root)), gen.tokenizer, gen.settings, a.seq_length
     )
     pipe = PilPipeline(ImageConfig(backend="pil", tile_size=gen.settings.tile_size, threads=1))
-    logps = pref.reference_logps(gen.chunks, data.rows, pipe, a.seq_length, a.micro_batch_size)
+    logps = reference_logps(gen.chunks, data.rows, pipe, a.seq_length, a.micro_batch_size)
     if torch.distributed.get_rank() == 0:
-        pref.save_sidecar(
+        save_sidecar(
             a.out,
             data.rows,
             logps,
@@ -63,4 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

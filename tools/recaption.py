@@ -42,20 +42,53 @@ def parse_args(argv=None) -> argparse.Namespace:
         required=True,
         help="tar shards (glob), a caption/LLaVA JSONL file or an image folder (repeatable)",
     )
-    p.add_argument("--output-dir", required=True)
+    p.add_argument(
+        "--output-dir", required=True, metavar="DIR", help="where the captioned shards, rejects and done/ go"
+    )
     p.add_argument(
         "--model", required=True, help="checkpoint folder (megatron/hf/vllm) or served model name (openai)"
     )
-    p.add_argument("--backend", choices=BACKENDS, default="megatron")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="megatron",
+        help=f"how the captioner runs: {', '.join(BACKENDS)} (default: megatron)",
+    )
     p.add_argument("--image-root", help="root of relative image paths in JSONL inputs")
     p.add_argument("--prompt-file", help="prompt bank: one prompt a line, or a JSON list")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-tiles", type=int, default=12)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="caption length cap in tokens (default: 256)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=8, metavar="N", help="images per request batch (default: 8)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=1234,
+        metavar="S",
+        help="seed of prompt choice and sampling (default: 1234)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="sampling temperature, 0 greedy (default: 0)",
+    )
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1)")
+    p.add_argument(
+        "--max-tiles", type=int, default=12, metavar="N", help="image tiles per image (default: 12)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="parameter dtype: float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)",
+    )
     p.add_argument(
         "--samples-per-shard", type=int, default=1000, help="records per shard of JSONL / folder inputs"
     )
@@ -77,7 +110,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--requests-per-second", type=float, default=0.0, help="rate limit per worker (openai), 0: none"
     )
-    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="seconds one request may take (openai; default: 300)",
+    )
     p.add_argument("--max-image-bytes", type=int, default=128 << 20, help="larger images are rejects")
     p.add_argument(
         "--max-sample-bytes",

@@ -26,27 +26,67 @@ SMOKE = {
     "sft_per_level": 120,
     "bench_items": 20,
     "pretrain_iters": 64,
+    "eval_points": 6,
     "sft_epochs": 1.0,
     "seeds": [1],
     "resamples": 200,
+    "replay": 0.0,
 }
 """The smoke study: every part, a few samples and steps (minutes; numbers not meaningful)."""
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/paper")
-    p.add_argument("--smoke", action="store_true", help="a few samples and steps per part")
-    p.add_argument("--pretrain-samples", type=int)
-    p.add_argument("--sft-per-level", type=int)
-    p.add_argument("--bench-items", type=int)
-    p.add_argument("--pretrain-iters", type=int)
-    p.add_argument("--sft-epochs", type=float)
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--resamples", type=int)
-    p.add_argument("--method", default="heuristic", choices=["heuristic", "ifd"])
-    p.add_argument("--caption-summary", default=None, help="examples/sail_caption.sh's summary.json")
-    p.add_argument("--run-caption", action="store_true", help="run examples/sail_caption.sh when no summary")
+    p.add_argument(
+        "--out", default="runs/paper", metavar="DIR", help="study folder; a rerun resumes (runs/paper)"
+    )
+    p.add_argument("--smoke", action="store_true", help="a few samples and steps per part (SMOKE above)")
+    p.add_argument(
+        "--pretrain-samples", type=int, metavar="N", help="demo pretraining conversations (4000; smoke 300)"
+    )
+    p.add_argument(
+        "--sft-per-level", type=int, metavar="N", help="graded SFT pool samples per level (1200; smoke 120)"
+    )
+    p.add_argument("--bench-items", type=int, metavar="N", help="items per benchmark set (100; smoke 20)")
+    p.add_argument(
+        "--pretrain-iters", type=int, metavar="N", help="steps of the pretraining run (1024; smoke 64)"
+    )
+    p.add_argument(
+        "--eval-points",
+        type=int,
+        metavar="N",
+        help="in-training evaluations of the pretraining run at iters/2^k (7: 1.8 decades; smoke 6)",
+    )
+    p.add_argument(
+        "--sft-epochs", type=float, metavar="E", help="epochs of every SFT run over its data (6; smoke 1)"
+    )
+    p.add_argument(
+        "--seeds", type=int, nargs="+", metavar="S", help="seeds of every curriculum arm (1 2; smoke 1)"
+    )
+    p.add_argument(
+        "--replay",
+        type=float,
+        metavar="F",
+        help="replay fraction of the ascending_replay arm, 0: no such arm (0.5; smoke 0)",
+    )
+    p.add_argument("--resamples", type=int, metavar="N", help="paired-bootstrap resamples (1000; smoke 200)")
+    p.add_argument(
+        "--method",
+        default="heuristic",
+        choices=["heuristic", "ifd"],
+        help="complexity score of the pool (heuristic; ifd uses the pretrained checkpoint)",
+    )
+    p.add_argument(
+        "--caption-summary",
+        default=None,
+        metavar="FILE",
+        help="examples/sail_caption.sh's summary.json for claim 1 (none)",
+    )
+    p.add_argument(
+        "--run-caption",
+        action="store_true",
+        help="run examples/sail_caption.sh into OUT/sail_caption when no summary (off)",
+    )
     a = p.parse_args(argv)
     from megatron_sail.demo.paper_data import StudyData
     from megatron_sail.demo.paper_study import StudyConfig, run_study
@@ -57,9 +97,11 @@ def main(argv=None) -> int:
         "sft_per_level",
         "bench_items",
         "pretrain_iters",
+        "eval_points",
         "sft_epochs",
         "seeds",
         "resamples",
+        "replay",
     ):
         if getattr(a, k) is not None:
             chosen[k] = getattr(a, k)

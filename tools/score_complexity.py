@@ -32,20 +32,59 @@ from megatron_sail import cli  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
-    p.add_argument("--format", choices=["llava", "caption", "webdataset", "messages"], default=None)
-    p.add_argument("--image-root", default=None, help="base directory of relative image paths")
-    p.add_argument("--seed", type=int, default=1234, help="preprocessing's --seed (caption prompts)")
-    p.add_argument("--method", required=True, choices=["heuristic", "ifd", "judge"])
-    p.add_argument("--model", default="", help="ifd: reference checkpoint; judge: judge model")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=32, help="samples scored together")
-    p.add_argument("--shard-index", type=int, default=0)
-    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument(
+        "--input", nargs="+", required=True, metavar="PATH", help="files, directories or globs (required)"
+    )
+    p.add_argument(
+        "--format",
+        choices=["llava", "caption", "webdataset", "messages"],
+        default=None,
+        help="input format (default: detected per file, as tools/preprocess_data.py does)",
+    )
+    p.add_argument(
+        "--image-root",
+        default=None,
+        metavar="DIR",
+        help="base directory of relative image paths (default: beside each file)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=1234, metavar="N", help="preprocessing's --seed: caption prompts (1234)"
+    )
+    p.add_argument(
+        "--method",
+        required=True,
+        choices=["heuristic", "ifd", "judge"],
+        help="heuristic (no model), ifd (reference checkpoint) or judge (rating model); required",
+    )
+    p.add_argument(
+        "--model", default="", metavar="CKPT", help="ifd: reference checkpoint; judge: judge model (none)"
+    )
+    p.add_argument(
+        "--output-dir", required=True, metavar="DIR", help="sidecar folder, one method per folder (required)"
+    )
+    p.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="records of one file per shard (1000)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="samples scored together (32)")
+    p.add_argument(
+        "--shard-index", type=int, default=0, metavar="I", help="this machine's share of the shards (0)"
+    )
+    p.add_argument("--num-shards", type=int, default=1, metavar="N", help="machines splitting the shards (1)")
     g = p.add_argument_group("ifd")
-    g.add_argument("--max-tiles", type=int, default=None, help="default: the checkpoint's")
-    g.add_argument("--max-batch-tokens", type=int, default=8192)
+    g.add_argument(
+        "--max-tiles", type=int, default=None, metavar="N", help="tiles per image (default: the checkpoint's)"
+    )
+    g.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=8192,
+        metavar="N",
+        help="tokens packed into one forward (8192)",
+    )
     g.add_argument(
         "--tensor-model-parallel-size",
         "--tp",
@@ -64,11 +103,26 @@ def main(argv=None) -> int:
         metavar="N",
         help="pipeline-parallel size of the scorer (megatron; default: 1)",
     )
-    g.add_argument("--dtype", default=None)
+    g.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="parameter dtype (default: float32 on CPU, bfloat16 on GPU)",
+    )
     j = p.add_argument_group("judge")
-    j.add_argument("--backend", default="megatron", choices=["megatron", "hf", "vllm", "openai"])
-    j.add_argument("--api-base", default=None, help="openai: server root")
-    j.add_argument("--judge-prompt-file", default=None, help="replaces the prompt; must hold {conversation}")
+    j.add_argument(
+        "--backend",
+        default="megatron",
+        choices=["megatron", "hf", "vllm", "openai"],
+        help="recaption backend that runs the judge (megatron)",
+    )
+    j.add_argument("--api-base", default=None, metavar="URL", help="openai: server root (none)")
+    j.add_argument(
+        "--judge-prompt-file",
+        default=None,
+        metavar="FILE",
+        help="replaces the prompt; must hold {conversation} (default: JUDGE_PROMPT)",
+    )
     a = p.parse_args(argv)
 
     from megatron_sail.config.data import TemplateConfig

@@ -11,11 +11,11 @@ import argparse
 import json
 import os
 import resource
-import struct
 import time
 
 import numpy as np
 
+from megatron_sail.compat import indexed as idx_format
 from megatron_sail.data import indexed
 
 VOCAB = 256
@@ -82,13 +82,10 @@ def meta_for(
 def _write_idx(path: str, dtype, rows: int, seq_len: int) -> None:
     """Megatron-Core .idx for ``rows`` documents of one ``seq_len``-item sequence each (no
     sequences at all when seq_len is 0: every document empty), written in chunks."""
-    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
-
     count = rows if seq_len else 0
     itemsize = np.dtype(dtype).itemsize
     with open(path, "wb") as f:
-        f.write(_INDEX_HEADER + struct.pack("<Q", 1) + struct.pack("<B", DType.code_from_dtype(dtype)))
-        f.write(struct.pack("<Q", count) + struct.pack("<Q", rows + 1))
+        f.write(idx_format.pack_header(dtype, count, rows + 1))
         for a in range(0, count, CHUNK):
             f.write(np.full(min(count, a + CHUNK) - a, seq_len, dtype=np.int32).tobytes())
         for a in range(0, count, CHUNK):
@@ -201,7 +198,7 @@ def read_blend(args: argparse.Namespace, prefixes: list[str]) -> dict:
 
     from megatron_sail.config import model as model_cfg
     from megatron_sail.config.images import ImageConfig
-    from megatron_sail.data.images.pipeline import build_image_pipeline
+    from megatron_sail.data.images import build_image_pipeline
     from megatron_sail.data.loading.dataset import BlendedDataset
     from megatron_sail.training.flops import shape_from_model_config
     from megatron_sail.training.loop import BatchPlan, StepFeeder

@@ -26,6 +26,7 @@ from typing import Optional
 from megatron_sail.checkpoint.layout import PROCESSOR_FILE, SOURCE_DIR, TOKENIZER_DIR, resolve_checkpoint
 from megatron_sail.checkpoint.processor import ProcessorSettings
 from megatron_sail.checkpoint.tokenizer import save_tokenizer
+from megatron_sail.config.stage import POST_TRAINING
 from megatron_sail.data import tokenizer as toks
 from megatron_sail.data.loading.dataset import parse_data_path
 
@@ -37,6 +38,11 @@ def write_checkpoint_assets(ckpt_dir: str, config: Optional[dict]) -> None:
         return
     meta_path = _meta_path(config)
     if meta_path is not None and not os.path.isfile(meta_path):
+        if (config.get("stage") or {}).get("name") not in POST_TRAINING:
+            raise FileNotFoundError(
+                f"checkpoint {ckpt_dir}: {TOKENIZER_DIR}/ not written: the training data's "
+                f"{meta_path} is gone (moved or deleted since the run started)"
+            )
         meta_path = None  # post-training stages read JSONL: the assets come from --init-from
         _copy_init_assets(config, ckpt_dir)
     if meta_path is not None:
@@ -137,6 +143,11 @@ def _copy_init_assets(config: dict, ckpt_dir: str) -> None:
         if os.path.isfile(os.path.join(ckpt, PROCESSOR_FILE)):
             shutil.copy2(os.path.join(ckpt, PROCESSOR_FILE), os.path.join(ckpt_dir, PROCESSOR_FILE))
         return
+    raise FileNotFoundError(
+        f"checkpoint {ckpt_dir}: {TOKENIZER_DIR}/ not written: neither the --init-from "
+        f"({c.get('init_from')}) nor the --load ({c.get('load')}) checkpoint holds one (moved or "
+        "deleted since the run started?); a checkpoint without it breaks generate and export"
+    )
 
 
 def _copy_tree(src: str, dst: str) -> None:

@@ -22,6 +22,7 @@ This module is the one place that chooses the strategy; conversion and the train
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -47,7 +48,7 @@ from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.planner import WriteItemType
 
-from megatron_sail.checkpoint import integrity
+from megatron_sail.checkpoint import disk_full, integrity
 from megatron_sail.checkpoint.layout import MCORE_METADATA
 from megatron_sail.compat.dist_checkpointing import (
     CallerQueue,
@@ -94,7 +95,7 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
         """Translate Megatron ShardedTensors to DCP and write them with FileSystemWriter."""
         pyt_state_dict, planner = self._to_dcp(sharded_state_dict)
-        writer = FileSystemWriter(
+        writer = NamingFileSystemWriter(
             str(checkpoint_dir), thread_count=self.thread_count, single_file_per_rank=True
         )
         torch.distributed.checkpoint.save(pyt_state_dict, storage_writer=writer, planner=planner)
@@ -106,6 +107,32 @@ class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
         writer = HostCopyWriter(str(checkpoint_dir), thread_count=self.thread_count)
         planned = save_state_dict_async_plan(pyt_state_dict, writer, None, 0, planner=planner)[0]
         return AsyncRequest(writer.write, (), [lambda: save_state_dict_async_finalize(*planned)])
+
+
+def _full_disk_named(err: BaseException, folder: str, plan) -> BaseException:
+    """This rank's write failure as "no space left on device while writing FILE (N bytes free)"
+    when a full disk is why; else ``err``. Made here, on the rank that wrote: the ENOSPC is the
+    context of torch's errno-less zip-writer error only until DCP pickles it for the other
+    ranks. FILE is this rank's newest shard file (the one being written)."""
+    prefix = getattr(getattr(plan, "storage_data", None), "prefix", None)
+    shards = (
+        [e for e in os.scandir(folder) if prefix and e.name.startswith(prefix)]
+        if os.path.isdir(folder)
+        else []
+    )
+    newest = max(shards, key=lambda e: e.stat().st_mtime_ns).path if shards else folder
+    return disk_full.explain(err, newest) or err
+
+
+class NamingFileSystemWriter(FileSystemWriter):
+    """DCP's file writer whose full-disk failure names the file (``_full_disk_named``)."""
+
+    def write_data(self, plan, planner):
+        """Write this rank's files; a full disk raises the one-line error."""
+        try:
+            return super().write_data(plan, planner)
+        except Exception as e:  # noqa: BLE001 - re-raised, named when a full disk is why
+            raise _full_disk_named(e, str(self.path), plan) from None
 
 
 class HostCopyWriter(FileSystemWriterAsync):
@@ -133,7 +160,7 @@ class HostCopyWriter(FileSystemWriterAsync):
             staged = _StagedPlanner(self._staged)
             self._results = FileSystemWriter.write_data(self, self._plan, staged).wait()
         except BaseException as e:  # noqa: BLE001 - handed to every rank at finalization
-            self._results = wrapped_exception(e)
+            self._results = wrapped_exception(_full_disk_named(e, str(self.path), self._plan))
         self._staged = {}
 
     def retrieve_write_results(self):
@@ -318,6 +345,73 @@ def save_model(
     return final
 
 
+def _leaves(value) -> list:
+    """The sharded tensors/objects inside an entry (a built factory nests them in lists)."""
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _leaves(v)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _leaves(v)]
+    return [value]
+
+
+def _pieces_in_place(part: dict) -> tuple[dict, dict]:
+    """Each ShardedTensorFactory whose pieces are views of its tensor (SwiGLU's [gate; up]) is
+    replaced by those pieces: DCP then reads them straight into the parameter. Left as a
+    factory, Megatron would read the pieces into them too but then concatenate them into a new
+    tensor for load_state_dict to copy back (0.44x the weights of a 0.5B model at once).
+    Returns the new entries and {key: parameter} of the replaced ones."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    out, filled = {}, {}
+    for key, value in part.items():
+        if isinstance(value, ShardedTensorFactory) and isinstance(value.data, torch.Tensor):
+            built = value.build()
+            pieces = _leaves(built)
+            base = value.data.untyped_storage().data_ptr()
+            if (
+                pieces
+                and all(isinstance(p, ShardedTensor) and p.data is not None for p in pieces)
+                and all(p.data.untyped_storage().data_ptr() == base for p in pieces)
+                and sum(p.data.numel() for p in pieces) == value.data.numel()
+            ):
+                out[key], filled[key] = built, value.data
+                continue
+        out[key] = value
+    return out, filled
+
+
+def _sharded_keys(value) -> set:
+    """Checkpoint keys an entry reads (a stacked layer tensor is one key over all layers)."""
+    return {getattr(v, "key", None) for v in _leaves(value)} - {None}
+
+
+def _largest_first(sharded: dict) -> tuple[dict, dict]:
+    """Split {chunk: {key: entry}} into the entries of this rank's largest checkpoint tensors
+    (at least half the size of its biggest; all entries of one checkpoint key together, as DCP
+    reads a key whole) and everything else.
+
+    DCP reads each tensor into a buffer before copying it into the parameter, so loading the
+    embedding last would hold it twice on top of a nearly full model. Read first, while the
+    other parameters are still untouched (unallocated) pages, it costs nothing at the peak, and
+    the remaining transients are one layer's tensor."""
+    size: dict[str, int] = {}
+    for part in sharded.values():
+        for value in part.values():
+            for v in _leaves(value):
+                data = getattr(v, "data", None)
+                if isinstance(data, torch.Tensor) and getattr(v, "key", None):
+                    size[v.key] = max(size.get(v.key, 0), data.numel())
+    cut = max(size.values(), default=0) / 2
+    large = {k for k, n in size.items() if n and n >= cut}
+    big, rest = {}, {}
+    for name, part in sharded.items():
+        big[name], rest[name] = {}, {}
+        for key, value in part.items():
+            keys = _sharded_keys(value)
+            (big if keys and keys <= large else rest)[name][key] = value
+    return big, rest
+
+
 def load_model(
     model_chunks: list[torch.nn.Module],
     checkpoint_dir: str | os.PathLike,
@@ -328,7 +422,15 @@ def load_model(
     Works on model-only checkpoints (conversions) and on training checkpoints, whose optimizer
     state is left unread.
     """
-    loaded = load_sharded(model_sharded_state_dict(model_chunks), checkpoint_dir, cfg, allow_extra=True)
+    sharded, filled = {}, {}
+    for name, part in model_sharded_state_dict(model_chunks).items():
+        sharded[name], filled[name] = _pieces_in_place(part)
+    big, rest = _largest_first(sharded)
+    loaded = load_sharded(big, checkpoint_dir, cfg, allow_extra=True)
+    later = load_sharded(rest, checkpoint_dir, dataclasses.replace(cfg, verify="off"), allow_extra=True)
+    for name, part in later.items():  # also the checkpoint's common entries (its optimizer's)
+        loaded.setdefault(name, {}).update(part)
+        loaded[name].update(filled.get(name, {}))  # read in place already: the parameters themselves
     chunks = unwrap_model(list(model_chunks))
     if len(chunks) == 1:
         chunks[0].load_state_dict(loaded["model"], strict=True)

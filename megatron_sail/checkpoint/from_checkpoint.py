@@ -61,7 +61,12 @@ def checkpoint_to_load(c: CheckpointConfig) -> tuple[Optional[str], Optional[str
 def checkpoint_model(c: CheckpointConfig) -> Optional[tuple[str, ModelConfig]]:
     """(checkpoint dir, its ModelConfig) of what the trainer will load; None for a fresh start."""
     _, ckpt = checkpoint_to_load(c)
-    return None if ckpt is None else (ckpt, read_model_config(ckpt))
+    if ckpt is None:
+        return None
+    from megatron_sail.checkpoint import integrity  # here: resolution stays free of torch's import
+
+    integrity.check_listing(ckpt)  # unlisted files: refused before the first read
+    return ckpt, read_model_config(ckpt)
 
 
 def resolve(argv: Optional[list[str]] = None) -> RunConfig:

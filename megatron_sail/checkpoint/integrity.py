@@ -5,7 +5,7 @@ written last, into the temporary folder, after every rank's files (and train_sta
 complete and before the folder is renamed, so a published checkpoint always has one; by the
 synchronous save and, for ``--async-save``, by the finalization that publishes the save.
 Hashing is spread over the ranks (file i goes to rank i mod world size) and costs one read of
-the checkpoint at ~1.7 GB/s per rank on this machine (SHA-256 with SHA-NI, page cache).
+the checkpoint (measured in docs/performance.md, "Checkpoint integrity").
 
 At load, sizes are always compared (a stat per file: catches truncated and missing files);
 full hashes are compared for ``verify="full"`` and, with ``"auto"``, when the checkpoint holds
@@ -154,6 +154,17 @@ def _listing_problems(folder: str, files: dict) -> list[str]:
     return bad
 
 
+def check_listing(folder: str) -> None:
+    """Not collective, cheap (a listing, no stat of listed files, no hash): the manifest's
+    entries all lie inside ``folder`` and every file of it is listed. Readers call it before
+    they read a checkpoint's first file (its model config), ahead of the full check at the
+    weight load; a folder without a manifest passes (the load says "not verified")."""
+    manifest = read_manifest(folder)
+    bad = _listing_problems(folder, manifest["files"]) if manifest is not None else []
+    if bad:
+        raise CheckpointDamaged(f"checkpoint {folder} is damaged:\n  " + "\n  ".join(sorted(bad)))
+
+
 def _size_problems(folder: str, files: dict) -> list[str]:
     """Missing files and files whose size differs from the manifest's."""
     bad = []
@@ -181,9 +192,7 @@ def verify_checkpoint(folder: str, mode: str = "auto") -> str:
     if manifest is None:
         return "none"
     files = manifest["files"]
-    bad = _listing_problems(folder, files)
-    if bad:  # never stat or hash a path outside the checkpoint
-        raise CheckpointDamaged(f"checkpoint {folder} is damaged:\n  " + "\n  ".join(sorted(bad)))
+    check_listing(folder)  # never stat or hash a path outside the checkpoint
     bad = _size_problems(folder, files)
     total = sum(e["size"] for e in files.values())
     full = mode == "full" or (mode == "auto" and total <= AUTO_FULL_BYTES * world)
@@ -240,17 +249,18 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
 
 
-def check_dcp_metadata(folder: str) -> None:
+def check_dcp_metadata(folder: str):
     """Refuse every pickle megatron-core and DCP will open in ``folder`` unless it passes an
     allow-list, before they open it: DCP's ``.metadata`` (DCP's own metadata classes only),
     Megatron's ``common.pt`` and the pickled (non-tensor) items inside the shard files (torch's
     weights-only unpickler with ``layout.allowed_globals``). Megatron loads the last two with
     plain ``torch.load``, which ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns into a full unpickle
     that runs whatever a crafted file names; checked here, that environment changes nothing.
-    Errors name the file."""
+    Errors name the file. Returns DCP's metadata object (None for a folder without one), read
+    with the allow-list: the one safe way to read it."""
     path = os.path.join(folder, DCP_METADATA)
     if not os.path.isfile(path):
-        return
+        return None
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -258,12 +268,15 @@ def check_dcp_metadata(folder: str) -> None:
         raise CheckpointDamaged(
             f"{path}: refusing to read this checkpoint metadata ({type(e).__name__}: {e})"
         ) from None
-    _check_extents(folder, getattr(metadata, "storage_data", None) or {})
+    storage_data = getattr(metadata, "storage_data", None) or {}
+    _check_data_files(path, folder, storage_data)
+    _check_extents(folder, storage_data)
     common = os.path.join(folder, COMMON_FILE)
     if os.path.isfile(common):
         with open(common, "rb") as f:
             check_pickle(f, common)
     _check_byte_items(folder, metadata)
+    return metadata
 
 
 def check_pickle(stream, name: str) -> None:
@@ -301,6 +314,19 @@ def _check_byte_items(folder: str, metadata) -> None:
         with open(path, "rb") as f:
             f.seek(int(info.offset))
             check_pickle(io.BytesIO(f.read(int(info.length))), name)
+
+
+def _check_data_files(path: str, folder: str, storage_data: dict) -> None:
+    """DCP reads the data files ``.metadata`` names: each must be a file of this checkpoint (and
+    so listed in its manifest, when it has one); a name like ``../../etc/hostname`` is refused
+    before anything is opened."""
+    names = {getattr(info, "relative_path", None) for info in storage_data.values()} - {None}
+    bad = sorted(n for n in names if not isinstance(n, str) or not _inside(folder, n))
+    if bad:
+        raise CheckpointDamaged(
+            f"{path}: names data files outside the checkpoint ({', '.join(map(repr, bad))}); "
+            "refusing to read them"
+        )
 
 
 def _check_extents(folder: str, storage_data: dict) -> None:

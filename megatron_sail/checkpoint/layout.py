@@ -26,12 +26,14 @@ import os
 import pickle
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, ContextManager, Optional, TypeVar
 
 import yaml
 
+from megatron_sail.checkpoint import lease
 from megatron_sail.config.model import ModelConfig
 from megatron_sail.config.run import apply_overrides
 
@@ -65,6 +67,10 @@ SOURCE_DIR = "source_files"
 """Non-weight, non-tokenizer files of an HF source folder (remote code, its config.json, ...)."""
 HF_CONFIG = "config.json"
 """A Hugging Face folder's config; with no MCORE_METADATA beside it the folder is 'hf'."""
+HF_PREPROCESSOR_FILE = "preprocessor_config.json"
+"""A Hugging Face folder's image processor settings (what transformers' AutoProcessor reads)."""
+HF_GENERATION_FILE = "generation_config.json"
+"""A Hugging Face folder's generation defaults."""
 _ITER = re.compile(r"iter_(\d{7})")
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -133,16 +139,22 @@ decides whether the checkpoint was pruned (then: retry) or is damaged (then: the
 def read_checkpoint(path: str, read: Callable[[str], T], attempts: int = 3) -> T:
     """``read(ckpt)`` on the checkpoint folder ``path`` resolves to, safe against a run that
     prunes it meanwhile (``--keep-last``: it publishes a newer one, moves `latest`, then deletes
-    old ones). When the read fails because the folder was deleted under it, a --save root is
+    old ones). The read holds a reader's lease (checkpoint/lease.py), which the pruner respects.
+    Without one (a read-only folder, or a prune between resolving and leasing), when the read
+    fails because the folder was deleted under it, a --save root is
     resolved again and the new `latest` read, with a notice saying so; a folder named directly
     gives an error that says it was deleted, not that it is not a checkpoint. A ``path`` that
     resolves to no checkpoint is passed to ``read`` as it is."""
     for attempt in range(1, attempts + 1):
         ckpt = _resolve_settled(path)
         if ckpt is None:  # not one of ours: ``read`` says what it is not
+            gone = pruned_note(path)
+            if gone:
+                raise FileNotFoundError(gone)
             return read(path)
         try:
-            return read(ckpt)
+            with reader_lease(ckpt):  # the pruner of a run saving beside it skips it
+                return read(ckpt)
         except Exception:  # re-raised unless the checkpoint was pruned
             if not _pruned(ckpt):
                 raise
@@ -158,6 +170,32 @@ def read_checkpoint(path: str, read: Callable[[str], T], attempts: int = 3) -> T
                 f"{path}); reading the new latest, {newer}"
             )
     raise AssertionError("unreachable")
+
+
+def pruned_note(path: str | os.PathLike) -> Optional[str]:
+    """Why ``path`` is missing when it is an iter_XXXXXXX folder gone from a --save root (a run
+    saving there with --keep-last pruned it): a message saying so and naming the new `latest`,
+    rather than one about what kind of folder it is not; None otherwise."""
+    root, name = os.path.split(os.path.abspath(path))
+    if not _ITER.fullmatch(name) or os.path.exists(path) or not os.path.isfile(os.path.join(root, LATEST)):
+        return None
+    try:
+        latest = f"iter_{read_latest(root):07d}"
+    except (ValueError, TypeError):
+        latest = "unreadable"
+    return (
+        f"{path}: no such checkpoint: it was deleted (a run saving into {root} with --keep-last "
+        f"prunes older checkpoints; its `latest` is now {latest}); pass {root} to read the latest"
+    )
+
+
+def reader_lease(ckpt: str | os.PathLike) -> ContextManager:
+    """A reader's lease (checkpoint/lease.py) on ``ckpt`` for a ``with`` block when it is an
+    iter_XXXXXXX folder of a --save root (the only kind a run prunes); otherwise nothing."""
+    root, name = os.path.split(os.path.abspath(ckpt))
+    if _ITER.fullmatch(name) and os.path.isfile(os.path.join(root, LATEST)):
+        return lease.reading(str(ckpt))
+    return nullcontext()
 
 
 def _resolve_settled(path: str) -> Optional[str]:

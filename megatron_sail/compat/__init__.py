@@ -9,12 +9,16 @@ hand, a name patched into a module) lives in this package, one file per area:
 - ``optimizer.py``: Adam state on resume, optimizer state made before a load, the phases of
   ``MegatronOptimizer.step()``;
 - ``ddp.py``: the forward pre-hooks of Megatron DDP's overlapped param gather;
+- ``transformer_layer.py``: a TransformerLayer's bias-dropout-add steps, a linear's bias removed;
 - ``moe.py``: the router GEMM without Transformer Engine;
 - ``indexed.py``: the ``.idx`` index format of Megatron's IndexedDataset;
 - ``te.py``: whether Transformer Engine can run here.
 
-The CPU backend's patches stay in ``platform/cpu.py`` (its own seam), but their version data
-is recorded here too, so one table says what an upgrade has to re-check.
+The CPU backend's patches stay in ``platform/cpu.py`` (its own seam), the optimizer-state
+layout fitting in ``checkpoint/optimizer_state.py`` (an on-disk fact of a checkpoint), and the
+generation engine's module swaps in ``inference/kv_cache.py`` (core attention) and
+``inference/plain_layers.py`` (TP=1 parallel layers as plain torch calls), but their version
+data is recorded here too, so one table says what an upgrade has to re-check.
 
 Each workaround below names the versions it was written and tested for. Importing this package
 compares them with the installed versions and logs one line (``logging``, logger
@@ -114,7 +118,7 @@ WORKAROUNDS: tuple[Workaround, ...] = (
         "chained_optimizer_layout",
         MCORE,
         MCORE_VERIFIED,
-        "checkpoint code (_fit_chained_layout)",
+        "checkpoint/optimizer_state.py",
         "optimizer state dict layout: one optimizer's param_groups at the top or under "
         "'optimizer', a ChainedOptimizer's under 0, 1, ...; groups matched by "
         "param_group_identifier_keys (or pre_<key>)",
@@ -125,6 +129,37 @@ WORKAROUNDS: tuple[Workaround, ...] = (
         MCORE_VERIFIED,
         "compat/ddp.py",
         "DistributedDataParallel.use_forward_hook / remove_forward_pre_hook_handles",
+    ),
+    Workaround(
+        "layer_bda_hooks",
+        MCORE,
+        MCORE_VERIFIED,
+        "compat/transformer_layer.py",
+        "TransformerLayer calls self.self_attn_bda / self.mlp_bda(training, fused)(out_with_bias, "
+        "residual, prob)",
+    ),
+    Workaround(
+        "qkv_bias_off",
+        MCORE,
+        MCORE_VERIFIED,
+        "compat/transformer_layer.py",
+        "parallel linears read self.bias (None: none) and TE's use_bias in forward",
+    ),
+    Workaround(
+        "core_attention_swap",
+        MCORE,
+        MCORE_VERIFIED,
+        "inference/kv_cache.py",
+        "Attention.core_attention is an attribute called as (query, key, value, attention_mask, "
+        "attn_mask_type=, attention_bias=, packed_seq_params=)",
+    ),
+    Workaround(
+        "plain_parallel_layers",
+        MCORE,
+        MCORE_VERIFIED,
+        "inference/plain_layers.py",
+        "Column/RowParallelLinear.forward return (output, bias) per skip_bias_add; "
+        "VocabParallelEmbedding.reduce_scatter_embeddings; tp_group",
     ),
     Workaround(
         "router_gemm_without_te",

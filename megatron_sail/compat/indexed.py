@@ -63,6 +63,17 @@ def parse_header(head: bytes) -> IdxHeader:
     return IdxHeader(bytes(head[:9]), version, head[17], sequences, documents)
 
 
+def pack_header(dtype, sequences: int, documents: int) -> bytes:
+    """The first ``HEADER_BYTES`` of an index of ``sequences`` items of ``dtype`` (one of
+    ``DTYPE_CODES``) and ``documents`` document indices; the arrays follow it."""
+    return (
+        MAGIC
+        + struct.pack("<Q", VERSION)
+        + struct.pack("<B", DTYPE_CODES[np.dtype(dtype)])
+        + struct.pack("<QQ", sequences, documents)
+    )
+
+
 def read_document_index(f, at: int) -> int:
     """The int64 document index at byte ``at`` of an open index file."""
     f.seek(at)

@@ -54,6 +54,8 @@ EXTRA_HELP = {
     "--num-layers-per-virtual-pipeline-stage": "LM layers per virtual pipeline stage (interleaved 1F1B); sets the virtual stage count",
     "--use-distributed-optimizer": "shard optimizer state over data-parallel ranks (ZeRO-1)",
     "--no-use-distributed-optimizer": "keep the full optimizer state on every rank",
+    "--no-balance-dp": "give data-parallel rank r the r-th contiguous slice of each global batch "
+    "instead of balancing the ranks' modelled FLOPs",
 }
 """Flags whose field docstring does not say it as a user needs it."""
 
@@ -66,6 +68,7 @@ GROUPS: list[tuple[str, tuple[str, ...]]] = [
             "--train-samples",
             "--global-batch-size",
             "--micro-batch-size",
+            "--no-balance-dp",
             "--seed",
             "--exit-duration-in-mins",
             "--exit-interval",

@@ -10,8 +10,8 @@ BACKENDS = ("auto", "pil", "dali-cpu", "dali")
 """Accepted values of ImageConfig.backend."""
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 """Largest width x height accepted, at preprocessing (``--max-image-pixels``) and at train time
-(``ImageConfig.max_pixels``): a 48 MP phone photo passes; a 12000x12000 scan (144 MP, seconds
-and ~700 MB per decode) does not. The tiler never uses more than max_tiles x 448^2 pixels."""
+(``ImageConfig.max_pixels``): a 48 MP phone photo passes; a 12000x12000 scan (144 MP; its decode
+cost is in docs/performance.md) does not. The tiler never uses more than max_tiles x 448^2 pixels."""
 
 
 @dataclass(frozen=True)

@@ -348,8 +348,8 @@ def sail_8b() -> ModelConfig:
 
 
 # ----------------------------------------------------------------- later releases (AIMv2 / Qwen3)
-# Sources (checked 2026-12, details and URLs in docs/architecture.md, "What the released SAIL-VL
-# models use"): the SAIL-VL2-2B hub config.json (vision_config, llm_config) and
+# Sources (when they were read, details and URLs: docs/architecture.md, "What the released
+# SAIL-VL models use"): the SAIL-VL2-2B hub config.json (vision_config, llm_config) and
 # model.safetensors.index.json (mirrored in GitHub Nagareshita/pdf_analyzer, SAIL-VL2-2B/);
 # apple/aimv2-huge-patch14-* config.json; the Qwen3-8B and Qwen3-30B-A3B configs; the model
 # cards' architecture tables (SAIL-VL-1d5-2B, SAIL-VL2-*); the SAIL-VL2 report (arXiv 2509.14033).

@@ -1,4 +1,4 @@
-"""Settings of the post-training stages ``dpo`` and ``grpo`` (training/posttrain.py).
+"""Settings of the post-training stages ``dpo`` and ``grpo`` (posttrain/stage.py, posttrain/run.py).
 
 For these stages ``--data-path`` names JSONL files (and, for grpo, VLMEvalKit TSVs) that are
 tokenized when the run starts, with the tokenizer and processor settings of the starting
@@ -63,6 +63,10 @@ class PostTrainConfig:
     \\boxed{})."""
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse values no post-training stage can run with; run again after flags set fields."""
         if self.pref_loss not in ("dpo", "ipo", "mpo"):
             raise ValueError(f"--pref-loss {self.pref_loss!r}: expected dpo, ipo or mpo")
         if len(self.mpo_weights) != 3:

@@ -40,6 +40,7 @@ FLAGS: list[tuple[str, str, str, str]] = [
     ("--train-samples", "train", "train_samples", "int"),
     ("--global-batch-size", "train", "global_batch_size", "int"),
     ("--micro-batch-size", "train", "micro_batch_size", "int"),
+    ("--no-balance-dp", "train", "balance_dp", "noflag"),
     ("--seed", "train", "seed", "int"),
     ("--log-interval", "train", "log_interval", "int"),
     ("--eval-interval", "train", "eval_interval", "int"),
@@ -347,7 +348,7 @@ def finalize(cfg: RunConfig) -> RunConfig:
     if t.tensorboard_dir is None:
         t.tensorboard_dir = os.path.join(t.run_dir, "tensorboard")
     cfg.parallel.validate()  # flags set its fields after it was made
-    cfg.post.__post_init__()
+    cfg.post.validate()
     cfg.parallel.check_experts(cfg.model.language.num_experts)
     return cfg
 

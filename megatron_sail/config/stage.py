@@ -98,7 +98,7 @@ STAGES: dict[str, StageConfig] = {
         lr_decay_style="cosine",
         weight_decay=0.05,
     ),
-    # Post-training (training/posttrain.py). DPO/MPO: InternVL's MPO scripts (5e-6, cosine,
+    # Post-training (posttrain/). DPO/MPO: InternVL's MPO scripts (5e-6, cosine,
     # warmup 0.03, weight decay 0.05). GRPO: 1e-6 constant, no weight decay, as verl's and
     # ms-swift's GRPO examples (assumption: SAIL-VL2 publishes no RL hyper-parameters).
     "dpo": StageConfig(
@@ -126,7 +126,7 @@ STAGES: dict[str, StageConfig] = {
 }
 
 POST_TRAINING = ("dpo", "grpo")
-"""Stages that read JSONL/TSV at start-up and run training/posttrain.py's loop."""
+"""Stages that read JSONL/TSV at start-up and run posttrain/'s loop."""
 
 
 def get_stage(name: str) -> StageConfig:

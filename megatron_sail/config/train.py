@@ -148,6 +148,9 @@ class TrainConfig:
     """Rows per optimizer step, over all data-parallel ranks."""
     micro_batch_size: int = 1
     """Rows per forward pass on one rank."""
+    balance_dp: bool = True
+    """Assign each global batch's rows to data-parallel ranks so their modelled ViT + LM FLOPs
+    are even (training/balance.py) instead of in contiguous slices; same rows, same loss."""
     seed: int = 1234
     """Seeds model init, data order and dropout."""
     log_interval: int = 1

@@ -35,7 +35,9 @@ from safetensors.torch import save_file
 from megatron_sail.checkpoint import dcp, integrity
 from megatron_sail.checkpoint.layout import (
     CONVERSION_FILE,
+    HF_CONFIG,
     HF_CONFIG_FILE,
+    HF_GENERATION_FILE,
     PROCESSOR_FILE,
     SOURCE_DIR,
     TOKENIZER_DIR,
@@ -95,11 +97,12 @@ class HFCheckpoint:
     (sailvl: AIMv2); then ``config`` is the source config.json. None: from ``config``."""
 
 
-def read_hf_checkpoint(hf_dir: str | os.PathLike) -> HFCheckpoint:
-    """Read config + all safetensors of either layout into transformers' form."""
+def read_hf_checkpoint(hf_dir: str | os.PathLike, raw: Optional[dict] = None) -> HFCheckpoint:
+    """Read config + all safetensors of either layout into transformers' form (``raw``: the
+    folder's tensors already read, e.g. mapped ones, keys as stored)."""
     hf_dir = Path(hf_dir)
     config = hf_io.read_config(hf_dir)
-    raw = hf_io.read_state_dict(hf_dir)
+    raw = hf_io.read_state_dict(hf_dir) if raw is None else raw
     if internvl_chat.is_chat_config(config) or sailvl_layout.is_sailvl_config(config):
         tid = internvl_chat.resolve_image_token_id(config, lambda tok: hf_io.find_added_token_id(hf_dir, tok))
         if sailvl_layout.is_sailvl_config(config):
@@ -286,6 +289,7 @@ def mcore_to_hf(
 
 def _mcore_to_hf(mcore_dir: Path, out_dir: str | os.PathLike, cfg: ConvertConfig) -> Path:
     """mcore_to_hf of one checkpoint folder."""
+    integrity.check_listing(str(mcore_dir))  # unlisted files: refused before the first read
     model_config = read_model_config(mcore_dir)
     if not vision_family(model_config.vision.family).vlm_export:
         raise ValueError(
@@ -301,7 +305,7 @@ def _mcore_to_hf(mcore_dir: Path, out_dir: str | os.PathLike, cfg: ConvertConfig
             "'sailvl' remote-code layout (docs/conversion.md)"
         )
     source = mcore_dir / SOURCE_DIR
-    if cfg.layout == "chat" and not (source / "config.json").is_file():
+    if cfg.layout == "chat" and not (source / HF_CONFIG).is_file():
         raise ValueError(_no_remote_code_message(mcore_dir, model_config))
     tokenizer = _tokenizer_source(mcore_dir, cfg)
     settings = _processor_settings(mcore_dir, model_config)
@@ -329,7 +333,7 @@ def _mcore_to_hf(mcore_dir: Path, out_dir: str | os.PathLike, cfg: ConvertConfig
     else:
         config, disk = hf_config, hf_io.to_disk_keys(state)
     with hf_io.atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         hf_io.write_safetensors(tmp, disk, cfg.max_shard_bytes)
         _phase(f"wrote {len(disk)} tensors, {_gib(disk):.2f} GiB of safetensors", start)
         _write_side_files(tmp, tokenizer, settings, hf_config["image_token_id"], cfg.layout, source)
@@ -368,7 +372,7 @@ def _write_sailvl(
     """mcore -> SAIL-VL2's 'sailvl' layout (AIMv2 towers): tensors in the hub's names and source
     dtypes, the tied LM head written too (as the hub file stores it), the source config.json
     (rebuilt around the new shapes when the architecture changed), remote code and side files."""
-    stored = json.loads((source / "config.json").read_text())
+    stored = json.loads((source / HF_CONFIG).read_text())
     if not sailvl_layout.is_sailvl_config(stored):
         raise ValueError(
             f"{source}/config.json: model_type {stored.get('model_type')!r}; an "
@@ -386,7 +390,7 @@ def _write_sailvl(
     same = _comparable(sailvl_layout.model_config(stored, tid)) == _comparable(model_config)
     config = stored if same else sailvl_layout.config_for(model_config, stored)
     with hf_io.atomic_dir(out_dir, overwrite=cfg.overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         hf_io.write_safetensors(tmp, sailvl_layout.from_hf_state_dict(state), cfg.max_shard_bytes)
         _write_side_files(tmp, tokenizer, settings, tid, "chat", source)
     return Path(out_dir)
@@ -465,7 +469,7 @@ def _processor_settings(mcore_dir: Path, model_config: ModelConfig) -> Processor
 def _chat_config(source: Path, hf_config: dict, settings: ProcessorSettings) -> dict:
     """InternVL-chat config.json: the source's own (auto_map, template, extra fields kept)
     unless the architecture changed since, then rebuilt with the source's remote-code fields."""
-    stored = json.loads((source / "config.json").read_text())
+    stored = json.loads((source / HF_CONFIG).read_text())
     tid = hf_config["image_token_id"]
     before = internvl_chat.chat_config_to_hf(stored, tid)
     if _arch(before) == _arch(hf_config):
@@ -490,12 +494,12 @@ def _write_side_files(
     """Tokenizer (+ chat template), generation config, processor configs, remote code; then
     load the tokenizer back as users will and refuse an unusable one."""
     ids = save_tokenizer(tokenizer, tmp, {internvl_chat.IMG_CONTEXT: image_token_id}, settings.template)
-    if not (tmp / "generation_config.json").is_file():
+    if not (tmp / HF_GENERATION_FILE).is_file():
         hf_assets.write_generation_config(tmp, ids)
     if layout == "chat":
         settings.write(tmp)
         for path in sorted(source.iterdir()):
-            if path.is_file() and path.name != "config.json" and not (tmp / path.name).exists():
+            if path.is_file() and path.name != HF_CONFIG and not (tmp / path.name).exists():
                 shutil.copy2(path, tmp / path.name)
     else:
         hf_assets.write_processor_files(tmp, settings)

@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from megatron_sail.checkpoint.layout import PROCESSOR_FILE
+from megatron_sail.checkpoint.layout import HF_GENERATION_FILE, HF_PREPROCESSOR_FILE, PROCESSOR_FILE
 from megatron_sail.checkpoint.processor import ProcessorSettings
 from megatron_sail.checkpoint.tokenizer import write_json
 from megatron_sail.data import tokenizer as toks
@@ -52,7 +52,7 @@ def write_processor_files(folder: str | os.PathLike, settings: ProcessorSettings
         "processor_class": "InternVLProcessor",
     }
     write_json(
-        folder / "preprocessor_config.json",
+        folder / HF_PREPROCESSOR_FILE,
         {
             **common,
             "image_processor_type": IMAGE_PROCESSOR,
@@ -76,7 +76,7 @@ def write_generation_config(folder: str | os.PathLike, ids: dict[str, int]) -> N
     """generation_config.json: greedy, stop at <|im_end|> or <|endoftext|> (what our generator
     stops at), pad with <|endoftext|>."""
     write_json(
-        Path(folder) / "generation_config.json",
+        Path(folder) / HF_GENERATION_FILE,
         {
             "eos_token_id": [ids[toks.IM_END], ids[toks.PAD]],
             "pad_token_id": ids[toks.PAD],
@@ -124,7 +124,7 @@ def settings_from_hf(hf_dir: Path, config: dict, tokens_per_tile: int, tile_size
     if (hf_dir / PROCESSOR_FILE).is_file():
         return ProcessorSettings.read(hf_dir / PROCESSOR_FILE)
     out = ProcessorSettings(tile_size=tile_size, tokens_per_tile=tokens_per_tile)
-    pre = hf_dir / "preprocessor_config.json"
+    pre = hf_dir / HF_PREPROCESSOR_FILE
     if config.get("model_type") == "internvl_chat":
         out.max_tiles = int(config.get("max_dynamic_patch", out.max_tiles))
         out.min_tiles = int(config.get("min_dynamic_patch", out.min_tiles))

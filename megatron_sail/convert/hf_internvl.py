@@ -21,6 +21,7 @@ Layout differences handled here:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import torch
 
@@ -189,6 +190,85 @@ def apply_key_map(km: KeyMap, hf_sd: dict) -> dict:
     return out
 
 
+class LazyOurs(Mapping):
+    """``hf_to_ours`` computed one key at a time: fused q/k/v and concatenations exist only
+    while the caller holds them (a streaming load copies each into the model and drops it).
+
+    ``sources(key)`` names the HF tensors a key is made from, so the caller can release them."""
+
+    def __init__(self, hf_sd: dict, cfg: ModelConfig):
+        self.hf_sd = hf_sd
+        self._make: dict[str, tuple] = {}
+        km = key_map(cfg)
+        for ours, hf in km.copies:
+            self._make[ours] = ("copy", (hf,))
+        for site in km.qkv:
+            for w in _weights(site):
+                names = tuple(site.hf.format(x) + w for x in "qkv")
+                self._make[site.ours + w] = ("qkv", names, site.heads, site.groups)
+        for ours, parts in km.concat:
+            self._make[ours] = ("cat", tuple(parts))
+
+    def sources(self, key: str) -> list:
+        """The HF tensors ``key`` is built from."""
+        return [self.hf_sd[n] for n in self._make[key][1] if n in self.hf_sd]
+
+    def __getitem__(self, key: str):
+        kind, names, *rest = self._make[key]
+        parts = [_need(self.hf_sd, n, "HF") for n in names]
+        if kind == "copy":
+            return parts[0]
+        if kind == "qkv":
+            return fuse_qkv(*parts, *rest)
+        return torch.cat(parts, 0)
+
+    def fill(self, key: str, dest: torch.Tensor) -> bool:
+        """Write the full tensor ``key`` straight into ``dest`` (same shape), part by part, so no
+        fused or concatenated copy is ever made; a plain copy whose source already has
+        ``dest``'s dtype and device is not copied at all: ``dest`` becomes a view of it (the
+        file pages are read when first used, as transformers' loading does). True if ``dest``
+        now shares the source's memory."""
+        kind, names, *rest = self._make[key]
+        parts = [_need(self.hf_sd, n, "HF") for n in names]
+        if kind == "copy":
+            src = parts[0]
+            if src.shape != dest.shape:
+                raise ValueError(
+                    f"{key}: HF tensor {names[0]} has shape {tuple(src.shape)}, "
+                    f"the model holds {tuple(dest.shape)}"
+                )
+            if src.dtype == dest.dtype and src.device == dest.device and src.is_contiguous():
+                dest.data = src
+                return True
+            dest.copy_(src)
+            return False
+        if kind == "qkv":
+            heads, groups = rest
+            q, k, v = parts
+            per, hd, tail = heads // groups, q.size(0) // heads, q.shape[1:]
+            grouped = dest.view(groups, per + 2, hd, *tail)
+            grouped[:, :per].copy_(q.reshape(groups, per, hd, *tail))
+            grouped[:, per].copy_(k.reshape(groups, hd, *tail))
+            grouped[:, per + 1].copy_(v.reshape(groups, hd, *tail))
+            return False
+        start = 0
+        for part in parts:
+            dest[start : start + part.size(0)].copy_(part)
+            start += part.size(0)
+        if start != dest.size(0):
+            raise ValueError(f"{key}: HF parts {list(names)} hold {start} rows, the model {dest.size(0)}")
+        return False
+
+    def __contains__(self, key) -> bool:
+        return key in self._make
+
+    def __iter__(self):
+        return iter(self._make)
+
+    def __len__(self) -> int:
+        return len(self._make)
+
+
 def ours_to_hf(sd: dict, cfg: ModelConfig) -> dict:
     """Our full TP=1 state dict (local or TE names; _extra_state ignored) -> transformers InternVL."""
     sd = {canonical_key(k): v for k, v in sd.items() if not k.endswith("_extra_state")}
@@ -248,18 +328,32 @@ def shard_for_model(full: dict, model) -> dict:
     [gate_r; up_r]) like Megatron.
     Also works on gradients stored under the same keys (the distributed tests use it so).
     """
-    from megatron.core import parallel_state as ps
+    return {key: value for key, value, _ in iter_shards(full, model)}
 
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+
+def global_keys(model):
+    """(local key, tensor, full-model key) of every entry of ``model``'s state dict but
+    ``_extra_state``; a tied output layer names the embedding it shares."""
     cfg = model.model_config
-    halves = {ours for ours, parts in key_map(cfg).concat if len(parts) == 2}  # SwiGLU [gate; up]
-    out = {}
     for key, local in model.state_dict(keep_vars=True).items():
         if key.endswith("_extra_state"):
             continue
         gkey = _global_key(key, model)
         if gkey == "language_model.output_layer.weight" and cfg.language.tie_embeddings:
             gkey = "language_model.embedding.word_embeddings.weight"
+        yield key, local, gkey
+
+
+def iter_shards(full, model):
+    """``shard_for_model`` one tensor at a time: (key, this rank's slice, full-tensor key) per
+    entry of the model's state dict, in order; ``full`` may be a LazyOurs."""
+    from megatron.core import parallel_state as ps
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    halves = {
+        ours for ours, parts in key_map(model.model_config).concat if len(parts) == 2
+    }  # SwiGLU [gate; up]
+    for key, local, gkey in global_keys(model):
         src = _need(full, gkey, "full")
         if tp > 1 and getattr(local, "tensor_model_parallel", False):
             dim = local.partition_dim
@@ -271,5 +365,4 @@ def shard_for_model(full: dict, model) -> dict:
             raise ValueError(
                 f"{key}: full tensor slices to {tuple(src.shape)}, model holds {tuple(local.shape)}"
             )
-        out[key] = src.contiguous()
-    return out
+        yield key, src.contiguous(), gkey

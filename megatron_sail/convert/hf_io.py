@@ -25,6 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from megatron_sail.checkpoint.layout import HF_CONFIG, HF_GENERATION_FILE
+
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -38,7 +40,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "chat_template.json",
     "chat_template.jinja",
-    "generation_config.json",
+    HF_GENERATION_FILE,
 )
 """Side files copied verbatim between checkpoint folders (tokenizer and generation defaults)."""
 
@@ -63,7 +65,7 @@ class HFWriteConfig:
 
 def read_config(hf_dir: str | os.PathLike) -> dict:
     """Load ``config.json`` of a checkpoint folder, with an error that names the folder."""
-    path = Path(hf_dir) / "config.json"
+    path = Path(hf_dir) / HF_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face checkpoint folder)")
     return _read_json(path)
@@ -242,7 +244,7 @@ def write_checkpoint(
 ) -> Path:
     """Write config.json, safetensors and (optionally) tokenizer files to ``dest`` atomically."""
     with atomic_dir(dest, overwrite=cfg.overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_safetensors(tmp, state, cfg.max_shard_bytes)
         if tokenizer_from is not None:
             copy_tokenizer_files(tokenizer_from, tmp)

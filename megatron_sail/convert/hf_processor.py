@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from megatron_sail.checkpoint.layout import HF_CONFIG, HF_PREPROCESSOR_FILE
+
 PROCESSOR_CONFIG = "processor_config.json"
 """Where an export records ``image_seq_length`` (tokens per tile) for InternVLProcessor."""
 
@@ -46,7 +48,7 @@ class ExportProcessorConfig:
 
 def _image_seq_length(folder: Path) -> int:
     """Tokens per tile: processor_config.json, else config.json (both written by mcore-to-hf)."""
-    for name in (PROCESSOR_CONFIG, "config.json"):
+    for name in (PROCESSOR_CONFIG, HF_CONFIG):
         path = folder / name
         if path.is_file():
             value = json.loads(path.read_text()).get("image_seq_length")
@@ -90,7 +92,7 @@ class ExportProcessor:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         folder = Path(folder)
-        if not (folder / "preprocessor_config.json").is_file():
+        if not (folder / HF_PREPROCESSOR_FILE).is_file():
             raise FileNotFoundError(
                 f"{folder}: no preprocessor_config.json (export it with "
                 "tools/convert_checkpoint.py mcore-to-hf)"

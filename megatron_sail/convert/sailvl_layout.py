@@ -4,7 +4,7 @@ Also SAIL-VL-1.6-8B's: its config says "internvl_chat" but its ``vision_config``
 AIMv2 remote code (``model_type`` "aimv2") with the same tensor names as below.
 
 SAIL-VL2 checkpoints (BytedanceDouyinContent/SAIL-VL2-2B: config.json and
-model.safetensors.index.json, checked 2026-12) keep InternVL-chat's container - ``mlp1.{0,1,3}``
+model.safetensors.index.json; read when docs/architecture.md says) keep InternVL-chat's container - ``mlp1.{0,1,3}``
 projector, ``language_model.model.*`` / ``language_model.lm_head.weight`` (Qwen3ForCausalLM),
 ``llm_config``, ``select_layer``, ``downsample_ratio``, ``ps_version``, ``force_image_size``,
 dynamic-patch fields - but their vision tower is SAILViT, whose configuration file is a copy of

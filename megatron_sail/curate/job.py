@@ -63,15 +63,42 @@ def check_job(cfg) -> None:
 
 def add_job_flags(p, workers_help: str = "worker processes (local) or actors (ray)") -> None:
     """The flags every sharded curation tool takes (recaption, filter_data, dedup signatures)."""
-    p.add_argument("--shard-index", type=int, help="this task's index (default: SLURM array task, else 0)")
-    p.add_argument("--num-shards", type=int, help="number of tasks (default: SLURM array size, else 1)")
-    p.add_argument("--executor", choices=EXECUTORS, default="local")
-    p.add_argument("--workers", type=int, default=1, help=workers_help)
-    p.add_argument("--shard-retries", type=int, default=2)
-    p.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
-    p.add_argument("--ray-num-cpus", type=int, help="CPUs of a local Ray instance")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray actor")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray actor")
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        metavar="I",
+        help="this task's index among --num-shards (default: SLURM_ARRAY_TASK_ID, else 0)",
+    )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        metavar="N",
+        help="tasks sharing the input; task I takes shards I, I+N, ... (default: SLURM array size, else 1)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="where the shards run: local (this machine) or ray (default: local)",
+    )
+    p.add_argument("--workers", type=int, default=1, metavar="N", help=f"{workers_help} (default: 1)")
+    p.add_argument(
+        "--shard-retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="times a failed shard is tried again before it is reported (default: 2)",
+    )
+    p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: start a local one)")
+    p.add_argument(
+        "--ray-num-cpus", type=int, metavar="N", help="CPUs of a local Ray instance (default: all)"
+    )
+    p.add_argument(
+        "--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per Ray actor (default: 0)"
+    )
+    p.add_argument(
+        "--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per Ray actor (default: 1)"
+    )
 
 
 def array_task(index: Optional[int], count: Optional[int], prog: str) -> tuple[int, int]:
@@ -102,6 +129,28 @@ def job_fields(a, prog: str) -> dict:
     }
 
 
+def _int(env, key: str) -> int:
+    """An integer launcher variable (absent or not a number: 1, i.e. no parallel launch)."""
+    try:
+        return int(env.get(key, "1"))
+    except ValueError:
+        return 1
+
+
+def parallel_launch(env) -> Optional[str]:
+    """The launcher that started several copies of this process, or None. torchrun marks its
+    workers with TORCHELASTIC_RUN_ID (a WORLD_SIZE alone is no launch: it may be left over in a
+    shell or a test process); an srun step counts SLURM_STEP_NUM_TASKS. One copy per task
+    (SLURM array, a lone process) is the design; several copies each taking every shard is not."""
+    world = _int(env, "WORLD_SIZE")
+    if "TORCHELASTIC_RUN_ID" in env and world > 1:
+        return f"torchrun (WORLD_SIZE={world})"
+    tasks = _int(env, "SLURM_STEP_NUM_TASKS")
+    if "SLURM_PROCID" in env and tasks > 1:
+        return f"an srun step of {tasks} tasks"
+    return None
+
+
 def task_shards(cfg: JobConfig, shards: list[ShardSpec]) -> list[ShardSpec]:
     """This task's part of all shards (stable order, so array tasks never overlap)."""
     return shards[cfg.shard_index :: cfg.num_shards]
@@ -115,10 +164,12 @@ def run_job(
 ) -> dict:
     """Run this task's pending shards; returns what every pass reports (counts come from the
     markers: ``results`` maps shard name -> marker)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    launcher = parallel_launch(os.environ)
+    if launcher is not None and cfg.num_shards == 1:
         raise ValueError(
-            "curation passes run one process per task (SLURM array, --workers, Ray), not under "
-            "torchrun: every rank would process every shard"
+            f"curation passes run one process per task (SLURM array, --workers, Ray), not under "
+            f"{launcher}: every copy would process every shard (or give each copy "
+            f"--shard-index/--num-shards)"
         )
     os.makedirs(cfg.output_dir, exist_ok=True)
     mine = task_shards(cfg, shards)

@@ -309,6 +309,20 @@ class PackedReader:
             list(range(int(ia), int(ib))),
         )
 
+    def row_shape(self, i: int) -> tuple[list[int], int]:
+        """(token length of each sample, image tiles) of row i, from the index arrays alone: no
+        token or image bytes are read (the data-parallel balancer asks this for every row of a
+        global batch on every rank)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self.prefix}: row {i} out of range [0, {len(self)})")
+        a, b = self.row_index[i], self.row_index[i + 1]
+        ia, ib = self.image_row_index[i], self.image_row_index[i + 1]
+        lengths = self.tokens.sequence_lengths[a:b].tolist()
+        grid = np.asarray(self.image_meta[ia:ib, :3], dtype=np.int64)
+        n = grid[:, 0] * grid[:, 1]
+        tiles = int((n + ((grid[:, 2] != 0) & (n > 1))).sum())
+        return lengths, tiles
+
     def image_bytes(self, j: int) -> bytes:
         """Encoded bytes of image j."""
         return self.images[int(j)].tobytes()

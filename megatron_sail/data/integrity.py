@@ -1,7 +1,7 @@
 """Integrity of a packed dataset: per-file checksums written with it, and the checks on load.
 
-``PackedWriter`` hashes every output file (SHA-256, ~1.6 GB/s here; the ``.bin`` streams while
-they are written, the small files after) and records size and digest per file in meta.json's
+``PackedWriter`` hashes every output file (SHA-256: why, and its cost, in docs/performance.md;
+the ``.bin`` streams while they are written, the small files after) and records size and digest per file in meta.json's
 ``checksums`` block. Three levels of checking use them:
 
 - ``cheap`` (the default of every load, ``--data-verify cheap``): cost independent of the number

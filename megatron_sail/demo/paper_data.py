@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 from megatron_sail.demo import generator as demo
@@ -40,7 +40,13 @@ def make_data(out: str, cfg: StudyData) -> dict:
     done = os.path.join(root, "done.json")
     if os.path.isfile(done):
         with open(done) as f:
-            return json.load(f)
+            info = json.load(f)
+        if info.get("config", asdict(cfg)) != asdict(cfg):
+            raise ValueError(
+                f"{done}: the study's data was made with other sizes ({info['config']}, now "
+                f"{asdict(cfg)}); use another --out or delete the folder"
+            )
+        return info
     os.makedirs(root, exist_ok=True)
     rng = random.Random(cfg.seed)
     texts = demo.write_split(
@@ -63,6 +69,7 @@ def make_data(out: str, cfg: StudyData) -> dict:
     tok = os.path.join(root, "tokenizer.json")
     demo.train_tokenizer(texts + pool["texts"], tok)
     info = {
+        "config": asdict(cfg),
         "root": root,
         "pretrain": os.path.join(root, "pretrain.jsonl"),
         "pool": pool["path"],

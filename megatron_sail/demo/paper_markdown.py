@@ -10,6 +10,24 @@ def _r2(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def _replay_line(d: dict, cfgd: dict) -> list[str]:
+    """The replay arm's stages (none when the study ran without one)."""
+    rs = d.get("replay_stages") or []
+    if not rs:
+        return []
+    return [
+        "",
+        f"`ascending_replay`: the same ascending stages, stage k > 1 also replaying "
+        f"{cfgd['replay']:g} x its size of random samples of the earlier stages "
+        "(tools/build_curriculum.py --mix-previous), the same steps in total: "
+        + "; ".join(
+            f"{st['name']} {st['samples']} + {st['replayed']} replayed, {n} steps"
+            for st, n in zip(rs, d["curriculum_steps"]["replay_per_stage"])
+        )
+        + ".",
+    ]
+
+
 def write_markdown(path: str, r: dict) -> None:
     """Write the report (atomically)."""
     d = r["details"]
@@ -17,8 +35,13 @@ def write_markdown(path: str, r: dict) -> None:
     lines = [
         "# SAIL-VL's claims at toy scale",
         "",
-        f"Study output: `{cfgd['out']}`; total time {d['timing_s']['total']} s "
-        f"(per part: {', '.join(f'{k} {v} s' for k, v in d['timing_s'].items() if k != 'total')}).",
+        f"Study output: `{cfgd['out']}`; this invocation took {d['timing_s']['total']} s (per part: "
+        + ", ".join(
+            f"{k} {v} s" for k, v in d["timing_s"].items() if isinstance(v, (int, float)) and k != "total"
+        )
+        + "); the training runs took, when they ran (their done.json, kept when a rerun resumes): "
+        + ", ".join(f"{k} {v} s" for k, v in d["timing_s"].get("runs_recorded", {}).items())
+        + ".",
         "",
         "## (a) Benchmark score against pretraining tokens",
         "",
@@ -74,6 +97,7 @@ def write_markdown(path: str, r: dict) -> None:
             for st, n in zip(d["stages"], d["curriculum_steps"]["per_stage"])
         )
         + ".",
+        *_replay_line(d, cfgd),
         "",
         "| arm | mean | per seed | " + " | ".join(next(iter(d["curriculum_levels"].values()))) + " |",
         "|---|---|---|" + "---|" * len(next(iter(d["curriculum_levels"].values()))),

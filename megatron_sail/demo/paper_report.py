@@ -134,8 +134,8 @@ def curriculum(
             "resamples": boot.resamples,
         }
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.4))
     names = list(preds)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(names)), 3.4))
     xs = range(len(names))
     ax.bar(
         xs, [out["mean"][a] for a in names], color=["#4472c4" if a != reference else "#999999" for a in names]
@@ -156,7 +156,7 @@ def curriculum(
                 ecolor="red",
                 capsize=5,
             )
-    ax.set_xticks(list(xs), names)
+    ax.set_xticks(list(xs), [a.replace("_", " ") for a in names], fontsize=8)
     ax.set_ylabel("mean accuracy over levels (%)")
     ax.set_title(
         f"curriculum vs {reference} (red: {round(100 * boot.confidence)}% CI of the difference)", fontsize=8

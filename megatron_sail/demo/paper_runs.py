@@ -45,7 +45,9 @@ def train(spec: RunSpec, python: str = sys.executable, log: Callable[[str], None
     done = os.path.join(spec.run_dir, "done.json")
     if os.path.isfile(done):
         with open(done) as f:
-            return json.load(f)
+            info = json.load(f)
+        _check_same_run(done, info, spec)
+        return info
     if os.path.isdir(spec.run_dir):  # a run that stopped before finishing: start it over
         shutil.rmtree(spec.run_dir)
     os.makedirs(spec.run_dir)
@@ -101,6 +103,18 @@ def train(spec: RunSpec, python: str = sys.executable, log: Callable[[str], None
     os.replace(done + ".tmp", done)
     log(f"[study] {spec.run_dir}: {spec.iters} steps in {info['seconds']} s")
     return info
+
+
+def _check_same_run(done: str, info: dict, spec: RunSpec) -> None:
+    """A finished run is kept only if it is the run asked for: a study resumed with other sizes
+    (steps, seed, data, start) must not report the old run under the new settings."""
+    want = {"iters": spec.iters, "seed": spec.seed, "data_path": spec.data_path, "init_from": spec.init_from}
+    diff = [f"{k} {info.get(k)!r} (now {v!r})" for k, v in want.items() if info.get(k) != v]
+    if diff:
+        raise ValueError(
+            f"{done}: this finished run was made with other settings: {', '.join(diff)}; "
+            "use another --out or delete the folder"
+        )
 
 
 def train_chain(stages: list[RunSpec], python: str = sys.executable, log=print) -> str:

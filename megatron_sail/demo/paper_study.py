@@ -38,11 +38,11 @@ class StudyConfig:
     """Output folder (data, runs, report.md, report.json, figures)."""
     data: StudyData = field(default_factory=StudyData)
     """Data sizes."""
-    pretrain_iters: int = 512
+    pretrain_iters: int = 1024
     """Steps of the pretraining run."""
-    eval_points: int = 6
+    eval_points: int = 7
     """In-training evaluations of the pretraining run: at iters / 2^k, k = eval_points-1 .. 0."""
-    sft_epochs: float = 2.0
+    sft_epochs: float = 6.0
     """Epochs over its data of every SFT run (quantity runs and curriculum arms alike)."""
     seeds: tuple = (1, 2)
     """Training seeds of every curriculum arm."""
@@ -52,6 +52,10 @@ class StudyConfig:
     """Complexity method (heuristic, or ifd with the pretrained checkpoint as reference)."""
     stages: int = 3
     """Curriculum stages."""
+    replay: float = 0.5
+    """The extra arm ``ascending_replay``: the ascending stages, stage k > 1 also replaying
+    ``replay`` x |stage k| random samples of the earlier stages (build_curriculum --mix-previous),
+    the same steps in total; 0: no such arm."""
     sft_lr: float = 5e-4
     """Constant SFT learning rate (no decay: chained stages and one stage see the same LR)."""
     caption_summary: Optional[str] = None
@@ -112,7 +116,7 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
     rho = rep.spearman([r["score"] for r in records], [levels[r["key"]] for r in records])
     clock.mark("complexity")
     arms, plan, steps, pool_samples = curriculum_arms(cfg, data, records, scores_dir, start, log)
-    for st in plan["stages"]:  # which generator levels each stage holds
+    for st in plan["stages"] + plan.get("replay_stages", []):  # generator levels of its new samples
         with open(st["list"]) as f:
             keys = [json.loads(line)["key"] for line in f]
         st["levels"] = {str(lv): sum(levels[k] == lv for k in keys) for lv in (1, 2, 3)}
@@ -133,6 +137,7 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
     cap = rep.caption(summary, os.path.join(out, "caption.png"))
     clock.mark("report")
     clock.timing["total"] = round(time.perf_counter() - clock.start, 1)
+    clock.timing["runs_recorded"] = recorded_seconds(os.path.join(out, "runs"))
     result = assemble(cfg, data, pre, scaling, quant, cur, cap, plan, steps, rho, budget, clock.timing)
     from megatron_sail.demo.paper_markdown import write_markdown
 
@@ -161,39 +166,45 @@ def pretrain(cfg: StudyConfig, data: dict, log) -> tuple[str, str]:
 
 
 def curriculum_arms(cfg: StudyConfig, data: dict, records: list, scores_dir: str, start: str, log):
-    """(c): per seed, one stage on the pool, and the packed stages ascending and descending, the
-    same steps in total; returns ({arm: [final run dir per seed]}, plan, {total, per_stage},
-    samples in the pool)."""
+    """(c): per seed, one stage on the pool, the packed stages ascending and descending, and (with
+    ``cfg.replay``) ascending with replay, the same steps in total; returns ({arm: [final run dir
+    per seed]}, plan, {total, per_stage[, replay_per_stage]}, samples in the pool)."""
     plan = make_plan(cfg, records, scores_dir, data["tokenizer"])
     rows = [s["rows"] for s in plan["stages"]]
     total = steps_for(sum(rows), cfg.sft_epochs)
-    per_stage = split_steps(total, rows)
+    steps = {"total": total, "per_stage": split_steps(total, rows)}
+    chains = [
+        ("ascending", plan["stages"], steps["per_stage"]),
+        ("descending", plan["stages"][::-1], steps["per_stage"][::-1]),
+    ]
+    if cfg.replay:
+        rplan = make_plan(cfg, records, scores_dir, data["tokenizer"], mix_previous=cfg.replay)
+        steps["replay_per_stage"] = split_steps(total, [s["rows"] for s in rplan["stages"]])
+        plan["replay_stages"] = rplan["stages"]
+        chains.append(("ascending_replay", rplan["stages"], steps["replay_per_stage"]))
     pool_prefix = os.path.join(cfg.out, "packed", "pool")
     pool = preprocess([data["pool"]], data["tokenizer"], pool_prefix, select=scores_dir)
     bench, base = data["level_bench"], os.path.join(cfg.out, "runs", "sft")
-    arms: dict = {"one_stage": [], "ascending": [], "descending": []}
+    arms: dict = {"one_stage": [], **{name: [] for name, _, _ in chains}}
     for seed in cfg.seeds:
         one = os.path.join(base, f"one_stage_s{seed}")
         train(RunSpec(one, pool_prefix, total, seed, start, bench, extra=sft_flags(cfg)), cfg.python, log)
         arms["one_stage"].append(one)
-        for order, seq in (
-            ("ascending", list(range(cfg.stages))),
-            ("descending", list(range(cfg.stages))[::-1]),
-        ):
+        for name, stages, per_stage in chains:
             chain = [
                 RunSpec(
-                    os.path.join(base, f"{order}_s{seed}", f"stage{k + 1}"),
-                    plan["stages"][i]["prefix"],
-                    per_stage[i],
+                    os.path.join(base, f"{name}_s{seed}", f"stage{k + 1}"),
+                    st["prefix"],
+                    n,
                     seed,
                     start if k == 0 else None,
-                    bench if k == len(seq) - 1 else {},
+                    bench if k == len(stages) - 1 else {},
                     extra=sft_flags(cfg),
                 )
-                for k, i in enumerate(seq)
+                for k, (st, n) in enumerate(zip(stages, per_stage))
             ]
-            arms[order].append(train_chain(chain, cfg.python, log))
-    return arms, plan, {"total": total, "per_stage": per_stage}, pool["samples"]
+            arms[name].append(train_chain(chain, cfg.python, log))
+    return arms, plan, steps, pool["samples"]
 
 
 def quantity_runs(cfg: StudyConfig, data: dict, records: list, start: str, log) -> dict:
@@ -242,45 +253,53 @@ def score_pool(cfg: StudyConfig, pool: str, scores_dir: str, start: str) -> list
     return read_scores(scores_dir)
 
 
-def make_plan(cfg: StudyConfig, records: list[dict], scores_dir: str, tok: str) -> dict:
-    """The ascending plan (tools/build_curriculum.py's format, also written as plan.yaml), its
-    stages packed; descending runs the same packed stages in reverse."""
+def make_plan(
+    cfg: StudyConfig, records: list[dict], scores_dir: str, tok: str, mix_previous: float = 0.0
+) -> dict:
+    """The ascending plan (tools/build_curriculum.py's format, also written as plan.yaml, or
+    plan_replay.yaml with ``mix_previous``), its stages packed (each stage's data: its blend);
+    descending runs the same packed stages in reverse."""
     import yaml
 
     from megatron_sail.curate.curriculum import CurriculumConfig, PlanPaths, build_plan
     from megatron_sail.demo.paper_data import MAX_TILES, SEQ
 
     out = cfg.out
+    tag = "_replay" if mix_previous else ""
     flags = f"--tokenizer {tok} --seq-length {SEQ} --recipe tiny --max-tiles {MAX_TILES}"
     plan = build_plan(
         records,
-        CurriculumConfig(cfg.stages, order="ascending"),
+        CurriculumConfig(cfg.stages, order="ascending", mix_previous=mix_previous),
         PlanPaths(
-            os.path.join(out, "plan_lists"),
-            os.path.join(out, "packed", "stages"),
+            os.path.join(out, f"plan{tag}_lists"),
+            os.path.join(out, "packed", f"stages{tag}"),
             sorted({r["source"] for r in records}),
             flags,
         ),
         {"scores": scores_dir, "method": cfg.method},
     )
-    with open(os.path.join(out, "plan.yaml"), "w") as f:
+    with open(os.path.join(out, f"plan{tag}.yaml"), "w") as f:
         yaml.safe_dump(plan, f, sort_keys=False, width=200)
     sources = sorted({r["source"] for r in records})
     stages = []
     for s in plan["stages"]:
-        summ = preprocess(sources, tok, s["prefixes"]["new"], select=s["lists"]["new"])
+        rows = sum(
+            preprocess(sources, tok, s["prefixes"][part], select=s["lists"][part])["rows"]
+            for part in s["lists"]
+        )
         stages.append(
             {
                 "name": s["name"],
-                "prefix": s["prefixes"]["new"],
+                "prefix": s["blend"] if s["replayed"] else s["prefixes"]["new"],
                 "list": s["lists"]["new"],
                 "samples": s["samples"],
-                "rows": summ["rows"],
+                "replayed": s["replayed"],
+                "rows": rows,
                 "score_min": s["score_min"],
                 "score_max": s["score_max"],
             }
         )
-    return {"stages": stages, "plan": os.path.join(out, "plan.yaml")}
+    return {"stages": stages, "plan": os.path.join(out, f"plan{tag}.yaml")}
 
 
 def split_steps(total: int, rows: list[int]) -> list[int]:
@@ -308,6 +327,21 @@ def run_caption(cfg: StudyConfig, log) -> Optional[str]:
         log(f"[study] examples/sail_caption.sh failed (exit {rc}); see {cfg.out}/sail_caption.log")
         return None
     return summary
+
+
+def recorded_seconds(runs_root: str) -> dict:
+    """{part: seconds} summed over the done.json marks under each folder of ``runs_root``
+    (pretrain, sft, quantity): what the training runs took when they ran, so a resumed study
+    still reports them."""
+    out = {}
+    for part in sorted(os.listdir(runs_root)) if os.path.isdir(runs_root) else []:
+        total = 0.0
+        for d, _, files in os.walk(os.path.join(runs_root, part)):
+            if "done.json" in files:
+                with open(os.path.join(d, "done.json")) as f:
+                    total += float(json.load(f).get("seconds", 0.0))
+        out[part] = round(total, 1)
+    return out
 
 
 def write_json(path: str, value: dict) -> None:
@@ -347,6 +381,7 @@ def assemble(cfg, data, pre, scaling, quant, cur, cap, plan, steps, rho, budget,
             "curriculum_per_seed": cur["per_seed"],
             "curriculum_steps": steps,
             "stages": plan["stages"],
+            "replay_stages": plan.get("replay_stages", []),
             "complexity_method": cfg.method,
             "complexity_vs_level_spearman": rho,
             "caption": cap,

@@ -4,7 +4,7 @@ GRPO and (correct, hallucinated) answer pairs for DPO.
 * ``grpo.jsonl``: multiple-choice questions on colour, shape or count in the demo benchmark's
   form (VLMEvalKit's option lines and letter instruction), POPE-style yes/no questions and short
   count questions, each with its reference answer (``choices`` for MCQ): every answer is
-  checkable by the benchmark matchers (training/rewards.py).
+  checkable by the benchmark matchers (posttrain/rewards.py).
 * ``pairs.jsonl`` (InternVL MPO format: image, question, chosen, rejected): the POPE-style
   question "Is there one shape in the image?" and the colour / count questions, the correct
   answer chosen and a hallucinated one (the opposite yes/no, another colour or count) rejected.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,15 +25,18 @@ from typing import Optional
 
 import torch
 
-from megatron_sail.checkpoint import dcp
+from megatron_sail.checkpoint import dcp, integrity
 from megatron_sail.checkpoint.layout import (
+    HF_PREPROCESSOR_FILE,
     PROCESSOR_FILE,
     STATE_FILE,
     TOKENIZER_DIR,
     checkpoint_kind,
+    pruned_note,
     read_checkpoint,
     read_model_config,
     read_state_file,
+    reader_lease,
     resolve_checkpoint,
 )
 from megatron_sail.config.model import ModelConfig
@@ -79,7 +83,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Resolve a checkpoint path to its kind, model config, tokenizer and processor settings."""
     root = Path(path)
     if not root.exists():
-        raise FileNotFoundError(f"--checkpoint {root}: no such file or directory")
+        raise FileNotFoundError(pruned_note(root) or f"--checkpoint {root}: no such file or directory")
     if checkpoint_kind(root) == "hf":
         return _inspect_hf(root)
     if resolve_checkpoint(str(root)) is None:
@@ -129,7 +133,7 @@ def _hf_settings(root: Path, raw: dict, model_config: ModelConfig) -> ProcessorS
         s.max_tiles = int(raw.get("max_dynamic_patch", s.max_tiles))
         s.min_tiles = int(raw.get("min_dynamic_patch", s.min_tiles))
         s.use_thumbnail = bool(raw.get("use_thumbnail", s.use_thumbnail))
-    pre = root / "preprocessor_config.json"
+    pre = root / HF_PREPROCESSOR_FILE
     if pre.is_file():
         values = json.loads(pre.read_text())
         s.max_tiles = int(values.get("max_patches", s.max_tiles))
@@ -158,6 +162,7 @@ def _read_settings(path: Path) -> ProcessorSettings:
 def _inspect_megatron(ckpt: Path) -> Checkpoint:
     """Converted or training checkpoint: model config, tokenizer/ and processor.json inside it,
     else the dataset meta.json named by the stored run config."""
+    integrity.check_listing(str(ckpt))  # unlisted files: refused before the first read
     model_config = read_model_config(ckpt)
     kind = "train" if (ckpt / STATE_FILE).is_file() else "mcore"
     tok = ckpt / TOKENIZER_DIR
@@ -242,27 +247,83 @@ def _platform(load: LoadConfig) -> ParallelConfig:
     return parallel
 
 
+_INIT_FUNCTIONS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "zeros_",
+    "ones_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+    "eye_",
+    "dirac_",
+    "sparse_",
+)
+
+
+@contextmanager
+def _no_random_init():
+    """Parameters are allocated but not initialized while building a model whose every weight
+    the checkpoint then overwrites (transformers' ``from_pretrained`` does the same): the init
+    would cost seconds for a 0.5B model and change nothing. Megatron binds ``torch.nn.init``
+    functions when its configs are made, which happens inside the build, so swapping them for
+    the duration reaches every init."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in saved:
+        setattr(torch.nn.init, name, lambda tensor, *_a, **_k: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def _build(model_config: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype) -> list:
-    """This rank's model chunk on the model device, local spec (SDPA), eval mode."""
+    """This rank's model chunk on the model device, local spec (SDPA), eval mode; weights
+    uninitialized (the caller loads every one of them)."""
     from megatron_sail.convert.checkpoint import build_model_chunks
     from megatron_sail.platform.distributed import device
 
-    chunks = build_model_chunks(model_config, parallel, dtype=dtype, use_te=False)
+    with _no_random_init():
+        chunks = build_model_chunks(model_config, parallel, dtype=dtype, use_te=False)
     return [c.to(device()).eval() for c in chunks]
 
 
 def _load_hf_weights(chunks: list, ckpt: Checkpoint) -> None:
-    """Read the HF folder, map to our names and copy this rank's slice into the chunk."""
+    """Stream the HF folder into the chunk, one tensor at a time: the files are mapped; at TP=1
+    a parameter that is a plain copy of a file tensor of its dtype becomes a view of the mapped
+    file (read on first use), and fused q/k/v and concatenations are written part by part into
+    their parameters; under TP each slice is made when its parameter is filled. The file pages
+    a filled parameter came from are released right after, so the load stays near the model's
+    own size instead of holding the file and converted copies besides."""
+    from megatron.core import parallel_state
+
     from megatron_sail.convert import hf_internvl
     from megatron_sail.convert.checkpoint import read_hf_checkpoint
+    from megatron_sail.convert.mapped_safetensors import MappedCheckpoint
 
-    full = hf_internvl.hf_to_ours(read_hf_checkpoint(ckpt.path).state, ckpt.model_config)
-    for chunk in chunks:
-        part = hf_internvl.shard_for_model(full, chunk)
+    mapped = MappedCheckpoint(ckpt.path)
+    try:
+        full = hf_internvl.LazyOurs(read_hf_checkpoint(ckpt.path, raw=mapped.state).state, ckpt.model_config)
+        whole = parallel_state.get_tensor_model_parallel_world_size() == 1
         with torch.no_grad():
-            params = chunk.state_dict(keep_vars=True)
-            for key, value in part.items():
-                params[key].copy_(value)
+            for chunk in chunks:
+                if whole:  # every tensor is the full one: write it in place, or share the file's
+                    for _key, param, gkey in hf_internvl.global_keys(chunk):
+                        if not full.fill(gkey, param):
+                            mapped.release(full.sources(gkey))
+                    continue
+                params = chunk.state_dict(keep_vars=True)
+                for key, value, gkey in hf_internvl.iter_shards(full, chunk):
+                    params[key].copy_(value)
+                    del value
+                    mapped.release(full.sources(gkey))
+    finally:
+        mapped.close()
 
 
 def _tokenizer(ckpt: Checkpoint, override: Optional[str]) -> Tokenizer:
@@ -293,13 +354,16 @@ def load_generator(
     models are built at EP=1 whatever EP the checkpoint was trained at (see ``_platform``).
     """
     ckpt = inspect_checkpoint(checkpoint)
-    parallel = _platform(load)
-    chunks = _build(ckpt.model_config, parallel, _dtype(load.dtype))
-    if ckpt.kind == "hf":
-        _load_hf_weights(chunks, ckpt)
-        tok = _tokenizer(ckpt, load.tokenizer)
-    else:  # a run still saving may prune it meanwhile: then the new latest is read
-        ckpt, tok = read_checkpoint(checkpoint, partial(_load_megatron, chunks, ckpt, load.tokenizer))
+    # Leased from here to the end of the load: a run saving beside it with --keep-last does not
+    # prune it while the model is built (checkpoint/lease.py).
+    with nullcontext() if ckpt.kind == "hf" else reader_lease(ckpt.path):
+        parallel = _platform(load)
+        chunks = _build(ckpt.model_config, parallel, _dtype(load.dtype))
+        if ckpt.kind == "hf":
+            _load_hf_weights(chunks, ckpt)
+            tok = _tokenizer(ckpt, load.tokenizer)
+        else:  # a run still saving may prune it meanwhile: then the new latest is read
+            ckpt, tok = read_checkpoint(checkpoint, partial(_load_megatron, chunks, ckpt, load.tokenizer))
     return Generator(chunks, ckpt.model_config, tok, ckpt.settings, cfg)
 
 

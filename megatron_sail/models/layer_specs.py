@@ -26,6 +26,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron_sail.compat.moe import ensure_router_gemm_fallback
 from megatron_sail.compat.te import te_available  # noqa: F401 - callers ask the spec module
 from megatron_sail.models.attention import SDPAttention
+from megatron_sail.models.vit_layer import ViTLayer
 
 
 class SPNorm(torch.nn.Module):
@@ -248,8 +249,6 @@ def vision_layer_spec(use_te: bool, vision) -> ModuleSpec:
     flash kernel is already the fast path), so the padding mask works the same everywhere.
     ``vision`` is the VisionConfig (layer scale, drop path, qkv bias, QK-norm).
     """
-    from megatron_sail.models.vit import ViTLayer
-
     qk = FullWidthQKNorm if vision.qk_norm else IdentityOp
     if use_te:
         spec = _te_layer(ViTLayer, AttnMaskType.no_mask, qk, SDPAttention)

@@ -22,8 +22,9 @@ from megatron_sail.config.model import LanguageConfig, ModelConfig
 from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.models import layer_specs
 from megatron_sail.models.attention import packed_seq_params
-from megatron_sail.models.families import language_family, vision_family
+from megatron_sail.models.families import language_family
 from megatron_sail.models.projector import Projector
+from megatron_sail.models.vit import ViTEncoder
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -93,9 +94,7 @@ class SailVLModel(MegatronModule):
             )
         self.vision_model = self.projector = None
         if pre_process:
-            self.vision_model = vision_family(config.vision.family).build(
-                config.vision, parallel, dtype, use_te
-            )
+            self.vision_model = ViTEncoder(config.vision, parallel, dtype, use_te)
             self.projector = Projector(config.projector, config.vision.hidden_size, lm.hidden_size, lm_config)
         self.language_model = GPTModel(
             config=lm_config,

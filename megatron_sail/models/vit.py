@@ -3,7 +3,8 @@
 - patch embedding: a conv (patch x patch, stride patch) with an optional class token before
   the patches and an optional RMSNorm on the patch embeddings;
 - position embedding: a learned absolute table, resized bicubically for other tile sizes;
-- trunk: a Megatron TransformerBlock of ``ViTLayer``s (optional layer scale, drop path);
+- trunk: a Megatron TransformerBlock of ``ViTLayer``s (models/vit_layer.py: optional layer
+  scale, drop path);
 - an optional final norm, applied when the last layer feeds the projector.
 
 Which parts, and the layers' norm, biases, MLP gating and activation, come from the family's
@@ -19,21 +20,19 @@ padding never changes the result.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.tensor_parallel.random import get_data_parallel_rng_tracker_name
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_sail.config.model import VisionConfig
 from megatron_sail.config.parallel import ParallelConfig
 from megatron_sail.models import layer_specs
-from megatron_sail.models.families.base import EncoderSpec
+from megatron_sail.models.encoder_spec import EncoderSpec
+from megatron_sail.models.families import vision_family
+from megatron_sail.models.portable import portable_settings
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -64,16 +63,7 @@ def encoder_transformer_config(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=1,
         sequence_parallel=parallel.sequence_parallel,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        pipeline_dtype=dtype,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        **portable_settings(dtype),
         normalization=norm,
         add_bias_linear=spec.linear_bias,
         add_qkv_bias=v.qkv_bias if spec.qkv_bias is None else spec.qkv_bias,
@@ -101,92 +91,6 @@ def token_padding(tokens: int, tp: int, fp8: bool) -> int:
     (a 448 px tile has 1,025 tokens: 1,024 patches and the class token)."""
     multiple = tp * (FP8_TOKEN_ALIGN if fp8 else 1)
     return (-tokens) % multiple
-
-
-def _tp_shared_rng():
-    """An RNG stream that is the same on every tensor-parallel rank: Megatron's
-    "data-parallel" tracker state (seeded with the run seed on all ranks). Under sequence
-    parallelism the TransformerBlock runs inside the per-TP-rank fork, where each rank would
-    draw its own numbers. Without a seeded tracker (no parallel run) the current stream serves."""
-    tracker = tensor_parallel.get_cuda_rng_tracker()
-    name = get_data_parallel_rng_tracker_name()
-    return tracker.fork(name) if name in tracker.get_states() else nullcontext()
-
-
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero whole tiles (batch dim 1 of [s, b, h]) with probability p.
-
-    The decisions come from a stream shared by the TP ranks, so that under sequence
-    parallelism every rank's slice of a tile is dropped or kept together."""
-    if not training or p == 0.0:
-        return x
-    with _tp_shared_rng():
-        keep = x.new_empty(1, x.size(1), 1).bernoulli_(1.0 - p)
-    return x * keep / (1.0 - p)
-
-
-class ViTLayer(TransformerLayer):
-    """TransformerLayer with InternViT's layer scale (ls1, ls2) and drop path on both branches.
-
-    Both live in the layer's bias-dropout-add step: residual + drop_path(ls * (out + bias)).
-    """
-
-    def __init__(
-        self,
-        config,
-        submodules,
-        layer_number=1,
-        hidden_dropout=None,
-        pg_collection=None,
-        vp_stage=None,
-        layer_scale_init=0.1,
-        drop_path_rate=0.0,
-        total_layers=1,
-        qkv_bias=True,
-    ):
-        super().__init__(
-            config,
-            submodules,
-            layer_number=layer_number,
-            hidden_dropout=hidden_dropout,
-            pg_collection=pg_collection,
-            vp_stage=vp_stage,
-        )
-
-        def scale():
-            p = torch.nn.Parameter(
-                torch.full((config.hidden_size,), float(layer_scale_init), dtype=config.params_dtype)
-            )
-            p.sequence_parallel = config.sequence_parallel  # per-token op: sum grads over TP
-            return p
-
-        # layer_scale_init=None: no layer scale (AIMv2-style layers), drop path still applies
-        self.ls1, self.ls2 = (None, None) if layer_scale_init is None else (scale(), scale())
-        steps = max(total_layers - 1, 1)
-        self.drop_path_rate = drop_path_rate * (self.layer_number - 1) / steps
-        self.self_attn_bda = self._scaled_add(lambda: self.ls1)
-        self.mlp_bda = self._scaled_add(lambda: self.ls2)
-        if not qkv_bias:  # Megatron gives qkv a bias whenever other linears have one
-            self.self_attention.linear_qkv.register_parameter("bias", None)
-            if hasattr(self.self_attention.linear_qkv, "use_bias"):
-                self.self_attention.linear_qkv.use_bias = False
-
-    def _scaled_add(self, get_scale):
-        """A bias-dropout-add replacement with the call contract TransformerLayer expects."""
-
-        def factory(training, _fused):
-            def add(out_with_bias, residual, _prob):
-                out, bias = out_with_bias
-                if bias is not None:
-                    out = out + bias
-                scale = get_scale()
-                if scale is not None:
-                    out = scale * out
-                return residual + drop_path(out, self.drop_path_rate, training)
-
-            return add
-
-        return factory
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -250,8 +154,6 @@ class ViTEncoder(MegatronModule):
         family: str | None = None,
     ):
         if spec is None:
-            from megatron_sail.models.families import vision_family
-
             family = family or vision.family
             spec = vision_family(family).encoder
         check_vision(vision, spec, family or vision.family)

@@ -34,7 +34,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from megatron_sail.checkpoint import dcp, disk_full, integrity
+from megatron_sail.checkpoint import dcp, disk_full, integrity, lease
 from megatron_sail.checkpoint.assets import write_checkpoint_assets
 from megatron_sail.checkpoint.layout import (
     LATEST,
@@ -133,7 +133,10 @@ def save_checkpoint(
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        try:
+            os.makedirs(tmp)
+        except OSError as e:  # a full disk can refuse even the folder: the same one line
+            raise (disk_full.explain(e, tmp) or e) from None
     torch.distributed.barrier()
     sync_params(chunks)
     sd = dcp.model_sharded_state_dict(chunks)
@@ -187,8 +190,11 @@ def _train_state_payload(state: TrainState, config: Optional[dict], has_optimize
 
 def write_bytes(path: str, data: bytes) -> None:
     """Write a file under a temporary name, then rename it: a reader never sees half of it."""
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+    except OSError as e:  # a file object's write error does not name the file
+        raise disk_full.write_error(path + ".tmp", e) from None
     os.replace(path + ".tmp", path)
 
 
@@ -202,16 +208,18 @@ def disk_full_named(path: str):
     except (disk_full.OutputWriteError, disk_full.CheckpointNotSaved):
         raise
     except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
-        if isinstance(e, (KeyboardInterrupt, SystemExit)) or disk_full.find_no_space(e) is None:
+        explained = None if isinstance(e, (KeyboardInterrupt, SystemExit)) else disk_full.explain(e, path)
+        if explained is None:
             raise
         failures = getattr(e, "failures", None) or {}
-        if failures and torch.distributed.get_rank() not in failures:
+        rank = torch.distributed.get_rank()
+        if failures and rank not in failures:
             raise disk_full.CheckpointNotSaved(
                 errno.ENOSPC,
                 f"checkpoint {path} not saved: rank(s) {sorted(failures)} could "
                 "not write their files (full disk)",
             ) from None
-        raise disk_full.explain(e, path) from None
+        raise disk_full.reported_by(explained, sorted(failures) or [rank], rank) from None
 
 
 def _agree(error: Optional[BaseException], path: str) -> None:
@@ -221,9 +229,9 @@ def _agree(error: Optional[BaseException], path: str) -> None:
     torch.distributed.all_gather_object(
         failed, None if error is None else getattr(error, "errno", None) or errno.EIO
     )
-    if error is not None:
-        raise error
     ranks = [r for r, code in enumerate(failed) if code is not None]
+    if error is not None:
+        raise disk_full.reported_by(error, ranks, torch.distributed.get_rank())
     if ranks:
         raise disk_full.CheckpointNotSaved(
             failed[ranks[0]], f"checkpoint {path} not saved: rank(s) {ranks} could not write their part"
@@ -297,13 +305,19 @@ def _prune(root: str, keep_last: int) -> None:
 
     Save order, not iteration order: a run that saves below an existing iteration (a rollback
     with --load .../iter_25, or --overwrite-save into an old run's folder) keeps its own new
-    checkpoints. The checkpoint `latest` names is never deleted."""
+    checkpoints. The checkpoint `latest` names is never deleted, nor one a reader (generate,
+    mcore-to-hf) holds a lease on (checkpoint/lease.py): that one goes at a later save."""
     if keep_last <= 0:
         return
     protected = read_latest(root)
+    held = lease.leased(root)
     for it in save_order(root)[:-keep_last]:
-        if it != protected:
-            shutil.rmtree(iter_dir(root, it), ignore_errors=True)
+        if it == protected:
+            continue
+        if os.path.basename(iter_dir(root, it)) in held:  # a later save deletes it
+            print(f"[checkpoint] {iter_dir(root, it)} kept for now: a reader holds it", flush=True)
+            continue
+        shutil.rmtree(iter_dir(root, it), ignore_errors=True)
 
 
 @dataclass

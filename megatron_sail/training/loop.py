@@ -1,10 +1,11 @@
 """The training loop: feed global batches, step, log, validate, save, and stop cleanly.
 
 Data order is a pure function of ``consumed_samples``: global batch k holds rows
-[k*G, (k+1)*G) of the endless blended stream (data/loading/dataset.py), data-parallel rank r takes the r-th contiguous
-slice, cut into micro-batches. A resumed run therefore continues with exactly the rows the
-uninterrupted run would have used, at any DP size, and the loader's position is derived from
-the TrainState rather than stored separately.
+[k*G, (k+1)*G) of the endless blended stream (data/loading/dataset.py); data-parallel rank r
+takes the rows training/balance.py assigns it by modelled FLOPs (the r-th contiguous slice
+with --no-balance-dp), in stream order, cut into micro-batches. A resumed run therefore
+continues with exactly the global batches the uninterrupted run would have used, at any DP
+size, and the loader's position is derived from the TrainState rather than stored separately.
 
 With --async-save a checkpoint is finalized (renamed, `latest` moved, old ones pruned) at the
 first step boundary after every rank has written it, and at the latest before the next save and
@@ -24,6 +25,7 @@ from megatron.core import parallel_state
 
 from megatron_sail.checkpoint.dcp import ThreadAsyncCallsQueue
 from megatron_sail.data.loading.prefetch import PrefetchLoader
+from megatron_sail.training import balance
 from megatron_sail.training import checkpoint as ckpt
 from megatron_sail.training.flops import real_seqlens, step_flops
 from megatron_sail.training.metrics import StepStats
@@ -44,6 +46,9 @@ class BatchPlan:
     """Data-parallel ranks."""
     dp_rank: int
     """This rank's data-parallel index."""
+    row_cost: Optional[Callable[[int], float]] = None
+    """Modelled FLOPs of stream row k: when given, the rows of each global batch are assigned to
+    ranks by training/balance.py instead of in contiguous slices."""
 
     def __post_init__(self):
         if self.global_batch_size % (self.micro_batch_size * self.dp_size):
@@ -51,6 +56,7 @@ class BatchPlan:
                 f"--global-batch-size {self.global_batch_size} must be a multiple of "
                 f"micro-batch size x DP size = {self.micro_batch_size * self.dp_size}"
             )
+        self._mine: tuple[int, list[int]] = (-1, [])
 
     @property
     def num_microbatches(self) -> int:
@@ -64,8 +70,20 @@ class BatchPlan:
     def microbatch(self, step: int, m: int) -> list[int]:
         """Global row indices of micro-batch ``m`` of this rank in global batch ``step`` (O(rows
         of the micro-batch): the loader asks for one at a time)."""
-        start = step * self.global_batch_size + self.dp_rank * (self.global_batch_size // self.dp_size)
-        return list(range(start + m * self.micro_batch_size, start + (m + 1) * self.micro_batch_size))
+        if self.row_cost is None or self.dp_size == 1:
+            start = step * self.global_batch_size + self.dp_rank * (self.global_batch_size // self.dp_size)
+            return list(range(start + m * self.micro_batch_size, start + (m + 1) * self.micro_batch_size))
+        return self.rank_rows(step)[m * self.micro_batch_size : (m + 1) * self.micro_batch_size]
+
+    def rank_rows(self, step: int) -> list[int]:
+        """This rank's rows of global batch ``step`` under balancing, in stream order (the last
+        step's answer is kept: the loader asks once per micro-batch)."""
+        if self._mine[0] != step:
+            first = step * self.global_batch_size
+            costs = [self.row_cost(first + i) for i in range(self.global_batch_size)]
+            ranks = balance.assign(costs, self.dp_size, self.global_batch_size // self.dp_size)
+            self._mine = (step, [first + i for i in ranks[self.dp_rank]])
+        return self._mine[1]
 
 
 class SkipDecode:
@@ -334,11 +352,22 @@ def decodes_images() -> bool:
     return parallel_state.is_pipeline_first_stage(ignore_virtual=True)
 
 
-def dp_plan(cfg) -> BatchPlan:
-    """The BatchPlan of this rank."""
+def dp_plan(cfg, row_cost: Optional[Callable[[int], float]] = None) -> BatchPlan:
+    """The BatchPlan of this rank (balanced by ``row_cost`` when given)."""
     return BatchPlan(
         cfg.train.global_batch_size,
         cfg.train.micro_batch_size,
         parallel_state.get_data_parallel_world_size(),
         parallel_state.get_data_parallel_rank(),
+        row_cost,
     )
+
+
+def row_flops(dataset, shape) -> Callable[[int], float]:
+    """Modelled step FLOPs (ViT + projector + LM) of stream row k, from its index entries only."""
+
+    def cost(k: int) -> float:
+        lengths, tiles = dataset.row_shape(k)
+        return step_flops(shape, lengths, tiles)
+
+    return cost

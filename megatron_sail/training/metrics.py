@@ -28,6 +28,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from megatron_sail.config.run import to_dict
+from megatron_sail.training.flops import device_peak_flops
 from megatron_sail.training.flops import mfu as _mfu
 from megatron_sail.training.moe_metrics import LOAD_BALANCING_LOSS
 
@@ -81,7 +83,7 @@ class StepStats:
     the model is dense."""
     extra: dict[str, float] = field(default_factory=dict)
     """Stage-specific scalars by TensorBoard tag (post-training: rewards per function, KL,
-    clip fraction, ...; training/posttrain.py); written as they are, {} for SFT stages."""
+    clip fraction, ...; posttrain/grpo.py, posttrain/dpo.py); written as they are, {} for SFT stages."""
 
 
 @dataclass
@@ -616,3 +618,27 @@ __all__ = [
     "METRICS_FILE",
     "VALID_METRICS_FILE",
 ]
+
+
+def writer_for_run(cfg, start_iteration: int, **fields) -> MetricsWriter:
+    """This rank's MetricsWriter of a run (``cfg``: the RunConfig): its run folder, TensorBoard
+    and W&B settings, iterations, world size and this device's peak FLOPs; ``fields`` override
+    MetricsConfig fields (post-training logs no throughput)."""
+    t = cfg.train
+    settings = dict(
+        total_iters=t.train_iters,
+        world_size=torch.distributed.get_world_size(),
+        peak_flops=device_peak_flops(),
+        progress_bar=t.progress_bar,
+        start_iteration=start_iteration,
+        log_throughput=t.log_throughput,
+        tensorboard_log_interval=t.tensorboard_log_interval,
+        wandb_project=t.wandb_project,
+        wandb_exp_name=t.wandb_exp_name,
+        wandb_save_dir=t.wandb_save_dir,
+        run_config=to_dict(cfg),
+    )
+    settings.update(fields)
+    return MetricsWriter(
+        t.run_dir, t.tensorboard_dir, t.log_interval, torch.distributed.get_rank(), MetricsConfig(**settings)
+    )

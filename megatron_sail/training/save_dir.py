@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from megatron_sail.checkpoint.layout import LATEST, LOCK_FILE, list_checkpoints
+from megatron_sail.checkpoint.layout import LATEST, LOCK_FILE, iter_dir, list_checkpoints
 
 
 class SaveDirError(ValueError):
@@ -76,7 +76,7 @@ class SaveDirLock:
 
 def _has_checkpoints(folder: str) -> list[str]:
     """The checkpoint entries of a folder (``latest``, ``iter_XXXXXXX``), sorted."""
-    found = [f"iter_{i:07d}" for i in list_checkpoints(folder)]
+    found = [os.path.basename(iter_dir(folder, i)) for i in list_checkpoints(folder)]
     if os.path.lexists(os.path.join(folder, LATEST)):
         found.append(LATEST)
     return found

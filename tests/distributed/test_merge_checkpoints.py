@@ -16,8 +16,6 @@ import torch
 
 from launcher import launch
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _convert(rank, hf_dirs, outs):
     """Rank 0 of 1: hf-to-mcore each folder."""
@@ -34,6 +32,7 @@ def _resave_tp2(rank, src, out):
 
     t.set_num_threads(1)
     from megatron_sail.checkpoint import dcp as dist_ckpt
+    from megatron_sail.checkpoint import integrity
     from megatron_sail.checkpoint.layout import read_model_config
     from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.convert.checkpoint import build_model_chunks
@@ -48,6 +47,8 @@ def _resave_tp2(rank, src, out):
         for name in ("model_config.yaml", "processor.json"):
             shutil.copy2(Path(src) / name, Path(out) / name)
         shutil.copytree(Path(src) / "tokenizer", Path(out) / "tokenizer")
+    t.distributed.barrier()
+    integrity.write_manifest(out)  # last, as every writer does: the side files are listed too
     return True
 
 

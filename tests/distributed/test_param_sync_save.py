@@ -47,8 +47,8 @@ def _run(rank, root):
     from megatron_sail.config.parallel import ParallelConfig
     from megatron_sail.config.train import OptimConfig
     from megatron_sail.platform import distributed as D
-    from megatron_sail.train import hook_model_config
     from megatron_sail.training import checkpoint as ckpt
+    from megatron_sail.training.model_setup import hook_model_config
     from megatron_sail.training.optimizer import build_optimizer, build_scheduler
     from megatron_sail.training.step import train_step
 

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from launcher import launch
+from launcher import free_port, launch
+from testkit import ROOT, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[2]
 SEQ = 256
 RTOL = 1e-5  # float32 runs whose reductions differ in order (see test_train_runs.py)
 
@@ -97,14 +94,17 @@ def _parity_job(rank, a):
     from megatron_sail.inference import load_generator
     from megatron_sail.inference.config import GenerationConfig, GenerationRequest
     from megatron_sail.inference.rollout import RolloutGenerator
-    from megatron_sail.training import grpo
-    from megatron_sail.training import preference as pref
+    from megatron_sail.posttrain import grpo_update
+    from megatron_sail.posttrain.pair_rows import build_rows
+    from megatron_sail.posttrain.preference import reference_logps
+    from megatron_sail.posttrain.ref_sidecar import load_sidecar
+    from megatron_sail.posttrain.rollout_rows import pack_rollouts
 
     gen = load_generator(a["mcore"], GenerationConfig(max_tiles=4))
     pipe = PilPipeline(ImageConfig(backend="pil", tile_size=gen.settings.tile_size, threads=1))
-    data = pref.build_rows(read_pairs(PairFile([a["pairs"]])), gen.tokenizer, gen.settings, SEQ)
+    data = build_rows(read_pairs(PairFile([a["pairs"]])), gen.tokenizer, gen.settings, SEQ)
     assert not data.rejects, data.rejects
-    ours = pref.reference_logps(gen.chunks, data.rows, pipe, SEQ, 1)
+    ours = reference_logps(gen.chunks, data.rows, pipe, SEQ, 1)
     hf = _hf_segment_logps(a["hf"], data.rows, pipe)
     # tools/precompute_ref_logps.py writes the same values; a sidecar of other rows is refused
     sidecar = str(a["root"] / "ref.npz")
@@ -125,11 +125,11 @@ def _parity_job(rank, a):
         )
         == 0
     )
-    loaded = pref.load_sidecar(sidecar, data.rows)
+    loaded = load_sidecar(sidecar, data.rows)
     refused = None
     try:
         other = dataclasses.replace(data.rows[0], tokens=data.rows[0].tokens[::-1].copy())
-        pref.load_sidecar(sidecar, [other] + data.rows[1:])
+        load_sidecar(sidecar, [other] + data.rows[1:])
     except ValueError as e:
         refused = str(e)
     # engine vs trainer: sampled completions, temperature 0.7, top-p 0.9
@@ -146,8 +146,10 @@ def _parity_job(rank, a):
     ]
     prompts = [rg.prompts.build(r, 8, k) for k, r in enumerate(reqs) for _ in range(3)]
     rolls = rg.rollouts(prompts)
-    batches = grpo.pack_rollouts(rolls, [0.0] * len(rolls), SEQ, 1, gen.tokenizer.special.pad, True)
-    reports = grpo.run_schedule(gen.chunks, batches, SEQ, grpo._ref_loss(0.7), 0.7, forward_only=True)
+    batches = pack_rollouts(rolls, [0.0] * len(rolls), SEQ, 1, gen.tokenizer.special.pad, True)
+    reports = grpo_update.run_schedule(
+        gen.chunks, batches, SEQ, grpo_update._ref_loss(0.7), 0.7, forward_only=True
+    )
     engine, trainer = [], []
     for b, rep in zip(batches, reports):
         m = b.mb.loss_mask.bool()
@@ -208,12 +210,6 @@ def test_dpo_logps_equal_transformers_and_rollout_logps_equal_the_trainers(asset
 
 
 # ------------------------------------------------------------------ the trainer, any layout
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(assets, run_dir, nproc, stage, extra=()):
     """Run ``python -m megatron_sail.train --stage STAGE`` on nproc ranks; {iteration: record}."""
     common = [
@@ -264,12 +260,12 @@ def _train(assets, run_dir, nproc, stage, extra=()):
             "-m",
             "torch.distributed.run",
             f"--nproc_per_node={nproc}",
-            f"--master_port={_free_port()}",
+            f"--master_port={free_port()}",
         ]
         if nproc > 1
         else [sys.executable]
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    env = subprocess_env()
     proc = subprocess.run(
         launcher + ["-m", "megatron_sail.train"] + common + list(extra),
         cwd=ROOT,

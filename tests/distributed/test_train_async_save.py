@@ -178,13 +178,14 @@ def test_async_saved_dp2_checkpoint_resumes_the_uninterrupted_curve(data, tmp_pa
 SLOW_WRITES = """
 import sys, time
 from megatron_sail.checkpoint import dcp
+from megatron_sail import cli
 from megatron_sail.train import main
 original = dcp.HostCopyWriter.write
 def slow(self):
     time.sleep(1.0)
     original(self)
 dcp.HostCopyWriter.write = slow
-main(sys.argv[1:])
+cli.run(main, sys.argv[1:])  # exits with main's code, as `python -m megatron_sail.train` does
 """
 
 

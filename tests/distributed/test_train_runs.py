@@ -316,13 +316,14 @@ def test_sigterm_saves_and_exits_zero(data, tmp_path):
 POISON = """
 import sys
 import megatron_sail.training.step as st
+from megatron_sail import cli
 from megatron_sail.train import main
 BAD, calls, original = {2, 4, 5, 6, 7, 8, 9, 10}, [0], st.loss_func
 def poisoned(mask, out):
     calls[0] += 1
     return original(mask, out * float("nan") if (calls[0] - 1) // 4 + 1 in BAD else out)
 st.loss_func = poisoned
-main(sys.argv[1:])
+cli.run(main, sys.argv[1:])  # exits with main's code, as `python -m megatron_sail.train` does
 """
 
 

@@ -169,3 +169,26 @@ class FakeVLMServer:
                 "model": body["model"],
             },
         )
+
+
+def tiny_clip(folder: Path, texts: list[str]) -> str:
+    """A tiny random transformers CLIP (1 layer, 16 wide, 32 px images, 8-d projection) with a
+    BPE tokenizer trained on ``texts``, saved to ``folder``; returns the folder."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts * 3, trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]", "[PAD]"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    layer = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=120, max_position_embeddings=32, **layer),
+        vision_config=dict(image_size=32, patch_size=16, **layer),
+        projection_dim=8,
+    )
+    torch.manual_seed(0)
+    transformers.CLIPModel(cfg).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return str(folder)

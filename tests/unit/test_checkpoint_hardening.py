@@ -7,6 +7,10 @@ import errno
 import json
 import os
 import pickle
+import re
+import shutil
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -439,6 +443,21 @@ def test_model_only_loads_verify_too(one_rank, tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+def test_model_only_load_of_a_training_checkpoint_ignores_its_optimizer_entries(one_rank, tmp_path):
+    """Generate and mcore-to-hf load the weights of training checkpoints, whose common.pt also
+    holds the optimizer's non-sharded state: those entries are left unread, not a KeyError."""
+    from megatron_sail.checkpoint import dcp
+
+    folder = tmp_path / "train_like"
+    dcp.save_sharded(
+        {"model": Net(3.0).sharded_state_dict(), "optimizer": {"param_groups": [{"lr": 1.0}]}}, folder
+    )
+    integrity.write_manifest(str(folder))
+    target = Net()
+    dcp.load_model([target], folder)
+    assert torch.all(target.w == 3.0)
+
+
 # ------------------------------------------------------------------ issue 20: faults on save and load
 def _enospc(path=None):
     """The error a write to a full disk raises (a file name when the failing call knows it)."""
@@ -459,10 +478,11 @@ def _asset_config(tmp_path, tokenizer_dir):
     return {"a": 1, "data": {"data_path": [str(prefix)]}}
 
 
-@pytest.mark.parametrize("fault", ["enospc", "tokenizer_gone"])
+@pytest.mark.parametrize("fault", ["enospc", "tokenizer_gone", "meta_gone"])
 def test_a_save_that_cannot_write_a_part_publishes_nothing(one_rank, tmp_path, monkeypatch, fault):
-    """Item 1 (and 7): the tokenizer copy fails -> the save fails, `latest` stays, no iter dir;
-    a full disk says so once, naming the file and the free bytes."""
+    """Item 1 (and 7): the tokenizer copy fails (a full disk, the tokenizer or the data's
+    meta.json moved) -> the save fails, `latest` stays, no iter dir; a full disk says so once,
+    naming the file and the free bytes."""
     from megatron_sail.checkpoint import assets
 
     root = tmp_path / "ck"
@@ -489,10 +509,38 @@ def test_a_save_that_cannot_write_a_part_publishes_nothing(one_rank, tmp_path, m
 
         monkeypatch.setattr(assets, "_tokenizer_files", gone)
         expected = (FileNotFoundError, "the tokenizer it records")
+    config = _asset_config(tmp_path, tok)
+    if fault == "meta_gone":  # the data folder moved mid-run: no silent checkpoint without tokenizer/
+        os.remove(tmp_path / "data" / "train.meta.json")
+        expected = (
+            FileNotFoundError,
+            r"tokenizer/ not written: the training data's \S+train\.meta\.json is gone",
+        )
     state = ckpt.TrainState(iteration=2)
     with pytest.raises(expected[0], match=expected[1]) as e:
-        ckpt.save_checkpoint(str(root), [Net(1.0)], None, state, 0, config=_asset_config(tmp_path, tok))
+        ckpt.save_checkpoint(str(root), [Net(1.0)], None, state, 0, config=config)
     assert str(e.value).count("no space left") == (1 if fault == "enospc" else 0)
+    assert layout.read_latest(str(root)) == 1 and layout.list_checkpoints(str(root)) == [1]
+
+
+def test_a_post_training_save_copies_the_start_tokenizer_or_publishes_nothing(one_rank, tmp_path):
+    """Item 1 for dpo/grpo (JSONL data, no meta.json): tokenizer/ and processor.json come from
+    the --init-from checkpoint; when it has none any more, the save fails and `latest` stays."""
+    init = _save(tmp_path / "init", 1)
+    os.makedirs(os.path.join(init, layout.TOKENIZER_DIR))
+    with open(os.path.join(init, layout.TOKENIZER_DIR, "tokenizer.json"), "w") as f:
+        f.write("{}")
+    config = {
+        "stage": {"name": "dpo"},
+        "data": {"data_path": [str(tmp_path / "pairs.jsonl")]},
+        "checkpoint": {"init_from": str(tmp_path / "init")},
+    }
+    root = tmp_path / "ck"
+    ckpt.save_checkpoint(str(root), [Net(1.0)], None, ckpt.TrainState(iteration=1), 0, config)
+    assert (root / "iter_0000001" / layout.TOKENIZER_DIR / "tokenizer.json").read_text() == "{}"
+    shutil.rmtree(os.path.join(init, layout.TOKENIZER_DIR))
+    with pytest.raises(FileNotFoundError, match=r"tokenizer/ not written: neither the --init-from"):
+        ckpt.save_checkpoint(str(root), [Net(2.0)], None, ckpt.TrainState(iteration=2), 0, config)
     assert layout.read_latest(str(root)) == 1 and layout.list_checkpoints(str(root)) == [1]
 
 
@@ -517,7 +565,7 @@ def test_a_full_disk_in_a_shard_or_the_train_state_is_one_clear_error(one_rank, 
         with pytest.raises(
             OSError,
             match=r"^no space left on device while "
-            r"writing \S+iter_0000002\.tmp \(\d+ bytes free\)$",
+            r"writing \S+iter_0000002\.tmp/__0_0\.distcp \(\d+ bytes free\)$",
         ) as e:
             _save(root, 2)
     assert e.value.__suppress_context__ and e.value.errno == errno.ENOSPC
@@ -590,6 +638,27 @@ def test_unlisted_files_and_entries_outside_the_checkpoint_are_refused(one_rank,
     assert any("no manifest.json: files not verified" in r.getMessage() for r in caplog.records)
 
 
+def test_readers_refuse_an_unlisted_file_before_reading_the_model_config(one_rank, tmp_path):
+    """Item 2: generate (inspect), the trainer's resolution of --load/--init-from and
+    mcore-to-hf read the model config first; an unlisted model_config.yaml planted in a
+    checkpoint is refused by name before it is read."""
+    from megatron_sail.checkpoint import from_checkpoint
+    from megatron_sail.config.train import CheckpointConfig
+    from megatron_sail.convert.checkpoint import mcore_to_hf
+    from megatron_sail.inference import loading
+
+    root = tmp_path / "ck"
+    ckpt.save_checkpoint(str(root), [Net(1.0)], None, ckpt.TrainState(iteration=1), 0, _tiny_run_config())
+    (root / "iter_0000001" / layout.MODEL_CONFIG_FILE).write_text("language: {num_layers: 1}\n")
+    unlisted = r"model_config\.yaml: not listed in manifest\.json"
+    with pytest.raises(integrity.CheckpointDamaged, match=unlisted):
+        loading.inspect_checkpoint(root)
+    with pytest.raises(integrity.CheckpointDamaged, match=unlisted):
+        from_checkpoint.checkpoint_model(CheckpointConfig(load=str(root)))
+    with pytest.raises(integrity.CheckpointDamaged, match=unlisted):
+        mcore_to_hf(root, tmp_path / "hf")
+
+
 def test_crafted_common_pt_does_not_run_even_when_torch_is_told_to_unpickle(one_rank, tmp_path, monkeypatch):
     """Item 3: megatron-core reads common.pt with a bare torch.load, which
     TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns into a full unpickle; it is checked first."""
@@ -621,11 +690,17 @@ def _tiny_run_config():
 def test_a_reader_whose_checkpoint_is_pruned_reads_the_new_latest(
     one_rank, tmp_path, monkeypatch, caplog, named
 ):
-    """Item 4: the checkpoint a reader resolved is pruned (--keep-last 1) while it reads: with
-    the --save root it reads the new latest and says so; with the folder itself the error says
-    it was deleted, not that it is not a checkpoint."""
+    """Item 4, without a lease (a read-only --save folder): the checkpoint a reader resolved is
+    pruned (--keep-last 1) while it reads: with the --save root it reads the new latest and
+    says so; with the folder itself the error says it was deleted, not that it is not a
+    checkpoint."""
+    from megatron_sail.checkpoint import lease
     from megatron_sail.inference import loading
 
+    def read_only(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(lease, "_create", read_only)
     root = tmp_path / "ck"
     config = _tiny_run_config()
     ckpt.save_checkpoint(str(root), [Net(1.0)], None, ckpt.TrainState(iteration=1), 1, config)
@@ -649,3 +724,257 @@ def test_a_reader_whose_checkpoint_is_pruned_reads_the_new_latest(
         with pytest.raises(FileNotFoundError, match="the checkpoint was deleted while being read"):
             loading.inspect_checkpoint(target)
     assert layout.list_checkpoints(str(root)) == [2]
+    gone = r"iter_0000001: no such checkpoint: it was deleted .*`latest` is now iter_0000002"
+    with pytest.raises(FileNotFoundError, match=gone):  # named after it was pruned
+        loading.inspect_checkpoint(layout.iter_dir(str(root), 1))
+    with pytest.raises(FileNotFoundError, match=gone):  # mcore-to-hf and load_generator read so
+        layout.read_checkpoint(layout.iter_dir(str(root), 1), lambda ckpt: None)
+
+
+@pytest.mark.parametrize("named", ["root", "iter_dir"])
+def test_a_checkpoint_being_read_is_not_pruned_until_the_reader_is_done(
+    one_rank, tmp_path, monkeypatch, named
+):
+    """Item 4: a reader holds a lease on the checkpoint it reads; a run saving with --keep-last
+    1 meanwhile keeps it (the read gets the checkpoint it resolved) and deletes it at its next
+    save, once the lease is released."""
+    from megatron_sail.checkpoint import lease
+    from megatron_sail.inference import loading
+
+    root = tmp_path / "ck"
+    config = _tiny_run_config()
+    ckpt.save_checkpoint(str(root), [Net(1.0)], None, ckpt.TrainState(iteration=1), 1, config)
+    real, during = loading.read_model_config, []
+
+    def read_while_saving(folder):
+        if not during:  # a running trainer publishes iteration 2 while iteration 1 is read
+            ckpt.save_checkpoint(str(root), [Net(2.0)], None, ckpt.TrainState(iteration=2), 1, config)
+            during.append(layout.list_checkpoints(str(root)))
+        return real(folder)
+
+    monkeypatch.setattr(loading, "read_model_config", read_while_saving)
+    target = str(root) if named == "root" else layout.iter_dir(str(root), 1)
+    found = loading.inspect_checkpoint(target)
+    assert str(found.path) == layout.iter_dir(str(root), 1) and during == [[1, 2]]
+    assert os.listdir(root / lease.LEASE_DIR) == []  # released
+    ckpt.save_checkpoint(str(root), [Net(3.0)], None, ckpt.TrainState(iteration=3), 1, config)
+    assert layout.list_checkpoints(str(root)) == [3]
+
+
+def test_generate_holds_its_lease_from_inspection_to_the_end_of_the_load(one_rank, tmp_path, monkeypatch):
+    """Item 4: load_generator inspects the checkpoint, builds the model (seconds to minutes),
+    then reads the weights; a save with --keep-last 1 during the build does not prune the
+    folder it named."""
+    from megatron_sail.inference import loading
+
+    root = tmp_path / "ck"
+    config = _tiny_run_config()
+    ckpt.save_checkpoint(str(root), [Net(1.0)], None, ckpt.TrainState(iteration=1), 1, config)
+
+    def build_while_saving(model_config, parallel, dtype):
+        ckpt.save_checkpoint(str(root), [Net(2.0)], None, ckpt.TrainState(iteration=2), 1, config)
+        return [Net()]
+
+    monkeypatch.setattr(loading, "_platform", lambda load: None)
+    monkeypatch.setattr(loading, "_build", build_while_saving)
+    monkeypatch.setattr(loading, "_tokenizer", lambda found, override: "tokenizer")
+    monkeypatch.setattr(loading, "Generator", lambda chunks, *rest: chunks)
+    [net] = loading.load_generator(layout.iter_dir(str(root), 1))
+    assert torch.all(net.w == 1.0) and layout.list_checkpoints(str(root)) == [1, 2]
+
+
+def test_a_stale_lease_protects_nothing(one_rank, tmp_path):
+    """A reader killed with kill -9 leaves its lease; once not refreshed for LEASE_TTL_S it is
+    removed and the checkpoint pruned as usual."""
+    from megatron_sail.checkpoint import lease
+
+    root = tmp_path / "ck"
+    _save(root, 1)
+    with lease.reading(layout.iter_dir(str(root), 1)) as held:
+        assert held is not None and lease.leased(str(root)) == {"iter_0000001"}
+        stale = time.time() - lease.LEASE_TTL_S - 1
+        os.utime(held, (stale, stale))
+        _save(root, 2, keep_last=1)
+        assert layout.list_checkpoints(str(root)) == [2] and not os.path.exists(held)
+
+
+@pytest.mark.parametrize("me", [0, 1])
+def test_a_full_disk_on_another_rank_is_said_once_by_the_rank_that_failed(
+    one_rank, tmp_path, monkeypatch, capsys, me
+):
+    """Item 7 with several ranks: DCP hands every rank the failures of all; rank 1 ran out of
+    space. Rank 1 prints the full-disk line at once; rank 0 (no failure of its own) waits the
+    grace period, so the job shows the line of the rank that failed, not 'not saved'."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_sail import cli
+
+    shard = str(tmp_path / "iter_0000002.tmp" / "__1_0.distcp")
+    failures = {1: (_enospc(shard), None)}
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: me)
+    with pytest.raises(OSError) as e:
+        with ckpt.disk_full_named(str(tmp_path / "iter_0000002.tmp")):
+            raise CheckpointException("save failed", failures)
+    slept = []
+    # While a rank waits, the launcher's SIGTERM ends it (the trainer's handler only notes it).
+    monkeypatch.setattr(cli.time, "sleep", lambda s: slept.append((s, signal.getsignal(signal.SIGTERM))))
+    monkeypatch.setenv("RANK", str(me))
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        with pytest.raises(SystemExit):
+            cli.fail(e.value)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    if me == 1:
+        assert slept == [] and re.fullmatch(
+            rf"error: no space left on device while writing {re.escape(shard)} \(\d+ bytes free\) \(rank 1\)\n",
+            err,
+        )
+    else:
+        assert slept == [(cli.DEFERRED_GRACE_S, signal.SIG_DFL)]
+        assert err.startswith(
+            f"error: checkpoint {tmp_path}/iter_0000002.tmp not saved: rank(s) [1] could not"
+        )
+
+
+def test_dcp_metadata_naming_files_outside_the_checkpoint_is_refused(one_rank, tmp_path):
+    """Item 2: DCP opens the data files `.metadata` names; one naming a path outside the
+    checkpoint (the manifest never sees it) is refused before any is opened."""
+    import dataclasses
+
+    from megatron_sail.checkpoint import dcp
+
+    d = _save(tmp_path / "ck", 1, value=2.0)
+    meta_path = os.path.join(d, layout.DCP_METADATA)
+    with open(meta_path, "rb") as f:
+        metadata = pickle.load(f)  # our own file, written just above
+    outside = tmp_path / "outside.distcp"
+    shard = os.path.join(d, "__0_0.distcp")
+    outside.write_bytes(open(shard, "rb").read())
+    metadata.storage_data = {
+        k: dataclasses.replace(v, relative_path="../../outside.distcp")
+        for k, v in metadata.storage_data.items()
+    }
+    with open(meta_path, "wb") as f:
+        pickle.dump(metadata, f)
+    os.remove(shard)
+    os.remove(os.path.join(d, integrity.MANIFEST))  # an attacker rewrites the manifest anyway
+    with pytest.raises(
+        integrity.CheckpointDamaged, match=r"\.metadata: names data files outside the checkpoint"
+    ):
+        dcp.load_model([Net()], d, dcp.DistCkptConfig(verify="off"))
+
+
+class NetWithObject(Net):
+    """A chunk whose state also holds a pickled object (Megatron's ShardedObject: DCP stores it
+    as a byte item inside the shard file and unpickles it with weights_only=False)."""
+
+    def __init__(self, obj):
+        super().__init__()
+        self.obj = obj
+
+    def sharded_state_dict(self):
+        from megatron.core.dist_checkpointing import ShardedObject
+
+        return dict(
+            super().sharded_state_dict(), obj=ShardedObject("net.obj", self.obj, (1,), (0,), replica_id=0)
+        )
+
+    def load_state_dict(self, state_dict, strict=True):
+        state_dict = dict(state_dict)
+        self.obj = state_dict.pop("obj")
+        return super().load_state_dict(state_dict, strict)
+
+
+def test_crafted_pickle_inside_a_shard_does_not_run(one_rank, tmp_path, monkeypatch):
+    """Item 3: the pickled items inside shard files go through the allow-list too."""
+    from megatron_sail.checkpoint import dcp
+
+    marker = tmp_path / "ran"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    good = dcp.save_model([NetWithObject({"step": 1})], tmp_path / "good")
+    loaded = NetWithObject({})
+    dcp.load_model([loaded], good)  # a plain dict passes the allow-list
+    assert loaded.obj == {"step": 1}
+    evil = dcp.save_model([NetWithObject({"x": Payload()})], tmp_path / "evil")  # manifest matches
+    with pytest.raises(
+        integrity.CheckpointDamaged, match=r"__0_0\.distcp \(item net\.obj\S*\): refusing to unpickle"
+    ):
+        dcp.load_model([NetWithObject({})], evil)
+    assert not marker.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (root only; skipped where mounting is not allowed): a real full disk,
+    with the errors torch's writers really raise on one."""
+    import shutil
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = shutil.which("mount")
+    if os.geteuid() != 0 or mount is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run([mount, "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("room, part", [(8 << 10, r"__0_0\.distcp"), (40 << 10, r"train_state\.pt\.tmp")])
+def test_a_real_full_disk_names_the_file_and_a_save_after_freeing_space_works(
+    one_rank, small_disk, room, part
+):
+    """Item 7 on a real (tmpfs) full disk: the shard (torch's zip writer, whose ENOSPC DCP would
+    drop) or train_state.pt cannot be written -> one line naming it, `latest` stays; after
+    freeing space the same save succeeds and loads."""
+    root = small_disk / "ck"
+    _save(root, 1, value=1.0)
+    st = os.statvfs(small_disk)
+    (small_disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - room))
+    with pytest.raises(OSError) as e:
+        _save(root, 2, value=2.0)
+    assert re.fullmatch(
+        rf"no space left on device while writing \S+/iter_0000002\.tmp/{part} \(\d+ bytes free\)",
+        str(e.value),
+    ), str(e.value)
+    assert e.value.__suppress_context__ and e.value.errno == errno.ENOSPC
+    assert layout.read_latest(str(root)) == 1 and layout.list_checkpoints(str(root)) == [1]
+    os.remove(small_disk / "filler")
+    _save(root, 2, value=2.0)
+    target = Net()
+    ckpt.load_checkpoint(str(root), [target])
+    assert layout.read_latest(str(root)) == 2 and torch.all(target.w == 2.0)
+
+
+def test_a_real_full_disk_during_a_background_save_names_the_shard(one_rank, small_disk, monkeypatch):
+    """Item 7 with --async-save: the disk fills up while the background thread writes the shard;
+    finalization (as the loop runs it) raises the one line naming the shard; nothing published."""
+    import threading
+
+    from megatron_sail.checkpoint import dcp
+
+    root = small_disk / "ck"
+    _save(root, 1, value=1.0)
+    go, write = threading.Event(), dcp.HostCopyWriter.write
+    monkeypatch.setattr(dcp.HostCopyWriter, "write", lambda self: (go.wait(60), write(self)))
+    pending = dcp.ThreadAsyncCallsQueue()
+    state = ckpt.TrainState(iteration=2)
+    ckpt.save_checkpoint(str(root), [Net(2.0)], None, state, 0, config={"a": 1}, pending=pending)
+    st = os.statvfs(small_disk)  # the step's synchronous part is done; the shard is not written
+    (small_disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - (8 << 10)))
+    go.set()
+    with pytest.raises(OSError) as e:
+        with ckpt.disk_full_named(str(root)):  # loop.finalize_saves
+            pending.maybe_finalize_async_calls(blocking=True)
+    assert re.fullmatch(
+        r"no space left on device while writing \S+/iter_0000002\.tmp/__0_0\.distcp \(\d+ bytes free\)",
+        str(e.value),
+    ), str(e.value)
+    assert layout.read_latest(str(root)) == 1 and layout.list_checkpoints(str(root)) == [1]

@@ -4,6 +4,7 @@
 import argparse
 import importlib
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -12,6 +13,10 @@ import pytest
 from testkit import ROOT
 
 ENTRY_MODULES = ["megatron_sail.train", "megatron_sail.generate"]
+
+
+CONFIG_PATH = re.compile(r"[A-Za-z_]\.[A-Za-z_]")
+"""A dotted config path such as DATA.DATA_PATH (an ellipsis as in S1,S2,... is fine)."""
 
 
 class _Captured(Exception):
@@ -50,7 +55,7 @@ def _undescribed(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]
         if not action.help or action.help == argparse.SUPPRESS or not action.help.strip():
             bad.append(f"{name}: no help")
         metavar = action.metavar if isinstance(action.metavar, str) else ""
-        if "." in metavar or (
+        if CONFIG_PATH.search(metavar) or (
             not action.metavar
             and "." in action.dest
             and action.nargs != 0

@@ -2,6 +2,7 @@
 the megatron-core / torch internal it relies on moved or behaves differently. After an
 upgrade, the failing test names the workaround to revisit."""
 
+import ast
 import inspect
 import logging
 import re
@@ -23,6 +24,15 @@ def _params(fn) -> list[str]:
     return list(inspect.signature(fn).parameters)
 
 
+def _source_params(module, name: str) -> list[str]:
+    """Parameters of the function ``name`` as ``module``'s source file defines it: the internal
+    itself, even after platform/cpu.py replaced the module attribute with its CPU stand-in."""
+    tree = ast.parse(inspect.getsource(module))
+    [fn] = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name] or [None]
+    assert fn is not None, f"{module.__name__} no longer defines {name}"
+    return [a.arg for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs]
+
+
 # ---------------------------------------------------------------- the table and the check
 def test_every_workaround_has_its_test():
     names = [w.name for w in compat.WORKAROUNDS]
@@ -37,7 +47,8 @@ def test_every_workaround_has_its_test():
     gone = [
         w.where
         for w in compat.WORKAROUNDS
-        if w.where.startswith(("compat/", "platform/")) and not os.path.isfile(os.path.join(pkg, w.where))
+        if w.where.startswith(("compat/", "platform/", "checkpoint/"))
+        and not os.path.isfile(os.path.join(pkg, w.where))
     ]
     assert not gone, f"workarounds pointing at missing modules: {gone}"
 
@@ -264,6 +275,103 @@ def test_param_gather_hooks():
     assert hooked.log == [("off", True), "on"]
 
 
+# ---------------------------------------------------------------- transformer_layer
+def test_layer_bda_hooks():
+    from megatron.core.transformer import transformer_layer
+
+    from megatron_sail.compat.transformer_layer import replace_bias_dropout_add
+
+    src = inspect.getsource(transformer_layer.TransformerLayer)
+    for name in ("self_attn_bda", "mlp_bda"):
+        assert f"self.{name} = build_module(submodules.{name})" in src, name
+        assert f"self.{name}(self.training, self.config.bias_dropout_fusion)(" in src, name
+    layer = SimpleNamespace()
+    calls = []
+
+    def branch(tag):
+        return lambda training: (
+            lambda owb, residual, prob: calls.append((tag, training, prob)) or residual + owb[0]
+        )
+
+    replace_bias_dropout_add(layer, branch("attn"), branch("mlp"))
+    assert layer.self_attn_bda(True, True)((2, None), 1, 0.0) == 3
+    assert layer.mlp_bda(False, False)((5, None), 1, 0.1) == 6
+    assert calls == [("attn", True, 0.0), ("mlp", False, 0.1)]
+
+
+def test_qkv_bias_off():
+    import importlib.util
+
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    from megatron_sail.compat.transformer_layer import drop_linear_bias
+
+    assert "bias = self.bias if not self.skip_bias_add else None" in inspect.getsource(
+        ColumnParallelLinear.forward
+    )
+    te_src = open(importlib.util.find_spec("megatron.core.extensions.transformer_engine").origin).read()
+    assert "class TELayerNormColumnParallelLinear" in te_src and "self.use_bias" in te_src
+    linear = torch.nn.Linear(3, 2)
+    linear.use_bias = True
+    drop_linear_bias(linear)
+    assert linear.bias is None and linear.use_bias is False
+    assert "bias" not in dict(linear.named_parameters())
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(linear(x), x @ linear.weight.t())
+
+
+# ---------------------------------------------------------------- inference's module swaps
+def test_core_attention_swap():
+    from megatron.core.transformer import attention
+
+    from megatron_sail.inference.kv_cache import CachedAttention
+
+    src = inspect.getsource(attention.Attention)
+    assert "self.core_attention = submodules.core_attention(" in src
+    call = re.search(r"apply_module\(self\.core_attention\)\(([^)]*)\)", src)
+    assert call, "Attention no longer calls its core_attention through apply_module"
+    args = [a.strip() for a in call.group(1).split(",") if a.strip()]
+    assert args == [
+        "query",
+        "key",
+        "value",
+        "attention_mask",
+        "attn_mask_type=attn_mask_type",
+        "attention_bias=attention_bias",
+        "packed_seq_params=packed_seq_params",
+    ]
+    ours = _params(CachedAttention.forward)[1:]
+    assert ours == [
+        "query",
+        "key",
+        "value",
+        "attention_mask",
+        "attn_mask_type",
+        "attention_bias",
+        "packed_seq_params",
+    ]
+
+
+def test_plain_parallel_layers():
+    from megatron.core.tensor_parallel import layers
+
+    col, row = layers.ColumnParallelLinear, layers.RowParallelLinear
+    assert _params(col.forward)[:4] == ["self", "input_", "weight", "runtime_gather_output"]
+    assert _params(row.forward) == ["self", "input_"]
+    assert _params(layers.VocabParallelEmbedding.forward) == ["self", "input_"]
+    for cls in (col, row):
+        src = inspect.getsource(cls)
+        assert "self.skip_bias_add = skip_bias_add" in src and "self.tp_group" in src, cls.__name__
+        fwd = inspect.getsource(cls.forward)
+        assert "return output, output_bias" in fwd and "self.skip_bias_add" in fwd, cls.__name__
+    # the bias is returned apart exactly when skip_bias_add (else added, None returned)
+    assert "output_bias = self.bias if self.skip_bias_add else None" in inspect.getsource(col.forward)
+    row_fwd = inspect.getsource(row.forward)
+    assert "if not self.skip_bias_add:" in row_fwd and "output_bias = None" in row_fwd
+    emb = inspect.getsource(layers.VocabParallelEmbedding)
+    assert "self.reduce_scatter_embeddings = reduce_scatter_embeddings" in emb
+
+
 # ---------------------------------------------------------------- moe
 def test_router_gemm_without_te():
     from megatron.core.transformer.moe import moe_utils
@@ -301,6 +409,8 @@ def test_idx_format(tmp_path):
         last = indexed.read_document_index(f, h.file_bytes - indexed.DOCUMENT_BYTES)
     ds = mid.IndexedDataset(prefix)
     assert (h.magic, h.version, h.dtype_code) == (indexed.MAGIC, indexed.VERSION, 4)
+    with open(prefix + ".idx", "rb") as f:
+        assert f.read(indexed.HEADER_BYTES) == indexed.pack_header(np.int32, h.sequences, h.documents)
     assert (h.sequences, h.documents) == (len(ds), len(ds.document_indices)) == (3, 3)
     assert h.file_bytes == (tmp_path / "ds.idx").stat().st_size
     assert last == h.sequences == ds.document_indices[-1]
@@ -311,17 +421,17 @@ def test_idx_format(tmp_path):
 def test_cpu_rng_tracker():
     from megatron.core.tensor_parallel import random as mrandom
 
-    assert callable(mrandom._get_cuda_rng_state) and callable(mrandom._set_cuda_rng_state)
+    assert _source_params(mrandom, "_get_cuda_rng_state")[:1] == ["device"]
+    assert "new_state" in _source_params(mrandom, "_set_cuda_rng_state")
     fork = inspect.getsource(mrandom.CudaRNGStatesTracker.fork)
     # the tracker reads the module globals at call time, so patching the module reaches it
     assert re.search(r"\b_get_cuda_rng_state\(", fork) and re.search(r"\b_set_cuda_rng_state\(", fork)
-    assert "new_state" in _params(mrandom._set_cuda_rng_state)
 
 
 def test_cpu_moe_split_sizes():
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
-    assert _params(moe_utils.maybe_move_tensor_to_cpu) == ["tensor", "as_numpy", "record_stream"]
+    assert _source_params(moe_utils, "maybe_move_tensor_to_cpu") == ["tensor", "as_numpy", "record_stream"]
     assert hasattr(token_dispatcher, "maybe_move_tensor_to_cpu")  # bound there by name too
     src = inspect.getsource(token_dispatcher)
     assert "maybe_move_tensor_to_cpu(" in src and "as_numpy=True" in src
@@ -356,7 +466,6 @@ def _private_names(folder: str, pattern: str) -> set[str]:
 def test_no_private_megatron_names_outside_compat_and_platform():
     """Outside compat/ and platform/: no underscored name imported from megatron/torch, no
     override of a megatron class's private method, no private megatron attribute touched."""
-    import ast
     import os
 
     import megatron.core

@@ -254,3 +254,21 @@ def test_heuristic_tool_sidecar_and_judge_parsing(tiny, tmp_path):
     assert parse_rating("Rating: 4 (counting)") == 4 and parse_rating("3") == 3
     with pytest.raises(RatingError, match="no digit 1-5"):
         parse_rating("seven")
+
+
+def test_a_glob_of_mixed_formats_reads_each_file_as_what_it_is(tmp_path):
+    """A LLaVA file and a caption file under one --input glob: each is read in its own format
+    (detecting from the first file alone read the caption pairs as broken conversations)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    conv = [{"from": "human", "value": "Count to three."}, {"from": "gpt", "value": "one two three"}]
+    (data / "a.jsonl").write_text(json.dumps({"conversations": conv}) + "\n")
+    (data / "img.png").write_bytes(demo_png(random.Random(1))[0])
+    (data / "b.jsonl").write_text(json.dumps({"image": "img.png", "caption": "a red circle"}) + "\n")
+    out = tmp_path / "h"
+    argv = ["--input", str(data / "*.jsonl"), "--method", "heuristic", "--output-dir", str(out)]
+    assert score_complexity.main(argv) == 0
+    recs = {Path(r["source"]).name: r for r in sidecar.read_scores(str(out))}
+    assert sorted(recs) == ["a.jsonl", "b.jsonl"]
+    assert all(f.read_text() == "" for f in out.glob("*.rejects.jsonl"))
+    assert recs["b.jsonl"]["type"] == "caption" and recs["a.jsonl"]["type"] == "counting"

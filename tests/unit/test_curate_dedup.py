@@ -6,7 +6,6 @@ filtering run resumes to the output of an uninterrupted run, and the bench print
 from __future__ import annotations
 
 import filecmp
-import importlib.util
 import io
 import json
 import os
@@ -22,25 +21,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from megatron_sail.curate.dedup.grouping import GroupConfig, run_grouping  # noqa: E402
-from megatron_sail.curate.filters.pipeline import FilterConfig, run_filters  # noqa: E402
-from recaption_fixtures import FakeVLMServer, add_member  # noqa: E402
+from megatron_sail.curate.dedup.grouping import GroupConfig, run_grouping
+from megatron_sail.curate.filters.pipeline import FilterConfig, run_filters
+from recaption_fixtures import FakeVLMServer, add_member
+from testkit import ROOT as REPO
+from testkit import subprocess_env
 
-REPO = Path(__file__).resolve().parents[2]
 CAPTIONS = [
     "a red square beside a small blue circle on a white table",
     "two green triangles under a yellow sun in the corner",
     "a purple box with an orange lid standing on grass",
     "three black birds flying over a grey stone bridge",
 ]
-
-
-def tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def pattern(seed: int, size=(64, 64)) -> Image.Image:
@@ -73,7 +65,8 @@ def lists_of(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """3000 synthetic 64-bit signatures with planted groups, in 7 shards."""
-    bench = tool("bench_dedup")
+    import bench_dedup as bench
+
     root = tmp_path_factory.mktemp("sig")
     syn = bench.Synthetic(3000, 30, 1, 4, seed=1)
     names = bench.write_signatures(syn, str(root / "sig"), 450)
@@ -91,7 +84,9 @@ def test_near_groups_equal_brute_force_for_any_partition_count(synthetic):
         assert report["partitions"] == parts and report["settings"]["bands"] == 5
         outs.append(lists_of(out))
     assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 2 * len(names)
-    assert bench.brute_force_check(syn, str(root / "keep1"), names, 4)
+    exact = bench.brute_force_check(syn, str(root / "keep1"), names, 4)
+    assert exact["equals_brute_force"] and exact["brute_force_grouped_rows"] > 0
+    assert exact["brute_force_recall"] == exact["brute_force_precision"] == 1.0
     recall, precision, drops = bench.score(syn, str(root / "keep1"), names)
     assert recall == 1.0 and precision == 1.0 and drops == report["dropped"] > 0
     # fewer, wider bands than max_distance + 1: an approximate search, recall reported below 1
@@ -100,6 +95,9 @@ def test_near_groups_equal_brute_force_for_any_partition_count(synthetic):
     )
     recall2, precision2, _ = bench.score(syn, str(root / "approx"), names)
     assert approx["settings"]["bands"] == 2 and recall2 < 1.0 and precision2 == 1.0
+    against = bench.brute_force_check(syn, str(root / "approx"), names, 4)
+    assert not against["equals_brute_force"] and against["brute_force_precision"] == 1.0
+    assert 0.0 < against["brute_force_recall"] < 1.0
 
 
 def test_bench_prints_its_line():
@@ -108,7 +106,7 @@ def test_bench_prints_its_line():
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        env=subprocess_env(),
     )
     assert r.returncode == 0, r.stderr[-2000:]
     last = r.stdout.strip().splitlines()[-1]
@@ -237,7 +235,7 @@ def test_kill_9_mid_filter_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
             str(cfg),
             "--quiet",
         ]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = subprocess_env()
         ref = subprocess.run(cmd(tmp_path / "ref"), capture_output=True, text=True, env=env, timeout=300)
         assert ref.returncode == 0, ref.stderr[-2000:]
         out = tmp_path / "out"
@@ -274,7 +272,8 @@ def test_slurm_array_tasks_together_equal_one_run_and_a_failed_shard_is_reported
     cross_shard_input(tmp_path / "in")
     cfg_path = tmp_path / "f.yaml"
     cfg_path.write_text("language: {enabled: false}\n")
-    fd = tool("filter_data")
+    import filter_data as fd
+
     base = ["--input", str(tmp_path / "in" / "*.tar"), "--config", str(cfg_path), "--quiet"]
     assert fd.main(base + ["--output-dir", str(tmp_path / "ref")]) == 0
     keep = ["--keep-lists", str(tmp_path / "ref" / "dedup" / "keep")]
@@ -298,3 +297,210 @@ def test_slurm_array_tasks_together_equal_one_run_and_a_failed_shard_is_reported
     assert "shard b (" in err and "failed after 2 attempts" in err
     assert (tmp_path / "bad" / "a.tar").is_file() and (tmp_path / "bad" / "c.tar").is_file()
     assert not list((tmp_path / "bad").rglob("*.tmp*"))
+
+
+def semantic_signatures(folder: Path, seed: int = 3) -> dict:
+    """Three signature shards of 16-d unit embeddings (random pHashes and SHA-256s, so only the
+    semantic pass can link rows): 60 rows each; 12 rows get a copy in another shard with a
+    slightly moved embedding (cosine > 0.99) and a size of their own. Returns {row key: copy key}."""
+    import bench_dedup as bench
+
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(180, 16)).astype(np.float32)
+    pixels = rng.integers(1_000, 100_000, 180)
+    copies = {}
+    for k, src in enumerate(range(0, 60, 5)):  # rows 0, 5, ... of shard 0 -> shard 1 or 2
+        dst = 60 + 60 * (k % 2) + 7 + k
+        emb[dst] = emb[src] + rng.normal(scale=0.02, size=16)
+        copies[f"s0/{src}"] = f"s{1 + k % 2}/{dst - 60 * (1 + k % 2)}"
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    (folder / "done").mkdir(parents=True)
+    for s in range(3):
+        rows = slice(60 * s, 60 * s + 60)
+        np.savez(
+            folder / f"s{s}{bench.SUFFIX}",
+            keys=np.char.encode(np.arange(60).astype(str), "ascii"),
+            sha256=rng.integers(0, 256, (60, 32), dtype=np.uint8),
+            phash=rng.integers(0, 2**63, (60, 4), dtype=np.uint64),
+            phash_ok=np.ones(60, np.uint8),
+            pixels=pixels[rows],
+            embedding=emb[rows],
+        )
+        bench.write_atomic(bench.done_marker(str(folder), f"s{s}"), b'{"samples": 60, "signed": 60}')
+    return {"copies": copies, "emb": emb, "pixels": pixels}
+
+
+def test_semantic_groups_are_the_planted_pairs_with_the_survivor_rule_for_any_partitions(tmp_path):
+    planted = semantic_signatures(tmp_path / "sig")
+    emb = planted["emb"]
+    sim = emb @ emb.T
+    brute = {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(sim >= 0.95, 1)))}
+    assert len(brute) == len(planted["copies"])  # the random rows are far apart: only the copies
+    outs = []
+    for parts in (1, 4):
+        out = tmp_path / f"keep{parts}"
+        report = run_grouping(
+            GroupConfig(
+                signatures=str(tmp_path / "sig"),
+                output_dir=str(out),
+                semantic=True,
+                clusters=4,
+                threshold=0.95,
+                partitions=parts,
+            )
+        )
+        assert report["verified_pairs"]["semantic"] == len(brute)
+        outs.append(lists_of(out))
+    assert outs[0] == outs[1]
+    dropped = {}
+    for name in ("s0", "s1", "s2"):
+        for line in (tmp_path / "keep1" / f"{name}.dropped.jsonl").read_text().splitlines():
+            d = json.loads(line)
+            dropped[f"{name}/{d['key']}"] = (d["reason"], d["survivor"])
+
+    def row(key: str) -> int:
+        shard, k = key.split("/")
+        return 60 * int(shard[1:]) + int(k)
+
+    want = {}
+    for a, b in planted["copies"].items():  # the larger image survives, then the first by shard
+        pa, pb = planted["pixels"][row(a)], planted["pixels"][row(b)]
+        loser, survivor = (b, a) if pa >= pb else (a, b)
+        want[loser] = ("semantic_duplicate", survivor)
+    assert dropped == want
+
+
+def test_colour_distance_keeps_recoloured_images_and_still_drops_resized_copies(tmp_path):
+    """pHash reads luminance structure only: a recoloured image (luminance a scaled copy of the
+    original's) is a pHash duplicate. near_dedup.colour_distance keeps it, while a 2x JPEG
+    copy of the original is still dropped; identical results for 1 and 3 partitions."""
+    v = np.asarray(pattern(7).convert("L"), dtype=np.float32)
+    grey = Image.fromarray(np.stack([v, v, v], -1).astype(np.uint8))
+    recoloured = Image.fromarray(np.stack([v, v / 2, np.zeros_like(v)], -1).astype(np.uint8))
+    copy = encode(grey.resize((128, 128), Image.BICUBIC), "JPEG", quality=90)
+    write_tar(
+        tmp_path / "in" / "a.tar",
+        [
+            ("x0", {"png": encode(grey), "txt": CAPTIONS[0]}),
+            ("x1", {"png": encode(recoloured), "txt": CAPTIONS[1]}),
+        ],
+    )
+    write_tar(
+        tmp_path / "in" / "b.tar",
+        [("y0", {"jpg": copy, "txt": CAPTIONS[2]}), ("y1", {"png": encode(pattern(8)), "txt": CAPTIONS[3]})],
+    )
+    removed = {}
+    for name, colour in (("plain", None), ("colour", 24)):
+        cfg = FilterConfig()
+        cfg.language.enabled = False
+        cfg.near_dedup.colour_distance = colour
+        out = tmp_path / name
+        run_filters([str(tmp_path / "in" / "*.tar")], str(out), cfg)
+        removed[name] = {
+            json.loads(ln)["key"]: json.loads(ln)["reason"]
+            for p in sorted(out.glob("*.rejects.jsonl"))
+            for ln in p.read_text().splitlines()
+        }
+    assert removed["plain"] == {"x0": "near_duplicate", "x1": "near_duplicate"}
+    assert removed["colour"] == {"x0": "near_duplicate"}
+    report = json.loads((tmp_path / "colour" / "dedup" / "keep" / "dedup_report.json").read_text())
+    assert report["settings"]["colour_distance"] == 24
+    sig = tmp_path / "colour" / "dedup" / "keep"
+    again = run_grouping(
+        GroupConfig(
+            signatures=str(tmp_path / "colour" / "dedup" / "signatures"),
+            output_dir=str(tmp_path / "p3"),
+            colour_distance=24,
+            partitions=3,
+        )
+    )
+    assert again["dropped"] == 1 and lists_of(tmp_path / "p3") == lists_of(sig)
+    with pytest.raises(ValueError, match="no colour thumbnails"):
+        run_grouping(
+            GroupConfig(
+                signatures=str(tmp_path / "plain" / "dedup" / "signatures"),
+                output_dir=str(tmp_path / "p4"),
+                colour_distance=24,
+            )
+        )
+    with pytest.raises(ValueError, match=r"colour_distance 300 must be in \[0, 255\]"):
+        FilterConfig().near_dedup.__class__(colour_distance=300)
+
+
+def test_the_demo_pool_near_copies_are_the_only_near_duplicates_under_the_demo_config(tmp_path):
+    """examples/sail_caption.sh keeps near-dedup on: of the demo pool (its exact captions, as a
+    tar), the dedup passes with the example's filter list drop as near duplicates the originals
+    of the planted resized copies (a copy is larger, so it survives) and otherwise only scenes
+    with the same caption (the same shapes on another canvas size or background shade), never a
+    scene that shares its layout in other colours."""
+    from megatron_sail.curate.filters.pipeline import load_config
+    from megatron_sail.demo.pool import PoolConfig, make_pool
+    from testkit import ROOT
+
+    info = make_pool(str(tmp_path / "demo"), PoolConfig(samples=160, seed=4321))
+    rows = [json.loads(ln) for ln in open(info["pool_truth"])]
+    data = {r["id"]: (tmp_path / "demo" / r["image"]).read_bytes() for r in rows}
+    samples = [(r["id"], {r["image"].rsplit(".", 1)[1]: data[r["id"]], "txt": r["caption"]}) for r in rows]
+    write_tar(tmp_path / "in" / "pool.tar", samples)
+    copy_of = {r["id"]: r["copy_of"] for r in rows if "copy_of" in r}
+    assert info["pool_near_copies"] == len(copy_of) == 8
+    run_filters(
+        [str(tmp_path / "in" / "pool.tar")],
+        str(tmp_path / "out"),
+        load_config(str(ROOT / "examples" / "sail_caption_filters.yaml")),
+    )
+    near = {}
+    for ln in (tmp_path / "out" / "pool.rejects.jsonl").read_text().splitlines():
+        r = json.loads(ln)
+        if r["reason"] == "near_duplicate":
+            near[r["key"]] = r["detail"]
+    caption = {r["id"]: r["caption"] for r in rows}
+    sources = {data[src] for src in copy_of.values()}  # the copied images (some scenes repeat)
+    assert {k for k, b in data.items() if k not in copy_of and b in sources} <= set(near)
+    for key, detail in near.items():
+        survivor = re.search(r"duplicate of pool/(\S+) ", detail).group(1)
+        assert caption[survivor] == caption[key], (key, survivor)
+    rejected = {r["key"]: r for r in map(json.loads, (tmp_path / "out" / "pool.rejects.jsonl").open())}
+    for key in copy_of:  # a copy survives, or is the byte copy of another copy (same scene, size)
+        r = rejected.get(key)
+        assert r is None or (r["reason"] == "exact_duplicate" and r["detail"].split("pool/")[1] in copy_of)
+
+
+def test_semantic_signatures_from_a_tiny_clip_group_as_brute_force(tmp_path):
+    """The signature pass with semantic_dedup embeds each image with transformers' CLIP (a tiny
+    random one): unit vectors in the signature shards; with one cluster the grouping's semantic
+    pairs are all pairs at cosine >= threshold, and an image repeated in another shard is one."""
+    from megatron_sail.curate.dedup.sigfile import load_signatures
+    from recaption_fixtures import tiny_clip
+
+    model = tiny_clip(tmp_path / "clip", CAPTIONS)
+    write_tar(
+        tmp_path / "in" / "a.tar",
+        [(f"x{k}", {"png": encode(pattern(k)), "txt": CAPTIONS[k % 4]}) for k in range(4)],
+    )
+    write_tar(
+        tmp_path / "in" / "b.tar",
+        [
+            ("y0", {"png": encode(pattern(2)), "txt": CAPTIONS[0]}),
+            ("y1", {"png": encode(pattern(9)), "txt": CAPTIONS[1]}),
+        ],
+    )
+    cfg = FilterConfig()
+    cfg.language.enabled = cfg.exact_dedup.enabled = cfg.near_dedup.enabled = False
+    cfg.semantic_dedup.enabled, cfg.semantic_dedup.model = True, model
+    cfg.semantic_dedup.clusters, cfg.semantic_dedup.threshold = 1, 0.999
+    out = tmp_path / "out"
+    run_filters([str(tmp_path / "in" / "*.tar")], str(out), cfg)
+    sig = [load_signatures(str(out / "dedup" / "signatures" / f"{n}.sig.npz"), True) for n in ("a", "b")]
+    emb = np.concatenate([s["embedding"] for s in sig]).astype(np.float32)
+    keys = [f"{n}/{k.decode()}" for n, s in zip("ab", sig) for k in s["keys"]]
+    assert emb.shape == (6, 8) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-2)
+    i, j = np.nonzero(np.triu(emb @ emb.T >= 0.999, 1))
+    brute = {(keys[a], keys[b]) for a, b in zip(i, j)}
+    assert ("a/x2", "b/y0") in brute
+    report = json.loads((out / "dedup" / "keep" / "dedup_report.json").read_text())
+    assert report["verified_pairs"]["semantic"] == len(brute)
+    rejects = [
+        json.loads(ln) for p in sorted(out.glob("*.rejects.jsonl")) for ln in p.read_text().splitlines()
+    ]
+    assert rejects and all(r["reason"] == "semantic_duplicate" for r in rejects)

@@ -19,6 +19,7 @@ from PIL import Image
 from megatron_sail.curate.filters.caption_check import duplicate_ngram_fraction
 from megatron_sail.curate.filters.dedup import BandIndex
 from megatron_sail.curate.filters.pipeline import FilterConfig, load_config, run_filters
+from recaption_fixtures import tiny_clip
 from testkit import ROOT, subprocess_env
 
 
@@ -229,40 +230,9 @@ def test_cli_outputs_and_errors(tmp_path):
 def test_clip_filter_with_tiny_random_model(tmp_path):
     """A tiny random transformers CLIP saved to disk: scores are cosines in [-1, 1], recorded,
     and min_score removes exactly the samples scoring below it."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     from megatron_sail.curate.filters.clip_score import ClipScoreConfig
 
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(GOOD * 3, trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]", "[PAD]"]))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
-    cfg = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=120,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=32,
-        ),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=16,
-        ),
-        projection_dim=8,
-    )
-    model_dir = tmp_path / "clip"
-    import torch
-
-    torch.manual_seed(0)
-    transformers.CLIPModel(cfg).save_pretrained(model_dir)
-    fast.save_pretrained(model_dir)
+    model_dir = tiny_clip(tmp_path / "clip", GOOD)
     paths, expect = build(tmp_path)
     fc = FilterConfig()
     fc.clip = ClipScoreConfig(enabled=True, model=str(model_dir), min_score=-2.0)

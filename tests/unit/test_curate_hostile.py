@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from megatron_sail.curate.backends import BackendConfig  # noqa: E402
-from megatron_sail.curate.filters.pipeline import FilterConfig, run_filters  # noqa: E402
-from megatron_sail.curate.reader import safe_key  # noqa: E402
-from megatron_sail.curate.recaption import RecaptionConfig, run  # noqa: E402
-from recaption_fixtures import FakeVLMServer, add_member, read_output  # noqa: E402
+from megatron_sail.curate.backends import BackendConfig
+from megatron_sail.curate.filters.pipeline import FilterConfig, run_filters
+from megatron_sail.curate.reader import safe_key
+from megatron_sail.curate.recaption import RecaptionConfig, run
+from recaption_fixtures import FakeVLMServer, add_member, read_output
 
 CAPTION = b"a red square beside a small blue circle on a white table"
 

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from megatron_sail.curate.filters.base import FilterSample  # noqa: E402
-from megatron_sail.curate.filters.judge import Judge, JudgeConfig, parse_ita, parse_vir  # noqa: E402
-from megatron_sail.curate.filters.pipeline import load_config, run_filters  # noqa: E402
-from recaption_fixtures import FakeVLMServer, add_member, tiny_checkpoint  # noqa: E402
+from megatron_sail.curate.filters.base import FilterSample
+from megatron_sail.curate.filters.judge import Judge, JudgeConfig, parse_ita, parse_vir
+from megatron_sail.curate.filters.pipeline import load_config, run_filters
+from recaption_fixtures import FakeVLMServer, add_member, tiny_checkpoint
 
 CAPTION = "a red square beside a small blue circle on a white table"
 

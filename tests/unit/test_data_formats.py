@@ -9,7 +9,13 @@ from PIL import Image
 
 from megatron_sail.config.data import TemplateConfig
 from megatron_sail.data.images.imageinfo import image_info
-from megatron_sail.data.preprocess.formats import detect_format, expand_inputs, iter_records, to_conversation
+from megatron_sail.data.preprocess.formats import (
+    detect_format,
+    expand_inputs,
+    iter_records,
+    named_files,
+    to_conversation,
+)
 from megatron_sail.data.template import SampleError
 
 
@@ -184,3 +190,15 @@ def test_inputs_directories_and_bad_names(tmp_path):
     # a broken first line does not hide the format of the rest (it becomes an invalid_json reject)
     write_jsonl(tmp_path / "c.jsonl", ["{broken", {"image": "x.jpg", "caption": "c"}])
     assert detect_format(str(tmp_path / "c.jsonl")) == "caption"
+
+
+def test_named_files_from_a_folder_a_glob_or_one_file(tmp_path):
+    for name in ("b.jsonl", "a.jsonl", "a.rejects.jsonl", "c.txt"):
+        (tmp_path / name).write_text("{}\n")
+    folder = named_files(str(tmp_path), ".jsonl", exclude=(".rejects.jsonl",))
+    assert folder == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    assert len(named_files(str(tmp_path), ".jsonl")) == 3
+    assert named_files(str(tmp_path / "*.txt"), ".jsonl") == [str(tmp_path / "c.txt")]
+    assert named_files(str(tmp_path / "b.jsonl"), ".jsonl") == [str(tmp_path / "b.jsonl")]
+    assert named_files(str(tmp_path / "missing.jsonl"), ".jsonl") == []
+    assert named_files(str(tmp_path / "*.none"), ".jsonl") == []

@@ -5,7 +5,7 @@ temporaries, and a later run removes stale ``*.tmp<PID>`` files of its prefix wh
 from __future__ import annotations
 
 import errno
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -14,14 +14,10 @@ import pytest
 
 from megatron_sail.data import integrity
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """A tool's module (tools/ is on the import path)."""
+    return importlib.import_module(name)
 
 
 @pytest.fixture(scope="module")

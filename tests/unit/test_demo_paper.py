@@ -6,6 +6,7 @@ bootstrap come out of stored predictions as computed by hand."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 
@@ -149,3 +150,131 @@ def test_caption_claim_from_a_sail_caption_summary(tmp_path):
     out = caption(str(summary), str(tmp_path / "c.png"))
     assert out["gain"] == 12.8 and out["gain_ci95"] == [9.4, 16.6] and out["source"] == str(summary)
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_json_keys_and_markdown_from_fake_runs(tmp_path):
+    """report.json's required keys (scaling a/b/r2 per benchmark and average, sft_quantity,
+    curriculum with the CI of ascending minus one-stage) and report.md, from runs whose scores
+    are known: a pretraining run with pope = 10 + 5 ln(tokens) and a flat mcq, quantity runs
+    with 2/6/10 of 10 items right, arms with 8 (ascending), 4 (one stage) and 0 (descending)."""
+    from megatron_sail.demo.paper_markdown import write_markdown
+    from megatron_sail.demo.paper_report import quantity, scaling
+    from megatron_sail.demo.paper_study import StudyConfig, assemble
+    from megatron_sail.eval.tsv import read_items
+
+    info = graded.write_level_benchmarks(str(tmp_path / "b"), graded.GradedConfig(bench_items=10, seed=7))
+    bench = {k: v["path"] for k, v in info.items()}
+    truth = {b: [it.get("answer") for it in read_items(p)] for b, p in bench.items()}
+
+    def run(name, k):
+        return _fake_run(
+            tmp_path, name, bench, {b: [a if i < k else "-" for i, a in enumerate(truth[b])] for b in bench}
+        )
+
+    pre = tmp_path / "pretrain"
+    pre.mkdir()
+    toks = [1e3 * 2**i for i in range(6)]
+    pre.joinpath("metrics.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "iteration": i,
+                    "consumed_tokens": t,
+                    "benchmarks/pope": 10 + 5 * math.log(t),
+                    "benchmarks/mcq": 30.0,
+                }
+            )
+            + "\n"
+            for i, t in enumerate(toks)
+        )
+    )
+    sc = scaling([str(pre)], 10 * toks[-1], str(tmp_path / "s.png"))
+    quant = quantity(
+        {30: run("q30", 2), 90: run("q90", 6), 10: run("q10", 10)},
+        LevelScorer(bench),
+        str(tmp_path / "q.png"),
+    )
+    arms = {"one_stage": [run("o", 4)], "ascending": [run("a", 8)], "descending": [run("d", 0)]}
+    cur = curriculum(arms, LevelScorer(bench), str(tmp_path / "c.png"), BootstrapConfig(200, 0.95, 0))
+    stages = [
+        {
+            "name": f"stage{k}",
+            "score_min": k,
+            "score_max": k + 0.5,
+            "samples": 5,
+            "levels": {"1": 5, "2": 0, "3": 0},
+        }
+        for k in (1, 2, 3)
+    ]
+    data = {
+        "pretrain_chance": {"pope": 50.0, "mcq": 25.0},
+        "level_chance": {b: v["chance"] for b, v in info.items()},
+    }
+    cfg = StudyConfig(out=str(tmp_path))
+    timing = {"total": 1.0, "data": 1.0, "runs_recorded": {"sft": 2.0}}
+    r = assemble(
+        cfg,
+        data,
+        {"rows": 3},
+        sc,
+        quant,
+        cur,
+        None,
+        {"stages": stages, "replay_stages": [dict(st, replayed=k) for k, st in enumerate(stages)]},
+        {"total": 6, "per_stage": [2, 2, 2], "replay_per_stage": [1, 2, 3]},
+        0.5,
+        1e5,
+        timing,
+    )
+    assert r["scaling"]["pope"]["a"] == pytest.approx(10.0) and r["scaling"]["pope"]["b"] == pytest.approx(
+        5.0
+    )
+    assert r["scaling"]["pope"]["r2"] == pytest.approx(1.0) and r["scaling"]["mcq"]["r2"] is None
+    assert r["scaling"]["average"]["b"] == pytest.approx(2.5) and r["scaling"]["average"]["points"] == 6
+    assert r["sft_quantity"] == pytest.approx({"10": 100.0, "30": 20.0, "90": 60.0})
+    assert list(r["sft_quantity"]) == ["10", "30", "90"]
+    c = r["curriculum"]
+    assert (c["one_stage"], c["ascending"], c["descending"]) == pytest.approx((40.0, 80.0, 0.0))
+    up, down = c["ascending_minus_one_stage"], c["descending_minus_one_stage"]
+    assert up["diff"] == pytest.approx(40.0) and 0 < up["ci_low"] <= 40.0 <= up["ci_high"]
+    assert down["diff"] == pytest.approx(-40.0) and down["ci_high"] < 0
+    md_path = tmp_path / "report.md"
+    write_markdown(str(md_path), r)
+    md = md_path.read_text()
+    assert (
+        f"- ascending minus one-stage: +40.00 points, 95% CI [{up['ci_low']:+.2f}, {up['ci_high']:+.2f}]: better"
+        in md
+    )
+    assert "- descending minus one-stage: -40.00 points" in md and "worse (the interval excludes 0)" in md
+    assert "| pope | 10.00 | 5.000 | 1.000 | 6 |" in md and "| mcq | 30.00 | 0.000 | n/a | 6 |" in md
+    assert (
+        "the training runs took, when they ran (their done.json, kept when a rerun resumes): sft 2.0 s" in md
+    )
+    assert "## (d) Recaptioned data against the original text\n\nNot run here" in md
+    assert (
+        "`ascending_replay`: the same ascending stages, stage k > 1 also replaying 0.5 x its size of "
+        "random samples of the earlier stages (tools/build_curriculum.py --mix-previous), the same steps "
+        "in total: stage1 5 + 0 replayed, 1 steps; stage2 5 + 1 replayed, 2 steps; stage3 5 + 2 replayed, "
+        "3 steps." in md.replace("\n", " ")
+    )
+    assert r["details"]["replay_stages"][2]["replayed"] == 2
+
+
+def test_resumed_study_keeps_only_the_same_runs(tmp_path):
+    """A finished run (done.json) is kept when the spec is the same and refused, naming the
+    difference, when the study is resumed with other steps; the data likewise."""
+    from megatron_sail.demo.paper_data import StudyData, make_data
+    from megatron_sail.demo.paper_runs import RunSpec, train
+
+    spec = RunSpec(str(tmp_path / "r"), "/p/data", 6, seed=2, init_from="/ckpt")
+    (tmp_path / "r").mkdir()
+    info = {"iters": 6, "seed": 2, "data_path": "/p/data", "init_from": "/ckpt", "seconds": 1.5}
+    (tmp_path / "r" / "done.json").write_text(json.dumps(info))
+    assert train(spec, python="/nonexistent/python") == info  # kept: nothing runs
+    spec.iters = 12
+    with pytest.raises(ValueError, match=r"done.json: .*other settings: iters 6 \(now 12\)"):
+        train(spec, python="/nonexistent/python")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "done.json").write_text(json.dumps({"config": {"pretrain_samples": 1}}))
+    with pytest.raises(ValueError, match="made with other sizes"):
+        make_data(str(tmp_path), StudyData())

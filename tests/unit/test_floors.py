@@ -16,6 +16,7 @@ FLOORS = [
     {"training", "convert"},
     {"inference"},
     {"eval"},
+    {"posttrain"},
     {"curate"},
     {"demo"},
     {"train", "generate"},  # the module entry points (python -m megatron_sail.train / .generate)
@@ -66,3 +67,48 @@ def test_imports_only_go_down():
         if FLOOR.get(dst, 99) >= FLOOR[src]
     ]
     assert wrong == []
+
+
+def _module_edges() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (a ``from package import name`` that names a
+    submodule counts as importing it; a package's own __init__ importing its submodules does not)."""
+    pkg = ROOT / "megatron_sail"
+    files = {}
+    for path in pkg.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    edges: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("megatron_sail"):
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            edges[name] |= {t for t in targets if t in files and t != name and not t.startswith(name + ".")}
+    return edges
+
+
+def test_no_import_circle_between_modules():
+    """Within a package too, no module imports (at module level or in a function) one that
+    imports it back, however long the way round (the error names the circles found)."""
+    edges, circles, done = _module_edges(), [], set()
+
+    def walk(node, path):
+        for nxt in sorted(edges[node]):
+            if nxt in path:
+                circle = path[path.index(nxt) :]
+                if frozenset(circle) not in done:
+                    done.add(frozenset(circle))
+                    circles.append(" -> ".join(circle + [nxt]))
+            elif nxt not in seen:
+                seen.add(nxt)
+                walk(nxt, path + [nxt])
+
+    seen: set[str] = set()
+    for start in sorted(edges):
+        if start not in seen:
+            seen.add(start)
+            walk(start, [start])
+    assert not circles, "import circles: " + "; ".join(circles)

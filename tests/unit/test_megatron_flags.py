@@ -115,7 +115,7 @@ def test_ckpt_format_only_ours():
 
 def test_transformer_impl():
     from megatron_sail.models.layer_specs import te_available
-    from megatron_sail.train import use_te
+    from megatron_sail.training.model_setup import use_te
 
     assert use_te(resolve(["--transformer-impl", "local"])) is False
     assert use_te(resolve([])) is None
@@ -148,7 +148,7 @@ def test_recompute_method_and_layers():
 
 
 def test_overlap_flags_reach_ddp_config():
-    from megatron_sail.train import ddp_config
+    from megatron_sail.training.model_setup import ddp_config
 
     base = ddp_config(resolve([]))
     assert not base.overlap_grad_reduce and not base.overlap_param_gather  # CPU default

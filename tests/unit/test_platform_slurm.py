@@ -84,7 +84,10 @@ def test_launch_env_fills_torchrun_variables(monkeypatch):
     from megatron_sail.platform import distributed
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
+        # setenv first: delenv of an absent key records nothing, so what launch_env sets would
+        # outlive the test (a leaked WORLD_SIZE=16 made later curation subprocesses refuse to run)
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     for key, value in srun_env(SLURM_STEP_NODELIST="node[3-4]").items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(slurm.shutil, "which", lambda name: None)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from megatron_sail.data.preprocess.preference import PairFile, PreferencePair, Reject, read_pairs
-from megatron_sail.training import rewards as R
+from megatron_sail.posttrain import rewards as R
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_three_formats_parse_and_bad_records_are_rejects_with_reasons(files):
 
 
 def test_pair_rows_hold_whole_pairs_as_adjacent_segments(files):
-    from megatron_sail.training.preference import build_rows
+    from megatron_sail.posttrain.pair_rows import build_rows
 
     root, tok, settings = files
     pairs = [
@@ -131,7 +131,7 @@ def test_pair_rows_hold_whole_pairs_as_adjacent_segments(files):
 
 def test_rollout_rows_align_engine_logps_with_completion_labels():
     from megatron_sail.inference.rollout import Rollout
-    from megatron_sail.training.grpo import pack_rollouts
+    from megatron_sail.posttrain.rollout_rows import pack_rollouts
 
     rolls = [
         Rollout([1, 2, 3], None, [7, 8], [-0.5, -0.25], "", "stop"),

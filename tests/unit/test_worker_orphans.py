@@ -12,10 +12,9 @@ import textwrap
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recaption_fixtures import FakeVLMServer, write_shards  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
+from recaption_fixtures import FakeVLMServer, write_shards
+from testkit import ROOT as REPO
+from testkit import subprocess_env
 
 
 def children(pid: int) -> dict[int, str]:
@@ -74,7 +73,6 @@ def test_preprocess_workers_exit_when_the_parent_is_killed(tmp_path):
     # the real tool, whose input stalls after two blocks: the workers are up and idle, the parent waits
     script = textwrap.dedent(f"""
         import itertools, sys, time
-        sys.path.insert(0, {str(REPO / "tools")!r})
         import megatron_sail.data.preprocess.pipeline as pp
         real = pp.iter_blocks
         def stalled(*a, **k):
@@ -110,7 +108,7 @@ def test_preprocess_workers_exit_when_the_parent_is_killed(tmp_path):
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        env=subprocess_env(),
     )
     workers: list[int] = []
     try:
@@ -154,9 +152,7 @@ def test_recaption_workers_exit_and_commit_nothing_after_the_parent_is_killed(tm
             "2",
             "--no-progress",
         ]
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1")
-        )
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=subprocess_env())
         workers: list[int] = []
         try:
             wait_for(lambda: server.calls >= 2 or proc.poll() is not None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 
+from megatron_sail.checkpoint.layout import HF_CONFIG
 from megatron_sail.curate.backends.base import Backend, BackendConfig, CaptionRequest, CaptionResult, per_item
 
 
@@ -34,7 +35,7 @@ def _processor_kwargs(cfg: BackendConfig) -> dict:
     import os
 
     try:
-        with open(os.path.join(cfg.model, "config.json"), encoding="utf-8") as f:
+        with open(os.path.join(cfg.model, HF_CONFIG), encoding="utf-8") as f:
             model_type = json.load(f).get("model_type")
     except (OSError, ValueError):
         return {}

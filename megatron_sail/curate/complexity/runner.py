@@ -15,6 +15,7 @@ from typing import Callable
 
 from megatron_sail.curate.complexity import sidecar
 from megatron_sail.curate.complexity.samples import InputConfig, Reject, input_files, iter_shards, parse
+from megatron_sail.data.preprocess.formats import describe_formats
 
 METHODS = ("heuristic", "ifd", "judge")
 
@@ -114,11 +115,14 @@ def score_shard(records: list, fmt: str, cfg: ScoreConfig, first_index: int, sco
 def run_scoring(cfg: ScoreConfig, scorer, log: Callable[[str], None] = print) -> dict:
     """Score every shard not published yet; returns the totals of this run."""
     _check_dir(cfg)
-    files, fmt = input_files(cfg.inputs)
+    files, formats = input_files(cfg.inputs)
+    for line in describe_formats(formats):
+        log(f"[complexity] {line}")
     writer = getattr(scorer, "writer", True)
     totals = {"shards_scored": 0, "shards_skipped": 0, "samples": 0, "rejected": 0, "seconds": 0.0}
     t0, index, global_shard = time.perf_counter(), 0, 0
     for path in files:
+        fmt = formats[path]
         for shard, records in iter_shards(path, fmt, cfg.inputs, cfg.samples_per_shard):
             mine = global_shard % cfg.num_shards == cfg.shard_index
             global_shard += 1

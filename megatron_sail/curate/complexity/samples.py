@@ -12,7 +12,7 @@ from megatron_sail.config.data import TemplateConfig
 from megatron_sail.data.preprocess.formats import (
     ImageAccess,
     RawRecord,
-    detect_format,
+    detect_formats,
     expand_inputs,
     iter_records,
     to_conversation,
@@ -51,7 +51,8 @@ class InputConfig:
     inputs: tuple = ()
     """Files, directories or globs (tools/preprocess_data.py --input)."""
     format: Optional[str] = None
-    """llava, caption, webdataset or messages; None: detected from the first file."""
+    """llava, caption, webdataset or messages for every file; None: detected per file (a glob
+    may mix formats, as preprocessing allows)."""
     image_root: Optional[str] = None
     """Directory of relative image paths (default: each input file's directory)."""
     template: TemplateConfig = TemplateConfig()
@@ -60,11 +61,11 @@ class InputConfig:
     """Preprocessing's --seed (picks the caption prompt of caption pairs)."""
 
 
-def input_files(cfg: InputConfig) -> tuple[list[str], str]:
-    """(absolute file paths in order, format)."""
+def input_files(cfg: InputConfig) -> tuple[list[str], dict[str, str]]:
+    """(absolute file paths in order, {path: format}): each file read as what it is, so that the
+    scores name the same samples preprocessing reads from a mixed glob."""
     files = [os.path.abspath(p) for p in expand_inputs(list(cfg.inputs))]
-    fmt = cfg.format or detect_format(files[0])
-    return files, fmt
+    return files, detect_formats(files, cfg.format)
 
 
 def parse(rec: RawRecord, fmt: str, cfg: InputConfig, index: int) -> Union[Sample, Reject]:

@@ -11,11 +11,12 @@ names preprocessing gives records (``--select`` in tools/preprocess_data.py)."""
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 from typing import Iterable, Optional
+
+from megatron_sail.data.preprocess.formats import named_files
 
 SUFFIX = ".scores.jsonl"
 REJECTS = ".rejects.jsonl"
@@ -53,12 +54,7 @@ def write_shard(out_dir: str, source: str, shard: int, records: list[dict], reje
 
 def score_files(path: str) -> list[str]:
     """The sidecar files named by a folder (all its shards), one file, or a glob."""
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*" + SUFFIX)))
-    elif any(c in path for c in "*?["):
-        files = sorted(glob.glob(path))
-    else:
-        files = [path] if os.path.isfile(path) else []
+    files = named_files(path, SUFFIX)
     if not files:
         raise FileNotFoundError(f"{path}: no score files (*{SUFFIX}); run tools/score_complexity.py")
     return files

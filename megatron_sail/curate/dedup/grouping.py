@@ -37,13 +37,12 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_sail.curate.dedup.sigfile import SUFFIX, load_signatures
+from megatron_sail.curate.dedup.partitions import EDGE, EXACT, NEAR, SEMANTIC, Partitions
+from megatron_sail.curate.dedup.semantic import semantic_pairs
+from megatron_sail.curate.dedup.sigfile import COLOUR_CELLS, SUFFIX, load_signatures
 from megatron_sail.curate.writer import DONE_DIR, write_atomic
 
-EXACT, NEAR, SEMANTIC = 1, 2, 4
-"""Edge kinds (bit flags)."""
 REASONS = {EXACT: "exact_duplicate", NEAR: "near_duplicate", SEMANTIC: "semantic_duplicate"}
-EDGE = np.dtype([("a", "<i8"), ("b", "<i8"), ("kind", "<i8"), ("dist", "<i8"), ("pa", "<i8"), ("pb", "<i8")])
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -63,6 +62,9 @@ class GroupConfig:
     """Largest Hamming distance of a near-duplicate pair."""
     bands: int = 0
     """LSH bands (0: max_distance + 1, exact by pigeonhole)."""
+    colour_distance: Optional[int] = None
+    """Near pairs must also have 8x8 RGB thumbnails within this per-cell difference (None: pHash
+    alone; the signatures must then hold ``colour``: near_dedup.colour_distance set there too)."""
     semantic: bool = False
     """Group CLIP-embedding semantic duplicates (needs embeddings in the signatures)."""
     clusters: int = 16
@@ -134,41 +136,6 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(a, b)).sum(axis=1, dtype=np.int64)
 
 
-class _Partitions:
-    """Append-only partition files of fixed-width records, with a bounded write buffer."""
-
-    def __init__(self, folder: str, prefix: str, count: int, dtype: np.dtype, buffer_records: int):
-        self.paths = [os.path.join(folder, f"{prefix}{p:05d}.bin") for p in range(count)]
-        for p in self.paths:
-            open(p, "wb").close()
-        self.dtype, self.count, self.limit = dtype, count, buffer_records
-        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
-        self.buffered = 0
-
-    def add(self, part: np.ndarray, records: np.ndarray) -> None:
-        self.pending.append((part, records))
-        self.buffered += len(records)
-        if self.buffered >= self.limit:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        part = np.concatenate([p for p, _ in self.pending])
-        recs = np.concatenate([r for _, r in self.pending])
-        self.pending, self.buffered = [], 0
-        order = np.argsort(part, kind="stable")
-        part, recs = part[order], recs[order]
-        cuts = np.searchsorted(part, np.arange(self.count + 1))
-        for p in range(self.count):
-            if cuts[p + 1] > cuts[p]:
-                with open(self.paths[p], "ab") as f:
-                    recs[cuts[p] : cuts[p + 1]].tofile(f)
-
-    def load(self, p: int) -> np.ndarray:
-        return np.fromfile(self.paths[p], dtype=self.dtype)
-
-
 def _done_shards(sig_dir: str) -> list[str]:
     folder = os.path.join(sig_dir, DONE_DIR)
     names = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json")) if os.path.isdir(folder) else []
@@ -231,6 +198,7 @@ class Grouper:
                 "near": cfg.near,
                 "max_distance": cfg.max_distance,
                 "bands": self.bands if cfg.near else None,
+                "colour_distance": cfg.colour_distance if cfg.near else None,
                 "semantic": cfg.semantic,
                 "clusters": cfg.clusters if cfg.semantic else None,
                 "threshold": cfg.threshold if cfg.semantic else None,
@@ -264,11 +232,12 @@ class Grouper:
         per_row = int(cfg.exact) + self.bands
         self.partitions = cfg.partitions or max(1, math.ceil(self.n * per_row / cfg.partition_rows))
         self.exact_dtype = np.dtype([("key", "<u8"), ("id", "<i8"), ("pixels", "<i8"), ("sha", "u1", (32,))])
-        self.near_dtype = np.dtype(
-            [("key", "<u8"), ("id", "<i8"), ("pixels", "<i8"), ("phash", "<u8", (self.words,))]
-        )
-        ex = _Partitions(self.work, "exact", self.partitions, self.exact_dtype, cfg.buffer_records)
-        nr = _Partitions(self.work, "near", self.partitions, self.near_dtype, cfg.buffer_records)
+        near_fields = [("key", "<u8"), ("id", "<i8"), ("pixels", "<i8"), ("phash", "<u8", (self.words,))]
+        if cfg.colour_distance is not None:
+            near_fields.append(("colour", "u1", (COLOUR_CELLS,)))
+        self.near_dtype = np.dtype(near_fields)
+        ex = Partitions(self.work, "exact", self.partitions, self.exact_dtype, cfg.buffer_records)
+        nr = Partitions(self.work, "near", self.partitions, self.near_dtype, cfg.buffer_records)
         counts = {"exact": 0, "near": 0}
         for k, name in enumerate(self.shards):
             s = self._sig(name)
@@ -291,6 +260,8 @@ class Grouper:
                 rec["id"] = ids[ok][:, None]
                 rec["pixels"] = s["pixels"][ok][:, None]
                 rec["phash"] = s["phash"][ok][:, None, :]
+                if cfg.colour_distance is not None:
+                    rec["colour"] = self._colour(name, s)[ok][:, None, :]
                 rec = rec.reshape(-1)
                 nr.add((rec["key"] % np.uint64(self.partitions)).astype(np.int64), rec)
                 counts["near"] += len(rec)
@@ -298,6 +269,15 @@ class Grouper:
         nr.flush()
         self.exact_parts, self.near_parts = ex, nr
         return counts
+
+    def _colour(self, name: str, s: dict) -> np.ndarray:
+        """A shard's colour thumbnails; a one-line error when the signature pass made none."""
+        if "colour" not in s or s["colour"].shape[1:] != (COLOUR_CELLS,):
+            raise ValueError(
+                f"{name}{SUFFIX}: no colour thumbnails; rerun the signature pass with "
+                "near_dedup.colour_distance set, as for grouping"
+            )
+        return s["colour"]
 
     # ---------------------------------------------------------------- 2. candidate pairs
     def _candidates(self, edges) -> dict:
@@ -340,6 +320,9 @@ class Grouper:
         else:
             dist = hamming(ra["phash"], rb["phash"])
             ok = dist <= self.cfg.max_distance
+            if self.cfg.colour_distance is not None and ok.any():
+                diff = np.abs(ra["colour"][ok].astype(np.int16) - rb["colour"][ok].astype(np.int16))
+                ok[ok] = diff.max(axis=1) <= self.cfg.colour_distance
             ok[ok] = self._first_shared_band(ra[ok], rb[ok])
         out = np.zeros(int(ok.sum()), EDGE)
         out["a"], out["b"], out["kind"], out["dist"] = ra["id"][ok], rb["id"][ok], kind, dist[ok]
@@ -359,8 +342,6 @@ class Grouper:
 
     # ---------------------------------------------------------------- semantic
     def _semantic(self, edges) -> int:
-        from megatron_sail.curate.dedup.semantic import semantic_pairs
-
         return semantic_pairs(self, edges)
 
     # ---------------------------------------------------------------- 3. components

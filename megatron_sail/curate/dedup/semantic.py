@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from megatron_sail.curate.dedup.grouping import EDGE, SEMANTIC, _Partitions
+from megatron_sail.curate.dedup.partitions import EDGE, SEMANTIC, Partitions
 
 
 def _embeddings(grouper, name: str) -> np.ndarray:
@@ -55,7 +55,7 @@ def semantic_pairs(grouper, edges) -> int:
     c = train_centroids(grouper)
     dim = c.shape[1]
     rec_t = np.dtype([("cluster", "<i8"), ("id", "<i8"), ("pixels", "<i8"), ("emb", "<f4", (dim,))])
-    parts = _Partitions(grouper.work, "semantic", len(c), rec_t, cfg.buffer_records)
+    parts = Partitions(grouper.work, "semantic", len(c), rec_t, cfg.buffer_records)
     for k, name in enumerate(grouper.shards):
         e = _embeddings(grouper, name)
         if not len(e):

@@ -6,6 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 SUFFIX = ".sig.npz"
+COLOUR_GRID = 8
+"""Side of the RGB thumbnail near_dedup.colour_distance compares (8x8x3 = 192 bytes a row)."""
+COLOUR_CELLS = COLOUR_GRID * COLOUR_GRID * 3
 
 
 def load_signatures(path: str, with_embedding: bool = False) -> dict:

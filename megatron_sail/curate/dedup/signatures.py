@@ -20,8 +20,19 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from megatron_sail.curate.dedup.sigfile import SUFFIX, load_signatures  # noqa: F401 - re-exported
-from megatron_sail.curate.filters.pipeline import FilterConfig, build_stages, read_shard, run_stages
+from megatron_sail.curate.dedup.sigfile import (  # noqa: F401 - re-exported
+    COLOUR_CELLS,
+    COLOUR_GRID,
+    SUFFIX,
+    load_signatures,
+)
+from megatron_sail.curate.filters.stages import (
+    FilterConfig,
+    build_stages,
+    read_shard,
+    run_stages,
+    shard_name,
+)
 from megatron_sail.curate.job import check_job
 from megatron_sail.curate.reader import ShardSpec
 from megatron_sail.curate.writer import DONE_DIR, done_marker, write_atomic
@@ -35,6 +46,14 @@ def phash_words(img, hash_size: int) -> np.ndarray:
 
     bits = imagehash.phash(img, hash_size=hash_size).hash.flatten().astype(np.uint8)
     return np.packbits(bits).view(">u8").astype(np.uint64)
+
+
+def colour_grid(img) -> np.ndarray:
+    """The image's COLOUR_GRID x COLOUR_GRID RGB box averages, flattened (uint8)."""
+    from PIL import Image
+
+    small = img.convert("RGB").resize((COLOUR_GRID, COLOUR_GRID), Image.BOX)
+    return np.asarray(small, dtype=np.uint8).reshape(-1)
 
 
 def check_hash_size(hash_size: int) -> int:
@@ -121,7 +140,9 @@ class SignatureWorker:
             self.load()
         start = time.time()
         words = check_hash_size(self.cfg.filters.near_dedup.hash_size)
-        keys, shas, hashes, ok, pixels, embs = [], [], [], [], [], []
+        with_colour = self.cfg.filters.near_dedup.colour_distance is not None
+        cells = COLOUR_CELLS
+        keys, shas, hashes, ok, pixels, embs, colours = [], [], [], [], [], [], []
         samples = excluded = 0
         for sample, reject in read_shard(spec.source, self.cfg.max_member_bytes, self.cfg.max_sample_bytes):
             samples += 1
@@ -135,10 +156,13 @@ class SignatureWorker:
             try:
                 img = sample.image()
                 h, px = phash_words(img, self.cfg.filters.near_dedup.hash_size), img.size[0] * img.size[1]
+                grid = colour_grid(img) if with_colour else None
                 good = 1
             except Exception:  # noqa: BLE001 - an undecodable image still has an exact signature
-                h, px, good = np.zeros(words, np.uint64), 0, 0
+                h, px, good, grid = np.zeros(words, np.uint64), 0, 0, np.zeros(cells, np.uint8)
             hashes.append(h)
+            if with_colour:
+                colours.append(grid)
             ok.append(good)
             pixels.append(px)
             if self.clip is not None:
@@ -153,6 +177,8 @@ class SignatureWorker:
             "phash_ok": np.array(ok, np.uint8),
             "pixels": np.array(pixels, np.int64),
         }
+        if with_colour:
+            arrays["colour"] = np.stack(colours) if colours else np.zeros((0, cells), np.uint8)
         if self.clip is not None:
             arrays["embedding"] = np.stack(embs) if embs else np.zeros((0, 1), np.float16)
         buf = io.BytesIO()
@@ -166,6 +192,7 @@ class SignatureWorker:
             "signed": len(keys),
             "excluded_before_dedup": excluded,
             "hash_size": self.cfg.filters.near_dedup.hash_size,
+            "colour": with_colour,
             "seconds": round(time.time() - start, 3),
         }
         os.makedirs(os.path.join(self.cfg.output_dir, DONE_DIR), exist_ok=True)
@@ -177,8 +204,6 @@ class SignatureWorker:
 
 def input_shards(inputs: list[str]) -> list[ShardSpec]:
     """WebDataset tar shards of the inputs, in a stable order; duplicate names are an error."""
-    from megatron_sail.curate.filters.pipeline import shard_name
-
     paths = formats.expand_inputs(inputs)
     bad = [p for p in paths if not p.endswith(".tar")]
     if bad:

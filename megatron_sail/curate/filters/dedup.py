@@ -45,6 +45,16 @@ class NearDedupConfig:
     bands > max_distance every pair within max_distance shares a band (pigeonhole): the search
     is exact. 0: max_distance + 1 (exact). Fewer, wider bands keep buckets small at hundreds of
     millions of images at some recall (tools/bench_dedup.py reports it)."""
+    colour_distance: Optional[int] = None
+    """Also require the two images' 8x8 RGB thumbnails (box averages) to differ by at most this
+    much (0-255) in every cell and channel; None: the pHash alone. pHash reads the luminance
+    structure only, so a recoloured image (the same shapes in other colours) is a pHash
+    duplicate; with this set it is not, while resized and re-encoded copies stay within ~12-20.
+    Adds 192 bytes per image to the signatures and to the grouping's near records."""
+
+    def __post_init__(self) -> None:
+        if self.colour_distance is not None and not 0 <= self.colour_distance <= 255:
+            raise ValueError(f"near_dedup.colour_distance {self.colour_distance} must be in [0, 255]")
 
 
 @dataclass

@@ -22,15 +22,12 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from megatron_sail.curate.filters.base import FilterSample
-from megatron_sail.curate.filters.pipeline import FilterConfig, build_stages, read_shard, run_stages
+from megatron_sail.curate.filters.report import REPORTS, THUMBNAILS, write_run_report
+from megatron_sail.curate.filters.stages import FilterConfig, build_stages, read_shard, run_stages
 from megatron_sail.curate.job import check_job, run_job
 from megatron_sail.curate.reader import ShardSpec, dump_json
 from megatron_sail.curate.writer import ShardWriter
 from megatron_sail.data.preprocess import formats
-
-REPORTS = "reports"
-THUMBNAILS = 4
-"""Removed samples shown per reason in the report."""
 
 
 @dataclass
@@ -200,8 +197,6 @@ def input_shards(inputs: list[str], out_dir: str) -> list[ShardSpec]:
 
 def run_filter_job(cfg: FilterJobConfig) -> dict:
     """Filter this task's pending shards, then rebuild the run report; returns the summary."""
-    from megatron_sail.curate.filters.report import write_run_report
-
     specs = input_shards(cfg.inputs, cfg.output_dir)
 
     def bar(pending):
@@ -279,6 +274,7 @@ def group_config(f: FilterConfig, sig_dir: str, keep_dir: str, expected: Optiona
         near=f.near_dedup.enabled,
         max_distance=f.near_dedup.max_distance,
         bands=f.near_dedup.bands,
+        colour_distance=f.near_dedup.colour_distance,
         semantic=s.enabled,
         clusters=s.clusters,
         threshold=s.threshold,

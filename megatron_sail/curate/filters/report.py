@@ -18,6 +18,8 @@ from megatron_sail.curate.writer import DONE_DIR, write_atomic
 
 KEPT_COLOUR, REMOVED_COLOUR, THRESHOLD_COLOUR = "#2e7d32", "#c62828", "black"
 
+REPORTS = "reports"
+"""Folder of the per-shard reports, under the output folder."""
 SCORE_THRESHOLDS = {
     "caption_words": (("caption_length", "min_words"), ("caption_length", "max_words")),
     "repetition": (("repetition", "max_duplicate_fraction"),),
@@ -122,8 +124,6 @@ def plot_histograms(
 
 def merge_reports(out_dir: str) -> dict:
     """Sum the per-shard reports of the finished shards (shard-name order: deterministic)."""
-    from megatron_sail.curate.filters.job import REPORTS
-
     done = os.path.join(out_dir, DONE_DIR)
     names = sorted(f[:-5] for f in os.listdir(done) if f.endswith(".json")) if os.path.isdir(done) else []
     merged = {

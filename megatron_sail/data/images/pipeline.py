@@ -1,4 +1,4 @@
-"""The one image-pipeline interface and the choice of backend.
+"""The one image-pipeline interface (the choice of backend is backend.py).
 
 Every backend only decodes and resizes (the part that differs: PIL on CPU, DALI on CPU or GPU);
 cutting the resized image into row-major tiles, appending the thumbnail and normalizing is shared
@@ -114,33 +114,3 @@ def _check_record(rec: ImageRecord) -> None:
     cols, rows = rec.grid
     if not (isinstance(cols, int) and isinstance(rows, int) and cols > 0 and rows > 0):
         raise ValueError(f"image {rec.source}: grid must be two positive ints (cols, rows), got {rec.grid!r}")
-
-
-def dali_available() -> bool:
-    """Whether NVIDIA DALI can be imported here (an installed but broken DALI counts as absent)."""
-    try:
-        import nvidia.dali  # noqa: F401
-    except (ImportError, OSError):  # OSError: a shared library of the wheel fails to load
-        return False
-    return True
-
-
-def resolve_backend(name: str) -> str:
-    """Map 'auto' to 'dali' (CUDA), 'dali-cpu' (no CUDA) or 'pil' (no DALI); keep other names."""
-    if name != "auto":
-        return name
-    if not dali_available():
-        return "pil"
-    return "dali" if torch.cuda.is_available() else "dali-cpu"
-
-
-def build_image_pipeline(cfg: ImageConfig) -> ImagePipeline:
-    """Build the backend that ``cfg.backend`` names (or the default one for 'auto')."""
-    backend = resolve_backend(cfg.backend)
-    if backend == "pil":
-        from megatron_sail.data.images.pil import PilPipeline
-
-        return PilPipeline(cfg)
-    from megatron_sail.data.images.dali import DaliPipeline
-
-    return DaliPipeline(cfg, gpu=backend == "dali")

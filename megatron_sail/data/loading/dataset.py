@@ -205,6 +205,11 @@ class BlendedDataset:
         row.source_index = d
         return row
 
+    def row_shape(self, k: int) -> tuple[list[int], int]:
+        """(sample lengths, image tiles) of stream row k without reading its bytes."""
+        d, i = self.locate(k)
+        return self.datasets[d].reader.row_shape(i)
+
     def source_names(self) -> list[str]:
         """A short name per prefix for per-dataset metrics: its base name, or its index where
         base names repeat."""

@@ -86,6 +86,18 @@ class ImageBlob(bytes):
         return blob
 
 
+def named_files(path: str, suffix: str, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Files one path names, sorted: a folder's ``*suffix`` files (minus names ending in one of
+    ``exclude``), a glob's matches, or the file itself; [] when it names none (the caller's error
+    says what was expected)."""
+    if os.path.isdir(path):
+        found = glob.glob(os.path.join(path, "*" + suffix))
+        return sorted(f for f in found if not f.endswith(exclude)) if exclude else sorted(found)
+    if any(c in path for c in "*?["):
+        return sorted(glob.glob(path))
+    return [path] if os.path.isfile(path) else []
+
+
 def expand_inputs(inputs: list[str]) -> list[str]:
     """Files named by paths, directories (their data files, sorted) or globs, in a stable order.
 

@@ -12,7 +12,7 @@ from collections import Counter
 
 from megatron_sail.data import indexed
 from megatron_sail.data.preprocess.packing import ImageEntry, Sample
-from megatron_sail.data.preprocess.pipeline import stats_dict
+from megatron_sail.data.preprocess.pipeline import writer_stats
 
 MUST_MATCH = ("format", "version", "seq_length", "input_format", "tokenizer", "tiling", "template", "packing")
 
@@ -72,17 +72,8 @@ def merge_shards(prefixes: list[str], output_prefix: str) -> dict:
         for m in metas:
             rejects.update(m["rejects"])
         meta = dict(metas[0])
-        st = writer.stats
-        meta["stats"] = stats_dict(
-            sum(m["stats"]["records"] for m in metas),
-            writer.samples,
-            writer.rows,
-            writer.num_images,
-            st["tiles"],
-            st["text_tokens"],
-            st["image_tokens"],
-            st["loss_tokens"],
-            int(meta["seq_length"]),
+        meta["stats"] = writer_stats(
+            writer, sum(m["stats"]["records"] for m in metas), int(meta["seq_length"])
         )
         meta["rejects"] = dict(sorted(rejects.items()))
         meta["shard"] = {"index": 0, "num_shards": 1}

@@ -242,7 +242,6 @@ def build_meta(
     """meta.json content: everything the trainer and inspect need, nothing run-specific."""
     sp = tok.special
     seq = cfg.packing.seq_length
-    st = writer.stats
     return {
         "format": indexed.FORMAT_NAME,
         "version": indexed.FORMAT_VERSION,
@@ -267,20 +266,26 @@ def build_meta(
         "template": dataclasses.asdict(cfg.template),
         "packing": dataclasses.asdict(cfg.packing),
         "shard": {"index": shard[0], "num_shards": shard[1]},
-        "stats": stats_dict(
-            records,
-            writer.samples,
-            writer.rows,
-            writer.num_images,
-            st["tiles"],
-            st["text_tokens"],
-            st["image_tokens"],
-            st["loss_tokens"],
-            seq,
-        ),
+        "stats": writer_stats(writer, records, seq),
         "rejects": dict(sorted(rejects.items())),
         "blocks": writer.blocks,
     }
+
+
+def writer_stats(writer, records: int, seq_length: int) -> dict:
+    """The stats block of meta.json from a finished writer's counts and the ``records`` read."""
+    st = writer.stats
+    return stats_dict(
+        records,
+        writer.samples,
+        writer.rows,
+        writer.num_images,
+        st["tiles"],
+        st["text_tokens"],
+        st["image_tokens"],
+        st["loss_tokens"],
+        seq_length,
+    )
 
 
 def stats_dict(

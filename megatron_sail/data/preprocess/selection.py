@@ -7,11 +7,12 @@ Both are JSONL records naming a sample by ``source`` (the absolute path of its i
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
+
+from megatron_sail.data.preprocess.formats import named_files
 
 
 @dataclass(frozen=True)
@@ -27,14 +28,7 @@ class Selection:
 
 
 def _files(path: str) -> list[str]:
-    if os.path.isdir(path):
-        files = sorted(
-            f for f in glob.glob(os.path.join(path, "*.jsonl")) if not f.endswith(".rejects.jsonl")
-        )
-    elif any(c in path for c in "*?["):
-        files = sorted(glob.glob(path))
-    else:
-        files = [path] if os.path.isfile(path) else []
+    files = named_files(path, ".jsonl", exclude=(".rejects.jsonl",))
     if not files:
         raise FileNotFoundError(f"--select {path}: no sample list (JSONL with source and key)")
     return files

@@ -12,8 +12,6 @@ side of this family is the encoder alone (``key_map`` under the encoder's prefix
 
 from __future__ import annotations
 
-import re
-
 from megatron_sail.models.families.base import EncoderSpec, KeyMap, QKVSite, VisionFamily
 
 
@@ -22,6 +20,7 @@ class AIMv2Family(VisionFamily):
 
     name = "aimv2"
     hf_model_type = "aimv2_vision_model"
+    hf_final_norm = ("rms_norm.weight",)
     in_internvl_container = False
 
     encoder = EncoderSpec(
@@ -86,7 +85,7 @@ class AIMv2Family(VisionFamily):
         if v.layers_used == v.num_layers:
             km.copies.append((ours + "final_norm", hf + "rms_norm.weight"))
         for i in range(v.layers_used):
-            o, h = f"{ours}encoder.layers.{i}.", f"{hf}encoder.layers.{i}."
+            o, h = f"{ours}encoder.layers.{i}.", f"{hf}{self.hf_layers}.{i}."
             km.copies += [
                 (o + "input_layernorm.weight", h + "rms_norm1.weight"),
                 (o + "pre_mlp_layernorm.weight", h + "rms_norm2.weight"),
@@ -106,10 +105,3 @@ class AIMv2Family(VisionFamily):
                 (o + "mlp.linear_fc1.weight", (h + "ffn.gate_proj.weight", h + "ffn.up_proj.weight"))
             )
         return km
-
-    def unused_hf(self, v, hf: str, key: str) -> bool:
-        """Layers after select_layer, and the final norm they would feed."""
-        m = re.match(re.escape(hf) + r"encoder\.layers\.(\d+)\.", key)
-        if m:
-            return v.layers_used <= int(m.group(1)) < v.num_layers
-        return key == hf + "rms_norm.weight" and v.layers_used < v.num_layers

@@ -3,7 +3,8 @@
 A family bundles, in one place (in the spirit of torchtitan's ``ModelSpec``), everything the rest
 of the code needs to know about one architecture:
 
-* build: config -> Megatron-Core ``TransformerConfig`` and the module (or layer spec),
+* build: a vision family's ``encoder`` (an ``EncoderSpec``: which parts models/vit.py's one
+  ``ViTEncoder`` is made of); a language family's config -> Megatron-Core ``TransformerConfig``,
 * FLOPs: the dimensions ``training/flops.py`` counts with,
 * Hugging Face mapping: the HF config fields and a ``KeyMap`` (renames plus the tensor transforms
   q/k/v fusion and gate/up concatenation) from our parameter names to the HF ones,
@@ -16,9 +17,11 @@ the registry (``families/__init__.py``); none of them names a family.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from megatron_sail.config.model import TokenGeometry
+from megatron_sail.models.encoder_spec import EncoderSpec
 
 
 def square_side(size) -> int:
@@ -80,43 +83,6 @@ class KeyMap:
         return names
 
 
-@dataclass(frozen=True)
-class EncoderSpec:
-    """Which parts ``models/vit.py``'s ``ViTEncoder`` is built from, and the layer settings of
-    its TransformerConfig: a vision family is a configuration of the one encoder, not a class.
-
-    ``None`` in a layer field means "as the VisionConfig says" (InternViT leaves its norm, q/k/v
-    bias and QK-norm to the checkpoint); a value fixes it for the family."""
-
-    class_token: bool = False
-    """A learned class token before the patches (InternViT); its position table is then
-    [1, 1 + N, d] (InternVL's parameter), else [N, d] (an embedding table)."""
-    patch_norm: bool = False
-    """RMSNorm on the patch embeddings before the positions are added (AIMv2)."""
-    final_norm: str = "none"
-    """'none', 'rms_norm' (a bare weight, AIMv2) or 'layer_norm' (an nn.LayerNorm, SigLIP);
-    built and applied only when the last layer feeds the projector (``last_hidden_state``)."""
-    layer_scale: bool = False
-    """ls1/ls2 layer scale from ``VisionConfig.layer_scale_init`` (InternViT)."""
-    normalization: str | None = None
-    """Megatron ``normalization`` ('LayerNorm' / 'RMSNorm'); None: ``VisionConfig.norm_type``."""
-    linear_bias: bool = True
-    """Biases on the attention output and MLP linears."""
-    qkv_bias: bool | None = None
-    """Bias on q/k/v; None: ``VisionConfig.qkv_bias``."""
-    qk_norm: bool | None = None
-    """InternViT's full-width QK-norm; None: ``VisionConfig.qk_norm``."""
-    gated_mlp: bool = False
-    """SwiGLU-style MLP (gate and up) rather than two matrices."""
-    activation: str = "gelu"
-    """MLP activation: 'gelu', 'gelu_tanh' or 'silu'."""
-    requires: tuple[tuple[str, object], ...] = ()
-    """(VisionConfig field, value) pairs the family has no place for otherwise: a config that
-    differs is refused rather than ignored."""
-    requires_text: str = ""
-    """What ``requires`` means, in words (for the error)."""
-
-
 class VisionFamily:
     """A vision encoder family: mostly data (names, ``encoder`` parts); subclasses fill the HF
     side (configs, key map). Instances are stateless."""
@@ -133,18 +99,12 @@ class VisionFamily:
     the whole model with this encoder (else only the encoder converts alone)."""
     encoder: EncoderSpec = EncoderSpec()
     """The parts and layer settings of the family's ``ViTEncoder``."""
-
-    def transformer_config(self, vision, parallel, dtype):
-        """Megatron TransformerConfig of the encoder (the whole encoder lives on stage 0)."""
-        from megatron_sail.models.vit import encoder_transformer_config
-
-        return encoder_transformer_config(vision, parallel, dtype, self.encoder)
-
-    def build(self, vision, parallel, dtype, use_te: bool):
-        """The encoder module: tiles [T, 3, H, W] -> patch features [T, N, hidden]."""
-        from megatron_sail.models.vit import ViTEncoder
-
-        return ViTEncoder(vision, parallel, dtype, use_te, spec=self.encoder, family=self.name)
+    hf_layers: str = "encoder.layers"
+    """Prefix of the HF layers (under the encoder's prefix): ``<hf_layers>.<i>.``."""
+    hf_final_norm: tuple[str, ...] = ()
+    """Prefixes of the HF final norm, built only when the last layer is selected."""
+    hf_never_built: tuple[str, ...] = ()
+    """Prefixes of HF tensors that are not part of a VLM encoder (a pooling head)."""
 
     def flops_fields(self, vision, geometry: TokenGeometry) -> dict:
         """The ``FlopsShape`` fields of the encoder (vit_*, patch_dim): class tokens run
@@ -190,8 +150,15 @@ class VisionFamily:
         raise NotImplementedError
 
     def unused_hf(self, vision, hf: str, key: str) -> bool:
-        """Whether an HF tensor is a weight we deliberately do not build (layers after select_layer)."""
-        return False
+        """Whether an HF tensor is a weight we deliberately do not build: layers after
+        ``select_layer``, the final norm they would feed, parts never built (``hf_never_built``)."""
+        if key.startswith(tuple(hf + p for p in self.hf_never_built)):
+            return True
+        m = re.match(re.escape(hf + self.hf_layers) + r"\.(\d+)\.", key)
+        if m:
+            return vision.layers_used <= int(m.group(1)) < vision.num_layers
+        cut = vision.layers_used < vision.num_layers
+        return cut and key.startswith(tuple(hf + p for p in self.hf_final_norm))
 
 
 class LanguageFamily:

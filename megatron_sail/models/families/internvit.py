@@ -8,8 +8,6 @@ layer-scaled pre-norm layers, learned absolute positions). HF side: transformers
 
 from __future__ import annotations
 
-import re
-
 from megatron_sail.models.families.base import EncoderSpec, KeyMap, QKVSite, VisionFamily
 
 
@@ -18,6 +16,7 @@ class InternViTFamily(VisionFamily):
 
     name = "internvit"
     hf_model_type = "internvl_vision"
+    hf_layers = "encoder.layer"
 
     encoder = EncoderSpec(class_token=True, layer_scale=True, linear_bias=True, activation="gelu")
     """Class token, layer scale, GELU MLP with biases; norm (LayerNorm or RMSNorm), q/k/v bias
@@ -71,7 +70,7 @@ class InternViTFamily(VisionFamily):
         )
         norm_w = ("weight",) if v.norm_type == "rms_norm" else ("weight", "bias")
         for i in range(v.layers_used):
-            o, h = f"{ours}encoder.layers.{i}.", f"{hf}encoder.layer.{i}."
+            o, h = f"{ours}encoder.layers.{i}.", f"{hf}{self.hf_layers}.{i}."
             c = km.copies
             c += [(o + "ls1", h + "lambda_1"), (o + "ls2", h + "lambda_2")]
             c += [(o + f"input_layernorm.{w}", h + f"layernorm_before.{w}") for w in norm_w]
@@ -97,8 +96,3 @@ class InternViTFamily(VisionFamily):
                 )
             )
         return km
-
-    def unused_hf(self, v, hf: str, key: str) -> bool:
-        """HF layers after ``select_layer``: never computed, so we do not build them."""
-        m = re.match(re.escape(hf) + r"encoder\.layer\.(\d+)\.", key)
-        return bool(m) and v.layers_used <= int(m.group(1)) < v.num_layers

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_sail.models.families.base import KeyMap, LanguageFamily, QKVSite
+from megatron_sail.models.portable import portable_settings
 
 
 def rope_theta(text) -> float:
@@ -59,16 +60,7 @@ class Qwen2Family(LanguageFamily):
             num_layers_in_first_pipeline_stage=parallel.first_stage_layers if parallel.pp > 1 else None,
             num_layers_in_last_pipeline_stage=parallel.last_stage_layers if parallel.pp > 1 else None,
             sequence_parallel=parallel.sequence_parallel,
-            params_dtype=dtype,
-            pipeline_dtype=dtype,
-            bf16=dtype == torch.bfloat16,
-            fp16=dtype == torch.float16,
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            apply_rope_fusion=False,
-            masked_softmax_fusion=False,
-            persist_layer_norm=False,
-            gradient_accumulation_fusion=False,
+            **portable_settings(dtype),
             cross_entropy_loss_fusion=False,
         )
 
@@ -85,13 +77,8 @@ class Qwen2Family(LanguageFamily):
             lm_gated_mlp=True,
         )
 
-    def hf_config(self, lm) -> dict:
-        """transformers Qwen2Config fields."""
-        if lm.head_dim * lm.num_heads != lm.hidden_size:
-            raise ValueError(
-                f"{self.name}: head_dim {lm.head_dim} x {lm.num_heads} heads must equal "
-                f"hidden_size {lm.hidden_size} (Qwen2 has no separate head_dim)"
-            )
+    def hf_fields(self, lm) -> dict:
+        """The transformers config fields Qwen2 and its descendants spell the same way."""
         return dict(
             model_type=self.hf_model_type,
             vocab_size=lm.vocab_size,
@@ -107,8 +94,17 @@ class Qwen2Family(LanguageFamily):
             hidden_act="silu",
         )
 
-    def from_hf_config(self, t, tied: bool):
-        """LanguageConfig of a Qwen2Config (Qwen2 always has q/k/v biases)."""
+    def hf_config(self, lm) -> dict:
+        """transformers Qwen2Config fields."""
+        if lm.head_dim * lm.num_heads != lm.hidden_size:
+            raise ValueError(
+                f"{self.name}: head_dim {lm.head_dim} x {lm.num_heads} heads must equal "
+                f"hidden_size {lm.hidden_size} (Qwen2 has no separate head_dim)"
+            )
+        return self.hf_fields(lm)
+
+    def language_config(self, t, tied: bool, **fields):
+        """LanguageConfig of a Qwen2-style HF text config, plus the family's ``fields``."""
         from megatron_sail.config.model import LanguageConfig
 
         return LanguageConfig(
@@ -123,8 +119,12 @@ class Qwen2Family(LanguageFamily):
             rope_theta=rope_theta(t),
             tie_embeddings=tied,
             max_position_embeddings=t.max_position_embeddings,
-            qkv_bias=True,
+            **fields,
         )
+
+    def from_hf_config(self, t, tied: bool):
+        """LanguageConfig of a Qwen2Config (Qwen2 always has q/k/v biases)."""
+        return self.language_config(t, tied, qkv_bias=True)
 
     def layer_key_map(self, lm, o: str, h: str) -> KeyMap:
         """One decoder layer: norms, attention (q/k/v fused), SwiGLU (gate/up fused)."""

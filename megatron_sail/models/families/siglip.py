@@ -10,8 +10,6 @@ side of this family is the encoder alone (``key_map`` names relative to ``Siglip
 
 from __future__ import annotations
 
-import re
-
 from megatron_sail.models.families.base import EncoderSpec, KeyMap, QKVSite, VisionFamily
 
 
@@ -20,6 +18,8 @@ class SigLIPFamily(VisionFamily):
 
     name = "siglip"
     hf_model_type = "siglip_vision_model"
+    hf_final_norm = ("post_layernorm.",)
+    hf_never_built = ("head.",)
     in_internvl_container = False
     vlm_export = False
 
@@ -81,7 +81,7 @@ class SigLIPFamily(VisionFamily):
         if v.layers_used == v.num_layers:
             km.copies += [(ours + f"final_norm.{w}", hf + f"post_layernorm.{w}") for w in wb]
         for i in range(v.layers_used):
-            o, h = f"{ours}encoder.layers.{i}.", f"{hf}encoder.layers.{i}."
+            o, h = f"{ours}encoder.layers.{i}.", f"{hf}{self.hf_layers}.{i}."
             for w in wb:
                 km.copies += [
                     (o + f"input_layernorm.{w}", h + f"layer_norm1.{w}"),
@@ -96,12 +96,3 @@ class SigLIPFamily(VisionFamily):
                 )
             )
         return km
-
-    def unused_hf(self, v, hf: str, key: str) -> bool:
-        """Layers after select_layer, the post_layernorm they would feed, the pooling head."""
-        if key.startswith(hf + "head."):
-            return True
-        m = re.match(re.escape(hf) + r"encoder\.layers\.(\d+)\.", key)
-        if m:
-            return v.layers_used <= int(m.group(1)) < v.num_layers
-        return key.startswith(hf + "post_layernorm.") and v.layers_used < v.num_layers

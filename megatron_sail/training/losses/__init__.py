@@ -1,3 +1,3 @@
 """Post-training losses as pure functions of log-probabilities: preference (DPO / IPO / MPO)
 and policy gradient (GRPO). The trainer computes the log-probabilities under any TP/PP layout
-(training/preference.py, training/grpo.py); these functions only combine them."""
+(posttrain/preference.py, posttrain/grpo_update.py); these functions only combine them."""

@@ -23,7 +23,6 @@ model dtype; non-float tensors (TE extra state) are taken from the first input.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -33,8 +32,18 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_sail.checkpoint.layout import (
+    DCP_METADATA,
+    HF_CONFIG_FILE,
+    PROCESSOR_FILE,
+    SOURCE_DIR,
+    STATE_FILE,
+    TOKENIZER_DIR,
+)
+from megatron_sail.hashing import tree_sha256
+
 SOUP_FILE = "soup.json"
-_COPIED = ("tokenizer", "processor.json", "source_files", "hf_config.json")
+_COPIED = (TOKENIZER_DIR, PROCESSOR_FILE, SOURCE_DIR, HF_CONFIG_FILE)
 
 
 @dataclass
@@ -87,9 +96,9 @@ def tensor_shapes(ckpt: Path) -> dict[str, tuple]:
     with the integrity module's allow-listed unpickler (optimizer entries are skipped)."""
     from megatron_sail.checkpoint import integrity
 
-    integrity.check_dcp_metadata(str(ckpt))
-    with open(ckpt / ".metadata", "rb") as f:
-        meta = integrity._MetadataUnpickler(f).load()  # noqa: SLF001 - the one safe reader
+    meta = integrity.check_dcp_metadata(str(ckpt))
+    if meta is None:
+        raise FileNotFoundError(f"{ckpt}: no {DCP_METADATA} (not a distributed checkpoint)")
     shapes = {}
     for key, info in meta.state_dict_metadata.items():
         size = getattr(info, "size", None)
@@ -104,19 +113,14 @@ def tokenizer_identity(ckpt: Path) -> dict:
     checkpoints) or a hash of its tokenizer/ files (converted ones); {} when it has neither."""
     from megatron_sail.checkpoint.layout import read_state_file
 
-    state = ckpt / "train_state.pt"
+    state = ckpt / STATE_FILE
     if state.is_file():
         block = (read_state_file(str(state)).get("train_state") or {}).get("tokenizer") or {}
         if block:
             return dict(block)
-    tok = ckpt / "tokenizer"
+    tok = ckpt / TOKENIZER_DIR
     if tok.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(tok.rglob("*")):
-            if f.is_file():
-                h.update(f.relative_to(tok).as_posix().encode())
-                h.update(f.read_bytes())
-        return {"tokenizer_files_sha256": h.hexdigest()}
+        return {"tokenizer_files_sha256": tree_sha256(tok)}
     return {}
 
 

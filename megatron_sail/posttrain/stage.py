@@ -4,9 +4,9 @@ Same start as every stage (train.py: platform, chunks, Megatron DDP, optimizer, 
 checkpoint load, metrics), then a loop of its own, because the data is not packed indexed rows:
 
 * dpo: JSONL preference pairs are tokenized at start-up with the starting checkpoint's tokenizer
-  and processor settings (data/preprocess/preference.py, training/preference.py), the reference log-probs
+  and processor settings (data/preprocess/preference.py, posttrain/pair_rows.py), the reference log-probs
   are computed (or read) once, and each step takes --global-batch-size rows of pairs;
-* grpo: prompts with reference answers are read at start-up (training/grpo.py); each step samples
+* grpo: prompts with reference answers are read at start-up (posttrain/prompts.py); each step samples
   completions with the generation engine from the live model, scores them and updates.
 
 Order and resume: step k uses rows (prompts) [k*G, (k+1)*G) of an endless stream that
@@ -29,7 +29,7 @@ from megatron_sail.checkpoint import layout
 from megatron_sail.config.run import RunConfig, to_dict, write_resolved
 from megatron_sail.platform import distributed as platform
 from megatron_sail.training import checkpoint as ckpt
-from megatron_sail.training.metrics import MetricsConfig, MetricsWriter, StepStats
+from megatron_sail.training.metrics import MetricsWriter, StepStats, writer_for_run
 
 
 @dataclass
@@ -88,9 +88,8 @@ def _assets(cfg: RunConfig):
 
 def setup(cfg: RunConfig) -> Setup:
     """Platform, model, optimizer, checkpoint and metrics, as train.train() builds them."""
-    from megatron_sail.data.images.pipeline import build_image_pipeline
-    from megatron_sail.train import build_chunks, hook_model_config, load_state, wrap_ddp
-    from megatron_sail.training.flops import device_peak_flops
+    from megatron_sail.data.images import build_image_pipeline
+    from megatron_sail.training.model_setup import build_chunks, hook_model_config, load_state, wrap_ddp
     from megatron_sail.training.optimizer import build_optimizer, build_scheduler
     from megatron_sail.training.precision import check_precision
     from megatron_sail.training.save_dir import prepare_save_dir
@@ -112,24 +111,7 @@ def setup(cfg: RunConfig) -> Setup:
         cfg, chunks, optimizer, scheduler, ckpt.LoadChecks(c.ckpt_verify, {}, c.allow_tokenizer_mismatch)
     )
     state.scheduler = scheduler.state_dict()
-    metrics = MetricsWriter(
-        cfg.train.run_dir,
-        cfg.train.tensorboard_dir,
-        cfg.train.log_interval,
-        torch.distributed.get_rank(),
-        MetricsConfig(
-            total_iters=cfg.train.train_iters,
-            world_size=torch.distributed.get_world_size(),
-            peak_flops=device_peak_flops(),
-            start_iteration=state.iteration,
-            log_throughput=False,
-            tensorboard_log_interval=cfg.train.tensorboard_log_interval,
-            wandb_project=cfg.train.wandb_project,
-            wandb_exp_name=cfg.train.wandb_exp_name,
-            wandb_save_dir=cfg.train.wandb_save_dir,
-            run_config=to_dict(cfg),
-        ),
-    )
+    metrics = writer_for_run(cfg, state.iteration, progress_bar=False, log_throughput=False)
     return Setup(
         cfg,
         chunks,
@@ -224,147 +206,3 @@ def run_loop(s: Setup, one_step: Callable[[Setup], None]) -> int:
     if s.state.iteration > start or start == 0:
         save(s)
     return 0
-
-
-# ------------------------------------------------------------------ dpo
-def dpo_data(s: Setup):
-    """Rows of pairs and their reference log-probs (sidecar, --ref-load model or the policy)."""
-    from megatron_sail.data.preprocess.preference import PairFile, read_pairs
-    from megatron_sail.training import preference as pref
-
-    cfg = s.cfg
-    items = read_pairs(PairFile(list(cfg.data.data_path), cfg.post.image_root))
-    data = pref.build_rows(items, s.tokenizer, s.settings, cfg.data.seq_length)
-    if not data.rows:
-        raise ValueError(
-            f"--data-path {cfg.data.data_path}: no usable preference pair "
-            f"({len(data.rejects)} rejects, first: {data.rejects[:1]})"
-        )
-    _write_rejects(cfg.train.run_dir, data.rejects)
-    saved = data.shared_prefix_tokens / max(data.tokens, 1)
-    s.log(
-        f"[dpo] {sum(data.pairs_per_row)} pairs in {len(data.rows)} rows of "
-        f"{cfg.data.seq_length} tokens; {len(data.rejects)} rejects; {data.tokens} tokens, of "
-        f"which {data.shared_prefix_tokens} ({saved:.1%}) are prompt/image tokens a shared "
-        "prefix would not repeat"
-    )
-    if cfg.post.ref_logps:
-        ref = pref.load_sidecar(cfg.post.ref_logps, data.rows)
-        s.log(f"[dpo] reference log-probs from {cfg.post.ref_logps}")
-    else:
-        ref = compute_reference(s, data.rows)
-    return data, ref
-
-
-def compute_reference(s: Setup, rows: list) -> list:
-    """Reference log-probs of every row with the --ref-load model, or with the policy as it
-    starts (the starting checkpoint); a resumed run recomputes them from --ref-load or
-    --init-from, never from the resumed weights."""
-    from megatron_sail.checkpoint import dcp as dist_ckpt
-    from megatron_sail.train import build_chunks
-    from megatron_sail.training import preference as pref
-    from megatron_sail.training.precision import check_precision
-
-    cfg = s.cfg
-    source = cfg.post.ref_load or (cfg.checkpoint.init_from if s.state.iteration > 0 else None)
-    if s.state.iteration > 0 and source is None:
-        raise ValueError(
-            "resuming --stage dpo needs the reference: give --ref-load, --init-from or --ref-logps"
-        )
-    t0 = time.perf_counter()
-    if source is None:
-        out = pref.reference_logps(
-            s.chunks, rows, s.pipeline, cfg.data.seq_length, cfg.train.micro_batch_size
-        )
-    else:
-        ref_chunks = build_chunks(cfg, check_precision(cfg))
-        for c in ref_chunks:
-            c.requires_grad_(False)
-        dist_ckpt.load_model(ref_chunks, layout.resolve_checkpoint(source))
-        out = pref.reference_logps(
-            ref_chunks, rows, s.pipeline, cfg.data.seq_length, cfg.train.micro_batch_size
-        )
-        del ref_chunks
-    s.log(
-        f"[dpo] reference log-probs of {len(rows)} rows from "
-        f"{source or 'the starting weights'} in {time.perf_counter() - t0:.1f}s"
-    )
-    return out
-
-
-def _write_rejects(run_dir: str, rejects: list) -> None:
-    """rejects.jsonl in the run dir (rank 0; temporary name, then rename)."""
-    import json
-
-    if torch.distributed.get_rank() != 0 or not rejects:
-        return
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "rejects.jsonl")
-    with open(path + ".tmp", "w") as f:
-        for r in rejects:
-            f.write(json.dumps({"source": r.source, "reason": r.reason, "detail": r.detail}) + "\n")
-    os.replace(path + ".tmp", path)
-
-
-def dpo_stepper(s: Setup):
-    """The per-step function of the dpo loop."""
-    from megatron_sail.training import preference as pref
-    from megatron_sail.training.loop import BatchPlan, dp_plan
-    from megatron_sail.training.losses.preference import PreferenceLossConfig, RunningMean
-
-    cfg = s.cfg
-    data, ref = dpo_data(s)
-    w = cfg.post.mpo_weights
-    loss_cfg = PreferenceLossConfig(cfg.post.pref_loss, cfg.post.dpo_beta, w[0], w[1], w[2])
-    bco = RunningMean(**(s.state.data.get("bco") or {}))
-    plan: BatchPlan = dp_plan(cfg)
-    n = len(data.rows)
-
-    def step(s: Setup) -> None:
-        t0 = time.perf_counter()
-        k = s.state.consumed_samples // cfg.train.global_batch_size
-        idx = [
-            [stream_index(p, n, cfg.train.seed) for p in plan.microbatch(k, m)]
-            for m in range(plan.num_microbatches)
-        ]
-        batches = pref.make_batches(data.rows, ref, idx, s.pipeline)
-        out = pref.pref_step(s.chunks, s.optimizer, s.scheduler, batches, cfg.data.seq_length, loss_cfg, bco)
-        s.state.iteration += 1
-        s.state.consumed_samples += cfg.train.global_batch_size
-        s.state.skipped_steps += int(out["skipped"])
-        tokens = int(sum(float(b.mb.loss_mask.numel()) for b in batches))
-        s.state.consumed_tokens += tokens
-        s.state.data = {"bco": {"count": bco.count, "mean": bco.mean}}
-        extra = {
-            f"dpo/{k}": out[k]
-            for k in (
-                "chosen_reward",
-                "rejected_reward",
-                "margin",
-                "accuracy",
-                "chosen_logp",
-                "rejected_logp",
-            )
-        }
-        extra["dpo/pairs"] = out["pairs"]
-        if loss_cfg.loss == "mpo":
-            extra.update({f"mpo/{k}": out[k] for k in ("dpo", "bco", "lm")})
-            extra["mpo/bco_delta"] = bco.mean
-        log_step(
-            s, out["loss"], out["grad_norm"], t0, tokens, cfg.train.global_batch_size, extra, out["skipped"]
-        )
-
-    return step
-
-
-def train_posttrain(cfg: RunConfig) -> int:
-    """Run stage dpo or grpo; returns the exit code."""
-    s = setup(cfg)
-    try:
-        if cfg.stage.name == "dpo":
-            return run_loop(s, dpo_stepper(s))
-        from megatron_sail.training.grpo import grpo_stepper
-
-        return run_loop(s, grpo_stepper(s))
-    finally:
-        s.metrics.close()
