@@ -1,5 +1,5 @@
 """Every flag of every command explains itself (issue 22): a one-line help text, a plain metavar
-(never a config path such as DATA.DATA_PATH), for the trainer, generate and every tool."""
+(never a config path such as DATA.DATA_PATH), for the trainer, generate and every tool (tools/*.py and benchmarks/hf_reference.py)."""
 
 import argparse
 import importlib
@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from testkit import ROOT
 
 ENTRY_MODULES = ["megatron_sail.train", "megatron_sail.generate"]
 
@@ -168,3 +170,16 @@ def test_benchmark_and_candidate_lists_accept_both_forms(monkeypatch):
         assert a.benchmark == ["pope=p.tsv", "caption=c.tsv", "mmb=m.tsv"]
         assert a.candidate == ["raw=d/raw", "recap=d/recap", "x=d/x"]
         assert evaluate.parse_args(argv).benchmark == a.benchmark
+
+
+TOOLS = sorted(p.stem for p in (ROOT / "tools").glob("*.py")) + ["hf_reference"]
+
+
+@pytest.mark.parametrize("name", TOOLS)
+def test_every_tool_flag_has_help(name, monkeypatch):
+    """Each tool's parser (subcommands included) describes every flag with a plain metavar; tools/
+    and benchmarks/ are on pytest's pythonpath, so each imports by its file name."""
+    module = importlib.import_module(name)
+    with monkeypatch.context() as m:
+        parser = _parser_of(module.main, m)
+    assert _undescribed(parser) == []
