@@ -52,6 +52,8 @@ from megatron_sail.checkpoint import disk_full, integrity
 from megatron_sail.checkpoint.layout import MCORE_METADATA
 from megatron_sail.compat.dist_checkpointing import (
     CallerQueue,
+    DirectFileSystemReader,
+    load_reader,
     sharded_key_groups,
     wrapped_exception,
 )
@@ -303,7 +305,8 @@ def load_sharded(
         strict = "assume_ok_unexpected"
     else:
         strict = "raise_unexpected" if allow_extra else "raise_all"
-    return dist_checkpointing.load(sharded_state_dict, str(checkpoint_dir), strict=strict)
+    with load_reader(DirectFileSystemReader):  # tensors read into the parameters, no buffer
+        return dist_checkpointing.load(sharded_state_dict, str(checkpoint_dir), strict=strict)
 
 
 def model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict:

@@ -10,11 +10,24 @@ Written for megatron-core 0.16.1 and torch 2.13 (see ``WORKAROUNDS`` in ``__init
   subclass lets the checkpoint code choose the caller class instead.
 - ``wrapped_exception``: DCP hands a failed write to the finalizing step as its private
   "wrapped exception" result, which the coordinator re-raises on every rank.
+- ``load_reader``: Megatron's ``torch_dist`` load strategy builds its DCP reader in a private
+  module function; it is swapped for ``DirectFileSystemReader`` while a load runs.
+- ``DirectFileSystemReader``: reads tensor items straight into their targets, using DCP's
+  per-item storage records and the data offset torch's meta-device load records.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+from contextlib import contextmanager
+
+import torch
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCaller, AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+    CachedMetadataFileSystemReader,
+)
+from torch.futures import Future
 
 
 def sharded_key_groups(sharded_state_dict, keep_only_main_replica: bool) -> dict:
@@ -47,3 +60,107 @@ def wrapped_exception(error: BaseException):
     from torch.distributed.checkpoint.utils import _wrap_exception
 
     return _wrap_exception(error)
+
+
+@contextmanager
+def load_reader(reader_type: type):
+    """Megatron's ``torch_dist`` load strategy with ``reader_type`` as its DCP storage reader.
+
+    0.16.1's ``TorchDistLoadShardedStrategy.load`` takes its reader from the module function
+    ``_get_filesystem_reader``; it is replaced for the duration of the block (loads run on the
+    main thread, one at a time)."""
+    from megatron.core.dist_checkpointing.strategies import torch as strategies
+
+    original = strategies._get_filesystem_reader
+    strategies._get_filesystem_reader = lambda checkpoint_dir, cache_metadata=False: reader_type(
+        checkpoint_dir
+    )
+    try:
+        yield
+    finally:
+        strategies._get_filesystem_reader = original
+
+
+def checkpoint_offset(meta_tensor) -> int | None:
+    """Where the bytes of a tensor that ``torch.load(..., map_location="meta")`` described start
+    in the stream it read (torch keeps it on the storage as ``_checkpoint_offset``); None when
+    this torch does not record it."""
+    return getattr(meta_tensor.untyped_storage(), "_checkpoint_offset", None)
+
+
+class DirectFileSystemReader(CachedMetadataFileSystemReader):
+    """DCP's file reader that reads each tensor's bytes straight into the tensor it loads into.
+
+    torch's ``FileSystemReader.read_data`` ``torch.load``s every item into a new tensor and then
+    copies it into the target: two passes over the weights and a transient buffer of the
+    largest tensor. Here an item is first loaded onto the meta device (the weights-only
+    unpickler reads only its small pickle: dtype, shape, strides and the byte offset of its
+    data), then, when the source rows and the target are plain contiguous CPU memory of the
+    same dtype, its bytes are ``readinto`` the target. Anything else (bytes items, transformed
+    items, GPU targets, strided slices) goes through torch's own path, unchanged."""
+
+    def read_data(self, plan, planner):
+        """Read this rank's items; returns DCP's completed future."""
+        from torch.distributed.checkpoint.planner import LoadItemType
+
+        per_file: dict[str, list] = {}
+        for item in plan.items:
+            info = self.storage_data[item.storage_index]
+            per_file.setdefault(info.relative_path, []).append(item)
+        rest = []
+        for relative_path, items in per_file.items():
+            path = self.fs.concat_path(self.path, relative_path)
+            items.sort(key=lambda it: self.storage_data[it.storage_index].offset)
+            with self.fs.create_stream(path, "rb") as stream:
+                for item in items:
+                    info = self.storage_data[item.storage_index]
+                    direct = (
+                        item.type != LoadItemType.BYTE_IO
+                        and not info.transform_descriptors
+                        and self._read_into_target(stream, item, info, planner, path)
+                    )
+                    if not direct:
+                        rest.append(item)
+        if rest:
+            return super().read_data(dataclasses.replace(plan, items=rest), planner)
+        done = Future()
+        done.set_result(None)
+        return done
+
+    def _read_into_target(self, stream, item, info, planner, path) -> bool:
+        """Read one tensor item into its target; False (nothing read) when it does not qualify."""
+        from torch.distributed._shard._utils import narrow_tensor_by_index
+
+        meta = torch.load(self._slice_file(stream, info), map_location="meta", weights_only=True)
+        offset = checkpoint_offset(meta) if isinstance(meta, torch.Tensor) else None
+        if offset is None or not meta.is_contiguous():
+            return False
+        source = narrow_tensor_by_index(meta, item.storage_offsets, item.lengths)
+        target = planner.resolve_tensor(item).detach()
+        if target.size() != source.size():
+            raise ValueError(
+                f"{path}: item {item.storage_index} holds {tuple(source.size())}, "
+                f"the model expects {tuple(target.size())}"
+            )
+        if not (
+            source.is_contiguous()
+            and target.is_contiguous()
+            and target.device.type == "cpu"
+            and target.dtype == meta.dtype
+            and sys.byteorder == "little"
+        ):
+            return False
+        start = info.offset + offset + source.storage_offset() * source.element_size()
+        view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+        stream.seek(start)
+        got = 0
+        while got < len(view):
+            n = stream.readinto(view[got:])
+            if not n:
+                raise ValueError(
+                    f"{path}: truncated at byte {start + got}: item {item.storage_index} "
+                    f"needs {len(view)} bytes from byte {start}"
+                )
+            got += n
+        planner.commit_tensor(item, target)
+        return True
