@@ -5,7 +5,7 @@ replaced on an instance, a subclass that overrides a private hook, a file format
 hand, a name patched into a module) lives in this package, one file per area:
 
 - ``dist_checkpointing.py``: Megatron ShardedTensors grouped for DCP, the async-save queue's
-  caller hook, torch DCP's wrapped exceptions;
+  caller hook, torch DCP's wrapped exceptions, the load's DCP reader (tensors read in place);
 - ``optimizer.py``: Adam state on resume, optimizer state made before a load, the phases of
   ``MegatronOptimizer.step()``;
 - ``ddp.py``: the forward pre-hooks of Megatron DDP's overlapped param gather;
@@ -85,6 +85,21 @@ WORKAROUNDS: tuple[Workaround, ...] = (
         TORCH_VERIFIED,
         "compat/dist_checkpointing.py",
         "torch.distributed.checkpoint.utils._wrap_exception (write results that failed)",
+    ),
+    Workaround(
+        "load_reader",
+        MCORE,
+        MCORE_VERIFIED,
+        "compat/dist_checkpointing.py",
+        "dist_checkpointing.strategies.torch._get_filesystem_reader builds the load's DCP reader",
+    ),
+    Workaround(
+        "direct_read",
+        TORCH,
+        TORCH_VERIFIED,
+        "compat/dist_checkpointing.py",
+        "FileSystemReader.storage_data/_slice_file and torch.load(map_location='meta')'s "
+        "storage._checkpoint_offset",
     ),
     Workaround(
         "adam_step_on_load",

@@ -18,8 +18,12 @@ Written for megatron-core 0.16.1 and torch 2.13 (see ``WORKAROUNDS`` in ``__init
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -88,6 +92,16 @@ def checkpoint_offset(meta_tensor) -> int | None:
     return getattr(meta_tensor.untyped_storage(), "_checkpoint_offset", None)
 
 
+@dataclasses.dataclass
+class _DirectRead:
+    """One tensor item to read in place: ``view`` (the target's bytes) from byte ``start``."""
+
+    item: object
+    target: torch.Tensor
+    view: memoryview
+    start: int
+
+
 class DirectFileSystemReader(CachedMetadataFileSystemReader):
     """DCP's file reader that reads each tensor's bytes straight into the tensor it loads into.
 
@@ -96,8 +110,13 @@ class DirectFileSystemReader(CachedMetadataFileSystemReader):
     largest tensor. Here an item is first loaded onto the meta device (the weights-only
     unpickler reads only its small pickle: dtype, shape, strides and the byte offset of its
     data), then, when the source rows and the target are plain contiguous CPU memory of the
-    same dtype, its bytes are ``readinto`` the target. Anything else (bytes items, transformed
-    items, GPU targets, strided slices) goes through torch's own path, unchanged."""
+    same dtype, its bytes are read into the target with ``os.preadv``. Anything else (bytes
+    items, transformed items, GPU targets, strided slices) goes through torch's own path.
+
+    The parameters of a freshly built model are untouched pages, and faulting them in one 4 KiB
+    page at a time cost more than the copy itself (1.0 s of 1.3 s for 1.9 GB). So each target
+    is first populated in one ``madvise(MADV_POPULATE_WRITE)`` call, on a helper thread while
+    the previous item is read."""
 
     def read_data(self, plan, planner):
         """Read this rank's items; returns DCP's completed future."""
@@ -112,29 +131,32 @@ class DirectFileSystemReader(CachedMetadataFileSystemReader):
             path = self.fs.concat_path(self.path, relative_path)
             items.sort(key=lambda it: self.storage_data[it.storage_index].offset)
             with self.fs.create_stream(path, "rb") as stream:
+                reads = []
                 for item in items:
                     info = self.storage_data[item.storage_index]
-                    direct = (
-                        item.type != LoadItemType.BYTE_IO
-                        and not info.transform_descriptors
-                        and self._read_into_target(stream, item, info, planner, path)
-                    )
-                    if not direct:
+                    direct = None
+                    if item.type != LoadItemType.BYTE_IO and not info.transform_descriptors:
+                        direct = self._direct(stream, item, info, planner, path)
+                    if direct is None:
                         rest.append(item)
+                    else:
+                        reads.append(direct)
+                self._read_all(stream.fileno(), reads, planner, path)
         if rest:
             return super().read_data(dataclasses.replace(plan, items=rest), planner)
         done = Future()
         done.set_result(None)
         return done
 
-    def _read_into_target(self, stream, item, info, planner, path) -> bool:
-        """Read one tensor item into its target; False (nothing read) when it does not qualify."""
+    def _direct(self, stream, item, info, planner, path) -> _DirectRead | None:
+        """Where one tensor item's bytes are and which bytes they fill; None when it does not
+        qualify (read by torch's path instead)."""
         from torch.distributed._shard._utils import narrow_tensor_by_index
 
         meta = torch.load(self._slice_file(stream, info), map_location="meta", weights_only=True)
         offset = checkpoint_offset(meta) if isinstance(meta, torch.Tensor) else None
         if offset is None or not meta.is_contiguous():
-            return False
+            return None
         source = narrow_tensor_by_index(meta, item.storage_offsets, item.lengths)
         target = planner.resolve_tensor(item).detach()
         if target.size() != source.size():
@@ -149,18 +171,49 @@ class DirectFileSystemReader(CachedMetadataFileSystemReader):
             and target.dtype == meta.dtype
             and sys.byteorder == "little"
         ):
-            return False
+            return None
         start = info.offset + offset + source.storage_offset() * source.element_size()
         view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
-        stream.seek(start)
-        got = 0
-        while got < len(view):
-            n = stream.readinto(view[got:])
-            if not n:
-                raise ValueError(
-                    f"{path}: truncated at byte {start + got}: item {item.storage_index} "
-                    f"needs {len(view)} bytes from byte {start}"
-                )
-            got += n
-        planner.commit_tensor(item, target)
-        return True
+        return _DirectRead(item, target, view, start)
+
+    @staticmethod
+    def _read_all(fd: int, reads: list[_DirectRead], planner, path) -> None:
+        """Read every planned item, populating the next target's pages meanwhile."""
+        if not reads:
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="populate") as pool:
+            ready = pool.submit(_populate, reads[0].view)
+            for k, read in enumerate(reads):
+                ready.result()
+                if k + 1 < len(reads):
+                    ready = pool.submit(_populate, reads[k + 1].view)
+                got = 0
+                while got < len(read.view):
+                    n = os.preadv(fd, [read.view[got:]], read.start + got)
+                    if not n:
+                        raise ValueError(
+                            f"{path}: truncated at byte {read.start + got}: item "
+                            f"{read.item.storage_index} needs {len(read.view)} bytes from byte {read.start}"
+                        )
+                    got += n
+                planner.commit_tensor(read.item, read.target)
+
+
+_PAGE = 4096
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; elsewhere madvise fails and pages fault in as usual
+
+
+def _populate(view: memoryview) -> None:
+    """Back the whole pages inside ``view`` with memory in one call (no per-page faults)."""
+    if not sys.platform.startswith("linux") or len(view) < 16 * _PAGE:
+        return
+    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    start = -(-address // _PAGE) * _PAGE
+    end = (address + len(view)) // _PAGE * _PAGE
+    _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_POPULATE_WRITE)
+
+
+@functools.cache
+def _libc():
+    """The C library of this process (for madvise)."""
+    return ctypes.CDLL(None, use_errno=True)

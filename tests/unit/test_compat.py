@@ -3,6 +3,7 @@ the megatron-core / torch internal it relies on moved or behaves differently. Af
 upgrade, the failing test names the workaround to revisit."""
 
 import ast
+import dataclasses
 import inspect
 import logging
 import re
@@ -149,6 +150,50 @@ def test_wrapped_exception():
     err = ValueError("disk full")
     failures = _get_failure_dict([[], wrapped_exception(err)])  # what Megatron's finalize reads
     assert list(failures) == [1] and failures[1][0] is err
+
+
+def test_load_reader():
+    from megatron.core.dist_checkpointing.strategies import torch as strategies
+
+    from megatron_sail.compat.dist_checkpointing import DirectFileSystemReader, load_reader
+
+    assert _params(strategies._get_filesystem_reader) == ["checkpoint_dir", "cache_metadata"]
+    original = strategies._get_filesystem_reader
+    with load_reader(DirectFileSystemReader):
+        reader = strategies._get_filesystem_reader("/nowhere", cache_metadata=True)
+        assert isinstance(reader, DirectFileSystemReader)
+    assert strategies._get_filesystem_reader is original
+
+
+def test_direct_read(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_sail.compat.dist_checkpointing import DirectFileSystemReader
+
+    saved = {"w": torch.randn(6, 4), "h": torch.arange(8, dtype=torch.bfloat16), "t": torch.randn(3, 5)}
+    dcp.save(saved, storage_writer=dcp.FileSystemWriter(str(tmp_path)), no_dist=True)
+    reader = DirectFileSystemReader(str(tmp_path))
+    info = next(iter(reader.read_metadata().storage_data.values()))
+    assert {"relative_path", "offset", "length", "transform_descriptors"} <= {
+        f.name for f in dataclasses.fields(info)
+    }
+    direct = []
+    real = DirectFileSystemReader._direct
+
+    def spy(self, *args):
+        out = real(self, *args)
+        direct.append(out is not None)
+        return out
+
+    DirectFileSystemReader._direct = spy
+    try:
+        out = {"w": torch.zeros(6, 4), "h": torch.zeros(8, dtype=torch.bfloat16), "t": torch.zeros(5, 3).t()}
+        dcp.load(out, storage_reader=reader, no_dist=True)
+    finally:
+        DirectFileSystemReader._direct = real
+    for key, value in saved.items():
+        assert torch.equal(out[key], value), key
+    assert sorted(direct) == [False, True, True]  # the transposed target goes through torch's path
 
 
 # ---------------------------------------------------------------- optimizer
