@@ -393,10 +393,11 @@ def _largest_first(sharded: dict) -> tuple[dict, dict]:
     (at least half the size of its biggest; all entries of one checkpoint key together, as DCP
     reads a key whole) and everything else.
 
-    DCP reads each tensor into a buffer before copying it into the parameter, so loading the
-    embedding last would hold it twice on top of a nearly full model. Read first, while the
-    other parameters are still untouched (unallocated) pages, it costs nothing at the peak, and
-    the remaining transients are one layer's tensor."""
+    On CPU our reader (``DirectFileSystemReader``) reads contiguous items straight into the
+    parameter; torch's own path (GPU targets, strided slices) reads each tensor into a buffer
+    before copying it, so loading the embedding last would hold it twice on top of a nearly full
+    model. Read first, while the other parameters are still untouched (unallocated) pages, it
+    costs nothing at the peak, and the remaining transients are one layer's tensor."""
     size: dict[str, int] = {}
     for part in sharded.values():
         for value in part.values():
