@@ -136,6 +136,8 @@ class SailVLModel(MegatronModule):
         flat = input_ids.reshape(1, -1)
         emb = self.language_model.embedding(input_ids=flat, position_ids=None)
         if tiles is None or tiles.size(0) == 0:
+            if not torch.is_grad_enabled():  # generation: no gradient to anchor (every decode step)
+                return emb
             return emb + self._unused_vision_grad_anchor(emb)
         feats = self.visual_tokens(tiles).to(emb.dtype)
         pos = splice_positions(flat, self.model_config.img_context_token_id, feats.size(0))
