@@ -57,7 +57,7 @@ class Generator:
         sp = tokenizer.special
         stops = cfg.stop_token_ids if cfg.stop_token_ids is not None else (sp.im_end, sp.pad)
         self.stop_ids = tuple(int(s) for s in stops)
-        self._stop: Optional[torch.Tensor] = None
+        self._stop_tensor: Optional[torch.Tensor] = None
         """``stop_ids`` as a tensor on the logits' device (made on first use)."""
         lm_cfg = self.lms[0].config
         self.hidden = lm_cfg.hidden_size
@@ -265,9 +265,11 @@ class Generator:
     ) -> list[int]:
         """Next token of every row, chosen on the last stage and shared with every rank."""
         if self.last:
-            if self._stop is None or self._stop.device != logits.device:  # built once, not per token
-                self._stop = torch.tensor(self.stop_ids, dtype=torch.long, device=logits.device)
-            logits = apply_min_tokens(logits, generated, self.cfg.min_new_tokens, self._stop)
+            if (
+                self._stop_tensor is None or self._stop_tensor.device != logits.device
+            ):  # built once, not per token
+                self._stop_tensor = torch.tensor(self.stop_ids, dtype=torch.long, device=logits.device)
+            logits = apply_min_tokens(logits, generated, self.cfg.min_new_tokens, self._stop_tensor)
             chosen = next_tokens(logits, self.cfg.temperature, self.cfg.top_p, generator)
             if self.tp == self.pp == self.ep == 1 and chosen.size(0) == rows:  # nothing to share
                 return chosen.tolist()
