@@ -55,7 +55,9 @@ def subprocess_env(**extra) -> dict:
     )
 
 
-def make_tiny_demo(out: Path, env: dict | None = None, splits=("train", "val"), samples: int = 120) -> dict:
+def make_tiny_demo(
+    out: Path, *, env: dict | None = None, splits=("train", "val"), samples: int = 120
+) -> dict:
     """The small demo set the trainer tests run on, written under ``out``: generated, then
     preprocessed to the tiny recipe's geometry (32 px tiles, 4 tokens per tile, at most 4
     tiles, 256-token rows). Returns {split: dataset prefix}."""

@@ -248,10 +248,12 @@ def _our_tensors(
     vis: standalone.VisionPart, lm: standalone.LanguagePart, model_config: ModelConfig
 ) -> tuple[dict, dict]:
     """Our encoder + LM tensors (full, TP=1) and the encoder tensors past select_layer."""
-    v, lm = model_config.vision, model_config.language
+    v, lang = model_config.vision, model_config.language
     vfam = vision_family(v.family)
     vmap = vfam.key_map(v, "vision_model.", standalone.VISION_PREFIX)
-    lmap = language_family(lm.family).key_map(lm, "language_model.", standalone.LM_PREFIX, standalone.LM_HEAD)
+    lmap = language_family(lang.family).key_map(
+        lang, "language_model.", standalone.LM_PREFIX, standalone.LM_HEAD
+    )
     used_v, used_l = vmap.hf_names(), lmap.hf_names()
     unused = {
         k: t

@@ -90,7 +90,9 @@ def data(tmp_path_factory):
     the random init every run below starts with)."""
     d = tmp_path_factory.mktemp("gpu_paths")
     out = dict(
-        make_tiny_demo(d, ("train",), samples=60), other=str(d / "other"), bf16=str(d / "bf16_train.py")
+        make_tiny_demo(d, splits=("train",), samples=60),
+        other=str(d / "other"),
+        bf16=str(d / "bf16_train.py"),
     )
     (d / "bf16_train.py").write_text(BF16)
     _run(

@@ -71,7 +71,7 @@ def _records(run_dir):
 @pytest.fixture(scope="module")
 def blend_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("mon")
-    data = make_tiny_demo(d, subprocess_env(**WANDB_OFFLINE), samples=60)
+    data = make_tiny_demo(d, env=subprocess_env(**WANDB_OFFLINE), samples=60)
     run = d / "run"
     _train(
         [
