@@ -5,7 +5,8 @@ replaced on an instance, a subclass that overrides a private hook, a file format
 hand, a name patched into a module) lives in this package, one file per area:
 
 - ``dist_checkpointing.py``: Megatron ShardedTensors grouped for DCP, the async-save queue's
-  caller hook, torch DCP's wrapped exceptions, the load's DCP reader (tensors read in place);
+  caller hook, torch DCP's wrapped exceptions, the load's DCP reader (tensors read in place or mapped),
+  tensor items aligned in the shard files;
 - ``optimizer.py``: Adam state on resume, optimizer state made before a load, the phases of
   ``MegatronOptimizer.step()``;
 - ``ddp.py``: the forward pre-hooks of Megatron DDP's overlapped param gather;
@@ -92,6 +93,14 @@ WORKAROUNDS: tuple[Workaround, ...] = (
         MCORE_VERIFIED,
         "compat/dist_checkpointing.py",
         "dist_checkpointing.strategies.torch._get_filesystem_reader builds the load's DCP reader",
+    ),
+    Workaround(
+        "aligned_items",
+        TORCH,
+        TORCH_VERIFIED,
+        "compat/dist_checkpointing.py",
+        "torch.distributed.checkpoint.filesystem._write_item writes one item at stream.tell() "
+        "(Megatron's async writer imports it by name)",
     ),
     Workaround(
         "direct_read",

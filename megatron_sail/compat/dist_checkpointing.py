@@ -13,7 +13,10 @@ Written for megatron-core 0.16.1 and torch 2.13 (see ``WORKAROUNDS`` in ``__init
 - ``load_reader``: Megatron's ``torch_dist`` load strategy builds its DCP reader in a private
   module function; it is swapped for ``DirectFileSystemReader`` while a load runs.
 - ``DirectFileSystemReader``: reads tensor items straight into their targets, using DCP's
-  per-item storage records and the data offset torch's meta-device load records.
+  per-item storage records and the data offset torch's meta-device load records; asked to, it
+  makes whole parameters views of the mapped file instead (loading for generation).
+- ``align_tensor_items``: DCP's private ``_write_item`` (also imported by Megatron's async
+  writer) starts each tensor item at a 64-byte boundary of its file, so the reader can map it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import mmap
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -102,6 +106,49 @@ class _DirectRead:
     start: int
 
 
+ITEM_ALIGN = 64
+"""Byte boundary every tensor item of a shard file starts at (torch.save aligns the data inside
+an item to 64 bytes of the item's start, so the data is then aligned in the file too)."""
+
+
+_aligned_installed = False
+
+
+def align_tensor_items() -> None:
+    """Make DCP's writers (torch's ``FileSystemWriter`` and Megatron's
+    ``FileSystemWriterAsync``, which calls torch's private ``_write_item`` through its own
+    import) pad the file with zeros before each tensor item to a multiple of ``ITEM_ALIGN``.
+
+    DCP records every item's offset and length, so the gaps are invisible to every reader, but
+    the tensors' bytes land on aligned file offsets: ``DirectFileSystemReader`` can then make a
+    parameter a view of the mapped file (an unaligned float32 view is refused). Installed once
+    (checkpoint/dcp.py does it on import), so a later stand-in for ``_write_item`` (a test's
+    monkeypatch) is never wrapped and left behind in Megatron's module."""
+    global _aligned_installed
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from torch.distributed.checkpoint import filesystem
+
+    if _aligned_installed:
+        return
+    _aligned_installed = True
+    original = filesystem._write_item
+
+    @functools.wraps(original)
+    def aligned(transforms, stream, data, *args, **kwargs):
+        if isinstance(data, torch.Tensor):
+            pad = -stream.tell() % ITEM_ALIGN
+            if pad:
+                stream.write(bytes(pad))
+        return original(transforms, stream, data, *args, **kwargs)
+
+    filesystem._write_item = aligned
+    filesystem_async._write_item = aligned
+
+
+_SKIP = object()
+"""``_direct``'s answer for an item that needs no read (its parameter now maps the file)."""
+
+
 class DirectFileSystemReader(CachedMetadataFileSystemReader):
     """DCP's file reader that reads each tensor's bytes straight into the tensor it loads into.
 
@@ -116,7 +163,22 @@ class DirectFileSystemReader(CachedMetadataFileSystemReader):
     The parameters of a freshly built model are untouched pages, and faulting them in one 4 KiB
     page at a time cost more than the copy itself (1.0 s of 1.3 s for 1.9 GB). So each target
     is first populated in one ``madvise(MADV_POPULATE_WRITE)`` call, on a helper thread ahead
-    of the reads."""
+    of the reads.
+
+    With ``share`` ({data_ptr: parameter} of the model being loaded), an item that fills a whole
+    parameter is not read at all: the parameter's ``.data`` becomes a view of the file, mapped
+    copy-on-write (``mmap.ACCESS_COPY``), as transformers does with safetensors. Nothing is
+    read until first use, the file's pages are shared with the page cache, and a write to the
+    parameter copies only the page it touches, never the file. The state dict DCP returns
+    still holds the old (unread) memory for those items; ``shared`` records them so the caller
+    hands the parameter itself to ``load_state_dict`` (whose copy onto itself is a no-op)."""
+
+    def __init__(self, checkpoint_dir, share: dict | None = None):
+        super().__init__(checkpoint_dir)
+        self.share = share or {}
+        self.shared: set[int] = set()
+        """ids of the parameters that became views of the file."""
+        self._maps: dict[str, mmap.mmap] = {}
 
     def read_data(self, plan, planner):
         """Read this rank's items; returns DCP's completed future."""
@@ -139,7 +201,7 @@ class DirectFileSystemReader(CachedMetadataFileSystemReader):
                         direct = self._direct(stream, item, info, planner, path)
                     if direct is None:
                         rest.append(item)
-                    else:
+                    elif direct is not _SKIP:
                         reads.append(direct)
                 self._read_all(stream.fileno(), reads, planner, path)
         if rest:
@@ -148,9 +210,9 @@ class DirectFileSystemReader(CachedMetadataFileSystemReader):
         done.set_result(None)
         return done
 
-    def _direct(self, stream, item, info, planner, path) -> _DirectRead | None:
+    def _direct(self, stream, item, info, planner, path) -> _DirectRead | object | None:
         """Where one tensor item's bytes are and which bytes they fill; None when it does not
-        qualify (read by torch's path instead)."""
+        qualify (read by torch's path instead), ``_SKIP`` when its parameter now maps the file."""
         from torch.distributed._shard._utils import narrow_tensor_by_index
 
         meta = torch.load(self._slice_file(stream, info), map_location="meta", weights_only=True)
@@ -173,8 +235,34 @@ class DirectFileSystemReader(CachedMetadataFileSystemReader):
         ):
             return None
         start = info.offset + offset + source.storage_offset() * source.element_size()
+        if self._share(path, stream, target, start):
+            planner.commit_tensor(item, target)
+            return _SKIP
         view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
         return _DirectRead(item, target, view, start)
+
+    def _share(self, path: str, stream, target: torch.Tensor, start: int) -> bool:
+        """Make the parameter ``target`` fills a view of its bytes in the mapped file; False when
+        ``target`` is not a whole shared parameter or its bytes are not aligned for its dtype."""
+        param = self.share.get(target.data_ptr())
+        if (
+            param is None
+            or param.numel() != target.numel()  # (a layer's item has a leading layer axis)
+            or param.dtype != target.dtype
+            or not param.is_contiguous()
+            or start % target.element_size()
+        ):
+            return False
+        mm = self._maps.get(path)
+        if mm is None:
+            mm = self._maps[path] = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_COPY)
+        if start + target.numel() * target.element_size() > len(mm):
+            raise ValueError(f"{path}: truncated: a tensor of {tuple(target.shape)} needs bytes from {start}")
+        param.data = torch.frombuffer(mm, dtype=target.dtype, count=target.numel(), offset=start).view(
+            param.shape
+        )
+        self.shared.add(id(param))
+        return True
 
     @staticmethod
     def _read_all(fd: int, reads: list[_DirectRead], planner, path) -> None:

@@ -377,7 +377,7 @@ def _load_megatron(
         raise ValueError(
             f"{path}: holds another model than {first.path}, which was deleted while being read; run again"
         )
-    dcp.load_model(chunks, found.path)
+    dcp.load_model(chunks, found.path, map_file=True)
     return found, _tokenizer(found, tokenizer)
 
 

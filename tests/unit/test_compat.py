@@ -196,6 +196,40 @@ def test_direct_read(tmp_path):
     assert sorted(direct) == [False, True, True]  # the transposed target goes through torch's path
 
 
+def test_aligned_items(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from torch.distributed.checkpoint import filesystem
+
+    from megatron_sail.compat.dist_checkpointing import ITEM_ALIGN, DirectFileSystemReader, align_tensor_items
+
+    assert _params(filesystem._write_item)[:4] == ["transforms", "stream", "data", "write_item"]
+    align_tensor_items()  # installed on import of checkpoint/dcp.py; again is a no-op
+    align_tensor_items()
+    assert filesystem._write_item is filesystem_async._write_item
+    assert not hasattr(filesystem._write_item.__wrapped__, "__wrapped__")  # wrapped once
+    saved = {"a": torch.randn(3), "w": torch.randn(6, 4), "b": torch.randn(5), "obj": {"x": 1}}
+    dcp.save(saved, storage_writer=dcp.FileSystemWriter(str(tmp_path)), no_dist=True)
+    reader = DirectFileSystemReader(str(tmp_path))
+    md = reader.read_metadata()
+    tensor_items = [info for idx, info in md.storage_data.items() if idx.fqn in ("a", "w", "b")]
+    assert len(tensor_items) == 3 and all(info.offset % ITEM_ALIGN == 0 for info in tensor_items)
+
+    # mapped load: whole parameters become copy-on-write views of the file
+    params = {k: torch.nn.Parameter(torch.zeros_like(saved[k])) for k in ("a", "w", "b")}
+    reader = DirectFileSystemReader(str(tmp_path), share={p.data_ptr(): p for p in params.values()})
+    out = {k: p.detach() for k, p in params.items()}
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    assert reader.shared == {id(p) for p in params.values()}
+    for key, p in params.items():
+        assert torch.equal(p, saved[key]), key
+        assert not torch.equal(out[key], saved[key]), key  # DCP's own target was not read into
+    file_bytes = (tmp_path / "__0_0.distcp").read_bytes()
+    with torch.no_grad():
+        params["w"].add_(1.0)  # a write copies the page, never the file
+    assert (tmp_path / "__0_0.distcp").read_bytes() == file_bytes
+
+
 # ---------------------------------------------------------------- optimizer
 def test_adam_step_on_load():
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
