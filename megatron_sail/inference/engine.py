@@ -24,6 +24,7 @@ from megatron_sail.compat.ddp import pause_param_gather_hooks, resume_param_gath
 from megatron_sail.config.model import ModelConfig
 from megatron_sail.data.tokenizer import Tokenizer
 from megatron_sail.inference.config import GenerationConfig, GenerationRequest, GenerationResult
+from megatron_sail.inference.decode_state import DecodeState
 from megatron_sail.inference.kv_cache import CacheStep, KVCache, RopeTable, cached_attention
 from megatron_sail.inference.plain_layers import plain_layers
 from megatron_sail.inference.prompts import ProcessorSettings, Prompt, PromptBuilder
@@ -31,6 +32,10 @@ from megatron_sail.inference.sampling import apply_min_tokens, next_tokens
 from megatron_sail.models.attention import packed_seq_params
 from megatron_sail.models.sail_vl import unwrap
 from megatron_sail.platform.distributed import device as model_device
+
+GPU_SYNC_EVERY = 16
+"""Decode steps between two checks (device-to-host reads) of whether a row still runs, on GPUs:
+at most this many steps too many once every row ended, none waited for meanwhile."""
 
 
 class Generator:
@@ -67,6 +72,9 @@ class Generator:
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
         self.ep = parallel_state.get_expert_model_parallel_world_size()
         self.device = model_device()
+        self.sync_every = 1 if self.device.type == "cpu" else GPU_SYNC_EVERY
+        """Decode steps between checks whether a row still runs (a read back from the device);
+        on CPU that read is free, so every step (never a step too many)."""
         self.first = self.chunks[0].pre_process
         self.last = self.chunks[-1].post_process
         self.stats = {
@@ -96,7 +104,7 @@ class Generator:
         # train()/eval() walk every module with setattr (about 1 ms per call of a tiny model,
         # a tenth of a short generation): only switch chunks that have a module in training.
         switched = [c for c in self.wrapped if any(m.training for m in c.modules())]
-        generator = torch.Generator().manual_seed(self.cfg.seed)
+        generator = torch.Generator(self.device).manual_seed(self.cfg.seed)  # draws stay on the device
         results: list[GenerationResult] = []
         hooked = pause_param_gather_hooks(self.wrapped)
         try:
@@ -120,54 +128,45 @@ class Generator:
     # ------------------------------------------------------------------ one batch
     def _batch(self, prompts: list[Prompt], generator: torch.Generator) -> list[GenerationResult]:
         """Prefill the batch, then decode until every prompt stopped or ran out of budget."""
+        state = self._run(prompts, generator)
+        return self._results(prompts, state)
+
+    def _run(self, prompts: list[Prompt], generator: torch.Generator) -> DecodeState:
+        """The prefill and the decode steps of one batch; the device-side state they left.
+
+        The loop reads nothing back from the device except whether a row still runs, and that
+        only every ``sync_every`` steps (a GPU runs ahead meanwhile; on CPU a read is free, so
+        it asks every step and never decodes a step too many)."""
         n = len(prompts)
         rows = self._padded(n)
         lens = [len(p.ids) for p in prompts]
         budgets = [max(0, p.max_new_tokens) for p in prompts]
         max_len = max(length + b for length, b in zip(lens, budgets)) + 1
         cache = KVCache(rows, max_len, self._rope_table(max_len))
-        outs: list[list[int]] = [[] for _ in prompts]
-        reasons = ["length" if b == 0 else "" for b in budgets]
+        state = DecodeState(lens, budgets, rows, self.stop_ids, self.cfg.min_new_tokens, self.device)
         with cached_attention(self.lms, cache):
             t0 = time.perf_counter()
             logits = self._prefill(prompts, cache)
-            tokens = self._choose(logits, 0, rows, generator)
+            state.accept(self._choose(logits, 0, rows, generator), 0)
             self.stats["prefill_s"] += time.perf_counter() - t0
             self.stats["prompt_tokens"] += sum(lens)
             t0 = time.perf_counter()
-            while True:
-                self._accept(tokens, outs, reasons, budgets)
-                if all(reasons):
+            for step in range(1, state.width):
+                if step % self.sync_every == 0 and not state.running():
                     break
-                positions = [lens[i] + len(outs[i]) - 1 if not reasons[i] else lens[i] for i in range(n)] + [
-                    0
-                ] * (rows - n)
-                feed = [outs[i][-1] if not reasons[i] else self.tokenizer.special.pad for i in range(n)] + [
-                    self.tokenizer.special.pad
-                ] * (rows - n)
-                logits = self._decode(feed, positions, cache)
-                tokens = self._choose(
-                    logits, min(len(o) for o, r in zip(outs, reasons) if not r), rows, generator
-                )
+                logits = self._decode(state, cache)
+                state.accept(self._choose(logits, step, rows, generator), step)
                 self.stats["decode_steps"] += 1
             self.stats["decode_s"] += time.perf_counter() - t0
-        self.stats["generated_tokens"] += sum(len(o) for o in outs)
-        return [
-            GenerationResult(self.tokenizer.decode(o), o, list(p.ids), r)
-            for o, p, r in zip(outs, prompts, reasons)
-        ]
+        return state
 
-    def _accept(self, tokens: list[int], outs, reasons, budgets) -> None:
-        """Append each running prompt's new token, or end it on a stop token / full budget."""
-        for i, out in enumerate(outs):
-            if reasons[i]:
-                continue
-            if tokens[i] in self.stop_ids and len(out) >= self.cfg.min_new_tokens:
-                reasons[i] = "stop"
-                continue
-            out.append(tokens[i])
-            if len(out) >= budgets[i]:
-                reasons[i] = "length"
+    def _results(self, prompts: list[Prompt], state: DecodeState) -> list[GenerationResult]:
+        """The batch's answers, read back from the device once."""
+        results = []
+        for p, (ids, reason, _stop) in zip(prompts, state.rows()):
+            results.append(GenerationResult(self.tokenizer.decode(ids), ids, list(p.ids), reason))
+            self.stats["generated_tokens"] += len(ids)
+        return results
 
     def _padded(self, n: int) -> int:
         """Rows per decode step: the batch, rounded up to a multiple of TP under SP."""
@@ -213,15 +212,14 @@ class Generator:
         )
         return RopeTable(lm.rotary_pos_emb(max_len), self.dtype) if plain else None
 
-    def _decode(self, feed: list[int], positions: list[int], cache: KVCache) -> Optional[torch.Tensor]:
-        """One token per row at the given positions; logits [rows, V] on the last stage.
-
-        Everything after the two host-to-device copies is a fixed-shape computation on the
-        device (mask, RoPE rows, cache writes, attention over the whole cache)."""
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+    def _decode(self, state: DecodeState, cache: KVCache) -> Optional[torch.Tensor]:
+        """One token per row (each row's last token, at its position); logits [rows, V] on the
+        last stage. A fixed-shape computation on the device from inputs already there (the
+        tokens, positions, mask, RoPE rows, cache writes, attention over the whole cache)."""
+        pos = state.positions()
         cache.decode_step(pos)
         rope = None if cache.rope is not None else self.lms[0].rotary_pos_emb(cache.max_len)[pos]
-        ids_t = torch.tensor(feed, dtype=torch.long, device=self.device)[None]
+        ids_t = state.tokens[None]
         hidden = self._stages(ids_t, None, rope, None)
         return None if hidden is None else self._logits(hidden[:, 0])
 
@@ -262,8 +260,9 @@ class Generator:
     # ------------------------------------------------------------------ token choice
     def _choose(
         self, logits: Optional[torch.Tensor], generated: int, rows: int, generator: torch.Generator
-    ) -> list[int]:
-        """Next token of every row, chosen on the last stage and shared with every rank."""
+    ) -> torch.Tensor:
+        """Next token of every row [rows] (on the device), chosen on the last stage and shared
+        with every rank; ``generated`` is how many tokens the running rows have."""
         if self.last:
             if (
                 self._stop_tensor is None or self._stop_tensor.device != logits.device
@@ -272,7 +271,7 @@ class Generator:
             logits = apply_min_tokens(logits, generated, self.cfg.min_new_tokens, self._stop_tensor)
             chosen = next_tokens(logits, self.cfg.temperature, self.cfg.top_p, generator)
             if self.tp == self.pp == self.ep == 1 and chosen.size(0) == rows:  # nothing to share
-                return chosen.tolist()
+                return chosen
         tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
         if self.last:
             tokens[: chosen.size(0)].copy_(chosen)
@@ -292,4 +291,4 @@ class Generator:
             # a last-bit logit difference between them must not let their answers (and lengths) part
             group = parallel_state.get_expert_model_parallel_group()
             dist.broadcast(tokens, src=dist.get_global_rank(group, 0), group=group)
-        return tokens.tolist()
+        return tokens

@@ -67,35 +67,28 @@ class RolloutGenerator(Generator):
             out.append(Rollout(list(p.ids), p.tiles, ids, lps if self.last else [], text, reason))
         return out
 
-    def _batch(self, prompts, generator):
-        """One batch of the engine, with per-row log-prob lists set up for ``_accept``."""
-        self._lp = [[] for _ in prompts]
-        self._stop: list = [None] * len(prompts)
-        self._step_lp: list = []
-        results = super()._batch(prompts, generator)
-        self._records += list(zip(self._lp, self._stop))
-        return results
+    def _run(self, prompts, generator):
+        """One batch of the engine, with the chosen tokens' log-probs gathered per step."""
+        self._step_lps: list[torch.Tensor] = []
+        self._prompts = len(prompts)  # decode steps may carry padding rows (SP): not recorded
+        return super()._run(prompts, generator)
 
     def _choose(self, logits, generated, rows, generator):
-        """The engine's choice, plus each row's log-prob of its chosen token."""
+        """The engine's choice, plus each row's log-prob of its chosen token (kept on the device)."""
         tokens = super()._choose(logits, generated, rows, generator)
         if logits is not None:
             t = self.cfg.temperature if self.cfg.temperature > 0 else 1.0
             lp = torch.log_softmax(logits.float() / t, dim=-1)
-            idx = torch.tensor(tokens[: lp.size(0)], device=lp.device)
-            self._step_lp = lp.gather(1, idx[:, None])[:, 0].tolist()
+            self._step_lps.append(lp.gather(1, tokens[: lp.size(0), None])[: self._prompts, 0])
         return tokens
 
-    def _accept(self, tokens, outs, reasons, budgets) -> None:
-        """The engine's bookkeeping; each accepted token's (or stop token's) log-prob kept."""
-        before = [len(o) for o in outs]
-        running = [not r for r in reasons]
-        super()._accept(tokens, outs, reasons, budgets)
-        for i in range(len(outs)):
-            if not running[i]:
-                continue
-            lp = self._step_lp[i] if i < len(self._step_lp) else 0.0
-            if len(outs[i]) > before[i]:
-                self._lp[i].append(lp)
-            elif reasons[i] == "stop":
-                self._stop[i] = (int(tokens[i]), lp)
+    def _results(self, prompts, state):
+        """The engine's results; each row's accepted tokens' log-probs and its stop token (with
+        its log-prob) recorded for ``rollouts``."""
+        results = super()._results(prompts, state)
+        steps = torch.stack(self._step_lps, 1).tolist() if self._step_lps else []
+        for i, (ids, _reason, stop) in enumerate(state.rows()):
+            row = steps[i] if i < len(steps) else []
+            lp = row[len(ids)] if len(ids) < len(row) else 0.0
+            self._records.append((row[: len(ids)], None if stop is None else (stop, lp)))
+        return results

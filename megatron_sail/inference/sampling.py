@@ -24,7 +24,7 @@ def next_tokens(
     temperature 0 is argmax (ties go to the lowest id, as torch.argmax and transformers do).
     Otherwise tokens are drawn from softmax(logits / temperature) restricted to the smallest
     set whose probability reaches ``top_p`` (the most likely token is always kept); the draw uses
-    ``generator`` so that a seed fixes the answer.
+    ``generator`` (on the logits' device: no host round trip) so that a seed fixes the answer.
     """
     logits = logits.float()
     if temperature == 0:
@@ -35,4 +35,4 @@ def next_tokens(
         before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the more likely tokens
         sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

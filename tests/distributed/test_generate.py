@@ -81,11 +81,54 @@ def _single_rank_job(rank, paths):
         reqs,
     )
     out["sampled"] = [sample(1), sample(1), sample(2)]
+    out["host_reads"] = _host_reads(hf_gen, reqs)
     hf_to_mcore(paths["hf"], paths["mcore"], ConvertConfig())
     out["mcore"] = _answers(load_generator(paths["mcore"], gc.gen_config(batch_size=4)), reqs)
     out["families"] = {name: _family_case(paths[name], reqs) for name in gc.FAMILIES}
     hf_to_mcore(paths["qwen3_moe"], paths["mcore_moe"], ConvertConfig())
     return out
+
+
+def _host_reads(gen, reqs) -> dict:
+    """Forced answers of 4 and 12 tokens decoded GPU-style (whether a row still runs checked
+    every 1000 steps), with the values read back to the host (Tensor.item/tolist/bool/int/float)
+    while decoding, against the same answers checked every step."""
+    import dataclasses
+
+    import torch
+
+    names = ("item", "tolist", "__bool__", "__int__", "__float__")
+    own = {n: torch.Tensor.__dict__[n] for n in names if n in torch.Tensor.__dict__}
+    reads = [0]
+
+    def counted(fn):
+        def call(*a, **k):
+            reads[0] += 1
+            return fn(*a, **k)
+
+        return call
+
+    res = {}
+    for new in (4, 12):
+        cfg = dataclasses.replace(gen.cfg, max_new_tokens=new, min_new_tokens=new, stop_token_ids=None)
+        gen_new = type(gen)(gen.chunks, gen.model_config, gen.tokenizer, gen.settings, cfg)
+        prompts = [gen_new.prompts.build(r, new, i) for i, r in enumerate(reqs)]
+        prompts = [dataclasses.replace(p, max_new_tokens=new) for p in prompts]  # all forced to `new`
+        every_step = [r.token_ids for r in gen_new.generate_prompts(prompts)]
+        gen_new.sync_every = 1000
+        reads[0] = 0
+        for n in names:
+            setattr(torch.Tensor, n, counted(getattr(torch.Tensor, n)))
+        try:
+            rarely = [r.token_ids for r in gen_new.generate_prompts(prompts)]
+        finally:
+            for n in names:
+                if n in own:
+                    setattr(torch.Tensor, n, own[n])
+                else:
+                    delattr(torch.Tensor, n)
+        res[new] = {"every_step": every_step, "rarely": rarely, "reads": reads[0]}
+    return res
 
 
 def _family_case(path, reqs) -> dict:
@@ -158,6 +201,16 @@ def test_stop_token_ends_answers_like_transformers(assets):
     stop = single["stop"]
     assert stop["ours"] == stop["hf"]
     assert len(stop["ours"][0]) < 5 and stop["token"] not in stop["ours"][0]
+
+
+def test_decode_reads_nothing_back_per_token(assets):
+    _, single = assets
+    runs = single["host_reads"]
+    for new, run in runs.items():
+        assert run["rarely"] == run["every_step"], new
+        assert all(len(t) == new for t in run["rarely"]), new
+    # 8 more tokens per answer, not one more read: nothing in a decode step syncs with the host
+    assert runs[12]["reads"] == runs[4]["reads"]
 
 
 def test_seeded_sampling(assets):
