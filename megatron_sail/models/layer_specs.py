@@ -49,7 +49,14 @@ class SPNorm(torch.nn.Module):
             p.sequence_parallel = config.sequence_parallel
 
     def forward(self, x):
-        """Normalize in fp32 (as transformers' Qwen2RMSNorm / nn.LayerNorm), return input dtype."""
+        """Normalize in fp32 (as transformers' Qwen2RMSNorm / nn.LayerNorm), return input dtype.
+
+        In fp32, torch's ``rms_norm`` runs the very same ops (square, mean, + eps, rsqrt, scale,
+        weight) in C++: bit-identical outputs and gradients, without five Python dispatches per
+        call (a tenth of a tiny model's decode step). Other dtypes keep the explicit form, whose
+        rounding transformers' norm shares."""
+        if self.rms and x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return torch.nn.functional.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         if self.rms:
             h = x.float()
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
