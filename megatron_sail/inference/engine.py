@@ -26,7 +26,7 @@ from megatron_sail.data.tokenizer import Tokenizer
 from megatron_sail.inference.config import GenerationConfig, GenerationRequest, GenerationResult
 from megatron_sail.inference.decode_state import DecodeState
 from megatron_sail.inference.kv_cache import CacheStep, KVCache, RopeTable, cached_attention
-from megatron_sail.inference.plain_layers import plain_layers
+from megatron_sail.inference.plain_layers import plain_layers, swappable
 from megatron_sail.inference.prompts import ProcessorSettings, Prompt, PromptBuilder
 from megatron_sail.inference.sampling import apply_min_tokens, next_tokens
 from megatron_sail.models.attention import packed_seq_params
@@ -75,6 +75,10 @@ class Generator:
         self.sync_every = 1 if self.device.type == "cpu" else GPU_SYNC_EVERY
         """Decode steps between checks whether a row still runs (a read back from the device);
         on CPU that read is free, so every step (never a step too many)."""
+        self._modules = [list(c.modules()) for c in self.wrapped]
+        """Every module of each chunk, listed once (a module walk per call is not free)."""
+        self._swappable = swappable(self.chunks) if self.tp == 1 else []
+        """The TP=1 parallel layers that run as plain torch calls while generating."""
         self.first = self.chunks[0].pre_process
         self.last = self.chunks[-1].post_process
         self.stats = {
@@ -103,14 +107,14 @@ class Generator:
         modes = [c.training for c in self.wrapped]
         # train()/eval() walk every module with setattr (about 1 ms per call of a tiny model,
         # a tenth of a short generation): only switch chunks that have a module in training.
-        switched = [c for c in self.wrapped if any(m.training for m in c.modules())]
+        switched = [c for c, mods in zip(self.wrapped, self._modules) if any(m.training for m in mods)]
         generator = torch.Generator(self.device).manual_seed(self.cfg.seed)  # draws stay on the device
         results: list[GenerationResult] = []
         hooked = pause_param_gather_hooks(self.wrapped)
         try:
             for c in switched:
                 c.eval()
-            with torch.no_grad(), plain_layers(self.chunks if self.tp == 1 else []):
+            with torch.no_grad(), plain_layers(self._swappable):
                 for start in range(0, len(prompts), self.cfg.batch_size):
                     batch = self._batch(prompts[start : start + self.cfg.batch_size], generator)
                     results += batch

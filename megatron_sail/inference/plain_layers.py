@@ -76,18 +76,23 @@ def _plain_forward(module):
     return None
 
 
+def swappable(chunks: list) -> list:
+    """The TP=1 parallel layers of ``chunks`` that ``plain_layers`` can swap (a generator finds
+    them once: walking every module per call cost a twentieth of a tiny model's prefill)."""
+    return [m for chunk in chunks for m in chunk.modules() if _plain_forward(m) is not None]
+
+
 @contextmanager
-def plain_layers(chunks: list):
-    """Within the block (which must run under no_grad), TP=1 parallel layers of ``chunks`` call
-    F.linear / F.embedding directly. Restores the modules on exit."""
+def plain_layers(modules: list):
+    """Within the block (which must run under no_grad), the given TP=1 parallel layers (see
+    ``swappable``) call F.linear / F.embedding directly. Restores the modules on exit."""
     swapped = []
     try:
-        for chunk in chunks:
-            for module in chunk.modules():
-                forward = _plain_forward(module)
-                if forward is not None and "forward" not in module.__dict__:
-                    module.forward = forward
-                    swapped.append(module)
+        for module in modules:
+            forward = _plain_forward(module)
+            if forward is not None and "forward" not in module.__dict__:
+                module.forward = forward
+                swapped.append(module)
         if swapped and torch.is_grad_enabled():
             raise RuntimeError("plain_layers is for generation under torch.no_grad()")
         yield len(swapped)
