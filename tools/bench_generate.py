@@ -14,10 +14,11 @@ both sides then read. Every measurement is a fresh process with the same thread 
 (``OMP_NUM_THREADS`` and ``torch.set_num_threads``); the sides alternate (peer first on even
 repeats, ours first on odd ones), so a change in the machine's load hits both. Each decode run
 forces ``--new-tokens`` tokens (``min_new_tokens``) after one warm-up generation, ``--inner`` times,
-and keeps its fastest run (on a shared machine the least disturbed one); decode tokens/s
-excludes the prompt forward, which is timed on its own (one-token generation, also best of
-``--inner``). The greedy tokens
-of every row must be identical on both sides, or the run fails.
+and keeps its fastest run (on a shared machine the least disturbed one). Decode time runs from
+the first token choice to the last on both sides (transformers: a logits processor; ours: the
+engine's choice wrapped), so it covers ``--new-tokens - 1`` decode forwards and nothing of the
+prompt's; prefill is a one-token generation, timed on its own (also best of ``--inner``). The
+greedy tokens of every row must be identical on both sides, or the run fails.
 
 Load points time ``load_generator`` against ``from_pretrained`` of the same HF folder (``_hf``) or
 load our converted Megatron checkpoint of it (``_mcore``, the dist-checkpoint format training
@@ -195,27 +196,46 @@ def worker(side: str, kind: str, folder: Path, batch: int, new: int, threads: in
     run = _hf_generate if side == "peer" else _our_generate
     ids, tiles = prompt["ids"], prompt["tiles"]
     run(model, ids, tiles, batch, 2)  # warm-up
-    prefill = total = float("inf")
+    prefill = decode = float("inf")
     for _ in range(inner):  # best of `inner`: the run least disturbed by other jobs
         t0 = time.perf_counter()
         run(model, ids, tiles, batch, 1)
         prefill = min(prefill, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        tokens = run(model, ids, tiles, batch, new)
-        total = min(total, time.perf_counter() - t0)
+        stamps: list[float] = []
+        tokens = run(model, ids, tiles, batch, new, stamps)
+        decode = min(decode, stamps[-1] - stamps[0])
     out.update(
         prefill_s=prefill,
-        total_s=total,
+        decode_s=decode,
         tokens=tokens,
         prefill_tps=batch * len(ids) / prefill,
-        decode_tps=batch * (new - 1) / max(total - prefill, 1e-9),
+        decode_tps=batch * (new - 1) / max(decode, 1e-9),
     )
     return out
 
 
-def _hf_generate(model, ids, tiles, batch, new) -> list:
-    """transformers' greedy generate with its KV cache; tokens of every row."""
+def _stamp(stamps: list[float] | None) -> None:
+    """Record the time a token is being chosen (after the device finished the forward)."""
+    if stamps is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+
+def _hf_generate(model, ids, tiles, batch, new, stamps=None) -> list:
+    """transformers' greedy generate with its KV cache; tokens of every row. ``stamps`` gets the
+    time of every token choice (a logits processor: the first right after the prompt's forward),
+    so decode time is measured between the first and the last choice on both sides, free of the
+    prompt forward's noise (which at the 0.5B shape is 5x the decode window)."""
     import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            _stamp(stamps)
+            return scores
 
     x = torch.tensor(ids, device=model.device)[None].repeat(batch, 1)
     pix = tiles.to(model.device).repeat(batch, 1, 1, 1)
@@ -228,16 +248,30 @@ def _hf_generate(model, ids, tiles, batch, new) -> list:
             max_new_tokens=new,
             min_new_tokens=new,
             pad_token_id=0,
+            logits_processor=LogitsProcessorList([Stamp()]),
         )
     return seq[:, x.size(1) :].tolist()
 
 
-def _our_generate(gen, ids, tiles, batch, new) -> list:
-    """Our Generator on the same ids and tiles; tokens of every row."""
+def _our_generate(gen, ids, tiles, batch, new, stamps=None) -> list:
+    """Our Generator on the same ids and tiles; tokens of every row; ``stamps`` as for
+    ``_hf_generate`` (the engine's token choice wrapped for the run)."""
     from megatron_sail.inference.prompts import Prompt
 
     gen.cfg = dataclasses.replace(gen.cfg, batch_size=batch, min_new_tokens=new)  # frozen config
-    return [r.token_ids for r in gen.generate_prompts([Prompt(list(ids), tiles, new) for _ in range(batch)])]
+    choose = type(gen)._choose
+
+    def stamped(*args):
+        _stamp(stamps)
+        return choose(gen, *args)
+
+    gen._choose = stamped
+    try:
+        return [
+            r.token_ids for r in gen.generate_prompts([Prompt(list(ids), tiles, new) for _ in range(batch)])
+        ]
+    finally:
+        del gen._choose
 
 
 # ------------------------------------------------------------------ the driver
