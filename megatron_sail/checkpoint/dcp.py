@@ -343,6 +343,12 @@ def _no_needless_zeroing(sharded_state_dict: dict, metadata) -> None:
             leaf.allow_shape_mismatch = False
 
 
+def model_keys(n: int) -> list[str]:
+    """Top-level keys of ``n`` model chunks in a checkpoint dict: 'model' for one chunk,
+    'model0', 'model1', ... for virtual-pipeline chunks."""
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
 def model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict:
     """{'model': sd} for one chunk, {'model0': ..., 'model1': ...} for virtual-pipeline chunks.
 
@@ -350,9 +356,7 @@ def model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict:
     saved with one chunk layout loads into any other.
     """
     chunks = unwrap_model(list(model_chunks))
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    return {key: c.sharded_state_dict() for key, c in zip(model_keys(len(chunks)), chunks)}
 
 
 def save_model(
@@ -486,14 +490,9 @@ def load_model(
     for name, part in later.items():  # also the checkpoint's common entries (its optimizer's)
         loaded.setdefault(name, {}).update(part)
         loaded[name].update(filled.get(name, {}))  # read in place already: the parameters themselves
-    if shared:  # mapped parameters: hand over the parameter itself (its copy onto itself is a no-op)
-        names = {"model": chunks[0]} if len(chunks) == 1 else {f"model{i}": c for i, c in enumerate(chunks)}
-        for name, chunk in names.items():
+    for name, chunk in zip(model_keys(len(chunks)), chunks):
+        if shared:  # mapped parameters: hand over the parameter itself (its copy onto itself is a no-op)
             for key, param in chunk.named_parameters():
-                if id(param) in shared and key in loaded.get(name, {}):
+                if id(param) in shared and key in loaded[name]:
                     loaded[name][key] = param
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"], strict=True)
-        return
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+        chunk.load_state_dict(loaded[name], strict=True)

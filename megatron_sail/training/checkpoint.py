@@ -367,7 +367,7 @@ def load_checkpoint(
     sd = dcp.model_sharded_state_dict(chunks)
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIM_METADATA)
     loaded = dcp.load_sharded(sd, ckpt, VERIFIED)
-    for key, chunk in zip(_model_keys(len(chunks)), chunks):
+    for key, chunk in zip(dcp.model_keys(len(chunks)), chunks):
         unwrap(chunk).load_state_dict(loaded[key], strict=True)
     for opt in compat_optimizer.sub_optimizers(optimizer):
         compat_optimizer.keep_torch_adam_step(opt)
@@ -418,11 +418,6 @@ def _has_optimizer(ckpt: str) -> bool:
     if not os.path.isfile(path):
         return False
     return bool(read_state_file(path).get("has_optimizer", True))
-
-
-def _model_keys(n: int) -> list[str]:
-    """Top-level keys of the model chunks in a checkpoint dict (checkpoint/dcp.py's convention)."""
-    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
 
 
 def _read_train_state(ckpt: str, load_rng: bool = True) -> TrainState:
