@@ -31,6 +31,7 @@ from megatron_sail.inference.prompts import ProcessorSettings, Prompt, PromptBui
 from megatron_sail.inference.sampling import apply_min_tokens, next_tokens
 from megatron_sail.models.attention import packed_seq_params
 from megatron_sail.models.sail_vl import unwrap
+from megatron_sail.platform import onednn_linear
 from megatron_sail.platform.distributed import device as model_device
 
 GPU_SYNC_EVERY = 16
@@ -79,6 +80,9 @@ class Generator:
         """Every module of each chunk, listed once (a module walk per call is not free)."""
         self._swappable = swappable(self.chunks) if self.tp == 1 else []
         """The TP=1 parallel layers that run as plain torch calls while generating."""
+        self._linear = onednn_linear.linear if cfg.onednn_linear else F.linear
+        """The product of the swapped layers and the LM head (fp32 on CPU: oneDNN's is 1.5-2x
+        MKL's, see platform/onednn_linear.py)."""
         self.first = self.chunks[0].pre_process
         self.last = self.chunks[-1].post_process
         self.stats = {
@@ -114,7 +118,7 @@ class Generator:
         try:
             for c in switched:
                 c.eval()
-            with torch.no_grad(), plain_layers(self._swappable):
+            with torch.no_grad(), plain_layers(self._swappable, self._linear):
                 for start in range(0, len(prompts), self.cfg.batch_size):
                     batch = self._batch(prompts[start : start + self.cfg.batch_size], generator)
                     results += batch
@@ -256,7 +260,7 @@ class Generator:
             if lm.share_embeddings_and_output_weights
             else lm.output_layer.weight
         )
-        logits = F.linear(hidden, weight)
+        logits = self._linear(hidden, weight)
         if self.tp > 1:
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
         return logits.float()

@@ -30,25 +30,25 @@ def _alone(module) -> bool:
     return group is None or group.size() == 1
 
 
-def _column_forward(m: ColumnParallelLinear):
+def _column_forward(m: ColumnParallelLinear, linear=F.linear):
     """ColumnParallelLinear.forward at TP=1 without autograd: (output, bias if skipped)."""
 
     def forward(input_, weight=None, runtime_gather_output=None):
         w = m.weight if weight is None else weight
         if m.skip_bias_add:
-            return F.linear(input_, w), m.bias
-        return F.linear(input_, w, m.bias), None
+            return linear(input_, w), m.bias
+        return linear(input_, w, m.bias), None
 
     return forward
 
 
-def _row_forward(m: RowParallelLinear):
+def _row_forward(m: RowParallelLinear, linear=F.linear):
     """RowParallelLinear.forward at TP=1 without autograd: (output, bias if skipped)."""
 
     def forward(input_):
         if m.skip_bias_add:
-            return F.linear(input_, m.weight), m.bias
-        return F.linear(input_, m.weight, m.bias), None
+            return linear(input_, m.weight), m.bias
+        return linear(input_, m.weight, m.bias), None
 
     return forward
 
@@ -62,15 +62,16 @@ def _embedding_forward(m: VocabParallelEmbedding):
     return forward
 
 
-def _plain_forward(module):
-    """The plain forward for a swappable module, else None."""
+def _plain_forward(module, linear=F.linear):
+    """The plain forward for a swappable module, else None; linear layers multiply with
+    ``linear`` (F.linear's signature; a generator on CPU passes platform/onednn_linear's)."""
     if not _alone(module):
         return None
     kind = type(module)
     if kind is ColumnParallelLinear and not module.sequence_parallel:
-        return _column_forward(module)
+        return _column_forward(module, linear)
     if kind is RowParallelLinear and not module.sequence_parallel:
-        return _row_forward(module)
+        return _row_forward(module, linear)
     if kind is VocabParallelEmbedding and not module.reduce_scatter_embeddings:
         return _embedding_forward(module)
     return None
@@ -83,13 +84,14 @@ def swappable(chunks: list) -> list:
 
 
 @contextmanager
-def plain_layers(modules: list):
+def plain_layers(modules: list, linear=F.linear):
     """Within the block (which must run under no_grad), the given TP=1 parallel layers (see
-    ``swappable``) call F.linear / F.embedding directly. Restores the modules on exit."""
+    ``swappable``) call ``linear`` (F.linear by default) / F.embedding directly. Restores the
+    modules on exit."""
     swapped = []
     try:
         for module in modules:
-            forward = _plain_forward(module)
+            forward = _plain_forward(module, linear)
             if forward is not None and "forward" not in module.__dict__:
                 module.forward = forward
                 swapped.append(module)

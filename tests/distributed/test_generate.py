@@ -82,6 +82,7 @@ def _single_rank_job(rank, paths):
     )
     out["sampled"] = [sample(1), sample(1), sample(2)]
     out["host_reads"] = _host_reads(hf_gen, reqs)
+    out["onednn"] = _onednn_everywhere(paths["hf"], reqs)
     hf_to_mcore(paths["hf"], paths["mcore"], ConvertConfig())
     out["mcore"] = _answers(load_generator(paths["mcore"], gc.gen_config(batch_size=4)), reqs)
     out["families"] = {name: _family_case(paths[name], reqs) for name in gc.FAMILIES}
@@ -129,6 +130,33 @@ def _host_reads(gen, reqs) -> dict:
                     delattr(torch.Tensor, n)
         res[new] = {"every_step": every_step, "rarely": rarely, "reads": reads[0]}
     return res
+
+
+def _onednn_everywhere(path, reqs) -> dict:
+    """Answers with every linear product of the generation through oneDNN (its size floor set
+    to 0; by default the tiny model's products are too small for it), the ops that ran, and
+    the same answers with oneDNN off (F.linear only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_sail.inference import load_generator
+    from megatron_sail.platform import onednn_linear
+
+    floor = onednn_linear.MIN_MACS
+    onednn_linear.MIN_MACS = 0
+    try:
+        gen = load_generator(path, gc.gen_config(batch_size=4))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            answers = _answers(gen, reqs)
+    finally:
+        onednn_linear.MIN_MACS = floor
+    ops = [e.name for e in prof.events()]
+    off = load_generator(path, gc.gen_config(batch_size=4, onednn_linear=False))
+    return {
+        "answers": answers,
+        "onednn_calls": ops.count("mkldnn::_linear_pointwise"),
+        "mkl_calls": ops.count("aten::addmm") + ops.count("aten::mm"),
+        "off": _answers(off, reqs),
+    }
 
 
 def _family_case(path, reqs) -> dict:
@@ -211,6 +239,15 @@ def test_decode_reads_nothing_back_per_token(assets):
         assert all(len(t) == new for t in run["rarely"]), new
     # 8 more tokens per answer, not one more read: nothing in a decode step syncs with the host
     assert runs[12]["reads"] == runs[4]["reads"]
+
+
+def test_onednn_products_keep_greedy_tokens_identical(assets):
+    """Every linear product through oneDNN (another summation order than transformers' MKL
+    sgemm): the greedy answers stay token-identical to transformers' and to F.linear's."""
+    _, single = assets
+    run = single["onednn"]
+    assert run["onednn_calls"] > 0 and run["mkl_calls"] == 0
+    assert run["answers"] == single["hf"]["hf"] == run["off"]
 
 
 def test_seeded_sampling(assets):
