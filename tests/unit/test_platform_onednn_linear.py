@@ -29,7 +29,7 @@ def test_large_product_goes_to_onednn_and_equals_f_linear_up_to_summation_order(
         ref = F.linear(x, w, b)
         assert y.shape == ref.shape and y.dtype == torch.float32
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-        assert "mkldnn::_linear_pointwise" in _ops(lambda: onednn_linear.linear(x, w, b))
+        assert "mkldnn::_linear_pointwise" in _ops(lambda x=x: onednn_linear.linear(x, w, b))
     # a transposed (non-contiguous) weight view and no bias
     wt = (torch.randn(768, 1536, generator=g) / 28).t()
     x = torch.randn(16, 768, generator=g)
