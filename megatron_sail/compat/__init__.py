@@ -213,6 +213,21 @@ WORKAROUNDS: tuple[Workaround, ...] = (
         "platform/cpu.py",
         "moe_utils.maybe_move_tensor_to_cpu(tensor, as_numpy, record_stream), also bound in token_dispatcher",
     ),
+    Workaround(
+        "cpu_onednn_linear",
+        MCORE,
+        MCORE_VERIFIED,
+        "platform/cpu.py",
+        "tensor_parallel.layers.linear_with_grad_accumulation_and_async_allreduce's parameters, "
+        "looked up by the linear layers' _forward_impl at call time",
+    ),
+    Workaround(
+        "onednn_linear_op",
+        TORCH,
+        TORCH_VERIFIED,
+        "platform/onednn_linear.py",
+        "torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '') on dense fp32 tensors",
+    ),
 )
 """Every workaround of the project (the version check and the tests iterate over it)."""
 

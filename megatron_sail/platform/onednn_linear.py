@@ -14,7 +14,14 @@ keeps up (the 0.5B MLP output projection: 0.52 vs 0.54 ms), so those products st
 The result is the same product summed in another order: it differs from ``F.linear`` in the
 last bits (about 1e-6 relative), as two BLAS builds do, so greedy tokens can in principle part
 from transformers' at a near tie; the generation tests and tools/bench_generate.py check that
-they do not. Only for inference: the op has no backward here, so training keeps ``F.linear``.
+they do not.
+
+Training: the op has no backward, so ``OneDNNLinear`` is an autograd function whose three
+products (output, input gradient, weight gradient) each go through ``linear``, and the CPU
+backend (cpu.py) puts it behind Megatron's ``linear_with_grad_accumulation_and_async_allreduce``
+for the calls that are a plain product: no sequence-parallel gather, no input-gradient
+all-reduce, no fused gradient accumulation, no deferred weight gradients (every other call,
+e.g. under TP with SP, keeps Megatron's function).
 """
 
 from __future__ import annotations
@@ -48,3 +55,95 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     ):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """y = x w^T + b with each of the three products through ``linear`` (forward and backward)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        out = linear(x.reshape(-1, x.size(-1)), weight, bias)
+        # oneDNN hands a >2-D result back as a view, which callers could not modify in place
+        # (Megatron's cross entropy does, on the logits): reshape outside autograd's view
+        # tracking, as torch.matmul does
+        return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], weight.size(0)))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = linear(grad, weight.t())  # [.., out] x [out, in]
+        g2 = grad.reshape(-1, grad.size(-1))
+        if ctx.needs_input_grad[1]:
+            grad_w = linear(g2.t(), x.reshape(-1, x.size(-1)).t())  # [out, rows] x [rows, in]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def plain_product(
+    gradient_accumulation_fusion: bool,
+    allreduce_dgrad: bool,
+    sequence_parallel: bool,
+    grad_output_buffer=None,
+    async_grad_allreduce: Optional[bool] = None,
+) -> bool:
+    """Megatron's linear call with these options is ``x w^T + b`` forward and the two plain
+    gradient products backward (nothing gathered, reduced, fused or deferred)."""
+    return not (
+        gradient_accumulation_fusion
+        or allreduce_dgrad
+        or async_grad_allreduce
+        or sequence_parallel
+        or grad_output_buffer is not None
+    )
+
+
+def megatron_linear(original):
+    """Megatron's ``linear_with_grad_accumulation_and_async_allreduce`` that sends fp32 CPU
+    calls which are plain products (``plain_product``) through ``OneDNNLinear``."""
+
+    def linear_with_grad_accumulation_and_async_allreduce(
+        input,
+        weight,
+        bias,
+        gradient_accumulation_fusion,
+        allreduce_dgrad,
+        sequence_parallel,
+        grad_output_buffer=None,
+        wgrad_deferral_limit=0,
+        async_grad_allreduce=None,
+        tp_group=None,
+    ):
+        if (
+            input.device.type == "cpu"
+            and input.dtype is torch.float32
+            and weight.dtype is torch.float32
+            and available()
+            and plain_product(
+                gradient_accumulation_fusion,
+                allreduce_dgrad,
+                sequence_parallel,
+                grad_output_buffer,
+                async_grad_allreduce,
+            )
+        ):
+            return OneDNNLinear.apply(input, weight, bias)
+        return original(
+            input,
+            weight,
+            bias,
+            gradient_accumulation_fusion,
+            allreduce_dgrad,
+            sequence_parallel,
+            grad_output_buffer,
+            wgrad_deferral_limit,
+            async_grad_allreduce,
+            tp_group,
+        )
+
+    linear_with_grad_accumulation_and_async_allreduce.__wrapped__ = original
+    return linear_with_grad_accumulation_and_async_allreduce

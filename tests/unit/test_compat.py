@@ -11,6 +11,7 @@ import warnings
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from megatron_sail import compat
@@ -514,6 +515,43 @@ def test_cpu_moe_split_sizes():
     assert hasattr(token_dispatcher, "maybe_move_tensor_to_cpu")  # bound there by name too
     src = inspect.getsource(token_dispatcher)
     assert "maybe_move_tensor_to_cpu(" in src and "as_numpy=True" in src
+
+
+def test_cpu_onednn_linear():
+    from megatron.core.tensor_parallel import layers
+
+    assert _source_params(layers, "linear_with_grad_accumulation_and_async_allreduce") == [
+        "input",
+        "weight",
+        "bias",
+        "gradient_accumulation_fusion",
+        "allreduce_dgrad",
+        "sequence_parallel",
+        "grad_output_buffer",
+        "wgrad_deferral_limit",
+        "async_grad_allreduce",
+        "tp_group",
+    ]
+    for cls in (layers.ColumnParallelLinear, layers.RowParallelLinear):  # a global lookup per call
+        assert "return linear_with_grad_accumulation_and_async_allreduce(" in inspect.getsource(
+            cls._forward_impl
+        )
+
+
+def test_onednn_linear_op():
+    from megatron_sail.platform import onednn_linear
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (
+        torch.randn(3, 5, 16, generator=g),
+        torch.randn(24, 16, generator=g),
+        torch.randn(24, generator=g),
+    )
+    assert onednn_linear.available()
+    y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    torch.testing.assert_close(y, x @ w.t() + b, rtol=1e-5, atol=1e-5)
 
 
 def test_te_choice_lives_below_the_models():
