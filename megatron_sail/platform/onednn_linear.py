@@ -145,5 +145,6 @@ def megatron_linear(original):
             tp_group,
         )
 
-    linear_with_grad_accumulation_and_async_allreduce.__wrapped__ = original
-    return linear_with_grad_accumulation_and_async_allreduce
+    # the original reads and sets attributes on itself through its module global (``.warned``),
+    # which is this function once installed: carry them over (and ``__wrapped__``)
+    return functools.update_wrapper(linear_with_grad_accumulation_and_async_allreduce, original)

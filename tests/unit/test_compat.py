@@ -532,6 +532,8 @@ def test_cpu_onednn_linear():
         "async_grad_allreduce",
         "tp_group",
     ]
+    # it reads and sets a flag on itself through its module global (the wrapper carries it)
+    assert "linear_with_grad_accumulation_and_async_allreduce.warned" in inspect.getsource(layers)
     for cls in (layers.ColumnParallelLinear, layers.RowParallelLinear):  # a global lookup per call
         assert "return linear_with_grad_accumulation_and_async_allreduce(" in inspect.getsource(
             cls._forward_impl
