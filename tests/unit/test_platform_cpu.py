@@ -31,6 +31,34 @@ def test_no_torch_function_mode_stays_on(cpu_backend):
         torch.zeros(1, device="cuda")
 
 
+def test_megatron_linear_layers_multiply_through_onednn(cpu_backend):
+    """A TP=1 ColumnParallelLinear's forward and backward run OneDNNLinear (the wrapper is
+    installed once) and give F.linear's output and gradients up to the summation order."""
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_sail.platform import onednn_linear
+
+    fn = layers.linear_with_grad_accumulation_and_async_allreduce
+    assert fn.__wrapped__ is not None and not hasattr(fn.__wrapped__, "__wrapped__")
+    cpu_backend._patch_linear()  # a second install does not wrap twice
+    assert layers.linear_with_grad_accumulation_and_async_allreduce is fn
+    if not onednn_linear.available():
+        pytest.skip("torch built without oneDNN")
+    cfg = ModelParallelConfig(params_dtype=torch.float32, use_cpu_initialization=True)
+    layer = layers.ColumnParallelLinear(
+        256, 512, config=cfg, init_method=torch.nn.init.xavier_uniform_, bias=True, gather_output=False
+    )
+    x = torch.randn(64, 2, 256, requires_grad=True)
+    y, _ = layer(x)
+    assert type(y.grad_fn).__name__ == "OneDNNLinearBackward"
+    ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(y.square().sum(), (x, layer.weight, layer.bias))
+    for a, b in zip(got, torch.autograd.grad(ref.square().sum(), (x, layer.weight, layer.bias))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_megatron_cuda_literals_land_on_the_cpu(cpu_backend):
     """Modules that allocate with device='cuda' get CPU tensors; their torch is otherwise torch."""
     from megatron.core.optimizer import clip_grads
