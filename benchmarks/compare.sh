@@ -4,7 +4,9 @@
 # micro-batches, threads fixed and equal on both sides; then the medians.
 #
 #   bash benchmarks/compare.sh                                   # SAIL-VL-2B shape, 4096 tokens, 4 tiles (GPU)
-#   RECIPE=tiny SEQ_LENGTH=8192 TILES=64 STEPS=5 REPEATS=3 bash benchmarks/compare.sh   # CPU, 121 GFLOP/step
+#   RECIPE=tiny SEQ_LENGTH=8192 TILES=64 STEPS=5 REPEATS=3 bash benchmarks/compare.sh   # CPU, 121 GFLOP/step (attention-bound)
+#   RECIPE=sail_2b SEQ_LENGTH=512 TILES=1 STEPS=2 REPEATS=4 \
+#     EXTRA="--lm-layers 1 --vit-layers 1 --warmup 1 --split-steps 1" bash benchmarks/compare.sh  # CPU, 970 GFLOP/step
 #   RECIPE=tiny STEPS=5 bash benchmarks/compare.sh               # CPU smoke run (its recipe's 256 tokens)
 #   WHEELS=/path/to/wheels bash benchmarks/compare.sh            # first install carried wheels offline
 #   EXTRA="--micro-batch-size 2" OURS_EXTRA="--fp8-format hybrid" bash benchmarks/compare.sh

@@ -1,4 +1,4 @@
-"""fp32 linear layers on CPU through oneDNN's matmul instead of MKL's sgemm, for generation.
+"""fp32 linear products on CPU through oneDNN's matmul instead of MKL's sgemm (generation, training).
 
 ``F.linear`` on a CPU tensor calls MKL's ``sgemm``. On this project's AMD EPYC machines MKL
 runs fp32 products at about 40 GFLOP/s on one core at large sizes and far less at few rows,
