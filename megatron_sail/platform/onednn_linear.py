@@ -89,10 +89,13 @@ def plain_product(
     allreduce_dgrad: bool,
     sequence_parallel: bool,
     grad_output_buffer=None,
+    wgrad_deferral_limit: Optional[int] = 0,
     async_grad_allreduce: Optional[bool] = None,
+    tp_group=None,
 ) -> bool:
-    """Megatron's linear call with these options is ``x w^T + b`` forward and the two plain
-    gradient products backward (nothing gathered, reduced, fused or deferred)."""
+    """Megatron's linear call with these options (its parameters after input, weight, bias) is
+    ``x w^T + b`` forward and the two plain gradient products backward (nothing gathered,
+    reduced, fused or deferred)."""
     return not (
         gradient_accumulation_fusion
         or allreduce_dgrad
@@ -106,44 +109,16 @@ def megatron_linear(original):
     """Megatron's ``linear_with_grad_accumulation_and_async_allreduce`` that sends fp32 CPU
     calls which are plain products (``plain_product``) through ``OneDNNLinear``."""
 
-    def linear_with_grad_accumulation_and_async_allreduce(
-        input,
-        weight,
-        bias,
-        gradient_accumulation_fusion,
-        allreduce_dgrad,
-        sequence_parallel,
-        grad_output_buffer=None,
-        wgrad_deferral_limit=0,
-        async_grad_allreduce=None,
-        tp_group=None,
-    ):
+    def linear_with_grad_accumulation_and_async_allreduce(input, weight, bias, *args, **kwargs):
         if (
             input.device.type == "cpu"
             and input.dtype is torch.float32
             and weight.dtype is torch.float32
             and available()
-            and plain_product(
-                gradient_accumulation_fusion,
-                allreduce_dgrad,
-                sequence_parallel,
-                grad_output_buffer,
-                async_grad_allreduce,
-            )
+            and plain_product(*args, **kwargs)
         ):
             return OneDNNLinear.apply(input, weight, bias)
-        return original(
-            input,
-            weight,
-            bias,
-            gradient_accumulation_fusion,
-            allreduce_dgrad,
-            sequence_parallel,
-            grad_output_buffer,
-            wgrad_deferral_limit,
-            async_grad_allreduce,
-            tp_group,
-        )
+        return original(input, weight, bias, *args, **kwargs)
 
     # the original reads and sets attributes on itself through its module global (``.warned``),
     # which is this function once installed: carry them over (and ``__wrapped__``)
